@@ -1,0 +1,1 @@
+//! The command line (qemu-storage-daemon compatible) and the TOML config file.

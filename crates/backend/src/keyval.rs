@@ -1,0 +1,1 @@
+//! QEMU keyval syntax (`driver=file,node-name=x,cache.direct=on`) into JSON.

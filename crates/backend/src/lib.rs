@@ -1,0 +1,6 @@
+//! vubd: a vhost-user-blk storage daemon. The binary's pieces live here so that tests
+//! and the `vubd` binary share them.
+
+pub mod cli;
+pub mod config;
+pub mod keyval;
