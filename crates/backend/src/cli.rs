@@ -1,1 +1,715 @@
 //! The command line (qemu-storage-daemon compatible) and the TOML config file.
+//!
+//! `--object`, `--blockdev` and `--export` take QEMU's keyval syntax or JSON, exactly as
+//! qemu-storage-daemon; `--config FILE.toml` (a vubd extension) adds the items of a
+//! config file before those of the command line.
+
+use crate::config::{ConfigError, DaemonConfig, ItemKind, Result};
+use crate::keyval;
+use std::path::PathBuf;
+
+/// What the command line asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CliAction {
+    Run(DaemonConfig),
+    Help,
+    Version,
+}
+
+/// Options qemu-storage-daemon has that vubd does not (yet).
+const UNSUPPORTED: &[&str] = &["chardev", "monitor", "nbd-server", "daemonize", "trace"];
+
+/// One option of the command line, before its argument is parsed.
+enum CliOption {
+    Item(ItemKind, String),
+    Pidfile(PathBuf),
+    Config(PathBuf),
+    Help,
+    Version,
+}
+
+/// The help text.
+pub fn usage() -> &'static str {
+    r#"Usage: vubd [options]
+vhost-user-blk storage daemon: a drop-in replacement for
+qemu-storage-daemon --export vhost-user-blk
+
+  -h, --help                display this help and exit
+  -V, --version             output version information and exit
+
+  --blockdev [driver=]<driver>[,node-name=<N>][,discard=ignore|unmap]
+             [,cache.direct=on|off][,cache.no-flush=on|off]
+             [,read-only=on|off][,auto-read-only=on|off]
+             [,force-share=on|off][,detect-zeroes=on|off|unmap]
+             [,<driver options>]
+                            configure a block node; drivers:
+                              file, host_device: filename=<path>[,aio=threads|native|io_uring]
+                                                 [,locking=auto|on|off]
+                              raw: file=<node-name>|file.driver=<driver>,file.<key>=...
+                                   [,offset=<bytes>][,size=<bytes>]
+                              null-co, null-aio: [size=<bytes>][,read-zeroes=on|off]
+                                                 [,latency-ns=<ns>]
+
+  --export [type=]vhost-user-blk,id=<id>,node-name=<node-name>,
+           addr.type=unix,addr.path=<socket-path>
+           [,writable=on|off][,writethrough=on|off][,num-queues=<n>]
+           [,iothread=<id>|iothread.0=<id>,iothread.1=<id>...]
+           [,fixed-iothread=on|off][,logical-block-size=<bytes>]
+           [,serial=<string>][,queue-size=<n>]
+                            export a block node over vhost-user-blk (serial and
+                            queue-size are vubd extensions); each iothread serves
+                            one export
+
+  --object [qom-type=]iothread,id=<id>[,poll-max-ns=<ns>][,poll-grow=<n>]
+           [,poll-shrink=<n>][,aio-max-batch=<n>]
+                            create an iothread
+
+  --pidfile <path>          write the process id to a file after startup
+  --config <file.toml>      read [[object]], [[blockdev]] and [[export]] items and
+                            pidfile from a TOML file (vubd extension); its items come
+                            before those of the command line
+
+--blockdev, --export and --object also take JSON: '{"driver": "file", ...}'.
+Sizes take the suffixes K, M, G, T, P and E (powers of 1024).
+"#
+}
+
+/// The text for `--version`.
+pub fn version_text() -> String {
+    format!("vubd {}", env!("CARGO_PKG_VERSION"))
+}
+
+/// Parses the arguments after the program name (`std::env::args().skip(1)`) into the
+/// daemon's configuration, which it validates.
+pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<CliAction> {
+    let mut config_files = Vec::new();
+    let mut items = Vec::new();
+    let mut pidfile = None;
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        match next_option(&arg, &mut args)? {
+            CliOption::Help => return Ok(CliAction::Help),
+            CliOption::Version => return Ok(CliAction::Version),
+            CliOption::Config(path) => config_files.push(path),
+            CliOption::Pidfile(path) => pidfile = Some(path),
+            CliOption::Item(kind, arg) => items.push((kind, arg)),
+        }
+    }
+
+    let mut config = DaemonConfig::default();
+    for path in config_files {
+        config.append(DaemonConfig::from_toml_file(&path)?);
+    }
+    for (kind, arg) in items {
+        add_item(&mut config, kind, &arg)?;
+    }
+    if pidfile.is_some() {
+        config.pidfile = pidfile;
+    }
+    config.validate()?;
+    Ok(CliAction::Run(config))
+}
+
+/// Parses one `--object`/`--blockdev`/`--export` argument into `config`.
+fn add_item(config: &mut DaemonConfig, kind: ItemKind, arg: &str) -> Result<()> {
+    let option = format!("--{} {arg}", kind.name());
+    let value =
+        keyval::parse_option(arg, Some(kind.implied_key())).map_err(|e| ConfigError::Invalid {
+            option: option.clone(),
+            message: e.to_string(),
+        })?;
+    config
+        .add_item(kind, &value)
+        .map_err(|source| ConfigError::Options { option, source })
+}
+
+/// Recognises the option `arg`, taking its argument from `rest` if needed.
+fn next_option(arg: &str, rest: &mut impl Iterator<Item = String>) -> Result<CliOption> {
+    if let Some(long) = arg.strip_prefix("--") {
+        let (name, value) = match long.split_once('=') {
+            Some((name, value)) => (name, Some(value.to_string())),
+            None => (long, None),
+        };
+        return long_option(name, value, rest);
+    }
+    match arg {
+        "-h" => Ok(CliOption::Help),
+        "-V" => Ok(CliOption::Version),
+        _ if arg.starts_with("-T") => Err(not_supported("-T")),
+        _ if arg.starts_with('-') && arg.len() > 1 => {
+            Err(ConfigError::Usage(format!("unknown option '{arg}'")))
+        }
+        _ => Err(ConfigError::Usage(format!("unexpected argument '{arg}'"))),
+    }
+}
+
+fn long_option(
+    name: &str,
+    value: Option<String>,
+    rest: &mut impl Iterator<Item = String>,
+) -> Result<CliOption> {
+    let mut argument = || {
+        value
+            .clone()
+            .or_else(|| rest.next())
+            .ok_or_else(|| ConfigError::Usage(format!("option '--{name}' requires an argument")))
+    };
+    let option = match name {
+        "help" | "version" if value.is_some() => {
+            return Err(ConfigError::Usage(format!(
+                "option '--{name}' doesn't allow an argument"
+            )))
+        }
+        "help" => CliOption::Help,
+        "version" => CliOption::Version,
+        "object" => CliOption::Item(ItemKind::Object, argument()?),
+        "blockdev" => CliOption::Item(ItemKind::Blockdev, argument()?),
+        "export" => CliOption::Item(ItemKind::Export, argument()?),
+        "pidfile" => CliOption::Pidfile(PathBuf::from(argument()?)),
+        "config" => CliOption::Config(PathBuf::from(argument()?)),
+        _ if UNSUPPORTED.contains(&name) => return Err(not_supported(&format!("--{name}"))),
+        _ => return Err(ConfigError::Usage(format!("unknown option '--{name}'"))),
+    };
+    Ok(option)
+}
+
+fn not_supported(option: &str) -> ConfigError {
+    ConfigError::Usage(format!("{option}: not supported yet"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ExportConfig, IoThreadConfig, ObjectConfig};
+    use blocklayer::options::{BlockdevOptions, DriverOptions};
+    use std::path::Path;
+
+    fn args(line: &str) -> Vec<String> {
+        line.split_whitespace().map(String::from).collect()
+    }
+
+    fn run(argv: Vec<String>) -> DaemonConfig {
+        match parse_args(argv.clone()) {
+            Ok(CliAction::Run(config)) => config,
+            other => panic!("{argv:?}: {other:?}"),
+        }
+    }
+
+    fn error(argv: Vec<String>) -> String {
+        match parse_args(argv.clone()) {
+            Err(e) => e.to_string(),
+            Ok(action) => panic!("{argv:?}: expected an error, got {action:?}"),
+        }
+    }
+
+    fn configs_dir() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs")
+    }
+
+    const EXAMPLE: &str = "--object iothread,id=io0 --object iothread,id=io1 \
+        --blockdev driver=file,node-name=file0,filename=disk.img,cache.direct=on \
+        --blockdev driver=raw,node-name=disk0,file=file0 \
+        --export type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,\
+addr.path=/tmp/vubd.sock,writable=on,num-queues=4,iothread.0=io0,iothread.1=io1,\
+logical-block-size=512,serial=disk0";
+
+    #[test]
+    fn example_keyval_equals_json() {
+        let keyval = run(args(EXAMPLE));
+        let json = run(vec![
+            "--object".into(),
+            r#"{"qom-type": "iothread", "id": "io0"}"#.into(),
+            "--object".into(),
+            r#"{"qom-type": "iothread", "id": "io1"}"#.into(),
+            "--blockdev".into(),
+            r#"{"driver": "file", "node-name": "file0", "filename": "disk.img",
+                "cache": {"direct": true}}"#
+                .into(),
+            "--blockdev".into(),
+            r#"{"driver": "raw", "node-name": "disk0", "file": "file0"}"#.into(),
+            "--export".into(),
+            r#"{"type": "vhost-user-blk", "id": "exp0", "node-name": "disk0",
+                "addr": {"type": "unix", "path": "/tmp/vubd.sock"}, "writable": true,
+                "num-queues": 4, "iothread": ["io0", "io1"], "logical-block-size": 512,
+                "serial": "disk0"}"#
+                .into(),
+        ]);
+        assert_eq!(keyval, json);
+
+        let iothread = |id: &str| {
+            ObjectConfig::IoThread(IoThreadConfig {
+                id: id.into(),
+                poll_max_ns: 32768,
+                poll_grow: 0,
+                poll_shrink: 0,
+                aio_max_batch: 0,
+            })
+        };
+        assert_eq!(keyval.objects, vec![iothread("io0"), iothread("io1")]);
+        assert_eq!(keyval.blockdevs.len(), 2);
+        assert!(keyval.blockdevs[0].common.cache_direct);
+        assert!(matches!(keyval.blockdevs[1].driver, DriverOptions::Raw(_)));
+        assert_eq!(
+            keyval.exports,
+            vec![ExportConfig {
+                id: "exp0".into(),
+                node_name: "disk0".into(),
+                writable: true,
+                writethrough: false,
+                socket_path: "/tmp/vubd.sock".into(),
+                num_queues: 4,
+                iothreads: vec!["io0".into(), "io1".into()],
+                fixed_iothread: false,
+                logical_block_size: 512,
+                serial: Some("disk0".into()),
+                queue_size: 1024,
+            }]
+        );
+        assert_eq!(keyval.pidfile, None);
+    }
+
+    #[test]
+    fn equals_form_and_pidfile() {
+        let config = run(vec![
+            "--object=iothread,id=io0".into(),
+            "--blockdev=null-co,node-name=n0".into(),
+            "--export=vhost-user-blk,id=e,node-name=n0,addr.type=unix,addr.path=/s,iothread=io0"
+                .into(),
+            "--pidfile=/run/a.pid".into(),
+            "--pidfile".into(),
+            "/run/b.pid".into(),
+        ]);
+        assert_eq!(config.pidfile, Some(PathBuf::from("/run/b.pid")));
+        assert_eq!(config.exports[0].iothreads, vec!["io0".to_string()]);
+        assert_eq!(config.exports[0].num_queues, 1);
+        assert!(!config.exports[0].writable);
+    }
+
+    #[test]
+    fn help_and_version() {
+        assert_eq!(parse_args(args("-h")).unwrap(), CliAction::Help);
+        assert_eq!(parse_args(args("--help")).unwrap(), CliAction::Help);
+        assert_eq!(parse_args(args("-V")).unwrap(), CliAction::Version);
+        assert_eq!(parse_args(args("--version")).unwrap(), CliAction::Version);
+        assert_eq!(
+            parse_args(args("--blockdev null-co,node-name=x --help")).unwrap(),
+            CliAction::Help
+        );
+        assert_eq!(
+            parse_args(Vec::<String>::new()).unwrap(),
+            CliAction::Run(DaemonConfig::default())
+        );
+        for option in [
+            "--blockdev",
+            "--export",
+            "--object",
+            "--pidfile",
+            "--config",
+        ] {
+            assert!(usage().contains(option), "{option}");
+        }
+    }
+
+    #[test]
+    fn usage_errors() {
+        let cases = [
+            ("--foo", "unknown option '--foo'"),
+            ("--foo=bar", "unknown option '--foo'"),
+            ("-x", "unknown option '-x'"),
+            ("disk.img", "unexpected argument 'disk.img'"),
+            ("--blockdev", "option '--blockdev' requires an argument"),
+            ("--help=1", "option '--help' doesn't allow an argument"),
+            ("--monitor stdio", "--monitor: not supported yet"),
+            ("--chardev socket,id=c", "--chardev: not supported yet"),
+            (
+                "--nbd-server addr.type=unix",
+                "--nbd-server: not supported yet",
+            ),
+            ("--daemonize", "--daemonize: not supported yet"),
+            ("-T foo", "-T: not supported yet"),
+            (
+                "--config /nonexistent/vubd.toml",
+                "cannot read config file /nonexistent/vubd.toml: No such file or directory \
+                 (os error 2)",
+            ),
+        ];
+        for (line, expected) in cases {
+            assert_eq!(error(args(line)), expected, "{line}");
+        }
+    }
+
+    #[test]
+    fn item_errors() {
+        let cases = [
+            (
+                "--blockdev file,node-name=x",
+                "--blockdev file,node-name=x: Parameter 'filename' is missing",
+            ),
+            (
+                "--blockdev file,filename=f",
+                "--blockdev file,filename=f: Parameter 'node-name' is missing",
+            ),
+            (
+                "--blockdev null-co,node-name=x,a=1,a=2",
+                "--blockdev null-co,node-name=x,a=1,a=2: Parameter 'a' is duplicate",
+            ),
+            (
+                "--blockdev foo,node-name=x",
+                "--blockdev foo,node-name=x: Invalid parameter value for 'driver': unknown \
+                 driver 'foo' (vubd has file, host_device, raw, null-co and null-aio)",
+            ),
+            (
+                "--blockdev {\"driver\":",
+                "--blockdev {\"driver\":: JSON parse error: EOF while parsing a value at line 1 \
+                 column 10",
+            ),
+            (
+                "--object iothread",
+                "--object iothread: Parameter 'id' is missing",
+            ),
+            (
+                "--object iothread,id=0io",
+                "--object iothread,id=0io: Parameter 'id' expects an identifier (a letter, \
+                 then letters, digits, '-', '.' or '_')",
+            ),
+            (
+                "--object memory-backend-ram,id=m",
+                "--object memory-backend-ram,id=m: Invalid parameter value for 'qom-type': \
+                 'memory-backend-ram' is not supported (vubd has 'iothread' objects only)",
+            ),
+            (
+                "--object iothread,id=io0,poll-max-ns=x",
+                "--object iothread,id=io0,poll-max-ns=x: Parameter 'poll-max-ns' expects an \
+                 integer",
+            ),
+            (
+                "--object iothread,id=io0,thread-pool-max=4",
+                "--object iothread,id=io0,thread-pool-max=4: Parameter 'thread-pool-max' is \
+                 unexpected",
+            ),
+        ];
+        for (line, expected) in cases {
+            assert_eq!(error(args(line)), expected, "{line}");
+        }
+    }
+
+    fn export_error(export: &str) -> String {
+        let line = format!(
+            "--object iothread,id=io0 --object iothread,id=io1 --blockdev null-co,node-name=n \
+             --export {export}"
+        );
+        let message = error(args(&line));
+        let prefix = format!("--export {export}: ");
+        message
+            .strip_prefix(&prefix)
+            .unwrap_or(&message)
+            .to_string()
+    }
+
+    #[test]
+    fn export_errors() {
+        let base = "vhost-user-blk,id=e,node-name=n,addr.type=unix,addr.path=/s";
+        let cases = [
+            (
+                "nbd,id=e",
+                "Invalid parameter value for 'type': 'nbd' is not supported (vubd \
+                          exports vhost-user-blk only)",
+            ),
+            ("vhost-user-blk,node-name=n", "Parameter 'id' is missing"),
+            (
+                "vhost-user-blk,id=e,addr.type=unix,addr.path=/s",
+                "Parameter 'node-name' is missing",
+            ),
+            (
+                "vhost-user-blk,id=e,node-name=n",
+                "Parameter 'addr' is missing",
+            ),
+            (
+                "vhost-user-blk,id=e,node-name=n,addr.path=/s",
+                "Parameter 'addr.type' is missing",
+            ),
+            (
+                "vhost-user-blk,id=e,node-name=n,addr.type=unix",
+                "Parameter 'addr.path' is missing",
+            ),
+            (
+                "vhost-user-blk,id=e,node-name=n,addr.type=fd,addr.str=3",
+                "Invalid parameter value for 'addr.type': 'fd' is not supported (vubd listens \
+                 on unix sockets only)",
+            ),
+            (
+                &format!("{base},addr.abstract=on"),
+                "Parameter 'addr.abstract' is unexpected",
+            ),
+            (&format!("{base},foo=1"), "Parameter 'foo' is unexpected"),
+            (
+                &format!("{base},writable=2"),
+                "Parameter 'writable' expects 'on' or 'off'",
+            ),
+            (
+                &format!("{base},num-queues=0"),
+                "Invalid parameter value for 'num-queues': 0 is out of range (1 to 64)",
+            ),
+            (
+                &format!("{base},num-queues=65"),
+                "Invalid parameter value for 'num-queues': 65 is out of range (1 to 64)",
+            ),
+            (
+                &format!("{base},logical-block-size=256"),
+                "Invalid parameter value for 'logical-block-size': 256 is out of range \
+                 (minimum: 512, maximum: 32768)",
+            ),
+            (
+                &format!("{base},logical-block-size=1000"),
+                "Invalid parameter value for 'logical-block-size': 1000 is not a power of 2",
+            ),
+            (
+                &format!("{base},serial=123456789012345678901"),
+                "Invalid parameter value for 'serial': '123456789012345678901' is longer than \
+                 20 bytes",
+            ),
+            (
+                &format!("{base},queue-size=1000"),
+                "Invalid parameter value for 'queue-size': 1000 is not a power of 2 from 1 to \
+                 32768",
+            ),
+            (
+                &format!("{base},queue-size=65536"),
+                "Invalid parameter value for 'queue-size': 65536 is not a power of 2 from 1 to \
+                 32768",
+            ),
+            (
+                &format!("{base},iothread.1=io0"),
+                "Parameter 'iothread.0' missing",
+            ),
+        ];
+        for (export, expected) in cases {
+            assert_eq!(export_error(export), expected, "{export}");
+        }
+        // Accepted extremes.
+        let line = format!(
+            "--blockdev null-co,node-name=n --export {base},logical-block-size=32k,\
+             num-queues=64,queue-size=1,serial=12345678901234567890,writethrough=on,\
+             fixed-iothread=on"
+        );
+        let export = &run(args(&line)).exports[0];
+        assert_eq!(export.logical_block_size, 32768);
+        assert_eq!(export.num_queues, 64);
+        assert_eq!(export.queue_size, 1);
+        assert!(export.writethrough && export.fixed_iothread);
+    }
+
+    #[test]
+    fn validation_errors() {
+        let objects = "--object iothread,id=io0 --object iothread,id=io1";
+        let file = "--blockdev file,node-name=f,filename=/img";
+        let export = "--export vhost-user-blk,addr.type=unix";
+        let cases = [
+            (
+                format!("{objects} --object iothread,id=io0"),
+                "--object iothread,id=io0: duplicate object id 'io0'",
+            ),
+            (
+                format!("{file} --blockdev null-co,node-name=f"),
+                "--blockdev node-name=f: Duplicate nodes with node-name='f'",
+            ),
+            (
+                format!("{file} --blockdev raw,node-name=d,file.driver=file,file.filename=/x,file.node-name=f"),
+                "--blockdev node-name=d: Duplicate nodes with node-name='f'",
+            ),
+            (
+                "--blockdev raw,node-name=d,file=f --blockdev file,node-name=f,filename=/img"
+                    .to_string(),
+                "--blockdev node-name=d: no block node named 'f' (a referenced node must be \
+                 defined by an earlier blockdev)",
+            ),
+            (
+                format!("{file} {export},id=e,addr.path=/s,node-name=g"),
+                "--export id=e: no block node named 'g'",
+            ),
+            (
+                format!("{file} {export},node-name=f,id=e,addr.path=/s {export},node-name=f,id=e,addr.path=/t"),
+                "--export id=e: Block export id 'e' is already in use",
+            ),
+            (
+                format!("{file} {export},node-name=f,id=a,addr.path=/s {export},node-name=f,id=b,addr.path=/s"),
+                "--export id=b: socket path '/s' is already used by export 'a'",
+            ),
+            (
+                format!("{objects} {file} {export},node-name=f,id=a,addr.path=/s,iothread=io2"),
+                "--export id=a: iothread 'io2' does not exist (define it with --object \
+                 iothread,id=io2)",
+            ),
+            (
+                format!(
+                    "{objects} {file} {export},node-name=f,id=a,addr.path=/s,iothread=io0 \
+                     {export},node-name=f,id=b,addr.path=/t,iothread.0=io1,iothread.1=io0,num-queues=2"
+                ),
+                "--export id=b: iothread 'io0' is used by exports 'a' and 'b'; each iothread \
+                 serves one export",
+            ),
+            (
+                format!(
+                    "{objects} {file} {export},node-name=f,id=a,addr.path=/s,iothread.0=io0,iothread.1=io0,\
+                     num-queues=2"
+                ),
+                "--export id=a: iothread 'io0' is listed more than once",
+            ),
+            (
+                format!("{objects} {file} {export},node-name=f,id=a,addr.path=/s,iothread.0=io0,iothread.1=io1"),
+                "--export id=a: num-queues (1) is smaller than the number of iothreads (2); \
+                 each iothread needs a queue",
+            ),
+        ];
+        for (line, expected) in cases {
+            assert_eq!(error(args(&line)), expected, "{line}");
+        }
+    }
+
+    #[test]
+    fn every_example_config_parses() {
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(configs_dir())
+            .unwrap()
+            .map(|entry| entry.unwrap().path())
+            .filter(|path| path.extension().is_some_and(|ext| ext == "toml"))
+            .collect();
+        paths.sort();
+        assert!(paths.len() >= 3, "{paths:?}");
+        for path in paths {
+            let argv = vec!["--config".to_string(), path.display().to_string()];
+            let config = run(argv);
+            assert!(!config.exports.is_empty(), "{}", path.display());
+        }
+    }
+
+    #[test]
+    fn default_config_matches_command_line() {
+        let path = configs_dir().join("default.toml");
+        let from_file = run(vec!["--config".into(), path.display().to_string()]);
+        let from_line = run(args(
+            "--object iothread,id=io0 \
+             --blockdev file,node-name=file0,filename=/dev/shm/vubd-demo.img \
+             --blockdev raw,node-name=disk0,file=file0 \
+             --export vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,\
+addr.path=/tmp/vubd.sock,writable=on,iothread=io0",
+        ));
+        assert_eq!(from_file, from_line);
+    }
+
+    #[test]
+    fn multiqueue_and_null_configs() {
+        let mq = run(vec![
+            "--config".into(),
+            configs_dir().join("multiqueue.toml").display().to_string(),
+        ]);
+        assert_eq!(mq.exports[0].num_queues, 4);
+        assert_eq!(
+            mq.exports[0].iothreads,
+            vec!["io0".to_string(), "io1".to_string()]
+        );
+        assert_eq!(mq.objects.len(), 2);
+        let null = run(vec![
+            "--config".into(),
+            configs_dir().join("null.toml").display().to_string(),
+        ]);
+        let DriverOptions::Null(options) = &null.blockdevs[0].driver else {
+            panic!("{null:?}");
+        };
+        assert_eq!(options.size, 1 << 30);
+        assert!(options.read_zeroes);
+        assert_eq!(
+            null.exports[0].socket_path,
+            PathBuf::from("/tmp/vubd-null.sock")
+        );
+    }
+
+    #[test]
+    fn config_file_comes_first() {
+        // The command line refers to the file's node and iothread, and adds its own.
+        let path = configs_dir().join("null.toml");
+        let config = run(vec![
+            "--object".into(),
+            "iothread,id=extra".into(),
+            "--config".into(),
+            path.display().to_string(),
+            "--blockdev".into(),
+            "raw,node-name=top,file=null0".into(),
+            "--pidfile".into(),
+            "/tmp/x.pid".into(),
+        ]);
+        let last = config.objects.last().map(ObjectConfig::id);
+        assert_eq!(last, Some("extra"));
+        assert_eq!(
+            config
+                .blockdevs
+                .last()
+                .and_then(|b| b.common.node_name.clone()),
+            Some("top".into())
+        );
+        assert_eq!(config.pidfile, Some(PathBuf::from("/tmp/x.pid")));
+    }
+
+    #[test]
+    fn toml_errors() {
+        let parse = |text: &str| DaemonConfig::from_toml_str(text, Path::new("t.toml"));
+        let message = |text: &str| match parse(text) {
+            Err(e) => e.to_string(),
+            Ok(c) => panic!("{text}: expected an error, got {c:?}"),
+        };
+        assert_eq!(
+            message("foo = 1"),
+            "config file t.toml: unknown key 'foo' (expected [[object]], [[blockdev]], \
+             [[export]] or pidfile)"
+        );
+        assert_eq!(
+            message("[blockdev]\ndriver = \"null-co\""),
+            "config file t.toml: 'blockdev' must be an array of tables ([[blockdev]])"
+        );
+        assert_eq!(
+            message("pidfile = 3"),
+            "config file t.toml: 'pidfile' must be a string"
+        );
+        assert!(message("[[blockdev]\n").starts_with("config file t.toml: "));
+        assert_eq!(
+            message(
+                "[[blockdev]]\ndriver = \"null-co\"\nnode-name = \"a\"\n\
+                     [[blockdev]]\ndriver = \"null-co\"\nnode-name = \"b\"\nsize = -1\n"
+            ),
+            "config file t.toml: [[blockdev]] #2: Parameter 'size' expects a size"
+        );
+        assert_eq!(
+            message(
+                "[[export]]\ntype = \"vhost-user-blk\"\nid = \"e\"\nnode-name = \"n\"\n\
+                     num-queues = -1\naddr = { type = \"unix\", path = \"/s\" }\n"
+            ),
+            "config file t.toml: [[export]] #1: Parameter 'num-queues' expects a \
+             non-negative integer"
+        );
+
+        // Native TOML types and strings both work; items are validated when run.
+        let config = parse(
+            "pidfile = \"/run/v.pid\"\n\
+             [[object]]\nqom-type = \"iothread\"\nid = \"io0\"\npoll-max-ns = 0\n\
+             [[blockdev]]\ndriver = \"raw\"\nnode-name = \"d\"\nsize = \"1G\"\n\
+             file = { driver = \"file\", filename = \"/img\", cache = { direct = true } }\n",
+        )
+        .unwrap();
+        assert_eq!(config.pidfile, Some(PathBuf::from("/run/v.pid")));
+        assert_eq!(
+            config.objects,
+            vec![ObjectConfig::IoThread(IoThreadConfig {
+                id: "io0".into(),
+                poll_max_ns: 0,
+                poll_grow: 0,
+                poll_shrink: 0,
+                aio_max_batch: 0,
+            })]
+        );
+        let expected = BlockdevOptions::from_json(&serde_json::json!({
+            "driver": "raw", "node-name": "d", "size": 1073741824u64,
+            "file": {"driver": "file", "filename": "/img", "cache": {"direct": true}}
+        }))
+        .unwrap();
+        assert_eq!(config.blockdevs, vec![expected]);
+    }
+}

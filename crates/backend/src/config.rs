@@ -2,8 +2,11 @@
 //! command line and the sections of a `--config` TOML file are parsed into.
 //! (QMP commands will take the same structures.)
 
-use blocklayer::options::BlockdevOptions;
-use std::path::PathBuf;
+use blocklayer::options::coerce::{self, Fields};
+use blocklayer::options::{BlockdevOptions, OptionsError};
+use serde_json::Value;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
 
 /// Error turning options into typed configuration; messages name the option and parameter.
 #[derive(Debug, thiserror::Error)]
@@ -82,4 +85,522 @@ pub struct DaemonConfig {
     pub exports: Vec<ExportConfig>,
     /// `--pidfile`
     pub pidfile: Option<PathBuf>,
+}
+
+/// QEMU's default `poll-max-ns` of an iothread.
+pub const DEFAULT_POLL_MAX_NS: u64 = 32768;
+/// The most queues an export may have.
+pub const MAX_NUM_QUEUES: u16 = 64;
+/// The default `queue-size`.
+pub const DEFAULT_QUEUE_SIZE: u16 = 1024;
+/// The largest `queue-size` (virtio's limit).
+pub const MAX_QUEUE_SIZE: u16 = 32768;
+/// The default `logical-block-size`.
+pub const DEFAULT_LOGICAL_BLOCK_SIZE: u32 = 512;
+/// QEMU's block size limits (`check_block_size()`).
+pub const MIN_BLOCK_SIZE: u64 = 512;
+pub const MAX_BLOCK_SIZE: u64 = 32768;
+/// virtio-blk's serial number (`VIRTIO_BLK_ID_BYTES`).
+pub const MAX_SERIAL_LEN: usize = 20;
+/// The longest unix socket path (`sun_path` holds 108 bytes with the terminating NUL).
+const MAX_SOCKET_PATH_LEN: usize = 107;
+
+type OptionsResult<T> = blocklayer::options::Result<T>;
+
+fn bad_value(name: &str, reason: impl Into<String>) -> OptionsError {
+    OptionsError::BadValue {
+        name: name.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// The required `id` of an object or export: a well-formed QEMU identifier.
+fn take_id(f: &mut Fields) -> OptionsResult<String> {
+    let id = f.required_string("id")?;
+    if !coerce::is_valid_id(&id) {
+        return Err(OptionsError::Invalid {
+            name: f.name("id"),
+            expected: "an identifier (a letter, then letters, digits, '-', '.' or '_')".into(),
+        });
+    }
+    Ok(id)
+}
+
+/// The kinds of items the command line and the config file define.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ItemKind {
+    Object,
+    Blockdev,
+    Export,
+}
+
+impl ItemKind {
+    /// The option (`--object`) and TOML table (`[[object]]`) name.
+    pub fn name(self) -> &'static str {
+        match self {
+            ItemKind::Object => "object",
+            ItemKind::Blockdev => "blockdev",
+            ItemKind::Export => "export",
+        }
+    }
+
+    /// The key a leading value without `key=` belongs to.
+    pub fn implied_key(self) -> &'static str {
+        match self {
+            ItemKind::Object => "qom-type",
+            ItemKind::Blockdev => "driver",
+            ItemKind::Export => "type",
+        }
+    }
+}
+
+impl IoThreadConfig {
+    fn take_from(f: &mut Fields) -> OptionsResult<Self> {
+        Ok(IoThreadConfig {
+            id: take_id(f)?,
+            poll_max_ns: f.uint("poll-max-ns")?.unwrap_or(DEFAULT_POLL_MAX_NS),
+            poll_grow: f.uint("poll-grow")?.unwrap_or(0),
+            poll_shrink: f.uint("poll-shrink")?.unwrap_or(0),
+            aio_max_batch: f.uint("aio-max-batch")?.unwrap_or(0),
+        })
+    }
+}
+
+impl ObjectConfig {
+    /// Parses `--object` options (QEMU's `object-add` arguments, `qom-type` and `id`
+    /// included).
+    pub fn from_json(v: &Value) -> OptionsResult<Self> {
+        let mut f = Fields::new(v, "")?;
+        let qom_type = f.required_string("qom-type")?;
+        let object = match qom_type.as_str() {
+            "iothread" => ObjectConfig::IoThread(IoThreadConfig::take_from(&mut f)?),
+            other => {
+                return Err(bad_value(
+                    "qom-type",
+                    format!("'{other}' is not supported (vubd has 'iothread' objects only)"),
+                ))
+            }
+        };
+        f.finish()?;
+        Ok(object)
+    }
+
+    pub fn id(&self) -> &str {
+        match self {
+            ObjectConfig::IoThread(iothread) => &iothread.id,
+        }
+    }
+}
+
+impl ExportConfig {
+    /// Parses `--export` options (QEMU's `block-export-add` arguments for
+    /// `type=vhost-user-blk`, plus vubd's `serial` and `queue-size`).
+    pub fn from_json(v: &Value) -> OptionsResult<Self> {
+        let mut f = Fields::new(v, "")?;
+        let export_type = f.required_string("type")?;
+        if export_type != "vhost-user-blk" {
+            return Err(bad_value(
+                "type",
+                format!("'{export_type}' is not supported (vubd exports vhost-user-blk only)"),
+            ));
+        }
+        let export = ExportConfig {
+            id: take_id(&mut f)?,
+            node_name: f.required_string("node-name")?,
+            writable: f.bool("writable")?.unwrap_or(false),
+            writethrough: f.bool("writethrough")?.unwrap_or(false),
+            socket_path: take_addr(&mut f)?,
+            num_queues: take_num_queues(&mut f)?,
+            iothreads: take_iothreads(&mut f)?,
+            fixed_iothread: f.bool("fixed-iothread")?.unwrap_or(false),
+            logical_block_size: take_logical_block_size(&mut f)?,
+            serial: take_serial(&mut f)?,
+            queue_size: take_queue_size(&mut f)?,
+        };
+        f.finish()?;
+        Ok(export)
+    }
+}
+
+/// `addr`: a unix socket address (QEMU's `SocketAddress` with `type=unix`).
+fn take_addr(f: &mut Fields) -> OptionsResult<PathBuf> {
+    let addr = f.object("addr")?;
+    let mut addr = f.required("addr", addr)?;
+    let addr_type = addr.required_string("type")?;
+    if addr_type != "unix" {
+        return Err(bad_value(
+            &addr.name("type"),
+            format!("'{addr_type}' is not supported (vubd listens on unix sockets only)"),
+        ));
+    }
+    let path = addr.required_string("path")?;
+    if path.is_empty() {
+        return Err(bad_value(&addr.name("path"), "the socket path is empty"));
+    }
+    if path.len() > MAX_SOCKET_PATH_LEN {
+        return Err(bad_value(
+            &addr.name("path"),
+            format!("UNIX socket path '{path}' is too long (at most {MAX_SOCKET_PATH_LEN} bytes)"),
+        ));
+    }
+    addr.finish()?;
+    Ok(PathBuf::from(path))
+}
+
+fn take_num_queues(f: &mut Fields) -> OptionsResult<u16> {
+    let num_queues = f.uint("num-queues")?.unwrap_or(1);
+    match u16::try_from(num_queues) {
+        Ok(n @ 1..=MAX_NUM_QUEUES) => Ok(n),
+        _ => Err(bad_value(
+            "num-queues",
+            format!("{num_queues} is out of range (1 to {MAX_NUM_QUEUES})"),
+        )),
+    }
+}
+
+/// `iothread`: one iothread id or a list of them.
+fn take_iothreads(f: &mut Fields) -> OptionsResult<Vec<String>> {
+    let name = f.name("iothread");
+    match f.take("iothread") {
+        None => Ok(Vec::new()),
+        Some(Value::String(id)) => Ok(vec![id]),
+        Some(Value::Array(items)) => items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| coerce::to_string(&format!("{name}.{i}"), item))
+            .collect(),
+        Some(_) => Err(OptionsError::Invalid {
+            name,
+            expected: "an iothread id or a list of iothread ids".into(),
+        }),
+    }
+}
+
+/// `logical-block-size`: a power of two from 512 to 32768, as QEMU's
+/// `check_block_size()`.
+fn take_logical_block_size(f: &mut Fields) -> OptionsResult<u32> {
+    let Some(size) = f.size("logical-block-size")? else {
+        return Ok(DEFAULT_LOGICAL_BLOCK_SIZE);
+    };
+    if !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&size) {
+        return Err(bad_value(
+            "logical-block-size",
+            format!(
+                "{size} is out of range (minimum: {MIN_BLOCK_SIZE}, maximum: {MAX_BLOCK_SIZE})"
+            ),
+        ));
+    }
+    if !size.is_power_of_two() {
+        return Err(bad_value(
+            "logical-block-size",
+            format!("{size} is not a power of 2"),
+        ));
+    }
+    u32::try_from(size).map_err(|_| bad_value("logical-block-size", "out of range"))
+}
+
+fn take_serial(f: &mut Fields) -> OptionsResult<Option<String>> {
+    let serial = f.string("serial")?;
+    if let Some(serial) = &serial {
+        if serial.len() > MAX_SERIAL_LEN {
+            return Err(bad_value(
+                "serial",
+                format!("'{serial}' is longer than {MAX_SERIAL_LEN} bytes"),
+            ));
+        }
+    }
+    Ok(serial)
+}
+
+fn take_queue_size(f: &mut Fields) -> OptionsResult<u16> {
+    let size = f
+        .uint("queue-size")?
+        .unwrap_or(u64::from(DEFAULT_QUEUE_SIZE));
+    match u16::try_from(size) {
+        Ok(n @ 1..=MAX_QUEUE_SIZE) if n.is_power_of_two() => Ok(n),
+        _ => Err(bad_value(
+            "queue-size",
+            format!("{size} is not a power of 2 from 1 to {MAX_QUEUE_SIZE}"),
+        )),
+    }
+}
+
+fn invalid(option: String, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        option,
+        message: message.into(),
+    }
+}
+
+fn export_label(export: &ExportConfig) -> String {
+    format!("--export id={}", export.id)
+}
+
+impl DaemonConfig {
+    /// Adds one item given as QEMU-style JSON (from keyval, JSON or TOML).
+    pub fn add_item(&mut self, kind: ItemKind, v: &Value) -> OptionsResult<()> {
+        match kind {
+            ItemKind::Object => self.objects.push(ObjectConfig::from_json(v)?),
+            ItemKind::Blockdev => self.blockdevs.push(BlockdevOptions::from_json_root(v)?),
+            ItemKind::Export => self.exports.push(ExportConfig::from_json(v)?),
+        }
+        Ok(())
+    }
+
+    /// Appends `other`'s items after this one's; its pidfile, if any, wins.
+    pub fn append(&mut self, other: DaemonConfig) {
+        self.objects.extend(other.objects);
+        self.blockdevs.extend(other.blockdevs);
+        self.exports.extend(other.exports);
+        if other.pidfile.is_some() {
+            self.pidfile = other.pidfile;
+        }
+    }
+
+    /// Reads a `--config` TOML file.
+    pub fn from_toml_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml_str(&text, path)
+    }
+
+    /// Parses config file text: `[[object]]`, `[[blockdev]]` and `[[export]]` tables
+    /// with QEMU's JSON keys, and `pidfile`. `path` is for messages.
+    pub fn from_toml_str(text: &str, path: &Path) -> Result<Self> {
+        let toml_error = |message: String| ConfigError::Toml {
+            path: path.to_path_buf(),
+            message,
+        };
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            toml_error(e.message().to_string() + &toml_location(text, e.span()))
+        })?;
+        let mut config = DaemonConfig::default();
+        for kind in [ItemKind::Object, ItemKind::Blockdev, ItemKind::Export] {
+            let Some(section) = table.remove(kind.name()) else {
+                continue;
+            };
+            for (i, item) in toml_items(kind, section)
+                .map_err(toml_error)?
+                .iter()
+                .enumerate()
+            {
+                config
+                    .add_item(kind, item)
+                    .map_err(|source| ConfigError::Options {
+                        option: format!(
+                            "config file {}: [[{}]] #{}",
+                            path.display(),
+                            kind.name(),
+                            i + 1
+                        ),
+                        source,
+                    })?;
+            }
+        }
+        if let Some(pidfile) = table.remove("pidfile") {
+            match pidfile {
+                toml::Value::String(s) => config.pidfile = Some(PathBuf::from(s)),
+                _ => return Err(toml_error("'pidfile' must be a string".into())),
+            }
+        }
+        if let Some(key) = table.keys().next() {
+            return Err(toml_error(format!(
+                "unknown key '{key}' (expected [[object]], [[blockdev]], [[export]] or pidfile)"
+            )));
+        }
+        Ok(config)
+    }
+
+    /// Checks the configuration as a whole (nothing that needs I/O): unique node names,
+    /// export ids, iothread ids and socket paths; references to nodes and iothreads
+    /// that exist; iothreads not shared between exports.
+    pub fn validate(&self) -> Result<()> {
+        let iothreads = self.check_objects()?;
+        let nodes = self.check_blockdevs()?;
+        self.check_exports(&iothreads, &nodes)
+    }
+
+    fn check_objects(&self) -> Result<HashSet<&str>> {
+        let mut ids = HashSet::new();
+        for object in &self.objects {
+            if !ids.insert(object.id()) {
+                return Err(invalid(
+                    format!("--object iothread,id={}", object.id()),
+                    format!("duplicate object id '{}'", object.id()),
+                ));
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Node names are unique (inline children included), and a referenced node was
+    /// defined by an earlier blockdev.
+    fn check_blockdevs(&self) -> Result<HashSet<&str>> {
+        let mut nodes = HashSet::new();
+        for (i, blockdev) in self.blockdevs.iter().enumerate() {
+            let Some(name) = blockdev.common.node_name.as_deref() else {
+                return Err(invalid(
+                    format!("--blockdev #{}", i + 1),
+                    "'node-name' must be specified for the root node",
+                ));
+            };
+            let label = format!("--blockdev node-name={name}");
+            for reference in blockdev.references() {
+                if !nodes.contains(reference) {
+                    return Err(invalid(
+                        label,
+                        format!(
+                            "no block node named '{reference}' (a referenced node must be \
+                             defined by an earlier blockdev)"
+                        ),
+                    ));
+                }
+            }
+            for node in blockdev.node_names() {
+                if !nodes.insert(node) {
+                    return Err(invalid(
+                        label,
+                        format!("Duplicate nodes with node-name='{node}'"),
+                    ));
+                }
+            }
+        }
+        Ok(nodes)
+    }
+
+    fn check_exports(&self, iothreads: &HashSet<&str>, nodes: &HashSet<&str>) -> Result<()> {
+        let mut ids = HashSet::new();
+        let mut sockets: HashMap<&Path, &str> = HashMap::new();
+        let mut iothread_users: HashMap<&str, &str> = HashMap::new();
+        for export in &self.exports {
+            let label = export_label(export);
+            if !ids.insert(export.id.as_str()) {
+                return Err(invalid(
+                    label,
+                    format!("Block export id '{}' is already in use", export.id),
+                ));
+            }
+            if !nodes.contains(export.node_name.as_str()) {
+                return Err(invalid(
+                    label,
+                    format!("no block node named '{}'", export.node_name),
+                ));
+            }
+            if let Some(other) = sockets.insert(&export.socket_path, &export.id) {
+                return Err(invalid(
+                    label,
+                    format!(
+                        "socket path '{}' is already used by export '{other}'",
+                        export.socket_path.display()
+                    ),
+                ));
+            }
+            check_export_iothreads(export, iothreads, &mut iothread_users)?;
+        }
+        Ok(())
+    }
+}
+
+/// An export's iothreads exist, are listed once, serve no other export and are no
+/// more than its queues.
+fn check_export_iothreads<'a>(
+    export: &'a ExportConfig,
+    iothreads: &HashSet<&str>,
+    users: &mut HashMap<&'a str, &'a str>,
+) -> Result<()> {
+    let label = export_label(export);
+    for (i, iothread) in export.iothreads.iter().enumerate() {
+        if !iothreads.contains(iothread.as_str()) {
+            return Err(invalid(
+                label,
+                format!("iothread '{iothread}' does not exist (define it with --object iothread,id={iothread})"),
+            ));
+        }
+        if export.iothreads[..i].contains(iothread) {
+            return Err(invalid(
+                label,
+                format!("iothread '{iothread}' is listed more than once"),
+            ));
+        }
+        if let Some(other) = users.insert(iothread, &export.id) {
+            return Err(invalid(
+                label,
+                format!(
+                    "iothread '{iothread}' is used by exports '{other}' and '{}'; each iothread \
+                     serves one export",
+                    export.id
+                ),
+            ));
+        }
+    }
+    if usize::from(export.num_queues) < export.iothreads.len() {
+        return Err(invalid(
+            label,
+            format!(
+                "num-queues ({}) is smaller than the number of iothreads ({}); each iothread \
+                 needs a queue",
+                export.num_queues,
+                export.iothreads.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The items of one `[[kind]]` array of tables, as JSON.
+fn toml_items(kind: ItemKind, section: toml::Value) -> std::result::Result<Vec<Value>, String> {
+    let toml::Value::Array(items) = section else {
+        return Err(format!(
+            "'{0}' must be an array of tables ([[{0}]])",
+            kind.name()
+        ));
+    };
+    items
+        .into_iter()
+        .map(|item| match item {
+            toml::Value::Table(_) => toml_to_json(item),
+            _ => Err(format!(
+                "'{0}' must be an array of tables ([[{0}]])",
+                kind.name()
+            )),
+        })
+        .collect()
+}
+
+/// A TOML value as JSON; date-times become strings.
+fn toml_to_json(v: toml::Value) -> std::result::Result<Value, String> {
+    Ok(match v {
+        toml::Value::String(s) => Value::String(s),
+        toml::Value::Integer(i) => Value::from(i),
+        toml::Value::Float(x) => serde_json::Number::from_f64(x)
+            .map(Value::Number)
+            .ok_or_else(|| format!("{x} is not a valid number here"))?,
+        toml::Value::Boolean(b) => Value::Bool(b),
+        toml::Value::Datetime(d) => Value::String(d.to_string()),
+        toml::Value::Array(items) => Value::Array(
+            items
+                .into_iter()
+                .map(toml_to_json)
+                .collect::<std::result::Result<_, _>>()?,
+        ),
+        toml::Value::Table(table) => Value::Object(
+            table
+                .into_iter()
+                .map(|(k, v)| Ok((k, toml_to_json(v)?)))
+                .collect::<std::result::Result<_, String>>()?,
+        ),
+    })
+}
+
+/// " at line L, column C" for an error span, or nothing.
+fn toml_location(text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    let Some(span) = span else {
+        return String::new();
+    };
+    let before = text.get(..span.start).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |p| p + 1) + 1;
+    format!(" at line {line}, column {column}")
 }

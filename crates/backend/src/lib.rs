@@ -3,4 +3,6 @@
 
 pub mod cli;
 pub mod config;
+pub mod daemon;
+pub mod export;
 pub mod keyval;

@@ -1,1 +1,61 @@
-fn main(){}
+//! `vubd`: the vhost-user-blk storage daemon.
+
+use std::process::ExitCode;
+use vubd::cli::{self, CliAction};
+use vubd::daemon::Daemon;
+
+/// Blocks the termination signals in this thread (and every thread it starts), so that
+/// the main thread can wait for them synchronously.
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data, initialised by sigemptyset before use; the calls
+    // only read and write the set we own.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        // A peer closing a socket must not kill the daemon.
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+        set
+    }
+}
+
+fn wait_for_signal(set: &libc::sigset_t) -> i32 {
+    let mut sig: libc::c_int = 0;
+    // SAFETY: `set` is a valid initialised signal set and `sig` a valid out pointer.
+    unsafe { libc::sigwait(set, &mut sig) };
+    sig
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let cfg = match cli::parse_args(std::env::args().skip(1)) {
+        Ok(CliAction::Run(cfg)) => cfg,
+        Ok(CliAction::Help) => {
+            print!("{}", cli::usage());
+            return ExitCode::SUCCESS;
+        }
+        Ok(CliAction::Version) => {
+            println!("vubd {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("vubd: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let signals = block_signals();
+    let daemon = match Daemon::start(&cfg) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("vubd: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let sig = wait_for_signal(&signals);
+    log::info!("signal {sig}: shutting down");
+    daemon.shutdown();
+    ExitCode::SUCCESS
+}

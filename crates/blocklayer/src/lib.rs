@@ -1,3 +1,21 @@
 //! The vubd block layer: a graph of driver nodes and the shared request path.
+//!
+//! - [`aio`]: the iothread machinery (executor, io_uring engine, I/O vectors)
+//! - [`node`], [`driver`], [`limits`]: nodes, the driver interface, merged limits
+//! - [`io`]: the generic request path every node goes through
+//! - [`drivers`]: `file`/`host_device`, `raw`, `null-co`
+//! - [`graph`]: node-names and opening nodes from [`options`]
 
+pub mod aio;
+pub mod driver;
+pub mod drivers;
+pub mod error;
+pub mod graph;
+pub mod io;
+pub mod limits;
+pub mod node;
 pub mod options;
+
+pub use error::{BlockError, Result};
+pub use graph::Graph;
+pub use node::Node;

@@ -5,6 +5,8 @@
 //! into these types. Values may be native JSON types or strings (the key=value syntax
 //! yields strings only), as QEMU's keyval input visitor accepts.
 
+use coerce::Fields;
+use serde_json::{json, Map, Value};
 use std::path::PathBuf;
 
 /// Error parsing blockdev options; the message names the offending parameter the way
@@ -138,6 +140,957 @@ impl DriverOptions {
             DriverOptions::HostDevice(_) => "host_device",
             DriverOptions::Raw(_) => "raw",
             DriverOptions::Null(_) => "null-co",
+        }
+    }
+}
+
+/// Coercion of option values as QEMU's keyval input visitor and QMP accept them: every
+/// scalar may be a native JSON value or a string (the only type key=value syntax yields).
+pub mod coerce {
+    use super::{OptionsError, Result};
+    use serde_json::{Map, Value};
+
+    /// A QEMU boolean string: `on`/`yes`/`true`/`y` or `off`/`no`/`false`/`n`, any case.
+    pub fn parse_bool(s: &str) -> Option<bool> {
+        const TRUE: [&str; 4] = ["on", "yes", "true", "y"];
+        const FALSE: [&str; 4] = ["off", "no", "false", "n"];
+        if TRUE.iter().any(|t| s.eq_ignore_ascii_case(t)) {
+            Some(true)
+        } else if FALSE.iter().any(|f| s.eq_ignore_ascii_case(f)) {
+            Some(false)
+        } else {
+            None
+        }
+    }
+
+    /// An unsigned integer as `strtoull(s, NULL, 0)` reads it (QEMU's keyval visitor):
+    /// decimal, `0x` hexadecimal or `0` octal; no sign, no surrounding text.
+    pub fn parse_uint(s: &str) -> Option<u64> {
+        if let Some(hex) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+            return parse_digits(hex, 16);
+        }
+        if s.len() > 1 && s.starts_with('0') {
+            return parse_digits(&s[1..], 8);
+        }
+        parse_digits(s, 10)
+    }
+
+    fn parse_digits(s: &str, radix: u32) -> Option<u64> {
+        if s.is_empty() || !s.chars().all(|c| c.is_digit(radix)) {
+            return None;
+        }
+        u64::from_str_radix(s, radix).ok()
+    }
+
+    /// The multiplier of a size suffix (powers of 1024; `B` means bytes), any case.
+    fn suffix_multiplier(suffix: char) -> Option<u64> {
+        let exponent = match suffix.to_ascii_uppercase() {
+            'B' => 0,
+            'K' => 1,
+            'M' => 2,
+            'G' => 3,
+            'T' => 4,
+            'P' => 5,
+            'E' => 6,
+            _ => return None,
+        };
+        Some(1u64 << (10 * exponent))
+    }
+
+    /// A size as QEMU's `qemu_strtosz()` reads it: a decimal number with an optional
+    /// fraction and an optional suffix `B`, `K`, `M`, `G`, `T`, `P` or `E` (any case,
+    /// powers of 1024; a fraction needs a suffix other than `B`), or `0x` hexadecimal
+    /// without fraction or suffix. Fractional results are rounded to the nearest byte.
+    pub fn parse_size(s: &str) -> Option<u64> {
+        if let Some(hex) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+            return parse_digits(hex, 16);
+        }
+        let (number, multiplier) = match s.chars().last() {
+            Some(c) if !c.is_ascii_digit() && c != '.' => {
+                (&s[..s.len() - c.len_utf8()], suffix_multiplier(c)?)
+            }
+            _ => (s, 1),
+        };
+        let (int_part, frac_part) = match number.split_once('.') {
+            Some((int_part, frac_part)) => (int_part, frac_part),
+            None => (number, ""),
+        };
+        let all_digits = |p: &str| p.chars().all(|c| c.is_ascii_digit());
+        if int_part.len() + frac_part.len() == 0 || !all_digits(int_part) || !all_digits(frac_part)
+        {
+            return None;
+        }
+        let whole = if int_part.is_empty() {
+            0
+        } else {
+            int_part.parse::<u64>().ok()?
+        };
+        let fraction = fraction_bytes(frac_part, multiplier)?;
+        whole.checked_mul(multiplier)?.checked_add(fraction)
+    }
+
+    /// `0.<digits> * multiplier`, rounded half up; `None` if a nonzero fraction would
+    /// apply to plain bytes.
+    fn fraction_bytes(digits: &str, multiplier: u64) -> Option<u64> {
+        // 18 digits are far beyond double precision (what QEMU uses) and keep the
+        // products below in u128 range.
+        let digits = &digits[..digits.len().min(18)];
+        if digits.is_empty() {
+            return Some(0);
+        }
+        let numerator: u128 = digits.parse().ok()?;
+        if numerator != 0 && multiplier == 1 {
+            return None;
+        }
+        let denominator = 10u128.pow(digits.len() as u32);
+        let bytes = (numerator * u128::from(multiplier) + denominator / 2) / denominator;
+        u64::try_from(bytes).ok()
+    }
+
+    /// QEMU's `id_wellformed()`: a letter, then letters, digits, `-`, `.` and `_`.
+    pub fn is_valid_id(s: &str) -> bool {
+        let mut chars = s.chars();
+        chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+            && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+    }
+
+    /// Checks a node name as QEMU does: a well-formed id of at most 31 characters.
+    pub fn check_node_name(name: &str, value: &str) -> Result<()> {
+        let reason = if !is_valid_id(value) {
+            format!(
+                "'{value}' is not a valid node name (it must start with a letter and \
+                 contain only letters, digits, '-', '.' and '_')"
+            )
+        } else if value.len() > 31 {
+            format!("node name '{value}' is longer than 31 characters")
+        } else {
+            return Ok(());
+        };
+        Err(OptionsError::BadValue {
+            name: name.to_string(),
+            reason,
+        })
+    }
+
+    fn invalid(name: &str, expected: &str) -> OptionsError {
+        OptionsError::Invalid {
+            name: name.to_string(),
+            expected: expected.to_string(),
+        }
+    }
+
+    /// A boolean: JSON `true`/`false` or a string [`parse_bool`] accepts.
+    pub fn to_bool(name: &str, v: &Value) -> Result<bool> {
+        match v {
+            Value::Bool(b) => Ok(*b),
+            Value::String(s) => parse_bool(s).ok_or_else(|| invalid(name, "'on' or 'off'")),
+            _ => Err(invalid(name, "a boolean")),
+        }
+    }
+
+    /// A JSON number as u64, with the QEMU-style complaint for everything else.
+    fn number_to_u64(name: &str, v: &Value) -> Result<u64> {
+        match v.as_u64() {
+            Some(n) => Ok(n),
+            None if v.as_i64().is_some() => Err(invalid(name, "a non-negative integer")),
+            None => Err(invalid(name, "an integer")),
+        }
+    }
+
+    /// An unsigned integer: a JSON number or a string [`parse_uint`] accepts.
+    pub fn to_uint(name: &str, v: &Value) -> Result<u64> {
+        match v {
+            Value::Number(_) => number_to_u64(name, v),
+            Value::String(s) => parse_uint(s).ok_or_else(|| invalid(name, "an integer")),
+            _ => Err(invalid(name, "an integer")),
+        }
+    }
+
+    /// A size in bytes: a JSON number or a string [`parse_size`] accepts.
+    pub fn to_size(name: &str, v: &Value) -> Result<u64> {
+        match v {
+            Value::Number(_) => number_to_u64(name, v).map_err(|_| invalid(name, "a size")),
+            Value::String(s) => parse_size(s).ok_or_else(|| invalid(name, "a size")),
+            _ => Err(invalid(name, "a size")),
+        }
+    }
+
+    /// A string.
+    pub fn to_string(name: &str, v: &Value) -> Result<String> {
+        match v {
+            Value::String(s) => Ok(s.clone()),
+            _ => Err(invalid(name, "a string")),
+        }
+    }
+
+    /// One of `choices`, named by its QEMU string.
+    pub fn to_enum<T: Copy>(name: &str, v: &Value, choices: &[(&str, T)]) -> Result<T> {
+        let expected = || {
+            let names: Vec<String> = choices.iter().map(|(n, _)| format!("'{n}'")).collect();
+            invalid(name, &format!("one of {}", names.join(", ")))
+        };
+        let s = v.as_str().ok_or_else(expected)?;
+        choices
+            .iter()
+            .find(|(n, _)| *n == s)
+            .map(|(_, value)| *value)
+            .ok_or_else(expected)
+    }
+
+    /// The members of one options object, consumed key by key; whatever is left at
+    /// [`Fields::finish`] is unexpected. Error messages name keys by their full dotted
+    /// path (`cache.direct`, `file.filename`).
+    #[derive(Debug, Clone)]
+    pub struct Fields {
+        map: Map<String, Value>,
+        prefix: String,
+    }
+
+    impl Fields {
+        /// `v` must be an object; `name` is its dotted path ("" for the top level).
+        pub fn new(v: &Value, name: &str) -> Result<Self> {
+            match v {
+                Value::Object(map) => Ok(Self::from_map(map.clone(), name)),
+                _ if name.is_empty() => Err(invalid("options", "an object")),
+                _ => Err(invalid(name, "an object")),
+            }
+        }
+
+        pub fn from_map(map: Map<String, Value>, name: &str) -> Self {
+            let prefix = if name.is_empty() {
+                String::new()
+            } else {
+                format!("{name}.")
+            };
+            Self { map, prefix }
+        }
+
+        /// The full dotted name of `key`.
+        pub fn name(&self, key: &str) -> String {
+            format!("{}{key}", self.prefix)
+        }
+
+        pub fn contains(&self, key: &str) -> bool {
+            self.map.contains_key(key)
+        }
+
+        /// Removes and returns the raw value of `key`.
+        pub fn take(&mut self, key: &str) -> Option<Value> {
+            self.map.remove(key)
+        }
+
+        fn take_with<T>(
+            &mut self,
+            key: &str,
+            convert: impl FnOnce(&str, &Value) -> Result<T>,
+        ) -> Result<Option<T>> {
+            match self.map.remove(key) {
+                Some(v) => convert(&self.name(key), &v).map(Some),
+                None => Ok(None),
+            }
+        }
+
+        pub fn bool(&mut self, key: &str) -> Result<Option<bool>> {
+            self.take_with(key, to_bool)
+        }
+
+        pub fn uint(&mut self, key: &str) -> Result<Option<u64>> {
+            self.take_with(key, to_uint)
+        }
+
+        pub fn size(&mut self, key: &str) -> Result<Option<u64>> {
+            self.take_with(key, to_size)
+        }
+
+        pub fn string(&mut self, key: &str) -> Result<Option<String>> {
+            self.take_with(key, to_string)
+        }
+
+        pub fn enumeration<T: Copy>(
+            &mut self,
+            key: &str,
+            choices: &[(&str, T)],
+        ) -> Result<Option<T>> {
+            self.take_with(key, |name, v| to_enum(name, v, choices))
+        }
+
+        /// The nested object `key`, as `Fields` of its own (finish it separately).
+        pub fn object(&mut self, key: &str) -> Result<Option<Fields>> {
+            self.take_with(key, |name, v| Fields::new(v, name))
+        }
+
+        /// `Missing` unless `value` is present.
+        pub fn required<T>(&self, key: &str, value: Option<T>) -> Result<T> {
+            value.ok_or_else(|| OptionsError::Missing(self.name(key)))
+        }
+
+        pub fn required_string(&mut self, key: &str) -> Result<String> {
+            let value = self.string(key)?;
+            self.required(key, value)
+        }
+
+        /// Fails naming the first key nobody consumed.
+        pub fn finish(self) -> Result<()> {
+            match self.map.keys().next() {
+                Some(key) => Err(OptionsError::Unexpected(format!("{}{key}", self.prefix))),
+                None => Ok(()),
+            }
+        }
+    }
+}
+
+const DISCARD_CHOICES: &[(&str, DiscardMode)] = &[
+    ("ignore", DiscardMode::Ignore),
+    ("off", DiscardMode::Ignore),
+    ("unmap", DiscardMode::Unmap),
+    ("on", DiscardMode::Unmap),
+];
+
+const DETECT_ZEROES_CHOICES: &[(&str, DetectZeroes)] = &[
+    ("off", DetectZeroes::Off),
+    ("on", DetectZeroes::On),
+    ("unmap", DetectZeroes::Unmap),
+];
+
+const LOCKING_CHOICES: &[(&str, LockingMode)] = &[
+    ("auto", LockingMode::Auto),
+    ("on", LockingMode::On),
+    ("off", LockingMode::Off),
+];
+
+const AIO_CHOICES: &[(&str, AioMode)] = &[
+    ("threads", AioMode::Threads),
+    ("native", AioMode::Native),
+    ("io_uring", AioMode::IoUring),
+];
+
+/// QEMU's default size of a null-co/null-aio node: 1 GiB.
+pub const NULL_DEFAULT_SIZE: u64 = 1 << 30;
+
+/// The QEMU string of an enum value (the first name listed for it).
+fn choice_name<T: Copy + PartialEq>(choices: &[(&'static str, T)], value: T) -> &'static str {
+    choices
+        .iter()
+        .find(|(_, v)| *v == value)
+        .map_or("", |(name, _)| name)
+}
+
+fn bad_value(name: &str, reason: impl Into<String>) -> OptionsError {
+    OptionsError::BadValue {
+        name: name.to_string(),
+        reason: reason.into(),
+    }
+}
+
+impl CommonOptions {
+    /// Consumes the keys every driver takes.
+    fn take_from(f: &mut Fields) -> Result<Self> {
+        let node_name = f.string("node-name")?;
+        if let Some(name) = &node_name {
+            coerce::check_node_name(&f.name("node-name"), name)?;
+        }
+        let mut common = CommonOptions {
+            node_name,
+            discard: f
+                .enumeration("discard", DISCARD_CHOICES)?
+                .unwrap_or_default(),
+            read_only: f.bool("read-only")?.unwrap_or(false),
+            auto_read_only: f.bool("auto-read-only")?.unwrap_or(false),
+            force_share: f.bool("force-share")?.unwrap_or(false),
+            detect_zeroes: f
+                .enumeration("detect-zeroes", DETECT_ZEROES_CHOICES)?
+                .unwrap_or_default(),
+            ..CommonOptions::default()
+        };
+        if let Some(mut cache) = f.object("cache")? {
+            common.cache_direct = cache.bool("direct")?.unwrap_or(false);
+            common.cache_no_flush = cache.bool("no-flush")?.unwrap_or(false);
+            cache.finish()?;
+        }
+        common.check(f)?;
+        Ok(common)
+    }
+
+    /// The combinations QEMU refuses.
+    fn check(&self, f: &Fields) -> Result<()> {
+        if self.detect_zeroes == DetectZeroes::Unmap && self.discard != DiscardMode::Unmap {
+            return Err(bad_value(
+                &f.name("detect-zeroes"),
+                "setting detect-zeroes to unmap is not allowed without setting discard \
+                 operation to unmap",
+            ));
+        }
+        if self.force_share && !self.read_only {
+            return Err(bad_value(
+                &f.name("force-share"),
+                "force-share=on can only be used with read-only images",
+            ));
+        }
+        Ok(())
+    }
+
+    fn write_json(&self, m: &mut Map<String, Value>) {
+        if let Some(name) = &self.node_name {
+            m.insert("node-name".into(), json!(name));
+        }
+        m.insert(
+            "discard".into(),
+            json!(choice_name(DISCARD_CHOICES, self.discard)),
+        );
+        m.insert(
+            "cache".into(),
+            json!({ "direct": self.cache_direct, "no-flush": self.cache_no_flush }),
+        );
+        m.insert("read-only".into(), json!(self.read_only));
+        m.insert("auto-read-only".into(), json!(self.auto_read_only));
+        m.insert("force-share".into(), json!(self.force_share));
+        m.insert(
+            "detect-zeroes".into(),
+            json!(choice_name(DETECT_ZEROES_CHOICES, self.detect_zeroes)),
+        );
+    }
+
+    /// Fills in what an inline child of this (format) node inherits unless it sets the
+    /// option itself, as QEMU's `bdrv_inherited_options()`: read-only, auto-read-only,
+    /// force-share and the cache options; and discard defaults to unmap on the lower
+    /// layer (the format node applies the user's discard policy).
+    fn inherit_into(&self, child: &mut Map<String, Value>) {
+        let defaults = [
+            ("read-only", json!(self.read_only)),
+            ("auto-read-only", json!(self.auto_read_only)),
+            ("force-share", json!(self.force_share)),
+            ("discard", json!("unmap")),
+        ];
+        for (key, value) in defaults {
+            child.entry(key).or_insert(value);
+        }
+        let cache = child
+            .entry("cache")
+            .or_insert_with(|| Value::Object(Map::new()));
+        if let Value::Object(cache) = cache {
+            cache.entry("direct").or_insert(json!(self.cache_direct));
+            cache
+                .entry("no-flush")
+                .or_insert(json!(self.cache_no_flush));
+        }
+    }
+}
+
+impl FileOptions {
+    fn take_from(f: &mut Fields) -> Result<Self> {
+        let filename = f.required_string("filename")?;
+        let options = FileOptions {
+            filename: PathBuf::from(filename),
+            aio: f.enumeration("aio", AIO_CHOICES)?.unwrap_or_default(),
+            locking: f
+                .enumeration("locking", LOCKING_CHOICES)?
+                .unwrap_or_default(),
+        };
+        // Accepted for compatibility and ignored: vubd sizes its own io_uring batches.
+        f.uint("aio-max-batch")?;
+        Ok(options)
+    }
+
+    fn write_json(&self, m: &mut Map<String, Value>) {
+        m.insert("filename".into(), json!(self.filename.to_string_lossy()));
+        m.insert("aio".into(), json!(choice_name(AIO_CHOICES, self.aio)));
+        m.insert(
+            "locking".into(),
+            json!(choice_name(LOCKING_CHOICES, self.locking)),
+        );
+    }
+}
+
+impl BlockdevRef {
+    fn take_from(f: &mut Fields, key: &str, parent: &CommonOptions) -> Result<Self> {
+        let name = f.name(key);
+        match f.take(key) {
+            None => Err(OptionsError::Missing(name)),
+            Some(Value::String(node)) => Ok(BlockdevRef::Reference(node)),
+            Some(Value::Object(mut child)) => {
+                parent.inherit_into(&mut child);
+                let child = BlockdevOptions::parse(&Value::Object(child), &name)?;
+                Ok(BlockdevRef::Inline(Box::new(child)))
+            }
+            Some(_) => Err(OptionsError::Invalid {
+                name,
+                expected: "a node name or an object".into(),
+            }),
+        }
+    }
+
+    fn to_json(&self) -> Value {
+        match self {
+            BlockdevRef::Reference(node) => json!(node),
+            BlockdevRef::Inline(child) => child.to_json(),
+        }
+    }
+}
+
+impl RawOptions {
+    fn take_from(f: &mut Fields, common: &CommonOptions) -> Result<Self> {
+        let options = RawOptions {
+            file: BlockdevRef::take_from(f, "file", common)?,
+            offset: f.size("offset")?.unwrap_or(0),
+            size: f.size("size")?,
+        };
+        if options.size.is_some_and(|size| !size.is_multiple_of(512)) {
+            return Err(bad_value(
+                &f.name("size"),
+                "Specified size is not multiple of 512",
+            ));
+        }
+        Ok(options)
+    }
+
+    fn write_json(&self, m: &mut Map<String, Value>) {
+        m.insert("file".into(), self.file.to_json());
+        m.insert("offset".into(), json!(self.offset));
+        if let Some(size) = self.size {
+            m.insert("size".into(), json!(size));
+        }
+    }
+}
+
+impl NullOptions {
+    fn take_from(f: &mut Fields) -> Result<Self> {
+        Ok(NullOptions {
+            size: f.size("size")?.unwrap_or(NULL_DEFAULT_SIZE),
+            read_zeroes: f.bool("read-zeroes")?.unwrap_or(false),
+            latency_ns: f.uint("latency-ns")?.unwrap_or(0),
+        })
+    }
+
+    fn write_json(&self, m: &mut Map<String, Value>) {
+        m.insert("size".into(), json!(self.size));
+        m.insert("read-zeroes".into(), json!(self.read_zeroes));
+        m.insert("latency-ns".into(), json!(self.latency_ns));
+    }
+}
+
+impl BlockdevOptions {
+    /// Parses QEMU `BlockdevOptions` (the `blockdev-add` argument, the `--blockdev`
+    /// option after keyval parsing). `node-name` is optional here; see
+    /// [`BlockdevOptions::from_json_root`].
+    pub fn from_json(v: &Value) -> Result<Self> {
+        Self::parse(v, "")
+    }
+
+    /// As [`BlockdevOptions::from_json`] for a node of its own (not an inline child),
+    /// which needs a `node-name` as in QEMU's `blockdev-add`.
+    pub fn from_json_root(v: &Value) -> Result<Self> {
+        let options = Self::from_json(v)?;
+        if options.common.node_name.is_none() {
+            return Err(OptionsError::Missing("node-name".into()));
+        }
+        Ok(options)
+    }
+
+    /// `name` is the dotted path of this object ("" at the top, "file" for raw's child).
+    fn parse(v: &Value, name: &str) -> Result<Self> {
+        let mut f = Fields::new(v, name)?;
+        let driver = f.required_string("driver")?;
+        let common = CommonOptions::take_from(&mut f)?;
+        let driver = match driver.as_str() {
+            "file" => DriverOptions::File(FileOptions::take_from(&mut f)?),
+            "host_device" => DriverOptions::HostDevice(FileOptions::take_from(&mut f)?),
+            "raw" => DriverOptions::Raw(RawOptions::take_from(&mut f, &common)?),
+            "null-co" | "null-aio" => DriverOptions::Null(NullOptions::take_from(&mut f)?),
+            other => {
+                return Err(bad_value(
+                    &f.name("driver"),
+                    format!(
+                        "unknown driver '{other}' (vubd has file, host_device, raw, \
+                         null-co and null-aio)"
+                    ),
+                ))
+            }
+        };
+        f.finish()?;
+        Ok(BlockdevOptions { common, driver })
+    }
+
+    /// The canonical QEMU form with native JSON types and every option explicit;
+    /// [`BlockdevOptions::from_json`] of it gives back an equal value.
+    pub fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("driver".into(), json!(self.driver.driver_name()));
+        self.common.write_json(&mut m);
+        match &self.driver {
+            DriverOptions::File(file) | DriverOptions::HostDevice(file) => file.write_json(&mut m),
+            DriverOptions::Raw(raw) => raw.write_json(&mut m),
+            DriverOptions::Null(null) => null.write_json(&mut m),
+        }
+        Value::Object(m)
+    }
+
+    /// This node's name and those of its inline children, outermost first.
+    pub fn node_names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.common.node_name.as_deref().into_iter().collect();
+        if let DriverOptions::Raw(RawOptions {
+            file: BlockdevRef::Inline(child),
+            ..
+        }) = &self.driver
+        {
+            names.extend(child.node_names());
+        }
+        names
+    }
+
+    /// The node names this node refers to (not inline children), its own and its
+    /// inline children's.
+    pub fn references(&self) -> Vec<&str> {
+        match &self.driver {
+            DriverOptions::Raw(RawOptions { file, .. }) => match file {
+                BlockdevRef::Reference(node) => vec![node.as_str()],
+                BlockdevRef::Inline(child) => child.references(),
+            },
+            _ => Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::coerce::{parse_bool, parse_size, parse_uint};
+    use super::*;
+
+    fn parse(v: Value) -> Result<BlockdevOptions> {
+        BlockdevOptions::from_json(&v)
+    }
+
+    fn error(v: Value) -> String {
+        match parse(v) {
+            Ok(options) => panic!("expected an error, got {options:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn bools() {
+        for s in ["on", "yes", "true", "y", "ON", "True"] {
+            assert_eq!(parse_bool(s), Some(true), "{s}");
+        }
+        for s in ["off", "no", "false", "n", "OFF"] {
+            assert_eq!(parse_bool(s), Some(false), "{s}");
+        }
+        for s in ["", "1", "0", "onn", "enable"] {
+            assert_eq!(parse_bool(s), None, "{s}");
+        }
+    }
+
+    #[test]
+    fn uints() {
+        assert_eq!(parse_uint("0"), Some(0));
+        assert_eq!(parse_uint("4096"), Some(4096));
+        assert_eq!(parse_uint("0x1000"), Some(4096));
+        assert_eq!(parse_uint("0X1f"), Some(31));
+        assert_eq!(parse_uint("010"), Some(8));
+        assert_eq!(parse_uint("18446744073709551615"), Some(u64::MAX));
+        for s in [
+            "",
+            "-1",
+            "+1",
+            "1k",
+            "0x",
+            "08",
+            " 1",
+            "18446744073709551616",
+        ] {
+            assert_eq!(parse_uint(s), None, "{s}");
+        }
+    }
+
+    #[test]
+    fn sizes() {
+        let cases = [
+            ("0", 0),
+            ("512", 512),
+            ("512b", 512),
+            ("512B", 512),
+            ("1k", 1024),
+            ("1K", 1024),
+            ("2M", 2 << 20),
+            ("1G", 1 << 30),
+            ("1g", 1 << 30),
+            ("3T", 3 << 40),
+            ("1P", 1 << 50),
+            ("1E", 1 << 60),
+            ("1.5G", 3 << 29),
+            (".5K", 512),
+            ("0.5k", 512),
+            ("1.", 1),
+            ("1.0", 1),
+            ("0x200", 512),
+            ("010", 10),
+            ("1.0009765625K", 1025),
+            ("0.0001k", 0),
+            ("0.0005k", 1),
+            ("15E", 15 << 60),
+        ];
+        for (s, expected) in cases {
+            assert_eq!(parse_size(s), Some(expected), "{s}");
+        }
+        for s in [
+            "", "k", ".", "1.5", "1.5b", "1x", "-1", "1 G", "0x10k", "1.2.3G", "16E",
+        ] {
+            assert_eq!(parse_size(s), None, "{s}");
+        }
+    }
+
+    #[test]
+    fn ids() {
+        assert!(coerce::is_valid_id("a"));
+        assert!(coerce::is_valid_id("disk-0.a_b"));
+        assert!(!coerce::is_valid_id(""));
+        assert!(!coerce::is_valid_id("0disk"));
+        assert!(!coerce::is_valid_id("#block1"));
+        assert!(!coerce::is_valid_id("a b"));
+    }
+
+    #[test]
+    fn file_keyval_and_json_forms_agree() {
+        let keyval = json!({
+            "driver": "file", "node-name": "file0", "filename": "/tmp/disk.img",
+            "cache": {"direct": "on", "no-flush": "off"}, "aio": "native",
+            "locking": "off", "discard": "on", "read-only": "yes", "force-share": "on",
+            "auto-read-only": "false", "detect-zeroes": "unmap", "aio-max-batch": "32",
+        });
+        let native = json!({
+            "driver": "file", "node-name": "file0", "filename": "/tmp/disk.img",
+            "cache": {"direct": true, "no-flush": false}, "aio": "native",
+            "locking": "off", "discard": "unmap", "read-only": true, "force-share": true,
+            "auto-read-only": false, "detect-zeroes": "unmap", "aio-max-batch": 32,
+        });
+        let a = parse(keyval).unwrap();
+        assert_eq!(a, parse(native).unwrap());
+        assert_eq!(
+            a,
+            BlockdevOptions {
+                common: CommonOptions {
+                    node_name: Some("file0".into()),
+                    discard: DiscardMode::Unmap,
+                    cache_direct: true,
+                    cache_no_flush: false,
+                    read_only: true,
+                    auto_read_only: false,
+                    force_share: true,
+                    detect_zeroes: DetectZeroes::Unmap,
+                },
+                driver: DriverOptions::File(FileOptions {
+                    filename: "/tmp/disk.img".into(),
+                    aio: AioMode::Native,
+                    locking: LockingMode::Off,
+                }),
+            }
+        );
+        assert_eq!(parse(a.to_json()).unwrap(), a);
+    }
+
+    #[test]
+    fn defaults() {
+        let file = parse(json!({"driver": "host_device", "filename": "/dev/sdb"})).unwrap();
+        assert_eq!(file.common, CommonOptions::default());
+        assert_eq!(
+            file.driver,
+            DriverOptions::HostDevice(FileOptions {
+                filename: "/dev/sdb".into(),
+                aio: AioMode::IoUring,
+                locking: LockingMode::Auto,
+            })
+        );
+        let null = parse(json!({"driver": "null-aio"})).unwrap();
+        assert_eq!(
+            null.driver,
+            DriverOptions::Null(NullOptions {
+                size: 1073741824,
+                read_zeroes: false,
+                latency_ns: 0,
+            })
+        );
+        assert_eq!(null.driver.driver_name(), "null-co");
+    }
+
+    #[test]
+    fn null_keyval_and_json_forms_agree() {
+        let keyval = json!({"driver": "null-co", "node-name": "n", "size": "1G",
+                            "read-zeroes": "on", "latency-ns": "0x10"});
+        let native = json!({"driver": "null-co", "node-name": "n", "size": 1073741824u64,
+                            "read-zeroes": true, "latency-ns": 16});
+        let a = parse(keyval).unwrap();
+        assert_eq!(a, parse(native).unwrap());
+        assert_eq!(parse(a.to_json()).unwrap(), a);
+    }
+
+    #[test]
+    fn raw_by_reference() {
+        let keyval = json!({"driver": "raw", "node-name": "disk0", "file": "file0",
+                            "offset": "1M", "size": "2G"});
+        let native = json!({"driver": "raw", "node-name": "disk0", "file": "file0",
+                            "offset": 1048576, "size": 2147483648u64});
+        let a = parse(keyval).unwrap();
+        assert_eq!(a, parse(native).unwrap());
+        assert_eq!(
+            a.driver,
+            DriverOptions::Raw(RawOptions {
+                file: BlockdevRef::Reference("file0".into()),
+                offset: 1 << 20,
+                size: Some(2 << 30),
+            })
+        );
+        assert_eq!(a.references(), vec!["file0"]);
+        assert_eq!(a.node_names(), vec!["disk0"]);
+        assert_eq!(parse(a.to_json()).unwrap(), a);
+    }
+
+    #[test]
+    fn raw_with_inline_file() {
+        let keyval = json!({"driver": "raw", "node-name": "disk0", "read-only": "on",
+                            "cache": {"direct": "on"},
+                            "file": {"driver": "file", "filename": "/img", "node-name": "f0"}});
+        let a = parse(keyval).unwrap();
+        let DriverOptions::Raw(raw) = &a.driver else {
+            panic!("not raw: {a:?}");
+        };
+        let BlockdevRef::Inline(child) = &raw.file else {
+            panic!("not inline: {raw:?}");
+        };
+        // Inherited from the parent, discard=unmap on the lower layer.
+        assert!(child.common.read_only);
+        assert!(child.common.cache_direct);
+        assert!(!child.common.cache_no_flush);
+        assert_eq!(child.common.discard, DiscardMode::Unmap);
+        assert_eq!(child.common.node_name.as_deref(), Some("f0"));
+        assert_eq!(a.node_names(), vec!["disk0", "f0"]);
+        assert!(a.references().is_empty());
+        assert_eq!(parse(a.to_json()).unwrap(), a);
+
+        // The child's own settings win; node-name is optional in the child.
+        let b = parse(json!({"driver": "raw", "read-only": true,
+                             "file": {"driver": "file", "filename": "/img",
+                                      "read-only": false, "discard": "ignore"}}))
+        .unwrap();
+        let DriverOptions::Raw(RawOptions {
+            file: BlockdevRef::Inline(child),
+            ..
+        }) = &b.driver
+        else {
+            panic!("not inline raw: {b:?}");
+        };
+        assert!(!child.common.read_only);
+        assert_eq!(child.common.discard, DiscardMode::Ignore);
+        assert_eq!(child.common.node_name, None);
+    }
+
+    #[test]
+    fn root_needs_node_name() {
+        let v = json!({"driver": "null-co"});
+        assert!(BlockdevOptions::from_json(&v).is_ok());
+        let e = BlockdevOptions::from_json_root(&v).unwrap_err();
+        assert_eq!(e.to_string(), "Parameter 'node-name' is missing");
+    }
+
+    #[test]
+    fn errors() {
+        let cases = [
+            (json!({"node-name": "x"}), "Parameter 'driver' is missing"),
+            (
+                json!({"driver": "file", "node-name": "x"}),
+                "Parameter 'filename' is missing",
+            ),
+            (
+                json!({"driver": "file", "filename": "f", "foo": "1"}),
+                "Parameter 'foo' is unexpected",
+            ),
+            (
+                json!({"driver": "file", "filename": "f", "cache": {"foo": "1"}}),
+                "Parameter 'cache.foo' is unexpected",
+            ),
+            (
+                json!({"driver": "file", "filename": "f", "cache": "on"}),
+                "Parameter 'cache' expects an object",
+            ),
+            (
+                json!({"driver": "file", "filename": "f", "read-only": "maybe"}),
+                "Parameter 'read-only' expects 'on' or 'off'",
+            ),
+            (
+                json!({"driver": "file", "filename": "f", "read-only": 1}),
+                "Parameter 'read-only' expects a boolean",
+            ),
+            (
+                json!({"driver": "null-co", "size": "1Q"}),
+                "Parameter 'size' expects a size",
+            ),
+            (
+                json!({"driver": "null-co", "size": -1}),
+                "Parameter 'size' expects a size",
+            ),
+            (
+                json!({"driver": "null-co", "latency-ns": "ten"}),
+                "Parameter 'latency-ns' expects an integer",
+            ),
+            (
+                json!({"driver": "file", "filename": "f", "aio": "posix"}),
+                "Parameter 'aio' expects one of 'threads', 'native', 'io_uring'",
+            ),
+            (
+                json!({"driver": "file", "filename": 5}),
+                "Parameter 'filename' expects a string",
+            ),
+            (
+                json!({"driver": "foo"}),
+                "Invalid parameter value for 'driver': unknown driver 'foo' \
+                 (vubd has file, host_device, raw, null-co and null-aio)",
+            ),
+            (
+                json!({"driver": "null-co", "node-name": "0bad"}),
+                "Invalid parameter value for 'node-name': '0bad' is not a valid node name \
+                 (it must start with a letter and contain only letters, digits, '-', '.' \
+                 and '_')",
+            ),
+            (
+                json!({"driver": "null-co", "node-name": "a234567890123456789012345678901b"}),
+                "Invalid parameter value for 'node-name': node name \
+                 'a234567890123456789012345678901b' is longer than 31 characters",
+            ),
+            (json!({"driver": "raw"}), "Parameter 'file' is missing"),
+            (
+                json!({"driver": "raw", "file": 3}),
+                "Parameter 'file' expects a node name or an object",
+            ),
+            (
+                json!({"driver": "raw", "file": {"driver": "file"}}),
+                "Parameter 'file.filename' is missing",
+            ),
+            (
+                json!({"driver": "raw", "file": {"driver": "file", "filename": "f",
+                                                 "cache": {"direct": "x"}}}),
+                "Parameter 'file.cache.direct' expects 'on' or 'off'",
+            ),
+            (
+                json!({"driver": "raw", "file": {"driver": "file", "filename": "f",
+                                                 "bogus": true}}),
+                "Parameter 'file.bogus' is unexpected",
+            ),
+            (
+                json!({"driver": "raw", "file": "f", "size": "1000"}),
+                "Invalid parameter value for 'size': Specified size is not multiple of 512",
+            ),
+            (
+                json!({"driver": "null-co", "detect-zeroes": "unmap"}),
+                "Invalid parameter value for 'detect-zeroes': setting detect-zeroes to unmap \
+                 is not allowed without setting discard operation to unmap",
+            ),
+            (
+                json!({"driver": "null-co", "force-share": "on"}),
+                "Invalid parameter value for 'force-share': force-share=on can only be used \
+                 with read-only images",
+            ),
+            (json!("null-co"), "Parameter 'options' expects an object"),
+        ];
+        for (v, expected) in cases {
+            assert_eq!(error(v.clone()), expected, "{v}");
         }
     }
 }

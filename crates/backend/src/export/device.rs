@@ -1,0 +1,482 @@
+//! The vhost-user-blk device of one frontend connection: the `VhostUserBackend`
+//! implementation whose worker threads are the export's iothreads.
+//!
+//! Each worker thread runs the iothread loop in [`VhostUserBackend::handle_event`]:
+//! pop and parse chains, spawn their requests on the thread's executor, drive the
+//! thread's io_uring, push used elements and notify the frontend; then poll adaptively
+//! before returning to epoll. The thread's io_uring completion eventfd sits in the same
+//! epoll set as the queue kicks, so a completion wakes the thread like a kick does.
+
+use super::config_space::BlkConfig;
+use super::request::{self, Desc, DeviceLimits, Memory, Op, Request};
+use super::ExportShared;
+use blocklayer::aio::poll::{PollParams, PollState};
+use blocklayer::aio::{executor, uring};
+use std::cell::RefCell;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::Backend;
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
+use virtio_bindings::virtio_blk::*;
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::QueueT;
+use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+pub type Vring = VringRwLock<GuestMemoryAtomic<Memory>>;
+type Handler = VringEpollHandler<Arc<BlkDevice>>;
+
+/// `VHOST_USER_F_PROTOCOL_FEATURES`
+const PROTOCOL_FEATURES_BIT: u64 = 1 << 30;
+
+/// A request finished on an iothread, waiting to be pushed to its used ring.
+struct Completion {
+    queue: usize,
+    head: u16,
+    len: u32,
+}
+
+#[derive(Default)]
+struct LoopState {
+    poll: Option<PollState>,
+    completions: Vec<Completion>,
+    registered: bool,
+    slept_at: Option<Instant>,
+}
+
+thread_local! {
+    static LOOP: RefCell<LoopState> = RefCell::new(LoopState::default());
+}
+
+/// One frontend connection's device.
+pub struct BlkDevice {
+    shared: Arc<ExportShared>,
+    mem: GuestMemoryAtomic<Memory>,
+    /// Per worker thread: the iothread's polling parameters.
+    poll: Vec<PollParams>,
+    /// Per queue: requests in flight (for stopping a ring cleanly).
+    queue_in_flight: Vec<AtomicU64>,
+    handlers: Mutex<Vec<Weak<Handler>>>,
+    backend_req: Mutex<Option<Backend>>,
+}
+
+impl BlkDevice {
+    pub fn new(shared: Arc<ExportShared>, mem: GuestMemoryAtomic<Memory>) -> Self {
+        let poll = shared.iothreads.iter().map(|t| t.poll).collect();
+        let queue_in_flight = (0..shared.num_queues).map(|_| AtomicU64::new(0)).collect();
+        BlkDevice {
+            shared,
+            mem,
+            poll,
+            queue_in_flight,
+            handlers: Mutex::new(Vec::new()),
+            backend_req: Mutex::new(None),
+        }
+    }
+
+    /// Gives the device its worker threads' epoll handlers (to register each thread's
+    /// io_uring eventfd from that thread).
+    pub fn set_handlers(&self, handlers: &[Arc<Handler>]) {
+        *self.handlers.lock().unwrap_or_else(|p| p.into_inner()) =
+            handlers.iter().map(Arc::downgrade).collect();
+    }
+
+    /// The epoll event id of the io_uring eventfd (ids up to num_queues are taken).
+    fn uring_event(&self) -> u16 {
+        self.shared.num_queues + 1
+    }
+
+    /// Global queue index of the thread's `i`-th vring.
+    fn queue_index(&self, thread: usize, i: usize) -> usize {
+        i * self.shared.iothreads.len() + thread
+    }
+
+    fn ensure_registered(&self, thread: usize) -> io::Result<()> {
+        let done = LOOP.with(|l| l.borrow().registered);
+        if done {
+            return Ok(());
+        }
+        let handler = self
+            .handlers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(thread)
+            .and_then(Weak::upgrade)
+            .ok_or_else(|| io::Error::other("worker thread without an epoll handler"))?;
+        handler.register_listener(
+            uring::eventfd()?,
+            EventSet::IN,
+            u64::from(self.uring_event()),
+        )?;
+        LOOP.with(|l| {
+            let mut l = l.borrow_mut();
+            l.registered = true;
+            l.poll = Some(PollState::new(self.poll[thread]));
+        });
+        Ok(())
+    }
+
+    fn limits(&self) -> DeviceLimits {
+        self.shared.device_limits()
+    }
+
+    /// Pops every available chain of one vring and spawns its request.
+    fn pop_requests(
+        &self,
+        vring: &Vring,
+        queue: usize,
+        mem: &Arc<Memory>,
+        lim: &DeviceLimits,
+    ) -> usize {
+        if self.shared.is_stopping() {
+            return 0;
+        }
+        let mut state = vring.get_mut();
+        if !state.is_enabled() || !state.get_queue().ready() {
+            return 0;
+        }
+        let mut n = 0;
+        let mut descs: Vec<Desc> = Vec::with_capacity(4);
+        while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.as_ref()) {
+            let head = chain.head_index();
+            descs.clear();
+            descs.extend(chain.map(|d| Desc {
+                addr: d.addr().0,
+                len: d.len(),
+                write: d.is_write_only(),
+            }));
+            let req = request::parse(head, &descs, mem, lim);
+            n += 1;
+            self.queue_in_flight[queue].fetch_add(1, Ordering::AcqRel);
+            self.shared.in_flight.fetch_add(1, Ordering::AcqRel);
+            executor::spawn(execute(self.shared.clone(), mem.clone(), req, queue));
+        }
+        n
+    }
+
+    /// Pushes finished requests to their used rings and notifies the frontend.
+    fn complete(&self, vrings: &[Vring], thread: usize) -> usize {
+        let done = LOOP.with(|l| std::mem::take(&mut l.borrow_mut().completions));
+        if done.is_empty() {
+            return 0;
+        }
+        let mut dirty = 0u64;
+        for c in &done {
+            let local = c.queue / self.shared.iothreads.len();
+            if let Some(v) = vrings.get(local) {
+                if let Err(e) = v.add_used(c.head, c.len) {
+                    log::error!("export {}: add_used failed: {e}", self.shared.id);
+                }
+                dirty |= 1 << local;
+            }
+            self.queue_in_flight[c.queue].fetch_sub(1, Ordering::AcqRel);
+            self.shared.in_flight.fetch_sub(1, Ordering::AcqRel);
+        }
+        for (i, v) in vrings.iter().enumerate() {
+            if dirty & (1 << i) != 0 && v.needs_notification().unwrap_or(true) {
+                if let Err(e) = v.signal_used_queue() {
+                    log::warn!(
+                        "export {}: cannot notify queue {}: {e}",
+                        self.shared.id,
+                        self.queue_index(thread, i)
+                    );
+                }
+            }
+        }
+        // Put the (now empty) buffer back to reuse its allocation.
+        LOOP.with(|l| {
+            let mut l = l.borrow_mut();
+            if l.completions.is_empty() {
+                let mut v = done;
+                v.clear();
+                l.completions = v;
+            }
+        });
+        1
+    }
+
+    /// One pass of the iothread loop; returns whether anything happened.
+    fn iterate(
+        &self,
+        vrings: &[Vring],
+        thread: usize,
+        mem: &Arc<Memory>,
+        lim: &DeviceLimits,
+    ) -> bool {
+        let mut progress = 0;
+        for (i, v) in vrings.iter().enumerate() {
+            progress += self.pop_requests(v, self.queue_index(thread, i), mem, lim);
+        }
+        progress += executor::run_ready();
+        if let Err(e) = uring::submit() {
+            log::error!("io_uring submit failed: {e}");
+        }
+        progress += uring::reap();
+        progress += executor::run_ready();
+        let _ = uring::submit();
+        progress += self.complete(vrings, thread);
+        progress > 0
+    }
+
+    /// The iothread loop body: run until idle, polling adaptively before sleeping.
+    fn run(&self, vrings: &[Vring], thread: usize) {
+        let now = Instant::now();
+        let window = LOOP.with(|l| {
+            let mut l = l.borrow_mut();
+            let slept = l.slept_at.take();
+            let poll = l
+                .poll
+                .get_or_insert_with(|| PollState::new(PollParams::default()));
+            if let Some(t) = slept {
+                poll.after_sleep(now.duration_since(t).as_nanos() as u64);
+            }
+            poll.window()
+        });
+        let mem = self.mem.memory().into_inner();
+        let lim = self.limits();
+        for v in vrings {
+            let _ = v.disable_notification();
+        }
+        uring::set_eventfd_enabled(false);
+        let mut last = now;
+        loop {
+            if self.iterate(vrings, thread, &mem, &lim) {
+                last = Instant::now();
+                continue;
+            }
+            if window > Duration::ZERO && last.elapsed() < window {
+                std::hint::spin_loop();
+                continue;
+            }
+            // Going to sleep: re-arm notifications, then look once more so that nothing
+            // that arrived in between is left without a wake-up.
+            uring::set_eventfd_enabled(true);
+            let mut again = self.iterate(vrings, thread, &mem, &lim);
+            for v in vrings {
+                if v.get_ref().get_queue().ready() && v.enable_notification().unwrap_or(false) {
+                    again = true;
+                }
+            }
+            if !again {
+                break;
+            }
+            for v in vrings {
+                let _ = v.disable_notification();
+            }
+            uring::set_eventfd_enabled(false);
+            last = Instant::now();
+        }
+        LOOP.with(|l| l.borrow_mut().slept_at = Some(Instant::now()));
+    }
+
+    /// Sends a config-change notification (capacity changed) to the frontend.
+    pub fn notify_config_change(&self) {
+        use vhost::vhost_user::VhostUserFrontendReqHandler;
+        if let Some(b) = self
+            .backend_req
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            if let Err(e) = b.handle_config_change() {
+                log::warn!(
+                    "export {}: config change message failed: {e}",
+                    self.shared.id
+                );
+            }
+        }
+    }
+}
+
+/// Performs one request and queues its completion on this iothread.
+async fn execute(shared: Arc<ExportShared>, mem: Arc<Memory>, req: Request, queue: usize) {
+    let Request {
+        head,
+        status_addr,
+        data_in_len,
+        op,
+    } = req;
+    let status = match op {
+        Ok(op) => {
+            let r = match op {
+                Op::Read { offset, iov } => shared.node.read(offset, iov).await,
+                Op::Write { offset, iov } => {
+                    shared.node.write(offset, iov, shared.writethrough).await
+                }
+                Op::Flush => shared.node.flush().await,
+                Op::GetId { iov } => {
+                    let id = shared.serial;
+                    let n = iov.len() as usize;
+                    iov.copy_from_slice(0, &id[..n]);
+                    Ok(())
+                }
+                Op::Discard(ranges) => {
+                    let mut r = Ok(());
+                    for rg in ranges {
+                        r = shared.node.discard(rg.offset, rg.len).await;
+                        if r.is_err() {
+                            break;
+                        }
+                    }
+                    r
+                }
+                Op::WriteZeroes(ranges) => {
+                    let mut r = Ok(());
+                    for rg in ranges {
+                        r = shared
+                            .node
+                            .write_zeroes(rg.offset, rg.len, rg.unmap, shared.writethrough)
+                            .await;
+                        if r.is_err() {
+                            break;
+                        }
+                    }
+                    r
+                }
+            };
+            match r {
+                Ok(()) => VIRTIO_BLK_S_OK as u8,
+                Err(e) => {
+                    log::debug!("export {}: request failed: {e}", shared.id);
+                    VIRTIO_BLK_S_IOERR as u8
+                }
+            }
+        }
+        Err(e) => {
+            log::debug!("export {}: invalid request: {e}", shared.id);
+            e.status()
+        }
+    };
+    let len = match status_addr {
+        Some(addr) => {
+            if let Err(e) = mem.write_obj(status, addr) {
+                log::warn!("export {}: cannot write status: {e}", shared.id);
+            }
+            if status == VIRTIO_BLK_S_OK as u8 {
+                data_in_len + 1
+            } else {
+                1
+            }
+        }
+        None => 0,
+    };
+    LOOP.with(|l| {
+        l.borrow_mut()
+            .completions
+            .push(Completion { queue, head, len })
+    });
+}
+
+impl VhostUserBackend for BlkDevice {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.shared.num_queues)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.shared.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = (1 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
+            | (1 << VIRTIO_BLK_F_SIZE_MAX)
+            | (1 << VIRTIO_BLK_F_SEG_MAX)
+            | (1 << VIRTIO_BLK_F_BLK_SIZE)
+            | (1 << VIRTIO_BLK_F_TOPOLOGY)
+            | (1 << VIRTIO_BLK_F_FLUSH)
+            | (1 << VIRTIO_BLK_F_MQ)
+            | PROTOCOL_FEATURES_BIT;
+        if self.shared.is_writable() {
+            f |= (1 << VIRTIO_BLK_F_DISCARD) | (1 << VIRTIO_BLK_F_WRITE_ZEROES);
+        } else {
+            f |= 1 << VIRTIO_BLK_F_RO;
+        }
+        f
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::BACKEND_REQ
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn set_event_idx(&self, _enabled: bool) {}
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let cfg: BlkConfig = self.shared.config_space();
+        cfg.read(offset, size)
+    }
+
+    fn update_memory(&self, _mem: GuestMemoryAtomic<Memory>) -> io::Result<()> {
+        // The handler replaced the mapping inside the atomic we share; requests in
+        // flight keep the old mapping alive through their keepalive.
+        Ok(())
+    }
+
+    fn set_backend_req_fd(&self, backend: Backend) {
+        *self.backend_req.lock().unwrap_or_else(|p| p.into_inner()) = Some(backend);
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        let threads = self.shared.iothreads.len();
+        (0..threads)
+            .map(|t| {
+                (0..usize::from(self.shared.num_queues))
+                    .filter(|q| q % threads == t)
+                    .fold(0u64, |m, q| m | (1 << q))
+            })
+            .collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // The frontend stops the ring (GET_VRING_BASE): let its requests finish first so
+        // that no used element is pushed after the frontend took the ring back.
+        let Some(counter) = self.queue_in_flight.get(queue_index as usize) else {
+            return Ok(());
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while counter.load(Ordering::Acquire) > 0 {
+            if Instant::now() > deadline {
+                log::error!(
+                    "export {}: queue {queue_index} still has requests in flight after 30 s",
+                    self.shared.id
+                );
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[Vring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        self.ensure_registered(thread_id)?;
+        if device_event == self.uring_event() {
+            uring::clear_eventfd();
+        }
+        self.run(vrings, thread_id);
+        Ok(())
+    }
+}

@@ -1,0 +1,228 @@
+//! vhost-user-blk exports: one UNIX socket each, serving one node to one frontend at a
+//! time; when the frontend goes away the export waits for the next one.
+
+pub mod config_space;
+pub mod device;
+pub mod request;
+
+use crate::config::ExportConfig;
+use blocklayer::aio::poll::PollParams;
+use blocklayer::Node;
+use config_space::BlkConfig;
+use device::BlkDevice;
+use request::{DeviceLimits, Memory, ID_BYTES, SECTOR};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::GuestMemoryAtomic;
+
+/// Largest data segment the guest may use (`size_max`).
+const SIZE_MAX: u32 = 4 << 20;
+/// Discard/write-zeroes limits advertised in the config space.
+const MAX_DISCARD_SECTORS: u32 = 1 << 22;
+const MAX_DISCARD_SEG: u32 = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("socket '{0}' is in use by another process")]
+    SocketInUse(PathBuf),
+    #[error("cannot listen on '{path}': {message}")]
+    Listen { path: PathBuf, message: String },
+    #[error("node '{0}' is read-only but the export is writable")]
+    ReadOnlyNode(String),
+    #[error("cannot start the vhost-user daemon: {0}")]
+    Daemon(String),
+}
+
+pub type Result<T> = std::result::Result<T, ExportError>;
+
+/// An iothread as an export uses it: its name and polling parameters.
+#[derive(Debug, Clone)]
+pub struct IoThreadSpec {
+    pub id: String,
+    pub poll: PollParams,
+}
+
+/// What every connection of an export shares, including requests in flight.
+pub struct ExportShared {
+    pub id: String,
+    pub node: Arc<Node>,
+    pub num_queues: u16,
+    pub queue_size: u16,
+    pub writable: bool,
+    pub writethrough: bool,
+    pub logical_block_size: u32,
+    pub serial: [u8; ID_BYTES],
+    pub iothreads: Vec<IoThreadSpec>,
+    pub in_flight: AtomicU64,
+    stopping: AtomicBool,
+}
+
+impl ExportShared {
+    pub fn is_writable(&self) -> bool {
+        self.writable && !self.node.is_read_only()
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
+    fn capacity_bytes(&self) -> u64 {
+        // Whole logical blocks only.
+        let lbs = u64::from(self.logical_block_size);
+        self.node.size() / lbs * lbs
+    }
+
+    pub fn device_limits(&self) -> DeviceLimits {
+        DeviceLimits {
+            capacity_bytes: self.capacity_bytes(),
+            logical_block_size: self.logical_block_size,
+            writable: self.is_writable(),
+            max_segments: usize::from(self.queue_size),
+            max_discard_sectors: MAX_DISCARD_SECTORS,
+            max_discard_seg: MAX_DISCARD_SEG,
+            max_write_zeroes_sectors: MAX_DISCARD_SECTORS,
+            max_write_zeroes_seg: MAX_DISCARD_SEG,
+        }
+    }
+
+    pub fn config_space(&self) -> BlkConfig {
+        let lbs = self.logical_block_size;
+        let phys = (self.node.limits().request_alignment).max(lbs);
+        BlkConfig {
+            capacity: self.capacity_bytes() / SECTOR,
+            size_max: SIZE_MAX,
+            seg_max: u32::from(self.queue_size) - 2,
+            blk_size: lbs,
+            physical_block_exp: (phys / lbs).trailing_zeros() as u8,
+            min_io_size: 1,
+            opt_io_size: 0,
+            writeback: 1,
+            num_queues: self.num_queues,
+            max_discard_sectors: MAX_DISCARD_SECTORS,
+            max_discard_seg: MAX_DISCARD_SEG,
+            discard_sector_alignment: lbs / SECTOR as u32,
+            max_write_zeroes_sectors: MAX_DISCARD_SECTORS,
+            max_write_zeroes_seg: MAX_DISCARD_SEG,
+            write_zeroes_may_unmap: 1,
+        }
+    }
+}
+
+/// A running export.
+pub struct Export {
+    pub shared: Arc<ExportShared>,
+    pub socket_path: PathBuf,
+}
+
+/// Refuses a socket path another live process listens on; removes a stale one.
+fn claim_socket(path: &Path) -> Result<Listener> {
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(ExportError::SocketInUse(path.to_path_buf()));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    Listener::new(path, false).map_err(|e| ExportError::Listen {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+impl Export {
+    /// Binds the export's socket (nothing is served until [`Export::serve`]).
+    pub fn bind(
+        cfg: &ExportConfig,
+        node: Arc<Node>,
+        iothreads: Vec<IoThreadSpec>,
+    ) -> Result<(Export, Listener)> {
+        if cfg.writable && node.is_read_only() {
+            return Err(ExportError::ReadOnlyNode(node.name().to_string()));
+        }
+        let listener = claim_socket(&cfg.socket_path)?;
+        let mut serial = [0u8; ID_BYTES];
+        let s = cfg.serial.as_deref().unwrap_or(&cfg.id).as_bytes();
+        let n = s.len().min(ID_BYTES);
+        serial[..n].copy_from_slice(&s[..n]);
+        let shared = Arc::new(ExportShared {
+            id: cfg.id.clone(),
+            node,
+            num_queues: cfg.num_queues,
+            queue_size: cfg.queue_size,
+            writable: cfg.writable,
+            writethrough: cfg.writethrough,
+            logical_block_size: cfg.logical_block_size,
+            serial,
+            iothreads,
+            in_flight: AtomicU64::new(0),
+            stopping: AtomicBool::new(false),
+        });
+        Ok((
+            Export {
+                shared,
+                socket_path: cfg.socket_path.clone(),
+            },
+            listener,
+        ))
+    }
+
+    /// Serves frontends one after another on a thread of its own.
+    pub fn serve(&self, mut listener: Listener) -> std::io::Result<std::thread::JoinHandle<()>> {
+        let shared = self.shared.clone();
+        std::thread::Builder::new()
+            .name(format!("export-{}", shared.id))
+            .spawn(move || loop {
+                if let Err(e) = serve_one(&shared, &mut listener) {
+                    log::error!("export {}: {e}", shared.id);
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                if shared.is_stopping() {
+                    return;
+                }
+            })
+    }
+
+    /// Stops taking new requests and waits for those in flight (at most `timeout`).
+    pub fn quiesce(&self, timeout: Duration) -> bool {
+        self.shared.stopping.store(true, Ordering::Release);
+        let deadline = Instant::now() + timeout;
+        while self.shared.in_flight.load(Ordering::Acquire) > 0 {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
+    }
+}
+
+/// Serves one frontend connection from accept to disconnect.
+fn serve_one(shared: &Arc<ExportShared>, listener: &mut Listener) -> Result<()> {
+    let mem = GuestMemoryAtomic::new(Memory::new());
+    let device = Arc::new(BlkDevice::new(shared.clone(), mem.clone()));
+    let mut daemon = VhostUserDaemon::new(format!("vubd-{}", shared.id), device.clone(), mem)
+        .map_err(|e| ExportError::Daemon(e.to_string()))?;
+    let handlers = daemon.get_epoll_handlers();
+    device.set_handlers(&handlers);
+    daemon
+        .start(listener)
+        .map_err(|e| ExportError::Daemon(e.to_string()))?;
+    log::info!("export {}: frontend connected", shared.id);
+    if let Err(e) = daemon.wait() {
+        log::warn!("export {}: connection ended: {e}", shared.id);
+    }
+    log::info!("export {}: frontend disconnected", shared.id);
+    // Let the worker threads finish what the old frontend submitted, then stop them.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while shared.in_flight.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    for h in &handlers {
+        h.send_exit_event();
+    }
+    Ok(())
+}

@@ -1,0 +1,560 @@
+//! Parsing a virtio-blk descriptor chain into a validated request (virtio 1.2 5.2.6).
+//!
+//! Parsing does no I/O: it checks directions, lengths, sector ranges, alignment and
+//! segment counts, and maps the data buffers to host addresses in guest memory. A chain
+//! that fails a check becomes a request that completes at once with IOERR or UNSUPP.
+//! The layout is not assumed (VIRTIO_F_ANY_LAYOUT is implied by virtio 1.0): the header
+//! is the first 16 device-readable bytes and the status the last device-writable byte,
+//! wherever descriptor boundaries fall.
+
+use blocklayer::aio::iovec::{IoVec, Keepalive};
+use std::sync::Arc;
+use virtio_bindings::virtio_blk::*;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+pub type Memory = GuestMemoryMmap<()>;
+
+pub const SECTOR: u64 = 512;
+const HEADER_LEN: u64 = 16;
+const SEGMENT_LEN: u64 = 16;
+/// `VIRTIO_BLK_ID_BYTES`
+pub const ID_BYTES: usize = VIRTIO_BLK_ID_BYTES as usize;
+
+/// What the device accepts; derived from the export and its node.
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceLimits {
+    pub capacity_bytes: u64,
+    pub logical_block_size: u32,
+    pub writable: bool,
+    pub max_segments: usize,
+    pub max_discard_sectors: u32,
+    pub max_discard_seg: u32,
+    pub max_write_zeroes_sectors: u32,
+    pub max_write_zeroes_seg: u32,
+}
+
+/// One descriptor of a chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Desc {
+    pub addr: u64,
+    pub len: u32,
+    pub write: bool,
+}
+
+/// A discard or write-zeroes range in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Range {
+    pub offset: u64,
+    pub len: u64,
+    pub unmap: bool,
+}
+
+#[derive(Debug)]
+pub enum Op {
+    Read { offset: u64, iov: IoVec },
+    Write { offset: u64, iov: IoVec },
+    Flush,
+    GetId { iov: IoVec },
+    Discard(Vec<Range>),
+    WriteZeroes(Vec<Range>),
+}
+
+/// Why a chain was refused; the status it completes with follows from it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error("chain has no device-writable status byte")]
+    NoStatus,
+    #[error("chain is shorter than the request header")]
+    ShortHeader,
+    #[error("device-readable descriptor after a device-writable one")]
+    BadOrder,
+    #[error("too many segments ({0})")]
+    TooManySegments(usize),
+    #[error("buffer {addr:#x}+{len} is not in guest memory")]
+    BadAddress { addr: u64, len: u64 },
+    #[error("data length {0} is not a multiple of the logical block size")]
+    Misaligned(u64),
+    #[error("request {offset}+{len} is beyond the capacity")]
+    OutOfRange { offset: u64, len: u64 },
+    #[error("unexpected data for this request type")]
+    UnexpectedData,
+    #[error("write to a read-only device")]
+    ReadOnly,
+    #[error("unsupported request type {0}")]
+    UnsupportedType(u32),
+    #[error("unsupported flags {0:#x}")]
+    UnsupportedFlags(u32),
+    #[error("bad discard/write-zeroes segment list")]
+    BadSegments,
+}
+
+impl RequestError {
+    /// The virtio status byte this failure completes with.
+    pub fn status(&self) -> u8 {
+        match self {
+            RequestError::UnsupportedType(_) | RequestError::UnsupportedFlags(_) => {
+                VIRTIO_BLK_S_UNSUPP as u8
+            }
+            _ => VIRTIO_BLK_S_IOERR as u8,
+        }
+    }
+}
+
+/// A parsed chain: where its status goes and what to do.
+#[derive(Debug)]
+pub struct Request {
+    pub head: u16,
+    /// Guest address of the status byte (`None`: the chain has none; it is returned
+    /// to the driver with nothing written).
+    pub status_addr: Option<GuestAddress>,
+    /// Bytes of device-writable data the request fills on success (reads, GET_ID).
+    pub data_in_len: u32,
+    pub op: Result<Op, RequestError>,
+}
+
+/// Segments of guest memory in chain order, split into device-readable and -writable.
+struct Split {
+    readable: Vec<(u64, u64)>,
+    writable: Vec<(u64, u64)>,
+}
+
+fn split(descs: &[Desc]) -> Result<Split, RequestError> {
+    let mut s = Split {
+        readable: Vec::new(),
+        writable: Vec::new(),
+    };
+    for d in descs {
+        if d.len == 0 {
+            continue;
+        }
+        if d.write {
+            s.writable.push((d.addr, u64::from(d.len)));
+        } else if s.writable.is_empty() {
+            s.readable.push((d.addr, u64::from(d.len)));
+        } else {
+            return Err(RequestError::BadOrder);
+        }
+    }
+    Ok(s)
+}
+
+fn total(segs: &[(u64, u64)]) -> u64 {
+    segs.iter().map(|s| s.1).sum()
+}
+
+/// The sub-list covering `offset..offset+len` of `segs`.
+fn sub(segs: &[(u64, u64)], offset: u64, len: u64) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let (mut skip, mut want) = (offset, len);
+    for &(addr, slen) in segs {
+        if want == 0 {
+            break;
+        }
+        if skip >= slen {
+            skip -= slen;
+            continue;
+        }
+        let take = (slen - skip).min(want);
+        out.push((addr + skip, take));
+        skip = 0;
+        want -= take;
+    }
+    out
+}
+
+fn read_bytes(mem: &Memory, segs: &[(u64, u64)], buf: &mut [u8]) -> Result<(), RequestError> {
+    let mut pos = 0usize;
+    for &(addr, len) in segs {
+        let n = len as usize;
+        mem.read_slice(&mut buf[pos..pos + n], GuestAddress(addr))
+            .map_err(|_| RequestError::BadAddress { addr, len })?;
+        pos += n;
+    }
+    Ok(())
+}
+
+/// Maps guest segments to an I/O vector pointing into guest memory (zero-copy).
+fn map_iov(mem: &Arc<Memory>, segs: &[(u64, u64)]) -> Result<IoVec, RequestError> {
+    let keep: Keepalive = mem.clone();
+    let mut iov = IoVec::new(Some(keep));
+    for &(addr, len) in segs {
+        // A buffer may span adjacent memory regions: one segment per region.
+        for slice in mem.get_slices(GuestAddress(addr), len as usize) {
+            let slice = slice.map_err(|_| RequestError::BadAddress { addr, len })?;
+            let ptr = slice.ptr_guard_mut().as_ptr();
+            // SAFETY: `get_slices` checked that the slice lies inside a mapped region;
+            // the mapping stays alive while the IoVec's keepalive (an Arc of this
+            // memory) exists, and the io_uring engine holds that keepalive until the
+            // kernel has finished with the buffer.
+            unsafe { iov.push_raw(ptr, slice.len()) };
+        }
+    }
+    Ok(iov)
+}
+
+fn check_range(lim: &DeviceLimits, sector: u64, len: u64) -> Result<u64, RequestError> {
+    let lbs = u64::from(lim.logical_block_size);
+    let offset = sector.checked_mul(SECTOR).ok_or(RequestError::OutOfRange {
+        offset: u64::MAX,
+        len,
+    })?;
+    if offset % lbs != 0 || len % lbs != 0 {
+        return Err(RequestError::Misaligned(len));
+    }
+    match offset.checked_add(len) {
+        Some(end) if end <= lim.capacity_bytes => Ok(offset),
+        _ => Err(RequestError::OutOfRange { offset, len }),
+    }
+}
+
+fn parse_ranges(
+    mem: &Memory,
+    data: &[(u64, u64)],
+    lim: &DeviceLimits,
+    write_zeroes: bool,
+) -> Result<Vec<Range>, RequestError> {
+    let len = total(data);
+    let (max_seg, max_sectors) = if write_zeroes {
+        (lim.max_write_zeroes_seg, lim.max_write_zeroes_sectors)
+    } else {
+        (lim.max_discard_seg, lim.max_discard_sectors)
+    };
+    if len == 0 || len % SEGMENT_LEN != 0 {
+        return Err(RequestError::BadSegments);
+    }
+    let n = len / SEGMENT_LEN;
+    if n > u64::from(max_seg) {
+        return Err(RequestError::UnsupportedFlags(0));
+    }
+    let mut raw = vec![0u8; len as usize];
+    read_bytes(mem, data, &mut raw)?;
+    let mut out = Vec::with_capacity(n as usize);
+    for seg in raw.chunks_exact(SEGMENT_LEN as usize) {
+        let sector = u64::from_le_bytes(seg[0..8].try_into().expect("8 bytes"));
+        let num = u32::from_le_bytes(seg[8..12].try_into().expect("4 bytes"));
+        let flags = u32::from_le_bytes(seg[12..16].try_into().expect("4 bytes"));
+        let allowed = if write_zeroes {
+            VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
+        } else {
+            0
+        };
+        if flags & !allowed != 0 {
+            return Err(RequestError::UnsupportedFlags(flags));
+        }
+        if num > max_sectors {
+            return Err(RequestError::BadSegments);
+        }
+        let blen = u64::from(num) * SECTOR;
+        let offset = check_range(lim, sector, blen)?;
+        out.push(Range {
+            offset,
+            len: blen,
+            unmap: flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0,
+        });
+    }
+    Ok(out)
+}
+
+/// Parses one chain.
+pub fn parse(head: u16, descs: &[Desc], mem: &Arc<Memory>, lim: &DeviceLimits) -> Request {
+    let mut req = Request {
+        head,
+        status_addr: None,
+        data_in_len: 0,
+        op: Err(RequestError::NoStatus),
+    };
+    let s = match split(descs) {
+        Ok(s) => s,
+        Err(e) => {
+            // Still report through the last writable byte if there is one.
+            if let Some(d) = descs.iter().rev().find(|d| d.write && d.len > 0) {
+                req.status_addr = Some(GuestAddress(d.addr + u64::from(d.len) - 1));
+            }
+            req.op = Err(e);
+            return req;
+        }
+    };
+    let Some(&(last_addr, last_len)) = s.writable.last() else {
+        return req;
+    };
+    req.status_addr = Some(GuestAddress(last_addr + last_len - 1));
+    req.op = parse_op(&s, mem, lim, &mut req.data_in_len);
+    req
+}
+
+fn parse_op(
+    s: &Split,
+    mem: &Arc<Memory>,
+    lim: &DeviceLimits,
+    data_in_len: &mut u32,
+) -> Result<Op, RequestError> {
+    if s.readable.len() + s.writable.len() > lim.max_segments + 2 {
+        return Err(RequestError::TooManySegments(
+            s.readable.len() + s.writable.len(),
+        ));
+    }
+    let readable_len = total(&s.readable);
+    if readable_len < HEADER_LEN {
+        return Err(RequestError::ShortHeader);
+    }
+    let mut header = [0u8; HEADER_LEN as usize];
+    read_bytes(mem, &sub(&s.readable, 0, HEADER_LEN), &mut header)?;
+    let kind = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
+    let sector = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
+    let out_data = sub(&s.readable, HEADER_LEN, readable_len - HEADER_LEN);
+    let writable_len = total(&s.writable);
+    let in_data = sub(&s.writable, 0, writable_len - 1);
+    let in_len = writable_len - 1;
+    let is_write = matches!(
+        kind,
+        VIRTIO_BLK_T_OUT | VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES
+    );
+    if is_write && !lim.writable {
+        return Err(RequestError::ReadOnly);
+    }
+    match kind {
+        VIRTIO_BLK_T_IN => {
+            if !out_data.is_empty() {
+                return Err(RequestError::UnexpectedData);
+            }
+            let offset = check_range(lim, sector, in_len)?;
+            let iov = map_iov(mem, &in_data)?;
+            *data_in_len = in_len as u32;
+            Ok(Op::Read { offset, iov })
+        }
+        VIRTIO_BLK_T_OUT => {
+            if in_len != 0 {
+                return Err(RequestError::UnexpectedData);
+            }
+            let len = readable_len - HEADER_LEN;
+            let offset = check_range(lim, sector, len)?;
+            Ok(Op::Write {
+                offset,
+                iov: map_iov(mem, &out_data)?,
+            })
+        }
+        VIRTIO_BLK_T_FLUSH => Ok(Op::Flush),
+        VIRTIO_BLK_T_GET_ID => {
+            let n = in_len.min(ID_BYTES as u64);
+            *data_in_len = n as u32;
+            Ok(Op::GetId {
+                iov: map_iov(mem, &sub(&in_data, 0, n))?,
+            })
+        }
+        VIRTIO_BLK_T_DISCARD => Ok(Op::Discard(parse_ranges(mem, &out_data, lim, false)?)),
+        VIRTIO_BLK_T_WRITE_ZEROES => Ok(Op::WriteZeroes(parse_ranges(mem, &out_data, lim, true)?)),
+        other => Err(RequestError::UnsupportedType(other)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: u64 = 0x10_000;
+
+    fn memory() -> Arc<Memory> {
+        Arc::new(Memory::from_ranges(&[(GuestAddress(BASE), 0x10_0000)]).unwrap())
+    }
+
+    fn limits() -> DeviceLimits {
+        DeviceLimits {
+            capacity_bytes: 1 << 20,
+            logical_block_size: 512,
+            writable: true,
+            max_segments: 126,
+            max_discard_sectors: 1 << 16,
+            max_discard_seg: 4,
+            max_write_zeroes_sectors: 1 << 16,
+            max_write_zeroes_seg: 4,
+        }
+    }
+
+    fn header(mem: &Memory, at: u64, kind: u32, sector: u64) {
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&kind.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        mem.write_slice(&h, GuestAddress(at)).unwrap();
+    }
+
+    fn rd(addr: u64, len: u32) -> Desc {
+        Desc {
+            addr,
+            len,
+            write: false,
+        }
+    }
+
+    fn wr(addr: u64, len: u32) -> Desc {
+        Desc {
+            addr,
+            len,
+            write: true,
+        }
+    }
+
+    #[test]
+    fn read_request_maps_data_and_status() {
+        let mem = memory();
+        header(&mem, BASE, VIRTIO_BLK_T_IN, 8);
+        let d = [
+            rd(BASE, 16),
+            wr(BASE + 0x1000, 1024),
+            wr(BASE + 0x2000, 512),
+            wr(BASE + 0x3000, 1),
+        ];
+        let r = parse(3, &d, &mem, &limits());
+        assert_eq!(r.status_addr, Some(GuestAddress(BASE + 0x3000)));
+        assert_eq!(r.data_in_len, 1536);
+        match r.op.unwrap() {
+            Op::Read { offset, iov } => {
+                assert_eq!(offset, 4096);
+                assert_eq!(iov.len(), 1536);
+                assert_eq!(iov.segments().len(), 2);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn any_layout_header_and_data_in_one_descriptor() {
+        let mem = memory();
+        header(&mem, BASE, VIRTIO_BLK_T_OUT, 0);
+        let d = [rd(BASE, 16 + 512), wr(BASE + 0x3000, 1)];
+        match parse(0, &d, &mem, &limits()).op.unwrap() {
+            Op::Write { offset, iov } => {
+                assert_eq!(offset, 0);
+                assert_eq!(iov.len(), 512);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn malformed_chains_are_refused_with_the_right_status() {
+        let mem = memory();
+        let lim = limits();
+        header(&mem, BASE, VIRTIO_BLK_T_IN, 0);
+        // No writable byte at all: no status.
+        let r = parse(0, &[rd(BASE, 16)], &mem, &lim);
+        assert!(r.status_addr.is_none());
+        // Header too short.
+        let r = parse(0, &[rd(BASE, 8), wr(BASE + 0x3000, 1)], &mem, &lim);
+        assert_eq!(r.op.unwrap_err(), RequestError::ShortHeader);
+        // Readable after writable.
+        let r = parse(
+            0,
+            &[
+                rd(BASE, 16),
+                wr(BASE + 0x1000, 512),
+                rd(BASE + 0x2000, 16),
+                wr(BASE + 0x3000, 1),
+            ],
+            &mem,
+            &lim,
+        );
+        assert_eq!(r.op.unwrap_err(), RequestError::BadOrder);
+        assert!(r.status_addr.is_some());
+        // Not a multiple of 512.
+        let r = parse(
+            0,
+            &[rd(BASE, 16), wr(BASE + 0x1000, 100), wr(BASE + 0x3000, 1)],
+            &mem,
+            &lim,
+        );
+        assert_eq!(r.op.unwrap_err().status(), VIRTIO_BLK_S_IOERR as u8);
+        // Past the end.
+        header(&mem, BASE, VIRTIO_BLK_T_IN, (1 << 20) / 512);
+        let r = parse(
+            0,
+            &[rd(BASE, 16), wr(BASE + 0x1000, 512), wr(BASE + 0x3000, 1)],
+            &mem,
+            &lim,
+        );
+        assert!(matches!(r.op.unwrap_err(), RequestError::OutOfRange { .. }));
+        // Sector overflow.
+        header(&mem, BASE, VIRTIO_BLK_T_IN, u64::MAX);
+        let r = parse(
+            0,
+            &[rd(BASE, 16), wr(BASE + 0x1000, 512), wr(BASE + 0x3000, 1)],
+            &mem,
+            &lim,
+        );
+        assert!(matches!(r.op.unwrap_err(), RequestError::OutOfRange { .. }));
+        // Buffer outside guest memory.
+        header(&mem, BASE, VIRTIO_BLK_T_IN, 0);
+        let r = parse(
+            0,
+            &[rd(BASE, 16), wr(0x1_0000_0000, 512), wr(BASE + 0x3000, 1)],
+            &mem,
+            &lim,
+        );
+        assert!(matches!(r.op.unwrap_err(), RequestError::BadAddress { .. }));
+        // Unknown type.
+        header(&mem, BASE, 77, 0);
+        let r = parse(0, &[rd(BASE, 16), wr(BASE + 0x3000, 1)], &mem, &lim);
+        assert_eq!(r.op.unwrap_err().status(), VIRTIO_BLK_S_UNSUPP as u8);
+        // Write on a read-only device.
+        header(&mem, BASE, VIRTIO_BLK_T_OUT, 0);
+        let ro = DeviceLimits {
+            writable: false,
+            ..lim
+        };
+        let r = parse(0, &[rd(BASE, 16 + 512), wr(BASE + 0x3000, 1)], &mem, &ro);
+        assert_eq!(r.op.unwrap_err(), RequestError::ReadOnly);
+    }
+
+    #[test]
+    fn discard_and_write_zeroes_segments() {
+        let mem = memory();
+        let lim = limits();
+        let seg = |sector: u64, num: u32, flags: u32| {
+            let mut b = [0u8; 16];
+            b[0..8].copy_from_slice(&sector.to_le_bytes());
+            b[8..12].copy_from_slice(&num.to_le_bytes());
+            b[12..16].copy_from_slice(&flags.to_le_bytes());
+            b
+        };
+        header(&mem, BASE, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+        mem.write_slice(&seg(8, 16, 1), GuestAddress(BASE + 16))
+            .unwrap();
+        let d = [rd(BASE, 32), wr(BASE + 0x3000, 1)];
+        match parse(0, &d, &mem, &lim).op.unwrap() {
+            Op::WriteZeroes(r) => assert_eq!(
+                r,
+                vec![Range {
+                    offset: 4096,
+                    len: 8192,
+                    unmap: true
+                }]
+            ),
+            other => panic!("{other:?}"),
+        }
+        // The unmap flag is not allowed on discard.
+        header(&mem, BASE, VIRTIO_BLK_T_DISCARD, 0);
+        let r = parse(0, &d, &mem, &lim);
+        assert_eq!(r.op.unwrap_err().status(), VIRTIO_BLK_S_UNSUPP as u8);
+        // Out of range discard.
+        mem.write_slice(&seg(2048, 8, 0), GuestAddress(BASE + 16))
+            .unwrap();
+        let r = parse(0, &d, &mem, &lim);
+        assert!(matches!(r.op.unwrap_err(), RequestError::OutOfRange { .. }));
+        // Not a whole number of segments.
+        let r = parse(0, &[rd(BASE, 24), wr(BASE + 0x3000, 1)], &mem, &lim);
+        assert_eq!(r.op.unwrap_err(), RequestError::BadSegments);
+    }
+
+    #[test]
+    fn get_id_fills_at_most_twenty_bytes() {
+        let mem = memory();
+        header(&mem, BASE, VIRTIO_BLK_T_GET_ID, 0);
+        let r = parse(
+            0,
+            &[rd(BASE, 16), wr(BASE + 0x1000, 512), wr(BASE + 0x3000, 1)],
+            &mem,
+            &limits(),
+        );
+        assert_eq!(r.data_in_len, 20);
+        assert!(matches!(r.op.unwrap(), Op::GetId { .. }));
+    }
+}

@@ -1,0 +1,436 @@
+//! The io_uring engine of an iothread (thread-local).
+//!
+//! Every operation owns a slot that holds its I/O vector (with the keepalive of the
+//! memory behind it) until the kernel's completion has been reaped, even if the future
+//! that started it is dropped first: no caller can free memory the kernel still uses.
+//! Submissions are batched: ops are queued on the submission ring and handed to the
+//! kernel by [`submit`], which the iothread loop calls after running ready tasks.
+
+use super::iovec::IoVec;
+use io_uring::{opcode, types, IoUring};
+use std::cell::RefCell;
+use std::future::Future;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// Ring size of each iothread.
+pub const RING_ENTRIES: u32 = 1024;
+
+enum Slot {
+    Free,
+    /// Submitted (or queued); the future is waiting.
+    Waiting {
+        waker: Option<Waker>,
+        _iov: Option<IoVec>,
+        _ts: Option<Box<types::Timespec>>,
+    },
+    /// The future was dropped before completion: keep the buffers until the CQE.
+    Orphan {
+        _iov: Option<IoVec>,
+        _ts: Option<Box<types::Timespec>>,
+    },
+    Done(i32),
+}
+
+struct Engine {
+    ring: IoUring,
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    eventfd: EventFd,
+    in_flight: usize,
+}
+
+thread_local! {
+    static ENGINE: RefCell<Option<Engine>> = const { RefCell::new(None) };
+}
+
+impl Engine {
+    fn new() -> io::Result<Self> {
+        let ring = IoUring::builder()
+            .setup_single_issuer()
+            .setup_coop_taskrun()
+            .build(RING_ENTRIES)
+            .or_else(|_| IoUring::new(RING_ENTRIES))?;
+        let eventfd = EventFd::new(EFD_NONBLOCK)?;
+        ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
+        Ok(Engine {
+            ring,
+            slots: Vec::new(),
+            free: Vec::new(),
+            eventfd,
+            in_flight: 0,
+        })
+    }
+
+    fn alloc(&mut self, iov: Option<IoVec>, ts: Option<Box<types::Timespec>>) -> u32 {
+        let slot = Slot::Waiting {
+            waker: None,
+            _iov: iov,
+            _ts: ts,
+        };
+        match self.free.pop() {
+            Some(i) => {
+                self.slots[i as usize] = slot;
+                i
+            }
+            None => {
+                self.slots.push(slot);
+                (self.slots.len() - 1) as u32
+            }
+        }
+    }
+
+    fn push(&mut self, sqe: io_uring::squeue::Entry) -> io::Result<()> {
+        loop {
+            // SAFETY: every pointer in `sqe` (iovec arrays, buffers, timespecs) is owned
+            // by the op's slot, which keeps them alive until the completion is reaped.
+            let pushed = unsafe { self.ring.submission().push(&sqe) };
+            if pushed.is_ok() {
+                self.in_flight += 1;
+                return Ok(());
+            }
+            // Ring full: hand what is queued to the kernel and retry.
+            self.ring.submit()?;
+        }
+    }
+
+    fn reap(&mut self) -> usize {
+        let mut n = 0;
+        let mut wakers = Vec::new();
+        for cqe in self.ring.completion() {
+            n += 1;
+            self.in_flight -= 1;
+            let i = cqe.user_data() as usize;
+            let Some(slot) = self.slots.get_mut(i) else {
+                log::error!("io_uring completion for unknown slot {i}");
+                continue;
+            };
+            match std::mem::replace(slot, Slot::Done(cqe.result())) {
+                Slot::Waiting { waker, .. } => wakers.extend(waker),
+                Slot::Orphan { .. } => {
+                    *slot = Slot::Free;
+                    self.free.push(i as u32);
+                }
+                Slot::Free | Slot::Done(_) => {
+                    log::error!("io_uring completion for idle slot {i}");
+                }
+            }
+        }
+        for w in wakers {
+            w.wake();
+        }
+        n
+    }
+}
+
+fn with_engine<R>(f: impl FnOnce(&mut Engine) -> R) -> io::Result<R> {
+    ENGINE.with(|cell| {
+        let mut e = cell.borrow_mut();
+        if e.is_none() {
+            *e = Some(Engine::new()?);
+        }
+        Ok(f(e.as_mut().expect("engine initialised above")))
+    })
+}
+
+/// This thread's completion eventfd (creates the engine if needed): it becomes readable
+/// when completions are posted while eventfd notification is enabled.
+pub fn eventfd() -> io::Result<RawFd> {
+    with_engine(|e| e.eventfd.as_raw_fd())
+}
+
+/// Clears the completion eventfd.
+pub fn clear_eventfd() {
+    let _ = with_engine(|e| {
+        let _ = e.eventfd.read();
+    });
+}
+
+/// Enables or disables eventfd notification (disabled while the iothread polls).
+pub fn set_eventfd_enabled(enabled: bool) {
+    let _ = with_engine(|e| {
+        let cq = e.ring.completion();
+        if enabled {
+            cq.enable_eventfd();
+        } else {
+            cq.disable_eventfd();
+        }
+    });
+}
+
+/// Hands queued submissions to the kernel.
+pub fn submit() -> io::Result<usize> {
+    with_engine(|e| {
+        if e.ring.submission().is_empty() {
+            Ok(0)
+        } else {
+            e.ring.submit()
+        }
+    })?
+}
+
+/// Submits and waits until at least one completion is available.
+pub fn submit_and_wait() -> io::Result<usize> {
+    with_engine(|e| e.ring.submit_and_wait(1))?
+}
+
+/// Reaps available completions and wakes their futures; returns how many.
+pub fn reap() -> usize {
+    with_engine(Engine::reap).unwrap_or(0)
+}
+
+/// Operations submitted and not yet reaped on this thread.
+pub fn in_flight() -> usize {
+    with_engine(|e| e.in_flight).unwrap_or(0)
+}
+
+/// The future of one io_uring operation; resolves to the CQE result (negative errno on
+/// failure).
+pub struct Op {
+    slot: Option<u32>,
+    early: Option<io::Error>,
+}
+
+impl Future for Op {
+    type Output = io::Result<i32>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if let Some(err) = self.early.take() {
+            return Poll::Ready(Err(err));
+        }
+        let Some(i) = self.slot else {
+            return Poll::Ready(Err(io::Error::other("io_uring op polled after completion")));
+        };
+        let res = with_engine(|e| {
+            let slot = &mut e.slots[i as usize];
+            match slot {
+                Slot::Done(r) => {
+                    let r = *r;
+                    *slot = Slot::Free;
+                    e.free.push(i);
+                    Poll::Ready(r)
+                }
+                Slot::Waiting { waker, .. } => {
+                    match waker {
+                        Some(w) if w.will_wake(cx.waker()) => {}
+                        _ => *waker = Some(cx.waker().clone()),
+                    }
+                    Poll::Pending
+                }
+                Slot::Free | Slot::Orphan { .. } => Poll::Ready(-libc::EIO),
+            }
+        });
+        match res {
+            Ok(Poll::Ready(r)) => {
+                self.slot = None;
+                Poll::Ready(if r < 0 {
+                    Err(io::Error::from_raw_os_error(-r))
+                } else {
+                    Ok(r)
+                })
+            }
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+}
+
+impl Drop for Op {
+    fn drop(&mut self) {
+        let Some(i) = self.slot else { return };
+        let _ = ENGINE.try_with(|cell| {
+            let Ok(mut e) = cell.try_borrow_mut() else {
+                return;
+            };
+            let Some(e) = e.as_mut() else { return };
+            let slot = &mut e.slots[i as usize];
+            match std::mem::replace(slot, Slot::Free) {
+                Slot::Waiting { _iov, _ts, .. } => *slot = Slot::Orphan { _iov, _ts },
+                _ => e.free.push(i),
+            }
+        });
+    }
+}
+
+fn start(
+    build: impl FnOnce(&Option<IoVec>, &Option<Box<types::Timespec>>) -> io_uring::squeue::Entry,
+    iov: Option<IoVec>,
+    ts: Option<Box<types::Timespec>>,
+) -> Op {
+    let r = with_engine(|e| {
+        let sqe = build(&iov, &ts);
+        let i = e.alloc(iov, ts);
+        match e.push(sqe.user_data(u64::from(i))) {
+            Ok(()) => Ok(i),
+            Err(err) => {
+                e.slots[i as usize] = Slot::Free;
+                e.free.push(i);
+                Err(err)
+            }
+        }
+    })
+    .and_then(|r| r);
+    match r {
+        Ok(i) => Op {
+            slot: Some(i),
+            early: None,
+        },
+        Err(err) => Op {
+            slot: None,
+            early: Some(err),
+        },
+    }
+}
+
+fn iov_parts(iov: &Option<IoVec>) -> (*const libc::iovec, u32) {
+    let segs = iov.as_ref().map_or(&[][..], |v| v.segments());
+    (segs.as_ptr(), segs.len() as u32)
+}
+
+/// `preadv(fd, iov, offset)`.
+pub fn readv(fd: RawFd, offset: u64, iov: IoVec) -> Op {
+    start(
+        |iov, _| {
+            let (p, n) = iov_parts(iov);
+            opcode::Readv::new(types::Fd(fd), p, n)
+                .offset(offset)
+                .build()
+        },
+        Some(iov),
+        None,
+    )
+}
+
+/// `pwritev2(fd, iov, offset, rw_flags)`; `RWF_DSYNC` gives FUA semantics.
+pub fn writev(fd: RawFd, offset: u64, iov: IoVec, rw_flags: i32) -> Op {
+    start(
+        |iov, _| {
+            let (p, n) = iov_parts(iov);
+            opcode::Writev::new(types::Fd(fd), p, n)
+                .offset(offset)
+                .rw_flags(rw_flags)
+                .build()
+        },
+        Some(iov),
+        None,
+    )
+}
+
+/// `fdatasync(fd)`.
+pub fn fdatasync(fd: RawFd) -> Op {
+    start(
+        |_, _| {
+            opcode::Fsync::new(types::Fd(fd))
+                .flags(types::FsyncFlags::DATASYNC)
+                .build()
+        },
+        None,
+        None,
+    )
+}
+
+/// `fallocate(fd, mode, offset, len)`.
+pub fn fallocate(fd: RawFd, mode: i32, offset: u64, len: u64) -> Op {
+    start(
+        |_, _| {
+            opcode::Fallocate::new(types::Fd(fd), len)
+                .offset(offset)
+                .mode(mode)
+                .build()
+        },
+        None,
+        None,
+    )
+}
+
+/// Completes after `ns` nanoseconds.
+pub async fn sleep_ns(ns: u64) {
+    let ts = Box::new(
+        types::Timespec::new()
+            .sec(ns / 1_000_000_000)
+            .nsec((ns % 1_000_000_000) as u32),
+    );
+    let op = start(
+        |_, ts| {
+            let p: *const types::Timespec = ts.as_deref().expect("timespec given");
+            opcode::Timeout::new(p).build()
+        },
+        None,
+        Some(ts),
+    );
+    // A timeout completes with -ETIME: that is its success.
+    let _ = op.await;
+}
+
+/// Runs `fut` to completion on this thread, driving the executor and the engine
+/// (for control-plane work outside iothreads, and tests).
+pub fn block_on<T: 'static>(fut: impl Future<Output = T> + 'static) -> T {
+    let out = std::rc::Rc::new(RefCell::new(None));
+    let out2 = out.clone();
+    super::executor::spawn(async move {
+        let v = fut.await;
+        *out2.borrow_mut() = Some(v);
+    });
+    loop {
+        super::executor::run_ready();
+        if let Some(v) = out.borrow_mut().take() {
+            return v;
+        }
+        if super::executor::has_ready() {
+            continue;
+        }
+        let waiting = in_flight() > 0 || submit().map(|n| n > 0).unwrap_or(false);
+        if waiting {
+            if let Err(e) = submit_and_wait() {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    log::error!("io_uring wait failed: {e}");
+                }
+            }
+        }
+        if reap() == 0 && !super::executor::has_ready() && in_flight() == 0 {
+            // Nothing can make progress: the future waits for something that is not
+            // driven by this thread. Spin politely.
+            std::thread::yield_now();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aio::iovec::AlignedBuf;
+    use std::sync::Arc;
+
+    #[test]
+    fn write_then_read_a_temp_file() {
+        let path = std::env::temp_dir().join(format!("vubd-uring-{}", std::process::id()));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let fd = file.as_raw_fd();
+        let mut wbuf = AlignedBuf::zeroed(4096, 4096);
+        wbuf.as_mut_slice().fill(0xab);
+        let wbuf = Arc::new(wbuf);
+        let rbuf = Arc::new(AlignedBuf::zeroed(4096, 4096));
+        let r2 = rbuf.clone();
+        let n = block_on(async move {
+            writev(fd, 8192, IoVec::from_buf(wbuf), 0).await.unwrap();
+            fdatasync(fd).await.unwrap();
+            sleep_ns(1000).await;
+            readv(fd, 8192, IoVec::from_buf(r2)).await.unwrap()
+        });
+        assert_eq!(n, 4096);
+        assert!(rbuf.as_slice().iter().all(|b| *b == 0xab));
+        let err = block_on(async move { readv(-1, 0, IoVec::new(None)).await });
+        assert!(err.is_err());
+        drop(file);
+        std::fs::remove_file(path).unwrap();
+    }
+}

@@ -1,0 +1,61 @@
+//! The interface every driver implements. Drivers do only their own work: the generic
+//! request path in `io.rs` has already checked ranges, permissions and alignment, and
+//! split requests at the node's limits, before a driver sees them.
+
+use crate::aio::{iovec::IoVec, LocalBoxFuture};
+use crate::error::Result;
+use crate::limits::Limits;
+use crate::node::Node;
+use std::sync::Arc;
+
+/// A child edge: its role (`file`, `backing`, ...) and the node.
+#[derive(Clone)]
+pub struct Child {
+    pub role: &'static str,
+    pub node: Arc<Node>,
+}
+
+pub trait Driver: Send + Sync {
+    /// QEMU's driver name (`file`, `raw`, `null-co`, ...).
+    fn driver_name(&self) -> &'static str;
+
+    /// Current size in bytes.
+    fn size(&self) -> u64;
+
+    /// The driver's own limits; the node merges them with its children's.
+    fn own_limits(&self) -> Limits {
+        Limits::default()
+    }
+
+    fn children(&self) -> Vec<Child> {
+        Vec::new()
+    }
+
+    /// Whether writes with FUA are stable on completion without a separate flush.
+    fn supports_fua(&self) -> bool {
+        false
+    }
+
+    /// Whether the driver's storage itself is read-only (e.g. opened O_RDONLY).
+    fn is_read_only(&self) -> bool {
+        false
+    }
+
+    fn read<'a>(&'a self, offset: u64, iov: IoVec) -> LocalBoxFuture<'a, Result<()>>;
+
+    fn write<'a>(&'a self, offset: u64, iov: IoVec, fua: bool) -> LocalBoxFuture<'a, Result<()>>;
+
+    fn flush(&self) -> LocalBoxFuture<'_, Result<()>>;
+
+    /// Deallocates a range; reads may return anything afterwards (zeroes for files).
+    fn discard(&self, offset: u64, len: u64) -> LocalBoxFuture<'_, Result<()>>;
+
+    /// Makes a range read as zeroes without a data buffer; `may_unmap` allows
+    /// deallocation. `Err` with ENOTSUP lets the generic path write a zero buffer.
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+    ) -> LocalBoxFuture<'_, Result<()>>;
+}

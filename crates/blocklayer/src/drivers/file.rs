@@ -1,0 +1,296 @@
+//! The `file` and `host_device` protocol drivers: a regular file or block device on the
+//! host, accessed through the iothread's io_uring, with data moving straight between
+//! the request's buffers (guest memory) and the kernel.
+
+use super::lock::{
+    lock_image, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED,
+};
+use crate::aio::iovec::{AlignedBuf, IoVec};
+use crate::aio::{uring, LocalBoxFuture};
+use crate::driver::Driver;
+use crate::error::{BlockError, Result};
+use crate::limits::Limits;
+use crate::options::{CommonOptions, FileOptions, LockingMode};
+use std::fs::{File, OpenOptions};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+const BLKSSZGET: libc::c_ulong = 0x1268;
+
+pub struct FileDriver {
+    file: File,
+    path: String,
+    size: AtomicU64,
+    read_only: bool,
+    block_device: bool,
+    request_alignment: u32,
+    mem_alignment: usize,
+}
+
+fn ioctl_u64(fd: RawFd, req: libc::c_ulong) -> std::io::Result<u64> {
+    let mut v: u64 = 0;
+    // SAFETY: the request writes one u64 (BLKGETSIZE64) into `v`, which we own.
+    let r = unsafe { libc::ioctl(fd, req, &mut v as *mut u64) };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(v)
+    }
+}
+
+fn ioctl_int(fd: RawFd, req: libc::c_ulong) -> std::io::Result<u32> {
+    let mut v: libc::c_int = 0;
+    // SAFETY: the request writes one int (BLKSSZGET) into `v`, which we own.
+    let r = unsafe { libc::ioctl(fd, req, &mut v as *mut libc::c_int) };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(v as u32)
+    }
+}
+
+fn pread_at(fd: RawFd, buf: *mut u8, len: usize, offset: i64) -> isize {
+    // SAFETY: callers pass a buffer valid for `len` bytes of writes.
+    unsafe { libc::pread(fd, buf.cast(), len, offset) }
+}
+
+/// Finds the O_DIRECT request and memory alignment as QEMU does: the smallest size
+/// (and buffer alignment) for which a read does not fail with EINVAL.
+fn probe_direct_alignment(fd: RawFd, size: u64) -> (u32, usize) {
+    const CANDIDATES: [usize; 4] = [512, 1024, 2048, 4096];
+    if size < 4096 {
+        return (4096, 4096);
+    }
+    let buf = AlignedBuf::zeroed(8192, 4096);
+    let base = buf.as_slice().as_ptr() as *mut u8;
+    let req = CANDIDATES
+        .iter()
+        .copied()
+        .find(|&n| pread_at(fd, base, n, 0) >= 0)
+        .unwrap_or(4096);
+    let mem = CANDIDATES
+        .iter()
+        .copied()
+        // SAFETY: `base + a + req` stays inside the 8192-byte buffer.
+        .find(|&a| pread_at(fd, unsafe { base.add(a) }, req, 0) >= 0)
+        .unwrap_or(4096);
+    (req as u32, mem)
+}
+
+impl FileDriver {
+    pub fn open(
+        opts: &FileOptions,
+        common: &CommonOptions,
+        host_device: bool,
+    ) -> Result<FileDriver> {
+        let path = opts.filename.display().to_string();
+        let open_err = |source| BlockError::Open {
+            path: path.clone(),
+            source,
+        };
+        let mut oo = OpenOptions::new();
+        oo.read(true).write(!common.read_only);
+        let mut flags = libc::O_CLOEXEC;
+        if common.cache_direct {
+            flags |= libc::O_DIRECT;
+        }
+        oo.custom_flags(flags);
+        let file = oo.open(&opts.filename).map_err(open_err)?;
+        let meta = file.metadata().map_err(open_err)?;
+        let fd = file.as_raw_fd();
+        let block_device = meta.file_type().is_block_device();
+        if host_device && !block_device {
+            return Err(BlockError::Graph(format!(
+                "'host_device' driver requires '{path}' to be a block device"
+            )));
+        }
+        if !block_device && !meta.file_type().is_file() {
+            return Err(BlockError::Graph(format!(
+                "'{path}' is not a regular file or a block device"
+            )));
+        }
+        let size = if block_device {
+            ioctl_u64(fd, BLKGETSIZE64).map_err(open_err)?
+        } else {
+            meta.len()
+        };
+        let (request_alignment, mem_alignment) = if !common.cache_direct {
+            (1, 1)
+        } else if block_device {
+            let lbs = ioctl_int(fd, BLKSSZGET).unwrap_or(512).max(512);
+            (lbs, lbs as usize)
+        } else {
+            probe_direct_alignment(fd, size)
+        };
+        let locking = match opts.locking {
+            LockingMode::Off => false,
+            LockingMode::On | LockingMode::Auto => true,
+        };
+        if locking {
+            let perm = if common.read_only {
+                PERM_CONSISTENT_READ
+            } else {
+                PERM_CONSISTENT_READ | PERM_WRITE | PERM_RESIZE
+            };
+            let shared = if common.force_share {
+                PERM_CONSISTENT_READ | PERM_WRITE | PERM_WRITE_UNCHANGED | PERM_RESIZE
+            } else {
+                PERM_CONSISTENT_READ | PERM_WRITE_UNCHANGED
+            };
+            lock_image(fd, &path, perm, shared)?;
+        }
+        Ok(FileDriver {
+            file,
+            path,
+            size: AtomicU64::new(size),
+            read_only: common.read_only,
+            block_device,
+            request_alignment,
+            mem_alignment,
+        })
+    }
+
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    fn fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+
+    async fn read_at(&self, offset: u64, iov: IoVec) -> Result<()> {
+        let mut done = 0u64;
+        while done < iov.len() {
+            let part = iov.slice(done, iov.len() - done);
+            let n = uring::readv(self.fd(), offset + done, part.clone())
+                .await
+                .map_err(|e| BlockError::io("read", e))? as u64;
+            if n == 0 {
+                // End of file (an image whose size is not block-aligned): zeroes.
+                part.fill_zero();
+                return Ok(());
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    async fn write_at(&self, offset: u64, iov: IoVec, fua: bool) -> Result<()> {
+        let flags = if fua { libc::RWF_DSYNC } else { 0 };
+        let mut done = 0u64;
+        while done < iov.len() {
+            let part = iov.slice(done, iov.len() - done);
+            let n = uring::writev(self.fd(), offset + done, part, flags)
+                .await
+                .map_err(|e| BlockError::io("write", e))? as u64;
+            if n == 0 {
+                return Err(BlockError::io(
+                    "write",
+                    std::io::Error::from_raw_os_error(libc::ENOSPC),
+                ));
+            }
+            done += n;
+        }
+        if !self.block_device {
+            self.size.fetch_max(offset + iov.len(), Ordering::AcqRel);
+        }
+        Ok(())
+    }
+
+    async fn fallocate(&self, mode: i32, offset: u64, len: u64, op: &'static str) -> Result<()> {
+        uring::fallocate(self.fd(), mode, offset, len)
+            .await
+            .map(|_| ())
+            .map_err(|e| BlockError::io(op, e))
+    }
+}
+
+impl Driver for FileDriver {
+    fn driver_name(&self) -> &'static str {
+        if self.block_device {
+            "host_device"
+        } else {
+            "file"
+        }
+    }
+
+    fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    fn own_limits(&self) -> Limits {
+        Limits {
+            request_alignment: self.request_alignment,
+            mem_alignment: self.mem_alignment,
+            discard_alignment: 4096,
+            ..Limits::default()
+        }
+    }
+
+    fn supports_fua(&self) -> bool {
+        true
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn read<'a>(&'a self, offset: u64, iov: IoVec) -> LocalBoxFuture<'a, Result<()>> {
+        Box::pin(self.read_at(offset, iov))
+    }
+
+    fn write<'a>(&'a self, offset: u64, iov: IoVec, fua: bool) -> LocalBoxFuture<'a, Result<()>> {
+        Box::pin(self.write_at(offset, iov, fua))
+    }
+
+    fn flush(&self) -> LocalBoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            uring::fdatasync(self.fd())
+                .await
+                .map(|_| ())
+                .map_err(|e| BlockError::io("flush", e))
+        })
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> LocalBoxFuture<'_, Result<()>> {
+        Box::pin(self.fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+            "discard",
+        ))
+    }
+
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+    ) -> LocalBoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            if may_unmap {
+                // Punching a hole reads back as zeroes on files and block devices.
+                let r = self
+                    .fallocate(
+                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                        offset,
+                        len,
+                        "write zeroes",
+                    )
+                    .await;
+                if !matches!(&r, Err(e) if e.is_unsupported()) {
+                    return r;
+                }
+            }
+            self.fallocate(
+                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+                "write zeroes",
+            )
+            .await
+        })
+    }
+}

@@ -1,0 +1,87 @@
+//! The `null-co` driver: a device of a given size that stores nothing. Reads return
+//! zeroes with `read-zeroes=on` (else the buffer is left as it is); every request
+//! optionally completes after `latency-ns`.
+
+use crate::aio::iovec::IoVec;
+use crate::aio::{uring, LocalBoxFuture};
+use crate::driver::Driver;
+use crate::error::Result;
+use crate::options::NullOptions;
+
+pub struct NullDriver {
+    opts: NullOptions,
+}
+
+impl NullDriver {
+    pub fn new(opts: NullOptions) -> Self {
+        NullDriver { opts }
+    }
+
+    async fn delay(&self) {
+        if self.opts.latency_ns > 0 {
+            uring::sleep_ns(self.opts.latency_ns).await;
+        }
+    }
+}
+
+impl Driver for NullDriver {
+    fn driver_name(&self) -> &'static str {
+        "null-co"
+    }
+
+    fn size(&self) -> u64 {
+        self.opts.size
+    }
+
+    fn supports_fua(&self) -> bool {
+        true
+    }
+
+    fn read<'a>(&'a self, _offset: u64, iov: IoVec) -> LocalBoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            self.delay().await;
+            if self.opts.read_zeroes {
+                iov.fill_zero();
+            }
+            Ok(())
+        })
+    }
+
+    fn write<'a>(
+        &'a self,
+        _offset: u64,
+        _iov: IoVec,
+        _fua: bool,
+    ) -> LocalBoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            self.delay().await;
+            Ok(())
+        })
+    }
+
+    fn flush(&self) -> LocalBoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            self.delay().await;
+            Ok(())
+        })
+    }
+
+    fn discard(&self, _offset: u64, _len: u64) -> LocalBoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            self.delay().await;
+            Ok(())
+        })
+    }
+
+    fn write_zeroes(
+        &self,
+        _offset: u64,
+        _len: u64,
+        _may_unmap: bool,
+    ) -> LocalBoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            self.delay().await;
+            Ok(())
+        })
+    }
+}

@@ -1,0 +1,87 @@
+//! The `raw` format driver: the child's bytes as they are, optionally a window of them
+//! (`offset`, `size`).
+
+use crate::aio::iovec::IoVec;
+use crate::aio::LocalBoxFuture;
+use crate::driver::{Child, Driver};
+use crate::error::{BlockError, Result};
+use crate::node::Node;
+use std::sync::Arc;
+
+pub struct RawDriver {
+    file: Arc<Node>,
+    offset: u64,
+    /// Fixed window size, or `None` for "the rest of the child".
+    size: Option<u64>,
+}
+
+impl RawDriver {
+    pub fn new(file: Arc<Node>, offset: u64, size: Option<u64>) -> Result<Self> {
+        let child = file.size();
+        let end = offset.checked_add(size.unwrap_or(0));
+        match end {
+            Some(end) if offset <= child && end <= child => {}
+            _ => {
+                return Err(BlockError::Graph(format!(
+                    "The sum of offset ({offset}) and size ({}) has to be smaller or equal to the actual size of the containing file ({child})",
+                    size.unwrap_or(0)
+                )))
+            }
+        }
+        Ok(RawDriver { file, offset, size })
+    }
+}
+
+impl Driver for RawDriver {
+    fn driver_name(&self) -> &'static str {
+        "raw"
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+            .unwrap_or_else(|| self.file.size().saturating_sub(self.offset))
+    }
+
+    fn children(&self) -> Vec<Child> {
+        vec![Child {
+            role: "file",
+            node: self.file.clone(),
+        }]
+    }
+
+    fn supports_fua(&self) -> bool {
+        true
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.file.is_read_only()
+    }
+
+    fn read<'a>(&'a self, offset: u64, iov: IoVec) -> LocalBoxFuture<'a, Result<()>> {
+        Box::pin(self.file.read(self.offset + offset, iov))
+    }
+
+    fn write<'a>(&'a self, offset: u64, iov: IoVec, fua: bool) -> LocalBoxFuture<'a, Result<()>> {
+        Box::pin(self.file.write(self.offset + offset, iov, fua))
+    }
+
+    fn flush(&self) -> LocalBoxFuture<'_, Result<()>> {
+        Box::pin(self.file.flush())
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> LocalBoxFuture<'_, Result<()>> {
+        Box::pin(self.file.discard(self.offset + offset, len))
+    }
+
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+    ) -> LocalBoxFuture<'_, Result<()>> {
+        Box::pin(
+            self.file
+                .write_zeroes(self.offset + offset, len, may_unmap, false),
+        )
+    }
+}

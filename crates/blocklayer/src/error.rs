@@ -1,0 +1,65 @@
+//! Errors of the block layer's request path and graph.
+
+use std::io;
+
+/// A failed block request or graph operation.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    #[error("{op} failed: {source}")]
+    Io {
+        op: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("request {offset}+{len} is beyond the end of node '{node}' ({size} bytes)")]
+    OutOfRange {
+        node: String,
+        offset: u64,
+        len: u64,
+        size: u64,
+    },
+    #[error("node '{0}' is read-only")]
+    ReadOnly(String),
+    #[error("{0} is not supported")]
+    Unsupported(&'static str),
+    #[error("could not open '{path}': {source}")]
+    Open {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{0}")]
+    Lock(String),
+    #[error("{0}")]
+    Graph(String),
+    #[error(transparent)]
+    Options(#[from] crate::options::OptionsError),
+}
+
+pub type Result<T> = std::result::Result<T, BlockError>;
+
+impl BlockError {
+    pub fn io(op: &'static str, source: io::Error) -> Self {
+        BlockError::Io { op, source }
+    }
+
+    /// The errno that best describes the failure (drives error policies and the status
+    /// a frontend sees).
+    pub fn errno(&self) -> i32 {
+        match self {
+            BlockError::Io { source, .. } | BlockError::Open { source, .. } => {
+                source.raw_os_error().unwrap_or(libc::EIO)
+            }
+            BlockError::OutOfRange { .. } => libc::EIO,
+            BlockError::ReadOnly(_) => libc::EACCES,
+            BlockError::Unsupported(_) => libc::ENOTSUP,
+            BlockError::Lock(_) => libc::EAGAIN,
+            BlockError::Graph(_) | BlockError::Options(_) => libc::EINVAL,
+        }
+    }
+
+    /// Whether the failure means "the driver cannot do this" (a fallback may apply).
+    pub fn is_unsupported(&self) -> bool {
+        self.errno() == libc::EOPNOTSUPP
+    }
+}

@@ -1,0 +1,418 @@
+//! The generic request path every node goes through (QEMU's block/io.c): range and
+//! permission checks, alignment by read-modify-write through bounce buffers, splitting
+//! at the node's limits, FUA emulation, flush elision, zero detection and the
+//! write-zeroes fallback. Drivers only see requests that fit their limits.
+
+use crate::aio::iovec::{AlignedBuf, IoVec};
+use crate::aio::uring::sleep_ns;
+use crate::error::{BlockError, Result};
+use crate::node::{InFlight, Node};
+use crate::options::DetectZeroes;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+
+/// Largest zero buffer the write-zeroes fallback writes at once.
+const ZERO_CHUNK: u64 = 1 << 20;
+
+fn is_aligned(v: u64, align: u32) -> bool {
+    v % u64::from(align) == 0
+}
+
+fn align_down(v: u64, align: u32) -> u64 {
+    v - v % u64::from(align)
+}
+
+fn align_up(v: u64, align: u32) -> u64 {
+    align_down(v + u64::from(align) - 1, align)
+}
+
+/// The length of the next chunk starting at `pos` of `iov` that respects the byte and
+/// segment limits and stays a multiple of `align` (0 if no aligned chunk fits).
+fn next_chunk(iov: &IoVec, pos: u64, max_bytes: u64, max_iov: usize, align: u32) -> u64 {
+    let mut len = 0u64;
+    let mut skip = pos;
+    let mut segs = 0usize;
+    for s in iov.segments() {
+        let slen = s.iov_len as u64;
+        if skip >= slen {
+            skip -= slen;
+            continue;
+        }
+        if segs == max_iov {
+            break;
+        }
+        segs += 1;
+        len += slen - skip;
+        skip = 0;
+        if len >= max_bytes {
+            break;
+        }
+    }
+    align_down(len.min(max_bytes), align)
+}
+
+/// A zero-filled buffer shared by every write-zeroes fallback.
+fn zero_buffer() -> Arc<AlignedBuf> {
+    static ZEROES: OnceLock<Arc<AlignedBuf>> = OnceLock::new();
+    ZEROES
+        .get_or_init(|| Arc::new(AlignedBuf::zeroed(ZERO_CHUNK as usize, 4096)))
+        .clone()
+}
+
+/// Removes an RMW range registration when the write finishes.
+struct RmwGuard<'a> {
+    node: &'a Node,
+    range: (u64, u64),
+}
+
+impl Drop for RmwGuard<'_> {
+    fn drop(&mut self) {
+        let mut ranges = self
+            .node
+            .rmw_ranges
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = ranges.iter().position(|r| *r == self.range) {
+            ranges.swap_remove(i);
+        }
+        self.node.rmw_count.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Node {
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        let size = self.size();
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(BlockError::OutOfRange {
+                node: self.name().to_string(),
+                offset,
+                len,
+                size,
+            }),
+        }
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.is_read_only() {
+            Err(BlockError::ReadOnly(self.name().to_string()))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn note_write(&self) {
+        self.write_gen.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Reads `iov.len()` bytes at `offset` into `iov`.
+    pub async fn read(&self, offset: u64, iov: IoVec) -> Result<()> {
+        self.check_range(offset, iov.len())?;
+        let _g = InFlight::enter(&self.in_flight);
+        if iov.is_empty() {
+            return Ok(());
+        }
+        let l = self.limits();
+        if is_aligned(offset, l.request_alignment)
+            && is_aligned(iov.len(), l.request_alignment)
+            && iov.is_aligned(l.mem_alignment)
+        {
+            self.read_split(offset, iov).await
+        } else {
+            self.read_bounced(offset, iov).await
+        }
+    }
+
+    /// Reads an aligned request, split at the limits.
+    async fn read_split(&self, offset: u64, iov: IoVec) -> Result<()> {
+        let l = self.limits();
+        if iov.len() <= l.transfer_cap() && iov.segments().len() <= l.max_iov {
+            return self.driver().read(offset, iov).await;
+        }
+        let mut pos = 0;
+        while pos < iov.len() {
+            let n = next_chunk(&iov, pos, l.transfer_cap(), l.max_iov, l.request_alignment);
+            if n == 0 {
+                // Segment lengths defeat aligned splitting: bounce the rest.
+                let rest = iov.slice(pos, iov.len() - pos);
+                return Box::pin(self.read_bounced(offset + pos, rest)).await;
+            }
+            self.driver().read(offset + pos, iov.slice(pos, n)).await?;
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Allocates a bounce buffer for the aligned range around `offset..offset+len`.
+    fn bounce_for(&self, offset: u64, len: u64) -> (u64, Arc<AlignedBuf>) {
+        let l = self.limits();
+        let start = align_down(offset, l.request_alignment);
+        let end = align_up(offset + len, l.request_alignment);
+        let buf = AlignedBuf::zeroed((end - start) as usize, l.mem_alignment.max(512));
+        (start, Arc::new(buf))
+    }
+
+    async fn read_bounced(&self, offset: u64, iov: IoVec) -> Result<()> {
+        let (start, buf) = self.bounce_for(offset, iov.len());
+        self.read_split(start, IoVec::from_buf(buf.clone())).await?;
+        let skip = (offset - start) as usize;
+        iov.copy_from_slice(0, &buf.as_slice()[skip..skip + iov.len() as usize]);
+        Ok(())
+    }
+
+    /// Writes `iov` at `offset`; with `fua` the data is stable when this returns.
+    pub async fn write(&self, offset: u64, iov: IoVec, fua: bool) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, iov.len())?;
+        let _g = InFlight::enter(&self.in_flight);
+        if iov.is_empty() {
+            return Ok(());
+        }
+        let flags = self.flags();
+        if flags.detect_zeroes != DetectZeroes::Off && iov.is_zero() {
+            let unmap = flags.detect_zeroes == DetectZeroes::Unmap && flags.discard_unmap;
+            return self.zeroes_locked(offset, iov.len(), unmap, fua).await;
+        }
+        let l = self.limits();
+        let native_fua = fua && self.driver().supports_fua();
+        let r = if is_aligned(offset, l.request_alignment)
+            && is_aligned(iov.len(), l.request_alignment)
+            && iov.is_aligned(l.mem_alignment)
+        {
+            self.write_split(offset, iov, native_fua).await
+        } else {
+            self.write_bounced(offset, iov, native_fua).await
+        };
+        self.note_write();
+        r?;
+        if fua && !native_fua {
+            self.flush_inner().await?;
+        }
+        Ok(())
+    }
+
+    async fn write_split(&self, offset: u64, iov: IoVec, fua: bool) -> Result<()> {
+        let l = self.limits();
+        if iov.len() <= l.transfer_cap() && iov.segments().len() <= l.max_iov {
+            return self.driver().write(offset, iov, fua).await;
+        }
+        let mut pos = 0;
+        while pos < iov.len() {
+            let n = next_chunk(&iov, pos, l.transfer_cap(), l.max_iov, l.request_alignment);
+            if n == 0 {
+                let rest = iov.slice(pos, iov.len() - pos);
+                return Box::pin(self.write_bounced(offset + pos, rest, fua)).await;
+            }
+            self.driver()
+                .write(offset + pos, iov.slice(pos, n), fua)
+                .await?;
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Registers an RMW range, waiting while it overlaps one in progress.
+    async fn rmw_lock(&self, start: u64, end: u64) -> RmwGuard<'_> {
+        loop {
+            {
+                let mut ranges = self.rmw_ranges.lock().unwrap_or_else(|p| p.into_inner());
+                if !ranges.iter().any(|&(s, e)| s < end && start < e) {
+                    ranges.push((start, end));
+                    self.rmw_count.fetch_add(1, Ordering::AcqRel);
+                    return RmwGuard {
+                        node: self,
+                        range: (start, end),
+                    };
+                }
+            }
+            // Overlapping read-modify-writes are rare (a guest writing sub-block
+            // pieces of one block at once): wait a little and look again.
+            sleep_ns(20_000).await;
+        }
+    }
+
+    /// Read-modify-write of the aligned range around an unaligned write.
+    async fn write_bounced(&self, offset: u64, iov: IoVec, fua: bool) -> Result<()> {
+        let (start, buf) = self.bounce_for(offset, iov.len());
+        let end = start + buf.len() as u64;
+        let _lock = self.rmw_lock(start, end).await;
+        let align = u64::from(self.limits().request_alignment);
+        let bounce = IoVec::from_buf(buf.clone());
+        // Read the partial head and tail blocks; the middle is overwritten anyway.
+        if offset != start {
+            self.read_split(start, bounce.slice(0, align)).await?;
+        }
+        let data_end = offset + iov.len();
+        if data_end != end && (end - align >= start + align || offset == start) {
+            self.read_split(end - align, bounce.slice(end - align - start, align))
+                .await?;
+        }
+        let skip = (offset - start) as usize;
+        let mut data = vec![0u8; iov.len() as usize];
+        iov.copy_to_slice(0, &mut data);
+        bounce.copy_from_slice(skip as u64, &data);
+        self.write_split(start, bounce, fua).await
+    }
+
+    /// Flushes written data to stable storage (elided if nothing was written since the
+    /// last flush).
+    pub async fn flush(&self) -> Result<()> {
+        let _g = InFlight::enter(&self.in_flight);
+        self.flush_inner().await
+    }
+
+    async fn flush_inner(&self) -> Result<()> {
+        if self.flags().no_flush {
+            return Ok(());
+        }
+        let gen = self.write_gen.load(Ordering::Acquire);
+        if gen == self.flushed_gen.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.driver().flush().await?;
+        self.flushed_gen.fetch_max(gen, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Discards a range if this node has `discard=unmap`; otherwise does nothing.
+    pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, len)?;
+        let _g = InFlight::enter(&self.in_flight);
+        if !self.flags().discard_unmap || len == 0 {
+            return Ok(());
+        }
+        let l = self.limits();
+        let cap = if l.max_discard == 0 {
+            u64::MAX
+        } else {
+            l.max_discard
+        };
+        let mut pos = 0;
+        while pos < len {
+            let n = (len - pos).min(cap);
+            match self.driver().discard(offset + pos, n).await {
+                Ok(()) => {}
+                // Discard is advisory: a driver that cannot do it has done nothing wrong.
+                Err(e) if e.is_unsupported() => return Ok(()),
+                Err(e) => return Err(e),
+            }
+            pos += n;
+        }
+        self.note_write();
+        Ok(())
+    }
+
+    /// Makes `offset..offset+len` read as zeroes; `may_unmap` lets the node deallocate
+    /// (only honoured with `discard=unmap`).
+    pub async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+        fua: bool,
+    ) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, len)?;
+        let _g = InFlight::enter(&self.in_flight);
+        let unmap = may_unmap && self.flags().discard_unmap;
+        self.zeroes_locked(offset, len, unmap, fua).await
+    }
+
+    async fn zeroes_locked(&self, offset: u64, len: u64, unmap: bool, fua: bool) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let l = self.limits();
+        let aligned =
+            is_aligned(offset, l.request_alignment) && is_aligned(len, l.request_alignment);
+        let mut done = false;
+        if aligned {
+            let cap = if l.max_write_zeroes == 0 {
+                u64::MAX
+            } else {
+                l.max_write_zeroes
+            };
+            let mut pos = 0;
+            let mut unsupported = false;
+            while pos < len {
+                let n = (len - pos).min(cap);
+                match self.driver().write_zeroes(offset + pos, n, unmap).await {
+                    Ok(()) => pos += n,
+                    Err(e) if e.is_unsupported() && pos == 0 => {
+                        unsupported = true;
+                        break;
+                    }
+                    Err(e) => {
+                        self.note_write();
+                        return Err(e);
+                    }
+                }
+            }
+            done = !unsupported;
+        }
+        if !done {
+            self.write_zero_buffers(offset, len).await?;
+        }
+        self.note_write();
+        if fua {
+            self.flush_inner().await?;
+        }
+        Ok(())
+    }
+
+    /// The write-zeroes fallback: writes a shared zero buffer over the range.
+    async fn write_zero_buffers(&self, offset: u64, len: u64) -> Result<()> {
+        let zeroes = IoVec::from_buf(zero_buffer());
+        let l = self.limits();
+        let mut pos = 0;
+        while pos < len {
+            let n = (len - pos).min(ZERO_CHUNK);
+            let start = offset + pos;
+            let chunk = zeroes.slice(0, n);
+            if is_aligned(start, l.request_alignment) && is_aligned(n, l.request_alignment) {
+                self.write_split(start, chunk, false).await?;
+            } else {
+                self.write_bounced(start, chunk, false).await?;
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alignment_helpers() {
+        assert_eq!(align_down(4097, 4096), 4096);
+        assert_eq!(align_up(4097, 4096), 8192);
+        assert_eq!(align_up(4096, 4096), 4096);
+        assert!(is_aligned(8192, 512));
+        assert!(!is_aligned(8193, 512));
+    }
+
+    #[test]
+    fn chunks_respect_segments_and_alignment() {
+        let bufs: Vec<_> = (0..4)
+            .map(|_| Arc::new(AlignedBuf::zeroed(1536, 512)))
+            .collect();
+        let mut iov = IoVec::new(None);
+        for b in &bufs {
+            let v = IoVec::from_buf(b.clone());
+            let s = v.segments()[0];
+            // SAFETY: the buffers outlive `iov` in this test.
+            unsafe { iov.push_raw(s.iov_base.cast(), s.iov_len) };
+        }
+        // Two segments of 1536 = 3072, rounded down to 1024-byte alignment: 3072.
+        assert_eq!(next_chunk(&iov, 0, u64::MAX, 2, 1024), 3072);
+        // Byte cap.
+        assert_eq!(next_chunk(&iov, 0, 2000, 8, 512), 1536);
+        // From the middle of a segment.
+        assert_eq!(next_chunk(&iov, 512, u64::MAX, 1, 512), 1024);
+        // Alignment larger than what fits: no chunk.
+        assert_eq!(next_chunk(&iov, 0, u64::MAX, 1, 4096), 0);
+    }
+}
