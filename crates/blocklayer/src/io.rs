@@ -15,7 +15,7 @@ use std::sync::{Arc, OnceLock};
 const ZERO_CHUNK: u64 = 1 << 20;
 
 fn is_aligned(v: u64, align: u32) -> bool {
-    v % u64::from(align) == 0
+    v.is_multiple_of(u64::from(align))
 }
 
 fn align_down(v: u64, align: u32) -> u64 {

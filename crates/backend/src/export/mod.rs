@@ -20,8 +20,15 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::GuestMemoryAtomic;
 
-/// Largest data segment the guest may use (`size_max`).
+/// Largest data segment the guest may use (`size_max`), at most.
 const SIZE_MAX: u32 = 4 << 20;
+
+/// `size_max` for a given `seg_max`: some frontends (libblkio) compute the largest
+/// transfer as `size_max * seg_max` in an i32, so keep the product below 2^31.
+fn size_max_for(seg_max: u32) -> u32 {
+    let cap = (i32::MAX as u32 / seg_max.max(1)) & !4095;
+    SIZE_MAX.min(cap.max(4096))
+}
 /// Discard/write-zeroes limits advertised in the config space.
 const MAX_DISCARD_SECTORS: u32 = 1 << 22;
 const MAX_DISCARD_SEG: u32 = 16;
@@ -95,7 +102,7 @@ impl ExportShared {
         let phys = (self.node.limits().request_alignment).max(lbs);
         BlkConfig {
             capacity: self.capacity_bytes() / SECTOR,
-            size_max: SIZE_MAX,
+            size_max: size_max_for(u32::from(self.queue_size) - 2),
             seg_max: u32::from(self.queue_size) - 2,
             blk_size: lbs,
             physical_block_exp: (phys / lbs).trailing_zeros() as u8,

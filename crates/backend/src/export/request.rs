@@ -198,7 +198,7 @@ fn check_range(lim: &DeviceLimits, sector: u64, len: u64) -> Result<u64, Request
         offset: u64::MAX,
         len,
     })?;
-    if offset % lbs != 0 || len % lbs != 0 {
+    if !offset.is_multiple_of(lbs) || !len.is_multiple_of(lbs) {
         return Err(RequestError::Misaligned(len));
     }
     match offset.checked_add(len) {
@@ -219,7 +219,7 @@ fn parse_ranges(
     } else {
         (lim.max_discard_seg, lim.max_discard_sectors)
     };
-    if len == 0 || len % SEGMENT_LEN != 0 {
+    if len == 0 || !len.is_multiple_of(SEGMENT_LEN) {
         return Err(RequestError::BadSegments);
     }
     let n = len / SEGMENT_LEN;

@@ -109,10 +109,9 @@ impl IoVec {
     /// Whether every segment's address and length is a multiple of `align`.
     pub fn is_aligned(&self, align: usize) -> bool {
         align <= 1
-            || self
-                .segs
-                .iter()
-                .all(|s| (s.iov_base as usize) % align == 0 && s.iov_len % align == 0)
+            || self.segs.iter().all(|s| {
+                (s.iov_base as usize).is_multiple_of(align) && s.iov_len.is_multiple_of(align)
+            })
     }
 
     /// Copies `dst.len()` bytes starting at `offset` of this vector into `dst`.

@@ -60,11 +60,7 @@ impl PollState {
         } else if block_ns <= self.poll_ns {
             // Polling would have caught it: the window is right.
         } else if block_ns > p.max_ns {
-            self.poll_ns = if p.shrink == 0 {
-                0
-            } else {
-                self.poll_ns / p.shrink
-            };
+            self.poll_ns = self.poll_ns.checked_div(p.shrink).unwrap_or(0);
         } else if self.poll_ns < p.max_ns {
             let grow = if p.grow == 0 { 2 } else { p.grow };
             self.poll_ns = if self.poll_ns == 0 {
