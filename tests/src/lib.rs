@@ -1,1 +1,31 @@
+//! End-to-end test harness for vubd: starts the daemon (or `qemu-storage-daemon`, which
+//! takes the same options), makes throw-away images, and drives the export through real
+//! vhost-user frontends:
+//!
+//! * [`Client`]: libblkio's `virtio-blk-vhost-user` driver (what QEMU-less applications use);
+//! * [`RawClient`]: libblkio's lower layer (`virtio-driver`) used directly, to send virtio-blk
+//!   requests libblkio cannot produce (GET_ID, unknown types, unusual descriptor chains).
+//!
+//! Everything panics with a descriptive message on failure: this is test code.
 
+pub mod args;
+pub mod client;
+pub mod daemon;
+pub mod image;
+pub mod raw;
+pub mod util;
+pub mod workload;
+
+pub use args::{simple_file_export, DaemonArgs};
+pub use client::{Client, ClientOptions, IoQueue, Req};
+pub use daemon::{qsd_bin, run_to_exit, vubd_bin, Daemon, Exited};
+pub use image::{TempDir, TempImage};
+pub use raw::{RawClient, RawDesc};
+pub use util::{assert_same_data, unique_name, Rng};
+pub use workload::{exercise, verify_all, ExerciseOpts};
+
+/// Sector size of the virtio-blk protocol (offsets are always in 512-byte units).
+pub const SECTOR: usize = 512;
+pub const KIB: u64 = 1024;
+pub const MIB: u64 = 1024 * 1024;
+pub const GIB: u64 = 1024 * 1024 * 1024;

@@ -219,11 +219,20 @@ fn serve_one(shared: &Arc<ExportShared>, listener: &mut Listener) -> Result<()> 
         .start(listener)
         .map_err(|e| ExportError::Daemon(e.to_string()))?;
     log::info!("export {}: frontend connected", shared.id);
-    if let Err(e) = daemon.wait() {
-        log::warn!("export {}: connection ended: {e}", shared.id);
+    match daemon.wait() {
+        Ok(())
+        | Err(vhost_user_backend::Error::HandleRequest(
+            vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+        )) => {}
+        Err(e) => log::warn!("export {}: connection ended: {e}", shared.id),
     }
     log::info!("export {}: frontend disconnected", shared.id);
     // Let the worker threads finish what the old frontend submitted, then stop them.
+    log::info!(
+        "export {}: {} request(s) in flight after disconnect",
+        shared.id,
+        shared.in_flight.load(Ordering::Acquire)
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     while shared.in_flight.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(1));

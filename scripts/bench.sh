@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Benchmark vubd against qemu-storage-daemon through libblkio (see tests/src/bin/vubd-bench.rs).
+# Builds the release binaries, then runs vubd-bench with the arguments given, e.g.
+#   scripts/bench.sh --quick
+#   scripts/bench.sh --runtime 5 --reps 5 --filter null-co
+#   scripts/bench.sh --poll-max-ns 0 --filter randread-4k-qd1
+# The markdown table goes to stdout, progress to stderr.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+cargo build --release -q -p vubd -p vubd-tests --bin vubd --bin vubd-bench
+target_dir="${CARGO_TARGET_DIR:-target}"
+exec "$target_dir/release/vubd-bench" --vubd "$target_dir/release/vubd" "$@"

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Runs every test: formatting and lint checks, unit tests, and the end-to-end tests that
+# drive a running vubd through a real frontend (libblkio). Exits non-zero on any failure.
+#
+# The end-to-end tests (tests/tests/*.rs) start the vubd binary found next to the test
+# executables (target/debug/vubd, or $CARGO_TARGET_DIR/debug/vubd); set VUBD_BIN to test
+# another build. Randomised tests print their seed; VUBD_TEST_SEED=<n> replays one.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -q -- -D warnings
+# The end-to-end tests start target/debug/vubd: build it first.
+cargo build --workspace -q
+cargo test --workspace --no-fail-fast

@@ -1,0 +1,217 @@
+//! Data written through the export reads back identical, through the export and in the
+//! host image file; single queue, several queues on several iothreads with concurrent
+//! threads, FUA, flush, O_DIRECT.
+
+use blkio::ReqFlags;
+use vubd_tests::{
+    assert_same_data, exercise, simple_file_export, verify_all, Client, Daemon, DaemonArgs,
+    ExerciseOpts, Rng, TempDir, TempImage, MIB,
+};
+
+/// Options for `exercise` honouring the device limits libblkio reports.
+fn opts_for(client: &Client, rounds: usize) -> ExerciseOpts {
+    let max_segs = client.prop_i32("max-segments");
+    let max_seg_len = client.prop_i32("max-segment-len");
+    assert!(
+        max_segs >= 1,
+        "device reports max-segments {max_segs} (seg_max)"
+    );
+    ExerciseOpts {
+        rounds,
+        max_segs: (max_segs as usize).min(8),
+        max_seg_len: max_seg_len.max(0) as usize,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn random_io_reads_back_and_lands_in_file() {
+    let mut rng = Rng::new("random_io_reads_back_and_lands_in_file");
+    let dir = TempDir::new("vubd-t");
+    let sock = dir.join("vubd.sock");
+    let size = 32 * MIB;
+    let (img, mut shadow) = TempImage::new_random(size, &mut rng);
+    let daemon = Daemon::start(&simple_file_export(&img, &sock, 1, "", ""));
+
+    let mut client = Client::connect(daemon.socket(), 1);
+    assert_eq!(client.capacity(), size, "capacity");
+    let o = opts_for(&client, 200);
+    exercise(client.q(), &mut rng, 0, &mut shadow, &o);
+    verify_all(client.q(), 0, &shadow, "read back through the export");
+
+    client.q().flush().expect("flush");
+    assert_same_data("host image file after flush", &img.read_all(), &shadow);
+}
+
+#[test]
+fn four_queues_two_iothreads_concurrent_threads() {
+    let mut rng = Rng::new("four_queues_two_iothreads_concurrent_threads");
+    let dir = TempDir::new("vubd-t");
+    let sock = dir.join("vubd.sock");
+    let size = 64 * MIB;
+    let (img, mut shadow) = TempImage::new_random(size, &mut rng);
+    let args = DaemonArgs::new()
+        .iothread("io0")
+        .iothread("io1")
+        .file_raw("disk0", &img, "", "")
+        .vhost_user_blk(
+            "disk0",
+            &sock,
+            ",writable=on,num-queues=4,iothread.0=io0,iothread.1=io1",
+        )
+        .build();
+    let daemon = Daemon::start(&args);
+
+    let mut client = Client::connect(daemon.socket(), 4);
+    assert_eq!(client.capacity(), size);
+    let o = opts_for(&client, 150);
+    let region = (size / 4) as usize;
+    let seeds: Vec<u64> = (0..4).map(|_| rng.next_u64()).collect();
+    std::thread::scope(|s| {
+        for ((q, sh), seed) in client
+            .queues_mut()
+            .iter_mut()
+            .zip(shadow.chunks_mut(region))
+            .zip(seeds)
+        {
+            let o = o.clone();
+            s.spawn(move || {
+                let mut rng = Rng::with_seed(seed);
+                let base = (q.index() * region) as u64;
+                exercise(q, &mut rng, base, sh, &o);
+            });
+        }
+    });
+    // Every queue reads back the whole disk (also what the other threads wrote).
+    std::thread::scope(|s| {
+        for q in client.queues_mut() {
+            let shadow = &shadow;
+            s.spawn(move || {
+                let what = format!("full read back on queue {}", q.index());
+                verify_all(q, 0, shadow, &what)
+            });
+        }
+    });
+    client.q().flush().expect("flush");
+    assert_same_data("host image file after flush", &img.read_all(), &shadow);
+}
+
+#[test]
+fn flush_and_fua_write() {
+    let mut rng = Rng::new("flush_and_fua_write");
+    let dir = TempDir::new("vubd-t");
+    let sock = dir.join("vubd.sock");
+    let img = TempImage::new(8 * MIB);
+    let daemon = Daemon::start(&simple_file_export(&img, &sock, 1, "", ""));
+    let mut client = Client::connect(daemon.socket(), 1);
+    eprintln!("flush-needed: {}", client.prop_bool("flush-needed"));
+
+    // Flush with nothing to flush, then after a write.
+    client.q().flush().expect("flush on a clean disk");
+    let a = rng.bytes(64 * 1024);
+    client.q().write(MIB, &a).expect("write");
+    client.q().flush().expect("flush after write");
+    assert_same_data("file after write + flush", &img.read_at(MIB, a.len()), &a);
+
+    // FUA write (libblkio sends a flush after it unless the device supports FUA natively).
+    let b = rng.bytes(128 * 1024);
+    client
+        .q()
+        .write_flags(3 * MIB, &b, ReqFlags::FUA)
+        .expect("FUA write");
+    assert_same_data("file after FUA write", &img.read_at(3 * MIB, b.len()), &b);
+    let got = client.q().read_poisoned(3 * MIB, b.len(), 0).expect("read");
+    assert_same_data("read after FUA write", &got, &b);
+
+    // A flush submitted together with writes completes too.
+    let c = rng.bytes(4096);
+    let buf = client.q().buf();
+    buf[..4096].copy_from_slice(&c);
+    let rets = client.q().submit(&[
+        vubd_tests::Req::Write {
+            offset: 0,
+            buf: 0..4096,
+            flags: ReqFlags::empty(),
+        },
+        vubd_tests::Req::Flush,
+        vubd_tests::Req::Write {
+            offset: 4096,
+            buf: 0..4096,
+            flags: ReqFlags::FUA,
+        },
+    ]);
+    assert_eq!(rets, vec![0, 0, 0]);
+    client.q().flush().expect("flush");
+    assert_same_data("file", &img.read_at(0, 4096), &c);
+    assert_same_data("file", &img.read_at(4096, 4096), &c);
+}
+
+/// cache.direct=on needs a file system with O_DIRECT (not tmpfs): the image goes to /tmp.
+/// Segments of any byte length at any address are valid virtio-blk, so a daemon using
+/// O_DIRECT has to bounce or split them.
+#[test]
+fn cache_direct_on_with_unaligned_segments() {
+    let mut rng = Rng::new("cache_direct_on_with_unaligned_segments");
+    let dir = TempDir::new("vubd-t");
+    let sock = dir.join("vubd.sock");
+    let size = 16 * MIB;
+    let img = TempImage::new_in(dir.path(), size);
+    let mut shadow = rng.bytes(size as usize);
+    img.write_at(0, &shadow);
+    let daemon = Daemon::start(&simple_file_export(&img, &sock, 2, ",cache.direct=on", ""));
+
+    let mut client = Client::connect(daemon.socket(), 2);
+    let o = opts_for(&client, 100);
+    let region = (size / 2) as usize;
+    let seeds: Vec<u64> = (0..2).map(|_| rng.next_u64()).collect();
+    std::thread::scope(|s| {
+        for ((q, sh), seed) in client
+            .queues_mut()
+            .iter_mut()
+            .zip(shadow.chunks_mut(region))
+            .zip(seeds)
+        {
+            let o = o.clone();
+            s.spawn(move || {
+                let base = (q.index() * region) as u64;
+                exercise(q, &mut Rng::with_seed(seed), base, sh, &o);
+            });
+        }
+    });
+    verify_all(client.q(), 0, &shadow, "read back (cache.direct=on)");
+    client.q().flush().expect("flush");
+    assert_same_data("host file (cache.direct=on)", &img.read_all(), &shadow);
+}
+
+/// Large requests: up to the device's max transfer, many segments.
+#[test]
+fn large_multi_segment_requests() {
+    let mut rng = Rng::new("large_multi_segment_requests");
+    let dir = TempDir::new("vubd-t");
+    let sock = dir.join("vubd.sock");
+    let size = 16 * MIB;
+    let img = TempImage::new(size);
+    let daemon = Daemon::start(&simple_file_export(&img, &sock, 1, "", ""));
+    let mut client = Client::connect(daemon.socket(), 1);
+    let max_segs = client.prop_i32("max-segments").max(1) as usize;
+    let max_transfer = client.prop_i32("max-transfer");
+    let len: usize = if max_transfer > 0 {
+        (max_transfer as usize).min(2 << 20) / 512 * 512
+    } else {
+        2 << 20
+    };
+    let nsegs = max_segs.min(len / 512).min(128);
+    let seg = len / nsegs / 512 * 512;
+    let total = seg * nsegs;
+    let data = rng.bytes(total);
+    let segs: Vec<&[u8]> = data.chunks(seg).collect();
+    client
+        .q()
+        .writev(MIB, &segs, ReqFlags::empty())
+        .unwrap_or_else(|e| panic!("writev of {nsegs} x {seg} bytes failed: {e}"));
+    let lens = vec![seg; nsegs];
+    let got = client.q().readv(MIB, &lens).expect("readv");
+    assert_same_data("large readv", &got, &data);
+    client.q().flush().expect("flush");
+    assert_same_data("file", &img.read_at(MIB, total), &data);
+}
