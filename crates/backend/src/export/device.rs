@@ -229,7 +229,13 @@ impl BlkDevice {
     /// the frontend is told about all of them at once. This is what keeps a busy
     /// frontend from being woken per request, and it costs no latency: a frontend that
     /// waits for completions adds nothing, so the next pass notifies at once.
-    fn iterate(&self, vrings: &[Vring], thread: usize, mem: &Arc<Memory>, lim: &DeviceLimits) -> bool {
+    fn iterate(
+        &self,
+        vrings: &[Vring],
+        thread: usize,
+        mem: &Arc<Memory>,
+        lim: &DeviceLimits,
+    ) -> bool {
         let mut popped = 0;
         for (i, v) in vrings.iter().enumerate() {
             popped += self.pop_requests(v, self.queue_index(thread, i), mem, lim);
@@ -255,7 +261,9 @@ impl BlkDevice {
         let window = LOOP.with(|l| {
             let mut l = l.borrow_mut();
             let slept = l.slept_at.take();
-            let poll = l.poll.get_or_insert_with(|| PollState::new(PollParams::default()));
+            let poll = l
+                .poll
+                .get_or_insert_with(|| PollState::new(PollParams::default()));
             if let Some(t) = slept {
                 poll.after_sleep(now.duration_since(t).as_nanos() as u64);
             }

@@ -51,7 +51,6 @@ impl Engine {
     fn new() -> io::Result<Self> {
         let ring = IoUring::builder()
             .setup_single_issuer()
-            .setup_coop_taskrun()
             .build(RING_ENTRIES)
             .or_else(|_| IoUring::new(RING_ENTRIES))?;
         let eventfd = EventFd::new(EFD_NONBLOCK)?;
