@@ -229,13 +229,10 @@ impl BlkDevice {
     /// the frontend is told about all of them at once. This is what keeps a busy
     /// frontend from being woken per request, and it costs no latency: a frontend that
     /// waits for completions adds nothing, so the next pass notifies at once.
-    fn iterate(
-        &self,
-        vrings: &[Vring],
-        thread: usize,
-        mem: &Arc<Memory>,
-        lim: &DeviceLimits,
-    ) -> bool {
+    fn iterate(&self, vrings: &[Vring], thread: usize, lim: &DeviceLimits) -> bool {
+        // Load the memory table on every pass: the frontend may add regions
+        // (VHOST_USER_ADD_MEM_REG) at any time, and new requests may use them.
+        let mem = &self.mem.memory().into_inner();
         let mut popped = 0;
         for (i, v) in vrings.iter().enumerate() {
             popped += self.pop_requests(v, self.queue_index(thread, i), mem, lim);
@@ -269,7 +266,6 @@ impl BlkDevice {
             }
             poll.window()
         });
-        let mem = self.mem.memory().into_inner();
         let lim = self.limits();
         for v in vrings {
             let _ = v.disable_notification();
@@ -277,7 +273,7 @@ impl BlkDevice {
         uring::set_eventfd_enabled(false);
         let mut last = now;
         loop {
-            if self.iterate(vrings, thread, &mem, &lim) {
+            if self.iterate(vrings, thread, &lim) {
                 last = Instant::now();
                 continue;
             }
@@ -288,7 +284,7 @@ impl BlkDevice {
             // Going to sleep: re-arm notifications, then look once more so that nothing
             // that arrived in between is left without a wake-up.
             uring::set_eventfd_enabled(true);
-            let mut again = self.iterate(vrings, thread, &mem, &lim);
+            let mut again = self.iterate(vrings, thread, &lim);
             for v in vrings {
                 if v.get_ref().get_queue().ready() && v.enable_notification().unwrap_or(false) {
                     again = true;
