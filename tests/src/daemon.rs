@@ -78,6 +78,22 @@ pub fn socket_paths_in(args: &[String]) -> Vec<PathBuf> {
     out
 }
 
+/// Have the kernel SIGKILL the daemon when the thread that started it dies (a test binary
+/// killed by a timeout would otherwise leave daemons behind; `Drop` handles normal exits).
+fn kill_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and only calls prctl(2),
+    // which is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 fn is_socket(p: &Path) -> bool {
     std::fs::symlink_metadata(p)
         .map(|m| m.file_type().is_socket())
@@ -142,12 +158,14 @@ impl Daemon {
         let dir = TempDir::new("vubd-daemon");
         let stderr_path = dir.join("stderr");
         let stdout_path = dir.join("stdout");
-        let child = Command::new(bin)
-            .args(args)
+        let mut cmd = Command::new(bin);
+        cmd.args(args)
             .stdin(Stdio::null())
             .stdout(File::create(&stdout_path).expect("create stdout file"))
             .stderr(File::create(&stderr_path).expect("create stderr file"))
-            .env("RUST_BACKTRACE", "1")
+            .env("RUST_BACKTRACE", "1");
+        kill_with_parent(&mut cmd);
+        let child = cmd
             .spawn()
             .map_err(|e| format!("cannot run {}: {e}", bin.display()))?;
         let mut d = Daemon {
@@ -411,11 +429,13 @@ pub fn run_to_exit<S: AsRef<str>>(bin: &Path, args: &[S], timeout: Duration) -> 
     let dir = TempDir::new("vubd-run");
     let stderr_path = dir.join("stderr");
     let stdout_path = dir.join("stdout");
-    let mut child = Command::new(bin)
-        .args(&args)
+    let mut cmd = Command::new(bin);
+    cmd.args(&args)
         .stdin(Stdio::null())
         .stdout(File::create(&stdout_path).expect("create stdout file"))
-        .stderr(File::create(&stderr_path).expect("create stderr file"))
+        .stderr(File::create(&stderr_path).expect("create stderr file"));
+    kill_with_parent(&mut cmd);
+    let mut child = cmd
         .spawn()
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()));
     let deadline = Instant::now() + timeout;
