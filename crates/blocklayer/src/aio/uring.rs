@@ -98,7 +98,6 @@ impl Engine {
 
     fn reap(&mut self) -> usize {
         let mut n = 0;
-        let mut wakers = Vec::new();
         for cqe in self.ring.completion() {
             n += 1;
             self.in_flight -= 1;
@@ -108,7 +107,13 @@ impl Engine {
                 continue;
             };
             match std::mem::replace(slot, Slot::Done(cqe.result())) {
-                Slot::Waiting { waker, .. } => wakers.extend(waker),
+                // Waking only queues the task on this thread's executor (it does not
+                // touch the engine), so it is safe while the engine is borrowed.
+                Slot::Waiting { waker, .. } => {
+                    if let Some(w) = waker {
+                        w.wake();
+                    }
+                }
                 Slot::Orphan { .. } => {
                     *slot = Slot::Free;
                     self.free.push(i as u32);
@@ -117,9 +122,6 @@ impl Engine {
                     log::error!("io_uring completion for idle slot {i}");
                 }
             }
-        }
-        for w in wakers {
-            w.wake();
         }
         n
     }
