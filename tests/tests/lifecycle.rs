@@ -63,12 +63,7 @@ fn disconnect_and_reconnect() {
     daemon.assert_running("after 20 short connections");
 }
 
-// Known bug (see the closing note): when a frontend vanishes with requests in
-// flight while the machine is loaded, some of them are never completed, the export waits
-// 30 s per such connection for them to drain, and the test can fail. Run it with
-// `cargo test -p vubd-tests --test lifecycle -- --ignored` while fixing it.
 #[test]
-#[ignore = "known bug: abandoned in-flight requests can stall under load"]
 fn disconnect_with_requests_in_flight() {
     let mut rng = Rng::new("disconnect_with_requests_in_flight");
     let dir = TempDir::new("vubd-t");

@@ -9,12 +9,12 @@
 
 use super::config_space::BlkConfig;
 use super::request::{self, Desc, DeviceLimits, Memory, Op, Request};
-use super::ExportShared;
+use super::{ExportShared, PopGate};
 use blocklayer::aio::poll::{PollParams, PollState};
 use blocklayer::aio::{executor, uring};
 use std::cell::RefCell;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
@@ -71,6 +71,8 @@ pub struct BlkDevice {
     /// Per queue: requests in flight (for stopping a ring cleanly).
     queue_in_flight: Vec<AtomicU64>,
     handlers: Mutex<Vec<Weak<Handler>>>,
+    /// Set once the frontend is gone: no more requests are popped.
+    disconnected: AtomicBool,
     backend_req: Mutex<Option<Backend>>,
 }
 
@@ -84,6 +86,7 @@ impl BlkDevice {
             poll,
             queue_in_flight,
             handlers: Mutex::new(Vec::new()),
+            disconnected: AtomicBool::new(false),
             backend_req: Mutex::new(None),
         }
     }
@@ -93,6 +96,24 @@ impl BlkDevice {
     pub fn set_handlers(&self, handlers: &[Arc<Handler>]) {
         *self.handlers.lock().unwrap_or_else(|p| p.into_inner()) =
             handlers.iter().map(Arc::downgrade).collect();
+    }
+
+    /// The frontend is gone: iothread passes stop popping from its rings.
+    pub fn disconnect(&self) {
+        self.disconnected.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether new requests are taken from the rings.
+    fn accepting(&self) -> bool {
+        !self.shared.is_stopping() && !self.disconnected.load(Ordering::SeqCst)
+    }
+
+    /// Requests in flight per queue.
+    pub fn queue_in_flight(&self) -> Vec<u64> {
+        self.queue_in_flight
+            .iter()
+            .map(|c| c.load(Ordering::Acquire))
+            .collect()
     }
 
     /// The epoll event id of the io_uring eventfd (ids up to num_queues are taken).
@@ -142,9 +163,6 @@ impl BlkDevice {
         mem: &Arc<Memory>,
         lim: &DeviceLimits,
     ) -> usize {
-        if self.shared.is_stopping() {
-            return 0;
-        }
         let mut state = vring.get_mut();
         if !state.is_enabled() || !state.get_queue().ready() {
             return 0;
@@ -234,8 +252,13 @@ impl BlkDevice {
         // (VHOST_USER_ADD_MEM_REG) at any time, and new requests may use them.
         let mem = &self.mem.memory().into_inner();
         let mut popped = 0;
-        for (i, v) in vrings.iter().enumerate() {
-            popped += self.pop_requests(v, self.queue_index(thread, i), mem, lim);
+        {
+            let _gate = PopGate::enter(&self.shared);
+            if self.accepting() {
+                for (i, v) in vrings.iter().enumerate() {
+                    popped += self.pop_requests(v, self.queue_index(thread, i), mem, lim);
+                }
+            }
         }
         let mut progress = popped + executor::run_ready();
         if let Err(e) = uring::submit() {
@@ -286,7 +309,12 @@ impl BlkDevice {
             uring::set_eventfd_enabled(true);
             let mut again = self.iterate(vrings, thread, &lim);
             for v in vrings {
-                if v.get_ref().get_queue().ready() && v.enable_notification().unwrap_or(false) {
+                // Entries left in a ring only count as work while requests are taken;
+                // a stopped or disconnected device leaves them where they are.
+                if v.get_ref().get_queue().ready()
+                    && v.enable_notification().unwrap_or(false)
+                    && self.accepting()
+                {
                     again = true;
                 }
             }

@@ -13,7 +13,7 @@ use device::BlkDevice;
 use request::{DeviceLimits, Memory, ID_BYTES, SECTOR};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vhost::vhost_user::Listener;
@@ -67,6 +67,28 @@ pub struct ExportShared {
     pub iothreads: Vec<IoThreadSpec>,
     pub in_flight: AtomicU64,
     stopping: AtomicBool,
+    /// Iothread passes currently inside their pop section (see [`PopGate`]).
+    poppers: AtomicUsize,
+}
+
+/// Marks an iothread pass that may pop new requests. Whoever stops an export or a
+/// connection first raises its flag, then waits until no pass is inside the gate and
+/// nothing is in flight: a pass either saw the flag (and popped nothing) or is counted
+/// here until its pops are counted in flight. Both sides use SeqCst so that one of the
+/// two always sees the other.
+pub struct PopGate<'a>(&'a AtomicUsize);
+
+impl<'a> PopGate<'a> {
+    pub fn enter(shared: &'a ExportShared) -> Self {
+        shared.poppers.fetch_add(1, Ordering::SeqCst);
+        PopGate(&shared.poppers)
+    }
+}
+
+impl Drop for PopGate<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl ExportShared {
@@ -75,7 +97,20 @@ impl ExportShared {
     }
 
     pub fn is_stopping(&self) -> bool {
-        self.stopping.load(Ordering::Acquire)
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Waits until no iothread pass can still pop requests and `in_flight()` is zero.
+    /// Call after raising the flag that makes passes pop nothing.
+    pub fn wait_idle(&self, in_flight: impl Fn() -> u64, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.poppers.load(Ordering::SeqCst) > 0 || in_flight() > 0 {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        true
     }
 
     fn capacity_bytes(&self) -> u64 {
@@ -167,6 +202,7 @@ impl Export {
             iothreads,
             in_flight: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
+            poppers: AtomicUsize::new(0),
         });
         Ok((
             Export {
@@ -195,15 +231,9 @@ impl Export {
 
     /// Stops taking new requests and waits for those in flight (at most `timeout`).
     pub fn quiesce(&self, timeout: Duration) -> bool {
-        self.shared.stopping.store(true, Ordering::Release);
-        let deadline = Instant::now() + timeout;
-        while self.shared.in_flight.load(Ordering::Acquire) > 0 {
-            if Instant::now() > deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        true
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        let shared = &self.shared;
+        shared.wait_idle(|| shared.in_flight.load(Ordering::Acquire), timeout)
     }
 }
 
@@ -227,15 +257,23 @@ fn serve_one(shared: &Arc<ExportShared>, listener: &mut Listener) -> Result<()> 
         Err(e) => log::warn!("export {}: connection ended: {e}", shared.id),
     }
     log::info!("export {}: frontend disconnected", shared.id);
-    // Let the worker threads finish what the old frontend submitted, then stop them.
+    // Nothing more is taken from the old rings; let the worker threads finish what
+    // they took, then stop them (a thread must not exit with requests of its own).
+    device.disconnect();
     log::info!(
-        "export {}: {} request(s) in flight after disconnect",
+        "export {}: {:?} request(s) in flight per queue after disconnect",
         shared.id,
-        shared.in_flight.load(Ordering::Acquire)
+        device.queue_in_flight()
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while shared.in_flight.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(1));
+    if !shared.wait_idle(
+        || device.queue_in_flight().iter().sum(),
+        Duration::from_secs(30),
+    ) {
+        log::error!(
+            "export {}: requests of the old frontend still in flight after 30 s: {:?}",
+            shared.id,
+            device.queue_in_flight()
+        );
     }
     for h in &handlers {
         h.send_exit_event();
