@@ -19,8 +19,48 @@ use std::sync::atomic::{AtomicU64, Ordering};
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 const BLKSSZGET: libc::c_ulong = 0x1268;
 
+/// How the driver issues its system calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Submission {
+    /// Through the iothread's io_uring.
+    Uring,
+    /// Directly on the iothread. Only for memory-backed file systems (tmpfs, ramfs,
+    /// hugetlbfs): they never wait for a device, but they lack FMODE_NOWAIT, so
+    /// io_uring would hand every request to an io-wq worker thread and wake the
+    /// iothread back with task work: two thread hops per request for a memory copy.
+    Inline,
+}
+
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+const RAMFS_MAGIC: i64 = 0x8584_58f6;
+const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+
+/// Whether `fd` lives on a memory-backed file system.
+fn memory_backed(fd: RawFd) -> bool {
+    // SAFETY: statfs is plain data, filled in by fstatfs, which only writes into it.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is a valid, writable statfs.
+    if unsafe { libc::fstatfs(fd, &mut st) } != 0 {
+        return false;
+    }
+    matches!(
+        st.f_type as i64,
+        TMPFS_MAGIC | RAMFS_MAGIC | HUGETLBFS_MAGIC
+    )
+}
+
+/// `ret` of a system call as a byte count or the errno.
+fn sys_result(ret: isize) -> std::io::Result<i32> {
+    if ret < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(ret as i32)
+    }
+}
+
 pub struct FileDriver {
     file: File,
+    submission: Submission,
     path: String,
     size: AtomicU64,
     read_only: bool,
@@ -141,8 +181,14 @@ impl FileDriver {
             };
             lock_image(fd, &path, perm, shared)?;
         }
+        let submission = if !block_device && memory_backed(fd) {
+            Submission::Inline
+        } else {
+            Submission::Uring
+        };
         Ok(FileDriver {
             file,
+            submission,
             path,
             size: AtomicU64::new(size),
             read_only: common.read_only,
@@ -164,7 +210,8 @@ impl FileDriver {
         let mut done = 0u64;
         while done < iov.len() {
             let part = iov.slice(done, iov.len() - done);
-            let n = uring::readv(self.fd(), offset + done, part.clone())
+            let n = self
+                .readv(offset + done, part.clone())
                 .await
                 .map_err(|e| BlockError::io("read", e))? as u64;
             if n == 0 {
@@ -182,7 +229,8 @@ impl FileDriver {
         let mut done = 0u64;
         while done < iov.len() {
             let part = iov.slice(done, iov.len() - done);
-            let n = uring::writev(self.fd(), offset + done, part, flags)
+            let n = self
+                .writev(offset + done, part, flags)
                 .await
                 .map_err(|e| BlockError::io("write", e))? as u64;
             if n == 0 {
@@ -199,11 +247,62 @@ impl FileDriver {
         Ok(())
     }
 
+    async fn readv(&self, offset: u64, iov: IoVec) -> std::io::Result<i32> {
+        match self.submission {
+            Submission::Uring => uring::readv(self.fd(), offset, iov).await,
+            Submission::Inline => {
+                let segs = iov.segments();
+                // SAFETY: the segments are valid for writes while `iov` (and its
+                // keepalive) lives, which covers this synchronous call.
+                sys_result(unsafe {
+                    libc::preadv(self.fd(), segs.as_ptr(), segs.len() as i32, offset as i64)
+                })
+            }
+        }
+    }
+
+    async fn writev(&self, offset: u64, iov: IoVec, rw_flags: i32) -> std::io::Result<i32> {
+        match self.submission {
+            Submission::Uring => uring::writev(self.fd(), offset, iov, rw_flags).await,
+            Submission::Inline => {
+                let segs = iov.segments();
+                // SAFETY: the segments are valid for reads while `iov` lives, which
+                // covers this synchronous call.
+                sys_result(unsafe {
+                    libc::pwritev2(
+                        self.fd(),
+                        segs.as_ptr(),
+                        segs.len() as i32,
+                        offset as i64,
+                        rw_flags,
+                    )
+                })
+            }
+        }
+    }
+
+    async fn fdatasync(&self) -> std::io::Result<i32> {
+        match self.submission {
+            Submission::Uring => uring::fdatasync(self.fd()).await,
+            Submission::Inline => {
+                // SAFETY: plain system call on a file descriptor we own; no memory.
+                let r = unsafe { libc::fdatasync(self.fd()) };
+                sys_result(r as isize)
+            }
+        }
+    }
+
     async fn fallocate(&self, mode: i32, offset: u64, len: u64, op: &'static str) -> Result<()> {
-        uring::fallocate(self.fd(), mode, offset, len)
-            .await
-            .map(|_| ())
-            .map_err(|e| BlockError::io(op, e))
+        match self.submission {
+            Submission::Uring => uring::fallocate(self.fd(), mode, offset, len).await,
+            Submission::Inline => {
+                // SAFETY: plain system call on a file descriptor we own; no memory.
+                let r = unsafe { libc::fallocate(self.fd(), mode, offset as i64, len as i64) };
+                sys_result(r as isize)
+            }
+        }
+        .map(|_| ())
+        .map_err(|e| BlockError::io(op, e))
     }
 }
 
@@ -247,7 +346,7 @@ impl Driver for FileDriver {
 
     fn flush(&self) -> LocalBoxFuture<'_, Result<()>> {
         Box::pin(async move {
-            uring::fdatasync(self.fd())
+            self.fdatasync()
                 .await
                 .map(|_| ())
                 .map_err(|e| BlockError::io("flush", e))
