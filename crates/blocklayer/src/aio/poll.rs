@@ -6,11 +6,22 @@
 //! `poll-max-ns`, polling a little longer would have caught it, so the window grows;
 //! if it came later than `poll-max-ns`, polling is wasted CPU, so the window shrinks.
 //! An idle iothread thus converges to a zero window and uses no CPU.
+//!
+//! One addition to QEMU's rule: the gap is measured from the last work done to the
+//! next event, and a sleeping thread's gap includes the time it takes to be woken,
+//! which in a VM (a halted vCPU woken by an IPI) can alone exceed `poll-max-ns`. A
+//! window that only grows on gaps shorter than `poll-max-ns` then never opens. So when
+//! the window is zero and the gap is still short (under [`PROBE_FACTOR`] times the
+//! maximum: the thread is busy, not idle), the window is opened to the maximum as a
+//! probe; if polling does not catch the next event, the usual shrink closes it again.
 
 use std::time::Duration;
 
 /// First window when growing from zero (QEMU starts at 4 us).
 const INITIAL_NS: u64 = 4_000;
+
+/// Gaps up to this many times `poll-max-ns` count as "busy" for probing.
+pub const PROBE_FACTOR: u64 = 4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PollParams {
@@ -52,7 +63,8 @@ impl PollState {
         self.poll_ns
     }
 
-    /// Adapts the window to a sleep of `block_ns` that ended with an event.
+    /// Adapts the window to an idle gap of `block_ns` (from the last work done to the
+    /// event that ended it).
     pub fn after_sleep(&mut self, block_ns: u64) {
         let p = self.params;
         if p.max_ns == 0 {
@@ -60,7 +72,12 @@ impl PollState {
         } else if block_ns <= self.poll_ns {
             // Polling would have caught it: the window is right.
         } else if block_ns > p.max_ns {
-            self.poll_ns = self.poll_ns.checked_div(p.shrink).unwrap_or(0);
+            self.poll_ns = if self.poll_ns == 0 && block_ns <= p.max_ns.saturating_mul(PROBE_FACTOR)
+            {
+                p.max_ns
+            } else {
+                self.poll_ns.checked_div(p.shrink).unwrap_or(0)
+            };
         } else if self.poll_ns < p.max_ns {
             let grow = if p.grow == 0 { 2 } else { p.grow };
             self.poll_ns = if self.poll_ns == 0 {
@@ -96,6 +113,20 @@ mod tests {
         assert_eq!(s.window_ns(), 32_768);
         // An idle period: drop to zero.
         s.after_sleep(5_000_000);
+        assert_eq!(s.window_ns(), 0);
+    }
+
+    #[test]
+    fn a_busy_thread_that_wakes_slowly_probes_with_the_full_window() {
+        let mut s = PollState::new(PollParams::default());
+        // 60 us gaps: over the maximum, but the thread is busy.
+        s.after_sleep(60_000);
+        assert_eq!(s.window_ns(), 32_768);
+        // The probe did not catch the next event: closed again.
+        s.after_sleep(60_000);
+        assert_eq!(s.window_ns(), 0);
+        // Idle gaps never probe.
+        s.after_sleep(1_000_000);
         assert_eq!(s.window_ns(), 0);
     }
 
