@@ -4,7 +4,6 @@
 
 pub mod executor;
 pub mod iovec;
-pub mod join;
 pub mod poll;
 pub mod uring;
 
