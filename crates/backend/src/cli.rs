@@ -17,7 +17,7 @@ pub enum CliAction {
 }
 
 /// Options qemu-storage-daemon has that vubd does not (yet).
-const UNSUPPORTED: &[&str] = &["chardev", "monitor", "nbd-server", "daemonize", "trace"];
+const UNSUPPORTED: &[&str] = &["nbd-server", "daemonize", "trace"];
 
 /// One option of the command line, before its argument is parsed.
 enum CliOption {
@@ -63,6 +63,12 @@ qemu-storage-daemon --export vhost-user-blk
   --object [qom-type=]iothread,id=<id>[,poll-max-ns=<ns>][,poll-grow=<n>]
            [,poll-shrink=<n>][,aio-max-batch=<n>]
                             create an iothread
+
+  --chardev socket,id=<id>,path=<socket-path>,server=on[,wait=on|off]
+                            a UNIX socket for a QMP monitor (wait=on, the
+                            default, waits for the first client at start-up)
+  --monitor [chardev=]<id>[,mode=control][,pretty=on|off]
+                            serve QMP on the chardev's socket (docs/qmp.md)
 
   --pidfile <path>          write the process id to a file after startup
   --config <file.toml>      read [[object]], [[blockdev]] and [[export]] items and
@@ -162,6 +168,8 @@ fn long_option(
         }
         "help" => CliOption::Help,
         "version" => CliOption::Version,
+        "chardev" => CliOption::Item(ItemKind::Chardev, argument()?),
+        "monitor" => CliOption::Item(ItemKind::Monitor, argument()?),
         "object" => CliOption::Item(ItemKind::Object, argument()?),
         "blockdev" => CliOption::Item(ItemKind::Blockdev, argument()?),
         "export" => CliOption::Item(ItemKind::Export, argument()?),
@@ -319,8 +327,6 @@ logical-block-size=512,serial=disk0";
             ("disk.img", "unexpected argument 'disk.img'"),
             ("--blockdev", "option '--blockdev' requires an argument"),
             ("--help=1", "option '--help' doesn't allow an argument"),
-            ("--monitor stdio", "--monitor: not supported yet"),
-            ("--chardev socket,id=c", "--chardev: not supported yet"),
             (
                 "--nbd-server addr.type=unix",
                 "--nbd-server: not supported yet",
@@ -650,6 +656,56 @@ addr.path=/tmp/vubd.sock,writable=on,iothread=io0",
     }
 
     #[test]
+    fn monitor_options() {
+        let cfg = run(args(
+            "--chardev socket,id=mon0,path=/tmp/m.sock,server=on,wait=off \
+             --monitor chardev=mon0,pretty=on",
+        ));
+        let sockets = cfg.monitor_sockets().unwrap();
+        assert_eq!(sockets.len(), 1);
+        assert_eq!(sockets[0].path, PathBuf::from("/tmp/m.sock"));
+        assert!(sockets[0].pretty && !sockets[0].wait);
+        let cfg = run(args(
+            "--chardev socket,id=c,path=/tmp/m.sock,server=on --monitor c",
+        ));
+        assert!(cfg.monitor_sockets().unwrap()[0].wait);
+        let toml = DaemonConfig::from_toml_str(
+            "[[chardev]]\nbackend = \"socket\"\nid = \"m\"\npath = \"/tmp/m.sock\"\n\
+             server = true\nwait = false\n[[monitor]]\nchardev = \"m\"\n",
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        assert_eq!(toml.monitor_sockets().unwrap()[0].chardev, "m");
+        for (line, expected) in [
+            ("--monitor chardev=nope", "chardev \"nope\" not found"),
+            (
+                "--chardev socket,id=c,path=/tmp/m.sock",
+                "the monitor socket must be a listening socket (server=on)",
+            ),
+            ("--chardev stdio,id=c", "'stdio' is not supported"),
+            (
+                "--chardev socket,id=c,path=/tmp/m.sock,server=on --monitor c,mode=readline",
+                "'readline' is not supported",
+            ),
+            (
+                "--chardev socket,id=c,path=/a,server=on --chardev socket,id=c,path=/b,server=on",
+                "attempt to add duplicate chardev 'c'",
+            ),
+            (
+                "--chardev socket,id=c,path=/a,server=on --monitor c --monitor c",
+                "already used by another monitor",
+            ),
+            (
+                "--chardev socket,id=c,path=/a,server=on,port=5",
+                "Parameter 'port' is unexpected",
+            ),
+        ] {
+            let e = error(args(line));
+            assert!(e.contains(expected), "{line}: {e}");
+        }
+    }
+
+    #[test]
     fn toml_errors() {
         let parse = |text: &str| DaemonConfig::from_toml_str(text, Path::new("t.toml"));
         let message = |text: &str| match parse(text) {
@@ -658,8 +714,8 @@ addr.path=/tmp/vubd.sock,writable=on,iothread=io0",
         };
         assert_eq!(
             message("foo = 1"),
-            "config file t.toml: unknown key 'foo' (expected [[object]], [[blockdev]], \
-             [[export]] or pidfile)"
+            "config file t.toml: unknown key 'foo' (expected [[chardev]], [[monitor]], \
+             [[object]], [[blockdev]], [[export]] or pidfile)"
         );
         assert_eq!(
             message("[blockdev]\ndriver = \"null-co\""),

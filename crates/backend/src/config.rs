@@ -77,9 +77,38 @@ pub struct ExportConfig {
     pub queue_size: u16,
 }
 
+/// `--chardev socket,id=<id>,path=<path>,server=on,wait=off`: the UNIX socket a QMP
+/// monitor listens on (the only chardev kind vubd has).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChardevConfig {
+    pub id: String,
+    pub path: PathBuf,
+    /// `wait=on` (QEMU's default for a server socket): start-up waits until the first
+    /// client connects.
+    pub wait: bool,
+}
+
+/// `--monitor [chardev=]<id>[,mode=control][,pretty=on|off]`: a QMP monitor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MonitorConfig {
+    pub chardev: String,
+    pub pretty: bool,
+}
+
+/// A monitor with its chardev resolved: what the daemon binds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MonitorSocketConfig {
+    pub chardev: String,
+    pub path: PathBuf,
+    pub pretty: bool,
+    pub wait: bool,
+}
+
 /// Everything the daemon is told to set up, in the order given.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct DaemonConfig {
+    pub chardevs: Vec<ChardevConfig>,
+    pub monitors: Vec<MonitorConfig>,
     pub objects: Vec<ObjectConfig>,
     pub blockdevs: Vec<BlockdevOptions>,
     pub exports: Vec<ExportConfig>,
@@ -129,6 +158,8 @@ fn take_id(f: &mut Fields) -> OptionsResult<String> {
 /// The kinds of items the command line and the config file define.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ItemKind {
+    Chardev,
+    Monitor,
     Object,
     Blockdev,
     Export,
@@ -138,6 +169,8 @@ impl ItemKind {
     /// The option (`--object`) and TOML table (`[[object]]`) name.
     pub fn name(self) -> &'static str {
         match self {
+            ItemKind::Chardev => "chardev",
+            ItemKind::Monitor => "monitor",
             ItemKind::Object => "object",
             ItemKind::Blockdev => "blockdev",
             ItemKind::Export => "export",
@@ -147,10 +180,75 @@ impl ItemKind {
     /// The key a leading value without `key=` belongs to.
     pub fn implied_key(self) -> &'static str {
         match self {
+            ItemKind::Chardev => "backend",
+            ItemKind::Monitor => "chardev",
             ItemKind::Object => "qom-type",
             ItemKind::Blockdev => "driver",
             ItemKind::Export => "type",
         }
+    }
+}
+
+impl ChardevConfig {
+    /// Parses `--chardev` options: a server UNIX socket.
+    pub fn from_json(v: &Value) -> OptionsResult<Self> {
+        let mut f = Fields::new(v, "")?;
+        let backend = f.required_string("backend")?;
+        if backend != "socket" {
+            return Err(bad_value(
+                "backend",
+                format!("'{backend}' is not supported (vubd's monitor needs a 'socket' chardev)"),
+            ));
+        }
+        let id = take_id(&mut f)?;
+        let path = f.required_string("path")?;
+        if path.is_empty() || path.len() > MAX_SOCKET_PATH_LEN {
+            return Err(bad_value(
+                "path",
+                format!(
+                    "'{path}' is not a usable UNIX socket path (1 to {MAX_SOCKET_PATH_LEN} bytes)"
+                ),
+            ));
+        }
+        if !f.bool("server")?.unwrap_or(false) {
+            return Err(bad_value(
+                "server",
+                "the monitor socket must be a listening socket (server=on)",
+            ));
+        }
+        let wait = f.bool("wait")?.unwrap_or(true);
+        f.finish()?;
+        Ok(ChardevConfig {
+            id,
+            path: PathBuf::from(path),
+            wait,
+        })
+    }
+}
+
+impl MonitorConfig {
+    /// Parses `--monitor` options.
+    pub fn from_json(v: &Value) -> OptionsResult<Self> {
+        let mut f = Fields::new(v, "")?;
+        let chardev = f.required_string("chardev")?;
+        // An `id` is accepted and has no further use.
+        if f.string("id")?.is_some_and(|id| !coerce::is_valid_id(&id)) {
+            return Err(OptionsError::Invalid {
+                name: "id".into(),
+                expected: "an identifier".into(),
+            });
+        }
+        if let Some(mode) = f.string("mode")? {
+            if mode != "control" {
+                return Err(bad_value(
+                    "mode",
+                    format!("'{mode}' is not supported (vubd's monitor speaks QMP: mode=control)"),
+                ));
+            }
+        }
+        let pretty = f.bool("pretty")?.unwrap_or(false);
+        f.finish()?;
+        Ok(MonitorConfig { chardev, pretty })
     }
 }
 
@@ -170,7 +268,15 @@ impl ObjectConfig {
     /// Parses `--object` options (QEMU's `object-add` arguments, `qom-type` and `id`
     /// included).
     pub fn from_json(v: &Value) -> OptionsResult<Self> {
-        let mut f = Fields::new(v, "")?;
+        Self::from_fields(Fields::new(v, "")?)
+    }
+
+    /// As [`ObjectConfig::from_json`] for QMP `object-add` (strict JSON types).
+    pub fn from_qmp(v: &Value) -> OptionsResult<Self> {
+        Self::from_fields(Fields::new_strict(v, "")?)
+    }
+
+    fn from_fields(mut f: Fields) -> OptionsResult<Self> {
         let qom_type = f.required_string("qom-type")?;
         let object = match qom_type.as_str() {
             "iothread" => ObjectConfig::IoThread(IoThreadConfig::take_from(&mut f)?),
@@ -196,7 +302,15 @@ impl ExportConfig {
     /// Parses `--export` options (QEMU's `block-export-add` arguments for
     /// `type=vhost-user-blk`, plus vubd's `serial` and `queue-size`).
     pub fn from_json(v: &Value) -> OptionsResult<Self> {
-        let mut f = Fields::new(v, "")?;
+        Self::from_fields(Fields::new(v, "")?)
+    }
+
+    /// As [`ExportConfig::from_json`] for QMP `block-export-add` (strict JSON types).
+    pub fn from_qmp(v: &Value) -> OptionsResult<Self> {
+        Self::from_fields(Fields::new_strict(v, "")?)
+    }
+
+    fn from_fields(mut f: Fields) -> OptionsResult<Self> {
         let export_type = f.required_string("type")?;
         if export_type != "vhost-user-blk" {
             return Err(bad_value(
@@ -340,6 +454,8 @@ impl DaemonConfig {
     /// Adds one item given as QEMU-style JSON (from keyval, JSON or TOML).
     pub fn add_item(&mut self, kind: ItemKind, v: &Value) -> OptionsResult<()> {
         match kind {
+            ItemKind::Chardev => self.chardevs.push(ChardevConfig::from_json(v)?),
+            ItemKind::Monitor => self.monitors.push(MonitorConfig::from_json(v)?),
             ItemKind::Object => self.objects.push(ObjectConfig::from_json(v)?),
             ItemKind::Blockdev => self.blockdevs.push(BlockdevOptions::from_json_root(v)?),
             ItemKind::Export => self.exports.push(ExportConfig::from_json(v)?),
@@ -349,6 +465,8 @@ impl DaemonConfig {
 
     /// Appends `other`'s items after this one's; its pidfile, if any, wins.
     pub fn append(&mut self, other: DaemonConfig) {
+        self.chardevs.extend(other.chardevs);
+        self.monitors.extend(other.monitors);
         self.objects.extend(other.objects);
         self.blockdevs.extend(other.blockdevs);
         self.exports.extend(other.exports);
@@ -377,7 +495,13 @@ impl DaemonConfig {
             toml_error(e.message().to_string() + &toml_location(text, e.span()))
         })?;
         let mut config = DaemonConfig::default();
-        for kind in [ItemKind::Object, ItemKind::Blockdev, ItemKind::Export] {
+        for kind in [
+            ItemKind::Chardev,
+            ItemKind::Monitor,
+            ItemKind::Object,
+            ItemKind::Blockdev,
+            ItemKind::Export,
+        ] {
             let Some(section) = table.remove(kind.name()) else {
                 continue;
             };
@@ -407,7 +531,8 @@ impl DaemonConfig {
         }
         if let Some(key) = table.keys().next() {
             return Err(toml_error(format!(
-                "unknown key '{key}' (expected [[object]], [[blockdev]], [[export]] or pidfile)"
+                "unknown key '{key}' (expected [[chardev]], [[monitor]], [[object]], [[blockdev]], \
+                 [[export]] or pidfile)"
             )));
         }
         Ok(config)
@@ -417,9 +542,48 @@ impl DaemonConfig {
     /// export ids, iothread ids and socket paths; references to nodes and iothreads
     /// that exist; iothreads not shared between exports.
     pub fn validate(&self) -> Result<()> {
+        self.monitor_sockets()?;
         let iothreads = self.check_objects()?;
         let nodes = self.check_blockdevs()?;
         self.check_exports(&iothreads, &nodes)
+    }
+
+    /// The monitors with their chardevs resolved; chardev ids are unique, every
+    /// monitor names a chardev, and no chardev serves two monitors.
+    pub fn monitor_sockets(&self) -> Result<Vec<MonitorSocketConfig>> {
+        let mut chardevs: HashMap<&str, &ChardevConfig> = HashMap::new();
+        for c in &self.chardevs {
+            if chardevs.insert(&c.id, c).is_some() {
+                return Err(invalid(
+                    format!("--chardev id={}", c.id),
+                    format!("attempt to add duplicate chardev '{}'", c.id),
+                ));
+            }
+        }
+        let mut used = HashSet::new();
+        let mut out = Vec::new();
+        for m in &self.monitors {
+            let label = format!("--monitor chardev={}", m.chardev);
+            let Some(c) = chardevs.get(m.chardev.as_str()) else {
+                return Err(invalid(
+                    label,
+                    format!("chardev \"{}\" not found", m.chardev),
+                ));
+            };
+            if !used.insert(m.chardev.as_str()) {
+                return Err(invalid(
+                    label,
+                    format!("chardev '{}' is already used by another monitor", m.chardev),
+                ));
+            }
+            out.push(MonitorSocketConfig {
+                chardev: c.id.clone(),
+                path: c.path.clone(),
+                pretty: m.pretty,
+                wait: c.wait,
+            });
+        }
+        Ok(out)
     }
 
     fn check_objects(&self) -> Result<HashSet<&str>> {

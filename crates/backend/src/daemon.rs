@@ -1,23 +1,31 @@
 //! Bringing the daemon up from its configuration and taking it down cleanly.
+//!
+//! Everything the configuration asks for is set up through the control plane's
+//! operations (the same ones QMP commands use) before the control thread starts
+//! taking commands; a bad configuration fails before any frontend or QMP client can
+//! connect.
 
-use crate::config::{DaemonConfig, ObjectConfig};
-use crate::export::{Export, ExportError, IoThreadSpec};
-use blocklayer::aio::poll::PollParams;
-use blocklayer::aio::uring::block_on;
-use blocklayer::{BlockError, Graph, Node};
-use std::collections::HashMap;
+use crate::config::DaemonConfig;
+use crate::control::{Control, ControlMsg};
+use crate::qmp::events::EventBus;
+use crate::qmp::server::{MonitorSocket, ServerError};
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::mpsc::{self, Sender};
+use std::thread::JoinHandle;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    #[error("--blockdev node-name={node}: {source}")]
-    Blockdev { node: String, source: BlockError },
-    #[error("--export id={id}: {source}")]
-    Export { id: String, source: ExportError },
+    #[error("--object id={id}: {message}")]
+    Object { id: String, message: String },
+    #[error("--blockdev node-name={node}: {message}")]
+    Blockdev { node: String, message: String },
     #[error("--export id={id}: {message}")]
-    ExportConfig { id: String, message: String },
+    Export { id: String, message: String },
+    #[error("--monitor chardev={chardev}: {source}")]
+    Monitor {
+        chardev: String,
+        source: ServerError,
+    },
     #[error("--pidfile {path}: {source}")]
     Pidfile {
         path: PathBuf,
@@ -25,82 +33,64 @@ pub enum DaemonError {
     },
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
+    #[error("{0}")]
+    Config(String),
 }
 
 pub type Result<T> = std::result::Result<T, DaemonError>;
 
-/// The running daemon: its graph and exports.
+/// The running daemon: a handle on its control thread.
 pub struct Daemon {
-    pub graph: Graph,
-    pub exports: Vec<Export>,
-    pidfile: Option<PathBuf>,
+    control: Sender<ControlMsg>,
+    thread: JoinHandle<()>,
 }
 
 impl Daemon {
-    /// Opens every node and binds every socket; nothing is served yet, so a bad
-    /// configuration fails before any frontend can connect.
+    /// Opens every node, binds every socket and starts serving.
     pub fn start(cfg: &DaemonConfig) -> Result<Daemon> {
-        let mut iothreads: HashMap<String, PollParams> = HashMap::new();
+        let (tx, rx) = mpsc::channel();
+        let events = EventBus::new();
+        let mut ctl = Control::new(tx.clone(), events.clone());
         for obj in &cfg.objects {
-            match obj {
-                ObjectConfig::IoThread(t) => {
-                    iothreads.insert(
-                        t.id.clone(),
-                        PollParams {
-                            max_ns: t.poll_max_ns,
-                            grow: t.poll_grow,
-                            shrink: t.poll_shrink,
-                        },
-                    );
-                }
-            }
+            ctl.add_object(obj.clone())
+                .map_err(|e| DaemonError::Object {
+                    id: obj.id().to_string(),
+                    message: e.desc,
+                })?;
         }
-        let mut graph = Graph::new();
         for b in &cfg.blockdevs {
-            graph.add(b).map_err(|source| DaemonError::Blockdev {
+            ctl.add_blockdev(b).map_err(|e| DaemonError::Blockdev {
                 node: b.common.node_name.clone().unwrap_or_default(),
-                source,
+                message: e.desc,
             })?;
         }
-        let mut exports = Vec::new();
-        let mut listeners = Vec::new();
-        for e in &cfg.exports {
-            let node: Arc<Node> =
-                graph
-                    .lookup(&e.node_name)
-                    .map_err(|source| DaemonError::Export {
-                        id: e.id.clone(),
-                        source: ExportError::Daemon(source.to_string()),
-                    })?;
-            let specs = if e.iothreads.is_empty() {
-                vec![IoThreadSpec {
-                    id: format!("{}-iothread", e.id),
-                    poll: PollParams::default(),
-                }]
-            } else {
-                e.iothreads
-                    .iter()
-                    .map(|id| {
-                        iothreads
-                            .get(id)
-                            .map(|p| IoThreadSpec {
-                                id: id.clone(),
-                                poll: *p,
-                            })
-                            .ok_or_else(|| DaemonError::ExportConfig {
-                                id: e.id.clone(),
-                                message: format!("iothread '{id}' does not exist"),
-                            })
-                    })
-                    .collect::<Result<Vec<_>>>()?
-            };
-            let (export, listener) =
-                Export::bind(e, node, specs).map_err(|source| DaemonError::Export {
-                    id: e.id.clone(),
+        let mut monitors = Vec::new();
+        let monitor_configs = cfg
+            .monitor_sockets()
+            .map_err(|e| DaemonError::Config(e.to_string()))?;
+        for m in &monitor_configs {
+            let mut socket =
+                MonitorSocket::bind(&m.path, m.pretty).map_err(|source| DaemonError::Monitor {
+                    chardev: m.chardev.clone(),
                     source,
                 })?;
-            exports.push(export);
-            listeners.push(listener);
+            ctl.cleanup.push(m.path.clone());
+            if m.wait {
+                log::info!("waiting for a QMP client on {}", m.path.display());
+                socket
+                    .accept_first()
+                    .map_err(|source| DaemonError::Monitor {
+                        chardev: m.chardev.clone(),
+                        source,
+                    })?;
+            }
+            monitors.push(socket);
+        }
+        for e in &cfg.exports {
+            ctl.add_export(e).map_err(|err| DaemonError::Export {
+                id: e.id.clone(),
+                message: err.desc,
+            })?;
         }
         if let Some(p) = &cfg.pidfile {
             std::fs::write(p, format!("{}\n", std::process::id())).map_err(|source| {
@@ -109,47 +99,31 @@ impl Daemon {
                     source,
                 }
             })?;
+            ctl.pidfile = Some(p.clone());
         }
-        for (export, listener) in exports.iter().zip(listeners) {
-            export.serve(listener).map_err(DaemonError::Thread)?;
-            log::info!(
-                "export {} serving node '{}' on {}",
-                export.shared.id,
-                export.shared.node.name(),
-                export.socket_path.display()
-            );
+        for m in monitors {
+            m.serve(tx.clone(), events.clone())
+                .map_err(|source| DaemonError::Monitor {
+                    chardev: String::new(),
+                    source,
+                })?;
         }
+        let thread = std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || ctl.run(rx))
+            .map_err(DaemonError::Thread)?;
         Ok(Daemon {
-            graph,
-            exports,
-            pidfile: cfg.pidfile.clone(),
+            control: tx,
+            thread,
         })
     }
 
     /// Drains in-flight requests, flushes every node, removes the sockets.
     pub fn shutdown(self) {
-        for e in &self.exports {
-            if !e.quiesce(Duration::from_secs(30)) {
-                log::error!(
-                    "export {}: requests still in flight after 30 s",
-                    e.shared.id
-                );
-            }
+        let (done_tx, done_rx) = mpsc::channel();
+        if self.control.send(ControlMsg::Shutdown(done_tx)).is_ok() {
+            let _ = done_rx.recv();
         }
-        for node in self.graph.nodes() {
-            if node.is_read_only() {
-                continue;
-            }
-            let n = node.clone();
-            if let Err(e) = block_on(async move { n.flush().await }) {
-                log::error!("flushing node '{}' failed: {e}", node.name());
-            }
-        }
-        for e in &self.exports {
-            let _ = std::fs::remove_file(&e.socket_path);
-        }
-        if let Some(p) = &self.pidfile {
-            let _ = std::fs::remove_file(p);
-        }
+        let _ = self.thread.join();
     }
 }

@@ -3,6 +3,9 @@
 
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod export;
+pub mod iothread;
 pub mod keyval;
+pub mod qmp;

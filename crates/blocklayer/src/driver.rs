@@ -3,7 +3,7 @@
 //! split requests at the node's limits, before a driver sees them.
 
 use crate::aio::{iovec::IoVec, LocalBoxFuture};
-use crate::error::Result;
+use crate::error::{BlockError, Result};
 use crate::limits::Limits;
 use crate::node::Node;
 use std::sync::Arc;
@@ -39,6 +39,24 @@ pub trait Driver: Send + Sync {
     /// Whether the driver's storage itself is read-only (e.g. opened O_RDONLY).
     fn is_read_only(&self) -> bool {
         false
+    }
+
+    /// Changes the size (QEMU's `bdrv_co_truncate`), called from the control thread
+    /// while the node is drained. Drivers that cannot resize keep the default.
+    fn truncate(&self, _size: u64) -> Result<()> {
+        Err(BlockError::Graph(
+            "Image format driver does not support resize".into(),
+        ))
+    }
+
+    /// The file name QEMU reports for the node (`file` in `BlockDeviceInfo`).
+    fn filename(&self) -> String {
+        String::new()
+    }
+
+    /// Bytes the image takes on the host (`actual-size`), when known.
+    fn actual_size(&self) -> Option<u64> {
+        None
     }
 
     fn read<'a>(&'a self, offset: u64, iov: IoVec) -> LocalBoxFuture<'a, Result<()>>;

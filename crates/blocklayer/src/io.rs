@@ -8,6 +8,7 @@ use crate::aio::uring::sleep_ns;
 use crate::error::{BlockError, Result};
 use crate::node::{InFlight, Node};
 use crate::options::DetectZeroes;
+use crate::stats::{Acct, IoKind, IoStats};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 
@@ -80,6 +81,63 @@ impl Drop for RmwGuard<'_> {
 }
 
 impl Node {
+    /// Accounts a finished request in this node's statistics.
+    fn account(&self, acct: Acct, r: &Result<()>, end: u64) {
+        match r {
+            Err(BlockError::OutOfRange { .. }) => self.stats.invalid(acct.kind()),
+            r => self.stats.done(acct, r.is_ok(), end),
+        }
+    }
+
+    /// Reads `iov.len()` bytes at `offset` into `iov`.
+    pub async fn read(&self, offset: u64, iov: IoVec) -> Result<()> {
+        let acct = IoStats::start(IoKind::Read, iov.len());
+        let r = self.read_checked(offset, iov).await;
+        self.account(acct, &r, 0);
+        r
+    }
+
+    /// Writes `iov` at `offset`; with `fua` the data is stable when this returns.
+    pub async fn write(&self, offset: u64, iov: IoVec, fua: bool) -> Result<()> {
+        let len = iov.len();
+        let acct = IoStats::start(IoKind::Write, len);
+        let r = self.write_checked(offset, iov, fua).await;
+        self.account(acct, &r, offset.saturating_add(len));
+        r
+    }
+
+    /// Flushes written data to stable storage (elided if nothing was written since the
+    /// last flush).
+    pub async fn flush(&self) -> Result<()> {
+        let acct = IoStats::start(IoKind::Flush, 0);
+        let r = self.flush_checked().await;
+        self.account(acct, &r, 0);
+        r
+    }
+
+    /// Discards a range if this node has `discard=unmap`; otherwise does nothing.
+    pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        let acct = IoStats::start(IoKind::Unmap, len);
+        let r = self.discard_checked(offset, len).await;
+        self.account(acct, &r, 0);
+        r
+    }
+
+    /// Makes `offset..offset+len` read as zeroes; `may_unmap` lets the node deallocate
+    /// (only honoured with `discard=unmap`). Accounted as a write, as QEMU does.
+    pub async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+        fua: bool,
+    ) -> Result<()> {
+        let acct = IoStats::start(IoKind::Write, len);
+        let r = self.write_zeroes_checked(offset, len, may_unmap, fua).await;
+        self.account(acct, &r, offset.saturating_add(len));
+        r
+    }
+
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
         let size = self.size();
         match offset.checked_add(len) {
@@ -106,7 +164,7 @@ impl Node {
     }
 
     /// Reads `iov.len()` bytes at `offset` into `iov`.
-    pub async fn read(&self, offset: u64, iov: IoVec) -> Result<()> {
+    async fn read_checked(&self, offset: u64, iov: IoVec) -> Result<()> {
         self.check_range(offset, iov.len())?;
         let _g = InFlight::enter(&self.in_flight);
         if iov.is_empty() {
@@ -161,7 +219,7 @@ impl Node {
     }
 
     /// Writes `iov` at `offset`; with `fua` the data is stable when this returns.
-    pub async fn write(&self, offset: u64, iov: IoVec, fua: bool) -> Result<()> {
+    async fn write_checked(&self, offset: u64, iov: IoVec, fua: bool) -> Result<()> {
         self.check_writable()?;
         self.check_range(offset, iov.len())?;
         let _g = InFlight::enter(&self.in_flight);
@@ -256,7 +314,7 @@ impl Node {
 
     /// Flushes written data to stable storage (elided if nothing was written since the
     /// last flush).
-    pub async fn flush(&self) -> Result<()> {
+    async fn flush_checked(&self) -> Result<()> {
         let _g = InFlight::enter(&self.in_flight);
         self.flush_inner().await
     }
@@ -275,7 +333,7 @@ impl Node {
     }
 
     /// Discards a range if this node has `discard=unmap`; otherwise does nothing.
-    pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+    async fn discard_checked(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable()?;
         self.check_range(offset, len)?;
         let _g = InFlight::enter(&self.in_flight);
@@ -305,7 +363,7 @@ impl Node {
 
     /// Makes `offset..offset+len` read as zeroes; `may_unmap` lets the node deallocate
     /// (only honoured with `discard=unmap`).
-    pub async fn write_zeroes(
+    async fn write_zeroes_checked(
         &self,
         offset: u64,
         len: u64,

@@ -15,6 +15,7 @@ pub mod io;
 pub mod limits;
 pub mod node;
 pub mod options;
+pub mod stats;
 
 pub use error::{BlockError, Result};
 pub use graph::Graph;

@@ -4,6 +4,7 @@
 use crate::driver::{Child, Driver};
 use crate::limits::Limits;
 use crate::options::DetectZeroes;
+use crate::stats::IoStats;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -17,6 +18,8 @@ pub struct NodeFlags {
     pub detect_zeroes: DetectZeroes,
     /// `cache.no-flush`: flushes are ignored.
     pub no_flush: bool,
+    /// `cache.direct`: the file is opened with O_DIRECT (reported only).
+    pub cache_direct: bool,
 }
 
 pub struct Node {
@@ -33,6 +36,8 @@ pub struct Node {
     /// Aligned ranges being read-modify-written (serialised against each other).
     pub(crate) rmw_ranges: Mutex<Vec<(u64, u64)>>,
     pub(crate) rmw_count: AtomicUsize,
+    /// Requests that went through this node.
+    pub stats: IoStats,
 }
 
 impl std::fmt::Debug for Node {
@@ -62,6 +67,7 @@ impl Node {
             flushed_gen: AtomicU64::new(0),
             rmw_ranges: Mutex::new(Vec::new()),
             rmw_count: AtomicUsize::new(0),
+            stats: IoStats::new(),
         }
     }
 
@@ -95,6 +101,14 @@ impl Node {
 
     pub fn children(&self) -> Vec<Child> {
         self.driver.children()
+    }
+
+    /// Resizes the node (QEMU's `bdrv_truncate`); the caller drains it first.
+    pub fn resize(&self, size: u64) -> crate::Result<()> {
+        if self.is_read_only() {
+            return Err(crate::BlockError::Graph("Image is read-only".into()));
+        }
+        self.driver.truncate(size)
     }
 
     /// Requests currently in this node's generic path.

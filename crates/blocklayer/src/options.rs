@@ -21,6 +21,12 @@ pub enum OptionsError {
     Invalid { name: String, expected: String },
     #[error("Invalid parameter value for '{name}': {reason}")]
     BadValue { name: String, reason: String },
+    /// A value of the wrong JSON type where types are strict (QMP).
+    #[error("Invalid parameter type for '{name}', expected: {expected}")]
+    Type {
+        name: String,
+        expected: &'static str,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, OptionsError>;
@@ -272,6 +278,13 @@ pub mod coerce {
         })
     }
 
+    fn type_error(name: &str, expected: &'static str) -> OptionsError {
+        OptionsError::Type {
+            name: name.to_string(),
+            expected,
+        }
+    }
+
     fn invalid(name: &str, expected: &str) -> OptionsError {
         OptionsError::Invalid {
             name: name.to_string(),
@@ -344,6 +357,9 @@ pub mod coerce {
     pub struct Fields {
         map: Map<String, Value>,
         prefix: String,
+        /// QMP input: every value must have its JSON type (no strings for numbers or
+        /// booleans, as the keyval syntax of the command line gives).
+        strict: bool,
     }
 
     impl Fields {
@@ -362,7 +378,55 @@ pub mod coerce {
             } else {
                 format!("{name}.")
             };
-            Self { map, prefix }
+            Self {
+                map,
+                prefix,
+                strict: false,
+            }
+        }
+
+        /// As [`Fields::new`] for QMP input, where JSON types are checked strictly.
+        pub fn new_strict(v: &Value, name: &str) -> Result<Self> {
+            match v {
+                Value::Object(_) => {}
+                _ if name.is_empty() => return Err(type_error("options", "object")),
+                _ => return Err(type_error(name, "object")),
+            }
+            let mut f = Self::new(v, name)?;
+            f.strict = true;
+            Ok(f)
+        }
+
+        /// Whether JSON types are checked strictly (QMP input).
+        pub fn is_strict(&self) -> bool {
+            self.strict
+        }
+
+        /// Fields of a nested object `v` named `name`, as strict as these.
+        pub fn nested(&self, v: &Value, name: &str) -> Result<Self> {
+            if self.strict {
+                Self::new_strict(v, name)
+            } else {
+                Self::new(v, name)
+            }
+        }
+
+        /// In strict mode, refuses a value whose JSON type is not `expected`.
+        fn check_type(&self, name: &str, v: &Value, expected: &'static str) -> Result<()> {
+            if !self.strict {
+                return Ok(());
+            }
+            let ok = match expected {
+                "boolean" => v.is_boolean(),
+                "integer" => v.is_number(),
+                "string" => v.is_string(),
+                _ => v.is_object(),
+            };
+            if ok {
+                Ok(())
+            } else {
+                Err(type_error(name, expected))
+            }
         }
 
         /// The full dotted name of `key`.
@@ -382,28 +446,33 @@ pub mod coerce {
         fn take_with<T>(
             &mut self,
             key: &str,
+            expected: &'static str,
             convert: impl FnOnce(&str, &Value) -> Result<T>,
         ) -> Result<Option<T>> {
             match self.map.remove(key) {
-                Some(v) => convert(&self.name(key), &v).map(Some),
+                Some(v) => {
+                    let name = self.name(key);
+                    self.check_type(&name, &v, expected)?;
+                    convert(&name, &v).map(Some)
+                }
                 None => Ok(None),
             }
         }
 
         pub fn bool(&mut self, key: &str) -> Result<Option<bool>> {
-            self.take_with(key, to_bool)
+            self.take_with(key, "boolean", to_bool)
         }
 
         pub fn uint(&mut self, key: &str) -> Result<Option<u64>> {
-            self.take_with(key, to_uint)
+            self.take_with(key, "integer", to_uint)
         }
 
         pub fn size(&mut self, key: &str) -> Result<Option<u64>> {
-            self.take_with(key, to_size)
+            self.take_with(key, "integer", to_size)
         }
 
         pub fn string(&mut self, key: &str) -> Result<Option<String>> {
-            self.take_with(key, to_string)
+            self.take_with(key, "string", to_string)
         }
 
         pub fn enumeration<T: Copy>(
@@ -411,12 +480,17 @@ pub mod coerce {
             key: &str,
             choices: &[(&str, T)],
         ) -> Result<Option<T>> {
-            self.take_with(key, |name, v| to_enum(name, v, choices))
+            self.take_with(key, "string", |name, v| to_enum(name, v, choices))
         }
 
         /// The nested object `key`, as `Fields` of its own (finish it separately).
         pub fn object(&mut self, key: &str) -> Result<Option<Fields>> {
-            self.take_with(key, |name, v| Fields::new(v, name))
+            let strict = self.strict;
+            self.take_with(key, "object", |name, v| {
+                let mut f = Fields::new(v, name)?;
+                f.strict = strict;
+                Ok(f)
+            })
         }
 
         /// `Missing` unless `value` is present.
@@ -609,7 +683,7 @@ impl BlockdevRef {
             Some(Value::String(node)) => Ok(BlockdevRef::Reference(node)),
             Some(Value::Object(mut child)) => {
                 parent.inherit_into(&mut child);
-                let child = BlockdevOptions::parse(&Value::Object(child), &name)?;
+                let child = BlockdevOptions::parse(&f.nested(&Value::Object(child), &name)?)?;
                 Ok(BlockdevRef::Inline(Box::new(child)))
             }
             Some(_) => Err(OptionsError::Invalid {
@@ -673,7 +747,17 @@ impl BlockdevOptions {
     /// option after keyval parsing). `node-name` is optional here; see
     /// [`BlockdevOptions::from_json_root`].
     pub fn from_json(v: &Value) -> Result<Self> {
-        Self::parse(v, "")
+        Self::parse(&Fields::new(v, "")?)
+    }
+
+    /// As [`BlockdevOptions::from_json_root`] for QMP input (`blockdev-add`), where
+    /// every value must have its JSON type.
+    pub fn from_qmp(v: &Value) -> Result<Self> {
+        let options = Self::parse(&Fields::new_strict(v, "")?)?;
+        if options.common.node_name.is_none() {
+            return Err(OptionsError::Missing("node-name".into()));
+        }
+        Ok(options)
     }
 
     /// As [`BlockdevOptions::from_json`] for a node of its own (not an inline child),
@@ -686,9 +770,10 @@ impl BlockdevOptions {
         Ok(options)
     }
 
-    /// `name` is the dotted path of this object ("" at the top, "file" for raw's child).
-    fn parse(v: &Value, name: &str) -> Result<Self> {
-        let mut f = Fields::new(v, name)?;
+    /// Parses the options in `f` (whose prefix is the dotted path of this object: ""
+    /// at the top, "file" for raw's child).
+    fn parse(f: &Fields) -> Result<Self> {
+        let mut f = f.clone();
         let driver = f.required_string("driver")?;
         let common = CommonOptions::take_from(&mut f)?;
         let driver = match driver.as_str() {

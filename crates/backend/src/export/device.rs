@@ -10,10 +10,13 @@
 use super::config_space::BlkConfig;
 use super::request::{self, Desc, DeviceLimits, Memory, Op, Request};
 use super::{ExportShared, PopGate};
+use crate::iothread::{current_tid, IoThread};
 use blocklayer::aio::poll::{PollParams, PollState};
 use blocklayer::aio::{executor, uring};
+use blocklayer::stats::{Acct, IoKind, IoStats};
 use std::cell::RefCell;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -29,6 +32,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
+use vmm_sys_util::eventfd::EventFd;
 
 pub type Vring = VringRwLock<GuestMemoryAtomic<Memory>>;
 type Handler = VringEpollHandler<Arc<BlkDevice>>;
@@ -46,6 +50,9 @@ struct Completion {
 #[derive(Default)]
 struct LoopState {
     poll: Option<PollState>,
+    /// The iothread this worker thread is, and the `iothread_gen` it was taken at.
+    iothread: Option<Arc<IoThread>>,
+    iothread_gen: u64,
     completions: Vec<Completion>,
     registered: bool,
     slept_at: Option<Instant>,
@@ -67,12 +74,23 @@ thread_local! {
     static LOOP: RefCell<LoopState> = RefCell::new(LoopState::default());
 }
 
+impl Drop for LoopState {
+    fn drop(&mut self) {
+        // The worker thread exits: the iothread falls back to its parked thread.
+        if let Some(t) = &self.iothread {
+            t.detach_worker(current_tid());
+        }
+    }
+}
+
 /// One frontend connection's device.
 pub struct BlkDevice {
     shared: Arc<ExportShared>,
     mem: GuestMemoryAtomic<Memory>,
-    /// Per worker thread: the iothread's polling parameters.
-    poll: Vec<PollParams>,
+    /// Worker threads (one per iothread of the export when the connection began).
+    threads: usize,
+    /// Per worker thread: an eventfd that wakes it (resume, iothread change).
+    wake: Vec<EventFd>,
     /// Per queue: requests in flight (for stopping a ring cleanly).
     queue_in_flight: Vec<AtomicU64>,
     handlers: Mutex<Vec<Weak<Handler>>>,
@@ -82,25 +100,75 @@ pub struct BlkDevice {
 }
 
 impl BlkDevice {
-    pub fn new(shared: Arc<ExportShared>, mem: GuestMemoryAtomic<Memory>) -> Self {
-        let poll = shared.iothreads.iter().map(|t| t.poll).collect();
+    pub fn new(shared: Arc<ExportShared>, mem: GuestMemoryAtomic<Memory>) -> io::Result<Self> {
+        let threads = shared.iothreads().len().max(1);
+        let wake = (0..threads)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC))
+            .collect::<io::Result<Vec<_>>>()?;
         let queue_in_flight = (0..shared.num_queues).map(|_| AtomicU64::new(0)).collect();
-        BlkDevice {
+        Ok(BlkDevice {
             shared,
             mem,
-            poll,
+            threads,
+            wake,
             queue_in_flight,
             handlers: Mutex::new(Vec::new()),
             disconnected: AtomicBool::new(false),
             backend_req: Mutex::new(None),
-        }
+        })
     }
 
     /// Gives the device its worker threads' epoll handlers (to register each thread's
     /// io_uring eventfd from that thread).
-    pub fn set_handlers(&self, handlers: &[Arc<Handler>]) {
+    /// Registers each thread's wake eventfd and wakes the threads once, so that each
+    /// takes its iothread identity before the first request.
+    pub fn set_handlers(&self, handlers: &[Arc<Handler>]) -> io::Result<()> {
         *self.handlers.lock().unwrap_or_else(|p| p.into_inner()) =
             handlers.iter().map(Arc::downgrade).collect();
+        for (h, fd) in handlers.iter().zip(&self.wake) {
+            h.register_listener(fd.as_raw_fd(), EventSet::IN, u64::from(self.wake_event()))?;
+        }
+        self.wake_all();
+        Ok(())
+    }
+
+    /// Wakes every worker thread for one pass.
+    pub fn wake_all(&self) {
+        for fd in &self.wake {
+            let _ = fd.write(1);
+        }
+    }
+
+    /// The epoll event id of the wake eventfds.
+    fn wake_event(&self) -> u16 {
+        self.shared.num_queues + 2
+    }
+
+    /// Takes the iothread identity and polling parameters this worker thread has now
+    /// (at the first pass, and after `x-blockdev-set-iothread`).
+    fn sync_iothread(&self, thread: usize) {
+        let gen = self.shared.iothread_gen.load(Ordering::Acquire);
+        let current = LOOP.with(|l| {
+            let l = l.borrow();
+            l.iothread.is_some() && l.iothread_gen == gen
+        });
+        if current {
+            return;
+        }
+        let Some(t) = self.shared.iothreads().get(thread).cloned() else {
+            return;
+        };
+        let tid = current_tid();
+        LOOP.with(|l| {
+            let mut l = l.borrow_mut();
+            if let Some(old) = l.iothread.take() {
+                old.detach_worker(tid);
+            }
+            t.attach_worker(tid);
+            l.poll = Some(PollState::new(t.poll_params()));
+            l.iothread = Some(t);
+            l.iothread_gen = gen;
+        });
     }
 
     /// The frontend is gone: iothread passes stop popping from its rings.
@@ -110,7 +178,7 @@ impl BlkDevice {
 
     /// Whether new requests are taken from the rings.
     fn accepting(&self) -> bool {
-        !self.shared.is_stopping() && !self.disconnected.load(Ordering::SeqCst)
+        self.shared.is_accepting() && !self.disconnected.load(Ordering::SeqCst)
     }
 
     /// Requests in flight per queue.
@@ -128,7 +196,7 @@ impl BlkDevice {
 
     /// Global queue index of the thread's `i`-th vring.
     fn queue_index(&self, thread: usize, i: usize) -> usize {
-        i * self.shared.iothreads.len() + thread
+        i * self.threads + thread
     }
 
     fn ensure_registered(&self, thread: usize) -> io::Result<()> {
@@ -148,11 +216,8 @@ impl BlkDevice {
             EventSet::IN,
             u64::from(self.uring_event()),
         )?;
-        LOOP.with(|l| {
-            let mut l = l.borrow_mut();
-            l.registered = true;
-            l.poll = Some(PollState::new(self.poll[thread]));
-        });
+        LOOP.with(|l| l.borrow_mut().registered = true);
+        self.sync_iothread(thread);
         Ok(())
     }
 
@@ -204,7 +269,7 @@ impl BlkDevice {
         }
         let mut dirty = 0u64;
         for c in &done {
-            let local = c.queue / self.shared.iothreads.len();
+            let local = c.queue / self.threads;
             if let Some(v) = vrings.get(local) {
                 if let Err(e) = v.add_used(c.head, c.len) {
                     log::error!("export {}: add_used failed: {e}", self.shared.id);
@@ -357,16 +422,53 @@ impl BlkDevice {
     }
 }
 
+/// The statistics kind of a virtio-blk request type (GET_ID and unknown types are not
+/// accounted, as in QEMU).
+fn io_kind(req_type: u32) -> Option<IoKind> {
+    match req_type {
+        VIRTIO_BLK_T_IN => Some(IoKind::Read),
+        VIRTIO_BLK_T_OUT | VIRTIO_BLK_T_WRITE_ZEROES => Some(IoKind::Write),
+        VIRTIO_BLK_T_FLUSH => Some(IoKind::Flush),
+        VIRTIO_BLK_T_DISCARD => Some(IoKind::Unmap),
+        _ => None,
+    }
+}
+
+/// Starts accounting a request: its record and, for writes, the end of its range.
+fn op_acct(op: &Op) -> Option<(Acct, u64)> {
+    let sum = |ranges: &[request::Range]| ranges.iter().map(|r| r.len).sum::<u64>();
+    let end = |ranges: &[request::Range]| {
+        ranges
+            .iter()
+            .map(|r| r.offset.saturating_add(r.len))
+            .max()
+            .unwrap_or(0)
+    };
+    Some(match op {
+        Op::Read { iov, .. } => (IoStats::start(IoKind::Read, iov.len()), 0),
+        Op::Write { offset, iov } => (
+            IoStats::start(IoKind::Write, iov.len()),
+            offset.saturating_add(iov.len()),
+        ),
+        Op::Flush => (IoStats::start(IoKind::Flush, 0), 0),
+        Op::Discard(ranges) => (IoStats::start(IoKind::Unmap, sum(ranges)), 0),
+        Op::WriteZeroes(ranges) => (IoStats::start(IoKind::Write, sum(ranges)), end(ranges)),
+        Op::GetId { .. } => return None,
+    })
+}
+
 /// Performs one request and queues its completion on this iothread.
 async fn execute(shared: Arc<ExportShared>, mem: Arc<Memory>, req: Request, queue: usize) {
     let Request {
         head,
         status_addr,
         data_in_len,
+        req_type,
         op,
     } = req;
     let status = match op {
         Ok(op) => {
+            let acct = op_acct(&op);
             let r = match op {
                 Op::Read { offset, iov } => shared.node.read(offset, iov).await,
                 Op::Write { offset, iov } => {
@@ -403,6 +505,9 @@ async fn execute(shared: Arc<ExportShared>, mem: Arc<Memory>, req: Request, queu
                     r
                 }
             };
+            if let Some((acct, end)) = acct {
+                shared.stats.done(acct, r.is_ok(), end);
+            }
             match r {
                 Ok(()) => VIRTIO_BLK_S_OK as u8,
                 Err(e) => {
@@ -413,6 +518,9 @@ async fn execute(shared: Arc<ExportShared>, mem: Arc<Memory>, req: Request, queu
         }
         Err(e) => {
             log::debug!("export {}: invalid request: {e}", shared.id);
+            if let Some(kind) = req_type.and_then(io_kind) {
+                shared.stats.invalid(kind);
+            }
             e.status()
         }
     };
@@ -493,7 +601,7 @@ impl VhostUserBackend for BlkDevice {
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        let threads = self.shared.iothreads.len();
+        let threads = self.threads;
         (0..threads)
             .map(|t| {
                 (0..usize::from(self.shared.num_queues))
@@ -537,7 +645,12 @@ impl VhostUserBackend for BlkDevice {
         self.ensure_registered(thread_id)?;
         if device_event == self.uring_event() {
             uring::clear_eventfd();
+        } else if device_event == self.wake_event() {
+            if let Some(fd) = self.wake.get(thread_id) {
+                let _ = fd.read();
+            }
         }
+        self.sync_iothread(thread_id);
         self.run(vrings, thread_id);
         Ok(())
     }

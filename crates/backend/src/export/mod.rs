@@ -6,18 +6,20 @@ pub mod device;
 pub mod request;
 
 use crate::config::ExportConfig;
-use blocklayer::aio::poll::PollParams;
+use crate::iothread::IoThread;
+use blocklayer::stats::IoStats;
 use blocklayer::Node;
 use config_space::BlkConfig;
 use device::BlkDevice;
 use request::{DeviceLimits, Memory, ID_BYTES, SECTOR};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 use vhost::vhost_user::Listener;
-use vhost_user_backend::VhostUserDaemon;
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::GuestMemoryAtomic;
 
 /// Largest data segment the guest may use (`size_max`), at most.
@@ -47,13 +49,6 @@ pub enum ExportError {
 
 pub type Result<T> = std::result::Result<T, ExportError>;
 
-/// An iothread as an export uses it: its name and polling parameters.
-#[derive(Debug, Clone)]
-pub struct IoThreadSpec {
-    pub id: String,
-    pub poll: PollParams,
-}
-
 /// What every connection of an export shares, including requests in flight.
 pub struct ExportShared {
     pub id: String,
@@ -62,13 +57,23 @@ pub struct ExportShared {
     pub queue_size: u16,
     pub writable: bool,
     pub writethrough: bool,
+    pub fixed_iothread: bool,
     pub logical_block_size: u32,
     pub serial: [u8; ID_BYTES],
-    pub iothreads: Vec<IoThreadSpec>,
+    /// The iothreads the export's worker threads are (one per worker thread); changed
+    /// by `x-blockdev-set-iothread`, which bumps `iothread_gen`.
+    iothreads: Mutex<Vec<Arc<IoThread>>>,
+    pub iothread_gen: AtomicU64,
+    /// The export's I/O statistics (QEMU keeps them on the BlockBackend).
+    pub stats: IoStats,
     pub in_flight: AtomicU64,
     stopping: AtomicBool,
+    /// Set while a control command works on the export: no new requests are taken.
+    paused: AtomicBool,
     /// Iothread passes currently inside their pop section (see [`PopGate`]).
     poppers: AtomicUsize,
+    /// The connected frontend, if any: its device and a handle that drops it.
+    connection: Mutex<Option<(Weak<BlkDevice>, Option<ShutdownHandle>)>>,
 }
 
 /// Marks an iothread pass that may pop new requests. Whoever stops an export or a
@@ -98,6 +103,77 @@ impl ExportShared {
 
     pub fn is_stopping(&self) -> bool {
         self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Whether iothread passes may take new requests from the rings.
+    pub fn is_accepting(&self) -> bool {
+        !self.stopping.load(Ordering::SeqCst) && !self.paused.load(Ordering::SeqCst)
+    }
+
+    /// The iothreads now serving the export.
+    pub fn iothreads(&self) -> Vec<Arc<IoThread>> {
+        self.iothreads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Replaces the export's iothreads (the export is paused); worker threads take
+    /// their new identity and polling parameters on their next pass.
+    pub fn set_iothreads(&self, threads: Vec<Arc<IoThread>>) {
+        *self.iothreads.lock().unwrap_or_else(|p| p.into_inner()) = threads;
+        self.iothread_gen.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn connection(
+        &self,
+    ) -> std::sync::MutexGuard<'_, Option<(Weak<BlkDevice>, Option<ShutdownHandle>)>> {
+        self.connection.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The device of the connected frontend, if any.
+    pub fn device(&self) -> Option<Arc<BlkDevice>> {
+        self.connection().as_ref().and_then(|(d, _)| d.upgrade())
+    }
+
+    /// Whether a frontend is connected.
+    pub fn is_connected(&self) -> bool {
+        self.connection().as_ref().is_some_and(|(_, h)| h.is_some())
+    }
+
+    /// Drops the connected frontend, if any (`block-export-del mode=hard`).
+    pub fn disconnect_frontend(&self) {
+        if let Some((_, Some(h))) = self.connection().as_ref() {
+            h.shutdown();
+        }
+    }
+
+    /// Stops taking new requests and waits until those in flight are done (at most
+    /// `timeout`); [`ExportShared::resume`] undoes it. Other exports are untouched.
+    pub fn pause(&self, timeout: Duration) -> bool {
+        self.paused.store(true, Ordering::SeqCst);
+        if self.wait_idle(|| self.in_flight.load(Ordering::Acquire), timeout) {
+            true
+        } else {
+            self.resume();
+            false
+        }
+    }
+
+    /// Takes requests again after [`ExportShared::pause`], waking the worker threads
+    /// for what the frontend queued meanwhile.
+    pub fn resume(&self) {
+        self.paused.store(false, Ordering::SeqCst);
+        if let Some(d) = self.device() {
+            d.wake_all();
+        }
+    }
+
+    /// Tells the connected frontend that the capacity changed.
+    pub fn notify_resize(&self) {
+        if let Some(d) = self.device() {
+            d.notify_config_change();
+        }
     }
 
     /// Waits until no iothread pass can still pop requests and `in_flight()` is zero.
@@ -155,10 +231,12 @@ impl ExportShared {
     }
 }
 
-/// A running export.
+/// A bound export: its socket and the thread serving it.
 pub struct Export {
     pub shared: Arc<ExportShared>,
     pub socket_path: PathBuf,
+    /// A duplicate of the listening socket, to interrupt a blocked accept.
+    listen_fd: OwnedFd,
 }
 
 /// Refuses a socket path another live process listens on; removes a stale one.
@@ -180,12 +258,23 @@ impl Export {
     pub fn bind(
         cfg: &ExportConfig,
         node: Arc<Node>,
-        iothreads: Vec<IoThreadSpec>,
+        iothreads: Vec<Arc<IoThread>>,
     ) -> Result<(Export, Listener)> {
         if cfg.writable && node.is_read_only() {
             return Err(ExportError::ReadOnlyNode(node.name().to_string()));
         }
         let listener = claim_socket(&cfg.socket_path)?;
+        // SAFETY: dup of the listening socket we just created and own; the new
+        // descriptor is owned by the OwnedFd.
+        let dup = unsafe { libc::fcntl(listener.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+        if dup < 0 {
+            return Err(ExportError::Listen {
+                path: cfg.socket_path.clone(),
+                message: std::io::Error::last_os_error().to_string(),
+            });
+        }
+        // SAFETY: `dup` is a fresh descriptor nobody else owns.
+        let listen_fd = unsafe { OwnedFd::from_raw_fd(dup) };
         let mut serial = [0u8; ID_BYTES];
         let s = cfg.serial.as_deref().unwrap_or(&cfg.id).as_bytes();
         let n = s.len().min(ID_BYTES);
@@ -197,35 +286,53 @@ impl Export {
             queue_size: cfg.queue_size,
             writable: cfg.writable,
             writethrough: cfg.writethrough,
+            fixed_iothread: cfg.fixed_iothread,
             logical_block_size: cfg.logical_block_size,
             serial,
-            iothreads,
+            iothreads: Mutex::new(iothreads),
+            iothread_gen: AtomicU64::new(0),
+            stats: IoStats::new(),
             in_flight: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
+            paused: AtomicBool::new(false),
             poppers: AtomicUsize::new(0),
+            connection: Mutex::new(None),
         });
         Ok((
             Export {
                 shared,
                 socket_path: cfg.socket_path.clone(),
+                listen_fd,
             },
             listener,
         ))
     }
 
-    /// Serves frontends one after another on a thread of its own.
-    pub fn serve(&self, mut listener: Listener) -> std::io::Result<std::thread::JoinHandle<()>> {
+    /// Serves frontends one after another on a thread of its own; `on_exit` runs on
+    /// that thread once the export has stopped (after [`Export::stop`]).
+    pub fn serve(
+        &self,
+        mut listener: Listener,
+        on_exit: impl FnOnce() + Send + 'static,
+    ) -> std::io::Result<std::thread::JoinHandle<()>> {
         let shared = self.shared.clone();
         std::thread::Builder::new()
             .name(format!("export-{}", shared.id))
-            .spawn(move || loop {
-                if let Err(e) = serve_one(&shared, &mut listener) {
-                    log::error!("export {}: {e}", shared.id);
-                    std::thread::sleep(Duration::from_millis(100));
+            .spawn(move || {
+                loop {
+                    if shared.is_stopping() {
+                        break;
+                    }
+                    if let Err(e) = serve_one(&shared, &mut listener) {
+                        if shared.is_stopping() {
+                            break;
+                        }
+                        log::error!("export {}: {e}", shared.id);
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
                 }
-                if shared.is_stopping() {
-                    return;
-                }
+                drop(listener);
+                on_exit();
             })
     }
 
@@ -235,19 +342,46 @@ impl Export {
         let shared = &self.shared;
         shared.wait_idle(|| shared.in_flight.load(Ordering::Acquire), timeout)
     }
+
+    /// Starts removing the export: no new frontend is accepted, no new request taken;
+    /// a connected frontend is dropped if `hard`, else served until it disconnects.
+    /// The serving thread ends (and runs its `on_exit`) once the frontend is gone.
+    pub fn stop(&self, hard: bool) {
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        // SAFETY: shutdown on a descriptor we own; it wakes a thread blocked in accept.
+        unsafe { libc::shutdown(self.listen_fd.as_raw_fd(), libc::SHUT_RDWR) };
+        if hard {
+            self.shared.disconnect_frontend();
+        }
+    }
 }
 
 /// Serves one frontend connection from accept to disconnect.
 fn serve_one(shared: &Arc<ExportShared>, listener: &mut Listener) -> Result<()> {
     let mem = GuestMemoryAtomic::new(Memory::new());
-    let device = Arc::new(BlkDevice::new(shared.clone(), mem.clone()));
+    let device = Arc::new(
+        BlkDevice::new(shared.clone(), mem.clone())
+            .map_err(|e| ExportError::Daemon(e.to_string()))?,
+    );
     let mut daemon = VhostUserDaemon::new(format!("vubd-{}", shared.id), device.clone(), mem)
         .map_err(|e| ExportError::Daemon(e.to_string()))?;
     let handlers = daemon.get_epoll_handlers();
-    device.set_handlers(&handlers);
-    daemon
-        .start(listener)
+    device
+        .set_handlers(&handlers)
         .map_err(|e| ExportError::Daemon(e.to_string()))?;
+    *shared.connection() = Some((Arc::downgrade(&device), None));
+    if let Err(e) = daemon.start(listener) {
+        *shared.connection() = None;
+        for h in &handlers {
+            h.send_exit_event();
+        }
+        return Err(ExportError::Daemon(e.to_string()));
+    }
+    *shared.connection() = Some((Arc::downgrade(&device), daemon.shutdown_handle()));
+    if shared.is_stopping() {
+        // Removed while this frontend was being accepted.
+        shared.disconnect_frontend();
+    }
     log::info!("export {}: frontend connected", shared.id);
     match daemon.wait() {
         Ok(())
@@ -275,6 +409,7 @@ fn serve_one(shared: &Arc<ExportShared>, listener: &mut Listener) -> Result<()> 
             device.queue_in_flight()
         );
     }
+    *shared.connection() = None;
     for h in &handlers {
         h.send_exit_event();
     }

@@ -109,6 +109,8 @@ pub struct Request {
     pub status_addr: Option<GuestAddress>,
     /// Bytes of device-writable data the request fills on success (reads, GET_ID).
     pub data_in_len: u32,
+    /// The request type from the header, once it was read.
+    pub req_type: Option<u32>,
     pub op: Result<Op, RequestError>,
 }
 
@@ -261,6 +263,7 @@ pub fn parse(head: u16, descs: &[Desc], mem: &Arc<Memory>, lim: &DeviceLimits) -
         head,
         status_addr: None,
         data_in_len: 0,
+        req_type: None,
         op: Err(RequestError::NoStatus),
     };
     let s = match split(descs) {
@@ -278,7 +281,7 @@ pub fn parse(head: u16, descs: &[Desc], mem: &Arc<Memory>, lim: &DeviceLimits) -
         return req;
     };
     req.status_addr = Some(GuestAddress(last_addr + last_len - 1));
-    req.op = parse_op(&s, mem, lim, &mut req.data_in_len);
+    req.op = parse_op(&s, mem, lim, &mut req.data_in_len, &mut req.req_type);
     req
 }
 
@@ -287,6 +290,7 @@ fn parse_op(
     mem: &Arc<Memory>,
     lim: &DeviceLimits,
     data_in_len: &mut u32,
+    req_type: &mut Option<u32>,
 ) -> Result<Op, RequestError> {
     if s.readable.len() + s.writable.len() > lim.max_segments + 2 {
         return Err(RequestError::TooManySegments(
@@ -300,6 +304,7 @@ fn parse_op(
     let mut header = [0u8; HEADER_LEN as usize];
     read_bytes(mem, &sub(&s.readable, 0, HEADER_LEN), &mut header)?;
     let kind = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
+    *req_type = Some(kind);
     let sector = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
     let out_data = sub(&s.readable, HEADER_LEN, readable_len - HEADER_LEN);
     let writable_len = total(&s.writable);

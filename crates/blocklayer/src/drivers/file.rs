@@ -336,6 +336,45 @@ impl Driver for FileDriver {
         self.read_only
     }
 
+    fn truncate(&self, size: u64) -> Result<()> {
+        let current = self.size.load(Ordering::Acquire);
+        if self.block_device {
+            // A device cannot grow; shrinking only narrows what is used of it.
+            if size > current {
+                return Err(BlockError::Graph(format!(
+                    "Cannot grow device files ({size} > {current})"
+                )));
+            }
+        } else {
+            let len = i64::try_from(size)
+                .map_err(|_| BlockError::Graph(format!("size {size} is too large")))?;
+            // SAFETY: ftruncate on a descriptor this driver owns; no memory is passed.
+            let r = unsafe { libc::ftruncate(self.fd(), len) };
+            if r < 0 {
+                return Err(BlockError::Graph(format!(
+                    "Failed to resize file '{}': {}",
+                    self.path(),
+                    std::io::Error::last_os_error()
+                )));
+            }
+        }
+        self.size.store(size, Ordering::Release);
+        Ok(())
+    }
+
+    fn filename(&self) -> String {
+        self.path().to_string()
+    }
+
+    fn actual_size(&self) -> Option<u64> {
+        // SAFETY: fstat writes into the zeroed stat buffer we own; the descriptor is ours.
+        let (r, st) = unsafe {
+            let mut st: libc::stat = std::mem::zeroed();
+            (libc::fstat(self.fd(), &mut st), st)
+        };
+        (r == 0 && !self.block_device).then(|| st.st_blocks as u64 * 512)
+    }
+
     fn read<'a>(&'a self, offset: u64, iov: IoVec) -> LocalBoxFuture<'a, Result<()>> {
         Box::pin(self.read_at(offset, iov))
     }

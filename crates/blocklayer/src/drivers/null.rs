@@ -33,6 +33,10 @@ impl Driver for NullDriver {
         self.opts.size
     }
 
+    fn filename(&self) -> String {
+        "null-co://".into()
+    }
+
     fn supports_fua(&self) -> bool {
         true
     }

@@ -57,6 +57,27 @@ impl Driver for RawDriver {
         self.file.is_read_only()
     }
 
+    fn truncate(&self, size: u64) -> Result<()> {
+        if self.size.is_some() {
+            return Err(BlockError::Graph(
+                "Cannot resize fixed-size raw disks".into(),
+            ));
+        }
+        let end = self
+            .offset
+            .checked_add(size)
+            .ok_or_else(|| BlockError::Graph("Disk size too large for the chosen offset".into()))?;
+        self.file.resize(end)
+    }
+
+    fn filename(&self) -> String {
+        self.file.driver().filename()
+    }
+
+    fn actual_size(&self) -> Option<u64> {
+        self.file.driver().actual_size()
+    }
+
     fn read<'a>(&'a self, offset: u64, iov: IoVec) -> LocalBoxFuture<'a, Result<()>> {
         Box::pin(self.file.read(self.offset + offset, iov))
     }

@@ -1,0 +1,524 @@
+//! The control plane: the daemon's graph, iothreads and exports, and every operation
+//! that changes them. The command line (at start) and QMP commands (at run time) go
+//! through the same operations, on the control thread, one at a time.
+//!
+//! An operation quiesces only what it touches: it pauses the exports on the nodes it
+//! changes and drains those nodes; other exports keep serving.
+
+use crate::config::{ExportConfig, IoThreadConfig, ObjectConfig};
+use crate::export::{Export, ExportShared};
+use crate::iothread::IoThread;
+use crate::qmp::events::EventBus;
+use crate::qmp::wire::{QmpError, QmpResult};
+use blocklayer::aio::uring::block_on;
+use blocklayer::options::BlockdevOptions;
+use blocklayer::{Graph, Node};
+use serde_json::{json, Map, Value};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long an operation waits for requests in flight to finish.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Messages to the control thread.
+pub enum ControlMsg {
+    /// A QMP command (after capabilities negotiation) and where its result goes.
+    Execute {
+        name: String,
+        arguments: Value,
+        reply: Sender<QmpResult>,
+    },
+    /// An export's serving thread has ended (after `block-export-del`).
+    ExportGone(String),
+    /// Shut the daemon down, then acknowledge.
+    Shutdown(Sender<()>),
+}
+
+type OpResult<T> = std::result::Result<T, QmpError>;
+
+fn generic(e: impl std::fmt::Display) -> QmpError {
+    QmpError::generic(e.to_string())
+}
+
+struct ExportEntry {
+    export: Export,
+    shutting_down: bool,
+}
+
+/// The daemon's state, owned by the control thread.
+pub struct Control {
+    pub graph: Graph,
+    iothreads: BTreeMap<String, Arc<IoThread>>,
+    exports: BTreeMap<String, ExportEntry>,
+    pub events: Arc<EventBus>,
+    tx: Sender<ControlMsg>,
+    pub pidfile: Option<PathBuf>,
+    /// Files to remove at shutdown (monitor sockets).
+    pub cleanup: Vec<PathBuf>,
+}
+
+impl Control {
+    pub fn new(tx: Sender<ControlMsg>, events: Arc<EventBus>) -> Control {
+        Control {
+            graph: Graph::new(),
+            iothreads: BTreeMap::new(),
+            exports: BTreeMap::new(),
+            events,
+            tx,
+            pidfile: None,
+            cleanup: Vec::new(),
+        }
+    }
+
+    /// Runs the control loop until [`ControlMsg::Shutdown`].
+    pub fn run(mut self, rx: Receiver<ControlMsg>) {
+        for msg in rx {
+            match msg {
+                ControlMsg::Execute {
+                    name,
+                    arguments,
+                    reply,
+                } => {
+                    log::info!("QMP {name} {arguments}");
+                    let result = crate::qmp::commands::execute(&mut self, &name, &arguments);
+                    if let Err(e) = &result {
+                        log::info!("QMP {name} failed: {}", e.desc);
+                    }
+                    // The client may be gone; the command has had its effect anyway.
+                    let _ = reply.send(result);
+                }
+                ControlMsg::ExportGone(id) => self.export_gone(&id),
+                ControlMsg::Shutdown(done) => {
+                    self.shutdown();
+                    let _ = done.send(());
+                    return;
+                }
+            }
+        }
+    }
+
+    // ---- iothreads -------------------------------------------------------------
+
+    pub fn add_object(&mut self, object: ObjectConfig) -> OpResult<()> {
+        match object {
+            ObjectConfig::IoThread(cfg) => self.add_iothread(cfg),
+        }
+    }
+
+    fn add_iothread(&mut self, cfg: IoThreadConfig) -> OpResult<()> {
+        if self.iothreads.contains_key(&cfg.id) {
+            return Err(QmpError::generic(format!(
+                "attempt to add duplicate property '{}' to object (type 'container')",
+                cfg.id
+            )));
+        }
+        let t = IoThread::new(cfg, true).map_err(generic)?;
+        self.iothreads.insert(t.id.clone(), t);
+        Ok(())
+    }
+
+    /// The export an iothread object serves, if any.
+    fn iothread_user(&self, id: &str) -> Option<&str> {
+        self.exports.iter().find_map(|(eid, e)| {
+            e.export
+                .shared
+                .iothreads()
+                .iter()
+                .any(|t| t.is_object && t.id == id)
+                .then_some(eid.as_str())
+        })
+    }
+
+    pub fn del_object(&mut self, id: &str) -> OpResult<()> {
+        if !self.iothreads.contains_key(id) {
+            return Err(QmpError::generic(format!("object '{id}' not found")));
+        }
+        if self.iothread_user(id).is_some() {
+            return Err(QmpError::generic(format!(
+                "object '{id}' is in use, can not be deleted"
+            )));
+        }
+        self.iothreads.remove(id);
+        Ok(())
+    }
+
+    pub fn query_iothreads(&self) -> Value {
+        Value::Array(self.iothreads.values().map(|t| t.info()).collect())
+    }
+
+    // ---- nodes -----------------------------------------------------------------
+
+    pub fn add_blockdev(&mut self, opts: &BlockdevOptions) -> OpResult<()> {
+        self.graph.add(opts).map(|_| ()).map_err(generic)
+    }
+
+    /// Exports (also those shutting down) whose root is `node`.
+    fn exports_of(&self, node: &str) -> Vec<&ExportEntry> {
+        self.exports
+            .values()
+            .filter(|e| e.export.shared.node.name() == node)
+            .collect()
+    }
+
+    pub fn del_blockdev(&mut self, name: &str) -> OpResult<()> {
+        let Some(node) = self.graph.get(name) else {
+            return Err(QmpError::generic(format!(
+                "Failed to find node with node-name='{name}'"
+            )));
+        };
+        if !self.exports_of(name).is_empty() {
+            return Err(QmpError::generic(format!("Node {name} is in use")));
+        }
+        if !node.drain(DRAIN_TIMEOUT) {
+            return Err(QmpError::generic(format!(
+                "Node {name} still has requests in flight"
+            )));
+        }
+        drop(node);
+        self.graph.remove(name).map_err(generic)
+    }
+
+    /// `block_resize`: resizes a node that is not another node's child; its exports
+    /// are paused meanwhile and then tell their frontends the new capacity.
+    pub fn resize(&mut self, name: &str, size: u64) -> OpResult<()> {
+        let node = self.graph.lookup(name).map_err(generic)?;
+        if let Some((parent, role)) = self.graph.parents(name).first() {
+            return Err(QmpError::generic(format!(
+                "Node '{name}' is the '{role}' child of node '{parent}': resize '{parent}' \
+                 instead"
+            )));
+        }
+        let exports: Vec<_> = self
+            .exports_of(name)
+            .into_iter()
+            .map(|e| e.export.shared.clone())
+            .collect();
+        let mut paused: Vec<&Arc<ExportShared>> = Vec::new();
+        for e in &exports {
+            if !e.pause(DRAIN_TIMEOUT) {
+                paused.iter().for_each(|p| p.resume());
+                return Err(QmpError::generic(format!(
+                    "export '{}' still has requests in flight",
+                    e.id
+                )));
+            }
+            paused.push(e);
+        }
+        let r = if node.drain(DRAIN_TIMEOUT) {
+            node.resize(size).map_err(generic)
+        } else {
+            Err(QmpError::generic(format!(
+                "Node {name} still has requests in flight"
+            )))
+        };
+        for e in &exports {
+            e.resume();
+            if r.is_ok() {
+                e.notify_resize();
+            }
+        }
+        r
+    }
+
+    pub fn query_named_block_nodes(&self, flat: bool) -> Value {
+        self.graph.query_named_block_nodes(flat)
+    }
+
+    /// QEMU's `BlockStats` of a node, with its `file` child as `parent` and its
+    /// `backing` child as `backing`.
+    fn node_stats(node: &Node, stats: Value, with_name: bool) -> Value {
+        let mut m = Map::new();
+        if with_name {
+            m.insert("node-name".into(), json!(node.name()));
+        }
+        m.insert("stats".into(), stats);
+        for child in node.children() {
+            let key = match child.role {
+                "file" => "parent",
+                "backing" => "backing",
+                _ => continue,
+            };
+            m.insert(
+                key.into(),
+                Self::node_stats(&child.node, child.node.stats.to_json(), true),
+            );
+        }
+        Value::Object(m)
+    }
+
+    /// `query-blockstats`: one entry per export (the statistics of what its frontend
+    /// asked for), or with `query_nodes` one per node.
+    pub fn query_blockstats(&self, query_nodes: bool) -> Value {
+        if query_nodes {
+            return Value::Array(
+                self.graph
+                    .nodes()
+                    .map(|n| Self::node_stats(n, n.stats.to_json(), true))
+                    .collect(),
+            );
+        }
+        Value::Array(
+            self.exports
+                .values()
+                .map(|e| {
+                    let shared = &e.export.shared;
+                    let mut v = Self::node_stats(&shared.node, shared.stats.to_json(), true);
+                    v["device"] = json!("");
+                    v["qdev"] = json!(shared.id);
+                    v
+                })
+                .collect(),
+        )
+    }
+
+    // ---- exports ---------------------------------------------------------------
+
+    /// The iothreads an export asks for (its own implicit one if none).
+    fn export_iothreads(&self, cfg: &ExportConfig) -> OpResult<Vec<Arc<IoThread>>> {
+        if cfg.iothreads.is_empty() {
+            return Ok(vec![IoThread::implicit(&cfg.id)]);
+        }
+        let mut threads: Vec<Arc<IoThread>> = Vec::new();
+        for id in &cfg.iothreads {
+            let t = self
+                .iothreads
+                .get(id)
+                .ok_or_else(|| QmpError::generic(format!("iothread \"{id}\" not found")))?;
+            if let Some(user) = self.iothread_user(id) {
+                return Err(QmpError::generic(format!(
+                    "iothread '{id}' already serves export '{user}' (each iothread serves \
+                     one export in vubd)"
+                )));
+            }
+            if threads.iter().any(|x| x.id == *id) {
+                return Err(QmpError::generic(format!(
+                    "iothread '{id}' is listed twice"
+                )));
+            }
+            threads.push(t.clone());
+        }
+        if threads.len() > usize::from(cfg.num_queues) {
+            return Err(QmpError::generic(format!(
+                "num-queues ({}) is smaller than the number of iothreads ({}); each iothread \
+                 needs a queue",
+                cfg.num_queues,
+                threads.len()
+            )));
+        }
+        Ok(threads)
+    }
+
+    pub fn add_export(&mut self, cfg: &ExportConfig) -> OpResult<()> {
+        if self.exports.contains_key(&cfg.id) {
+            return Err(QmpError::generic(format!(
+                "Block export id '{}' is already in use",
+                cfg.id
+            )));
+        }
+        let node = self.graph.lookup(&cfg.node_name).map_err(generic)?;
+        for other in self.exports_of(node.name()) {
+            let shared = &other.export.shared;
+            if cfg.writable || shared.writable {
+                return Err(QmpError::generic(format!(
+                    "Node '{}' is already exported by '{}'; a writable export needs the \
+                     node for itself",
+                    node.name(),
+                    shared.id
+                )));
+            }
+        }
+        if let Some(e) = self
+            .exports
+            .values()
+            .find(|e| e.export.socket_path == cfg.socket_path)
+        {
+            return Err(QmpError::generic(format!(
+                "socket '{}' is used by export '{}'",
+                cfg.socket_path.display(),
+                e.export.shared.id
+            )));
+        }
+        let threads = self.export_iothreads(cfg)?;
+        let (export, listener) = Export::bind(cfg, node, threads).map_err(generic)?;
+        let tx = self.tx.clone();
+        let id = cfg.id.clone();
+        export
+            .serve(listener, move || {
+                let _ = tx.send(ControlMsg::ExportGone(id));
+            })
+            .map_err(generic)?;
+        log::info!(
+            "export {} serving node '{}' on {}",
+            cfg.id,
+            cfg.node_name,
+            cfg.socket_path.display()
+        );
+        self.exports.insert(
+            cfg.id.clone(),
+            ExportEntry {
+                export,
+                shutting_down: false,
+            },
+        );
+        Ok(())
+    }
+
+    /// `block-export-del`: starts removing an export; `BLOCK_EXPORT_DELETED` follows
+    /// once its frontend is gone.
+    pub fn del_export(&mut self, id: &str, hard: bool) -> OpResult<()> {
+        let Some(entry) = self.exports.get_mut(id) else {
+            return Err(QmpError::generic(format!("Export '{id}' is not found")));
+        };
+        if entry.shutting_down {
+            return Err(QmpError::generic(format!(
+                "Export '{id}' is already shutting down"
+            )));
+        }
+        if !hard && entry.export.shared.is_connected() {
+            return Err(QmpError::generic(format!("export '{id}' still in use")));
+        }
+        entry.shutting_down = true;
+        entry.export.stop(hard);
+        Ok(())
+    }
+
+    fn export_gone(&mut self, id: &str) {
+        if let Some(entry) = self.exports.remove(id) {
+            let _ = std::fs::remove_file(&entry.export.socket_path);
+            log::info!("export {id} deleted");
+            self.events
+                .emit("BLOCK_EXPORT_DELETED", Some(json!({ "id": id })));
+        }
+    }
+
+    pub fn query_block_exports(&self) -> Value {
+        Value::Array(
+            self.exports
+                .values()
+                .map(|e| {
+                    json!({
+                        "id": e.export.shared.id,
+                        "type": "vhost-user-blk",
+                        "node-name": e.export.shared.node.name(),
+                        "shutting-down": e.shutting_down,
+                    })
+                })
+                .collect(),
+        )
+    }
+
+    /// `x-blockdev-set-iothread`: moves the exports of a node to another iothread
+    /// (`None`: an iothread of their own), pausing each while it moves.
+    pub fn set_iothread(
+        &mut self,
+        name: &str,
+        iothread: Option<&str>,
+        force: bool,
+    ) -> OpResult<()> {
+        if self.graph.get(name).is_none() {
+            return Err(QmpError::generic(format!(
+                "Failed to find node with node-name='{name}'"
+            )));
+        }
+        let exports: Vec<_> = self
+            .exports_of(name)
+            .into_iter()
+            .filter(|e| !e.shutting_down)
+            .map(|e| e.export.shared.clone())
+            .collect();
+        if !exports.is_empty() && !force {
+            return Err(QmpError::generic(format!(
+                "Node {name} is associated with a BlockBackend and could be in use (use \
+                 force=true to override this check)"
+            )));
+        }
+        let target = match iothread {
+            Some(id) => Some(
+                self.iothreads
+                    .get(id)
+                    .cloned()
+                    .ok_or_else(|| QmpError::generic(format!("Cannot find iothread {id}")))?,
+            ),
+            None => None,
+        };
+        for e in &exports {
+            if e.fixed_iothread {
+                return Err(QmpError::generic(format!(
+                    "Cannot change iothread of export '{}' (fixed-iothread=on)",
+                    e.id
+                )));
+            }
+            if e.iothreads().len() != 1 {
+                return Err(QmpError::generic(format!(
+                    "export '{}' runs on {} iothreads; only a single-iothread export can \
+                     be moved",
+                    e.id,
+                    e.iothreads().len()
+                )));
+            }
+            if let Some(t) = &target {
+                match self.iothread_user(&t.id) {
+                    Some(user) if user != e.id => {
+                        return Err(QmpError::generic(format!(
+                            "iothread '{}' already serves export '{user}' (each iothread \
+                             serves one export in vubd)",
+                            t.id
+                        )))
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if exports.len() > 1 && target.is_some() {
+            return Err(QmpError::generic(format!(
+                "Node {name} is exported {} times; one iothread serves one export",
+                exports.len()
+            )));
+        }
+        for e in &exports {
+            if !e.pause(DRAIN_TIMEOUT) {
+                return Err(QmpError::generic(format!(
+                    "export '{}' still has requests in flight",
+                    e.id
+                )));
+            }
+            let t = target.clone().unwrap_or_else(|| IoThread::implicit(&e.id));
+            e.set_iothreads(vec![t]);
+            e.resume();
+        }
+        Ok(())
+    }
+
+    // ---- shutdown --------------------------------------------------------------
+
+    /// Drains every export, flushes every writable node, removes the sockets and the
+    /// pidfile.
+    fn shutdown(&mut self) {
+        for e in self.exports.values() {
+            if !e.export.quiesce(DRAIN_TIMEOUT) {
+                log::error!(
+                    "export {}: requests still in flight after 30 s",
+                    e.export.shared.id
+                );
+            }
+        }
+        for node in self.graph.nodes() {
+            if node.is_read_only() {
+                continue;
+            }
+            let n = node.clone();
+            if let Err(e) = block_on(async move { n.flush().await }) {
+                log::error!("flushing node '{}' failed: {e}", node.name());
+            }
+        }
+        for e in self.exports.values() {
+            let _ = std::fs::remove_file(&e.export.socket_path);
+        }
+        for p in self.cleanup.iter().chain(self.pidfile.iter()) {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}

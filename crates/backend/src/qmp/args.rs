@@ -1,0 +1,151 @@
+//! Command arguments read the way QEMU's QMP input visitor reads them: members in
+//! schema order, strict JSON types, and leftovers refused, with QEMU's messages.
+
+use super::wire::QmpError;
+use serde_json::{Map, Value};
+
+pub struct Args {
+    map: Map<String, Value>,
+}
+
+fn type_error(name: &str, expected: &str) -> QmpError {
+    QmpError::generic(format!(
+        "Invalid parameter type for '{name}', expected: {expected}"
+    ))
+}
+
+fn missing(name: &str) -> QmpError {
+    QmpError::generic(format!("Parameter '{name}' is missing"))
+}
+
+impl Args {
+    pub fn new(arguments: &Value) -> Args {
+        Args {
+            map: arguments.as_object().cloned().unwrap_or_default(),
+        }
+    }
+
+    pub fn opt_str(&mut self, name: &str) -> Result<Option<String>, QmpError> {
+        match self.map.remove(name) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(_) => Err(type_error(name, "string")),
+        }
+    }
+
+    pub fn str(&mut self, name: &str) -> Result<String, QmpError> {
+        self.opt_str(name)?.ok_or_else(|| missing(name))
+    }
+
+    pub fn opt_bool(&mut self, name: &str) -> Result<Option<bool>, QmpError> {
+        match self.map.remove(name) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(b)),
+            Some(_) => Err(type_error(name, "boolean")),
+        }
+    }
+
+    pub fn opt_int(&mut self, name: &str) -> Result<Option<i64>, QmpError> {
+        match self.map.remove(name) {
+            None => Ok(None),
+            Some(v) => match v.as_i64() {
+                Some(n) => Ok(Some(n)),
+                None if v.is_u64() => Err(QmpError::generic(format!(
+                    "Parameter '{name}' expects int64"
+                ))),
+                None => Err(type_error(name, "integer")),
+            },
+        }
+    }
+
+    pub fn int(&mut self, name: &str) -> Result<i64, QmpError> {
+        self.opt_int(name)?.ok_or_else(|| missing(name))
+    }
+
+    /// An enum member: a string among `choices`.
+    pub fn opt_enum(
+        &mut self,
+        name: &str,
+        choices: &[&'static str],
+    ) -> Result<Option<&'static str>, QmpError> {
+        match self.opt_str(name)? {
+            None => Ok(None),
+            Some(s) => choices
+                .iter()
+                .find(|c| **c == s)
+                .copied()
+                .map(Some)
+                .ok_or_else(|| {
+                    QmpError::generic(format!("Parameter '{name}' does not accept value '{s}'"))
+                }),
+        }
+    }
+
+    /// A `StrOrNull` member: present as a string or as JSON null.
+    pub fn str_or_null(&mut self, name: &str) -> Result<Option<String>, QmpError> {
+        match self.map.remove(name) {
+            None => Err(missing(name)),
+            Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(_) => Err(type_error(name, "StrOrNull")),
+        }
+    }
+
+    /// A list of strings.
+    pub fn opt_str_list(&mut self, name: &str) -> Result<Option<Vec<String>>, QmpError> {
+        match self.map.remove(name) {
+            None => Ok(None),
+            Some(Value::Array(items)) => items
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| match v {
+                    Value::String(s) => Ok(s),
+                    _ => Err(type_error(&format!("{name}[{i}]"), "string")),
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(Some),
+            Some(_) => Err(type_error(name, "array")),
+        }
+    }
+
+    /// Refuses members nobody read.
+    pub fn finish(self) -> Result<(), QmpError> {
+        match self.map.keys().next() {
+            Some(key) => Err(QmpError::generic(format!(
+                "Parameter '{key}' is unexpected"
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn strict_types_and_leftovers() {
+        let mut a = Args::new(&json!({"node-name": 1, "size": "5", "x": true}));
+        assert_eq!(
+            a.str("node-name").unwrap_err().desc,
+            "Invalid parameter type for 'node-name', expected: string"
+        );
+        assert_eq!(
+            a.int("size").unwrap_err().desc,
+            "Invalid parameter type for 'size', expected: integer"
+        );
+        assert_eq!(
+            a.str("gone").unwrap_err().desc,
+            "Parameter 'gone' is missing"
+        );
+        assert_eq!(a.finish().unwrap_err().desc, "Parameter 'x' is unexpected");
+        let mut a = Args::new(&json!({"mode": "soft", "iothread": null}));
+        assert_eq!(
+            a.opt_enum("mode", &["safe", "hard"]).unwrap_err().desc,
+            "Parameter 'mode' does not accept value 'soft'"
+        );
+        assert_eq!(a.str_or_null("iothread").unwrap(), None);
+        a.finish().unwrap();
+    }
+}
