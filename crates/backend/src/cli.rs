@@ -353,7 +353,7 @@ logical-block-size=512,serial=disk0";
             ),
             (
                 "--blockdev file,filename=f",
-                "--blockdev file,filename=f: Parameter 'node-name' is missing",
+                "--blockdev file,filename=f: 'node-name' must be specified for the root node",
             ),
             (
                 "--blockdev null-co,node-name=x,a=1,a=2",
@@ -361,8 +361,7 @@ logical-block-size=512,serial=disk0";
             ),
             (
                 "--blockdev foo,node-name=x",
-                "--blockdev foo,node-name=x: Invalid parameter value for 'driver': unknown \
-                 driver 'foo' (vubd has file, host_device, raw, null-co and null-aio)",
+                "--blockdev foo,node-name=x: Parameter 'driver' does not accept value 'foo'",
             ),
             (
                 "--blockdev {\"driver\":",
@@ -593,7 +592,9 @@ logical-block-size=512,serial=disk0";
         let path = configs_dir().join("default.toml");
         let from_file = run(vec!["--config".into(), path.display().to_string()]);
         let from_line = run(args(
-            "--object iothread,id=io0 \
+            "--chardev socket,id=mon0,path=/tmp/vubd-qmp.sock,server=on,wait=off \
+             --monitor chardev=mon0 \
+             --object iothread,id=io0 \
              --blockdev file,node-name=file0,filename=/dev/shm/vubd-demo.img \
              --blockdev raw,node-name=disk0,file=file0 \
              --export vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,\

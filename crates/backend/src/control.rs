@@ -43,6 +43,11 @@ fn generic(e: impl std::fmt::Display) -> QmpError {
     QmpError::generic(e.to_string())
 }
 
+/// Whether `node` is `name` or has it below it in the graph.
+fn depends_on(node: &Node, name: &str) -> bool {
+    node.name() == name || node.children().iter().any(|c| depends_on(&c.node, name))
+}
+
 struct ExportEntry {
     export: Export,
     shutting_down: bool,
@@ -181,19 +186,14 @@ impl Control {
         self.graph.remove(name).map_err(generic)
     }
 
-    /// `block_resize`: resizes a node that is not another node's child; its exports
-    /// are paused meanwhile and then tell their frontends the new capacity.
+    /// `block_resize`: resizes a node; the exports above it are paused meanwhile and
+    /// then tell their frontends the new capacity.
     pub fn resize(&mut self, name: &str, size: u64) -> OpResult<()> {
         let node = self.graph.lookup(name).map_err(generic)?;
-        if let Some((parent, role)) = self.graph.parents(name).first() {
-            return Err(QmpError::generic(format!(
-                "Node '{name}' is the '{role}' child of node '{parent}': resize '{parent}' \
-                 instead"
-            )));
-        }
         let exports: Vec<_> = self
-            .exports_of(name)
-            .into_iter()
+            .exports
+            .values()
+            .filter(|e| depends_on(&e.export.shared.node, name))
             .map(|e| e.export.shared.clone())
             .collect();
         let mut paused: Vec<&Arc<ExportShared>> = Vec::new();
@@ -367,7 +367,7 @@ impl Control {
     }
 
     /// `block-export-del`: starts removing an export; `BLOCK_EXPORT_DELETED` follows
-    /// once its frontend is gone.
+    /// once its serving thread has ended.
     pub fn del_export(&mut self, id: &str, hard: bool) -> OpResult<()> {
         let Some(entry) = self.exports.get_mut(id) else {
             return Err(QmpError::generic(format!("Export '{id}' is not found")));
@@ -377,11 +377,11 @@ impl Control {
                 "Export '{id}' is already shutting down"
             )));
         }
-        if !hard && entry.export.shared.is_connected() {
-            return Err(QmpError::generic(format!("export '{id}' still in use")));
-        }
+        // As in QEMU, a vhost-user-blk frontend does not hold the export: `safe` and
+        // `hard` both drop a connected frontend (after its requests in flight finish).
+        let _ = hard;
         entry.shutting_down = true;
-        entry.export.stop(hard);
+        entry.export.stop(true);
         Ok(())
     }
 
