@@ -55,7 +55,8 @@ qemu-storage-daemon --export vhost-user-blk
            [,writable=on|off][,writethrough=on|off][,num-queues=<n>]
            [,iothread=<id>|iothread.0=<id>,iothread.1=<id>...]
            [,fixed-iothread=on|off][,logical-block-size=<bytes>]
-           [,serial=<string>][,queue-size=<n>]
+           [,serial=<string>][,queue-size=<n>][,write-cache=on|off]
+           [,werror=report|ignore|stop|enospc][,rerror=report|ignore|stop]
                             export a block node over vhost-user-blk (serial and
                             queue-size are vubd extensions); each iothread serves
                             one export
@@ -264,6 +265,9 @@ logical-block-size=512,serial=disk0";
                 node_name: "disk0".into(),
                 writable: true,
                 writethrough: false,
+                write_cache: None,
+                rerror: crate::config::OnError::Report,
+                werror: crate::config::OnError::Enospc,
                 socket_path: "/tmp/vubd.sock".into(),
                 num_queues: 4,
                 iothreads: vec!["io0".into(), "io1".into()],

@@ -75,6 +75,44 @@ pub struct ExportConfig {
     pub serial: Option<String>,
     /// `queue-size` (vubd extension; max descriptors per queue, default 1024)
     pub queue_size: u16,
+    /// `write-cache=on|off` (vubd extension, QEMU's virtio-blk property): the write
+    /// cache mode the guest starts with; `None` follows `writethrough`.
+    pub write_cache: Option<bool>,
+    /// `rerror=report|ignore|stop` (vubd extension, default report, as QEMU's virtio-blk)
+    pub rerror: OnError,
+    /// `werror=report|ignore|stop|enospc` (vubd extension, default enospc)
+    pub werror: OnError,
+}
+
+/// What a failed request does (QEMU's `BlockdevOnError` for devices).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnError {
+    /// The error goes to the guest.
+    Report,
+    /// The request completes as if it had succeeded.
+    Ignore,
+    /// The export stops; the request is held and retried on `cont`.
+    Stop,
+    /// Stop on ENOSPC, report anything else.
+    Enospc,
+}
+
+impl OnError {
+    pub fn name(self) -> &'static str {
+        match self {
+            OnError::Report => "report",
+            OnError::Ignore => "ignore",
+            OnError::Stop => "stop",
+            OnError::Enospc => "enospc",
+        }
+    }
+}
+
+impl ExportConfig {
+    /// The write cache mode the guest starts with.
+    pub fn initial_write_cache(&self) -> bool {
+        self.write_cache.unwrap_or(!self.writethrough)
+    }
 }
 
 /// `--chardev socket,id=<id>,path=<path>,server=on,wait=off`: the UNIX socket a QMP
@@ -330,7 +368,35 @@ impl ExportConfig {
             logical_block_size: take_logical_block_size(&mut f)?,
             serial: take_serial(&mut f)?,
             queue_size: take_queue_size(&mut f)?,
+            write_cache: f.bool("write-cache")?,
+            rerror: f
+                .enumeration(
+                    "rerror",
+                    &[
+                        ("report", OnError::Report),
+                        ("ignore", OnError::Ignore),
+                        ("stop", OnError::Stop),
+                    ],
+                )?
+                .unwrap_or(OnError::Report),
+            werror: f
+                .enumeration(
+                    "werror",
+                    &[
+                        ("report", OnError::Report),
+                        ("ignore", OnError::Ignore),
+                        ("stop", OnError::Stop),
+                        ("enospc", OnError::Enospc),
+                    ],
+                )?
+                .unwrap_or(OnError::Enospc),
         };
+        if export.write_cache == Some(true) && export.writethrough {
+            return Err(bad_value(
+                "write-cache",
+                "write-cache=on contradicts writethrough=on",
+            ));
+        }
         f.finish()?;
         Ok(export)
     }

@@ -33,6 +33,8 @@ pub enum ControlMsg {
     },
     /// An export's serving thread has ended (after `block-export-del`).
     ExportGone(String),
+    /// An event raised off the control thread (an iothread's `BLOCK_IO_ERROR`).
+    Event { name: &'static str, data: Value },
     /// Shut the daemon down, then acknowledge.
     Shutdown(Sender<()>),
 }
@@ -96,6 +98,7 @@ impl Control {
                     let _ = reply.send(result);
                 }
                 ControlMsg::ExportGone(id) => self.export_gone(&id),
+                ControlMsg::Event { name, data } => self.events.emit(name, Some(data)),
                 ControlMsg::Shutdown(done) => {
                     self.shutdown();
                     let _ = done.send(());
@@ -343,6 +346,7 @@ impl Control {
         }
         let threads = self.export_iothreads(cfg)?;
         let (export, listener) = Export::bind(cfg, node, threads).map_err(generic)?;
+        export.shared.set_event_sink(self.tx.clone());
         let tx = self.tx.clone();
         let id = cfg.id.clone();
         export
@@ -399,12 +403,17 @@ impl Control {
             self.exports
                 .values()
                 .map(|e| {
-                    json!({
-                        "id": e.export.shared.id,
+                    let shared = &e.export.shared;
+                    let mut v = json!({
+                        "id": shared.id,
                         "type": "vhost-user-blk",
-                        "node-name": e.export.shared.node.name(),
+                        "node-name": shared.node.name(),
                         "shutting-down": e.shutting_down,
-                    })
+                    });
+                    if shared.iostatus_enabled() {
+                        v["iostatus"] = json!(shared.iostatus().name());
+                    }
+                    v
                 })
                 .collect(),
         )
@@ -488,6 +497,26 @@ impl Control {
             let t = target.clone().unwrap_or_else(|| IoThread::implicit(&e.id));
             e.set_iothreads(vec![t]);
             e.resume();
+        }
+        Ok(())
+    }
+
+    /// `cont`: resumes every export stopped by an I/O error (QEMU resumes the VM);
+    /// `x-block-export-cont`: one export.
+    pub fn cont(&mut self, id: Option<&str>) -> OpResult<()> {
+        match id {
+            Some(id) => {
+                let e = self
+                    .exports
+                    .get(id)
+                    .ok_or_else(|| QmpError::generic(format!("Export '{id}' is not found")))?;
+                e.export.shared.cont();
+            }
+            None => {
+                for e in self.exports.values() {
+                    e.export.shared.cont();
+                }
+            }
         }
         Ok(())
     }

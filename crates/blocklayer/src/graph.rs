@@ -3,7 +3,9 @@
 //! node information `query-named-block-nodes` reports.
 
 use crate::driver::Driver;
-use crate::drivers::{file::FileDriver, null::NullDriver, raw::RawDriver};
+use crate::drivers::{
+    blkdebug::BlkdebugDriver, file::FileDriver, null::NullDriver, raw::RawDriver,
+};
 use crate::error::{BlockError, Result};
 use crate::node::{Node, NodeFlags};
 use crate::options::{BlockdevOptions, BlockdevRef, DetectZeroes, DiscardMode, DriverOptions};
@@ -57,10 +59,8 @@ impl Graph {
                 )));
             }
         }
-        if let DriverOptions::Raw(r) = &opts.driver {
-            if let BlockdevRef::Inline(child) = &r.file {
-                self.check_names(child)?;
-            }
+        if let Some(BlockdevRef::Inline(child)) = opts.driver.child() {
+            self.check_names(child)?;
         }
         Ok(())
     }
@@ -78,6 +78,10 @@ impl Graph {
             DriverOptions::File(f) => Box::new(FileDriver::open(f, common, false)?),
             DriverOptions::HostDevice(f) => Box::new(FileDriver::open(f, common, true)?),
             DriverOptions::Null(n) => Box::new(NullDriver::new(n.clone())),
+            DriverOptions::Blkdebug(b) => {
+                let image = self.child(&b.image)?;
+                Box::new(BlkdebugDriver::new(image, b))
+            }
             DriverOptions::Raw(r) => {
                 let file = self.child(&r.file)?;
                 let raw = (|| {

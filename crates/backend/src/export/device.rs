@@ -9,16 +9,20 @@
 
 use super::config_space::BlkConfig;
 use super::request::{self, Desc, DeviceLimits, Memory, Op, Request};
-use super::{ExportShared, PopGate};
+use super::{ErrorAction, ExportShared, PopGate};
 use crate::iothread::{current_tid, IoThread};
 use blocklayer::aio::poll::{PollParams, PollState};
 use blocklayer::aio::{executor, uring};
 use blocklayer::stats::{Acct, IoKind, IoStats};
+use serde_json::json;
 use std::cell::RefCell;
+use std::future::Future;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::Backend;
@@ -36,6 +40,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub type Vring = VringRwLock<GuestMemoryAtomic<Memory>>;
 type Handler = VringEpollHandler<Arc<BlkDevice>>;
+
+/// Offset of `writeback` in `struct virtio_blk_config`.
+const WRITEBACK_OFFSET: u32 = 32;
 
 /// `VHOST_USER_F_PROTOCOL_FEATURES`
 const PROTOCOL_FEATURES_BIT: u64 = 1 << 30;
@@ -106,6 +113,7 @@ impl BlkDevice {
             .map(|_| EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC))
             .collect::<io::Result<Vec<_>>>()?;
         let queue_in_flight = (0..shared.num_queues).map(|_| AtomicU64::new(0)).collect();
+        shared.frontend_gone.store(false, Ordering::SeqCst);
         Ok(BlkDevice {
             shared,
             mem,
@@ -174,6 +182,9 @@ impl BlkDevice {
     /// The frontend is gone: iothread passes stop popping from its rings.
     pub fn disconnect(&self) {
         self.disconnected.store(true, Ordering::SeqCst);
+        self.shared.frontend_gone.store(true, Ordering::SeqCst);
+        // Requests held by an error stop give up.
+        self.wake_all();
     }
 
     /// Whether new requests are taken from the rings.
@@ -457,6 +468,119 @@ fn op_acct(op: &Op) -> Option<(Acct, u64)> {
     })
 }
 
+/// Runs an operation once.
+async fn perform(shared: &ExportShared, op: &Op) -> blocklayer::Result<()> {
+    match op {
+        Op::Read { offset, iov } => shared.node.read(*offset, iov.clone()).await,
+        Op::Write { offset, iov } => {
+            shared
+                .node
+                .write(*offset, iov.clone(), shared.writethrough())
+                .await
+        }
+        Op::Flush => shared.node.flush().await,
+        Op::GetId { iov } => {
+            let id = shared.serial;
+            let n = iov.len() as usize;
+            iov.copy_from_slice(0, &id[..n]);
+            Ok(())
+        }
+        Op::Discard(ranges) => {
+            for rg in ranges {
+                shared.node.discard(rg.offset, rg.len).await?;
+            }
+            Ok(())
+        }
+        Op::WriteZeroes(ranges) => {
+            for rg in ranges {
+                shared
+                    .node
+                    .write_zeroes(rg.offset, rg.len, rg.unmap, shared.writethrough())
+                    .await?;
+            }
+            Ok(())
+        }
+    }
+}
+
+thread_local! {
+    /// Requests of this iothread held by an error stop, waiting for `cont`.
+    static HELD: RefCell<Vec<Waker>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Wakes this iothread's held requests (they check whether to retry or give up).
+fn wake_held() {
+    for w in HELD.with(|h| std::mem::take(&mut *h.borrow_mut())) {
+        w.wake();
+    }
+}
+
+/// Waits for `cont` after an error stop: `true` to retry, `false` to give up because
+/// the export is going away or its frontend has gone.
+struct Resumed<'a> {
+    shared: &'a ExportShared,
+    gen: u64,
+}
+
+impl Future for Resumed<'_> {
+    type Output = bool;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<bool> {
+        let shared = self.shared;
+        if shared.is_stopping() || shared.frontend_gone.load(Ordering::SeqCst) {
+            return Poll::Ready(false);
+        }
+        if shared.resume_gen.load(Ordering::Acquire) != self.gen {
+            return Poll::Ready(true);
+        }
+        HELD.with(|h| h.borrow_mut().push(cx.waker().clone()));
+        Poll::Pending
+    }
+}
+
+/// Runs an operation under the export's error policy (`rerror`/`werror`): whether
+/// it completes successfully for the guest.
+async fn perform_with_policy(shared: &ExportShared, op: &Op) -> bool {
+    loop {
+        let gen = shared.resume_gen.load(Ordering::Acquire);
+        let Err(e) = perform(shared, op).await else {
+            return true;
+        };
+        let read = matches!(op, Op::Read { .. });
+        let errno = e.errno();
+        let action = shared.error_action(read, errno);
+        log::debug!(
+            "export {}: request failed ({}): {e}",
+            shared.id,
+            action.name()
+        );
+        let mut data = json!({
+            "device": "",
+            "node-name": shared.node.name(),
+            "operation": if read { "read" } else { "write" },
+            "action": action.name(),
+            "reason": std::io::Error::from_raw_os_error(errno).to_string(),
+        });
+        if shared.iostatus_enabled() {
+            data["nospace"] = json!(errno == libc::ENOSPC);
+        }
+        if action == ErrorAction::Stop {
+            // Stopped (and the I/O status set) before anyone hears of it.
+            shared.stop_on_error(errno);
+        }
+        shared.emit("BLOCK_IO_ERROR", data);
+        match action {
+            ErrorAction::Report => return false,
+            ErrorAction::Ignore => return true,
+            ErrorAction::Stop => {
+                if !(Resumed { shared, gen }).await {
+                    return false;
+                }
+            }
+        }
+    }
+}
+
 /// Performs one request and queues its completion on this iothread.
 async fn execute(shared: Arc<ExportShared>, mem: Arc<Memory>, req: Request, queue: usize) {
     let Request {
@@ -469,51 +593,14 @@ async fn execute(shared: Arc<ExportShared>, mem: Arc<Memory>, req: Request, queu
     let status = match op {
         Ok(op) => {
             let acct = op_acct(&op);
-            let r = match op {
-                Op::Read { offset, iov } => shared.node.read(offset, iov).await,
-                Op::Write { offset, iov } => {
-                    shared.node.write(offset, iov, shared.writethrough).await
-                }
-                Op::Flush => shared.node.flush().await,
-                Op::GetId { iov } => {
-                    let id = shared.serial;
-                    let n = iov.len() as usize;
-                    iov.copy_from_slice(0, &id[..n]);
-                    Ok(())
-                }
-                Op::Discard(ranges) => {
-                    let mut r = Ok(());
-                    for rg in ranges {
-                        r = shared.node.discard(rg.offset, rg.len).await;
-                        if r.is_err() {
-                            break;
-                        }
-                    }
-                    r
-                }
-                Op::WriteZeroes(ranges) => {
-                    let mut r = Ok(());
-                    for rg in ranges {
-                        r = shared
-                            .node
-                            .write_zeroes(rg.offset, rg.len, rg.unmap, shared.writethrough)
-                            .await;
-                        if r.is_err() {
-                            break;
-                        }
-                    }
-                    r
-                }
-            };
+            let ok = perform_with_policy(&shared, &op).await;
             if let Some((acct, end)) = acct {
-                shared.stats.done(acct, r.is_ok(), end);
+                shared.stats.done(acct, ok, end);
             }
-            match r {
-                Ok(()) => VIRTIO_BLK_S_OK as u8,
-                Err(e) => {
-                    log::debug!("export {}: request failed: {e}", shared.id);
-                    VIRTIO_BLK_S_IOERR as u8
-                }
+            if ok {
+                VIRTIO_BLK_S_OK as u8
+            } else {
+                VIRTIO_BLK_S_IOERR as u8
             }
         }
         Err(e) => {
@@ -566,6 +653,7 @@ impl VhostUserBackend for BlkDevice {
             | (1 << VIRTIO_BLK_F_TOPOLOGY)
             | (1 << VIRTIO_BLK_F_FLUSH)
             | (1 << VIRTIO_BLK_F_MQ)
+            | (1 << VIRTIO_BLK_F_CONFIG_WCE)
             | PROTOCOL_FEATURES_BIT;
         if self.shared.is_writable() {
             f |= (1 << VIRTIO_BLK_F_DISCARD) | (1 << VIRTIO_BLK_F_WRITE_ZEROES);
@@ -588,6 +676,27 @@ impl VhostUserBackend for BlkDevice {
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         let cfg: BlkConfig = self.shared.config_space();
         cfg.read(offset, size)
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        // Only the write cache mode is writable (VIRTIO_BLK_F_CONFIG_WCE).
+        if offset != WRITEBACK_OFFSET || buf.len() != 1 {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        let on = buf[0] != 0;
+        if !on && self.shared.write_cache() && self.shared.is_writable() {
+            // From now on the guest takes every completed write as stable: make the
+            // ones it wrote in write-back mode stable too.
+            let node = self.shared.node.clone();
+            if let Err(e) = uring::block_on(async move { node.flush().await }) {
+                log::error!(
+                    "export {}: flush on write-through switch: {e}",
+                    self.shared.id
+                );
+            }
+        }
+        self.shared.set_write_cache(on);
+        Ok(())
     }
 
     fn update_memory(&self, _mem: GuestMemoryAtomic<Memory>) -> io::Result<()> {
@@ -649,6 +758,7 @@ impl VhostUserBackend for BlkDevice {
             if let Some(fd) = self.wake.get(thread_id) {
                 let _ = fd.read();
             }
+            wake_held();
         }
         self.sync_iothread(thread_id);
         self.run(vrings, thread_id);

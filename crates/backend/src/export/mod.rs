@@ -5,7 +5,8 @@ pub mod config_space;
 pub mod device;
 pub mod request;
 
-use crate::config::ExportConfig;
+use crate::config::{ExportConfig, OnError};
+use crate::control::ControlMsg;
 use crate::iothread::IoThread;
 use blocklayer::stats::IoStats;
 use blocklayer::Node;
@@ -15,7 +16,8 @@ use request::{DeviceLimits, Memory, ID_BYTES, SECTOR};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 use vhost::vhost_user::Listener;
@@ -56,8 +58,23 @@ pub struct ExportShared {
     pub num_queues: u16,
     pub queue_size: u16,
     pub writable: bool,
-    pub writethrough: bool,
+    /// The guest's write cache mode (`writeback` in the config space, which the guest
+    /// may change): off means every write is stable before it completes.
+    write_cache: AtomicBool,
     pub fixed_iothread: bool,
+    pub rerror: OnError,
+    pub werror: OnError,
+    /// Set when a request failed with action `stop`: no new requests are taken and
+    /// failed ones are held until `cont`.
+    error_stopped: AtomicBool,
+    /// `IoStatus` (see [`IoStatus`]) of the export.
+    iostatus: AtomicU8,
+    /// Bumped by `cont`: held requests retry.
+    pub resume_gen: AtomicU64,
+    /// Set while no frontend is connected (held requests give up).
+    pub frontend_gone: AtomicBool,
+    /// Where events from the iothreads go (the control thread).
+    events: Mutex<Option<Sender<ControlMsg>>>,
     pub logical_block_size: u32,
     pub serial: [u8; ID_BYTES],
     /// The iothreads the export's worker threads are (one per worker thread); changed
@@ -74,6 +91,42 @@ pub struct ExportShared {
     poppers: AtomicUsize,
     /// The connected frontend, if any: its device and a handle that drops it.
     connection: Mutex<Option<(Weak<BlkDevice>, Option<ShutdownHandle>)>>,
+}
+
+/// QEMU's `BlockDeviceIoStatus`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoStatus {
+    Ok = 0,
+    Failed = 1,
+    Nospace = 2,
+}
+
+impl IoStatus {
+    pub fn name(self) -> &'static str {
+        match self {
+            IoStatus::Ok => "ok",
+            IoStatus::Failed => "failed",
+            IoStatus::Nospace => "nospace",
+        }
+    }
+}
+
+/// What happens to a failed request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorAction {
+    Report,
+    Ignore,
+    Stop,
+}
+
+impl ErrorAction {
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorAction::Report => "report",
+            ErrorAction::Ignore => "ignore",
+            ErrorAction::Stop => "stop",
+        }
+    }
 }
 
 /// Marks an iothread pass that may pop new requests. Whoever stops an export or a
@@ -107,7 +160,111 @@ impl ExportShared {
 
     /// Whether iothread passes may take new requests from the rings.
     pub fn is_accepting(&self) -> bool {
-        !self.stopping.load(Ordering::SeqCst) && !self.paused.load(Ordering::SeqCst)
+        !self.stopping.load(Ordering::SeqCst)
+            && !self.paused.load(Ordering::SeqCst)
+            && !self.error_stopped.load(Ordering::SeqCst)
+    }
+
+    /// Whether writes must be stable before they complete (the guest's write cache
+    /// is off).
+    pub fn writethrough(&self) -> bool {
+        !self.write_cache.load(Ordering::Acquire)
+    }
+
+    pub fn write_cache(&self) -> bool {
+        self.write_cache.load(Ordering::Acquire)
+    }
+
+    /// The guest changed its write cache mode (VIRTIO_BLK_F_CONFIG_WCE).
+    pub fn set_write_cache(&self, on: bool) {
+        let old = self.write_cache.swap(on, Ordering::AcqRel);
+        if old != on {
+            log::info!(
+                "export {}: guest turned the write cache {}",
+                self.id,
+                if on { "on" } else { "off" }
+            );
+        }
+    }
+
+    /// Sends the control thread events from here (iothreads included).
+    pub fn set_event_sink(&self, tx: Sender<ControlMsg>) {
+        *self.events.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+    }
+
+    /// Emits a QMP event (through the control thread).
+    pub fn emit(&self, name: &'static str, data: serde_json::Value) {
+        if let Some(tx) = self
+            .events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            let _ = tx.send(ControlMsg::Event { name, data });
+        }
+    }
+
+    /// The policy for a failed request: `read` or write-like (writes, flushes,
+    /// discards, write-zeroes), as QEMU's virtio-blk decides.
+    pub fn error_action(&self, read: bool, errno: i32) -> ErrorAction {
+        let policy = if read { self.rerror } else { self.werror };
+        match policy {
+            OnError::Report => ErrorAction::Report,
+            OnError::Ignore => ErrorAction::Ignore,
+            OnError::Stop => ErrorAction::Stop,
+            OnError::Enospc if errno == libc::ENOSPC => ErrorAction::Stop,
+            OnError::Enospc => ErrorAction::Report,
+        }
+    }
+
+    /// Whether the export reports an I/O status (its policies can stop it), as
+    /// QEMU's `iostatus_enabled`.
+    pub fn iostatus_enabled(&self) -> bool {
+        self.werror != OnError::Report && self.werror != OnError::Ignore
+            || self.rerror == OnError::Stop
+    }
+
+    pub fn iostatus(&self) -> IoStatus {
+        match self.iostatus.load(Ordering::Acquire) {
+            1 => IoStatus::Failed,
+            2 => IoStatus::Nospace,
+            _ => IoStatus::Ok,
+        }
+    }
+
+    /// Whether the export is stopped by an I/O error.
+    pub fn is_error_stopped(&self) -> bool {
+        self.error_stopped.load(Ordering::SeqCst)
+    }
+
+    /// A request failed with action `stop`: stop taking requests (the first failure
+    /// sets the I/O status; QEMU keeps the first error too).
+    pub fn stop_on_error(&self, errno: i32) {
+        if !self.error_stopped.swap(true, Ordering::SeqCst) {
+            let status = if errno == libc::ENOSPC {
+                IoStatus::Nospace
+            } else {
+                IoStatus::Failed
+            };
+            self.iostatus.store(status as u8, Ordering::Release);
+            log::warn!(
+                "export {}: stopped by an I/O error ({})",
+                self.id,
+                std::io::Error::from_raw_os_error(errno)
+            );
+        }
+    }
+
+    /// `cont`: retries the held requests and takes new ones again. Returns whether the
+    /// export was stopped.
+    pub fn cont(&self) -> bool {
+        let was = self.error_stopped.swap(false, Ordering::SeqCst);
+        self.iostatus.store(IoStatus::Ok as u8, Ordering::Release);
+        self.resume_gen.fetch_add(1, Ordering::AcqRel);
+        if let Some(d) = self.device() {
+            d.wake_all();
+        }
+        was
     }
 
     /// The iothreads now serving the export.
@@ -219,7 +376,7 @@ impl ExportShared {
             physical_block_exp: (phys / lbs).trailing_zeros() as u8,
             min_io_size: 1,
             opt_io_size: 0,
-            writeback: 1,
+            writeback: u8::from(self.write_cache()),
             num_queues: self.num_queues,
             max_discard_sectors: MAX_DISCARD_SECTORS,
             max_discard_seg: MAX_DISCARD_SEG,
@@ -285,8 +442,15 @@ impl Export {
             num_queues: cfg.num_queues,
             queue_size: cfg.queue_size,
             writable: cfg.writable,
-            writethrough: cfg.writethrough,
+            write_cache: AtomicBool::new(cfg.initial_write_cache()),
             fixed_iothread: cfg.fixed_iothread,
+            rerror: cfg.rerror,
+            werror: cfg.werror,
+            error_stopped: AtomicBool::new(false),
+            iostatus: AtomicU8::new(IoStatus::Ok as u8),
+            resume_gen: AtomicU64::new(0),
+            frontend_gone: AtomicBool::new(true),
+            events: Mutex::new(None),
             logical_block_size: cfg.logical_block_size,
             serial,
             iothreads: Mutex::new(iothreads),
@@ -339,6 +503,9 @@ impl Export {
     /// Stops taking new requests and waits for those in flight (at most `timeout`).
     pub fn quiesce(&self, timeout: Duration) -> bool {
         self.shared.stopping.store(true, Ordering::SeqCst);
+        if let Some(d) = self.shared.device() {
+            d.wake_all();
+        }
         let shared = &self.shared;
         shared.wait_idle(|| shared.in_flight.load(Ordering::Acquire), timeout)
     }
@@ -348,6 +515,10 @@ impl Export {
     /// The serving thread ends (and runs its `on_exit`) once the frontend is gone.
     pub fn stop(&self, hard: bool) {
         self.shared.stopping.store(true, Ordering::SeqCst);
+        if let Some(d) = self.shared.device() {
+            // Held requests give up.
+            d.wake_all();
+        }
         // SAFETY: shutdown on a descriptor we own; it wakes a thread blocked in accept.
         unsafe { libc::shutdown(self.listen_fd.as_raw_fd(), libc::SHUT_RDWR) };
         if hard {

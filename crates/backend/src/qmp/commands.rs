@@ -25,6 +25,8 @@ pub const COMMANDS: &[&str] = &[
     "object-del",
     "x-blockdev-set-iothread",
     "block_resize",
+    "cont",
+    "x-block-export-cont",
     "quit",
 ];
 
@@ -127,6 +129,17 @@ pub fn execute(ctl: &mut Control, name: &str, arguments: &Value) -> QmpResult {
                 )));
             };
             ctl.resize(&node, size as u64)?;
+            ok()
+        }
+        "cont" => {
+            a.finish()?;
+            ctl.cont(None)?;
+            ok()
+        }
+        "x-block-export-cont" => {
+            let id = a.str("id")?;
+            a.finish()?;
+            ctl.cont(Some(&id))?;
             ok()
         }
         "quit" => {

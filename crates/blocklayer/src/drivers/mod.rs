@@ -1,5 +1,7 @@
-//! Drivers: protocol (`file`, `host_device`, `null-co`) and format (`raw`).
+//! Drivers: protocol (`file`, `host_device`, `null-co`), format (`raw`) and filter
+//! (`blkdebug`).
 
+pub mod blkdebug;
 pub mod file;
 pub mod lock;
 pub mod null;

@@ -1,0 +1,180 @@
+//! The `blkdebug` filter driver: passes requests to its `image` child and fails those
+//! that match an `inject-error` rule, so that error handling can be tested
+//! reproducibly. Options are QEMU's.
+//!
+//! A rule applies to a request that raises the rule's event and is of the rule's
+//! `iotype` (default: any but block-status), and, when `sector` is given, covers that
+//! sector. vubd raises these events: reads `read_aio`; writes `write_aio` and
+//! `pwritev`; write-zeroes `pwritev_zero`; flushes `flush_to_os` and `flush_to_disk`.
+//! Discards raise none, so no rule fails them. Rules with `state` apply in state 1
+//! (vubd has no `set-state` rules). A `once` rule is removed after it fired.
+
+use crate::aio::iovec::IoVec;
+use crate::aio::LocalBoxFuture;
+use crate::driver::{Child, Driver};
+use crate::error::{BlockError, Result};
+use crate::limits::Limits;
+use crate::node::Node;
+use crate::options::{BlkdebugIoType, BlkdebugOptions, InjectErrorOptions};
+use std::sync::{Arc, Mutex};
+
+pub struct BlkdebugDriver {
+    image: Arc<Node>,
+    align: Option<u32>,
+    max_transfer: Option<u32>,
+    rules: Mutex<Vec<InjectErrorOptions>>,
+}
+
+/// The state blkdebug is in (it starts in 1 and vubd has no rules that change it).
+const STATE: i64 = 1;
+
+impl BlkdebugDriver {
+    pub fn new(image: Arc<Node>, opts: &BlkdebugOptions) -> Self {
+        BlkdebugDriver {
+            image,
+            align: opts.align,
+            max_transfer: opts.max_transfer,
+            rules: Mutex::new(opts.inject_error.clone()),
+        }
+    }
+
+    /// Fails the request if a rule matches it.
+    fn check(
+        &self,
+        kind: BlkdebugIoType,
+        events: &[&str],
+        op: &'static str,
+        offset: u64,
+        len: u64,
+    ) -> Result<()> {
+        let mut rules = self.rules.lock().unwrap_or_else(|p| p.into_inner());
+        let hit = rules.iter().position(|r| {
+            events.contains(&r.event.as_str())
+                && r.state.is_none_or(|s| s == STATE)
+                && r.iotype
+                    .map_or(kind != BlkdebugIoType::BlockStatus, |t| t == kind)
+                && (r.sector < 0 || {
+                    let at = (r.sector as u64).saturating_mul(512);
+                    len > 0 && at >= offset && at - offset < len
+                })
+        });
+        let Some(i) = hit else {
+            return Ok(());
+        };
+        let errno = rules[i].errno;
+        if rules[i].once {
+            rules.remove(i);
+        }
+        log::debug!("blkdebug: failing {op} at {offset}+{len} with errno {errno}");
+        Err(BlockError::io(op, std::io::Error::from_raw_os_error(errno)))
+    }
+}
+
+impl Driver for BlkdebugDriver {
+    fn driver_name(&self) -> &'static str {
+        "blkdebug"
+    }
+
+    fn size(&self) -> u64 {
+        self.image.size()
+    }
+
+    fn own_limits(&self) -> Limits {
+        let mut l = Limits::default();
+        if let Some(a) = self.align {
+            l.request_alignment = a;
+        }
+        if let Some(t) = self.max_transfer {
+            l.max_transfer = u64::from(t);
+        }
+        l
+    }
+
+    fn children(&self) -> Vec<Child> {
+        vec![Child {
+            role: "file",
+            node: self.image.clone(),
+        }]
+    }
+
+    fn supports_fua(&self) -> bool {
+        true
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.image.is_read_only()
+    }
+
+    fn truncate(&self, size: u64) -> Result<()> {
+        self.image.resize(size)
+    }
+
+    fn filename(&self) -> String {
+        self.image.driver().filename()
+    }
+
+    fn actual_size(&self) -> Option<u64> {
+        self.image.driver().actual_size()
+    }
+
+    fn read<'a>(&'a self, offset: u64, iov: IoVec) -> LocalBoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            self.check(
+                BlkdebugIoType::Read,
+                &["read_aio"],
+                "read",
+                offset,
+                iov.len(),
+            )?;
+            self.image.read(offset, iov).await
+        })
+    }
+
+    fn write<'a>(&'a self, offset: u64, iov: IoVec, fua: bool) -> LocalBoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            self.check(
+                BlkdebugIoType::Write,
+                &["write_aio", "pwritev"],
+                "write",
+                offset,
+                iov.len(),
+            )?;
+            self.image.write(offset, iov, fua).await
+        })
+    }
+
+    fn flush(&self) -> LocalBoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            self.check(
+                BlkdebugIoType::Flush,
+                &["flush_to_os", "flush_to_disk"],
+                "flush",
+                0,
+                0,
+            )?;
+            self.image.flush().await
+        })
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> LocalBoxFuture<'_, Result<()>> {
+        Box::pin(self.image.discard(offset, len))
+    }
+
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+    ) -> LocalBoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            self.check(
+                BlkdebugIoType::WriteZeroes,
+                &["pwritev_zero"],
+                "write zeroes",
+                offset,
+                len,
+            )?;
+            self.image.write_zeroes(offset, len, may_unmap, false).await
+        })
+    }
+}
