@@ -543,8 +543,11 @@ impl Control {
                 log::error!("flushing node '{}' failed: {e}", node.name());
             }
         }
-        for e in self.exports.values() {
+        for (id, e) in &self.exports {
             let _ = std::fs::remove_file(&e.export.socket_path);
+            // As qemu-storage-daemon, which deletes its exports on the way out.
+            self.events
+                .emit("BLOCK_EXPORT_DELETED", Some(json!({ "id": id })));
         }
         for p in self.cleanup.iter().chain(self.pidfile.iter()) {
             let _ = std::fs::remove_file(p);
