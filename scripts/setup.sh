@@ -2,14 +2,56 @@
 # Installs what vubd's build, tests and benchmarks need on a Debian bookworm machine.
 # Safe to run again: it only installs what is missing.
 set -euo pipefail
-need=()
+export DEBIAN_FRONTEND=noninteractive
+updated=""
+apt_install() { # [apt-get options] packages...
+    [ -n "$updated" ] || { apt-get update -qq; updated=1; }
+    apt-get install -y -qq "$@" >/dev/null
+}
+
 command -v cargo >/dev/null || { echo "setup: a Rust toolchain (cargo) is required" >&2; exit 1; }
+
+# The QEMU guest of the end-to-end tests (tests/src/guest.rs, scripts/build-guest.sh):
+# QEMU, a kernel with modules, busybox, fio, and the tools build-guest.sh copies in.
+guest=()
+command -v qemu-system-x86_64 >/dev/null || guest+=(qemu-system-x86)
+kernel_ok=""
+for k in /boot/vmlinuz-*; do
+    [ -f "$k" ] && [ -f "/lib/modules/${k#/boot/vmlinuz-}/modules.dep" ] && kernel_ok=1
+done
+[ -n "$kernel_ok" ] || guest+=(linux-image-amd64)
+# busybox-static, not a dynamically linked busybox
+if ! command -v busybox >/dev/null || ldd "$(command -v busybox)" >/dev/null 2>&1; then
+    guest+=(busybox-static)
+fi
+command -v fio >/dev/null || guest+=(fio)
+command -v cpio >/dev/null || guest+=(cpio)
+PATH="$PATH:/usr/sbin:/sbin" command -v mkfs.ext4 >/dev/null || guest+=(e2fsprogs)
+for t in blkdiscard fstrim fallocate flock; do
+    PATH="$PATH:/usr/sbin:/sbin" command -v "$t" >/dev/null || { guest+=(util-linux); break; }
+done
+if [ ${#guest[@]} -gt 0 ]; then
+    echo "setup: installing ${guest[*]}"
+    # INITRD=No: the guest brings its own initramfs; skip the slow update-initramfs.
+    INITRD=No apt_install --no-install-recommends "${guest[@]}"
+    # qemu-system-x86 can replace an installed qemu-utils with its own version: make
+    # sure qemu-img and qemu-storage-daemon are (still) there.
+    case " ${guest[*]} " in
+        *" qemu-system-x86 "*) apt_install qemu-utils ;;
+    esac
+fi
+
+need=()
 command -v cc >/dev/null || need+=(gcc)
 command -v qemu-img >/dev/null || need+=(qemu-utils)
 command -v qemu-storage-daemon >/dev/null || need+=(qemu-utils)
 if [ ${#need[@]} -gt 0 ]; then
     echo "setup: installing ${need[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq "${need[@]}" >/dev/null
+    apt_install "${need[@]}"
+fi
+# The QMP tests (tests/qmp/, run by scripts/test.sh) use the qemu.qmp client library
+# and pytest.
+if ! python3 -c 'import qemu.qmp, pytest' >/dev/null 2>&1; then
+    echo "setup: installing the Python packages qemu.qmp and pytest"
+    python3 -m pip install --quiet --disable-pip-version-check qemu.qmp pytest
 fi

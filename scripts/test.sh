@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test: formatting and lint checks, unit tests, and the end-to-end tests that
-# drive a running vubd through a real frontend (libblkio). Exits non-zero on any failure.
+# drive a running vubd through real frontends (libblkio, and Linux guests in QEMU).
+# Exits non-zero on any failure.
 #
 # The end-to-end tests (tests/tests/*.rs) start the vubd binary found next to the test
 # executables (target/debug/vubd, or $CARGO_TARGET_DIR/debug/vubd); set VUBD_BIN to test
@@ -12,4 +13,11 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -q -- -D warnings
 # The end-to-end tests start target/debug/vubd: build it first.
 cargo build --workspace -q
+# The QEMU guest tests (tests/tests/guest_*.rs) boot a kernel and initramfs made from
+# the installed packages; the tests would build it on demand, this reports problems first.
+scripts/build-guest.sh "${CARGO_TARGET_DIR:-target}/guest"
 cargo test --workspace --no-fail-fast
+# The QMP monitor tests (Python, qemu.qmp) start target/debug/vubd and drive exports
+# with target/debug/vubd-io, both built above. --daemon=qsd runs them against
+# qemu-storage-daemon instead, to check the expectations.
+python3 -m pytest -q tests/qmp

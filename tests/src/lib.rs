@@ -11,6 +11,7 @@
 pub mod args;
 pub mod client;
 pub mod daemon;
+pub mod guest;
 pub mod image;
 pub mod qmp;
 pub mod raw;

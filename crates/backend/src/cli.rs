@@ -378,8 +378,7 @@ logical-block-size=512,serial=disk0";
             ),
             (
                 "--object iothread,id=0io",
-                "--object iothread,id=0io: Parameter 'id' expects an identifier (a letter, \
-                 then letters, digits, '-', '.' or '_')",
+                "--object iothread,id=0io: Parameter 'id' expects an identifier",
             ),
             (
                 "--object memory-backend-ram,id=m",

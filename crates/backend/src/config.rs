@@ -181,13 +181,60 @@ fn bad_value(name: &str, reason: impl Into<String>) -> OptionsError {
     }
 }
 
+/// QEMU 7.2 object types (`ObjectType`) a storage daemon could be given; other names
+/// are refused as QEMU refuses them.
+const QEMU_OBJECT_TYPES: &[&str] = &[
+    "authz-list",
+    "authz-listfile",
+    "authz-pam",
+    "authz-simple",
+    "cryptodev-backend",
+    "cryptodev-backend-builtin",
+    "dbus-vmstate",
+    "filter-buffer",
+    "filter-dump",
+    "filter-mirror",
+    "filter-redirector",
+    "filter-replay",
+    "filter-rewriter",
+    "input-barrier",
+    "input-linux",
+    "iothread",
+    "main-loop",
+    "memory-backend-epc",
+    "memory-backend-file",
+    "memory-backend-memfd",
+    "memory-backend-ram",
+    "pef-guest",
+    "pr-manager-helper",
+    "qtest",
+    "rng-builtin",
+    "rng-egd",
+    "rng-random",
+    "secret",
+    "secret_keyring",
+    "sev-guest",
+    "thread-context",
+    "s390-pv-guest",
+    "throttle-group",
+    "tls-creds-anon",
+    "tls-creds-psk",
+    "tls-creds-x509",
+    "tls-cipher-suites",
+    "x-remote-object",
+    "x-vfio-user-server",
+];
+
+/// QEMU 7.2 export types (`BlockExportType`).
+const QEMU_EXPORT_TYPES: &[&str] = &["nbd", "vhost-user-blk", "fuse"];
+
 /// The required `id` of an object or export: a well-formed QEMU identifier.
 fn take_id(f: &mut Fields) -> OptionsResult<String> {
     let id = f.required_string("id")?;
     if !coerce::is_valid_id(&id) {
         return Err(OptionsError::Invalid {
             name: f.name("id"),
-            expected: "an identifier (a letter, then letters, digits, '-', '.' or '_')".into(),
+            expected: "an identifier".into(),
         });
     }
     Ok(id)
@@ -318,11 +365,17 @@ impl ObjectConfig {
         let qom_type = f.required_string("qom-type")?;
         let object = match qom_type.as_str() {
             "iothread" => ObjectConfig::IoThread(IoThreadConfig::take_from(&mut f)?),
-            other => {
+            other if QEMU_OBJECT_TYPES.contains(&other) => {
                 return Err(bad_value(
                     "qom-type",
                     format!("'{other}' is not supported (vubd has 'iothread' objects only)"),
                 ))
+            }
+            other => {
+                return Err(OptionsError::BadEnum {
+                    name: "qom-type".into(),
+                    value: other.to_string(),
+                })
             }
         };
         f.finish()?;
@@ -350,6 +403,12 @@ impl ExportConfig {
 
     fn from_fields(mut f: Fields) -> OptionsResult<Self> {
         let export_type = f.required_string("type")?;
+        if !QEMU_EXPORT_TYPES.contains(&export_type.as_str()) {
+            return Err(OptionsError::BadEnum {
+                name: "type".into(),
+                value: export_type,
+            });
+        }
         if export_type != "vhost-user-blk" {
             return Err(bad_value(
                 "type",
@@ -428,7 +487,13 @@ fn take_addr(f: &mut Fields) -> OptionsResult<PathBuf> {
 }
 
 fn take_num_queues(f: &mut Fields) -> OptionsResult<u16> {
-    let num_queues = f.uint("num-queues")?.unwrap_or(1);
+    let num_queues = f.unsigned("num-queues")?.unwrap_or(1);
+    if num_queues > u64::from(u16::MAX) {
+        return Err(OptionsError::Invalid {
+            name: f.name("num-queues"),
+            expected: "uint16_t".into(),
+        });
+    }
     match u16::try_from(num_queues) {
         Ok(n @ 1..=MAX_NUM_QUEUES) => Ok(n),
         _ => Err(bad_value(
@@ -459,7 +524,11 @@ fn take_iothreads(f: &mut Fields) -> OptionsResult<Vec<String>> {
 /// `logical-block-size`: a power of two from 512 to 32768, as QEMU's
 /// `check_block_size()`.
 fn take_logical_block_size(f: &mut Fields) -> OptionsResult<u32> {
-    let Some(size) = f.size("logical-block-size")? else {
+    let Some(size) = (if f.is_strict() {
+        f.unsigned("logical-block-size")?
+    } else {
+        f.size("logical-block-size")?
+    }) else {
         return Ok(DEFAULT_LOGICAL_BLOCK_SIZE);
     };
     if !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&size) {
@@ -494,7 +563,7 @@ fn take_serial(f: &mut Fields) -> OptionsResult<Option<String>> {
 
 fn take_queue_size(f: &mut Fields) -> OptionsResult<u16> {
     let size = f
-        .uint("queue-size")?
+        .unsigned("queue-size")?
         .unwrap_or(u64::from(DEFAULT_QUEUE_SIZE));
     match u16::try_from(size) {
         Ok(n @ 1..=MAX_QUEUE_SIZE) if n.is_power_of_two() => Ok(n),

@@ -495,8 +495,16 @@ impl Control {
                 )));
             }
             let t = target.clone().unwrap_or_else(|| IoThread::implicit(&e.id));
-            e.set_iothreads(vec![t]);
+            e.set_iothreads(vec![t.clone()]);
             e.resume();
+            if e.device().is_some() {
+                // The worker thread takes its new identity on the pass the resume
+                // wakes it for; answer once it has, so queries show the move.
+                let deadline = std::time::Instant::now() + Duration::from_secs(2);
+                while !t.has_worker() && std::time::Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_micros(100));
+                }
+            }
         }
         Ok(())
     }

@@ -92,6 +92,11 @@ impl IoThread {
             .compare_exchange(tid, 0, Ordering::AcqRel, Ordering::Acquire);
     }
 
+    /// Whether a worker thread serves this iothread now.
+    pub fn has_worker(&self) -> bool {
+        self.worker_tid.load(Ordering::Acquire) != 0
+    }
+
     /// The thread id `query-iothreads` reports.
     pub fn thread_id(&self) -> i32 {
         match self.worker_tid.load(Ordering::Acquire) {

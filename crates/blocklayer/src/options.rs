@@ -126,6 +126,8 @@ pub struct NullOptions {
     pub read_zeroes: bool,
     /// `latency-ns`
     pub latency_ns: u64,
+    /// Opened as `null-aio` (the same driver; only the name differs).
+    pub aio: bool,
 }
 
 /// The request kinds a blkdebug rule applies to (QEMU's `BlkdebugIOType`).
@@ -205,6 +207,7 @@ impl DriverOptions {
             DriverOptions::File(_) => "file",
             DriverOptions::HostDevice(_) => "host_device",
             DriverOptions::Raw(_) => "raw",
+            DriverOptions::Null(n) if n.aio => "null-aio",
             DriverOptions::Null(_) => "null-co",
             DriverOptions::Blkdebug(_) => "blkdebug",
         }
@@ -399,16 +402,17 @@ pub mod coerce {
 
     /// One of `choices`, named by its QEMU string.
     pub fn to_enum<T: Copy>(name: &str, v: &Value, choices: &[(&str, T)]) -> Result<T> {
-        let expected = || {
-            let names: Vec<String> = choices.iter().map(|(n, _)| format!("'{n}'")).collect();
-            invalid(name, &format!("one of {}", names.join(", ")))
+        let Some(s) = v.as_str() else {
+            return Err(invalid(name, "a string"));
         };
-        let s = v.as_str().ok_or_else(expected)?;
         choices
             .iter()
             .find(|(n, _)| *n == s)
             .map(|(_, value)| *value)
-            .ok_or_else(expected)
+            .ok_or_else(|| OptionsError::BadEnum {
+                name: name.to_string(),
+                value: s.to_string(),
+            })
     }
 
     /// The members of one options object, consumed key by key; whatever is left at
@@ -530,6 +534,18 @@ pub mod coerce {
 
         pub fn size(&mut self, key: &str) -> Result<Option<u64>> {
             self.take_with(key, "integer", to_size)
+        }
+
+        /// An option of a QAPI unsigned type (`uint16`, `uint64`, `size`): QMP input of
+        /// the wrong type gets QEMU's "Parameter 'x' expects uint64".
+        pub fn unsigned(&mut self, key: &str) -> Result<Option<u64>> {
+            if self.strict && self.map.get(key).is_some_and(|v| !v.is_u64()) {
+                return Err(OptionsError::Invalid {
+                    name: self.name(key),
+                    expected: "uint64".into(),
+                });
+            }
+            self.uint(key)
         }
 
         pub fn string(&mut self, key: &str) -> Result<Option<String>> {
@@ -844,7 +860,8 @@ impl NullOptions {
         Ok(NullOptions {
             size: f.size("size")?.unwrap_or(NULL_DEFAULT_SIZE),
             read_zeroes: f.bool("read-zeroes")?.unwrap_or(false),
-            latency_ns: f.uint("latency-ns")?.unwrap_or(0),
+            latency_ns: f.unsigned("latency-ns")?.unwrap_or(0),
+            aio: false,
         })
     }
 
@@ -1112,7 +1129,11 @@ impl BlockdevOptions {
             "file" => DriverOptions::File(FileOptions::take_from(&mut f)?),
             "host_device" => DriverOptions::HostDevice(FileOptions::take_from(&mut f)?),
             "raw" => DriverOptions::Raw(RawOptions::take_from(&mut f, &common)?),
-            "null-co" | "null-aio" => DriverOptions::Null(NullOptions::take_from(&mut f)?),
+            "null-co" | "null-aio" => {
+                let mut null = NullOptions::take_from(&mut f)?;
+                null.aio = driver == "null-aio";
+                DriverOptions::Null(null)
+            }
             "blkdebug" => DriverOptions::Blkdebug(BlkdebugOptions::take_from(&mut f, &common)?),
             other if QEMU_DRIVERS.contains(&other) => {
                 return Err(bad_value(
@@ -1325,9 +1346,10 @@ mod tests {
                 size: 1073741824,
                 read_zeroes: false,
                 latency_ns: 0,
+                aio: true,
             })
         );
-        assert_eq!(null.driver.driver_name(), "null-co");
+        assert_eq!(null.driver.driver_name(), "null-aio");
     }
 
     #[test]
@@ -1454,7 +1476,7 @@ mod tests {
             ),
             (
                 json!({"driver": "file", "filename": "f", "aio": "posix"}),
-                "Parameter 'aio' expects one of 'threads', 'native', 'io_uring'",
+                "Parameter 'aio' does not accept value 'posix'",
             ),
             (
                 json!({"driver": "file", "filename": 5}),
@@ -1467,7 +1489,7 @@ mod tests {
             (
                 json!({"driver": "nbd"}),
                 "Invalid parameter value for 'driver': driver 'nbd' is not supported by \
-                 vubd yet (vubd has file, host_device, raw, null-co and null-aio)",
+                 vubd yet (vubd has file, host_device, raw, null-co, null-aio and blkdebug)",
             ),
             (
                 json!({"driver": "null-co", "node-name": "0bad"}),

@@ -1,9 +1,12 @@
 //! I/O accounting (QEMU's `BlockAcctStats`): operations, bytes, total latency, failed and
 //! invalid requests per kind, as `query-blockstats` reports them in `BlockDeviceStats`.
+//! A request's start time is its event-loop pass's ([`clock::now`]); its end is read
+//! when it completes: one clock read per request and layer.
 //!
 //! Counters are relaxed atomics: each is exact on its own, and a reader sees a snapshot
 //! that may be a request apart between fields, as QEMU's stats are.
 
+use crate::aio::clock;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -35,6 +38,8 @@ struct KindStats {
 pub struct IoStats {
     kinds: [KindStats; KINDS],
     wr_highest_offset: AtomicU64,
+    /// Whether `idle_time_ns` is kept (exports, as QEMU's BlockBackends).
+    track_idle: bool,
     /// Nanoseconds since [`epoch`] at which the last request completed, plus one
     /// (0: never).
     last_done_ns: AtomicU64,
@@ -46,8 +51,8 @@ fn epoch() -> Instant {
     *EPOCH.get_or_init(Instant::now)
 }
 
-fn ns_since(t: Instant) -> u64 {
-    u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX)
+fn ns_between(from: Instant, to: Instant) -> u64 {
+    u64::try_from(to.saturating_duration_since(from).as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// A request being accounted: started at [`IoStats::start`], finished with
@@ -65,16 +70,35 @@ impl Acct {
 }
 
 impl IoStats {
+    /// Statistics of a node.
     pub fn new() -> Self {
         let _ = epoch();
         IoStats::default()
     }
 
+    /// Statistics of an export: also `idle_time_ns`.
+    pub fn with_idle_time() -> Self {
+        IoStats {
+            track_idle: true,
+            ..IoStats::new()
+        }
+    }
+
+    /// Starts accounting a request, at the time of the current loop pass.
     pub fn start(kind: IoKind, bytes: u64) -> Acct {
         Acct {
             kind,
             bytes,
-            start: Instant::now(),
+            start: clock::now(),
+        }
+    }
+
+    fn note_done(&self, now: Instant) {
+        if self.track_idle {
+            self.last_done_ns.store(
+                ns_between(epoch(), now).saturating_add(1),
+                Ordering::Relaxed,
+            );
         }
     }
 
@@ -82,19 +106,23 @@ impl IoStats {
     /// `wr_highest_offset`).
     pub fn done(&self, acct: Acct, ok: bool, end: u64) {
         let k = &self.kinds[acct.kind as usize];
+        // The start is the loop pass's time; the end is read here, so a request's
+        // time includes its wait in the pass.
+        let now = Instant::now();
         if ok {
             k.operations.fetch_add(1, Ordering::Relaxed);
             k.bytes.fetch_add(acct.bytes, Ordering::Relaxed);
-            k.total_time_ns
-                .fetch_add(ns_since(acct.start), Ordering::Relaxed);
-            if acct.kind == IoKind::Write {
+            let t = ns_between(acct.start, now);
+            if t > 0 {
+                k.total_time_ns.fetch_add(t, Ordering::Relaxed);
+            }
+            if acct.kind == IoKind::Write && end > self.wr_highest_offset.load(Ordering::Relaxed) {
                 self.wr_highest_offset.fetch_max(end, Ordering::Relaxed);
             }
         } else {
             k.failed.fetch_add(1, Ordering::Relaxed);
         }
-        self.last_done_ns
-            .store(ns_since(epoch()).saturating_add(1), Ordering::Relaxed);
+        self.note_done(now);
     }
 
     /// Accounts a request refused before it started (out of range, malformed).
@@ -102,8 +130,7 @@ impl IoStats {
         self.kinds[kind as usize]
             .invalid
             .fetch_add(1, Ordering::Relaxed);
-        self.last_done_ns
-            .store(ns_since(epoch()).saturating_add(1), Ordering::Relaxed);
+        self.note_done(clock::now());
     }
 
     pub fn operations(&self, kind: IoKind) -> u64 {
@@ -145,7 +172,7 @@ impl IoStats {
         });
         let last = self.last_done_ns.load(Ordering::Relaxed);
         if last > 0 {
-            let idle = ns_since(epoch()).saturating_sub(last - 1);
+            let idle = ns_between(epoch(), Instant::now()).saturating_sub(last - 1);
             v["idle_time_ns"] = json!(idle);
         }
         v
@@ -158,7 +185,7 @@ mod tests {
 
     #[test]
     fn counts_by_kind() {
-        let s = IoStats::new();
+        let s = IoStats::with_idle_time();
         s.done(IoStats::start(IoKind::Write, 4096), true, 8192);
         s.done(IoStats::start(IoKind::Write, 512), true, 1024);
         s.done(IoStats::start(IoKind::Read, 4096), false, 0);

@@ -7,12 +7,13 @@
 //! before returning to epoll. The thread's io_uring completion eventfd sits in the same
 //! epoll set as the queue kicks, so a completion wakes the thread like a kick does.
 
+use super::backend_channel::BackendChannel;
 use super::config_space::BlkConfig;
 use super::request::{self, Desc, DeviceLimits, Memory, Op, Request};
 use super::{ErrorAction, ExportShared, PopGate};
 use crate::iothread::{current_tid, IoThread};
 use blocklayer::aio::poll::{PollParams, PollState};
-use blocklayer::aio::{executor, uring};
+use blocklayer::aio::{clock, executor, uring};
 use blocklayer::stats::{Acct, IoKind, IoStats};
 use serde_json::json;
 use std::cell::RefCell;
@@ -104,6 +105,8 @@ pub struct BlkDevice {
     /// Set once the frontend is gone: no more requests are popped.
     disconnected: AtomicBool,
     backend_req: Mutex<Option<Backend>>,
+    /// Our own handle on the backend channel, for CONFIG_CHANGE_MSG.
+    channel: Mutex<Option<BackendChannel>>,
 }
 
 impl BlkDevice {
@@ -123,6 +126,7 @@ impl BlkDevice {
             handlers: Mutex::new(Vec::new()),
             disconnected: AtomicBool::new(false),
             backend_req: Mutex::new(None),
+            channel: Mutex::new(None),
         })
     }
 
@@ -334,6 +338,7 @@ impl BlkDevice {
         // Load the memory table on every pass: the frontend may add regions
         // (VHOST_USER_ADD_MEM_REG) at any time, and new requests may use them.
         let mem = &self.mem.memory().into_inner();
+        clock::tick();
         let mut popped = 0;
         {
             let _gate = PopGate::enter(&self.shared);
@@ -347,7 +352,12 @@ impl BlkDevice {
         if let Err(e) = uring::submit() {
             log::error!("io_uring submit failed: {e}");
         }
-        progress += uring::reap();
+        let reaped = uring::reap();
+        if reaped > 0 {
+            // Completions found now are accounted at this time.
+            clock::tick();
+        }
+        progress += reaped;
         progress += executor::run_ready();
         let _ = uring::submit();
         progress += self.complete(vrings);
@@ -414,20 +424,13 @@ impl BlkDevice {
         LOOP.with(|l| l.borrow_mut().slept_at = Some(last));
     }
 
-    /// Sends a config-change notification (capacity changed) to the frontend.
+    /// Sends a config-change notification (capacity changed) to the frontend, if it
+    /// gave us a backend channel (QEMU does; libblkio re-reads GET_CONFIG itself).
     pub fn notify_config_change(&self) {
-        use vhost::vhost_user::VhostUserFrontendReqHandler;
-        if let Some(b) = self
-            .backend_req
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-        {
-            if let Err(e) = b.handle_config_change() {
-                log::warn!(
-                    "export {}: config change message failed: {e}",
-                    self.shared.id
-                );
+        let channel = self.channel.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(ch) = channel.as_ref() {
+            if let Err(e) = ch.send_config_change() {
+                log::warn!("export {}: {e}", self.shared.id);
             }
         }
     }
@@ -707,6 +710,17 @@ impl VhostUserBackend for BlkDevice {
 
     fn set_backend_req_fd(&self, backend: Backend) {
         *self.backend_req.lock().unwrap_or_else(|p| p.into_inner()) = Some(backend);
+        let channel = match BackendChannel::claim_new() {
+            Ok(ch) => Some(ch),
+            Err(e) => {
+                log::warn!(
+                    "export {}: backend channel: {e}; resizes will not be announced",
+                    self.shared.id
+                );
+                None
+            }
+        };
+        *self.channel.lock().unwrap_or_else(|p| p.into_inner()) = channel;
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {

@@ -1,6 +1,7 @@
 //! vhost-user-blk exports: one UNIX socket each, serving one node to one frontend at a
 //! time; when the frontend goes away the export waits for the next one.
 
+pub mod backend_channel;
 pub mod config_space;
 pub mod device;
 pub mod request;
@@ -455,7 +456,7 @@ impl Export {
             serial,
             iothreads: Mutex::new(iothreads),
             iothread_gen: AtomicU64::new(0),
-            stats: IoStats::new(),
+            stats: IoStats::with_idle_time(),
             in_flight: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
             paused: AtomicBool::new(false),

@@ -216,7 +216,9 @@ pub fn encode(v: &Value, pretty: bool) -> Vec<u8> {
 pub struct Splitter {
     buf: Vec<u8>,
     depth: i64,
-    in_string: bool,
+    /// The quote character of the string being read (QEMU's JSON also takes
+    /// single-quoted strings).
+    quote: Option<u8>,
     escaped: bool,
 }
 
@@ -232,18 +234,18 @@ impl Splitter {
                 continue;
             }
             self.buf.push(b);
-            if self.in_string {
+            if let Some(q) = self.quote {
                 if self.escaped {
                     self.escaped = false;
                 } else if b == b'\\' {
                     self.escaped = true;
-                } else if b == b'"' {
-                    self.in_string = false;
+                } else if b == q {
+                    self.quote = None;
                 }
                 continue;
             }
             match b {
-                b'"' => self.in_string = true,
+                b'"' | b'\'' => self.quote = Some(b),
                 b'{' | b'[' => self.depth += 1,
                 b'}' | b']' => self.depth -= 1,
                 _ => {}
@@ -265,14 +267,58 @@ impl Splitter {
         let text = std::mem::take(&mut self.buf);
         let depth = self.depth;
         self.depth = 0;
-        self.in_string = false;
+        self.quote = None;
         self.escaped = false;
         if depth < 0 {
             return Err(QmpError::generic("JSON parse error, unbalanced brackets"));
         }
-        serde_json::from_slice(&text)
+        serde_json::from_slice(&single_quotes_to_double(&text))
             .map_err(|e| QmpError::generic(format!("JSON parse error, {}", parse_reason(&e))))
     }
+}
+
+/// Rewrites QEMU's single-quoted strings (`'abc'`, where `\'` is a quote and `"`
+/// needs no escape) as standard JSON strings; everything else is copied.
+fn single_quotes_to_double(text: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    if !text.contains(&b'\'') {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = Vec::with_capacity(text.len() + 8);
+    let mut quote: Option<u8> = None;
+    let mut escaped = false;
+    for &b in text {
+        match quote {
+            None => {
+                if b == b'"' || b == b'\'' {
+                    quote = Some(b);
+                    out.push(b'"');
+                } else {
+                    out.push(b);
+                }
+            }
+            Some(q) => {
+                if escaped {
+                    escaped = false;
+                    if q == b'\'' && b == b'\'' {
+                        // `\'` inside a single-quoted string is a plain quote.
+                        out.pop();
+                    }
+                    out.push(b);
+                } else if b == b'\\' {
+                    escaped = true;
+                    out.push(b);
+                } else if b == q {
+                    quote = None;
+                    out.push(b'"');
+                } else if q == b'\'' && b == b'"' {
+                    out.extend_from_slice(b"\\\"");
+                } else {
+                    out.push(b);
+                }
+            }
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 fn parse_reason(e: &serde_json::Error) -> String {
@@ -304,6 +350,9 @@ mod tests {
         assert!(out[0].is_err());
         let out = s.feed(b"[1, 2]");
         assert_eq!(out[0].as_ref().unwrap(), &json!([1, 2]));
+        let out = s.feed(b"{'execute': 'it\\'s \"x\"', \"a\": ['b}']}");
+        assert_eq!(out[0].as_ref().unwrap()["execute"], "it's \"x\"");
+        assert_eq!(out[0].as_ref().unwrap()["a"][0], "b}");
         let out = s.feed(b"{\"execute\": \"q\\\"x\"");
         assert!(out.is_empty());
         let out = s.feed(b"}");

@@ -26,7 +26,11 @@ impl NullDriver {
 
 impl Driver for NullDriver {
     fn driver_name(&self) -> &'static str {
-        "null-co"
+        if self.opts.aio {
+            "null-aio"
+        } else {
+            "null-co"
+        }
     }
 
     fn size(&self) -> u64 {
@@ -34,7 +38,7 @@ impl Driver for NullDriver {
     }
 
     fn filename(&self) -> String {
-        "null-co://".into()
+        format!("{}://", self.driver_name())
     }
 
     fn supports_fua(&self) -> bool {
