@@ -238,6 +238,9 @@ impl Control {
             m.insert("node-name".into(), json!(node.name()));
         }
         m.insert("stats".into(), stats);
+        if let Some(specific) = node.driver().driver_specific_stats() {
+            m.insert("driver-specific".into(), specific);
+        }
         for child in node.children() {
             let key = match child.role {
                 "file" => "parent",

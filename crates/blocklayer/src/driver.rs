@@ -54,6 +54,11 @@ pub trait Driver: Send + Sync {
         String::new()
     }
 
+    /// The driver's own statistics (`driver-specific` in QEMU's `BlockStats`).
+    fn driver_specific_stats(&self) -> Option<serde_json::Value> {
+        None
+    }
+
     /// Bytes the image takes on the host (`actual-size`), when known.
     fn actual_size(&self) -> Option<u64> {
         None

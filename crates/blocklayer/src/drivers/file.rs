@@ -67,6 +67,17 @@ pub struct FileDriver {
     block_device: bool,
     request_alignment: u32,
     mem_alignment: usize,
+    stats: FileStats,
+}
+
+/// The file driver's own statistics (`driver-specific` in `query-blockstats`).
+#[derive(Default)]
+struct FileStats {
+    discard_nb_ok: AtomicU64,
+    discard_nb_failed: AtomicU64,
+    discard_bytes_ok: AtomicU64,
+    /// Writes made stable on the host: fdatasync calls plus RWF_DSYNC writes.
+    syncs: AtomicU64,
 }
 
 fn ioctl_u64(fd: RawFd, req: libc::c_ulong) -> std::io::Result<u64> {
@@ -195,6 +206,7 @@ impl FileDriver {
             block_device,
             request_alignment,
             mem_alignment,
+            stats: FileStats::default(),
         })
     }
 
@@ -243,6 +255,9 @@ impl FileDriver {
         }
         if !self.block_device {
             self.size.fetch_max(offset + iov.len(), Ordering::AcqRel);
+        }
+        if fua {
+            self.stats.syncs.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -387,18 +402,43 @@ impl Driver for FileDriver {
         Box::pin(async move {
             self.fdatasync()
                 .await
-                .map(|_| ())
-                .map_err(|e| BlockError::io("flush", e))
+                .map_err(|e| BlockError::io("flush", e))?;
+            self.stats.syncs.fetch_add(1, Ordering::Relaxed);
+            Ok(())
         })
     }
 
     fn discard(&self, offset: u64, len: u64) -> LocalBoxFuture<'_, Result<()>> {
-        Box::pin(self.fallocate(
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            offset,
-            len,
-            "discard",
-        ))
+        Box::pin(async move {
+            let r = self
+                .fallocate(
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    offset,
+                    len,
+                    "discard",
+                )
+                .await;
+            if r.is_ok() {
+                self.stats.discard_nb_ok.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .discard_bytes_ok
+                    .fetch_add(len, Ordering::Relaxed);
+            } else {
+                self.stats.discard_nb_failed.fetch_add(1, Ordering::Relaxed);
+            }
+            r
+        })
+    }
+
+    fn driver_specific_stats(&self) -> Option<serde_json::Value> {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Some(serde_json::json!({
+            "driver": self.driver_name(),
+            "discard-nb-ok": get(&self.stats.discard_nb_ok),
+            "discard-nb-failed": get(&self.stats.discard_nb_failed),
+            "discard-bytes-ok": get(&self.stats.discard_bytes_ok),
+            "x-sync-operations": get(&self.stats.syncs),
+        }))
     }
 
     fn write_zeroes(
