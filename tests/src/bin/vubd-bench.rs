@@ -430,20 +430,7 @@ fn run_once(
             .collect()
     });
     drop(client);
-    // qemu-storage-daemon 7.2 sometimes hangs on SIGTERM after multiqueue runs: a
-    // daemon that does not exit is killed and reported, not fatal to the benchmark.
-    daemon.signal(libc::SIGTERM);
-    match daemon.wait_timeout(Duration::from_secs(10)) {
-        Some(st) if st.code() == Some(0) => {}
-        Some(st) => eprintln!(
-            "warning: {which:?} exited with {st:?} after SIGTERM; stderr:\n{}",
-            daemon.stderr()
-        ),
-        None => {
-            daemon.kill();
-            eprintln!("warning: {which:?} did not exit within 10 s of SIGTERM; killed");
-        }
-    }
+    stop_daemon(&mut daemon, which);
     let ios: u64 = results.iter().map(|r| r.0).sum();
     let errors: u64 = results.iter().map(|r| r.1).sum();
     let mut lats: Vec<u32> = results.into_iter().flat_map(|r| r.2).collect();
@@ -533,6 +520,24 @@ fn fmt_num(v: f64, prec: usize) -> String {
     }
 }
 
+/// Stops a daemon with SIGTERM. qemu-storage-daemon 7.2 sometimes hangs on SIGTERM
+/// after multiqueue runs: a daemon that does not exit is killed and reported, not
+/// fatal to the benchmark.
+fn stop_daemon(daemon: &mut Daemon, which: Which) {
+    daemon.signal(libc::SIGTERM);
+    match daemon.wait_timeout(Duration::from_secs(10)) {
+        Some(st) if st.code() == Some(0) => {}
+        Some(st) => eprintln!(
+            "warning: {which:?} exited with {st:?} after SIGTERM; stderr:\n{}",
+            daemon.stderr()
+        ),
+        None => {
+            daemon.kill();
+            eprintln!("warning: {which:?} did not exit within 10 s of SIGTERM; killed");
+        }
+    }
+}
+
 /// CPU % of a daemon with a connected, idle client over `secs`.
 fn idle_cpu(o: &Opts, which: Which, cfg: Config, sock: &Path) -> Result<f64, String> {
     let Prepared { mut daemon, client } = start(o, which, Backend::Null, cfg, Path::new(""), sock)?;
@@ -542,7 +547,7 @@ fn idle_cpu(o: &Opts, which: Which, cfg: Config, sock: &Path) -> Result<f64, Str
     std::thread::sleep(Duration::from_secs_f64(secs));
     let c1 = daemon.cpu_time();
     drop(client);
-    daemon.terminate();
+    stop_daemon(&mut daemon, which);
     Ok(c1.saturating_sub(c0).as_secs_f64() / secs * 100.0)
 }
 
