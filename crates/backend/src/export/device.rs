@@ -32,7 +32,7 @@ use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -616,7 +616,7 @@ async fn execute(shared: Arc<ExportShared>, mem: Arc<Memory>, req: Request, queu
     };
     let len = match status_addr {
         Some(addr) => {
-            if let Err(e) = mem.write_obj(status, addr) {
+            if let Err(e) = request::write_status(&mem, addr, status) {
                 log::warn!("export {}: cannot write status: {e}", shared.id);
             }
             if status == VIRTIO_BLK_S_OK as u8 {

@@ -8,6 +8,7 @@
 //! wherever descriptor boundaries fall.
 
 use blocklayer::aio::iovec::{IoVec, Keepalive};
+use smallvec::SmallVec;
 use std::sync::Arc;
 use virtio_bindings::virtio_blk::*;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -114,16 +115,19 @@ pub struct Request {
     pub op: Result<Op, RequestError>,
 }
 
+/// Guest memory segments (address, length); most chains have few, kept inline.
+type Segs = SmallVec<[(u64, u64); 4]>;
+
 /// Segments of guest memory in chain order, split into device-readable and -writable.
 struct Split {
-    readable: Vec<(u64, u64)>,
-    writable: Vec<(u64, u64)>,
+    readable: Segs,
+    writable: Segs,
 }
 
 fn split(descs: &[Desc]) -> Result<Split, RequestError> {
     let mut s = Split {
-        readable: Vec::new(),
-        writable: Vec::new(),
+        readable: Segs::new(),
+        writable: Segs::new(),
     };
     for d in descs {
         if d.len == 0 {
@@ -145,8 +149,8 @@ fn total(segs: &[(u64, u64)]) -> u64 {
 }
 
 /// The sub-list covering `offset..offset+len` of `segs`.
-fn sub(segs: &[(u64, u64)], offset: u64, len: u64) -> Vec<(u64, u64)> {
-    let mut out = Vec::new();
+fn sub(segs: &[(u64, u64)], offset: u64, len: u64) -> Segs {
+    let mut out = Segs::new();
     let (mut skip, mut want) = (offset, len);
     for &(addr, slen) in segs {
         if want == 0 {
@@ -168,11 +172,30 @@ fn read_bytes(mem: &Memory, segs: &[(u64, u64)], buf: &mut [u8]) -> Result<(), R
     let mut pos = 0usize;
     for &(addr, len) in segs {
         let n = len as usize;
-        mem.read_slice(&mut buf[pos..pos + n], GuestAddress(addr))
-            .map_err(|_| RequestError::BadAddress { addr, len })?;
+        let dst = &mut buf[pos..pos + n];
+        // Fast path: the bytes lie in one region (always, for a header in one
+        // descriptor); vm-memory's general read walks an iterator of regions.
+        let copied = mem
+            .get_slice(GuestAddress(addr), n)
+            .map(|slice| slice.copy_to(dst))
+            .unwrap_or(0);
+        if copied != n {
+            mem.read_slice(dst, GuestAddress(addr))
+                .map_err(|_| RequestError::BadAddress { addr, len })?;
+        }
         pos += n;
     }
     Ok(())
+}
+
+/// Writes one byte of guest memory (the status byte).
+pub fn write_status(mem: &Memory, addr: GuestAddress, status: u8) -> Result<(), RequestError> {
+    mem.get_slice(addr, 1)
+        .and_then(|slice| slice.write_obj(status, 0).map_err(Into::into))
+        .map_err(|_| RequestError::BadAddress {
+            addr: addr.0,
+            len: 1,
+        })
 }
 
 /// Maps guest segments to an I/O vector pointing into guest memory (zero-copy).
