@@ -65,6 +65,7 @@ pub struct Control {
     pub pidfile: Option<PathBuf>,
     /// Files to remove at shutdown (monitor sockets).
     pub cleanup: Vec<PathBuf>,
+    jobs: crate::jobs::Jobs,
 }
 
 impl Control {
@@ -77,6 +78,7 @@ impl Control {
             tx,
             pidfile: None,
             cleanup: Vec::new(),
+            jobs: crate::jobs::Jobs::default(),
         }
     }
 
@@ -530,6 +532,147 @@ impl Control {
             }
         }
         Ok(())
+    }
+
+    // ---- jobs ------------------------------------------------------------------
+
+    /// `blockdev-create`: formats a node (`driver: qcow2`, `file` an existing node)
+    /// or creates a host file (`driver: file`), as a job.
+    pub fn blockdev_create(&mut self, job_id: &str, options: &Value) -> OpResult<()> {
+        let work = self.create_work(options)?;
+        let events = self.events.clone();
+        self.jobs.run(&events, job_id, "create", work)
+    }
+
+    /// Checks the creation options now (QMP errors) and returns the work to run in
+    /// the job (whose errors end up in the job).
+    fn create_work(
+        &self,
+        options: &Value,
+    ) -> OpResult<Box<dyn FnOnce() -> std::result::Result<(), String>>> {
+        use blocklayer::options::coerce::Fields;
+        let e = |e: blocklayer::options::OptionsError| QmpError::generic(e.to_string());
+        let mut f = Fields::new_strict(options, "options").map_err(e)?;
+        let driver = f.required_string("driver").map_err(e)?;
+        match driver.as_str() {
+            "qcow2" => {
+                let file = f.required_string("file").map_err(|_| {
+                    QmpError::generic(
+                        "Parameter 'options.file' must name an existing node (inline \
+                         definitions are not supported by vubd)",
+                    )
+                })?;
+                let size = f.unsigned("size").map_err(e)?;
+                let size = f.required("size", size).map_err(e)?;
+                let mut o = qcow::CreateOptions::new(size);
+                if let Some(v) = f
+                    .enumeration(
+                        "version",
+                        &[("v2", qcow::Compat::V2), ("v3", qcow::Compat::V3)],
+                    )
+                    .map_err(e)?
+                {
+                    o.compat = v;
+                }
+                o.backing_file = f.string("backing-file").map_err(e)?;
+                o.backing_fmt = f.string("backing-fmt").map_err(e)?;
+                if let Some(cs) = f.unsigned("cluster-size").map_err(e)? {
+                    o.cluster_size = cs;
+                }
+                if let Some(p) = f
+                    .enumeration(
+                        "preallocation",
+                        &[
+                            ("off", qcow::Preallocation::Off),
+                            ("metadata", qcow::Preallocation::Metadata),
+                            ("falloc", qcow::Preallocation::Falloc),
+                            ("full", qcow::Preallocation::Full),
+                        ],
+                    )
+                    .map_err(e)?
+                {
+                    o.preallocation = p;
+                }
+                o.lazy_refcounts = f.bool("lazy-refcounts").map_err(e)?.unwrap_or(false);
+                o.extended_l2 = f.bool("extended-l2").map_err(e)?.unwrap_or(false);
+                if let Some(bits) = f.uint("refcount-bits").map_err(e)? {
+                    o.refcount_bits = bits as u32;
+                }
+                if let Some(c) = f
+                    .enumeration(
+                        "compression-type",
+                        &[
+                            ("zlib", qcow::CompressionType::Zlib),
+                            ("zstd", qcow::CompressionType::Zstd),
+                        ],
+                    )
+                    .map_err(e)?
+                {
+                    o.compression_type = c;
+                }
+                for key in ["data-file", "data-file-raw", "encrypt"] {
+                    if f.contains(key) {
+                        return Err(QmpError::generic(format!(
+                            "Parameter 'options.{key}' is not supported by vubd yet"
+                        )));
+                    }
+                }
+                f.finish().map_err(e)?;
+                let node = self.graph.lookup(&file).map_err(generic)?;
+                Ok(Box::new(move || {
+                    blocklayer::drivers::qcow2::create(node, o).map_err(|e| e.to_string())
+                }))
+            }
+            "file" => {
+                let filename = f.required_string("filename").map_err(e)?;
+                let size = f.unsigned("size").map_err(e)?;
+                let size = f.required("size", size).map_err(e)?;
+                let prealloc = f
+                    .enumeration(
+                        "preallocation",
+                        &[("off", false), ("falloc", true), ("full", true)],
+                    )
+                    .map_err(e)?
+                    .unwrap_or(false);
+                f.bool("nocow").map_err(e)?;
+                f.uint("extent-size-hint").map_err(e)?;
+                f.finish().map_err(e)?;
+                Ok(Box::new(move || {
+                    let file = std::fs::OpenOptions::new()
+                        .write(true)
+                        .create(true)
+                        .truncate(true)
+                        .open(&filename)
+                        .map_err(|err| format!("Could not create '{filename}': {err}"))?;
+                    file.set_len(size)
+                        .map_err(|err| format!("Could not resize '{filename}': {err}"))?;
+                    if prealloc {
+                        use std::os::fd::AsRawFd;
+                        // SAFETY: fallocate on a descriptor we own; no memory involved.
+                        let r = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, size as i64) };
+                        if r != 0 {
+                            return Err(format!(
+                                "Could not preallocate '{filename}': {}",
+                                std::io::Error::last_os_error()
+                            ));
+                        }
+                    }
+                    Ok(())
+                }))
+            }
+            other => Err(QmpError::generic(format!(
+                "Driver '{other}' does not support image creation in vubd (qcow2 and file do)"
+            ))),
+        }
+    }
+
+    pub fn dismiss_job(&mut self, id: &str) -> OpResult<()> {
+        let events = self.events.clone();
+        self.jobs.dismiss(&events, id)
+    }
+
+    pub fn query_jobs(&self) -> Value {
+        self.jobs.query()
     }
 
     // ---- shutdown --------------------------------------------------------------

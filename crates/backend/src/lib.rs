@@ -6,6 +6,8 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod export;
+pub mod img;
 pub mod iothread;
+pub mod jobs;
 pub mod keyval;
 pub mod qmp;

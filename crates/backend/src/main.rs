@@ -31,6 +31,16 @@ fn wait_for_signal(set: &libc::sigset_t) -> i32 {
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("img") {
+        return match vubd::img::main(&args[1..]) {
+            Ok(code) => ExitCode::from(code),
+            Err(e) => {
+                eprintln!("vubd img: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
     let cfg = match cli::parse_args(std::env::args().skip(1)) {
         Ok(CliAction::Run(cfg)) => cfg,
         Ok(CliAction::Help) => {

@@ -4,18 +4,44 @@
 
 use crate::driver::Driver;
 use crate::drivers::{
-    blkdebug::BlkdebugDriver, file::FileDriver, null::NullDriver, raw::RawDriver,
+    blkdebug::BlkdebugDriver, file::FileDriver, null::NullDriver, qcow2::Qcow2Driver,
+    raw::RawDriver,
 };
 use crate::error::{BlockError, Result};
 use crate::node::{Node, NodeFlags};
-use crate::options::{BlockdevOptions, BlockdevRef, DetectZeroes, DiscardMode, DriverOptions};
+use crate::options::{
+    BackingRef, BlockdevOptions, BlockdevRef, CommonOptions, DetectZeroes, DiscardMode,
+    DriverOptions, Qcow2Options,
+};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+/// The longest backing chain opened from image headers.
+pub const MAX_BACKING_DEPTH: usize = 16;
+
+/// The format of an image file, from its first bytes: qcow2 or raw.
+fn probe_format(path: &Path) -> Result<String> {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    let mut f = std::fs::File::open(path).map_err(|source| BlockError::Open {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let n = f.read(&mut magic).unwrap_or(0);
+    Ok(if n == 4 && magic == *b"QFI\xfb" {
+        "qcow2".into()
+    } else {
+        "raw".into()
+    })
+}
 
 #[derive(Default)]
 pub struct Graph {
     nodes: BTreeMap<String, Arc<Node>>,
+    /// Backing files being opened from qcow2 headers, outermost first.
+    chain: Vec<PathBuf>,
     /// Nodes added by `--blockdev`/`blockdev-add` themselves (not inline children):
     /// only these may be removed by `blockdev-del`, as QEMU's monitor-owned nodes.
     owned: BTreeSet<String>,
@@ -59,8 +85,10 @@ impl Graph {
                 )));
             }
         }
-        if let Some(BlockdevRef::Inline(child)) = opts.driver.child() {
-            self.check_names(child)?;
+        for child in opts.driver.children() {
+            if let BlockdevRef::Inline(child) = child {
+                self.check_names(child)?;
+            }
         }
         Ok(())
     }
@@ -82,6 +110,7 @@ impl Graph {
                 let image = self.child(&b.image)?;
                 Box::new(BlkdebugDriver::new(image, b))
             }
+            DriverOptions::Qcow2(q) => Box::new(self.open_qcow2(q, common)?),
             DriverOptions::Raw(r) => {
                 let file = self.child(&r.file)?;
                 let raw = (|| {
@@ -122,6 +151,95 @@ impl Graph {
         let node = Arc::new(Node::new(name.clone(), driver, flags));
         self.nodes.insert(name, node.clone());
         Ok(node)
+    }
+
+    fn open_qcow2(&mut self, q: &Qcow2Options, common: &CommonOptions) -> Result<Qcow2Driver> {
+        let file = self.child(&q.file)?;
+        if !common.read_only && file.is_read_only() {
+            return Err(BlockError::Graph(format!(
+                "Node '{}' is read-only: open the qcow2 node with read-only=on",
+                file.name()
+            )));
+        }
+        let opts = qcow::OpenOptions {
+            writable: !common.read_only,
+            l2_cache_size: q.l2_cache_size.or(q.cache_size),
+            refcount_cache_size: q.refcount_cache_size,
+            lazy_refcounts: q.lazy_refcounts,
+            ..qcow::OpenOptions::read_only()
+        };
+        let pass_discard = q
+            .pass_discard_request
+            .unwrap_or(common.discard == DiscardMode::Unmap);
+        let mut drv = Qcow2Driver::open(file.clone(), opts, pass_discard)?;
+        let backing = match &q.backing {
+            BackingRef::None => None,
+            BackingRef::Node(r) => Some(self.child(r)?),
+            BackingRef::FromHeader => match drv.header_backing() {
+                (None, _) => None,
+                (Some(name), fmt) => {
+                    let image = file.driver().filename();
+                    Some(self.open_backing_file(&image, &name, fmt.as_deref())?)
+                }
+            },
+        };
+        drv.set_backing(backing);
+        Ok(drv)
+    }
+
+    /// Opens the backing file a qcow2 header names (relative to the image's own
+    /// directory), read-only, with the format the header gives or probed; the chain
+    /// is at most [`MAX_BACKING_DEPTH`] deep and may not loop.
+    fn open_backing_file(
+        &mut self,
+        image: &str,
+        name: &str,
+        format: Option<&str>,
+    ) -> Result<Arc<Node>> {
+        let path = match Path::new(image).parent() {
+            Some(dir) if Path::new(name).is_relative() => dir.join(name),
+            _ => PathBuf::from(name),
+        };
+        let canonical = std::fs::canonicalize(&path).map_err(|source| BlockError::Open {
+            path: path.display().to_string(),
+            source,
+        })?;
+        if self.chain.len() >= MAX_BACKING_DEPTH {
+            return Err(BlockError::Graph(format!(
+                "backing chain of '{image}' is deeper than {MAX_BACKING_DEPTH} images"
+            )));
+        }
+        if self.chain.contains(&canonical)
+            || std::fs::canonicalize(image).ok() == Some(canonical.clone())
+        {
+            return Err(BlockError::Graph(format!(
+                "backing chain of '{image}' loops back to '{}'",
+                canonical.display()
+            )));
+        }
+        let format = match format {
+            Some(f) => f.to_string(),
+            None => probe_format(&canonical)?,
+        };
+        if format != "qcow2" && format != "raw" {
+            return Err(BlockError::Graph(format!(
+                "backing file '{}' has format '{format}', which vubd cannot open",
+                path.display()
+            )));
+        }
+        let opts = BlockdevOptions::from_json(&json!({
+            "driver": format,
+            "read-only": true,
+            "file": {
+                "driver": "file",
+                "filename": canonical.display().to_string(),
+                "read-only": true,
+            },
+        }))?;
+        self.chain.push(canonical);
+        let r = self.open(&opts);
+        self.chain.pop();
+        r
     }
 
     /// The nodes that have `name` as a child, with the child's role.

@@ -173,9 +173,40 @@ pub struct BlkdebugOptions {
     pub inject_error: Vec<InjectErrorOptions>,
 }
 
+/// A `backing` option: absent (open what the image header names), `null` (no
+/// backing file), or a node.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BackingRef {
+    FromHeader,
+    None,
+    Node(BlockdevRef),
+}
+
+/// QEMU's `BlockdevOptionsQcow2`, as far as vubd implements it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Qcow2Options {
+    pub file: BlockdevRef,
+    pub backing: BackingRef,
+    /// `lazy-refcounts` (default: the image's compatible bit)
+    pub lazy_refcounts: Option<bool>,
+    /// `l2-cache-size` in bytes
+    pub l2_cache_size: Option<u64>,
+    /// `refcount-cache-size` in bytes
+    pub refcount_cache_size: Option<u64>,
+    /// `cache-size`: the two caches together
+    pub cache_size: Option<u64>,
+    /// `pass-discard-request` (default on with discard=unmap), `pass-discard-snapshot`
+    /// (default on), `pass-discard-other` (default off)
+    pub pass_discard_request: Option<bool>,
+    pub pass_discard_snapshot: bool,
+    pub pass_discard_other: bool,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum DriverOptions {
     File(FileOptions),
+    /// `qcow2` (read-only so far)
+    Qcow2(Qcow2Options),
     /// `blkdebug`: a filter that fails requests by rule
     Blkdebug(BlkdebugOptions),
     /// `host_device`: the file driver on a block device
@@ -197,8 +228,22 @@ impl DriverOptions {
         match self {
             DriverOptions::Raw(r) => Some(&r.file),
             DriverOptions::Blkdebug(b) => Some(&b.image),
+            DriverOptions::Qcow2(q) => Some(&q.file),
             _ => None,
         }
+    }
+
+    /// Every child given in the options (`file`, `backing`, `image`).
+    pub fn children(&self) -> Vec<&BlockdevRef> {
+        let mut out: Vec<&BlockdevRef> = self.child().into_iter().collect();
+        if let DriverOptions::Qcow2(Qcow2Options {
+            backing: BackingRef::Node(b),
+            ..
+        }) = self
+        {
+            out.push(b);
+        }
+        out
     }
 
     /// The QEMU driver name.
@@ -210,6 +255,7 @@ impl DriverOptions {
             DriverOptions::Null(n) if n.aio => "null-aio",
             DriverOptions::Null(_) => "null-co",
             DriverOptions::Blkdebug(_) => "blkdebug",
+            DriverOptions::Qcow2(_) => "qcow2",
         }
     }
 }
@@ -1091,6 +1137,93 @@ impl BlkdebugOptions {
     }
 }
 
+impl Qcow2Options {
+    fn take_from(f: &mut Fields, common: &CommonOptions) -> Result<Self> {
+        let file = BlockdevRef::take_from(f, "file", common)?;
+        let backing = match f.take("backing") {
+            None => BackingRef::FromHeader,
+            Some(Value::Null) => BackingRef::None,
+            // The keyval syntax cannot write JSON null; QEMU reads "null" as null.
+            Some(Value::String(s)) if s == "null" && !f.is_strict() => BackingRef::None,
+            Some(Value::String(node)) => BackingRef::Node(BlockdevRef::Reference(node)),
+            Some(Value::Object(mut child)) => {
+                // A backing file is read-only unless it says otherwise.
+                child.entry("read-only").or_insert(Value::Bool(true));
+                common.inherit_into(&mut child);
+                let name = f.name("backing");
+                let child = BlockdevOptions::parse(&f.nested(&Value::Object(child), &name)?)?;
+                BackingRef::Node(BlockdevRef::Inline(Box::new(child)))
+            }
+            Some(_) => {
+                return Err(OptionsError::Invalid {
+                    name: f.name("backing"),
+                    expected: "a node name, an object or null".into(),
+                })
+            }
+        };
+        let options = Qcow2Options {
+            file,
+            backing,
+            lazy_refcounts: f.bool("lazy-refcounts")?,
+            l2_cache_size: f.size("l2-cache-size")?,
+            refcount_cache_size: f.size("refcount-cache-size")?,
+            cache_size: f.size("cache-size")?,
+            pass_discard_request: f.bool("pass-discard-request")?,
+            pass_discard_snapshot: f.bool("pass-discard-snapshot")?.unwrap_or(true),
+            pass_discard_other: f.bool("pass-discard-other")?.unwrap_or(false),
+        };
+        // Accepted and without effect: vubd checks every metadata write against the
+        // metadata ranges and never frees cache entries on a timer.
+        let _ = f.take("overlap-check");
+        f.uint("cache-clean-interval")?;
+        for key in ["data-file", "encrypt", "l2-cache-entry-size"] {
+            if f.contains(key) {
+                return Err(bad_value(
+                    &f.name(key),
+                    "this qcow2 option is not supported by vubd yet",
+                ));
+            }
+        }
+        Ok(options)
+    }
+
+    fn write_json(&self, m: &mut Map<String, Value>) {
+        m.insert("file".into(), self.file.to_json());
+        match &self.backing {
+            BackingRef::FromHeader => {}
+            BackingRef::None => {
+                m.insert("backing".into(), Value::Null);
+            }
+            BackingRef::Node(b) => {
+                m.insert("backing".into(), b.to_json());
+            }
+        }
+        let opt = |m: &mut Map<String, Value>, k: &str, v: Option<Value>| {
+            if let Some(v) = v {
+                m.insert(k.into(), v);
+            }
+        };
+        opt(m, "lazy-refcounts", self.lazy_refcounts.map(Value::Bool));
+        opt(m, "l2-cache-size", self.l2_cache_size.map(|v| json!(v)));
+        opt(
+            m,
+            "refcount-cache-size",
+            self.refcount_cache_size.map(|v| json!(v)),
+        );
+        opt(m, "cache-size", self.cache_size.map(|v| json!(v)));
+        opt(
+            m,
+            "pass-discard-request",
+            self.pass_discard_request.map(Value::Bool),
+        );
+        m.insert(
+            "pass-discard-snapshot".into(),
+            json!(self.pass_discard_snapshot),
+        );
+        m.insert("pass-discard-other".into(), json!(self.pass_discard_other));
+    }
+}
+
 impl BlockdevOptions {
     /// Parses QEMU `BlockdevOptions` (the `blockdev-add` argument, the `--blockdev`
     /// option after keyval parsing). `node-name` is optional here; see
@@ -1135,6 +1268,7 @@ impl BlockdevOptions {
                 DriverOptions::Null(null)
             }
             "blkdebug" => DriverOptions::Blkdebug(BlkdebugOptions::take_from(&mut f, &common)?),
+            "qcow2" => DriverOptions::Qcow2(Qcow2Options::take_from(&mut f, &common)?),
             other if QEMU_DRIVERS.contains(&other) => {
                 return Err(bad_value(
                     &f.name("driver"),
@@ -1166,6 +1300,7 @@ impl BlockdevOptions {
             DriverOptions::Raw(raw) => raw.write_json(&mut m),
             DriverOptions::Null(null) => null.write_json(&mut m),
             DriverOptions::Blkdebug(b) => b.write_json(&mut m),
+            DriverOptions::Qcow2(q) => q.write_json(&mut m),
         }
         Value::Object(m)
     }
@@ -1173,8 +1308,10 @@ impl BlockdevOptions {
     /// This node's name and those of its inline children, outermost first.
     pub fn node_names(&self) -> Vec<&str> {
         let mut names: Vec<&str> = self.common.node_name.as_deref().into_iter().collect();
-        if let Some(BlockdevRef::Inline(child)) = self.driver.child() {
-            names.extend(child.node_names());
+        for child in self.driver.children() {
+            if let BlockdevRef::Inline(child) = child {
+                names.extend(child.node_names());
+            }
         }
         names
     }
@@ -1182,11 +1319,14 @@ impl BlockdevOptions {
     /// The node names this node refers to (not inline children), its own and its
     /// inline children's.
     pub fn references(&self) -> Vec<&str> {
-        match self.driver.child() {
-            Some(BlockdevRef::Reference(node)) => vec![node.as_str()],
-            Some(BlockdevRef::Inline(child)) => child.references(),
-            None => Vec::new(),
-        }
+        self.driver
+            .children()
+            .into_iter()
+            .flat_map(|c| match c {
+                BlockdevRef::Reference(node) => vec![node.as_str()],
+                BlockdevRef::Inline(child) => child.references(),
+            })
+            .collect()
     }
 }
 

@@ -102,6 +102,13 @@ fn parse_args() -> Opts {
 enum Backend {
     Null,
     File,
+    /// qcow2 on a fresh (empty) image for every run: writes allocate.
+    Qcow2Fresh,
+    /// qcow2, every cluster allocated (converted from the raw bench image).
+    Qcow2,
+    /// an empty qcow2 over an empty qcow2 over the raw bench image: reads go
+    /// through a backing chain of three.
+    Qcow2Chain,
 }
 
 impl Backend {
@@ -109,7 +116,77 @@ impl Backend {
         match self {
             Backend::Null => "null-co",
             Backend::File => "file",
+            Backend::Qcow2Fresh => "qcow2-fresh",
+            Backend::Qcow2 => "qcow2",
+            Backend::Qcow2Chain => "qcow2-chain3",
         }
+    }
+
+    /// The image file the daemon opens, next to the raw bench image.
+    fn image(self, raw: &Path) -> PathBuf {
+        let ext = match self {
+            Backend::Null | Backend::File => return raw.to_path_buf(),
+            Backend::Qcow2Fresh => "fresh.qcow2",
+            Backend::Qcow2 => "full.qcow2",
+            Backend::Qcow2Chain => "top.qcow2",
+        };
+        raw.with_extension(ext)
+    }
+
+    /// Which workloads a backend is measured with (qcow2: the cases).
+    fn runs(self, w: &Workload, cfg: &Config) -> bool {
+        match self {
+            Backend::Null | Backend::File => true,
+            Backend::Qcow2Fresh => cfg.queues == 1 && w.write && w.qd == 32,
+            Backend::Qcow2 => cfg.queues == 1 && w.qd == 32,
+            Backend::Qcow2Chain => cfg.queues == 1 && !w.write && w.qd == 32,
+        }
+    }
+}
+
+fn qemu_img(args: &[&str]) {
+    let st = std::process::Command::new("qemu-img")
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("run qemu-img");
+    assert!(st.success(), "qemu-img {args:?} failed");
+}
+
+/// Makes the qcow2 images a backend needs from the raw bench image.
+fn prepare_qcow2(backend: Backend, raw: &Path) {
+    let img = backend.image(raw);
+    let p = |x: &Path| x.to_str().expect("utf-8 path").to_string();
+    let size = DEV_SIZE.to_string();
+    match backend {
+        Backend::Qcow2Fresh => qemu_img(&["create", "-f", "qcow2", &p(&img), &size]),
+        Backend::Qcow2 => qemu_img(&["convert", "-f", "raw", "-O", "qcow2", &p(raw), &p(&img)]),
+        Backend::Qcow2Chain => {
+            let mid = raw.with_extension("mid.qcow2");
+            qemu_img(&[
+                "create",
+                "-f",
+                "qcow2",
+                "-b",
+                &p(raw),
+                "-F",
+                "raw",
+                &p(&mid),
+                &size,
+            ]);
+            qemu_img(&[
+                "create",
+                "-f",
+                "qcow2",
+                "-b",
+                &p(&mid),
+                "-F",
+                "qcow2",
+                &p(&img),
+                &size,
+            ]);
+        }
+        Backend::Null | Backend::File => {}
     }
 }
 
@@ -223,6 +300,12 @@ fn daemon_args(
             "driver=null-co,node-name=disk0,size={DEV_SIZE},read-zeroes=off"
         )),
         Backend::File => a.file_raw_path("disk0", image, ",cache.direct=off", ""),
+        Backend::Qcow2Fresh | Backend::Qcow2 | Backend::Qcow2Chain => a
+            .blockdev(&format!(
+                "driver=file,node-name=disk0-file,filename={},cache.direct=off",
+                backend.image(image).display()
+            ))
+            .blockdev("driver=qcow2,node-name=disk0,file=disk0-file"),
     };
     let iothreads = if nthreads == 1 {
         ",iothread=io0".to_string()
@@ -394,6 +477,10 @@ fn run_once(
     seed: u64,
 ) -> Result<RunResult, String> {
     let (backend, cfg, w) = (case.backend, case.cfg, case.w);
+    if backend == Backend::Qcow2Fresh {
+        // Every run allocates from an empty image.
+        prepare_qcow2(backend, image);
+    }
     let Prepared {
         mut daemon,
         mut client,
@@ -592,10 +679,19 @@ fn main() {
     let mut seed_rng = Rng::with_seed(0x5eed);
 
     let mut cases = Vec::new();
-    for backend in [Backend::Null, Backend::File] {
+    for backend in [
+        Backend::Null,
+        Backend::File,
+        Backend::Qcow2Fresh,
+        Backend::Qcow2,
+        Backend::Qcow2Chain,
+    ] {
         for cfg in CONFIGS {
             for w in WORKLOADS {
                 let name = format!("{}/{}/{}", backend.name(), w.name, cfg.name);
+                if !backend.runs(w, cfg) {
+                    continue;
+                }
                 if o.filters.is_empty() || o.filters.iter().any(|f| name.contains(f.as_str())) {
                     cases.push(Case {
                         name,
@@ -613,7 +709,7 @@ fn main() {
     }
 
     // Preallocate the image: every page written, so reads hit real memory.
-    let _image_guard = if cases.iter().any(|c| c.backend == Backend::File) {
+    let _image_guard = if cases.iter().any(|c| c.backend != Backend::Null) {
         eprintln!(
             "preparing {} ({} GiB, fully written)...",
             image.display(),
@@ -626,6 +722,12 @@ fn main() {
         while off < DEV_SIZE {
             f.write_all_at(&chunk, off).expect("write bench image");
             off += chunk.len() as u64;
+        }
+        for b in [Backend::Qcow2, Backend::Qcow2Chain] {
+            if cases.iter().any(|c| c.backend == b) {
+                eprintln!("preparing {}...", b.image(&image).display());
+                prepare_qcow2(b, &image);
+            }
         }
         Some(ImageGuard(image.clone()))
     } else {
@@ -801,5 +903,8 @@ struct ImageGuard(PathBuf);
 impl Drop for ImageGuard {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
+        for ext in ["fresh.qcow2", "full.qcow2", "mid.qcow2", "top.qcow2"] {
+            let _ = std::fs::remove_file(self.0.with_extension(ext));
+        }
     }
 }

@@ -108,6 +108,11 @@ impl Args {
         }
     }
 
+    /// Removes and returns a member as it is.
+    pub fn take(&mut self, name: &str) -> Option<Value> {
+        self.map.remove(name)
+    }
+
     /// Refuses members nobody read.
     pub fn finish(self) -> Result<(), QmpError> {
         match self.map.keys().next() {

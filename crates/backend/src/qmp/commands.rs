@@ -25,6 +25,9 @@ pub const COMMANDS: &[&str] = &[
     "object-del",
     "x-blockdev-set-iothread",
     "block_resize",
+    "blockdev-create",
+    "query-jobs",
+    "job-dismiss",
     "cont",
     "x-block-export-cont",
     "quit",
@@ -129,6 +132,31 @@ pub fn execute(ctl: &mut Control, name: &str, arguments: &Value) -> QmpResult {
                 )));
             };
             ctl.resize(&node, size as u64)?;
+            ok()
+        }
+        "blockdev-create" => {
+            let job_id = a.str("job-id")?;
+            let options = match a.take("options") {
+                Some(v @ Value::Object(_)) => v,
+                Some(_) => {
+                    return Err(QmpError::generic(
+                        "Invalid parameter type for 'options', expected: object",
+                    ))
+                }
+                None => return Err(QmpError::generic("Parameter 'options' is missing")),
+            };
+            a.finish()?;
+            ctl.blockdev_create(&job_id, &options)?;
+            ok()
+        }
+        "query-jobs" => {
+            a.finish()?;
+            Ok(ctl.query_jobs())
+        }
+        "job-dismiss" => {
+            let id = a.str("id")?;
+            a.finish()?;
+            ctl.dismiss_job(&id)?;
             ok()
         }
         "cont" => {

@@ -5,4 +5,5 @@ pub mod blkdebug;
 pub mod file;
 pub mod lock;
 pub mod null;
+pub mod qcow2;
 pub mod raw;

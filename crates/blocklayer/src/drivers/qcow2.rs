@@ -1,0 +1,357 @@
+//! The `qcow2` format driver: the `qcow` crate's image (metadata) over the `file`
+//! child, with a `backing` child for unallocated ranges.
+//!
+//! Guest data of allocated clusters moves zero-copy: the driver asks the image where
+//! a range lives ([`qcow::Qcow2::map`]) and reads the guest's own buffers straight
+//! from the file node at those host offsets. Zero extents are filled here, unallocated
+//! ones come from the backing node (or read as zeroes), compressed clusters are
+//! inflated through a bounce buffer.
+//!
+//! Writes ask the image for host clusters ([`qcow::Qcow2::allocate`]: reserved with
+//! their refcounts, copy-on-write of partial clusters done by the image), write the
+//! guest's buffers straight to the file node there, then link the clusters
+//! ([`qcow::Qcow2::commit`]). Flushes write the image's dirty metadata in dependency
+//! order and then flush the file.
+
+use crate::aio::iovec::{AlignedBuf, IoVec};
+use crate::aio::LocalBoxFuture;
+use crate::driver::{Child, Driver};
+use crate::error::{BlockError, Result};
+use crate::node::Node;
+use qcow::io::QcowIo;
+use qcow::{Backing, Extent, ExtentKind, OpenOptions, Qcow2};
+use std::future::Future;
+use std::io;
+use std::sync::{Arc, Mutex};
+
+/// The qcow crate's I/O on the `file` child node.
+pub struct NodeIo {
+    node: Arc<Node>,
+    /// Serialises growing the file, so that concurrent writers never shrink it.
+    grow: Arc<Mutex<()>>,
+}
+
+impl NodeIo {
+    pub fn new(node: Arc<Node>) -> Self {
+        NodeIo {
+            node,
+            grow: Arc::new(Mutex::new(())),
+        }
+    }
+
+    /// Makes the file at least `end` bytes long.
+    fn ensure_len(&self, end: u64) -> std::result::Result<(), BlockError> {
+        if end <= self.node.size() {
+            return Ok(());
+        }
+        let _g = self.grow.lock().unwrap_or_else(|p| p.into_inner());
+        if end > self.node.size() {
+            self.node.resize(end)?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads `buf.len()` bytes of `node` at `offset` through an owned bounce buffer
+/// (the kernel may still write into it if the future is dropped); zeroes past the
+/// end.
+async fn read_node(node: &Node, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+    let n = (buf.len() as u64).min(node.size().saturating_sub(offset)) as usize;
+    if n > 0 {
+        let iov = IoVec::from_buf(Arc::new(AlignedBuf::zeroed(n, 4096)));
+        node.read(offset, iov.clone()).await.map_err(to_io)?;
+        iov.copy_to_slice(0, &mut buf[..n]);
+    }
+    buf[n..].fill(0);
+    Ok(())
+}
+
+/// The backing node as the image's copy-on-write source.
+struct NodeBacking<'a>(Option<&'a Arc<Node>>);
+
+impl Backing for NodeBacking<'_> {
+    async fn read(&self, guest_offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        match self.0 {
+            Some(node) => read_node(node, guest_offset, buf).await,
+            None => {
+                buf.fill(0);
+                Ok(())
+            }
+        }
+    }
+
+    fn present(&self) -> bool {
+        self.0.is_some()
+    }
+}
+
+fn to_io(e: BlockError) -> io::Error {
+    io::Error::from_raw_os_error(e.errno())
+}
+
+impl QcowIo for NodeIo {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> impl Future<Output = io::Result<()>> {
+        read_node(&self.node, offset, buf)
+    }
+
+    async fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        self.ensure_len(offset + buf.len() as u64).map_err(to_io)?;
+        let bounce = Arc::new(AlignedBuf::zeroed(buf.len(), 4096));
+        let iov = IoVec::from_buf(bounce);
+        iov.copy_from_slice(0, buf);
+        self.node.write(offset, iov, false).await.map_err(to_io)
+    }
+
+    async fn flush(&self) -> io::Result<()> {
+        self.node.flush().await.map_err(to_io)
+    }
+
+    fn len(&self) -> impl Future<Output = io::Result<u64>> {
+        std::future::ready(Ok(self.node.size()))
+    }
+
+    fn set_len(&self, len: u64) -> impl Future<Output = io::Result<()>> {
+        let _g = self.grow.lock().unwrap_or_else(|p| p.into_inner());
+        std::future::ready(self.node.resize(len).map_err(to_io))
+    }
+}
+
+pub struct Qcow2Driver {
+    image: Arc<Qcow2<NodeIo>>,
+    file: Arc<Node>,
+    backing: Option<Arc<Node>>,
+    writable: bool,
+    /// Unit of zero writes the image can do without data (a subcluster).
+    zero_align: u64,
+    /// Punch the host ranges that discards free (`pass-discard-request`).
+    pass_discard: bool,
+}
+
+fn image_error(e: qcow::Error) -> BlockError {
+    match e {
+        qcow::Error::Io(source) => BlockError::io("qcow2", source),
+        qcow::Error::Unsupported(what) => {
+            log::debug!("qcow2: unsupported: {what}");
+            BlockError::Unsupported("this qcow2 operation")
+        }
+        other => BlockError::Graph(format!("qcow2: {other}")),
+    }
+}
+
+impl Qcow2Driver {
+    /// Opens the image on `file` (from the control thread: it waits for the header
+    /// and tables it reads).
+    pub fn open(file: Arc<Node>, opts: OpenOptions, pass_discard: bool) -> Result<Qcow2Driver> {
+        let io = NodeIo::new(file.clone());
+        let writable = opts.writable;
+        let image =
+            Arc::new(crate::aio::uring::block_on(Qcow2::open(io, opts)).map_err(image_error)?);
+        let info = image.info();
+        let zero_align = if info.extended_l2 {
+            info.cluster_size / 32
+        } else {
+            info.cluster_size
+        };
+        Ok(Qcow2Driver {
+            image,
+            file,
+            backing: None,
+            writable: writable && info.writable,
+            zero_align,
+            pass_discard,
+        })
+    }
+
+    async fn write_data(&self, offset: u64, iov: IoVec) -> Result<()> {
+        let backing = NodeBacking(self.backing.as_ref());
+        let alloc = self
+            .image
+            .allocate(offset, iov.len(), &backing)
+            .await
+            .map_err(image_error)?;
+        for r in alloc.ranges() {
+            let part = iov.slice(r.guest_offset - offset, r.len);
+            let written = match self.image.io().ensure_len(r.host_offset + r.len) {
+                Ok(()) => self.file.write(r.host_offset, part, false).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = written {
+                self.image.abort(alloc).await;
+                return Err(e);
+            }
+        }
+        self.image.commit(alloc).await.map_err(image_error)
+    }
+
+    async fn zero(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        let end = offset + len;
+        let aligned = offset.is_multiple_of(self.zero_align)
+            && (end.is_multiple_of(self.zero_align) || end == self.image.size());
+        if !aligned {
+            // The generic path writes a zero buffer instead.
+            return Err(BlockError::Unsupported("unaligned qcow2 zero writes"));
+        }
+        self.image
+            .write_zeroes(offset, len, may_unmap)
+            .await
+            .map_err(image_error)
+    }
+
+    async fn discard_range(&self, offset: u64, len: u64) -> Result<()> {
+        let freed = self.image.discard(offset, len).await.map_err(image_error)?;
+        if self.pass_discard {
+            for (host, n) in freed {
+                // Advisory, as discard itself.
+                let _ = self.file.discard(host, n).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// The backing file name and format the image header names.
+    pub fn header_backing(&self) -> (Option<String>, Option<String>) {
+        let info = self.image.info();
+        (info.backing_file, info.backing_format)
+    }
+
+    pub fn set_backing(&mut self, backing: Option<Arc<Node>>) {
+        self.backing = backing;
+    }
+
+    /// Reads one unallocated extent from the backing node (zeroes beyond its end or
+    /// without one).
+    async fn read_backing(&self, e: &Extent, part: IoVec) -> Result<()> {
+        let Some(b) = &self.backing else {
+            part.fill_zero();
+            return Ok(());
+        };
+        let avail = b.size().saturating_sub(e.offset).min(e.len);
+        if avail < e.len {
+            part.slice(avail, e.len - avail).fill_zero();
+        }
+        if avail > 0 {
+            b.read(e.offset, part.slice(0, avail)).await?;
+        }
+        Ok(())
+    }
+
+    async fn read_extents(&self, offset: u64, iov: IoVec) -> Result<()> {
+        let extents = self
+            .image
+            .map(offset, iov.len())
+            .await
+            .map_err(image_error)?;
+        for e in extents {
+            let part = iov.slice(e.offset - offset, e.len);
+            match e.kind {
+                ExtentKind::Data { host_offset } => self.file.read(host_offset, part).await?,
+                ExtentKind::Zero => part.fill_zero(),
+                ExtentKind::Unallocated => self.read_backing(&e, part).await?,
+                ExtentKind::Compressed { .. } => {
+                    let mut buf = vec![0u8; e.len as usize];
+                    self.image
+                        .read_compressed(&e, &mut buf)
+                        .await
+                        .map_err(image_error)?;
+                    part.copy_from_slice(0, &buf);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Driver for Qcow2Driver {
+    fn driver_name(&self) -> &'static str {
+        "qcow2"
+    }
+
+    fn size(&self) -> u64 {
+        self.image.size()
+    }
+
+    fn children(&self) -> Vec<Child> {
+        let mut c = vec![Child {
+            role: "file",
+            node: self.file.clone(),
+        }];
+        if let Some(b) = &self.backing {
+            c.push(Child {
+                role: "backing",
+                node: b.clone(),
+            });
+        }
+        c
+    }
+
+    fn is_read_only(&self) -> bool {
+        !self.writable
+    }
+
+    fn truncate(&self, size: u64) -> Result<()> {
+        let image = self.image.clone();
+        crate::aio::uring::block_on(async move { image.resize(size).await }).map_err(image_error)
+    }
+
+    fn filename(&self) -> String {
+        self.file.driver().filename()
+    }
+
+    fn actual_size(&self) -> Option<u64> {
+        self.file.driver().actual_size()
+    }
+
+    fn read<'a>(&'a self, offset: u64, iov: IoVec) -> LocalBoxFuture<'a, Result<()>> {
+        Box::pin(self.read_extents(offset, iov))
+    }
+
+    fn write<'a>(&'a self, offset: u64, iov: IoVec, _fua: bool) -> LocalBoxFuture<'a, Result<()>> {
+        // FUA is emulated by the generic path (a flush after the write), which also
+        // makes the metadata of the write stable.
+        Box::pin(self.write_data(offset, iov))
+    }
+
+    fn flush(&self) -> LocalBoxFuture<'_, Result<()>> {
+        Box::pin(async move { self.image.flush().await.map_err(image_error) })
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> LocalBoxFuture<'_, Result<()>> {
+        Box::pin(self.discard_range(offset, len))
+    }
+
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+    ) -> LocalBoxFuture<'_, Result<()>> {
+        Box::pin(self.zero(offset, len, may_unmap))
+    }
+}
+
+impl Drop for Qcow2Driver {
+    fn drop(&mut self) {
+        if self.writable {
+            // A clean close: metadata written back, the dirty bit cleared.
+            let image = self.image.clone();
+            if let Err(e) = crate::aio::uring::block_on(async move { image.close().await }) {
+                log::error!("qcow2: closing the image failed: {e}");
+            }
+        }
+    }
+}
+
+/// Formats the node `file` as a qcow2 image (QEMU's `blockdev-create` with
+/// `driver: qcow2`), from the control thread.
+pub fn create(file: Arc<Node>, opts: qcow::CreateOptions) -> Result<()> {
+    if file.is_read_only() {
+        return Err(BlockError::ReadOnly(file.name().to_string()));
+    }
+    let io = NodeIo::new(file);
+    crate::aio::uring::block_on(async move {
+        let image = qcow::create(io, &opts)
+            .await
+            .map_err(|e| BlockError::Graph(format!("qcow2: {e}")))?;
+        image.close().await.map_err(image_error)
+    })
+}

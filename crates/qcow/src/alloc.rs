@@ -1,0 +1,579 @@
+//! Refcounts and host cluster allocation, and the ordered writeback of
+//! metadata. Callers hold the metadata lock (`Qcow2::meta`).
+//!
+//! Ordering rules (crash safety):
+//! - a refcount increase reaches the file before any L1/L2 entry that uses
+//!   the cluster (dirty refcount blocks are written, then the file is
+//!   flushed, before dirty L2 tables are written);
+//! - a refcount decrease is applied only after the L2/L1 update that removed
+//!   the reference has been written and flushed (`pending_frees`); until
+//!   then the cluster cannot be reused;
+//! - new refcount blocks and tables are written and flushed before the
+//!   table entry or header field that points to them.
+//!
+//! A crash may leak clusters, but never leaves an entry pointing to a
+//! cluster whose refcount is zero.
+
+use crate::header::{self, incompat};
+use crate::image::{Error, Qcow2, Result, TableKind};
+use crate::io::QcowIo;
+use crate::layout::{self, OFFSET_MASK};
+
+impl<I: QcowIo> Qcow2<I> {
+    /// Refcount of host cluster `c` (index).
+    pub(crate) async fn rc_read(&self, c: u64) -> Result<u64> {
+        let t = (c / self.g.rc_per_block) as usize;
+        let block = {
+            let st = self.st();
+            st.rt.get(t).copied().unwrap_or(0) & OFFSET_MASK
+        };
+        if block == 0 {
+            return Ok(0);
+        }
+        self.check_rc_block(t, block).await?;
+        let idx = (c % self.g.rc_per_block) as usize;
+        let order = self.g.refcount_order;
+        self.with_table(TableKind::Refcount, block, |e| {
+            layout::rc_get(&e.data, order, idx)
+        })
+        .await
+    }
+
+    async fn check_rc_block(&self, t: usize, block: u64) -> Result<()> {
+        let cs = self.g.cluster_size;
+        let bad = {
+            let st = self.st();
+            !self.g.aligned(block) || block >= st.high_water || st.overlaps_fixed(cs, block, cs)
+        };
+        if bad {
+            return Err(self
+                .corrupt(format!("refcount table entry {t} is invalid ({block:#x})"))
+                .await);
+        }
+        Ok(())
+    }
+
+    /// Adds `delta` to the refcount of cluster `c`; its block must exist.
+    /// Returns the new refcount.
+    pub(crate) async fn rc_add(&self, c: u64, delta: i64) -> Result<u64> {
+        let t = (c / self.g.rc_per_block) as usize;
+        let block = self.st().rt.get(t).copied().unwrap_or(0) & OFFSET_MASK;
+        if block == 0 {
+            if delta < 0 {
+                return Err(self
+                    .corrupt(format!(
+                        "freeing cluster {:#x} without a refcount block",
+                        c * self.g.cluster_size
+                    ))
+                    .await);
+            }
+            return Err(Error::NoSpace(format!(
+                "internal: no refcount block for cluster {c}"
+            )));
+        }
+        self.check_rc_block(t, block).await?;
+        let idx = (c % self.g.rc_per_block) as usize;
+        let (order, max) = (self.g.refcount_order, self.g.rc_max);
+        let r = self
+            .with_table(TableKind::Refcount, block, |e| {
+                let old = layout::rc_get(&e.data, order, idx);
+                let new = if delta >= 0 {
+                    old.checked_add(delta as u64).filter(|&v| v <= max)
+                } else {
+                    old.checked_sub(delta.unsigned_abs())
+                };
+                if let Some(v) = new {
+                    layout::rc_set(&mut e.data, order, idx, v);
+                    e.dirty = true;
+                    e.gen += 1;
+                }
+                new.ok_or(old)
+            })
+            .await?;
+        match r {
+            Ok(v) => {
+                if v == 0 {
+                    let mut st = self.st();
+                    st.free_hint = st.free_hint.min(c);
+                    let off = c * self.g.cluster_size;
+                    st.meta_clusters.remove(&off);
+                    if st.free_byte_offset / self.g.cluster_size == c {
+                        st.free_byte_offset = 0;
+                    }
+                    st.l2.remove(off);
+                }
+                Ok(v)
+            }
+            Err(old) if delta > 0 && old == max => Err(Error::NoSpace(format!(
+                "refcount of cluster {c} would overflow {}-bit refcounts",
+                1u32 << order
+            ))),
+            Err(old) => Err(self
+                .corrupt(format!(
+                    "refcount of cluster {:#x} is {old}, cannot add {delta}",
+                    c * self.g.cluster_size
+                ))
+                .await),
+        }
+    }
+
+    /// Allocates `n` contiguous host clusters (refcount 1 each) and returns
+    /// the byte offset of the first.
+    pub(crate) async fn alloc_clusters(&self, n: u64) -> Result<u64> {
+        let rpb = self.g.rc_per_block;
+        let cs = self.g.cluster_size;
+        'outer: loop {
+            let (hint, hw) = {
+                let st = self.st();
+                (st.free_hint, st.high_water / cs)
+            };
+            let mut run_start = hint.max(1);
+            let mut run_len = 0u64;
+            let mut first_free: Option<u64> = None;
+            let mut c = run_start;
+            while c < hw && run_len < n {
+                let t = (c / rpb) as usize;
+                let has_block = self.st().rt.get(t).is_some_and(|&e| e & OFFSET_MASK != 0);
+                if !has_block {
+                    let to = ((t as u64 + 1) * rpb).min(hw);
+                    if run_len == 0 {
+                        run_start = c;
+                    }
+                    run_len += to - c;
+                    c = to;
+                    continue;
+                }
+                if self.rc_read(c).await? == 0 {
+                    if run_len == 0 {
+                        run_start = c;
+                    }
+                    run_len += 1;
+                } else {
+                    if run_len > 0 && first_free.is_none() {
+                        first_free = Some(run_start);
+                    }
+                    run_len = 0;
+                }
+                c += 1;
+            }
+            if run_len == 0 {
+                run_start = c.max(hw);
+            }
+            // Clusters at and past the high-water mark are free.
+            let first_t = run_start / rpb;
+            let last_t = (run_start + n - 1) / rpb;
+            for t in first_t..=last_t {
+                let (len, entry) = {
+                    let st = self.st();
+                    (
+                        st.rt.len() as u64,
+                        st.rt.get(t as usize).copied().unwrap_or(0) & OFFSET_MASK,
+                    )
+                };
+                if t >= len {
+                    self.grow_refcount_table(t + 1).await?;
+                    continue 'outer;
+                }
+                if entry == 0 {
+                    self.new_refcount_block(t).await?;
+                    continue 'outer;
+                }
+            }
+            let clash = {
+                let st = self.st();
+                (run_start..run_start + n).find(|&c| {
+                    st.meta_clusters.contains(&(c * cs)) || st.overlaps_fixed(cs, c * cs, cs)
+                })
+            };
+            if let Some(c) = clash {
+                return Err(self
+                    .corrupt(format!(
+                        "cluster {:#x} holds metadata but its refcount is 0",
+                        c * cs
+                    ))
+                    .await);
+            }
+            for c in run_start..run_start + n {
+                let v = self.rc_add(c, 1).await?;
+                if v != 1 {
+                    return Err(self
+                        .corrupt(format!(
+                            "allocated cluster {:#x} was already in use",
+                            c * cs
+                        ))
+                        .await);
+                }
+            }
+            let mut st = self.st();
+            st.free_hint = first_free.unwrap_or(run_start + n);
+            st.high_water = st.high_water.max((run_start + n) * cs);
+            return Ok(run_start * cs);
+        }
+    }
+
+    /// Allocates `len` (< cluster size) bytes for compressed data, packing
+    /// several compressed clusters into one host cluster as QEMU does: each
+    /// host cluster's refcount counts the compressed clusters touching it.
+    pub(crate) async fn alloc_bytes(&self, len: u64) -> Result<u64> {
+        let cs = self.g.cluster_size;
+        let fbo = self.st().free_byte_offset;
+        // Sharing a host cluster needs a refcount increment, which narrow
+        // refcounts may not allow: then start a new cluster.
+        let share = |r: Result<u64>| match r {
+            Ok(_) => Ok(true),
+            Err(Error::NoSpace(_)) => Ok(false),
+            Err(e) => Err(e),
+        };
+        if fbo != 0 && fbo % cs + len <= cs && share(self.rc_add(fbo / cs, 1).await)? {
+            self.st().free_byte_offset = if (fbo + len).is_multiple_of(cs) {
+                0
+            } else {
+                fbo + len
+            };
+            return Ok(fbo);
+        }
+        let new = self.alloc_clusters(1).await?;
+        let off = if fbo != 0
+            && new == self.g.cluster_start(fbo) + cs
+            && fbo % cs + len > cs
+            && share(self.rc_add(fbo / cs, 1).await)?
+        {
+            // Continue from the partly used cluster into the next one.
+            fbo
+        } else {
+            new
+        };
+        self.st().free_byte_offset = if (off + len).is_multiple_of(cs) {
+            0
+        } else {
+            off + len
+        };
+        Ok(off)
+    }
+
+    /// Creates the refcount block for table index `t`, placed at the end of
+    /// the file.
+    pub(crate) async fn new_refcount_block(&self, t: u64) -> Result<()> {
+        let rpb = self.g.rc_per_block;
+        let cs = self.g.cluster_size;
+        loop {
+            let (pos, len, t2_entry) = {
+                let st = self.st();
+                let pos = st.high_water / cs;
+                (
+                    pos,
+                    st.rt.len() as u64,
+                    st.rt.get((pos / rpb) as usize).copied().unwrap_or(0) & OFFSET_MASK,
+                )
+            };
+            let t2 = pos / rpb;
+            if t2 >= len {
+                self.grow_refcount_table(t2 + 1).await?;
+                continue;
+            }
+            let mut block = vec![0u8; cs as usize];
+            if t2 == t || t2_entry == 0 {
+                // Self-describing: the block counts its own cluster.
+                layout::rc_set(&mut block, self.g.refcount_order, (pos % rpb) as usize, 1);
+                self.install_refcount_block(t2, pos * cs, block).await?;
+                if t2 == t {
+                    return Ok(());
+                }
+                continue;
+            }
+            self.st().high_water = (pos + 1) * cs;
+            if self.rc_add(pos, 1).await? != 1 {
+                return Err(self
+                    .corrupt(format!("cluster {:#x} past the end was in use", pos * cs))
+                    .await);
+            }
+            self.write_dirty_refcounts().await?;
+            self.install_refcount_block(t, pos * cs, block).await?;
+            return Ok(());
+        }
+    }
+
+    async fn install_refcount_block(&self, t: u64, off: u64, block: Vec<u8>) -> Result<()> {
+        let cs = self.g.cluster_size;
+        {
+            let mut st = self.st();
+            st.high_water = st.high_water.max(off + cs);
+        }
+        self.io.write_at(off, &block).await?;
+        self.io.flush().await?;
+        let rt_off = {
+            let mut st = self.st();
+            st.rt[t as usize] = off;
+            st.meta_clusters.insert(off);
+            st.rc.insert(off, block, false);
+            st.hdr.refcount_table_offset
+        };
+        self.io.write_at(rt_off + t * 8, &off.to_be_bytes()).await?;
+        Ok(())
+    }
+
+    /// Replaces the refcount table by a larger one with at least
+    /// `min_entries` entries, written at the end of the file together with
+    /// the refcount blocks that describe it.
+    async fn grow_refcount_table(&self, min_entries: u64) -> Result<()> {
+        let cs = self.g.cluster_size;
+        let rpb = self.g.rc_per_block;
+        let epc = cs / 8;
+        let (old, p, old_off, old_clusters) = {
+            let st = self.st();
+            (
+                st.rt.clone(),
+                st.high_water / cs,
+                st.hdr.refcount_table_offset,
+                st.hdr.refcount_table_clusters as u64,
+            )
+        };
+        let lacking = |t: u64| old.get(t as usize).is_none_or(|&e| e & OFFSET_MASK == 0);
+        let want = min_entries.max(old.len() as u64 + old.len() as u64 / 2);
+        let mut k = want.div_ceil(epc);
+        let (m, ranges) = loop {
+            let mut m = 0u64;
+            let ranges = loop {
+                let r: Vec<u64> = (p / rpb..=(p + k + m - 1) / rpb)
+                    .filter(|&t| lacking(t))
+                    .collect();
+                if r.len() as u64 == m {
+                    break r;
+                }
+                m = r.len() as u64;
+            };
+            let cap = k * epc;
+            if (p + k + m - 1) / rpb < cap && min_entries <= cap {
+                break (m, ranges);
+            }
+            k += 1;
+        };
+        if k * cs > header::MAX_REFTABLE_BYTES {
+            return Err(Error::NoSpace(
+                "refcount table would exceed its maximum size".into(),
+            ));
+        }
+        let mut table = vec![0u8; (k * cs) as usize];
+        for (i, &e) in old.iter().enumerate() {
+            layout::put_u64(&mut table, i, e);
+        }
+        let mut blocks: Vec<(u64, Vec<u8>)> = Vec::new();
+        for (i, &t) in ranges.iter().enumerate() {
+            let off = (p + k + i as u64) * cs;
+            layout::put_u64(&mut table, t as usize, off);
+            blocks.push((t, vec![0u8; cs as usize]));
+        }
+        self.st().high_water = (p + k + m) * cs;
+        for c in p..p + k + m {
+            let t = c / rpb;
+            if let Some((_, b)) = blocks.iter_mut().find(|(bt, _)| *bt == t) {
+                layout::rc_set(b, self.g.refcount_order, (c % rpb) as usize, 1);
+            } else if self.rc_add(c, 1).await? != 1 {
+                return Err(self
+                    .corrupt(format!("cluster {:#x} past the end was in use", c * cs))
+                    .await);
+            }
+        }
+        for (i, (_, b)) in blocks.iter().enumerate() {
+            self.io.write_at((p + k + i as u64) * cs, b).await?;
+        }
+        self.io.write_at(p * cs, &table).await?;
+        self.write_dirty_refcounts().await?;
+        self.io.flush().await?;
+        {
+            let mut st = self.st();
+            st.hdr.refcount_table_offset = p * cs;
+            st.hdr.refcount_table_clusters = k as u32;
+            st.rt = table
+                .chunks_exact(8)
+                .map(|c| u64::from_be_bytes(c.try_into().unwrap()))
+                .collect();
+            for (i, (_, b)) in blocks.into_iter().enumerate() {
+                st.meta_clusters.insert((p + k + i as u64) * cs);
+                st.rc.insert((p + k + i as u64) * cs, b, false);
+            }
+        }
+        self.write_header().await?;
+        self.io.flush().await?;
+        for c in old_off / cs..old_off / cs + old_clusters {
+            self.rc_add(c, -1).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes one dirty cached table back.
+    pub(crate) async fn write_table(&self, kind: TableKind, off: u64) -> Result<()> {
+        let (data, gen) = {
+            let mut st = self.st();
+            match st.cache(kind).get(off) {
+                Some(e) if e.dirty => (e.data.clone(), e.gen),
+                _ => return Ok(()),
+            }
+        };
+        self.io.write_at(off, &data).await?;
+        let mut st = self.st();
+        if let Some(e) = st.cache(kind).get(off) {
+            if e.gen == gen {
+                e.dirty = false;
+            }
+        }
+        st.epoch += 1;
+        Ok(())
+    }
+
+    /// Writes every dirty refcount block (always safe: see the module doc).
+    pub(crate) async fn write_dirty_refcounts(&self) -> Result<()> {
+        let dirty = self.st().rc.dirty();
+        for off in dirty {
+            self.write_table(TableKind::Refcount, off).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes every dirty L2 table, after the refcounts and data they depend on.
+    pub(crate) async fn write_dirty_l2(&self) -> Result<()> {
+        let dirty = self.st().l2.dirty();
+        if dirty.is_empty() {
+            return Ok(());
+        }
+        self.mark_dirty_if_lazy().await?;
+        self.write_dirty_refcounts().await?;
+        self.io.flush().await?;
+        for off in dirty {
+            self.write_table(TableKind::L2, off).await?;
+        }
+        Ok(())
+    }
+
+    /// With lazy refcounts, sets the dirty bit before the first metadata write.
+    pub(crate) async fn mark_dirty_if_lazy(&self) -> Result<()> {
+        let need = {
+            let mut st = self.st();
+            let need = st.lazy && !st.dirty_marked;
+            if need {
+                st.hdr.incompatible_features |= incompat::DIRTY;
+                st.dirty_marked = true;
+            }
+            need
+        };
+        if need {
+            self.write_header().await?;
+            self.io.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Applies the refcount decreases of clusters whose references are gone
+    /// from the (already written and flushed) L2/L1 tables.
+    async fn apply_pending_frees(&self) -> Result<()> {
+        let frees = std::mem::take(&mut self.st().pending_frees);
+        let cs = self.g.cluster_size;
+        for (off, len) in frees {
+            let first = off / cs;
+            let last = (off + len - 1) / cs;
+            for c in first..=last {
+                self.rc_add(c, -1).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Flush with the metadata lock held: writes metadata back in
+    /// dependency order, applies pending frees, flushes the file.
+    pub(crate) async fn flush_locked(&self) -> Result<()> {
+        let writable = {
+            let st = self.st();
+            st.writable && !st.corrupt
+        };
+        if writable {
+            self.write_dirty_l2().await?;
+            self.write_dirty_refcounts().await?;
+            self.io.flush().await?;
+            if !self.st().pending_frees.is_empty() {
+                self.apply_pending_frees().await?;
+                self.write_dirty_refcounts().await?;
+            }
+            let hw = self.st().high_water;
+            if self.io.len().await? < hw {
+                self.io.set_len(hw).await?;
+            }
+            let (l2, rc) = {
+                let st = self.st();
+                (st.l2.capacity(), st.rc.capacity())
+            };
+            let mut st = self.st();
+            st.l2.evict_clean(l2);
+            st.rc.evict_clean(rc);
+        }
+        self.io.flush().await?;
+        Ok(())
+    }
+
+    /// Keeps the caches within their capacity, writing back when needed.
+    pub(crate) async fn trim_caches(&self) -> Result<()> {
+        let (l2_over, rc_over, frees) = {
+            let st = self.st();
+            (
+                st.l2.over_capacity(),
+                st.rc.over_capacity(),
+                st.pending_frees.len(),
+            )
+        };
+        if l2_over || frees > 4096 {
+            return self.flush_locked().await;
+        }
+        if rc_over {
+            self.write_dirty_refcounts().await?;
+            let mut st = self.st();
+            let cap = st.rc.capacity();
+            st.rc.evict_clean(cap);
+        }
+        Ok(())
+    }
+
+    /// Ensures the L2 table for L1 index `i` exists and is not shared;
+    /// returns its offset.
+    pub(crate) async fn ensure_l2(&self, i: u64) -> Result<u64> {
+        let l1e = self.st().l1.get(i as usize).copied();
+        let Some(l1e) = l1e else {
+            return Err(Error::OutOfRange {
+                offset: i * self.g.l2_span(),
+                len: 0,
+                size: self.size(),
+            });
+        };
+        let old = l1e & OFFSET_MASK;
+        if old != 0 {
+            self.check_l2_offset(i, l1e).await?;
+            if l1e & layout::COPIED != 0 {
+                return Ok(old);
+            }
+        }
+        let cs = self.g.cluster_size;
+        let content = if old == 0 {
+            vec![0u8; cs as usize]
+        } else {
+            self.with_table(TableKind::L2, old, |e| e.data.clone())
+                .await?
+        };
+        let new = self.alloc_clusters(1).await?;
+        self.io.write_at(new, &content).await?;
+        self.mark_dirty_if_lazy().await?;
+        self.write_dirty_refcounts().await?;
+        self.io.flush().await?;
+        let l1_off = {
+            let mut st = self.st();
+            st.l1[i as usize] = new | layout::COPIED;
+            st.meta_clusters.insert(new);
+            st.l2.insert(new, content, false);
+            st.hdr.l1_table_offset
+        };
+        self.io
+            .write_at(l1_off + i * 8, &(new | layout::COPIED).to_be_bytes())
+            .await?;
+        if old != 0 {
+            self.st().pending_frees.push((old, cs));
+        }
+        Ok(new)
+    }
+}

@@ -1,0 +1,883 @@
+//! An open qcow2 image: state, metadata caches, and the read path (`map`).
+
+use crate::cache::{CacheEntry, TableCache};
+use crate::compress::{self, CompressError};
+use crate::header::{self, autoclear, compat, incompat, Header, HeaderError};
+use crate::io::QcowIo;
+use crate::layout::{self, Geometry, L2Entry, COPIED, OFFSET_MASK};
+use crate::snapshot::{self, Snapshot, SnapshotError};
+use crate::sync::{AsyncLock, WaitList};
+use std::sync::{Mutex, MutexGuard};
+use thiserror::Error;
+
+/// Errors of image operations.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// I/O on the image file failed.
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    /// The header is invalid or unsupported.
+    #[error(transparent)]
+    Header(#[from] HeaderError),
+    /// The snapshot table is invalid.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    /// A compressed cluster could not be decompressed.
+    #[error(transparent)]
+    Compress(#[from] CompressError),
+    /// Metadata corruption was found; the image is now marked corrupt and read-only.
+    #[error("qcow2 image is corrupt: {0}; further writes are refused")]
+    Corrupt(String),
+    /// The image is read-only (opened so, or marked corrupt).
+    #[error("qcow2 image is read-only")]
+    ReadOnly,
+    /// A feature this crate does not implement.
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    /// A request outside the virtual disk.
+    #[error("request {offset:#x}+{len:#x} beyond the virtual size {size:#x}")]
+    OutOfRange {
+        /// Start.
+        offset: u64,
+        /// Length.
+        len: u64,
+        /// Virtual size.
+        size: u64,
+    },
+    /// A request is not aligned as the operation requires.
+    #[error("request {offset:#x}+{len:#x} not aligned to {align:#x}")]
+    Unaligned {
+        /// Start.
+        offset: u64,
+        /// Length.
+        len: u64,
+        /// Required alignment.
+        align: u64,
+    },
+    /// A metadata structure would exceed its limits.
+    #[error("no space: {0}")]
+    NoSpace(String),
+}
+
+/// Result with [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// The errno a block layer should report for this error.
+    pub fn errno(&self) -> i32 {
+        match self {
+            Error::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
+            Error::Header(_) | Error::Snapshot(_) | Error::Compress(_) | Error::Corrupt(_) => {
+                libc::EIO
+            }
+            Error::ReadOnly => libc::EROFS,
+            Error::Unsupported(_) | Error::Unaligned { .. } => libc::ENOTSUP,
+            Error::OutOfRange { .. } => libc::EINVAL,
+            Error::NoSpace(_) => libc::ENOSPC,
+        }
+    }
+}
+
+impl From<Error> for std::io::Error {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Io(e) => e,
+            other => std::io::Error::from_raw_os_error(other.errno()),
+        }
+    }
+}
+
+/// How to open an image.
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    /// Open for writing.
+    pub writable: bool,
+    /// L2 cache size in bytes (QEMU's `l2-cache-size`); default: enough to
+    /// map the whole disk, at most 32 MiB.
+    pub l2_cache_size: Option<u64>,
+    /// Refcount block cache size in bytes (`refcount-cache-size`).
+    pub refcount_cache_size: Option<u64>,
+    /// Use lazy refcounts when the image allows them (`lazy-refcounts`);
+    /// default: the image's compatible bit.
+    pub lazy_refcounts: Option<bool>,
+    /// Repair refcounts of an image with the dirty bit when opened writable.
+    pub repair_dirty: bool,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            writable: false,
+            l2_cache_size: None,
+            refcount_cache_size: None,
+            lazy_refcounts: None,
+            repair_dirty: true,
+        }
+    }
+}
+
+impl OpenOptions {
+    /// Read-only defaults.
+    pub fn read_only() -> Self {
+        Self::default()
+    }
+    /// Read-write defaults.
+    pub fn read_write() -> Self {
+        OpenOptions {
+            writable: true,
+            ..Self::default()
+        }
+    }
+}
+
+/// What a guest range maps to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExtentKind {
+    /// Stored at `host_offset` in the image file; read it there.
+    Data {
+        /// Host offset of the extent's first byte.
+        host_offset: u64,
+    },
+    /// Reads as zeroes.
+    Zero,
+    /// Not allocated: read from the backing file, or zeroes without one.
+    Unallocated,
+    /// Inside a compressed cluster; use [`Qcow2::read_compressed`].
+    Compressed {
+        /// Host offset of the compressed data.
+        host_offset: u64,
+        /// Bytes to read from there (may include trailing bytes of the last sector).
+        compressed_size: u64,
+    },
+}
+
+/// A guest range with one kind of mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Guest offset.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Where its data is.
+    pub kind: ExtentKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TableKind {
+    L2,
+    Refcount,
+}
+
+/// A locked guest cluster range (see `lock_range`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RangeLock {
+    pub start: u64,
+    pub end: u64,
+    pub shared: bool,
+    pub id: u64,
+}
+
+#[derive(Debug)]
+pub(crate) struct State {
+    pub hdr: Header,
+    pub l1: Vec<u64>,
+    pub rt: Vec<u64>,
+    pub l2: TableCache,
+    pub rc: TableCache,
+    pub writable: bool,
+    pub corrupt: bool,
+    pub locks: Vec<RangeLock>,
+    pub next_lock_id: u64,
+    pub pending_frees: Vec<(u64, u64)>,
+    pub free_hint: u64,
+    pub high_water: u64,
+    pub dirty_marked: bool,
+    pub lazy: bool,
+    pub epoch: u64,
+    pub snapshots: Vec<Snapshot>,
+    pub snapshot_table_len: u64,
+    /// Host offsets of known L2 tables and refcount blocks, so that the
+    /// allocator never hands out a metadata cluster whose refcount is
+    /// (wrongly) zero.
+    pub meta_clusters: std::collections::HashSet<u64>,
+    /// Where the next compressed cluster may go (inside a host cluster that
+    /// already holds compressed data), 0 if nowhere.
+    pub free_byte_offset: u64,
+}
+
+impl State {
+    pub fn cache(&mut self, k: TableKind) -> &mut TableCache {
+        match k {
+            TableKind::L2 => &mut self.l2,
+            TableKind::Refcount => &mut self.rc,
+        }
+    }
+    /// Host ranges of the fixed metadata (header, L1, refcount table,
+    /// snapshot table) for overlap checks.
+    pub fn fixed_ranges(&self, cs: u64) -> [(u64, u64); 4] {
+        [
+            (0, cs),
+            (self.hdr.l1_table_offset, self.l1.len() as u64 * 8),
+            (
+                self.hdr.refcount_table_offset,
+                self.hdr.refcount_table_clusters as u64 * cs,
+            ),
+            (self.hdr.snapshots_offset, self.snapshot_table_len),
+        ]
+    }
+    pub fn overlaps_fixed(&self, cs: u64, off: u64, len: u64) -> bool {
+        self.fixed_ranges(cs)
+            .iter()
+            .any(|&(o, l)| l > 0 && off < o + l && o < off + len)
+    }
+}
+
+/// An open qcow2 image.
+///
+/// All methods take `&self`; the image may be shared between threads when
+/// `I` allows it. Internal locks are never held across an await.
+pub struct Qcow2<I: QcowIo> {
+    pub(crate) io: I,
+    /// The external data file, if the image has one.
+    pub(crate) data: Option<I>,
+    pub(crate) g: Geometry,
+    pub(crate) st: Mutex<State>,
+    pub(crate) meta: AsyncLock,
+    pub(crate) waits: WaitList,
+}
+
+impl<I: QcowIo> Drop for Qcow2<I> {
+    fn drop(&mut self) {
+        let st = self.st.get_mut().unwrap_or_else(|p| p.into_inner());
+        if st.writable
+            && (!st.l2.dirty().is_empty()
+                || !st.rc.dirty().is_empty()
+                || !st.pending_frees.is_empty())
+        {
+            log::warn!(
+                "qcow2: image dropped with unwritten metadata; call flush() or close() first"
+            );
+        }
+    }
+}
+
+impl<I: QcowIo> std::fmt::Debug for Qcow2<I> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qcow2")
+            .field("geometry", &self.g)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Information about an open image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageInfo {
+    /// Virtual size in bytes.
+    pub size: u64,
+    /// Cluster size in bytes.
+    pub cluster_size: u64,
+    /// 2 or 3.
+    pub version: u32,
+    /// Refcount width in bits.
+    pub refcount_bits: u32,
+    /// Extended L2 entries.
+    pub extended_l2: bool,
+    /// Lazy refcounts in use.
+    pub lazy_refcounts: bool,
+    /// Backing file name.
+    pub backing_file: Option<String>,
+    /// Backing file format.
+    pub backing_format: Option<String>,
+    /// Marked corrupt.
+    pub corrupt: bool,
+    /// Writable now.
+    pub writable: bool,
+    /// Compression type.
+    pub compression: header::CompressionType,
+    /// External data file name from the header.
+    pub data_file: Option<String>,
+    /// The data file is a consistent raw image.
+    pub data_file_raw: bool,
+}
+
+impl<I: QcowIo> Qcow2<I> {
+    /// Opens an image. Images with an external data file need
+    /// [`Qcow2::open_with_data_file`].
+    pub async fn open(io: I, opts: OpenOptions) -> Result<Self> {
+        Self::open_with_data_file(io, None, opts).await
+    }
+
+    /// Opens an image whose guest data lives in an external data file
+    /// (`data`, the file named by [`Header::data_file`] or given explicitly).
+    /// `Data` extents then refer to offsets in that file.
+    pub async fn open_with_data_file(io: I, data: Option<I>, opts: OpenOptions) -> Result<Self> {
+        let file_len = io.len().await?;
+        let mut first = vec![0u8; 4096];
+        io.read_at(0, &mut first).await?;
+        let cb = Header::peek_cluster_bits(&first)?;
+        let cs = 1u64 << cb;
+        if cs > first.len() as u64 {
+            first.resize(cs as usize, 0);
+            io.read_at(0, &mut first).await?;
+        }
+        let hdr = Header::parse(&first[..(cs.min(file_len.max(72))) as usize], file_len)?;
+        let has_data_file = hdr.incompatible_features & incompat::DATA_FILE != 0;
+        if has_data_file && data.is_none() {
+            return Err(Error::Unsupported(format!(
+                "the image keeps its data in an external data file ({}); open it with the data file",
+                hdr.data_file.as_deref().unwrap_or("name not recorded")
+            )));
+        }
+        let data = if has_data_file { data } else { None };
+        if has_data_file && hdr.nb_snapshots > 0 {
+            return Err(Error::Corrupt(
+                "internal snapshots in an image with an external data file".into(),
+            ));
+        }
+        let corrupt = hdr.incompatible_features & incompat::CORRUPT != 0;
+        if corrupt && opts.writable {
+            return Err(Error::Corrupt(
+                "the image has the corrupt bit set; open it read-only or repair it".into(),
+            ));
+        }
+        let g = Geometry::new(&hdr);
+        // L1 table (bounded and inside the file by header validation).
+        let mut l1b = vec![0u8; hdr.l1_size as usize * 8];
+        io.read_at(hdr.l1_table_offset, &mut l1b).await?;
+        let l1: Vec<u64> = l1b
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().unwrap()))
+            .collect();
+        let mut rtb = vec![0u8; (hdr.refcount_table_clusters as u64 * cs) as usize];
+        io.read_at(hdr.refcount_table_offset, &mut rtb).await?;
+        let rt: Vec<u64> = rtb
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().unwrap()))
+            .collect();
+        // Snapshot table.
+        let (snapshots, snapshot_table_len) = if hdr.nb_snapshots > 0 {
+            let max = snapshot::MAX_TABLE_BYTES.min(file_len - hdr.snapshots_offset);
+            let mut sb = vec![0u8; max as usize];
+            io.read_at(hdr.snapshots_offset, &mut sb).await?;
+            let (s, used) = snapshot::parse_table(&sb, hdr.nb_snapshots, cs)?;
+            (s, used as u64)
+        } else {
+            (Vec::new(), 0)
+        };
+        let l2_bytes = opts.l2_cache_size.unwrap_or_else(|| {
+            let need = hdr.size.div_ceil(g.l2_span()).max(1) * cs;
+            need.min(32 << 20)
+        });
+        let rc_bytes = opts.refcount_cache_size.unwrap_or((4 * cs).max(256 << 10));
+        let lazy = opts
+            .lazy_refcounts
+            .unwrap_or(hdr.compatible_features & compat::LAZY_REFCOUNTS != 0)
+            && hdr.version >= 3;
+        let dirty = hdr.incompatible_features & incompat::DIRTY != 0;
+        let mut meta_clusters = std::collections::HashSet::new();
+        for &e in l1.iter().chain(rt.iter()) {
+            if e & OFFSET_MASK != 0 {
+                meta_clusters.insert(e & OFFSET_MASK);
+            }
+        }
+        for s in &snapshots {
+            for c in 0..(s.l1_size as u64 * 8).div_ceil(cs) {
+                meta_clusters.insert(s.l1_table_offset + c * cs);
+            }
+        }
+        let st = State {
+            free_byte_offset: 0,
+            meta_clusters,
+            l1,
+            rt,
+            l2: TableCache::new((l2_bytes / cs) as usize),
+            rc: TableCache::new((rc_bytes / cs) as usize),
+            writable: opts.writable,
+            corrupt,
+            locks: Vec::new(),
+            next_lock_id: 1,
+            pending_frees: Vec::new(),
+            free_hint: 0,
+            high_water: file_len.div_ceil(cs) * cs,
+            dirty_marked: dirty,
+            lazy,
+            epoch: 0,
+            snapshots,
+            snapshot_table_len,
+            hdr,
+        };
+        let img = Qcow2 {
+            io,
+            data,
+            g,
+            st: Mutex::new(st),
+            meta: AsyncLock::default(),
+            waits: WaitList::default(),
+        };
+        if opts.writable {
+            if dirty {
+                if !opts.repair_dirty {
+                    return Err(Error::Unsupported(
+                        "image is dirty and repair was not allowed".into(),
+                    ));
+                }
+                log::info!("qcow2: image was not closed cleanly; repairing refcounts");
+                img.check(crate::check::Repair::All).await?;
+                let _g = img.meta.lock().await;
+                img.st().hdr.incompatible_features &= !incompat::DIRTY;
+                img.write_header().await?;
+                img.io.flush().await?;
+                img.st().dirty_marked = false;
+            }
+            // Clear autoclear bits we do not maintain (unknown ones, and
+            // bitmaps: this crate does not update them on writes).
+            let keep = autoclear::DATA_FILE_RAW;
+            let changed = {
+                let mut st = img.st();
+                let old = st.hdr.autoclear_features;
+                st.hdr.autoclear_features &= keep;
+                old != st.hdr.autoclear_features
+            };
+            if changed {
+                img.write_header().await?;
+                img.io.flush().await?;
+            }
+        }
+        Ok(img)
+    }
+
+    pub(crate) fn st(&self) -> MutexGuard<'_, State> {
+        self.st.lock().unwrap()
+    }
+
+    /// The image's geometry.
+    pub fn geometry(&self) -> Geometry {
+        self.g
+    }
+
+    /// The I/O object of the image file.
+    pub fn io(&self) -> &I {
+        &self.io
+    }
+
+    /// Where `Data` extents live: the external data file if there is one,
+    /// else the image file.
+    pub fn data_io(&self) -> &I {
+        self.data.as_ref().unwrap_or(&self.io)
+    }
+
+    /// Whether guest data lives in an external data file.
+    pub fn has_data_file(&self) -> bool {
+        self.data.is_some()
+    }
+
+    /// Whether the external data file is a consistent raw image (`data_file_raw`).
+    pub fn data_file_raw(&self) -> bool {
+        self.data.is_some() && self.st().hdr.autoclear_features & autoclear::DATA_FILE_RAW != 0
+    }
+
+    /// Virtual size in bytes.
+    pub fn size(&self) -> u64 {
+        self.st().hdr.size
+    }
+
+    /// A copy of the current header.
+    pub fn header(&self) -> Header {
+        self.st().hdr.clone()
+    }
+
+    /// Internal snapshots.
+    pub fn snapshots(&self) -> Vec<Snapshot> {
+        self.st().snapshots.clone()
+    }
+
+    /// Summary information.
+    pub fn info(&self) -> ImageInfo {
+        let st = self.st();
+        ImageInfo {
+            size: st.hdr.size,
+            cluster_size: self.g.cluster_size,
+            version: st.hdr.version,
+            refcount_bits: st.hdr.refcount_bits(),
+            extended_l2: self.g.extended,
+            lazy_refcounts: st.lazy,
+            backing_file: st.hdr.backing_file.clone(),
+            backing_format: st.hdr.backing_format.clone(),
+            corrupt: st.corrupt,
+            writable: st.writable && !st.corrupt,
+            compression: st.hdr.compression_type,
+            data_file: st.hdr.data_file.clone(),
+            data_file_raw: st.hdr.autoclear_features & autoclear::DATA_FILE_RAW != 0,
+        }
+    }
+
+    /// Drops clean cache entries (QEMU's `cache-clean-interval`: the caller
+    /// calls this from a timer).
+    pub fn drop_clean_cache_entries(&self) {
+        let mut st = self.st();
+        st.l2.evict_clean(0);
+        st.rc.evict_clean(0);
+    }
+
+    /// L2 and refcount cache (hits, misses).
+    pub fn cache_stats(&self) -> ((u64, u64), (u64, u64)) {
+        let st = self.st();
+        ((st.l2.hits, st.l2.misses), (st.rc.hits, st.rc.misses))
+    }
+
+    /// Marks the image corrupt (and read-only), writing the corrupt bit when
+    /// the image was writable, and returns the error to report.
+    pub(crate) async fn corrupt(&self, msg: String) -> Error {
+        log::error!("qcow2: metadata corruption: {msg}; image marked corrupt");
+        let write = {
+            let mut st = self.st();
+            let w = st.writable && !st.corrupt && st.hdr.version >= 3;
+            st.corrupt = true;
+            if w {
+                st.hdr.incompatible_features |= incompat::CORRUPT;
+            }
+            w
+        };
+        if write {
+            if let Err(e) = self.write_header().await {
+                log::error!("qcow2: could not set the corrupt bit: {e}");
+            }
+            let _ = self.io.flush().await;
+        }
+        Error::Corrupt(msg)
+    }
+
+    /// Rewrites the header cluster from the in-memory header.
+    pub(crate) async fn write_header(&self) -> Result<()> {
+        let b = self.st().hdr.to_bytes()?;
+        self.io.write_at(0, &b).await?;
+        Ok(())
+    }
+
+    /// Runs `f` on a cached table, loading it first if needed.
+    pub(crate) async fn with_table<R>(
+        &self,
+        kind: TableKind,
+        off: u64,
+        f: impl FnOnce(&mut CacheEntry) -> R,
+    ) -> Result<R> {
+        let mut f = Some(f);
+        loop {
+            let epoch = {
+                let mut st = self.st();
+                if let Some(e) = st.cache(kind).get(off) {
+                    return Ok((f.take().unwrap())(e));
+                }
+                st.epoch
+            };
+            let mut buf = vec![0u8; self.g.cluster_size as usize];
+            self.io.read_at(off, &mut buf).await?;
+            let mut st = self.st();
+            if st.cache(kind).contains(off) || st.epoch != epoch {
+                continue;
+            }
+            let e = st.cache(kind).insert(off, buf, false);
+            return Ok((f.take().unwrap())(e));
+        }
+    }
+
+    /// Validates an L2 table offset from an L1 entry.
+    pub(crate) async fn check_l2_offset(&self, l1_index: u64, l1e: u64) -> Result<u64> {
+        let off = l1e & OFFSET_MASK;
+        let cs = self.g.cluster_size;
+        let bad = {
+            let st = self.st();
+            if !self.g.aligned(off) {
+                Some("unaligned")
+            } else if off >= st.high_water {
+                Some("past the end of the file")
+            } else if st.overlaps_fixed(cs, off, cs) {
+                Some("overlapping other metadata")
+            } else {
+                None
+            }
+        };
+        match bad {
+            None => Ok(off),
+            Some(why) => Err(self
+                .corrupt(format!(
+                    "L1 entry {l1_index} points to an L2 table {why} ({off:#x})"
+                ))
+                .await),
+        }
+    }
+
+    /// Reads the (raw entry, bitmap) of guest cluster `gc` from a loaded L2
+    /// table at `l2off`.
+    pub(crate) async fn l2_get(&self, l2off: u64, idx: u64) -> Result<(u64, u64)> {
+        let ext = self.g.extended;
+        self.with_table(TableKind::L2, l2off, |e| {
+            if ext {
+                (
+                    layout::get_u64(&e.data, 2 * idx as usize),
+                    layout::get_u64(&e.data, 2 * idx as usize + 1),
+                )
+            } else {
+                (layout::get_u64(&e.data, idx as usize), 0)
+            }
+        })
+        .await
+    }
+
+    /// The limits entries are validated against: the end of the file and the
+    /// fixed metadata ranges.
+    pub(crate) fn entry_limits(&self) -> (u64, [(u64, u64); 4]) {
+        let st = self.st();
+        (st.high_water, st.fixed_ranges(self.g.cluster_size))
+    }
+
+    /// Decodes and validates an L2 entry.
+    pub(crate) async fn decode_entry(&self, guest: u64, raw: u64, bitmap: u64) -> Result<L2Entry> {
+        let (hw, fixed) = self.entry_limits();
+        match validate_entry(&self.g, guest, raw, bitmap, hw, &fixed) {
+            Ok(e) => Ok(e),
+            Err(why) => Err(self.corrupt(why).await),
+        }
+    }
+
+    /// Maps a guest range to extents, split at cluster (or subcluster)
+    /// boundaries where the kind changes and merged where contiguous.
+    pub async fn map(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        let size = self.size();
+        if offset.checked_add(len).is_none_or(|e| e > size) {
+            return Err(Error::OutOfRange { offset, len, size });
+        }
+        let mut out: Vec<Extent> = Vec::new();
+        let end = offset + len;
+        let cs = self.g.cluster_size;
+        let span = self.g.l2_span();
+        let mut pos = offset;
+        while pos < end {
+            let l1i = pos / span;
+            let chunk_end = end.min((l1i + 1) * span);
+            let l1e = self.st().l1.get(l1i as usize).copied().unwrap_or(0);
+            if l1e & OFFSET_MASK == 0 {
+                push_extent(
+                    &mut out,
+                    Extent {
+                        offset: pos,
+                        len: chunk_end - pos,
+                        kind: ExtentKind::Unallocated,
+                    },
+                );
+                pos = chunk_end;
+                continue;
+            }
+            let l2off = self.check_l2_offset(l1i, l1e).await?;
+            // Copy the needed entries out under one lock.
+            let first = (pos % span) / cs;
+            let last = ((chunk_end - 1) % span) / cs;
+            let ext = self.g.extended;
+            let entries: Vec<(u64, u64)> = self
+                .with_table(TableKind::L2, l2off, |e| {
+                    (first..=last)
+                        .map(|i| {
+                            if ext {
+                                (
+                                    layout::get_u64(&e.data, 2 * i as usize),
+                                    layout::get_u64(&e.data, 2 * i as usize + 1),
+                                )
+                            } else {
+                                (layout::get_u64(&e.data, i as usize), 0)
+                            }
+                        })
+                        .collect()
+                })
+                .await?;
+            let (hw, fixed) = self.entry_limits();
+            for (raw, bm) in entries {
+                let cstart = self.g.cluster_start(pos);
+                let cend = (cstart + cs).min(chunk_end);
+                let entry = match validate_entry(&self.g, pos, raw, bm, hw, &fixed) {
+                    Ok(e) => e,
+                    Err(why) => return Err(self.corrupt(why).await),
+                };
+                self.push_cluster(&mut out, entry, pos, cend);
+                pos = cend;
+            }
+        }
+        Ok(out)
+    }
+
+    fn push_cluster(&self, out: &mut Vec<Extent>, entry: L2Entry, from: u64, to: u64) {
+        let cstart = self.g.cluster_start(from);
+        match entry {
+            L2Entry::Compressed { raw } => {
+                let (off, len, _, _) = self.g.compressed_range(raw);
+                out.push(Extent {
+                    offset: from,
+                    len: to - from,
+                    kind: ExtentKind::Compressed {
+                        host_offset: off,
+                        compressed_size: len,
+                    },
+                });
+            }
+            L2Entry::Normal {
+                host, alloc, zero, ..
+            } => {
+                let ss = self.g.subcluster_size;
+                let mut p = from;
+                while p < to {
+                    let sc = ((p - cstart) / ss) as u32;
+                    let send = (cstart + (sc as u64 + 1) * ss).min(to);
+                    let kind = if alloc >> sc & 1 != 0 {
+                        ExtentKind::Data {
+                            host_offset: host + (p - cstart),
+                        }
+                    } else if zero >> sc & 1 != 0 {
+                        ExtentKind::Zero
+                    } else {
+                        ExtentKind::Unallocated
+                    };
+                    push_extent(
+                        out,
+                        Extent {
+                            offset: p,
+                            len: send - p,
+                            kind,
+                        },
+                    );
+                    p = send;
+                }
+            }
+        }
+    }
+
+    /// Decompresses the cluster behind a `Compressed` extent and copies the
+    /// extent's bytes into `buf` (`buf.len()` must equal `extent.len`).
+    pub async fn read_compressed(&self, extent: &Extent, buf: &mut [u8]) -> Result<()> {
+        let ExtentKind::Compressed {
+            host_offset,
+            compressed_size,
+        } = extent.kind
+        else {
+            return Err(Error::Unsupported(
+                "read_compressed on a non-compressed extent".into(),
+            ));
+        };
+        let cluster = self
+            .decompress_cluster(host_offset, compressed_size)
+            .await?;
+        let s = self.g.in_cluster(extent.offset) as usize;
+        buf.copy_from_slice(&cluster[s..s + buf.len()]);
+        Ok(())
+    }
+
+    pub(crate) async fn decompress_cluster(&self, host: u64, csize: u64) -> Result<Vec<u8>> {
+        let cs = self.g.cluster_size;
+        // A compressed cluster never needs more than cluster_size + 2 sectors.
+        let csize = csize.min(cs + 1024);
+        let mut input = vec![0u8; csize as usize];
+        self.io.read_at(host, &mut input).await?;
+        let mut out = vec![0u8; cs as usize];
+        compress::decompress(self.g.compression, &input, &mut out)?;
+        Ok(out)
+    }
+
+    /// Reads guest data into `buf` (copying; for tools and tests). Unallocated
+    /// ranges come from `backing`.
+    pub async fn read<B: crate::Backing>(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+        backing: &B,
+    ) -> Result<()> {
+        for e in self.map(offset, buf.len() as u64).await? {
+            let s = (e.offset - offset) as usize;
+            let b = &mut buf[s..s + e.len as usize];
+            match e.kind {
+                ExtentKind::Data { host_offset } => self.data_io().read_at(host_offset, b).await?,
+                ExtentKind::Zero => b.fill(0),
+                ExtentKind::Unallocated => backing.read(e.offset, b).await?,
+                ExtentKind::Compressed { .. } => self.read_compressed(&e, b).await?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Appends an extent, merging it with the previous one when contiguous.
+fn push_extent(out: &mut Vec<Extent>, e: Extent) {
+    if let Some(last) = out.last_mut() {
+        if last.offset + last.len == e.offset {
+            let merge = match (last.kind, e.kind) {
+                (ExtentKind::Zero, ExtentKind::Zero)
+                | (ExtentKind::Unallocated, ExtentKind::Unallocated) => true,
+                (ExtentKind::Data { host_offset: a }, ExtentKind::Data { host_offset: b }) => {
+                    a + last.len == b
+                }
+                _ => false,
+            };
+            if merge {
+                last.len += e.len;
+                return;
+            }
+        }
+    }
+    out.push(e);
+}
+
+/// Decodes an L2 entry and checks it against the end of the file and the
+/// fixed metadata; the error says what is wrong.
+pub(crate) fn validate_entry(
+    g: &Geometry,
+    guest: u64,
+    raw: u64,
+    bitmap: u64,
+    hw: u64,
+    fixed: &[(u64, u64); 4],
+) -> std::result::Result<L2Entry, String> {
+    let cs = g.cluster_size;
+    let e = L2Entry::decode(g, raw, bitmap)
+        .map_err(|err| format!("L2 entry for guest offset {guest:#x} is invalid: {err}"))?;
+    let overlaps = |off: u64, len: u64| {
+        fixed
+            .iter()
+            .any(|&(o, l)| l > 0 && off < o + l && o < off + len)
+    };
+    if g.data_file {
+        return match e {
+            L2Entry::Compressed { .. } => Err(format!("guest offset {guest:#x}: compressed cluster with an external data file")),
+            L2Entry::Normal { host, .. } if e.is_mapped(g) && host != g.cluster_start(guest) => {
+                Err(format!("guest offset {guest:#x}: data file offset {host:#x} differs from the guest offset"))
+            }
+            _ => Ok(e),
+        };
+    }
+    match e {
+        L2Entry::Normal { host, .. } if host != 0 => {
+            if host >= hw {
+                Err(format!(
+                    "guest offset {guest:#x}: data cluster {host:#x} past the end of the file"
+                ))
+            } else if overlaps(host, cs) {
+                Err(format!(
+                    "guest offset {guest:#x}: data cluster {host:#x} overlaps metadata"
+                ))
+            } else {
+                Ok(e)
+            }
+        }
+        L2Entry::Compressed { raw } => {
+            let (off, len, _, _) = g.compressed_range(raw);
+            if raw & COPIED != 0 {
+                Err(format!(
+                    "guest offset {guest:#x}: compressed cluster with the COPIED flag"
+                ))
+            } else if off + len > hw + 512 || off < cs {
+                Err(format!(
+                    "guest offset {guest:#x}: compressed cluster at {off:#x} out of the file"
+                ))
+            } else {
+                Ok(e)
+            }
+        }
+        _ => Ok(e),
+    }
+}

@@ -1,0 +1,264 @@
+//! The crate's own asynchronous I/O trait, and two implementations.
+//!
+//! The qcow2 code reads and writes its image file (and nothing else) through
+//! [`QcowIo`]. The block layer implements it on top of its `file` child; tests
+//! and the fuzzer use [`MemIo`]; tools use [`FileIo`].
+
+use std::future::Future;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::Mutex;
+
+/// Positioned asynchronous I/O on an image file.
+///
+/// Futures need not be `Send`. Reads past the end of the file return zeroes
+/// for the part beyond the end.
+#[allow(clippy::len_without_is_empty)]
+pub trait QcowIo {
+    /// Reads `buf.len()` bytes at `offset`; bytes past the end read as zero.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> impl Future<Output = io::Result<()>>;
+    /// Writes all of `buf` at `offset`, growing the file if needed.
+    fn write_at(&self, offset: u64, buf: &[u8]) -> impl Future<Output = io::Result<()>>;
+    /// Makes every completed write stable.
+    fn flush(&self) -> impl Future<Output = io::Result<()>>;
+    /// The current length of the file.
+    fn len(&self) -> impl Future<Output = io::Result<u64>>;
+    /// Truncates or extends the file (extension reads as zeroes).
+    fn set_len(&self, len: u64) -> impl Future<Output = io::Result<()>>;
+    /// Writes `len` zero bytes at `offset`. The default writes a zero buffer;
+    /// implementations may use fallocate instead.
+    fn write_zeroes(&self, offset: u64, len: u64) -> impl Future<Output = io::Result<()>> {
+        async move {
+            const CHUNK: u64 = 1 << 20;
+            let zeroes = vec![0u8; len.min(CHUNK) as usize];
+            let mut done = 0;
+            while done < len {
+                let n = (len - done).min(CHUNK);
+                self.write_at(offset + done, &zeroes[..n as usize]).await?;
+                done += n;
+            }
+            Ok(())
+        }
+    }
+}
+
+impl<T: QcowIo> QcowIo for &T {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> impl Future<Output = io::Result<()>> {
+        (**self).read_at(offset, buf)
+    }
+    fn write_at(&self, offset: u64, buf: &[u8]) -> impl Future<Output = io::Result<()>> {
+        (**self).write_at(offset, buf)
+    }
+    fn flush(&self) -> impl Future<Output = io::Result<()>> {
+        (**self).flush()
+    }
+    fn len(&self) -> impl Future<Output = io::Result<u64>> {
+        (**self).len()
+    }
+    fn set_len(&self, len: u64) -> impl Future<Output = io::Result<()>> {
+        (**self).set_len(len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> impl Future<Output = io::Result<()>> {
+        (**self).write_zeroes(offset, len)
+    }
+}
+
+/// Largest file [`MemIo`] accepts, so that a hostile image cannot make a
+/// test allocate without bound.
+pub const MEM_IO_LIMIT: u64 = 1 << 30;
+
+/// An in-memory file, for tests and fuzzing.
+#[derive(Debug, Default)]
+pub struct MemIo {
+    data: Mutex<Vec<u8>>,
+    flushes: std::sync::atomic::AtomicU64,
+}
+
+impl MemIo {
+    /// An empty file.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// A file holding `data`.
+    pub fn from_vec(data: Vec<u8>) -> Self {
+        MemIo {
+            data: Mutex::new(data),
+            flushes: Default::default(),
+        }
+    }
+    /// A copy of the file's content.
+    pub fn to_vec(&self) -> Vec<u8> {
+        self.data.lock().unwrap().clone()
+    }
+    /// How many times `flush` was called.
+    pub fn flush_count(&self) -> u64 {
+        self.flushes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+    fn check(offset: u64, len: usize) -> io::Result<usize> {
+        let end = offset
+            .checked_add(len as u64)
+            .filter(|&e| e <= MEM_IO_LIMIT)
+            .ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidInput, "MemIo: offset too large")
+            })?;
+        Ok(end as usize)
+    }
+}
+
+impl QcowIo for MemIo {
+    async fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let d = self.data.lock().unwrap();
+        buf.fill(0);
+        if offset < d.len() as u64 {
+            let start = offset as usize;
+            let n = buf.len().min(d.len() - start);
+            buf[..n].copy_from_slice(&d[start..start + n]);
+        }
+        Ok(())
+    }
+    async fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        let end = Self::check(offset, buf.len())?;
+        let mut d = self.data.lock().unwrap();
+        if d.len() < end {
+            d.resize(end, 0);
+        }
+        d[offset as usize..end].copy_from_slice(buf);
+        Ok(())
+    }
+    async fn flush(&self) -> io::Result<()> {
+        self.flushes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+    async fn len(&self) -> io::Result<u64> {
+        Ok(self.data.lock().unwrap().len() as u64)
+    }
+    async fn set_len(&self, len: u64) -> io::Result<()> {
+        let end = Self::check(len, 0)?;
+        self.data.lock().unwrap().resize(end, 0);
+        Ok(())
+    }
+}
+
+/// A host file accessed with `pread`/`pwrite`; its futures complete at once.
+#[derive(Debug)]
+pub struct FileIo {
+    file: std::fs::File,
+}
+
+impl FileIo {
+    /// Wraps an open file.
+    pub fn new(file: std::fs::File) -> Self {
+        FileIo { file }
+    }
+    /// Opens `path` for reading, and for writing when `writable`.
+    pub fn open(path: impl AsRef<std::path::Path>, writable: bool) -> io::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(path)?;
+        Ok(FileIo { file })
+    }
+    /// Creates (or truncates) `path`.
+    pub fn create(path: impl AsRef<std::path::Path>) -> io::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)?;
+        Ok(FileIo { file })
+    }
+    /// The underlying file.
+    pub fn file(&self) -> &std::fs::File {
+        &self.file
+    }
+}
+
+impl QcowIo for FileIo {
+    async fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => {
+                    buf[done..].fill(0);
+                    break;
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+    async fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+    async fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+    async fn len(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+    async fn set_len(&self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)
+    }
+}
+
+/// Runs a future whose I/O completes at once (MemIo, FileIo) to completion
+/// on the current thread. For tests and tools; panics if the future stays
+/// pending after many polls with nothing that could wake it.
+pub fn block_on<F: Future>(fut: F) -> F::Output {
+    use std::task::{Context, Poll, Wake, Waker};
+    struct Flag(std::sync::atomic::AtomicBool, std::thread::Thread);
+    impl Wake for Flag {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+            self.1.unpark();
+        }
+    }
+    let flag = std::sync::Arc::new(Flag(false.into(), std::thread::current()));
+    let waker = Waker::from(flag.clone());
+    let mut cx = Context::from_waker(&waker);
+    let mut fut = std::pin::pin!(fut);
+    loop {
+        if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
+            return v;
+        }
+        while !flag.0.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            std::thread::park();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mem_io_reads_zeroes_past_end() {
+        let m = MemIo::new();
+        block_on(m.write_at(4, &[1, 2, 3])).unwrap();
+        let mut b = [9u8; 10];
+        block_on(m.read_at(2, &mut b)).unwrap();
+        assert_eq!(b, [0, 0, 1, 2, 3, 0, 0, 0, 0, 0]);
+        assert_eq!(block_on(m.len()).unwrap(), 7);
+        block_on(m.write_zeroes(5, 1)).unwrap();
+        assert_eq!(m.to_vec(), [0, 0, 0, 0, 1, 0, 3]);
+        assert!(block_on(m.write_at(MEM_IO_LIMIT, &[1])).is_err());
+    }
+
+    #[test]
+    fn file_io_round_trip() {
+        let dir = std::env::temp_dir().join(format!("qcow-fileio-{}", std::process::id()));
+        let f = FileIo::create(&dir).unwrap();
+        block_on(f.write_at(100, b"abc")).unwrap();
+        let mut b = [7u8; 6];
+        block_on(f.read_at(101, &mut b)).unwrap();
+        assert_eq!(&b, b"bc\0\0\0\0");
+        block_on(f.set_len(4096)).unwrap();
+        assert_eq!(block_on(f.len()).unwrap(), 4096);
+        block_on(f.flush()).unwrap();
+        std::fs::remove_file(&dir).unwrap();
+    }
+}

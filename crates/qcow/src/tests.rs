@@ -1,0 +1,984 @@
+//! Unit tests of the image object on MemIo.
+
+use crate::check::Repair;
+use crate::create::{create, Compat, CreateOptions};
+use crate::image::{ExtentKind, OpenOptions, Qcow2};
+use crate::io::{block_on, MemIo};
+use crate::{Error, NoBacking};
+
+/// A small deterministic generator (xorshift64*).
+pub(crate) struct Rng(pub u64);
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn opts(size: u64, cs: u64) -> CreateOptions {
+    let mut o = CreateOptions::new(size);
+    o.cluster_size = cs;
+    o
+}
+
+fn read_all<B: crate::Backing>(img: &Qcow2<MemIo>, backing: &B) -> Vec<u8> {
+    let mut v = vec![0u8; img.size() as usize];
+    block_on(img.read(0, &mut v, backing)).unwrap();
+    v
+}
+
+#[track_caller]
+pub(crate) fn assert_same(a: &[u8], b: &[u8], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: lengths differ");
+    if let Some(i) = a.iter().zip(b).position(|(x, y)| x != y) {
+        panic!("{what}: first difference at {i:#x}: {} != {}", a[i], b[i]);
+    }
+}
+
+fn assert_clean(img: &Qcow2<MemIo>) {
+    let r = block_on(img.check(Repair::None)).unwrap();
+    assert!(r.is_clean(), "{:#?}", r.messages);
+}
+
+fn reopen(img: Qcow2<MemIo>, writable: bool) -> Qcow2<MemIo> {
+    block_on(img.close()).unwrap();
+    let data = img.io().to_vec();
+    block_on(Qcow2::open(
+        MemIo::from_vec(data),
+        OpenOptions {
+            writable,
+            ..Default::default()
+        },
+    ))
+    .unwrap()
+}
+
+#[test]
+fn write_read_partial_clusters() {
+    for (cs, ext) in [
+        (512, false),
+        (4096, false),
+        (65536, false),
+        (16384, true),
+        (65536, true),
+    ] {
+        let mut o = opts(1 << 20, cs);
+        o.extended_l2 = ext;
+        let img = block_on(create(MemIo::new(), &o)).unwrap();
+        let mut model = vec![0u8; 1 << 20];
+        for (off, len, pat) in [
+            (100u64, 1000usize, 1u8),
+            (cs - 7, 20, 2),
+            (70000, 200000, 3),
+            (1000, 10, 4),
+            ((1 << 20) - 5, 5, 5),
+        ] {
+            let data = vec![pat; len];
+            block_on(img.write(off, &data, &NoBacking)).unwrap();
+            model[off as usize..off as usize + len].copy_from_slice(&data);
+        }
+        assert_same(
+            &read_all(&img, &NoBacking),
+            &model,
+            &format!("cs {cs} ext {ext}"),
+        );
+        block_on(img.flush()).unwrap();
+        assert_clean(&img);
+        let img = reopen(img, false);
+        assert_same(&read_all(&img, &NoBacking), &model, "content");
+    }
+}
+
+#[test]
+fn map_reports_kinds_and_merges() {
+    let img = block_on(create(MemIo::new(), &opts(4 << 20, 65536))).unwrap();
+    block_on(img.write(0, &vec![1u8; 3 * 65536], &NoBacking)).unwrap();
+    block_on(img.write_zeroes(4 * 65536, 65536, true)).unwrap();
+    let m = block_on(img.map(0, 6 * 65536)).unwrap();
+    assert_eq!(m.len(), 4, "{m:?}");
+    assert!(matches!(m[0].kind, ExtentKind::Data { .. }) && m[0].len == 3 * 65536);
+    assert_eq!(m[1].kind, ExtentKind::Unallocated);
+    assert_eq!((m[2].offset, m[2].kind), (4 * 65536, ExtentKind::Zero));
+    assert_eq!(m[3].kind, ExtentKind::Unallocated);
+    assert!(matches!(
+        block_on(img.map(4 << 20, 1)),
+        Err(Error::OutOfRange { .. })
+    ));
+}
+
+#[test]
+fn backing_copy_on_write() {
+    let size = 1u64 << 20;
+    let base: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+    for ext in [false, true] {
+        let mut o = opts(size, 32768);
+        o.extended_l2 = ext;
+        o.backing_file = Some("base.raw".into());
+        o.backing_fmt = Some("raw".into());
+        let img = block_on(create(MemIo::new(), &o)).unwrap();
+        let mut model = base.clone();
+        for (off, len) in [(10u64, 100usize), (40000, 5000), (65536 + 1024, 1024)] {
+            block_on(img.write(off, &vec![0xee; len], &base)).unwrap();
+            model[off as usize..off as usize + len].fill(0xee);
+        }
+        assert_same(&read_all(&img, &base), &model, &format!("ext {ext}"));
+        // Discard with a backing file gives zero clusters (v3).
+        block_on(img.discard(0, 32768)).unwrap();
+        model[..32768].fill(0);
+        // Zero a subcluster-aligned range.
+        let al = img.geometry().subcluster_size;
+        block_on(img.write_zeroes(3 * 32768, al, false)).unwrap();
+        model[3 * 32768..(3 * 32768 + al) as usize].fill(0);
+        assert_same(&read_all(&img, &base), &model, &format!("ext {ext}"));
+        block_on(img.flush()).unwrap();
+        assert_clean(&img);
+    }
+}
+
+#[test]
+fn zeroes_discard_and_reuse() {
+    let cs = 65536u64;
+    let img = block_on(create(MemIo::new(), &opts(8 << 20, cs))).unwrap();
+    block_on(img.write(0, &vec![7u8; 8 << 20], &NoBacking)).unwrap();
+    block_on(img.flush()).unwrap();
+    let len_before = img.io().to_vec().len();
+    let freed = block_on(img.discard(cs / 2, 4 * cs)).unwrap();
+    // Partial clusters at both ends are kept: 3 whole clusters freed.
+    assert_eq!(freed.iter().map(|r| r.1).sum::<u64>(), 3 * cs);
+    block_on(img.write_zeroes(6 * cs, cs, true)).unwrap();
+    block_on(img.write_zeroes(7 * cs, cs, false)).unwrap();
+    assert!(matches!(
+        block_on(img.write_zeroes(5, 10, true)),
+        Err(Error::Unaligned { .. })
+    ));
+    block_on(img.flush()).unwrap();
+    assert_clean(&img);
+    let mut model = vec![7u8; 8 << 20];
+    model[cs as usize..4 * cs as usize].fill(0);
+    model[6 * cs as usize..8 * cs as usize].fill(0);
+    assert_same(&read_all(&img, &NoBacking), &model, "content");
+    // Freed clusters are reused after the flush: the file does not grow.
+    block_on(img.write(cs, &vec![9u8; 3 * cs as usize], &NoBacking)).unwrap();
+    block_on(img.flush()).unwrap();
+    assert_eq!(img.io().to_vec().len(), len_before);
+    assert_clean(&img);
+}
+
+#[test]
+fn refcount_table_grows() {
+    // 512-byte clusters with 64-bit refcounts: 64 clusters per refcount
+    // block, 64 blocks per table cluster: the table must grow.
+    for rb in [64u32, 1, 2, 32] {
+        let mut o = opts(16 << 20, 512);
+        o.refcount_bits = rb;
+        let img = block_on(create(MemIo::new(), &o)).unwrap();
+        let mut rng = Rng(rb as u64 + 1);
+        let mut model = vec![0u8; 16 << 20];
+        for i in 0..300 {
+            let off = rng.below(16 << 20) & !511;
+            let len = (rng.below(64) + 1) * 512;
+            let len = len.min((16 << 20) - off) as usize;
+            block_on(img.write(off, &vec![i as u8; len], &NoBacking)).unwrap();
+            model[off as usize..off as usize + len].fill(i as u8);
+        }
+        block_on(img.flush()).unwrap();
+        assert!(img.header().refcount_table_clusters > 1 || rb < 64);
+        assert_clean(&img);
+        let img = reopen(img, true);
+        assert_same(
+            &read_all(&img, &NoBacking),
+            &model,
+            &format!("refcount_bits {rb}"),
+        );
+    }
+}
+
+#[test]
+fn grow_image() {
+    let img = block_on(create(MemIo::new(), &opts(1 << 20, 512))).unwrap();
+    block_on(img.write(1000, &[5u8; 100], &NoBacking)).unwrap();
+    block_on(img.resize(64 << 20)).unwrap();
+    block_on(img.write((64 << 20) - 100, &[6u8; 100], &NoBacking)).unwrap();
+    // Shrink below the last write, then grow again: the tail reads zero.
+    block_on(img.write((3 << 20) + 7, &[8u8; 70000], &NoBacking)).unwrap();
+    block_on(img.resize((3 << 20) + 4096)).unwrap();
+    assert_clean(&img);
+    block_on(img.resize(64 << 20)).unwrap();
+    let mut t = vec![0u8; 70000];
+    block_on(img.read((3 << 20) + 7, &mut t, &NoBacking)).unwrap();
+    assert!(t[..4089].iter().all(|&x| x == 8));
+    assert!(
+        t[4089 + 512..].iter().all(|&x| x == 0),
+        "freed clusters read zero"
+    );
+    block_on(img.flush()).unwrap();
+    assert_clean(&img);
+    let img = reopen(img, false);
+    let mut b = [0u8; 100];
+    block_on(img.read((64 << 20) - 100, &mut b, &NoBacking)).unwrap();
+    assert_eq!(b, [0u8; 100], "discarded by the shrink");
+    block_on(img.read(1000, &mut b, &NoBacking)).unwrap();
+    assert_eq!(b, [5u8; 100]);
+}
+
+#[test]
+fn lazy_refcounts_dirty_and_repair() {
+    let mut o = opts(4 << 20, 65536);
+    o.lazy_refcounts = true;
+    let img = block_on(create(MemIo::new(), &o)).unwrap();
+    let img = reopen(img, true);
+    block_on(img.write(0, &[1u8; 200000], &NoBacking)).unwrap();
+    block_on(img.flush()).unwrap();
+    assert!(img.header().incompatible_features & crate::header::incompat::DIRTY != 0);
+    // Simulate a crash: take the file without a clean close, and zero the
+    // refcount block so that the repair has work to do.
+    let mut data = img.io().to_vec();
+    let h = img.header();
+    let rt_entry = u64::from_be_bytes(
+        data[h.refcount_table_offset as usize..][..8]
+            .try_into()
+            .unwrap(),
+    );
+    data[rt_entry as usize + 8..rt_entry as usize + 64].fill(0);
+    let img2 = block_on(Qcow2::open(
+        MemIo::from_vec(data),
+        OpenOptions::read_write(),
+    ))
+    .unwrap();
+    assert_eq!(
+        img2.header().incompatible_features & crate::header::incompat::DIRTY,
+        0
+    );
+    assert_clean(&img2);
+    let mut b = vec![0u8; 200000];
+    block_on(img2.read(0, &mut b, &NoBacking)).unwrap();
+    assert!(b.iter().all(|&x| x == 1));
+    // A clean close clears the dirty bit.
+    block_on(img.close()).unwrap();
+    assert_eq!(
+        img.header().incompatible_features & crate::header::incompat::DIRTY,
+        0
+    );
+}
+
+#[test]
+fn corruption_marks_image_corrupt() {
+    let img = block_on(create(MemIo::new(), &opts(1 << 20, 65536))).unwrap();
+    block_on(img.write(0, &[1u8; 512], &NoBacking)).unwrap();
+    block_on(img.close()).unwrap();
+    let mut data = img.io().to_vec();
+    let h = img.header();
+    let l1 = u64::from_be_bytes(data[h.l1_table_offset as usize..][..8].try_into().unwrap())
+        & crate::layout::OFFSET_MASK;
+    // Point the first L2 entry at the L1 table.
+    let e = h.l1_table_offset | crate::layout::COPIED;
+    data[l1 as usize..l1 as usize + 8].copy_from_slice(&e.to_be_bytes());
+    let img = block_on(Qcow2::open(
+        MemIo::from_vec(data.clone()),
+        OpenOptions::read_write(),
+    ))
+    .unwrap();
+    assert!(matches!(block_on(img.map(0, 512)), Err(Error::Corrupt(_))));
+    assert!(img.info().corrupt);
+    assert!(matches!(
+        block_on(img.write(70000, &[1], &NoBacking)),
+        Err(Error::Corrupt(_))
+    ));
+    // The corrupt bit reached the file: a read-write open is refused.
+    let again = img.io().to_vec();
+    assert!(matches!(
+        block_on(Qcow2::open(
+            MemIo::from_vec(again.clone()),
+            OpenOptions::read_write()
+        )),
+        Err(Error::Corrupt(_))
+    ));
+    assert!(block_on(Qcow2::open(
+        MemIo::from_vec(again),
+        OpenOptions::read_only()
+    ))
+    .is_ok());
+    // The checker counts it too.
+    let ro = block_on(Qcow2::open(MemIo::from_vec(data), OpenOptions::read_only())).unwrap();
+    assert!(block_on(ro.check(Repair::None)).unwrap().corruptions > 0);
+}
+
+#[test]
+fn leaks_are_found_and_repaired() {
+    let img = block_on(create(MemIo::new(), &opts(1 << 20, 512))).unwrap();
+    block_on(img.write(0, &[1u8; 4096], &NoBacking)).unwrap();
+    // Reserve clusters and never commit them: leaked.
+    let a = block_on(img.allocate(8192, 4096, &NoBacking)).unwrap();
+    drop(a);
+    block_on(img.flush()).unwrap();
+    let r = block_on(img.check(Repair::None)).unwrap();
+    assert_eq!((r.leaks, r.corruptions), (8, 0), "{:?}", r.messages);
+    let r = block_on(img.check(Repair::Leaks)).unwrap();
+    assert_eq!(r.leaks_fixed, 8);
+    assert_clean(&img);
+}
+
+#[test]
+fn v2_images() {
+    let mut o = opts(2 << 20, 65536);
+    o.compat = Compat::V2;
+    let img = block_on(create(MemIo::new(), &o)).unwrap();
+    block_on(img.write(5000, &[3u8; 200000], &NoBacking)).unwrap();
+    block_on(img.write_zeroes(0, 65536, true)).unwrap();
+    block_on(img.write_zeroes(65536, 65536, false)).unwrap();
+    let mut model = vec![0u8; 2 << 20];
+    model[131072..205000].fill(3);
+    assert_same(&read_all(&img, &NoBacking), &model, "content");
+    block_on(img.flush()).unwrap();
+    assert_clean(&img);
+}
+
+#[test]
+fn concurrent_allocations_serialise_per_cluster() {
+    use std::future::Future;
+    use std::pin::pin;
+    use std::task::{Context, Poll, Waker};
+    let img = block_on(create(MemIo::new(), &opts(1 << 20, 65536))).unwrap();
+    let a = block_on(img.allocate(0, 512, &NoBacking)).unwrap();
+    // A second allocation on the same cluster waits...
+    let mut f = pin!(img.allocate(1024, 512, &NoBacking));
+    let mut cx = Context::from_waker(Waker::noop());
+    assert!(f.as_mut().poll(&mut cx).is_pending());
+    // ...while one on another cluster proceeds.
+    let b = block_on(img.allocate(65536, 512, &NoBacking)).unwrap();
+    block_on(img.commit(a)).unwrap();
+    let Poll::Ready(Ok(c)) = f.as_mut().poll(&mut cx) else {
+        panic!("still waiting")
+    };
+    // The first commit linked the cluster: the second writes in place.
+    assert!(!c.needs_commit());
+    block_on(img.commit(c)).unwrap();
+    block_on(img.commit(b)).unwrap();
+    block_on(img.flush()).unwrap();
+    assert_clean(&img);
+}
+
+#[test]
+fn random_differential() {
+    let seed = std::env::var("QCOW_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5eed_u64);
+    eprintln!("random_differential seed {seed}");
+    for (cs, ext, rb) in [
+        (512u64, false, 16u32),
+        (65536, false, 16),
+        (16384, true, 4),
+        (65536, true, 64),
+    ] {
+        let size = 4u64 << 20;
+        let mut o = opts(size, cs);
+        o.extended_l2 = ext;
+        o.refcount_bits = rb;
+        let img = block_on(create(MemIo::new(), &o)).unwrap();
+        let mut rng = Rng(seed ^ cs ^ rb as u64);
+        let mut model = vec![0u8; size as usize];
+        let al = img.geometry().subcluster_size;
+        for step in 0..200 {
+            let op = rng.below(10);
+            let off = rng.below(size);
+            let len = (rng.below(3 * cs) + 1).min(size - off);
+            match op {
+                0..=5 => {
+                    let v = rng.next() as u8;
+                    block_on(img.write(off, &vec![v; len as usize], &NoBacking)).unwrap();
+                    model[off as usize..(off + len) as usize].fill(v);
+                }
+                6 | 7 => {
+                    let s = off / al * al;
+                    let e = ((off + len).div_ceil(al) * al).min(size);
+                    block_on(img.write_zeroes(s, e - s, op == 6)).unwrap();
+                    model[s as usize..e as usize].fill(0);
+                }
+                _ => {
+                    block_on(img.discard(off, len)).unwrap();
+                    let s = off.div_ceil(cs) * cs;
+                    let e = if off + len == size {
+                        size
+                    } else {
+                        (off + len) / cs * cs
+                    };
+                    if s < e {
+                        model[s as usize..e as usize].fill(0);
+                    }
+                }
+            }
+            if std::env::var("QCOW_DEBUG").is_ok() {
+                eprintln!("step {step} op {op} off {off:#x} len {len:#x}");
+                assert_same(
+                    &read_all(&img, &NoBacking),
+                    &model,
+                    &format!("cs {cs} ext {ext} step {step} seed {seed}"),
+                );
+            }
+            if step % 40 == 39 {
+                block_on(img.flush()).unwrap();
+                assert_same(
+                    &read_all(&img, &NoBacking),
+                    &model,
+                    &format!("cs {cs} ext {ext} step {step} seed {seed}"),
+                );
+                assert_clean(&img);
+            }
+        }
+    }
+}
+
+#[test]
+fn interop_sequence_has_no_leaks() {
+    let size = 6u64 << 20;
+    let img = block_on(create(MemIo::new(), &opts(size, 65536))).unwrap();
+    let w =
+        |off: u64, len: usize, v: u8| block_on(img.write(off, &vec![v; len], &NoBacking)).unwrap();
+    w(0, 65536, 1);
+    w(100_000, 3000, 2);
+    w(1_000_001, 200_000, 3);
+    w(size - 300, 300, 4);
+    assert_clean(&img);
+    block_on(img.write_zeroes(65536, 65536, true)).unwrap();
+    assert_clean(&img);
+    block_on(img.write_zeroes(size - 65536, 65536, false)).unwrap();
+    assert_clean(&img);
+    block_on(img.discard(0, 65536 * 2)).unwrap();
+    block_on(img.close()).unwrap();
+    assert_clean(&img);
+}
+
+#[test]
+fn compressed_clusters_round_trip() {
+    for (ct, ext) in [
+        (crate::CompressionType::Zlib, false),
+        (crate::CompressionType::Zstd, true),
+    ] {
+        let mut o = opts(1 << 20, 65536);
+        o.compression_type = ct;
+        o.extended_l2 = ext;
+        let img = block_on(create(MemIo::new(), &o)).unwrap();
+        let data: Vec<u8> = (0..65536u32).map(|i| (i / 300) as u8).collect();
+        block_on(img.write_compressed(65536, &data)).unwrap();
+        block_on(img.write_compressed(3 * 65536, &data)).unwrap();
+        let m = block_on(img.map(65536, 65536)).unwrap();
+        assert!(matches!(m[0].kind, ExtentKind::Compressed { .. }), "{m:?}");
+        let mut model = vec![0u8; 1 << 20];
+        model[65536..131072].copy_from_slice(&data);
+        model[3 * 65536..4 * 65536].copy_from_slice(&data);
+        assert_same(&read_all(&img, &NoBacking), &model, "compressed");
+        // Partial overwrite of a compressed cluster copies the rest.
+        block_on(img.write(65536 + 100, &[9u8; 50], &NoBacking)).unwrap();
+        model[65636..65686].fill(9);
+        // Overwrite a compressed cluster with another compressed one.
+        block_on(img.write_compressed(3 * 65536, &vec![1u8; 65536])).unwrap();
+        model[3 * 65536..4 * 65536].fill(1);
+        block_on(img.flush()).unwrap();
+        assert_same(&read_all(&img, &NoBacking), &model, "after overwrite");
+        assert_clean(&img);
+    }
+}
+
+#[test]
+fn image_is_send_and_sync() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Qcow2<MemIo>>();
+    assert_send_sync::<Qcow2<crate::FileIo>>();
+}
+
+#[test]
+fn refcount_zero_metadata_is_not_reallocated() {
+    let img = block_on(create(MemIo::new(), &opts(1 << 20, 65536))).unwrap();
+    block_on(img.write(0, &[1u8; 512], &NoBacking)).unwrap();
+    block_on(img.close()).unwrap();
+    let mut data = img.io().to_vec();
+    // Zero the refcounts of everything: the allocator must notice the L2
+    // table rather than hand its cluster out.
+    let h = img.header();
+    let rb = u64::from_be_bytes(
+        data[h.refcount_table_offset as usize..][..8]
+            .try_into()
+            .unwrap(),
+    ) as usize;
+    data[rb..rb + 32].fill(0);
+    let img = block_on(Qcow2::open(
+        MemIo::from_vec(data),
+        OpenOptions::read_write(),
+    ))
+    .unwrap();
+    let r = block_on(img.write(65536, &[2u8; 512], &NoBacking));
+    assert!(matches!(r, Err(Error::Corrupt(_))), "{r:?}");
+    assert!(img.info().corrupt);
+}
+
+#[test]
+fn internal_snapshots() {
+    let img = block_on(create(MemIo::new(), &opts(2 << 20, 4096))).unwrap();
+    block_on(img.write(0, &vec![1u8; 100_000], &NoBacking)).unwrap();
+    block_on(img.write_compressed(512 << 10, &vec![2u8; 4096])).unwrap();
+    let s1 = read_all(&img, &NoBacking);
+    let snap = block_on(img.snapshot_create("one")).unwrap();
+    assert_eq!(snap.id, "1");
+    assert_clean(&img);
+    block_on(img.write(50_000, &vec![3u8; 100_000], &NoBacking)).unwrap();
+    block_on(img.write(512 << 10, &[4u8; 10], &NoBacking)).unwrap();
+    block_on(img.discard(0, 8192)).unwrap();
+    block_on(img.flush()).unwrap();
+    assert_clean(&img);
+    let s2 = read_all(&img, &NoBacking);
+    block_on(img.snapshot_create("two")).unwrap();
+    assert_eq!(img.snapshots().len(), 2);
+    block_on(img.snapshot_revert("one")).unwrap();
+    assert_same(&read_all(&img, &NoBacking), &s1, "reverted to one");
+    assert_clean(&img);
+    block_on(img.write(0, &[5u8; 10], &NoBacking)).unwrap();
+    block_on(img.snapshot_delete("one")).unwrap();
+    assert_clean(&img);
+    block_on(img.snapshot_revert("2")).unwrap();
+    assert_same(&read_all(&img, &NoBacking), &s2, "reverted to two");
+    block_on(img.snapshot_delete("two")).unwrap();
+    assert!(img.snapshots().is_empty());
+    block_on(img.flush()).unwrap();
+    assert_clean(&img);
+    let img = reopen(img, true);
+    assert_same(&read_all(&img, &NoBacking), &s2, "reopened");
+    assert!(block_on(img.snapshot_delete("nope")).is_err());
+}
+
+#[test]
+fn external_data_file() {
+    for raw in [false, true] {
+        let mut o = opts(1 << 20, 65536);
+        o.data_file = Some("data.raw".into());
+        o.data_file_raw = raw;
+        let img = block_on(crate::create_with_data_file(MemIo::new(), MemIo::new(), &o)).unwrap();
+        assert!(img.has_data_file());
+        let mut model = vec![0u8; 1 << 20];
+        for (off, len, v) in [(100u64, 1000usize, 1u8), (65536 * 3 + 5, 70000, 2)] {
+            block_on(img.write(off, &vec![v; len], &NoBacking)).unwrap();
+            model[off as usize..off as usize + len].fill(v);
+        }
+        let freed = block_on(img.discard(0, 65536)).unwrap();
+        if raw {
+            assert!(freed.is_empty());
+            assert!(block_on(img.write_zeroes(0, 65536, true)).is_err());
+        } else {
+            assert_eq!(freed, vec![(0, 65536)]);
+            model[..65536].fill(0);
+            block_on(img.write_zeroes(65536 * 4, 65536, true)).unwrap();
+            model[65536 * 4..65536 * 5].fill(0);
+        }
+        assert_same(&read_all(&img, &NoBacking), &model, &format!("raw {raw}"));
+        let m = block_on(img.map(65536 * 3, 65536)).unwrap();
+        assert_eq!(
+            m[0].kind,
+            ExtentKind::Data {
+                host_offset: 65536 * 3
+            }
+        );
+        block_on(img.flush()).unwrap();
+        assert_clean(&img);
+        if raw {
+            // The data file alone is the raw image.
+            assert_same(&img.data_io().to_vec()[..1 << 20], &model, "raw data file");
+        }
+        assert!(block_on(img.snapshot_create("x")).is_err());
+        // Opening without the data file fails clearly.
+        let meta = img.io().to_vec();
+        let e = block_on(Qcow2::open(MemIo::from_vec(meta), OpenOptions::read_only())).unwrap_err();
+        assert!(e.to_string().contains("data.raw"), "{e}");
+    }
+}
+
+/// Records every write and flush so that crashes can be replayed.
+#[derive(Default)]
+struct CrashIo {
+    inner: std::sync::Mutex<(Vec<u8>, Vec<CrashOp>)>,
+}
+
+#[derive(Clone)]
+enum CrashOp {
+    Write(u64, Vec<u8>),
+    SetLen(u64),
+    Flush,
+}
+
+impl crate::QcowIo for CrashIo {
+    async fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let g = self.inner.lock().unwrap();
+        buf.fill(0);
+        if offset < g.0.len() as u64 {
+            let n = buf.len().min(g.0.len() - offset as usize);
+            buf[..n].copy_from_slice(&g.0[offset as usize..offset as usize + n]);
+        }
+        Ok(())
+    }
+    async fn write_at(&self, offset: u64, buf: &[u8]) -> std::io::Result<()> {
+        let mut g = self.inner.lock().unwrap();
+        apply(&mut g.0, &CrashOp::Write(offset, buf.to_vec()));
+        g.1.push(CrashOp::Write(offset, buf.to_vec()));
+        Ok(())
+    }
+    async fn flush(&self) -> std::io::Result<()> {
+        self.inner.lock().unwrap().1.push(CrashOp::Flush);
+        Ok(())
+    }
+    async fn len(&self) -> std::io::Result<u64> {
+        Ok(self.inner.lock().unwrap().0.len() as u64)
+    }
+    async fn set_len(&self, len: u64) -> std::io::Result<()> {
+        let mut g = self.inner.lock().unwrap();
+        apply(&mut g.0, &CrashOp::SetLen(len));
+        g.1.push(CrashOp::SetLen(len));
+        Ok(())
+    }
+}
+
+fn apply(d: &mut Vec<u8>, op: &CrashOp) {
+    match op {
+        CrashOp::Write(off, data) => {
+            let end = *off as usize + data.len();
+            if d.len() < end {
+                d.resize(end, 0);
+            }
+            d[*off as usize..end].copy_from_slice(data);
+        }
+        CrashOp::SetLen(l) => d.resize(*l as usize, 0),
+        CrashOp::Flush => {}
+    }
+}
+
+/// Crashes at every point of a random workload, keeping a random subset of
+/// the writes issued since the last flush: the image must never be corrupt
+/// (leaks are fine) and data flushed before the crash must be there.
+#[test]
+fn crash_consistency() {
+    for (cs, ext, lazy, rb) in [
+        (4096u64, false, false, 16u32),
+        (16384, true, false, 16),
+        (4096, false, true, 16),
+        (512, false, false, 64),
+    ] {
+        let size = 1u64 << 20;
+        let mut o = opts(size, cs);
+        o.extended_l2 = ext;
+        o.lazy_refcounts = lazy;
+        o.refcount_bits = rb;
+        let img = block_on(create(CrashIo::default(), &o)).unwrap();
+        block_on(img.close()).unwrap();
+        let base = img.io().inner.lock().unwrap().0.clone();
+        drop(img);
+        let io = CrashIo::default();
+        io.inner.lock().unwrap().0 = base.clone();
+        let img = block_on(Qcow2::open(io, OpenOptions::read_write())).unwrap();
+        let seed: u64 = std::env::var("QCOW_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let mut rng = Rng(cs + ext as u64 * 7 + lazy as u64 * 13 + seed * 1000);
+        let mut model = vec![0u8; size as usize];
+        // (number of ops logged when a guest flush completed, model then)
+        let mut flushed: Vec<(usize, Vec<u8>)> = vec![(0, model.clone())];
+        // (ops logged when a guest operation started, range it changed)
+        let mut touched: Vec<(usize, u64, u64)> = Vec::new();
+        for step in 0..100 {
+            let off = rng.below(size);
+            let len = (rng.below(3 * cs) + 1).min(size - off);
+            let pos = img.io().inner.lock().unwrap().1.len();
+            match rng.below(8) {
+                0..=4 => {
+                    let v = (step % 250 + 1) as u8;
+                    block_on(img.write(off, &vec![v; len as usize], &NoBacking)).unwrap();
+                    model[off as usize..(off + len) as usize].fill(v);
+                    touched.push((pos, off, off + len));
+                }
+                5 => {
+                    let al = img.geometry().subcluster_size;
+                    let s = off / al * al;
+                    let e = ((off + len).div_ceil(al) * al).min(size);
+                    block_on(img.write_zeroes(s, e - s, rng.below(2) == 0)).unwrap();
+                    model[s as usize..e as usize].fill(0);
+                    touched.push((pos, s, e));
+                }
+                6 => {
+                    block_on(img.discard(off, len)).unwrap();
+                    let s = off.div_ceil(cs) * cs;
+                    let e = if off + len == size {
+                        size
+                    } else {
+                        (off + len) / cs * cs
+                    };
+                    if s < e {
+                        model[s as usize..e as usize].fill(0);
+                    }
+                    touched.push((pos, off, off + len));
+                }
+                7 if step % 3 == 0 => {
+                    // Metadata-heavy operations: snapshots (which share
+                    // clusters, so later writes copy them) and growth.
+                    match rng.below(3) {
+                        0 => {
+                            block_on(img.snapshot_create(&format!("s{step}"))).unwrap();
+                        }
+                        1 => {
+                            if let Some(sn) = img.snapshots().first() {
+                                block_on(img.snapshot_delete(&sn.id)).unwrap();
+                            }
+                        }
+                        _ => {
+                            let new = img.size() + cs * 7;
+                            block_on(img.resize(new)).unwrap();
+                        }
+                    }
+                }
+                _ => {
+                    block_on(img.flush()).unwrap();
+                    let n = img.io().inner.lock().unwrap().1.len();
+                    flushed.push((n, model.clone()));
+                }
+            }
+        }
+        let log = img.io().inner.lock().unwrap().1.clone();
+        let mut crashes = 0;
+        for k in (0..=log.len()).step_by((log.len() / 30).max(1)) {
+            // The last flush (of any kind) completed before op k.
+            let last_flush = log[..k]
+                .iter()
+                .rposition(|o| matches!(o, CrashOp::Flush))
+                .map_or(0, |p| p + 1);
+            for variant in [0, 2] {
+                let mut d = base.clone();
+                for op in &log[..last_flush] {
+                    apply(&mut d, op);
+                }
+                for op in &log[last_flush..k] {
+                    // Writes after the last flush may or may not have landed.
+                    if variant == 0 || (variant == 2 && rng.below(2) == 0) {
+                        apply(&mut d, op);
+                    }
+                }
+                let what = format!(
+                    "cs {cs} ext {ext} lazy {lazy} rb {rb} crash at {k}/{} variant {variant}",
+                    log.len()
+                );
+                // Lazy refcounts: the image may be dirty; a read-write open repairs it.
+                let opts = OpenOptions {
+                    writable: lazy,
+                    ..Default::default()
+                };
+                let img2 = block_on(Qcow2::open(MemIo::from_vec(d), opts)).expect(&what);
+                let r = block_on(img2.check(Repair::None)).unwrap();
+                // Only harmless COPIED flag errors (a crash inside a
+                // snapshot operation) are allowed.
+                assert_eq!(
+                    r.corruptions, r.harmless_flag_errors,
+                    "{what}: {:?}",
+                    r.messages
+                );
+                // What the last completed guest flush covered reads back,
+                // except ranges that guest operations after it changed.
+                let (gf, at_flush) = flushed.iter().rev().find(|(n, _)| *n <= k).unwrap();
+                let mut exempt = vec![false; size as usize];
+                for &(p, s, e) in &touched {
+                    if p >= *gf {
+                        exempt[s as usize..e as usize].fill(true);
+                    }
+                }
+                let mut now = vec![0u8; size as usize];
+                block_on(img2.read(0, &mut now, &NoBacking)).unwrap();
+                if let Some(i) = (0..size as usize).find(|&i| !exempt[i] && now[i] != at_flush[i]) {
+                    panic!(
+                        "{what}: flushed byte {i:#x} is {} not {}",
+                        now[i], at_flush[i]
+                    );
+                }
+                crashes += 1;
+            }
+        }
+        assert!(crashes > 50);
+    }
+}
+
+/// Threads writing different bytes of the same clusters at once: the
+/// allocations serialise per cluster, nothing is lost, the image is clean.
+#[test]
+fn threads_share_clusters() {
+    use std::sync::Arc;
+    let cs = 16384u64;
+    let size = 64 * cs;
+    let img = Arc::new(block_on(create(MemIo::new(), &opts(size, cs))).unwrap());
+    let threads = 4u64;
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let img = img.clone();
+            std::thread::spawn(move || {
+                let mut rng = Rng(t + 99);
+                let mut mine = vec![0u8; size as usize];
+                let slot = cs / threads;
+                for i in 0..300u64 {
+                    let c = rng.below(64);
+                    let off = rng.below(slot - 1);
+                    let len = rng.below(slot - off) + 1;
+                    let start = c * cs + t * slot + off;
+                    let v = (i % 250 + 1) as u8;
+                    block_on(img.write(start, &vec![v; len as usize], &NoBacking)).unwrap();
+                    mine[start as usize..(start + len) as usize].fill(v);
+                    if i % 50 == 0 {
+                        block_on(img.flush()).unwrap();
+                    }
+                    if i % 70 == 0 {
+                        let mut b = vec![0u8; len as usize];
+                        block_on(img.read(start, &mut b, &NoBacking)).unwrap();
+                        assert!(b.iter().all(|&x| x == v));
+                    }
+                }
+                mine
+            })
+        })
+        .collect();
+    let mut model = vec![0u8; size as usize];
+    for (t, h) in handles.into_iter().enumerate() {
+        let mine = h.join().unwrap();
+        let slot = (cs / threads) as usize;
+        for c in 0..64usize {
+            let s = c * cs as usize + t * slot;
+            model[s..s + slot].copy_from_slice(&mine[s..s + slot]);
+        }
+    }
+    block_on(img.flush()).unwrap();
+    assert_same(&read_all(&img, &NoBacking), &model, "threads");
+    assert_clean(&img);
+}
+
+#[test]
+fn compressed_clusters_are_packed() {
+    let img = block_on(create(MemIo::new(), &opts(4 << 20, 65536))).unwrap();
+    let mut model = vec![0u8; 4 << 20];
+    for i in 0..40u64 {
+        let data: Vec<u8> = (0..65536u64)
+            .map(|b| ((b / 3000) as u8) ^ i as u8)
+            .collect();
+        block_on(img.write_compressed(i * 65536, &data)).unwrap();
+        model[(i * 65536) as usize..((i + 1) * 65536) as usize].copy_from_slice(&data);
+    }
+    block_on(img.flush()).unwrap();
+    // 40 compressed clusters take far fewer host clusters.
+    assert!(
+        img.io().to_vec().len() < 12 * 65536,
+        "{}",
+        img.io().to_vec().len()
+    );
+    assert_clean(&img);
+    // Free some (overwrite, discard) and add more: refcounts stay right.
+    block_on(img.write(5 * 65536 + 7, &[1u8; 10], &NoBacking)).unwrap();
+    model[5 * 65536 + 7..5 * 65536 + 17].fill(1);
+    block_on(img.discard(10 * 65536, 20 * 65536)).unwrap();
+    model[10 * 65536..30 * 65536].fill(0);
+    block_on(img.flush()).unwrap();
+    for i in 40..50u64 {
+        let data = vec![i as u8; 65536];
+        block_on(img.write_compressed(i * 65536, &data)).unwrap();
+        model[(i * 65536) as usize..((i + 1) * 65536) as usize].copy_from_slice(&data);
+    }
+    block_on(img.flush()).unwrap();
+    assert_same(&read_all(&img, &NoBacking), &model, "packed");
+    assert_clean(&img);
+}
+
+#[test]
+fn partial_zeroing_of_compressed_cluster_is_refused_cleanly() {
+    let mut o = opts(1 << 20, 65536);
+    o.extended_l2 = true;
+    let img = block_on(create(MemIo::new(), &o)).unwrap();
+    let data: Vec<u8> = (0..65536u32).map(|i| (i / 500) as u8).collect();
+    block_on(img.write(0, &[3u8; 65536], &NoBacking)).unwrap();
+    block_on(img.write_compressed(65536, &data)).unwrap();
+    // The first cluster is zeroed whole, then the compressed one refuses:
+    // nothing is freed that is still referenced.
+    let r = block_on(img.write_zeroes(0, 65536 + 2048, true));
+    assert!(matches!(r, Err(Error::Unsupported(_))), "{r:?}");
+    block_on(img.flush()).unwrap();
+    assert_clean(&img);
+    let mut b = vec![0u8; 65536];
+    block_on(img.read(65536, &mut b, &NoBacking)).unwrap();
+    assert_same(&b, &data, "compressed cluster intact");
+}
+
+#[test]
+fn autoclear_bits_and_unknown_extensions() {
+    let img = block_on(create(MemIo::new(), &opts(1 << 20, 65536))).unwrap();
+    block_on(img.close()).unwrap();
+    let mut h = img.header();
+    h.autoclear_features |= 1 << 5 | crate::header::autoclear::BITMAPS;
+    h.unknown_extensions
+        .push((0x1234_abcd, b"keep me".to_vec()));
+    // (A bitmaps bit without the extension: fine for this test, as the
+    // header validation does not insist on it.)
+    let mut data = img.io().to_vec();
+    let hb = h.to_bytes().unwrap();
+    data[..hb.len()].copy_from_slice(&hb);
+    let ro = block_on(Qcow2::open(
+        MemIo::from_vec(data.clone()),
+        OpenOptions::read_only(),
+    ))
+    .unwrap();
+    assert_eq!(ro.header().autoclear_features & (1 << 5), 1 << 5);
+    let rw = block_on(Qcow2::open(
+        MemIo::from_vec(data),
+        OpenOptions::read_write(),
+    ))
+    .unwrap();
+    assert_eq!(rw.header().autoclear_features, 0);
+    block_on(rw.close()).unwrap();
+    let again = block_on(Qcow2::open(
+        MemIo::from_vec(rw.io().to_vec()),
+        OpenOptions::read_only(),
+    ))
+    .unwrap();
+    assert_eq!(again.header().autoclear_features, 0);
+    assert_eq!(
+        again.header().unknown_extensions,
+        vec![(0x1234_abcd, b"keep me".to_vec())]
+    );
+}
+
+#[test]
+fn repair_rebuilds_missing_refcount_blocks() {
+    for (bad, rb) in [(0u64, 16u32), (1 << 40, 16), (0, 64)] {
+        let mut o = opts(4 << 20, 4096);
+        o.refcount_bits = rb;
+        let img = block_on(create(MemIo::new(), &o)).unwrap();
+        block_on(img.write(0, &vec![1u8; 3 << 20], &NoBacking)).unwrap();
+        block_on(img.close()).unwrap();
+        let mut data = img.io().to_vec();
+        let model = read_all(&img, &NoBacking);
+        let rt = img.header().refcount_table_offset as usize;
+        // Break the first refcount block pointer.
+        data[rt..rt + 8].copy_from_slice(&bad.to_be_bytes());
+        let img = block_on(Qcow2::open(
+            MemIo::from_vec(data),
+            OpenOptions::read_write(),
+        ))
+        .unwrap();
+        let r = block_on(img.check(Repair::None)).unwrap();
+        assert!(r.corruptions > 0);
+        let r = block_on(img.check(Repair::All)).unwrap();
+        assert!(
+            r.is_consistent_now() || r.corruptions_fixed > 0,
+            "{:?}",
+            r.messages
+        );
+        assert_clean(&img);
+        assert_same(&read_all(&img, &NoBacking), &model, "after repair");
+        // And it stays writable and clean.
+        block_on(img.write(3 << 20, &[2u8; 100_000], &NoBacking)).unwrap();
+        block_on(img.flush()).unwrap();
+        assert_clean(&img);
+    }
+}
