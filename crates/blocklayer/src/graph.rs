@@ -171,7 +171,26 @@ impl Graph {
         let pass_discard = q
             .pass_discard_request
             .unwrap_or(common.discard == DiscardMode::Unmap);
-        let mut drv = Qcow2Driver::open(file.clone(), opts, pass_discard)?;
+        let data = match &q.data_file {
+            Some(r) => Some(self.child(r)?),
+            None => match Qcow2Driver::header_data_file(&file)? {
+                None => None,
+                Some(name) => {
+                    let image = file.driver().filename();
+                    let path = match Path::new(&image).parent() {
+                        Some(dir) if Path::new(&name).is_relative() => dir.join(&name),
+                        _ => PathBuf::from(&name),
+                    };
+                    let opts = BlockdevOptions::from_json(&json!({
+                        "driver": "file",
+                        "filename": path.display().to_string(),
+                        "read-only": common.read_only,
+                    }))?;
+                    Some(self.open(&opts)?)
+                }
+            },
+        };
+        let mut drv = Qcow2Driver::open(file.clone(), data, opts, pass_discard)?;
         let backing = match &q.backing {
             BackingRef::None => None,
             BackingRef::Node(r) => Some(self.child(r)?),

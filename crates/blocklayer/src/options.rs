@@ -187,6 +187,8 @@ pub enum BackingRef {
 pub struct Qcow2Options {
     pub file: BlockdevRef,
     pub backing: BackingRef,
+    /// `data-file`: the external data file (default: the one the header names)
+    pub data_file: Option<BlockdevRef>,
     /// `lazy-refcounts` (default: the image's compatible bit)
     pub lazy_refcounts: Option<bool>,
     /// `l2-cache-size` in bytes
@@ -236,12 +238,13 @@ impl DriverOptions {
     /// Every child given in the options (`file`, `backing`, `image`).
     pub fn children(&self) -> Vec<&BlockdevRef> {
         let mut out: Vec<&BlockdevRef> = self.child().into_iter().collect();
-        if let DriverOptions::Qcow2(Qcow2Options {
-            backing: BackingRef::Node(b),
-            ..
-        }) = self
-        {
-            out.push(b);
+        if let DriverOptions::Qcow2(q) = self {
+            if let BackingRef::Node(b) = &q.backing {
+                out.push(b);
+            }
+            if let Some(d) = &q.data_file {
+                out.push(d);
+            }
         }
         out
     }
@@ -1161,9 +1164,15 @@ impl Qcow2Options {
                 })
             }
         };
+        let data_file = if f.contains("data-file") {
+            Some(BlockdevRef::take_from(f, "data-file", common)?)
+        } else {
+            None
+        };
         let options = Qcow2Options {
             file,
             backing,
+            data_file,
             lazy_refcounts: f.bool("lazy-refcounts")?,
             l2_cache_size: f.size("l2-cache-size")?,
             refcount_cache_size: f.size("refcount-cache-size")?,
@@ -1176,7 +1185,7 @@ impl Qcow2Options {
         // metadata ranges and never frees cache entries on a timer.
         let _ = f.take("overlap-check");
         f.uint("cache-clean-interval")?;
-        for key in ["data-file", "encrypt", "l2-cache-entry-size"] {
+        for key in ["encrypt", "l2-cache-entry-size"] {
             if f.contains(key) {
                 return Err(bad_value(
                     &f.name(key),
@@ -1189,6 +1198,9 @@ impl Qcow2Options {
 
     fn write_json(&self, m: &mut Map<String, Value>) {
         m.insert("file".into(), self.file.to_json());
+        if let Some(d) = &self.data_file {
+            m.insert("data-file".into(), d.to_json());
+        }
         match &self.backing {
             BackingRef::FromHeader => {}
             BackingRef::None => {

@@ -119,12 +119,27 @@ impl QcowIo for NodeIo {
 pub struct Qcow2Driver {
     image: Arc<Qcow2<NodeIo>>,
     file: Arc<Node>,
+    /// The external data file, if the image has one.
+    data: Option<Arc<Node>>,
     backing: Option<Arc<Node>>,
     writable: bool,
     /// Unit of zero writes the image can do without data (a subcluster).
     zero_align: u64,
     /// Punch the host ranges that discards free (`pass-discard-request`).
     pass_discard: bool,
+}
+
+/// An image error during I/O: the request fails with the error's errno (ENOSPC,
+/// EROFS, EIO...), so that error policies see what happened; ENOTSUP lets the generic
+/// path fall back (zero writes become data writes).
+fn io_error(e: qcow::Error) -> BlockError {
+    let errno = e.errno();
+    if errno == libc::ENOTSUP {
+        log::debug!("qcow2: unsupported: {e}");
+        return BlockError::Unsupported("this qcow2 operation");
+    }
+    log::warn!("qcow2: {e}");
+    BlockError::io("qcow2", io::Error::from_raw_os_error(errno))
 }
 
 fn image_error(e: qcow::Error) -> BlockError {
@@ -139,13 +154,35 @@ fn image_error(e: qcow::Error) -> BlockError {
 }
 
 impl Qcow2Driver {
+    /// The external data file name the image header gives, if any.
+    pub fn header_data_file(file: &Arc<Node>) -> Result<Option<String>> {
+        let io = NodeIo::new(file.clone());
+        let size = file.size();
+        let header = crate::aio::uring::block_on(async move {
+            let mut buf = vec![0u8; (size as usize).clamp(512, 65536)];
+            io.read_at(0, &mut buf).await.map(|()| buf)
+        })
+        .map_err(|e| BlockError::io("qcow2 header", e))?;
+        Ok(qcow::Header::parse(&header, size)
+            .ok()
+            .and_then(|h| h.data_file))
+    }
+
     /// Opens the image on `file` (from the control thread: it waits for the header
     /// and tables it reads).
-    pub fn open(file: Arc<Node>, opts: OpenOptions, pass_discard: bool) -> Result<Qcow2Driver> {
+    pub fn open(
+        file: Arc<Node>,
+        data: Option<Arc<Node>>,
+        opts: OpenOptions,
+        pass_discard: bool,
+    ) -> Result<Qcow2Driver> {
         let io = NodeIo::new(file.clone());
+        let data_io = data.clone().map(NodeIo::new);
         let writable = opts.writable;
-        let image =
-            Arc::new(crate::aio::uring::block_on(Qcow2::open(io, opts)).map_err(image_error)?);
+        let image = Arc::new(
+            crate::aio::uring::block_on(Qcow2::open_with_data_file(io, data_io, opts))
+                .map_err(image_error)?,
+        );
         let info = image.info();
         let zero_align = if info.extended_l2 {
             info.cluster_size / 32
@@ -155,6 +192,7 @@ impl Qcow2Driver {
         Ok(Qcow2Driver {
             image,
             file,
+            data,
             backing: None,
             writable: writable && info.writable,
             zero_align,
@@ -168,11 +206,11 @@ impl Qcow2Driver {
             .image
             .allocate(offset, iov.len(), &backing)
             .await
-            .map_err(image_error)?;
+            .map_err(io_error)?;
         for r in alloc.ranges() {
             let part = iov.slice(r.guest_offset - offset, r.len);
-            let written = match self.image.io().ensure_len(r.host_offset + r.len) {
-                Ok(()) => self.file.write(r.host_offset, part, false).await,
+            let written = match self.image.data_io().ensure_len(r.host_offset + r.len) {
+                Ok(()) => self.data_node().write(r.host_offset, part, false).await,
                 Err(e) => Err(e),
             };
             if let Err(e) = written {
@@ -180,7 +218,12 @@ impl Qcow2Driver {
                 return Err(e);
             }
         }
-        self.image.commit(alloc).await.map_err(image_error)
+        self.image.commit(alloc).await.map_err(io_error)
+    }
+
+    /// Where guest data lives: the external data file, or the image file.
+    fn data_node(&self) -> &Arc<Node> {
+        self.data.as_ref().unwrap_or(&self.file)
     }
 
     async fn zero(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
@@ -194,7 +237,7 @@ impl Qcow2Driver {
         self.image
             .write_zeroes(offset, len, may_unmap)
             .await
-            .map_err(image_error)
+            .map_err(io_error)
     }
 
     async fn discard_range(&self, offset: u64, len: u64) -> Result<()> {
@@ -236,15 +279,13 @@ impl Qcow2Driver {
     }
 
     async fn read_extents(&self, offset: u64, iov: IoVec) -> Result<()> {
-        let extents = self
-            .image
-            .map(offset, iov.len())
-            .await
-            .map_err(image_error)?;
+        let extents = self.image.map(offset, iov.len()).await.map_err(io_error)?;
         for e in extents {
             let part = iov.slice(e.offset - offset, e.len);
             match e.kind {
-                ExtentKind::Data { host_offset } => self.file.read(host_offset, part).await?,
+                ExtentKind::Data { host_offset } => {
+                    self.data_node().read(host_offset, part).await?
+                }
                 ExtentKind::Zero => part.fill_zero(),
                 ExtentKind::Unallocated => self.read_backing(&e, part).await?,
                 ExtentKind::Compressed { .. } => {
@@ -252,7 +293,7 @@ impl Qcow2Driver {
                     self.image
                         .read_compressed(&e, &mut buf)
                         .await
-                        .map_err(image_error)?;
+                        .map_err(io_error)?;
                     part.copy_from_slice(0, &buf);
                 }
             }
@@ -279,6 +320,12 @@ impl Driver for Qcow2Driver {
             c.push(Child {
                 role: "backing",
                 node: b.clone(),
+            });
+        }
+        if let Some(d) = &self.data {
+            c.push(Child {
+                role: "data-file",
+                node: d.clone(),
             });
         }
         c
@@ -312,7 +359,7 @@ impl Driver for Qcow2Driver {
     }
 
     fn flush(&self) -> LocalBoxFuture<'_, Result<()>> {
-        Box::pin(async move { self.image.flush().await.map_err(image_error) })
+        Box::pin(async move { self.image.flush().await.map_err(io_error) })
     }
 
     fn discard(&self, offset: u64, len: u64) -> LocalBoxFuture<'_, Result<()>> {
