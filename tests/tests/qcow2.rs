@@ -178,6 +178,26 @@ fn backing_chain_of_three_with_a_raw_base() {
     check(&top, &dir, "chain");
 }
 
+/// Serves `img` as a writable qcow2 export (`extra` appended to both node options)
+/// and connects a libblkio client to it.
+fn serve_writable(dir: &TempDir, img: &Path, tag: &str, extra: &str) -> (Daemon, Client) {
+    let sock = dir.join(&format!("{tag}.sock"));
+    let args = DaemonArgs::new()
+        .blockdev(&format!(
+            "driver=file,node-name=f,filename={}{extra}",
+            img.display()
+        ))
+        .blockdev(&format!("driver=qcow2,node-name=q,file=f{extra}"))
+        .export(&format!(
+            "type=vhost-user-blk,id=e,node-name=q,addr.type=unix,addr.path={},writable=on",
+            sock.display()
+        ))
+        .build();
+    let daemon = Daemon::start(&args);
+    let client = Client::connect(&sock, 1);
+    (daemon, client)
+}
+
 /// Random writes, zero writes and discards through vubd on a qcow2 image, checked
 /// against a model; afterwards `qemu-img check` finds no errors or leaks and
 /// `qemu-img compare` finds the image equal to the model.
@@ -195,20 +215,7 @@ fn random_writes(dir: &TempDir, tag: &str, create_opts: &[&str], backing: Option
     };
     model.resize(size as usize, 0);
 
-    let sock = dir.join(&format!("{tag}.sock"));
-    let args = DaemonArgs::new()
-        .blockdev(&format!(
-            "driver=file,node-name=f,filename={},discard=unmap",
-            img.display()
-        ))
-        .blockdev("driver=qcow2,node-name=q,file=f,discard=unmap")
-        .export(&format!(
-            "type=vhost-user-blk,id=e,node-name=q,addr.type=unix,addr.path={},writable=on",
-            sock.display()
-        ))
-        .build();
-    let mut daemon = Daemon::start(&args);
-    let mut c = Client::connect(&sock, 1);
+    let (mut daemon, mut c) = serve_writable(dir, &img, tag, ",discard=unmap");
     let mut rng = vubd_tests::Rng::new(tag);
     for i in 0..300 {
         let sectors = size / 512;
@@ -707,20 +714,7 @@ fn external_data_files_read_and_write() {
 /// plus the writes, and checks the image.
 fn random_writes_existing(dir: &TempDir, img: &Path, tag: &str) {
     let before = reference(img, dir, &format!("{tag}-before"));
-    let sock = dir.join(&format!("{tag}-w.sock"));
-    let args = DaemonArgs::new()
-        .blockdev(&format!(
-            "driver=file,node-name=f,filename={}",
-            img.display()
-        ))
-        .blockdev("driver=qcow2,node-name=q,file=f")
-        .export(&format!(
-            "type=vhost-user-blk,id=e,node-name=q,addr.type=unix,addr.path={},writable=on",
-            sock.display()
-        ))
-        .build();
-    let mut daemon = Daemon::start(&args);
-    let mut c = Client::connect(&sock, 1);
+    let (mut daemon, mut c) = serve_writable(dir, img, &format!("{tag}-w"), "");
     let mut model = before;
     let mut rng = vubd_tests::Rng::new(tag);
     for _ in 0..100 {
