@@ -376,8 +376,10 @@ impl Control {
     }
 
     /// `block-export-del`: starts removing an export; `BLOCK_EXPORT_DELETED` follows
-    /// once its serving thread has ended.
-    pub fn del_export(&mut self, id: &str, hard: bool) -> OpResult<()> {
+    /// once its serving thread has ended. As in QEMU, a vhost-user-blk frontend does
+    /// not hold the export: `mode=safe` and `mode=hard` both drop a connected frontend
+    /// (after its requests in flight finish).
+    pub fn del_export(&mut self, id: &str) -> OpResult<()> {
         let Some(entry) = self.exports.get_mut(id) else {
             return Err(QmpError::generic(format!("Export '{id}' is not found")));
         };
@@ -386,11 +388,8 @@ impl Control {
                 "Export '{id}' is already shutting down"
             )));
         }
-        // As in QEMU, a vhost-user-blk frontend does not hold the export: `safe` and
-        // `hard` both drop a connected frontend (after its requests in flight finish).
-        let _ = hard;
         entry.shutting_down = true;
-        entry.export.stop(true);
+        entry.export.stop();
         Ok(())
     }
 

@@ -104,7 +104,6 @@ pub struct BlkDevice {
     handlers: Mutex<Vec<Weak<Handler>>>,
     /// Set once the frontend is gone: no more requests are popped.
     disconnected: AtomicBool,
-    backend_req: Mutex<Option<Backend>>,
     /// Our own handle on the backend channel, for CONFIG_CHANGE_MSG.
     channel: Mutex<Option<BackendChannel>>,
 }
@@ -125,7 +124,6 @@ impl BlkDevice {
             queue_in_flight,
             handlers: Mutex::new(Vec::new()),
             disconnected: AtomicBool::new(false),
-            backend_req: Mutex::new(None),
             channel: Mutex::new(None),
         })
     }
@@ -232,7 +230,6 @@ impl BlkDevice {
             u64::from(self.uring_event()),
         )?;
         LOOP.with(|l| l.borrow_mut().registered = true);
-        self.sync_iothread(thread);
         Ok(())
     }
 
@@ -338,7 +335,6 @@ impl BlkDevice {
         // Load the memory table on every pass: the frontend may add regions
         // (VHOST_USER_ADD_MEM_REG) at any time, and new requests may use them.
         let mem = &self.mem.memory().into_inner();
-        clock::tick();
         let mut popped = 0;
         {
             let _gate = PopGate::enter(&self.shared);
@@ -347,6 +343,11 @@ impl BlkDevice {
                     popped += self.pop_requests(v, self.queue_index(thread, i), mem, lim);
                 }
             }
+        }
+        if popped > 0 {
+            // The new requests start (and are accounted from) this pass's time; an
+            // idle polling pass reads no clock.
+            clock::tick();
         }
         let mut progress = popped + executor::run_ready();
         if let Err(e) = uring::submit() {
@@ -708,8 +709,9 @@ impl VhostUserBackend for BlkDevice {
         Ok(())
     }
 
-    fn set_backend_req_fd(&self, backend: Backend) {
-        *self.backend_req.lock().unwrap_or_else(|p| p.into_inner()) = Some(backend);
+    fn set_backend_req_fd(&self, _backend: Backend) {
+        // vhost's `Backend` cannot send CONFIG_CHANGE_MSG; our own duplicate of the
+        // channel socket does (see backend_channel.rs).
         let channel = match BackendChannel::claim_new() {
             Ok(ch) => Some(ch),
             Err(e) => {

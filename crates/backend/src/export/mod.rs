@@ -511,10 +511,10 @@ impl Export {
         shared.wait_idle(|| shared.in_flight.load(Ordering::Acquire), timeout)
     }
 
-    /// Starts removing the export: no new frontend is accepted, no new request taken;
-    /// a connected frontend is dropped if `hard`, else served until it disconnects.
-    /// The serving thread ends (and runs its `on_exit`) once the frontend is gone.
-    pub fn stop(&self, hard: bool) {
+    /// Starts removing the export: no new frontend is accepted, no new request taken,
+    /// a connected frontend is dropped once its requests in flight finish. The serving
+    /// thread ends (and runs its `on_exit`) once the frontend is gone.
+    pub fn stop(&self) {
         self.shared.stopping.store(true, Ordering::SeqCst);
         if let Some(d) = self.shared.device() {
             // Held requests give up.
@@ -522,9 +522,7 @@ impl Export {
         }
         // SAFETY: shutdown on a descriptor we own; it wakes a thread blocked in accept.
         unsafe { libc::shutdown(self.listen_fd.as_raw_fd(), libc::SHUT_RDWR) };
-        if hard {
-            self.shared.disconnect_frontend();
-        }
+        self.shared.disconnect_frontend();
     }
 }
 

@@ -92,9 +92,10 @@ pub fn execute(ctl: &mut Control, name: &str, arguments: &Value) -> QmpResult {
         }
         "block-export-del" => {
             let id = a.str("id")?;
-            let mode = a.opt_enum("mode", &["safe", "hard"])?.unwrap_or("safe");
+            // Checked, and without effect (see Control::del_export).
+            a.opt_enum("mode", &["safe", "hard"])?;
             a.finish()?;
-            ctl.del_export(&id, mode == "hard")?;
+            ctl.del_export(&id)?;
             ok()
         }
         "object-add" => {
