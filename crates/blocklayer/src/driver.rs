@@ -36,6 +36,12 @@ pub trait Driver: Send + Sync {
         false
     }
 
+    /// Whether a write past the end grows the node (a regular file), so that format
+    /// drivers may write new clusters without resizing first.
+    fn grows_on_write(&self) -> bool {
+        false
+    }
+
     /// Whether the driver's storage itself is read-only (e.g. opened O_RDONLY).
     fn is_read_only(&self) -> bool {
         false

@@ -50,6 +50,18 @@ impl NodeIo {
         }
         Ok(())
     }
+
+    /// Writes `iov` at `offset`, past the end of the file if need be: files grow
+    /// by the write itself (no truncate, which would take the inode lock on the
+    /// iothread for every new cluster); other nodes are resized first.
+    async fn write(&self, offset: u64, iov: IoVec) -> std::result::Result<(), BlockError> {
+        if self.node.driver().grows_on_write() {
+            self.node.write_growing(offset, iov).await
+        } else {
+            self.ensure_len(offset + iov.len())?;
+            self.node.write(offset, iov, false).await
+        }
+    }
 }
 
 /// Reads `buf.len()` bytes of `node` at `offset` through an owned bounce buffer
@@ -95,11 +107,10 @@ impl QcowIo for NodeIo {
     }
 
     async fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
-        self.ensure_len(offset + buf.len() as u64).map_err(to_io)?;
         let bounce = Arc::new(AlignedBuf::zeroed(buf.len(), 4096));
         let iov = IoVec::from_buf(bounce);
         iov.copy_from_slice(0, buf);
-        self.node.write(offset, iov, false).await.map_err(to_io)
+        self.write(offset, iov).await.map_err(to_io)
     }
 
     async fn flush(&self) -> io::Result<()> {
@@ -209,11 +220,7 @@ impl Qcow2Driver {
             .map_err(io_error)?;
         for r in alloc.ranges() {
             let part = iov.slice(r.guest_offset - offset, r.len);
-            let written = match self.image.data_io().ensure_len(r.host_offset + r.len) {
-                Ok(()) => self.data_node().write(r.host_offset, part, false).await,
-                Err(e) => Err(e),
-            };
-            if let Err(e) = written {
+            if let Err(e) = self.image.data_io().write(r.host_offset, part).await {
                 self.image.abort(alloc).await;
                 return Err(e);
             }
