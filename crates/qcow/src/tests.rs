@@ -94,6 +94,43 @@ fn write_read_partial_clusters() {
     }
 }
 
+/// The lock-only fast path agrees with the loading path wherever it answers,
+/// on a mix of data, zero, unallocated and subcluster ranges, and declines
+/// when a table is not cached.
+#[test]
+fn cached_map_agrees_with_loading_map() {
+    for extended in [false, true] {
+        let mut o = opts(8 << 20, 65536);
+        o.extended_l2 = extended;
+        let img = block_on(create(MemIo::new(), &o)).unwrap();
+        block_on(img.write(0, &vec![1u8; 3 * 65536], &NoBacking)).unwrap();
+        block_on(img.write(5 * 65536 + 4096, &[2u8; 8192], &NoBacking)).unwrap();
+        block_on(img.write_zeroes(8 * 65536, 65536, true)).unwrap();
+        block_on(img.write(6 << 20, &[3u8; 4096], &NoBacking)).unwrap();
+        let mut x: u64 = 12345;
+        let mut answered = 0;
+        for _ in 0..2000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let off = (x % (8 << 20)) & !511;
+            let len = (((x >> 32) % (256 << 10)) & !511).clamp(512, (8 << 20) - off);
+            let slow = block_on(img.map_loading(off, len)).unwrap();
+            if let Some(fast) = img.map_cached(off, len) {
+                assert_eq!(fast, slow, "extended {extended}: {off:#x}+{len:#x}");
+                answered += 1;
+            }
+        }
+        assert!(answered > 1000, "the fast path answered only {answered}");
+        assert!(img.map_cached(8 << 20, 512).is_none(), "out of range");
+        img.drop_clean_cache_entries();
+        block_on(img.flush()).unwrap();
+        img.drop_clean_cache_entries();
+        assert!(img.map_cached(0, 4096).is_none(), "L2 table not cached");
+        assert_eq!(block_on(img.map(0, 4096)).unwrap().len(), 1);
+    }
+}
+
 #[test]
 fn map_reports_kinds_and_merges() {
     let img = block_on(create(MemIo::new(), &opts(4 << 20, 65536))).unwrap();

@@ -356,6 +356,17 @@ impl Driver for Qcow2Driver {
     }
 
     fn read<'a>(&'a self, offset: u64, iov: IoVec) -> LocalBoxFuture<'a, Result<()>> {
+        // The usual case, a range in one run of host clusters whose L2 table is
+        // cached: straight to the file, as a raw image would.
+        if let Some(extents) = self.image.map_cached(offset, iov.len()) {
+            if let [Extent {
+                kind: ExtentKind::Data { host_offset },
+                ..
+            }] = extents[..]
+            {
+                return Box::pin(self.data_node().read(host_offset, iov));
+            }
+        }
         Box::pin(self.read_extents(offset, iov))
     }
 
