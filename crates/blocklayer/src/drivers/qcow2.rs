@@ -359,12 +359,23 @@ impl Driver for Qcow2Driver {
         // The usual case, a range in one run of host clusters whose L2 table is
         // cached: straight to the file, as a raw image would.
         if let Some(extents) = self.image.map_cached(offset, iov.len()) {
-            if let [Extent {
-                kind: ExtentKind::Data { host_offset },
-                ..
-            }] = extents[..]
-            {
-                return Box::pin(self.data_node().read(host_offset, iov));
+            match (&extents[..], &self.backing) {
+                (
+                    [Extent {
+                        kind: ExtentKind::Data { host_offset },
+                        ..
+                    }],
+                    _,
+                ) => return Box::pin(self.data_node().read(*host_offset, iov)),
+                // Unallocated within the backing node: the backing node's read.
+                (
+                    [Extent {
+                        kind: ExtentKind::Unallocated,
+                        ..
+                    }],
+                    Some(b),
+                ) if offset + iov.len() <= b.size() => return Box::pin(b.read(offset, iov)),
+                _ => {}
             }
         }
         Box::pin(self.read_extents(offset, iov))
