@@ -102,6 +102,13 @@ impl Graph {
 
     fn open(&mut self, opts: &BlockdevOptions) -> Result<Arc<Node>> {
         let common = &opts.common;
+        let name = match &common.node_name {
+            Some(n) => n.clone(),
+            None => {
+                self.anon += 1;
+                format!("#block{:03}", self.anon)
+            }
+        };
         let driver: Box<dyn Driver> = match &opts.driver {
             DriverOptions::File(f) => Box::new(FileDriver::open(f, common, false)?),
             DriverOptions::HostDevice(f) => Box::new(FileDriver::open(f, common, true)?),
@@ -110,7 +117,11 @@ impl Graph {
                 let image = self.child(&b.image)?;
                 Box::new(BlkdebugDriver::new(image, b))
             }
-            DriverOptions::Qcow2(q) => Box::new(self.open_qcow2(q, common)?),
+            DriverOptions::Qcow2(q) => {
+                let mut drv = self.open_qcow2(q, common)?;
+                drv.set_node_name(&name);
+                Box::new(drv)
+            }
             DriverOptions::Raw(r) => {
                 let file = self.child(&r.file)?;
                 let raw = (|| {
@@ -132,13 +143,6 @@ impl Graph {
                         return Err(e);
                     }
                 }
-            }
-        };
-        let name = match &common.node_name {
-            Some(n) => n.clone(),
-            None => {
-                self.anon += 1;
-                format!("#block{:03}", self.anon)
             }
         };
         let flags = NodeFlags {

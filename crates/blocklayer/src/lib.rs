@@ -10,6 +10,7 @@ pub mod aio;
 pub mod driver;
 pub mod drivers;
 pub mod error;
+pub mod events;
 pub mod graph;
 pub mod io;
 pub mod limits;

@@ -22,6 +22,7 @@ use qcow::io::QcowIo;
 use qcow::{Backing, Extent, ExtentKind, OpenOptions, Qcow2};
 use std::future::Future;
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// The qcow crate's I/O on the `file` child node.
@@ -138,19 +139,9 @@ pub struct Qcow2Driver {
     zero_align: u64,
     /// Punch the host ranges that discards free (`pass-discard-request`).
     pass_discard: bool,
-}
-
-/// An image error during I/O: the request fails with the error's errno (ENOSPC,
-/// EROFS, EIO...), so that error policies see what happened; ENOTSUP lets the generic
-/// path fall back (zero writes become data writes).
-fn io_error(e: qcow::Error) -> BlockError {
-    let errno = e.errno();
-    if errno == libc::ENOTSUP {
-        log::debug!("qcow2: unsupported: {e}");
-        return BlockError::Unsupported("this qcow2 operation");
-    }
-    log::warn!("qcow2: {e}");
-    BlockError::io("qcow2", io::Error::from_raw_os_error(errno))
+    node_name: String,
+    /// `BLOCK_IMAGE_CORRUPTED` was raised (once per open, as QEMU).
+    corrupt_reported: AtomicBool,
 }
 
 fn image_error(e: qcow::Error) -> BlockError {
@@ -165,6 +156,38 @@ fn image_error(e: qcow::Error) -> BlockError {
 }
 
 impl Qcow2Driver {
+    /// An image error during I/O: the request fails with the error's errno (ENOSPC,
+    /// EROFS, EIO...), so that error policies see what happened; ENOTSUP lets the
+    /// generic path fall back (zero writes become data writes). The first
+    /// corruption found raises `BLOCK_IMAGE_CORRUPTED`, as QEMU does.
+    fn io_error(&self, e: qcow::Error) -> BlockError {
+        let errno = e.errno();
+        if errno == libc::ENOTSUP {
+            log::debug!("qcow2: unsupported: {e}");
+            return BlockError::Unsupported("this qcow2 operation");
+        }
+        log::warn!("qcow2: {e}");
+        if let qcow::Error::Corrupt(msg) = &e {
+            if !self.corrupt_reported.swap(true, Ordering::Relaxed) {
+                crate::events::emit(
+                    "BLOCK_IMAGE_CORRUPTED",
+                    serde_json::json!({
+                        "device": "",
+                        "node-name": self.node_name,
+                        "msg": format!("{msg}; further corruption events will be suppressed"),
+                        "fatal": true,
+                    }),
+                );
+            }
+        }
+        BlockError::io("qcow2", io::Error::from_raw_os_error(errno))
+    }
+
+    /// Names the node, for the events it raises.
+    pub fn set_node_name(&mut self, name: &str) {
+        self.node_name = name.to_string();
+    }
+
     /// The external data file name the image header gives, if any.
     pub fn header_data_file(file: &Arc<Node>) -> Result<Option<String>> {
         let io = NodeIo::new(file.clone());
@@ -208,6 +231,8 @@ impl Qcow2Driver {
             writable: writable && info.writable,
             zero_align,
             pass_discard,
+            node_name: String::new(),
+            corrupt_reported: AtomicBool::new(false),
         })
     }
 
@@ -217,7 +242,7 @@ impl Qcow2Driver {
             .image
             .allocate(offset, iov.len(), &backing)
             .await
-            .map_err(io_error)?;
+            .map_err(|e| self.io_error(e))?;
         for r in alloc.ranges() {
             let part = iov.slice(r.guest_offset - offset, r.len);
             if let Err(e) = self.image.data_io().write(r.host_offset, part).await {
@@ -225,7 +250,7 @@ impl Qcow2Driver {
                 return Err(e);
             }
         }
-        self.image.commit(alloc).await.map_err(io_error)
+        self.image.commit(alloc).await.map_err(|e| self.io_error(e))
     }
 
     /// Where guest data lives: the external data file, or the image file.
@@ -244,7 +269,7 @@ impl Qcow2Driver {
         self.image
             .write_zeroes(offset, len, may_unmap)
             .await
-            .map_err(io_error)
+            .map_err(|e| self.io_error(e))
     }
 
     async fn discard_range(&self, offset: u64, len: u64) -> Result<()> {
@@ -286,7 +311,11 @@ impl Qcow2Driver {
     }
 
     async fn read_extents(&self, offset: u64, iov: IoVec) -> Result<()> {
-        let extents = self.image.map(offset, iov.len()).await.map_err(io_error)?;
+        let extents = self
+            .image
+            .map(offset, iov.len())
+            .await
+            .map_err(|e| self.io_error(e))?;
         for e in extents {
             let part = iov.slice(e.offset - offset, e.len);
             match e.kind {
@@ -300,7 +329,7 @@ impl Qcow2Driver {
                     self.image
                         .read_compressed(&e, &mut buf)
                         .await
-                        .map_err(io_error)?;
+                        .map_err(|e| self.io_error(e))?;
                     part.copy_from_slice(0, &buf);
                 }
             }
@@ -388,7 +417,7 @@ impl Driver for Qcow2Driver {
     }
 
     fn flush(&self) -> LocalBoxFuture<'_, Result<()>> {
-        Box::pin(async move { self.image.flush().await.map_err(io_error) })
+        Box::pin(async move { self.image.flush().await.map_err(|e| self.io_error(e)) })
     }
 
     fn discard(&self, offset: u64, len: u64) -> LocalBoxFuture<'_, Result<()>> {
