@@ -63,8 +63,8 @@ pub struct NewSnapshot {
 }
 
 impl NewSnapshot {
-    /// A snapshot called `name`, dated now, with no guest run time and no
-    /// instruction count.
+    /// A snapshot called `name`, dated now (to the microsecond, as QEMU dates
+    /// them), with no guest run time and no instruction count.
     pub fn now(name: &str) -> Self {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -72,7 +72,7 @@ impl NewSnapshot {
         NewSnapshot {
             name: name.to_string(),
             date_sec: now.as_secs() as u32,
-            date_nsec: now.subsec_nanos(),
+            date_nsec: now.subsec_micros() * 1000,
             vm_clock_nsec: 0,
             icount: None,
         }
