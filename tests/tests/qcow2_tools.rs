@@ -1,5 +1,6 @@
 //! The qcow2 tools, checked against qemu-img 7.2 both ways:
 //! - `vubd img snapshot` (-l, -c, -a, -d) and the snapshots in `vubd img info`;
+//! - `vubd img convert` (raw, qcow2 chains, compressed clusters with zlib and zstd);
 //! - QMP `blockdev-snapshot-internal-sync` on a live export while a libblkio client
 //!   writes and verifies, then the snapshots applied with qemu-img.
 
@@ -511,4 +512,273 @@ fn qmp_internal_snapshots_of_a_live_export() {
         check_clean(&img);
         assert_same_data(name, &content(&img, &dir, None), &data);
     }
+}
+
+// ---- vubd img convert --------------------------------------------------------------
+
+/// `qemu-img check --output=json` of an image that must be clean.
+fn check_json(img: &Path) -> Value {
+    check_clean(img);
+    let (_, out, _) =
+        output(Command::new("qemu-img").args(["check", "-U", "--output=json", s(img)]));
+    serde_json::from_str(&out).unwrap()
+}
+
+/// Clusters of `cluster` bytes in `data` that are not all zero.
+fn nonzero_clusters(data: &[u8], cluster: usize) -> u64 {
+    data.chunks(cluster)
+        .filter(|c| c.iter().any(|&b| b != 0))
+        .count() as u64
+}
+
+fn compare(a: &Path, b: &Path) {
+    qemu_img(&["compare", "-U", s(a), s(b)]);
+}
+
+/// A three-image chain like the one tests/tests/qcow2.rs serves: a raw base (with 64
+/// KiB of random data at 13 MiB, which does not compress), a qcow2 with zeroes and
+/// compressed clusters, a larger qcow2 top with unaligned writes and an area past the
+/// end of its backing file.
+fn chain(dir: &TempDir) -> std::path::PathBuf {
+    let base = dir.join("base.raw");
+    let mid = dir.join("mid.qcow2");
+    let top = dir.join("top.qcow2");
+    qemu_img(&["create", "-f", "raw", s(&base), "16M"]);
+    run(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x11 0 12M",
+        "-c",
+        "write -z 4M 2M",
+        s(&base),
+    ]));
+    {
+        use std::os::unix::fs::FileExt;
+        let noise = vubd_tests::Rng::new("noise").bytes(65536);
+        let f = std::fs::OpenOptions::new().write(true).open(&base).unwrap();
+        f.write_all_at(&noise, 13 * MIB).unwrap();
+    }
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        s(&mid),
+        "16M",
+    ]);
+    qemu_io(
+        &mid,
+        &[
+            "write -P 0x22 1M 2M",
+            "write -z 5M 1M",
+            "write -c -P 0x23 8M 128k",
+            "discard 9M 64k",
+        ],
+    );
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        "mid.qcow2",
+        "-F",
+        "qcow2",
+        s(&top),
+        "24M",
+    ]);
+    qemu_io(
+        &top,
+        &[
+            "write -P 0x33 2M 64k",
+            "write -P 0x44 10M 12345",
+            "write -P 0x55 17M 1M",
+            "write -z 0 64k",
+        ],
+    );
+    top
+}
+
+#[test]
+fn img_convert_raw_and_qcow2_agree_with_qemu_img() {
+    let dir = TempDir::new("vubd-img-convert");
+    let top = chain(&dir);
+    let reference = content(&top, &dir, None);
+
+    // qcow2 chain -> raw: equal, and sparse where the guest sees zeroes.
+    let raw = dir.join("flat.raw");
+    vubd_img(&["convert", "-f", "qcow2", "-O", "raw", s(&top), s(&raw)]);
+    compare(&raw, &top);
+    assert_same_data("chain -> raw", &std::fs::read(&raw).unwrap(), &reference);
+    // (The file system may add a block or two of its own metadata.)
+    let allocated = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&raw).unwrap().blocks() * 512
+    };
+    let data = nonzero_clusters(&reference, 4096) * 4096;
+    assert!(
+        allocated <= data + 64 * 1024,
+        "the raw copy is not sparse: {allocated} bytes allocated for {data} of data"
+    );
+
+    // raw -> qcow2 (the format probed), with an allocated all-zero range in the raw
+    // file: it stays unallocated.
+    let src = dir.join("src.raw");
+    {
+        use std::os::unix::fs::FileExt;
+        let mut rng = vubd_tests::Rng::new("convert-raw");
+        let f = std::fs::File::create(&src).unwrap();
+        f.set_len(8 * MIB + 1000).unwrap();
+        f.write_all_at(&rng.bytes(300_000), 100_000).unwrap();
+        f.write_all_at(&vec![0u8; 1 << 20], 2 * MIB).unwrap();
+        f.write_all_at(&vec![0x5au8; 70_000], 7 * MIB).unwrap();
+    }
+    let q = dir.join("from-raw.qcow2");
+    vubd_img(&["convert", "-O", "qcow2", s(&src), s(&q)]);
+    let info = qemu_info(&q);
+    assert_eq!(
+        info["virtual-size"],
+        8 * MIB + 1024,
+        "rounded up to a sector"
+    );
+    compare(&src, &q);
+    let check = check_json(&q);
+    let want = nonzero_clusters(&content(&q, &dir, None), 65536);
+    assert_eq!(check["allocated-clusters"], want, "{check}");
+
+    // qcow2 -> qcow2 with other creation options, both ways through the chain.
+    for (tag, opts) in [
+        ("small", "cluster_size=4k,refcount_bits=1"),
+        ("v2", "compat=0.10,cluster_size=128k"),
+        ("l2ext", "extended_l2=on,cluster_size=64k,lazy_refcounts=on"),
+    ] {
+        let out = dir.join(&format!("{tag}.qcow2"));
+        vubd_img(&["convert", "-O", "qcow2", "-o", opts, s(&top), s(&out)]);
+        compare(&out, &top);
+        let check = check_json(&out);
+        let cs = qemu_info(&out)["cluster-size"].as_u64().unwrap() as usize;
+        assert_eq!(
+            check["allocated-clusters"],
+            nonzero_clusters(&reference, cs),
+            "{tag}: {check}"
+        );
+        assert!(qemu_info(&out).get("backing-filename").is_none(), "{tag}");
+        // And back: the copy is a source too.
+        let again = dir.join(&format!("{tag}.raw"));
+        vubd_img(&["convert", s(&out), s(&again)]);
+        assert_same_data(tag, &std::fs::read(&again).unwrap(), &reference);
+    }
+}
+
+#[test]
+fn img_convert_compressed_zlib_and_zstd() {
+    let dir = TempDir::new("vubd-img-convert-c");
+    let top = chain(&dir);
+    let reference = content(&top, &dir, None);
+    for (tag, opts, ctype) in [
+        ("zlib", None, "zlib"),
+        ("zstd", Some("compression_type=zstd"), "zstd"),
+        (
+            "zstd-4k",
+            Some("compression_type=zstd,cluster_size=4k"),
+            "zstd",
+        ),
+    ] {
+        let out = dir.join(&format!("{tag}.qcow2"));
+        let mut args = vec!["convert", "-c", "-O", "qcow2"];
+        if let Some(o) = opts {
+            args.extend(["-o", o]);
+        }
+        args.extend([s(&top), s(&out)]);
+        vubd_img(&args);
+        compare(&out, &top);
+        let info = qemu_info(&out);
+        assert_eq!(
+            info["format-specific"]["data"]["compression-type"], ctype,
+            "{tag}: {info}"
+        );
+        let cs = info["cluster-size"].as_u64().unwrap() as usize;
+        let check = check_json(&out);
+        let data = nonzero_clusters(&reference, cs);
+        let compressed = check["compressed-clusters"].as_u64().unwrap_or(0);
+        // Zero clusters stay unallocated, the noise is stored plainly, the rest
+        // compressed.
+        assert_eq!(check["allocated-clusters"], data, "{tag}: {check}");
+        let noise_clusters = (65536 / cs) as u64;
+        assert_eq!(compressed, data - noise_clusters, "{tag}: {check}");
+        assert_same_data(tag, &content(&out, &dir, None), &reference);
+        // Smaller than the plain copy.
+        let plain = dir.join(&format!("{tag}-plain.qcow2"));
+        let mut args = vec!["convert", "-O", "qcow2"];
+        if let Some(o) = opts {
+            args.extend(["-o", o]);
+        }
+        args.extend([s(&top), s(&plain)]);
+        vubd_img(&args);
+        let len = |p: &Path| std::fs::metadata(p).unwrap().len();
+        assert!(len(&out) * 4 < len(&plain), "{tag}: not compressed");
+    }
+}
+
+#[test]
+fn img_convert_errors_are_clear() {
+    let dir = TempDir::new("vubd-img-convert-err");
+    let top = chain(&dir);
+    let out = dir.join("out.qcow2");
+    let err = vubd_img_fails(&["convert", "-c", s(&top), s(&dir.join("x.raw"))]);
+    assert!(err.contains("compression"), "{err}");
+    let err = vubd_img_fails(&["convert", "-O", "vmdk", s(&top), s(&out)]);
+    assert!(err.contains("vmdk"), "{err}");
+    let err = vubd_img_fails(&["convert", "-O", "qcow2", s(&top), s(&top)]);
+    assert!(err.contains("source"), "{err}");
+    // The backing file under another name.
+    let err = vubd_img_fails(&["convert", s(&top), s(&dir.join("mid.qcow2"))]);
+    assert!(err.contains("source"), "{err}");
+    let err = vubd_img_fails(&[
+        "convert",
+        "-O",
+        "qcow2",
+        "-o",
+        "cluster_size=3k",
+        s(&top),
+        s(&out),
+    ]);
+    assert!(err.contains("cluster_size"), "{err}");
+    assert!(
+        !out.exists(),
+        "a failed convert left its destination behind"
+    );
+    let err = vubd_img_fails(&["convert", "-O", "qcow2", "-o", "bogus=1", s(&top), s(&out)]);
+    assert!(err.contains("bogus"), "{err}");
+    let err = vubd_img_fails(&["convert", s(&dir.join("none.qcow2")), s(&out)]);
+    assert!(err.contains("none.qcow2"), "{err}");
+    let err = vubd_img_fails(&["convert", "-f", "qcow2", s(&dir.join("base.raw")), s(&out)]);
+    assert!(err.contains("not a qcow2 image"), "{err}");
+    // A chain with a missing link names it.
+    std::fs::rename(dir.join("base.raw"), dir.join("gone.raw")).unwrap();
+    let err = vubd_img_fails(&["convert", s(&top), s(&dir.join("y.raw"))]);
+    assert!(err.contains("base.raw"), "{err}");
+    std::fs::rename(dir.join("gone.raw"), dir.join("base.raw")).unwrap();
+    // A source a daemon writes to is refused, unless -U says to read it anyway.
+    let sock = dir.join("w.sock");
+    let args = DaemonArgs::new()
+        .blockdev(&format!("driver=file,node-name=f,filename={}", s(&top)))
+        .blockdev("driver=qcow2,node-name=q,file=f")
+        .export(&format!(
+            "type=vhost-user-blk,id=e,node-name=q,addr.type=unix,addr.path={},writable=on",
+            s(&sock)
+        ))
+        .build();
+    let mut d = Daemon::start(&args);
+    let err = vubd_img_fails(&["convert", s(&top), s(&dir.join("z.raw"))]);
+    assert!(err.contains("lock"), "{err}");
+    vubd_img(&["convert", "-U", s(&top), s(&dir.join("z.raw"))]);
+    assert_eq!(d.terminate().code(), Some(0));
+    // Unchanged sources.
+    check_clean(&top);
+    check_clean(&dir.join("mid.qcow2"));
+    compare(&top, &dir.join("z.raw"));
 }

@@ -97,6 +97,8 @@ pub(super) fn create(args: &[String]) -> Result<()> {
     if size.is_none() && o.size == 0 {
         return Err(usage("missing SIZE"));
     }
+    // As qemu-img: whole sectors.
+    o.size = o.size.next_multiple_of(512);
     if !matches!(fmt, "raw" | "qcow2") {
         return Err(usage(format!("unknown format '{fmt}' (qcow2 or raw)")));
     }

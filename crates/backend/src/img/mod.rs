@@ -1,4 +1,4 @@
-//! `vubd img`: create, inspect, check, map and snapshot images without
+//! `vubd img`: create, inspect, check, map, snapshot and convert images without
 //! qemu-img, with qemu-img's options and output where it has them.
 //!
 //! ```text
@@ -7,19 +7,24 @@
 //! vubd img check [-U] [-r leaks|all] [--output human|json] FILE
 //! vubd img map [-U] [--output human|json] FILE
 //! vubd img snapshot [-U] [-q] [-f qcow2] -l | -c NAME | -a NAME | -d NAME FILE
+//! vubd img convert [-U] [-f FMT] [-O FMT] [-c] [-o OPTS] SRC DST
 //! ```
 //!
-//! - [`create`]: `create` and its `-o` creation options
+//! - [`create`]: `create` and the `-o` creation options (also `convert -o`)
 //! - [`inspect`]: `info`, `check`, `map`
 //! - [`snapshot`]: `snapshot`, and the snapshot table `info` shows too
+//! - [`source`]: reading an image through its backing chain, for `convert`
+//! - [`convert`]: `convert`, copies of images
 //!
 //! Images are locked as QEMU locks them (see `blocklayer::drivers::lock`): a tool that
 //! changes an image needs it for itself, one that reads it needs no writer on it;
 //! `-U` (`--force-share`) reads without locks, as qemu-img's.
 
+mod convert;
 mod create;
 mod inspect;
 mod snapshot;
+mod source;
 
 use blocklayer::drivers::lock::{
     lock_image, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED,
@@ -49,9 +54,13 @@ Usage: vubd img create [-f qcow2|raw] [-b BACKING [-F FMT]] [-o OPTIONS] FILE SI
        vubd img check [-U] [-r leaks|all] [--output human|json] FILE
        vubd img map [-U] [--output human|json] FILE
        vubd img snapshot [-U] [-q] [-f qcow2] -l | -c NAME | -a NAME | -d NAME FILE
+       vubd img convert [-U] [-q] [-f FMT] [-O FMT] [-c] [-o OPTIONS] SRC DST
 
   snapshot -l lists, -c creates, -a applies (reverts to), -d deletes an internal
   snapshot (-a and -d take an id or a name).
+  convert copies what the guest sees of SRC (through its backing chain) to a new
+  image DST (-O raw, the default, or qcow2), leaving zeroes unallocated; -c writes
+  compressed qcow2 clusters; -o takes the options of create.
 ";
 
 fn usage(msg: impl Into<String>) -> ImgError {
@@ -69,6 +78,7 @@ pub fn main(args: &[String]) -> Result<u8> {
         "check" => inspect::check(rest),
         "map" => inspect::map(rest).map(|()| 0),
         "snapshot" => snapshot::snapshot(rest).map(|()| 0),
+        "convert" => convert::convert(rest).map(|()| 0),
         "-h" | "--help" | "help" => {
             print!("{USAGE}");
             Ok(0)
