@@ -338,10 +338,7 @@ impl Graph {
     /// Whether no node of the graph has `node` as a child (QEMU's root nodes: only
     /// exports, or nothing, use them).
     pub fn is_root(&self, node: &Node) -> bool {
-        !self
-            .nodes
-            .values()
-            .any(|n| n.children().iter().any(|c| std::ptr::eq(&*c.node, node)))
+        self.parents(node.name()).is_empty()
     }
 
     /// QEMU's `BlockDeviceInfo` of a node (`query-named-block-nodes`).
