@@ -329,7 +329,20 @@ impl Graph {
         if let Some(actual) = node.driver().actual_size() {
             info["actual-size"] = json!(actual);
         }
+        // As QEMU: listed when the driver keeps internal snapshots and has some.
+        if let Ok(snaps) = node.driver().snapshot_list() {
+            if !snaps.is_empty() {
+                info["snapshots"] =
+                    Value::Array(snaps.iter().map(|s| s.to_qmp()).collect::<Vec<_>>());
+            }
+        }
         info
+    }
+
+    /// Whether no node of the graph has `node` as a child (QEMU's root nodes: only
+    /// exports, or nothing, use them).
+    pub fn is_root(&self, node: &Node) -> bool {
+        self.parents(node.name()).is_empty()
     }
 
     /// QEMU's `BlockDeviceInfo` of a node (`query-named-block-nodes`).

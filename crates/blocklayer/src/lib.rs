@@ -5,6 +5,7 @@
 //! - [`io`]: the generic request path every node goes through
 //! - [`drivers`]: `file`/`host_device`, `raw`, `null-co`
 //! - [`graph`]: node-names and opening nodes from [`options`]
+//! - [`snapshot`]: internal snapshots as drivers report them
 
 pub mod aio;
 pub mod driver;
@@ -16,6 +17,7 @@ pub mod io;
 pub mod limits;
 pub mod node;
 pub mod options;
+pub mod snapshot;
 pub mod stats;
 
 pub use error::{BlockError, Result};

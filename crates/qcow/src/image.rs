@@ -57,6 +57,12 @@ pub enum Error {
     /// A metadata structure would exceed its limits.
     #[error("no space: {0}")]
     NoSpace(String),
+    /// No internal snapshot has this id or name.
+    #[error("snapshot not found: {0}")]
+    SnapshotNotFound(String),
+    /// An internal snapshot of this name exists already.
+    #[error("a snapshot named {0:?} exists already")]
+    SnapshotExists(String),
 }
 
 /// Result with [`Error`].
@@ -74,6 +80,8 @@ impl Error {
             Error::Unsupported(_) | Error::Unaligned { .. } => libc::ENOTSUP,
             Error::OutOfRange { .. } => libc::EINVAL,
             Error::NoSpace(_) => libc::ENOSPC,
+            Error::SnapshotNotFound(_) => libc::ENOENT,
+            Error::SnapshotExists(_) => libc::EEXIST,
         }
     }
 }

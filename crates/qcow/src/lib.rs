@@ -30,7 +30,7 @@ pub use create::{
 pub use header::{CompressionType, Header, HeaderError};
 pub use image::{Error, Extent, ExtentKind, Extents, ImageInfo, OpenOptions, Qcow2, Result};
 pub use io::{block_on, FileIo, MemIo, QcowIo};
-pub use snapshot::Snapshot;
+pub use snapshot::{NewSnapshot, Snapshot};
 pub use write::{Allocation, HostRange};
 
 use std::future::Future;

@@ -585,7 +585,58 @@ fn internal_snapshots() {
     assert_clean(&img);
     let img = reopen(img, true);
     assert_same(&read_all(&img, &NoBacking), &s2, "reopened");
-    assert!(block_on(img.snapshot_delete("nope")).is_err());
+    assert!(matches!(
+        block_on(img.snapshot_delete("nope")),
+        Err(Error::SnapshotNotFound(_))
+    ));
+}
+
+#[test]
+fn snapshot_selection_dates_and_icount() {
+    use crate::NewSnapshot;
+    let img = block_on(create(MemIo::new(), &opts(1 << 20, 4096))).unwrap();
+    let new = |name: &str, icount| NewSnapshot {
+        name: name.into(),
+        date_sec: 1_700_000_000,
+        date_nsec: 5,
+        vm_clock_nsec: 3_600_000_000_123,
+        icount,
+    };
+    block_on(img.snapshot_create_with(new("a", Some(0)))).unwrap();
+    // A name that is another snapshot's id.
+    block_on(img.snapshot_create_with(new("1", None))).unwrap();
+    block_on(img.snapshot_create_with(new("c", Some(42)))).unwrap();
+    assert!(matches!(
+        block_on(img.snapshot_create("a")),
+        Err(Error::SnapshotExists(_))
+    ));
+    let img = reopen(img, true);
+    let s = img.snapshots();
+    assert_eq!(
+        s.iter()
+            .map(|s| (s.id.as_str(), s.name.as_str(), s.icount))
+            .collect::<Vec<_>>(),
+        [("1", "a", Some(0)), ("2", "1", None), ("3", "c", Some(42))]
+    );
+    assert_eq!((s[0].date_sec, s[0].date_nsec), (1_700_000_000, 5));
+    assert_eq!(s[0].vm_clock_nsec, 3_600_000_000_123);
+    // Both given: both must match.
+    assert!(matches!(
+        block_on(img.snapshot_delete_matching(Some("1"), Some("c"))),
+        Err(Error::SnapshotNotFound(_))
+    ));
+    assert!(block_on(img.snapshot_delete_matching(None, None)).is_err());
+    // A name alone matches names only.
+    let d = block_on(img.snapshot_delete_matching(None, Some("1"))).unwrap();
+    assert_eq!((d.id.as_str(), d.name.as_str()), ("2", "1"));
+    let d = block_on(img.snapshot_delete_matching(Some("3"), Some("c"))).unwrap();
+    assert_eq!(d.icount, Some(42));
+    // An id or name: the id first.
+    let d = block_on(img.snapshot_delete("1")).unwrap();
+    assert_eq!(d.name, "a");
+    assert!(img.snapshots().is_empty());
+    block_on(img.flush()).unwrap();
+    assert_clean(&img);
 }
 
 #[test]

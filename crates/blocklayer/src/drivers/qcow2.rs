@@ -18,6 +18,7 @@ use crate::aio::LocalBoxFuture;
 use crate::driver::{Child, Driver};
 use crate::error::{BlockError, Result};
 use crate::node::Node;
+use crate::snapshot::{NewSnapshot, SnapshotInfo};
 use qcow::io::QcowIo;
 use qcow::{Backing, Extent, ExtentKind, OpenOptions, Qcow2};
 use std::future::Future;
@@ -142,6 +143,16 @@ pub struct Qcow2Driver {
     node_name: String,
     /// `BLOCK_IMAGE_CORRUPTED` was raised (once per open, as QEMU).
     corrupt_reported: AtomicBool,
+}
+
+/// A failed snapshot operation: the image's message, with its errno (ENOENT,
+/// EEXIST, ENOTSUP...) for the caller's policy and texts.
+fn snapshot_error(e: qcow::Error) -> BlockError {
+    log::warn!("qcow2: snapshot: {e}");
+    BlockError::Snapshot {
+        errno: e.errno(),
+        message: format!("qcow2: {e}"),
+    }
 }
 
 fn image_error(e: qcow::Error) -> BlockError {
@@ -382,6 +393,35 @@ impl Driver for Qcow2Driver {
 
     fn actual_size(&self) -> Option<u64> {
         self.file.driver().actual_size()
+    }
+
+    fn snapshot_list(&self) -> Result<Vec<SnapshotInfo>> {
+        Ok(self
+            .image
+            .snapshots()
+            .iter()
+            .map(SnapshotInfo::from)
+            .collect())
+    }
+
+    fn snapshot_create(&self, new: &NewSnapshot) -> Result<SnapshotInfo> {
+        let image = self.image.clone();
+        let new = new.clone();
+        crate::aio::uring::block_on(async move { image.snapshot_create_with(new).await })
+            .map(|s| SnapshotInfo::from(&s))
+            .map_err(snapshot_error)
+    }
+
+    fn snapshot_delete(&self, id: Option<&str>, name: Option<&str>) -> Result<SnapshotInfo> {
+        let image = self.image.clone();
+        let (id, name) = (id.map(str::to_owned), name.map(str::to_owned));
+        crate::aio::uring::block_on(async move {
+            image
+                .snapshot_delete_matching(id.as_deref(), name.as_deref())
+                .await
+        })
+        .map(|s| SnapshotInfo::from(&s))
+        .map_err(snapshot_error)
     }
 
     fn read<'a>(&'a self, offset: u64, iov: IoVec) -> LocalBoxFuture<'a, Result<()>> {
