@@ -71,6 +71,13 @@ pub trait Driver: Send + Sync {
         None
     }
 
+    /// Members of QEMU's `ImageInfo` that only a format knows (`cluster-size`,
+    /// `format-specific`, `backing-filename`, `backing-filename-format`), as a JSON
+    /// object merged into the node's image information.
+    fn image_info_extra(&self) -> Option<serde_json::Value> {
+        None
+    }
+
     /// Bytes the image takes on the host (`actual-size`), when known.
     fn actual_size(&self) -> Option<u64> {
         None

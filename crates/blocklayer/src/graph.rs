@@ -319,7 +319,7 @@ impl Graph {
     }
 
     /// QEMU's `ImageInfo` of a node; `flat` leaves out the backing chain.
-    fn image_info(&self, node: &Node, _flat: bool) -> Value {
+    fn image_info(&self, node: &Node, flat: bool) -> Value {
         let mut info = json!({
             "filename": node.driver().filename(),
             "format": node.driver_name(),
@@ -328,6 +328,17 @@ impl Graph {
         });
         if let Some(actual) = node.driver().actual_size() {
             info["actual-size"] = json!(actual);
+        }
+        if let Some(Value::Object(extra)) = node.driver().image_info_extra() {
+            for (k, v) in extra {
+                info[k.as_str()] = v;
+            }
+        }
+        if let Some(backing) = backing_of(node) {
+            info["full-backing-filename"] = json!(backing.driver().filename());
+            if !flat {
+                info["backing-image"] = self.image_info(&backing, flat);
+            }
         }
         // As QEMU: listed when the driver keeps internal snapshots and has some.
         if let Ok(snaps) = node.driver().snapshot_list() {
@@ -353,12 +364,20 @@ impl Graph {
             DetectZeroes::On => "on",
             DetectZeroes::Unmap => "unmap",
         };
-        json!({
+        let mut depth = 0;
+        let mut next = backing_of(node);
+        let backing_file = next.as_ref().map(|b| b.driver().filename());
+        // As QEMU, the depth is counted only for the full (not flat) answer.
+        while let Some(b) = next.filter(|_| !flat) {
+            depth += 1;
+            next = backing_of(&b);
+        }
+        let mut info = json!({
             "file": node.driver().filename(),
             "node-name": node.name(),
             "ro": node.is_read_only(),
             "drv": node.driver_name(),
-            "backing_file_depth": 0,
+            "backing_file_depth": depth,
             "encrypted": false,
             "detect_zeroes": detect_zeroes,
             "bps": 0,
@@ -374,7 +393,11 @@ impl Graph {
                 "no-flush": flags.no_flush,
             },
             "write_threshold": 0,
-        })
+        });
+        if let Some(f) = backing_file {
+            info["backing_file"] = json!(f);
+        }
+        info
     }
 
     /// Every node's `BlockDeviceInfo`, in node-name order.
@@ -386,6 +409,14 @@ impl Graph {
                 .collect(),
         )
     }
+}
+
+/// The node's `backing` child, if it has one.
+fn backing_of(node: &Node) -> Option<Arc<Node>> {
+    node.children()
+        .into_iter()
+        .find(|c| c.role == "backing")
+        .map(|c| c.node)
 }
 
 #[cfg(test)]

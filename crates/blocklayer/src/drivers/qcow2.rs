@@ -395,6 +395,40 @@ impl Driver for Qcow2Driver {
         self.file.driver().actual_size()
     }
 
+    fn image_info_extra(&self) -> Option<serde_json::Value> {
+        let info = self.image.info();
+        let mut data = serde_json::json!({
+            "compat": if info.version >= 3 { "1.1" } else { "0.10" },
+        });
+        if info.version >= 3 {
+            data["compression-type"] = serde_json::json!(match info.compression {
+                qcow::CompressionType::Zlib => "zlib",
+                qcow::CompressionType::Zstd => "zstd",
+            });
+            data["lazy-refcounts"] = info.lazy_refcounts.into();
+            data["refcount-bits"] = info.refcount_bits.into();
+            data["corrupt"] = info.corrupt.into();
+            data["extended-l2"] = info.extended_l2.into();
+            if let Some(df) = &info.data_file {
+                data["data-file"] = df.as_str().into();
+                data["data-file-raw"] = info.data_file_raw.into();
+            }
+        } else {
+            data["refcount-bits"] = info.refcount_bits.into();
+        }
+        let mut extra = serde_json::json!({
+            "cluster-size": info.cluster_size,
+            "format-specific": {"type": "qcow2", "data": data},
+        });
+        if let Some(b) = info.backing_file {
+            extra["backing-filename"] = b.into();
+        }
+        if let Some(f) = info.backing_format {
+            extra["backing-filename-format"] = f.into();
+        }
+        Some(extra)
+    }
+
     fn snapshot_list(&self) -> Result<Vec<SnapshotInfo>> {
         Ok(self
             .image
