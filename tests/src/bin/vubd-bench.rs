@@ -138,7 +138,9 @@ impl Backend {
         match self {
             Backend::Null | Backend::File => true,
             Backend::Qcow2Fresh => cfg.queues == 1 && w.write && w.qd == 32,
-            Backend::Qcow2 => cfg.queues == 1 && w.qd == 32,
+            // Multiqueue on qcow2: 4k random I/O, where the image's metadata lock
+            // is shared by the iothreads.
+            Backend::Qcow2 => w.qd == 32 && (cfg.queues == 1 || (w.random && w.bs == 4096)),
             Backend::Qcow2Chain => cfg.queues == 1 && !w.write && w.qd == 32,
         }
     }

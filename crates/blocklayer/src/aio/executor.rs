@@ -1,14 +1,20 @@
 //! A single-threaded executor, one per iothread (thread-local).
 //!
-//! Tasks are `!Send` futures. A waker carries only the task's slot number; waking pushes
-//! that number on the thread's ready list. Wakers are only ever woken on the thread that
-//! owns the task (io_uring completions are reaped there), and a wake for a finished or
-//! reused slot merely causes one spurious poll, which futures tolerate.
+//! Tasks are `!Send` futures, polled only on the thread that spawned them. A waker
+//! carries the owning executor's number and the task's slot number. Waking on the
+//! owning thread pushes the slot on its ready list; waking from another thread (an
+//! image's metadata lock released by another iothread, for example) queues the slot
+//! on the owner's remote list and writes the owner's notification eventfd, so that a
+//! sleeping owner wakes up. A wake for a finished or reused slot merely causes one
+//! spurious poll, which futures tolerate.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::future::Future;
+use std::os::fd::RawFd;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll, RawWaker, RawWakerVTable, Waker};
 
 type Task = Pin<Box<dyn Future<Output = ()>>>;
@@ -23,13 +29,106 @@ struct Executor {
     ready: VecDeque<usize>,
 }
 
-thread_local! {
-    static EXECUTOR: RefCell<Executor> = RefCell::new(Executor::default());
+/// The part of an executor other threads reach: wakes queued for its tasks.
+struct Remote {
+    queue: Mutex<Vec<usize>>,
+    /// Set when `queue` may be non-empty (checked without the lock).
+    pending: AtomicBool,
+    /// Written (eventfd semantics) after queueing, to wake the owner; -1: none.
+    notify_fd: AtomicI32,
 }
 
-fn raw_waker(id: usize) -> RawWaker {
-    // The data pointer is not a pointer: it is the task's slot number.
-    RawWaker::new(id as *const (), &VTABLE)
+impl Remote {
+    fn new() -> Self {
+        Remote {
+            queue: Mutex::new(Vec::new()),
+            pending: AtomicBool::new(false),
+            notify_fd: AtomicI32::new(-1),
+        }
+    }
+}
+
+/// Every executor's remote part, by executor number; numbers of exited threads are
+/// reused (a late wake for them is a spurious poll on the new owner).
+#[derive(Default)]
+struct Registry {
+    remotes: Vec<Arc<Remote>>,
+    free: Vec<usize>,
+}
+
+static REGISTRY: RwLock<Registry> = RwLock::new(Registry {
+    remotes: Vec::new(),
+    free: Vec::new(),
+});
+
+/// This thread's executor number, registered on first use and released when the
+/// thread exits.
+struct Membership {
+    index: usize,
+    remote: Arc<Remote>,
+}
+
+impl Membership {
+    fn join() -> Self {
+        let mut reg = REGISTRY.write().unwrap_or_else(|p| p.into_inner());
+        let remote = Arc::new(Remote::new());
+        let index = match reg.free.pop() {
+            Some(i) => {
+                reg.remotes[i] = remote.clone();
+                i
+            }
+            None => {
+                reg.remotes.push(remote.clone());
+                reg.remotes.len() - 1
+            }
+        };
+        Membership { index, remote }
+    }
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        {
+            let _q = self.remote.queue.lock().unwrap_or_else(|p| p.into_inner());
+            self.remote.notify_fd.store(-1, Ordering::Release);
+        }
+        let mut reg = REGISTRY.write().unwrap_or_else(|p| p.into_inner());
+        reg.free.push(self.index);
+    }
+}
+
+thread_local! {
+    static EXECUTOR: RefCell<Executor> = RefCell::new(Executor::default());
+    static MEMBERSHIP: Membership = Membership::join();
+    /// This thread's executor number (cached; `usize::MAX` until known).
+    static INDEX: Cell<usize> = const { Cell::new(usize::MAX) };
+}
+
+/// Bits of the waker data that hold the slot number; the executor number is above.
+const SLOT_BITS: u32 = 32;
+
+fn this_index() -> usize {
+    INDEX.with(|i| {
+        if i.get() == usize::MAX {
+            i.set(MEMBERSHIP.with(|m| m.index));
+        }
+        i.get()
+    })
+}
+
+/// Has `fd` written (eventfd: add 1) when another thread wakes a task of this
+/// thread, so that a thread sleeping in epoll or io_uring wakes up; -1 stops it, and
+/// once this returns the old descriptor is not written again (it may be closed).
+pub fn set_remote_notify(fd: RawFd) {
+    let _ = MEMBERSHIP.try_with(|m| {
+        let _q = m.remote.queue.lock().unwrap_or_else(|p| p.into_inner());
+        m.remote.notify_fd.store(fd, Ordering::Release);
+    });
+}
+
+fn raw_waker(data: usize) -> RawWaker {
+    // The data pointer is not a pointer: it is (executor << SLOT_BITS) | slot.
+    RawWaker::new(data as *const (), &VTABLE)
 }
 
 fn waker_clone(data: *const ()) -> RawWaker {
@@ -37,13 +136,55 @@ fn waker_clone(data: *const ()) -> RawWaker {
 }
 
 fn waker_wake(data: *const ()) {
-    let id = data as usize;
-    // `try_with`: a wake during thread teardown is dropped.
-    let _ = EXECUTOR.try_with(|e| {
-        if let Ok(mut e) = e.try_borrow_mut() {
-            e.ready.push_back(id);
-        } else {
-            log::error!("executor: wake while the executor is borrowed");
+    let data = data as usize;
+    let (owner, id) = (data >> SLOT_BITS, data & ((1 << SLOT_BITS) - 1));
+    // `try_with`: a wake during thread teardown is handled as a remote one.
+    let local = INDEX.try_with(|i| i.get() == owner).unwrap_or(false) || {
+        // First use on this thread: learn its number.
+        MEMBERSHIP.try_with(|m| m.index == owner).unwrap_or(false)
+    };
+    if local {
+        let _ = EXECUTOR.try_with(|e| {
+            if let Ok(mut e) = e.try_borrow_mut() {
+                e.ready.push_back(id);
+            } else {
+                log::error!("executor: wake while the executor is borrowed");
+            }
+        });
+    } else {
+        wake_remote(owner, id);
+    }
+}
+
+/// Queues a wake for a task of another thread's executor and wakes that thread.
+fn wake_remote(owner: usize, id: usize) {
+    let remote = {
+        let reg = REGISTRY.read().unwrap_or_else(|p| p.into_inner());
+        match reg.remotes.get(owner) {
+            Some(r) => r.clone(),
+            None => return,
+        }
+    };
+    // The queue lock also orders this write before the owner's unregistering of the
+    // descriptor (see `set_remote_notify`), so a closed descriptor is never written.
+    let mut q = remote.queue.lock().unwrap_or_else(|p| p.into_inner());
+    q.push(id);
+    remote.pending.store(true, Ordering::Release);
+    let fd = remote.notify_fd.load(Ordering::Acquire);
+    if fd >= 0 {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a local u64 to the eventfd the owner registered;
+        // it stays open while registered, and unregistering takes the lock held here.
+        let _ = unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+    }
+}
+
+/// Moves wakes other threads queued for this executor onto its ready list.
+fn take_remote_wakes(e: &mut Executor) {
+    let _ = MEMBERSHIP.try_with(|m| {
+        if m.remote.pending.swap(false, Ordering::AcqRel) {
+            let mut q = m.remote.queue.lock().unwrap_or_else(|p| p.into_inner());
+            e.ready.extend(q.drain(..));
         }
     });
 }
@@ -54,9 +195,10 @@ static VTABLE: RawWakerVTable =
     RawWakerVTable::new(waker_clone, waker_wake, waker_wake, waker_drop);
 
 fn waker_for(id: usize) -> Waker {
+    let data = (this_index() << SLOT_BITS) | id;
     // SAFETY: the vtable functions never dereference the data pointer (it is an integer)
     // and are safe to call from any thread, as the RawWaker contract requires.
-    unsafe { Waker::from_raw(raw_waker(id)) }
+    unsafe { Waker::from_raw(raw_waker(data)) }
 }
 
 /// Spawns a task on this thread's executor. It is polled on the next `run_ready`.
@@ -86,6 +228,9 @@ pub fn run_ready() -> usize {
     loop {
         let next = EXECUTOR.with(|e| {
             let mut e = e.borrow_mut();
+            if e.ready.is_empty() {
+                take_remote_wakes(&mut e);
+            }
             while let Some(id) = e.ready.pop_front() {
                 if let Some(task) = e.tasks.get_mut(id).and_then(Option::take) {
                     return Some((id, task));
@@ -120,6 +265,9 @@ pub fn live_tasks() -> usize {
 /// Whether any task is ready to be polled.
 pub fn has_ready() -> bool {
     EXECUTOR.with(|e| !e.borrow().ready.is_empty())
+        || MEMBERSHIP
+            .try_with(|m| m.remote.pending.load(Ordering::Acquire))
+            .unwrap_or(false)
 }
 
 /// A future that yields once (lets other ready tasks run).
@@ -142,6 +290,58 @@ mod tests {
     use super::*;
     use std::cell::Cell;
     use std::rc::Rc;
+
+    /// A task parked on one thread and woken from another (as an image lock released
+    /// by another iothread) runs again on its own thread, and a thread sleeping on
+    /// its notification eventfd is woken.
+    #[test]
+    fn wakes_from_other_threads_reach_the_owner() {
+        use std::sync::mpsc;
+        use std::time::Duration;
+        let slot: Arc<Mutex<(bool, Option<Waker>)>> = Arc::default();
+        let (tx, rx) = mpsc::channel();
+        let s2 = slot.clone();
+        let owner = std::thread::spawn(move || {
+            let efd = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+            set_remote_notify(std::os::fd::AsRawFd::as_raw_fd(&efd));
+            let done = Rc::new(Cell::new(false));
+            let d2 = done.clone();
+            spawn(async move {
+                std::future::poll_fn(|cx| {
+                    let mut g = s2.lock().unwrap();
+                    if g.0 {
+                        Poll::Ready(())
+                    } else {
+                        g.1 = Some(cx.waker().clone());
+                        Poll::Pending
+                    }
+                })
+                .await;
+                d2.set(true);
+            });
+            run_ready();
+            assert!(!done.get());
+            tx.send(()).unwrap();
+            // Sleep until the other thread's wake rings the eventfd.
+            efd.read().unwrap();
+            assert!(has_ready());
+            run_ready();
+            set_remote_notify(-1);
+            done.get()
+        });
+        rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        let waker = {
+            let mut g = slot.lock().unwrap();
+            g.0 = true;
+            g.1.take().unwrap()
+        };
+        // Woken from this thread, which has an executor of its own.
+        spawn(async {});
+        run_ready();
+        waker.wake();
+        assert!(!has_ready(), "the wake went to the waking thread");
+        assert!(owner.join().unwrap(), "the task did not run on its owner");
+    }
 
     #[test]
     fn spawned_tasks_run_and_yield() {

@@ -47,6 +47,13 @@ thread_local! {
     static ENGINE: RefCell<Option<Engine>> = const { RefCell::new(None) };
 }
 
+impl Drop for Engine {
+    fn drop(&mut self) {
+        // Before the eventfd closes: no other thread may write it afterwards.
+        super::executor::set_remote_notify(-1);
+    }
+}
+
 impl Engine {
     fn new() -> io::Result<Self> {
         let ring = IoUring::builder()
@@ -55,6 +62,9 @@ impl Engine {
             .or_else(|_| IoUring::new(RING_ENTRIES))?;
         let eventfd = EventFd::new(EFD_NONBLOCK)?;
         ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
+        // Wakes from other threads ring the same eventfd: the iothread loop waits on
+        // it, and handles it by running ready tasks.
+        super::executor::set_remote_notify(eventfd.as_raw_fd());
         Ok(Engine {
             ring,
             slots: Vec::new(),
