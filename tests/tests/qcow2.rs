@@ -430,6 +430,302 @@ fn vubd_img_create_info_check_map_agree_with_qemu_img() {
     assert_eq!(rc, 1, "{out}");
 }
 
+/// Bytes the file takes on the host (st_blocks).
+fn allocated_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+/// `qemu-img map --output=json` as (start, length, present, zero, data) per entry,
+/// merged where the flags agree (host offsets left out: layouts may differ).
+fn map_flags(img: &Path) -> Vec<(u64, u64, bool, bool, bool)> {
+    let out = Command::new("qemu-img")
+        .args(["map", "-U", "--output=json", img.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut m: Vec<(u64, u64, bool, bool, bool)> = Vec::new();
+    for e in v.as_array().unwrap() {
+        let f = |k: &str| e[k].as_bool().unwrap();
+        let (start, len) = (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+        let flags = (f("present"), f("zero"), f("data"));
+        match m.last_mut() {
+            Some(l) if (l.2, l.3, l.4) == flags && l.0 + l.1 == start => l.1 += len,
+            _ => m.push((start, len, flags.0, flags.1, flags.2)),
+        }
+    }
+    m
+}
+
+/// What a qcow2 image made with `mode` must look like: a clean check, the virtual
+/// size, host space for the data only with falloc and full, data clusters mapped for
+/// every mode but off, zeroes throughout; and the same map as qemu-img's own image
+/// with that mode (`reference`).
+fn check_preallocated(img: &Path, reference: &Path, mode: &str, size: u64, dir: &TempDir) {
+    let tag = format!("{mode} ({})", img.display());
+    qemu_img(&["check", "-U", img.to_str().unwrap()]);
+    let out = Command::new("qemu-img")
+        .args(["info", "-U", "--output", "json", img.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["virtual-size"], size, "{tag}: {info}");
+    let used = allocated_bytes(img);
+    let theirs = allocated_bytes(reference);
+    match mode {
+        "falloc" | "full" => {
+            assert!(used >= size, "{tag}: {used} bytes allocated");
+            assert!(used < size + size / 16, "{tag}: {used} bytes allocated");
+            assert!(theirs >= size, "qemu-img {mode}: {theirs}");
+        }
+        _ => {
+            assert!(used < MIB, "{tag}: {used} bytes allocated");
+            assert!(theirs < MIB, "qemu-img {mode}: {theirs}");
+        }
+    }
+    let map = map_flags(img);
+    let want = if mode == "off" {
+        (0, size, false, true, false)
+    } else {
+        (0, size, true, mode == "metadata", true)
+    };
+    assert_eq!(map, [want], "{tag}: map");
+    assert_eq!(
+        map,
+        map_flags(reference),
+        "{tag}: map differs from qemu-img's"
+    );
+    // It reads as zeroes.
+    let zero = dir.join("zero.raw");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "raw",
+        zero.to_str().unwrap(),
+        &size.to_string(),
+    ]);
+    qemu_img(&[
+        "compare",
+        "-U",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        img.to_str().unwrap(),
+        zero.to_str().unwrap(),
+    ]);
+}
+
+#[test]
+fn preallocation_modes_match_qemu_img() {
+    let dir = TempDir::new("vubd-prealloc");
+    let size = 48 * MIB;
+    let size_s = size.to_string();
+    for mode in ["off", "metadata", "falloc", "full"] {
+        let ours = dir.join(&format!("{mode}.qcow2"));
+        let theirs = dir.join(&format!("{mode}.qemu.qcow2"));
+        let o = format!("preallocation={mode},cluster_size=64k");
+        let (rc, out) = vubd_img(&[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            &o,
+            ours.to_str().unwrap(),
+            &size_s,
+        ]);
+        assert_eq!(rc, 0, "vubd img create {o}: {out}");
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &o,
+            theirs.to_str().unwrap(),
+            &size_s,
+        ]);
+        check_preallocated(&ours, &theirs, mode, size, &dir);
+        // Served by vubd, it takes writes where the space is.
+        let (mut daemon, mut c) = serve_writable(&dir, &ours, mode, "");
+        let data = vec![0x5au8; 256 * 1024];
+        c.q().write(size - MIB, &data).expect("write");
+        c.q().flush().expect("flush");
+        assert_same_data(mode, &c.q().read(size - MIB, data.len()).unwrap(), &data);
+        drop(c);
+        assert_eq!(daemon.terminate().code(), Some(0));
+        qemu_img(&["check", ours.to_str().unwrap()]);
+    }
+    // Raw images: falloc and full take the whole size, off almost nothing; metadata is
+    // refused as by qemu-img.
+    for mode in ["off", "falloc", "full"] {
+        let ours = dir.join(&format!("{mode}.raw"));
+        let theirs = dir.join(&format!("{mode}.qemu.raw"));
+        let o = format!("preallocation={mode}");
+        let (rc, out) = vubd_img(&[
+            "create",
+            "-f",
+            "raw",
+            "-o",
+            &o,
+            ours.to_str().unwrap(),
+            &size_s,
+        ]);
+        assert_eq!(rc, 0, "vubd img create -f raw {o}: {out}");
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "raw",
+            "-o",
+            &o,
+            theirs.to_str().unwrap(),
+            &size_s,
+        ]);
+        assert_eq!(std::fs::metadata(&ours).unwrap().len(), size, "raw {mode}");
+        let (used, want) = (allocated_bytes(&ours), allocated_bytes(&theirs));
+        assert_eq!(
+            used, want,
+            "raw {mode}: vubd allocated {used}, qemu-img {want}"
+        );
+        assert!(
+            std::fs::read(&ours).unwrap().iter().all(|&b| b == 0),
+            "raw {mode}"
+        );
+    }
+    let bad = dir.join("metadata.raw");
+    let (rc, out) = vubd_img(&[
+        "create",
+        "-f",
+        "raw",
+        "-o",
+        "preallocation=metadata",
+        bad.to_str().unwrap(),
+        "1M",
+    ]);
+    assert_eq!(rc, 1, "{out}");
+    assert!(
+        out.contains("Unsupported preallocation mode: metadata"),
+        "{out}"
+    );
+}
+
+/// Runs a `blockdev-create` job to its end and dismisses it; panics with the job's
+/// error if it failed.
+fn create_job(q: &mut vubd_tests::Qmp, id: &str, options: serde_json::Value) {
+    use serde_json::json;
+    q.ok("blockdev-create", json!({"job-id": id, "options": options}));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let jobs = q.ok("query-jobs", json!({}));
+        let job = jobs
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|j| j["id"] == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("no job {id} in {jobs}"));
+        if job["status"] == "concluded" {
+            assert!(job.get("error").is_none(), "job {id}: {job}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "job {id} hangs: {job}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    q.ok("job-dismiss", json!({"id": id}));
+}
+
+#[test]
+fn blockdev_create_preallocates_through_the_block_layer() {
+    use serde_json::json;
+    let dir = TempDir::new("vubd-prealloc-qmp");
+    let qs = dir.join("qmp.sock");
+    let args = DaemonArgs::new()
+        .arg("--chardev")
+        .arg(&format!(
+            "socket,id=m,path={},server=on,wait=off",
+            qs.display()
+        ))
+        .arg("--monitor")
+        .arg("chardev=m")
+        .build();
+    let mut daemon = Daemon::start(&args);
+    let mut q = vubd_tests::Qmp::connect(&qs);
+    let size = 40 * MIB;
+    // driver=file: host files with each preallocation mode.
+    for mode in ["off", "falloc", "full"] {
+        let f = dir.join(&format!("{mode}.raw"));
+        create_job(
+            &mut q,
+            &format!("raw-{mode}"),
+            json!({"driver": "file", "filename": f.to_str().unwrap(), "size": size,
+                   "preallocation": mode}),
+        );
+        assert_eq!(std::fs::metadata(&f).unwrap().len(), size);
+        let used = allocated_bytes(&f);
+        if mode == "off" {
+            assert!(used < MIB, "file {mode}: {used}");
+        } else {
+            assert!(used >= size, "file {mode}: {used}");
+        }
+    }
+    let e = q
+        .execute(
+            "blockdev-create",
+            json!({"job-id": "bad", "options": {"driver": "file", "size": MIB,
+                   "filename": dir.join("bad").to_str().unwrap(), "preallocation": "metadata"}}),
+        )
+        .unwrap_err();
+    assert!(
+        e.desc.contains("Unsupported preallocation mode: metadata"),
+        "{}",
+        e.desc
+    );
+    // driver=qcow2 on a file node: the data clusters are reserved through the file
+    // node (fallocate through io_uring) or written with zeroes.
+    for mode in ["off", "metadata", "falloc", "full"] {
+        let img = dir.join(&format!("{mode}.qcow2"));
+        let node = format!("f-{mode}");
+        create_job(
+            &mut q,
+            &format!("file-{mode}"),
+            json!({"driver": "file", "filename": img.to_str().unwrap(), "size": 0}),
+        );
+        q.ok(
+            "blockdev-add",
+            json!({"driver": "file", "node-name": node, "filename": img.to_str().unwrap()}),
+        );
+        create_job(
+            &mut q,
+            &format!("qcow2-{mode}"),
+            json!({"driver": "qcow2", "file": node, "size": size, "preallocation": mode}),
+        );
+        let theirs = dir.join(&format!("{mode}.qemu.qcow2"));
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &format!("preallocation={mode}"),
+            theirs.to_str().unwrap(),
+            &size.to_string(),
+        ]);
+        check_preallocated(&img, &theirs, mode, size, &dir);
+        q.ok("blockdev-del", json!({"node-name": node}));
+    }
+    assert_eq!(daemon.terminate().code(), Some(0));
+}
+
 #[test]
 fn blockdev_create_job_over_qmp_then_serve_the_new_image() {
     use serde_json::json;

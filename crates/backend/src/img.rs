@@ -9,10 +9,14 @@
 //!
 //! `-o` takes qemu-img's qcow2 creation options: cluster_size, compat, lazy_refcounts,
 //! refcount_bits, extended_l2, backing_file, backing_fmt, preallocation,
-//! compression_type. `check` exits like qemu-img check: 0 clean, 2 corruptions
+//! compression_type; with `-f raw`: preallocation (off, falloc, full). `check` exits like qemu-img check: 0 clean, 2 corruptions
 //! found, 3 only leaks found, 1 on errors.
 
 use crate::keyval;
+use blocklayer::drivers::file_create::{create_file, FilePrealloc};
+use blocklayer::drivers::lock::{
+    lock_image, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED,
+};
 use blocklayer::options::coerce;
 use qcow::{
     block_on, CheckReport, Compat, CompressionType, CreateOptions, ExtentKind, FileIo, OpenOptions,
@@ -20,6 +24,7 @@ use qcow::{
 };
 use serde_json::{json, Value};
 use std::fs::OpenOptions as FsOpen;
+use std::os::fd::AsRawFd;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImgError {
@@ -179,6 +184,35 @@ fn apply_o(o: &mut CreateOptions, text: &str) -> Result<()> {
     Ok(())
 }
 
+/// `-o` of `-f raw` (QEMU's file driver options): `size`, `preallocation`
+/// (off|falloc|full); `nocow` and `extent_size_hint` are accepted, as hints.
+fn apply_raw_o(size: &mut u64, prealloc: &mut FilePrealloc, text: &str) -> Result<()> {
+    let v = keyval::parse_option(text, None).map_err(|e| usage(format!("-o {text}: {e}")))?;
+    let Value::Object(map) = v else {
+        return Err(usage(format!("-o {text}: expected key=value pairs")));
+    };
+    for (k, v) in map {
+        let s = v.as_str().unwrap_or_default().to_string();
+        match k.as_str() {
+            "size" => {
+                *size =
+                    coerce::parse_size(&s).ok_or_else(|| usage(format!("-o {k}: not a size")))?
+            }
+            "preallocation" => {
+                *prealloc =
+                    FilePrealloc::from_name(&s).map_err(|e| usage(format!("-o {k}: {e}")))?
+            }
+            "nocow" | "extent_size_hint" => {}
+            other => {
+                return Err(usage(format!(
+                    "-o: unknown option '{other}' for format raw"
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
 fn create(args: &[String]) -> Result<()> {
     let (opts, pos) = options(args, &["-f", "-b", "-F", "-o"])?;
     let fmt = opts
@@ -194,8 +228,37 @@ fn create(args: &[String]) -> Result<()> {
         [f] => (f.as_str(), None),
         _ => return Err(usage("expected FILE [SIZE]")),
     };
+    match fmt {
+        "raw" => create_raw(file, size, &opts),
+        "qcow2" => create_qcow2(file, size, &opts),
+        other => Err(usage(format!("unknown format '{other}' (qcow2 or raw)"))),
+    }
+}
+
+fn create_raw(file: &str, size: Option<u64>, opts: &[(String, String)]) -> Result<()> {
+    let mut sz = size.unwrap_or(0);
+    let mut prealloc = FilePrealloc::Off;
+    for (k, v) in opts {
+        match k.as_str() {
+            "-b" | "-F" => return Err(usage("format raw has no backing file")),
+            "-o" => apply_raw_o(&mut sz, &mut prealloc, v)?,
+            _ => {}
+        }
+    }
+    if size.is_none() && sz == 0 {
+        return Err(usage("missing SIZE"));
+    }
+    // As qemu-img: the size of a raw image is whole sectors.
+    let sz = sz.div_ceil(512) * 512;
+    create_file(std::path::Path::new(file), sz, prealloc).map_err(|e| ImgError::Image {
+        path: file.into(),
+        message: e.to_string(),
+    })
+}
+
+fn create_qcow2(file: &str, size: Option<u64>, opts: &[(String, String)]) -> Result<()> {
     let mut o = CreateOptions::new(size.unwrap_or(0));
-    for (k, v) in &opts {
+    for (k, v) in opts {
         match k.as_str() {
             "-b" => o.backing_file = Some(v.clone()),
             "-F" => o.backing_fmt = Some(v.clone()),
@@ -210,26 +273,31 @@ fn create(args: &[String]) -> Result<()> {
         .read(true)
         .write(true)
         .create(true)
-        .truncate(true)
+        // Emptied once the locks are held.
+        .truncate(false)
         .open(file)
         .map_err(|source| ImgError::File {
             path: file.into(),
             source,
         })?;
-    match fmt {
-        "raw" => f.set_len(o.size).map_err(|source| ImgError::File {
-            path: file.into(),
-            source,
-        }),
-        "qcow2" => {
-            let img = block_on(qcow::create(FileIo::new(f), &o)).map_err(|e| ImgError::Image {
-                path: file.into(),
-                message: e.to_string(),
-            })?;
-            block_on(img.close()).map_err(image_err(file))
-        }
-        other => Err(usage(format!("unknown format '{other}' (qcow2 or raw)"))),
-    }
+    // As qemu-img: never empty an image that another process has open; the locks
+    // last as long as the descriptor.
+    lock_image(
+        f.as_raw_fd(),
+        file,
+        PERM_WRITE | PERM_RESIZE,
+        PERM_CONSISTENT_READ | PERM_WRITE | PERM_WRITE_UNCHANGED,
+    )
+    .map_err(|e| ImgError::Image {
+        path: file.into(),
+        message: e.to_string(),
+    })?;
+    // qcow::create empties the file.
+    let img = block_on(qcow::create(FileIo::new(f), &o)).map_err(|e| ImgError::Image {
+        path: file.into(),
+        message: e.to_string(),
+    })?;
+    block_on(img.close()).map_err(image_err(file))
 }
 
 fn open_image(file: &str, writable: bool) -> Result<Qcow2<FileIo>> {

@@ -73,6 +73,15 @@ pub trait Driver: Send + Sync {
     /// Deallocates a range; reads may return anything afterwards (zeroes for files).
     fn discard(&self, offset: u64, len: u64) -> LocalBoxFuture<'_, Result<()>>;
 
+    /// Reserves host space for a range (QEMU's `preallocation=falloc`): holes in it
+    /// read as zeroes afterwards and take space; data already there may stay. The
+    /// default is unsupported: the generic path then writes zero buffers.
+    fn allocate(&self, _offset: u64, _len: u64) -> LocalBoxFuture<'_, Result<()>> {
+        Box::pin(std::future::ready(Err(BlockError::Unsupported(
+            "allocating space",
+        ))))
+    }
+
     /// Makes a range read as zeroes without a data buffer; `may_unmap` allows
     /// deallocation. `Err` with ENOTSUP lets the generic path write a zero buffer.
     fn write_zeroes(

@@ -114,6 +114,11 @@ impl QcowIo for NodeIo {
         let _g = self.grow.lock().unwrap_or_else(|p| p.into_inner());
         std::future::ready(self.node.resize(len).map_err(to_io))
     }
+
+    async fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.ensure_len(offset + len).map_err(to_io)?;
+        self.node.allocate(offset, len).await.map_err(to_io)
+    }
 }
 
 pub struct Qcow2Driver {
