@@ -1027,3 +1027,188 @@ fn random_writes_existing(dir: &TempDir, img: &Path, tag: &str) {
     let after = reference(img, dir, &format!("{tag}-after"));
     assert_same_data(tag, &after, &model);
 }
+
+/// The qcow2 node's metadata cache statistics (vubd's `x-` fields in the
+/// driver-specific section of `query-blockstats`).
+fn cache_stats(q: &mut vubd_tests::Qmp, node: &str) -> serde_json::Value {
+    let stats = q.ok("query-blockstats", serde_json::json!({"query-nodes": true}));
+    let n = stats
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node-name"] == node)
+        .unwrap_or_else(|| panic!("no node {node} in {stats}"));
+    let s = n["driver-specific"].clone();
+    assert_eq!(s["driver"], "qcow2", "{n}");
+    s
+}
+
+fn stat(s: &serde_json::Value, key: &str) -> u64 {
+    s[key].as_u64().unwrap_or_else(|| panic!("no {key} in {s}"))
+}
+
+/// Waits until `node` has been cleaned twice more: then every clean entry unused
+/// since now has been dropped.
+fn two_more_cleans(q: &mut vubd_tests::Qmp, node: &str) -> serde_json::Value {
+    let start = stat(&cache_stats(q, node), "x-cache-cleans");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let s = cache_stats(q, node);
+        if stat(&s, "x-cache-cleans") >= start + 2 {
+            return s;
+        }
+        assert!(std::time::Instant::now() < deadline, "no cleaning: {s}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+fn read_whole(c: &mut Client) {
+    let cap = c.capacity();
+    let mut pos = 0;
+    while pos < cap {
+        let n = (cap - pos).min(MIB);
+        c.q().read(pos, n as usize).expect("read");
+        pos += n;
+    }
+}
+
+#[test]
+fn cache_clean_interval_drops_idle_metadata_cache_entries() {
+    use serde_json::json;
+    use std::time::{Duration, Instant};
+    let dir = TempDir::new("vubd-qcow2-cache-clean");
+    // 4 KiB clusters: an L2 table maps 2 MiB, so 32 MiB have 16, all allocated.
+    let mut imgs = Vec::new();
+    for name in ["a", "b", "c"] {
+        let img = dir.join(&format!("{name}.qcow2"));
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4k",
+            img.to_str().unwrap(),
+            "32M",
+        ]);
+        let writes: Vec<String> = (0..16)
+            .map(|i| format!("write -P {} {}M 4k", i + 1, 2 * i))
+            .collect();
+        let refs: Vec<&str> = writes.iter().map(String::as_str).collect();
+        qemu_io(&img, "qcow2", &refs);
+        imgs.push(img);
+    }
+    let qs = dir.join("qmp.sock");
+    let (sa, sb) = (dir.join("a.sock"), dir.join("b.sock"));
+    let args = DaemonArgs::new()
+        .arg("--chardev")
+        .arg(&format!(
+            "socket,id=m,path={},server=on,wait=off",
+            qs.display()
+        ))
+        .arg("--monitor")
+        .arg("chardev=m")
+        .blockdev(&format!(
+            "driver=file,node-name=fa,filename={}",
+            imgs[0].display()
+        ))
+        .blockdev("driver=qcow2,node-name=qa,file=fa,cache-clean-interval=1")
+        .blockdev(&format!(
+            "driver=file,node-name=fb,filename={}",
+            imgs[1].display()
+        ))
+        .blockdev("driver=qcow2,node-name=qb,file=fb,cache-clean-interval=0")
+        .export(&format!(
+            "type=vhost-user-blk,id=ea,node-name=qa,addr.type=unix,addr.path={},writable=on",
+            sa.display()
+        ))
+        .export(&format!(
+            "type=vhost-user-blk,id=eb,node-name=qb,addr.type=unix,addr.path={},writable=on",
+            sb.display()
+        ))
+        .build();
+    let mut daemon = Daemon::start(&args);
+    let mut q = vubd_tests::Qmp::connect(&qs);
+    let mut ca = Client::connect(&sa, 1);
+    let mut cb = Client::connect(&sb, 1);
+    read_whole(&mut ca);
+    read_whole(&mut cb);
+    let a = cache_stats(&mut q, "qa");
+    assert_eq!(stat(&a, "x-l2-cache-entries"), 16, "{a}");
+    assert_eq!(stat(&cache_stats(&mut q, "qb"), "x-l2-cache-entries"), 16);
+
+    // Idle for two cleaning passes: every table of qa is dropped.
+    let a = two_more_cleans(&mut q, "qa");
+    assert_eq!(stat(&a, "x-l2-cache-entries"), 0, "{a}");
+    assert_eq!(stat(&a, "x-refcount-cache-entries"), 0, "{a}");
+    assert_eq!(stat(&a, "x-l2-cache-cleaned"), 16, "{a}");
+    // qb, with cache-clean-interval=0, is never cleaned.
+    let b = cache_stats(&mut q, "qb");
+    assert_eq!(stat(&b, "x-l2-cache-entries"), 16, "{b}");
+    assert_eq!(stat(&b, "x-cache-cleans"), 0, "{b}");
+
+    // Reading again misses: the tables come back from the file.
+    let misses = stat(&a, "x-l2-cache-misses");
+    assert_eq!(ca.q().read(0, 4096).unwrap(), vec![1u8; 4096]);
+    let a = cache_stats(&mut q, "qa");
+    assert_eq!(stat(&a, "x-l2-cache-misses"), misses + 1, "{a}");
+    assert_eq!(stat(&a, "x-l2-cache-entries"), 1, "{a}");
+
+    // Allocating writes leave a dirty L2 table and refcount block: they stay,
+    // however long they idle, until a flush writes them.
+    let data = vec![0x77u8; 8192];
+    ca.q().write(2 * MIB + 64 * 1024, &data).expect("write");
+    let a = two_more_cleans(&mut q, "qa");
+    assert_eq!(
+        stat(&a, "x-l2-cache-entries"),
+        1,
+        "dirty L2 table dropped: {a}"
+    );
+    assert!(
+        stat(&a, "x-refcount-cache-entries") >= 1,
+        "dirty refcount block dropped: {a}"
+    );
+    ca.q().flush().expect("flush");
+    let a = two_more_cleans(&mut q, "qa");
+    assert_eq!(stat(&a, "x-l2-cache-entries"), 0, "{a}");
+    assert_eq!(stat(&a, "x-refcount-cache-entries"), 0, "{a}");
+    assert_same_data(
+        "after cleaning",
+        &ca.q().read(2 * MIB + 64 * 1024, data.len()).unwrap(),
+        &data,
+    );
+
+    // Deleting a node with a cleaning timer is immediate, and its image is closed
+    // (and unlocked) when blockdev-del returns.
+    q.ok(
+        "blockdev-add",
+        json!({"driver": "file", "node-name": "fc", "filename": imgs[2].to_str().unwrap()}),
+    );
+    q.ok(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "qc", "file": "fc", "cache-clean-interval": 1}),
+    );
+    let c = two_more_cleans(&mut q, "qc");
+    assert!(stat(&c, "x-cache-cleans") >= 2, "{c}");
+    let t = Instant::now();
+    q.ok("blockdev-del", json!({"node-name": "qc"}));
+    q.ok("blockdev-del", json!({"node-name": "fc"}));
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "blockdev-del took {:?}",
+        t.elapsed()
+    );
+    qemu_img(&["check", imgs[2].to_str().unwrap()]);
+
+    // Nor does it delay the daemon's exit.
+    drop(ca);
+    drop(cb);
+    let t = Instant::now();
+    assert_eq!(daemon.terminate().code(), Some(0));
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "exit took {:?}",
+        t.elapsed()
+    );
+    qemu_img(&["check", imgs[0].to_str().unwrap()]);
+}

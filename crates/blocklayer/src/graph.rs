@@ -4,7 +4,10 @@
 
 use crate::driver::Driver;
 use crate::drivers::{
-    blkdebug::BlkdebugDriver, file::FileDriver, null::NullDriver, qcow2::Qcow2Driver,
+    blkdebug::BlkdebugDriver,
+    file::FileDriver,
+    null::NullDriver,
+    qcow2::{Qcow2Driver, Qcow2DriverOptions},
     raw::RawDriver,
 };
 use crate::error::{BlockError, Result};
@@ -17,6 +20,10 @@ use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
+
+/// QEMU's default `cache-clean-interval` on Linux, in seconds.
+pub const DEFAULT_CACHE_CLEAN_INTERVAL: u64 = 600;
 
 /// The longest backing chain opened from image headers.
 pub const MAX_BACKING_DEPTH: usize = 16;
@@ -190,7 +197,14 @@ impl Graph {
                 }
             },
         };
-        let mut drv = Qcow2Driver::open(file.clone(), data, opts, pass_discard)?;
+        let driver_opts = Qcow2DriverOptions {
+            pass_discard,
+            cache_clean_interval: Duration::from_secs(
+                q.cache_clean_interval
+                    .unwrap_or(DEFAULT_CACHE_CLEAN_INTERVAL),
+            ),
+        };
+        let mut drv = Qcow2Driver::open(file.clone(), data, opts, driver_opts)?;
         let backing = match &q.backing {
             BackingRef::None => None,
             BackingRef::Node(r) => Some(self.child(r)?),

@@ -5,6 +5,7 @@
 //! - [`io`]: the generic request path every node goes through
 //! - [`drivers`]: `file`/`host_device`, `raw`, `null-co`
 //! - [`graph`]: node-names and opening nodes from [`options`]
+//! - [`periodic`]: the housekeeping thread for periodic driver tasks
 
 pub mod aio;
 pub mod driver;
@@ -15,6 +16,7 @@ pub mod io;
 pub mod limits;
 pub mod node;
 pub mod options;
+pub mod periodic;
 pub mod stats;
 
 pub use error::{BlockError, Result};

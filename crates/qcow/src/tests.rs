@@ -982,3 +982,51 @@ fn repair_rebuilds_missing_refcount_blocks() {
         assert_clean(&img);
     }
 }
+
+/// `cache-clean-interval`: each clean drops the clean tables unused since the
+/// previous one; tables in use and dirty tables stay.
+#[test]
+fn periodic_clean_drops_idle_cache_entries() {
+    // 4 KiB clusters: one L2 table maps 2 MiB, so 8 MiB need 4.
+    let img = block_on(create(MemIo::new(), &opts(8 << 20, 4096))).unwrap();
+    let img = reopen(img, true);
+    for i in 0..4u64 {
+        block_on(img.write(i * (2 << 20), &[i as u8 + 1; 4096], &NoBacking)).unwrap();
+    }
+    block_on(img.flush()).unwrap();
+    let s = img.cache_stats();
+    assert_eq!(s.l2.entries, 4);
+    assert!(s.refcount.entries >= 1);
+    // Everything was used since the image was opened: the first clean keeps it.
+    assert_eq!(img.clean_unused_cache_entries(), 0);
+    // The first L2 table is used again; the others and the refcount block idle.
+    let mut b = [0u8; 512];
+    block_on(img.read(0, &mut b, &NoBacking)).unwrap();
+    let rc = img.cache_stats().refcount.entries;
+    assert_eq!(img.clean_unused_cache_entries() as u64, 3 + rc);
+    let s = img.cache_stats();
+    assert_eq!((s.l2.entries, s.refcount.entries), (1, 0));
+    assert_eq!(s.l2.cleaned, 3);
+    assert_eq!(s.cleans, 2);
+    // Reading a dropped table again misses and brings it back.
+    let misses = s.l2.misses;
+    block_on(img.read(2 << 20, &mut b, &NoBacking)).unwrap();
+    assert_eq!(b, [2u8; 512]);
+    assert_eq!(img.cache_stats().l2.misses, misses + 1);
+    // Dirty tables survive any number of cleans until written back (a new
+    // cluster: its L2 entry and refcount change).
+    let at = (6 << 20) + 65536;
+    block_on(img.write(at, &[9u8; 4096], &NoBacking)).unwrap();
+    img.clean_unused_cache_entries();
+    img.clean_unused_cache_entries();
+    let s = img.cache_stats();
+    assert!(s.l2.entries >= 1 && s.refcount.entries >= 1, "{s:?}");
+    block_on(img.flush()).unwrap();
+    img.clean_unused_cache_entries();
+    img.clean_unused_cache_entries();
+    let s = img.cache_stats();
+    assert_eq!((s.l2.entries, s.refcount.entries), (0, 0), "{s:?}");
+    // Nothing was lost.
+    assert_eq!(read_all(&img, &NoBacking)[at as usize], 9);
+    assert_clean(&img);
+}

@@ -18,11 +18,13 @@ use crate::aio::LocalBoxFuture;
 use crate::driver::{Child, Driver};
 use crate::error::{BlockError, Result};
 use crate::node::Node;
+use crate::periodic::{self, Periodic};
 use qcow::io::QcowIo;
 use qcow::{Backing, Extent, ExtentKind, OpenOptions, Qcow2};
 use std::future::Future;
 use std::io;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// The qcow crate's I/O on the `file` child node.
 pub struct NodeIo {
@@ -121,6 +123,16 @@ impl QcowIo for NodeIo {
     }
 }
 
+/// The driver's own options (what the image itself does not take).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Qcow2DriverOptions {
+    /// Punch the host ranges that discards free (`pass-discard-request`).
+    pub pass_discard: bool,
+    /// Drop metadata cache entries unused for this long (`cache-clean-interval`);
+    /// zero: never.
+    pub cache_clean_interval: Duration,
+}
+
 pub struct Qcow2Driver {
     image: Arc<Qcow2<NodeIo>>,
     file: Arc<Node>,
@@ -132,6 +144,8 @@ pub struct Qcow2Driver {
     zero_align: u64,
     /// Punch the host ranges that discards free (`pass-discard-request`).
     pass_discard: bool,
+    /// The periodic cache cleaning, if `cache-clean-interval` is not 0.
+    cache_cleaner: Option<Periodic>,
 }
 
 /// An image error during I/O: the request fails with the error's errno (ENOSPC,
@@ -179,7 +193,7 @@ impl Qcow2Driver {
         file: Arc<Node>,
         data: Option<Arc<Node>>,
         opts: OpenOptions,
-        pass_discard: bool,
+        driver_opts: Qcow2DriverOptions,
     ) -> Result<Qcow2Driver> {
         let io = NodeIo::new(file.clone());
         let data_io = data.clone().map(NodeIo::new);
@@ -194,6 +208,19 @@ impl Qcow2Driver {
         } else {
             info.cluster_size
         };
+        let interval = driver_opts.cache_clean_interval;
+        // The timer holds the image weakly: it never keeps a closed image alive.
+        let cache_cleaner = (!interval.is_zero()).then(|| {
+            let weak = Arc::downgrade(&image);
+            periodic::every(interval, move || {
+                if let Some(image) = weak.upgrade() {
+                    let n = image.clean_unused_cache_entries();
+                    if n > 0 {
+                        log::debug!("qcow2: dropped {n} idle metadata cache entries");
+                    }
+                }
+            })
+        });
         Ok(Qcow2Driver {
             image,
             file,
@@ -201,7 +228,8 @@ impl Qcow2Driver {
             backing: None,
             writable: writable && info.writable,
             zero_align,
-            pass_discard,
+            pass_discard: driver_opts.pass_discard,
+            cache_cleaner,
         })
     }
 
@@ -353,6 +381,23 @@ impl Driver for Qcow2Driver {
         self.file.driver().actual_size()
     }
 
+    fn driver_specific_stats(&self) -> Option<serde_json::Value> {
+        // QEMU has no qcow2 statistics; these are vubd's own (`x-`).
+        let s = self.image.cache_stats();
+        Some(serde_json::json!({
+            "driver": "qcow2",
+            "x-l2-cache-entries": s.l2.entries,
+            "x-l2-cache-hits": s.l2.hits,
+            "x-l2-cache-misses": s.l2.misses,
+            "x-l2-cache-cleaned": s.l2.cleaned,
+            "x-refcount-cache-entries": s.refcount.entries,
+            "x-refcount-cache-hits": s.refcount.hits,
+            "x-refcount-cache-misses": s.refcount.misses,
+            "x-refcount-cache-cleaned": s.refcount.cleaned,
+            "x-cache-cleans": s.cleans,
+        }))
+    }
+
     fn read<'a>(&'a self, offset: u64, iov: IoVec) -> LocalBoxFuture<'a, Result<()>> {
         Box::pin(self.read_extents(offset, iov))
     }
@@ -383,6 +428,9 @@ impl Driver for Qcow2Driver {
 
 impl Drop for Qcow2Driver {
     fn drop(&mut self) {
+        // Stop the cleaning first (waiting for a pass in progress), so that this is
+        // the last owner of the image.
+        self.cache_cleaner.take();
         if self.writable {
             // A clean close: metadata written back, the dirty bit cleared.
             let image = self.image.clone();
