@@ -862,42 +862,74 @@ fn decode_block(data: &[u8]) -> String {
     format!("block {} version {}", v >> 32, v & 0xffff_ffff)
 }
 
-#[test]
-fn sigkill_during_writes_keeps_images_consistent_and_flushed_data() {
+/// Serves `img` writable with `extra` qcow2 options on a daemon of its own.
+fn crash_daemon(img: &Path, sock: &Path) -> Daemon {
+    let args = DaemonArgs::new()
+        .blockdev(&format!(
+            "driver=file,node-name=f,filename={}",
+            img.display()
+        ))
+        .blockdev("driver=qcow2,node-name=q,file=f")
+        .export(&format!(
+            "type=vhost-user-blk,id=e,node-name=q,addr.type=unix,addr.path={},writable=on",
+            sock.display()
+        ))
+        .build();
+    Daemon::start(&args)
+}
+
+/// `qemu-img check` of an image: (exit code, output).
+fn qemu_img_check(img: &Path) -> (Option<i32>, String) {
+    let out = Command::new("qemu-img")
+        .args(["check", img.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code(), text)
+}
+
+/// Kills vubd with SIGKILL during random 4 KiB writes and flushes, 8 times on one
+/// image (`create_opts` for qemu-img create), and checks after each kill that every
+/// block holds its version at the last completed flush or a later one.
+///
+/// Strict refcounts (`lazy` false): qemu-img check finds no corruption right after
+/// the kill. Lazy refcounts: the image has the dirty bit and its refcounts may be
+/// stale, as QEMU leaves it; opening it writable repairs it, after which qemu-img
+/// check finds nothing. Each lazy round writes into fresh clusters, so that every
+/// round allocates.
+fn sigkill_rounds(tag: &str, create_opts: &str, lazy: bool) {
+    use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
-    let dir = TempDir::new("vubd-qcow2-crash");
+    let dir = TempDir::new(&format!("vubd-qcow2-crash-{tag}"));
     let img = dir.join("crash.qcow2");
-    let blocks: u64 = 2048; // 8 MiB
+    const ROUNDS: u64 = 8;
+    let region: u64 = 2048; // blocks of 4 KiB (8 MiB) written in a round
+    let blocks = if lazy { region * ROUNDS } else { region };
+    let size = (blocks * 4096).to_string();
     qemu_img(&[
         "create",
         "-f",
         "qcow2",
         "-o",
-        "cluster_size=64k",
+        create_opts,
         img.to_str().unwrap(),
-        "8M",
+        &size,
     ]);
     let state = Arc::new(Mutex::new(vec![BlockState::default(); blocks as usize]));
-    let mut rng = vubd_tests::Rng::new("qcow2-crash");
+    let mut rng = vubd_tests::Rng::new(&format!("qcow2-crash-{tag}"));
     let mut next_version = 1u32;
-    for round in 0..8 {
+    let mut dirty_rounds = 0;
+    for round in 0..ROUNDS {
         let sock = dir.join(&format!("r{round}.sock"));
-        let args = DaemonArgs::new()
-            .blockdev(&format!(
-                "driver=file,node-name=f,filename={}",
-                img.display()
-            ))
-            .blockdev("driver=qcow2,node-name=q,file=f")
-            .export(&format!(
-                "type=vhost-user-blk,id=e,node-name=q,addr.type=unix,addr.path={},writable=on",
-                sock.display()
-            ))
-            .build();
-        let mut daemon = Daemon::start(&args);
+        let mut daemon = crash_daemon(&img, &sock);
         let st = state.clone();
         let seed = rng.next_u64();
         let first_version = next_version;
+        let first_block = if lazy { round * region } else { 0 };
+        let flushes = Arc::new(AtomicU64::new(0));
+        let done_flushes = flushes.clone();
         let writer = std::thread::spawn(move || {
             let mut c = Client::connect(&sock, 1);
             c.q().set_timeout(Duration::from_secs(3));
@@ -906,6 +938,7 @@ fn sigkill_during_writes_keeps_images_consistent_and_flushed_data() {
             loop {
                 if r.range(0, 16) == 0 {
                     c.q().flush().expect("flush");
+                    done_flushes.fetch_add(1, Ordering::SeqCst);
                     let mut s = st.lock().unwrap();
                     for b in s.iter_mut() {
                         if let Some(&last) = b.since.last() {
@@ -914,7 +947,7 @@ fn sigkill_during_writes_keeps_images_consistent_and_flushed_data() {
                         }
                     }
                 } else {
-                    let block = r.range(0, blocks);
+                    let block = first_block + r.range(0, region);
                     let data = version_data(block, version);
                     // Allowed from submission on: a write in flight at the crash
                     // may or may not have landed.
@@ -933,21 +966,35 @@ fn sigkill_during_writes_keeps_images_consistent_and_flushed_data() {
         );
         next_version += 1_000_000;
 
-        // qemu-img finds no corruption (leaks are allowed after a crash).
-        let out = Command::new("qemu-img")
-            .args(["check", img.to_str().unwrap()])
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).to_string()
-            + &String::from_utf8_lossy(&out.stderr);
-        assert!(
-            matches!(out.status.code(), Some(0) | Some(3)),
-            "round {round}: qemu-img check:\n{text}"
-        );
-        assert!(
-            !text.contains("ERROR"),
-            "round {round}: qemu-img check:\n{text}"
-        );
+        let dirty = qemu_img_info(&img)["dirty-flag"] == true;
+        if lazy {
+            // A flush after an allocation set the dirty bit, and the refcounts of
+            // the clusters allocated since were not written.
+            if flushes.load(Ordering::SeqCst) > 0 {
+                assert!(dirty, "round {round}: no dirty bit with lazy refcounts");
+            }
+            if dirty {
+                dirty_rounds += 1;
+                let (code, text) = qemu_img_check(&img);
+                assert_eq!(code, Some(2), "round {round}: refcounts written:\n{text}");
+                assert!(
+                    text.contains("refcount=0 reference=1"),
+                    "round {round}:\n{text}"
+                );
+            }
+        } else {
+            assert!(!dirty, "round {round}: dirty bit without lazy refcounts");
+            // qemu-img finds no corruption (leaks are allowed after a crash).
+            let (code, text) = qemu_img_check(&img);
+            assert!(
+                matches!(code, Some(0) | Some(3)),
+                "round {round}: qemu-img check:\n{text}"
+            );
+            assert!(
+                !text.contains("ERROR"),
+                "round {round}: qemu-img check:\n{text}"
+            );
+        }
         // Every block holds its flushed version or a later acknowledged one.
         let data = reference(&img, &dir, &format!("r{round}"));
         let mut s = state.lock().unwrap();
@@ -971,7 +1018,41 @@ fn sigkill_during_writes_keeps_images_consistent_and_flushed_data() {
                 ),
             }
         }
+        drop(s);
+        if lazy {
+            // Opening the image writable repairs it; a clean exit clears the bit.
+            let sock = dir.join(&format!("r{round}-repair.sock"));
+            let mut daemon = crash_daemon(&img, &sock);
+            assert_eq!(daemon.terminate().code(), Some(0));
+            assert_eq!(qemu_img_info(&img)["dirty-flag"], false, "round {round}");
+            let (code, text) = qemu_img_check(&img);
+            assert_eq!(code, Some(0), "round {round}: after repair:\n{text}");
+            assert!(text.contains("No errors were found"), "{text}");
+            assert!(
+                !text.contains("leaked"),
+                "round {round}: after repair:\n{text}"
+            );
+            // The repair kept the data: what was there before still is.
+            let after = reference(&img, &dir, &format!("r{round}-repaired"));
+            assert_same_data(&format!("round {round} repair"), &after, &data);
+        }
     }
+    if lazy {
+        assert!(
+            dirty_rounds >= ROUNDS / 2,
+            "only {dirty_rounds} rounds were dirty"
+        );
+    }
+}
+
+#[test]
+fn sigkill_during_writes_keeps_images_consistent_and_flushed_data() {
+    sigkill_rounds("strict", "cluster_size=64k", false);
+}
+
+#[test]
+fn sigkill_during_writes_with_lazy_refcounts_repairs_on_open() {
+    sigkill_rounds("lazy", "cluster_size=64k,lazy_refcounts=on", true);
 }
 
 #[test]
@@ -1211,4 +1292,97 @@ fn cache_clean_interval_drops_idle_metadata_cache_entries() {
         t.elapsed()
     );
     qemu_img(&["check", imgs[0].to_str().unwrap()]);
+}
+
+/// The file node's host syncs (`x-sync-operations`) and write operations.
+fn file_node_io(q: &mut vubd_tests::Qmp, node: &str) -> (u64, u64) {
+    let stats = q.ok("query-blockstats", serde_json::json!({"query-nodes": true}));
+    let n = stats
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node-name"] == node)
+        .unwrap_or_else(|| panic!("no node {node} in {stats}"));
+    (
+        stat(&n["driver-specific"], "x-sync-operations"),
+        stat(&n["stats"], "wr_operations"),
+    )
+}
+
+/// Lazy refcounts make a difference QEMU's way: a guest flush after allocating
+/// writes syncs the file once (the L2 table) instead of twice (refcount blocks, then
+/// the L2 table), and writes no refcount block. Measured on the file nodes of two
+/// images served side by side.
+#[test]
+fn lazy_refcounts_halve_the_syncs_of_allocating_flushes() {
+    let dir = TempDir::new("vubd-qcow2-lazy-syncs");
+    let qs = dir.join("qmp.sock");
+    let mut args = DaemonArgs::new()
+        .arg("--chardev")
+        .arg(&format!(
+            "socket,id=m,path={},server=on,wait=off",
+            qs.display()
+        ))
+        .arg("--monitor")
+        .arg("chardev=m");
+    for (name, opts) in [
+        ("strict", "lazy_refcounts=off"),
+        ("lazy", "lazy_refcounts=on"),
+    ] {
+        let img = dir.join(&format!("{name}.qcow2"));
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            opts,
+            img.to_str().unwrap(),
+            "64M",
+        ]);
+        args = args
+            .blockdev(&format!("driver=file,node-name={name}-file,filename={}", img.display()))
+            .blockdev(&format!("driver=qcow2,node-name={name},file={name}-file"))
+            .export(&format!(
+                "type=vhost-user-blk,id={name},node-name={name},addr.type=unix,addr.path={},writable=on",
+                dir.join(&format!("{name}.sock")).display()
+            ));
+    }
+    let mut daemon = Daemon::start(&args.build());
+    let mut q = vubd_tests::Qmp::connect(&qs);
+    const N: u64 = 32;
+    let mut measured = Vec::new();
+    for name in ["strict", "lazy"] {
+        let mut c = Client::connect(dir.join(&format!("{name}.sock")), 1);
+        // The first write creates the L2 table; count from the second on.
+        c.q().write(0, &[1u8; 65536]).expect("write");
+        c.q().flush().expect("flush");
+        let before = file_node_io(&mut q, &format!("{name}-file"));
+        for i in 1..=N {
+            // Whole new clusters: no copy-on-write.
+            c.q().write(i * 65536, &[i as u8; 65536]).expect("write");
+            c.q().flush().expect("flush");
+        }
+        let after = file_node_io(&mut q, &format!("{name}-file"));
+        let (syncs, writes) = (after.0 - before.0, after.1 - before.1);
+        eprintln!("{name}: {N} allocating writes + flushes: {syncs} syncs, {writes} writes");
+        measured.push((syncs, writes));
+    }
+    // Strict: per flush, the data, the refcount block and the L2 table; a sync after
+    // the refcount block and one after the L2 table.
+    assert_eq!(measured[0], (2 * N, 3 * N), "strict refcounts");
+    // Lazy: per flush, the data and the L2 table, one sync.
+    assert_eq!(measured[1], (N, 2 * N), "lazy refcounts");
+    // The refcounts reach the file at a clean exit, which clears the dirty bit.
+    assert_eq!(daemon.terminate().code(), Some(0));
+    for name in ["strict", "lazy"] {
+        let img = dir.join(&format!("{name}.qcow2"));
+        let (code, text) = qemu_img_check(&img);
+        assert_eq!(code, Some(0), "{name}:\n{text}");
+        assert!(
+            text.contains("No errors were found") && !text.contains("leaked"),
+            "{name}:\n{text}"
+        );
+        assert_eq!(qemu_img_info(&img)["dirty-flag"], false, "{name}");
+    }
 }

@@ -657,8 +657,8 @@ impl Control {
 
     // ---- shutdown --------------------------------------------------------------
 
-    /// Drains every export, flushes every writable node, removes the sockets and the
-    /// pidfile.
+    /// Drains every export, closes the images (qcow2: metadata written, the dirty bit
+    /// cleared) and flushes every writable node, removes the sockets and the pidfile.
     fn shutdown(&mut self) {
         for e in self.exports.values() {
             if !e.export.quiesce(DRAIN_TIMEOUT) {
@@ -666,6 +666,16 @@ impl Control {
                     "export {}: requests still in flight after 30 s",
                     e.export.shared.id
                 );
+            }
+        }
+        // Exports may keep nodes alive past the graph, so their images are closed
+        // here rather than when the nodes are dropped.
+        for node in self.graph.nodes_parents_first() {
+            if node.is_read_only() {
+                continue;
+            }
+            if let Err(e) = node.driver().close() {
+                log::error!("closing node '{}' failed: {e}", node.name());
             }
         }
         for node in self.graph.nodes() {

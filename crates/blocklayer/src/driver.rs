@@ -49,6 +49,15 @@ pub trait Driver: Send + Sync {
         ))
     }
 
+    /// Writes back everything the driver keeps in memory and marks the image clean,
+    /// before the process exits (QEMU's inactivation at exit): the qcow2 driver writes
+    /// its metadata caches, refcounts included, and clears the dirty bit. Called from
+    /// the control thread once the node's users are quiesced, parents before
+    /// children. The node stays usable; a later write makes the image dirty again.
+    fn close(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// The file name QEMU reports for the node (`file` in `BlockDeviceInfo`).
     fn filename(&self) -> String {
         String::new()

@@ -205,6 +205,9 @@ pub(crate) struct State {
     pub free_byte_offset: u64,
     /// Calls of `clean_unused_cache_entries`.
     pub cleans: u64,
+    /// Dirty L2 entries map host ranges whose guest data must be stable
+    /// before the tables are written (see `Allocation::needs_data_sync`).
+    pub l2_needs_data_sync: bool,
 }
 
 impl State {
@@ -414,6 +417,7 @@ impl<I: QcowIo> Qcow2<I> {
             }
         }
         let st = State {
+            l2_needs_data_sync: false,
             cleans: 0,
             free_byte_offset: 0,
             meta_clusters,

@@ -663,6 +663,7 @@ fn crash_consistency() {
         (4096u64, false, false, 16u32),
         (16384, true, false, 16),
         (4096, false, true, 16),
+        (16384, true, true, 16),
         (512, false, false, 64),
     ] {
         let size = 1u64 << 20;
@@ -1028,5 +1029,182 @@ fn periodic_clean_drops_idle_cache_entries() {
     assert_eq!((s.l2.entries, s.refcount.entries), (0, 0), "{s:?}");
     // Nothing was lost.
     assert_eq!(read_all(&img, &NoBacking)[at as usize], 9);
+    assert_clean(&img);
+}
+
+/// MemIo that counts writes and the flushes that had writes to make stable
+/// (what a block layer's flush elision lets reach the disk).
+#[derive(Default)]
+struct CountingIo {
+    mem: MemIo,
+    writes: std::sync::atomic::AtomicU64,
+    pending: std::sync::atomic::AtomicBool,
+    syncs: std::sync::atomic::AtomicU64,
+}
+
+impl CountingIo {
+    fn counts(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::SeqCst;
+        (self.writes.load(SeqCst), self.syncs.load(SeqCst))
+    }
+}
+
+impl crate::QcowIo for CountingIo {
+    async fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.mem.read_at(offset, buf).await
+    }
+    async fn write_at(&self, offset: u64, buf: &[u8]) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.writes.fetch_add(1, SeqCst);
+        self.pending.store(true, SeqCst);
+        self.mem.write_at(offset, buf).await
+    }
+    async fn flush(&self) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.pending.swap(false, SeqCst) {
+            self.syncs.fetch_add(1, SeqCst);
+        }
+        Ok(())
+    }
+    async fn len(&self) -> std::io::Result<u64> {
+        self.mem.len().await
+    }
+    async fn set_len(&self, len: u64) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.pending.store(true, SeqCst);
+        self.mem.set_len(len).await
+    }
+}
+
+/// Allocating writes each followed by a flush, on an image with and without
+/// lazy refcounts: (writes, syncs) it took, and the image file afterwards
+/// (not closed: as after a crash).
+fn flushed_allocations(lazy: bool) -> ((u64, u64), Vec<u8>) {
+    let mut o = opts(8 << 20, 65536);
+    o.lazy_refcounts = lazy;
+    let img = block_on(create(MemIo::new(), &o)).unwrap();
+    block_on(img.close()).unwrap();
+    let io = CountingIo {
+        mem: MemIo::from_vec(img.io().to_vec()),
+        ..Default::default()
+    };
+    let img = block_on(Qcow2::open(io, OpenOptions::read_write())).unwrap();
+    let before = img.io().counts();
+    // Whole clusters: no copy-on-write or tail zeroing adds writes.
+    for i in 0..32u64 {
+        block_on(img.write(i * 65536, &[i as u8 + 1; 65536], &NoBacking)).unwrap();
+        block_on(img.flush()).unwrap();
+    }
+    let after = img.io().counts();
+    let data = img.io().mem.to_vec();
+    // Dropped without close: the warning about unwritten metadata is expected
+    // with lazy refcounts.
+    ((after.0 - before.0, after.1 - before.1), data)
+}
+
+/// Lazy refcounts: allocations write L2 tables only, with one sync per guest
+/// flush instead of two (refcounts first, then the L2 table); the refcounts
+/// reach the file at close, and a crash before that is repaired on open.
+#[test]
+fn lazy_refcounts_save_refcount_writes_and_syncs() {
+    let ((w, s), _) = flushed_allocations(false);
+    let ((lw, ls), crashed) = flushed_allocations(true);
+    // The first write also creates the L2 table: the table, its refcount and
+    // the L1 entry (3 writes), with a sync before the L1 entry. Then each
+    // flush writes the data, the refcount block and the L2 table, with two
+    // syncs: refcounts stable before the L2 table, then the L2 table.
+    assert_eq!((w, s), (3 + 3 * 32, 1 + 2 * 32), "strict refcounts");
+    // Lazy: the new L2 table, the dirty bit and the L1 entry, with one sync
+    // before the L1 entry; then each flush writes the data and the L2 table,
+    // with one sync (new clusters past the end need no sync before their L2
+    // entries).
+    assert_eq!((lw, ls), (3 + 2 * 32, 1 + 32), "lazy refcounts");
+    // The file after that "crash" has the dirty bit and stale refcounts; a
+    // read-only look sees the data, a writable open repairs.
+    let h = Qcow2::open(MemIo::from_vec(crashed.clone()), OpenOptions::read_only());
+    let img = block_on(h).unwrap();
+    assert_ne!(
+        img.header().incompatible_features & crate::header::incompat::DIRTY,
+        0
+    );
+    let r = block_on(img.check(Repair::None)).unwrap();
+    assert!(r.corruptions > 0, "refcounts were written: {r:?}");
+    let img = block_on(Qcow2::open(
+        MemIo::from_vec(crashed),
+        OpenOptions::read_write(),
+    ))
+    .unwrap();
+    assert_eq!(
+        img.header().incompatible_features & crate::header::incompat::DIRTY,
+        0
+    );
+    assert_clean(&img);
+    let mut b = [0u8; 4096];
+    for i in 0..32u64 {
+        block_on(img.read(i * 65536 + 4096, &mut b, &NoBacking)).unwrap();
+        assert_eq!(b, [i as u8 + 1; 4096]);
+    }
+    // A clean close writes the refcounts and clears the dirty bit.
+    let mut o = opts(8 << 20, 65536);
+    o.lazy_refcounts = true;
+    let img = block_on(create(MemIo::new(), &o)).unwrap();
+    let img = reopen(img, true);
+    block_on(img.write(0, &[7u8; 4096], &NoBacking)).unwrap();
+    block_on(img.flush()).unwrap();
+    let img = reopen(img, false);
+    assert_eq!(
+        img.header().incompatible_features & crate::header::incompat::DIRTY,
+        0
+    );
+    assert_clean(&img);
+}
+
+/// Lazy refcounts still make guest data stable before an L2 entry maps a
+/// reused cluster (which holds older data until the new data lands): that
+/// flush costs two syncs, where new clusters past the end cost one.
+#[test]
+fn lazy_refcounts_sync_data_before_mapping_reused_clusters() {
+    let mut o = opts(8 << 20, 65536);
+    o.lazy_refcounts = true;
+    let img = block_on(create(MemIo::new(), &o)).unwrap();
+    block_on(img.close()).unwrap();
+    let io = CountingIo {
+        mem: MemIo::from_vec(img.io().to_vec()),
+        ..Default::default()
+    };
+    let img = block_on(Qcow2::open(io, OpenOptions::read_write())).unwrap();
+    let cluster = [5u8; 65536];
+    for i in 0..4u64 {
+        block_on(img.write(i * 65536, &cluster, &NoBacking)).unwrap();
+    }
+    block_on(img.flush()).unwrap();
+    let host_of = |guest: u64| match block_on(img.map(guest, 512)).unwrap()[0].kind {
+        ExtentKind::Data { host_offset } => host_offset,
+        k => panic!("{k:?}"),
+    };
+    let old = host_of(65536);
+    let syncs = |img: &Qcow2<CountingIo>| img.io().counts().1;
+    // A new cluster past the end: one sync.
+    let s0 = syncs(&img);
+    block_on(img.write(7 << 20, &cluster, &NoBacking)).unwrap();
+    block_on(img.flush()).unwrap();
+    assert_eq!(syncs(&img) - s0, 1);
+    // Freed at the flush after the discard (its L2 update stable first).
+    block_on(img.discard(0, 4 * 65536)).unwrap();
+    block_on(img.flush()).unwrap();
+    // A reused cluster: the data is synced before the L2 table is written.
+    let s0 = syncs(&img);
+    block_on(img.write(6 << 20, &[6u8; 65536], &NoBacking)).unwrap();
+    let reused = host_of(6 << 20);
+    assert!(reused <= old, "not reused: {reused:#x} > {old:#x}");
+    block_on(img.flush()).unwrap();
+    assert_eq!(syncs(&img) - s0, 2);
+    block_on(img.close()).unwrap();
+    let file = MemIo::from_vec(img.io().mem.to_vec());
+    let img = block_on(Qcow2::open(file, OpenOptions::read_only())).unwrap();
+    assert_eq!(
+        img.header().incompatible_features & crate::header::incompat::DIRTY,
+        0
+    );
     assert_clean(&img);
 }

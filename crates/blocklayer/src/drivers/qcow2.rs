@@ -377,6 +377,10 @@ impl Driver for Qcow2Driver {
         self.file.driver().filename()
     }
 
+    fn close(&self) -> Result<()> {
+        self.close_image()
+    }
+
     fn actual_size(&self) -> Option<u64> {
         self.file.driver().actual_size()
     }
@@ -426,17 +430,24 @@ impl Driver for Qcow2Driver {
     }
 }
 
+impl Qcow2Driver {
+    /// A clean close: metadata written back (refcounts too), the dirty bit cleared.
+    fn close_image(&self) -> Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
+        let image = self.image.clone();
+        crate::aio::uring::block_on(async move { image.close().await }).map_err(image_error)
+    }
+}
+
 impl Drop for Qcow2Driver {
     fn drop(&mut self) {
         // Stop the cleaning first (waiting for a pass in progress), so that this is
         // the last owner of the image.
         self.cache_cleaner.take();
-        if self.writable {
-            // A clean close: metadata written back, the dirty bit cleared.
-            let image = self.image.clone();
-            if let Err(e) = crate::aio::uring::block_on(async move { image.close().await }) {
-                log::error!("qcow2: closing the image failed: {e}");
-            }
+        if let Err(e) = self.close_image() {
+            log::error!("qcow2: closing the image failed: {e}");
         }
     }
 }
