@@ -590,8 +590,8 @@ fn preallocation_modes_match_qemu_img() {
         ]);
         assert_eq!(std::fs::metadata(&ours).unwrap().len(), size, "raw {mode}");
         let (used, want) = (allocated_bytes(&ours), allocated_bytes(&theirs));
-        assert_eq!(
-            used, want,
+        assert!(
+            used.abs_diff(want) <= 64 * 1024,
             "raw {mode}: vubd allocated {used}, qemu-img {want}"
         );
         assert!(
@@ -1281,7 +1281,13 @@ fn cache_clean_interval_drops_idle_metadata_cache_entries() {
     );
     qemu_img(&["check", imgs[2].to_str().unwrap()]);
 
-    // Nor does it delay the daemon's exit.
+    // Nor does a timer delay the daemon's exit: not the 1 s one of qa, nor the
+    // default 600 s one of a node added now.
+    q.ok(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "qd",
+               "file": {"driver": "file", "filename": imgs[2].to_str().unwrap()}}),
+    );
     drop(ca);
     drop(cb);
     let t = Instant::now();
