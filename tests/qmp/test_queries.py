@@ -284,3 +284,56 @@ async def test_query_blockstats_errors(daemon):
             desc="Invalid parameter type for 'query-nodes', expected: boolean",
         )
         await error(c, "query-blockstats", {"x": 1}, desc="Parameter 'x' is unexpected")
+
+
+@pytest.mark.parametrize("flat", [False, True])
+async def test_query_named_block_nodes_qcow2_chain(start_daemon, tmp, flat):
+    """A qcow2 node over a raw backing file: QEMU's qcow2 ImageInfo (cluster size,
+    format-specific data, backing file names and, unless flat, the backing image) and
+    the backing members of BlockDeviceInfo. Passes against qemu-storage-daemon too."""
+    import subprocess
+
+    base = tmp / "base.raw"
+    top = tmp / "top.qcow2"
+    for args in (
+        ["create", "-q", "-f", "raw", base, "4M"],
+        ["create", "-q", "-f", "qcow2", "-o", "cluster_size=128k,lazy_refcounts=on",
+         "-b", base, "-F", "raw", top, "4M"],
+    ):
+        subprocess.run(["qemu-img", *map(str, args)], check=True)
+    d = start_daemon([
+        "--blockdev", f"file,node-name=f,filename={top}",
+        "--blockdev", "qcow2,node-name=q,file=f",
+    ])
+    async with d.qmp() as c:
+        nodes = {
+            n["node-name"]: n
+            for n in await execute(c, "query-named-block-nodes", {"flat": flat})
+        }
+    q = nodes["q"]
+    # QEMU counts the depth only without flat.
+    assert q["backing_file_depth"] == (0 if flat else 1), q
+    assert q["backing_file"] == str(base), q
+    img = q["image"]
+    assert img["format"] == "qcow2" and img["cluster-size"] == 128 * 1024, img
+    assert img["backing-filename"] == str(base), img
+    assert img["full-backing-filename"] == str(base), img
+    assert img["backing-filename-format"] == "raw", img
+    assert img["format-specific"] == {
+        "type": "qcow2",
+        "data": {
+            "compat": "1.1",
+            "compression-type": "zlib",
+            "lazy-refcounts": True,
+            "refcount-bits": 16,
+            "corrupt": False,
+            "extended-l2": False,
+        },
+    }, img
+    if flat:
+        assert "backing-image" not in img, img
+    else:
+        b = img["backing-image"]
+        assert b["format"] == "raw" and b["filename"] == str(base), b
+        assert b["virtual-size"] == 4 * MIB, b
+    assert nodes["f"]["backing_file_depth"] == 0 and "backing_file" not in nodes["f"]

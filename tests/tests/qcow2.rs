@@ -1123,6 +1123,61 @@ fn random_writes_existing(dir: &TempDir, img: &Path, tag: &str) {
     assert_same_data(tag, &after, &model);
 }
 
+/// Images with internal snapshots that qemu-img took: the active layer reads back
+/// identically, vubd's writes into clusters the snapshots share copy them (the
+/// snapshots keep their data), and qemu-img finds the image clean afterwards.
+#[test]
+fn qemu_img_snapshots_read_back_and_survive_vubd_writes() {
+    let dir = TempDir::new("vubd-qcow2-snap");
+    for (tag, opts, cluster) in [
+        ("snap", "cluster_size=64k", 65536u64),
+        ("snap-l2ext", "extended_l2=on,cluster_size=128k", 128 * 1024),
+        ("snap-c4k", "compat=0.10,cluster_size=4k", 4096),
+    ] {
+        let img = dir.join(&format!("{tag}.qcow2"));
+        qemu_img(&[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            opts,
+            img.to_str().unwrap(),
+            "8M",
+        ]);
+        scribble(
+            &img,
+            cluster,
+            cluster >= 4096 && !opts.contains("compat=0.10"),
+        );
+        qemu_img(&["snapshot", "-c", "s1", img.to_str().unwrap()]);
+        let at_s1 = reference(&img, &dir, &format!("{tag}-s1"));
+        qemu_io(
+            &img,
+            "qcow2",
+            &[
+                "write -P 0x71 0 100k",
+                &format!("write -z {} {}", 8 * cluster, cluster),
+                "write -P 0x72 3M 1M",
+            ],
+        );
+        qemu_img(&["snapshot", "-c", "s2", img.to_str().unwrap()]);
+        let at_s2 = reference(&img, &dir, &format!("{tag}-s2"));
+        check(&img, &dir, tag);
+
+        // Writes through vubd into clusters both snapshots hold.
+        random_writes_existing(&dir, &img, tag);
+
+        for (name, want) in [("s1", &at_s1), ("s2", &at_s2)] {
+            let copy = dir.join(&format!("{tag}-{name}.qcow2"));
+            std::fs::copy(&img, &copy).unwrap();
+            qemu_img(&["snapshot", "-a", name, copy.to_str().unwrap()]);
+            qemu_img(&["check", copy.to_str().unwrap()]);
+            let got = reference(&copy, &dir, &format!("{tag}-{name}-applied"));
+            assert_same_data(&format!("{tag}: snapshot {name}"), &got, want);
+        }
+    }
+}
+
 /// The qcow2 node's metadata cache statistics (vubd's `x-` fields in the
 /// driver-specific section of `query-blockstats`).
 fn cache_stats(q: &mut vubd_tests::Qmp, node: &str) -> serde_json::Value {

@@ -51,6 +51,12 @@ impl Daemon {
         let (tx, rx) = mpsc::channel();
         let events = EventBus::new();
         let mut ctl = Control::new(tx.clone(), events.clone());
+        // Block-layer events (BLOCK_IMAGE_CORRUPTED) reach the monitor through the
+        // control thread, like the exports' BLOCK_IO_ERROR.
+        let sink = tx.clone();
+        blocklayer::events::set_sink(move |name, data| {
+            let _ = sink.send(ControlMsg::Event { name, data });
+        });
         for obj in &cfg.objects {
             ctl.add_object(obj.clone())
                 .map_err(|e| DaemonError::Object {

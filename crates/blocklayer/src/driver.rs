@@ -6,7 +6,13 @@ use crate::aio::{iovec::IoVec, LocalBoxFuture};
 use crate::error::{BlockError, Result};
 use crate::limits::Limits;
 use crate::node::Node;
+use crate::snapshot::{NewSnapshot, SnapshotInfo};
 use std::sync::Arc;
+
+/// The error of the snapshot methods of drivers without internal snapshots.
+fn no_snapshots<T>() -> Result<T> {
+    Err(BlockError::Unsupported("internal snapshots"))
+}
 
 /// A child edge: its role (`file`, `backing`, ...) and the node.
 #[derive(Clone)]
@@ -33,6 +39,12 @@ pub trait Driver: Send + Sync {
 
     /// Whether writes with FUA are stable on completion without a separate flush.
     fn supports_fua(&self) -> bool {
+        false
+    }
+
+    /// Whether a write past the end grows the node (a regular file), so that format
+    /// drivers may write new clusters without resizing first.
+    fn grows_on_write(&self) -> bool {
         false
     }
 
@@ -68,9 +80,35 @@ pub trait Driver: Send + Sync {
         None
     }
 
+    /// Members of QEMU's `ImageInfo` that only a format knows (`cluster-size`,
+    /// `format-specific`, `backing-filename`, `backing-filename-format`), as a JSON
+    /// object merged into the node's image information.
+    fn image_info_extra(&self) -> Option<serde_json::Value> {
+        None
+    }
+
     /// Bytes the image takes on the host (`actual-size`), when known.
     fn actual_size(&self) -> Option<u64> {
         None
+    }
+
+    /// The image's internal snapshots (QEMU's `bdrv_snapshot_list`). Drivers without
+    /// internal snapshots keep the default, which fails with ENOTSUP; that failure is
+    /// also how callers learn that a driver cannot take snapshots.
+    fn snapshot_list(&self) -> Result<Vec<SnapshotInfo>> {
+        no_snapshots()
+    }
+
+    /// Takes an internal snapshot of the current disk state. Called from the control
+    /// thread while the node is drained and the exports above it are paused.
+    fn snapshot_create(&self, _new: &NewSnapshot) -> Result<SnapshotInfo> {
+        no_snapshots()
+    }
+
+    /// Deletes the first internal snapshot whose id is `id` (if given) and whose name
+    /// is `name` (if given), and returns it; drained as `snapshot_create`.
+    fn snapshot_delete(&self, _id: Option<&str>, _name: Option<&str>) -> Result<SnapshotInfo> {
+        no_snapshots()
     }
 
     fn read<'a>(&'a self, offset: u64, iov: IoVec) -> LocalBoxFuture<'a, Result<()>>;

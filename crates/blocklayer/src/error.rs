@@ -34,6 +34,10 @@ pub enum BlockError {
     Graph(String),
     #[error(transparent)]
     Options(#[from] crate::options::OptionsError),
+    /// An internal snapshot operation failed; `errno` says how (ENOENT: no such
+    /// snapshot, EEXIST: the name is taken, ENOTSUP, EIO...).
+    #[error("{message}")]
+    Snapshot { errno: i32, message: String },
 }
 
 pub type Result<T> = std::result::Result<T, BlockError>;
@@ -55,11 +59,33 @@ impl BlockError {
             BlockError::Unsupported(_) => libc::ENOTSUP,
             BlockError::Lock(_) => libc::EAGAIN,
             BlockError::Graph(_) | BlockError::Options(_) => libc::EINVAL,
+            BlockError::Snapshot { errno, .. } => *errno,
         }
     }
 
     /// Whether the failure means "the driver cannot do this" (a fallback may apply).
     pub fn is_unsupported(&self) -> bool {
         self.errno() == libc::EOPNOTSUPP
+    }
+}
+
+/// The C library's text for an errno ("Operation not supported"), as QEMU's
+/// `error_setg_errno` appends it to messages.
+pub fn strerror(errno: i32) -> String {
+    let text = io::Error::from_raw_os_error(errno).to_string();
+    match text.rfind(" (os error ") {
+        Some(i) => text[..i].to_string(),
+        None => text,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strerror_texts() {
+        assert_eq!(strerror(libc::ENOTSUP), "Operation not supported");
+        assert_eq!(strerror(libc::EPERM), "Operation not permitted");
     }
 }

@@ -109,6 +109,13 @@ impl Graph {
 
     fn open(&mut self, opts: &BlockdevOptions) -> Result<Arc<Node>> {
         let common = &opts.common;
+        let name = match &common.node_name {
+            Some(n) => n.clone(),
+            None => {
+                self.anon += 1;
+                format!("#block{:03}", self.anon)
+            }
+        };
         let driver: Box<dyn Driver> = match &opts.driver {
             DriverOptions::File(f) => Box::new(FileDriver::open(f, common, false)?),
             DriverOptions::HostDevice(f) => Box::new(FileDriver::open(f, common, true)?),
@@ -117,7 +124,11 @@ impl Graph {
                 let image = self.child(&b.image)?;
                 Box::new(BlkdebugDriver::new(image, b))
             }
-            DriverOptions::Qcow2(q) => Box::new(self.open_qcow2(q, common)?),
+            DriverOptions::Qcow2(q) => {
+                let mut drv = self.open_qcow2(q, common)?;
+                drv.set_node_name(&name);
+                Box::new(drv)
+            }
             DriverOptions::Raw(r) => {
                 let file = self.child(&r.file)?;
                 let raw = (|| {
@@ -139,13 +150,6 @@ impl Graph {
                         return Err(e);
                     }
                 }
-            }
-        };
-        let name = match &common.node_name {
-            Some(n) => n.clone(),
-            None => {
-                self.anon += 1;
-                format!("#block{:03}", self.anon)
             }
         };
         let flags = NodeFlags {
@@ -363,7 +367,7 @@ impl Graph {
     }
 
     /// QEMU's `ImageInfo` of a node; `flat` leaves out the backing chain.
-    fn image_info(&self, node: &Node, _flat: bool) -> Value {
+    fn image_info(&self, node: &Node, flat: bool) -> Value {
         let mut info = json!({
             "filename": node.driver().filename(),
             "format": node.driver_name(),
@@ -373,7 +377,31 @@ impl Graph {
         if let Some(actual) = node.driver().actual_size() {
             info["actual-size"] = json!(actual);
         }
+        if let Some(Value::Object(extra)) = node.driver().image_info_extra() {
+            for (k, v) in extra {
+                info[k.as_str()] = v;
+            }
+        }
+        if let Some(backing) = backing_of(node) {
+            info["full-backing-filename"] = json!(backing.driver().filename());
+            if !flat {
+                info["backing-image"] = self.image_info(&backing, flat);
+            }
+        }
+        // As QEMU: listed when the driver keeps internal snapshots and has some.
+        if let Ok(snaps) = node.driver().snapshot_list() {
+            if !snaps.is_empty() {
+                info["snapshots"] =
+                    Value::Array(snaps.iter().map(|s| s.to_qmp()).collect::<Vec<_>>());
+            }
+        }
         info
+    }
+
+    /// Whether no node of the graph has `node` as a child (QEMU's root nodes: only
+    /// exports, or nothing, use them).
+    pub fn is_root(&self, node: &Node) -> bool {
+        self.parents(node.name()).is_empty()
     }
 
     /// QEMU's `BlockDeviceInfo` of a node (`query-named-block-nodes`).
@@ -384,12 +412,20 @@ impl Graph {
             DetectZeroes::On => "on",
             DetectZeroes::Unmap => "unmap",
         };
-        json!({
+        let mut depth = 0;
+        let mut next = backing_of(node);
+        let backing_file = next.as_ref().map(|b| b.driver().filename());
+        // As QEMU, the depth is counted only for the full (not flat) answer.
+        while let Some(b) = next.filter(|_| !flat) {
+            depth += 1;
+            next = backing_of(&b);
+        }
+        let mut info = json!({
             "file": node.driver().filename(),
             "node-name": node.name(),
             "ro": node.is_read_only(),
             "drv": node.driver_name(),
-            "backing_file_depth": 0,
+            "backing_file_depth": depth,
             "encrypted": false,
             "detect_zeroes": detect_zeroes,
             "bps": 0,
@@ -405,7 +441,11 @@ impl Graph {
                 "no-flush": flags.no_flush,
             },
             "write_threshold": 0,
-        })
+        });
+        if let Some(f) = backing_file {
+            info["backing_file"] = json!(f);
+        }
+        info
     }
 
     /// Every node's `BlockDeviceInfo`, in node-name order.
@@ -417,6 +457,14 @@ impl Graph {
                 .collect(),
         )
     }
+}
+
+/// The node's `backing` child, if it has one.
+fn backing_of(node: &Node) -> Option<Arc<Node>> {
+    node.children()
+        .into_iter()
+        .find(|c| c.role == "backing")
+        .map(|c| c.node)
 }
 
 #[cfg(test)]

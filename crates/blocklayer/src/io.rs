@@ -101,7 +101,19 @@ impl Node {
     pub async fn write(&self, offset: u64, iov: IoVec, fua: bool) -> Result<()> {
         let len = iov.len();
         let acct = IoStats::start(IoKind::Write, len);
-        let r = self.write_checked(offset, iov, fua).await;
+        let r = self.write_checked(offset, iov, fua, false).await;
+        self.account(acct, &r, offset.saturating_add(len));
+        r
+    }
+
+    /// Writes `iov` at `offset`, growing the node when the write ends past its end
+    /// (a format driver writing new clusters into its file). Only for nodes whose
+    /// driver [grows on write](crate::driver::Driver::grows_on_write).
+    pub async fn write_growing(&self, offset: u64, iov: IoVec) -> Result<()> {
+        debug_assert!(self.driver().grows_on_write());
+        let len = iov.len();
+        let acct = IoStats::start(IoKind::Write, len);
+        let r = self.write_checked(offset, iov, false, true).await;
         self.account(acct, &r, offset.saturating_add(len));
         r
     }
@@ -230,9 +242,15 @@ impl Node {
     }
 
     /// Writes `iov` at `offset`; with `fua` the data is stable when this returns.
-    async fn write_checked(&self, offset: u64, iov: IoVec, fua: bool) -> Result<()> {
+    async fn write_checked(&self, offset: u64, iov: IoVec, fua: bool, grow: bool) -> Result<()> {
         self.check_writable()?;
-        self.check_range(offset, iov.len())?;
+        if grow {
+            if offset.checked_add(iov.len()).is_none() {
+                return self.check_range(offset, iov.len());
+            }
+        } else {
+            self.check_range(offset, iov.len())?;
+        }
         let _g = InFlight::enter(&self.in_flight);
         if iov.is_empty() {
             return Ok(());

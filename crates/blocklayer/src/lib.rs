@@ -6,17 +6,20 @@
 //! - [`drivers`]: `file`/`host_device`, `raw`, `null-co`
 //! - [`graph`]: node-names and opening nodes from [`options`]
 //! - [`periodic`]: the housekeeping thread for periodic driver tasks
+//! - [`snapshot`]: internal snapshots as drivers report them
 
 pub mod aio;
 pub mod driver;
 pub mod drivers;
 pub mod error;
+pub mod events;
 pub mod graph;
 pub mod io;
 pub mod limits;
 pub mod node;
 pub mod options;
 pub mod periodic;
+pub mod snapshot;
 pub mod stats;
 
 pub use error::{BlockError, Result};

@@ -79,6 +79,15 @@ impl TableCache {
             }
         }
     }
+    /// [`get`](Self::get) for a lookup that falls back to one that loads: a hit
+    /// counts and marks the table used, a miss is left for the fallback's `get`
+    /// to count (so that one table read from disk is one miss).
+    pub fn try_get(&mut self, off: u64) -> Option<&mut CacheEntry> {
+        if !self.map.contains_key(&off) {
+            return None;
+        }
+        self.get(off)
+    }
     /// Whether a table is cached (without touching its LRU position).
     pub fn contains(&self, off: u64) -> bool {
         self.map.contains_key(&off)

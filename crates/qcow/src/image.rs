@@ -57,6 +57,12 @@ pub enum Error {
     /// A metadata structure would exceed its limits.
     #[error("no space: {0}")]
     NoSpace(String),
+    /// No internal snapshot has this id or name.
+    #[error("snapshot not found: {0}")]
+    SnapshotNotFound(String),
+    /// An internal snapshot of this name exists already.
+    #[error("a snapshot named {0:?} exists already")]
+    SnapshotExists(String),
 }
 
 /// Result with [`Error`].
@@ -74,6 +80,8 @@ impl Error {
             Error::Unsupported(_) | Error::Unaligned { .. } => libc::ENOTSUP,
             Error::OutOfRange { .. } => libc::EINVAL,
             Error::NoSpace(_) => libc::ENOSPC,
+            Error::SnapshotNotFound(_) => libc::ENOENT,
+            Error::SnapshotExists(_) => libc::EEXIST,
         }
     }
 }
@@ -150,6 +158,9 @@ pub enum ExtentKind {
         compressed_size: u64,
     },
 }
+
+/// The extents of a mapped range: inline for the usual handful.
+pub type Extents = smallvec::SmallVec<[Extent; 4]>;
 
 /// A guest range with one kind of mapping.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -688,12 +699,21 @@ impl<I: QcowIo> Qcow2<I> {
 
     /// Maps a guest range to extents, split at cluster (or subcluster)
     /// boundaries where the kind changes and merged where contiguous.
-    pub async fn map(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+    pub async fn map(&self, offset: u64, len: u64) -> Result<Extents> {
+        match self.map_cached(offset, len) {
+            Some(out) => Ok(out),
+            None => self.map_loading(offset, len).await,
+        }
+    }
+
+    /// [`map`](Self::map), loading L2 tables as needed and validating what it
+    /// reads.
+    pub(crate) async fn map_loading(&self, offset: u64, len: u64) -> Result<Extents> {
         let size = self.size();
         if offset.checked_add(len).is_none_or(|e| e > size) {
             return Err(Error::OutOfRange { offset, len, size });
         }
-        let mut out: Vec<Extent> = Vec::new();
+        let mut out = Extents::new();
         let end = offset + len;
         let cs = self.g.cluster_size;
         let span = self.g.l2_span();
@@ -750,7 +770,66 @@ impl<I: QcowIo> Qcow2<I> {
         Ok(out)
     }
 
-    fn push_cluster(&self, out: &mut Vec<Extent>, entry: L2Entry, from: u64, to: u64) {
+    /// [`map`](Self::map) in one critical section, without waiting: `None` unless
+    /// the range is in bounds and every L2 table it needs is cached and valid
+    /// (then `map` loads the tables, or reports what is wrong).
+    pub fn map_cached(&self, offset: u64, len: u64) -> Option<Extents> {
+        let mut st = self.st();
+        let end = offset.checked_add(len)?;
+        if end > st.hdr.size {
+            return None;
+        }
+        let cs = self.g.cluster_size;
+        let span = self.g.l2_span();
+        let ext = self.g.extended;
+        let hw = st.high_water;
+        let fixed = st.fixed_ranges(cs);
+        let mut out = Extents::new();
+        let mut pos = offset;
+        while pos < end {
+            let l1i = pos / span;
+            let chunk_end = end.min((l1i + 1) * span);
+            let l1e = st.l1.get(l1i as usize).copied().unwrap_or(0);
+            let l2off = l1e & OFFSET_MASK;
+            if l2off == 0 {
+                push_extent(
+                    &mut out,
+                    Extent {
+                        offset: pos,
+                        len: chunk_end - pos,
+                        kind: ExtentKind::Unallocated,
+                    },
+                );
+                pos = chunk_end;
+                continue;
+            }
+            let overlaps = fixed
+                .iter()
+                .any(|&(o, l)| l > 0 && l2off < o + l && o < l2off + cs);
+            if !self.g.aligned(l2off) || l2off >= hw || overlaps {
+                return None;
+            }
+            let table = st.l2.try_get(l2off)?;
+            while pos < chunk_end {
+                let i = ((pos % span) / cs) as usize;
+                let (raw, bm) = if ext {
+                    (
+                        layout::get_u64(&table.data, 2 * i),
+                        layout::get_u64(&table.data, 2 * i + 1),
+                    )
+                } else {
+                    (layout::get_u64(&table.data, i), 0)
+                };
+                let entry = validate_entry(&self.g, pos, raw, bm, hw, &fixed).ok()?;
+                let cend = (self.g.cluster_start(pos) + cs).min(chunk_end);
+                self.push_cluster(&mut out, entry, pos, cend);
+                pos = cend;
+            }
+        }
+        Some(out)
+    }
+
+    fn push_cluster(&self, out: &mut Extents, entry: L2Entry, from: u64, to: u64) {
         let cstart = self.g.cluster_start(from);
         match entry {
             L2Entry::Compressed { raw } => {
@@ -849,7 +928,7 @@ impl<I: QcowIo> Qcow2<I> {
 }
 
 /// Appends an extent, merging it with the previous one when contiguous.
-fn push_extent(out: &mut Vec<Extent>, e: Extent) {
+fn push_extent(out: &mut Extents, e: Extent) {
     if let Some(last) = out.last_mut() {
         if last.offset + last.len == e.offset {
             let merge = match (last.kind, e.kind) {

@@ -29,10 +29,11 @@ pub use create::{
 };
 pub use header::{CompressionType, Header, HeaderError};
 pub use image::{
-    CacheStats, Error, Extent, ExtentKind, ImageInfo, OpenOptions, Qcow2, Result, TableCacheStats,
+    CacheStats, Error, Extent, ExtentKind, Extents, ImageInfo, OpenOptions, Qcow2, Result,
+    TableCacheStats,
 };
 pub use io::{block_on, FileIo, MemIo, QcowIo};
-pub use snapshot::Snapshot;
+pub use snapshot::{NewSnapshot, Snapshot};
 pub use write::{Allocation, HostRange};
 
 use std::future::Future;

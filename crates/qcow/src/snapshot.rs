@@ -36,8 +36,47 @@ pub struct Snapshot {
     pub vm_state_size: u64,
     /// Virtual disk size when taken (from extra data, if present).
     pub disk_size: Option<u64>,
+    /// Instruction count of a record/replay run (from extra data; `None` when
+    /// absent or all ones, QEMU's "no count").
+    pub icount: Option<u64>,
     /// Extra data as stored (kept on rewrite).
     pub extra: Vec<u8>,
+}
+
+/// Size of the extra data QEMU writes for a new snapshot: VM state size,
+/// disk size and icount, 8 bytes each.
+pub const NEW_EXTRA: usize = 24;
+
+/// What the caller decides about a new snapshot; the image fills in the rest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewSnapshot {
+    /// Name (must not be taken by another snapshot).
+    pub name: String,
+    /// Creation time, seconds since the epoch.
+    pub date_sec: u32,
+    /// Creation time, nanoseconds.
+    pub date_nsec: u32,
+    /// Guest run time, nanoseconds.
+    pub vm_clock_nsec: u64,
+    /// Instruction count (`None`: not recorded).
+    pub icount: Option<u64>,
+}
+
+impl NewSnapshot {
+    /// A snapshot called `name`, dated now (to the microsecond, as QEMU dates
+    /// them), with no guest run time and no instruction count.
+    pub fn now(name: &str) -> Self {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        NewSnapshot {
+            name: name.to_string(),
+            date_sec: now.as_secs() as u32,
+            date_nsec: now.subsec_micros() * 1000,
+            vm_clock_nsec: 0,
+            icount: None,
+        }
+    }
 }
 
 /// Parses `count` entries from `buf`; returns them and the bytes used.
@@ -90,6 +129,7 @@ pub fn parse_table(
             vm_clock_nsec: be64(24),
             vm_state_size: e64(0).unwrap_or(be32(32) as u64),
             disk_size: e64(8),
+            icount: e64(16).filter(|&n| n != u64::MAX),
             extra,
         });
         off += total.div_ceil(8) * 8;
@@ -116,6 +156,9 @@ pub fn serialize_table(snaps: &[Snapshot]) -> Vec<u8> {
         }
         extra[0..8].copy_from_slice(&s.vm_state_size.to_be_bytes());
         extra[8..16].copy_from_slice(&s.disk_size.unwrap_or(0).to_be_bytes());
+        if extra.len() >= NEW_EXTRA {
+            extra[16..24].copy_from_slice(&s.icount.unwrap_or(u64::MAX).to_be_bytes());
+        }
         v.extend_from_slice(&(extra.len() as u32).to_be_bytes());
         v.extend_from_slice(&extra);
         v.extend_from_slice(s.id.as_bytes());
@@ -142,18 +185,29 @@ mod tests {
             vm_clock_nsec: 7,
             vm_state_size: 0,
             disk_size: Some(1 << 30),
+            icount: None,
             extra: [0u64.to_be_bytes(), (1u64 << 30).to_be_bytes()].concat(),
         };
-        let t = serialize_table(&[s.clone(), s.clone()]);
-        let (p, used) = parse_table(&t, 2, 65536).unwrap();
-        assert_eq!(p, vec![s.clone(), s]);
+        let with_icount = Snapshot {
+            icount: Some(77),
+            extra: [0, 1u64 << 30, 77].map(u64::to_be_bytes).concat(),
+            ..s.clone()
+        };
+        let without = Snapshot {
+            extra: [0, 1u64 << 30, u64::MAX].map(u64::to_be_bytes).concat(),
+            ..s.clone()
+        };
+        let all = [s.clone(), with_icount, without, s.clone()];
+        let t = serialize_table(&all);
+        let (p, used) = parse_table(&t, 4, 65536).unwrap();
+        assert_eq!(p, all);
         assert_eq!(used, t.len());
-        assert!(parse_table(&t[..t.len() - 9], 2, 65536).is_err());
+        assert!(parse_table(&t[..t.len() - 9], 4, 65536).is_err());
     }
 }
 
 mod ops {
-    use super::{serialize_table, Snapshot};
+    use super::{serialize_table, NewSnapshot, Snapshot, NEW_EXTRA};
     use crate::image::{Error, Qcow2, Result, TableKind};
     use crate::io::QcowIo;
     use crate::layout::{self, L2Entry, COPIED, OFFSET_MASK};
@@ -295,17 +349,25 @@ mod ops {
             Ok(())
         }
 
+        /// The snapshot `name_or_id` names: an id first, then a name (as
+        /// qemu-img resolves `-a` and `-d`).
         fn find_snapshot(&self, name_or_id: &str) -> Result<usize> {
             let st = self.st();
             st.snapshots
                 .iter()
                 .position(|s| s.id == name_or_id)
                 .or_else(|| st.snapshots.iter().position(|s| s.name == name_or_id))
-                .ok_or_else(|| Error::Unsupported(format!("no snapshot named {name_or_id:?}")))
+                .ok_or_else(|| Error::SnapshotNotFound(name_or_id.to_string()))
         }
 
-        /// Creates an internal snapshot of the current disk state.
+        /// Creates an internal snapshot of the current disk state, dated now.
         pub async fn snapshot_create(&self, name: &str) -> Result<Snapshot> {
+            self.snapshot_create_with(NewSnapshot::now(name)).await
+        }
+
+        /// Creates an internal snapshot of the current disk state with the
+        /// caller's date, guest clock and instruction count. Names are unique.
+        pub async fn snapshot_create_with(&self, new: NewSnapshot) -> Result<Snapshot> {
             if self.g.data_file {
                 return Err(Error::Unsupported(
                     "internal snapshots with an external data file".into(),
@@ -317,10 +379,8 @@ mod ops {
             self.flush_locked().await?;
             let g = self.g;
             let cs = g.cluster_size;
-            if self.st().snapshots.iter().any(|s| s.name == name) {
-                return Err(Error::Unsupported(format!(
-                    "a snapshot named {name:?} exists"
-                )));
+            if self.st().snapshots.iter().any(|s| s.name == new.name) {
+                return Err(Error::SnapshotExists(new.name));
             }
             let (l1, size) = {
                 let st = self.st();
@@ -346,9 +406,6 @@ mod ops {
             if !b.is_empty() {
                 self.io.write_at(l1_off, &b).await?;
             }
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default();
             let mut snaps = self.st().snapshots.clone();
             let id = snaps
                 .iter()
@@ -360,13 +417,14 @@ mod ops {
                 l1_table_offset: l1_off,
                 l1_size: l1.len() as u32,
                 id: id.to_string(),
-                name: name.to_string(),
-                date_sec: now.as_secs() as u32,
-                date_nsec: now.subsec_nanos(),
-                vm_clock_nsec: 0,
+                name: new.name,
+                date_sec: new.date_sec,
+                date_nsec: new.date_nsec,
+                vm_clock_nsec: new.vm_clock_nsec,
                 vm_state_size: 0,
                 disk_size: Some(size),
-                extra: vec![0; 16],
+                icount: new.icount,
+                extra: vec![0; NEW_EXTRA],
             };
             snaps.push(snap.clone());
             self.write_snapshot_table(snaps).await?;
@@ -381,14 +439,44 @@ mod ops {
             Ok(snap)
         }
 
-        /// Deletes an internal snapshot (by id or name), freeing what only it used.
-        pub async fn snapshot_delete(&self, name_or_id: &str) -> Result<()> {
+        /// Deletes an internal snapshot (by id, else by name), freeing what
+        /// only it used; returns it.
+        pub async fn snapshot_delete(&self, name_or_id: &str) -> Result<Snapshot> {
+            self.delete_where(|img| img.find_snapshot(name_or_id)).await
+        }
+
+        /// Deletes the first snapshot whose id is `id` (if given) and whose
+        /// name is `name` (if given), as QMP's
+        /// `blockdev-snapshot-delete-internal-sync` selects it; returns it.
+        pub async fn snapshot_delete_matching(
+            &self,
+            id: Option<&str>,
+            name: Option<&str>,
+        ) -> Result<Snapshot> {
+            let what = match (id, name) {
+                (None, None) => return Err(Error::SnapshotNotFound(String::new())),
+                (Some(i), None) => format!("id {i:?}"),
+                (None, Some(n)) => format!("name {n:?}"),
+                (Some(i), Some(n)) => format!("id {i:?} and name {n:?}"),
+            };
+            self.delete_where(|img| {
+                img.st()
+                    .snapshots
+                    .iter()
+                    .position(|s| id.is_none_or(|i| s.id == i) && name.is_none_or(|n| s.name == n))
+                    .ok_or_else(|| Error::SnapshotNotFound(what.clone()))
+            })
+            .await
+        }
+
+        /// Deletes the snapshot `pick` selects once the image is locked.
+        async fn delete_where(&self, pick: impl Fn(&Self) -> Result<usize>) -> Result<Snapshot> {
             let _all = self.lock_range(0, u64::MAX, false).await;
             let _meta = self.meta.lock().await;
             self.check_writable_pub()?;
+            let i = pick(self)?;
             self.flush_locked().await?;
             let cs = self.g.cluster_size;
-            let i = self.find_snapshot(name_or_id)?;
             let mut snaps = self.st().snapshots.clone();
             let snap = snaps.remove(i);
             self.write_snapshot_table(snaps).await?;
@@ -406,7 +494,8 @@ mod ops {
                     .remove(&(snap.l1_table_offset + c * cs));
             }
             self.fix_copied_flags().await?;
-            self.flush_locked().await
+            self.flush_locked().await?;
+            Ok(snap)
         }
 
         /// Reverts the disk to an internal snapshot (by id or name).

@@ -94,6 +94,52 @@ fn write_read_partial_clusters() {
     }
 }
 
+/// The lock-only fast path agrees with the loading path wherever it answers,
+/// on a mix of data, zero, unallocated and subcluster ranges, and declines
+/// when a table is not cached.
+#[test]
+fn cached_map_agrees_with_loading_map() {
+    for extended in [false, true] {
+        let mut o = opts(8 << 20, 65536);
+        o.extended_l2 = extended;
+        let img = block_on(create(MemIo::new(), &o)).unwrap();
+        block_on(img.write(0, &vec![1u8; 3 * 65536], &NoBacking)).unwrap();
+        block_on(img.write(5 * 65536 + 4096, &[2u8; 8192], &NoBacking)).unwrap();
+        block_on(img.write_zeroes(8 * 65536, 65536, true)).unwrap();
+        block_on(img.write(6 << 20, &[3u8; 4096], &NoBacking)).unwrap();
+        let mut x: u64 = 12345;
+        let mut answered = 0;
+        for _ in 0..2000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let off = (x % (8 << 20)) & !511;
+            let len = (((x >> 32) % (256 << 10)) & !511).clamp(512, (8 << 20) - off);
+            let slow = block_on(img.map_loading(off, len)).unwrap();
+            if let Some(fast) = img.map_cached(off, len) {
+                assert_eq!(fast, slow, "extended {extended}: {off:#x}+{len:#x}");
+                answered += 1;
+            }
+        }
+        assert!(answered > 1000, "the fast path answered only {answered}");
+        assert!(img.map_cached(8 << 20, 512).is_none(), "out of range");
+        // Two cleans with no use between them drop every clean table (the flush
+        // writes the dirty ones back first).
+        block_on(img.flush()).unwrap();
+        img.clean_unused_cache_entries();
+        img.clean_unused_cache_entries();
+        assert_eq!(img.cache_stats().l2.entries, 0);
+        let misses = img.cache_stats().l2.misses;
+        assert!(img.map_cached(0, 4096).is_none(), "L2 table not cached");
+        // Declining is not a miss: the loading map that follows counts it.
+        assert_eq!(img.cache_stats().l2.misses, misses);
+        assert_eq!(block_on(img.map(0, 4096)).unwrap().len(), 1);
+        assert_eq!(img.cache_stats().l2.misses, misses + 1);
+        // The loading map cached the table: the fast path answers again.
+        assert_eq!(img.map_cached(0, 4096).map(|m| m.len()), Some(1));
+    }
+}
+
 #[test]
 fn map_reports_kinds_and_merges() {
     let img = block_on(create(MemIo::new(), &opts(4 << 20, 65536))).unwrap();
@@ -548,7 +594,58 @@ fn internal_snapshots() {
     assert_clean(&img);
     let img = reopen(img, true);
     assert_same(&read_all(&img, &NoBacking), &s2, "reopened");
-    assert!(block_on(img.snapshot_delete("nope")).is_err());
+    assert!(matches!(
+        block_on(img.snapshot_delete("nope")),
+        Err(Error::SnapshotNotFound(_))
+    ));
+}
+
+#[test]
+fn snapshot_selection_dates_and_icount() {
+    use crate::NewSnapshot;
+    let img = block_on(create(MemIo::new(), &opts(1 << 20, 4096))).unwrap();
+    let new = |name: &str, icount| NewSnapshot {
+        name: name.into(),
+        date_sec: 1_700_000_000,
+        date_nsec: 5,
+        vm_clock_nsec: 3_600_000_000_123,
+        icount,
+    };
+    block_on(img.snapshot_create_with(new("a", Some(0)))).unwrap();
+    // A name that is another snapshot's id.
+    block_on(img.snapshot_create_with(new("1", None))).unwrap();
+    block_on(img.snapshot_create_with(new("c", Some(42)))).unwrap();
+    assert!(matches!(
+        block_on(img.snapshot_create("a")),
+        Err(Error::SnapshotExists(_))
+    ));
+    let img = reopen(img, true);
+    let s = img.snapshots();
+    assert_eq!(
+        s.iter()
+            .map(|s| (s.id.as_str(), s.name.as_str(), s.icount))
+            .collect::<Vec<_>>(),
+        [("1", "a", Some(0)), ("2", "1", None), ("3", "c", Some(42))]
+    );
+    assert_eq!((s[0].date_sec, s[0].date_nsec), (1_700_000_000, 5));
+    assert_eq!(s[0].vm_clock_nsec, 3_600_000_000_123);
+    // Both given: both must match.
+    assert!(matches!(
+        block_on(img.snapshot_delete_matching(Some("1"), Some("c"))),
+        Err(Error::SnapshotNotFound(_))
+    ));
+    assert!(block_on(img.snapshot_delete_matching(None, None)).is_err());
+    // A name alone matches names only.
+    let d = block_on(img.snapshot_delete_matching(None, Some("1"))).unwrap();
+    assert_eq!((d.id.as_str(), d.name.as_str()), ("2", "1"));
+    let d = block_on(img.snapshot_delete_matching(Some("3"), Some("c"))).unwrap();
+    assert_eq!(d.icount, Some(42));
+    // An id or name: the id first.
+    let d = block_on(img.snapshot_delete("1")).unwrap();
+    assert_eq!(d.name, "a");
+    assert!(img.snapshots().is_empty());
+    block_on(img.flush()).unwrap();
+    assert_clean(&img);
 }
 
 #[test]

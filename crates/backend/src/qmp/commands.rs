@@ -25,6 +25,8 @@ pub const COMMANDS: &[&str] = &[
     "object-del",
     "x-blockdev-set-iothread",
     "block_resize",
+    "blockdev-snapshot-internal-sync",
+    "blockdev-snapshot-delete-internal-sync",
     "blockdev-create",
     "query-jobs",
     "job-dismiss",
@@ -134,6 +136,21 @@ pub fn execute(ctl: &mut Control, name: &str, arguments: &Value) -> QmpResult {
             };
             ctl.resize(&node, size as u64)?;
             ok()
+        }
+        "blockdev-snapshot-internal-sync" => {
+            let device = a.str("device")?;
+            let name = a.str("name")?;
+            a.finish()?;
+            ctl.snapshot_internal(&device, &name)?;
+            ok()
+        }
+        "blockdev-snapshot-delete-internal-sync" => {
+            let device = a.str("device")?;
+            let id = a.opt_str("id")?;
+            let name = a.opt_str("name")?;
+            a.finish()?;
+            let snap = ctl.snapshot_delete_internal(&device, id.as_deref(), name.as_deref())?;
+            Ok(snap.to_qmp())
         }
         "blockdev-create" => {
             let job_id = a.str("job-id")?;

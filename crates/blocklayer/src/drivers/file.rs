@@ -351,6 +351,10 @@ impl Driver for FileDriver {
         self.read_only
     }
 
+    fn grows_on_write(&self) -> bool {
+        !self.block_device
+    }
+
     fn truncate(&self, size: u64) -> Result<()> {
         let current = self.size.load(Ordering::Acquire);
         if self.block_device {

@@ -1,7 +1,8 @@
 //! Creating host files: `blockdev-create` with `driver: file` and `vubd img create -f
-//! raw`. As QEMU's file driver does, the file is created or emptied under the write and
-//! resize locks (so an image in use elsewhere is never truncated), then grown to its
-//! size with the preallocation asked for:
+//! raw`; [`create_empty`] also for the files `vubd img` writes qcow2 images into. As
+//! QEMU's file driver does, the file is created or emptied under the write and resize
+//! locks (so an image in use elsewhere is never truncated), then grown to its size
+//! with the preallocation asked for:
 //! - `off`: a sparse file;
 //! - `falloc`: the whole size reserved with fallocate, reading as zeroes;
 //! - `full`: the whole size written with zeroes, then synced.
@@ -84,9 +85,20 @@ fn reserve(file: &File, size: u64) -> std::io::Result<()> {
     write_zeroes(file, 0, size)
 }
 
-/// Creates (or empties) the regular file at `path` and makes it `size` bytes long with
-/// `prealloc`.
-pub fn create_file(path: &Path, size: u64, prealloc: FilePrealloc) -> Result<()> {
+/// What a file's creator holds (QEMU's `raw_co_create`): write and resize.
+pub const CREATE_PERM: u32 = PERM_WRITE | PERM_RESIZE;
+
+/// What a file's creator shares: everything but resize, so that nobody can hold the
+/// file with resize or unshare what the creator needs.
+pub const CREATE_SHARED: u32 = PERM_CONSISTENT_READ | PERM_WRITE | PERM_WRITE_UNCHANGED;
+
+/// Opens the regular file at `path` (creating it if need be), takes QEMU's image locks
+/// for holding `perm` while sharing `shared`, and only then empties it: a file another
+/// process holds is never truncated. The locks last as long as the returned file.
+///
+/// Creators pass [`CREATE_PERM`] and [`CREATE_SHARED`]; a creator that goes on
+/// writing the file (a copy) may hold and refuse more.
+pub fn create_empty(path: &Path, perm: u32, shared: u32) -> Result<File> {
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -109,16 +121,18 @@ pub fn create_file(path: &Path, size: u64, prealloc: FilePrealloc) -> Result<()>
             path.display()
         )));
     }
-    // As QEMU: hold write and resize, let others share everything but resize; fail
-    // if anyone holds what we need or refuses to share it.
-    lock_image(
-        file.as_raw_fd(),
-        &path.display().to_string(),
-        PERM_WRITE | PERM_RESIZE,
-        PERM_CONSISTENT_READ | PERM_WRITE | PERM_WRITE_UNCHANGED,
-    )?;
+    // As QEMU: fail if anyone holds what we refuse to share or refuses to share what
+    // we need.
+    lock_image(file.as_raw_fd(), &path.display().to_string(), perm, shared)?;
     file.set_len(0)
         .map_err(|e| fail("Could not clear", path, e))?;
+    Ok(file)
+}
+
+/// Creates (or empties) the regular file at `path` under the creation locks and makes
+/// it `size` bytes long with `prealloc`.
+pub fn create_file(path: &Path, size: u64, prealloc: FilePrealloc) -> Result<()> {
+    let file = create_empty(path, CREATE_PERM, CREATE_SHARED)?;
     match prealloc {
         FilePrealloc::Off => file
             .set_len(size)

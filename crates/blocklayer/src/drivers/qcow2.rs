@@ -19,10 +19,12 @@ use crate::driver::{Child, Driver};
 use crate::error::{BlockError, Result};
 use crate::node::Node;
 use crate::periodic::{self, Periodic};
+use crate::snapshot::{NewSnapshot, SnapshotInfo};
 use qcow::io::QcowIo;
-use qcow::{Backing, Extent, ExtentKind, OpenOptions, Qcow2};
+use qcow::{Backing, Extent, ExtentKind, Extents, OpenOptions, Qcow2};
 use std::future::Future;
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -51,6 +53,18 @@ impl NodeIo {
             self.node.resize(end)?;
         }
         Ok(())
+    }
+
+    /// Writes `iov` at `offset`, past the end of the file if need be: files grow
+    /// by the write itself (no truncate, which would take the inode lock on the
+    /// iothread for every new cluster); other nodes are resized first.
+    async fn write(&self, offset: u64, iov: IoVec) -> std::result::Result<(), BlockError> {
+        if self.node.driver().grows_on_write() {
+            self.node.write_growing(offset, iov).await
+        } else {
+            self.ensure_len(offset + iov.len())?;
+            self.node.write(offset, iov, false).await
+        }
     }
 }
 
@@ -97,11 +111,10 @@ impl QcowIo for NodeIo {
     }
 
     async fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
-        self.ensure_len(offset + buf.len() as u64).map_err(to_io)?;
         let bounce = Arc::new(AlignedBuf::zeroed(buf.len(), 4096));
         let iov = IoVec::from_buf(bounce);
         iov.copy_from_slice(0, buf);
-        self.node.write(offset, iov, false).await.map_err(to_io)
+        self.write(offset, iov).await.map_err(to_io)
     }
 
     async fn flush(&self) -> io::Result<()> {
@@ -146,19 +159,19 @@ pub struct Qcow2Driver {
     pass_discard: bool,
     /// The periodic cache cleaning, if `cache-clean-interval` is not 0.
     cache_cleaner: Option<Periodic>,
+    node_name: String,
+    /// `BLOCK_IMAGE_CORRUPTED` was raised (once per open, as QEMU).
+    corrupt_reported: AtomicBool,
 }
 
-/// An image error during I/O: the request fails with the error's errno (ENOSPC,
-/// EROFS, EIO...), so that error policies see what happened; ENOTSUP lets the generic
-/// path fall back (zero writes become data writes).
-fn io_error(e: qcow::Error) -> BlockError {
-    let errno = e.errno();
-    if errno == libc::ENOTSUP {
-        log::debug!("qcow2: unsupported: {e}");
-        return BlockError::Unsupported("this qcow2 operation");
+/// A failed snapshot operation: the image's message, with its errno (ENOENT,
+/// EEXIST, ENOTSUP...) for the caller's policy and texts.
+fn snapshot_error(e: qcow::Error) -> BlockError {
+    log::warn!("qcow2: snapshot: {e}");
+    BlockError::Snapshot {
+        errno: e.errno(),
+        message: format!("qcow2: {e}"),
     }
-    log::warn!("qcow2: {e}");
-    BlockError::io("qcow2", io::Error::from_raw_os_error(errno))
 }
 
 fn image_error(e: qcow::Error) -> BlockError {
@@ -173,6 +186,38 @@ fn image_error(e: qcow::Error) -> BlockError {
 }
 
 impl Qcow2Driver {
+    /// An image error during I/O: the request fails with the error's errno (ENOSPC,
+    /// EROFS, EIO...), so that error policies see what happened; ENOTSUP lets the
+    /// generic path fall back (zero writes become data writes). The first
+    /// corruption found raises `BLOCK_IMAGE_CORRUPTED`, as QEMU does.
+    fn io_error(&self, e: qcow::Error) -> BlockError {
+        let errno = e.errno();
+        if errno == libc::ENOTSUP {
+            log::debug!("qcow2: unsupported: {e}");
+            return BlockError::Unsupported("this qcow2 operation");
+        }
+        log::warn!("qcow2: {e}");
+        if let qcow::Error::Corrupt(msg) = &e {
+            if !self.corrupt_reported.swap(true, Ordering::Relaxed) {
+                crate::events::emit(
+                    "BLOCK_IMAGE_CORRUPTED",
+                    serde_json::json!({
+                        "device": "",
+                        "node-name": self.node_name,
+                        "msg": format!("{msg}; further corruption events will be suppressed"),
+                        "fatal": true,
+                    }),
+                );
+            }
+        }
+        BlockError::io("qcow2", io::Error::from_raw_os_error(errno))
+    }
+
+    /// Names the node, for the events it raises.
+    pub fn set_node_name(&mut self, name: &str) {
+        self.node_name = name.to_string();
+    }
+
     /// The external data file name the image header gives, if any.
     pub fn header_data_file(file: &Arc<Node>) -> Result<Option<String>> {
         let io = NodeIo::new(file.clone());
@@ -230,6 +275,8 @@ impl Qcow2Driver {
             zero_align,
             pass_discard: driver_opts.pass_discard,
             cache_cleaner,
+            node_name: String::new(),
+            corrupt_reported: AtomicBool::new(false),
         })
     }
 
@@ -239,19 +286,15 @@ impl Qcow2Driver {
             .image
             .allocate(offset, iov.len(), &backing)
             .await
-            .map_err(io_error)?;
+            .map_err(|e| self.io_error(e))?;
         for r in alloc.ranges() {
             let part = iov.slice(r.guest_offset - offset, r.len);
-            let written = match self.image.data_io().ensure_len(r.host_offset + r.len) {
-                Ok(()) => self.data_node().write(r.host_offset, part, false).await,
-                Err(e) => Err(e),
-            };
-            if let Err(e) = written {
+            if let Err(e) = self.image.data_io().write(r.host_offset, part).await {
                 self.image.abort(alloc).await;
                 return Err(e);
             }
         }
-        self.image.commit(alloc).await.map_err(io_error)
+        self.image.commit(alloc).await.map_err(|e| self.io_error(e))
     }
 
     /// Where guest data lives: the external data file, or the image file.
@@ -270,7 +313,7 @@ impl Qcow2Driver {
         self.image
             .write_zeroes(offset, len, may_unmap)
             .await
-            .map_err(io_error)
+            .map_err(|e| self.io_error(e))
     }
 
     async fn discard_range(&self, offset: u64, len: u64) -> Result<()> {
@@ -311,8 +354,17 @@ impl Qcow2Driver {
         Ok(())
     }
 
-    async fn read_extents(&self, offset: u64, iov: IoVec) -> Result<()> {
-        let extents = self.image.map(offset, iov.len()).await.map_err(io_error)?;
+    /// Reads through the extents `offset..+iov.len()` maps to: `mapped` if the
+    /// caller has them already (so that the cache counts one lookup per read).
+    async fn read_extents(&self, offset: u64, iov: IoVec, mapped: Option<Extents>) -> Result<()> {
+        let extents = match mapped {
+            Some(extents) => extents,
+            None => self
+                .image
+                .map(offset, iov.len())
+                .await
+                .map_err(|e| self.io_error(e))?,
+        };
         for e in extents {
             let part = iov.slice(e.offset - offset, e.len);
             match e.kind {
@@ -326,7 +378,7 @@ impl Qcow2Driver {
                     self.image
                         .read_compressed(&e, &mut buf)
                         .await
-                        .map_err(io_error)?;
+                        .map_err(|e| self.io_error(e))?;
                     part.copy_from_slice(0, &buf);
                 }
             }
@@ -402,8 +454,94 @@ impl Driver for Qcow2Driver {
         }))
     }
 
+    fn image_info_extra(&self) -> Option<serde_json::Value> {
+        let info = self.image.info();
+        let mut data = serde_json::json!({
+            "compat": if info.version >= 3 { "1.1" } else { "0.10" },
+        });
+        if info.version >= 3 {
+            data["compression-type"] = serde_json::json!(match info.compression {
+                qcow::CompressionType::Zlib => "zlib",
+                qcow::CompressionType::Zstd => "zstd",
+            });
+            data["lazy-refcounts"] = info.lazy_refcounts.into();
+            data["refcount-bits"] = info.refcount_bits.into();
+            data["corrupt"] = info.corrupt.into();
+            data["extended-l2"] = info.extended_l2.into();
+            if let Some(df) = &info.data_file {
+                data["data-file"] = df.as_str().into();
+                data["data-file-raw"] = info.data_file_raw.into();
+            }
+        } else {
+            data["refcount-bits"] = info.refcount_bits.into();
+        }
+        let mut extra = serde_json::json!({
+            "cluster-size": info.cluster_size,
+            "format-specific": {"type": "qcow2", "data": data},
+        });
+        if let Some(b) = info.backing_file {
+            extra["backing-filename"] = b.into();
+        }
+        if let Some(f) = info.backing_format {
+            extra["backing-filename-format"] = f.into();
+        }
+        Some(extra)
+    }
+
+    fn snapshot_list(&self) -> Result<Vec<SnapshotInfo>> {
+        Ok(self
+            .image
+            .snapshots()
+            .iter()
+            .map(SnapshotInfo::from)
+            .collect())
+    }
+
+    fn snapshot_create(&self, new: &NewSnapshot) -> Result<SnapshotInfo> {
+        let image = self.image.clone();
+        let new = new.clone();
+        crate::aio::uring::block_on(async move { image.snapshot_create_with(new).await })
+            .map(|s| SnapshotInfo::from(&s))
+            .map_err(snapshot_error)
+    }
+
+    fn snapshot_delete(&self, id: Option<&str>, name: Option<&str>) -> Result<SnapshotInfo> {
+        let image = self.image.clone();
+        let (id, name) = (id.map(str::to_owned), name.map(str::to_owned));
+        crate::aio::uring::block_on(async move {
+            image
+                .snapshot_delete_matching(id.as_deref(), name.as_deref())
+                .await
+        })
+        .map(|s| SnapshotInfo::from(&s))
+        .map_err(snapshot_error)
+    }
+
     fn read<'a>(&'a self, offset: u64, iov: IoVec) -> LocalBoxFuture<'a, Result<()>> {
-        Box::pin(self.read_extents(offset, iov))
+        // The usual case, a range in one run of host clusters whose L2 table is
+        // cached: straight to the file, as a raw image would.
+        let mapped = self.image.map_cached(offset, iov.len());
+        if let Some(extents) = &mapped {
+            match (&extents[..], &self.backing) {
+                (
+                    [Extent {
+                        kind: ExtentKind::Data { host_offset },
+                        ..
+                    }],
+                    _,
+                ) => return Box::pin(self.data_node().read(*host_offset, iov)),
+                // Unallocated within the backing node: the backing node's read.
+                (
+                    [Extent {
+                        kind: ExtentKind::Unallocated,
+                        ..
+                    }],
+                    Some(b),
+                ) if offset + iov.len() <= b.size() => return Box::pin(b.read(offset, iov)),
+                _ => {}
+            }
+        }
+        Box::pin(self.read_extents(offset, iov, mapped))
     }
 
     fn write<'a>(&'a self, offset: u64, iov: IoVec, _fua: bool) -> LocalBoxFuture<'a, Result<()>> {
@@ -413,7 +551,7 @@ impl Driver for Qcow2Driver {
     }
 
     fn flush(&self) -> LocalBoxFuture<'_, Result<()>> {
-        Box::pin(async move { self.image.flush().await.map_err(io_error) })
+        Box::pin(async move { self.image.flush().await.map_err(|e| self.io_error(e)) })
     }
 
     fn discard(&self, offset: u64, len: u64) -> LocalBoxFuture<'_, Result<()>> {

@@ -21,6 +21,8 @@ use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 use std::time::Duration;
 
+mod snapshot;
+
 /// How long an operation waits for requests in flight to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -192,10 +194,16 @@ impl Control {
         self.graph.remove(name).map_err(generic)
     }
 
-    /// `block_resize`: resizes a node; the exports above it are paused meanwhile and
-    /// then tell their frontends the new capacity.
-    pub fn resize(&mut self, name: &str, size: u64) -> OpResult<()> {
-        let node = self.graph.lookup(name).map_err(generic)?;
+    /// Runs `op` with node `node` quiesced: the exports that depend on it paused
+    /// (their frontends' requests wait in the virtqueues) and the node drained, as
+    /// QEMU brackets graph and metadata operations with `bdrv_drained_begin/end`.
+    /// Returns `op`'s result and the exports that were paused (resumed again).
+    fn drained<T>(
+        &self,
+        node: &Node,
+        op: impl FnOnce() -> OpResult<T>,
+    ) -> (OpResult<T>, Vec<Arc<ExportShared>>) {
+        let name = node.name();
         let exports: Vec<_> = self
             .exports
             .values()
@@ -206,15 +214,14 @@ impl Control {
         for e in &exports {
             if !e.pause(DRAIN_TIMEOUT) {
                 paused.iter().for_each(|p| p.resume());
-                return Err(QmpError::generic(format!(
-                    "export '{}' still has requests in flight",
-                    e.id
-                )));
+                let err =
+                    QmpError::generic(format!("export '{}' still has requests in flight", e.id));
+                return (Err(err), Vec::new());
             }
             paused.push(e);
         }
         let r = if node.drain(DRAIN_TIMEOUT) {
-            node.resize(size).map_err(generic)
+            op()
         } else {
             Err(QmpError::generic(format!(
                 "Node {name} still has requests in flight"
@@ -222,11 +229,20 @@ impl Control {
         };
         for e in &exports {
             e.resume();
-            if r.is_ok() {
-                e.notify_resize();
-            }
         }
-        r
+        (r, exports)
+    }
+
+    /// `block_resize`: resizes a node; the exports above it are paused meanwhile and
+    /// then tell their frontends the new capacity.
+    pub fn resize(&mut self, name: &str, size: u64) -> OpResult<()> {
+        let node = self.graph.lookup(name).map_err(generic)?;
+        let (r, exports) = self.drained(&node, || node.resize(size).map_err(generic));
+        r?;
+        for e in &exports {
+            e.notify_resize();
+        }
+        Ok(())
     }
 
     pub fn query_named_block_nodes(&self, flat: bool) -> Value {
