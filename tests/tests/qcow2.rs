@@ -430,6 +430,302 @@ fn vubd_img_create_info_check_map_agree_with_qemu_img() {
     assert_eq!(rc, 1, "{out}");
 }
 
+/// Bytes the file takes on the host (st_blocks).
+fn allocated_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+/// `qemu-img map --output=json` as (start, length, present, zero, data) per entry,
+/// merged where the flags agree (host offsets left out: layouts may differ).
+fn map_flags(img: &Path) -> Vec<(u64, u64, bool, bool, bool)> {
+    let out = Command::new("qemu-img")
+        .args(["map", "-U", "--output=json", img.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut m: Vec<(u64, u64, bool, bool, bool)> = Vec::new();
+    for e in v.as_array().unwrap() {
+        let f = |k: &str| e[k].as_bool().unwrap();
+        let (start, len) = (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+        let flags = (f("present"), f("zero"), f("data"));
+        match m.last_mut() {
+            Some(l) if (l.2, l.3, l.4) == flags && l.0 + l.1 == start => l.1 += len,
+            _ => m.push((start, len, flags.0, flags.1, flags.2)),
+        }
+    }
+    m
+}
+
+/// What a qcow2 image made with `mode` must look like: a clean check, the virtual
+/// size, host space for the data only with falloc and full, data clusters mapped for
+/// every mode but off, zeroes throughout; and the same map as qemu-img's own image
+/// with that mode (`reference`).
+fn check_preallocated(img: &Path, reference: &Path, mode: &str, size: u64, dir: &TempDir) {
+    let tag = format!("{mode} ({})", img.display());
+    qemu_img(&["check", "-U", img.to_str().unwrap()]);
+    let out = Command::new("qemu-img")
+        .args(["info", "-U", "--output", "json", img.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["virtual-size"], size, "{tag}: {info}");
+    let used = allocated_bytes(img);
+    let theirs = allocated_bytes(reference);
+    match mode {
+        "falloc" | "full" => {
+            assert!(used >= size, "{tag}: {used} bytes allocated");
+            assert!(used < size + size / 16, "{tag}: {used} bytes allocated");
+            assert!(theirs >= size, "qemu-img {mode}: {theirs}");
+        }
+        _ => {
+            assert!(used < MIB, "{tag}: {used} bytes allocated");
+            assert!(theirs < MIB, "qemu-img {mode}: {theirs}");
+        }
+    }
+    let map = map_flags(img);
+    let want = if mode == "off" {
+        (0, size, false, true, false)
+    } else {
+        (0, size, true, mode == "metadata", true)
+    };
+    assert_eq!(map, [want], "{tag}: map");
+    assert_eq!(
+        map,
+        map_flags(reference),
+        "{tag}: map differs from qemu-img's"
+    );
+    // It reads as zeroes.
+    let zero = dir.join("zero.raw");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "raw",
+        zero.to_str().unwrap(),
+        &size.to_string(),
+    ]);
+    qemu_img(&[
+        "compare",
+        "-U",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        img.to_str().unwrap(),
+        zero.to_str().unwrap(),
+    ]);
+}
+
+#[test]
+fn preallocation_modes_match_qemu_img() {
+    let dir = TempDir::new("vubd-prealloc");
+    let size = 48 * MIB;
+    let size_s = size.to_string();
+    for mode in ["off", "metadata", "falloc", "full"] {
+        let ours = dir.join(&format!("{mode}.qcow2"));
+        let theirs = dir.join(&format!("{mode}.qemu.qcow2"));
+        let o = format!("preallocation={mode},cluster_size=64k");
+        let (rc, out) = vubd_img(&[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            &o,
+            ours.to_str().unwrap(),
+            &size_s,
+        ]);
+        assert_eq!(rc, 0, "vubd img create {o}: {out}");
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &o,
+            theirs.to_str().unwrap(),
+            &size_s,
+        ]);
+        check_preallocated(&ours, &theirs, mode, size, &dir);
+        // Served by vubd, it takes writes where the space is.
+        let (mut daemon, mut c) = serve_writable(&dir, &ours, mode, "");
+        let data = vec![0x5au8; 256 * 1024];
+        c.q().write(size - MIB, &data).expect("write");
+        c.q().flush().expect("flush");
+        assert_same_data(mode, &c.q().read(size - MIB, data.len()).unwrap(), &data);
+        drop(c);
+        assert_eq!(daemon.terminate().code(), Some(0));
+        qemu_img(&["check", ours.to_str().unwrap()]);
+    }
+    // Raw images: falloc and full take the whole size, off almost nothing; metadata is
+    // refused as by qemu-img.
+    for mode in ["off", "falloc", "full"] {
+        let ours = dir.join(&format!("{mode}.raw"));
+        let theirs = dir.join(&format!("{mode}.qemu.raw"));
+        let o = format!("preallocation={mode}");
+        let (rc, out) = vubd_img(&[
+            "create",
+            "-f",
+            "raw",
+            "-o",
+            &o,
+            ours.to_str().unwrap(),
+            &size_s,
+        ]);
+        assert_eq!(rc, 0, "vubd img create -f raw {o}: {out}");
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "raw",
+            "-o",
+            &o,
+            theirs.to_str().unwrap(),
+            &size_s,
+        ]);
+        assert_eq!(std::fs::metadata(&ours).unwrap().len(), size, "raw {mode}");
+        let (used, want) = (allocated_bytes(&ours), allocated_bytes(&theirs));
+        assert!(
+            used.abs_diff(want) <= 64 * 1024,
+            "raw {mode}: vubd allocated {used}, qemu-img {want}"
+        );
+        assert!(
+            std::fs::read(&ours).unwrap().iter().all(|&b| b == 0),
+            "raw {mode}"
+        );
+    }
+    let bad = dir.join("metadata.raw");
+    let (rc, out) = vubd_img(&[
+        "create",
+        "-f",
+        "raw",
+        "-o",
+        "preallocation=metadata",
+        bad.to_str().unwrap(),
+        "1M",
+    ]);
+    assert_eq!(rc, 1, "{out}");
+    assert!(
+        out.contains("Unsupported preallocation mode: metadata"),
+        "{out}"
+    );
+}
+
+/// Runs a `blockdev-create` job to its end and dismisses it; panics with the job's
+/// error if it failed.
+fn create_job(q: &mut vubd_tests::Qmp, id: &str, options: serde_json::Value) {
+    use serde_json::json;
+    q.ok("blockdev-create", json!({"job-id": id, "options": options}));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let jobs = q.ok("query-jobs", json!({}));
+        let job = jobs
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|j| j["id"] == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("no job {id} in {jobs}"));
+        if job["status"] == "concluded" {
+            assert!(job.get("error").is_none(), "job {id}: {job}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "job {id} hangs: {job}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    q.ok("job-dismiss", json!({"id": id}));
+}
+
+#[test]
+fn blockdev_create_preallocates_through_the_block_layer() {
+    use serde_json::json;
+    let dir = TempDir::new("vubd-prealloc-qmp");
+    let qs = dir.join("qmp.sock");
+    let args = DaemonArgs::new()
+        .arg("--chardev")
+        .arg(&format!(
+            "socket,id=m,path={},server=on,wait=off",
+            qs.display()
+        ))
+        .arg("--monitor")
+        .arg("chardev=m")
+        .build();
+    let mut daemon = Daemon::start(&args);
+    let mut q = vubd_tests::Qmp::connect(&qs);
+    let size = 40 * MIB;
+    // driver=file: host files with each preallocation mode.
+    for mode in ["off", "falloc", "full"] {
+        let f = dir.join(&format!("{mode}.raw"));
+        create_job(
+            &mut q,
+            &format!("raw-{mode}"),
+            json!({"driver": "file", "filename": f.to_str().unwrap(), "size": size,
+                   "preallocation": mode}),
+        );
+        assert_eq!(std::fs::metadata(&f).unwrap().len(), size);
+        let used = allocated_bytes(&f);
+        if mode == "off" {
+            assert!(used < MIB, "file {mode}: {used}");
+        } else {
+            assert!(used >= size, "file {mode}: {used}");
+        }
+    }
+    let e = q
+        .execute(
+            "blockdev-create",
+            json!({"job-id": "bad", "options": {"driver": "file", "size": MIB,
+                   "filename": dir.join("bad").to_str().unwrap(), "preallocation": "metadata"}}),
+        )
+        .unwrap_err();
+    assert!(
+        e.desc.contains("Unsupported preallocation mode: metadata"),
+        "{}",
+        e.desc
+    );
+    // driver=qcow2 on a file node: the data clusters are reserved through the file
+    // node (fallocate through io_uring) or written with zeroes.
+    for mode in ["off", "metadata", "falloc", "full"] {
+        let img = dir.join(&format!("{mode}.qcow2"));
+        let node = format!("f-{mode}");
+        create_job(
+            &mut q,
+            &format!("file-{mode}"),
+            json!({"driver": "file", "filename": img.to_str().unwrap(), "size": 0}),
+        );
+        q.ok(
+            "blockdev-add",
+            json!({"driver": "file", "node-name": node, "filename": img.to_str().unwrap()}),
+        );
+        create_job(
+            &mut q,
+            &format!("qcow2-{mode}"),
+            json!({"driver": "qcow2", "file": node, "size": size, "preallocation": mode}),
+        );
+        let theirs = dir.join(&format!("{mode}.qemu.qcow2"));
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &format!("preallocation={mode}"),
+            theirs.to_str().unwrap(),
+            &size.to_string(),
+        ]);
+        check_preallocated(&img, &theirs, mode, size, &dir);
+        q.ok("blockdev-del", json!({"node-name": node}));
+    }
+    assert_eq!(daemon.terminate().code(), Some(0));
+}
+
 #[test]
 fn blockdev_create_job_over_qmp_then_serve_the_new_image() {
     use serde_json::json;
@@ -566,42 +862,74 @@ fn decode_block(data: &[u8]) -> String {
     format!("block {} version {}", v >> 32, v & 0xffff_ffff)
 }
 
-#[test]
-fn sigkill_during_writes_keeps_images_consistent_and_flushed_data() {
+/// Serves `img` writable with `extra` qcow2 options on a daemon of its own.
+fn crash_daemon(img: &Path, sock: &Path) -> Daemon {
+    let args = DaemonArgs::new()
+        .blockdev(&format!(
+            "driver=file,node-name=f,filename={}",
+            img.display()
+        ))
+        .blockdev("driver=qcow2,node-name=q,file=f")
+        .export(&format!(
+            "type=vhost-user-blk,id=e,node-name=q,addr.type=unix,addr.path={},writable=on",
+            sock.display()
+        ))
+        .build();
+    Daemon::start(&args)
+}
+
+/// `qemu-img check` of an image: (exit code, output).
+fn qemu_img_check(img: &Path) -> (Option<i32>, String) {
+    let out = Command::new("qemu-img")
+        .args(["check", img.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code(), text)
+}
+
+/// Kills vubd with SIGKILL during random 4 KiB writes and flushes, 8 times on one
+/// image (`create_opts` for qemu-img create), and checks after each kill that every
+/// block holds its version at the last completed flush or a later one.
+///
+/// Strict refcounts (`lazy` false): qemu-img check finds no corruption right after
+/// the kill. Lazy refcounts: the image has the dirty bit and its refcounts may be
+/// stale, as QEMU leaves it; opening it writable repairs it, after which qemu-img
+/// check finds nothing. Each lazy round writes into fresh clusters, so that every
+/// round allocates.
+fn sigkill_rounds(tag: &str, create_opts: &str, lazy: bool) {
+    use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
-    let dir = TempDir::new("vubd-qcow2-crash");
+    let dir = TempDir::new(&format!("vubd-qcow2-crash-{tag}"));
     let img = dir.join("crash.qcow2");
-    let blocks: u64 = 2048; // 8 MiB
+    const ROUNDS: u64 = 8;
+    let region: u64 = 2048; // blocks of 4 KiB (8 MiB) written in a round
+    let blocks = if lazy { region * ROUNDS } else { region };
+    let size = (blocks * 4096).to_string();
     qemu_img(&[
         "create",
         "-f",
         "qcow2",
         "-o",
-        "cluster_size=64k",
+        create_opts,
         img.to_str().unwrap(),
-        "8M",
+        &size,
     ]);
     let state = Arc::new(Mutex::new(vec![BlockState::default(); blocks as usize]));
-    let mut rng = vubd_tests::Rng::new("qcow2-crash");
+    let mut rng = vubd_tests::Rng::new(&format!("qcow2-crash-{tag}"));
     let mut next_version = 1u32;
-    for round in 0..8 {
+    let (mut dirty_rounds, mut stale_rounds) = (0, 0);
+    for round in 0..ROUNDS {
         let sock = dir.join(&format!("r{round}.sock"));
-        let args = DaemonArgs::new()
-            .blockdev(&format!(
-                "driver=file,node-name=f,filename={}",
-                img.display()
-            ))
-            .blockdev("driver=qcow2,node-name=q,file=f")
-            .export(&format!(
-                "type=vhost-user-blk,id=e,node-name=q,addr.type=unix,addr.path={},writable=on",
-                sock.display()
-            ))
-            .build();
-        let mut daemon = Daemon::start(&args);
+        let mut daemon = crash_daemon(&img, &sock);
         let st = state.clone();
         let seed = rng.next_u64();
         let first_version = next_version;
+        let first_block = if lazy { round * region } else { 0 };
+        let flushes = Arc::new(AtomicU64::new(0));
+        let done_flushes = flushes.clone();
         let writer = std::thread::spawn(move || {
             let mut c = Client::connect(&sock, 1);
             c.q().set_timeout(Duration::from_secs(3));
@@ -610,6 +938,11 @@ fn sigkill_during_writes_keeps_images_consistent_and_flushed_data() {
             loop {
                 if r.range(0, 16) == 0 {
                     c.q().flush().expect("flush");
+                    // Flushes that made allocating writes stable (each write of
+                    // a lazy round allocates, or rewrites a block it allocated).
+                    if version > first_version {
+                        done_flushes.fetch_add(1, Ordering::SeqCst);
+                    }
                     let mut s = st.lock().unwrap();
                     for b in s.iter_mut() {
                         if let Some(&last) = b.since.last() {
@@ -618,7 +951,7 @@ fn sigkill_during_writes_keeps_images_consistent_and_flushed_data() {
                         }
                     }
                 } else {
-                    let block = r.range(0, blocks);
+                    let block = first_block + r.range(0, region);
                     let data = version_data(block, version);
                     // Allowed from submission on: a write in flight at the crash
                     // may or may not have landed.
@@ -637,21 +970,40 @@ fn sigkill_during_writes_keeps_images_consistent_and_flushed_data() {
         );
         next_version += 1_000_000;
 
-        // qemu-img finds no corruption (leaks are allowed after a crash).
-        let out = Command::new("qemu-img")
-            .args(["check", img.to_str().unwrap()])
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).to_string()
-            + &String::from_utf8_lossy(&out.stderr);
-        assert!(
-            matches!(out.status.code(), Some(0) | Some(3)),
-            "round {round}: qemu-img check:\n{text}"
-        );
-        assert!(
-            !text.contains("ERROR"),
-            "round {round}: qemu-img check:\n{text}"
-        );
+        let dirty = qemu_img_info(&img)["dirty-flag"] == true;
+        if lazy {
+            // A flush after an allocation set the dirty bit, and the refcounts of
+            // the clusters allocated since were not written.
+            if flushes.load(Ordering::SeqCst) > 0 {
+                assert!(dirty, "round {round}: no dirty bit with lazy refcounts");
+            }
+            if dirty {
+                dirty_rounds += 1;
+                // Stale unless the kill fell between setting the bit and the
+                // first L2 write.
+                let (code, text) = qemu_img_check(&img);
+                assert!(matches!(code, Some(0) | Some(2)), "round {round}:\n{text}");
+                if code == Some(2) {
+                    assert!(
+                        text.contains("refcount=0 reference=1"),
+                        "round {round}:\n{text}"
+                    );
+                    stale_rounds += 1;
+                }
+            }
+        } else {
+            assert!(!dirty, "round {round}: dirty bit without lazy refcounts");
+            // qemu-img finds no corruption (leaks are allowed after a crash).
+            let (code, text) = qemu_img_check(&img);
+            assert!(
+                matches!(code, Some(0) | Some(3)),
+                "round {round}: qemu-img check:\n{text}"
+            );
+            assert!(
+                !text.contains("ERROR"),
+                "round {round}: qemu-img check:\n{text}"
+            );
+        }
         // Every block holds its flushed version or a later acknowledged one.
         let data = reference(&img, &dir, &format!("r{round}"));
         let mut s = state.lock().unwrap();
@@ -675,7 +1027,46 @@ fn sigkill_during_writes_keeps_images_consistent_and_flushed_data() {
                 ),
             }
         }
+        drop(s);
+        if lazy {
+            // Opening the image writable repairs it; a clean exit clears the bit.
+            let sock = dir.join(&format!("r{round}-repair.sock"));
+            let mut daemon = crash_daemon(&img, &sock);
+            assert_eq!(daemon.terminate().code(), Some(0));
+            assert_eq!(qemu_img_info(&img)["dirty-flag"], false, "round {round}");
+            let (code, text) = qemu_img_check(&img);
+            assert_eq!(code, Some(0), "round {round}: after repair:\n{text}");
+            assert!(text.contains("No errors were found"), "{text}");
+            assert!(
+                !text.contains("leaked"),
+                "round {round}: after repair:\n{text}"
+            );
+            // The repair kept the data: what was there before still is.
+            let after = reference(&img, &dir, &format!("r{round}-repaired"));
+            assert_same_data(&format!("round {round} repair"), &after, &data);
+        }
     }
+    if lazy {
+        assert!(
+            dirty_rounds >= ROUNDS / 2,
+            "only {dirty_rounds} rounds were dirty"
+        );
+        // The refcounts of flushed allocations were left to the repair.
+        assert!(
+            stale_rounds >= ROUNDS / 2,
+            "only {stale_rounds} rounds had stale refcounts"
+        );
+    }
+}
+
+#[test]
+fn sigkill_during_writes_keeps_images_consistent_and_flushed_data() {
+    sigkill_rounds("strict", "cluster_size=64k", false);
+}
+
+#[test]
+fn sigkill_during_writes_with_lazy_refcounts_repairs_on_open() {
+    sigkill_rounds("lazy", "cluster_size=64k,lazy_refcounts=on", true);
 }
 
 #[test]
@@ -784,5 +1175,289 @@ fn qemu_img_snapshots_read_back_and_survive_vubd_writes() {
             let got = reference(&copy, &dir, &format!("{tag}-{name}-applied"));
             assert_same_data(&format!("{tag}: snapshot {name}"), &got, want);
         }
+    }
+}
+
+/// The qcow2 node's metadata cache statistics (vubd's `x-` fields in the
+/// driver-specific section of `query-blockstats`).
+fn cache_stats(q: &mut vubd_tests::Qmp, node: &str) -> serde_json::Value {
+    let stats = q.ok("query-blockstats", serde_json::json!({"query-nodes": true}));
+    let n = stats
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node-name"] == node)
+        .unwrap_or_else(|| panic!("no node {node} in {stats}"));
+    let s = n["driver-specific"].clone();
+    assert_eq!(s["driver"], "qcow2", "{n}");
+    s
+}
+
+fn stat(s: &serde_json::Value, key: &str) -> u64 {
+    s[key].as_u64().unwrap_or_else(|| panic!("no {key} in {s}"))
+}
+
+/// Waits until `node` has been cleaned twice more: then every clean entry unused
+/// since now has been dropped.
+fn two_more_cleans(q: &mut vubd_tests::Qmp, node: &str) -> serde_json::Value {
+    let start = stat(&cache_stats(q, node), "x-cache-cleans");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let s = cache_stats(q, node);
+        if stat(&s, "x-cache-cleans") >= start + 2 {
+            return s;
+        }
+        assert!(std::time::Instant::now() < deadline, "no cleaning: {s}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+fn read_whole(c: &mut Client) {
+    let cap = c.capacity();
+    let mut pos = 0;
+    while pos < cap {
+        let n = (cap - pos).min(MIB);
+        c.q().read(pos, n as usize).expect("read");
+        pos += n;
+    }
+}
+
+#[test]
+fn cache_clean_interval_drops_idle_metadata_cache_entries() {
+    use serde_json::json;
+    use std::time::{Duration, Instant};
+    let dir = TempDir::new("vubd-qcow2-cache-clean");
+    // 4 KiB clusters: an L2 table maps 2 MiB, so 32 MiB have 16, all allocated.
+    let mut imgs = Vec::new();
+    for name in ["a", "b", "c"] {
+        let img = dir.join(&format!("{name}.qcow2"));
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4k",
+            img.to_str().unwrap(),
+            "32M",
+        ]);
+        let writes: Vec<String> = (0..16)
+            .map(|i| format!("write -P {} {}M 4k", i + 1, 2 * i))
+            .collect();
+        let refs: Vec<&str> = writes.iter().map(String::as_str).collect();
+        qemu_io(&img, "qcow2", &refs);
+        imgs.push(img);
+    }
+    let qs = dir.join("qmp.sock");
+    let (sa, sb) = (dir.join("a.sock"), dir.join("b.sock"));
+    let args = DaemonArgs::new()
+        .arg("--chardev")
+        .arg(&format!(
+            "socket,id=m,path={},server=on,wait=off",
+            qs.display()
+        ))
+        .arg("--monitor")
+        .arg("chardev=m")
+        .blockdev(&format!(
+            "driver=file,node-name=fa,filename={}",
+            imgs[0].display()
+        ))
+        .blockdev("driver=qcow2,node-name=qa,file=fa,cache-clean-interval=1")
+        .blockdev(&format!(
+            "driver=file,node-name=fb,filename={}",
+            imgs[1].display()
+        ))
+        .blockdev("driver=qcow2,node-name=qb,file=fb,cache-clean-interval=0")
+        .export(&format!(
+            "type=vhost-user-blk,id=ea,node-name=qa,addr.type=unix,addr.path={},writable=on",
+            sa.display()
+        ))
+        .export(&format!(
+            "type=vhost-user-blk,id=eb,node-name=qb,addr.type=unix,addr.path={},writable=on",
+            sb.display()
+        ))
+        .build();
+    let mut daemon = Daemon::start(&args);
+    let mut q = vubd_tests::Qmp::connect(&qs);
+    let mut ca = Client::connect(&sa, 1);
+    let mut cb = Client::connect(&sb, 1);
+    read_whole(&mut ca);
+    read_whole(&mut cb);
+    let a = cache_stats(&mut q, "qa");
+    assert_eq!(stat(&a, "x-l2-cache-entries"), 16, "{a}");
+    assert_eq!(stat(&cache_stats(&mut q, "qb"), "x-l2-cache-entries"), 16);
+
+    // Idle for two cleaning passes: every table of qa is dropped.
+    let a = two_more_cleans(&mut q, "qa");
+    assert_eq!(stat(&a, "x-l2-cache-entries"), 0, "{a}");
+    assert_eq!(stat(&a, "x-refcount-cache-entries"), 0, "{a}");
+    assert_eq!(stat(&a, "x-l2-cache-cleaned"), 16, "{a}");
+    // qb, with cache-clean-interval=0, is never cleaned.
+    let b = cache_stats(&mut q, "qb");
+    assert_eq!(stat(&b, "x-l2-cache-entries"), 16, "{b}");
+    assert_eq!(stat(&b, "x-cache-cleans"), 0, "{b}");
+
+    // Reading again misses: the tables come back from the file.
+    let misses = stat(&a, "x-l2-cache-misses");
+    assert_eq!(ca.q().read(0, 4096).unwrap(), vec![1u8; 4096]);
+    let a = cache_stats(&mut q, "qa");
+    assert_eq!(stat(&a, "x-l2-cache-misses"), misses + 1, "{a}");
+    assert_eq!(stat(&a, "x-l2-cache-entries"), 1, "{a}");
+
+    // Allocating writes leave a dirty L2 table and refcount block: they stay,
+    // however long they idle, until a flush writes them.
+    let data = vec![0x77u8; 8192];
+    ca.q().write(2 * MIB + 64 * 1024, &data).expect("write");
+    let a = two_more_cleans(&mut q, "qa");
+    assert_eq!(
+        stat(&a, "x-l2-cache-entries"),
+        1,
+        "dirty L2 table dropped: {a}"
+    );
+    assert!(
+        stat(&a, "x-refcount-cache-entries") >= 1,
+        "dirty refcount block dropped: {a}"
+    );
+    ca.q().flush().expect("flush");
+    let a = two_more_cleans(&mut q, "qa");
+    assert_eq!(stat(&a, "x-l2-cache-entries"), 0, "{a}");
+    assert_eq!(stat(&a, "x-refcount-cache-entries"), 0, "{a}");
+    assert_same_data(
+        "after cleaning",
+        &ca.q().read(2 * MIB + 64 * 1024, data.len()).unwrap(),
+        &data,
+    );
+
+    // Deleting a node with a cleaning timer is immediate, and its image is closed
+    // (and unlocked) when blockdev-del returns.
+    q.ok(
+        "blockdev-add",
+        json!({"driver": "file", "node-name": "fc", "filename": imgs[2].to_str().unwrap()}),
+    );
+    q.ok(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "qc", "file": "fc", "cache-clean-interval": 1}),
+    );
+    let c = two_more_cleans(&mut q, "qc");
+    assert!(stat(&c, "x-cache-cleans") >= 2, "{c}");
+    let t = Instant::now();
+    q.ok("blockdev-del", json!({"node-name": "qc"}));
+    q.ok("blockdev-del", json!({"node-name": "fc"}));
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "blockdev-del took {:?}",
+        t.elapsed()
+    );
+    qemu_img(&["check", imgs[2].to_str().unwrap()]);
+
+    // Nor does a timer delay the daemon's exit: not the 1 s one of qa, nor the
+    // default 600 s one of a node added now.
+    q.ok(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "qd",
+               "file": {"driver": "file", "filename": imgs[2].to_str().unwrap()}}),
+    );
+    drop(ca);
+    drop(cb);
+    let t = Instant::now();
+    assert_eq!(daemon.terminate().code(), Some(0));
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "exit took {:?}",
+        t.elapsed()
+    );
+    qemu_img(&["check", imgs[0].to_str().unwrap()]);
+}
+
+/// The file node's host syncs (`x-sync-operations`) and write operations.
+fn file_node_io(q: &mut vubd_tests::Qmp, node: &str) -> (u64, u64) {
+    let stats = q.ok("query-blockstats", serde_json::json!({"query-nodes": true}));
+    let n = stats
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node-name"] == node)
+        .unwrap_or_else(|| panic!("no node {node} in {stats}"));
+    (
+        stat(&n["driver-specific"], "x-sync-operations"),
+        stat(&n["stats"], "wr_operations"),
+    )
+}
+
+/// Lazy refcounts make a difference QEMU's way: a guest flush after allocating
+/// writes syncs the file once (the L2 table) instead of twice (refcount blocks, then
+/// the L2 table), and writes no refcount block. Measured on the file nodes of two
+/// images served side by side.
+#[test]
+fn lazy_refcounts_halve_the_syncs_of_allocating_flushes() {
+    let dir = TempDir::new("vubd-qcow2-lazy-syncs");
+    let qs = dir.join("qmp.sock");
+    let mut args = DaemonArgs::new()
+        .arg("--chardev")
+        .arg(&format!(
+            "socket,id=m,path={},server=on,wait=off",
+            qs.display()
+        ))
+        .arg("--monitor")
+        .arg("chardev=m");
+    for (name, opts) in [
+        ("strict", "lazy_refcounts=off"),
+        ("lazy", "lazy_refcounts=on"),
+    ] {
+        let img = dir.join(&format!("{name}.qcow2"));
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            opts,
+            img.to_str().unwrap(),
+            "64M",
+        ]);
+        args = args
+            .blockdev(&format!("driver=file,node-name={name}-file,filename={}", img.display()))
+            .blockdev(&format!("driver=qcow2,node-name={name},file={name}-file"))
+            .export(&format!(
+                "type=vhost-user-blk,id={name},node-name={name},addr.type=unix,addr.path={},writable=on",
+                dir.join(&format!("{name}.sock")).display()
+            ));
+    }
+    let mut daemon = Daemon::start(&args.build());
+    let mut q = vubd_tests::Qmp::connect(&qs);
+    const N: u64 = 32;
+    let mut measured = Vec::new();
+    for name in ["strict", "lazy"] {
+        let mut c = Client::connect(dir.join(&format!("{name}.sock")), 1);
+        // The first write creates the L2 table; count from the second on.
+        c.q().write(0, &[1u8; 65536]).expect("write");
+        c.q().flush().expect("flush");
+        let before = file_node_io(&mut q, &format!("{name}-file"));
+        for i in 1..=N {
+            // Whole new clusters: no copy-on-write.
+            c.q().write(i * 65536, &[i as u8; 65536]).expect("write");
+            c.q().flush().expect("flush");
+        }
+        let after = file_node_io(&mut q, &format!("{name}-file"));
+        let (syncs, writes) = (after.0 - before.0, after.1 - before.1);
+        eprintln!("{name}: {N} allocating writes + flushes: {syncs} syncs, {writes} writes");
+        measured.push((syncs, writes));
+    }
+    // Strict: per flush, the data, the refcount block and the L2 table; a sync after
+    // the refcount block and one after the L2 table.
+    assert_eq!(measured[0], (2 * N, 3 * N), "strict refcounts");
+    // Lazy: per flush, the data and the L2 table, one sync.
+    assert_eq!(measured[1], (N, 2 * N), "lazy refcounts");
+    // The refcounts reach the file at a clean exit, which clears the dirty bit.
+    assert_eq!(daemon.terminate().code(), Some(0));
+    for name in ["strict", "lazy"] {
+        let img = dir.join(&format!("{name}.qcow2"));
+        let (code, text) = qemu_img_check(&img);
+        assert_eq!(code, Some(0), "{name}:\n{text}");
+        assert!(
+            text.contains("No errors were found") && !text.contains("leaked"),
+            "{name}:\n{text}"
+        );
+        assert_eq!(qemu_img_info(&img)["dirty-flag"], false, "{name}");
     }
 }

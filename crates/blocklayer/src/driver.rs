@@ -61,6 +61,15 @@ pub trait Driver: Send + Sync {
         ))
     }
 
+    /// Writes back everything the driver keeps in memory and marks the image clean,
+    /// before the process exits (QEMU's inactivation at exit): the qcow2 driver writes
+    /// its metadata caches, refcounts included, and clears the dirty bit. Called from
+    /// the control thread once the node's users are quiesced, parents before
+    /// children. The node stays usable; a later write makes the image dirty again.
+    fn close(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// The file name QEMU reports for the node (`file` in `BlockDeviceInfo`).
     fn filename(&self) -> String {
         String::new()
@@ -110,6 +119,15 @@ pub trait Driver: Send + Sync {
 
     /// Deallocates a range; reads may return anything afterwards (zeroes for files).
     fn discard(&self, offset: u64, len: u64) -> LocalBoxFuture<'_, Result<()>>;
+
+    /// Reserves host space for a range (QEMU's `preallocation=falloc`): holes in it
+    /// read as zeroes afterwards and take space; data already there may stay. The
+    /// default is unsupported: the generic path then writes zero buffers.
+    fn allocate(&self, _offset: u64, _len: u64) -> LocalBoxFuture<'_, Result<()>> {
+        Box::pin(std::future::ready(Err(BlockError::Unsupported(
+            "allocating space",
+        ))))
+    }
 
     /// Makes a range read as zeroes without a data buffer; `may_unmap` allows
     /// deallocation. `Err` with ENOTSUP lets the generic path write a zero buffer.

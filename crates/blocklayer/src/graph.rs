@@ -4,7 +4,10 @@
 
 use crate::driver::Driver;
 use crate::drivers::{
-    blkdebug::BlkdebugDriver, file::FileDriver, null::NullDriver, qcow2::Qcow2Driver,
+    blkdebug::BlkdebugDriver,
+    file::FileDriver,
+    null::NullDriver,
+    qcow2::{Qcow2Driver, Qcow2DriverOptions},
     raw::RawDriver,
 };
 use crate::error::{BlockError, Result};
@@ -17,6 +20,10 @@ use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
+
+/// QEMU's default `cache-clean-interval` on Linux, in seconds.
+pub const DEFAULT_CACHE_CLEAN_INTERVAL: u64 = 600;
 
 /// The longest backing chain opened from image headers.
 pub const MAX_BACKING_DEPTH: usize = 16;
@@ -194,7 +201,14 @@ impl Graph {
                 }
             },
         };
-        let mut drv = Qcow2Driver::open(file.clone(), data, opts, pass_discard)?;
+        let driver_opts = Qcow2DriverOptions {
+            pass_discard,
+            cache_clean_interval: Duration::from_secs(
+                q.cache_clean_interval
+                    .unwrap_or(DEFAULT_CACHE_CLEAN_INTERVAL),
+            ),
+        };
+        let mut drv = Qcow2Driver::open(file.clone(), data, opts, driver_opts)?;
         let backing = match &q.backing {
             BackingRef::None => None,
             BackingRef::Node(r) => Some(self.child(r)?),
@@ -263,6 +277,40 @@ impl Graph {
         let r = self.open(&opts);
         self.chain.pop();
         r
+    }
+
+    /// Every node, each after all the nodes that have it as a child (the order in
+    /// which to close images: a format node writes into its children as it closes).
+    pub fn nodes_parents_first(&self) -> Vec<Arc<Node>> {
+        let mut parents: BTreeMap<&str, usize> =
+            self.nodes.keys().map(|k| (k.as_str(), 0)).collect();
+        for n in self.nodes.values() {
+            for c in n.children() {
+                if let Some(count) = parents.get_mut(c.node.name()) {
+                    *count += 1;
+                }
+            }
+        }
+        let mut ready: Vec<&str> = parents
+            .iter()
+            .filter(|(_, &n)| n == 0)
+            .map(|(&k, _)| k)
+            .collect();
+        let mut out = Vec::with_capacity(self.nodes.len());
+        while let Some(name) = ready.pop() {
+            let node = &self.nodes[name];
+            out.push(node.clone());
+            for c in node.children() {
+                if let Some((&k, count)) = parents.get_key_value(c.node.name()) {
+                    let left = count - 1;
+                    parents.insert(k, left);
+                    if left == 0 {
+                        ready.push(k);
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// The nodes that have `name` as a child, with the child's role.
@@ -455,6 +503,37 @@ mod tests {
             "Failed to find node with node-name='base'"
         );
         assert_eq!(g.nodes().count(), 0);
+    }
+
+    #[test]
+    fn parents_come_before_their_children() {
+        let mut g = Graph::new();
+        g.add(&opts(json!({"driver": "null-co", "node-name": "a-base"})))
+            .unwrap();
+        g.add(&opts(
+            json!({"driver": "raw", "node-name": "m-mid", "file": "a-base"}),
+        ))
+        .unwrap();
+        g.add(&opts(
+            json!({"driver": "raw", "node-name": "z-top", "file": "m-mid"}),
+        ))
+        .unwrap();
+        g.add(&opts(
+            json!({"driver": "raw", "node-name": "b-other", "file": "a-base"}),
+        ))
+        .unwrap();
+        let order: Vec<String> = g
+            .nodes_parents_first()
+            .iter()
+            .map(|n| n.name().to_string())
+            .collect();
+        assert_eq!(order.len(), 4);
+        let at = |n: &str| order.iter().position(|o| o == n).unwrap();
+        assert!(
+            at("z-top") < at("m-mid") && at("m-mid") < at("a-base"),
+            "{order:?}"
+        );
+        assert!(at("b-other") < at("a-base"), "{order:?}");
     }
 
     #[test]

@@ -150,6 +150,17 @@ impl Node {
         r
     }
 
+    /// Reserves host space for `offset..offset+len` (image preallocation): holes in
+    /// the range read as zeroes afterwards and take space on the host; data already
+    /// there may stay, or be zeroed where the driver cannot reserve space and zero
+    /// buffers are written instead. Accounted as a write.
+    pub async fn allocate(&self, offset: u64, len: u64) -> Result<()> {
+        let acct = IoStats::start(IoKind::Write, len);
+        let r = self.allocate_checked(offset, len).await;
+        self.account(acct, &r, offset.saturating_add(len));
+        r
+    }
+
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
         let size = self.size();
         match offset.checked_add(len) {
@@ -435,6 +446,22 @@ impl Node {
             self.flush_inner().await?;
         }
         Ok(())
+    }
+
+    async fn allocate_checked(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, len)?;
+        let _g = InFlight::enter(&self.in_flight);
+        if len == 0 {
+            return Ok(());
+        }
+        let r = match self.driver().allocate(offset, len).await {
+            // Zero buffers are data: they take space wherever they land.
+            Err(e) if e.is_unsupported() => self.write_zero_buffers(offset, len).await,
+            r => r,
+        };
+        self.note_write();
+        r
     }
 
     /// The write-zeroes fallback: writes a shared zero buffer over the range.

@@ -5,6 +5,7 @@
 //! - [`io`]: the generic request path every node goes through
 //! - [`drivers`]: `file`/`host_device`, `raw`, `null-co`
 //! - [`graph`]: node-names and opening nodes from [`options`]
+//! - [`periodic`]: the housekeeping thread for periodic driver tasks
 //! - [`snapshot`]: internal snapshots as drivers report them
 
 pub mod aio;
@@ -17,6 +18,7 @@ pub mod io;
 pub mod limits;
 pub mod node;
 pub mod options;
+pub mod periodic;
 pub mod snapshot;
 pub mod stats;
 

@@ -197,6 +197,9 @@ pub struct Qcow2Options {
     pub refcount_cache_size: Option<u64>,
     /// `cache-size`: the two caches together
     pub cache_size: Option<u64>,
+    /// `cache-clean-interval` in seconds: drop metadata cache entries unused for
+    /// that long (0: never; default: 600, QEMU's on Linux)
+    pub cache_clean_interval: Option<u64>,
     /// `pass-discard-request` (default on with discard=unmap), `pass-discard-snapshot`
     /// (default on), `pass-discard-other` (default off)
     pub pass_discard_request: Option<bool>,
@@ -1177,14 +1180,23 @@ impl Qcow2Options {
             l2_cache_size: f.size("l2-cache-size")?,
             refcount_cache_size: f.size("refcount-cache-size")?,
             cache_size: f.size("cache-size")?,
+            cache_clean_interval: f.uint("cache-clean-interval")?,
             pass_discard_request: f.bool("pass-discard-request")?,
             pass_discard_snapshot: f.bool("pass-discard-snapshot")?.unwrap_or(true),
             pass_discard_other: f.bool("pass-discard-other")?.unwrap_or(false),
         };
         // Accepted and without effect: vubd checks every metadata write against the
-        // metadata ranges and never frees cache entries on a timer.
+        // metadata ranges.
         let _ = f.take("overlap-check");
-        f.uint("cache-clean-interval")?;
+        if options
+            .cache_clean_interval
+            .is_some_and(|v| v > u64::from(u32::MAX))
+        {
+            return Err(bad_value(
+                &f.name("cache-clean-interval"),
+                "Cache clean interval too big",
+            ));
+        }
         for key in ["encrypt", "l2-cache-entry-size"] {
             if f.contains(key) {
                 return Err(bad_value(
@@ -1223,6 +1235,11 @@ impl Qcow2Options {
             self.refcount_cache_size.map(|v| json!(v)),
         );
         opt(m, "cache-size", self.cache_size.map(|v| json!(v)));
+        opt(
+            m,
+            "cache-clean-interval",
+            self.cache_clean_interval.map(|v| json!(v)),
+        );
         opt(
             m,
             "pass-discard-request",
@@ -1534,6 +1551,26 @@ mod tests {
         assert_eq!(a.references(), vec!["file0"]);
         assert_eq!(a.node_names(), vec!["disk0"]);
         assert_eq!(parse(a.to_json()).unwrap(), a);
+    }
+
+    #[test]
+    fn qcow2_cache_clean_interval() {
+        let keyval = json!({"driver": "qcow2", "node-name": "q", "file": "f",
+                            "cache-clean-interval": "30"});
+        let a = parse(keyval).unwrap();
+        let DriverOptions::Qcow2(q) = &a.driver else {
+            panic!("{a:?}");
+        };
+        assert_eq!(q.cache_clean_interval, Some(30));
+        assert_eq!(parse(a.to_json()).unwrap(), a);
+        let b = parse(json!({"driver": "qcow2", "node-name": "q", "file": "f"})).unwrap();
+        let DriverOptions::Qcow2(q) = &b.driver else {
+            panic!("{b:?}");
+        };
+        assert_eq!(q.cache_clean_interval, None);
+        let e = error(json!({"driver": "qcow2", "node-name": "q", "file": "f",
+                             "cache-clean-interval": 1u64 << 32}));
+        assert!(e.contains("Cache clean interval too big"), "{e}");
     }
 
     #[test]

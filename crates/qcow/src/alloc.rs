@@ -13,6 +13,22 @@
 //!
 //! A crash may leak clusters, but never leaves an entry pointing to a
 //! cluster whose refcount is zero.
+//!
+//! With lazy refcounts (QEMU's `lazy_refcounts`, compat 1.1) the dirty bit is
+//! set before the first metadata write, and from then on refcount blocks stay
+//! dirty in their cache: guest flushes write L2 tables without writing the
+//! refcounts first, so an allocating write plus flush costs one sync instead
+//! of two. Refcounts reach the file when the cache overflows, at operations
+//! that rewrite structural metadata (snapshots, resize, check) and at close,
+//! which then clears the dirty bit. After a crash the refcounts on disk may be
+//! stale; the dirty bit makes the next writable open rebuild them. What lazy
+//! refcounts keep: L2 tables before the L1 entries that point to them;
+//! clusters freed only once the L2 update that dropped them is stable; and
+//! guest data stable before an L2 entry maps a host range that may hold older
+//! data (a reused cluster, a new subcluster of an old cluster) or content
+//! copied on write. New clusters past the old end of the file read as zeroes
+//! until written, so mapping them with nothing copied needs no sync first: the
+//! common case of a growing image.
 
 use crate::header::{self, incompat};
 use crate::image::{Error, Qcow2, Result, TableKind};
@@ -430,15 +446,41 @@ impl<I: QcowIo> Qcow2<I> {
         Ok(())
     }
 
-    /// Writes every dirty L2 table, after the refcounts and data they depend on.
+    /// Whether lazy refcounts are in effect: the dirty bit is set and refcounts
+    /// on disk need not be accurate.
+    pub(crate) fn refcounts_lazy(&self) -> bool {
+        let st = self.st();
+        st.lazy && st.dirty_marked
+    }
+
+    /// Before an entry that points to newly allocated clusters is written: the
+    /// dirty bit with lazy refcounts, else the refcounts. The caller flushes.
+    async fn prepare_new_references(&self) -> Result<()> {
+        self.mark_dirty_if_lazy().await?;
+        if !self.refcounts_lazy() {
+            self.write_dirty_refcounts().await?;
+        }
+        Ok(())
+    }
+
+    /// Writes every dirty L2 table, after the refcounts (unless lazy) and the
+    /// guest data they depend on: one sync first, skipped with lazy refcounts
+    /// when the new entries only map clusters past the old end of the file.
     pub(crate) async fn write_dirty_l2(&self) -> Result<()> {
-        let dirty = self.st().l2.dirty();
+        let (dirty, data_sync) = {
+            let st = self.st();
+            (st.l2.dirty(), st.l2_needs_data_sync)
+        };
         if dirty.is_empty() {
             return Ok(());
         }
-        self.mark_dirty_if_lazy().await?;
-        self.write_dirty_refcounts().await?;
-        self.io.flush().await?;
+        self.prepare_new_references().await?;
+        if data_sync || !self.refcounts_lazy() {
+            self.io.flush().await?;
+            // Commits that set the flag since were made after their data was
+            // written, so this sync covers them too.
+            self.st().l2_needs_data_sync = false;
+        }
         for off in dirty {
             self.write_table(TableKind::L2, off).await?;
         }
@@ -478,20 +520,38 @@ impl<I: QcowIo> Qcow2<I> {
         Ok(())
     }
 
-    /// Flush with the metadata lock held: writes metadata back in
-    /// dependency order, applies pending frees, flushes the file.
+    /// Flush with the metadata lock held: writes all metadata back in
+    /// dependency order (refcounts too, even when lazy), applies pending
+    /// frees, flushes the file.
     pub(crate) async fn flush_locked(&self) -> Result<()> {
+        self.flush_metadata(true).await
+    }
+
+    /// A guest flush with the metadata lock held: like [`Self::flush_locked`],
+    /// except that with lazy refcounts in effect the refcount blocks stay
+    /// dirty in the cache.
+    pub(crate) async fn flush_guest_locked(&self) -> Result<()> {
+        self.flush_metadata(false).await
+    }
+
+    async fn flush_metadata(&self, all: bool) -> Result<()> {
         let writable = {
             let st = self.st();
             st.writable && !st.corrupt
         };
         if writable {
             self.write_dirty_l2().await?;
-            self.write_dirty_refcounts().await?;
+            let refcounts = all || !self.refcounts_lazy();
+            if refcounts {
+                self.write_dirty_refcounts().await?;
+            }
             self.io.flush().await?;
             if !self.st().pending_frees.is_empty() {
+                // The L2 updates that dropped these references are stable now.
                 self.apply_pending_frees().await?;
-                self.write_dirty_refcounts().await?;
+                if refcounts {
+                    self.write_dirty_refcounts().await?;
+                }
             }
             let hw = self.st().high_water;
             if self.io.len().await? < hw {
@@ -520,7 +580,7 @@ impl<I: QcowIo> Qcow2<I> {
             )
         };
         if l2_over || frees > 4096 {
-            return self.flush_locked().await;
+            return self.flush_guest_locked().await;
         }
         if rc_over {
             self.write_dirty_refcounts().await?;
@@ -558,8 +618,7 @@ impl<I: QcowIo> Qcow2<I> {
         };
         let new = self.alloc_clusters(1).await?;
         self.io.write_at(new, &content).await?;
-        self.mark_dirty_if_lazy().await?;
-        self.write_dirty_refcounts().await?;
+        self.prepare_new_references().await?;
         self.io.flush().await?;
         let l1_off = {
             let mut st = self.st();

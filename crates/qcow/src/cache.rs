@@ -1,5 +1,11 @@
 //! A bounded LRU cache of metadata tables (L2 tables, refcount blocks),
 //! keyed by host offset.
+//!
+//! Every lookup and insertion stamps the entry with a counter; a periodic
+//! clean ([`TableCache::clean_unused`], QEMU's `cache-clean-interval`) drops
+//! the clean entries whose stamp is not newer than the counter at the
+//! previous clean: those unused for a whole interval. Dirty entries stay
+//! until they are written back.
 
 use std::collections::HashMap;
 
@@ -22,10 +28,14 @@ pub struct TableCache {
     cap: usize,
     map: HashMap<u64, CacheEntry>,
     tick: u64,
+    /// `tick` at the previous [`TableCache::clean_unused`].
+    clean_mark: u64,
     /// Lookups that hit.
     pub hits: u64,
     /// Lookups that missed.
     pub misses: u64,
+    /// Entries dropped by [`TableCache::clean_unused`] so far.
+    pub cleaned: u64,
 }
 
 impl TableCache {
@@ -35,8 +45,10 @@ impl TableCache {
             cap: cap.max(2),
             map: HashMap::new(),
             tick: 0,
+            clean_mark: 0,
             hits: 0,
             misses: 0,
+            cleaned: 0,
         }
     }
     /// Capacity in tables.
@@ -66,6 +78,15 @@ impl TableCache {
                 None
             }
         }
+    }
+    /// [`get`](Self::get) for a lookup that falls back to one that loads: a hit
+    /// counts and marks the table used, a miss is left for the fallback's `get`
+    /// to count (so that one table read from disk is one miss).
+    pub fn try_get(&mut self, off: u64) -> Option<&mut CacheEntry> {
+        if !self.map.contains_key(&off) {
+            return None;
+        }
+        self.get(off)
     }
     /// Whether a table is cached (without touching its LRU position).
     pub fn contains(&self, off: u64) -> bool {
@@ -106,6 +127,18 @@ impl TableCache {
             }
         }
     }
+    /// Drops the clean tables not used since the previous call, and returns
+    /// how many it dropped. Called periodically, this frees what has been idle
+    /// for a whole period while keeping the working set.
+    pub fn clean_unused(&mut self) -> usize {
+        let mark = self.clean_mark;
+        let before = self.map.len();
+        self.map.retain(|_, e| e.dirty || e.used > mark);
+        self.clean_mark = self.tick;
+        let dropped = before - self.map.len();
+        self.cleaned += dropped as u64;
+        dropped
+    }
     /// Whether the cache holds more tables than its capacity.
     pub fn over_capacity(&self) -> bool {
         self.map.len() > self.cap
@@ -134,6 +167,38 @@ impl TableCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clean_drops_what_was_unused_for_a_whole_period() {
+        let mut c = TableCache::new(8);
+        c.insert(1, vec![1], false);
+        c.insert(2, vec![2], false);
+        c.insert(3, vec![3], true);
+        // Everything was used since the (implicit) previous clean at start.
+        assert_eq!(c.clean_unused(), 0);
+        assert_eq!(c.len(), 3);
+        // 1 is used again in this period, 2 is not; 3 is dirty.
+        c.get(1);
+        assert_eq!(c.clean_unused(), 1);
+        assert!(c.contains(1) && !c.contains(2) && c.contains(3));
+        assert_eq!(c.cleaned, 1);
+        // A miss does not keep anything alive; an entry inserted now survives one
+        // clean.
+        c.get(99);
+        c.insert(4, vec![4], false);
+        assert_eq!(c.clean_unused(), 1);
+        assert!(!c.contains(1) && c.contains(4) && c.contains(3));
+        // Dirty entries stay however old; once written back (clean) and still
+        // unused, they go at the next clean.
+        assert_eq!(c.clean_unused(), 1);
+        assert_eq!(c.dirty(), vec![3]);
+        c.map.get_mut(&3).unwrap().dirty = false;
+        assert_eq!(c.clean_unused(), 1);
+        assert!(c.is_empty());
+        assert_eq!(c.cleaned, 4);
+        // An empty cache cleans nothing.
+        assert_eq!(c.clean_unused(), 0);
+    }
 
     #[test]
     fn lru_evicts_clean_only() {

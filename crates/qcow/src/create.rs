@@ -2,7 +2,7 @@
 
 use crate::header::{self, compat, incompat, CompressionType, Header};
 use crate::image::{OpenOptions, Qcow2};
-use crate::io::QcowIo;
+use crate::io::{self, QcowIo};
 use crate::layout;
 use crate::NoBacking;
 use thiserror::Error;
@@ -40,10 +40,11 @@ pub enum Preallocation {
     /// Nothing preallocated.
     #[default]
     Off,
-    /// L2 tables and data cluster mappings allocated; the file is sparse.
+    /// L2 tables and data cluster mappings allocated; the file covers the
+    /// data clusters but is sparse.
     Metadata,
-    /// Like metadata, with the file extended to its full length (set_len;
-    /// the I/O trait has no fallocate).
+    /// Like metadata, with the host space of every data cluster reserved
+    /// ([`QcowIo::allocate`]: fallocate), reading as zeroes.
     Falloc,
     /// Like metadata, with every data cluster written with zeroes.
     Full,
@@ -281,9 +282,17 @@ async fn create_inner<I: QcowIo>(
         while pos < opts.size {
             let n = chunk.min(opts.size - pos);
             let a = img.allocate(pos, n, &NoBacking).await?;
-            if prealloc == Preallocation::Full {
-                for r in a.ranges() {
-                    img.data_io().write_zeroes(r.host_offset, r.len).await?;
+            for r in a.ranges() {
+                let done = match prealloc {
+                    Preallocation::Falloc => img.data_io().allocate(r.host_offset, r.len).await,
+                    Preallocation::Full => {
+                        io::write_zero_buffers(img.data_io(), r.host_offset, r.len).await
+                    }
+                    Preallocation::Off | Preallocation::Metadata => Ok(()),
+                };
+                if let Err(e) = done {
+                    img.abort(a).await;
+                    return Err(e.into());
                 }
             }
             img.commit(a).await?;
@@ -312,6 +321,121 @@ mod tests {
         o.extended_l2 = true;
         o.cluster_size = 4096;
         assert!(block_on(create(MemIo::new(), &o)).is_err());
+    }
+
+    /// MemIo that records what `allocate` was asked for and does it by
+    /// growing the file only (as fallocate leaves holes reading as zeroes).
+    #[derive(Default)]
+    struct Recording {
+        mem: MemIo,
+        allocated: std::sync::Mutex<Vec<(u64, u64)>>,
+    }
+
+    impl QcowIo for Recording {
+        async fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+            self.mem.read_at(offset, buf).await
+        }
+        async fn write_at(&self, offset: u64, buf: &[u8]) -> std::io::Result<()> {
+            self.mem.write_at(offset, buf).await
+        }
+        async fn flush(&self) -> std::io::Result<()> {
+            self.mem.flush().await
+        }
+        async fn len(&self) -> std::io::Result<u64> {
+            self.mem.len().await
+        }
+        async fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.mem.set_len(len).await
+        }
+        async fn allocate(&self, offset: u64, len: u64) -> std::io::Result<()> {
+            self.allocated.lock().unwrap().push((offset, len));
+            if self.mem.len().await? < offset + len {
+                self.mem.set_len(offset + len).await?;
+            }
+            Ok(())
+        }
+    }
+
+    /// The host ranges of the image's data extents, merged.
+    fn data_ranges<I: QcowIo>(img: &Qcow2<I>) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for e in block_on(img.map(0, img.size())).unwrap() {
+            let crate::ExtentKind::Data { host_offset } = e.kind else {
+                panic!("not data: {e:?}");
+            };
+            match out.last_mut() {
+                Some(l) if l.0 + l.1 == host_offset => l.1 += e.len,
+                _ => out.push((host_offset, e.len)),
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn falloc_reserves_exactly_the_data_clusters() {
+        let mut o = CreateOptions::new(5 << 20);
+        o.cluster_size = 4096;
+        o.preallocation = Preallocation::Falloc;
+        let img = block_on(create(Recording::default(), &o)).unwrap();
+        let mut asked = img.io().allocated.lock().unwrap().clone();
+        asked.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::new();
+        for (off, len) in asked {
+            match merged.last_mut() {
+                Some(l) if l.0 + l.1 == off => l.1 += len,
+                _ => merged.push((off, len)),
+            }
+        }
+        let mut data = data_ranges(&img);
+        data.sort_unstable();
+        assert_eq!(merged, data);
+        assert_eq!(data.iter().map(|r| r.1).sum::<u64>(), 5 << 20);
+        let r = block_on(img.check(crate::check::Repair::None)).unwrap();
+        assert!(r.is_clean(), "{r:?}");
+        // Metadata and off never reserve data space.
+        for mode in [Preallocation::Off, Preallocation::Metadata] {
+            o.preallocation = mode;
+            let img = block_on(create(Recording::default(), &o)).unwrap();
+            assert!(img.io().allocated.lock().unwrap().is_empty(), "{mode:?}");
+        }
+    }
+
+    #[test]
+    fn preallocated_host_files_take_their_space() {
+        use std::os::unix::fs::MetadataExt;
+        let size = 8u64 << 20;
+        for mode in [
+            Preallocation::Off,
+            Preallocation::Metadata,
+            Preallocation::Falloc,
+            Preallocation::Full,
+        ] {
+            let path = std::env::temp_dir().join(format!(
+                "qcow-prealloc-{}-{mode:?}.qcow2",
+                std::process::id()
+            ));
+            let mut o = CreateOptions::new(size);
+            o.preallocation = mode;
+            let img = block_on(create(crate::FileIo::create(&path).unwrap(), &o)).unwrap();
+            block_on(img.close()).unwrap();
+            let mut buf = vec![1u8; 1 << 20];
+            block_on(img.read(size - (1 << 20), &mut buf, &NoBacking)).unwrap();
+            assert!(buf.iter().all(|&b| b == 0), "{mode:?}");
+            let allocated = std::fs::metadata(&path).unwrap().blocks() * 512;
+            let len = std::fs::metadata(&path).unwrap().len();
+            drop(img);
+            std::fs::remove_file(&path).unwrap();
+            match mode {
+                Preallocation::Off => assert!(len < 1 << 20, "{mode:?}: {len}"),
+                _ => assert!(len > size, "{mode:?}: {len}"),
+            }
+            match mode {
+                Preallocation::Off | Preallocation::Metadata => {
+                    assert!(allocated < 1 << 20, "{mode:?}: {allocated}")
+                }
+                _ => assert!(allocated >= size, "{mode:?}: {allocated}"),
+            }
+        }
     }
 
     #[test]

@@ -214,6 +214,11 @@ pub(crate) struct State {
     /// Where the next compressed cluster may go (inside a host cluster that
     /// already holds compressed data), 0 if nowhere.
     pub free_byte_offset: u64,
+    /// Calls of `clean_unused_cache_entries`.
+    pub cleans: u64,
+    /// Dirty L2 entries map host ranges whose guest data must be stable
+    /// before the tables are written (see `Allocation::needs_data_sync`).
+    pub l2_needs_data_sync: bool,
 }
 
 impl State {
@@ -278,6 +283,32 @@ impl<I: QcowIo> std::fmt::Debug for Qcow2<I> {
             .field("geometry", &self.g)
             .finish_non_exhaustive()
     }
+}
+
+/// The statistics of one metadata cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TableCacheStats {
+    /// Tables cached now.
+    pub entries: u64,
+    /// Tables it holds at most (dirty ones may exceed it briefly).
+    pub capacity: u64,
+    /// Lookups that found their table.
+    pub hits: u64,
+    /// Lookups that had to read it.
+    pub misses: u64,
+    /// Tables dropped by periodic cleaning.
+    pub cleaned: u64,
+}
+
+/// The statistics of the L2 and refcount block caches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CacheStats {
+    /// The L2 table cache.
+    pub l2: TableCacheStats,
+    /// The refcount block cache.
+    pub refcount: TableCacheStats,
+    /// Periodic cleaning passes so far.
+    pub cleans: u64,
 }
 
 /// Information about an open image.
@@ -397,6 +428,8 @@ impl<I: QcowIo> Qcow2<I> {
             }
         }
         let st = State {
+            l2_needs_data_sync: false,
+            cleans: 0,
             free_byte_offset: 0,
             meta_clusters,
             l1,
@@ -522,18 +555,31 @@ impl<I: QcowIo> Qcow2<I> {
         }
     }
 
-    /// Drops clean cache entries (QEMU's `cache-clean-interval`: the caller
-    /// calls this from a timer).
-    pub fn drop_clean_cache_entries(&self) {
+    /// Drops the clean L2 and refcount cache entries that were not used since
+    /// the previous call (QEMU's `cache-clean-interval`: the caller calls this
+    /// from a timer). Dirty entries stay until they are written. Returns how
+    /// many entries were dropped.
+    pub fn clean_unused_cache_entries(&self) -> usize {
         let mut st = self.st();
-        st.l2.evict_clean(0);
-        st.rc.evict_clean(0);
+        st.cleans += 1;
+        st.l2.clean_unused() + st.rc.clean_unused()
     }
 
-    /// L2 and refcount cache (hits, misses).
-    pub fn cache_stats(&self) -> ((u64, u64), (u64, u64)) {
+    /// The metadata caches' statistics.
+    pub fn cache_stats(&self) -> CacheStats {
         let st = self.st();
-        ((st.l2.hits, st.l2.misses), (st.rc.hits, st.rc.misses))
+        let one = |c: &TableCache| TableCacheStats {
+            entries: c.len() as u64,
+            capacity: c.capacity() as u64,
+            hits: c.hits,
+            misses: c.misses,
+            cleaned: c.cleaned,
+        };
+        CacheStats {
+            l2: one(&st.l2),
+            refcount: one(&st.rc),
+            cleans: st.cleans,
+        }
     }
 
     /// Marks the image corrupt (and read-only), writing the corrupt bit when
@@ -763,7 +809,7 @@ impl<I: QcowIo> Qcow2<I> {
             if !self.g.aligned(l2off) || l2off >= hw || overlaps {
                 return None;
             }
-            let table = st.l2.get(l2off)?;
+            let table = st.l2.try_get(l2off)?;
             while pos < chunk_end {
                 let i = ((pos % span) / cs) as usize;
                 let (raw, bm) = if ext {

@@ -6,6 +6,7 @@
 
 use std::future::Future;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::Mutex;
 
@@ -28,18 +29,36 @@ pub trait QcowIo {
     /// Writes `len` zero bytes at `offset`. The default writes a zero buffer;
     /// implementations may use fallocate instead.
     fn write_zeroes(&self, offset: u64, len: u64) -> impl Future<Output = io::Result<()>> {
-        async move {
-            const CHUNK: u64 = 1 << 20;
-            let zeroes = vec![0u8; len.min(CHUNK) as usize];
-            let mut done = 0;
-            while done < len {
-                let n = (len - done).min(CHUNK);
-                self.write_at(offset + done, &zeroes[..n as usize]).await?;
-                done += n;
-            }
-            Ok(())
-        }
+        write_zero_buffers(self, offset, len)
     }
+    /// Reserves host space for `offset..offset+len` (QEMU's
+    /// `preallocation=falloc`), growing the file if the range ends past it.
+    /// Afterwards holes in the range and the part past the old end read as
+    /// zeroes and take space on the host. Data already in the range may be
+    /// kept (fallocate) or zeroed (the default, which writes zero buffers),
+    /// so callers use it only on ranges whose content does not matter.
+    fn allocate(&self, offset: u64, len: u64) -> impl Future<Output = io::Result<()>> {
+        write_zero_buffers(self, offset, len)
+    }
+}
+
+/// Writes `len` zero bytes at `offset` as data (never as holes): the default
+/// of [`QcowIo::write_zeroes`] and [`QcowIo::allocate`], and what
+/// `preallocation=full` does.
+pub async fn write_zero_buffers<I: QcowIo + ?Sized>(
+    io: &I,
+    offset: u64,
+    len: u64,
+) -> io::Result<()> {
+    const CHUNK: u64 = 1 << 20;
+    let zeroes = vec![0u8; len.min(CHUNK) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(CHUNK);
+        io.write_at(offset + done, &zeroes[..n as usize]).await?;
+        done += n;
+    }
+    Ok(())
 }
 
 impl<T: QcowIo> QcowIo for &T {
@@ -60,6 +79,9 @@ impl<T: QcowIo> QcowIo for &T {
     }
     fn write_zeroes(&self, offset: u64, len: u64) -> impl Future<Output = io::Result<()>> {
         (**self).write_zeroes(offset, len)
+    }
+    fn allocate(&self, offset: u64, len: u64) -> impl Future<Output = io::Result<()>> {
+        (**self).allocate(offset, len)
     }
 }
 
@@ -202,6 +224,26 @@ impl QcowIo for FileIo {
     }
     async fn set_len(&self, len: u64) -> io::Result<()> {
         self.file.set_len(len)
+    }
+    async fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let (Ok(off), Ok(n)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return Err(io::Error::from_raw_os_error(libc::EFBIG));
+        };
+        // SAFETY: fallocate on a descriptor this object owns; no memory is passed.
+        let r = unsafe { libc::fallocate(self.file.as_raw_fd(), 0, off, n) };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            // The file system cannot reserve space: write zeroes, as
+            // posix_fallocate does.
+            Some(libc::EOPNOTSUPP) => write_zero_buffers(self, offset, len).await,
+            _ => Err(e),
+        }
     }
 }
 

@@ -28,7 +28,10 @@ pub use create::{
     create, create_with_data_file, Compat, CreateError, CreateOptions, Preallocation,
 };
 pub use header::{CompressionType, Header, HeaderError};
-pub use image::{Error, Extent, ExtentKind, Extents, ImageInfo, OpenOptions, Qcow2, Result};
+pub use image::{
+    CacheStats, Error, Extent, ExtentKind, Extents, ImageInfo, OpenOptions, Qcow2, Result,
+    TableCacheStats,
+};
 pub use io::{block_on, FileIo, MemIo, QcowIo};
 pub use snapshot::{NewSnapshot, Snapshot};
 pub use write::{Allocation, HostRange};

@@ -123,11 +123,20 @@ fn cached_map_agrees_with_loading_map() {
         }
         assert!(answered > 1000, "the fast path answered only {answered}");
         assert!(img.map_cached(8 << 20, 512).is_none(), "out of range");
-        img.drop_clean_cache_entries();
+        // Two cleans with no use between them drop every clean table (the flush
+        // writes the dirty ones back first).
         block_on(img.flush()).unwrap();
-        img.drop_clean_cache_entries();
+        img.clean_unused_cache_entries();
+        img.clean_unused_cache_entries();
+        assert_eq!(img.cache_stats().l2.entries, 0);
+        let misses = img.cache_stats().l2.misses;
         assert!(img.map_cached(0, 4096).is_none(), "L2 table not cached");
+        // Declining is not a miss: the loading map that follows counts it.
+        assert_eq!(img.cache_stats().l2.misses, misses);
         assert_eq!(block_on(img.map(0, 4096)).unwrap().len(), 1);
+        assert_eq!(img.cache_stats().l2.misses, misses + 1);
+        // The loading map cached the table: the fast path answers again.
+        assert_eq!(img.map_cached(0, 4096).map(|m| m.len()), Some(1));
     }
 }
 
@@ -751,6 +760,7 @@ fn crash_consistency() {
         (4096u64, false, false, 16u32),
         (16384, true, false, 16),
         (4096, false, true, 16),
+        (16384, true, true, 16),
         (512, false, false, 64),
     ] {
         let size = 1u64 << 20;
@@ -1069,4 +1079,229 @@ fn repair_rebuilds_missing_refcount_blocks() {
         block_on(img.flush()).unwrap();
         assert_clean(&img);
     }
+}
+
+/// `cache-clean-interval`: each clean drops the clean tables unused since the
+/// previous one; tables in use and dirty tables stay.
+#[test]
+fn periodic_clean_drops_idle_cache_entries() {
+    // 4 KiB clusters: one L2 table maps 2 MiB, so 8 MiB need 4.
+    let img = block_on(create(MemIo::new(), &opts(8 << 20, 4096))).unwrap();
+    let img = reopen(img, true);
+    for i in 0..4u64 {
+        block_on(img.write(i * (2 << 20), &[i as u8 + 1; 4096], &NoBacking)).unwrap();
+    }
+    block_on(img.flush()).unwrap();
+    let s = img.cache_stats();
+    assert_eq!(s.l2.entries, 4);
+    assert!(s.refcount.entries >= 1);
+    // Everything was used since the image was opened: the first clean keeps it.
+    assert_eq!(img.clean_unused_cache_entries(), 0);
+    // The first L2 table is used again; the others and the refcount block idle.
+    let mut b = [0u8; 512];
+    block_on(img.read(0, &mut b, &NoBacking)).unwrap();
+    let rc = img.cache_stats().refcount.entries;
+    assert_eq!(img.clean_unused_cache_entries() as u64, 3 + rc);
+    let s = img.cache_stats();
+    assert_eq!((s.l2.entries, s.refcount.entries), (1, 0));
+    assert_eq!(s.l2.cleaned, 3);
+    assert_eq!(s.cleans, 2);
+    // Reading a dropped table again misses and brings it back.
+    let misses = s.l2.misses;
+    block_on(img.read(2 << 20, &mut b, &NoBacking)).unwrap();
+    assert_eq!(b, [2u8; 512]);
+    assert_eq!(img.cache_stats().l2.misses, misses + 1);
+    // Dirty tables survive any number of cleans until written back (a new
+    // cluster: its L2 entry and refcount change).
+    let at = (6 << 20) + 65536;
+    block_on(img.write(at, &[9u8; 4096], &NoBacking)).unwrap();
+    img.clean_unused_cache_entries();
+    img.clean_unused_cache_entries();
+    let s = img.cache_stats();
+    assert!(s.l2.entries >= 1 && s.refcount.entries >= 1, "{s:?}");
+    block_on(img.flush()).unwrap();
+    img.clean_unused_cache_entries();
+    img.clean_unused_cache_entries();
+    let s = img.cache_stats();
+    assert_eq!((s.l2.entries, s.refcount.entries), (0, 0), "{s:?}");
+    // Nothing was lost.
+    assert_eq!(read_all(&img, &NoBacking)[at as usize], 9);
+    assert_clean(&img);
+}
+
+/// MemIo that counts writes and the flushes that had writes to make stable
+/// (what a block layer's flush elision lets reach the disk).
+#[derive(Default)]
+struct CountingIo {
+    mem: MemIo,
+    writes: std::sync::atomic::AtomicU64,
+    pending: std::sync::atomic::AtomicBool,
+    syncs: std::sync::atomic::AtomicU64,
+}
+
+impl CountingIo {
+    fn counts(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::SeqCst;
+        (self.writes.load(SeqCst), self.syncs.load(SeqCst))
+    }
+}
+
+impl crate::QcowIo for CountingIo {
+    async fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.mem.read_at(offset, buf).await
+    }
+    async fn write_at(&self, offset: u64, buf: &[u8]) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.writes.fetch_add(1, SeqCst);
+        self.pending.store(true, SeqCst);
+        self.mem.write_at(offset, buf).await
+    }
+    async fn flush(&self) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.pending.swap(false, SeqCst) {
+            self.syncs.fetch_add(1, SeqCst);
+        }
+        Ok(())
+    }
+    async fn len(&self) -> std::io::Result<u64> {
+        self.mem.len().await
+    }
+    async fn set_len(&self, len: u64) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.pending.store(true, SeqCst);
+        self.mem.set_len(len).await
+    }
+}
+
+/// Allocating writes each followed by a flush, on an image with and without
+/// lazy refcounts: (writes, syncs) it took, and the image file afterwards
+/// (not closed: as after a crash).
+fn flushed_allocations(lazy: bool) -> ((u64, u64), Vec<u8>) {
+    let mut o = opts(8 << 20, 65536);
+    o.lazy_refcounts = lazy;
+    let img = block_on(create(MemIo::new(), &o)).unwrap();
+    block_on(img.close()).unwrap();
+    let io = CountingIo {
+        mem: MemIo::from_vec(img.io().to_vec()),
+        ..Default::default()
+    };
+    let img = block_on(Qcow2::open(io, OpenOptions::read_write())).unwrap();
+    let before = img.io().counts();
+    // Whole clusters: no copy-on-write or tail zeroing adds writes.
+    for i in 0..32u64 {
+        block_on(img.write(i * 65536, &[i as u8 + 1; 65536], &NoBacking)).unwrap();
+        block_on(img.flush()).unwrap();
+    }
+    let after = img.io().counts();
+    let data = img.io().mem.to_vec();
+    // Dropped without close: the warning about unwritten metadata is expected
+    // with lazy refcounts.
+    ((after.0 - before.0, after.1 - before.1), data)
+}
+
+/// Lazy refcounts: allocations write L2 tables only, with one sync per guest
+/// flush instead of two (refcounts first, then the L2 table); the refcounts
+/// reach the file at close, and a crash before that is repaired on open.
+#[test]
+fn lazy_refcounts_save_refcount_writes_and_syncs() {
+    let ((w, s), _) = flushed_allocations(false);
+    let ((lw, ls), crashed) = flushed_allocations(true);
+    // The first write also creates the L2 table: the table, its refcount and
+    // the L1 entry (3 writes), with a sync before the L1 entry. Then each
+    // flush writes the data, the refcount block and the L2 table, with two
+    // syncs: refcounts stable before the L2 table, then the L2 table.
+    assert_eq!((w, s), (3 + 3 * 32, 1 + 2 * 32), "strict refcounts");
+    // Lazy: the new L2 table, the dirty bit and the L1 entry, with one sync
+    // before the L1 entry; then each flush writes the data and the L2 table,
+    // with one sync (new clusters past the end need no sync before their L2
+    // entries).
+    assert_eq!((lw, ls), (3 + 2 * 32, 1 + 32), "lazy refcounts");
+    // The file after that "crash" has the dirty bit and stale refcounts; a
+    // read-only look sees the data, a writable open repairs.
+    let h = Qcow2::open(MemIo::from_vec(crashed.clone()), OpenOptions::read_only());
+    let img = block_on(h).unwrap();
+    assert_ne!(
+        img.header().incompatible_features & crate::header::incompat::DIRTY,
+        0
+    );
+    let r = block_on(img.check(Repair::None)).unwrap();
+    assert!(r.corruptions > 0, "refcounts were written: {r:?}");
+    let img = block_on(Qcow2::open(
+        MemIo::from_vec(crashed),
+        OpenOptions::read_write(),
+    ))
+    .unwrap();
+    assert_eq!(
+        img.header().incompatible_features & crate::header::incompat::DIRTY,
+        0
+    );
+    assert_clean(&img);
+    let mut b = [0u8; 4096];
+    for i in 0..32u64 {
+        block_on(img.read(i * 65536 + 4096, &mut b, &NoBacking)).unwrap();
+        assert_eq!(b, [i as u8 + 1; 4096]);
+    }
+    // A clean close writes the refcounts and clears the dirty bit.
+    let mut o = opts(8 << 20, 65536);
+    o.lazy_refcounts = true;
+    let img = block_on(create(MemIo::new(), &o)).unwrap();
+    let img = reopen(img, true);
+    block_on(img.write(0, &[7u8; 4096], &NoBacking)).unwrap();
+    block_on(img.flush()).unwrap();
+    let img = reopen(img, false);
+    assert_eq!(
+        img.header().incompatible_features & crate::header::incompat::DIRTY,
+        0
+    );
+    assert_clean(&img);
+}
+
+/// Lazy refcounts still make guest data stable before an L2 entry maps a
+/// reused cluster (which holds older data until the new data lands): that
+/// flush costs two syncs, where new clusters past the end cost one.
+#[test]
+fn lazy_refcounts_sync_data_before_mapping_reused_clusters() {
+    let mut o = opts(8 << 20, 65536);
+    o.lazy_refcounts = true;
+    let img = block_on(create(MemIo::new(), &o)).unwrap();
+    block_on(img.close()).unwrap();
+    let io = CountingIo {
+        mem: MemIo::from_vec(img.io().to_vec()),
+        ..Default::default()
+    };
+    let img = block_on(Qcow2::open(io, OpenOptions::read_write())).unwrap();
+    let cluster = [5u8; 65536];
+    for i in 0..4u64 {
+        block_on(img.write(i * 65536, &cluster, &NoBacking)).unwrap();
+    }
+    block_on(img.flush()).unwrap();
+    let host_of = |guest: u64| match block_on(img.map(guest, 512)).unwrap()[0].kind {
+        ExtentKind::Data { host_offset } => host_offset,
+        k => panic!("{k:?}"),
+    };
+    let old = host_of(65536);
+    let syncs = |img: &Qcow2<CountingIo>| img.io().counts().1;
+    // A new cluster past the end: one sync.
+    let s0 = syncs(&img);
+    block_on(img.write(7 << 20, &cluster, &NoBacking)).unwrap();
+    block_on(img.flush()).unwrap();
+    assert_eq!(syncs(&img) - s0, 1);
+    // Freed at the flush after the discard (its L2 update stable first).
+    block_on(img.discard(0, 4 * 65536)).unwrap();
+    block_on(img.flush()).unwrap();
+    // A reused cluster: the data is synced before the L2 table is written.
+    let s0 = syncs(&img);
+    block_on(img.write(6 << 20, &[6u8; 65536], &NoBacking)).unwrap();
+    let reused = host_of(6 << 20);
+    assert!(reused <= old, "not reused: {reused:#x} > {old:#x}");
+    block_on(img.flush()).unwrap();
+    assert_eq!(syncs(&img) - s0, 2);
+    block_on(img.close()).unwrap();
+    let file = MemIo::from_vec(img.io().mem.to_vec());
+    let img = block_on(Qcow2::open(file, OpenOptions::read_only())).unwrap();
+    assert_eq!(
+        img.header().incompatible_features & crate::header::incompat::DIRTY,
+        0
+    );
+    assert_clean(&img);
 }

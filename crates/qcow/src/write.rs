@@ -72,6 +72,11 @@ pub struct Allocation<'a, I: QcowIo> {
     updates: Vec<Update>,
     frees: Vec<(u64, u64)>,
     reserved: Vec<(u64, u64)>,
+    /// Whether the data must be stable before the L2 table is written: when
+    /// the new entries map host ranges that may hold older data (reused
+    /// clusters, newly allocated subclusters, an external data file), or
+    /// copy-on-write copied old content (which a crash must not lose).
+    needs_data_sync: bool,
 }
 
 impl<I: QcowIo> Allocation<'_, I> {
@@ -223,6 +228,7 @@ impl<I: QcowIo> Qcow2<I> {
             updates: Vec::new(),
             frees: Vec::new(),
             reserved: Vec::new(),
+            needs_data_sync: false,
         })
     }
 
@@ -309,6 +315,7 @@ impl<I: QcowIo> Qcow2<I> {
             } else {
                 Vec::new()
             },
+            needs_data_sync: false,
         };
         let mut cows: Vec<Cow> = Vec::new();
         let mut next_new = base;
@@ -434,6 +441,13 @@ impl<I: QcowIo> Qcow2<I> {
                 Some(l) if l.host_offset + l.len == r.host_offset => l.len += r.len,
                 _ => alloc.ranges.push(r),
             }
+            // Clusters past the old end of the file read as zeroes until
+            // written; anything else may hold older data.
+            if (p.in_place && new_alloc & !old_alloc != 0)
+                || (!p.in_place && (g.data_file || host < fresh_from))
+            {
+                alloc.needs_data_sync = true;
+            }
             if !p.in_place || new_alloc != old_alloc || new_zero != old_zero {
                 let (raw, bitmap) = L2Entry::encode_normal(&g, host, true, new_alloc, new_zero);
                 alloc.updates.push(Update {
@@ -442,6 +456,12 @@ impl<I: QcowIo> Qcow2<I> {
                     bitmap,
                 });
             }
+        }
+        // Copied old content (the rest of a cluster the guest wrote part of)
+        // must be stable before the L2 entry maps its new place: it may be
+        // data the guest flushed long ago.
+        if cows.iter().any(|c| !matches!(c.src, CowSource::Zero)) {
+            alloc.needs_data_sync = true;
         }
         // Zero COW into fresh clusters is skipped; make sure the file still
         // covers the whole of the last new cluster: one zeroed sector,
@@ -530,7 +550,11 @@ impl<I: QcowIo> Qcow2<I> {
             })
             .await?;
         }
-        self.st().pending_frees.append(&mut alloc.frees);
+        {
+            let mut st = self.st();
+            st.pending_frees.append(&mut alloc.frees);
+            st.l2_needs_data_sync |= alloc.needs_data_sync;
+        }
         alloc.reserved.clear();
         alloc.guard.take();
         self.trim_caches().await
@@ -603,6 +627,8 @@ impl<I: QcowIo> Qcow2<I> {
         let host = self.alloc_bytes(c.len() as u64).await?;
         self.io.write_at(host, &c).await?;
         let entry = g.compressed_entry(host, c.len() as u64);
+        // Compressed data shares host clusters: never mapped before it is stable.
+        self.st().l2_needs_data_sync = true;
         self.with_table(TableKind::L2, l2off, |e| {
             if g.extended {
                 layout::put_u64(&mut e.data, 2 * idx as usize, entry);
@@ -832,13 +858,16 @@ impl<I: QcowIo> Qcow2<I> {
         Ok(freed)
     }
 
-    /// Writes all metadata back in dependency order and flushes the file.
+    /// Writes metadata back in dependency order and flushes the file (a guest
+    /// flush). With lazy refcounts, refcount blocks stay in the cache until
+    /// [`Qcow2::close`] (or until the cache overflows).
     pub async fn flush(&self) -> Result<()> {
         let _meta = self.meta.lock().await;
-        self.flush_locked().await
+        self.flush_guest_locked().await
     }
 
-    /// Flushes and, with lazy refcounts, clears the dirty bit (clean close).
+    /// Writes all metadata (refcounts too) and, with lazy refcounts, clears the
+    /// dirty bit (clean close).
     pub async fn close(&self) -> Result<()> {
         let _meta = self.meta.lock().await;
         self.flush_locked().await?;

@@ -11,11 +11,12 @@ use crate::iothread::IoThread;
 use crate::qmp::events::EventBus;
 use crate::qmp::wire::{QmpError, QmpResult};
 use blocklayer::aio::uring::block_on;
+use blocklayer::drivers::file_create::{create_file, FilePrealloc};
 use blocklayer::options::BlockdevOptions;
 use blocklayer::{Graph, Node};
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 use std::time::Duration;
@@ -642,37 +643,17 @@ impl Control {
                 let filename = f.required_string("filename").map_err(e)?;
                 let size = f.unsigned("size").map_err(e)?;
                 let size = f.required("size", size).map_err(e)?;
-                let prealloc = f
-                    .enumeration(
-                        "preallocation",
-                        &[("off", false), ("falloc", true), ("full", true)],
-                    )
-                    .map_err(e)?
-                    .unwrap_or(false);
+                let prealloc = match f.string("preallocation").map_err(e)? {
+                    Some(name) => FilePrealloc::from_name(&name).map_err(generic)?,
+                    None => FilePrealloc::Off,
+                };
+                // Accepted as in QEMU, where both are best-effort hints; vubd does
+                // not apply them.
                 f.bool("nocow").map_err(e)?;
                 f.uint("extent-size-hint").map_err(e)?;
                 f.finish().map_err(e)?;
                 Ok(Box::new(move || {
-                    let file = std::fs::OpenOptions::new()
-                        .write(true)
-                        .create(true)
-                        .truncate(true)
-                        .open(&filename)
-                        .map_err(|err| format!("Could not create '{filename}': {err}"))?;
-                    file.set_len(size)
-                        .map_err(|err| format!("Could not resize '{filename}': {err}"))?;
-                    if prealloc {
-                        use std::os::fd::AsRawFd;
-                        // SAFETY: fallocate on a descriptor we own; no memory involved.
-                        let r = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, size as i64) };
-                        if r != 0 {
-                            return Err(format!(
-                                "Could not preallocate '{filename}': {}",
-                                std::io::Error::last_os_error()
-                            ));
-                        }
-                    }
-                    Ok(())
+                    create_file(Path::new(&filename), size, prealloc).map_err(|e| e.to_string())
                 }))
             }
             other => Err(QmpError::generic(format!(
@@ -692,8 +673,8 @@ impl Control {
 
     // ---- shutdown --------------------------------------------------------------
 
-    /// Drains every export, flushes every writable node, removes the sockets and the
-    /// pidfile.
+    /// Drains every export, closes the images (qcow2: metadata written, the dirty bit
+    /// cleared) and flushes every writable node, removes the sockets and the pidfile.
     fn shutdown(&mut self) {
         for e in self.exports.values() {
             if !e.export.quiesce(DRAIN_TIMEOUT) {
@@ -701,6 +682,16 @@ impl Control {
                     "export {}: requests still in flight after 30 s",
                     e.export.shared.id
                 );
+            }
+        }
+        // Exports may keep nodes alive past the graph, so their images are closed
+        // here rather than when the nodes are dropped.
+        for node in self.graph.nodes_parents_first() {
+            if node.is_read_only() {
+                continue;
+            }
+            if let Err(e) = node.driver().close() {
+                log::error!("closing node '{}' failed: {e}", node.name());
             }
         }
         for node in self.graph.nodes() {

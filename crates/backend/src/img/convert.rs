@@ -7,12 +7,11 @@
 //! With `-c`, each qcow2 cluster is written compressed (zlib, or zstd with
 //! `-o compression_type=zstd`); a cluster that does not shrink is stored as it is.
 
-use super::create::apply_o;
+use super::create::{apply_o, new_file};
 use super::source::Source;
 use super::{file_err, image_err, usage, ImgError, Parsed, Result};
-use blocklayer::drivers::lock::{lock_image, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE};
+use blocklayer::drivers::lock::{PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE};
 use qcow::{block_on, CreateOptions, FileIo, NoBacking, Qcow2};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
 /// Bytes read from the source at a time (a whole number of clusters of any size).
@@ -150,25 +149,8 @@ fn open_target(dst: &str, fmt: &str, o: &CreateOptions, compress: bool) -> Resul
 }
 
 fn create_target(dst: &str, fmt: &str, o: &CreateOptions, compress: bool) -> Result<Target> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(dst)
-        .map_err(file_err(dst))?;
-    lock_image(
-        file.as_raw_fd(),
-        dst,
-        PERM_CONSISTENT_READ | PERM_WRITE | PERM_RESIZE,
-        0,
-    )
-    .map_err(|e| ImgError::Image {
-        path: dst.into(),
-        message: e.to_string(),
-    })?;
-    // The lock belongs to this open file description: keep it, truncated.
-    file.set_len(0).map_err(file_err(dst))?;
+    // Held for the whole copy, shared with nobody.
+    let file = new_file(dst, PERM_CONSISTENT_READ | PERM_WRITE | PERM_RESIZE, 0)?;
     if fmt == "raw" {
         file.set_len(o.size).map_err(file_err(dst))?;
         return Ok(Target::Raw {

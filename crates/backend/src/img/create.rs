@@ -1,11 +1,18 @@
 //! `vubd img create`, and the qcow2 creation options `-o` that `convert` takes too.
+//!
+//! `-f raw` takes QEMU's file driver options instead: `preallocation` (off, falloc,
+//! full). Files are created as QEMU creates them, emptied only under the image locks
+//! (see `blocklayer::drivers::file_create`).
 
-use super::{file_err, usage, ImgError, Parsed, Result};
+use super::{usage, ImgError, Parsed, Result};
 use crate::keyval;
+use blocklayer::drivers::file_create::{
+    create_empty, create_file, FilePrealloc, CREATE_PERM, CREATE_SHARED,
+};
 use blocklayer::options::coerce;
 use qcow::{block_on, Compat, CompressionType, CreateOptions, FileIo, Preallocation};
 use serde_json::Value;
-use std::fs::OpenOptions as FsOpen;
+use std::path::Path;
 
 /// Applies `-o key=value,...` (qemu-img's qcow2 creation options) to `o`.
 pub(super) fn apply_o(o: &mut CreateOptions, text: &str) -> Result<()> {
@@ -63,15 +70,43 @@ pub(super) fn apply_o(o: &mut CreateOptions, text: &str) -> Result<()> {
     Ok(())
 }
 
-/// Creates (or truncates) `file` for writing a new image into.
-pub(super) fn new_file(file: &str) -> Result<std::fs::File> {
-    FsOpen::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(file)
-        .map_err(file_err(file))
+/// `-o` of `-f raw` (QEMU's file driver options): `size`, `preallocation`
+/// (off|falloc|full); `nocow` and `extent_size_hint` are accepted, as hints.
+fn apply_raw_o(size: &mut u64, prealloc: &mut FilePrealloc, text: &str) -> Result<()> {
+    let v = keyval::parse_option(text, None).map_err(|e| usage(format!("-o {text}: {e}")))?;
+    let Value::Object(map) = v else {
+        return Err(usage(format!("-o {text}: expected key=value pairs")));
+    };
+    for (k, v) in map {
+        let s = v.as_str().unwrap_or_default().to_string();
+        match k.as_str() {
+            "size" => {
+                *size =
+                    coerce::parse_size(&s).ok_or_else(|| usage(format!("-o {k}: not a size")))?
+            }
+            "preallocation" => {
+                *prealloc =
+                    FilePrealloc::from_name(&s).map_err(|e| usage(format!("-o {k}: {e}")))?
+            }
+            "nocow" | "extent_size_hint" => {}
+            other => {
+                return Err(usage(format!(
+                    "-o: unknown option '{other}' for format raw"
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Creates (or empties) `file` for writing a new image into, holding `perm` and
+/// sharing `shared` (QEMU's image locks) for as long as the file is open; the file is
+/// emptied only once the locks are held, so an image in use is never cut short.
+pub(super) fn new_file(file: &str, perm: u32, shared: u32) -> Result<std::fs::File> {
+    create_empty(Path::new(file), perm, shared).map_err(|e| ImgError::Image {
+        path: file.into(),
+        message: e.to_string(),
+    })
 }
 
 pub(super) fn create(args: &[String]) -> Result<()> {
@@ -85,8 +120,37 @@ pub(super) fn create(args: &[String]) -> Result<()> {
         [f] => (f.as_str(), None),
         _ => return Err(usage("expected FILE [SIZE]")),
     };
+    match fmt {
+        "raw" => create_raw(file, size, &p.opts),
+        "qcow2" => create_qcow2(file, size, &p.opts),
+        other => Err(usage(format!("unknown format '{other}' (qcow2 or raw)"))),
+    }
+}
+
+fn create_raw(file: &str, size: Option<u64>, opts: &[(String, String)]) -> Result<()> {
+    let mut sz = size.unwrap_or(0);
+    let mut prealloc = FilePrealloc::Off;
+    for (k, v) in opts {
+        match k.as_str() {
+            "-b" | "-F" => return Err(usage("format raw has no backing file")),
+            "-o" => apply_raw_o(&mut sz, &mut prealloc, v)?,
+            _ => {}
+        }
+    }
+    if size.is_none() && sz == 0 {
+        return Err(usage("missing SIZE"));
+    }
+    // As qemu-img: whole sectors.
+    let sz = sz.next_multiple_of(512);
+    create_file(Path::new(file), sz, prealloc).map_err(|e| ImgError::Image {
+        path: file.into(),
+        message: e.to_string(),
+    })
+}
+
+fn create_qcow2(file: &str, size: Option<u64>, opts: &[(String, String)]) -> Result<()> {
     let mut o = CreateOptions::new(size.unwrap_or(0));
-    for (k, v) in &p.opts {
+    for (k, v) in opts {
         match k.as_str() {
             "-b" => o.backing_file = Some(v.clone()),
             "-F" => o.backing_fmt = Some(v.clone()),
@@ -99,18 +163,11 @@ pub(super) fn create(args: &[String]) -> Result<()> {
     }
     // As qemu-img: whole sectors.
     o.size = o.size.next_multiple_of(512);
-    if !matches!(fmt, "raw" | "qcow2") {
-        return Err(usage(format!("unknown format '{fmt}' (qcow2 or raw)")));
-    }
-    let f = new_file(file)?;
-    match fmt {
-        "raw" => f.set_len(o.size).map_err(file_err(file)),
-        _ => {
-            let img = block_on(qcow::create(FileIo::new(f), &o)).map_err(|e| ImgError::Image {
-                path: file.into(),
-                message: e.to_string(),
-            })?;
-            block_on(img.close()).map_err(super::image_err(file))
-        }
-    }
+    // As qemu-img: the creation locks, held until the image is written.
+    let f = new_file(file, CREATE_PERM, CREATE_SHARED)?;
+    let img = block_on(qcow::create(FileIo::new(f), &o)).map_err(|e| ImgError::Image {
+        path: file.into(),
+        message: e.to_string(),
+    })?;
+    block_on(img.close()).map_err(super::image_err(file))
 }

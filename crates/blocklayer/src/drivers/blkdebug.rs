@@ -160,6 +160,10 @@ impl Driver for BlkdebugDriver {
         Box::pin(self.image.discard(offset, len))
     }
 
+    fn allocate(&self, offset: u64, len: u64) -> LocalBoxFuture<'_, Result<()>> {
+        Box::pin(self.image.allocate(offset, len))
+    }
+
     fn write_zeroes(
         &self,
         offset: u64,

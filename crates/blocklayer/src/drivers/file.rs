@@ -434,6 +434,25 @@ impl Driver for FileDriver {
         })
     }
 
+    fn allocate(&self, offset: u64, len: u64) -> LocalBoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            if self.block_device {
+                // A device's blocks always exist; reserving them means making the
+                // range read as zeroes without deallocating it.
+                return self
+                    .fallocate(
+                        libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+                        offset,
+                        len,
+                        "allocate",
+                    )
+                    .await;
+            }
+            // Inside the file: the generic path checked the range.
+            self.fallocate(0, offset, len, "allocate").await
+        })
+    }
+
     fn driver_specific_stats(&self) -> Option<serde_json::Value> {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         Some(serde_json::json!({

@@ -1,8 +1,9 @@
-//! Drivers: protocol (`file`, `host_device`, `null-co`), format (`raw`) and filter
-//! (`blkdebug`).
+//! Drivers: protocol (`file`, `host_device`, `null-co`), format (`raw`, `qcow2`) and
+//! filter (`blkdebug`), and host file creation (`file_create`).
 
 pub mod blkdebug;
 pub mod file;
+pub mod file_create;
 pub mod lock;
 pub mod null;
 pub mod qcow2;

@@ -18,13 +18,15 @@ use crate::aio::LocalBoxFuture;
 use crate::driver::{Child, Driver};
 use crate::error::{BlockError, Result};
 use crate::node::Node;
+use crate::periodic::{self, Periodic};
 use crate::snapshot::{NewSnapshot, SnapshotInfo};
 use qcow::io::QcowIo;
-use qcow::{Backing, Extent, ExtentKind, OpenOptions, Qcow2};
+use qcow::{Backing, Extent, ExtentKind, Extents, OpenOptions, Qcow2};
 use std::future::Future;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// The qcow crate's I/O on the `file` child node.
 pub struct NodeIo {
@@ -127,6 +129,21 @@ impl QcowIo for NodeIo {
         let _g = self.grow.lock().unwrap_or_else(|p| p.into_inner());
         std::future::ready(self.node.resize(len).map_err(to_io))
     }
+
+    async fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.ensure_len(offset + len).map_err(to_io)?;
+        self.node.allocate(offset, len).await.map_err(to_io)
+    }
+}
+
+/// The driver's own options (what the image itself does not take).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Qcow2DriverOptions {
+    /// Punch the host ranges that discards free (`pass-discard-request`).
+    pub pass_discard: bool,
+    /// Drop metadata cache entries unused for this long (`cache-clean-interval`);
+    /// zero: never.
+    pub cache_clean_interval: Duration,
 }
 
 pub struct Qcow2Driver {
@@ -140,6 +157,8 @@ pub struct Qcow2Driver {
     zero_align: u64,
     /// Punch the host ranges that discards free (`pass-discard-request`).
     pass_discard: bool,
+    /// The periodic cache cleaning, if `cache-clean-interval` is not 0.
+    cache_cleaner: Option<Periodic>,
     node_name: String,
     /// `BLOCK_IMAGE_CORRUPTED` was raised (once per open, as QEMU).
     corrupt_reported: AtomicBool,
@@ -219,7 +238,7 @@ impl Qcow2Driver {
         file: Arc<Node>,
         data: Option<Arc<Node>>,
         opts: OpenOptions,
-        pass_discard: bool,
+        driver_opts: Qcow2DriverOptions,
     ) -> Result<Qcow2Driver> {
         let io = NodeIo::new(file.clone());
         let data_io = data.clone().map(NodeIo::new);
@@ -234,6 +253,19 @@ impl Qcow2Driver {
         } else {
             info.cluster_size
         };
+        let interval = driver_opts.cache_clean_interval;
+        // The timer holds the image weakly: it never keeps a closed image alive.
+        let cache_cleaner = (!interval.is_zero()).then(|| {
+            let weak = Arc::downgrade(&image);
+            periodic::every(interval, move || {
+                if let Some(image) = weak.upgrade() {
+                    let n = image.clean_unused_cache_entries();
+                    if n > 0 {
+                        log::debug!("qcow2: dropped {n} idle metadata cache entries");
+                    }
+                }
+            })
+        });
         Ok(Qcow2Driver {
             image,
             file,
@@ -241,7 +273,8 @@ impl Qcow2Driver {
             backing: None,
             writable: writable && info.writable,
             zero_align,
-            pass_discard,
+            pass_discard: driver_opts.pass_discard,
+            cache_cleaner,
             node_name: String::new(),
             corrupt_reported: AtomicBool::new(false),
         })
@@ -321,12 +354,17 @@ impl Qcow2Driver {
         Ok(())
     }
 
-    async fn read_extents(&self, offset: u64, iov: IoVec) -> Result<()> {
-        let extents = self
-            .image
-            .map(offset, iov.len())
-            .await
-            .map_err(|e| self.io_error(e))?;
+    /// Reads through the extents `offset..+iov.len()` maps to: `mapped` if the
+    /// caller has them already (so that the cache counts one lookup per read).
+    async fn read_extents(&self, offset: u64, iov: IoVec, mapped: Option<Extents>) -> Result<()> {
+        let extents = match mapped {
+            Some(extents) => extents,
+            None => self
+                .image
+                .map(offset, iov.len())
+                .await
+                .map_err(|e| self.io_error(e))?,
+        };
         for e in extents {
             let part = iov.slice(e.offset - offset, e.len);
             match e.kind {
@@ -391,8 +429,29 @@ impl Driver for Qcow2Driver {
         self.file.driver().filename()
     }
 
+    fn close(&self) -> Result<()> {
+        self.close_image()
+    }
+
     fn actual_size(&self) -> Option<u64> {
         self.file.driver().actual_size()
+    }
+
+    fn driver_specific_stats(&self) -> Option<serde_json::Value> {
+        // QEMU has no qcow2 statistics; these are vubd's own (`x-`).
+        let s = self.image.cache_stats();
+        Some(serde_json::json!({
+            "driver": "qcow2",
+            "x-l2-cache-entries": s.l2.entries,
+            "x-l2-cache-hits": s.l2.hits,
+            "x-l2-cache-misses": s.l2.misses,
+            "x-l2-cache-cleaned": s.l2.cleaned,
+            "x-refcount-cache-entries": s.refcount.entries,
+            "x-refcount-cache-hits": s.refcount.hits,
+            "x-refcount-cache-misses": s.refcount.misses,
+            "x-refcount-cache-cleaned": s.refcount.cleaned,
+            "x-cache-cleans": s.cleans,
+        }))
     }
 
     fn image_info_extra(&self) -> Option<serde_json::Value> {
@@ -461,7 +520,8 @@ impl Driver for Qcow2Driver {
     fn read<'a>(&'a self, offset: u64, iov: IoVec) -> LocalBoxFuture<'a, Result<()>> {
         // The usual case, a range in one run of host clusters whose L2 table is
         // cached: straight to the file, as a raw image would.
-        if let Some(extents) = self.image.map_cached(offset, iov.len()) {
+        let mapped = self.image.map_cached(offset, iov.len());
+        if let Some(extents) = &mapped {
             match (&extents[..], &self.backing) {
                 (
                     [Extent {
@@ -481,7 +541,7 @@ impl Driver for Qcow2Driver {
                 _ => {}
             }
         }
-        Box::pin(self.read_extents(offset, iov))
+        Box::pin(self.read_extents(offset, iov, mapped))
     }
 
     fn write<'a>(&'a self, offset: u64, iov: IoVec, _fua: bool) -> LocalBoxFuture<'a, Result<()>> {
@@ -508,14 +568,24 @@ impl Driver for Qcow2Driver {
     }
 }
 
+impl Qcow2Driver {
+    /// A clean close: metadata written back (refcounts too), the dirty bit cleared.
+    fn close_image(&self) -> Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
+        let image = self.image.clone();
+        crate::aio::uring::block_on(async move { image.close().await }).map_err(image_error)
+    }
+}
+
 impl Drop for Qcow2Driver {
     fn drop(&mut self) {
-        if self.writable {
-            // A clean close: metadata written back, the dirty bit cleared.
-            let image = self.image.clone();
-            if let Err(e) = crate::aio::uring::block_on(async move { image.close().await }) {
-                log::error!("qcow2: closing the image failed: {e}");
-            }
+        // Stop the cleaning first (waiting for a pass in progress), so that this is
+        // the last owner of the image.
+        self.cache_cleaner.take();
+        if let Err(e) = self.close_image() {
+            log::error!("qcow2: closing the image failed: {e}");
         }
     }
 }

@@ -94,6 +94,10 @@ impl Driver for RawDriver {
         Box::pin(self.file.discard(self.offset + offset, len))
     }
 
+    fn allocate(&self, offset: u64, len: u64) -> LocalBoxFuture<'_, Result<()>> {
+        Box::pin(self.file.allocate(self.offset + offset, len))
+    }
+
     fn write_zeroes(
         &self,
         offset: u64,
