@@ -177,6 +177,8 @@ impl Graph {
             l2_cache_size: q.l2_cache_size.or(q.cache_size),
             refcount_cache_size: q.refcount_cache_size,
             lazy_refcounts: q.lazy_refcounts,
+            pass_discard_snapshot: q.pass_discard_snapshot,
+            pass_discard_other: q.pass_discard_other,
             ..qcow::OpenOptions::read_only()
         };
         let pass_discard = q

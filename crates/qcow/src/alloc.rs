@@ -110,6 +110,9 @@ impl<I: QcowIo> Qcow2<I> {
             Ok(v) => {
                 if v == 0 {
                     let mut st = self.st();
+                    if let Some(freed) = st.freed_clusters.as_mut() {
+                        freed.push(c);
+                    }
                     st.free_hint = st.free_hint.min(c);
                     let off = c * self.g.cluster_size;
                     st.meta_clusters.remove(&off);
@@ -508,16 +511,46 @@ impl<I: QcowIo> Qcow2<I> {
     /// Applies the refcount decreases of clusters whose references are gone
     /// from the (already written and flushed) L2/L1 tables.
     async fn apply_pending_frees(&self) -> Result<()> {
-        let frees = std::mem::take(&mut self.st().pending_frees);
+        let (frees, punch_other) = {
+            let mut st = self.st();
+            (std::mem::take(&mut st.pending_frees), st.pass_discard_other)
+        };
         let cs = self.g.cluster_size;
-        for (off, len) in frees {
+        let mut freed = Vec::new();
+        for (off, len, other) in frees {
             let first = off / cs;
             let last = (off + len - 1) / cs;
             for c in first..=last {
-                self.rc_add(c, -1).await?;
+                if self.rc_add(c, -1).await? == 0 && other && punch_other {
+                    freed.push(c);
+                }
             }
         }
+        self.punch_clusters(freed).await;
         Ok(())
+    }
+
+    /// Gives the host back the space of clusters whose refcount just reached 0
+    /// (`pass-discard-*`). Called with the metadata lock held, so that no
+    /// allocation can take them first; nothing references them any more, so
+    /// their content does not matter even after a crash. Advisory: errors are
+    /// ignored.
+    pub(crate) async fn punch_clusters(&self, mut clusters: Vec<u64>) {
+        clusters.sort_unstable();
+        clusters.dedup();
+        let cs = self.g.cluster_size;
+        let mut i = 0;
+        while i < clusters.len() {
+            let mut j = i + 1;
+            while j < clusters.len() && clusters[j] == clusters[j - 1] + 1 {
+                j += 1;
+            }
+            let (off, len) = (clusters[i] * cs, (j - i) as u64 * cs);
+            if let Err(e) = self.io.discard(off, len).await {
+                log::debug!("qcow2: discarding freed clusters {off:#x}+{len:#x}: {e}");
+            }
+            i = j;
+        }
     }
 
     /// Flush with the metadata lock held: writes all metadata back in
@@ -631,7 +664,7 @@ impl<I: QcowIo> Qcow2<I> {
             .write_at(l1_off + i * 8, &(new | layout::COPIED).to_be_bytes())
             .await?;
         if old != 0 {
-            self.st().pending_frees.push((old, cs));
+            self.st().pending_frees.push((old, cs, true));
         }
         Ok(new)
     }

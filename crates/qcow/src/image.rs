@@ -110,6 +110,13 @@ pub struct OpenOptions {
     pub lazy_refcounts: Option<bool>,
     /// Repair refcounts of an image with the dirty bit when opened writable.
     pub repair_dirty: bool,
+    /// Punch the host clusters that deleting (or reverting to) a snapshot
+    /// frees (QEMU's `pass-discard-snapshot`, default on).
+    pub pass_discard_snapshot: bool,
+    /// Punch host clusters freed otherwise: copy-on-write replacing a cluster,
+    /// overwritten compressed clusters, shrinking (`pass-discard-other`,
+    /// default off). Guest discards are the caller's (`pass-discard-request`).
+    pub pass_discard_other: bool,
 }
 
 impl Default for OpenOptions {
@@ -120,6 +127,8 @@ impl Default for OpenOptions {
             refcount_cache_size: None,
             lazy_refcounts: None,
             repair_dirty: true,
+            pass_discard_snapshot: true,
+            pass_discard_other: false,
         }
     }
 }
@@ -199,7 +208,14 @@ pub(crate) struct State {
     pub corrupt: bool,
     pub locks: Vec<RangeLock>,
     pub next_lock_id: u64,
-    pub pending_frees: Vec<(u64, u64)>,
+    /// Refcount decreases waiting for the flush that makes the removal of
+    /// their references durable: (host offset, length, freed by other than a
+    /// guest discard).
+    pub pending_frees: Vec<(u64, u64, bool)>,
+    /// While a snapshot operation runs: the clusters whose refcount reached 0.
+    pub freed_clusters: Option<Vec<u64>>,
+    pub pass_discard_snapshot: bool,
+    pub pass_discard_other: bool,
     pub free_hint: u64,
     pub high_water: u64,
     pub dirty_marked: bool,
@@ -441,6 +457,9 @@ impl<I: QcowIo> Qcow2<I> {
             locks: Vec::new(),
             next_lock_id: 1,
             pending_frees: Vec::new(),
+            freed_clusters: None,
+            pass_discard_snapshot: opts.pass_discard_snapshot,
+            pass_discard_other: opts.pass_discard_other,
             free_hint: 0,
             high_water: file_len.div_ceil(cs) * cs,
             dirty_marked: dirty,

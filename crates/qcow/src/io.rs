@@ -26,6 +26,13 @@ pub trait QcowIo {
     fn len(&self) -> impl Future<Output = io::Result<u64>>;
     /// Truncates or extends the file (extension reads as zeroes).
     fn set_len(&self, len: u64) -> impl Future<Output = io::Result<()>>;
+    /// Gives the host back the space of `offset..offset + len`, which nothing
+    /// references any more (its content becomes unspecified). Advisory; the
+    /// default does nothing.
+    fn discard(&self, offset: u64, len: u64) -> impl Future<Output = io::Result<()>> {
+        let _ = (offset, len);
+        std::future::ready(Ok(()))
+    }
     /// Writes `len` zero bytes at `offset`. The default writes a zero buffer;
     /// implementations may use fallocate instead.
     fn write_zeroes(&self, offset: u64, len: u64) -> impl Future<Output = io::Result<()>> {
@@ -79,6 +86,9 @@ impl<T: QcowIo> QcowIo for &T {
     }
     fn write_zeroes(&self, offset: u64, len: u64) -> impl Future<Output = io::Result<()>> {
         (**self).write_zeroes(offset, len)
+    }
+    fn discard(&self, offset: u64, len: u64) -> impl Future<Output = io::Result<()>> {
+        (**self).discard(offset, len)
     }
     fn allocate(&self, offset: u64, len: u64) -> impl Future<Output = io::Result<()>> {
         (**self).allocate(offset, len)
@@ -243,6 +253,19 @@ impl QcowIo for FileIo {
             // posix_fallocate does.
             Some(libc::EOPNOTSUPP) => write_zero_buffers(self, offset, len).await,
             _ => Err(e),
+        }
+    }
+    async fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        let (Ok(off), Ok(n)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return Err(io::Error::from_raw_os_error(libc::EFBIG));
+        };
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        // SAFETY: fallocate on a descriptor this object owns; no memory is passed.
+        let r = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, off, n) };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
         }
     }
 }

@@ -476,6 +476,17 @@ mod ops {
             self.check_writable_pub()?;
             let i = pick(self)?;
             self.flush_locked().await?;
+            self.st().freed_clusters = Some(Vec::new());
+            let r = self.delete_at(i).await;
+            let freed = self.st().freed_clusters.take().unwrap_or_default();
+            if r.is_ok() && self.st().pass_discard_snapshot {
+                self.punch_clusters(freed).await;
+            }
+            r
+        }
+
+        /// The body of a snapshot deletion, locks held and metadata flushed.
+        async fn delete_at(&self, i: usize) -> Result<Snapshot> {
             let cs = self.g.cluster_size;
             let mut snaps = self.st().snapshots.clone();
             let snap = snaps.remove(i);
@@ -548,7 +559,20 @@ mod ops {
             };
             self.write_header().await?;
             self.io.flush().await?;
-            self.tree_refcounts(&old_l1, -1).await?;
+            // What only the old active tree held is freed now.
+            self.st().freed_clusters = Some(Vec::new());
+            let r = self.release_tree(&old_l1, old_off).await;
+            let freed = self.st().freed_clusters.take().unwrap_or_default();
+            if r.is_ok() && self.st().pass_discard_snapshot {
+                self.punch_clusters(freed).await;
+            }
+            r
+        }
+
+        /// Drops the references of a replaced active L1 tree and its table.
+        async fn release_tree(&self, old_l1: &[u64], old_off: u64) -> Result<()> {
+            let cs = self.g.cluster_size;
+            self.tree_refcounts(old_l1, -1).await?;
             for c in 0..(old_l1.len() as u64 * 8).div_ceil(cs) {
                 self.rc_add(old_off / cs + c, -1).await?;
             }

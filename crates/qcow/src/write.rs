@@ -552,7 +552,8 @@ impl<I: QcowIo> Qcow2<I> {
         }
         {
             let mut st = self.st();
-            st.pending_frees.append(&mut alloc.frees);
+            st.pending_frees
+                .extend(alloc.frees.drain(..).map(|(o, l)| (o, l, true)));
             st.l2_needs_data_sync |= alloc.needs_data_sync;
         }
         alloc.reserved.clear();
@@ -566,7 +567,10 @@ impl<I: QcowIo> Qcow2<I> {
         if !alloc.reserved.is_empty() {
             let _meta = self.meta.lock().await;
             // Never referenced: safe to free at the next flush.
-            self.st().pending_frees.append(&mut alloc.reserved);
+            // Never written either: no space to give back.
+            self.st()
+                .pending_frees
+                .extend(alloc.reserved.drain(..).map(|(o, l)| (o, l, false)));
         }
         alloc.guard.take();
     }
@@ -641,10 +645,12 @@ impl<I: QcowIo> Qcow2<I> {
         })
         .await?;
         match old {
-            L2Entry::Normal { host, .. } if host != 0 => self.st().pending_frees.push((host, cs)),
+            L2Entry::Normal { host, .. } if host != 0 => {
+                self.st().pending_frees.push((host, cs, true))
+            }
             L2Entry::Compressed { raw } => {
                 let (_, _, s, l) = g.compressed_range(raw);
-                self.st().pending_frees.push((s, l));
+                self.st().pending_frees.push((s, l, true));
             }
             _ => {}
         }
@@ -851,7 +857,11 @@ impl<I: QcowIo> Qcow2<I> {
                 .await?;
             }
             // Only now that the entries changed may their clusters be freed.
-            self.st().pending_frees.append(&mut chunk_frees);
+            // Guest discards and zero writes: the caller punches what they
+            // free (`pass-discard-request`).
+            self.st()
+                .pending_frees
+                .extend(chunk_frees.drain(..).map(|(o, l)| (o, l, false)));
             pos = chunk_end;
             self.trim_caches().await?;
         }
@@ -974,7 +984,9 @@ impl<I: QcowIo> Qcow2<I> {
                 .await?;
             }
         }
-        self.st().pending_frees.append(&mut frees);
+        self.st()
+            .pending_frees
+            .extend(frees.drain(..).map(|(o, l)| (o, l, true)));
         self.st().hdr.size = new_size;
         self.write_header().await?;
         self.flush_locked().await

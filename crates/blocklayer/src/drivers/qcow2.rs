@@ -134,6 +134,12 @@ impl QcowIo for NodeIo {
         self.ensure_len(offset + len).map_err(to_io)?;
         self.node.allocate(offset, len).await.map_err(to_io)
     }
+
+    /// Through the file node, which passes it on only with `discard=unmap`, as
+    /// QEMU's file nodes do.
+    async fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.node.discard(offset, len).await.map_err(to_io)
+    }
 }
 
 /// The driver's own options (what the image itself does not take).
