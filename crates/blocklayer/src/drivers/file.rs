@@ -28,6 +28,7 @@ enum Submission {
     /// hugetlbfs): they never wait for a device, but they lack FMODE_NOWAIT, so
     /// io_uring would hand every request to an io-wq worker thread and wake the
     /// iothread back with task work: two thread hops per request for a memory copy.
+    /// Large reads are the exception ([`offload_read`]).
     Inline,
 }
 
@@ -47,6 +48,31 @@ fn memory_backed(fd: RawFd) -> bool {
         st.f_type as i64,
         TMPFS_MAGIC | RAMFS_MAGIC | HUGETLBFS_MAGIC
     )
+}
+
+/// Reads at least this large are split between the iothread and io_uring on
+/// memory-backed files (see [`offload_read`]).
+const OFFLOAD_READ_MIN: u64 = 64 * 1024;
+
+thread_local! {
+    static OFFLOAD_NEXT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether a read on a memory-backed file goes through io_uring rather than
+/// inline: every other read of [`OFFLOAD_READ_MIN`] or more. io_uring hands such
+/// reads to io-wq worker threads, so large copies run in parallel with the
+/// iothread's own (page-cache reads take no inode lock), where inline they would
+/// run one after another; small reads stay inline, where the thread hops would
+/// cost more than the copy. Writes always stay inline: tmpfs serialises writers
+/// on the inode lock, so offloading them only adds the hops (measured: 64 KiB
+/// rewrites 0.9x and 1.7x the CPU per I/O).
+fn offload_read(len: u64) -> bool {
+    len >= OFFLOAD_READ_MIN
+        && OFFLOAD_NEXT.with(|t| {
+            let v = !t.get();
+            t.set(v);
+            v
+        })
 }
 
 /// `ret` of a system call as a byte count or the errno.
@@ -265,6 +291,9 @@ impl FileDriver {
     async fn readv(&self, offset: u64, iov: IoVec) -> std::io::Result<i32> {
         match self.submission {
             Submission::Uring => uring::readv(self.fd(), offset, iov).await,
+            Submission::Inline if offload_read(iov.len()) => {
+                uring::readv(self.fd(), offset, iov).await
+            }
             Submission::Inline => {
                 let segs = iov.segments();
                 // SAFETY: the segments are valid for writes while `iov` (and its
