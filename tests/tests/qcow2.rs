@@ -1461,3 +1461,116 @@ fn lazy_refcounts_halve_the_syncs_of_allocating_flushes() {
         assert_eq!(qemu_img_info(&img)["dirty-flag"], false, "{name}");
     }
 }
+
+/// Images with an external data file created by vubd, with `vubd img create -o
+/// data_file=..,data_file_raw=on` and with QMP `blockdev-create` (`data-file` names
+/// an existing node): qemu-img sees the data file, vubd serves and writes them, and
+/// the raw data file holds the guest data at guest offsets.
+#[test]
+fn vubd_creates_images_with_external_data_files() {
+    use serde_json::json;
+    let dir = TempDir::new("vubd-qcow2-mkdata");
+    let img = dir.join("img.qcow2");
+    // Absolute: qemu-img 7.2 opens a relative data file name from its working
+    // directory, vubd from the image's directory.
+    let data_path = dir.join("img.data");
+    let (code, out) = vubd_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        &format!("data_file={},data_file_raw=on", data_path.display()),
+        img.to_str().unwrap(),
+        "8M",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    let info = qemu_img_info(&img);
+    assert_eq!(
+        info["format-specific"]["data"]["data-file"],
+        data_path.to_str().unwrap(),
+        "{info}"
+    );
+    assert_eq!(
+        info["format-specific"]["data"]["data-file-raw"], true,
+        "{info}"
+    );
+    qemu_img(&["check", img.to_str().unwrap()]);
+    random_writes_existing(&dir, &img, "img-data");
+    // data_file_raw: the data file alone is the disk.
+    let raw = std::fs::read(&data_path).unwrap();
+    let want = reference(&img, &dir, "img-data-ref");
+    assert_same_data("data file as raw", &raw[..want.len()], &want);
+
+    // The same over QMP.
+    let qs = dir.join("qmp.sock");
+    let args = DaemonArgs::new()
+        .arg("--chardev")
+        .arg(&format!(
+            "socket,id=m,path={},server=on,wait=off",
+            qs.display()
+        ))
+        .arg("--monitor")
+        .arg("chardev=m")
+        .build();
+    let mut daemon = Daemon::start(&args);
+    let mut q = vubd_tests::Qmp::connect(&qs);
+    let (meta, data) = (dir.join("q.qcow2"), dir.join("q.data"));
+    for (i, p) in [&meta, &data].into_iter().enumerate() {
+        q.ok(
+            "blockdev-create",
+            json!({"job-id": format!("f{i}"), "options": {"driver": "file",
+                   "filename": p.to_str().unwrap(), "size": 0}}),
+        );
+        q.ok("job-dismiss", json!({"id": format!("f{i}")}));
+        q.ok(
+            "blockdev-add",
+            json!({"driver": "file", "node-name": format!("n{i}"), "filename": p.to_str().unwrap()}),
+        );
+    }
+    let e = q
+        .execute(
+            "blockdev-create",
+            json!({"job-id": "bad", "options": {"driver": "qcow2", "file": "n0", "size": 8 * MIB,
+                   "data-file-raw": true}}),
+        )
+        .unwrap_err();
+    assert!(e.desc.contains("data-file"), "{}", e.desc);
+    q.ok(
+        "blockdev-create",
+        json!({"job-id": "j", "options": {"driver": "qcow2", "file": "n0", "size": 8 * MIB,
+               "data-file": "n1", "data-file-raw": true}}),
+    );
+    let jobs = q.ok("query-jobs", json!({}));
+    assert_eq!(jobs[0]["status"], "concluded", "{jobs}");
+    assert!(jobs[0].get("error").is_none(), "{jobs}");
+    q.ok("job-dismiss", json!({"id": "j"}));
+    q.ok(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "qn", "file": "n0", "data-file": "n1"}),
+    );
+    let sock = dir.join("qn.sock");
+    q.ok(
+        "block-export-add",
+        json!({"type": "vhost-user-blk", "id": "e", "node-name": "qn", "writable": true,
+               "addr": {"type": "unix", "path": sock.to_str().unwrap()}}),
+    );
+    let mut c = Client::connect(&sock, 1);
+    let block = vec![0x5du8; 64 * 1024];
+    c.q().write(MIB, &block).expect("write");
+    c.q().flush().expect("flush");
+    drop(c);
+    assert_eq!(daemon.terminate().code(), Some(0));
+    let info = qemu_img_info(&meta);
+    assert_eq!(
+        info["format-specific"]["data"]["data-file"],
+        data.to_str().unwrap(),
+        "{info}"
+    );
+    qemu_img(&["check", meta.to_str().unwrap()]);
+    let raw = std::fs::read(&data).unwrap();
+    assert_same_data(
+        "QMP-made data file",
+        &raw[MIB as usize..MIB as usize + block.len()],
+        &block,
+    );
+}

@@ -626,17 +626,28 @@ impl Control {
                 {
                     o.compression_type = c;
                 }
-                for key in ["data-file", "data-file-raw", "encrypt"] {
-                    if f.contains(key) {
-                        return Err(QmpError::generic(format!(
-                            "Parameter 'options.{key}' is not supported by vubd yet"
-                        )));
-                    }
+                let data_file = f.string("data-file").map_err(e)?;
+                o.data_file_raw = f.bool("data-file-raw").map_err(e)?.unwrap_or(false);
+                if f.contains("encrypt") {
+                    return Err(QmpError::generic(
+                        "Parameter 'options.encrypt' is not supported by vubd yet",
+                    ));
                 }
                 f.finish().map_err(e)?;
+                if o.data_file_raw && data_file.is_none() {
+                    return Err(QmpError::generic("'data-file-raw' requires 'data-file'"));
+                }
                 let node = self.graph.lookup(&file).map_err(generic)?;
+                // The external data file is an existing node, as in QEMU; the header
+                // names its file.
+                let data = data_file
+                    .map(|name| self.graph.lookup(&name).map_err(generic))
+                    .transpose()?;
+                if let Some(d) = &data {
+                    o.data_file = Some(d.driver().filename());
+                }
                 Ok(Box::new(move || {
-                    blocklayer::drivers::qcow2::create(node, o).map_err(|e| e.to_string())
+                    blocklayer::drivers::qcow2::create(node, data, o).map_err(|e| e.to_string())
                 }))
             }
             "file" => {

@@ -64,6 +64,10 @@ pub(super) fn apply_o(o: &mut CreateOptions, text: &str) -> Result<()> {
                 }
             }
             "size" => o.size = coerce::parse_size(&s).ok_or_else(|| bad(&k, "not a size"))?,
+            "data_file" => o.data_file = Some(s),
+            "data_file_raw" => {
+                o.data_file_raw = coerce::parse_bool(&s).ok_or_else(|| bad(&k, "on or off"))?
+            }
             other => return Err(usage(format!("-o: unknown option '{other}'"))),
         }
     }
@@ -165,7 +169,25 @@ fn create_qcow2(file: &str, size: Option<u64>, opts: &[(String, String)]) -> Res
     o.size = o.size.next_multiple_of(512);
     // As qemu-img: the creation locks, held until the image is written.
     let f = new_file(file, CREATE_PERM, CREATE_SHARED)?;
-    let img = block_on(qcow::create(FileIo::new(f), &o)).map_err(|e| ImgError::Image {
+    let created = match &o.data_file {
+        // The header keeps the name as given; as the daemon opens it relative to the
+        // image's directory, it is created there.
+        Some(name) => {
+            let path = match std::path::Path::new(file).parent() {
+                Some(dir) if std::path::Path::new(name).is_relative() => dir.join(name),
+                _ => std::path::PathBuf::from(name),
+            };
+            let path = path.to_string_lossy().into_owned();
+            let d = new_file(&path, CREATE_PERM, CREATE_SHARED)?;
+            block_on(qcow::create_with_data_file(
+                FileIo::new(f),
+                FileIo::new(d),
+                &o,
+            ))
+        }
+        None => block_on(qcow::create(FileIo::new(f), &o)),
+    };
+    let img = created.map_err(|e| ImgError::Image {
         path: file.into(),
         message: e.to_string(),
     })?;

@@ -58,7 +58,8 @@ Usage: vubd img create [-f qcow2|raw] [-b BACKING [-F FMT]] [-o OPTIONS] FILE SI
 
   create -o takes qemu-img's qcow2 creation options (cluster_size, compat,
   lazy_refcounts, refcount_bits, extended_l2, backing_file, backing_fmt,
-  preallocation, compression_type), with -f raw: preallocation (off, falloc, full).
+  preallocation, compression_type, data_file, data_file_raw), with -f raw:
+  preallocation (off, falloc, full).
   snapshot -l lists, -c creates, -a applies (reverts to), -d deletes an internal
   snapshot (-a and -d take an id or a name).
   convert copies what the guest sees of SRC (through its backing chain) to a new

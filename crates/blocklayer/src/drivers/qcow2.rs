@@ -598,15 +598,20 @@ impl Drop for Qcow2Driver {
 
 /// Formats the node `file` as a qcow2 image (QEMU's `blockdev-create` with
 /// `driver: qcow2`), from the control thread.
-pub fn create(file: Arc<Node>, opts: qcow::CreateOptions) -> Result<()> {
-    if file.is_read_only() {
-        return Err(BlockError::ReadOnly(file.name().to_string()));
+pub fn create(file: Arc<Node>, data: Option<Arc<Node>>, opts: qcow::CreateOptions) -> Result<()> {
+    for n in std::iter::once(&file).chain(data.as_ref()) {
+        if n.is_read_only() {
+            return Err(BlockError::ReadOnly(n.name().to_string()));
+        }
     }
     let io = NodeIo::new(file);
+    let data = data.map(NodeIo::new);
     crate::aio::uring::block_on(async move {
-        let image = qcow::create(io, &opts)
-            .await
-            .map_err(|e| BlockError::Graph(format!("qcow2: {e}")))?;
+        let image = match data {
+            Some(d) => qcow::create_with_data_file(io, d, &opts).await,
+            None => qcow::create(io, &opts).await,
+        }
+        .map_err(|e| BlockError::Graph(format!("qcow2: {e}")))?;
         image.close().await.map_err(image_error)
     })
 }
