@@ -192,14 +192,7 @@ impl<I: QcowIo> Qcow2<I> {
         for (&l2, &mult) in &l2_mult {
             self.io.read_at(l2, &mut buf).await?;
             for i in 0..g.l2_entries as usize {
-                let (raw, bm) = if ext {
-                    (
-                        layout::get_u64(&buf, 2 * i),
-                        layout::get_u64(&buf, 2 * i + 1),
-                    )
-                } else {
-                    (layout::get_u64(&buf, i), 0)
-                };
+                let (raw, bm) = layout::l2_entry(&buf, i, ext);
                 match L2Entry::decode(&g, raw, bm) {
                     Err(e) => k.error(format!("ERROR L2 table {l2:#x} entry {i}: {e}")),
                     Ok(L2Entry::Normal { host, copied, .. }) if g.data_file => {

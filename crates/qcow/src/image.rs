@@ -262,6 +262,18 @@ impl State {
             .iter()
             .any(|&(o, l)| l > 0 && off < o + l && o < off + len)
     }
+    /// What is wrong with `off` as the host offset of an L2 table, if anything.
+    pub fn l2_offset_problem(&self, g: &Geometry, off: u64) -> Option<&'static str> {
+        if !g.aligned(off) {
+            Some("unaligned")
+        } else if off >= self.high_water {
+            Some("past the end of the file")
+        } else if self.overlaps_fixed(g.cluster_size, off, g.cluster_size) {
+            Some("overlapping other metadata")
+        } else {
+            None
+        }
+    }
 }
 
 /// An open qcow2 image.
@@ -660,19 +672,7 @@ impl<I: QcowIo> Qcow2<I> {
     /// Validates an L2 table offset from an L1 entry.
     pub(crate) async fn check_l2_offset(&self, l1_index: u64, l1e: u64) -> Result<u64> {
         let off = l1e & OFFSET_MASK;
-        let cs = self.g.cluster_size;
-        let bad = {
-            let st = self.st();
-            if !self.g.aligned(off) {
-                Some("unaligned")
-            } else if off >= st.high_water {
-                Some("past the end of the file")
-            } else if st.overlaps_fixed(cs, off, cs) {
-                Some("overlapping other metadata")
-            } else {
-                None
-            }
-        };
+        let bad = self.st().l2_offset_problem(&self.g, off);
         match bad {
             None => Ok(off),
             Some(why) => Err(self
@@ -688,14 +688,7 @@ impl<I: QcowIo> Qcow2<I> {
     pub(crate) async fn l2_get(&self, l2off: u64, idx: u64) -> Result<(u64, u64)> {
         let ext = self.g.extended;
         self.with_table(TableKind::L2, l2off, |e| {
-            if ext {
-                (
-                    layout::get_u64(&e.data, 2 * idx as usize),
-                    layout::get_u64(&e.data, 2 * idx as usize + 1),
-                )
-            } else {
-                (layout::get_u64(&e.data, idx as usize), 0)
-            }
+            layout::l2_entry(&e.data, idx as usize, ext)
         })
         .await
     }
@@ -761,16 +754,7 @@ impl<I: QcowIo> Qcow2<I> {
             let entries: Vec<(u64, u64)> = self
                 .with_table(TableKind::L2, l2off, |e| {
                     (first..=last)
-                        .map(|i| {
-                            if ext {
-                                (
-                                    layout::get_u64(&e.data, 2 * i as usize),
-                                    layout::get_u64(&e.data, 2 * i as usize + 1),
-                                )
-                            } else {
-                                (layout::get_u64(&e.data, i as usize), 0)
-                            }
-                        })
+                        .map(|i| layout::l2_entry(&e.data, i as usize, ext))
                         .collect()
                 })
                 .await?;
@@ -822,23 +806,13 @@ impl<I: QcowIo> Qcow2<I> {
                 pos = chunk_end;
                 continue;
             }
-            let overlaps = fixed
-                .iter()
-                .any(|&(o, l)| l > 0 && l2off < o + l && o < l2off + cs);
-            if !self.g.aligned(l2off) || l2off >= hw || overlaps {
+            if st.l2_offset_problem(&self.g, l2off).is_some() {
                 return None;
             }
             let table = st.l2.try_get(l2off)?;
             while pos < chunk_end {
                 let i = ((pos % span) / cs) as usize;
-                let (raw, bm) = if ext {
-                    (
-                        layout::get_u64(&table.data, 2 * i),
-                        layout::get_u64(&table.data, 2 * i + 1),
-                    )
-                } else {
-                    (layout::get_u64(&table.data, i), 0)
-                };
+                let (raw, bm) = layout::l2_entry(&table.data, i, ext);
                 let entry = validate_entry(&self.g, pos, raw, bm, hw, &fixed).ok()?;
                 let cend = (self.g.cluster_start(pos) + cs).min(chunk_end);
                 self.push_cluster(&mut out, entry, pos, cend);

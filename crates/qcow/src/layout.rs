@@ -281,6 +281,16 @@ pub fn get_u64(t: &[u8], i: usize) -> u64 {
     u64::from_be_bytes(t[8 * i..8 * i + 8].try_into().unwrap())
 }
 
+/// The (raw entry, subcluster bitmap) of entry `i` of an L2 table; the bitmap is
+/// 0 without extended L2 entries.
+pub fn l2_entry(t: &[u8], i: usize, extended: bool) -> (u64, u64) {
+    if extended {
+        (get_u64(t, 2 * i), get_u64(t, 2 * i + 1))
+    } else {
+        (get_u64(t, i), 0)
+    }
+}
+
 /// Writes a big-endian u64 at index `i` of a table.
 pub fn put_u64(t: &mut [u8], i: usize, v: u64) {
     t[8 * i..8 * i + 8].copy_from_slice(&v.to_be_bytes());

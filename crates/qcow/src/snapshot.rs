@@ -226,16 +226,7 @@ mod ops {
                 let entries: Vec<(u64, u64)> = self
                     .with_table(TableKind::L2, l2, |t| {
                         (0..g.l2_entries as usize)
-                            .map(|i| {
-                                if g.extended {
-                                    (
-                                        layout::get_u64(&t.data, 2 * i),
-                                        layout::get_u64(&t.data, 2 * i + 1),
-                                    )
-                                } else {
-                                    (layout::get_u64(&t.data, i), 0)
-                                }
-                            })
+                            .map(|i| layout::l2_entry(&t.data, i, g.extended))
                             .collect()
                     })
                     .await?;

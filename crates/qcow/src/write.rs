@@ -169,14 +169,7 @@ impl<I: QcowIo> Qcow2<I> {
             let e = st.l2.get(l1e & OFFSET_MASK)?;
             for c in c0..c1 {
                 let i = (c % g.l2_entries) as usize;
-                let (raw, bm) = if g.extended {
-                    (
-                        layout::get_u64(&e.data, 2 * i),
-                        layout::get_u64(&e.data, 2 * i + 1),
-                    )
-                } else {
-                    (layout::get_u64(&e.data, i), 0)
-                };
+                let (raw, bm) = layout::l2_entry(&e.data, i, g.extended);
                 let Ok(L2Entry::Normal {
                     host,
                     copied: true,
@@ -936,14 +929,7 @@ impl<I: QcowIo> Qcow2<I> {
                     (from..g.l2_entries)
                         .map(|j| {
                             let j = j as usize;
-                            if g.extended {
-                                (
-                                    layout::get_u64(&t.data, 2 * j),
-                                    layout::get_u64(&t.data, 2 * j + 1),
-                                )
-                            } else {
-                                (layout::get_u64(&t.data, j), 0)
-                            }
+                            layout::l2_entry(&t.data, j, g.extended)
                         })
                         .collect()
                 })
