@@ -37,6 +37,18 @@ impl DaemonArgs {
         self
     }
 
+    /// A QMP monitor on the UNIX socket `path` (`--chardev socket,id=m,...,server=on,
+    /// wait=off --monitor chardev=m`).
+    pub fn monitor(self, path: &Path) -> DaemonArgs {
+        self.arg("--chardev")
+            .arg(&format!(
+                "socket,id=m,path={},server=on,wait=off",
+                path.display()
+            ))
+            .arg("--monitor")
+            .arg("chardev=m")
+    }
+
     /// Any other argument.
     pub fn arg(mut self, a: &str) -> DaemonArgs {
         self.args.push(a.into());

@@ -15,6 +15,7 @@ pub mod guest;
 pub mod image;
 pub mod qmp;
 pub mod raw;
+pub mod tools;
 pub mod util;
 pub mod workload;
 
@@ -25,7 +26,7 @@ pub use image::{TempDir, TempImage};
 pub use qmp::Qmp;
 pub use raw::{RawClient, RawDesc};
 pub use util::{assert_same_data, unique_name, Rng};
-pub use workload::{exercise, verify_all, ExerciseOpts};
+pub use workload::{exercise, exercise_queues, verify_all, ExerciseOpts};
 
 /// Sector size of the virtio-blk protocol (offsets are always in 512-byte units).
 pub const SECTOR: usize = 512;

@@ -227,3 +227,17 @@ pub fn verify_all(q: &mut IoQueue, base: u64, shadow: &[u8], what: &str) {
         off += n;
     }
 }
+
+/// [`exercise`] on every queue at once, each on its own thread and its own equal
+/// slice of the disk (queue `i` on slice `i` of `shadow`), with its own seed.
+pub fn exercise_queues(queues: &mut [IoQueue], shadow: &mut [u8], o: &ExerciseOpts, seeds: &[u64]) {
+    let region = shadow.len() / queues.len();
+    std::thread::scope(|s| {
+        for ((q, sh), &seed) in queues.iter_mut().zip(shadow.chunks_mut(region)).zip(seeds) {
+            s.spawn(move || {
+                let base = (q.index() * region) as u64;
+                exercise(q, &mut Rng::with_seed(seed), base, sh, o);
+            });
+        }
+    });
+}

@@ -4,8 +4,8 @@
 
 use blkio::ReqFlags;
 use vubd_tests::{
-    assert_same_data, exercise, simple_file_export, verify_all, Client, Daemon, DaemonArgs,
-    ExerciseOpts, Rng, TempDir, TempImage, MIB,
+    assert_same_data, exercise, exercise_queues, simple_file_export, verify_all, Client, Daemon,
+    DaemonArgs, ExerciseOpts, Rng, TempDir, TempImage, MIB,
 };
 
 /// Options for `exercise` honouring the device limits libblkio reports.
@@ -65,23 +65,8 @@ fn four_queues_two_iothreads_concurrent_threads() {
     let mut client = Client::connect(daemon.socket(), 4);
     assert_eq!(client.capacity(), size);
     let o = opts_for(&client, 150);
-    let region = (size / 4) as usize;
     let seeds: Vec<u64> = (0..4).map(|_| rng.next_u64()).collect();
-    std::thread::scope(|s| {
-        for ((q, sh), seed) in client
-            .queues_mut()
-            .iter_mut()
-            .zip(shadow.chunks_mut(region))
-            .zip(seeds)
-        {
-            let o = o.clone();
-            s.spawn(move || {
-                let mut rng = Rng::with_seed(seed);
-                let base = (q.index() * region) as u64;
-                exercise(q, &mut rng, base, sh, &o);
-            });
-        }
-    });
+    exercise_queues(client.queues_mut(), &mut shadow, &o, &seeds);
     // Every queue reads back the whole disk (also what the other threads wrote).
     std::thread::scope(|s| {
         for q in client.queues_mut() {
@@ -162,22 +147,8 @@ fn cache_direct_on_with_unaligned_segments() {
 
     let mut client = Client::connect(daemon.socket(), 2);
     let o = opts_for(&client, 100);
-    let region = (size / 2) as usize;
     let seeds: Vec<u64> = (0..2).map(|_| rng.next_u64()).collect();
-    std::thread::scope(|s| {
-        for ((q, sh), seed) in client
-            .queues_mut()
-            .iter_mut()
-            .zip(shadow.chunks_mut(region))
-            .zip(seeds)
-        {
-            let o = o.clone();
-            s.spawn(move || {
-                let base = (q.index() * region) as u64;
-                exercise(q, &mut Rng::with_seed(seed), base, sh, &o);
-            });
-        }
-    });
+    exercise_queues(client.queues_mut(), &mut shadow, &o, &seeds);
     verify_all(client.q(), 0, &shadow, "read back (cache.direct=on)");
     client.q().flush().expect("flush");
     assert_same_data("host file (cache.direct=on)", &img.read_all(), &shadow);

@@ -26,13 +26,7 @@ impl Setup {
         let img = TempImage::new(16 * MIB);
         let other = TempImage::new(4 * MIB);
         let args = DaemonArgs::new()
-            .arg("--chardev")
-            .arg(&format!(
-                "socket,id=m,path={},server=on,wait=off",
-                dir.join("qmp.sock").display()
-            ))
-            .arg("--monitor")
-            .arg("chardev=m")
+            .monitor(&dir.join("qmp.sock"))
             .blockdev(&format!(
                 "driver=file,node-name=f0,filename={}",
                 img.path().display()

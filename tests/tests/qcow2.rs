@@ -8,30 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use vubd_tests::{assert_same_data, Client, ClientOptions, Daemon, DaemonArgs, TempDir, MIB};
 
-fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn qemu_img(args: &[&str]) {
-    run(Command::new("qemu-img").args(args));
-}
-
-/// Runs qemu-io commands (`-c` each) on an image of the given format.
-fn qemu_io(img: &Path, fmt: &str, cmds: &[&str]) {
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", fmt]);
-    for cmd in cmds {
-        c.args(["-c", cmd]);
-    }
-    c.arg(img);
-    run(&mut c);
-}
+use vubd_tests::tools::{qemu_img, qemu_io};
 
 /// What qemu-img says the guest sees.
 fn reference(img: &Path, dir: &TempDir, tag: &str) -> Vec<u8> {
@@ -649,15 +626,7 @@ fn blockdev_create_preallocates_through_the_block_layer() {
     use serde_json::json;
     let dir = TempDir::new("vubd-prealloc-qmp");
     let qs = dir.join("qmp.sock");
-    let args = DaemonArgs::new()
-        .arg("--chardev")
-        .arg(&format!(
-            "socket,id=m,path={},server=on,wait=off",
-            qs.display()
-        ))
-        .arg("--monitor")
-        .arg("chardev=m")
-        .build();
+    let args = DaemonArgs::new().monitor(&qs).build();
     let mut daemon = Daemon::start(&args);
     let mut q = vubd_tests::Qmp::connect(&qs);
     let size = 40 * MIB;
@@ -733,15 +702,7 @@ fn blockdev_create_job_over_qmp_then_serve_the_new_image() {
     let dir = TempDir::new("vubd-qcow2-create");
     let qs = dir.join("qmp.sock");
     let img = dir.join("new.qcow2");
-    let args = DaemonArgs::new()
-        .arg("--chardev")
-        .arg(&format!(
-            "socket,id=m,path={},server=on,wait=off",
-            qs.display()
-        ))
-        .arg("--monitor")
-        .arg("chardev=m")
-        .build();
+    let args = DaemonArgs::new().monitor(&qs).build();
     let _daemon = Daemon::start(&args);
     let mut q = vubd_tests::Qmp::connect(&qs);
     // The host file, then the qcow2 format on it.
@@ -1251,13 +1212,7 @@ fn cache_clean_interval_drops_idle_metadata_cache_entries() {
     let qs = dir.join("qmp.sock");
     let (sa, sb) = (dir.join("a.sock"), dir.join("b.sock"));
     let args = DaemonArgs::new()
-        .arg("--chardev")
-        .arg(&format!(
-            "socket,id=m,path={},server=on,wait=off",
-            qs.display()
-        ))
-        .arg("--monitor")
-        .arg("chardev=m")
+        .monitor(&qs)
         .blockdev(&format!(
             "driver=file,node-name=fa,filename={}",
             imgs[0].display()
@@ -1392,14 +1347,7 @@ fn file_node_io(q: &mut vubd_tests::Qmp, node: &str) -> (u64, u64) {
 fn lazy_refcounts_halve_the_syncs_of_allocating_flushes() {
     let dir = TempDir::new("vubd-qcow2-lazy-syncs");
     let qs = dir.join("qmp.sock");
-    let mut args = DaemonArgs::new()
-        .arg("--chardev")
-        .arg(&format!(
-            "socket,id=m,path={},server=on,wait=off",
-            qs.display()
-        ))
-        .arg("--monitor")
-        .arg("chardev=m");
+    let mut args = DaemonArgs::new().monitor(&qs);
     for (name, opts) in [
         ("strict", "lazy_refcounts=off"),
         ("lazy", "lazy_refcounts=on"),
@@ -1503,15 +1451,7 @@ fn vubd_creates_images_with_external_data_files() {
 
     // The same over QMP.
     let qs = dir.join("qmp.sock");
-    let args = DaemonArgs::new()
-        .arg("--chardev")
-        .arg(&format!(
-            "socket,id=m,path={},server=on,wait=off",
-            qs.display()
-        ))
-        .arg("--monitor")
-        .arg("chardev=m")
-        .build();
+    let args = DaemonArgs::new().monitor(&qs).build();
     let mut daemon = Daemon::start(&args);
     let mut q = vubd_tests::Qmp::connect(&qs);
     let (meta, data) = (dir.join("q.qcow2"), dir.join("q.data"));

@@ -10,10 +10,7 @@ use std::path::Path;
 use std::process::Command;
 use vubd_tests::{assert_same_data, Client, Daemon, DaemonArgs, Qmp, TempDir, MIB};
 
-fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap();
-    assert!(out.status.success(), "{cmd:?}: {out:?}");
-}
+use vubd_tests::tools::{qemu_io, run_ok as run};
 
 fn allocated(p: &Path) -> u64 {
     std::fs::metadata(p).unwrap().blocks() * 512
@@ -24,13 +21,7 @@ fn serve(dir: &TempDir, img: &Path, tag: &str, opts: &str) -> (Daemon, Qmp, Clie
     let qs = dir.join(&format!("{tag}.qmp"));
     let sock = dir.join(&format!("{tag}.sock"));
     let args = DaemonArgs::new()
-        .arg("--chardev")
-        .arg(&format!(
-            "socket,id=m,path={},server=on,wait=off",
-            qs.display()
-        ))
-        .arg("--monitor")
-        .arg("chardev=m")
+        .monitor(&qs)
         .blockdev(&format!(
             "driver=file,node-name=f,filename={},discard=unmap",
             img.display()
@@ -69,9 +60,7 @@ fn snapshot_delete_space(dir: &TempDir, tag: &str, opts: &str) -> (u64, u64) {
         .args(["create", "-q", "-f", "qcow2"])
         .arg(&img)
         .arg("16M"));
-    run(Command::new("qemu-io")
-        .args(["-f", "qcow2", "-c", "write -P 0x21 0 8M"])
-        .arg(&img));
+    qemu_io(&img, "qcow2", &["write -P 0x21 0 8M"]);
     let (mut daemon, mut q, mut c) = serve(dir, &img, tag, opts);
     q.ok(
         "blockdev-snapshot-internal-sync",

@@ -4,15 +4,10 @@
 //! corrupt. Meanwhile another export keeps serving and verifying data.
 
 use serde_json::json;
-use std::process::Command;
 use std::time::Duration;
 use vubd_tests::{assert_same_data, Client, Daemon, DaemonArgs, Qmp, TempDir, MIB};
 
-fn qemu_img(args: &[&str]) -> String {
-    let out = Command::new("qemu-img").args(args).output().unwrap();
-    assert!(out.status.success(), "qemu-img {args:?}: {out:?}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use vubd_tests::tools::{qemu_img, qemu_io};
 
 fn be64(d: &[u8], o: usize) -> u64 {
     u64::from_be_bytes(d[o..o + 8].try_into().unwrap())
@@ -39,12 +34,7 @@ fn hostile_qcow2_images_over_qmp_leave_other_exports_serving() {
     let dir = TempDir::new("vubd-qcow2-hostile");
     let good = dir.join("good.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", good.to_str().unwrap(), "16M"]);
-    let out = Command::new("qemu-io")
-        .args(["-f", "qcow2", "-c", "write -P 0x11 0 256k"])
-        .arg(&good)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    qemu_io(&good, "qcow2", &["write -P 0x11 0 256k"]);
     let hdr = std::fs::read(&good).unwrap();
     let l1 = be64(&hdr, 40) as usize;
     let rt = be64(&hdr, 48) as usize;
@@ -106,13 +96,7 @@ fn hostile_qcow2_images_over_qmp_leave_other_exports_serving() {
     std::fs::write(&other, vec![0u8; 4 * MIB as usize]).unwrap();
     let other_sock = dir.join("other.sock");
     let args = DaemonArgs::new()
-        .arg("--chardev")
-        .arg(&format!(
-            "socket,id=m,path={},server=on,wait=off",
-            qs.display()
-        ))
-        .arg("--monitor")
-        .arg("chardev=m")
+        .monitor(&qs)
         .file_raw_path("other", &other, "", "")
         .vhost_user_blk("other", &other_sock, ",writable=on")
         .build();

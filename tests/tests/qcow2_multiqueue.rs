@@ -6,7 +6,7 @@
 
 use std::process::Command;
 use std::time::Duration;
-use vubd_tests::workload::{exercise, verify_all, ExerciseOpts};
+use vubd_tests::workload::{exercise_queues, verify_all, ExerciseOpts};
 use vubd_tests::{Client, Daemon, DaemonArgs, Rng, TempDir, MIB};
 
 fn serve_and_exercise(dir: &TempDir, tag: &str, create_opts: &str) {
@@ -37,7 +37,6 @@ fn serve_and_exercise(dir: &TempDir, tag: &str, create_opts: &str) {
     let mut daemon = Daemon::start(&args);
     let mut client = Client::connect(&sock, 4);
     let mut shadow = vec![0u8; size as usize];
-    let region = shadow.len() / 4;
     let o = ExerciseOpts {
         rounds: 150,
         max_batch: 16,
@@ -46,22 +45,11 @@ fn serve_and_exercise(dir: &TempDir, tag: &str, create_opts: &str) {
     };
     let mut rng = Rng::new(tag);
     let seeds: Vec<u64> = (0..4).map(|_| rng.next_u64()).collect();
-    std::thread::scope(|s| {
-        for ((q, sh), seed) in client
-            .queues_mut()
-            .iter_mut()
-            .zip(shadow.chunks_mut(region))
-            .zip(seeds)
-        {
-            let o = o.clone();
-            s.spawn(move || {
-                // A lost wake-up hangs a request: fail instead of waiting forever.
-                q.set_timeout(Duration::from_secs(30));
-                let base = (q.index() * region) as u64;
-                exercise(q, &mut Rng::with_seed(seed), base, sh, &o);
-            });
-        }
-    });
+    for q in client.queues_mut() {
+        // A lost wake-up hangs a request: fail instead of waiting forever.
+        q.set_timeout(Duration::from_secs(30));
+    }
+    exercise_queues(client.queues_mut(), &mut shadow, &o, &seeds);
     std::thread::scope(|s| {
         for q in client.queues_mut() {
             let shadow = &shadow;

@@ -22,16 +22,7 @@ fn output(cmd: &mut Command) -> (i32, String, String) {
     )
 }
 
-/// Runs a command that must succeed; returns its stdout.
-fn run(cmd: &mut Command) -> String {
-    let (rc, out, err) = output(cmd);
-    assert_eq!(rc, 0, "{cmd:?} failed:\n{out}\n{err}");
-    out
-}
-
-fn qemu_img(args: &[&str]) -> String {
-    run(Command::new("qemu-img").args(args))
-}
+use vubd_tests::tools::{qemu_img, qemu_io, run_ok as run};
 
 fn vubd_img(args: &[&str]) -> String {
     run(Command::new(vubd_tests::vubd_bin()).arg("img").args(args))
@@ -46,16 +37,6 @@ fn vubd_img_fails(args: &[&str]) -> String {
         "vubd img {args:?}: no one-line cause:\n{err}"
     );
     err
-}
-
-fn qemu_io(img: &Path, cmds: &[&str]) {
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "qcow2"]);
-    for cmd in cmds {
-        c.args(["-c", cmd]);
-    }
-    c.arg(img);
-    run(&mut c);
 }
 
 fn s(p: &Path) -> &str {
@@ -130,7 +111,11 @@ fn img_snapshot_create_list_apply_delete_agree_with_qemu_img() {
     let img = dir.join("s.qcow2");
     vubd_img(&["create", "-f", "qcow2", s(&img), "16M"]);
     assert_eq!(vubd_img(&["snapshot", "-l", s(&img)]), "", "no snapshots");
-    qemu_io(&img, &["write -P 0xa1 0 3M", "write -P 0xa2 8M 64k"]);
+    qemu_io(
+        &img,
+        "qcow2",
+        &["write -P 0xa1 0 3M", "write -P 0xa2 8M 64k"],
+    );
     let a = content(&img, &dir, None);
 
     // vubd makes "one"; qemu-img sees it and makes "two".
@@ -138,11 +123,12 @@ fn img_snapshot_create_list_apply_delete_agree_with_qemu_img() {
     check_clean(&img);
     qemu_io(
         &img,
+        "qcow2",
         &["write -P 0xb1 1M 2M", "write -z 8M 64k", "discard 0 64k"],
     );
     let b = content(&img, &dir, None);
     qemu_img(&["snapshot", "-c", "two", s(&img)]);
-    qemu_io(&img, &["write -P 0xc1 5M 1M"]);
+    qemu_io(&img, "qcow2", &["write -P 0xc1 5M 1M"]);
     let c = content(&img, &dir, None);
     assert_eq!(qemu_snapshot_names(&img), ["one", "two"]);
     lists_agree(&img);
@@ -160,7 +146,7 @@ fn img_snapshot_create_list_apply_delete_agree_with_qemu_img() {
     check_clean(&img);
     assert_same_data("qemu-img applied one", &content(&img, &dir, None), &a);
     // By id: snapshot 1 is "one".
-    qemu_io(&img, &["write -P 0xd1 0 1M"]);
+    qemu_io(&img, "qcow2", &["write -P 0xd1 0 1M"]);
     vubd_img(&["snapshot", "-a", "1", s(&img)]);
     assert_same_data("vubd applied id 1", &content(&img, &dir, None), &a);
     assert_ne!(a, c);
@@ -189,10 +175,7 @@ fn qsd_snapshot(dir: &TempDir, img: &Path, name: &str) {
     let qs = dir.join("qsd-qmp.sock");
     let sock = dir.join("qsd.sock");
     let args = DaemonArgs::new()
-        .arg("--chardev")
-        .arg(&format!("socket,id=m,path={},server=on,wait=off", s(&qs)))
-        .arg("--monitor")
-        .arg("chardev=m")
+        .monitor(&qs)
         .blockdev(&format!("driver=file,node-name=f,filename={}", s(img)))
         .blockdev("driver=qcow2,node-name=q,file=f")
         .export(&format!(
@@ -400,10 +383,7 @@ fn qmp_internal_snapshots_of_a_live_export() {
     let qs = dir.join("qmp.sock");
     let sock = dir.join("e.sock");
     let args = DaemonArgs::new()
-        .arg("--chardev")
-        .arg(&format!("socket,id=m,path={},server=on,wait=off", s(&qs)))
-        .arg("--monitor")
-        .arg("chardev=m")
+        .monitor(&qs)
         .blockdev(&format!("driver=file,node-name=f,filename={}", s(&img)))
         .blockdev("driver=qcow2,node-name=q,file=f")
         .export(&format!(
@@ -544,15 +524,7 @@ fn chain(dir: &TempDir) -> std::path::PathBuf {
     let mid = dir.join("mid.qcow2");
     let top = dir.join("top.qcow2");
     qemu_img(&["create", "-f", "raw", s(&base), "16M"]);
-    run(Command::new("qemu-io").args([
-        "-f",
-        "raw",
-        "-c",
-        "write -P 0x11 0 12M",
-        "-c",
-        "write -z 4M 2M",
-        s(&base),
-    ]));
+    qemu_io(&base, "raw", &["write -P 0x11 0 12M", "write -z 4M 2M"]);
     {
         use std::os::unix::fs::FileExt;
         let noise = vubd_tests::Rng::new("noise").bytes(65536);
@@ -572,6 +544,7 @@ fn chain(dir: &TempDir) -> std::path::PathBuf {
     ]);
     qemu_io(
         &mid,
+        "qcow2",
         &[
             "write -P 0x22 1M 2M",
             "write -z 5M 1M",
@@ -592,6 +565,7 @@ fn chain(dir: &TempDir) -> std::path::PathBuf {
     ]);
     qemu_io(
         &top,
+        "qcow2",
         &[
             "write -P 0x33 2M 64k",
             "write -P 0x44 10M 12345",
