@@ -478,13 +478,21 @@ logical-block-size=512,serial=disk0";
             ),
             (
                 &format!("{base},queue-size=1000"),
-                "Invalid parameter value for 'queue-size': 1000 is not a power of 2 from 1 to \
+                "Invalid parameter value for 'queue-size': 1000 is not a power of 2 from 4 to \
                  32768",
             ),
             (
                 &format!("{base},queue-size=65536"),
-                "Invalid parameter value for 'queue-size': 65536 is not a power of 2 from 1 to \
+                "Invalid parameter value for 'queue-size': 65536 is not a power of 2 from 4 to \
                  32768",
+            ),
+            (
+                &format!("{base},queue-size=1"),
+                "Invalid parameter value for 'queue-size': 1 is not a power of 2 from 4 to 32768",
+            ),
+            (
+                &format!("{base},queue-size=2"),
+                "Invalid parameter value for 'queue-size': 2 is not a power of 2 from 4 to 32768",
             ),
             (
                 &format!("{base},iothread.1=io0"),
@@ -497,13 +505,13 @@ logical-block-size=512,serial=disk0";
         // Accepted extremes.
         let line = format!(
             "--blockdev null-co,node-name=n --export {base},logical-block-size=32k,\
-             num-queues=64,queue-size=1,serial=12345678901234567890,writethrough=on,\
+             num-queues=64,queue-size=4,serial=12345678901234567890,writethrough=on,\
              fixed-iothread=on"
         );
         let export = &run(args(&line)).exports[0];
         assert_eq!(export.logical_block_size, 32768);
         assert_eq!(export.num_queues, 64);
-        assert_eq!(export.queue_size, 1);
+        assert_eq!(export.queue_size, 4);
         assert!(export.writethrough && export.fixed_iothread);
     }
 

@@ -162,6 +162,10 @@ pub const MAX_NUM_QUEUES: u16 = 64;
 pub const DEFAULT_QUEUE_SIZE: u16 = 1024;
 /// The largest `queue-size` (virtio's limit).
 pub const MAX_QUEUE_SIZE: u16 = 32768;
+/// The smallest `queue-size`: a request takes a header and a status descriptor
+/// besides its data, and `seg_max` is the queue size minus those two (QEMU's
+/// virtio-blk also wants more than 2).
+pub const MIN_QUEUE_SIZE: u16 = 4;
 /// The default `logical-block-size`.
 pub const DEFAULT_LOGICAL_BLOCK_SIZE: u32 = 512;
 /// QEMU's block size limits (`check_block_size()`).
@@ -566,10 +570,10 @@ fn take_queue_size(f: &mut Fields) -> OptionsResult<u16> {
         .unsigned("queue-size")?
         .unwrap_or(u64::from(DEFAULT_QUEUE_SIZE));
     match u16::try_from(size) {
-        Ok(n @ 1..=MAX_QUEUE_SIZE) if n.is_power_of_two() => Ok(n),
+        Ok(n @ MIN_QUEUE_SIZE..=MAX_QUEUE_SIZE) if n.is_power_of_two() => Ok(n),
         _ => Err(bad_value(
             "queue-size",
-            format!("{size} is not a power of 2 from 1 to {MAX_QUEUE_SIZE}"),
+            format!("{size} is not a power of 2 from {MIN_QUEUE_SIZE} to {MAX_QUEUE_SIZE}"),
         )),
     }
 }

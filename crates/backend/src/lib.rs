@@ -10,4 +10,5 @@ pub mod img;
 pub mod iothread;
 pub mod jobs;
 pub mod keyval;
+pub mod logging;
 pub mod qmp;

@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 use vubd::cli::{self, CliAction};
 use vubd::daemon::Daemon;
+use vubd::logging::{RateLimitedLogger, SITE_LINES_PER_SEC};
 
 /// Blocks the termination signals in this thread (and every thread it starts), so that
 /// the main thread can wait for them synchronously.
@@ -30,7 +31,11 @@ fn wait_for_signal(set: &libc::sigset_t) -> i32 {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let logger =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).build();
+    // A flood of one message (a hostile frontend, a broken ring) is cut to a few lines
+    // per second and call site, with a count of what was suppressed.
+    let _ = RateLimitedLogger::new(logger, SITE_LINES_PER_SEC).install();
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("img") {
         return match vubd::img::main(&args[1..]) {

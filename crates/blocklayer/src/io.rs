@@ -3,6 +3,7 @@
 //! at the node's limits, FUA emulation, flush elision, zero detection and the
 //! write-zeroes fallback. Drivers only see requests that fit their limits.
 
+use crate::aio::bounce::{Budget, Lease, BOUNCE_CHUNK};
 use crate::aio::iovec::{AlignedBuf, IoVec};
 use crate::aio::uring::sleep_ns;
 use crate::error::{BlockError, Result};
@@ -224,17 +225,50 @@ impl Node {
         Ok(())
     }
 
-    /// Allocates a bounce buffer for the aligned range around `offset..offset+len`.
-    fn bounce_for(&self, offset: u64, len: u64) -> (u64, Arc<AlignedBuf>) {
+    /// The pieces a bounced request of `offset..offset+len` is processed in: at most
+    /// [`BOUNCE_CHUNK`] bytes of aligned range each, so that bounce memory does not
+    /// follow the request's size (the guest's choice). Yields (offset, length) pairs
+    /// relative to the request.
+    fn bounce_pieces(&self, offset: u64, len: u64) -> impl Iterator<Item = (u64, u64)> {
+        let align = self.limits().request_alignment;
+        let chunk = align_up(BOUNCE_CHUNK, align).max(u64::from(align));
+        let mut pos = 0;
+        std::iter::from_fn(move || {
+            if pos >= len {
+                return None;
+            }
+            let at = offset + pos;
+            let piece_end = (align_down(at, align) + chunk).min(offset + len);
+            let piece = (pos, piece_end - at);
+            pos += piece.1;
+            Some(piece)
+        })
+    }
+
+    /// Leases and allocates a bounce buffer for the aligned range around
+    /// `offset..offset+len` (one piece of [`Node::bounce_pieces`]).
+    async fn bounce_for(&self, offset: u64, len: u64) -> Result<(u64, Arc<AlignedBuf>, Lease)> {
         let l = self.limits();
         let start = align_down(offset, l.request_alignment);
         let end = align_up(offset + len, l.request_alignment);
-        let buf = AlignedBuf::zeroed((end - start) as usize, l.mem_alignment.max(512));
-        (start, Arc::new(buf))
+        let size = (end - start) as usize;
+        let lease = Budget::current().lease(size).await;
+        let buf = lease.alloc(size, l.mem_alignment.max(512)).ok_or_else(|| {
+            BlockError::io("bounce", std::io::Error::from_raw_os_error(libc::ENOMEM))
+        })?;
+        Ok((start, Arc::new(buf), lease))
     }
 
     async fn read_bounced(&self, offset: u64, iov: IoVec) -> Result<()> {
-        let (start, buf) = self.bounce_for(offset, iov.len());
+        for (pos, n) in self.bounce_pieces(offset, iov.len()) {
+            self.read_bounced_piece(offset + pos, iov.slice(pos, n))
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn read_bounced_piece(&self, offset: u64, iov: IoVec) -> Result<()> {
+        let (start, buf, _lease) = self.bounce_for(offset, iov.len()).await?;
         self.read_split(start, IoVec::from_buf(buf.clone())).await?;
         let skip = (offset - start) as usize;
         iov.copy_from_slice(0, &buf.as_slice()[skip..skip + iov.len() as usize]);
@@ -318,9 +352,18 @@ impl Node {
         }
     }
 
-    /// Read-modify-write of the aligned range around an unaligned write.
+    /// Read-modify-write of the aligned range around an unaligned write, in bounded
+    /// pieces.
     async fn write_bounced(&self, offset: u64, iov: IoVec, fua: bool) -> Result<()> {
-        let (start, buf) = self.bounce_for(offset, iov.len());
+        for (pos, n) in self.bounce_pieces(offset, iov.len()) {
+            self.write_bounced_piece(offset + pos, iov.slice(pos, n), fua)
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn write_bounced_piece(&self, offset: u64, iov: IoVec, fua: bool) -> Result<()> {
+        let (start, buf, _lease) = self.bounce_for(offset, iov.len()).await?;
         let end = start + buf.len() as u64;
         let _lock = self.rmw_lock(start, end).await;
         let align = u64::from(self.limits().request_alignment);
@@ -334,10 +377,7 @@ impl Node {
             self.read_split(end - align, bounce.slice(end - align - start, align))
                 .await?;
         }
-        let skip = (offset - start) as usize;
-        let mut data = vec![0u8; iov.len() as usize];
-        iov.copy_to_slice(0, &mut data);
-        bounce.copy_from_slice(skip as u64, &data);
+        bounce.copy_from_iov(offset - start, &iov);
         self.write_split(start, bounce, fua).await
     }
 
@@ -517,5 +557,47 @@ mod tests {
         assert_eq!(next_chunk(&iov, 512, u64::MAX, 1, 512), 1024);
         // Alignment larger than what fits: no chunk.
         assert_eq!(next_chunk(&iov, 0, u64::MAX, 1, 4096), 0);
+    }
+
+    #[test]
+    fn large_unaligned_requests_bounce_in_bounded_pieces() {
+        use crate::graph::Graph;
+        use crate::options::BlockdevOptions;
+        use serde_json::json;
+        let path = std::env::temp_dir().join(format!("vubd-io-bounce-{}", std::process::id()));
+        let file = std::fs::File::create(&path).unwrap();
+        file.set_len(32 << 20).unwrap();
+        drop(file);
+        let mut g = Graph::new();
+        let node = g
+            .add(
+                &BlockdevOptions::from_json(&json!({
+                    "driver": "blkdebug", "node-name": "dbg", "align": 4096,
+                    "image": {"driver": "file", "node-name": "f",
+                              "filename": path.to_str().unwrap()}
+                }))
+                .unwrap(),
+            )
+            .unwrap();
+        // 12 MiB at a 512-byte offset: every piece is read-modify-written.
+        let len = 12usize << 20;
+        let data: Vec<u8> = (0..len).map(|i| (i / 512 % 251) as u8).collect();
+        let src = Arc::new(AlignedBuf::zeroed(len, 4096));
+        IoVec::from_buf(src.clone()).copy_from_slice(0, &data);
+        let dst = Arc::new(AlignedBuf::zeroed(len, 4096));
+        let (n, d) = (node.clone(), dst.clone());
+        let peak = crate::aio::uring::block_on(async move {
+            n.write(512, IoVec::from_buf(src), false).await.unwrap();
+            n.read(512, IoVec::from_buf(d)).await.unwrap();
+            Budget::current().peak()
+        });
+        assert!(dst.as_slice() == &data[..], "data read back differs");
+        assert!(
+            peak <= BOUNCE_CHUNK as usize + 8192,
+            "bounce memory peaked at {peak} bytes for one request"
+        );
+        assert_eq!(Budget::current().in_use(), 0);
+        drop(g);
+        let _ = std::fs::remove_file(path);
     }
 }

@@ -151,6 +151,20 @@ impl IoVec {
         }
     }
 
+    /// Copies all of `src` into this vector starting at `offset` (segment by segment,
+    /// without an intermediate buffer). The two must not overlap.
+    pub fn copy_from_iov(&self, offset: u64, src: &IoVec) {
+        let mut pos = offset;
+        for s in &src.segs {
+            // SAFETY: the segment is valid for reads of `iov_len` bytes while `src`
+            // (and its keepalive) lives, which outlasts this call; the caller
+            // guarantees it does not overlap the destination.
+            let bytes = unsafe { std::slice::from_raw_parts(s.iov_base as *const u8, s.iov_len) };
+            self.copy_from_slice(pos, bytes);
+            pos += s.iov_len as u64;
+        }
+    }
+
     /// Fills the whole vector with zeroes.
     pub fn fill_zero(&self) {
         for s in &self.segs {
@@ -185,15 +199,21 @@ unsafe impl Sync for AlignedBuf {}
 
 impl AlignedBuf {
     /// A zero-filled buffer of `len` bytes aligned to `align` (a power of two).
+    /// For sizes the daemon chooses; sizes a guest influences go through
+    /// [`AlignedBuf::try_zeroed`].
     pub fn zeroed(len: usize, align: usize) -> Self {
         let layout = Layout::from_size_align(len.max(1), align.max(1))
             .expect("bounce buffer layout (power-of-two alignment)");
+        AlignedBuf::try_zeroed(len, align).unwrap_or_else(|| alloc::handle_alloc_error(layout))
+    }
+
+    /// A zero-filled buffer of `len` bytes aligned to `align`, or `None` if the
+    /// allocator cannot provide it (or the size and alignment make no layout).
+    pub fn try_zeroed(len: usize, align: usize) -> Option<Self> {
+        let layout = Layout::from_size_align(len.max(1), align.max(1)).ok()?;
         // SAFETY: the layout has a non-zero size.
         let ptr = unsafe { alloc::alloc_zeroed(layout) };
-        if ptr.is_null() {
-            alloc::handle_alloc_error(layout);
-        }
-        AlignedBuf { ptr, len, layout }
+        (!ptr.is_null()).then_some(AlignedBuf { ptr, len, layout })
     }
 
     pub fn len(&self) -> usize {

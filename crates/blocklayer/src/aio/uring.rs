@@ -47,10 +47,17 @@ thread_local! {
     static ENGINE: RefCell<Option<Engine>> = const { RefCell::new(None) };
 }
 
+/// `user_data` of the cancellation requests [`Engine::cancel_all`] sends.
+const CANCEL_USER_DATA: u64 = u64::MAX;
+
 impl Drop for Engine {
     fn drop(&mut self) {
         // Before the eventfd closes: no other thread may write it afterwards.
         super::executor::set_remote_notify(-1);
+        // The kernel may still read or write the buffers of operations in flight (guest
+        // memory among them): cancel what can be cancelled and wait for every
+        // completion before the slots, and the keepalives in them, are dropped.
+        self.cancel_all();
     }
 }
 
@@ -106,11 +113,64 @@ impl Engine {
         }
     }
 
+    /// Cancels every operation in flight and waits until the kernel has posted the
+    /// completion of each (and of each cancellation request).
+    fn cancel_all(&mut self) {
+        if self.in_flight == 0 {
+            return;
+        }
+        log::info!(
+            "io_uring: cancelling {} operation(s) in flight before the thread exits",
+            self.in_flight
+        );
+        let pending: Vec<u64> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| matches!(s, Slot::Waiting { .. } | Slot::Orphan { .. }))
+            .map(|(i, _)| i as u64)
+            .collect();
+        for user_data in pending {
+            let sqe = opcode::AsyncCancel::new(user_data)
+                .build()
+                .user_data(CANCEL_USER_DATA);
+            if let Err(e) = self.push(sqe) {
+                log::error!("io_uring: cannot queue a cancellation: {e}");
+                break;
+            }
+        }
+        while self.in_flight > 0 {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) => {
+                    // The ring cannot be waited on: keep the buffers alive for good
+                    // rather than free memory the kernel may still write.
+                    log::error!(
+                        "io_uring: waiting for {} operation(s) failed: {e}; leaking their buffers",
+                        self.in_flight
+                    );
+                    std::mem::forget(std::mem::take(&mut self.slots));
+                    return;
+                }
+            }
+            // No wakes: the thread's executor may already be gone.
+            self.reap_completions(false);
+        }
+    }
+
     fn reap(&mut self) -> usize {
+        self.reap_completions(true)
+    }
+
+    fn reap_completions(&mut self, wake: bool) -> usize {
         let mut n = 0;
         for cqe in self.ring.completion() {
             n += 1;
             self.in_flight -= 1;
+            if cqe.user_data() == CANCEL_USER_DATA {
+                continue;
+            }
             let i = cqe.user_data() as usize;
             let Some(slot) = self.slots.get_mut(i) else {
                 log::error!("io_uring completion for unknown slot {i}");
@@ -120,7 +180,7 @@ impl Engine {
                 // Waking only queues the task on this thread's executor (it does not
                 // touch the engine), so it is safe while the engine is borrowed.
                 Slot::Waiting { waker, .. } => {
-                    if let Some(w) = waker {
+                    if let Some(w) = waker.filter(|_| wake) {
                         w.wake();
                     }
                 }
@@ -443,5 +503,41 @@ mod tests {
         assert!(err.is_err());
         drop(file);
         std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn thread_exit_cancels_and_waits_for_operations_in_flight() {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 writes two descriptors into the local array.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        let buf = Arc::new(AlignedBuf::zeroed(4096, 4096));
+        let b2 = buf.clone();
+        let reader = fds[0];
+        let t = std::thread::spawn(move || {
+            // A read of an empty pipe stays in flight until cancelled.
+            let op = readv(reader, 0, IoVec::from_buf(b2));
+            submit().unwrap();
+            assert_eq!(in_flight(), 1);
+            // The future goes away first (its slot keeps the buffer), then the thread.
+            drop(op);
+        });
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(t.join().is_ok()).unwrap());
+        let joined = rx.recv_timeout(std::time::Duration::from_secs(10));
+        assert_eq!(joined, Ok(true), "the thread did not exit");
+        // The kernel is done with the buffer: the engine released its keepalive.
+        assert_eq!(Arc::strong_count(&buf), 1);
+        // Nothing was left reading the pipe: data written now stays in it.
+        // SAFETY: fcntl, write and read on the pipe we own, from and into locals.
+        unsafe {
+            // A read left behind would take the byte; fail rather than block then.
+            libc::fcntl(fds[0], libc::F_SETFL, libc::O_NONBLOCK);
+            assert_eq!(libc::write(fds[1], [7u8].as_ptr().cast(), 1), 1);
+            let mut b = [0u8; 1];
+            assert_eq!(libc::read(fds[0], b.as_mut_ptr().cast(), 1), 1);
+            assert_eq!(b[0], 7);
+            libc::close(fds[0]);
+            libc::close(fds[1]);
+        }
     }
 }
