@@ -400,9 +400,17 @@ fn vubd_img_create_info_check_map_agree_with_qemu_img() {
         }
     }
     // Errors are clear, with qemu-img check's exit codes kept for findings.
-    let (rc, out) = vubd_img(&["create", "-o", "cluster_size=3k", "x.qcow2", "1M"]);
+    let bad = dir.join("x.qcow2");
+    let (rc, out) = vubd_img(&[
+        "create",
+        "-o",
+        "cluster_size=3k",
+        bad.to_str().unwrap(),
+        "1M",
+    ]);
     assert_eq!(rc, 1, "{out}");
     assert!(out.contains("cluster_size"), "{out}");
+    assert!(!bad.exists(), "a refused image was created");
     let (rc, out) = vubd_img(&["info", dir.join("missing").to_str().unwrap()]);
     assert_eq!(rc, 1, "{out}");
 }

@@ -100,7 +100,8 @@ impl CreateOptions {
         }
     }
 
-    fn validate(&self) -> Result<(), CreateError> {
+    /// Checks the options without creating anything (creation checks them too).
+    pub fn validate(&self) -> Result<(), CreateError> {
         let bad = |s: &str| Err(CreateError::Invalid(s.into()));
         let cs = self.cluster_size;
         if !cs.is_power_of_two() || !(512..=2 << 20).contains(&cs) {

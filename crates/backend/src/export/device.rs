@@ -9,7 +9,7 @@
 
 use super::backend_channel::BackendChannel;
 use super::config_space::BlkConfig;
-use super::request::{self, Desc, DeviceLimits, Memory, Op, Request};
+use super::request::{self, Desc, DeviceLimits, Memory, Op, Request, RequestError};
 use super::{ErrorAction, ExportShared, PopGate};
 use crate::iothread::{current_tid, IoThread};
 use blocklayer::aio::poll::{PollParams, PollState};
@@ -53,6 +53,52 @@ struct Completion {
     queue: usize,
     head: u16,
     len: u32,
+    /// The ring's generation when the request was popped: a request whose ring has
+    /// been stopped since is not pushed (the frontend took the ring back).
+    gen: u64,
+}
+
+/// Per-queue state shared by the vhost-user handler thread and the iothreads.
+pub struct QueueStates {
+    /// Requests popped and not yet pushed to the used ring (or dropped).
+    in_flight: Vec<AtomicU64>,
+    /// Of those, requests held by an error stop (`werror`/`rerror=stop`).
+    held: Vec<AtomicU64>,
+    /// Bumped whenever the frontend stops the ring (GET_VRING_BASE).
+    gen: Vec<AtomicU64>,
+    /// Set when the frontend broke the ring (an available index beyond the queue
+    /// size, an unreadable ring): nothing more is taken from it until the frontend
+    /// stops and restarts it.
+    broken: Vec<AtomicBool>,
+}
+
+impl QueueStates {
+    fn new(n: usize) -> Self {
+        QueueStates {
+            in_flight: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            held: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            gen: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            broken: (0..n).map(|_| AtomicBool::new(false)).collect(),
+        }
+    }
+
+    fn gen(&self, q: usize) -> u64 {
+        self.gen[q].load(Ordering::Acquire)
+    }
+
+    fn is_broken(&self, q: usize) -> bool {
+        self.broken[q].load(Ordering::Acquire)
+    }
+}
+
+/// Whether the frontend has started and enabled a vring: only then may the device
+/// read or write it (vhost-user: a ring is started by SET_VRING_KICK and stopped by
+/// GET_VRING_BASE; with VHOST_USER_F_PROTOCOL_FEATURES it also needs
+/// SET_VRING_ENABLE 1). The rings of a queue that was never set up sit at guest
+/// address 0 and must stay untouched.
+fn is_live(v: &Vring) -> bool {
+    let st = v.get_ref();
+    st.is_enabled() && st.get_queue().ready()
 }
 
 #[derive(Default)]
@@ -68,6 +114,10 @@ struct LoopState {
     unsignalled: usize,
     unsignalled_queues: u64,
 }
+
+/// How long stopping a ring waits for requests that are being worked on (not for
+/// requests held by an error stop, which are let go at once).
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Most chains taken from one ring per pass, and most used elements pushed before the
 /// frontend is notified while it keeps adding requests. Small batches let the
@@ -99,8 +149,8 @@ pub struct BlkDevice {
     threads: usize,
     /// Per worker thread: an eventfd that wakes it (resume, iothread change).
     wake: Vec<EventFd>,
-    /// Per queue: requests in flight (for stopping a ring cleanly).
-    queue_in_flight: Vec<AtomicU64>,
+    /// Per queue: requests in flight, held requests, ring generations.
+    queues: Arc<QueueStates>,
     handlers: Mutex<Vec<Weak<Handler>>>,
     /// Set once the frontend is gone: no more requests are popped.
     disconnected: AtomicBool,
@@ -114,14 +164,14 @@ impl BlkDevice {
         let wake = (0..threads)
             .map(|_| EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC))
             .collect::<io::Result<Vec<_>>>()?;
-        let queue_in_flight = (0..shared.num_queues).map(|_| AtomicU64::new(0)).collect();
+        let queues = Arc::new(QueueStates::new(usize::from(shared.num_queues)));
         shared.frontend_gone.store(false, Ordering::SeqCst);
         Ok(BlkDevice {
             shared,
             mem,
             threads,
             wake,
-            queue_in_flight,
+            queues,
             handlers: Mutex::new(Vec::new()),
             disconnected: AtomicBool::new(false),
             channel: Mutex::new(None),
@@ -196,7 +246,8 @@ impl BlkDevice {
 
     /// Requests in flight per queue.
     pub fn queue_in_flight(&self) -> Vec<u64> {
-        self.queue_in_flight
+        self.queues
+            .in_flight
             .iter()
             .map(|c| c.load(Ordering::Acquire))
             .collect()
@@ -237,7 +288,22 @@ impl BlkDevice {
         self.shared.device_limits()
     }
 
-    /// Pops every available chain of one vring and spawns its request.
+    /// Marks a ring as broken by the frontend: nothing more is taken from it (and no
+    /// time is spent on it) until the frontend stops and restarts it.
+    fn break_ring(&self, queue: usize, why: std::fmt::Arguments<'_>) {
+        if !self.queues.broken[queue].swap(true, Ordering::AcqRel) {
+            crate::limited_log!(
+                self.shared.log_limits.ring,
+                log::Level::Error,
+                "export {}: queue {queue}: {why}; the queue is stopped until the frontend \
+                 resets it",
+                self.shared.id
+            );
+        }
+    }
+
+    /// Pops up to [`POP_BATCH`] available chains of one vring and spawns their
+    /// requests.
     fn pop_requests(
         &self,
         vring: &Vring,
@@ -245,28 +311,73 @@ impl BlkDevice {
         mem: &Arc<Memory>,
         lim: &DeviceLimits,
     ) -> usize {
+        if self.queues.is_broken(queue) {
+            return 0;
+        }
         let mut state = vring.get_mut();
         if !state.is_enabled() || !state.get_queue().ready() {
             return 0;
         }
+        let gen = self.queues.gen(queue);
+        let q = state.get_queue_mut();
+        // The driver may make at most a ring's worth of chains available beyond those
+        // taken; anything else is a broken (or hostile) driver (virtio 1.2, 2.7.6).
+        let avail = match q.avail_idx(mem.as_ref(), Ordering::Acquire) {
+            Ok(i) => i,
+            Err(e) => {
+                drop(state);
+                self.break_ring(queue, format_args!("cannot read the available ring: {e}"));
+                return 0;
+            }
+        };
+        let pending = avail - std::num::Wrapping(q.next_avail());
+        if pending.0 > q.size() {
+            let (next, size) = (q.next_avail(), q.size());
+            drop(state);
+            self.break_ring(
+                queue,
+                format_args!(
+                    "available index {} is {} entries past the next one ({next}) on a \
+                     ring of {size}",
+                    avail.0, pending.0
+                ),
+            );
+            return 0;
+        }
+        let max_descs = request::max_chain_descriptors(lim);
         let mut n = 0;
         let mut descs: Vec<Desc> = Vec::with_capacity(4);
-        while n < POP_BATCH {
+        while n < POP_BATCH && usize::from(pending.0) > n {
             let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.as_ref()) else {
+                // Entries are available but the head could not be read.
+                drop(state);
+                self.break_ring(queue, format_args!("cannot read an available ring entry"));
                 break;
             };
             let head = chain.head_index();
             descs.clear();
-            descs.extend(chain.map(|d| Desc {
+            // A chain longer than a request can be is refused without collecting it.
+            descs.extend(chain.take(max_descs).map(|d| Desc {
                 addr: d.addr().0,
                 len: d.len(),
                 write: d.is_write_only(),
             }));
-            let req = request::parse(head, &descs, mem, lim);
+            let req = if descs.len() >= max_descs {
+                request::Request::refused(head, RequestError::TooManySegments(descs.len()))
+            } else {
+                request::parse(head, &descs, mem, lim)
+            };
             n += 1;
-            self.queue_in_flight[queue].fetch_add(1, Ordering::AcqRel);
+            self.queues.in_flight[queue].fetch_add(1, Ordering::AcqRel);
             self.shared.in_flight.fetch_add(1, Ordering::AcqRel);
-            executor::spawn(execute(self.shared.clone(), mem.clone(), req, queue));
+            executor::spawn(execute(
+                self.shared.clone(),
+                self.queues.clone(),
+                mem.clone(),
+                req,
+                queue,
+                gen,
+            ));
         }
         n
     }
@@ -282,13 +393,23 @@ impl BlkDevice {
         let mut dirty = 0u64;
         for c in &done {
             let local = c.queue / self.threads;
-            if let Some(v) = vrings.get(local) {
+            // A ring stopped since the request was popped belongs to the frontend again:
+            // the request is not pushed (the frontend resubmits what it gets back).
+            let current = self.queues.gen(c.queue) == c.gen;
+            if let (true, Some(v)) = (current, vrings.get(local)) {
                 if let Err(e) = v.add_used(c.head, c.len) {
-                    log::error!("export {}: add_used failed: {e}", self.shared.id);
+                    crate::limited_log!(
+                        self.shared.log_limits.ring,
+                        log::Level::Error,
+                        "export {}: queue {}: cannot return descriptor {}: {e}",
+                        self.shared.id,
+                        c.queue,
+                        c.head
+                    );
                 }
                 dirty |= 1 << local;
             }
-            self.queue_in_flight[c.queue].fetch_sub(1, Ordering::AcqRel);
+            self.queues.in_flight[c.queue].fetch_sub(1, Ordering::AcqRel);
             self.shared.in_flight.fetch_sub(1, Ordering::AcqRel);
         }
         LOOP.with(|l| {
@@ -315,7 +436,9 @@ impl BlkDevice {
         for (i, v) in vrings.iter().enumerate() {
             if dirty & (1 << i) != 0 && v.needs_notification().unwrap_or(true) {
                 if let Err(e) = v.signal_used_queue() {
-                    log::warn!(
+                    crate::limited_log!(
+                        self.shared.log_limits.ring,
+                        log::Level::Warn,
                         "export {}: cannot notify queue {}: {e}",
                         self.shared.id,
                         self.queue_index(thread, i)
@@ -369,6 +492,23 @@ impl BlkDevice {
         progress > 0
     }
 
+    /// Enables or disables the frontend's kicks on the thread's live, unbroken rings;
+    /// when enabling, returns whether any of them has entries waiting.
+    fn set_notifications(&self, vrings: &[Vring], thread: usize, on: bool) -> bool {
+        let mut waiting = false;
+        for (i, v) in vrings.iter().enumerate() {
+            if self.queues.is_broken(self.queue_index(thread, i)) || !is_live(v) {
+                continue;
+            }
+            if on {
+                waiting |= v.enable_notification().unwrap_or(false);
+            } else {
+                let _ = v.disable_notification();
+            }
+        }
+        waiting
+    }
+
     /// The iothread loop body: run until idle, polling adaptively before sleeping.
     fn run(&self, vrings: &[Vring], thread: usize) {
         let now = Instant::now();
@@ -384,9 +524,7 @@ impl BlkDevice {
             poll.window()
         });
         let lim = self.limits();
-        for v in vrings {
-            let _ = v.disable_notification();
-        }
+        self.set_notifications(vrings, thread, false);
         uring::set_eventfd_enabled(false);
         let mut last = now;
         loop {
@@ -402,22 +540,15 @@ impl BlkDevice {
             // that arrived in between is left without a wake-up.
             uring::set_eventfd_enabled(true);
             let mut again = self.iterate(vrings, thread, &lim);
-            for v in vrings {
-                // Entries left in a ring only count as work while requests are taken;
-                // a stopped or disconnected device leaves them where they are.
-                if v.get_ref().get_queue().ready()
-                    && v.enable_notification().unwrap_or(false)
-                    && self.accepting()
-                {
-                    again = true;
-                }
+            // Entries left in a ring only count as work while requests are taken; a
+            // stopped or disconnected device leaves them where they are.
+            if self.set_notifications(vrings, thread, true) && self.accepting() {
+                again = true;
             }
             if !again {
                 break;
             }
-            for v in vrings {
-                let _ = v.disable_notification();
-            }
+            self.set_notifications(vrings, thread, false);
             uring::set_eventfd_enabled(false);
             last = Instant::now();
         }
@@ -519,10 +650,25 @@ fn wake_held() {
     }
 }
 
+/// Where a request came from: its queue and that ring's generation when it was popped.
+struct Origin {
+    queues: Arc<QueueStates>,
+    queue: usize,
+    gen: u64,
+}
+
+impl Origin {
+    /// Whether the frontend has stopped the ring since the request was popped.
+    fn ring_stopped(&self) -> bool {
+        self.queues.gen(self.queue) != self.gen
+    }
+}
+
 /// Waits for `cont` after an error stop: `true` to retry, `false` to give up because
-/// the export is going away or its frontend has gone.
+/// the export is going away, its frontend has gone or stopped the request's ring.
 struct Resumed<'a> {
     shared: &'a ExportShared,
+    origin: &'a Origin,
     gen: u64,
 }
 
@@ -531,7 +677,10 @@ impl Future for Resumed<'_> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<bool> {
         let shared = self.shared;
-        if shared.is_stopping() || shared.frontend_gone.load(Ordering::SeqCst) {
+        if shared.is_stopping()
+            || shared.frontend_gone.load(Ordering::SeqCst)
+            || self.origin.ring_stopped()
+        {
             return Poll::Ready(false);
         }
         if shared.resume_gen.load(Ordering::Acquire) != self.gen {
@@ -542,9 +691,25 @@ impl Future for Resumed<'_> {
     }
 }
 
+/// Counts a request as held (for [`BlkDevice::stop_vring`]) while it lives.
+struct Held<'a>(&'a AtomicU64);
+
+impl<'a> Held<'a> {
+    fn enter(c: &'a AtomicU64) -> Self {
+        c.fetch_add(1, Ordering::AcqRel);
+        Held(c)
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Runs an operation under the export's error policy (`rerror`/`werror`): whether
 /// it completes successfully for the guest.
-async fn perform_with_policy(shared: &ExportShared, op: &Op) -> bool {
+async fn perform_with_policy(shared: &ExportShared, origin: &Origin, op: &Op) -> bool {
     loop {
         let gen = shared.resume_gen.load(Ordering::Acquire);
         let Err(e) = perform(shared, op).await else {
@@ -553,7 +718,9 @@ async fn perform_with_policy(shared: &ExportShared, op: &Op) -> bool {
         let read = matches!(op, Op::Read { .. });
         let errno = e.errno();
         let action = shared.error_action(read, errno);
-        log::debug!(
+        crate::limited_log!(
+            shared.log_limits.io_error,
+            log::Level::Debug,
             "export {}: request failed ({}): {e}",
             shared.id,
             action.name()
@@ -577,7 +744,14 @@ async fn perform_with_policy(shared: &ExportShared, op: &Op) -> bool {
             ErrorAction::Report => return false,
             ErrorAction::Ignore => return true,
             ErrorAction::Stop => {
-                if !(Resumed { shared, gen }).await {
+                let _held = Held::enter(&origin.queues.held[origin.queue]);
+                if !(Resumed {
+                    shared,
+                    origin,
+                    gen,
+                })
+                .await
+                {
                     return false;
                 }
             }
@@ -586,7 +760,15 @@ async fn perform_with_policy(shared: &ExportShared, op: &Op) -> bool {
 }
 
 /// Performs one request and queues its completion on this iothread.
-async fn execute(shared: Arc<ExportShared>, mem: Arc<Memory>, req: Request, queue: usize) {
+async fn execute(
+    shared: Arc<ExportShared>,
+    queues: Arc<QueueStates>,
+    mem: Arc<Memory>,
+    req: Request,
+    queue: usize,
+    gen: u64,
+) {
+    let origin = Origin { queues, queue, gen };
     let Request {
         head,
         status_addr,
@@ -597,7 +779,7 @@ async fn execute(shared: Arc<ExportShared>, mem: Arc<Memory>, req: Request, queu
     let status = match op {
         Ok(op) => {
             let acct = op_acct(&op);
-            let ok = perform_with_policy(&shared, &op).await;
+            let ok = perform_with_policy(&shared, &origin, &op).await;
             if let Some((acct, end)) = acct {
                 shared.stats.done(acct, ok, end);
             }
@@ -608,7 +790,12 @@ async fn execute(shared: Arc<ExportShared>, mem: Arc<Memory>, req: Request, queu
             }
         }
         Err(e) => {
-            log::debug!("export {}: invalid request: {e}", shared.id);
+            crate::limited_log!(
+                shared.log_limits.request,
+                log::Level::Debug,
+                "export {}: queue {queue}: invalid request: {e}",
+                shared.id
+            );
             if let Some(kind) = req_type.and_then(io_kind) {
                 shared.stats.invalid(kind);
             }
@@ -616,9 +803,16 @@ async fn execute(shared: Arc<ExportShared>, mem: Arc<Memory>, req: Request, queu
         }
     };
     let len = match status_addr {
+        // The ring was taken back meanwhile: the buffers are the driver's again.
+        _ if origin.ring_stopped() => 0,
         Some(addr) => {
             if let Err(e) = request::write_status(&mem, addr, status) {
-                log::warn!("export {}: cannot write status: {e}", shared.id);
+                crate::limited_log!(
+                    shared.log_limits.request,
+                    log::Level::Warn,
+                    "export {}: queue {queue}: cannot write the status: {e}",
+                    shared.id
+                );
             }
             if status == VIRTIO_BLK_S_OK as u8 {
                 data_in_len + 1
@@ -629,9 +823,12 @@ async fn execute(shared: Arc<ExportShared>, mem: Arc<Memory>, req: Request, queu
         None => 0,
     };
     LOOP.with(|l| {
-        l.borrow_mut()
-            .completions
-            .push(Completion { queue, head, len })
+        l.borrow_mut().completions.push(Completion {
+            queue,
+            head,
+            len,
+            gen: origin.gen,
+        })
     });
 }
 
@@ -741,21 +938,46 @@ impl VhostUserBackend for BlkDevice {
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
-        // The frontend stops the ring (GET_VRING_BASE): let its requests finish first so
-        // that no used element is pushed after the frontend took the ring back.
-        let Some(counter) = self.queue_in_flight.get(queue_index as usize) else {
+        // The frontend stops the ring (GET_VRING_BASE): let the requests that are being
+        // worked on finish first, so that no used element is pushed after the frontend
+        // took the ring back. Requests held by an error stop are not waited for: they
+        // could wait for `cont` forever, and the frontend (QEMU stopping the VM, the
+        // guest resetting the device) waits for this reply.
+        let q = queue_index as usize;
+        let (Some(in_flight), Some(held)) = (self.queues.in_flight.get(q), self.queues.held.get(q))
+        else {
             return Ok(());
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while counter.load(Ordering::Acquire) > 0 {
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            let n = in_flight.load(Ordering::Acquire);
+            if n == 0 || n <= held.load(Ordering::Acquire) {
+                break;
+            }
             if Instant::now() > deadline {
                 log::error!(
-                    "export {}: queue {queue_index} still has requests in flight after 30 s",
-                    self.shared.id
+                    "export {}: queue {queue_index} still has {n} request(s) in flight after \
+                     {} s; their completions are dropped",
+                    self.shared.id,
+                    STOP_TIMEOUT.as_secs()
                 );
                 break;
             }
             std::thread::sleep(Duration::from_micros(100));
+        }
+        // From here on nothing is pushed to the old ring: held requests give up, and
+        // stragglers complete into nothing. A broken ring gets a fresh start.
+        self.queues.gen[q].fetch_add(1, Ordering::AcqRel);
+        self.queues.broken[q].store(false, Ordering::Release);
+        let n = held.load(Ordering::Acquire);
+        if n > 0 {
+            log::warn!(
+                "export {}: queue {queue_index} stopped with {n} request(s) held by an I/O \
+                 error; they are not completed (the frontend resubmits what it did not get \
+                 back)",
+                self.shared.id
+            );
+            self.wake_all();
         }
         Ok(())
     }

@@ -9,6 +9,7 @@ pub mod request;
 use crate::config::{ExportConfig, OnError};
 use crate::control::ControlMsg;
 use crate::iothread::IoThread;
+use crate::logging::RateLimiter;
 use blocklayer::stats::IoStats;
 use blocklayer::Node;
 use config_space::BlkConfig;
@@ -92,6 +93,31 @@ pub struct ExportShared {
     poppers: AtomicUsize,
     /// The connected frontend, if any: its device and a handle that drops it.
     connection: Mutex<Option<(Weak<BlkDevice>, Option<ShutdownHandle>)>>,
+    /// Log budgets per kind of event, so that a frontend cannot flood the log.
+    pub log_limits: ExportLogLimits,
+}
+
+/// Lines per second an export logs of one kind of event, at most.
+const EXPORT_LINES_PER_SEC: u32 = 5;
+
+/// An export's log budgets (see [`crate::logging`]).
+pub struct ExportLogLimits {
+    /// Broken rings, failed used-ring updates and notifications.
+    pub ring: RateLimiter,
+    /// Invalid requests, status bytes that cannot be written.
+    pub request: RateLimiter,
+    /// Failed I/O.
+    pub io_error: RateLimiter,
+}
+
+impl ExportLogLimits {
+    fn new() -> Self {
+        ExportLogLimits {
+            ring: RateLimiter::new(EXPORT_LINES_PER_SEC),
+            request: RateLimiter::new(EXPORT_LINES_PER_SEC),
+            io_error: RateLimiter::new(EXPORT_LINES_PER_SEC),
+        }
+    }
 }
 
 /// QEMU's `BlockDeviceIoStatus`.
@@ -353,12 +379,19 @@ impl ExportShared {
         self.node.size() / lbs * lbs
     }
 
+    /// Data segments per request (`seg_max`): the queue size less the header and
+    /// status descriptors (the configuration keeps the queue size at 4 or more).
+    fn seg_max(&self) -> u32 {
+        u32::from(self.queue_size).saturating_sub(2).max(1)
+    }
+
     pub fn device_limits(&self) -> DeviceLimits {
         DeviceLimits {
             capacity_bytes: self.capacity_bytes(),
             logical_block_size: self.logical_block_size,
             writable: self.is_writable(),
-            max_segments: usize::from(self.queue_size),
+            max_segments: self.seg_max() as usize,
+            size_max: size_max_for(self.seg_max()),
             max_discard_sectors: MAX_DISCARD_SECTORS,
             max_discard_seg: MAX_DISCARD_SEG,
             max_write_zeroes_sectors: MAX_DISCARD_SECTORS,
@@ -371,8 +404,8 @@ impl ExportShared {
         let phys = (self.node.limits().request_alignment).max(lbs);
         BlkConfig {
             capacity: self.capacity_bytes() / SECTOR,
-            size_max: size_max_for(u32::from(self.queue_size) - 2),
-            seg_max: u32::from(self.queue_size) - 2,
+            size_max: size_max_for(self.seg_max()),
+            seg_max: self.seg_max(),
             blk_size: lbs,
             physical_block_exp: (phys / lbs).trailing_zeros() as u8,
             min_io_size: 1,
@@ -462,6 +495,7 @@ impl Export {
             paused: AtomicBool::new(false),
             poppers: AtomicUsize::new(0),
             connection: Mutex::new(None),
+            log_limits: ExportLogLimits::new(),
         });
         Ok((
             Export {

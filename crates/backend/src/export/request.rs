@@ -27,7 +27,10 @@ pub struct DeviceLimits {
     pub capacity_bytes: u64,
     pub logical_block_size: u32,
     pub writable: bool,
+    /// Data descriptors a request may have (`seg_max` in the config space).
     pub max_segments: usize,
+    /// Bytes of data one descriptor may carry (`size_max` in the config space).
+    pub size_max: u32,
     pub max_discard_sectors: u32,
     pub max_discard_seg: u32,
     pub max_write_zeroes_sectors: u32,
@@ -71,6 +74,10 @@ pub enum RequestError {
     BadOrder,
     #[error("too many segments ({0})")]
     TooManySegments(usize),
+    #[error("data segment of {0} bytes is larger than size_max")]
+    SegmentTooLarge(u64),
+    #[error("request of {0} bytes is larger than a used element can report")]
+    TooLarge(u64),
     #[error("buffer {addr:#x}+{len} is not in guest memory")]
     BadAddress { addr: u64, len: u64 },
     #[error("data length {0} is not a multiple of the logical block size")]
@@ -115,6 +122,19 @@ pub struct Request {
     pub op: Result<Op, RequestError>,
 }
 
+impl Request {
+    /// A chain refused before parsing (nothing of it is written: no status).
+    pub fn refused(head: u16, e: RequestError) -> Request {
+        Request {
+            head,
+            status_addr: None,
+            data_in_len: 0,
+            req_type: None,
+            op: Err(e),
+        }
+    }
+}
+
 /// Guest memory segments (address, length); most chains have few, kept inline.
 type Segs = SmallVec<[(u64, u64); 4]>;
 
@@ -132,6 +152,12 @@ fn split(descs: &[Desc]) -> Result<Split, RequestError> {
     for d in descs {
         if d.len == 0 {
             continue;
+        }
+        if d.addr.checked_add(u64::from(d.len)).is_none() {
+            return Err(RequestError::BadAddress {
+                addr: d.addr,
+                len: u64::from(d.len),
+            });
         }
         if d.write {
             s.writable.push((d.addr, u64::from(d.len)));
@@ -280,6 +306,20 @@ fn parse_ranges(
     Ok(out)
 }
 
+/// The guest address of the last byte of a device-writable descriptor (where the
+/// status goes), if the descriptor has one.
+fn last_byte(addr: u64, len: u64) -> Option<GuestAddress> {
+    len.checked_sub(1)
+        .and_then(|n| addr.checked_add(n))
+        .map(GuestAddress)
+}
+
+/// The most descriptors of one chain worth collecting: a header, `max_segments` data
+/// descriptors and a status, plus one to tell that a chain is too long.
+pub fn max_chain_descriptors(lim: &DeviceLimits) -> usize {
+    lim.max_segments + 3
+}
+
 /// Parses one chain.
 pub fn parse(head: u16, descs: &[Desc], mem: &Arc<Memory>, lim: &DeviceLimits) -> Request {
     let mut req = Request {
@@ -294,7 +334,7 @@ pub fn parse(head: u16, descs: &[Desc], mem: &Arc<Memory>, lim: &DeviceLimits) -
         Err(e) => {
             // Still report through the last writable byte if there is one.
             if let Some(d) = descs.iter().rev().find(|d| d.write && d.len > 0) {
-                req.status_addr = Some(GuestAddress(d.addr + u64::from(d.len) - 1));
+                req.status_addr = last_byte(d.addr, u64::from(d.len));
             }
             req.op = Err(e);
             return req;
@@ -303,7 +343,7 @@ pub fn parse(head: u16, descs: &[Desc], mem: &Arc<Memory>, lim: &DeviceLimits) -
     let Some(&(last_addr, last_len)) = s.writable.last() else {
         return req;
     };
-    req.status_addr = Some(GuestAddress(last_addr + last_len - 1));
+    req.status_addr = last_byte(last_addr, last_len);
     req.op = parse_op(&s, mem, lim, &mut req.data_in_len, &mut req.req_type);
     req
 }
@@ -324,14 +364,29 @@ fn parse_op(
     if readable_len < HEADER_LEN {
         return Err(RequestError::ShortHeader);
     }
+    let writable_len = total(&s.writable);
+    for len in [readable_len, writable_len] {
+        // The used element reports the bytes written as a u32.
+        if len >= u64::from(u32::MAX) {
+            return Err(RequestError::TooLarge(len));
+        }
+    }
     let mut header = [0u8; HEADER_LEN as usize];
     read_bytes(mem, &sub(&s.readable, 0, HEADER_LEN), &mut header)?;
     let kind = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
     *req_type = Some(kind);
     let sector = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
     let out_data = sub(&s.readable, HEADER_LEN, readable_len - HEADER_LEN);
-    let writable_len = total(&s.writable);
     let in_data = sub(&s.writable, 0, writable_len - 1);
+    // What the config space promises the driver (and what bounds the work and memory
+    // one request may take): at most size_max bytes per data segment.
+    if let Some(&(_, len)) = out_data
+        .iter()
+        .chain(in_data.iter())
+        .find(|&&(_, len)| len > u64::from(lim.size_max))
+    {
+        return Err(RequestError::SegmentTooLarge(len));
+    }
     let in_len = writable_len - 1;
     let is_write = matches!(
         kind,
@@ -391,6 +446,7 @@ mod tests {
             logical_block_size: 512,
             writable: true,
             max_segments: 126,
+            size_max: 1 << 20,
             max_discard_sectors: 1 << 16,
             max_discard_seg: 4,
             max_write_zeroes_sectors: 1 << 16,
@@ -456,6 +512,55 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn limits_and_address_overflow_are_refused() {
+        let mem = memory();
+        let mut lim = limits();
+        lim.capacity_bytes = 1 << 30;
+        lim.size_max = 4096;
+        lim.max_segments = 2;
+        header(&mem, BASE, VIRTIO_BLK_T_IN, 0);
+        // One data descriptor beyond size_max.
+        let r = parse(
+            0,
+            &[rd(BASE, 16), wr(BASE + 0x1000, 8192), wr(BASE + 0x3000, 1)],
+            &mem,
+            &lim,
+        );
+        assert_eq!(r.op.unwrap_err(), RequestError::SegmentTooLarge(8192));
+        // Header and data in one descriptor: only the data counts against size_max.
+        header(&mem, BASE, VIRTIO_BLK_T_OUT, 0);
+        let r = parse(0, &[rd(BASE, 16 + 4096), wr(BASE + 0x3000, 1)], &mem, &lim);
+        assert!(r.op.is_ok(), "{:?}", r.op);
+        // More data segments than seg_max.
+        header(&mem, BASE, VIRTIO_BLK_T_IN, 0);
+        let r = parse(
+            0,
+            &[
+                rd(BASE, 16),
+                wr(BASE + 0x1000, 512),
+                wr(BASE + 0x2000, 512),
+                wr(BASE + 0x4000, 512),
+                wr(BASE + 0x3000, 1),
+            ],
+            &mem,
+            &lim,
+        );
+        assert_eq!(r.op.unwrap_err(), RequestError::TooManySegments(5));
+        // A descriptor whose end overflows the address space: refused, no panic, and
+        // no status address computed from it.
+        let r = parse(
+            0,
+            &[rd(BASE, 16), wr(u64::MAX - 10, 512), wr(u64::MAX, 1)],
+            &mem,
+            &lim,
+        );
+        assert!(matches!(r.op, Err(RequestError::BadAddress { .. })));
+        let r = parse(0, &[rd(BASE, 16), wr(u64::MAX, u32::MAX)], &mem, &lim);
+        assert!(r.status_addr.is_none());
+        assert!(r.op.is_err());
     }
 
     #[test]

@@ -167,6 +167,11 @@ fn create_qcow2(file: &str, size: Option<u64>, opts: &[(String, String)]) -> Res
     }
     // As qemu-img: whole sectors.
     o.size = o.size.next_multiple_of(512);
+    // Bad options leave no file behind.
+    o.validate().map_err(|e| ImgError::Image {
+        path: file.into(),
+        message: e.to_string(),
+    })?;
     // As qemu-img: the creation locks, held until the image is written.
     let f = new_file(file, CREATE_PERM, CREATE_SHARED)?;
     let created = match &o.data_file {
