@@ -6,6 +6,8 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod export;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod img;
 pub mod iothread;
 pub mod jobs;
