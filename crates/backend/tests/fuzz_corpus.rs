@@ -165,7 +165,7 @@ fn desc_chain() {
     run(
         "desc_chain",
         vubd::fuzzing::desc_chain,
-        3000,
+        100_000,
         40_000,
         Duration::from_secs(10),
     );
@@ -176,7 +176,7 @@ fn keyval() {
     run(
         "keyval",
         vubd::fuzzing::keyval,
-        20_000,
+        200_000,
         4096,
         Duration::from_secs(10),
     );
@@ -205,7 +205,7 @@ fn vhost_user_msg() {
     run(
         "vhost_user_msg",
         vubd::fuzzing::vhost_user_msg,
-        300,
+        6000,
         16_384,
         Duration::from_secs(30),
     );

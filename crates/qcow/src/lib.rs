@@ -13,6 +13,8 @@ pub mod cache;
 pub mod check;
 pub mod compress;
 pub mod create;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod header;
 pub mod image;
 pub mod io;

@@ -1,19 +1,31 @@
-//! A deterministic mutation fuzzer for header and table parsing, mapping,
-//! reading, writing and checking (stable Rust, no cargo-fuzz).
+//! The `qcow2_meta` fuzz target (`qcow::fuzzing`) on stable Rust: the committed
+//! corpus (`fuzz/corpus/qcow2_meta/`) replayed, then a deterministic mutation
+//! fuzzer that knows the format a little (it aims at the header and the first
+//! clusters, where the tables are, and writes boundary values as 8-byte fields).
 //!
-//! `fuzz_smoke` runs a few hundred iterations with every `cargo test`.
-//! The long run is ignored by default:
+//! `corpus_replays` and `fuzz_smoke` run with every `cargo test`. The long run is
+//! ignored by default:
 //!
 //! ```text
 //! FUZZ_SECS=300 FUZZ_SEED=1 cargo test -p qcow --release --test fuzz -- --ignored --nocapture
 //! ```
 //!
-//! Inputs that panic are saved under the temp directory and reported.
+//! Inputs that panic or take longer than the per-case guard are saved under the temp
+//! directory and reported (a case that hangs aborts the process after saving its
+//! input); `FUZZ_INPUT=<file> cargo test -p qcow --test fuzz corpus_replays` replays
+//! one. docs/fuzzing.md has the cargo-fuzz runs.
 
+use qcow::fuzzing::{qcow2_meta, CONTROL_LEN};
 use qcow::{
     block_on, create, CompressionType, CreateOptions, MemIo, NoBacking, OpenOptions, Qcow2, Repair,
 };
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Longest one case may take (debug build) before it counts as a hang.
+const CASE_LIMIT: Duration = Duration::from_secs(20);
 
 struct Rng(u64);
 impl Rng {
@@ -175,69 +187,42 @@ fn mutate(r: &mut Rng, d: &mut Vec<u8>) {
     }
 }
 
-/// Exercises one input; must not panic.
+/// Exercises one image with operations chosen by `r`, through the fuzz target;
+/// returns whether it opened.
 fn exercise(data: Vec<u8>, r: &mut Rng) -> bool {
-    let writable = r.below(2) == 0;
-    let opts = OpenOptions {
-        writable,
-        l2_cache_size: Some(8192),
-        ..Default::default()
-    };
-    let data_file = Some(MemIo::from_vec(vec![0x77; 1 << 16]));
-    let Ok(img) = block_on(Qcow2::open_with_data_file(
-        MemIo::from_vec(data),
-        data_file,
-        opts,
-    )) else {
-        return false;
-    };
-    let size = img.size();
-    let span = size.min(4 << 20);
-    if span > 0 {
-        let _ = block_on(img.map(0, span));
-        for _ in 0..4 {
-            let off = r.below(span);
-            let len = (r.below(70000) + 1).min(span - off);
-            let mut buf = vec![0u8; len as usize];
-            let _ = block_on(img.read(off, &mut buf, &NoBacking));
+    let flags = r.next() as u8;
+    qcow::fuzzing::exercise(data, flags, r.next())
+}
+
+/// The input of the fuzz target for an image (the control bytes in front).
+fn target_input(image: &[u8], flags: u8, seed: u64) -> Vec<u8> {
+    let mut v = vec![0u8; CONTROL_LEN];
+    v[0] = flags;
+    v[8..16].copy_from_slice(&seed.to_le_bytes());
+    v.extend_from_slice(image);
+    v
+}
+
+/// The case running now: when it started, where its input goes, its bytes.
+type Running = Arc<Mutex<Option<(Instant, PathBuf, Vec<u8>)>>>;
+
+/// Aborts the process when the case in `current` has run longer than `limit`,
+/// after saving its input (a hang cannot be interrupted from inside).
+fn watchdog(current: Running, limit: Duration) {
+    std::thread::spawn(move || loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let guard = current.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((start, path, data)) = guard.as_ref() {
+            if start.elapsed() > limit {
+                let _ = std::fs::write(path, data);
+                eprintln!(
+                    "case ran longer than {limit:?}; input in {}",
+                    path.display()
+                );
+                std::process::abort();
+            }
         }
-        if writable {
-            for _ in 0..4 {
-                let off = r.below(span);
-                let len = (r.below(20000) + 1).min(span - off);
-                match r.below(4) {
-                    0 | 1 => {
-                        let _ = block_on(img.write(off, &vec![1u8; len as usize], &NoBacking));
-                    }
-                    2 => {
-                        let _ = block_on(img.discard(off, len));
-                    }
-                    _ => {
-                        let al = img.geometry().subcluster_size;
-                        let s = off / al * al;
-                        let _ = block_on(img.write_zeroes(s, al.min(size - s), r.below(2) == 0));
-                    }
-                }
-            }
-            if r.below(8) == 0 {
-                let _ = block_on(img.resize(r.below(8 << 20)));
-            }
-            if r.below(8) == 0 {
-                let _ = block_on(img.snapshot_create("s"));
-                let _ = block_on(img.write(0, &[2u8; 5000], &NoBacking));
-                let _ = block_on(img.snapshot_revert("s"));
-                let _ = block_on(img.snapshot_delete("s"));
-            }
-            let _ = block_on(img.flush());
-        }
-    }
-    let _ = block_on(img.check(if writable && r.below(2) == 0 {
-        Repair::All
-    } else {
-        Repair::None
-    }));
-    let _ = block_on(img.close());
-    true
+    });
 }
 
 fn run(iterations: u64, secs: u64, seed: u64) -> (u64, u64, Vec<String>) {
@@ -247,31 +232,103 @@ fn run(iterations: u64, secs: u64, seed: u64) -> (u64, u64, Vec<String>) {
     let mut crashes = Vec::new();
     let mut i = 0;
     let mut opened = 0;
-    std::panic::set_hook(Box::new(|_| {}));
+    let current: Running = Arc::default();
+    watchdog(Arc::clone(&current), CASE_LIMIT);
     while i < iterations && start.elapsed().as_secs() < secs {
         let mut d = seeds[r.below(seeds.len() as u64) as usize].clone();
         mutate(&mut r, &mut d);
         let mut r2 = Rng(r.next() | 1);
-        let input = d.clone();
+        // What the cargo-fuzz target would take to do the same.
+        let mut r3 = Rng(r2.0);
+        let (flags, seed) = (r3.next() as u8, r3.next());
+        let input = target_input(&d, flags, seed);
+        let hang = std::env::temp_dir().join(format!("qcow-fuzz-hang-{seed}-{i}.bin"));
+        *current.lock().unwrap() = Some((Instant::now(), hang, input.clone()));
         let t = std::time::Instant::now();
         let res = catch_unwind(AssertUnwindSafe(|| exercise(d, &mut r2)));
+        *current.lock().unwrap() = None;
         if matches!(res, Ok(true)) {
             opened += 1;
         }
         if res.is_err() {
-            let p = std::env::temp_dir().join(format!("qcow-fuzz-crash-{seed}-{i}.qcow2"));
+            let p = std::env::temp_dir().join(format!("qcow-fuzz-crash-{seed}-{i}.bin"));
             std::fs::write(&p, &input).unwrap();
             crashes.push(p.display().to_string());
         }
         if t.elapsed().as_secs() >= 5 {
-            let p = std::env::temp_dir().join(format!("qcow-fuzz-slow-{seed}-{i}.qcow2"));
+            let p = std::env::temp_dir().join(format!("qcow-fuzz-slow-{seed}-{i}.bin"));
             std::fs::write(&p, &input).unwrap();
             crashes.push(format!("slow ({:?}): {}", t.elapsed(), p.display()));
         }
         i += 1;
     }
-    let _ = std::panic::take_hook();
     (i, opened, crashes)
+}
+
+/// The corpus of the cargo-fuzz target, in name order.
+fn corpus() -> Vec<(PathBuf, Vec<u8>)> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/qcow2_meta");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    files
+        .into_iter()
+        .map(|p| {
+            let d = std::fs::read(&p).unwrap();
+            (p, d)
+        })
+        .collect()
+}
+
+#[test]
+fn corpus_replays() {
+    if let Ok(file) = std::env::var("FUZZ_INPUT") {
+        qcow2_meta(&std::fs::read(file).unwrap());
+        return;
+    }
+    let corpus = corpus();
+    assert!(corpus.len() >= 10, "{} corpus files", corpus.len());
+    let current: Running = Arc::default();
+    watchdog(Arc::clone(&current), CASE_LIMIT);
+    let mut failures = Vec::new();
+    for (path, data) in &corpus {
+        *current.lock().unwrap() = Some((Instant::now(), path.clone(), data.clone()));
+        if catch_unwind(AssertUnwindSafe(|| qcow2_meta(data))).is_err() {
+            failures.push(path.display().to_string());
+        }
+        *current.lock().unwrap() = None;
+    }
+    assert!(failures.is_empty(), "failing corpus files: {failures:?}");
+}
+
+#[test]
+fn library_seeds_are_valid() {
+    let seeds = qcow::fuzzing::seeds();
+    assert!(seeds.len() >= 10);
+    for (name, s) in seeds {
+        let img = block_on(Qcow2::open_with_data_file(
+            MemIo::from_vec(s[CONTROL_LEN..].to_vec()),
+            Some(MemIo::from_vec(vec![0; 1 << 20])),
+            OpenOptions::read_write(),
+        ))
+        .unwrap();
+        let r = block_on(img.check(Repair::None)).unwrap();
+        assert!(r.is_clean(), "seed {name}: {:?}", r.messages);
+    }
+}
+
+/// Writes the library's seeds into `fuzz/corpus/qcow2_meta` (run after changing
+/// the input layout).
+#[test]
+#[ignore]
+fn write_seed_corpus() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/qcow2_meta");
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, data) in qcow::fuzzing::seeds() {
+        std::fs::write(dir.join(format!("seed-{name}")), data).unwrap();
+    }
 }
 
 #[test]
@@ -292,7 +349,7 @@ fn seeds_are_valid() {
 
 #[test]
 fn fuzz_smoke() {
-    let (n, opened, crashes) = run(300, 20, 42);
+    let (n, opened, crashes) = run(10_000, 20, 42);
     assert!(crashes.is_empty(), "{n} iterations, crashes: {crashes:?}");
     eprintln!("fuzz_smoke: {n} iterations, {opened} opened");
     assert!(opened > n / 4, "only {opened} of {n} mutated images opened");
