@@ -570,8 +570,12 @@ impl Header {
                     CompressionType::Zstd => 1,
                 };
             }
-            let n = self.extra_fields.len().min(b.len().saturating_sub(105));
-            b[105..105 + n].copy_from_slice(&self.extra_fields[..n]);
+            // A 104-byte header (QEMU before 5.1) has neither the compression type
+            // nor anything after it.
+            if let Some(rest) = b.get_mut(105..) {
+                let n = self.extra_fields.len().min(rest.len());
+                rest[..n].copy_from_slice(&self.extra_fields[..n]);
+            }
         }
         let push_ext = |b: &mut Vec<u8>, kind: u32, data: &[u8]| {
             b.extend_from_slice(&kind.to_be_bytes());

@@ -373,3 +373,32 @@ fn fuzz() {
     );
     assert!(crashes.is_empty(), "crashes: {crashes:?}");
 }
+
+/// Found by cargo-fuzz (`fuzz/corpus/qcow2_meta/crash-header-length-104`): a version
+/// 3 image with the 104-byte header of QEMU before 5.1 panicked when its header was
+/// written back (a snapshot, a resize).
+#[test]
+fn v3_image_with_104_byte_header_is_writable() {
+    let o = CreateOptions::new(1 << 20);
+    let img = block_on(create(MemIo::new(), &o)).unwrap();
+    block_on(img.close()).unwrap();
+    let mut d = img.io().to_vec();
+    // header_length = 104: the extensions then start at byte 104, where the
+    // compression type and padding (zeroes) read as the end of the extensions.
+    d[100..104].copy_from_slice(&104u32.to_be_bytes());
+    d[104..112].fill(0);
+    let img = block_on(Qcow2::open(MemIo::from_vec(d), OpenOptions::read_write())).unwrap();
+    block_on(img.write(4096, &[9u8; 4096], &NoBacking)).unwrap();
+    // Both rewrite the header.
+    block_on(img.snapshot_create("s")).unwrap();
+    block_on(img.resize(2 << 20)).unwrap();
+    block_on(img.close()).unwrap();
+    let img = block_on(Qcow2::open(
+        MemIo::from_vec(img.io().to_vec()),
+        OpenOptions::default(),
+    ))
+    .unwrap();
+    let mut buf = [0u8; 4096];
+    block_on(img.read(4096, &mut buf, &NoBacking)).unwrap();
+    assert_eq!(buf, [9u8; 4096]);
+}
