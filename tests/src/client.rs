@@ -87,6 +87,9 @@ pub struct IoQueue {
     index: usize,
     poll: bool,
     timeout: Duration,
+    /// The device's `size_max` (libblkio `max-segment-len`; 0 = no limit): longer
+    /// buffers are sent as several segments, as a driver must.
+    max_seg_len: usize,
 }
 
 // SAFETY: `buf..buf+len` is a part of the client's memory region that only this IoQueue
@@ -136,6 +139,17 @@ impl IoQueue {
         );
     }
 
+    /// `buf` as segments of at most `max_seg_len` bytes, if it needs splitting.
+    fn split_buf(&self, buf: &Range<usize>) -> Option<Vec<Range<usize>>> {
+        let m = self.max_seg_len;
+        (m > 0 && buf.len() > m).then(|| {
+            (buf.start..buf.end)
+                .step_by(m)
+                .map(|s| s..(s + m).min(buf.end))
+                .collect()
+        })
+    }
+
     fn iovecs(&self, segs: &[Range<usize>]) -> Vec<libc::iovec> {
         segs.iter()
             .map(|r| {
@@ -161,6 +175,18 @@ impl IoQueue {
         let mut iovs: Vec<Vec<libc::iovec>> = Vec::new();
         for (i, r) in reqs.iter().enumerate() {
             match r {
+                Req::Read { offset, buf } if self.split_buf(buf).is_some() => {
+                    let v = self.iovecs(&self.split_buf(buf).expect("split"));
+                    self.q
+                        .readv(*offset, v.as_ptr(), v.len() as u32, i, ReqFlags::empty());
+                    iovs.push(v);
+                }
+                Req::Write { offset, buf, flags } if self.split_buf(buf).is_some() => {
+                    let v = self.iovecs(&self.split_buf(buf).expect("split"));
+                    self.q
+                        .writev(*offset, v.as_ptr(), v.len() as u32, i, *flags);
+                    iovs.push(v);
+                }
                 Req::Read { offset, buf } => {
                     self.check_range(buf);
                     // SAFETY: range checked to be within our buffer, which stays mapped
@@ -476,6 +502,11 @@ impl Client {
             .map_mem_region(&region)
             .map_err(|e| ("map_mem_region", e))?;
 
+        let max_seg_len = blkio
+            .get_i32("max-segment-len")
+            .map(|v| v.max(0) as usize)
+            .or_else(|_| blkio.get_u64("max-segment-len").map(|v| v as usize))
+            .unwrap_or(0);
         let queues = bqs
             .into_iter()
             .enumerate()
@@ -488,6 +519,7 @@ impl Client {
                 index: i,
                 poll: opts.poll,
                 timeout: IO_TIMEOUT,
+                max_seg_len,
             })
             .collect();
         Ok(Client {

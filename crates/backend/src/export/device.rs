@@ -1,15 +1,19 @@
-//! The vhost-user-blk device of one frontend connection: the `VhostUserBackend`
-//! implementation whose worker threads are the export's iothreads.
+//! The vhost-user-blk device of one frontend connection, served by the worker threads
+//! of its vhost-user session (one per iothread of the export).
 //!
-//! Each worker thread runs the iothread loop in [`VhostUserBackend::handle_event`]:
+//! Each worker thread runs the iothread loop in [`BlkDevice::handle_event`]:
 //! pop and parse chains, spawn their requests on the thread's executor, drive the
 //! thread's io_uring, push used elements and notify the frontend; then poll adaptively
 //! before returning to epoll. The thread's io_uring completion eventfd sits in the same
 //! epoll set as the queue kicks, so a completion wakes the thread like a kick does.
 
-use super::backend_channel::BackendChannel;
 use super::config_space::BlkConfig;
 use super::request::{self, Desc, DeviceLimits, Memory, Op, Request, RequestError};
+use super::vhost_user::chain;
+use super::vhost_user::dirty_log::DirtyLog;
+use super::vhost_user::inflight::InflightRegion;
+use super::vhost_user::vring::Vring;
+use super::vhost_user::{pf, BackendChannel, QueueDevice, F_LOG_ALL, F_PROTOCOL_FEATURES};
 use super::{ErrorAction, ExportShared, PopGate};
 use crate::iothread::{current_tid, IoThread};
 use blocklayer::aio::poll::{PollParams, PollState};
@@ -19,34 +23,21 @@ use serde_json::json;
 use std::cell::RefCell;
 use std::future::Future;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
-use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use vhost::vhost_user::Backend;
-use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
-use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
 use vmm_sys_util::eventfd::EventFd;
-
-pub type Vring = VringRwLock<GuestMemoryAtomic<Memory>>;
-type Handler = VringEpollHandler<Arc<BlkDevice>>;
 
 /// Offset of `writeback` in `struct virtio_blk_config`.
 const WRITEBACK_OFFSET: u32 = 32;
-
-/// `VHOST_USER_F_PROTOCOL_FEATURES`
-const PROTOCOL_FEATURES_BIT: u64 = 1 << 30;
 
 /// A request finished on an iothread, waiting to be pushed to its used ring.
 struct Completion {
@@ -70,6 +61,15 @@ pub struct QueueStates {
     /// size, an unreadable ring): nothing more is taken from it until the frontend
     /// stops and restarts it.
     broken: Vec<AtomicBool>,
+    /// The fetch order of the next head taken (inflight tracking).
+    counter: Vec<AtomicU64>,
+    /// Heads to run again before new ones: requests a previous backend (or a stopped
+    /// ring) left in flight, from the inflight region, in their original order.
+    resubmit: Vec<Mutex<std::collections::VecDeque<u16>>>,
+    /// The frontend's dirty log, and whether writes to guest memory are logged now
+    /// (during live migration).
+    dirty_log: RwLock<Option<Arc<DirtyLog>>>,
+    logging: AtomicBool,
 }
 
 impl QueueStates {
@@ -79,6 +79,10 @@ impl QueueStates {
             held: (0..n).map(|_| AtomicU64::new(0)).collect(),
             gen: (0..n).map(|_| AtomicU64::new(0)).collect(),
             broken: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            counter: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            resubmit: (0..n).map(|_| Mutex::new(Default::default())).collect(),
+            dirty_log: RwLock::new(None),
+            logging: AtomicBool::new(false),
         }
     }
 
@@ -89,6 +93,24 @@ impl QueueStates {
     fn is_broken(&self, q: usize) -> bool {
         self.broken[q].load(Ordering::Acquire)
     }
+
+    /// The dirty log, while writes are being logged (one relaxed load otherwise).
+    fn dirty_log(&self) -> Option<Arc<DirtyLog>> {
+        if !self.logging.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.dirty_log
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// Marks the used ring of `v` dirty (used elements, the used index, avail_event).
+fn log_used_ring(log: &DirtyLog, v: &Vring) {
+    let st = v.lock();
+    let q = st.get_queue();
+    log.mark(q.used_ring(), 6 + 8 * u64::from(q.size()));
 }
 
 /// Whether the frontend has started and enabled a vring: only then may the device
@@ -97,8 +119,7 @@ impl QueueStates {
 /// SET_VRING_ENABLE 1). The rings of a queue that was never set up sit at guest
 /// address 0 and must stay untouched.
 fn is_live(v: &Vring) -> bool {
-    let st = v.get_ref();
-    st.is_enabled() && st.get_queue().ready()
+    v.is_live()
 }
 
 #[derive(Default)]
@@ -108,7 +129,6 @@ struct LoopState {
     iothread: Option<Arc<IoThread>>,
     iothread_gen: u64,
     completions: Vec<Completion>,
-    registered: bool,
     slept_at: Option<Instant>,
     /// Used elements pushed but not yet notified, and the thread-local queues they are on.
     unsignalled: usize,
@@ -151,11 +171,12 @@ pub struct BlkDevice {
     wake: Vec<EventFd>,
     /// Per queue: requests in flight, held requests, ring generations.
     queues: Arc<QueueStates>,
-    handlers: Mutex<Vec<Weak<Handler>>>,
     /// Set once the frontend is gone: no more requests are popped.
     disconnected: AtomicBool,
     /// Our own handle on the backend channel, for CONFIG_CHANGE_MSG.
     channel: Mutex<Option<BackendChannel>>,
+    /// The inflight region, when the frontend negotiated INFLIGHT_SHMFD.
+    inflight: RwLock<Option<Arc<InflightRegion>>>,
 }
 
 impl BlkDevice {
@@ -172,24 +193,10 @@ impl BlkDevice {
             threads,
             wake,
             queues,
-            handlers: Mutex::new(Vec::new()),
             disconnected: AtomicBool::new(false),
             channel: Mutex::new(None),
+            inflight: RwLock::new(None),
         })
-    }
-
-    /// Gives the device its worker threads' epoll handlers (to register each thread's
-    /// io_uring eventfd from that thread).
-    /// Registers each thread's wake eventfd and wakes the threads once, so that each
-    /// takes its iothread identity before the first request.
-    pub fn set_handlers(&self, handlers: &[Arc<Handler>]) -> io::Result<()> {
-        *self.handlers.lock().unwrap_or_else(|p| p.into_inner()) =
-            handlers.iter().map(Arc::downgrade).collect();
-        for (h, fd) in handlers.iter().zip(&self.wake) {
-            h.register_listener(fd.as_raw_fd(), EventSet::IN, u64::from(self.wake_event()))?;
-        }
-        self.wake_all();
-        Ok(())
     }
 
     /// Wakes every worker thread for one pass.
@@ -199,9 +206,9 @@ impl BlkDevice {
         }
     }
 
-    /// The epoll event id of the wake eventfds.
-    fn wake_event(&self) -> u16 {
-        self.shared.num_queues + 2
+    /// The epoll token of the wake eventfds (kick tokens are below the queue count).
+    fn wake_event(&self) -> u64 {
+        u64::from(self.shared.num_queues) + 2
     }
 
     /// Takes the iothread identity and polling parameters this worker thread has now
@@ -253,35 +260,14 @@ impl BlkDevice {
             .collect()
     }
 
-    /// The epoll event id of the io_uring eventfd (ids up to num_queues are taken).
-    fn uring_event(&self) -> u16 {
-        self.shared.num_queues + 1
+    /// The epoll token of the io_uring eventfd.
+    fn uring_event(&self) -> u64 {
+        u64::from(self.shared.num_queues) + 1
     }
 
     /// Global queue index of the thread's `i`-th vring.
     fn queue_index(&self, thread: usize, i: usize) -> usize {
         i * self.threads + thread
-    }
-
-    fn ensure_registered(&self, thread: usize) -> io::Result<()> {
-        let done = LOOP.with(|l| l.borrow().registered);
-        if done {
-            return Ok(());
-        }
-        let handler = self
-            .handlers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(thread)
-            .and_then(Weak::upgrade)
-            .ok_or_else(|| io::Error::other("worker thread without an epoll handler"))?;
-        handler.register_listener(
-            uring::eventfd()?,
-            EventSet::IN,
-            u64::from(self.uring_event()),
-        )?;
-        LOOP.with(|l| l.borrow_mut().registered = true);
-        Ok(())
     }
 
     fn limits(&self) -> DeviceLimits {
@@ -314,8 +300,8 @@ impl BlkDevice {
         if self.queues.is_broken(queue) {
             return 0;
         }
-        let mut state = vring.get_mut();
-        if !state.is_enabled() || !state.get_queue().ready() {
+        let mut state = vring.lock();
+        if !state.is_live() {
             return 0;
         }
         let gen = self.queues.gen(queue);
@@ -345,9 +331,34 @@ impl BlkDevice {
             return 0;
         }
         let max_descs = request::max_chain_descriptors(lim);
+        let inflight = self.inflight();
+        let track = inflight.as_ref().and_then(|r| r.queue(queue));
         let mut n = 0;
+        // Requests left in flight by a previous backend or a stopped ring go first,
+        // in the order they were first taken.
+        let (table, size) = (q.desc_table(), q.size());
+        while n < POP_BATCH {
+            let Some(head) = self.queues.resubmit[queue]
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pop_front()
+            else {
+                break;
+            };
+            let req = match chain::walk(mem, table, size, head, max_descs) {
+                Ok(descs) => request::parse(head, &descs, mem, lim),
+                Err(e) => request::Request::refused(head, RequestError::BadChain(e.to_string())),
+            };
+            log::info!(
+                "export {}: queue {queue}: resubmitting request {head} left in flight",
+                self.shared.id
+            );
+            n += 1;
+            self.spawn_request(req, queue, gen, mem);
+        }
         let mut descs: Vec<Desc> = Vec::with_capacity(4);
-        while n < POP_BATCH && usize::from(pending.0) > n {
+        let pending = usize::from(pending.0) + n;
+        while n < POP_BATCH && pending > n {
             let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.as_ref()) else {
                 // Entries are available but the head could not be read.
                 drop(state);
@@ -367,37 +378,66 @@ impl BlkDevice {
             } else {
                 request::parse(head, &descs, mem, lim)
             };
+            if let Some(t) = &track {
+                // Recorded before anything of the request happens.
+                let c = self.queues.counter[queue].fetch_add(1, Ordering::Relaxed);
+                t.mark(head, c);
+            }
             n += 1;
-            self.queues.in_flight[queue].fetch_add(1, Ordering::AcqRel);
-            self.shared.in_flight.fetch_add(1, Ordering::AcqRel);
-            executor::spawn(execute(
-                self.shared.clone(),
-                self.queues.clone(),
-                mem.clone(),
-                req,
-                queue,
-                gen,
-            ));
+            self.spawn_request(req, queue, gen, mem);
         }
         n
     }
 
+    fn spawn_request(&self, req: Request, queue: usize, gen: u64, mem: &Arc<Memory>) {
+        self.queues.in_flight[queue].fetch_add(1, Ordering::AcqRel);
+        self.shared.in_flight.fetch_add(1, Ordering::AcqRel);
+        executor::spawn(execute(
+            self.shared.clone(),
+            self.queues.clone(),
+            mem.clone(),
+            req,
+            queue,
+            gen,
+        ));
+    }
+
+    /// The inflight region, if the frontend gave one.
+    fn inflight(&self) -> Option<Arc<InflightRegion>> {
+        self.inflight
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// Pushes finished requests to their used rings; notification is left to
     /// [`BlkDevice::notify`]. Returns how many were pushed.
-    fn complete(&self, vrings: &[Vring]) -> usize {
+    fn complete(&self, vrings: &[Arc<Vring>]) -> usize {
         let done = LOOP.with(|l| std::mem::take(&mut l.borrow_mut().completions));
         let n = done.len();
         if n == 0 {
             return 0;
         }
         let mut dirty = 0u64;
+        let inflight = self.inflight();
         for c in &done {
             let local = c.queue / self.threads;
             // A ring stopped since the request was popped belongs to the frontend again:
-            // the request is not pushed (the frontend resubmits what it gets back).
+            // the request is not pushed (it stays in the inflight region, if there is
+            // one, and is resubmitted when the ring starts again).
             let current = self.queues.gen(c.queue) == c.gen;
             if let (true, Some(v)) = (current, vrings.get(local)) {
-                if let Err(e) = v.add_used(c.head, c.len) {
+                let track = inflight.as_ref().and_then(|r| r.queue(c.queue));
+                let mut st = v.lock();
+                if let Some(t) = &track {
+                    t.pre_put(c.head);
+                }
+                let r = st.add_used(c.head, c.len);
+                if let (Some(t), Ok(())) = (&track, &r) {
+                    t.post_put(c.head, st.get_queue().next_used());
+                }
+                drop(st);
+                if let Err(e) = r {
                     crate::limited_log!(
                         self.shared.log_limits.ring,
                         log::Level::Error,
@@ -411,6 +451,13 @@ impl BlkDevice {
             }
             self.queues.in_flight[c.queue].fetch_sub(1, Ordering::AcqRel);
             self.shared.in_flight.fetch_sub(1, Ordering::AcqRel);
+        }
+        if let Some(log) = self.queues.dirty_log() {
+            for (i, v) in vrings.iter().enumerate() {
+                if dirty & (1 << i) != 0 {
+                    log_used_ring(&log, v);
+                }
+            }
         }
         LOOP.with(|l| {
             let mut l = l.borrow_mut();
@@ -427,7 +474,7 @@ impl BlkDevice {
     }
 
     /// Notifies the frontend of used elements pushed since the last notification.
-    fn notify(&self, vrings: &[Vring], thread: usize) {
+    fn notify(&self, vrings: &[Arc<Vring>], thread: usize) {
         let dirty = LOOP.with(|l| {
             let mut l = l.borrow_mut();
             l.unsignalled = 0;
@@ -454,7 +501,7 @@ impl BlkDevice {
     /// once [`NOTIFY_BATCH`] used elements are waiting, or when a pass finds the rings
     /// empty; a frontend that waits for completions thus hears at once, and a busy one
     /// is woken per small batch rather than per request.
-    fn iterate(&self, vrings: &[Vring], thread: usize, lim: &DeviceLimits) -> bool {
+    fn iterate(&self, vrings: &[Arc<Vring>], thread: usize, lim: &DeviceLimits) -> bool {
         // Load the memory table on every pass: the frontend may add regions
         // (VHOST_USER_ADD_MEM_REG) at any time, and new requests may use them.
         let mem = &self.mem.memory().into_inner();
@@ -494,7 +541,7 @@ impl BlkDevice {
 
     /// Enables or disables the frontend's kicks on the thread's live, unbroken rings;
     /// when enabling, returns whether any of them has entries waiting.
-    fn set_notifications(&self, vrings: &[Vring], thread: usize, on: bool) -> bool {
+    fn set_notifications(&self, vrings: &[Arc<Vring>], thread: usize, on: bool) -> bool {
         let mut waiting = false;
         for (i, v) in vrings.iter().enumerate() {
             if self.queues.is_broken(self.queue_index(thread, i)) || !is_live(v) {
@@ -505,12 +552,15 @@ impl BlkDevice {
             } else {
                 let _ = v.disable_notification();
             }
+            if let Some(log) = self.queues.dirty_log() {
+                log_used_ring(&log, v);
+            }
         }
         waiting
     }
 
     /// The iothread loop body: run until idle, polling adaptively before sleeping.
-    fn run(&self, vrings: &[Vring], thread: usize) {
+    fn run(&self, vrings: &[Arc<Vring>], thread: usize) {
         let now = Instant::now();
         let window = LOOP.with(|l| {
             let mut l = l.borrow_mut();
@@ -554,6 +604,48 @@ impl BlkDevice {
         }
         self.notify(vrings, thread);
         LOOP.with(|l| l.borrow_mut().slept_at = Some(last));
+    }
+
+    /// The frontend stops ring `q` (GET_VRING_BASE): lets the requests that are being
+    /// worked on finish first, so that no used element is pushed after the frontend
+    /// took the ring back. Requests held by an error stop are not waited for: they
+    /// could wait for `cont` forever, and the frontend (QEMU stopping the VM, the
+    /// guest resetting the device) waits for the reply.
+    fn stop_ring(&self, q: usize) {
+        let (Some(in_flight), Some(held)) = (self.queues.in_flight.get(q), self.queues.held.get(q))
+        else {
+            return;
+        };
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            let n = in_flight.load(Ordering::Acquire);
+            if n == 0 || n <= held.load(Ordering::Acquire) {
+                break;
+            }
+            if Instant::now() > deadline {
+                log::error!(
+                    "export {}: queue {q} still has {n} request(s) in flight after {} s; \
+                     their completions are dropped",
+                    self.shared.id,
+                    STOP_TIMEOUT.as_secs()
+                );
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        // From here on nothing is pushed to the old ring: held requests give up, and
+        // stragglers complete into nothing. A broken ring gets a fresh start.
+        self.queues.gen[q].fetch_add(1, Ordering::AcqRel);
+        self.queues.broken[q].store(false, Ordering::Release);
+        let n = held.load(Ordering::Acquire);
+        if n > 0 {
+            log::warn!(
+                "export {}: queue {q} stopped with {n} request(s) held by an I/O error; they \
+                 are not completed (the frontend resubmits what it did not get back)",
+                self.shared.id
+            );
+            self.wake_all();
+        }
     }
 
     /// Sends a config-change notification (capacity changed) to the frontend, if it
@@ -773,6 +865,7 @@ async fn execute(
         head,
         status_addr,
         data_in_len,
+        data_in,
         req_type,
         op,
     } = req;
@@ -806,7 +899,17 @@ async fn execute(
         // The ring was taken back meanwhile: the buffers are the driver's again.
         _ if origin.ring_stopped() => 0,
         Some(addr) => {
-            if let Err(e) = request::write_status(&mem, addr, status) {
+            let log = origin.queues.dirty_log();
+            if let (Some(log), true) = (&log, status == VIRTIO_BLK_S_OK as u8) {
+                for &(gpa, len) in &data_in {
+                    log.mark(gpa, len);
+                }
+            }
+            let written = request::write_status(&mem, addr, status);
+            if let (Some(log), Ok(())) = (&log, &written) {
+                log.mark(addr.0, 1);
+            }
+            if let Err(e) = written {
                 crate::limited_log!(
                     shared.log_limits.request,
                     log::Level::Warn,
@@ -832,16 +935,17 @@ async fn execute(
     });
 }
 
-impl VhostUserBackend for BlkDevice {
-    type Bitmap = ();
-    type Vring = Vring;
-
+impl QueueDevice for BlkDevice {
     fn num_queues(&self) -> usize {
         usize::from(self.shared.num_queues)
     }
 
-    fn max_queue_size(&self) -> usize {
-        usize::from(self.shared.queue_size)
+    fn max_queue_size(&self) -> u16 {
+        self.shared.queue_size
+    }
+
+    fn threads(&self) -> usize {
+        self.threads
     }
 
     fn features(&self) -> u64 {
@@ -855,7 +959,8 @@ impl VhostUserBackend for BlkDevice {
             | (1 << VIRTIO_BLK_F_FLUSH)
             | (1 << VIRTIO_BLK_F_MQ)
             | (1 << VIRTIO_BLK_F_CONFIG_WCE)
-            | PROTOCOL_FEATURES_BIT;
+            | F_LOG_ALL
+            | F_PROTOCOL_FEATURES;
         if self.shared.is_writable() {
             f |= (1 << VIRTIO_BLK_F_DISCARD) | (1 << VIRTIO_BLK_F_WRITE_ZEROES);
         } else {
@@ -864,25 +969,32 @@ impl VhostUserBackend for BlkDevice {
         f
     }
 
-    fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::BACKEND_REQ
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    fn protocol_features(&self) -> u64 {
+        pf::CONFIG
+            | pf::MQ
+            | pf::REPLY_ACK
+            | pf::BACKEND_REQ
+            | pf::CONFIGURE_MEM_SLOTS
+            | pf::INFLIGHT_SHMFD
+            | pf::LOG_SHMFD
     }
 
-    fn set_event_idx(&self, _enabled: bool) {}
-
-    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+    fn config_space(&self) -> Vec<u8> {
         let cfg: BlkConfig = self.shared.config_space();
-        cfg.read(offset, size)
+        cfg.to_bytes().to_vec()
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
         // Only the write cache mode is writable (VIRTIO_BLK_F_CONFIG_WCE).
         if offset != WRITEBACK_OFFSET || buf.len() != 1 {
-            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "only the 1-byte writeback field (offset {WRITEBACK_OFFSET}) is \
+                     writable, not {} byte(s) at {offset}",
+                    buf.len()
+                ),
+            ));
         }
         let on = buf[0] != 0;
         if !on && self.shared.write_cache() && self.shared.is_writable() {
@@ -900,106 +1012,91 @@ impl VhostUserBackend for BlkDevice {
         Ok(())
     }
 
-    fn update_memory(&self, _mem: GuestMemoryAtomic<Memory>) -> io::Result<()> {
-        // The handler replaced the mapping inside the atomic we share; requests in
-        // flight keep the old mapping alive through their keepalive.
-        Ok(())
+    fn stop_vring(&self, queue: usize) {
+        self.stop_ring(queue);
     }
 
-    fn set_backend_req_fd(&self, _backend: Backend) {
-        // vhost's `Backend` cannot send CONFIG_CHANGE_MSG; our own duplicate of the
-        // channel socket does (see backend_channel.rs).
-        let channel = match BackendChannel::claim_new() {
-            Ok(ch) => Some(ch),
-            Err(e) => {
-                log::warn!(
-                    "export {}: backend channel: {e}; resizes will not be announced",
-                    self.shared.id
+    fn queue_started(&self, queue: usize) {
+        // The ring may already hold requests (a reconnect, a late enable): look.
+        if let Some(fd) = self.wake.get(queue % self.threads) {
+            let _ = fd.write(1);
+        }
+    }
+
+    fn set_inflight(&self, region: Option<Arc<InflightRegion>>) {
+        *self.inflight.write().unwrap_or_else(|p| p.into_inner()) = region;
+    }
+
+    fn resubmit(&self, queue: usize, heads: Vec<u16>, next_counter: u64) {
+        if let Some(c) = self.queues.counter.get(queue) {
+            c.store(next_counter, Ordering::Relaxed);
+        }
+        if let Some(r) = self.queues.resubmit.get(queue) {
+            if !heads.is_empty() {
+                log::info!(
+                    "export {}: queue {queue}: {} request(s) left in flight will run again",
+                    self.shared.id,
+                    heads.len()
                 );
-                None
             }
-        };
+            *r.lock().unwrap_or_else(|p| p.into_inner()) = heads.into();
+        }
+    }
+
+    fn set_dirty_log(&self, log: Option<Arc<DirtyLog>>) {
+        *self
+            .queues
+            .dirty_log
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = log;
+    }
+
+    fn set_logging(&self, on: bool) {
+        if self.queues.logging.swap(on, Ordering::AcqRel) != on {
+            log::info!(
+                "export {}: dirty page logging {}",
+                self.shared.id,
+                if on { "on" } else { "off" }
+            );
+        }
+    }
+
+    fn set_backend_channel(&self, channel: Option<BackendChannel>) {
         *self.channel.lock().unwrap_or_else(|p| p.into_inner()) = channel;
     }
 
-    fn queues_per_thread(&self) -> Vec<u64> {
-        let threads = self.threads;
-        (0..threads)
-            .map(|t| {
-                (0..usize::from(self.shared.num_queues))
-                    .filter(|q| q % threads == t)
-                    .fold(0u64, |m, q| m | (1 << q))
-            })
-            .collect()
+    fn thread_fds(&self, thread: usize) -> io::Result<Vec<(RawFd, u64)>> {
+        let wake = self
+            .wake
+            .get(thread)
+            .ok_or_else(|| io::Error::other(format!("no worker thread {thread}")))?;
+        // Creates this thread's io_uring.
+        let uring = uring::eventfd()?;
+        // One pass at the start: take the iothread identity before the first request.
+        let _ = wake.write(1);
+        Ok(vec![
+            (uring, self.uring_event()),
+            (wake.as_raw_fd(), self.wake_event()),
+        ])
     }
 
-    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
-    }
-
-    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
-        // The frontend stops the ring (GET_VRING_BASE): let the requests that are being
-        // worked on finish first, so that no used element is pushed after the frontend
-        // took the ring back. Requests held by an error stop are not waited for: they
-        // could wait for `cont` forever, and the frontend (QEMU stopping the VM, the
-        // guest resetting the device) waits for this reply.
-        let q = queue_index as usize;
-        let (Some(in_flight), Some(held)) = (self.queues.in_flight.get(q), self.queues.held.get(q))
-        else {
-            return Ok(());
-        };
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        loop {
-            let n = in_flight.load(Ordering::Acquire);
-            if n == 0 || n <= held.load(Ordering::Acquire) {
-                break;
-            }
-            if Instant::now() > deadline {
-                log::error!(
-                    "export {}: queue {queue_index} still has {n} request(s) in flight after \
-                     {} s; their completions are dropped",
-                    self.shared.id,
-                    STOP_TIMEOUT.as_secs()
-                );
-                break;
-            }
-            std::thread::sleep(Duration::from_micros(100));
-        }
-        // From here on nothing is pushed to the old ring: held requests give up, and
-        // stragglers complete into nothing. A broken ring gets a fresh start.
-        self.queues.gen[q].fetch_add(1, Ordering::AcqRel);
-        self.queues.broken[q].store(false, Ordering::Release);
-        let n = held.load(Ordering::Acquire);
-        if n > 0 {
-            log::warn!(
-                "export {}: queue {queue_index} stopped with {n} request(s) held by an I/O \
-                 error; they are not completed (the frontend resubmits what it did not get \
-                 back)",
-                self.shared.id
-            );
-            self.wake_all();
-        }
-        Ok(())
-    }
-
-    fn handle_event(
-        &self,
-        device_event: u16,
-        _evset: EventSet,
-        vrings: &[Vring],
-        thread_id: usize,
-    ) -> io::Result<()> {
-        self.ensure_registered(thread_id)?;
-        if device_event == self.uring_event() {
+    fn handle_event(&self, thread: usize, token: u64, vrings: &[Arc<Vring>]) {
+        if token == self.uring_event() {
             uring::clear_eventfd();
-        } else if device_event == self.wake_event() {
-            if let Some(fd) = self.wake.get(thread_id) {
+        } else if token == self.wake_event() {
+            if let Some(fd) = self.wake.get(thread) {
                 let _ = fd.read();
             }
             wake_held();
         }
-        self.sync_iothread(thread_id);
-        self.run(vrings, thread_id);
-        Ok(())
+        self.sync_iothread(thread);
+        self.run(vrings, thread);
+    }
+
+    fn thread_exit(&self, _thread: usize) {
+        // Requests this thread still runs give up where they wait (the frontend is
+        // gone); the thread's io_uring then waits for what the kernel still does.
+        wake_held();
+        let _ = executor::run_ready();
     }
 }

@@ -1,10 +1,10 @@
 //! vhost-user-blk exports: one UNIX socket each, serving one node to one frontend at a
 //! time; when the frontend goes away the export waits for the next one.
 
-pub mod backend_channel;
 pub mod config_space;
 pub mod device;
 pub mod request;
+pub mod vhost_user;
 
 use crate::config::{ExportConfig, OnError};
 use crate::control::ControlMsg;
@@ -16,14 +16,13 @@ use config_space::BlkConfig;
 use device::BlkDevice;
 use request::{DeviceLimits, Memory, ID_BYTES, SECTOR};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
-use vhost::vhost_user::Listener;
-use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vhost_user::Session;
 use vm_memory::GuestMemoryAtomic;
 
 /// Largest data segment the guest may use (`size_max`), at most.
@@ -92,7 +91,7 @@ pub struct ExportShared {
     /// Iothread passes currently inside their pop section (see [`PopGate`]).
     poppers: AtomicUsize,
     /// The connected frontend, if any: its device and a handle that drops it.
-    connection: Mutex<Option<(Weak<BlkDevice>, Option<ShutdownHandle>)>>,
+    connection: Mutex<Option<(Weak<BlkDevice>, Option<UnixStream>)>>,
     /// Log budgets per kind of event, so that a frontend cannot flood the log.
     pub log_limits: ExportLogLimits,
 }
@@ -311,7 +310,7 @@ impl ExportShared {
 
     fn connection(
         &self,
-    ) -> std::sync::MutexGuard<'_, Option<(Weak<BlkDevice>, Option<ShutdownHandle>)>> {
+    ) -> std::sync::MutexGuard<'_, Option<(Weak<BlkDevice>, Option<UnixStream>)>> {
         self.connection.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -328,7 +327,8 @@ impl ExportShared {
     /// Drops the connected frontend, if any (`block-export-del mode=hard`).
     pub fn disconnect_frontend(&self) {
         if let Some((_, Some(h))) = self.connection().as_ref() {
-            h.shutdown();
+            // The session's next read sees the end of the stream.
+            let _ = h.shutdown(std::net::Shutdown::Both);
         }
     }
 
@@ -431,14 +431,14 @@ pub struct Export {
 }
 
 /// Refuses a socket path another live process listens on; removes a stale one.
-fn claim_socket(path: &Path) -> Result<Listener> {
+fn claim_socket(path: &Path) -> Result<UnixListener> {
     if path.exists() {
         if UnixStream::connect(path).is_ok() {
             return Err(ExportError::SocketInUse(path.to_path_buf()));
         }
         let _ = std::fs::remove_file(path);
     }
-    Listener::new(path, false).map_err(|e| ExportError::Listen {
+    UnixListener::bind(path).map_err(|e| ExportError::Listen {
         path: path.to_path_buf(),
         message: e.to_string(),
     })
@@ -450,7 +450,7 @@ impl Export {
         cfg: &ExportConfig,
         node: Arc<Node>,
         iothreads: Vec<Arc<IoThread>>,
-    ) -> Result<(Export, Listener)> {
+    ) -> Result<(Export, UnixListener)> {
         if cfg.writable && node.is_read_only() {
             return Err(ExportError::ReadOnlyNode(node.name().to_string()));
         }
@@ -511,7 +511,7 @@ impl Export {
     /// that thread once the export has stopped (after [`Export::stop`]).
     pub fn serve(
         &self,
-        mut listener: Listener,
+        listener: UnixListener,
         on_exit: impl FnOnce() + Send + 'static,
     ) -> std::io::Result<std::thread::JoinHandle<()>> {
         let shared = self.shared.clone();
@@ -522,7 +522,7 @@ impl Export {
                     if shared.is_stopping() {
                         break;
                     }
-                    if let Err(e) = serve_one(&shared, &mut listener) {
+                    if let Err(e) = serve_one(&shared, &listener) {
                         if shared.is_stopping() {
                             break;
                         }
@@ -561,38 +561,31 @@ impl Export {
 }
 
 /// Serves one frontend connection from accept to disconnect.
-fn serve_one(shared: &Arc<ExportShared>, listener: &mut Listener) -> Result<()> {
+fn serve_one(shared: &Arc<ExportShared>, listener: &UnixListener) -> Result<()> {
+    let (sock, _) = listener
+        .accept()
+        .map_err(|e| ExportError::Daemon(format!("accept: {e}")))?;
+    if shared.is_stopping() {
+        return Ok(());
+    }
     let mem = GuestMemoryAtomic::new(Memory::new());
     let device = Arc::new(
         BlkDevice::new(shared.clone(), mem.clone())
             .map_err(|e| ExportError::Daemon(e.to_string()))?,
     );
-    let mut daemon = VhostUserDaemon::new(format!("vubd-{}", shared.id), device.clone(), mem)
+    let mut session = Session::new(&format!("vubd-{}", shared.id), device.clone(), sock, mem)
         .map_err(|e| ExportError::Daemon(e.to_string()))?;
-    let handlers = daemon.get_epoll_handlers();
-    device
-        .set_handlers(&handlers)
+    let handle = session
+        .shutdown_handle()
         .map_err(|e| ExportError::Daemon(e.to_string()))?;
-    *shared.connection() = Some((Arc::downgrade(&device), None));
-    if let Err(e) = daemon.start(listener) {
-        *shared.connection() = None;
-        for h in &handlers {
-            h.send_exit_event();
-        }
-        return Err(ExportError::Daemon(e.to_string()));
-    }
-    *shared.connection() = Some((Arc::downgrade(&device), daemon.shutdown_handle()));
+    *shared.connection() = Some((Arc::downgrade(&device), Some(handle)));
     if shared.is_stopping() {
         // Removed while this frontend was being accepted.
         shared.disconnect_frontend();
     }
     log::info!("export {}: frontend connected", shared.id);
-    match daemon.wait() {
-        Ok(())
-        | Err(vhost_user_backend::Error::HandleRequest(
-            vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
-        )) => {}
-        Err(e) => log::warn!("export {}: connection ended: {e}", shared.id),
+    if let Err(e) = session.run() {
+        log::warn!("export {}: connection ended: {e}", shared.id);
     }
     log::info!("export {}: frontend disconnected", shared.id);
     // Nothing more is taken from the old rings; let the worker threads finish what
@@ -614,8 +607,7 @@ fn serve_one(shared: &Arc<ExportShared>, listener: &mut Listener) -> Result<()> 
         );
     }
     *shared.connection() = None;
-    for h in &handlers {
-        h.send_exit_event();
-    }
+    // Stops the worker threads; each waits for its io_uring operations to finish.
+    session.close();
     Ok(())
 }

@@ -94,6 +94,8 @@ pub enum RequestError {
     UnsupportedFlags(u32),
     #[error("bad discard/write-zeroes segment list")]
     BadSegments,
+    #[error("bad descriptor chain: {0}")]
+    BadChain(String),
 }
 
 impl RequestError {
@@ -117,6 +119,9 @@ pub struct Request {
     pub status_addr: Option<GuestAddress>,
     /// Bytes of device-writable data the request fills on success (reads, GET_ID).
     pub data_in_len: u32,
+    /// Where in guest memory (guest physical addresses) those bytes go: the pages a
+    /// dirty log must mark.
+    pub data_in: Segs,
     /// The request type from the header, once it was read.
     pub req_type: Option<u32>,
     pub op: Result<Op, RequestError>,
@@ -129,6 +134,7 @@ impl Request {
             head,
             status_addr: None,
             data_in_len: 0,
+            data_in: Segs::new(),
             req_type: None,
             op: Err(e),
         }
@@ -136,7 +142,7 @@ impl Request {
 }
 
 /// Guest memory segments (address, length); most chains have few, kept inline.
-type Segs = SmallVec<[(u64, u64); 4]>;
+pub type Segs = SmallVec<[(u64, u64); 4]>;
 
 /// Segments of guest memory in chain order, split into device-readable and -writable.
 struct Split {
@@ -326,6 +332,7 @@ pub fn parse(head: u16, descs: &[Desc], mem: &Arc<Memory>, lim: &DeviceLimits) -
         head,
         status_addr: None,
         data_in_len: 0,
+        data_in: Segs::new(),
         req_type: None,
         op: Err(RequestError::NoStatus),
     };
@@ -345,6 +352,9 @@ pub fn parse(head: u16, descs: &[Desc], mem: &Arc<Memory>, lim: &DeviceLimits) -
     };
     req.status_addr = last_byte(last_addr, last_len);
     req.op = parse_op(&s, mem, lim, &mut req.data_in_len, &mut req.req_type);
+    if req.op.is_ok() && req.data_in_len > 0 {
+        req.data_in = sub(&s.writable, 0, u64::from(req.data_in_len));
+    }
     req
 }
 
