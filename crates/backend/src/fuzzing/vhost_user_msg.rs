@@ -140,6 +140,7 @@ pub struct Outcome {
 
 /// Runs one input and tells what the frontend saw.
 pub fn run(data: &[u8]) -> Outcome {
+    ignore_sigpipe();
     let n = CASE.fetch_add(1, Ordering::Relaxed);
     let mut input = Input::new(data);
     let setup = input.u8();
@@ -222,6 +223,18 @@ pub fn run(data: &[u8]) -> Outcome {
         used_idx,
         status: status[0],
     }
+}
+
+/// Ignores SIGPIPE, as vubd's `main` does (and Rust programs do by default): a write
+/// to a connection the other side closed must fail with EPIPE, not end the process.
+/// libFuzzer's `main` leaves SIGPIPE at its default.
+fn ignore_sigpipe() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: installs the SIG_IGN disposition, which involves no handler code;
+        // done once, before this process's own threads write to sockets.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    });
 }
 
 /// Where the export sockets go.
