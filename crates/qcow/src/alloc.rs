@@ -458,7 +458,7 @@ impl<I: QcowIo> Qcow2<I> {
 
     /// Before an entry that points to newly allocated clusters is written: the
     /// dirty bit with lazy refcounts, else the refcounts. The caller flushes.
-    async fn prepare_new_references(&self) -> Result<()> {
+    pub(crate) async fn prepare_new_references(&self) -> Result<()> {
         self.mark_dirty_if_lazy().await?;
         if !self.refcounts_lazy() {
             self.write_dirty_refcounts().await?;

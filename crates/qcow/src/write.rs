@@ -520,6 +520,14 @@ impl<I: QcowIo> Qcow2<I> {
 
     /// Links the L2 entries of an allocation after its guest data was
     /// written. The old clusters it replaced are freed at the next flush.
+    ///
+    /// The new entries reach the file (the host's page cache) before this
+    /// returns, so that a write the guest was told is done reads back after the
+    /// daemon is killed while the guest runs on; a flush is still what makes
+    /// them stable. What they depend on goes first: with lazy refcounts the
+    /// dirty bit, otherwise the refcounts (and one sync, so that a power loss
+    /// cannot leave an entry on disk whose refcount is not), and the guest data
+    /// when the entry maps a cluster that held other data (a sync).
     pub async fn commit(&self, mut alloc: Allocation<'_, I>) -> Result<()> {
         if alloc.updates.is_empty() {
             return Ok(());
@@ -527,6 +535,7 @@ impl<I: QcowIo> Qcow2<I> {
         let _meta = self.meta.lock().await;
         self.check_writable()?;
         let g = self.g;
+        let mut tables: Vec<(u64, u64)> = Vec::with_capacity(alloc.updates.len());
         for u in &alloc.updates {
             let l1e = self.st().l1[(u.cluster / g.l2_entries) as usize];
             let l2off = l1e & OFFSET_MASK;
@@ -542,16 +551,48 @@ impl<I: QcowIo> Qcow2<I> {
                 e.gen += 1;
             })
             .await?;
+            tables.push((l2off, idx as u64));
         }
+        self.prepare_new_references().await?;
+        if alloc.needs_data_sync || !self.refcounts_lazy() {
+            // This covers the data the entries depend on: the flush that writes
+            // the tables need not sync for them again.
+            self.io.flush().await?;
+        }
+        self.write_l2_entries(&mut tables).await?;
         {
             let mut st = self.st();
             st.pending_frees
                 .extend(alloc.frees.drain(..).map(|(o, l)| (o, l, true)));
-            st.l2_needs_data_sync |= alloc.needs_data_sync;
         }
         alloc.reserved.clear();
         alloc.guard.take();
         self.trim_caches().await
+    }
+
+    /// Writes the given entries (L2 table offset, index) of cached L2 tables
+    /// to the file, adjacent ones together. The tables stay dirty in the cache
+    /// (a flush writes them whole, in order).
+    async fn write_l2_entries(&self, entries: &mut [(u64, u64)]) -> Result<()> {
+        let esz = if self.g.extended { 16 } else { 8 };
+        entries.sort_unstable();
+        let mut i = 0;
+        while i < entries.len() {
+            let (table, first) = entries[i];
+            let mut last = first;
+            let mut j = i + 1;
+            while j < entries.len() && entries[j].0 == table && entries[j].1 <= last + 1 {
+                last = last.max(entries[j].1);
+                j += 1;
+            }
+            let (a, b) = ((first * esz) as usize, ((last + 1) * esz) as usize);
+            let bytes = self
+                .with_table(TableKind::L2, table, |e| e.data[a..b].to_vec())
+                .await?;
+            self.io.write_at(table + a as u64, &bytes).await?;
+            i = j;
+        }
+        Ok(())
     }
 
     /// Gives up an allocation: frees its reserved clusters and releases the
@@ -834,6 +875,13 @@ impl<I: QcowIo> Qcow2<I> {
                 chunk_frees.append(&mut frees);
             }
             if !changes.is_empty() {
+                // Entries that drop references need nothing on disk first (a
+                // crash leaks at worst); they reach the file at once, like
+                // allocations (see `commit`).
+                let mut written: Vec<(u64, u64)> = changes
+                    .iter()
+                    .map(|&(c, _, _)| (l2off, c % g.l2_entries))
+                    .collect();
                 self.with_table(TableKind::L2, l2off, |e| {
                     for (c, raw, bm) in changes {
                         let i = (c % g.l2_entries) as usize;
@@ -848,6 +896,7 @@ impl<I: QcowIo> Qcow2<I> {
                     e.gen += 1;
                 })
                 .await?;
+                self.write_l2_entries(&mut written).await?;
             }
             // Only now that the entries changed may their clusters be freed.
             // Guest discards and zero writes: the caller punches what they
