@@ -1,40 +1,19 @@
 //! Delivery of QMP events to every client that has completed capabilities
-//! negotiation.
+//! negotiation. Emitting only queues the event in each client's [`Outbox`]: it never
+//! waits for a client, so a client that does not read cannot hold up the control
+//! thread (which emits most events) or the other clients.
 
+use super::outbox::{Message, Outbox};
 use super::wire;
 use serde_json::Value;
-use std::io::Write;
-use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-/// The sending half of one client connection, shared by its reader thread (replies)
-/// and the event bus (events), so that messages never interleave.
-pub struct ClientWriter {
-    stream: Mutex<UnixStream>,
-    pretty: bool,
-}
-
-impl ClientWriter {
-    pub fn new(stream: UnixStream, pretty: bool) -> Self {
-        ClientWriter {
-            stream: Mutex::new(stream),
-            pretty,
-        }
-    }
-
-    /// Writes one message; an error means the client is gone.
-    pub fn send(&self, v: &Value) -> std::io::Result<()> {
-        let bytes = wire::encode(v, self.pretty);
-        let mut s = self.stream.lock().unwrap_or_else(|p| p.into_inner());
-        s.write_all(&bytes)?;
-        s.flush()
-    }
-}
+type Subscribers = Vec<(u64, Arc<Outbox>)>;
 
 #[derive(Default)]
 pub struct EventBus {
-    clients: Mutex<Vec<(u64, Arc<ClientWriter>)>>,
+    clients: Mutex<Subscribers>,
     next: AtomicU64,
 }
 
@@ -43,38 +22,38 @@ impl EventBus {
         Arc::new(EventBus::default())
     }
 
+    fn lock(&self) -> MutexGuard<'_, Subscribers> {
+        self.clients.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Starts sending events to a client; returns its registration for
     /// [`EventBus::unsubscribe`].
-    pub fn subscribe(&self, client: Arc<ClientWriter>) -> u64 {
+    pub fn subscribe(&self, client: Arc<Outbox>) -> u64 {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        self.clients
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((id, client));
+        self.lock().push((id, client));
         id
     }
 
     pub fn unsubscribe(&self, id: u64) {
-        self.clients
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|(i, _)| *i != id);
+        self.lock().retain(|(i, _)| *i != id);
     }
 
-    /// Sends an event to every subscribed client; clients that cannot take it are
-    /// dropped from the list (their reader thread notices the closed socket).
+    /// Queues an event for every subscribed client. Clients that are gone, or that
+    /// have left too much output unread (see [`Outbox::event`]), are dropped from
+    /// the list.
     pub fn emit(&self, name: &str, data: Option<Value>) {
         let msg = wire::event(name, data);
         log::info!("event {name}: {msg}");
-        let clients = self
-            .clients
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        for (id, c) in clients {
-            if c.send(&msg).is_err() {
-                self.unsubscribe(id);
-            }
-        }
+        let mut compact: Option<Message> = None;
+        let mut pretty: Option<Message> = None;
+        self.lock().retain(|(_, c)| {
+            let slot = if c.pretty() {
+                &mut pretty
+            } else {
+                &mut compact
+            };
+            let bytes = slot.get_or_insert_with(|| wire::encode(&msg, c.pretty()).into());
+            c.event(bytes)
+        });
     }
 }

@@ -1,14 +1,18 @@
 //! The QMP monitor: QEMU's management protocol on UNIX sockets
 //! (`--chardev socket,id=..,path=..,server=on,wait=off --monitor chardev=..`).
 //!
-//! - [`wire`]: framing, envelopes, replies and events as QEMU writes them
+//! - [`wire`]: envelopes, replies and events as QEMU writes them
+//! - [`splitter`]: the input stream cut into JSON texts, within limits
 //! - [`args`]: strict argument reading with QEMU's messages
 //! - [`server`]: sockets, client threads, capabilities negotiation
+//! - [`outbox`]: each client's bounded output queue and its writer
 //! - [`commands`]: the command table
 //! - [`events`]: event delivery
 
 pub mod args;
 pub mod commands;
 pub mod events;
+pub mod outbox;
 pub mod server;
+pub mod splitter;
 pub mod wire;

@@ -1,20 +1,33 @@
 //! The monitor sockets: accepting QMP clients, the greeting and capabilities
 //! negotiation, and handing commands to the control thread.
 //!
-//! Each client has a thread of its own that reads and parses its input; commands are
-//! executed one at a time by the control thread (like QEMU's main loop), so a slow
-//! or vanished client never holds up another one.
+//! Each client has two threads of its own: a reader that splits and checks its input
+//! and waits for each command's result, and a writer that sends its output queue
+//! ([`Outbox`]). Commands are executed one at a time by the control thread (like
+//! QEMU's main loop). Nothing a client does or fails to do (sending huge, deep or
+//! broken input, never reading) makes anyone else wait, and what it can make the
+//! daemon hold is bounded: its input by the splitter's limits, its output by the
+//! outbox's, and the number of clients by [`MAX_CLIENTS`].
 
-use super::events::{ClientWriter, EventBus};
+use super::events::EventBus;
+use super::outbox::{Outbox, WRITE_STALL};
+use super::splitter::Splitter;
 use super::wire::{self, Command, ErrorClass, QmpError, QmpResult};
 use crate::control::ControlMsg;
 use serde_json::{json, Value};
-use std::io::Read;
+use std::io::{ErrorKind, Read};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
+
+/// Clients one monitor socket serves at once. Further ones wait in the socket's
+/// listen backlog until a client leaves, as all but one do with QEMU's monitor.
+pub const MAX_CLIENTS: usize = 64;
+
+/// Bytes read from a client's socket at a time.
+const READ_CHUNK: usize = 16 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -27,6 +40,39 @@ pub enum ServerError {
     InUse(PathBuf),
     #[error("cannot start a monitor thread: {0}")]
     Thread(std::io::Error),
+}
+
+/// The client slots of one monitor socket.
+#[derive(Default)]
+struct Slots {
+    used: Mutex<usize>,
+    freed: Condvar,
+}
+
+/// A client slot, given back when dropped (once both of the client's threads have
+/// ended).
+struct Slot(Arc<Slots>);
+
+impl Slots {
+    /// Waits for a free slot.
+    fn acquire(self: &Arc<Self>) -> Slot {
+        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        if *used >= MAX_CLIENTS {
+            log::warn!("QMP: {MAX_CLIENTS} clients connected; the next waits for one to leave");
+        }
+        while *used >= MAX_CLIENTS {
+            used = self.freed.wait(used).unwrap_or_else(|p| p.into_inner());
+        }
+        *used += 1;
+        Slot(self.clone())
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        *self.0.used.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+        self.0.freed.notify_one();
+    }
 }
 
 /// A bound monitor socket.
@@ -81,28 +127,26 @@ impl MonitorSocket {
         std::thread::Builder::new()
             .name("qmp-accept".into())
             .spawn(move || {
-                let first = self.first.map(Ok);
-                for stream in first.into_iter().chain(self.listener.incoming()) {
-                    match stream {
-                        Ok(stream) => {
-                            let control = control.clone();
-                            let events = events.clone();
-                            let pretty = self.pretty;
-                            let spawned = std::thread::Builder::new()
-                                .name("qmp-client".into())
-                                .spawn(move || {
-                                    if let Err(e) = Client::run(stream, pretty, control, events) {
-                                        log::debug!("QMP client ended: {e}");
-                                    }
-                                });
-                            if let Err(e) = spawned {
-                                log::error!("cannot start a QMP client thread: {e}");
-                            }
-                        }
+                let slots = Arc::new(Slots::default());
+                let mut first = self.first;
+                loop {
+                    let slot = slots.acquire();
+                    let accepted = match first.take() {
+                        Some(stream) => Ok(stream),
+                        None => self.listener.accept().map(|(stream, _)| stream),
+                    };
+                    let stream = match accepted {
+                        Ok(stream) => stream,
                         Err(e) => {
                             log::error!("monitor accept failed: {e}");
                             std::thread::sleep(Duration::from_millis(100));
+                            continue;
                         }
+                    };
+                    let started =
+                        Client::start(stream, self.pretty, control.clone(), events.clone(), slot);
+                    if let Err(e) = started {
+                        log::error!("cannot start a QMP client: {e}");
                     }
                 }
             })
@@ -116,9 +160,18 @@ fn allows_oob(_name: &str) -> bool {
     false
 }
 
-/// One client connection.
+/// What the reader does once a reply is queued.
+enum Then {
+    Nothing,
+    /// Negotiation is complete: events follow from now on (after its reply).
+    Subscribe,
+    /// `quit` succeeded: the daemon shuts down once the reply is out.
+    Quit,
+}
+
+/// One client connection, as its reader thread sees it.
 struct Client {
-    writer: Arc<ClientWriter>,
+    outbox: Arc<Outbox>,
     control: Sender<ControlMsg>,
     events: Arc<EventBus>,
     negotiated: bool,
@@ -131,58 +184,98 @@ impl Drop for Client {
         if let Some(id) = self.subscription.take() {
             self.events.unsubscribe(id);
         }
+        // The writer sends what is queued (a client that has closed only its
+        // sending side still gets its replies), then ends.
+        self.outbox.finish();
     }
 }
 
 impl Client {
-    fn run(
-        mut stream: UnixStream,
+    /// Starts the client's writer and reader threads; each holds the slot.
+    fn start(
+        stream: UnixStream,
         pretty: bool,
         control: Sender<ControlMsg>,
         events: Arc<EventBus>,
+        slot: Slot,
     ) -> std::io::Result<()> {
-        // A client that stops reading must not block replies and events for long.
-        stream.set_write_timeout(Some(Duration::from_secs(10)))?;
-        let writer = Arc::new(ClientWriter::new(stream.try_clone()?, pretty));
-        let mut client = Client {
-            writer,
-            control,
-            events,
-            negotiated: false,
-            oob: false,
-            subscription: None,
-        };
-        client.writer.send(&wire::greeting())?;
-        let mut splitter = wire::Splitter::default();
-        let mut buf = [0u8; 4096];
-        loop {
-            let n = stream.read(&mut buf)?;
-            if n == 0 {
-                return Ok(());
-            }
-            for input in splitter.feed(&buf[..n]) {
-                let (reply, id, quit) = client.handle(input);
-                if let Some(reply) = reply {
-                    client.writer.send(&wire::response(&reply, id.as_ref()))?;
+        let slot = Arc::new(slot);
+        let outbox = Outbox::new(stream.try_clone()?, pretty);
+        let writer_stream = stream.try_clone()?;
+        let (ob, writer_slot) = (outbox.clone(), slot.clone());
+        std::thread::Builder::new()
+            .name("qmp-writer".into())
+            .spawn(move || {
+                ob.run_writer(writer_stream);
+                drop(writer_slot);
+            })?;
+        let ob = outbox.clone();
+        let spawned = std::thread::Builder::new()
+            .name("qmp-client".into())
+            .spawn(move || {
+                let _slot = slot;
+                let mut client = Client {
+                    outbox,
+                    control,
+                    events,
+                    negotiated: false,
+                    oob: false,
+                    subscription: None,
+                };
+                if let Err(e) = client.run(stream) {
+                    log::debug!("QMP client ended: {e}");
                 }
-                if quit {
-                    // The reply is out: now let the main thread shut the daemon down.
-                    // SAFETY: kill with our own pid and a valid signal number.
-                    unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+            });
+        if let Err(e) = spawned {
+            ob.close();
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn run(&mut self, mut stream: UnixStream) -> std::io::Result<()> {
+        self.outbox.reply(&wire::greeting());
+        let mut splitter = Splitter::default();
+        let mut buf = vec![0u8; READ_CHUNK];
+        loop {
+            let n = match stream.read(&mut buf) {
+                Ok(0) => return Ok(()),
+                Ok(n) => n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            let mut input = &buf[..n];
+            while let Some(text) = splitter.next(&mut input) {
+                // A client that leaves its replies unread gets no further command
+                // run until it reads (or is disconnected).
+                if !self.outbox.wait_room() {
+                    return Ok(());
+                }
+                let (reply, id, then) = self.handle(text);
+                if !self.outbox.reply(&wire::response(&reply, id.as_ref())) {
+                    return Ok(());
+                }
+                match then {
+                    Then::Nothing => {}
+                    Then::Subscribe => {
+                        self.subscription = Some(self.events.subscribe(self.outbox.clone()));
+                    }
+                    Then::Quit => {
+                        // The reply goes out before the daemon shuts down.
+                        self.outbox.wait_written(WRITE_STALL);
+                        // SAFETY: kill with our own pid and a valid signal number.
+                        unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+                    }
                 }
             }
         }
     }
 
-    /// Handles one input value: the reply (if any), its `id`, and whether the daemon
-    /// should now quit.
-    fn handle(
-        &mut self,
-        input: Result<Value, QmpError>,
-    ) -> (Option<QmpResult>, Option<Value>, bool) {
+    /// Handles one input value: the reply, its `id`, and what follows the reply.
+    fn handle(&mut self, input: Result<Value, QmpError>) -> (QmpResult, Option<Value>, Then) {
         let cmd = match input.map_err(|e| (e, None)).and_then(wire::parse_command) {
             Ok(cmd) => cmd,
-            Err((e, id)) => return (Some(Err(e)), id, false),
+            Err((e, id)) => return (Err(e), id, Then::Nothing),
         };
         let id = cmd.id.clone();
         if cmd.oob && !(self.oob && allows_oob(&cmd.name)) {
@@ -191,22 +284,32 @@ impl Client {
             } else {
                 QmpError::generic("QMP input member 'exec-oob' is unexpected")
             };
-            return (Some(Err(e)), id, false);
+            return (Err(e), id, Then::Nothing);
         }
         if cmd.name == "qmp_capabilities" {
-            return (Some(self.capabilities(&cmd)), id, false);
+            let result = self.capabilities(&cmd);
+            let then = if result.is_ok() {
+                Then::Subscribe
+            } else {
+                Then::Nothing
+            };
+            return (result, id, then);
         }
         if !self.negotiated {
             let e = QmpError::new(
                 ErrorClass::CommandNotFound,
                 "Expecting capabilities negotiation with 'qmp_capabilities'",
             );
-            return (Some(Err(e)), id, false);
+            return (Err(e), id, Then::Nothing);
         }
         let quit = cmd.name == "quit";
         let result = self.execute(cmd);
-        let quit = quit && result.is_ok();
-        (Some(result), id, quit)
+        let then = if quit && result.is_ok() {
+            Then::Quit
+        } else {
+            Then::Nothing
+        };
+        (result, id, then)
     }
 
     fn capabilities(&mut self, cmd: &Command) -> QmpResult {
@@ -232,7 +335,6 @@ impl Client {
         }
         self.oob = oob;
         self.negotiated = true;
-        self.subscription = Some(self.events.subscribe(self.writer.clone()));
         Ok(json!({}))
     }
 

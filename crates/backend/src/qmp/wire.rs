@@ -1,7 +1,7 @@
-//! The QMP wire format: splitting the input stream into JSON values, checking a
-//! command's envelope, and writing responses, errors and events the way QEMU does
-//! (compact JSON with `": "` and `", "` separators, one message per line ending in
-//! CRLF).
+//! The QMP wire format: checking a command's envelope, and writing responses, errors
+//! and events the way QEMU does (compact JSON with `": "` and `", "` separators, one
+//! message per line ending in CRLF). Splitting the input into JSON texts is
+//! [`super::splitter`]'s business.
 
 use serde_json::{json, Map, Value};
 use std::io;
@@ -209,155 +209,9 @@ pub fn encode(v: &Value, pretty: bool) -> Vec<u8> {
     out
 }
 
-/// Splits the input byte stream into JSON texts the way QEMU's JSON streamer does:
-/// by counting braces and brackets outside strings. Each complete text is parsed;
-/// a text that is not valid JSON yields a parse error and the stream goes on.
-#[derive(Default)]
-pub struct Splitter {
-    buf: Vec<u8>,
-    depth: i64,
-    /// The quote character of the string being read (QEMU's JSON also takes
-    /// single-quoted strings).
-    quote: Option<u8>,
-    escaped: bool,
-}
-
-/// Largest JSON text accepted (QEMU's streamer limit is 64 MiB; QMP commands are small).
-const MAX_TEXT: usize = 16 << 20;
-
-impl Splitter {
-    /// Feeds bytes; returns each complete input value (or its parse error).
-    pub fn feed(&mut self, bytes: &[u8]) -> Vec<Result<Value, QmpError>> {
-        let mut out = Vec::new();
-        for &b in bytes {
-            if self.buf.is_empty() && self.depth == 0 && b.is_ascii_whitespace() {
-                continue;
-            }
-            self.buf.push(b);
-            if let Some(q) = self.quote {
-                if self.escaped {
-                    self.escaped = false;
-                } else if b == b'\\' {
-                    self.escaped = true;
-                } else if b == q {
-                    self.quote = None;
-                }
-                continue;
-            }
-            match b {
-                b'"' | b'\'' => self.quote = Some(b),
-                b'{' | b'[' => self.depth += 1,
-                b'}' | b']' => self.depth -= 1,
-                _ => {}
-            }
-            let complete = match b {
-                b'}' | b']' => self.depth <= 0,
-                // A scalar or stray text at the top level ends at a line end.
-                b'\n' => self.depth == 0,
-                _ => false,
-            };
-            if complete || self.buf.len() > MAX_TEXT {
-                out.push(self.take());
-            }
-        }
-        out
-    }
-
-    fn take(&mut self) -> Result<Value, QmpError> {
-        let text = std::mem::take(&mut self.buf);
-        let depth = self.depth;
-        self.depth = 0;
-        self.quote = None;
-        self.escaped = false;
-        if depth < 0 {
-            return Err(QmpError::generic("JSON parse error, unbalanced brackets"));
-        }
-        serde_json::from_slice(&single_quotes_to_double(&text))
-            .map_err(|e| QmpError::generic(format!("JSON parse error, {}", parse_reason(&e))))
-    }
-}
-
-/// Rewrites QEMU's single-quoted strings (`'abc'`, where `\'` is a quote and `"`
-/// needs no escape) as standard JSON strings; everything else is copied.
-fn single_quotes_to_double(text: &[u8]) -> std::borrow::Cow<'_, [u8]> {
-    if !text.contains(&b'\'') {
-        return std::borrow::Cow::Borrowed(text);
-    }
-    let mut out = Vec::with_capacity(text.len() + 8);
-    let mut quote: Option<u8> = None;
-    let mut escaped = false;
-    for &b in text {
-        match quote {
-            None => {
-                if b == b'"' || b == b'\'' {
-                    quote = Some(b);
-                    out.push(b'"');
-                } else {
-                    out.push(b);
-                }
-            }
-            Some(q) => {
-                if escaped {
-                    escaped = false;
-                    if q == b'\'' && b == b'\'' {
-                        // `\'` inside a single-quoted string is a plain quote.
-                        out.pop();
-                    }
-                    out.push(b);
-                } else if b == b'\\' {
-                    escaped = true;
-                    out.push(b);
-                } else if b == q {
-                    quote = None;
-                    out.push(b'"');
-                } else if q == b'\'' && b == b'"' {
-                    out.extend_from_slice(b"\\\"");
-                } else {
-                    out.push(b);
-                }
-            }
-        }
-    }
-    std::borrow::Cow::Owned(out)
-}
-
-fn parse_reason(e: &serde_json::Error) -> String {
-    let s = e.to_string();
-    // serde_json appends " at line L column C"; keep only the reason.
-    match s.find(" at line ") {
-        Some(i) => s[..i].to_string(),
-        None => s,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn splits_and_recovers() {
-        let mut s = Splitter::default();
-        let out = s.feed(b"{\"execute\": \"a\"}{\"execute\":\n \"b}\"}\n");
-        assert_eq!(out.len(), 2);
-        assert_eq!(out[1].as_ref().unwrap()["execute"], "b}");
-        let out = s.feed(b"{\"execute\": }\n");
-        assert!(out[0]
-            .as_ref()
-            .unwrap_err()
-            .desc
-            .starts_with("JSON parse error"));
-        let out = s.feed(b"hello\n");
-        assert!(out[0].is_err());
-        let out = s.feed(b"[1, 2]");
-        assert_eq!(out[0].as_ref().unwrap(), &json!([1, 2]));
-        let out = s.feed(b"{'execute': 'it\\'s \"x\"', \"a\": ['b}']}");
-        assert_eq!(out[0].as_ref().unwrap()["execute"], "it's \"x\"");
-        assert_eq!(out[0].as_ref().unwrap()["a"][0], "b}");
-        let out = s.feed(b"{\"execute\": \"q\\\"x\"");
-        assert!(out.is_empty());
-        let out = s.feed(b"}");
-        assert_eq!(out[0].as_ref().unwrap()["execute"], "q\"x");
-    }
 
     #[test]
     fn envelope_checks() {
