@@ -13,6 +13,11 @@ use std::collections::BTreeMap;
 /// QEMU's limit on a key fragment's length (its `key_in_cur[128]`).
 const MAX_FRAGMENT_LEN: usize = 127;
 
+/// Most fragments of one key: as deep as the JSON form of an option may nest
+/// (serde_json's recursion limit). Parsing and dropping nested objects recurse, so
+/// without a bound a long enough key (`a.a.a...`, 10,000 levels) overflows the stack.
+const MAX_DEPTH: usize = 128;
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KeyvalError {
     #[error("Invalid parameter '{0}': empty key fragment")]
@@ -21,6 +26,8 @@ pub enum KeyvalError {
     InvalidKey(String),
     #[error("Parameter '{0}' is too long")]
     KeyTooLong(String),
+    #[error("Parameter '{0}...' nests more than 128 levels deep")]
+    TooDeep(String),
     #[error("Expected '=' after parameter '{0}'")]
     ExpectedEquals(String),
     #[error("Parameter '{0}' is duplicate")]
@@ -120,6 +127,10 @@ fn take_value(s: &str) -> (String, &str) {
 /// Checks a dotted key: the first fragment is a QAPI name (a letter, then letters,
 /// digits, `-` and `_`), later ones a QAPI name or a decimal index.
 fn check_key(key: &str) -> Result<()> {
+    if key.split('.').nth(MAX_DEPTH).is_some() {
+        let shown: String = key.chars().take(40).collect();
+        return Err(KeyvalError::TooDeep(shown));
+    }
     for (i, fragment) in key.split('.').enumerate() {
         if fragment.is_empty() {
             return Err(KeyvalError::EmptyKey(key.to_string()));
@@ -246,6 +257,17 @@ mod tests {
             Ok(v) => panic!("{s}: expected an error, got {v}"),
             Err(e) => e.to_string(),
         }
+    }
+
+    #[test]
+    fn deep_keys_are_refused_not_overflowing_the_stack() {
+        let key = |depth: usize| vec!["a"; depth].join(".");
+        assert!(ok(&format!("{}=1", key(128)), None).is_object());
+        let e = err(&format!("{}=1", key(129)), None);
+        assert!(e.contains("nests more than 128 levels"), "{e}");
+        // Found while fuzzing: 10,000 levels overflowed the stack.
+        let e = err(&format!("{}=1", key(10_000)), None);
+        assert!(e.contains("nests more than 128 levels"), "{e}");
     }
 
     #[test]
