@@ -167,6 +167,36 @@ fn region_at(b: &[u8], off: usize) -> (RegionInfo, u64) {
     )
 }
 
+/// Checks that `offset..offset+size` lies inside the regular file (or memfd) behind
+/// `fd`: touching a shared mapping past the end of its file raises SIGBUS, which
+/// would take the whole daemon down. (A frontend that shrinks the file after handing
+/// it over can still do that, as with every vhost-user backend; QEMU seals its memfds
+/// against shrinking.)
+pub fn check_file_range(fd: &OwnedFd, offset: u64, size: u64) -> io::Result<()> {
+    let bad = |m: String| io::Error::new(io::ErrorKind::InvalidInput, m);
+    // SAFETY: fstat writes into the zeroed local struct; the descriptor is ours.
+    let st = unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        if libc::fstat(fd.as_raw_fd(), &mut st) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        st
+    };
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Err(bad("the descriptor is not a regular file or memfd".into()));
+    }
+    let end = offset
+        .checked_add(size)
+        .ok_or_else(|| bad(format!("{offset:#x}+{size:#x} overflows")))?;
+    if end > st.st_size as u64 {
+        return Err(bad(format!(
+            "{offset:#x}+{size:#x} is beyond the end of the file ({:#x} bytes)",
+            st.st_size
+        )));
+    }
+    Ok(())
+}
+
 /// Maps one region of guest memory from the frontend's descriptor.
 fn map_region(info: &RegionInfo, offset: u64, fd: OwnedFd) -> io::Result<Arc<GuestRegionMmap>> {
     let bad = |m: &str| io::Error::new(io::ErrorKind::InvalidInput, m.to_string());
@@ -180,6 +210,7 @@ fn map_region(info: &RegionInfo, offset: u64, fd: OwnedFd) -> io::Result<Arc<Gue
     {
         return Err(bad("region wraps around the address space"));
     }
+    check_file_range(&fd, offset, info.size)?;
     let file = std::fs::File::from(fd);
     let mapping = MmapRegionBuilder::new(size)
         .with_file_offset(FileOffset::new(file, offset))
@@ -537,6 +568,7 @@ impl<D: QueueDevice> Session<D> {
                 m.expect_size(16)?;
                 let (size, offset) = (m.u64_at(0), m.u64_at(8));
                 let fd = m.take_one_fd()?;
+                check_file_range(&fd, offset, size).map_err(|e| refused(&m, e.to_string()))?;
                 let log =
                     DirtyLog::map(fd, offset, size).map_err(|e| refused(&m, e.to_string()))?;
                 self.device.set_dirty_log(Some(Arc::new(log)));
@@ -600,6 +632,8 @@ impl<D: QueueDevice> Session<D> {
             return Ok(Handled::Replied);
         }
         let fd = m.take_one_fd()?;
+        let need = inflight::queue_region_size(queue_size) * u64::from(num_queues);
+        check_file_range(&fd, offset, need.min(size)).map_err(|e| refused(&m, e.to_string()))?;
         let region = InflightRegion::open(fd, offset, size, num_queues, queue_size)
             .map_err(|e| refused(&m, e.to_string()))?;
         let region = Arc::new(region);
@@ -634,7 +668,12 @@ impl<D: QueueDevice> Session<D> {
                 worker.remove(old.as_raw_fd());
             }
             if let Some(fd) = &fd {
-                worker.add(fd.as_raw_fd(), token).map_err(WireError::Io)?;
+                worker
+                    .add(fd.as_raw_fd(), token)
+                    .map_err(|e| SessionError::Refused {
+                        name: "SET_VRING_KICK",
+                        message: format!("cannot wait on the kick descriptor: {e}"),
+                    })?;
             }
             v.set_kick(fd);
         }
