@@ -344,16 +344,17 @@ impl Control {
             )));
         }
         let node = self.graph.lookup(&cfg.node_name).map_err(generic)?;
-        for other in self.exports_of(node.name()) {
-            let shared = &other.export.shared;
-            if cfg.writable || shared.writable {
-                return Err(QmpError::generic(format!(
-                    "Node '{}' is already exported by '{}'; a writable export needs the \
-                     node for itself",
-                    node.name(),
-                    shared.id
-                )));
-            }
+        // As in QEMU, exports share their node with every other user (a second export
+        // of a node is how a VM migrates between two QEMUs on one host: each attaches
+        // to its own socket, and QEMU starts the destination's rings only after the
+        // source stopped its own). Image locks still keep other processes out.
+        if let Some(other) = self.exports_of(node.name()).first() {
+            log::info!(
+                "export {}: node '{}' is also exported by '{}'",
+                cfg.id,
+                node.name(),
+                other.export.shared.id
+            );
         }
         if let Some(e) = self
             .exports
