@@ -4,7 +4,9 @@
 //!
 //! * [`Client`]: libblkio's `virtio-blk-vhost-user` driver (what QEMU-less applications use);
 //! * [`RawClient`]: libblkio's lower layer (`virtio-driver`) used directly, to send virtio-blk
-//!   requests libblkio cannot produce (GET_ID, unknown types, unusual descriptor chains).
+//!   requests libblkio cannot produce (GET_ID, unknown types, unusual descriptor chains);
+//! * [`vu_frontend::Frontend`]: a vhost-user frontend written by hand (messages, guest
+//!   memory, split rings), for the hostile-frontend tests and their harness ([`hostile`]).
 //!
 //! Everything panics with a descriptive message on failure: this is test code.
 
@@ -12,11 +14,13 @@ pub mod args;
 pub mod client;
 pub mod daemon;
 pub mod guest;
+pub mod hostile;
 pub mod image;
 pub mod qmp;
 pub mod raw;
 pub mod tools;
 pub mod util;
+pub mod vu_frontend;
 pub mod workload;
 
 pub use args::{simple_file_export, DaemonArgs};
