@@ -87,38 +87,6 @@ pub mod code {
     pub const REM_MEM_REG: u32 = 38;
 }
 
-/// Whether the daemon survives a memory region that reaches past the end of its
-/// file. It does not yet: vhost-user-backend maps the region as the frontend
-/// describes it, and the first access past the end of the file (the used ring index
-/// read by SET_VRING_ADDR) kills the process with SIGBUS. Until the daemon refuses
-/// such regions, the player keeps regions inside the memfd so that fuzzing can look
-/// for other bugs; `fuzz/corpus/vhost_user_msg/crash-sigbus-region-past-eof` is the
-/// input that found it (docs/fuzzing.md).
-pub const MAPS_PAST_EOF_SAFELY: bool = false;
-
-/// Clamps the regions of SET_MEM_TABLE, ADD_MEM_REG and REM_MEM_REG payloads to the
-/// memfd's size (see [`MAPS_PAST_EOF_SAFELY`]).
-fn keep_regions_inside_memfd(code: u32, payload: &mut [u8]) {
-    let first = match code {
-        // A count and padding, or 8 bytes of padding, before the regions.
-        code::SET_MEM_TABLE | code::ADD_MEM_REG | code::REM_MEM_REG => 8,
-        _ => return,
-    };
-    let first = first.min(payload.len());
-    for region in payload[first..].chunks_exact_mut(32) {
-        let get = |r: &[u8], at: usize| u64::from_le_bytes(r[at..at + 8].try_into().expect("8"));
-        let size = get(region, 8).min(MEM_SIZE);
-        let offset = get(region, 24);
-        let offset = if offset.checked_add(size).is_some_and(|end| end <= MEM_SIZE) {
-            offset
-        } else {
-            0
-        };
-        region[8..16].copy_from_slice(&size.to_le_bytes());
-        region[24..32].copy_from_slice(&offset.to_le_bytes());
-    }
-}
-
 /// Numbers the exports of one process (ids and socket names are unique).
 static CASE: AtomicU64 = AtomicU64::new(0);
 
@@ -329,11 +297,7 @@ impl Player {
         };
         let kinds = if nfds > 0 { input.u8() } else { 0 };
         let len = usize::from(input.u16() % 4352);
-        let mut payload = input.bytes(len).to_vec();
-        if !MAPS_PAST_EOF_SAFELY {
-            keep_regions_inside_memfd(code, &mut payload);
-        }
-        let payload = &payload[..];
+        let payload = input.bytes(len);
         let size = match (flags >> 4) & 3 {
             1 => (payload.len() as u32).wrapping_add(input.u8() as i8 as u32),
             2 => input.u32(),
