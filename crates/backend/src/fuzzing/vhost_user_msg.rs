@@ -80,7 +80,9 @@ pub mod code {
     pub const SET_BACKEND_REQ_FD: u32 = 21;
     pub const GET_CONFIG: u32 = 24;
     pub const SET_CONFIG: u32 = 25;
+    pub const SET_LOG_BASE: u32 = 6;
     pub const GET_INFLIGHT_FD: u32 = 31;
+    pub const SET_INFLIGHT_FD: u32 = 32;
     pub const RESET_DEVICE: u32 = 34;
     pub const GET_MAX_MEM_SLOTS: u32 = 36;
     pub const ADD_MEM_REG: u32 = 37;
@@ -505,8 +507,35 @@ fn ring(q: u64) -> (u64, u64, u64) {
     (base + 0x1000, base + 0x2000, base + 0x3000)
 }
 
+/// Protocol features the seeds negotiate: CONFIG | MQ | REPLY_ACK | BACKEND_REQ |
+/// CONFIGURE_MEM_SLOTS.
+const PROTOCOL_FEATURES: u64 = (1 << 9) | 1 | (1 << 3) | (1 << 5) | (1 << 15);
+/// INFLIGHT_SHMFD and LOG_SHMFD.
+const INFLIGHT_SHMFD: u64 = 1 << 12;
+const LOG_SHMFD: u64 = 1 << 1;
+
 /// Negotiates features and sets up `queues` rings with `features` (EVENT_IDX etc.).
 fn session(setup: u8, features: u64, queues: u32, add_mem_reg: bool) -> Script {
+    session_with(
+        setup,
+        features,
+        PROTOCOL_FEATURES,
+        queues,
+        add_mem_reg,
+        |s| s,
+    )
+}
+
+/// As [`session`], with protocol features and messages sent between the memory
+/// table and the rings (`before_rings`).
+fn session_with(
+    setup: u8,
+    features: u64,
+    protocol_features: u64,
+    queues: u32,
+    add_mem_reg: bool,
+    before_rings: impl FnOnce(Script) -> Script,
+) -> Script {
     let mut s = Script::new(setup)
         .msg(code::GET_FEATURES, &[], &[], false)
         .msg(code::SET_FEATURES, &u64s(&[features]), &[], false)
@@ -514,7 +543,7 @@ fn session(setup: u8, features: u64, queues: u32, add_mem_reg: bool) -> Script {
         // CONFIG | MQ | REPLY_ACK | BACKEND_REQ | CONFIGURE_MEM_SLOTS
         .msg(
             code::SET_PROTOCOL_FEATURES,
-            &u64s(&[(1 << 9) | 1 | (1 << 3) | (1 << 5) | (1 << 15)]),
+            &u64s(&[protocol_features]),
             &[],
             false,
         )
@@ -532,6 +561,7 @@ fn session(setup: u8, features: u64, queues: u32, add_mem_reg: bool) -> Script {
         p.extend_from_slice(&region);
         s = s.msg(code::SET_MEM_TABLE, &p, &[0], true);
     }
+    s = before_rings(s);
     for q in 0..queues {
         let (d, a, u) = ring(u64::from(q));
         let mut addr = state(q, 0).to_vec();
@@ -841,6 +871,69 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
         }
         s
     });
+    // In-flight tracking: a fresh region, and a region handed back with head 0 in
+    // flight, which the device resubmits when the ring starts.
+    let inflight = |size: u64, offset: u64, queue_size: u16| {
+        let mut p = u64s(&[size, offset]);
+        p.extend_from_slice(&1u16.to_le_bytes());
+        p.extend_from_slice(&queue_size.to_le_bytes());
+        p.extend_from_slice(&[0; 4]);
+        p
+    };
+    add(
+        "inflight-new",
+        io(session_with(
+            0,
+            base,
+            PROTOCOL_FEATURES | INFLIGHT_SHMFD,
+            1,
+            false,
+            |s| s.msg(code::GET_INFLIGHT_FD, &inflight(0, 0, 16), &[], false),
+        )),
+    );
+    add("inflight-resubmit", {
+        // Queue 0's part: features, version 1, 16 descriptors, last batch head 0,
+        // used index 0; descriptor 0 in flight with counter 1.
+        let mut part = u64s(&[0]);
+        part.extend_from_slice(&1u16.to_le_bytes());
+        part.extend_from_slice(&16u16.to_le_bytes());
+        part.extend_from_slice(&[0; 4]);
+        part.extend_from_slice(&[1, 0, 0, 0, 0, 0, 0, 0]);
+        part.extend_from_slice(&1u64.to_le_bytes());
+        let s = session_with(0, base, PROTOCOL_FEATURES | INFLIGHT_SHMFD, 0, false, |s| {
+            let s = s.poke(0x2_0000, &part);
+            s.msg(
+                code::SET_INFLIGHT_FD,
+                &inflight(320, 0x2_0000, 16),
+                &[0],
+                true,
+            )
+        });
+        // The ring with the chain of head 0, taken before (avail and used index
+        // 1 and 0), then started.
+        let s = request(s, 0, 0, VIRTIO_BLK_T_IN, 0, &read);
+        let (d, a, u) = ring(0);
+        let mut addr = state(0, 0).to_vec();
+        addr.extend_from_slice(&u64s(&[UADDR + d, UADDR + u, UADDR + a, 0]));
+        s.msg(code::SET_VRING_NUM, &state(0, 16), &[], false)
+            .msg(code::SET_VRING_ADDR, &addr, &[], false)
+            .msg(code::SET_VRING_BASE, &state(0, 1), &[], false)
+            .msg(code::SET_VRING_CALL, &u64s(&[0]), &[1], false)
+            .msg(code::SET_VRING_KICK, &u64s(&[0]), &[1], false)
+            .msg(code::SET_VRING_ENABLE, &state(0, 1), &[], true)
+            .sleep(50)
+    });
+    add(
+        "dirty-log",
+        io(session_with(
+            0,
+            base | (1 << 26),
+            PROTOCOL_FEATURES | LOG_SHMFD,
+            1,
+            false,
+            |s| s.msg(code::SET_LOG_BASE, &u64s(&[0x1000, 0x3_0000]), &[0], true),
+        )),
+    );
     add("empty", Script::new(0));
     out
 }
@@ -866,5 +959,10 @@ mod tests {
         // A write to a read-only export completes with IOERR.
         let o = run(&seed("read-only-write"));
         assert_eq!((o.used_idx[0], o.status), (1, 1), "{o:?}");
+        // The request left in flight in the handed-back region is resubmitted.
+        let o = run(&seed("inflight-resubmit"));
+        assert_eq!((o.used_idx[0], o.status), (1, 0), "{o:?}");
+        let o = run(&seed("dirty-log"));
+        assert_eq!(o.used_idx[0], 3, "{o:?}");
     }
 }
