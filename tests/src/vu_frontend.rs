@@ -62,6 +62,8 @@ pub mod req {
     pub const SET_BACKEND_REQ_FD: u32 = 21;
     pub const GET_CONFIG: u32 = 24;
     pub const SET_CONFIG: u32 = 25;
+    pub const GET_INFLIGHT_FD: u32 = 31;
+    pub const SET_INFLIGHT_FD: u32 = 32;
     pub const RESET_DEVICE: u32 = 34;
     pub const GET_MAX_MEM_SLOTS: u32 = 36;
     pub const ADD_MEM_REG: u32 = 37;
@@ -106,6 +108,7 @@ pub mod proto {
     pub const REPLY_ACK: u64 = 1 << 3;
     pub const BACKEND_REQ: u64 = 1 << 5;
     pub const CONFIG: u64 = 1 << 9;
+    pub const INFLIGHT_SHMFD: u64 = 1 << 12;
     pub const RESET_DEVICE: u64 = 1 << 13;
     pub const CONFIGURE_MEM_SLOTS: u64 = 1 << 15;
 }
@@ -1420,16 +1423,179 @@ impl Frontend {
     /// zeroed first.
     pub fn start_queue(&self, index: u32, layout: RingLayout) -> VuResult<SplitQueue> {
         let q = SplitQueue::new(index, layout, &self.mem);
-        self.set_vring_num(index, u32::from(layout.size))?;
-        self.set_vring_base(index, 0)?;
-        self.set_vring_addr(index, &layout)?;
+        self.setup_queue(&q, 0)?;
+        Ok(q)
+    }
+
+    /// The messages of [`Frontend::start_queue`] for a queue that exists already (a
+    /// restart after GET_VRING_BASE, or after a reconnect), with SET_VRING_BASE `base`;
+    /// the rings are left as they are.
+    pub fn setup_queue(&self, q: &SplitQueue, base: u32) -> VuResult<()> {
+        let index = q.index;
+        self.set_vring_num(index, u32::from(q.layout.size))?;
+        self.set_vring_base(index, base)?;
+        self.set_vring_addr(index, &q.layout)?;
         self.set_vring_call(index, Some(q.call.as_raw_fd()))?;
         self.set_vring_err(index, Some(q.err.as_raw_fd()))?;
         self.set_vring_kick(index, Some(q.kick.as_raw_fd()))?;
         if self.acked & feat::PROTOCOL_FEATURES != 0 {
             self.set_vring_enable(index, true)?;
         }
-        Ok(q)
+        Ok(())
+    }
+
+    /// GET_INFLIGHT_FD: the back-end creates the in-flight tracking region for
+    /// `num_queues` queues of `queue_size` entries and hands it over; it is mapped here.
+    pub fn get_inflight_fd(&self, num_queues: u16, queue_size: u16) -> VuResult<InflightRegion> {
+        let p = inflight_payload(0, 0, num_queues, queue_size);
+        let mut m = self.call(req::GET_INFLIGHT_FD, &p)?;
+        if m.payload.len() < 20 || m.fds.len() != 1 {
+            return Err(VuError::BadReply(format!(
+                "GET_INFLIGHT_FD: {} payload bytes, {} fds",
+                m.payload.len(),
+                m.fds.len()
+            )));
+        }
+        let u64_at = |o: usize| u64::from_le_bytes(m.payload[o..o + 8].try_into().expect("8"));
+        let (size, offset) = (u64_at(0), u64_at(8));
+        let nq = u16::from_le_bytes([m.payload[16], m.payload[17]]);
+        let qs = u16::from_le_bytes([m.payload[18], m.payload[19]]);
+        InflightRegion::map(m.fds.remove(0), size, offset, nq, qs)
+    }
+
+    /// SET_INFLIGHT_FD: hands `region` (back) to the back-end.
+    pub fn set_inflight_fd(&self, region: &InflightRegion) -> VuResult<()> {
+        let p = inflight_payload(
+            region.size,
+            region.offset,
+            region.num_queues,
+            region.queue_size,
+        );
+        self.send_acked(req::SET_INFLIGHT_FD, &p, &[region.fd.as_raw_fd()])
+    }
+}
+
+/// The payload of GET/SET_INFLIGHT_FD as QEMU sends it: le64 mmap_size, le64
+/// mmap_offset, le16 num_queues, le16 queue_size, 4 bytes of padding.
+pub fn inflight_payload(size: u64, offset: u64, num_queues: u16, queue_size: u16) -> [u8; 24] {
+    let mut b = [0u8; 24];
+    b[0..8].copy_from_slice(&size.to_le_bytes());
+    b[8..16].copy_from_slice(&offset.to_le_bytes());
+    b[16..18].copy_from_slice(&num_queues.to_le_bytes());
+    b[18..20].copy_from_slice(&queue_size.to_le_bytes());
+    b
+}
+
+/// The in-flight tracking region (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD), split-ring
+/// format of the vhost-user specification. Per queue, 64-byte aligned:
+/// `le64 features; le16 version; le16 desc_num; le16 last_batch_head; le16 used_idx;`
+/// then per descriptor `u8 inflight; u8 padding[5]; le16 next; le64 counter`.
+pub struct InflightRegion {
+    fd: OwnedFd,
+    base: *mut u8,
+    /// Bytes mapped (from `offset` in the fd).
+    pub size: u64,
+    pub offset: u64,
+    pub num_queues: u16,
+    pub queue_size: u16,
+}
+
+// SAFETY: `base` is a shared mapping of `size` bytes owned by this struct; it is only
+// accessed through raw copies (see MemRegion).
+unsafe impl Send for InflightRegion {}
+
+impl InflightRegion {
+    /// Bytes of one queue's part for `queue_size` entries.
+    pub fn queue_bytes(queue_size: u16) -> u64 {
+        (16 + 16 * u64::from(queue_size)).next_multiple_of(64)
+    }
+
+    fn map(
+        fd: OwnedFd,
+        size: u64,
+        offset: u64,
+        num_queues: u16,
+        queue_size: u16,
+    ) -> VuResult<Self> {
+        if size == 0 || size < Self::queue_bytes(queue_size) * u64::from(num_queues) {
+            return Err(VuError::BadReply(format!(
+                "inflight region of {size} bytes for {num_queues} queues of {queue_size}"
+            )));
+        }
+        // SAFETY: a new shared mapping of the fd the back-end sent; it overlaps no
+        // existing memory.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                offset as libc::off_t,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(VuError::Io(io::Error::last_os_error()));
+        }
+        Ok(InflightRegion {
+            fd,
+            base: base.cast(),
+            size,
+            offset,
+            num_queues,
+            queue_size,
+        })
+    }
+
+    fn check(&self, at: u64, len: usize) {
+        assert!(
+            at + len as u64 <= self.size,
+            "test bug: {at:#x}+{len} is outside the {}-byte inflight region",
+            self.size
+        );
+    }
+
+    /// Reads `len` bytes at byte `at` of the region.
+    pub fn read(&self, at: u64, len: usize) -> Vec<u8> {
+        self.check(at, len);
+        let mut v = vec![0u8; len];
+        // SAFETY: at + len <= size (checked), inside our mapping; a raw copy.
+        unsafe { std::ptr::copy_nonoverlapping(self.base.add(at as usize), v.as_mut_ptr(), len) };
+        v
+    }
+
+    /// Writes `data` at byte `at` of the region (to corrupt it, for instance).
+    pub fn write(&self, at: u64, data: &[u8]) {
+        self.check(at, data.len());
+        // SAFETY: at + len <= size (checked), inside our mapping; a raw copy.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.base.add(at as usize), data.len())
+        };
+    }
+
+    /// Byte offset of queue `q`'s part.
+    pub fn queue_offset(&self, q: u16) -> u64 {
+        Self::queue_bytes(self.queue_size) * u64::from(q)
+    }
+
+    /// Whether descriptor `head` of queue `q` is marked in flight.
+    pub fn is_inflight(&self, q: u16, head: u16) -> bool {
+        self.read(self.queue_offset(q) + 16 + 16 * u64::from(head), 1)[0] != 0
+    }
+
+    /// The `used_idx` the back-end saved for queue `q`.
+    pub fn used_idx(&self, q: u16) -> u16 {
+        let b = self.read(self.queue_offset(q) + 14, 2);
+        u16::from_le_bytes([b[0], b[1]])
+    }
+}
+
+impl Drop for InflightRegion {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `map`, unmapped once; no pointer into it escapes.
+        unsafe {
+            libc::munmap(self.base.cast(), self.size as usize);
+        }
     }
 }
 

@@ -21,7 +21,7 @@ use vubd_tests::raw::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 use vubd_tests::vu_frontend::{
-    config_payload, encode, feat, header, mem_table_payload, new_eventfd, req, vring_state,
+    config_payload, encode, feat, header, mem_table_payload, new_eventfd, proto, req, vring_state,
     write_table, Desc, Frontend, HandshakeOpts, MemRegion, RegionDesc, VuError, DESC_LEN,
     FLAG_NEED_REPLY, FLAG_REPLY, VRING_NOFD,
 };
@@ -358,25 +358,19 @@ fn requests_beyond_advertised_limits() {
     h.finish();
 }
 
-/// Issue item 4: `werror=stop` holds a failed write; GET_VRING_BASE on its queue (a guest
-/// reset, QEMU stopping the device) must be answered within a second, and the write must
-/// not be lost: either it completed, or the returned base hands it back to the frontend.
-#[test]
-fn held_write_does_not_block_get_vring_base() {
-    let rules = ",inject-error.0.event=write_aio,inject-error.0.errno=5,inject-error.0.once=on";
-    let mut h = Harness::start(
-        "held_write_does_not_block_get_vring_base",
-        ANode::Blkdebug {
-            size: 16 * MIB,
-            rules: rules.into(),
-        },
-        ",werror=stop",
-        true,
-    );
-    let mut dev = h.dev(&DevOpts::default());
+/// Submits a 4 KiB write at `sector` that blkdebug fails once, waits until `werror=stop`
+/// holds it, and stops the ring with GET_VRING_BASE, which must be answered within a
+/// second. Returns (head, avail position, status address, base, whether it completed).
+fn hold_write_and_stop_ring(
+    h: &mut Harness,
+    dev: &mut Dev,
+    sector: u64,
+    data: &[u8],
+) -> (u16, u16, u64, u32, bool) {
     let pos = dev.q.avail_idx();
-    let hd = dev.header(VIRTIO_BLK_T_OUT, 8);
-    let d = dev.buffer(4096, 4096, 0, 0x5E);
+    let hd = dev.header(VIRTIO_BLK_T_OUT, sector);
+    let d = dev.buffer(4096, 4096, 0, 0);
+    dev.mem().write(d, data);
     let s = dev.status();
     let head = dev.submit_chain(&[r(hd, 16), r(d, 4096), w(s, 1)]);
     h.wait_event("BLOCK_IO_ERROR", Duration::from_secs(10))
@@ -389,6 +383,7 @@ fn held_write_does_not_block_get_vring_base() {
     let t = Instant::now();
     let base = dev.fe.get_vring_base(0);
     let took = t.elapsed();
+    dev.fe.conn.timeout = Duration::from_secs(5);
     let base = base.unwrap_or_else(|e| {
         panic!("GET_VRING_BASE with a held write: {e} (after {took:?}; at most 1 s allowed)")
     });
@@ -397,26 +392,211 @@ fn held_write_does_not_block_get_vring_base() {
         took <= Duration::from_secs(1),
         "GET_VRING_BASE took {took:?}"
     );
-    match dev.wait(head, s, Duration::from_millis(100)) {
+    let done = match dev.wait(head, s, Duration::from_millis(50)) {
         Some((used, st)) => {
-            eprintln!("  the held write completed: {used:?}, status {st}");
+            eprintln!("  the held write completed before the reply: {used:?}, status {st}");
             assert!(
                 st == VIRTIO_BLK_S_OK || st == VIRTIO_BLK_S_IOERR,
                 "the held write completed with status {st}"
             );
+            true
         }
-        None => assert!(
-            base as u16 == pos,
-            "the held write neither completed nor was handed back (GET_VRING_BASE returned \
-             {base}, the write was avail entry {pos}): it is lost"
-        ),
-    }
-    h.measure_attack();
+        None => false,
+    };
+    (head, pos, s, base, done)
+}
+
+/// Issue item 4: `werror=stop` holds a failed write; GET_VRING_BASE on its queue (a guest
+/// reset, QEMU stopping the device) must be answered within a second, and the write must
+/// not be lost:
+/// * without in-flight tracking, it completes (OK or IOERR) before the reply, or the
+///   returned base hands it back (the frontend offers it again);
+/// * with in-flight tracking (INFLIGHT_SHMFD, as QEMU uses it), it completes, or stays
+///   marked in the inflight region; once `cont` is given and the ring restarts, the
+///   daemon runs it again and the data reaches the image.
+///
+/// Nothing is pushed to a ring after it was stopped.
+#[test]
+fn held_write_does_not_block_get_vring_base() {
+    let rules = ",inject-error.0.event=write_aio,inject-error.0.errno=5,inject-error.0.once=on,\
+                 inject-error.0.sector=8,inject-error.1.event=write_aio,inject-error.1.errno=5,\
+                 inject-error.1.once=on,inject-error.1.sector=64";
+    let mut h = Harness::start(
+        "held_write_does_not_block_get_vring_base",
+        ANode::Blkdebug {
+            size: 16 * MIB,
+            rules: rules.into(),
+        },
+        ",werror=stop",
+        true,
+    );
+    let mut rng = Rng::new("held_write_does_not_block_get_vring_base");
+    // Without in-flight tracking.
+    let mut dev = h.dev(&DevOpts::default());
+    let data = rng.bytes(4096);
+    let (_, pos, _, base, done) = hold_write_and_stop_ring(&mut h, &mut dev, 8, &data);
+    // Checked at the end, so that the in-flight case below runs (and reports) too.
+    let lost = (!done && base as u16 != pos).then(|| {
+        format!(
+            "without in-flight tracking, the held write neither completed nor was handed \
+             back (GET_VRING_BASE returned {base}, the write was avail entry {pos}): it is \
+             lost"
+        )
+    });
+    let used = dev.q.used_idx();
     h.qmp
         .as_mut()
         .expect("monitor")
         .ok("cont", serde_json::json!({}));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        dev.q.used_idx(),
+        used,
+        "the device used a ring after GET_VRING_BASE"
+    );
     drop(dev);
+
+    // With in-flight tracking.
+    let mut opts = DevOpts {
+        start_queue: false,
+        ..DevOpts::default()
+    };
+    opts.handshake.protocol |= proto::INFLIGHT_SHMFD;
+    let mut dev = h.dev(&opts);
+    assert!(
+        dev.fe.protocol & proto::INFLIGHT_SHMFD != 0,
+        "INFLIGHT_SHMFD is not offered"
+    );
+    let inflight = dev.fe.get_inflight_fd(1, 16).expect("GET_INFLIGHT_FD");
+    dev.fe.set_inflight_fd(&inflight).expect("SET_INFLIGHT_FD");
+    dev.start_queue().expect("start queue 0");
+    let data = rng.bytes(4096);
+    let (head, _, s, base, done) = hold_write_and_stop_ring(&mut h, &mut dev, 64, &data);
+    if !done {
+        assert!(
+            inflight.is_inflight(0, head),
+            "the held write neither completed nor is marked in the inflight region: it \
+             is lost"
+        );
+        let used = dev.q.used_idx();
+        h.qmp
+            .as_mut()
+            .expect("monitor")
+            .ok("cont", serde_json::json!({}));
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(
+            dev.q.used_idx(),
+            used,
+            "the device used a ring after GET_VRING_BASE"
+        );
+        // Restart the ring: the daemon runs the held write again.
+        dev.fe.setup_queue(&dev.q, base).expect("restart queue 0");
+        let (used, st) = dev
+            .wait(head, s, Duration::from_secs(5))
+            .expect("the held write did not run after cont and a ring restart");
+        assert_eq!(st, VIRTIO_BLK_S_OK, "the held write after cont: {used:?}");
+        let img = h.img_a.as_ref().expect("image");
+        assert_same_data("held write", &img.read_at(64 * 512, 4096), &data);
+    } else {
+        h.qmp
+            .as_mut()
+            .expect("monitor")
+            .ok("cont", serde_json::json!({}));
+    }
+    h.measure_attack();
+    drop(dev);
+    drop(inflight);
+    h.assert_a_serves(Duration::from_secs(10));
+    h.finish();
+    if let Some(e) = lost {
+        panic!("{e}");
+    }
+}
+
+/// A frontend hands back a corrupt inflight region on reconnect (garbage; every
+/// descriptor marked with loops in `next`; a bogus header), over a descriptor table of
+/// garbage: the daemon resubmits nothing invalid, does not crash or spin, and serves the
+/// next frontend.
+#[test]
+fn corrupt_inflight_region_on_reconnect() {
+    let mut h = Harness::start(
+        "corrupt_inflight_region_on_reconnect",
+        shm(16 * MIB),
+        "",
+        false,
+    );
+    let mut opts = DevOpts {
+        start_queue: false,
+        ..DevOpts::default()
+    };
+    opts.handshake.protocol |= proto::INFLIGHT_SHMFD;
+    let mut dev = h.dev(&opts);
+    let regions = dev.mem().regions().to_vec();
+    let inflight = dev.fe.get_inflight_fd(1, 16).expect("GET_INFLIGHT_FD");
+    dev.fe.set_inflight_fd(&inflight).expect("SET_INFLIGHT_FD");
+    dev.start_queue().expect("start queue 0");
+    dev.assert_read_ok(0, 4096, true);
+    drop(dev);
+    let mut rng = Rng::with_seed(0x1F11);
+    let len = inflight.size as usize;
+    type Make = Box<dyn Fn(&mut Rng) -> Vec<u8>>;
+    let variants: [(&str, Make); 3] = [
+        ("random bytes", Box::new(move |rng| rng.bytes(len))),
+        (
+            "every descriptor in flight, next pointing at itself",
+            Box::new(move |rng| {
+                let mut b = vec![0u8; len];
+                b[8..10].copy_from_slice(&1u16.to_le_bytes());
+                b[10..12].copy_from_slice(&16u16.to_le_bytes());
+                b[14..16].copy_from_slice(&(rng.next_u64() as u16).to_le_bytes());
+                for i in 0..16usize {
+                    let at = 16 + 16 * i;
+                    b[at] = 1;
+                    b[at + 6..at + 8].copy_from_slice(&(i as u16).to_le_bytes());
+                    b[at + 8..at + 16].copy_from_slice(&7u64.to_le_bytes());
+                }
+                b
+            }),
+        ),
+        (
+            "bogus header",
+            Box::new(move |_| {
+                let mut b = vec![0xFFu8; len];
+                b[0..16].copy_from_slice(&[0xFF; 16]);
+                b
+            }),
+        ),
+    ];
+    for (what, make) in variants.iter() {
+        inflight.write(0, &make(&mut rng));
+        let dev = Dev::connect_mem(&h.sock_a, &opts, regions.clone())
+            .unwrap_or_else(|e| panic!("{what}: reconnect: {e}"));
+        // Garbage in the descriptor table and the available ring.
+        for i in 0..16 {
+            dev.q.write_desc(
+                i,
+                Desc {
+                    addr: rng.next_u64() >> rng.range(0, 64),
+                    len: rng.next_u64() as u32,
+                    flags: rng.range(0, 8) as u16,
+                    next: rng.range(0, 20) as u16,
+                },
+            );
+        }
+        let set = dev.fe.set_inflight_fd(&inflight);
+        let start = dev.fe.setup_queue(&dev.q, rng.range(0, 65536) as u32);
+        dev.q.kick();
+        std::thread::sleep(Duration::from_millis(200));
+        eprintln!(
+            "  {what}: SET_INFLIGHT_FD {set:?}, queue start {start:?}, used.idx {}",
+            dev.q.used_idx()
+        );
+        h.daemon.assert_running(what);
+        drop(dev);
+    }
+    h.measure_attack();
+    h.measure_quiet_cpu();
+    drop(inflight);
     h.assert_a_serves(Duration::from_secs(10));
     h.finish();
 }
@@ -1662,6 +1842,83 @@ fn malformed_vhost_user_messages() {
     let mut dev = h.dev(&DevOpts::default());
     dev.assert_read_ok(0, 4096, true);
     drop(dev);
+    h.assert_a_serves(Duration::from_secs(10));
+    h.finish();
+}
+
+/// SET_VRING_NUM with a size that is not a power of two (split rings need one): it is
+/// refused, or the daemon uses exactly that size. It must not read or write past the
+/// 3-entry ring the frontend laid out (bytes after it hold a canary), also once the ring
+/// indices wrap.
+#[test]
+fn vring_size_not_a_power_of_two() {
+    let mut h = Harness::start("vring_size_not_a_power_of_two", shm(16 * MIB), "", false);
+    let mut dev = h.dev(&DevOpts {
+        queue_size: 3,
+        start_queue: false,
+        ..DevOpts::default()
+    });
+    let layout = dev.q.layout;
+    let after = layout.desc + layout.total_len();
+    let canary_len = (after.next_multiple_of(4096) - after) as usize;
+    dev.mem().fill(after, canary_len, 0xC5);
+    match dev.start_queue() {
+        Err(VuError::Nack(_)) | Err(VuError::Closed) => {
+            eprintln!("  SET_VRING_NUM 3 refused");
+        }
+        Err(e) => panic!("queue setup: {e}"),
+        Ok(()) => {
+            eprintln!("  SET_VRING_NUM 3 accepted: the ring must work with 3 entries");
+            for i in 0..8 {
+                let (head, _, s) = dev.read(i, 512);
+                match dev.wait(head, s, Duration::from_secs(1)) {
+                    Some((_, st)) => assert!(
+                        st == VIRTIO_BLK_S_OK || st == VIRTIO_BLK_S_IOERR,
+                        "request {i} on a 3-entry ring: status {st}"
+                    ),
+                    None => {
+                        eprintln!("  request {i} on a 3-entry ring did not complete");
+                        break;
+                    }
+                }
+                let c = dev.mem().read(after, canary_len);
+                let bad = c.iter().position(|&b| b != 0xC5);
+                assert!(
+                    bad.is_none(),
+                    "after request {i}: the daemon wrote {:#x} bytes past the end of a \
+                     3-entry ring",
+                    bad.unwrap_or(0) + 1
+                );
+            }
+        }
+    }
+    h.measure_attack();
+    drop(dev);
+    h.assert_a_serves(Duration::from_secs(10));
+    h.finish();
+}
+
+/// A frontend that connects and goes away over and over (bare connections, and full
+/// setups with a request): the daemon must not keep anything per connection (fds,
+/// threads, memory).
+#[test]
+fn reconnecting_frontend_leaks_nothing() {
+    let mut h = Harness::start(
+        "reconnecting_frontend_leaks_nothing",
+        shm(16 * MIB),
+        "",
+        false,
+    );
+    for _ in 0..150 {
+        let mut fe = Frontend::connect(&h.sock_a).expect("connect");
+        fe.conn.timeout = Duration::from_secs(10);
+        fe.get_features().expect("GET_FEATURES");
+    }
+    for _ in 0..10 {
+        let mut dev = h.dev(&DevOpts::default());
+        dev.assert_read_ok(0, 4096, true);
+    }
+    h.measure_attack();
     h.assert_a_serves(Duration::from_secs(10));
     h.finish();
 }
