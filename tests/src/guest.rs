@@ -1,7 +1,7 @@
 //! Real QEMU guests on vubd: boots `qemu-system-x86_64` (TCG) with a tiny Linux built by
 //! `scripts/build-guest.sh` (kernel + busybox initramfs with fio, blkdiscard, fstrim,
-//! mkfs.ext4), attached to vhost-user-blk sockets, and runs shell commands in it over the
-//! serial console.
+//! mkfs.ext4), attached to vhost-user-blk sockets, runs shell commands in it over the
+//! serial console, and live-migrates it to a second QEMU.
 //!
 //! Console protocol (the guest side is the `/init` written by `build-guest.sh`):
 //! * the guest prints `@@VUBD-READY@@` once its modules are loaded and echo is off;
@@ -12,13 +12,38 @@
 //!   not a tty: no progress output), then `\n@@VUBD-END-<id>-<exit status>@@`. Kernel
 //!   messages reach the console only at KERN_EMERG; [`Guest::dmesg`] reads the rest.
 //!
-//! The whole console output, with the commands sent, goes to a transcript file. It is
-//! kept, and its path and tail printed, when a test fails (panics) with a guest alive.
+//! The serial console is QEMU's stdio by default. With [`GuestOpts::console_socket`] it
+//! is a UNIX socket chardev instead (`server=on,wait=on`: QEMU starts the guest only
+//! once the harness is connected, so no output is lost). Every QEMU also has a QMP
+//! monitor on a UNIX socket ([`Guest::qmp`]).
+//!
+//! Migration ([`Guest::start_migration`], [`Guest::finish_migration`]) needs the socket
+//! console. A destination QEMU is started with the same machine and devices, its
+//! vhost-user disks on other sockets, and `-incoming unix:<path>`; the harness connects
+//! to its console at once and feeds what it prints into the same console buffer, so a
+//! command whose answer straddles the switch-over reads as one answer. Once the
+//! migration has completed and the destination runs, commands go to the destination,
+//! the source QEMU quits and the destination is the guest from then on.
+//!
+//! The whole console output, with the commands sent and the harness's notes, goes to a
+//! transcript file. It is kept, and its path and tail printed, when a test fails
+//! (panics) with a guest alive.
+//!
+//! [`fio`] runs verified fio rounds in the background; [`relay`] sits between QEMU and
+//! a vhost-user backend and hides features from either side (tests that show what a
+//! feature changes).
 
+pub mod fio;
+pub mod relay;
+
+use crate::qmp::Qmp;
+use serde_json::{json, Value};
 use std::fs::File;
 use std::io::{Read, Write};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -30,13 +55,16 @@ pub const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(60);
 /// A default for quick commands (cat, ls, small dd).
 pub const CMD_TIMEOUT: Duration = Duration::from_secs(60);
+/// Time for a destination QEMU to come up (its QMP answering) and for the source to
+/// quit after a migration.
+pub const QEMU_START_TIMEOUT: Duration = Duration::from_secs(30);
 
 const READY: &str = "@@VUBD-READY@@";
 const INSMOD_FAILED: &str = "@@VUBD-INSMOD-FAILED";
 /// The kernel's line discipline takes at most 4095 characters per line.
 const MAX_LINE: usize = 4000;
 
-/// One vhost-user-blk disk: `-chardev socket,path=<socket> -device
+/// One vhost-user-blk disk: `-chardev socket,path=<socket>[,reconnect=<s>] -device
 /// vhost-user-blk-pci,num-queues=<num_queues><extra>`. Disks appear in the guest in the
 /// order given (vda, vdb, ...).
 #[derive(Debug, Clone)]
@@ -45,6 +73,18 @@ pub struct GuestDisk {
     pub num_queues: usize,
     /// Appended to the `-device` option (starts with a comma when non-empty).
     pub extra: String,
+    /// `reconnect=<seconds>` on the chardev: QEMU connects again by itself after the
+    /// backend went away (a daemon killed and restarted), instead of dropping the disk.
+    pub reconnect: Option<u32>,
+}
+
+/// Where the guest's serial console goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConsoleKind {
+    /// QEMU's stdin and stdout (`-serial stdio`).
+    Stdio,
+    /// A UNIX socket chardev the harness connects to; a migration can move it.
+    Socket,
 }
 
 #[derive(Debug, Clone)]
@@ -58,6 +98,7 @@ pub struct GuestOpts {
     pub boot_timeout: Duration,
     /// Appended to the kernel command line.
     pub append: String,
+    pub console: ConsoleKind,
 }
 
 impl GuestOpts {
@@ -69,6 +110,7 @@ impl GuestOpts {
             disks: Vec::new(),
             boot_timeout: BOOT_TIMEOUT,
             append: String::new(),
+            console: ConsoleKind::Stdio,
         }
     }
 
@@ -78,12 +120,36 @@ impl GuestOpts {
             socket: socket.to_path_buf(),
             num_queues,
             extra: String::new(),
+            reconnect: None,
+        });
+        self
+    }
+
+    /// Add a disk whose chardev reconnects every second while the backend is away
+    /// (`reconnect=1`), as a daemon restart needs.
+    pub fn reconnecting_disk(mut self, socket: &Path, num_queues: usize) -> GuestOpts {
+        self.disks.push(GuestDisk {
+            socket: socket.to_path_buf(),
+            num_queues,
+            extra: String::new(),
+            reconnect: Some(1),
         });
         self
     }
 
     pub fn cpus(mut self, n: usize) -> GuestOpts {
         self.cpus = n;
+        self
+    }
+
+    pub fn mem_mib(mut self, mib: u64) -> GuestOpts {
+        self.mem_mib = mib;
+        self
+    }
+
+    /// The serial console on a UNIX socket (required by [`Guest::start_migration`]).
+    pub fn console_socket(mut self) -> GuestOpts {
+        self.console = ConsoleKind::Socket;
         self
     }
 }
@@ -201,11 +267,15 @@ impl Drop for Slot {
     }
 }
 
-/// Console output not yet consumed by a command, shared with the reader thread.
+/// Console output not yet consumed by a command, shared with the reader threads.
 #[derive(Default)]
 struct Console {
     buf: Vec<u8>,
+    /// The active QEMU's console reached end of file (QEMU exited).
     eof: bool,
+    /// The reader whose end of file counts: the QEMU that runs the guest. A source QEMU
+    /// closing its console after a migration is not the guest going away.
+    active: u64,
 }
 
 struct Shared {
@@ -228,13 +298,266 @@ impl Shared {
     }
 }
 
+/// Copies one QEMU's console output into the transcript and the console buffer.
+fn spawn_reader(
+    shared: Arc<Shared>,
+    id: u64,
+    mut src: impl Read + Send + 'static,
+) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut chunk = [0u8; 8192];
+        loop {
+            let n = match src.read(&mut chunk) {
+                Ok(0) | Err(_) => 0,
+                Ok(n) => n,
+            };
+            {
+                let mut t = shared.transcript.lock().unwrap_or_else(|e| e.into_inner());
+                let _ = t.write_all(&chunk[..n]);
+                let _ = t.flush();
+            }
+            let mut c = shared.console.lock().unwrap_or_else(|e| e.into_inner());
+            if n == 0 {
+                if c.active == id {
+                    c.eof = true;
+                }
+                shared.changed.notify_all();
+                return;
+            }
+            c.buf.extend_from_slice(&chunk[..n]);
+            shared.changed.notify_all();
+        }
+    })
+}
+
+/// Files of one QEMU process, in the guest's directory.
+struct QemuFiles {
+    stderr: PathBuf,
+    qmp: PathBuf,
+    /// The console socket (socket consoles only).
+    serial: PathBuf,
+}
+
+impl QemuFiles {
+    fn new(dir: &Path, role: &str) -> QemuFiles {
+        QemuFiles {
+            stderr: dir.join(format!("{role}.stderr")),
+            qmp: dir.join(format!("{role}-qmp.sock")),
+            serial: dir.join(format!("{role}-serial.sock")),
+        }
+    }
+}
+
+/// The command line of a QEMU running the guest described by `opts`, with `disks` (the
+/// guest's disks, possibly on other sockets) and, for a migration destination,
+/// `-incoming unix:<incoming>`.
+fn qemu_args(
+    opts: &GuestOpts,
+    images: &GuestImages,
+    disks: &[GuestDisk],
+    files: &QemuFiles,
+    incoming: Option<&Path>,
+) -> Vec<String> {
+    let mem = format!("{}M", opts.mem_mib);
+    let mut args: Vec<String> = vec![
+        "-nodefaults".into(),
+        "-no-user-config".into(),
+        "-accel".into(),
+        "tcg".into(),
+        "-smp".into(),
+        opts.cpus.to_string(),
+        "-m".into(),
+        mem.clone(),
+        // vhost-user: the backend maps guest memory, so it must be shared.
+        "-object".into(),
+        format!("memory-backend-memfd,id=mem,size={mem},share=on"),
+        "-numa".into(),
+        "node,memdev=mem".into(),
+        "-kernel".into(),
+        images.kernel.display().to_string(),
+        "-initrd".into(),
+        images.initrd.display().to_string(),
+        "-append".into(),
+        format!("console=ttyS0 quiet panic=-1 {}", opts.append)
+            .trim_end()
+            .to_string(),
+        "-display".into(),
+        "none".into(),
+        "-no-reboot".into(),
+        "-chardev".into(),
+        format!(
+            "socket,id=qmp,path={},server=on,wait=off",
+            files.qmp.display()
+        ),
+        "-mon".into(),
+        "chardev=qmp,mode=control".into(),
+    ];
+    match opts.console {
+        ConsoleKind::Stdio => {
+            args.push("-serial".into());
+            args.push("stdio".into());
+        }
+        ConsoleKind::Socket => {
+            args.push("-chardev".into());
+            args.push(format!(
+                "socket,id=ser0,path={},server=on,wait=on",
+                files.serial.display()
+            ));
+            args.push("-serial".into());
+            args.push("chardev:ser0".into());
+        }
+    }
+    for (i, d) in disks.iter().enumerate() {
+        let reconnect = d
+            .reconnect
+            .map(|s| format!(",reconnect={s}"))
+            .unwrap_or_default();
+        args.push("-chardev".into());
+        args.push(format!(
+            "socket,id=vub{i},path={}{reconnect}",
+            d.socket.display()
+        ));
+        args.push("-device".into());
+        args.push(format!(
+            "vhost-user-blk-pci,id=vblk{i},chardev=vub{i},num-queues={}{}",
+            d.num_queues, d.extra
+        ));
+    }
+    if let Some(p) = incoming {
+        args.push("-incoming".into());
+        args.push(format!("unix:{}", p.display()));
+    }
+    args
+}
+
+/// One QEMU process.
+struct Qemu {
+    child: Child,
+    exited: Option<ExitStatus>,
+    command_line: String,
+    files: QemuFiles,
+    qmp: Option<Qmp>,
+}
+
+impl Qemu {
+    /// Starts QEMU; with a stdio console, returns its stdin and stdout too.
+    fn spawn(
+        args: &[String],
+        files: QemuFiles,
+        console: ConsoleKind,
+        transcript: &Shared,
+    ) -> (Qemu, Option<(ChildStdin, ChildStdout)>) {
+        let bin = qemu_bin();
+        let command_line = crate::daemon::shell_words(&bin, args);
+        transcript.note(&command_line);
+        let mut cmd = Command::new(&bin);
+        cmd.args(args)
+            .stderr(File::create(&files.stderr).expect("create qemu stderr file"));
+        match console {
+            ConsoleKind::Stdio => cmd.stdin(Stdio::piped()).stdout(Stdio::piped()),
+            ConsoleKind::Socket => cmd.stdin(Stdio::null()).stdout(Stdio::null()),
+        };
+        kill_with_parent(&mut cmd);
+        let mut child = cmd.spawn().unwrap_or_else(|e| {
+            panic!(
+                "cannot run {}: {e} (install qemu-system-x86: scripts/setup.sh, or set QEMU_BIN)",
+                bin.display()
+            )
+        });
+        let stdio = match console {
+            ConsoleKind::Stdio => Some((
+                child.stdin.take().expect("piped stdin"),
+                child.stdout.take().expect("piped stdout"),
+            )),
+            ConsoleKind::Socket => None,
+        };
+        let q = Qemu {
+            child,
+            exited: None,
+            command_line,
+            files,
+            qmp: None,
+        };
+        (q, stdio)
+    }
+
+    fn try_wait(&mut self) -> Option<ExitStatus> {
+        if self.exited.is_none() {
+            self.exited = self.child.try_wait().expect("waitpid");
+        }
+        self.exited
+    }
+
+    /// Connects to the console socket (QEMU waits for it), retrying while QEMU is
+    /// starting.
+    fn connect_console(&mut self, timeout: Duration) -> Result<UnixStream, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.try_wait() {
+                return Err(format!("QEMU exited ({st}) before its console accepted"));
+            }
+            match UnixStream::connect(&self.files.serial) {
+                Ok(s) => return Ok(s),
+                Err(e) if Instant::now() > deadline => {
+                    return Err(format!(
+                        "cannot connect to QEMU's console {}: {e}",
+                        self.files.serial.display()
+                    ))
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+
+    fn qmp(&mut self) -> &mut Qmp {
+        if self.qmp.is_none() {
+            self.qmp = Some(Qmp::connect(&self.files.qmp));
+        }
+        self.qmp.as_mut().expect("connected above")
+    }
+
+    fn kill(&mut self) {
+        if self.try_wait().is_none() {
+            let _ = self.child.kill();
+            self.exited = self.child.wait().ok();
+        }
+    }
+
+    /// Waits up to `timeout` for QEMU to exit.
+    fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.try_wait() {
+                return Some(st);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// A migration in progress: the destination QEMU and its console.
+struct Migration {
+    dest: Qemu,
+    writer: UnixStream,
+    reader_id: u64,
+    uri: String,
+    started: Instant,
+}
+
 /// A running guest. Killed on drop (and by the kernel if the thread that booted it dies).
 pub struct Guest {
-    child: Child,
-    stdin: Option<ChildStdin>,
+    /// The QEMU that runs the guest (the destination, after a migration).
+    vm: Qemu,
+    /// QEMUs the guest has left by migrating: their command lines and stderr files.
+    retired: Vec<(String, PathBuf)>,
+    migration: Option<Migration>,
+    writer: Option<Box<dyn Write + Send>>,
     shared: Arc<Shared>,
-    reader: Option<JoinHandle<()>>,
-    exited: Option<ExitStatus>,
+    readers: Vec<JoinHandle<()>>,
+    next_reader: u64,
     next_id: u64,
     /// A command timed out: the console is out of step, no more commands.
     broken: bool,
@@ -242,8 +565,9 @@ pub struct Guest {
     context_shown: bool,
     dir: PathBuf,
     transcript: PathBuf,
-    qemu_stderr: PathBuf,
-    command_line: String,
+    opts: GuestOpts,
+    images: GuestImages,
+    migrations: u32,
     _slot: Slot,
 }
 
@@ -261,110 +585,60 @@ impl Guest {
         std::fs::create_dir_all(&dir)
             .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
         let transcript = dir.join("console.log");
-        let qemu_stderr = dir.join("qemu.stderr");
-
-        let mem = format!("{}M", opts.mem_mib);
-        let mut args: Vec<String> = vec![
-            "-nodefaults".into(),
-            "-no-user-config".into(),
-            "-accel".into(),
-            "tcg".into(),
-            "-smp".into(),
-            opts.cpus.to_string(),
-            "-m".into(),
-            mem.clone(),
-            // vhost-user: the backend maps guest memory, so it must be shared.
-            "-object".into(),
-            format!("memory-backend-memfd,id=mem,size={mem},share=on"),
-            "-numa".into(),
-            "node,memdev=mem".into(),
-            "-kernel".into(),
-            images.kernel.display().to_string(),
-            "-initrd".into(),
-            images.initrd.display().to_string(),
-            "-append".into(),
-            format!("console=ttyS0 quiet panic=-1 {}", opts.append)
-                .trim_end()
-                .to_string(),
-            "-display".into(),
-            "none".into(),
-            "-serial".into(),
-            "stdio".into(),
-            "-no-reboot".into(),
-        ];
-        for (i, d) in opts.disks.iter().enumerate() {
-            args.push("-chardev".into());
-            args.push(format!("socket,id=vub{i},path={}", d.socket.display()));
-            args.push("-device".into());
-            args.push(format!(
-                "vhost-user-blk-pci,chardev=vub{i},num-queues={}{}",
-                d.num_queues, d.extra
-            ));
-        }
-        let bin = qemu_bin();
-        let command_line = crate::daemon::shell_words(&bin, &args);
-
-        let mut log = File::create(&transcript)
+        let log = File::create(&transcript)
             .unwrap_or_else(|e| panic!("cannot create {}: {e}", transcript.display()));
-        let _ = writeln!(log, "#### {command_line}");
-        let mut cmd = Command::new(&bin);
-        cmd.args(&args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(File::create(&qemu_stderr).expect("create qemu stderr file"));
-        kill_with_parent(&mut cmd);
-        let mut child = cmd.spawn().unwrap_or_else(|e| {
-            panic!(
-                "cannot run {}: {e} (install qemu-system-x86: scripts/setup.sh, or set QEMU_BIN)",
-                bin.display()
-            )
-        });
-        let stdin = child.stdin.take();
-        let mut stdout = child.stdout.take().expect("piped stdout");
         let shared = Arc::new(Shared {
             console: Mutex::new(Console::default()),
             changed: Condvar::new(),
             transcript: Mutex::new(log),
             started: Instant::now(),
         });
-        let sh = Arc::clone(&shared);
-        let reader = std::thread::spawn(move || {
-            let mut chunk = [0u8; 8192];
-            loop {
-                let n = match stdout.read(&mut chunk) {
-                    Ok(0) | Err(_) => 0,
-                    Ok(n) => n,
-                };
-                {
-                    let mut t = sh.transcript.lock().unwrap_or_else(|e| e.into_inner());
-                    let _ = t.write_all(&chunk[..n]);
-                    let _ = t.flush();
-                }
-                let mut c = sh.console.lock().unwrap_or_else(|e| e.into_inner());
-                if n == 0 {
-                    c.eof = true;
-                    sh.changed.notify_all();
-                    return;
-                }
-                c.buf.extend_from_slice(&chunk[..n]);
-                sh.changed.notify_all();
-            }
-        });
+        let files = QemuFiles::new(&dir, "qemu");
+        let args = qemu_args(opts, &images, &opts.disks, &files, None);
+        let (vm, stdio) = Qemu::spawn(&args, files, opts.console, &shared);
         let mut g = Guest {
-            child,
-            stdin,
+            vm,
+            retired: Vec::new(),
+            migration: None,
+            writer: None,
             shared,
-            reader: Some(reader),
-            exited: None,
+            readers: Vec::new(),
+            next_reader: 1,
             next_id: 1,
             broken: false,
             context_shown: false,
             dir,
             transcript,
-            qemu_stderr,
-            command_line,
+            opts: opts.clone(),
+            images,
+            migrations: 0,
             _slot: slot,
         };
+        let id = g.new_reader_id();
+        g.shared
+            .console
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .active = id;
+        match stdio {
+            Some((stdin, stdout)) => {
+                g.writer = Some(Box::new(stdin));
+                g.readers
+                    .push(spawn_reader(Arc::clone(&g.shared), id, stdout));
+            }
+            None => {
+                let sock = match g.vm.connect_console(QEMU_START_TIMEOUT) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        g.broken = true;
+                        panic!("guest console: {e}\n{}", g.failure_context());
+                    }
+                };
+                let rd = sock.try_clone().expect("clone console socket");
+                g.writer = Some(Box::new(sock));
+                g.readers.push(spawn_reader(Arc::clone(&g.shared), id, rd));
+            }
+        }
 
         let t0 = Instant::now();
         let ready = g.wait_console(opts.boot_timeout, |buf| {
@@ -411,9 +685,31 @@ impl Guest {
         g
     }
 
+    fn new_reader_id(&mut self) -> u64 {
+        let id = self.next_reader;
+        self.next_reader += 1;
+        id
+    }
+
     /// The console transcript file.
     pub fn transcript(&self) -> &Path {
         &self.transcript
+    }
+
+    /// Writes a line of the test's own into the transcript (what the host did, and
+    /// when, next to what the guest printed).
+    pub fn note(&self, what: &str) {
+        self.shared.note(what);
+    }
+
+    /// The process id of the QEMU that runs the guest.
+    pub fn qemu_pid(&self) -> u32 {
+        self.vm.child.id()
+    }
+
+    /// QEMU's own QMP monitor (of the QEMU that runs the guest; connected on first use).
+    pub fn qmp(&mut self) -> &mut Qmp {
+        self.vm.qmp()
     }
 
     /// Run `cmd` with `sh` in the guest; returns its exit status and its output (stdout
@@ -511,11 +807,13 @@ impl Guest {
     }
 
     fn send(&mut self, line: &str) -> Result<(), String> {
-        let stdin = self.stdin.as_mut().ok_or("QEMU's stdin is closed")?;
-        stdin
-            .write_all(line.as_bytes())
-            .and_then(|()| stdin.flush())
-            .map_err(|e| format!("cannot write to QEMU's serial console: {e}"))
+        let w = self
+            .writer
+            .as_mut()
+            .ok_or("the guest's console is closed")?;
+        w.write_all(line.as_bytes())
+            .and_then(|()| w.flush())
+            .map_err(|e| format!("cannot write to the guest's serial console: {e}"))
     }
 
     /// Wait until `done(console buffer)` returns the length of a complete answer; remove
@@ -535,8 +833,7 @@ impl Guest {
             }
             if c.eof {
                 drop(c);
-                let st = self.child.wait().ok();
-                self.exited = st;
+                let st = self.vm.wait_exit(Duration::from_secs(5));
                 return Err(format!(
                     "QEMU exited ({}) before the guest answered",
                     st.map(|s| s.to_string()).unwrap_or_else(|| "?".into())
@@ -554,6 +851,175 @@ impl Guest {
         }
     }
 
+    /// Starts a live migration of this guest to a new QEMU on this host: the same
+    /// machine and devices, disk `i` on `dest_sockets[i]` (with the source's chardev
+    /// and device options), waiting on `-incoming unix:<path>`. `parameters` (a JSON
+    /// object, or null) go to `migrate-set-parameters` on the source first (e.g.
+    /// `max-bandwidth`, `downtime-limit`). Returns once the source has accepted
+    /// `migrate`; the guest keeps running on the source, and commands may still be
+    /// sent, until [`Guest::finish_migration`].
+    pub fn start_migration(&mut self, dest_sockets: &[PathBuf], parameters: Value) {
+        assert_eq!(
+            self.opts.console,
+            ConsoleKind::Socket,
+            "migration needs GuestOpts::console_socket()"
+        );
+        assert!(self.migration.is_none(), "a migration is already running");
+        assert_eq!(
+            dest_sockets.len(),
+            self.opts.disks.len(),
+            "one destination socket per disk"
+        );
+        self.migrations += 1;
+        let n = self.migrations;
+        let disks: Vec<GuestDisk> = self
+            .opts
+            .disks
+            .iter()
+            .zip(dest_sockets)
+            .map(|(d, s)| GuestDisk {
+                socket: s.clone(),
+                ..d.clone()
+            })
+            .collect();
+        let incoming = self.dir.join(format!("migrate{n}.sock"));
+        let files = QemuFiles::new(&self.dir, &format!("dest{n}"));
+        let args = qemu_args(&self.opts, &self.images, &disks, &files, Some(&incoming));
+        self.shared.note(&format!("migration {n}: destination"));
+        let (mut dest, _) = Qemu::spawn(&args, files, ConsoleKind::Socket, &self.shared);
+        let sock = match dest.connect_console(QEMU_START_TIMEOUT) {
+            Ok(s) => s,
+            Err(e) => {
+                let stderr = std::fs::read_to_string(&dest.files.stderr).unwrap_or_default();
+                dest.kill();
+                panic!(
+                    "migration destination: {e}\ndestination QEMU: {}\nits stderr:\n{stderr}\n{}",
+                    dest.command_line,
+                    self.failure_context()
+                );
+            }
+        };
+        let reader_id = self.new_reader_id();
+        let rd = sock.try_clone().expect("clone console socket");
+        self.readers
+            .push(spawn_reader(Arc::clone(&self.shared), reader_id, rd));
+        // QMP answers once QEMU's main loop runs, which is after `-incoming` listens.
+        let status = dest.qmp().ok("query-status", json!({}));
+        assert_eq!(
+            status["status"], "inmigrate",
+            "destination QEMU is not waiting for a migration: {status}"
+        );
+        let uri = format!("unix:{}", incoming.display());
+        self.migration = Some(Migration {
+            dest,
+            writer: sock,
+            reader_id,
+            uri: uri.clone(),
+            started: Instant::now(),
+        });
+        if !parameters.is_null() {
+            self.set_migration_parameters(parameters);
+        }
+        self.shared.note(&format!("migration {n}: migrate {uri}"));
+        if let Err(e) = self.vm.qmp().execute("migrate", json!({ "uri": uri })) {
+            panic!("migrate {uri}: {e:?}\n{}", self.failure_context());
+        }
+    }
+
+    /// `migrate-set-parameters` on the source QEMU (e.g. to let a throttled migration
+    /// converge).
+    pub fn set_migration_parameters(&mut self, parameters: Value) {
+        self.shared
+            .note(&format!("migrate-set-parameters {parameters}"));
+        if let Err(e) = self
+            .vm
+            .qmp()
+            .execute("migrate-set-parameters", parameters.clone())
+        {
+            panic!(
+                "migrate-set-parameters {parameters}: {e:?}\n{}",
+                self.failure_context()
+            );
+        }
+    }
+
+    /// `query-migrate` on the source QEMU.
+    pub fn migration_info(&mut self) -> Value {
+        self.vm.qmp().ok("query-migrate", json!({}))
+    }
+
+    /// Waits for the migration to complete and the destination to run the guest; from
+    /// then on the destination is this guest (commands go to it) and the source QEMU has
+    /// quit. Returns the source's last `query-migrate`. Panics if the migration fails or
+    /// does not complete within `timeout`.
+    pub fn finish_migration(&mut self, timeout: Duration) -> Value {
+        let started = self
+            .migration
+            .as_ref()
+            .expect("no migration was started")
+            .started;
+        let deadline = Instant::now() + timeout;
+        let info = loop {
+            let info = self.migration_info();
+            match info["status"].as_str().unwrap_or("") {
+                "completed" => break info,
+                "failed" | "cancelled" => {
+                    panic!(
+                        "migration {}: {info}\n{}",
+                        info["status"],
+                        self.failure_context()
+                    )
+                }
+                _ => {}
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "migration not complete within {timeout:?}: {info}\n{}",
+                    self.failure_context()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let mut m = self.migration.take().expect("checked above");
+        let run_deadline = Instant::now() + QEMU_START_TIMEOUT;
+        loop {
+            let st = m.dest.qmp().ok("query-status", json!({}));
+            if st["status"] == "running" {
+                break;
+            }
+            if Instant::now() > run_deadline {
+                let stderr = std::fs::read_to_string(&m.dest.files.stderr).unwrap_or_default();
+                m.dest.kill();
+                panic!(
+                    "the destination does not run the guest after the migration: {st}\n\
+                     destination stderr:\n{stderr}\n{}",
+                    self.failure_context()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.shared.note(&format!(
+            "migration to {} completed in {:.2} s: {info}",
+            m.uri,
+            started.elapsed().as_secs_f64()
+        ));
+        // The destination's console is the guest's from here on.
+        self.shared
+            .console
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .active = m.reader_id;
+        self.writer = Some(Box::new(m.writer));
+        let mut source = std::mem::replace(&mut self.vm, m.dest);
+        let _ = source.qmp().execute("quit", json!({}));
+        if source.wait_exit(QEMU_START_TIMEOUT).is_none() {
+            source.kill();
+        }
+        self.retired
+            .push((source.command_line.clone(), source.files.stderr.clone()));
+        info
+    }
+
     /// `sync; poweroff -f` and wait for QEMU to exit; returns its exit status (panics if
     /// it does not exit within [`SHUTDOWN_TIMEOUT`]).
     pub fn shutdown(mut self) -> ExitStatus {
@@ -563,34 +1029,28 @@ impl Guest {
         if let Err(e) = self.send(&format!("{id} {}\n", base64(b"sync; poweroff -f"))) {
             panic!("guest shutdown: {e}\n{}", self.failure_context());
         }
-        let deadline = Instant::now() + SHUTDOWN_TIMEOUT;
-        loop {
-            if let Some(st) = self.child.try_wait().expect("waitpid") {
-                self.exited = Some(st);
+        match self.vm.wait_exit(SHUTDOWN_TIMEOUT) {
+            Some(st) => {
                 self.shared.note(&format!("QEMU exited: {st}"));
-                return st;
+                st
             }
-            if Instant::now() > deadline {
+            None => {
                 self.broken = true;
                 panic!(
                     "QEMU did not exit within {SHUTDOWN_TIMEOUT:?} of poweroff\n{}",
                     self.failure_context()
                 );
             }
-            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
     /// Is QEMU still running?
     pub fn is_running(&mut self) -> bool {
-        if self.exited.is_none() {
-            self.exited = self.child.try_wait().expect("waitpid");
-        }
-        self.exited.is_none()
+        self.vm.try_wait().is_none()
     }
 
     /// What a failure message should show: the transcript's path and tail, QEMU's
-    /// command line and stderr.
+    /// command line and stderr (of every QEMU the guest ran on).
     pub fn failure_context(&mut self) -> String {
         self.context_shown = true;
         let text = std::fs::read(&self.transcript)
@@ -598,11 +1058,25 @@ impl Guest {
             .unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         let tail = lines[lines.len().saturating_sub(40)..].join("\n");
-        let stderr = std::fs::read_to_string(&self.qemu_stderr).unwrap_or_default();
+        let mut qemus = String::new();
+        let current = (self.vm.command_line.clone(), self.vm.files.stderr.clone());
+        let pending = self
+            .migration
+            .as_ref()
+            .map(|m| (m.dest.command_line.clone(), m.dest.files.stderr.clone()));
+        for (what, (cmd, stderr)) in self
+            .retired
+            .iter()
+            .map(|q| ("QEMU (migrated away)", q.clone()))
+            .chain(std::iter::once(("QEMU", current)))
+            .chain(pending.map(|q| ("QEMU (migration destination)", q)))
+        {
+            let err = std::fs::read_to_string(&stderr).unwrap_or_default();
+            qemus.push_str(&format!("{what}: {cmd}\n{what} stderr:\n{err}"));
+        }
         format!(
-            "QEMU: {}\nQEMU stderr:\n{stderr}--- console transcript {} (last 40 lines) ---\n{tail}\n\
+            "{qemus}--- console transcript {} (last 40 lines) ---\n{tail}\n\
              --- end of console transcript ---",
-            self.command_line,
             self.transcript.display()
         )
     }
@@ -615,12 +1089,12 @@ impl Drop for Guest {
             // Put the kernel log into the transcript: it usually says what went wrong.
             let _ = self.try_run("dmesg", Duration::from_secs(15));
         }
-        if self.is_running() {
-            let _ = self.child.kill();
-            self.exited = self.child.wait().ok();
+        if let Some(mut m) = self.migration.take() {
+            m.dest.kill();
         }
-        self.stdin = None;
-        if let Some(r) = self.reader.take() {
+        self.vm.kill();
+        self.writer = None;
+        for r in self.readers.drain(..) {
             let _ = r.join();
         }
         if panicking {
@@ -637,6 +1111,44 @@ impl Drop for Guest {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// Whether `path` is a UNIX socket that a process listens on (from /proc/net/unix; a
+/// socket file left behind by a killed process is not).
+pub fn socket_listening(path: &Path) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
+        return false;
+    };
+    let want = path.to_string_lossy();
+    table.lines().skip(1).any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        // Num RefCount Protocol Flags Type St Inode Path; Flags has __SO_ACCEPTCON
+        // (0x10000) for a listening socket.
+        f.len() >= 8
+            && f[7] == want
+            && u32::from_str_radix(f[3], 16).is_ok_and(|flags| flags & 0x10000 != 0)
+    })
+}
+
+/// Waits until [`socket_listening`] for every path; returns how long that took, or
+/// `None` after `timeout`.
+pub fn wait_listening(paths: &[PathBuf], timeout: Duration) -> Option<Duration> {
+    let t0 = Instant::now();
+    loop {
+        if paths.iter().all(|p| is_socket(p) && socket_listening(p)) {
+            return Some(t0.elapsed());
+        }
+        if t0.elapsed() > timeout {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn is_socket(p: &Path) -> bool {
+    std::fs::symlink_metadata(p)
+        .map(|m| m.file_type().is_socket())
+        .unwrap_or(false)
 }
 
 /// SIGKILL QEMU when the thread that started it dies (a test binary killed by a timeout
