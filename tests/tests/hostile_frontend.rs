@@ -14,9 +14,7 @@
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use vubd_tests::hostile::{
-    assert_refused, pattern, ANode, Dev, DevOpts, Harness, Outcome, STATUS_CANARY,
-};
+use vubd_tests::hostile::{pattern, ANode, Checks, Dev, DevOpts, Harness, Outcome, STATUS_CANARY};
 use vubd_tests::raw::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
@@ -233,6 +231,7 @@ fn requests_beyond_advertised_limits() {
         ",queue-size=16",
         false,
     );
+    let mut c = Checks::default();
     let mut dev = h.dev(&DevOpts {
         regions: vec![(MIB, 32 * MIB)],
         ..DevOpts::default()
@@ -255,31 +254,22 @@ fn requests_beyond_advertised_limits() {
     let d = dev.buffer(u64::from(size_max) + 512, 4096, 0, 0x99);
     let s = dev.status();
     let o = dev.probe_chain(&[r(hd, 16), w(d, size_max + 512), w(s, 1)], s);
-    assert!(
-        matches!(
-            o,
-            Outcome::Completed {
-                status: VIRTIO_BLK_S_IOERR,
-                ..
-            }
+    c.status(
+        &format!(
+            "a {}-byte data descriptor (size_max {size_max})",
+            size_max + 512
         ),
-        "a {}-byte data descriptor (size_max {size_max}): {o:?}",
-        size_max + 512
+        o,
+        VIRTIO_BLK_S_IOERR,
     );
     // The same as a write: refused, the image unchanged.
     let hd = dev.header(VIRTIO_BLK_T_OUT, 0);
     let s = dev.status();
     let o = dev.probe_chain(&[r(hd, 16), r(d, size_max + 512), w(s, 1)], s);
-    assert!(
-        matches!(
-            o,
-            Outcome::Completed {
-                status: VIRTIO_BLK_S_IOERR,
-                ..
-            }
-        ),
-        "a write with a {}-byte data descriptor: {o:?}",
-        size_max + 512
+    c.status(
+        &format!("a write with a {}-byte data descriptor", size_max + 512),
+        o,
+        VIRTIO_BLK_S_IOERR,
     );
     let img = h.img_a.as_ref().expect("image");
     assert_same_data(
@@ -298,15 +288,10 @@ fn requests_beyond_advertised_limits() {
     descs.extend(bufs.iter().map(|&b| w(b, 512)));
     descs.push(w(s, 1));
     let o = dev.probe_chain(&descs, s);
-    assert!(
-        matches!(
-            o,
-            Outcome::Completed {
-                status: VIRTIO_BLK_S_OK,
-                ..
-            }
-        ),
-        "{seg_max} data segments (= seg_max): {o:?}"
+    c.status(
+        &format!("{seg_max} data segments (= seg_max)"),
+        o,
+        VIRTIO_BLK_S_OK,
     );
     // seg_max + 1 data segments: the last one also carries the status byte, so that the
     // chain fits the ring.
@@ -322,16 +307,10 @@ fn requests_beyond_advertised_limits() {
     };
     let (descs, s) = build(&mut dev);
     let o = dev.probe_chain(&descs, s);
-    assert!(
-        matches!(
-            o,
-            Outcome::Completed {
-                status: VIRTIO_BLK_S_IOERR,
-                ..
-            }
-        ),
-        "{} data segments (seg_max {seg_max}): {o:?}",
-        seg_max + 1
+    c.status(
+        &format!("{} data segments (seg_max {seg_max})", seg_max + 1),
+        o,
+        VIRTIO_BLK_S_IOERR,
     );
     // The same chain in an indirect table.
     let (descs, s) = build(&mut dev);
@@ -342,20 +321,18 @@ fn requests_beyond_advertised_limits() {
         &vubd_tests::vu_frontend::linked(&descs, 0),
     );
     let o = dev.probe_chain(&[Desc::indirect(table, descs.len() as u32)], s);
-    assert!(
-        matches!(
-            o,
-            Outcome::Completed {
-                status: VIRTIO_BLK_S_IOERR,
-                ..
-            }
+    c.status(
+        &format!(
+            "{} data segments in an indirect table (seg_max {seg_max})",
+            seg_max + 1
         ),
-        "{} data segments in an indirect table (seg_max {seg_max}): {o:?}",
-        seg_max + 1
+        o,
+        VIRTIO_BLK_S_IOERR,
     );
     h.measure_attack();
     drop(dev);
     h.finish();
+    c.assert_all();
 }
 
 /// Submits a 4 KiB write at `sector` that blkdebug fails once, waits until `werror=stop`
@@ -607,6 +584,7 @@ fn corrupt_inflight_region_on_reconnect() {
 #[test]
 fn descriptor_loops() {
     let mut h = Harness::start("descriptor_loops", shm(16 * MIB), "", false);
+    let mut c = Checks::default();
     type Build = fn(u64, u64, u64, u16) -> Vec<(u16, Desc)>;
     let direct: [(&str, Build); 3] = [
         ("data and status loop", |hd, d, s, b| {
@@ -639,7 +617,7 @@ fn descriptor_loops() {
         let b = dev.desc_slots(3);
         dev.submit_table(&build(hd, d, s, b), b);
         let o = dev.observe(b, s);
-        assert_refused(what, o);
+        c.refused(what, o);
     }
     // A loop inside an indirect table of three entries.
     let mut dev = h.dev(&DevOpts::default());
@@ -653,11 +631,12 @@ fn descriptor_loops() {
         &[r(hd, 16).then(1), w(d, 512).then(2), w(s, 1).then(1)],
     );
     let o = dev.probe_chain(&[Desc::indirect(table, 3)], s);
-    assert_refused("loop in an indirect table", o);
+    c.refused("loop in an indirect table", o);
     h.measure_attack();
     drop(dev);
     h.assert_a_serves(Duration::from_secs(10));
     h.finish();
+    c.assert_all();
 }
 
 /// Chains longer than the queue size: an indirect table of 17 entries on a 16-entry
@@ -666,6 +645,7 @@ fn descriptor_loops() {
 #[test]
 fn chains_longer_than_the_queue() {
     let mut h = Harness::start("chains_longer_than_the_queue", shm(16 * MIB), "", false);
+    let mut c = Checks::default();
     let mut dev = h.dev(&DevOpts::default());
     let chain = |dev: &mut Dev, data: u16| -> (Vec<Desc>, u64, Vec<u64>) {
         let hd = dev.header(VIRTIO_BLK_T_IN, 0);
@@ -679,16 +659,7 @@ fn chains_longer_than_the_queue() {
     // 16 descriptors on a 16-entry ring: valid.
     let (descs, s, bufs) = chain(&mut dev, 14);
     let o = dev.probe_chain(&descs, s);
-    assert!(
-        matches!(
-            o,
-            Outcome::Completed {
-                status: VIRTIO_BLK_S_OK,
-                ..
-            }
-        ),
-        "a chain of exactly the queue size: {o:?}"
-    );
+    c.status("a chain of exactly the queue size", o, VIRTIO_BLK_S_OK);
     let got: Vec<u8> = bufs.iter().flat_map(|&b| dev.mem().read(b, 512)).collect();
     assert_same_data("16-descriptor read", &got, &pattern(0, 14 * 512));
     // 17 entries in an indirect table.
@@ -700,7 +671,7 @@ fn chains_longer_than_the_queue() {
         &vubd_tests::vu_frontend::linked(&descs, 0),
     );
     let o = dev.probe_chain(&[Desc::indirect(table, 17)], s);
-    assert_refused("17-entry indirect table on a 16-entry ring", o);
+    c.refused("17-entry indirect table on a 16-entry ring", o);
     drop(dev);
     // The status descriptor has NEXT to index 200 of a 16-entry table.
     let mut dev = h.dev(&DevOpts::default());
@@ -717,7 +688,7 @@ fn chains_longer_than_the_queue() {
         b,
     );
     let o = dev.observe(b, s);
-    assert_refused("next index past the descriptor table", o);
+    c.refused("next index past the descriptor table", o);
     drop(dev);
     // The same inside an indirect table: next past the table's end.
     let mut dev = h.dev(&DevOpts::default());
@@ -731,11 +702,12 @@ fn chains_longer_than_the_queue() {
         &[r(hd, 16).then(1), w(d, 512).then(2), w(s, 1).then(3)],
     );
     let o = dev.probe_chain(&[Desc::indirect(table, 3)], s);
-    assert_refused("next index past an indirect table", o);
+    c.refused("next index past an indirect table", o);
     h.measure_attack();
     drop(dev);
     h.assert_a_serves(Duration::from_secs(10));
     h.finish();
+    c.assert_all();
 }
 
 /// Zero-length descriptors. A zero-length data descriptor in an otherwise valid read
@@ -746,6 +718,7 @@ fn chains_longer_than_the_queue() {
 #[test]
 fn zero_length_descriptors() {
     let mut h = Harness::start("zero_length_descriptors", shm(16 * MIB), "", false);
+    let mut c = Checks::default();
     // A zero-length data descriptor between header and data.
     let mut dev = h.dev(&DevOpts::default());
     let hd = dev.header(VIRTIO_BLK_T_IN, 0);
@@ -762,7 +735,7 @@ fn zero_length_descriptors() {
             &dev.mem().read(d, 512),
             &pattern(0, 512),
         ),
-        other => assert_refused("zero-length data descriptor", other),
+        other => c.refused("zero-length data descriptor", other),
     }
     drop(dev);
     // The header in a zero-length descriptor.
@@ -771,7 +744,7 @@ fn zero_length_descriptors() {
     let d = dev.buffer(512, 512, 0, 0x99);
     let s = dev.status();
     let o = dev.probe_chain(&[r(hd, 0), w(d, 512), w(s, 1)], s);
-    assert_refused("zero-length header descriptor", o);
+    c.refused("zero-length header descriptor", o);
     drop(dev);
     // A zero-length status descriptor after a data buffer.
     let mut dev = h.dev(&DevOpts::default());
@@ -779,7 +752,7 @@ fn zero_length_descriptors() {
     let d = dev.buffer(512, 512, 0, 0x99);
     let s = dev.status();
     let o = dev.probe_chain(&[r(hd, 16), w(d, 512), w(s, 0)], s);
-    eprintln!("  zero-length status descriptor: {o:?}");
+    eprintln!("  zero-length status descriptor");
     match o {
         Outcome::Completed { used, status } => {
             assert_eq!(
@@ -802,7 +775,7 @@ fn zero_length_descriptors() {
     let d = dev.buffer(512, 512, 0, 0x99);
     let s = dev.status();
     let o = dev.probe_chain(&[r(hd, 0), w(d, 0), w(s, 0)], s);
-    eprintln!("  all descriptors zero-length: {o:?}");
+    eprintln!("  all descriptors zero-length");
     match o {
         Outcome::Completed { used, status } => {
             assert_eq!(status, STATUS_CANARY);
@@ -819,6 +792,7 @@ fn zero_length_descriptors() {
     drop(dev);
     h.assert_a_serves(Duration::from_secs(10));
     h.finish();
+    c.assert_all();
 }
 
 /// Indirect tables that are malformed (length not a multiple of 16, zero length),
@@ -828,6 +802,7 @@ fn zero_length_descriptors() {
 #[test]
 fn malformed_indirect_tables() {
     let mut h = Harness::start("malformed_indirect_tables", shm(16 * MIB), "", false);
+    let mut c = Checks::default();
     // (what, builds the head descriptor from (valid table of 3 at `t`, its status))
     type HeadFor = fn(u64, &Dev) -> Desc;
     let cases: [(&str, HeadFor); 6] = [
@@ -865,7 +840,7 @@ fn malformed_indirect_tables() {
         );
         let desc = head(t, &dev);
         let o = dev.probe_chain(&[desc], s);
-        assert_refused(&format!("indirect table: {what}"), o);
+        c.refused(&format!("indirect table: {what}"), o);
         drop(dev);
     }
     // WRITE on the descriptor that refers to the table: ignored, the read works.
@@ -882,21 +857,13 @@ fn malformed_indirect_tables() {
     let mut desc = Desc::indirect(t, 3);
     desc.flags |= vubd_tests::vu_frontend::VIRTQ_DESC_F_WRITE;
     let o = dev.probe_chain(&[desc], s);
-    assert!(
-        matches!(
-            o,
-            Outcome::Completed {
-                status: VIRTIO_BLK_S_OK,
-                ..
-            }
-        ),
-        "an indirect descriptor with WRITE set: {o:?}"
-    );
+    c.status("an indirect descriptor with WRITE set", o, VIRTIO_BLK_S_OK);
     assert_same_data("indirect read", &dev.mem().read(d, 512), &pattern(0, 512));
     h.measure_attack();
     drop(dev);
     h.assert_a_serves(Duration::from_secs(10));
     h.finish();
+    c.assert_all();
 }
 
 /// The status byte in a device-readable descriptor: the device must not write it (nor
@@ -914,7 +881,7 @@ fn status_in_device_readable_descriptor() {
     let d = dev.buffer(512, 512, 0, 0x99);
     let s = dev.status();
     let o = dev.probe_chain(&[r(hd, 16), w(d, 512), r(s, 1)], s);
-    eprintln!("  read with a device-readable status: {o:?}");
+    eprintln!("  read with a device-readable status");
     match o {
         Outcome::Completed { used, status } => {
             assert_eq!(
@@ -937,7 +904,7 @@ fn status_in_device_readable_descriptor() {
     let d = dev.buffer(4096, 512, 0, 0xD7);
     let s = dev.status();
     let o = dev.probe_chain(&[r(hd, 16), r(d, 4096), r(s, 1)], s);
-    eprintln!("  write without a writable byte: {o:?}");
+    eprintln!("  write without a writable byte");
     match o {
         Outcome::Completed { used, status } => {
             assert_eq!(status, STATUS_CANARY);
@@ -965,6 +932,7 @@ fn status_in_device_readable_descriptor() {
 #[test]
 fn header_split_across_descriptors() {
     let mut h = Harness::start("header_split_across_descriptors", shm(16 * MIB), "", false);
+    let mut c = Checks::default();
     let mut dev = h.dev(&DevOpts::default());
     let mut rng = Rng::new("header_split_across_descriptors");
     // A read: header in three pieces at scattered addresses, data in two, status alone.
@@ -990,16 +958,7 @@ fn header_split_across_descriptors() {
         ],
         s,
     );
-    assert!(
-        matches!(
-            o,
-            Outcome::Completed {
-                status: VIRTIO_BLK_S_OK,
-                ..
-            }
-        ),
-        "read with a split header: {o:?}"
-    );
+    c.status("read with a split header", o, VIRTIO_BLK_S_OK);
     let mut got = dev.mem().read(d1, 1000);
     got.extend(dev.mem().read(d2, 3096));
     assert_same_data("read with a split header", &got, &pattern(16 * 512, 4096));
@@ -1014,15 +973,10 @@ fn header_split_across_descriptors() {
     dev.mem().write(b + 8, &data);
     let s = dev.status();
     let o = dev.probe_chain(&[r(a, 8), r(b, 8 + 4096), w(s, 1)], s);
-    assert!(
-        matches!(
-            o,
-            Outcome::Completed {
-                status: VIRTIO_BLK_S_OK,
-                ..
-            }
-        ),
-        "write with the header sharing a descriptor with data: {o:?}"
+    c.status(
+        "write with the header sharing a descriptor with data",
+        o,
+        VIRTIO_BLK_S_OK,
     );
     let img = h.img_a.as_ref().expect("image");
     assert_same_data("written data", &img.read_at(64 * 512, 4096), &data);
@@ -1031,15 +985,10 @@ fn header_split_across_descriptors() {
     let ds = dev.buffer(4097, 64, 0, 0x99);
     dev.mem().fill(ds + 4096, 1, STATUS_CANARY);
     let o = dev.probe_chain(&[r(hd, 16), w(ds, 4097)], ds + 4096);
-    assert!(
-        matches!(
-            o,
-            Outcome::Completed {
-                status: VIRTIO_BLK_S_OK,
-                ..
-            }
-        ),
-        "read with data and status in one descriptor: {o:?}"
+    c.status(
+        "read with data and status in one descriptor",
+        o,
+        VIRTIO_BLK_S_OK,
     );
     assert_same_data("data+status read", &dev.mem().read(ds, 4096), &data);
     // The split-header read in an indirect table.
@@ -1064,16 +1013,7 @@ fn header_split_across_descriptors() {
         ],
     );
     let o = dev.probe_chain(&[Desc::indirect(t, 4)], s);
-    assert!(
-        matches!(
-            o,
-            Outcome::Completed {
-                status: VIRTIO_BLK_S_OK,
-                ..
-            }
-        ),
-        "split header in an indirect table: {o:?}"
-    );
+    c.status("split header in an indirect table", o, VIRTIO_BLK_S_OK);
     assert_same_data(
         "indirect split read",
         &dev.mem().read(d, 4096),
@@ -1082,6 +1022,7 @@ fn header_split_across_descriptors() {
     h.measure_attack();
     drop(dev);
     h.finish();
+    c.assert_all();
 }
 
 /// Descriptors at addresses outside guest memory, including ones where address + length
@@ -1090,13 +1031,14 @@ fn header_split_across_descriptors() {
 #[test]
 fn descriptors_outside_guest_memory() {
     let mut h = Harness::start("descriptors_outside_guest_memory", shm(16 * MIB), "", false);
+    let mut c = Checks::default();
     let fresh = |h: &Harness| h.dev(&DevOpts::default());
     // Data at the top of the address space.
     let mut dev = fresh(&h);
     let hd = dev.header(VIRTIO_BLK_T_IN, 0);
     let s = dev.status();
     let o = dev.probe_chain(&[r(hd, 16), w(u64::MAX - 255, 512), w(s, 1)], s);
-    assert_refused("data descriptor wrapping around the address space", o);
+    c.refused("data descriptor wrapping around the address space", o);
     drop(dev);
     // Data crossing the end of guest memory.
     let mut dev = fresh(&h);
@@ -1104,14 +1046,14 @@ fn descriptors_outside_guest_memory() {
     let hd = dev.header(VIRTIO_BLK_T_IN, 0);
     let s = dev.status();
     let o = dev.probe_chain(&[r(hd, 16), w(end - 256, 512), w(s, 1)], s);
-    assert_refused("data crossing the end of guest memory", o);
+    c.refused("data crossing the end of guest memory", o);
     drop(dev);
     // The header outside guest memory.
     let mut dev = fresh(&h);
     let d = dev.buffer(512, 512, 0, 0x99);
     let s = dev.status();
     let o = dev.probe_chain(&[r(0x7fff_0000_0000, 16), w(d, 512), w(s, 1)], s);
-    assert_refused("header outside guest memory", o);
+    c.refused("header outside guest memory", o);
     drop(dev);
     // A data length of 4 GiB - 1.
     let mut dev = fresh(&h);
@@ -1119,7 +1061,7 @@ fn descriptors_outside_guest_memory() {
     let d = dev.buffer(512, 512, 0, 0x99);
     let s = dev.status();
     let o = dev.probe_chain(&[r(hd, 16), w(d, u32::MAX), w(s, 1)], s);
-    assert_refused("4 GiB data descriptor", o);
+    c.refused("4 GiB data descriptor", o);
     drop(dev);
     // Lengths that add up to more than 4 GiB.
     let mut dev = fresh(&h);
@@ -1130,7 +1072,7 @@ fn descriptors_outside_guest_memory() {
         &[r(hd, 16), w(d, 0x8000_0000), w(d, 0x8000_0000), w(s, 1)],
         s,
     );
-    assert_refused("data lengths adding up to 4 GiB", o);
+    c.refused("data lengths adding up to 4 GiB", o);
     drop(dev);
     // The status byte at the top of the address space (address + length overflows):
     // there is nowhere to put a status; the daemon must survive.
@@ -1146,6 +1088,7 @@ fn descriptors_outside_guest_memory() {
     drop(dev);
     h.assert_a_serves(Duration::from_secs(10));
     h.finish();
+    c.assert_all();
 }
 
 /// The guest changes headers, data and descriptors while requests are in flight on a
@@ -1313,6 +1256,7 @@ fn memory_table_changes_in_flight() {
         "",
         false,
     );
+    let mut c = Checks::default();
     let mut dev = h.dev(&DevOpts {
         queue_size: 64,
         ..DevOpts::default()
@@ -1349,16 +1293,7 @@ fn memory_table_changes_in_flight() {
     let s = dev.status();
     r2.gpa();
     let o = dev.probe_chain(&[r(hd, 16), w(r2.gpa(), 4096), w(s, 1)], s);
-    assert!(
-        matches!(
-            o,
-            Outcome::Completed {
-                status: VIRTIO_BLK_S_OK,
-                ..
-            }
-        ),
-        "a read into a region added in flight: {o:?}"
-    );
+    c.status("a read into a region added in flight", o, VIRTIO_BLK_S_OK);
     // Requests in flight, then a table without the region that holds the rings.
     for i in 0..4u64 {
         let hd = dev.header(VIRTIO_BLK_T_IN, i);
@@ -1375,6 +1310,7 @@ fn memory_table_changes_in_flight() {
     drop(dev);
     h.assert_a_serves(Duration::from_secs(10));
     h.finish();
+    c.assert_all();
 }
 
 /// The frontend goes away with requests in flight, in the middle of a message, and in
@@ -2022,6 +1958,7 @@ fn memory_region_larger_than_its_file() {
         "",
         false,
     );
+    let mut c = Checks::default();
     let mut dev = h.dev(&DevOpts {
         start_queue: false,
         ..DevOpts::default()
@@ -2052,15 +1989,16 @@ fn memory_region_larger_than_its_file() {
         let d = dev.buffer(512, 512, 0, 0x99);
         let s = dev.status();
         let o = dev.probe_chain(&[r(small.gpa() + 2 * MIB, 16), w(d, 512), w(s, 1)], s);
-        eprintln!("  header past the end of the memfd: {o:?}");
+        eprintln!("  header past the end of the memfd");
         h.daemon
             .assert_running("after a header past the end of a memfd");
-        assert_refused("header past the end of the memfd", o);
+        c.refused("header past the end of the memfd", o);
     }
     h.measure_attack();
     drop(dev);
     h.assert_a_serves(Duration::from_secs(10));
     h.finish();
+    c.assert_all();
 }
 
 /// Queue sizes that are not a power of two, too small for a request (1), or above
