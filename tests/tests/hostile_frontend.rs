@@ -263,6 +263,7 @@ fn requests_beyond_advertised_limits() {
         VIRTIO_BLK_S_IOERR,
     );
     // The same as a write: refused, the image unchanged.
+    dev.mem().fill(d, size_max as usize + 512, 0xD7);
     let hd = dev.header(VIRTIO_BLK_T_OUT, 0);
     let s = dev.status();
     let o = dev.probe_chain(&[r(hd, 16), r(d, size_max + 512), w(s, 1)], s);
