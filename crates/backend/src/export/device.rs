@@ -276,8 +276,10 @@ impl BlkDevice {
 
     /// Marks a ring as broken by the frontend: nothing more is taken from it (and no
     /// time is spent on it) until the frontend stops and restarts it.
-    fn break_ring(&self, queue: usize, why: std::fmt::Arguments<'_>) {
+    fn break_ring(&self, vring: &Vring, queue: usize, why: std::fmt::Arguments<'_>) {
         if !self.queues.broken[queue].swap(true, Ordering::AcqRel) {
+            // The vhost-user way to say "this ring needs a reset".
+            vring.lock().signal_error();
             crate::limited_log!(
                 self.shared.log_limits.ring,
                 log::Level::Error,
@@ -312,7 +314,11 @@ impl BlkDevice {
             Ok(i) => i,
             Err(e) => {
                 drop(state);
-                self.break_ring(queue, format_args!("cannot read the available ring: {e}"));
+                self.break_ring(
+                    vring,
+                    queue,
+                    format_args!("cannot read the available ring: {e}"),
+                );
                 return 0;
             }
         };
@@ -321,6 +327,7 @@ impl BlkDevice {
             let (next, size) = (q.next_avail(), q.size());
             drop(state);
             self.break_ring(
+                vring,
                 queue,
                 format_args!(
                     "available index {} is {} entries past the next one ({next}) on a \
@@ -362,7 +369,11 @@ impl BlkDevice {
             let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.as_ref()) else {
                 // Entries are available but the head could not be read.
                 drop(state);
-                self.break_ring(queue, format_args!("cannot read an available ring entry"));
+                self.break_ring(
+                    vring,
+                    queue,
+                    format_args!("cannot read an available ring entry"),
+                );
                 break;
             };
             let head = chain.head_index();
