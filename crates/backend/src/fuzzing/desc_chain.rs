@@ -116,7 +116,7 @@ pub fn desc_chain(data: &[u8]) {
         max_write_zeroes_seg: max_seg,
     };
 
-    // Set up the queue as vhost-user-backend does on SET_VRING_NUM, SET_VRING_ADDR,
+    // Set up the queue as export/vhost_user does on SET_VRING_NUM, SET_VRING_ADDR,
     // SET_VRING_BASE and the start of the ring: invalid values are refused by
     // virtio-queue and leave the previous ones.
     let mut queue = Queue::new(MAX_QUEUE_SIZE).expect("valid maximum size");

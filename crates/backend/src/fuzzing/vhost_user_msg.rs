@@ -1,6 +1,6 @@
-//! `vhost_user_msg`: a whole vhost-user-blk export (its `serve_one` loop, the vhost
-//! crates' message handling and the device's iothread) driven by a frontend whose
-//! messages come from fuzz bytes.
+//! `vhost_user_msg`: a whole vhost-user-blk export (its `serve_one` loop, the
+//! vhost-user protocol layer in `export/vhost_user` and the device's worker threads)
+//! driven by a frontend whose messages come from fuzz bytes.
 //!
 //! Each input starts a fresh export of a 1 MiB `null-co` node on a UNIX socket,
 //! connects, and plays the input as a list of records (at most [`MAX_RECORDS`]):
@@ -58,7 +58,7 @@ pub const DEADLINE: Duration = Duration::from_secs(10);
 const VERSION_1: u32 = 0x1;
 const REPLY: u32 = 0x4;
 const NEED_REPLY: u32 = 0x8;
-/// `MAX_MSG_SIZE` of the vhost crate; a payload may be up to this long.
+/// The largest payload of a reply (vhost-user's `MAX_MSG_SIZE`).
 const MAX_PAYLOAD: u32 = 0x1000;
 const HEADER_LEN: usize = 12;
 /// Request codes used by the seeds and tracked by the player.
@@ -170,7 +170,7 @@ pub fn run(data: &[u8]) -> Outcome {
     // that were told to exit.
     let deadline = Instant::now() + Duration::from_secs(2);
     loop {
-        let left = threads_named(&["vring_worker", "export-fz", "vubd-fz"]);
+        let left = threads_named(&["export-fz", "vubd-fz"]);
         if left.is_empty() {
             break;
         }
