@@ -8,7 +8,7 @@
 //! epoll set as the queue kicks, so a completion wakes the thread like a kick does.
 
 use super::config_space::BlkConfig;
-use super::request::{self, Desc, DeviceLimits, Memory, Op, Request, RequestError};
+use super::request::{self, DeviceLimits, Memory, Op, Request, RequestError};
 use super::vhost_user::chain;
 use super::vhost_user::dirty_log::DirtyLog;
 use super::vhost_user::inflight::InflightRegion;
@@ -70,6 +70,9 @@ pub struct QueueStates {
     /// (during live migration).
     dirty_log: RwLock<Option<Arc<DirtyLog>>>,
     logging: AtomicBool,
+    /// Set while a ring is being stopped without an inflight region: its held
+    /// requests complete with an error instead of waiting for `cont`.
+    fail_held: Vec<AtomicBool>,
 }
 
 impl QueueStates {
@@ -83,6 +86,7 @@ impl QueueStates {
             resubmit: (0..n).map(|_| Mutex::new(Default::default())).collect(),
             dirty_log: RwLock::new(None),
             logging: AtomicBool::new(false),
+            fail_held: (0..n).map(|_| AtomicBool::new(false)).collect(),
         }
     }
 
@@ -344,6 +348,7 @@ impl BlkDevice {
         // Requests left in flight by a previous backend or a stopped ring go first,
         // in the order they were first taken.
         let (table, size) = (q.desc_table(), q.size());
+        let mut walked = chain::Walked::default();
         while n < POP_BATCH {
             let Some(head) = self.queues.resubmit[queue]
                 .lock()
@@ -352,8 +357,10 @@ impl BlkDevice {
             else {
                 break;
             };
-            let req = match chain::walk(mem, table, size, head, max_descs) {
-                Ok(descs) => request::parse(head, &descs, mem, lim),
+            // A head the frontend's region holds that makes no chain is returned
+            // unprocessed (which also clears its mark).
+            let req = match chain::walk(mem, table, size, head, max_descs, &mut walked) {
+                Ok(()) => self.request_of(head, &walked, mem, lim),
                 Err(e) => request::Request::refused(head, RequestError::BadChain(e.to_string())),
             };
             log::info!(
@@ -363,7 +370,6 @@ impl BlkDevice {
             n += 1;
             self.spawn_request(req, queue, gen, mem);
         }
-        let mut descs: Vec<Desc> = Vec::with_capacity(4);
         let pending = usize::from(pending.0) + n;
         while n < POP_BATCH && pending > n {
             let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.as_ref()) else {
@@ -377,18 +383,19 @@ impl BlkDevice {
                 break;
             };
             let head = chain.head_index();
-            descs.clear();
-            // A chain longer than a request can be is refused without collecting it.
-            descs.extend(chain.take(max_descs).map(|d| Desc {
-                addr: d.addr().0,
-                len: d.len(),
-                write: d.is_write_only(),
-            }));
-            let req = if descs.len() >= max_descs {
-                request::Request::refused(head, RequestError::TooManySegments(descs.len()))
-            } else {
-                request::parse(head, &descs, mem, lim)
-            };
+            // A chain that is not one (a loop, a bad index or indirect table, memory
+            // that cannot be read) means a broken driver: as QEMU, the device stops
+            // the ring until it is reset, and returns nothing for it.
+            if let Err(e) = chain::walk(mem, table, size, head, max_descs, &mut walked) {
+                drop(state);
+                self.break_ring(
+                    vring,
+                    queue,
+                    format_args!("descriptor chain at {head}: {e}"),
+                );
+                break;
+            }
+            let req = self.request_of(head, &walked, mem, lim);
             if let Some(t) = &track {
                 // Recorded before anything of the request happens.
                 let c = self.queues.counter[queue].fetch_add(1, Ordering::Relaxed);
@@ -398,6 +405,26 @@ impl BlkDevice {
             self.spawn_request(req, queue, gen, mem);
         }
         n
+    }
+
+    /// The request of a walked chain: parsed, or refused when it has more descriptors
+    /// than a request may (the status byte, in its last descriptor, says so).
+    fn request_of(
+        &self,
+        head: u16,
+        walked: &chain::Walked,
+        mem: &Arc<Memory>,
+        lim: &DeviceLimits,
+    ) -> Request {
+        if walked.total > walked.descs.len() {
+            request::Request::refused_at(
+                head,
+                RequestError::TooManySegments(walked.total),
+                walked.last,
+            )
+        } else {
+            request::parse(head, &walked.descs, mem, lim)
+        }
     }
 
     fn spawn_request(&self, req: Request, queue: usize, gen: u64, mem: &Arc<Memory>) {
@@ -644,17 +671,35 @@ impl BlkDevice {
             }
             std::thread::sleep(Duration::from_micros(100));
         }
+        let n = held.load(Ordering::Acquire);
+        if n > 0 && self.inflight().is_none() {
+            // Without an inflight region the frontend cannot get a held request back
+            // after the stop: complete it with an error now, while the ring is ours,
+            // rather than leave the guest waiting for it forever.
+            log::warn!(
+                "export {}: queue {q} stopped with {n} request(s) held by an I/O error and \
+                 no inflight tracking; they complete with an error",
+                self.shared.id
+            );
+            self.queues.fail_held[q].store(true, Ordering::Release);
+            self.wake_all();
+            let deadline = Instant::now() + Duration::from_secs(1);
+            while in_flight.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            self.queues.fail_held[q].store(false, Ordering::Release);
+        } else if n > 0 {
+            log::info!(
+                "export {}: queue {q} stopped with {n} request(s) held by an I/O error; they \
+                 stay in the inflight region and run again when the ring restarts",
+                self.shared.id
+            );
+        }
         // From here on nothing is pushed to the old ring: held requests give up, and
         // stragglers complete into nothing. A broken ring gets a fresh start.
         self.queues.gen[q].fetch_add(1, Ordering::AcqRel);
         self.queues.broken[q].store(false, Ordering::Release);
-        let n = held.load(Ordering::Acquire);
-        if n > 0 {
-            log::warn!(
-                "export {}: queue {q} stopped with {n} request(s) held by an I/O error; they \
-                 are not completed (the frontend resubmits what it did not get back)",
-                self.shared.id
-            );
+        if held.load(Ordering::Acquire) > 0 {
             self.wake_all();
         }
     }
@@ -783,6 +828,7 @@ impl Future for Resumed<'_> {
         if shared.is_stopping()
             || shared.frontend_gone.load(Ordering::SeqCst)
             || self.origin.ring_stopped()
+            || self.origin.queues.fail_held[self.origin.queue].load(Ordering::Acquire)
         {
             return Poll::Ready(false);
         }

@@ -141,6 +141,18 @@ impl Request {
     }
 }
 
+impl Request {
+    /// A chain refused before parsing whose last descriptor is known: the status goes
+    /// to its last byte if it is device-writable.
+    pub fn refused_at(head: u16, e: RequestError, last: Option<Desc>) -> Request {
+        let mut r = Request::refused(head, e);
+        r.status_addr = last
+            .filter(|d| d.write)
+            .and_then(|d| last_byte(d.addr, u64::from(d.len)));
+        r
+    }
+}
+
 /// Guest memory segments (address, length); most chains have few, kept inline.
 pub type Segs = SmallVec<[(u64, u64); 4]>;
 
@@ -389,7 +401,13 @@ fn parse_op(
     let out_data = sub(&s.readable, HEADER_LEN, readable_len - HEADER_LEN);
     let in_data = sub(&s.writable, 0, writable_len - 1);
     // What the config space promises the driver (and what bounds the work and memory
-    // one request may take): at most size_max bytes per data segment.
+    // one request may take): at most seg_max data segments (header and status bytes
+    // apart, wherever descriptor boundaries fall) of at most size_max bytes each.
+    if out_data.len() + in_data.len() > lim.max_segments {
+        return Err(RequestError::TooManySegments(
+            out_data.len() + in_data.len(),
+        ));
+    }
     if let Some(&(_, len)) = out_data
         .iter()
         .chain(in_data.iter())

@@ -184,11 +184,20 @@ impl IoVec {
     }
 }
 
+/// Buffers from this size up are mapped directly (and unmapped when dropped). The C
+/// allocator would keep freed ones (glibc raises its mmap threshold to the largest
+/// chunk freed), so memory a burst of large bounced requests took would stay with
+/// the process.
+const MMAP_FROM: usize = 128 << 10;
+const PAGE: usize = 4096;
+
 /// A heap buffer with a chosen alignment (for O_DIRECT bounce buffers).
 pub struct AlignedBuf {
     ptr: *mut u8,
     len: usize,
     layout: Layout,
+    /// Mapped with mmap (else from the global allocator with `layout`).
+    mapped: bool,
 }
 
 // SAFETY: the buffer is plain heap memory owned by this value; access goes through
@@ -211,9 +220,34 @@ impl AlignedBuf {
     /// allocator cannot provide it (or the size and alignment make no layout).
     pub fn try_zeroed(len: usize, align: usize) -> Option<Self> {
         let layout = Layout::from_size_align(len.max(1), align.max(1)).ok()?;
+        if len >= MMAP_FROM && layout.align() <= PAGE {
+            // SAFETY: a new private anonymous mapping (zero-filled by the kernel); no
+            // existing memory is affected; the result is checked.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            return (p != libc::MAP_FAILED).then_some(AlignedBuf {
+                ptr: p.cast(),
+                len,
+                layout,
+                mapped: true,
+            });
+        }
         // SAFETY: the layout has a non-zero size.
         let ptr = unsafe { alloc::alloc_zeroed(layout) };
-        (!ptr.is_null()).then_some(AlignedBuf { ptr, len, layout })
+        (!ptr.is_null()).then_some(AlignedBuf {
+            ptr,
+            len,
+            layout,
+            mapped: false,
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -237,8 +271,14 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        // SAFETY: ptr was allocated with this layout and is freed once.
-        unsafe { alloc::dealloc(self.ptr, self.layout) };
+        if self.mapped {
+            // SAFETY: the mapping made in `try_zeroed`, of `len` bytes, unmapped once;
+            // no reference into it outlives the buffer.
+            unsafe { libc::munmap(self.ptr.cast(), self.len) };
+        } else {
+            // SAFETY: ptr was allocated with this layout and is freed once.
+            unsafe { alloc::dealloc(self.ptr, self.layout) };
+        }
     }
 }
 

@@ -1,13 +1,20 @@
-//! Walking a descriptor chain from a known head (virtio 1.2, 2.7.5), for requests the
-//! device resubmits from the inflight region: their heads come from that region, not
-//! from the available ring, so virtio-queue's iterator cannot produce them.
+//! Walking a descriptor chain from its head (virtio 1.2, 2.7.5 and 2.7.7).
 //!
-//! The same rules as on the normal path: at most one level of indirection, no loops
-//! (a chain visits at most as many descriptors as its table holds), every descriptor
-//! read from guest memory with bounds checks.
+//! Every chain goes through here: those popped from the available ring (virtio-queue
+//! pops the head) and those resubmitted from the inflight region. virtio-queue's own
+//! chain iterator ends a chain silently at a loop, a bad index or a bad indirect
+//! table, and what is left looks like a real, shorter chain; here each of those is an
+//! error, which the device treats as QEMU does (the ring needs a reset).
+//!
+//! Rules: at most one level of indirection, an indirect descriptor alone in its chain
+//! and its table a whole number of descriptors, no loops (a chain visits at most as
+//! many descriptors as its table holds), every index inside its table, every
+//! descriptor read from guest memory with bounds checks. Past `max` descriptors the
+//! walk goes on (bounded by the table) without storing them, so that the chain's last
+//! descriptor, where the status byte is, is still known.
 
 use super::super::request::{Desc, Memory};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 const F_NEXT: u16 = 0x1;
 const F_WRITE: u16 = 0x2;
@@ -22,6 +29,8 @@ pub enum ChainError {
     Unreadable(u64),
     #[error("the chain is longer than its table (a loop)")]
     Loop,
+    #[error("an indirect descriptor in an indirect table")]
+    NestedIndirect,
     #[error("bad indirect table")]
     BadIndirect,
 }
@@ -48,32 +57,60 @@ fn read_desc(mem: &Memory, table: u64, i: u16) -> Result<RawDesc, ChainError> {
     })
 }
 
-/// The descriptors of the chain at `head` of the table at `table` (`size` entries),
-/// at most `max` of them (more is reported as a loop).
+/// A walked chain: its first descriptors and how many it has in all.
+#[derive(Debug, Default)]
+pub struct Walked {
+    /// The first `max` descriptors.
+    pub descs: Vec<Desc>,
+    /// The number of descriptors in the chain.
+    pub total: usize,
+    /// The chain's last descriptor.
+    pub last: Option<Desc>,
+}
+
+/// Walks the chain at `head` of the table at `table` (`size` entries) into `out`
+/// (cleared first), storing at most `max` descriptors.
 pub fn walk(
     mem: &Memory,
     table: u64,
     size: u16,
     head: u16,
     max: usize,
-) -> Result<Vec<Desc>, ChainError> {
+    out: &mut Walked,
+) -> Result<(), ChainError> {
+    out.descs.clear();
+    out.total = 0;
+    out.last = None;
     if head >= size {
         return Err(ChainError::BadIndex(head));
     }
-    let mut out = Vec::new();
+    let ring_size = size;
     let (mut table, mut size, mut i) = (table, size, head);
     let mut indirect = false;
     let mut visited = 0u32;
     loop {
         visited += 1;
-        if visited > u32::from(size) || out.len() >= max {
+        if visited > u32::from(size) {
             return Err(ChainError::Loop);
         }
         let d = read_desc(mem, table, i)?;
         if d.flags & F_INDIRECT != 0 {
-            // Only as the (sole) top-level descriptor's kind, and never nested.
-            if indirect || d.flags & F_NEXT != 0 || d.len == 0 || u64::from(d.len) % DESC_LEN != 0 {
+            if indirect {
+                return Err(ChainError::NestedIndirect);
+            }
+            // The last descriptor of its chain (virtio 2.7.5.3: after zero or more
+            // direct ones), pointing at a whole table of at most a ring's worth of
+            // descriptors (a chain is never longer than the queue), all of it in
+            // guest memory (as QEMU maps it whole).
+            if d.flags & F_NEXT != 0
+                || d.len == 0
+                || u64::from(d.len) % DESC_LEN != 0
+                || u64::from(d.len) / DESC_LEN > u64::from(ring_size)
+            {
                 return Err(ChainError::BadIndirect);
+            }
+            if !mem.check_range(GuestAddress(d.addr), d.len as usize) {
+                return Err(ChainError::Unreadable(d.addr));
             }
             let n = u64::from(d.len) / DESC_LEN;
             size = u16::try_from(n).map_err(|_| ChainError::BadIndirect)?;
@@ -83,13 +120,18 @@ pub fn walk(
             visited = 0;
             continue;
         }
-        out.push(Desc {
+        let desc = Desc {
             addr: d.addr,
             len: d.len,
             write: d.flags & F_WRITE != 0,
-        });
+        };
+        if out.descs.len() < max {
+            out.descs.push(desc);
+        }
+        out.total += 1;
+        out.last = Some(desc);
         if d.flags & F_NEXT == 0 {
-            return Ok(out);
+            return Ok(());
         }
         if d.next >= size {
             return Err(ChainError::BadIndex(d.next));
@@ -112,40 +154,68 @@ mod tests {
             .unwrap();
     }
 
+    fn w(
+        mem: &Memory,
+        table: u64,
+        size: u16,
+        head: u16,
+        max: usize,
+    ) -> Result<Vec<Desc>, ChainError> {
+        let mut out = Walked::default();
+        walk(mem, table, size, head, max, &mut out).map(|()| out.descs)
+    }
+
     #[test]
     fn direct_indirect_loops_and_bad_indexes() {
         let mem = Memory::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
         put(&mem, 0, 3, 0x1000, 16, F_NEXT, 5);
         put(&mem, 0, 5, 0x2000, 512, F_NEXT | F_WRITE, 1);
         put(&mem, 0, 1, 0x3000, 1, F_WRITE, 0);
-        let c = walk(&mem, 0, 8, 3, 64).unwrap();
+        let c = w(&mem, 0, 8, 3, 64).unwrap();
         assert_eq!(c.len(), 3);
         assert!(!c[0].write && c[1].write && c[2].write);
         // A loop: 1 -> 5 -> 1.
         put(&mem, 0, 1, 0x3000, 1, F_WRITE | F_NEXT, 5);
-        assert_eq!(walk(&mem, 0, 8, 3, 64), Err(ChainError::Loop));
+        assert_eq!(w(&mem, 0, 8, 3, 64), Err(ChainError::Loop));
         // Out of the table.
-        assert_eq!(walk(&mem, 0, 8, 9, 64), Err(ChainError::BadIndex(9)));
+        assert_eq!(w(&mem, 0, 8, 9, 64), Err(ChainError::BadIndex(9)));
         put(&mem, 0, 2, 0x3000, 1, F_NEXT, 12);
-        assert_eq!(walk(&mem, 0, 8, 2, 64), Err(ChainError::BadIndex(12)));
+        assert_eq!(w(&mem, 0, 8, 2, 64), Err(ChainError::BadIndex(12)));
         // Indirect: a table of two at 0x4000.
         put(&mem, 0, 0, 0x4000, 32, F_INDIRECT, 0);
         put(&mem, 0x4000, 0, 0x1000, 16, F_NEXT, 1);
         put(&mem, 0x4000, 1, 0x3000, 1, F_WRITE, 0);
-        assert_eq!(walk(&mem, 0, 8, 0, 64).unwrap().len(), 2);
+        assert_eq!(w(&mem, 0, 8, 0, 64).unwrap().len(), 2);
         // Nested indirect.
         put(&mem, 0x4000, 1, 0x5000, 16, F_INDIRECT, 0);
-        assert_eq!(walk(&mem, 0, 8, 0, 64), Err(ChainError::BadIndirect));
+        assert_eq!(w(&mem, 0, 8, 0, 64), Err(ChainError::NestedIndirect));
         // Indirect table outside memory.
         put(&mem, 0, 0, 0xFFFF_0000, 32, F_INDIRECT, 0);
         assert!(matches!(
-            walk(&mem, 0, 8, 0, 64),
+            w(&mem, 0, 8, 0, 64),
             Err(ChainError::Unreadable(_))
         ));
-        // The collection limit.
+        // The collection limit: the walk goes on and knows the last descriptor.
         put(&mem, 0, 3, 0x1000, 16, F_NEXT, 5);
         put(&mem, 0, 5, 0x2000, 512, F_NEXT | F_WRITE, 1);
         put(&mem, 0, 1, 0x3000, 1, F_WRITE, 0);
-        assert_eq!(walk(&mem, 0, 8, 3, 2), Err(ChainError::Loop));
+        let mut out = Walked::default();
+        walk(&mem, 0, 8, 3, 2, &mut out).unwrap();
+        assert_eq!((out.descs.len(), out.total), (2, 3));
+        assert_eq!(out.last.unwrap().addr, 0x3000);
+        // An indirect descriptor after a direct one is valid (virtio 2.7.5.3.2).
+        put(&mem, 0x4000, 0, 0x2000, 512, F_NEXT | F_WRITE, 1);
+        put(&mem, 0x4000, 1, 0x3000, 1, F_WRITE, 0);
+        put(&mem, 0, 6, 0x1000, 16, F_NEXT, 7);
+        put(&mem, 0, 7, 0x4000, 32, F_INDIRECT, 0);
+        assert_eq!(w(&mem, 0, 8, 6, 64).unwrap().len(), 3);
+        // A table larger than the ring, or crossing the end of memory.
+        put(&mem, 0, 7, 0x4000, 16 * 9, F_INDIRECT, 0);
+        assert_eq!(w(&mem, 0, 8, 6, 64), Err(ChainError::BadIndirect));
+        put(&mem, 0, 7, 0xFFF0, 32, F_INDIRECT, 0);
+        assert_eq!(w(&mem, 0, 8, 6, 64), Err(ChainError::Unreadable(0xFFF0)));
+        // An indirect table whose length is not a whole number of descriptors.
+        put(&mem, 0, 0, 0x4000, 56, F_INDIRECT, 0);
+        assert_eq!(w(&mem, 0, 8, 0, 64), Err(ChainError::BadIndirect));
     }
 }
