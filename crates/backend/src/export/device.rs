@@ -360,7 +360,7 @@ impl BlkDevice {
             // A head the frontend's region holds that makes no chain is returned
             // unprocessed (which also clears its mark).
             let req = match chain::walk(mem, table, size, head, max_descs, &mut walked) {
-                Ok(()) => self.request_of(head, &walked, mem, lim),
+                Ok(()) => chain::request(head, &walked, mem, lim),
                 Err(e) => request::Request::refused(head, RequestError::BadChain(e.to_string())),
             };
             log::info!(
@@ -395,7 +395,7 @@ impl BlkDevice {
                 );
                 break;
             }
-            let req = self.request_of(head, &walked, mem, lim);
+            let req = chain::request(head, &walked, mem, lim);
             if let Some(t) = &track {
                 // Recorded before anything of the request happens.
                 let c = self.queues.counter[queue].fetch_add(1, Ordering::Relaxed);
@@ -405,26 +405,6 @@ impl BlkDevice {
             self.spawn_request(req, queue, gen, mem);
         }
         n
-    }
-
-    /// The request of a walked chain: parsed, or refused when it has more descriptors
-    /// than a request may (the status byte, in its last descriptor, says so).
-    fn request_of(
-        &self,
-        head: u16,
-        walked: &chain::Walked,
-        mem: &Arc<Memory>,
-        lim: &DeviceLimits,
-    ) -> Request {
-        if walked.total > walked.descs.len() {
-            request::Request::refused_at(
-                head,
-                RequestError::TooManySegments(walked.total),
-                walked.last,
-            )
-        } else {
-            request::parse(head, &walked.descs, mem, lim)
-        }
     }
 
     fn spawn_request(&self, req: Request, queue: usize, gen: u64, mem: &Arc<Memory>) {

@@ -1,6 +1,6 @@
 //! `desc_chain`: a split virtqueue in guest memory built from fuzz bytes, popped
 //! with virtio-queue as the iothread loop (`export/device.rs`) pops it, each chain
-//! parsed by [`request::parse`], its status written and its used element pushed.
+//! walked by vubd's chain walker and parsed, its status written and its used element pushed.
 //!
 //! Input layout (little endian; missing bytes read as zero):
 //!
@@ -21,6 +21,7 @@
 
 use super::input::Input;
 use crate::export::request::{self, Desc, DeviceLimits, Memory, Op, Request};
+use crate::export::vhost_user::chain;
 use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
@@ -148,6 +149,7 @@ pub fn desc_chain(data: &[u8]) {
     };
     let mut popped = 0;
     let mut descs: Vec<Desc> = Vec::new();
+    let mut walked = chain::Walked::default();
     // The iothread's loop: disable notifications, pop, complete, re-arm and look again.
     // Each round is bounded here; how often a real loop goes round is the device's
     // business (a frontend that makes `enable_notification` return true forever must
@@ -160,20 +162,18 @@ pub fn desc_chain(data: &[u8]) {
             };
             popped += 1;
             let head = chain.head_index();
-            // As device.rs: a chain longer than any request can be is refused without
-            // collecting the rest of it.
+            // As device.rs: every chain is walked by vubd's walker; one that is not a
+            // chain stops the ring (nothing is pushed), one longer than a request can
+            // be is refused with its rest walked but not stored.
             let max_descs = request::max_chain_descriptors(&lim);
+            let (table, size) = (queue.desc_table(), queue.size());
+            if chain::walk(&mem, table, size, head, max_descs, &mut walked).is_err() {
+                return;
+            }
+            let req = chain::request(head, &walked, &mem, &lim);
             descs.clear();
-            descs.extend(chain.take(max_descs).map(|d| Desc {
-                addr: d.addr().0,
-                len: d.len(),
-                write: d.is_write_only(),
-            }));
-            let req = if descs.len() >= max_descs {
-                Request::refused(head, request::RequestError::TooManySegments(descs.len()))
-            } else {
-                request::parse(head, &descs, &mem, &lim)
-            };
+            descs.extend_from_slice(&walked.descs);
+            descs.extend(walked.last);
             let len = check(&req, &descs, &mem, &lim);
             let _ = queue.add_used(mem.as_ref(), head, len);
         }

@@ -13,7 +13,8 @@
 //! walk goes on (bounded by the table) without storing them, so that the chain's last
 //! descriptor, where the status byte is, is still known.
 
-use super::super::request::{Desc, Memory};
+use super::super::request::{self, Desc, DeviceLimits, Memory, Request, RequestError};
+use std::sync::Arc;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 const F_NEXT: u16 = 0x1;
@@ -137,6 +138,20 @@ pub fn walk(
             return Err(ChainError::BadIndex(d.next));
         }
         i = d.next;
+    }
+}
+
+/// The request of a walked chain: parsed, or refused when the chain has more
+/// descriptors than a request may (IOERR in its last byte, when that is writable).
+pub fn request(head: u16, walked: &Walked, mem: &Arc<Memory>, lim: &DeviceLimits) -> Request {
+    if walked.total > walked.descs.len() {
+        Request::refused_at(
+            head,
+            RequestError::TooManySegments(walked.total),
+            walked.last,
+        )
+    } else {
+        request::parse(head, &walked.descs, mem, lim)
     }
 }
 
