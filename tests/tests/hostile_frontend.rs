@@ -2021,3 +2021,39 @@ fn bad_queue_sizes_are_refused_at_startup() {
         eprintln!("  queue-size={qs}: {line}");
     }
 }
+
+/// The frontend shrinks its guest-memory memfd after handing it over (SET_MEM_TABLE
+/// checked its size then). The daemon's next access to the lost pages raises SIGBUS,
+/// which used to kill it and every other export with it: now the fault lands on a
+/// zero page (the attacker's own memory reads as zeroes) and the daemon serves on.
+#[test]
+fn guest_memory_truncated_after_the_memory_table() {
+    let mut h = Harness::start(
+        "guest_memory_truncated_after_the_memory_table",
+        shm(16 * MIB),
+        "",
+        false,
+    );
+    let mut dev = h.dev(&DevOpts::default());
+    // A request ready in the ring, published but not yet kicked: once the memory is
+    // gone the frontend must not touch it either.
+    let hd = dev.header(VIRTIO_BLK_T_IN, 0);
+    let d = dev.buffer(4096, 512, 0, 0x99);
+    let s = dev.status();
+    let first = dev.desc_slots(3);
+    let head = dev.q.write_chain(first, &[r(hd, 16), w(d, 4096), w(s, 1)]);
+    dev.q.push_avail(head);
+    let region = dev.mem().regions()[0].clone();
+    // SAFETY: ftruncate on the frontend's own memfd.
+    let rc = unsafe { libc::ftruncate(region.fd(), 0) };
+    assert_eq!(rc, 0, "ftruncate: {}", std::io::Error::last_os_error());
+    dev.q.kick();
+    std::thread::sleep(Duration::from_millis(300));
+    h.daemon
+        .assert_running("after the frontend truncated its guest memory");
+    h.measure_attack();
+    // The frontend's own mapping is gone too: drop it without touching it.
+    drop(dev);
+    h.assert_a_serves(Duration::from_secs(10));
+    h.finish();
+}

@@ -30,6 +30,7 @@ pub struct DirtyLog {
     /// Pages the log covers (marks beyond are dropped, with one warning).
     pages: u64,
     warned: std::sync::atomic::AtomicBool,
+    _guard: Option<super::sigbus::Registration>,
 }
 
 // SAFETY: the mapping is shared memory accessed only through atomic byte operations;
@@ -69,6 +70,8 @@ impl DirtyLog {
             len,
             pages: size.saturating_mul(8),
             warned: Default::default(),
+            // The frontend keeps the file and could shrink it under us.
+            _guard: super::sigbus::register(ptr.cast(), len),
         })
     }
 

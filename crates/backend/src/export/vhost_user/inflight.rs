@@ -55,6 +55,8 @@ pub struct InflightRegion {
     num_queues: u16,
     queue_size: u16,
     fd: OwnedFd,
+    /// The frontend keeps the file and could shrink it under us.
+    _guard: Option<super::sigbus::Registration>,
 }
 
 // SAFETY: the mapping is shared memory accessed only through atomics (see the
@@ -144,6 +146,7 @@ impl InflightRegion {
             num_queues,
             queue_size,
             fd,
+            _guard: super::sigbus::register(ptr.cast(), len),
         })
     }
 

@@ -22,6 +22,7 @@
 pub mod chain;
 pub mod dirty_log;
 pub mod inflight;
+pub mod sigbus;
 pub mod vring;
 pub mod wire;
 pub mod worker;
@@ -223,6 +224,21 @@ fn map_region(info: &RegionInfo, offset: u64, fd: OwnedFd) -> io::Result<Arc<Gue
         .ok_or_else(|| bad("region wraps around the guest address space"))
 }
 
+/// A guest memory region guarded against truncation (see [`sigbus`]) while it exists.
+struct Guarded {
+    region: std::sync::Weak<GuestRegionMmap>,
+    _registration: Option<sigbus::Registration>,
+}
+
+impl Guarded {
+    fn new(region: &Arc<GuestRegionMmap>) -> Guarded {
+        Guarded {
+            region: Arc::downgrade(region),
+            _registration: sigbus::register(region.as_ptr(), region.size()),
+        }
+    }
+}
+
 /// One frontend connection.
 pub struct Session<D: QueueDevice> {
     device: Arc<D>,
@@ -236,6 +252,9 @@ pub struct Session<D: QueueDevice> {
     inflight: Option<Arc<InflightRegion>>,
     /// Ring addresses as frontend virtual addresses, translated at start.
     ring_addrs: Vec<Option<[u64; 3]>>,
+    /// Guest memory regions mapped by this connection, old ones included while
+    /// requests still use them.
+    guarded: Vec<Guarded>,
 }
 
 impl<D: QueueDevice> Session<D> {
@@ -276,6 +295,7 @@ impl<D: QueueDevice> Session<D> {
             acked_protocol: 0,
             inflight: None,
             ring_addrs: vec![None; n],
+            guarded: Vec::new(),
         })
     }
 
@@ -782,6 +802,7 @@ impl<D: QueueDevice> Session<D> {
         for (i, fd) in fds.into_iter().enumerate() {
             let (info, offset) = region_at(&m.payload, 8 + 32 * i);
             let r = map_region(&info, offset, fd).map_err(|e| refused(&m, e.to_string()))?;
+            self.guarded.push(Guarded::new(&r));
             infos.push(info);
             regions.push(r);
         }
@@ -800,6 +821,7 @@ impl<D: QueueDevice> Session<D> {
             return Err(refused(&m, "no free memory slot"));
         }
         let r = map_region(&info, offset, fd).map_err(|e| refused(&m, e.to_string()))?;
+        self.guarded.push(Guarded::new(&r));
         let current = self.mem.memory();
         let mem = if self.regions.is_empty() {
             Memory::from_arc_regions(vec![r])
@@ -846,6 +868,15 @@ impl<D: QueueDevice> Session<D> {
             .unwrap_or_else(|p| p.into_inner())
             .replace(mem);
         self.regions = infos;
+        // Regions nobody uses any more are unmapped: stop guarding them.
+        self.guarded.retain(|g| g.region.strong_count() > 0);
+        let n = sigbus::take_recovered();
+        if n > 0 {
+            log::warn!(
+                "vhost-user: the frontend truncated shared memory under the daemon; {n} \
+                 page(s) were replaced by zero pages"
+            );
+        }
         let mem = self.mem.memory();
         for (q, v) in self.vrings.iter().enumerate() {
             let mut v = v.lock();
