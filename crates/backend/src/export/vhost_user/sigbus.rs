@@ -23,9 +23,8 @@ use std::sync::Once;
 /// inflight regions). A mapping that finds no slot is served unprotected.
 const SLOTS: usize = 4096;
 
-const EMPTY: AtomicUsize = AtomicUsize::new(0);
-static STARTS: [AtomicUsize; SLOTS] = [EMPTY; SLOTS];
-static LENS: [AtomicUsize; SLOTS] = [EMPTY; SLOTS];
+static STARTS: [AtomicUsize; SLOTS] = [const { AtomicUsize::new(0) }; SLOTS];
+static LENS: [AtomicUsize; SLOTS] = [const { AtomicUsize::new(0) }; SLOTS];
 /// Pages the handler replaced so far (reported by [`take_recovered`]).
 static RECOVERED: AtomicU64 = AtomicU64::new(0);
 static INSTALL: Once = Once::new();
