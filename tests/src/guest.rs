@@ -945,6 +945,12 @@ impl Guest {
 
     /// `query-migrate` on the source QEMU.
     pub fn migration_info(&mut self) -> Value {
+        if let Some(st) = self.vm.try_wait() {
+            panic!(
+                "the source QEMU exited ({st}) during the migration\n{}",
+                self.failure_context()
+            );
+        }
         self.vm.qmp().ok("query-migrate", json!({}))
     }
 
@@ -980,24 +986,28 @@ impl Guest {
             }
             std::thread::sleep(Duration::from_millis(100));
         };
-        let mut m = self.migration.take().expect("checked above");
         let run_deadline = Instant::now() + QEMU_START_TIMEOUT;
         loop {
+            let m = self.migration.as_mut().expect("checked above");
+            if let Some(st) = m.dest.try_wait() {
+                panic!(
+                    "the destination QEMU exited ({st}) after the migration completed\n{}",
+                    self.failure_context()
+                );
+            }
             let st = m.dest.qmp().ok("query-status", json!({}));
             if st["status"] == "running" {
                 break;
             }
             if Instant::now() > run_deadline {
-                let stderr = std::fs::read_to_string(&m.dest.files.stderr).unwrap_or_default();
-                m.dest.kill();
                 panic!(
-                    "the destination does not run the guest after the migration: {st}\n\
-                     destination stderr:\n{stderr}\n{}",
+                    "the destination does not run the guest after the migration: {st}\n{}",
                     self.failure_context()
                 );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+        let m = self.migration.take().expect("checked above");
         self.shared.note(&format!(
             "migration to {} completed in {:.2} s: {info}",
             m.uri,
@@ -1059,6 +1069,9 @@ impl Guest {
         let lines: Vec<&str> = text.lines().collect();
         let tail = lines[lines.len().saturating_sub(40)..].join("\n");
         let mut qemus = String::new();
+        if let Some(st) = self.vm.try_wait() {
+            qemus.push_str(&format!("QEMU has exited: {st}\n"));
+        }
         let current = (self.vm.command_line.clone(), self.vm.files.stderr.clone());
         let pending = self
             .migration
