@@ -464,9 +464,18 @@ impl<D: QueueDevice> Session<D> {
             req::SET_VRING_ADDR => {
                 m.expect_size(40)?;
                 let q = self.vring_index(&m, u64::from(m.u32_at(0)))?;
-                self.not_started(&m, q)?;
-                // desc, used, avail (frontend virtual addresses); log address unused.
-                self.ring_addrs[q] = Some([m.u64_at(8), m.u64_at(16), m.u64_at(24)]);
+                // desc, used, avail (frontend virtual addresses). The flags' LOG bit and
+                // the log address are not needed: vubd logs the used ring at the guest
+                // address it translated itself.
+                let addrs = [m.u64_at(8), m.u64_at(16), m.u64_at(24)];
+                let old = self.ring_addrs[q].replace(addrs);
+                if self.vrings[q].lock().is_started() && old != Some(addrs) {
+                    // QEMU resends the addresses of running rings when it turns
+                    // logging on for a migration (and aborts if that fails); new
+                    // addresses on a running ring take effect at once.
+                    self.set_ring_addresses(q)
+                        .map_err(|e| refused(&m, format!("queue {q}: {e}")))?;
+                }
                 Ok(Handled::Done)
             }
             req::SET_VRING_BASE => {
@@ -703,34 +712,18 @@ impl<D: QueueDevice> Session<D> {
 
     /// Starts ring `q` if its addresses translate and fit its size in guest memory.
     fn start_ring(&mut self, q: usize) {
-        let Some([desc, used, avail]) = self.ring_addrs[q] else {
+        if self.ring_addrs[q].is_none() {
             log::warn!("vhost-user: queue {q} kicked before its addresses were set");
             return;
-        };
+        }
         let protocol = self.acked_features & F_PROTOCOL_FEATURES != 0;
-        let mut v = self.vrings[q].lock();
-        let size = u64::from(v.get_queue().size());
-        let gpas = (
-            self.vva_to_gpa(desc, 16 * size),
-            self.vva_to_gpa(avail, 6 + 2 * size),
-            self.vva_to_gpa(used, 6 + 8 * size),
-        );
-        let (Some(d), Some(a), Some(u)) = gpas else {
-            log::warn!("vhost-user: queue {q}: ring addresses are outside guest memory");
-            v.signal_error();
-            return;
-        };
-        let queue = v.get_queue_mut();
-        queue.set_desc_table_address(Some(d as u32), Some((d >> 32) as u32));
-        queue.set_avail_ring_address(Some(a as u32), Some((a >> 32) as u32));
-        queue.set_used_ring_address(Some(u as u32), Some((u >> 32) as u32));
-        let mem = self.mem.memory();
-        queue.set_ready(true);
-        if !queue.is_valid(&*mem) {
-            queue.set_ready(false);
-            v.signal_error();
+        if let Err(e) = self.set_ring_addresses(q) {
+            log::warn!("vhost-user: queue {q}: {e}");
             return;
         }
+        let mut v = self.vrings[q].lock();
+        let queue = v.get_queue_mut();
+        let mem = self.mem.memory();
         // Continue where the used ring stands: after a reconnect the frontend rewinds
         // the available index to it.
         let used_idx = queue
@@ -759,6 +752,35 @@ impl<D: QueueDevice> Session<D> {
         }
         drop(v);
         self.device.queue_started(q);
+    }
+
+    /// Translates ring `q`'s addresses into guest physical ones and gives them to its
+    /// queue, which becomes ready if they fit its size in guest memory.
+    fn set_ring_addresses(&self, q: usize) -> std::result::Result<(), String> {
+        let [desc, used, avail] = self.ring_addrs[q].ok_or("no ring addresses")?;
+        let mut v = self.vrings[q].lock();
+        let size = u64::from(v.get_queue().size());
+        let gpas = (
+            self.vva_to_gpa(desc, 16 * size),
+            self.vva_to_gpa(avail, 6 + 2 * size),
+            self.vva_to_gpa(used, 6 + 8 * size),
+        );
+        let (Some(d), Some(a), Some(u)) = gpas else {
+            v.signal_error();
+            return Err("ring addresses are outside guest memory".into());
+        };
+        let queue = v.get_queue_mut();
+        queue.set_desc_table_address(Some(d as u32), Some((d >> 32) as u32));
+        queue.set_avail_ring_address(Some(a as u32), Some((a >> 32) as u32));
+        queue.set_used_ring_address(Some(u as u32), Some((u >> 32) as u32));
+        let mem = self.mem.memory();
+        queue.set_ready(true);
+        if !queue.is_valid(&*mem) {
+            queue.set_ready(false);
+            v.signal_error();
+            return Err("the ring does not fit in guest memory".into());
+        }
+        Ok(())
     }
 
     /// Stops ring `q`: no more reads or writes of it; the device lets go of it.
