@@ -231,7 +231,10 @@ mod tests {
         // memory. (Larger than the ring but within a request's limit is fine.)
         put(&mem, 0, 7, 0x4000, 16 * 9, F_INDIRECT, 0);
         assert_eq!(w(&mem, 0, 8, 6, 8), Err(ChainError::BadIndirect));
-        assert!(!matches!(w(&mem, 0, 8, 6, 64), Err(ChainError::BadIndirect)));
+        assert!(!matches!(
+            w(&mem, 0, 8, 6, 64),
+            Err(ChainError::BadIndirect)
+        ));
         put(&mem, 0, 7, 0xFFF0, 32, F_INDIRECT, 0);
         assert_eq!(w(&mem, 0, 8, 6, 64), Err(ChainError::Unreadable(0xFFF0)));
         // An indirect table whose length is not a whole number of descriptors.
