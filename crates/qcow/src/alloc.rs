@@ -100,8 +100,10 @@ impl<I: QcowIo> Qcow2<I> {
                 };
                 if let Some(v) = new {
                     layout::rc_set(&mut e.data, order, idx, v);
-                    e.dirty = true;
-                    e.gen += 1;
+                    // Only these bytes need writing (an allocation's refcount
+                    // reaches the file at once, before its L2 entry).
+                    let bits = 1usize << order;
+                    e.touch(idx * bits / 8, ((idx + 1) * bits).div_ceil(8));
                 }
                 new.ok_or(old)
             })
@@ -422,18 +424,23 @@ impl<I: QcowIo> Qcow2<I> {
 
     /// Writes one dirty cached table back.
     pub(crate) async fn write_table(&self, kind: TableKind, off: u64) -> Result<()> {
-        let (data, gen) = {
+        let (at, data, gen) = {
             let mut st = self.st();
             match st.cache(kind).get(off) {
-                Some(e) if e.dirty => (e.data.clone(), e.gen),
+                // Refcount blocks record what changed: write only that.
+                Some(e) if e.dirty => match e.dirty_bytes.filter(|_| kind == TableKind::Refcount) {
+                    Some((a, b)) => (a as u64, e.data[a..b].to_vec(), e.gen),
+                    None => (0, e.data.clone(), e.gen),
+                },
                 _ => return Ok(()),
             }
         };
-        self.io.write_at(off, &data).await?;
+        self.io.write_at(off + at, &data).await?;
         let mut st = self.st();
         if let Some(e) = st.cache(kind).get(off) {
             if e.gen == gen {
                 e.dirty = false;
+                e.dirty_bytes = None;
             }
         }
         st.epoch += 1;

@@ -19,7 +19,23 @@ pub struct CacheEntry {
     /// Bumped on every modification, so a writeback can tell whether the
     /// entry changed while it was being written.
     pub gen: u64,
+    /// While dirty: the bytes changed since the entry was last written, when every
+    /// change recorded its range ([`CacheEntry::touch`]); `None`: the whole table.
+    pub dirty_bytes: Option<(usize, usize)>,
     used: u64,
+}
+
+impl CacheEntry {
+    /// Records a change of bytes `lo..hi`.
+    pub fn touch(&mut self, lo: usize, hi: usize) {
+        self.dirty_bytes = if self.dirty {
+            self.dirty_bytes.map(|(a, b)| (a.min(lo), b.max(hi)))
+        } else {
+            Some((lo, hi))
+        };
+        self.dirty = true;
+        self.gen += 1;
+    }
 }
 
 /// The cache.
@@ -104,6 +120,7 @@ impl TableCache {
                 data,
                 dirty,
                 gen: 1,
+                dirty_bytes: None,
                 used: self.tick,
             },
         );

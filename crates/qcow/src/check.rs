@@ -307,8 +307,8 @@ impl<I: QcowIo> Qcow2<I> {
                 let idx = (c % rpb) as usize;
                 self.with_table(TableKind::Refcount, block, |e| {
                     layout::rc_set(&mut e.data, order, idx, want);
-                    e.dirty = true;
-                    e.gen += 1;
+                    let bits = 1usize << order;
+                    e.touch(idx * bits / 8, ((idx + 1) * bits).div_ceil(8));
                 })
                 .await?;
                 k.refs[c as usize] = want as u32;
