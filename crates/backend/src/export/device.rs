@@ -12,7 +12,7 @@ use super::request::{self, DeviceLimits, Memory, Op, Request, RequestError};
 use super::vhost_user::chain;
 use super::vhost_user::dirty_log::DirtyLog;
 use super::vhost_user::inflight::InflightRegion;
-use super::vhost_user::vring::Vring;
+use super::vhost_user::vring::{Vring, VringState};
 use super::vhost_user::{pf, BackendChannel, QueueDevice, F_LOG_ALL, F_PROTOCOL_FEATURES};
 use super::{ErrorAction, ExportShared, PopGate};
 use crate::iothread::{current_tid, IoThread};
@@ -110,20 +110,10 @@ impl QueueStates {
     }
 }
 
-/// Marks the used ring of `v` dirty (used elements, the used index, avail_event).
-fn log_used_ring(log: &DirtyLog, v: &Vring) {
-    let st = v.lock();
+/// Marks the used ring of a vring dirty (used elements, the used index, avail_event).
+fn log_used_ring(log: &DirtyLog, st: &VringState) {
     let q = st.get_queue();
     log.mark(q.used_ring(), 6 + 8 * u64::from(q.size()));
-}
-
-/// Whether the frontend has started and enabled a vring: only then may the device
-/// read or write it (vhost-user: a ring is started by SET_VRING_KICK and stopped by
-/// GET_VRING_BASE; with VHOST_USER_F_PROTOCOL_FEATURES it also needs
-/// SET_VRING_ENABLE 1). The rings of a queue that was never set up sit at guest
-/// address 0 and must stay untouched.
-fn is_live(v: &Vring) -> bool {
-    v.is_live()
 }
 
 #[derive(Default)]
@@ -473,7 +463,7 @@ impl BlkDevice {
         if let Some(log) = self.queues.dirty_log() {
             for (i, v) in vrings.iter().enumerate() {
                 if dirty & (1 << i) != 0 {
-                    log_used_ring(&log, v);
+                    log_used_ring(&log, &v.lock());
                 }
             }
         }
@@ -499,8 +489,12 @@ impl BlkDevice {
             std::mem::take(&mut l.unsignalled_queues)
         });
         for (i, v) in vrings.iter().enumerate() {
-            if dirty & (1 << i) != 0 && v.needs_notification().unwrap_or(true) {
-                if let Err(e) = v.signal_used_queue() {
+            if dirty & (1 << i) == 0 {
+                continue;
+            }
+            let mut st = v.lock();
+            if st.needs_notification().unwrap_or(true) {
+                if let Err(e) = st.signal_used_queue() {
                     crate::limited_log!(
                         self.shared.log_limits.ring,
                         log::Level::Warn,
@@ -561,17 +555,23 @@ impl BlkDevice {
     /// when enabling, returns whether any of them has entries waiting.
     fn set_notifications(&self, vrings: &[Arc<Vring>], thread: usize, on: bool) -> bool {
         let mut waiting = false;
+        let log = self.queues.dirty_log();
         for (i, v) in vrings.iter().enumerate() {
-            if self.queues.is_broken(self.queue_index(thread, i)) || !is_live(v) {
+            if self.queues.is_broken(self.queue_index(thread, i)) {
+                continue;
+            }
+            // Whether the ring may be touched, and the touch, under one lock.
+            let mut st = v.lock();
+            if !st.is_live() {
                 continue;
             }
             if on {
-                waiting |= v.enable_notification().unwrap_or(false);
+                waiting |= st.enable_notification().unwrap_or(false);
             } else {
-                let _ = v.disable_notification();
+                let _ = st.disable_notification();
             }
-            if let Some(log) = self.queues.dirty_log() {
-                log_used_ring(&log, v);
+            if let Some(log) = &log {
+                log_used_ring(log, &st);
             }
         }
         waiting

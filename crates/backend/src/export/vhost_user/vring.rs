@@ -144,30 +144,6 @@ impl Vring {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn is_live(&self) -> bool {
-        self.lock().is_live()
-    }
-
-    pub fn add_used(&self, head: u16, len: u32) -> Result<(), QueueError> {
-        self.lock().add_used(head, len)
-    }
-
-    pub fn signal_used_queue(&self) -> io::Result<()> {
-        self.lock().signal_used_queue()
-    }
-
-    pub fn enable_notification(&self) -> Result<bool, QueueError> {
-        self.lock().enable_notification()
-    }
-
-    pub fn disable_notification(&self) -> Result<(), QueueError> {
-        self.lock().disable_notification()
-    }
-
-    pub fn needs_notification(&self) -> Result<bool, QueueError> {
-        self.lock().needs_notification()
-    }
-
     /// Consumes the kick eventfd's count (after epoll reported it readable).
     pub fn read_kick(&self) {
         if let Some(k) = self.lock().kick() {
