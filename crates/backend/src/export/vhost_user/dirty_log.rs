@@ -8,8 +8,8 @@
 //! device sets bits with atomic ORs after each write (a page marked after its write
 //! is copied again even if the frontend copied it in between).
 
-use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use super::shm::{SharedMap, ShmError};
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 /// `VHOST_LOG_PAGE`
@@ -17,61 +17,25 @@ pub const LOG_PAGE: u64 = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DirtyLogError {
-    #[error("bad log geometry: {0}")]
-    Geometry(String),
     #[error("cannot map the log: {0}")]
-    Map(io::Error),
+    Map(#[from] ShmError),
 }
 
 /// The frontend's dirty bitmap, mapped.
 pub struct DirtyLog {
-    ptr: *mut u8,
-    len: usize,
+    map: SharedMap,
     /// Pages the log covers (marks beyond are dropped, with one warning).
     pages: u64,
     warned: std::sync::atomic::AtomicBool,
-    _guard: Option<super::sigbus::Registration>,
 }
-
-// SAFETY: the mapping is shared memory accessed only through atomic byte operations;
-// the pointer stays valid until Drop unmaps it.
-unsafe impl Send for DirtyLog {}
-// SAFETY: as above.
-unsafe impl Sync for DirtyLog {}
 
 impl DirtyLog {
     /// Maps `size` bytes at `offset` of the frontend's log descriptor.
     pub fn map(fd: OwnedFd, offset: u64, size: u64) -> Result<DirtyLog, DirtyLogError> {
-        let len = usize::try_from(size)
-            .ok()
-            .filter(|&l| l > 0)
-            .ok_or_else(|| DirtyLogError::Geometry(format!("size {size}")))?;
-        let off = libc::off_t::try_from(offset)
-            .ok()
-            .filter(|o| o % 4096 == 0)
-            .ok_or_else(|| DirtyLogError::Geometry(format!("offset {offset}")))?;
-        // SAFETY: a new shared mapping of a descriptor we own (closed when this
-        // function returns; the mapping stays); the result is checked.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                off,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(DirtyLogError::Map(io::Error::last_os_error()));
-        }
         Ok(DirtyLog {
-            ptr: ptr.cast(),
-            len,
+            map: SharedMap::map(&fd, offset, size)?,
             pages: size.saturating_mul(8),
             warned: Default::default(),
-            // The frontend keeps the file and could shrink it under us.
-            _guard: super::sigbus::register(ptr.cast(), len),
         })
     }
 
@@ -96,25 +60,18 @@ impl DirtyLog {
         }
         for page in first..=last.min(self.pages - 1) {
             let byte = (page / 8) as usize;
-            // SAFETY: `byte` < self.len because page < self.pages = 8 * len; the byte
-            // is accessed atomically, as the frontend does.
-            let b = unsafe { &*self.ptr.add(byte).cast::<AtomicU8>() };
+            // SAFETY: `byte` < the mapping's length because page < self.pages = 8 *
+            // len; the byte is accessed atomically, as the frontend does.
+            let b = unsafe { &*self.map.ptr().add(byte).cast::<AtomicU8>() };
             b.fetch_or(1 << (page % 8), Ordering::AcqRel);
         }
-    }
-}
-
-impl Drop for DirtyLog {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `map`, unmapped once.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::FromRawFd;
+    use std::os::fd::{AsRawFd, FromRawFd};
 
     fn memfd(len: u64) -> OwnedFd {
         // SAFETY: memfd_create with a static name; ftruncate on the new descriptor.

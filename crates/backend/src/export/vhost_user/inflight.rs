@@ -22,6 +22,7 @@
 //! `used_idx` differs from the ring's, the kill fell between publishing the used
 //! element and clearing the flag, and `last_batch_head` says which flag to clear.
 
+use super::shm::{SharedMap, ShmError};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{fence, AtomicU16, AtomicU64, AtomicU8, Ordering};
@@ -45,25 +46,16 @@ pub enum InflightError {
     #[error("cannot create the inflight region: {0}")]
     Create(io::Error),
     #[error("cannot map the inflight region: {0}")]
-    Map(io::Error),
+    Map(#[from] ShmError),
 }
 
 /// A mapped inflight region (all queues).
 pub struct InflightRegion {
-    ptr: *mut u8,
-    len: usize,
+    map: SharedMap,
     num_queues: u16,
     queue_size: u16,
     fd: OwnedFd,
-    /// The frontend keeps the file and could shrink it under us.
-    _guard: Option<super::sigbus::Registration>,
 }
-
-// SAFETY: the mapping is shared memory accessed only through atomics (see the
-// accessors); the pointer stays valid until Drop unmaps it.
-unsafe impl Send for InflightRegion {}
-// SAFETY: as above: every access is an atomic load or store.
-unsafe impl Sync for InflightRegion {}
 
 impl InflightRegion {
     /// A new, zeroed region (GET_INFLIGHT_FD) in a memfd.
@@ -117,36 +109,11 @@ impl InflightRegion {
         num_queues: u16,
         queue_size: u16,
     ) -> Result<InflightRegion, InflightError> {
-        let len = usize::try_from(len).map_err(|_| InflightError::Geometry("too large".into()))?;
-        let off = libc::off_t::try_from(offset)
-            .map_err(|_| InflightError::Geometry(format!("offset {offset}")))?;
-        if off % 4096 != 0 {
-            return Err(InflightError::Geometry(format!(
-                "unaligned offset {offset}"
-            )));
-        }
-        // SAFETY: a new shared mapping of a descriptor we own; no existing memory is
-        // affected. The result is checked before use.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                off,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(InflightError::Map(io::Error::last_os_error()));
-        }
         Ok(InflightRegion {
-            ptr: ptr.cast(),
-            len,
+            map: SharedMap::map(&fd, offset, len)?,
             num_queues,
             queue_size,
             fd,
-            _guard: super::sigbus::register(ptr.cast(), len),
         })
     }
 
@@ -155,11 +122,11 @@ impl InflightRegion {
     }
 
     pub fn len(&self) -> u64 {
-        self.len as u64
+        self.map.len() as u64
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.map.is_empty()
     }
 
     pub fn num_queues(&self) -> u16 {
@@ -179,14 +146,6 @@ impl InflightRegion {
     }
 }
 
-impl Drop for InflightRegion {
-    fn drop(&mut self) {
-        // SAFETY: the mapping created in `map`, unmapped once; no reference into it
-        // outlives the region (QueueInflight borrows it).
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
-    }
-}
-
 /// One queue's part of the region.
 #[derive(Clone, Copy)]
 pub struct QueueInflight<'a> {
@@ -196,13 +155,13 @@ pub struct QueueInflight<'a> {
 
 impl<'a> QueueInflight<'a> {
     fn at<T>(&self, off: usize) -> &'a T {
-        debug_assert!(self.base + off + std::mem::size_of::<T>() <= self.region.len);
+        debug_assert!(self.base + off + std::mem::size_of::<T>() <= self.region.map.len());
         // SAFETY: the offset lies inside the mapping (queue parts are laid out by
         // `queue_region_size`, fields inside a part by the format above), is aligned
         // for T (parts are 64-byte aligned, fields naturally aligned), and T is an
         // atomic type, valid for any bit pattern and safe to share with another
         // process writing the same memory.
-        unsafe { &*self.region.ptr.add(self.base + off).cast::<T>() }
+        unsafe { &*self.region.map.ptr().add(self.base + off).cast::<T>() }
     }
 
     fn version(&self) -> &'a AtomicU16 {

@@ -22,6 +22,7 @@
 pub mod chain;
 pub mod dirty_log;
 pub mod inflight;
+pub mod shm;
 pub mod sigbus;
 pub mod vring;
 pub mod wire;
