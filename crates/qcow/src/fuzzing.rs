@@ -23,18 +23,19 @@ pub const CONTROL_LEN: usize = 16;
 /// Most bytes of guest data an input touches (reads, writes, resizes stay below).
 const SPAN: u64 = 4 << 20;
 
-/// xorshift64*, for the operations' offsets and lengths.
-struct Rng(u64);
+/// xorshift64*, for the operations' offsets and lengths (and the stable harness's
+/// mutations).
+pub struct Rng(pub u64);
 
 impl Rng {
-    fn next_u64(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
         self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
 
-    fn below(&mut self, n: u64) -> u64 {
+    pub fn below(&mut self, n: u64) -> u64 {
         if n == 0 {
             0
         } else {

@@ -15,6 +15,7 @@
 //! input); `FUZZ_INPUT=<file> cargo test -p qcow --test fuzz corpus_replays` replays
 //! one. docs/fuzzing.md has the cargo-fuzz runs.
 
+use qcow::fuzzing::Rng;
 use qcow::fuzzing::{qcow2_meta, CONTROL_LEN};
 use qcow::{
     block_on, create, CompressionType, CreateOptions, MemIo, NoBacking, OpenOptions, Qcow2, Repair,
@@ -26,23 +27,6 @@ use std::time::{Duration, Instant};
 
 /// Longest one case may take (debug build) before it counts as a hang.
 const CASE_LIMIT: Duration = Duration::from_secs(20);
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        if n == 0 {
-            0
-        } else {
-            self.next() % n
-        }
-    }
-}
 
 /// Small valid images covering the format's variants.
 fn seeds() -> Vec<Vec<u8>> {
@@ -90,7 +74,7 @@ fn seeds() -> Vec<Vec<u8>> {
         for _ in 0..12 {
             let off = r.below(1 << 20);
             let len = (r.below(20000) + 1).min((1 << 20) - off);
-            block_on(img.write(off, &vec![r.next() as u8; len as usize], &NoBacking)).unwrap();
+            block_on(img.write(off, &vec![r.next_u64() as u8; len as usize], &NoBacking)).unwrap();
         }
         let al = img.geometry().subcluster_size;
         block_on(img.write_zeroes(al * 4, al, true)).unwrap();
@@ -140,7 +124,7 @@ fn mutate(r: &mut Rng, d: &mut Vec<u8>) {
             }
             1 => {
                 if pos < d.len() {
-                    d[pos] = r.next() as u8;
+                    d[pos] = r.next_u64() as u8;
                 }
             }
             2 | 3 => {
@@ -190,8 +174,8 @@ fn mutate(r: &mut Rng, d: &mut Vec<u8>) {
 /// Exercises one image with operations chosen by `r`, through the fuzz target;
 /// returns whether it opened.
 fn exercise(data: Vec<u8>, r: &mut Rng) -> bool {
-    let flags = r.next() as u8;
-    qcow::fuzzing::exercise(data, flags, r.next())
+    let flags = r.next_u64() as u8;
+    qcow::fuzzing::exercise(data, flags, r.next_u64())
 }
 
 /// The input of the fuzz target for an image (the control bytes in front).
@@ -237,10 +221,10 @@ fn run(iterations: u64, secs: u64, seed: u64) -> (u64, u64, Vec<String>) {
     while i < iterations && start.elapsed().as_secs() < secs {
         let mut d = seeds[r.below(seeds.len() as u64) as usize].clone();
         mutate(&mut r, &mut d);
-        let mut r2 = Rng(r.next() | 1);
+        let mut r2 = Rng(r.next_u64() | 1);
         // What the cargo-fuzz target would take to do the same.
         let mut r3 = Rng(r2.0);
-        let (flags, seed) = (r3.next() as u8, r3.next());
+        let (flags, seed) = (r3.next_u64() as u8, r3.next_u64());
         let input = target_input(&d, flags, seed);
         let hang = std::env::temp_dir().join(format!("qcow-fuzz-hang-{seed}-{i}.bin"));
         *current.lock().unwrap() = Some((Instant::now(), hang, input.clone()));
