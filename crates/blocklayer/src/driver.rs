@@ -3,9 +3,10 @@
 //! split requests at the node's limits, before a driver sees them.
 
 use crate::aio::{iovec::IoVec, LocalBoxFuture};
+use crate::edge::{Edge, Role};
 use crate::error::{BlockError, Result};
 use crate::limits::Limits;
-use crate::node::Node;
+use crate::perm::Perm;
 use crate::snapshot::{NewSnapshot, SnapshotInfo};
 use std::sync::Arc;
 
@@ -14,11 +15,36 @@ fn no_snapshots<T>() -> Result<T> {
     Err(BlockError::Unsupported("internal snapshots"))
 }
 
-/// A child edge: its role (`file`, `backing`, ...) and the node.
-#[derive(Clone)]
-pub struct Child {
-    pub role: &'static str,
-    pub node: Arc<Node>,
+/// The permissions a node takes on a child and shares with the child's other users,
+/// given what the node's own parents take and share (QEMU's `bdrv_default_perms`):
+/// filters pass their parents' permissions through; a format takes write and resize
+/// on its file whenever it is writable and lets no one else write or resize it;
+/// backing files are only read, and may change underneath when the parents allow
+/// writes themselves.
+pub fn default_child_perm(role: Role, writable: bool, perm: Perm, shared: Perm) -> (Perm, Perm) {
+    let pass_perm = perm & Perm::PASSTHROUGH;
+    let pass_shared = (shared & Perm::PASSTHROUGH) | !Perm::PASSTHROUGH;
+    match role {
+        Role::Filtered | Role::Root => (pass_perm, pass_shared),
+        Role::File | Role::DataFile => {
+            let mut p = pass_perm | Perm::CONSISTENT_READ;
+            if writable {
+                p |= Perm::WRITE;
+                if role == Role::File {
+                    p |= Perm::RESIZE;
+                }
+            }
+            (p, pass_shared & !(Perm::WRITE | Perm::RESIZE))
+        }
+        Role::Backing => {
+            let p = perm & Perm::CONSISTENT_READ;
+            let mut s = Perm::CONSISTENT_READ | Perm::GRAPH_MOD | Perm::WRITE_UNCHANGED;
+            if shared.contains(Perm::WRITE) {
+                s |= Perm::WRITE | Perm::RESIZE;
+            }
+            (p, s)
+        }
+    }
 }
 
 pub trait Driver: Send + Sync {
@@ -33,8 +59,41 @@ pub trait Driver: Send + Sync {
         Limits::default()
     }
 
-    fn children(&self) -> Vec<Child> {
+    /// The node's child edges.
+    fn children(&self) -> Vec<Arc<Edge>> {
         Vec::new()
+    }
+
+    /// The permissions the node takes on `child` (see [`default_child_perm`]).
+    fn child_perm(&self, child: &Edge, writable: bool, perm: Perm, shared: Perm) -> (Perm, Perm) {
+        default_child_perm(child.role(), writable, perm, shared)
+    }
+
+    /// Whether the driver can have a backing child (QEMU's `supports_backing`).
+    fn supports_backing(&self) -> bool {
+        false
+    }
+
+    /// Replaces the backing child (`None`: no backing), from the control thread while
+    /// the node is drained. The image header is not changed (see
+    /// [`Driver::change_backing_file`]).
+    fn set_backing(&self, _backing: Option<Arc<Edge>>) -> Result<()> {
+        Err(BlockError::Graph(
+            "Driver does not support backing files".into(),
+        ))
+    }
+
+    /// Rewrites the backing file name and format the image header records (QEMU's
+    /// `bdrv_change_backing_file`), from the control thread while drained.
+    fn change_backing_file(&self, _name: Option<&str>, _format: Option<&str>) -> Result<()> {
+        Err(BlockError::Unsupported("changing the backing file"))
+    }
+
+    /// Whether `offset..` is allocated in this node itself (data or zeroes), rather
+    /// than read from its backing child, and for how many bytes (at most `len`) the
+    /// answer holds. Nodes without a backing child have everything allocated.
+    fn is_allocated(&self, _offset: u64, len: u64) -> LocalBoxFuture<'_, Result<(bool, u64)>> {
+        Box::pin(std::future::ready(Ok((true, len))))
     }
 
     /// Whether writes with FUA are stable on completion without a separate flush.

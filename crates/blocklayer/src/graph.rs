@@ -10,17 +10,19 @@ use crate::drivers::{
     qcow2::{Qcow2Driver, Qcow2DriverOptions},
     raw::RawDriver,
 };
+use crate::edge::{Edge, Parent, Role};
 use crate::error::{BlockError, Result};
 use crate::node::{Node, NodeFlags};
 use crate::options::{
     BackingRef, BlockdevOptions, BlockdevRef, CommonOptions, DetectZeroes, DiscardMode,
     DriverOptions, Qcow2Options,
 };
+use crate::perm::Perm;
 use serde_json::{json, Value};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// QEMU's default `cache-clean-interval` on Linux, in seconds.
 pub const DEFAULT_CACHE_CLEAN_INTERVAL: u64 = 600;
@@ -79,8 +81,245 @@ impl Graph {
     pub fn add(&mut self, opts: &BlockdevOptions) -> Result<Arc<Node>> {
         self.check_names(opts)?;
         let node = self.open(opts)?;
+        if let Err(e) = self.refresh_perms() {
+            let name = node.name().to_string();
+            drop(node);
+            self.remove_unused(&name);
+            return Err(e);
+        }
         self.owned.insert(node.name().to_string());
         Ok(node)
+    }
+
+    /// Whether the monitor added the node (`blockdev-add`), rather than it being
+    /// opened implicitly (inline child, backing file named by a header).
+    pub fn is_owned(&self, name: &str) -> bool {
+        self.owned.contains(name)
+    }
+
+    /// Adds a node opened elsewhere (a reopened node taking its old name's place).
+    pub fn insert(&mut self, node: Arc<Node>) {
+        self.nodes.insert(node.name().to_string(), node);
+    }
+
+    /// Recomputes the permissions of every node-to-child edge from the users down
+    /// (QEMU's `bdrv_refresh_perms`) and checks every node's users against each
+    /// other. Nothing changes when it fails: the error is QEMU's text for the first
+    /// conflict found.
+    pub fn refresh_perms(&self) -> Result<()> {
+        let order = self.nodes_parents_first();
+        let mut computed: HashMap<*const Edge, (Perm, Perm)> = HashMap::new();
+        for node in &order {
+            let parents = node.parents();
+            let perms: Vec<(Perm, Perm)> = parents
+                .iter()
+                .map(|e| match e.parent() {
+                    Parent::Node(_) => computed
+                        .get(&e.ptr())
+                        .copied()
+                        .unwrap_or((Perm::NONE, Perm::ALL)),
+                    _ => (e.perm(), e.shared()),
+                })
+                .collect();
+            // Newest users first, as QEMU lists a node's parents.
+            for a in (0..parents.len()).rev() {
+                for b in (0..parents.len()).rev() {
+                    if a == b {
+                        continue;
+                    }
+                    let missing = perms[b].0 & !perms[a].1;
+                    if !missing.is_empty() {
+                        let n = node.name();
+                        return Err(BlockError::Graph(format!(
+                            "Permission conflict on node '{n}': permissions '{}' are both required by {} (uses node '{n}' as '{}' child) and unshared by {} (uses node '{n}' as '{}' child).",
+                            missing.text(),
+                            parents[b].parent().describe(),
+                            parents[b].name(),
+                            parents[a].parent().describe(),
+                            parents[a].name(),
+                        )));
+                    }
+                }
+            }
+            let (mut perm, mut shared) = (Perm::NONE, Perm::ALL);
+            for (p, s) in &perms {
+                perm |= *p;
+                shared &= *s;
+            }
+            if perm.intersects(Perm::WRITE | Perm::WRITE_UNCHANGED) && node.is_read_only() {
+                return Err(BlockError::Graph("Block node is read-only".into()));
+            }
+            for c in node.children() {
+                let p = node
+                    .driver()
+                    .child_perm(&c, !node.is_read_only(), perm, shared);
+                computed.insert(c.ptr(), p);
+            }
+        }
+        for node in &order {
+            for c in node.children() {
+                if let Some((p, s)) = computed.get(&c.ptr()) {
+                    c.set_perms(*p, *s);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The permissions all users of `node` take together and share together.
+    pub fn cumulative_perms(node: &Node) -> (Perm, Perm) {
+        let (mut perm, mut shared) = (Perm::NONE, Perm::ALL);
+        for e in node.parents() {
+            perm |= e.perm();
+            shared &= e.shared();
+        }
+        (perm, shared)
+    }
+
+    /// Attaches a user (a backend or a job) to `node` with the permissions it takes
+    /// and shares; refused, with nothing attached, when another user conflicts.
+    pub fn attach_user(
+        &self,
+        parent: Parent,
+        name: &'static str,
+        node: &Arc<Node>,
+        perm: Perm,
+        shared: Perm,
+    ) -> Result<Arc<Edge>> {
+        let e = Edge::attach(parent, name, Role::Root, node, perm, shared);
+        match self.refresh_perms() {
+            Ok(()) => Ok(e),
+            Err(err) => {
+                drop(e);
+                Err(err)
+            }
+        }
+    }
+
+    /// Re-points every user of `from` (except `keep`, and except edges of `to`
+    /// itself) at `to` (QEMU's `bdrv_replace_node`). The caller holds drained
+    /// sections on both nodes; on a permission conflict every edge points back.
+    pub fn replace_node(
+        &self,
+        from: &Arc<Node>,
+        to: &Arc<Node>,
+        keep: Option<&Arc<Edge>>,
+    ) -> Result<()> {
+        let to_name = Parent::Node(to.name().to_string());
+        let moved: Vec<Arc<Edge>> = from
+            .parents()
+            .into_iter()
+            .filter(|e| keep.is_none_or(|k| !Arc::ptr_eq(k, e)) && *e.parent() != to_name)
+            .collect();
+        for e in &moved {
+            e.repoint(to);
+        }
+        if let Err(err) = self.refresh_perms() {
+            for e in &moved {
+                e.repoint(from);
+            }
+            let _ = self.refresh_perms();
+            return Err(err);
+        }
+        Ok(())
+    }
+
+    /// Sets (or removes) the backing child of `node`, drained by the caller; the
+    /// image header is not changed. Refused on a permission conflict.
+    pub fn set_backing(&self, node: &Arc<Node>, backing: Option<&Arc<Node>>) -> Result<()> {
+        let old = node.children().into_iter().find(|c| c.name() == "backing");
+        let new = backing.map(|b| Edge::child_of(node.name(), "backing", Role::Backing, b));
+        node.driver().set_backing(new)?;
+        if let Err(e) = self.refresh_perms() {
+            node.driver().set_backing(old)?;
+            let _ = self.refresh_perms();
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Removes the nodes nothing uses any more that the monitor did not add
+    /// (backing files dropped from a chain, inline children of removed nodes).
+    pub fn collect_unused(&mut self) {
+        loop {
+            let unused: Vec<String> = self
+                .nodes
+                .values()
+                .filter(|n| !self.owned.contains(n.name()) && n.parents().is_empty())
+                .map(|n| n.name().to_string())
+                .collect();
+            if unused.is_empty() {
+                return;
+            }
+            for n in unused {
+                self.remove_unused(&n);
+            }
+        }
+    }
+
+    /// `node`, the nodes above it (its parents, theirs...) and below it.
+    fn drain_set(&self, node: &Arc<Node>) -> Vec<Arc<Node>> {
+        let mut seen: BTreeSet<String> = BTreeSet::new();
+        let mut out = Vec::new();
+        let mut todo = vec![node.clone()];
+        // Upwards.
+        while let Some(n) = todo.pop() {
+            if !seen.insert(n.name().to_string()) {
+                continue;
+            }
+            for p in n.parents() {
+                if let Parent::Node(name) = p.parent() {
+                    if let Some(pn) = self.get(name) {
+                        todo.push(pn);
+                    }
+                }
+            }
+            out.push(n);
+        }
+        // Downwards from the node.
+        let mut todo: Vec<Arc<Node>> = node.children().iter().map(|c| c.node_arc()).collect();
+        while let Some(n) = todo.pop() {
+            if !seen.insert(n.name().to_string()) {
+                continue;
+            }
+            todo.extend(n.children().iter().map(|c| c.node_arc()));
+            out.push(n);
+        }
+        out
+    }
+
+    /// Opens a drained section on `node` (QEMU's `bdrv_drained_begin`): every user
+    /// above it and of it holds new requests, and this returns once the requests in
+    /// flight in it, above and below it have finished; the section ends when the
+    /// guard is dropped. Fails if requests are still in flight after `timeout`.
+    pub fn drain(&self, node: &Arc<Node>, timeout: Duration) -> Result<Drained> {
+        self.drain_all(std::slice::from_ref(node), timeout)
+    }
+
+    /// [`Graph::drain`] for several nodes at once.
+    pub fn drain_all(&self, nodes: &[Arc<Node>], timeout: Duration) -> Result<Drained> {
+        let mut set: Vec<Arc<Node>> = Vec::new();
+        for n in nodes {
+            for m in self.drain_set(n) {
+                if !set.iter().any(|x| Arc::ptr_eq(x, &m)) {
+                    set.push(m);
+                }
+            }
+        }
+        for n in &set {
+            n.quiesce_begin();
+        }
+        let drained = Drained { nodes: set };
+        let deadline = Instant::now() + timeout;
+        for n in &drained.nodes {
+            if !n.wait_idle(deadline) {
+                return Err(BlockError::Graph(format!(
+                    "Node {} still has requests in flight",
+                    n.name()
+                )));
+            }
+        }
+        Ok(drained)
     }
 
     /// Refuses node-names already in the graph, before anything is opened.
@@ -122,10 +361,11 @@ impl Graph {
             DriverOptions::Null(n) => Box::new(NullDriver::new(n.clone())),
             DriverOptions::Blkdebug(b) => {
                 let image = self.child(&b.image)?;
-                Box::new(BlkdebugDriver::new(image, b))
+                let edge = Edge::child_of(&name, "image", Role::Filtered, &image);
+                Box::new(BlkdebugDriver::new(edge, b))
             }
             DriverOptions::Qcow2(q) => {
-                let mut drv = self.open_qcow2(q, common)?;
+                let mut drv = self.open_qcow2(q, common, &name)?;
                 drv.set_node_name(&name);
                 Box::new(drv)
             }
@@ -138,7 +378,8 @@ impl Graph {
                             file.name()
                         )));
                     }
-                    RawDriver::new(file.clone(), r.offset, r.size)
+                    let edge = Edge::child_of(&name, "file", Role::Filtered, &file);
+                    RawDriver::new(edge, r.offset, r.size)
                 })();
                 match raw {
                     Ok(raw) => Box::new(raw),
@@ -164,7 +405,12 @@ impl Graph {
         Ok(node)
     }
 
-    fn open_qcow2(&mut self, q: &Qcow2Options, common: &CommonOptions) -> Result<Qcow2Driver> {
+    fn open_qcow2(
+        &mut self,
+        q: &Qcow2Options,
+        common: &CommonOptions,
+        name: &str,
+    ) -> Result<Qcow2Driver> {
         let file = self.child(&q.file)?;
         if !common.read_only && file.is_read_only() {
             return Err(BlockError::Graph(format!(
@@ -210,7 +456,9 @@ impl Graph {
                     .unwrap_or(DEFAULT_CACHE_CLEAN_INTERVAL),
             ),
         };
-        let mut drv = Qcow2Driver::open(file.clone(), data, opts, driver_opts)?;
+        let file_edge = Edge::child_of(name, "file", Role::File, &file);
+        let data_edge = data.map(|d| Edge::child_of(name, "data-file", Role::DataFile, &d));
+        let drv = Qcow2Driver::open(file_edge, data_edge, opts, driver_opts)?;
         let backing = match &q.backing {
             BackingRef::None => None,
             BackingRef::Node(r) => Some(self.child(r)?),
@@ -222,7 +470,9 @@ impl Graph {
                 }
             },
         };
-        drv.set_backing(backing);
+        if let Some(b) = backing {
+            drv.set_backing(Some(Edge::child_of(name, "backing", Role::Backing, &b)))?;
+        }
         Ok(drv)
     }
 
@@ -288,7 +538,7 @@ impl Graph {
             self.nodes.keys().map(|k| (k.as_str(), 0)).collect();
         for n in self.nodes.values() {
             for c in n.children() {
-                if let Some(count) = parents.get_mut(c.node.name()) {
+                if let Some(count) = parents.get_mut(c.node().name()) {
                     *count += 1;
                 }
             }
@@ -303,7 +553,7 @@ impl Graph {
             let node = &self.nodes[name];
             out.push(node.clone());
             for c in node.children() {
-                if let Some((&k, count)) = parents.get_key_value(c.node.name()) {
+                if let Some((&k, count)) = parents.get_key_value(c.node().name()) {
                     let left = count - 1;
                     parents.insert(k, left);
                     if left == 0 {
@@ -315,16 +565,16 @@ impl Graph {
         out
     }
 
-    /// The nodes that have `name` as a child, with the child's role.
+    /// The nodes that have `name` as a child, with the child's name for them.
     pub fn parents(&self, name: &str) -> Vec<(String, &'static str)> {
-        self.nodes
-            .values()
-            .flat_map(|p| {
-                p.children()
-                    .into_iter()
-                    .filter(|c| c.node.name() == name)
-                    .map(|c| (p.name().to_string(), c.role))
-                    .collect::<Vec<_>>()
+        let Some(node) = self.nodes.get(name) else {
+            return Vec::new();
+        };
+        node.parents()
+            .iter()
+            .filter_map(|e| match e.parent() {
+                Parent::Node(p) => Some((p.clone(), e.name())),
+                _ => None,
             })
             .collect()
     }
@@ -357,10 +607,10 @@ impl Graph {
         let Some(node) = self.nodes.remove(name) else {
             return;
         };
-        let children = node.children();
+        let children: Vec<Arc<Node>> = node.children().iter().map(|c| c.node_arc()).collect();
         drop(node);
         for c in children {
-            let child = c.node.name().to_string();
+            let child = c.name().to_string();
             drop(c);
             if !self.owned.contains(&child) && self.parents(&child).is_empty() {
                 self.remove_unused(&child);
@@ -463,10 +713,31 @@ impl Graph {
 
 /// The node's `backing` child, if it has one.
 fn backing_of(node: &Node) -> Option<Arc<Node>> {
-    node.children()
-        .into_iter()
-        .find(|c| c.role == "backing")
-        .map(|c| c.node)
+    node.backing()
+}
+
+/// A drained section on a set of nodes (see [`Graph::drain`]); dropping it ends the
+/// section and lets the held requests go.
+pub struct Drained {
+    nodes: Vec<Arc<Node>>,
+}
+
+impl Drained {
+    /// Adds `node` to the section (a node joining the graph while drained).
+    pub fn include(&mut self, node: &Arc<Node>) {
+        if !self.nodes.iter().any(|n| Arc::ptr_eq(n, node)) {
+            node.quiesce_begin();
+            self.nodes.push(node.clone());
+        }
+    }
+}
+
+impl Drop for Drained {
+    fn drop(&mut self) {
+        for n in &self.nodes {
+            n.quiesce_end();
+        }
+    }
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use crate::aio::bounce::{Budget, Lease, BOUNCE_CHUNK};
 use crate::aio::iovec::{AlignedBuf, IoVec};
 use crate::aio::uring::sleep_ns;
 use crate::error::{BlockError, Result};
-use crate::node::{InFlight, Node};
+use crate::node::{InFlight, Node, Tracked};
 use crate::options::DetectZeroes;
 use crate::stats::{Acct, IoKind, IoStats};
 use std::sync::atomic::Ordering;
@@ -61,6 +61,21 @@ fn zero_buffer() -> Arc<AlignedBuf> {
         .clone()
 }
 
+/// Removes a tracked write or copy range when it finishes.
+pub struct TrackGuard<'a> {
+    node: &'a Node,
+    entry: Tracked,
+}
+
+impl Drop for TrackGuard<'_> {
+    fn drop(&mut self) {
+        let mut t = self.node.tracked.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = t.iter().position(|r| *r == self.entry) {
+            t.swap_remove(i);
+        }
+    }
+}
+
 /// Removes an RMW range registration when the write finishes.
 struct RmwGuard<'a> {
     node: &'a Node,
@@ -101,10 +116,79 @@ impl Node {
     /// Writes `iov` at `offset`; with `fua` the data is stable when this returns.
     pub async fn write(&self, offset: u64, iov: IoVec, fua: bool) -> Result<()> {
         let len = iov.len();
+        let _t = self.track_write(offset, len).await;
         let acct = IoStats::start(IoKind::Write, len);
         let r = self.write_checked(offset, iov, fua, false).await;
         self.account(acct, &r, offset.saturating_add(len));
+        self.written(offset, len);
         r
+    }
+
+    /// A job's write of data it copied (stream's copy-on-read, commit): like
+    /// [`Node::write`], but not serialised against the job's own copy range, which
+    /// the job holds (see [`Node::copy_lock`]).
+    pub async fn write_copied(&self, offset: u64, iov: IoVec) -> Result<()> {
+        let len = iov.len();
+        let acct = IoStats::start(IoKind::Write, len);
+        let r = self.write_checked(offset, iov, false, false).await;
+        self.account(acct, &r, offset.saturating_add(len));
+        self.written(offset, len);
+        r
+    }
+
+    /// After a write-like request (done or failed: the data may have changed):
+    /// dirty bitmaps and the write threshold.
+    #[inline]
+    fn written(&self, offset: u64, len: u64) {
+        self.mark_dirty(offset, len);
+        self.check_write_threshold(offset, len);
+    }
+
+    /// While a job serialises copies into this node, registers a write's range,
+    /// waiting while it overlaps a range being copied. Nothing to do otherwise.
+    #[inline]
+    async fn track_write(&self, offset: u64, len: u64) -> Option<TrackGuard<'_>> {
+        if self.serialising.load(Ordering::SeqCst) == 0 {
+            return None;
+        }
+        Some(self.track(offset, offset.saturating_add(len), false).await)
+    }
+
+    /// Serialises a job's copy of `offset..offset+len` against writes: waits for
+    /// overlapping writes to finish and holds new ones until the guard is dropped.
+    /// Only while [`Node::serialise_begin`] is in effect (writes are tracked).
+    pub async fn copy_lock(&self, offset: u64, len: u64) -> TrackGuard<'_> {
+        self.track(offset, offset.saturating_add(len), true).await
+    }
+
+    /// Starts tracking writes for a job's serialised copies. The caller drains the
+    /// node around this call, so that no untracked write is in flight afterwards.
+    pub fn serialise_begin(&self) {
+        self.serialising.fetch_add(1, Ordering::SeqCst);
+    }
+
+    pub fn serialise_end(&self) {
+        self.serialising.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    async fn track(&self, start: u64, end: u64, copy: bool) -> TrackGuard<'_> {
+        loop {
+            {
+                let mut t = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
+                // Writes wait for copies; copies wait for everything overlapping.
+                let blocked = t
+                    .iter()
+                    .any(|r| r.start < end && start < r.end && (copy || r.copy));
+                if !blocked {
+                    let entry = Tracked { start, end, copy };
+                    t.push(entry);
+                    return TrackGuard { node: self, entry };
+                }
+            }
+            // Overlaps between a job's copy and a guest write are rare and short
+            // (one chunk): look again shortly.
+            sleep_ns(50_000).await;
+        }
     }
 
     /// Writes `iov` at `offset`, growing the node when the write ends past its end
@@ -113,9 +197,11 @@ impl Node {
     pub async fn write_growing(&self, offset: u64, iov: IoVec) -> Result<()> {
         debug_assert!(self.driver().grows_on_write());
         let len = iov.len();
+        let _t = self.track_write(offset, len).await;
         let acct = IoStats::start(IoKind::Write, len);
         let r = self.write_checked(offset, iov, false, true).await;
         self.account(acct, &r, offset.saturating_add(len));
+        self.written(offset, len);
         r
     }
 
@@ -130,9 +216,11 @@ impl Node {
 
     /// Discards a range if this node has `discard=unmap`; otherwise does nothing.
     pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        let _t = self.track_write(offset, len).await;
         let acct = IoStats::start(IoKind::Unmap, len);
         let r = self.discard_checked(offset, len).await;
         self.account(acct, &r, 0);
+        self.mark_dirty(offset, len);
         r
     }
 
@@ -145,9 +233,11 @@ impl Node {
         may_unmap: bool,
         fua: bool,
     ) -> Result<()> {
+        let _t = self.track_write(offset, len).await;
         let acct = IoStats::start(IoKind::Write, len);
         let r = self.write_zeroes_checked(offset, len, may_unmap, fua).await;
         self.account(acct, &r, offset.saturating_add(len));
+        self.written(offset, len);
         r
     }
 
@@ -156,9 +246,11 @@ impl Node {
     /// there may stay, or be zeroed where the driver cannot reserve space and zero
     /// buffers are written instead. Accounted as a write.
     pub async fn allocate(&self, offset: u64, len: u64) -> Result<()> {
+        let _t = self.track_write(offset, len).await;
         let acct = IoStats::start(IoKind::Write, len);
         let r = self.allocate_checked(offset, len).await;
         self.account(acct, &r, offset.saturating_add(len));
+        self.written(offset, len);
         r
     }
 
@@ -190,7 +282,7 @@ impl Node {
     /// Reads `iov.len()` bytes at `offset` into `iov`.
     async fn read_checked(&self, offset: u64, iov: IoVec) -> Result<()> {
         self.check_range(offset, iov.len())?;
-        let _g = InFlight::enter(&self.in_flight);
+        let _g = InFlight::enter(self);
         if iov.is_empty() {
             return Ok(());
         }
@@ -285,7 +377,7 @@ impl Node {
         } else {
             self.check_range(offset, iov.len())?;
         }
-        let _g = InFlight::enter(&self.in_flight);
+        let _g = InFlight::enter(self);
         if iov.is_empty() {
             return Ok(());
         }
@@ -384,7 +476,7 @@ impl Node {
     /// Flushes written data to stable storage (elided if nothing was written since the
     /// last flush).
     async fn flush_checked(&self) -> Result<()> {
-        let _g = InFlight::enter(&self.in_flight);
+        let _g = InFlight::enter(self);
         self.flush_inner().await
     }
 
@@ -405,7 +497,7 @@ impl Node {
     async fn discard_checked(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable()?;
         self.check_range(offset, len)?;
-        let _g = InFlight::enter(&self.in_flight);
+        let _g = InFlight::enter(self);
         if !self.flags().discard_unmap || len == 0 {
             return Ok(());
         }
@@ -441,7 +533,7 @@ impl Node {
     ) -> Result<()> {
         self.check_writable()?;
         self.check_range(offset, len)?;
-        let _g = InFlight::enter(&self.in_flight);
+        let _g = InFlight::enter(self);
         let unmap = may_unmap && self.flags().discard_unmap;
         self.zeroes_locked(offset, len, unmap, fua).await
     }
@@ -491,7 +583,7 @@ impl Node {
     async fn allocate_checked(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable()?;
         self.check_range(offset, len)?;
-        let _g = InFlight::enter(&self.in_flight);
+        let _g = InFlight::enter(self);
         if len == 0 {
             return Ok(());
         }

@@ -9,8 +9,11 @@
 //! - [`snapshot`]: internal snapshots as drivers report them
 
 pub mod aio;
+pub mod backend;
+pub mod bitmap;
 pub mod driver;
 pub mod drivers;
+pub mod edge;
 pub mod error;
 pub mod events;
 pub mod graph;
@@ -19,6 +22,7 @@ pub mod limits;
 pub mod node;
 pub mod options;
 pub mod periodic;
+pub mod perm;
 pub mod snapshot;
 pub mod stats;
 

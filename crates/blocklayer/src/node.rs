@@ -1,13 +1,16 @@
 //! A node of the block graph (QEMU: BlockDriverState): a driver instance with a unique
-//! node-name, its children, merged limits, flags and in-flight accounting.
+//! node-name, its parents (the edges that use it), merged limits, flags, in-flight
+//! accounting, its quiesce counter (drained sections) and its dirty bitmaps.
 
-use crate::driver::{Child, Driver};
+use crate::bitmap::DirtyBitmap;
+use crate::driver::Driver;
+use crate::edge::{Edge, ParentRef};
 use crate::limits::Limits;
 use crate::options::DetectZeroes;
 use crate::stats::IoStats;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::task::Waker;
 
 /// Per-node flags that the generic request path applies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -22,13 +25,30 @@ pub struct NodeFlags {
     pub cache_direct: bool,
 }
 
+/// A range that a job copies (serialised against writes), or a write while a job
+/// copies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Tracked {
+    pub start: u64,
+    pub end: u64,
+    pub copy: bool,
+}
+
 pub struct Node {
     name: String,
     driver: Box<dyn Driver>,
     limits: Limits,
     flags: NodeFlags,
+    /// The edges that use this node (parents' children, backends' roots).
+    parents: Mutex<Vec<ParentRef>>,
     /// Requests in the generic path right now.
     pub(crate) in_flight: AtomicU64,
+    /// Drained sections open on this node: while non-zero, backends hold new requests.
+    quiesce: AtomicU32,
+    /// Signalled when `in_flight` drops to zero while the node is quiesced.
+    idle: (Mutex<()>, Condvar),
+    /// Backend requests waiting for the drained section to end.
+    resume_wakers: Mutex<Vec<Waker>>,
     /// Bumped when a write-like request completes; a flush covers generation `n` once
     /// it has been started after generation `n` was reached.
     pub(crate) write_gen: AtomicU64,
@@ -36,6 +56,16 @@ pub struct Node {
     /// Aligned ranges being read-modify-written (serialised against each other).
     pub(crate) rmw_ranges: Mutex<Vec<(u64, u64)>>,
     pub(crate) rmw_count: AtomicUsize,
+    /// Jobs copying into this node that need writes serialised against their copies
+    /// (stream); while non-zero, writes register in `tracked`.
+    pub(crate) serialising: AtomicU32,
+    pub(crate) tracked: Mutex<Vec<Tracked>>,
+    /// Dirty bitmaps every completed write marks (`bitmap_count` avoids the lock).
+    bitmaps: RwLock<Vec<Arc<DirtyBitmap>>>,
+    bitmap_count: AtomicU32,
+    /// `block-set-write-threshold`: the first write ending past it raises
+    /// `BLOCK_WRITE_THRESHOLD` and clears it (0: none).
+    write_threshold: AtomicU64,
     /// Requests that went through this node.
     pub stats: IoStats,
 }
@@ -54,7 +84,7 @@ impl Node {
     pub fn new(name: String, driver: Box<dyn Driver>, mut flags: NodeFlags) -> Node {
         let mut limits = driver.own_limits();
         for child in driver.children() {
-            limits = limits.merge(child.node.limits);
+            limits = limits.merge(child.node().limits);
         }
         flags.read_only |= driver.is_read_only();
         Node {
@@ -62,11 +92,20 @@ impl Node {
             driver,
             limits,
             flags,
+            parents: Mutex::new(Vec::new()),
             in_flight: AtomicU64::new(0),
+            quiesce: AtomicU32::new(0),
+            idle: (Mutex::new(()), Condvar::new()),
+            resume_wakers: Mutex::new(Vec::new()),
             write_gen: AtomicU64::new(0),
             flushed_gen: AtomicU64::new(0),
             rmw_ranges: Mutex::new(Vec::new()),
             rmw_count: AtomicUsize::new(0),
+            serialising: AtomicU32::new(0),
+            tracked: Mutex::new(Vec::new()),
+            bitmaps: RwLock::new(Vec::new()),
+            bitmap_count: AtomicU32::new(0),
+            write_threshold: AtomicU64::new(0),
             stats: IoStats::new(),
         }
     }
@@ -99,8 +138,38 @@ impl Node {
         self.flags.read_only
     }
 
-    pub fn children(&self) -> Vec<Child> {
+    /// The node's child edges (`file`, `backing`, ...).
+    pub fn children(&self) -> Vec<Arc<Edge>> {
         self.driver.children()
+    }
+
+    /// The node's `backing` child, if it has one.
+    pub fn backing(&self) -> Option<Arc<Node>> {
+        self.children()
+            .into_iter()
+            .find(|c| c.name() == "backing")
+            .map(|c| c.node_arc())
+    }
+
+    /// The edges that use this node, oldest first.
+    pub fn parents(&self) -> Vec<Arc<Edge>> {
+        let mut p = self.parents.lock().unwrap_or_else(|p| p.into_inner());
+        p.retain(|w| w.strong_count() > 0);
+        p.iter().filter_map(|w| w.upgrade()).collect()
+    }
+
+    pub(crate) fn add_parent(&self, e: ParentRef) {
+        self.parents
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(e);
+    }
+
+    pub(crate) fn remove_parent(&self, e: *const Edge) {
+        self.parents
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|w| w.as_ptr() != e && w.strong_count() > 0);
     }
 
     /// Resizes the node (QEMU's `bdrv_truncate`); the caller drains it first.
@@ -113,37 +182,161 @@ impl Node {
 
     /// Requests currently in this node's generic path.
     pub fn in_flight(&self) -> u64 {
-        self.in_flight.load(Ordering::Acquire)
+        self.in_flight.load(Ordering::SeqCst)
     }
 
-    /// Waits (from a control thread) until no request is in flight in this node or its
-    /// children, or the timeout passes. Returns whether the node drained.
-    pub fn drain(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
+    // ---- drained sections ------------------------------------------------------
+
+    /// Whether a drained section is open on the node.
+    #[inline]
+    pub fn is_quiesced(&self) -> bool {
+        self.quiesce.load(Ordering::SeqCst) > 0
+    }
+
+    pub(crate) fn quiesce_begin(&self) {
+        self.quiesce.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Ends one drained section; the last one wakes the held requests.
+    pub(crate) fn quiesce_end(&self) {
+        if self.quiesce.fetch_sub(1, Ordering::SeqCst) == 1 {
+            let wakers =
+                std::mem::take(&mut *self.resume_wakers.lock().unwrap_or_else(|p| p.into_inner()));
+            wakers.into_iter().for_each(Waker::wake);
+        }
+    }
+
+    /// Registers `waker` to run when the node's drained sections end; false if none
+    /// is open (checked under the same lock as the wake, so no wake is lost).
+    pub(crate) fn wait_unquiesced(&self, waker: &Waker) -> bool {
+        let mut w = self.resume_wakers.lock().unwrap_or_else(|p| p.into_inner());
+        if !self.is_quiesced() {
+            return false;
+        }
+        if !w.iter().any(|x| x.will_wake(waker)) {
+            w.push(waker.clone());
+        }
+        true
+    }
+
+    /// Waits until no request is in flight in the node, or `deadline` passes.
+    pub(crate) fn wait_idle(&self, deadline: std::time::Instant) -> bool {
+        let (lock, cv) = &self.idle;
+        let mut g = lock.lock().unwrap_or_else(|p| p.into_inner());
         loop {
-            if self.in_flight() == 0 && self.children().iter().all(|c| c.node.in_flight() == 0) {
+            if self.in_flight() == 0 {
                 return true;
             }
-            if Instant::now() >= deadline {
+            let now = std::time::Instant::now();
+            if now >= deadline {
                 return false;
             }
-            std::thread::sleep(Duration::from_micros(200));
+            g = cv
+                .wait_timeout(g, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    fn notify_idle(&self) {
+        let (lock, cv) = &self.idle;
+        let _g = lock.lock().unwrap_or_else(|p| p.into_inner());
+        cv.notify_all();
+    }
+
+    // ---- dirty bitmaps and write notifications ---------------------------------
+
+    /// Adds a bitmap that every later write marks.
+    pub fn add_bitmap(&self, b: Arc<DirtyBitmap>) {
+        let mut v = self.bitmaps.write().unwrap_or_else(|p| p.into_inner());
+        v.push(b);
+        self.bitmap_count.store(v.len() as u32, Ordering::Release);
+    }
+
+    pub fn remove_bitmap(&self, b: &Arc<DirtyBitmap>) {
+        let mut v = self.bitmaps.write().unwrap_or_else(|p| p.into_inner());
+        v.retain(|x| !Arc::ptr_eq(x, b));
+        self.bitmap_count.store(v.len() as u32, Ordering::Release);
+    }
+
+    /// Marks a written range in every enabled bitmap.
+    #[inline]
+    pub(crate) fn mark_dirty(&self, offset: u64, len: u64) {
+        if self.bitmap_count.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        for b in self
+            .bitmaps
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            if b.is_enabled() {
+                b.set(offset, len);
+            }
+        }
+    }
+
+    pub fn write_threshold(&self) -> u64 {
+        self.write_threshold.load(Ordering::Acquire)
+    }
+
+    pub fn set_write_threshold(&self, t: u64) {
+        self.write_threshold.store(t, Ordering::Release);
+    }
+
+    /// Raises `BLOCK_WRITE_THRESHOLD` (once) when a write ends past the threshold.
+    #[inline]
+    pub(crate) fn check_write_threshold(&self, offset: u64, len: u64) {
+        let t = self.write_threshold.load(Ordering::Acquire);
+        let end = offset.saturating_add(len);
+        if t == 0 || end <= t {
+            return;
+        }
+        if self
+            .write_threshold
+            .compare_exchange(t, 0, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            crate::events::emit(
+                "BLOCK_WRITE_THRESHOLD",
+                serde_json::json!({
+                    "node-name": self.name,
+                    "amount-exceeded": end - t,
+                    "write-threshold": t,
+                }),
+            );
         }
     }
 }
 
-/// Decrements a node's in-flight counter when a request leaves the generic path.
-pub(crate) struct InFlight<'a>(&'a AtomicU64);
+impl Node {
+    /// Counts a request in before it is known to be allowed in (see
+    /// [`crate::backend`]); [`Node::leave`] undoes it.
+    pub(crate) fn enter_raw(&self) {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+    }
+
+    pub(crate) fn leave(&self) {
+        if self.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 && self.is_quiesced() {
+            self.notify_idle();
+        }
+    }
+}
+
+/// Decrements a node's in-flight counter when a request leaves the generic path,
+/// waking a drain that waits for the node to go idle.
+pub(crate) struct InFlight<'a>(&'a Node);
 
 impl<'a> InFlight<'a> {
-    pub(crate) fn enter(counter: &'a AtomicU64) -> Self {
-        counter.fetch_add(1, Ordering::AcqRel);
-        InFlight(counter)
+    pub(crate) fn enter(node: &'a Node) -> Self {
+        node.enter_raw();
+        InFlight(node)
     }
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.0.leave();
     }
 }

@@ -635,6 +635,37 @@ impl<I: QcowIo> Qcow2<I> {
         Error::Corrupt(msg)
     }
 
+    /// Changes the backing file name and format the header records (QEMU's
+    /// `bdrv_change_backing_file`: stream, commit and `change-backing-file`), and
+    /// makes the header stable. `None` leaves the image without a backing file.
+    pub async fn set_backing_file(&self, name: Option<&str>, format: Option<&str>) -> Result<()> {
+        let old = {
+            let mut st = self.st();
+            if !st.writable || st.corrupt {
+                return Err(Error::ReadOnly);
+            }
+            let old = (st.hdr.backing_file.clone(), st.hdr.backing_format.clone());
+            st.hdr.backing_file = name.map(str::to_owned);
+            st.hdr.backing_format = format.filter(|_| name.is_some()).map(str::to_owned);
+            if let Err(e) = st.hdr.to_bytes() {
+                (st.hdr.backing_file, st.hdr.backing_format) = old;
+                return Err(e.into());
+            }
+            old
+        };
+        let r = async {
+            self.write_header().await?;
+            self.io.flush().await?;
+            Ok(())
+        }
+        .await;
+        if r.is_err() {
+            let mut st = self.st();
+            (st.hdr.backing_file, st.hdr.backing_format) = old;
+        }
+        r
+    }
+
     /// Rewrites the header cluster from the in-memory header.
     pub(crate) async fn write_header(&self) -> Result<()> {
         let b = self.st().hdr.to_bytes()?;

@@ -6,13 +6,16 @@
 //! changes and drains those nodes; other exports keep serving.
 
 use crate::config::{ExportConfig, IoThreadConfig, ObjectConfig};
-use crate::export::{Export, ExportShared};
+use crate::export::{Export, ExportError, ExportShared};
 use crate::iothread::IoThread;
 use crate::qmp::events::EventBus;
 use crate::qmp::wire::{QmpError, QmpResult};
 use blocklayer::aio::uring::block_on;
+use blocklayer::backend::BlockBackend;
 use blocklayer::drivers::file_create::{create_file, FilePrealloc};
+use blocklayer::edge::Parent;
 use blocklayer::options::BlockdevOptions;
+use blocklayer::perm::Perm;
 use blocklayer::{Graph, Node};
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
@@ -50,7 +53,7 @@ fn generic(e: impl std::fmt::Display) -> QmpError {
 
 /// Whether `node` is `name` or has it below it in the graph.
 fn depends_on(node: &Node, name: &str) -> bool {
-    node.name() == name || node.children().iter().any(|c| depends_on(&c.node, name))
+    node.name() == name || node.children().iter().any(|c| depends_on(&c.node(), name))
 }
 
 struct ExportEntry {
@@ -172,7 +175,7 @@ impl Control {
     fn exports_of(&self, node: &str) -> Vec<&ExportEntry> {
         self.exports
             .values()
-            .filter(|e| e.export.shared.node.name() == node)
+            .filter(|e| e.export.shared.node().name() == node)
             .collect()
     }
 
@@ -185,51 +188,35 @@ impl Control {
         if !self.exports_of(name).is_empty() {
             return Err(QmpError::generic(format!("Node {name} is in use")));
         }
-        if !node.drain(DRAIN_TIMEOUT) {
-            return Err(QmpError::generic(format!(
-                "Node {name} still has requests in flight"
-            )));
-        }
+        let drained = self.graph.drain(&node, DRAIN_TIMEOUT).map_err(generic)?;
         drop(node);
-        self.graph.remove(name).map_err(generic)
+        let r = self.graph.remove(name).map_err(generic);
+        // The drained section held the node: its inline children go only now.
+        drop(drained);
+        self.graph.collect_unused();
+        r
     }
 
-    /// Runs `op` with node `node` quiesced: the exports that depend on it paused
-    /// (their frontends' requests wait in the virtqueues) and the node drained, as
-    /// QEMU brackets graph and metadata operations with `bdrv_drained_begin/end`.
-    /// Returns `op`'s result and the exports that were paused (resumed again).
+    /// Runs `op` inside a drained section of `node` (QEMU's `bdrv_drained_begin/end`):
+    /// the users above and of the node hold new requests (exports keep their
+    /// frontends' requests waiting), and those in flight have finished. Returns
+    /// `op`'s result and the exports above the node.
     fn drained<T>(
         &self,
-        node: &Node,
+        node: &Arc<Node>,
         op: impl FnOnce() -> OpResult<T>,
     ) -> (OpResult<T>, Vec<Arc<ExportShared>>) {
         let name = node.name();
         let exports: Vec<_> = self
             .exports
             .values()
-            .filter(|e| depends_on(&e.export.shared.node, name))
+            .filter(|e| depends_on(&e.export.shared.node(), name))
             .map(|e| e.export.shared.clone())
             .collect();
-        let mut paused: Vec<&Arc<ExportShared>> = Vec::new();
-        for e in &exports {
-            if !e.pause(DRAIN_TIMEOUT) {
-                paused.iter().for_each(|p| p.resume());
-                let err =
-                    QmpError::generic(format!("export '{}' still has requests in flight", e.id));
-                return (Err(err), Vec::new());
-            }
-            paused.push(e);
-        }
-        let r = if node.drain(DRAIN_TIMEOUT) {
-            op()
-        } else {
-            Err(QmpError::generic(format!(
-                "Node {name} still has requests in flight"
-            )))
+        let r = match self.graph.drain(node, DRAIN_TIMEOUT) {
+            Ok(_drained) => op(),
+            Err(e) => Err(generic(e)),
         };
-        for e in &exports {
-            e.resume();
-        }
         (r, exports)
     }
 
@@ -237,6 +224,16 @@ impl Control {
     /// then tell their frontends the new capacity.
     pub fn resize(&mut self, name: &str, size: u64) -> OpResult<()> {
         let node = self.graph.lookup(name).map_err(generic)?;
+        // As QEMU, the resize is a user of the node that takes the resize
+        // permission: refused when another user does not share it.
+        let _user = BlockBackend::new(
+            &self.graph,
+            Parent::Backend(None),
+            &node,
+            Perm::RESIZE,
+            Perm::ALL,
+        )
+        .map_err(generic)?;
         let (r, exports) = self.drained(&node, || node.resize(size).map_err(generic));
         r?;
         for e in &exports {
@@ -261,14 +258,14 @@ impl Control {
             m.insert("driver-specific".into(), specific);
         }
         for child in node.children() {
-            let key = match child.role {
+            let key = match child.name() {
                 "file" => "parent",
                 "backing" => "backing",
                 _ => continue,
             };
             m.insert(
                 key.into(),
-                Self::node_stats(&child.node, child.node.stats.to_json(), true),
+                Self::node_stats(&child.node(), child.node().stats.to_json(), true),
             );
         }
         Value::Object(m)
@@ -290,7 +287,7 @@ impl Control {
                 .values()
                 .map(|e| {
                     let shared = &e.export.shared;
-                    let mut v = Self::node_stats(&shared.node, shared.stats.to_json(), true);
+                    let mut v = Self::node_stats(&shared.node(), shared.stats.to_json(), true);
                     v["device"] = json!("");
                     v["qdev"] = json!(shared.id);
                     v
@@ -368,7 +365,17 @@ impl Control {
             )));
         }
         let threads = self.export_iothreads(cfg)?;
-        let (export, listener) = Export::bind(cfg, node, threads).map_err(generic)?;
+        if cfg.writable && node.is_read_only() {
+            return Err(generic(ExportError::ReadOnlyNode(node.name().to_string())));
+        }
+        // As QEMU's exports: consistent reads (and writes), everything shared.
+        let mut perm = Perm::CONSISTENT_READ;
+        if cfg.writable {
+            perm |= Perm::WRITE;
+        }
+        let blk = BlockBackend::new(&self.graph, Parent::Backend(None), &node, perm, Perm::ALL)
+            .map_err(generic)?;
+        let (export, listener) = Export::bind(cfg, blk, threads).map_err(generic)?;
         export.shared.set_event_sink(self.tx.clone());
         let tx = self.tx.clone();
         let id = cfg.id.clone();
@@ -429,7 +436,7 @@ impl Control {
                     let mut v = json!({
                         "id": shared.id,
                         "type": "vhost-user-blk",
-                        "node-name": shared.node.name(),
+                        "node-name": shared.node().name(),
                         "shutting-down": e.shutting_down,
                     });
                     if shared.iostatus_enabled() {

@@ -734,14 +734,14 @@ fn op_acct(op: &Op) -> Option<(Acct, u64)> {
 /// Runs an operation once.
 async fn perform(shared: &ExportShared, op: &Op) -> blocklayer::Result<()> {
     match op {
-        Op::Read { offset, iov } => shared.node.read(*offset, iov.clone()).await,
+        Op::Read { offset, iov } => shared.blk.read(*offset, iov.clone()).await,
         Op::Write { offset, iov } => {
             shared
-                .node
+                .blk
                 .write(*offset, iov.clone(), shared.writethrough())
                 .await
         }
-        Op::Flush => shared.node.flush().await,
+        Op::Flush => shared.blk.flush().await,
         Op::GetId { iov } => {
             let id = shared.serial;
             let n = iov.len() as usize;
@@ -750,14 +750,14 @@ async fn perform(shared: &ExportShared, op: &Op) -> blocklayer::Result<()> {
         }
         Op::Discard(ranges) => {
             for rg in ranges {
-                shared.node.discard(rg.offset, rg.len).await?;
+                shared.blk.discard(rg.offset, rg.len).await?;
             }
             Ok(())
         }
         Op::WriteZeroes(ranges) => {
             for rg in ranges {
                 shared
-                    .node
+                    .blk
                     .write_zeroes(rg.offset, rg.len, rg.unmap, shared.writethrough())
                     .await?;
             }
@@ -856,7 +856,7 @@ async fn perform_with_policy(shared: &ExportShared, origin: &Origin, op: &Op) ->
         );
         let mut data = json!({
             "device": "",
-            "node-name": shared.node.name(),
+            "node-name": shared.node().name(),
             "operation": if read { "read" } else { "write" },
             "action": action.name(),
             "reason": std::io::Error::from_raw_os_error(errno).to_string(),
@@ -1037,8 +1037,8 @@ impl QueueDevice for BlkDevice {
         if !on && self.shared.write_cache() && self.shared.is_writable() {
             // From now on the guest takes every completed write as stable: make the
             // ones it wrote in write-back mode stable too.
-            let node = self.shared.node.clone();
-            if let Err(e) = uring::block_on(async move { node.flush().await }) {
+            let shared = self.shared.clone();
+            if let Err(e) = uring::block_on(async move { shared.blk.flush().await }) {
                 log::error!(
                     "export {}: flush on write-through switch: {e}",
                     self.shared.id

@@ -10,8 +10,9 @@ use crate::config::{ExportConfig, OnError};
 use crate::control::ControlMsg;
 use crate::iothread::IoThread;
 use crate::logging::RateLimiter;
+use blocklayer::backend::BlockBackend;
+use blocklayer::edge::NodeRef;
 use blocklayer::stats::IoStats;
-use blocklayer::Node;
 use config_space::BlkConfig;
 use device::BlkDevice;
 use request::{DeviceLimits, Memory, ID_BYTES, SECTOR};
@@ -55,7 +56,9 @@ pub type Result<T> = std::result::Result<T, ExportError>;
 /// What every connection of an export shares, including requests in flight.
 pub struct ExportShared {
     pub id: String,
-    pub node: Arc<Node>,
+    /// The export's handle on its node (QEMU's BlockBackend): its root edge, with
+    /// consistent-read (and write, if writable) taken and everything shared.
+    pub blk: BlockBackend,
     pub num_queues: u16,
     pub queue_size: u16,
     pub writable: bool,
@@ -176,8 +179,14 @@ impl Drop for PopGate<'_> {
 }
 
 impl ExportShared {
+    /// The export's node now (the root of its backend, which a snapshot or the
+    /// pivot of a job may change).
+    pub fn node(&self) -> NodeRef {
+        self.blk.node()
+    }
+
     pub fn is_writable(&self) -> bool {
-        self.writable && !self.node.is_read_only()
+        self.writable && !self.node().is_read_only()
     }
 
     pub fn is_stopping(&self) -> bool {
@@ -376,7 +385,7 @@ impl ExportShared {
     fn capacity_bytes(&self) -> u64 {
         // Whole logical blocks only.
         let lbs = u64::from(self.logical_block_size);
-        self.node.size() / lbs * lbs
+        self.node().size() / lbs * lbs
     }
 
     /// Data segments per request (`seg_max`): the queue size less the header and
@@ -401,7 +410,7 @@ impl ExportShared {
 
     pub fn config_space(&self) -> BlkConfig {
         let lbs = self.logical_block_size;
-        let phys = (self.node.limits().request_alignment).max(lbs);
+        let phys = (self.node().limits().request_alignment).max(lbs);
         BlkConfig {
             capacity: self.capacity_bytes() / SECTOR,
             size_max: size_max_for(self.seg_max()),
@@ -448,12 +457,9 @@ impl Export {
     /// Binds the export's socket (nothing is served until [`Export::serve`]).
     pub fn bind(
         cfg: &ExportConfig,
-        node: Arc<Node>,
+        blk: BlockBackend,
         iothreads: Vec<Arc<IoThread>>,
     ) -> Result<(Export, UnixListener)> {
-        if cfg.writable && node.is_read_only() {
-            return Err(ExportError::ReadOnlyNode(node.name().to_string()));
-        }
         let listener = claim_socket(&cfg.socket_path)?;
         // SAFETY: dup of the listening socket we just created and own; the new
         // descriptor is owned by the OwnedFd.
@@ -472,7 +478,7 @@ impl Export {
         serial[..n].copy_from_slice(&s[..n]);
         let shared = Arc::new(ExportShared {
             id: cfg.id.clone(),
-            node,
+            blk,
             num_queues: cfg.num_queues,
             queue_size: cfg.queue_size,
             writable: cfg.writable,

@@ -32,8 +32,11 @@ use super::input::Input;
 use crate::config::ExportConfig;
 use crate::export::Export;
 use crate::iothread::IoThread;
+use blocklayer::backend::BlockBackend;
+use blocklayer::edge::Parent;
 use blocklayer::graph::Graph;
 use blocklayer::options::BlockdevOptions;
+use blocklayer::perm::Perm;
 use serde_json::json;
 use std::fs::File;
 use std::io::{Read, Write};
@@ -139,7 +142,14 @@ pub fn run(data: &[u8]) -> Outcome {
     let iothreads = (0..threads)
         .map(|i| IoThread::implicit(&format!("{id}-{i}")))
         .collect();
-    let (export, listener) = Export::bind(&cfg, node, iothreads).expect("export binds");
+    let perm = if setup & 8 == 0 {
+        Perm::CONSISTENT_READ | Perm::WRITE
+    } else {
+        Perm::CONSISTENT_READ
+    };
+    let blk = BlockBackend::new(&graph, Parent::Backend(None), &node, perm, Perm::ALL)
+        .expect("the export's backend attaches");
+    let (export, listener) = Export::bind(&cfg, blk, iothreads).expect("export binds");
     let (gone_tx, gone_rx) = mpsc::channel();
     let server = export
         .serve(listener, move || {

@@ -11,15 +11,15 @@
 
 use crate::aio::iovec::IoVec;
 use crate::aio::LocalBoxFuture;
-use crate::driver::{Child, Driver};
+use crate::driver::Driver;
+use crate::edge::Edge;
 use crate::error::{BlockError, Result};
 use crate::limits::Limits;
-use crate::node::Node;
 use crate::options::{BlkdebugIoType, BlkdebugOptions, InjectErrorOptions};
 use std::sync::{Arc, Mutex};
 
 pub struct BlkdebugDriver {
-    image: Arc<Node>,
+    image: Arc<Edge>,
     align: Option<u32>,
     max_transfer: Option<u32>,
     rules: Mutex<Vec<InjectErrorOptions>>,
@@ -29,7 +29,7 @@ pub struct BlkdebugDriver {
 const STATE: i64 = 1;
 
 impl BlkdebugDriver {
-    pub fn new(image: Arc<Node>, opts: &BlkdebugOptions) -> Self {
+    pub fn new(image: Arc<Edge>, opts: &BlkdebugOptions) -> Self {
         BlkdebugDriver {
             image,
             align: opts.align,
@@ -76,7 +76,7 @@ impl Driver for BlkdebugDriver {
     }
 
     fn size(&self) -> u64 {
-        self.image.size()
+        self.image.node().size()
     }
 
     fn own_limits(&self) -> Limits {
@@ -90,11 +90,8 @@ impl Driver for BlkdebugDriver {
         l
     }
 
-    fn children(&self) -> Vec<Child> {
-        vec![Child {
-            role: "file",
-            node: self.image.clone(),
-        }]
+    fn children(&self) -> Vec<Arc<Edge>> {
+        vec![self.image.clone()]
     }
 
     fn supports_fua(&self) -> bool {
@@ -102,19 +99,19 @@ impl Driver for BlkdebugDriver {
     }
 
     fn is_read_only(&self) -> bool {
-        self.image.is_read_only()
+        self.image.node().is_read_only()
     }
 
     fn truncate(&self, size: u64) -> Result<()> {
-        self.image.resize(size)
+        self.image.node().resize(size)
     }
 
     fn filename(&self) -> String {
-        self.image.driver().filename()
+        self.image.node().driver().filename()
     }
 
     fn actual_size(&self) -> Option<u64> {
-        self.image.driver().actual_size()
+        self.image.node().driver().actual_size()
     }
 
     fn read<'a>(&'a self, offset: u64, iov: IoVec) -> LocalBoxFuture<'a, Result<()>> {
@@ -126,7 +123,7 @@ impl Driver for BlkdebugDriver {
                 offset,
                 iov.len(),
             )?;
-            self.image.read(offset, iov).await
+            self.image.node().read(offset, iov).await
         })
     }
 
@@ -139,7 +136,7 @@ impl Driver for BlkdebugDriver {
                 offset,
                 iov.len(),
             )?;
-            self.image.write(offset, iov, fua).await
+            self.image.node().write(offset, iov, fua).await
         })
     }
 
@@ -152,16 +149,16 @@ impl Driver for BlkdebugDriver {
                 0,
                 0,
             )?;
-            self.image.flush().await
+            self.image.node().flush().await
         })
     }
 
     fn discard(&self, offset: u64, len: u64) -> LocalBoxFuture<'_, Result<()>> {
-        Box::pin(self.image.discard(offset, len))
+        Box::pin(async move { self.image.node().discard(offset, len).await })
     }
 
     fn allocate(&self, offset: u64, len: u64) -> LocalBoxFuture<'_, Result<()>> {
-        Box::pin(self.image.allocate(offset, len))
+        Box::pin(async move { self.image.node().allocate(offset, len).await })
     }
 
     fn write_zeroes(
@@ -178,7 +175,10 @@ impl Driver for BlkdebugDriver {
                 offset,
                 len,
             )?;
-            self.image.write_zeroes(offset, len, may_unmap, false).await
+            self.image
+                .node()
+                .write_zeroes(offset, len, may_unmap, false)
+                .await
         })
     }
 }

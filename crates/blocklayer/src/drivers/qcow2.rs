@@ -15,11 +15,13 @@
 
 use crate::aio::iovec::{AlignedBuf, IoVec};
 use crate::aio::LocalBoxFuture;
-use crate::driver::{Child, Driver};
+use crate::driver::Driver;
+use crate::edge::Edge;
 use crate::error::{BlockError, Result};
 use crate::node::Node;
 use crate::periodic::{self, Periodic};
 use crate::snapshot::{NewSnapshot, SnapshotInfo};
+use arc_swap::ArcSwapOption;
 use qcow::io::QcowIo;
 use qcow::{Backing, Extent, ExtentKind, Extents, OpenOptions, Qcow2};
 use std::future::Future;
@@ -83,11 +85,11 @@ async fn read_node(node: &Node, offset: u64, buf: &mut [u8]) -> io::Result<()> {
 }
 
 /// The backing node as the image's copy-on-write source.
-struct NodeBacking<'a>(Option<&'a Arc<Node>>);
+struct NodeBacking(Option<Arc<Node>>);
 
-impl Backing for NodeBacking<'_> {
+impl Backing for NodeBacking {
     async fn read(&self, guest_offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        match self.0 {
+        match &self.0 {
             Some(node) => read_node(node, guest_offset, buf).await,
             None => {
                 buf.fill(0);
@@ -154,10 +156,14 @@ pub struct Qcow2DriverOptions {
 
 pub struct Qcow2Driver {
     image: Arc<Qcow2<NodeIo>>,
+    /// The `file` child (the image's own I/O holds its node too).
+    file_edge: Arc<Edge>,
     file: Arc<Node>,
     /// The external data file, if the image has one.
+    data_edge: Option<Arc<Edge>>,
     data: Option<Arc<Node>>,
-    backing: Option<Arc<Node>>,
+    /// The `backing` child; replaced by stream, commit and snapshots.
+    backing: ArcSwapOption<Edge>,
     writable: bool,
     /// Unit of zero writes the image can do without data (a subcluster).
     zero_align: u64,
@@ -241,11 +247,13 @@ impl Qcow2Driver {
     /// Opens the image on `file` (from the control thread: it waits for the header
     /// and tables it reads).
     pub fn open(
-        file: Arc<Node>,
-        data: Option<Arc<Node>>,
+        file_edge: Arc<Edge>,
+        data_edge: Option<Arc<Edge>>,
         opts: OpenOptions,
         driver_opts: Qcow2DriverOptions,
     ) -> Result<Qcow2Driver> {
+        let file = file_edge.node_arc();
+        let data = data_edge.as_ref().map(|e| e.node_arc());
         let io = NodeIo::new(file.clone());
         let data_io = data.clone().map(NodeIo::new);
         let writable = opts.writable;
@@ -274,9 +282,11 @@ impl Qcow2Driver {
         });
         Ok(Qcow2Driver {
             image,
+            file_edge,
             file,
+            data_edge,
             data,
-            backing: None,
+            backing: ArcSwapOption::empty(),
             writable: writable && info.writable,
             zero_align,
             pass_discard: driver_opts.pass_discard,
@@ -287,7 +297,7 @@ impl Qcow2Driver {
     }
 
     async fn write_data(&self, offset: u64, iov: IoVec) -> Result<()> {
-        let backing = NodeBacking(self.backing.as_ref());
+        let backing = NodeBacking(self.backing_node());
         let alloc = self
             .image
             .allocate(offset, iov.len(), &backing)
@@ -339,14 +349,15 @@ impl Qcow2Driver {
         (info.backing_file, info.backing_format)
     }
 
-    pub fn set_backing(&mut self, backing: Option<Arc<Node>>) {
-        self.backing = backing;
+    /// The backing node now, if any.
+    fn backing_node(&self) -> Option<Arc<Node>> {
+        self.backing.load().as_ref().map(|e| e.node_arc())
     }
 
     /// Reads one unallocated extent from the backing node (zeroes beyond its end or
     /// without one).
     async fn read_backing(&self, e: &Extent, part: IoVec) -> Result<()> {
-        let Some(b) = &self.backing else {
+        let Some(b) = self.backing_node() else {
             part.fill_zero();
             return Ok(());
         };
@@ -402,24 +413,61 @@ impl Driver for Qcow2Driver {
         self.image.size()
     }
 
-    fn children(&self) -> Vec<Child> {
-        let mut c = vec![Child {
-            role: "file",
-            node: self.file.clone(),
-        }];
-        if let Some(b) = &self.backing {
-            c.push(Child {
-                role: "backing",
-                node: b.clone(),
-            });
+    fn children(&self) -> Vec<Arc<Edge>> {
+        let mut c = vec![self.file_edge.clone()];
+        if let Some(b) = &*self.backing.load() {
+            c.push(b.clone());
         }
-        if let Some(d) = &self.data {
-            c.push(Child {
-                role: "data-file",
-                node: d.clone(),
-            });
+        if let Some(d) = &self.data_edge {
+            c.push(d.clone());
         }
         c
+    }
+
+    fn supports_backing(&self) -> bool {
+        true
+    }
+
+    fn set_backing(&self, backing: Option<Arc<Edge>>) -> Result<()> {
+        self.backing.store(backing);
+        Ok(())
+    }
+
+    fn change_backing_file(&self, name: Option<&str>, format: Option<&str>) -> Result<()> {
+        let image = self.image.clone();
+        let (name, format) = (name.map(str::to_owned), format.map(str::to_owned));
+        crate::aio::uring::block_on(async move {
+            image
+                .set_backing_file(name.as_deref(), format.as_deref())
+                .await
+        })
+        .map_err(|e| match e {
+            qcow::Error::ReadOnly => BlockError::Graph("Image is read-only".into()),
+            e => image_error(e),
+        })
+    }
+
+    fn is_allocated(&self, offset: u64, len: u64) -> LocalBoxFuture<'_, Result<(bool, u64)>> {
+        Box::pin(async move {
+            let extents = self
+                .image
+                .map(offset, len)
+                .await
+                .map_err(|e| self.io_error(e))?;
+            let Some(first) = extents.first() else {
+                return Ok((true, len));
+            };
+            let allocated = !matches!(first.kind, ExtentKind::Unallocated);
+            // Merge the following extents with the same answer.
+            let mut n = 0;
+            for e in &extents {
+                if matches!(e.kind, ExtentKind::Unallocated) == allocated {
+                    break;
+                }
+                n += e.len;
+            }
+            Ok((allocated, n.max(1).min(len)))
+        })
     }
 
     fn is_read_only(&self) -> bool {
@@ -427,6 +475,11 @@ impl Driver for Qcow2Driver {
     }
 
     fn truncate(&self, size: u64) -> Result<()> {
+        if !size.is_multiple_of(512) {
+            return Err(BlockError::Graph(
+                "The new size must be a multiple of 512".into(),
+            ));
+        }
         let image = self.image.clone();
         crate::aio::uring::block_on(async move { image.resize(size).await }).map_err(image_error)
     }
@@ -528,7 +581,8 @@ impl Driver for Qcow2Driver {
         // cached: straight to the file, as a raw image would.
         let mapped = self.image.map_cached(offset, iov.len());
         if let Some(extents) = &mapped {
-            match (&extents[..], &self.backing) {
+            let backing = self.backing.load();
+            match (&extents[..], backing.as_ref()) {
                 (
                     [Extent {
                         kind: ExtentKind::Data { host_offset },
@@ -543,7 +597,10 @@ impl Driver for Qcow2Driver {
                         ..
                     }],
                     Some(b),
-                ) if offset + iov.len() <= b.size() => return Box::pin(b.read(offset, iov)),
+                ) if offset + iov.len() <= b.node().size() => {
+                    let b = b.node_arc();
+                    return Box::pin(async move { b.read(offset, iov).await });
+                }
                 _ => {}
             }
         }

@@ -3,21 +3,21 @@
 
 use crate::aio::iovec::IoVec;
 use crate::aio::LocalBoxFuture;
-use crate::driver::{Child, Driver};
+use crate::driver::Driver;
+use crate::edge::Edge;
 use crate::error::{BlockError, Result};
-use crate::node::Node;
 use std::sync::Arc;
 
 pub struct RawDriver {
-    file: Arc<Node>,
+    file: Arc<Edge>,
     offset: u64,
     /// Fixed window size, or `None` for "the rest of the child".
     size: Option<u64>,
 }
 
 impl RawDriver {
-    pub fn new(file: Arc<Node>, offset: u64, size: Option<u64>) -> Result<Self> {
-        let child = file.size();
+    pub fn new(file: Arc<Edge>, offset: u64, size: Option<u64>) -> Result<Self> {
+        let child = file.node().size();
         let end = offset.checked_add(size.unwrap_or(0));
         match end {
             Some(end) if offset <= child && end <= child => {}
@@ -39,14 +39,11 @@ impl Driver for RawDriver {
 
     fn size(&self) -> u64 {
         self.size
-            .unwrap_or_else(|| self.file.size().saturating_sub(self.offset))
+            .unwrap_or_else(|| self.file.node().size().saturating_sub(self.offset))
     }
 
-    fn children(&self) -> Vec<Child> {
-        vec![Child {
-            role: "file",
-            node: self.file.clone(),
-        }]
+    fn children(&self) -> Vec<Arc<Edge>> {
+        vec![self.file.clone()]
     }
 
     fn supports_fua(&self) -> bool {
@@ -54,7 +51,7 @@ impl Driver for RawDriver {
     }
 
     fn is_read_only(&self) -> bool {
-        self.file.is_read_only()
+        self.file.node().is_read_only()
     }
 
     fn truncate(&self, size: u64) -> Result<()> {
@@ -67,35 +64,35 @@ impl Driver for RawDriver {
             .offset
             .checked_add(size)
             .ok_or_else(|| BlockError::Graph("Disk size too large for the chosen offset".into()))?;
-        self.file.resize(end)
+        self.file.node().resize(end)
     }
 
     fn filename(&self) -> String {
-        self.file.driver().filename()
+        self.file.node().driver().filename()
     }
 
     fn actual_size(&self) -> Option<u64> {
-        self.file.driver().actual_size()
+        self.file.node().driver().actual_size()
     }
 
     fn read<'a>(&'a self, offset: u64, iov: IoVec) -> LocalBoxFuture<'a, Result<()>> {
-        Box::pin(self.file.read(self.offset + offset, iov))
+        Box::pin(async move { self.file.node().read(self.offset + offset, iov).await })
     }
 
     fn write<'a>(&'a self, offset: u64, iov: IoVec, fua: bool) -> LocalBoxFuture<'a, Result<()>> {
-        Box::pin(self.file.write(self.offset + offset, iov, fua))
+        Box::pin(async move { self.file.node().write(self.offset + offset, iov, fua).await })
     }
 
     fn flush(&self) -> LocalBoxFuture<'_, Result<()>> {
-        Box::pin(self.file.flush())
+        Box::pin(async move { self.file.node().flush().await })
     }
 
     fn discard(&self, offset: u64, len: u64) -> LocalBoxFuture<'_, Result<()>> {
-        Box::pin(self.file.discard(self.offset + offset, len))
+        Box::pin(async move { self.file.node().discard(self.offset + offset, len).await })
     }
 
     fn allocate(&self, offset: u64, len: u64) -> LocalBoxFuture<'_, Result<()>> {
-        Box::pin(self.file.allocate(self.offset + offset, len))
+        Box::pin(async move { self.file.node().allocate(self.offset + offset, len).await })
     }
 
     fn write_zeroes(
@@ -104,9 +101,11 @@ impl Driver for RawDriver {
         len: u64,
         may_unmap: bool,
     ) -> LocalBoxFuture<'_, Result<()>> {
-        Box::pin(
+        Box::pin(async move {
             self.file
-                .write_zeroes(self.offset + offset, len, may_unmap, false),
-        )
+                .node()
+                .write_zeroes(self.offset + offset, len, may_unmap, false)
+                .await
+        })
     }
 }
