@@ -69,6 +69,15 @@ pub trait Driver: Send + Sync {
         default_child_perm(child.role(), writable, perm, shared)
     }
 
+    /// Drops the image locks the driver holds on its file (before the image is
+    /// reopened with other permissions by a new node of this process).
+    fn release_locks(&self) {}
+
+    /// Takes the locks back after [`Driver::release_locks`] (a reopen that failed).
+    fn retake_locks(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Whether the driver can have a backing child (QEMU's `supports_backing`).
     fn supports_backing(&self) -> bool {
         false

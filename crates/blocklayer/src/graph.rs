@@ -238,6 +238,75 @@ impl Graph {
         Ok(())
     }
 
+    /// Reopens a `qcow2` or `raw` node over a `file` node read-write or read-only
+    /// (QEMU's `bdrv_reopen_set_read_only`, which commit uses on its base): a new node
+    /// of the same name and image, with the same backing child, takes the old one's
+    /// place under all its users. The caller has drained the node. The options the
+    /// node was opened with beyond driver, file name and backing are not carried over.
+    pub fn reopen(&mut self, node: &Arc<Node>, writable: bool) -> Result<Arc<Node>> {
+        let name = node.name().to_string();
+        let drv = node.driver_name();
+        let children = node.children();
+        let file = children
+            .iter()
+            .find(|c| c.name() == "file")
+            .map(|c| c.node_arc());
+        let cannot = |why: &str| {
+            BlockError::Graph(format!(
+                "Cannot reopen node '{name}' {}: {why}",
+                if writable { "read-write" } else { "read-only" }
+            ))
+        };
+        let Some(file) = file.filter(|f| f.driver_name() == "file") else {
+            return Err(cannot(
+                "only qcow2 and raw nodes over a file node can be reopened",
+            ));
+        };
+        if !matches!(drv, "qcow2" | "raw") || children.iter().any(|c| c.name() == "data-file") {
+            return Err(cannot(
+                "only qcow2 and raw nodes over a file node can be reopened",
+            ));
+        }
+        let mut opts = BlockdevOptions::from_json(&json!({
+            "driver": drv,
+            "read-only": !writable,
+            "file": {
+                "driver": "file",
+                "filename": file.driver().filename(),
+                "read-only": !writable,
+            },
+        }))?;
+        // Set here rather than in the JSON: generated names (`#block...`) are not
+        // names a user may give.
+        opts.common.node_name = Some(name.clone());
+        if let DriverOptions::Qcow2(q) = &mut opts.driver {
+            q.backing = match node.backing() {
+                Some(b) => BackingRef::Node(BlockdevRef::Reference(b.name().to_string())),
+                None => BackingRef::None,
+            };
+        }
+        let Some(old) = self.nodes.remove(&name) else {
+            return Err(cannot("no such node"));
+        };
+        file.driver().release_locks();
+        let new = match self.open(&opts) {
+            Ok(n) => n,
+            Err(e) => {
+                self.nodes.insert(name, old);
+                let _ = file.driver().retake_locks();
+                return Err(e);
+            }
+        };
+        if let Err(e) = self.replace_node(&old, &new, None) {
+            drop(new);
+            self.nodes.insert(name, old);
+            self.collect_unused();
+            let _ = file.driver().retake_locks();
+            return Err(e);
+        }
+        Ok(new)
+    }
+
     /// Removes the nodes nothing uses any more that the monitor did not add
     /// (backing files dropped from a chain, inline children of removed nodes).
     pub fn collect_unused(&mut self) {
@@ -692,7 +761,7 @@ impl Graph {
                 "direct": flags.cache_direct,
                 "no-flush": flags.no_flush,
             },
-            "write_threshold": 0,
+            "write_threshold": node.write_threshold(),
         });
         if let Some(f) = backing_file {
             info["backing_file"] = json!(f);

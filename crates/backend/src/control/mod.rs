@@ -24,10 +24,12 @@ use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub mod graph_ops;
+pub mod jobs;
 mod snapshot;
 
 /// How long an operation waits for requests in flight to finish.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Messages to the control thread.
 pub enum ControlMsg {
@@ -41,13 +43,15 @@ pub enum ControlMsg {
     ExportGone(String),
     /// An event raised off the control thread (an iothread's `BLOCK_IO_ERROR`).
     Event { name: &'static str, data: Value },
+    /// A block job's thread reports.
+    Job(crate::jobs::JobMsg),
     /// Shut the daemon down, then acknowledge.
     Shutdown(Sender<()>),
 }
 
-type OpResult<T> = std::result::Result<T, QmpError>;
+pub(crate) type OpResult<T> = std::result::Result<T, QmpError>;
 
-fn generic(e: impl std::fmt::Display) -> QmpError {
+pub(crate) fn generic(e: impl std::fmt::Display) -> QmpError {
     QmpError::generic(e.to_string())
 }
 
@@ -67,11 +71,11 @@ pub struct Control {
     iothreads: BTreeMap<String, Arc<IoThread>>,
     exports: BTreeMap<String, ExportEntry>,
     pub events: Arc<EventBus>,
-    tx: Sender<ControlMsg>,
+    pub(crate) tx: Sender<ControlMsg>,
     pub pidfile: Option<PathBuf>,
     /// Files to remove at shutdown (monitor sockets).
     pub cleanup: Vec<PathBuf>,
-    jobs: crate::jobs::Jobs,
+    pub(crate) jobs: crate::jobs::Jobs,
 }
 
 impl Control {
@@ -107,6 +111,7 @@ impl Control {
                 }
                 ControlMsg::ExportGone(id) => self.export_gone(&id),
                 ControlMsg::Event { name, data } => self.events.emit(name, Some(data)),
+                ControlMsg::Job(msg) => self.job_msg(msg),
                 ControlMsg::Shutdown(done) => {
                     self.shutdown();
                     let _ = done.send(());
@@ -563,9 +568,30 @@ impl Control {
     /// `blockdev-create`: formats a node (`driver: qcow2`, `file` an existing node)
     /// or creates a host file (`driver: file`), as a job.
     pub fn blockdev_create(&mut self, job_id: &str, options: &Value) -> OpResult<()> {
+        use crate::jobs::{Job, JobCore, Status};
+        self.jobs.check_id(job_id)?;
         let work = self.create_work(options)?;
         let events = self.events.clone();
-        self.jobs.run(&events, job_id, "create", work)
+        let core = Arc::new(JobCore::new(job_id, 0));
+        let mut job = Job::new(job_id, "create", core.clone(), false);
+        job.auto_dismiss = false;
+        self.jobs.insert(&events, job);
+        self.jobs.transition(&events, job_id, Status::Running);
+        match work() {
+            Ok(()) => {
+                core.progress(1);
+                self.jobs.transition(&events, job_id, Status::Waiting);
+                self.jobs.transition(&events, job_id, Status::Pending);
+            }
+            Err(e) => {
+                if let Some(j) = self.jobs.get_mut(job_id) {
+                    j.error = Some(e);
+                }
+                self.jobs.transition(&events, job_id, Status::Aborting);
+            }
+        }
+        self.jobs.transition(&events, job_id, Status::Concluded);
+        Ok(())
     }
 
     /// Checks the creation options now (QMP errors) and returns the work to run in
@@ -682,8 +708,7 @@ impl Control {
     }
 
     pub fn dismiss_job(&mut self, id: &str) -> OpResult<()> {
-        let events = self.events.clone();
-        self.jobs.dismiss(&events, id)
+        self.job_dismiss(id, false)
     }
 
     pub fn query_jobs(&self) -> Value {

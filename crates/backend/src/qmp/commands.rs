@@ -30,10 +30,49 @@ pub const COMMANDS: &[&str] = &[
     "blockdev-create",
     "query-jobs",
     "job-dismiss",
+    "job-pause",
+    "job-resume",
+    "job-cancel",
+    "job-complete",
+    "job-finalize",
+    "query-block-jobs",
+    "block-job-cancel",
+    "block-job-complete",
+    "block-job-dismiss",
+    "block-job-finalize",
+    "block-job-pause",
+    "block-job-resume",
+    "block-job-set-speed",
+    "block-stream",
+    "block-commit",
+    "blockdev-snapshot",
+    "blockdev-snapshot-sync",
+    "change-backing-file",
+    "block-set-write-threshold",
+    "x-debug-query-block-graph",
     "cont",
     "x-block-export-cont",
     "quit",
 ];
+
+/// The arguments every block job command takes.
+fn job_opts(a: &mut Args) -> Result<crate::control::jobs::JobOpts, QmpError> {
+    let on_error = match a.opt_enum("on-error", &["report", "ignore", "enospc", "stop"])? {
+        Some("ignore") => crate::config::OnError::Ignore,
+        Some("enospc") => crate::config::OnError::Enospc,
+        Some("stop") => crate::config::OnError::Stop,
+        _ => crate::config::OnError::Report,
+    };
+    // Accepted as QEMU's; vubd's jobs insert no filter node.
+    a.opt_str("filter-node-name")?;
+    Ok(crate::control::jobs::JobOpts {
+        job_id: a.opt_str("job-id")?,
+        speed: a.opt_int("speed")?.unwrap_or(0),
+        on_error,
+        auto_finalize: a.opt_bool("auto-finalize")?.unwrap_or(true),
+        auto_dismiss: a.opt_bool("auto-dismiss")?.unwrap_or(true),
+    })
+}
 
 fn ok() -> QmpResult {
     Ok(json!({}))
@@ -176,6 +215,119 @@ pub fn execute(ctl: &mut Control, name: &str, arguments: &Value) -> QmpResult {
             a.finish()?;
             ctl.dismiss_job(&id)?;
             ok()
+        }
+        "job-pause" | "job-resume" | "job-complete" | "job-finalize" | "job-cancel" => {
+            let id = a.str("id")?;
+            a.finish()?;
+            match name {
+                "job-pause" => ctl.job_pause(&id, false)?,
+                "job-resume" => ctl.job_resume(&id, false)?,
+                "job-complete" => ctl.job_complete(&id, false)?,
+                "job-finalize" => ctl.job_finalize(&id, false)?,
+                _ => ctl.job_cancel(&id, true, false)?,
+            }
+            ok()
+        }
+        "query-block-jobs" => {
+            a.finish()?;
+            Ok(ctl.query_block_jobs())
+        }
+        "block-job-cancel" => {
+            let id = a.str("device")?;
+            let force = a.opt_bool("force")?.unwrap_or(false);
+            a.finish()?;
+            ctl.job_cancel(&id, force, true)?;
+            ok()
+        }
+        "block-job-pause" | "block-job-resume" | "block-job-complete" | "block-job-dismiss" => {
+            let id = a.str("device")?;
+            a.finish()?;
+            match name {
+                "block-job-pause" => ctl.job_pause(&id, true)?,
+                "block-job-resume" => ctl.job_resume(&id, true)?,
+                "block-job-complete" => ctl.job_complete(&id, true)?,
+                _ => ctl.job_dismiss(&id, true)?,
+            }
+            ok()
+        }
+        "block-job-finalize" => {
+            let id = a.str("id")?;
+            a.finish()?;
+            ctl.job_finalize(&id, true)?;
+            ok()
+        }
+        "block-job-set-speed" => {
+            let id = a.str("device")?;
+            let speed = a.int("speed")?;
+            a.finish()?;
+            ctl.job_set_speed(&id, speed)?;
+            ok()
+        }
+        "block-stream" => {
+            let args = crate::control::jobs::StreamArgs {
+                device: a.str("device")?,
+                base: a.opt_str("base")?,
+                base_node: a.opt_str("base-node")?,
+                bottom: a.opt_str("bottom")?,
+                backing_file: a.opt_str("backing-file")?,
+            };
+            let opts = job_opts(&mut a)?;
+            a.finish()?;
+            ctl.block_stream(args, opts)?;
+            ok()
+        }
+        "block-commit" => {
+            let args = crate::control::jobs::CommitArgs {
+                device: a.str("device")?,
+                base_node: a.opt_str("base-node")?,
+                base: a.opt_str("base")?,
+                top_node: a.opt_str("top-node")?,
+                top: a.opt_str("top")?,
+                backing_file: a.opt_str("backing-file")?,
+            };
+            let opts = job_opts(&mut a)?;
+            a.finish()?;
+            ctl.block_commit(args, opts)?;
+            ok()
+        }
+        "blockdev-snapshot" => {
+            let node = a.str("node")?;
+            let overlay = a.str("overlay")?;
+            a.finish()?;
+            ctl.blockdev_snapshot(&node, &overlay)?;
+            ok()
+        }
+        "blockdev-snapshot-sync" => {
+            let args = crate::control::graph_ops::SnapshotSync {
+                device: a.opt_str("device")?,
+                node_name: a.opt_str("node-name")?,
+                snapshot_file: a.str("snapshot-file")?,
+                snapshot_node_name: a.opt_str("snapshot-node-name")?,
+                format: a.opt_str("format")?.unwrap_or_else(|| "qcow2".into()),
+                existing: a.opt_enum("mode", &["existing", "absolute-paths"])? == Some("existing"),
+            };
+            a.finish()?;
+            ctl.blockdev_snapshot_sync(args)?;
+            ok()
+        }
+        "change-backing-file" => {
+            let device = a.str("device")?;
+            let image = a.str("image-node-name")?;
+            let backing = a.str("backing-file")?;
+            a.finish()?;
+            ctl.change_backing_file(&device, &image, &backing)?;
+            ok()
+        }
+        "block-set-write-threshold" => {
+            let node = a.str("node-name")?;
+            let t = a.int("write-threshold")?;
+            a.finish()?;
+            ctl.set_write_threshold(&node, t.max(0) as u64)?;
+            ok()
+        }
+        "x-debug-query-block-graph" => {
+            a.finish()?;
+            Ok(ctl.query_block_graph())
         }
         "cont" => {
             a.finish()?;

@@ -3,7 +3,7 @@
 //! the request's buffers (guest memory) and the kernel.
 
 use super::lock::{
-    lock_image, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED,
+    lock_image, unlock_image, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED,
 };
 use crate::aio::iovec::{AlignedBuf, IoVec};
 use crate::aio::{uring, LocalBoxFuture};
@@ -94,6 +94,8 @@ pub struct FileDriver {
     request_alignment: u32,
     mem_alignment: usize,
     stats: FileStats,
+    /// The image locks taken at open (permissions held, shared), if locking.
+    locks: Option<(u32, u32)>,
 }
 
 /// The file driver's own statistics (`driver-specific` in `query-blockstats`).
@@ -218,6 +220,19 @@ impl FileDriver {
             };
             lock_image(fd, &path, perm, shared)?;
         }
+        let locks = locking.then(|| {
+            let perm = if common.read_only {
+                PERM_CONSISTENT_READ
+            } else {
+                PERM_CONSISTENT_READ | PERM_WRITE | PERM_RESIZE
+            };
+            let shared = if common.force_share {
+                PERM_CONSISTENT_READ | PERM_WRITE | PERM_WRITE_UNCHANGED | PERM_RESIZE
+            } else {
+                PERM_CONSISTENT_READ | PERM_WRITE_UNCHANGED
+            };
+            (perm, shared)
+        });
         let submission = if !block_device && memory_backed(fd) {
             Submission::Inline
         } else {
@@ -233,6 +248,7 @@ impl FileDriver {
             request_alignment,
             mem_alignment,
             stats: FileStats::default(),
+            locks,
         })
     }
 
@@ -351,6 +367,19 @@ impl FileDriver {
 }
 
 impl Driver for FileDriver {
+    fn release_locks(&self) {
+        if self.locks.is_some() {
+            unlock_image(self.file.as_raw_fd());
+        }
+    }
+
+    fn retake_locks(&self) -> Result<()> {
+        match self.locks {
+            Some((perm, shared)) => lock_image(self.file.as_raw_fd(), &self.path, perm, shared),
+            None => Ok(()),
+        }
+    }
+
     fn driver_name(&self) -> &'static str {
         if self.block_device {
             "host_device"

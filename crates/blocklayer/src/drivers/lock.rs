@@ -92,6 +92,15 @@ pub fn lock_image(fd: RawFd, path: &str, perm: u32, shared: u32) -> Result<()> {
     Ok(())
 }
 
+/// Drops every lock this opener holds (before the image is reopened by a new
+/// opener of this process, whose locks would otherwise conflict with these).
+pub fn unlock_image(fd: RawFd) {
+    for bit in 0..PERM_BITS {
+        let _ = set_lock(fd, libc::F_UNLCK, PERM_BASE + i64::from(bit));
+        let _ = set_lock(fd, libc::F_UNLCK, SHARED_BASE + i64::from(bit));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,583 @@
+//! Block jobs on the control thread: starting stream and commit (checks, QEMU's
+//! texts, permissions), the job verbs, the messages of job threads, and
+//! finalization, where a job's graph change is made inside a drained section.
+
+use super::{generic, Control, OpResult, DRAIN_TIMEOUT};
+use crate::config::OnError;
+use crate::jobs::commit::{copy_remaining, Commit};
+use crate::jobs::stream::{Stream, CANCELLED};
+use crate::jobs::{Cancel, Job, JobCore, JobMsg, Status, Verb};
+use crate::qmp::wire::QmpError;
+use blocklayer::aio::uring::block_on;
+use blocklayer::backend::BlockBackend;
+use blocklayer::edge::Parent;
+use blocklayer::perm::Perm;
+use blocklayer::Node;
+use serde_json::json;
+use std::sync::Arc;
+
+/// Arguments common to block jobs.
+pub struct JobOpts {
+    pub job_id: Option<String>,
+    pub speed: i64,
+    pub on_error: OnError,
+    pub auto_finalize: bool,
+    pub auto_dismiss: bool,
+}
+
+/// `block-stream` arguments (QEMU 7.2 names).
+pub struct StreamArgs {
+    pub device: String,
+    pub base: Option<String>,
+    pub base_node: Option<String>,
+    pub bottom: Option<String>,
+    pub backing_file: Option<String>,
+}
+
+/// `block-commit` arguments.
+pub struct CommitArgs {
+    pub device: String,
+    pub base_node: Option<String>,
+    pub base: Option<String>,
+    pub top_node: Option<String>,
+    pub top: Option<String>,
+    pub backing_file: Option<String>,
+}
+
+/// The chain below `top`, `top` first.
+fn chain(top: &Arc<Node>) -> Vec<Arc<Node>> {
+    let mut v = vec![top.clone()];
+    while let Some(b) = v.last().and_then(|n| n.backing()) {
+        v.push(b);
+    }
+    v
+}
+
+/// The image a node stands for in its chain: its filename.
+fn filename(n: &Node) -> String {
+    n.driver().filename()
+}
+
+impl Control {
+    fn job_id(&self, opts: &JobOpts) -> OpResult<String> {
+        let Some(id) = &opts.job_id else {
+            // QEMU takes the device's name, which a node of qemu-storage-daemon
+            // does not have.
+            return Err(QmpError::generic("Invalid job ID ''"));
+        };
+        self.jobs.check_id(id)?;
+        if opts.speed < 0 {
+            return Err(QmpError::generic(
+                "Parameter 'speed' expects a non-negative value",
+            ));
+        }
+        Ok(id.clone())
+    }
+
+    fn job_user(
+        &self,
+        id: &str,
+        kind: &'static str,
+        node: &Arc<Node>,
+        perm: Perm,
+        shared: Perm,
+    ) -> OpResult<BlockBackend> {
+        BlockBackend::new(
+            &self.graph,
+            Parent::Job {
+                kind,
+                id: id.to_string(),
+            },
+            node,
+            perm,
+            shared,
+        )
+        .map_err(generic)
+    }
+
+    /// Registers a block job and starts its thread.
+    fn start_job<Fut>(
+        &mut self,
+        mut job: Job,
+        work: impl FnOnce() -> Fut + Send + 'static,
+    ) -> OpResult<()>
+    where
+        Fut: std::future::Future<Output = Result<(), String>> + 'static,
+    {
+        let id = job.id.clone();
+        job.auto_dismiss = job.auto_dismiss && job.block;
+        let events = self.events.clone();
+        self.jobs.insert(&events, job);
+        self.jobs.transition(&events, &id, Status::Running);
+        if let Err(e) = crate::jobs::spawn(&id, self.tx.clone(), work) {
+            self.job_msg(JobMsg::Done {
+                id,
+                result: Err(e.to_string()),
+            });
+        }
+        Ok(())
+    }
+
+    /// `block-stream`
+    pub fn block_stream(&mut self, a: StreamArgs, o: JobOpts) -> OpResult<()> {
+        let top = self.graph.lookup(&a.device).map_err(generic)?;
+        if a.base.is_some() && a.base_node.is_some() {
+            return Err(QmpError::generic(
+                "'base' and 'base-node' cannot be specified at the same time",
+            ));
+        }
+        if a.base.is_some() && a.bottom.is_some() {
+            return Err(QmpError::generic(
+                "'base' and 'bottom' cannot be specified at the same time",
+            ));
+        }
+        if a.base_node.is_some() && a.bottom.is_some() {
+            return Err(QmpError::generic(
+                "'base-node' and 'bottom' cannot be specified at the same time",
+            ));
+        }
+        let layers = chain(&top);
+        let base: Option<Arc<Node>> = if let Some(f) = &a.base {
+            Some(
+                layers
+                    .iter()
+                    .skip(1)
+                    .find(|n| filename(n) == *f)
+                    .cloned()
+                    .ok_or_else(|| {
+                        QmpError::generic(format!("Can't find '{f}' in the backing chain"))
+                    })?,
+            )
+        } else if let Some(b) = &a.base_node {
+            let node = self.graph.lookup(b).map_err(generic)?;
+            if !layers.iter().skip(1).any(|n| Arc::ptr_eq(n, &node)) {
+                return Err(QmpError::generic(format!(
+                    "Node '{b}' is not a backing image of '{}'",
+                    a.device
+                )));
+            }
+            Some(node)
+        } else if let Some(b) = &a.bottom {
+            let node = self.graph.lookup(b).map_err(generic)?;
+            let Some(i) = layers.iter().skip(1).position(|n| Arc::ptr_eq(n, &node)) else {
+                return Err(QmpError::generic(format!(
+                    "Node '{b}' is not a backing image of '{}'",
+                    a.device
+                )));
+            };
+            layers.get(i + 2).cloned()
+        } else {
+            None
+        };
+        if base.is_none() && a.backing_file.is_some() {
+            return Err(QmpError::generic(
+                "backing file specified, but streaming the entire chain",
+            ));
+        }
+        let id = self.job_id(&o)?;
+        let blk = self.job_user(&id, "stream", &top, Perm::WRITE_UNCHANGED, Perm::ALL)?;
+        let mut holds = Vec::new();
+        for n in layers.iter().skip(1) {
+            if base.as_ref().is_some_and(|b| Arc::ptr_eq(b, n)) {
+                break;
+            }
+            holds.push(self.job_user(
+                &id,
+                "stream",
+                n,
+                Perm::NONE,
+                Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED | Perm::WRITE | Perm::GRAPH_MOD,
+            )?);
+        }
+        // From now on guest writes to the top are serialised against the copies;
+        // the drained section makes sure none is in flight untracked.
+        {
+            let _d = self.graph.drain(&top, DRAIN_TIMEOUT).map_err(generic)?;
+            top.serialise_begin();
+        }
+        let core = Arc::new(JobCore::new(&id, o.speed as u64));
+        let mut job = Job::new(&id, "stream", core.clone(), true);
+        job.auto_finalize = o.auto_finalize;
+        job.auto_dismiss = o.auto_dismiss;
+        let (t, b, backing_file) = (top.clone(), base.clone(), a.backing_file.clone());
+        job.finish = Some(Box::new(move |ctl: &mut Control| {
+            let _d = ctl
+                .graph
+                .drain(&t, DRAIN_TIMEOUT)
+                .map_err(|e| e.to_string())?;
+            let name = backing_file.or_else(|| b.as_ref().map(|b| filename(b)));
+            let fmt = b.as_ref().map(|b| b.driver_name());
+            t.driver()
+                .change_backing_file(name.as_deref(), fmt)
+                .map_err(|e| e.to_string())?;
+            ctl.graph
+                .set_backing(&t, b.as_ref())
+                .map_err(|e| e.to_string())
+        }));
+        let t = top.clone();
+        job.cleanup = Some(Box::new(move |ctl: &mut Control| {
+            t.serialise_end();
+            ctl.graph.collect_unused();
+        }));
+        let stream = Stream {
+            core,
+            blk,
+            holds,
+            base,
+            on_error: o.on_error,
+            tx: self.tx.clone(),
+        };
+        // The job's handles move to its thread.
+        self.start_job(job, move || stream.run())
+    }
+
+    /// `block-commit`
+    pub fn block_commit(&mut self, a: CommitArgs, o: JobOpts) -> OpResult<()> {
+        let device = self.graph.lookup(&a.device).map_err(generic)?;
+        let layers = chain(&device);
+        let top = if let Some(t) = &a.top_node {
+            let node = self.graph.lookup(t).map_err(generic)?;
+            if !layers.iter().any(|n| Arc::ptr_eq(n, &node)) {
+                return Err(QmpError::generic(format!(
+                    "'{t}' is not in this backing file chain"
+                )));
+            }
+            node
+        } else if let Some(f) = &a.top {
+            layers
+                .iter()
+                .find(|n| filename(n) == *f)
+                .cloned()
+                .ok_or_else(|| QmpError::generic(format!("Top image file {f} not found")))?
+        } else {
+            device.clone()
+        };
+        let below = chain(&top);
+        let base = if let Some(b) = &a.base_node {
+            let node = self.graph.lookup(b).map_err(generic)?;
+            if !below.iter().any(|n| Arc::ptr_eq(n, &node)) {
+                return Err(QmpError::generic(format!(
+                    "'{b}' is not in this backing file chain"
+                )));
+            }
+            node
+        } else if let Some(f) = &a.base {
+            below
+                .iter()
+                .find(|n| filename(n) == *f)
+                .cloned()
+                .ok_or_else(|| QmpError::generic(format!("Base '{f}' not found")))?
+        } else {
+            match below.last() {
+                Some(b) if !Arc::ptr_eq(b, &top) => b.clone(),
+                _ => return Err(QmpError::generic("There is no backimg image")),
+            }
+        };
+        if Arc::ptr_eq(&top, &base) {
+            return Err(QmpError::generic("cannot commit an image into itself"));
+        }
+        let active = Arc::ptr_eq(&top, &device);
+        let id = self.job_id(&o)?;
+        // The base is written: reopen it read-write if it is a read-only backing file.
+        let base = if base.is_read_only() {
+            let _d = self.graph.drain(&base, DRAIN_TIMEOUT).map_err(generic)?;
+            self.graph.reopen(&base, true).map_err(generic)?
+        } else {
+            base
+        };
+        if base.size() < top.size() {
+            let _d = self.graph.drain(&base, DRAIN_TIMEOUT).map_err(generic)?;
+            base.resize(top.size()).map_err(generic)?;
+        }
+        let top_blk = self.job_user(
+            &id,
+            "commit",
+            &top,
+            Perm::CONSISTENT_READ,
+            if active {
+                Perm::ALL
+            } else {
+                Perm::CONSISTENT_READ | Perm::WRITE | Perm::RESIZE | Perm::WRITE_UNCHANGED
+            },
+        )?;
+        let base_blk = self.job_user(
+            &id,
+            "commit",
+            &base,
+            Perm::CONSISTENT_READ | Perm::WRITE | Perm::RESIZE,
+            Perm::CONSISTENT_READ | Perm::GRAPH_MOD | Perm::WRITE_UNCHANGED,
+        )?;
+        let mut holds = Vec::new();
+        for n in below.iter().skip(1) {
+            if Arc::ptr_eq(n, &base) {
+                break;
+            }
+            holds.push(self.job_user(&id, "commit", n, Perm::NONE, Perm::ALL)?);
+        }
+        let core = Arc::new(JobCore::new(&id, o.speed as u64));
+        let mut job = Job::new(&id, "commit", core.clone(), true);
+        job.auto_finalize = o.auto_finalize;
+        job.auto_dismiss = o.auto_dismiss;
+        let dirty = if active {
+            let bm = Arc::new(blocklayer::bitmap::DirtyBitmap::new(top.size(), 65536));
+            let _d = self.graph.drain(&top, DRAIN_TIMEOUT).map_err(generic)?;
+            top.add_bitmap(bm.clone());
+            Some(bm)
+        } else {
+            None
+        };
+        if let Some(bm) = dirty.clone() {
+            let (t, b, bm2) = (top.clone(), base.clone(), bm.clone());
+            job.finish = Some(Box::new(move |ctl: &mut Control| {
+                let _d = ctl
+                    .graph
+                    .drain_all(&[t.clone(), b.clone()], DRAIN_TIMEOUT)
+                    .map_err(|e| e.to_string())?;
+                block_on(copy_remaining(t.clone(), b.clone(), bm2))?;
+                ctl.graph
+                    .replace_node(&t, &b, None)
+                    .map_err(|e| e.to_string())
+            }));
+            let t = top.clone();
+            job.cleanup = Some(Box::new(move |ctl: &mut Control| {
+                t.remove_bitmap(&bm);
+                ctl.graph.collect_unused();
+            }));
+        } else {
+            // The overlay of the top takes the base as its backing.
+            let overlay = self
+                .graph
+                .nodes()
+                .find(|n| n.backing().is_some_and(|b| Arc::ptr_eq(&b, &top)))
+                .cloned();
+            let (b, backing_file) = (base.clone(), a.backing_file.clone());
+            job.finish = Some(Box::new(move |ctl: &mut Control| {
+                let Some(ov) = overlay else {
+                    return Ok(());
+                };
+                let _d = ctl
+                    .graph
+                    .drain(&ov, DRAIN_TIMEOUT)
+                    .map_err(|e| e.to_string())?;
+                let name = backing_file.unwrap_or_else(|| filename(&b));
+                ov.driver()
+                    .change_backing_file(Some(&name), Some(b.driver_name()))
+                    .map_err(|e| e.to_string())?;
+                ctl.graph
+                    .set_backing(&ov, Some(&b))
+                    .map_err(|e| e.to_string())
+            }));
+            job.cleanup = Some(Box::new(|ctl: &mut Control| ctl.graph.collect_unused()));
+        }
+        let commit = Commit {
+            core,
+            top: top_blk,
+            base: base_blk,
+            holds,
+            dirty,
+            on_error: o.on_error,
+            tx: self.tx.clone(),
+        };
+        self.start_job(job, move || commit.run())
+    }
+
+    /// A message from a job's thread.
+    pub(super) fn job_msg(&mut self, msg: JobMsg) {
+        let events = self.events.clone();
+        match msg {
+            JobMsg::Ready(id) => {
+                let Some(j) = self.jobs.get_mut(&id) else {
+                    return;
+                };
+                match j.status {
+                    Status::Running => {
+                        self.jobs.transition(&events, &id, Status::Ready);
+                        self.jobs.ready_event(&events, &id);
+                    }
+                    Status::Paused => j.ready_on_resume = true,
+                    _ => {}
+                }
+            }
+            JobMsg::ErrorStop { id, read } | JobMsg::ErrorIgnored { id, read }
+                if self.jobs.get(&id).is_none() =>
+            {
+                let _ = (id, read);
+            }
+            JobMsg::ErrorStop { id, read } => {
+                events.emit(
+                    "BLOCK_JOB_ERROR",
+                    Some(json!({"device": id, "operation": if read {"read"} else {"write"}, "action": "stop"})),
+                );
+                if let Some(j) = self.jobs.get_mut(&id) {
+                    j.user_paused = true;
+                    let to = match j.status {
+                        Status::Running => Some(Status::Paused),
+                        Status::Ready => Some(Status::Standby),
+                        _ => None,
+                    };
+                    if let Some(to) = to {
+                        self.jobs.transition(&events, &id, to);
+                    }
+                }
+            }
+            JobMsg::ErrorIgnored { id, read } => {
+                events.emit(
+                    "BLOCK_JOB_ERROR",
+                    Some(json!({"device": id, "operation": if read {"read"} else {"write"}, "action": "ignore"})),
+                );
+            }
+            JobMsg::Done { id, result } => self.job_done(&id, result),
+        }
+    }
+
+    fn job_done(&mut self, id: &str, result: Result<(), String>) {
+        let events = self.events.clone();
+        let Some(j) = self.jobs.get_mut(id) else {
+            return;
+        };
+        let cancel = j.core.cancel_requested();
+        let forced = cancel == Cancel::Force || result.as_ref().is_err_and(|e| e == CANCELLED);
+        if cancel == Cancel::Soft {
+            // A ready mirror-like job cancelled softly completes without its pivot.
+            j.finish = None;
+        }
+        match result {
+            Err(e) if !forced => {
+                j.error = Some(e);
+                j.result = Some(Err(String::new()));
+                self.jobs.transition(&events, id, Status::Aborting);
+                self.finalize_single(id);
+            }
+            Err(_) => {
+                j.result = Some(Err(String::new()));
+                self.jobs.transition(&events, id, Status::Aborting);
+                self.finalize_single(id);
+            }
+            Ok(()) if forced => {
+                j.result = Some(Err(String::new()));
+                self.jobs.transition(&events, id, Status::Aborting);
+                self.finalize_single(id);
+            }
+            Ok(()) => {
+                j.result = Some(Ok(()));
+                let auto = j.auto_finalize;
+                self.jobs.transition(&events, id, Status::Waiting);
+                self.jobs.transition(&events, id, Status::Pending);
+                if auto {
+                    self.finalize(id);
+                } else {
+                    events.emit(
+                        "BLOCK_JOB_PENDING",
+                        Some(json!({"type": self.jobs.get(id).map(|j| j.kind), "id": id})),
+                    );
+                }
+            }
+        }
+    }
+
+    /// Runs a pending job's graph change, then concludes it.
+    fn finalize(&mut self, id: &str) {
+        let events = self.events.clone();
+        let finish = self.jobs.get_mut(id).and_then(|j| j.finish.take());
+        if let Some(f) = finish {
+            if let Err(e) = f(self) {
+                log::error!("job {id}: finalization failed: {e}");
+                if let Some(j) = self.jobs.get_mut(id) {
+                    j.error = Some(e);
+                }
+                self.jobs.transition(&events, id, Status::Aborting);
+            }
+        }
+        self.finalize_single(id);
+    }
+
+    fn finalize_single(&mut self, id: &str) {
+        let events = self.events.clone();
+        let cleanup = self.jobs.get_mut(id).and_then(|j| j.cleanup.take());
+        if let Some(c) = cleanup {
+            c(self);
+        }
+        self.jobs.completion_event(&events, id);
+        self.jobs.transition(&events, id, Status::Concluded);
+        if self.jobs.get(id).is_some_and(|j| j.auto_dismiss) {
+            self.jobs.transition(&events, id, Status::Null);
+        }
+    }
+
+    // ---- verbs -------------------------------------------------------------------
+
+    pub fn job_pause(&mut self, id: &str, block: bool) -> OpResult<()> {
+        let events = self.events.clone();
+        self.jobs.pause(&events, id, block)
+    }
+
+    pub fn job_resume(&mut self, id: &str, block: bool) -> OpResult<()> {
+        let events = self.events.clone();
+        self.jobs.resume(&events, id, block)?;
+        let ready = self
+            .jobs
+            .get_mut(id)
+            .map(|j| std::mem::take(&mut j.ready_on_resume));
+        if ready == Some(true)
+            && self
+                .jobs
+                .get(id)
+                .is_some_and(|j| j.status == Status::Running)
+        {
+            self.jobs.transition(&events, id, Status::Ready);
+            self.jobs.ready_event(&events, id);
+        }
+        Ok(())
+    }
+
+    pub fn job_cancel(&mut self, id: &str, force: bool, block: bool) -> OpResult<()> {
+        let events = self.events.clone();
+        let status = if block {
+            self.jobs.find_block(id)?.status
+        } else {
+            self.jobs.find(id)?.status
+        };
+        self.jobs.cancel(&events, id, force, block)?;
+        // A job that has not started or has finished its work ends here.
+        if matches!(status, Status::Created | Status::Pending | Status::Waiting) {
+            if let Some(j) = self.jobs.get_mut(id) {
+                j.finish = None;
+            }
+            self.jobs.transition(&events, id, Status::Aborting);
+            self.finalize_single(id);
+        }
+        Ok(())
+    }
+
+    pub fn job_complete(&mut self, id: &str, block: bool) -> OpResult<()> {
+        let job = self.jobs.check_verb(id, Verb::Complete, block)?;
+        if job.core.cancel_requested() != Cancel::None || job.kind != "commit" {
+            return Err(QmpError::generic(format!(
+                "The active block job '{id}' cannot be completed"
+            )));
+        }
+        job.core.request_complete();
+        Ok(())
+    }
+
+    pub fn job_finalize(&mut self, id: &str, block: bool) -> OpResult<()> {
+        self.jobs.check_verb(id, Verb::Finalize, block)?;
+        self.finalize(id);
+        Ok(())
+    }
+
+    pub fn job_dismiss(&mut self, id: &str, block: bool) -> OpResult<()> {
+        let events = self.events.clone();
+        self.jobs.check_verb(id, Verb::Dismiss, block)?;
+        self.jobs.transition(&events, id, Status::Null);
+        Ok(())
+    }
+
+    pub fn job_set_speed(&mut self, id: &str, speed: i64) -> OpResult<()> {
+        self.jobs.set_speed(id, speed)
+    }
+
+    pub fn query_block_jobs(&self) -> serde_json::Value {
+        self.jobs.query_block()
+    }
+}

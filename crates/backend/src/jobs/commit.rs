@@ -1,0 +1,152 @@
+//! The `commit` job (QEMU's block-commit): copies what the layers from the top down
+//! to (not including) the base hold into the base.
+//!
+//! - Intermediate commit (the top is below the active layer): nobody writes the
+//!   committed layers, so one pass suffices; at finalization the top's overlay
+//!   takes the base as its backing.
+//! - Active commit (the top is the node the exports use): the guest keeps writing
+//!   the top, so a dirty bitmap on the top records what changed after it was
+//!   copied; the job copies those ranges again until none is left (ready), and on
+//!   `block-job-complete` the control thread drains, copies the last dirty ranges
+//!   and re-points the top's users at the base (the pivot).
+
+use super::core::{JobCore, RateLimit};
+use super::stream::{allocated_above, copy_range, on_error, CANCELLED, CHUNK};
+use super::JobMsg;
+use crate::config::OnError;
+use crate::control::ControlMsg;
+use blocklayer::backend::BlockBackend;
+use blocklayer::bitmap::DirtyBitmap;
+use blocklayer::Node;
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How often a ready active commit looks for new dirty ranges.
+const READY_POLL: Duration = Duration::from_millis(10);
+
+pub struct Commit {
+    pub core: Arc<JobCore>,
+    /// The job's handle on the top (reads through the chain).
+    pub top: BlockBackend,
+    /// The job's handle on the base (writes).
+    pub base: BlockBackend,
+    /// Users the job keeps on the nodes between the top and the base.
+    pub holds: Vec<BlockBackend>,
+    /// Active commit: the bitmap of what the guest wrote to the top meanwhile.
+    pub dirty: Option<Arc<DirtyBitmap>>,
+    pub on_error: OnError,
+    pub tx: Sender<ControlMsg>,
+}
+
+impl Commit {
+    pub async fn run(self) -> Result<(), String> {
+        let core = &self.core;
+        let size = self.top.node().size();
+        core.set_len(size);
+        let mut rl = RateLimit::default();
+        let mut offset = 0;
+        while offset < size {
+            core.pause_point(false)
+                .await
+                .map_err(|_| CANCELLED.to_string())?;
+            let want = (size - offset).min(CHUNK);
+            let (n, copied) = match self.chunk(offset, want).await {
+                Ok(v) => v,
+                Err((read, msg)) => {
+                    let enospc = msg.contains("No space");
+                    if on_error(core, self.on_error, &self.tx, read, msg, enospc).await? {
+                        continue;
+                    }
+                    (want, 0)
+                }
+            };
+            offset += n;
+            core.progress(n);
+            self.throttle(&mut rl, copied).await;
+        }
+        let Some(dirty) = self.dirty.clone() else {
+            return Ok(());
+        };
+        // Active commit: copy what the guest wrote meanwhile, until nothing is left.
+        let mut ready = false;
+        loop {
+            core.pause_point(ready)
+                .await
+                .map_err(|_| CANCELLED.to_string())?;
+            if ready
+                && (core.complete_requested() || core.cancel_requested() != super::Cancel::None)
+            {
+                return Ok(());
+            }
+            match dirty.take_next(0, CHUNK) {
+                Some((off, n)) => {
+                    core.add_len(n);
+                    if let Err((read, msg)) = self.copy(off, n).await {
+                        // Not copied: it stays dirty.
+                        dirty.set(off, n);
+                        let enospc = msg.contains("No space");
+                        if !on_error(core, self.on_error, &self.tx, read, msg, enospc).await? {
+                            dirty.take_next(off, n);
+                        }
+                        continue;
+                    }
+                    core.progress(n);
+                    self.throttle(&mut rl, n).await;
+                }
+                None if !ready => {
+                    ready = true;
+                    let _ = self
+                        .tx
+                        .send(ControlMsg::Job(JobMsg::Ready(core.id.clone())));
+                }
+                None => core.sleep(READY_POLL).await,
+            }
+        }
+    }
+
+    async fn throttle(&self, rl: &mut RateLimit, copied: u64) {
+        let d = rl.account(self.core.speed(), copied);
+        if !d.is_zero() {
+            self.core.sleep(d).await;
+        }
+    }
+
+    /// Commits one range if a committed layer holds it: bytes looked at and copied.
+    async fn chunk(&self, offset: u64, len: u64) -> Result<(u64, u64), (bool, String)> {
+        let base = self.base.node_arc();
+        let (above, n) = self
+            .top
+            .with_node(|top| async move { allocated_above(&top, Some(&base), offset, len).await })
+            .await
+            .map_err(|e| (true, e.to_string()))?;
+        if !above {
+            return Ok((n, 0));
+        }
+        self.copy(offset, n).await?;
+        Ok((n, n))
+    }
+
+    async fn copy(&self, offset: u64, len: u64) -> Result<(), (bool, String)> {
+        let base = &self.base;
+        self.top
+            .with_node(|top| async move {
+                base.with_node(|b| async move { copy_range(&top, &b, offset, len).await })
+                    .await
+            })
+            .await
+    }
+}
+
+/// The last step of an active commit's pivot, on the control thread with the top
+/// and base drained: copies the ranges still dirty.
+pub async fn copy_remaining(
+    top: Arc<Node>,
+    base: Arc<Node>,
+    dirty: Arc<DirtyBitmap>,
+) -> Result<(), String> {
+    while let Some((off, n)) = dirty.take_next(0, CHUNK) {
+        copy_range(&top, &base, off, n).await.map_err(|(_, m)| m)?;
+    }
+    base.flush().await.map_err(|e| e.to_string())
+}

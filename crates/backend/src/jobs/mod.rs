@@ -1,0 +1,490 @@
+//! Jobs as QMP sees them: QEMU's job state machine (`JobStatus`, the transition and
+//! verb tables of job.c), `JOB_STATUS_CHANGE` and the `BLOCK_JOB_*` events, and the
+//! registry the control thread keeps.
+//!
+//! A block job (stream, commit) runs on a thread of its own with its own executor
+//! and io_uring ([`spawn`]); its I/O goes through block backends, so drained
+//! sections hold it like any other user. It tells the control thread when it is
+//! ready or done ([`JobMsg`]); the control thread moves the state machine, raises
+//! the events and, at finalization, makes the job's graph changes. `blockdev-create`
+//! runs on the control thread within the command, through the same states.
+
+pub mod commit;
+pub mod core;
+pub mod stream;
+
+use crate::qmp::events::EventBus;
+use crate::qmp::wire::{ErrorClass, QmpError};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+pub use self::core::{Cancel, Cancelled, JobCore, RateLimit};
+
+/// QEMU's `JobStatus`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Created = 1,
+    Running,
+    Paused,
+    Ready,
+    Standby,
+    Waiting,
+    Pending,
+    Aborting,
+    Concluded,
+    Null,
+}
+
+impl Status {
+    pub fn name(self) -> &'static str {
+        match self {
+            Status::Created => "created",
+            Status::Running => "running",
+            Status::Paused => "paused",
+            Status::Ready => "ready",
+            Status::Standby => "standby",
+            Status::Waiting => "waiting",
+            Status::Pending => "pending",
+            Status::Aborting => "aborting",
+            Status::Concluded => "concluded",
+            Status::Null => "null",
+        }
+    }
+
+    /// QEMU's transition table (JobSTT).
+    pub fn may_become(self, to: Status) -> bool {
+        use Status::*;
+        matches!(
+            (self, to),
+            (Created, Running | Aborting | Null)
+                | (Running, Paused | Ready | Waiting | Aborting)
+                | (Paused, Running)
+                | (Ready, Standby | Waiting | Aborting)
+                | (Standby, Ready)
+                | (Waiting, Pending | Aborting)
+                | (Pending, Aborting | Concluded)
+                | (Aborting, Aborting | Concluded)
+                | (Concluded, Null)
+        )
+    }
+}
+
+/// QEMU's `JobVerb`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verb {
+    Cancel,
+    Pause,
+    Resume,
+    SetSpeed,
+    Complete,
+    Finalize,
+    Dismiss,
+}
+
+impl Verb {
+    pub fn name(self) -> &'static str {
+        match self {
+            Verb::Cancel => "cancel",
+            Verb::Pause => "pause",
+            Verb::Resume => "resume",
+            Verb::SetSpeed => "set-speed",
+            Verb::Complete => "complete",
+            Verb::Finalize => "finalize",
+            Verb::Dismiss => "dismiss",
+        }
+    }
+
+    /// QEMU's verb table (JobVerbTable).
+    pub fn allowed_in(self, s: Status) -> bool {
+        use Status::*;
+        match self {
+            Verb::Cancel => matches!(
+                s,
+                Created | Running | Paused | Ready | Standby | Waiting | Pending
+            ),
+            Verb::Pause | Verb::Resume | Verb::SetSpeed => {
+                matches!(s, Created | Running | Paused | Ready | Standby)
+            }
+            Verb::Complete => s == Ready,
+            Verb::Finalize => s == Pending,
+            Verb::Dismiss => s == Concluded,
+        }
+    }
+}
+
+/// What a job's thread tells the control thread.
+#[derive(Debug)]
+pub enum JobMsg {
+    /// The job has converged (mirror-like jobs): running -> ready.
+    Ready(String),
+    /// An I/O error with `on-error=stop`: the job paused itself.
+    ErrorStop { id: String, read: bool },
+    /// An I/O error the job reports and goes on from (`ignore`).
+    ErrorIgnored { id: String, read: bool },
+    /// The job's work has ended (successfully, failed, or cancelled).
+    Done {
+        id: String,
+        result: Result<(), String>,
+    },
+}
+
+/// The graph change a job makes when it is finalized successfully.
+pub type Finish = Box<dyn FnOnce(&mut crate::control::Control) -> Result<(), String> + Send>;
+/// What a job undoes when it ends either way (serialisation, bitmaps).
+pub type Cleanup = Box<dyn FnOnce(&mut crate::control::Control) + Send>;
+
+pub struct Job {
+    pub id: String,
+    /// QMP's `JobType`: `create`, `stream`, `commit`.
+    pub kind: &'static str,
+    pub status: Status,
+    pub core: Arc<JobCore>,
+    pub auto_finalize: bool,
+    pub auto_dismiss: bool,
+    pub user_paused: bool,
+    /// The job converged while paused: it becomes ready when resumed.
+    pub ready_on_resume: bool,
+    pub error: Option<String>,
+    /// Whether this is a block job (listed by query-block-jobs, with BLOCK_JOB_*).
+    pub block: bool,
+    /// The job's work has returned this (kept until finalization).
+    pub result: Option<Result<(), String>>,
+    pub finish: Option<Finish>,
+    pub cleanup: Option<Cleanup>,
+}
+
+impl Job {
+    pub fn new(id: &str, kind: &'static str, core: Arc<JobCore>, block: bool) -> Job {
+        Job {
+            id: id.to_string(),
+            kind,
+            status: Status::Created,
+            core,
+            auto_finalize: true,
+            auto_dismiss: block,
+            user_paused: false,
+            ready_on_resume: false,
+            error: None,
+            block,
+            result: None,
+            finish: None,
+            cleanup: None,
+        }
+    }
+
+    fn cancelled(&self) -> bool {
+        self.core.cancel_requested() == Cancel::Force
+            || (self.core.cancel_requested() == Cancel::Soft
+                && self.status != Status::Ready
+                && self.status != Status::Standby
+                && self.result.is_none())
+    }
+
+    /// QEMU's `BlockJobInfo` (query-block-jobs).
+    pub fn block_info(&self) -> Value {
+        let mut v = json!({
+            "type": self.kind,
+            "device": self.id,
+            "len": self.core.len(),
+            "offset": self.core.offset(),
+            "busy": self.core.is_busy() && matches!(self.status, Status::Running | Status::Ready),
+            "paused": self.user_paused,
+            "speed": self.core.speed(),
+            "io-status": "ok",
+            "ready": matches!(self.status, Status::Ready | Status::Standby),
+            "status": self.status.name(),
+            "auto-finalize": self.auto_finalize,
+            "auto-dismiss": self.auto_dismiss,
+        });
+        if let Some(e) = &self.error {
+            v["error"] = json!(e);
+        }
+        v
+    }
+
+    /// QEMU's `JobInfo` (query-jobs).
+    pub fn info(&self) -> Value {
+        let (cur, total) = if self.block {
+            (self.core.offset(), self.core.len())
+        } else {
+            (self.core.offset(), self.core.len().max(1))
+        };
+        let mut v = json!({
+            "id": self.id,
+            "type": self.kind,
+            "status": self.status.name(),
+            "current-progress": cur,
+            "total-progress": total,
+        });
+        if let Some(e) = &self.error {
+            v["error"] = json!(e);
+        }
+        v
+    }
+
+    /// The data of BLOCK_JOB_COMPLETED, _CANCELLED and _READY.
+    fn event_data(&self) -> Value {
+        json!({
+            "type": self.kind,
+            "device": self.id,
+            "len": self.core.len(),
+            "offset": self.core.offset(),
+            "speed": self.core.speed(),
+        })
+    }
+}
+
+/// The error of a verb the job's state does not accept (QEMU's text).
+fn verb_error(job: &Job, verb: Verb) -> QmpError {
+    QmpError::generic(format!(
+        "Job '{}' in state '{}' cannot accept command verb '{}'",
+        job.id,
+        job.status.name(),
+        verb.name()
+    ))
+}
+
+#[derive(Default)]
+pub struct Jobs {
+    jobs: BTreeMap<String, Job>,
+}
+
+impl Jobs {
+    /// Checks a new job's id (QEMU's texts).
+    pub fn check_id(&self, id: &str) -> Result<(), QmpError> {
+        if self.jobs.contains_key(id) {
+            return Err(QmpError::generic(format!("Job ID '{id}' already in use")));
+        }
+        if !blocklayer::options::coerce::is_valid_id(id) {
+            return Err(QmpError::generic(format!("Invalid job ID '{id}'")));
+        }
+        Ok(())
+    }
+
+    pub fn get(&self, id: &str) -> Option<&Job> {
+        self.jobs.get(id)
+    }
+
+    pub fn get_mut(&mut self, id: &str) -> Option<&mut Job> {
+        self.jobs.get_mut(id)
+    }
+
+    pub fn ids(&self) -> Vec<String> {
+        self.jobs.keys().cloned().collect()
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &Job> {
+        self.jobs.values()
+    }
+
+    /// Finds a job for a `job-*` command (QEMU: "Job not found").
+    pub fn find(&mut self, id: &str) -> Result<&mut Job, QmpError> {
+        self.jobs
+            .get_mut(id)
+            .ok_or_else(|| QmpError::new(ErrorClass::DeviceNotActive, "Job not found"))
+    }
+
+    /// Finds a block job for a `block-job-*` command.
+    pub fn find_block(&mut self, id: &str) -> Result<&mut Job, QmpError> {
+        match self.jobs.get_mut(id) {
+            Some(j) if j.block => Ok(j),
+            _ => Err(QmpError::new(
+                ErrorClass::DeviceNotActive,
+                format!("Block job '{id}' not found"),
+            )),
+        }
+    }
+
+    /// Registers a new job (created) and announces it.
+    pub fn insert(&mut self, events: &EventBus, job: Job) {
+        events.emit(
+            "JOB_STATUS_CHANGE",
+            Some(json!({ "id": job.id, "status": "created" })),
+        );
+        self.jobs.insert(job.id.clone(), job);
+    }
+
+    /// Moves a job to `to`, with its JOB_STATUS_CHANGE.
+    pub fn transition(&mut self, events: &EventBus, id: &str, to: Status) {
+        let Some(j) = self.jobs.get_mut(id) else {
+            return;
+        };
+        if !j.status.may_become(to) {
+            log::warn!(
+                "job {id}: no transition from {} to {}",
+                j.status.name(),
+                to.name()
+            );
+            return;
+        }
+        j.status = to;
+        events.emit(
+            "JOB_STATUS_CHANGE",
+            Some(json!({ "id": id, "status": to.name() })),
+        );
+        if to == Status::Null {
+            self.jobs.remove(id);
+        }
+    }
+
+    /// Applies a verb's state check.
+    pub fn check_verb(&mut self, id: &str, verb: Verb, block: bool) -> Result<&mut Job, QmpError> {
+        let job = if block {
+            self.find_block(id)?
+        } else {
+            self.find(id)?
+        };
+        if !verb.allowed_in(job.status) {
+            return Err(verb_error(job, verb));
+        }
+        Ok(job)
+    }
+
+    /// `job-pause` / `block-job-pause`.
+    pub fn pause(&mut self, events: &EventBus, id: &str, block: bool) -> Result<(), QmpError> {
+        let job = self.check_verb(id, Verb::Pause, block)?;
+        if job.user_paused {
+            return Err(QmpError::generic("Job is already paused"));
+        }
+        job.user_paused = true;
+        job.core.set_paused(true);
+        let to = match job.status {
+            Status::Running => Some(Status::Paused),
+            Status::Ready => Some(Status::Standby),
+            _ => None,
+        };
+        if let Some(to) = to {
+            self.transition(events, id, to);
+        }
+        Ok(())
+    }
+
+    /// `job-resume` / `block-job-resume`.
+    pub fn resume(&mut self, events: &EventBus, id: &str, block: bool) -> Result<(), QmpError> {
+        let job = self.check_verb(id, Verb::Resume, block)?;
+        if !job.user_paused {
+            return Err(QmpError::generic("Can't resume a job that was not paused"));
+        }
+        job.user_paused = false;
+        job.core.set_paused(false);
+        let to = match job.status {
+            Status::Paused => Some(Status::Running),
+            Status::Standby => Some(Status::Ready),
+            _ => None,
+        };
+        if let Some(to) = to {
+            self.transition(events, id, to);
+        }
+        Ok(())
+    }
+
+    /// `job-set-speed` / `block-job-set-speed`.
+    pub fn set_speed(&mut self, id: &str, speed: i64) -> Result<(), QmpError> {
+        let job = self.check_verb(id, Verb::SetSpeed, true)?;
+        if speed < 0 {
+            return Err(QmpError::generic(
+                "Parameter 'speed' expects a non-negative value",
+            ));
+        }
+        job.core.set_speed(speed as u64);
+        Ok(())
+    }
+
+    /// Marks a job cancelled. A paused job resumes so that it can see it.
+    pub fn cancel(
+        &mut self,
+        events: &EventBus,
+        id: &str,
+        force: bool,
+        block: bool,
+    ) -> Result<(), QmpError> {
+        let job = self.check_verb(id, Verb::Cancel, block)?;
+        let ready = matches!(job.status, Status::Ready | Status::Standby);
+        job.core.request_cancel(if force || !ready {
+            Cancel::Force
+        } else {
+            Cancel::Soft
+        });
+        if job.user_paused {
+            job.user_paused = false;
+            let to = match job.status {
+                Status::Paused => Some(Status::Running),
+                Status::Standby => Some(Status::Ready),
+                _ => None,
+            };
+            if let Some(to) = to {
+                self.transition(events, id, to);
+            }
+        }
+        Ok(())
+    }
+
+    /// Raises the BLOCK_JOB_* event for a finalized job.
+    pub fn completion_event(&self, events: &EventBus, id: &str) {
+        let Some(j) = self.jobs.get(id) else {
+            return;
+        };
+        if !j.block {
+            return;
+        }
+        let mut data = j.event_data();
+        if j.cancelled() && j.error.is_none() {
+            events.emit("BLOCK_JOB_CANCELLED", Some(data));
+        } else {
+            if let Some(e) = &j.error {
+                data["error"] = json!(e);
+            }
+            events.emit("BLOCK_JOB_COMPLETED", Some(data));
+        }
+    }
+
+    /// Raises BLOCK_JOB_READY.
+    pub fn ready_event(&self, events: &EventBus, id: &str) {
+        if let Some(j) = self.jobs.get(id) {
+            events.emit("BLOCK_JOB_READY", Some(j.event_data()));
+        }
+    }
+
+    /// Whether the job was (hard) cancelled.
+    pub fn is_cancelled(&self, id: &str) -> bool {
+        self.jobs.get(id).is_some_and(|j| j.cancelled())
+    }
+
+    /// `query-jobs`
+    pub fn query(&self) -> Value {
+        Value::Array(self.jobs.values().map(Job::info).collect())
+    }
+
+    /// `query-block-jobs`
+    pub fn query_block(&self) -> Value {
+        Value::Array(
+            self.jobs
+                .values()
+                .filter(|j| j.block)
+                .map(Job::block_info)
+                .collect(),
+        )
+    }
+}
+
+/// Runs a job's work on a thread of its own (with its own executor and io_uring);
+/// its outcome goes to the control thread as [`JobMsg::Done`].
+pub fn spawn<F, Fut>(
+    id: &str,
+    tx: std::sync::mpsc::Sender<crate::control::ControlMsg>,
+    work: F,
+) -> std::io::Result<()>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), String>> + 'static,
+{
+    let id = id.to_string();
+    std::thread::Builder::new()
+        .name(format!("job-{id}"))
+        .spawn(move || {
+            let result = blocklayer::aio::uring::block_on(work());
+            let _ = tx.send(crate::control::ControlMsg::Job(JobMsg::Done { id, result }));
+        })
+        .map(|_| ())
+}
