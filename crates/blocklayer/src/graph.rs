@@ -878,6 +878,85 @@ mod tests {
         assert!(at("b-other") < at("a-base"), "{order:?}");
     }
 
+    /// Which users may share a node, as QEMU decides (texts checked against
+    /// qemu-storage-daemon 7.2 where they are QEMU's).
+    #[test]
+    fn permission_table() {
+        let rw = Perm::CONSISTENT_READ | Perm::WRITE;
+        let dir = std::env::temp_dir().join(format!("vubd-perm-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let img = dir.join("f.qcow2");
+        qcow::block_on(async {
+            let io = qcow::FileIo::create(&img).unwrap();
+            qcow::create(io, &qcow::CreateOptions::new(1 << 20))
+                .await
+                .unwrap();
+        });
+        let mut g = Graph::new();
+        let f = g
+            .add(&opts(json!({"driver": "file", "node-name": "f",
+                "filename": img.display().to_string()})))
+            .unwrap();
+        let export = |g: &Graph, n: &Arc<Node>, p: Perm| {
+            g.attach_user(Parent::Backend(None), "root", n, p, Perm::ALL)
+        };
+        // Two writable exports of one node: allowed (QEMU's exports share all).
+        let e1 = export(&g, &f, rw).unwrap();
+        let e2 = export(&g, &f, rw).unwrap();
+        drop(e2);
+        // A qcow2 node over a file an export writes: the format unshares write.
+        let err = g
+            .add(&opts(
+                json!({"driver": "qcow2", "node-name": "q", "file": "f"}),
+            ))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "Permission conflict on node 'f': permissions 'write' are both required by an unnamed block device (uses node 'f' as 'root' child) and unshared by node 'q' (uses node 'f' as 'file' child)."
+        );
+        assert!(g.get("q").is_none());
+        // A job that writes and unshares write (commit's base) next to a writer.
+        let job = Parent::Job {
+            kind: "commit",
+            id: "j".into(),
+        };
+        let base_perm = Perm::CONSISTENT_READ | Perm::WRITE | Perm::RESIZE;
+        let base_shared = Perm::CONSISTENT_READ | Perm::GRAPH_MOD | Perm::WRITE_UNCHANGED;
+        let err = g
+            .attach_user(job.clone(), "base", &f, base_perm, base_shared)
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("Permission conflict on node 'f': permissions 'write' are both required by an unnamed block device"), "{err}");
+        drop(e1);
+        // With only a reader, the job may write.
+        let reader = export(&g, &f, Perm::CONSISTENT_READ).unwrap();
+        let j = g
+            .attach_user(job, "base", &f, base_perm, base_shared)
+            .unwrap();
+        // ...and then a writer is refused.
+        assert!(export(&g, &f, rw).is_err());
+        drop((j, reader));
+        // A resize of a node whose format parent unshares resize.
+        g.add(&opts(
+            json!({"driver": "raw", "node-name": "r", "file": "f"}),
+        ))
+        .unwrap();
+        export(&g, &f, Perm::RESIZE).unwrap();
+        // Writers of a read-only node.
+        let ro = g
+            .add(&opts(
+                json!({"driver": "null-co", "node-name": "n", "read-only": true}),
+            ))
+            .unwrap();
+        assert_eq!(
+            export(&g, &ro, rw).unwrap_err().to_string(),
+            "Block node is read-only"
+        );
+        export(&g, &ro, Perm::CONSISTENT_READ).unwrap();
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
     #[test]
     fn node_info_shape() {
         let mut g = Graph::new();
