@@ -41,7 +41,12 @@
 //!
 //! `qemu-img -U` reads files the daemon still has open. That is sound only once the
 //! daemon has written its metadata out: the guest's flush reaches the export's node and
-//! the nodes below it that it writes.
+//! the nodes below it that it writes. qemu-storage-daemon 7.2 offers the guest a
+//! write-through cache (wce=0) while it caches itself, so Linux never flushes; the test
+//! switches the guest to write-back first (vubd's default). Without that, the compare
+//! after the snapshot failed against qemu-storage-daemon (s1's L2 tables were still in
+//! its cache), which shows the check can fail. At the end the daemon exits (SIGTERM)
+//! and the final image is checked and compared once more without `-U`.
 //!
 //! The daemon is vubd; `VUBD_JOBS_DAEMON=qsd` runs the same test against
 //! qemu-storage-daemon (the reference for the expectations).
