@@ -239,21 +239,24 @@ pub fn execute(ctl: &mut Control, name: &str, arguments: &Value) -> QmpResult {
             ctl.job_cancel(&id, force, true)?;
             ok()
         }
-        "block-job-pause" | "block-job-resume" | "block-job-complete" | "block-job-dismiss" => {
+        "block-job-pause" | "block-job-resume" | "block-job-complete" => {
             let id = a.str("device")?;
             a.finish()?;
             match name {
                 "block-job-pause" => ctl.job_pause(&id, true)?,
                 "block-job-resume" => ctl.job_resume(&id, true)?,
-                "block-job-complete" => ctl.job_complete(&id, true)?,
-                _ => ctl.job_dismiss(&id, true)?,
+                _ => ctl.job_complete(&id, true)?,
             }
             ok()
         }
-        "block-job-finalize" => {
+        "block-job-finalize" | "block-job-dismiss" => {
             let id = a.str("id")?;
             a.finish()?;
-            ctl.job_finalize(&id, true)?;
+            if name == "block-job-finalize" {
+                ctl.job_finalize(&id, true)?;
+            } else {
+                ctl.job_dismiss(&id, true)?;
+            }
             ok()
         }
         "block-job-set-speed" => {
