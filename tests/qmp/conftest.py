@@ -704,3 +704,19 @@ def shape_diff(a: Any, b: Any, path: str = "") -> list[str]:
     if a != b:
         return [f"{path}: vubd {json.dumps(a)}, qsd {json.dumps(b)}"]
     return []
+
+
+# Tests of issue 12 that vubd does not pass yet (each id on a line of vubd_gaps.txt):
+# expected to fail against vubd (not strictly: some depend on timing); an unexpected
+# pass (XPASS) means the line can go. qemu-storage-daemon runs them normally.
+_GAPS_FILE = Path(__file__).with_name("vubd_gaps.txt")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--daemon") != "vubd" or not _GAPS_FILE.exists():
+        return
+    gaps = {l.strip() for l in _GAPS_FILE.read_text().splitlines() if l.strip()}
+    for item in items:
+        nodeid = item.nodeid.rsplit("/", 1)[-1]
+        if nodeid in gaps:
+            item.add_marker(pytest.mark.xfail(strict=False, reason="not yet in vubd (issue 12)"))
