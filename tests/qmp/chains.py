@@ -323,3 +323,31 @@ BLOCK_JOB_INFO_KEYS = {
 
 def verb_error(jid: str, state: str, verb: str) -> str:
     return f"Job '{jid}' in state '{state}' cannot accept command verb '{verb}'"
+
+
+def seed_runs(layers: list[tuple[str, list[Write]]], size: int, gran: int = 64 * KIB) -> list[Write]:
+    """The disk of expected_disk as runs of one seed: (offset, length, seed) for every
+    region written (writes must be multiples of ``gran``), for ``vubd-io verify``."""
+    seeds: list[Optional[int]] = [None] * (size // gran)
+    for _, writes in layers:
+        for off, n, seed in writes:
+            assert off % gran == 0 and n % gran == 0, (off, n)
+            for i in range(off // gran, (off + n) // gran):
+                seeds[i] = seed
+    out: list[Write] = []
+    for i, s in enumerate(seeds):
+        if s is None:
+            continue
+        if out and out[-1][2] == s and out[-1][0] + out[-1][1] == i * gran:
+            out[-1] = (out[-1][0], out[-1][1] + gran, s)
+        else:
+            out.append((i * gran, gran, s))
+    return out
+
+
+def verify_export(sock: Path, runs: list[Write]):
+    """``vubd-io verify`` of every run through an export."""
+    from conftest import io_ok
+
+    for off, n, seed in runs:
+        io_ok("verify", "--socket", sock, "--offset", off, "--len", n, "--seed", seed)
