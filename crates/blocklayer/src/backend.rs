@@ -32,7 +32,8 @@ impl std::fmt::Debug for BlockBackend {
 }
 
 /// A request admitted into the root node: counted in its in-flight requests until
-/// dropped, so that a drain waits for it.
+/// dropped, so that a drain waits for it (the node's `*_entered` operations do not
+/// count it again).
 struct Admitted {
     node: Guard<Arc<Node>>,
 }
@@ -81,14 +82,6 @@ impl BlockBackend {
         self.root.node_arc()
     }
 
-    pub fn edge(&self) -> &Arc<Edge> {
-        &self.root
-    }
-
-    pub fn perm(&self) -> Perm {
-        self.root.perm()
-    }
-
     /// Admits a request: waits while the root node is drained.
     async fn admit(&self) -> Admitted {
         loop {
@@ -106,22 +99,22 @@ impl BlockBackend {
 
     pub async fn read(&self, offset: u64, iov: IoVec) -> Result<()> {
         let a = self.admit().await;
-        a.node.read(offset, iov).await
+        a.node.read_entered(offset, iov).await
     }
 
     pub async fn write(&self, offset: u64, iov: IoVec, fua: bool) -> Result<()> {
         let a = self.admit().await;
-        a.node.write(offset, iov, fua).await
+        a.node.write_entered(offset, iov, fua).await
     }
 
     pub async fn flush(&self) -> Result<()> {
         let a = self.admit().await;
-        a.node.flush().await
+        a.node.flush_entered().await
     }
 
     pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
         let a = self.admit().await;
-        a.node.discard(offset, len).await
+        a.node.discard_entered(offset, len).await
     }
 
     pub async fn write_zeroes(
@@ -132,7 +125,9 @@ impl BlockBackend {
         fua: bool,
     ) -> Result<()> {
         let a = self.admit().await;
-        a.node.write_zeroes(offset, len, may_unmap, fua).await
+        a.node
+            .write_zeroes_entered(offset, len, may_unmap, fua)
+            .await
     }
 
     /// Whether `offset..` is allocated in the root node itself (see

@@ -2,13 +2,12 @@
 //! granularity. Writers set bits lock-free (one atomic OR per 64 granules); a job
 //! takes dirty ranges out (find and clear) to copy them.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 pub struct DirtyBitmap {
     granularity: u64,
     size: u64,
     words: Vec<AtomicU64>,
-    enabled: AtomicBool,
 }
 
 impl std::fmt::Debug for DirtyBitmap {
@@ -30,24 +29,7 @@ impl DirtyBitmap {
             granularity,
             size,
             words,
-            enabled: AtomicBool::new(true),
         }
-    }
-
-    pub fn granularity(&self) -> u64 {
-        self.granularity
-    }
-
-    pub fn size(&self) -> u64 {
-        self.size
-    }
-
-    pub fn is_enabled(&self) -> bool {
-        self.enabled.load(Ordering::Acquire)
-    }
-
-    pub fn set_enabled(&self, on: bool) {
-        self.enabled.store(on, Ordering::Release);
     }
 
     fn bit_range(&self, offset: u64, len: u64) -> (u64, u64) {
@@ -73,11 +55,6 @@ impl DirtyBitmap {
             self.words[w].fetch_or(mask, Ordering::AcqRel);
             b = b - lo + 64;
         }
-    }
-
-    /// Marks everything dirty.
-    pub fn set_all(&self) {
-        self.set(0, self.size);
     }
 
     /// Number of dirty bytes (granules × granularity, the last one cut at the size).
@@ -128,18 +105,6 @@ impl DirtyBitmap {
         let len = (end * self.granularity).min(self.size) - off;
         Some((off, len))
     }
-
-    /// Whether any byte of the range is dirty.
-    pub fn is_dirty(&self, offset: u64, len: u64) -> bool {
-        let (b, e) = self.bit_range(offset, len);
-        (b..e).any(|b| self.words[(b / 64) as usize].load(Ordering::Acquire) & (1 << (b % 64)) != 0)
-    }
-
-    pub fn clear(&self) {
-        for w in &self.words {
-            w.store(0, Ordering::Release);
-        }
-    }
 }
 
 #[cfg(test)]
@@ -153,12 +118,11 @@ mod tests {
         b.set(4095, 2);
         assert_eq!(b.count(), 8192);
         b.set(64 * 4096 - 10, 20);
-        assert!(b.is_dirty(64 * 4096, 1));
         assert_eq!(b.take_next(0, 1 << 20), Some((0, 8192)));
         assert_eq!(b.take_next(0, 4096), Some((63 * 4096, 4096)));
         assert_eq!(b.take_next(0, 1 << 20), Some((64 * 4096, 4096)));
         assert_eq!(b.take_next(0, 1 << 20), None);
-        b.set_all();
+        b.set(0, 1 << 20);
         assert_eq!(b.count(), 1 << 20);
         let mut n = 0;
         while let Some((_, l)) = b.take_next(0, 65536) {

@@ -91,17 +91,6 @@ impl Graph {
         Ok(node)
     }
 
-    /// Whether the monitor added the node (`blockdev-add`), rather than it being
-    /// opened implicitly (inline child, backing file named by a header).
-    pub fn is_owned(&self, name: &str) -> bool {
-        self.owned.contains(name)
-    }
-
-    /// Adds a node opened elsewhere (a reopened node taking its old name's place).
-    pub fn insert(&mut self, node: Arc<Node>) {
-        self.nodes.insert(node.name().to_string(), node);
-    }
-
     /// Recomputes the permissions of every node-to-child edge from the users down
     /// (QEMU's `bdrv_refresh_perms`) and checks every node's users against each
     /// other. Nothing changes when it fails: the error is QEMU's text for the first
@@ -164,16 +153,6 @@ impl Graph {
             }
         }
         Ok(())
-    }
-
-    /// The permissions all users of `node` take together and share together.
-    pub fn cumulative_perms(node: &Node) -> (Perm, Perm) {
-        let (mut perm, mut shared) = (Perm::NONE, Perm::ALL);
-        for e in node.parents() {
-            perm |= e.perm();
-            shared &= e.shared();
-        }
-        (perm, shared)
     }
 
     /// Attaches a user (a backend or a job) to `node` with the permissions it takes
@@ -257,16 +236,13 @@ impl Graph {
                 if writable { "read-write" } else { "read-only" }
             ))
         };
-        let Some(file) = file.filter(|f| f.driver_name() == "file") else {
+        let supported =
+            matches!(drv, "qcow2" | "raw") && !children.iter().any(|c| c.name() == "data-file");
+        let Some(file) = file.filter(|f| supported && f.driver_name() == "file") else {
             return Err(cannot(
                 "only qcow2 and raw nodes over a file node can be reopened",
             ));
         };
-        if !matches!(drv, "qcow2" | "raw") || children.iter().any(|c| c.name() == "data-file") {
-            return Err(cannot(
-                "only qcow2 and raw nodes over a file node can be reopened",
-            ));
-        }
         let mut opts = BlockdevOptions::from_json(&json!({
             "driver": drv,
             "read-only": !writable,
@@ -789,16 +765,6 @@ fn backing_of(node: &Node) -> Option<Arc<Node>> {
 /// section and lets the held requests go.
 pub struct Drained {
     nodes: Vec<Arc<Node>>,
-}
-
-impl Drained {
-    /// Adds `node` to the section (a node joining the graph while drained).
-    pub fn include(&mut self, node: &Arc<Node>) {
-        if !self.nodes.iter().any(|n| Arc::ptr_eq(n, node)) {
-            node.quiesce_begin();
-            self.nodes.push(node.clone());
-        }
-    }
 }
 
 impl Drop for Drained {

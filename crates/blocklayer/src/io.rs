@@ -7,7 +7,7 @@ use crate::aio::bounce::{Budget, Lease, BOUNCE_CHUNK};
 use crate::aio::iovec::{AlignedBuf, IoVec};
 use crate::aio::uring::sleep_ns;
 use crate::error::{BlockError, Result};
-use crate::node::{InFlight, Node, Tracked};
+use crate::node::{InFlight, Node, Serial, Tracked};
 use crate::options::DetectZeroes;
 use crate::stats::{Acct, IoKind, IoStats};
 use std::sync::atomic::Ordering;
@@ -61,7 +61,7 @@ fn zero_buffer() -> Arc<AlignedBuf> {
         .clone()
 }
 
-/// Removes a tracked write or copy range when it finishes.
+/// Removes a serialised range (see [`Tracked`]) when its request finishes.
 pub struct TrackGuard<'a> {
     node: &'a Node,
     entry: Tracked,
@@ -76,26 +76,6 @@ impl Drop for TrackGuard<'_> {
     }
 }
 
-/// Removes an RMW range registration when the write finishes.
-struct RmwGuard<'a> {
-    node: &'a Node,
-    range: (u64, u64),
-}
-
-impl Drop for RmwGuard<'_> {
-    fn drop(&mut self) {
-        let mut ranges = self
-            .node
-            .rmw_ranges
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some(i) = ranges.iter().position(|r| *r == self.range) {
-            ranges.swap_remove(i);
-        }
-        self.node.rmw_count.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 impl Node {
     /// Accounts a finished request in this node's statistics.
     fn account(&self, acct: Acct, r: &Result<()>, end: u64) {
@@ -107,6 +87,13 @@ impl Node {
 
     /// Reads `iov.len()` bytes at `offset` into `iov`.
     pub async fn read(&self, offset: u64, iov: IoVec) -> Result<()> {
+        let _g = InFlight::enter(self);
+        self.read_entered(offset, iov).await
+    }
+
+    /// [`Node::read`] of a request already counted in flight (admitted by a block
+    /// backend, which counts it before it looks for a drained section).
+    pub(crate) async fn read_entered(&self, offset: u64, iov: IoVec) -> Result<()> {
         let acct = IoStats::start(IoKind::Read, iov.len());
         let r = self.read_checked(offset, iov).await;
         self.account(acct, &r, 0);
@@ -115,22 +102,39 @@ impl Node {
 
     /// Writes `iov` at `offset`; with `fua` the data is stable when this returns.
     pub async fn write(&self, offset: u64, iov: IoVec, fua: bool) -> Result<()> {
-        let len = iov.len();
-        let _t = self.track_write(offset, len).await;
-        let acct = IoStats::start(IoKind::Write, len);
-        let r = self.write_checked(offset, iov, fua, false).await;
-        self.account(acct, &r, offset.saturating_add(len));
-        self.written(offset, len);
-        r
+        let _g = InFlight::enter(self);
+        self.write_entered(offset, iov, fua).await
+    }
+
+    /// [`Node::write`] of a request already counted in flight.
+    pub(crate) async fn write_entered(&self, offset: u64, iov: IoVec, fua: bool) -> Result<()> {
+        let _t = self.track_write(offset, iov.len()).await;
+        self.write_accounted(offset, iov, fua, false).await
     }
 
     /// A job's write of data it copied (stream's copy-on-read, commit): like
     /// [`Node::write`], but not serialised against the job's own copy range, which
     /// the job holds (see [`Node::copy_lock`]).
     pub async fn write_copied(&self, offset: u64, iov: IoVec) -> Result<()> {
+        let _g = InFlight::enter(self);
+        self.write_accounted(offset, iov, false, false).await
+    }
+
+    /// Writes `iov` at `offset`, growing the node when the write ends past its end
+    /// (a format driver writing new clusters into its file). Only for nodes whose
+    /// driver [grows on write](crate::driver::Driver::grows_on_write).
+    pub async fn write_growing(&self, offset: u64, iov: IoVec) -> Result<()> {
+        debug_assert!(self.driver().grows_on_write());
+        let _g = InFlight::enter(self);
+        let _t = self.track_write(offset, iov.len()).await;
+        self.write_accounted(offset, iov, false, true).await
+    }
+
+    /// A write with its statistics, dirty bitmaps and write threshold.
+    async fn write_accounted(&self, offset: u64, iov: IoVec, fua: bool, grow: bool) -> Result<()> {
         let len = iov.len();
         let acct = IoStats::start(IoKind::Write, len);
-        let r = self.write_checked(offset, iov, false, false).await;
+        let r = self.write_checked(offset, iov, fua, grow).await;
         self.account(acct, &r, offset.saturating_add(len));
         self.written(offset, len);
         r
@@ -151,14 +155,18 @@ impl Node {
         if self.serialising.load(Ordering::SeqCst) == 0 {
             return None;
         }
-        Some(self.track(offset, offset.saturating_add(len), false).await)
+        Some(
+            self.track(offset, offset.saturating_add(len), Serial::Write)
+                .await,
+        )
     }
 
     /// Serialises a job's copy of `offset..offset+len` against writes: waits for
     /// overlapping writes to finish and holds new ones until the guard is dropped.
     /// Only while [`Node::serialise_begin`] is in effect (writes are tracked).
     pub async fn copy_lock(&self, offset: u64, len: u64) -> TrackGuard<'_> {
-        self.track(offset, offset.saturating_add(len), true).await
+        self.track(offset, offset.saturating_add(len), Serial::Copy)
+            .await
     }
 
     /// Starts tracking writes for a job's serialised copies. The caller drains the
@@ -171,51 +179,50 @@ impl Node {
         self.serialising.fetch_sub(1, Ordering::SeqCst);
     }
 
-    async fn track(&self, start: u64, end: u64, copy: bool) -> TrackGuard<'_> {
+    /// Registers `start..end` as serialised request of kind `kind`, waiting while it
+    /// overlaps one it must not run beside (see [`Serial::waits_for`]). Overlaps are
+    /// rare and short (sub-block pieces of one block written at once; a guest write
+    /// meeting a job's copy of one chunk): the wait looks again shortly.
+    async fn track(&self, start: u64, end: u64, kind: Serial) -> TrackGuard<'_> {
         loop {
             {
                 let mut t = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
-                // Writes wait for copies; copies wait for everything overlapping.
                 let blocked = t
                     .iter()
-                    .any(|r| r.start < end && start < r.end && (copy || r.copy));
+                    .any(|r| r.start < end && start < r.end && kind.waits_for(r.kind));
                 if !blocked {
-                    let entry = Tracked { start, end, copy };
+                    let entry = Tracked { start, end, kind };
                     t.push(entry);
                     return TrackGuard { node: self, entry };
                 }
             }
-            // Overlaps between a job's copy and a guest write are rare and short
-            // (one chunk): look again shortly.
-            sleep_ns(50_000).await;
+            sleep_ns(20_000).await;
         }
-    }
-
-    /// Writes `iov` at `offset`, growing the node when the write ends past its end
-    /// (a format driver writing new clusters into its file). Only for nodes whose
-    /// driver [grows on write](crate::driver::Driver::grows_on_write).
-    pub async fn write_growing(&self, offset: u64, iov: IoVec) -> Result<()> {
-        debug_assert!(self.driver().grows_on_write());
-        let len = iov.len();
-        let _t = self.track_write(offset, len).await;
-        let acct = IoStats::start(IoKind::Write, len);
-        let r = self.write_checked(offset, iov, false, true).await;
-        self.account(acct, &r, offset.saturating_add(len));
-        self.written(offset, len);
-        r
     }
 
     /// Flushes written data to stable storage (elided if nothing was written since the
     /// last flush).
     pub async fn flush(&self) -> Result<()> {
+        let _g = InFlight::enter(self);
+        self.flush_entered().await
+    }
+
+    /// [`Node::flush`] of a request already counted in flight.
+    pub(crate) async fn flush_entered(&self) -> Result<()> {
         let acct = IoStats::start(IoKind::Flush, 0);
-        let r = self.flush_checked().await;
+        let r = self.flush_inner().await;
         self.account(acct, &r, 0);
         r
     }
 
     /// Discards a range if this node has `discard=unmap`; otherwise does nothing.
     pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        let _g = InFlight::enter(self);
+        self.discard_entered(offset, len).await
+    }
+
+    /// [`Node::discard`] of a request already counted in flight.
+    pub(crate) async fn discard_entered(&self, offset: u64, len: u64) -> Result<()> {
         let _t = self.track_write(offset, len).await;
         let acct = IoStats::start(IoKind::Unmap, len);
         let r = self.discard_checked(offset, len).await;
@@ -227,6 +234,18 @@ impl Node {
     /// Makes `offset..offset+len` read as zeroes; `may_unmap` lets the node deallocate
     /// (only honoured with `discard=unmap`). Accounted as a write, as QEMU does.
     pub async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+        fua: bool,
+    ) -> Result<()> {
+        let _g = InFlight::enter(self);
+        self.write_zeroes_entered(offset, len, may_unmap, fua).await
+    }
+
+    /// [`Node::write_zeroes`] of a request already counted in flight.
+    pub(crate) async fn write_zeroes_entered(
         &self,
         offset: u64,
         len: u64,
@@ -246,6 +265,7 @@ impl Node {
     /// there may stay, or be zeroed where the driver cannot reserve space and zero
     /// buffers are written instead. Accounted as a write.
     pub async fn allocate(&self, offset: u64, len: u64) -> Result<()> {
+        let _g = InFlight::enter(self);
         let _t = self.track_write(offset, len).await;
         let acct = IoStats::start(IoKind::Write, len);
         let r = self.allocate_checked(offset, len).await;
@@ -282,7 +302,6 @@ impl Node {
     /// Reads `iov.len()` bytes at `offset` into `iov`.
     async fn read_checked(&self, offset: u64, iov: IoVec) -> Result<()> {
         self.check_range(offset, iov.len())?;
-        let _g = InFlight::enter(self);
         if iov.is_empty() {
             return Ok(());
         }
@@ -377,7 +396,6 @@ impl Node {
         } else {
             self.check_range(offset, iov.len())?;
         }
-        let _g = InFlight::enter(self);
         if iov.is_empty() {
             return Ok(());
         }
@@ -424,26 +442,6 @@ impl Node {
         Ok(())
     }
 
-    /// Registers an RMW range, waiting while it overlaps one in progress.
-    async fn rmw_lock(&self, start: u64, end: u64) -> RmwGuard<'_> {
-        loop {
-            {
-                let mut ranges = self.rmw_ranges.lock().unwrap_or_else(|p| p.into_inner());
-                if !ranges.iter().any(|&(s, e)| s < end && start < e) {
-                    ranges.push((start, end));
-                    self.rmw_count.fetch_add(1, Ordering::AcqRel);
-                    return RmwGuard {
-                        node: self,
-                        range: (start, end),
-                    };
-                }
-            }
-            // Overlapping read-modify-writes are rare (a guest writing sub-block
-            // pieces of one block at once): wait a little and look again.
-            sleep_ns(20_000).await;
-        }
-    }
-
     /// Read-modify-write of the aligned range around an unaligned write, in bounded
     /// pieces.
     async fn write_bounced(&self, offset: u64, iov: IoVec, fua: bool) -> Result<()> {
@@ -457,7 +455,7 @@ impl Node {
     async fn write_bounced_piece(&self, offset: u64, iov: IoVec, fua: bool) -> Result<()> {
         let (start, buf, _lease) = self.bounce_for(offset, iov.len()).await?;
         let end = start + buf.len() as u64;
-        let _lock = self.rmw_lock(start, end).await;
+        let _lock = self.track(start, end, Serial::Rmw).await;
         let align = u64::from(self.limits().request_alignment);
         let bounce = IoVec::from_buf(buf.clone());
         // Read the partial head and tail blocks; the middle is overwritten anyway.
@@ -475,11 +473,6 @@ impl Node {
 
     /// Flushes written data to stable storage (elided if nothing was written since the
     /// last flush).
-    async fn flush_checked(&self) -> Result<()> {
-        let _g = InFlight::enter(self);
-        self.flush_inner().await
-    }
-
     async fn flush_inner(&self) -> Result<()> {
         if self.flags().no_flush {
             return Ok(());
@@ -497,7 +490,6 @@ impl Node {
     async fn discard_checked(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable()?;
         self.check_range(offset, len)?;
-        let _g = InFlight::enter(self);
         if !self.flags().discard_unmap || len == 0 {
             return Ok(());
         }
@@ -533,7 +525,6 @@ impl Node {
     ) -> Result<()> {
         self.check_writable()?;
         self.check_range(offset, len)?;
-        let _g = InFlight::enter(self);
         let unmap = may_unmap && self.flags().discard_unmap;
         self.zeroes_locked(offset, len, unmap, fua).await
     }
@@ -583,7 +574,6 @@ impl Node {
     async fn allocate_checked(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable()?;
         self.check_range(offset, len)?;
-        let _g = InFlight::enter(self);
         if len == 0 {
             return Ok(());
         }

@@ -8,7 +8,7 @@ use crate::edge::{Edge, ParentRef};
 use crate::limits::Limits;
 use crate::options::DetectZeroes;
 use crate::stats::IoStats;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::task::Waker;
 
@@ -25,13 +25,35 @@ pub struct NodeFlags {
     pub cache_direct: bool,
 }
 
-/// A range that a job copies (serialised against writes), or a write while a job
-/// copies.
+/// What a serialised range is (QEMU's serialising requests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Serial {
+    /// The aligned range around an unaligned write, being read-modify-written.
+    Rmw,
+    /// A write while a job serialises copies into the node.
+    Write,
+    /// A job's copy (stream's copy-on-read).
+    Copy,
+}
+
+impl Serial {
+    /// Whether a range of this kind waits for an overlapping one of kind `other`:
+    /// read-modify-writes wait for each other, writes for copies, copies for all.
+    pub(crate) fn waits_for(self, other: Serial) -> bool {
+        match self {
+            Serial::Rmw => other != Serial::Write,
+            Serial::Write => other == Serial::Copy,
+            Serial::Copy => true,
+        }
+    }
+}
+
+/// A serialised range in progress.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Tracked {
     pub start: u64,
     pub end: u64,
-    pub copy: bool,
+    pub kind: Serial,
 }
 
 pub struct Node {
@@ -53,12 +75,11 @@ pub struct Node {
     /// it has been started after generation `n` was reached.
     pub(crate) write_gen: AtomicU64,
     pub(crate) flushed_gen: AtomicU64,
-    /// Aligned ranges being read-modify-written (serialised against each other).
-    pub(crate) rmw_ranges: Mutex<Vec<(u64, u64)>>,
-    pub(crate) rmw_count: AtomicUsize,
     /// Jobs copying into this node that need writes serialised against their copies
     /// (stream); while non-zero, writes register in `tracked`.
     pub(crate) serialising: AtomicU32,
+    /// Serialised ranges in progress: read-modify-writes, and copies and writes
+    /// while a job serialises.
     pub(crate) tracked: Mutex<Vec<Tracked>>,
     /// Dirty bitmaps every completed write marks (`bitmap_count` avoids the lock).
     bitmaps: RwLock<Vec<Arc<DirtyBitmap>>>,
@@ -99,8 +120,6 @@ impl Node {
             resume_wakers: Mutex::new(Vec::new()),
             write_gen: AtomicU64::new(0),
             flushed_gen: AtomicU64::new(0),
-            rmw_ranges: Mutex::new(Vec::new()),
-            rmw_count: AtomicUsize::new(0),
             serialising: AtomicU32::new(0),
             tracked: Mutex::new(Vec::new()),
             bitmaps: RwLock::new(Vec::new()),
@@ -149,6 +168,15 @@ impl Node {
             .into_iter()
             .find(|c| c.name() == "backing")
             .map(|c| c.node_arc())
+    }
+
+    /// This node and the backing chain below it, this node first.
+    pub fn backing_chain(self: &Arc<Self>) -> Vec<Arc<Node>> {
+        let mut v = vec![self.clone()];
+        while let Some(b) = v.last().and_then(|n| n.backing()) {
+            v.push(b);
+        }
+        v
     }
 
     /// The edges that use this node, oldest first.
@@ -271,9 +299,7 @@ impl Node {
             .unwrap_or_else(|p| p.into_inner())
             .iter()
         {
-            if b.is_enabled() {
-                b.set(offset, len);
-            }
+            b.set(offset, len);
         }
     }
 

@@ -155,16 +155,7 @@ impl Control {
                 "not allowing backing file change on an image without a backing file",
             ));
         };
-        let mut n = Some(root.clone());
-        let mut found = false;
-        while let Some(x) = n {
-            if Arc::ptr_eq(&x, &img) {
-                found = true;
-                break;
-            }
-            n = x.backing();
-        }
-        if !found {
+        if !root.backing_chain().iter().any(|n| Arc::ptr_eq(n, &img)) {
             return Err(QmpError::generic(format!(
                 "'{device}' and image file are not in the same chain"
             )));

@@ -5,7 +5,8 @@
 use super::{generic, Control, OpResult, DRAIN_TIMEOUT};
 use crate::config::OnError;
 use crate::jobs::commit::{copy_remaining, Commit};
-use crate::jobs::stream::{Stream, CANCELLED};
+use crate::jobs::copy::{JobCtx, CANCELLED};
+use crate::jobs::stream::Stream;
 use crate::jobs::{Cancel, Job, JobCore, JobMsg, Status, Verb};
 use crate::qmp::wire::QmpError;
 use blocklayer::aio::uring::block_on;
@@ -42,15 +43,6 @@ pub struct CommitArgs {
     pub top_node: Option<String>,
     pub top: Option<String>,
     pub backing_file: Option<String>,
-}
-
-/// The chain below `top`, `top` first.
-fn chain(top: &Arc<Node>) -> Vec<Arc<Node>> {
-    let mut v = vec![top.clone()];
-    while let Some(b) = v.last().and_then(|n| n.backing()) {
-        v.push(b);
-    }
-    v
 }
 
 /// The image a node stands for in its chain: its filename.
@@ -136,7 +128,7 @@ impl Control {
                 "'base-node' and 'bottom' cannot be specified at the same time",
             ));
         }
-        let layers = chain(&top);
+        let layers = top.backing_chain();
         let base: Option<Arc<Node>> = if let Some(f) = &a.base {
             Some(
                 layers
@@ -220,12 +212,14 @@ impl Control {
             ctl.graph.collect_unused();
         }));
         let stream = Stream {
-            core,
+            ctx: JobCtx {
+                core,
+                on_error: o.on_error,
+                tx: self.tx.clone(),
+            },
             blk,
             holds,
             base,
-            on_error: o.on_error,
-            tx: self.tx.clone(),
         };
         // The job's handles move to its thread.
         self.start_job(job, move || stream.run())
@@ -234,7 +228,7 @@ impl Control {
     /// `block-commit`
     pub fn block_commit(&mut self, a: CommitArgs, o: JobOpts) -> OpResult<()> {
         let device = self.graph.lookup(&a.device).map_err(generic)?;
-        let layers = chain(&device);
+        let layers = device.backing_chain();
         let top = if let Some(t) = &a.top_node {
             let node = self.graph.lookup(t).map_err(generic)?;
             if !layers.iter().any(|n| Arc::ptr_eq(n, &node)) {
@@ -252,7 +246,7 @@ impl Control {
         } else {
             device.clone()
         };
-        let below = chain(&top);
+        let below = top.backing_chain();
         let base = if let Some(b) = &a.base_node {
             let node = self.graph.lookup(b).map_err(generic)?;
             if !below.iter().any(|n| Arc::ptr_eq(n, &node)) {
@@ -370,13 +364,15 @@ impl Control {
             job.cleanup = Some(Box::new(|ctl: &mut Control| ctl.graph.collect_unused()));
         }
         let commit = Commit {
-            core,
+            ctx: JobCtx {
+                core,
+                on_error: o.on_error,
+                tx: self.tx.clone(),
+            },
             top: top_blk,
             base: base_blk,
             holds,
             dirty,
-            on_error: o.on_error,
-            tx: self.tx.clone(),
         };
         self.start_job(job, move || commit.run())
     }
@@ -398,11 +394,6 @@ impl Control {
                     _ => {}
                 }
             }
-            JobMsg::ErrorStop { id, read } | JobMsg::ErrorIgnored { id, read }
-                if self.jobs.get(&id).is_none() =>
-            {
-                let _ = (id, read);
-            }
             JobMsg::ErrorStop { id, read } => {
                 events.emit(
                     "BLOCK_JOB_ERROR",
@@ -410,12 +401,7 @@ impl Control {
                 );
                 if let Some(j) = self.jobs.get_mut(&id) {
                     j.user_paused = true;
-                    let to = match j.status {
-                        Status::Running => Some(Status::Paused),
-                        Status::Ready => Some(Status::Standby),
-                        _ => None,
-                    };
-                    if let Some(to) = to {
+                    if let Some(to) = j.status.paused() {
                         self.jobs.transition(&events, &id, to);
                     }
                 }
@@ -436,41 +422,29 @@ impl Control {
             return;
         };
         let cancel = j.core.cancel_requested();
-        let forced = cancel == Cancel::Force || result.as_ref().is_err_and(|e| e == CANCELLED);
         if cancel == Cancel::Soft {
             // A ready mirror-like job cancelled softly completes without its pivot.
             j.finish = None;
         }
+        let forced = cancel == Cancel::Force || result.as_ref().is_err_and(|e| e == CANCELLED);
         match result {
-            Err(e) if !forced => {
-                j.error = Some(e);
-                j.result = Some(Err(String::new()));
-                self.jobs.transition(&events, id, Status::Aborting);
-                self.finalize_single(id);
-            }
-            Err(_) => {
-                j.result = Some(Err(String::new()));
-                self.jobs.transition(&events, id, Status::Aborting);
-                self.finalize_single(id);
-            }
-            Ok(()) if forced => {
-                j.result = Some(Err(String::new()));
-                self.jobs.transition(&events, id, Status::Aborting);
-                self.finalize_single(id);
-            }
-            Ok(()) => {
-                j.result = Some(Ok(()));
+            Ok(()) if !forced => {
                 let auto = j.auto_finalize;
+                let kind = j.kind;
                 self.jobs.transition(&events, id, Status::Waiting);
                 self.jobs.transition(&events, id, Status::Pending);
                 if auto {
                     self.finalize(id);
                 } else {
-                    events.emit(
-                        "BLOCK_JOB_PENDING",
-                        Some(json!({"type": self.jobs.get(id).map(|j| j.kind), "id": id})),
-                    );
+                    events.emit("BLOCK_JOB_PENDING", Some(json!({"type": kind, "id": id})));
                 }
+            }
+            r => {
+                if let (Err(e), false) = (r, forced) {
+                    j.error = Some(e);
+                }
+                self.jobs.transition(&events, id, Status::Aborting);
+                self.finalize_single(id);
             }
         }
     }

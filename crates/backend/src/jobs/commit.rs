@@ -10,15 +10,12 @@
 //!   `block-job-complete` the control thread drains, copies the last dirty ranges
 //!   and re-points the top's users at the base (the pivot).
 
-use super::core::{JobCore, RateLimit};
-use super::stream::{allocated_above, copy_range, on_error, CANCELLED, CHUNK};
-use super::JobMsg;
-use crate::config::OnError;
-use crate::control::ControlMsg;
+use super::copy::{allocated_above, copy_range, CopyError, JobCtx, CANCELLED, CHUNK};
+use super::core::RateLimit;
+use super::Cancel;
 use blocklayer::backend::BlockBackend;
 use blocklayer::bitmap::DirtyBitmap;
 use blocklayer::Node;
-use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,7 +23,7 @@ use std::time::Duration;
 const READY_POLL: Duration = Duration::from_millis(10);
 
 pub struct Commit {
-    pub core: Arc<JobCore>,
+    pub ctx: JobCtx,
     /// The job's handle on the top (reads through the chain).
     pub top: BlockBackend,
     /// The job's handle on the base (writes).
@@ -35,36 +32,15 @@ pub struct Commit {
     pub holds: Vec<BlockBackend>,
     /// Active commit: the bitmap of what the guest wrote to the top meanwhile.
     pub dirty: Option<Arc<DirtyBitmap>>,
-    pub on_error: OnError,
-    pub tx: Sender<ControlMsg>,
 }
 
 impl Commit {
     pub async fn run(self) -> Result<(), String> {
-        let core = &self.core;
-        let size = self.top.node().size();
-        core.set_len(size);
+        let ctx = &self.ctx;
+        let core = &ctx.core;
         let mut rl = RateLimit::default();
-        let mut offset = 0;
-        while offset < size {
-            core.pause_point(false)
-                .await
-                .map_err(|_| CANCELLED.to_string())?;
-            let want = (size - offset).min(CHUNK);
-            let (n, copied) = match self.chunk(offset, want).await {
-                Ok(v) => v,
-                Err((read, msg)) => {
-                    let enospc = msg.contains("No space");
-                    if on_error(core, self.on_error, &self.tx, read, msg, enospc).await? {
-                        continue;
-                    }
-                    (want, 0)
-                }
-            };
-            offset += n;
-            core.progress(n);
-            self.throttle(&mut rl, copied).await;
-        }
+        let size = self.top.node().size();
+        ctx.pass(size, &mut rl, |o, l| self.chunk(o, l)).await?;
         let Some(dirty) = self.dirty.clone() else {
             return Ok(());
         };
@@ -74,52 +50,40 @@ impl Commit {
             core.pause_point(ready)
                 .await
                 .map_err(|_| CANCELLED.to_string())?;
-            if ready
-                && (core.complete_requested() || core.cancel_requested() != super::Cancel::None)
-            {
+            if ready && (core.complete_requested() || core.cancel_requested() != Cancel::None) {
                 return Ok(());
             }
             match dirty.take_next(0, CHUNK) {
                 Some((off, n)) => {
                     core.add_len(n);
-                    if let Err((read, msg)) = self.copy(off, n).await {
-                        // Not copied: it stays dirty.
+                    if let Err(e) = self.copy(off, n).await {
+                        // Not copied: it stays dirty, unless the error is ignored.
                         dirty.set(off, n);
-                        let enospc = msg.contains("No space");
-                        if !on_error(core, self.on_error, &self.tx, read, msg, enospc).await? {
+                        if !ctx.on_error(e).await? {
                             dirty.take_next(off, n);
                         }
                         continue;
                     }
                     core.progress(n);
-                    self.throttle(&mut rl, n).await;
+                    ctx.throttle(&mut rl, n).await;
                 }
                 None if !ready => {
                     ready = true;
-                    let _ = self
-                        .tx
-                        .send(ControlMsg::Job(JobMsg::Ready(core.id.clone())));
+                    ctx.ready();
                 }
                 None => core.sleep(READY_POLL).await,
             }
         }
     }
 
-    async fn throttle(&self, rl: &mut RateLimit, copied: u64) {
-        let d = rl.account(self.core.speed(), copied);
-        if !d.is_zero() {
-            self.core.sleep(d).await;
-        }
-    }
-
     /// Commits one range if a committed layer holds it: bytes looked at and copied.
-    async fn chunk(&self, offset: u64, len: u64) -> Result<(u64, u64), (bool, String)> {
+    async fn chunk(&self, offset: u64, len: u64) -> Result<(u64, u64), CopyError> {
         let base = self.base.node_arc();
         let (above, n) = self
             .top
             .with_node(|top| async move { allocated_above(&top, Some(&base), offset, len).await })
             .await
-            .map_err(|e| (true, e.to_string()))?;
+            .map_err(CopyError::read)?;
         if !above {
             return Ok((n, 0));
         }
@@ -127,7 +91,7 @@ impl Commit {
         Ok((n, n))
     }
 
-    async fn copy(&self, offset: u64, len: u64) -> Result<(), (bool, String)> {
+    async fn copy(&self, offset: u64, len: u64) -> Result<(), CopyError> {
         let base = &self.base;
         self.top
             .with_node(|top| async move {
@@ -146,7 +110,9 @@ pub async fn copy_remaining(
     dirty: Arc<DirtyBitmap>,
 ) -> Result<(), String> {
     while let Some((off, n)) = dirty.take_next(0, CHUNK) {
-        copy_range(&top, &base, off, n).await.map_err(|(_, m)| m)?;
+        copy_range(&top, &base, off, n)
+            .await
+            .map_err(|e| e.message)?;
     }
     base.flush().await.map_err(|e| e.to_string())
 }

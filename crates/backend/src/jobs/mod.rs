@@ -10,6 +10,7 @@
 //! runs on the control thread within the command, through the same states.
 
 pub mod commit;
+pub mod copy;
 pub mod core;
 pub mod stream;
 
@@ -49,6 +50,24 @@ impl Status {
             Status::Aborting => "aborting",
             Status::Concluded => "concluded",
             Status::Null => "null",
+        }
+    }
+
+    /// Where a pause takes a job in this state (running -> paused, ready -> standby).
+    pub fn paused(self) -> Option<Status> {
+        match self {
+            Status::Running => Some(Status::Paused),
+            Status::Ready => Some(Status::Standby),
+            _ => None,
+        }
+    }
+
+    /// Where a resume takes a job in this state (the reverse of [`Status::paused`]).
+    pub fn resumed(self) -> Option<Status> {
+        match self {
+            Status::Paused => Some(Status::Running),
+            Status::Standby => Some(Status::Ready),
+            _ => None,
         }
     }
 
@@ -148,8 +167,6 @@ pub struct Job {
     pub error: Option<String>,
     /// Whether this is a block job (listed by query-block-jobs, with BLOCK_JOB_*).
     pub block: bool,
-    /// The job's work has returned this (kept until finalization).
-    pub result: Option<Result<(), String>>,
     pub finish: Option<Finish>,
     pub cleanup: Option<Cleanup>,
 }
@@ -167,18 +184,14 @@ impl Job {
             ready_on_resume: false,
             error: None,
             block,
-            result: None,
             finish: None,
             cleanup: None,
         }
     }
 
+    /// Whether the job was abandoned (a soft cancel completes the job instead).
     fn cancelled(&self) -> bool {
         self.core.cancel_requested() == Cancel::Force
-            || (self.core.cancel_requested() == Cancel::Soft
-                && self.status != Status::Ready
-                && self.status != Status::Standby
-                && self.result.is_none())
     }
 
     /// QEMU's `BlockJobInfo` (query-block-jobs).
@@ -270,14 +283,6 @@ impl Jobs {
         self.jobs.get_mut(id)
     }
 
-    pub fn ids(&self) -> Vec<String> {
-        self.jobs.keys().cloned().collect()
-    }
-
-    pub fn values(&self) -> impl Iterator<Item = &Job> {
-        self.jobs.values()
-    }
-
     /// Finds a job for a `job-*` command (QEMU: "Job not found").
     pub fn find(&mut self, id: &str) -> Result<&mut Job, QmpError> {
         self.jobs
@@ -349,12 +354,7 @@ impl Jobs {
         }
         job.user_paused = true;
         job.core.set_paused(true);
-        let to = match job.status {
-            Status::Running => Some(Status::Paused),
-            Status::Ready => Some(Status::Standby),
-            _ => None,
-        };
-        if let Some(to) = to {
+        if let Some(to) = job.status.paused() {
             self.transition(events, id, to);
         }
         Ok(())
@@ -368,12 +368,7 @@ impl Jobs {
         }
         job.user_paused = false;
         job.core.set_paused(false);
-        let to = match job.status {
-            Status::Paused => Some(Status::Running),
-            Status::Standby => Some(Status::Ready),
-            _ => None,
-        };
-        if let Some(to) = to {
+        if let Some(to) = job.status.resumed() {
             self.transition(events, id, to);
         }
         Ok(())
@@ -408,12 +403,7 @@ impl Jobs {
         });
         if job.user_paused {
             job.user_paused = false;
-            let to = match job.status {
-                Status::Paused => Some(Status::Running),
-                Status::Standby => Some(Status::Ready),
-                _ => None,
-            };
-            if let Some(to) = to {
+            if let Some(to) = job.status.resumed() {
                 self.transition(events, id, to);
             }
         }
@@ -444,11 +434,6 @@ impl Jobs {
         if let Some(j) = self.jobs.get(id) {
             events.emit("BLOCK_JOB_READY", Some(j.event_data()));
         }
-    }
-
-    /// Whether the job was (hard) cancelled.
-    pub fn is_cancelled(&self, id: &str) -> bool {
-        self.jobs.get(id).is_some_and(|j| j.cancelled())
     }
 
     /// `query-jobs`

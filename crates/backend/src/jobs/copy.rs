@@ -1,0 +1,178 @@
+//! What stream and commit share: walking a chain for allocated ranges, copying a
+//! range, and one pass over a node in chunks with pause points, `on-error`,
+//! progress and the rate limit.
+
+use super::core::{JobCore, RateLimit};
+use super::JobMsg;
+use crate::config::OnError;
+use crate::control::ControlMsg;
+use blocklayer::aio::iovec::{AlignedBuf, IoVec};
+use blocklayer::{BlockError, Node};
+use std::future::Future;
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+
+/// Bytes a job looks at and copies at once (QEMU's stream uses 512 KiB too).
+pub const CHUNK: u64 = 512 * 1024;
+
+/// The error text of a job ended by a cancel (not reported as an error).
+pub const CANCELLED: &str = "cancelled";
+
+/// A failed read or write of a job.
+#[derive(Debug)]
+pub struct CopyError {
+    pub read: bool,
+    pub errno: i32,
+    pub message: String,
+}
+
+impl CopyError {
+    pub fn read(e: BlockError) -> CopyError {
+        CopyError::new(true, e)
+    }
+
+    pub fn write(e: BlockError) -> CopyError {
+        CopyError::new(false, e)
+    }
+
+    fn new(read: bool, e: BlockError) -> CopyError {
+        CopyError {
+            read,
+            errno: e.errno(),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// Whether `offset..` is allocated in `top` or any layer below it down to, but not
+/// including, `base` (QEMU's `bdrv_is_allocated_above`), and for how many bytes.
+pub async fn allocated_above(
+    top: &Arc<Node>,
+    base: Option<&Arc<Node>>,
+    offset: u64,
+    len: u64,
+) -> blocklayer::Result<(bool, u64)> {
+    let mut n = len;
+    let mut layer = Some(top.clone());
+    while let Some(l) = layer {
+        if base.is_some_and(|b| Arc::ptr_eq(b, &l)) {
+            break;
+        }
+        if offset >= l.size() {
+            // Past this layer's end: reads there are zeroes from its view.
+            break;
+        }
+        let (alloc, m) = l.driver().is_allocated(offset, n).await?;
+        if alloc {
+            return Ok((true, m));
+        }
+        n = m;
+        layer = l.backing();
+    }
+    Ok((false, n))
+}
+
+/// Reads `offset..+len` of `src` and writes it to `dst` (a copy the job owns).
+pub async fn copy_range(src: &Node, dst: &Node, offset: u64, len: u64) -> Result<(), CopyError> {
+    let buf = AlignedBuf::try_zeroed(len as usize, 4096).ok_or_else(|| CopyError {
+        read: true,
+        errno: libc::ENOMEM,
+        message: "Cannot allocate memory".to_string(),
+    })?;
+    let iov = IoVec::from_buf(Arc::new(buf));
+    src.read(offset, iov.clone())
+        .await
+        .map_err(CopyError::read)?;
+    dst.write_copied(offset, iov)
+        .await
+        .map_err(CopyError::write)
+}
+
+/// What every copying job has: its shared state, its `on-error` policy and the way
+/// to the control thread.
+pub struct JobCtx {
+    pub core: Arc<JobCore>,
+    pub on_error: OnError,
+    pub tx: Sender<ControlMsg>,
+}
+
+impl JobCtx {
+    fn send(&self, msg: JobMsg) {
+        let _ = self.tx.send(ControlMsg::Job(msg));
+    }
+
+    /// What an I/O error does to the job (`on-error`): `Ok(true)` retry the range
+    /// (after a stop and resume), `Ok(false)` skip it, `Err` end the job.
+    pub async fn on_error(&self, e: CopyError) -> Result<bool, String> {
+        let id = self.core.id.clone();
+        let read = e.read;
+        let stop = match self.on_error {
+            OnError::Ignore => {
+                self.send(JobMsg::ErrorIgnored { id, read });
+                return Ok(false);
+            }
+            OnError::Stop => true,
+            OnError::Enospc => e.errno == libc::ENOSPC,
+            OnError::Report => false,
+        };
+        if !stop {
+            return Err(e.message);
+        }
+        self.core.set_paused(true);
+        self.send(JobMsg::ErrorStop { id, read });
+        self.core
+            .pause_point(true)
+            .await
+            .map_err(|_| CANCELLED.to_string())?;
+        Ok(true)
+    }
+
+    /// Reports the job ready (mirror-like jobs).
+    pub fn ready(&self) {
+        self.send(JobMsg::Ready(self.core.id.clone()));
+    }
+
+    /// Sleeps as long as the rate limit asks after `copied` bytes.
+    pub async fn throttle(&self, rl: &mut RateLimit, copied: u64) {
+        let d = rl.account(self.core.speed(), copied);
+        if !d.is_zero() {
+            self.core.sleep(d).await;
+        }
+    }
+
+    /// One pass over `0..size` in chunks: `chunk(offset, len)` handles one range and
+    /// returns the bytes it looked at and those it copied.
+    pub async fn pass<F, Fut>(
+        &self,
+        size: u64,
+        rl: &mut RateLimit,
+        mut chunk: F,
+    ) -> Result<(), String>
+    where
+        F: FnMut(u64, u64) -> Fut,
+        Fut: Future<Output = Result<(u64, u64), CopyError>>,
+    {
+        let core = &self.core;
+        core.set_len(size);
+        let mut offset = 0;
+        while offset < size {
+            core.pause_point(false)
+                .await
+                .map_err(|_| CANCELLED.to_string())?;
+            let want = (size - offset).min(CHUNK);
+            let (n, copied) = match chunk(offset, want).await {
+                Ok(v) => v,
+                Err(e) => {
+                    if self.on_error(e).await? {
+                        continue;
+                    }
+                    (want, 0)
+                }
+            };
+            offset += n;
+            core.progress(n);
+            self.throttle(rl, copied).await;
+        }
+        Ok(())
+    }
+}
