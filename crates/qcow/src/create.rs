@@ -142,6 +142,9 @@ impl CreateOptions {
         if self.size > i64::MAX as u64 {
             return bad("size too large");
         }
+        if !self.size.is_multiple_of(512) {
+            return bad("Image size must be a multiple of 512 bytes");
+        }
         Ok(())
     }
 

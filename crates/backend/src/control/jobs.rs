@@ -8,7 +8,7 @@ use crate::jobs::commit::{copy_remaining, Commit};
 use crate::jobs::copy::{JobCtx, CANCELLED};
 use crate::jobs::stream::Stream;
 use crate::jobs::{Cancel, Job, JobCore, JobMsg, Status, Verb};
-use crate::qmp::wire::QmpError;
+use crate::qmp::wire::{ErrorClass, QmpError};
 use blocklayer::aio::uring::block_on;
 use blocklayer::backend::BlockBackend;
 use blocklayer::edge::Parent;
@@ -50,7 +50,30 @@ fn filename(n: &Node) -> String {
     n.driver().filename()
 }
 
+/// QEMU's op blocker of a node a block job uses.
+fn check_busy(node: &Node) -> OpResult<()> {
+    for e in node.parents() {
+        if let Parent::Job { kind, .. } = e.parent() {
+            return Err(QmpError::generic(format!(
+                "Node '{}' is busy: block device is in use by block job: {kind}",
+                node.name()
+            )));
+        }
+    }
+    Ok(())
+}
+
 impl Control {
+    /// A node named where QEMU looks the name up as a device and as a node
+    /// (`bdrv_lookup_bs(name, name)`), with QEMU's text.
+    pub(super) fn lookup_device(&self, name: &str) -> OpResult<Arc<Node>> {
+        self.graph.get(name).ok_or_else(|| {
+            QmpError::generic(format!(
+                "Cannot find device='{name}' nor node-name='{name}'"
+            ))
+        })
+    }
+
     fn job_id(&self, opts: &JobOpts) -> OpResult<String> {
         let Some(id) = &opts.job_id else {
             // QEMU takes the device's name, which a node of qemu-storage-daemon
@@ -59,6 +82,14 @@ impl Control {
         };
         self.jobs.check_id(id)?;
         if opts.speed < 0 {
+            // QEMU creates the job before it sets the speed: the job appears and is
+            // gone at once.
+            for status in ["created", "null"] {
+                self.events.emit(
+                    "JOB_STATUS_CHANGE",
+                    Some(json!({"id": id, "status": status})),
+                );
+            }
             return Err(QmpError::generic(
                 "Parameter 'speed' expects a non-negative value",
             ));
@@ -112,7 +143,7 @@ impl Control {
 
     /// `block-stream`
     pub fn block_stream(&mut self, a: StreamArgs, o: JobOpts) -> OpResult<()> {
-        let top = self.graph.lookup(&a.device).map_err(generic)?;
+        let top = self.lookup_device(&a.device)?;
         if a.base.is_some() && a.base_node.is_some() {
             return Err(QmpError::generic(
                 "'base' and 'base-node' cannot be specified at the same time",
@@ -125,7 +156,7 @@ impl Control {
         }
         if a.base_node.is_some() && a.bottom.is_some() {
             return Err(QmpError::generic(
-                "'base-node' and 'bottom' cannot be specified at the same time",
+                "'bottom' and 'base-node' cannot be specified at the same time",
             ));
         }
         let layers = top.backing_chain();
@@ -151,20 +182,28 @@ impl Control {
             Some(node)
         } else if let Some(b) = &a.bottom {
             let node = self.graph.lookup(b).map_err(generic)?;
-            let Some(i) = layers.iter().skip(1).position(|n| Arc::ptr_eq(n, &node)) else {
+            let Some(i) = layers.iter().position(|n| Arc::ptr_eq(n, &node)) else {
                 return Err(QmpError::generic(format!(
-                    "Node '{b}' is not a backing image of '{}'",
+                    "Node '{b}' is not in a chain starting from '{}'",
                     a.device
                 )));
             };
-            layers.get(i + 2).cloned()
+            layers.get(i + 1).cloned()
         } else {
             None
         };
-        if base.is_none() && a.backing_file.is_some() {
+        // As QEMU: a backing file name needs `base` or `base-node` (with `bottom`
+        // the base is worked out later, and the check sees none).
+        if a.backing_file.is_some() && a.base.is_none() && a.base_node.is_none() {
             return Err(QmpError::generic(
                 "backing file specified, but streaming the entire chain",
             ));
+        }
+        for n in &layers {
+            if base.as_ref().is_some_and(|b| Arc::ptr_eq(b, n)) {
+                break;
+            }
+            check_busy(n)?;
         }
         let id = self.job_id(&o)?;
         let blk = self.job_user(&id, "stream", &top, Perm::WRITE_UNCHANGED, Perm::ALL)?;
@@ -193,6 +232,15 @@ impl Control {
         job.auto_dismiss = o.auto_dismiss;
         let (t, b, backing_file) = (top.clone(), base.clone(), a.backing_file.clone());
         job.finish = Some(Box::new(move |ctl: &mut Control| {
+            let unchanged = match (t.backing(), &b) {
+                (None, _) => true,
+                (Some(old), Some(b)) => Arc::ptr_eq(&old, b),
+                (Some(_), None) => false,
+            };
+            if unchanged {
+                // Nothing was between the top and the base.
+                return Ok(());
+            }
             let _d = ctl
                 .graph
                 .drain(&t, DRAIN_TIMEOUT)
@@ -227,7 +275,31 @@ impl Control {
 
     /// `block-commit`
     pub fn block_commit(&mut self, a: CommitArgs, o: JobOpts) -> OpResult<()> {
-        let device = self.graph.lookup(&a.device).map_err(generic)?;
+        let device = self.graph.get(&a.device).ok_or_else(|| {
+            QmpError::new(
+                ErrorClass::DeviceNotFound,
+                format!("Device '{}' not found", a.device),
+            )
+        })?;
+        // QEMU's root nodes: used by block backends only (a job is not one).
+        if device
+            .parents()
+            .iter()
+            .any(|e| !matches!(e.parent(), Parent::Backend(_)))
+        {
+            return Err(QmpError::generic("Need a root block node"));
+        }
+        check_busy(&device)?;
+        if a.top_node.is_some() && a.top.is_some() {
+            return Err(QmpError::generic(
+                "'top-node' and 'top' are mutually exclusive",
+            ));
+        }
+        if a.base_node.is_some() && a.base.is_some() {
+            return Err(QmpError::generic(
+                "'base-node' and 'base' are mutually exclusive",
+            ));
+        }
         let layers = device.backing_chain();
         let top = if let Some(t) = &a.top_node {
             let node = self.graph.lookup(t).map_err(generic)?;
@@ -258,19 +330,28 @@ impl Control {
         } else if let Some(f) = &a.base {
             below
                 .iter()
+                .skip(1)
                 .find(|n| filename(n) == *f)
                 .cloned()
-                .ok_or_else(|| QmpError::generic(format!("Base '{f}' not found")))?
+                .ok_or_else(|| {
+                    QmpError::generic(format!("Can't find '{f}' in the backing chain"))
+                })?
         } else {
-            match below.last() {
-                Some(b) if !Arc::ptr_eq(b, &top) => b.clone(),
-                _ => return Err(QmpError::generic("There is no backimg image")),
-            }
+            // The bottom of the chain (the top itself when it has no backing file).
+            below.last().cloned().unwrap_or_else(|| top.clone())
         };
         if Arc::ptr_eq(&top, &base) {
             return Err(QmpError::generic("cannot commit an image into itself"));
         }
+        if Arc::ptr_eq(&top, &device) && a.backing_file.is_some() {
+            return Err(QmpError::generic(
+                "'backing-file' specified, but 'top' is the active layer",
+            ));
+        }
         let active = Arc::ptr_eq(&top, &device);
+        for n in &below {
+            check_busy(n)?;
+        }
         let id = self.job_id(&o)?;
         // The base is written: reopen it read-write if it is a read-only backing file.
         let base = if base.is_read_only() {
@@ -308,6 +389,15 @@ impl Control {
             }
             holds.push(self.job_user(&id, "commit", n, Perm::NONE, Perm::ALL)?);
         }
+        // The overlay of the top, whose backing the job changes at the end.
+        let overlay = layers
+            .iter()
+            .position(|n| Arc::ptr_eq(n, &top))
+            .and_then(|i| i.checked_sub(1))
+            .map(|i| layers[i].clone());
+        if let Some(ov) = &overlay {
+            holds.push(self.job_user(&id, "commit", ov, Perm::NONE, Perm::ALL)?);
+        }
         let core = Arc::new(JobCore::new(&id, o.speed as u64));
         let mut job = Job::new(&id, "commit", core.clone(), true);
         job.auto_finalize = o.auto_finalize;
@@ -339,11 +429,6 @@ impl Control {
             }));
         } else {
             // The overlay of the top takes the base as its backing.
-            let overlay = self
-                .graph
-                .nodes()
-                .find(|n| n.backing().is_some_and(|b| Arc::ptr_eq(&b, &top)))
-                .cloned();
             let (b, backing_file) = (base.clone(), a.backing_file.clone());
             job.finish = Some(Box::new(move |ctl: &mut Control| {
                 let Some(ov) = overlay else {
@@ -440,9 +525,11 @@ impl Control {
                 }
             }
             r => {
-                if let (Err(e), false) = (r, forced) {
-                    j.error = Some(e);
-                }
+                j.error = match (r, forced) {
+                    (Err(e), false) => Some(e),
+                    // As QEMU's job->ret of a cancelled job.
+                    _ => Some("Operation canceled".to_string()),
+                };
                 self.jobs.transition(&events, id, Status::Aborting);
                 self.finalize_single(id);
             }
@@ -516,6 +603,7 @@ impl Control {
         if matches!(status, Status::Created | Status::Pending | Status::Waiting) {
             if let Some(j) = self.jobs.get_mut(id) {
                 j.finish = None;
+                j.error = Some("Operation canceled".to_string());
             }
             self.jobs.transition(&events, id, Status::Aborting);
             self.finalize_single(id);

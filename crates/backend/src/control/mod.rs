@@ -577,9 +577,11 @@ impl Control {
         job.auto_dismiss = false;
         self.jobs.insert(&events, job);
         self.jobs.transition(&events, job_id, Status::Running);
-        match work() {
+        // QEMU's create jobs count their one step done either way.
+        let r = work();
+        core.progress(1);
+        match r {
             Ok(()) => {
-                core.progress(1);
                 self.jobs.transition(&events, job_id, Status::Waiting);
                 self.jobs.transition(&events, job_id, Status::Pending);
             }
@@ -698,7 +700,13 @@ impl Control {
                 f.uint("extent-size-hint").map_err(e)?;
                 f.finish().map_err(e)?;
                 Ok(Box::new(move || {
-                    create_file(Path::new(&filename), size, prealloc).map_err(|e| e.to_string())
+                    create_file(Path::new(&filename), size, prealloc).map_err(|e| match e {
+                        blocklayer::BlockError::Open { .. } => format!(
+                            "Could not create '{filename}': {}",
+                            blocklayer::error::strerror(e.errno())
+                        ),
+                        e => e.to_string(),
+                    })
                 }))
             }
             other => Err(QmpError::generic(format!(

@@ -40,11 +40,13 @@ impl Commit {
         let core = &ctx.core;
         let mut rl = RateLimit::default();
         let size = self.top.node().size();
-        ctx.pass(size, &mut rl, |o, l| self.chunk(o, l)).await?;
         let Some(dirty) = self.dirty.clone() else {
-            return Ok(());
+            return ctx.pass(size, &mut rl, |o, l| self.chunk(o, l)).await;
         };
-        // Active commit: copy what the guest wrote meanwhile, until nothing is left.
+        // Active commit (QEMU's mirror): what the layers above the base hold is dirty
+        // from the start, and so is what the guest writes meanwhile; the job copies
+        // dirty ranges until none is left. Progress counts only those bytes.
+        self.mark_allocated(&dirty, size).await?;
         let mut ready = false;
         loop {
             core.pause_point(ready)
@@ -53,9 +55,9 @@ impl Commit {
             if ready && (core.complete_requested() || core.cancel_requested() != Cancel::None) {
                 return Ok(());
             }
+            core.set_len(core.offset() + dirty.count());
             match dirty.take_next(0, CHUNK) {
                 Some((off, n)) => {
-                    core.add_len(n);
                     if let Err(e) = self.copy(off, n).await {
                         // Not copied: it stays dirty, unless the error is ignored.
                         dirty.set(off, n);
@@ -74,6 +76,31 @@ impl Commit {
                 None => core.sleep(READY_POLL).await,
             }
         }
+    }
+
+    /// Marks dirty every range that the layers from the top down to the base hold.
+    async fn mark_allocated(&self, dirty: &DirtyBitmap, size: u64) -> Result<(), String> {
+        let base = self.base.node_arc();
+        let mut offset = 0;
+        while offset < size {
+            self.ctx
+                .core
+                .pause_point(false)
+                .await
+                .map_err(|_| CANCELLED.to_string())?;
+            let want = (size - offset).min(CHUNK);
+            let b = base.clone();
+            let (above, n) = self
+                .top
+                .with_node(|top| async move { allocated_above(&top, Some(&b), offset, want).await })
+                .await
+                .map_err(|e| e.to_string())?;
+            if above {
+                dirty.set(offset, n);
+            }
+            offset += n;
+        }
+        Ok(())
     }
 
     /// Commits one range if a committed layer holds it: bytes looked at and copied.

@@ -65,10 +65,6 @@ impl JobCore {
         self.len.store(len, Ordering::Release);
     }
 
-    pub fn add_len(&self, n: u64) {
-        self.len.fetch_add(n, Ordering::AcqRel);
-    }
-
     pub fn progress(&self, n: u64) {
         self.offset.fetch_add(n, Ordering::AcqRel);
     }
@@ -134,16 +130,19 @@ impl JobCore {
     }
 
     /// Sleeps `d` (the job is not busy meanwhile), waking early for a cancel, a
-    /// pause or a completion request.
+    /// pause, a completion request or a new speed (QEMU re-enters a job whose speed
+    /// is set).
     pub async fn sleep(&self, d: Duration) {
         self.busy.store(false, Ordering::Release);
         let end = Instant::now() + d;
+        let speed = self.speed();
         loop {
             let now = Instant::now();
             if now >= end
                 || self.cancel_requested() != Cancel::None
                 || self.is_pause_requested()
                 || self.complete_requested()
+                || self.speed() != speed
             {
                 break;
             }
@@ -158,6 +157,8 @@ impl JobCore {
 pub struct RateLimit {
     slice_end: Instant,
     dispatched: u64,
+    /// The speed the slice was accounted at: a new speed starts a new slice.
+    speed: u64,
 }
 
 impl Default for RateLimit {
@@ -165,6 +166,7 @@ impl Default for RateLimit {
         RateLimit {
             slice_end: clock::now(),
             dispatched: 0,
+            speed: 0,
         }
     }
 }
@@ -178,7 +180,8 @@ impl RateLimit {
         }
         let now = Instant::now();
         let quota = (speed / 10).max(1);
-        if now >= self.slice_end {
+        if now >= self.slice_end || speed != self.speed {
+            self.speed = speed;
             self.slice_end = now + SLICE;
             self.dispatched = 0;
         }

@@ -287,7 +287,7 @@ impl Jobs {
     pub fn find(&mut self, id: &str) -> Result<&mut Job, QmpError> {
         self.jobs
             .get_mut(id)
-            .ok_or_else(|| QmpError::new(ErrorClass::DeviceNotActive, "Job not found"))
+            .ok_or_else(|| QmpError::generic("Job not found"))
     }
 
     /// Finds a block job for a `block-job-*` command.
@@ -362,10 +362,16 @@ impl Jobs {
 
     /// `job-resume` / `block-job-resume`.
     pub fn resume(&mut self, events: &EventBus, id: &str, block: bool) -> Result<(), QmpError> {
-        let job = self.check_verb(id, Verb::Resume, block)?;
+        // As QEMU, whether the job is paused at all comes before the verb check.
+        let job = if block {
+            self.find_block(id)?
+        } else {
+            self.find(id)?
+        };
         if !job.user_paused {
             return Err(QmpError::generic("Can't resume a job that was not paused"));
         }
+        let job = self.check_verb(id, Verb::Resume, block)?;
         job.user_paused = false;
         job.core.set_paused(false);
         if let Some(to) = job.status.resumed() {
@@ -419,7 +425,7 @@ impl Jobs {
             return;
         }
         let mut data = j.event_data();
-        if j.cancelled() && j.error.is_none() {
+        if j.cancelled() {
             events.emit("BLOCK_JOB_CANCELLED", Some(data));
         } else {
             if let Some(e) = &j.error {

@@ -24,7 +24,19 @@ pub struct Stream {
 
 impl Stream {
     pub async fn run(self) -> Result<(), String> {
-        let size = self.blk.node().size();
+        let top = self.blk.node_arc();
+        let below = top.backing();
+        if below.is_none()
+            || below
+                .as_ref()
+                .zip(self.base.as_ref())
+                .is_some_and(|(b, base)| Arc::ptr_eq(b, base))
+        {
+            // Nothing between the top and the base: QEMU's stream ends at once,
+            // without progress.
+            return Ok(());
+        }
+        let size = top.size();
         self.ctx
             .pass(size, &mut RateLimit::default(), |o, l| self.chunk(o, l))
             .await?;

@@ -668,7 +668,11 @@ pub fn create(file: Arc<Node>, data: Option<Arc<Node>>, opts: qcow::CreateOption
             Some(d) => qcow::create_with_data_file(io, d, &opts).await,
             None => qcow::create(io, &opts).await,
         }
-        .map_err(|e| BlockError::Graph(format!("qcow2: {e}")))?;
+        .map_err(|e| match e {
+            // Option errors are the user's, as QEMU words them.
+            qcow::CreateError::Invalid(m) => BlockError::Graph(m),
+            e => BlockError::Graph(format!("qcow2: {e}")),
+        })?;
         image.close().await.map_err(image_error)
     })
 }
