@@ -1,0 +1,140 @@
+#!/usr/bin/env python3
+"""Block job throughput: vubd against qemu-storage-daemon, side by side.
+
+For each daemon, on image files under /dev/shm (or --dir):
+  * stream: base.qcow2 holds SIZE bytes of data, top.qcow2 is an empty overlay
+    exported writable; block-stream copies the base into the top;
+  * commit: base.qcow2 is empty, mid.qcow2 holds SIZE bytes, top.qcow2 is an empty
+    overlay exported writable; block-commit (top-node=mid) copies mid into base;
+  * speed: the stream again with speed=SPEED: the rate reached against the one set.
+The time runs from the command to BLOCK_JOB_COMPLETED; the median of --reps runs is
+printed, with the ratio vubd/qsd. Usage (scripts/bench.sh --jobs does the build):
+  scripts/bench_jobs.py --vubd target/release/vubd [--size-mib 1024] [--reps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from qemu.qmp import QMPClient
+
+MIB = 1 << 20
+
+
+def run(*cmd: str) -> None:
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+
+
+def make_chain(d: Path, kind: str, size: int) -> None:
+    for f in d.glob("*.qcow2"):
+        f.unlink()
+    base, mid, top = d / "base.qcow2", d / "mid.qcow2", d / "top.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(base), str(size))
+    data = base
+    if kind == "commit":
+        run("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(mid))
+        data = mid
+    run("qemu-io", "-c", f"write -P 0x5a 0 {size}", str(data))
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(data), "-F", "qcow2", str(top))
+
+
+def daemon_args(d: Path) -> list[str]:
+    return [
+        "--blockdev", f"file,node-name=top-file,filename={d / 'top.qcow2'}",
+        "--blockdev", "qcow2,node-name=top,file=top-file",
+        "--export", f"vhost-user-blk,id=e,node-name=top,addr.type=unix,addr.path={d / 'e.sock'},writable=on",
+        "--chardev", f"socket,id=m,path={d / 'm.sock'},server=on,wait=off",
+        "--monitor", "chardev=m",
+    ]
+
+
+async def one(binary: str, d: Path, kind: str, size: int, speed: int) -> float:
+    make_chain(d, kind, size)
+    p = subprocess.Popen([binary, *daemon_args(d)], stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(200):
+            if (d / "m.sock").exists():
+                break
+            time.sleep(0.05)
+        c = QMPClient()
+        await c.connect(str(d / "m.sock"))
+        done = asyncio.get_running_loop().create_future()
+
+        async def listen() -> None:
+            async for ev in c.events:
+                if ev["event"] in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"):
+                    done.set_result(ev["data"])
+                    return
+
+        task = asyncio.create_task(listen())
+        if kind == "commit":
+            # The middle node was opened from top's header: find its generated name.
+            nodes = await c.execute("query-named-block-nodes", {"flat": True})
+            mid = [n["node-name"] for n in nodes
+                   if n["drv"] == "qcow2" and n["file"].endswith("mid.qcow2")][0]
+            cmd, args = "block-commit", {"job-id": "j", "device": "top", "top-node": mid}
+        else:
+            cmd, args = "block-stream", {"job-id": "j", "device": "top"}
+        if speed:
+            args["speed"] = speed
+        t0 = time.monotonic()
+        await c.execute(cmd, args)
+        data = await asyncio.wait_for(done, 600)
+        elapsed = time.monotonic() - t0
+        assert "error" not in data, data
+        task.cancel()
+        try:
+            await c.execute("quit")
+        except Exception:
+            pass
+        await c.disconnect()
+        p.wait(timeout=30)
+        return elapsed
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--vubd", default="target/release/vubd")
+    ap.add_argument("--qsd", default=shutil.which("qemu-storage-daemon"))
+    ap.add_argument("--size-mib", type=int, default=1024)
+    ap.add_argument("--speed-mib", type=int, default=100)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--dir", default="/dev/shm")
+    a = ap.parse_args()
+    size = a.size_mib * MIB
+    d = Path(tempfile.mkdtemp(prefix="vubd-bench-jobs-", dir=a.dir))
+    try:
+        print(f"| job ({a.size_mib} MiB on {a.dir}) | vubd | qsd | vubd/qsd |")
+        print("|---|---:|---:|---:|")
+        for kind, speed in (("stream", 0), ("commit", 0), ("stream", a.speed_mib * MIB)):
+            res: dict[str, list[float]] = {"vubd": [], "qsd": []}
+            # The two daemons alternate, rep by rep.
+            for _ in range(a.reps):
+                for name, binary in (("vubd", a.vubd), ("qsd", a.qsd)):
+                    res[name].append(asyncio.run(one(binary, d, kind, size, speed)))
+            med = {k: statistics.median(v) for k, v in res.items()}
+            if speed:
+                rate = {k: size / v / MIB for k, v in med.items()}
+                print(f"| {kind}, speed={a.speed_mib} MiB/s: MiB/s reached | {rate['vubd']:.1f} "
+                      f"| {rate['qsd']:.1f} | {rate['vubd'] / rate['qsd']:.2f} |")
+            else:
+                mbs = {k: size / v / MIB for k, v in med.items()}
+                print(f"| {kind}: MiB/s (median s) | {mbs['vubd']:.0f} ({med['vubd']:.2f} s) "
+                      f"| {mbs['qsd']:.0f} ({med['qsd']:.2f} s) | {mbs['vubd'] / mbs['qsd']:.2f}x |")
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
