@@ -260,11 +260,7 @@ impl Control {
             ctl.graph.collect_unused();
         }));
         let stream = Stream {
-            ctx: JobCtx {
-                core,
-                on_error: o.on_error,
-                tx: self.tx.clone(),
-            },
+            ctx: JobCtx::new(core, o.on_error, self.tx.clone()),
             blk,
             holds,
             base,
@@ -449,11 +445,7 @@ impl Control {
             job.cleanup = Some(Box::new(|ctl: &mut Control| ctl.graph.collect_unused()));
         }
         let commit = Commit {
-            ctx: JobCtx {
-                core,
-                on_error: o.on_error,
-                tx: self.tx.clone(),
-            },
+            ctx: JobCtx::new(core, o.on_error, self.tx.clone()),
             top: top_blk,
             base: base_blk,
             holds,

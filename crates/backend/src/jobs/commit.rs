@@ -10,7 +10,7 @@
 //!   `block-job-complete` the control thread drains, copies the last dirty ranges
 //!   and re-points the top's users at the base (the pivot).
 
-use super::copy::{allocated_above, copy_range, CopyError, JobCtx, CANCELLED, CHUNK};
+use super::copy::{allocated_above, copy_range, CopyBuf, CopyError, JobCtx, CANCELLED, CHUNK};
 use super::core::RateLimit;
 use super::Cancel;
 use blocklayer::backend::BlockBackend;
@@ -119,10 +119,10 @@ impl Commit {
     }
 
     async fn copy(&self, offset: u64, len: u64) -> Result<(), CopyError> {
-        let base = &self.base;
+        let (base, buf) = (&self.base, &self.ctx.buf);
         self.top
             .with_node(|top| async move {
-                base.with_node(|b| async move { copy_range(&top, &b, offset, len).await })
+                base.with_node(|b| async move { copy_range(buf, &top, &b, offset, len).await })
                     .await
             })
             .await
@@ -136,8 +136,9 @@ pub async fn copy_remaining(
     base: Arc<Node>,
     dirty: Arc<DirtyBitmap>,
 ) -> Result<(), String> {
+    let buf = CopyBuf::default();
     while let Some((off, n)) = dirty.take_next(0, CHUNK) {
-        copy_range(&top, &base, off, n)
+        copy_range(&buf, &top, &base, off, n)
             .await
             .map_err(|e| e.message)?;
     }

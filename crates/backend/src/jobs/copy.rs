@@ -72,14 +72,26 @@ pub async fn allocated_above(
     Ok((false, n))
 }
 
-/// Reads `offset..+len` of `src` and writes it to `dst` (a copy the job owns).
-pub async fn copy_range(src: &Node, dst: &Node, offset: u64, len: u64) -> Result<(), CopyError> {
-    let buf = AlignedBuf::try_zeroed(len as usize, 4096).ok_or_else(|| CopyError {
-        read: true,
-        errno: libc::ENOMEM,
-        message: "Cannot allocate memory".to_string(),
-    })?;
-    let iov = IoVec::from_buf(Arc::new(buf));
+/// A job's copy buffer: one chunk, allocated once for the job's life (a fresh
+/// buffer per chunk would fault in and zero 512 KiB every time).
+pub struct CopyBuf(Arc<AlignedBuf>);
+
+impl Default for CopyBuf {
+    fn default() -> Self {
+        CopyBuf(Arc::new(AlignedBuf::zeroed(CHUNK as usize, 4096)))
+    }
+}
+
+/// Reads `offset..+len` (at most a chunk) of `src` and writes it to `dst`.
+pub async fn copy_range(
+    buf: &CopyBuf,
+    src: &Node,
+    dst: &Node,
+    offset: u64,
+    len: u64,
+) -> Result<(), CopyError> {
+    debug_assert!(len <= CHUNK);
+    let iov = IoVec::from_buf(buf.0.clone()).slice(0, len);
     src.read(offset, iov.clone())
         .await
         .map_err(CopyError::read)?;
@@ -94,9 +106,19 @@ pub struct JobCtx {
     pub core: Arc<JobCore>,
     pub on_error: OnError,
     pub tx: Sender<ControlMsg>,
+    pub buf: CopyBuf,
 }
 
 impl JobCtx {
+    pub fn new(core: Arc<JobCore>, on_error: OnError, tx: Sender<ControlMsg>) -> JobCtx {
+        JobCtx {
+            core,
+            on_error,
+            tx,
+            buf: CopyBuf::default(),
+        }
+    }
+
     fn send(&self, msg: JobMsg) {
         let _ = self.tx.send(ControlMsg::Job(msg));
     }

@@ -47,6 +47,7 @@ impl Stream {
     /// Streams one range: returns the bytes looked at and those copied.
     async fn chunk(&self, offset: u64, len: u64) -> Result<(u64, u64), CopyError> {
         let base = self.base.clone();
+        let buf = &self.ctx.buf;
         self.blk
             .with_node(|top| async move {
                 let (alloc, n) = top
@@ -76,7 +77,7 @@ impl Stream {
                 if alloc {
                     return Ok((m, 0));
                 }
-                copy_range(&top, &top, offset, m).await?;
+                copy_range(buf, &top, &top, offset, m).await?;
                 Ok((m, m))
             })
             .await
