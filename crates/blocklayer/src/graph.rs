@@ -48,12 +48,14 @@ fn probe_format(path: &Path) -> Result<String> {
 
 #[derive(Default)]
 pub struct Graph {
-    nodes: BTreeMap<String, Arc<Node>>,
+    pub(crate) nodes: BTreeMap<String, Arc<Node>>,
     /// Backing files being opened from qcow2 headers, outermost first.
     chain: Vec<PathBuf>,
     /// Nodes added by `--blockdev`/`blockdev-add` themselves (not inline children):
     /// only these may be removed by `blockdev-del`, as QEMU's monitor-owned nodes.
-    owned: BTreeSet<String>,
+    pub(crate) owned: BTreeSet<String>,
+    /// The options each node was opened with (what `blockdev-reopen` compares with).
+    pub(crate) options: HashMap<String, BlockdevOptions>,
     anon: u64,
 }
 
@@ -96,6 +98,12 @@ impl Graph {
     /// other. Nothing changes when it fails: the error is QEMU's text for the first
     /// conflict found.
     pub fn refresh_perms(&self) -> Result<()> {
+        self.refresh_perms_reopening(&[])
+    }
+
+    /// [`Graph::refresh_perms`] while the nodes `ro_reopened` are being reopened
+    /// read-only: a writer of one of them is refused with QEMU's reopen text.
+    pub(crate) fn refresh_perms_reopening(&self, ro_reopened: &[String]) -> Result<()> {
         let order = self.nodes_parents_first();
         let mut computed: HashMap<*const Edge, (Perm, Perm)> = HashMap::new();
         for node in &order {
@@ -136,6 +144,12 @@ impl Graph {
                 shared &= *s;
             }
             if perm.intersects(Perm::WRITE | Perm::WRITE_UNCHANGED) && node.is_read_only() {
+                if ro_reopened.iter().any(|n| n == node.name()) {
+                    return Err(BlockError::Graph(format!(
+                        "Read-only block node '{}' cannot support read-write users",
+                        node.name()
+                    )));
+                }
                 return Err(BlockError::Graph("Block node is read-only".into()));
             }
             for c in node.children() {
@@ -217,70 +231,15 @@ impl Graph {
         Ok(())
     }
 
-    /// Reopens a `qcow2` or `raw` node over a `file` node read-write or read-only
-    /// (QEMU's `bdrv_reopen_set_read_only`, which commit uses on its base): a new node
-    /// of the same name and image, with the same backing child, takes the old one's
-    /// place under all its users. The caller has drained the node. The options the
-    /// node was opened with beyond driver, file name and backing are not carried over.
+    /// Reopens a node read-write or read-only (QEMU's `bdrv_reopen_set_read_only`,
+    /// which commit uses on its base), with its `file` child if that must change too;
+    /// every other option stays. The caller has drained the node. Returns the node
+    /// that now has the name (see [`Graph::reopen_multiple`]).
     pub fn reopen(&mut self, node: &Arc<Node>, writable: bool) -> Result<Arc<Node>> {
         let name = node.name().to_string();
-        let drv = node.driver_name();
-        let children = node.children();
-        let file = children
-            .iter()
-            .find(|c| c.name() == "file")
-            .map(|c| c.node_arc());
-        let cannot = |why: &str| {
-            BlockError::Graph(format!(
-                "Cannot reopen node '{name}' {}: {why}",
-                if writable { "read-write" } else { "read-only" }
-            ))
-        };
-        let supported =
-            matches!(drv, "qcow2" | "raw") && !children.iter().any(|c| c.name() == "data-file");
-        let Some(file) = file.filter(|f| supported && f.driver_name() == "file") else {
-            return Err(cannot(
-                "only qcow2 and raw nodes over a file node can be reopened",
-            ));
-        };
-        let mut opts = BlockdevOptions::from_json(&json!({
-            "driver": drv,
-            "read-only": !writable,
-            "file": {
-                "driver": "file",
-                "filename": file.driver().filename(),
-                "read-only": !writable,
-            },
-        }))?;
-        // Set here rather than in the JSON: generated names (`#block...`) are not
-        // names a user may give.
-        opts.common.node_name = Some(name.clone());
-        if let DriverOptions::Qcow2(q) = &mut opts.driver {
-            q.backing = match node.backing() {
-                Some(b) => BackingRef::Node(BlockdevRef::Reference(b.name().to_string())),
-                None => BackingRef::None,
-            };
-        }
-        let Some(old) = self.nodes.remove(&name) else {
-            return Err(cannot("no such node"));
-        };
-        file.driver().release_locks();
-        let new = match self.open(&opts) {
-            Ok(n) => n,
-            Err(e) => {
-                self.nodes.insert(name, old);
-                let _ = file.driver().retake_locks();
-                return Err(e);
-            }
-        };
-        if let Err(e) = self.replace_node(&old, &new, None) {
-            drop(new);
-            self.nodes.insert(name, old);
-            self.collect_unused();
-            let _ = file.driver().retake_locks();
-            return Err(e);
-        }
-        Ok(new)
+        self.reopen_read_only(node, !writable)?;
+        self.get(&name)
+            .ok_or_else(|| BlockError::Graph(format!("Node '{name}' vanished in a reopen")))
     }
 
     /// Removes the nodes nothing uses any more that the monitor did not add
@@ -391,7 +350,7 @@ impl Graph {
         }
     }
 
-    fn open(&mut self, opts: &BlockdevOptions) -> Result<Arc<Node>> {
+    pub(crate) fn open(&mut self, opts: &BlockdevOptions) -> Result<Arc<Node>> {
         let common = &opts.common;
         let name = match &common.node_name {
             Some(n) => n.clone(),
@@ -446,6 +405,9 @@ impl Graph {
             cache_direct: common.cache_direct,
         };
         let node = Arc::new(Node::new(name.clone(), driver, flags));
+        let mut stored = opts.clone();
+        stored.common.node_name = Some(name.clone());
+        self.options.insert(name.clone(), stored);
         self.nodes.insert(name, node.clone());
         Ok(node)
     }
@@ -652,6 +614,7 @@ impl Graph {
         let Some(node) = self.nodes.remove(name) else {
             return;
         };
+        self.options.remove(name);
         let children: Vec<Arc<Node>> = node.children().iter().map(|c| c.node_arc()).collect();
         drop(node);
         for c in children {

@@ -4,7 +4,8 @@
 //! - [`node`], [`driver`], [`limits`]: nodes, the driver interface, merged limits
 //! - [`io`]: the generic request path every node goes through
 //! - [`drivers`]: `file`/`host_device`, `raw`, `null-co`
-//! - [`graph`]: node-names and opening nodes from [`options`]
+//! - [`graph`]: node-names and opening nodes from [`options`]; [`reopen`]: new options
+//!   for open nodes
 //! - [`periodic`]: the housekeeping thread for periodic driver tasks
 //! - [`snapshot`]: internal snapshots as drivers report them
 
@@ -23,6 +24,7 @@ pub mod node;
 pub mod options;
 pub mod periodic;
 pub mod perm;
+pub mod reopen;
 pub mod snapshot;
 pub mod stats;
 

@@ -311,6 +311,15 @@ impl Node {
         self.write_threshold.store(t, Ordering::Release);
     }
 
+    /// Takes over what belongs to the node rather than to its driver instance (dirty
+    /// bitmaps, the write threshold) from the node it replaces in a reopen.
+    pub(crate) fn inherit_state_from(&self, old: &Node) {
+        for b in old.bitmaps.read().unwrap_or_else(|p| p.into_inner()).iter() {
+            self.add_bitmap(b.clone());
+        }
+        self.set_write_threshold(old.write_threshold());
+    }
+
     /// Raises `BLOCK_WRITE_THRESHOLD` (once) when a write ends past the threshold.
     #[inline]
     pub(crate) fn check_write_threshold(&self, offset: u64, len: u64) {

@@ -1271,6 +1271,13 @@ impl BlockdevOptions {
         Ok(options)
     }
 
+    /// As [`BlockdevOptions::from_qmp`] for one element of a list argument
+    /// (`blockdev-reopen`'s `options`): errors name `prefix.key`, and `node-name` is
+    /// left for the caller to check.
+    pub fn from_qmp_at(v: &Value, prefix: &str) -> Result<Self> {
+        Self::parse(&Fields::new_strict(v, prefix)?)
+    }
+
     /// As [`BlockdevOptions::from_json`] for a node of its own (not an inline child),
     /// which needs a `node-name` as in QEMU's `blockdev-add`.
     pub fn from_json_root(v: &Value) -> Result<Self> {

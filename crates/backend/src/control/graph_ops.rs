@@ -1,5 +1,5 @@
 //! Graph commands: external snapshots (`blockdev-snapshot`, `blockdev-snapshot-sync`),
-//! `change-backing-file`, `block-set-write-threshold` and
+//! `blockdev-reopen`, `change-backing-file`, `block-set-write-threshold` and
 //! `x-debug-query-block-graph`, with QEMU's checks and texts.
 
 use super::{generic, Control, OpResult, DRAIN_TIMEOUT};
@@ -26,6 +26,24 @@ pub struct SnapshotSync {
 impl Control {
     fn lookup_any(&self, name: &str) -> OpResult<Arc<Node>> {
         self.graph.lookup(name).map_err(generic)
+    }
+
+    /// `blockdev-reopen`: new options for a list of nodes, all applied or none, inside
+    /// one drained section (see `blocklayer::reopen`).
+    pub fn blockdev_reopen(&mut self, list: &[BlockdevOptions]) -> OpResult<()> {
+        if list.is_empty() {
+            return Ok(());
+        }
+        let nodes: Vec<Arc<Node>> = list
+            .iter()
+            .filter_map(|o| o.common.node_name.as_deref())
+            .filter_map(|n| self.graph.get(n))
+            .collect();
+        let _drained = self
+            .graph
+            .drain_all(&nodes, DRAIN_TIMEOUT)
+            .map_err(generic)?;
+        self.graph.reopen_multiple(list).map_err(generic)
     }
 
     /// `blockdev-snapshot`: `overlay` (a node without backing) goes on top of `node`,

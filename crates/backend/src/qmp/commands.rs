@@ -5,7 +5,7 @@ use super::args::Args;
 use super::wire::{ErrorClass, QmpError, QmpResult, QEMU_VERSION};
 use crate::config::{ExportConfig, ObjectConfig};
 use crate::control::Control;
-use blocklayer::options::BlockdevOptions;
+use blocklayer::options::{BlockdevOptions, OptionsError};
 use serde_json::{json, Value};
 
 /// Every command, in the order `query-commands` lists them.
@@ -19,6 +19,7 @@ pub const COMMANDS: &[&str] = &[
     "query-blockstats",
     "blockdev-add",
     "blockdev-del",
+    "blockdev-reopen",
     "block-export-add",
     "block-export-del",
     "object-add",
@@ -117,6 +118,32 @@ pub fn execute(ctl: &mut Control, name: &str, arguments: &Value) -> QmpResult {
             let opts = BlockdevOptions::from_qmp(arguments)
                 .map_err(|e| QmpError::generic(e.to_string()))?;
             ctl.add_blockdev(&opts)?;
+            ok()
+        }
+        "blockdev-reopen" => {
+            let list = match a.take("options") {
+                None => return Err(QmpError::generic("Parameter 'options' is missing")),
+                Some(Value::Array(items)) => items,
+                Some(_) => {
+                    return Err(QmpError::generic(
+                        "Invalid parameter type for 'options', expected: array",
+                    ))
+                }
+            };
+            a.finish()?;
+            let list = list
+                .iter()
+                .enumerate()
+                .map(|(i, v)| BlockdevOptions::from_qmp_at(v, &format!("options[{i}]")))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| match e {
+                    // QEMU's reopen checks this itself, with the bare text.
+                    OptionsError::BadValue { name, reason } if name.ends_with("detect-zeroes") => {
+                        QmpError::generic(reason)
+                    }
+                    e => QmpError::generic(e.to_string()),
+                })?;
+            ctl.blockdev_reopen(&list)?;
             ok()
         }
         "blockdev-del" => {
