@@ -68,7 +68,20 @@ impl BlockBackend {
         perm: Perm,
         shared: Perm,
     ) -> Result<Self> {
-        let root = graph.attach_user(parent, "root", node, perm, shared)?;
+        Self::with_edge_name(graph, parent, "root", node, perm, shared)
+    }
+
+    /// As [`BlockBackend::new`] with another name for the edge (a job's edges are
+    /// "main node", "intermediate node", "base", ... as in QEMU).
+    pub fn with_edge_name(
+        graph: &Graph,
+        parent: Parent,
+        edge: &'static str,
+        node: &Arc<Node>,
+        perm: Perm,
+        shared: Perm,
+    ) -> Result<Self> {
+        let root = graph.attach_user(parent, edge, node, perm, shared)?;
         Ok(BlockBackend { root })
     }
 

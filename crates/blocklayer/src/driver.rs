@@ -69,6 +69,17 @@ pub trait Driver: Send + Sync {
         default_child_perm(child.role(), writable, perm, shared)
     }
 
+    /// A blkdebug event that a parent raises on this node before it does the I/O the
+    /// event names (QEMU's `BLKDBG_EVENT(child, ...)`); only blkdebug reacts. Called
+    /// only for nodes whose driver says [`Driver::takes_debug_events`].
+    fn debug_event(&self, _event: &'static str) {}
+
+    /// Whether [`Driver::debug_event`] does anything (checked once, at open, so that
+    /// raising an event on any other node costs one branch).
+    fn takes_debug_events(&self) -> bool {
+        false
+    }
+
     /// Drops the image locks the driver holds on its file (before the image is
     /// reopened with other permissions by a new node of this process).
     fn release_locks(&self) {}

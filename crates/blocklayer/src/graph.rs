@@ -81,6 +81,14 @@ impl Graph {
 
     /// Opens a node (and any inline children) and adds it to the graph.
     pub fn add(&mut self, opts: &BlockdevOptions) -> Result<Arc<Node>> {
+        let node = self.add_implicit(opts)?;
+        self.owned.insert(node.name().to_string());
+        Ok(node)
+    }
+
+    /// As [`Graph::add`] for a node the monitor does not own (the overlay of
+    /// `blockdev-snapshot-sync`): it goes away with its last user.
+    pub fn add_implicit(&mut self, opts: &BlockdevOptions) -> Result<Arc<Node>> {
         self.check_names(opts)?;
         let node = self.open(opts)?;
         if let Err(e) = self.refresh_perms() {
@@ -89,7 +97,6 @@ impl Graph {
             self.remove_unused(&name);
             return Err(e);
         }
-        self.owned.insert(node.name().to_string());
         Ok(node)
     }
 
@@ -326,6 +333,12 @@ impl Graph {
         Ok(drained)
     }
 
+    /// A generated name for a node the user did not name (`#block001`, ...).
+    pub(crate) fn anon_name(&mut self) -> String {
+        self.anon += 1;
+        format!("#block{:03}", self.anon)
+    }
+
     /// Refuses node-names already in the graph, before anything is opened.
     fn check_names(&self, opts: &BlockdevOptions) -> Result<()> {
         if let Some(name) = &opts.common.node_name {
@@ -354,10 +367,7 @@ impl Graph {
         let common = &opts.common;
         let name = match &common.node_name {
             Some(n) => n.clone(),
-            None => {
-                self.anon += 1;
-                format!("#block{:03}", self.anon)
-            }
+            None => self.anon_name(),
         };
         let driver: Box<dyn Driver> = match &opts.driver {
             DriverOptions::File(f) => Box::new(FileDriver::open(f, common, false)?),

@@ -474,8 +474,19 @@ impl Node {
     /// Flushes written data to stable storage (elided if nothing was written since the
     /// last flush).
     async fn flush_inner(&self) -> Result<()> {
+        let primary = if self.debug_events_below() {
+            self.primary_child()
+        } else {
+            None
+        };
+        if let Some(p) = &primary {
+            p.debug_event("flush_to_os");
+        }
         if self.flags().no_flush {
             return Ok(());
+        }
+        if let Some(p) = &primary {
+            p.debug_event("flush_to_disk");
         }
         let gen = self.write_gen.load(Ordering::Acquire);
         if gen == self.flushed_gen.load(Ordering::Acquire) {

@@ -17,6 +17,7 @@ pub mod drivers;
 pub mod edge;
 pub mod error;
 pub mod events;
+pub mod filter;
 pub mod graph;
 pub mod io;
 pub mod limits;

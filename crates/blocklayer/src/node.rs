@@ -89,6 +89,10 @@ pub struct Node {
     write_threshold: AtomicU64,
     /// Requests that went through this node.
     pub stats: IoStats,
+    /// The driver reacts to blkdebug events (see [`Node::debug_event`]).
+    debug_events: bool,
+    /// A child did, when the node was opened: flushes raise events on it.
+    debug_child: bool,
 }
 
 impl std::fmt::Debug for Node {
@@ -104,8 +108,11 @@ impl Node {
     /// Builds a node around an opened driver, merging its children's limits.
     pub fn new(name: String, driver: Box<dyn Driver>, mut flags: NodeFlags) -> Node {
         let mut limits = driver.own_limits();
+        let mut debug_child = false;
+        let debug_events = driver.takes_debug_events();
         for child in driver.children() {
             limits = limits.merge(child.node().limits);
+            debug_child |= child.node().debug_events;
         }
         flags.read_only |= driver.is_read_only();
         Node {
@@ -126,7 +133,38 @@ impl Node {
             bitmap_count: AtomicU32::new(0),
             write_threshold: AtomicU64::new(0),
             stats: IoStats::new(),
+            debug_events,
+            debug_child,
         }
+    }
+
+    /// Whether a child of the node (as opened) takes blkdebug events.
+    #[inline]
+    pub(crate) fn debug_events_below(&self) -> bool {
+        self.debug_child
+    }
+
+    /// Raises a blkdebug event on this node (QEMU's `BLKDBG_EVENT`): a format or
+    /// filter driver calls it on its child before the I/O the event names.
+    #[inline]
+    pub fn debug_event(&self, event: &'static str) {
+        if self.debug_events {
+            self.driver.debug_event(event);
+        }
+    }
+
+    /// The child that holds the node's data (QEMU's primary child): `file`, or the
+    /// filtered child of a filter.
+    pub fn primary_child(&self) -> Option<Arc<Node>> {
+        self.children()
+            .into_iter()
+            .find(|c| {
+                matches!(
+                    c.role(),
+                    crate::edge::Role::File | crate::edge::Role::Filtered
+                )
+            })
+            .map(|c| c.node_arc())
     }
 
     pub fn name(&self) -> &str {

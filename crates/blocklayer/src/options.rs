@@ -1271,6 +1271,11 @@ impl BlockdevOptions {
         Ok(options)
     }
 
+    /// Whether QEMU has a block driver of this name (which vubd may lack).
+    pub fn is_qemu_driver(name: &str) -> bool {
+        QEMU_DRIVERS.contains(&name)
+    }
+
     /// As [`BlockdevOptions::from_qmp`] for one element of a list argument
     /// (`blockdev-reopen`'s `options`): errors name `prefix.key`, and `node-name` is
     /// left for the caller to check.

@@ -113,7 +113,8 @@ impl Graph {
         self.reopen_apply(plans)
     }
 
-    /// Reopens `node` (and its `file` child, where that differs) with `read_only`,
+    /// Reopens `node` (and its `file` child, where that differs and the child is not
+    /// monitor-owned) with `read_only`,
     /// keeping all other options and the children it has now.
     pub(crate) fn reopen_read_only(&mut self, node: &Arc<Node>, read_only: bool) -> Result<()> {
         let mut plans = Vec::new();
@@ -122,7 +123,11 @@ impl Graph {
             .into_iter()
             .find(|c| c.name() == "file")
             .map(|c| c.node_arc());
-        if let Some(f) = file.filter(|f| f.is_read_only() != read_only) {
+        // A file child the monitor added keeps its own options (QEMU reopens only the
+        // children that inherit from the node).
+        if let Some(f) =
+            file.filter(|f| f.is_read_only() != read_only && !self.owned.contains(f.name()))
+        {
             plans.push(self.plan_as_now(&f, read_only)?);
         }
         plans.push(self.plan_as_now(node, read_only)?);

@@ -5,7 +5,7 @@
 use super::{generic, Control, OpResult, DRAIN_TIMEOUT};
 use crate::qmp::wire::QmpError;
 use blocklayer::drivers::file_create::{create_file, FilePrealloc};
-use blocklayer::edge::Parent;
+use blocklayer::edge::{Parent, Role};
 use blocklayer::options::BlockdevOptions;
 use blocklayer::Node;
 use serde_json::{json, Value};
@@ -24,10 +24,6 @@ pub struct SnapshotSync {
 }
 
 impl Control {
-    fn lookup_any(&self, name: &str) -> OpResult<Arc<Node>> {
-        self.graph.lookup(name).map_err(generic)
-    }
-
     /// `blockdev-reopen`: new options for a list of nodes, all applied or none, inside
     /// one drained section (see `blocklayer::reopen`).
     pub fn blockdev_reopen(&mut self, list: &[BlockdevOptions]) -> OpResult<()> {
@@ -46,107 +42,175 @@ impl Control {
         self.graph.reopen_multiple(list).map_err(generic)
     }
 
+    /// QEMU's op blockers for an external snapshot of `node`: a backing node of
+    /// another node, or a node a job uses, is busy.
+    fn snapshot_blocked(node: &Node) -> OpResult<()> {
+        for e in node.parents() {
+            match e.parent() {
+                Parent::Node(p) if e.role() == Role::Backing => {
+                    return Err(QmpError::generic(format!(
+                        "Node '{}' is busy: node is used as backing hd of '{p}'",
+                        node.name()
+                    )))
+                }
+                Parent::Job { kind, .. } => {
+                    return Err(QmpError::generic(format!(
+                        "Node '{}' is busy: block device is in use by block job: {kind}",
+                        node.name()
+                    )))
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     /// `blockdev-snapshot`: `overlay` (a node without backing) goes on top of `node`,
     /// taking its place under every user.
     pub fn blockdev_snapshot(&mut self, node: &str, overlay: &str) -> OpResult<()> {
-        let base = self.lookup_any(node)?;
-        let ov = self.lookup_any(overlay)?;
-        if !ov.parents().is_empty() {
+        let base = self.lookup_device(node)?;
+        Self::snapshot_blocked(&base)?;
+        let ov = self.lookup_device(overlay)?;
+        self.snapshot_onto(&base, &ov)
+    }
+
+    /// Puts `ov` over `base` (the checks QEMU makes on the overlay, then the graph
+    /// change); `base` becomes read-only where it can, as in QEMU.
+    fn snapshot_onto(&mut self, base: &Arc<Node>, ov: &Arc<Node>) -> OpResult<()> {
+        if !ov.parents().is_empty() || Arc::ptr_eq(base, ov) {
             return Err(QmpError::generic("The overlay is already in use"));
+        }
+        Self::snapshot_blocked(ov)?;
+        if ov.backing().is_some() {
+            return Err(QmpError::generic("The overlay already has a backing image"));
         }
         if !ov.driver().supports_backing() {
             return Err(QmpError::generic(
                 "The overlay does not support backing images",
             ));
         }
-        if ov.backing().is_some() {
-            return Err(QmpError::generic("The overlay already has a backing image"));
-        }
-        if Arc::ptr_eq(&base, &ov) {
-            return Err(QmpError::generic("The overlay is already in use"));
-        }
-        let _d = self
+        let drained = self
             .graph
             .drain_all(&[base.clone(), ov.clone()], DRAIN_TIMEOUT)
             .map_err(generic)?;
-        self.graph.set_backing(&ov, Some(&base)).map_err(generic)?;
-        if let Err(e) = self.graph.replace_node(&base, &ov, None) {
-            let _ = self.graph.set_backing(&ov, None);
+        self.graph.set_backing(ov, Some(base)).map_err(generic)?;
+        if let Err(e) = self.graph.replace_node(base, ov, None) {
+            let _ = self.graph.set_backing(ov, None);
             return Err(generic(e));
         }
+        // The old top is only read from now on (QEMU reopens it read-only and goes on
+        // if that fails).
+        if !base.is_read_only() {
+            if let Err(e) = self.graph.reopen(base, false) {
+                log::warn!(
+                    "blockdev-snapshot: node '{}' stays read-write: {e}",
+                    base.name()
+                );
+            }
+        }
+        drop(drained);
+        self.graph.collect_unused();
         Ok(())
     }
 
     /// `blockdev-snapshot-sync`: creates (or, with `mode=existing`, opens) a qcow2
     /// overlay whose header names the node's image as its backing file, and puts it
-    /// on top of the node.
+    /// on top of the node. Checks and texts in QEMU's order.
     pub fn blockdev_snapshot_sync(&mut self, a: SnapshotSync) -> OpResult<()> {
-        let name = match (&a.device, &a.node_name) {
-            (Some(d), _) => d.clone(),
-            (None, Some(n)) => n.clone(),
-            (None, None) => {
-                return Err(QmpError::generic("Cannot find device='' nor node-name=''"))
-            }
+        // A device is a BlockBackend name: vubd's nodes have none, as nodes added
+        // with --blockdev to qemu-storage-daemon.
+        let base = a
+            .node_name
+            .as_deref()
+            .and_then(|n| self.graph.get(n))
+            .ok_or_else(|| {
+                QmpError::generic(format!(
+                    "Cannot find device='{}' nor node-name='{}'",
+                    a.device.as_deref().unwrap_or(""),
+                    a.node_name.as_deref().unwrap_or("")
+                ))
+            })?;
+        Self::snapshot_blocked(&base)?;
+        let Some(ov_name) = a.snapshot_node_name.clone() else {
+            return Err(QmpError::generic("New overlay node-name missing"));
         };
-        let base = self.lookup_any(&name)?;
-        if a.format != "qcow2" {
-            return Err(QmpError::generic(format!(
-                "vubd creates snapshot overlays in the qcow2 format only, not '{}'",
-                a.format
-            )));
-        }
-        if let Some(n) = &a.snapshot_node_name {
-            if self.graph.get(n).is_some() {
-                return Err(QmpError::generic("New snapshot node name already in use"));
-            }
+        if self.graph.get(&ov_name).is_some() {
+            return Err(QmpError::generic("New overlay node-name already in use"));
         }
         let path = Path::new(&a.snapshot_file);
-        if a.existing {
-            if !path.exists() {
-                return Err(QmpError::generic(format!(
-                    "Could not open '{}': No such file or directory",
-                    a.snapshot_file
-                )));
+        if !a.existing {
+            match a.format.as_str() {
+                "qcow2" => {}
+                "raw" => {
+                    return Err(QmpError::generic(
+                        "Backing file not supported for file format 'raw'",
+                    ))
+                }
+                f if BlockdevOptions::is_qemu_driver(f) => {
+                    return Err(QmpError::generic(format!(
+                        "vubd creates snapshot overlays in the qcow2 format only, not '{f}'"
+                    )))
+                }
+                f => return Err(QmpError::generic(format!("Unknown file format '{f}'"))),
             }
-        } else {
-            create_file(path, 0, FilePrealloc::Off).map_err(generic)?;
-            let file = self
-                .graph
-                .add(
-                    &BlockdevOptions::from_json(&json!({
-                        "driver": "file", "filename": a.snapshot_file,
-                    }))
-                    .map_err(generic)?,
-                )
-                .map_err(generic)?;
-            let mut o = qcow::CreateOptions::new(base.size());
-            o.backing_file = Some(base.driver().filename());
-            o.backing_fmt = Some(base.driver_name().to_string());
-            let r = blocklayer::drivers::qcow2::create(file.clone(), None, o).map_err(generic);
-            let fname = file.name().to_string();
-            drop(file);
-            let _ = self.graph.remove(&fname);
-            r?;
+            self.create_overlay(path, &base)?;
+        } else if !path.exists() {
+            return Err(QmpError::generic(format!(
+                "Could not open '{}': No such file or directory",
+                a.snapshot_file
+            )));
         }
-        let mut opts = json!({
-            "driver": "qcow2",
+        if blocklayer::options::coerce::check_node_name("node-name", &ov_name).is_err() {
+            return Err(QmpError::generic(format!("Invalid node-name: '{ov_name}'")));
+        }
+        let opts = json!({
+            "driver": a.format,
+            "node-name": ov_name,
             "file": {"driver": "file", "filename": a.snapshot_file},
             "backing": null,
         });
-        if let Some(n) = &a.snapshot_node_name {
-            opts["node-name"] = json!(n);
-        }
         let ov = self
             .graph
-            .add(&BlockdevOptions::from_json(&opts).map_err(generic)?)
+            .add_implicit(&BlockdevOptions::from_json(&opts).map_err(generic)?)
             .map_err(generic)?;
-        let ov_name = ov.name().to_string();
+        let r = self.snapshot_onto(&base, &ov);
         drop(ov);
-        if let Err(e) = self.blockdev_snapshot(&name, &ov_name) {
-            let _ = self.graph.remove(&ov_name);
-            return Err(e);
-        }
-        Ok(())
+        // An overlay nothing uses (the node had no users) is gone at once, as in QEMU.
+        self.graph.collect_unused();
+        r
+    }
+
+    /// Creates the qcow2 file of a `blockdev-snapshot-sync` overlay, with `base`'s
+    /// image as backing file.
+    fn create_overlay(&mut self, path: &Path, base: &Arc<Node>) -> OpResult<()> {
+        create_file(path, 0, FilePrealloc::Off).map_err(|e| {
+            QmpError::generic(match e {
+                blocklayer::BlockError::Open { source, .. } => {
+                    format!(
+                        "Could not create '{}': {}",
+                        path.display(),
+                        blocklayer::error::strerror(source.raw_os_error().unwrap_or(libc::EIO))
+                    )
+                }
+                e => e.to_string(),
+            })
+        })?;
+        let file = self
+            .graph
+            .add_implicit(
+                &BlockdevOptions::from_json(&json!({
+                    "driver": "file", "filename": path.display().to_string(),
+                }))
+                .map_err(generic)?,
+            )
+            .map_err(generic)?;
+        let mut o = qcow::CreateOptions::new(base.size());
+        o.backing_file = Some(base.driver().filename());
+        o.backing_fmt = Some(base.driver_name().to_string());
+        let r = blocklayer::drivers::qcow2::create(file.clone(), None, o).map_err(generic);
+        drop(file);
+        self.graph.collect_unused();
+        r
     }
 
     /// `change-backing-file`: rewrites the backing file name in the header of
@@ -157,7 +221,7 @@ impl Control {
         image: &str,
         backing_file: &str,
     ) -> OpResult<()> {
-        let root = self.lookup_any(device)?;
+        let root = self.lookup_device(device)?;
         if root
             .parents()
             .iter()
@@ -166,7 +230,9 @@ impl Control {
             return Err(QmpError::generic("Need a root block node"));
         }
         let Some(img) = self.graph.get(image) else {
-            return Err(QmpError::generic("image file not found"));
+            return Err(QmpError::generic(format!(
+                "Cannot find device='' nor node-name='{image}'"
+            )));
         };
         let Some(backing) = img.backing() else {
             return Err(QmpError::generic(

@@ -11,6 +11,7 @@ use crate::jobs::{Cancel, Job, JobCore, JobMsg, Status, Verb};
 use crate::qmp::wire::{ErrorClass, QmpError};
 use blocklayer::aio::uring::block_on;
 use blocklayer::backend::BlockBackend;
+use blocklayer::drivers::job_filter::JobFilterKind;
 use blocklayer::edge::Parent;
 use blocklayer::perm::Perm;
 use blocklayer::Node;
@@ -97,25 +98,34 @@ impl Control {
         Ok(id.clone())
     }
 
+    /// A user of `node` for job `id`, its edge named as QEMU names the job's edges.
     fn job_user(
         &self,
         id: &str,
         kind: &'static str,
+        edge: &'static str,
         node: &Arc<Node>,
         perm: Perm,
         shared: Perm,
     ) -> OpResult<BlockBackend> {
-        BlockBackend::new(
+        BlockBackend::with_edge_name(
             &self.graph,
             Parent::Job {
                 kind,
                 id: id.to_string(),
             },
+            edge,
             node,
             perm,
             shared,
         )
         .map_err(generic)
+    }
+
+    /// A block backend a job opens for itself (QEMU's `s->base`, `s->top`): an
+    /// unnamed user of `node`.
+    fn job_backend(&self, node: &Arc<Node>, perm: Perm, shared: Perm) -> OpResult<BlockBackend> {
+        BlockBackend::new(&self.graph, Parent::Backend(None), node, perm, shared).map_err(generic)
     }
 
     /// Registers a block job and starts its thread.
@@ -206,19 +216,31 @@ impl Control {
             check_busy(n)?;
         }
         let id = self.job_id(&o)?;
-        let blk = self.job_user(&id, "stream", &top, Perm::WRITE_UNCHANGED, Perm::ALL)?;
-        let mut holds = Vec::new();
+        // QEMU's edges: the main node (its copy-on-read filter there), the active
+        // node, whose other users may write, and the intermediate nodes, which no one
+        // may write while their data moves up.
+        let blk = self.job_user(
+            &id,
+            "stream",
+            "main node",
+            &top,
+            Perm::WRITE_UNCHANGED,
+            Perm::ALL,
+        )?;
+        let basic = Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED;
+        let mut holds = vec![self.job_user(
+            &id,
+            "stream",
+            "active node",
+            &top,
+            Perm::NONE,
+            basic | Perm::WRITE,
+        )?];
         for n in layers.iter().skip(1) {
             if base.as_ref().is_some_and(|b| Arc::ptr_eq(b, n)) {
                 break;
             }
-            holds.push(self.job_user(
-                &id,
-                "stream",
-                n,
-                Perm::NONE,
-                Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED | Perm::WRITE | Perm::GRAPH_MOD,
-            )?);
+            holds.push(self.job_user(&id, "stream", "intermediate node", n, Perm::NONE, basic)?);
         }
         // From now on guest writes to the top are serialised against the copies;
         // the drained section makes sure none is in flight untracked.
@@ -227,6 +249,16 @@ impl Control {
             top.serialise_begin();
         }
         let core = Arc::new(JobCore::new(&id, o.speed as u64));
+        // Known before the job's thread runs: a query right after `running` sees it.
+        // (A stream with nothing between the top and the base has nothing to do.)
+        let work = match (top.backing(), &base) {
+            (None, _) => false,
+            (Some(next), Some(b)) => !Arc::ptr_eq(&next, b),
+            (Some(_), None) => true,
+        };
+        if work {
+            core.set_len(top.size());
+        }
         let mut job = Job::new(&id, "stream", core.clone(), true);
         job.auto_finalize = o.auto_finalize;
         job.auto_dismiss = o.auto_dismiss;
@@ -360,48 +392,48 @@ impl Control {
             let _d = self.graph.drain(&base, DRAIN_TIMEOUT).map_err(generic)?;
             base.resize(top.size()).map_err(generic)?;
         }
-        let top_blk = self.job_user(
-            &id,
-            "commit",
-            &top,
-            Perm::CONSISTENT_READ,
-            if active {
-                Perm::ALL
-            } else {
-                Perm::CONSISTENT_READ | Perm::WRITE | Perm::RESIZE | Perm::WRITE_UNCHANGED
-            },
-        )?;
-        let base_blk = self.job_user(
-            &id,
-            "commit",
-            &base,
-            Perm::CONSISTENT_READ | Perm::WRITE | Perm::RESIZE,
-            Perm::CONSISTENT_READ | Perm::GRAPH_MOD | Perm::WRITE_UNCHANGED,
-        )?;
-        let mut holds = Vec::new();
-        for n in below.iter().skip(1) {
-            if Arc::ptr_eq(n, &base) {
-                break;
+        // As QEMU, a filter goes over the top (`commit_top`; `mirror_top` for an
+        // active commit, through which guest writes reach it). It takes no read
+        // permission below, so that the job can refuse other readers of the nodes it
+        // drops from the chain while the chain above still reads through them.
+        let kind = if active {
+            JobFilterKind::MirrorTop
+        } else {
+            JobFilterKind::CommitTop
+        };
+        let filter = {
+            let _d = self.graph.drain(&top, DRAIN_TIMEOUT).map_err(generic)?;
+            self.graph.insert_filter(&top, kind).map_err(generic)?
+        };
+        let users = self.commit_users(&id, &device, &top, &base, &filter, &layers, active);
+        let (top_blk, base_blk, holds) = match users {
+            Ok(u) => u,
+            Err(e) => {
+                self.drop_job_filter(&filter);
+                return Err(e);
             }
-            holds.push(self.job_user(&id, "commit", n, Perm::NONE, Perm::ALL)?);
-        }
-        // The overlay of the top, whose backing the job changes at the end.
+        };
         let overlay = layers
             .iter()
             .position(|n| Arc::ptr_eq(n, &top))
             .and_then(|i| i.checked_sub(1))
             .map(|i| layers[i].clone());
-        if let Some(ov) = &overlay {
-            holds.push(self.job_user(&id, "commit", ov, Perm::NONE, Perm::ALL)?);
-        }
         let core = Arc::new(JobCore::new(&id, o.speed as u64));
+        if !active {
+            core.set_len(top.size());
+        }
         let mut job = Job::new(&id, "commit", core.clone(), true);
         job.auto_finalize = o.auto_finalize;
         job.auto_dismiss = o.auto_dismiss;
         let dirty = if active {
             let bm = Arc::new(blocklayer::bitmap::DirtyBitmap::new(top.size(), 65536));
-            let _d = self.graph.drain(&top, DRAIN_TIMEOUT).map_err(generic)?;
-            top.add_bitmap(bm.clone());
+            match self.graph.drain(&top, DRAIN_TIMEOUT) {
+                Ok(_d) => top.add_bitmap(bm.clone()),
+                Err(e) => {
+                    self.drop_job_filter(&filter);
+                    return Err(generic(e));
+                }
+            }
             Some(bm)
         } else {
             None
@@ -418,9 +450,10 @@ impl Control {
                     .replace_node(&t, &b, None)
                     .map_err(|e| e.to_string())
             }));
-            let t = top.clone();
+            let (t, f) = (top.clone(), filter.clone());
             job.cleanup = Some(Box::new(move |ctl: &mut Control| {
                 t.remove_bitmap(&bm);
+                ctl.drop_job_filter(&f);
                 ctl.graph.collect_unused();
             }));
         } else {
@@ -442,7 +475,10 @@ impl Control {
                     .set_backing(&ov, Some(&b))
                     .map_err(|e| e.to_string())
             }));
-            job.cleanup = Some(Box::new(|ctl: &mut Control| ctl.graph.collect_unused()));
+            job.cleanup = Some(Box::new(move |ctl: &mut Control| {
+                ctl.drop_job_filter(&filter);
+                ctl.graph.collect_unused();
+            }));
         }
         let commit = Commit {
             ctx: JobCtx::new(core, o.on_error, self.tx.clone()),
@@ -452,6 +488,90 @@ impl Control {
             dirty,
         };
         self.start_job(job, move || commit.run())
+    }
+
+    /// The users a commit takes, with QEMU's permissions and edge names: the main
+    /// node (the device; the filter for an active commit, which reads through it),
+    /// a reader of the top, the base written through its own backend, the nodes
+    /// that leave the chain, and the overlay of the top, whose backing changes.
+    #[allow(clippy::too_many_arguments)]
+    fn commit_users(
+        &self,
+        id: &str,
+        device: &Arc<Node>,
+        top: &Arc<Node>,
+        base: &Arc<Node>,
+        filter: &Arc<Node>,
+        layers: &[Arc<Node>],
+        active: bool,
+    ) -> OpResult<(BlockBackend, BlockBackend, Vec<BlockBackend>)> {
+        let mut holds = Vec::new();
+        let top_blk = if active {
+            self.job_user(
+                id,
+                "commit",
+                "main node",
+                filter,
+                Perm::CONSISTENT_READ,
+                Perm::ALL,
+            )?
+        } else {
+            holds.push(self.job_user(id, "commit", "main node", device, Perm::NONE, Perm::ALL)?);
+            self.job_backend(top, Perm::NONE, Perm::ALL)?
+        };
+        let mut shared = Perm::CONSISTENT_READ | Perm::GRAPH_MOD | Perm::WRITE_UNCHANGED;
+        if active {
+            // The base is the backing of the source: its other users may write.
+            shared |= Perm::WRITE;
+        }
+        let base_blk = self.job_backend(
+            base,
+            Perm::CONSISTENT_READ | Perm::WRITE | Perm::RESIZE,
+            shared,
+        )?;
+        holds.push(self.job_user(id, "commit", "base", base, Perm::NONE, Perm::ALL)?);
+        let leaving = top.backing_chain();
+        let first = if active { 1 } else { 0 };
+        for n in leaving.iter().skip(first) {
+            if Arc::ptr_eq(n, base) {
+                break;
+            }
+            holds.push(self.job_user(
+                id,
+                "commit",
+                "intermediate node",
+                n,
+                Perm::NONE,
+                Perm::WRITE_UNCHANGED | Perm::WRITE,
+            )?);
+        }
+        let overlay = layers
+            .iter()
+            .position(|n| Arc::ptr_eq(n, top))
+            .and_then(|i| i.checked_sub(1))
+            .map(|i| layers[i].clone());
+        if let Some(ov) = overlay.filter(|ov| !Arc::ptr_eq(ov, device)) {
+            holds.push(self.job_user(
+                id,
+                "commit",
+                "overlay of top",
+                &ov,
+                Perm::NONE,
+                Perm::ALL,
+            )?);
+        }
+        Ok((top_blk, base_blk, holds))
+    }
+
+    /// Takes a job's filter out of the graph again.
+    pub(super) fn drop_job_filter(&mut self, filter: &Arc<Node>) {
+        let r = self
+            .graph
+            .drain(filter, DRAIN_TIMEOUT)
+            .and_then(|_d| self.graph.remove_filter(filter));
+        if let Err(e) = r {
+            log::error!("removing the job filter '{}': {e}", filter.name());
+        }
     }
 
     /// A message from a job's thread.
@@ -471,23 +591,26 @@ impl Control {
                     _ => {}
                 }
             }
-            JobMsg::ErrorStop { id, read } => {
+            JobMsg::Error {
+                id,
+                read,
+                action,
+                nospace,
+            } => {
                 events.emit(
                     "BLOCK_JOB_ERROR",
-                    Some(json!({"device": id, "operation": if read {"read"} else {"write"}, "action": "stop"})),
+                    Some(json!({"device": id, "operation": if read {"read"} else {"write"}, "action": action})),
                 );
+                if action != "stop" {
+                    return;
+                }
                 if let Some(j) = self.jobs.get_mut(&id) {
                     j.user_paused = true;
+                    j.io_status = if nospace { "nospace" } else { "failed" };
                     if let Some(to) = j.status.paused() {
                         self.jobs.transition(&events, &id, to);
                     }
                 }
-            }
-            JobMsg::ErrorIgnored { id, read } => {
-                events.emit(
-                    "BLOCK_JOB_ERROR",
-                    Some(json!({"device": id, "operation": if read {"read"} else {"write"}, "action": "ignore"})),
-                );
             }
             JobMsg::Done { id, result } => self.job_done(&id, result),
         }

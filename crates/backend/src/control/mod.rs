@@ -229,6 +229,14 @@ impl Control {
     /// then tell their frontends the new capacity.
     pub fn resize(&mut self, name: &str, size: u64) -> OpResult<()> {
         let node = self.graph.lookup(name).map_err(generic)?;
+        // QEMU's op blockers: a backing node, and a node a job uses, may not be
+        // resized. QEMU names the device, which is NULL for a node-name ("(null)").
+        let blocked = node.parents().iter().any(|e| {
+            e.role() == blocklayer::edge::Role::Backing || matches!(e.parent(), Parent::Job { .. })
+        });
+        if blocked {
+            return Err(QmpError::generic("Device '(null)' is in use"));
+        }
         // As QEMU, the resize is a user of the node that takes the resize
         // permission: refused when another user does not share it.
         let _user = BlockBackend::new(

@@ -41,7 +41,7 @@ impl Commit {
         let mut rl = RateLimit::default();
         let size = self.top.node().size();
         let Some(dirty) = self.dirty.clone() else {
-            return ctx.pass(size, &mut rl, |o, l| self.chunk(o, l)).await;
+            return ctx.pass(size, &mut rl, true, |o, l| self.chunk(o, l)).await;
         };
         // Active commit (QEMU's mirror): what the layers above the base hold is dirty
         // from the start, and so is what the guest writes meanwhile; the job copies

@@ -35,11 +35,17 @@ impl CopyError {
         CopyError::new(false, e)
     }
 
+    /// The job's error is the errno's text alone, as QEMU's (`strerror(-ret)`).
     fn new(read: bool, e: BlockError) -> CopyError {
+        let errno = e.errno();
         CopyError {
             read,
-            errno: e.errno(),
-            message: e.to_string(),
+            errno,
+            message: if errno > 0 {
+                blocklayer::error::strerror(errno)
+            } else {
+                e.to_string()
+            },
         }
     }
 }
@@ -71,6 +77,9 @@ pub async fn allocated_above(
     }
     Ok((false, n))
 }
+
+/// How long a job that retries ignored errors waits before it tries again.
+const IGNORED_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// A job's copy buffer: one chunk, allocated once for the job's life (a fresh
 /// buffer per chunk would fault in and zero 512 KiB every time).
@@ -123,30 +132,37 @@ impl JobCtx {
         let _ = self.tx.send(ControlMsg::Job(msg));
     }
 
-    /// What an I/O error does to the job (`on-error`): `Ok(true)` retry the range
-    /// (after a stop and resume), `Ok(false)` skip it, `Err` end the job.
+    /// What an I/O error does to the job (`on-error`, QEMU's
+    /// `block_job_error_action`): BLOCK_JOB_ERROR in every case; then `Ok(true)`
+    /// retry the range (after a stop and resume), `Ok(false)` go on (ignored), `Err`
+    /// end the job with the error (reported).
     pub async fn on_error(&self, e: CopyError) -> Result<bool, String> {
         let id = self.core.id.clone();
-        let read = e.read;
-        let stop = match self.on_error {
-            OnError::Ignore => {
-                self.send(JobMsg::ErrorIgnored { id, read });
-                return Ok(false);
-            }
-            OnError::Stop => true,
-            OnError::Enospc => e.errno == libc::ENOSPC,
-            OnError::Report => false,
+        let (read, nospace) = (e.read, e.errno == libc::ENOSPC);
+        let action = match self.on_error {
+            OnError::Ignore => "ignore",
+            OnError::Stop => "stop",
+            OnError::Enospc if nospace => "stop",
+            OnError::Enospc | OnError::Report => "report",
         };
-        if !stop {
-            return Err(e.message);
+        self.send(JobMsg::Error {
+            id,
+            read,
+            action,
+            nospace,
+        });
+        match action {
+            "ignore" => Ok(false),
+            "report" => Err(e.message),
+            _ => {
+                self.core.set_paused(true);
+                self.core
+                    .pause_point(true)
+                    .await
+                    .map_err(|_| CANCELLED.to_string())?;
+                Ok(true)
+            }
         }
-        self.core.set_paused(true);
-        self.send(JobMsg::ErrorStop { id, read });
-        self.core
-            .pause_point(true)
-            .await
-            .map_err(|_| CANCELLED.to_string())?;
-        Ok(true)
     }
 
     /// Reports the job ready (mirror-like jobs).
@@ -168,6 +184,7 @@ impl JobCtx {
         &self,
         size: u64,
         rl: &mut RateLimit,
+        retry_ignored: bool,
         mut chunk: F,
     ) -> Result<(), String>
     where
@@ -177,6 +194,9 @@ impl JobCtx {
         let core = &self.core;
         core.set_len(size);
         let mut offset = 0;
+        // An ignored error lets the pass go on, and the job still ends with it
+        // (QEMU's stream); `retry_ignored` retries the range instead (its commit).
+        let mut ignored: Option<String> = None;
         while offset < size {
             core.pause_point(false)
                 .await
@@ -185,9 +205,16 @@ impl JobCtx {
             let (n, copied) = match chunk(offset, want).await {
                 Ok(v) => v,
                 Err(e) => {
+                    let message = e.message.clone();
                     if self.on_error(e).await? {
                         continue;
                     }
+                    if retry_ignored {
+                        // Not in a tight loop while the error lasts.
+                        core.sleep(IGNORED_RETRY).await;
+                        continue;
+                    }
+                    ignored.get_or_insert(message);
                     (want, 0)
                 }
             };
@@ -195,6 +222,6 @@ impl JobCtx {
             core.progress(n);
             self.throttle(rl, copied).await;
         }
-        Ok(())
+        ignored.map_or(Ok(()), Err)
     }
 }

@@ -137,10 +137,15 @@ impl Verb {
 pub enum JobMsg {
     /// The job has converged (mirror-like jobs): running -> ready.
     Ready(String),
-    /// An I/O error with `on-error=stop`: the job paused itself.
-    ErrorStop { id: String, read: bool },
-    /// An I/O error the job reports and goes on from (`ignore`).
-    ErrorIgnored { id: String, read: bool },
+    /// An I/O error, and what `on-error` makes of it (BLOCK_JOB_ERROR's `action`:
+    /// `report`, `ignore`, or `stop`, for which the job paused itself).
+    Error {
+        id: String,
+        read: bool,
+        action: &'static str,
+        /// The error was ENOSPC (the job's io-status: nospace rather than failed).
+        nospace: bool,
+    },
     /// The job's work has ended (successfully, failed, or cancelled).
     Done {
         id: String,
@@ -162,6 +167,9 @@ pub struct Job {
     pub auto_finalize: bool,
     pub auto_dismiss: bool,
     pub user_paused: bool,
+    /// QEMU's `BlockDeviceIoStatus` of the job: set when an error stops it, reset
+    /// when it is resumed.
+    pub io_status: &'static str,
     /// The job converged while paused: it becomes ready when resumed.
     pub ready_on_resume: bool,
     pub error: Option<String>,
@@ -181,6 +189,7 @@ impl Job {
             auto_finalize: true,
             auto_dismiss: block,
             user_paused: false,
+            io_status: "ok",
             ready_on_resume: false,
             error: None,
             block,
@@ -204,7 +213,7 @@ impl Job {
             "busy": self.core.is_busy() && matches!(self.status, Status::Running | Status::Ready),
             "paused": self.user_paused,
             "speed": self.core.speed(),
-            "io-status": "ok",
+            "io-status": self.io_status,
             "ready": matches!(self.status, Status::Ready | Status::Standby),
             "status": self.status.name(),
             "auto-finalize": self.auto_finalize,
@@ -373,6 +382,7 @@ impl Jobs {
         }
         let job = self.check_verb(id, Verb::Resume, block)?;
         job.user_paused = false;
+        job.io_status = "ok";
         job.core.set_paused(false);
         if let Some(to) = job.status.resumed() {
             self.transition(events, id, to);

@@ -38,7 +38,9 @@ impl Stream {
         }
         let size = top.size();
         self.ctx
-            .pass(size, &mut RateLimit::default(), |o, l| self.chunk(o, l))
+            .pass(size, &mut RateLimit::default(), false, |o, l| {
+                self.chunk(o, l)
+            })
             .await?;
         drop(self.holds);
         Ok(())

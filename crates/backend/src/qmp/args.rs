@@ -58,6 +58,22 @@ impl Args {
         }
     }
 
+    /// A `uint64` member; QEMU's input visitor answers any other value (a string, a
+    /// negative number) with "expects uint64".
+    pub fn opt_uint(&mut self, name: &str) -> Result<Option<u64>, QmpError> {
+        match self.map.remove(name) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .map(Some)
+                .ok_or_else(|| QmpError::generic(format!("Parameter '{name}' expects uint64"))),
+        }
+    }
+
+    pub fn uint(&mut self, name: &str) -> Result<u64, QmpError> {
+        self.opt_uint(name)?.ok_or_else(|| missing(name))
+    }
+
     pub fn int(&mut self, name: &str) -> Result<i64, QmpError> {
         self.opt_int(name)?.ok_or_else(|| missing(name))
     }

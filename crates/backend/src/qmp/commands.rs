@@ -350,9 +350,9 @@ pub fn execute(ctl: &mut Control, name: &str, arguments: &Value) -> QmpResult {
         }
         "block-set-write-threshold" => {
             let node = a.str("node-name")?;
-            let t = a.int("write-threshold")?;
+            let t = a.uint("write-threshold")?;
             a.finish()?;
-            ctl.set_write_threshold(&node, t.max(0) as u64)?;
+            ctl.set_write_threshold(&node, t)?;
             ok()
         }
         "x-debug-query-block-graph" => {

@@ -2,12 +2,15 @@
 //! that match an `inject-error` rule, so that error handling can be tested
 //! reproducibly. Options are QEMU's.
 //!
-//! A rule applies to a request that raises the rule's event and is of the rule's
-//! `iotype` (default: any but block-status), and, when `sector` is given, covers that
-//! sector. vubd raises these events: reads `read_aio`; writes `write_aio` and
-//! `pwritev`; write-zeroes `pwritev_zero`; flushes `flush_to_os` and `flush_to_disk`.
-//! Discards raise none, so no rule fails them. Rules with `state` apply in state 1
-//! (vubd has no `set-state` rules). A `once` rule is removed after it fired.
+//! As in QEMU, events arm rules and requests check the armed ones: an event that some
+//! rules wait for arms exactly those, until the next such event; a request fails if
+//! an armed rule is of its `iotype` (default: any but block-status) and, when
+//! `sector` is given, covers that sector. Events come from where QEMU raises them:
+//! `read_aio`/`write_aio` from the format or filter above (raw, qcow2) before guest
+//! data I/O, not before metadata I/O; `flush_to_os`/`flush_to_disk` from the parent's
+//! flush; `pwritev`/`pwritev_zero` from blkdebug's own writes and write-zeroes.
+//! Discards check no rule. Rules with `state` apply in state 1 (vubd has no
+//! `set-state` rules). A `once` rule is removed after it fired.
 
 use crate::aio::iovec::IoVec;
 use crate::aio::LocalBoxFuture;
@@ -22,7 +25,14 @@ pub struct BlkdebugDriver {
     image: Arc<Edge>,
     align: Option<u32>,
     max_transfer: Option<u32>,
-    rules: Mutex<Vec<InjectErrorOptions>>,
+    rules: Mutex<Rules>,
+}
+
+/// The `inject-error` rules, and which of them the last event that had any armed.
+struct Rules {
+    all: Vec<InjectErrorOptions>,
+    /// Parallel to `all`.
+    active: Vec<bool>,
 }
 
 /// The state blkdebug is in (it starts in 1 and vubd has no rules that change it).
@@ -34,23 +44,32 @@ impl BlkdebugDriver {
             image,
             align: opts.align,
             max_transfer: opts.max_transfer,
-            rules: Mutex::new(opts.inject_error.clone()),
+            rules: Mutex::new(Rules {
+                active: vec![false; opts.inject_error.len()],
+                all: opts.inject_error.clone(),
+            }),
         }
     }
 
-    /// Fails the request if a rule matches it.
-    fn check(
-        &self,
-        kind: BlkdebugIoType,
-        events: &[&str],
-        op: &'static str,
-        offset: u64,
-        len: u64,
-    ) -> Result<()> {
+    /// An event: if rules wait for it, they (and only they) are armed from now on,
+    /// until the next such event (QEMU's `blkdebug_debug_event`).
+    fn event(&self, event: &str) {
         let mut rules = self.rules.lock().unwrap_or_else(|p| p.into_inner());
-        let hit = rules.iter().position(|r| {
-            events.contains(&r.event.as_str())
-                && r.state.is_none_or(|s| s == STATE)
+        let Rules { all, active } = &mut *rules;
+        let hit = |r: &InjectErrorOptions| r.event == event && r.state.is_none_or(|s| s == STATE);
+        if all.iter().any(hit) {
+            for (r, a) in all.iter().zip(active.iter_mut()) {
+                *a = hit(r);
+            }
+        }
+    }
+
+    /// Fails the request if an armed rule matches it (QEMU's `rule_check`).
+    fn check(&self, kind: BlkdebugIoType, op: &'static str, offset: u64, len: u64) -> Result<()> {
+        let mut rules = self.rules.lock().unwrap_or_else(|p| p.into_inner());
+        let Rules { all, active } = &mut *rules;
+        let hit = all.iter().zip(active.iter()).position(|(r, &armed)| {
+            armed
                 && r.iotype
                     .map_or(kind != BlkdebugIoType::BlockStatus, |t| t == kind)
                 && (r.sector < 0 || {
@@ -61,9 +80,10 @@ impl BlkdebugDriver {
         let Some(i) = hit else {
             return Ok(());
         };
-        let errno = rules[i].errno;
-        if rules[i].once {
-            rules.remove(i);
+        let errno = all[i].errno;
+        if all[i].once {
+            all.remove(i);
+            active.remove(i);
         }
         log::debug!("blkdebug: failing {op} at {offset}+{len} with errno {errno}");
         Err(BlockError::io(op, std::io::Error::from_raw_os_error(errno)))
@@ -94,6 +114,14 @@ impl Driver for BlkdebugDriver {
         vec![self.image.clone()]
     }
 
+    fn debug_event(&self, event: &'static str) {
+        self.event(event);
+    }
+
+    fn takes_debug_events(&self) -> bool {
+        true
+    }
+
     fn supports_fua(&self) -> bool {
         true
     }
@@ -116,39 +144,23 @@ impl Driver for BlkdebugDriver {
 
     fn read<'a>(&'a self, offset: u64, iov: IoVec) -> LocalBoxFuture<'a, Result<()>> {
         Box::pin(async move {
-            self.check(
-                BlkdebugIoType::Read,
-                &["read_aio"],
-                "read",
-                offset,
-                iov.len(),
-            )?;
+            self.check(BlkdebugIoType::Read, "read", offset, iov.len())?;
             self.image.node().read(offset, iov).await
         })
     }
 
     fn write<'a>(&'a self, offset: u64, iov: IoVec, fua: bool) -> LocalBoxFuture<'a, Result<()>> {
         Box::pin(async move {
-            self.check(
-                BlkdebugIoType::Write,
-                &["write_aio", "pwritev"],
-                "write",
-                offset,
-                iov.len(),
-            )?;
+            // Raised on every node's own write path in QEMU.
+            self.event("pwritev");
+            self.check(BlkdebugIoType::Write, "write", offset, iov.len())?;
             self.image.node().write(offset, iov, fua).await
         })
     }
 
     fn flush(&self) -> LocalBoxFuture<'_, Result<()>> {
         Box::pin(async move {
-            self.check(
-                BlkdebugIoType::Flush,
-                &["flush_to_os", "flush_to_disk"],
-                "flush",
-                0,
-                0,
-            )?;
+            self.check(BlkdebugIoType::Flush, "flush", 0, 0)?;
             self.image.node().flush().await
         })
     }
@@ -168,13 +180,8 @@ impl Driver for BlkdebugDriver {
         may_unmap: bool,
     ) -> LocalBoxFuture<'_, Result<()>> {
         Box::pin(async move {
-            self.check(
-                BlkdebugIoType::WriteZeroes,
-                &["pwritev_zero"],
-                "write zeroes",
-                offset,
-                len,
-            )?;
+            self.event("pwritev_zero");
+            self.check(BlkdebugIoType::WriteZeroes, "write zeroes", offset, len)?;
             self.image
                 .node()
                 .write_zeroes(offset, len, may_unmap, false)

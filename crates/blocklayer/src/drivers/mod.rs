@@ -4,6 +4,7 @@
 pub mod blkdebug;
 pub mod file;
 pub mod file_create;
+pub mod job_filter;
 pub mod lock;
 pub mod null;
 pub mod qcow2;

@@ -303,6 +303,7 @@ impl Qcow2Driver {
             .allocate(offset, iov.len(), &backing)
             .await
             .map_err(|e| self.io_error(e))?;
+        self.file.debug_event("write_aio");
         for r in alloc.ranges() {
             let part = iov.slice(r.guest_offset - offset, r.len);
             if let Err(e) = self.image.data_io().write(r.host_offset, part).await {
@@ -386,6 +387,7 @@ impl Qcow2Driver {
             let part = iov.slice(e.offset - offset, e.len);
             match e.kind {
                 ExtentKind::Data { host_offset } => {
+                    self.file.debug_event("read_aio");
                     self.data_node().read(host_offset, part).await?
                 }
                 ExtentKind::Zero => part.fill_zero(),
@@ -589,7 +591,10 @@ impl Driver for Qcow2Driver {
                         ..
                     }],
                     _,
-                ) => return Box::pin(self.data_node().read(*host_offset, iov)),
+                ) => {
+                    self.file.debug_event("read_aio");
+                    return Box::pin(self.data_node().read(*host_offset, iov));
+                }
                 // Unallocated within the backing node: the backing node's read.
                 (
                     [Extent {

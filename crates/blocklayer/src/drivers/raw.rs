@@ -76,11 +76,19 @@ impl Driver for RawDriver {
     }
 
     fn read<'a>(&'a self, offset: u64, iov: IoVec) -> LocalBoxFuture<'a, Result<()>> {
-        Box::pin(async move { self.file.node().read(self.offset + offset, iov).await })
+        Box::pin(async move {
+            let file = self.file.node();
+            file.debug_event("read_aio");
+            file.read(self.offset + offset, iov).await
+        })
     }
 
     fn write<'a>(&'a self, offset: u64, iov: IoVec, fua: bool) -> LocalBoxFuture<'a, Result<()>> {
-        Box::pin(async move { self.file.node().write(self.offset + offset, iov, fua).await })
+        Box::pin(async move {
+            let file = self.file.node();
+            file.debug_event("write_aio");
+            file.write(self.offset + offset, iov, fua).await
+        })
     }
 
     fn flush(&self) -> LocalBoxFuture<'_, Result<()>> {

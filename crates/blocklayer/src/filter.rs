@@ -1,0 +1,54 @@
+//! Filters inserted above a node and removed again (QEMU's `bdrv_insert_node` and
+//! `bdrv_drop_filter`), for the filters block jobs put over the nodes they work on.
+
+use crate::drivers::job_filter::{JobFilter, JobFilterKind};
+use crate::edge::{Edge, Role};
+use crate::error::{BlockError, Result};
+use crate::graph::Graph;
+use crate::node::{Node, NodeFlags};
+use crate::options::DetectZeroes;
+use std::sync::Arc;
+
+impl Graph {
+    /// Puts a new implicit filter node above `node`: every user of `node` uses the
+    /// filter instead, and the filter uses `node` as its `backing` child. The caller
+    /// has drained `node`; refused, with nothing changed, on a permission conflict.
+    pub fn insert_filter(&mut self, node: &Arc<Node>, kind: JobFilterKind) -> Result<Arc<Node>> {
+        let name = self.anon_name();
+        let edge = Edge::child_of(&name, "backing", Role::Filtered, node);
+        let flags = NodeFlags {
+            read_only: node.is_read_only(),
+            // Discards and zeroes go down as they come: the child applies its policy.
+            discard_unmap: true,
+            detect_zeroes: DetectZeroes::Off,
+            no_flush: false,
+            cache_direct: false,
+        };
+        let filter = Arc::new(Node::new(
+            name.clone(),
+            Box::new(JobFilter::new(kind, edge)),
+            flags,
+        ));
+        self.nodes.insert(name.clone(), filter.clone());
+        if let Err(e) = self.replace_node(node, &filter, None) {
+            self.nodes.remove(&name);
+            return Err(e);
+        }
+        Ok(filter)
+    }
+
+    /// Takes a filter out again: its users use its child. The caller has drained
+    /// both.
+    pub fn remove_filter(&mut self, filter: &Arc<Node>) -> Result<()> {
+        let Some(child) = filter.children().first().map(|c| c.node_arc()) else {
+            return Err(BlockError::Graph(format!(
+                "Node '{}' is not a filter",
+                filter.name()
+            )));
+        };
+        self.replace_node(filter, &child, None)?;
+        self.nodes.remove(filter.name());
+        self.options.remove(filter.name());
+        Ok(())
+    }
+}
