@@ -1079,8 +1079,8 @@ mod tests {
             (
                 json!({"driver": "nbd"}),
                 "Invalid parameter value for 'driver': driver 'nbd' is not supported by \
-                 vubd yet (vubd has file, host_device, raw, null-co, null-aio, blkdebug and \
-                 qcow2)",
+                 vubd yet (vubd has file, host_device, raw, null-co, null-aio, blkdebug, \
+                 qcow2 and copy-on-read)",
             ),
             (
                 json!({"driver": "null-co", "node-name": "0bad"}),

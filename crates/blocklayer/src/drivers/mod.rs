@@ -4,10 +4,11 @@
 //! a new folder and one row here.
 //!
 //! Protocols: `file`/`host_device`, `null-co`/`null-aio`; formats: `raw`, `qcow2`;
-//! filters: `blkdebug`. [`lock`] is QEMU's image locking of host
+//! filters: `blkdebug`, `copy-on-read`. [`lock`] is QEMU's image locking of host
 //! files, which `file` and the image tools share.
 
 pub mod blkdebug;
+pub mod copy_on_read;
 pub mod file;
 pub mod lock;
 pub mod null;
@@ -16,11 +17,12 @@ pub mod raw;
 
 use crate::edge::{Edge, Role};
 use crate::error::{BlockError, Result};
-use crate::graph::Graph;
+use crate::graph::{Drained, Graph};
 use crate::node::Node;
 use crate::options::coerce::Fields;
 use crate::options::{self, BlockdevOptions, BlockdevRef, CommonOptions, DriverOptions};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// What a driver is to the graph (QEMU: protocol drivers, formats, and filters, whose
 /// one child holds the same data as the node).
@@ -68,6 +70,7 @@ pub static DRIVERS: &[DriverEntry] = &[
     null::ENTRY,
     blkdebug::ENTRY,
     qcow2::ENTRY,
+    copy_on_read::ENTRY,
 ];
 
 /// The table row for the driver name `name`, and the name as the table spells it.
@@ -160,6 +163,11 @@ impl<'a> OpenCtx<'a> {
     /// The node `node_name` of the graph, if it exists.
     pub fn lookup(&self, node_name: &str) -> Option<Arc<Node>> {
         self.graph.get(node_name)
+    }
+
+    /// Opens a drained section on `node` (see [`Graph::drain`]).
+    pub fn drain(&self, node: &Arc<Node>, timeout: Duration) -> Result<Drained> {
+        self.graph.drain(node, timeout)
     }
 
     /// Drops `child` again if `r` opened it inline (the node that wanted it failed to
