@@ -254,3 +254,110 @@ impl Driver for CorDriver {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::PASSTHROUGH;
+    use crate::edge::Parent;
+    use crate::graph::Graph;
+    use crate::node::Node;
+    use crate::options::BlockdevOptions;
+    use crate::perm::Perm;
+    use serde_json::{json, Value};
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+
+    fn add(g: &mut Graph, v: Value) -> crate::Result<Arc<Node>> {
+        g.add(&BlockdevOptions::from_json(&v).unwrap())
+    }
+
+    fn err(g: &mut Graph, v: Value) -> String {
+        add(g, v).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn permissions_as_qemus_cor_child_perm() {
+        let mut g = Graph::new();
+        let n = add(&mut g, json!({"driver": "null-co", "node-name": "n"})).unwrap();
+        let c = add(
+            &mut g,
+            json!({"driver": "copy-on-read", "node-name": "c", "file": "n"}),
+        )
+        .unwrap();
+        let edge = c.children().remove(0);
+        assert_eq!(
+            (edge.perm(), edge.shared()),
+            (Perm::WRITE_UNCHANGED, Perm::ALL)
+        );
+        // A user that writes: passed through, write-unchanged added.
+        let rw = Perm::CONSISTENT_READ | Perm::WRITE;
+        let user = g
+            .attach_user(Parent::Backend(None), "root", &c, rw, Perm::ALL)
+            .unwrap();
+        assert_eq!(edge.perm(), rw | Perm::WRITE_UNCHANGED);
+        drop(user);
+        // A user that lets nobody else write: the filter unshares write on its child.
+        let _reader = g
+            .attach_user(
+                Parent::Backend(None),
+                "root",
+                &c,
+                Perm::CONSISTENT_READ,
+                Perm::CONSISTENT_READ,
+            )
+            .unwrap();
+        assert_eq!(
+            edge.shared(),
+            Perm::CONSISTENT_READ | (Perm::ALL & !PASSTHROUGH)
+        );
+        let e = g
+            .attach_user(Parent::Backend(None), "root", &n, rw, Perm::ALL)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "Permission conflict on node 'n': permissions 'write' are both required by an \
+             unnamed block device (uses node 'n' as 'root' child) and unshared by node 'c' \
+             (uses node 'n' as 'file' child)."
+        );
+    }
+
+    #[test]
+    fn bottom_checks_and_write_serialisation_for_the_filters_life() {
+        let mut g = Graph::new();
+        let n = add(&mut g, json!({"driver": "null-co", "node-name": "n"})).unwrap();
+        add(&mut g, json!({"driver": "null-co", "node-name": "m"})).unwrap();
+        add(
+            &mut g,
+            json!({"driver": "null-co", "node-name": "ro", "read-only": true}),
+        )
+        .unwrap();
+        let cor = |bottom: &str| json!({"driver": "copy-on-read", "node-name": "c", "file": "n", "bottom": bottom});
+        assert_eq!(err(&mut g, cor("nosuch")), "Bottom node 'nosuch' not found");
+        assert_eq!(
+            err(&mut g, cor("m")),
+            "Bottom node 'm' is not in the backing chain of node 'n'"
+        );
+        assert_eq!(
+            err(
+                &mut g,
+                json!({"driver": "copy-on-read", "node-name": "c", "file": "ro"})
+            ),
+            "Block node is read-only"
+        );
+        assert_eq!(n.serialising.load(Ordering::SeqCst), 0);
+        add(&mut g, cor("n")).unwrap();
+        assert_eq!(
+            err(
+                &mut g,
+                json!({"driver": "copy-on-read", "node-name": "c2", "file": "c",
+                       "bottom": "c"})
+            ),
+            "Bottom node 'c' is a filter"
+        );
+        assert_eq!(n.serialising.load(Ordering::SeqCst), 1);
+        g.remove("c").unwrap();
+        assert_eq!(n.serialising.load(Ordering::SeqCst), 0);
+        assert!(g.get("c2").is_none());
+    }
+}
