@@ -59,8 +59,9 @@ fn make_chain(dir: &TempDir) -> Chain {
 }
 
 /// Serves the chain (every layer a named node) through `copy-on-read` over top,
-/// with `bottom` if given, as a writable export.
-fn serve(dir: &TempDir, c: &Chain, bottom: Option<&str>) -> (Daemon, Client) {
+/// with `bottom` if given, as a writable export; `top_extra` is appended to the
+/// options of top's file node.
+fn serve(dir: &TempDir, c: &Chain, bottom: Option<&str>, top_extra: &str) -> (Daemon, Client) {
     let sock = dir.join("cor.sock");
     let bottom = bottom.map(|b| format!(",bottom={b}")).unwrap_or_default();
     let args = DaemonArgs::new()
@@ -75,7 +76,7 @@ fn serve(dir: &TempDir, c: &Chain, bottom: Option<&str>) -> (Daemon, Client) {
         ))
         .blockdev("driver=qcow2,node-name=mid,file=mid-f,read-only=on,backing=base")
         .blockdev(&format!(
-            "driver=file,node-name=top-f,filename={}",
+            "driver=file,node-name=top-f,filename={}{top_extra}",
             c.top.display()
         ))
         .blockdev("driver=qcow2,node-name=top,file=top-f,backing=mid")
@@ -152,12 +153,12 @@ fn check_image(dir: &TempDir, img: &Path, model: &[u8]) {
 }
 
 /// Reads everything through the filter (twice), stops vubd and checks the images.
-fn read_through(dir: &TempDir, c: &Chain, bottom: Option<&str>) {
+fn read_through(dir: &TempDir, c: &Chain, bottom: Option<&str>, top_extra: &str) {
     let lower = (
         std::fs::read(&c.base).unwrap(),
         std::fs::read(&c.mid).unwrap(),
     );
-    let (mut daemon, mut client) = serve(dir, c, bottom);
+    let (mut daemon, mut client) = serve(dir, c, bottom, top_extra);
     assert_same_data(
         "read through copy-on-read",
         &read_all(&mut client),
@@ -183,7 +184,16 @@ fn reads_copy_the_chain_into_top() {
     let dir = TempDir::new("vubd-cor-all");
     let c = make_chain(&dir);
     assert_eq!(depths(&c.top, 0, 2 * MIB), BTreeSet::from([2]));
-    read_through(&dir, &c, None);
+    read_through(&dir, &c, None, "");
+    assert_eq!(depths(&c.top, 0, SIZE), BTreeSet::from([0]));
+}
+
+/// The same with O_DIRECT on top's file: copies respect its request alignment.
+#[test]
+fn reads_copy_the_chain_into_top_with_direct_io() {
+    let dir = TempDir::new("vubd-cor-direct");
+    let c = make_chain(&dir);
+    read_through(&dir, &c, None, ",cache.direct=on");
     assert_eq!(depths(&c.top, 0, SIZE), BTreeSet::from([0]));
 }
 
@@ -191,7 +201,7 @@ fn reads_copy_the_chain_into_top() {
 fn bottom_limits_the_copy_to_the_layers_down_to_it() {
     let dir = TempDir::new("vubd-cor-bottom");
     let c = make_chain(&dir);
-    read_through(&dir, &c, Some("mid"));
+    read_through(&dir, &c, Some("mid"), "");
     // From mid and top: in top now; from base (below the bottom): still in base.
     assert_eq!(depths(&c.top, 2 * MIB, MIB), BTreeSet::from([0]));
     assert_eq!(depths(&c.top, 5 * MIB, 512 * KIB), BTreeSet::from([0]));
@@ -216,7 +226,7 @@ fn bottom_limits_the_copy_to_the_layers_down_to_it() {
 fn copies_never_overwrite_concurrent_writes() {
     let dir = TempDir::new("vubd-cor-race");
     let mut c = make_chain(&dir);
-    let (mut daemon, mut client) = serve(&dir, &c, None);
+    let (mut daemon, mut client) = serve(&dir, &c, None, "");
     let mut rng = Rng::new("cor-race");
     let len = 64 * KIB;
     let n = len as usize;
