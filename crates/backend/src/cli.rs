@@ -190,7 +190,8 @@ fn not_supported(option: &str) -> ConfigError {
 mod tests {
     use super::*;
     use crate::config::{ExportConfig, IoThreadConfig, ObjectConfig};
-    use blocklayer::options::{BlockdevOptions, DriverOptions};
+    use blocklayer::drivers::{null::NullOptions, raw::RawOptions};
+    use blocklayer::options::BlockdevOptions;
     use std::path::Path;
 
     fn args(line: &str) -> Vec<String> {
@@ -257,7 +258,10 @@ logical-block-size=512,serial=disk0";
         assert_eq!(keyval.objects, vec![iothread("io0"), iothread("io1")]);
         assert_eq!(keyval.blockdevs.len(), 2);
         assert!(keyval.blockdevs[0].common.cache_direct);
-        assert!(matches!(keyval.blockdevs[1].driver, DriverOptions::Raw(_)));
+        assert!(keyval.blockdevs[1]
+            .driver
+            .downcast_ref::<RawOptions>()
+            .is_some());
         assert_eq!(
             keyval.exports,
             vec![ExportConfig {
@@ -630,7 +634,7 @@ addr.path=/tmp/vubd.sock,writable=on,iothread=io0",
             "--config".into(),
             configs_dir().join("null.toml").display().to_string(),
         ]);
-        let DriverOptions::Null(options) = &null.blockdevs[0].driver else {
+        let Some(options) = null.blockdevs[0].driver.downcast_ref::<NullOptions>() else {
             panic!("{null:?}");
         };
         assert_eq!(options.size, 1 << 30);

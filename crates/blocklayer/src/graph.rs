@@ -2,30 +2,17 @@
 //! (children given inline or by reference, as QEMU accepts), removing them, and the
 //! node information `query-named-block-nodes` reports.
 
-use crate::driver::Driver;
-use crate::drivers::{
-    blkdebug::BlkdebugDriver,
-    file::FileDriver,
-    null::NullDriver,
-    qcow2::{Qcow2Driver, Qcow2DriverOptions},
-    raw::RawDriver,
-};
+use crate::drivers::OpenCtx;
 use crate::edge::{Edge, Parent, Role};
 use crate::error::{BlockError, Result};
 use crate::node::{Node, NodeFlags};
-use crate::options::{
-    BackingRef, BlockdevOptions, BlockdevRef, CommonOptions, DetectZeroes, DiscardMode,
-    DriverOptions, Qcow2Options,
-};
+use crate::options::{BlockdevOptions, BlockdevRef, DetectZeroes, DiscardMode};
 use crate::perm::Perm;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// QEMU's default `cache-clean-interval` on Linux, in seconds.
-pub const DEFAULT_CACHE_CLEAN_INTERVAL: u64 = 600;
 
 /// The longest backing chain opened from image headers.
 pub const MAX_BACKING_DEPTH: usize = 16;
@@ -356,7 +343,7 @@ impl Graph {
         Ok(())
     }
 
-    fn child(&mut self, r: &BlockdevRef) -> Result<Arc<Node>> {
+    pub(crate) fn child(&mut self, r: &BlockdevRef) -> Result<Arc<Node>> {
         match r {
             BlockdevRef::Reference(name) => self.lookup(name),
             BlockdevRef::Inline(opts) => self.open(opts),
@@ -369,44 +356,7 @@ impl Graph {
             Some(n) => n.clone(),
             None => self.anon_name(),
         };
-        let driver: Box<dyn Driver> = match &opts.driver {
-            DriverOptions::File(f) => Box::new(FileDriver::open(f, common, false)?),
-            DriverOptions::HostDevice(f) => Box::new(FileDriver::open(f, common, true)?),
-            DriverOptions::Null(n) => Box::new(NullDriver::new(n.clone())),
-            DriverOptions::Blkdebug(b) => {
-                let image = self.child(&b.image)?;
-                let edge = Edge::child_of(&name, "image", Role::Filtered, &image);
-                Box::new(BlkdebugDriver::new(edge, b))
-            }
-            DriverOptions::Qcow2(q) => {
-                let mut drv = self.open_qcow2(q, common, &name)?;
-                drv.set_node_name(&name);
-                Box::new(drv)
-            }
-            DriverOptions::Raw(r) => {
-                let file = self.child(&r.file)?;
-                let raw = (|| {
-                    if !common.read_only && file.is_read_only() {
-                        return Err(BlockError::Graph(format!(
-                            "Node '{}' is read-only: open the raw node with read-only=on",
-                            file.name()
-                        )));
-                    }
-                    let edge = Edge::child_of(&name, "file", Role::Filtered, &file);
-                    RawDriver::new(edge, r.offset, r.size)
-                })();
-                match raw {
-                    Ok(raw) => Box::new(raw),
-                    Err(e) => {
-                        // An inline child opened for this node goes with it.
-                        if matches!(r.file, BlockdevRef::Inline(_)) {
-                            self.remove_unused(file.name());
-                        }
-                        return Err(e);
-                    }
-                }
-            }
-        };
+        let driver = opts.driver.open(&mut OpenCtx::new(self, &name, common))?;
         let flags = NodeFlags {
             read_only: common.read_only,
             discard_unmap: common.discard == DiscardMode::Unmap,
@@ -422,81 +372,10 @@ impl Graph {
         Ok(node)
     }
 
-    fn open_qcow2(
-        &mut self,
-        q: &Qcow2Options,
-        common: &CommonOptions,
-        name: &str,
-    ) -> Result<Qcow2Driver> {
-        let file = self.child(&q.file)?;
-        if !common.read_only && file.is_read_only() {
-            return Err(BlockError::Graph(format!(
-                "Node '{}' is read-only: open the qcow2 node with read-only=on",
-                file.name()
-            )));
-        }
-        let opts = qcow::OpenOptions {
-            writable: !common.read_only,
-            l2_cache_size: q.l2_cache_size.or(q.cache_size),
-            refcount_cache_size: q.refcount_cache_size,
-            lazy_refcounts: q.lazy_refcounts,
-            pass_discard_snapshot: q.pass_discard_snapshot,
-            pass_discard_other: q.pass_discard_other,
-            ..qcow::OpenOptions::read_only()
-        };
-        let pass_discard = q
-            .pass_discard_request
-            .unwrap_or(common.discard == DiscardMode::Unmap);
-        let data = match &q.data_file {
-            Some(r) => Some(self.child(r)?),
-            None => match Qcow2Driver::header_data_file(&file)? {
-                None => None,
-                Some(name) => {
-                    let image = file.driver().filename();
-                    let path = match Path::new(&image).parent() {
-                        Some(dir) if Path::new(&name).is_relative() => dir.join(&name),
-                        _ => PathBuf::from(&name),
-                    };
-                    let opts = BlockdevOptions::from_json(&json!({
-                        "driver": "file",
-                        "filename": path.display().to_string(),
-                        "read-only": common.read_only,
-                    }))?;
-                    Some(self.open(&opts)?)
-                }
-            },
-        };
-        let driver_opts = Qcow2DriverOptions {
-            pass_discard,
-            cache_clean_interval: Duration::from_secs(
-                q.cache_clean_interval
-                    .unwrap_or(DEFAULT_CACHE_CLEAN_INTERVAL),
-            ),
-        };
-        let file_edge = Edge::child_of(name, "file", Role::File, &file);
-        let data_edge = data.map(|d| Edge::child_of(name, "data-file", Role::DataFile, &d));
-        let drv = Qcow2Driver::open(file_edge, data_edge, opts, driver_opts)?;
-        let backing = match &q.backing {
-            BackingRef::None => None,
-            BackingRef::Node(r) => Some(self.child(r)?),
-            BackingRef::FromHeader => match drv.header_backing() {
-                (None, _) => None,
-                (Some(name), fmt) => {
-                    let image = file.driver().filename();
-                    Some(self.open_backing_file(&image, &name, fmt.as_deref())?)
-                }
-            },
-        };
-        if let Some(b) = backing {
-            drv.set_backing(Some(Edge::child_of(name, "backing", Role::Backing, &b)))?;
-        }
-        Ok(drv)
-    }
-
     /// Opens the backing file a qcow2 header names (relative to the image's own
     /// directory), read-only, with the format the header gives or probed; the chain
     /// is at most [`MAX_BACKING_DEPTH`] deep and may not loop.
-    fn open_backing_file(
+    pub(crate) fn open_backing_file(
         &mut self,
         image: &str,
         name: &str,
@@ -620,7 +499,7 @@ impl Graph {
 
     /// Drops `name` and then each of its children that is neither monitor-owned nor
     /// used by another node.
-    fn remove_unused(&mut self, name: &str) {
+    pub(crate) fn remove_unused(&mut self, name: &str) {
         let Some(node) = self.nodes.remove(name) else {
             return;
         };

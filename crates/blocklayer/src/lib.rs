@@ -3,7 +3,8 @@
 //! - [`aio`]: the iothread machinery (executor, io_uring engine, I/O vectors)
 //! - [`node`], [`driver`], [`limits`]: nodes, the driver interface, merged limits
 //! - [`io`]: the generic request path every node goes through
-//! - [`drivers`]: `file`/`host_device`, `raw`, `null-co`
+//! - [`drivers`]: the driver table and one folder per driver (`file`/`host_device`,
+//!   `raw`, `null-co`, `qcow2`, `blkdebug`, `copy-on-read`)
 //! - [`graph`]: node-names and opening nodes from [`options`]; [`reopen`]: new options
 //!   for open nodes
 //! - [`periodic`]: the housekeeping thread for periodic driver tasks

@@ -1,13 +1,20 @@
-//! Typed blockdev options, QEMU's `BlockdevOptions` reduced to the drivers vubd has.
+//! Typed blockdev options, QEMU's `BlockdevOptions`: what every driver takes
+//! ([`CommonOptions`]), children ([`BlockdevRef`], [`BackingRef`]), the value coercion
+//! all parsing shares ([`coerce`]), and [`BlockdevOptions`] itself. Each driver's own
+//! options live in its folder under `drivers/` and are found through the driver table
+//! ([`crate::drivers::DRIVERS`]).
 //!
-//! The command line (`--blockdev`), the TOML file and (later) QMP `blockdev-add` all
-//! produce a `serde_json::Value` in QEMU's shape; [`BlockdevOptions::from_json`] turns it
-//! into these types. Values may be native JSON types or strings (the key=value syntax
+//! The command line (`--blockdev`), the TOML file and QMP `blockdev-add` all produce a
+//! `serde_json::Value` in QEMU's shape; [`BlockdevOptions::from_json`] turns it into
+//! these types. Values may be native JSON types or strings (the key=value syntax
 //! yields strings only), as QEMU's keyval input visitor accepts.
 
+use crate::driver::Driver;
+use crate::drivers::{self, OpenCtx};
 use coerce::Fields;
 use serde_json::{json, Map, Value};
-use std::path::PathBuf;
+use std::any::Any;
+use std::fmt::Debug;
 
 /// Error parsing blockdev options; the message names the offending parameter the way
 /// QEMU does ("Parameter 'x' is unexpected", "Parameter 'size' expects a size").
@@ -54,24 +61,6 @@ pub enum DetectZeroes {
     Unmap,
 }
 
-/// `locking=auto|on|off`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum LockingMode {
-    #[default]
-    Auto,
-    On,
-    Off,
-}
-
-/// `aio=threads|native|io_uring`: accepted for compatibility; vubd always uses io_uring.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum AioMode {
-    Threads,
-    Native,
-    #[default]
-    IoUring,
-}
-
 /// Options every driver takes (QEMU's BlockdevOptions base).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct CommonOptions {
@@ -100,79 +89,6 @@ pub enum BlockdevRef {
     Inline(Box<BlockdevOptions>),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FileOptions {
-    pub filename: PathBuf,
-    /// `aio`
-    pub aio: AioMode,
-    /// `locking`
-    pub locking: LockingMode,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct RawOptions {
-    pub file: BlockdevRef,
-    /// `offset` in bytes (default 0)
-    pub offset: u64,
-    /// `size` in bytes (default: the rest of the child)
-    pub size: Option<u64>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NullOptions {
-    /// `size` in bytes (QEMU's default is 1 GiB)
-    pub size: u64,
-    /// `read-zeroes` (QEMU's default is off: reads leave the buffer as it is)
-    pub read_zeroes: bool,
-    /// `latency-ns`
-    pub latency_ns: u64,
-    /// Opened as `null-aio` (the same driver; only the name differs).
-    pub aio: bool,
-}
-
-/// The request kinds a blkdebug rule applies to (QEMU's `BlkdebugIOType`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BlkdebugIoType {
-    Read,
-    Write,
-    WriteZeroes,
-    Discard,
-    Flush,
-    BlockStatus,
-}
-
-/// One `inject-error` rule of a blkdebug node (QEMU's `BlkdebugInjectErrorOptions`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct InjectErrorOptions {
-    /// `event`: the request event that arms the rule (see the blkdebug driver).
-    pub event: String,
-    /// `state`: the rule applies only in this state (blkdebug starts in state 1).
-    pub state: Option<i64>,
-    /// `iotype`: the kind of request that fails (default: every kind but
-    /// block-status).
-    pub iotype: Option<BlkdebugIoType>,
-    /// `errno` (default EIO)
-    pub errno: i32,
-    /// `sector`: only requests covering this sector fail (default -1: any).
-    pub sector: i64,
-    /// `once`: the rule is removed after it fired.
-    pub once: bool,
-    /// `immediately`: accepted (vubd always completes the failed request from the
-    /// event loop).
-    pub immediately: bool,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct BlkdebugOptions {
-    /// `image`: the child that requests go to.
-    pub image: BlockdevRef,
-    /// `align`: request alignment in bytes.
-    pub align: Option<u32>,
-    /// `max-transfer`: largest request in bytes.
-    pub max_transfer: Option<u32>,
-    pub inject_error: Vec<InjectErrorOptions>,
-}
-
 /// A `backing` option: absent (open what the image header names), `null` (no
 /// backing file), or a node.
 #[derive(Debug, Clone, PartialEq)]
@@ -182,87 +98,97 @@ pub enum BackingRef {
     Node(BlockdevRef),
 }
 
-/// QEMU's `BlockdevOptionsQcow2`, as far as vubd implements it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Qcow2Options {
-    pub file: BlockdevRef,
-    pub backing: BackingRef,
-    /// `data-file`: the external data file (default: the one the header names)
-    pub data_file: Option<BlockdevRef>,
-    /// `lazy-refcounts` (default: the image's compatible bit)
-    pub lazy_refcounts: Option<bool>,
-    /// `l2-cache-size` in bytes
-    pub l2_cache_size: Option<u64>,
-    /// `refcount-cache-size` in bytes
-    pub refcount_cache_size: Option<u64>,
-    /// `cache-size`: the two caches together
-    pub cache_size: Option<u64>,
-    /// `cache-clean-interval` in seconds: drop metadata cache entries unused for
-    /// that long (0: never; default: 600, QEMU's on Linux)
-    pub cache_clean_interval: Option<u64>,
-    /// `pass-discard-request` (default on with discard=unmap), `pass-discard-snapshot`
-    /// (default on), `pass-discard-other` (default off)
-    pub pass_discard_request: Option<bool>,
-    pub pass_discard_snapshot: bool,
-    pub pass_discard_other: bool,
+/// What the driver table needs of any options value, implemented for every
+/// `Clone + PartialEq` options type: copying, comparing and downcasting behind
+/// `dyn DriverOptions`.
+pub trait AnyOptions: Any + Debug + Send + Sync {
+    fn clone_box(&self) -> Box<dyn DriverOptions>;
+    fn eq_dyn(&self, other: &dyn DriverOptions) -> bool;
+    fn as_any(&self) -> &dyn Any;
+    fn as_any_mut(&mut self) -> &mut dyn Any;
 }
 
-#[derive(Debug, Clone, PartialEq)]
-pub enum DriverOptions {
-    File(FileOptions),
-    /// `qcow2` (read-only so far)
-    Qcow2(Qcow2Options),
-    /// `blkdebug`: a filter that fails requests by rule
-    Blkdebug(BlkdebugOptions),
-    /// `host_device`: the file driver on a block device
-    HostDevice(FileOptions),
-    Raw(RawOptions),
-    /// `null-co` (and `null-aio`, handled alike)
-    Null(NullOptions),
+impl<T: DriverOptions + Clone + PartialEq> AnyOptions for T {
+    fn clone_box(&self) -> Box<dyn DriverOptions> {
+        Box::new(self.clone())
+    }
+
+    fn eq_dyn(&self, other: &dyn DriverOptions) -> bool {
+        other.as_any().downcast_ref::<T>() == Some(self)
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
 }
 
-#[derive(Debug, Clone, PartialEq)]
+/// One driver's own options (QEMU's `BlockdevOptions<Driver>` members), parsed by the
+/// driver's `parse` function in the table; they open the node they describe.
+pub trait DriverOptions: AnyOptions {
+    /// The QEMU driver name the options were given with.
+    fn driver_name(&self) -> &'static str;
+
+    /// The child a format or filter reads and writes through (`file` of raw and
+    /// qcow2, `image` of blkdebug).
+    fn child(&self) -> Option<&BlockdevRef> {
+        None
+    }
+
+    /// Every child given in the options (`file`, `backing`, `image`...), first the
+    /// one a filter or format reads through.
+    fn children(&self) -> Vec<&BlockdevRef> {
+        self.child().into_iter().collect()
+    }
+
+    /// Sets the children to those the open node has now, for a reopen that keeps
+    /// them: `now(name)` is the node of the node's child `name`, by reference.
+    fn keep_children(&mut self, _now: &dyn Fn(&str) -> Option<BlockdevRef>) {}
+
+    /// Adds the driver's members of the canonical form (see
+    /// [`BlockdevOptions::to_json`]).
+    fn write_json(&self, m: &mut Map<String, Value>);
+
+    /// Opens the driver on the children `ctx` opens or looks up.
+    fn open(&self, ctx: &mut OpenCtx<'_>) -> crate::Result<Box<dyn Driver>>;
+}
+
+impl dyn DriverOptions {
+    /// The options as the driver's own type, if they are of type `T`.
+    pub fn downcast_ref<T: DriverOptions>(&self) -> Option<&T> {
+        self.as_any().downcast_ref()
+    }
+
+    pub fn downcast_mut<T: DriverOptions>(&mut self) -> Option<&mut T> {
+        self.as_any_mut().downcast_mut()
+    }
+}
+
+impl Clone for Box<dyn DriverOptions> {
+    fn clone(&self) -> Self {
+        self.clone_box()
+    }
+}
+
+impl PartialEq for dyn DriverOptions {
+    fn eq(&self, other: &Self) -> bool {
+        self.eq_dyn(other)
+    }
+}
+
+#[derive(Debug, Clone)]
 pub struct BlockdevOptions {
     pub common: CommonOptions,
-    pub driver: DriverOptions,
+    pub driver: Box<dyn DriverOptions>,
 }
 
-impl DriverOptions {
-    /// The child of a format or filter driver (`file` of raw, `image` of blkdebug).
-    pub fn child(&self) -> Option<&BlockdevRef> {
-        match self {
-            DriverOptions::Raw(r) => Some(&r.file),
-            DriverOptions::Blkdebug(b) => Some(&b.image),
-            DriverOptions::Qcow2(q) => Some(&q.file),
-            _ => None,
-        }
-    }
-
-    /// Every child given in the options (`file`, `backing`, `image`).
-    pub fn children(&self) -> Vec<&BlockdevRef> {
-        let mut out: Vec<&BlockdevRef> = self.child().into_iter().collect();
-        if let DriverOptions::Qcow2(q) = self {
-            if let BackingRef::Node(b) = &q.backing {
-                out.push(b);
-            }
-            if let Some(d) = &q.data_file {
-                out.push(d);
-            }
-        }
-        out
-    }
-
-    /// The QEMU driver name.
-    pub fn driver_name(&self) -> &'static str {
-        match self {
-            DriverOptions::File(_) => "file",
-            DriverOptions::HostDevice(_) => "host_device",
-            DriverOptions::Raw(_) => "raw",
-            DriverOptions::Null(n) if n.aio => "null-aio",
-            DriverOptions::Null(_) => "null-co",
-            DriverOptions::Blkdebug(_) => "blkdebug",
-            DriverOptions::Qcow2(_) => "qcow2",
-        }
+// Written out: the derive cannot compare boxed trait objects (rust-lang/rust#31740).
+impl PartialEq for BlockdevOptions {
+    fn eq(&self, other: &Self) -> bool {
+        self.common == other.common && *self.driver == *other.driver
     }
 }
 
@@ -655,18 +581,6 @@ const DETECT_ZEROES_CHOICES: &[(&str, DetectZeroes)] = &[
     ("unmap", DetectZeroes::Unmap),
 ];
 
-const LOCKING_CHOICES: &[(&str, LockingMode)] = &[
-    ("auto", LockingMode::Auto),
-    ("on", LockingMode::On),
-    ("off", LockingMode::Off),
-];
-
-const AIO_CHOICES: &[(&str, AioMode)] = &[
-    ("threads", AioMode::Threads),
-    ("native", AioMode::Native),
-    ("io_uring", AioMode::IoUring),
-];
-
 /// QEMU 7.2's `BlockdevDriver` names: a driver QEMU knows but vubd does not have gets
 /// a message saying so; any other name is refused as QEMU refuses it.
 const QEMU_DRIVERS: &[&str] = &[
@@ -719,18 +633,16 @@ const QEMU_DRIVERS: &[&str] = &[
     "vvfat",
 ];
 
-/// QEMU's default size of a null-co/null-aio node: 1 GiB.
-pub const NULL_DEFAULT_SIZE: u64 = 1 << 30;
-
 /// The QEMU string of an enum value (the first name listed for it).
-fn choice_name<T: Copy + PartialEq>(choices: &[(&'static str, T)], value: T) -> &'static str {
+pub fn choice_name<T: Copy + PartialEq>(choices: &[(&'static str, T)], value: T) -> &'static str {
     choices
         .iter()
         .find(|(_, v)| *v == value)
         .map_or("", |(name, _)| name)
 }
 
-fn bad_value(name: &str, reason: impl Into<String>) -> OptionsError {
+/// "Invalid parameter value for 'name': reason".
+pub fn bad_value(name: &str, reason: impl Into<String>) -> OptionsError {
     OptionsError::BadValue {
         name: name.to_string(),
         reason: reason.into(),
@@ -739,7 +651,7 @@ fn bad_value(name: &str, reason: impl Into<String>) -> OptionsError {
 
 impl CommonOptions {
     /// Consumes the keys every driver takes.
-    fn take_from(f: &mut Fields) -> Result<Self> {
+    pub(crate) fn take_from(f: &mut Fields) -> Result<Self> {
         let node_name = f.string("node-name")?;
         if let Some(name) = &node_name {
             coerce::check_node_name(&f.name("node-name"), name)?;
@@ -809,7 +721,7 @@ impl CommonOptions {
     /// option itself, as QEMU's `bdrv_inherited_options()`: read-only, auto-read-only,
     /// force-share and the cache options; and discard defaults to unmap on the lower
     /// layer (the format node applies the user's discard policy).
-    fn inherit_into(&self, child: &mut Map<String, Value>) {
+    pub fn inherit_into(&self, child: &mut Map<String, Value>) {
         let defaults = [
             ("read-only", json!(self.read_only)),
             ("auto-read-only", json!(self.auto_read_only)),
@@ -831,33 +743,8 @@ impl CommonOptions {
     }
 }
 
-impl FileOptions {
-    fn take_from(f: &mut Fields) -> Result<Self> {
-        let filename = f.required_string("filename")?;
-        let options = FileOptions {
-            filename: PathBuf::from(filename),
-            aio: f.enumeration("aio", AIO_CHOICES)?.unwrap_or_default(),
-            locking: f
-                .enumeration("locking", LOCKING_CHOICES)?
-                .unwrap_or_default(),
-        };
-        // Accepted for compatibility and ignored: vubd sizes its own io_uring batches.
-        f.uint("aio-max-batch")?;
-        Ok(options)
-    }
-
-    fn write_json(&self, m: &mut Map<String, Value>) {
-        m.insert("filename".into(), json!(self.filename.to_string_lossy()));
-        m.insert("aio".into(), json!(choice_name(AIO_CHOICES, self.aio)));
-        m.insert(
-            "locking".into(),
-            json!(choice_name(LOCKING_CHOICES, self.locking)),
-        );
-    }
-}
-
 impl BlockdevRef {
-    fn take_from(f: &mut Fields, key: &str, parent: &CommonOptions) -> Result<Self> {
+    pub fn take_from(f: &mut Fields, key: &str, parent: &CommonOptions) -> Result<Self> {
         let name = f.name(key);
         match f.take(key) {
             None => Err(OptionsError::Missing(name)),
@@ -874,7 +761,7 @@ impl BlockdevRef {
         }
     }
 
-    fn to_json(&self) -> Value {
+    pub fn to_json(&self) -> Value {
         match self {
             BlockdevRef::Reference(node) => json!(node),
             BlockdevRef::Inline(child) => child.to_json(),
@@ -882,271 +769,11 @@ impl BlockdevRef {
     }
 }
 
-impl RawOptions {
-    fn take_from(f: &mut Fields, common: &CommonOptions) -> Result<Self> {
-        let options = RawOptions {
-            file: BlockdevRef::take_from(f, "file", common)?,
-            offset: f.size("offset")?.unwrap_or(0),
-            size: f.size("size")?,
-        };
-        if options.size.is_some_and(|size| !size.is_multiple_of(512)) {
-            return Err(bad_value(
-                &f.name("size"),
-                "Specified size is not multiple of 512",
-            ));
-        }
-        Ok(options)
-    }
-
-    fn write_json(&self, m: &mut Map<String, Value>) {
-        m.insert("file".into(), self.file.to_json());
-        m.insert("offset".into(), json!(self.offset));
-        if let Some(size) = self.size {
-            m.insert("size".into(), json!(size));
-        }
-    }
-}
-
-impl NullOptions {
-    fn take_from(f: &mut Fields) -> Result<Self> {
-        Ok(NullOptions {
-            size: f.size("size")?.unwrap_or(NULL_DEFAULT_SIZE),
-            read_zeroes: f.bool("read-zeroes")?.unwrap_or(false),
-            latency_ns: f.unsigned("latency-ns")?.unwrap_or(0),
-            aio: false,
-        })
-    }
-
-    fn write_json(&self, m: &mut Map<String, Value>) {
-        m.insert("size".into(), json!(self.size));
-        m.insert("read-zeroes".into(), json!(self.read_zeroes));
-        m.insert("latency-ns".into(), json!(self.latency_ns));
-    }
-}
-
-const IOTYPE_CHOICES: &[(&str, BlkdebugIoType)] = &[
-    ("read", BlkdebugIoType::Read),
-    ("write", BlkdebugIoType::Write),
-    ("write-zeroes", BlkdebugIoType::WriteZeroes),
-    ("discard", BlkdebugIoType::Discard),
-    ("flush", BlkdebugIoType::Flush),
-    ("block-status", BlkdebugIoType::BlockStatus),
-];
-
-/// QEMU 7.2's `BlkdebugEvent` names.
-pub const BLKDEBUG_EVENTS: &[&str] = &[
-    "l1_update",
-    "l1_grow_alloc_table",
-    "l1_grow_write_table",
-    "l1_grow_activate_table",
-    "l2_load",
-    "l2_update",
-    "l2_update_compressed",
-    "l2_alloc_cow_read",
-    "l2_alloc_write",
-    "read_aio",
-    "read_backing_aio",
-    "read_compressed",
-    "write_aio",
-    "write_compressed",
-    "vmstate_load",
-    "vmstate_save",
-    "cow_read",
-    "cow_write",
-    "reftable_load",
-    "reftable_grow",
-    "reftable_update",
-    "refblock_load",
-    "refblock_update",
-    "refblock_update_part",
-    "refblock_alloc",
-    "refblock_alloc_hookup",
-    "refblock_alloc_write",
-    "refblock_alloc_write_blocks",
-    "refblock_alloc_write_table",
-    "refblock_alloc_switch_table",
-    "cluster_alloc",
-    "cluster_alloc_bytes",
-    "cluster_free",
-    "flush_to_os",
-    "flush_to_disk",
-    "pwritev_rmw_head",
-    "pwritev_rmw_after_head",
-    "pwritev_rmw_tail",
-    "pwritev_rmw_after_tail",
-    "pwritev",
-    "pwritev_zero",
-    "pwritev_done",
-    "empty_image_prepare",
-    "l1_shrink_write_table",
-    "l1_shrink_free_l2_clusters",
-    "cor_write",
-    "cluster_alloc_space",
-    "none",
-];
-
-/// The events vubd raises: a rule armed by any other event could never fire.
-pub const BLKDEBUG_RAISED_EVENTS: &[&str] = &[
-    "read_aio",
-    "write_aio",
-    "pwritev",
-    "pwritev_zero",
-    "flush_to_os",
-    "flush_to_disk",
-    "none",
-];
-
-impl InjectErrorOptions {
-    fn take_from(f: &mut Fields) -> Result<Self> {
-        let event = f.required_string("event")?;
-        if !BLKDEBUG_EVENTS.contains(&event.as_str()) {
-            return Err(OptionsError::BadEnum {
-                name: f.name("event"),
-                value: event,
-            });
-        }
-        if !BLKDEBUG_RAISED_EVENTS.contains(&event.as_str()) {
-            return Err(bad_value(
-                &f.name("event"),
-                format!(
-                    "event '{event}' never occurs in vubd (it has {})",
-                    BLKDEBUG_RAISED_EVENTS.join(", ")
-                ),
-            ));
-        }
-        let state = f.uint("state")?.map(|s| s as i64);
-        let iotype = f.enumeration("iotype", IOTYPE_CHOICES)?;
-        let errno = f.uint("errno")?.unwrap_or(libc::EIO as u64);
-        let errno = i32::try_from(errno)
-            .ok()
-            .filter(|e| *e > 0)
-            .ok_or_else(|| bad_value(&f.name("errno"), "not a valid errno"))?;
-        let sector = match f.take("sector") {
-            None => -1,
-            Some(v) => match v.as_i64() {
-                Some(n) if n >= -1 => n,
-                _ => match coerce::to_uint(&f.name("sector"), &v) {
-                    Ok(n) => i64::try_from(n)
-                        .map_err(|_| bad_value(&f.name("sector"), "out of range"))?,
-                    Err(_) if v.as_str() == Some("-1") => -1,
-                    Err(e) => return Err(e),
-                },
-            },
-        };
-        Ok(InjectErrorOptions {
-            event,
-            state,
-            iotype,
-            errno,
-            sector,
-            once: f.bool("once")?.unwrap_or(false),
-            immediately: f.bool("immediately")?.unwrap_or(false),
-        })
-    }
-
-    fn to_json(&self) -> Value {
-        let mut m = Map::new();
-        m.insert("event".into(), json!(self.event));
-        if let Some(state) = self.state {
-            m.insert("state".into(), json!(state));
-        }
-        if let Some(t) = self.iotype {
-            m.insert("iotype".into(), json!(choice_name(IOTYPE_CHOICES, t)));
-        }
-        m.insert("errno".into(), json!(self.errno));
-        m.insert("sector".into(), json!(self.sector));
-        m.insert("once".into(), json!(self.once));
-        m.insert("immediately".into(), json!(self.immediately));
-        Value::Object(m)
-    }
-}
-
-impl BlkdebugOptions {
-    fn take_from(f: &mut Fields, common: &CommonOptions) -> Result<Self> {
-        let image = BlockdevRef::take_from(f, "image", common)?;
-        let pow2 = |f: &mut Fields, key: &str| -> Result<Option<u32>> {
-            match f.size(key)? {
-                None => Ok(None),
-                Some(n) if n.is_power_of_two() && n <= u64::from(u32::MAX) => Ok(Some(n as u32)),
-                Some(n) => Err(bad_value(
-                    &f.name(key),
-                    format!("{n} is not a power of two that fits in 32 bits"),
-                )),
-            }
-        };
-        let align = pow2(f, "align")?;
-        let max_transfer = match f.size("max-transfer")? {
-            None => None,
-            Some(n) if n > 0 && n <= u64::from(u32::MAX) => Some(n as u32),
-            Some(n) => {
-                return Err(bad_value(
-                    &f.name("max-transfer"),
-                    format!("{n} is out of range"),
-                ))
-            }
-        };
-        let mut inject_error = Vec::new();
-        let name = f.name("inject-error");
-        match f.take("inject-error") {
-            None => {}
-            Some(Value::Array(rules)) => {
-                for (i, rule) in rules.iter().enumerate() {
-                    let mut rf = f.nested(rule, &format!("{name}.{i}"))?;
-                    inject_error.push(InjectErrorOptions::take_from(&mut rf)?);
-                    rf.finish()?;
-                }
-            }
-            Some(_) => {
-                return Err(OptionsError::Invalid {
-                    name,
-                    expected: "a list of rules".into(),
-                })
-            }
-        }
-        for key in [
-            "config",
-            "set-state",
-            "opt-write-zero",
-            "max-write-zero",
-            "opt-discard",
-            "max-discard",
-            "take-child-perms",
-            "unshare-child-perms",
-        ] {
-            if f.contains(key) {
-                return Err(bad_value(
-                    &f.name(key),
-                    "this blkdebug option is not supported by vubd",
-                ));
-            }
-        }
-        Ok(BlkdebugOptions {
-            image,
-            align,
-            max_transfer,
-            inject_error,
-        })
-    }
-
-    fn write_json(&self, m: &mut Map<String, Value>) {
-        m.insert("image".into(), self.image.to_json());
-        if let Some(a) = self.align {
-            m.insert("align".into(), json!(a));
-        }
-        if let Some(t) = self.max_transfer {
-            m.insert("max-transfer".into(), json!(t));
-        }
-        m.insert(
-            "inject-error".into(),
-            Value::Array(self.inject_error.iter().map(|r| r.to_json()).collect()),
-        );
-    }
-}
-
-impl Qcow2Options {
-    fn take_from(f: &mut Fields, common: &CommonOptions) -> Result<Self> {
-        let file = BlockdevRef::take_from(f, "file", common)?;
-        let backing = match f.take("backing") {
+impl BackingRef {
+    /// The `backing` option of a format with backing files: a node name, an inline
+    /// node (read-only unless it says otherwise), or null.
+    pub fn take_from(f: &mut Fields, common: &CommonOptions) -> Result<Self> {
+        Ok(match f.take("backing") {
             None => BackingRef::FromHeader,
             Some(Value::Null) => BackingRef::None,
             // The keyval syntax cannot write JSON null; QEMU reads "null" as null.
@@ -1166,54 +793,20 @@ impl Qcow2Options {
                     expected: "a node name, an object or null".into(),
                 })
             }
-        };
-        let data_file = if f.contains("data-file") {
-            Some(BlockdevRef::take_from(f, "data-file", common)?)
-        } else {
-            None
-        };
-        let options = Qcow2Options {
-            file,
-            backing,
-            data_file,
-            lazy_refcounts: f.bool("lazy-refcounts")?,
-            l2_cache_size: f.size("l2-cache-size")?,
-            refcount_cache_size: f.size("refcount-cache-size")?,
-            cache_size: f.size("cache-size")?,
-            cache_clean_interval: f.uint("cache-clean-interval")?,
-            pass_discard_request: f.bool("pass-discard-request")?,
-            pass_discard_snapshot: f.bool("pass-discard-snapshot")?.unwrap_or(true),
-            pass_discard_other: f.bool("pass-discard-other")?.unwrap_or(false),
-        };
-        // Accepted and without effect: vubd checks every metadata write against the
-        // metadata ranges.
-        let _ = f.take("overlap-check");
-        if options
-            .cache_clean_interval
-            .is_some_and(|v| v > u64::from(u32::MAX))
-        {
-            return Err(bad_value(
-                &f.name("cache-clean-interval"),
-                "Cache clean interval too big",
-            ));
-        }
-        for key in ["encrypt", "l2-cache-entry-size"] {
-            if f.contains(key) {
-                return Err(bad_value(
-                    &f.name(key),
-                    "this qcow2 option is not supported by vubd yet",
-                ));
-            }
-        }
-        Ok(options)
+        })
     }
 
-    fn write_json(&self, m: &mut Map<String, Value>) {
-        m.insert("file".into(), self.file.to_json());
-        if let Some(d) = &self.data_file {
-            m.insert("data-file".into(), d.to_json());
+    /// The node given, if any.
+    pub fn node(&self) -> Option<&BlockdevRef> {
+        match self {
+            BackingRef::Node(b) => Some(b),
+            _ => None,
         }
-        match &self.backing {
+    }
+
+    /// Adds `backing` to the canonical form (absent when read from the header).
+    pub fn write_json(&self, m: &mut Map<String, Value>) {
+        match self {
             BackingRef::FromHeader => {}
             BackingRef::None => {
                 m.insert("backing".into(), Value::Null);
@@ -1222,34 +815,6 @@ impl Qcow2Options {
                 m.insert("backing".into(), b.to_json());
             }
         }
-        let opt = |m: &mut Map<String, Value>, k: &str, v: Option<Value>| {
-            if let Some(v) = v {
-                m.insert(k.into(), v);
-            }
-        };
-        opt(m, "lazy-refcounts", self.lazy_refcounts.map(Value::Bool));
-        opt(m, "l2-cache-size", self.l2_cache_size.map(|v| json!(v)));
-        opt(
-            m,
-            "refcount-cache-size",
-            self.refcount_cache_size.map(|v| json!(v)),
-        );
-        opt(m, "cache-size", self.cache_size.map(|v| json!(v)));
-        opt(
-            m,
-            "cache-clean-interval",
-            self.cache_clean_interval.map(|v| json!(v)),
-        );
-        opt(
-            m,
-            "pass-discard-request",
-            self.pass_discard_request.map(Value::Bool),
-        );
-        m.insert(
-            "pass-discard-snapshot".into(),
-            json!(self.pass_discard_snapshot),
-        );
-        m.insert("pass-discard-other".into(), json!(self.pass_discard_other));
     }
 }
 
@@ -1294,38 +859,28 @@ impl BlockdevOptions {
     }
 
     /// Parses the options in `f` (whose prefix is the dotted path of this object: ""
-    /// at the top, "file" for raw's child).
+    /// at the top, "file" for raw's child): the common options, then the driver's
+    /// own through its entry in the driver table.
     fn parse(f: &Fields) -> Result<Self> {
         let mut f = f.clone();
         let driver = f.required_string("driver")?;
         let common = CommonOptions::take_from(&mut f)?;
-        let driver = match driver.as_str() {
-            "file" => DriverOptions::File(FileOptions::take_from(&mut f)?),
-            "host_device" => DriverOptions::HostDevice(FileOptions::take_from(&mut f)?),
-            "raw" => DriverOptions::Raw(RawOptions::take_from(&mut f, &common)?),
-            "null-co" | "null-aio" => {
-                let mut null = NullOptions::take_from(&mut f)?;
-                null.aio = driver == "null-aio";
-                DriverOptions::Null(null)
-            }
-            "blkdebug" => DriverOptions::Blkdebug(BlkdebugOptions::take_from(&mut f, &common)?),
-            "qcow2" => DriverOptions::Qcow2(Qcow2Options::take_from(&mut f, &common)?),
-            other if QEMU_DRIVERS.contains(&other) => {
+        let Some((entry, name)) = drivers::find(&driver) else {
+            if QEMU_DRIVERS.contains(&driver.as_str()) {
                 return Err(bad_value(
                     &f.name("driver"),
                     format!(
-                        "driver '{other}' is not supported by vubd yet (vubd has file, \
-                         host_device, raw, null-co, null-aio and blkdebug)"
+                        "driver '{driver}' is not supported by vubd yet (vubd has {})",
+                        drivers::names_text(|_| true)
                     ),
-                ))
+                ));
             }
-            other => {
-                return Err(OptionsError::BadEnum {
-                    name: f.name("driver"),
-                    value: other.to_string(),
-                })
-            }
+            return Err(OptionsError::BadEnum {
+                name: f.name("driver"),
+                value: driver,
+            });
         };
+        let driver = (entry.parse)(&mut f, &common, name)?;
         f.finish()?;
         Ok(BlockdevOptions { common, driver })
     }
@@ -1336,13 +891,7 @@ impl BlockdevOptions {
         let mut m = Map::new();
         m.insert("driver".into(), json!(self.driver.driver_name()));
         self.common.write_json(&mut m);
-        match &self.driver {
-            DriverOptions::File(file) | DriverOptions::HostDevice(file) => file.write_json(&mut m),
-            DriverOptions::Raw(raw) => raw.write_json(&mut m),
-            DriverOptions::Null(null) => null.write_json(&mut m),
-            DriverOptions::Blkdebug(b) => b.write_json(&mut m),
-            DriverOptions::Qcow2(q) => q.write_json(&mut m),
-        }
+        self.driver.write_json(&mut m);
         Value::Object(m)
     }
 
@@ -1470,161 +1019,6 @@ mod tests {
     }
 
     #[test]
-    fn file_keyval_and_json_forms_agree() {
-        let keyval = json!({
-            "driver": "file", "node-name": "file0", "filename": "/tmp/disk.img",
-            "cache": {"direct": "on", "no-flush": "off"}, "aio": "native",
-            "locking": "off", "discard": "on", "read-only": "yes", "force-share": "on",
-            "auto-read-only": "false", "detect-zeroes": "unmap", "aio-max-batch": "32",
-        });
-        let native = json!({
-            "driver": "file", "node-name": "file0", "filename": "/tmp/disk.img",
-            "cache": {"direct": true, "no-flush": false}, "aio": "native",
-            "locking": "off", "discard": "unmap", "read-only": true, "force-share": true,
-            "auto-read-only": false, "detect-zeroes": "unmap", "aio-max-batch": 32,
-        });
-        let a = parse(keyval).unwrap();
-        assert_eq!(a, parse(native).unwrap());
-        assert_eq!(
-            a,
-            BlockdevOptions {
-                common: CommonOptions {
-                    node_name: Some("file0".into()),
-                    discard: DiscardMode::Unmap,
-                    cache_direct: true,
-                    cache_no_flush: false,
-                    read_only: true,
-                    auto_read_only: false,
-                    force_share: true,
-                    detect_zeroes: DetectZeroes::Unmap,
-                },
-                driver: DriverOptions::File(FileOptions {
-                    filename: "/tmp/disk.img".into(),
-                    aio: AioMode::Native,
-                    locking: LockingMode::Off,
-                }),
-            }
-        );
-        assert_eq!(parse(a.to_json()).unwrap(), a);
-    }
-
-    #[test]
-    fn defaults() {
-        let file = parse(json!({"driver": "host_device", "filename": "/dev/sdb"})).unwrap();
-        assert_eq!(file.common, CommonOptions::default());
-        assert_eq!(
-            file.driver,
-            DriverOptions::HostDevice(FileOptions {
-                filename: "/dev/sdb".into(),
-                aio: AioMode::IoUring,
-                locking: LockingMode::Auto,
-            })
-        );
-        let null = parse(json!({"driver": "null-aio"})).unwrap();
-        assert_eq!(
-            null.driver,
-            DriverOptions::Null(NullOptions {
-                size: 1073741824,
-                read_zeroes: false,
-                latency_ns: 0,
-                aio: true,
-            })
-        );
-        assert_eq!(null.driver.driver_name(), "null-aio");
-    }
-
-    #[test]
-    fn null_keyval_and_json_forms_agree() {
-        let keyval = json!({"driver": "null-co", "node-name": "n", "size": "1G",
-                            "read-zeroes": "on", "latency-ns": "0x10"});
-        let native = json!({"driver": "null-co", "node-name": "n", "size": 1073741824u64,
-                            "read-zeroes": true, "latency-ns": 16});
-        let a = parse(keyval).unwrap();
-        assert_eq!(a, parse(native).unwrap());
-        assert_eq!(parse(a.to_json()).unwrap(), a);
-    }
-
-    #[test]
-    fn raw_by_reference() {
-        let keyval = json!({"driver": "raw", "node-name": "disk0", "file": "file0",
-                            "offset": "1M", "size": "2G"});
-        let native = json!({"driver": "raw", "node-name": "disk0", "file": "file0",
-                            "offset": 1048576, "size": 2147483648u64});
-        let a = parse(keyval).unwrap();
-        assert_eq!(a, parse(native).unwrap());
-        assert_eq!(
-            a.driver,
-            DriverOptions::Raw(RawOptions {
-                file: BlockdevRef::Reference("file0".into()),
-                offset: 1 << 20,
-                size: Some(2 << 30),
-            })
-        );
-        assert_eq!(a.references(), vec!["file0"]);
-        assert_eq!(a.node_names(), vec!["disk0"]);
-        assert_eq!(parse(a.to_json()).unwrap(), a);
-    }
-
-    #[test]
-    fn qcow2_cache_clean_interval() {
-        let keyval = json!({"driver": "qcow2", "node-name": "q", "file": "f",
-                            "cache-clean-interval": "30"});
-        let a = parse(keyval).unwrap();
-        let DriverOptions::Qcow2(q) = &a.driver else {
-            panic!("{a:?}");
-        };
-        assert_eq!(q.cache_clean_interval, Some(30));
-        assert_eq!(parse(a.to_json()).unwrap(), a);
-        let b = parse(json!({"driver": "qcow2", "node-name": "q", "file": "f"})).unwrap();
-        let DriverOptions::Qcow2(q) = &b.driver else {
-            panic!("{b:?}");
-        };
-        assert_eq!(q.cache_clean_interval, None);
-        let e = error(json!({"driver": "qcow2", "node-name": "q", "file": "f",
-                             "cache-clean-interval": 1u64 << 32}));
-        assert!(e.contains("Cache clean interval too big"), "{e}");
-    }
-
-    #[test]
-    fn raw_with_inline_file() {
-        let keyval = json!({"driver": "raw", "node-name": "disk0", "read-only": "on",
-                            "cache": {"direct": "on"},
-                            "file": {"driver": "file", "filename": "/img", "node-name": "f0"}});
-        let a = parse(keyval).unwrap();
-        let DriverOptions::Raw(raw) = &a.driver else {
-            panic!("not raw: {a:?}");
-        };
-        let BlockdevRef::Inline(child) = &raw.file else {
-            panic!("not inline: {raw:?}");
-        };
-        // Inherited from the parent, discard=unmap on the lower layer.
-        assert!(child.common.read_only);
-        assert!(child.common.cache_direct);
-        assert!(!child.common.cache_no_flush);
-        assert_eq!(child.common.discard, DiscardMode::Unmap);
-        assert_eq!(child.common.node_name.as_deref(), Some("f0"));
-        assert_eq!(a.node_names(), vec!["disk0", "f0"]);
-        assert!(a.references().is_empty());
-        assert_eq!(parse(a.to_json()).unwrap(), a);
-
-        // The child's own settings win; node-name is optional in the child.
-        let b = parse(json!({"driver": "raw", "read-only": true,
-                             "file": {"driver": "file", "filename": "/img",
-                                      "read-only": false, "discard": "ignore"}}))
-        .unwrap();
-        let DriverOptions::Raw(RawOptions {
-            file: BlockdevRef::Inline(child),
-            ..
-        }) = &b.driver
-        else {
-            panic!("not inline raw: {b:?}");
-        };
-        assert!(!child.common.read_only);
-        assert_eq!(child.common.discard, DiscardMode::Ignore);
-        assert_eq!(child.common.node_name, None);
-    }
-
-    #[test]
     fn root_needs_node_name() {
         let v = json!({"driver": "null-co"});
         assert!(BlockdevOptions::from_json(&v).is_ok());
@@ -1690,7 +1084,8 @@ mod tests {
             (
                 json!({"driver": "nbd"}),
                 "Invalid parameter value for 'driver': driver 'nbd' is not supported by \
-                 vubd yet (vubd has file, host_device, raw, null-co, null-aio and blkdebug)",
+                 vubd yet (vubd has file, host_device, raw, null-co, null-aio, blkdebug, \
+                 qcow2 and copy-on-read)",
             ),
             (
                 json!({"driver": "null-co", "node-name": "0bad"}),

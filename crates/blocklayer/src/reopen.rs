@@ -14,11 +14,12 @@
 //! A qcow2 image is closed cleanly (metadata written back) before its new node opens
 //! it, so that two instances never hold unwritten metadata for one file.
 
+use crate::drivers::qcow2::Qcow2Options;
 use crate::edge::{Edge, Parent};
 use crate::error::{BlockError, Result};
 use crate::graph::Graph;
 use crate::node::Node;
-use crate::options::{BackingRef, BlockdevOptions, BlockdevRef, DriverOptions};
+use crate::options::{BackingRef, BlockdevOptions, BlockdevRef};
 use serde_json::Value;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -35,28 +36,6 @@ const COMMON_MUTABLE: &[&str] = &[
 
 /// The keys that name children.
 const CHILD_KEYS: &[&str] = &["file", "image", "backing", "data-file"];
-
-/// Driver options that a reopen may change (those QEMU's `bdrv_reopen_prepare` of the
-/// driver takes over); every other option must keep its value.
-fn driver_mutable(driver: &str) -> &'static [&'static str] {
-    match driver {
-        "file" | "host_device" => &["drop-cache", "x-check-cache-dropped"],
-        "raw" => &["offset", "size"],
-        "qcow2" => &[
-            "lazy-refcounts",
-            "l2-cache-size",
-            "l2-cache-entry-size",
-            "refcount-cache-size",
-            "cache-size",
-            "cache-clean-interval",
-            "pass-discard-request",
-            "pass-discard-snapshot",
-            "pass-discard-other",
-            "overlap-check",
-        ],
-        _ => &[],
-    }
-}
 
 fn graph_err(msg: impl Into<String>) -> BlockError {
     BlockError::Graph(msg.into())
@@ -151,19 +130,7 @@ impl Graph {
                 .find(|c| c.name() == role)
                 .map(|c| BlockdevRef::Reference(c.node().name().to_string()))
         };
-        match &mut opts.driver {
-            DriverOptions::Raw(r) => r.file = child("file").unwrap_or(r.file.clone()),
-            DriverOptions::Blkdebug(b) => b.image = child("image").unwrap_or(b.image.clone()),
-            DriverOptions::Qcow2(q) => {
-                q.file = child("file").unwrap_or(q.file.clone());
-                q.data_file = child("data-file");
-                q.backing = match child("backing") {
-                    Some(b) => BackingRef::Node(b),
-                    None => BackingRef::None,
-                };
-            }
-            _ => {}
-        }
+        opts.driver.keep_children(&child);
         Ok(Plan {
             name,
             old: node.clone(),
@@ -204,7 +171,7 @@ impl Graph {
                 )));
             }
         }
-        let mutable = driver_mutable(stored.driver.driver_name());
+        let mutable = crate::drivers::reopen_mutable(stored.driver.driver_name());
         let (Value::Object(old_map), Value::Object(new_map)) = (&old_json, &new_json) else {
             return Err(graph_err(format!("Node '{name}' cannot be reopened")));
         };
@@ -221,7 +188,7 @@ impl Graph {
             }
         }
         let mut opts = opts.clone();
-        if let DriverOptions::Qcow2(q) = &mut opts.driver {
+        if let Some(q) = opts.driver.downcast_mut::<Qcow2Options>() {
             match &q.backing {
                 BackingRef::FromHeader => {
                     if old.backing().is_some() {
@@ -318,7 +285,7 @@ impl Graph {
     fn check_writable_children(&self, plans: &[Plan]) -> Result<()> {
         for p in plans.iter().filter(|p| !p.opts.common.read_only) {
             let mut data: Vec<&BlockdevRef> = p.opts.driver.child().into_iter().collect();
-            if let DriverOptions::Qcow2(q) = &p.opts.driver {
+            if let Some(q) = p.opts.driver.downcast_ref::<Qcow2Options>() {
                 data.extend(q.data_file.as_ref());
             }
             for c in data {

@@ -4,7 +4,7 @@
 
 use super::{generic, Control, OpResult, DRAIN_TIMEOUT};
 use crate::qmp::wire::QmpError;
-use blocklayer::drivers::file_create::{create_file, FilePrealloc};
+use blocklayer::drivers::file::create::{create_file, FilePrealloc};
 use blocklayer::edge::{Parent, Role};
 use blocklayer::options::BlockdevOptions;
 use blocklayer::Node;

@@ -12,14 +12,13 @@ use crate::qmp::events::EventBus;
 use crate::qmp::wire::{QmpError, QmpResult};
 use blocklayer::aio::uring::block_on;
 use blocklayer::backend::BlockBackend;
-use blocklayer::drivers::file_create::{create_file, FilePrealloc};
 use blocklayer::edge::Parent;
 use blocklayer::options::BlockdevOptions;
 use blocklayer::perm::Perm;
 use blocklayer::{Graph, Node};
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 use std::time::Duration;
@@ -614,113 +613,9 @@ impl Control {
         let e = |e: blocklayer::options::OptionsError| QmpError::generic(e.to_string());
         let mut f = Fields::new_strict(options, "options").map_err(e)?;
         let driver = f.required_string("driver").map_err(e)?;
-        match driver.as_str() {
-            "qcow2" => {
-                let file = f.required_string("file").map_err(|_| {
-                    QmpError::generic(
-                        "Parameter 'options.file' must name an existing node (inline \
-                         definitions are not supported by vubd)",
-                    )
-                })?;
-                let size = f.unsigned("size").map_err(e)?;
-                let size = f.required("size", size).map_err(e)?;
-                let mut o = qcow::CreateOptions::new(size);
-                if let Some(v) = f
-                    .enumeration(
-                        "version",
-                        &[("v2", qcow::Compat::V2), ("v3", qcow::Compat::V3)],
-                    )
-                    .map_err(e)?
-                {
-                    o.compat = v;
-                }
-                o.backing_file = f.string("backing-file").map_err(e)?;
-                o.backing_fmt = f.string("backing-fmt").map_err(e)?;
-                if let Some(cs) = f.unsigned("cluster-size").map_err(e)? {
-                    o.cluster_size = cs;
-                }
-                if let Some(p) = f
-                    .enumeration(
-                        "preallocation",
-                        &[
-                            ("off", qcow::Preallocation::Off),
-                            ("metadata", qcow::Preallocation::Metadata),
-                            ("falloc", qcow::Preallocation::Falloc),
-                            ("full", qcow::Preallocation::Full),
-                        ],
-                    )
-                    .map_err(e)?
-                {
-                    o.preallocation = p;
-                }
-                o.lazy_refcounts = f.bool("lazy-refcounts").map_err(e)?.unwrap_or(false);
-                o.extended_l2 = f.bool("extended-l2").map_err(e)?.unwrap_or(false);
-                if let Some(bits) = f.uint("refcount-bits").map_err(e)? {
-                    o.refcount_bits = bits as u32;
-                }
-                if let Some(c) = f
-                    .enumeration(
-                        "compression-type",
-                        &[
-                            ("zlib", qcow::CompressionType::Zlib),
-                            ("zstd", qcow::CompressionType::Zstd),
-                        ],
-                    )
-                    .map_err(e)?
-                {
-                    o.compression_type = c;
-                }
-                let data_file = f.string("data-file").map_err(e)?;
-                o.data_file_raw = f.bool("data-file-raw").map_err(e)?.unwrap_or(false);
-                if f.contains("encrypt") {
-                    return Err(QmpError::generic(
-                        "Parameter 'options.encrypt' is not supported by vubd yet",
-                    ));
-                }
-                f.finish().map_err(e)?;
-                if o.data_file_raw && data_file.is_none() {
-                    return Err(QmpError::generic("'data-file-raw' requires 'data-file'"));
-                }
-                let node = self.graph.lookup(&file).map_err(generic)?;
-                // The external data file is an existing node, as in QEMU; the header
-                // names its file.
-                let data = data_file
-                    .map(|name| self.graph.lookup(&name).map_err(generic))
-                    .transpose()?;
-                if let Some(d) = &data {
-                    o.data_file = Some(d.driver().filename());
-                }
-                Ok(Box::new(move || {
-                    blocklayer::drivers::qcow2::create(node, data, o).map_err(|e| e.to_string())
-                }))
-            }
-            "file" => {
-                let filename = f.required_string("filename").map_err(e)?;
-                let size = f.unsigned("size").map_err(e)?;
-                let size = f.required("size", size).map_err(e)?;
-                let prealloc = match f.string("preallocation").map_err(e)? {
-                    Some(name) => FilePrealloc::from_name(&name).map_err(generic)?,
-                    None => FilePrealloc::Off,
-                };
-                // Accepted as in QEMU, where both are best-effort hints; vubd does
-                // not apply them.
-                f.bool("nocow").map_err(e)?;
-                f.uint("extent-size-hint").map_err(e)?;
-                f.finish().map_err(e)?;
-                Ok(Box::new(move || {
-                    create_file(Path::new(&filename), size, prealloc).map_err(|e| match e {
-                        blocklayer::BlockError::Open { .. } => format!(
-                            "Could not create '{filename}': {}",
-                            blocklayer::error::strerror(e.errno())
-                        ),
-                        e => e.to_string(),
-                    })
-                }))
-            }
-            other => Err(QmpError::generic(format!(
-                "Driver '{other}' does not support image creation in vubd (qcow2 and file do)"
-            ))),
-        }
+        let create = blocklayer::drivers::create_fn(&driver).map_err(generic)?;
+        let work = create(f, &self.graph).map_err(generic)?;
+        Ok(Box::new(move || work().map_err(|e| e.to_string())))
     }
 
     pub fn dismiss_job(&mut self, id: &str) -> OpResult<()> {

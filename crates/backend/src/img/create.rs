@@ -2,11 +2,11 @@
 //!
 //! `-f raw` takes QEMU's file driver options instead: `preallocation` (off, falloc,
 //! full). Files are created as QEMU creates them, emptied only under the image locks
-//! (see `blocklayer::drivers::file_create`).
+//! (see `blocklayer::drivers::file::create`).
 
 use super::{usage, ImgError, Parsed, Result};
 use crate::keyval;
-use blocklayer::drivers::file_create::{
+use blocklayer::drivers::file::create::{
     create_empty, create_file, FilePrealloc, CREATE_PERM, CREATE_SHARED,
 };
 use blocklayer::options::coerce;

@@ -6,7 +6,19 @@ use crate::aio::iovec::IoVec;
 use crate::aio::{uring, LocalBoxFuture};
 use crate::driver::Driver;
 use crate::error::Result;
-use crate::options::NullOptions;
+
+mod options;
+
+pub use options::{NullOptions, NULL_DEFAULT_SIZE};
+
+/// The table row of `null-co` and `null-aio`.
+pub(crate) const ENTRY: super::DriverEntry = super::DriverEntry {
+    names: &["null-co", "null-aio"],
+    kind: super::Kind::Protocol,
+    parse: options::parse,
+    create: None,
+    reopen_mutable: &[],
+};
 
 pub struct NullDriver {
     opts: NullOptions,

@@ -11,10 +11,13 @@
 //! O_DIRECT reader then finds real data at offset 0 when it probes the alignment
 //! (reads of holes and unwritten extents succeed at any alignment).
 
-use super::lock::{
+use crate::drivers::lock::{
     lock_image, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED,
 };
-use crate::error::{BlockError, Result};
+use crate::drivers::CreateWork;
+use crate::error::{strerror, BlockError, Result};
+use crate::graph::Graph;
+use crate::options::coerce::Fields;
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -158,6 +161,31 @@ pub fn create_file(path: &Path, size: u64, prealloc: FilePrealloc) -> Result<()>
         }
     }
     Ok(())
+}
+
+/// `blockdev-create` with `driver: file` (QEMU's `BlockdevCreateOptionsFile`): the
+/// table's create function of `file`.
+pub(super) fn blockdev_create(mut f: Fields, _graph: &Graph) -> Result<CreateWork> {
+    let filename = f.required_string("filename")?;
+    let size = f.unsigned("size")?;
+    let size = f.required("size", size)?;
+    let prealloc = match f.string("preallocation")? {
+        Some(name) => FilePrealloc::from_name(&name)?,
+        None => FilePrealloc::Off,
+    };
+    // Accepted as in QEMU, where both are best-effort hints; vubd does not apply them.
+    f.bool("nocow")?;
+    f.uint("extent-size-hint")?;
+    f.finish()?;
+    Ok(Box::new(move || {
+        create_file(Path::new(&filename), size, prealloc).map_err(|e| match e {
+            BlockError::Open { .. } => BlockError::Graph(format!(
+                "Could not create '{filename}': {}",
+                strerror(e.errno())
+            )),
+            e => e,
+        })
+    }))
 }
 
 #[cfg(test)]

@@ -30,6 +30,32 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+mod create;
+mod options;
+
+pub use create::create;
+pub use options::{Qcow2Options, DEFAULT_CACHE_CLEAN_INTERVAL};
+
+/// The table row of `qcow2`.
+pub(crate) const ENTRY: super::DriverEntry = super::DriverEntry {
+    names: &["qcow2"],
+    kind: super::Kind::Format,
+    parse: options::parse,
+    create: Some(create::blockdev_create),
+    reopen_mutable: &[
+        "lazy-refcounts",
+        "l2-cache-size",
+        "l2-cache-entry-size",
+        "refcount-cache-size",
+        "cache-size",
+        "cache-clean-interval",
+        "pass-discard-request",
+        "pass-discard-snapshot",
+        "pass-discard-other",
+        "overlap-check",
+    ],
+};
+
 /// The qcow crate's I/O on the `file` child node.
 pub struct NodeIo {
     node: Arc<Node>,
@@ -656,28 +682,4 @@ impl Drop for Qcow2Driver {
             log::error!("qcow2: closing the image failed: {e}");
         }
     }
-}
-
-/// Formats the node `file` as a qcow2 image (QEMU's `blockdev-create` with
-/// `driver: qcow2`), from the control thread.
-pub fn create(file: Arc<Node>, data: Option<Arc<Node>>, opts: qcow::CreateOptions) -> Result<()> {
-    for n in std::iter::once(&file).chain(data.as_ref()) {
-        if n.is_read_only() {
-            return Err(BlockError::ReadOnly(n.name().to_string()));
-        }
-    }
-    let io = NodeIo::new(file);
-    let data = data.map(NodeIo::new);
-    crate::aio::uring::block_on(async move {
-        let image = match data {
-            Some(d) => qcow::create_with_data_file(io, d, &opts).await,
-            None => qcow::create(io, &opts).await,
-        }
-        .map_err(|e| match e {
-            // Option errors are the user's, as QEMU words them.
-            qcow::CreateError::Invalid(m) => BlockError::Graph(m),
-            e => BlockError::Graph(format!("qcow2: {e}")),
-        })?;
-        image.close().await.map_err(image_error)
-    })
 }

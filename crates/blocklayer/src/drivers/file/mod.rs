@@ -2,19 +2,41 @@
 //! host, accessed through the iothread's io_uring, with data moving straight between
 //! the request's buffers (guest memory) and the kernel.
 
-use super::lock::{
-    lock_image, unlock_image, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED,
-};
 use crate::aio::iovec::{AlignedBuf, IoVec};
 use crate::aio::{uring, LocalBoxFuture};
 use crate::driver::Driver;
+use crate::drivers::lock::{
+    lock_image, unlock_image, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED,
+};
 use crate::error::{BlockError, Result};
 use crate::limits::Limits;
-use crate::options::{CommonOptions, FileOptions, LockingMode};
+use crate::options::CommonOptions;
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::sync::atomic::{AtomicU64, Ordering};
+
+pub mod create;
+mod options;
+
+pub use options::{AioMode, FileOptions, LockingMode};
+
+/// The table rows of `file` and `host_device`: one driver, one folder.
+pub(crate) const ENTRY: super::DriverEntry = super::DriverEntry {
+    names: &["file"],
+    kind: super::Kind::Protocol,
+    parse: options::parse,
+    create: Some(create::blockdev_create),
+    reopen_mutable: &["drop-cache", "x-check-cache-dropped"],
+};
+
+pub(crate) const HOST_DEVICE_ENTRY: super::DriverEntry = super::DriverEntry {
+    names: &["host_device"],
+    kind: super::Kind::Protocol,
+    parse: options::parse,
+    create: None,
+    reopen_mutable: &["drop-cache", "x-check-cache-dropped"],
+};
 
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 const BLKSSZGET: libc::c_ulong = 0x1268;
@@ -159,11 +181,7 @@ fn probe_direct_alignment(fd: RawFd, size: u64) -> (u32, usize) {
 }
 
 impl FileDriver {
-    pub fn open(
-        opts: &FileOptions,
-        common: &CommonOptions,
-        host_device: bool,
-    ) -> Result<FileDriver> {
+    pub fn open(opts: &FileOptions, common: &CommonOptions) -> Result<FileDriver> {
         let path = opts.filename.display().to_string();
         let open_err = |source| BlockError::Open {
             path: path.clone(),
@@ -180,7 +198,7 @@ impl FileDriver {
         let meta = file.metadata().map_err(open_err)?;
         let fd = file.as_raw_fd();
         let block_device = meta.file_type().is_block_device();
-        if host_device && !block_device {
+        if opts.host_device && !block_device {
             return Err(BlockError::Graph(format!(
                 "'host_device' driver requires '{path}' to be a block device"
             )));

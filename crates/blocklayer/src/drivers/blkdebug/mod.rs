@@ -18,8 +18,22 @@ use crate::driver::Driver;
 use crate::edge::Edge;
 use crate::error::{BlockError, Result};
 use crate::limits::Limits;
-use crate::options::{BlkdebugIoType, BlkdebugOptions, InjectErrorOptions};
 use std::sync::{Arc, Mutex};
+
+mod options;
+
+pub use options::{
+    BlkdebugIoType, BlkdebugOptions, InjectErrorOptions, BLKDEBUG_EVENTS, BLKDEBUG_RAISED_EVENTS,
+};
+
+/// The table row of `blkdebug`.
+pub(crate) const ENTRY: super::DriverEntry = super::DriverEntry {
+    names: &["blkdebug"],
+    kind: super::Kind::Filter,
+    parse: options::parse,
+    create: None,
+    reopen_mutable: &[],
+};
 
 pub struct BlkdebugDriver {
     image: Arc<Edge>,

@@ -8,6 +8,19 @@ use crate::edge::Edge;
 use crate::error::{BlockError, Result};
 use std::sync::Arc;
 
+mod options;
+
+pub use options::RawOptions;
+
+/// The table row of `raw`.
+pub(crate) const ENTRY: super::DriverEntry = super::DriverEntry {
+    names: &["raw"],
+    kind: super::Kind::Format,
+    parse: options::parse,
+    create: None,
+    reopen_mutable: &["offset", "size"],
+};
+
 pub struct RawDriver {
     file: Arc<Edge>,
     offset: u64,
