@@ -153,6 +153,44 @@ async def test_stream_into_intermediate_node(start_daemon, tmp):
     check_clean(tmp / "mid.qcow2")
 
 
+async def test_read_only_nodes_are_reopened_for_jobs(start_daemon, tmp):
+    """A job writes into a read-only node by reopening it read-write for its run, and
+    read-only again at its end: stream into a read-only mid, then (in a second daemon)
+    an intermediate commit into a read-only base."""
+    make_chain(tmp, LAYERS, SIZE)
+    sock = tmp / "d-e0.sock"
+    extra = {"base": "read-only=on", "mid": "read-only=on"}
+    d = start_daemon(chain_args(tmp, ["base", "mid", "top"], extra) + export_args("e0", "top", sock))
+    async with d.qmp() as c:
+        ev = JobEvents(c)
+        assert (await nodes_by_name(c))["mid"]["ro"] is True
+        assert await execute(c, "block-stream", {"job-id": "s", "device": "mid"}) == {}
+        assert await ev.until("s", "null") == DONE
+        nodes = await nodes_by_name(c)
+        assert nodes["mid"]["ro"] is True and "backing_file" not in nodes["mid"], nodes["mid"]
+        verify_export(sock, seed_runs(LAYERS, SIZE))
+    d.expect_exit = True
+    assert d.stop() is None
+    assert backing_of(tmp / "mid.qcow2") is None
+    compare(ref(tmp, [BASE, MID]), tmp / "mid.qcow2")
+    check_clean(tmp / "mid.qcow2")
+
+    make_chain(tmp, LAYERS, SIZE)
+    d = start_daemon(chain_args(tmp, ["base", "mid", "top"], extra) + export_args("e0", "top", sock))
+    async with d.qmp() as c:
+        ev = JobEvents(c)
+        assert await execute(c, "block-commit", {"job-id": "c", "device": "top", "top-node": "mid"}) == {}
+        assert await ev.until("c", "null") == DONE
+        nodes = await nodes_by_name(c)
+        assert nodes["base"]["ro"] is True, nodes["base"]
+        assert nodes["top"]["backing_file"] == path(tmp, "base")
+        verify_export(sock, seed_runs(LAYERS, SIZE))
+    d.expect_exit = True
+    assert d.stop() is None
+    assert read_disk(tmp / "base.qcow2", tmp) == bytes(expected_disk([BASE, MID], SIZE))
+    check_clean(tmp / "base.qcow2")
+
+
 async def test_stream_errors(start_daemon, tmp):
     d, _ = setup(start_daemon, tmp)
     bs = "block-stream"

@@ -111,6 +111,25 @@ impl Qmp {
             .unwrap_or_else(|e| panic!("{command} failed: {e:?}"))
     }
 
+    /// Waits until job `id` is concluded (polling `query-jobs`) and returns its
+    /// `JobInfo`; panics after `timeout`.
+    pub fn wait_job_concluded(&mut self, id: &str, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let jobs = self.ok("query-jobs", serde_json::json!({}));
+            let job = jobs
+                .as_array()
+                .and_then(|a| a.iter().find(|j| j["id"] == id))
+                .cloned()
+                .unwrap_or_else(|| panic!("no job {id} in {jobs}"));
+            if job["status"] == "concluded" {
+                return job;
+            }
+            assert!(Instant::now() < deadline, "job {id} hangs: {job}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Waits for the next event called `name` (earlier ones of other names are
     /// dropped); `None` after `timeout`.
     pub fn wait_event(&mut self, name: &str, timeout: Duration) -> Option<Value> {

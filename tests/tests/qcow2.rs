@@ -718,6 +718,7 @@ fn blockdev_create_job_over_qmp_then_serve_the_new_image() {
         "blockdev-create",
         json!({"job-id": "j0", "options": {"driver": "file", "filename": img.to_str().unwrap(), "size": 0}}),
     );
+    q.wait_job_concluded("j0", Duration::from_secs(60));
     q.ok("job-dismiss", json!({"id": "j0"}));
     q.ok(
         "blockdev-add",
@@ -756,11 +757,8 @@ fn blockdev_create_job_over_qmp_then_serve_the_new_image() {
         json!({"job-id": "j2", "options": {"driver": "qcow2", "file": "f", "size": MIB,
                "cluster-size": 3000}}),
     );
-    let jobs = q.ok("query-jobs", json!({}));
-    assert!(
-        jobs[0]["error"].as_str().unwrap().contains("cluster"),
-        "{jobs}"
-    );
+    let job = q.wait_job_concluded("j2", Duration::from_secs(60));
+    assert!(job["error"].as_str().unwrap().contains("cluster"), "{job}");
     q.ok("job-dismiss", json!({"id": "j2"}));
     // Argument errors are QMP errors.
     let e = q
@@ -1485,6 +1483,7 @@ fn vubd_creates_images_with_external_data_files() {
             json!({"job-id": format!("f{i}"), "options": {"driver": "file",
                    "filename": p.to_str().unwrap(), "size": 0}}),
         );
+        q.wait_job_concluded(&format!("f{i}"), std::time::Duration::from_secs(60));
         q.ok("job-dismiss", json!({"id": format!("f{i}")}));
         q.ok(
             "blockdev-add",
@@ -1504,9 +1503,8 @@ fn vubd_creates_images_with_external_data_files() {
         json!({"job-id": "j", "options": {"driver": "qcow2", "file": "n0", "size": 8 * MIB,
                "data-file": "n1", "data-file-raw": true}}),
     );
-    let jobs = q.ok("query-jobs", json!({}));
-    assert_eq!(jobs[0]["status"], "concluded", "{jobs}");
-    assert!(jobs[0].get("error").is_none(), "{jobs}");
+    let job = q.wait_job_concluded("j", std::time::Duration::from_secs(60));
+    assert!(job.get("error").is_none(), "{job}");
     q.ok("job-dismiss", json!({"id": "j"}));
     q.ok(
         "blockdev-add",

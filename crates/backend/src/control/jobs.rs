@@ -129,7 +129,7 @@ impl Control {
     }
 
     /// Registers a block job and starts its thread.
-    fn start_job<Fut>(
+    pub(super) fn start_job<Fut>(
         &mut self,
         mut job: Job,
         work: impl FnOnce() -> Fut + Send + 'static,
@@ -216,32 +216,24 @@ impl Control {
             check_busy(n)?;
         }
         let id = self.job_id(&o)?;
-        // QEMU's edges: the main node (its copy-on-read filter there), the active
-        // node, whose other users may write, and the intermediate nodes, which no one
-        // may write while their data moves up.
-        let blk = self.job_user(
-            &id,
-            "stream",
-            "main node",
-            &top,
-            Perm::WRITE_UNCHANGED,
-            Perm::ALL,
-        )?;
-        let basic = Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED;
-        let mut holds = vec![self.job_user(
-            &id,
-            "stream",
-            "active node",
-            &top,
-            Perm::NONE,
-            basic | Perm::WRITE,
-        )?];
-        for n in layers.iter().skip(1) {
-            if base.as_ref().is_some_and(|b| Arc::ptr_eq(b, n)) {
-                break;
+        // The data is written into the top: a read-only top is reopened read-write
+        // for the job, and read-only again when it ends (as QEMU does).
+        let top_ro = top.is_read_only();
+        let top = if top_ro {
+            self.reopen_for_job(&top, true)?
+        } else {
+            top
+        };
+        let users = self.stream_users(&id, &top, &layers, base.as_ref());
+        let (blk, holds) = match users {
+            Ok(u) => u,
+            Err(e) => {
+                if top_ro {
+                    let _ = self.reopen_for_job(&top, false);
+                }
+                return Err(e);
             }
-            holds.push(self.job_user(&id, "stream", "intermediate node", n, Perm::NONE, basic)?);
-        }
+        };
         // From now on guest writes to the top are serialised against the copies;
         // the drained section makes sure none is in flight untracked.
         {
@@ -289,6 +281,11 @@ impl Control {
         let t = top.clone();
         job.cleanup = Some(Box::new(move |ctl: &mut Control| {
             t.serialise_end();
+            if top_ro {
+                if let Err(e) = ctl.reopen_for_job(&t, false) {
+                    log::warn!("stream: node '{}' stays read-write: {e:?}", t.name());
+                }
+            }
             ctl.graph.collect_unused();
         }));
         let stream = Stream {
@@ -381,10 +378,12 @@ impl Control {
             check_busy(n)?;
         }
         let id = self.job_id(&o)?;
-        // The base is written: reopen it read-write if it is a read-only backing file.
-        let base = if base.is_read_only() {
-            let _d = self.graph.drain(&base, DRAIN_TIMEOUT).map_err(generic)?;
-            self.graph.reopen(&base, true).map_err(generic)?
+        // The base is written: reopen it read-write if it is a read-only backing file
+        // (and read-only again when the job ends, unless an active commit pivoted
+        // to it).
+        let base_ro = base.is_read_only();
+        let base = if base_ro {
+            self.reopen_for_job(&base, true)?
         } else {
             base
         };
@@ -438,6 +437,19 @@ impl Control {
         } else {
             None
         };
+        // A base that was read-only goes back to read-only when the job ends, unless
+        // an active commit pivoted to it.
+        let pivoted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let restore_base = {
+            let (b, pivoted) = (base.clone(), pivoted.clone());
+            move |ctl: &mut Control| {
+                if base_ro && !pivoted.load(std::sync::atomic::Ordering::Acquire) {
+                    if let Err(e) = ctl.reopen_for_job(&b, false) {
+                        log::warn!("commit: node '{}' stays read-write: {e:?}", b.name());
+                    }
+                }
+            }
+        };
         if let Some(bm) = dirty.clone() {
             let (t, b, bm2) = (top.clone(), base.clone(), bm.clone());
             job.finish = Some(Box::new(move |ctl: &mut Control| {
@@ -448,12 +460,15 @@ impl Control {
                 block_on(copy_remaining(t.clone(), b.clone(), bm2))?;
                 ctl.graph
                     .replace_node(&t, &b, None)
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| e.to_string())?;
+                pivoted.store(true, std::sync::atomic::Ordering::Release);
+                Ok(())
             }));
             let (t, f) = (top.clone(), filter.clone());
             job.cleanup = Some(Box::new(move |ctl: &mut Control| {
                 t.remove_bitmap(&bm);
                 ctl.drop_job_filter(&f);
+                restore_base(ctl);
                 ctl.graph.collect_unused();
             }));
         } else {
@@ -477,6 +492,7 @@ impl Control {
             }));
             job.cleanup = Some(Box::new(move |ctl: &mut Control| {
                 ctl.drop_job_filter(&filter);
+                restore_base(ctl);
                 ctl.graph.collect_unused();
             }));
         }
@@ -488,6 +504,54 @@ impl Control {
             dirty,
         };
         self.start_job(job, move || commit.run())
+    }
+
+    /// QEMU's stream edges: the main node (its copy-on-read filter there), the
+    /// active node, whose other users may write, and the intermediate nodes, which no
+    /// one may write while their data moves up.
+    fn stream_users(
+        &self,
+        id: &str,
+        top: &Arc<Node>,
+        layers: &[Arc<Node>],
+        base: Option<&Arc<Node>>,
+    ) -> OpResult<(BlockBackend, Vec<BlockBackend>)> {
+        let blk = self.job_user(
+            id,
+            "stream",
+            "main node",
+            top,
+            Perm::WRITE_UNCHANGED,
+            Perm::ALL,
+        )?;
+        let basic = Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED;
+        let mut holds = vec![self.job_user(
+            id,
+            "stream",
+            "active node",
+            top,
+            Perm::NONE,
+            basic | Perm::WRITE,
+        )?];
+        for n in layers.iter().skip(1) {
+            if base.is_some_and(|b| Arc::ptr_eq(b, n)) {
+                break;
+            }
+            holds.push(self.job_user(id, "stream", "intermediate node", n, Perm::NONE, basic)?);
+        }
+        Ok((blk, holds))
+    }
+
+    /// Reopens a node a job writes read-write, or read-only again when the job is
+    /// over (QEMU's `bdrv_reopen_set_read_only` in stream and commit); returns the
+    /// node that now has the name.
+    pub(super) fn reopen_for_job(
+        &mut self,
+        node: &Arc<Node>,
+        writable: bool,
+    ) -> OpResult<Arc<Node>> {
+        let _d = self.graph.drain(node, DRAIN_TIMEOUT).map_err(generic)?;
+        self.graph.reopen(node, writable).map_err(generic)
     }
 
     /// The users a commit takes, with QEMU's permissions and edge names: the main

@@ -573,34 +573,22 @@ impl Control {
     // ---- jobs ------------------------------------------------------------------
 
     /// `blockdev-create`: formats a node (`driver: qcow2`, `file` an existing node)
-    /// or creates a host file (`driver: file`), as a job.
+    /// or creates a host file (`driver: file`), as a job on its own thread: the
+    /// monitor answers meanwhile (a full preallocation can take long).
     pub fn blockdev_create(&mut self, job_id: &str, options: &Value) -> OpResult<()> {
-        use crate::jobs::{Job, JobCore, Status};
+        use crate::jobs::{Job, JobCore};
         self.jobs.check_id(job_id)?;
         let work = self.create_work(options)?;
-        let events = self.events.clone();
         let core = Arc::new(JobCore::new(job_id, 0));
+        core.set_len(1);
         let mut job = Job::new(job_id, "create", core.clone(), false);
         job.auto_dismiss = false;
-        self.jobs.insert(&events, job);
-        self.jobs.transition(&events, job_id, Status::Running);
-        // QEMU's create jobs count their one step done either way.
-        let r = work();
-        core.progress(1);
-        match r {
-            Ok(()) => {
-                self.jobs.transition(&events, job_id, Status::Waiting);
-                self.jobs.transition(&events, job_id, Status::Pending);
-            }
-            Err(e) => {
-                if let Some(j) = self.jobs.get_mut(job_id) {
-                    j.error = Some(e);
-                }
-                self.jobs.transition(&events, job_id, Status::Aborting);
-            }
-        }
-        self.jobs.transition(&events, job_id, Status::Concluded);
-        Ok(())
+        self.start_job(job, move || async move {
+            let r = work();
+            // QEMU's create jobs count their one step done either way.
+            core.progress(1);
+            r
+        })
     }
 
     /// Checks the creation options now (QMP errors) and returns the work to run in
@@ -608,7 +596,7 @@ impl Control {
     fn create_work(
         &self,
         options: &Value,
-    ) -> OpResult<Box<dyn FnOnce() -> std::result::Result<(), String>>> {
+    ) -> OpResult<Box<dyn FnOnce() -> std::result::Result<(), String> + Send>> {
         use blocklayer::options::coerce::Fields;
         let e = |e: blocklayer::options::OptionsError| QmpError::generic(e.to_string());
         let mut f = Fields::new_strict(options, "options").map_err(e)?;
