@@ -520,3 +520,63 @@ async def test_blockdev_create_job_states(daemon, tmp):
         assert await execute(c, "job-dismiss", {"id": "cr"}) == {}
         assert await ev.until("cr", "null") == ["null"]
         assert good.stat().st_size == MIB
+
+
+async def test_blockdev_amend(start_daemon, tmp):
+    """x-blockdev-amend is an `amend` job. On a qcow2 image without encryption it has
+    nothing to change and succeeds; an encryption amendment fails in the job with
+    QEMU's text. Argument errors are QMP errors, in QEMU's order and texts."""
+    d = setup(start_daemon, tmp, extra_args=["--blockdev", "null-co,node-name=nul"])
+    am = "x-blockdev-amend"
+    async with d.qmp() as c:
+        ev = JobEvents(c)
+        for options, err in [
+            ({"driver": "qcow2"}, None),
+            ({"driver": "qcow2", "encrypt": {"format": "luks", "state": "active", "new-secret": "s"}},
+             "image is not encrypted, can't amend"),
+            ({"driver": "qcow2", "encrypt": {"format": "qcow"}}, "image is not encrypted, can't amend"),
+        ]:
+            assert await execute(c, am, {"job-id": "a", "node-name": "top", "options": options}) == {}
+            states = await ev.until("a", "concluded")
+            want = {"id": "a", "type": "amend", "status": "concluded",
+                    "current-progress": 1, "total-progress": 1}
+            if err is None:
+                assert states == ["created", "running", "waiting", "pending", "concluded"]
+            else:
+                assert states == ["created", "running", "aborting", "concluded"]
+                want["error"] = err
+            assert await job(c, "a") == want
+            assert await execute(c, "query-block-jobs") == []
+            assert await execute(c, "job-dismiss", {"id": "a"}) == {}
+            await ev.until("a", "null")
+        cases = [
+            ({"node-name": "top", "options": {"driver": "qcow2"}}, "Parameter 'job-id' is missing"),
+            ({"job-id": "a", "node-name": "top"}, "Parameter 'options' is missing"),
+            ({"job-id": "a", "node-name": "top", "options": {}}, "Parameter 'options.driver' is missing"),
+            ({"job-id": "a", "node-name": "top", "options": {"driver": "bogus"}},
+             "Parameter 'driver' does not accept value 'bogus'"),
+            ({"job-id": "a", "node-name": "top", "options": {"driver": "qcow2", "bogus": 1}},
+             "Parameter 'options.bogus' is unexpected"),
+            ({"job-id": "a", "node-name": "top", "options": {"driver": "qcow2", "encrypt": {"format": "luks"}}},
+             "Parameter 'options.encrypt.state' is missing"),
+            ({"job-id": "a", "node-name": "top", "options": {"driver": "luks"}}, "Parameter 'options.state' is missing"),
+            ({"job-id": "a", "node-name": "top", "options": {"driver": "qcow2"}, "force": 1},
+             "Invalid parameter type for 'force', expected: boolean"),
+            ({"job-id": "a", "node-name": "nosuch", "options": {"driver": "qcow2"}},
+             "Cannot find device='' nor node-name='nosuch'"),
+            ({"job-id": "a", "node-name": "top", "options": {"driver": "raw"}},
+             "x-blockdev-amend doesn't support changing the block driver"),
+            ({"job-id": "a", "node-name": "top-file", "options": {"driver": "qcow2"}},
+             "x-blockdev-amend doesn't support changing the block driver"),
+            ({"job-id": "a", "node-name": "top-file", "options": {"driver": "file"}},
+             "Driver does not support x-blockdev-amend"),
+            ({"job-id": "a", "node-name": "nul", "options": {"driver": "null-co"}},
+             "Driver does not support x-blockdev-amend"),
+            ({"job-id": "1a", "node-name": "top", "options": {"driver": "qcow2"}}, "Invalid job ID '1a'"),
+        ]
+        for args, desc in cases:
+            await error(c, am, args, desc=desc)
+        assert await execute(c, "query-jobs") == []
+    d.expect_exit = True
+    assert d.stop() is None
+    check_clean(tmp / "top.qcow2")

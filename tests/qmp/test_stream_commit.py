@@ -191,6 +191,35 @@ async def test_read_only_nodes_are_reopened_for_jobs(start_daemon, tmp):
     check_clean(tmp / "base.qcow2")
 
 
+@pytest.mark.parametrize("job", ["stream", "commit", "active-commit"])
+async def test_jobs_cancelled_on_shutdown(start_daemon, tmp, job):
+    """SIGTERM while a job runs (an active commit in ready, with its filter over the
+    top): the daemon cancels the job and exits cleanly; every image is clean and the
+    chain is as before."""
+    make_chain(tmp, LAYERS, SIZE)
+    sock = tmp / "d-e0.sock"
+    extra = {"base": "read-only=on"}
+    d = start_daemon(chain_args(tmp, ["base", "mid", "top"], extra) + export_args("e0", "top", sock))
+    args = {
+        "stream": ("block-stream", {"device": "top", "speed": 1}, "running"),
+        "commit": ("block-commit", {"device": "top", "top-node": "mid", "speed": 1}, "running"),
+        "active-commit": ("block-commit", {"device": "top"}, "BLOCK_JOB_READY"),
+    }[job]
+    async with d.qmp() as c:
+        ev = JobEvents(c)
+        await execute(c, args[0], {"job-id": "j", **args[1]})
+        await ev.until("j", args[2])
+        io_ok("write", "--socket", sock, "--offset", 0, "--len", 64 * KIB, "--seed", 9)
+    d.expect_exit = True
+    assert d.stop() is None
+    for name in ("top", "mid", "base"):
+        check_clean(tmp / f"{name}.qcow2")
+    assert backing_of(tmp / "top.qcow2") == path(tmp, "mid")
+    assert backing_of(tmp / "mid.qcow2") == path(tmp, "base")
+    final = LAYERS + [("w", [(0, 64 * KIB, 9)])]
+    compare(ref(tmp, final), tmp / "top.qcow2")
+
+
 async def test_stream_errors(start_daemon, tmp):
     d, _ = setup(start_daemon, tmp)
     bs = "block-stream"

@@ -142,13 +142,46 @@ impl Control {
         let events = self.events.clone();
         self.jobs.insert(&events, job);
         self.jobs.transition(&events, &id, Status::Running);
-        if let Err(e) = crate::jobs::spawn(&id, self.tx.clone(), work) {
-            self.job_msg(JobMsg::Done {
+        match crate::jobs::spawn(&id, self.tx.clone(), work) {
+            Ok(t) => {
+                if let Some(j) = self.jobs.get_mut(&id) {
+                    j.thread = Some(t);
+                }
+            }
+            Err(e) => self.job_msg(JobMsg::Done {
                 id,
                 result: Err(e.to_string()),
-            });
+            }),
         }
         Ok(())
+    }
+
+    /// On the way out (QEMU's `job_cancel_sync_all`): every job not yet concluded
+    /// is cancelled, its thread joined, and its cleanup run (filters taken out,
+    /// nodes reopened read-only), so that no job writes into an image being closed.
+    pub(super) fn cancel_all_jobs(&mut self) {
+        let ids = self.jobs.unfinished();
+        for id in &ids {
+            if let Some(j) = self.jobs.get_mut(id) {
+                j.user_paused = false;
+                j.core.request_cancel(Cancel::Force);
+            }
+        }
+        let deadline = std::time::Instant::now() + DRAIN_TIMEOUT;
+        for id in &ids {
+            let Some(t) = self.jobs.get_mut(id).and_then(|j| j.thread.take()) else {
+                continue;
+            };
+            while !t.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            if !t.is_finished() {
+                log::error!("job {id}: still running at shutdown");
+                continue;
+            }
+            let _ = t.join();
+            self.job_done(id, Err(CANCELLED.to_string()));
+        }
     }
 
     /// `block-stream`

@@ -177,6 +177,8 @@ pub struct Job {
     pub block: bool,
     pub finish: Option<Finish>,
     pub cleanup: Option<Cleanup>,
+    /// The job's thread, joined when the daemon shuts down.
+    pub thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Job {
@@ -195,6 +197,7 @@ impl Job {
             block,
             finish: None,
             cleanup: None,
+            thread: None,
         }
     }
 
@@ -453,6 +456,15 @@ impl Jobs {
     }
 
     /// `query-jobs`
+    /// The ids of the jobs not yet concluded.
+    pub fn unfinished(&self) -> Vec<String> {
+        self.jobs
+            .values()
+            .filter(|j| !matches!(j.status, Status::Concluded | Status::Null))
+            .map(|j| j.id.clone())
+            .collect()
+    }
+
     pub fn query(&self) -> Value {
         Value::Array(self.jobs.values().map(Job::info).collect())
     }
@@ -475,7 +487,7 @@ pub fn spawn<F, Fut>(
     id: &str,
     tx: std::sync::mpsc::Sender<crate::control::ControlMsg>,
     work: F,
-) -> std::io::Result<()>
+) -> std::io::Result<std::thread::JoinHandle<()>>
 where
     F: FnOnce() -> Fut + Send + 'static,
     Fut: std::future::Future<Output = Result<(), String>> + 'static,
@@ -487,5 +499,4 @@ where
             let result = blocklayer::aio::uring::block_on(work());
             let _ = tx.send(crate::control::ControlMsg::Job(JobMsg::Done { id, result }));
         })
-        .map(|_| ())
 }

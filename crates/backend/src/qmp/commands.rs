@@ -29,6 +29,7 @@ pub const COMMANDS: &[&str] = &[
     "blockdev-snapshot-internal-sync",
     "blockdev-snapshot-delete-internal-sync",
     "blockdev-create",
+    "x-blockdev-amend",
     "query-jobs",
     "job-dismiss",
     "job-pause",
@@ -217,6 +218,23 @@ pub fn execute(ctl: &mut Control, name: &str, arguments: &Value) -> QmpResult {
             a.finish()?;
             let snap = ctl.snapshot_delete_internal(&device, id.as_deref(), name.as_deref())?;
             Ok(snap.to_qmp())
+        }
+        "x-blockdev-amend" => {
+            let job_id = a.str("job-id")?;
+            let node = a.str("node-name")?;
+            let options = match a.take("options") {
+                Some(v @ Value::Object(_)) => v,
+                Some(_) => {
+                    return Err(QmpError::generic(
+                        "Invalid parameter type for 'options', expected: object",
+                    ))
+                }
+                None => return Err(QmpError::generic("Parameter 'options' is missing")),
+            };
+            let force = a.opt_bool("force")?.unwrap_or(false);
+            a.finish()?;
+            ctl.blockdev_amend(&job_id, &node, &options, force)?;
+            ok()
         }
         "blockdev-create" => {
             let job_id = a.str("job-id")?;
