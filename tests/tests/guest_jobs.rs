@@ -9,7 +9,9 @@
 //! 3. builds a 3-layer chain with two `blockdev-snapshot-sync` (s1 <- s2 <- s3) and
 //!    commits the intermediate layer: `block-commit` top-node=s2 base-node=s1 (s1 <- s3);
 //! 4. commits the active layer: `block-commit` of s3 into s1, waits for
-//!    BLOCK_JOB_READY, then `block-job-complete`: the export now writes to s1.
+//!    BLOCK_JOB_READY, then `block-job-complete`: the export now writes to s1;
+//! 5. reopens s1 twice with `blockdev-reopen` (detect-zeroes on, then off): its image
+//!    is closed and opened again under the export while the guest writes.
 //!
 //! The stream and the intermediate commit run with a `speed` limit so that they last
 //! while the guest writes (the test checks that it saw them in progress, and fio still
@@ -433,7 +435,7 @@ impl Run {
 }
 
 #[test]
-fn guest_writes_through_snapshot_stream_and_commits() {
+fn guest_writes_through_snapshot_stream_commits_and_reopen() {
     let (daemon_name, bin) = daemon_bin();
     let name = "guest-jobs";
     let t0 = Instant::now();
@@ -598,6 +600,23 @@ fn guest_writes_through_snapshot_stream_and_commits() {
     r.wait_job("commit1", "BLOCK_JOB_COMPLETED");
     r.assert_fio_running("when the active commit completed");
     r.quiesce_and_check("active commit", &["s1.qcow2"]);
+
+    // 5. blockdev-reopen of the exported node while the guest writes: its image is
+    // closed and opened again under the export (detect-zeroes on, then back).
+    r.start_fio();
+    r.wait_rounds(1);
+    for dz in ["on", "off"] {
+        r.note(&format!("blockdev-reopen s1 detect-zeroes={dz}"));
+        r.qmp.ok(
+            "blockdev-reopen",
+            json!({"options": [{
+                "driver": "qcow2", "node-name": "s1", "file": "s1-file", "detect-zeroes": dz
+            }]}),
+        );
+        r.wait_rounds(1);
+        r.assert_fio_running(&format!("after the reopen with detect-zeroes={dz}"));
+    }
+    r.quiesce_and_check("reopen", &["s1.qcow2"]);
 
     // The guest now writes to s1 alone; one more verified round there, then shut down.
     r.start_fio();
