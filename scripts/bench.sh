@@ -9,10 +9,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-cargo build --release -q -p vubd -p vubd-tests --bin vubd --bin vubd-bench
+cargo build --release -q -p vubd -p vubd-tests --bin vubd --bin vubd-bench --bin vubd-io
 target_dir="${CARGO_TARGET_DIR:-target}"
 if [ "${1:-}" = "--jobs" ]; then
     shift
-    exec python3 scripts/bench_jobs.py --vubd "$target_dir/release/vubd" "$@"
+    exec python3 scripts/bench_jobs.py --vubd "$target_dir/release/vubd" \
+        --vubd-io "$target_dir/release/vubd-io" "$@"
 fi
 exec "$target_dir/release/vubd-bench" --vubd "$target_dir/release/vubd" "$@"

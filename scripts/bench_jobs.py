@@ -6,16 +6,22 @@ For each daemon, on image files under /dev/shm (or --dir):
     exported writable; block-stream copies the base into the top;
   * commit: base.qcow2 is empty, mid.qcow2 holds SIZE bytes, top.qcow2 is an empty
     overlay exported writable; block-commit (top-node=mid) copies mid into base;
-  * speed: the stream again with speed=SPEED: the rate reached against the one set.
+  * speed: the stream again with speed=SPEED: the rate reached against the one set;
+  * I/O during a job: `vubd-io stress` (random verified reads and writes on the first
+    32 MiB of the disk, 1 queue; the guest of this benchmark) on the exported top for
+    --io-secs without a job, then as long again while a stream with speed=SPEED copies
+    the rest: its operations per second both times, and how much they dropped.
 The time runs from the command to BLOCK_JOB_COMPLETED; the median of --reps runs is
 printed, with the ratio vubd/qsd. Usage (scripts/bench.sh --jobs does the build):
-  scripts/bench_jobs.py --vubd target/release/vubd [--size-mib 1024] [--reps 3]
+  scripts/bench_jobs.py --vubd target/release/vubd --vubd-io target/release/vubd-io \
+      [--size-mib 1024] [--reps 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import shutil
 import statistics
 import subprocess
@@ -103,6 +109,49 @@ async def one(binary: str, d: Path, kind: str, size: int, speed: int) -> float:
             p.wait()
 
 
+def stress_ops(vubd_io: str, sock: Path, secs: int) -> float:
+    """Operations per second of one `vubd-io stress` run on the export."""
+    out = subprocess.run(
+        [vubd_io, "stress", "--socket", str(sock), "--seconds", str(secs), "--seed", "7",
+         "--span", str(32 * MIB)],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    r = json.loads(out.strip().splitlines()[-1])
+    assert r["ok"], r
+    return (r["reads"] + r["writes"]) / (r["elapsed_ms"] / 1000)
+
+
+async def io_during_job(binary: str, vubd_io: str, d: Path, size: int, speed: int,
+                        secs: int) -> tuple[float, float]:
+    """(stress ops/s without a job, with a stream at `speed` running)."""
+    make_chain(d, "stream", size)
+    p = subprocess.Popen([binary, *daemon_args(d)], stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(200):
+            if (d / "m.sock").exists() and (d / "e.sock").exists():
+                break
+            time.sleep(0.05)
+        c = QMPClient()
+        await c.connect(str(d / "m.sock"))
+        loop = asyncio.get_running_loop()
+        idle = await loop.run_in_executor(None, stress_ops, vubd_io, d / "e.sock", secs)
+        await c.execute("block-stream", {"job-id": "j", "device": "top", "speed": speed})
+        busy = await loop.run_in_executor(None, stress_ops, vubd_io, d / "e.sock", secs)
+        jobs = await c.execute("query-block-jobs")
+        assert jobs and jobs[0]["offset"] < size, f"the job ended before the I/O: {jobs}"
+        try:
+            await c.execute("quit")
+        except Exception:
+            pass
+        await c.disconnect()
+        p.wait(timeout=60)
+        return idle, busy
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--vubd", default="target/release/vubd")
@@ -110,6 +159,8 @@ def main() -> None:
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--speed-mib", type=int, default=100)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--vubd-io", default="target/release/vubd-io")
+    ap.add_argument("--io-secs", type=int, default=5)
     ap.add_argument("--dir", default="/dev/shm")
     a = ap.parse_args()
     size = a.size_mib * MIB
@@ -132,6 +183,20 @@ def main() -> None:
                 mbs = {k: size / v / MIB for k, v in med.items()}
                 print(f"| {kind}: MiB/s (median s) | {mbs['vubd']:.0f} ({med['vubd']:.2f} s) "
                       f"| {mbs['qsd']:.0f} ({med['qsd']:.2f} s) | {mbs['vubd'] / mbs['qsd']:.2f}x |")
+        print()
+        print(f"| stress I/O on the export (ops/s), stream at {a.speed_mib} MiB/s | vubd | qsd | vubd/qsd |")
+        print("|---|---:|---:|---:|")
+        io: dict[str, list[tuple[float, float]]] = {"vubd": [], "qsd": []}
+        for _ in range(a.reps):
+            for name, binary in (("vubd", a.vubd), ("qsd", a.qsd)):
+                io[name].append(asyncio.run(io_during_job(
+                    binary, a.vubd_io, d, size, a.speed_mib * MIB, a.io_secs)))
+        idle = {k: statistics.median(x for x, _ in v) for k, v in io.items()}
+        busy = {k: statistics.median(y for _, y in v) for k, v in io.items()}
+        drop = {k: 100 * (1 - busy[k] / idle[k]) for k in io}
+        print(f"| without a job | {idle['vubd']:.0f} | {idle['qsd']:.0f} | {idle['vubd'] / idle['qsd']:.2f}x |")
+        print(f"| while the stream runs | {busy['vubd']:.0f} | {busy['qsd']:.0f} | {busy['vubd'] / busy['qsd']:.2f}x |")
+        print(f"| drop | {drop['vubd']:.0f}% | {drop['qsd']:.0f}% | |")
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
