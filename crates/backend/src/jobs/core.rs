@@ -3,11 +3,12 @@
 
 use blocklayer::aio::clock;
 use blocklayer::aio::uring::sleep_ns;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::Mutex;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
-
-/// How often a paused job looks whether it may go on.
-const PAUSE_POLL: Duration = Duration::from_millis(10);
 /// QEMU's rate-limit slice: a job copies at most `speed / 10` bytes per 100 ms.
 const SLICE: Duration = Duration::from_millis(100);
 
@@ -36,6 +37,9 @@ pub struct JobCore {
     cancel: AtomicU8,
     complete: AtomicBool,
     busy: AtomicBool,
+    /// The job's task while it waits at a pause point or in a sleep: every request
+    /// from the control thread wakes it (no polling).
+    waiter: Mutex<Option<Waker>>,
 }
 
 impl JobCore {
@@ -49,6 +53,7 @@ impl JobCore {
             cancel: AtomicU8::new(Cancel::None as u8),
             complete: AtomicBool::new(false),
             busy: AtomicBool::new(false),
+            waiter: Mutex::new(None),
         }
     }
 
@@ -75,10 +80,26 @@ impl JobCore {
 
     pub fn set_speed(&self, s: u64) {
         self.speed.store(s, Ordering::Release);
+        self.notify();
     }
 
     pub fn set_paused(&self, on: bool) {
         self.pause.store(on, Ordering::Release);
+        self.notify();
+    }
+
+    /// Wakes the job if it waits (after a request changed what it waits for).
+    fn notify(&self) {
+        let w = self.waiter.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(w) = w {
+            w.wake();
+        }
+    }
+
+    /// Waits until `done()` holds, re-checking only when the control thread makes a
+    /// request (see [`JobCore::notify`]).
+    async fn until(&self, done: impl Fn() -> bool) {
+        Until { core: self, done }.await
     }
 
     pub fn is_pause_requested(&self) -> bool {
@@ -88,6 +109,7 @@ impl JobCore {
     pub fn request_cancel(&self, how: Cancel) {
         self.cancel.fetch_max(how as u8, Ordering::AcqRel);
         self.pause.store(false, Ordering::Release);
+        self.notify();
     }
 
     pub fn cancel_requested(&self) -> Cancel {
@@ -100,6 +122,7 @@ impl JobCore {
 
     pub fn request_complete(&self) {
         self.complete.store(true, Ordering::Release);
+        self.notify();
     }
 
     pub fn complete_requested(&self) -> bool {
@@ -125,7 +148,8 @@ impl JobCore {
                 return Ok(());
             }
             self.busy.store(false, Ordering::Release);
-            sleep_ns(PAUSE_POLL.as_nanos() as u64).await;
+            self.until(|| self.cancel_requested() != Cancel::None || !self.is_pause_requested())
+                .await;
         }
     }
 
@@ -134,21 +158,53 @@ impl JobCore {
     /// is set).
     pub async fn sleep(&self, d: Duration) {
         self.busy.store(false, Ordering::Release);
-        let end = Instant::now() + d;
         let speed = self.speed();
-        loop {
-            let now = Instant::now();
-            if now >= end
-                || self.cancel_requested() != Cancel::None
+        let timer = Box::pin(sleep_ns(d.as_nanos().min(u64::MAX as u128) as u64));
+        let woken = Box::pin(self.until(|| {
+            self.cancel_requested() != Cancel::None
                 || self.is_pause_requested()
                 || self.complete_requested()
                 || self.speed() != speed
-            {
-                break;
-            }
-            sleep_ns((end - now).min(PAUSE_POLL).as_nanos() as u64).await;
-        }
+        }));
+        First(timer, woken).await;
         self.busy.store(true, Ordering::Release);
+    }
+}
+
+/// See [`JobCore::until`].
+struct Until<'a, F: Fn() -> bool> {
+    core: &'a JobCore,
+    done: F,
+}
+
+impl<F: Fn() -> bool> Future for Until<'_, F> {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if (self.done)() {
+            return Poll::Ready(());
+        }
+        *self.core.waiter.lock().unwrap_or_else(|p| p.into_inner()) = Some(cx.waker().clone());
+        // A request made before the waker was stored has not woken it: look again.
+        if (self.done)() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
+/// Completes when the first of two futures does (the other is dropped: an io_uring
+/// timer in flight is left to the engine, which keeps it until it completes).
+struct First<A, B>(Pin<Box<A>>, Pin<Box<B>>);
+
+impl<A: Future, B: Future> Future for First<A, B> {
+    type Output = ();
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.1.as_mut().poll(cx).is_ready() || self.0.as_mut().poll(cx).is_ready() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
     }
 }
 

@@ -262,6 +262,14 @@ pub fn live_tasks() -> usize {
     EXECUTOR.with(|e| e.borrow().live.iter().filter(|l| **l).count())
 }
 
+/// Whether another thread has woken a task of this thread that is not on the ready
+/// list yet.
+pub fn has_remote_wakes() -> bool {
+    MEMBERSHIP
+        .try_with(|m| m.remote.pending.load(Ordering::Acquire))
+        .unwrap_or(false)
+}
+
 /// Whether any task is ready to be polled.
 pub fn has_ready() -> bool {
     EXECUTOR.with(|e| !e.borrow().ready.is_empty())

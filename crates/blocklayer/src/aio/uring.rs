@@ -437,7 +437,12 @@ pub async fn sleep_ns(ns: u64) {
 }
 
 /// Runs `fut` to completion on this thread, driving the executor and the engine
-/// (for control-plane work outside iothreads, and tests).
+/// (for control-plane work outside iothreads, job threads, and tests).
+///
+/// When nothing is ready it sleeps on the engine's eventfd, which both completions
+/// (the eventfd is registered with the ring) and wakes from other threads (the
+/// executor's remote notification) write: a future waiting for another thread (a
+/// drained section ending, a job request from the control thread) costs no CPU.
 pub fn block_on<T: 'static>(fut: impl Future<Output = T> + 'static) -> T {
     let out = std::rc::Rc::new(RefCell::new(None));
     let out2 = out.clone();
@@ -445,6 +450,7 @@ pub fn block_on<T: 'static>(fut: impl Future<Output = T> + 'static) -> T {
         let v = fut.await;
         *out2.borrow_mut() = Some(v);
     });
+    set_eventfd_enabled(true);
     loop {
         super::executor::run_ready();
         if let Some(v) = out.borrow_mut().take() {
@@ -453,20 +459,37 @@ pub fn block_on<T: 'static>(fut: impl Future<Output = T> + 'static) -> T {
         if super::executor::has_ready() {
             continue;
         }
-        let waiting = in_flight() > 0 || submit().map(|n| n > 0).unwrap_or(false);
-        if waiting {
-            if let Err(e) = submit_and_wait() {
-                if e.kind() != io::ErrorKind::Interrupted {
-                    log::error!("io_uring wait failed: {e}");
-                }
-            }
+        if let Err(e) = submit() {
+            log::error!("io_uring submit failed: {e}");
         }
-        if reap() == 0 && !super::executor::has_ready() && in_flight() == 0 {
-            // Nothing can make progress: the future waits for something that is not
-            // driven by this thread. Spin politely.
-            std::thread::yield_now();
+        if reap() > 0 || super::executor::has_remote_wakes() {
+            continue;
+        }
+        wait_eventfd();
+    }
+}
+
+/// Sleeps until the engine's eventfd is written (a completion or a remote wake), then
+/// clears it.
+fn wait_eventfd() {
+    let Ok(fd) = eventfd() else {
+        std::thread::yield_now();
+        return;
+    };
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `pfd` is one valid pollfd that lives across the call.
+    let r = unsafe { libc::poll(&mut pfd, 1, -1) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            log::error!("poll on the io_uring eventfd failed: {e}");
         }
     }
+    clear_eventfd();
 }
 
 #[cfg(test)]
