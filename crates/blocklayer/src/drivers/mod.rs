@@ -10,6 +10,7 @@
 pub mod blkdebug;
 pub mod copy_on_read;
 pub mod file;
+pub mod forward;
 pub mod job_filter;
 pub mod lock;
 pub mod null;

@@ -15,6 +15,7 @@
 use crate::aio::iovec::IoVec;
 use crate::aio::LocalBoxFuture;
 use crate::driver::Driver;
+use crate::drivers::forward;
 use crate::edge::Edge;
 use crate::error::{BlockError, Result};
 use crate::limits::Limits;
@@ -180,11 +181,11 @@ impl Driver for BlkdebugDriver {
     }
 
     fn discard(&self, offset: u64, len: u64) -> LocalBoxFuture<'_, Result<()>> {
-        Box::pin(async move { self.image.node().discard(offset, len).await })
+        forward::discard(&self.image, offset, len)
     }
 
     fn allocate(&self, offset: u64, len: u64) -> LocalBoxFuture<'_, Result<()>> {
-        Box::pin(async move { self.image.node().allocate(offset, len).await })
+        forward::allocate(&self.image, offset, len)
     }
 
     fn write_zeroes(

@@ -17,6 +17,7 @@ use crate::aio::bounce::Budget;
 use crate::aio::iovec::IoVec;
 use crate::aio::LocalBoxFuture;
 use crate::driver::Driver;
+use crate::drivers::forward;
 use crate::edge::Edge;
 use crate::error::{BlockError, Result};
 use crate::node::Node;
@@ -225,19 +226,19 @@ impl Driver for CorDriver {
     }
 
     fn write<'a>(&'a self, offset: u64, iov: IoVec, fua: bool) -> LocalBoxFuture<'a, Result<()>> {
-        Box::pin(async move { self.file.node().write(offset, iov, fua).await })
+        forward::write(&self.file, offset, iov, fua)
     }
 
     fn flush(&self) -> LocalBoxFuture<'_, Result<()>> {
-        Box::pin(async move { self.file.node().flush().await })
+        forward::flush(&self.file)
     }
 
     fn discard(&self, offset: u64, len: u64) -> LocalBoxFuture<'_, Result<()>> {
-        Box::pin(async move { self.file.node().discard(offset, len).await })
+        forward::discard(&self.file, offset, len)
     }
 
     fn allocate(&self, offset: u64, len: u64) -> LocalBoxFuture<'_, Result<()>> {
-        Box::pin(async move { self.file.node().allocate(offset, len).await })
+        forward::allocate(&self.file, offset, len)
     }
 
     fn write_zeroes(
@@ -246,12 +247,7 @@ impl Driver for CorDriver {
         len: u64,
         may_unmap: bool,
     ) -> LocalBoxFuture<'_, Result<()>> {
-        Box::pin(async move {
-            self.file
-                .node()
-                .write_zeroes(offset, len, may_unmap, false)
-                .await
-        })
+        forward::write_zeroes(&self.file, offset, len, may_unmap)
     }
 }
 

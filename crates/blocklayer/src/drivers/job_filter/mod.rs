@@ -11,6 +11,7 @@
 use crate::aio::iovec::IoVec;
 use crate::aio::LocalBoxFuture;
 use crate::driver::Driver;
+use crate::drivers::forward;
 use crate::edge::Edge;
 use crate::error::Result;
 use crate::perm::Perm;
@@ -88,19 +89,19 @@ impl Driver for JobFilter {
     }
 
     fn write<'a>(&'a self, offset: u64, iov: IoVec, fua: bool) -> LocalBoxFuture<'a, Result<()>> {
-        Box::pin(async move { self.child.node().write(offset, iov, fua).await })
+        forward::write(&self.child, offset, iov, fua)
     }
 
     fn flush(&self) -> LocalBoxFuture<'_, Result<()>> {
-        Box::pin(async move { self.child.node().flush().await })
+        forward::flush(&self.child)
     }
 
     fn discard(&self, offset: u64, len: u64) -> LocalBoxFuture<'_, Result<()>> {
-        Box::pin(async move { self.child.node().discard(offset, len).await })
+        forward::discard(&self.child, offset, len)
     }
 
     fn allocate(&self, offset: u64, len: u64) -> LocalBoxFuture<'_, Result<()>> {
-        Box::pin(async move { self.child.node().allocate(offset, len).await })
+        forward::allocate(&self.child, offset, len)
     }
 
     fn write_zeroes(
@@ -109,11 +110,6 @@ impl Driver for JobFilter {
         len: u64,
         may_unmap: bool,
     ) -> LocalBoxFuture<'_, Result<()>> {
-        Box::pin(async move {
-            self.child
-                .node()
-                .write_zeroes(offset, len, may_unmap, false)
-                .await
-        })
+        forward::write_zeroes(&self.child, offset, len, may_unmap)
     }
 }
