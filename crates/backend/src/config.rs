@@ -84,29 +84,8 @@ pub struct ExportConfig {
     pub werror: OnError,
 }
 
-/// What a failed request does (QEMU's `BlockdevOnError` for devices).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OnError {
-    /// The error goes to the guest.
-    Report,
-    /// The request completes as if it had succeeded.
-    Ignore,
-    /// The export stops; the request is held and retried on `cont`.
-    Stop,
-    /// Stop on ENOSPC, report anything else.
-    Enospc,
-}
-
-impl OnError {
-    pub fn name(self) -> &'static str {
-        match self {
-            OnError::Report => "report",
-            OnError::Ignore => "ignore",
-            OnError::Stop => "stop",
-            OnError::Enospc => "enospc",
-        }
-    }
-}
+/// What a failed request does (QEMU's `BlockdevOnError`): the block layer's.
+pub use blocklayer::backend::OnError;
 
 impl ExportConfig {
     /// The write cache mode the guest starts with.

@@ -17,6 +17,7 @@ pub mod driver;
 pub mod drivers;
 pub mod edge;
 pub mod error;
+pub mod error_policy;
 pub mod events;
 pub mod filter;
 pub mod graph;

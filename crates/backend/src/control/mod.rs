@@ -6,7 +6,7 @@
 //! changes and drains those nodes; other exports keep serving.
 
 use crate::config::{ExportConfig, IoThreadConfig, ObjectConfig};
-use crate::export::{Export, ExportError, ExportShared};
+use crate::export::{self, Export, ExportError};
 use crate::iothread::IoThread;
 use crate::qmp::events::EventBus;
 use crate::qmp::wire::{QmpError, QmpResult};
@@ -60,7 +60,7 @@ fn depends_on(node: &Node, name: &str) -> bool {
 }
 
 struct ExportEntry {
-    export: Export,
+    export: Arc<dyn Export>,
     shutting_down: bool,
 }
 
@@ -144,7 +144,6 @@ impl Control {
     fn iothread_user(&self, id: &str) -> Option<&str> {
         self.exports.iter().find_map(|(eid, e)| {
             e.export
-                .shared
                 .iothreads()
                 .iter()
                 .any(|t| t.is_object && t.id == id)
@@ -179,7 +178,7 @@ impl Control {
     fn exports_of(&self, node: &str) -> Vec<&ExportEntry> {
         self.exports
             .values()
-            .filter(|e| e.export.shared.node().name() == node)
+            .filter(|e| e.export.node().name() == node)
             .collect()
     }
 
@@ -209,13 +208,13 @@ impl Control {
         &self,
         node: &Arc<Node>,
         op: impl FnOnce() -> OpResult<T>,
-    ) -> (OpResult<T>, Vec<Arc<ExportShared>>) {
+    ) -> (OpResult<T>, Vec<Arc<dyn Export>>) {
         let name = node.name();
         let exports: Vec<_> = self
             .exports
             .values()
-            .filter(|e| depends_on(&e.export.shared.node(), name))
-            .map(|e| e.export.shared.clone())
+            .filter(|e| depends_on(&e.export.node(), name))
+            .map(|e| e.export.clone())
             .collect();
         let r = match self.graph.drain(node, DRAIN_TIMEOUT) {
             Ok(_drained) => op(),
@@ -298,10 +297,10 @@ impl Control {
             self.exports
                 .values()
                 .map(|e| {
-                    let shared = &e.export.shared;
-                    let mut v = Self::node_stats(&shared.node(), shared.stats.to_json(), true);
+                    let ex = &e.export;
+                    let mut v = Self::node_stats(&ex.node(), ex.blk().stats().to_json(), true);
                     v["device"] = json!("");
-                    v["qdev"] = json!(shared.id);
+                    v["qdev"] = json!(ex.id());
                     v
                 })
                 .collect(),
@@ -362,18 +361,18 @@ impl Control {
                 "export {}: node '{}' is also exported by '{}'",
                 cfg.id,
                 node.name(),
-                other.export.shared.id
+                other.export.id()
             );
         }
         if let Some(e) = self
             .exports
             .values()
-            .find(|e| e.export.socket_path == cfg.socket_path)
+            .find(|e| e.export.socket_path() == Some(cfg.socket_path.as_path()))
         {
             return Err(QmpError::generic(format!(
                 "socket '{}' is used by export '{}'",
                 cfg.socket_path.display(),
-                e.export.shared.id
+                e.export.id()
             )));
         }
         let threads = self.export_iothreads(cfg)?;
@@ -387,15 +386,12 @@ impl Control {
         }
         let blk = BlockBackend::new(&self.graph, Parent::Backend(None), &node, perm, Perm::ALL)
             .map_err(generic)?;
-        let (export, listener) = Export::bind(cfg, blk, threads).map_err(generic)?;
-        export.shared.set_event_sink(self.tx.clone());
         let tx = self.tx.clone();
         let id = cfg.id.clone();
-        export
-            .serve(listener, move || {
-                let _ = tx.send(ControlMsg::ExportGone(id));
-            })
-            .map_err(generic)?;
+        let export = export::create(cfg, blk, threads, move || {
+            let _ = tx.send(ControlMsg::ExportGone(id));
+        })
+        .map_err(generic)?;
         log::info!(
             "export {} serving node '{}' on {}",
             cfg.id,
@@ -432,7 +428,9 @@ impl Control {
 
     fn export_gone(&mut self, id: &str) {
         if let Some(entry) = self.exports.remove(id) {
-            let _ = std::fs::remove_file(&entry.export.socket_path);
+            if let Some(path) = entry.export.socket_path() {
+                let _ = std::fs::remove_file(path);
+            }
             log::info!("export {id} deleted");
             self.events
                 .emit("BLOCK_EXPORT_DELETED", Some(json!({ "id": id })));
@@ -444,15 +442,15 @@ impl Control {
             self.exports
                 .values()
                 .map(|e| {
-                    let shared = &e.export.shared;
+                    let ex = &e.export;
                     let mut v = json!({
-                        "id": shared.id,
-                        "type": "vhost-user-blk",
-                        "node-name": shared.node().name(),
+                        "id": ex.id(),
+                        "type": ex.type_name(),
+                        "node-name": ex.node().name(),
                         "shutting-down": e.shutting_down,
                     });
-                    if shared.iostatus_enabled() {
-                        v["iostatus"] = json!(shared.iostatus().name());
+                    if ex.blk().iostatus_enabled() {
+                        v["iostatus"] = json!(ex.blk().iostatus().name());
                     }
                     v
                 })
@@ -477,7 +475,7 @@ impl Control {
             .exports_of(name)
             .into_iter()
             .filter(|e| !e.shutting_down)
-            .map(|e| e.export.shared.clone())
+            .map(|e| e.export.clone())
             .collect();
         if !exports.is_empty() && !force {
             return Err(QmpError::generic(format!(
@@ -495,23 +493,23 @@ impl Control {
             None => None,
         };
         for e in &exports {
-            if e.fixed_iothread {
+            if e.fixed_iothread() {
                 return Err(QmpError::generic(format!(
                     "Cannot change iothread of export '{}' (fixed-iothread=on)",
-                    e.id
+                    e.id()
                 )));
             }
             if e.iothreads().len() != 1 {
                 return Err(QmpError::generic(format!(
                     "export '{}' runs on {} iothreads; only a single-iothread export can \
                      be moved",
-                    e.id,
+                    e.id(),
                     e.iothreads().len()
                 )));
             }
             if let Some(t) = &target {
                 match self.iothread_user(&t.id) {
-                    Some(user) if user != e.id => {
+                    Some(user) if user != e.id() => {
                         return Err(QmpError::generic(format!(
                             "iothread '{}' already serves export '{user}' (each iothread \
                              serves one export in vubd)",
@@ -529,22 +527,12 @@ impl Control {
             )));
         }
         for e in &exports {
-            if !e.pause(DRAIN_TIMEOUT) {
+            let t = target.clone().unwrap_or_else(|| IoThread::implicit(e.id()));
+            if !e.move_to_iothread(t, DRAIN_TIMEOUT) {
                 return Err(QmpError::generic(format!(
                     "export '{}' still has requests in flight",
-                    e.id
+                    e.id()
                 )));
-            }
-            let t = target.clone().unwrap_or_else(|| IoThread::implicit(&e.id));
-            e.set_iothreads(vec![t.clone()]);
-            e.resume();
-            if e.device().is_some() {
-                // The worker thread takes its new identity on the pass the resume
-                // wakes it for; answer once it has, so queries show the move.
-                let deadline = std::time::Instant::now() + Duration::from_secs(2);
-                while !t.has_worker() && std::time::Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_micros(100));
-                }
             }
         }
         Ok(())
@@ -559,11 +547,11 @@ impl Control {
                     .exports
                     .get(id)
                     .ok_or_else(|| QmpError::generic(format!("Export '{id}' is not found")))?;
-                e.export.shared.cont();
+                e.export.cont();
             }
             None => {
                 for e in self.exports.values() {
-                    e.export.shared.cont();
+                    e.export.cont();
                 }
             }
         }
@@ -664,7 +652,7 @@ impl Control {
             if !e.export.quiesce(DRAIN_TIMEOUT) {
                 log::error!(
                     "export {}: requests still in flight after 30 s",
-                    e.export.shared.id
+                    e.export.id()
                 );
             }
         }
@@ -688,7 +676,9 @@ impl Control {
             }
         }
         for (id, e) in &self.exports {
-            let _ = std::fs::remove_file(&e.export.socket_path);
+            if let Some(path) = e.export.socket_path() {
+                let _ = std::fs::remove_file(path);
+            }
             // As qemu-storage-daemon, which deletes its exports on the way out.
             self.events
                 .emit("BLOCK_EXPORT_DELETED", Some(json!({ "id": id })));

@@ -1,5 +1,5 @@
 //! `desc_chain`: a split virtqueue in guest memory built from fuzz bytes, popped
-//! with virtio-queue as the iothread loop (`export/device.rs`) pops it, each chain
+//! with virtio-queue as the iothread loop (`export/vhost_user_blk/device.rs`) pops it, each chain
 //! walked by vubd's chain walker and parsed, its status written and its used element pushed.
 //!
 //! Input layout (little endian; missing bytes read as zero):
@@ -20,8 +20,8 @@
 //! buffers inside guest memory, ranges inside the capacity.
 
 use super::input::Input;
-use crate::export::request::{self, Desc, DeviceLimits, Memory, Op, Request};
-use crate::export::vhost_user::chain;
+use crate::export::vhost_user_blk::request::{self, Desc, DeviceLimits, Memory, Op, Request};
+use crate::export::vhost_user_blk::vhost_user::chain;
 use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
@@ -117,7 +117,7 @@ pub fn desc_chain(data: &[u8]) {
         max_write_zeroes_seg: max_seg,
     };
 
-    // Set up the queue as export/vhost_user does on SET_VRING_NUM, SET_VRING_ADDR,
+    // Set up the queue as export/vhost_user_blk/vhost_user does on SET_VRING_NUM, SET_VRING_ADDR,
     // SET_VRING_BASE and the start of the ring: invalid values are refused by
     // virtio-queue and leave the previous ones.
     let mut queue = Queue::new(MAX_QUEUE_SIZE).expect("valid maximum size");

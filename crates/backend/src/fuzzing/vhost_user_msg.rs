@@ -1,5 +1,5 @@
 //! `vhost_user_msg`: a whole vhost-user-blk export (its `serve_one` loop, the
-//! vhost-user protocol layer in `export/vhost_user` and the device's worker threads)
+//! vhost-user protocol layer in `export/vhost_user_blk/vhost_user` and the device's worker threads)
 //! driven by a frontend whose messages come from fuzz bytes.
 //!
 //! Each input starts a fresh export of a 1 MiB `null-co` node on a UNIX socket,
@@ -30,6 +30,7 @@
 
 use super::input::Input;
 use crate::config::ExportConfig;
+use crate::export::vhost_user_blk::VhostUserBlkExport;
 use crate::export::Export;
 use crate::iothread::IoThread;
 use blocklayer::backend::BlockBackend;
@@ -149,7 +150,7 @@ pub fn run(data: &[u8]) -> Outcome {
     };
     let blk = BlockBackend::new(&graph, Parent::Backend(None), &node, perm, Perm::ALL)
         .expect("the export's backend attaches");
-    let (export, listener) = Export::bind(&cfg, blk, iothreads).expect("export binds");
+    let (export, listener) = VhostUserBlkExport::bind(&cfg, blk, iothreads).expect("export binds");
     let (gone_tx, gone_rx) = mpsc::channel();
     let server = export
         .serve(listener, move || {

@@ -7,6 +7,7 @@ use super::JobMsg;
 use crate::config::OnError;
 use crate::control::ControlMsg;
 use blocklayer::aio::iovec::{AlignedBuf, IoVec};
+use blocklayer::backend::ErrorAction;
 use blocklayer::{BlockError, Node};
 use std::future::Future;
 use std::sync::mpsc::Sender;
@@ -139,22 +140,18 @@ impl JobCtx {
     pub async fn on_error(&self, e: CopyError) -> Result<bool, String> {
         let id = self.core.id.clone();
         let (read, nospace) = (e.read, e.errno == libc::ENOSPC);
-        let action = match self.on_error {
-            OnError::Ignore => "ignore",
-            OnError::Stop => "stop",
-            OnError::Enospc if nospace => "stop",
-            OnError::Enospc | OnError::Report => "report",
-        };
+        // The backends' decision table.
+        let action = self.on_error.action(e.errno);
         self.send(JobMsg::Error {
             id,
             read,
-            action,
+            action: action.name(),
             nospace,
         });
         match action {
-            "ignore" => Ok(false),
-            "report" => Err(e.message),
-            _ => {
+            ErrorAction::Ignore => Ok(false),
+            ErrorAction::Report => Err(e.message),
+            ErrorAction::Stop => {
                 self.core.set_paused(true);
                 self.core
                     .pause_point(true)

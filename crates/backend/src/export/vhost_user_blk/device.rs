@@ -14,12 +14,12 @@ use super::vhost_user::dirty_log::DirtyLog;
 use super::vhost_user::inflight::InflightRegion;
 use super::vhost_user::vring::{Vring, VringState};
 use super::vhost_user::{pf, BackendChannel, QueueDevice, F_LOG_ALL, F_PROTOCOL_FEATURES};
-use super::{ErrorAction, ExportShared, PopGate};
+use super::{ExportShared, PopGate};
 use crate::iothread::{current_tid, IoThread};
 use blocklayer::aio::poll::{PollParams, PollState};
 use blocklayer::aio::{clock, executor, uring};
+use blocklayer::backend::ErrorAction;
 use blocklayer::stats::{Acct, IoKind, IoStats};
-use serde_json::json;
 use std::cell::RefCell;
 use std::future::Future;
 use std::io;
@@ -735,12 +735,9 @@ fn op_acct(op: &Op) -> Option<(Acct, u64)> {
 async fn perform(shared: &ExportShared, op: &Op) -> blocklayer::Result<()> {
     match op {
         Op::Read { offset, iov } => shared.blk.read(*offset, iov.clone()).await,
-        Op::Write { offset, iov } => {
-            shared
-                .blk
-                .write(*offset, iov.clone(), shared.writethrough())
-                .await
-        }
+        // virtio-blk has no FUA: with the guest's write cache off, the backend
+        // makes every write stable.
+        Op::Write { offset, iov } => shared.blk.write(*offset, iov.clone(), false).await,
         Op::Flush => shared.blk.flush().await,
         Op::GetId { iov } => {
             let id = shared.serial;
@@ -758,7 +755,7 @@ async fn perform(shared: &ExportShared, op: &Op) -> blocklayer::Result<()> {
             for rg in ranges {
                 shared
                     .blk
-                    .write_zeroes(rg.offset, rg.len, rg.unmap, shared.writethrough())
+                    .write_zeroes(rg.offset, rg.len, rg.unmap, false)
                     .await?;
             }
             Ok(())
@@ -812,7 +809,7 @@ impl Future for Resumed<'_> {
         {
             return Poll::Ready(false);
         }
-        if shared.resume_gen.load(Ordering::Acquire) != self.gen {
+        if shared.blk.resume_gen() != self.gen {
             return Poll::Ready(true);
         }
         HELD.with(|h| h.borrow_mut().push(cx.waker().clone()));
@@ -840,13 +837,13 @@ impl Drop for Held<'_> {
 /// it completes successfully for the guest.
 async fn perform_with_policy(shared: &ExportShared, origin: &Origin, op: &Op) -> bool {
     loop {
-        let gen = shared.resume_gen.load(Ordering::Acquire);
+        let gen = shared.blk.resume_gen();
         let Err(e) = perform(shared, op).await else {
             return true;
         };
         let read = matches!(op, Op::Read { .. });
         let errno = e.errno();
-        let action = shared.error_action(read, errno);
+        let action = shared.blk.error_action(read, errno);
         crate::limited_log!(
             shared.log_limits.io_error,
             log::Level::Debug,
@@ -854,21 +851,14 @@ async fn perform_with_policy(shared: &ExportShared, origin: &Origin, op: &Op) ->
             shared.id,
             action.name()
         );
-        let mut data = json!({
-            "device": "",
-            "node-name": shared.node().name(),
-            "operation": if read { "read" } else { "write" },
-            "action": action.name(),
-            "reason": std::io::Error::from_raw_os_error(errno).to_string(),
-        });
-        if shared.iostatus_enabled() {
-            data["nospace"] = json!(errno == libc::ENOSPC);
+        // Stopped (and the I/O status set) before anyone hears of it.
+        if shared.blk.apply_error_action(read, errno, action) {
+            log::warn!(
+                "export {}: stopped by an I/O error ({})",
+                shared.id,
+                std::io::Error::from_raw_os_error(errno)
+            );
         }
-        if action == ErrorAction::Stop {
-            // Stopped (and the I/O status set) before anyone hears of it.
-            shared.stop_on_error(errno);
-        }
-        shared.emit("BLOCK_IO_ERROR", data);
         match action {
             ErrorAction::Report => return false,
             ErrorAction::Ignore => return true,
@@ -911,7 +901,7 @@ async fn execute(
             let acct = op_acct(&op);
             let ok = perform_with_policy(&shared, &origin, &op).await;
             if let Some((acct, end)) = acct {
-                shared.stats.done(acct, ok, end);
+                shared.blk.stats().done(acct, ok, end);
             }
             if ok {
                 VIRTIO_BLK_S_OK as u8
@@ -927,7 +917,7 @@ async fn execute(
                 shared.id
             );
             if let Some(kind) = req_type.and_then(io_kind) {
-                shared.stats.invalid(kind);
+                shared.blk.stats().invalid(kind);
             }
             e.status()
         }
@@ -1034,7 +1024,7 @@ impl QueueDevice for BlkDevice {
             ));
         }
         let on = buf[0] != 0;
-        if !on && self.shared.write_cache() && self.shared.is_writable() {
+        if !on && self.shared.blk.write_cache() && self.shared.is_writable() {
             // From now on the guest takes every completed write as stable: make the
             // ones it wrote in write-back mode stable too.
             let shared = self.shared.clone();
