@@ -426,6 +426,9 @@ impl VhostUserBlkExport {
                     }
                 }
                 drop(listener);
+                // The export (and its backend's edge) goes as soon as the control
+                // thread hears of it: this thread holds it no longer.
+                drop(shared);
                 on_exit();
             })
     }
