@@ -30,6 +30,10 @@ mod snapshot;
 /// How long an operation waits for requests in flight to finish.
 pub(crate) const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long `block-export-del` waits for the export to stop (see
+/// [`Control::del_export`]).
+const EXPORT_DEL_WAIT: Duration = Duration::from_secs(1);
+
 /// Messages to the control thread.
 pub enum ControlMsg {
     /// A QMP command (after capabilities negotiation) and where its result goes.
@@ -423,6 +427,11 @@ impl Control {
         }
         entry.shutting_down = true;
         entry.export.stop();
+        // An export without a frontend stops at once. Waiting for it here queues its
+        // removal (ExportGone) before the client's next command, which then finds
+        // its node free, as after QEMU's block-export-del; the event still follows
+        // the reply.
+        entry.export.wait_stopped(EXPORT_DEL_WAIT);
         Ok(())
     }
 

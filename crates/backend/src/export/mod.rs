@@ -71,6 +71,10 @@ pub trait Export: Send + Sync {
     /// it was created) runs once it has stopped.
     fn stop(&self);
 
+    /// After [`Export::stop`]: waits (at most `timeout`) until the export has stopped
+    /// and its `on_exit` has run; whether it has.
+    fn wait_stopped(&self, timeout: Duration) -> bool;
+
     /// Stops taking requests and waits until those in flight are done (at most
     /// `timeout`), for the daemon's shutdown.
     fn quiesce(&self, timeout: Duration) -> bool;

@@ -316,6 +316,8 @@ pub struct VhostUserBlkExport {
     pub socket_path: PathBuf,
     /// A duplicate of the listening socket, to interrupt a blocked accept.
     listen_fd: OwnedFd,
+    /// The serving thread, once [`VhostUserBlkExport::start`] started it.
+    server: Option<std::thread::JoinHandle<()>>,
 }
 
 /// Refuses a socket path another live process listens on; removes a stale one.
@@ -341,10 +343,11 @@ impl VhostUserBlkExport {
         iothreads: Vec<Arc<IoThread>>,
         on_exit: impl FnOnce() + Send + 'static,
     ) -> Result<VhostUserBlkExport> {
-        let (export, listener) = VhostUserBlkExport::bind(cfg, blk, iothreads)?;
-        export
+        let (mut export, listener) = VhostUserBlkExport::bind(cfg, blk, iothreads)?;
+        let server = export
             .serve(listener, on_exit)
             .map_err(VhostUserBlkError::Thread)?;
+        export.server = Some(server);
         Ok(export)
     }
 
@@ -397,6 +400,7 @@ impl VhostUserBlkExport {
                 shared,
                 socket_path: cfg.socket_path.clone(),
                 listen_fd,
+                server: None,
             },
             listener,
         ))
@@ -494,6 +498,20 @@ impl Export for VhostUserBlkExport {
         // SAFETY: shutdown on a descriptor we own; it wakes a thread blocked in accept.
         unsafe { libc::shutdown(self.listen_fd.as_raw_fd(), libc::SHUT_RDWR) };
         self.shared.disconnect_frontend();
+    }
+
+    fn wait_stopped(&self, timeout: Duration) -> bool {
+        let Some(server) = &self.server else {
+            return false;
+        };
+        let deadline = Instant::now() + timeout;
+        while !server.is_finished() {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        true
     }
 
     fn quiesce(&self, timeout: Duration) -> bool {
