@@ -239,11 +239,15 @@ impl Node {
     }
 
     /// Resizes the node (QEMU's `bdrv_truncate`); the caller drains it first.
+    /// Counts as a write for flush elision (as in QEMU): the new size reaches
+    /// stable storage with the next flush.
     pub fn resize(&self, size: u64) -> crate::Result<()> {
         if self.is_read_only() {
             return Err(crate::BlockError::Graph("Image is read-only".into()));
         }
-        self.driver.truncate(size)
+        let r = self.driver.truncate(size);
+        self.write_gen.fetch_add(1, Ordering::AcqRel);
+        r
     }
 
     /// Requests currently in this node's generic path.

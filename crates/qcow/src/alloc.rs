@@ -14,6 +14,29 @@
 //! A crash may leak clusters, but never leaves an entry pointing to a
 //! cluster whose refcount is zero.
 //!
+//! Reservations. Without lazy refcounts, the first rule costs a sync for
+//! every allocating write: its refcount must be stable before its L2 entry
+//! may reach the file, and the entry must reach the file (the host's page
+//! cache) before the write completes, so that it survives the daemon being
+//! killed while the guest runs on. QEMU keeps the entry in its cache until a
+//! flush instead and orders the writeback (refcount blocks, sync, L2 tables),
+//! which is one sync per flush, but loses completed writes when its process
+//! dies; that is not an option here. So data clusters that grow the image are
+//! reserved in batches ([`Qcow2::alloc_data_clusters`]): the refcounts of a run
+//! at the end of the file are set to 1, the file is extended over it, and one
+//! sync makes both stable; the clusters are then handed out in order with no
+//! refcount write and no sync, and every L2 entry that maps one is safe on
+//! disk in any order. Batches double from 1 MiB up to 32 MiB (bounded by the
+//! virtual size). A crash leaks what was reserved and not handed out; the
+//! image carries the dirty bit while it holds a reservation (set with the
+//! first batch, cleared at a clean close), so that the next writable open
+//! (QEMU's too) rebuilds the refcounts and reclaims the leak. Freed clusters
+//! inside the file are reused first, one by one as before: mapping a reused
+//! cluster needs a sync for its data anyway. Version 2 images (no dirty bit)
+//! and lazy refcounts (no sync to save) do not reserve. Operations that count
+//! references (check, snapshots) and a clean close give the unused part back
+//! first, through [`Qcow2::flush_locked`].
+//!
 //! With lazy refcounts (QEMU's `lazy_refcounts`, compat 1.1) the dirty bit is
 //! set before the first metadata write, and from then on refcount blocks stay
 //! dirty in their cache: guest flushes write L2 tables without writing the
@@ -34,6 +57,23 @@ use crate::header::{self, incompat};
 use crate::image::{Error, Qcow2, Result, TableKind};
 use crate::io::QcowIo;
 use crate::layout::{self, OFFSET_MASK};
+
+/// The first reservation of data clusters (see the module doc), in bytes.
+const RESERVE_MIN: u64 = 1 << 20;
+/// The largest reservation: what a crash may leak until the next open.
+const RESERVE_MAX: u64 = 32 << 20;
+
+/// Clusters allocated for guest data.
+#[derive(Debug, Clone)]
+pub(crate) struct NewClusters {
+    /// Offset of the first.
+    pub offset: u64,
+    /// Host offsets that read as zeroes until written (never written since
+    /// they were past the end of the file).
+    pub fresh: std::ops::Range<u64>,
+    /// The file already covers the clusters (a reservation extended it).
+    pub covered: bool,
+}
 
 impl<I: QcowIo> Qcow2<I> {
     /// Refcount of host cluster `c` (index).
@@ -139,48 +179,118 @@ impl<I: QcowIo> Qcow2<I> {
     }
 
     /// Allocates `n` contiguous host clusters (refcount 1 each) and returns
-    /// the byte offset of the first.
+    /// the byte offset of the first: the first free run from the free hint,
+    /// reusing freed space.
     pub(crate) async fn alloc_clusters(&self, n: u64) -> Result<u64> {
+        self.alloc_run(n, true).await
+    }
+
+    /// Looks for `n` free clusters in a row from the free hint: returns the
+    /// first of the run, which may reach past the high-water mark (and starts
+    /// there if nothing below is free), and the first free cluster seen.
+    async fn scan_free(&self, n: u64) -> Result<(u64, Option<u64>)> {
+        let rpb = self.g.rc_per_block;
+        let (hint, hw) = {
+            let st = self.st();
+            (st.free_hint, st.high_water / self.g.cluster_size)
+        };
+        let mut run_start = hint.max(1);
+        let mut run_len = 0u64;
+        let mut first_free: Option<u64> = None;
+        let mut c = run_start;
+        let reserved = self.st().reserved.clone();
+        while c < hw && run_len < n {
+            if reserved.contains(&c) {
+                // In use (refcount 1), and skipped whole.
+                if run_len > 0 && first_free.is_none() {
+                    first_free = Some(run_start);
+                }
+                run_len = 0;
+                c = reserved.end;
+                continue;
+            }
+            let t = (c / rpb) as usize;
+            let has_block = self.st().rt.get(t).is_some_and(|&e| e & OFFSET_MASK != 0);
+            if !has_block {
+                let to = ((t as u64 + 1) * rpb).min(hw);
+                if run_len == 0 {
+                    run_start = c;
+                }
+                run_len += to - c;
+                c = to;
+                continue;
+            }
+            if self.rc_read(c).await? == 0 {
+                if run_len == 0 {
+                    run_start = c;
+                }
+                run_len += 1;
+            } else {
+                if run_len > 0 && first_free.is_none() {
+                    first_free = Some(run_start);
+                }
+                run_len = 0;
+            }
+            c += 1;
+        }
+        if run_len == 0 {
+            run_start = c.max(hw);
+        }
+        Ok((run_start, first_free))
+    }
+
+    /// The last cluster of `from..to` whose refcount is not 0 (reading only
+    /// the refcount blocks that exist).
+    async fn last_used(&self, from: u64, to: u64) -> Result<Option<u64>> {
+        let rpb = self.g.rc_per_block;
+        let mut last = None;
+        let mut c = from;
+        while c < to {
+            let t = (c / rpb) as usize;
+            if self.st().rt.get(t).is_none_or(|&e| e & OFFSET_MASK == 0) {
+                c = (t as u64 + 1) * rpb;
+                continue;
+            }
+            if self.rc_read(c).await? != 0 {
+                last = Some(c);
+            }
+            c += 1;
+        }
+        Ok(last)
+    }
+
+    /// Moves the high-water mark past the clusters of `from..to` (at or past
+    /// it) that have a refcount: leaks past the end of the file, which a crash
+    /// leaves when refcounts reached the file and the file did not grow (QEMU's
+    /// allocator can leave them too). Returns whether it moved.
+    async fn skip_leaks(&self, from: u64, to: u64) -> Result<bool> {
+        let Some(c) = self.last_used(from, to).await? else {
+            return Ok(false);
+        };
+        let cs = self.g.cluster_size;
+        log::debug!(
+            "qcow2: cluster {:#x} past the end of the file is leaked",
+            c * cs
+        );
+        let mut st = self.st();
+        st.high_water = st.high_water.max((c + 1) * cs);
+        Ok(true)
+    }
+
+    /// Allocates `n` contiguous host clusters (refcount 1 each): the first free
+    /// run from the free hint when `reuse_holes`, else at the high-water mark.
+    async fn alloc_run(&self, n: u64, reuse_holes: bool) -> Result<u64> {
         let rpb = self.g.rc_per_block;
         let cs = self.g.cluster_size;
         'outer: loop {
-            let (hint, hw) = {
-                let st = self.st();
-                (st.free_hint, st.high_water / cs)
+            let (run_start, first_free) = if reuse_holes {
+                self.scan_free(n).await?
+            } else {
+                (self.st().high_water / cs, None)
             };
-            let mut run_start = hint.max(1);
-            let mut run_len = 0u64;
-            let mut first_free: Option<u64> = None;
-            let mut c = run_start;
-            while c < hw && run_len < n {
-                let t = (c / rpb) as usize;
-                let has_block = self.st().rt.get(t).is_some_and(|&e| e & OFFSET_MASK != 0);
-                if !has_block {
-                    let to = ((t as u64 + 1) * rpb).min(hw);
-                    if run_len == 0 {
-                        run_start = c;
-                    }
-                    run_len += to - c;
-                    c = to;
-                    continue;
-                }
-                if self.rc_read(c).await? == 0 {
-                    if run_len == 0 {
-                        run_start = c;
-                    }
-                    run_len += 1;
-                } else {
-                    if run_len > 0 && first_free.is_none() {
-                        first_free = Some(run_start);
-                    }
-                    run_len = 0;
-                }
-                c += 1;
-            }
-            if run_len == 0 {
-                run_start = c.max(hw);
-            }
-            // Clusters at and past the high-water mark are free.
+            let hw = self.st().high_water / cs;
+            // Clusters at and past the high-water mark are free, once they have
+            // refcount blocks and unless a crash left refcounts there.
             let first_t = run_start / rpb;
             let last_t = (run_start + n - 1) / rpb;
             for t in first_t..=last_t {
@@ -199,6 +309,9 @@ impl<I: QcowIo> Qcow2<I> {
                     self.new_refcount_block(t).await?;
                     continue 'outer;
                 }
+            }
+            if run_start + n > hw && self.skip_leaks(run_start.max(hw), run_start + n).await? {
+                continue;
             }
             let clash = {
                 let st = self.st();
@@ -226,10 +339,150 @@ impl<I: QcowIo> Qcow2<I> {
                 }
             }
             let mut st = self.st();
-            st.free_hint = first_free.unwrap_or(run_start + n);
+            if reuse_holes {
+                st.free_hint = first_free.unwrap_or(run_start + n);
+            }
             st.high_water = st.high_water.max((run_start + n) * cs);
             return Ok(run_start * cs);
         }
+    }
+
+    /// Allocates `n` contiguous clusters for guest data: freed space inside
+    /// the file first, else from the reservation (see the module doc).
+    pub(crate) async fn alloc_data_clusters(&self, n: u64) -> Result<NewClusters> {
+        let cs = self.g.cluster_size;
+        let (hw, reserving) = {
+            let st = self.st();
+            (st.high_water, st.hdr.version >= 3)
+        };
+        if !reserving {
+            // Every commit syncs for the refcounts, which covers the growth
+            // of the file too.
+            return Ok(NewClusters {
+                offset: self.alloc_clusters(n).await?,
+                fresh: hw..u64::MAX,
+                covered: false,
+            });
+        }
+        let (start, first_free) = self.scan_free(n).await?;
+        if start < hw / cs {
+            // Reused clusters (and any past the end that the run reaches)
+            // are mapped only once their data is stable.
+            return Ok(NewClusters {
+                offset: self.alloc_clusters(n).await?,
+                fresh: 0..0,
+                covered: false,
+            });
+        }
+        {
+            // Nothing below is free but from `first_free` on: later scans
+            // start there (and skip the reservation).
+            let mut st = self.st();
+            st.free_hint = st.free_hint.max(first_free.unwrap_or(hw / cs));
+        }
+        let c = match self.take_reserved(n) {
+            Some(c) => c,
+            None => {
+                self.reserve(n).await?;
+                self.take_reserved(n)
+                    .ok_or_else(|| Error::NoSpace("internal: reservation too small".into()))?
+            }
+        };
+        Ok(NewClusters {
+            offset: c * cs,
+            fresh: c * cs..(c + n) * cs,
+            covered: true,
+        })
+    }
+
+    /// Hands out the first `n` reserved clusters, if there are that many.
+    fn take_reserved(&self, n: u64) -> Option<u64> {
+        let mut st = self.st();
+        let r = &mut st.reserved;
+        (r.end - r.start >= n).then(|| {
+            r.start += n;
+            r.start - n
+        })
+    }
+
+    /// Reserves a batch of at least `n` clusters at the end of the file,
+    /// continuing the current reservation if it ends there (else giving back
+    /// what is left of it): refcounts set, the file extended over it, the
+    /// dirty bit set, all stable after one sync.
+    async fn reserve(&self, n: u64) -> Result<()> {
+        let cs = self.g.cluster_size;
+        let (count, old) = {
+            let mut st = self.st();
+            let most = (RESERVE_MAX / cs).max(1);
+            let batch = st.reserve_next.clamp((RESERVE_MIN / cs).max(1), most);
+            st.reserve_next = (batch * 2).min(most);
+            let disk = st.hdr.size.div_ceil(cs);
+            (n.max(batch.min(disk)), st.reserved.clone())
+        };
+        let start = self.alloc_run(count, false).await? / cs;
+        let end = start + count;
+        let keep = old.end == start && !old.is_empty();
+        self.st().reserved = if keep { old.start..end } else { start..end };
+        if !keep {
+            for c in old {
+                // Never referenced: free at once.
+                self.rc_add(c, -1).await?;
+            }
+        }
+        // The file covers the clusters before their refcounts can be stable,
+        // so that after a power loss no entry maps a cluster past its end.
+        if self.io.len().await? < end * cs {
+            self.io.set_len(end * cs).await?;
+        }
+        let mark = {
+            let mut st = self.st();
+            let mark = !st.dirty_marked;
+            if mark {
+                st.hdr.incompatible_features |= incompat::DIRTY;
+                st.dirty_marked = true;
+            }
+            mark
+        };
+        if mark {
+            self.write_header().await?;
+        }
+        if !self.refcounts_lazy() {
+            self.write_dirty_refcounts().await?;
+        }
+        self.sync().await
+    }
+
+    /// Gives the reserved clusters not handed out back (they were never
+    /// referenced). When they end the file, the high-water mark goes back, and
+    /// the flush cuts the file there once their refcounts are stable.
+    pub(crate) async fn release_reservation(&self) -> Result<()> {
+        let (r, hw) = {
+            let mut st = self.st();
+            (std::mem::replace(&mut st.reserved, 0..0), st.high_water)
+        };
+        if r.is_empty() {
+            return Ok(());
+        }
+        for c in r.clone() {
+            self.rc_add(c, -1).await?;
+        }
+        let cs = self.g.cluster_size;
+        if r.end * cs == hw {
+            self.st().high_water = r.start * cs;
+        }
+        Ok(())
+    }
+
+    /// Makes every completed write stable. Refcount writes set `rc_unsynced`
+    /// (after they complete); a sync clears it (before it starts), so that
+    /// an entry whose refcount is stable already is written without one.
+    pub(crate) async fn sync(&self) -> Result<()> {
+        let was = std::mem::take(&mut self.st().rc_unsynced);
+        if let Err(e) = self.io.flush().await {
+            self.st().rc_unsynced |= was;
+            return Err(e.into());
+        }
+        Ok(())
     }
 
     /// Allocates `len` (< cluster size) bytes for compressed data, packing
@@ -302,6 +555,9 @@ impl<I: QcowIo> Qcow2<I> {
                 }
                 continue;
             }
+            if self.skip_leaks(pos, pos + 1).await? {
+                continue;
+            }
             self.st().high_water = (pos + 1) * cs;
             if self.rc_add(pos, 1).await? != 1 {
                 return Err(self
@@ -321,7 +577,7 @@ impl<I: QcowIo> Qcow2<I> {
             st.high_water = st.high_water.max(off + cs);
         }
         self.io.write_at(off, &block).await?;
-        self.io.flush().await?;
+        self.sync().await?;
         let rt_off = {
             let mut st = self.st();
             st.rt[t as usize] = off;
@@ -330,6 +586,7 @@ impl<I: QcowIo> Qcow2<I> {
             st.hdr.refcount_table_offset
         };
         self.io.write_at(rt_off + t * 8, &off.to_be_bytes()).await?;
+        self.st().rc_unsynced = true;
         Ok(())
     }
 
@@ -340,34 +597,39 @@ impl<I: QcowIo> Qcow2<I> {
         let cs = self.g.cluster_size;
         let rpb = self.g.rc_per_block;
         let epc = cs / 8;
-        let (old, p, old_off, old_clusters) = {
-            let st = self.st();
-            (
-                st.rt.clone(),
-                st.high_water / cs,
-                st.hdr.refcount_table_offset,
-                st.hdr.refcount_table_clusters as u64,
-            )
-        };
-        let lacking = |t: u64| old.get(t as usize).is_none_or(|&e| e & OFFSET_MASK == 0);
-        let want = min_entries.max(old.len() as u64 + old.len() as u64 / 2);
-        let mut k = want.div_ceil(epc);
-        let (m, ranges) = loop {
-            let mut m = 0u64;
-            let ranges = loop {
-                let r: Vec<u64> = (p / rpb..=(p + k + m - 1) / rpb)
-                    .filter(|&t| lacking(t))
-                    .collect();
-                if r.len() as u64 == m {
-                    break r;
-                }
-                m = r.len() as u64;
+        let (old, p, old_off, old_clusters, k, m, ranges) = loop {
+            let (old, p, old_off, old_clusters) = {
+                let st = self.st();
+                (
+                    st.rt.clone(),
+                    st.high_water / cs,
+                    st.hdr.refcount_table_offset,
+                    st.hdr.refcount_table_clusters as u64,
+                )
             };
-            let cap = k * epc;
-            if (p + k + m - 1) / rpb < cap && min_entries <= cap {
-                break (m, ranges);
+            let lacking = |t: u64| old.get(t as usize).is_none_or(|&e| e & OFFSET_MASK == 0);
+            let want = min_entries.max(old.len() as u64 + old.len() as u64 / 2);
+            let mut k = want.div_ceil(epc);
+            let (m, ranges) = loop {
+                let mut m = 0u64;
+                let ranges = loop {
+                    let r: Vec<u64> = (p / rpb..=(p + k + m - 1) / rpb)
+                        .filter(|&t| lacking(t))
+                        .collect();
+                    if r.len() as u64 == m {
+                        break r;
+                    }
+                    m = r.len() as u64;
+                };
+                let cap = k * epc;
+                if (p + k + m - 1) / rpb < cap && min_entries <= cap {
+                    break (m, ranges);
+                }
+                k += 1;
+            };
+            if !self.skip_leaks(p, p + k + m).await? {
+                break (old, p, old_off, old_clusters, k, m, ranges);
             }
-            k += 1;
         };
         if k * cs > header::MAX_REFTABLE_BYTES {
             return Err(Error::NoSpace(
@@ -399,8 +661,9 @@ impl<I: QcowIo> Qcow2<I> {
             self.io.write_at((p + k + i as u64) * cs, b).await?;
         }
         self.io.write_at(p * cs, &table).await?;
+        self.st().rc_unsynced = true;
         self.write_dirty_refcounts().await?;
-        self.io.flush().await?;
+        self.sync().await?;
         {
             let mut st = self.st();
             st.hdr.refcount_table_offset = p * cs;
@@ -415,7 +678,7 @@ impl<I: QcowIo> Qcow2<I> {
             }
         }
         self.write_header().await?;
-        self.io.flush().await?;
+        self.sync().await?;
         for c in old_off / cs..old_off / cs + old_clusters {
             self.rc_add(c, -1).await?;
         }
@@ -437,6 +700,9 @@ impl<I: QcowIo> Qcow2<I> {
         };
         self.io.write_at(off + at, &data).await?;
         let mut st = self.st();
+        if kind == TableKind::Refcount {
+            st.rc_unsynced = true;
+        }
         if let Some(e) = st.cache(kind).get(off) {
             if e.gen == gen {
                 e.dirty = false;
@@ -473,9 +739,17 @@ impl<I: QcowIo> Qcow2<I> {
         Ok(())
     }
 
+    /// After [`Self::prepare_new_references`]: whether entries that reference
+    /// clusters must wait for a sync, as refcounts written since the last one
+    /// may count them (with lazy refcounts, the dirty bit covers them).
+    pub(crate) fn new_references_need_sync(&self) -> bool {
+        !self.refcounts_lazy() && self.st().rc_unsynced
+    }
+
     /// Writes every dirty L2 table, after the refcounts (unless lazy) and the
-    /// guest data they depend on: one sync first, skipped with lazy refcounts
-    /// when the new entries only map clusters past the old end of the file.
+    /// guest data they depend on: one sync first, skipped when the new entries
+    /// only map clusters past the old end of the file and no refcount write
+    /// waits for a sync (lazy refcounts, or reserved clusters).
     pub(crate) async fn write_dirty_l2(&self) -> Result<()> {
         let (dirty, data_sync) = {
             let st = self.st();
@@ -485,8 +759,8 @@ impl<I: QcowIo> Qcow2<I> {
             return Ok(());
         }
         self.prepare_new_references().await?;
-        if data_sync || !self.refcounts_lazy() {
-            self.io.flush().await?;
+        if data_sync || self.new_references_need_sync() {
+            self.sync().await?;
             // Commits that set the flag since were made after their data was
             // written, so this sync covers them too.
             self.st().l2_needs_data_sync = false;
@@ -510,7 +784,7 @@ impl<I: QcowIo> Qcow2<I> {
         };
         if need {
             self.write_header().await?;
-            self.io.flush().await?;
+            self.sync().await?;
         }
         Ok(())
     }
@@ -580,12 +854,15 @@ impl<I: QcowIo> Qcow2<I> {
             st.writable && !st.corrupt
         };
         if writable {
+            if all {
+                self.release_reservation().await?;
+            }
             self.write_dirty_l2().await?;
             let refcounts = all || !self.refcounts_lazy();
             if refcounts {
                 self.write_dirty_refcounts().await?;
             }
-            self.io.flush().await?;
+            self.sync().await?;
             if !self.st().pending_frees.is_empty() {
                 // The L2 updates that dropped these references are stable now.
                 self.apply_pending_frees().await?;
@@ -593,8 +870,10 @@ impl<I: QcowIo> Qcow2<I> {
                     self.write_dirty_refcounts().await?;
                 }
             }
+            // The file covers every cluster in use, and no more than that
+            // after a reservation was given back.
             let hw = self.st().high_water;
-            if self.io.len().await? < hw {
+            if self.io.len().await? != hw {
                 self.io.set_len(hw).await?;
             }
             let (l2, rc) = {
@@ -605,7 +884,7 @@ impl<I: QcowIo> Qcow2<I> {
             st.l2.evict_clean(l2);
             st.rc.evict_clean(rc);
         }
-        self.io.flush().await?;
+        self.sync().await?;
         Ok(())
     }
 
@@ -659,7 +938,7 @@ impl<I: QcowIo> Qcow2<I> {
         let new = self.alloc_clusters(1).await?;
         self.io.write_at(new, &content).await?;
         self.prepare_new_references().await?;
-        self.io.flush().await?;
+        self.sync().await?;
         let l1_off = {
             let mut st = self.st();
             st.l1[i as usize] = new | layout::COPIED;

@@ -235,6 +235,15 @@ pub(crate) struct State {
     /// Dirty L2 entries map host ranges whose guest data must be stable
     /// before the tables are written (see `Allocation::needs_data_sync`).
     pub l2_needs_data_sync: bool,
+    /// Refcount metadata was written since the last sync: an entry that
+    /// references a cluster may depend on it (see `Qcow2::sync`).
+    pub rc_unsynced: bool,
+    /// Clusters reserved for guest data and not handed out yet (indices):
+    /// their refcounts are 1 and stable, the file covers them, they read as
+    /// zeroes (see "Reservations" in `alloc.rs`).
+    pub reserved: std::ops::Range<u64>,
+    /// Clusters the next reservation takes (it doubles up to a limit).
+    pub reserve_next: u64,
 }
 
 impl State {
@@ -457,6 +466,9 @@ impl<I: QcowIo> Qcow2<I> {
         }
         let st = State {
             l2_needs_data_sync: false,
+            rc_unsynced: false,
+            reserved: 0..0,
+            reserve_next: 0,
             cleans: 0,
             free_byte_offset: 0,
             meta_clusters,

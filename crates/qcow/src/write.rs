@@ -1,6 +1,7 @@
 //! The write path: allocation with copy-on-write, commit, zero writes,
 //! discard, flush, resize and close.
 
+use crate::alloc::NewClusters;
 use crate::image::{Error, Qcow2, RangeLock, Result, TableKind};
 use crate::io::QcowIo;
 use crate::layout::{self, low_bits, L2Entry, COPIED, OFFSET_MASK};
@@ -289,12 +290,25 @@ impl<I: QcowIo> Qcow2<I> {
         } else {
             plans.iter().filter(|p| !p.in_place).count() as u64
         };
-        let fresh_from = if g.data_file { 0 } else { self.st().high_water };
-        let base = if n_new > 0 {
-            self.alloc_clusters(n_new).await?
+        // Where the new clusters are, which host ranges read as zeroes until
+        // written, and whether the file covers them already.
+        let new = if g.data_file {
+            NewClusters {
+                offset: 0,
+                fresh: 0..u64::MAX,
+                covered: true,
+            }
+        } else if n_new > 0 {
+            self.alloc_data_clusters(n_new).await?
         } else {
-            0
+            let hw = self.st().high_water;
+            NewClusters {
+                offset: 0,
+                fresh: hw..u64::MAX,
+                covered: true,
+            }
         };
+        let base = new.offset;
         drop(meta);
         let mut alloc = Allocation {
             guard: Some(guard),
@@ -437,7 +451,7 @@ impl<I: QcowIo> Qcow2<I> {
             // Clusters past the old end of the file read as zeroes until
             // written; anything else may hold older data.
             if (p.in_place && new_alloc & !old_alloc != 0)
-                || (!p.in_place && (g.data_file || host < fresh_from))
+                || (!p.in_place && (g.data_file || !new.fresh.contains(&host)))
             {
                 alloc.needs_data_sync = true;
             }
@@ -452,8 +466,14 @@ impl<I: QcowIo> Qcow2<I> {
         }
         // Copied old content (the rest of a cluster the guest wrote part of)
         // must be stable before the L2 entry maps its new place: it may be
-        // data the guest flushed long ago.
-        if cows.iter().any(|c| !matches!(c.src, CowSource::Zero)) {
+        // data the guest flushed long ago. Without a backing file, unallocated
+        // ranges are zeroes, like zero clusters.
+        let copies = |c: &Cow| match c.src {
+            CowSource::Zero => false,
+            CowSource::Backing => backing.present(),
+            CowSource::Host(_) | CowSource::Buffer(..) => true,
+        };
+        if cows.iter().any(copies) {
             alloc.needs_data_sync = true;
         }
         // Zero COW into fresh clusters is skipped; make sure the file still
@@ -461,7 +481,7 @@ impl<I: QcowIo> Qcow2<I> {
         // written before the COW and the guest data that may overwrite it.
         let mut res = Ok(());
         if let Some(p) = plans.iter().rev().find(|p| !p.in_place) {
-            if n_new > 0 && p.b < cs && base >= fresh_from {
+            if n_new > 0 && p.b < cs && new.fresh.contains(&base) && !new.covered {
                 let end = base + n_new * cs;
                 res = self
                     .io
@@ -471,7 +491,7 @@ impl<I: QcowIo> Qcow2<I> {
             }
         }
         if res.is_ok() {
-            res = self.do_cow(&cows, fresh_from, backing).await;
+            res = self.do_cow(&cows, &new.fresh, backing).await;
         }
         if let Err(e) = res {
             self.abort(alloc).await;
@@ -480,20 +500,25 @@ impl<I: QcowIo> Qcow2<I> {
         Ok(alloc)
     }
 
-    async fn do_cow<B: Backing>(&self, cows: &[Cow], fresh_from: u64, backing: &B) -> Result<()> {
+    async fn do_cow<B: Backing>(
+        &self,
+        cows: &[Cow],
+        fresh: &std::ops::Range<u64>,
+        backing: &B,
+    ) -> Result<()> {
         let size = self.size();
         for c in cows {
             let mut buf;
             let data: &[u8] = match &c.src {
                 CowSource::Zero => {
-                    if c.dest < fresh_from {
+                    if !fresh.contains(&c.dest) {
                         self.data_io().write_zeroes(c.dest, c.len).await?;
                     }
                     continue;
                 }
                 CowSource::Backing => {
                     if !backing.present() {
-                        if c.dest < fresh_from {
+                        if !fresh.contains(&c.dest) {
                             self.data_io().write_zeroes(c.dest, c.len).await?;
                         }
                         continue;
@@ -554,10 +579,12 @@ impl<I: QcowIo> Qcow2<I> {
             tables.push((l2off, idx as u64));
         }
         self.prepare_new_references().await?;
-        if alloc.needs_data_sync || !self.refcounts_lazy() {
+        // Reserved clusters have stable refcounts already: no sync unless the
+        // data must be stable first.
+        if alloc.needs_data_sync || self.new_references_need_sync() {
             // This covers the data the entries depend on: the flush that writes
             // the tables need not sync for them again.
-            self.io.flush().await?;
+            self.sync().await?;
         }
         self.write_l2_entries(&mut tables).await?;
         {
