@@ -551,8 +551,9 @@ impl<I: QcowIo> Qcow2<I> {
     /// daemon is killed while the guest runs on; a flush is still what makes
     /// them stable. What they depend on goes first: with lazy refcounts the
     /// dirty bit, otherwise the refcounts (and one sync, so that a power loss
-    /// cannot leave an entry on disk whose refcount is not), and the guest data
-    /// when the entry maps a cluster that held other data (a sync).
+    /// cannot leave an entry on disk whose refcount is not; none for reserved
+    /// clusters, whose refcounts are stable already), and the guest data when
+    /// the entry maps a cluster that held other data (a sync).
     pub async fn commit(&self, mut alloc: Allocation<'_, I>) -> Result<()> {
         if alloc.updates.is_empty() {
             return Ok(());
