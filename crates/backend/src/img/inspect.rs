@@ -85,7 +85,10 @@ pub(super) fn check(args: &[String]) -> Result<u8> {
     } else {
         Access::Write
     };
-    let img = open_image(file, access, false)?;
+    // An image left dirty (lazy refcounts, or clusters reserved ahead when the daemon
+    // was killed) gets its refcounts rebuilt when opened for repair, as QEMU's
+    // writable open does; a read-only check reports what it finds.
+    let img = open_image(file, access, repair != Repair::None)?;
     let r: CheckReport = block_on(img.check(repair)).map_err(image_err(file))?;
     if repair != Repair::None {
         block_on(img.close()).map_err(image_err(file))?;
