@@ -58,6 +58,17 @@ fn content(img: &Path, dir: &TempDir, snapshot: Option<&str>) -> Vec<u8> {
     data
 }
 
+/// A daemon serving `img` (qcow2 over a file node) writable as export `e` on `sock`.
+fn qcow2_export(img: &Path, sock: &Path) -> DaemonArgs {
+    DaemonArgs::new()
+        .blockdev(&format!("driver=file,node-name=f,filename={}", s(img)))
+        .blockdev("driver=qcow2,node-name=q,file=f")
+        .export(&format!(
+            "type=vhost-user-blk,id=e,node-name=q,addr.type=unix,addr.path={},writable=on",
+            s(sock)
+        ))
+}
+
 /// `qemu-img check`: no corruptions and no leaks.
 fn check_clean(img: &Path) {
     let (rc, out, err) =
@@ -244,14 +255,7 @@ fn img_snapshot_errors_are_clear() {
     assert_ne!(rc, 0);
     // Locked by a writer: refused, as qemu-img refuses; -U lists anyway.
     let sock = dir.join("lock.sock");
-    let args = DaemonArgs::new()
-        .blockdev(&format!("driver=file,node-name=f,filename={}", s(&img)))
-        .blockdev("driver=qcow2,node-name=q,file=f")
-        .export(&format!(
-            "type=vhost-user-blk,id=e,node-name=q,addr.type=unix,addr.path={},writable=on",
-            s(&sock)
-        ))
-        .build();
+    let args = qcow2_export(&img, &sock).build();
     let mut d = Daemon::start(&args);
     let err = vubd_img_fails(&["snapshot", "-c", "y", s(&img)]);
     assert!(err.contains("lock"), "{err}");
@@ -382,15 +386,7 @@ fn qmp_internal_snapshots_of_a_live_export() {
     qemu_img(&["create", "-f", "qcow2", s(&img), &size.to_string()]);
     let qs = dir.join("qmp.sock");
     let sock = dir.join("e.sock");
-    let args = DaemonArgs::new()
-        .monitor(&qs)
-        .blockdev(&format!("driver=file,node-name=f,filename={}", s(&img)))
-        .blockdev("driver=qcow2,node-name=q,file=f")
-        .export(&format!(
-            "type=vhost-user-blk,id=e,node-name=q,addr.type=unix,addr.path={},writable=on",
-            s(&sock)
-        ))
-        .build();
+    let args = qcow2_export(&img, &sock).monitor(&qs).build();
     let mut daemon = Daemon::start(&args);
     let mut q = Qmp::connect(&qs);
 
@@ -738,14 +734,7 @@ fn img_convert_errors_are_clear() {
     std::fs::rename(dir.join("gone.raw"), dir.join("base.raw")).unwrap();
     // A source a daemon writes to is refused, unless -U says to read it anyway.
     let sock = dir.join("w.sock");
-    let args = DaemonArgs::new()
-        .blockdev(&format!("driver=file,node-name=f,filename={}", s(&top)))
-        .blockdev("driver=qcow2,node-name=q,file=f")
-        .export(&format!(
-            "type=vhost-user-blk,id=e,node-name=q,addr.type=unix,addr.path={},writable=on",
-            s(&sock)
-        ))
-        .build();
+    let args = qcow2_export(&top, &sock).build();
     let mut d = Daemon::start(&args);
     let err = vubd_img_fails(&["convert", s(&top), s(&dir.join("z.raw"))]);
     assert!(err.contains("lock"), "{err}");
@@ -767,14 +756,7 @@ fn img_check_repairs_an_image_left_by_a_killed_daemon() {
     let img = dir.join("fresh.qcow2");
     qemu_img(&["create", "-f", "qcow2", s(&img), "64M"]);
     let sock = dir.join("e.sock");
-    let args = DaemonArgs::new()
-        .blockdev(&format!("driver=file,node-name=f,filename={}", s(&img)))
-        .blockdev("driver=qcow2,node-name=q,file=f")
-        .export(&format!(
-            "type=vhost-user-blk,id=e,node-name=q,addr.type=unix,addr.path={},writable=on",
-            s(&sock)
-        ))
-        .build();
+    let args = qcow2_export(&img, &sock).build();
     let mut daemon = Daemon::start(&args);
     let data = version_data(3, 7);
     {

@@ -202,9 +202,14 @@ impl Node {
 
     /// The node's `backing` child, if it has one.
     pub fn backing(&self) -> Option<Arc<Node>> {
+        self.child("backing")
+    }
+
+    /// The node's child of that name (`file`, `backing`, `data-file`, ...).
+    pub fn child(&self, name: &str) -> Option<Arc<Node>> {
         self.children()
             .into_iter()
-            .find(|c| c.name() == "backing")
+            .find(|c| c.name() == name)
             .map(|c| c.node_arc())
     }
 

@@ -97,11 +97,7 @@ impl Graph {
     /// keeping all other options and the children it has now.
     pub(crate) fn reopen_read_only(&mut self, node: &Arc<Node>, read_only: bool) -> Result<()> {
         let mut plans = Vec::new();
-        let file = node
-            .children()
-            .into_iter()
-            .find(|c| c.name() == "file")
-            .map(|c| c.node_arc());
+        let file = node.child("file");
         // A file child the monitor added keeps its own options (QEMU reopens only the
         // children that inherit from the node).
         if let Some(f) =
@@ -125,10 +121,8 @@ impl Graph {
         opts.common.node_name = Some(name.clone());
         opts.common.read_only = read_only;
         let child = |role: &str| {
-            node.children()
-                .into_iter()
-                .find(|c| c.name() == role)
-                .map(|c| BlockdevRef::Reference(c.node().name().to_string()))
+            node.child(role)
+                .map(|c| BlockdevRef::Reference(c.name().to_string()))
         };
         opts.driver.keep_children(&child);
         Ok(Plan {
@@ -206,11 +200,7 @@ impl Graph {
                 }
                 _ => {}
             }
-            let data_now = old
-                .children()
-                .into_iter()
-                .find(|c| c.name() == "data-file")
-                .map(|c| c.node().name().to_string());
+            let data_now = old.child("data-file").map(|c| c.name().to_string());
             let data_new = match &q.data_file {
                 Some(BlockdevRef::Reference(d)) => Some(d.clone()),
                 _ => None,
@@ -238,13 +228,7 @@ impl Graph {
     fn add_implicit_children(&self, plans: &mut Vec<Plan>) {
         let mut extra = Vec::new();
         for p in plans.iter() {
-            let Some(file) = p
-                .old
-                .children()
-                .into_iter()
-                .find(|c| c.name() == "file")
-                .map(|c| c.node_arc())
-            else {
+            let Some(file) = p.old.child("file") else {
                 continue;
             };
             let name = file.name().to_string();

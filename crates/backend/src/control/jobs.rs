@@ -289,12 +289,7 @@ impl Control {
         job.auto_dismiss = o.auto_dismiss;
         let (t, b, backing_file) = (top.clone(), base.clone(), a.backing_file.clone());
         job.finish = Some(Box::new(move |ctl: &mut Control| {
-            let unchanged = match (t.backing(), &b) {
-                (None, _) => true,
-                (Some(old), Some(b)) => Arc::ptr_eq(&old, b),
-                (Some(_), None) => false,
-            };
-            if unchanged {
+            if !work {
                 // Nothing was between the top and the base.
                 return Ok(());
             }
@@ -433,11 +428,17 @@ impl Control {
         } else {
             JobFilterKind::CommitTop
         };
+        // The overlay of the top, whose backing the job changes at the end.
+        let overlay = layers
+            .iter()
+            .position(|n| Arc::ptr_eq(n, &top))
+            .and_then(|i| i.checked_sub(1))
+            .map(|i| layers[i].clone());
         let filter = {
             let _d = self.graph.drain(&top, DRAIN_TIMEOUT).map_err(generic)?;
             self.graph.insert_filter(&top, kind).map_err(generic)?
         };
-        let users = self.commit_users(&id, &device, &top, &base, &filter, &layers, active);
+        let users = self.commit_users(&id, &device, &top, &base, &filter, overlay.as_ref(), active);
         let (top_blk, base_blk, holds) = match users {
             Ok(u) => u,
             Err(e) => {
@@ -445,11 +446,6 @@ impl Control {
                 return Err(e);
             }
         };
-        let overlay = layers
-            .iter()
-            .position(|n| Arc::ptr_eq(n, &top))
-            .and_then(|i| i.checked_sub(1))
-            .map(|i| layers[i].clone());
         let core = Arc::new(JobCore::new(&id, o.speed as u64));
         if !active {
             core.set_len(top.size());
@@ -599,7 +595,7 @@ impl Control {
         top: &Arc<Node>,
         base: &Arc<Node>,
         filter: &Arc<Node>,
-        layers: &[Arc<Node>],
+        overlay: Option<&Arc<Node>>,
         active: bool,
     ) -> OpResult<(BlockBackend, BlockBackend, Vec<BlockBackend>)> {
         let mut holds = Vec::new();
@@ -642,20 +638,8 @@ impl Control {
                 Perm::WRITE_UNCHANGED | Perm::WRITE,
             )?);
         }
-        let overlay = layers
-            .iter()
-            .position(|n| Arc::ptr_eq(n, top))
-            .and_then(|i| i.checked_sub(1))
-            .map(|i| layers[i].clone());
         if let Some(ov) = overlay.filter(|ov| !Arc::ptr_eq(ov, device)) {
-            holds.push(self.job_user(
-                id,
-                "commit",
-                "overlay of top",
-                &ov,
-                Perm::NONE,
-                Perm::ALL,
-            )?);
+            holds.push(self.job_user(id, "commit", "overlay of top", ov, Perm::NONE, Perm::ALL)?);
         }
         Ok((top_blk, base_blk, holds))
     }

@@ -107,6 +107,15 @@ impl Args {
         }
     }
 
+    /// A required object member, as it is.
+    pub fn object(&mut self, name: &str) -> Result<Value, QmpError> {
+        match self.map.remove(name) {
+            Some(v @ Value::Object(_)) => Ok(v),
+            Some(_) => Err(type_error(name, "object")),
+            None => Err(missing(name)),
+        }
+    }
+
     /// A list of strings.
     pub fn opt_str_list(&mut self, name: &str) -> Result<Option<Vec<String>>, QmpError> {
         match self.map.remove(name) {

@@ -222,15 +222,7 @@ pub fn execute(ctl: &mut Control, name: &str, arguments: &Value) -> QmpResult {
         "x-blockdev-amend" => {
             let job_id = a.str("job-id")?;
             let node = a.str("node-name")?;
-            let options = match a.take("options") {
-                Some(v @ Value::Object(_)) => v,
-                Some(_) => {
-                    return Err(QmpError::generic(
-                        "Invalid parameter type for 'options', expected: object",
-                    ))
-                }
-                None => return Err(QmpError::generic("Parameter 'options' is missing")),
-            };
+            let options = a.object("options")?;
             let force = a.opt_bool("force")?.unwrap_or(false);
             a.finish()?;
             ctl.blockdev_amend(&job_id, &node, &options, force)?;
@@ -238,15 +230,7 @@ pub fn execute(ctl: &mut Control, name: &str, arguments: &Value) -> QmpResult {
         }
         "blockdev-create" => {
             let job_id = a.str("job-id")?;
-            let options = match a.take("options") {
-                Some(v @ Value::Object(_)) => v,
-                Some(_) => {
-                    return Err(QmpError::generic(
-                        "Invalid parameter type for 'options', expected: object",
-                    ))
-                }
-                None => return Err(QmpError::generic("Parameter 'options' is missing")),
-            };
+            let options = a.object("options")?;
             a.finish()?;
             ctl.blockdev_create(&job_id, &options)?;
             ok()
