@@ -457,6 +457,20 @@ fn resubmissions(log: &str, export: &str) -> (Vec<u64>, Vec<u16>) {
     (counts, heads)
 }
 
+/// What `resubmissions` finds once vubd has logged it: the frontend is connected before
+/// its rings start, so the lines may come a little after `wait_connected`.
+fn wait_resubmissions(vubd: &Restarts, export: &str) -> (Vec<u64>, Vec<u16>) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (counts, heads) = resubmissions(&vubd.daemon.stderr(), export);
+        let logged = !counts.is_empty() && heads.len() as u64 >= counts.iter().sum::<u64>();
+        if logged || Instant::now() >= deadline {
+            return (counts, heads);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A background reader of `dev` from `offset_mib` on, 4 KiB at a time with O_DIRECT
 /// and one request at a time (fio with psync, its job a thread of the process whose pid
 /// is returned, so that /proc/<pid>/io counts its reads).
@@ -617,8 +631,7 @@ fn sigkill_with_requests_completing_out_of_order() {
     vubd.wait_connected(2, RECONNECT_TIMEOUT);
 
     // Disk A: exactly the requests in flight were resubmitted, in their order.
-    let log = vubd.daemon.stderr();
-    let (counts, heads) = resubmissions(&log, "a-exp");
+    let (counts, heads) = wait_resubmissions(&vubd, "a-exp");
     assert_eq!(
         counts,
         vec![rewind.in_flight.len() as u64],
@@ -707,13 +720,16 @@ fn sigkill_with_a_write_held_by_werror_stop() {
     let (sock, mon) = (dir.join("a.sock"), dir.join("qmp.sock"));
     let img = dir.join("a.img");
     qemu_img(&["create", "-f", "raw", img.to_str().expect("UTF-8"), "64M"]);
-    // The first write that covers each of these sectors fails with EIO.
+    // The first write that covers each of these sectors fails with EIO. Without
+    // iotype=write an armed rule would also fail a read of its sector (QEMU's rule), and
+    // rules the killed process used are armed again in the new one.
     let rules: Vec<u64> = (1..8).map(|i| i * 2 * MIB / 512).collect();
     let mut blkdebug = "driver=blkdebug,node-name=a-dbg,image=a-file".to_string();
     for (i, sector) in rules.iter().enumerate() {
         blkdebug.push_str(&format!(
-            ",inject-error.{i}.event=write_aio,inject-error.{i}.errno=5,\
-             inject-error.{i}.sector={sector},inject-error.{i}.once=on"
+            ",inject-error.{i}.event=write_aio,inject-error.{i}.iotype=write,\
+             inject-error.{i}.errno=5,inject-error.{i}.sector={sector},\
+             inject-error.{i}.once=on"
         ));
     }
     let args = DaemonArgs::new()

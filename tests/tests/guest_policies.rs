@@ -260,7 +260,7 @@ fn guest_io_stops_on_errors_and_resumes_on_cont() {
         ))
         .blockdev(
             "driver=blkdebug,node-name=a-dbg,image=a-file,inject-error.0.event=write_aio,\
-             inject-error.0.errno=5,inject-error.0.once=on",
+             inject-error.0.iotype=write,inject-error.0.errno=5,inject-error.0.once=on",
         )
         .blockdev("driver=raw,node-name=a,file=a-dbg")
         .vhost_user_blk("a", &sa, ",writable=on,werror=stop")

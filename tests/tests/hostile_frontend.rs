@@ -397,8 +397,9 @@ fn hold_write_and_stop_ring(
 #[test]
 fn held_write_does_not_block_get_vring_base() {
     let rules = ",inject-error.0.event=write_aio,inject-error.0.errno=5,inject-error.0.once=on,\
-                 inject-error.0.sector=8,inject-error.1.event=write_aio,inject-error.1.errno=5,\
-                 inject-error.1.once=on,inject-error.1.sector=64";
+                 inject-error.0.sector=8,inject-error.0.iotype=write,\
+                 inject-error.1.event=write_aio,inject-error.1.errno=5,inject-error.1.once=on,\
+                 inject-error.1.sector=64,inject-error.1.iotype=write";
     let mut h = Harness::start(
         "held_write_does_not_block_get_vring_base",
         ANode::Blkdebug {
