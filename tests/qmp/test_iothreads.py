@@ -1,6 +1,7 @@
 """object-add / object-del (iothread) and x-blockdev-set-iothread."""
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
@@ -198,22 +199,41 @@ async def test_set_iothread_under_io(daemon, tmp, io_procs):
         io_ok("verify", "--socket", daemon.sock("e0"), "--offset", 0, "--len", MIB, "--seed", 3)
 
 
+def thread_cpu_ticks(pid: int, tid: int) -> int:
+    """User and system CPU time of one thread, in clock ticks."""
+    stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return int(fields[11]) + int(fields[12])
+
+
 @pytest.mark.vubd_only("qemu-storage-daemon has no query-iothreads")
-async def test_set_iothread_moves_thread_identity(daemon, tmp, io_procs):
-    """With a frontend connected, the thread that serves e0 takes on the thread id the
-    target iothread reports (docs/qmp.md: query-iothreads thread-id)."""
-    p = IoProc(tmp, "stress", "--socket", daemon.sock("e0"), "--seconds", 2, "--seed", 41)
-    io_procs.append(p)
-    await p.ready()
+async def test_set_iothread_moves_the_work(daemon, tmp, io_procs):
+    """x-blockdev-set-iothread moves e0's rings to the target iothread's thread: under
+    I/O, only the target's thread works afterwards. Thread ids stay with their
+    iothreads, and an iothread may serve several exports (docs/qmp.md)."""
+    pid = daemon.proc.pid
     async with daemon.qmp() as c:
         await execute(c, "object-add", {"qom-type": "iothread", "id": "io1"})
         before = {i["id"]: i["thread-id"] for i in await execute(c, "query-iothreads")}
-        await execute(c, "x-blockdev-set-iothread", {"node-name": "n0", "iothread": "io1", "force": True})
+        assert before["io0"] != before["io1"], before
+        await execute(
+            c, "x-blockdev-set-iothread", {"node-name": "n0", "iothread": "io1", "force": True}
+        )
         after = {i["id"]: i["thread-id"] for i in await execute(c, "query-iothreads")}
-        # io1 now runs on the thread that served e0 (io0's), and io0 on another.
-        assert after["io1"] == before["io0"], (before, after)
-        assert after["io0"] != after["io1"], (before, after)
-        # A target that serves another export is refused.
+        assert after == before
+        p = IoProc(tmp, "stress", "--socket", daemon.sock("e0"), "--seconds", 3, "--seed", 41)
+        io_procs.append(p)
+        await p.ready()
+        await asyncio.sleep(0.3)
+        t0 = {k: thread_cpu_ticks(pid, t) for k, t in after.items()}
+        await asyncio.sleep(1.5)
+        t1 = {k: thread_cpu_ticks(pid, t) for k, t in after.items()}
+        worked = {k: t1[k] - t0[k] for k in t0}
+        assert worked["io1"] >= 10, f"io1's thread did not serve e0: {worked} ticks"
+        assert worked["io0"] <= 2, f"io0's thread still works for e0: {worked} ticks"
+        r = await p.result()
+        assert r["rc"] == 0 and r["ok"], r
+        # A second export on io0, then e0 back onto io0: one iothread, two exports.
         await execute(c, "blockdev-add", {"driver": "null-co", "node-name": "other"})
         await execute(
             c,
@@ -223,11 +243,13 @@ async def test_set_iothread_moves_thread_identity(daemon, tmp, io_procs):
                 "id": "e1",
                 "node-name": "other",
                 "iothread": "io0",
+                "writable": True,
                 "addr": {"type": "unix", "path": str(daemon.sock("e1"))},
             },
         )
-        await error(
+        await execute(
             c, "x-blockdev-set-iothread", {"node-name": "n0", "iothread": "io0", "force": True}
         )
-        r = await p.result()
-        assert r["rc"] == 0, r
+        io_ok("write", "--socket", daemon.sock("e0"), "--offset", 0, "--len", MIB, "--seed", 6)
+        io_ok("verify", "--socket", daemon.sock("e0"), "--offset", 0, "--len", MIB, "--seed", 6)
+        io_ok("write", "--socket", daemon.sock("e1"), "--offset", 0, "--len", MIB, "--seed", 7)

@@ -562,14 +562,6 @@ logical-block-size=512,serial=disk0";
             ),
             (
                 format!(
-                    "{objects} {file} {export},node-name=f,id=a,addr.path=/s,iothread=io0 \
-                     {export},node-name=f,id=b,addr.path=/t,iothread.0=io1,iothread.1=io0,num-queues=2"
-                ),
-                "--export id=b: iothread 'io0' is used by exports 'a' and 'b'; each iothread \
-                 serves one export",
-            ),
-            (
-                format!(
                     "{objects} {file} {export},node-name=f,id=a,addr.path=/s,iothread.0=io0,iothread.1=io0,\
                      num-queues=2"
                 ),

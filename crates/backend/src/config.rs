@@ -755,7 +755,6 @@ impl DaemonConfig {
     fn check_exports(&self, iothreads: &HashSet<&str>, nodes: &HashSet<&str>) -> Result<()> {
         let mut ids = HashSet::new();
         let mut sockets: HashMap<&Path, &str> = HashMap::new();
-        let mut iothread_users: HashMap<&str, &str> = HashMap::new();
         for export in &self.exports {
             let label = export_label(export);
             if !ids.insert(export.id.as_str()) {
@@ -779,19 +778,15 @@ impl DaemonConfig {
                     ),
                 ));
             }
-            check_export_iothreads(export, iothreads, &mut iothread_users)?;
+            check_export_iothreads(export, iothreads)?;
         }
         Ok(())
     }
 }
 
-/// An export's iothreads exist, are listed once, serve no other export and are no
-/// more than its queues.
-fn check_export_iothreads<'a>(
-    export: &'a ExportConfig,
-    iothreads: &HashSet<&str>,
-    users: &mut HashMap<&'a str, &'a str>,
-) -> Result<()> {
+/// An export's iothreads exist, are listed once and are no more than its queues (an
+/// iothread may serve any number of exports).
+fn check_export_iothreads(export: &ExportConfig, iothreads: &HashSet<&str>) -> Result<()> {
     let label = export_label(export);
     for (i, iothread) in export.iothreads.iter().enumerate() {
         if !iothreads.contains(iothread.as_str()) {
@@ -804,16 +799,6 @@ fn check_export_iothreads<'a>(
             return Err(invalid(
                 label,
                 format!("iothread '{iothread}' is listed more than once"),
-            ));
-        }
-        if let Some(other) = users.insert(iothread, &export.id) {
-            return Err(invalid(
-                label,
-                format!(
-                    "iothread '{iothread}' is used by exports '{other}' and '{}'; each iothread \
-                     serves one export",
-                    export.id
-                ),
             ));
         }
     }

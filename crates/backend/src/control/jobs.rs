@@ -128,10 +128,12 @@ impl Control {
         BlockBackend::new(&self.graph, Parent::Backend(None), node, perm, shared).map_err(generic)
     }
 
-    /// Registers a block job and starts its thread.
+    /// Registers a job and starts it: on `iothread`'s event loop, or on a thread of
+    /// its own if none is given.
     pub(super) fn start_job<Fut>(
         &mut self,
         mut job: Job,
+        iothread: Option<Arc<crate::iothread::IoThread>>,
         work: impl FnOnce() -> Fut + Send + 'static,
     ) -> OpResult<()>
     where
@@ -142,10 +144,14 @@ impl Control {
         let events = self.events.clone();
         self.jobs.insert(&events, job);
         self.jobs.transition(&events, &id, Status::Running);
-        match crate::jobs::spawn(&id, self.tx.clone(), work) {
-            Ok(t) => {
+        let running = match iothread {
+            Some(t) => Ok(crate::jobs::spawn_on(&id, self.tx.clone(), t, work)),
+            None => crate::jobs::spawn_thread(&id, self.tx.clone(), work),
+        };
+        match running {
+            Ok(r) => {
                 if let Some(j) = self.jobs.get_mut(&id) {
-                    j.thread = Some(t);
+                    j.running = Some(r);
                 }
             }
             Err(e) => self.job_msg(JobMsg::Done {
@@ -157,7 +163,7 @@ impl Control {
     }
 
     /// On the way out (QEMU's `job_cancel_sync_all`): every job not yet concluded
-    /// is cancelled, its thread joined, and its cleanup run (filters taken out,
+    /// is cancelled, waited for, and its cleanup run (filters taken out,
     /// nodes reopened read-only), so that no job writes into an image being closed.
     pub(super) fn cancel_all_jobs(&mut self) {
         let ids = self.jobs.unfinished();
@@ -169,7 +175,7 @@ impl Control {
         }
         let deadline = std::time::Instant::now() + DRAIN_TIMEOUT;
         for id in &ids {
-            let Some(t) = self.jobs.get_mut(id).and_then(|j| j.thread.take()) else {
+            let Some(t) = self.jobs.get_mut(id).and_then(|j| j.running.take()) else {
                 continue;
             };
             while !t.is_finished() && std::time::Instant::now() < deadline {
@@ -179,7 +185,7 @@ impl Control {
                 log::error!("job {id}: still running at shutdown");
                 continue;
             }
-            let _ = t.join();
+            t.join();
             self.job_done(id, Err(CANCELLED.to_string()));
         }
     }
@@ -322,8 +328,9 @@ impl Control {
             holds,
             base,
         };
-        // The job's handles move to its thread.
-        self.start_job(job, move || stream.run())
+        // The job's handles move to its iothread.
+        let iothread = self.node_iothread(&top);
+        self.start_job(job, Some(iothread), move || stream.run())
     }
 
     /// `block-commit`
@@ -532,7 +539,8 @@ impl Control {
             holds,
             dirty,
         };
-        self.start_job(job, move || commit.run())
+        let iothread = self.node_iothread(&top);
+        self.start_job(job, Some(iothread), move || commit.run())
     }
 
     /// QEMU's stream edges: the main node (its copy-on-read filter there), the

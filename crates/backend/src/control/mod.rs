@@ -79,6 +79,9 @@ pub struct Control {
     /// Files to remove at shutdown (monitor sockets).
     pub cleanup: Vec<PathBuf>,
     pub(crate) jobs: crate::jobs::Jobs,
+    /// The iothread of nodes no export serves (QEMU's main loop), started when a job
+    /// first needs it.
+    main_loop: Option<Arc<IoThread>>,
 }
 
 impl Control {
@@ -92,7 +95,41 @@ impl Control {
             pidfile: None,
             cleanup: Vec::new(),
             jobs: crate::jobs::Jobs::default(),
+            main_loop: None,
         }
+    }
+
+    /// The iothread a node's jobs run on: that of the first export whose node has it
+    /// in its subtree, else the main loop.
+    pub(crate) fn node_iothread(&mut self, node: &Arc<Node>) -> Arc<IoThread> {
+        fn has(root: &Arc<Node>, node: &Arc<Node>, depth: usize) -> bool {
+            Arc::ptr_eq(root, node)
+                || (depth < 64
+                    && root
+                        .children()
+                        .iter()
+                        .any(|e| has(&e.node_arc(), node, depth + 1)))
+        }
+        for e in self.exports.values() {
+            if has(&e.export.node(), node, 0) {
+                if let Some(t) = e.export.iothreads().first() {
+                    return t.clone();
+                }
+            }
+        }
+        if let Some(t) = &self.main_loop {
+            return t.clone();
+        }
+        let cfg = crate::config::IoThreadConfig {
+            id: "main-loop".into(),
+            poll_max_ns: 0,
+            poll_grow: 0,
+            poll_shrink: 0,
+            aio_max_batch: 0,
+        };
+        let t = IoThread::new(cfg, false).expect("the main loop's thread starts");
+        self.main_loop = Some(t.clone());
+        t
     }
 
     /// Runs the control loop until [`ControlMsg::Shutdown`].
@@ -316,7 +353,7 @@ impl Control {
     /// The iothreads an export asks for (its own implicit one if none).
     fn export_iothreads(&self, cfg: &ExportConfig) -> OpResult<Vec<Arc<IoThread>>> {
         if cfg.iothreads.is_empty() {
-            return Ok(vec![IoThread::implicit(&cfg.id)]);
+            return Ok(vec![IoThread::implicit(&cfg.id).map_err(generic)?]);
         }
         let mut threads: Vec<Arc<IoThread>> = Vec::new();
         for id in &cfg.iothreads {
@@ -324,12 +361,6 @@ impl Control {
                 .iothreads
                 .get(id)
                 .ok_or_else(|| QmpError::generic(format!("iothread \"{id}\" not found")))?;
-            if let Some(user) = self.iothread_user(id) {
-                return Err(QmpError::generic(format!(
-                    "iothread '{id}' already serves export '{user}' (each iothread serves \
-                     one export in vubd)"
-                )));
-            }
             if threads.iter().any(|x| x.id == *id) {
                 return Err(QmpError::generic(format!(
                     "iothread '{id}' is listed twice"
@@ -516,27 +547,12 @@ impl Control {
                     e.iothreads().len()
                 )));
             }
-            if let Some(t) = &target {
-                match self.iothread_user(&t.id) {
-                    Some(user) if user != e.id() => {
-                        return Err(QmpError::generic(format!(
-                            "iothread '{}' already serves export '{user}' (each iothread \
-                             serves one export in vubd)",
-                            t.id
-                        )))
-                    }
-                    _ => {}
-                }
-            }
-        }
-        if exports.len() > 1 && target.is_some() {
-            return Err(QmpError::generic(format!(
-                "Node {name} is exported {} times; one iothread serves one export",
-                exports.len()
-            )));
         }
         for e in &exports {
-            let t = target.clone().unwrap_or_else(|| IoThread::implicit(e.id()));
+            let t = match &target {
+                Some(t) => t.clone(),
+                None => IoThread::implicit(e.id()).map_err(generic)?,
+            };
             if !e.move_to_iothread(t, DRAIN_TIMEOUT) {
                 return Err(QmpError::generic(format!(
                     "export '{}' still has requests in flight",
@@ -580,7 +596,7 @@ impl Control {
         core.set_len(1);
         let mut job = Job::new(job_id, "create", core.clone(), false);
         job.auto_dismiss = false;
-        self.start_job(job, move || async move {
+        self.start_job(job, None, move || async move {
             let r = work();
             // QEMU's create jobs count their one step done either way.
             core.progress(1);
@@ -618,7 +634,7 @@ impl Control {
         core.set_len(1);
         let mut job = Job::new(job_id, "amend", core.clone(), false);
         job.auto_dismiss = false;
-        self.start_job(job, move || async move {
+        self.start_job(job, None, move || async move {
             core.progress(1);
             if encrypt {
                 Err("image is not encrypted, can't amend".to_string())

@@ -141,7 +141,7 @@ pub fn run(data: &[u8]) -> Outcome {
     }))
     .expect("export options");
     let iothreads = (0..threads)
-        .map(|i| IoThread::implicit(&format!("{id}-{i}")))
+        .map(|i| IoThread::implicit(&format!("{id}-{i}")).expect("iothread starts"))
         .collect();
     let perm = if setup & 8 == 0 {
         Perm::CONSISTENT_READ | Perm::WRITE
@@ -181,7 +181,7 @@ pub fn run(data: &[u8]) -> Outcome {
     // that were told to exit.
     let deadline = Instant::now() + Duration::from_secs(2);
     loop {
-        let left = threads_named(&["export-fz", "vubd-fz"]);
+        let left = threads_named(&["export-fz", "iothread-fz"]);
         if left.is_empty() {
             break;
         }

@@ -2,8 +2,9 @@
 //! verb tables of job.c), `JOB_STATUS_CHANGE` and the `BLOCK_JOB_*` events, and the
 //! registry the control thread keeps.
 //!
-//! A block job (stream, commit) runs on a thread of its own with its own executor
-//! and io_uring ([`spawn`]); its I/O goes through block backends, so drained
+//! A block job (stream, commit) runs as a task of its node's iothread
+//! ([`spawn_on`]), as in QEMU; blockdev-create and x-blockdev-amend, whose work
+//! blocks, run on a thread of their own ([`spawn_thread`]). A job's I/O goes through block backends, so drained
 //! sections hold it like any other user. It tells the control thread when it is
 //! ready or done ([`JobMsg`]); the control thread moves the state machine, raises
 //! the events and, at finalization, makes the job's graph changes. `blockdev-create`
@@ -14,10 +15,12 @@ pub mod copy;
 pub mod core;
 pub mod stream;
 
+use crate::iothread::IoThread;
 use crate::qmp::events::EventBus;
 use crate::qmp::wire::{ErrorClass, QmpError};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 pub use self::core::{Cancel, Cancelled, JobCore, RateLimit};
@@ -177,8 +180,8 @@ pub struct Job {
     pub block: bool,
     pub finish: Option<Finish>,
     pub cleanup: Option<Cleanup>,
-    /// The job's thread, joined when the daemon shuts down.
-    pub thread: Option<std::thread::JoinHandle<()>>,
+    /// Where the job runs, waited for when the daemon shuts down.
+    pub running: Option<Running>,
 }
 
 impl Job {
@@ -197,7 +200,7 @@ impl Job {
             block,
             finish: None,
             cleanup: None,
-            thread: None,
+            running: None,
         }
     }
 
@@ -481,13 +484,42 @@ impl Jobs {
     }
 }
 
+/// Where a job's work runs.
+pub enum Running {
+    /// On a thread of its own (blockdev-create and x-blockdev-amend, whose work
+    /// blocks).
+    Thread(std::thread::JoinHandle<()>),
+    /// As a task of an iothread's event loop (block jobs: the iothread of their
+    /// node, as in QEMU); the iothread lives while the job does.
+    Loop {
+        iothread: Arc<IoThread>,
+        finished: Arc<AtomicBool>,
+    },
+}
+
+impl Running {
+    pub fn is_finished(&self) -> bool {
+        match self {
+            Running::Thread(t) => t.is_finished(),
+            Running::Loop { finished, .. } => finished.load(Ordering::Acquire),
+        }
+    }
+
+    /// Waits for a finished job's thread.
+    pub fn join(self) {
+        if let Running::Thread(t) = self {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Runs a job's work on a thread of its own (with its own executor and io_uring);
 /// its outcome goes to the control thread as [`JobMsg::Done`].
-pub fn spawn<F, Fut>(
+pub fn spawn_thread<F, Fut>(
     id: &str,
     tx: std::sync::mpsc::Sender<crate::control::ControlMsg>,
     work: F,
-) -> std::io::Result<std::thread::JoinHandle<()>>
+) -> std::io::Result<Running>
 where
     F: FnOnce() -> Fut + Send + 'static,
     Fut: std::future::Future<Output = Result<(), String>> + 'static,
@@ -499,4 +531,30 @@ where
             let result = blocklayer::aio::uring::block_on(work());
             let _ = tx.send(crate::control::ControlMsg::Job(JobMsg::Done { id, result }));
         })
+        .map(Running::Thread)
+}
+
+/// Runs a job's work as a task of `iothread`'s event loop; its outcome goes to the
+/// control thread as [`JobMsg::Done`].
+pub fn spawn_on<F, Fut>(
+    id: &str,
+    tx: std::sync::mpsc::Sender<crate::control::ControlMsg>,
+    iothread: Arc<IoThread>,
+    work: F,
+) -> Running
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), String>> + 'static,
+{
+    let id = id.to_string();
+    let finished = Arc::new(AtomicBool::new(false));
+    let done = finished.clone();
+    iothread.event_loop().spawn(move || {
+        blocklayer::aio::executor::spawn(async move {
+            let result = work().await;
+            let _ = tx.send(crate::control::ControlMsg::Job(JobMsg::Done { id, result }));
+            done.store(true, Ordering::Release);
+        });
+    });
+    Running::Loop { iothread, finished }
 }

@@ -1,11 +1,11 @@
-//! The vhost-user-blk device of one frontend connection, served by the worker threads
-//! of its vhost-user session (one per iothread of the export).
+//! The vhost-user-blk device of one frontend connection, served by the event loops of
+//! the export's iothreads.
 //!
-//! Each worker thread runs the iothread loop in [`BlkDevice::handle_event`]:
-//! pop and parse chains, spawn their requests on the thread's executor, drive the
-//! thread's io_uring, push used elements and notify the frontend; then poll adaptively
-//! before returning to epoll. The thread's io_uring completion eventfd sits in the same
-//! epoll set as the queue kicks, so a completion wakes the thread like a kick does.
+//! The device's queues are spread over the iothreads (queue `q` on iothread
+//! `q % n`); on each, a [`RingSet`] is a source of that iothread's loop
+//! ([`crate::iothread::event_loop`]): it pops and parses chains and spawns their
+//! requests on the loop's executor, then pushes used elements and notifies the
+//! frontend in batches. Many exports' ring sets share one loop.
 
 use super::config_space::BlkConfig;
 use super::request::{self, DeviceLimits, Memory, Op, Request, RequestError};
@@ -15,18 +15,18 @@ use super::vhost_user::inflight::InflightRegion;
 use super::vhost_user::vring::{Vring, VringState};
 use super::vhost_user::{pf, BackendChannel, QueueDevice, F_LOG_ALL, F_PROTOCOL_FEATURES};
 use super::{ExportShared, PopGate};
-use crate::iothread::{current_tid, IoThread};
-use blocklayer::aio::poll::{PollParams, PollState};
-use blocklayer::aio::{clock, executor, uring};
+use crate::iothread::event_loop::{EventLoop, Source, WAKE_SUB};
+use blocklayer::aio::{executor, uring};
 use blocklayer::backend::ErrorAction;
 use blocklayer::stats::{Acct, IoKind, IoStats};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 use std::pin::Pin;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 use virtio_bindings::virtio_blk::*;
@@ -34,7 +34,6 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
-use vmm_sys_util::eventfd::EventFd;
 
 /// Offset of `writeback` in `struct virtio_blk_config`.
 const WRITEBACK_OFFSET: u32 = 32;
@@ -48,6 +47,9 @@ struct Completion {
     /// been stopped since is not pushed (the frontend took the ring back).
     gen: u64,
 }
+
+/// Where a ring set's requests put their completions (on its loop's thread).
+type Sink = Rc<RefCell<Vec<Completion>>>;
 
 /// Per-queue state shared by the vhost-user handler thread and the iothreads.
 pub struct QueueStates {
@@ -116,19 +118,6 @@ fn log_used_ring(log: &DirtyLog, st: &VringState) {
     log.mark(q.used_ring(), 6 + 8 * u64::from(q.size()));
 }
 
-#[derive(Default)]
-struct LoopState {
-    poll: Option<PollState>,
-    /// The iothread this worker thread is, and the `iothread_gen` it was taken at.
-    iothread: Option<Arc<IoThread>>,
-    iothread_gen: u64,
-    completions: Vec<Completion>,
-    slept_at: Option<Instant>,
-    /// Used elements pushed but not yet notified, and the thread-local queues they are on.
-    unsignalled: usize,
-    unsignalled_queues: u64,
-}
-
 /// How long stopping a ring waits for requests that are being worked on (not for
 /// requests held by an error stop, which are let go at once).
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -142,29 +131,33 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 const POP_BATCH: usize = 4;
 const NOTIFY_BATCH: usize = 4;
 
-thread_local! {
-    static LOOP: RefCell<LoopState> = RefCell::new(LoopState::default());
+/// Where the device's rings are served: one ring set per iothread.
+struct Serving {
+    loops: Vec<Arc<EventLoop>>,
+    /// The ring set on each loop (its source id).
+    sets: Vec<u64>,
+    vrings: Vec<Arc<Vring>>,
+    /// The kick eventfd each queue's loop watches.
+    kicks: Vec<Option<RawFd>>,
 }
 
-impl Drop for LoopState {
-    fn drop(&mut self) {
-        // The worker thread exits: the iothread falls back to its parked thread.
-        if let Some(t) = &self.iothread {
-            t.detach_worker(current_tid());
-        }
+impl Serving {
+    /// The loop of queue `q` and the ring's index in that loop's ring set.
+    fn place(&self, q: usize) -> (usize, usize) {
+        let n = self.loops.len().max(1);
+        (q % n, q / n)
     }
 }
 
 /// One frontend connection's device.
 pub struct BlkDevice {
+    me: Weak<BlkDevice>,
     shared: Arc<ExportShared>,
     mem: GuestMemoryAtomic<Memory>,
-    /// Worker threads (one per iothread of the export when the connection began).
-    threads: usize,
-    /// Per worker thread: an eventfd that wakes it (resume, iothread change).
-    wake: Vec<EventFd>,
     /// Per queue: requests in flight, held requests, ring generations.
     queues: Arc<QueueStates>,
+    /// The loops and ring sets serving the rings, once the session started them.
+    serving: Mutex<Option<Serving>>,
     /// Set once the frontend is gone: no more requests are popped.
     disconnected: AtomicBool,
     /// Our own handle on the backend channel, for CONFIG_CHANGE_MSG.
@@ -174,62 +167,97 @@ pub struct BlkDevice {
 }
 
 impl BlkDevice {
-    pub fn new(shared: Arc<ExportShared>, mem: GuestMemoryAtomic<Memory>) -> io::Result<Self> {
-        let threads = shared.iothreads().len().max(1);
-        let wake = (0..threads)
-            .map(|_| EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC))
-            .collect::<io::Result<Vec<_>>>()?;
+    pub fn new(shared: Arc<ExportShared>, mem: GuestMemoryAtomic<Memory>) -> Arc<Self> {
         let queues = Arc::new(QueueStates::new(usize::from(shared.num_queues)));
         shared.frontend_gone.store(false, Ordering::SeqCst);
-        Ok(BlkDevice {
+        Arc::new_cyclic(|me| BlkDevice {
+            me: me.clone(),
             shared,
             mem,
-            threads,
-            wake,
             queues,
+            serving: Mutex::new(None),
             disconnected: AtomicBool::new(false),
             channel: Mutex::new(None),
             inflight: RwLock::new(None),
         })
     }
 
-    /// Wakes every worker thread for one pass.
+    fn serving(&self) -> std::sync::MutexGuard<'_, Option<Serving>> {
+        self.serving.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wakes every loop serving the device for one pass (held requests look again).
     pub fn wake_all(&self) {
-        for fd in &self.wake {
-            let _ = fd.write(1);
-        }
-    }
-
-    /// The epoll token of the wake eventfds (kick tokens are below the queue count).
-    fn wake_event(&self) -> u64 {
-        u64::from(self.shared.num_queues) + 2
-    }
-
-    /// Takes the iothread identity and polling parameters this worker thread has now
-    /// (at the first pass, and after `x-blockdev-set-iothread`).
-    fn sync_iothread(&self, thread: usize) {
-        let gen = self.shared.iothread_gen.load(Ordering::Acquire);
-        let current = LOOP.with(|l| {
-            let l = l.borrow();
-            l.iothread.is_some() && l.iothread_gen == gen
-        });
-        if current {
-            return;
-        }
-        let Some(t) = self.shared.iothreads().get(thread).cloned() else {
-            return;
-        };
-        let tid = current_tid();
-        LOOP.with(|l| {
-            let mut l = l.borrow_mut();
-            if let Some(old) = l.iothread.take() {
-                old.detach_worker(tid);
+        if let Some(s) = self.serving().as_ref() {
+            for l in &s.loops {
+                l.wake();
             }
-            t.attach_worker(tid);
-            l.poll = Some(PollState::new(t.poll_params()));
-            l.iothread = Some(t);
-            l.iothread_gen = gen;
-        });
+        }
+    }
+
+    /// Attaches a ring set for every loop in `loops`, and watches the kicks.
+    fn attach(
+        &self,
+        loops: Vec<Arc<EventLoop>>,
+        vrings: Vec<Arc<Vring>>,
+        kicks: Vec<Option<RawFd>>,
+    ) -> io::Result<Serving> {
+        let n = loops.len().max(1);
+        let mut serving = Serving {
+            loops,
+            sets: Vec::new(),
+            vrings,
+            kicks,
+        };
+        for (t, l) in serving.loops.iter().enumerate() {
+            let queues: Vec<usize> = (t..serving.vrings.len()).step_by(n).collect();
+            let mine: Vec<Arc<Vring>> = queues.iter().map(|&q| serving.vrings[q].clone()).collect();
+            let dev = self
+                .me
+                .upgrade()
+                .ok_or_else(|| io::Error::other("the device is gone"))?;
+            let id =
+                l.attach(move || Rc::new(RingSet::new(dev, queues, mine)) as Rc<dyn Source>)?;
+            serving.sets.push(id);
+        }
+        for q in 0..serving.kicks.len() {
+            if let Some(fd) = serving.kicks[q] {
+                let (t, local) = serving.place(q);
+                serving.loops[t].register(fd, serving.sets[t], local as u32)?;
+            }
+        }
+        // One pass each: rings may already hold requests.
+        for l in &serving.loops {
+            l.wake();
+        }
+        Ok(serving)
+    }
+
+    /// Stops watching the kicks and detaches the ring sets.
+    fn detach(serving: &Serving) {
+        for q in 0..serving.kicks.len() {
+            if let Some(fd) = serving.kicks[q] {
+                let (t, _) = serving.place(q);
+                serving.loops[t].unregister(fd);
+            }
+        }
+        for (l, &id) in serving.loops.iter().zip(&serving.sets) {
+            l.detach(id);
+        }
+    }
+
+    /// Moves the rings to the export's iothreads now (after `x-blockdev-set-iothread`;
+    /// the export is paused and nothing is in flight).
+    pub fn rehome(&self) -> io::Result<()> {
+        let mut guard = self.serving();
+        let Some(old) = guard.take() else {
+            return Ok(());
+        };
+        Self::detach(&old);
+        let loops = self.shared.loops();
+        let new = self.attach(loops, old.vrings, old.kicks)?;
+        *guard = Some(new);
+        Ok(())
     }
 
     /// The frontend is gone: iothread passes stop popping from its rings.
@@ -252,16 +280,6 @@ impl BlkDevice {
             .iter()
             .map(|c| c.load(Ordering::Acquire))
             .collect()
-    }
-
-    /// The epoll token of the io_uring eventfd.
-    fn uring_event(&self) -> u64 {
-        u64::from(self.shared.num_queues) + 1
-    }
-
-    /// Global queue index of the thread's `i`-th vring.
-    fn queue_index(&self, thread: usize, i: usize) -> usize {
-        i * self.threads + thread
     }
 
     fn limits(&self) -> DeviceLimits {
@@ -292,6 +310,7 @@ impl BlkDevice {
         queue: usize,
         mem: &Arc<Memory>,
         lim: &DeviceLimits,
+        sink: &Sink,
     ) -> usize {
         if self.queues.is_broken(queue) {
             return 0;
@@ -358,7 +377,7 @@ impl BlkDevice {
                 self.shared.id
             );
             n += 1;
-            self.spawn_request(req, queue, gen, mem);
+            self.spawn_request(req, queue, gen, mem, sink);
         }
         let pending = usize::from(pending.0) + n;
         while n < POP_BATCH && pending > n {
@@ -392,12 +411,12 @@ impl BlkDevice {
                 t.mark(head, c);
             }
             n += 1;
-            self.spawn_request(req, queue, gen, mem);
+            self.spawn_request(req, queue, gen, mem, sink);
         }
         n
     }
 
-    fn spawn_request(&self, req: Request, queue: usize, gen: u64, mem: &Arc<Memory>) {
+    fn spawn_request(&self, req: Request, queue: usize, gen: u64, mem: &Arc<Memory>, sink: &Sink) {
         self.queues.in_flight[queue].fetch_add(1, Ordering::AcqRel);
         self.shared.in_flight.fetch_add(1, Ordering::AcqRel);
         executor::spawn(execute(
@@ -407,6 +426,7 @@ impl BlkDevice {
             req,
             queue,
             gen,
+            sink.clone(),
         ));
     }
 
@@ -416,212 +436,6 @@ impl BlkDevice {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
-    }
-
-    /// Pushes finished requests to their used rings; notification is left to
-    /// [`BlkDevice::notify`]. Returns how many were pushed.
-    fn complete(&self, vrings: &[Arc<Vring>]) -> usize {
-        let done = LOOP.with(|l| std::mem::take(&mut l.borrow_mut().completions));
-        let n = done.len();
-        if n == 0 {
-            return 0;
-        }
-        let mut dirty = 0u64;
-        let inflight = self.inflight();
-        for c in &done {
-            let local = c.queue / self.threads;
-            // A ring stopped since the request was popped belongs to the frontend again:
-            // the request is not pushed (it stays in the inflight region, if there is
-            // one, and is resubmitted when the ring starts again).
-            let current = self.queues.gen(c.queue) == c.gen;
-            if let (true, Some(v)) = (current, vrings.get(local)) {
-                let track = inflight.as_ref().and_then(|r| r.queue(c.queue));
-                let mut st = v.lock();
-                if let Some(t) = &track {
-                    t.pre_put(c.head);
-                }
-                let r = st.add_used(c.head, c.len);
-                if let (Some(t), Ok(())) = (&track, &r) {
-                    t.post_put(c.head, st.get_queue().next_used());
-                }
-                drop(st);
-                if let Err(e) = r {
-                    crate::limited_log!(
-                        self.shared.log_limits.ring,
-                        log::Level::Error,
-                        "export {}: queue {}: cannot return descriptor {}: {e}",
-                        self.shared.id,
-                        c.queue,
-                        c.head
-                    );
-                }
-                dirty |= 1 << local;
-            }
-            self.queues.in_flight[c.queue].fetch_sub(1, Ordering::AcqRel);
-            self.shared.in_flight.fetch_sub(1, Ordering::AcqRel);
-        }
-        if let Some(log) = self.queues.dirty_log() {
-            for (i, v) in vrings.iter().enumerate() {
-                if dirty & (1 << i) != 0 {
-                    log_used_ring(&log, &v.lock());
-                }
-            }
-        }
-        LOOP.with(|l| {
-            let mut l = l.borrow_mut();
-            l.unsignalled_queues |= dirty;
-            l.unsignalled += n;
-            // Keep the buffer's allocation for the next round.
-            if l.completions.is_empty() {
-                let mut v = done;
-                v.clear();
-                l.completions = v;
-            }
-        });
-        n
-    }
-
-    /// Notifies the frontend of used elements pushed since the last notification.
-    fn notify(&self, vrings: &[Arc<Vring>], thread: usize) {
-        let dirty = LOOP.with(|l| {
-            let mut l = l.borrow_mut();
-            l.unsignalled = 0;
-            std::mem::take(&mut l.unsignalled_queues)
-        });
-        for (i, v) in vrings.iter().enumerate() {
-            if dirty & (1 << i) == 0 {
-                continue;
-            }
-            let mut st = v.lock();
-            if st.needs_notification().unwrap_or(true) {
-                if let Err(e) = st.signal_used_queue() {
-                    crate::limited_log!(
-                        self.shared.log_limits.ring,
-                        log::Level::Warn,
-                        "export {}: cannot notify queue {}: {e}",
-                        self.shared.id,
-                        self.queue_index(thread, i)
-                    );
-                }
-            }
-        }
-    }
-
-    /// One pass of the iothread loop; returns whether anything happened.
-    ///
-    /// Each pass takes at most [`POP_BATCH`] chains per ring. The frontend is notified
-    /// once [`NOTIFY_BATCH`] used elements are waiting, or when a pass finds the rings
-    /// empty; a frontend that waits for completions thus hears at once, and a busy one
-    /// is woken per small batch rather than per request.
-    fn iterate(&self, vrings: &[Arc<Vring>], thread: usize, lim: &DeviceLimits) -> bool {
-        // Load the memory table on every pass: the frontend may add regions
-        // (VHOST_USER_ADD_MEM_REG) at any time, and new requests may use them.
-        let mem = &self.mem.memory().into_inner();
-        let mut popped = 0;
-        {
-            let _gate = PopGate::enter(&self.shared);
-            if self.accepting() {
-                for (i, v) in vrings.iter().enumerate() {
-                    popped += self.pop_requests(v, self.queue_index(thread, i), mem, lim);
-                }
-            }
-        }
-        if popped > 0 {
-            // The new requests start (and are accounted from) this pass's time; an
-            // idle polling pass reads no clock.
-            clock::tick();
-        }
-        let mut progress = popped + executor::run_ready();
-        if let Err(e) = uring::submit() {
-            log::error!("io_uring submit failed: {e}");
-        }
-        let reaped = uring::reap();
-        if reaped > 0 {
-            // Completions found now are accounted at this time.
-            clock::tick();
-        }
-        progress += reaped;
-        progress += executor::run_ready();
-        let _ = uring::submit();
-        progress += self.complete(vrings);
-        let pending = LOOP.with(|l| l.borrow().unsignalled);
-        if pending > 0 && (popped == 0 || pending >= NOTIFY_BATCH) {
-            self.notify(vrings, thread);
-        }
-        progress > 0
-    }
-
-    /// Enables or disables the frontend's kicks on the thread's live, unbroken rings;
-    /// when enabling, returns whether any of them has entries waiting.
-    fn set_notifications(&self, vrings: &[Arc<Vring>], thread: usize, on: bool) -> bool {
-        let mut waiting = false;
-        let log = self.queues.dirty_log();
-        for (i, v) in vrings.iter().enumerate() {
-            if self.queues.is_broken(self.queue_index(thread, i)) {
-                continue;
-            }
-            // Whether the ring may be touched, and the touch, under one lock.
-            let mut st = v.lock();
-            if !st.is_live() {
-                continue;
-            }
-            if on {
-                waiting |= st.enable_notification().unwrap_or(false);
-            } else {
-                let _ = st.disable_notification();
-            }
-            if let Some(log) = &log {
-                log_used_ring(log, &st);
-            }
-        }
-        waiting
-    }
-
-    /// The iothread loop body: run until idle, polling adaptively before sleeping.
-    fn run(&self, vrings: &[Arc<Vring>], thread: usize) {
-        let now = Instant::now();
-        let window = LOOP.with(|l| {
-            let mut l = l.borrow_mut();
-            let slept = l.slept_at.take();
-            let poll = l
-                .poll
-                .get_or_insert_with(|| PollState::new(PollParams::default()));
-            if let Some(t) = slept {
-                poll.after_sleep(now.duration_since(t).as_nanos() as u64);
-            }
-            poll.window()
-        });
-        let lim = self.limits();
-        self.set_notifications(vrings, thread, false);
-        uring::set_eventfd_enabled(false);
-        let mut last = now;
-        loop {
-            if self.iterate(vrings, thread, &lim) {
-                last = Instant::now();
-                continue;
-            }
-            if window > Duration::ZERO && last.elapsed() < window {
-                std::hint::spin_loop();
-                continue;
-            }
-            // Going to sleep: re-arm notifications, then look once more so that nothing
-            // that arrived in between is left without a wake-up.
-            uring::set_eventfd_enabled(true);
-            let mut again = self.iterate(vrings, thread, &lim);
-            // Entries left in a ring only count as work while requests are taken; a
-            // stopped or disconnected device leaves them where they are.
-            if self.set_notifications(vrings, thread, true) && self.accepting() {
-                again = true;
-            }
-            if !again {
-                break;
-            }
-            self.set_notifications(vrings, thread, false);
-            uring::set_eventfd_enabled(false);
-            last = Instant::now();
-        }
-        self.notify(vrings, thread);
-        LOOP.with(|l| l.borrow_mut().slept_at = Some(last));
     }
 
     /// The frontend stops ring `q` (GET_VRING_BASE): lets the requests that are being
@@ -886,6 +700,7 @@ async fn execute(
     req: Request,
     queue: usize,
     gen: u64,
+    sink: Sink,
 ) {
     let origin = Origin { queues, queue, gen };
     let Request {
@@ -952,14 +767,226 @@ async fn execute(
         }
         None => 0,
     };
-    LOOP.with(|l| {
-        l.borrow_mut().completions.push(Completion {
-            queue,
-            head,
-            len,
-            gen: origin.gen,
-        })
+    sink.borrow_mut().push(Completion {
+        queue,
+        head,
+        len,
+        gen: origin.gen,
     });
+}
+
+/// The rings of one device that one iothread serves: a source of its event loop.
+struct RingSet {
+    device: Arc<BlkDevice>,
+    /// Global queue index of each ring.
+    queues: Vec<usize>,
+    vrings: Vec<Arc<Vring>>,
+    /// Requests finished on this loop, waiting to be pushed.
+    sink: Sink,
+    /// The device's limits, taken at each wake-up.
+    lim: Cell<Option<DeviceLimits>>,
+    /// Used elements pushed but not yet notified, and the rings (bits) they are on.
+    unsignalled: Cell<usize>,
+    unsignalled_rings: Cell<u64>,
+}
+
+impl RingSet {
+    fn new(device: Arc<BlkDevice>, queues: Vec<usize>, vrings: Vec<Arc<Vring>>) -> Self {
+        RingSet {
+            device,
+            queues,
+            vrings,
+            sink: Rc::new(RefCell::new(Vec::new())),
+            lim: Cell::new(None),
+            unsignalled: Cell::new(0),
+            unsignalled_rings: Cell::new(0),
+        }
+    }
+
+    /// The ring index of a global queue index, if it is one of this set's.
+    fn local(&self, queue: usize) -> Option<usize> {
+        self.queues.iter().position(|&q| q == queue)
+    }
+
+    /// Pushes finished requests to their used rings; notification is left to
+    /// [`RingSet::notify`]. Returns how many were pushed.
+    fn push_completions(&self) -> usize {
+        let done = std::mem::take(&mut *self.sink.borrow_mut());
+        let n = done.len();
+        if n == 0 {
+            return 0;
+        }
+        let dev = &self.device;
+        let mut dirty = 0u64;
+        let inflight = dev.inflight();
+        for c in &done {
+            // A ring stopped since the request was popped belongs to the frontend again:
+            // the request is not pushed (it stays in the inflight region, if there is
+            // one, and is resubmitted when the ring starts again).
+            let current = dev.queues.gen(c.queue) == c.gen;
+            let local = self.local(c.queue);
+            if let (true, Some(i)) = (current, local) {
+                let v = &self.vrings[i];
+                let track = inflight.as_ref().and_then(|r| r.queue(c.queue));
+                let mut st = v.lock();
+                if let Some(t) = &track {
+                    t.pre_put(c.head);
+                }
+                let r = st.add_used(c.head, c.len);
+                if let (Some(t), Ok(())) = (&track, &r) {
+                    t.post_put(c.head, st.get_queue().next_used());
+                }
+                drop(st);
+                if let Err(e) = r {
+                    crate::limited_log!(
+                        dev.shared.log_limits.ring,
+                        log::Level::Error,
+                        "export {}: queue {}: cannot return descriptor {}: {e}",
+                        dev.shared.id,
+                        c.queue,
+                        c.head
+                    );
+                }
+                dirty |= 1 << i;
+            }
+            dev.queues.in_flight[c.queue].fetch_sub(1, Ordering::AcqRel);
+            dev.shared.in_flight.fetch_sub(1, Ordering::AcqRel);
+        }
+        if let Some(log) = dev.queues.dirty_log() {
+            for (i, v) in self.vrings.iter().enumerate() {
+                if dirty & (1 << i) != 0 {
+                    log_used_ring(&log, &v.lock());
+                }
+            }
+        }
+        self.unsignalled_rings
+            .set(self.unsignalled_rings.get() | dirty);
+        self.unsignalled.set(self.unsignalled.get() + n);
+        // Keep the buffer's allocation for the next round.
+        let mut sink = self.sink.borrow_mut();
+        if sink.is_empty() {
+            let mut v = done;
+            v.clear();
+            *sink = v;
+        }
+        n
+    }
+}
+
+impl Source for RingSet {
+    fn event(&self, sub: u32) {
+        if sub == WAKE_SUB {
+            wake_held();
+        } else if let Some(v) = self.vrings.get(sub as usize) {
+            v.read_kick();
+        }
+    }
+
+    fn begin(&self) {
+        self.lim.set(Some(self.device.limits()));
+    }
+
+    fn poll(&self) -> usize {
+        let dev = &self.device;
+        // Load the memory table on every pass: the frontend may add regions
+        // (VHOST_USER_ADD_MEM_REG) at any time, and new requests may use them.
+        let _gate = PopGate::enter(&dev.shared);
+        if !dev.accepting() {
+            return 0;
+        }
+        let lim = match self.lim.get() {
+            Some(l) => l,
+            None => {
+                let l = dev.limits();
+                self.lim.set(Some(l));
+                l
+            }
+        };
+        let mem = &dev.mem.memory().into_inner();
+        let mut popped = 0;
+        for (v, &q) in self.vrings.iter().zip(&self.queues) {
+            popped += dev.pop_requests(v, q, mem, &lim, &self.sink);
+        }
+        popped
+    }
+
+    fn complete(&self, idle: bool) -> usize {
+        let n = self.push_completions();
+        let pending = self.unsignalled.get();
+        if pending > 0 && (idle || pending >= NOTIFY_BATCH) {
+            self.notify();
+        }
+        n
+    }
+
+    fn notify(&self) {
+        self.unsignalled.set(0);
+        let dirty = self.unsignalled_rings.replace(0);
+        for (i, v) in self.vrings.iter().enumerate() {
+            if dirty & (1 << i) == 0 {
+                continue;
+            }
+            let mut st = v.lock();
+            if st.needs_notification().unwrap_or(true) {
+                if let Err(e) = st.signal_used_queue() {
+                    crate::limited_log!(
+                        self.device.shared.log_limits.ring,
+                        log::Level::Warn,
+                        "export {}: cannot notify queue {}: {e}",
+                        self.device.shared.id,
+                        self.queues[i]
+                    );
+                }
+            }
+        }
+    }
+
+    fn set_notifications(&self, on: bool) -> bool {
+        let dev = &self.device;
+        let mut waiting = false;
+        let log = dev.queues.dirty_log();
+        for (v, &q) in self.vrings.iter().zip(&self.queues) {
+            if dev.queues.is_broken(q) {
+                continue;
+            }
+            // Whether the ring may be touched, and the touch, under one lock.
+            let mut st = v.lock();
+            if !st.is_live() {
+                continue;
+            }
+            if on {
+                waiting |= st.enable_notification().unwrap_or(false);
+            } else {
+                let _ = st.disable_notification();
+            }
+            if let Some(log) = &log {
+                log_used_ring(log, &st);
+            }
+        }
+        // Entries left in a ring only count as work while requests are taken; a
+        // stopped or disconnected device leaves them where they are.
+        waiting && dev.accepting()
+    }
+
+    fn detached(&self) {
+        // Requests still running on this loop give up where they wait (the frontend
+        // is gone); what they finish afterwards is counted, not pushed.
+        wake_held();
+        let _ = executor::run_ready();
+        self.push_completions_dropped();
+    }
+}
+
+impl RingSet {
+    /// Counts requests that finished after the set was detached as done, without
+    /// touching the rings.
+    fn push_completions_dropped(&self) {
+        let done = std::mem::take(&mut *self.sink.borrow_mut());
+        for c in done {
+            self.device.queues.in_flight[c.queue].fetch_sub(1, Ordering::AcqRel);
+            self.device.shared.in_flight.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
 }
 
 impl QueueDevice for BlkDevice {
@@ -969,10 +996,6 @@ impl QueueDevice for BlkDevice {
 
     fn max_queue_size(&self) -> u16 {
         self.shared.queue_size
-    }
-
-    fn threads(&self) -> usize {
-        self.threads
     }
 
     fn features(&self) -> u64 {
@@ -1045,8 +1068,9 @@ impl QueueDevice for BlkDevice {
 
     fn queue_started(&self, queue: usize) {
         // The ring may already hold requests (a reconnect, a late enable): look.
-        if let Some(fd) = self.wake.get(queue % self.threads) {
-            let _ = fd.write(1);
+        if let Some(s) = self.serving().as_ref() {
+            let (t, _) = s.place(queue);
+            s.loops[t].wake();
         }
     }
 
@@ -1092,38 +1116,37 @@ impl QueueDevice for BlkDevice {
         *self.channel.lock().unwrap_or_else(|p| p.into_inner()) = channel;
     }
 
-    fn thread_fds(&self, thread: usize) -> io::Result<Vec<(RawFd, u64)>> {
-        let wake = self
-            .wake
-            .get(thread)
-            .ok_or_else(|| io::Error::other(format!("no worker thread {thread}")))?;
-        // Creates this thread's io_uring.
-        let uring = uring::eventfd()?;
-        // One pass at the start: take the iothread identity before the first request.
-        let _ = wake.write(1);
-        Ok(vec![
-            (uring, self.uring_event()),
-            (wake.as_raw_fd(), self.wake_event()),
-        ])
+    fn start_serving(&self, vrings: &[Arc<Vring>]) -> io::Result<()> {
+        let loops = self.shared.loops();
+        let serving = self.attach(loops, vrings.to_vec(), vec![None; vrings.len()])?;
+        *self.serving() = Some(serving);
+        Ok(())
     }
 
-    fn handle_event(&self, thread: usize, token: u64, vrings: &[Arc<Vring>]) {
-        if token == self.uring_event() {
-            uring::clear_eventfd();
-        } else if token == self.wake_event() {
-            if let Some(fd) = self.wake.get(thread) {
-                let _ = fd.read();
+    fn watch_kick(&self, queue: usize, fd: RawFd) -> io::Result<()> {
+        let mut guard = self.serving();
+        let s = guard
+            .as_mut()
+            .ok_or_else(|| io::Error::other("the rings are not served"))?;
+        let (t, local) = s.place(queue);
+        s.loops[t].register(fd, s.sets[t], local as u32)?;
+        s.kicks[queue] = Some(fd);
+        Ok(())
+    }
+
+    fn unwatch_kick(&self, queue: usize, fd: RawFd) {
+        if let Some(s) = self.serving().as_mut() {
+            let (t, _) = s.place(queue);
+            s.loops[t].unregister(fd);
+            if s.kicks.get(queue) == Some(&Some(fd)) {
+                s.kicks[queue] = None;
             }
-            wake_held();
         }
-        self.sync_iothread(thread);
-        self.run(vrings, thread);
     }
 
-    fn thread_exit(&self, _thread: usize) {
-        // Requests this thread still runs give up where they wait (the frontend is
-        // gone); the thread's io_uring then waits for what the kernel still does.
-        wake_held();
-        let _ = executor::run_ready();
+    fn stop_serving(&self) {
+        if let Some(s) = self.serving().take() {
+            Self::detach(&s);
+        }
     }
 }

@@ -189,11 +189,29 @@ impl ExportShared {
             .clone()
     }
 
-    /// Replaces the export's iothreads (the export is paused); worker threads take
-    /// their new identity and polling parameters on their next pass.
+    /// The event loops of the export's iothreads.
+    pub fn loops(&self) -> Vec<Arc<crate::iothread::event_loop::EventLoop>> {
+        self.iothreads()
+            .iter()
+            .map(|t| t.event_loop().clone())
+            .collect()
+    }
+
+    /// Replaces the export's iothreads (the export is paused); a connected frontend's
+    /// rings move at once.
     pub fn set_iothreads(&self, threads: Vec<Arc<IoThread>>) {
-        *self.iothreads.lock().unwrap_or_else(|p| p.into_inner()) = threads;
+        // The old iothreads live until the rings have left them (an implicit one
+        // stops when dropped).
+        let _old = std::mem::replace(
+            &mut *self.iothreads.lock().unwrap_or_else(|p| p.into_inner()),
+            threads,
+        );
         self.iothread_gen.fetch_add(1, Ordering::AcqRel);
+        if let Some(d) = self.device() {
+            if let Err(e) = d.rehome() {
+                log::error!("export {}: cannot move to the new iothread: {e}", self.id);
+            }
+        }
     }
 
     fn connection(
@@ -468,16 +486,8 @@ impl Export for VhostUserBlkExport {
         if !shared.pause(timeout) {
             return false;
         }
-        shared.set_iothreads(vec![thread.clone()]);
+        shared.set_iothreads(vec![thread]);
         shared.resume();
-        if shared.device().is_some() {
-            // The worker thread takes its new identity on the pass the resume wakes
-            // it for; return once it has, so queries show the move.
-            let deadline = Instant::now() + Duration::from_secs(2);
-            while !thread.has_worker() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_micros(100));
-            }
-        }
         true
     }
 
@@ -533,11 +543,8 @@ fn serve_one(shared: &Arc<ExportShared>, listener: &UnixListener) -> Result<()> 
         return Ok(());
     }
     let mem = GuestMemoryAtomic::new(Memory::new());
-    let device = Arc::new(
-        BlkDevice::new(shared.clone(), mem.clone())
-            .map_err(|e| VhostUserBlkError::Daemon(e.to_string()))?,
-    );
-    let mut session = Session::new(&format!("vubd-{}", shared.id), device.clone(), sock, mem)
+    let device = BlkDevice::new(shared.clone(), mem.clone());
+    let mut session = Session::new(device.clone(), sock, mem)
         .map_err(|e| VhostUserBlkError::Daemon(e.to_string()))?;
     let handle = session
         .shutdown_handle()
@@ -552,8 +559,8 @@ fn serve_one(shared: &Arc<ExportShared>, listener: &UnixListener) -> Result<()> 
         log::warn!("export {}: connection ended: {e}", shared.id);
     }
     log::info!("export {}: frontend disconnected", shared.id);
-    // Nothing more is taken from the old rings; let the worker threads finish what
-    // they took, then stop them (a thread must not exit with requests of its own).
+    // Nothing more is taken from the old rings; let the iothreads finish what they
+    // took, then stop serving the rings.
     device.disconnect();
     log::info!(
         "export {}: {:?} request(s) in flight per queue after disconnect",
@@ -571,7 +578,6 @@ fn serve_one(shared: &Arc<ExportShared>, listener: &UnixListener) -> Result<()> 
         );
     }
     *shared.connection() = None;
-    // Stops the worker threads; each waits for its io_uring operations to finish.
     session.close();
     Ok(())
 }

@@ -8,7 +8,8 @@
 //!
 //! - [`wire`]: the message format, with bounded reads and checked descriptor counts;
 //! - [`vring`]: a virtqueue and its eventfds;
-//! - [`worker`]: the threads that wait for kicks and run the device;
+//! - the device serves the rings on its iothreads' event loops
+//!   ([`crate::iothread::event_loop`]);
 //! - [`Session`] (here): the protocol state machine: features, the memory table, ring
 //!   set-up and teardown, the configuration space, the backend channel.
 //!
@@ -26,7 +27,6 @@ pub mod shm;
 pub mod sigbus;
 pub mod vring;
 pub mod wire;
-pub mod worker;
 
 use super::request::Memory;
 use dirty_log::DirtyLog;
@@ -44,7 +44,6 @@ use vm_memory::{
 use vmm_sys_util::eventfd::EventFd;
 use vring::Vring;
 use wire::{req, Message, WireError};
-use worker::Worker;
 
 /// `VHOST_USER_F_PROTOCOL_FEATURES`
 pub const F_PROTOCOL_FEATURES: u64 = 1 << 30;
@@ -78,8 +77,6 @@ const VRING_NOFD_MASK: u64 = 0x100;
 pub trait QueueDevice: Send + Sync + 'static {
     fn num_queues(&self) -> usize;
     fn max_queue_size(&self) -> u16;
-    /// Worker threads; queue `q` is served by thread `q % threads`.
-    fn threads(&self) -> usize;
     fn features(&self) -> u64;
     fn protocol_features(&self) -> u64;
     /// The configuration space (the session checks offsets against its length).
@@ -102,14 +99,14 @@ pub trait QueueDevice: Send + Sync + 'static {
     fn set_logging(&self, on: bool);
     /// The backend channel the frontend gave (SET_BACKEND_REQ_FD).
     fn set_backend_channel(&self, channel: Option<BackendChannel>);
-    /// Descriptors worker thread `thread` waits on besides its kicks, with their epoll
-    /// tokens (at least the number of the thread's vrings). Runs on that thread.
-    fn thread_fds(&self, thread: usize) -> io::Result<Vec<(RawFd, u64)>>;
-    /// An event on worker thread `thread`: a kick (token = index into `vrings`) or one
-    /// of its `thread_fds`.
-    fn handle_event(&self, thread: usize, token: u64, vrings: &[Arc<Vring>]);
-    /// Worker thread `thread` is about to exit.
-    fn thread_exit(&self, thread: usize);
+    /// Starts serving `vrings` (on the device's iothreads).
+    fn start_serving(&self, vrings: &[Arc<Vring>]) -> io::Result<()>;
+    /// Watches `fd`, the kick eventfd of ring `queue`.
+    fn watch_kick(&self, queue: usize, fd: RawFd) -> io::Result<()>;
+    /// Stops watching `fd` (before it is closed).
+    fn unwatch_kick(&self, queue: usize, fd: RawFd);
+    /// Stops serving the rings (the connection is over; nothing is in flight).
+    fn stop_serving(&self);
 }
 
 /// The backend channel: backend-initiated messages to the frontend.
@@ -247,7 +244,6 @@ pub struct Session<D: QueueDevice> {
     mem: GuestMemoryAtomic<Memory>,
     regions: Vec<RegionInfo>,
     vrings: Vec<Arc<Vring>>,
-    workers: Vec<Worker>,
     acked_features: u64,
     acked_protocol: u64,
     inflight: Option<Arc<InflightRegion>>,
@@ -259,9 +255,8 @@ pub struct Session<D: QueueDevice> {
 }
 
 impl<D: QueueDevice> Session<D> {
-    /// Sets up the session and its worker threads for a connected frontend.
+    /// Sets up the session for a connected frontend; its device serves the rings.
     pub fn new(
-        name: &str,
         device: Arc<D>,
         sock: UnixStream,
         mem: GuestMemoryAtomic<Memory>,
@@ -274,24 +269,13 @@ impl<D: QueueDevice> Session<D> {
                     .map_err(|e| io::Error::other(format!("vring: {e:?}")))
             })
             .collect::<io::Result<Vec<_>>>()?;
-        let threads = device.threads().max(1);
-        let mut workers = Vec::with_capacity(threads);
-        for t in 0..threads {
-            let mine = (t..n).step_by(threads).map(|q| vrings[q].clone()).collect();
-            workers.push(Worker::spawn(
-                format!("{name}-w{t}"),
-                t,
-                device.clone(),
-                mine,
-            )?);
-        }
+        device.start_serving(&vrings)?;
         Ok(Session {
             device,
             sock,
             mem,
             regions: Vec::new(),
             vrings,
-            workers,
             acked_features: 0,
             acked_protocol: 0,
             inflight: None,
@@ -328,14 +312,12 @@ impl<D: QueueDevice> Session<D> {
         }
     }
 
-    /// Stops every ring and worker thread (the connection is over).
+    /// Stops every ring and the device's serving of them (the connection is over).
     pub fn close(&mut self) {
         for q in 0..self.vrings.len() {
             self.stop_ring(q);
         }
-        for w in &mut self.workers {
-            w.stop();
-        }
+        self.device.stop_serving();
         self.device.set_backend_channel(None);
     }
 
@@ -690,22 +672,22 @@ impl<D: QueueDevice> Session<D> {
 
     /// SET_VRING_KICK: a new kick eventfd; the ring starts.
     fn set_kick(&mut self, q: usize, fd: Option<EventFd>) -> Result<Handled> {
-        let worker = &self.workers[q % self.workers.len()];
-        let token = (q / self.workers.len()) as u64;
-        {
-            let mut v = self.vrings[q].lock();
-            if let Some(old) = v.set_kick(None) {
-                worker.remove(old.as_raw_fd());
+        // The ring's lock is not held while the device (re)registers the descriptor
+        // with an iothread: the iothread takes ring locks.
+        let raw = fd.as_ref().map(|f| f.as_raw_fd());
+        let old = self.vrings[q].lock().set_kick(fd);
+        if let Some(old) = &old {
+            self.device.unwatch_kick(q, old.as_raw_fd());
+        }
+        drop(old);
+        if let Some(raw) = raw {
+            if let Err(e) = self.device.watch_kick(q, raw) {
+                drop(self.vrings[q].lock().set_kick(None));
+                return Err(SessionError::Refused {
+                    name: "SET_VRING_KICK",
+                    message: format!("cannot wait on the kick descriptor: {e}"),
+                });
             }
-            if let Some(fd) = &fd {
-                worker
-                    .add(fd.as_raw_fd(), token)
-                    .map_err(|e| SessionError::Refused {
-                        name: "SET_VRING_KICK",
-                        message: format!("cannot wait on the kick descriptor: {e}"),
-                    })?;
-            }
-            v.set_kick(fd);
         }
         self.start_ring(q);
         Ok(Handled::Done)
@@ -796,12 +778,14 @@ impl<D: QueueDevice> Session<D> {
         if was {
             self.device.stop_vring(q);
         }
-        let worker = &self.workers[q % self.workers.len()];
-        let mut v = self.vrings[q].lock();
-        if let Some(old) = v.set_kick(None) {
-            worker.remove(old.as_raw_fd());
+        let old = {
+            let mut v = self.vrings[q].lock();
+            v.set_call(None);
+            v.set_kick(None)
+        };
+        if let Some(old) = &old {
+            self.device.unwatch_kick(q, old.as_raw_fd());
         }
-        v.set_call(None);
     }
 
     fn set_mem_table(&mut self, mut m: Message) -> Result<Handled> {
