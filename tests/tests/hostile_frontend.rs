@@ -2078,3 +2078,63 @@ fn guest_memory_truncated_after_the_memory_table() {
     h.assert_a_serves(Duration::from_secs(10));
     h.finish();
 }
+
+/// Half a message header, then silence: one daemon-wide thread handles every export's
+/// vhost-user messages, and it reads without blocking, so a frontend added on another
+/// export meanwhile gets through its handshake and is served; A serves the next
+/// frontend once this one goes.
+#[test]
+fn half_a_message_holds_up_no_other_export() {
+    let mut h = Harness::start(
+        "half_a_message_holds_up_no_other_export",
+        shm(16 * MIB),
+        "",
+        true,
+    );
+    let fe = Frontend::connect(&h.sock_a).expect("connect");
+    let mut hdr = Vec::new();
+    hdr.extend_from_slice(&req::GET_FEATURES.to_le_bytes());
+    hdr.extend_from_slice(&1u32.to_le_bytes());
+    hdr.truncate(7);
+    fe.conn.send_raw(&hdr, &[]).expect("7 bytes of a header");
+    std::thread::sleep(Duration::from_millis(200));
+    let sock_c = h.dir.join("c.sock");
+    let qmp = h.qmp.as_mut().expect("monitor");
+    qmp.ok(
+        "blockdev-add",
+        serde_json::json!({"driver": "null-co", "node-name": "c", "size": MIB, "read-zeroes": true}),
+    );
+    qmp.ok(
+        "block-export-add",
+        serde_json::json!({"type": "vhost-user-blk", "id": "c", "node-name": "c", "writable": true,
+                           "addr": {"type": "unix", "path": sock_c}}),
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let r = (|| {
+            let opts = vubd_tests::ClientOptions {
+                num_queues: 1,
+                buf_per_queue: MIB as usize,
+                ..Default::default()
+            };
+            let mut c = vubd_tests::Client::connect_with(&sock_c, &opts)?;
+            c.q()
+                .read_poisoned(0, 4096, 0x5a)
+                .map_err(|e| format!("read failed: {e}"))
+        })();
+        let _ = tx.send(r);
+    });
+    match rx.recv_timeout(Duration::from_secs(10)) {
+        Ok(Ok(data)) => assert!(data.iter().all(|&b| b == 0), "export c read non-zero data"),
+        Ok(Err(e)) => panic!("a frontend of export c failed while A's message was half sent: {e}"),
+        Err(_) => panic!("a frontend of export c got no answer while A's message was half sent"),
+    }
+    h.measure_attack();
+    assert!(
+        !fe.conn.wait_closed(Duration::from_millis(100)),
+        "the daemon closed a connection that is merely slow"
+    );
+    drop(fe);
+    h.assert_a_serves(Duration::from_secs(10));
+    h.finish();
+}

@@ -150,13 +150,14 @@ pub fn run(data: &[u8]) -> Outcome {
     };
     let blk = BlockBackend::new(&graph, Parent::Backend(None), &node, perm, Perm::ALL)
         .expect("the export's backend attaches");
-    let (export, listener) = VhostUserBlkExport::bind(&cfg, blk, iothreads).expect("export binds");
+    let (mut export, listener) =
+        VhostUserBlkExport::bind(&cfg, blk, iothreads).expect("export binds");
     let (gone_tx, gone_rx) = mpsc::channel();
-    let server = export
+    export
         .serve(listener, move || {
             let _ = gone_tx.send(());
         })
-        .expect("export thread starts");
+        .expect("the export is served");
 
     let stream = UnixStream::connect(&path).expect("connect to the export");
     let _ = stream.set_write_timeout(Some(DEADLINE));
@@ -173,7 +174,6 @@ pub fn run(data: &[u8]) -> Outcome {
         stopped.is_ok(),
         "the export did not stop within {DEADLINE:?}"
     );
-    server.join().expect("export thread");
     drop(export);
     drop(graph);
     let _ = std::fs::remove_file(&path);

@@ -5,6 +5,7 @@
 //! - [`request`]: parsing a descriptor chain into a validated request
 //! - [`config_space`]: `struct virtio_blk_config`
 //! - [`vhost_user`]: the vhost-user protocol (messages, vrings, inflight, dirty log)
+//! - [`server`]: the one thread that accepts frontends and handles their messages
 //!
 //! The error policies (`rerror`/`werror`, virtio-blk device properties in QEMU), the
 //! write cache mode and the statistics are the export's [`BlockBackend`]'s.
@@ -12,6 +13,7 @@
 pub mod config_space;
 pub mod device;
 pub mod request;
+pub mod server;
 pub mod vhost_user;
 
 use super::Export;
@@ -22,15 +24,13 @@ use blocklayer::backend::BlockBackend;
 use blocklayer::edge::NodeRef;
 use config_space::BlkConfig;
 use device::BlkDevice;
-use request::{DeviceLimits, Memory, ID_BYTES, SECTOR};
+use request::{DeviceLimits, ID_BYTES, SECTOR};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
-use vhost_user::Session;
-use vm_memory::GuestMemoryAtomic;
 
 /// Largest data segment the guest may use (`size_max`), at most.
 const SIZE_MAX: u32 = 4 << 20;
@@ -225,6 +225,16 @@ impl ExportShared {
         self.connection().as_ref().and_then(|(d, _)| d.upgrade())
     }
 
+    /// Records the connected frontend's device and a handle that drops it.
+    fn set_connection(&self, device: &Arc<BlkDevice>, handle: UnixStream) {
+        *self.connection() = Some((Arc::downgrade(device), Some(handle)));
+    }
+
+    /// The frontend has gone.
+    fn clear_connection(&self) {
+        *self.connection() = None;
+    }
+
     /// Whether a frontend is connected.
     pub fn is_connected(&self) -> bool {
         self.connection().as_ref().is_some_and(|(_, h)| h.is_some())
@@ -328,14 +338,14 @@ impl ExportShared {
     }
 }
 
-/// A bound export: its socket and the thread serving it.
+/// A bound export: its socket, served by the control-plane thread ([`server`]).
 pub struct VhostUserBlkExport {
     pub shared: Arc<ExportShared>,
     pub socket_path: PathBuf,
     /// A duplicate of the listening socket, to interrupt a blocked accept.
     listen_fd: OwnedFd,
-    /// The serving thread, once [`VhostUserBlkExport::start`] started it.
-    server: Option<std::thread::JoinHandle<()>>,
+    /// Its place on the control-plane thread, once served.
+    served: Option<server::Served>,
 }
 
 /// Refuses a socket path another live process listens on; removes a stale one.
@@ -362,10 +372,9 @@ impl VhostUserBlkExport {
         on_exit: impl FnOnce() + Send + 'static,
     ) -> Result<VhostUserBlkExport> {
         let (mut export, listener) = VhostUserBlkExport::bind(cfg, blk, iothreads)?;
-        let server = export
+        export
             .serve(listener, on_exit)
             .map_err(VhostUserBlkError::Thread)?;
-        export.server = Some(server);
         Ok(export)
     }
 
@@ -418,41 +427,22 @@ impl VhostUserBlkExport {
                 shared,
                 socket_path: cfg.socket_path.clone(),
                 listen_fd,
-                server: None,
+                served: None,
             },
             listener,
         ))
     }
 
-    /// Serves frontends one after another on a thread of its own; `on_exit` runs on
-    /// that thread once the export has stopped (after [`Export::stop`]).
+    /// Serves frontends one after another, on the control-plane thread; `on_exit`
+    /// runs there once the export has stopped (after [`Export::stop`]).
     pub fn serve(
-        &self,
+        &mut self,
         listener: UnixListener,
         on_exit: impl FnOnce() + Send + 'static,
-    ) -> std::io::Result<std::thread::JoinHandle<()>> {
-        let shared = self.shared.clone();
-        std::thread::Builder::new()
-            .name(format!("export-{}", shared.id))
-            .spawn(move || {
-                loop {
-                    if shared.is_stopping() {
-                        break;
-                    }
-                    if let Err(e) = serve_one(&shared, &listener) {
-                        if shared.is_stopping() {
-                            break;
-                        }
-                        log::error!("export {}: {e}", shared.id);
-                        std::thread::sleep(Duration::from_millis(100));
-                    }
-                }
-                drop(listener);
-                // The export (and its backend's edge) goes as soon as the control
-                // thread hears of it: this thread holds it no longer.
-                drop(shared);
-                on_exit();
-            })
+    ) -> std::io::Result<()> {
+        let served = server::server()?.add(self.shared.clone(), listener, Box::new(on_exit))?;
+        self.served = Some(served);
+        Ok(())
     }
 }
 
@@ -505,17 +495,20 @@ impl Export for VhostUserBlkExport {
             // Held requests give up.
             d.wake_all();
         }
-        // SAFETY: shutdown on a descriptor we own; it wakes a thread blocked in accept.
+        // SAFETY: shutdown on a descriptor we own; no frontend connects any more.
         unsafe { libc::shutdown(self.listen_fd.as_raw_fd(), libc::SHUT_RDWR) };
         self.shared.disconnect_frontend();
+        if let Some(s) = &self.served {
+            s.poke();
+        }
     }
 
     fn wait_stopped(&self, timeout: Duration) -> bool {
-        let Some(server) = &self.server else {
+        let Some(served) = &self.served else {
             return false;
         };
         let deadline = Instant::now() + timeout;
-        while !server.is_finished() {
+        while !served.is_finished() {
             if Instant::now() > deadline {
                 return false;
             }
@@ -532,52 +525,4 @@ impl Export for VhostUserBlkExport {
         let shared = &self.shared;
         shared.wait_idle(|| shared.in_flight.load(Ordering::Acquire), timeout)
     }
-}
-
-/// Serves one frontend connection from accept to disconnect.
-fn serve_one(shared: &Arc<ExportShared>, listener: &UnixListener) -> Result<()> {
-    let (sock, _) = listener
-        .accept()
-        .map_err(|e| VhostUserBlkError::Daemon(format!("accept: {e}")))?;
-    if shared.is_stopping() {
-        return Ok(());
-    }
-    let mem = GuestMemoryAtomic::new(Memory::new());
-    let device = BlkDevice::new(shared.clone(), mem.clone());
-    let mut session = Session::new(device.clone(), sock, mem)
-        .map_err(|e| VhostUserBlkError::Daemon(e.to_string()))?;
-    let handle = session
-        .shutdown_handle()
-        .map_err(|e| VhostUserBlkError::Daemon(e.to_string()))?;
-    *shared.connection() = Some((Arc::downgrade(&device), Some(handle)));
-    if shared.is_stopping() {
-        // Removed while this frontend was being accepted.
-        shared.disconnect_frontend();
-    }
-    log::info!("export {}: frontend connected", shared.id);
-    if let Err(e) = session.run() {
-        log::warn!("export {}: connection ended: {e}", shared.id);
-    }
-    log::info!("export {}: frontend disconnected", shared.id);
-    // Nothing more is taken from the old rings; let the iothreads finish what they
-    // took, then stop serving the rings.
-    device.disconnect();
-    log::info!(
-        "export {}: {:?} request(s) in flight per queue after disconnect",
-        shared.id,
-        device.queue_in_flight()
-    );
-    if !shared.wait_idle(
-        || device.queue_in_flight().iter().sum(),
-        Duration::from_secs(30),
-    ) {
-        log::error!(
-            "export {}: requests of the old frontend still in flight after 30 s: {:?}",
-            shared.id,
-            device.queue_in_flight()
-        );
-    }
-    *shared.connection() = None;
-    session.close();
-    Ok(())
 }

@@ -284,20 +284,25 @@ impl<D: QueueDevice> Session<D> {
         })
     }
 
-    /// A handle that ends [`Session::run`] from another thread.
+    /// A handle that ends the connection from another thread (shutting it down makes
+    /// the socket readable, at its end).
     pub fn shutdown_handle(&self) -> io::Result<UnixStream> {
         self.sock.try_clone()
     }
 
-    /// Serves messages until the frontend disconnects (or a shutdown handle shuts the
-    /// socket down). Returns the error that ended a broken stream.
-    pub fn run(&mut self) -> std::result::Result<(), WireError> {
-        loop {
-            let msg = match wire::recv_message(&self.sock) {
-                Ok(m) => m,
-                Err(WireError::Closed) => return Ok(()),
-                Err(e) => return Err(e),
-            };
+    /// The connection's socket.
+    pub fn socket(&self) -> &UnixStream {
+        &self.sock
+    }
+
+    /// Handles every complete message the frontend has sent, without waiting for
+    /// more. Returns the error that ended the stream ([`WireError::Closed`] at its
+    /// end).
+    pub fn serve_available(
+        &mut self,
+        reader: &mut wire::MessageReader,
+    ) -> std::result::Result<(), WireError> {
+        while let Some(msg) = reader.read(&self.sock)? {
             let code = msg.request;
             let need_reply = msg.needs_reply();
             match self.handle(msg) {
@@ -310,6 +315,7 @@ impl<D: QueueDevice> Session<D> {
                 }
             }
         }
+        Ok(())
     }
 
     /// Stops every ring and the device's serving of them (the connection is over).

@@ -218,18 +218,20 @@ pub fn u32_at(b: &[u8], off: usize) -> u32 {
 /// Room for MAX_FDS descriptors in a control message.
 const CMSG_SPACE: usize = 64;
 
-/// Receives exactly `buf.len()` bytes, collecting descriptors that come with them.
-fn recv_exact(
+/// One `recvmsg` into `buf` with `flags` (besides MSG_CMSG_CLOEXEC), collecting the
+/// descriptors that come with the bytes. `Ok(None)`: nothing to read now
+/// (MSG_DONTWAIT); `Ok(Some(0))`: the end of the stream.
+fn recv_some(
     sock: &UnixStream,
     buf: &mut [u8],
     fds: &mut Vec<OwnedFd>,
+    flags: i32,
     what: &'static str,
-) -> Result<(), WireError> {
-    let mut pos = 0;
-    while pos < buf.len() {
+) -> Result<Option<usize>, WireError> {
+    loop {
         let mut iov = libc::iovec {
-            iov_base: buf[pos..].as_mut_ptr().cast(),
-            iov_len: buf.len() - pos,
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
         };
         let mut cmsg = [0u64; CMSG_SPACE / 8];
         // SAFETY: msghdr is plain data; zeroed is a valid empty header.
@@ -238,16 +240,18 @@ fn recv_exact(
         msg.msg_iovlen = 1;
         msg.msg_control = cmsg.as_mut_ptr().cast();
         msg.msg_controllen = std::mem::size_of_val(&cmsg);
-        // SAFETY: the iovec points into `buf` past `pos`, the control buffer is a local
-        // array of the given size; both outlive the call. MSG_CMSG_CLOEXEC keeps the
-        // received descriptors from leaking into child processes.
-        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        // SAFETY: the iovec points into `buf`, the control buffer is a local array of
+        // the given size; both outlive the call. MSG_CMSG_CLOEXEC keeps the received
+        // descriptors from leaking into child processes.
+        let n =
+            unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, flags | libc::MSG_CMSG_CLOEXEC) };
         if n < 0 {
             let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
+            match e.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => return Ok(None),
+                _ => return Err(e.into()),
             }
-            return Err(e.into());
         }
         // Take ownership of every descriptor received, so that none leaks, whatever
         // happens next.
@@ -276,27 +280,40 @@ fn recv_exact(
                 want: "at most 8",
             });
         }
-        if n == 0 {
-            return Err(if pos == 0 && what == "header" {
-                WireError::Closed
-            } else {
-                WireError::Truncated(what)
-            });
+        return Ok(Some(n as usize));
+    }
+}
+
+/// Receives exactly `buf.len()` bytes, collecting descriptors that come with them.
+fn recv_exact(
+    sock: &UnixStream,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+    what: &'static str,
+) -> Result<(), WireError> {
+    let mut pos = 0;
+    while pos < buf.len() {
+        match recv_some(sock, &mut buf[pos..], fds, 0, what)? {
+            Some(0) => {
+                return Err(if pos == 0 && what == "header" {
+                    WireError::Closed
+                } else {
+                    WireError::Truncated(what)
+                })
+            }
+            Some(n) => pos += n,
+            // A nonblocking socket with nothing yet: wait a little.
+            None => std::thread::sleep(std::time::Duration::from_millis(1)),
         }
-        pos += n as usize;
     }
     Ok(())
 }
 
-/// Reads one message. Errors leave the connection unusable (the caller closes it):
-/// the stream cannot be resynchronised after a bad header.
-pub fn recv_message(sock: &UnixStream) -> Result<Message, WireError> {
-    let mut hdr = [0u8; HEADER_LEN];
-    let mut fds = Vec::new();
-    recv_exact(sock, &mut hdr, &mut fds, "header")?;
-    let request = u32_at(&hdr, 0);
-    let flags = u32_at(&hdr, 4);
-    let size = u32_at(&hdr, 8);
+/// Checks a message header; returns its request code, flags and payload size.
+fn parse_header(hdr: &[u8; HEADER_LEN]) -> Result<(u32, u32, usize), WireError> {
+    let request = u32_at(hdr, 0);
+    let flags = u32_at(hdr, 4);
+    let size = u32_at(hdr, 8);
     if flags & VERSION_MASK != VERSION || flags & !KNOWN_FLAGS != 0 {
         return Err(WireError::Version(flags));
     }
@@ -306,8 +323,16 @@ pub fn recv_message(sock: &UnixStream) -> Result<Message, WireError> {
             size,
         });
     }
-    let mut payload = vec![0u8; size as usize];
-    recv_exact(sock, &mut payload, &mut fds, "payload")?;
+    Ok((request, flags, size as usize))
+}
+
+/// A complete message from its parts, with the descriptor count checked.
+fn complete_message(
+    request: u32,
+    flags: u32,
+    payload: Vec<u8>,
+    fds: Vec<OwnedFd>,
+) -> Result<Message, WireError> {
     if fds.len() > MAX_FDS {
         return Err(WireError::BadFds {
             name: req::name(request),
@@ -321,6 +346,79 @@ pub fn recv_message(sock: &UnixStream) -> Result<Message, WireError> {
         payload,
         fds,
     })
+}
+
+/// Reads one message. Errors leave the connection unusable (the caller closes it):
+/// the stream cannot be resynchronised after a bad header.
+pub fn recv_message(sock: &UnixStream) -> Result<Message, WireError> {
+    let mut hdr = [0u8; HEADER_LEN];
+    let mut fds = Vec::new();
+    recv_exact(sock, &mut hdr, &mut fds, "header")?;
+    let (request, flags, size) = parse_header(&hdr)?;
+    let mut payload = vec![0u8; size];
+    recv_exact(sock, &mut payload, &mut fds, "payload")?;
+    complete_message(request, flags, payload, fds)
+}
+
+/// Reads messages from a socket without ever blocking: what has arrived is kept until
+/// a message is complete, so a frontend that sends half a message holds up nobody.
+/// Errors leave the connection unusable, as with [`recv_message`].
+#[derive(Default)]
+pub struct MessageReader {
+    hdr: [u8; HEADER_LEN],
+    hdr_len: usize,
+    /// Once the header is complete: its request, flags, the payload and how much of
+    /// it has arrived.
+    body: Option<(u32, u32, Vec<u8>, usize)>,
+    fds: Vec<OwnedFd>,
+}
+
+impl MessageReader {
+    /// The next complete message, or `None` if the rest has not arrived yet.
+    pub fn read(&mut self, sock: &UnixStream) -> Result<Option<Message>, WireError> {
+        loop {
+            let Some((request, flags, payload, len)) = &mut self.body else {
+                let n = match recv_some(
+                    sock,
+                    &mut self.hdr[self.hdr_len..],
+                    &mut self.fds,
+                    libc::MSG_DONTWAIT,
+                    "header",
+                )? {
+                    None => return Ok(None),
+                    Some(0) if self.hdr_len == 0 => return Err(WireError::Closed),
+                    Some(0) => return Err(WireError::Truncated("header")),
+                    Some(n) => n,
+                };
+                self.hdr_len += n;
+                if self.hdr_len == HEADER_LEN {
+                    let (r, f, size) = parse_header(&self.hdr)?;
+                    self.body = Some((r, f, vec![0u8; size], 0));
+                }
+                continue;
+            };
+            if *len < payload.len() {
+                match recv_some(
+                    sock,
+                    &mut payload[*len..],
+                    &mut self.fds,
+                    libc::MSG_DONTWAIT,
+                    "payload",
+                )? {
+                    None => return Ok(None),
+                    Some(0) => return Err(WireError::Truncated("payload")),
+                    Some(n) => *len += n,
+                }
+                continue;
+            }
+            let (request, flags) = (*request, *flags);
+            let payload = std::mem::take(payload);
+            self.body = None;
+            self.hdr_len = 0;
+            let fds = std::mem::take(&mut self.fds);
+            return complete_message(request, flags, payload, fds).map(Some);
+        }
+    }
 }
 
 /// Sends a message (a reply, or a backend request) with optional descriptors.
