@@ -3,12 +3,14 @@
 //! A request's start time is its event-loop pass's ([`clock::now`]); its end is read
 //! when it completes: one clock read per request and layer.
 //!
-//! Counters are relaxed atomics: each is exact on its own, and a reader sees a snapshot
-//! that may be a request apart between fields, as QEMU's stats are.
+//! Counters are relaxed atomics in per-thread shards (each on cache lines of its own):
+//! the iothreads that account requests of one node or export do not write the same
+//! cache lines, and a query sums the shards. Each counter is exact; a reader sees a
+//! snapshot that may be a request apart between fields, as QEMU's stats are.
 
 use crate::aio::clock;
 use serde_json::{json, Value};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::Instant;
 
@@ -33,16 +35,35 @@ struct KindStats {
     invalid: AtomicU64,
 }
 
-/// The statistics of one node or export.
+/// The counters one thread writes (threads beyond [`SHARDS`] share shards).
 #[derive(Default)]
-pub struct IoStats {
+#[repr(align(128))]
+struct Shard {
     kinds: [KindStats; KINDS],
     wr_highest_offset: AtomicU64,
-    /// Whether `idle_time_ns` is kept (exports, as QEMU's BlockBackends).
-    track_idle: bool,
     /// Nanoseconds since [`epoch`] at which the last request completed, plus one
     /// (0: never).
     last_done_ns: AtomicU64,
+}
+
+/// Shards per statistics record.
+const SHARDS: usize = 8;
+
+/// This thread's shard index, handed out round-robin as threads first account.
+fn shard_index() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static INDEX: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
+    }
+    INDEX.with(|i| *i)
+}
+
+/// The statistics of one node or export.
+#[derive(Default)]
+pub struct IoStats {
+    shards: [Shard; SHARDS],
+    /// Whether `idle_time_ns` is kept (exports, as QEMU's BlockBackends).
+    track_idle: bool,
 }
 
 /// A fixed point in time that `last_done_ns` counts from.
@@ -93,9 +114,13 @@ impl IoStats {
         }
     }
 
-    fn note_done(&self, now: Instant) {
+    fn shard(&self) -> &Shard {
+        &self.shards[shard_index()]
+    }
+
+    fn note_done(&self, shard: &Shard, now: Instant) {
         if self.track_idle {
-            self.last_done_ns.store(
+            shard.last_done_ns.store(
                 ns_between(epoch(), now).saturating_add(1),
                 Ordering::Relaxed,
             );
@@ -105,7 +130,8 @@ impl IoStats {
     /// Accounts a finished request; `end` is the byte after a write's range (for
     /// `wr_highest_offset`).
     pub fn done(&self, acct: Acct, ok: bool, end: u64) {
-        let k = &self.kinds[acct.kind as usize];
+        let shard = self.shard();
+        let k = &shard.kinds[acct.kind as usize];
         // The start is the loop pass's time; the end is read here, so a request's
         // time includes its wait in the pass.
         let now = Instant::now();
@@ -116,31 +142,45 @@ impl IoStats {
             if t > 0 {
                 k.total_time_ns.fetch_add(t, Ordering::Relaxed);
             }
-            if acct.kind == IoKind::Write && end > self.wr_highest_offset.load(Ordering::Relaxed) {
-                self.wr_highest_offset.fetch_max(end, Ordering::Relaxed);
+            if acct.kind == IoKind::Write && end > shard.wr_highest_offset.load(Ordering::Relaxed) {
+                shard.wr_highest_offset.fetch_max(end, Ordering::Relaxed);
             }
         } else {
             k.failed.fetch_add(1, Ordering::Relaxed);
         }
-        self.note_done(now);
+        self.note_done(shard, now);
     }
 
     /// Accounts a request refused before it started (out of range, malformed).
     pub fn invalid(&self, kind: IoKind) {
-        self.kinds[kind as usize]
+        let shard = self.shard();
+        shard.kinds[kind as usize]
             .invalid
             .fetch_add(1, Ordering::Relaxed);
-        self.note_done(clock::now());
+        self.note_done(shard, clock::now());
+    }
+
+    /// The sum of one counter over the shards.
+    fn sum(&self, kind: IoKind, f: fn(&KindStats) -> &AtomicU64) -> u64 {
+        self.shards
+            .iter()
+            .map(|s| f(&s.kinds[kind as usize]).load(Ordering::Relaxed))
+            .fold(0, u64::wrapping_add)
     }
 
     pub fn operations(&self, kind: IoKind) -> u64 {
-        self.kinds[kind as usize].operations.load(Ordering::Relaxed)
+        self.sum(kind, |k| &k.operations)
     }
 
     /// QEMU's `BlockDeviceStats`.
     pub fn to_json(&self) -> Value {
-        let get = |kind: IoKind, f: fn(&KindStats) -> &AtomicU64| {
-            f(&self.kinds[kind as usize]).load(Ordering::Relaxed)
+        let get = |kind: IoKind, f: fn(&KindStats) -> &AtomicU64| self.sum(kind, f);
+        let max = |f: fn(&Shard) -> &AtomicU64| {
+            self.shards
+                .iter()
+                .map(|s| f(s).load(Ordering::Relaxed))
+                .max()
+                .unwrap_or(0)
         };
         let mut v = json!({
             "rd_bytes": get(IoKind::Read, |k| &k.bytes),
@@ -154,7 +194,7 @@ impl IoStats {
             "wr_total_time_ns": get(IoKind::Write, |k| &k.total_time_ns),
             "flush_total_time_ns": get(IoKind::Flush, |k| &k.total_time_ns),
             "unmap_total_time_ns": get(IoKind::Unmap, |k| &k.total_time_ns),
-            "wr_highest_offset": self.wr_highest_offset.load(Ordering::Relaxed),
+            "wr_highest_offset": max(|s| &s.wr_highest_offset),
             "rd_merged": 0,
             "wr_merged": 0,
             "unmap_merged": 0,
@@ -170,7 +210,7 @@ impl IoStats {
             "account_failed": true,
             "timed_stats": [],
         });
-        let last = self.last_done_ns.load(Ordering::Relaxed);
+        let last = max(|s| &s.last_done_ns);
         if last > 0 {
             let idle = ns_between(epoch(), Instant::now()).saturating_sub(last - 1);
             v["idle_time_ns"] = json!(idle);
@@ -201,5 +241,40 @@ mod tests {
         assert_eq!(v["flush_operations"], 1);
         assert!(v["idle_time_ns"].is_u64());
         assert!(IoStats::new().to_json().get("idle_time_ns").is_none());
+    }
+
+    #[test]
+    fn threads_account_into_their_shards_and_queries_sum_them() {
+        let s = std::sync::Arc::new(IoStats::with_idle_time());
+        let threads: Vec<_> = (0..12u64)
+            .map(|t| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    for i in 0..1000 {
+                        s.done(
+                            IoStats::start(IoKind::Write, 512),
+                            true,
+                            (t * 1000 + i) * 512,
+                        );
+                    }
+                    s.done(IoStats::start(IoKind::Read, 4096), true, 0);
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("accounting thread");
+        }
+        let v = s.to_json();
+        assert_eq!(v["wr_operations"], 12_000);
+        assert_eq!(v["wr_bytes"], 12_000 * 512);
+        assert_eq!(v["rd_operations"], 12);
+        assert_eq!(v["wr_highest_offset"], 11_999 * 512);
+        assert!(
+            s.shards
+                .iter()
+                .filter(|sh| sh.kinds[1].operations.load(Ordering::Relaxed) > 0)
+                .count()
+                > 1
+        );
     }
 }

@@ -49,12 +49,35 @@ struct Completion {
 }
 
 /// Where a ring set's requests put their completions (on its loop's thread).
-type Sink = Rc<RefCell<Vec<Completion>>>;
+type Sink = RefCell<Vec<Completion>>;
+
+/// What a ring set's requests share, on its loop's thread: one reference count that
+/// only that thread touches, rather than the export's, per request.
+struct SetCtx {
+    shared: Arc<ExportShared>,
+    queues: Arc<QueueStates>,
+    /// Where requests put their completions.
+    sink: Sink,
+}
+
+/// A value on cache lines of its own: counters that different iothreads write (one
+/// per queue) do not share lines.
+#[derive(Default)]
+#[repr(align(128))]
+struct Padded<T>(T);
+
+impl<T> std::ops::Deref for Padded<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
 
 /// Per-queue state shared by the vhost-user handler thread and the iothreads.
 pub struct QueueStates {
-    /// Requests popped and not yet pushed to the used ring (or dropped).
-    in_flight: Vec<AtomicU64>,
+    /// Requests popped and not yet pushed to the used ring (or dropped); written by
+    /// the queue's iothread only, read by the control plane.
+    in_flight: Vec<Padded<AtomicU64>>,
     /// Of those, requests held by an error stop (`werror`/`rerror=stop`).
     held: Vec<AtomicU64>,
     /// Bumped whenever the frontend stops the ring (GET_VRING_BASE).
@@ -64,7 +87,7 @@ pub struct QueueStates {
     /// stops and restarts it.
     broken: Vec<AtomicBool>,
     /// The fetch order of the next head taken (inflight tracking).
-    counter: Vec<AtomicU64>,
+    counter: Vec<Padded<AtomicU64>>,
     /// Heads to run again before new ones: requests a previous backend (or a stopped
     /// ring) left in flight, from the inflight region, in their original order.
     resubmit: Vec<Mutex<std::collections::VecDeque<u16>>>,
@@ -80,11 +103,11 @@ pub struct QueueStates {
 impl QueueStates {
     fn new(n: usize) -> Self {
         QueueStates {
-            in_flight: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            in_flight: (0..n).map(|_| Padded::default()).collect(),
             held: (0..n).map(|_| AtomicU64::new(0)).collect(),
             gen: (0..n).map(|_| AtomicU64::new(0)).collect(),
             broken: (0..n).map(|_| AtomicBool::new(false)).collect(),
-            counter: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            counter: (0..n).map(|_| Padded::default()).collect(),
             resubmit: (0..n).map(|_| Mutex::new(Default::default())).collect(),
             dirty_log: RwLock::new(None),
             logging: AtomicBool::new(false),
@@ -217,7 +240,7 @@ impl BlkDevice {
                 .upgrade()
                 .ok_or_else(|| io::Error::other("the device is gone"))?;
             let id =
-                l.attach(move || Rc::new(RingSet::new(dev, queues, mine)) as Rc<dyn Source>)?;
+                l.attach(move || Rc::new(RingSet::new(dev, t, queues, mine)) as Rc<dyn Source>)?;
             serving.sets.push(id);
         }
         for q in 0..serving.kicks.len() {
@@ -310,7 +333,7 @@ impl BlkDevice {
         queue: usize,
         mem: &Arc<Memory>,
         lim: &DeviceLimits,
-        sink: &Sink,
+        ctx: &Rc<SetCtx>,
     ) -> usize {
         if self.queues.is_broken(queue) {
             return 0;
@@ -377,7 +400,7 @@ impl BlkDevice {
                 self.shared.id
             );
             n += 1;
-            self.spawn_request(req, queue, gen, mem, sink);
+            self.spawn_request(req, queue, gen, mem, ctx);
         }
         let pending = usize::from(pending.0) + n;
         while n < POP_BATCH && pending > n {
@@ -411,23 +434,21 @@ impl BlkDevice {
                 t.mark(head, c);
             }
             n += 1;
-            self.spawn_request(req, queue, gen, mem, sink);
+            self.spawn_request(req, queue, gen, mem, ctx);
         }
         n
     }
 
-    fn spawn_request(&self, req: Request, queue: usize, gen: u64, mem: &Arc<Memory>, sink: &Sink) {
+    fn spawn_request(
+        &self,
+        req: Request,
+        queue: usize,
+        gen: u64,
+        mem: &Arc<Memory>,
+        ctx: &Rc<SetCtx>,
+    ) {
         self.queues.in_flight[queue].fetch_add(1, Ordering::AcqRel);
-        self.shared.in_flight.fetch_add(1, Ordering::AcqRel);
-        executor::spawn(execute(
-            self.shared.clone(),
-            self.queues.clone(),
-            mem.clone(),
-            req,
-            queue,
-            gen,
-            sink.clone(),
-        ));
+        executor::spawn(execute(ctx.clone(), mem.clone(), req, queue, gen));
     }
 
     /// The inflight region, if the frontend gave one.
@@ -590,13 +611,13 @@ fn wake_held() {
 }
 
 /// Where a request came from: its queue and that ring's generation when it was popped.
-struct Origin {
-    queues: Arc<QueueStates>,
+struct Origin<'a> {
+    queues: &'a QueueStates,
     queue: usize,
     gen: u64,
 }
 
-impl Origin {
+impl Origin<'_> {
     /// Whether the frontend has stopped the ring since the request was popped.
     fn ring_stopped(&self) -> bool {
         self.queues.gen(self.queue) != self.gen
@@ -607,7 +628,7 @@ impl Origin {
 /// the export is going away, its frontend has gone or stopped the request's ring.
 struct Resumed<'a> {
     shared: &'a ExportShared,
-    origin: &'a Origin,
+    origin: &'a Origin<'a>,
     gen: u64,
 }
 
@@ -649,7 +670,7 @@ impl Drop for Held<'_> {
 
 /// Runs an operation under the export's error policy (`rerror`/`werror`): whether
 /// it completes successfully for the guest.
-async fn perform_with_policy(shared: &ExportShared, origin: &Origin, op: &Op) -> bool {
+async fn perform_with_policy(shared: &ExportShared, origin: &Origin<'_>, op: &Op) -> bool {
     loop {
         let gen = shared.blk.resume_gen();
         let Err(e) = perform(shared, op).await else {
@@ -693,16 +714,13 @@ async fn perform_with_policy(shared: &ExportShared, origin: &Origin, op: &Op) ->
 }
 
 /// Performs one request and queues its completion on this iothread.
-async fn execute(
-    shared: Arc<ExportShared>,
-    queues: Arc<QueueStates>,
-    mem: Arc<Memory>,
-    req: Request,
-    queue: usize,
-    gen: u64,
-    sink: Sink,
-) {
-    let origin = Origin { queues, queue, gen };
+async fn execute(ctx: Rc<SetCtx>, mem: Arc<Memory>, req: Request, queue: usize, gen: u64) {
+    let shared = &*ctx.shared;
+    let origin = Origin {
+        queues: &ctx.queues,
+        queue,
+        gen,
+    };
     let Request {
         head,
         status_addr,
@@ -714,7 +732,7 @@ async fn execute(
     let status = match op {
         Ok(op) => {
             let acct = op_acct(&op);
-            let ok = perform_with_policy(&shared, &origin, &op).await;
+            let ok = perform_with_policy(shared, &origin, &op).await;
             if let Some((acct, end)) = acct {
                 shared.blk.stats().done(acct, ok, end);
             }
@@ -767,7 +785,7 @@ async fn execute(
         }
         None => 0,
     };
-    sink.borrow_mut().push(Completion {
+    ctx.sink.borrow_mut().push(Completion {
         queue,
         head,
         len,
@@ -781,25 +799,59 @@ struct RingSet {
     /// Global queue index of each ring.
     queues: Vec<usize>,
     vrings: Vec<Arc<Vring>>,
-    /// Requests finished on this loop, waiting to be pushed.
-    sink: Sink,
+    /// The context of its requests (with their finished ones, waiting to be pushed).
+    ctx: Rc<SetCtx>,
+    /// The memory table the rings were last read with: the export's (to notice a new
+    /// one) and this set's own copy of it, whose reference count only this thread
+    /// touches (each request holds one).
+    mem: RefCell<Option<(Arc<Memory>, Arc<Memory>)>>,
     /// The device's limits, taken at each wake-up.
     lim: Cell<Option<DeviceLimits>>,
     /// Used elements pushed but not yet notified, and the rings (bits) they are on.
     unsignalled: Cell<usize>,
     unsignalled_rings: Cell<u64>,
+    /// The export's pop-gate counter this set uses (its iothread's index).
+    slot: usize,
 }
 
 impl RingSet {
-    fn new(device: Arc<BlkDevice>, queues: Vec<usize>, vrings: Vec<Arc<Vring>>) -> Self {
+    fn new(
+        device: Arc<BlkDevice>,
+        slot: usize,
+        queues: Vec<usize>,
+        vrings: Vec<Arc<Vring>>,
+    ) -> Self {
+        let ctx = Rc::new(SetCtx {
+            shared: device.shared.clone(),
+            queues: device.queues.clone(),
+            sink: RefCell::new(Vec::new()),
+        });
         RingSet {
             device,
+            slot,
             queues,
             vrings,
-            sink: Rc::new(RefCell::new(Vec::new())),
+            ctx,
+            mem: RefCell::new(None),
             lim: Cell::new(None),
             unsignalled: Cell::new(0),
             unsignalled_rings: Cell::new(0),
+        }
+    }
+
+    /// This set's copy of the current memory table (a new one after the frontend
+    /// changed the table).
+    fn memory(&self) -> Arc<Memory> {
+        let now = self.device.mem.memory();
+        let mut cache = self.mem.borrow_mut();
+        match cache.as_ref() {
+            Some((theirs, ours)) if std::ptr::eq(Arc::as_ptr(theirs), &*now) => ours.clone(),
+            _ => {
+                let theirs = now.into_inner();
+                let ours = Arc::new((*theirs).clone());
+                *cache = Some((theirs, ours.clone()));
+                ours
+            }
         }
     }
 
@@ -811,7 +863,7 @@ impl RingSet {
     /// Pushes finished requests to their used rings; notification is left to
     /// [`RingSet::notify`]. Returns how many were pushed.
     fn push_completions(&self) -> usize {
-        let done = std::mem::take(&mut *self.sink.borrow_mut());
+        let done = std::mem::take(&mut *self.ctx.sink.borrow_mut());
         let n = done.len();
         if n == 0 {
             return 0;
@@ -850,7 +902,6 @@ impl RingSet {
                 dirty |= 1 << i;
             }
             dev.queues.in_flight[c.queue].fetch_sub(1, Ordering::AcqRel);
-            dev.shared.in_flight.fetch_sub(1, Ordering::AcqRel);
         }
         if let Some(log) = dev.queues.dirty_log() {
             for (i, v) in self.vrings.iter().enumerate() {
@@ -863,7 +914,7 @@ impl RingSet {
             .set(self.unsignalled_rings.get() | dirty);
         self.unsignalled.set(self.unsignalled.get() + n);
         // Keep the buffer's allocation for the next round.
-        let mut sink = self.sink.borrow_mut();
+        let mut sink = self.ctx.sink.borrow_mut();
         if sink.is_empty() {
             let mut v = done;
             v.clear();
@@ -890,7 +941,7 @@ impl Source for RingSet {
         let dev = &self.device;
         // Load the memory table on every pass: the frontend may add regions
         // (VHOST_USER_ADD_MEM_REG) at any time, and new requests may use them.
-        let _gate = PopGate::enter(&dev.shared);
+        let _gate = PopGate::enter(&dev.shared, self.slot);
         if !dev.accepting() {
             return 0;
         }
@@ -902,10 +953,10 @@ impl Source for RingSet {
                 l
             }
         };
-        let mem = &dev.mem.memory().into_inner();
+        let mem = &self.memory();
         let mut popped = 0;
         for (v, &q) in self.vrings.iter().zip(&self.queues) {
-            popped += dev.pop_requests(v, q, mem, &lim, &self.sink);
+            popped += dev.pop_requests(v, q, mem, &lim, &self.ctx);
         }
         popped
     }
@@ -981,10 +1032,9 @@ impl RingSet {
     /// Counts requests that finished after the set was detached as done, without
     /// touching the rings.
     fn push_completions_dropped(&self) {
-        let done = std::mem::take(&mut *self.sink.borrow_mut());
+        let done = std::mem::take(&mut *self.ctx.sink.borrow_mut());
         for c in done {
             self.device.queues.in_flight[c.queue].fetch_sub(1, Ordering::AcqRel);
-            self.device.shared.in_flight.fetch_sub(1, Ordering::AcqRel);
         }
     }
 }

@@ -82,12 +82,12 @@ pub struct ExportShared {
     /// by `x-blockdev-set-iothread`, which bumps `iothread_gen`.
     iothreads: Mutex<Vec<Arc<IoThread>>>,
     pub iothread_gen: AtomicU64,
-    pub in_flight: AtomicU64,
     stopping: AtomicBool,
     /// Set while a control command works on the export: no new requests are taken.
     paused: AtomicBool,
-    /// Iothread passes currently inside their pop section (see [`PopGate`]).
-    poppers: AtomicUsize,
+    /// Iothread passes currently inside their pop section (see [`PopGate`]), one
+    /// counter per iothread slot, each on cache lines of its own.
+    poppers: [PaddedCount; POP_SLOTS],
     /// The connected frontend, if any: its device and a handle that drops it.
     connection: Mutex<Option<(Weak<BlkDevice>, Option<UnixStream>)>>,
     /// Log budgets per kind of event, so that a frontend cannot flood the log.
@@ -124,10 +124,19 @@ impl ExportLogLimits {
 /// two always sees the other.
 pub struct PopGate<'a>(&'a AtomicUsize);
 
+/// Pop-gate counters per export (iothreads beyond this share them).
+const POP_SLOTS: usize = 8;
+
+#[derive(Default)]
+#[repr(align(128))]
+pub struct PaddedCount(AtomicUsize);
+
 impl<'a> PopGate<'a> {
-    pub fn enter(shared: &'a ExportShared) -> Self {
-        shared.poppers.fetch_add(1, Ordering::SeqCst);
-        PopGate(&shared.poppers)
+    /// Enters the gate as the export's iothread number `slot`.
+    pub fn enter(shared: &'a ExportShared, slot: usize) -> Self {
+        let c = &shared.poppers[slot % POP_SLOTS].0;
+        c.fetch_add(1, Ordering::SeqCst);
+        PopGate(c)
     }
 }
 
@@ -235,6 +244,13 @@ impl ExportShared {
         *self.connection() = None;
     }
 
+    /// Requests in flight (summed over the connected frontend's queues).
+    pub fn in_flight(&self) -> u64 {
+        self.device()
+            .map(|d| d.queue_in_flight().iter().sum())
+            .unwrap_or(0)
+    }
+
     /// Whether a frontend is connected.
     pub fn is_connected(&self) -> bool {
         self.connection().as_ref().is_some_and(|(_, h)| h.is_some())
@@ -252,7 +268,7 @@ impl ExportShared {
     /// `timeout`); [`ExportShared::resume`] undoes it. Other exports are untouched.
     pub fn pause(&self, timeout: Duration) -> bool {
         self.paused.store(true, Ordering::SeqCst);
-        if self.wait_idle(|| self.in_flight.load(Ordering::Acquire), timeout) {
+        if self.wait_idle(|| self.in_flight(), timeout) {
             true
         } else {
             self.resume();
@@ -280,7 +296,7 @@ impl ExportShared {
     /// Call after raising the flag that makes passes pop nothing.
     pub fn wait_idle(&self, in_flight: impl Fn() -> u64, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
-        while self.poppers.load(Ordering::SeqCst) > 0 || in_flight() > 0 {
+        while self.poppers.iter().any(|c| c.0.load(Ordering::SeqCst) > 0) || in_flight() > 0 {
             if Instant::now() > deadline {
                 return false;
             }
@@ -415,10 +431,9 @@ impl VhostUserBlkExport {
             serial,
             iothreads: Mutex::new(iothreads),
             iothread_gen: AtomicU64::new(0),
-            in_flight: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
             paused: AtomicBool::new(false),
-            poppers: AtomicUsize::new(0),
+            poppers: Default::default(),
             connection: Mutex::new(None),
             log_limits: ExportLogLimits::new(),
         });
@@ -523,6 +538,6 @@ impl Export for VhostUserBlkExport {
             d.wake_all();
         }
         let shared = &self.shared;
-        shared.wait_idle(|| shared.in_flight.load(Ordering::Acquire), timeout)
+        shared.wait_idle(|| shared.in_flight(), timeout)
     }
 }
