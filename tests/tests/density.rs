@@ -423,14 +423,10 @@ const DENSE_IOTHREADS: usize = 2;
 /// How many of them get a frontend and verified I/O (raw files; the others are null-co).
 const DENSE_BUSY: usize = 8;
 
-/// Threads each idle export costs today: its protocol thread ("export-<id>": accept and
-/// vhost-user messages). A daemon-wide protocol thread replaces them (issue 16: 200 idle
-/// exports on 2 iothreads run at most 2 + a small constant of threads); then this is 0.
-const THREADS_PER_IDLE_EXPORT: usize = 1;
-
-/// Threads beyond the iothreads and the per-export ones: main, control, QMP accept and
-/// connection, io_uring workers, the daemon-wide protocol thread.
-const MAX_THREADS_BEYOND_EXPORTS: usize = 8;
+/// Threads beyond the iothreads, whatever the number of exports (issue 16: 200 idle
+/// exports on 2 iothreads run at most 2 + a small constant of threads): main, control,
+/// QMP accept and connection, the daemon-wide vhost-user protocol thread.
+const MAX_THREADS_BEYOND_IOTHREADS: usize = 8;
 
 /// Resident memory an idle export may add (issue 16's target: under 64 KiB).
 const MAX_RSS_KIB_PER_IDLE_EXPORT: u64 = 64;
@@ -463,14 +459,15 @@ fn idle_ticks(daemon: &Daemon) -> u64 {
     daemon.cpu_ticks() - t0
 }
 
-/// Asserts the daemon runs at most the threads its `exports` idle exports may cost. The kernel's io_uring workers ("iou-wrk-<tid>": io-wq
-/// threads made on demand for I/O that cannot complete inline, ending after a few idle
-/// seconds) are listed but not bounded: their number follows the I/O just done.
+/// Asserts the daemon runs at most [`MAX_THREADS_BEYOND_IOTHREADS`] threads besides its
+/// iothreads. The kernel's io_uring workers ("iou-wrk-<tid>": io-wq threads made on
+/// demand for I/O that cannot complete inline, ending after a few idle seconds) are
+/// listed but not counted: their number follows the I/O just done.
 #[track_caller]
-fn assert_thread_bound(daemon: &Daemon, exports: usize, what: &str) {
+fn assert_thread_bound(daemon: &Daemon, what: &str) {
     let names = daemon.thread_names();
     let own = names.iter().filter(|n| !n.starts_with("iou-wrk-")).count();
-    let bound = DENSE_IOTHREADS + THREADS_PER_IDLE_EXPORT * exports + MAX_THREADS_BEYOND_EXPORTS;
+    let bound = DENSE_IOTHREADS + MAX_THREADS_BEYOND_IOTHREADS;
     eprintln!(
         "{what}: {own} threads (bound {bound}), {} with io_uring workers: {}",
         names.len(),
@@ -515,7 +512,7 @@ fn many_idle_exports_on_two_iothreads() {
     let mut qmp = Qmp::connect(&qmp_sock);
     assert_eq!(export_ids(&mut qmp), ["x0"]);
     let rss_one = daemon.vm_rss_kib();
-    assert_thread_bound(&daemon, 1, "1 export");
+    assert_thread_bound(&daemon, "1 export");
 
     for i in 1..DENSE_EXPORTS {
         let node = format!("n{i}");
@@ -548,7 +545,7 @@ fn many_idle_exports_on_two_iothreads() {
         "{per_export:.1} KiB of resident memory per idle export (target: under \
          {MAX_RSS_KIB_PER_IDLE_EXPORT} KiB)"
     );
-    assert_thread_bound(&daemon, DENSE_EXPORTS, "200 idle exports");
+    assert_thread_bound(&daemon, "200 idle exports");
     let idle = idle_ticks(&daemon);
     eprintln!(
         "200 idle exports: {idle} CPU ticks in {IDLE_WINDOW:?} ({} ticks/s)",
@@ -593,7 +590,7 @@ fn many_idle_exports_on_two_iothreads() {
         verify_all(c.q(), 0, shadow, &format!("x{i}: read back"));
         assert_same_data(&format!("image of x{i}"), &imgs[i].read_all(), shadow);
     }
-    assert_thread_bound(&daemon, DENSE_EXPORTS, "200 exports, 8 frontends attached");
+    assert_thread_bound(&daemon, "200 exports, 8 frontends attached");
     let idle = idle_ticks(&daemon);
     eprintln!("200 exports, 8 idle frontends attached: {idle} CPU ticks in {IDLE_WINDOW:?}");
     assert!(
