@@ -313,6 +313,21 @@ impl Daemon {
     pub fn cpu_time(&self) -> Duration {
         cpu_time_of(self.child.id()).unwrap_or_default()
     }
+
+    /// Total CPU time in clock ticks (see [`cpu_ticks_of`]).
+    pub fn cpu_ticks(&self) -> u64 {
+        cpu_ticks_of(self.child.id()).expect("daemon's /proc/<pid>/stat")
+    }
+
+    /// Names of the daemon's threads (one entry per thread).
+    pub fn thread_names(&self) -> Vec<String> {
+        thread_names_of(self.child.id())
+    }
+
+    /// Resident memory in KiB.
+    pub fn vm_rss_kib(&self) -> u64 {
+        vm_rss_kib_of(self.child.id())
+    }
 }
 
 impl Drop for Daemon {
@@ -342,16 +357,69 @@ impl Drop for Daemon {
 
 /// utime + stime of a process from /proc/<pid>/stat.
 pub fn cpu_time_of(pid: u32) -> Option<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let ticks = cpu_ticks_of(pid)?;
+    Some(Duration::from_nanos(
+        ticks * 1_000_000_000 / clock_ticks_per_sec(),
+    ))
+}
+
+/// Clock ticks per second (the unit of the CPU times in /proc/<pid>/stat).
+pub fn clock_ticks_per_sec() -> u64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if hz > 0 {
+        hz as u64
+    } else {
+        100
+    }
+}
+
+/// utime + stime in clock ticks of a process: all its threads, also the ended ones.
+pub fn cpu_ticks_of(pid: u32) -> Option<u64> {
+    ticks_in_stat(&format!("/proc/{pid}/stat"))
+}
+
+/// utime + stime in clock ticks of thread `tid` of process `pid` (/proc/<tid>/stat would
+/// be the whole process's).
+pub fn thread_cpu_ticks_of(pid: u32, tid: u32) -> Option<u64> {
+    ticks_in_stat(&format!("/proc/{pid}/task/{tid}/stat"))
+}
+
+fn ticks_in_stat(path: &str) -> Option<u64> {
+    let stat = std::fs::read_to_string(path).ok()?;
     // Fields after the ")" closing the command name: state is field 3, utime 14, stime 15.
     let rest = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    let hz = if hz > 0 { hz as u64 } else { 100 };
-    Some(Duration::from_nanos((utime + stime) * 1_000_000_000 / hz))
+    Some(utime + stime)
+}
+
+/// Names (`comm`) of the threads of a process, from /proc/<pid>/task.
+pub fn thread_names_of(pid: u32) -> Vec<String> {
+    let dir = format!("/proc/{pid}/task");
+    std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("cannot list {dir}: {e}"))
+        .filter_map(|t| {
+            let t = t.ok()?;
+            // A thread may end between the listing and the read.
+            let comm = std::fs::read_to_string(t.path().join("comm")).ok()?;
+            Some(comm.trim_end().to_string())
+        })
+        .collect()
+}
+
+/// Resident memory (VmRSS of /proc/<pid>/status) in KiB.
+pub fn vm_rss_kib_of(pid: u32) -> u64 {
+    let path = format!("/proc/{pid}/status");
+    let status =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {path}: {e}"));
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS line in {path}:\n{status}"))
 }
 
 /// Quote for display in a shell.
