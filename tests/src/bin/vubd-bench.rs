@@ -4,6 +4,13 @@
 //! (vubd, qsd, vubd, qsd, ...) `--reps` times; each run starts a fresh daemon, connects a
 //! libblkio client, warms up, measures for `--runtime` seconds, and stops the daemon.
 //! Medians over the repetitions are printed as a markdown table.
+//!
+//! Cases are (backend, workload, config); a config is one export with 1, 2 or 4 queues
+//! on 1 or 2 iothreads, or `--exports N` exports of one queue each spread over 2
+//! iothreads, each driven by its own client (the aggregate is reported). Two idle
+//! tables follow: CPU with a connected client and no I/O, and the density of
+//! `--idle-exports N` exports with no frontend (threads, idle CPU, resident memory per
+//! export).
 
 use blkio::{Completion, ReqFlags};
 use std::mem::MaybeUninit;
@@ -12,8 +19,17 @@ use std::time::{Duration, Instant};
 use vubd_tests::daemon::shell_words;
 use vubd_tests::{qsd_bin, vubd_bin, Client, ClientOptions, Daemon, DaemonArgs, Rng, GIB};
 
-const USAGE: &str = "usage: vubd-bench [--quick] [--runtime SECS] [--reps N] [--filter SUBSTR]... \
-[--vubd PATH] [--qsd PATH] [--poll-max-ns N] [--client block|poll] [--no-idle] [--dir DIR]";
+const USAGE: &str = "usage: vubd-bench [--quick] [--runtime SECS] [--warmup SECS] [--reps N] \
+[--filter SUBSTR]... [--exports N] [--vubd PATH] [--qsd PATH] [--poll-max-ns N] \
+[--client block|poll] [--no-idle | --idle-only] [--idle-exports N] [--dir DIR] [--list]
+  --filter SUBSTR   run the cases whose name contains SUBSTR (repeatable: any of them);
+                    names are BACKEND/WORKLOAD/CONFIG, e.g. null-co/randread-4k-qd32/2q/1iothread
+                    or file/randwrite-4k-qd32/8 exports/2iothreads
+  --exports N       exports in the multi-export cases (default 8)
+  --no-idle         skip the idle tables (idle CPU per config, idle density)
+  --idle-only       run only the idle tables
+  --idle-exports N  exports of the idle density table (default 200)
+  --list            print the names of the selected cases and exit";
 
 #[derive(Debug, Clone)]
 struct Opts {
@@ -26,8 +42,12 @@ struct Opts {
     poll_max_ns: Option<u64>,
     poll_client: bool,
     idle: bool,
+    idle_only: bool,
+    idle_exports: usize,
+    exports: usize,
     dir: PathBuf,
     quick: bool,
+    list: bool,
 }
 
 fn parse_args() -> Opts {
@@ -41,11 +61,16 @@ fn parse_args() -> Opts {
         poll_max_ns: None,
         poll_client: false,
         idle: true,
+        idle_only: false,
+        idle_exports: 200,
+        exports: 8,
         dir: PathBuf::from("/dev/shm"),
         quick: false,
+        list: false,
     };
     let mut vubd = None;
     let mut runtime_set = false;
+    let mut warmup_set = false;
     let mut args = std::env::args().skip(1);
     let need = |a: &Option<String>, name: &str| -> String {
         a.clone().unwrap_or_else(|| {
@@ -59,6 +84,10 @@ fn parse_args() -> Opts {
             "--runtime" => {
                 o.runtime = need(&args.next(), &a).parse().expect("--runtime SECS");
                 runtime_set = true;
+            }
+            "--warmup" => {
+                o.warmup = need(&args.next(), &a).parse().expect("--warmup SECS");
+                warmup_set = true;
             }
             "--reps" => o.reps = need(&args.next(), &a).parse().expect("--reps N"),
             "--filter" => o.filters.push(need(&args.next(), &a)),
@@ -76,6 +105,12 @@ fn parse_args() -> Opts {
                 }
             },
             "--no-idle" => o.idle = false,
+            "--idle-only" => o.idle_only = true,
+            "--list" => o.list = true,
+            "--idle-exports" => {
+                o.idle_exports = need(&args.next(), &a).parse().expect("--idle-exports N")
+            }
+            "--exports" => o.exports = need(&args.next(), &a).parse().expect("--exports N"),
             "--dir" => o.dir = PathBuf::from(need(&args.next(), &a)),
             "-h" | "--help" => {
                 println!("{USAGE}");
@@ -91,10 +126,20 @@ fn parse_args() -> Opts {
         if !runtime_set {
             o.runtime = 1.0;
         }
-        o.warmup = 0.25;
+        if !warmup_set {
+            o.warmup = 0.25;
+        }
     }
     o.vubd = vubd.unwrap_or_else(vubd_bin);
-    assert!(o.reps >= 1 && o.runtime > 0.0);
+    assert!(o.reps >= 1 && o.runtime > 0.0 && o.warmup >= 0.0);
+    if o.exports < 2 || o.idle_exports < 2 {
+        eprintln!("--exports and --idle-exports need at least 2\n{USAGE}");
+        std::process::exit(2)
+    }
+    if o.idle_only && !o.idle {
+        eprintln!("--idle-only and --no-idle exclude each other\n{USAGE}");
+        std::process::exit(2)
+    }
     o
 }
 
@@ -133,15 +178,30 @@ impl Backend {
         raw.with_extension(ext)
     }
 
-    /// Which workloads a backend is measured with (qcow2: the issue's cases).
+    /// Which workloads a backend is measured with in a config. Every workload runs on
+    /// null-co and file with 1 queue and with 4 queues on 2 iothreads; 2 and 4 queues on
+    /// one iothread take 4k random reads at qd1 and qd32, 4k random writes at qd32 and
+    /// 64k sequential reads; several exports take 4k random I/O at qd32. qcow2: the
+    /// issue's cases (see below). This keeps the default run near 25 minutes.
     fn runs(self, w: &Workload, cfg: &Config) -> bool {
+        let rand4k = w.random && w.bs == 4096;
+        if cfg.exports > 1 {
+            return matches!(self, Backend::Null | Backend::File) && rand4k && w.qd == 32;
+        }
+        let one_queue = cfg.queues == 1;
+        let full_mq = cfg.queues == 4 && cfg.iothreads == 2;
         match self {
-            Backend::Null | Backend::File => true,
-            Backend::Qcow2Fresh => cfg.queues == 1 && w.write && w.qd == 32,
-            // Multiqueue on qcow2: 4k random I/O, where the image's metadata lock
-            // is shared by the iothreads.
-            Backend::Qcow2 => w.qd == 32 && (cfg.queues == 1 || (w.random && w.bs == 4096)),
-            Backend::Qcow2Chain => cfg.queues == 1 && !w.write && w.qd == 32,
+            Backend::Null | Backend::File => {
+                one_queue
+                    || full_mq
+                    || (rand4k && (w.qd == 32 || !w.write))
+                    || (!w.random && !w.write && w.bs == 65536)
+            }
+            Backend::Qcow2Fresh => one_queue && w.write && w.qd == 32,
+            // Multiqueue on qcow2: 4k random I/O, where the image's metadata lock is
+            // shared by the iothreads (4q/2iothreads), and reads on one iothread.
+            Backend::Qcow2 => w.qd == 32 && (one_queue || (rand4k && (full_mq || !w.write))),
+            Backend::Qcow2Chain => one_queue && !w.write && w.qd == 32,
         }
     }
 }
@@ -246,24 +306,64 @@ const WORKLOADS: &[Workload] = &[
     },
 ];
 
-#[derive(Debug, Clone, Copy)]
+/// Exports, queues per export and iothreads of a daemon. A single export with several
+/// queues is given every iothread (vubd; qemu-storage-daemon takes one iothread per
+/// export, so it gets the first); otherwise export `e` runs on iothread `e % iothreads`
+/// in both daemons.
+#[derive(Debug, Clone, Copy, PartialEq)]
 struct Config {
-    name: &'static str,
     queues: usize,
     iothreads: usize,
+    exports: usize,
 }
 
+impl Config {
+    const fn single(queues: usize, iothreads: usize) -> Config {
+        Config {
+            queues,
+            iothreads,
+            exports: 1,
+        }
+    }
+
+    /// `exports` exports of one queue each on 2 iothreads.
+    fn multi(exports: usize) -> Config {
+        Config {
+            queues: 1,
+            iothreads: 2,
+            exports,
+        }
+    }
+
+    fn name(&self) -> String {
+        let threads = format!(
+            "{}iothread{}",
+            self.iothreads,
+            if self.iothreads == 1 { "" } else { "s" }
+        );
+        if self.exports == 1 {
+            format!("{}q/{threads}", self.queues)
+        } else {
+            assert_eq!(
+                self.queues, 1,
+                "multi-export configs have one queue per export"
+            );
+            format!("{} exports/{threads}", self.exports)
+        }
+    }
+
+    /// Whether the single export spreads its queues over all the iothreads.
+    fn spread(&self) -> bool {
+        self.exports == 1 && self.queues > 1 && self.iothreads > 1
+    }
+}
+
+/// The single-export configs, in table order; the multi-export config follows them.
 const CONFIGS: &[Config] = &[
-    Config {
-        name: "1q/1iothread",
-        queues: 1,
-        iothreads: 1,
-    },
-    Config {
-        name: "4q/2iothreads",
-        queues: 4,
-        iothreads: 2,
-    },
+    Config::single(1, 1),
+    Config::single(2, 1),
+    Config::single(4, 1),
+    Config::single(4, 2),
 ];
 
 const DEV_SIZE: u64 = GIB;
@@ -274,54 +374,82 @@ enum Which {
     Qsd,
 }
 
-/// The daemon command line. Both get the same options, except that qemu-storage-daemon
-/// (10.x) accepts only one iothread per export: it gets the first one.
+/// The raw file behind export `e` of a multi-export file case: `DEV_SIZE / exports`
+/// bytes (whole MiB) next to the main bench image, so that the memory used does not grow
+/// with the number of exports.
+fn part_image(image: &Path, e: usize) -> PathBuf {
+    image.with_extension(format!("part{e}.img"))
+}
+
+/// The size of each export's device.
+fn export_size(backend: Backend, cfg: Config) -> u64 {
+    if backend == Backend::File && cfg.exports > 1 {
+        DEV_SIZE / cfg.exports as u64 / (1 << 20) * (1 << 20)
+    } else {
+        DEV_SIZE
+    }
+}
+
+/// The daemon command line, one export per socket in `socks` (`cfg.exports` of them).
+/// Both daemons get the same options, except that qemu-storage-daemon (7.2 to 10.x)
+/// accepts only one iothread per export: for a single export spread over several
+/// iothreads it gets the first one only.
 fn daemon_args(
     o: &Opts,
     which: Which,
     backend: Backend,
     cfg: Config,
     image: &Path,
-    sock: &Path,
+    socks: &[PathBuf],
 ) -> Vec<String> {
+    assert_eq!(socks.len(), cfg.exports, "one socket per export");
     let poll = o
         .poll_max_ns
         .map(|n| format!(",poll-max-ns={n}"))
         .unwrap_or_default();
-    let nthreads = if which == Which::Qsd {
+    let nthreads = if which == Which::Qsd && cfg.spread() {
         1
     } else {
         cfg.iothreads
     };
+    let size = export_size(backend, cfg);
     let mut a = DaemonArgs::new();
     for i in 0..nthreads {
         a = a.object(&format!("iothread,id=io{i}{poll}"));
     }
-    a = match backend {
-        Backend::Null => a.blockdev(&format!(
-            "driver=null-co,node-name=disk0,size={DEV_SIZE},read-zeroes=off"
-        )),
-        Backend::File => a.file_raw_path("disk0", image, ",cache.direct=off", ""),
-        Backend::Qcow2Fresh | Backend::Qcow2 | Backend::Qcow2Chain => a
-            .blockdev(&format!(
-                "driver=file,node-name=disk0-file,filename={},cache.direct=off",
-                backend.image(image).display()
-            ))
-            .blockdev("driver=qcow2,node-name=disk0,file=disk0-file"),
-    };
-    let iothreads = if nthreads == 1 {
-        ",iothread=io0".to_string()
-    } else {
-        (0..nthreads)
-            .map(|i| format!(",iothread.{i}=io{i}"))
-            .collect()
-    };
-    a.vhost_user_blk(
-        "disk0",
-        sock,
-        &format!(",writable=on,num-queues={}{iothreads}", cfg.queues),
-    )
-    .build()
+    for (e, sock) in socks.iter().enumerate() {
+        let node = format!("disk{e}");
+        a = match backend {
+            Backend::Null => a.blockdev(&format!(
+                "driver=null-co,node-name={node},size={size},read-zeroes=off"
+            )),
+            Backend::File if cfg.exports > 1 => {
+                a.file_raw_path(&node, &part_image(image, e), ",cache.direct=off", "")
+            }
+            Backend::File => a.file_raw_path(&node, image, ",cache.direct=off", ""),
+            Backend::Qcow2Fresh | Backend::Qcow2 | Backend::Qcow2Chain => {
+                assert_eq!(cfg.exports, 1, "qcow2 cases have one export");
+                a.blockdev(&format!(
+                    "driver=file,node-name={node}-file,filename={},cache.direct=off",
+                    backend.image(image).display()
+                ))
+                .blockdev(&format!("driver=qcow2,node-name={node},file={node}-file"))
+            }
+        };
+        let iothreads = if cfg.spread() && nthreads > 1 {
+            (0..nthreads)
+                .map(|i| format!(",iothread.{i}=io{i}"))
+                .collect()
+        } else {
+            format!(",iothread=io{}", e % nthreads)
+        };
+        a = a.vhost_user_blk(
+            &node,
+            sock,
+            &format!(",writable=on,num-queues={}{iothreads}", cfg.queues),
+        );
+    }
+    a.build()
 }
 
 /// One measured run.
@@ -345,8 +473,20 @@ impl RunResult {
     }
 }
 
-/// Per-thread I/O loop on one queue; returns (ios, errors, latencies in ns) for completions
-/// inside start..end.
+/// How long a queue may go without any completion before its run is given up as failed
+/// (instead of waiting forever for a hung daemon).
+const STALL_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// What one queue completed inside the measured window.
+struct QueueResult {
+    ios: u64,
+    errors: u64,
+    /// Latency of each successful request, ns.
+    lats: Vec<u32>,
+}
+
+/// Per-thread I/O loop on one queue; returns what completed inside start..end, or Err if
+/// the queue stalled for [`STALL_TIMEOUT`].
 fn io_loop(
     q: &mut vubd_tests::IoQueue,
     w: Workload,
@@ -354,7 +494,7 @@ fn io_loop(
     seed: u64,
     start: Instant,
     end: Instant,
-) -> (u64, u64, Vec<u32>) {
+) -> Result<QueueResult, String> {
     let (bq, buf, buf_len) = q.raw();
     assert!(w.qd * w.bs <= buf_len, "queue buffer too small");
     let mut rng = Rng::with_seed(seed);
@@ -392,9 +532,15 @@ fn io_loop(
     let (mut ios, mut errors) = (0u64, 0u64);
     let mut lats: Vec<u32> = Vec::with_capacity(1 << 20);
     while in_flight > 0 {
-        let n = match bq.do_io(&mut completions, 1, None, None) {
+        let mut timeout = STALL_TIMEOUT;
+        let n = match bq.do_io(&mut completions, 1, Some(&mut timeout), None) {
             Ok(n) => n,
             Err(e) if e.errno() == blkio::Errno::INTR => continue,
+            Err(e) if e.errno() == blkio::Errno::TIME => {
+                return Err(format!(
+                    "no completion within {STALL_TIMEOUT:?} with {in_flight} requests in flight"
+                ))
+            }
             Err(e) => panic!("do_io: {e}"),
         };
         let now = Instant::now();
@@ -419,7 +565,7 @@ fn io_loop(
             }
         }
     }
-    (ios, errors, lats)
+    Ok(QueueResult { ios, errors, lats })
 }
 
 fn sleep_until(t: Instant) {
@@ -431,34 +577,55 @@ fn sleep_until(t: Instant) {
 
 struct Prepared {
     daemon: Daemon,
-    client: Client,
+    /// One client per export, in export order.
+    clients: Vec<Client>,
 }
 
+fn bin_of(o: &Opts, which: Which) -> &Path {
+    match which {
+        Which::Vubd => &o.vubd,
+        Which::Qsd => &o.qsd,
+    }
+}
+
+/// Fresh socket paths in `dir`, one per export of `cfg`.
+fn sockets(dir: &Path, prefix: &str, exports: usize) -> Vec<PathBuf> {
+    (0..exports)
+        .map(|_| dir.join(format!("{}.sock", vubd_tests::unique_name(prefix))))
+        .collect()
+}
+
+/// Starts the daemon and connects a client to each of its exports.
 fn start(
     o: &Opts,
     which: Which,
     backend: Backend,
     cfg: Config,
     image: &Path,
-    sock: &Path,
+    socks: &[PathBuf],
 ) -> Result<Prepared, String> {
-    let bin = match which {
-        Which::Vubd => &o.vubd,
-        Which::Qsd => &o.qsd,
-    };
-    let args = daemon_args(o, which, backend, cfg, image, sock);
-    let daemon = Daemon::try_start(bin, &args, &[sock.to_path_buf()])?;
+    let args = daemon_args(o, which, backend, cfg, image, socks);
+    let daemon = Daemon::try_start(bin_of(o, which), &args, socks)?;
     let copts = ClientOptions {
         num_queues: cfg.queues,
         poll: o.poll_client,
         buf_per_queue: 4 << 20,
         ..Default::default()
     };
-    let client = Client::connect_with(sock, &copts)?;
-    if client.capacity() != DEV_SIZE {
-        return Err(format!("capacity {} != {DEV_SIZE}", client.capacity()));
+    let size = export_size(backend, cfg);
+    let mut clients = Vec::with_capacity(socks.len());
+    for sock in socks {
+        let client = Client::connect_with(sock, &copts)?;
+        if client.capacity() != size {
+            return Err(format!(
+                "{}: capacity {} != {size}",
+                sock.display(),
+                client.capacity()
+            ));
+        }
+        clients.push(client);
     }
-    Ok(Prepared { daemon, client })
+    Ok(Prepared { daemon, clients })
 }
 
 /// One benchmark case.
@@ -475,7 +642,7 @@ fn run_once(
     which: Which,
     case: &Case,
     image: &Path,
-    sock: &Path,
+    socks: &[PathBuf],
     seed: u64,
 ) -> Result<RunResult, String> {
     let (backend, cfg, w) = (case.backend, case.cfg, case.w);
@@ -485,27 +652,30 @@ fn run_once(
     }
     let Prepared {
         mut daemon,
-        mut client,
-    } = start(o, which, backend, cfg, image, sock)?;
+        mut clients,
+    } = start(o, which, backend, cfg, image, socks)?;
+    let size = export_size(backend, cfg);
     let nq = cfg.queues as u64;
-    let region_len = DEV_SIZE / nq;
+    let region_len = size / nq;
     let t_start = Instant::now() + Duration::from_secs_f64(o.warmup);
     let t_end = t_start + Duration::from_secs_f64(o.runtime);
     let pid = daemon.pid();
     let mut cpu0 = Duration::ZERO;
     let mut cpu1 = Duration::ZERO;
-    let results: Vec<(u64, u64, Vec<u32>)> = std::thread::scope(|s| {
-        let handles: Vec<_> = client
-            .queues_mut()
+    let results: Vec<Result<QueueResult, String>> = std::thread::scope(|s| {
+        // One thread per queue of every client; sequential workloads split each
+        // export between its queues.
+        let handles: Vec<_> = clients
             .iter_mut()
+            .flat_map(|c| c.queues_mut().iter_mut().enumerate())
             .enumerate()
-            .map(|(i, q)| {
+            .map(|(k, (i, q))| {
                 let region = if w.random {
-                    (0, DEV_SIZE)
+                    (0, size)
                 } else {
                     (i as u64 * region_len, region_len)
                 };
-                let seed = seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                let seed = seed ^ (k as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
                 s.spawn(move || io_loop(q, w, region, seed, t_start, t_end))
             })
             .collect();
@@ -518,11 +688,12 @@ fn run_once(
             .map(|h| h.join().expect("I/O thread panicked"))
             .collect()
     });
-    drop(client);
+    drop(clients);
     stop_daemon(&mut daemon, which);
-    let ios: u64 = results.iter().map(|r| r.0).sum();
-    let errors: u64 = results.iter().map(|r| r.1).sum();
-    let mut lats: Vec<u32> = results.into_iter().flat_map(|r| r.2).collect();
+    let results = results.into_iter().collect::<Result<Vec<_>, String>>()?;
+    let ios: u64 = results.iter().map(|r| r.ios).sum();
+    let errors: u64 = results.iter().map(|r| r.errors).sum();
+    let mut lats: Vec<u32> = results.into_iter().flat_map(|r| r.lats).collect();
     lats.sort_unstable();
     let mean = if lats.is_empty() {
         0.0
@@ -610,11 +781,16 @@ fn fmt_num(v: f64, prec: usize) -> String {
 }
 
 /// Stops a daemon with SIGTERM. qemu-storage-daemon 7.2 sometimes hangs on SIGTERM
-/// after multiqueue runs: a daemon that does not exit is killed and reported, not
-/// fatal to the benchmark.
+/// after multiqueue and multi-export runs: a daemon that does not exit is killed and
+/// reported, not fatal to the benchmark. qemu-storage-daemon gets 3 s (a hang would
+/// otherwise add 10 s to many runs), vubd 10 s.
 fn stop_daemon(daemon: &mut Daemon, which: Which) {
+    let grace = match which {
+        Which::Vubd => Duration::from_secs(10),
+        Which::Qsd => Duration::from_secs(3),
+    };
     daemon.signal(libc::SIGTERM);
-    match daemon.wait_timeout(Duration::from_secs(10)) {
+    match daemon.wait_timeout(grace) {
         Some(st) if st.code() == Some(0) => {}
         Some(st) => eprintln!(
             "warning: {which:?} exited with {st:?} after SIGTERM; stderr:\n{}",
@@ -622,22 +798,92 @@ fn stop_daemon(daemon: &mut Daemon, which: Which) {
         ),
         None => {
             daemon.kill();
-            eprintln!("warning: {which:?} did not exit within 10 s of SIGTERM; killed");
+            eprintln!("warning: {which:?} did not exit within {grace:?} of SIGTERM; killed");
         }
     }
 }
 
-/// CPU % of a daemon with a connected, idle client over `secs`.
-fn idle_cpu(o: &Opts, which: Which, cfg: Config, sock: &Path) -> Result<f64, String> {
-    let Prepared { mut daemon, client } = start(o, which, Backend::Null, cfg, Path::new(""), sock)?;
-    let secs = 2.0;
-    std::thread::sleep(Duration::from_millis(200));
+/// How long the idle tables measure CPU, after a settling time.
+const IDLE_SECS: f64 = 2.0;
+const IDLE_SETTLE: Duration = Duration::from_millis(200);
+
+/// CPU % of `daemon` over [`IDLE_SECS`], after [`IDLE_SETTLE`].
+fn idle_cpu_of(daemon: &Daemon) -> f64 {
+    std::thread::sleep(IDLE_SETTLE);
     let c0 = daemon.cpu_time();
-    std::thread::sleep(Duration::from_secs_f64(secs));
+    std::thread::sleep(Duration::from_secs_f64(IDLE_SECS));
     let c1 = daemon.cpu_time();
-    drop(client);
+    c1.saturating_sub(c0).as_secs_f64() / IDLE_SECS * 100.0
+}
+
+/// CPU % of a daemon with a connected, idle client on each export.
+fn idle_cpu(o: &Opts, which: Which, cfg: Config, dir: &Path) -> Result<f64, String> {
+    let socks = sockets(dir, "idle", cfg.exports);
+    let Prepared {
+        mut daemon,
+        clients,
+    } = start(o, which, Backend::Null, cfg, Path::new(""), &socks)?;
+    let cpu = idle_cpu_of(&daemon);
+    drop(clients);
     stop_daemon(&mut daemon, which);
-    Ok(c1.saturating_sub(c0).as_secs_f64() / secs * 100.0)
+    Ok(cpu)
+}
+
+/// Threads and resident memory of a process.
+#[derive(Debug, Clone, Copy, Default)]
+struct Footprint {
+    threads: usize,
+    rss_kib: u64,
+}
+
+fn footprint_of(pid: u32) -> Result<Footprint, String> {
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map_err(|e| format!("/proc/{pid}/task: {e}"))?
+        .count();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|e| format!("/proc/{pid}/status: {e}"))?;
+    let rss_kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| format!("no VmRSS in /proc/{pid}/status"))?;
+    Ok(Footprint { threads, rss_kib })
+}
+
+/// A daemon with idle exports and no frontend: its footprint and idle CPU %.
+#[derive(Debug, Clone, Copy)]
+struct Idle {
+    fp: Footprint,
+    cpu_pct: f64,
+}
+
+/// Starts a daemon with `exports` null-co exports on 2 iothreads, connects nothing,
+/// measures its idle CPU, then its threads and resident memory.
+fn idle_exports(o: &Opts, which: Which, exports: usize, dir: &Path) -> Result<Idle, String> {
+    let cfg = Config::multi(exports);
+    let socks = sockets(dir, "dens", exports);
+    let args = daemon_args(o, which, Backend::Null, cfg, Path::new(""), &socks);
+    let mut daemon = Daemon::try_start(bin_of(o, which), &args, &socks)?;
+    let cpu_pct = idle_cpu_of(&daemon);
+    let fp = footprint_of(daemon.pid());
+    stop_daemon(&mut daemon, which);
+    Ok(Idle { fp: fp?, cpu_pct })
+}
+
+/// The density table's row of one daemon: with 1 export and with `n`.
+#[derive(Debug, Clone, Copy)]
+struct Density {
+    one: Idle,
+    many: Idle,
+    n: usize,
+}
+
+impl Density {
+    /// Resident memory per export beyond the first, KiB (negative if it shrank).
+    fn rss_per_export_kib(&self) -> f64 {
+        (self.many.fp.rss_kib as f64 - self.one.fp.rss_kib as f64) / (self.n - 1) as f64
+    }
 }
 
 fn cpu_model() -> String {
@@ -666,6 +912,19 @@ fn version_of(bin: &Path) -> String {
         .unwrap_or_default()
 }
 
+/// Writes `size` bytes of a pattern to a new file, so that every page is backed.
+fn fill_file(path: &Path, size: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::create(path).expect("create bench image");
+    let chunk: Vec<u8> = (0..(1 << 20)).map(|i| (i * 7 + 3) as u8).collect();
+    let mut off = 0u64;
+    while off < size {
+        let n = chunk.len().min((size - off) as usize);
+        f.write_all_at(&chunk[..n], off).expect("write bench image");
+        off += n as u64;
+    }
+}
+
 fn main() {
     let o = parse_args();
     for (name, bin) in [("vubd", &o.vubd), ("qemu-storage-daemon", &o.qsd)] {
@@ -680,6 +939,11 @@ fn main() {
         .join(format!("{}.img", vubd_tests::unique_name("vubd-bench")));
     let mut seed_rng = Rng::with_seed(0x5eed);
 
+    let configs: Vec<Config> = CONFIGS
+        .iter()
+        .copied()
+        .chain([Config::multi(o.exports)])
+        .collect();
     let mut cases = Vec::new();
     for backend in [
         Backend::Null,
@@ -688,10 +952,10 @@ fn main() {
         Backend::Qcow2,
         Backend::Qcow2Chain,
     ] {
-        for cfg in CONFIGS {
+        for cfg in &configs {
             for w in WORKLOADS {
-                let name = format!("{}/{}/{}", backend.name(), w.name, cfg.name);
-                if !backend.runs(w, cfg) {
+                let name = format!("{}/{}/{}", backend.name(), w.name, cfg.name());
+                if !backend.runs(w, cfg) || o.idle_only {
                     continue;
                 }
                 if o.filters.is_empty() || o.filters.iter().any(|f| name.contains(f.as_str())) {
@@ -705,56 +969,76 @@ fn main() {
             }
         }
     }
-    if cases.is_empty() {
+    if cases.is_empty() && !o.idle_only {
         eprintln!("no case matches the filter(s) {:?}", o.filters);
         std::process::exit(1);
     }
+    if o.list {
+        for c in &cases {
+            println!("{}", c.name);
+        }
+        return;
+    }
 
-    // Preallocate the image: every page written, so reads hit real memory.
-    let _image_guard = if cases.iter().any(|c| c.backend != Backend::Null) {
+    // Preallocate the images: every page written, so reads hit real memory.
+    let _image_guard = ImageGuard {
+        image: image.clone(),
+        parts: o.exports,
+    };
+    if cases
+        .iter()
+        .any(|c| c.backend != Backend::Null && c.cfg.exports == 1)
+    {
         eprintln!(
             "preparing {} ({} GiB, fully written)...",
             image.display(),
             DEV_SIZE / GIB
         );
-        let f = std::fs::File::create(&image).expect("create bench image");
-        let chunk: Vec<u8> = (0..(1 << 20)).map(|i| (i * 7 + 3) as u8).collect();
-        let mut off = 0u64;
-        use std::os::unix::fs::FileExt;
-        while off < DEV_SIZE {
-            f.write_all_at(&chunk, off).expect("write bench image");
-            off += chunk.len() as u64;
-        }
+        fill_file(&image, DEV_SIZE);
         for b in [Backend::Qcow2, Backend::Qcow2Chain] {
             if cases.iter().any(|c| c.backend == b) {
                 eprintln!("preparing {}...", b.image(&image).display());
                 prepare_qcow2(b, &image);
             }
         }
-        Some(ImageGuard(image.clone()))
-    } else {
-        None
-    };
+    }
+    if let Some(c) = cases
+        .iter()
+        .find(|c| c.backend == Backend::File && c.cfg.exports > 1)
+    {
+        let size = export_size(c.backend, c.cfg);
+        eprintln!(
+            "preparing {} x {} ({} MiB each, fully written)...",
+            c.cfg.exports,
+            part_image(&image, 0).display(),
+            size >> 20
+        );
+        for e in 0..c.cfg.exports {
+            fill_file(&part_image(&image, e), size);
+        }
+    }
 
     let total_runs = cases.len() * o.reps * 2;
-    eprintln!(
-        "{} cases x {} reps x 2 daemons = {total_runs} runs of {}s (+{}s warm-up)",
-        cases.len(),
-        o.reps,
-        o.runtime,
-        o.warmup
-    );
+    if !cases.is_empty() {
+        eprintln!(
+            "{} cases x {} reps x 2 daemons = {total_runs} runs of {}s (+{}s warm-up)",
+            cases.len(),
+            o.reps,
+            o.runtime,
+            o.warmup
+        );
+    }
     let mut rows = Vec::new();
     let mut example_cmds: Vec<(String, String)> = Vec::new();
     for (i, case) in cases.iter().enumerate() {
-        let (name, backend, cfg) = (&case.name, &case.backend, &case.cfg);
+        let (name, backend, cfg) = (&case.name, case.backend, case.cfg);
         let mut runs_v = Vec::new();
         let mut runs_q = Vec::new();
         for rep in 0..o.reps {
             for which in [Which::Vubd, Which::Qsd] {
-                let sock = dir.join(&format!("{}.sock", vubd_tests::unique_name("b")));
+                let socks = sockets(dir.path(), "b", cfg.exports);
                 let seed = seed_rng.next_u64();
-                let r = run_once(&o, which, case, &image, &sock, seed);
+                let r = run_once(&o, which, case, &image, &socks, seed);
                 match &r {
                     Ok(r) => eprintln!(
                         "[{}/{}] {name} {which:?} rep {rep}: {:.0} IOPS, {:.1} us mean, {:.1} us p99, \
@@ -780,26 +1064,47 @@ fn main() {
                 }
             }
         }
-        let ex_key = format!("{}/{}", backend.name(), cfg.name);
+        let ex_key = format!("{}/{}", backend.name(), cfg.name());
         if !example_cmds.iter().any(|(k, _)| *k == ex_key) {
-            let sock = dir.join("vubd.sock");
-            for (which, bin) in [(Which::Vubd, &o.vubd), (Which::Qsd, &o.qsd)] {
-                let args = daemon_args(&o, which, *backend, *cfg, &image, &sock);
-                example_cmds.push((ex_key.clone(), shell_words(bin, &args)));
+            let socks: Vec<PathBuf> = (0..cfg.exports)
+                .map(|e| dir.join(&format!("vubd{e}.sock")))
+                .collect();
+            for which in [Which::Vubd, Which::Qsd] {
+                let args = daemon_args(&o, which, backend, cfg, &image, &socks);
+                example_cmds.push((ex_key.clone(), shell_words(bin_of(&o, which), &args)));
             }
         }
         rows.push((name.clone(), summarize(&runs_v), summarize(&runs_q)));
     }
 
     let mut idle_rows = Vec::new();
+    let mut density_rows = Vec::new();
     if o.idle {
         for cfg in CONFIGS {
+            eprintln!("idle CPU, {}...", cfg.name());
             let mut row = Vec::new();
             for which in [Which::Vubd, Which::Qsd] {
-                let sock = dir.join(&format!("{}.sock", vubd_tests::unique_name("idle")));
-                row.push(idle_cpu(&o, which, *cfg, &sock));
+                row.push(idle_cpu(&o, which, *cfg, dir.path()));
             }
-            idle_rows.push((cfg.name, row));
+            idle_rows.push((cfg.name(), row));
+        }
+        for which in [Which::Vubd, Which::Qsd] {
+            eprintln!(
+                "idle density, {which:?}: 1 and {} exports...",
+                o.idle_exports
+            );
+            let d = idle_exports(&o, which, 1, dir.path()).and_then(|one| {
+                let many = idle_exports(&o, which, o.idle_exports, dir.path())?;
+                Ok(Density {
+                    one,
+                    many,
+                    n: o.idle_exports,
+                })
+            });
+            if let Err(e) = &d {
+                eprintln!("idle density, {which:?}: FAILED: {e}");
+            }
+            density_rows.push((which, d));
         }
     }
 
@@ -815,6 +1120,35 @@ fn main() {
         o.vubd.display(),
         version_of(&o.qsd)
     );
+    if !rows.is_empty() {
+        print_io_table(&o, &rows);
+    }
+    if !idle_rows.is_empty() {
+        println!("\nIdle CPU (null-co, client connected, no I/O, {IDLE_SECS} s):\n");
+        println!("| config | vubd CPU % | qsd CPU % |");
+        println!("|---|---:|---:|");
+        for (name, row) in &idle_rows {
+            let f = |r: &Result<f64, String>| match r {
+                Ok(v) => format!("{v:.1}"),
+                Err(_) => "failed".into(),
+            };
+            println!("| {name} | {} | {} |", f(&row[0]), f(&row[1]));
+        }
+    }
+    if !density_rows.is_empty() {
+        print_density_table(&o, &density_rows);
+    }
+    if !example_cmds.is_empty() {
+        println!("\nDaemon command lines (socket path varies per run):\n");
+        println!("```");
+        for (_, c) in &example_cmds {
+            println!("{c}");
+        }
+        println!("```");
+    }
+}
+
+fn print_io_table(o: &Opts, rows: &[(String, Summary, Summary)]) {
     println!(
         "Runs: {} reps per daemon, alternating vubd/qsd, {}s measured after {}s warm-up, \
          fresh daemon per run; medians shown. Client: libblkio {} queues, one thread per \
@@ -835,15 +1169,21 @@ fn main() {
             .unwrap_or_else(|| "daemon default".into())
     );
     println!(
-        "Note: qemu-storage-daemon 10 accepts a single `iothread` per vhost-user-blk export, so \
-         in the 4q/2iothreads config it runs all 4 queues on one iothread.\n"
+        "Note: qemu-storage-daemon (7.2 to 10.x) accepts a single `iothread` per vhost-user-blk \
+         export, so in the 4q/2iothreads config it runs all 4 queues on one iothread."
+    );
+    println!(
+        "N exports/2iothreads: N exports of one queue each, export e on iothread e mod 2 in \
+         both daemons, each driven by its own libblkio client and thread; IOPS, MiB/s and \
+         CPU us/IO are the sum over the exports, latency is over all their requests. file: \
+         one raw file of 1 GiB/N per export.\n"
     );
     println!(
         "| case | vubd IOPS | qsd IOPS | vubd/qsd | vubd MiB/s | qsd MiB/s | vubd lat mean/p99 us \
          | qsd lat mean/p99 us | vubd CPU us/IO | qsd CPU us/IO |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    for (name, v, q) in &rows {
+    for (name, v, q) in rows {
         let ratio = if v.iops.is_nan() || q.iops.is_nan() || q.iops == 0.0 {
             "n/a".to_string()
         } else {
@@ -863,7 +1203,7 @@ fn main() {
             fmt_num(q.cpu_per_io, 2),
         );
     }
-    for (name, v, q) in &rows {
+    for (name, v, q) in rows {
         for (who, s) in [("vubd", v), ("qsd", q)] {
             if s.errors > 0 {
                 println!(
@@ -879,34 +1219,58 @@ fn main() {
             }
         }
     }
-    if !idle_rows.is_empty() {
-        println!("\nIdle CPU (null-co, client connected, no I/O, 2 s):\n");
-        println!("| config | vubd CPU % | qsd CPU % |");
-        println!("|---|---:|---:|");
-        for (name, row) in &idle_rows {
-            let f = |r: &Result<f64, String>| match r {
-                Ok(v) => format!("{v:.1}"),
-                Err(_) => "failed".into(),
-            };
-            println!("| {name} | {} | {} |", f(&row[0]), f(&row[1]));
-        }
-    }
-    println!("\nDaemon command lines (socket path varies per run):\n");
-    println!("```");
-    for (_, c) in &example_cmds {
-        println!("{c}");
-    }
-    println!("```");
 }
 
-/// Removes the bench image on exit.
-struct ImageGuard(PathBuf);
+fn print_density_table(o: &Opts, rows: &[(Which, Result<Density, String>)]) {
+    let n = o.idle_exports;
+    println!(
+        "\nIdle density: {n} null-co exports (one queue each) on 2 iothreads, export e on \
+         iothread e mod 2, no frontend connected; threads = entries of /proc/PID/task, idle \
+         CPU over {IDLE_SECS} s, then VmRSS; per export = (RSS with {n} exports - RSS with \
+         1) / {}:\n",
+        n - 1
+    );
+    println!(
+        "| daemon | threads, 1 / {n} exports | idle CPU %, 1 / {n} exports | RSS KiB, 1 / {n} \
+         exports | RSS KiB per export |"
+    );
+    println!("|---|---:|---:|---:|---:|");
+    for (which, d) in rows {
+        let who = match which {
+            Which::Vubd => "vubd",
+            Which::Qsd => "qsd",
+        };
+        match d {
+            Ok(d) => println!(
+                "| {who} | {} / {} | {:.1} / {:.1} | {} / {} | {:.1} |",
+                d.one.fp.threads,
+                d.many.fp.threads,
+                d.one.cpu_pct,
+                d.many.cpu_pct,
+                d.one.fp.rss_kib,
+                d.many.fp.rss_kib,
+                d.rss_per_export_kib()
+            ),
+            Err(e) => println!("| {who} | failed: `{}` | | | |", e.replace('\n', " ")),
+        }
+    }
+}
+
+/// Removes the bench images on exit.
+struct ImageGuard {
+    image: PathBuf,
+    /// Per-export files of the multi-export cases that may exist.
+    parts: usize,
+}
 
 impl Drop for ImageGuard {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        let _ = std::fs::remove_file(&self.image);
         for ext in ["fresh.qcow2", "full.qcow2", "mid.qcow2", "top.qcow2"] {
-            let _ = std::fs::remove_file(self.0.with_extension(ext));
+            let _ = std::fs::remove_file(self.image.with_extension(ext));
+        }
+        for e in 0..self.parts {
+            let _ = std::fs::remove_file(part_image(&self.image, e));
         }
     }
 }
