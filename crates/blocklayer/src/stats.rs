@@ -1,7 +1,9 @@
 //! I/O accounting (QEMU's `BlockAcctStats`): operations, bytes, total latency, failed and
 //! invalid requests per kind, as `query-blockstats` reports them in `BlockDeviceStats`.
-//! A request's start time is its event-loop pass's ([`clock::now`]); its end is read
-//! when it completes: one clock read per request and layer.
+//! A request's start and end times are those of the event-loop passes that start and
+//! complete it ([`clock::now`]): the loop reads the clock a few times per wake-up, and
+//! statistics read none per request. Times are thus measured at the granularity of a
+//! pass (a request started and finished in one pass counts 0 ns).
 //!
 //! Counters are relaxed atomics in per-thread shards (each on cache lines of its own):
 //! the iothreads that account requests of one node or export do not write the same
@@ -132,9 +134,9 @@ impl IoStats {
     pub fn done(&self, acct: Acct, ok: bool, end: u64) {
         let shard = self.shard();
         let k = &shard.kinds[acct.kind as usize];
-        // The start is the loop pass's time; the end is read here, so a request's
-        // time includes its wait in the pass.
-        let now = Instant::now();
+        // The start and the end are loop passes' times (the loop reads the clock when
+        // it wakes, when a pass takes new requests and when it reaps completions).
+        let now = clock::now();
         if ok {
             k.operations.fetch_add(1, Ordering::Relaxed);
             k.bytes.fetch_add(acct.bytes, Ordering::Relaxed);

@@ -306,7 +306,7 @@ impl EventLoop {
                     continue;
                 }
             };
-            let now = Instant::now();
+            let now = clock::tick();
             with_local(|l| {
                 if let Some(t) = l.slept_at.take() {
                     l.poll.after_sleep(now.duration_since(t).as_nanos() as u64);

@@ -203,9 +203,15 @@ fn waker_for(id: usize) -> Waker {
 
 /// Spawns a task on this thread's executor. It is polled on the next `run_ready`.
 pub fn spawn(fut: impl Future<Output = ()> + 'static) {
+    spawn_boxed(Box::pin(fut));
+}
+
+/// Spawns a task already on the heap. Large futures are best built straight into
+/// their box by the caller (`spawn_boxed(Box::pin(f(args)))`): moving one into
+/// [`spawn`] copies all of it, whatever state it is in.
+pub fn spawn_boxed(task: Pin<Box<dyn Future<Output = ()>>>) {
     EXECUTOR.with(|e| {
         let mut e = e.borrow_mut();
-        let task: Task = Box::pin(fut);
         let id = match e.free.pop() {
             Some(id) => {
                 e.tasks[id] = Some(task);
