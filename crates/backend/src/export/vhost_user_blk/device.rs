@@ -954,6 +954,15 @@ impl Source for RingSet {
 
     fn begin(&self) {
         self.lim.set(Some(self.device.limits()));
+        // Let go of a copy of a memory table the frontend has replaced.
+        let now = self.device.mem.memory();
+        let mut cache = self.mem.borrow_mut();
+        if cache
+            .as_ref()
+            .is_some_and(|(theirs, _)| !std::ptr::eq(Arc::as_ptr(theirs), &*now))
+        {
+            *cache = None;
+        }
     }
 
     fn poll(&self) -> usize {
@@ -1198,6 +1207,11 @@ impl QueueDevice for BlkDevice {
                 s.kicks[queue] = None;
             }
         }
+    }
+
+    fn memory_changed(&self) {
+        // The loops look at the new table (and drop their copies of the old one).
+        self.wake_all();
     }
 
     fn stop_serving(&self) {

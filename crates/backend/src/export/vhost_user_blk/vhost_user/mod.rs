@@ -107,6 +107,9 @@ pub trait QueueDevice: Send + Sync + 'static {
     fn unwatch_kick(&self, queue: usize, fd: RawFd);
     /// Stops serving the rings (the connection is over; nothing is in flight).
     fn stop_serving(&self);
+    /// The memory table changed: whoever keeps a copy of the old one lets it go (its
+    /// regions are unmapped once no request uses them).
+    fn memory_changed(&self);
 }
 
 /// The backend channel: backend-initiated messages to the frontend.
@@ -880,6 +883,7 @@ impl<D: QueueDevice> Session<D> {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .replace(mem);
+        self.device.memory_changed();
         self.regions = infos;
         // Regions nobody uses any more are unmapped: stop guarding them.
         self.guarded.retain(|g| g.region.strong_count() > 0);
