@@ -2138,3 +2138,67 @@ fn half_a_message_holds_up_no_other_export() {
     h.assert_a_serves(Duration::from_secs(10));
     h.finish();
 }
+
+/// Mappings of the hostile frontend's memory regions in the daemon.
+fn region_mappings(pid: u32) -> usize {
+    std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .map(|m| m.lines().filter(|l| l.contains("vubd-hostile-mem")).count())
+        .unwrap_or(0)
+}
+
+/// A region the frontend removes (REM_MEM_REG) is unmapped as soon as no request uses
+/// it, even if the export then stays idle: the iothread's copy of the memory table,
+/// which held it, goes with the change.
+#[test]
+fn removed_memory_region_is_unmapped_while_idle() {
+    let mut h = Harness::start(
+        "removed_memory_region_is_unmapped_while_idle",
+        ANode::Null {
+            size: 16 * MIB,
+            latency_ns: 0,
+        },
+        "",
+        false,
+    );
+    let mut dev = h.dev(&DevOpts {
+        queue_size: 64,
+        ..DevOpts::default()
+    });
+    let pid = h.daemon.pid();
+    let r1 = MemRegion::new(64 * MIB, 8 * MIB);
+    dev.fe.add_mem_reg(&r1).expect("ADD_MEM_REG");
+    // A read into the new region: the iothread now reads the rings with a table that
+    // has it.
+    let hd = dev.header(VIRTIO_BLK_T_IN, 0);
+    let s = dev.status();
+    let o = dev.probe_chain(&[r(hd, 16), w(r1.gpa(), 4096), w(s, 1)], s);
+    assert_completed_ok("a read into the added region", o);
+    let before = region_mappings(pid);
+    assert!(before >= 2, "the daemon maps {before} frontend region(s)");
+    dev.fe.rem_mem_reg(&r1).expect("REM_MEM_REG");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut now = region_mappings(pid);
+    while now >= before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        now = region_mappings(pid);
+    }
+    assert!(
+        now < before,
+        "the removed region is still mapped 3 s after REM_MEM_REG ({before} -> {now} \
+         mappings) while the export is idle"
+    );
+    drop(dev);
+    h.finish();
+}
+
+fn assert_completed_ok(what: &str, o: Outcome) {
+    match o {
+        Outcome::Completed { status, .. } => {
+            assert_eq!(status, VIRTIO_BLK_S_OK, "{what}: status {status}")
+        }
+        Outcome::Stopped { err_signalled } => {
+            panic!("{what}: the queue stopped (error signalled: {err_signalled})")
+        }
+        Outcome::Dropped => panic!("{what}: dropped"),
+    }
+}
