@@ -2151,7 +2151,7 @@ fn region_mappings(pid: u32) -> usize {
 /// which held it, goes with the change.
 #[test]
 fn removed_memory_region_is_unmapped_while_idle() {
-    let mut h = Harness::start(
+    let h = Harness::start(
         "removed_memory_region_is_unmapped_while_idle",
         ANode::Null {
             size: 16 * MIB,
