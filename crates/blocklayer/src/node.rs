@@ -213,6 +213,21 @@ impl Node {
             .map(|c| c.node_arc())
     }
 
+    /// Whether `target` is this node or below it (through any child edge).
+    pub fn reaches(self: &Arc<Self>, target: &Arc<Node>) -> bool {
+        let mut todo = vec![self.clone()];
+        let mut seen: std::collections::BTreeSet<String> = Default::default();
+        while let Some(n) = todo.pop() {
+            if Arc::ptr_eq(&n, target) {
+                return true;
+            }
+            if seen.insert(n.name().to_string()) {
+                todo.extend(n.children().iter().map(|c| c.node_arc()));
+            }
+        }
+        false
+    }
+
     /// This node and the backing chain below it, this node first.
     pub fn backing_chain(self: &Arc<Self>) -> Vec<Arc<Node>> {
         let mut v = vec![self.clone()];

@@ -21,7 +21,7 @@ use crate::graph::Graph;
 use crate::node::Node;
 use crate::options::{BackingRef, BlockdevOptions, BlockdevRef};
 use serde_json::Value;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 /// Options of every node that a reopen may change.
@@ -55,21 +55,6 @@ struct Applied {
     /// The old node's users, re-pointed at the new node.
     moved: Vec<Arc<Edge>>,
     locks_released: bool,
-}
-
-/// Whether `target` is `from` or below it.
-fn reaches(from: &Arc<Node>, target: &Arc<Node>) -> bool {
-    let mut todo = vec![from.clone()];
-    let mut seen: BTreeSet<String> = BTreeSet::new();
-    while let Some(n) = todo.pop() {
-        if Arc::ptr_eq(&n, target) {
-            return true;
-        }
-        if seen.insert(n.name().to_string()) {
-            todo.extend(n.children().iter().map(|c| c.node_arc()));
-        }
-    }
-    false
 }
 
 impl Graph {
@@ -192,7 +177,7 @@ impl Graph {
                 }
                 BackingRef::Node(BlockdevRef::Reference(b)) => {
                     let bn = self.lookup(b)?;
-                    if reaches(&bn, &old) {
+                    if bn.reaches(&old) {
                         return Err(graph_err(format!(
                             "Making '{b}' a backing child of '{name}' would create a cycle"
                         )));

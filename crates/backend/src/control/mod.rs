@@ -102,16 +102,8 @@ impl Control {
     /// The iothread a node's jobs run on: that of the first export whose node has it
     /// in its subtree, else the main loop.
     pub(crate) fn node_iothread(&mut self, node: &Arc<Node>) -> Arc<IoThread> {
-        fn has(root: &Arc<Node>, node: &Arc<Node>, depth: usize) -> bool {
-            Arc::ptr_eq(root, node)
-                || (depth < 64
-                    && root
-                        .children()
-                        .iter()
-                        .any(|e| has(&e.node_arc(), node, depth + 1)))
-        }
         for e in self.exports.values() {
-            if has(&e.export.node(), node, 0) {
+            if e.export.node().reaches(node) {
                 if let Some(t) = e.export.iothreads().first() {
                     return t.clone();
                 }

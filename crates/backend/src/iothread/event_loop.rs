@@ -3,8 +3,8 @@
 //! tasks of its executor (requests, jobs).
 //!
 //! The loop sleeps in epoll on:
-//! - its wake eventfd: mail from other threads (attach, detach, spawn, new polling
-//!   parameters) and wake-ups of its sources (`cont`, a ring started);
+//! - its wake eventfd: mail from other threads (attach, detach, tasks to spawn) and
+//!   wake-ups of its sources (`cont`, a ring started);
 //! - the io_uring completion eventfd, which is also the executor's remote wake-up;
 //! - the descriptors sources register (the kick eventfds of rings).
 //!
@@ -146,10 +146,6 @@ impl EventLoop {
         Ok(lp)
     }
 
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     /// The kernel thread id of the loop's thread.
     pub fn tid(&self) -> i32 {
         self.tid.load(Ordering::Acquire)
@@ -241,19 +237,6 @@ impl EventLoop {
         let _ = self
             .epoll
             .ctl(ControlOperation::Delete, fd, EpollEvent::default());
-    }
-
-    /// New polling parameters, from the next wake-up on.
-    pub fn set_poll_params(&self, params: PollParams) {
-        self.post(move || {
-            with_local(|l| l.poll = PollState::new(params));
-        });
-    }
-
-    /// Runs `f` on the loop's thread; the futures it spawns run on the loop's executor.
-    /// Returns `false` if the loop has stopped.
-    pub fn spawn(&self, f: impl FnOnce() + Send + 'static) -> bool {
-        self.post(f)
     }
 
     /// Stops the loop and waits for its thread (which first waits for its io_uring

@@ -549,7 +549,7 @@ where
     let id = id.to_string();
     let finished = Arc::new(AtomicBool::new(false));
     let done = finished.clone();
-    iothread.event_loop().spawn(move || {
+    iothread.event_loop().post(move || {
         blocklayer::aio::executor::spawn(async move {
             let result = work().await;
             let _ = tx.send(crate::control::ControlMsg::Job(JobMsg::Done { id, result }));

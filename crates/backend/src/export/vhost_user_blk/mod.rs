@@ -28,7 +28,7 @@ use request::{DeviceLimits, ID_BYTES, SECTOR};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -78,10 +78,9 @@ pub struct ExportShared {
     pub frontend_gone: AtomicBool,
     pub logical_block_size: u32,
     pub serial: [u8; ID_BYTES],
-    /// The iothreads the export's worker threads are (one per worker thread); changed
-    /// by `x-blockdev-set-iothread`, which bumps `iothread_gen`.
+    /// The iothreads that serve the export's queues (queue `q` on `q % n`); changed
+    /// by `x-blockdev-set-iothread`.
     iothreads: Mutex<Vec<Arc<IoThread>>>,
-    pub iothread_gen: AtomicU64,
     stopping: AtomicBool,
     /// Set while a control command works on the export: no new requests are taken.
     paused: AtomicBool,
@@ -215,7 +214,6 @@ impl ExportShared {
             &mut *self.iothreads.lock().unwrap_or_else(|p| p.into_inner()),
             threads,
         );
-        self.iothread_gen.fetch_add(1, Ordering::AcqRel);
         if let Some(d) = self.device() {
             if let Err(e) = d.rehome() {
                 log::error!("export {}: cannot move to the new iothread: {e}", self.id);
@@ -430,7 +428,6 @@ impl VhostUserBlkExport {
             logical_block_size: cfg.logical_block_size,
             serial,
             iothreads: Mutex::new(iothreads),
-            iothread_gen: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
             paused: AtomicBool::new(false),
             poppers: Default::default(),

@@ -284,31 +284,6 @@ fn recv_some(
     }
 }
 
-/// Receives exactly `buf.len()` bytes, collecting descriptors that come with them.
-fn recv_exact(
-    sock: &UnixStream,
-    buf: &mut [u8],
-    fds: &mut Vec<OwnedFd>,
-    what: &'static str,
-) -> Result<(), WireError> {
-    let mut pos = 0;
-    while pos < buf.len() {
-        match recv_some(sock, &mut buf[pos..], fds, 0, what)? {
-            Some(0) => {
-                return Err(if pos == 0 && what == "header" {
-                    WireError::Closed
-                } else {
-                    WireError::Truncated(what)
-                })
-            }
-            Some(n) => pos += n,
-            // A nonblocking socket with nothing yet: wait a little.
-            None => std::thread::sleep(std::time::Duration::from_millis(1)),
-        }
-    }
-    Ok(())
-}
-
 /// Checks a message header; returns its request code, flags and payload size.
 fn parse_header(hdr: &[u8; HEADER_LEN]) -> Result<(u32, u32, usize), WireError> {
     let request = u32_at(hdr, 0);
@@ -348,21 +323,10 @@ fn complete_message(
     })
 }
 
-/// Reads one message. Errors leave the connection unusable (the caller closes it):
-/// the stream cannot be resynchronised after a bad header.
-pub fn recv_message(sock: &UnixStream) -> Result<Message, WireError> {
-    let mut hdr = [0u8; HEADER_LEN];
-    let mut fds = Vec::new();
-    recv_exact(sock, &mut hdr, &mut fds, "header")?;
-    let (request, flags, size) = parse_header(&hdr)?;
-    let mut payload = vec![0u8; size];
-    recv_exact(sock, &mut payload, &mut fds, "payload")?;
-    complete_message(request, flags, payload, fds)
-}
-
 /// Reads messages from a socket without ever blocking: what has arrived is kept until
 /// a message is complete, so a frontend that sends half a message holds up nobody.
-/// Errors leave the connection unusable, as with [`recv_message`].
+/// Errors leave the connection unusable (the caller closes it): the stream cannot be
+/// resynchronised after a bad header.
 #[derive(Default)]
 pub struct MessageReader {
     hdr: [u8; HEADER_LEN],
@@ -479,6 +443,38 @@ pub fn send_message(
 mod tests {
     use super::*;
     use std::io::Write;
+
+    /// The next message, as the vhost-user thread reads it (what the tests sent has
+    /// arrived by the time they read).
+    fn recv_message(sock: &UnixStream) -> Result<Message, WireError> {
+        MessageReader::default()
+            .read(sock)
+            .map(|m| m.expect("a whole message has arrived"))
+    }
+
+    #[test]
+    fn a_message_in_pieces_waits_for_its_rest() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        let mut msg = Vec::new();
+        msg.extend_from_slice(&req::SET_FEATURES.to_le_bytes());
+        msg.extend_from_slice(&VERSION.to_le_bytes());
+        msg.extend_from_slice(&8u32.to_le_bytes());
+        msg.extend_from_slice(&42u64.to_le_bytes());
+        let mut r = MessageReader::default();
+        assert!(r.read(&b).unwrap().is_none(), "nothing sent yet");
+        a.write_all(&msg[..7]).unwrap();
+        assert!(r.read(&b).unwrap().is_none(), "7 bytes of the header");
+        a.write_all(&msg[7..15]).unwrap();
+        assert!(
+            r.read(&b).unwrap().is_none(),
+            "the header and 3 payload bytes"
+        );
+        a.write_all(&msg[15..]).unwrap();
+        let m = r.read(&b).unwrap().expect("the whole message");
+        assert_eq!(m.request, req::SET_FEATURES);
+        assert_eq!(m.u64_at(0), 42);
+        assert!(r.read(&b).unwrap().is_none(), "nothing after it");
+    }
 
     #[test]
     fn round_trip_with_descriptors() {
