@@ -763,7 +763,8 @@ async fn execute(ctx: Rc<SetCtx>, mem: Arc<Memory>, req: Request, queue: usize, 
         _ if origin.ring_stopped() => 0,
         Some(addr) => {
             let log = origin.queues.dirty_log();
-            if let (Some(log), true) = (&log, status == VIRTIO_BLK_S_OK as u8) {
+            if let Some(log) = &log {
+                // A failed read may have written part of its buffers too.
                 for &(gpa, len) in &data_in {
                     log.mark(gpa, len);
                 }
@@ -923,7 +924,6 @@ impl RingSet {
                 dirty |= 1 << i;
                 self.unsignalled[i].set(self.unsignalled[i].get() + 1);
             }
-            dev.queues.in_flight[c.queue].fetch_sub(1, Ordering::AcqRel);
         }
         if let Some(log) = dev.queues.dirty_log() {
             for (i, v) in self.vrings.iter().enumerate() {
@@ -931,6 +931,12 @@ impl RingSet {
                     log_used_ring(&log, &v.lock());
                 }
             }
+        }
+        // Only now are the requests done: a GET_VRING_BASE waiting for them returns
+        // after their used elements are in the dirty log, which the frontend reads
+        // once the ring is stopped (the last pass of a migration).
+        for c in &done {
+            dev.queues.in_flight[c.queue].fetch_sub(1, Ordering::AcqRel);
         }
         // Keep the buffer's allocation for the next round.
         let mut sink = self.ctx.sink.borrow_mut();

@@ -361,6 +361,12 @@ impl<D: QueueDevice> Session<D> {
 
     fn handle(&mut self, mut m: Message) -> Result<Handled> {
         let code = m.request;
+        log::debug!(
+            "vhost-user: {} {:02x?} ({} fd(s))",
+            m.name(),
+            &m.payload[..m.payload.len().min(16)],
+            m.fds.len()
+        );
         // Only these carry descriptors; any other message with some is refused.
         if !matches!(
             code,
@@ -488,7 +494,11 @@ impl<D: QueueDevice> Session<D> {
                 m.expect_size(8)?;
                 let q = self.vring_index(&m, u64::from(m.u32_at(0)))?;
                 self.stop_ring(q);
-                let next = self.vrings[q].lock().get_queue().next_avail();
+                let (next, used) = {
+                    let v = self.vrings[q].lock();
+                    (v.get_queue().next_avail(), v.get_queue().next_used())
+                };
+                log::debug!("vhost-user: queue {q} stopped at available {next}, used {used}");
                 let mut out = [0u8; 8];
                 out[0..4].copy_from_slice(&(q as u32).to_le_bytes());
                 out[4..8].copy_from_slice(&u32::from(next).to_le_bytes());
@@ -738,6 +748,10 @@ impl<D: QueueDevice> Session<D> {
         } else {
             self.device.resubmit(q, Vec::new(), 0);
         }
+        log::debug!(
+            "vhost-user: queue {q} starts at available {}, used {used_idx}",
+            v.get_queue().next_avail()
+        );
         v.set_started(true);
         if !protocol {
             v.set_enabled(true);
