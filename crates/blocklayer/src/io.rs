@@ -136,14 +136,24 @@ impl Node {
         let acct = IoStats::start(IoKind::Write, len);
         let r = self.write_checked(offset, iov, fua, grow).await;
         self.account(acct, &r, offset.saturating_add(len));
-        self.written(offset, len);
+        if grow {
+            self.grow_bitmaps();
+        }
+        self.written(&r, offset, len);
         r
     }
 
-    /// After a write-like request (done or failed: the data may have changed):
-    /// dirty bitmaps and the write threshold.
+    /// After a write-like request (done or failed: the data may have changed, as in
+    /// QEMU; not when it was refused before any I/O): dirty bitmaps and the write
+    /// threshold.
     #[inline]
-    fn written(&self, offset: u64, len: u64) {
+    fn written(&self, r: &Result<()>, offset: u64, len: u64) {
+        if matches!(
+            r,
+            Err(BlockError::OutOfRange { .. } | BlockError::ReadOnly(_))
+        ) {
+            return;
+        }
         self.mark_dirty(offset, len);
         self.check_write_threshold(offset, len);
     }
@@ -227,7 +237,14 @@ impl Node {
         let acct = IoStats::start(IoKind::Unmap, len);
         let r = self.discard_checked(offset, len).await;
         self.account(acct, &r, 0);
-        self.mark_dirty(offset, len);
+        // As QEMU: a discard the node ignores (no `discard=unmap`) marks nothing.
+        let refused = matches!(
+            r,
+            Err(BlockError::OutOfRange { .. } | BlockError::ReadOnly(_))
+        );
+        if self.flags().discard_unmap && !refused {
+            self.mark_dirty(offset, len);
+        }
         r
     }
 
@@ -256,7 +273,7 @@ impl Node {
         let acct = IoStats::start(IoKind::Write, len);
         let r = self.write_zeroes_checked(offset, len, may_unmap, fua).await;
         self.account(acct, &r, offset.saturating_add(len));
-        self.written(offset, len);
+        self.written(&r, offset, len);
         r
     }
 
@@ -270,7 +287,7 @@ impl Node {
         let acct = IoStats::start(IoKind::Write, len);
         let r = self.allocate_checked(offset, len).await;
         self.account(acct, &r, offset.saturating_add(len));
-        self.written(offset, len);
+        self.written(&r, offset, len);
         r
     }
 
