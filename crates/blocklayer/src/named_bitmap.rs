@@ -38,8 +38,11 @@ pub enum BitmapError {
     ReadOnly(String),
     #[error("Bitmap '{0}' is inconsistent and cannot be used")]
     Inconsistent(String),
-    #[error("Bitmaps are incompatible and can't be merged")]
-    Incompatible,
+    #[error(
+        "Bitmaps are of different sizes (destination size is {dst}, source size is {src}) \
+         and can't be merged"
+    )]
+    Sizes { dst: u64, src: u64 },
     #[error("Dirty bitmap '{0}' not found")]
     NotFound(String),
 }
@@ -189,17 +192,46 @@ impl NamedBitmap {
     pub fn merge(&self, sources: &[Arc<NamedBitmap>]) -> Result<()> {
         let scratch = DirtyBitmap::new(self.size(), self.granularity());
         for s in sources {
-            s.check(Check::ALLOW_RO)?;
-            if !scratch.can_merge(&s.bits) {
-                return Err(BitmapError::Incompatible);
-            }
+            self.merge_check_source(s)?;
             scratch.merge_from(&s.bits);
         }
         self.check(Check::DEFAULT)?;
         if !self.bits.can_merge(&scratch) {
-            return Err(BitmapError::Incompatible);
+            return Err(BitmapError::Sizes {
+                dst: self.size(),
+                src: scratch.size(),
+            });
         }
         self.bits.merge_from(&scratch);
+        Ok(())
+    }
+
+    /// QEMU's `BlockDirtyInfo` of the bitmap (`inconsistent` only when set).
+    pub fn info(&self) -> serde_json::Value {
+        let mut v = serde_json::json!({
+            "name": self.name,
+            "recording": self.enabled(),
+            "persistent": self.persistent(),
+            "busy": self.busy(),
+            "granularity": self.granularity(),
+            "count": self.count(),
+        });
+        if self.inconsistent() {
+            v["inconsistent"] = true.into();
+        }
+        v
+    }
+
+    /// The checks [`NamedBitmap::merge`] makes of one source: [`Check::ALLOW_RO`],
+    /// then the same size as this bitmap.
+    pub fn merge_check_source(&self, s: &NamedBitmap) -> Result<()> {
+        s.check(Check::ALLOW_RO)?;
+        if self.size() != s.size() {
+            return Err(BitmapError::Sizes {
+                dst: self.size(),
+                src: s.size(),
+            });
+        }
         Ok(())
     }
 
@@ -303,6 +335,13 @@ impl Node {
         }
         b.enabled.store(false, Ordering::Release);
         Some(b)
+    }
+
+    /// The `dirty-bitmaps` member of the node's `BlockDeviceInfo`: absent (None)
+    /// when the node has no named bitmap, as QEMU's.
+    pub fn dirty_bitmaps_info(&self) -> Option<serde_json::Value> {
+        let named = self.named_lock();
+        (!named.is_empty()).then(|| named.iter().map(|b| b.info()).collect())
     }
 
     /// Starts recording writes in `b` (a bitmap of this node).
@@ -440,7 +479,11 @@ mod tests {
         b.bits().set(1000, 1);
         a.merge(std::slice::from_ref(&b)).unwrap();
         assert_eq!(a.count(), 65536);
-        assert_eq!(a.merge(&[small]), Err(BitmapError::Incompatible));
+        assert_eq!(
+            a.merge(&[small]).unwrap_err().to_string(),
+            "Bitmaps are of different sizes (destination size is 1048576, source size is \
+             524288) and can't be merged"
+        );
         b.set_busy(true);
         assert_eq!(
             a.merge(std::slice::from_ref(&b)).unwrap_err().to_string(),
