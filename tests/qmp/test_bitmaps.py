@@ -6,11 +6,12 @@ granules written (the SHA-256 of the bits as 64-bit little-endian words, as QEMU
 them). Every expectation, argument errors included, is qemu-storage-daemon 7.2's (the
 tests pass with ``--daemon=qsd``)."""
 
+import asyncio
 import hashlib
 
 import pytest
 
-from chains import KIB, qemu_img
+from chains import KIB, chain_args, make_chain, qemu_img
 from conftest import MIB, error, execute, export_args, file_raw_args, io_ok
 
 SIZE = 64 * MIB
@@ -364,3 +365,55 @@ async def test_bitmaps_stay_through_reopen(daemon, tmp):
         m.mark(32 * MIB, 4096)
         await check(c, "n0", "b", m)
         assert (await info(c, "n0-file", "f"))["recording"] is False
+
+
+async def wait_jobs_gone(c):
+    for _ in range(400):
+        if not await execute(c, "query-jobs"):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"jobs still there: {await execute(c, 'query-jobs')}")
+
+
+async def test_copy_on_read_marks_only_below(start_daemon, tmp):
+    """Copy-on-read leaves what the node reads unchanged: QEMU writes it straight to
+    the driver, past the node's bitmaps. The file below sees a plain write."""
+    make_chain(tmp, [("base", [(0, MIB, 1)]), ("top", [])], 4 * MIB)
+    sock = tmp / "e0.sock"
+    d = start_daemon(chain_args(tmp, ["base", "top"])
+                     + ["--blockdev", "copy-on-read,node-name=cor,file=top"]
+                     + export_args("e0", "cor", sock))
+    async with d.qmp() as c:
+        await add(c, "top", "t")
+        await add(c, "top-file", "tf")
+        await add(c, "cor", "c")
+        io_ok("verify", "--socket", sock, "--offset", 0, "--len", 256 * KIB, "--seed", 1)
+        assert (await info(c, "top", "t"))["count"] == 0
+        assert (await info(c, "cor", "c"))["count"] == 0
+        assert (await info(c, "top-file", "tf"))["count"] > 0
+        write(sock, 2 * MIB, 4096)
+        m = Model(4 * MIB, 65536)
+        m.mark(2 * MIB, 4096)
+        await check(c, "top", "t", m)
+        await check(c, "cor", "c", m)
+
+
+async def test_job_writes(start_daemon, tmp):
+    """An intermediate commit writes into the base: the base's bitmaps see it. A stream
+    copies on read: the top's do not."""
+    size = 4 * MIB
+    make_chain(tmp, [("base", [(0, MIB, 1)]), ("mid", [(2 * MIB, 128 * KIB, 3)]),
+                     ("top", [(MIB, 64 * KIB, 2)])], size)
+    d = start_daemon(chain_args(tmp, ["base", "mid", "top"]))
+    async with d.qmp() as c:
+        await add(c, "base", "b")
+        await add(c, "top", "t")
+        await execute(c, "block-commit", {"job-id": "j", "device": "top", "top-node": "mid",
+                                          "base-node": "base"})
+        await wait_jobs_gone(c)
+        m = Model(size, 65536)
+        m.mark(2 * MIB, 128 * KIB)
+        await check(c, "base", "b", m)
+        await execute(c, "block-stream", {"job-id": "s", "device": "top"})
+        await wait_jobs_gone(c)
+        await check(c, "top", "t", Model(size, 65536))
