@@ -1,19 +1,70 @@
 //! Dirty bitmaps: which ranges of a node were written, at a power-of-two
-//! granularity. Writers set bits lock-free (one atomic OR per 64 granules); a job
-//! takes dirty ranges out (find and clear) to copy them.
+//! granularity (QEMU's HBitmap, reduced to its last level). Writers set bits
+//! lock-free (one atomic OR per 64 granules); a job takes dirty ranges out (find and
+//! clear) to copy them.
+//!
+//! The bits live in one array of 64-bit words that a resize replaces. A writer that
+//! set bits in an array a resize has just replaced sets them again in the new one
+//! (it checks after setting), and the resize ORs the old array into the new one after
+//! the swap, so no bit set concurrently with a resize is lost.
 
+use arc_swap::ArcSwap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// The bits of a bitmap of one size.
+struct Bits {
+    /// Bytes covered.
+    size: u64,
+    /// Bit `i` (word `i / 64`, bit `i % 64`) covers bytes `i * g .. (i + 1) * g`; at
+    /// least one word, as in QEMU.
+    words: Box<[AtomicU64]>,
+}
+
+impl Bits {
+    fn new(size: u64, granularity: u64) -> Bits {
+        let bits = size.div_ceil(granularity);
+        let words = bits.div_ceil(64).max(1);
+        Bits {
+            size,
+            words: (0..words).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    fn nbits(&self, granularity: u64) -> u64 {
+        self.size.div_ceil(granularity)
+    }
+}
+
+/// The mask of bits `lo..hi` of a word (`lo < hi <= 64`).
+fn mask(lo: u64, hi: u64) -> u64 {
+    if hi - lo == 64 {
+        u64::MAX
+    } else {
+        ((1u64 << (hi - lo)) - 1) << lo
+    }
+}
+
+/// Applies `f(word, mask)` to the words holding bits `b..e`.
+fn for_bits(words: &[AtomicU64], mut b: u64, e: u64, f: impl Fn(&AtomicU64, u64)) {
+    while b < e {
+        let lo = b % 64;
+        let hi = (e - (b - lo)).min(64);
+        f(&words[(b / 64) as usize], mask(lo, hi));
+        b = b - lo + 64;
+    }
+}
 
 pub struct DirtyBitmap {
     granularity: u64,
-    size: u64,
-    words: Vec<AtomicU64>,
+    bits: ArcSwap<Bits>,
 }
 
 impl std::fmt::Debug for DirtyBitmap {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DirtyBitmap")
             .field("granularity", &self.granularity)
+            .field("size", &self.size())
             .field("count", &self.count())
             .finish()
     }
@@ -23,87 +74,243 @@ impl DirtyBitmap {
     /// A clear bitmap covering `size` bytes; `granularity` is a power of two.
     pub fn new(size: u64, granularity: u64) -> DirtyBitmap {
         assert!(granularity.is_power_of_two());
-        let bits = size.div_ceil(granularity);
-        let words = (0..bits.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
         DirtyBitmap {
             granularity,
-            size,
-            words,
+            bits: ArcSwap::from_pointee(Bits::new(size, granularity)),
         }
     }
 
-    fn bit_range(&self, offset: u64, len: u64) -> (u64, u64) {
-        let end = offset.saturating_add(len).min(self.size);
+    pub fn granularity(&self) -> u64 {
+        self.granularity
+    }
+
+    /// Bytes covered (the node's size when the bitmap was made or last resized).
+    pub fn size(&self) -> u64 {
+        self.bits.load().size
+    }
+
+    /// The granules `offset..offset+len` touches, cut at `size`.
+    fn bit_range(&self, size: u64, offset: u64, len: u64) -> (u64, u64) {
+        let end = offset.saturating_add(len).min(size);
         (offset / self.granularity, end.div_ceil(self.granularity))
     }
 
-    /// Marks `offset..offset+len` dirty (a write happened there).
+    /// Marks `offset..offset+len` dirty (a write happened there); bytes past the
+    /// bitmap's size are ignored.
+    #[inline]
     pub fn set(&self, offset: u64, len: u64) {
-        if len == 0 || offset >= self.size {
-            return;
-        }
-        let (mut b, e) = self.bit_range(offset, len);
-        while b < e {
-            let w = (b / 64) as usize;
-            let lo = b % 64;
-            let hi = (e - (b - lo)).min(64);
-            let mask = if hi - lo == 64 {
-                u64::MAX
-            } else {
-                ((1u64 << (hi - lo)) - 1) << lo
-            };
-            self.words[w].fetch_or(mask, Ordering::AcqRel);
-            b = b - lo + 64;
+        let mut bits = self.bits.load();
+        loop {
+            if len == 0 || offset >= bits.size {
+                return;
+            }
+            let (b, e) = self.bit_range(bits.size, offset, len);
+            for_bits(&bits.words, b, e, |w, m| {
+                w.fetch_or(m, Ordering::SeqCst);
+            });
+            // A resize that swapped the array before our bits landed may have
+            // copied it already: set them again in the new one.
+            let now = self.bits.load();
+            if Arc::ptr_eq(&now, &bits) {
+                return;
+            }
+            bits = now;
         }
     }
 
-    /// Number of dirty bytes (granules × granularity, the last one cut at the size).
+    /// Marks `offset..offset+len` clean (only whole granules inside the range, as
+    /// QEMU's reset rounds a partial granule at the end of the bitmap up).
+    pub fn reset(&self, offset: u64, len: u64) {
+        let bits = self.bits.load();
+        if len == 0 || offset >= bits.size {
+            return;
+        }
+        let (b, e) = self.bit_range(bits.size, offset, len);
+        for_bits(&bits.words, b, e, |w, m| {
+            w.fetch_and(!m, Ordering::SeqCst);
+        });
+    }
+
+    /// Clears every bit.
+    pub fn clear(&self) {
+        for w in self.bits.load().words.iter() {
+            w.store(0, Ordering::SeqCst);
+        }
+    }
+
+    /// Whether the granule holding `offset` is dirty.
+    pub fn get(&self, offset: u64) -> bool {
+        let bits = self.bits.load();
+        if offset >= bits.size {
+            return false;
+        }
+        let b = offset / self.granularity;
+        bits.words[(b / 64) as usize].load(Ordering::Acquire) & (1 << (b % 64)) != 0
+    }
+
+    /// Number of dirty granules times the granularity (QEMU's count: a dirty last
+    /// granule counts whole, even where it ends past the size).
     pub fn count(&self) -> u64 {
         let bits: u64 = self
+            .bits
+            .load()
             .words
             .iter()
             .map(|w| u64::from(w.load(Ordering::Acquire).count_ones()))
             .sum();
-        (bits * self.granularity).min(self.size)
+        bits * self.granularity
+    }
+
+    /// Dirty bytes, the last granule cut at the size (what a job has to copy).
+    pub fn dirty_bytes(&self) -> u64 {
+        let size = self.size();
+        let mut n = self.count();
+        if self.get(size.saturating_sub(1)) && !size.is_multiple_of(self.granularity) {
+            n -= self.granularity - size % self.granularity;
+        }
+        n
+    }
+
+    /// The first dirty range at or after `from` (whole granules, contiguous, cut at
+    /// the size and at `max` bytes), without clearing it.
+    pub fn next_dirty(&self, from: u64, max: u64) -> Option<(u64, u64)> {
+        let bits = self.bits.load();
+        let nbits = bits.nbits(self.granularity);
+        let max_bits = (max / self.granularity).max(1);
+        let start = self.first_set(&bits, from / self.granularity, nbits)?;
+        let mut end = start + 1;
+        while end < nbits && end - start < max_bits {
+            let w = bits.words[(end / 64) as usize].load(Ordering::Acquire);
+            if w & (1 << (end % 64)) == 0 {
+                break;
+            }
+            end += 1;
+        }
+        let off = start * self.granularity;
+        Some((off, (end * self.granularity).min(bits.size) - off))
+    }
+
+    fn first_set(&self, bits: &Bits, mut b: u64, nbits: u64) -> Option<u64> {
+        while b < nbits {
+            let w = bits.words[(b / 64) as usize].load(Ordering::Acquire) >> (b % 64);
+            if w == 0 {
+                b = (b / 64 + 1) * 64;
+                continue;
+            }
+            let found = b + u64::from(w.trailing_zeros());
+            return (found < nbits).then_some(found);
+        }
+        None
     }
 
     /// Takes the first dirty range at or after `from` of at most `max` bytes (whole
     /// granules, contiguous): its bits are cleared and it is returned.
     pub fn take_next(&self, from: u64, max: u64) -> Option<(u64, u64)> {
+        let bits = self.bits.load();
         let max_bits = (max / self.granularity).max(1);
-        let nbits = self.size.div_ceil(self.granularity);
-        let mut b = from / self.granularity;
-        // Find the first set bit.
-        let start = loop {
-            if b >= nbits {
-                return None;
+        let nbits = bits.nbits(self.granularity);
+        let mut from_bit = from / self.granularity;
+        loop {
+            let start = self.first_set(&bits, from_bit, nbits)?;
+            let mut end = start;
+            while end < nbits && end - start < max_bits {
+                let word = &bits.words[(end / 64) as usize];
+                let bit = 1u64 << (end % 64);
+                if word.fetch_and(!bit, Ordering::AcqRel) & bit == 0 {
+                    break;
+                }
+                end += 1;
             }
-            let w = self.words[(b / 64) as usize].load(Ordering::Acquire) >> (b % 64);
-            if w == 0 {
-                b = (b / 64 + 1) * 64;
+            if end == start {
+                // Cleared by someone else meanwhile: look again after it.
+                from_bit = start + 1;
                 continue;
             }
-            break b + u64::from(w.trailing_zeros());
-        };
-        if start >= nbits {
-            return None;
+            let off = start * self.granularity;
+            return Some((off, (end * self.granularity).min(bits.size) - off));
         }
-        let mut end = start;
-        while end < nbits && end - start < max_bits {
-            let word = &self.words[(end / 64) as usize];
-            let bit = 1u64 << (end % 64);
-            if word.fetch_and(!bit, Ordering::AcqRel) & bit == 0 {
-                break;
+    }
+
+    /// Whether `other` can be merged into this bitmap: both cover the same size
+    /// (granularities may differ, as in QEMU).
+    pub fn can_merge(&self, other: &DirtyBitmap) -> bool {
+        self.size() == other.size()
+    }
+
+    /// Sets every range dirty in `other` (same size; see [`DirtyBitmap::can_merge`]).
+    pub fn merge_from(&self, other: &DirtyBitmap) {
+        if self.granularity == other.granularity {
+            let dst = self.bits.load();
+            let src = other.bits.load();
+            for (d, s) in dst.words.iter().zip(src.words.iter()) {
+                let v = s.load(Ordering::Acquire);
+                if v != 0 {
+                    d.fetch_or(v, Ordering::SeqCst);
+                }
             }
-            end += 1;
+            return;
         }
-        if end == start {
-            // Cleared by someone else meanwhile: look again after it.
-            return self.take_next((start + 1) * self.granularity, max);
+        let mut at = 0;
+        while let Some((off, len)) = other.next_dirty(at, u64::MAX) {
+            self.set(off, len);
+            at = off + len;
         }
-        let off = start * self.granularity;
-        let len = (end * self.granularity).min(self.size) - off;
-        Some((off, len))
+    }
+
+    /// Covers `size` bytes from now on: bits past a smaller size are dropped, the
+    /// bytes a larger one adds are clean (QEMU's `hbitmap_truncate`).
+    pub fn resize(&self, size: u64) {
+        let new = Arc::new(Bits::new(size, self.granularity));
+        let old = self.bits.swap(new.clone());
+        let nbits = new.nbits(self.granularity);
+        for (i, (d, s)) in new.words.iter().zip(old.words.iter()).enumerate() {
+            let first = i as u64 * 64;
+            let keep = if nbits >= first + 64 {
+                u64::MAX
+            } else if nbits > first {
+                mask(0, nbits - first)
+            } else {
+                0
+            };
+            d.fetch_or(s.load(Ordering::SeqCst) & keep, Ordering::SeqCst);
+        }
+    }
+
+    /// The bits serialised as QEMU keeps them in memory on a little-endian host:
+    /// 64-bit words, least significant bit first, at least one word. This is what
+    /// `x-debug-block-dirty-bitmap-sha256` hashes, and, cut to whole bytes, the bit
+    /// order of qcow2's bitmap clusters.
+    pub fn to_le_bytes(&self) -> Vec<u8> {
+        self.bits
+            .load()
+            .words
+            .iter()
+            .flat_map(|w| w.load(Ordering::Acquire).to_le_bytes())
+            .collect()
+    }
+
+    /// Sets the bits that are set in `bytes` (the layout of
+    /// [`DirtyBitmap::to_le_bytes`], starting with granule `first_bit`, a multiple of
+    /// 8); bits past the size are ignored.
+    pub fn set_from_le_bytes(&self, first_bit: u64, bytes: &[u8]) {
+        debug_assert!(first_bit.is_multiple_of(8));
+        for (i, &byte) in bytes.iter().enumerate() {
+            if byte == 0 {
+                continue;
+            }
+            for bit in 0..8 {
+                if byte & (1 << bit) != 0 {
+                    let g = first_bit + i as u64 * 8 + bit;
+                    self.set(g.saturating_mul(self.granularity), 1);
+                }
+            }
+        }
+    }
+
+    /// SHA-256 of [`DirtyBitmap::to_le_bytes`], in lower-case hex (QEMU's
+    /// `x-debug-block-dirty-bitmap-sha256`).
+    pub fn sha256_hex(&self) -> String {
+        crate::sha256::hex(&crate::sha256::digest(&self.to_le_bytes()))
     }
 }
 
@@ -135,8 +342,94 @@ mod tests {
     fn odd_size_and_bounds() {
         let b = DirtyBitmap::new(10_000, 4096);
         b.set(9_999, 100);
+        // QEMU counts the last granule whole.
+        assert_eq!(b.count(), 4096);
+        assert_eq!(b.dirty_bytes(), 10_000 - 8192);
         assert_eq!(b.take_next(0, 1 << 20), Some((8192, 10_000 - 8192)));
         b.set(20_000, 5);
         assert_eq!(b.count(), 0);
+    }
+
+    #[test]
+    fn next_dirty_reset_get() {
+        let b = DirtyBitmap::new(1 << 20, 512);
+        b.set(1024, 4096);
+        b.set(65536, 512);
+        assert!(b.get(1024) && b.get(5119) && !b.get(5120));
+        assert_eq!(b.next_dirty(0, u64::MAX), Some((1024, 4096)));
+        assert_eq!(b.next_dirty(0, 1024), Some((1024, 1024)));
+        assert_eq!(b.next_dirty(5120, u64::MAX), Some((65536, 512)));
+        assert_eq!(b.count(), 4608);
+        b.reset(2048, 1024);
+        assert_eq!(b.count(), 3584);
+        b.clear();
+        assert_eq!(b.next_dirty(0, u64::MAX), None);
+    }
+
+    #[test]
+    fn merge_across_granularities() {
+        let a = DirtyBitmap::new(1 << 20, 65536);
+        let b = DirtyBitmap::new(1 << 20, 512);
+        b.set(70_000, 1);
+        b.set(0, 512);
+        a.merge_from(&b);
+        assert_eq!(a.count(), 2 * 65536);
+        let c = DirtyBitmap::new(1 << 20, 65536);
+        c.merge_from(&a);
+        assert_eq!(c.to_le_bytes(), a.to_le_bytes());
+        assert!(!a.can_merge(&DirtyBitmap::new(1 << 19, 65536)));
+    }
+
+    #[test]
+    fn resize_keeps_and_drops_bits() {
+        let b = DirtyBitmap::new(1 << 20, 4096);
+        b.set(0, 4096);
+        b.set((1 << 20) - 4096, 4096);
+        b.resize(2 << 20);
+        assert_eq!(b.size(), 2 << 20);
+        assert_eq!(b.count(), 8192);
+        b.set((2 << 20) - 1, 1);
+        assert_eq!(b.count(), 12288);
+        b.resize(4096 * 3);
+        assert_eq!(b.count(), 4096);
+        assert_eq!(b.to_le_bytes(), 1u64.to_le_bytes());
+    }
+
+    #[test]
+    fn concurrent_sets_survive_resizes() {
+        let b = Arc::new(DirtyBitmap::new(64 << 20, 65536));
+        let w = {
+            let b = b.clone();
+            std::thread::spawn(move || {
+                for i in 0..1024u64 {
+                    b.set(i * 65536, 1);
+                }
+            })
+        };
+        for i in 0..200u64 {
+            b.resize((64 << 20) + i * 65536);
+        }
+        w.join().unwrap();
+        assert_eq!(b.count(), 1024 * 65536);
+    }
+
+    #[test]
+    fn serialisation_layout() {
+        // 10 granules: one word, even for a tiny bitmap; bit i is granule i.
+        let b = DirtyBitmap::new(10 * 512, 512);
+        assert_eq!(b.to_le_bytes(), vec![0; 8]);
+        b.set(512, 512);
+        b.set(9 * 512, 1);
+        assert_eq!(b.to_le_bytes(), (0b10_0000_0010u64).to_le_bytes());
+        let c = DirtyBitmap::new(10 * 512, 512);
+        c.set_from_le_bytes(0, &b.to_le_bytes());
+        assert_eq!(c.to_le_bytes(), b.to_le_bytes());
+        let empty = DirtyBitmap::new(0, 65536);
+        assert_eq!(empty.to_le_bytes().len(), 8);
+        // SHA-256 of eight zero bytes.
+        assert_eq!(
+            empty.sha256_hex(),
+            "af5570f5a1810b7af78caf4bc70a660f0df51e42baf91d4de5b2328de0e83dfc"
+        );
     }
 }

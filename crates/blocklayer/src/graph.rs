@@ -594,6 +594,9 @@ impl Graph {
         if let Some(f) = backing_file {
             info["backing_file"] = json!(f);
         }
+        if let Some(b) = node.dirty_bitmaps_info() {
+            info["dirty-bitmaps"] = b;
+        }
         info
     }
 

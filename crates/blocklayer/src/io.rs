@@ -61,6 +61,17 @@ fn zero_buffer() -> Arc<AlignedBuf> {
         .clone()
 }
 
+/// How a write reaches [`Node::write_accounted`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Write {
+    Plain,
+    /// May end past the node's end (a file growing under a format driver).
+    Growing,
+    /// Leaves what the node reads unchanged (copy-on-read): no dirty bitmap marks,
+    /// no write threshold.
+    Unchanged,
+}
+
 /// Removes a serialised range (see [`Tracked`]) when its request finishes.
 pub struct TrackGuard<'a> {
     node: &'a Node,
@@ -109,7 +120,7 @@ impl Node {
     /// [`Node::write`] of a request already counted in flight.
     pub(crate) async fn write_entered(&self, offset: u64, iov: IoVec, fua: bool) -> Result<()> {
         let _t = self.track_write(offset, iov.len()).await;
-        self.write_accounted(offset, iov, fua, false).await
+        self.write_accounted(offset, iov, fua, Write::Plain).await
     }
 
     /// A job's write of data it copied (stream's copy-on-read, commit): like
@@ -117,7 +128,18 @@ impl Node {
     /// the job holds (see [`Node::copy_lock`]).
     pub async fn write_copied(&self, offset: u64, iov: IoVec) -> Result<()> {
         let _g = InFlight::enter(self);
-        self.write_accounted(offset, iov, false, false).await
+        self.write_accounted(offset, iov, false, Write::Plain).await
+    }
+
+    /// A copy-on-read's write of data read through the node (stream, the
+    /// `copy-on-read` filter): like [`Node::write_copied`], but what the node reads
+    /// does not change, so neither dirty bitmaps nor the write threshold see it (QEMU
+    /// writes these straight to the driver). The writes it makes below (a format
+    /// driver's into its file) are plain writes there.
+    pub async fn write_unchanged(&self, offset: u64, iov: IoVec) -> Result<()> {
+        let _g = InFlight::enter(self);
+        self.write_accounted(offset, iov, false, Write::Unchanged)
+            .await
     }
 
     /// Writes `iov` at `offset`, growing the node when the write ends past its end
@@ -127,23 +149,37 @@ impl Node {
         debug_assert!(self.driver().grows_on_write());
         let _g = InFlight::enter(self);
         let _t = self.track_write(offset, iov.len()).await;
-        self.write_accounted(offset, iov, false, true).await
+        self.write_accounted(offset, iov, false, Write::Growing)
+            .await
     }
 
     /// A write with its statistics, dirty bitmaps and write threshold.
-    async fn write_accounted(&self, offset: u64, iov: IoVec, fua: bool, grow: bool) -> Result<()> {
+    async fn write_accounted(&self, offset: u64, iov: IoVec, fua: bool, kind: Write) -> Result<()> {
         let len = iov.len();
         let acct = IoStats::start(IoKind::Write, len);
+        let grow = kind == Write::Growing;
         let r = self.write_checked(offset, iov, fua, grow).await;
         self.account(acct, &r, offset.saturating_add(len));
-        self.written(offset, len);
+        if grow {
+            self.grow_bitmaps();
+        }
+        if kind != Write::Unchanged {
+            self.written(&r, offset, len);
+        }
         r
     }
 
-    /// After a write-like request (done or failed: the data may have changed):
-    /// dirty bitmaps and the write threshold.
+    /// After a write-like request (done or failed: the data may have changed, as in
+    /// QEMU; not when it was refused before any I/O): dirty bitmaps and the write
+    /// threshold.
     #[inline]
-    fn written(&self, offset: u64, len: u64) {
+    fn written(&self, r: &Result<()>, offset: u64, len: u64) {
+        if matches!(
+            r,
+            Err(BlockError::OutOfRange { .. } | BlockError::ReadOnly(_))
+        ) {
+            return;
+        }
         self.mark_dirty(offset, len);
         self.check_write_threshold(offset, len);
     }
@@ -227,7 +263,14 @@ impl Node {
         let acct = IoStats::start(IoKind::Unmap, len);
         let r = self.discard_checked(offset, len).await;
         self.account(acct, &r, 0);
-        self.mark_dirty(offset, len);
+        // As QEMU: a discard the node ignores (no `discard=unmap`) marks nothing.
+        let refused = matches!(
+            r,
+            Err(BlockError::OutOfRange { .. } | BlockError::ReadOnly(_))
+        );
+        if self.flags().discard_unmap && !refused {
+            self.mark_dirty(offset, len);
+        }
         r
     }
 
@@ -256,7 +299,7 @@ impl Node {
         let acct = IoStats::start(IoKind::Write, len);
         let r = self.write_zeroes_checked(offset, len, may_unmap, fua).await;
         self.account(acct, &r, offset.saturating_add(len));
-        self.written(offset, len);
+        self.written(&r, offset, len);
         r
     }
 
@@ -270,7 +313,7 @@ impl Node {
         let acct = IoStats::start(IoKind::Write, len);
         let r = self.allocate_checked(offset, len).await;
         self.account(acct, &r, offset.saturating_add(len));
-        self.written(offset, len);
+        self.written(&r, offset, len);
         r
     }
 

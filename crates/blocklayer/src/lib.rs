@@ -7,6 +7,7 @@
 //!   `raw`, `null-co`, `qcow2`, `blkdebug`, `copy-on-read`)
 //! - [`graph`]: node-names and opening nodes from [`options`]; [`reopen`]: new options
 //!   for open nodes
+//! - [`bitmap`], [`named_bitmap`]: dirty bitmaps, the named ones the monitor manages
 //! - [`periodic`]: the housekeeping thread for periodic driver tasks
 //! - [`snapshot`]: internal snapshots as drivers report them
 
@@ -23,11 +24,13 @@ pub mod filter;
 pub mod graph;
 pub mod io;
 pub mod limits;
+pub mod named_bitmap;
 pub mod node;
 pub mod options;
 pub mod periodic;
 pub mod perm;
 pub mod reopen;
+pub mod sha256;
 pub mod snapshot;
 pub mod stats;
 

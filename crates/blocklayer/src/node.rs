@@ -6,10 +6,12 @@ use crate::bitmap::DirtyBitmap;
 use crate::driver::Driver;
 use crate::edge::{Edge, ParentRef};
 use crate::limits::Limits;
+use crate::named_bitmap::NamedBitmap;
 use crate::options::DetectZeroes;
 use crate::stats::IoStats;
+use arc_swap::ArcSwap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::task::Waker;
 
 /// Per-node flags that the generic request path applies.
@@ -81,9 +83,15 @@ pub struct Node {
     /// Serialised ranges in progress: read-modify-writes, and copies and writes
     /// while a job serialises.
     pub(crate) tracked: Mutex<Vec<Tracked>>,
-    /// Dirty bitmaps every completed write marks (`bitmap_count` avoids the lock).
-    bitmaps: RwLock<Vec<Arc<DirtyBitmap>>>,
+    /// The recording set: the dirty bitmaps every completed write marks, read
+    /// without a lock (`bitmap_count` skips even that when it is empty); changed
+    /// under the `named` lock.
+    bitmaps: ArcSwap<Vec<Arc<DirtyBitmap>>>,
     bitmap_count: AtomicU32,
+    /// Named bitmaps, newest first (see [`crate::named_bitmap`]).
+    named: Mutex<Vec<Arc<NamedBitmap>>>,
+    /// How many `named` holds (kept under its lock), read without it.
+    pub(crate) named_count: AtomicU32,
     /// `block-set-write-threshold`: the first write ending past it raises
     /// `BLOCK_WRITE_THRESHOLD` and clears it (0: none).
     write_threshold: AtomicU64,
@@ -129,8 +137,10 @@ impl Node {
             flushed_gen: AtomicU64::new(0),
             serialising: AtomicU32::new(0),
             tracked: Mutex::new(Vec::new()),
-            bitmaps: RwLock::new(Vec::new()),
+            bitmaps: ArcSwap::from_pointee(Vec::new()),
             bitmap_count: AtomicU32::new(0),
+            named: Mutex::new(Vec::new()),
+            named_count: AtomicU32::new(0),
             write_threshold: AtomicU64::new(0),
             stats: IoStats::new(),
             debug_events,
@@ -267,6 +277,9 @@ impl Node {
         }
         let r = self.driver.truncate(size);
         self.write_gen.fetch_add(1, Ordering::AcqRel);
+        if r.is_ok() {
+            self.resize_bitmaps(self.size());
+        }
         r
     }
 
@@ -336,32 +349,75 @@ impl Node {
 
     // ---- dirty bitmaps and write notifications ---------------------------------
 
-    /// Adds a bitmap that every later write marks.
+    /// Adds an anonymous bitmap that every later write marks (a job's).
     pub fn add_bitmap(&self, b: Arc<DirtyBitmap>) {
-        let mut v = self.bitmaps.write().unwrap_or_else(|p| p.into_inner());
-        v.push(b);
-        self.bitmap_count.store(v.len() as u32, Ordering::Release);
+        let _named = self.named_lock();
+        self.recording_add(b);
     }
 
     pub fn remove_bitmap(&self, b: &Arc<DirtyBitmap>) {
-        let mut v = self.bitmaps.write().unwrap_or_else(|p| p.into_inner());
-        v.retain(|x| !Arc::ptr_eq(x, b));
-        self.bitmap_count.store(v.len() as u32, Ordering::Release);
+        let _named = self.named_lock();
+        self.recording_remove(b);
     }
 
-    /// Marks a written range in every enabled bitmap.
+    pub(crate) fn named_lock(&self) -> MutexGuard<'_, Vec<Arc<NamedBitmap>>> {
+        self.named.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds `b` to the recording set; the caller holds the `named` lock.
+    pub(crate) fn recording_add(&self, b: Arc<DirtyBitmap>) {
+        let mut v = Vec::clone(&self.bitmaps.load());
+        v.push(b);
+        self.bitmap_count.store(v.len() as u32, Ordering::Release);
+        self.bitmaps.store(Arc::new(v));
+    }
+
+    /// Removes `b` from the recording set; the caller holds the `named` lock.
+    pub(crate) fn recording_remove(&self, b: &Arc<DirtyBitmap>) {
+        let mut v = Vec::clone(&self.bitmaps.load());
+        v.retain(|x| !Arc::ptr_eq(x, b));
+        self.bitmap_count.store(v.len() as u32, Ordering::Release);
+        self.bitmaps.store(Arc::new(v));
+    }
+
+    /// Marks a written range in every recording bitmap: no lock, one atomic OR per
+    /// 64 granules of each.
     #[inline]
     pub(crate) fn mark_dirty(&self, offset: u64, len: u64) {
         if self.bitmap_count.load(Ordering::Acquire) == 0 {
             return;
         }
-        for b in self
-            .bitmaps
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
+        for b in self.bitmaps.load().iter() {
             b.set(offset, len);
+        }
+    }
+
+    /// After a write that may have grown the node (a file written past its end):
+    /// bitmaps grow with it, as QEMU's do.
+    pub(crate) fn grow_bitmaps(&self) {
+        if self.bitmap_count.load(Ordering::Acquire) == 0
+            && self.named_count.load(Ordering::Acquire) == 0
+        {
+            return;
+        }
+        let size = self.size();
+        let grown = self.bitmaps.load().iter().any(|b| b.size() < size)
+            || self.named_lock().iter().any(|b| b.size() < size);
+        if grown {
+            self.resize_bitmaps(size);
+        }
+    }
+
+    /// Resizes every bitmap of the node to its new size (QEMU's
+    /// `bdrv_dirty_bitmap_truncate`).
+    fn resize_bitmaps(&self, size: u64) {
+        let _named = self.named_lock();
+        for b in self.bitmaps.load().iter() {
+            b.resize(size);
+        }
+        // Disabled named bitmaps are not in the recording set.
+        for b in _named.iter().filter(|b| !b.enabled()) {
+            b.bits().resize(size);
         }
     }
 
@@ -376,8 +432,18 @@ impl Node {
     /// Takes over what belongs to the node rather than to its driver instance (dirty
     /// bitmaps, the write threshold) from the node it replaces in a reopen.
     pub(crate) fn inherit_state_from(&self, old: &Node) {
-        for b in old.bitmaps.read().unwrap_or_else(|p| p.into_inner()).iter() {
-            self.add_bitmap(b.clone());
+        let old_named = old.named_lock();
+        let mut named = self.named_lock();
+        *named = old_named.clone();
+        self.named_count
+            .store(named.len() as u32, Ordering::Release);
+        for b in old.bitmaps.load().iter() {
+            self.recording_add(b.clone());
+        }
+        drop(named);
+        let size = self.size();
+        if size != old.size() {
+            self.resize_bitmaps(size);
         }
         self.set_write_threshold(old.write_threshold());
     }

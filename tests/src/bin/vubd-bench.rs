@@ -17,11 +17,11 @@ use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use vubd_tests::daemon::shell_words;
-use vubd_tests::{qsd_bin, vubd_bin, Client, ClientOptions, Daemon, DaemonArgs, Rng, GIB};
+use vubd_tests::{qsd_bin, vubd_bin, Client, ClientOptions, Daemon, DaemonArgs, Qmp, Rng, GIB};
 
 const USAGE: &str = "usage: vubd-bench [--quick] [--runtime SECS] [--warmup SECS] [--reps N] \
 [--filter SUBSTR]... [--exports N] [--vubd PATH] [--qsd PATH] [--poll-max-ns N] \
-[--client block|poll] [--no-idle | --idle-only] [--idle-exports N] [--dir DIR] [--list]
+[--client block|poll] [--no-idle | --idle-only] [--idle-exports N] [--bitmap GRAN] [--dir DIR] [--list]
   --filter SUBSTR   run the cases whose name contains SUBSTR (repeatable: any of them);
                     names are BACKEND/WORKLOAD/CONFIG, e.g. null-co/randread-4k-qd32/2q/1iothread
                     or file/randwrite-4k-qd32/8 exports/2iothreads
@@ -29,6 +29,8 @@ const USAGE: &str = "usage: vubd-bench [--quick] [--runtime SECS] [--warmup SECS
   --no-idle         skip the idle tables (idle CPU per config, idle density)
   --idle-only       run only the idle tables
   --idle-exports N  exports of the idle density table (default 200)
+  --bitmap GRAN     an enabled dirty bitmap of granularity GRAN on every exported node
+                    (block-dirty-bitmap-add over QMP before the run), in both daemons
   --list            print the names of the selected cases and exit";
 
 #[derive(Debug, Clone)]
@@ -48,6 +50,7 @@ struct Opts {
     dir: PathBuf,
     quick: bool,
     list: bool,
+    bitmap: Option<u64>,
 }
 
 fn parse_args() -> Opts {
@@ -67,6 +70,7 @@ fn parse_args() -> Opts {
         dir: PathBuf::from("/dev/shm"),
         quick: false,
         list: false,
+        bitmap: None,
     };
     let mut vubd = None;
     let mut runtime_set = false;
@@ -112,6 +116,7 @@ fn parse_args() -> Opts {
             }
             "--exports" => o.exports = need(&args.next(), &a).parse().expect("--exports N"),
             "--dir" => o.dir = PathBuf::from(need(&args.next(), &a)),
+            "--bitmap" => o.bitmap = Some(need(&args.next(), &a).parse().expect("--bitmap GRAN")),
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0)
@@ -414,6 +419,9 @@ fn daemon_args(
     };
     let size = export_size(backend, cfg);
     let mut a = DaemonArgs::new();
+    if o.bitmap.is_some() {
+        a = a.monitor(&monitor_path(socks));
+    }
     for i in 0..nthreads {
         a = a.object(&format!("iothread,id=io{i}{poll}"));
     }
@@ -595,6 +603,29 @@ fn sockets(dir: &Path, prefix: &str, exports: usize) -> Vec<PathBuf> {
         .collect()
 }
 
+/// The QMP socket of a daemon started with `--bitmap`.
+fn monitor_path(socks: &[PathBuf]) -> PathBuf {
+    let mut p = socks[0].clone().into_os_string();
+    p.push(".qmp");
+    PathBuf::from(p)
+}
+
+/// `--bitmap`: an enabled dirty bitmap on every exported node.
+fn add_bitmaps(o: &Opts, socks: &[PathBuf]) -> Result<(), String> {
+    let Some(gran) = o.bitmap else {
+        return Ok(());
+    };
+    let mut qmp = Qmp::connect(monitor_path(socks));
+    for e in 0..socks.len() {
+        qmp.execute(
+            "block-dirty-bitmap-add",
+            serde_json::json!({"node": format!("disk{e}"), "name": "bench", "granularity": gran}),
+        )
+        .map_err(|e| format!("block-dirty-bitmap-add: {}", e.desc))?;
+    }
+    Ok(())
+}
+
 /// Starts the daemon and connects a client to each of its exports.
 fn start(
     o: &Opts,
@@ -606,6 +637,7 @@ fn start(
 ) -> Result<Prepared, String> {
     let args = daemon_args(o, which, backend, cfg, image, socks);
     let daemon = Daemon::try_start(bin_of(o, which), &args, socks)?;
+    add_bitmaps(o, socks)?;
     let copts = ClientOptions {
         num_queues: cfg.queues,
         poll: o.poll_client,
@@ -1120,6 +1152,9 @@ fn main() {
         o.vubd.display(),
         version_of(&o.qsd)
     );
+    if let Some(g) = o.bitmap {
+        println!("\nEvery exported node has an enabled dirty bitmap of granularity {g}.");
+    }
     if !rows.is_empty() {
         print_io_table(&o, &rows);
     }

@@ -23,6 +23,7 @@ use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub mod bitmaps;
 pub mod graph_ops;
 pub mod jobs;
 mod snapshot;

@@ -55,7 +55,7 @@ impl Commit {
             if ready && (core.complete_requested() || core.cancel_requested() != Cancel::None) {
                 return Ok(());
             }
-            core.set_len(core.offset() + dirty.count());
+            core.set_len(core.offset() + dirty.dirty_bytes());
             match dirty.take_next(0, CHUNK) {
                 Some((off, n)) => {
                     if let Err(e) = self.copy(off, n).await {

@@ -110,6 +110,24 @@ pub async fn copy_range(
         .map_err(CopyError::write)
 }
 
+/// [`copy_range`] within one node (stream's copy-on-read): what the node reads does
+/// not change, so its dirty bitmaps are not marked, as in QEMU.
+pub async fn copy_range_unchanged(
+    buf: &CopyBuf,
+    node: &Node,
+    offset: u64,
+    len: u64,
+) -> Result<(), CopyError> {
+    debug_assert!(len <= CHUNK);
+    let iov = IoVec::from_buf(buf.0.clone()).slice(0, len);
+    node.read(offset, iov.clone())
+        .await
+        .map_err(CopyError::read)?;
+    node.write_unchanged(offset, iov)
+        .await
+        .map_err(CopyError::write)
+}
+
 /// What every copying job has: its shared state, its `on-error` policy and the way
 /// to the control thread.
 pub struct JobCtx {

@@ -6,7 +6,7 @@
 //! range waits for it, and the copy skips a range the guest has meanwhile written),
 //! as QEMU's copy-on-read does.
 
-use super::copy::{allocated_above, copy_range, CopyError, JobCtx};
+use super::copy::{allocated_above, copy_range_unchanged, CopyError, JobCtx};
 use super::core::RateLimit;
 use blocklayer::backend::BlockBackend;
 use blocklayer::Node;
@@ -79,7 +79,7 @@ impl Stream {
                 if alloc {
                     return Ok((m, 0));
                 }
-                copy_range(buf, &top, &top, offset, m).await?;
+                copy_range_unchanged(buf, &top, offset, m).await?;
                 Ok((m, m))
             })
             .await

@@ -51,6 +51,13 @@ pub const COMMANDS: &[&str] = &[
     "blockdev-snapshot-sync",
     "change-backing-file",
     "block-set-write-threshold",
+    "block-dirty-bitmap-add",
+    "block-dirty-bitmap-remove",
+    "block-dirty-bitmap-clear",
+    "block-dirty-bitmap-enable",
+    "block-dirty-bitmap-disable",
+    "block-dirty-bitmap-merge",
+    "x-debug-block-dirty-bitmap-sha256",
     "x-debug-query-block-graph",
     "cont",
     "x-block-export-cont",
@@ -356,6 +363,9 @@ pub fn execute(ctl: &mut Control, name: &str, arguments: &Value) -> QmpResult {
             a.finish()?;
             ctl.set_write_threshold(&node, t)?;
             ok()
+        }
+        n if super::bitmap_commands::NAMES.contains(&n) => {
+            super::bitmap_commands::execute(ctl, n, a)
         }
         "x-debug-query-block-graph" => {
             a.finish()?;

@@ -6,10 +6,11 @@
 //! - [`args`]: strict argument reading with QEMU's messages
 //! - [`server`]: sockets, client threads, capabilities negotiation
 //! - [`outbox`]: each client's bounded output queue and its writer
-//! - [`commands`]: the command table
+//! - [`commands`]: the command table; [`bitmap_commands`]: the dirty bitmap commands
 //! - [`events`]: event delivery
 
 pub mod args;
+pub mod bitmap_commands;
 pub mod commands;
 pub mod events;
 pub mod outbox;

@@ -137,7 +137,7 @@ impl CorDriver {
                 // allocated it: then what was read is that write's data, and stays.
                 let (alloc, m) = top.driver().is_allocated(at, n).await?;
                 if !alloc || m < n {
-                    top.write_copied(at, bounce.clone()).await?;
+                    top.write_unchanged(at, bounce.clone()).await?;
                 }
             }
             iov.slice(pos, n).copy_from_iov(0, &bounce);
