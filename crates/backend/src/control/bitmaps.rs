@@ -31,6 +31,37 @@ pub struct BitmapAdd {
     pub disabled: bool,
 }
 
+/// A dirty bitmap command, its arguments read.
+#[derive(Debug, Clone)]
+pub enum BitmapCmd {
+    Add(BitmapAdd),
+    Remove {
+        node: String,
+        name: String,
+    },
+    Clear {
+        node: String,
+        name: String,
+    },
+    Enable {
+        node: String,
+        name: String,
+    },
+    Disable {
+        node: String,
+        name: String,
+    },
+    Merge {
+        node: String,
+        target: String,
+        sources: Vec<MergeSource>,
+    },
+    Sha256 {
+        node: String,
+        name: String,
+    },
+}
+
 fn err(e: impl std::fmt::Display) -> QmpError {
     QmpError::generic(e.to_string())
 }
@@ -72,7 +103,11 @@ fn can_store_new(node: &Node, name: &str, granularity: u64) -> OpResult<()> {
 
 impl Control {
     /// QEMU's `block_dirty_bitmap_lookup`.
-    fn bitmap_lookup(&self, node: &str, name: &str) -> OpResult<(Arc<Node>, Arc<NamedBitmap>)> {
+    pub(super) fn bitmap_lookup(
+        &self,
+        node: &str,
+        name: &str,
+    ) -> OpResult<(Arc<Node>, Arc<NamedBitmap>)> {
         let n = self
             .graph
             .get(node)

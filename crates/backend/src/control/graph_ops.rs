@@ -14,6 +14,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 /// `blockdev-snapshot-sync` arguments.
+#[derive(Debug, Clone)]
 pub struct SnapshotSync {
     pub device: Option<String>,
     pub node_name: Option<String>,

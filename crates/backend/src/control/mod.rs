@@ -27,6 +27,7 @@ pub mod bitmaps;
 pub mod graph_ops;
 pub mod jobs;
 mod snapshot;
+pub mod transaction;
 
 /// How long an operation waits for requests in flight to finish.
 pub(crate) const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);

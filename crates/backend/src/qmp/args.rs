@@ -6,6 +6,8 @@ use serde_json::{Map, Value};
 
 pub struct Args {
     map: Map<String, Value>,
+    /// Where the members sit in the whole input (`actions[0].data.`), for messages.
+    prefix: String,
 }
 
 fn type_error(name: &str, expected: &str) -> QmpError {
@@ -22,26 +24,40 @@ impl Args {
     pub fn new(arguments: &Value) -> Args {
         Args {
             map: arguments.as_object().cloned().unwrap_or_default(),
+            prefix: String::new(),
         }
+    }
+
+    /// The members of an object nested at `path` in the input (`actions[0].data`):
+    /// messages name members by their whole path, as QEMU's do (enum values aside).
+    pub fn nested(object: &Value, path: &str) -> Args {
+        Args {
+            map: object.as_object().cloned().unwrap_or_default(),
+            prefix: format!("{path}."),
+        }
+    }
+
+    pub fn full(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
     }
 
     pub fn opt_str(&mut self, name: &str) -> Result<Option<String>, QmpError> {
         match self.map.remove(name) {
             None => Ok(None),
             Some(Value::String(s)) => Ok(Some(s)),
-            Some(_) => Err(type_error(name, "string")),
+            Some(_) => Err(type_error(&self.full(name), "string")),
         }
     }
 
     pub fn str(&mut self, name: &str) -> Result<String, QmpError> {
-        self.opt_str(name)?.ok_or_else(|| missing(name))
+        self.opt_str(name)?.ok_or_else(|| missing(&self.full(name)))
     }
 
     pub fn opt_bool(&mut self, name: &str) -> Result<Option<bool>, QmpError> {
         match self.map.remove(name) {
             None => Ok(None),
             Some(Value::Bool(b)) => Ok(Some(b)),
-            Some(_) => Err(type_error(name, "boolean")),
+            Some(_) => Err(type_error(&self.full(name), "boolean")),
         }
     }
 
@@ -51,9 +67,10 @@ impl Args {
             Some(v) => match v.as_i64() {
                 Some(n) => Ok(Some(n)),
                 None if v.is_u64() => Err(QmpError::generic(format!(
-                    "Parameter '{name}' expects int64"
+                    "Parameter '{}' expects int64",
+                    self.full(name)
                 ))),
-                None => Err(type_error(name, "integer")),
+                None => Err(type_error(&self.full(name), "integer")),
             },
         }
     }
@@ -63,19 +80,19 @@ impl Args {
     pub fn opt_uint(&mut self, name: &str) -> Result<Option<u64>, QmpError> {
         match self.map.remove(name) {
             None => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .map(Some)
-                .ok_or_else(|| QmpError::generic(format!("Parameter '{name}' expects uint64"))),
+            Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+                QmpError::generic(format!("Parameter '{}' expects uint64", self.full(name)))
+            }),
         }
     }
 
     pub fn uint(&mut self, name: &str) -> Result<u64, QmpError> {
-        self.opt_uint(name)?.ok_or_else(|| missing(name))
+        self.opt_uint(name)?
+            .ok_or_else(|| missing(&self.full(name)))
     }
 
     pub fn int(&mut self, name: &str) -> Result<i64, QmpError> {
-        self.opt_int(name)?.ok_or_else(|| missing(name))
+        self.opt_int(name)?.ok_or_else(|| missing(&self.full(name)))
     }
 
     /// An enum member: a string among `choices`.
@@ -100,10 +117,10 @@ impl Args {
     /// A `StrOrNull` member: present as a string or as JSON null.
     pub fn str_or_null(&mut self, name: &str) -> Result<Option<String>, QmpError> {
         match self.map.remove(name) {
-            None => Err(missing(name)),
+            None => Err(missing(&self.full(name))),
             Some(Value::Null) => Ok(None),
             Some(Value::String(s)) => Ok(Some(s)),
-            Some(_) => Err(type_error(name, "StrOrNull")),
+            Some(_) => Err(type_error(&self.full(name), "StrOrNull")),
         }
     }
 
@@ -111,8 +128,8 @@ impl Args {
     pub fn object(&mut self, name: &str) -> Result<Value, QmpError> {
         match self.map.remove(name) {
             Some(v @ Value::Object(_)) => Ok(v),
-            Some(_) => Err(type_error(name, "object")),
-            None => Err(missing(name)),
+            Some(_) => Err(type_error(&self.full(name), "object")),
+            None => Err(missing(&self.full(name))),
         }
     }
 
@@ -120,16 +137,19 @@ impl Args {
     pub fn opt_str_list(&mut self, name: &str) -> Result<Option<Vec<String>>, QmpError> {
         match self.map.remove(name) {
             None => Ok(None),
-            Some(Value::Array(items)) => items
-                .into_iter()
-                .enumerate()
-                .map(|(i, v)| match v {
-                    Value::String(s) => Ok(s),
-                    _ => Err(type_error(&format!("{name}[{i}]"), "string")),
-                })
-                .collect::<Result<Vec<_>, _>>()
-                .map(Some),
-            Some(_) => Err(type_error(name, "array")),
+            Some(Value::Array(items)) => {
+                let prefix = &self.prefix;
+                items
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, v)| match v {
+                        Value::String(s) => Ok(s),
+                        _ => Err(type_error(&format!("{}{name}[{i}]", prefix), "string")),
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+                    .map(Some)
+            }
+            Some(_) => Err(type_error(&self.full(name), "array")),
         }
     }
 
@@ -142,7 +162,8 @@ impl Args {
     pub fn finish(self) -> Result<(), QmpError> {
         match self.map.keys().next() {
             Some(key) => Err(QmpError::generic(format!(
-                "Parameter '{key}' is unexpected"
+                "Parameter '{}' is unexpected",
+                self.full(key)
             ))),
             None => Ok(()),
         }

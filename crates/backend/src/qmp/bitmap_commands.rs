@@ -4,7 +4,7 @@
 
 use super::args::Args;
 use super::wire::{QmpError, QmpResult};
-use crate::control::bitmaps::{BitmapAdd, MergeSource};
+use crate::control::bitmaps::{BitmapAdd, BitmapCmd, MergeSource};
 use crate::control::Control;
 use serde_json::{json, Value};
 
@@ -22,27 +22,29 @@ pub const NAMES: &[&str] = &[
 /// A `uint32` member (QEMU: a number that is no unsigned integer "expects uint64",
 /// one past 32 bits "expects uint32_t").
 fn opt_u32(a: &mut Args, name: &str) -> Result<Option<u64>, QmpError> {
+    let path = a.full(name);
     match a.take(name) {
         None => Ok(None),
         Some(v) => match (v.as_u64(), v.as_i64()) {
             (Some(n), _) if n <= u64::from(u32::MAX) => Ok(Some(n)),
             (Some(_), _) | (None, Some(_)) => Err(QmpError::generic(format!(
-                "Parameter '{name}' expects uint32_t"
+                "Parameter '{path}' expects uint32_t"
             ))),
             _ => Err(QmpError::generic(format!(
-                "Parameter '{name}' expects uint64"
+                "Parameter '{path}' expects uint64"
             ))),
         },
     }
 }
 
-/// One member of `bitmaps`: a name, or `{node, name}`.
-fn merge_source(i: usize, v: Value) -> Result<MergeSource, QmpError> {
+/// One member of `bitmaps` (at `list`, its path in the input): a name, or
+/// `{node, name}`.
+fn merge_source(list: &str, i: usize, v: Value) -> Result<MergeSource, QmpError> {
     match v {
         Value::String(s) => Ok(MergeSource::Local(s)),
         Value::Object(_) => {
             // Messages name the member by its path, as QEMU's do.
-            let at = |m: &str| format!("bitmaps[{i}].{m}");
+            let at = |m: &str| format!("{list}[{i}].{m}");
             let node = match v.get("node") {
                 None => {
                     return Err(QmpError::generic(format!(
@@ -91,56 +93,74 @@ fn merge_source(i: usize, v: Value) -> Result<MergeSource, QmpError> {
     }
 }
 
-/// Runs one of [`NAMES`].
-pub fn execute(ctl: &mut Control, name: &str, mut a: Args) -> QmpResult {
-    match name {
-        "block-dirty-bitmap-add" => {
-            let add = BitmapAdd {
-                node: a.str("node")?,
-                name: a.str("name")?,
-                granularity: opt_u32(&mut a, "granularity")?,
-                persistent: a.opt_bool("persistent")?.unwrap_or(false),
-                disabled: a.opt_bool("disabled")?.unwrap_or(false),
-            };
-            a.finish()?;
-            ctl.bitmap_add(&add)?;
-            Ok(json!({}))
-        }
+/// Reads the arguments of one of [`NAMES`] (also a transaction action's `data`).
+pub fn parse(name: &str, mut a: Args) -> Result<BitmapCmd, QmpError> {
+    let cmd = match name {
+        "block-dirty-bitmap-add" => BitmapCmd::Add(BitmapAdd {
+            node: a.str("node")?,
+            name: a.str("name")?,
+            granularity: opt_u32(&mut a, "granularity")?,
+            persistent: a.opt_bool("persistent")?.unwrap_or(false),
+            disabled: a.opt_bool("disabled")?.unwrap_or(false),
+        }),
         "block-dirty-bitmap-merge" => {
             let node = a.str("node")?;
             let target = a.str("target")?;
-            let list = match a.take("bitmaps") {
-                None => return Err(QmpError::generic("Parameter 'bitmaps' is missing")),
+            let list = a.full("bitmaps");
+            let items = match a.take("bitmaps") {
+                None => return Err(QmpError::generic(format!("Parameter '{list}' is missing"))),
                 Some(Value::Array(items)) => items,
                 Some(_) => {
-                    return Err(QmpError::generic(
-                        "Invalid parameter type for 'bitmaps', expected: array",
-                    ))
+                    return Err(QmpError::generic(format!(
+                        "Invalid parameter type for '{list}', expected: array"
+                    )))
                 }
             };
-            let sources = list
+            let sources = items
                 .into_iter()
                 .enumerate()
-                .map(|(i, v)| merge_source(i, v))
+                .map(|(i, v)| merge_source(&list, i, v))
                 .collect::<Result<Vec<_>, _>>()?;
-            a.finish()?;
-            ctl.bitmap_merge(&node, &target, &sources)?;
-            Ok(json!({}))
+            BitmapCmd::Merge {
+                node,
+                target,
+                sources,
+            }
         }
         _ => {
             let node = a.str("node")?;
-            let bitmap = a.str("name")?;
-            a.finish()?;
+            let name_ = a.str("name")?;
             match name {
-                "block-dirty-bitmap-remove" => ctl.bitmap_remove(&node, &bitmap)?,
-                "block-dirty-bitmap-clear" => ctl.bitmap_clear(&node, &bitmap)?,
-                "block-dirty-bitmap-enable" => ctl.bitmap_enable(&node, &bitmap, true)?,
-                "block-dirty-bitmap-disable" => ctl.bitmap_enable(&node, &bitmap, false)?,
-                _ => return Ok(json!({ "sha256": ctl.bitmap_sha256(&node, &bitmap)? })),
+                "block-dirty-bitmap-remove" => BitmapCmd::Remove { node, name: name_ },
+                "block-dirty-bitmap-clear" => BitmapCmd::Clear { node, name: name_ },
+                "block-dirty-bitmap-enable" => BitmapCmd::Enable { node, name: name_ },
+                "block-dirty-bitmap-disable" => BitmapCmd::Disable { node, name: name_ },
+                _ => BitmapCmd::Sha256 { node, name: name_ },
             }
-            Ok(json!({}))
+        }
+    };
+    a.finish()?;
+    Ok(cmd)
+}
+
+/// Runs one of [`NAMES`].
+pub fn execute(ctl: &mut Control, name: &str, a: Args) -> QmpResult {
+    match parse(name, a)? {
+        BitmapCmd::Add(add) => ctl.bitmap_add(&add)?,
+        BitmapCmd::Remove { node, name } => ctl.bitmap_remove(&node, &name)?,
+        BitmapCmd::Clear { node, name } => ctl.bitmap_clear(&node, &name)?,
+        BitmapCmd::Enable { node, name } => ctl.bitmap_enable(&node, &name, true)?,
+        BitmapCmd::Disable { node, name } => ctl.bitmap_enable(&node, &name, false)?,
+        BitmapCmd::Merge {
+            node,
+            target,
+            sources,
+        } => ctl.bitmap_merge(&node, &target, &sources)?,
+        BitmapCmd::Sha256 { node, name } => {
+            return Ok(json!({ "sha256": ctl.bitmap_sha256(&node, &name)? }))
         }
     }
+    Ok(json!({}))
 }
 
 #[cfg(test)]
@@ -150,17 +170,17 @@ mod tests {
     #[test]
     fn merge_sources_as_qemu_reads_them() {
         assert_eq!(
-            merge_source(0, json!("a")).unwrap(),
+            merge_source("bitmaps", 0, json!("a")).unwrap(),
             MergeSource::Local("a".into())
         );
         assert_eq!(
-            merge_source(1, json!({"node": "n", "name": "b"})).unwrap(),
+            merge_source("bitmaps", 1, json!({"node": "n", "name": "b"})).unwrap(),
             MergeSource::External {
                 node: "n".into(),
                 name: "b".into()
             }
         );
-        let e = |v| merge_source(2, v).unwrap_err().to_string();
+        let e = |v| merge_source("bitmaps", 2, v).unwrap_err().to_string();
         assert!(e(json!({"node": "n"})).contains("Parameter 'bitmaps[2].name' is missing"));
         assert!(e(json!({"node": 1, "name": "b"}))
             .contains("Invalid parameter type for 'bitmaps[2].node', expected: string"));

@@ -58,6 +58,7 @@ pub const COMMANDS: &[&str] = &[
     "block-dirty-bitmap-disable",
     "block-dirty-bitmap-merge",
     "x-debug-block-dirty-bitmap-sha256",
+    "transaction",
     "x-debug-query-block-graph",
     "cont",
     "x-block-export-cont",
@@ -211,13 +212,6 @@ pub fn execute(ctl: &mut Control, name: &str, arguments: &Value) -> QmpResult {
             ctl.resize(&node, size as u64)?;
             ok()
         }
-        "blockdev-snapshot-internal-sync" => {
-            let device = a.str("device")?;
-            let name = a.str("name")?;
-            a.finish()?;
-            ctl.snapshot_internal(&device, &name)?;
-            ok()
-        }
         "blockdev-snapshot-delete-internal-sync" => {
             let device = a.str("device")?;
             let id = a.opt_str("id")?;
@@ -329,26 +323,10 @@ pub fn execute(ctl: &mut Control, name: &str, arguments: &Value) -> QmpResult {
             ctl.block_commit(args, opts)?;
             ok()
         }
-        "blockdev-snapshot" => {
-            let node = a.str("node")?;
-            let overlay = a.str("overlay")?;
-            a.finish()?;
-            ctl.blockdev_snapshot(&node, &overlay)?;
-            ok()
+        n if super::transaction::SINGLE.contains(&n) => {
+            super::transaction::execute_single(ctl, n, a)
         }
-        "blockdev-snapshot-sync" => {
-            let args = crate::control::graph_ops::SnapshotSync {
-                device: a.opt_str("device")?,
-                node_name: a.opt_str("node-name")?,
-                snapshot_file: a.str("snapshot-file")?,
-                snapshot_node_name: a.opt_str("snapshot-node-name")?,
-                format: a.opt_str("format")?.unwrap_or_else(|| "qcow2".into()),
-                existing: a.opt_enum("mode", &["existing", "absolute-paths"])? == Some("existing"),
-            };
-            a.finish()?;
-            ctl.blockdev_snapshot_sync(args)?;
-            ok()
-        }
+        "transaction" => super::transaction::execute(ctl, a),
         "change-backing-file" => {
             let device = a.str("device")?;
             let image = a.str("image-node-name")?;

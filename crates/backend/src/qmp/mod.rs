@@ -6,7 +6,8 @@
 //! - [`args`]: strict argument reading with QEMU's messages
 //! - [`server`]: sockets, client threads, capabilities negotiation
 //! - [`outbox`]: each client's bounded output queue and its writer
-//! - [`commands`]: the command table; [`bitmap_commands`]: the dirty bitmap commands
+//! - [`commands`]: the command table; [`bitmap_commands`]: the dirty bitmap commands;
+//!   [`transaction`]: `transaction` and the snapshot commands that are one
 //! - [`events`]: event delivery
 
 pub mod args;
@@ -16,4 +17,5 @@ pub mod events;
 pub mod outbox;
 pub mod server;
 pub mod splitter;
+pub mod transaction;
 pub mod wire;

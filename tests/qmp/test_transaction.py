@@ -1,0 +1,228 @@
+"""``transaction``: actions that take effect together or not at all (bitmap actions,
+external and internal snapshots, abort), and the snapshot commands that QEMU runs as a
+transaction of one. Writes go through a vhost-user-blk export (vubd-io, a libblkio
+frontend) around the transactions; the images are checked with qemu-img afterwards.
+Every expectation, texts included, is qemu-storage-daemon 7.2's (the tests pass with
+``--daemon=qsd``)."""
+
+import json
+
+from chains import qemu_img
+from conftest import MIB, error, execute, export_args, io_ok
+
+SIZE = 64 * MIB
+ABORTED = "Transaction aborted using Abort action"
+
+
+def qcow2_args(tmp, node: str, backing_null: bool = False) -> list[str]:
+    img = tmp / f"{node}.qcow2"
+    if not img.exists():
+        qemu_img("create", "-q", "-f", "qcow2", img, SIZE)
+    q = {"driver": "qcow2", "node-name": node, "file": f"{node}-file"}
+    if backing_null:
+        q["backing"] = None
+    return [
+        "--blockdev",
+        f"file,node-name={node}-file,filename={img}",
+        "--blockdev",
+        json.dumps(q),
+    ]
+
+
+def act(kind: str, **data) -> dict:
+    return {"type": kind, "data": data}
+
+
+async def nodes(c) -> dict:
+    return {n["node-name"]: n for n in await execute(c, "query-named-block-nodes")}
+
+
+async def bitmap_state(c, node: str) -> dict:
+    n = (await nodes(c))[node]
+    return {b["name"]: (b["count"], b["recording"], b["busy"]) for b in n.get("dirty-bitmaps", [])}
+
+
+def snapshot_names(img) -> list[str]:
+    info = json.loads(qemu_img("info", "-U", "--output=json", img))
+    return [s["name"] for s in info.get("snapshots", [])]
+
+
+async def test_argument_errors(start_daemon, tmp):
+    d = start_daemon(qcow2_args(tmp, "a"))
+    async with d.qmp() as c:
+        cases = [
+            ({}, "Parameter 'actions' is missing"),
+            ({"actions": {}}, "Invalid parameter type for 'actions', expected: array"),
+            ({"actions": [1]}, "Invalid parameter type for 'actions[0]', expected: object"),
+            ({"actions": [{"data": {}}]}, "Parameter 'actions[0].type' is missing"),
+            ({"actions": [{"type": "abort"}]}, "Parameter 'actions[0].data' is missing"),
+            ({"actions": [{"type": "bogus", "data": {}}]}, "Parameter 'type' does not accept value 'bogus'"),
+            ({"actions": [act("abort", x=1)]}, "Parameter 'actions[0].data.x' is unexpected"),
+            (
+                {"actions": [act("abort"), act("block-dirty-bitmap-add", node="a")]},
+                "Parameter 'actions[1].data.name' is missing",
+            ),
+            (
+                {"actions": [act("block-dirty-bitmap-merge", node="a", target="b", bitmaps=[{"node": "a"}])]},
+                "Parameter 'actions[0].data.bitmaps[0].name' is missing",
+            ),
+            (
+                {"actions": [act("abort")], "properties": {"completion-mode": "bad"}},
+                "Parameter 'completion-mode' does not accept value 'bad'",
+            ),
+            (
+                {"actions": [act("block-dirty-bitmap-add", node="a", name="b")], "properties": {"completion-mode": "grouped"}},
+                "Action 'block-dirty-bitmap-add' does not support Transaction property completion-mode = grouped",
+            ),
+            ({"actions": [act("block-dirty-bitmap-add", node="a", name="b")], "x": 1}, "Parameter 'x' is unexpected"),
+        ]
+        for args, desc in cases:
+            await error(c, "transaction", args, desc=desc)
+        # An argument error anywhere means no action ran.
+        assert await bitmap_state(c, "a") == {}
+        assert await execute(c, "transaction", {"actions": []}) == {}
+
+
+async def test_bitmap_actions_all_or_nothing(start_daemon, tmp):
+    sock = tmp / "e.sock"
+    d = start_daemon(qcow2_args(tmp, "a") + export_args("e", "a", sock))
+    async with d.qmp() as c:
+        await execute(c, "block-dirty-bitmap-add", {"node": "a", "name": "keep"})
+        io_ok("write", "--socket", sock, "--offset", 0, "--len", MIB, "--seed", 1)
+        before = await bitmap_state(c, "a")
+        assert before == {"keep": (MIB, True, False)}
+        # Every kind of bitmap action, then abort: nothing changed.
+        await error(
+            c,
+            "transaction",
+            {
+                "actions": [
+                    act("block-dirty-bitmap-add", node="a", name="new"),
+                    act("block-dirty-bitmap-clear", node="a", name="keep"),
+                    act("block-dirty-bitmap-disable", node="a", name="keep"),
+                    act("block-dirty-bitmap-add", node="a", name="other", disabled=True),
+                    act("block-dirty-bitmap-enable", node="a", name="other"),
+                    act("block-dirty-bitmap-merge", node="a", target="other", bitmaps=["keep"]),
+                    act("abort"),
+                ]
+            },
+            desc=ABORTED,
+        )
+        assert await bitmap_state(c, "a") == before
+        # A failing action in the middle undoes those before it, whatever they were.
+        await error(
+            c,
+            "transaction",
+            {
+                "actions": [
+                    act("block-dirty-bitmap-add", node="a", name="new"),
+                    act("block-dirty-bitmap-clear", node="a", name="keep"),
+                    act("block-dirty-bitmap-add", node="a", name="new"),
+                ]
+            },
+            desc="Bitmap already exists: new",
+        )
+        assert await bitmap_state(c, "a") == before
+        # Removed in the transaction: later actions cannot use it, and it is back after.
+        for second in ("block-dirty-bitmap-remove", "block-dirty-bitmap-clear"):
+            await error(
+                c,
+                "transaction",
+                {"actions": [act("block-dirty-bitmap-remove", node="a", name="keep"), act(second, node="a", name="keep")]},
+                desc="Bitmap 'keep' is currently in use by another operation and cannot be used",
+            )
+            assert await bitmap_state(c, "a") == before
+        # The same actions without the abort all take effect.
+        await execute(
+            c,
+            "transaction",
+            {
+                "actions": [
+                    act("block-dirty-bitmap-add", node="a", name="new"),
+                    act("block-dirty-bitmap-add", node="a", name="copy", disabled=True),
+                    act("block-dirty-bitmap-merge", node="a", target="copy", bitmaps=["keep"]),
+                    act("block-dirty-bitmap-clear", node="a", name="keep"),
+                    act("block-dirty-bitmap-disable", node="a", name="keep"),
+                ]
+            },
+        )
+        io_ok("write", "--socket", sock, "--offset", 8 * MIB, "--len", MIB, "--seed", 2)
+        assert await bitmap_state(c, "a") == {
+            "keep": (0, False, False),
+            "new": (MIB, True, False),
+            "copy": (MIB, False, False),
+        }
+        await execute(c, "transaction", {"actions": [act("block-dirty-bitmap-remove", node="a", name="copy")]})
+        assert "copy" not in await bitmap_state(c, "a")
+
+
+async def test_snapshot_actions_undone_on_abort(start_daemon, tmp):
+    sock = tmp / "e.sock"
+    d = start_daemon(qcow2_args(tmp, "a") + qcow2_args(tmp, "ov", backing_null=True) + export_args("e", "a", sock))
+    overlay_file = tmp / "s.qcow2"
+    async with d.qmp() as c:
+        io_ok("write", "--socket", sock, "--offset", 0, "--len", MIB, "--seed", 1)
+        for actions in (
+            [act("blockdev-snapshot", node="a", overlay="ov"), act("abort")],
+            [
+                act("blockdev-snapshot-sync", **{"node-name": "a", "snapshot-file": str(overlay_file), "snapshot-node-name": "s"}),
+                act("abort"),
+            ],
+            [act("blockdev-snapshot-internal-sync", device="a", name="snap"), act("abort")],
+        ):
+            await error(c, "transaction", {"actions": actions}, desc=ABORTED)
+            n = await nodes(c)
+            assert "s" not in n, n.keys()
+            assert n["a"]["ro"] is False and n["ov"]["backing_file_depth"] == 0, n["a"]
+            assert "snapshots" not in n["a"]["image"] or n["a"]["image"]["snapshots"] == []
+        # The export still writes to the old top.
+        io_ok("write", "--socket", sock, "--offset", MIB, "--len", MIB, "--seed", 2)
+        # Both snapshots at once, the same chain afterwards.
+        await execute(
+            c,
+            "transaction",
+            {
+                "actions": [
+                    act("blockdev-snapshot-internal-sync", device="a", name="snap"),
+                    act("block-dirty-bitmap-add", node="a", name="b"),
+                    act("blockdev-snapshot", node="a", overlay="ov"),
+                ]
+            },
+        )
+        io_ok("write", "--socket", sock, "--offset", 2 * MIB, "--len", MIB, "--seed", 3)
+        n = await nodes(c)
+        assert n["ov"]["backing_file_depth"] == 1 and n["a"]["ro"] is True, n["ov"]
+        # The bitmap on the old top saw none of the writes that went to the overlay.
+        assert await bitmap_state(c, "a") == {"b": (0, True, False)}
+        await error(
+            c,
+            "transaction",
+            {"actions": [act("blockdev-snapshot", node="a", overlay="ov")]},
+            desc="Node 'a' is busy: node is used as backing hd of 'ov'",
+        )
+    d.expect_exit = True
+    assert d.stop() is None
+    assert snapshot_names(tmp / "a.qcow2") == ["snap"]
+    # Old top: the first two writes; overlay: the third.
+    a_map = json.loads(qemu_img("map", "--output=json", tmp / "a.qcow2"))
+    assert [(e["start"], e["length"]) for e in a_map if e["data"]] == [(0, 2 * MIB)], a_map
+    ov_map = json.loads(qemu_img("map", "--output=json", "-f", "qcow2", tmp / "ov.qcow2"))
+    assert [(e["start"], e["length"]) for e in ov_map if e["data"]] == [(2 * MIB, MIB)], ov_map
+    for img in ("a.qcow2", "ov.qcow2"):
+        out = json.loads(qemu_img("check", "--output=json", tmp / img))
+        assert out.get("corruptions", 0) == 0 and out.get("leaks", 0) == 0, out
+
+
+async def test_single_snapshot_commands_are_transactions(start_daemon, tmp):
+    d = start_daemon(qcow2_args(tmp, "a"))
+    async with d.qmp() as c:
+        # Their argument errors name the members alone, as QEMU's commands do.
+        await error(c, "blockdev-snapshot", {"node": "a"}, desc="Parameter 'overlay' is missing")
+        await error(c, "blockdev-snapshot-internal-sync", {"device": "a", "name": "x", "y": 1}, desc="Parameter 'y' is unexpected")
+        await execute(c, "blockdev-snapshot-internal-sync", {"device": "a", "name": "x"})
+        await error(
+            c,
+            "transaction",
+            {"actions": [act("blockdev-snapshot-internal-sync", device="a", name="x")]},
+            desc="Snapshot with name 'x' already exists on device 'a'",
+        )
