@@ -310,7 +310,11 @@ impl DirtyBitmap {
     /// SHA-256 of [`DirtyBitmap::to_le_bytes`], in lower-case hex (QEMU's
     /// `x-debug-block-dirty-bitmap-sha256`).
     pub fn sha256_hex(&self) -> String {
-        crate::sha256::hex(&crate::sha256::digest(&self.to_le_bytes()))
+        use sha2::{Digest, Sha256};
+        Sha256::digest(self.to_le_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
     }
 }
 

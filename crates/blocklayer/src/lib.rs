@@ -30,7 +30,6 @@ pub mod options;
 pub mod periodic;
 pub mod perm;
 pub mod reopen;
-pub mod sha256;
 pub mod snapshot;
 pub mod stats;
 
