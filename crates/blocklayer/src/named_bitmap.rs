@@ -4,14 +4,21 @@
 //!
 //! A node keeps its named bitmaps newest first (QEMU lists them in that order); the
 //! enabled ones are also in the node's recording set, the list every write marks
-//! without taking a lock (see [`Node::mark_dirty`]). Anonymous bitmaps that jobs add
+//! without taking a lock (see `Node::mark_dirty`). Anonymous bitmaps that jobs add
 //! with [`Node::add_bitmap`] are only in the recording set.
 //!
 //! The checks that QEMU's monitor commands make before they use a bitmap are
 //! [`NamedBitmap::check`], with QEMU's texts.
+//!
+//! A format driver that loads stored bitmaps adds each with
+//! [`Node::add_named_bitmap`], fills it with [`DirtyBitmap::set_from_le_bytes`]
+//! (qcow2's bit order), and sets its flags (persistent, read-only, or
+//! [`Node::set_bitmap_inconsistent`]); to store them it reads
+//! [`DirtyBitmap::to_le_bytes`] or walks [`DirtyBitmap::next_dirty`].
 
 use crate::bitmap::DirtyBitmap;
 use crate::node::Node;
+use arc_swap::ArcSwap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -81,7 +88,8 @@ impl Check {
 
 pub struct NamedBitmap {
     name: String,
-    bits: Arc<DirtyBitmap>,
+    /// Replaced by a resized copy when the node changes size.
+    bits: ArcSwap<DirtyBitmap>,
     /// Recording writes (in the node's recording set); changed through the node.
     enabled: AtomicBool,
     busy: AtomicBool,
@@ -94,7 +102,7 @@ impl std::fmt::Debug for NamedBitmap {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NamedBitmap")
             .field("name", &self.name)
-            .field("bits", &self.bits)
+            .field("bits", &self.bits.load())
             .field("enabled", &self.enabled())
             .field("busy", &self.busy())
             .finish()
@@ -106,22 +114,31 @@ impl NamedBitmap {
         &self.name
     }
 
-    /// The bits, for jobs that read or take dirty ranges.
-    pub fn bits(&self) -> &Arc<DirtyBitmap> {
-        &self.bits
+    /// The bits, for jobs that read or take dirty ranges. A resize of the node
+    /// (refused while a job holds the bitmap busy) gives the bitmap new bits.
+    pub fn bits(&self) -> Arc<DirtyBitmap> {
+        self.bits.load_full()
+    }
+
+    /// Replaces the bits by a copy of `size` bytes; returns (old, new).
+    pub(crate) fn resize(&self, size: u64) -> (Arc<DirtyBitmap>, Arc<DirtyBitmap>) {
+        let old = self.bits.load_full();
+        let new = Arc::new(old.resized(size));
+        self.bits.store(new.clone());
+        (old, new)
     }
 
     pub fn granularity(&self) -> u64 {
-        self.bits.granularity()
+        self.bits.load().granularity()
     }
 
     pub fn size(&self) -> u64 {
-        self.bits.size()
+        self.bits.load().size()
     }
 
     /// Dirty granules times the granularity (QEMU's `count`).
     pub fn count(&self) -> u64 {
-        self.bits.count()
+        self.bits.load().count()
     }
 
     /// Whether writes to the node mark the bitmap (QEMU's `recording`).
@@ -161,7 +178,7 @@ impl NamedBitmap {
     }
 
     /// Marks a stored bitmap found in use (not stored cleanly): unusable except for
-    /// removal. Disable it on its node too ([`Node::disable_bitmap`]), as QEMU does.
+    /// removal. [`Node::set_bitmap_inconsistent`] also stops its recording, as QEMU.
     pub fn set_inconsistent(&self) {
         self.inconsistent.store(true, Ordering::Release);
     }
@@ -183,7 +200,7 @@ impl NamedBitmap {
 
     /// Clears every bit (no checks: see [`NamedBitmap::check`]).
     pub fn clear(&self) {
-        self.bits.clear();
+        self.bits.load().clear();
     }
 
     /// Merges the bits of `sources` into this bitmap, all or nothing: every source
@@ -193,16 +210,17 @@ impl NamedBitmap {
         let scratch = DirtyBitmap::new(self.size(), self.granularity());
         for s in sources {
             self.merge_check_source(s)?;
-            scratch.merge_from(&s.bits);
+            scratch.merge_from(&s.bits.load());
         }
         self.check(Check::DEFAULT)?;
-        if !self.bits.can_merge(&scratch) {
+        let bits = self.bits.load();
+        if !bits.can_merge(&scratch) {
             return Err(BitmapError::Sizes {
                 dst: self.size(),
                 src: scratch.size(),
             });
         }
-        self.bits.merge_from(&scratch);
+        bits.merge_from(&scratch);
         Ok(())
     }
 
@@ -237,7 +255,7 @@ impl NamedBitmap {
 
     /// SHA-256 of the serialised bits, hex (QEMU's `x-debug-block-dirty-bitmap-sha256`).
     pub fn sha256(&self) -> String {
-        self.bits.sha256_hex()
+        self.bits.load().sha256_hex()
     }
 }
 
@@ -296,7 +314,7 @@ impl Node {
         }
         let b = Arc::new(NamedBitmap {
             name: name.to_string(),
-            bits: Arc::new(DirtyBitmap::new(self.size(), granularity)),
+            bits: ArcSwap::from_pointee(DirtyBitmap::new(self.size(), granularity)),
             enabled: AtomicBool::new(enabled),
             busy: AtomicBool::new(false),
             read_only: AtomicBool::new(false),
@@ -307,7 +325,7 @@ impl Node {
         self.named_count
             .store(named.len() as u32, Ordering::Release);
         if enabled {
-            self.recording_add(b.bits.clone());
+            self.recording_add(b.bits());
         }
         Ok(b)
     }
@@ -331,7 +349,7 @@ impl Node {
         self.named_count
             .store(named.len() as u32, Ordering::Release);
         if b.enabled() {
-            self.recording_remove(&b.bits);
+            self.recording_remove(&b.bits());
         }
         b.enabled.store(false, Ordering::Release);
         Some(b)
@@ -349,8 +367,15 @@ impl Node {
         let named = self.named_lock();
         if named.iter().any(|x| std::ptr::eq(&**x, b)) && !b.enabled() {
             b.enabled.store(true, Ordering::Release);
-            self.recording_add(b.bits.clone());
+            self.recording_add(b.bits());
         }
+    }
+
+    /// Marks `b` (a persistent bitmap of this node) inconsistent and stops its
+    /// recording (QEMU's `bdrv_dirty_bitmap_set_inconsistent`).
+    pub fn set_bitmap_inconsistent(&self, b: &NamedBitmap) {
+        b.set_inconsistent();
+        self.disable_bitmap(b);
     }
 
     /// Stops recording writes in `b` (a bitmap of this node).
@@ -358,7 +383,7 @@ impl Node {
         let _named = self.named_lock();
         if b.enabled() {
             b.enabled.store(false, Ordering::Release);
-            self.recording_remove(&b.bits);
+            self.recording_remove(&b.bits());
         }
     }
 }
@@ -501,7 +526,10 @@ mod tests {
         b.set_read_only(false);
         a.clear();
         a.set_persistent(true);
-        a.set_inconsistent();
+        n.set_bitmap_inconsistent(&a);
+        assert!(!a.enabled());
+        assert_eq!(a.info()["inconsistent"], true);
+        assert!(b.info().get("inconsistent").is_none());
         assert_eq!(
             a.merge(std::slice::from_ref(&b)).unwrap_err().to_string(),
             "Bitmap 'a' is inconsistent and cannot be used"
@@ -546,5 +574,34 @@ mod tests {
         assert_eq!(a.count(), 3 * 65536);
         drop(g);
         let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn marks_racing_resizes_are_kept() {
+        use std::sync::atomic::AtomicBool;
+        let mut g = Graph::new();
+        let n = null_node(&mut g, "n", 64 << 20);
+        let a = n.add_named_bitmap("a", 65536, true).unwrap();
+        let done = Arc::new(AtomicBool::new(false));
+        let w = {
+            let (n, done) = (n.clone(), done.clone());
+            std::thread::spawn(move || {
+                for i in 0..1024u64 {
+                    n.mark_dirty(i * 65536, 1);
+                    for _ in 0..2000 {
+                        std::hint::spin_loop();
+                    }
+                }
+                done.store(true, Ordering::SeqCst);
+            })
+        };
+        let mut k = 0u64;
+        while !done.load(Ordering::SeqCst) {
+            k += 1;
+            n.resize_bitmaps((64 << 20) + (k % 2) * 65536);
+        }
+        w.join().unwrap();
+        assert!(k > 10, "only {k} resizes raced the marks");
+        assert_eq!(a.count(), 1024 * 65536);
     }
 }

@@ -88,6 +88,9 @@ pub struct Node {
     /// under the `named` lock.
     bitmaps: ArcSwap<Vec<Arc<DirtyBitmap>>>,
     bitmap_count: AtomicU32,
+    /// Odd while named bitmaps are being replaced by resized copies; bumped twice
+    /// per resize (see [`Node::mark_dirty`]).
+    bitmap_gen: AtomicU64,
     /// Named bitmaps, newest first (see [`crate::named_bitmap`]).
     named: Mutex<Vec<Arc<NamedBitmap>>>,
     /// How many `named` holds (kept under its lock), read without it.
@@ -139,6 +142,7 @@ impl Node {
             tracked: Mutex::new(Vec::new()),
             bitmaps: ArcSwap::from_pointee(Vec::new()),
             bitmap_count: AtomicU32::new(0),
+            bitmap_gen: AtomicU64::new(0),
             named: Mutex::new(Vec::new()),
             named_count: AtomicU32::new(0),
             write_threshold: AtomicU64::new(0),
@@ -381,44 +385,61 @@ impl Node {
     }
 
     /// Marks a written range in every recording bitmap: no lock, one atomic OR per
-    /// 64 granules of each.
+    /// 64 granules of each. A pass counts only if no resize of the node's bitmaps
+    /// began or ended during it (the generation was even and unchanged); otherwise
+    /// the range is marked again in the set in place then. A resize publishes the
+    /// resized copies and copies the old bits into them between its two generation
+    /// bumps, so a bit set in an old copy after it was copied is set again in the
+    /// new one.
     #[inline]
     pub(crate) fn mark_dirty(&self, offset: u64, len: u64) {
         if self.bitmap_count.load(Ordering::Acquire) == 0 {
             return;
         }
-        for b in self.bitmaps.load().iter() {
-            b.set(offset, len);
+        loop {
+            let gen = self.bitmap_gen.load(Ordering::SeqCst);
+            for b in self.bitmaps.load().iter() {
+                b.set(offset, len);
+            }
+            if gen.is_multiple_of(2) && self.bitmap_gen.load(Ordering::SeqCst) == gen {
+                return;
+            }
+            std::hint::spin_loop();
         }
     }
 
     /// After a write that may have grown the node (a file written past its end):
-    /// bitmaps grow with it, as QEMU's do.
+    /// named bitmaps grow with it, as QEMU's do.
     pub(crate) fn grow_bitmaps(&self) {
-        if self.bitmap_count.load(Ordering::Acquire) == 0
-            && self.named_count.load(Ordering::Acquire) == 0
-        {
+        if self.named_count.load(Ordering::Acquire) == 0 {
             return;
         }
         let size = self.size();
-        let grown = self.bitmaps.load().iter().any(|b| b.size() < size)
-            || self.named_lock().iter().any(|b| b.size() < size);
-        if grown {
+        if self.named_lock().iter().any(|b| b.size() < size) {
             self.resize_bitmaps(size);
         }
     }
 
-    /// Resizes every bitmap of the node to its new size (QEMU's
-    /// `bdrv_dirty_bitmap_truncate`).
-    fn resize_bitmaps(&self, size: u64) {
-        let _named = self.named_lock();
-        for b in self.bitmaps.load().iter() {
-            b.resize(size);
+    /// Gives every named bitmap of the node a copy of its bits resized to `size`
+    /// (QEMU's `bdrv_dirty_bitmap_truncate`), the recording set the new copies.
+    /// Jobs' anonymous bitmaps keep their size (jobs do not let their nodes resize).
+    pub(crate) fn resize_bitmaps(&self, size: u64) {
+        let named = self.named_lock();
+        if named.iter().all(|b| b.size() == size) {
+            return;
         }
-        // Disabled named bitmaps are not in the recording set.
-        for b in _named.iter().filter(|b| !b.enabled()) {
-            b.bits().resize(size);
+        self.bitmap_gen.fetch_add(1, Ordering::SeqCst);
+        let mut set = Vec::clone(&self.bitmaps.load());
+        for b in named.iter() {
+            let (old, new) = b.resize(size);
+            for x in set.iter_mut().filter(|x| Arc::ptr_eq(x, &old)) {
+                *x = new.clone();
+            }
+            self.bitmaps.store(Arc::new(set.clone()));
+            // Bits set in `old` since the copy was taken.
+            new.merge_from(&old.resized(size));
         }
+        self.bitmap_gen.fetch_add(1, Ordering::SeqCst);
     }
 
     pub fn write_threshold(&self) -> u64 {
