@@ -33,6 +33,26 @@ pub(super) fn info(args: &[String]) -> Result<()> {
         "backing-filename": i.backing_file,
         "backing-filename-format": i.backing_format,
     });
+    // As qemu-img: the flags as the image has them ("in-use" while a program has
+    // them, or after it crashed), the list only when there are bitmaps.
+    let bitmaps = img.bitmaps();
+    if !bitmaps.is_empty() {
+        v["bitmaps"] = Value::Array(
+            bitmaps
+                .iter()
+                .map(|b| {
+                    let mut flags = Vec::new();
+                    if b.in_use {
+                        flags.push("in-use");
+                    }
+                    if b.auto {
+                        flags.push("auto");
+                    }
+                    json!({ "flags": flags, "name": b.name, "granularity": b.granularity })
+                })
+                .collect(),
+        );
+    }
     // As qemu-img: the list only when there are snapshots.
     if !snaps.is_empty() {
         v["snapshots"] = Value::Array(
@@ -59,6 +79,18 @@ pub(super) fn info(args: &[String]) -> Result<()> {
         "compression type: {}",
         v["compression-type"].as_str().unwrap_or_default()
     );
+    if let Some(list) = v["bitmaps"].as_array() {
+        println!("bitmaps:");
+        for (n, b) in list.iter().enumerate() {
+            println!("    [{n}]:");
+            println!("        flags:");
+            for (k, f) in b["flags"].as_array().into_iter().flatten().enumerate() {
+                println!("            [{k}]: {}", f.as_str().unwrap_or_default());
+            }
+            println!("        name: {}", b["name"].as_str().unwrap_or_default());
+            println!("        granularity: {}", b["granularity"]);
+        }
+    }
     println!("corrupt: {}", i.corrupt);
     if let Some(b) = &i.backing_file {
         println!("backing file: {b}");
@@ -91,6 +123,8 @@ pub(super) fn check(args: &[String]) -> Result<u8> {
     let img = open_image(file, access, repair != Repair::None)?;
     let r: CheckReport = block_on(img.check(repair)).map_err(image_err(file))?;
     if repair != Repair::None {
+        // A repair changes no guest data: the bitmaps stay valid.
+        block_on(img.release_bitmaps()).map_err(image_err(file))?;
         block_on(img.close()).map_err(image_err(file))?;
     }
     let leaks = r.leaks - r.leaks_fixed.min(r.leaks);
