@@ -1,0 +1,212 @@
+//! Persistent dirty bitmaps in qcow2 images, against the real tools both ways:
+//! - bitmaps qemu-img and qemu-io made (QEMU set their bits) are shown by
+//!   `vubd img info` as `qemu-img info` shows them, pass `vubd img check`, and stay
+//!   valid for QEMU after `vubd img check -r` and `vubd img snapshot`;
+//! - bitmaps `vubd img bitmap` stores pass `qemu-img check`, and qemu-storage-daemon
+//!   loads them with the bits they should have (count and
+//!   `x-debug-block-dirty-bitmap-sha256` over QEMU's layout).
+
+use serde_json::{json, Value};
+use std::path::Path;
+use std::process::Command;
+use vubd_tests::tools::{qemu_img, qemu_io, run_ok};
+use vubd_tests::{qsd_bin, Daemon, DaemonArgs, Qmp, TempDir, MIB};
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 paths")
+}
+
+fn vubd_img(args: &[&str]) -> String {
+    run_ok(Command::new(vubd_tests::vubd_bin()).arg("img").args(args))
+}
+
+/// The bitmaps `qemu-img info` lists: its JSON `format-specific` member.
+fn qemu_info_bitmaps(img: &Path) -> Value {
+    let v: Value =
+        serde_json::from_str(&qemu_img(&["info", "-U", "--output=json", s(img)])).unwrap();
+    v["format-specific"]["data"]["bitmaps"].clone()
+}
+
+fn vubd_info_bitmaps(img: &Path) -> Value {
+    let v: Value = serde_json::from_str(&vubd_img(&["info", "--output", "json", s(img)])).unwrap();
+    v["bitmaps"].clone()
+}
+
+fn qemu_check_clean(img: &Path) {
+    let out = qemu_img(&["check", s(img)]);
+    assert!(
+        out.contains("No errors were found"),
+        "qemu-img check: {out}"
+    );
+}
+
+/// SHA-256 (hex) of `data`, by sha256sum.
+fn sha256(data: &[u8], dir: &TempDir) -> String {
+    let f = dir.join("sha-input");
+    std::fs::write(&f, data).unwrap();
+    let out = run_ok(Command::new("sha256sum").arg(&f));
+    out.split_whitespace().next().unwrap().to_string()
+}
+
+/// A bitmap of `size` bytes at `granularity` with `ranges` (offset, len) dirty, in
+/// QEMU's layout (bit k of the little-endian 64-bit words: granule k), and its
+/// count as QEMU reports it (dirty granules × granularity).
+fn expected(size: u64, granularity: u64, ranges: &[(u64, u64)]) -> (Vec<u8>, u64) {
+    let bits = size.div_ceil(granularity);
+    let mut words = vec![0u64; bits.div_ceil(64) as usize];
+    for &(off, len) in ranges {
+        for g in off / granularity..(off + len).div_ceil(granularity) {
+            words[(g / 64) as usize] |= 1 << (g % 64);
+        }
+    }
+    let count = words.iter().map(|w| w.count_ones() as u64).sum::<u64>() * granularity;
+    (words.iter().flat_map(|w| w.to_le_bytes()).collect(), count)
+}
+
+#[test]
+fn vubd_img_shows_and_keeps_qemu_bitmaps() {
+    let dir = TempDir::new("qcow2-bitmaps-img");
+    let img = dir.join("a.qcow2");
+    qemu_img(&["create", "-f", "qcow2", s(&img), "64M"]);
+    qemu_img(&["bitmap", "--add", "-g", "64k", s(&img), "b0"]);
+    qemu_img(&["bitmap", "--add", "-g", "128k", "--disable", s(&img), "b1"]);
+    qemu_io(&img, "qcow2", &["write 0 1M", "write 10M 64k"]);
+    let want = json!([
+        {"flags": ["auto"], "name": "b0", "granularity": 65536},
+        {"flags": [], "name": "b1", "granularity": 131072},
+    ]);
+    assert_eq!(qemu_info_bitmaps(&img), want);
+    assert_eq!(vubd_info_bitmaps(&img), want);
+    let human = vubd_img(&["info", s(&img)]);
+    assert!(
+        human.contains("bitmaps:\n    [0]:\n        flags:\n            [0]: auto\n        name: b0\n        granularity: 65536\n"),
+        "{human}"
+    );
+    // vubd's check counts the bitmap clusters: no leak, no corruption.
+    let out = vubd_img(&["check", s(&img)]);
+    assert!(out.contains("No errors were found"), "{out}");
+    // A repair and snapshot operations change no guest data: the bitmaps stay valid
+    // for QEMU (not left in use).
+    vubd_img(&["check", "-r", "all", s(&img)]);
+    vubd_img(&["snapshot", "-c", "s1", s(&img)]);
+    assert_eq!(qemu_info_bitmaps(&img), want);
+    qemu_check_clean(&img);
+    qemu_img(&["bitmap", "--add", s(&img), "copy"]);
+    qemu_img(&["bitmap", "--merge", "b0", s(&img), "copy"]);
+}
+
+#[test]
+fn qsd_loads_bitmaps_vubd_img_stored() {
+    let dir = TempDir::new("qcow2-bitmaps-qsd");
+    let img = dir.join("a.qcow2");
+    let size = 64 * MIB;
+    qemu_img(&["create", "-f", "qcow2", s(&img), "64M"]);
+    qemu_img(&["bitmap", "--add", "-g", "64k", s(&img), "src"]);
+    let writes = [(0u64, MIB), (10 * MIB, 4096), (63 * MIB, MIB)];
+    let cmds: Vec<String> = writes
+        .iter()
+        .map(|(o, l)| format!("write {o} {l}"))
+        .collect();
+    let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+    qemu_io(&img, "qcow2", &cmds);
+    // vubd stores: a finer copy, a disabled copy, an empty one; removes src.
+    vubd_img(&[
+        "bitmap",
+        "--add",
+        "-g",
+        "4k",
+        "--merge",
+        "src",
+        s(&img),
+        "fine",
+    ]);
+    vubd_img(&[
+        "bitmap",
+        "--add",
+        "--merge",
+        "src",
+        "--disable",
+        s(&img),
+        "off",
+    ]);
+    vubd_img(&["bitmap", "--add", "-g", "512", s(&img), "empty"]);
+    vubd_img(&["bitmap", "--remove", s(&img), "src"]);
+    qemu_check_clean(&img);
+    assert_eq!(
+        qemu_info_bitmaps(&img),
+        json!([
+            {"flags": ["auto"], "name": "fine", "granularity": 4096},
+            {"flags": [], "name": "off", "granularity": 65536},
+            {"flags": ["auto"], "name": "empty", "granularity": 512},
+        ])
+    );
+
+    let mon = dir.join("qsd.qmp");
+    let sock = dir.join("qsd.sock");
+    let args = DaemonArgs::new()
+        .blockdev(&format!(
+            "driver=file,node-name=f,filename={},cache.direct=off",
+            s(&img)
+        ))
+        .blockdev("driver=qcow2,node-name=q,file=f")
+        .vhost_user_blk("q", &sock, ",writable=on")
+        .monitor(&mon)
+        .build();
+    let mut qsd = Daemon::start_bin(&qsd_bin(), &args);
+    let mut qmp = Qmp::connect(&mon);
+    let nodes = qmp.ok("query-named-block-nodes", json!({"flat": true}));
+    let node = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node-name"] == "q")
+        .unwrap();
+    let mut got: Vec<(String, u64, u64, bool, bool)> = node["dirty-bitmaps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            assert!(b.get("inconsistent").is_none(), "{b}");
+            (
+                b["name"].as_str().unwrap().to_string(),
+                b["granularity"].as_u64().unwrap(),
+                b["count"].as_u64().unwrap(),
+                b["recording"].as_bool().unwrap(),
+                b["persistent"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    got.sort();
+    // Merged from a 64 KiB bitmap: whole 64 KiB granules.
+    let coarse: Vec<(u64, u64)> = writes
+        .iter()
+        .map(|&(o, l)| {
+            let start = o / 65536 * 65536;
+            (start, (o + l).div_ceil(65536) * 65536 - start)
+        })
+        .collect();
+    let (fine, fine_count) = expected(size, 4096, &coarse);
+    let (off, off_count) = expected(size, 65536, &writes);
+    let (empty, _) = expected(size, 512, &[]);
+    assert_eq!(
+        got,
+        [
+            ("empty".to_string(), 512, 0, true, true),
+            ("fine".to_string(), 4096, fine_count, true, true),
+            ("off".to_string(), 65536, off_count, false, true),
+        ]
+    );
+    for (name, data) in [("fine", &fine), ("off", &off), ("empty", &empty)] {
+        let r = qmp.ok(
+            "x-debug-block-dirty-bitmap-sha256",
+            json!({"node": "q", "name": name}),
+        );
+        assert_eq!(r["sha256"], sha256(data, &dir), "bitmap {name}");
+    }
+    qmp.ok("quit", json!({}));
+    qsd.wait_timeout(std::time::Duration::from_secs(10))
+        .expect("qemu-storage-daemon quits");
+    // QSD stored them back (enabled ones recorded nothing: no writes).
+    qemu_check_clean(&img);
+    assert_eq!(vubd_info_bitmaps(&img), qemu_info_bitmaps(&img));
+}
