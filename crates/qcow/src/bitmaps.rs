@@ -721,6 +721,30 @@ impl<I: QcowIo> Qcow2<I> {
         Ok(())
     }
 
+    /// Refuses a resize while a bitmap of the image cannot follow it (QEMU's
+    /// check): one not in use by this open (its extra data is not understood) or
+    /// an inconsistent one. The bitmaps in use are stored at the new size by
+    /// their owner.
+    pub(crate) fn bitmaps_allow_resize(&self) -> Result<()> {
+        let st = self.st();
+        if let Some(s) = st
+            .bitmaps
+            .iter()
+            .find(|s| s.inconsistent || !s.entry.in_use())
+        {
+            return Err(Error::Unsupported(format!(
+                "cannot resize a qcow2 image with the persistent bitmap '{}' {}",
+                s.entry.name,
+                if s.inconsistent {
+                    "(inconsistent)"
+                } else {
+                    "that is not loaded"
+                }
+            )));
+        }
+        Ok(())
+    }
+
     /// Fails if the header cluster has no room for a bitmaps extension.
     fn check_header_room(&self) -> Result<()> {
         let mut h = self.st().hdr.clone();
@@ -1048,6 +1072,43 @@ mod tests {
 mod image_tests {
     use super::*;
     use crate::{block_on, create, CreateOptions, MemIo, NoBacking, Repair};
+
+    #[test]
+    fn resize_refused_with_an_inconsistent_bitmap() {
+        let mut o = CreateOptions::new(1 << 20);
+        o.cluster_size = 4096;
+        let img = block_on(create(MemIo::new(), &o)).unwrap();
+        let w = vec![0u64; 32];
+        let b = StoreBitmap {
+            name: "b",
+            granularity: 512,
+            enabled: true,
+            words: &w,
+        };
+        block_on(img.store_bitmaps(&[b])).unwrap();
+        block_on(img.close()).unwrap();
+        // Reopened writable: in use, consistent; a resize is allowed.
+        let reopen = |img: &Qcow2<MemIo>| {
+            block_on(Qcow2::open(
+                MemIo::from_vec(img.io().to_vec()),
+                crate::OpenOptions::read_write(),
+            ))
+            .unwrap()
+        };
+        let img = reopen(&img);
+        block_on(img.resize(2 << 20)).unwrap();
+        block_on(img.close()).unwrap();
+        // Not stored: in use at the next open, inconsistent; no resize.
+        let img = reopen(&img);
+        assert!(img.bitmaps()[0].inconsistent);
+        assert!(matches!(
+            block_on(img.resize(4 << 20)),
+            Err(Error::Unsupported(_))
+        ));
+        block_on(img.remove_bitmap("b")).unwrap();
+        block_on(img.resize(4 << 20)).unwrap();
+        block_on(img.close()).unwrap();
+    }
 
     #[test]
     fn store_after_writes_leaks_nothing() {
