@@ -210,3 +210,211 @@ fn qsd_loads_bitmaps_vubd_img_stored() {
     qemu_check_clean(&img);
     assert_eq!(vubd_info_bitmaps(&img), qemu_info_bitmaps(&img));
 }
+
+/// A daemon (`bin`) serving `img` as qcow2 node `q` on an export and a monitor.
+fn serve(bin: &Path, img: &Path, dir: &TempDir, tag: &str) -> (Daemon, Qmp, std::path::PathBuf) {
+    let mon = dir.join(&format!("{tag}.qmp"));
+    let sock = dir.join(&format!("{tag}.sock"));
+    let args = DaemonArgs::new()
+        .blockdev(&format!(
+            "driver=file,node-name=f,filename={},cache.direct=off",
+            s(img)
+        ))
+        .blockdev("driver=qcow2,node-name=q,file=f")
+        .vhost_user_blk("q", &sock, ",writable=on")
+        .monitor(&mon)
+        .build();
+    let d = Daemon::start_bin(bin, &args);
+    let q = Qmp::connect(&mon);
+    (d, q, sock)
+}
+
+/// The `dirty-bitmaps` of node `q`, by name.
+fn node_bitmaps(qmp: &mut Qmp) -> Vec<Value> {
+    let nodes = qmp.ok("query-named-block-nodes", json!({"flat": true}));
+    let node = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node-name"] == "q")
+        .unwrap()
+        .clone();
+    let mut v: Vec<Value> = node["dirty-bitmaps"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    v.sort_by_key(|b| b["name"].as_str().unwrap().to_string());
+    v
+}
+
+fn quit(d: &mut Daemon, qmp: &mut Qmp) {
+    qmp.ok("quit", json!({}));
+    d.wait_timeout(std::time::Duration::from_secs(10))
+        .expect("the daemon quits");
+}
+
+/// Writes `ranges` through the export on `sock` (a libblkio client).
+fn write_through(sock: &Path, ranges: &[(u64, u64)]) {
+    let mut c = vubd_tests::Client::connect(sock, 1);
+    for &(o, l) in ranges {
+        c.q().write(o, &vec![0x5a; l as usize]).expect("write");
+    }
+    c.q().flush().expect("flush");
+}
+
+#[test]
+fn persistent_bitmaps_survive_vubd_restarts_and_reach_qsd() {
+    let dir = TempDir::new("qcow2-bitmaps-restart");
+    let img = dir.join("a.qcow2");
+    let size = 64 * MIB;
+    qemu_img(&["create", "-f", "qcow2", s(&img), "64M"]);
+    // One QEMU made and set bits in; vubd continues it.
+    qemu_img(&["bitmap", "--add", "-g", "64k", s(&img), "q"]);
+    let by_qemu = [(0u64, 128 * 1024)];
+    qemu_io(&img, "qcow2", &["write 0 128k"]);
+
+    let vubd = vubd_tests::vubd_bin();
+    let (mut d, mut qmp, sock) = serve(&vubd, &img, &dir, "v1");
+    let b = node_bitmaps(&mut qmp);
+    assert_eq!(b.len(), 1);
+    assert_eq!(
+        (b[0]["name"].as_str(), b[0]["count"].as_u64()),
+        (Some("q"), Some(131072))
+    );
+    assert_eq!(b[0]["persistent"], true);
+    assert_eq!(b[0]["recording"], true);
+    // In use in the image while vubd has it.
+    assert_eq!(
+        qemu_info_bitmaps(&img),
+        json!([{"flags": ["in-use", "auto"], "name": "q", "granularity": 65536}])
+    );
+    qmp.ok(
+        "block-dirty-bitmap-add",
+        json!({"node": "q", "name": "v", "granularity": 4096, "persistent": true}),
+    );
+    qmp.ok(
+        "block-dirty-bitmap-add",
+        json!({"node": "q", "name": "temp", "persistent": false}),
+    );
+    let first = [(MIB, 4096u64), (5 * MIB + 512, 1024)];
+    write_through(&sock, &first);
+    quit(&mut d, &mut qmp);
+    qemu_check_clean(&img);
+    assert_eq!(
+        qemu_info_bitmaps(&img),
+        json!([
+            {"flags": ["auto"], "name": "q", "granularity": 65536},
+            {"flags": ["auto"], "name": "v", "granularity": 4096},
+        ])
+    );
+
+    // Restart: both come back with their bits; more writes; disable one.
+    let (mut d, mut qmp, sock) = serve(&vubd, &img, &dir, "v2");
+    let b = node_bitmaps(&mut qmp);
+    let names: Vec<&str> = b.iter().map(|x| x["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["q", "v"]);
+    let (_, q_count) = expected(size, 65536, &[by_qemu[0], first[0], first[1]]);
+    let (_, v_count) = expected(size, 4096, &first);
+    assert_eq!(b[0]["count"].as_u64(), Some(q_count));
+    assert_eq!(b[1]["count"].as_u64(), Some(v_count));
+    let second = [(30 * MIB, 64 * 1024u64)];
+    write_through(&sock, &second);
+    qmp.ok(
+        "block-dirty-bitmap-disable",
+        json!({"node": "q", "name": "v"}),
+    );
+    write_through(&sock, &[(40 * MIB, 4096)]);
+    quit(&mut d, &mut qmp);
+    qemu_check_clean(&img);
+
+    // qemu-storage-daemon reads what vubd stored: the same counts and bits.
+    let all_q = [by_qemu[0], first[0], first[1], second[0], (40 * MIB, 4096)];
+    let all_v = [first[0], first[1], second[0]];
+    let (q_bits, q_count) = expected(size, 65536, &all_q);
+    let (v_bits, v_count) = expected(size, 4096, &all_v);
+    let (mut qsd, mut qmp, _) = serve(&qsd_bin(), &img, &dir, "qsd");
+    let b = node_bitmaps(&mut qmp);
+    assert_eq!(
+        b.iter()
+            .map(|x| (
+                x["name"].as_str().unwrap().to_string(),
+                x["count"].as_u64().unwrap(),
+                x["recording"].as_bool().unwrap(),
+                x.get("inconsistent").is_some()
+            ))
+            .collect::<Vec<_>>(),
+        [
+            ("q".to_string(), q_count, true, false),
+            ("v".to_string(), v_count, false, false)
+        ]
+    );
+    for (name, bits) in [("q", &q_bits), ("v", &v_bits)] {
+        let r = qmp.ok(
+            "x-debug-block-dirty-bitmap-sha256",
+            json!({"node": "q", "name": name}),
+        );
+        assert_eq!(r["sha256"], sha256(bits, &dir), "bitmap {name}");
+    }
+    quit(&mut qsd, &mut qmp);
+    // And qemu-img can use them.
+    qemu_img(&["bitmap", "--add", s(&img), "copy"]);
+    qemu_img(&["bitmap", "--merge", "v", s(&img), "copy"]);
+}
+
+#[test]
+fn sigkill_leaves_bitmaps_in_use_then_inconsistent() {
+    let dir = TempDir::new("qcow2-bitmaps-kill");
+    let img = dir.join("a.qcow2");
+    qemu_img(&["create", "-f", "qcow2", s(&img), "64M"]);
+    let vubd = vubd_tests::vubd_bin();
+    let (mut d, mut qmp, _) = serve(&vubd, &img, &dir, "v1");
+    qmp.ok(
+        "block-dirty-bitmap-add",
+        json!({"node": "q", "name": "b", "persistent": true}),
+    );
+    quit(&mut d, &mut qmp);
+    let (mut d, _qmp, sock) = serve(&vubd, &img, &dir, "v2");
+    write_through(&sock, &[(0, 65536)]);
+    d.kill();
+    // Left in use, as QEMU leaves it.
+    assert_eq!(
+        qemu_info_bitmaps(&img),
+        json!([{"flags": ["in-use", "auto"], "name": "b", "granularity": 65536}])
+    );
+    // QEMU finds it inconsistent, and so does vubd; it stays in use through a
+    // clean close of either.
+    for (bin, tag) in [(qsd_bin(), "qsd"), (vubd.clone(), "v3")] {
+        let (mut d, mut qmp, _) = serve(&bin, &img, &dir, tag);
+        let b = node_bitmaps(&mut qmp);
+        assert_eq!(b.len(), 1, "{tag}");
+        assert_eq!(b[0]["inconsistent"], true, "{tag}: {}", b[0]);
+        assert_eq!(b[0]["recording"], false, "{tag}");
+        assert_eq!(b[0]["count"], 0, "{tag}");
+        let e = qmp
+            .execute(
+                "block-dirty-bitmap-clear",
+                json!({"node": "q", "name": "b"}),
+            )
+            .unwrap_err();
+        assert_eq!(
+            e.desc, "Bitmap 'b' is inconsistent and cannot be used",
+            "{tag}"
+        );
+        quit(&mut d, &mut qmp);
+        assert_eq!(
+            qemu_info_bitmaps(&img),
+            json!([{"flags": ["in-use", "auto"], "name": "b", "granularity": 65536}]),
+            "{tag}"
+        );
+    }
+    // Removing it deletes it from the image.
+    let (mut d, mut qmp, _) = serve(&vubd, &img, &dir, "v4");
+    qmp.ok(
+        "block-dirty-bitmap-remove",
+        json!({"node": "q", "name": "b"}),
+    );
+    assert_eq!(qemu_info_bitmaps(&img), Value::Null);
+    quit(&mut d, &mut qmp);
+    qemu_check_clean(&img);
+    assert_eq!(qemu_info_bitmaps(&img), Value::Null);
+}

@@ -172,6 +172,12 @@ pub trait Driver: Send + Sync {
         Ok(())
     }
 
+    /// Marks the image's bitmaps in use again after they were stored while the
+    /// image stays open for writing (a reopen that was undone).
+    fn mark_bitmaps_in_use(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Whether a new bitmap of this name and granularity could be stored in the
     /// image (QEMU's `bdrv_can_store_new_dirty_bitmap`); `Err` says why not.
     fn can_store_new_bitmap(&self, _name: &str, _granularity: u64) -> Result<()> {

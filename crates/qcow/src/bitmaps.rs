@@ -701,9 +701,14 @@ impl<I: QcowIo> Qcow2<I> {
         Ok(())
     }
 
-    /// Sets `in_use` on every usable bitmap that does not have it (writable
-    /// open), remembering those that had it as inconsistent.
-    pub(crate) async fn claim_bitmaps(&self) -> Result<()> {
+    /// Sets `in_use` on every usable bitmap that does not have it (done by a
+    /// writable open; again after [`Qcow2::store_bitmaps`] or
+    /// [`Qcow2::release_bitmaps`] when the image stays in use for writing).
+    pub async fn claim_bitmaps(&self) -> Result<()> {
+        if !self.st().writable {
+            return Err(Error::ReadOnly);
+        }
+        let _meta = self.meta.lock().await;
         let changed = {
             let mut st = self.st();
             let mut changed = false;

@@ -661,6 +661,15 @@ impl Driver for Qcow2Driver {
             .map_err(bitmap_error)
     }
 
+    fn mark_bitmaps_in_use(&self) -> Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
+        let image = self.image.clone();
+        crate::aio::uring::block_on(async move { image.claim_bitmaps().await })
+            .map_err(bitmap_error)
+    }
+
     fn can_store_new_bitmap(&self, name: &str, granularity: u64) -> Result<()> {
         let info = self.image.info();
         if info.version < 3 {
