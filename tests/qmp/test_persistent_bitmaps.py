@@ -5,6 +5,7 @@ node and stored when a reopen makes the node read-only, in use in the image whil
 node writes. Every expectation is qemu-storage-daemon 7.2's (``--daemon=qsd``)."""
 
 import asyncio
+import struct
 
 from chains import img_info, qemu_img, run
 from conftest import MIB, error, execute, export_opts, io_ok
@@ -114,5 +115,62 @@ async def test_read_only_nodes_and_reopen(start_daemon, tmp):
         await error(c, "block-dirty-bitmap-clear", {"node": "q", "name": "b"},
                     desc="Bitmap 'b' is readonly and cannot be modified")
         await check(c, "q", "b", m)
+        await del_node(c)
+    assert "No errors were found" in qemu_img("check", str(img))
+
+
+def set_in_use(img):
+    """Sets the in-use flag of every bitmap in the image's directory (what a crash
+    leaves)."""
+    with open(img, "r+b") as f:
+        head = f.read(65536)
+        p = struct.unpack(">I", head[100:104])[0]
+        while True:
+            kind, length = struct.unpack(">II", head[p:p + 8])
+            if kind == 0:
+                raise AssertionError("no bitmaps extension")
+            if kind == 0x23852875:
+                nb, _, size, off = struct.unpack(">IIQQ", head[p + 8:p + 32])
+                f.seek(off)
+                d = bytearray(f.read(size))
+                q = 0
+                for _ in range(nb):
+                    d[q + 15] |= 1
+                    name_size, extra = struct.unpack(">HI", d[q + 18:q + 24])
+                    q += (24 + name_size + extra + 7) // 8 * 8
+                f.seek(off)
+                f.write(d)
+                return
+            p += 8 + (length + 7) // 8 * 8
+
+
+async def test_resize(start_daemon, tmp):
+    img = tmp / "a.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(img), str(SIZE))
+    qemu_img("bitmap", "--add", str(img), "b")
+    d = start_daemon([])
+    async with d.qmp() as c:
+        await add_node(c, img)
+        await write_through_export(c, tmp, SIZE - 4096, 4096)
+        await execute(c, "block_resize", {"node-name": "q", "size": 2 * SIZE})
+        await write_through_export(c, tmp, 2 * SIZE - 4096, 4096)
+        m = Model(2 * SIZE, 65536)
+        m.mark(SIZE - 4096, 4096)
+        m.mark(2 * SIZE - 4096, 4096)
+        await check(c, "q", "b", m)
+        # Stored at the new size, and loaded so.
+        await del_node(c)
+        await add_node(c, img)
+        await check(c, "q", "b", m)
+        await del_node(c)
+        assert "No errors were found" in qemu_img("check", str(img))
+        # An inconsistent bitmap stops a resize.
+        set_in_use(img)
+        await add_node(c, img)
+        assert (await info(c, "q", "b"))["inconsistent"] is True
+        await error(c, "block_resize", {"node-name": "q", "size": 3 * SIZE},
+                    desc="Bitmap 'b' is inconsistent and cannot be used")
+        await execute(c, "block-dirty-bitmap-remove", {"node": "q", "name": "b"})
+        await execute(c, "block_resize", {"node-name": "q", "size": 3 * SIZE})
         await del_node(c)
     assert "No errors were found" in qemu_img("check", str(img))

@@ -97,6 +97,9 @@ pub enum BitmapError {
     /// No bitmap of this name.
     #[error("bitmap '{0}' not found in the image")]
     NotFound(String),
+    /// A resize is refused while this bitmap cannot follow it (QEMU's text).
+    #[error("{0}")]
+    Resize(String),
     /// Version 2 images cannot keep bitmaps (no autoclear bits).
     #[error("cannot store dirty bitmaps in qcow2 v2 files")]
     Version2,
@@ -737,15 +740,16 @@ impl<I: QcowIo> Qcow2<I> {
             .iter()
             .find(|s| s.inconsistent || !s.entry.in_use())
         {
-            return Err(Error::Unsupported(format!(
-                "cannot resize a qcow2 image with the persistent bitmap '{}' {}",
-                s.entry.name,
-                if s.inconsistent {
-                    "(inconsistent)"
-                } else {
-                    "that is not loaded"
-                }
-            )));
+            return Err(BitmapError::Resize(if s.inconsistent {
+                format!(
+                    "Bitmap '{}' is inconsistent and cannot be used",
+                    s.entry.name
+                )
+            } else {
+                "Cannot resize qcow2 with persistent bitmaps that were not loaded into memory"
+                    .into()
+            })
+            .into());
         }
         Ok(())
     }
@@ -1106,10 +1110,10 @@ mod image_tests {
         // Not stored: in use at the next open, inconsistent; no resize.
         let img = reopen(&img);
         assert!(img.bitmaps()[0].inconsistent);
-        assert!(matches!(
-            block_on(img.resize(4 << 20)),
-            Err(Error::Unsupported(_))
-        ));
+        assert_eq!(
+            block_on(img.resize(4 << 20)).unwrap_err().to_string(),
+            "Bitmap 'b' is inconsistent and cannot be used"
+        );
         block_on(img.remove_bitmap("b")).unwrap();
         block_on(img.resize(4 << 20)).unwrap();
         block_on(img.close()).unwrap();

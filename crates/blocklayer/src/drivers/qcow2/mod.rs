@@ -518,7 +518,11 @@ impl Driver for Qcow2Driver {
             ));
         }
         let image = self.image.clone();
-        crate::aio::uring::block_on(async move { image.resize(size).await }).map_err(image_error)
+        crate::aio::uring::block_on(async move { image.resize(size).await }).map_err(|e| match e {
+            // QEMU's text for a bitmap that cannot follow the resize.
+            qcow::Error::Bitmap(b) => BlockError::Graph(b.to_string()),
+            other => image_error(other),
+        })
     }
 
     fn filename(&self) -> String {
