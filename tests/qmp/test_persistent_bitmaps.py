@@ -59,8 +59,13 @@ async def test_stored_on_delete_loaded_on_add(start_daemon, tmp):
             "name": "qb", "recording": True, "persistent": True, "busy": False,
             "granularity": 65536, "count": 65536}
         await check(c, "q", "qb", qb)
-        # In use in the image while the node may write.
+        # In use in the image while the node may write; the node's image
+        # information lists the image's bitmaps as qemu-img does.
         assert image_bitmaps(img) == [("qb", 65536, ["in-use", "auto"])]
+        nodes = await execute(c, "query-named-block-nodes")
+        q = next(n for n in nodes if n["node-name"] == "q")
+        assert q["image"]["format-specific"]["data"]["bitmaps"] == [
+            {"flags": ["in-use", "auto"], "name": "qb", "granularity": 65536}]
         await execute(c, "block-dirty-bitmap-add", {"node": "q", "name": "p",
                                                     "granularity": 4096, "persistent": True})
         await execute(c, "block-dirty-bitmap-add", {"node": "q", "name": "t"})
