@@ -418,3 +418,83 @@ fn sigkill_leaves_bitmaps_in_use_then_inconsistent() {
     qemu_check_clean(&img);
     assert_eq!(qemu_info_bitmaps(&img), Value::Null);
 }
+
+/// Active commit into a base with a persistent bitmap: the base is reopened
+/// read-write for the job, the commit's writes mark its bitmap, and it is stored
+/// at quit; vubd and qemu-storage-daemon end with the same image.
+#[test]
+fn commit_marks_and_stores_the_base_bitmap() {
+    let dir = TempDir::new("qcow2-bitmaps-commit");
+    let size = 64 * MIB;
+    let writes = [(MIB, 65536u64), (5 * MIB, 4096)];
+    let (bits, count) = expected(size, 65536, &writes);
+    for (bin, tag) in [(vubd_tests::vubd_bin(), "vubd"), (qsd_bin(), "qsd")] {
+        let base = dir.join(&format!("{tag}-base.qcow2"));
+        let top = dir.join(&format!("{tag}-top.qcow2"));
+        qemu_img(&["create", "-f", "qcow2", s(&base), "64M"]);
+        qemu_img(&["bitmap", "--add", "-g", "64k", s(&base), "bb"]);
+        qemu_img(&[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            s(&base),
+            "-F",
+            "qcow2",
+            s(&top),
+        ]);
+        qemu_io(&top, "qcow2", &["write 1M 64k", "write 5M 4k"]);
+        let mon = dir.join(&format!("{tag}.qmp"));
+        let sock = dir.join(&format!("{tag}.sock"));
+        let args = DaemonArgs::new()
+            .blockdev(&format!("driver=file,node-name=f,filename={}", s(&top)))
+            .blockdev("driver=qcow2,node-name=top,file=f")
+            .vhost_user_blk("top", &sock, "")
+            .monitor(&mon)
+            .build();
+        let mut d = Daemon::start_bin(&bin, &args);
+        let mut qmp = Qmp::connect(&mon);
+        qmp.ok("block-commit", json!({"device": "top", "job-id": "j"}));
+        let t0 = std::time::Instant::now();
+        while qmp.ok("query-jobs", json!({}))[0]["status"] != "ready" {
+            assert!(t0.elapsed().as_secs() < 30, "{tag}: commit not ready");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let nodes = qmp.ok("query-named-block-nodes", json!({"flat": true}));
+        let with_bitmap: Vec<&Value> = nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| {
+                n["dirty-bitmaps"]
+                    .as_array()
+                    .is_some_and(|b| b.iter().any(|x| x["name"] == "bb"))
+            })
+            .collect();
+        assert_eq!(with_bitmap.len(), 1, "{tag}");
+        let node = with_bitmap[0]["node-name"].as_str().unwrap().to_string();
+        let b = &with_bitmap[0]["dirty-bitmaps"][0];
+        assert_eq!(
+            (b["count"].as_u64(), &b["persistent"]),
+            (Some(count), &json!(true)),
+            "{tag}"
+        );
+        let r = qmp.ok(
+            "x-debug-block-dirty-bitmap-sha256",
+            json!({"node": node, "name": "bb"}),
+        );
+        assert_eq!(r["sha256"], sha256(&bits, &dir), "{tag}");
+        quit(&mut d, &mut qmp);
+        qemu_check_clean(&base);
+        assert_eq!(
+            qemu_info_bitmaps(&base),
+            json!([{"flags": ["auto"], "name": "bb", "granularity": 65536}]),
+            "{tag}"
+        );
+        // What the other daemon stored reads back the same here.
+        let (mut q, mut qmp, _) = serve(&qsd_bin(), &base, &dir, &format!("{tag}-check"));
+        let b = node_bitmaps(&mut qmp);
+        assert_eq!(b[0]["count"].as_u64(), Some(count), "{tag}");
+        quit(&mut q, &mut qmp);
+    }
+}
