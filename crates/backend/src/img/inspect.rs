@@ -121,12 +121,16 @@ pub(super) fn check(args: &[String]) -> Result<u8> {
     // was killed) gets its refcounts rebuilt when opened for repair, as QEMU's
     // writable open does; a read-only check reports what it finds.
     let img = open_image(file, access, repair != Repair::None)?;
-    let r: CheckReport = block_on(img.check(repair)).map_err(image_err(file))?;
+    let checked = block_on(img.check(repair));
     if repair != Repair::None {
-        // A repair changes no guest data: the bitmaps stay valid.
-        block_on(img.release_bitmaps()).map_err(image_err(file))?;
-        block_on(img.close()).map_err(image_err(file))?;
+        // A repair changes no guest data: the bitmaps stay valid (also when the
+        // check failed).
+        let released = block_on(img.release_bitmaps());
+        let closed = block_on(img.close());
+        released.map_err(image_err(file))?;
+        closed.map_err(image_err(file))?;
     }
+    let r: CheckReport = checked.map_err(image_err(file))?;
     let leaks = r.leaks - r.leaks_fixed.min(r.leaks);
     let corruptions = r.corruptions - r.corruptions_fixed.min(r.corruptions);
     if json {
