@@ -766,6 +766,50 @@ impl<I: QcowIo> Qcow2<I> {
         Ok(())
     }
 
+    /// Checks the tables of the bitmaps a writable open is about to mark in use
+    /// (QEMU loads them all before it marks any): a table of the wrong size, a bad
+    /// entry or a data cluster past the end fails the open and leaves the image as
+    /// it was.
+    pub(crate) async fn check_bitmap_tables(&self) -> Result<()> {
+        let (slots, disk_size, file_len) = {
+            let st = self.st();
+            (st.bitmaps.clone(), st.hdr.size, st.high_water)
+        };
+        let cs = self.g.cluster_size;
+        for s in slots.iter().filter(|s| s.entry.usable() && !s.inconsistent) {
+            let e = &s.entry;
+            let bad = |why: String| -> Error {
+                BitmapError::Table {
+                    name: e.name.clone(),
+                    why,
+                }
+                .into()
+            };
+            let want = table_size_for(disk_size, e.granularity(), cs);
+            if want != e.table_size as u64 {
+                return Err(bad(format!(
+                    "bitmap table has {} entries, the disk needs {want}",
+                    e.table_size
+                )));
+            }
+            let mut tb = vec![0u8; e.table_size as usize * 8];
+            self.io.read_at(e.table_offset, &mut tb).await?;
+            for i in 0..e.table_size as usize {
+                let t = be64(&tb, i * 8);
+                if let Some(why) = table_entry_problem(t, cs) {
+                    return Err(bad(format!("table entry {i}: {why}")));
+                }
+                let off = t & ENTRY_OFFSET;
+                if off != 0 && off + cs > file_len {
+                    return Err(bad(format!(
+                        "data cluster {off:#x} past the end of the file"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Rewrites the directory where it is (flags changed only), with the
     /// autoclear bit clear while it is written.
     async fn rewrite_directory_in_place(&self) -> Result<()> {

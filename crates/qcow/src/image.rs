@@ -568,6 +568,7 @@ impl<I: QcowIo> Qcow2<I> {
             // Bitmaps being used by this open are in use in the image until
             // they are stored (or released).
             if !img.st().corrupt {
+                img.check_bitmap_tables().await?;
                 img.claim_bitmaps().await?;
             }
         }

@@ -494,4 +494,18 @@ fn broken_directories_are_refused() {
     assert!(block_on(q.load_bitmap("b0")).is_err());
     let r = block_on(q.check(Repair::None)).unwrap();
     assert_eq!(r.corruptions, 1, "{:?}", r.messages);
+    drop(q);
+    // A writable open fails before it marks anything in use, as QEMU's does.
+    let r = block_on(Qcow2::open(
+        FileIo::open(&p, true).unwrap(),
+        OpenOptions::read_write(),
+    ));
+    assert!(r.is_err(), "a writable open accepted a bad bitmap table");
+    assert_eq!(
+        std::fs::read(&p).unwrap(),
+        b,
+        "the failed open changed the image"
+    );
+    let (ok, _) = run_status("qemu-io", &["-f", "qcow2", "-c", "read 0 512", s(&p)]);
+    assert!(!ok, "qemu-io opened it writable");
 }
