@@ -6,6 +6,7 @@
 //! in use already: a program had them and did not store them back) and stores the
 //! persistent ones back, in use no more, when it closes cleanly.
 
+use crate::bitmap::DirtyBitmap;
 use crate::error::{BlockError, Result};
 use crate::node::Node;
 
@@ -43,7 +44,7 @@ impl Node {
             if p.inconsistent {
                 b.set_inconsistent();
             } else {
-                b.bits().set_from_le_bytes(0, &p.bits);
+                set_runs(b.bits(), &le_to_words(&p.bits));
                 if p.enabled {
                     self.enable_bitmap(&b);
                 }
@@ -89,6 +90,41 @@ impl Node {
     }
 }
 
+/// Sets the granules set in `words` (bit `k % 64` of word `k / 64`: granule `k`),
+/// one range per run of set bits: a dense bitmap loads in a few calls rather than
+/// one per bit.
+fn set_runs(bits: &DirtyBitmap, words: &[u64]) {
+    let g = bits.granularity();
+    let mut run: Option<(u64, u64)> = None; // granules start..end
+    let flush = |r: &mut Option<(u64, u64)>| {
+        if let Some((s, e)) = r.take() {
+            bits.set(s * g, (e - s) * g);
+        }
+    };
+    for (i, &w) in words.iter().enumerate() {
+        let base = i as u64 * 64;
+        let mut w = w;
+        let mut pos = 0u64;
+        while w != 0 {
+            let zeros = w.trailing_zeros() as u64;
+            w >>= zeros;
+            pos += zeros;
+            let ones = w.trailing_ones() as u64;
+            let (s, e) = (base + pos, base + pos + ones);
+            match run {
+                Some((rs, re)) if re == s => run = Some((rs, e)),
+                _ => {
+                    flush(&mut run);
+                    run = Some((s, e));
+                }
+            }
+            pos += ones;
+            w = if ones == 64 { 0 } else { w >> ones };
+        }
+    }
+    flush(&mut run);
+}
+
 /// Words (bit `k % 64` of word `k / 64`) as QEMU's little-endian bytes.
 pub fn words_to_le(words: &[u64]) -> Vec<u8> {
     words.iter().flat_map(|w| w.to_le_bytes()).collect()
@@ -109,6 +145,25 @@ pub fn le_to_words(bytes: &[u8]) -> Vec<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn runs_set_the_same_bits() {
+        let size = 64 * 4096 * 5;
+        let mut r = 0x1234_5678_9abc_def1u64;
+        let mut words = vec![u64::MAX, 0, 0x8000_0000_0000_0001, 0, 0];
+        for w in words.iter_mut().skip(3) {
+            r ^= r << 13;
+            r ^= r >> 7;
+            r ^= r << 17;
+            *w = r;
+        }
+        let b = DirtyBitmap::new(size, 4096);
+        set_runs(&b, &words);
+        let want = DirtyBitmap::new(size, 4096);
+        want.set_from_le_bytes(0, &words_to_le(&words));
+        assert_eq!(b.to_le_bytes(), want.to_le_bytes());
+        assert_eq!(le_to_words(&b.to_le_bytes()), words);
+    }
 
     #[test]
     fn layouts_round_trip() {
