@@ -7,6 +7,7 @@ use crate::edge::{Edge, Role};
 use crate::error::{BlockError, Result};
 use crate::limits::Limits;
 use crate::perm::Perm;
+use crate::persistent_bitmaps::PersistentBitmap;
 use crate::snapshot::{NewSnapshot, SnapshotInfo};
 use std::sync::Arc;
 
@@ -147,6 +148,40 @@ pub trait Driver: Send + Sync {
     /// children. The node stays usable; a later write makes the image dirty again.
     fn close(&self) -> Result<()> {
         Ok(())
+    }
+
+    /// The persistent dirty bitmaps the image keeps (qcow2), with their bits, read
+    /// when the node opens. Drivers without them keep the default (none).
+    fn load_persistent_bitmaps(&self) -> Result<Vec<PersistentBitmap>> {
+        Ok(Vec::new())
+    }
+
+    /// Stores bitmaps in the image (each replaces the one of its name; the image's
+    /// others stay), not in use any more (QEMU's
+    /// `bdrv_store_persistent_dirty_bitmaps`).
+    fn store_persistent_bitmaps(&self, list: &[PersistentBitmap]) -> Result<()> {
+        if list.is_empty() {
+            return Ok(());
+        }
+        Err(BlockError::Unsupported("persistent bitmaps"))
+    }
+
+    /// Deletes a bitmap from the image; absence is not an error (QEMU's
+    /// `bdrv_remove_persistent_dirty_bitmap`).
+    fn remove_persistent_bitmap(&self, _name: &str) -> Result<()> {
+        Ok(())
+    }
+
+    /// Marks the image's bitmaps in use again after they were stored while the
+    /// image stays open for writing (a reopen that was undone).
+    fn mark_bitmaps_in_use(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Whether a new bitmap of this name and granularity could be stored in the
+    /// image (QEMU's `bdrv_can_store_new_dirty_bitmap`); `Err` says why not.
+    fn can_store_new_bitmap(&self, _name: &str, _granularity: u64) -> Result<()> {
+        Err(BlockError::Unsupported("persistent bitmaps"))
     }
 
     /// The file name QEMU reports for the node (`file` in `BlockDeviceInfo`).

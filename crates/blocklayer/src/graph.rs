@@ -351,6 +351,19 @@ impl Graph {
     }
 
     pub(crate) fn open(&mut self, opts: &BlockdevOptions) -> Result<Arc<Node>> {
+        let node = self.open_node(opts)?;
+        // A new node gets the bitmaps its image keeps (a reopened one keeps its own).
+        if let Err(e) = node.load_persistent_bitmaps() {
+            let name = node.name().to_string();
+            drop(node);
+            self.remove_unused(&name);
+            return Err(e);
+        }
+        Ok(node)
+    }
+
+    /// [`Graph::open`] without loading the image's persistent bitmaps (a reopen).
+    pub(crate) fn open_node(&mut self, opts: &BlockdevOptions) -> Result<Arc<Node>> {
         let common = &opts.common;
         let name = match &common.node_name {
             Some(n) => n.clone(),
@@ -504,6 +517,10 @@ impl Graph {
             return;
         };
         self.options.remove(name);
+        // A clean close: the persistent bitmaps go back into the image.
+        if let Err(e) = node.store_persistent_bitmaps() {
+            log::error!("node '{name}': storing its persistent bitmaps failed: {e}");
+        }
         let children: Vec<Arc<Node>> = node.children().iter().map(|c| c.node_arc()).collect();
         drop(node);
         for c in children {

@@ -29,6 +29,7 @@ pub mod node;
 pub mod options;
 pub mod periodic;
 pub mod perm;
+pub mod persistent_bitmaps;
 pub mod reopen;
 pub mod snapshot;
 pub mod stats;

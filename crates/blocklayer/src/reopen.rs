@@ -313,7 +313,10 @@ impl Graph {
     fn reopen_steps(&mut self, applied: &mut [Applied]) -> Result<()> {
         for a in applied.iter_mut() {
             let name = a.plan.name.clone();
-            // The old instance writes its metadata back before the new one reads it.
+            // The old instance writes its metadata back before the new one reads it,
+            // its persistent bitmaps too (the new one marks them in use again if it
+            // writes).
+            a.plan.old.store_persistent_bitmaps()?;
             a.plan.old.driver().close()?;
             let Some(old) = self.nodes.remove(&name) else {
                 return Err(graph_err(format!("Node '{name}' cannot be reopened")));
@@ -322,7 +325,7 @@ impl Graph {
                 old.driver().release_locks();
                 a.locks_released = true;
             }
-            match self.open(&a.plan.opts) {
+            match self.open_node(&a.plan.opts) {
                 Ok(n) => {
                     n.quiesce_begin();
                     a.new = Some(n);
@@ -337,6 +340,7 @@ impl Graph {
         for a in applied.iter_mut() {
             let new = a.new.as_ref().expect("opened above");
             new.inherit_state_from(&a.plan.old);
+            new.persistent_bitmaps_reopened();
             for e in a.plan.old.parents() {
                 e.repoint(new);
                 a.moved.push(e);
@@ -386,6 +390,10 @@ impl Graph {
                 if let Err(e) = plan.old.driver().retake_locks() {
                     log::warn!("reopen: taking the image locks back failed: {e}");
                 }
+            }
+            // The old instance stored its bitmaps: they are in use again.
+            if let Err(e) = plan.old.driver().mark_bitmaps_in_use() {
+                log::warn!("reopen: marking the bitmaps in use again failed: {e}");
             }
             olds.push(plan.old);
         }

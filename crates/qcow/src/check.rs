@@ -419,48 +419,49 @@ impl<I: QcowIo> Qcow2<I> {
         Ok((k.report, rebuilt))
     }
 
+    /// Counts the bitmap directory, tables and data clusters (QEMU's
+    /// `qcow2_check_bitmaps_refcounts`): a directory that does not parse, or
+    /// an invalid table entry, is a corruption.
     async fn count_bitmaps(
         &self,
         k: &mut Counter,
         bm: crate::header::BitmapsExt,
         file_len: u64,
     ) -> Result<()> {
-        let mut dir = vec![0u8; bm.directory_size as usize];
-        self.io.read_at(bm.directory_offset, &mut dir).await?;
+        let cs = self.g.cluster_size;
         k.inc(
             bm.directory_offset,
             bm.directory_size,
             1,
             "bitmap directory",
         );
-        let mut off = 0usize;
-        for _ in 0..bm.nb_bitmaps {
-            if off + 24 > dir.len() {
-                k.error("ERROR bitmap directory truncated".into());
-                break;
+        let size = self.st().hdr.size;
+        let entries = match Self::read_bitmap_directory(&self.io, &bm, cs, size, file_len).await {
+            Ok(e) => e,
+            Err(Error::Io(e)) => return Err(e.into()),
+            Err(e) => {
+                k.error(format!("ERROR {e}"));
+                return Ok(());
             }
-            let d = &dir[off..];
-            let table_off = u64::from_be_bytes(d[0..8].try_into().unwrap());
-            let table_size = u32::from_be_bytes(d[8..12].try_into().unwrap()) as u64;
-            let name_size = u16::from_be_bytes([d[18], d[19]]) as usize;
-            let extra = u32::from_be_bytes(d[20..24].try_into().unwrap()) as usize;
-            off += (24 + name_size + extra).div_ceil(8) * 8;
-            if table_off
-                .checked_add(table_size * 8)
-                .is_none_or(|e| e > file_len)
-            {
-                k.error(format!(
-                    "ERROR bitmap table at {table_off:#x} past the end of the file"
-                ));
-                continue;
-            }
-            k.inc(table_off, table_size * 8, 1, "bitmap table");
-            let mut t = vec![0u8; (table_size * 8) as usize];
-            self.io.read_at(table_off, &mut t).await?;
-            for i in 0..table_size as usize {
-                let e = layout::get_u64(&t, i) & OFFSET_MASK;
-                if e != 0 {
-                    k.inc(e, self.g.cluster_size, 1, "bitmap data");
+        };
+        for e in entries {
+            // Inside the file (the directory parser checks it).
+            let bytes = e.table_size as u64 * 8;
+            k.inc(e.table_offset, bytes, 1, "bitmap table");
+            let mut t = vec![0u8; bytes as usize];
+            self.io.read_at(e.table_offset, &mut t).await?;
+            for i in 0..e.table_size as usize {
+                let raw = layout::get_u64(&t, i);
+                if let Some(why) = crate::bitmaps::table_entry_problem(raw, cs) {
+                    k.error(format!(
+                        "ERROR bitmap '{}' table entry {i} ({raw:#x}): {why}",
+                        e.name
+                    ));
+                    continue;
+                }
+                let off = raw & OFFSET_MASK & !0x1ff;
+                if off != 0 {
+                    k.inc(off, cs, 1, "bitmap data cluster");
                 }
             }
         }

@@ -7,7 +7,7 @@
 //!
 //! | bytes | meaning |
 //! |-------|---------|
-//! | 0     | bit 0 open writable, bit 1 repair in `check`, bit 2 resize, bit 3 snapshot create/revert/delete |
+//! | 0     | bit 0 open writable, bit 1 repair in `check`, bit 2 resize, bit 3 snapshot create/revert/delete, bit 4 store and remove persistent bitmaps |
 //! | 1..8  | unused |
 //! | 8..16 | seed (little endian) for the offsets and lengths of the operations |
 //! | 16..  | the image; an external data file, if the image names one, is 64 KiB of 0x77 |
@@ -73,6 +73,9 @@ pub fn exercise(image: Vec<u8>, flags: u8, seed: u64) -> bool {
     };
     let size = img.size();
     let span = size.min(SPAN);
+    // Persistent bitmaps: their directory was parsed at open; tables and data
+    // are read here.
+    let _ = block_on(img.load_bitmaps());
     if span > 0 {
         let _ = block_on(img.map(0, span));
         for _ in 0..4 {
@@ -102,6 +105,23 @@ pub fn exercise(image: Vec<u8>, flags: u8, seed: u64) -> bool {
             if flags & 4 != 0 {
                 let _ = block_on(img.resize(r.below(2 * SPAN)));
             }
+            if flags & 16 != 0 {
+                let size = img.size();
+                let words: Vec<u64> = (0..size.div_ceil(512).div_ceil(64))
+                    .map(|_| r.next_u64() & r.next_u64())
+                    .collect();
+                let b = crate::StoreBitmap {
+                    name: "f",
+                    granularity: 512,
+                    enabled: true,
+                    words: &words,
+                };
+                let _ = block_on(img.store_bitmaps(&[b]));
+                if let Some(first) = img.bitmaps().first() {
+                    let _ = block_on(img.remove_bitmap(&first.name));
+                }
+                let _ = block_on(img.release_bitmaps());
+            }
             if flags & 8 != 0 {
                 let _ = block_on(img.snapshot_create("s"));
                 let _ = block_on(img.write(0, &[2u8; 5000], &NoBacking));
@@ -125,7 +145,7 @@ pub fn exercise(image: Vec<u8>, flags: u8, seed: u64) -> bool {
 /// clusters, 64 KiB of guest data), with the control bytes in front.
 pub fn seeds() -> Vec<(String, Vec<u8>)> {
     type Variant = (&'static str, fn(&mut CreateOptions));
-    let variants: [Variant; 8] = [
+    let variants: [Variant; 9] = [
         ("plain", |_| {}),
         ("refcount1", |o| o.refcount_bits = 1),
         ("refcount64", |o| o.refcount_bits = 64),
@@ -144,6 +164,8 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
         }),
         ("cluster4k", |o| o.cluster_size = 4096),
         ("empty", |_| {}),
+        // The bitmaps extension needs more than 512 bytes of header cluster.
+        ("bitmaps", |o| o.cluster_size = 1024),
     ];
     let mut out = Vec::new();
     for (i, (name, v)) in variants.iter().enumerate() {
@@ -172,6 +194,24 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
             if writes > 1 {
                 let _ = block_on(img.write_compressed(32 << 10, &data));
             }
+            if *name == "bitmaps" {
+                let ones = vec![u64::MAX; 2];
+                let some = vec![0x0f0f_0000_ffff_0001u64, 1 << 63];
+                let _ = block_on(img.store_bitmaps(&[
+                    crate::StoreBitmap {
+                        name: "ones",
+                        granularity: 512,
+                        enabled: true,
+                        words: &ones,
+                    },
+                    crate::StoreBitmap {
+                        name: "some",
+                        granularity: 512,
+                        enabled: false,
+                        words: &some,
+                    },
+                ]));
+            }
             if *name == "plain" {
                 let _ = block_on(img.snapshot_create("snap"));
                 let _ = block_on(img.write(0, &[5u8; 1024], &NoBacking));
@@ -179,7 +219,7 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
         }
         let _ = block_on(img.close());
         let image = img.io().to_vec();
-        for (flags, suffix) in [(0u8, "-ro"), (1 | 2 | 4 | 8, "-rw")] {
+        for (flags, suffix) in [(0u8, "-ro"), (1 | 2 | 4 | 8 | 16, "-rw")] {
             // Large images once only (they make the corpus large).
             if flags == 0 && image.len() > 20 << 10 {
                 continue;

@@ -391,8 +391,11 @@ impl Header {
                     }
                 }
                 ext::BITMAPS => {
-                    if len < 24 {
-                        return Err(bad("bitmaps extension too short"));
+                    if len != 24 {
+                        return Err(bad("invalid bitmaps extension length"));
+                    }
+                    if be32(data, 4) != 0 {
+                        return Err(bad("bitmaps extension reserved field is not zero"));
                     }
                     self.bitmaps = Some(BitmapsExt {
                         nb_bitmaps: be32(data, 0),
@@ -525,11 +528,16 @@ impl Header {
                 "snapshot table offset invalid or past the end of the file",
             ));
         }
-        if let Some(b) = &self.bitmaps {
+        // A bitmaps extension without its autoclear bit is stale (a program
+        // without bitmap support wrote the image): it is dropped at open,
+        // whatever it says.
+        let bitmaps_valid = self.autoclear_features & autoclear::BITMAPS != 0;
+        if let Some(b) = self.bitmaps.as_ref().filter(|_| bitmaps_valid) {
             if b.nb_bitmaps == 0 || b.nb_bitmaps > 65535 {
                 return Err(invalid("bitmaps extension: bad bitmap count"));
             }
-            if b.directory_size > 64 << 20
+            if b.directory_size == 0
+                || b.directory_size > 1024 * 65535
                 || !aligned(b.directory_offset)
                 || !within(b.directory_offset, b.directory_size)
             {

@@ -1,5 +1,6 @@
 //! An open qcow2 image: state, metadata caches, and the read path (`map`).
 
+use crate::bitmaps::{BitmapError, Slot};
 use crate::cache::{CacheEntry, TableCache};
 use crate::compress::{self, CompressError};
 use crate::header::{self, autoclear, compat, incompat, Header, HeaderError};
@@ -63,6 +64,9 @@ pub enum Error {
     /// An internal snapshot of this name exists already.
     #[error("a snapshot named {0:?} exists already")]
     SnapshotExists(String),
+    /// The bitmaps extension is invalid, or a bitmap operation is refused.
+    #[error(transparent)]
+    Bitmap(#[from] BitmapError),
 }
 
 /// Result with [`Error`].
@@ -82,6 +86,8 @@ impl Error {
             Error::NoSpace(_) => libc::ENOSPC,
             Error::SnapshotNotFound(_) => libc::ENOENT,
             Error::SnapshotExists(_) => libc::EEXIST,
+            Error::Bitmap(BitmapError::NotFound(_)) => libc::ENOENT,
+            Error::Bitmap(_) => libc::EINVAL,
         }
     }
 }
@@ -244,6 +250,8 @@ pub(crate) struct State {
     pub reserved: std::ops::Range<u64>,
     /// Clusters the next reservation takes (it doubles up to a limit).
     pub reserve_next: u64,
+    /// The bitmap directory, as it is in the image.
+    pub bitmaps: Vec<Slot>,
 }
 
 impl State {
@@ -443,6 +451,30 @@ impl<I: QcowIo> Qcow2<I> {
         } else {
             (Vec::new(), 0)
         };
+        // Bitmaps: a stale extension (autoclear bit clear) is dropped, as QEMU
+        // does; its clusters leak until `check -r leaks`.
+        let mut hdr = hdr;
+        let mut drop_stale_bitmaps = false;
+        if hdr.bitmaps.is_some() && hdr.autoclear_features & autoclear::BITMAPS == 0 {
+            log::warn!(
+                "qcow2: a program lacking bitmap support modified this image, so all \
+                 bitmaps are now considered inconsistent; some clusters may be leaked \
+                 (run check -r leaks)"
+            );
+            hdr.bitmaps = None;
+            drop_stale_bitmaps = true;
+        }
+        let bitmaps = match &hdr.bitmaps {
+            Some(ext) => Self::read_bitmap_directory(&io, ext, cs, hdr.size, file_len)
+                .await?
+                .into_iter()
+                .map(|entry| Slot {
+                    inconsistent: entry.in_use(),
+                    entry,
+                })
+                .collect(),
+            None => Vec::new(),
+        };
         let l2_bytes = opts.l2_cache_size.unwrap_or_else(|| {
             let need = hdr.size.div_ceil(g.l2_span()).max(1) * cs;
             need.min(32 << 20)
@@ -492,6 +524,7 @@ impl<I: QcowIo> Qcow2<I> {
             snapshots,
             snapshot_table_len,
             hdr,
+            bitmaps,
         };
         let img = Qcow2 {
             io,
@@ -516,18 +549,27 @@ impl<I: QcowIo> Qcow2<I> {
                 img.io.flush().await?;
                 img.st().dirty_marked = false;
             }
-            // Clear autoclear bits we do not maintain (unknown ones, and
-            // bitmaps: this crate does not update them on writes).
-            let keep = autoclear::DATA_FILE_RAW;
+            // Clear the autoclear bits we do not maintain (unknown ones, and
+            // bitmaps' when there is no valid extension).
             let changed = {
                 let mut st = img.st();
+                let mut keep = autoclear::DATA_FILE_RAW;
+                if st.hdr.bitmaps.is_some() {
+                    keep |= autoclear::BITMAPS;
+                }
                 let old = st.hdr.autoclear_features;
                 st.hdr.autoclear_features &= keep;
                 old != st.hdr.autoclear_features
             };
-            if changed {
+            if changed || drop_stale_bitmaps {
                 img.write_header().await?;
                 img.io.flush().await?;
+            }
+            // Bitmaps being used by this open are in use in the image until
+            // they are stored (or released).
+            if !img.st().corrupt {
+                img.check_bitmap_tables().await?;
+                img.claim_bitmaps().await?;
             }
         }
         Ok(img)

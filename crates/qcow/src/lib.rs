@@ -9,6 +9,7 @@
 //! compressed clusters and zero-filling. All file I/O goes through the
 //! crate's own [`QcowIo`] trait.
 
+pub mod bitmaps;
 pub mod cache;
 pub mod check;
 pub mod compress;
@@ -25,6 +26,7 @@ pub mod sync;
 mod alloc;
 mod write;
 
+pub use bitmaps::{BitmapError, BitmapInfo, LoadedBitmap, StoreBitmap};
 pub use check::{CheckReport, Repair};
 pub use create::{
     create, create_with_data_file, Compat, CreateError, CreateOptions, Preallocation,

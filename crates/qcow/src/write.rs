@@ -1058,6 +1058,7 @@ impl<I: QcowIo> Qcow2<I> {
     /// Changes the virtual size. Growing may move the L1 table.
     pub async fn resize(&self, new_size: u64) -> Result<()> {
         self.check_writable()?;
+        self.bitmaps_allow_resize()?;
         if new_size < self.size() {
             return self.shrink(new_size).await;
         }

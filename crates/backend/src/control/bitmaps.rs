@@ -98,7 +98,10 @@ fn can_store_new(node: &Node, name: &str, granularity: u64) -> OpResult<()> {
             "Name length exceeds maximum ({QCOW2_MAX_NAME} characters)"
         ));
     }
-    Ok(())
+    // The image's own limits (granularity, bitmap count).
+    node.driver()
+        .can_store_new_bitmap(name, granularity)
+        .or_else(|e| refuse(&e.to_string()))
 }
 
 impl Control {
@@ -148,8 +151,12 @@ impl Control {
     pub fn bitmap_remove(&mut self, node: &str, name: &str) -> OpResult<()> {
         let (n, b) = self.bitmap_lookup(node, name)?;
         b.check(Check::REMOVE).map_err(err)?;
-        // A persistent bitmap is dropped from the image by the format driver when it
-        // stores bitmaps; until then there is nothing stored to remove.
+        // A persistent bitmap leaves the image at once (absent there: not stored yet).
+        if b.persistent() {
+            n.driver().remove_persistent_bitmap(name).map_err(|e| {
+                QmpError::generic(format!("Failed to update bitmap extension: {e}"))
+            })?;
+        }
         n.remove_named_bitmap(name);
         Ok(())
     }

@@ -681,6 +681,13 @@ impl Control {
             if node.is_read_only() {
                 continue;
             }
+            // A clean close stores the persistent bitmaps, not in use any more.
+            if let Err(e) = node.store_persistent_bitmaps() {
+                log::error!(
+                    "node '{}': storing its persistent bitmaps failed: {e}",
+                    node.name()
+                );
+            }
             if let Err(e) = node.driver().close() {
                 log::error!("closing node '{}' failed: {e}", node.name());
             }

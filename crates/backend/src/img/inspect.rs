@@ -33,6 +33,26 @@ pub(super) fn info(args: &[String]) -> Result<()> {
         "backing-filename": i.backing_file,
         "backing-filename-format": i.backing_format,
     });
+    // As qemu-img: the flags as the image has them ("in-use" while a program has
+    // them, or after it crashed), the list only when there are bitmaps.
+    let bitmaps = img.bitmaps();
+    if !bitmaps.is_empty() {
+        v["bitmaps"] = Value::Array(
+            bitmaps
+                .iter()
+                .map(|b| {
+                    let mut flags = Vec::new();
+                    if b.in_use {
+                        flags.push("in-use");
+                    }
+                    if b.auto {
+                        flags.push("auto");
+                    }
+                    json!({ "flags": flags, "name": b.name, "granularity": b.granularity })
+                })
+                .collect(),
+        );
+    }
     // As qemu-img: the list only when there are snapshots.
     if !snaps.is_empty() {
         v["snapshots"] = Value::Array(
@@ -59,6 +79,18 @@ pub(super) fn info(args: &[String]) -> Result<()> {
         "compression type: {}",
         v["compression-type"].as_str().unwrap_or_default()
     );
+    if let Some(list) = v["bitmaps"].as_array() {
+        println!("bitmaps:");
+        for (n, b) in list.iter().enumerate() {
+            println!("    [{n}]:");
+            println!("        flags:");
+            for (k, f) in b["flags"].as_array().into_iter().flatten().enumerate() {
+                println!("            [{k}]: {}", f.as_str().unwrap_or_default());
+            }
+            println!("        name: {}", b["name"].as_str().unwrap_or_default());
+            println!("        granularity: {}", b["granularity"]);
+        }
+    }
     println!("corrupt: {}", i.corrupt);
     if let Some(b) = &i.backing_file {
         println!("backing file: {b}");
@@ -89,10 +121,16 @@ pub(super) fn check(args: &[String]) -> Result<u8> {
     // was killed) gets its refcounts rebuilt when opened for repair, as QEMU's
     // writable open does; a read-only check reports what it finds.
     let img = open_image(file, access, repair != Repair::None)?;
-    let r: CheckReport = block_on(img.check(repair)).map_err(image_err(file))?;
+    let checked = block_on(img.check(repair));
     if repair != Repair::None {
-        block_on(img.close()).map_err(image_err(file))?;
+        // A repair changes no guest data: the bitmaps stay valid (also when the
+        // check failed).
+        let released = block_on(img.release_bitmaps());
+        let closed = block_on(img.close());
+        released.map_err(image_err(file))?;
+        closed.map_err(image_err(file))?;
     }
+    let r: CheckReport = checked.map_err(image_err(file))?;
     let leaks = r.leaks - r.leaks_fixed.min(r.leaks);
     let corruptions = r.corruptions - r.corruptions_fixed.min(r.corruptions);
     if json {

@@ -8,6 +8,8 @@
 //! vubd img map [-U] [--output human|json] FILE
 //! vubd img snapshot [-U] [-q] [-f qcow2] -l | -c NAME | -a NAME | -d NAME FILE
 //! vubd img convert [-U] [-f FMT] [-O FMT] [-c] [-o OPTS] SRC DST
+//! vubd img bitmap (--add [-g GRAN] | --remove | --clear | --enable | --disable |
+//!                  --merge SRC)... [-f qcow2] FILE BITMAP
 //! ```
 //!
 //! - [`create`]: `create` and the `-o` creation options (also `convert -o`)
@@ -15,11 +17,13 @@
 //! - [`snapshot`]: `snapshot`, and the snapshot table `info` shows too
 //! - [`source`]: reading an image through its backing chain, for `convert`
 //! - [`convert`]: `convert`, copies of images
+//! - [`bitmap`]: `bitmap`, the persistent dirty bitmaps of a qcow2 image
 //!
 //! Images are locked as QEMU locks them (see `blocklayer::drivers::lock`): a tool that
 //! changes an image needs it for itself, one that reads it needs no writer on it;
 //! `-U` (`--force-share`) reads without locks, as qemu-img's.
 
+mod bitmap;
 mod convert;
 mod create;
 mod inspect;
@@ -55,6 +59,8 @@ Usage: vubd img create [-f qcow2|raw] [-b BACKING [-F FMT]] [-o OPTIONS] FILE SI
        vubd img map [-U] [--output human|json] FILE
        vubd img snapshot [-U] [-q] [-f qcow2] -l | -c NAME | -a NAME | -d NAME FILE
        vubd img convert [-U] [-q] [-f FMT] [-O FMT] [-c] [-o OPTIONS] SRC DST
+       vubd img bitmap (--add [-g GRAN] | --remove | --clear | --enable | --disable
+                        | --merge SOURCE)... [-f qcow2] FILE BITMAP
 
   create -o takes qemu-img's qcow2 creation options (cluster_size, compat,
   lazy_refcounts, refcount_bits, extended_l2, backing_file, backing_fmt,
@@ -65,6 +71,9 @@ Usage: vubd img create [-f qcow2|raw] [-b BACKING [-F FMT]] [-o OPTIONS] FILE SI
   convert copies what the guest sees of SRC (through its backing chain) to a new
   image DST (-O raw, the default, or qcow2), leaving zeroes unallocated; -c writes
   compressed qcow2 clusters; -o takes the options of create.
+  bitmap changes the persistent dirty bitmap BITMAP of FILE, in the order given:
+  --add creates it (enabled, granularity GRAN, default the cluster size, at least
+  4 KiB), --merge ORs the bitmap SOURCE of FILE into it.
 ";
 
 fn usage(msg: impl Into<String>) -> ImgError {
@@ -83,6 +92,7 @@ pub fn main(args: &[String]) -> Result<u8> {
         "map" => inspect::map(rest).map(|()| 0),
         "snapshot" => snapshot::snapshot(rest).map(|()| 0),
         "convert" => convert::convert(rest).map(|()| 0),
+        "bitmap" => bitmap::bitmap(rest).map(|()| 0),
         "-h" | "--help" | "help" => {
             print!("{USAGE}");
             Ok(0)

@@ -87,8 +87,11 @@ pub(super) fn snapshot(args: &[String]) -> Result<()> {
             Action::List => Ok(()),
         }
     });
+    // As in qemu-img, snapshot operations leave the bitmaps as they are (valid).
+    let released = block_on(img.release_bitmaps());
     let closed = block_on(img.close());
     done.map_err(failed)?;
+    released.map_err(image_err(file))?;
     closed.map_err(image_err(file))
 }
 

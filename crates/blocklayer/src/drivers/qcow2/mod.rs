@@ -20,6 +20,7 @@ use crate::edge::Edge;
 use crate::error::{BlockError, Result};
 use crate::node::Node;
 use crate::periodic::{self, Periodic};
+use crate::persistent_bitmaps::{le_to_words, words_to_le, PersistentBitmap};
 use crate::snapshot::{NewSnapshot, SnapshotInfo};
 use arc_swap::ArcSwapOption;
 use qcow::io::QcowIo;
@@ -220,6 +221,14 @@ fn image_error(e: qcow::Error) -> BlockError {
             BlockError::Unsupported("this qcow2 operation")
         }
         other => BlockError::Graph(format!("qcow2: {other}")),
+    }
+}
+
+/// A refused or failed bitmap operation: the image's message.
+fn bitmap_error(e: qcow::Error) -> BlockError {
+    match e {
+        qcow::Error::Io(source) => BlockError::io("qcow2", source),
+        other => BlockError::Graph(other.to_string()),
     }
 }
 
@@ -509,7 +518,11 @@ impl Driver for Qcow2Driver {
             ));
         }
         let image = self.image.clone();
-        crate::aio::uring::block_on(async move { image.resize(size).await }).map_err(image_error)
+        crate::aio::uring::block_on(async move { image.resize(size).await }).map_err(|e| match e {
+            // QEMU's text for a bitmap that cannot follow the resize.
+            qcow::Error::Bitmap(b) => BlockError::Graph(b.to_string()),
+            other => image_error(other),
+        })
     }
 
     fn filename(&self) -> String {
@@ -552,6 +565,28 @@ impl Driver for Qcow2Driver {
                 qcow::CompressionType::Zstd => "zstd",
             });
             data["lazy-refcounts"] = info.lazy_refcounts.into();
+            // As QEMU: the flags as the image has them, the list only when there
+            // are bitmaps.
+            let bitmaps = self.image.bitmaps();
+            if !bitmaps.is_empty() {
+                data["bitmaps"] = bitmaps
+                    .iter()
+                    .map(|b| {
+                        let mut flags = Vec::new();
+                        if b.in_use {
+                            flags.push("in-use");
+                        }
+                        if b.auto {
+                            flags.push("auto");
+                        }
+                        serde_json::json!({
+                            "flags": flags,
+                            "name": b.name,
+                            "granularity": b.granularity,
+                        })
+                    })
+                    .collect();
+            }
             data["refcount-bits"] = info.refcount_bits.into();
             data["corrupt"] = info.corrupt.into();
             data["extended-l2"] = info.extended_l2.into();
@@ -573,6 +608,92 @@ impl Driver for Qcow2Driver {
             extra["backing-filename-format"] = f.into();
         }
         Some(extra)
+    }
+
+    fn load_persistent_bitmaps(&self) -> Result<Vec<PersistentBitmap>> {
+        let image = self.image.clone();
+        let loaded = crate::aio::uring::block_on(async move { image.load_bitmaps().await })
+            .map_err(image_error)?;
+        Ok(loaded
+            .into_iter()
+            .map(|b| PersistentBitmap {
+                name: b.name,
+                granularity: b.granularity,
+                enabled: b.enabled,
+                inconsistent: b.inconsistent,
+                bits: words_to_le(&b.words),
+            })
+            .collect())
+    }
+
+    fn store_persistent_bitmaps(&self, list: &[PersistentBitmap]) -> Result<()> {
+        if list.is_empty() {
+            return Ok(());
+        }
+        let size = self.image.size();
+        let owned: Vec<(String, u64, bool, Vec<u64>)> = list
+            .iter()
+            .map(|b| {
+                let mut w = le_to_words(&b.bits);
+                w.resize(size.div_ceil(b.granularity).div_ceil(64) as usize, 0);
+                (b.name.clone(), b.granularity, b.enabled, w)
+            })
+            .collect();
+        let image = self.image.clone();
+        crate::aio::uring::block_on(async move {
+            let stores: Vec<qcow::StoreBitmap<'_>> = owned
+                .iter()
+                .map(|(name, granularity, enabled, words)| qcow::StoreBitmap {
+                    name,
+                    granularity: *granularity,
+                    enabled: *enabled,
+                    words,
+                })
+                .collect();
+            image.store_bitmaps(&stores).await
+        })
+        .map_err(bitmap_error)
+    }
+
+    fn remove_persistent_bitmap(&self, name: &str) -> Result<()> {
+        if !self.image.bitmaps().iter().any(|b| b.name == name) {
+            return Ok(());
+        }
+        let image = self.image.clone();
+        let name = name.to_string();
+        crate::aio::uring::block_on(async move { image.remove_bitmap(&name).await })
+            .map_err(bitmap_error)
+    }
+
+    fn mark_bitmaps_in_use(&self) -> Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
+        let image = self.image.clone();
+        crate::aio::uring::block_on(async move { image.claim_bitmaps().await })
+            .map_err(bitmap_error)
+    }
+
+    fn can_store_new_bitmap(&self, name: &str, granularity: u64) -> Result<()> {
+        let info = self.image.info();
+        if info.version < 3 {
+            return Err(BlockError::Graph(
+                "Cannot store dirty bitmaps in qcow2 v2 files".into(),
+            ));
+        }
+        qcow::bitmaps::check_new(name, granularity, info.size, info.cluster_size).map_err(|e| {
+            match e {
+                qcow::BitmapError::Store { why, .. } => BlockError::Graph(why),
+                other => BlockError::Graph(other.to_string()),
+            }
+        })?;
+        let n = self.image.bitmaps().len();
+        if n + 1 > qcow::bitmaps::MAX_BITMAPS as usize {
+            return Err(BlockError::Graph(
+                "Maximum number of persistent bitmaps is already reached".into(),
+            ));
+        }
+        Ok(())
     }
 
     fn snapshot_list(&self) -> Result<Vec<SnapshotInfo>> {
