@@ -1,0 +1,259 @@
+"""blockdev-backup and drive-backup over QMP, the copy-before-write filter they put
+above the source, and snapshot-access (image fleecing): the disk as it was when the job
+started reaches the target while a frontend keeps writing; sync=full|top|none; the job
+events and query-block-jobs fields; the argument checks in QEMU 7.2's order and texts.
+Every expectation is qemu-storage-daemon 7.2's (the tests pass with ``--daemon=qsd``).
+
+Jobs that must stay running are started with ``speed=1``: one chunk is copied, then the
+rate limit holds the job in ``running`` until the test sets the speed to 0."""
+
+import pytest
+
+from chains import (
+    BLOCK_JOB_INFO_KEYS,
+    KIB,
+    JobEvents,
+    block_job,
+    chain_args,
+    compare,
+    expected_disk,
+    make_chain,
+    nodes_by_name,
+    pattern,
+    qemu_img,
+    read_disk,
+    write_raw,
+)
+from conftest import MIB, error, execute, export_args, file_raw_args, io_ok, make_image
+
+SIZE = 4 * MIB
+#: QEMU runs the command as a transaction in a drained section: the new job pauses
+#: at once and resumes when the section ends.
+START = ["created", "running", "paused", "running"]
+DONE = START + ["waiting", "pending", "BLOCK_JOB_COMPLETED", "concluded", "null"]
+CANCELLED = START + ["aborting", "BLOCK_JOB_CANCELLED", "concluded", "null"]
+
+
+def setup(start_daemon, tmp, target_size=SIZE, extra=()):
+    """Source n0 (raw, exported as e0), target t0 (raw, same size unless told)."""
+    args = file_raw_args(tmp, "n0", SIZE) + file_raw_args(tmp, "t0", target_size)
+    return start_daemon(args + export_args("e0", "n0", tmp / "d-e0.sock") + list(extra))
+
+
+def sock(tmp, eid="e0"):
+    return tmp / f"d-{eid}.sock"
+
+
+def write(tmp, off, n, seed, eid="e0"):
+    io_ok("write", "--socket", sock(tmp, eid), "--offset", off, "--len", n, "--seed", seed)
+
+
+def verify(tmp, off, n, seed, eid="e0"):
+    io_ok("verify", "--socket", sock(tmp, eid), "--offset", off, "--len", n, "--seed", seed)
+
+
+async def test_full_backup_keeps_the_disk_as_it_was_at_the_start(start_daemon, tmp):
+    d = setup(start_daemon, tmp)
+    write(tmp, 0, SIZE, 1)
+    async with d.qmp() as c:
+        ev = JobEvents(c)
+        args = {"job-id": "b", "device": "n0", "target": "t0", "sync": "full", "speed": 1}
+        assert await execute(c, "blockdev-backup", args) == {}
+        assert await ev.until("b", "running") == ["created", "running"]
+        assert await ev.until("b", "running") == ["paused", "running"]
+        info = await block_job(c, "b")
+        assert set(info) == BLOCK_JOB_INFO_KEYS
+        assert (info["type"], info["len"], info["speed"], info["status"]) == (
+            "backup", SIZE, 1, "running",
+        )
+        # Guest writes while the job runs: their old data goes to the target first.
+        write(tmp, MIB, 64 * KIB, 2)
+        write(tmp, SIZE - 4 * KIB, 4 * KIB, 3)
+        assert await execute(c, "block-job-set-speed", {"device": "b", "speed": 0}) == {}
+        assert await ev.until("b", "null") == DONE[len(START):]
+        assert ev.data["BLOCK_JOB_COMPLETED"] == {
+            "device": "b", "len": SIZE, "offset": SIZE, "speed": 0, "type": "backup",
+        }
+        # The filter is gone again; the guest's data stays on the source.
+        assert set(await nodes_by_name(c)) == {"n0", "n0-file", "t0", "t0-file"}
+        verify(tmp, MIB, 64 * KIB, 2)
+    ref = write_raw(tmp / "ref.raw", pattern(1, 0, SIZE))
+    compare(ref, tmp / "t0.img")
+
+
+async def test_filter_node_name_and_busy_target(start_daemon, tmp):
+    d = setup(start_daemon, tmp, extra=file_raw_args(tmp, "n1", SIZE) + file_raw_args(tmp, "n2", SIZE))
+    async with d.qmp() as c:
+        ev = JobEvents(c)
+        args = {"job-id": "b", "device": "n0", "target": "t0", "sync": "full", "speed": 1,
+                "filter-node-name": "cbw0"}
+        assert await execute(c, "blockdev-backup", args) == {}
+        nodes = await nodes_by_name(c)
+        assert nodes["cbw0"]["drv"] == "copy-before-write"
+        await error(c, "blockdev-backup",
+                    {"job-id": "b2", "device": "n1", "target": "t0", "sync": "full"},
+                    desc="Node 't0' is busy: block device is in use by block job: backup")
+        await error(c, "blockdev-backup",
+                    {"job-id": "b", "device": "n1", "target": "n2", "sync": "full"},
+                    desc="Job ID 'b' already in use")
+        assert await execute(c, "block-job-cancel", {"device": "b"}) == {}
+        # Each command, even one that fails, drains every node: the job pauses and
+        # resumes each time.
+        blips = ["paused", "running"] * 2
+        assert await ev.until("b", "null") == START + blips + CANCELLED[len(START):]
+        assert ev.data["BLOCK_JOB_CANCELLED"]["type"] == "backup"
+        assert "cbw0" not in await nodes_by_name(c)
+
+
+async def test_sync_none_copies_only_what_the_guest_overwrites(start_daemon, tmp):
+    d = setup(start_daemon, tmp)
+    write(tmp, 0, SIZE, 1)
+    async with d.qmp() as c:
+        ev = JobEvents(c)
+        args = {"job-id": "b", "device": "n0", "target": "t0", "sync": "none"}
+        assert await execute(c, "blockdev-backup", args) == {}
+        assert await ev.until("b", "running") == ["created", "running"]
+        assert await ev.until("b", "running") == ["paused", "running"]
+        write(tmp, 2 * MIB, 4 * KIB, 2)
+        # sync=none never ends by itself.
+        assert await ev.quiet("b", 0.5) == []
+        assert await execute(c, "block-job-cancel", {"device": "b"}) == {}
+        assert await ev.until("b", "null") == CANCELLED[len(START):]
+        assert ev.data["BLOCK_JOB_CANCELLED"]["offset"] == 64 * KIB
+    data = (tmp / "t0.img").read_bytes()
+    # The 64 KiB cluster around the write holds the old data; the rest was not copied.
+    assert data[2 * MIB:2 * MIB + 64 * KIB] == pattern(1, 2 * MIB, 64 * KIB)
+    assert data[:2 * MIB] == bytes(2 * MIB)
+    assert data[2 * MIB + 64 * KIB:] == bytes(SIZE - 2 * MIB - 64 * KIB)
+
+
+LAYERS = [("base", [(0, SIZE, 1)]), ("top", [(MIB, 64 * KIB, 2), (3 * MIB, 128 * KIB, 3)])]
+
+
+async def test_sync_top_copies_the_top_layer_only(start_daemon, tmp):
+    imgs = make_chain(tmp, LAYERS, SIZE)
+    tgt = tmp / "tgt.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", imgs["base"], "-F", "qcow2", tgt, SIZE)
+    args = chain_args(tmp, ["base", "top"]) + [
+        "--blockdev", f"file,node-name=tgt-file,filename={tgt}",
+        "--blockdev", "qcow2,node-name=tgt,file=tgt-file,backing=base",
+    ] + export_args("e0", "top", tmp / "d-e0.sock")
+    d = start_daemon(args)
+    async with d.qmp() as c:
+        ev = JobEvents(c)
+        args = {"job-id": "b", "device": "top", "target": "tgt", "sync": "top"}
+        assert await execute(c, "blockdev-backup", args) == {}
+        assert await ev.until("b", "null") == DONE
+        assert ev.data["BLOCK_JOB_COMPLETED"]["len"] == 192 * KIB
+        assert ev.data["BLOCK_JOB_COMPLETED"]["offset"] == 192 * KIB
+        # Closed, so that its metadata is on disk.
+        for n in ("tgt", "tgt-file"):
+            assert await execute(c, "blockdev-del", {"node-name": n}) == {}
+    assert read_disk(tgt, tmp) == bytes(expected_disk(LAYERS, SIZE))
+    m = {(e["start"], e["depth"]) for e in __import__("json").loads(
+        qemu_img("map", "-U", "--output=json", tgt)) if e["data"]}
+    assert (MIB, 0) in m and (0, 1) in m
+
+
+async def test_drive_backup_creates_the_target(start_daemon, tmp):
+    d = setup(start_daemon, tmp)
+    write(tmp, 0, SIZE, 4)
+    async with d.qmp() as c:
+        ev = JobEvents(c)
+        for fmt in ("qcow2", "raw"):
+            target = tmp / f"drive.{fmt}"
+            args = {"job-id": "b", "device": "n0", "target": str(target), "sync": "full",
+                    "format": fmt}
+            assert await execute(c, "drive-backup", args) == {}
+            assert await ev.until("b", "null") == DONE
+            compare(tmp / "n0.img", target)
+        assert set(await nodes_by_name(c)) == {"n0", "n0-file", "t0", "t0-file"}
+        await error(c, "drive-backup",
+                    {"device": "n0", "target": str(tmp / "nosuch.img"), "sync": "full",
+                     "mode": "existing", "format": "raw", "job-id": "b"},
+                    desc=f"Could not open '{tmp / 'nosuch.img'}': No such file or directory")
+
+
+async def test_fleecing_through_snapshot_access(start_daemon, tmp):
+    """Image fleecing: copy-before-write above the source (exported), snapshot-access
+    above it on a second, read-only export: that export keeps reading the disk as it
+    was while the first one writes."""
+    make_image(tmp / "fl.img", SIZE)
+    args = file_raw_args(tmp, "n0", SIZE)
+    write_raw(tmp / "n0.img", pattern(1, 0, SIZE))
+    args += [
+        "--blockdev", f"file,node-name=fl,filename={tmp / 'fl.img'}",
+        "--blockdev", "copy-before-write,node-name=cbw,file=n0,target=fl",
+        "--blockdev", "snapshot-access,node-name=acc,file=cbw",
+    ] + export_args("e0", "cbw", sock(tmp)) + export_args(
+        "e1", "acc", sock(tmp, "e1"), writable=False)
+    d = start_daemon(args)
+    async with d.qmp() as c:
+        nodes = await nodes_by_name(c)
+        assert nodes["acc"]["drv"] == "snapshot-access"
+        assert nodes["cbw"]["drv"] == "copy-before-write"
+        write(tmp, 0, MIB, 5)
+        write(tmp, 3 * MIB + 512, 4 * KIB, 6)
+        verify(tmp, 0, MIB, 5)
+        verify(tmp, 3 * MIB + 512, 4 * KIB, 6)
+        # The view on e1 is the disk as it was when the filter was opened. (Read in
+        # pieces that are either all copied or all not: QEMU 7.2's hbitmap_status
+        # gets a range that starts copied and ends not copied wrong, and reads the
+        # copied part from the source.)
+        for off, n in ((0, MIB), (MIB, 2 * MIB), (3 * MIB, 64 * KIB),
+                       (3 * MIB + 64 * KIB, MIB - 64 * KIB)):
+            io_ok("verify", "--socket", sock(tmp, "e1"), "--offset", off, "--len", n,
+                  "--seed", 1, "--read-only", "on")
+    # Only the clusters written were copied to the fleecing image.
+    fl = (tmp / "fl.img").read_bytes()
+    assert fl[:MIB] == pattern(1, 0, MIB)
+    assert fl[3 * MIB:3 * MIB + 64 * KIB] == pattern(1, 3 * MIB, 64 * KIB)
+    assert fl[MIB:3 * MIB] == bytes(2 * MIB)
+
+
+@pytest.mark.parametrize("args, desc", [
+    ({"device": "nosuch", "target": "t0", "sync": "full"},
+     "Cannot find device='nosuch' nor node-name='nosuch'"),
+    ({"device": "n0", "target": "nosuch", "sync": "full"},
+     "Cannot find device='nosuch' nor node-name='nosuch'"),
+    ({"device": "n0", "target": "t0"}, "Parameter 'sync' is missing"),
+    ({"device": "n0", "target": "t0", "sync": "sometimes"},
+     "Parameter 'sync' does not accept value 'sometimes'"),
+    ({"device": "n0", "target": "t0", "sync": "bitmap"},
+     "must provide a valid bitmap name for 'bitmap' sync mode"),
+    ({"device": "n0", "target": "t0", "sync": "incremental", "bitmap-mode": "never"},
+     "must provide a valid bitmap name for 'incremental' sync mode"),
+    ({"device": "n0", "target": "t0", "sync": "incremental", "bitmap": "b0",
+      "bitmap-mode": "never"},
+     "Bitmap sync mode must be 'on-success' when using sync mode 'incremental'"),
+    ({"device": "n0", "target": "t0", "sync": "bitmap", "bitmap": "b0",
+      "bitmap-mode": "always"},
+     "Bitmap 'b0' could not be found"),
+    ({"device": "n0", "target": "t0", "sync": "full", "bitmap-mode": "always"},
+     "Cannot specify bitmap sync mode without a bitmap"),
+    ({"device": "n0", "target": "n0", "sync": "full"}, "Source and target cannot be the same"),
+    ({"device": "n0", "target": "t0", "sync": "full", "x-perf": {"max-workers": 0}},
+     "max-workers must be between 1 and 2147483647"),
+    ({"device": "n0", "target": "t0", "sync": "full", "x-perf": {"max-chunk": -1}},
+     "max-chunk must be zero (which means no limit) or positive"),
+    ({"device": "n0", "target": "t1", "sync": "full"},
+     "Source and target image have different sizes"),
+    ({"device": "n0", "target": "t0", "sync": "full", "x-perf": {"max-chunk": 4096}},
+     "Required max-chunk (4096) is less than backup cluster size (65536)"),
+    ({"device": "n0", "target": "t0", "sync": "full"}, "Invalid job ID ''"),
+    ({"device": "n0", "target": "t0", "sync": "full", "job-id": "1x"}, "Invalid job ID '1x'"),
+    ({"device": "n0", "target": "t0", "sync": "full", "job-id": "b",
+      "filter-node-name": "n0"}, "Could not create node: Duplicate nodes with node-name='n0'"),
+    ({"device": "n0", "target": "ro", "sync": "full", "job-id": "b"}, "Could not create node: Block node is read-only"),
+    ({"device": "n0", "target": "t0", "sync": "full", "job-id": "b", "bogus": 1},
+     "Parameter 'bogus' is unexpected"),
+])
+async def test_blockdev_backup_errors(start_daemon, tmp, args, desc):
+    extra = file_raw_args(tmp, "t1", 2 * MIB) + file_raw_args(tmp, "ro0", SIZE)[:2] + [
+        "--blockdev", "raw,node-name=ro,file=ro0-file,read-only=on"]
+    d = setup(start_daemon, tmp, extra=extra)
+    async with d.qmp() as c:
+        await error(c, "blockdev-backup", args, desc=desc)
+        assert await execute(c, "query-block-jobs") == []
+        assert set(await nodes_by_name(c)) == {
+            "n0", "n0-file", "t0", "t0-file", "t1", "t1-file", "ro", "ro0-file"}
