@@ -7,6 +7,12 @@ Every expectation is qemu-storage-daemon 7.2's (the tests pass with ``--daemon=q
 Jobs that must stay running are started with ``speed=1``: one chunk is copied, then the
 rate limit holds the job in ``running`` until the test sets the speed to 0."""
 
+import asyncio
+import json
+import os
+import shutil
+import signal
+
 import pytest
 
 from chains import (
@@ -24,7 +30,16 @@ from chains import (
     read_disk,
     write_raw,
 )
-from conftest import MIB, error, execute, export_args, file_raw_args, io_ok, make_image
+from conftest import (
+    MIB,
+    IoProc,
+    error,
+    execute,
+    export_args,
+    file_raw_args,
+    io_ok,
+    make_image,
+)
 
 SIZE = 4 * MIB
 #: QEMU runs the command as a transaction in a drained section: the new job pauses
@@ -150,7 +165,7 @@ async def test_sync_top_copies_the_top_layer_only(start_daemon, tmp):
         for n in ("tgt", "tgt-file"):
             assert await execute(c, "blockdev-del", {"node-name": n}) == {}
     assert read_disk(tgt, tmp) == bytes(expected_disk(LAYERS, SIZE))
-    m = {(e["start"], e["depth"]) for e in __import__("json").loads(
+    m = {(e["start"], e["depth"]) for e in json.loads(
         qemu_img("map", "-U", "--output=json", tgt)) if e["data"]}
     assert (MIB, 0) in m and (0, 1) in m
 
@@ -257,3 +272,54 @@ async def test_blockdev_backup_errors(start_daemon, tmp, args, desc):
         assert await execute(c, "query-block-jobs") == []
         assert set(await nodes_by_name(c)) == {
             "n0", "n0-file", "t0", "t0-file", "t1", "t1-file", "ro", "ro0-file"}
+
+
+async def test_point_in_time_while_a_frontend_writes(start_daemon, tmp, io_procs):
+    """A frontend writes at random all along (vubd-io stress, which checks what it reads
+    back). It is stopped for the moment the backup starts, so that the disk then can be
+    recorded; the target must equal that record, whatever was written afterwards."""
+    size = 32 * MIB
+    args = file_raw_args(tmp, "n0", size) + file_raw_args(tmp, "t0", size)
+    d = start_daemon(args + export_args("e0", "n0", sock(tmp), extra=",num-queues=2"))
+    io = IoProc(tmp, "stress", "--socket", sock(tmp), "--seconds", 8, "--seed", 7,
+                "--queues", 2)
+    io_procs.append(io)
+    await io.ready()
+    async with d.qmp() as c:
+        ev = JobEvents(c)
+        os.kill(io.proc.pid, signal.SIGSTOP)
+        try:
+            # The requests the frontend had posted complete meanwhile.
+            await asyncio.sleep(0.5)
+            shutil.copyfile(tmp / "n0.img", tmp / "ref.img")
+            args = {"job-id": "b", "device": "n0", "target": "t0", "sync": "full",
+                    "speed": 16 * MIB}
+            assert await execute(c, "blockdev-backup", args) == {}
+        finally:
+            os.kill(io.proc.pid, signal.SIGCONT)
+        assert await ev.until("b", "null", timeout=60) == DONE
+        r = await io.result()
+        assert r["rc"] == 0 and r["ok"], r
+        assert r["writes"] > 0
+    compare(tmp / "ref.img", tmp / "t0.img")
+
+
+async def test_sigkill_during_backup_leaves_the_source_intact(start_daemon, tmp):
+    layers = [("src", [(0, SIZE, 1)])]
+    make_chain(tmp, layers, SIZE)
+    args = chain_args(tmp, ["src"]) + file_raw_args(tmp, "t0", SIZE)
+    d = start_daemon(args + export_args("e0", "src", sock(tmp)))
+    async with d.qmp() as c:
+        ev = JobEvents(c)
+        args = {"job-id": "b", "device": "src", "target": "t0", "sync": "full", "speed": 1}
+        assert await execute(c, "blockdev-backup", args) == {}
+        assert await ev.until("b", "running") == ["created", "running"]
+        write(tmp, 2 * MIB, 128 * KIB, 2)
+        d.expect_exit = True
+        d.kill()
+    qemu_img("check", tmp / "src.qcow2")
+    want = expected_disk(layers + [("w", [(2 * MIB, 128 * KIB, 2)])], SIZE)
+    assert read_disk(tmp / "src.qcow2", tmp) == bytes(want)
+    # What the filter copied before the write is the old data.
+    t = (tmp / "t0.img").read_bytes()
+    assert t[2 * MIB:2 * MIB + 128 * KIB] == pattern(1, 2 * MIB, 128 * KIB)
