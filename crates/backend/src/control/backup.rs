@@ -6,7 +6,7 @@
 use super::jobs::{check_busy, JobOpts};
 use super::{generic, Control, OpResult, DRAIN_TIMEOUT};
 use crate::config::OnError;
-use crate::jobs::backup::{Backup, SyncMode};
+use crate::jobs::backup::{Backup, SyncMode, CHUNK, MAX_WORKERS};
 use crate::jobs::copy::JobCtx;
 use crate::jobs::{Job, JobCore};
 use crate::qmp::wire::QmpError;
@@ -313,6 +313,11 @@ impl Control {
             sync,
             on_source_error: a.on_source_error,
             on_target_error: a.on_target_error,
+            workers: (a.perf.max_workers as usize).min(MAX_WORKERS),
+            chunk: match a.perf.max_chunk as u64 {
+                0 => CHUNK.max(cluster),
+                m => (m.min(CHUNK) / cluster * cluster).max(cluster),
+            },
         };
         let iothread = self.node_iothread(&cbw);
         self.start_job(job, Some(iothread), move || backup.run())?;

@@ -18,11 +18,15 @@ use crate::config::OnError;
 use blocklayer::aio::iovec::AlignedBuf;
 use blocklayer::backend::BlockBackend;
 use blocklayer::block_copy::{BlockCopy, CopyFailure};
+use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-/// Bytes the job copies at once (block-copy's largest buffer in QEMU).
-const CHUNK: u64 = 1 << 20;
+/// Bytes one copy of the job takes at most (block-copy's largest buffer in QEMU).
+pub const CHUNK: u64 = 1 << 20;
 
 /// How often a `sync=none` job updates its progress from the filter's copies.
 const NONE_TICK: Duration = Duration::from_millis(100);
@@ -48,6 +52,35 @@ pub struct Backup {
     pub sync: SyncMode,
     pub on_source_error: OnError,
     pub on_target_error: OnError,
+    /// Copies in flight at once (`x-perf` `max-workers`, at most [`MAX_WORKERS`]).
+    pub workers: usize,
+    /// Bytes one copy takes at most (a multiple of the cluster size).
+    pub chunk: u64,
+}
+
+/// The most copies a job has in flight (each with a buffer of its own).
+pub const MAX_WORKERS: usize = 8;
+
+/// Why a pass ended early.
+enum PassEnd {
+    Cancelled,
+    Failed(CopyFailure),
+}
+
+/// Completes when every future has (QEMU's block-copy runs its tasks the same way,
+/// as coroutines of one thread).
+struct JoinAll<'a>(Vec<Pin<Box<dyn Future<Output = ()> + 'a>>>);
+
+impl Future for JoinAll<'_> {
+    type Output = ();
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        self.0.retain_mut(|f| f.as_mut().poll(cx).is_pending());
+        if self.0.is_empty() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
 }
 
 impl Backup {
@@ -86,31 +119,82 @@ impl Backup {
                 self.ctx.core.sleep(NONE_TICK).await;
             }
         }
-        let buf = Arc::new(AlignedBuf::zeroed(CHUNK as usize, 4096));
-        let mut rl = RateLimit::default();
-        let mut off = 0;
-        while off < size {
-            self.pause_point().await?;
-            let n = (size - off).min(CHUNK);
-            let (bcs, b) = (self.bcs.clone(), &buf);
-            let r = self
-                .blk
-                .with_node(|_| async move { bcs.copy(off, n, Some(b)).await })
-                .await;
-            self.sync_progress();
-            match r {
-                Ok(copied) => {
-                    off += n;
-                    self.ctx.throttle(&mut rl, copied).await;
-                }
-                Err(f) => {
+        let bufs: Vec<Arc<AlignedBuf>> = (0..self.workers)
+            .map(|_| Arc::new(AlignedBuf::zeroed(self.chunk as usize, 4096)))
+            .collect();
+        let rl = RefCell::new(RateLimit::default());
+        loop {
+            // Every pass copies what is still to copy; a failed run went back into
+            // the bitmap and is copied by the next pass.
+            match self.pass(&bufs, &rl).await {
+                Ok(()) => return Ok(()),
+                Err(PassEnd::Cancelled) => return Err(CANCELLED.to_string()),
+                Err(PassEnd::Failed(f)) => {
                     if !self.on_error(f).await? {
                         self.ctx.core.sleep(IGNORED_RETRY).await;
                     }
                 }
             }
         }
-        Ok(())
+    }
+
+    /// One pass over the disk by `bufs.len()` workers at once, each taking the next
+    /// chunk; ends at the first failure (the other workers finish their chunk).
+    async fn pass(&self, bufs: &[Arc<AlignedBuf>], rl: &RefCell<RateLimit>) -> Result<(), PassEnd> {
+        let size = self.bcs.size();
+        let next = Cell::new(0u64);
+        let failed: RefCell<Option<PassEnd>> = RefCell::new(None);
+        let worker = |buf: &Arc<AlignedBuf>| {
+            let buf = buf.clone();
+            let (next, failed) = (&next, &failed);
+            async move {
+                loop {
+                    if failed.borrow().is_some() {
+                        return;
+                    }
+                    if self.ctx.core.pause_point(false).await.is_err() {
+                        failed.borrow_mut().get_or_insert(PassEnd::Cancelled);
+                        return;
+                    }
+                    let off = next.get();
+                    if off >= size {
+                        return;
+                    }
+                    let n = (size - off).min(self.chunk);
+                    next.set(off + n);
+                    let (bcs, b) = (self.bcs.clone(), &buf);
+                    let r = self
+                        .blk
+                        .with_node(|_| async move { bcs.copy(off, n, Some(b)).await })
+                        .await;
+                    self.sync_progress();
+                    match r {
+                        Ok(copied) => {
+                            let d = rl.borrow_mut().account(self.ctx.core.speed(), copied);
+                            if !d.is_zero() {
+                                self.ctx.core.sleep(d).await;
+                            }
+                        }
+                        Err(f) => {
+                            failed.borrow_mut().get_or_insert(PassEnd::Failed(f));
+                            return;
+                        }
+                    }
+                }
+            }
+        };
+        // A rate-limited job copies one chunk at a time (as QEMU's block-copy, which
+        // starts no new task while the limit says wait).
+        let n = if self.ctx.core.speed() != 0 {
+            1
+        } else {
+            bufs.len()
+        };
+        JoinAll(bufs[..n].iter().map(|b| Box::pin(worker(b)) as _).collect()).await;
+        match failed.into_inner() {
+            None => Ok(()),
+            Some(e) => Err(e),
+        }
     }
 
     async fn pause_point(&self) -> Result<(), String> {
