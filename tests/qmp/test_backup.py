@@ -323,3 +323,68 @@ async def test_sigkill_during_backup_leaves_the_source_intact(start_daemon, tmp)
     # What the filter copied before the write is the old data.
     t = (tmp / "t0.img").read_bytes()
     assert t[2 * MIB:2 * MIB + 128 * KIB] == pattern(1, 2 * MIB, 128 * KIB)
+
+
+ON_ERROR_CASES = {
+    # side: (policy, errno, BLOCK_JOB_ERROR action)
+    "target-report": ("target", "report", 5, "report"),
+    "target-ignore": ("target", "ignore", 5, "ignore"),
+    "target-stop": ("target", "stop", 5, "stop"),
+    "target-enospc-eio": ("target", "enospc", 5, "report"),
+    "target-enospc-enospc": ("target", "enospc", 28, "stop"),
+    "source-report": ("source", "report", 5, "report"),
+    "source-ignore": ("source", "ignore", 5, "ignore"),
+    "source-stop": ("source", "stop", 5, "stop"),
+}
+
+
+@pytest.mark.parametrize("case", list(ON_ERROR_CASES))
+async def test_on_error(start_daemon, tmp, case):
+    """blkdebug fails one data write of the target (or read of the source): the policy of
+    that side decides. report fails the job; ignore and stop (once resumed) retry, and
+    the backup completes with the whole disk."""
+    side, policy, errno, action = ON_ERROR_CASES[case]
+    make_image(tmp / "n0.img", SIZE)
+    write_raw(tmp / "n0.img", pattern(1, 0, SIZE))
+    make_image(tmp / "t0.img", SIZE)
+    event = "write_aio" if side == "target" else "read_aio"
+    args = []
+    for node in ("n0", "t0"):
+        img = tmp / f"{node}.img"
+        args += ["--blockdev", f"file,node-name={node}-file,filename={img}"]
+        if node == ("t0" if side == "target" else "n0"):
+            args += ["--blockdev", json.dumps({
+                "driver": "blkdebug", "node-name": f"{node}-dbg", "image": f"{node}-file",
+                "inject-error": [{"event": event, "errno": errno, "once": True}]})]
+            args += ["--blockdev", f"raw,node-name={node},file={node}-dbg"]
+        else:
+            args += ["--blockdev", f"raw,node-name={node},file={node}-file"]
+    d = start_daemon(args)
+    async with d.qmp() as c:
+        ev = JobEvents(c)
+        await execute(c, "blockdev-backup", {"job-id": "b", "device": "n0", "target": "t0",
+                                             "sync": "full", f"on-{side}-error": policy})
+        assert await ev.until("b", "BLOCK_JOB_ERROR") == START + ["BLOCK_JOB_ERROR"]
+        assert ev.data["BLOCK_JOB_ERROR"] == {
+            "device": "b", "operation": "write" if side == "target" else "read",
+            "action": action,
+        }
+        if action == "stop":
+            assert await ev.until("b", "paused") == ["paused"]
+            b = await block_job(c, "b")
+            assert (b["status"], b["paused"], b["io-status"]) == (
+                "paused", True, "nospace" if errno == 28 else "failed",
+            ), b
+            assert await execute(c, "job-resume", {"id": "b"}) == {}
+            assert await ev.until("b", "null") == ["running"] + DONE[len(START):]
+        elif action == "ignore":
+            assert await ev.until("b", "null") == DONE[len(START):]
+        else:
+            assert await ev.until("b", "null") == [
+                "aborting", "BLOCK_JOB_COMPLETED", "concluded", "null",
+            ]
+            assert ev.data["BLOCK_JOB_COMPLETED"]["error"] == "Input/output error"
+            return
+        done = ev.data["BLOCK_JOB_COMPLETED"]
+        assert "error" not in done and done["offset"] == done["len"] == SIZE, done
+    compare(tmp / "n0.img", tmp / "t0.img")
