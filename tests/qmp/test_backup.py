@@ -388,3 +388,128 @@ async def test_on_error(start_daemon, tmp, case):
         done = ev.data["BLOCK_JOB_COMPLETED"]
         assert "error" not in done and done["offset"] == done["len"] == SIZE, done
     compare(tmp / "n0.img", tmp / "t0.img")
+
+
+async def bitmap_info(c, node, name):
+    for b in (await nodes_by_name(c))[node].get("dirty-bitmaps", []):
+        # (QEMU lists the anonymous bitmaps of jobs too.)
+        if b.get("name") == name:
+            return b
+    return None
+
+
+async def test_bitmap_checks_and_modes(start_daemon, tmp):
+    """bitmap-mode never, on-success (incremental) and always, with jobs that succeed
+    and jobs that are cancelled: what the bitmap holds afterwards. The jobs run with
+    speed=1, so that at least two separate dirty areas keep them running."""
+    d = setup(start_daemon, tmp)
+    write(tmp, 0, SIZE, 1)
+
+    async def count(c):
+        return (await bitmap_info(c, "n0", "b0"))["count"]
+
+    async with d.qmp() as c:
+        ev = JobEvents(c)
+        await execute(c, "block-dirty-bitmap-add", {"node": "n0", "name": "b0"})
+        write(tmp, MIB, 128 * KIB, 2)
+        write(tmp, 3 * MIB, 64 * KIB, 3)
+        base = {"device": "n0", "target": "t0", "job-id": "b", "bitmap": "b0"}
+        await error(c, "blockdev-backup", {**base, "sync": "bitmap"},
+                    desc="Bitmap sync mode must be given when providing a bitmap")
+        await error(c, "blockdev-backup", {**base, "sync": "none", "bitmap-mode": "always"},
+                    desc="sync mode 'none' does not produce meaningful bitmap outputs")
+        await error(c, "blockdev-backup", {**base, "sync": "full", "bitmap-mode": "never"},
+                    desc="Bitmap sync mode 'never' has no meaningful effect when combined "
+                         "with sync mode 'full'")
+        # never: the job copies what the bitmap marks; the bitmap is frozen meanwhile
+        # (its successor records) and then holds what it held and what was written
+        # since.
+        args = {**base, "sync": "bitmap", "bitmap-mode": "never", "speed": 1}
+        assert await execute(c, "blockdev-backup", args) == {}
+        b = await bitmap_info(c, "n0", "b0")
+        assert (b["busy"], b["recording"], b["count"]) == (True, True, 192 * KIB), b
+        await error(c, "blockdev-backup", {**base, "job-id": "b2", "sync": "incremental"},
+                    desc="Bitmap 'b0' is currently in use by another operation and cannot "
+                         "be used")
+        write(tmp, 2 * MIB, 64 * KIB, 4)
+        assert await execute(c, "block-job-set-speed", {"device": "b", "speed": 0}) == {}
+        await ev.until("b", "null")
+        assert ev.data["BLOCK_JOB_COMPLETED"]["len"] == 192 * KIB
+        b = await bitmap_info(c, "n0", "b0")
+        assert (b["busy"], b["recording"], b["count"]) == (False, True, 256 * KIB), b
+        # on-success (incremental), completed: only what was written since the start.
+        args = {**base, "sync": "incremental", "speed": 1}
+        assert await execute(c, "blockdev-backup", args) == {}
+        write(tmp, 0, 64 * KIB, 5)
+        assert await execute(c, "block-job-set-speed", {"device": "b", "speed": 0}) == {}
+        await ev.until("b", "null")
+        assert ev.data["BLOCK_JOB_COMPLETED"]["len"] == 256 * KIB
+        assert await count(c) == 64 * KIB
+        # on-success, cancelled: the writes since are merged back; nothing is lost.
+        write(tmp, 2 * MIB, 64 * KIB, 6)
+        args = {**base, "sync": "bitmap", "bitmap-mode": "on-success", "speed": 1}
+        assert await execute(c, "blockdev-backup", args) == {}
+        write(tmp, 3 * MIB, 64 * KIB, 7)
+        assert await execute(c, "block-job-cancel", {"device": "b"}) == {}
+        await ev.until("b", "null")
+        assert await count(c) == 192 * KIB
+        # always, cancelled after its first copy (of the cluster at 0): what was
+        # written since (at 1 MiB) and what it did not copy (2 and 3 MiB).
+        args = {**base, "sync": "bitmap", "bitmap-mode": "always", "speed": 1}
+        assert await execute(c, "blockdev-backup", args) == {}
+        write(tmp, MIB, 64 * KIB, 8)
+        assert await execute(c, "block-job-cancel", {"device": "b"}) == {}
+        await ev.until("b", "null")
+        assert await count(c) == 192 * KIB
+        b = await bitmap_info(c, "n0", "b0")
+        assert (b["busy"], b["recording"]) == (False, True), b
+
+
+async def test_full_and_three_incrementals_while_a_frontend_writes(start_daemon, tmp, io_procs):
+    """A full backup and three incrementals (sync=incremental with bitmap b0), each
+    taken while vubd-io stress writes at random; each restored with qemu-img (the
+    chain of qcow2 targets, converted) equals the disk when its job started (recorded
+    with the frontend stopped for that moment)."""
+    size = 32 * MIB
+    args = file_raw_args(tmp, "n0", size)
+    d = start_daemon(args + export_args("e0", "n0", sock(tmp), extra=",num-queues=2"))
+    io = IoProc(tmp, "stress", "--socket", sock(tmp), "--seconds", 15, "--seed", 9,
+                "--queues", 2)
+    io_procs.append(io)
+    await io.ready()
+    chain = []
+    async with d.qmp() as c:
+        ev = JobEvents(c)
+        for i in range(4):
+            name = f"bk{i}"
+            img = tmp / f"{name}.qcow2"
+            if i == 0:
+                qemu_img("create", "-q", "-f", "qcow2", img, size)
+            else:
+                qemu_img("create", "-q", "-f", "qcow2", "-b", chain[-1], "-F", "qcow2", img,
+                         size)
+            await execute(c, "blockdev-add", {
+                "driver": "qcow2", "node-name": name, "backing": None,
+                "file": {"driver": "file", "filename": str(img)}})
+            os.kill(io.proc.pid, signal.SIGSTOP)
+            try:
+                await asyncio.sleep(0.5)
+                shutil.copyfile(tmp / "n0.img", tmp / f"ref{i}.img")
+                if i == 0:
+                    await execute(c, "block-dirty-bitmap-add", {"node": "n0", "name": "b0"})
+                    job = {"sync": "full"}
+                else:
+                    job = {"sync": "incremental", "bitmap": "b0"}
+                await execute(c, "blockdev-backup", {
+                    "job-id": name, "device": "n0", "target": name, "speed": 32 * MIB, **job})
+            finally:
+                os.kill(io.proc.pid, signal.SIGCONT)
+            assert await ev.until(name, "null", timeout=60) == DONE
+            assert "error" not in ev.data["BLOCK_JOB_COMPLETED"]
+            await execute(c, "blockdev-del", {"node-name": name})
+            chain.append(img)
+        r = await io.result()
+        assert r["rc"] == 0 and r["ok"] and r["writes"] > 0, r
+    for i, img in enumerate(chain):
+        qemu_img("check", img)
+        compare(tmp / f"ref{i}.img", img)

@@ -13,6 +13,7 @@
 use crate::aio::bounce::Budget;
 use crate::aio::iovec::{AlignedBuf, IoVec};
 use crate::aio::uring::sleep_ns;
+use crate::bitmap::DirtyBitmap;
 use crate::edge::Edge;
 use crate::error::{BlockError, Result};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -78,6 +79,27 @@ impl ClusterBits {
 
     pub fn count(&self) -> u64 {
         self.words.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+
+    /// The clusters of `cluster` bytes (`bits` of them) that hold a dirty granule of
+    /// `dirty` (QEMU merges a bitmap into block-copy's this way).
+    pub fn from_dirty(dirty: &DirtyBitmap, cluster: u64, bits: u64) -> Self {
+        let mut b = ClusterBits::new(bits, false);
+        let mut at = 0;
+        while let Some((off, len)) = dirty.next_dirty(at, u64::MAX) {
+            b.set_range(off / cluster, (off + len).div_ceil(cluster), true);
+            at = off + len;
+        }
+        b
+    }
+
+    /// Sets in `dirty` every cluster of `cluster` bytes set here.
+    pub fn mark_into(&self, dirty: &DirtyBitmap, cluster: u64) {
+        let mut bit = 0;
+        while let Some(b) = self.next_set(bit) {
+            dirty.set(b * cluster, cluster);
+            bit = b + 1;
+        }
     }
 
     /// The first set bit at or after `from`.
@@ -188,6 +210,11 @@ impl BlockCopy {
     /// Sets the clusters to copy to exactly `dirty` (one bit per cluster).
     pub fn set_dirty(&self, dirty: ClusterBits) {
         self.lock().dirty = dirty;
+    }
+
+    /// The clusters still to copy.
+    pub fn dirty(&self) -> ClusterBits {
+        self.lock().dirty.clone()
     }
 
     /// The offset of the first cluster still to copy at or after `from`.

@@ -10,12 +10,16 @@ use crate::jobs::backup::{Backup, SyncMode, CHUNK, MAX_WORKERS};
 use crate::jobs::copy::JobCtx;
 use crate::jobs::{Job, JobCore};
 use crate::qmp::wire::QmpError;
+use blocklayer::bitmap::DirtyBitmap;
+use blocklayer::block_copy::ClusterBits;
 use blocklayer::drivers::file::create::{create_file, FilePrealloc};
+use blocklayer::named_bitmap::{Check, NamedBitmap};
 use blocklayer::options::BlockdevOptions;
 use blocklayer::perm::Perm;
 use blocklayer::Node;
 use serde_json::json;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// QEMU's `BackupPerf` (`x-perf`).
@@ -200,13 +204,30 @@ impl Control {
             sync = "bitmap";
             bitmap_mode = Some("on-success");
         }
+        let mut sync_bitmap = None;
         if let Some(name) = &a.bitmap {
-            // vubd's nodes have no named bitmaps yet: none is ever found.
-            return Err(QmpError::generic(format!(
-                "Bitmap '{name}' could not be found"
-            )));
-        }
-        if bitmap_mode.is_some() {
+            let bm = source
+                .named_bitmap(name)
+                .ok_or_else(|| QmpError::generic(format!("Bitmap '{name}' could not be found")))?;
+            let Some(mode) = bitmap_mode else {
+                return Err(QmpError::generic(
+                    "Bitmap sync mode must be given when providing a bitmap",
+                ));
+            };
+            bm.check(Check::ALLOW_RO).map_err(generic)?;
+            if sync == "none" {
+                return Err(QmpError::generic(format!(
+                    "sync mode '{sync}' does not produce meaningful bitmap outputs"
+                )));
+            }
+            if mode == "never" && sync != "bitmap" {
+                return Err(QmpError::generic(format!(
+                    "Bitmap sync mode '{mode}' has no meaningful effect when combined with \
+                     sync mode '{sync}'"
+                )));
+            }
+            sync_bitmap = Some((bm, mode));
+        } else if bitmap_mode.is_some() {
             return Err(QmpError::generic(
                 "Cannot specify bitmap sync mode without a bitmap",
             ));
@@ -214,6 +235,7 @@ impl Control {
         let sync = match sync {
             "full" => SyncMode::Full,
             "top" => SyncMode::Top,
+            "bitmap" => SyncMode::Bitmap,
             _ => SyncMode::None,
         };
         if Arc::ptr_eq(&source, &target) {
@@ -228,6 +250,12 @@ impl Control {
         }
         check_busy(&source)?;
         check_busy(&target)?;
+        if let Some((bm, mode)) = &sync_bitmap {
+            // The job writes the bitmap at its end, unless it never does.
+            if *mode != "never" {
+                bm.check(Check::DEFAULT).map_err(generic)?;
+            }
+        }
         if a.perf.max_workers < 1 || a.perf.max_workers > i64::from(i32::MAX) {
             return Err(QmpError::generic(format!(
                 "max-workers must be between 1 and {}",
@@ -293,13 +321,42 @@ impl Control {
                 return Err(e);
             }
         };
+        // With a bitmap: what it marks is what the job copies, and a successor
+        // records the writes from now on, both at one point in time.
+        let sync_bitmap = match sync_bitmap {
+            None => None,
+            Some((bm, mode)) => match self.graph.drain(&source, DRAIN_TIMEOUT) {
+                Ok(_d) => {
+                    let bits = bcs.size().div_ceil(cluster);
+                    bcs.set_dirty(ClusterBits::from_dirty(bm.bits(), cluster, bits));
+                    Some(SyncBitmap::begin(&source, bm, mode))
+                }
+                Err(e) => {
+                    self.drop_job_filter(&cbw);
+                    return Err(generic(e));
+                }
+            },
+        };
         let core = Arc::new(JobCore::new(&id, o.speed as u64));
         core.set_len(bcs.remaining());
         let mut job = Job::new(&id, "backup", core.clone(), true);
         job.auto_finalize = o.auto_finalize;
         job.auto_dismiss = o.auto_dismiss;
+        let succeeded = Arc::new(AtomicBool::new(false));
+        let ok = succeeded.clone();
+        job.finish = Some(Box::new(move |_ctl: &mut Control| {
+            ok.store(true, Ordering::Release);
+            Ok(())
+        }));
         let f = cbw.clone();
+        let job_bcs = bcs.clone();
         job.cleanup = Some(Box::new(move |ctl: &mut Control| {
+            if let Some(sb) = sync_bitmap {
+                let uncopied = job_bcs.dirty();
+                let _d = ctl.graph.drain(&sb.node, DRAIN_TIMEOUT);
+                sb.end(succeeded.load(Ordering::Acquire), &uncopied, cluster);
+            }
+            drop(job_bcs);
             ctl.drop_job_filter(&f);
             // The filter's edges go with it, and a drive-backup target with them.
             drop(f);
@@ -363,4 +420,60 @@ fn skip_filters(node: &Arc<Node>) -> Arc<Node> {
         }
     }
     n
+}
+
+/// The bitmap of a `sync=bitmap` backup while the job runs (QEMU's frozen bitmap and
+/// its successor): the bitmap is busy and records nothing; an anonymous successor
+/// records the writes instead, if the bitmap did.
+struct SyncBitmap {
+    node: Arc<Node>,
+    bitmap: Arc<NamedBitmap>,
+    successor: Arc<DirtyBitmap>,
+    was_enabled: bool,
+    /// `bitmap-mode`: `on-success`, `always` or `never`.
+    mode: &'static str,
+}
+
+impl SyncBitmap {
+    /// QEMU's `bdrv_dirty_bitmap_create_successor` (the caller has drained `node`).
+    fn begin(node: &Arc<Node>, bitmap: Arc<NamedBitmap>, mode: &'static str) -> SyncBitmap {
+        let was_enabled = bitmap.enabled();
+        let successor = Arc::new(DirtyBitmap::new(bitmap.size(), bitmap.granularity()));
+        node.disable_bitmap(&bitmap);
+        bitmap.set_busy(true);
+        if was_enabled {
+            node.add_bitmap(successor.clone());
+            bitmap.set_successor_recording(true);
+        }
+        SyncBitmap {
+            node: node.clone(),
+            bitmap,
+            successor,
+            was_enabled,
+            mode,
+        }
+    }
+
+    /// QEMU's `backup_cleanup_sync_bitmap` (the caller has drained the node): after a
+    /// success (or always, but never with `never`) the bitmap becomes its successor
+    /// (`bdrv_dirty_bitmap_abdicate`); otherwise the successor's bits are merged
+    /// back in (`bdrv_reclaim_dirty_bitmap`). A failed `always` job also marks the
+    /// clusters it did not copy (`uncopied`, one bit per `cluster` bytes).
+    fn end(self, ok: bool, uncopied: &ClusterBits, cluster: u64) {
+        let take_successor = (ok || self.mode == "always") && self.mode != "never";
+        let bits = self.bitmap.bits();
+        if take_successor {
+            bits.clear();
+        }
+        bits.merge_from(&self.successor);
+        if !ok && self.mode == "always" {
+            uncopied.mark_into(bits, cluster);
+        }
+        if self.was_enabled {
+            self.node.remove_bitmap(&self.successor);
+            self.node.enable_bitmap(&self.bitmap);
+            self.bitmap.set_successor_recording(false);
+        }
+        self.bitmap.set_busy(false);
+    }
 }

@@ -6,7 +6,8 @@
 //!
 //! - `full`: every cluster; `top`: the clusters the source has itself (not its
 //!   backing chain), found by a first pass before the copy; `none`: only what guest
-//!   writes change, until the job is cancelled.
+//!   writes change, until the job is cancelled; `bitmap` (and `incremental`): the
+//!   clusters a dirty bitmap marks.
 //! - Progress counts the bytes copied by the job and by the filter alike; the length
 //!   is those plus the bytes still to copy (QEMU's progress meter of block-copy).
 //! - An error of a read of the source goes by `on-source-error`, one of a write of
@@ -40,6 +41,8 @@ pub enum SyncMode {
     Full,
     Top,
     None,
+    /// The clusters a bitmap marks (set up by the control thread).
+    Bitmap,
 }
 
 pub struct Backup {

@@ -83,17 +83,28 @@ impl CbwOptions {
         file: &std::sync::Arc<crate::Node>,
         target: &std::sync::Arc<crate::Node>,
     ) -> BlockResult<CbwDriver> {
-        if let Some(b) = &self.bitmap {
-            // QEMU's `block_dirty_bitmap_lookup`; vubd's nodes have no named bitmaps
-            // yet, so a bitmap that is asked for is never found.
-            if ctx.lookup(&b.node).is_none() {
-                return Err(BlockError::Graph(format!("Node '{}' not found", b.node)));
+        // QEMU's `block_dirty_bitmap_lookup`: the areas its bits mark are those to
+        // copy, and those the snapshot may be read at.
+        let access = match &self.bitmap {
+            None => None,
+            Some(b) => {
+                let node = ctx
+                    .lookup(&b.node)
+                    .ok_or_else(|| BlockError::Graph(format!("Node '{}' not found", b.node)))?;
+                let bm = node.named_bitmap(&b.name).ok_or_else(|| {
+                    BlockError::Graph(format!("Dirty bitmap '{}' not found", b.name))
+                })?;
+                bm.check(crate::named_bitmap::Check::ALLOW_RO)
+                    .map_err(|e| BlockError::Graph(e.to_string()))?;
+                let cluster = crate::block_copy::BlockCopy::cluster_size_for(target);
+                let bits = file.size().div_ceil(cluster);
+                Some(crate::block_copy::ClusterBits::from_dirty(
+                    bm.bits(),
+                    cluster,
+                    bits,
+                ))
             }
-            return Err(BlockError::Graph(format!(
-                "Dirty bitmap '{}' not found",
-                b.name
-            )));
-        }
+        };
         let file_edge = ctx.edge("file", Role::Filtered, file);
         let target_edge = ctx.edge("target", Role::DataFile, target);
         Ok(CbwDriver::new(
@@ -101,7 +112,7 @@ impl CbwOptions {
             target_edge,
             self.on_cbw_error.unwrap_or(OnCbwError::BreakGuestWrite),
             self.cbw_timeout.unwrap_or(0),
-            None,
+            access,
         ))
     }
 }
