@@ -39,6 +39,7 @@ from conftest import (
     file_raw_args,
     io_ok,
     make_image,
+    vubd_io,
 )
 
 SIZE = 4 * MIB
@@ -513,3 +514,58 @@ async def test_full_and_three_incrementals_while_a_frontend_writes(start_daemon,
     for i, img in enumerate(chain):
         qemu_img("check", img)
         compare(tmp / f"ref{i}.img", img)
+
+
+@pytest.mark.parametrize("policy", ["break-guest-write", "break-snapshot"])
+async def test_on_cbw_error(start_daemon, tmp, policy):
+    """A copy that fails (blkdebug fails the fleecing image's writes): with
+    break-guest-write the guest write fails and the snapshot stays readable; with
+    break-snapshot the guest write succeeds and snapshot reads fail from then on."""
+    make_image(tmp / "fl.img", SIZE)
+    args = file_raw_args(tmp, "n0", SIZE)
+    write_raw(tmp / "n0.img", pattern(1, 0, SIZE))
+    args += [
+        "--blockdev", f"file,node-name=fl-file,filename={tmp / 'fl.img'}",
+        "--blockdev", json.dumps({"driver": "blkdebug", "node-name": "fl-dbg",
+                                  "image": "fl-file",
+                                  "inject-error": [{"event": "write_aio", "errno": 5}]}),
+        "--blockdev", "raw,node-name=fl,file=fl-dbg",
+        "--blockdev", f"copy-before-write,node-name=cbw,file=n0,target=fl,on-cbw-error={policy}",
+        "--blockdev", "snapshot-access,node-name=acc,file=cbw",
+    ] + export_args("e0", "cbw", sock(tmp)) + export_args(
+        "e1", "acc", sock(tmp, "e1"), writable=False)
+    start_daemon(args)
+    r = io_ok("verify", "--socket", sock(tmp, "e1"), "--offset", 0, "--len", 64 * KIB,
+              "--seed", 1, "--read-only", "on")
+    w = vubd_io("write", "--socket", sock(tmp), "--offset", 0, "--len", 4 * KIB, "--seed", 2)
+    snap = vubd_io("verify", "--socket", sock(tmp, "e1"), "--offset", MIB, "--len", 4 * KIB,
+                   "--seed", 1, "--read-only", "on")
+    if policy == "break-guest-write":
+        assert w["rc"] != 0 and not w["ok"], w
+        assert snap["ok"], snap
+        verify(tmp, 0, 4 * KIB, 1)
+    else:
+        assert w["ok"], w
+        assert snap["rc"] != 0 and not snap["ok"], snap
+        verify(tmp, 0, 4 * KIB, 2)
+    assert r["ok"]
+
+
+async def test_shutdown_with_backups_running(start_daemon, tmp):
+    """The daemon exits cleanly (SIGTERM at teardown) with a rate-limited full backup
+    and a sync=none backup still running; the source image stays as written."""
+    d = setup(start_daemon, tmp, extra=file_raw_args(tmp, "t2", SIZE))
+    write(tmp, 0, SIZE, 1)
+    async with d.qmp() as c:
+        ev = JobEvents(c)
+        for jid, target, sync in (("b1", "t0", "full"), ("b2", "t2", "none")):
+            assert await execute(c, "blockdev-backup", {
+                "job-id": jid, "device": "n0", "target": target, "sync": sync,
+                "speed": 1}) == {}
+            await ev.until(jid, "running")
+        write(tmp, MIB, 64 * KIB, 2)
+    assert d.stop() is None
+    d.expect_exit = True
+    want = bytearray(pattern(1, 0, SIZE))
+    want[MIB:MIB + 64 * KIB] = pattern(2, MIB, 64 * KIB)
+    assert (tmp / "n0.img").read_bytes() == bytes(want)
