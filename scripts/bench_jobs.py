@@ -141,10 +141,12 @@ def stress_ops(vubd_io: str, sock: Path, secs: int) -> float:
 
 
 async def io_during_job(binary: str, vubd_io: str, d: Path, size: int, speed: int,
-                        secs: int) -> tuple[float, float]:
-    """(stress ops/s without a job, with a stream at `speed` running)."""
-    make_chain(d, "stream", size)
-    p = subprocess.Popen([binary, *daemon_args(d)], stderr=subprocess.DEVNULL)
+                        secs: int, kind: str = "stream") -> tuple[float, float]:
+    """(stress ops/s without a job, with a stream (or a full backup) at `speed`
+    running)."""
+    make_chain(d, kind, size)
+    extra = backup_target_args(d) if kind == "backup" else []
+    p = subprocess.Popen([binary, *daemon_args(d), *extra], stderr=subprocess.DEVNULL)
     try:
         for _ in range(200):
             if (d / "m.sock").exists() and (d / "e.sock").exists():
@@ -154,7 +156,11 @@ async def io_during_job(binary: str, vubd_io: str, d: Path, size: int, speed: in
         await c.connect(str(d / "m.sock"))
         loop = asyncio.get_running_loop()
         idle = await loop.run_in_executor(None, stress_ops, vubd_io, d / "e.sock", secs)
-        await c.execute("block-stream", {"job-id": "j", "device": "top", "speed": speed})
+        if kind == "backup":
+            await c.execute("blockdev-backup", {"job-id": "j", "device": "top", "target": "tgt",
+                                                "sync": "full", "speed": speed})
+        else:
+            await c.execute("block-stream", {"job-id": "j", "device": "top", "speed": speed})
         busy = await loop.run_in_executor(None, stress_ops, vubd_io, d / "e.sock", secs)
         jobs = await c.execute("query-block-jobs")
         assert jobs and jobs[0]["offset"] < size, f"the job ended before the I/O: {jobs}"
@@ -162,8 +168,13 @@ async def io_during_job(binary: str, vubd_io: str, d: Path, size: int, speed: in
             await c.execute("quit")
         except Exception:
             pass
-        await c.disconnect()
-        p.wait(timeout=60)
+        try:
+            await c.disconnect()
+        except EOFError:
+            # The daemon closed the socket after 'quit' before the client did.
+            pass
+        rc = p.wait(timeout=60)
+        assert rc == 0, f"{binary} exited with {rc}"
         return idle, busy
     finally:
         if p.poll() is None:
@@ -182,7 +193,8 @@ def main() -> None:
     ap.add_argument("--io-secs", type=int, default=5)
     ap.add_argument("--dir", default="/dev/shm")
     ap.add_argument("--kinds", default="stream,commit,speed,backup,io",
-                    help="comma-separated: stream, commit, speed, backup, io")
+                    help="comma-separated: stream, commit, speed, backup, io (stress I/O during a "
+                         "stream) or io-backup (during a backup)")
     a = ap.parse_args()
     kinds = set(a.kinds.split(","))
     size = a.size_mib * MIB
@@ -209,21 +221,23 @@ def main() -> None:
                 mbs = {k: size / v / MIB for k, v in med.items()}
                 print(f"| {kind}: MiB/s (median s) | {mbs['vubd']:.0f} ({med['vubd']:.2f} s) "
                       f"| {mbs['qsd']:.0f} ({med['qsd']:.2f} s) | {mbs['vubd'] / mbs['qsd']:.2f}x |")
-        if "io" not in kinds:
+        io_kind = "backup" if "io-backup" in kinds else "stream"
+        if "io" not in kinds and "io-backup" not in kinds:
             return
         print()
-        print(f"| stress I/O on the export (ops/s), stream at {a.speed_mib} MiB/s | vubd | qsd | vubd/qsd |")
+        print(f"| stress I/O on the export (ops/s), {io_kind} at {a.speed_mib} MiB/s | vubd | qsd "
+              "| vubd/qsd |")
         print("|---|---:|---:|---:|")
         io: dict[str, list[tuple[float, float]]] = {"vubd": [], "qsd": []}
         for _ in range(a.reps):
             for name, binary in (("vubd", a.vubd), ("qsd", a.qsd)):
                 io[name].append(asyncio.run(io_during_job(
-                    binary, a.vubd_io, d, size, a.speed_mib * MIB, a.io_secs)))
+                    binary, a.vubd_io, d, size, a.speed_mib * MIB, a.io_secs, io_kind)))
         idle = {k: statistics.median(x for x, _ in v) for k, v in io.items()}
         busy = {k: statistics.median(y for _, y in v) for k, v in io.items()}
         drop = {k: 100 * (1 - busy[k] / idle[k]) for k in io}
         print(f"| without a job | {idle['vubd']:.0f} | {idle['qsd']:.0f} | {idle['vubd'] / idle['qsd']:.2f}x |")
-        print(f"| while the stream runs | {busy['vubd']:.0f} | {busy['qsd']:.0f} | {busy['vubd'] / busy['qsd']:.2f}x |")
+        print(f"| while the {io_kind} runs | {busy['vubd']:.0f} | {busy['qsd']:.0f} | {busy['vubd'] / busy['qsd']:.2f}x |")
         print(f"| drop | {drop['vubd']:.0f}% | {drop['qsd']:.0f}% | |")
     finally:
         shutil.rmtree(d, ignore_errors=True)
