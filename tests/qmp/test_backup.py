@@ -569,3 +569,31 @@ async def test_shutdown_with_backups_running(start_daemon, tmp):
     want = bytearray(pattern(1, 0, SIZE))
     want[MIB:MIB + 64 * KIB] = pattern(2, MIB, 64 * KIB)
     assert (tmp / "n0.img").read_bytes() == bytes(want)
+
+
+async def test_drive_backup_top_and_none_targets_have_backing_files(start_daemon, tmp):
+    """drive-backup creates a sync=top target over the source's backing file and a
+    sync=none target over the source itself; the top target's chain reads as the disk."""
+    imgs = make_chain(tmp, LAYERS, SIZE)
+    # The target opens the base again from its header: the chain's base file node
+    # takes no locks, or that second open would find it locked.
+    args = chain_args(tmp, ["base", "top"])
+    args[1] += ",locking=off"
+    d = start_daemon(args + export_args("e0", "top", sock(tmp)))
+    async with d.qmp() as c:
+        ev = JobEvents(c)
+        tgt = tmp / "drive-top.qcow2"
+        assert await execute(c, "drive-backup", {"job-id": "b", "device": "top", "sync": "top",
+                                                 "target": str(tgt)}) == {}
+        assert await ev.until("b", "null") == DONE
+        assert ev.data["BLOCK_JOB_COMPLETED"]["len"] == 192 * KIB
+        none = tmp / "drive-none.qcow2"
+        assert await execute(c, "drive-backup", {"job-id": "n", "device": "top", "sync": "none",
+                                                 "target": str(none)}) == {}
+        assert await execute(c, "block-job-cancel", {"device": "n"}) == {}
+        assert await ev.until("n", "null") == CANCELLED
+    info = json.loads(qemu_img("info", "-U", "--output=json", tgt))
+    assert info["backing-filename"] == str(imgs["base"])
+    assert read_disk(tgt, tmp) == bytes(expected_disk(LAYERS, SIZE))
+    info = json.loads(qemu_img("info", "-U", "--output=json", none))
+    assert info["backing-filename"] == str(imgs["top"])
