@@ -7,6 +7,8 @@ For each daemon, on image files under /dev/shm (or --dir):
   * commit: base.qcow2 is empty, mid.qcow2 holds SIZE bytes, top.qcow2 is an empty
     overlay exported writable; block-commit (top-node=mid) copies mid into base;
   * speed: the stream again with speed=SPEED: the rate reached against the one set;
+  * backup: the chain of stream (base.qcow2 with SIZE bytes under an empty top.qcow2,
+    exported writable); blockdev-backup sync=full of top into an empty qcow2 image;
   * I/O during a job: `vubd-io stress` (random verified reads and writes on the first
     32 MiB of the disk, 1 queue; the guest of this benchmark) on the exported top for
     --io-secs without a job, then as long again while a stream with speed=SPEED copies
@@ -14,7 +16,7 @@ For each daemon, on image files under /dev/shm (or --dir):
 The time runs from the command to BLOCK_JOB_COMPLETED; the median of --reps runs is
 printed, with the ratio vubd/qsd. Usage (scripts/bench.sh --jobs does the build):
   scripts/bench_jobs.py --vubd target/release/vubd --vubd-io target/release/vubd-io \
-      [--size-mib 1024] [--reps 3]
+      [--size-mib 1024] [--reps 3] [--kinds stream,commit,speed,backup,io]
 """
 
 from __future__ import annotations
@@ -49,6 +51,15 @@ def make_chain(d: Path, kind: str, size: int) -> None:
         data = mid
     run("qemu-io", "-c", f"write -P 0x5a 0 {size}", str(data))
     run("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(data), "-F", "qcow2", str(top))
+    if kind == "backup":
+        run("qemu-img", "create", "-q", "-f", "qcow2", str(d / "tgt.qcow2"), str(size))
+
+
+def backup_target_args(d: Path) -> list[str]:
+    return [
+        "--blockdev", f"file,node-name=tgt-file,filename={d / 'tgt.qcow2'}",
+        "--blockdev", "qcow2,node-name=tgt,file=tgt-file",
+    ]
 
 
 def daemon_args(d: Path) -> list[str]:
@@ -63,7 +74,8 @@ def daemon_args(d: Path) -> list[str]:
 
 async def one(binary: str, d: Path, kind: str, size: int, speed: int) -> float:
     make_chain(d, kind, size)
-    p = subprocess.Popen([binary, *daemon_args(d)], stderr=subprocess.DEVNULL)
+    extra = backup_target_args(d) if kind == "backup" else []
+    p = subprocess.Popen([binary, *daemon_args(d), *extra], stderr=subprocess.DEVNULL)
     try:
         for _ in range(200):
             if (d / "m.sock").exists():
@@ -86,6 +98,9 @@ async def one(binary: str, d: Path, kind: str, size: int, speed: int) -> float:
             mid = [n["node-name"] for n in nodes
                    if n["drv"] == "qcow2" and n["file"].endswith("mid.qcow2")][0]
             cmd, args = "block-commit", {"job-id": "j", "device": "top", "top-node": mid}
+        elif kind == "backup":
+            cmd, args = "blockdev-backup", {"job-id": "j", "device": "top", "target": "tgt",
+                                            "sync": "full"}
         else:
             cmd, args = "block-stream", {"job-id": "j", "device": "top"}
         if speed:
@@ -126,10 +141,12 @@ def stress_ops(vubd_io: str, sock: Path, secs: int) -> float:
 
 
 async def io_during_job(binary: str, vubd_io: str, d: Path, size: int, speed: int,
-                        secs: int) -> tuple[float, float]:
-    """(stress ops/s without a job, with a stream at `speed` running)."""
-    make_chain(d, "stream", size)
-    p = subprocess.Popen([binary, *daemon_args(d)], stderr=subprocess.DEVNULL)
+                        secs: int, kind: str = "stream") -> tuple[float, float]:
+    """(stress ops/s without a job, with a stream (or a full backup) at `speed`
+    running)."""
+    make_chain(d, kind, size)
+    extra = backup_target_args(d) if kind == "backup" else []
+    p = subprocess.Popen([binary, *daemon_args(d), *extra], stderr=subprocess.DEVNULL)
     try:
         for _ in range(200):
             if (d / "m.sock").exists() and (d / "e.sock").exists():
@@ -139,7 +156,11 @@ async def io_during_job(binary: str, vubd_io: str, d: Path, size: int, speed: in
         await c.connect(str(d / "m.sock"))
         loop = asyncio.get_running_loop()
         idle = await loop.run_in_executor(None, stress_ops, vubd_io, d / "e.sock", secs)
-        await c.execute("block-stream", {"job-id": "j", "device": "top", "speed": speed})
+        if kind == "backup":
+            await c.execute("blockdev-backup", {"job-id": "j", "device": "top", "target": "tgt",
+                                                "sync": "full", "speed": speed})
+        else:
+            await c.execute("block-stream", {"job-id": "j", "device": "top", "speed": speed})
         busy = await loop.run_in_executor(None, stress_ops, vubd_io, d / "e.sock", secs)
         jobs = await c.execute("query-block-jobs")
         assert jobs and jobs[0]["offset"] < size, f"the job ended before the I/O: {jobs}"
@@ -147,8 +168,13 @@ async def io_during_job(binary: str, vubd_io: str, d: Path, size: int, speed: in
             await c.execute("quit")
         except Exception:
             pass
-        await c.disconnect()
-        p.wait(timeout=60)
+        try:
+            await c.disconnect()
+        except EOFError:
+            # The daemon closed the socket after 'quit' before the client did.
+            pass
+        rc = p.wait(timeout=60)
+        assert rc == 0, f"{binary} exited with {rc}"
         return idle, busy
     finally:
         if p.poll() is None:
@@ -166,13 +192,21 @@ def main() -> None:
     ap.add_argument("--vubd-io", default="target/release/vubd-io")
     ap.add_argument("--io-secs", type=int, default=5)
     ap.add_argument("--dir", default="/dev/shm")
+    ap.add_argument("--kinds", default="stream,commit,speed,backup,io",
+                    help="comma-separated: stream, commit, speed, backup, io (stress I/O during a "
+                         "stream) or io-backup (during a backup)")
     a = ap.parse_args()
+    kinds = set(a.kinds.split(","))
     size = a.size_mib * MIB
     d = Path(tempfile.mkdtemp(prefix="vubd-bench-jobs-", dir=a.dir))
     try:
         print(f"| job ({a.size_mib} MiB on {a.dir}) | vubd | qsd | vubd/qsd |")
         print("|---|---:|---:|---:|")
-        for kind, speed in (("stream", 0), ("commit", 0), ("stream", a.speed_mib * MIB)):
+        for label, kind, speed in (("stream", "stream", 0), ("commit", "commit", 0),
+                                   ("speed", "stream", a.speed_mib * MIB),
+                                   ("backup", "backup", 0)):
+            if label not in kinds:
+                continue
             res: dict[str, list[float]] = {"vubd": [], "qsd": []}
             # The two daemons alternate, rep by rep.
             for _ in range(a.reps):
@@ -187,19 +221,23 @@ def main() -> None:
                 mbs = {k: size / v / MIB for k, v in med.items()}
                 print(f"| {kind}: MiB/s (median s) | {mbs['vubd']:.0f} ({med['vubd']:.2f} s) "
                       f"| {mbs['qsd']:.0f} ({med['qsd']:.2f} s) | {mbs['vubd'] / mbs['qsd']:.2f}x |")
+        io_kind = "backup" if "io-backup" in kinds else "stream"
+        if "io" not in kinds and "io-backup" not in kinds:
+            return
         print()
-        print(f"| stress I/O on the export (ops/s), stream at {a.speed_mib} MiB/s | vubd | qsd | vubd/qsd |")
+        print(f"| stress I/O on the export (ops/s), {io_kind} at {a.speed_mib} MiB/s | vubd | qsd "
+              "| vubd/qsd |")
         print("|---|---:|---:|---:|")
         io: dict[str, list[tuple[float, float]]] = {"vubd": [], "qsd": []}
         for _ in range(a.reps):
             for name, binary in (("vubd", a.vubd), ("qsd", a.qsd)):
                 io[name].append(asyncio.run(io_during_job(
-                    binary, a.vubd_io, d, size, a.speed_mib * MIB, a.io_secs)))
+                    binary, a.vubd_io, d, size, a.speed_mib * MIB, a.io_secs, io_kind)))
         idle = {k: statistics.median(x for x, _ in v) for k, v in io.items()}
         busy = {k: statistics.median(y for _, y in v) for k, v in io.items()}
         drop = {k: 100 * (1 - busy[k] / idle[k]) for k in io}
         print(f"| without a job | {idle['vubd']:.0f} | {idle['qsd']:.0f} | {idle['vubd'] / idle['qsd']:.2f}x |")
-        print(f"| while the stream runs | {busy['vubd']:.0f} | {busy['qsd']:.0f} | {busy['vubd'] / busy['qsd']:.2f}x |")
+        print(f"| while the {io_kind} runs | {busy['vubd']:.0f} | {busy['qsd']:.0f} | {busy['vubd'] / busy['qsd']:.2f}x |")
         print(f"| drop | {drop['vubd']:.0f}% | {drop['qsd']:.0f}% | |")
     finally:
         shutil.rmtree(d, ignore_errors=True)

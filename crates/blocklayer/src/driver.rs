@@ -225,6 +225,26 @@ pub trait Driver: Send + Sync {
         no_snapshots()
     }
 
+    /// Reads the point-in-time view the node keeps (QEMU's `bdrv_co_preadv_snapshot`:
+    /// only `copy-before-write` has one, for `snapshot-access`); ENOTSUP elsewhere.
+    fn read_snapshot<'a>(&'a self, _offset: u64, _iov: IoVec) -> LocalBoxFuture<'a, Result<()>> {
+        Box::pin(std::future::ready(Err(BlockError::Unsupported(
+            "snapshot access",
+        ))))
+    }
+
+    /// Drops a range from the point-in-time view (QEMU's `bdrv_co_pdiscard_snapshot`).
+    fn discard_snapshot(&self, _offset: u64, _len: u64) -> LocalBoxFuture<'_, Result<()>> {
+        Box::pin(std::future::ready(Err(BlockError::Unsupported(
+            "snapshot access",
+        ))))
+    }
+
+    /// The copy state of a `copy-before-write` filter, which the backup job shares.
+    fn block_copy(&self) -> Option<Arc<crate::block_copy::BlockCopy>> {
+        None
+    }
+
     fn read<'a>(&'a self, offset: u64, iov: IoVec) -> LocalBoxFuture<'a, Result<()>>;
 
     fn write<'a>(&'a self, offset: u64, iov: IoVec, fua: bool) -> LocalBoxFuture<'a, Result<()>>;

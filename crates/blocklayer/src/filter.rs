@@ -52,3 +52,24 @@ impl Graph {
         Ok(())
     }
 }
+
+impl Graph {
+    /// Opens the node `opts` describe, whose primary child is `node`, and puts it
+    /// above `node` (QEMU's `bdrv_insert_node`): every other user of `node` uses
+    /// the new node instead. The caller has drained `node`; on a permission conflict
+    /// the new node is gone again and nothing changed.
+    pub fn insert_node(
+        &mut self,
+        node: &Arc<Node>,
+        opts: &crate::options::BlockdevOptions,
+    ) -> Result<Arc<Node>> {
+        let new = self.add_implicit(opts)?;
+        if let Err(e) = self.replace_node(node, &new, None) {
+            let name = new.name().to_string();
+            drop(new);
+            self.remove_unused(&name);
+            return Err(e);
+        }
+        Ok(new)
+    }
+}

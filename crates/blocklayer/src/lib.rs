@@ -14,6 +14,7 @@
 pub mod aio;
 pub mod backend;
 pub mod bitmap;
+pub mod block_copy;
 pub mod driver;
 pub mod drivers;
 pub mod edge;

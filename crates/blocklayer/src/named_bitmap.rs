@@ -96,6 +96,9 @@ pub struct NamedBitmap {
     read_only: AtomicBool,
     persistent: AtomicBool,
     inconsistent: AtomicBool,
+    /// A job froze the bitmap and records the writes in a successor of its own
+    /// (QEMU's `bdrv_dirty_bitmap_recording` counts the successor's recording).
+    successor_recording: AtomicBool,
 }
 
 impl std::fmt::Debug for NamedBitmap {
@@ -153,6 +156,12 @@ impl NamedBitmap {
     /// Marks the bitmap in use by a job (the monitor refuses to touch it).
     pub fn set_busy(&self, busy: bool) {
         self.busy.store(busy, Ordering::Release);
+    }
+
+    /// Whether a successor a job gave the (frozen) bitmap records writes: the
+    /// bitmap then reports `recording` as QEMU's does.
+    pub fn set_successor_recording(&self, on: bool) {
+        self.successor_recording.store(on, Ordering::Release);
     }
 
     pub fn read_only(&self) -> bool {
@@ -228,7 +237,7 @@ impl NamedBitmap {
     pub fn info(&self) -> serde_json::Value {
         let mut v = serde_json::json!({
             "name": self.name,
-            "recording": self.enabled(),
+            "recording": self.enabled() || self.successor_recording.load(Ordering::Acquire),
             "persistent": self.persistent(),
             "busy": self.busy(),
             "granularity": self.granularity(),
@@ -320,6 +329,7 @@ impl Node {
             read_only: AtomicBool::new(false),
             persistent: AtomicBool::new(false),
             inconsistent: AtomicBool::new(false),
+            successor_recording: AtomicBool::new(false),
         });
         named.insert(0, b.clone());
         self.named_count

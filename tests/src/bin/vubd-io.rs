@@ -33,7 +33,7 @@ use vubd_tests::{Client, ClientOptions, IoQueue, Req, Rng};
 const USAGE: &str = "usage:
   vubd-io capacity       --socket S
   vubd-io write          --socket S --offset O --len L --seed N
-  vubd-io verify         --socket S --offset O --len L --seed N
+  vubd-io verify         --socket S --offset O --len L --seed N [--read-only on]
   vubd-io stress         --socket S --seconds T --seed N [--queues Q] [--span BYTES] [--ready-file P]
   vubd-io watch-capacity --socket S --expect BYTES --timeout-secs T [--ready-file P]";
 
@@ -198,8 +198,15 @@ fn check_pattern(buf: &[u8], seed: u64, dev_off: u64) -> Option<usize> {
 // Connecting
 
 fn connect(socket: &str, queues: usize) -> Result<Client, String> {
+    connect_with(socket, queues, false)
+}
+
+/// [`connect`], read-only if asked (libblkio's `read-only`, which a device offering
+/// VIRTIO_BLK_F_RO requires).
+fn connect_with(socket: &str, queues: usize, read_only: bool) -> Result<Client, String> {
     let opts = ClientOptions {
         num_queues: queues,
+        read_only,
         buf_per_queue: BUF_PER_QUEUE,
         ..Default::default()
     };
@@ -277,9 +284,14 @@ fn cmd_write(a: &Args) -> Result<String, String> {
 }
 
 fn cmd_verify(a: &Args) -> Result<String, String> {
-    a.allow(&["socket", "offset", "len", "seed"])?;
+    a.allow(&["socket", "offset", "len", "seed", "read-only"])?;
     let (offset, len, seed) = (a.num("offset")?, a.num("len")?, a.num("seed")?);
-    let mut c = connect(&a.str("socket")?, 1)?;
+    let read_only = match a.opts.get("read-only").map(String::as_str) {
+        None | Some("off") => false,
+        Some("on") => true,
+        Some(v) => return Err(format!("--read-only {v:?}: must be on or off")),
+    };
+    let mut c = connect_with(&a.str("socket")?, 1, read_only)?;
     check_range(&c, offset, len)?;
     let q = c.q();
     let mut done = 0u64;

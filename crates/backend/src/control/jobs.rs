@@ -52,7 +52,7 @@ fn filename(n: &Node) -> String {
 }
 
 /// QEMU's op blocker of a node a block job uses.
-fn check_busy(node: &Node) -> OpResult<()> {
+pub(super) fn check_busy(node: &Node) -> OpResult<()> {
     for e in node.parents() {
         if let Parent::Job { kind, .. } = e.parent() {
             return Err(QmpError::generic(format!(
@@ -75,7 +75,7 @@ impl Control {
         })
     }
 
-    fn job_id(&self, opts: &JobOpts) -> OpResult<String> {
+    pub(super) fn job_id(&self, opts: &JobOpts) -> OpResult<String> {
         let Some(id) = &opts.job_id else {
             // QEMU takes the device's name, which a node of qemu-storage-daemon
             // does not have.
@@ -99,7 +99,7 @@ impl Control {
     }
 
     /// A user of `node` for job `id`, its edge named as QEMU names the job's edges.
-    fn job_user(
+    pub(super) fn job_user(
         &self,
         id: &str,
         kind: &'static str,

@@ -23,7 +23,9 @@ use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 use std::time::Duration;
 
+mod backup;
 pub mod bitmaps;
+pub use backup::{BackupArgs, BackupPerf, DriveTarget};
 pub mod graph_ops;
 pub mod jobs;
 mod snapshot;

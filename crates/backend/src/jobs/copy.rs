@@ -160,6 +160,11 @@ impl JobCtx {
         let (read, nospace) = (e.read, e.errno == libc::ENOSPC);
         // The backends' decision table.
         let action = self.on_error.action(e.errno);
+        if action == ErrorAction::Stop {
+            // Paused before the control thread hears of it: a resume that follows
+            // the event at once must find the job paused, not be undone by it.
+            self.core.set_paused(true);
+        }
         self.send(JobMsg::Error {
             id,
             read,
@@ -170,7 +175,6 @@ impl JobCtx {
             ErrorAction::Ignore => Ok(false),
             ErrorAction::Report => Err(e.message),
             ErrorAction::Stop => {
-                self.core.set_paused(true);
                 self.core
                     .pause_point(true)
                     .await

@@ -10,6 +10,7 @@
 //! the events and, at finalization, makes the job's graph changes. `blockdev-create`
 //! runs on the control thread within the command, through the same states.
 
+pub mod backup;
 pub mod commit;
 pub mod copy;
 pub mod core;

@@ -47,6 +47,8 @@ pub const COMMANDS: &[&str] = &[
     "block-job-set-speed",
     "block-stream",
     "block-commit",
+    "blockdev-backup",
+    "drive-backup",
     "blockdev-snapshot",
     "blockdev-snapshot-sync",
     "change-backing-file",
@@ -82,6 +84,75 @@ fn job_opts(a: &mut Args) -> Result<crate::control::jobs::JobOpts, QmpError> {
         auto_finalize: a.opt_bool("auto-finalize")?.unwrap_or(true),
         auto_dismiss: a.opt_bool("auto-dismiss")?.unwrap_or(true),
     })
+}
+
+/// QEMU's `BackupCommon` members, in schema order (the target is read after them).
+fn backup_args(
+    a: &mut Args,
+) -> Result<(crate::control::BackupArgs, crate::control::jobs::JobOpts), QmpError> {
+    fn on_error(v: Option<&str>) -> crate::config::OnError {
+        match v {
+            Some("ignore") => crate::config::OnError::Ignore,
+            Some("enospc") => crate::config::OnError::Enospc,
+            Some("stop") => crate::config::OnError::Stop,
+            _ => crate::config::OnError::Report,
+        }
+    }
+    const ON_ERROR: &[&str] = &["report", "ignore", "enospc", "stop"];
+    let job_id = a.opt_str("job-id")?;
+    let device = a.str("device")?;
+    let sync = a
+        .opt_enum("sync", &["top", "full", "none", "incremental", "bitmap"])?
+        .ok_or_else(|| QmpError::generic("Parameter 'sync' is missing"))?;
+    let speed = a.opt_int("speed")?.unwrap_or(0);
+    let bitmap = a.opt_str("bitmap")?;
+    let bitmap_mode = a.opt_enum("bitmap-mode", &["on-success", "never", "always"])?;
+    let compress = a.opt_bool("compress")?.unwrap_or(false);
+    let on_source_error = on_error(a.opt_enum("on-source-error", ON_ERROR)?);
+    let on_target_error = on_error(a.opt_enum("on-target-error", ON_ERROR)?);
+    let auto_finalize = a.opt_bool("auto-finalize")?.unwrap_or(true);
+    let auto_dismiss = a.opt_bool("auto-dismiss")?.unwrap_or(true);
+    let filter_node_name = a.opt_str("filter-node-name")?;
+    let mut perf = crate::control::BackupPerf::default();
+    if let Some(v) = a.take("x-perf") {
+        if !v.is_object() {
+            return Err(QmpError::generic(
+                "Invalid parameter type for 'x-perf', expected: object",
+            ));
+        }
+        let mut p = Args::new(&v);
+        if let Some(b) = p.opt_bool("use-copy-range")? {
+            perf.use_copy_range = b;
+        }
+        if let Some(n) = p.opt_int("max-workers")? {
+            perf.max_workers = n;
+        }
+        if let Some(n) = p.opt_int("max-chunk")? {
+            perf.max_chunk = n;
+        }
+        p.finish()?;
+    }
+    Ok((
+        crate::control::BackupArgs {
+            device,
+            target: String::new(),
+            sync,
+            bitmap,
+            bitmap_mode,
+            compress,
+            on_source_error,
+            on_target_error,
+            filter_node_name,
+            perf,
+        },
+        crate::control::jobs::JobOpts {
+            job_id,
+            speed,
+            on_error: crate::config::OnError::Report,
+            auto_finalize,
+            auto_dismiss,
+        },
+    ))
 }
 
 fn ok() -> QmpResult {
@@ -321,6 +392,30 @@ pub fn execute(ctl: &mut Control, name: &str, arguments: &Value) -> QmpResult {
             let opts = job_opts(&mut a)?;
             a.finish()?;
             ctl.block_commit(args, opts)?;
+            ok()
+        }
+        "blockdev-backup" | "drive-backup" => {
+            let (args, opts) = backup_args(&mut a)?;
+            if name == "blockdev-backup" {
+                let args = crate::control::BackupArgs {
+                    target: a.str("target")?,
+                    ..args
+                };
+                a.finish()?;
+                ctl.blockdev_backup(args, opts)?;
+            } else {
+                let args = crate::control::BackupArgs {
+                    target: a.str("target")?,
+                    ..args
+                };
+                let d = crate::control::DriveTarget {
+                    format: a.opt_str("format")?,
+                    existing: a.opt_enum("mode", &["existing", "absolute-paths"])?
+                        == Some("existing"),
+                };
+                a.finish()?;
+                ctl.drive_backup(args, opts, d)?;
+            }
             ok()
         }
         n if super::transaction::SINGLE.contains(&n) => {

@@ -4,10 +4,12 @@
 //! a new folder and one row here.
 //!
 //! Protocols: `file`/`host_device`, `null-co`/`null-aio`; formats: `raw`, `qcow2`;
-//! filters: `blkdebug`, `copy-on-read`. [`lock`] is QEMU's image locking of host
+//! filters: `blkdebug`, `copy-on-read`, `copy-before-write`; `snapshot-access`, which
+//! reads the view a `copy-before-write` filter keeps. [`lock`] is QEMU's image locking of host
 //! files, which `file` and the image tools share.
 
 pub mod blkdebug;
+pub mod copy_before_write;
 pub mod copy_on_read;
 pub mod file;
 pub mod forward;
@@ -16,6 +18,7 @@ pub mod lock;
 pub mod null;
 pub mod qcow2;
 pub mod raw;
+pub mod snapshot_access;
 
 use crate::edge::{Edge, Role};
 use crate::error::{BlockError, Result};
@@ -73,6 +76,8 @@ pub static DRIVERS: &[DriverEntry] = &[
     blkdebug::ENTRY,
     qcow2::ENTRY,
     copy_on_read::ENTRY,
+    copy_before_write::ENTRY,
+    snapshot_access::ENTRY,
 ];
 
 /// The table row for the driver name `name`, and the name as the table spells it.
