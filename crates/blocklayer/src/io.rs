@@ -502,13 +502,27 @@ impl Node {
         let align = u64::from(self.limits().request_alignment);
         let bounce = IoVec::from_buf(buf.clone());
         // Read the partial head and tail blocks; the middle is overwritten anyway.
-        if offset != start {
-            self.read_split(start, bounce.slice(0, align)).await?;
-        }
+        // The blkdebug events are QEMU's (on the node that pads): one read of a
+        // single block raises those of the sides it completes.
         let data_end = offset + iov.len();
-        if data_end != end && (end - align >= start + align || offset == start) {
+        let (head, tail) = (offset != start, data_end != end);
+        let merged = end - start == align;
+        if head {
+            self.debug_event("pwritev_rmw_head");
+            if merged && tail {
+                self.debug_event("pwritev_rmw_tail");
+            }
+            self.read_split(start, bounce.slice(0, align)).await?;
+            self.debug_event("pwritev_rmw_after_head");
+            if merged && tail {
+                self.debug_event("pwritev_rmw_after_tail");
+            }
+        }
+        if tail && (!merged || !head) {
+            self.debug_event("pwritev_rmw_tail");
             self.read_split(end - align, bounce.slice(end - align - start, align))
                 .await?;
+            self.debug_event("pwritev_rmw_after_tail");
         }
         bounce.copy_from_iov(offset - start, &iov);
         self.write_split(start, bounce, fua).await

@@ -55,7 +55,7 @@
 
 use crate::header::{self, incompat};
 use crate::image::{Error, Qcow2, Result, TableKind};
-use crate::io::QcowIo;
+use crate::io::{DebugEvent, QcowIo};
 use crate::layout::{self, OFFSET_MASK};
 
 /// The first reservation of data clusters (see the module doc), in bytes.
@@ -182,6 +182,7 @@ impl<I: QcowIo> Qcow2<I> {
     /// the byte offset of the first: the first free run from the free hint,
     /// reusing freed space.
     pub(crate) async fn alloc_clusters(&self, n: u64) -> Result<u64> {
+        self.io.debug_event(DebugEvent::ClusterAlloc);
         self.alloc_run(n, true).await
     }
 
@@ -350,6 +351,7 @@ impl<I: QcowIo> Qcow2<I> {
     /// Allocates `n` contiguous clusters for guest data: freed space inside
     /// the file first, else from the reservation (see the module doc).
     pub(crate) async fn alloc_data_clusters(&self, n: u64) -> Result<NewClusters> {
+        self.io.debug_event(DebugEvent::ClusterAlloc);
         let cs = self.g.cluster_size;
         let (hw, reserving) = {
             let st = self.st();
@@ -489,6 +491,7 @@ impl<I: QcowIo> Qcow2<I> {
     /// several compressed clusters into one host cluster as QEMU does: each
     /// host cluster's refcount counts the compressed clusters touching it.
     pub(crate) async fn alloc_bytes(&self, len: u64) -> Result<u64> {
+        self.io.debug_event(DebugEvent::ClusterAllocBytes);
         let cs = self.g.cluster_size;
         let fbo = self.st().free_byte_offset;
         // Sharing a host cluster needs a refcount increment, which narrow
@@ -528,6 +531,7 @@ impl<I: QcowIo> Qcow2<I> {
     /// Creates the refcount block for table index `t`, placed at the end of
     /// the file.
     pub(crate) async fn new_refcount_block(&self, t: u64) -> Result<()> {
+        self.io.debug_event(DebugEvent::RefblockAlloc);
         let rpb = self.g.rc_per_block;
         let cs = self.g.cluster_size;
         loop {
@@ -576,6 +580,7 @@ impl<I: QcowIo> Qcow2<I> {
             let mut st = self.st();
             st.high_water = st.high_water.max(off + cs);
         }
+        self.io.debug_event(DebugEvent::RefblockAllocWrite);
         self.io.write_at(off, &block).await?;
         self.sync().await?;
         let rt_off = {
@@ -585,6 +590,7 @@ impl<I: QcowIo> Qcow2<I> {
             st.rc.insert(off, block, false);
             st.hdr.refcount_table_offset
         };
+        self.io.debug_event(DebugEvent::RefblockAllocHookup);
         self.io.write_at(rt_off + t * 8, &off.to_be_bytes()).await?;
         self.st().rc_unsynced = true;
         Ok(())
@@ -594,6 +600,7 @@ impl<I: QcowIo> Qcow2<I> {
     /// `min_entries` entries, written at the end of the file together with
     /// the refcount blocks that describe it.
     async fn grow_refcount_table(&self, min_entries: u64) -> Result<()> {
+        self.io.debug_event(DebugEvent::ReftableGrow);
         let cs = self.g.cluster_size;
         let rpb = self.g.rc_per_block;
         let epc = cs / 8;
@@ -657,9 +664,11 @@ impl<I: QcowIo> Qcow2<I> {
                     .await);
             }
         }
+        self.io.debug_event(DebugEvent::RefblockAllocWriteBlocks);
         for (i, (_, b)) in blocks.iter().enumerate() {
             self.io.write_at((p + k + i as u64) * cs, b).await?;
         }
+        self.io.debug_event(DebugEvent::RefblockAllocWriteTable);
         self.io.write_at(p * cs, &table).await?;
         self.st().rc_unsynced = true;
         self.write_dirty_refcounts().await?;
@@ -677,8 +686,10 @@ impl<I: QcowIo> Qcow2<I> {
                 st.rc.insert((p + k + i as u64) * cs, b, false);
             }
         }
+        self.io.debug_event(DebugEvent::RefblockAllocSwitchTable);
         self.write_header().await?;
         self.sync().await?;
+        self.io.debug_event(DebugEvent::ClusterFree);
         for c in old_off / cs..old_off / cs + old_clusters {
             self.rc_add(c, -1).await?;
         }
@@ -698,6 +709,10 @@ impl<I: QcowIo> Qcow2<I> {
                 _ => return Ok(()),
             }
         };
+        self.io.debug_event(match kind {
+            TableKind::L2 => DebugEvent::L2Update,
+            TableKind::Refcount => DebugEvent::RefblockUpdatePart,
+        });
         self.io.write_at(off + at, &data).await?;
         let mut st = self.st();
         if kind == TableKind::Refcount {
@@ -799,6 +814,7 @@ impl<I: QcowIo> Qcow2<I> {
         let cs = self.g.cluster_size;
         let mut freed = Vec::new();
         for (off, len, other) in frees {
+            self.io.debug_event(DebugEvent::ClusterFree);
             let first = off / cs;
             let last = (off + len - 1) / cs;
             for c in first..=last {
@@ -932,10 +948,12 @@ impl<I: QcowIo> Qcow2<I> {
         let content = if old == 0 {
             vec![0u8; cs as usize]
         } else {
+            self.io.debug_event(DebugEvent::L2AllocCowRead);
             self.with_table(TableKind::L2, old, |e| e.data.clone())
                 .await?
         };
         let new = self.alloc_clusters(1).await?;
+        self.io.debug_event(DebugEvent::L2AllocWrite);
         self.io.write_at(new, &content).await?;
         self.prepare_new_references().await?;
         self.sync().await?;
@@ -946,6 +964,7 @@ impl<I: QcowIo> Qcow2<I> {
             st.l2.insert(new, content, false);
             st.hdr.l1_table_offset
         };
+        self.io.debug_event(DebugEvent::L1Update);
         self.io
             .write_at(l1_off + i * 8, &(new | layout::COPIED).to_be_bytes())
             .await?;

@@ -4,7 +4,7 @@ use crate::bitmaps::{BitmapError, Slot};
 use crate::cache::{CacheEntry, TableCache};
 use crate::compress::{self, CompressError};
 use crate::header::{self, autoclear, compat, incompat, Header, HeaderError};
-use crate::io::QcowIo;
+use crate::io::{DebugEvent, QcowIo};
 use crate::layout::{self, Geometry, L2Entry, COPIED, OFFSET_MASK};
 use crate::snapshot::{self, Snapshot, SnapshotError};
 use crate::sync::{AsyncLock, WaitList};
@@ -436,6 +436,7 @@ impl<I: QcowIo> Qcow2<I> {
             .map(|c| u64::from_be_bytes(c.try_into().unwrap()))
             .collect();
         let mut rtb = vec![0u8; (hdr.refcount_table_clusters as u64 * cs) as usize];
+        io.debug_event(DebugEvent::ReftableLoad);
         io.read_at(hdr.refcount_table_offset, &mut rtb).await?;
         let rt: Vec<u64> = rtb
             .chunks_exact(8)
@@ -735,6 +736,9 @@ impl<I: QcowIo> Qcow2<I> {
         f: impl FnOnce(&mut CacheEntry) -> R,
     ) -> Result<R> {
         let mut f = Some(f);
+        if kind == TableKind::Refcount {
+            self.io.debug_event(DebugEvent::RefblockLoad);
+        }
         loop {
             let epoch = {
                 let mut st = self.st();
@@ -744,6 +748,9 @@ impl<I: QcowIo> Qcow2<I> {
                 st.epoch
             };
             let mut buf = vec![0u8; self.g.cluster_size as usize];
+            if kind == TableKind::L2 {
+                self.io.debug_event(DebugEvent::L2Load);
+            }
             self.io.read_at(off, &mut buf).await?;
             let mut st = self.st();
             if st.cache(kind).contains(off) || st.epoch != epoch {
@@ -977,6 +984,7 @@ impl<I: QcowIo> Qcow2<I> {
         // A compressed cluster never needs more than cluster_size + 2 sectors.
         let csize = csize.min(cs + 1024);
         let mut input = vec![0u8; csize as usize];
+        self.io.debug_event(DebugEvent::ReadCompressed);
         self.io.read_at(host, &mut input).await?;
         let mut out = vec![0u8; cs as usize];
         compress::decompress(self.g.compression, &input, &mut out)?;

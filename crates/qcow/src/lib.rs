@@ -36,7 +36,7 @@ pub use image::{
     CacheStats, Error, Extent, ExtentKind, Extents, ImageInfo, OpenOptions, Qcow2, Result,
     TableCacheStats,
 };
-pub use io::{block_on, FileIo, MemIo, QcowIo};
+pub use io::{block_on, DebugEvent, FileIo, MemIo, QcowIo};
 pub use snapshot::{NewSnapshot, Snapshot};
 pub use write::{Allocation, HostRange};
 

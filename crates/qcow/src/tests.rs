@@ -1481,3 +1481,95 @@ fn refcounts_past_the_end_of_the_file_are_skipped_as_leaks() {
         }
     }
 }
+
+/// A file that records the blkdebug events raised on it, with a mark for each
+/// write, in order.
+#[derive(Default)]
+struct EventIo {
+    mem: MemIo,
+    log: std::sync::Mutex<Vec<&'static str>>,
+}
+
+impl EventIo {
+    fn take(&self) -> Vec<&'static str> {
+        std::mem::take(&mut *self.log.lock().unwrap())
+    }
+}
+
+impl crate::QcowIo for EventIo {
+    async fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.mem.read_at(offset, buf).await
+    }
+    async fn write_at(&self, offset: u64, buf: &[u8]) -> std::io::Result<()> {
+        self.log.lock().unwrap().push("(write)");
+        self.mem.write_at(offset, buf).await
+    }
+    async fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    async fn len(&self) -> std::io::Result<u64> {
+        self.mem.len().await
+    }
+    async fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.mem.set_len(len).await
+    }
+    fn debug_event(&self, event: crate::DebugEvent) {
+        self.log.lock().unwrap().push(event.name());
+    }
+}
+
+#[test]
+fn debug_events_come_where_qemu_raises_them() {
+    let img = block_on(create(MemIo::new(), &opts(8 << 20, 65536))).unwrap();
+    block_on(img.write(0, &[1u8; 65536], &crate::NoBacking)).unwrap();
+    block_on(img.close()).unwrap();
+    let io = EventIo {
+        mem: MemIo::from_vec(img.io().to_vec()),
+        ..Default::default()
+    };
+    let img = block_on(Qcow2::open(io, OpenOptions::read_write())).unwrap();
+    assert_eq!(img.io().take(), ["reftable_load"]);
+    // An L2 table is loaded on a miss only.
+    block_on(img.map(0, 4096)).unwrap();
+    assert_eq!(img.io().take(), ["l2_load"]);
+    block_on(img.map(4096, 4096)).unwrap();
+    assert_eq!(img.io().take(), Vec::<&str>::new());
+    // An overwrite in place raises nothing.
+    block_on(img.write(0, &[2u8; 65536], &crate::NoBacking)).unwrap();
+    let ev = img.io().take();
+    assert!(ev.iter().all(|e| *e == "(write)"), "{ev:?}");
+    // A partial write to a new cluster allocates it, zeroes what it does not
+    // cover, and the flush writes the L2 table back.
+    block_on(img.write(2 * 65536, &[3u8; 4096], &crate::NoBacking)).unwrap();
+    let ev = img.io().take();
+    assert_eq!(ev.first(), Some(&"cluster_alloc"), "{ev:?}");
+    assert!(ev.contains(&"refblock_load"), "{ev:?}");
+    assert!(!ev.contains(&"l2_update"), "{ev:?}");
+    block_on(img.flush()).unwrap();
+    let ev = img.io().take();
+    let at = ev
+        .iter()
+        .position(|e| *e == "l2_update")
+        .expect("l2_update");
+    assert_eq!(ev[at + 1], "(write)", "{ev:?}");
+    // The first write to a fresh image allocates an L2 table, writes it, then
+    // the L1 entry.
+    let img2 = block_on(create(MemIo::new(), &opts(8 << 20, 65536))).unwrap();
+    block_on(img2.close()).unwrap();
+    let io = EventIo {
+        mem: MemIo::from_vec(img2.io().to_vec()),
+        ..Default::default()
+    };
+    let img2 = block_on(Qcow2::open(io, OpenOptions::read_write())).unwrap();
+    img2.io().take();
+    block_on(img2.write(0, &[4u8; 65536], &crate::NoBacking)).unwrap();
+    let ev = img2.io().take();
+    let pos = |name: &str| ev.iter().position(|e| *e == name);
+    let (alloc, write, l1) = (
+        pos("cluster_alloc"),
+        pos("l2_alloc_write"),
+        pos("l1_update"),
+    );
+    assert!(alloc < write && write < l1 && alloc.is_some(), "{ev:?}");
+    assert_eq!(ev[l1.unwrap() + 1], "(write)", "{ev:?}");
+}

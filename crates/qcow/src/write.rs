@@ -3,7 +3,7 @@
 
 use crate::alloc::NewClusters;
 use crate::image::{Error, Qcow2, RangeLock, Result, TableKind};
-use crate::io::QcowIo;
+use crate::io::{DebugEvent, QcowIo};
 use crate::layout::{self, low_bits, L2Entry, COPIED, OFFSET_MASK};
 use crate::Backing;
 use std::future::poll_fn;
@@ -476,6 +476,27 @@ impl<I: QcowIo> Qcow2<I> {
         if cows.iter().any(copies) {
             alloc.needs_data_sync = true;
         }
+        // QEMU zeroes the whole of a new cluster whose copy-on-write parts read
+        // as zeroes instead of copying them (cluster_alloc_space); here they
+        // are zeroed, or skipped in fresh clusters, at the same point.
+        if n_new > 0 {
+            let zero = |c: &Cow| match c.src {
+                CowSource::Zero => true,
+                CowSource::Backing => !backing.present(),
+                _ => false,
+            };
+            let zero_cow_cluster = (0..n_new).any(|k| {
+                let (lo, hi) = (base + k * cs, base + (k + 1) * cs);
+                let mut own = cows
+                    .iter()
+                    .filter(|c| c.dest >= lo && c.dest < hi)
+                    .peekable();
+                own.peek().is_some() && own.all(zero)
+            });
+            if zero_cow_cluster {
+                self.io.debug_event(DebugEvent::ClusterAllocSpace);
+            }
+        }
         // Zero COW into fresh clusters is skipped; make sure the file still
         // covers the whole of the last new cluster: one zeroed sector,
         // written before the COW and the guest data that may overwrite it.
@@ -512,6 +533,7 @@ impl<I: QcowIo> Qcow2<I> {
             let data: &[u8] = match &c.src {
                 CowSource::Zero => {
                     if !fresh.contains(&c.dest) {
+                        self.io.debug_event(DebugEvent::CowWrite);
                         self.data_io().write_zeroes(c.dest, c.len).await?;
                     }
                     continue;
@@ -519,10 +541,15 @@ impl<I: QcowIo> Qcow2<I> {
                 CowSource::Backing => {
                     if !backing.present() {
                         if !fresh.contains(&c.dest) {
+                            self.io.debug_event(DebugEvent::CowWrite);
                             self.data_io().write_zeroes(c.dest, c.len).await?;
                         }
                         continue;
                     }
+                    // QEMU reads through its own read path, which raises
+                    // the event of the kind of data read.
+                    self.io.debug_event(DebugEvent::CowRead);
+                    self.io.debug_event(DebugEvent::ReadBackingAio);
                     buf = vec![0u8; c.len as usize];
                     // The last cluster may extend past the virtual size.
                     let n = size.saturating_sub(c.guest).min(c.len) as usize;
@@ -532,12 +559,15 @@ impl<I: QcowIo> Qcow2<I> {
                     &buf
                 }
                 CowSource::Host(h) => {
+                    self.io.debug_event(DebugEvent::CowRead);
+                    self.io.debug_event(DebugEvent::ReadAio);
                     buf = vec![0u8; c.len as usize];
                     self.data_io().read_at(*h, &mut buf).await?;
                     &buf
                 }
                 CowSource::Buffer(b, o) => &b[*o..*o + c.len as usize],
             };
+            self.io.debug_event(DebugEvent::CowWrite);
             self.data_io().write_at(c.dest, data).await?;
         }
         Ok(())
@@ -617,6 +647,9 @@ impl<I: QcowIo> Qcow2<I> {
             let bytes = self
                 .with_table(TableKind::L2, table, |e| e.data[a..b].to_vec())
                 .await?;
+            // No event: QEMU writes the table at the next flush (l2_update,
+            // raised there by `write_table`), so an l2_update rule fails the
+            // flush here too, not this early write of the entries.
             self.io.write_at(table + a as u64, &bytes).await?;
             i = j;
         }
@@ -691,10 +724,12 @@ impl<I: QcowIo> Qcow2<I> {
         let (raw, bm) = self.l2_get(l2off, idx).await?;
         let old = self.decode_entry(offset, raw, bm).await?;
         let host = self.alloc_bytes(c.len() as u64).await?;
+        self.io.debug_event(DebugEvent::WriteCompressed);
         self.io.write_at(host, &c).await?;
         let entry = g.compressed_entry(host, c.len() as u64);
         // Compressed data shares host clusters: never mapped before it is stable.
         self.st().l2_needs_data_sync = true;
+        self.io.debug_event(DebugEvent::L2UpdateCompressed);
         self.with_table(TableKind::L2, l2off, |e| {
             if g.extended {
                 layout::put_u64(&mut e.data, 2 * idx as usize, entry);
@@ -1026,6 +1061,7 @@ impl<I: QcowIo> Qcow2<I> {
             }
             if whole {
                 self.st().l1[i] = 0;
+                self.io.debug_event(DebugEvent::L1ShrinkWriteTable);
                 self.io
                     .write_at(l1_off + i as u64 * 8, &0u64.to_be_bytes())
                     .await?;
@@ -1046,6 +1082,12 @@ impl<I: QcowIo> Qcow2<I> {
                 })
                 .await?;
             }
+        }
+        if frees
+            .iter()
+            .any(|&(o, _)| self.st().meta_clusters.contains(&o))
+        {
+            self.io.debug_event(DebugEvent::L1ShrinkFreeL2Clusters);
         }
         self.st()
             .pending_frees
@@ -1078,11 +1120,13 @@ impl<I: QcowIo> Qcow2<I> {
         };
         if need > old_len {
             let k = (need * 8).div_ceil(cs);
+            self.io.debug_event(DebugEvent::L1GrowAllocTable);
             let new_off = self.alloc_clusters(k).await?;
             let mut table = vec![0u8; (k * cs) as usize];
             for (i, &e) in self.st().l1.iter().enumerate() {
                 layout::put_u64(&mut table, i, e);
             }
+            self.io.debug_event(DebugEvent::L1GrowWriteTable);
             self.io.write_at(new_off, &table).await?;
             self.write_dirty_refcounts().await?;
             self.io.flush().await?;
@@ -1093,9 +1137,11 @@ impl<I: QcowIo> Qcow2<I> {
                 st.hdr.l1_size = need as u32;
                 st.hdr.size = new_size;
             }
+            self.io.debug_event(DebugEvent::L1GrowActivateTable);
             self.write_header().await?;
             self.io.flush().await?;
             if old_len > 0 {
+                self.io.debug_event(DebugEvent::ClusterFree);
                 let old_k = (old_len * 8).div_ceil(cs);
                 for c in old_off / cs..old_off / cs + old_k {
                     self.rc_add(c, -1).await?;

@@ -5,11 +5,25 @@
 //! As in QEMU, events arm rules and requests check the armed ones: an event that some
 //! rules wait for arms exactly those, until the next such event; a request fails if
 //! an armed rule is of its `iotype` (default: any but block-status) and, when
-//! `sector` is given, covers that sector. Events come from where QEMU raises them:
-//! `read_aio`/`write_aio` from the format or filter above (raw, qcow2) before guest
-//! data I/O, not before metadata I/O; `flush_to_os`/`flush_to_disk` from the parent's
-//! flush; `pwritev`/`pwritev_zero` from blkdebug's own writes and write-zeroes.
-//! Discards check no rule. Rules with `state` apply in state 1 (vubd has no
+//! `sector` is given, covers that sector. Events come from where QEMU raises them
+//! ([`BLKDEBUG_RAISED_EVENTS`] lists them; rules on others are refused):
+//! - `read_aio`/`write_aio` from the format above (raw, qcow2) before guest data
+//!   I/O, not before metadata I/O; `read_backing_aio` from qcow2 on its file before
+//!   it reads from its backing node;
+//! - the qcow2 metadata events (`l1_*`, `l2_*`, `reftable_*`, `refblock_*`,
+//!   `cluster_*`, `cow_*`, `read_compressed`, `write_compressed`) from the qcow
+//!   crate (`qcow::DebugEvent`) on the image's file, at the steps QEMU's qcow2
+//!   raises them (table loads are raised on cache misses only, as QEMU; refcount
+//!   block lookups on hits too);
+//! - `flush_to_os`/`flush_to_disk` from the parent's flush;
+//! - `pwritev`/`pwritev_zero` before and `pwritev_done` after blkdebug's own writes
+//!   and write-zeroes; `pwritev_rmw_*` around the padding reads of a write that is
+//!   not aligned to the node's `align` (vubd fails the write if such a read fails;
+//!   QEMU 7.2 ignores that error); `cor_write` from a `copy-on-read` filter before
+//!   it writes a copy into this node.
+//!
+//! Discards check no rule; block-status queries (the allocation a `copy-on-read`
+//! filter or a job asks for) check the `block-status` ones. Rules with `state` apply in state 1 (vubd has no
 //! `set-state` rules). A `once` rule is removed after it fired.
 
 use crate::aio::iovec::IoVec;
@@ -157,6 +171,15 @@ impl Driver for BlkdebugDriver {
         self.image.node().driver().actual_size()
     }
 
+    /// Through to the image (QEMU's filter block status), after the rules of
+    /// iotype `block-status`.
+    fn is_allocated(&self, offset: u64, len: u64) -> LocalBoxFuture<'_, Result<(bool, u64)>> {
+        Box::pin(async move {
+            self.check(BlkdebugIoType::BlockStatus, "block status", offset, len)?;
+            self.image.node().driver().is_allocated(offset, len).await
+        })
+    }
+
     fn read<'a>(&'a self, offset: u64, iov: IoVec) -> LocalBoxFuture<'a, Result<()>> {
         Box::pin(async move {
             self.check(BlkdebugIoType::Read, "read", offset, iov.len())?;
@@ -168,8 +191,13 @@ impl Driver for BlkdebugDriver {
         Box::pin(async move {
             // Raised on every node's own write path in QEMU.
             self.event("pwritev");
-            self.check(BlkdebugIoType::Write, "write", offset, iov.len())?;
-            self.image.node().write(offset, iov, fua).await
+            let r = match self.check(BlkdebugIoType::Write, "write", offset, iov.len()) {
+                Ok(()) => self.image.node().write(offset, iov, fua).await,
+                Err(e) => Err(e),
+            };
+            // After the request, failed or not, as QEMU.
+            self.event("pwritev_done");
+            r
         })
     }
 
@@ -196,11 +224,17 @@ impl Driver for BlkdebugDriver {
     ) -> LocalBoxFuture<'_, Result<()>> {
         Box::pin(async move {
             self.event("pwritev_zero");
-            self.check(BlkdebugIoType::WriteZeroes, "write zeroes", offset, len)?;
-            self.image
-                .node()
-                .write_zeroes(offset, len, may_unmap, false)
-                .await
+            let r = match self.check(BlkdebugIoType::WriteZeroes, "write zeroes", offset, len) {
+                Ok(()) => {
+                    self.image
+                        .node()
+                        .write_zeroes(offset, len, may_unmap, false)
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            self.event("pwritev_done");
+            r
         })
     }
 }

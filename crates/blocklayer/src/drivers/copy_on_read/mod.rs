@@ -137,6 +137,8 @@ impl CorDriver {
                 // allocated it: then what was read is that write's data, and stays.
                 let (alloc, m) = top.driver().is_allocated(at, n).await?;
                 if !alloc || m < n {
+                    // On the node read, as QEMU (only a blkdebug node reacts).
+                    top.debug_event("cor_write");
                     top.write_unchanged(at, bounce.clone()).await?;
                 }
             }

@@ -169,6 +169,13 @@ impl QcowIo for NodeIo {
     async fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         self.node.discard(offset, len).await.map_err(to_io)
     }
+
+    /// On the file node, as QEMU's qcow2 raises its events on `bs->file`
+    /// (one branch unless a blkdebug node is there).
+    #[inline]
+    fn debug_event(&self, event: qcow::DebugEvent) {
+        self.node.debug_event(event.name());
+    }
 }
 
 /// The driver's own options (what the image itself does not take).
@@ -397,6 +404,7 @@ impl Qcow2Driver {
             part.fill_zero();
             return Ok(());
         };
+        self.file.debug_event("read_backing_aio");
         let avail = b.size().saturating_sub(e.offset).min(e.len);
         if avail < e.len {
             part.slice(avail, e.len - avail).fill_zero();
@@ -751,6 +759,7 @@ impl Driver for Qcow2Driver {
                     Some(b),
                 ) if offset + iov.len() <= b.node().size() => {
                     let b = b.node_arc();
+                    self.file.debug_event("read_backing_aio");
                     return Box::pin(async move { b.read(offset, iov).await });
                 }
                 _ => {}

@@ -1,0 +1,389 @@
+"""blkdebug events raised where QEMU 7.2 raises them: the same inject-error rule, on a
+blkdebug node under a qcow2 node (or exported itself), makes the same request fail in
+vubd and in qemu-storage-daemon.
+
+Each case opens a daemon with the rule (``once``, so that one request fails), then
+runs requests through the export with vubd-io: first some that must not raise the
+event (they pass), then the one that raises it (it fails: a write, its flush, or a
+read), then the same again (it passes), and the data reads back. Requests through
+vhost-user-blk fail with EIO whatever the errno; the errno is checked where a QMP
+error carries it (open, resize).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import pytest
+
+from chains import KIB, qemu_img, run, write_pattern
+from conftest import MIB, error, execute, export_args, make_image, vubd_io
+
+CS = 64 * KIB
+SIZE = 1024 * MIB
+#: One L2 table of a 64 KiB-cluster image maps 512 MiB.
+L2_SPAN = 512 * MIB
+
+
+def qcow2(tmp: Path, name: str, writes=(), backing: Optional[Path] = None, size=SIZE,
+          cs: int = CS) -> Path:
+    img = tmp / f"{name}.qcow2"
+    args = ["create", "-q", "-f", "qcow2", "-o", f"cluster_size={cs}"]
+    if backing:
+        args += ["-b", str(backing), "-F", "qcow2"]
+    qemu_img(*args, img, size)
+    write_pattern(img, "qcow2", writes)
+    return img
+
+
+def rule(event: str, errno: int = 5, **extra) -> dict:
+    return {"event": event, "errno": errno, "once": True, **extra}
+
+
+def qcow2_args(tmp: Path, img: Path, rules: list[dict], base: Optional[Path] = None) -> list[str]:
+    """file -> blkdebug ``dbg`` (the rules) -> qcow2 ``q`` (over ``base``, a qcow2
+    image opened without blkdebug, if given), exported as ``e0``."""
+    q = {"driver": "qcow2", "node-name": "q", "file": "dbg", "backing": None}
+    args = ["--blockdev", f"file,node-name=file,filename={img}"]
+    if base:
+        args += [
+            "--blockdev", f"file,node-name=base-file,filename={base}",
+            "--blockdev", json.dumps({"driver": "qcow2", "node-name": "base", "file": "base-file",
+                                      "backing": None}),
+        ]
+        q["backing"] = "base"
+    dbg = {"driver": "blkdebug", "node-name": "dbg", "image": "file", "inject-error": rules}
+    return args + [
+        "--blockdev", json.dumps(dbg),
+        "--blockdev", json.dumps(q),
+        *export_args("e0", "q", tmp / "d-e0.sock"),
+    ]
+
+
+def run_steps(sock: Path, steps: list[tuple]):
+    """Each step is (op, offset, length, seed, failure): op "write" (a write then a
+    flush) or "verify" (a read); failure None if the step must pass, else the start
+    of vubd-io's message for the request that must fail ("write of", "flush", "read
+    of")."""
+    for i, (op, off, n, seed, fails) in enumerate(steps):
+        r = vubd_io(op, "--socket", sock, "--offset", off, "--len", n, "--seed", seed)
+        what = f"step {i} ({op} {off}+{n})"
+        if fails is None:
+            assert r["rc"] == 0 and r.get("ok"), f"{what} failed: {r}"
+        else:
+            assert r["rc"] != 0 and not r.get("ok"), f"{what} passed, expected it to fail"
+            assert r["error"].startswith(fails), f"{what}: {r['error']!r}, expected {fails!r}"
+            if fails != MISMATCH:
+                assert "Input/output error" in r["error"], r
+
+
+W = "write of"
+R = "read of"
+#: A read that passes, of data that is not vubd-io's pattern.
+MISMATCH = "data mismatch"
+
+# event: (data written offline before the start, requests)
+QCOW2_CASES = {
+    # The issue's case: the header and tables are read without read_aio, so the image
+    # opens; a write does not arm it; the first guest data read fails.
+    "read_aio": ([(0, CS, 1)], [
+        ("write", MIB, CS, 2, None),
+        ("verify", 0, CS, 1, R),
+        ("verify", 0, CS, 1, None),
+        ("verify", MIB, CS, 2, None),
+    ]),
+    # A new L2 table (nothing to load), then the first read that misses the cache.
+    "l2_load": ([(0, CS, 1)], [
+        ("write", L2_SPAN + MIB, CS, 2, None),
+        ("verify", 0, CS, 1, R),
+        ("verify", 0, CS, 1, None),
+        ("verify", L2_SPAN + MIB, CS, 2, None),
+    ]),
+    # An overwrite allocates nothing; the first write to a new cluster does.
+    "cluster_alloc": ([(0, CS, 1)], [
+        ("write", 0, CS, 2, None),
+        ("write", 2 * CS, CS, 3, W),
+        ("write", 2 * CS, CS, 3, None),
+        ("verify", 0, CS, 2, None),
+        ("verify", 2 * CS, CS, 3, None),
+    ]),
+    # A new cluster in an existing L2 table passes; one that needs a new table fails.
+    "l2_alloc_write": ([(0, CS, 1)], [
+        ("write", 2 * CS, CS, 2, None),
+        ("write", L2_SPAN, CS, 3, W),
+        ("write", L2_SPAN, CS, 3, None),
+        ("verify", 0, CS, 1, None),
+        ("verify", 2 * CS, CS, 2, None),
+        ("verify", L2_SPAN, CS, 3, None),
+    ]),
+    # A write of part of a new cluster, whose rest reads as zeroes: QEMU zeroes the
+    # cluster instead of copying zeroes (vubd zeroes or skips that part).
+    "cluster_alloc_space": ([(0, CS, 1)], [
+        ("write", 0, 4 * KIB, 2, None),
+        ("write", 2 * CS + 4 * KIB, 4 * KIB, 3, W),
+        ("write", 2 * CS + 4 * KIB, 4 * KIB, 3, None),
+        ("verify", 0, 4 * KIB, 2, None),
+        ("verify", 4 * KIB, CS - 4 * KIB, 1, None),
+        ("verify", 2 * CS + 4 * KIB, 4 * KIB, 3, None),
+    ]),
+    # After blkdebug's own write: the flush after the first write fails.
+    "pwritev_done": ([(0, CS, 1)], [
+        ("write", 0, CS, 2, "flush"),
+        ("write", 0, CS, 2, None),
+        ("verify", 0, CS, 2, None),
+    ]),
+    # QEMU looks the refcount block up when it allocates (vubd too, when it reserves).
+    "refblock_load": ([(0, CS, 1)], [
+        ("write", 0, CS, 2, None),
+        ("write", 2 * CS, CS, 3, W),
+        ("write", 2 * CS, CS, 3, None),
+        ("verify", 0, CS, 2, None),
+        ("verify", 2 * CS, CS, 3, None),
+    ]),
+    "l1_update": ([(0, CS, 1)], [
+        ("write", 2 * CS, CS, 2, None),
+        ("write", L2_SPAN, CS, 3, W),
+        ("write", L2_SPAN, CS, 3, None),
+        ("verify", L2_SPAN, CS, 3, None),
+    ]),
+    # An overwrite changes no L2 entry; an allocating write does, and the table is
+    # written back by the flush after it.
+    "l2_update": ([(0, CS, 1)], [
+        ("write", 0, CS, 2, None),
+        ("write", 2 * CS, CS, 3, "flush"),
+        ("write", 2 * CS, CS, 3, None),
+        ("verify", 2 * CS, CS, 3, None),
+    ]),
+}
+
+
+@pytest.mark.parametrize("event", list(QCOW2_CASES))
+async def test_qcow2_event(start_daemon, tmp, event):
+    writes, steps = QCOW2_CASES[event]
+    img = qcow2(tmp, "top", writes)
+    d = start_daemon(qcow2_args(tmp, img, [rule(event)]))
+    run_steps(d.sock("e0"), steps)
+
+
+# Copy on write of a partial cluster over a backing file: the base holds seed 1 in
+# its first MiB; a whole-cluster write copies nothing; a 4 KiB one copies the rest of
+# its cluster from the base (read from the backing node, written to top's file).
+BACKING_STEPS = [
+    ("write", 0, CS, 2, None),
+    ("write", 2 * CS + 4 * KIB, 4 * KIB, 3, W),
+    ("write", 2 * CS + 4 * KIB, 4 * KIB, 3, None),
+    ("verify", 0, CS, 2, None),
+    ("verify", 2 * CS, 4 * KIB, 1, None),
+    ("verify", 2 * CS + 4 * KIB, 4 * KIB, 3, None),
+    ("verify", 2 * CS + 8 * KIB, CS - 8 * KIB, 1, None),
+]
+
+BACKING_CASES = {
+    "cow_read": BACKING_STEPS,
+    "cow_write": BACKING_STEPS,
+    # Raised on top's file before a read from the backing node, which does not go
+    # through blkdebug: the rule fails the next request on top's file.
+    "read_backing_aio": [
+        ("verify", 0, CS, 1, None),
+        ("verify", CS, CS, 1, None),
+        ("write", 4 * MIB, CS, 2, W),
+        ("write", 4 * MIB, CS, 2, None),
+        ("verify", 4 * MIB, CS, 2, None),
+        ("verify", 0, MIB, 1, None),
+    ],
+}
+
+
+@pytest.mark.parametrize("event", list(BACKING_CASES))
+async def test_qcow2_backing_event(start_daemon, tmp, event):
+    base = qcow2(tmp, "base", [(0, MIB, 1)])
+    top = qcow2(tmp, "top", backing=base)
+    d = start_daemon(qcow2_args(tmp, top, [rule(event)], base=base))
+    run_steps(d.sock("e0"), BACKING_STEPS if event != "read_backing_aio" else BACKING_CASES[event])
+
+
+# Read-modify-write of a write smaller than blkdebug's own `align` (the node pads it):
+# an aligned write passes; the unaligned one fails at the write after its padding read
+# (after_head: a head to fill; after_tail: only a tail).
+RMW_CASES = {
+    "pwritev_rmw_after_head": 3 * KIB + 512,
+    "pwritev_rmw_after_tail": 0,
+}
+
+
+def rmw_args(tmp: Path, event: str) -> list[str]:
+    img = make_image(tmp / "disk.img", 16 * MIB)
+    dbg = {
+        "driver": "blkdebug", "node-name": "dbg", "align": 4096,
+        "image": {"driver": "file", "filename": str(img)},
+        "inject-error": [rule(event)],
+    }
+    return ["--blockdev", json.dumps(dbg), *export_args("e0", "dbg", tmp / "d-e0.sock")]
+
+
+@pytest.mark.parametrize("event", list(RMW_CASES))
+async def test_rmw_event(start_daemon, tmp, event):
+    d = start_daemon(rmw_args(tmp, event))
+    off = RMW_CASES[event]
+    run_steps(d.sock("e0"), [
+        ("write", 8 * KIB, 4 * KIB, 1, None),
+        ("write", off, 512, 2, W),
+        ("write", off, 512, 2, None),
+        ("verify", off, 512, 2, None),
+        ("verify", 8 * KIB, 4 * KIB, 1, None),
+    ])
+
+
+@pytest.mark.vubd_only("QEMU 7.2 ignores a failed padding read and writes the block anyway")
+@pytest.mark.parametrize("event,off", [("pwritev_rmw_head", 3 * KIB + 512), ("pwritev_rmw_tail", 0)])
+async def test_rmw_read_event(start_daemon, tmp, event, off):
+    """pwritev_rmw_head/_tail are raised before the padding read, which the rule fails:
+    vubd fails the write rather than write back a block it could not read (QEMU 7.2
+    raises them at the same place, but bdrv_co_pwritev_part drops the read's error)."""
+    d = start_daemon(rmw_args(tmp, event))
+    run_steps(d.sock("e0"), [
+        ("write", 8 * KIB, 4 * KIB, 1, None),
+        ("write", off, 512, 2, W),
+        ("write", off, 512, 2, None),
+        ("verify", off, 512, 2, None),
+    ])
+
+
+async def test_reftable_load_fails_open(start_daemon, tmp):
+    """The refcount table is read at open: its rule fails the open, with its errno."""
+    img = qcow2(tmp, "top")
+    d = start_daemon([])
+    async with d.qmp() as c:
+        await execute(c, "blockdev-add", {
+            "driver": "blkdebug", "node-name": "dbg",
+            "image": {"driver": "file", "filename": str(img)},
+            "inject-error": [rule("reftable_load", errno=28)],
+        })
+        desc = await error(c, "blockdev-add", {"driver": "qcow2", "node-name": "q", "file": "dbg"})
+        assert "No space left on device" in desc, desc
+        # The rule fired once: the next open works.
+        await execute(c, "blockdev-add", {"driver": "qcow2", "node-name": "q", "file": "dbg"})
+
+
+@pytest.mark.parametrize("event", ["l1_grow_alloc_table", "l1_grow_write_table", "l1_grow_activate_table"])
+async def test_l1_grow_fails_resize(start_daemon, tmp, event):
+    """Growing past what the L1 table maps moves it; each step's rule fails the resize
+    with its errno, and a resize that keeps the table does not raise them."""
+    img = qcow2(tmp, "top", [(0, CS, 1)])
+    d = start_daemon(qcow2_args(tmp, img, [rule(event, errno=28)]))
+    async with d.qmp() as c:
+        # 1 GiB needs 2 L1 entries: a resize that still fits keeps the table.
+        await execute(c, "block_resize", {"node-name": "q", "size": SIZE - MIB})
+        desc = await error(c, "block_resize", {"node-name": "q", "size": 2 * SIZE})
+        assert "No space left on device" in desc, desc
+        await execute(c, "block_resize", {"node-name": "q", "size": 2 * SIZE})
+    vubd_io("verify", "--socket", d.sock("e0"), "--offset", 0, "--len", CS, "--seed", 1)
+
+
+@pytest.mark.parametrize("event", [
+    "refblock_alloc", "refblock_alloc_write", "refblock_alloc_hookup",
+])
+async def test_refblock_alloc(start_daemon, tmp, event):
+    """512-byte clusters: a refcount block covers 128 KiB of the file, so a first
+    write of 256 KiB needs a new one, hooked into the refcount table."""
+    img = qcow2(tmp, "top", size=MIB, cs=512)
+    d = start_daemon(qcow2_args(tmp, img, [rule(event)]))
+    run_steps(d.sock("e0"), [
+        ("write", 0, 256 * KIB, 1, W),
+        ("write", 0, 256 * KIB, 1, None),
+        ("verify", 0, 256 * KIB, 1, None),
+    ])
+
+
+@pytest.mark.parametrize("event", [
+    "reftable_grow", "refblock_alloc_write_blocks", "refblock_alloc_write_table",
+    "refblock_alloc_switch_table",
+])
+async def test_reftable_grow(start_daemon, tmp, event):
+    """512-byte clusters: the one-cluster refcount table covers 8 MiB of the file; a
+    write of 9 MiB grows it (new blocks, new table, header switched to it)."""
+    img = qcow2(tmp, "top", size=16 * MIB, cs=512)
+    d = start_daemon(qcow2_args(tmp, img, [rule(event)]))
+    run_steps(d.sock("e0"), [
+        ("write", 0, 9 * MIB, 1, W),
+        ("write", 0, 9 * MIB, 1, None),
+        ("verify", 0, 9 * MIB, 1, None),
+    ])
+
+
+async def test_read_compressed(start_daemon, tmp):
+    """A read of a compressed cluster raises read_compressed (a read of a plain one
+    does not). The compressed cluster holds bytes of 1 (vubd-io's pattern would not
+    compress): once the rule fired, its read passes with data that is not the pattern."""
+    img = qcow2(tmp, "top", [(0, CS, 1)])
+    run("qemu-io", "-f", "qcow2", "-c", f"write -q -c -P 1 {2 * CS} {CS}", img)
+    check = json.loads(run("qemu-img", "check", "--output=json", img).stdout)
+    assert check["compressed-clusters"] == 1, check
+    d = start_daemon(qcow2_args(tmp, img, [rule("read_compressed")]))
+    run_steps(d.sock("e0"), [
+        ("verify", 0, CS, 1, None),
+        ("verify", 2 * CS, CS, 2, R),
+        ("verify", 2 * CS, CS, 2, MISMATCH),
+    ])
+
+
+async def test_l2_alloc_cow_read(start_daemon, tmp):
+    """After an internal snapshot the L2 table is shared: the first write copies it
+    (l2_alloc_cow_read), the next ones in its range do not."""
+    img = qcow2(tmp, "top", [(0, CS, 1)])
+    d = start_daemon(qcow2_args(tmp, img, [rule("l2_alloc_cow_read")]))
+    run_steps(d.sock("e0"), [("write", 0, CS, 2, None)])
+    async with d.qmp() as c:
+        await execute(c, "blockdev-snapshot-internal-sync", {"device": "q", "name": "s1"})
+    run_steps(d.sock("e0"), [
+        ("write", 0, CS, 3, W),
+        ("write", 0, CS, 3, None),
+        ("write", 2 * CS, CS, 4, None),
+        ("verify", 0, CS, 3, None),
+        ("verify", 2 * CS, CS, 4, None),
+    ])
+
+
+@pytest.mark.parametrize("event", ["l1_shrink_write_table", "l1_shrink_free_l2_clusters"])
+async def test_l1_shrink(start_daemon, tmp, event):
+    """Shrinking below an L2 table's range clears its L1 entry (l1_shrink_write_table)
+    and frees the table (l1_shrink_free_l2_clusters): the rule fails the resize with
+    its errno; a resize that keeps every table does not raise them."""
+    img = qcow2(tmp, "top", [(0, CS, 1), (L2_SPAN + MIB, CS, 2)])
+    d = start_daemon(qcow2_args(tmp, img, [rule(event, errno=28)]))
+    async with d.qmp() as c:
+        await execute(c, "block_resize", {"node-name": "q", "size": SIZE - MIB})
+        desc = await error(c, "block_resize", {"node-name": "q", "size": L2_SPAN})
+        assert "No space left on device" in desc, desc
+        await execute(c, "block_resize", {"node-name": "q", "size": L2_SPAN})
+    run_steps(d.sock("e0"), [("verify", 0, CS, 1, None)])
+
+
+async def test_cor_write(start_daemon, tmp):
+    """A copy-on-read filter over a blkdebug node: the copy of what a read brought up
+    from the backing file raises cor_write on the node read, and fails the read."""
+    base = qcow2(tmp, "base", [(0, MIB, 1)])
+    top = qcow2(tmp, "top", backing=base)
+    dbg = {"driver": "blkdebug", "node-name": "dbg", "image": "q",
+           "inject-error": [rule("cor_write")]}
+    args = [
+        "--blockdev", f"file,node-name=base-file,filename={base}",
+        "--blockdev", json.dumps({"driver": "qcow2", "node-name": "base", "file": "base-file",
+                                  "backing": None}),
+        "--blockdev", f"file,node-name=file,filename={top}",
+        "--blockdev", json.dumps({"driver": "qcow2", "node-name": "q", "file": "file",
+                                  "backing": "base"}),
+        "--blockdev", json.dumps(dbg),
+        "--blockdev", "copy-on-read,node-name=cor,file=dbg",
+        *export_args("e0", "cor", tmp / "d-e0.sock"),
+    ]
+    d = start_daemon(args)
+    run_steps(d.sock("e0"), [
+        ("write", 2 * MIB, CS, 2, None),
+        ("verify", 2 * MIB, CS, 2, None),
+        ("verify", 0, CS, 1, R),
+        ("verify", 0, CS, 1, None),
+        ("verify", 0, MIB, 1, None),
+    ])
