@@ -44,7 +44,7 @@ impl Node {
             if p.inconsistent {
                 b.set_inconsistent();
             } else {
-                set_runs(b.bits(), &le_to_words(&p.bits));
+                set_runs(&b.bits(), &le_to_words(&p.bits));
                 if p.enabled {
                     self.enable_bitmap(&b);
                 }

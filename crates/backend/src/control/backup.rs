@@ -328,7 +328,7 @@ impl Control {
             Some((bm, mode)) => match self.graph.drain(&source, DRAIN_TIMEOUT) {
                 Ok(_d) => {
                     let bits = bcs.size().div_ceil(cluster);
-                    bcs.set_dirty(ClusterBits::from_dirty(bm.bits(), cluster, bits));
+                    bcs.set_dirty(ClusterBits::from_dirty(&bm.bits(), cluster, bits));
                     Some(SyncBitmap::begin(&source, bm, mode))
                 }
                 Err(e) => {
@@ -467,7 +467,7 @@ impl SyncBitmap {
         }
         bits.merge_from(&self.successor);
         if !ok && self.mode == "always" {
-            uncopied.mark_into(bits, cluster);
+            uncopied.mark_into(&bits, cluster);
         }
         if self.was_enabled {
             self.node.remove_bitmap(&self.successor);

@@ -99,7 +99,7 @@ impl CbwOptions {
                 let cluster = crate::block_copy::BlockCopy::cluster_size_for(target);
                 let bits = file.size().div_ceil(cluster);
                 Some(crate::block_copy::ClusterBits::from_dirty(
-                    bm.bits(),
+                    &bm.bits(),
                     cluster,
                     bits,
                 ))
