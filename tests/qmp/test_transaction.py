@@ -226,3 +226,84 @@ async def test_single_snapshot_commands_are_transactions(start_daemon, tmp):
             {"actions": [act("blockdev-snapshot-internal-sync", device="a", name="x")]},
             desc="Snapshot with name 'x' already exists on device 'a'",
         )
+
+
+def raw_args(tmp, node: str, size: int = 4 * MIB) -> list[str]:
+    img = tmp / f"{node}.raw"
+    with open(img, "wb") as f:
+        f.truncate(size)
+    return ["--blockdev", f"file,node-name={node},filename={img}"]
+
+
+async def wait_jobs_gone(c, timeout: float = 30):
+    import asyncio
+    for _ in range(int(timeout * 20)):
+        if await execute(c, "query-jobs") == []:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(await execute(c, "query-jobs"))
+
+
+async def test_bitmap_and_full_backup_start_together(start_daemon, tmp):
+    """The usual start of incremental backups: a new bitmap and a full backup in one
+    transaction, so that the bitmap records exactly what the backup does not hold."""
+    sock = tmp / "e.sock"
+    d = start_daemon(raw_args(tmp, "src") + raw_args(tmp, "full") + raw_args(tmp, "inc") + export_args("e", "src", sock))
+    io_ok("write", "--socket", sock, "--offset", 0, "--len", 2 * MIB, "--seed", 1)
+    async with d.qmp() as c:
+        # Undone: no bitmap, no job, no filter left above the source.
+        await error(
+            c,
+            "transaction",
+            {
+                "actions": [
+                    act("block-dirty-bitmap-add", node="src", name="b"),
+                    act("blockdev-backup", **{"job-id": "j0", "device": "src", "target": "full", "sync": "full"}),
+                    act("abort"),
+                ]
+            },
+            desc=ABORTED,
+        )
+        await wait_jobs_gone(c)
+        n = await nodes(c)
+        assert "dirty-bitmaps" not in n["src"] or n["src"]["dirty-bitmaps"] == [], n["src"]
+        assert [m for m in n.values() if m["drv"] == "copy-before-write"] == [], n.keys()
+        io_ok("verify", "--socket", sock, "--offset", 0, "--len", 2 * MIB, "--seed", 1)
+        # Done: the full backup holds the disk as it was; the bitmap, the writes after.
+        await execute(
+            c,
+            "transaction",
+            {
+                "actions": [
+                    act("block-dirty-bitmap-add", node="src", name="b"),
+                    act("blockdev-backup", **{"job-id": "j1", "device": "src", "target": "full", "sync": "full"}),
+                ]
+            },
+        )
+        await wait_jobs_gone(c)
+        io_ok("write", "--socket", sock, "--offset", 3 * MIB, "--len", 64 * 1024, "--seed", 2)
+        assert (await bitmap_state(c, "src"))["b"][0] == 64 * 1024
+        await execute(
+            c,
+            "transaction",
+            {
+                "actions": [
+                    act(
+                        "blockdev-backup",
+                        **{"job-id": "j2", "device": "src", "target": "inc", "sync": "incremental", "bitmap": "b"},
+                    )
+                ]
+            },
+        )
+        await wait_jobs_gone(c)
+        assert (await bitmap_state(c, "src"))["b"][0] == 0
+    d.expect_exit = True
+    assert d.stop() is None
+    src = (tmp / "src.raw").read_bytes()
+    full = (tmp / "full.raw").read_bytes()
+    inc = (tmp / "inc.raw").read_bytes()
+    # The full backup: the first write only.
+    assert full[: 2 * MIB] == src[: 2 * MIB] and full[2 * MIB :] == bytes(2 * MIB)
+    # The incremental: the one region written after, nothing else.
+    assert inc[3 * MIB : 3 * MIB + 64 * 1024] == src[3 * MIB : 3 * MIB + 64 * 1024]
+    assert inc[: 3 * MIB] == bytes(3 * MIB) and inc[3 * MIB + 64 * 1024 :] == bytes(MIB - 64 * 1024)

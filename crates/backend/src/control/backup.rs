@@ -42,6 +42,7 @@ impl Default for BackupPerf {
 
 /// QEMU's `BackupCommon`, with the target (`blockdev-backup`: a node; `drive-backup`:
 /// an image file).
+#[derive(Debug)]
 pub struct BackupArgs {
     pub device: String,
     pub target: String,
@@ -57,6 +58,7 @@ pub struct BackupArgs {
 }
 
 /// `drive-backup`'s own members.
+#[derive(Debug)]
 pub struct DriveTarget {
     pub format: Option<String>,
     pub existing: bool,

@@ -32,7 +32,7 @@ pub struct BitmapAdd {
 }
 
 /// A dirty bitmap command, its arguments read.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum BitmapCmd {
     Add(BitmapAdd),
     Remove {

@@ -19,6 +19,7 @@ use serde_json::json;
 use std::sync::Arc;
 
 /// Arguments common to block jobs.
+#[derive(Debug)]
 pub struct JobOpts {
     pub job_id: Option<String>,
     pub speed: i64,
@@ -167,14 +168,20 @@ impl Control {
     /// nodes reopened read-only), so that no job writes into an image being closed.
     pub(super) fn cancel_all_jobs(&mut self) {
         let ids = self.jobs.unfinished();
-        for id in &ids {
+        self.cancel_jobs_sync(&ids);
+    }
+
+    /// Cancels jobs `ids` (forced) and waits for them to end, cleanup included
+    /// (QEMU's `job_cancel_sync`).
+    pub(super) fn cancel_jobs_sync(&mut self, ids: &[String]) {
+        for id in ids {
             if let Some(j) = self.jobs.get_mut(id) {
                 j.user_paused = false;
                 j.core.request_cancel(Cancel::Force);
             }
         }
         let deadline = std::time::Instant::now() + DRAIN_TIMEOUT;
-        for id in &ids {
+        for id in ids {
             let Some(t) = self.jobs.get_mut(id).and_then(|j| j.running.take()) else {
                 continue;
             };

@@ -15,10 +15,18 @@
 //!   file is created and stays on abort, as QEMU leaves it), abort puts the old
 //!   top back under its users, read-write again if it was;
 //! - blockdev-snapshot-internal-sync: prepare takes the snapshot, abort deletes it;
+//! - blockdev-backup, drive-backup: prepare starts the job (QEMU creates it then and
+//!   starts it at commit; here it copies from prepare on, which nothing can see
+//!   before the transaction ends), abort cancels it and waits for it to end;
 //! - abort: its prepare fails.
+//!
+//! `completion-mode=grouped` (backup jobs that fail and end together) is refused:
+//! the job layer has no job transactions yet.
 
+use super::backup::{BackupArgs, DriveTarget};
 use super::bitmaps::BitmapCmd;
 use super::graph_ops::SnapshotSync;
+use super::jobs::JobOpts;
 use super::{generic, Control, OpResult, DRAIN_TIMEOUT};
 use crate::qmp::wire::QmpError;
 use blocklayer::named_bitmap::{Check, NamedBitmap};
@@ -26,13 +34,25 @@ use blocklayer::Node;
 use std::sync::Arc;
 
 /// One action of a transaction, its arguments read.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum Action {
+    /// `blockdev-backup` (no drive target) or `drive-backup`.
+    Backup {
+        args: BackupArgs,
+        opts: JobOpts,
+        drive: Option<DriveTarget>,
+    },
     Abort,
     Bitmap(BitmapCmd),
-    Snapshot { node: String, overlay: String },
+    Snapshot {
+        node: String,
+        overlay: String,
+    },
     SnapshotSync(SnapshotSync),
-    SnapshotInternal { device: String, name: String },
+    SnapshotInternal {
+        device: String,
+        name: String,
+    },
 }
 
 /// What undoes (or completes) a prepared action.
@@ -63,6 +83,9 @@ enum Prepared {
         device: String,
         name: String,
     },
+    Backup {
+        job: String,
+    },
 }
 
 impl Control {
@@ -71,11 +94,20 @@ impl Control {
     /// supports (QEMU: only backup jobs do).
     pub fn transaction(&mut self, actions: Vec<(String, Action)>, grouped: bool) -> OpResult<()> {
         if grouped {
-            if let Some((kind, _)) = actions.first() {
+            let other = actions
+                .iter()
+                .find(|(_, a)| !matches!(a, Action::Backup { .. }));
+            if let Some((kind, _)) = other {
                 return Err(QmpError::generic(format!(
                     "Action '{kind}' does not support Transaction property completion-mode = \
                      grouped"
                 )));
+            }
+            if !actions.is_empty() {
+                return Err(QmpError::generic(
+                    "vubd does not support completion-mode=grouped yet (its jobs have no job \
+                     transactions)",
+                ));
             }
         }
         if actions.is_empty() {
@@ -116,6 +148,11 @@ impl Control {
     fn prepare(&mut self, action: Action) -> OpResult<Prepared> {
         match action {
             Action::Abort => Err(QmpError::generic("Transaction aborted using Abort action")),
+            Action::Backup { args, opts, drive } => {
+                let job = opts.job_id.clone().unwrap_or_default();
+                self.backup(args, opts, drive)?;
+                Ok(Prepared::Backup { job })
+            }
             Action::Bitmap(cmd) => self.prepare_bitmap(cmd),
             Action::Snapshot { node, overlay } => {
                 let was = self.graph.get(&node).is_some_and(|n| !n.is_read_only());
@@ -141,6 +178,19 @@ impl Control {
                 self.snapshot_internal(&device, &name)?;
                 Ok(Prepared::SnapshotInternal { device, name })
             }
+        }
+    }
+
+    /// `blockdev-backup` (`drive` is None) or `drive-backup`.
+    pub fn backup(
+        &mut self,
+        args: BackupArgs,
+        opts: JobOpts,
+        drive: Option<DriveTarget>,
+    ) -> OpResult<()> {
+        match drive {
+            None => self.blockdev_backup(args, opts),
+            Some(d) => self.drive_backup(args, opts, d),
         }
     }
 
@@ -234,6 +284,7 @@ impl Control {
                 overlay,
                 base_was_writable,
             } => self.undo_snapshot(&base, &overlay, base_was_writable),
+            Prepared::Backup { job } => self.cancel_jobs_sync(&[job]),
             Prepared::SnapshotInternal { device, name } => {
                 if let Err(e) = self.snapshot_delete_internal(&device, None, Some(&name)) {
                     log::error!(

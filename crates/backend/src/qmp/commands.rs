@@ -87,7 +87,7 @@ fn job_opts(a: &mut Args) -> Result<crate::control::jobs::JobOpts, QmpError> {
 }
 
 /// QEMU's `BackupCommon` members, in schema order (the target is read after them).
-fn backup_args(
+pub(super) fn backup_args(
     a: &mut Args,
 ) -> Result<(crate::control::BackupArgs, crate::control::jobs::JobOpts), QmpError> {
     fn on_error(v: Option<&str>) -> crate::config::OnError {
@@ -120,7 +120,7 @@ fn backup_args(
                 "Invalid parameter type for 'x-perf', expected: object",
             ));
         }
-        let mut p = Args::new(&v);
+        let mut p = Args::nested(&v, &a.full("x-perf"));
         if let Some(b) = p.opt_bool("use-copy-range")? {
             perf.use_copy_range = b;
         }
@@ -392,30 +392,6 @@ pub fn execute(ctl: &mut Control, name: &str, arguments: &Value) -> QmpResult {
             let opts = job_opts(&mut a)?;
             a.finish()?;
             ctl.block_commit(args, opts)?;
-            ok()
-        }
-        "blockdev-backup" | "drive-backup" => {
-            let (args, opts) = backup_args(&mut a)?;
-            if name == "blockdev-backup" {
-                let args = crate::control::BackupArgs {
-                    target: a.str("target")?,
-                    ..args
-                };
-                a.finish()?;
-                ctl.blockdev_backup(args, opts)?;
-            } else {
-                let args = crate::control::BackupArgs {
-                    target: a.str("target")?,
-                    ..args
-                };
-                let d = crate::control::DriveTarget {
-                    format: a.opt_str("format")?,
-                    existing: a.opt_enum("mode", &["existing", "absolute-paths"])?
-                        == Some("existing"),
-                };
-                a.finish()?;
-                ctl.drive_backup(args, opts, d)?;
-            }
             ok()
         }
         n if super::transaction::SINGLE.contains(&n) => {

@@ -1,5 +1,6 @@
 //! `transaction` and the commands QEMU runs as a transaction of one action
-//! (blockdev-snapshot, blockdev-snapshot-sync, blockdev-snapshot-internal-sync):
+//! (blockdev-backup, drive-backup, blockdev-snapshot, blockdev-snapshot-sync,
+//! blockdev-snapshot-internal-sync):
 //! their arguments read as QEMU 7.2's input visitor reads them, whole paths in the
 //! messages (`actions[0].data.node`), then handed to [`crate::control::transaction`].
 
@@ -14,6 +15,8 @@ use serde_json::{json, Value};
 /// The action types (QEMU's `TransactionActionKind`) vubd runs.
 pub const ACTIONS: &[&str] = &[
     "abort",
+    "blockdev-backup",
+    "drive-backup",
     "block-dirty-bitmap-add",
     "block-dirty-bitmap-remove",
     "block-dirty-bitmap-clear",
@@ -27,6 +30,8 @@ pub const ACTIONS: &[&str] = &[
 
 /// Commands that are a transaction of one action.
 pub const SINGLE: &[&str] = &[
+    "blockdev-backup",
+    "drive-backup",
     "blockdev-snapshot",
     "blockdev-snapshot-sync",
     "blockdev-snapshot-internal-sync",
@@ -36,6 +41,23 @@ pub const SINGLE: &[&str] = &[
 pub fn parse_action(kind: &str, mut a: Args) -> Result<Action, QmpError> {
     let action = match kind {
         "abort" => Action::Abort,
+        "blockdev-backup" | "drive-backup" => {
+            let (args, opts) = super::commands::backup_args(&mut a)?;
+            let args = crate::control::BackupArgs {
+                target: a.str("target")?,
+                ..args
+            };
+            let drive = (kind == "drive-backup")
+                .then(|| -> Result<_, QmpError> {
+                    Ok(crate::control::DriveTarget {
+                        format: a.opt_str("format")?,
+                        existing: a.opt_enum("mode", &["existing", "absolute-paths"])?
+                            == Some("existing"),
+                    })
+                })
+                .transpose()?;
+            Action::Backup { args, opts, drive }
+        }
         "blockdev-snapshot" => Action::Snapshot {
             node: a.str("node")?,
             overlay: a.str("overlay")?,
