@@ -307,3 +307,84 @@ async def test_bitmap_and_full_backup_start_together(start_daemon, tmp):
     # The incremental: the one region written after, nothing else.
     assert inc[3 * MIB : 3 * MIB + 64 * 1024] == src[3 * MIB : 3 * MIB + 64 * 1024]
     assert inc[: 3 * MIB] == bytes(3 * MIB) and inc[3 * MIB + 64 * 1024 :] == bytes(MIB - 64 * 1024)
+
+
+def backup_pair_args(tmp, failing_target: bool) -> list[str]:
+    """Sources s1, s2 (raw, 4 MiB of data) and targets t1, t2; with
+    ``failing_target`` t2's first data write fails (blkdebug)."""
+    from chains import pattern, write_raw
+
+    args = []
+    for n in ("s1", "s2", "t1", "t2"):
+        img = tmp / f"{n}.img"
+        with open(img, "wb") as f:
+            f.truncate(4 * MIB)
+        if n.startswith("s"):
+            write_raw(img, pattern(1 if n == "s1" else 2, 0, 4 * MIB))
+        args += ["--blockdev", f"file,node-name={n}-file,filename={img}"]
+        if n == "t2" and failing_target:
+            args += ["--blockdev", json.dumps({
+                "driver": "blkdebug", "node-name": "t2-dbg", "image": "t2-file",
+                "inject-error": [{"event": "write_aio", "errno": 5, "once": True}]})]
+            args += ["--blockdev", "raw,node-name=t2,file=t2-dbg"]
+        else:
+            args += ["--blockdev", f"raw,node-name={n},file={n}-file"]
+    return args
+
+
+GROUPED = {"completion-mode": "grouped"}
+
+
+def two_backups(**extra) -> list[dict]:
+    return [
+        act("blockdev-backup", **{"job-id": f"j{i}", "device": f"s{i}", "target": f"t{i}", "sync": "full", **extra})
+        for i in (1, 2)
+    ]
+
+
+async def test_grouped_backups_complete_together(start_daemon, tmp):
+    from chains import JobEvents
+
+    d = start_daemon(backup_pair_args(tmp, failing_target=False))
+    async with d.qmp() as c:
+        ev = JobEvents(c)
+        await error(
+            c,
+            "transaction",
+            {"actions": [act("block-dirty-bitmap-add", node="s1", name="b")] + two_backups(), "properties": GROUPED},
+            desc="Action 'block-dirty-bitmap-add' does not support Transaction property completion-mode = grouped",
+        )
+        await execute(c, "transaction", {"actions": two_backups(), "properties": GROUPED})
+        for j in ("j1", "j2"):
+            trace = await ev.until(j, "null")
+            assert trace[-4:] == ["pending", "BLOCK_JOB_COMPLETED", "concluded", "null"], (j, trace)
+            assert "waiting" in trace, trace
+            assert "error" not in ev.data["BLOCK_JOB_COMPLETED"], ev.data
+        # Neither went on to pending before both had done their work.
+        labels = [(e["data"]["id"], e["data"]["status"]) for e in ev.all if e["event"] == "JOB_STATUS_CHANGE"]
+        first_pending = labels.index(next(x for x in labels if x[1] == "pending"))
+        assert {("j1", "waiting"), ("j2", "waiting")} <= set(labels[:first_pending]), labels
+    d.expect_exit = True
+    assert d.stop() is None
+    for i in (1, 2):
+        assert (tmp / f"s{i}.img").read_bytes() == (tmp / f"t{i}.img").read_bytes()
+
+
+async def test_grouped_backup_failure_cancels_the_other(start_daemon, tmp):
+    from chains import JobEvents
+
+    d = start_daemon(backup_pair_args(tmp, failing_target=True))
+    async with d.qmp() as c:
+        ev = JobEvents(c)
+        await execute(c, "transaction", {"actions": two_backups(), "properties": GROUPED})
+        t2 = await ev.until("j2", "null")
+        assert "BLOCK_JOB_COMPLETED" in t2 and "pending" not in t2, t2
+        assert ev.data["BLOCK_JOB_COMPLETED"]["error"] == "Input/output error", ev.data
+        t1 = await ev.until("j1", "null")
+        assert "BLOCK_JOB_CANCELLED" in t1 and "pending" not in t1, t1
+        # The once-rule is spent: the same two backups, individually, both complete.
+        ev2 = JobEvents(c)
+        await execute(c, "transaction", {"actions": two_backups(**{"on-target-error": "report"})})
+        t1 = await ev2.until("j1", "null")
+        assert "BLOCK_JOB_COMPLETED" in t1 and "error" not in ev2.data["BLOCK_JOB_COMPLETED"], t1
+        await ev2.until("j2", "null")

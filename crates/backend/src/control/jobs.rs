@@ -142,6 +142,7 @@ impl Control {
     {
         let id = job.id.clone();
         job.auto_dismiss = job.auto_dismiss && job.block;
+        job.txn = self.job_txn;
         let events = self.events.clone();
         self.jobs.insert(&events, job);
         self.jobs.transition(&events, &id, Status::Running);
@@ -723,7 +724,19 @@ impl Control {
             j.finish = None;
         }
         let forced = cancel == Cancel::Force || result.as_ref().is_err_and(|e| e == CANCELLED);
+        let txn = j.txn;
         match result {
+            Ok(()) if !forced && txn.is_some() => {
+                // Its transaction's jobs go on together once all have done their work.
+                self.jobs.transition(&events, id, Status::Waiting);
+                let t = txn.unwrap_or_default();
+                let members = self.jobs.txn_members(t);
+                if members.iter().all(|(_, s)| *s == Status::Waiting) {
+                    for (m, _) in members {
+                        self.job_go_pending(&m);
+                    }
+                }
+            }
             Ok(()) if !forced => {
                 let auto = j.auto_finalize;
                 let kind = j.kind;
@@ -743,6 +756,45 @@ impl Control {
                 };
                 self.jobs.transition(&events, id, Status::Aborting);
                 self.finalize_single(id);
+                if let Some(t) = txn {
+                    self.abort_job_txn(t);
+                }
+            }
+        }
+    }
+
+    /// A job of a grouped transaction whose work is done goes to pending, and is
+    /// finalized if it finalizes on its own.
+    fn job_go_pending(&mut self, id: &str) {
+        let events = self.events.clone();
+        let Some(j) = self.jobs.get(id) else {
+            return;
+        };
+        let (auto, kind) = (j.auto_finalize, j.kind);
+        self.jobs.transition(&events, id, Status::Pending);
+        if auto {
+            self.finalize(id);
+        } else {
+            events.emit("BLOCK_JOB_PENDING", Some(json!({"type": kind, "id": id})));
+        }
+    }
+
+    /// One job of job transaction `t` failed or was cancelled: the others are
+    /// cancelled (QEMU's `job_completed_txn_abort`). Those still working end through
+    /// their own cancellation; those that finished their work end here.
+    fn abort_job_txn(&mut self, t: u64) {
+        let events = self.events.clone();
+        for (m, status) in self.jobs.txn_members(t) {
+            let Some(j) = self.jobs.get_mut(&m) else {
+                continue;
+            };
+            j.core.request_cancel(Cancel::Force);
+            j.user_paused = false;
+            if matches!(status, Status::Waiting | Status::Pending) {
+                j.finish = None;
+                j.error = Some("Operation canceled".to_string());
+                self.jobs.transition(&events, &m, Status::Aborting);
+                self.finalize_single(&m);
             }
         }
     }

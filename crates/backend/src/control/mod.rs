@@ -86,6 +86,10 @@ pub struct Control {
     /// The iothread of nodes no export serves (QEMU's main loop), started when a job
     /// first needs it.
     main_loop: Option<Arc<IoThread>>,
+    /// The job transaction new jobs join (a `completion-mode=grouped` transaction
+    /// being prepared), and the next one's number.
+    job_txn: Option<u64>,
+    next_job_txn: u64,
 }
 
 impl Control {
@@ -100,6 +104,8 @@ impl Control {
             cleanup: Vec::new(),
             jobs: crate::jobs::Jobs::default(),
             main_loop: None,
+            job_txn: None,
+            next_job_txn: 1,
         }
     }
 

@@ -20,8 +20,10 @@
 //!   before the transaction ends), abort cancels it and waits for it to end;
 //! - abort: its prepare fails.
 //!
-//! `completion-mode=grouped` (backup jobs that fail and end together) is refused:
-//! the job layer has no job transactions yet.
+//! With `completion-mode=grouped` (backup actions only, as in QEMU) the jobs the
+//! transaction starts form a job transaction: each waits in `waiting` until all have
+//! done their work, then all go on to `pending` and conclude; when one fails or is
+//! cancelled, the others are cancelled.
 
 use super::backup::{BackupArgs, DriveTarget};
 use super::bitmaps::BitmapCmd;
@@ -103,18 +105,17 @@ impl Control {
                      grouped"
                 )));
             }
-            if !actions.is_empty() {
-                return Err(QmpError::generic(
-                    "vubd does not support completion-mode=grouped yet (its jobs have no job \
-                     transactions)",
-                ));
-            }
         }
         if actions.is_empty() {
             return Ok(());
         }
         let all: Vec<Arc<Node>> = self.graph.nodes().cloned().collect();
         let drained = self.graph.drain_all(&all, DRAIN_TIMEOUT).map_err(generic)?;
+        if grouped {
+            // The jobs the actions start form one job transaction.
+            self.job_txn = Some(self.next_job_txn);
+            self.next_job_txn += 1;
+        }
         let mut done: Vec<Prepared> = Vec::with_capacity(actions.len());
         let mut failed = None;
         for (_, action) in actions {
@@ -126,6 +127,7 @@ impl Control {
                 }
             }
         }
+        self.job_txn = None;
         let r = match failed {
             Some(e) => {
                 for p in done.into_iter().rev() {

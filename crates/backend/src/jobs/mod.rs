@@ -183,6 +183,9 @@ pub struct Job {
     pub cleanup: Option<Cleanup>,
     /// Where the job runs, waited for when the daemon shuts down.
     pub running: Option<Running>,
+    /// The job transaction it belongs to (QEMU's `JobTxn`, from a transaction with
+    /// `completion-mode=grouped`): its jobs complete together or fail together.
+    pub txn: Option<u64>,
 }
 
 impl Job {
@@ -202,6 +205,7 @@ impl Job {
             finish: None,
             cleanup: None,
             running: None,
+            txn: None,
         }
     }
 
@@ -457,6 +461,15 @@ impl Jobs {
         if let Some(j) = self.jobs.get(id) {
             events.emit("BLOCK_JOB_READY", Some(j.event_data()));
         }
+    }
+
+    /// The jobs of job transaction `txn` not yet concluded, with their states.
+    pub fn txn_members(&self, txn: u64) -> Vec<(String, Status)> {
+        self.jobs
+            .values()
+            .filter(|j| j.txn == Some(txn) && !matches!(j.status, Status::Concluded | Status::Null))
+            .map(|j| (j.id.clone(), j.status))
+            .collect()
     }
 
     /// `query-jobs`
