@@ -189,7 +189,7 @@ fn read_during_ram_passes(name: &str, rules: Option<Rules>) -> ReadCheck {
         None => (src.clone(), dst.clone()),
     };
     let mut opts = GuestOpts::new(name)
-        .cpus(2)
+        .cpus(1)
         .mem_mib(384)
         .console_socket()
         .disk(&qemu_src, 1);
