@@ -132,7 +132,10 @@ pub async fn copy_range_unchanged(
 /// to the control thread.
 pub struct JobCtx {
     pub core: Arc<JobCore>,
+    /// The policy for read errors (and for every error of stream and commit).
     pub on_error: OnError,
+    /// The policy for write errors (mirror's `on-target-error`).
+    pub on_write_error: OnError,
     pub tx: Sender<ControlMsg>,
     pub buf: CopyBuf,
 }
@@ -142,6 +145,7 @@ impl JobCtx {
         JobCtx {
             core,
             on_error,
+            on_write_error: on_error,
             tx,
             buf: CopyBuf::default(),
         }
@@ -159,7 +163,12 @@ impl JobCtx {
         let id = self.core.id.clone();
         let (read, nospace) = (e.read, e.errno == libc::ENOSPC);
         // The backends' decision table.
-        let action = self.on_error.action(e.errno);
+        let policy = if read {
+            self.on_error
+        } else {
+            self.on_write_error
+        };
+        let action = policy.action(e.errno);
         if action == ErrorAction::Stop {
             // Paused before the control thread hears of it: a resume that follows
             // the event at once must find the job paused, not be undone by it.
@@ -186,7 +195,9 @@ impl JobCtx {
 
     /// Reports the job ready (mirror-like jobs).
     pub fn ready(&self) {
-        self.send(JobMsg::Ready(self.core.id.clone()));
+        let at = self.core.offset();
+        self.core.set_len(at);
+        self.send(JobMsg::Ready(self.core.id.clone(), at));
     }
 
     /// Sleeps as long as the rate limit asks after `copied` bytes.
