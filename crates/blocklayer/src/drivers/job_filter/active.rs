@@ -1,8 +1,8 @@
 //! Write-blocking mirror (QEMU's `copy-mode=write-blocking`, its "active mirror"):
 //! while it is on, every guest write that passes the `mirror_top` filter goes to
-//! the source, then to the mirror's target, before it completes. Granules the
-//! write covered wholly are then in sync, and their dirty bits are cleared, so that
-//! the job converges however fast the guest writes.
+//! the source, then to the mirror's target, before it completes. What it wrote is
+//! then in sync: it leaves no dirty bit (a granule it wrote in part keeps the bit it
+//! had before), so that the job converges however fast the guest writes.
 //!
 //! The job's background copies of a range and the guest's writes to it are
 //! serialised on the filter node (the job holds [`crate::Node::copy_lock`] over each
@@ -77,6 +77,9 @@ impl ActiveMirror {
         self.target_errors.load(Ordering::Acquire)
     }
 
+    /// Registers a write over `start..end`, widened to whole granules (two writes
+    /// into one granule count as overlapping: neither knows what the other did to
+    /// its bit).
     fn register(&self, start: u64, end: u64) -> u64 {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let mut ops = self.ops.lock().unwrap_or_else(|p| p.into_inner());
@@ -96,30 +99,25 @@ impl ActiveMirror {
         id
     }
 
-    /// Ends write `id`: its granules are in sync if both sides took it and no
-    /// other write overlapped it; otherwise the range stays dirty.
-    fn finish(&self, id: u64, synced: bool) {
+    /// Ends write `id` over the granules `start..end`: if both sides took it and no
+    /// other write shared a granule with it, its granules are in sync, but for a
+    /// partly written one that was dirty before (`keep_head`, `keep_tail`); otherwise
+    /// they stay dirty.
+    fn finish(&self, id: u64, synced: bool, keep_head: bool, keep_tail: bool) {
         let mut ops = self.ops.lock().unwrap_or_else(|p| p.into_inner());
         let Some(i) = ops.iter().position(|o| o.id == id) else {
             return;
         };
         let op = ops.swap_remove(i);
-        let len = op.end - op.start;
-        if synced && !op.overlapped {
-            // The granules wholly inside the write (the last one if the write ends
-            // at the disk's end).
-            let g = self.dirty.granularity();
-            let end = if op.end >= self.dirty.size() {
-                op.end
-            } else {
-                op.end - op.end % g
-            };
-            let lo = op.start.div_ceil(g) * g;
-            if end > lo {
-                self.dirty.reset(lo, end - lo);
-            }
-        } else {
-            self.dirty.set(op.start, len);
+        if !synced || op.overlapped {
+            self.dirty.set(op.start, op.end - op.start);
+            return;
+        }
+        let g = self.dirty.granularity();
+        let lo = op.start + if keep_head { g } else { 0 };
+        let hi = op.end.saturating_sub(if keep_tail { g } else { 0 });
+        if hi > lo {
+            self.dirty.reset(lo, hi - lo);
         }
     }
 
@@ -135,7 +133,14 @@ impl ActiveMirror {
         if !self.is_on() {
             return child.node().write(offset, iov, fua).await;
         }
-        let id = self.register(offset, offset.saturating_add(iov.len()));
+        let end = offset.saturating_add(iov.len());
+        let g = self.dirty.granularity();
+        let (lo, hi) = (offset - offset % g, end.div_ceil(g).saturating_mul(g));
+        let id = self.register(lo, hi);
+        // A granule the write covers only in part keeps the bit it had: its other
+        // bytes may differ between the two sides.
+        let keep_head = !offset.is_multiple_of(g) && self.dirty.get(lo);
+        let keep_tail = !end.is_multiple_of(g) && self.dirty.get(end - end % g);
         let r = child.node().write(offset, iov.clone(), fua).await;
         let synced = match r {
             Ok(()) if self.is_on() => match self.target.write(offset, iov, fua).await {
@@ -151,7 +156,7 @@ impl ActiveMirror {
             },
             _ => false,
         };
-        self.finish(id, synced);
+        self.finish(id, synced, keep_head, keep_tail);
         r
     }
 }
