@@ -21,13 +21,13 @@
 //! `VUBD_JOBS_DAEMON=qsd` runs the same test against qemu-storage-daemon.
 
 use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
-use vubd_tests::guest::fio::{disk_errors_in_dmesg, round_problems, FioRounds};
+use vubd_tests::guest::fio::{round_problems, FioRounds};
 use vubd_tests::guest::{Guest, GuestOpts, CMD_TIMEOUT};
 use vubd_tests::tools::qemu_img;
-use vubd_tests::{qsd_bin, vubd_bin, Daemon, DaemonArgs, Qmp, Rng, TempDir, MIB};
+use vubd_tests::{Daemon, DaemonArgs, Qmp, Rng, TempDir, MIB};
 
 /// The disk.
 const SIZE: u64 = 32 * MIB;
@@ -36,14 +36,6 @@ const FIO_MIB: u64 = 8;
 /// Hang guards.
 const JOB_TIMEOUT: Duration = Duration::from_secs(60);
 const FIO_TIMEOUT: Duration = Duration::from_secs(90);
-
-fn daemon_bin() -> (&'static str, PathBuf) {
-    match std::env::var("VUBD_JOBS_DAEMON").as_deref() {
-        Ok("qsd") => ("qemu-storage-daemon", qsd_bin()),
-        Ok("vubd") | Err(_) => ("vubd", vubd_bin()),
-        Ok(other) => panic!("VUBD_JOBS_DAEMON={other}: expected vubd or qsd"),
-    }
-}
 
 fn s(p: &Path) -> &str {
     p.to_str().expect("UTF-8 paths")
@@ -181,21 +173,13 @@ impl Run {
     fn quiesce_and_check(&mut self, step: &str, img: &str) {
         let rounds = self
             .fio
-            .stop(&mut self.guest, FIO_TIMEOUT)
-            .unwrap_or_else(|e| panic!("{step}: {e}"));
-        let mut problems = round_problems(&rounds);
-        problems.extend(disk_errors_in_dmesg(&self.guest.dmesg()));
-        assert!(
-            problems.is_empty(),
-            "{step}: the guest saw errors:\n{}\ndaemon log:\n{}",
-            problems.join("\n"),
-            self.daemon.stderr()
-        );
-        self.guest.check(
-            "dd if=/dev/null of=/dev/vda conv=notrunc,fsync status=none && \
-             dd if=/dev/vda of=/dev/vdb bs=1M iflag=direct oflag=direct conv=fsync status=none",
-            CMD_TIMEOUT,
-        );
+            .quiesce_and_copy(&mut self.guest, "/dev/vdb", FIO_TIMEOUT)
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{step}: the guest saw errors:\n{e}\ndaemon log:\n{}",
+                    self.daemon.stderr()
+                )
+            });
         let (img, ref_raw) = (self.dir.join(img), self.dir.join("ref.raw"));
         let (rc, out) = qemu_img_status(&[
             "compare",
@@ -226,8 +210,7 @@ impl Run {
         // image is open).
         assert!(rc == 0 || rc == 3, "{step}: qemu-img check:\n{out}");
         self.note(&format!(
-            "{step}: {} fio round(s) verified, {} holds what the guest sees",
-            rounds.len(),
+            "{step}: {rounds} fio round(s) verified, {} holds what the guest sees",
             img.display()
         ));
     }
@@ -235,7 +218,7 @@ impl Run {
 
 #[test]
 fn guest_writes_through_mirror_pivots_in_both_copy_modes() {
-    let (daemon_name, bin) = daemon_bin();
+    let (daemon_name, bin) = vubd_tests::jobs_daemon();
     let t0 = Instant::now();
     let dir = TempDir::new_in(Path::new("/dev/shm"), "vubd-gmirror");
     let (disk, raw) = (dir.join("disk.qcow2"), dir.join("initial.raw"));

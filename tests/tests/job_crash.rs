@@ -55,9 +55,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use vubd_tests::tools::{qemu_img, run_ok};
-use vubd_tests::{
-    qsd_bin, vubd_bin, Client, Daemon, DaemonArgs, IoQueue, Qmp, Rng, TempDir, KIB, MIB,
-};
+use vubd_tests::{Client, Daemon, DaemonArgs, IoQueue, Qmp, Rng, TempDir, KIB, MIB};
 
 /// Virtual size of every layer.
 const SIZE: u64 = 64 * MIB;
@@ -80,15 +78,6 @@ const MID_SEED: u64 = 2;
 const TOP_SEED: u64 = 3;
 /// Seeds of the frontend's writes start here.
 const FIRST_WRITE_SEED: u64 = 1000;
-
-/// The daemon under test and its binary.
-fn daemon_bin() -> (&'static str, PathBuf) {
-    match std::env::var("VUBD_JOBS_DAEMON").as_deref() {
-        Ok("qsd") => ("qemu-storage-daemon", qsd_bin()),
-        Ok("vubd") | Err(_) => ("vubd", vubd_bin()),
-        Ok(other) => panic!("VUBD_JOBS_DAEMON={other}: expected vubd or qsd"),
-    }
-}
 
 fn s(p: &Path) -> &str {
     p.to_str().expect("UTF-8 paths")
@@ -478,7 +467,7 @@ impl Job {
 const SPEED: u64 = 4 * MIB;
 
 fn kill_during(name: &str, job: Job) {
-    let (daemon_name, bin) = daemon_bin();
+    let (daemon_name, bin) = vubd_tests::jobs_daemon();
     let t0 = Instant::now();
     let mut rng = Rng::new(name);
     let dir = TempDir::new_in(Path::new("/dev/shm"), "vubd-jobcrash");
