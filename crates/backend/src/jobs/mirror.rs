@@ -7,7 +7,9 @@
 //! a base, or nothing for `sync=none`); the job takes dirty ranges out and copies
 //! them until none is left, then reports ready and keeps copying what the guest
 //! writes. Progress counts the bytes copied, its length what is copied plus what is
-//! still dirty, as QEMU's.
+//! still dirty, as QEMU's. Up to [`IN_FLIGHT`] chunks are copied at once (one at a
+//! time under a speed limit); a range dirtied again while its copy is in flight
+//! waits for that copy, so the two never land on the target out of order.
 //!
 //! With `copy-mode=write-blocking` the `mirror_top` filter also writes every guest
 //! write to the target ([`ActiveMirror`]); the job's copies hold the filter node's
@@ -21,7 +23,10 @@ use blocklayer::backend::BlockBackend;
 use blocklayer::bitmap::DirtyBitmap;
 use blocklayer::drivers::job_filter::ActiveMirror;
 use blocklayer::Node;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 /// How often a ready job looks for new dirty ranges.
@@ -64,26 +69,56 @@ impl Mirror {
         }
         self.seed().await?;
         let mut ready = false;
+        let mut copies = Copies::default();
+        let mut bufs: Vec<CopyBuf> = Vec::new();
+        // Where the next dirty range is looked for: the copies go round the disk.
+        let mut cursor = 0;
         loop {
+            if core.is_pause_requested() || core.cancel_requested() != Cancel::None {
+                // No copy waits in flight (holding its range) while the job is paused.
+                self.settle(&mut copies, &mut bufs, None).await?;
+            }
             core.pause_point(ready)
                 .await
                 .map_err(|_| CANCELLED.to_string())?;
             if ready && (core.complete_requested() || core.cancel_requested() != Cancel::None) {
+                self.settle(&mut copies, &mut bufs, None).await?;
                 return Ok(());
             }
-            core.set_len(core.offset() + self.dirty.dirty_bytes());
-            match self.dirty.take_next(0, CHUNK) {
+            core.set_len(core.offset() + self.dirty.dirty_bytes() + copies.bytes());
+            // Rate-limited jobs copy one range at a time, the others keep several
+            // in flight (as QEMU's mirror).
+            let most = if core.speed() > 0 { 1 } else { IN_FLIGHT };
+            if copies.len() >= most {
+                let done = copies.next().await;
+                self.settle(&mut copies, &mut bufs, Some(done)).await?;
+                continue;
+            }
+            let next = self.dirty.take_next(cursor, CHUNK).or_else(|| {
+                cursor = 0;
+                self.dirty.take_next(0, CHUNK)
+            });
+            match next {
+                Some((off, n)) if copies.overlaps(off, n) => {
+                    // Dirtied again while its copy is in flight: copied again after it.
+                    self.dirty.set(off, n);
+                    cursor = 0;
+                    let done = copies.next().await;
+                    self.settle(&mut copies, &mut bufs, Some(done)).await?;
+                }
                 Some((off, n)) => {
-                    if let Err(e) = self.copy(off, n).await {
-                        // Not copied: it stays dirty, unless the error is ignored.
-                        self.dirty.set(off, n);
-                        if !ctx.on_error(e).await? {
-                            self.dirty.take_next(off, n);
-                        }
-                        continue;
+                    cursor = off + n;
+                    let buf = bufs.pop().unwrap_or_default();
+                    copies.start(off, n, Box::pin(self.copy(buf, off, n)));
+                    if most == 1 {
+                        let done = copies.next().await;
+                        self.settle(&mut copies, &mut bufs, Some(done)).await?;
+                        ctx.throttle(&mut rl, n).await;
                     }
-                    core.progress(n);
-                    ctx.throttle(&mut rl, n).await;
+                }
+                None if !copies.is_empty() => {
+                    let done = copies.next().await;
+                    self.settle(&mut copies, &mut bufs, Some(done)).await?;
                 }
                 None if !ready => {
                     // In sync: what was copied is made stable before the job says so.
@@ -98,6 +133,52 @@ impl Mirror {
                 None => core.sleep(READY_POLL).await,
             }
         }
+    }
+
+    /// Accounts a finished copy (`done`, or every copy in flight if `None`): copied
+    /// bytes are progress; a failed copy stays dirty and, once no other copy is in
+    /// flight, meets `on-error` (an ignored error drops the range).
+    async fn settle<'a>(
+        &'a self,
+        copies: &mut Copies<'a>,
+        bufs: &mut Vec<CopyBuf>,
+        done: Option<Copied>,
+    ) -> Result<(), String> {
+        let mut failed: Option<(u64, u64, CopyError)> = None;
+        let mut account = |c: Copied, bufs: &mut Vec<CopyBuf>| {
+            bufs.push(c.buf);
+            match c.result {
+                Ok(()) => self.ctx.core.progress(c.len),
+                Err(e) => {
+                    self.dirty.set(c.offset, c.len);
+                    failed.get_or_insert((c.offset, c.len, e));
+                }
+            }
+        };
+        match done {
+            Some(c) => account(c, bufs),
+            None => {
+                while !copies.is_empty() {
+                    let c = copies.next().await;
+                    account(c, bufs);
+                }
+            }
+        }
+        let Some((off, n, e)) = failed else {
+            return Ok(());
+        };
+        while !copies.is_empty() {
+            let c = copies.next().await;
+            bufs.push(c.buf);
+            match c.result {
+                Ok(()) => self.ctx.core.progress(c.len),
+                Err(_) => self.dirty.set(c.offset, c.len),
+            }
+        }
+        if !self.ctx.on_error(e).await? {
+            self.dirty.take_next(off, n);
+        }
+        Ok(())
     }
 
     /// Marks dirty what the job must copy (and zeroes the rest of the target if
@@ -140,10 +221,12 @@ impl Mirror {
     }
 
     /// Copies one dirty range from the source to the target (under the filter's
-    /// copy lock in write-blocking mode).
-    async fn copy(&self, offset: u64, len: u64) -> Result<(), CopyError> {
-        let (target, buf, locked) = (&self.target, &self.ctx.buf, self.active.is_some());
-        self.source
+    /// copy lock in write-blocking mode), with a buffer of its own.
+    async fn copy(&self, buf: CopyBuf, offset: u64, len: u64) -> Copied {
+        let (target, locked) = (&self.target, self.active.is_some());
+        let b = &buf;
+        let result = self
+            .source
             .with_node(|src| async move {
                 let _lock = if locked {
                     Some(src.copy_lock(offset, len).await)
@@ -152,10 +235,82 @@ impl Mirror {
                 };
                 let s = src.clone();
                 target
-                    .with_node(|t| async move { copy_range(buf, &s, &t, offset, len).await })
+                    .with_node(|t| async move { copy_range(b, &s, &t, offset, len).await })
                     .await
             })
-            .await
+            .await;
+        Copied {
+            offset,
+            len,
+            buf,
+            result,
+        }
+    }
+}
+
+/// Copies a mirror keeps in flight at most (of a chunk each: 8 MiB).
+const IN_FLIGHT: usize = 16;
+
+/// A finished copy.
+struct Copied {
+    offset: u64,
+    len: u64,
+    buf: CopyBuf,
+    result: Result<(), CopyError>,
+}
+
+/// A copy on its way.
+type CopyFuture<'a> = Pin<Box<dyn Future<Output = Copied> + 'a>>;
+
+/// The copies in flight (range and future), polled together.
+#[derive(Default)]
+struct Copies<'a> {
+    flying: Vec<(u64, u64, CopyFuture<'a>)>,
+}
+
+impl<'a> Copies<'a> {
+    fn start(&mut self, offset: u64, len: u64, f: CopyFuture<'a>) {
+        self.flying.push((offset, len, f));
+    }
+
+    fn len(&self) -> usize {
+        self.flying.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.flying.is_empty()
+    }
+
+    fn bytes(&self) -> u64 {
+        self.flying.iter().map(|(_, n, _)| n).sum()
+    }
+
+    fn overlaps(&self, offset: u64, len: u64) -> bool {
+        self.flying
+            .iter()
+            .any(|&(o, n, _)| o < offset + len && offset < o + n)
+    }
+
+    /// The next copy to finish (there must be one in flight).
+    fn next(&mut self) -> NextCopy<'_, 'a> {
+        debug_assert!(!self.flying.is_empty());
+        NextCopy(self)
+    }
+}
+
+struct NextCopy<'b, 'a>(&'b mut Copies<'a>);
+
+impl Future for NextCopy<'_, '_> {
+    type Output = Copied;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Copied> {
+        let flying = &mut self.0.flying;
+        for i in 0..flying.len() {
+            if let Poll::Ready(c) = flying[i].2.as_mut().poll(cx) {
+                drop(flying.swap_remove(i));
+                return Poll::Ready(c);
+            }
+        }
+        Poll::Pending
     }
 }
 
