@@ -88,11 +88,18 @@ pub struct CopyBuf(Arc<AlignedBuf>);
 
 impl Default for CopyBuf {
     fn default() -> Self {
-        CopyBuf(Arc::new(AlignedBuf::zeroed(CHUNK as usize, 4096)))
+        CopyBuf::sized(CHUNK)
     }
 }
 
-/// Reads `offset..+len` (at most a chunk) of `src` and writes it to `dst`.
+impl CopyBuf {
+    /// A buffer of `len` bytes (a job copying larger pieces than a chunk).
+    pub fn sized(len: u64) -> CopyBuf {
+        CopyBuf(Arc::new(AlignedBuf::zeroed(len as usize, 4096)))
+    }
+}
+
+/// Reads `offset..+len` (at most the buffer's size) of `src` and writes it to `dst`.
 pub async fn copy_range(
     buf: &CopyBuf,
     src: &Node,
@@ -100,7 +107,7 @@ pub async fn copy_range(
     offset: u64,
     len: u64,
 ) -> Result<(), CopyError> {
-    debug_assert!(len <= CHUNK);
+    debug_assert!(len as usize <= buf.0.len());
     let iov = IoVec::from_buf(buf.0.clone()).slice(0, len);
     src.read(offset, iov.clone())
         .await

@@ -94,9 +94,9 @@ impl Mirror {
                 self.settle(&mut copies, &mut bufs, Some(done)).await?;
                 continue;
             }
-            let next = self.dirty.take_next(cursor, CHUNK).or_else(|| {
+            let next = self.dirty.take_next(cursor, MIRROR_CHUNK).or_else(|| {
                 cursor = 0;
-                self.dirty.take_next(0, CHUNK)
+                self.dirty.take_next(0, MIRROR_CHUNK)
             });
             match next {
                 Some((off, n)) if copies.overlaps(off, n) => {
@@ -108,7 +108,7 @@ impl Mirror {
                 }
                 Some((off, n)) => {
                     cursor = off + n;
-                    let buf = bufs.pop().unwrap_or_default();
+                    let buf = bufs.pop().unwrap_or_else(|| CopyBuf::sized(MIRROR_CHUNK));
                     copies.start(off, n, Box::pin(self.copy(buf, off, n)));
                     if most == 1 {
                         let done = copies.next().await;
@@ -248,8 +248,9 @@ impl Mirror {
     }
 }
 
-/// Copies a mirror keeps in flight at most (of a chunk each: 8 MiB).
+/// Copies a mirror keeps in flight at most, and their size (QEMU's: 16 of 1 MiB).
 const IN_FLIGHT: usize = 16;
+const MIRROR_CHUNK: u64 = 1 << 20;
 
 /// A finished copy.
 struct Copied {
