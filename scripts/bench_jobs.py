@@ -6,6 +6,8 @@ For each daemon, on image files under /dev/shm (or --dir):
     exported writable; block-stream copies the base into the top;
   * commit: base.qcow2 is empty, mid.qcow2 holds SIZE bytes, top.qcow2 is an empty
     overlay exported writable; block-commit (top-node=mid) copies mid into base;
+  * mirror: as stream, drive-mirror sync=full of top into a new qcow2 image, pivoted
+    with block-job-complete as soon as it is ready;
   * speed: the stream again with speed=SPEED: the rate reached against the one set;
   * backup: the chain of stream (base.qcow2 with SIZE bytes under an empty top.qcow2,
     exported writable); blockdev-backup sync=full of top into an empty qcow2 image;
@@ -41,6 +43,7 @@ def run(*cmd: str) -> None:
 
 
 def make_chain(d: Path, kind: str, size: int) -> None:
+    """stream and mirror: data in base, top an empty overlay; commit: data in mid."""
     for f in d.glob("*.qcow2"):
         f.unlink()
     base, mid, top = d / "base.qcow2", d / "mid.qcow2", d / "top.qcow2"
@@ -87,6 +90,9 @@ async def one(binary: str, d: Path, kind: str, size: int, speed: int) -> float:
 
         async def listen() -> None:
             async for ev in c.events:
+                if ev["event"] == "BLOCK_JOB_READY":
+                    # A mirror pivots as soon as it is in sync.
+                    asyncio.create_task(c.execute("block-job-complete", {"device": "j"}))
                 if ev["event"] in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"):
                     done.set_result(ev["data"])
                     return
@@ -101,6 +107,9 @@ async def one(binary: str, d: Path, kind: str, size: int, speed: int) -> float:
         elif kind == "backup":
             cmd, args = "blockdev-backup", {"job-id": "j", "device": "top", "target": "tgt",
                                             "sync": "full"}
+        elif kind == "mirror":
+            cmd, args = "drive-mirror", {"job-id": "j", "device": "top", "sync": "full",
+                                         "target": str(d / "mirror.qcow2"), "format": "qcow2"}
         else:
             cmd, args = "block-stream", {"job-id": "j", "device": "top"}
         if speed:
@@ -192,8 +201,8 @@ def main() -> None:
     ap.add_argument("--vubd-io", default="target/release/vubd-io")
     ap.add_argument("--io-secs", type=int, default=5)
     ap.add_argument("--dir", default="/dev/shm")
-    ap.add_argument("--kinds", default="stream,commit,speed,backup,io",
-                    help="comma-separated: stream, commit, speed, backup, io (stress I/O during a "
+    ap.add_argument("--kinds", default="stream,commit,speed,backup,mirror,io",
+                    help="comma-separated: stream, commit, speed, backup, mirror, io (stress I/O during a "
                          "stream) or io-backup (during a backup)")
     a = ap.parse_args()
     kinds = set(a.kinds.split(","))
@@ -204,7 +213,7 @@ def main() -> None:
         print("|---|---:|---:|---:|")
         for label, kind, speed in (("stream", "stream", 0), ("commit", "commit", 0),
                                    ("speed", "stream", a.speed_mib * MIB),
-                                   ("backup", "backup", 0)):
+                                   ("backup", "backup", 0), ("mirror", "mirror", 0)):
             if label not in kinds:
                 continue
             res: dict[str, list[float]] = {"vubd": [], "qsd": []}

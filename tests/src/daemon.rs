@@ -51,6 +51,16 @@ pub fn qsd_bin() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/usr/bin/qemu-storage-daemon"))
 }
 
+/// The daemon the block job tests run and its name: vubd, or qemu-storage-daemon
+/// (the reference for their expectations) with `VUBD_JOBS_DAEMON=qsd`.
+pub fn jobs_daemon() -> (&'static str, PathBuf) {
+    match std::env::var("VUBD_JOBS_DAEMON").as_deref() {
+        Ok("qsd") => ("qemu-storage-daemon", qsd_bin()),
+        Ok("vubd") | Err(_) => ("vubd", vubd_bin()),
+        Ok(other) => panic!("VUBD_JOBS_DAEMON={other}: expected vubd or qsd"),
+    }
+}
+
 /// Socket paths named in `addr.path=` of `--export` options (key=value syntax), and in
 /// `"path"` of JSON `--export` options.
 pub fn socket_paths_in(args: &[String]) -> Vec<PathBuf> {

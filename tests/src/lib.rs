@@ -25,7 +25,7 @@ pub mod workload;
 
 pub use args::{simple_file_export, DaemonArgs};
 pub use client::{Client, ClientOptions, IoQueue, Req};
-pub use daemon::{qsd_bin, run_to_exit, vubd_bin, Daemon, Exited};
+pub use daemon::{jobs_daemon, qsd_bin, run_to_exit, vubd_bin, Daemon, Exited};
 pub use image::{TempDir, TempImage};
 pub use qmp::Qmp;
 pub use raw::{RawClient, RawDesc};

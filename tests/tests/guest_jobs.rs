@@ -58,10 +58,10 @@ use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
-use vubd_tests::guest::fio::{disk_errors_in_dmesg, round_problems, FioRounds};
+use vubd_tests::guest::fio::{round_problems, FioRounds};
 use vubd_tests::guest::{Guest, GuestOpts, CMD_TIMEOUT};
 use vubd_tests::tools::{qemu_img, run_ok};
-use vubd_tests::{qsd_bin, vubd_bin, Daemon, DaemonArgs, Qmp, Rng, TempDir, MIB};
+use vubd_tests::{Daemon, DaemonArgs, Qmp, Rng, TempDir, MIB};
 
 /// The disk (virtual size of every layer).
 const SIZE: u64 = 64 * MIB;
@@ -76,15 +76,6 @@ const FIO_TIMEOUT: Duration = Duration::from_secs(120);
 /// Runs of clusters allocated in the initial top layer (offset, length in MiB): one
 /// inside fio's region, two outside.
 const TOP_RUNS: &[(u64, u64)] = &[(4, 4), (24, 2), (50, 1)];
-
-/// The daemon under test and its binary.
-fn daemon_bin() -> (&'static str, PathBuf) {
-    match std::env::var("VUBD_JOBS_DAEMON").as_deref() {
-        Ok("qsd") => ("qemu-storage-daemon", qsd_bin()),
-        Ok("vubd") | Err(_) => ("vubd", vubd_bin()),
-        Ok(other) => panic!("VUBD_JOBS_DAEMON={other}: expected vubd or qsd"),
-    }
-}
 
 fn s(p: &Path) -> &str {
     p.to_str().expect("UTF-8 paths")
@@ -373,22 +364,13 @@ impl Run {
     fn quiesce_and_check(&mut self, step: &str, chain: &[&str]) {
         let rounds = self
             .fio
-            .stop(&mut self.guest, FIO_TIMEOUT)
-            .unwrap_or_else(|e| panic!("{step}: {e}"));
-        let mut problems = round_problems(&rounds);
-        problems.extend(disk_errors_in_dmesg(&self.guest.dmesg()));
-        assert!(
-            problems.is_empty(),
-            "{step}: the guest saw errors:\n{}\ndaemon log:\n{}",
-            problems.join("\n"),
-            self.daemon.stderr()
-        );
-        // Flush vda (GNU dd fsyncs its output even when it copied nothing), then copy it.
-        self.guest.check(
-            "dd if=/dev/null of=/dev/vda conv=notrunc,fsync status=none && \
-             dd if=/dev/vda of=/dev/vdb bs=1M iflag=direct oflag=direct conv=fsync status=none",
-            CMD_TIMEOUT,
-        );
+            .quiesce_and_copy(&mut self.guest, "/dev/vdb", FIO_TIMEOUT)
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{step}: the guest saw errors:\n{e}\ndaemon log:\n{}",
+                    self.daemon.stderr()
+                )
+            });
         let top = self.path(chain[0]);
         let want: Vec<PathBuf> = chain.iter().map(|f| self.path(f)).collect();
         assert_eq!(backing_chain(&top), want, "{step}: backing chain on disk");
@@ -434,9 +416,8 @@ impl Run {
             self.daemon.stderr()
         );
         self.note(&format!(
-            "{step}: {} fio round(s) verified; chain {chain:?} holds what the guest sees; \
+            "{step}: {rounds} fio round(s) verified; chain {chain:?} holds what the guest sees; \
              {} qcow2 file(s) check clean",
-            rounds.len(),
             files.len()
         ));
     }
@@ -444,7 +425,7 @@ impl Run {
 
 #[test]
 fn guest_writes_through_snapshot_stream_commits_and_reopen() {
-    let (daemon_name, bin) = daemon_bin();
+    let (daemon_name, bin) = vubd_tests::jobs_daemon();
     let name = "guest-jobs";
     let t0 = Instant::now();
     let dir = TempDir::new_in(Path::new("/dev/shm"), "vubd-gjobs");

@@ -5,7 +5,9 @@
 //! * `block-stream` of `base <- top` into top;
 //! * intermediate `block-commit` of mid into base in `base <- mid <- act`;
 //! * active `block-commit` of act into base in `base <- act`, killed in the bulk phase;
-//! * the same, killed in the ready state (the mirror copying the frontend's writes).
+//! * the same, killed in the ready state (the mirror copying the frontend's writes);
+//! * `blockdev-mirror` (sync=full) of act in `base <- act` to a blank qcow2 image,
+//!   killed while it copies, and in write-blocking mode, killed in the ready state.
 //!
 //! Each job runs with a `speed` limit (none for the ready case) so that the kill lands
 //! mid-job: `query-block-jobs` just before the kill must show it running with offset <
@@ -36,7 +38,8 @@
 //!   state after it: stream leaves base unchanged; an intermediate commit writes mid's
 //!   data over base (so base's block is base's or mid-over-base's) and leaves mid as it
 //!   was; an active commit copies act's data into base (base's block is base's, act's
-//!   initial one, or one the frontend wrote to act). The granularity is 4 KiB: a kill
+//!   initial one, or one the frontend wrote to act); a mirror leaves base as it was,
+//!   and its target, a partial copy, must still check clean. The granularity is 4 KiB: a kill
 //!   can cut a multi-cluster copy between pages, and each page is either copied or not.
 //!
 //! The daemon is vubd; `VUBD_JOBS_DAEMON=qsd` runs the same tests against
@@ -52,9 +55,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use vubd_tests::tools::{qemu_img, run_ok};
-use vubd_tests::{
-    qsd_bin, vubd_bin, Client, Daemon, DaemonArgs, IoQueue, Qmp, Rng, TempDir, KIB, MIB,
-};
+use vubd_tests::{Client, Daemon, DaemonArgs, IoQueue, Qmp, Rng, TempDir, KIB, MIB};
 
 /// Virtual size of every layer.
 const SIZE: u64 = 64 * MIB;
@@ -77,15 +78,6 @@ const MID_SEED: u64 = 2;
 const TOP_SEED: u64 = 3;
 /// Seeds of the frontend's writes start here.
 const FIRST_WRITE_SEED: u64 = 1000;
-
-/// The daemon under test and its binary.
-fn daemon_bin() -> (&'static str, PathBuf) {
-    match std::env::var("VUBD_JOBS_DAEMON").as_deref() {
-        Ok("qsd") => ("qemu-storage-daemon", qsd_bin()),
-        Ok("vubd") | Err(_) => ("vubd", vubd_bin()),
-        Ok(other) => panic!("VUBD_JOBS_DAEMON={other}: expected vubd or qsd"),
-    }
-}
 
 fn s(p: &Path) -> &str {
     p.to_str().expect("UTF-8 paths")
@@ -455,13 +447,27 @@ enum Job {
     ActiveCommit,
     /// The same, killed in the ready state.
     ActiveCommitReady,
+    /// blockdev-mirror of act (`base <- act`) to `tgt`, killed while running.
+    Mirror,
+    /// The same in write-blocking mode, killed in the ready state.
+    MirrorReady,
+}
+
+impl Job {
+    fn ready(self) -> bool {
+        matches!(self, Job::ActiveCommitReady | Job::MirrorReady)
+    }
+
+    fn mirror(self) -> bool {
+        matches!(self, Job::Mirror | Job::MirrorReady)
+    }
 }
 
 /// Job speed for the kills mid-job (bytes/s): a few seconds of copying at least.
 const SPEED: u64 = 4 * MIB;
 
 fn kill_during(name: &str, job: Job) {
-    let (daemon_name, bin) = daemon_bin();
+    let (daemon_name, bin) = vubd_tests::jobs_daemon();
     let t0 = Instant::now();
     let mut rng = Rng::new(name);
     let dir = TempDir::new_in(Path::new("/dev/shm"), "vubd-jobcrash");
@@ -477,11 +483,11 @@ fn kill_during(name: &str, job: Job) {
         ],
         // Much to copy: the mirror's first pass copies a whole buffer before the limit
         // applies.
-        Job::ActiveCommit => vec![
+        Job::ActiveCommit | Job::Mirror => vec![
             Layer::full("base", BASE_SEED),
             Layer::runs("act", TOP_SEED, 0.75, &mut rng),
         ],
-        Job::ActiveCommitReady => vec![
+        Job::ActiveCommitReady | Job::MirrorReady => vec![
             Layer::full("base", BASE_SEED),
             Layer::runs("act", TOP_SEED, 0.25, &mut rng),
         ],
@@ -507,6 +513,16 @@ fn kill_during(name: &str, job: Job) {
                 "driver=qcow2,node-name={n},file={n}-file{backing}",
                 n = l.node
             ));
+    }
+    if job.mirror() {
+        let tgt = img("tgt");
+        qemu_img(&["create", "-q", "-f", "qcow2", s(&tgt), &SIZE.to_string()]);
+        args = args
+            .blockdev(&format!(
+                "driver=file,node-name=tgt-file,filename={},cache.direct=off",
+                s(&tgt)
+            ))
+            .blockdev("driver=qcow2,node-name=tgt,file=tgt-file");
     }
     let args = args
         .export(&format!(
@@ -536,15 +552,19 @@ fn kill_during(name: &str, job: Job) {
             Job::ActiveCommit | Job::ActiveCommitReady => {
                 json!({"device": "act", "base-node": "base"})
             }
+            Job::Mirror => json!({"device": "act", "target": "tgt", "sync": "full"}),
+            Job::MirrorReady => json!({
+                "device": "act", "target": "tgt", "sync": "full", "copy-mode": "write-blocking"
+            }),
         };
         arguments["job-id"] = json!("job0");
-        if job != Job::ActiveCommitReady {
+        if !job.ready() {
             arguments["speed"] = json!(SPEED);
         }
-        let command = if job == Job::Stream {
-            "block-stream"
-        } else {
-            "block-commit"
+        let command = match job {
+            Job::Stream => "block-stream",
+            Job::Mirror | Job::MirrorReady => "blockdev-mirror",
+            _ => "block-commit",
         };
         if let Err(e) = qmp.execute(command, arguments.clone()) {
             stop.store(true, Ordering::SeqCst);
@@ -552,7 +572,7 @@ fn kill_during(name: &str, job: Job) {
         }
         let mut events = Vec::new();
         let deadline = Instant::now() + JOB_TIMEOUT;
-        if job == Job::ActiveCommitReady {
+        if job.ready() {
             loop {
                 let evs = qmp.take_events();
                 let ready = evs.iter().any(|e| e["event"] == "BLOCK_JOB_READY");
@@ -594,7 +614,7 @@ fn kill_during(name: &str, job: Job) {
          frontend had made {} writes durable with {} flushes",
         at_kill["status"], at_kill["ready"], tr.writes, tr.flushes
     );
-    if job == Job::ActiveCommitReady {
+    if job.ready() {
         assert_eq!(at_kill["ready"], true, "not ready at the kill: {at_kill}");
     } else {
         assert!(
@@ -630,6 +650,15 @@ fn kill_during(name: &str, job: Job) {
     problems.extend(check_blocks(&format!("{top} (through its chain)"), &data, allowed_top).err());
     // The layers below, each alone: before or after.
     match job {
+        Job::Mirror | Job::MirrorReady => {
+            let base = read_image(&dir, &img("base"), true);
+            problems.extend(check_blocks("base", &base, |_| vec![BASE_SEED]).err());
+            match check_image(&img("tgt")) {
+                Ok(0) => {}
+                Ok(leaks) => eprintln!("{name}: tgt.qcow2: {leaks} leaked cluster(s)"),
+                Err(e) => problems.push(e),
+            }
+        }
         Job::Stream => {
             let base = read_image(&dir, &img("base"), true);
             problems.extend(check_blocks("base", &base, |_| vec![BASE_SEED]).err());
@@ -702,4 +731,14 @@ fn sigkill_during_active_commit() {
 #[test]
 fn sigkill_during_active_commit_ready() {
     kill_during("kill-active-commit-ready", Job::ActiveCommitReady);
+}
+
+#[test]
+fn sigkill_during_mirror() {
+    kill_during("kill-mirror", Job::Mirror);
+}
+
+#[test]
+fn sigkill_during_write_blocking_mirror_ready() {
+    kill_during("kill-mirror-ready", Job::MirrorReady);
 }

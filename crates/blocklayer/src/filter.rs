@@ -1,7 +1,7 @@
 //! Filters inserted above a node and removed again (QEMU's `bdrv_insert_node` and
 //! `bdrv_drop_filter`), for the filters block jobs put over the nodes they work on.
 
-use crate::drivers::job_filter::{JobFilter, JobFilterKind};
+use crate::drivers::job_filter::{ActiveMirror, JobFilter, JobFilterKind};
 use crate::edge::{Edge, Role};
 use crate::error::{BlockError, Result};
 use crate::graph::Graph;
@@ -14,7 +14,30 @@ impl Graph {
     /// filter instead, and the filter uses `node` as its `backing` child. The caller
     /// has drained `node`; refused, with nothing changed, on a permission conflict.
     pub fn insert_filter(&mut self, node: &Arc<Node>, kind: JobFilterKind) -> Result<Arc<Node>> {
-        let name = self.anon_name();
+        self.insert_job_filter(node, kind, None, None)
+    }
+
+    /// [`Graph::insert_filter`] with the node-name the user gave the filter (QEMU's
+    /// `filter-node-name`; generated if `None`) and, for a write-blocking mirror,
+    /// the way to its target.
+    pub fn insert_job_filter(
+        &mut self,
+        node: &Arc<Node>,
+        kind: JobFilterKind,
+        name: Option<&str>,
+        active: Option<Arc<ActiveMirror>>,
+    ) -> Result<Arc<Node>> {
+        let name = match name {
+            Some(n) => {
+                if self.nodes.contains_key(n) {
+                    return Err(BlockError::Graph(format!(
+                        "Duplicate nodes with node-name='{n}'"
+                    )));
+                }
+                n.to_string()
+            }
+            None => self.anon_name(),
+        };
         let edge = Edge::child_of(&name, "backing", Role::Filtered, node);
         let flags = NodeFlags {
             read_only: node.is_read_only(),
@@ -24,11 +47,11 @@ impl Graph {
             no_flush: false,
             cache_direct: false,
         };
-        let filter = Arc::new(Node::new(
-            name.clone(),
-            Box::new(JobFilter::new(kind, edge)),
-            flags,
-        ));
+        let driver = match active {
+            Some(a) => JobFilter::with_active(edge, a),
+            None => JobFilter::new(kind, edge),
+        };
+        let filter = Arc::new(Node::new(name.clone(), Box::new(driver), flags));
         self.nodes.insert(name.clone(), filter.clone());
         if let Err(e) = self.replace_node(node, &filter, None) {
             self.nodes.remove(&name);

@@ -137,6 +137,34 @@ impl FioRounds {
         Ok(self.rounds(g))
     }
 
+    /// Ends the rounds and takes the guest's view of its disk (the block tests'
+    /// reference): stops fio, requires every round clean and no disk error in the
+    /// kernel log, flushes `self.dev` and copies it whole, with O_DIRECT, onto
+    /// `copy_to`. Returns the rounds verified, or the problems seen.
+    pub fn quiesce_and_copy(
+        &self,
+        g: &mut Guest,
+        copy_to: &str,
+        timeout: Duration,
+    ) -> Result<usize, String> {
+        let rounds = self.stop(g, timeout)?;
+        let mut problems = round_problems(&rounds);
+        problems.extend(disk_errors_in_dmesg(&g.dmesg()));
+        if !problems.is_empty() {
+            return Err(problems.join("\n"));
+        }
+        // GNU dd fsyncs its output even when it copied nothing: a FLUSH of the disk.
+        g.check(
+            &format!(
+                "dd if=/dev/null of={dev} conv=notrunc,fsync status=none && \
+                 dd if={dev} of={copy_to} bs=1M iflag=direct oflag=direct conv=fsync status=none",
+                dev = self.dev
+            ),
+            CMD_TIMEOUT,
+        );
+        Ok(rounds.len())
+    }
+
     /// The rounds finished so far, with their output.
     pub fn rounds(&self, g: &mut Guest) -> Vec<Round> {
         let t = &self.tag;

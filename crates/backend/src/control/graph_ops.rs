@@ -24,6 +24,18 @@ pub struct SnapshotSync {
     pub existing: bool,
 }
 
+/// QEMU's text for a file it could not create.
+pub(super) fn create_error(path: &Path, e: blocklayer::BlockError) -> QmpError {
+    QmpError::generic(match e {
+        blocklayer::BlockError::Open { source, .. } => format!(
+            "Could not create '{}': {}",
+            path.display(),
+            blocklayer::error::strerror(source.raw_os_error().unwrap_or(libc::EIO))
+        ),
+        e => e.to_string(),
+    })
+}
+
 impl Control {
     /// `blockdev-reopen`: new options for a list of nodes, all applied or none, inside
     /// one drained section (see `blocklayer::reopen`).
@@ -45,7 +57,7 @@ impl Control {
 
     /// QEMU's op blockers for an external snapshot of `node`: a backing node of
     /// another node, or a node a job uses, is busy.
-    fn snapshot_blocked(node: &Node) -> OpResult<()> {
+    pub(super) fn snapshot_blocked(node: &Node) -> OpResult<()> {
         for e in node.parents() {
             match e.parent() {
                 Parent::Node(p) if e.role() == Role::Backing => {
@@ -154,7 +166,7 @@ impl Control {
                 }
                 f => return Err(QmpError::generic(format!("Unknown file format '{f}'"))),
             }
-            self.create_overlay(path, &base)?;
+            self.create_qcow2(path, base.size(), Some(&base))?;
         } else if !path.exists() {
             return Err(QmpError::generic(format!(
                 "Could not open '{}': No such file or directory",
@@ -181,21 +193,15 @@ impl Control {
         r
     }
 
-    /// Creates the qcow2 file of a `blockdev-snapshot-sync` overlay, with `base`'s
-    /// image as backing file.
-    fn create_overlay(&mut self, path: &Path, base: &Arc<Node>) -> OpResult<()> {
-        create_file(path, 0, FilePrealloc::Off).map_err(|e| {
-            QmpError::generic(match e {
-                blocklayer::BlockError::Open { source, .. } => {
-                    format!(
-                        "Could not create '{}': {}",
-                        path.display(),
-                        blocklayer::error::strerror(source.raw_os_error().unwrap_or(libc::EIO))
-                    )
-                }
-                e => e.to_string(),
-            })
-        })?;
+    /// Creates a qcow2 image of `size` bytes (a `blockdev-snapshot-sync` overlay, a
+    /// `drive-mirror` target), with `backing`'s image as backing file if given.
+    pub(super) fn create_qcow2(
+        &mut self,
+        path: &Path,
+        size: u64,
+        backing: Option<&Arc<Node>>,
+    ) -> OpResult<()> {
+        create_file(path, 0, FilePrealloc::Off).map_err(|e| create_error(path, e))?;
         let file = self
             .graph
             .add_implicit(
@@ -205,9 +211,11 @@ impl Control {
                 .map_err(generic)?,
             )
             .map_err(generic)?;
-        let mut o = qcow::CreateOptions::new(base.size());
-        o.backing_file = Some(base.driver().filename());
-        o.backing_fmt = Some(base.driver_name().to_string());
+        let mut o = qcow::CreateOptions::new(size);
+        if let Some(base) = backing {
+            o.backing_file = Some(base.driver().filename());
+            o.backing_fmt = Some(base.driver_name().to_string());
+        }
         let r = blocklayer::drivers::qcow2::create(file.clone(), None, o).map_err(generic);
         drop(file);
         self.graph.collect_unused();

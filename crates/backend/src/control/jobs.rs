@@ -2,20 +2,22 @@
 //! texts, permissions), the job verbs, the messages of job threads, and
 //! finalization, where a job's graph change is made inside a drained section.
 
+use super::mirror::MirrorRun;
 use super::{generic, Control, OpResult, DRAIN_TIMEOUT};
 use crate::config::OnError;
-use crate::jobs::commit::{copy_remaining, Commit};
+use crate::jobs::commit::Commit;
 use crate::jobs::copy::{JobCtx, CANCELLED};
+use crate::jobs::mirror::Seed;
 use crate::jobs::stream::Stream;
 use crate::jobs::{Cancel, Job, JobCore, JobMsg, Status, Verb};
 use crate::qmp::wire::{ErrorClass, QmpError};
-use blocklayer::aio::uring::block_on;
 use blocklayer::backend::BlockBackend;
 use blocklayer::drivers::job_filter::JobFilterKind;
 use blocklayer::edge::Parent;
 use blocklayer::perm::Perm;
 use blocklayer::Node;
 use serde_json::json;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// Arguments common to block jobs.
@@ -125,7 +127,12 @@ impl Control {
 
     /// A block backend a job opens for itself (QEMU's `s->base`, `s->top`): an
     /// unnamed user of `node`.
-    fn job_backend(&self, node: &Arc<Node>, perm: Perm, shared: Perm) -> OpResult<BlockBackend> {
+    pub(super) fn job_backend(
+        &self,
+        node: &Arc<Node>,
+        perm: Perm,
+        shared: Perm,
+    ) -> OpResult<BlockBackend> {
         BlockBackend::new(&self.graph, Parent::Backend(None), node, perm, shared).map_err(generic)
     }
 
@@ -468,84 +475,79 @@ impl Control {
         let mut job = Job::new(&id, "commit", core.clone(), true);
         job.auto_finalize = o.auto_finalize;
         job.auto_dismiss = o.auto_dismiss;
-        let dirty = if active {
-            let bm = Arc::new(blocklayer::bitmap::DirtyBitmap::new(top.size(), 65536));
-            match self.graph.drain(&top, DRAIN_TIMEOUT) {
-                Ok(_d) => top.add_bitmap(bm.clone()),
-                Err(e) => {
-                    self.drop_job_filter(&filter);
-                    return Err(generic(e));
-                }
-            }
-            Some(bm)
-        } else {
-            None
-        };
         // A base that was read-only goes back to read-only when the job ends, unless
         // an active commit pivoted to it.
-        let pivoted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let pivoted = Arc::new(AtomicBool::new(false));
         let restore_base = {
             let (b, pivoted) = (base.clone(), pivoted.clone());
             move |ctl: &mut Control| {
-                if base_ro && !pivoted.load(std::sync::atomic::Ordering::Acquire) {
+                if base_ro && !pivoted.load(Ordering::Acquire) {
                     if let Err(e) = ctl.reopen_for_job(&b, false) {
                         log::warn!("commit: node '{}' stays read-write: {e:?}", b.name());
                     }
                 }
             }
         };
-        if let Some(bm) = dirty.clone() {
-            let (t, b, bm2) = (top.clone(), base.clone(), bm.clone());
-            job.finish = Some(Box::new(move |ctl: &mut Control| {
-                let _d = ctl
-                    .graph
-                    .drain_all(&[t.clone(), b.clone()], DRAIN_TIMEOUT)
-                    .map_err(|e| e.to_string())?;
-                block_on(copy_remaining(t.clone(), b.clone(), bm2))?;
-                ctl.graph
-                    .replace_node(&t, &b, None)
-                    .map_err(|e| e.to_string())?;
-                pivoted.store(true, std::sync::atomic::Ordering::Release);
-                Ok(())
-            }));
-            let (t, f) = (top.clone(), filter.clone());
-            job.cleanup = Some(Box::new(move |ctl: &mut Control| {
-                t.remove_bitmap(&bm);
-                ctl.drop_job_filter(&f);
-                restore_base(ctl);
-                ctl.graph.collect_unused();
-            }));
-        } else {
-            // The overlay of the top takes the base as its backing.
-            let (b, backing_file) = (base.clone(), a.backing_file.clone());
-            job.finish = Some(Box::new(move |ctl: &mut Control| {
-                let Some(ov) = overlay else {
-                    return Ok(());
-                };
-                let _d = ctl
-                    .graph
-                    .drain(&ov, DRAIN_TIMEOUT)
-                    .map_err(|e| e.to_string())?;
-                let name = backing_file.unwrap_or_else(|| filename(&b));
-                ov.driver()
-                    .change_backing_file(Some(&name), Some(b.driver_name()))
-                    .map_err(|e| e.to_string())?;
-                ctl.graph
-                    .set_backing(&ov, Some(&b))
-                    .map_err(|e| e.to_string())
-            }));
-            job.cleanup = Some(Box::new(move |ctl: &mut Control| {
-                ctl.drop_job_filter(&filter);
-                restore_base(ctl);
-                ctl.graph.collect_unused();
-            }));
+        if active {
+            // QEMU's active commit is a mirror of the top into the base.
+            let dirty = Arc::new(blocklayer::bitmap::DirtyBitmap::new(top.size(), 65536));
+            match self.graph.drain(&top, DRAIN_TIMEOUT) {
+                Ok(_d) => top.add_bitmap(dirty.clone()),
+                Err(e) => {
+                    self.drop_job_filter(&filter);
+                    return Err(generic(e));
+                }
+            }
+            let run = MirrorRun {
+                kind: "commit",
+                source: top.clone(),
+                filter,
+                target: base.clone(),
+                replaced: top.clone(),
+                source_blk: top_blk,
+                target_blk: base_blk,
+                holds,
+                dirty,
+                seed: Seed::Allocated {
+                    base: Some(base.clone()),
+                    zero_target: false,
+                },
+                active: None,
+                target_backing: None,
+                on_target_error: o.on_error,
+                pivoted,
+                cleanup: Some(Box::new(restore_base)),
+            };
+            return self.run_mirror(job, o.on_error, run);
         }
+        // The overlay of the top takes the base as its backing.
+        let (b, backing_file) = (base.clone(), a.backing_file.clone());
+        job.finish = Some(Box::new(move |ctl: &mut Control| {
+            let Some(ov) = overlay else {
+                return Ok(());
+            };
+            let _d = ctl
+                .graph
+                .drain(&ov, DRAIN_TIMEOUT)
+                .map_err(|e| e.to_string())?;
+            let name = backing_file.unwrap_or_else(|| filename(&b));
+            ov.driver()
+                .change_backing_file(Some(&name), Some(b.driver_name()))
+                .map_err(|e| e.to_string())?;
+            ctl.graph
+                .set_backing(&ov, Some(&b))
+                .map_err(|e| e.to_string())
+        }));
+        job.cleanup = Some(Box::new(move |ctl: &mut Control| {
+            ctl.drop_job_filter(&filter);
+            restore_base(ctl);
+            ctl.graph.collect_unused();
+        }));
         let commit = Commit {
             ctx: JobCtx::new(core, o.on_error, self.tx.clone()),
             top: top_blk,
             base: base_blk,
             holds,
-            dirty,
         };
         let iothread = self.node_iothread(&top);
         self.start_job(job, Some(iothread), move || commit.run())
@@ -675,14 +677,14 @@ impl Control {
     pub(super) fn job_msg(&mut self, msg: JobMsg) {
         let events = self.events.clone();
         match msg {
-            JobMsg::Ready(id) => {
+            JobMsg::Ready(id, at) => {
                 let Some(j) = self.jobs.get_mut(&id) else {
                     return;
                 };
                 match j.status {
                     Status::Running => {
                         self.jobs.transition(&events, &id, Status::Ready);
-                        self.jobs.ready_event(&events, &id);
+                        self.jobs.ready_event(&events, &id, Some(at));
                     }
                     Status::Paused => j.ready_on_resume = true,
                     _ => {}
@@ -721,7 +723,7 @@ impl Control {
         let cancel = j.core.cancel_requested();
         if cancel == Cancel::Soft {
             // A ready mirror-like job cancelled softly completes without its pivot.
-            j.finish = None;
+            j.finish = j.soft_finish.take();
         }
         let forced = cancel == Cancel::Force || result.as_ref().is_err_and(|e| e == CANCELLED);
         let txn = j.txn;
@@ -849,7 +851,7 @@ impl Control {
                 .is_some_and(|j| j.status == Status::Running)
         {
             self.jobs.transition(&events, id, Status::Ready);
-            self.jobs.ready_event(&events, id);
+            self.jobs.ready_event(&events, id, None);
         }
         Ok(())
     }
@@ -876,7 +878,7 @@ impl Control {
 
     pub fn job_complete(&mut self, id: &str, block: bool) -> OpResult<()> {
         let job = self.jobs.check_verb(id, Verb::Complete, block)?;
-        if job.core.cancel_requested() != Cancel::None || job.kind != "commit" {
+        if job.core.cancel_requested() != Cancel::None || !matches!(job.kind, "commit" | "mirror") {
             return Err(QmpError::generic(format!(
                 "The active block job '{id}' cannot be completed"
             )));

@@ -28,6 +28,7 @@ pub mod bitmaps;
 pub use backup::{BackupArgs, BackupPerf, DriveTarget};
 pub mod graph_ops;
 pub mod jobs;
+pub mod mirror;
 mod snapshot;
 pub mod transaction;
 

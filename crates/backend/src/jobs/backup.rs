@@ -227,7 +227,9 @@ impl Backup {
         } else {
             (self.on_target_error, CopyError::write(f.error))
         };
+        // JobCtx picks its policy by the error's side.
         self.ctx.on_error = policy;
+        self.ctx.on_write_error = policy;
         self.ctx.on_error(e).await
     }
 }

@@ -88,11 +88,18 @@ pub struct CopyBuf(Arc<AlignedBuf>);
 
 impl Default for CopyBuf {
     fn default() -> Self {
-        CopyBuf(Arc::new(AlignedBuf::zeroed(CHUNK as usize, 4096)))
+        CopyBuf::sized(CHUNK)
     }
 }
 
-/// Reads `offset..+len` (at most a chunk) of `src` and writes it to `dst`.
+impl CopyBuf {
+    /// A buffer of `len` bytes (a job copying larger pieces than a chunk).
+    pub fn sized(len: u64) -> CopyBuf {
+        CopyBuf(Arc::new(AlignedBuf::zeroed(len as usize, 4096)))
+    }
+}
+
+/// Reads `offset..+len` (at most the buffer's size) of `src` and writes it to `dst`.
 pub async fn copy_range(
     buf: &CopyBuf,
     src: &Node,
@@ -100,7 +107,7 @@ pub async fn copy_range(
     offset: u64,
     len: u64,
 ) -> Result<(), CopyError> {
-    debug_assert!(len <= CHUNK);
+    debug_assert!(len as usize <= buf.0.len());
     let iov = IoVec::from_buf(buf.0.clone()).slice(0, len);
     src.read(offset, iov.clone())
         .await
@@ -132,7 +139,10 @@ pub async fn copy_range_unchanged(
 /// to the control thread.
 pub struct JobCtx {
     pub core: Arc<JobCore>,
+    /// The policy for read errors (and for every error of stream and commit).
     pub on_error: OnError,
+    /// The policy for write errors (mirror's `on-target-error`).
+    pub on_write_error: OnError,
     pub tx: Sender<ControlMsg>,
     pub buf: CopyBuf,
 }
@@ -142,6 +152,7 @@ impl JobCtx {
         JobCtx {
             core,
             on_error,
+            on_write_error: on_error,
             tx,
             buf: CopyBuf::default(),
         }
@@ -159,7 +170,12 @@ impl JobCtx {
         let id = self.core.id.clone();
         let (read, nospace) = (e.read, e.errno == libc::ENOSPC);
         // The backends' decision table.
-        let action = self.on_error.action(e.errno);
+        let policy = if read {
+            self.on_error
+        } else {
+            self.on_write_error
+        };
+        let action = policy.action(e.errno);
         if action == ErrorAction::Stop {
             // Paused before the control thread hears of it: a resume that follows
             // the event at once must find the job paused, not be undone by it.
@@ -186,7 +202,9 @@ impl JobCtx {
 
     /// Reports the job ready (mirror-like jobs).
     pub fn ready(&self) {
-        self.send(JobMsg::Ready(self.core.id.clone()));
+        let at = self.core.offset();
+        self.core.set_len(at);
+        self.send(JobMsg::Ready(self.core.id.clone(), at));
     }
 
     /// Sleeps as long as the rate limit asks after `copied` bytes.

@@ -14,6 +14,7 @@ pub mod backup;
 pub mod commit;
 pub mod copy;
 pub mod core;
+pub mod mirror;
 pub mod stream;
 
 use crate::iothread::IoThread;
@@ -139,8 +140,10 @@ impl Verb {
 /// What a job's thread tells the control thread.
 #[derive(Debug)]
 pub enum JobMsg {
-    /// The job has converged (mirror-like jobs): running -> ready.
-    Ready(String),
+    /// The job has converged (mirror-like jobs): running -> ready. With the bytes
+    /// copied by then (BLOCK_JOB_READY's `len` and `offset`: the job goes on
+    /// copying before the control thread reads its progress).
+    Ready(String, u64),
     /// An I/O error, and what `on-error` makes of it (BLOCK_JOB_ERROR's `action`:
     /// `report`, `ignore`, or `stop`, for which the job paused itself).
     Error {
@@ -180,6 +183,9 @@ pub struct Job {
     /// Whether this is a block job (listed by query-block-jobs, with BLOCK_JOB_*).
     pub block: bool,
     pub finish: Option<Finish>,
+    /// What a mirror-like job does instead of `finish` when it was cancelled softly
+    /// in ready (the last copy without the pivot).
+    pub soft_finish: Option<Finish>,
     pub cleanup: Option<Cleanup>,
     /// Where the job runs, waited for when the daemon shuts down.
     pub running: Option<Running>,
@@ -203,6 +209,7 @@ impl Job {
             error: None,
             block,
             finish: None,
+            soft_finish: None,
             cleanup: None,
             running: None,
             txn: None,
@@ -456,10 +463,15 @@ impl Jobs {
         }
     }
 
-    /// Raises BLOCK_JOB_READY.
-    pub fn ready_event(&self, events: &EventBus, id: &str) {
+    /// Raises BLOCK_JOB_READY; `at`: the progress when the job converged.
+    pub fn ready_event(&self, events: &EventBus, id: &str, at: Option<u64>) {
         if let Some(j) = self.jobs.get(id) {
-            events.emit("BLOCK_JOB_READY", Some(j.event_data()));
+            let mut data = j.event_data();
+            if let Some(n) = at {
+                data["len"] = json!(n);
+                data["offset"] = json!(n);
+            }
+            events.emit("BLOCK_JOB_READY", Some(data));
         }
     }
 

@@ -49,6 +49,8 @@ pub const COMMANDS: &[&str] = &[
     "block-commit",
     "blockdev-backup",
     "drive-backup",
+    "blockdev-mirror",
+    "drive-mirror",
     "blockdev-snapshot",
     "blockdev-snapshot-sync",
     "change-backing-file",
@@ -66,6 +68,61 @@ pub const COMMANDS: &[&str] = &[
     "x-block-export-cont",
     "quit",
 ];
+
+/// A `BlockdevOnError` member (QEMU's values but `auto`).
+fn on_error(a: &mut Args, name: &str) -> Result<crate::config::OnError, QmpError> {
+    Ok(
+        match a.opt_enum(name, &["report", "ignore", "enospc", "stop"])? {
+            Some("ignore") => crate::config::OnError::Ignore,
+            Some("enospc") => crate::config::OnError::Enospc,
+            Some("stop") => crate::config::OnError::Stop,
+            _ => crate::config::OnError::Report,
+        },
+    )
+}
+
+/// What blockdev-mirror and drive-mirror share, and their job options
+/// (`on-source-error` is the job's read policy).
+fn mirror_args(
+    a: &mut Args,
+    filter: bool,
+) -> Result<
+    (
+        crate::control::mirror::MirrorCommon,
+        crate::control::jobs::JobOpts,
+    ),
+    QmpError,
+> {
+    let common = crate::control::mirror::MirrorCommon {
+        replaces: a.opt_str("replaces")?,
+        sync: a
+            .opt_enum("sync", &["top", "full", "none", "incremental", "bitmap"])?
+            .ok_or_else(|| QmpError::generic("Parameter 'sync' is missing"))?,
+        granularity: match a.opt_uint("granularity")? {
+            Some(g) if g > u64::from(u32::MAX) => {
+                return Err(QmpError::generic("Parameter 'granularity' expects uint32"))
+            }
+            g => g,
+        },
+        buf_size: a.opt_int("buf-size")?,
+        on_target_error: on_error(a, "on-target-error")?,
+        filter_node_name: if filter {
+            a.opt_str("filter-node-name")?
+        } else {
+            None
+        },
+        write_blocking: a.opt_enum("copy-mode", &["background", "write-blocking"])?
+            == Some("write-blocking"),
+    };
+    let opts = crate::control::jobs::JobOpts {
+        job_id: a.opt_str("job-id")?,
+        speed: a.opt_int("speed")?.unwrap_or(0),
+        on_error: on_error(a, "on-source-error")?,
+        auto_finalize: a.opt_bool("auto-finalize")?.unwrap_or(true),
+        auto_dismiss: a.opt_bool("auto-dismiss")?.unwrap_or(true),
+    };
+    Ok((common, opts))
+}
 
 /// The arguments every block job command takes.
 fn job_opts(a: &mut Args) -> Result<crate::control::jobs::JobOpts, QmpError> {
@@ -392,6 +449,29 @@ pub fn execute(ctl: &mut Control, name: &str, arguments: &Value) -> QmpResult {
             let opts = job_opts(&mut a)?;
             a.finish()?;
             ctl.block_commit(args, opts)?;
+            ok()
+        }
+        "blockdev-mirror" => {
+            let device = a.str("device")?;
+            let target = a.str("target")?;
+            let (common, opts) = mirror_args(&mut a, true)?;
+            a.finish()?;
+            ctl.blockdev_mirror(&device, &target, common, opts)?;
+            ok()
+        }
+        "drive-mirror" => {
+            let d = crate::control::mirror::DriveMirror {
+                device: a.str("device")?,
+                target: a.str("target")?,
+                format: a.opt_str("format")?,
+                node_name: a.opt_str("node-name")?,
+                existing: a.opt_enum("mode", &["existing", "absolute-paths"])? == Some("existing"),
+            };
+            // Accepted as QEMU's; the target is written as the source reads.
+            a.opt_bool("unmap")?;
+            let (common, opts) = mirror_args(&mut a, false)?;
+            a.finish()?;
+            ctl.drive_mirror(d, common, opts)?;
             ok()
         }
         n if super::transaction::SINGLE.contains(&n) => {

@@ -8,6 +8,10 @@
 //! These nodes are implicit: the job inserts one with [`crate::Graph::insert_filter`]
 //! inside a drained section and removes it when it ends; users cannot add them.
 
+pub mod active;
+
+pub use active::ActiveMirror;
+
 use crate::aio::iovec::IoVec;
 use crate::aio::LocalBoxFuture;
 use crate::driver::Driver;
@@ -30,12 +34,27 @@ pub enum JobFilterKind {
 pub struct JobFilter {
     kind: JobFilterKind,
     child: Arc<Edge>,
+    /// A write-blocking mirror's way to its target.
+    active: Option<Arc<ActiveMirror>>,
 }
 
 impl JobFilter {
     /// `child` is the filter's `backing` edge to the node it sits on.
     pub fn new(kind: JobFilterKind, child: Arc<Edge>) -> Self {
-        JobFilter { kind, child }
+        JobFilter {
+            kind,
+            child,
+            active: None,
+        }
+    }
+
+    /// A `mirror_top` filter that also writes to a write-blocking mirror's target.
+    pub fn with_active(child: Arc<Edge>, active: Arc<ActiveMirror>) -> Self {
+        JobFilter {
+            kind: JobFilterKind::MirrorTop,
+            child,
+            active: Some(active),
+        }
     }
 }
 
@@ -89,7 +108,10 @@ impl Driver for JobFilter {
     }
 
     fn write<'a>(&'a self, offset: u64, iov: IoVec, fua: bool) -> LocalBoxFuture<'a, Result<()>> {
-        forward::write(&self.child, offset, iov, fua)
+        match &self.active {
+            Some(a) => Box::pin(a.write(&self.child, offset, iov, fua)),
+            None => forward::write(&self.child, offset, iov, fua),
+        }
     }
 
     fn flush(&self) -> LocalBoxFuture<'_, Result<()>> {
