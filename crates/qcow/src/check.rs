@@ -324,6 +324,44 @@ impl<I: QcowIo> Qcow2<I> {
             }
         }
         // COPIED flags of the active tables.
+        // Refcounts past the end of the file: nothing can reference those
+        // clusters, so any refcount there is a leak (a crash between a refcount
+        // write and the write that grows the file leaves them). QEMU's check
+        // counts them too, once its allocator has used the space.
+        let rt_now = self.st().rt.clone();
+        for (t, &e) in rt_now.iter().enumerate() {
+            let block = e & OFFSET_MASK;
+            let (lo, hi) = (t as u64 * rpb, (t as u64 + 1) * rpb);
+            if block == 0 || hi <= nclusters || bad_blocks.contains(&t) {
+                continue;
+            }
+            for c in lo.max(nclusters)..hi {
+                let idx = (c % rpb) as usize;
+                let disk = self
+                    .with_table(TableKind::Refcount, block, |e| {
+                        layout::rc_get(&e.data, order, idx)
+                    })
+                    .await?;
+                if disk == 0 {
+                    continue;
+                }
+                k.report.leaks += 1;
+                let fix = repair != Repair::None;
+                k.report.messages.push(format!(
+                    "{} cluster {c} refcount={disk} reference=0",
+                    if fix { "Repairing" } else { "Leaked" }
+                ));
+                if fix {
+                    self.with_table(TableKind::Refcount, block, |e| {
+                        layout::rc_set(&mut e.data, order, idx, 0);
+                        let bits = 1usize << order;
+                        e.touch(idx * bits / 8, ((idx + 1) * bits).div_ceil(8));
+                    })
+                    .await?;
+                    k.report.leaks_fixed += 1;
+                }
+            }
+        }
         let refcount_of = |off: u64| k.refs.get((off / cs) as usize).copied().unwrap_or(0);
         let (l1, l1_off) = {
             let st = self.st();
