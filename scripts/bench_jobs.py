@@ -151,8 +151,8 @@ def stress_ops(vubd_io: str, sock: Path, secs: int) -> float:
 
 async def io_during_job(binary: str, vubd_io: str, d: Path, size: int, speed: int,
                         secs: int, kind: str = "stream") -> tuple[float, float]:
-    """(stress ops/s without a job, with a stream (or a full backup) at `speed`
-    running)."""
+    """(stress ops/s without a job, with a stream (or a full backup, or a full
+    mirror) at `speed` running)."""
     make_chain(d, kind, size)
     extra = backup_target_args(d) if kind == "backup" else []
     p = subprocess.Popen([binary, *daemon_args(d), *extra], stderr=subprocess.DEVNULL)
@@ -168,6 +168,10 @@ async def io_during_job(binary: str, vubd_io: str, d: Path, size: int, speed: in
         if kind == "backup":
             await c.execute("blockdev-backup", {"job-id": "j", "device": "top", "target": "tgt",
                                                 "sync": "full", "speed": speed})
+        elif kind == "mirror":
+            await c.execute("drive-mirror", {"job-id": "j", "device": "top", "sync": "full",
+                                             "target": str(d / "mirror.qcow2"), "format": "qcow2",
+                                             "speed": speed})
         else:
             await c.execute("block-stream", {"job-id": "j", "device": "top", "speed": speed})
         busy = await loop.run_in_executor(None, stress_ops, vubd_io, d / "e.sock", secs)
@@ -203,7 +207,7 @@ def main() -> None:
     ap.add_argument("--dir", default="/dev/shm")
     ap.add_argument("--kinds", default="stream,commit,speed,backup,mirror,io",
                     help="comma-separated: stream, commit, speed, backup, mirror, io (stress I/O during a "
-                         "stream) or io-backup (during a backup)")
+                         "stream), io-backup (during a backup) or io-mirror (during a mirror)")
     a = ap.parse_args()
     kinds = set(a.kinds.split(","))
     size = a.size_mib * MIB
@@ -230,8 +234,9 @@ def main() -> None:
                 mbs = {k: size / v / MIB for k, v in med.items()}
                 print(f"| {kind}: MiB/s (median s) | {mbs['vubd']:.0f} ({med['vubd']:.2f} s) "
                       f"| {mbs['qsd']:.0f} ({med['qsd']:.2f} s) | {mbs['vubd'] / mbs['qsd']:.2f}x |")
-        io_kind = "backup" if "io-backup" in kinds else "stream"
-        if "io" not in kinds and "io-backup" not in kinds:
+        io_kind = ("backup" if "io-backup" in kinds
+                   else "mirror" if "io-mirror" in kinds else "stream")
+        if not kinds & {"io", "io-backup", "io-mirror"}:
             return
         print()
         print(f"| stress I/O on the export (ops/s), {io_kind} at {a.speed_mib} MiB/s | vubd | qsd "
