@@ -601,3 +601,32 @@ async def test_drive_backup_top_and_none_targets_have_backing_files(start_daemon
     assert read_disk(tgt, tmp) == bytes(expected_disk(LAYERS, SIZE))
     info = json.loads(qemu_img("info", "-U", "--output=json", none))
     assert info["backing-filename"] == str(imgs["top"])
+
+
+async def test_compressed_backup_to_qcow2(start_daemon, tmp):
+    """compress=true into a qcow2 target: every cluster written compressed (qemu-img
+    check counts them), the data equal to the source's."""
+    make_image(tmp / "n0.img", SIZE)
+    # Compressible data: a repeated pattern in every cluster, one cluster left zero.
+    data = bytearray((b"vubd-compress-" * 5000)[: 64 * KIB]) * (SIZE // (64 * KIB))
+    data[64 * KIB: 128 * KIB] = bytes(64 * KIB)
+    write_raw(tmp / "n0.img", bytes(data))
+    qemu_img("create", "-q", "-f", "qcow2", tmp / "t0.qcow2", SIZE)
+    d = start_daemon([
+        "--blockdev", f"file,node-name=n0,filename={tmp / 'n0.img'}",
+        "--blockdev", f"file,node-name=t0-file,filename={tmp / 't0.qcow2'}",
+        "--blockdev", "qcow2,node-name=t0,file=t0-file",
+    ])
+    async with d.qmp() as c:
+        ev = JobEvents(c)
+        await execute(c, "blockdev-backup", {"job-id": "b", "device": "n0", "target": "t0",
+                                             "sync": "full", "compress": True})
+        await ev.until("b", "null")
+        assert "error" not in ev.data["BLOCK_JOB_COMPLETED"], ev.data
+    d.expect_exit = True
+    assert d.stop() is None
+    check = json.loads(qemu_img("check", "--output=json", tmp / "t0.qcow2"))
+    assert check.get("corruptions", 0) == 0 and check.get("leaks", 0) == 0, check
+    frag = check.get("compressed-clusters", 0)
+    assert frag >= SIZE // (64 * KIB) - 1, check
+    compare(tmp / "n0.img", tmp / "t0.qcow2")

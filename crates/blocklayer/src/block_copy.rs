@@ -126,6 +126,8 @@ pub struct BlockCopy {
     skip_unallocated: AtomicBool,
     /// Bytes copied so far, by anyone (the job's progress counts them all).
     copied: AtomicU64,
+    /// Copies are written compressed, a cluster at a time (backup's `compress`).
+    compress: AtomicBool,
 }
 
 impl std::fmt::Debug for BlockCopy {
@@ -158,7 +160,13 @@ impl BlockCopy {
             }),
             skip_unallocated: AtomicBool::new(false),
             copied: AtomicU64::new(0),
+            compress: AtomicBool::new(false),
         }
+    }
+
+    /// Writes every copy compressed from now on (the target must support it).
+    pub fn set_compress(&self, on: bool) {
+        self.compress.store(on, Ordering::Release);
     }
 
     /// The cluster size a copy to `target` uses (QEMU's
@@ -361,7 +369,21 @@ impl BlockCopy {
             }
         };
         src.read(at, iov.clone()).await.map_err(read_err)?;
-        let w = if iov.is_zero() {
+        let w = if self.compress.load(Ordering::Acquire) {
+            // One cluster at a time, each compressed on its own (QEMU's
+            // COPY_WRITE_COMPRESSED method).
+            let mut data = vec![0u8; n as usize];
+            iov.copy_to_slice(0, &mut data);
+            let mut r = Ok(());
+            for (i, piece) in data.chunks(self.cluster as usize).enumerate() {
+                let off = at + i as u64 * self.cluster;
+                r = dst.write_compressed(off, piece.to_vec()).await;
+                if r.is_err() {
+                    break;
+                }
+            }
+            r
+        } else if iov.is_zero() {
             dst.write_zeroes(at, n, true, false).await
         } else {
             dst.write(at, iov, false).await

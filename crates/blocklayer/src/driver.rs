@@ -249,6 +249,23 @@ pub trait Driver: Send + Sync {
 
     fn write<'a>(&'a self, offset: u64, iov: IoVec, fua: bool) -> LocalBoxFuture<'a, Result<()>>;
 
+    /// Writes one whole cluster compressed (`offset` cluster aligned, `data` a
+    /// cluster long, shorter only at the end of the disk), for backups with
+    /// `compress=true` (QEMU's BDRV_REQ_WRITE_COMPRESSED). `None`: the driver
+    /// cannot.
+    fn write_compressed<'a>(
+        &'a self,
+        _offset: u64,
+        _data: Vec<u8>,
+    ) -> Option<LocalBoxFuture<'a, Result<()>>> {
+        None
+    }
+
+    /// Whether [`Driver::write_compressed`] works.
+    fn supports_compressed_writes(&self) -> bool {
+        false
+    }
+
     fn flush(&self) -> LocalBoxFuture<'_, Result<()>>;
 
     /// Deallocates a range; reads may return anything afterwards (zeroes for files).

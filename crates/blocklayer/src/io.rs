@@ -117,6 +117,30 @@ impl Node {
         self.write_entered(offset, iov, fua).await
     }
 
+    /// Writes a cluster compressed (see [`crate::driver::Driver::write_compressed`]),
+    /// accounted and marked like a write.
+    pub async fn write_compressed(&self, offset: u64, data: Vec<u8>) -> Result<()> {
+        let _g = InFlight::enter(self);
+        let len = data.len() as u64;
+        let acct = IoStats::start(IoKind::Write, len);
+        let r = match self
+            .check_writable()
+            .and_then(|()| self.check_range(offset, len))
+        {
+            Err(e) => Err(e),
+            Ok(()) => match self.driver().write_compressed(offset, data) {
+                Some(f) => f.await,
+                None => Err(BlockError::io(
+                    "write_compressed",
+                    std::io::Error::from_raw_os_error(libc::ENOTSUP),
+                )),
+            },
+        };
+        self.account(acct, &r, offset.saturating_add(len));
+        self.written(&r, offset, len);
+        r
+    }
+
     /// [`Node::write`] of a request already counted in flight.
     pub(crate) async fn write_entered(&self, offset: u64, iov: IoVec, fua: bool) -> Result<()> {
         let _t = self.track_write(offset, iov.len()).await;

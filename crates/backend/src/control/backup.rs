@@ -243,9 +243,9 @@ impl Control {
         if Arc::ptr_eq(&source, &target) {
             return Err(QmpError::generic("Source and target cannot be the same"));
         }
-        if a.compress {
-            // No driver of vubd writes compressed clusters; QEMU names the target's
-            // device, which a node of the storage daemon does not have.
+        if a.compress && !skip_filters(&target).driver().supports_compressed_writes() {
+            // QEMU names the target's device, which a node of the storage daemon
+            // does not have.
             return Err(QmpError::generic(
                 "Compression is not supported for this drive ",
             ));
@@ -294,6 +294,7 @@ impl Control {
             self.drop_job_filter(&cbw);
             return Err(QmpError::generic("copy-before-write has no copy state"));
         };
+        bcs.set_compress(a.compress);
         let cluster = bcs.cluster_size();
         if a.perf.max_chunk != 0 && (a.perf.max_chunk as u64) < cluster {
             self.drop_job_filter(&cbw);

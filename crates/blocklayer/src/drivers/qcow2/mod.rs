@@ -778,6 +778,23 @@ impl Driver for Qcow2Driver {
         Box::pin(async move { self.image.flush().await.map_err(|e| self.io_error(e)) })
     }
 
+    fn write_compressed<'a>(
+        &'a self,
+        offset: u64,
+        data: Vec<u8>,
+    ) -> Option<LocalBoxFuture<'a, Result<()>>> {
+        Some(Box::pin(async move {
+            self.image
+                .write_compressed(offset, &data)
+                .await
+                .map_err(|e| self.io_error(e))
+        }))
+    }
+
+    fn supports_compressed_writes(&self) -> bool {
+        true
+    }
+
     fn discard(&self, offset: u64, len: u64) -> LocalBoxFuture<'_, Result<()>> {
         Box::pin(self.discard_range(offset, len))
     }
