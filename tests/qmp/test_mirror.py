@@ -9,6 +9,7 @@ texts in QEMU's order. Data is read back through the export (vubd-io) and, once 
 daemon has quit, from the files (qemu-img compare, check). Every expectation is
 qemu-storage-daemon 7.2's (the tests pass with ``--daemon=qsd``)."""
 
+import asyncio
 import pytest
 
 from chains import (
@@ -182,7 +183,13 @@ async def test_mirror_cancel_while_running(start_daemon, tmp):
             "auto-dismiss": False,
         })
         assert await ev.until("m", "running") == ["created", "running"]
-        bj = await block_job(c, "m")
+        # The job counts what it has to copy once it runs (QEMU's mirror_dirty_init,
+        # in the job itself): len is 0 until then, in both daemons.
+        for _ in range(100):
+            bj = await block_job(c, "m")
+            if bj["len"]:
+                break
+            await asyncio.sleep(0.05)
         assert (bj["type"], bj["status"], bj["ready"], bj["speed"], bj["auto-dismiss"]) == (
             "mirror", "running", False, 64 * KIB, False), bj
         assert bj["len"] == SIZE and bj["offset"] < SIZE, bj
