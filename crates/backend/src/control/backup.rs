@@ -142,39 +142,10 @@ impl Control {
         size: u64,
         backing: Option<&Arc<Node>>,
     ) -> OpResult<()> {
-        let created = |e: blocklayer::BlockError| {
-            QmpError::generic(match e {
-                blocklayer::BlockError::Open { source, .. } => format!(
-                    "Could not create '{}': {}",
-                    path.display(),
-                    blocklayer::error::strerror(source.raw_os_error().unwrap_or(libc::EIO))
-                ),
-                e => e.to_string(),
-            })
-        };
         match format {
-            "raw" => create_file(path, size, FilePrealloc::Off).map_err(created),
-            "qcow2" => {
-                create_file(path, 0, FilePrealloc::Off).map_err(created)?;
-                let file = self
-                    .graph
-                    .add_implicit(
-                        &BlockdevOptions::from_json(
-                            &json!({"driver": "file", "filename": path.display().to_string()}),
-                        )
-                        .map_err(generic)?,
-                    )
-                    .map_err(generic)?;
-                let mut o = qcow::CreateOptions::new(size);
-                if let Some(b) = backing {
-                    o.backing_file = Some(b.driver().filename());
-                    o.backing_fmt = Some(b.driver_name().to_string());
-                }
-                let r = blocklayer::drivers::qcow2::create(file.clone(), None, o).map_err(generic);
-                drop(file);
-                self.graph.collect_unused();
-                r
-            }
+            "raw" => create_file(path, size, FilePrealloc::Off)
+                .map_err(|e| super::graph_ops::create_error(path, e)),
+            "qcow2" => self.create_qcow2(path, size, backing),
             f if BlockdevOptions::is_qemu_driver(f) => Err(QmpError::generic(format!(
                 "vubd creates backup targets in the qcow2 and raw formats only, not '{f}'"
             ))),
