@@ -294,17 +294,18 @@ fn read_during_ram_passes(name: &str, rules: Option<Rules>) -> ReadCheck {
     check
 }
 
-/// Pages the device wrote while RAM passes ran reach the destination: the backend logs
-/// them (VHOST_F_LOG_ALL with LOG_SHMFD) and QEMU sends them again.
-#[test]
-fn migration_carries_pages_the_backend_wrote() {
+/// Runs [`read_during_ram_passes`], once more if the destination's guest died.
+///
+/// In about one run in four, with qemu-storage-daemon (2 of 6 here) as with vubd (5 of
+/// 20), the destination's guest died soon after this migration when it had two vCPUs: a
+/// kernel oops in the slab allocator or in virtblk_done, or a request that never
+/// completed. QEMU 7.2 under multi-threaded TCG loses guest pages here now and then,
+/// whichever backend logs; with one vCPU it is rare, but the source QEMU was still seen
+/// to die once mid-migration. Such a run is tried once more; wrong data in the page
+/// cache is never retried.
+fn read_during_ram_passes_retried(name: &str, rules: Option<Rules>) -> ReadCheck {
     let (daemon_name, _) = daemon_bin();
-    // In about one run in four, with qemu-storage-daemon (2 of 6 here) as with vubd
-    // (5 of 20), the destination's guest dies soon after this migration: a kernel oops
-    // in the slab allocator or in virtblk_done, or a request that never completes.
-    // QEMU 7.2 under TCG loses guest pages here now and then, whichever backend logs.
-    // Such a run is tried once more; wrong data in the page cache is never retried.
-    let r = match std::panic::catch_unwind(|| read_during_ram_passes("migrate-read", None)) {
+    match std::panic::catch_unwind(|| read_during_ram_passes(name, rules)) {
         Ok(r) => r,
         Err(e) => {
             let why = e
@@ -313,25 +314,34 @@ fn migration_carries_pages_the_backend_wrote() {
                 .or_else(|| e.downcast_ref::<&str>().copied())
                 .unwrap_or("?")
                 .to_string();
-            let guest_died = [
+            let qemu_died = [
                 "QEMU exited",
                 "no answer from the guest",
                 "Input/output error",
                 "cannot write to the guest's serial console",
+                "Broken pipe",
             ]
             .iter()
             .any(|m| why.contains(m));
-            if !guest_died {
+            if !qemu_died {
                 std::panic::resume_unwind(e);
             }
             eprintln!(
-                "{daemon_name}: the destination's guest died after the migration ({}); \
+                "{daemon_name}: QEMU or its guest died during or after the migration ({}); \
                  once more",
                 why.lines().next().unwrap_or_default()
             );
-            read_during_ram_passes("migrate-read-2", None)
+            read_during_ram_passes(&format!("{name}-2"), rules)
         }
-    };
+    }
+}
+
+/// Pages the device wrote while RAM passes ran reach the destination: the backend logs
+/// them (VHOST_F_LOG_ALL with LOG_SHMFD) and QEMU sends them again.
+#[test]
+fn migration_carries_pages_the_backend_wrote() {
+    let (daemon_name, _) = daemon_bin();
+    let r = read_during_ram_passes_retried("migrate-read", None);
     assert_eq!(
         r.direct, r.expected,
         "{daemon_name}: the disk itself does not hold the data written by the host"
@@ -349,7 +359,7 @@ fn migration_carries_pages_the_backend_wrote() {
 #[test]
 fn migration_without_dirty_logging_loses_pages_the_backend_wrote() {
     let (daemon_name, _) = daemon_bin();
-    let r = read_during_ram_passes(
+    let r = read_during_ram_passes_retried(
         "migrate-read-nolog",
         Some(Rules {
             withhold_log: true,
