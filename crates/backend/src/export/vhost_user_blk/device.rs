@@ -329,12 +329,12 @@ impl BlkDevice {
     }
 
     /// Pops up to [`POP_BATCH`] available chains of one vring and spawns their
-    /// requests.
+    /// requests. `memory` gives the current memory table.
     fn pop_requests(
         &self,
         vring: &Vring,
         queue: usize,
-        mem: &Arc<Memory>,
+        memory: &dyn Fn() -> Arc<Memory>,
         lim: &DeviceLimits,
         ctx: &Rc<SetCtx>,
     ) -> usize {
@@ -349,7 +349,8 @@ impl BlkDevice {
         let q = state.get_queue_mut();
         // The driver may make at most a ring's worth of chains available beyond those
         // taken; anything else is a broken (or hostile) driver (virtio 1.2, 2.7.6).
-        let avail = match q.avail_idx(mem.as_ref(), Ordering::Acquire) {
+        // Any table holds the ring itself (a live ring's memory stays mapped).
+        let avail = match q.avail_idx(memory().as_ref(), Ordering::Acquire) {
             Ok(i) => i,
             Err(e) => {
                 drop(state);
@@ -376,6 +377,12 @@ impl BlkDevice {
             );
             return 0;
         }
+        // The chains up to `avail` may use a region the frontend added just before it
+        // made them available: it waits for our reply to ADD_MEM_REG or SET_MEM_TABLE,
+        // which comes after the new table is published. So the table is loaded after
+        // the index was read: one loaded before (at the start of the pass, while the
+        // message was being handled) could lack that region and fail the request.
+        let mem = &memory();
         let max_descs = request::max_chain_descriptors(lim);
         let inflight = self.inflight();
         let track = inflight.as_ref().and_then(|r| r.queue(queue));
@@ -973,8 +980,9 @@ impl Source for RingSet {
 
     fn poll(&self) -> usize {
         let dev = &self.device;
-        // Load the memory table on every pass: the frontend may add regions
-        // (VHOST_USER_ADD_MEM_REG) at any time, and new requests may use them.
+        // The memory table is looked at on every pass (in `pop_requests`, after each
+        // ring's index): the frontend may add regions (VHOST_USER_ADD_MEM_REG) at any
+        // time, and new requests may use them.
         let _gate = PopGate::enter(&dev.shared, self.slot);
         if !dev.accepting() {
             return 0;
@@ -987,10 +995,10 @@ impl Source for RingSet {
                 l
             }
         };
-        let mem = &self.memory();
+        let memory = || self.memory();
         let mut popped = 0;
         for (v, &q) in self.vrings.iter().zip(&self.queues) {
-            popped += dev.pop_requests(v, q, mem, &lim, &self.ctx);
+            popped += dev.pop_requests(v, q, &memory, &lim, &self.ctx);
         }
         popped
     }
