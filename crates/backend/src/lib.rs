@@ -1,6 +1,7 @@
 //! vubd: a vhost-user-blk storage daemon. The binary's pieces live here so that tests
 //! and the `vubd` binary share them.
 
+pub mod allocator;
 pub mod cli;
 pub mod config;
 pub mod control;

@@ -5,6 +5,9 @@ use vubd::cli::{self, CliAction};
 use vubd::daemon::Daemon;
 use vubd::logging::{RateLimitedLogger, SITE_LINES_PER_SEC};
 
+#[global_allocator]
+static ALLOCATOR: vubd::allocator::Allocator = vubd::allocator::Allocator;
+
 /// Blocks the termination signals in this thread (and every thread it starts), so that
 /// the main thread can wait for them synchronously.
 fn block_signals() -> libc::sigset_t {

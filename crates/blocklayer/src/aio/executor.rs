@@ -206,6 +206,18 @@ pub fn spawn(fut: impl Future<Output = ()> + 'static) {
     spawn_boxed(Box::pin(fut));
 }
 
+/// Spawns the task `make` builds, built straight into its heap block: only the fields
+/// `make` sets are written, where `Box::pin(make())` builds the whole future (a request's
+/// is about 2 KiB) on the stack and copies all of it.
+#[inline(always)]
+pub fn spawn_with<F: Future<Output = ()> + 'static>(make: impl FnOnce() -> F) {
+    let mut block = Box::<F>::new_uninit();
+    block.write(make());
+    // SAFETY: `write` initialised the block.
+    let task = unsafe { block.assume_init() };
+    spawn_boxed(Box::into_pin(task));
+}
+
 /// Spawns a task already on the heap. Large futures are best built straight into
 /// their box by the caller (`spawn_boxed(Box::pin(f(args)))`): moving one into
 /// [`spawn`] copies all of it, whatever state it is in.

@@ -458,7 +458,7 @@ impl BlkDevice {
         ctx: &Rc<SetCtx>,
     ) {
         self.queues.in_flight[queue].fetch_add(1, Ordering::AcqRel);
-        executor::spawn_boxed(Box::pin(execute(ctx.clone(), mem.clone(), req, queue, gen)));
+        executor::spawn_with(|| execute(ctx.clone(), mem.clone(), req, queue, gen));
     }
 
     /// The inflight region, if the frontend gave one.
