@@ -44,6 +44,8 @@ pub struct Graph {
     /// The options each node was opened with (what `blockdev-reopen` compares with).
     pub(crate) options: HashMap<String, BlockdevOptions>,
     anon: u64,
+    /// The `throttle-group` objects, by id, that `throttle` nodes join.
+    pub throttle_groups: BTreeMap<String, Arc<crate::throttle::ThrottleGroup>>,
 }
 
 impl Graph {
