@@ -29,6 +29,7 @@ pub use backup::{BackupArgs, BackupPerf, DriveTarget};
 pub mod graph_ops;
 pub mod jobs;
 pub mod mirror;
+mod qom;
 mod snapshot;
 pub mod transaction;
 
