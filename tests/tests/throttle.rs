@@ -204,3 +204,38 @@ fn reads_and_flushes_complete_while_a_write_storm_is_throttled() {
         "{writes} writes and {reads} reads in {tw:?} exceed 100 IOPS"
     );
 }
+
+#[test]
+fn a_drained_section_lets_queued_requests_go() {
+    // At 1 IOPS, 48 queued reads would hold a drain for longer than the control
+    // plane waits (30 s); QEMU lifts the limits of a drained throttle node.
+    let dir = TempDir::new("throttle");
+    let a = image(&dir, "a.img");
+    let (sa, mon) = (dir.join("a.sock"), dir.join("qmp.sock"));
+    let args = DaemonArgs::new()
+        .monitor(&mon)
+        .iothread("io0")
+        .object("throttle-group,id=tg0,x-iops-total=1");
+    let _daemon = Daemon::start(&export(args, "ta", &a, &sa, "io0").build());
+    let mut qmp = Qmp::connect(&mon);
+    let mut c = Client::connect(&sa, 1);
+    let q = c.q();
+    q.set_timeout(Duration::from_secs(120));
+    let n = 48;
+    let reqs: Vec<Req> = (0..n)
+        .map(|i| Req::Read {
+            offset: (i * BLOCK) as u64,
+            buf: 0..BLOCK,
+        })
+        .collect();
+    std::thread::scope(|s| {
+        let batch = s.spawn(move || q.submit(&reqs));
+        std::thread::sleep(Duration::from_millis(500));
+        // block_resize drains the throttle node (and fails if the reads stay queued).
+        qmp.ok(
+            "block_resize",
+            json!({"node-name": "ta", "size": SIZE + MIB}),
+        );
+        assert!(batch.join().expect("reads").iter().all(|r| *r == 0));
+    });
+}

@@ -308,6 +308,7 @@ impl Graph {
         }
         for n in &set {
             n.quiesce_begin();
+            n.driver().drain_begin();
         }
         let drained = Drained { nodes: set };
         let deadline = Instant::now() + timeout;
@@ -644,6 +645,7 @@ pub struct Drained {
 impl Drop for Drained {
     fn drop(&mut self) {
         for n in &self.nodes {
+            n.driver().drain_end();
             n.quiesce_end();
         }
     }

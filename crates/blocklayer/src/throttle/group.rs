@@ -179,6 +179,7 @@ impl ThrottleGroup {
         let m = Arc::new(Member {
             group: self.clone(),
             queues: [Queue::default(), Queue::default()],
+            bypass: AtomicUsize::new(0),
         });
         let mut members = self.members.lock().unwrap_or_else(|p| p.into_inner());
         members.retain(|w| w.strong_count() > 0);
@@ -328,11 +329,30 @@ impl Drop for InQueue<'_> {
 pub struct Member {
     group: Arc<ThrottleGroup>,
     queues: [Queue; 2],
+    /// Drained sections open on the node: its requests go unthrottled meanwhile.
+    bypass: AtomicUsize,
 }
 
 impl Member {
     pub fn group(&self) -> &Arc<ThrottleGroup> {
         &self.group
+    }
+
+    /// Lets every request through, those waiting included, until
+    /// [`Member::bypass_end`].
+    pub fn bypass_begin(&self) {
+        self.bypass.fetch_add(1, Ordering::AcqRel);
+        self.kick_heads();
+    }
+
+    pub fn bypass_end(&self) {
+        let _ = self
+            .bypass
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| b.checked_sub(1));
+    }
+
+    fn bypassed(&self) -> bool {
+        !self.group.enabled.load(Ordering::Acquire) || self.bypass.load(Ordering::Acquire) > 0
     }
 
     fn kick_heads(&self) {
@@ -346,7 +366,7 @@ impl Member {
     /// Waits until a request of `bytes` in direction `dir` may go by the group's
     /// limits, and charges it (QEMU's `throttle_group_co_io_limits_intercept`).
     pub async fn intercept(&self, dir: Direction, bytes: u64) {
-        if !self.group.enabled.load(Ordering::Acquire) {
+        if self.bypassed() {
             return;
         }
         let queue = &self.queues[dir as usize];
@@ -368,7 +388,7 @@ impl Member {
             Kicked(&slot).await;
         }
         loop {
-            if !self.group.enabled.load(Ordering::Acquire) {
+            if self.bypassed() {
                 return;
             }
             match self.group.try_admit(dir, bytes) {

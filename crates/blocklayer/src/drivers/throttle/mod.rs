@@ -2,7 +2,8 @@
 //! once the node's throttle group lets them (see [`crate::throttle::group`]).
 //! Reads count as reads; writes, write-zeroes and discards as writes, by their
 //! length. Flushes are not throttled, as in QEMU, so a guest's flush never waits
-//! behind a storm of writes.
+//! behind a storm of writes. A drained section lifts the limits of the node (the
+//! requests queued go at once), so that draining never waits for the budget.
 
 use crate::aio::iovec::IoVec;
 use crate::aio::LocalBoxFuture;
@@ -53,6 +54,15 @@ impl Driver for ThrottleDriver {
 
     fn children(&self) -> Vec<Arc<Edge>> {
         vec![self.file.clone()]
+    }
+
+    /// QEMU's `throttle_co_drain_begin`: no limits while drained.
+    fn drain_begin(&self) {
+        self.member.bypass_begin();
+    }
+
+    fn drain_end(&self) {
+        self.member.bypass_end();
     }
 
     fn supports_fua(&self) -> bool {
