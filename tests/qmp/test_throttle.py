@@ -193,3 +193,21 @@ async def test_export_over_a_throttle_node(start_daemon, tmp):
         v = await execute(c, "qom-get", {"path": "tg0", "property": "limits"})
         assert v == limits()
     io_ok("verify", "--socket", sock, "--offset", 0, "--len", 4 * MIB, "--seed", 7)
+
+
+async def test_reopen_moves_a_throttle_node_to_another_group(daemon):
+    async with daemon.qmp() as c:
+        await execute(c, "blockdev-add", {"driver": "null-co", "node-name": "z", "size": 8 * MIB})
+        for i in ("tg0", "tg1"):
+            await execute(c, "object-add", {"qom-type": TG, "id": i})
+        t0 = {"driver": "throttle", "node-name": "t0", "file": "z"}
+        await execute(c, "blockdev-add", {**t0, "throttle-group": "tg0"})
+        await execute(c, "blockdev-reopen", {"options": [{**t0, "throttle-group": "tg1"}]})
+        # The node left tg0 and holds tg1.
+        assert await execute(c, "object-del", {"id": "tg0"}) == {}
+        await error(c, "object-del", {"id": "tg1"}, desc="object 'tg1' is in use, can not be deleted")
+        await error(c, "blockdev-reopen", {"options": [{**t0, "throttle-group": "tg0"}]},
+                    desc="Throttle group 'tg0' does not exist")
+        await error(c, "blockdev-reopen", {"options": [t0]},
+                    desc="Parameter 'options[0].throttle-group' is missing")
+        await error(c, "object-del", {"id": "tg1"}, desc="object 'tg1' is in use, can not be deleted")

@@ -24,7 +24,7 @@ pub(crate) const ENTRY: super::DriverEntry = super::DriverEntry {
     kind: super::Kind::Filter,
     parse: options::parse,
     create: None,
-    reopen_mutable: &[],
+    reopen_mutable: &["throttle-group"],
 };
 
 pub struct ThrottleDriver {
