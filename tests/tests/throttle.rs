@@ -253,3 +253,38 @@ fn a_drained_section_lets_queued_requests_go() {
         assert!(batch.join().expect("reads").iter().all(|r| *r == 0));
     });
 }
+
+#[test]
+fn invalid_limits_on_the_command_line_are_a_config_error() {
+    let dir = TempDir::new("throttle");
+    let a = image(&dir, "a.img");
+    let sa = dir.join("a.sock");
+    for (group, text) in [
+        (
+            "throttle-group,id=tg0,x-iops-size=4096",
+            "iops size requires an iops value to be set",
+        ),
+        (
+            "throttle-group,id=tg0,x-iops-total=10,x-iops-read=5",
+            "bps/iops/max total values and read/write values cannot be used at the same time",
+        ),
+        ("throttle-group,id=tg0,x-iops-total=ten", "x-iops-total"),
+        (
+            "throttle-group,id=tg0,limits.iops-total=10,limits.iops-total-max=5",
+            "bps_max/iops_max cannot be lower than bps/iops",
+        ),
+    ] {
+        let args = DaemonArgs::new().iothread("io0").object(group);
+        let args = export(args, "ta", &a, &sa, "io0").build();
+        let out = vubd_tests::run_to_exit(&vubd_tests::vubd_bin(), &args, Duration::from_secs(10));
+        out.assert_config_error(&[text]);
+        assert!(!sa.exists(), "served despite a bad throttle group");
+    }
+    // The keyval form of `limits` works as well.
+    let args = DaemonArgs::new()
+        .iothread("io0")
+        .object("throttle-group,id=tg0,limits.iops-total=10,limits.iops-total-max=20");
+    let _daemon = Daemon::start(&export(args, "ta", &a, &sa, "io0").build());
+    let mut c = Client::connect(&sa, 1);
+    assert!(c.q().read(0, BLOCK).is_ok());
+}
