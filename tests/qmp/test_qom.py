@@ -163,3 +163,9 @@ async def test_qom_list_types_and_properties(daemon):
             ("type", "string"), ("thread-pool-min", "int"), ("thread-pool-max", "int"), ("aio-max-batch", "int")}
         await error(c, "qom-list-properties", {"typename": "nosuch"}, cls="DeviceNotFound",
                     desc="Class 'nosuch' not found")
+
+
+async def test_query_commands_lists_the_qom_commands(daemon):
+    async with daemon.qmp() as c:
+        names = {x["name"] for x in await execute(c, "query-commands")}
+        assert {"qom-list", "qom-get", "qom-set", "qom-list-types", "qom-list-properties"} <= names
