@@ -211,3 +211,39 @@ async def test_reopen_moves_a_throttle_node_to_another_group(daemon):
         await error(c, "blockdev-reopen", {"options": [t0]},
                     desc="Parameter 'options[0].throttle-group' is missing")
         await error(c, "object-del", {"id": "tg1"}, desc="object 'tg1' is in use, can not be deleted")
+
+
+async def test_insert_a_throttle_node_under_a_running_export(start_daemon, tmp):
+    """blockdev-reopen puts a throttle node between a format node and its file while
+    the export serves; data still round-trips, and the group is then in use."""
+    img = tmp / "i.img"
+    with open(img, "wb") as f:
+        f.truncate(16 * MIB)
+    sock = tmp / "i.sock"
+    d = start_daemon(
+        [
+            "--object", "throttle-group,id=tg0,x-bps-total=100000000",
+            "--blockdev", f"file,node-name=f0,filename={img}",
+            "--blockdev", "raw,node-name=r0,file=f0",
+            "--export", f"vhost-user-blk,id=e0,node-name=r0,addr.type=unix,addr.path={sock},writable=on",
+        ]
+    )
+    io_ok("write", "--socket", sock, "--offset", 0, "--len", MIB, "--seed", 3)
+    async with d.qmp() as c:
+        await execute(c, "blockdev-add", {"driver": "throttle", "node-name": "t0", "file": "f0",
+                                          "throttle-group": "tg0"})
+        await execute(c, "blockdev-reopen",
+                      {"options": [{"driver": "raw", "node-name": "r0", "file": "t0"}]})
+        nodes = {n["node-name"]: n for n in await execute(c, "query-named-block-nodes", {"flat": True})}
+        assert "t0" in nodes
+        io_ok("verify", "--socket", sock, "--offset", 0, "--len", MIB, "--seed", 3)
+        io_ok("write", "--socket", sock, "--offset", MIB, "--len", MIB, "--seed", 4)
+        io_ok("verify", "--socket", sock, "--offset", MIB, "--len", MIB, "--seed", 4)
+        await error(c, "object-del", {"id": "tg0"}, desc="object 'tg0' is in use, can not be deleted")
+        # And out again.
+        await execute(c, "blockdev-reopen",
+                      {"options": [{"driver": "raw", "node-name": "r0", "file": "f0"}]})
+        await execute(c, "blockdev-del", {"node-name": "t0"})
+        assert await execute(c, "object-del", {"id": "tg0"}) == {}
+        io_ok("verify", "--socket", sock, "--offset", 0, "--len", MIB, "--seed", 3)
+        io_ok("verify", "--socket", sock, "--offset", MIB, "--len", MIB, "--seed", 4)
