@@ -387,7 +387,8 @@ logical-block-size=512,serial=disk0";
             (
                 "--object memory-backend-ram,id=m",
                 "--object memory-backend-ram,id=m: Invalid parameter value for 'qom-type': \
-                 'memory-backend-ram' is not supported (vubd has 'iothread' objects only)",
+                 'memory-backend-ram' is not supported (vubd has 'iothread' and \
+                 'throttle-group' objects)",
             ),
             (
                 "--object iothread,id=io0,poll-max-ns=x",

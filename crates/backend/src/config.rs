@@ -4,6 +4,7 @@
 
 use blocklayer::options::coerce::{self, Fields};
 use blocklayer::options::{BlockdevOptions, OptionsError};
+use blocklayer::throttle::{self, ThrottleConfig};
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -45,10 +46,23 @@ pub struct IoThreadConfig {
     pub aio_max_batch: u64,
 }
 
-/// `--object ...`; only iothread objects exist so far.
+/// `--object throttle-group,id=tg0,x-iops-total=..` or `object-add` with `limits`
+/// (QEMU's `ThrottleGroupProperties`): the values as given, checked when the group
+/// is made ([`ThrottleGroupConfig::to_config`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ThrottleGroupConfig {
+    pub id: String,
+    /// The `x-*` properties given, by name.
+    pub legacy: Vec<(String, i64)>,
+    /// The members of `limits` given, by name.
+    pub limits: Vec<(String, i64)>,
+}
+
+/// `--object ...`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ObjectConfig {
     IoThread(IoThreadConfig),
+    ThrottleGroup(ThrottleGroupConfig),
 }
 
 /// `--export type=vhost-user-blk,...` (QEMU's BlockExportOptions + vhost-user-blk part).
@@ -332,6 +346,44 @@ impl IoThreadConfig {
     }
 }
 
+impl ThrottleGroupConfig {
+    fn take_from(f: &mut Fields) -> OptionsResult<Self> {
+        let id = take_id(f)?;
+        let mut legacy = Vec::new();
+        for name in throttle::config::limit_names() {
+            let key = format!("x-{name}");
+            if let Some(v) = f.int(&key)? {
+                legacy.push((key, v));
+            }
+        }
+        let mut limits = Vec::new();
+        if let Some(mut l) = f.object("limits")? {
+            for name in throttle::config::limit_names() {
+                if let Some(v) = l.int(name)? {
+                    limits.push((name.to_string(), v));
+                }
+            }
+            l.finish()?;
+        }
+        Ok(ThrottleGroupConfig { id, legacy, limits })
+    }
+
+    /// The group's limits: the `x-*` properties, then `limits` over them, checked as
+    /// QEMU checks them (its texts).
+    pub fn to_config(&self) -> std::result::Result<ThrottleConfig, String> {
+        let mut c = ThrottleConfig::default();
+        for (name, v) in &self.legacy {
+            c.set_legacy(name, *v)?;
+        }
+        if self.limits.is_empty() {
+            c.validate()?;
+        } else {
+            c.apply_limits(&self.limits)?;
+        }
+        Ok(c)
+    }
+}
+
 impl ObjectConfig {
     /// Parses `--object` options (QEMU's `object-add` arguments, `qom-type` and `id`
     /// included).
@@ -348,10 +400,16 @@ impl ObjectConfig {
         let qom_type = f.required_string("qom-type")?;
         let object = match qom_type.as_str() {
             "iothread" => ObjectConfig::IoThread(IoThreadConfig::take_from(&mut f)?),
+            "throttle-group" => {
+                ObjectConfig::ThrottleGroup(ThrottleGroupConfig::take_from(&mut f)?)
+            }
             other if QEMU_OBJECT_TYPES.contains(&other) => {
                 return Err(bad_value(
                     "qom-type",
-                    format!("'{other}' is not supported (vubd has 'iothread' objects only)"),
+                    format!(
+                        "'{other}' is not supported (vubd has 'iothread' and 'throttle-group' \
+                         objects)"
+                    ),
                 ))
             }
             other => {
@@ -368,6 +426,7 @@ impl ObjectConfig {
     pub fn id(&self) -> &str {
         match self {
             ObjectConfig::IoThread(iothread) => &iothread.id,
+            ObjectConfig::ThrottleGroup(group) => &group.id,
         }
     }
 }

@@ -81,6 +81,14 @@ pub trait Driver: Send + Sync {
         false
     }
 
+    /// A drained section begins on the node (QEMU's `bdrv_co_drain_begin`): a driver
+    /// that holds requests back on its own (the throttle filter) lets them go, so
+    /// that the section can wait for them.
+    fn drain_begin(&self) {}
+
+    /// The drained section [`Driver::drain_begin`] announced ends.
+    fn drain_end(&self) {}
+
     /// Drops the image locks the driver holds on its file (before the image is
     /// reopened with other permissions by a new node of this process).
     fn release_locks(&self) {}

@@ -44,6 +44,8 @@ pub struct Graph {
     /// The options each node was opened with (what `blockdev-reopen` compares with).
     pub(crate) options: HashMap<String, BlockdevOptions>,
     anon: u64,
+    /// The `throttle-group` objects, by id, that `throttle` nodes join.
+    pub throttle_groups: BTreeMap<String, Arc<crate::throttle::ThrottleGroup>>,
 }
 
 impl Graph {
@@ -306,6 +308,7 @@ impl Graph {
         }
         for n in &set {
             n.quiesce_begin();
+            n.driver().drain_begin();
         }
         let drained = Drained { nodes: set };
         let deadline = Instant::now() + timeout;
@@ -642,6 +645,7 @@ pub struct Drained {
 impl Drop for Drained {
     fn drop(&mut self) {
         for n in &self.nodes {
+            n.driver().drain_end();
             n.quiesce_end();
         }
     }

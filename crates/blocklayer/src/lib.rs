@@ -10,6 +10,7 @@
 //! - [`bitmap`], [`named_bitmap`]: dirty bitmaps, the named ones the monitor manages
 //! - [`periodic`]: the housekeeping thread for periodic driver tasks
 //! - [`snapshot`]: internal snapshots as drivers report them
+//! - [`throttle`]: throttle groups (limits, leaky buckets) for the `throttle` filter
 
 pub mod aio;
 pub mod backend;
@@ -34,6 +35,7 @@ pub mod persistent_bitmaps;
 pub mod reopen;
 pub mod snapshot;
 pub mod stats;
+pub mod throttle;
 
 pub use error::{BlockError, Result};
 pub use graph::Graph;

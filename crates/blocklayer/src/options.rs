@@ -361,6 +361,15 @@ pub mod coerce {
         }
     }
 
+    /// A signed integer (QAPI `int`): a JSON number or a decimal string.
+    pub fn to_int(name: &str, v: &Value) -> Result<i64> {
+        match v {
+            Value::Number(n) => n.as_i64().ok_or_else(|| invalid(name, "an integer")),
+            Value::String(s) => s.parse().map_err(|_| invalid(name, "an integer")),
+            _ => Err(invalid(name, "an integer")),
+        }
+    }
+
     /// A size in bytes: a JSON number or a string [`parse_size`] accepts.
     pub fn to_size(name: &str, v: &Value) -> Result<u64> {
         match v {
@@ -508,6 +517,10 @@ pub mod coerce {
 
         pub fn uint(&mut self, key: &str) -> Result<Option<u64>> {
             self.take_with(key, "integer", to_uint)
+        }
+
+        pub fn int(&mut self, key: &str) -> Result<Option<i64>> {
+            self.take_with(key, "integer", to_int)
         }
 
         pub fn size(&mut self, key: &str) -> Result<Option<u64>> {
@@ -1085,7 +1098,7 @@ mod tests {
                 json!({"driver": "nbd"}),
                 "Invalid parameter value for 'driver': driver 'nbd' is not supported by \
                  vubd yet (vubd has file, host_device, raw, null-co, null-aio, blkdebug, \
-                 qcow2, copy-on-read, copy-before-write and snapshot-access)",
+                 qcow2, copy-on-read, copy-before-write, snapshot-access and throttle)",
             ),
             (
                 json!({"driver": "null-co", "node-name": "0bad"}),

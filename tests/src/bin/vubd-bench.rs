@@ -21,7 +21,8 @@ use vubd_tests::{qsd_bin, vubd_bin, Client, ClientOptions, Daemon, DaemonArgs, Q
 
 const USAGE: &str = "usage: vubd-bench [--quick] [--runtime SECS] [--warmup SECS] [--reps N] \
 [--filter SUBSTR]... [--exports N] [--vubd PATH] [--qsd PATH] [--poll-max-ns N] \
-[--client block|poll] [--no-idle | --idle-only] [--idle-exports N] [--bitmap GRAN] [--dir DIR] [--list]
+[--client block|poll] [--no-idle | --idle-only] [--idle-exports N] [--bitmap GRAN] [--throttle PROPS] \
+[--dir DIR] [--list]
   --filter SUBSTR   run the cases whose name contains SUBSTR (repeatable: any of them);
                     names are BACKEND/WORKLOAD/CONFIG, e.g. null-co/randread-4k-qd32/2q/1iothread
                     or file/randwrite-4k-qd32/8 exports/2iothreads
@@ -31,6 +32,10 @@ const USAGE: &str = "usage: vubd-bench [--quick] [--runtime SECS] [--warmup SECS
   --idle-exports N  exports of the idle density table (default 200)
   --bitmap GRAN     an enabled dirty bitmap of granularity GRAN on every exported node
                     (block-dirty-bitmap-add over QMP before the run), in both daemons
+  --throttle PROPS  export every node through a throttle filter node whose group (one for
+                    all exports) has the properties PROPS (e.g. '' for no limits, or
+                    'x-iops-total=100000000,x-bps-total=100000000000000' for limits far
+                    above the load), in both daemons
   --list            print the names of the selected cases and exit";
 
 #[derive(Debug, Clone)]
@@ -51,6 +56,7 @@ struct Opts {
     quick: bool,
     list: bool,
     bitmap: Option<u64>,
+    throttle: Option<String>,
 }
 
 fn parse_args() -> Opts {
@@ -71,6 +77,7 @@ fn parse_args() -> Opts {
         quick: false,
         list: false,
         bitmap: None,
+        throttle: None,
     };
     let mut vubd = None;
     let mut runtime_set = false;
@@ -116,6 +123,7 @@ fn parse_args() -> Opts {
             }
             "--exports" => o.exports = need(&args.next(), &a).parse().expect("--exports N"),
             "--dir" => o.dir = PathBuf::from(need(&args.next(), &a)),
+            "--throttle" => o.throttle = Some(need(&args.next(), &a)),
             "--bitmap" => o.bitmap = Some(need(&args.next(), &a).parse().expect("--bitmap GRAN")),
             "-h" | "--help" => {
                 println!("{USAGE}");
@@ -425,6 +433,14 @@ fn daemon_args(
     for i in 0..nthreads {
         a = a.object(&format!("iothread,id=io{i}{poll}"));
     }
+    if let Some(props) = &o.throttle {
+        let props = if props.is_empty() {
+            String::new()
+        } else {
+            format!(",{props}")
+        };
+        a = a.object(&format!("throttle-group,id=tg0{props}"));
+    }
     for (e, sock) in socks.iter().enumerate() {
         let node = format!("disk{e}");
         a = match backend {
@@ -450,6 +466,14 @@ fn daemon_args(
                 .collect()
         } else {
             format!(",iothread=io{}", e % nthreads)
+        };
+        let node = if o.throttle.is_some() {
+            a = a.blockdev(&format!(
+                "driver=throttle,node-name={node}-t,file={node},throttle-group=tg0"
+            ));
+            format!("{node}-t")
+        } else {
+            node
         };
         a = a.vhost_user_blk(
             &node,
@@ -1154,6 +1178,9 @@ fn main() {
     );
     if let Some(g) = o.bitmap {
         println!("\nEvery exported node has an enabled dirty bitmap of granularity {g}.");
+    }
+    if let Some(t) = &o.throttle {
+        println!("\nEvery export goes through a throttle node of one group with properties '{t}'.");
     }
     if !rows.is_empty() {
         print_io_table(&o, &rows);

@@ -29,6 +29,7 @@ pub use backup::{BackupArgs, BackupPerf, DriveTarget};
 pub mod graph_ops;
 pub mod jobs;
 pub mod mirror;
+mod qom;
 mod snapshot;
 pub mod transaction;
 
@@ -169,15 +170,34 @@ impl Control {
     pub fn add_object(&mut self, object: ObjectConfig) -> OpResult<()> {
         match object {
             ObjectConfig::IoThread(cfg) => self.add_iothread(cfg),
+            ObjectConfig::ThrottleGroup(cfg) => self.add_throttle_group(cfg),
         }
     }
 
+    /// Whether an object `id` exists (of any type: ids share QEMU's `/objects`).
+    fn object_exists(&self, id: &str) -> bool {
+        self.iothreads.contains_key(id) || self.graph.throttle_groups.contains_key(id)
+    }
+
+    fn duplicate_object(id: &str) -> QmpError {
+        QmpError::generic(format!(
+            "attempt to add duplicate property '{id}' to object (type 'container')"
+        ))
+    }
+
+    fn add_throttle_group(&mut self, cfg: crate::config::ThrottleGroupConfig) -> OpResult<()> {
+        if self.object_exists(&cfg.id) {
+            return Err(Self::duplicate_object(&cfg.id));
+        }
+        let config = cfg.to_config().map_err(QmpError::generic)?;
+        let group = blocklayer::throttle::ThrottleGroup::new(&cfg.id, config);
+        self.graph.throttle_groups.insert(cfg.id, group);
+        Ok(())
+    }
+
     fn add_iothread(&mut self, cfg: IoThreadConfig) -> OpResult<()> {
-        if self.iothreads.contains_key(&cfg.id) {
-            return Err(QmpError::generic(format!(
-                "attempt to add duplicate property '{}' to object (type 'container')",
-                cfg.id
-            )));
+        if self.object_exists(&cfg.id) {
+            return Err(Self::duplicate_object(&cfg.id));
         }
         let t = IoThread::new(cfg, true).map_err(generic)?;
         self.iothreads.insert(t.id.clone(), t);
@@ -196,6 +216,16 @@ impl Control {
     }
 
     pub fn del_object(&mut self, id: &str) -> OpResult<()> {
+        if let Some(g) = self.graph.throttle_groups.get(id) {
+            // Held by the registry and by every throttle node that joined it.
+            if std::sync::Arc::strong_count(g) > 1 {
+                return Err(QmpError::generic(format!(
+                    "object '{id}' is in use, can not be deleted"
+                )));
+            }
+            self.graph.throttle_groups.remove(id);
+            return Ok(());
+        }
         if !self.iothreads.contains_key(id) {
             return Err(QmpError::generic(format!("object '{id}' not found")));
         }

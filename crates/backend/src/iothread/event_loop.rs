@@ -183,6 +183,14 @@ impl EventLoop {
         rx.recv().ok()
     }
 
+    /// Replaces the loop's polling parameters (QEMU's `aio_context_set_poll_params`:
+    /// the adaptive window starts again from zero).
+    pub fn set_poll_params(&self, params: PollParams) -> bool {
+        self.post(move || {
+            with_local(|l| l.poll = PollState::new(params));
+        })
+    }
+
     /// Wakes the loop: each of its sources gets a [`WAKE_SUB`] event, then a pass runs.
     pub fn wake(&self) {
         self.woken.store(true, Ordering::Release);

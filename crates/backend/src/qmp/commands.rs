@@ -25,6 +25,11 @@ pub const COMMANDS: &[&str] = &[
     "object-add",
     "object-del",
     "x-blockdev-set-iothread",
+    "qom-list",
+    "qom-get",
+    "qom-set",
+    "qom-list-types",
+    "qom-list-properties",
     "block_resize",
     "blockdev-snapshot-internal-sync",
     "blockdev-snapshot-delete-internal-sync",
@@ -496,6 +501,7 @@ pub fn execute(ctl: &mut Control, name: &str, arguments: &Value) -> QmpResult {
         n if super::bitmap_commands::NAMES.contains(&n) => {
             super::bitmap_commands::execute(ctl, n, a)
         }
+        n if super::qom_commands::NAMES.contains(&n) => super::qom_commands::execute(ctl, n, a),
         "x-debug-query-block-graph" => {
             a.finish()?;
             Ok(ctl.query_block_graph())

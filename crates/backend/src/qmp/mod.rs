@@ -7,6 +7,7 @@
 //! - [`server`]: sockets, client threads, capabilities negotiation
 //! - [`outbox`]: each client's bounded output queue and its writer
 //! - [`commands`]: the command table; [`bitmap_commands`]: the dirty bitmap commands;
+//!   [`qom_commands`]: the QOM commands;
 //!   [`transaction`]: `transaction` and the snapshot commands that are one
 //! - [`events`]: event delivery
 
@@ -15,6 +16,7 @@ pub mod bitmap_commands;
 pub mod commands;
 pub mod events;
 pub mod outbox;
+pub mod qom_commands;
 pub mod server;
 pub mod splitter;
 pub mod transaction;

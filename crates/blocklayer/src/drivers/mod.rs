@@ -4,7 +4,7 @@
 //! a new folder and one row here.
 //!
 //! Protocols: `file`/`host_device`, `null-co`/`null-aio`; formats: `raw`, `qcow2`;
-//! filters: `blkdebug`, `copy-on-read`, `copy-before-write`; `snapshot-access`, which
+//! filters: `blkdebug`, `copy-on-read`, `copy-before-write`, `throttle`; `snapshot-access`, which
 //! reads the view a `copy-before-write` filter keeps. [`lock`] is QEMU's image locking of host
 //! files, which `file` and the image tools share.
 
@@ -19,6 +19,7 @@ pub mod null;
 pub mod qcow2;
 pub mod raw;
 pub mod snapshot_access;
+pub mod throttle;
 
 use crate::edge::{Edge, Role};
 use crate::error::{BlockError, Result};
@@ -78,6 +79,7 @@ pub static DRIVERS: &[DriverEntry] = &[
     copy_on_read::ENTRY,
     copy_before_write::ENTRY,
     snapshot_access::ENTRY,
+    throttle::ENTRY,
 ];
 
 /// The table row for the driver name `name`, and the name as the table spells it.
@@ -175,6 +177,11 @@ impl<'a> OpenCtx<'a> {
     /// Opens a drained section on `node` (see [`Graph::drain`]).
     pub fn drain(&self, node: &Arc<Node>, timeout: Duration) -> Result<Drained> {
         self.graph.drain(node, timeout)
+    }
+
+    /// The `throttle-group` object `id`, if it exists.
+    pub fn throttle_group(&self, id: &str) -> Option<Arc<crate::throttle::ThrottleGroup>> {
+        self.graph.throttle_groups.get(id).cloned()
     }
 
     /// Drops `child` again if `r` opened it inline (the node that wanted it failed to

@@ -1,0 +1,491 @@
+//! A throttle group's state on the request path: its leaky buckets as lock-free
+//! atomics shared by every member node on every iothread, and each member's queues
+//! of requests waiting for budget.
+//!
+//! A bucket is kept as the time at which it would be empty ("theoretical arrival
+//! time", `tat`), in nanoseconds since the group's epoch. The level QEMU keeps
+//! (units) is `(tat - now) / ns_per_unit`; leaking is implicit in time passing, so
+//! no request has to update a shared "last leak" timestamp. A request may go when
+//! every bucket of its direction is at most full (`tat - now <= capacity_ns`, QEMU's
+//! `throttle_compute_wait`), and then pushes each bucket's `tat` forward by its
+//! cost. The check and the charge are separate atomic steps: requests admitted at
+//! the same moment on several iothreads may each overshoot a full bucket by their
+//! own cost, as QEMU's check-then-account does for one request.
+//!
+//! A request that must wait joins its member node's queue for its direction (a
+//! short lock, taken only then). The queue's head sleeps on its own iothread's
+//! timer (an io_uring timeout) for the computed wait, checks again, and when it goes
+//! wakes the next in line. Reads and writes queue apart, so reads keep flowing while
+//! writes pile up, and the heads of both queues compete for the shared buckets as
+//! QEMU's two timers do.
+
+use super::config::{buckets_of, Direction, ThrottleConfig, BUCKETS};
+use crate::aio::clock;
+use crate::aio::uring::sleep_ns;
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll, Waker};
+use std::time::Instant;
+
+const NS_PER_SEC: f64 = 1e9;
+
+/// One leaky bucket: its limits, precomputed as times, and its state.
+#[derive(Default)]
+struct Bucket {
+    /// Nanoseconds one unit adds to the main bucket (f64 bits; 0: unlimited).
+    ns_per_unit: AtomicU64,
+    /// The main bucket's size, as the time it takes to drain.
+    capacity_ns: AtomicU64,
+    /// As `ns_per_unit` for the burst bucket, at the burst rate (0: none).
+    burst_ns_per_unit: AtomicU64,
+    burst_capacity_ns: AtomicU64,
+    tat: AtomicU64,
+    burst_tat: AtomicU64,
+}
+
+fn f(bits: &AtomicU64) -> f64 {
+    f64::from_bits(bits.load(Ordering::Relaxed))
+}
+
+impl Bucket {
+    /// Sets the limits from QEMU's `LeakyBucket` fields and empties the bucket
+    /// (QEMU's `throttle_config` zeroes the levels).
+    fn configure(&self, avg: u64, max: u64, burst_length: u64) {
+        let (npu, cap, bnpu, bcap) = if avg == 0 {
+            (0.0, 0, 0.0, 0)
+        } else {
+            let npu = NS_PER_SEC / avg as f64;
+            // Without a burst rate a tenth of a second of the average may pass at
+            // once; with one, `burst_length` seconds at the burst rate.
+            let size = if max == 0 {
+                avg as f64 / 10.0
+            } else {
+                max as f64 * burst_length as f64
+            };
+            let (bnpu, bcap) = if burst_length > 1 {
+                let bnpu = NS_PER_SEC / max as f64;
+                (bnpu, (max as f64 / 10.0 * bnpu) as u64)
+            } else {
+                (0.0, 0)
+            };
+            (npu, (size * npu).min(u64::MAX as f64) as u64, bnpu, bcap)
+        };
+        self.ns_per_unit.store(npu.to_bits(), Ordering::Relaxed);
+        self.capacity_ns.store(cap, Ordering::Relaxed);
+        self.burst_ns_per_unit
+            .store(bnpu.to_bits(), Ordering::Relaxed);
+        self.burst_capacity_ns.store(bcap, Ordering::Relaxed);
+        self.tat.store(0, Ordering::Relaxed);
+        self.burst_tat.store(0, Ordering::Relaxed);
+    }
+
+    /// How long a request must wait for this bucket (0: it may go).
+    fn wait_ns(&self, now: u64) -> u64 {
+        if f(&self.ns_per_unit) == 0.0 {
+            return 0;
+        }
+        let over = |tat: &AtomicU64, cap: &AtomicU64| {
+            tat.load(Ordering::Relaxed)
+                .saturating_sub(now)
+                .saturating_sub(cap.load(Ordering::Relaxed))
+        };
+        let w = over(&self.tat, &self.capacity_ns);
+        if w > 0 || f(&self.burst_ns_per_unit) == 0.0 {
+            return w;
+        }
+        over(&self.burst_tat, &self.burst_capacity_ns)
+    }
+
+    /// Charges `units` to the bucket.
+    fn charge(&self, now: u64, units: f64) {
+        let add = |tat: &AtomicU64, npu: f64| {
+            if npu == 0.0 {
+                return;
+            }
+            let cost = (units * npu) as u64;
+            let _ = tat.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                Some(t.max(now).saturating_add(cost))
+            });
+        };
+        add(&self.tat, f(&self.ns_per_unit));
+        add(&self.burst_tat, f(&self.burst_ns_per_unit));
+    }
+}
+
+/// A `throttle-group` object's shared state.
+pub struct ThrottleGroup {
+    name: String,
+    epoch: Instant,
+    /// Whether any limit is set: the one load an unlimited group costs a request.
+    enabled: AtomicBool,
+    op_size: AtomicU64,
+    buckets: [Bucket; BUCKETS],
+    /// The limits as set (read by the monitor, changed by `qom-set`).
+    config: Mutex<ThrottleConfig>,
+    /// The member nodes' queues, woken when the limits change.
+    members: Mutex<Vec<Weak<Member>>>,
+}
+
+impl ThrottleGroup {
+    /// A group with limits `config`, which the caller has validated.
+    pub fn new(name: &str, config: ThrottleConfig) -> Arc<Self> {
+        let g = ThrottleGroup {
+            name: name.to_string(),
+            epoch: Instant::now(),
+            enabled: AtomicBool::new(false),
+            op_size: AtomicU64::new(0),
+            buckets: Default::default(),
+            config: Mutex::new(config),
+            members: Mutex::new(Vec::new()),
+        };
+        g.install(&config);
+        Arc::new(g)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn config(&self) -> ThrottleConfig {
+        *self.config.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Replaces the limits (validated by the caller) with empty buckets, and wakes
+    /// the requests waiting in every member so that they go by the new limits at
+    /// once.
+    pub fn set_config(&self, config: ThrottleConfig) {
+        *self.config.lock().unwrap_or_else(|p| p.into_inner()) = config;
+        self.install(&config);
+        let members = self.members.lock().unwrap_or_else(|p| p.into_inner());
+        for m in members.iter().filter_map(Weak::upgrade) {
+            m.kick_heads();
+        }
+    }
+
+    fn install(&self, c: &ThrottleConfig) {
+        self.enabled.store(false, Ordering::Release);
+        for (b, cfg) in self.buckets.iter().zip(c.buckets.iter()) {
+            b.configure(cfg.avg, cfg.max, cfg.burst_length);
+        }
+        self.op_size.store(c.op_size, Ordering::Relaxed);
+        self.enabled.store(c.enabled(), Ordering::Release);
+    }
+
+    /// A new member (a throttle node) with queues of its own.
+    pub fn join(self: &Arc<Self>) -> Arc<Member> {
+        let m = Arc::new(Member {
+            group: self.clone(),
+            queues: [Queue::default(), Queue::default()],
+            bypass: AtomicUsize::new(0),
+        });
+        let mut members = self.members.lock().unwrap_or_else(|p| p.into_inner());
+        members.retain(|w| w.strong_count() > 0);
+        members.push(Arc::downgrade(&m));
+        m
+    }
+
+    /// The number of member nodes.
+    pub fn member_count(&self) -> usize {
+        let members = self.members.lock().unwrap_or_else(|p| p.into_inner());
+        members.iter().filter(|w| w.strong_count() > 0).count()
+    }
+
+    fn now_ns(&self) -> u64 {
+        clock::now()
+            .saturating_duration_since(self.epoch)
+            .as_nanos()
+            .min(u128::from(u64::MAX)) as u64
+    }
+
+    /// How long a request of `dir` must wait (QEMU's `throttle_compute_wait_for`).
+    fn wait_ns(&self, dir: Direction, now: u64) -> u64 {
+        buckets_of(dir)
+            .iter()
+            .map(|(b, _)| self.buckets[*b as usize].wait_ns(now))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Charges a request of `bytes` (QEMU's `throttle_account`: requests above
+    /// `iops-size` count as `bytes / iops-size` operations).
+    fn charge(&self, dir: Direction, bytes: u64, now: u64) {
+        let op_size = self.op_size.load(Ordering::Relaxed);
+        let ops = if op_size != 0 && bytes > op_size {
+            bytes as f64 / op_size as f64
+        } else {
+            1.0
+        };
+        for (b, is_ops) in buckets_of(dir) {
+            let units = if is_ops { ops } else { bytes as f64 };
+            self.buckets[b as usize].charge(now, units);
+        }
+    }
+
+    /// Charges the request if it may go now.
+    fn try_admit(&self, dir: Direction, bytes: u64) -> Result<(), u64> {
+        self.admit_at(dir, bytes, self.now_ns())
+    }
+
+    fn admit_at(&self, dir: Direction, bytes: u64, now: u64) -> Result<(), u64> {
+        match self.wait_ns(dir, now) {
+            0 => {
+                self.charge(dir, bytes, now);
+                Ok(())
+            }
+            w => Err(w),
+        }
+    }
+}
+
+/// A request waiting in a queue.
+#[derive(Default)]
+struct Slot {
+    kicked: AtomicBool,
+    waker: Mutex<Option<Waker>>,
+}
+
+impl Slot {
+    fn kick(&self) {
+        self.kicked.store(true, Ordering::Release);
+        if let Some(w) = self.waker.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            w.wake();
+        }
+    }
+}
+
+/// Completes when the slot is kicked (and clears the kick).
+struct Kicked<'a>(&'a Slot);
+
+impl Future for Kicked<'_> {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.0.kicked.swap(false, Ordering::AcqRel) {
+            return Poll::Ready(());
+        }
+        *self.0.waker.lock().unwrap_or_else(|p| p.into_inner()) = Some(cx.waker().clone());
+        if self.0.kicked.swap(false, Ordering::AcqRel) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
+/// The first of a timer and a kick.
+struct TimerOrKick<'a, T> {
+    timer: Pin<Box<T>>,
+    kick: Kicked<'a>,
+}
+
+impl<T: Future> Future for TimerOrKick<'_, T> {
+    type Output = ();
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.timer.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        Pin::new(&mut self.kick).poll(cx)
+    }
+}
+
+/// One direction's queue of a member.
+#[derive(Default)]
+struct Queue {
+    /// The queue's length, read without the lock by requests that might pass.
+    len: AtomicUsize,
+    slots: Mutex<VecDeque<Arc<Slot>>>,
+}
+
+impl Queue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Arc<Slot>>> {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Takes a slot out of its queue when the request leaves it (went, or was
+/// dropped), and wakes the next head.
+struct InQueue<'a> {
+    queue: &'a Queue,
+    slot: Arc<Slot>,
+}
+
+impl Drop for InQueue<'_> {
+    fn drop(&mut self) {
+        let mut q = self.queue.lock();
+        let was_head = q.front().is_some_and(|s| Arc::ptr_eq(s, &self.slot));
+        q.retain(|s| !Arc::ptr_eq(s, &self.slot));
+        self.queue.len.store(q.len(), Ordering::Release);
+        if was_head {
+            if let Some(next) = q.front() {
+                next.kick();
+            }
+        }
+    }
+}
+
+/// A throttle node's membership of its group: its read and write queues.
+pub struct Member {
+    group: Arc<ThrottleGroup>,
+    queues: [Queue; 2],
+    /// Drained sections open on the node: its requests go unthrottled meanwhile.
+    bypass: AtomicUsize,
+}
+
+impl Member {
+    pub fn group(&self) -> &Arc<ThrottleGroup> {
+        &self.group
+    }
+
+    /// Lets every request through, those waiting included, until
+    /// [`Member::bypass_end`].
+    pub fn bypass_begin(&self) {
+        self.bypass.fetch_add(1, Ordering::AcqRel);
+        self.kick_heads();
+    }
+
+    pub fn bypass_end(&self) {
+        let _ = self
+            .bypass
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| b.checked_sub(1));
+    }
+
+    fn bypassed(&self) -> bool {
+        !self.group.enabled.load(Ordering::Acquire) || self.bypass.load(Ordering::Acquire) > 0
+    }
+
+    fn kick_heads(&self) {
+        for q in &self.queues {
+            if let Some(head) = q.lock().front() {
+                head.kick();
+            }
+        }
+    }
+
+    /// Waits until a request of `bytes` in direction `dir` may go by the group's
+    /// limits, and charges it (QEMU's `throttle_group_co_io_limits_intercept`).
+    pub async fn intercept(&self, dir: Direction, bytes: u64) {
+        if self.bypassed() {
+            return;
+        }
+        let queue = &self.queues[dir as usize];
+        if queue.len.load(Ordering::Acquire) == 0 && self.group.try_admit(dir, bytes).is_ok() {
+            return;
+        }
+        let slot = Arc::new(Slot::default());
+        let head = {
+            let mut q = queue.lock();
+            q.push_back(slot.clone());
+            queue.len.store(q.len(), Ordering::Release);
+            q.len() == 1
+        };
+        let _in_queue = InQueue {
+            queue,
+            slot: slot.clone(),
+        };
+        if !head {
+            Kicked(&slot).await;
+        }
+        loop {
+            if self.bypassed() {
+                return;
+            }
+            match self.group.try_admit(dir, bytes) {
+                Ok(()) => return,
+                Err(wait) => {
+                    TimerOrKick {
+                        timer: Box::pin(sleep_ns(wait)),
+                        kick: Kicked(&slot),
+                    }
+                    .await
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::throttle::config::BucketType;
+
+    fn group(set: &[(BucketType, u64, u64, u64)], op_size: u64) -> Arc<ThrottleGroup> {
+        let mut c = ThrottleConfig::default();
+        for (b, avg, max, len) in set {
+            c.buckets[*b as usize].avg = *avg;
+            c.buckets[*b as usize].max = *max;
+            c.buckets[*b as usize].burst_length = *len;
+        }
+        c.op_size = op_size;
+        c.validate().unwrap();
+        ThrottleGroup::new("g", c)
+    }
+
+    /// Requests admitted at one instant before the first must wait, and that wait.
+    fn burst(g: &ThrottleGroup, dir: Direction, bytes: u64, now: u64) -> (u32, u64) {
+        let mut n = 0;
+        loop {
+            match g.admit_at(dir, bytes, now) {
+                Ok(()) => n += 1,
+                Err(w) => return (n, w),
+            }
+        }
+    }
+
+    #[test]
+    fn a_tenth_of_a_second_passes_at_once_then_the_average_rate() {
+        let g = group(&[(BucketType::OpsTotal, 100, 0, 1)], 0);
+        // The bucket holds 10 operations; QEMU lets a request go while the level is
+        // at most the bucket size, so the 11th still goes.
+        assert_eq!(burst(&g, Direction::Read, 4096, 0), (11, 10_000_000));
+        // 10 ms later one more operation has leaked out.
+        assert_eq!(
+            burst(&g, Direction::Write, 4096, 10_000_000),
+            (1, 10_000_000)
+        );
+    }
+
+    #[test]
+    fn bursts_at_the_burst_rate_for_the_burst_length() {
+        // 10 IOPS sustained, 100 IOPS for 2 s.
+        let g = group(&[(BucketType::OpsTotal, 10, 100, 2)], 0);
+        // The burst bucket holds a tenth of a second at 100 IOPS.
+        assert_eq!(burst(&g, Direction::Read, 512, 0), (11, 10_000_000));
+        let mut sent = 11;
+        let mut now = 0;
+        while now < 4_000_000_000 {
+            now += 10_000_000;
+            sent += burst(&g, Direction::Read, 512, now).0;
+            if now == 1_000_000_000 {
+                // A second in, the burst rate still holds.
+                assert!((105..=115).contains(&sent), "{sent}");
+            }
+        }
+        // The main bucket (200 operations) filled: after that 10 IOPS.
+        assert!((200..=260).contains(&sent), "{sent}");
+    }
+
+    #[test]
+    fn iops_size_counts_large_requests_as_several() {
+        let g = group(&[(BucketType::OpsRead, 100, 0, 1)], 4096);
+        // 64 KiB reads count 16 each: one fills the bucket of 10.
+        assert_eq!(burst(&g, Direction::Read, 65536, 0).0, 1);
+        // Writes are not limited.
+        assert_eq!(g.admit_at(Direction::Write, 65536, 0), Ok(()));
+    }
+
+    #[test]
+    fn new_limits_empty_the_buckets() {
+        let g = group(&[(BucketType::BpsWrite, 1 << 20, 0, 1)], 0);
+        assert!(g.admit_at(Direction::Write, 1 << 20, 0).is_ok());
+        assert!(g.admit_at(Direction::Write, 1, 0).is_err());
+        assert!(g.admit_at(Direction::Read, 1 << 30, 0).is_ok());
+        g.set_config(ThrottleConfig::default());
+        assert!(!g.enabled.load(Ordering::Relaxed));
+        let mut c = ThrottleConfig::default();
+        c.buckets[BucketType::BpsWrite as usize].avg = 1 << 20;
+        g.set_config(c);
+        assert!(g.admit_at(Direction::Write, 1, 0).is_ok());
+    }
+}

@@ -1,0 +1,291 @@
+//! The `throttle` filter through a real frontend (libblkio): a throttle group's IOPS
+//! limit holds for two exports on two iothreads that share it, a `qom-set` of new
+//! limits (IOPS, then bytes per second) applies to a running export at once, reads
+//! keep completing while a write storm is throttled, and a drained section lets
+//! queued requests go.
+//!
+//! Rates are counted over windows of a couple of seconds and checked with wide
+//! bounds that still fail when throttling does not happen (too many completions) or
+//! stalls (too few): the leaky bucket lets the average plus its burst (a tenth of a
+//! second's worth) through.
+
+use serde_json::json;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use vubd_tests::{Client, Daemon, DaemonArgs, IoQueue, Qmp, Req, TempDir, MIB};
+
+const SIZE: u64 = 64 * MIB;
+/// Requests in flight per queue.
+const DEPTH: usize = 8;
+const BLOCK: usize = 4096;
+
+/// Keeps `DEPTH` reads (or writes) of 4 KiB in flight on `q` for `window`; returns
+/// the requests completed and the time taken.
+fn run(q: &mut IoQueue, window: Duration, write: bool) -> (u64, Duration) {
+    run_bs(q, window, write, BLOCK)
+}
+
+/// [`run`] with requests of `bs` bytes.
+fn run_bs(q: &mut IoQueue, window: Duration, write: bool, bs: usize) -> (u64, Duration) {
+    let start = Instant::now();
+    let mut done = 0u64;
+    let mut off = 0u64;
+    while start.elapsed() < window {
+        let reqs: Vec<Req> = (0..DEPTH)
+            .map(|i| {
+                let offset = off % SIZE;
+                off += bs as u64;
+                let buf = i * bs..(i + 1) * bs;
+                if write {
+                    Req::Write {
+                        offset,
+                        buf,
+                        flags: blkio::ReqFlags::empty(),
+                    }
+                } else {
+                    Req::Read { offset, buf }
+                }
+            })
+            .collect();
+        for r in q.submit(&reqs) {
+            assert_eq!(r, 0, "request failed");
+        }
+        done += DEPTH as u64;
+    }
+    (done, start.elapsed())
+}
+
+/// Checks `done` requests in `t` against a limit of `iops`: at most 1.5 times the
+/// budget (the average over `t` plus the burst the bucket allows at once), and at
+/// least half the average.
+fn check_rate(what: &str, done: u64, t: Duration, iops: f64) {
+    let secs = t.as_secs_f64();
+    let budget = iops * secs + iops / 10.0 + 1.0;
+    eprintln!("{what}: {done} requests in {secs:.2} s (limit {iops} IOPS, budget {budget:.0})");
+    assert!(
+        (done as f64) <= 1.5 * budget + DEPTH as f64,
+        "{what}: {done} requests in {secs:.2} s exceed a limit of {iops} IOPS"
+    );
+    assert!(
+        (done as f64) >= 0.5 * iops * secs,
+        "{what}: only {done} requests in {secs:.2} s under a limit of {iops} IOPS"
+    );
+}
+
+fn image(dir: &TempDir, name: &str) -> String {
+    let p = dir.join(name);
+    let f = std::fs::File::create(&p).expect("create image");
+    f.set_len(SIZE).expect("size image");
+    p.to_str().expect("UTF-8 path").to_string()
+}
+
+fn export(args: DaemonArgs, node: &str, file: &str, sock: &Path, iothread: &str) -> DaemonArgs {
+    args.blockdev(&format!(
+        "driver=file,node-name={node}-file,filename={file},cache.direct=off"
+    ))
+    .blockdev(&format!(
+        "driver=throttle,node-name={node},file={node}-file,throttle-group=tg0"
+    ))
+    .vhost_user_blk(
+        node,
+        sock,
+        &format!(",writable=on,iothread={iothread},num-queues=2"),
+    )
+}
+
+#[test]
+fn a_group_shared_across_iothreads_holds_its_limit_and_takes_new_limits_live() {
+    let dir = TempDir::new("throttle");
+    let (a, b) = (image(&dir, "a.img"), image(&dir, "b.img"));
+    let (sa, sb, mon) = (dir.join("a.sock"), dir.join("b.sock"), dir.join("qmp.sock"));
+    let args = DaemonArgs::new()
+        .monitor(&mon)
+        .iothread("io0")
+        .iothread("io1")
+        .object("throttle-group,id=tg0,x-iops-total=200");
+    let args = export(args, "ta", &a, &sa, "io0");
+    let args = export(args, "tb", &b, &sb, "io1");
+    let _daemon = Daemon::start(&args.build());
+    let mut qmp = Qmp::connect(&mon);
+
+    // Two frontends on two iothreads share the group's 200 IOPS.
+    let window = Duration::from_secs(2);
+    let both = |window| {
+        std::thread::scope(|s| {
+            let h: Vec<_> = [&sa, &sb]
+                .into_iter()
+                .map(|sock| {
+                    s.spawn(move || {
+                        let mut c = Client::connect(sock, 1);
+                        run(c.q(), window, false)
+                    })
+                })
+                .collect();
+            let r: Vec<_> = h.into_iter().map(|h| h.join().expect("frontend")).collect();
+            (r[0].0 + r[1].0, r[0].1.max(r[1].1), r[0].0.min(r[1].0))
+        })
+    };
+    let (done, t, least) = both(window);
+    check_rate("two exports sharing 200 IOPS", done, t, 200.0);
+    assert!(least > 0, "one export was starved");
+
+    // New limits while a frontend runs: 500 IOPS (more than the old limit lets
+    // through: the lower bound fails if the change did not apply), then 50.
+    let mut c = Client::connect(&sa, 2);
+    let (q0, _) = c.queues_mut().split_at_mut(1);
+    let q0 = &mut q0[0];
+    run(q0, Duration::from_millis(300), false);
+    qmp.ok(
+        "qom-set",
+        json!({"path": "/objects/tg0", "property": "limits", "value": {"iops-total": 500}}),
+    );
+    let (done, t) = run(q0, window, false);
+    check_rate("after qom-set to 500 IOPS", done, t, 500.0);
+    qmp.ok(
+        "qom-set",
+        json!({"path": "tg0", "property": "limits", "value": {"iops-total": 50}}),
+    );
+    let (done, t) = run(q0, window, true);
+    check_rate("after qom-set to 50 IOPS", done, t, 50.0);
+    // 20 MB/s of 64 KiB reads, counted in requests: 305 per second.
+    qmp.ok(
+        "qom-set",
+        json!({"path": "tg0", "property": "limits",
+               "value": {"iops-total": 0, "bps-total": 20_000_000}}),
+    );
+    let (done, t) = run_bs(q0, window, false, 65536);
+    check_rate("after qom-set to 20 MB/s", done, t, 20e6 / 65536.0);
+    // No limit at all: far above 50 IOPS even on a loaded machine.
+    qmp.ok(
+        "qom-set",
+        json!({"path": "tg0", "property": "limits", "value": {"bps-total": 0}}),
+    );
+    let (done, t) = run(q0, Duration::from_secs(1), false);
+    assert!(
+        done as f64 > 4.0 * 50.0 * t.as_secs_f64(),
+        "unlimited: only {done} requests in {t:?}"
+    );
+}
+
+#[test]
+fn reads_and_flushes_complete_while_a_write_storm_is_throttled() {
+    let dir = TempDir::new("throttle");
+    let a = image(&dir, "a.img");
+    let sa = dir.join("a.sock");
+    let args = DaemonArgs::new()
+        .iothread("io0")
+        .object("throttle-group,id=tg0,x-iops-total=100");
+    let _daemon = Daemon::start(&export(args, "ta", &a, &sa, "io0").build());
+    let mut c = Client::connect(&sa, 2);
+    let (qw, qr) = c.queues_mut().split_at_mut(1);
+    let (qw, qr) = (&mut qw[0], &mut qr[0]);
+    let window = Duration::from_secs(3);
+    let (writes, reads, flushes, t) = std::thread::scope(|s| {
+        // DEPTH writes always queued for the group's budget...
+        let storm = s.spawn(move || run(qw, window + Duration::from_millis(500), true));
+        std::thread::sleep(Duration::from_millis(300));
+        // ...and one read at a time, with a flush after each.
+        let start = Instant::now();
+        let (mut reads, mut flushes) = (0u64, 0u64);
+        while start.elapsed() < window {
+            assert_eq!(
+                qr.submit(&[Req::Read {
+                    offset: 0,
+                    buf: 0..BLOCK
+                }]),
+                [0]
+            );
+            reads += 1;
+            assert_eq!(qr.submit(&[Req::Flush]), [0]);
+            flushes += 1;
+        }
+        let t = start.elapsed();
+        (storm.join().expect("storm"), reads, flushes, t)
+    });
+    let (writes, tw) = writes;
+    let secs = t.as_secs_f64();
+    eprintln!("{writes} writes; {reads} reads and {flushes} flushes in {secs:.2} s");
+    // Reads queue apart from writes and compete with the head of the write queue
+    // for the budget: about half of it. Behind the writes in one queue, a read (and
+    // a throttled flush) would wait for DEPTH writes each time: 100 / 9 per second.
+    assert!(
+        reads as f64 >= 0.25 * 100.0 * secs,
+        "reads starved by a throttled write storm: {reads} in {secs:.2} s"
+    );
+    // Together they stay within the group's budget over the storm's time.
+    let budget = 100.0 * tw.as_secs_f64() + 11.0;
+    assert!(
+        ((writes + reads) as f64) <= 1.5 * budget + DEPTH as f64,
+        "{writes} writes and {reads} reads in {tw:?} exceed 100 IOPS"
+    );
+}
+
+#[test]
+fn a_drained_section_lets_queued_requests_go() {
+    // At 1 IOPS, 48 queued reads would hold a drain for longer than the control
+    // plane waits (30 s); QEMU lifts the limits of a drained throttle node.
+    let dir = TempDir::new("throttle");
+    let a = image(&dir, "a.img");
+    let (sa, mon) = (dir.join("a.sock"), dir.join("qmp.sock"));
+    let args = DaemonArgs::new()
+        .monitor(&mon)
+        .iothread("io0")
+        .object("throttle-group,id=tg0,x-iops-total=1");
+    let _daemon = Daemon::start(&export(args, "ta", &a, &sa, "io0").build());
+    let mut qmp = Qmp::connect(&mon);
+    let mut c = Client::connect(&sa, 1);
+    let q = c.q();
+    q.set_timeout(Duration::from_secs(120));
+    let n = 48;
+    let reqs: Vec<Req> = (0..n)
+        .map(|i| Req::Read {
+            offset: (i * BLOCK) as u64,
+            buf: 0..BLOCK,
+        })
+        .collect();
+    std::thread::scope(|s| {
+        let batch = s.spawn(move || q.submit(&reqs));
+        std::thread::sleep(Duration::from_millis(500));
+        // block_resize drains the throttle node (and fails if the reads stay queued).
+        qmp.ok(
+            "block_resize",
+            json!({"node-name": "ta", "size": SIZE + MIB}),
+        );
+        assert!(batch.join().expect("reads").iter().all(|r| *r == 0));
+    });
+}
+
+#[test]
+fn invalid_limits_on_the_command_line_are_a_config_error() {
+    let dir = TempDir::new("throttle");
+    let a = image(&dir, "a.img");
+    let sa = dir.join("a.sock");
+    for (group, text) in [
+        (
+            "throttle-group,id=tg0,x-iops-size=4096",
+            "iops size requires an iops value to be set",
+        ),
+        (
+            "throttle-group,id=tg0,x-iops-total=10,x-iops-read=5",
+            "bps/iops/max total values and read/write values cannot be used at the same time",
+        ),
+        ("throttle-group,id=tg0,x-iops-total=ten", "x-iops-total"),
+        (
+            "throttle-group,id=tg0,limits.iops-total=10,limits.iops-total-max=5",
+            "bps_max/iops_max cannot be lower than bps/iops",
+        ),
+    ] {
+        let args = DaemonArgs::new().iothread("io0").object(group);
+        let args = export(args, "ta", &a, &sa, "io0").build();
+        let out = vubd_tests::run_to_exit(&vubd_tests::vubd_bin(), &args, Duration::from_secs(10));
+        out.assert_config_error(&[text]);
+        assert!(!sa.exists(), "served despite a bad throttle group");
+    }
+    // The keyval form of `limits` works as well.
+    let args = DaemonArgs::new()
+        .iothread("io0")
+        .object("throttle-group,id=tg0,limits.iops-total=10,limits.iops-total-max=20");
+    let _daemon = Daemon::start(&export(args, "ta", &a, &sa, "io0").build());
+    let mut c = Client::connect(&sa, 1);
+    assert!(c.q().read(0, BLOCK).is_ok());
+}
