@@ -43,19 +43,72 @@ struct RawDesc {
     next: u16,
 }
 
-fn read_desc(mem: &Memory, table: u64, i: u16) -> Result<RawDesc, ChainError> {
-    let at = table
-        .checked_add(u64::from(i) * DESC_LEN)
-        .ok_or(ChainError::Unreadable(table))?;
-    let mut b = [0u8; 16];
-    mem.read_slice(&mut b, GuestAddress(at))
-        .map_err(|_| ChainError::Unreadable(at))?;
-    Ok(RawDesc {
-        addr: u64::from_le_bytes(b[0..8].try_into().expect("8 bytes")),
-        len: u32::from_le_bytes(b[8..12].try_into().expect("4 bytes")),
-        flags: u16::from_le_bytes(b[12..14].try_into().expect("2 bytes")),
-        next: u16::from_le_bytes(b[14..16].try_into().expect("2 bytes")),
-    })
+/// A descriptor table, resolved once per walk: where the whole table lies in one
+/// region, 8-byte aligned (as every driver places it: virtio asks for 16), descriptors
+/// are read with two volatile loads each from the host mapping; anywhere else, through
+/// vm-memory's bounds-checked reads, one region lookup per descriptor.
+enum Table<'a> {
+    Mapped {
+        /// Host address of descriptor 0; the table's `size` descriptors follow.
+        ptr: *const u64,
+        /// The mapping stays while the memory table is borrowed.
+        _mem: std::marker::PhantomData<&'a Memory>,
+    },
+    Guest {
+        mem: &'a Memory,
+        addr: u64,
+    },
+}
+
+impl<'a> Table<'a> {
+    fn new(mem: &'a Memory, addr: u64, size: u16) -> Table<'a> {
+        let len = usize::from(size) * DESC_LEN as usize;
+        if addr.is_multiple_of(8) {
+            if let Ok(slice) = mem.get_slice(GuestAddress(addr), len) {
+                return Table::Mapped {
+                    ptr: slice.ptr_guard().as_ptr().cast::<u64>(),
+                    _mem: std::marker::PhantomData,
+                };
+            }
+        }
+        Table::Guest { mem, addr }
+    }
+
+    /// Descriptor `i`, which the caller checked is below the table's size.
+    fn read(&self, i: u16) -> Result<RawDesc, ChainError> {
+        let (w0, w1) = match *self {
+            Table::Mapped { ptr, .. } => {
+                // SAFETY: `get_slice` checked that the table's `size` descriptors lie in
+                // one mapped region, which stays mapped while the memory table is
+                // borrowed ('a); `i < size`, so both words are inside it; the table is
+                // 8-byte aligned. Volatile: the guest may write the table meanwhile.
+                unsafe {
+                    let d = ptr.add(2 * usize::from(i));
+                    (d.read_volatile(), d.add(1).read_volatile())
+                }
+            }
+            Table::Guest { mem, addr } => {
+                let at = addr
+                    .checked_add(u64::from(i) * DESC_LEN)
+                    .ok_or(ChainError::Unreadable(addr))?;
+                let mut b = [0u8; 16];
+                mem.read_slice(&mut b, GuestAddress(at))
+                    .map_err(|_| ChainError::Unreadable(at))?;
+                (
+                    u64::from_ne_bytes(b[0..8].try_into().expect("8 bytes")),
+                    u64::from_ne_bytes(b[8..16].try_into().expect("8 bytes")),
+                )
+            }
+        };
+        // Little-endian in guest memory (virtio 1.x): addr, then len, flags, next.
+        let (w0, w1) = (u64::from_le(w0), u64::from_le(w1));
+        Ok(RawDesc {
+            addr: w0,
+            len: w1 as u32,
+            flags: (w1 >> 32) as u16,
+            next: (w1 >> 48) as u16,
+        })
+    }
 }
 
 /// A walked chain: its first descriptors and how many it has in all.
@@ -86,7 +139,7 @@ pub fn walk(
         return Err(ChainError::BadIndex(head));
     }
     let ring_size = size;
-    let (mut table, mut size, mut i) = (table, size, head);
+    let (mut table, mut size, mut i) = (Table::new(mem, table, size), size, head);
     let mut indirect = false;
     let mut visited = 0u32;
     loop {
@@ -94,7 +147,7 @@ pub fn walk(
         if visited > u32::from(size) {
             return Err(ChainError::Loop);
         }
-        let d = read_desc(mem, table, i)?;
+        let d = table.read(i)?;
         if d.flags & F_INDIRECT != 0 {
             if indirect {
                 return Err(ChainError::NestedIndirect);
@@ -118,7 +171,7 @@ pub fn walk(
             }
             let n = u64::from(d.len) / DESC_LEN;
             size = u16::try_from(n).map_err(|_| ChainError::BadIndirect)?;
-            table = d.addr;
+            table = Table::new(mem, d.addr, size);
             i = 0;
             indirect = true;
             visited = 0;
@@ -240,5 +293,36 @@ mod tests {
         // An indirect table whose length is not a whole number of descriptors.
         put(&mem, 0, 0, 0x4000, 56, F_INDIRECT, 0);
         assert_eq!(w(&mem, 0, 8, 0, 64), Err(ChainError::BadIndirect));
+    }
+
+    /// Tables read through vm-memory rather than the host mapping (unaligned, or across
+    /// two regions) give the same chains.
+    #[test]
+    fn unaligned_and_split_tables() {
+        let mem = Memory::from_ranges(&[(GuestAddress(0), 0x8000), (GuestAddress(0x8000), 0x8000)])
+            .unwrap();
+        for table in [0x1004u64, 0x7ff0] {
+            put(&mem, table, 0, 0x1000, 16, F_NEXT, 1);
+            put(&mem, table, 1, 0x9000, 512, F_NEXT | F_WRITE, 2);
+            put(&mem, table, 2, 0x3000, 1, F_WRITE, 0);
+            let c = w(&mem, table, 3, 0, 64).unwrap();
+            assert_eq!(
+                c.iter()
+                    .map(|d| (d.addr, d.len, d.write))
+                    .collect::<Vec<_>>(),
+                [(0x1000, 16, false), (0x9000, 512, true), (0x3000, 1, true)],
+                "table at {table:#x}"
+            );
+            put(&mem, table, 2, 0x3000, 1, F_WRITE | F_NEXT, 0);
+            assert_eq!(w(&mem, table, 3, 0, 64), Err(ChainError::Loop));
+        }
+        // The same chain in one region, aligned: read from the host mapping.
+        put(&mem, 0x2000, 0, 0x1000, 16, F_NEXT, 1);
+        put(&mem, 0x2000, 1, 0x9000, 512, F_NEXT | F_WRITE, 2);
+        put(&mem, 0x2000, 2, 0x3000, 1, F_WRITE, 0);
+        assert!(matches!(Table::new(&mem, 0x2000, 3), Table::Mapped { .. }));
+        assert!(matches!(Table::new(&mem, 0x7ff0, 3), Table::Guest { .. }));
+        assert!(matches!(Table::new(&mem, 0x1004, 3), Table::Guest { .. }));
+        assert_eq!(w(&mem, 0x2000, 3, 0, 64).unwrap().len(), 3);
     }
 }
