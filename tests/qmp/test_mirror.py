@@ -397,3 +397,101 @@ async def test_mirror_on_target_error(start_daemon, tmp, policy):
                 "created", "running", "aborting", "BLOCK_JOB_COMPLETED", "concluded", "null"]
             assert ev.data["BLOCK_JOB_COMPLETED"]["error"] == "Input/output error"
             assert await export_node(c, "e0") == "top"
+
+
+@pytest.mark.parametrize("policy", ["report", "stop", "ignore"])
+async def test_write_blocking_target_error_on_the_guest_write(start_daemon, tmp, policy):
+    """In write-blocking mode a guest write that the target fails meets on-target-error
+    itself (BLOCK_JOB_ERROR, operation write), as QEMU's active write does: the guest
+    sees success (the source took it), and the error is reported even though the
+    target fails only once (a later copy of the range would succeed and hide it). With
+    report the job ends with the error; with stop it pauses and, resumed, copies the
+    range again; with ignore it goes on. A sync=none job copies nothing by itself, so
+    the only target write is the guest's."""
+    d, sock = setup(start_daemon, tmp, extra=failing_target(tmp))
+    w = (3 * MIB, 64 * KIB, 11)
+    async with d.qmp() as c:
+        ev = JobEvents(c)
+        await execute(c, "blockdev-mirror", {
+            "job-id": "m", "device": "top", "target": "bad", "sync": "none",
+            "copy-mode": "write-blocking", "on-target-error": policy,
+        })
+        assert await ev.until("m", "BLOCK_JOB_READY") == START
+        io_ok("write", "--socket", sock, "--offset", w[0], "--len", w[1], "--seed", w[2])
+        err = await ev.event("BLOCK_JOB_ERROR")
+        assert err["data"] == {"device": "m", "operation": "write", "action": policy}, err
+        if policy == "report":
+            assert await ev.until("m", "null") == [
+                "aborting", "BLOCK_JOB_COMPLETED", "concluded", "null"]
+            assert ev.data["BLOCK_JOB_COMPLETED"]["error"] == "Input/output error"
+            assert await export_node(c, "e0") == "top"
+            return
+        if policy == "stop":
+            assert await ev.until("m", "standby") == ["standby"]
+            bj = await block_job(c, "m")
+            assert (bj["status"], bj["paused"], bj["io-status"]) == ("standby", True, "failed"), bj
+            await execute(c, "block-job-resume", {"device": "m"})
+            assert await ev.until("m", "ready") == ["ready"]
+        await execute(c, "block-job-complete", {"device": "m"})
+        assert await ev.until("m", "null") == DONE
+        assert await export_node(c, "e0") == "bad"
+        # The range the target failed was copied again: the export (now the target,
+        # which has no backing file) reads the guest's write there.
+        verify_export(sock, [w])
+
+
+async def test_complete_while_paused(start_daemon, tmp):
+    """block-job-complete on a paused ready mirror (standby) is accepted, as QEMU 7.2's
+    verb table allows: the job stays paused and pivots once resumed. A mirror paused
+    before it is ready (paused) refuses it with QEMU's text."""
+    d, sock = setup(start_daemon, tmp)
+    async with d.qmp() as c:
+        ev = JobEvents(c)
+        await execute(c, "blockdev-mirror", {
+            "job-id": "slow", "device": "top", "target": "tgt", "sync": "full", "speed": 64 * KIB,
+        })
+        assert await ev.until("slow", "running") == ["created", "running"]
+        await execute(c, "block-job-pause", {"device": "slow"})
+        assert await ev.until("slow", "paused") == ["paused"]
+        await error(c, "block-job-complete", {"device": "slow"},
+                    desc=verb_error("slow", "paused", "complete"))
+        await execute(c, "block-job-cancel", {"device": "slow", "force": True})
+        assert await ev.until("slow", "null") == [
+            "running", "aborting", "BLOCK_JOB_CANCELLED", "concluded", "null"]
+
+        await execute(c, "blockdev-mirror", {"job-id": "m", "device": "top", "target": "tgt", "sync": "full"})
+        assert await ev.until("m", "BLOCK_JOB_READY") == START
+        await execute(c, "block-job-pause", {"device": "m"})
+        assert await ev.until("m", "standby") == ["standby"]
+        assert await execute(c, "block-job-complete", {"device": "m"}) == {}
+        assert await ev.quiet("m") == []
+        bj = await block_job(c, "m")
+        assert (bj["status"], bj["paused"]) == ("standby", True), bj
+        # Not pivoted yet: the export is still on the mirror_top filter.
+        assert await export_node(c, "e0") not in ("top", "tgt")
+        await execute(c, "block-job-resume", {"device": "m"})
+        assert await ev.until("m", "null") == ["ready"] + DONE
+        assert await export_node(c, "e0") == "tgt"
+        verify_export(sock, seed_runs(LAYERS, SIZE))
+
+
+async def test_mirror_buf_size_of_one_granule(start_daemon, tmp):
+    """A mirror whose buffer holds one granule (buf-size rounded up to the granularity,
+    as QEMU rounds it) copies one granule at a time and still converges, completes and
+    leaves a target equal to the source."""
+    d, sock = setup(start_daemon, tmp)
+    async with d.qmp() as c:
+        ev = JobEvents(c)
+        await execute(c, "blockdev-mirror", {
+            "job-id": "m", "device": "top", "target": "tgt", "sync": "full",
+            "granularity": 4096, "buf-size": 1,
+        })
+        assert await ev.until("m", "BLOCK_JOB_READY") == START
+        assert ev.data["BLOCK_JOB_READY"] == info("m", SIZE)
+        await execute(c, "block-job-complete", {"device": "m"})
+        assert await ev.until("m", "null") == DONE
+        assert await export_node(c, "e0") == "tgt"
+    d.expect_exit = True
+    assert d.stop() is None
+    compare(ref(tmp), tmp / "tgt.qcow2")
+    check_clean(tmp / "tgt.qcow2")

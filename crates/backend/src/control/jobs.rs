@@ -515,6 +515,8 @@ impl Control {
                 active: None,
                 target_backing: None,
                 on_target_error: o.on_error,
+                buf_size: 0,
+                unmap: true,
                 pivoted,
                 cleanup: Some(Box::new(restore_base)),
             };

@@ -8,7 +8,7 @@ use super::jobs::{check_busy, JobOpts};
 use super::{generic, Control, OpResult, DRAIN_TIMEOUT};
 use crate::config::OnError;
 use crate::jobs::copy::JobCtx;
-use crate::jobs::mirror::{copy_remaining, Mirror, Seed};
+use crate::jobs::mirror::{copy_remaining, Budget, Mirror, Seed};
 use crate::jobs::{Cleanup, Job, JobCore};
 use crate::qmp::wire::QmpError;
 use blocklayer::aio::uring::block_on;
@@ -36,6 +36,8 @@ pub struct MirrorCommon {
     pub sync: &'static str,
     pub granularity: Option<u64>,
     pub buf_size: Option<i64>,
+    /// drive-mirror's `unmap` (blockdev-mirror always unmaps).
+    pub unmap: bool,
     pub on_target_error: OnError,
     pub filter_node_name: Option<String>,
     /// `copy-mode=write-blocking`.
@@ -71,6 +73,10 @@ pub(super) struct MirrorRun {
     /// image of `sync=top` or `none`).
     pub target_backing: Option<Arc<Node>>,
     pub on_target_error: OnError,
+    /// The job's copy buffer (`buf-size`, 0: the default), and whether zeroes
+    /// written to the target may unmap.
+    pub buf_size: u64,
+    pub unmap: bool,
     /// Set once the pivot is made.
     pub pivoted: Arc<AtomicBool>,
     /// What the caller undoes when the job ends either way.
@@ -353,6 +359,8 @@ impl Control {
                 active,
                 target_backing,
                 on_target_error: a.on_target_error,
+                buf_size: a.buf_size.unwrap_or(0) as u64,
+                unmap: a.unmap,
                 pivoted: Arc::new(AtomicBool::new(false)),
                 cleanup: None,
             },
@@ -407,6 +415,7 @@ impl Control {
             let (s, t, bm) = (r.source.clone(), r.target.clone(), r.dirty.clone());
             let (active, backing) = (r.active.clone(), r.target_backing.clone());
             let core = job.core.clone();
+            let budget = Budget::new(r.buf_size, r.dirty.granularity());
             move |ctl: &mut Control, pivot: Option<(Arc<Node>, Arc<AtomicBool>)>| {
                 let _d = ctl
                     .graph
@@ -420,6 +429,7 @@ impl Control {
                     s.clone(),
                     t.clone(),
                     bm.clone(),
+                    budget,
                 ))?;
                 if let Some(b) = &backing {
                     ctl.graph
@@ -470,6 +480,8 @@ impl Control {
             dirty: r.dirty,
             seed: r.seed,
             active: r.active,
+            buf_size: r.buf_size,
+            unmap: r.unmap,
         };
         log::info!(
             "{} job '{}': '{}' -> '{}'",

@@ -7,9 +7,10 @@
 //! a base, or nothing for `sync=none`); the job takes dirty ranges out and copies
 //! them until none is left, then reports ready and keeps copying what the guest
 //! writes. Progress counts the bytes copied, its length what is copied plus what is
-//! still dirty, as QEMU's. Up to [`IN_FLIGHT`] chunks are copied at once (one at a
-//! time under a speed limit); a range dirtied again while its copy is in flight
-//! waits for that copy, so the two never land on the target out of order.
+//! still dirty, as QEMU's. Up to [`IN_FLIGHT`] copies are in flight at once (one at
+//! a time under a speed limit), together at most `buf-size` bytes ([`Budget`]); a
+//! range dirtied again while its copy is in flight waits for that copy, so the two
+//! never land on the target out of order.
 //!
 //! With `copy-mode=write-blocking` the `mirror_top` filter also writes every guest
 //! write to the target ([`ActiveMirror`]); the job's copies hold the filter node's
@@ -57,6 +58,11 @@ pub struct Mirror {
     pub seed: Seed,
     /// Write-blocking mode: guest writes reach the target through the filter.
     pub active: Option<Arc<ActiveMirror>>,
+    /// The bytes the copies in flight may hold together (`buf-size`, rounded up
+    /// to the granularity; see [`Budget`]).
+    pub buf_size: u64,
+    /// Zeroes written to the target may unmap (QEMU's `unmap`).
+    pub unmap: bool,
 }
 
 impl Mirror {
@@ -71,9 +77,11 @@ impl Mirror {
         let mut ready = false;
         let mut copies = Copies::default();
         let mut bufs: Vec<CopyBuf> = Vec::new();
+        let budget = Budget::new(self.buf_size, self.dirty.granularity());
         // Where the next dirty range is looked for: the copies go round the disk.
         let mut cursor = 0;
         loop {
+            self.target_write_errors().await?;
             if core.is_pause_requested() || core.cancel_requested() != Cancel::None {
                 // No copy waits in flight (holding its range) while the job is paused.
                 self.settle(&mut copies, &mut bufs, None).await?;
@@ -94,13 +102,17 @@ impl Mirror {
                 self.settle(&mut copies, &mut bufs, Some(done)).await?;
                 continue;
             }
-            let next = self.dirty.take_next(cursor, MIRROR_CHUNK).or_else(|| {
+            let piece = budget.piece();
+            let next = self.dirty.take_next(cursor, piece).or_else(|| {
                 cursor = 0;
-                self.dirty.take_next(0, MIRROR_CHUNK)
+                self.dirty.take_next(0, piece)
             });
             match next {
-                Some((off, n)) if copies.overlaps(off, n) => {
-                    // Dirtied again while its copy is in flight: copied again after it.
+                Some((off, n))
+                    if copies.overlaps(off, n) || !budget.admits(copies.held(&budget), n) =>
+                {
+                    // Dirtied again while its copy is in flight (copied again after
+                    // it), or no room left in the buffer: wait for a copy to end.
                     self.dirty.set(off, n);
                     cursor = 0;
                     let done = copies.next().await;
@@ -108,7 +120,7 @@ impl Mirror {
                 }
                 Some((off, n)) => {
                     cursor = off + n;
-                    let buf = bufs.pop().unwrap_or_else(|| CopyBuf::sized(MIRROR_CHUNK));
+                    let buf = bufs.pop().unwrap_or_else(|| CopyBuf::sized(piece));
                     copies.start(off, n, Box::pin(self.copy(buf, off, n)));
                     if most == 1 {
                         let done = copies.next().await;
@@ -133,6 +145,25 @@ impl Mirror {
                 None => core.sleep(READY_POLL).await,
             }
         }
+    }
+
+    /// Meets `on-target-error` for every guest write the target failed in
+    /// write-blocking mode since the last look (their ranges are dirty already).
+    async fn target_write_errors(&self) -> Result<(), String> {
+        let Some(a) = &self.active else {
+            return Ok(());
+        };
+        while let Some(errno) = a.take_target_error() {
+            let e = CopyError {
+                read: false,
+                errno,
+                message: blocklayer::error::strerror(errno),
+            };
+            // Stop pauses the job and ignore goes on: either way the range is copied
+            // again later.
+            self.ctx.on_error(e).await?;
+        }
+        Ok(())
     }
 
     /// Accounts a finished copy (`done`, or every copy in flight if `None`): copied
@@ -210,7 +241,7 @@ impl Mirror {
             if above {
                 self.dirty.set(offset, n);
             } else if *zero_target {
-                if let Err(e) = self.target.write_zeroes(offset, n, true, false).await {
+                if let Err(e) = self.target.write_zeroes(offset, n, self.unmap, false).await {
                     // As QEMU, a failure here ends the job.
                     return Err(CopyError::write(e).message);
                 }
@@ -248,9 +279,64 @@ impl Mirror {
     }
 }
 
-/// Copies a mirror keeps in flight at most, and their size (QEMU's: 16 of 1 MiB).
+/// Copies a mirror keeps in flight at most (QEMU's `MAX_IN_FLIGHT`).
 const IN_FLIGHT: usize = 16;
-const MIRROR_CHUNK: u64 = 1 << 20;
+/// The smallest size a copy is cut to (QEMU's `MAX_IO_BYTES`), and the default
+/// `buf-size` (16 copies of it).
+const MIN_PIECE: u64 = 1 << 20;
+pub const DEFAULT_BUF_SIZE: u64 = IN_FLIGHT as u64 * MIN_PIECE;
+/// Granules one copy spans at most (QEMU's bound by the I/O vector's length).
+const MAX_IOV: u64 = 1024;
+
+/// A mirror's copy buffer, as QEMU's: `buf-size` bytes (rounded up to whole
+/// granules) shared by the copies in flight, each taking the granules its range
+/// spans; a copy waits until its granules are free. Copies are cut to pieces of
+/// `buf-size / 16` (at least 1 MiB, at most `buf-size`, whole granules).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    size: u64,
+    granularity: u64,
+}
+
+impl Budget {
+    /// `buf_size` 0 is the default.
+    pub fn new(buf_size: u64, granularity: u64) -> Budget {
+        let want = if buf_size == 0 {
+            DEFAULT_BUF_SIZE
+        } else {
+            buf_size
+        };
+        Budget {
+            size: want.div_ceil(granularity).saturating_mul(granularity),
+            granularity,
+        }
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The most one copy takes.
+    pub fn piece(&self) -> u64 {
+        let g = self.granularity;
+        let p = (self.size / IN_FLIGHT as u64)
+            .max(MIN_PIECE)
+            .min(self.size)
+            .min(g.saturating_mul(MAX_IOV));
+        (p - p % g).max(g)
+    }
+
+    /// The granules `len` bytes take in the buffer.
+    fn granules(&self, len: u64) -> u64 {
+        len.div_ceil(self.granularity) * self.granularity
+    }
+
+    /// Whether a copy of `len` bytes fits beside copies holding `held` bytes of
+    /// the buffer.
+    pub fn admits(&self, held: u64, len: u64) -> bool {
+        held + self.granules(len) <= self.size
+    }
+}
 
 /// A finished copy.
 struct Copied {
@@ -282,8 +368,14 @@ impl<'a> Copies<'a> {
         self.flying.is_empty()
     }
 
+    /// The bytes in flight.
     fn bytes(&self) -> u64 {
         self.flying.iter().map(|(_, n, _)| n).sum()
+    }
+
+    /// The buffer's bytes the copies in flight hold.
+    fn held(&self, b: &Budget) -> u64 {
+        self.flying.iter().map(|(_, n, _)| b.granules(*n)).sum()
     }
 
     fn overlaps(&self, offset: u64, len: u64) -> bool {
@@ -318,15 +410,17 @@ impl Future for NextCopy<'_, '_> {
 /// The last step before a mirror-like job's pivot (or its completion without one),
 /// on the control thread with the source and target drained: copies the ranges
 /// still dirty (counted in the job's progress, as QEMU's job copies them itself)
-/// and flushes the target.
+/// and flushes the target, one copy at a time within the job's `buf-size`.
 pub async fn copy_remaining(
     core: Arc<JobCore>,
     source: Arc<Node>,
     target: Arc<Node>,
     dirty: Arc<DirtyBitmap>,
+    budget: Budget,
 ) -> Result<(), String> {
-    let buf = CopyBuf::default();
-    while let Some((off, n)) = dirty.take_next(0, CHUNK) {
+    let piece = budget.piece().min(CHUNK);
+    let buf = CopyBuf::sized(piece);
+    while let Some((off, n)) = dirty.take_next(0, piece) {
         copy_range(&buf, &source, &target, off, n)
             .await
             .map_err(|e| e.message)?;
@@ -334,4 +428,41 @@ pub async fn copy_remaining(
     }
     core.set_len(core.offset());
     target.flush().await.map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const G: u64 = 65536;
+
+    #[test]
+    fn budget_defaults_and_rounds_as_qemu() {
+        let b = Budget::new(0, G);
+        assert_eq!((b.size(), b.piece()), (16 << 20, 1 << 20));
+        // Rounded up to whole granules; a single granule is enough.
+        assert_eq!(Budget::new(1, G).size(), G);
+        assert_eq!(Budget::new(G + 1, 4096).size(), G + 4096);
+        // Pieces: buf-size / 16, at least 1 MiB, at most buf-size.
+        assert_eq!(Budget::new(64 << 20, G).piece(), 4 << 20);
+        assert_eq!(Budget::new(4 << 20, G).piece(), 1 << 20);
+        assert_eq!(Budget::new(G, G).piece(), G);
+        assert_eq!(Budget::new(3 * G, G).piece(), 3 * G);
+        // A granule larger than the piece: one granule.
+        assert_eq!(Budget::new(64 << 20, 64 << 20).piece(), 64 << 20);
+        // 512-byte granules: 1024 of them at most.
+        assert_eq!(Budget::new(0, 512).piece(), 512 * 1024);
+    }
+
+    #[test]
+    fn budget_bounds_the_bytes_in_flight() {
+        let b = Budget::new(G, G);
+        assert!(b.admits(0, G));
+        assert!(!b.admits(G, 4096));
+        let b = Budget::new(4 * G, G);
+        assert!(b.admits(2 * G, 2 * G));
+        assert!(!b.admits(3 * G, G + 1));
+        // A short copy at the disk's end still takes a whole granule.
+        assert!(!b.admits(4 * G - 1, 1));
+    }
 }
