@@ -22,17 +22,19 @@ from chains import (
     compare,
     expected_disk,
     export_node,
+    img_map,
     make_chain,
     nodes_by_name,
     pattern,
     qemu_img,
+    run,
     read_disk,
     seed_runs,
     verb_error,
     verify_export,
     write_raw,
 )
-from conftest import MIB, IoProc, error, execute, export_args, io_ok
+from conftest import MIB, IoProc, error, execute, export_args, io_ok, vubd_io
 
 SIZE = 4 * MIB
 BASE = ("base", [(0, SIZE, 1)])
@@ -495,3 +497,78 @@ async def test_mirror_buf_size_of_one_granule(start_daemon, tmp):
     assert d.stop() is None
     compare(ref(tmp), tmp / "tgt.qcow2")
     check_clean(tmp / "tgt.qcow2")
+
+
+async def test_drive_mirror_existing_target_backing(start_daemon, tmp):
+    """drive-mirror mode=existing probes the image's format and opens it without the
+    backing file its header names (QEMU's BDRV_O_NO_BACKING) while the job runs; when
+    the job completes that backing file is opened (a node of its own) and the export,
+    pivoted to the image, reads top's data and base's through it."""
+    make_chain(tmp, LAYERS, SIZE)
+    sock = tmp / "d-e0.sock"
+    # base read-only: the backing file opened at the end shares it (image locks).
+    args = chain_args(tmp, ["base", "top"], {"base": "read-only=on"})
+    args[1] += ",read-only=on"
+    d = start_daemon(args + export_args("e0", "top", sock))
+    dm = tmp / "dm.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", tmp / "base.qcow2", "-F", "qcow2", dm, SIZE)
+    async with d.qmp() as c:
+        ev = JobEvents(c)
+        await execute(c, "drive-mirror", {
+            "job-id": "m", "device": "top", "target": str(dm), "sync": "top", "mode": "existing",
+            "node-name": "dm",
+        })
+        assert await ev.until("m", "BLOCK_JOB_READY") == START
+        assert ev.data["BLOCK_JOB_READY"] == info("m", IN_TOP)
+        n = (await nodes_by_name(c))["dm"]
+        assert (n["drv"], n["backing_file_depth"]) == ("qcow2", 0), n
+        assert "backing-image" not in n["image"], n
+        before = set(await nodes_by_name(c))
+        await execute(c, "block-job-complete", {"device": "m"})
+        assert await ev.until("m", "null") == DONE
+        assert await export_node(c, "e0") == "dm"
+        nodes = await nodes_by_name(c)
+        assert nodes["dm"]["backing_file"] == str(tmp / "base.qcow2"), nodes["dm"]
+        # Nodes of its own (the image and its file), not the source's base.
+        new = set(nodes) - before
+        assert len(new) == 2 and all(n.startswith("#") for n in new), (before, set(nodes))
+        verify_export(sock, seed_runs(LAYERS, SIZE))
+    d.expect_exit = True
+    assert d.stop() is None
+    compare(ref(tmp), dm)
+    check_clean(dm)
+
+
+@pytest.mark.parametrize("unmap", [True, False])
+async def test_drive_mirror_unmap(start_daemon, tmp, unmap):
+    """A full mirror into an existing image zeroes what the source does not hold; with
+    unmap=true (the default) the target's clusters there are unmapped (zero, no data,
+    no host offset), with unmap=false they are written as zeroes and stay allocated
+    (zero, with a host offset), per qemu-img map. The target is opened with the
+    source's discard=unmap, as QEMU opens it with the source's flags."""
+    src, dm = tmp / "src.qcow2", tmp / "dm.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", src, SIZE)
+    qemu_img("create", "-q", "-f", "qcow2", dm, SIZE)
+    run("qemu-io", "-f", "qcow2", "-c", f"write -P 7 0 {MIB}", src)
+    run("qemu-io", "-f", "qcow2", "-c", f"write -P 9 0 {SIZE}", dm)
+    d = start_daemon([
+        "--blockdev", f"file,node-name=src-file,filename={src}",
+        "--blockdev", "qcow2,node-name=src,file=src-file,discard=unmap",
+    ])
+    async with d.qmp() as c:
+        ev = JobEvents(c)
+        await execute(c, "drive-mirror", {
+            "job-id": "m", "device": "src", "target": str(dm), "sync": "full", "mode": "existing",
+            "unmap": unmap,
+        })
+        assert await ev.until("m", "BLOCK_JOB_READY") == START
+        await execute(c, "block-job-cancel", {"device": "m"})
+        assert await ev.until("m", "null") == DONE
+    d.expect_exit = True
+    assert d.stop() is None
+    compare(src, dm)
+    check_clean(dm)
+    rest = [e for e in img_map(dm) if e["start"] >= MIB]
+    assert sum(e["length"] for e in rest) == SIZE - MIB, rest
+    for e in rest:
+        assert (e["data"], e["zero"], "offset" in e) == (False, True, not unmap), rest

@@ -514,6 +514,7 @@ impl Control {
                 },
                 active: None,
                 target_backing: None,
+                open_target_backing: false,
                 on_target_error: o.on_error,
                 buf_size: 0,
                 unmap: true,
