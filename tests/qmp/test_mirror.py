@@ -32,6 +32,7 @@ from chains import (
     seed_runs,
     verb_error,
     verify_export,
+    write_pattern,
     write_raw,
 )
 from conftest import MIB, IoProc, error, execute, export_args, io_ok, vubd_io
@@ -572,3 +573,111 @@ async def test_drive_mirror_unmap(start_daemon, tmp, unmap):
     assert sum(e["length"] for e in rest) == SIZE - MIB, rest
     for e in rest:
         assert (e["data"], e["zero"], "offset" in e) == (False, True, not unmap), rest
+
+
+@pytest.mark.parametrize("kind", ["background", "write-blocking", "active-commit"])
+async def test_job_bitmaps_are_listed(start_daemon, tmp, kind):
+    """A mirror's (and an active commit's) own dirty bitmap is listed in its source's
+    dirty-bitmaps while the job runs, without a name, as QEMU lists it: recording
+    (but for a write-blocking mirror, whose bitmap the mirror keeps itself), not
+    persistent, not busy, with its granularity and what is still dirty; gone once
+    the job has ended."""
+    d, sock = setup(start_daemon, tmp)
+    async with d.qmp() as c:
+        ev = JobEvents(c)
+        if kind == "active-commit":
+            await execute(c, "block-commit", {"job-id": "m", "device": "top"})
+            gran = 64 * KIB
+        else:
+            await execute(c, "blockdev-mirror", {
+                "job-id": "m", "device": "top", "target": "tgt", "sync": "full",
+                "granularity": 4096, "copy-mode": kind,
+            })
+            gran = 4096
+        await ev.until("m", "BLOCK_JOB_READY")
+        bitmaps = (await nodes_by_name(c))["top"].get("dirty-bitmaps")
+        assert bitmaps == [{"recording": kind != "write-blocking", "persistent": False,
+                            "busy": False, "granularity": gran, "count": 0}], bitmaps
+        # A write the job has not copied yet is counted (the job is paused).
+        if kind == "background":
+            await execute(c, "block-job-pause", {"device": "m"})
+            assert await ev.until("m", "standby") == ["standby"]
+            io_ok("write", "--socket", sock, "--offset", MIB, "--len", 4096, "--seed", 5)
+            bitmaps = (await nodes_by_name(c))["top"]["dirty-bitmaps"]
+            assert [b["count"] for b in bitmaps] == [4096], bitmaps
+            await execute(c, "block-job-resume", {"device": "m"})
+        await execute(c, "block-job-cancel", {"device": "m", "force": True})
+        await ev.until("m", "null")
+        assert "dirty-bitmaps" not in (await nodes_by_name(c))["top"]
+
+
+def failing_source(tmp):
+    """A qcow2 source (not exported) over blkdebug whose first data read fails with
+    EIO, holding seed 4 over its first MiB."""
+    img = tmp / "src.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", img, SIZE)
+    write_pattern(img, "qcow2", [(0, MIB, 4)])
+    return ["--blockdev", f"file,node-name=src-file,filename={img}",
+            "--blockdev", "blkdebug,node-name=src-dbg,image=src-file,inject-error.0.event=read_aio,"
+            "inject-error.0.errno=5,inject-error.0.once=on",
+            "--blockdev", "qcow2,node-name=src,file=src-dbg"]
+
+
+@pytest.mark.parametrize("policy", ["report", "ignore", "stop"])
+async def test_mirror_on_source_error(start_daemon, tmp, policy):
+    """A failed read of the source: BLOCK_JOB_ERROR (operation read, the
+    on-source-error action); with report the job ends with the error; with ignore the
+    range stays dirty and is copied again; with stop the job pauses (io-status failed)
+    and, resumed, copies it again. Either way the target then equals the source."""
+    d, _ = setup(start_daemon, tmp, extra=failing_source(tmp))
+    async with d.qmp() as c:
+        ev = JobEvents(c)
+        await execute(c, "blockdev-mirror", {
+            "job-id": "m", "device": "src", "target": "tgt", "sync": "full",
+            "on-source-error": policy,
+        })
+        err = await ev.event("BLOCK_JOB_ERROR")
+        assert err["data"] == {"device": "m", "operation": "read", "action": policy}, err
+        if policy == "report":
+            assert await ev.until("m", "null") == [
+                "created", "running", "aborting", "BLOCK_JOB_COMPLETED", "concluded", "null"]
+            assert ev.data["BLOCK_JOB_COMPLETED"]["error"] == "Input/output error"
+            return
+        if policy == "stop":
+            assert await ev.until("m", "paused") == ["created", "running", "paused"]
+            bj = await block_job(c, "m")
+            assert (bj["status"], bj["io-status"]) == ("paused", "failed"), bj
+            await execute(c, "block-job-resume", {"device": "m"})
+        assert (await ev.until("m", "BLOCK_JOB_READY"))[-2:] == ["ready", "BLOCK_JOB_READY"]
+        await execute(c, "block-job-cancel", {"device": "m"})
+        assert await ev.until("m", "null") == DONE
+    d.expect_exit = True
+    assert d.stop() is None
+    compare(tmp / "src.qcow2", tmp / "tgt.qcow2")
+
+
+async def test_mirror_replaces_a_node_below_a_filter(start_daemon, tmp):
+    """replaces names a node below the source through filters only (here top, under a
+    copy-on-read filter that the export uses): at completion the target takes top's
+    place under the filter, and top, used by nothing any more, can be deleted."""
+    make_chain(tmp, LAYERS, SIZE)
+    sock = tmp / "d-e0.sock"
+    d = start_daemon(chain_args(tmp, ["base", "top"]) + blank(tmp, "tgt")
+                     + ["--blockdev", "copy-on-read,node-name=cor,file=top"]
+                     + export_args("e0", "cor", sock))
+    async with d.qmp() as c:
+        ev = JobEvents(c)
+        await execute(c, "blockdev-mirror", {
+            "job-id": "m", "device": "cor", "target": "tgt", "sync": "full", "replaces": "top",
+        })
+        assert await ev.until("m", "BLOCK_JOB_READY") == START
+        await execute(c, "block-job-complete", {"device": "m"})
+        assert await ev.until("m", "null") == DONE
+        assert await export_node(c, "e0") == "cor"
+        # QEMU names the filter's file by a json: description that holds it.
+        assert str(tmp / "tgt.qcow2") in (await nodes_by_name(c))["cor"]["file"]
+        assert await execute(c, "blockdev-del", {"node-name": "top"}) == {}
+        verify_export(sock, seed_runs(LAYERS, SIZE))
+    d.expect_exit = True
+    assert d.stop() is None
+    compare(ref(tmp), tmp / "tgt.qcow2")

@@ -365,11 +365,25 @@ impl Node {
         Some(b)
     }
 
-    /// The `dirty-bitmaps` member of the node's `BlockDeviceInfo`: absent (None)
-    /// when the node has no named bitmap, as QEMU's.
+    /// The `dirty-bitmaps` member of the node's `BlockDeviceInfo`: jobs' bitmaps
+    /// (no name) and named ones; absent (None) when the node has none, as QEMU's.
     pub fn dirty_bitmaps_info(&self) -> Option<serde_json::Value> {
         let named = self.named_lock();
-        (!named.is_empty()).then(|| named.iter().map(|b| b.info()).collect())
+        let jobs = self.job_bitmaps_lock();
+        let list: Vec<serde_json::Value> = jobs
+            .iter()
+            .map(|(b, recording)| {
+                serde_json::json!({
+                    "recording": recording,
+                    "persistent": false,
+                    "busy": false,
+                    "granularity": b.granularity(),
+                    "count": b.count(),
+                })
+            })
+            .chain(named.iter().map(|b| b.info()))
+            .collect();
+        (!list.is_empty()).then(|| list.into())
     }
 
     /// Starts recording writes in `b` (a bitmap of this node).

@@ -95,6 +95,9 @@ pub struct Node {
     named: Mutex<Vec<Arc<NamedBitmap>>>,
     /// How many `named` holds (kept under its lock), read without it.
     pub(crate) named_count: AtomicU32,
+    /// Jobs' own (anonymous) bitmaps, newest first, with the `recording` that
+    /// `dirty-bitmaps` shows for each (changed under the `named` lock).
+    pub(crate) job_bitmaps: Mutex<Vec<(Arc<DirtyBitmap>, bool)>>,
     /// `block-set-write-threshold`: the first write ending past it raises
     /// `BLOCK_WRITE_THRESHOLD` and clears it (0: none).
     write_threshold: AtomicU64,
@@ -145,6 +148,7 @@ impl Node {
             bitmap_gen: AtomicU64::new(0),
             named: Mutex::new(Vec::new()),
             named_count: AtomicU32::new(0),
+            job_bitmaps: Mutex::new(Vec::new()),
             write_threshold: AtomicU64::new(0),
             stats: IoStats::new(),
             debug_events,
@@ -359,9 +363,24 @@ impl Node {
         self.recording_add(b);
     }
 
+    /// [`Node::add_bitmap`] for a job's own bitmap, which `dirty-bitmaps` lists
+    /// without a name (as QEMU lists its jobs' anonymous bitmaps), `recording` as
+    /// QEMU shows it (a write-blocking mirror's is not: the mirror keeps it).
+    pub fn add_job_bitmap(&self, b: Arc<DirtyBitmap>, recording: bool) {
+        let _named = self.named_lock();
+        self.job_bitmaps_lock().insert(0, (b.clone(), recording));
+        self.recording_add(b);
+    }
+
+    /// Stops marking `b` (and no longer lists it, if it is a job's).
     pub fn remove_bitmap(&self, b: &Arc<DirtyBitmap>) {
         let _named = self.named_lock();
+        self.job_bitmaps_lock().retain(|(x, _)| !Arc::ptr_eq(x, b));
         self.recording_remove(b);
+    }
+
+    pub(crate) fn job_bitmaps_lock(&self) -> MutexGuard<'_, Vec<(Arc<DirtyBitmap>, bool)>> {
+        self.job_bitmaps.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub(crate) fn named_lock(&self) -> MutexGuard<'_, Vec<Arc<NamedBitmap>>> {

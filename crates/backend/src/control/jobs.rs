@@ -492,7 +492,7 @@ impl Control {
             // QEMU's active commit is a mirror of the top into the base.
             let dirty = Arc::new(blocklayer::bitmap::DirtyBitmap::new(top.size(), 65536));
             match self.graph.drain(&top, DRAIN_TIMEOUT) {
-                Ok(_d) => top.add_bitmap(dirty.clone()),
+                Ok(_d) => top.add_job_bitmap(dirty.clone(), true),
                 Err(e) => {
                     self.drop_job_filter(&filter);
                     return Err(generic(e));

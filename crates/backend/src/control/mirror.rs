@@ -318,7 +318,7 @@ impl Control {
                     active.clone(),
                 )
                 .map_err(generic)?;
-            source.add_bitmap(dirty.clone());
+            source.add_job_bitmap(dirty.clone(), !a.write_blocking);
             if active.is_some() {
                 f.serialise_begin();
             }

@@ -30,6 +30,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+/// How long a job waits before it copies again a range whose error was ignored.
+const IGNORED_RETRY: Duration = Duration::from_millis(100);
+
 /// How often a ready job looks for new dirty ranges.
 const READY_POLL: Duration = Duration::from_millis(10);
 
@@ -168,21 +171,21 @@ impl Mirror {
 
     /// Accounts a finished copy (`done`, or every copy in flight if `None`): copied
     /// bytes are progress; a failed copy stays dirty and, once no other copy is in
-    /// flight, meets `on-error` (an ignored error drops the range).
+    /// flight, meets `on-error`.
     async fn settle<'a>(
         &'a self,
         copies: &mut Copies<'a>,
         bufs: &mut Vec<CopyBuf>,
         done: Option<Copied>,
     ) -> Result<(), String> {
-        let mut failed: Option<(u64, u64, CopyError)> = None;
+        let mut failed: Option<CopyError> = None;
         let mut account = |c: Copied, bufs: &mut Vec<CopyBuf>| {
             bufs.push(c.buf);
             match c.result {
                 Ok(()) => self.ctx.core.progress(c.len),
                 Err(e) => {
                     self.dirty.set(c.offset, c.len);
-                    failed.get_or_insert((c.offset, c.len, e));
+                    failed.get_or_insert(e);
                 }
             }
         };
@@ -195,7 +198,7 @@ impl Mirror {
                 }
             }
         }
-        let Some((off, n, e)) = failed else {
+        let Some(e) = failed else {
             return Ok(());
         };
         while !copies.is_empty() {
@@ -206,8 +209,11 @@ impl Mirror {
                 Err(_) => self.dirty.set(c.offset, c.len),
             }
         }
+        // The range stays dirty whatever the policy: copied again after a stop,
+        // and after an ignored error too, as QEMU's (not in a tight loop while the
+        // error lasts).
         if !self.ctx.on_error(e).await? {
-            self.dirty.take_next(off, n);
+            self.ctx.core.sleep(IGNORED_RETRY).await;
         }
         Ok(())
     }
