@@ -184,6 +184,12 @@ pub trait Driver: Send + Sync {
         Err(BlockError::Unsupported("persistent bitmaps"))
     }
 
+    /// The `dirty-bitmaps` entries of bitmaps the driver keeps itself (QEMU's
+    /// anonymous bitmaps of the node: the copy-before-write filter's).
+    fn own_bitmaps_info(&self) -> Vec<serde_json::Value> {
+        Vec::new()
+    }
+
     /// The file name QEMU reports for the node (`file` in `BlockDeviceInfo`).
     fn filename(&self) -> String {
         String::new()

@@ -366,21 +366,16 @@ impl Node {
     }
 
     /// The `dirty-bitmaps` member of the node's `BlockDeviceInfo`: jobs' bitmaps
-    /// (no name) and named ones; absent (None) when the node has none, as QEMU's.
+    /// (no name: the driver's own, then those jobs keep on the node) and named
+    /// ones; absent (None) when the node has none, as QEMU's.
     pub fn dirty_bitmaps_info(&self) -> Option<serde_json::Value> {
         let named = self.named_lock();
         let jobs = self.job_bitmaps_lock();
-        let list: Vec<serde_json::Value> = jobs
-            .iter()
-            .map(|(b, recording)| {
-                serde_json::json!({
-                    "recording": recording,
-                    "persistent": false,
-                    "busy": false,
-                    "granularity": b.granularity(),
-                    "count": b.count(),
-                })
-            })
+        let list: Vec<serde_json::Value> = self
+            .driver()
+            .own_bitmaps_info()
+            .into_iter()
+            .chain(jobs.iter().filter_map(|b| b.info()))
             .chain(named.iter().map(|b| b.info()))
             .collect();
         (!list.is_empty()).then(|| list.into())
