@@ -681,3 +681,33 @@ async def test_mirror_replaces_a_node_below_a_filter(start_daemon, tmp):
     d.expect_exit = True
     assert d.stop() is None
     compare(ref(tmp), tmp / "tgt.qcow2")
+
+
+async def test_mirror_writes_zero_clusters_as_zeroes(start_daemon, tmp):
+    """What the source holds as zero clusters is written to the target as zeroes (QEMU's
+    MIRROR_METHOD_ZERO), not read and written as data: the target holds no data there,
+    per qemu-img map."""
+    src, dm = tmp / "src.qcow2", tmp / "dm.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", src, SIZE)
+    run("qemu-io", "-f", "qcow2", "-c", f"write -P 7 0 {MIB}", "-c", f"write -z {MIB} {2 * MIB}", src)
+    assert [e["zero"] for e in img_map(src) if e["start"] == MIB] == [True]
+    d = start_daemon([
+        "--blockdev", f"file,node-name=src-file,filename={src}",
+        "--blockdev", "qcow2,node-name=src,file=src-file",
+    ])
+    async with d.qmp() as c:
+        ev = JobEvents(c)
+        await execute(c, "drive-mirror", {
+            "job-id": "m", "device": "src", "target": str(dm), "sync": "full",
+        })
+        assert await ev.until("m", "BLOCK_JOB_READY") == START
+        await execute(c, "block-job-cancel", {"device": "m"})
+        assert await ev.until("m", "null") == DONE
+    d.expect_exit = True
+    assert d.stop() is None
+    compare(src, dm)
+    check_clean(dm)
+    m = img_map(dm)
+    assert [e["data"] for e in m if e["start"] < MIB] == [True], m
+    rest = [e for e in m if e["start"] >= MIB]
+    assert rest and not any(e["data"] for e in rest), m

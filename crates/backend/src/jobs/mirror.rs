@@ -66,6 +66,9 @@ pub struct Mirror {
     pub buf_size: u64,
     /// Zeroes written to the target may unmap (QEMU's `unmap`).
     pub unmap: bool,
+    /// The target's cluster size (1 if it has none): zeroes are written as such
+    /// only over whole clusters.
+    pub target_cluster: u64,
 }
 
 impl Mirror {
@@ -258,9 +261,14 @@ impl Mirror {
     }
 
     /// Copies one dirty range from the source to the target (under the filter's
-    /// copy lock in write-blocking mode), with a buffer of its own.
+    /// copy lock in write-blocking mode), with a buffer of its own. What the
+    /// source's chain holds as zeroes (zero clusters, or nothing down to its last
+    /// layer) is written to the target as zeroes, unmapped if `unmap`, when it
+    /// spans whole target clusters, as QEMU's `MIRROR_METHOD_ZERO`; the rest is
+    /// read and written.
     async fn copy(&self, buf: CopyBuf, offset: u64, len: u64) -> Copied {
         let (target, locked) = (&self.target, self.active.is_some());
+        let (unmap, tc) = (self.unmap, self.target_cluster.max(1));
         let b = &buf;
         let result = self
             .source
@@ -272,7 +280,24 @@ impl Mirror {
                 };
                 let s = src.clone();
                 target
-                    .with_node(|t| async move { copy_range(b, &s, &t, offset, len).await })
+                    .with_node(|t| async move {
+                        let (mut at, end) = (offset, offset + len);
+                        while at < end {
+                            let (zero, n) = reads_zero(&s, at, end - at)
+                                .await
+                                .map_err(CopyError::read)?;
+                            let n = n.clamp(1, end - at);
+                            if zero && at % tc == 0 && n % tc == 0 {
+                                t.write_zeroes(at, n, unmap, false)
+                                    .await
+                                    .map_err(CopyError::write)?;
+                            } else {
+                                copy_range(b, &s, &t, at, n).await?;
+                            }
+                            at += n;
+                        }
+                        Ok(())
+                    })
                     .await
             })
             .await;
@@ -281,6 +306,50 @@ impl Mirror {
             len,
             buf,
             result,
+        }
+    }
+}
+
+/// Whether `offset..` of `top`'s chain reads as zeroes without holding data there
+/// (a zero cluster, or nothing allocated down to a layer without backing), and for
+/// how many bytes (QEMU's block status of the whole chain, as its mirror uses it).
+async fn reads_zero(top: &Arc<Node>, offset: u64, len: u64) -> blocklayer::Result<(bool, u64)> {
+    use blocklayer::driver::BlockStatus;
+    let mut n = len;
+    let mut layer = top.clone();
+    loop {
+        if offset >= layer.size() {
+            // Past the end of a shorter backing file: zeroes.
+            return Ok((true, n));
+        }
+        let name = layer.driver_name();
+        if matches!(name, "mirror_top" | "commit_top")
+            || blocklayer::drivers::kind(name) == Some(blocklayer::drivers::Kind::Filter)
+        {
+            // A filter (the job's own above the source, or the user's) holds
+            // nothing itself.
+            let below = layer
+                .primary_child()
+                .or_else(|| layer.children().first().map(|c| c.node_arc()));
+            match below {
+                Some(c) => {
+                    layer = c;
+                    continue;
+                }
+                None => return Ok((false, n)),
+            }
+        }
+        let (status, m) = layer.driver().block_status(offset, n).await?;
+        match status {
+            BlockStatus::Data => return Ok((false, m)),
+            BlockStatus::Zero => return Ok((true, m)),
+            BlockStatus::Unallocated => {
+                n = m;
+                match layer.backing() {
+                    Some(b) => layer = b,
+                    None => return Ok((true, n)),
+                }
+            }
         }
     }
 }
