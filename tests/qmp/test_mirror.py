@@ -13,10 +13,14 @@ import asyncio
 import pytest
 
 from chains import (
+    CANCEL_WAYS,
+    COMPLETED,
     KIB,
+    PivotUnderIo,
     JobEvents,
     backing_of,
     block_job,
+    cancel_in_ready,
     chain_args,
     check_clean,
     compare,
@@ -35,7 +39,7 @@ from chains import (
     write_pattern,
     write_raw,
 )
-from conftest import MIB, IoProc, error, execute, export_args, io_ok, vubd_io
+from conftest import MIB, error, execute, export_args, io_ok
 
 SIZE = 4 * MIB
 BASE = ("base", [(0, SIZE, 1)])
@@ -44,7 +48,7 @@ LAYERS = [BASE, TOP]
 #: What top holds itself (what sync=top copies).
 IN_TOP = 192 * KIB
 
-DONE = ["waiting", "pending", "BLOCK_JOB_COMPLETED", "concluded", "null"]
+DONE = COMPLETED
 START = ["created", "running", "ready", "BLOCK_JOB_READY"]
 
 
@@ -82,16 +86,9 @@ async def test_mirror_pivot_under_io(start_daemon, tmp, io_procs, mode):
     the target with no I/O error and no lost write; the mirror_top filter is there,
     under its filter-node-name, while the job runs and gone after it."""
     d, sock = setup(start_daemon, tmp, export_extra=",num-queues=2")
-    a, b, cc = (3 * MIB, 256 * KIB, 4), (3 * MIB + 256 * KIB, 256 * KIB, 5), (3 * MIB + 512 * KIB, 256 * KIB, 6)
-
-    def write(r):
-        io_ok("write", "--socket", sock, "--offset", r[0], "--len", r[1], "--seed", r[2])
-
-    write(a)
-    stress = IoProc(tmp, "stress", "--socket", sock, "--seconds", 4, "--seed", 7,
-                    "--queues", 2, "--span", 2 * MIB)
-    io_procs.append(stress)
-    await stress.ready()
+    p = PivotUnderIo(tmp, sock, io_procs, (3 * MIB, 256 * KIB, 4), (3 * MIB + 256 * KIB, 256 * KIB, 5),
+                     (3 * MIB + 512 * KIB, 256 * KIB, 6), seconds=4, span=2 * MIB)
+    await p.start()
     async with d.qmp() as c:
         ev = JobEvents(c)
         assert await execute(c, "blockdev-mirror", {
@@ -112,23 +109,15 @@ async def test_mirror_pivot_under_io(start_daemon, tmp, io_procs, mode):
             "mirror", "ready", True, False, "ok"), bj
         for verb in ("finalize", "dismiss"):
             await error(c, f"job-{verb}", {"id": "m"}, desc=verb_error("m", "ready", verb))
-        write(b)
-        assert await execute(c, "block-job-complete", {"device": "m"}) == {}
-        assert await ev.until("m", "null") == DONE
-        cd = ev.data["BLOCK_JOB_COMPLETED"]
+        p.write(p.b)
+        cd = await p.complete(c, ev, "m", "tgt")
         assert cd == info("m", cd["len"]), cd
-        assert await export_node(c, "e0") == "tgt"
         assert "mt" not in await nodes_by_name(c)
         assert await execute(c, "query-block-jobs") == []
-        r = await stress.result()
-        assert r["rc"] == 0 and r["ok"], r
-        write(cc)
-        for off, n, seed in (a, b, cc):
-            io_ok("verify", "--socket", sock, "--offset", off, "--len", n, "--seed", seed)
     d.expect_exit = True
     assert d.stop() is None
     data = read_disk(tmp / "tgt.qcow2", tmp)
-    for off, n, seed in (a, b, cc, *LAYERS[1][1]):
+    for off, n, seed in (p.a, p.b, p.c, *LAYERS[1][1]):
         if off >= 2 * MIB:
             assert data[off:off + n] == pattern(seed, off, n), (off, n, seed)
     assert data[2 * MIB + 512 * KIB:3 * MIB] == pattern(1, 2 * MIB + 512 * KIB, 512 * KIB)
@@ -140,7 +129,7 @@ async def test_mirror_pivot_under_io(start_daemon, tmp, io_procs, mode):
 # Cancelling
 
 
-@pytest.mark.parametrize("how", ["block-job-cancel", "block-job-cancel-force", "job-cancel"])
+@pytest.mark.parametrize("how", CANCEL_WAYS)
 async def test_mirror_cancel_in_ready(start_daemon, tmp, how):
     """block-job-cancel of a ready mirror completes it without the pivot
     (BLOCK_JOB_COMPLETED; the target is a full copy); with force, or job-cancel, it is
@@ -153,18 +142,7 @@ async def test_mirror_cancel_in_ready(start_daemon, tmp, how):
         # A target opened with discard=ignore cannot be zeroed by unmapping: all of
         # it is copied.
         assert ev.data["BLOCK_JOB_READY"] == info("m", SIZE)
-        cmd, args = {
-            "block-job-cancel": ("block-job-cancel", {"device": "m"}),
-            "block-job-cancel-force": ("block-job-cancel", {"device": "m", "force": True}),
-            "job-cancel": ("job-cancel", {"id": "m"}),
-        }[how]
-        assert await execute(c, cmd, args) == {}
-        if how == "block-job-cancel":
-            assert await ev.until("m", "null") == DONE
-            assert ev.data["BLOCK_JOB_COMPLETED"] == info("m", SIZE)
-        else:
-            assert await ev.until("m", "null") == ["aborting", "BLOCK_JOB_CANCELLED", "concluded", "null"]
-            assert ev.data["BLOCK_JOB_CANCELLED"] == info("m", SIZE)
+        assert await cancel_in_ready(c, ev, "m", how) == info("m", SIZE)
         assert await export_node(c, "e0") == "top"
         assert set(await nodes_by_name(c)) == {"base", "base-file", "top", "top-file", "tgt", "tgt-file"}
         verify_export(sock, seed_runs(LAYERS, SIZE))
