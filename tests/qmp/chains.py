@@ -1,7 +1,9 @@
 """Helpers for the block job and block graph tests (test_jobs.py, test_stream_commit.py,
-test_graph.py): qcow2 backing chains built offline with qemu-img and qemu-io, filled with
-vubd-io's data pattern so that the same regions can be checked through an export with
-``vubd-io verify`` and offline with ``qemu-img compare``; and a collector of job events.
+test_mirror.py, test_graph.py): qcow2 backing chains built offline with qemu-img and
+qemu-io, filled with vubd-io's data pattern so that the same regions can be checked
+through an export with ``vubd-io verify`` and offline with ``qemu-img compare``; a
+collector of job events; and what mirror and active commit tests share (the pivot under
+I/O, cancelling in ready).
 """
 
 from __future__ import annotations
@@ -351,3 +353,84 @@ def verify_export(sock: Path, runs: list[Write]):
 
     for off, n, seed in runs:
         io_ok("verify", "--socket", sock, "--offset", off, "--len", n, "--seed", seed)
+
+
+# ---------------------------------------------------------------------------------------
+# Mirror-like jobs (mirror, active commit): the pivot under I/O and cancelling in ready
+
+#: A mirror-like job's events from block-job-complete (or a soft cancel) to its end.
+COMPLETED = ["waiting", "pending", "BLOCK_JOB_COMPLETED", "concluded", "null"]
+#: Its events from a forced cancel in ready to its end.
+CANCELLED_IN_READY = ["aborting", "BLOCK_JOB_CANCELLED", "concluded", "null"]
+#: The three ways of cancelling a ready job (see cancel_in_ready).
+CANCEL_WAYS = ["block-job-cancel", "block-job-cancel-force", "job-cancel"]
+
+
+async def cancel_in_ready(c: QMPClient, ev: JobEvents, jid: str, how: str) -> dict:
+    """Cancels the ready job ``jid`` one of the CANCEL_WAYS: block-job-cancel
+    completes it without the pivot (BLOCK_JOB_COMPLETED); with force, or job-cancel,
+    it is cancelled (BLOCK_JOB_CANCELLED). Returns the data of that event."""
+    cmd, args = {
+        "block-job-cancel": ("block-job-cancel", {"device": jid}),
+        "block-job-cancel-force": ("block-job-cancel", {"device": jid, "force": True}),
+        "job-cancel": ("job-cancel", {"id": jid}),
+    }[how]
+    assert await execute(c, cmd, args) == {}
+    if how == "block-job-cancel":
+        assert await ev.until(jid, "null") == COMPLETED
+        return ev.data["BLOCK_JOB_COMPLETED"]
+    assert await ev.until(jid, "null") == CANCELLED_IN_READY
+    return ev.data["BLOCK_JOB_CANCELLED"]
+
+
+class PivotUnderIo:
+    """A pivot while a frontend writes and verifies through export e0 (``vubd-io
+    stress`` on two queues over ``[0, span)``), with three writes outside that span:
+    A before the job, B while it is ready, C after the pivot; each is verified through
+    the export after the pivot."""
+
+    def __init__(self, tmp: Path, sock: Path, io_procs: list, a: Write, b: Write, c: Write,
+                 seconds: int, span: int):
+        self.tmp, self.sock, self.io_procs = tmp, sock, io_procs
+        self.a, self.b, self.c = a, b, c
+        self.seconds, self.span = seconds, span
+        self.stress = None
+        self.stress_result = None
+
+    def write(self, r: Write):
+        from conftest import io_ok
+
+        io_ok("write", "--socket", self.sock, "--offset", r[0], "--len", r[1], "--seed", r[2])
+
+    async def start(self):
+        """Writes A, then starts the stress run."""
+        from conftest import IoProc
+
+        self.write(self.a)
+        self.stress = IoProc(self.tmp, "stress", "--socket", self.sock, "--seconds", self.seconds,
+                             "--seed", 7, "--queues", 2, "--span", self.span)
+        self.io_procs.append(self.stress)
+        await self.stress.ready()
+
+    async def stress_ok(self):
+        """The stress run ended without an error or a wrong read."""
+        if self.stress_result is None:
+            self.stress_result = await self.stress.result()
+        r = self.stress_result
+        assert r["rc"] == 0 and r["ok"], r
+
+    async def complete(self, c: QMPClient, ev: JobEvents, jid: str, node: str) -> dict:
+        """block-job-complete of the ready job: it ends (COMPLETED) with the export on
+        ``node``; then C is written, and A, B and C are verified. Returns the data of
+        BLOCK_JOB_COMPLETED."""
+        from conftest import io_ok
+
+        assert await execute(c, "block-job-complete", {"device": jid}) == {}
+        assert await ev.until(jid, "null") == COMPLETED
+        done = ev.data["BLOCK_JOB_COMPLETED"]
+        assert await export_node(c, "e0") == node
+        await self.stress_ok()
+        self.write(self.c)
+        for off, n, seed in (self.a, self.b, self.c):
+            io_ok("verify", "--socket", self.sock, "--offset", off, "--len", n, "--seed", seed)
+        return done

@@ -630,3 +630,34 @@ async def test_compressed_backup_to_qcow2(start_daemon, tmp):
     frag = check.get("compressed-clusters", 0)
     assert frag >= SIZE // (64 * KIB) - 1, check
     compare(tmp / "n0.img", tmp / "t0.qcow2")
+
+
+async def test_backup_bitmaps_are_listed(start_daemon, tmp):
+    """While a backup runs, its anonymous bitmaps are listed as QEMU lists them, none
+    recording: on the copy-before-write filter the clusters the snapshot may be read
+    at (all of them) and those a guest write has copied (one, after a write); on the
+    source what is still to copy, at the cluster size. All go with the job."""
+    d = setup(start_daemon, tmp)
+    async with d.qmp() as c:
+        ev = JobEvents(c)
+        await execute(c, "blockdev-backup", {
+            "job-id": "b", "device": "n0", "target": "t0", "sync": "full", "speed": 1,
+            "filter-node-name": "cbw",
+        })
+        assert await ev.until("b", "running") == ["created", "running"]
+        write(tmp, 3 * MIB, 4096, 5)
+
+        def anon(count):
+            return {"recording": False, "persistent": False, "busy": False,
+                    "granularity": 64 * KIB, "count": count}
+
+        nodes = await nodes_by_name(c)
+        assert nodes["cbw"]["dirty-bitmaps"] == [anon(SIZE), anon(64 * KIB)], nodes["cbw"]
+        [left] = nodes["n0"]["dirty-bitmaps"]
+        assert left == anon(left["count"]) and 0 < left["count"] < SIZE, left
+        assert "dirty-bitmaps" not in nodes["t0"], nodes["t0"]
+        await execute(c, "block-job-cancel", {"device": "b"})
+        await ev.until("b", "null")
+        nodes = await nodes_by_name(c)
+        assert "cbw" not in nodes
+        assert "dirty-bitmaps" not in nodes["n0"], nodes["n0"]

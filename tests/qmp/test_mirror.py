@@ -13,26 +13,33 @@ import asyncio
 import pytest
 
 from chains import (
+    CANCEL_WAYS,
+    COMPLETED,
     KIB,
+    PivotUnderIo,
     JobEvents,
     backing_of,
     block_job,
+    cancel_in_ready,
     chain_args,
     check_clean,
     compare,
     expected_disk,
     export_node,
+    img_map,
     make_chain,
     nodes_by_name,
     pattern,
     qemu_img,
+    run,
     read_disk,
     seed_runs,
     verb_error,
     verify_export,
+    write_pattern,
     write_raw,
 )
-from conftest import MIB, IoProc, error, execute, export_args, io_ok
+from conftest import MIB, error, execute, export_args, io_ok
 
 SIZE = 4 * MIB
 BASE = ("base", [(0, SIZE, 1)])
@@ -41,7 +48,7 @@ LAYERS = [BASE, TOP]
 #: What top holds itself (what sync=top copies).
 IN_TOP = 192 * KIB
 
-DONE = ["waiting", "pending", "BLOCK_JOB_COMPLETED", "concluded", "null"]
+DONE = COMPLETED
 START = ["created", "running", "ready", "BLOCK_JOB_READY"]
 
 
@@ -79,16 +86,9 @@ async def test_mirror_pivot_under_io(start_daemon, tmp, io_procs, mode):
     the target with no I/O error and no lost write; the mirror_top filter is there,
     under its filter-node-name, while the job runs and gone after it."""
     d, sock = setup(start_daemon, tmp, export_extra=",num-queues=2")
-    a, b, cc = (3 * MIB, 256 * KIB, 4), (3 * MIB + 256 * KIB, 256 * KIB, 5), (3 * MIB + 512 * KIB, 256 * KIB, 6)
-
-    def write(r):
-        io_ok("write", "--socket", sock, "--offset", r[0], "--len", r[1], "--seed", r[2])
-
-    write(a)
-    stress = IoProc(tmp, "stress", "--socket", sock, "--seconds", 4, "--seed", 7,
-                    "--queues", 2, "--span", 2 * MIB)
-    io_procs.append(stress)
-    await stress.ready()
+    p = PivotUnderIo(tmp, sock, io_procs, (3 * MIB, 256 * KIB, 4), (3 * MIB + 256 * KIB, 256 * KIB, 5),
+                     (3 * MIB + 512 * KIB, 256 * KIB, 6), seconds=4, span=2 * MIB)
+    await p.start()
     async with d.qmp() as c:
         ev = JobEvents(c)
         assert await execute(c, "blockdev-mirror", {
@@ -109,23 +109,15 @@ async def test_mirror_pivot_under_io(start_daemon, tmp, io_procs, mode):
             "mirror", "ready", True, False, "ok"), bj
         for verb in ("finalize", "dismiss"):
             await error(c, f"job-{verb}", {"id": "m"}, desc=verb_error("m", "ready", verb))
-        write(b)
-        assert await execute(c, "block-job-complete", {"device": "m"}) == {}
-        assert await ev.until("m", "null") == DONE
-        cd = ev.data["BLOCK_JOB_COMPLETED"]
+        p.write(p.b)
+        cd = await p.complete(c, ev, "m", "tgt")
         assert cd == info("m", cd["len"]), cd
-        assert await export_node(c, "e0") == "tgt"
         assert "mt" not in await nodes_by_name(c)
         assert await execute(c, "query-block-jobs") == []
-        r = await stress.result()
-        assert r["rc"] == 0 and r["ok"], r
-        write(cc)
-        for off, n, seed in (a, b, cc):
-            io_ok("verify", "--socket", sock, "--offset", off, "--len", n, "--seed", seed)
     d.expect_exit = True
     assert d.stop() is None
     data = read_disk(tmp / "tgt.qcow2", tmp)
-    for off, n, seed in (a, b, cc, *LAYERS[1][1]):
+    for off, n, seed in (p.a, p.b, p.c, *LAYERS[1][1]):
         if off >= 2 * MIB:
             assert data[off:off + n] == pattern(seed, off, n), (off, n, seed)
     assert data[2 * MIB + 512 * KIB:3 * MIB] == pattern(1, 2 * MIB + 512 * KIB, 512 * KIB)
@@ -137,7 +129,7 @@ async def test_mirror_pivot_under_io(start_daemon, tmp, io_procs, mode):
 # Cancelling
 
 
-@pytest.mark.parametrize("how", ["block-job-cancel", "block-job-cancel-force", "job-cancel"])
+@pytest.mark.parametrize("how", CANCEL_WAYS)
 async def test_mirror_cancel_in_ready(start_daemon, tmp, how):
     """block-job-cancel of a ready mirror completes it without the pivot
     (BLOCK_JOB_COMPLETED; the target is a full copy); with force, or job-cancel, it is
@@ -150,18 +142,7 @@ async def test_mirror_cancel_in_ready(start_daemon, tmp, how):
         # A target opened with discard=ignore cannot be zeroed by unmapping: all of
         # it is copied.
         assert ev.data["BLOCK_JOB_READY"] == info("m", SIZE)
-        cmd, args = {
-            "block-job-cancel": ("block-job-cancel", {"device": "m"}),
-            "block-job-cancel-force": ("block-job-cancel", {"device": "m", "force": True}),
-            "job-cancel": ("job-cancel", {"id": "m"}),
-        }[how]
-        assert await execute(c, cmd, args) == {}
-        if how == "block-job-cancel":
-            assert await ev.until("m", "null") == DONE
-            assert ev.data["BLOCK_JOB_COMPLETED"] == info("m", SIZE)
-        else:
-            assert await ev.until("m", "null") == ["aborting", "BLOCK_JOB_CANCELLED", "concluded", "null"]
-            assert ev.data["BLOCK_JOB_CANCELLED"] == info("m", SIZE)
+        assert await cancel_in_ready(c, ev, "m", how) == info("m", SIZE)
         assert await export_node(c, "e0") == "top"
         assert set(await nodes_by_name(c)) == {"base", "base-file", "top", "top-file", "tgt", "tgt-file"}
         verify_export(sock, seed_runs(LAYERS, SIZE))
@@ -397,3 +378,314 @@ async def test_mirror_on_target_error(start_daemon, tmp, policy):
                 "created", "running", "aborting", "BLOCK_JOB_COMPLETED", "concluded", "null"]
             assert ev.data["BLOCK_JOB_COMPLETED"]["error"] == "Input/output error"
             assert await export_node(c, "e0") == "top"
+
+
+@pytest.mark.parametrize("policy", ["report", "stop", "ignore"])
+async def test_write_blocking_target_error_on_the_guest_write(start_daemon, tmp, policy):
+    """In write-blocking mode a guest write that the target fails meets on-target-error
+    itself (BLOCK_JOB_ERROR, operation write), as QEMU's active write does: the guest
+    sees success (the source took it), and the error is reported even though the
+    target fails only once (a later copy of the range would succeed and hide it). With
+    report the job ends with the error; with stop it pauses and, resumed, copies the
+    range again; with ignore it goes on. A sync=none job copies nothing by itself, so
+    the only target write is the guest's."""
+    d, sock = setup(start_daemon, tmp, extra=failing_target(tmp))
+    w = (3 * MIB, 64 * KIB, 11)
+    async with d.qmp() as c:
+        ev = JobEvents(c)
+        await execute(c, "blockdev-mirror", {
+            "job-id": "m", "device": "top", "target": "bad", "sync": "none",
+            "copy-mode": "write-blocking", "on-target-error": policy,
+        })
+        assert await ev.until("m", "BLOCK_JOB_READY") == START
+        io_ok("write", "--socket", sock, "--offset", w[0], "--len", w[1], "--seed", w[2])
+        err = await ev.event("BLOCK_JOB_ERROR")
+        assert err["data"] == {"device": "m", "operation": "write", "action": policy}, err
+        if policy == "report":
+            assert await ev.until("m", "null") == [
+                "aborting", "BLOCK_JOB_COMPLETED", "concluded", "null"]
+            assert ev.data["BLOCK_JOB_COMPLETED"]["error"] == "Input/output error"
+            assert await export_node(c, "e0") == "top"
+            return
+        if policy == "stop":
+            assert await ev.until("m", "standby") == ["standby"]
+            bj = await block_job(c, "m")
+            assert (bj["status"], bj["paused"], bj["io-status"]) == ("standby", True, "failed"), bj
+            await execute(c, "block-job-resume", {"device": "m"})
+            assert await ev.until("m", "ready") == ["ready"]
+        await execute(c, "block-job-complete", {"device": "m"})
+        assert await ev.until("m", "null") == DONE
+        assert await export_node(c, "e0") == "bad"
+        # The range the target failed was copied again: the export (now the target,
+        # which has no backing file) reads the guest's write there.
+        verify_export(sock, [w])
+
+
+async def test_complete_while_paused(start_daemon, tmp):
+    """block-job-complete on a paused ready mirror (standby) is accepted, as QEMU 7.2's
+    verb table allows: the job stays paused and pivots once resumed. A mirror paused
+    before it is ready (paused) refuses it with QEMU's text."""
+    d, sock = setup(start_daemon, tmp)
+    async with d.qmp() as c:
+        ev = JobEvents(c)
+        await execute(c, "blockdev-mirror", {
+            "job-id": "slow", "device": "top", "target": "tgt", "sync": "full", "speed": 64 * KIB,
+        })
+        assert await ev.until("slow", "running") == ["created", "running"]
+        await execute(c, "block-job-pause", {"device": "slow"})
+        assert await ev.until("slow", "paused") == ["paused"]
+        await error(c, "block-job-complete", {"device": "slow"},
+                    desc=verb_error("slow", "paused", "complete"))
+        await execute(c, "block-job-cancel", {"device": "slow", "force": True})
+        assert await ev.until("slow", "null") == [
+            "running", "aborting", "BLOCK_JOB_CANCELLED", "concluded", "null"]
+
+        await execute(c, "blockdev-mirror", {"job-id": "m", "device": "top", "target": "tgt", "sync": "full"})
+        assert await ev.until("m", "BLOCK_JOB_READY") == START
+        await execute(c, "block-job-pause", {"device": "m"})
+        assert await ev.until("m", "standby") == ["standby"]
+        assert await execute(c, "block-job-complete", {"device": "m"}) == {}
+        assert await ev.quiet("m") == []
+        bj = await block_job(c, "m")
+        assert (bj["status"], bj["paused"]) == ("standby", True), bj
+        # Not pivoted yet: the export is still on the mirror_top filter.
+        assert await export_node(c, "e0") not in ("top", "tgt")
+        await execute(c, "block-job-resume", {"device": "m"})
+        assert await ev.until("m", "null") == ["ready"] + DONE
+        assert await export_node(c, "e0") == "tgt"
+        verify_export(sock, seed_runs(LAYERS, SIZE))
+
+
+async def test_mirror_buf_size_of_one_granule(start_daemon, tmp):
+    """A mirror whose buffer holds one granule (buf-size rounded up to the granularity,
+    as QEMU rounds it) copies one granule at a time and still converges, completes and
+    leaves a target equal to the source."""
+    d, sock = setup(start_daemon, tmp)
+    async with d.qmp() as c:
+        ev = JobEvents(c)
+        await execute(c, "blockdev-mirror", {
+            "job-id": "m", "device": "top", "target": "tgt", "sync": "full",
+            "granularity": 4096, "buf-size": 1,
+        })
+        assert await ev.until("m", "BLOCK_JOB_READY") == START
+        assert ev.data["BLOCK_JOB_READY"] == info("m", SIZE)
+        await execute(c, "block-job-complete", {"device": "m"})
+        assert await ev.until("m", "null") == DONE
+        assert await export_node(c, "e0") == "tgt"
+    d.expect_exit = True
+    assert d.stop() is None
+    compare(ref(tmp), tmp / "tgt.qcow2")
+    check_clean(tmp / "tgt.qcow2")
+
+
+async def test_drive_mirror_existing_target_backing(start_daemon, tmp):
+    """drive-mirror mode=existing probes the image's format and opens it without the
+    backing file its header names (QEMU's BDRV_O_NO_BACKING) while the job runs; when
+    the job completes that backing file is opened (a node of its own) and the export,
+    pivoted to the image, reads top's data and base's through it."""
+    make_chain(tmp, LAYERS, SIZE)
+    sock = tmp / "d-e0.sock"
+    # base read-only: the backing file opened at the end shares it (image locks).
+    args = chain_args(tmp, ["base", "top"], {"base": "read-only=on"})
+    args[1] += ",read-only=on"
+    d = start_daemon(args + export_args("e0", "top", sock))
+    dm = tmp / "dm.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", tmp / "base.qcow2", "-F", "qcow2", dm, SIZE)
+    async with d.qmp() as c:
+        ev = JobEvents(c)
+        await execute(c, "drive-mirror", {
+            "job-id": "m", "device": "top", "target": str(dm), "sync": "top", "mode": "existing",
+            "node-name": "dm",
+        })
+        assert await ev.until("m", "BLOCK_JOB_READY") == START
+        assert ev.data["BLOCK_JOB_READY"] == info("m", IN_TOP)
+        n = (await nodes_by_name(c))["dm"]
+        assert (n["drv"], n["backing_file_depth"]) == ("qcow2", 0), n
+        assert "backing-image" not in n["image"], n
+        before = set(await nodes_by_name(c))
+        await execute(c, "block-job-complete", {"device": "m"})
+        assert await ev.until("m", "null") == DONE
+        assert await export_node(c, "e0") == "dm"
+        nodes = await nodes_by_name(c)
+        assert nodes["dm"]["backing_file"] == str(tmp / "base.qcow2"), nodes["dm"]
+        # Nodes of its own (the image and its file), not the source's base.
+        new = set(nodes) - before
+        assert len(new) == 2 and all(n.startswith("#") for n in new), (before, set(nodes))
+        verify_export(sock, seed_runs(LAYERS, SIZE))
+    d.expect_exit = True
+    assert d.stop() is None
+    compare(ref(tmp), dm)
+    check_clean(dm)
+
+
+@pytest.mark.parametrize("unmap", [True, False])
+async def test_drive_mirror_unmap(start_daemon, tmp, unmap):
+    """A full mirror into an existing image zeroes what the source does not hold; with
+    unmap=true (the default) the target's clusters there are unmapped (zero, no data,
+    no host offset), with unmap=false they are written as zeroes and stay allocated
+    (zero, with a host offset), per qemu-img map. The target is opened with the
+    source's discard=unmap, as QEMU opens it with the source's flags."""
+    src, dm = tmp / "src.qcow2", tmp / "dm.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", src, SIZE)
+    qemu_img("create", "-q", "-f", "qcow2", dm, SIZE)
+    run("qemu-io", "-f", "qcow2", "-c", f"write -P 7 0 {MIB}", src)
+    run("qemu-io", "-f", "qcow2", "-c", f"write -P 9 0 {SIZE}", dm)
+    d = start_daemon([
+        "--blockdev", f"file,node-name=src-file,filename={src}",
+        "--blockdev", "qcow2,node-name=src,file=src-file,discard=unmap",
+    ])
+    async with d.qmp() as c:
+        ev = JobEvents(c)
+        await execute(c, "drive-mirror", {
+            "job-id": "m", "device": "src", "target": str(dm), "sync": "full", "mode": "existing",
+            "unmap": unmap,
+        })
+        assert await ev.until("m", "BLOCK_JOB_READY") == START
+        await execute(c, "block-job-cancel", {"device": "m"})
+        assert await ev.until("m", "null") == DONE
+    d.expect_exit = True
+    assert d.stop() is None
+    compare(src, dm)
+    check_clean(dm)
+    rest = [e for e in img_map(dm) if e["start"] >= MIB]
+    assert sum(e["length"] for e in rest) == SIZE - MIB, rest
+    for e in rest:
+        assert (e["data"], e["zero"], "offset" in e) == (False, True, not unmap), rest
+
+
+@pytest.mark.parametrize("kind", ["background", "write-blocking", "active-commit"])
+async def test_job_bitmaps_are_listed(start_daemon, tmp, kind):
+    """A mirror's (and an active commit's) own dirty bitmap is listed in its source's
+    dirty-bitmaps while the job runs, without a name, as QEMU lists it: recording
+    (but for a write-blocking mirror, whose bitmap the mirror keeps itself), not
+    persistent, not busy, with its granularity and what is still dirty; gone once
+    the job has ended."""
+    d, sock = setup(start_daemon, tmp)
+    async with d.qmp() as c:
+        ev = JobEvents(c)
+        if kind == "active-commit":
+            await execute(c, "block-commit", {"job-id": "m", "device": "top"})
+            gran = 64 * KIB
+        else:
+            await execute(c, "blockdev-mirror", {
+                "job-id": "m", "device": "top", "target": "tgt", "sync": "full",
+                "granularity": 4096, "copy-mode": kind,
+            })
+            gran = 4096
+        await ev.until("m", "BLOCK_JOB_READY")
+        bitmaps = (await nodes_by_name(c))["top"].get("dirty-bitmaps")
+        assert bitmaps == [{"recording": kind != "write-blocking", "persistent": False,
+                            "busy": False, "granularity": gran, "count": 0}], bitmaps
+        # A write the job has not copied yet is counted (the job is paused).
+        if kind == "background":
+            await execute(c, "block-job-pause", {"device": "m"})
+            assert await ev.until("m", "standby") == ["standby"]
+            io_ok("write", "--socket", sock, "--offset", MIB, "--len", 4096, "--seed", 5)
+            bitmaps = (await nodes_by_name(c))["top"]["dirty-bitmaps"]
+            assert [b["count"] for b in bitmaps] == [4096], bitmaps
+            await execute(c, "block-job-resume", {"device": "m"})
+        await execute(c, "block-job-cancel", {"device": "m", "force": True})
+        await ev.until("m", "null")
+        assert "dirty-bitmaps" not in (await nodes_by_name(c))["top"]
+
+
+def failing_source(tmp):
+    """A qcow2 source (not exported) over blkdebug whose first data read fails with
+    EIO, holding seed 4 over its first MiB."""
+    img = tmp / "src.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", img, SIZE)
+    write_pattern(img, "qcow2", [(0, MIB, 4)])
+    return ["--blockdev", f"file,node-name=src-file,filename={img}",
+            "--blockdev", "blkdebug,node-name=src-dbg,image=src-file,inject-error.0.event=read_aio,"
+            "inject-error.0.errno=5,inject-error.0.once=on",
+            "--blockdev", "qcow2,node-name=src,file=src-dbg"]
+
+
+@pytest.mark.parametrize("policy", ["report", "ignore", "stop"])
+async def test_mirror_on_source_error(start_daemon, tmp, policy):
+    """A failed read of the source: BLOCK_JOB_ERROR (operation read, the
+    on-source-error action); with report the job ends with the error; with ignore the
+    range stays dirty and is copied again; with stop the job pauses (io-status failed)
+    and, resumed, copies it again. Either way the target then equals the source."""
+    d, _ = setup(start_daemon, tmp, extra=failing_source(tmp))
+    async with d.qmp() as c:
+        ev = JobEvents(c)
+        await execute(c, "blockdev-mirror", {
+            "job-id": "m", "device": "src", "target": "tgt", "sync": "full",
+            "on-source-error": policy,
+        })
+        err = await ev.event("BLOCK_JOB_ERROR")
+        assert err["data"] == {"device": "m", "operation": "read", "action": policy}, err
+        if policy == "report":
+            assert await ev.until("m", "null") == [
+                "created", "running", "aborting", "BLOCK_JOB_COMPLETED", "concluded", "null"]
+            assert ev.data["BLOCK_JOB_COMPLETED"]["error"] == "Input/output error"
+            return
+        if policy == "stop":
+            assert await ev.until("m", "paused") == ["created", "running", "paused"]
+            bj = await block_job(c, "m")
+            assert (bj["status"], bj["io-status"]) == ("paused", "failed"), bj
+            await execute(c, "block-job-resume", {"device": "m"})
+        assert (await ev.until("m", "BLOCK_JOB_READY"))[-2:] == ["ready", "BLOCK_JOB_READY"]
+        await execute(c, "block-job-cancel", {"device": "m"})
+        assert await ev.until("m", "null") == DONE
+    d.expect_exit = True
+    assert d.stop() is None
+    compare(tmp / "src.qcow2", tmp / "tgt.qcow2")
+
+
+async def test_mirror_replaces_a_node_below_a_filter(start_daemon, tmp):
+    """replaces names a node below the source through filters only (here top, under a
+    copy-on-read filter that the export uses): at completion the target takes top's
+    place under the filter, and top, used by nothing any more, can be deleted."""
+    make_chain(tmp, LAYERS, SIZE)
+    sock = tmp / "d-e0.sock"
+    d = start_daemon(chain_args(tmp, ["base", "top"]) + blank(tmp, "tgt")
+                     + ["--blockdev", "copy-on-read,node-name=cor,file=top"]
+                     + export_args("e0", "cor", sock))
+    async with d.qmp() as c:
+        ev = JobEvents(c)
+        await execute(c, "blockdev-mirror", {
+            "job-id": "m", "device": "cor", "target": "tgt", "sync": "full", "replaces": "top",
+        })
+        assert await ev.until("m", "BLOCK_JOB_READY") == START
+        await execute(c, "block-job-complete", {"device": "m"})
+        assert await ev.until("m", "null") == DONE
+        assert await export_node(c, "e0") == "cor"
+        # QEMU names the filter's file by a json: description that holds it.
+        assert str(tmp / "tgt.qcow2") in (await nodes_by_name(c))["cor"]["file"]
+        assert await execute(c, "blockdev-del", {"node-name": "top"}) == {}
+        verify_export(sock, seed_runs(LAYERS, SIZE))
+    d.expect_exit = True
+    assert d.stop() is None
+    compare(ref(tmp), tmp / "tgt.qcow2")
+
+
+async def test_mirror_writes_zero_clusters_as_zeroes(start_daemon, tmp):
+    """What the source holds as zero clusters is written to the target as zeroes (QEMU's
+    MIRROR_METHOD_ZERO), not read and written as data: the target holds no data there,
+    per qemu-img map."""
+    src, dm = tmp / "src.qcow2", tmp / "dm.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", src, SIZE)
+    run("qemu-io", "-f", "qcow2", "-c", f"write -P 7 0 {MIB}", "-c", f"write -z {MIB} {2 * MIB}", src)
+    assert [e["zero"] for e in img_map(src) if e["start"] == MIB] == [True]
+    d = start_daemon([
+        "--blockdev", f"file,node-name=src-file,filename={src}",
+        "--blockdev", "qcow2,node-name=src,file=src-file",
+    ])
+    async with d.qmp() as c:
+        ev = JobEvents(c)
+        await execute(c, "drive-mirror", {
+            "job-id": "m", "device": "src", "target": str(dm), "sync": "full",
+        })
+        assert await ev.until("m", "BLOCK_JOB_READY") == START
+        await execute(c, "block-job-cancel", {"device": "m"})
+        assert await ev.until("m", "null") == DONE
+    d.expect_exit = True
+    assert d.stop() is None
+    compare(src, dm)
+    check_clean(dm)
+    m = img_map(dm)
+    assert [e["data"] for e in m if e["start"] < MIB] == [True], m
+    rest = [e for e in m if e["start"] >= MIB]
+    assert rest and not any(e["data"] for e in rest), m

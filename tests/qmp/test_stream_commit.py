@@ -11,11 +11,14 @@ check). Every expectation is qemu-storage-daemon 7.2's (the tests pass with
 import pytest
 
 from chains import (
+    CANCEL_WAYS,
     KIB,
+    PivotUnderIo,
     JobEvents,
     allocated_depths,
     backing_of,
     block_job,
+    cancel_in_ready,
     chain_args,
     check_clean,
     compare,
@@ -31,7 +34,7 @@ from chains import (
     verb_error,
     write_raw,
 )
-from conftest import MIB, IoProc, error, execute, export_args, io_ok
+from conftest import MIB, error, execute, export_args, io_ok
 
 SIZE = 4 * MIB
 BASE = ("base", [(0, SIZE, 1)])
@@ -415,16 +418,9 @@ async def test_active_commit_ready_and_pivot_under_io(start_daemon, tmp, io_proc
     sock = tmp / "d-e0.sock"
     d = start_daemon(chain_args(tmp, ["base", "top"]) + export_args("e0", "top", sock, extra=",num-queues=2"))
     # Outside the stress span: A before the job, B in ready, C after the pivot.
-    a, b, cc = (2 * MIB, MIB, 3), (3 * MIB, MIB, 4), (4 * MIB, MIB, 5)
-
-    def write(r):
-        io_ok("write", "--socket", sock, "--offset", r[0], "--len", r[1], "--seed", r[2])
-
-    write(a)
-    stress = IoProc(tmp, "stress", "--socket", sock, "--seconds", 3, "--seed", 7,
-                    "--queues", 2, "--span", 2 * MIB)
-    io_procs.append(stress)
-    await stress.ready()
+    p = PivotUnderIo(tmp, sock, io_procs, (2 * MIB, MIB, 3), (3 * MIB, MIB, 4), (4 * MIB, MIB, 5),
+                     seconds=3, span=2 * MIB)
+    await p.start()
     async with d.qmp() as c:
         ev = JobEvents(c)
         assert await execute(c, "block-commit", {"job-id": "c", "device": "top"}) == {}
@@ -437,7 +433,7 @@ async def test_active_commit_ready_and_pivot_under_io(start_daemon, tmp, io_proc
         for verb in ("finalize", "dismiss"):
             await error(c, f"job-{verb}", {"id": "c"}, desc=verb_error("c", "ready", verb))
         await error(c, "job-resume", {"id": "c"}, desc="Can't resume a job that was not paused")
-        write(b)
+        p.write(p.b)
         # Paused in ready: standby.
         await execute(c, "job-pause", {"id": "c"})
         assert await ev.until("c", "standby") == ["standby"]
@@ -446,17 +442,10 @@ async def test_active_commit_ready_and_pivot_under_io(start_daemon, tmp, io_proc
         await error(c, "job-pause", {"id": "c"}, desc="Job is already paused")
         await execute(c, "job-resume", {"id": "c"})
         assert await ev.until("c", "ready") == ["ready"]
-        r = await stress.result()
-        assert r["rc"] == 0 and r["ok"], r
-        assert await execute(c, "block-job-complete", {"device": "c"}) == {}
-        assert await ev.until("c", "null") == ["waiting", "pending", "BLOCK_JOB_COMPLETED", "concluded", "null"]
-        cd = ev.data["BLOCK_JOB_COMPLETED"]
+        await p.stress_ok()
+        # The export then writes to base.
+        cd = await p.complete(c, ev, "c", "base")
         assert cd == {"device": "c", "len": cd["len"], "offset": cd["len"], "speed": 0, "type": "commit"}, cd
-        # The export now writes to base.
-        assert await export_node(c, "e0") == "base"
-        write(cc)
-        for off, n, seed in (a, b, cc):
-            io_ok("verify", "--socket", sock, "--offset", off, "--len", n, "--seed", seed)
         io_ok("verify", "--socket", sock, "--offset", 6 * MIB, "--len", 64 * KIB, "--seed", 2)
         # A stress run after the pivot, on base.
         r = io_ok("stress", "--socket", sock, "--seconds", 1, "--seed", 8, "--queues", 2, "--span", 2 * MIB)
@@ -465,7 +454,7 @@ async def test_active_commit_ready_and_pivot_under_io(start_daemon, tmp, io_proc
     assert d.stop() is None
     base = tmp / "base.qcow2"
     data = read_disk(base, tmp)
-    for off, n, seed in (a, b, cc, (6 * MIB, 64 * KIB, 2), (5 * MIB, MIB, 1), (7 * MIB, MIB, 1)):
+    for off, n, seed in (p.a, p.b, p.c, (6 * MIB, 64 * KIB, 2), (5 * MIB, MIB, 1), (7 * MIB, MIB, 1)):
         assert data[off:off + n] == pattern(seed, off, n), (off, n, seed)
     check_clean(base)
     check_clean(tmp / "top.qcow2")
@@ -474,7 +463,7 @@ async def test_active_commit_ready_and_pivot_under_io(start_daemon, tmp, io_proc
     assert allocated_depths(tmp / "top.qcow2", 4 * MIB, MIB) == {1}
 
 
-@pytest.mark.parametrize("how", ["block-job-cancel", "block-job-cancel-force", "job-cancel"])
+@pytest.mark.parametrize("how", CANCEL_WAYS)
 async def test_active_commit_cancel_in_ready(start_daemon, tmp, how):
     """Cancelling a ready active commit: block-job-cancel completes it without the pivot
     (BLOCK_JOB_COMPLETED, base holds top's data); with force, or job-cancel, it is
@@ -488,21 +477,8 @@ async def test_active_commit_cancel_in_ready(start_daemon, tmp, how):
         assert ev.data["BLOCK_JOB_READY"] == {
             "device": "c", "len": ABOVE_BASE, "offset": ABOVE_BASE, "speed": 0, "type": "commit",
         }
-        cmd, args = {
-            "block-job-cancel": ("block-job-cancel", {"device": "c"}),
-            "block-job-cancel-force": ("block-job-cancel", {"device": "c", "force": True}),
-            "job-cancel": ("job-cancel", {"id": "c"}),
-        }[how]
-        assert await execute(c, cmd, args) == {}
         data = {"device": "c", "len": ABOVE_BASE, "offset": ABOVE_BASE, "speed": 0, "type": "commit"}
-        if how == "block-job-cancel":
-            assert await ev.until("c", "null") == [
-                "waiting", "pending", "BLOCK_JOB_COMPLETED", "concluded", "null",
-            ]
-            assert ev.data["BLOCK_JOB_COMPLETED"] == data
-        else:
-            assert await ev.until("c", "null") == ["aborting", "BLOCK_JOB_CANCELLED", "concluded", "null"]
-            assert ev.data["BLOCK_JOB_CANCELLED"] == data
+        assert await cancel_in_ready(c, ev, "c", how) == data
         assert await export_node(c, "e0") == "top"
         assert (await nodes_by_name(c))["top"]["backing_file"] == path(tmp, "mid")
         verify_export(sock, seed_runs(LAYERS, SIZE))

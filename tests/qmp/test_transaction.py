@@ -388,3 +388,26 @@ async def test_grouped_backup_failure_cancels_the_other(start_daemon, tmp):
         t1 = await ev2.until("j1", "null")
         assert "BLOCK_JOB_COMPLETED" in t1 and "error" not in ev2.data["BLOCK_JOB_COMPLETED"], t1
         await ev2.until("j2", "null")
+
+
+async def test_backup_undone_by_a_later_action_copies_nothing(start_daemon, tmp):
+    """A backup action whose transaction fails in a later action copies nothing to its
+    target (QEMU starts the job only when the transaction commits): the target holds no
+    data afterwards, per qemu-img map, and no job is left."""
+    src, tgt = tmp / "src.qcow2", tmp / "tgt.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", src, 4 * MIB)
+    qemu_img("create", "-q", "-f", "qcow2", tgt, 4 * MIB)
+    from chains import run
+    run("qemu-io", "-f", "qcow2", "-c", f"write -P 3 0 {4 * MIB}", src)
+    d = start_daemon(qcow2_args(tmp, "src") + qcow2_args(tmp, "tgt"))
+    async with d.qmp() as c:
+        await error(c, "transaction", {"actions": [
+            act("blockdev-backup", device="src", target="tgt", sync="full", **{"job-id": "b"}),
+            act("abort"),
+        ]}, desc=ABORTED)
+        await wait_jobs_gone(c)
+        assert "#" not in "".join(await nodes(c)), await nodes(c)
+    d.expect_exit = True
+    assert d.stop() is None
+    m = json.loads(qemu_img("map", "-U", "--output=json", tgt))
+    assert not any(e["data"] for e in m), m

@@ -29,11 +29,13 @@
 //! transcript file. It is kept, and its path and tail printed, when a test fails
 //! (panics) with a guest alive.
 //!
-//! [`fio`] runs verified fio rounds in the background; [`relay`] sits between QEMU and
+//! [`fio`] runs verified fio rounds in the background; [`jobs_rig`] sets up what the
+//! guest job tests share; [`relay`] sits between QEMU and
 //! a vhost-user backend and hides features from either side (tests that show what a
 //! feature changes).
 
 pub mod fio;
+pub mod jobs_rig;
 pub mod relay;
 
 use crate::qmp::Qmp;

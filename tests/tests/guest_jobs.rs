@@ -59,9 +59,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 use vubd_tests::guest::fio::{round_problems, FioRounds};
-use vubd_tests::guest::{Guest, GuestOpts, CMD_TIMEOUT};
+use vubd_tests::guest::{jobs_rig, Guest};
 use vubd_tests::tools::{qemu_img, run_ok};
-use vubd_tests::{Daemon, DaemonArgs, Qmp, Rng, TempDir, MIB};
+use vubd_tests::{Daemon, Qmp, Rng, TempDir, MIB};
 
 /// The disk (virtual size of every layer).
 const SIZE: u64 = 64 * MIB;
@@ -425,74 +425,33 @@ impl Run {
 
 #[test]
 fn guest_writes_through_snapshot_stream_commits_and_reopen() {
-    let (daemon_name, bin) = vubd_tests::jobs_daemon();
     let name = "guest-jobs";
     let t0 = Instant::now();
     let dir = TempDir::new_in(Path::new("/dev/shm"), "vubd-gjobs");
     let initial = make_chain(&dir);
-    let ref_raw = dir.join("ref.raw");
-    std::fs::File::create(&ref_raw)
-        .and_then(|f| f.set_len(SIZE))
-        .expect("create ref.raw");
-    let (sock, ref_sock, mon) = (
-        dir.join("disk.sock"),
-        dir.join("ref.sock"),
-        dir.join("qmp.sock"),
-    );
-    let file = |node: &str, f: &str| {
-        format!(
-            "driver=file,node-name={node},filename={},cache.direct=off",
-            dir.join(f).display()
-        )
-    };
-    let args = DaemonArgs::new()
-        .monitor(&mon)
-        .iothread("io0")
-        .blockdev(&file("base-file", "base.qcow2"))
-        .blockdev("driver=qcow2,node-name=base,file=base-file")
-        .blockdev(&file("top-file", "top.qcow2"))
-        .blockdev("driver=qcow2,node-name=top,file=top-file,backing=base")
-        .blockdev(&file("ref-file", "ref.raw"))
-        .blockdev("driver=raw,node-name=ref,file=ref-file")
-        .export(&format!(
-            "type=vhost-user-blk,id=disk,node-name=top,addr.type=unix,addr.path={},\
-             writable=on,num-queues=1,iothread=io0",
-            sock.display()
-        ))
-        .export(&format!(
-            "type=vhost-user-blk,id=ref,node-name=ref,addr.type=unix,addr.path={},\
-             writable=on,num-queues=1",
-            ref_sock.display()
-        ))
-        .build();
-    let daemon = Daemon::start_bin(&bin, &args);
-    let qmp = Qmp::connect(&mon);
-    let guest = Guest::boot(&GuestOpts::new(name).disk(&sock, 1).disk(&ref_sock, 1));
+    let blockdevs = [
+        jobs_rig::file_node(&dir, "base-file", "base.qcow2"),
+        "driver=qcow2,node-name=base,file=base-file".to_string(),
+        jobs_rig::file_node(&dir, "top-file", "top.qcow2"),
+        "driver=qcow2,node-name=top,file=top-file,backing=base".to_string(),
+    ];
+    let rig = jobs_rig::start(name, &dir, SIZE, &blockdevs, "top");
+    let daemon_name = rig.daemon_name;
     let mut r = Run {
         name: name.to_string(),
         daemon_name,
         dir,
-        daemon,
-        qmp,
-        guest,
+        daemon: rig.daemon,
+        qmp: rig.qmp,
+        guest: rig.guest,
         initial,
-        ref_raw,
+        ref_raw: rig.ref_raw,
         fio: Run::fio_phase(0),
         phase: 0,
         events: Vec::new(),
         t0,
     };
     r.note("booted");
-    // qemu-storage-daemon 7.2 tells the guest its cache is write-through (wce=0) while
-    // it caches writes itself (the export's BlockBackend has its write cache on), so
-    // Linux would never send it a FLUSH. Switched to write-back (vubd's default), the
-    // guest's fsync below reaches the daemon.
-    r.guest
-        .check("echo 'write back' > /sys/block/vda/cache_type", CMD_TIMEOUT);
-    assert_eq!(
-        r.guest.read_file("/sys/block/vda/queue/write_cache"),
-        "write back"
-    );
 
     // 1. External snapshot: base <- top <- s1.
     r.start_fio();

@@ -25,9 +25,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 use vubd_tests::guest::fio::{round_problems, FioRounds};
-use vubd_tests::guest::{Guest, GuestOpts, CMD_TIMEOUT};
+use vubd_tests::guest::{jobs_rig, Guest};
 use vubd_tests::tools::qemu_img;
-use vubd_tests::{Daemon, DaemonArgs, Qmp, Rng, TempDir, MIB};
+use vubd_tests::{Daemon, Qmp, Rng, TempDir, MIB};
 
 /// The disk.
 const SIZE: u64 = 32 * MIB;
@@ -218,7 +218,6 @@ impl Run {
 
 #[test]
 fn guest_writes_through_mirror_pivots_in_both_copy_modes() {
-    let (daemon_name, bin) = vubd_tests::jobs_daemon();
     let t0 = Instant::now();
     let dir = TempDir::new_in(Path::new("/dev/shm"), "vubd-gmirror");
     let (disk, raw) = (dir.join("disk.qcow2"), dir.join("initial.raw"));
@@ -226,61 +225,23 @@ fn guest_writes_through_mirror_pivots_in_both_copy_modes() {
     std::fs::write(&raw, &initial).expect("write initial.raw");
     qemu_img(&["convert", "-f", "raw", "-O", "qcow2", s(&raw), s(&disk)]);
     std::fs::remove_file(&raw).expect("remove initial.raw");
-    let ref_raw = dir.join("ref.raw");
-    std::fs::File::create(&ref_raw)
-        .and_then(|f| f.set_len(SIZE))
-        .expect("create ref.raw");
-    let (sock, ref_sock, mon) = (
-        dir.join("disk.sock"),
-        dir.join("ref.sock"),
-        dir.join("qmp.sock"),
-    );
-    let args = DaemonArgs::new()
-        .monitor(&mon)
-        .iothread("io0")
-        .blockdev(&format!(
-            "driver=file,node-name=disk-file,filename={},cache.direct=off",
-            disk.display()
-        ))
-        .blockdev("driver=qcow2,node-name=disk,file=disk-file")
-        .blockdev(&format!(
-            "driver=file,node-name=ref-file,filename={}",
-            ref_raw.display()
-        ))
-        .blockdev("driver=raw,node-name=ref,file=ref-file")
-        .export(&format!(
-            "type=vhost-user-blk,id=disk,node-name=disk,addr.type=unix,addr.path={},\
-             writable=on,num-queues=1,iothread=io0",
-            sock.display()
-        ))
-        .export(&format!(
-            "type=vhost-user-blk,id=ref,node-name=ref,addr.type=unix,addr.path={},\
-             writable=on,num-queues=1",
-            ref_sock.display()
-        ))
-        .build();
-    let daemon = Daemon::start_bin(&bin, &args);
-    let qmp = Qmp::connect(&mon);
-    let guest = Guest::boot(
-        &GuestOpts::new("guest-mirror")
-            .disk(&sock, 1)
-            .disk(&ref_sock, 1),
-    );
+    let blockdevs = [
+        jobs_rig::file_node(&dir, "disk-file", "disk.qcow2"),
+        "driver=qcow2,node-name=disk,file=disk-file".to_string(),
+    ];
+    let rig = jobs_rig::start("guest-mirror", &dir, SIZE, &blockdevs, "disk");
+    let daemon_name = rig.daemon_name;
     let mut r = Run {
         daemon_name,
         dir,
-        daemon,
-        qmp,
-        guest,
+        daemon: rig.daemon,
+        qmp: rig.qmp,
+        guest: rig.guest,
         initial,
         fio: FioRounds::new("none", "/dev/vda", 1, FIO_MIB),
         t0,
     };
     r.note("booted");
-    // qemu-storage-daemon 7.2 offers a write-through cache while it caches itself: the
-    // guest would never flush it (see guest_jobs.rs).
-    r.guest
-        .check("echo 'write back' > /sys/block/vda/cache_type", CMD_TIMEOUT);
 
     for (n, (id, to, mode)) in [("m1", "m1", "background"), ("m2", "m2", "write-blocking")]
         .into_iter()

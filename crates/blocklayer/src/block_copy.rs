@@ -197,6 +197,12 @@ impl BlockCopy {
         self.copied.load(Ordering::Acquire)
     }
 
+    /// Bytes of the clusters still to copy and not in flight (the count of QEMU's
+    /// block-copy bitmap).
+    pub fn dirty_bytes(&self) -> u64 {
+        self.lock().dirty.count() * self.cluster
+    }
+
     /// Bytes still to copy, counting the runs in flight.
     pub fn remaining(&self) -> u64 {
         let s = self.lock();

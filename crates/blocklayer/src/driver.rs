@@ -16,6 +16,17 @@ fn no_snapshots<T>() -> Result<T> {
     Err(BlockError::Unsupported("internal snapshots"))
 }
 
+/// What a range of a node holds itself ([`Driver::block_status`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockStatus {
+    /// Data (which may be anything).
+    Data,
+    /// Known to read as zeroes.
+    Zero,
+    /// Not allocated here: read from the backing child (zeroes without one).
+    Unallocated,
+}
+
 /// The permissions a node takes on a child and shares with the child's other users,
 /// given what the node's own parents take and share (QEMU's `bdrv_default_perms`):
 /// filters pass their parents' permissions through; a format takes write and resize
@@ -125,6 +136,17 @@ pub trait Driver: Send + Sync {
         Box::pin(std::future::ready(Ok((true, len))))
     }
 
+    /// What `offset..` holds in this node itself, and for how many bytes (at most
+    /// `len`, at least 1) the answer holds (QEMU's block status, as far as a
+    /// mirror needs it). Drivers that cannot tell say data.
+    fn block_status(
+        &self,
+        _offset: u64,
+        len: u64,
+    ) -> LocalBoxFuture<'_, Result<(BlockStatus, u64)>> {
+        Box::pin(std::future::ready(Ok((BlockStatus::Data, len))))
+    }
+
     /// Whether writes with FUA are stable on completion without a separate flush.
     fn supports_fua(&self) -> bool {
         false
@@ -190,6 +212,12 @@ pub trait Driver: Send + Sync {
     /// image (QEMU's `bdrv_can_store_new_dirty_bitmap`); `Err` says why not.
     fn can_store_new_bitmap(&self, _name: &str, _granularity: u64) -> Result<()> {
         Err(BlockError::Unsupported("persistent bitmaps"))
+    }
+
+    /// The `dirty-bitmaps` entries of bitmaps the driver keeps itself (QEMU's
+    /// anonymous bitmaps of the node: the copy-before-write filter's).
+    fn own_bitmaps_info(&self) -> Vec<serde_json::Value> {
+        Vec::new()
     }
 
     /// The file name QEMU reports for the node (`file` in `BlockDeviceInfo`).

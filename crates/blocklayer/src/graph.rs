@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 pub const MAX_BACKING_DEPTH: usize = 16;
 
 /// The format of an image file, from its first bytes: qcow2 or raw.
-fn probe_format(path: &Path) -> Result<String> {
+pub fn probe_format(path: &Path) -> Result<String> {
     use std::io::Read;
     let mut magic = [0u8; 4];
     let mut f = std::fs::File::open(path).map_err(|source| BlockError::Open {
@@ -225,6 +225,33 @@ impl Graph {
             return Err(e);
         }
         Ok(())
+    }
+
+    /// Opens the backing file `node`'s image header names and makes it the node's
+    /// backing child (QEMU's `bdrv_open_backing_file` for a node opened without
+    /// one); nothing when the node has a backing child or its header names none.
+    pub fn open_header_backing(&mut self, node: &Arc<Node>) -> Result<()> {
+        if node.backing().is_some() {
+            return Ok(());
+        }
+        let extra = node.driver().image_info_extra().unwrap_or_default();
+        let Some(name) = extra.get("backing-filename").and_then(|v| v.as_str()) else {
+            return Ok(());
+        };
+        let format = extra
+            .get("backing-filename-format")
+            .and_then(|v| v.as_str());
+        let image = node
+            .child("file")
+            .map(|f| f.driver().filename())
+            .unwrap_or_default();
+        let backing = self.open_backing_file(&image, name, format)?;
+        let r = self.set_backing(node, Some(&backing));
+        drop(backing);
+        if r.is_err() {
+            self.collect_unused();
+        }
+        r
     }
 
     /// Reopens a node read-write or read-only (QEMU's `bdrv_reopen_set_read_only`,

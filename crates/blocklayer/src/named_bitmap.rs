@@ -365,11 +365,20 @@ impl Node {
         Some(b)
     }
 
-    /// The `dirty-bitmaps` member of the node's `BlockDeviceInfo`: absent (None)
-    /// when the node has no named bitmap, as QEMU's.
+    /// The `dirty-bitmaps` member of the node's `BlockDeviceInfo`: jobs' bitmaps
+    /// (no name: the driver's own, then those jobs keep on the node) and named
+    /// ones; absent (None) when the node has none, as QEMU's.
     pub fn dirty_bitmaps_info(&self) -> Option<serde_json::Value> {
         let named = self.named_lock();
-        (!named.is_empty()).then(|| named.iter().map(|b| b.info()).collect())
+        let jobs = self.job_bitmaps_lock();
+        let list: Vec<serde_json::Value> = self
+            .driver()
+            .own_bitmaps_info()
+            .into_iter()
+            .chain(jobs.iter().filter_map(|b| b.info()))
+            .chain(named.iter().map(|b| b.info()))
+            .collect();
+        (!list.is_empty()).then(|| list.into())
     }
 
     /// Starts recording writes in `b` (a bitmap of this node).

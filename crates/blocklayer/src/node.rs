@@ -58,6 +58,44 @@ pub(crate) struct Tracked {
     pub kind: Serial,
 }
 
+/// A job's bitmap that a node lists in `dirty-bitmaps`.
+pub(crate) enum JobBitmap {
+    /// Marked by every write, shown with this `recording`.
+    Recording(Arc<DirtyBitmap>, bool),
+    /// What a block copy from the node has still to copy, while it exists.
+    Copy(std::sync::Weak<crate::block_copy::BlockCopy>),
+}
+
+impl JobBitmap {
+    /// QEMU's `BlockDirtyInfo` of an anonymous bitmap (None: gone).
+    pub(crate) fn info(&self) -> Option<serde_json::Value> {
+        let (recording, granularity, count) = match self {
+            JobBitmap::Recording(b, r) => (*r, b.granularity(), b.count()),
+            JobBitmap::Copy(w) => {
+                let bcs = w.upgrade()?;
+                (false, bcs.cluster_size(), bcs.dirty_bytes())
+            }
+        };
+        Some(anonymous_bitmap_info(recording, granularity, count))
+    }
+}
+
+/// The `dirty-bitmaps` entry of a bitmap without a name (a job's): never
+/// persistent nor busy.
+pub(crate) fn anonymous_bitmap_info(
+    recording: bool,
+    granularity: u64,
+    count: u64,
+) -> serde_json::Value {
+    serde_json::json!({
+        "recording": recording,
+        "persistent": false,
+        "busy": false,
+        "granularity": granularity,
+        "count": count,
+    })
+}
+
 pub struct Node {
     name: String,
     driver: Box<dyn Driver>,
@@ -95,6 +133,9 @@ pub struct Node {
     named: Mutex<Vec<Arc<NamedBitmap>>>,
     /// How many `named` holds (kept under its lock), read without it.
     pub(crate) named_count: AtomicU32,
+    /// Jobs' own (anonymous) bitmaps, newest first, which `dirty-bitmaps` lists
+    /// (changed under the `named` lock).
+    pub(crate) job_bitmaps: Mutex<Vec<JobBitmap>>,
     /// `block-set-write-threshold`: the first write ending past it raises
     /// `BLOCK_WRITE_THRESHOLD` and clears it (0: none).
     write_threshold: AtomicU64,
@@ -145,6 +186,7 @@ impl Node {
             bitmap_gen: AtomicU64::new(0),
             named: Mutex::new(Vec::new()),
             named_count: AtomicU32::new(0),
+            job_bitmaps: Mutex::new(Vec::new()),
             write_threshold: AtomicU64::new(0),
             stats: IoStats::new(),
             debug_events,
@@ -359,9 +401,35 @@ impl Node {
         self.recording_add(b);
     }
 
+    /// [`Node::add_bitmap`] for a job's own bitmap, which `dirty-bitmaps` lists
+    /// without a name (as QEMU lists its jobs' anonymous bitmaps), `recording` as
+    /// QEMU shows it (a write-blocking mirror's is not: the mirror keeps it).
+    pub fn add_job_bitmap(&self, b: Arc<DirtyBitmap>, recording: bool) {
+        let _named = self.named_lock();
+        self.job_bitmaps_lock()
+            .insert(0, JobBitmap::Recording(b.clone(), recording));
+        self.recording_add(b);
+    }
+
+    /// Lists the clusters a block copy from this node has still to copy (QEMU's
+    /// block-copy bitmap on its source) while the copy exists.
+    pub(crate) fn list_copy_bitmap(&self, bcs: &Arc<crate::block_copy::BlockCopy>) {
+        let _named = self.named_lock();
+        let mut v = self.job_bitmaps_lock();
+        v.retain(|b| !matches!(b, JobBitmap::Copy(w) if w.strong_count() == 0));
+        v.insert(0, JobBitmap::Copy(Arc::downgrade(bcs)));
+    }
+
+    /// Stops marking `b` (and no longer lists it, if it is a job's).
     pub fn remove_bitmap(&self, b: &Arc<DirtyBitmap>) {
         let _named = self.named_lock();
+        self.job_bitmaps_lock()
+            .retain(|x| !matches!(x, JobBitmap::Recording(y, _) if Arc::ptr_eq(y, b)));
         self.recording_remove(b);
+    }
+
+    pub(crate) fn job_bitmaps_lock(&self) -> MutexGuard<'_, Vec<JobBitmap>> {
+        self.job_bitmaps.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub(crate) fn named_lock(&self) -> MutexGuard<'_, Vec<Arc<NamedBitmap>>> {

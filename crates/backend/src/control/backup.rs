@@ -351,9 +351,9 @@ impl Control {
             },
         };
         let iothread = self.node_iothread(&cbw);
+        // Started when the transaction commits, in its drained section: the new
+        // job pauses at once and resumes as the section ends (see `start_job`).
         self.start_job(job, Some(iothread), move || backup.run())?;
-        // The new job paused in the drained section and resumes as it ends.
-        self.pause_blip(&id);
         Ok(())
     }
 
@@ -369,7 +369,7 @@ impl Control {
 
     /// A job that is running or ready (and not paused by the user) is paused and
     /// resumed, as a drained section does.
-    fn pause_blip(&mut self, id: &str) {
+    pub(super) fn pause_blip(&mut self, id: &str) {
         let events = self.events.clone();
         let Some(j) = self.jobs.get(id) else {
             return;

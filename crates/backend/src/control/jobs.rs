@@ -20,6 +20,9 @@ use serde_json::json;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+/// What starts a job whose start waits for its transaction to commit.
+pub(super) type DeferredStart = Box<dyn FnOnce(&mut Control) + Send>;
+
 /// Arguments common to block jobs.
 #[derive(Debug)]
 pub struct JobOpts {
@@ -152,6 +155,32 @@ impl Control {
         job.txn = self.job_txn;
         let events = self.events.clone();
         self.jobs.insert(&events, job);
+        if let Some(deferred) = &mut self.deferred_starts {
+            // Created now, started when the transaction commits, still in its
+            // drained section: it pauses at once and resumes as the section ends.
+            let key = id.clone();
+            let start: DeferredStart = Box::new(move |ctl: &mut Control| {
+                ctl.run_job(&id, iothread, work);
+                ctl.pause_blip(&id);
+            });
+            deferred.push((key, start));
+            return Ok(());
+        }
+        self.run_job(&id, iothread, work);
+        Ok(())
+    }
+
+    /// Starts a created job's work: running.
+    fn run_job<Fut>(
+        &mut self,
+        id: &str,
+        iothread: Option<Arc<crate::iothread::IoThread>>,
+        work: impl FnOnce() -> Fut + Send + 'static,
+    ) where
+        Fut: std::future::Future<Output = Result<(), String>> + 'static,
+    {
+        let id = id.to_string();
+        let events = self.events.clone();
         self.jobs.transition(&events, &id, Status::Running);
         let running = match iothread {
             Some(t) => Ok(crate::jobs::spawn_on(&id, self.tx.clone(), t, work)),
@@ -168,7 +197,24 @@ impl Control {
                 result: Err(e.to_string()),
             }),
         }
-        Ok(())
+    }
+
+    /// Defers the start of the jobs created from now on until
+    /// [`Control::end_deferring`] (a transaction being prepared).
+    pub(super) fn defer_job_starts(&mut self) {
+        self.deferred_starts = Some(Vec::new());
+    }
+
+    /// Starts the deferred jobs (`start`: the transaction commits), or cancels them
+    /// before they ever ran (it is undone).
+    pub(super) fn end_deferring(&mut self, start: bool) {
+        for (id, run) in self.deferred_starts.take().unwrap_or_default() {
+            if start {
+                run(self);
+            } else if let Err(e) = self.job_cancel(&id, true, false) {
+                log::error!("job {id}: cancelling a job never started: {}", e.desc);
+            }
+        }
     }
 
     /// On the way out (QEMU's `job_cancel_sync_all`): every job not yet concluded
@@ -492,7 +538,7 @@ impl Control {
             // QEMU's active commit is a mirror of the top into the base.
             let dirty = Arc::new(blocklayer::bitmap::DirtyBitmap::new(top.size(), 65536));
             match self.graph.drain(&top, DRAIN_TIMEOUT) {
-                Ok(_d) => top.add_bitmap(dirty.clone()),
+                Ok(_d) => top.add_job_bitmap(dirty.clone(), true),
                 Err(e) => {
                     self.drop_job_filter(&filter);
                     return Err(generic(e));
@@ -514,7 +560,10 @@ impl Control {
                 },
                 active: None,
                 target_backing: None,
+                open_target_backing: false,
                 on_target_error: o.on_error,
+                buf_size: 0,
+                unmap: true,
                 pivoted,
                 cleanup: Some(Box::new(restore_base)),
             };

@@ -8,7 +8,7 @@ use super::jobs::{check_busy, JobOpts};
 use super::{generic, Control, OpResult, DRAIN_TIMEOUT};
 use crate::config::OnError;
 use crate::jobs::copy::JobCtx;
-use crate::jobs::mirror::{copy_remaining, Mirror, Seed};
+use crate::jobs::mirror::{copy_remaining, Budget, Mirror, Seed};
 use crate::jobs::{Cleanup, Job, JobCore};
 use crate::qmp::wire::QmpError;
 use blocklayer::aio::uring::block_on;
@@ -36,6 +36,8 @@ pub struct MirrorCommon {
     pub sync: &'static str,
     pub granularity: Option<u64>,
     pub buf_size: Option<i64>,
+    /// drive-mirror's `unmap` (blockdev-mirror always unmaps).
+    pub unmap: bool,
     pub on_target_error: OnError,
     pub filter_node_name: Option<String>,
     /// `copy-mode=write-blocking`.
@@ -70,7 +72,15 @@ pub(super) struct MirrorRun {
     /// The backing node the target takes when the job ends (drive-mirror's new
     /// image of `sync=top` or `none`).
     pub target_backing: Option<Arc<Node>>,
+    /// drive-mirror `mode=existing`: the target was opened without the backing
+    /// file its header names, which is opened when the job ends (QEMU's
+    /// MIRROR_OPEN_BACKING_CHAIN).
+    pub open_target_backing: bool,
     pub on_target_error: OnError,
+    /// The job's copy buffer (`buf-size`, 0: the default), and whether zeroes
+    /// written to the target may unmap.
+    pub buf_size: u64,
+    pub unmap: bool,
     /// Set once the pivot is made.
     pub pivoted: Arc<AtomicBool>,
     /// What the caller undoes when the job ends either way.
@@ -106,7 +116,7 @@ impl Control {
         let target = self.lookup_device(target)?;
         // QEMU zeroes (or copies in full) what the target holds beyond the source's
         // data: an existing image may hold anything.
-        self.mirror_common(source, target, a, o, None, ZeroTarget(true))
+        self.mirror_common(source, target, a, o, TargetEnd::default(), ZeroTarget(true))
     }
 
     /// `drive-mirror`: creates the target image (unless `mode=existing`), opens it
@@ -120,7 +130,8 @@ impl Control {
     ) -> OpResult<()> {
         let source = self.mirror_source(&d.device)?;
         check_busy(&source)?;
-        let format = d.format.clone().unwrap_or_else(|| {
+        // An existing image without a format given is probed, as QEMU does.
+        let mut format = d.format.clone().unwrap_or_else(|| {
             if d.existing {
                 String::new()
             } else {
@@ -162,13 +173,17 @@ impl Control {
                 f => return Err(QmpError::generic(format!("Unknown file format '{f}'"))),
             }
         } else {
-            // The image keeps the backing chain its header names.
+            // QEMU opens an existing image without its backing file, and opens the
+            // one its header names when the job ends (see `TargetEnd`).
             backing = None;
             if !path.exists() {
                 return Err(QmpError::generic(format!(
                     "Could not open '{}': No such file or directory",
                     d.target
                 )));
+            }
+            if format.is_empty() {
+                format = blocklayer::graph::probe_format(path).map_err(generic)?;
             }
         }
         if let Some(n) = &d.node_name {
@@ -183,16 +198,26 @@ impl Control {
         if let Some(n) = &d.node_name {
             opts["node-name"] = json!(n);
         }
-        if !d.existing && format == "qcow2" {
-            // Opened without its backing file: the job attaches the source's.
+        if format == "qcow2" {
+            // Opened without its backing file: the job attaches the source's to a
+            // new image, an existing one's own when it ends.
             opts["backing"] = serde_json::Value::Null;
+        }
+        // The target is opened with the source's discard mode, as QEMU opens it with
+        // the source's flags.
+        if source.flags().discard_unmap {
+            opts["discard"] = json!("unmap");
         }
         let target = self
             .graph
             .add_implicit(&BlockdevOptions::from_json(&opts).map_err(generic)?)
             .map_err(generic)?;
         let zero = a.sync == "full" && d.existing;
-        let r = self.mirror_common(source, target, a, o, backing, ZeroTarget(zero));
+        let ends = TargetEnd {
+            backing,
+            open_backing: d.existing,
+        };
+        let r = self.mirror_common(source, target, a, o, ends, ZeroTarget(zero));
         // A target no job took is closed again, as QEMU's reference goes away.
         self.graph.collect_unused();
         r
@@ -214,7 +239,7 @@ impl Control {
         target: Arc<Node>,
         mut a: MirrorCommon,
         o: JobOpts,
-        target_backing: Option<Arc<Node>>,
+        ends: TargetEnd,
         zero_target: ZeroTarget,
     ) -> OpResult<()> {
         let granularity = a.granularity.unwrap_or(0);
@@ -293,7 +318,7 @@ impl Control {
                     active.clone(),
                 )
                 .map_err(generic)?;
-            source.add_bitmap(dirty.clone());
+            source.add_job_bitmap(dirty.clone(), !a.write_blocking);
             if active.is_some() {
                 f.serialise_begin();
             }
@@ -351,8 +376,11 @@ impl Control {
                 dirty,
                 seed,
                 active,
-                target_backing,
+                target_backing: ends.backing,
+                open_target_backing: ends.open_backing,
                 on_target_error: a.on_target_error,
+                buf_size: a.buf_size.unwrap_or(0) as u64,
+                unmap: a.unmap,
                 pivoted: Arc::new(AtomicBool::new(false)),
                 cleanup: None,
             },
@@ -406,7 +434,9 @@ impl Control {
         let end = {
             let (s, t, bm) = (r.source.clone(), r.target.clone(), r.dirty.clone());
             let (active, backing) = (r.active.clone(), r.target_backing.clone());
+            let open_backing = r.open_target_backing;
             let core = job.core.clone();
+            let budget = Budget::new(r.buf_size, r.dirty.granularity());
             move |ctl: &mut Control, pivot: Option<(Arc<Node>, Arc<AtomicBool>)>| {
                 let _d = ctl
                     .graph
@@ -420,11 +450,21 @@ impl Control {
                     s.clone(),
                     t.clone(),
                     bm.clone(),
+                    budget,
                 ))?;
                 if let Some(b) = &backing {
                     ctl.graph
                         .set_backing(&t, Some(b))
                         .map_err(|e| e.to_string())?;
+                }
+                // As QEMU's, a backing file that cannot be opened fails the job
+                // (EINVAL) but does not hold back the pivot.
+                let mut failed = None;
+                if open_backing {
+                    if let Err(e) = ctl.graph.open_header_backing(&t) {
+                        log::error!("Could not open backing file: {e}");
+                        failed = Some(blocklayer::error::strerror(libc::EINVAL));
+                    }
                 }
                 if let Some((replaced, pivoted)) = pivot {
                     ctl.graph
@@ -432,7 +472,7 @@ impl Control {
                         .map_err(|e| e.to_string())?;
                     pivoted.store(true, Ordering::Release);
                 }
-                Ok(())
+                failed.map_or(Ok(()), Err)
             }
         };
         let end2 = end.clone();
@@ -470,6 +510,14 @@ impl Control {
             dirty: r.dirty,
             seed: r.seed,
             active: r.active,
+            buf_size: r.buf_size,
+            unmap: r.unmap,
+            target_cluster: r
+                .target
+                .driver()
+                .image_info_extra()
+                .and_then(|v| v.get("cluster-size").and_then(|c| c.as_u64()))
+                .unwrap_or(1),
         };
         log::info!(
             "{} job '{}': '{}' -> '{}'",
@@ -481,6 +529,14 @@ impl Control {
         let iothread = self.node_iothread(&r.source);
         self.start_job(job, Some(iothread), move || m.run())
     }
+}
+
+/// What the target's backing becomes when the job ends: `backing` (drive-mirror's
+/// new image), or with `open_backing` the one its header names.
+#[derive(Default)]
+struct TargetEnd {
+    backing: Option<Arc<Node>>,
+    open_backing: bool,
 }
 
 /// Whether a full mirror makes the target read as zeroes where the source has no

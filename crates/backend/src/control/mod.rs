@@ -92,6 +92,9 @@ pub struct Control {
     /// being prepared), and the next one's number.
     job_txn: Option<u64>,
     next_job_txn: u64,
+    /// While a transaction is prepared: the jobs it created, each with what
+    /// starts it (QEMU starts them when the transaction commits).
+    deferred_starts: Option<Vec<(String, jobs::DeferredStart)>>,
 }
 
 impl Control {
@@ -108,6 +111,7 @@ impl Control {
             main_loop: None,
             job_txn: None,
             next_job_txn: 1,
+            deferred_starts: None,
         }
     }
 

@@ -15,9 +15,8 @@
 //!   file is created and stays on abort, as QEMU leaves it), abort puts the old
 //!   top back under its users, read-write again if it was;
 //! - blockdev-snapshot-internal-sync: prepare takes the snapshot, abort deletes it;
-//! - blockdev-backup, drive-backup: prepare starts the job (QEMU creates it then and
-//!   starts it at commit; here it copies from prepare on, which nothing can see
-//!   before the transaction ends), abort cancels it and waits for it to end;
+//! - blockdev-backup, drive-backup: prepare creates the job, commit starts it (as
+//!   QEMU's), abort cancels it before it ever ran;
 //! - abort: its prepare fails.
 //!
 //! With `completion-mode=grouped` (backup actions only, as in QEMU) the jobs the
@@ -118,6 +117,8 @@ impl Control {
         }
         let mut done: Vec<Prepared> = Vec::with_capacity(actions.len());
         let mut failed = None;
+        // The backup actions' jobs are created in prepare and start at commit.
+        self.defer_job_starts();
         for (_, action) in actions {
             match self.prepare(action) {
                 Ok(p) => done.push(p),
@@ -130,6 +131,7 @@ impl Control {
         self.job_txn = None;
         let r = match failed {
             Some(e) => {
+                self.end_deferring(false);
                 for p in done.into_iter().rev() {
                     self.abort_action(p);
                 }
@@ -139,6 +141,7 @@ impl Control {
                 for p in done {
                     self.commit_action(p);
                 }
+                self.end_deferring(true);
                 Ok(())
             }
         };

@@ -7,9 +7,10 @@
 //! a base, or nothing for `sync=none`); the job takes dirty ranges out and copies
 //! them until none is left, then reports ready and keeps copying what the guest
 //! writes. Progress counts the bytes copied, its length what is copied plus what is
-//! still dirty, as QEMU's. Up to [`IN_FLIGHT`] chunks are copied at once (one at a
-//! time under a speed limit); a range dirtied again while its copy is in flight
-//! waits for that copy, so the two never land on the target out of order.
+//! still dirty, as QEMU's. Up to [`IN_FLIGHT`] copies are in flight at once (one at
+//! a time under a speed limit), together at most `buf-size` bytes ([`Budget`]); a
+//! range dirtied again while its copy is in flight waits for that copy, so the two
+//! never land on the target out of order.
 //!
 //! With `copy-mode=write-blocking` the `mirror_top` filter also writes every guest
 //! write to the target ([`ActiveMirror`]); the job's copies hold the filter node's
@@ -28,6 +29,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
+
+/// How long a job waits before it copies again a range whose error was ignored.
+const IGNORED_RETRY: Duration = Duration::from_millis(100);
 
 /// How often a ready job looks for new dirty ranges.
 const READY_POLL: Duration = Duration::from_millis(10);
@@ -57,6 +61,14 @@ pub struct Mirror {
     pub seed: Seed,
     /// Write-blocking mode: guest writes reach the target through the filter.
     pub active: Option<Arc<ActiveMirror>>,
+    /// The bytes the copies in flight may hold together (`buf-size`, rounded up
+    /// to the granularity; see [`Budget`]).
+    pub buf_size: u64,
+    /// Zeroes written to the target may unmap (QEMU's `unmap`).
+    pub unmap: bool,
+    /// The target's cluster size (1 if it has none): zeroes are written as such
+    /// only over whole clusters.
+    pub target_cluster: u64,
 }
 
 impl Mirror {
@@ -71,9 +83,11 @@ impl Mirror {
         let mut ready = false;
         let mut copies = Copies::default();
         let mut bufs: Vec<CopyBuf> = Vec::new();
+        let budget = Budget::new(self.buf_size, self.dirty.granularity());
         // Where the next dirty range is looked for: the copies go round the disk.
         let mut cursor = 0;
         loop {
+            self.target_write_errors().await?;
             if core.is_pause_requested() || core.cancel_requested() != Cancel::None {
                 // No copy waits in flight (holding its range) while the job is paused.
                 self.settle(&mut copies, &mut bufs, None).await?;
@@ -94,13 +108,17 @@ impl Mirror {
                 self.settle(&mut copies, &mut bufs, Some(done)).await?;
                 continue;
             }
-            let next = self.dirty.take_next(cursor, MIRROR_CHUNK).or_else(|| {
+            let piece = budget.piece();
+            let next = self.dirty.take_next(cursor, piece).or_else(|| {
                 cursor = 0;
-                self.dirty.take_next(0, MIRROR_CHUNK)
+                self.dirty.take_next(0, piece)
             });
             match next {
-                Some((off, n)) if copies.overlaps(off, n) => {
-                    // Dirtied again while its copy is in flight: copied again after it.
+                Some((off, n))
+                    if copies.overlaps(off, n) || !budget.admits(copies.held(&budget), n) =>
+                {
+                    // Dirtied again while its copy is in flight (copied again after
+                    // it), or no room left in the buffer: wait for a copy to end.
                     self.dirty.set(off, n);
                     cursor = 0;
                     let done = copies.next().await;
@@ -108,7 +126,7 @@ impl Mirror {
                 }
                 Some((off, n)) => {
                     cursor = off + n;
-                    let buf = bufs.pop().unwrap_or_else(|| CopyBuf::sized(MIRROR_CHUNK));
+                    let buf = bufs.pop().unwrap_or_else(|| CopyBuf::sized(piece));
                     copies.start(off, n, Box::pin(self.copy(buf, off, n)));
                     if most == 1 {
                         let done = copies.next().await;
@@ -135,23 +153,42 @@ impl Mirror {
         }
     }
 
+    /// Meets `on-target-error` for every guest write the target failed in
+    /// write-blocking mode since the last look (their ranges are dirty already).
+    async fn target_write_errors(&self) -> Result<(), String> {
+        let Some(a) = &self.active else {
+            return Ok(());
+        };
+        while let Some(errno) = a.take_target_error() {
+            let e = CopyError {
+                read: false,
+                errno,
+                message: blocklayer::error::strerror(errno),
+            };
+            // Stop pauses the job and ignore goes on: either way the range is copied
+            // again later.
+            self.ctx.on_error(e).await?;
+        }
+        Ok(())
+    }
+
     /// Accounts a finished copy (`done`, or every copy in flight if `None`): copied
     /// bytes are progress; a failed copy stays dirty and, once no other copy is in
-    /// flight, meets `on-error` (an ignored error drops the range).
+    /// flight, meets `on-error`.
     async fn settle<'a>(
         &'a self,
         copies: &mut Copies<'a>,
         bufs: &mut Vec<CopyBuf>,
         done: Option<Copied>,
     ) -> Result<(), String> {
-        let mut failed: Option<(u64, u64, CopyError)> = None;
+        let mut failed: Option<CopyError> = None;
         let mut account = |c: Copied, bufs: &mut Vec<CopyBuf>| {
             bufs.push(c.buf);
             match c.result {
                 Ok(()) => self.ctx.core.progress(c.len),
                 Err(e) => {
                     self.dirty.set(c.offset, c.len);
-                    failed.get_or_insert((c.offset, c.len, e));
+                    failed.get_or_insert(e);
                 }
             }
         };
@@ -164,7 +201,7 @@ impl Mirror {
                 }
             }
         }
-        let Some((off, n, e)) = failed else {
+        let Some(e) = failed else {
             return Ok(());
         };
         while !copies.is_empty() {
@@ -175,8 +212,11 @@ impl Mirror {
                 Err(_) => self.dirty.set(c.offset, c.len),
             }
         }
+        // The range stays dirty whatever the policy: copied again after a stop,
+        // and after an ignored error too, as QEMU's (not in a tight loop while the
+        // error lasts).
         if !self.ctx.on_error(e).await? {
-            self.dirty.take_next(off, n);
+            self.ctx.core.sleep(IGNORED_RETRY).await;
         }
         Ok(())
     }
@@ -210,7 +250,7 @@ impl Mirror {
             if above {
                 self.dirty.set(offset, n);
             } else if *zero_target {
-                if let Err(e) = self.target.write_zeroes(offset, n, true, false).await {
+                if let Err(e) = self.target.write_zeroes(offset, n, self.unmap, false).await {
                     // As QEMU, a failure here ends the job.
                     return Err(CopyError::write(e).message);
                 }
@@ -221,9 +261,14 @@ impl Mirror {
     }
 
     /// Copies one dirty range from the source to the target (under the filter's
-    /// copy lock in write-blocking mode), with a buffer of its own.
+    /// copy lock in write-blocking mode), with a buffer of its own. What the
+    /// source's chain holds as zeroes (zero clusters, or nothing down to its last
+    /// layer) is written to the target as zeroes, unmapped if `unmap`, when it
+    /// spans whole target clusters, as QEMU's `MIRROR_METHOD_ZERO`; the rest is
+    /// read and written.
     async fn copy(&self, buf: CopyBuf, offset: u64, len: u64) -> Copied {
         let (target, locked) = (&self.target, self.active.is_some());
+        let (unmap, tc) = (self.unmap, self.target_cluster.max(1));
         let b = &buf;
         let result = self
             .source
@@ -235,7 +280,24 @@ impl Mirror {
                 };
                 let s = src.clone();
                 target
-                    .with_node(|t| async move { copy_range(b, &s, &t, offset, len).await })
+                    .with_node(|t| async move {
+                        let (mut at, end) = (offset, offset + len);
+                        while at < end {
+                            let (zero, n) = reads_zero(&s, at, end - at)
+                                .await
+                                .map_err(CopyError::read)?;
+                            let n = n.clamp(1, end - at);
+                            if zero && at % tc == 0 && n % tc == 0 {
+                                t.write_zeroes(at, n, unmap, false)
+                                    .await
+                                    .map_err(CopyError::write)?;
+                            } else {
+                                copy_range(b, &s, &t, at, n).await?;
+                            }
+                            at += n;
+                        }
+                        Ok(())
+                    })
                     .await
             })
             .await;
@@ -248,9 +310,108 @@ impl Mirror {
     }
 }
 
-/// Copies a mirror keeps in flight at most, and their size (QEMU's: 16 of 1 MiB).
+/// Whether `offset..` of `top`'s chain reads as zeroes without holding data there
+/// (a zero cluster, or nothing allocated down to a layer without backing), and for
+/// how many bytes (QEMU's block status of the whole chain, as its mirror uses it).
+async fn reads_zero(top: &Arc<Node>, offset: u64, len: u64) -> blocklayer::Result<(bool, u64)> {
+    use blocklayer::driver::BlockStatus;
+    let mut n = len;
+    let mut layer = top.clone();
+    loop {
+        if offset >= layer.size() {
+            // Past the end of a shorter backing file: zeroes.
+            return Ok((true, n));
+        }
+        let name = layer.driver_name();
+        if matches!(name, "mirror_top" | "commit_top")
+            || blocklayer::drivers::kind(name) == Some(blocklayer::drivers::Kind::Filter)
+        {
+            // A filter (the job's own above the source, or the user's) holds
+            // nothing itself.
+            let below = layer
+                .primary_child()
+                .or_else(|| layer.children().first().map(|c| c.node_arc()));
+            match below {
+                Some(c) => {
+                    layer = c;
+                    continue;
+                }
+                None => return Ok((false, n)),
+            }
+        }
+        let (status, m) = layer.driver().block_status(offset, n).await?;
+        match status {
+            BlockStatus::Data => return Ok((false, m)),
+            BlockStatus::Zero => return Ok((true, m)),
+            BlockStatus::Unallocated => {
+                n = m;
+                match layer.backing() {
+                    Some(b) => layer = b,
+                    None => return Ok((true, n)),
+                }
+            }
+        }
+    }
+}
+
+/// Copies a mirror keeps in flight at most (QEMU's `MAX_IN_FLIGHT`).
 const IN_FLIGHT: usize = 16;
-const MIRROR_CHUNK: u64 = 1 << 20;
+/// The smallest size a copy is cut to (QEMU's `MAX_IO_BYTES`), and the default
+/// `buf-size` (16 copies of it).
+const MIN_PIECE: u64 = 1 << 20;
+pub const DEFAULT_BUF_SIZE: u64 = IN_FLIGHT as u64 * MIN_PIECE;
+/// Granules one copy spans at most (QEMU's bound by the I/O vector's length).
+const MAX_IOV: u64 = 1024;
+
+/// A mirror's copy buffer, as QEMU's: `buf-size` bytes (rounded up to whole
+/// granules) shared by the copies in flight, each taking the granules its range
+/// spans; a copy waits until its granules are free. Copies are cut to pieces of
+/// `buf-size / 16` (at least 1 MiB, at most `buf-size`, whole granules).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    size: u64,
+    granularity: u64,
+}
+
+impl Budget {
+    /// `buf_size` 0 is the default.
+    pub fn new(buf_size: u64, granularity: u64) -> Budget {
+        let want = if buf_size == 0 {
+            DEFAULT_BUF_SIZE
+        } else {
+            buf_size
+        };
+        Budget {
+            size: want.div_ceil(granularity).saturating_mul(granularity),
+            granularity,
+        }
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The most one copy takes.
+    pub fn piece(&self) -> u64 {
+        let g = self.granularity;
+        let p = (self.size / IN_FLIGHT as u64)
+            .max(MIN_PIECE)
+            .min(self.size)
+            .min(g.saturating_mul(MAX_IOV));
+        (p - p % g).max(g)
+    }
+
+    /// The granules `len` bytes take in the buffer.
+    fn granules(&self, len: u64) -> u64 {
+        len.div_ceil(self.granularity) * self.granularity
+    }
+
+    /// Whether a copy of `len` bytes fits beside copies holding `held` bytes of
+    /// the buffer.
+    pub fn admits(&self, held: u64, len: u64) -> bool {
+        held + self.granules(len) <= self.size
+    }
+}
 
 /// A finished copy.
 struct Copied {
@@ -282,8 +443,14 @@ impl<'a> Copies<'a> {
         self.flying.is_empty()
     }
 
+    /// The bytes in flight.
     fn bytes(&self) -> u64 {
         self.flying.iter().map(|(_, n, _)| n).sum()
+    }
+
+    /// The buffer's bytes the copies in flight hold.
+    fn held(&self, b: &Budget) -> u64 {
+        self.flying.iter().map(|(_, n, _)| b.granules(*n)).sum()
     }
 
     fn overlaps(&self, offset: u64, len: u64) -> bool {
@@ -318,15 +485,17 @@ impl Future for NextCopy<'_, '_> {
 /// The last step before a mirror-like job's pivot (or its completion without one),
 /// on the control thread with the source and target drained: copies the ranges
 /// still dirty (counted in the job's progress, as QEMU's job copies them itself)
-/// and flushes the target.
+/// and flushes the target, one copy at a time within the job's `buf-size`.
 pub async fn copy_remaining(
     core: Arc<JobCore>,
     source: Arc<Node>,
     target: Arc<Node>,
     dirty: Arc<DirtyBitmap>,
+    budget: Budget,
 ) -> Result<(), String> {
-    let buf = CopyBuf::default();
-    while let Some((off, n)) = dirty.take_next(0, CHUNK) {
+    let piece = budget.piece().min(CHUNK);
+    let buf = CopyBuf::sized(piece);
+    while let Some((off, n)) = dirty.take_next(0, piece) {
         copy_range(&buf, &source, &target, off, n)
             .await
             .map_err(|e| e.message)?;
@@ -334,4 +503,41 @@ pub async fn copy_remaining(
     }
     core.set_len(core.offset());
     target.flush().await.map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const G: u64 = 65536;
+
+    #[test]
+    fn budget_defaults_and_rounds_as_qemu() {
+        let b = Budget::new(0, G);
+        assert_eq!((b.size(), b.piece()), (16 << 20, 1 << 20));
+        // Rounded up to whole granules; a single granule is enough.
+        assert_eq!(Budget::new(1, G).size(), G);
+        assert_eq!(Budget::new(G + 1, 4096).size(), G + 4096);
+        // Pieces: buf-size / 16, at least 1 MiB, at most buf-size.
+        assert_eq!(Budget::new(64 << 20, G).piece(), 4 << 20);
+        assert_eq!(Budget::new(4 << 20, G).piece(), 1 << 20);
+        assert_eq!(Budget::new(G, G).piece(), G);
+        assert_eq!(Budget::new(3 * G, G).piece(), 3 * G);
+        // A granule larger than the piece: one granule.
+        assert_eq!(Budget::new(64 << 20, 64 << 20).piece(), 64 << 20);
+        // 512-byte granules: 1024 of them at most.
+        assert_eq!(Budget::new(0, 512).piece(), 512 * 1024);
+    }
+
+    #[test]
+    fn budget_bounds_the_bytes_in_flight() {
+        let b = Budget::new(G, G);
+        assert!(b.admits(0, G));
+        assert!(!b.admits(G, 4096));
+        let b = Budget::new(4 * G, G);
+        assert!(b.admits(2 * G, 2 * G));
+        assert!(!b.admits(3 * G, G + 1));
+        // A short copy at the disk's end still takes a whole granule.
+        assert!(!b.admits(4 * G - 1, 1));
+    }
 }

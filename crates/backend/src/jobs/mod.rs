@@ -130,7 +130,8 @@ impl Verb {
             Verb::Pause | Verb::Resume | Verb::SetSpeed => {
                 matches!(s, Created | Running | Paused | Ready | Standby)
             }
-            Verb::Complete => s == Ready,
+            // A paused ready job (standby) takes it too, and completes once resumed.
+            Verb::Complete => matches!(s, Ready | Standby),
             Verb::Finalize => s == Pending,
             Verb::Dismiss => s == Concluded,
         }

@@ -110,6 +110,7 @@ fn mirror_args(
             g => g,
         },
         buf_size: a.opt_int("buf-size")?,
+        unmap: true,
         on_target_error: on_error(a, "on-target-error")?,
         filter_node_name: if filter {
             a.opt_str("filter-node-name")?
@@ -472,9 +473,9 @@ pub fn execute(ctl: &mut Control, name: &str, arguments: &Value) -> QmpResult {
                 node_name: a.opt_str("node-name")?,
                 existing: a.opt_enum("mode", &["existing", "absolute-paths"])? == Some("existing"),
             };
-            // Accepted as QEMU's; the target is written as the source reads.
-            a.opt_bool("unmap")?;
-            let (common, opts) = mirror_args(&mut a, false)?;
+            let unmap = a.opt_bool("unmap")?.unwrap_or(true);
+            let (mut common, opts) = mirror_args(&mut a, false)?;
+            common.unmap = unmap;
             a.finish()?;
             ctl.drive_mirror(d, common, opts)?;
             ok()

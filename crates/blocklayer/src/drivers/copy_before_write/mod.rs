@@ -84,6 +84,7 @@ impl CbwDriver {
         if let Some(a) = &access {
             bcs.set_dirty(a.clone());
         }
+        file.node().list_copy_bitmap(&bcs);
         CbwDriver {
             file,
             target,
@@ -201,6 +202,17 @@ impl<T: Future<Output = ()>> Future for Race<T> {
 }
 
 impl Driver for CbwDriver {
+    /// QEMU's filter keeps two anonymous bitmaps, listed in this order: the
+    /// clusters the snapshot may be read at, and those a guest write has copied.
+    fn own_bitmaps_info(&self) -> Vec<serde_json::Value> {
+        let cluster = self.bcs.cluster_size();
+        let s = self.snap();
+        [&s.access, &s.done]
+            .iter()
+            .map(|b| crate::node::anonymous_bitmap_info(false, cluster, b.count() * cluster))
+            .collect()
+    }
+
     fn driver_name(&self) -> &'static str {
         "copy-before-write"
     }

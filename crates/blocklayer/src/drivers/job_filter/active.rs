@@ -9,6 +9,11 @@
 //! copy, and the filter node serialises writes while the job runs). Two guest
 //! writes in flight over the same range at once may reach the two sides in
 //! different orders: those ranges stay dirty, and the job copies them again.
+//!
+//! A guest write the target fails still succeeds for the guest (the source took
+//! it); its range stays dirty and its error waits for the job
+//! ([`ActiveMirror::take_target_error`]), which meets `on-target-error` with it
+//! as QEMU's does for the write itself, not for a later copy of the range.
 
 use crate::aio::iovec::IoVec;
 use crate::bitmap::DirtyBitmap;
@@ -34,8 +39,9 @@ pub struct ActiveMirror {
     on: AtomicBool,
     ops: Mutex<Vec<Op>>,
     next: AtomicU64,
-    /// Writes the target failed (they stay dirty; the job's copy reports the error).
-    target_errors: AtomicU64,
+    /// The errnos of guest writes the target failed, oldest first, until the job
+    /// takes them (their ranges stay dirty).
+    target_errors: Mutex<Vec<i32>>,
 }
 
 impl std::fmt::Debug for ActiveMirror {
@@ -56,7 +62,7 @@ impl ActiveMirror {
             on: AtomicBool::new(false),
             ops: Mutex::new(Vec::new()),
             next: AtomicU64::new(0),
-            target_errors: AtomicU64::new(0),
+            target_errors: Mutex::new(Vec::new()),
         })
     }
 
@@ -73,8 +79,11 @@ impl ActiveMirror {
         self.on.load(Ordering::Acquire)
     }
 
-    pub fn target_errors(&self) -> u64 {
-        self.target_errors.load(Ordering::Acquire)
+    /// Takes the oldest target error of a guest write not yet taken: the job meets
+    /// its `on-target-error` with it (as QEMU's active write does at once).
+    pub fn take_target_error(&self) -> Option<i32> {
+        let mut v = self.target_errors.lock().unwrap_or_else(|p| p.into_inner());
+        (!v.is_empty()).then(|| v.remove(0))
     }
 
     /// Registers a write over `start..end`, widened to whole granules (two writes
@@ -146,7 +155,10 @@ impl ActiveMirror {
             Ok(()) if self.is_on() => match self.target.write(offset, iov, fua).await {
                 Ok(()) => true,
                 Err(e) => {
-                    self.target_errors.fetch_add(1, Ordering::AcqRel);
+                    self.target_errors
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(e.errno());
                     log::warn!(
                         "mirror target '{}': write at {offset} failed: {e}",
                         self.target.name()

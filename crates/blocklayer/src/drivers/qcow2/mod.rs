@@ -515,6 +515,37 @@ impl Driver for Qcow2Driver {
         })
     }
 
+    fn block_status(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> LocalBoxFuture<'_, Result<(crate::driver::BlockStatus, u64)>> {
+        use crate::driver::BlockStatus;
+        let status = |k: &ExtentKind| match k {
+            ExtentKind::Zero => BlockStatus::Zero,
+            ExtentKind::Unallocated => BlockStatus::Unallocated,
+            _ => BlockStatus::Data,
+        };
+        Box::pin(async move {
+            let extents = self
+                .image
+                .map(offset, len)
+                .await
+                .map_err(|e| self.io_error(e))?;
+            let Some(first) = extents.first() else {
+                return Ok((BlockStatus::Data, len));
+            };
+            let s = status(&first.kind);
+            // Merge the following extents with the same answer.
+            let n: u64 = extents
+                .iter()
+                .take_while(|e| status(&e.kind) == s)
+                .map(|e| e.len)
+                .sum();
+            Ok((s, n.max(1).min(len)))
+        })
+    }
+
     fn is_read_only(&self) -> bool {
         !self.writable
     }
