@@ -390,6 +390,9 @@ impl<I: QcowIo> Qcow2<I> {
                     .ok_or_else(|| Error::NoSpace("internal: reservation too small".into()))?
             }
         };
+        // QEMU counts these clusters in its cached refcount block now and writes
+        // it back at the next flush: that write-back raises the event.
+        self.st().rc_event_owed = true;
         Ok(NewClusters {
             offset: c * cs,
             fresh: c * cs..(c + n) * cs,
@@ -449,7 +452,8 @@ impl<I: QcowIo> Qcow2<I> {
             self.write_header().await?;
         }
         if !self.refcounts_lazy() {
-            self.write_dirty_refcounts().await?;
+            // QEMU's refcount updates stay in its cache: the event is owed.
+            self.write_dirty_refcounts_as(false).await?;
         }
         self.sync().await
     }
@@ -696,8 +700,14 @@ impl<I: QcowIo> Qcow2<I> {
         Ok(())
     }
 
-    /// Writes one dirty cached table back.
+    /// Writes one dirty cached table back, raising its event
+    /// (`L2Update`, `RefblockUpdatePart`) first.
     pub(crate) async fn write_table(&self, kind: TableKind, off: u64) -> Result<()> {
+        self.write_table_as(kind, off, true).await
+    }
+
+    /// [`Self::write_table`], raising the event only if `raise`.
+    async fn write_table_as(&self, kind: TableKind, off: u64, raise: bool) -> Result<()> {
         let (at, data, gen) = {
             let mut st = self.st();
             match st.cache(kind).get(off) {
@@ -709,10 +719,12 @@ impl<I: QcowIo> Qcow2<I> {
                 _ => return Ok(()),
             }
         };
-        self.io.debug_event(match kind {
-            TableKind::L2 => DebugEvent::L2Update,
-            TableKind::Refcount => DebugEvent::RefblockUpdatePart,
-        });
+        if raise {
+            self.io.debug_event(match kind {
+                TableKind::L2 => DebugEvent::L2Update,
+                TableKind::Refcount => DebugEvent::RefblockUpdatePart,
+            });
+        }
         self.io.write_at(off + at, &data).await?;
         let mut st = self.st();
         if kind == TableKind::Refcount {
@@ -728,11 +740,31 @@ impl<I: QcowIo> Qcow2<I> {
         Ok(())
     }
 
-    /// Writes every dirty refcount block (always safe: see the module doc).
+    /// Writes every dirty refcount block (always safe: see the module doc),
+    /// raising `RefblockUpdatePart` where QEMU writes its cached refcount
+    /// blocks back: before each block, or once if nothing is dirty but
+    /// reserved clusters were handed out since the last time (their refcounts
+    /// were written with the reservation; QEMU's are still dirty).
     pub(crate) async fn write_dirty_refcounts(&self) -> Result<()> {
-        let dirty = self.st().rc.dirty();
+        self.write_dirty_refcounts_as(true).await
+    }
+
+    /// [`Self::write_dirty_refcounts`], raising no event unless `raise` (the
+    /// event is then owed to the next write-back that raises).
+    async fn write_dirty_refcounts_as(&self, raise: bool) -> Result<()> {
+        let (dirty, owed) = {
+            let mut st = self.st();
+            let owed = raise && std::mem::take(&mut st.rc_event_owed);
+            (st.rc.dirty(), owed)
+        };
+        if dirty.is_empty() && owed {
+            self.io.debug_event(DebugEvent::RefblockUpdatePart);
+        }
+        if !raise && !dirty.is_empty() {
+            self.st().rc_event_owed = true;
+        }
         for off in dirty {
-            self.write_table(TableKind::Refcount, off).await?;
+            self.write_table_as(TableKind::Refcount, off, raise).await?;
         }
         Ok(())
     }
@@ -750,6 +782,17 @@ impl<I: QcowIo> Qcow2<I> {
         self.mark_dirty_if_lazy().await?;
         if !self.refcounts_lazy() {
             self.write_dirty_refcounts().await?;
+        }
+        Ok(())
+    }
+
+    /// [`Self::prepare_new_references`] for a guest write's own entries, where
+    /// QEMU leaves its refcount blocks dirty in its cache until the next flush:
+    /// the refcounts written here raise their event at that flush instead.
+    pub(crate) async fn prepare_new_references_of_write(&self) -> Result<()> {
+        self.mark_dirty_if_lazy().await?;
+        if !self.refcounts_lazy() {
+            self.write_dirty_refcounts_as(false).await?;
         }
         Ok(())
     }

@@ -609,7 +609,7 @@ impl<I: QcowIo> Qcow2<I> {
             .await?;
             tables.push((l2off, idx as u64));
         }
-        self.prepare_new_references().await?;
+        self.prepare_new_references_of_write().await?;
         // Reserved clusters have stable refcounts already: no sync unless the
         // data must be stable first.
         if alloc.needs_data_sync || self.new_references_need_sync() {
