@@ -18,7 +18,7 @@ from typing import Optional
 
 import pytest
 
-from chains import KIB, qemu_img, run, write_pattern
+from chains import KIB, JobEvents, compare, qemu_img, run, write_pattern, write_raw
 from conftest import MIB, error, execute, export_args, make_image, vubd_io
 
 CS = 64 * KIB
@@ -476,3 +476,41 @@ async def test_never_raised_events_are_accepted(start_daemon, tmp):
         ("verify", MIB, 2 * MIB, 2, None),
         ("verify", 3 * MIB, 6 * MIB, 1, None),
     ])
+
+
+@pytest.mark.parametrize("compress", [True, False])
+@pytest.mark.parametrize("event", ["cluster_alloc_bytes", "l2_update_compressed",
+                                   "write_compressed"])
+async def test_compressed_write_events(start_daemon, tmp, event, compress):
+    """A backup with compress=true writes compressed clusters into a qcow2 target over
+    blkdebug: bytes for them are allocated (cluster_alloc_bytes), the L2 entry points
+    at them (l2_update_compressed), the data is written (write_compressed); each rule
+    fails the write after it, so the job fails with EIO. A plain backup raises none of
+    them and completes, equal to the source."""
+    size = 4 * MIB
+    src = make_image(tmp / "src.img", size)
+    write_raw(src, bytes((b"vubd-compress-" * 5000)[: 64 * KIB]) * (size // (64 * KIB)))
+    tgt = tmp / "t0.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", tgt, size)
+    dbg = {"driver": "blkdebug", "node-name": "dbg", "image": "t0-file",
+           "inject-error": [rule(event)]}
+    d = start_daemon([
+        "--blockdev", f"file,node-name=n0,filename={src}",
+        "--blockdev", f"file,node-name=t0-file,filename={tgt}",
+        "--blockdev", json.dumps(dbg),
+        "--blockdev", "qcow2,node-name=t0,file=dbg",
+    ])
+    async with d.qmp() as c:
+        ev = JobEvents(c)
+        await execute(c, "blockdev-backup", {"job-id": "b", "device": "n0", "target": "t0",
+                                             "sync": "full", "compress": compress})
+        await ev.until("b", "null")
+        done = ev.data["BLOCK_JOB_COMPLETED"]
+        if compress:
+            assert done.get("error") == "Input/output error", done
+        else:
+            assert "error" not in done, done
+    d.expect_exit = True
+    assert d.stop() is None
+    if not compress:
+        compare(src, tgt)

@@ -724,12 +724,14 @@ impl<I: QcowIo> Qcow2<I> {
         let (raw, bm) = self.l2_get(l2off, idx).await?;
         let old = self.decode_entry(offset, raw, bm).await?;
         let host = self.alloc_bytes(c.len() as u64).await?;
+        // QEMU points the cached L2 entry at the bytes before it writes the data;
+        // here the entry changes after the write, but the events keep its order.
+        self.io.debug_event(DebugEvent::L2UpdateCompressed);
         self.io.debug_event(DebugEvent::WriteCompressed);
         self.io.write_at(host, &c).await?;
         let entry = g.compressed_entry(host, c.len() as u64);
         // Compressed data shares host clusters: never mapped before it is stable.
         self.st().l2_needs_data_sync = true;
-        self.io.debug_event(DebugEvent::L2UpdateCompressed);
         self.with_table(TableKind::L2, l2off, |e| {
             if g.extended {
                 layout::put_u64(&mut e.data, 2 * idx as usize, entry);
