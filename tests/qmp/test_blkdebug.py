@@ -514,3 +514,29 @@ async def test_compressed_write_events(start_daemon, tmp, event, compress):
     assert d.stop() is None
     if not compress:
         compare(src, tgt)
+
+
+async def test_none_event_arms_at_open(start_daemon, tmp):
+    """QEMU raises `none` once, when the blkdebug node opens: its rule fails the first
+    request. Under qcow2 that is the header read (the open fails with the errno);
+    exported raw with iotype write, the first guest write (reads pass)."""
+    img = qcow2(tmp, "top")
+    raw = make_image(tmp / "disk.img", 16 * MIB)
+    dbg = {"driver": "blkdebug", "node-name": "dbg2", "image": {"driver": "file", "filename": str(raw)},
+           "inject-error": [rule("none", iotype="write")]}
+    d = start_daemon(["--blockdev", json.dumps(dbg), *export_args("e0", "dbg2", tmp / "d-e0.sock")])
+    async with d.qmp() as c:
+        await execute(c, "blockdev-add", {
+            "driver": "blkdebug", "node-name": "dbg",
+            "image": {"driver": "file", "filename": str(img)},
+            "inject-error": [rule("none", errno=28)],
+        })
+        desc = await error(c, "blockdev-add", {"driver": "qcow2", "node-name": "q", "file": "dbg"})
+        assert "No space left on device" in desc, desc
+        await execute(c, "blockdev-add", {"driver": "qcow2", "node-name": "q", "file": "dbg"})
+    run_steps(d.sock("e0"), [
+        ("verify", 0, 4 * KIB, 0, MISMATCH),
+        ("write", 0, 4 * KIB, 1, W),
+        ("write", 0, 4 * KIB, 1, None),
+        ("verify", 0, 4 * KIB, 1, None),
+    ])

@@ -17,6 +17,7 @@
 //!   raises them (table loads are raised on cache misses only, as QEMU; refcount
 //!   block lookups on hits too; `refblock_update_part` where QEMU writes its cached
 //!   refcount blocks back, so at the flush after an allocating write);
+//! - `none` once, when the node is opened;
 //! - `flush_to_os`/`flush_to_disk` from the parent's flush;
 //! - `pwritev`/`pwritev_zero` before and `pwritev_done` after blkdebug's own writes
 //!   and write-zeroes; `pwritev_rmw_*` around the padding reads of a write that is
@@ -70,8 +71,10 @@ struct Rules {
 const STATE: i64 = 1;
 
 impl BlkdebugDriver {
+    /// The node, after the `none` event that QEMU raises once when it opens one (so
+    /// that a rule on `none` is armed from the start).
     pub fn new(image: Arc<Edge>, opts: &BlkdebugOptions) -> Self {
-        BlkdebugDriver {
+        let d = BlkdebugDriver {
             image,
             align: opts.align,
             max_transfer: opts.max_transfer,
@@ -79,7 +82,9 @@ impl BlkdebugDriver {
                 active: vec![false; opts.inject_error.len()],
                 all: opts.inject_error.clone(),
             }),
-        }
+        };
+        d.event("none");
+        d
     }
 
     /// An event: if rules wait for it, they (and only they) are armed from now on,
