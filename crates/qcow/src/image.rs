@@ -743,9 +743,6 @@ impl<I: QcowIo> Qcow2<I> {
         f: impl FnOnce(&mut CacheEntry) -> R,
     ) -> Result<R> {
         let mut f = Some(f);
-        if kind == TableKind::Refcount {
-            self.io.debug_event(DebugEvent::RefblockLoad);
-        }
         loop {
             let epoch = {
                 let mut st = self.st();

@@ -80,11 +80,13 @@ debug_events! {
     ReftableLoad => "reftable_load",
     /// The refcount table is replaced by a larger one.
     ReftableGrow => "reftable_grow",
-    /// A refcount block is looked up (QEMU raises it on cache hits too).
+    /// A refcount block is looked up to change a refcount (QEMU raises it on
+    /// cache hits too).
     RefblockLoad => "refblock_load",
     /// The changed part of a cached refcount block is written back.
     RefblockUpdatePart => "refblock_update_part",
-    /// A new refcount block is needed,
+    /// A refcount is about to change: its refcount block is found, or a new
+    /// one is needed (QEMU raises it either way),
     RefblockAlloc => "refblock_alloc",
     /// is written,
     RefblockAllocWrite => "refblock_alloc_write",
@@ -118,6 +120,14 @@ pub trait QcowIo {
     fn write_at(&self, offset: u64, buf: &[u8]) -> impl Future<Output = io::Result<()>>;
     /// Makes every completed write stable.
     fn flush(&self) -> impl Future<Output = io::Result<()>>;
+    /// A flush that this crate adds for its own crash safety at a point where
+    /// QEMU's qcow2 flushes nothing (an allocating write's reservation or
+    /// commit). The default is [`QcowIo::flush`]; the block layer passes it
+    /// by `blkdebug` rules, so that a rule meant for QEMU's flushes fails the
+    /// same guest request.
+    fn flush_unchecked(&self) -> impl Future<Output = io::Result<()>> {
+        self.flush()
+    }
     /// The current length of the file.
     fn len(&self) -> impl Future<Output = io::Result<u64>>;
     /// Truncates or extends the file (extension reads as zeroes).
@@ -179,6 +189,9 @@ impl<T: QcowIo> QcowIo for &T {
     }
     fn flush(&self) -> impl Future<Output = io::Result<()>> {
         (**self).flush()
+    }
+    fn flush_unchecked(&self) -> impl Future<Output = io::Result<()>> {
+        (**self).flush_unchecked()
     }
     fn len(&self) -> impl Future<Output = io::Result<u64>> {
         (**self).len()

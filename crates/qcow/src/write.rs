@@ -615,7 +615,7 @@ impl<I: QcowIo> Qcow2<I> {
         if alloc.needs_data_sync || self.new_references_need_sync() {
             // This covers the data the entries depend on: the flush that writes
             // the tables need not sync for them again.
-            self.sync().await?;
+            self.sync_unchecked().await?;
         }
         self.write_l2_entries(&mut tables).await?;
         {

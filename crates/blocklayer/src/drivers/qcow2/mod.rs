@@ -150,6 +150,10 @@ impl QcowIo for NodeIo {
         self.node.flush().await.map_err(to_io)
     }
 
+    async fn flush_unchecked(&self) -> io::Result<()> {
+        self.node.flush_unchecked().await.map_err(to_io)
+    }
+
     fn len(&self) -> impl Future<Output = io::Result<u64>> {
         std::future::ready(Ok(self.node.size()))
     }
