@@ -582,6 +582,16 @@ MATRIX = {
     ("pwritev_done", "read"): {2: "write", 8: "data"},
     # Nothing is freed.
     ("cluster_free", None): {},
+    # Step 4's new cluster: its copy-on-write parts read as zeroes, so QEMU zeroes it
+    # with one write-zeroes request on the file (pwritev_zero, raised by blkdebug
+    # itself) and copies nothing (no cow_write).
+    ("pwritev_zero", None): {4: "write"},
+    ("pwritev_zero", "write"): {4: "write"},
+    ("pwritev_zero", "flush"): {4: "flush"},
+    ("pwritev_zero", "read"): {8: "read"},
+    ("cluster_alloc_space", "flush"): {4: "flush"},
+    ("cluster_alloc_space", "read"): {8: "read"},
+    ("cow_write", None): {},
 }
 
 

@@ -153,6 +153,19 @@ pub trait QcowIo {
     fn allocate(&self, offset: u64, len: u64) -> impl Future<Output = io::Result<()>> {
         write_zero_buffers(self, offset, len)
     }
+    /// Whether something below sees each request (a `blkdebug` node): then
+    /// the image code also makes the write-zeroes requests QEMU's qcow2 makes
+    /// where it has a cheaper way (see [`QcowIo::write_zeroes_request`]). The
+    /// default is false.
+    fn watches_requests(&self) -> bool {
+        false
+    }
+    /// Writes `len` zero bytes at `offset` as one write-zeroes request on the
+    /// file (QEMU's `bdrv_co_pwrite_zeroes`), growing it if needed. The
+    /// default is [`QcowIo::write_zeroes`].
+    fn write_zeroes_request(&self, offset: u64, len: u64) -> impl Future<Output = io::Result<()>> {
+        self.write_zeroes(offset, len)
+    }
     /// The image code reached `event` (see [`DebugEvent`]); the block layer
     /// passes it to a `blkdebug` node below. The default does nothing.
     #[inline]
@@ -210,6 +223,12 @@ impl<T: QcowIo> QcowIo for &T {
     }
     fn debug_event(&self, event: DebugEvent) {
         (**self).debug_event(event)
+    }
+    fn watches_requests(&self) -> bool {
+        (**self).watches_requests()
+    }
+    fn write_zeroes_request(&self, offset: u64, len: u64) -> impl Future<Output = io::Result<()>> {
+        (**self).write_zeroes_request(offset, len)
     }
 }
 

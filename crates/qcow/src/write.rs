@@ -476,33 +476,39 @@ impl<I: QcowIo> Qcow2<I> {
         if cows.iter().any(copies) {
             alloc.needs_data_sync = true;
         }
-        // QEMU zeroes the whole of a new cluster whose copy-on-write parts read
-        // as zeroes instead of copying them (cluster_alloc_space); here they
-        // are zeroed, or skipped in fresh clusters, at the same point.
-        if n_new > 0 {
-            let zero = |c: &Cow| match c.src {
-                CowSource::Zero => true,
-                CowSource::Backing => !backing.present(),
-                _ => false,
-            };
-            let zero_cow_cluster = (0..n_new).any(|k| {
-                let (lo, hi) = (base + k * cs, base + (k + 1) * cs);
-                let mut own = cows
-                    .iter()
-                    .filter(|c| c.dest >= lo && c.dest < hi)
-                    .peekable();
-                own.peek().is_some() && own.all(zero)
-            });
-            if zero_cow_cluster {
-                self.io.debug_event(DebugEvent::ClusterAllocSpace);
+        // QEMU zeroes the new clusters from the start of their copy-on-write
+        // head to the end of their tail with one write-zeroes request on its
+        // file when every copied part reads as zeroes (cluster_alloc_space),
+        // and copies nothing then. Here zero parts are skipped in fresh
+        // clusters and written as zeroes elsewhere, at the same point; under a
+        // file that watches requests (blkdebug) the request is QEMU's, so that
+        // its rules see it.
+        let zero = |c: &Cow| match c.src {
+            CowSource::Zero => true,
+            CowSource::Backing => !backing.present(),
+            _ => false,
+        };
+        let run = base..base + n_new * cs;
+        let in_run: Vec<&Cow> = cows.iter().filter(|c| run.contains(&c.dest)).collect();
+        let mut res = Ok(());
+        if !in_run.is_empty() && in_run.iter().all(|c| zero(c)) {
+            self.io.debug_event(DebugEvent::ClusterAllocSpace);
+            if self.io.watches_requests() {
+                let start = in_run.iter().map(|c| c.dest).min().unwrap_or(base);
+                let end = in_run.iter().map(|c| c.dest + c.len).max().unwrap_or(base);
+                res = self
+                    .data_io()
+                    .write_zeroes_request(start, end - start)
+                    .await
+                    .map_err(Error::from);
+                cows.retain(|c| !run.contains(&c.dest));
             }
         }
         // Zero COW into fresh clusters is skipped; make sure the file still
         // covers the whole of the last new cluster: one zeroed sector,
         // written before the COW and the guest data that may overwrite it.
-        let mut res = Ok(());
         if let Some(p) = plans.iter().rev().find(|p| !p.in_place) {
-            if n_new > 0 && p.b < cs && new.fresh.contains(&base) && !new.covered {
+            if res.is_ok() && n_new > 0 && p.b < cs && new.fresh.contains(&base) && !new.covered {
                 let end = base + n_new * cs;
                 res = self
                     .io

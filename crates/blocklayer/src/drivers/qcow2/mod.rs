@@ -174,6 +174,19 @@ impl QcowIo for NodeIo {
         self.node.discard(offset, len).await.map_err(to_io)
     }
 
+    /// A blkdebug file node sees every request.
+    fn watches_requests(&self) -> bool {
+        self.node.driver().takes_debug_events()
+    }
+
+    async fn write_zeroes_request(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.ensure_len(offset + len).map_err(to_io)?;
+        self.node
+            .write_zeroes(offset, len, false, false)
+            .await
+            .map_err(to_io)
+    }
+
     /// On the file node, as QEMU's qcow2 raises its events on `bs->file`
     /// (one branch unless a blkdebug node is there).
     #[inline]
