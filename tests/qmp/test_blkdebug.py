@@ -609,3 +609,41 @@ async def test_event_matrix(start_daemon, tmp, event, iotype):
         if not r.get("ok"):
             got[i] = r["error"].split(" ")[0]
     assert got == MATRIX[(event, iotype)]
+
+
+# Over a backing file holding seed 1 in its first MiB: a partial write copies from it
+# (step 1, into a new L2 table); one past its data (step 2) finds nothing allocated in
+# the chain, so QEMU zeroes the new cluster instead (cluster_alloc_space,
+# pwritev_zero). The failing requests as measured on qemu-storage-daemon 7.2.
+BACKING_MATRIX_STEPS = [
+    ("verify", 0, CS, 1),
+    ("write", 2 * CS + 4 * KIB, 4 * KIB, 2),
+    ("write", 4 * MIB + 4 * KIB, 4 * KIB, 3),
+    ("write", 8 * CS, CS, 4),
+    ("verify", 2 * CS, 4 * KIB, 1),
+]
+BACKING_MATRIX = {
+    # QEMU writes a new L2 table by flushing its L2 cache (l2_update, then a flush).
+    ("l2_update", None): {1: "write"},
+    ("l2_update", "flush"): {1: "write"},
+    ("read_backing_aio", "flush"): {1: "write"},
+    ("cow_read", "flush"): {1: "flush"},
+    ("cluster_alloc_space", None): {2: "write"},
+    ("cluster_alloc_space", "flush"): {2: "flush"},
+    ("pwritev_zero", None): {2: "write"},
+    ("pwritev_zero", "flush"): {2: "flush"},
+}
+
+
+@pytest.mark.parametrize("event,iotype", list(BACKING_MATRIX), ids=lambda v: str(v))
+async def test_backing_event_matrix(start_daemon, tmp, event, iotype):
+    base = qcow2(tmp, "base", [(0, MIB, 1)])
+    top = qcow2(tmp, "top", backing=base)
+    extra = {"iotype": iotype} if iotype else {}
+    d = start_daemon(qcow2_args(tmp, top, [rule(event, **extra)], base=base))
+    got = {}
+    for i, (op, off, n, seed) in enumerate(BACKING_MATRIX_STEPS):
+        r = vubd_io(op, "--socket", d.sock("e0"), "--offset", off, "--len", n, "--seed", seed)
+        if not r.get("ok"):
+            got[i] = r["error"].split(" ")[0]
+    assert got == BACKING_MATRIX[(event, iotype)]

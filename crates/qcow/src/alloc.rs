@@ -1034,6 +1034,9 @@ impl<I: QcowIo> Qcow2<I> {
         };
         let new = self.alloc_clusters(1).await?;
         self.io.debug_event(DebugEvent::L2AllocWrite);
+        // QEMU writes the new table by flushing its L2 cache, whose write-back
+        // raises l2_update.
+        self.io.debug_event(DebugEvent::L2Update);
         self.io.write_at(new, &content).await?;
         self.prepare_new_references().await?;
         self.sync().await?;

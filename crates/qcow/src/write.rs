@@ -483,19 +483,28 @@ impl<I: QcowIo> Qcow2<I> {
         // clusters and written as zeroes elsewhere, at the same point; under a
         // file that watches requests (blkdebug) the request is QEMU's, so that
         // its rules see it.
-        let zero = |c: &Cow| match c.src {
-            CowSource::Zero => true,
-            CowSource::Backing => !backing.present(),
-            _ => false,
-        };
+        // (Over a watched file, backing ranges with nothing allocated in the
+        // chain count as zeroes too, as QEMU's block status says.)
+        let watched = self.io.watches_requests();
         let run = base..base + n_new * cs;
-        let in_run: Vec<&Cow> = cows.iter().filter(|c| run.contains(&c.dest)).collect();
+        let mut bounds: Option<(u64, u64)> = None;
+        let mut all_zero = true;
+        for c in cows.iter().filter(|c| run.contains(&c.dest)) {
+            let z = match c.src {
+                CowSource::Zero => true,
+                CowSource::Backing => {
+                    !backing.present() || (watched && backing.reads_as_zero(c.guest, c.len).await)
+                }
+                _ => false,
+            };
+            all_zero &= z;
+            let (lo, hi) = bounds.unwrap_or((c.dest, c.dest + c.len));
+            bounds = Some((lo.min(c.dest), hi.max(c.dest + c.len)));
+        }
         let mut res = Ok(());
-        if !in_run.is_empty() && in_run.iter().all(|c| zero(c)) {
+        if let Some((start, end)) = bounds.filter(|_| all_zero) {
             self.io.debug_event(DebugEvent::ClusterAllocSpace);
-            if self.io.watches_requests() {
-                let start = in_run.iter().map(|c| c.dest).min().unwrap_or(base);
-                let end = in_run.iter().map(|c| c.dest + c.len).max().unwrap_or(base);
+            if watched {
                 res = self
                     .data_io()
                     .write_zeroes_request(start, end - start)

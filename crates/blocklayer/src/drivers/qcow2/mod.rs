@@ -128,6 +128,23 @@ impl Backing for NodeBacking {
     fn present(&self) -> bool {
         self.0.is_some()
     }
+
+    /// Nothing allocated in `guest_offset..+len` anywhere down the chain.
+    async fn reads_as_zero(&self, guest_offset: u64, len: u64) -> bool {
+        let Some(mut node) = self.0.clone() else {
+            return true;
+        };
+        loop {
+            match node.driver().is_allocated(guest_offset, len).await {
+                Ok((false, n)) if n >= len => {}
+                _ => return false,
+            }
+            match node.backing() {
+                Some(b) => node = b,
+                None => return true,
+            }
+        }
+    }
 }
 
 fn to_io(e: BlockError) -> io::Error {
