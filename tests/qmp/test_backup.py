@@ -555,6 +555,44 @@ async def test_on_cbw_error(start_daemon, tmp, policy):
     assert r["ok"]
 
 
+#: The fleecing target's latency in the cbw-timeout test, well above the timeout.
+SLOW_TARGET_NS = 5_000_000_000
+
+
+@pytest.mark.parametrize("policy", ["break-guest-write", "break-snapshot"])
+async def test_cbw_timeout(start_daemon, tmp, policy):
+    """cbw-timeout=1 with a target whose writes take 5 s (null-co latency-ns): the
+    guest write's copy times out (it goes on in the background). break-guest-write:
+    the guest write fails, the disk and the snapshot keep the old data;
+    break-snapshot: the guest write is done without its copy, and the snapshot is
+    gone (its reads fail)."""
+    args = file_raw_args(tmp, "n0", SIZE)
+    write_raw(tmp / "n0.img", pattern(1, 0, SIZE))
+    args += [
+        "--blockdev", json.dumps({"driver": "null-co", "node-name": "fl", "size": SIZE,
+                                  "read-zeroes": True, "latency-ns": SLOW_TARGET_NS}),
+        "--blockdev", json.dumps({"driver": "copy-before-write", "node-name": "cbw",
+                                  "file": "n0", "target": "fl", "on-cbw-error": policy,
+                                  "cbw-timeout": 1}),
+        "--blockdev", "snapshot-access,node-name=acc,file=cbw",
+    ] + export_args("e0", "cbw", sock(tmp)) + export_args(
+        "e1", "acc", sock(tmp, "e1"), writable=False)
+    start_daemon(args)
+    w = vubd_io("write", "--socket", sock(tmp), "--offset", MIB, "--len", 4 * KIB, "--seed", 2)
+    snap = vubd_io("verify", "--socket", sock(tmp, "e1"), "--offset", 2 * MIB,
+                   "--len", 4 * KIB, "--seed", 1, "--read-only", "on")
+    if policy == "break-guest-write":
+        assert w["rc"] != 0 and "Input/output error" in w["error"], w
+        assert snap["ok"], snap
+        verify(tmp, MIB, 4 * KIB, 1)
+        io_ok("verify", "--socket", sock(tmp, "e1"), "--offset", MIB, "--len", 4 * KIB,
+              "--seed", 1, "--read-only", "on")
+    else:
+        assert w["ok"], w
+        assert snap["rc"] != 0 and not snap["ok"], snap
+        verify(tmp, MIB, 4 * KIB, 2)
+
+
 async def test_shutdown_with_backups_running(start_daemon, tmp):
     """The daemon exits cleanly (SIGTERM at teardown) with a rate-limited full backup
     and a sync=none backup still running; the source image stays as written."""

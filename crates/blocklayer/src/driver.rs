@@ -304,6 +304,13 @@ pub trait Driver: Send + Sync {
 
     fn flush(&self) -> LocalBoxFuture<'_, Result<()>>;
 
+    /// A flush that a format above adds where QEMU's driver flushes nothing
+    /// (see `qcow::QcowIo::flush_unchecked`): [`Driver::flush`], except that
+    /// blkdebug passes it on without checking its rules.
+    fn flush_unchecked(&self) -> LocalBoxFuture<'_, Result<()>> {
+        self.flush()
+    }
+
     /// Deallocates a range; reads may return anything afterwards (zeroes for files).
     fn discard(&self, offset: u64, len: u64) -> LocalBoxFuture<'_, Result<()>>;
 

@@ -109,9 +109,26 @@ impl<I: QcowIo> Qcow2<I> {
         Ok(())
     }
 
+    /// The events of QEMU's `update_refcount` on a refcount block that exists:
+    /// `alloc_refcount_block` raises `RefblockAlloc` whether or not it
+    /// allocates, then `RefblockLoad` as it looks the block up (cache hits
+    /// too). Lookups that change nothing (the allocator's scan) raise none, as
+    /// QEMU's `qcow2_get_refcount`.
+    fn refcount_update_events(&self) {
+        self.io.debug_event(DebugEvent::RefblockAlloc);
+        self.io.debug_event(DebugEvent::RefblockLoad);
+    }
+
     /// Adds `delta` to the refcount of cluster `c`; its block must exist.
     /// Returns the new refcount.
     pub(crate) async fn rc_add(&self, c: u64, delta: i64) -> Result<u64> {
+        self.rc_update(c, delta, true).await
+    }
+
+    /// [`Self::rc_add`], raising QEMU's events of a refcount update only if
+    /// `events` (not for the reservations' own bookkeeping, which QEMU has
+    /// not: it updates a refcount when it hands a cluster out).
+    async fn rc_update(&self, c: u64, delta: i64, events: bool) -> Result<u64> {
         let t = (c / self.g.rc_per_block) as usize;
         let block = self.st().rt.get(t).copied().unwrap_or(0) & OFFSET_MASK;
         if block == 0 {
@@ -128,6 +145,9 @@ impl<I: QcowIo> Qcow2<I> {
             )));
         }
         self.check_rc_block(t, block).await?;
+        if events {
+            self.refcount_update_events();
+        }
         let idx = (c % self.g.rc_per_block) as usize;
         let (order, max) = (self.g.refcount_order, self.g.rc_max);
         let r = self
@@ -183,7 +203,7 @@ impl<I: QcowIo> Qcow2<I> {
     /// reusing freed space.
     pub(crate) async fn alloc_clusters(&self, n: u64) -> Result<u64> {
         self.io.debug_event(DebugEvent::ClusterAlloc);
-        self.alloc_run(n, true).await
+        self.alloc_run(n, true, true).await
     }
 
     /// Looks for `n` free clusters in a row from the free hint: returns the
@@ -280,7 +300,8 @@ impl<I: QcowIo> Qcow2<I> {
 
     /// Allocates `n` contiguous host clusters (refcount 1 each): the first free
     /// run from the free hint when `reuse_holes`, else at the high-water mark.
-    async fn alloc_run(&self, n: u64, reuse_holes: bool) -> Result<u64> {
+    /// `events`: see [`Self::rc_update`].
+    async fn alloc_run(&self, n: u64, reuse_holes: bool, events: bool) -> Result<u64> {
         let rpb = self.g.rc_per_block;
         let cs = self.g.cluster_size;
         'outer: loop {
@@ -329,7 +350,7 @@ impl<I: QcowIo> Qcow2<I> {
                     .await);
             }
             for c in run_start..run_start + n {
-                let v = self.rc_add(c, 1).await?;
+                let v = self.rc_update(c, 1, events).await?;
                 if v != 1 {
                     return Err(self
                         .corrupt(format!(
@@ -390,6 +411,10 @@ impl<I: QcowIo> Qcow2<I> {
                     .ok_or_else(|| Error::NoSpace("internal: reservation too small".into()))?
             }
         };
+        // QEMU counts these clusters in its cached refcount block now and writes
+        // it back at the next flush: that write-back raises the event.
+        self.refcount_update_events();
+        self.st().rc_event_owed = true;
         Ok(NewClusters {
             offset: c * cs,
             fresh: c * cs..(c + n) * cs,
@@ -421,14 +446,14 @@ impl<I: QcowIo> Qcow2<I> {
             let disk = st.hdr.size.div_ceil(cs);
             (n.max(batch.min(disk)), st.reserved.clone())
         };
-        let start = self.alloc_run(count, false).await? / cs;
+        let start = self.alloc_run(count, false, false).await? / cs;
         let end = start + count;
         let keep = old.end == start && !old.is_empty();
         self.st().reserved = if keep { old.start..end } else { start..end };
         if !keep {
             for c in old {
                 // Never referenced: free at once.
-                self.rc_add(c, -1).await?;
+                self.rc_update(c, -1, false).await?;
             }
         }
         // The file covers the clusters before their refcounts can be stable,
@@ -449,9 +474,10 @@ impl<I: QcowIo> Qcow2<I> {
             self.write_header().await?;
         }
         if !self.refcounts_lazy() {
-            self.write_dirty_refcounts().await?;
+            // QEMU's refcount updates stay in its cache: the event is owed.
+            self.write_dirty_refcounts_as(false).await?;
         }
-        self.sync().await
+        self.sync_unchecked().await
     }
 
     /// Gives the reserved clusters not handed out back (they were never
@@ -466,7 +492,7 @@ impl<I: QcowIo> Qcow2<I> {
             return Ok(());
         }
         for c in r.clone() {
-            self.rc_add(c, -1).await?;
+            self.rc_update(c, -1, false).await?;
         }
         let cs = self.g.cluster_size;
         if r.end * cs == hw {
@@ -479,8 +505,23 @@ impl<I: QcowIo> Qcow2<I> {
     /// (after they complete); a sync clears it (before it starts), so that
     /// an entry whose refcount is stable already is written without one.
     pub(crate) async fn sync(&self) -> Result<()> {
+        self.sync_as(true).await
+    }
+
+    /// [`Self::sync`] where QEMU's qcow2 does not flush (the syncs of an
+    /// allocating write): through [`QcowIo::flush_unchecked`].
+    pub(crate) async fn sync_unchecked(&self) -> Result<()> {
+        self.sync_as(false).await
+    }
+
+    async fn sync_as(&self, checked: bool) -> Result<()> {
         let was = std::mem::take(&mut self.st().rc_unsynced);
-        if let Err(e) = self.io.flush().await {
+        let r = if checked {
+            self.io.flush().await
+        } else {
+            self.io.flush_unchecked().await
+        };
+        if let Err(e) = r {
             self.st().rc_unsynced |= was;
             return Err(e.into());
         }
@@ -696,8 +737,14 @@ impl<I: QcowIo> Qcow2<I> {
         Ok(())
     }
 
-    /// Writes one dirty cached table back.
+    /// Writes one dirty cached table back, raising its event
+    /// (`L2Update`, `RefblockUpdatePart`) first.
     pub(crate) async fn write_table(&self, kind: TableKind, off: u64) -> Result<()> {
+        self.write_table_as(kind, off, true).await
+    }
+
+    /// [`Self::write_table`], raising the event only if `raise`.
+    async fn write_table_as(&self, kind: TableKind, off: u64, raise: bool) -> Result<()> {
         let (at, data, gen) = {
             let mut st = self.st();
             match st.cache(kind).get(off) {
@@ -709,10 +756,12 @@ impl<I: QcowIo> Qcow2<I> {
                 _ => return Ok(()),
             }
         };
-        self.io.debug_event(match kind {
-            TableKind::L2 => DebugEvent::L2Update,
-            TableKind::Refcount => DebugEvent::RefblockUpdatePart,
-        });
+        if raise {
+            self.io.debug_event(match kind {
+                TableKind::L2 => DebugEvent::L2Update,
+                TableKind::Refcount => DebugEvent::RefblockUpdatePart,
+            });
+        }
         self.io.write_at(off + at, &data).await?;
         let mut st = self.st();
         if kind == TableKind::Refcount {
@@ -728,11 +777,31 @@ impl<I: QcowIo> Qcow2<I> {
         Ok(())
     }
 
-    /// Writes every dirty refcount block (always safe: see the module doc).
+    /// Writes every dirty refcount block (always safe: see the module doc),
+    /// raising `RefblockUpdatePart` where QEMU writes its cached refcount
+    /// blocks back: before each block, or once if nothing is dirty but
+    /// reserved clusters were handed out since the last time (their refcounts
+    /// were written with the reservation; QEMU's are still dirty).
     pub(crate) async fn write_dirty_refcounts(&self) -> Result<()> {
-        let dirty = self.st().rc.dirty();
+        self.write_dirty_refcounts_as(true).await
+    }
+
+    /// [`Self::write_dirty_refcounts`], raising no event unless `raise` (the
+    /// event is then owed to the next write-back that raises).
+    async fn write_dirty_refcounts_as(&self, raise: bool) -> Result<()> {
+        let (dirty, owed) = {
+            let mut st = self.st();
+            let owed = raise && std::mem::take(&mut st.rc_event_owed);
+            (st.rc.dirty(), owed)
+        };
+        if dirty.is_empty() && owed {
+            self.io.debug_event(DebugEvent::RefblockUpdatePart);
+        }
+        if !raise && !dirty.is_empty() {
+            self.st().rc_event_owed = true;
+        }
         for off in dirty {
-            self.write_table(TableKind::Refcount, off).await?;
+            self.write_table_as(TableKind::Refcount, off, raise).await?;
         }
         Ok(())
     }
@@ -750,6 +819,17 @@ impl<I: QcowIo> Qcow2<I> {
         self.mark_dirty_if_lazy().await?;
         if !self.refcounts_lazy() {
             self.write_dirty_refcounts().await?;
+        }
+        Ok(())
+    }
+
+    /// [`Self::prepare_new_references`] for a guest write's own entries, where
+    /// QEMU leaves its refcount blocks dirty in its cache until the next flush:
+    /// the refcounts written here raise their event at that flush instead.
+    pub(crate) async fn prepare_new_references_of_write(&self) -> Result<()> {
+        self.mark_dirty_if_lazy().await?;
+        if !self.refcounts_lazy() {
+            self.write_dirty_refcounts_as(false).await?;
         }
         Ok(())
     }
@@ -954,6 +1034,9 @@ impl<I: QcowIo> Qcow2<I> {
         };
         let new = self.alloc_clusters(1).await?;
         self.io.debug_event(DebugEvent::L2AllocWrite);
+        // QEMU writes the new table by flushing its L2 cache, whose write-back
+        // raises l2_update.
+        self.io.debug_event(DebugEvent::L2Update);
         self.io.write_at(new, &content).await?;
         self.prepare_new_references().await?;
         self.sync().await?;

@@ -244,6 +244,12 @@ pub(crate) struct State {
     /// Refcount metadata was written since the last sync: an entry that
     /// references a cluster may depend on it (see `Qcow2::sync`).
     pub rc_unsynced: bool,
+    /// Clusters were handed out of a reservation since the last refcount
+    /// write-back that raised `RefblockUpdatePart`: QEMU would hold their
+    /// refcount changes dirty in its cache until then, so that write-back
+    /// raises the event even with nothing left to write (see
+    /// `Qcow2::write_dirty_refcounts`).
+    pub rc_event_owed: bool,
     /// Clusters reserved for guest data and not handed out yet (indices):
     /// their refcounts are 1 and stable, the file covers them, they read as
     /// zeroes (see "Reservations" in `alloc.rs`).
@@ -500,6 +506,7 @@ impl<I: QcowIo> Qcow2<I> {
         let st = State {
             l2_needs_data_sync: false,
             rc_unsynced: false,
+            rc_event_owed: false,
             reserved: 0..0,
             reserve_next: 0,
             cleans: 0,
@@ -736,9 +743,6 @@ impl<I: QcowIo> Qcow2<I> {
         f: impl FnOnce(&mut CacheEntry) -> R,
     ) -> Result<R> {
         let mut f = Some(f);
-        if kind == TableKind::Refcount {
-            self.io.debug_event(DebugEvent::RefblockLoad);
-        }
         loop {
             let epoch = {
                 let mut st = self.st();

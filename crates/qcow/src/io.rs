@@ -10,155 +10,102 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::Mutex;
 
-/// A point in the qcow2 code where QEMU raises a blkdebug event on the image
-/// file (`BLKDBG_EVENT(bs->file, ...)`), so that a `blkdebug` node below can
-/// arm its `inject-error` rules there ([`QcowIo::debug_event`]). Each is
-/// raised just before the I/O it names, or at the step it names when that
-/// step may do no I/O (a cache hit, a reserved cluster).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DebugEvent {
-    /// An L1 entry is written (an L2 table was allocated or dropped).
-    L1Update,
-    /// Growing the L1 table: clusters for the new table are allocated,
-    L1GrowAllocTable,
-    /// the new table is written,
-    L1GrowWriteTable,
-    /// and the header switches to it.
-    L1GrowActivateTable,
-    /// Shrinking: L1 entries past the new end are cleared,
-    L1ShrinkWriteTable,
-    /// and the L2 tables they pointed to are freed.
-    L1ShrinkFreeL2Clusters,
-    /// An L2 table is read into the cache (a miss).
-    L2Load,
-    /// A cached L2 table (or some of its entries) is written back.
-    L2Update,
-    /// An L2 entry is pointed at compressed data.
-    L2UpdateCompressed,
-    /// A copied L2 table's old content is read (the old table was shared).
-    L2AllocCowRead,
-    /// A new L2 table is written.
-    L2AllocWrite,
-    /// Guest data is read from the image file (here: the old content of a
-    /// cluster being copied on write).
-    ReadAio,
-    /// Guest data is read from the backing file (here: for copy on write).
-    ReadBackingAio,
-    /// A compressed cluster is read.
-    ReadCompressed,
-    /// Compressed guest data is written.
-    WriteCompressed,
-    /// The old content around a partial write is read for copy on write,
-    CowRead,
-    /// and written to the new cluster.
-    CowWrite,
-    /// The refcount table is read (at open).
-    ReftableLoad,
-    /// The refcount table is replaced by a larger one.
-    ReftableGrow,
-    /// A refcount block is looked up (QEMU raises it on cache hits too).
-    RefblockLoad,
-    /// The changed part of a cached refcount block is written back.
-    RefblockUpdatePart,
-    /// A new refcount block is needed,
-    RefblockAlloc,
-    /// is written,
-    RefblockAllocWrite,
-    /// and is hooked up in the refcount table.
-    RefblockAllocHookup,
-    /// Growing the refcount table: its new refcount blocks are written,
-    RefblockAllocWriteBlocks,
-    /// the new table is written,
-    RefblockAllocWriteTable,
-    /// and the header switches to it.
-    RefblockAllocSwitchTable,
-    /// Host clusters are allocated.
-    ClusterAlloc,
-    /// Bytes for compressed data are allocated.
-    ClusterAllocBytes,
-    /// Host clusters are freed.
-    ClusterFree,
-    /// The space of a new cluster is zeroed instead of copying zeroes.
-    ClusterAllocSpace,
+/// Declares [`DebugEvent`] from one list of `Variant => "qemu_name"` rows: the
+/// enum, its [`DebugEvent::name`] table and [`DebugEvent::ALL`].
+macro_rules! debug_events {
+    ($($(#[doc = $doc:literal])* $variant:ident => $name:literal,)*) => {
+        /// A point in the qcow2 code where QEMU raises a blkdebug event on the
+        /// image file (`BLKDBG_EVENT(bs->file, ...)`), so that a `blkdebug` node
+        /// below can arm its `inject-error` rules there
+        /// ([`QcowIo::debug_event`]). Each is raised just before the I/O it
+        /// names, or at the step it names when that step may do no I/O (a cache
+        /// hit, a reserved cluster).
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum DebugEvent {
+            $($(#[doc = $doc])* $variant,)*
+        }
+
+        impl DebugEvent {
+            /// The event's name in QEMU's `BlkdebugEvent` (what `inject-error`
+            /// rules name).
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(DebugEvent::$variant => $name,)*
+                }
+            }
+
+            /// Every event, in declaration order.
+            pub const ALL: [DebugEvent; [$($name),*].len()] = [$(DebugEvent::$variant),*];
+        }
+    };
 }
 
-impl DebugEvent {
-    /// The event's name in QEMU's `BlkdebugEvent` (what `inject-error` rules
-    /// name).
-    pub fn name(self) -> &'static str {
-        use DebugEvent::*;
-        match self {
-            L1Update => "l1_update",
-            L1GrowAllocTable => "l1_grow_alloc_table",
-            L1GrowWriteTable => "l1_grow_write_table",
-            L1GrowActivateTable => "l1_grow_activate_table",
-            L1ShrinkWriteTable => "l1_shrink_write_table",
-            L1ShrinkFreeL2Clusters => "l1_shrink_free_l2_clusters",
-            L2Load => "l2_load",
-            L2Update => "l2_update",
-            L2UpdateCompressed => "l2_update_compressed",
-            L2AllocCowRead => "l2_alloc_cow_read",
-            L2AllocWrite => "l2_alloc_write",
-            ReadAio => "read_aio",
-            ReadBackingAio => "read_backing_aio",
-            ReadCompressed => "read_compressed",
-            WriteCompressed => "write_compressed",
-            CowRead => "cow_read",
-            CowWrite => "cow_write",
-            ReftableLoad => "reftable_load",
-            ReftableGrow => "reftable_grow",
-            RefblockLoad => "refblock_load",
-            RefblockUpdatePart => "refblock_update_part",
-            RefblockAlloc => "refblock_alloc",
-            RefblockAllocWrite => "refblock_alloc_write",
-            RefblockAllocHookup => "refblock_alloc_hookup",
-            RefblockAllocWriteBlocks => "refblock_alloc_write_blocks",
-            RefblockAllocWriteTable => "refblock_alloc_write_table",
-            RefblockAllocSwitchTable => "refblock_alloc_switch_table",
-            ClusterAlloc => "cluster_alloc",
-            ClusterAllocBytes => "cluster_alloc_bytes",
-            ClusterFree => "cluster_free",
-            ClusterAllocSpace => "cluster_alloc_space",
-        }
-    }
-
-    /// Every event, in declaration order.
-    pub const ALL: [DebugEvent; 31] = {
-        use DebugEvent::*;
-        [
-            L1Update,
-            L1GrowAllocTable,
-            L1GrowWriteTable,
-            L1GrowActivateTable,
-            L1ShrinkWriteTable,
-            L1ShrinkFreeL2Clusters,
-            L2Load,
-            L2Update,
-            L2UpdateCompressed,
-            L2AllocCowRead,
-            L2AllocWrite,
-            ReadAio,
-            ReadBackingAio,
-            ReadCompressed,
-            WriteCompressed,
-            CowRead,
-            CowWrite,
-            ReftableLoad,
-            ReftableGrow,
-            RefblockLoad,
-            RefblockUpdatePart,
-            RefblockAlloc,
-            RefblockAllocWrite,
-            RefblockAllocHookup,
-            RefblockAllocWriteBlocks,
-            RefblockAllocWriteTable,
-            RefblockAllocSwitchTable,
-            ClusterAlloc,
-            ClusterAllocBytes,
-            ClusterFree,
-            ClusterAllocSpace,
-        ]
-    };
+debug_events! {
+    /// An L1 entry is written (an L2 table was allocated or dropped).
+    L1Update => "l1_update",
+    /// Growing the L1 table: clusters for the new table are allocated,
+    L1GrowAllocTable => "l1_grow_alloc_table",
+    /// the new table is written,
+    L1GrowWriteTable => "l1_grow_write_table",
+    /// and the header switches to it.
+    L1GrowActivateTable => "l1_grow_activate_table",
+    /// Shrinking: L1 entries past the new end are cleared,
+    L1ShrinkWriteTable => "l1_shrink_write_table",
+    /// and the L2 tables they pointed to are freed.
+    L1ShrinkFreeL2Clusters => "l1_shrink_free_l2_clusters",
+    /// An L2 table is read into the cache (a miss).
+    L2Load => "l2_load",
+    /// A cached L2 table (or some of its entries) is written back.
+    L2Update => "l2_update",
+    /// An L2 entry is pointed at compressed data.
+    L2UpdateCompressed => "l2_update_compressed",
+    /// A copied L2 table's old content is read (the old table was shared).
+    L2AllocCowRead => "l2_alloc_cow_read",
+    /// A new L2 table is written.
+    L2AllocWrite => "l2_alloc_write",
+    /// Guest data is read from the image file (here: the old content of a
+    /// cluster being copied on write).
+    ReadAio => "read_aio",
+    /// Guest data is read from the backing file (here: for copy on write).
+    ReadBackingAio => "read_backing_aio",
+    /// A compressed cluster is read.
+    ReadCompressed => "read_compressed",
+    /// Compressed guest data is written.
+    WriteCompressed => "write_compressed",
+    /// The old content around a partial write is read for copy on write,
+    CowRead => "cow_read",
+    /// and written to the new cluster.
+    CowWrite => "cow_write",
+    /// The refcount table is read (at open).
+    ReftableLoad => "reftable_load",
+    /// The refcount table is replaced by a larger one.
+    ReftableGrow => "reftable_grow",
+    /// A refcount block is looked up to change a refcount (QEMU raises it on
+    /// cache hits too).
+    RefblockLoad => "refblock_load",
+    /// The changed part of a cached refcount block is written back.
+    RefblockUpdatePart => "refblock_update_part",
+    /// A refcount is about to change: its refcount block is found, or a new
+    /// one is needed (QEMU raises it either way),
+    RefblockAlloc => "refblock_alloc",
+    /// is written,
+    RefblockAllocWrite => "refblock_alloc_write",
+    /// and is hooked up in the refcount table.
+    RefblockAllocHookup => "refblock_alloc_hookup",
+    /// Growing the refcount table: its new refcount blocks are written,
+    RefblockAllocWriteBlocks => "refblock_alloc_write_blocks",
+    /// the new table is written,
+    RefblockAllocWriteTable => "refblock_alloc_write_table",
+    /// and the header switches to it.
+    RefblockAllocSwitchTable => "refblock_alloc_switch_table",
+    /// Host clusters are allocated.
+    ClusterAlloc => "cluster_alloc",
+    /// Bytes for compressed data are allocated.
+    ClusterAllocBytes => "cluster_alloc_bytes",
+    /// Host clusters are freed.
+    ClusterFree => "cluster_free",
+    /// The space of a new cluster is zeroed instead of copying zeroes.
+    ClusterAllocSpace => "cluster_alloc_space",
 }
 
 /// Positioned asynchronous I/O on an image file.
@@ -173,6 +120,14 @@ pub trait QcowIo {
     fn write_at(&self, offset: u64, buf: &[u8]) -> impl Future<Output = io::Result<()>>;
     /// Makes every completed write stable.
     fn flush(&self) -> impl Future<Output = io::Result<()>>;
+    /// A flush that this crate adds for its own crash safety at a point where
+    /// QEMU's qcow2 flushes nothing (an allocating write's reservation or
+    /// commit). The default is [`QcowIo::flush`]; the block layer passes it
+    /// by `blkdebug` rules, so that a rule meant for QEMU's flushes fails the
+    /// same guest request.
+    fn flush_unchecked(&self) -> impl Future<Output = io::Result<()>> {
+        self.flush()
+    }
     /// The current length of the file.
     fn len(&self) -> impl Future<Output = io::Result<u64>>;
     /// Truncates or extends the file (extension reads as zeroes).
@@ -197,6 +152,19 @@ pub trait QcowIo {
     /// so callers use it only on ranges whose content does not matter.
     fn allocate(&self, offset: u64, len: u64) -> impl Future<Output = io::Result<()>> {
         write_zero_buffers(self, offset, len)
+    }
+    /// Whether something below sees each request (a `blkdebug` node): then
+    /// the image code also makes the write-zeroes requests QEMU's qcow2 makes
+    /// where it has a cheaper way (see [`QcowIo::write_zeroes_request`]). The
+    /// default is false.
+    fn watches_requests(&self) -> bool {
+        false
+    }
+    /// Writes `len` zero bytes at `offset` as one write-zeroes request on the
+    /// file (QEMU's `bdrv_co_pwrite_zeroes`), growing it if needed. The
+    /// default is [`QcowIo::write_zeroes`].
+    fn write_zeroes_request(&self, offset: u64, len: u64) -> impl Future<Output = io::Result<()>> {
+        self.write_zeroes(offset, len)
     }
     /// The image code reached `event` (see [`DebugEvent`]); the block layer
     /// passes it to a `blkdebug` node below. The default does nothing.
@@ -235,6 +203,9 @@ impl<T: QcowIo> QcowIo for &T {
     fn flush(&self) -> impl Future<Output = io::Result<()>> {
         (**self).flush()
     }
+    fn flush_unchecked(&self) -> impl Future<Output = io::Result<()>> {
+        (**self).flush_unchecked()
+    }
     fn len(&self) -> impl Future<Output = io::Result<u64>> {
         (**self).len()
     }
@@ -252,6 +223,12 @@ impl<T: QcowIo> QcowIo for &T {
     }
     fn debug_event(&self, event: DebugEvent) {
         (**self).debug_event(event)
+    }
+    fn watches_requests(&self) -> bool {
+        (**self).watches_requests()
+    }
+    fn write_zeroes_request(&self, offset: u64, len: u64) -> impl Future<Output = io::Result<()>> {
+        (**self).write_zeroes_request(offset, len)
     }
 }
 

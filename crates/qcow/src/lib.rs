@@ -52,6 +52,13 @@ pub trait Backing {
     fn present(&self) -> bool {
         true
     }
+    /// Whether the chain is known to read zeroes in `guest_offset..+len`
+    /// (nothing allocated there), as QEMU's `bdrv_co_is_zero_fast` tells;
+    /// false when unsure (the default).
+    fn reads_as_zero(&self, guest_offset: u64, len: u64) -> impl Future<Output = bool> {
+        let _ = (guest_offset, len);
+        std::future::ready(!self.present())
+    }
 }
 
 /// No backing file: unallocated ranges read as zeroes.

@@ -476,33 +476,48 @@ impl<I: QcowIo> Qcow2<I> {
         if cows.iter().any(copies) {
             alloc.needs_data_sync = true;
         }
-        // QEMU zeroes the whole of a new cluster whose copy-on-write parts read
-        // as zeroes instead of copying them (cluster_alloc_space); here they
-        // are zeroed, or skipped in fresh clusters, at the same point.
-        if n_new > 0 {
-            let zero = |c: &Cow| match c.src {
+        // QEMU zeroes the new clusters from the start of their copy-on-write
+        // head to the end of their tail with one write-zeroes request on its
+        // file when every copied part reads as zeroes (cluster_alloc_space),
+        // and copies nothing then. Here zero parts are skipped in fresh
+        // clusters and written as zeroes elsewhere, at the same point; under a
+        // file that watches requests (blkdebug) the request is QEMU's, so that
+        // its rules see it.
+        // (Over a watched file, backing ranges with nothing allocated in the
+        // chain count as zeroes too, as QEMU's block status says.)
+        let watched = self.io.watches_requests();
+        let run = base..base + n_new * cs;
+        let mut bounds: Option<(u64, u64)> = None;
+        let mut all_zero = true;
+        for c in cows.iter().filter(|c| run.contains(&c.dest)) {
+            let z = match c.src {
                 CowSource::Zero => true,
-                CowSource::Backing => !backing.present(),
+                CowSource::Backing => {
+                    !backing.present() || (watched && backing.reads_as_zero(c.guest, c.len).await)
+                }
                 _ => false,
             };
-            let zero_cow_cluster = (0..n_new).any(|k| {
-                let (lo, hi) = (base + k * cs, base + (k + 1) * cs);
-                let mut own = cows
-                    .iter()
-                    .filter(|c| c.dest >= lo && c.dest < hi)
-                    .peekable();
-                own.peek().is_some() && own.all(zero)
-            });
-            if zero_cow_cluster {
-                self.io.debug_event(DebugEvent::ClusterAllocSpace);
+            all_zero &= z;
+            let (lo, hi) = bounds.unwrap_or((c.dest, c.dest + c.len));
+            bounds = Some((lo.min(c.dest), hi.max(c.dest + c.len)));
+        }
+        let mut res = Ok(());
+        if let Some((start, end)) = bounds.filter(|_| all_zero) {
+            self.io.debug_event(DebugEvent::ClusterAllocSpace);
+            if watched {
+                res = self
+                    .data_io()
+                    .write_zeroes_request(start, end - start)
+                    .await
+                    .map_err(Error::from);
+                cows.retain(|c| !run.contains(&c.dest));
             }
         }
         // Zero COW into fresh clusters is skipped; make sure the file still
         // covers the whole of the last new cluster: one zeroed sector,
         // written before the COW and the guest data that may overwrite it.
-        let mut res = Ok(());
         if let Some(p) = plans.iter().rev().find(|p| !p.in_place) {
-            if n_new > 0 && p.b < cs && new.fresh.contains(&base) && !new.covered {
+            if res.is_ok() && n_new > 0 && p.b < cs && new.fresh.contains(&base) && !new.covered {
                 let end = base + n_new * cs;
                 res = self
                     .io
@@ -609,13 +624,13 @@ impl<I: QcowIo> Qcow2<I> {
             .await?;
             tables.push((l2off, idx as u64));
         }
-        self.prepare_new_references().await?;
+        self.prepare_new_references_of_write().await?;
         // Reserved clusters have stable refcounts already: no sync unless the
         // data must be stable first.
         if alloc.needs_data_sync || self.new_references_need_sync() {
             // This covers the data the entries depend on: the flush that writes
             // the tables need not sync for them again.
-            self.sync().await?;
+            self.sync_unchecked().await?;
         }
         self.write_l2_entries(&mut tables).await?;
         {
@@ -724,12 +739,14 @@ impl<I: QcowIo> Qcow2<I> {
         let (raw, bm) = self.l2_get(l2off, idx).await?;
         let old = self.decode_entry(offset, raw, bm).await?;
         let host = self.alloc_bytes(c.len() as u64).await?;
+        // QEMU points the cached L2 entry at the bytes before it writes the data;
+        // here the entry changes after the write, but the events keep its order.
+        self.io.debug_event(DebugEvent::L2UpdateCompressed);
         self.io.debug_event(DebugEvent::WriteCompressed);
         self.io.write_at(host, &c).await?;
         let entry = g.compressed_entry(host, c.len() as u64);
         // Compressed data shares host clusters: never mapped before it is stable.
         self.st().l2_needs_data_sync = true;
-        self.io.debug_event(DebugEvent::L2UpdateCompressed);
         self.with_table(TableKind::L2, l2off, |e| {
             if g.extended {
                 layout::put_u64(&mut e.data, 2 * idx as usize, entry);

@@ -8,6 +8,7 @@
 //! vubd-io capacity       --socket S
 //! vubd-io write          --socket S --offset O --len L --seed N
 //! vubd-io verify         --socket S --offset O --len L --seed N
+//! vubd-io zeroes         --socket S --offset O --len L
 //! vubd-io stress         --socket S --seconds T --seed N [--queues Q] [--span BYTES]
 //!                        [--ready-file PATH]
 //! vubd-io watch-capacity --socket S --expect BYTES --timeout-secs T [--ready-file PATH]
@@ -34,6 +35,7 @@ const USAGE: &str = "usage:
   vubd-io capacity       --socket S
   vubd-io write          --socket S --offset O --len L --seed N
   vubd-io verify         --socket S --offset O --len L --seed N [--read-only on]
+  vubd-io zeroes         --socket S --offset O --len L
   vubd-io stress         --socket S --seconds T --seed N [--queues Q] [--span BYTES] [--ready-file P]
   vubd-io watch-capacity --socket S --expect BYTES --timeout-secs T [--ready-file P]";
 
@@ -281,6 +283,27 @@ fn cmd_write(a: &Args) -> Result<String, String> {
     q.flush()
         .map_err(|e| format!("flush failed: {}", errno_name(e)))?;
     Ok(format!("\"written\":{len}"))
+}
+
+/// One write-zeroes request (no flush): `"zeroed"` on success.
+fn cmd_zeroes(a: &Args) -> Result<String, String> {
+    a.allow(&["socket", "offset", "len"])?;
+    let (offset, len) = (a.num("offset")?, a.num("len")?);
+    let mut c = connect(&a.str("socket")?, 1)?;
+    check_range(&c, offset, len)?;
+    c.q()
+        .submit1(Req::WriteZeroes {
+            offset,
+            len,
+            flags: ReqFlags::empty(),
+        })
+        .map_err(|e| {
+            format!(
+                "write-zeroes of {len} bytes at {offset} failed: {}",
+                errno_name(e)
+            )
+        })?;
+    Ok(format!("\"zeroed\":{len}"))
 }
 
 fn cmd_verify(a: &Args) -> Result<String, String> {
@@ -654,6 +677,7 @@ fn main() -> ExitCode {
         "capacity" => cmd_capacity,
         "write" => cmd_write,
         "verify" => cmd_verify,
+        "zeroes" => cmd_zeroes,
         "stress" => cmd_stress,
         "watch-capacity" => cmd_watch_capacity,
         other => return usage_error(&format!("unknown subcommand {other:?}")),

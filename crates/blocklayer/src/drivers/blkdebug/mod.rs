@@ -5,8 +5,9 @@
 //! As in QEMU, events arm rules and requests check the armed ones: an event that some
 //! rules wait for arms exactly those, until the next such event; a request fails if
 //! an armed rule is of its `iotype` (default: any but block-status) and, when
-//! `sector` is given, covers that sector. Events come from where QEMU raises them
-//! ([`BLKDEBUG_RAISED_EVENTS`] lists them; rules on others are refused):
+//! `sector` is given, covers that sector. QEMU 7.2 accepts a rule on every one of its
+//! events ([`BLKDEBUG_EVENTS`]), and so does vubd; events come from where QEMU raises
+//! them ([`BLKDEBUG_NEVER_RAISED`] lists those that occur in neither daemon):
 //! - `read_aio`/`write_aio` from the format above (raw, qcow2) before guest data
 //!   I/O, not before metadata I/O; `read_backing_aio` from qcow2 on its file before
 //!   it reads from its backing node;
@@ -14,13 +15,17 @@
 //!   `cluster_*`, `cow_*`, `read_compressed`, `write_compressed`) from the qcow
 //!   crate (`qcow::DebugEvent`) on the image's file, at the steps QEMU's qcow2
 //!   raises them (table loads are raised on cache misses only, as QEMU; refcount
-//!   block lookups on hits too);
+//!   block lookups on hits too; `refblock_update_part` where QEMU writes its cached
+//!   refcount blocks back, so at the flush after an allocating write);
+//! - `none` once, when the node is opened;
+//! - (no event) the ordering flushes qcow2 adds to an allocating write, which QEMU
+//!   does not have, reach the image without a rule check (`flush_unchecked`);
 //! - `flush_to_os`/`flush_to_disk` from the parent's flush;
 //! - `pwritev`/`pwritev_zero` before and `pwritev_done` after blkdebug's own writes
 //!   and write-zeroes; `pwritev_rmw_*` around the padding reads of a write that is
-//!   not aligned to the node's `align` (vubd fails the write if such a read fails;
-//!   QEMU 7.2 ignores that error); `cor_write` from a `copy-on-read` filter before
-//!   it writes a copy into this node.
+//!   not aligned to the node's `align` (a failed padding read does not fail the
+//!   write, as in QEMU 7.2); `cor_write` from a `copy-on-read` filter before it
+//!   writes a copy into this node.
 //!
 //! Discards check no rule; block-status queries (the allocation a `copy-on-read`
 //! filter or a job asks for) check the `block-status` ones. Rules with `state` apply in state 1 (vubd has no
@@ -38,7 +43,7 @@ use std::sync::{Arc, Mutex};
 mod options;
 
 pub use options::{
-    BlkdebugIoType, BlkdebugOptions, InjectErrorOptions, BLKDEBUG_EVENTS, BLKDEBUG_RAISED_EVENTS,
+    BlkdebugIoType, BlkdebugOptions, InjectErrorOptions, BLKDEBUG_EVENTS, BLKDEBUG_NEVER_RAISED,
 };
 
 /// The table row of `blkdebug`.
@@ -68,8 +73,10 @@ struct Rules {
 const STATE: i64 = 1;
 
 impl BlkdebugDriver {
+    /// The node, after the `none` event that QEMU raises once when it opens one (so
+    /// that a rule on `none` is armed from the start).
     pub fn new(image: Arc<Edge>, opts: &BlkdebugOptions) -> Self {
-        BlkdebugDriver {
+        let d = BlkdebugDriver {
             image,
             align: opts.align,
             max_transfer: opts.max_transfer,
@@ -77,7 +84,9 @@ impl BlkdebugDriver {
                 active: vec![false; opts.inject_error.len()],
                 all: opts.inject_error.clone(),
             }),
-        }
+        };
+        d.event("none");
+        d
     }
 
     /// An event: if rules wait for it, they (and only they) are armed from now on,
@@ -206,6 +215,11 @@ impl Driver for BlkdebugDriver {
             self.check(BlkdebugIoType::Flush, "flush", 0, 0)?;
             self.image.node().flush().await
         })
+    }
+
+    /// The format above's own ordering flush (no QEMU equivalent): no rule sees it.
+    fn flush_unchecked(&self) -> LocalBoxFuture<'_, Result<()>> {
+        Box::pin(async move { self.image.node().flush().await })
     }
 
     fn discard(&self, offset: u64, len: u64) -> LocalBoxFuture<'_, Result<()>> {

@@ -128,6 +128,23 @@ impl Backing for NodeBacking {
     fn present(&self) -> bool {
         self.0.is_some()
     }
+
+    /// Nothing allocated in `guest_offset..+len` anywhere down the chain.
+    async fn reads_as_zero(&self, guest_offset: u64, len: u64) -> bool {
+        let Some(mut node) = self.0.clone() else {
+            return true;
+        };
+        loop {
+            match node.driver().is_allocated(guest_offset, len).await {
+                Ok((false, n)) if n >= len => {}
+                _ => return false,
+            }
+            match node.backing() {
+                Some(b) => node = b,
+                None => return true,
+            }
+        }
+    }
 }
 
 fn to_io(e: BlockError) -> io::Error {
@@ -150,6 +167,10 @@ impl QcowIo for NodeIo {
         self.node.flush().await.map_err(to_io)
     }
 
+    async fn flush_unchecked(&self) -> io::Result<()> {
+        self.node.flush_unchecked().await.map_err(to_io)
+    }
+
     fn len(&self) -> impl Future<Output = io::Result<u64>> {
         std::future::ready(Ok(self.node.size()))
     }
@@ -168,6 +189,19 @@ impl QcowIo for NodeIo {
     /// QEMU's file nodes do.
     async fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         self.node.discard(offset, len).await.map_err(to_io)
+    }
+
+    /// A blkdebug file node sees every request.
+    fn watches_requests(&self) -> bool {
+        self.node.driver().takes_debug_events()
+    }
+
+    async fn write_zeroes_request(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.ensure_len(offset + len).map_err(to_io)?;
+        self.node
+            .write_zeroes(offset, len, false, false)
+            .await
+            .map_err(to_io)
     }
 
     /// On the file node, as QEMU's qcow2 raises its events on `bs->file`
