@@ -13,5 +13,6 @@ pub mod img;
 pub mod iothread;
 pub mod jobs;
 pub mod keyval;
+pub mod listen;
 pub mod logging;
 pub mod qmp;
