@@ -3,7 +3,7 @@
 //! `blockdev-create` and the error texts naming drivers go through. A new driver is
 //! a new folder and one row here.
 //!
-//! Protocols: `file`/`host_device`, `null-co`/`null-aio`; formats: `raw`, `qcow2`;
+//! Protocols: `file`/`host_device`, `null-co`/`null-aio`, `rbd` (Ceph); formats: `raw`, `qcow2`;
 //! filters: `blkdebug`, `copy-on-read`, `copy-before-write`; `snapshot-access`, which
 //! reads the view a `copy-before-write` filter keeps. [`lock`] is QEMU's image locking of host
 //! files, which `file` and the image tools share.
@@ -18,6 +18,7 @@ pub mod lock;
 pub mod null;
 pub mod qcow2;
 pub mod raw;
+pub mod rbd;
 pub mod snapshot_access;
 
 use crate::edge::{Edge, Role};
@@ -78,6 +79,7 @@ pub static DRIVERS: &[DriverEntry] = &[
     copy_on_read::ENTRY,
     copy_before_write::ENTRY,
     snapshot_access::ENTRY,
+    rbd::ENTRY,
 ];
 
 /// The table row for the driver name `name`, and the name as the table spells it.
