@@ -195,3 +195,54 @@ fn blockdev_create_makes_an_rbd_image() {
     let nodes = qmp.ok("query-named-block-nodes", json!({"flat": true}));
     assert_eq!(nodes[0]["image"]["virtual-size"], 12 * MIB, "{nodes}");
 }
+
+/// A real guest (TCG) runs fio with crc32c verification on an RBD-backed export with
+/// two queues; afterwards the guest's view of the disk and `rbd export` agree.
+#[test]
+fn guest_fio_verify_on_rbd() {
+    use vubd_tests::guest::{Guest, GuestOpts, CMD_TIMEOUT};
+    let dir = TempDir::new("vubd-rbd");
+    let image = ceph::image_name("guest");
+    rbd(&["create", "--size", "64M", &format!("rbd/{image}")]);
+    let sock = dir.join("vubd.sock");
+    let args = DaemonArgs::new()
+        .iothread("io0")
+        .blockdev(&format!(
+            "driver=rbd,node-name=disk0,pool=rbd,image={image},conf={}",
+            ceph::conf()
+        ))
+        .vhost_user_blk("disk0", &sock, ",writable=on,iothread=io0,num-queues=2")
+        .build();
+    let mut daemon = Daemon::start(&args);
+    let mut g = Guest::boot(&GuestOpts::new("rbd-fio").cpus(2).disk(&sock, 2));
+    let out = g.check(
+        "fio --name=rbd --filename=/dev/vda --direct=1 --ioengine=libaio --rw=randwrite \
+         --bs=4k --size=16M --offset_increment=16M --numjobs=2 --iodepth=8 \
+         --verify=crc32c --verify_fatal=1 --do_verify=1 --group_reporting --eta=never",
+        Duration::from_secs(600),
+    );
+    assert!(out.contains("err= 0"), "fio reported an error:\n{out}");
+    assert!(
+        !out.contains("verify:") || !out.contains("bad"),
+        "fio printed verification failures:\n{out}"
+    );
+    let guest_sum = g.check(
+        "dd if=/dev/vda bs=1M count=64 iflag=direct 2>/dev/null | md5sum",
+        CMD_TIMEOUT,
+    );
+    daemon.assert_running("after fio");
+    let host = exported(&dir, &image);
+    let file = dir.join("host.img");
+    std::fs::write(&file, &host).unwrap();
+    let host_sum = std::process::Command::new("md5sum")
+        .arg(&file)
+        .output()
+        .expect("md5sum");
+    let host_sum = String::from_utf8_lossy(&host_sum.stdout);
+    assert_eq!(
+        guest_sum.split_whitespace().next(),
+        host_sum.split_whitespace().next(),
+        "the guest's disk and rbd export differ"
+    );
+    assert!(host[..(32 * MIB) as usize].iter().any(|&b| b != 0));
+}
