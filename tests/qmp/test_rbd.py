@@ -172,3 +172,20 @@ async def test_export_io_lands_in_the_image(start_daemon, tmp, ceph_conf):
     out = tmp / "exported.img"
     rbd(ceph_conf, "export", "--no-progress", f"rbd/{image}", str(out))
     assert out.read_bytes() == ref.read_bytes()
+
+
+async def test_unreachable_cluster_fails_within_the_mount_timeout(start_daemon, tmp):
+    """No monitor answers: blockdev-add fails with QEMU's text once librados'
+    client_mount_timeout (from the conf file) has passed, and the monitor goes on."""
+    conf = tmp / "unreachable.conf"
+    conf.write_text(
+        "[global]\nmon host = 127.0.0.1:1\nauth client required = none\n"
+        "client mount timeout = 2\nkeyring = /dev/null\n"
+    )
+    d = start_daemon()
+    async with d.qmp() as c:
+        for extra in ({}, {"server": [{"host": "127.0.0.1", "port": "2"}]}):
+            opts = {"driver": "rbd", "node-name": "u", "pool": "rbd", "image": "x",
+                    "conf": str(conf), **extra}
+            await error(c, "blockdev-add", opts, desc="error connecting: Connection timed out")
+        assert "u" not in {n["node-name"] for n in await execute(c, "query-named-block-nodes")}
