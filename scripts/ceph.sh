@@ -92,6 +92,10 @@ mon warn on pool no redundancy = false
 mon data avail warn = 1
 mon warn on insecure global id reclaim allowed = false
 mgr initial modules =
+[client]
+# Clients (rbd, vubd, qemu-storage-daemon) get no admin socket: several run at once.
+admin socket =
+log file = $dir/log/client.log
 EOF
     monmaptool --create --fsid "$fsid" --addv a "[v2:127.0.0.1:$port2,v1:127.0.0.1:$port1]" \
         "$dir/monmap" >/dev/null

@@ -246,3 +246,37 @@ fn guest_fio_verify_on_rbd() {
     );
     assert!(host[..(32 * MIB) as usize].iter().any(|&b| b != 0));
 }
+
+/// vubd closes its images when it exits: the exclusive lock a write took and the
+/// image's watch are gone at once, so the next client (a restarted vubd, or QEMU after
+/// a migration) does not wait for a dead owner's watch to time out.
+#[test]
+fn exit_releases_the_exclusive_lock_and_watch() {
+    let dir = TempDir::new("vubd-rbd");
+    let image = ceph::image_name("lock");
+    rbd(&["create", "--size", "8M", &format!("rbd/{image}")]);
+    let (mut daemon, mut client, _qmp) = serve(&dir, &image, "");
+    client.q().write(0, &[0x5a; 4096]).expect("write");
+    let locks = String::from_utf8(rbd(&["lock", "ls", &format!("rbd/{image}")])).unwrap();
+    assert!(locks.contains("exclusive lock"), "no lock while writing: {locks}");
+    drop(client);
+    assert!(daemon.terminate().success(), "vubd exit: {}", daemon.stderr());
+    let locks: serde_json::Value = serde_json::from_slice(&rbd(&[
+        "lock",
+        "ls",
+        "--format",
+        "json",
+        &format!("rbd/{image}"),
+    ]))
+    .unwrap();
+    assert_eq!(locks, json!([]), "lock left after exit");
+    let status: serde_json::Value = serde_json::from_slice(&rbd(&[
+        "status",
+        "--format",
+        "json",
+        &format!("rbd/{image}"),
+    ]))
+    .unwrap();
+    assert_eq!(status["watchers"], json!([]), "watch left after exit: {status}");
+    assert_eq!(&exported(&dir, &image)[..4096], &[0x5a; 4096][..]);
+}

@@ -30,7 +30,7 @@ use conn::{connect, cstr, Conn};
 use ffi::{Completion, Image};
 use std::ffi::{c_int, c_void};
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Poll, Waker};
 
@@ -43,22 +43,47 @@ pub(crate) const ENTRY: super::DriverEntry = super::DriverEntry {
     reopen_mutable: &[],
 };
 
-/// An open image; closing it (drop) closes the image, then the connection.
+/// An open image (null once closed) and its connection; dropping it closes the image,
+/// then the connection.
 struct OpenImage {
-    image: Image,
+    image: AtomicPtr<c_void>,
     conn: Conn,
 }
 
-// SAFETY: librbd image handles are thread-safe; the handle is closed only in Drop.
+// SAFETY: librbd image handles are thread-safe; the handle is closed only by `close`,
+// when no request is in flight.
 unsafe impl Send for OpenImage {}
 // SAFETY: as above.
 unsafe impl Sync for OpenImage {}
 
+impl OpenImage {
+    /// The image handle; `ENXIO` once closed.
+    fn get(&self) -> std::result::Result<Image, i32> {
+        let p = self.image.load(Ordering::Acquire);
+        if p.is_null() {
+            Err(-libc::ENXIO)
+        } else {
+            Ok(p)
+        }
+    }
+
+    /// Closes the image (flushing it first, as librbd does), which also releases its
+    /// exclusive lock and watch at once: the next client to open it does not wait
+    /// for a dead owner's watch to time out. Only with no request in flight.
+    fn close(&self) -> i32 {
+        let p = self.image.swap(std::ptr::null_mut(), Ordering::AcqRel);
+        if p.is_null() {
+            return 0;
+        }
+        // SAFETY: the handle was opened by `RbdDriver::open`; the swap above makes
+        // this the only close, and no request uses it any more.
+        unsafe { (self.conn.lib.rbd_close)(p) }
+    }
+}
+
 impl Drop for OpenImage {
     fn drop(&mut self) {
-        // SAFETY: the handle was opened by `RbdDriver::open` and is closed once, after
-        // every request (each holds `&self` of the driver) has completed.
-        unsafe { (self.conn.lib.rbd_close)(self.image) };
+        self.close();
     }
 }
 
@@ -99,7 +124,10 @@ impl RbdDriver {
                 strerror(-r)
             )));
         }
-        let img = OpenImage { image, conn };
+        let img = OpenImage {
+            image: AtomicPtr::new(image),
+            conn,
+        };
         // As QEMU: checked once the snapshot opened.
         if loc.snapshot.is_some() && !common.read_only && !common.auto_read_only {
             return Err(BlockError::Graph("rbd snapshots are read-only".into()));
@@ -107,8 +135,7 @@ impl RbdDriver {
         // SAFETY: an all-zero rbd_image_info_t is a valid value (integers and arrays).
         let mut info: ffi::ImageInfo = unsafe { std::mem::zeroed() };
         // SAFETY: open image, and a buffer of the size passed.
-        let r =
-            unsafe { (lib.rbd_stat)(img.image, &mut info, std::mem::size_of::<ffi::ImageInfo>()) };
+        let r = unsafe { (lib.rbd_stat)(image, &mut info, std::mem::size_of::<ffi::ImageInfo>()) };
         if r < 0 {
             return Err(BlockError::Graph(format!(
                 "error getting image info from {}: {}",
@@ -264,9 +291,22 @@ impl Driver for RbdDriver {
         }))
     }
 
+    /// Closes the image at exit (or when a reopen replaces the node): its exclusive
+    /// lock is released at once instead of lingering until the watch times out. Later
+    /// flushes succeed (everything was written back); other requests fail with ENXIO.
+    fn close(&self) -> Result<()> {
+        let r = self.img.close();
+        if r < 0 {
+            return Err(errno("rbd close", r as i64));
+        }
+        Ok(())
+    }
+
     fn truncate(&self, size: u64) -> Result<()> {
         // SAFETY: open image; a synchronous call from the control thread (drained).
-        let r = unsafe { (self.lib().rbd_resize)(self.img.image, size) };
+        let image = self.img.get().map_err(|r| errno("rbd resize", r as i64))?;
+        // SAFETY: as above.
+        let r = unsafe { (self.lib().rbd_resize)(image, size) };
         if r < 0 {
             return Err(BlockError::Graph(format!(
                 "Failed to resize file: {}",
@@ -279,7 +319,10 @@ impl Driver for RbdDriver {
 
     fn read<'a>(&'a self, offset: u64, iov: IoVec) -> LocalBoxFuture<'a, Result<()>> {
         let lib = self.lib();
-        let image = self.img.image;
+        let image = match self.img.get() {
+            Ok(i) => i,
+            Err(r) => return Box::pin(std::future::ready(Err(errno("rbd", r as i64)))),
+        };
         let segs = iov.segments().as_ptr();
         let n = iov.segments().len() as c_int;
         let len = iov.len();
@@ -301,7 +344,10 @@ impl Driver for RbdDriver {
 
     fn write<'a>(&'a self, offset: u64, iov: IoVec, _fua: bool) -> LocalBoxFuture<'a, Result<()>> {
         let lib = self.lib();
-        let image = self.img.image;
+        let image = match self.img.get() {
+            Ok(i) => i,
+            Err(r) => return Box::pin(std::future::ready(Err(errno("rbd", r as i64)))),
+        };
         let segs = iov.segments().as_ptr();
         let n = iov.segments().len() as c_int;
         let fut = self.aio("rbd write", Some(iov), move |c| {
@@ -313,7 +359,10 @@ impl Driver for RbdDriver {
 
     fn flush(&self) -> LocalBoxFuture<'_, Result<()>> {
         let lib = self.lib();
-        let image = self.img.image;
+        // Closed: rbd_close wrote everything back.
+        let Ok(image) = self.img.get() else {
+            return Box::pin(std::future::ready(Ok(())));
+        };
         // SAFETY: open image and a fresh completion.
         let fut = self.aio("rbd flush", None, move |c| unsafe {
             (lib.rbd_aio_flush)(image, c)
@@ -323,7 +372,10 @@ impl Driver for RbdDriver {
 
     fn discard(&self, offset: u64, len: u64) -> LocalBoxFuture<'_, Result<()>> {
         let lib = self.lib();
-        let image = self.img.image;
+        let image = match self.img.get() {
+            Ok(i) => i,
+            Err(r) => return Box::pin(std::future::ready(Err(errno("rbd", r as i64)))),
+        };
         let fut = self.aio("rbd discard", None, move |c| {
             // SAFETY: open image and a fresh completion.
             unsafe { (lib.rbd_aio_discard)(image, offset, len, c) }
@@ -338,7 +390,10 @@ impl Driver for RbdDriver {
         may_unmap: bool,
     ) -> LocalBoxFuture<'_, Result<()>> {
         let lib = self.lib();
-        let image = self.img.image;
+        let image = match self.img.get() {
+            Ok(i) => i,
+            Err(r) => return Box::pin(std::future::ready(Err(errno("rbd", r as i64)))),
+        };
         let flags = if may_unmap {
             0
         } else {
