@@ -9,7 +9,7 @@
 # Authentication is off (auth ... = none): the cluster is for tests on this host only.
 # Everything, logs included, lives under DIR. Needs Debian's ceph-mon, ceph-mgr,
 # ceph-osd and ceph-common (scripts/setup.sh installs them).
-# CEPH_OSD_BYTES sets the OSD's memory store size (default 2 GiB).
+# CEPH_OSD_BYTES sets the OSD's memory store size (default 3 GiB).
 set -euo pipefail
 
 usage() {
@@ -81,7 +81,7 @@ mon data = $dir/mon/\$name
 mgr data = $dir/mgr/\$name
 osd data = $dir/osd/\$name
 osd objectstore = memstore
-memstore device bytes = ${CEPH_OSD_BYTES:-2147483648}
+memstore device bytes = ${CEPH_OSD_BYTES:-3221225472}
 osd pool default size = 1
 osd pool default min size = 1
 osd pool default pg autoscale mode = off
