@@ -258,9 +258,16 @@ fn exit_releases_the_exclusive_lock_and_watch() {
     let (mut daemon, mut client, _qmp) = serve(&dir, &image, "");
     client.q().write(0, &[0x5a; 4096]).expect("write");
     let locks = String::from_utf8(rbd(&["lock", "ls", &format!("rbd/{image}")])).unwrap();
-    assert!(locks.contains("exclusive lock"), "no lock while writing: {locks}");
+    assert!(
+        locks.contains("exclusive lock"),
+        "no lock while writing: {locks}"
+    );
     drop(client);
-    assert!(daemon.terminate().success(), "vubd exit: {}", daemon.stderr());
+    assert!(
+        daemon.terminate().success(),
+        "vubd exit: {}",
+        daemon.stderr()
+    );
     let locks: serde_json::Value = serde_json::from_slice(&rbd(&[
         "lock",
         "ls",
@@ -277,6 +284,10 @@ fn exit_releases_the_exclusive_lock_and_watch() {
         &format!("rbd/{image}"),
     ]))
     .unwrap();
-    assert_eq!(status["watchers"], json!([]), "watch left after exit: {status}");
+    assert_eq!(
+        status["watchers"],
+        json!([]),
+        "watch left after exit: {status}"
+    );
     assert_eq!(&exported(&dir, &image)[..4096], &[0x5a; 4096][..]);
 }
