@@ -52,6 +52,8 @@ pub fn connect(loc: &RbdLocation, cache: bool) -> Result<Conn> {
         return Err(graph_err(format!("No secret with id '{id}'")));
     }
     let user = loc.user.as_deref().map(|u| cstr("user", u)).transpose()?;
+    let conf = loc.conf.as_deref().map(|c| cstr("conf", c)).transpose()?;
+    let pool = cstr("pool", &loc.pool)?;
     let mut rados: Rados = std::ptr::null_mut();
     // SAFETY: out-pointer to a local; the id is NUL-terminated or NULL (the default).
     let r = unsafe {
@@ -69,7 +71,6 @@ pub fn connect(loc: &RbdLocation, cache: bool) -> Result<Conn> {
         unsafe { (lib.rados_shutdown)(rados) };
         e
     };
-    let conf = loc.conf.as_deref().map(|c| cstr("conf", c)).transpose()?;
     // SAFETY: `rados` is a live handle; the path is NUL-terminated or NULL (Ceph's
     // default locations, whose absence is no error).
     let r = unsafe {
@@ -137,7 +138,6 @@ pub fn connect(loc: &RbdLocation, cache: bool) -> Result<Conn> {
     if r < 0 {
         return Err(shutdown(errno_err("error connecting".into(), r)));
     }
-    let pool = cstr("pool", &loc.pool).map_err(shutdown)?;
     let mut ioctx: IoCtx = std::ptr::null_mut();
     // SAFETY: connected handle, NUL-terminated pool name, out-pointer to a local.
     let r = unsafe { (lib.rados_ioctx_create)(rados, pool.as_ptr(), &mut ioctx) };
