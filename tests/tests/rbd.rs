@@ -291,3 +291,51 @@ fn exit_releases_the_exclusive_lock_and_watch() {
     );
     assert_eq!(&exported(&dir, &image)[..4096], &[0x5a; 4096][..]);
 }
+
+/// A blockdev-reopen that fails after the old node closed its image (read-write on a
+/// snapshot) puts the old node back with its image open again: reads go on.
+#[test]
+fn failed_reopen_keeps_the_image_open() {
+    let dir = TempDir::new("vubd-rbd");
+    let mut rng = Rng::new("rbd-reopen");
+    let (image, data) = imported(&dir, 8 * MIB, &mut rng);
+    rbd(&["snap", "create", &format!("rbd/{image}@s1")]);
+    let sock = dir.join("vubd.sock");
+    let mon = dir.join("qmp.sock");
+    let args = DaemonArgs::new()
+        .iothread("io0")
+        .blockdev(&format!(
+            "driver=rbd,node-name=disk0,pool=rbd,image={image},snapshot=s1,read-only=on,conf={}",
+            ceph::conf()
+        ))
+        .vhost_user_blk("disk0", &sock, ",iothread=io0")
+        .monitor(&mon)
+        .build();
+    let daemon = Daemon::start(&args);
+    let ro = vubd_tests::ClientOptions {
+        read_only: true,
+        ..Default::default()
+    };
+    let mut client = Client::connect_with(&sock, &ro).expect("read-only connect");
+    let mut qmp = Qmp::connect(&mon);
+    let got = client.q().read(0, MIB as usize).expect("read");
+    assert_same_data("snapshot read", &got, &data[..MIB as usize]);
+    let e = qmp
+        .execute(
+            "blockdev-reopen",
+            json!({"options": [{"driver": "rbd", "node-name": "disk0", "pool": "rbd",
+                   "image": image, "snapshot": "s1", "conf": ceph::conf(),
+                   "read-only": false}]}),
+        )
+        .expect_err("read-write reopen of a snapshot");
+    assert!(e.desc.contains("read-only"), "{e:?}");
+    let got = client
+        .q()
+        .read(MIB, MIB as usize)
+        .unwrap_or_else(|e| panic!("read after the failed reopen: {e}\n{}", daemon.stderr()));
+    assert_same_data(
+        "read after the failed reopen",
+        &got,
+        &data[MIB as usize..(2 * MIB) as usize],
+    );
+}

@@ -302,6 +302,41 @@ impl Driver for RbdDriver {
         Ok(())
     }
 
+    /// Opens the image again after [`Driver::close`] (a reopen that failed puts the
+    /// old node back).
+    fn retake_locks(&self) -> Result<()> {
+        if self.img.get().is_ok() {
+            return Ok(());
+        }
+        let lib = self.lib();
+        let name = cstr("image", &self.loc.image)?;
+        let snap = self
+            .loc
+            .snapshot
+            .as_deref()
+            .map(|s| cstr("snapshot", s))
+            .transpose()?;
+        let snap_ptr = snap.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
+        let mut image: Image = std::ptr::null_mut();
+        // SAFETY: as in `open`.
+        let r = unsafe {
+            if self.read_only {
+                (lib.rbd_open_read_only)(self.img.conn.ioctx, name.as_ptr(), &mut image, snap_ptr)
+            } else {
+                (lib.rbd_open)(self.img.conn.ioctx, name.as_ptr(), &mut image, snap_ptr)
+            }
+        };
+        if r < 0 {
+            return Err(BlockError::Graph(format!(
+                "error reading header from {}: {}",
+                self.loc.image,
+                strerror(-r)
+            )));
+        }
+        self.img.image.store(image, Ordering::Release);
+        Ok(())
+    }
+
     fn truncate(&self, size: u64) -> Result<()> {
         // SAFETY: open image; a synchronous call from the control thread (drained).
         let image = self.img.get().map_err(|r| errno("rbd resize", r as i64))?;
