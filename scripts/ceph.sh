@@ -106,20 +106,31 @@ EOF
     ceph-mon -c "$conf" -i a 2>>"$dir/log/daemons.err"
     ceph-mgr -c "$conf" -i x 2>>"$dir/log/daemons.err"
     uuid=$(cat /proc/sys/kernel/random/uuid)
-    id=$(ceph -c "$conf" osd new "$uuid")
+    id=$(timeout 60 ceph -c "$conf" osd new "$uuid") || {
+        echo "ceph.sh: the monitor does not answer (see $dir/log/mon.a.log)" >&2
+        exit 1
+    }
     mkdir -p "$dir/osd/osd.$id"
     ceph-osd -c "$conf" -i "$id" --mkfs --osd-uuid "$uuid" >/dev/null 2>&1 || {
         echo "ceph.sh: ceph-osd --mkfs failed (see $dir/log/osd.$id.log)" >&2
         exit 1
     }
     ceph-osd -c "$conf" -i "$id" 2>>"$dir/log/daemons.err"
+    local up=""
     for _ in $(seq 600); do
-        ceph -c "$conf" osd stat 2>/dev/null | grep -q '1 up' && break
+        timeout 10 ceph -c "$conf" osd stat 2>/dev/null | grep -q '1 up' && { up=1; break; }
         sleep 0.1
     done
-    ceph -c "$conf" osd pool create rbd 8 8 >/dev/null 2>&1
-    ceph -c "$conf" osd pool set rbd size 1 --yes-i-really-mean-it >/dev/null 2>&1
-    rbd -c "$conf" pool init rbd
+    [ -n "$up" ] || {
+        echo "ceph.sh: the OSD did not come up in 60 s (see $dir/log/osd.$id.log)" >&2
+        exit 1
+    }
+    timeout 60 ceph -c "$conf" osd pool create rbd 8 8 >/dev/null 2>&1
+    timeout 60 ceph -c "$conf" osd pool set rbd size 1 --yes-i-really-mean-it >/dev/null 2>&1
+    timeout 60 rbd -c "$conf" pool init rbd || {
+        echo "ceph.sh: rbd pool init failed" >&2
+        exit 1
+    }
     echo "CEPH_CONF=$conf"
 }
 
