@@ -10,6 +10,8 @@
 #   scripts/bench.sh --filter exports --exports 16 --no-idle   # N exports on 2 iothreads
 #   scripts/bench.sh --idle-only [--idle-exports 200]  # idle CPU and idle density only
 #   scripts/bench.sh --jobs [--size-mib 1024 --reps 3] [--kinds backup]   (stream/commit/backup, scripts/bench_jobs.py)
+# The rbd cases run on the Ceph cluster of $CEPH_CONF, or start one (scripts/ceph.sh)
+# for the run.
 # Cases are BACKEND/WORKLOAD/CONFIG; --filter SUBSTR (repeatable) keeps the cases whose
 # name contains one of them. Configs: 1q/1iothread, 2q/1iothread, 4q/1iothread,
 # 4q/2iothreads (one export), and "N exports/2iothreads" (--exports N, default 8: one

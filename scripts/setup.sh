@@ -49,6 +49,21 @@ if [ ${#need[@]} -gt 0 ]; then
     echo "setup: installing ${need[*]}"
     apt_install "${need[@]}"
 fi
+# Ceph, for the rbd driver's tests and benchmarks: the single-node cluster of
+# scripts/ceph.sh (ceph-mon, ceph-mgr, ceph-osd), the `rbd` tool (ceph-common), librbd
+# (loaded by vubd at run time; no build dependency) and qemu-storage-daemon's rbd module
+# (qemu-block-extra) for the side-by-side checks.
+ceph=()
+for t in ceph-mon ceph-mgr ceph-osd; do
+    PATH="$PATH:/usr/sbin:/sbin" command -v "$t" >/dev/null || ceph+=("$t")
+done
+command -v rbd >/dev/null || ceph+=(ceph-common)
+ldconfig -p | grep -q 'librbd\.so\.1' || ceph+=(librbd1)
+ls /usr/lib/*/qemu/block-rbd.so >/dev/null 2>&1 || ceph+=(qemu-block-extra)
+if [ ${#ceph[@]} -gt 0 ]; then
+    echo "setup: installing ${ceph[*]}"
+    apt_install --no-install-recommends "${ceph[@]}"
+fi
 # The QMP tests (tests/qmp/, run by scripts/test.sh) use the qemu.qmp client library
 # and pytest.
 if ! python3 -c 'import qemu.qmp, pytest' >/dev/null 2>&1; then

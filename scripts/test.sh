@@ -16,6 +16,12 @@ cargo build --workspace -q
 # The QEMU guest tests (tests/tests/guest_*.rs) boot a kernel and initramfs made from
 # the installed packages; the tests would build it on demand, this reports problems first.
 scripts/build-guest.sh "${CARGO_TARGET_DIR:-target}/guest"
+# One single-node Ceph cluster for the whole run (the rbd tests of both suites use
+# $CEPH_CONF), stopped on exit.
+ceph_dir=$(mktemp -d /tmp/vubd-test-ceph.XXXXXX)
+trap 'scripts/ceph.sh stop "$ceph_dir"; rm -rf "$ceph_dir"' EXIT
+CEPH_CONF=$(scripts/ceph.sh start "$ceph_dir" | sed -n 's/^CEPH_CONF=//p')
+export CEPH_CONF
 cargo test --workspace --no-fail-fast
 # The QMP monitor tests (Python, qemu.qmp) start target/debug/vubd and drive exports
 # with target/debug/vubd-io, both built above. --daemon=qsd runs them against

@@ -11,6 +11,7 @@
 //! Everything panics with a descriptive message on failure: this is test code.
 
 pub mod args;
+pub mod ceph;
 pub mod client;
 pub mod daemon;
 pub mod guest;

@@ -321,7 +321,8 @@ impl Graph {
             let Some(old) = self.nodes.remove(&name) else {
                 return Err(graph_err(format!("Node '{name}' cannot be reopened")));
             };
-            if matches!(old.driver_name(), "file" | "host_device") {
+            // rbd: `close` above closed the image, and with it its exclusive lock.
+            if matches!(old.driver_name(), "file" | "host_device" | "rbd") {
                 old.driver().release_locks();
                 a.locks_released = true;
             }

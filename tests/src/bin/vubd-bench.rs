@@ -167,7 +167,13 @@ enum Backend {
     /// an empty qcow2 over an empty qcow2 over the raw bench image: reads go
     /// through a backing chain of three.
     Qcow2Chain,
+    /// an RBD image (the raw bench image, `rbd import`ed) on the single-node Ceph
+    /// cluster of `$CEPH_CONF`, or one started for the run (scripts/ceph.sh).
+    Rbd,
 }
+
+/// The RBD image of the rbd cases (pool `rbd`), once imported.
+static RBD_IMAGE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 impl Backend {
     fn name(self) -> &'static str {
@@ -177,13 +183,14 @@ impl Backend {
             Backend::Qcow2Fresh => "qcow2-fresh",
             Backend::Qcow2 => "qcow2",
             Backend::Qcow2Chain => "qcow2-chain3",
+            Backend::Rbd => "rbd",
         }
     }
 
     /// The image file the daemon opens, next to the raw bench image.
     fn image(self, raw: &Path) -> PathBuf {
         let ext = match self {
-            Backend::Null | Backend::File => return raw.to_path_buf(),
+            Backend::Null | Backend::File | Backend::Rbd => return raw.to_path_buf(),
             Backend::Qcow2Fresh => "fresh.qcow2",
             Backend::Qcow2 => "full.qcow2",
             Backend::Qcow2Chain => "top.qcow2",
@@ -215,6 +222,8 @@ impl Backend {
             // shared by the iothreads (4q/2iothreads), and reads on one iothread.
             Backend::Qcow2 => w.qd == 32 && (one_queue || (rand4k && (full_mq || !w.write))),
             Backend::Qcow2Chain => one_queue && !w.write && w.qd == 32,
+            // The cases: 4k random and 64k sequential at qd32, one queue.
+            Backend::Rbd => one_queue && w.qd == 32 && (rand4k || (!w.random && w.bs == 65536)),
         }
     }
 }
@@ -261,7 +270,7 @@ fn prepare_qcow2(backend: Backend, raw: &Path) {
                 &size,
             ]);
         }
-        Backend::Null | Backend::File => {}
+        Backend::Null | Backend::File | Backend::Rbd => {}
     }
 }
 
@@ -459,6 +468,11 @@ fn daemon_args(
                 ))
                 .blockdev(&format!("driver=qcow2,node-name={node},file={node}-file"))
             }
+            Backend::Rbd => a.blockdev(&format!(
+                "driver=rbd,node-name={node},pool=rbd,image={},conf={}",
+                RBD_IMAGE.get().expect("rbd image imported"),
+                vubd_tests::ceph::conf()
+            )),
         };
         let iothreads = if cfg.spread() && nthreads > 1 {
             (0..nthreads)
@@ -1007,6 +1021,7 @@ fn main() {
         Backend::Qcow2Fresh,
         Backend::Qcow2,
         Backend::Qcow2Chain,
+        Backend::Rbd,
     ] {
         for cfg in &configs {
             for w in WORKLOADS {
@@ -1056,6 +1071,21 @@ fn main() {
                 eprintln!("preparing {}...", b.image(&image).display());
                 prepare_qcow2(b, &image);
             }
+        }
+        if cases.iter().any(|c| c.backend == Backend::Rbd) {
+            let name = vubd_tests::unique_name("vubd-bench");
+            eprintln!(
+                "importing {} into rbd/{name} (cluster {})...",
+                image.display(),
+                vubd_tests::ceph::conf()
+            );
+            vubd_tests::ceph::rbd(&[
+                "import",
+                "--no-progress",
+                &image.to_string_lossy(),
+                &format!("rbd/{name}"),
+            ]);
+            let _ = RBD_IMAGE.set(name);
         }
     }
     if let Some(c) = cases
@@ -1327,6 +1357,12 @@ struct ImageGuard {
 
 impl Drop for ImageGuard {
     fn drop(&mut self) {
+        if let Some(name) = RBD_IMAGE.get() {
+            let _ = std::process::Command::new("rbd")
+                .args(["-c", vubd_tests::ceph::conf(), "rm", "--no-progress"])
+                .arg(format!("rbd/{name}"))
+                .status();
+        }
         let _ = std::fs::remove_file(&self.image);
         for ext in ["fresh.qcow2", "full.qcow2", "mid.qcow2", "top.qcow2"] {
             let _ = std::fs::remove_file(self.image.with_extension(ext));

@@ -3,8 +3,9 @@
 //! `blockdev-create` and the error texts naming drivers go through. A new driver is
 //! a new folder and one row here.
 //!
-//! Protocols: `file`/`host_device`, `null-co`/`null-aio`; formats: `raw`, `qcow2`;
-//! filters: `blkdebug`, `copy-on-read`, `copy-before-write`, `throttle`; `snapshot-access`, which
+//! Protocols: `file`/`host_device`, `null-co`/`null-aio`, `rbd` (Ceph); formats: `raw`,
+//! `qcow2`; filters: `blkdebug`, `copy-on-read`, `copy-before-write`, `throttle`;
+//! `snapshot-access`, which
 //! reads the view a `copy-before-write` filter keeps. [`lock`] is QEMU's image locking of host
 //! files, which `file` and the image tools share.
 
@@ -18,6 +19,7 @@ pub mod lock;
 pub mod null;
 pub mod qcow2;
 pub mod raw;
+pub mod rbd;
 pub mod snapshot_access;
 pub mod throttle;
 
@@ -80,6 +82,7 @@ pub static DRIVERS: &[DriverEntry] = &[
     copy_before_write::ENTRY,
     snapshot_access::ENTRY,
     throttle::ENTRY,
+    rbd::ENTRY,
 ];
 
 /// The table row for the driver name `name`, and the name as the table spells it.
