@@ -13,6 +13,5 @@ pub mod img;
 pub mod iothread;
 pub mod jobs;
 pub mod keyval;
-pub mod listen;
 pub mod logging;
 pub mod qmp;

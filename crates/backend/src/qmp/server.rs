@@ -14,7 +14,6 @@ use super::outbox::{Outbox, WRITE_STALL};
 use super::splitter::Splitter;
 use super::wire::{self, Command, ErrorClass, QmpError, QmpResult};
 use crate::control::ControlMsg;
-use crate::listen::ListenError;
 use serde_json::{json, Value};
 use std::io::{ErrorKind, Read};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -88,12 +87,15 @@ pub struct MonitorSocket {
 impl MonitorSocket {
     /// Binds `path` (a stale socket file left by a dead process is replaced).
     pub fn bind(path: &Path, pretty: bool) -> Result<MonitorSocket, ServerError> {
-        let listener = crate::listen::unix_listener(path).map_err(|e| match e {
-            ListenError::InUse(p) => ServerError::InUse(p),
-            ListenError::Io(source) => ServerError::Listen {
-                path: path.to_path_buf(),
-                source,
-            },
+        if path.exists() {
+            if UnixStream::connect(path).is_ok() {
+                return Err(ServerError::InUse(path.to_path_buf()));
+            }
+            let _ = std::fs::remove_file(path);
+        }
+        let listener = UnixListener::bind(path).map_err(|source| ServerError::Listen {
+            path: path.to_path_buf(),
+            source,
         })?;
         Ok(MonitorSocket {
             listener,

@@ -19,7 +19,6 @@ pub mod vhost_user;
 use super::Export;
 use crate::config::ExportConfig;
 use crate::iothread::IoThread;
-use crate::listen::ListenError;
 use crate::logging::RateLimiter;
 use blocklayer::backend::BlockBackend;
 use blocklayer::edge::NodeRef;
@@ -365,12 +364,15 @@ pub struct VhostUserBlkExport {
 
 /// Refuses a socket path another live process listens on; removes a stale one.
 fn claim_socket(path: &Path) -> Result<UnixListener> {
-    crate::listen::unix_listener(path).map_err(|e| match e {
-        ListenError::InUse(p) => VhostUserBlkError::SocketInUse(p),
-        ListenError::Io(e) => VhostUserBlkError::Listen {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        },
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(VhostUserBlkError::SocketInUse(path.to_path_buf()));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    UnixListener::bind(path).map_err(|e| VhostUserBlkError::Listen {
+        path: path.to_path_buf(),
+        message: e.to_string(),
     })
 }
 
