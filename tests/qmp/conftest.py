@@ -139,10 +139,27 @@ def _set_pdeathsig():
 
 
 def is_socket(p: Path) -> bool:
+    """Whether ``p`` is a socket that listens.
+
+    A daemon binds (which creates the file) before it listens, QEMU as vubd: a client
+    that connects as soon as the file appears can get ECONNREFUSED. So the socket must
+    also be listening in /proc/net/unix (flag __SO_ACCEPTCON, 0x10000).
+    """
     try:
-        return stat.S_ISSOCK(os.lstat(p).st_mode)
+        if not stat.S_ISSOCK(os.lstat(p).st_mode):
+            return False
     except FileNotFoundError:
         return False
+    try:
+        table = Path("/proc/net/unix").read_text().splitlines()[1:]
+    except OSError:
+        return True
+    want = str(p)
+    for line in table:
+        f = line.split()
+        if len(f) >= 8 and f[7] == want and int(f[3], 16) & 0x10000:
+            return True
+    return False
 
 
 def export_socket_paths(args: Iterable[str]) -> list[Path]:
