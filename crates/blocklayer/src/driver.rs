@@ -117,6 +117,19 @@ pub trait Driver: Send + Sync {
         Box::pin(std::future::ready(Ok((true, len))))
     }
 
+    /// What `offset..` holds in this node itself, and for how many bytes (at most
+    /// `len`) the answer holds (QEMU's `bdrv_co_block_status` of one driver); see
+    /// [`crate::block_status`]. By default a filter's child answers, and any other
+    /// node holds data.
+    fn block_status(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> LocalBoxFuture<'_, Result<(crate::block_status::Status, u64)>> {
+        let status = crate::block_status::default_status(&self.children(), offset);
+        Box::pin(std::future::ready(Ok((status, len))))
+    }
+
     /// Whether writes with FUA are stable on completion without a separate flush.
     fn supports_fua(&self) -> bool {
         false

@@ -15,6 +15,7 @@ pub mod aio;
 pub mod backend;
 pub mod bitmap;
 pub mod block_copy;
+pub mod block_status;
 pub mod driver;
 pub mod drivers;
 pub mod edge;

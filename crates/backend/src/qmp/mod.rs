@@ -14,6 +14,7 @@ pub mod args;
 pub mod bitmap_commands;
 pub mod commands;
 pub mod events;
+pub mod nbd_commands;
 pub mod outbox;
 pub mod server;
 pub mod splitter;

@@ -492,6 +492,39 @@ impl Driver for Qcow2Driver {
         })
     }
 
+    fn block_status(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> LocalBoxFuture<'_, Result<(crate::block_status::Status, u64)>> {
+        use crate::block_status::Status;
+        fn status(kind: &ExtentKind) -> Status {
+            match kind {
+                ExtentKind::Data { .. } | ExtentKind::Compressed { .. } => Status::Data,
+                ExtentKind::Zero => Status::Zero,
+                ExtentKind::Unallocated => Status::Unallocated,
+            }
+        }
+        Box::pin(async move {
+            let extents = self
+                .image
+                .map(offset, len)
+                .await
+                .map_err(|e| self.io_error(e))?;
+            let Some(first) = extents.first() else {
+                return Ok((Status::Data, len));
+            };
+            let kind = std::mem::discriminant(&status(&first.kind));
+            // Merge the following extents of the same kind.
+            let n: u64 = extents
+                .iter()
+                .take_while(|e| std::mem::discriminant(&status(&e.kind)) == kind)
+                .map(|e| e.len)
+                .sum();
+            Ok((status(&first.kind), n.max(1).min(len)))
+        })
+    }
+
     fn is_allocated(&self, offset: u64, len: u64) -> LocalBoxFuture<'_, Result<(bool, u64)>> {
         Box::pin(async move {
             let extents = self
