@@ -61,6 +61,14 @@ qemu-storage-daemon --export vhost-user-blk
                             export a block node over vhost-user-blk (serial and
                             queue-size are vubd extensions); each iothread serves
                             one export
+  --export [type=]nbd,id=<id>,node-name=<node-name>[,name=<export-name>]
+           [,description=<text>][,writable=on|off][,allocation-depth=on|off]
+           [,bitmaps.0=<name>...][,iothread=<id>]
+                            export a block node on the NBD server
+
+  --nbd-server addr.type=unix,addr.path=<socket-path>[,max-connections=<n>]
+  --nbd-server addr.type=inet,addr.host=<host>,addr.port=<port>[,max-connections=<n>]
+                            start the NBD server (before the NBD exports)
 
   --object [qom-type=]iothread,id=<id>[,poll-max-ns=<ns>][,poll-grow=<n>]
            [,poll-shrink=<n>][,aio-max-batch=<n>]
@@ -340,6 +348,34 @@ logical-block-size=512,serial=disk0";
         ] {
             assert!(usage().contains(option), "{option}");
         }
+    }
+
+    #[test]
+    fn nbd_server_and_export() {
+        let c = run(args(
+            "--blockdev null-co,node-name=n --nbd-server addr.type=inet,addr.host=127.0.0.1,\
+             addr.port=10809,max-connections=2 --export nbd,id=e,node-name=n,name=disk,\
+             description=d,bitmaps.0=b,allocation-depth=on",
+        ));
+        let server = c.nbd_server.expect("the NBD server");
+        assert_eq!(
+            server.addr,
+            crate::config::NbdAddr::Inet {
+                host: "127.0.0.1".into(),
+                port: "10809".into()
+            }
+        );
+        assert_eq!(server.max_connections, 2);
+        let nbd = c.exports[0].nbd.as_ref().expect("an NBD export");
+        assert_eq!(nbd.name.as_deref(), Some("disk"));
+        assert_eq!(nbd.description.as_deref(), Some("d"));
+        assert_eq!(nbd.bitmaps, vec![(None, "b".to_string())]);
+        assert!(nbd.allocation_depth);
+        let c = run(args(
+            "--nbd-server addr.type=unix,addr.path=/tmp/x.sock --blockdev null-co,node-name=n \
+             --export nbd,id=a,node-name=n --export nbd,id=b,node-name=n,name=b",
+        ));
+        assert_eq!(c.exports.len(), 2);
     }
 
     #[test]

@@ -94,18 +94,17 @@ impl Control {
         self.add_export(&cfg)
     }
 
-    /// `nbd-server-remove`: removes the NBD export of this name.
-    pub fn nbd_server_remove(&mut self, name: &str, hard: bool) -> OpResult<()> {
-        if self.nbd_server.is_none() {
-            return Err(not_running());
+    /// `nbd-server-remove`: removes an NBD export (by its export id, which is its
+    /// name for exports `nbd-server-add` made, as in QEMU).
+    pub fn nbd_server_remove(&mut self, id: &str, hard: bool) -> OpResult<()> {
+        if let Some(e) = self.exports.get(id) {
+            if e.export.nbd().is_none() {
+                return Err(QmpError::generic(format!(
+                    "Export '{id}' is not an NBD export"
+                )));
+            }
         }
-        let id = self
-            .exports
-            .iter()
-            .find(|(_, e)| e.export.nbd().is_some_and(|n| n.name() == name))
-            .map(|(id, _)| id.clone())
-            .ok_or_else(|| QmpError::generic(format!("Export '{name}' is not found")))?;
-        self.del_export(&id, hard)
+        self.del_export(id, hard)
     }
 
     /// Checks an NBD export's options against the server and the node, and finds

@@ -274,19 +274,16 @@ fn check(session: &Session, req: &Request) -> Result<(), Refusal> {
             ),
         ));
     }
+    // EINVAL, as QEMU 7.2's server answers (the specification suggests EPERM and
+    // ENOSPC for the first two).
     if matches!(req.kind, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES) && !export.writable {
-        return Err(refuse(EPERM, "export is read-only"));
+        return Err(refuse(EINVAL, "Export is read-only"));
     }
     if req.kind != CMD_FLUSH {
         let size = export.size();
         if req.offset > size || u64::from(req.len) > size - req.offset {
-            let errno = if matches!(req.kind, CMD_WRITE | CMD_WRITE_ZEROES) {
-                ENOSPC
-            } else {
-                EINVAL
-            };
             return Err(refuse(
-                errno,
+                EINVAL,
                 format!(
                     "operation past EOF; From: {}, Len: {}, Size: {size}",
                     req.offset, req.len

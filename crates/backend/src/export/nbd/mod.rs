@@ -183,7 +183,7 @@ impl NbdExport {
     /// Adds the export to `server`'s table; clients may connect from now on.
     pub fn start(
         params: NbdExportParams,
-        blk: BlockBackend,
+        mut blk: BlockBackend,
         iothreads: Vec<Arc<IoThread>>,
         server: Arc<NbdServer>,
         on_exit: impl FnOnce() + Send + 'static,
@@ -196,6 +196,12 @@ impl NbdExport {
                 return Err(NbdError::DescriptionTooLong(d.clone()));
             }
         }
+        // Errors go to the client: the backend never stops (QEMU's NBD server uses
+        // the default policies, and reports no I/O status).
+        blk.set_on_error(
+            blocklayer::backend::OnError::Report,
+            blocklayer::backend::OnError::Report,
+        );
         let shared = Arc::new(NbdShared {
             id: params.id,
             name: params.name,
