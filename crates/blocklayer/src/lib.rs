@@ -10,6 +10,8 @@
 //! - [`bitmap`], [`named_bitmap`]: dirty bitmaps, the named ones the monitor manages
 //! - [`periodic`]: the housekeeping thread for periodic driver tasks
 //! - [`snapshot`]: internal snapshots as drivers report them
+//! - [`nbd_proto`]: the NBD wire format, which the `nbd` driver and the daemon's NBD
+//!   server share
 
 pub mod aio;
 pub mod backend;
@@ -27,6 +29,7 @@ pub mod graph;
 pub mod io;
 pub mod limits;
 pub mod named_bitmap;
+pub mod nbd_proto;
 pub mod node;
 pub mod options;
 pub mod periodic;

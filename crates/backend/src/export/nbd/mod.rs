@@ -1,7 +1,7 @@
 //! The NBD export: the daemon's NBD server (`nbd-server-start`, `--nbd-server`) and
 //! the exports it serves (`nbd-server-add`, `block-export-add type=nbd`).
 //!
-//! - [`proto`]: the wire format
+//! - [`proto`]: the wire format (the block layer's, shared with the `nbd` driver)
 //! - [`handshake`]: option negotiation
 //! - [`conn`]: the transmission phase of one connection
 //! - [`server`]: the listening socket and the table of exports by name
@@ -15,9 +15,10 @@
 
 pub mod conn;
 pub mod handshake;
-pub mod proto;
 pub mod server;
 pub mod stream;
+
+pub use blocklayer::nbd_proto as proto;
 
 use super::Export;
 use crate::iothread::event_loop::EventLoop;

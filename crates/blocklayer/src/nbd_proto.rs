@@ -1,7 +1,7 @@
 //! The NBD wire format (the NBD protocol specification, `doc/proto.md` of the
 //! NetworkBlockDevice project): magic numbers, option and command codes, flags, and
-//! the encoding of the server's messages. Everything here is plain data; the
-//! handshake and the transmission phase use it.
+//! the encoding of messages. Everything here is plain data; the daemon's NBD server
+//! (its handshake and transmission phase) and the `nbd` client driver use it.
 
 /// `NBDMAGIC`: the first 8 bytes the server sends.
 pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
@@ -78,8 +78,10 @@ pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
 pub const REPLY_FLAG_DONE: u16 = 1 << 0;
 pub const REPLY_TYPE_NONE: u16 = 0;
 pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
 pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
 pub const REPLY_TYPE_ERROR: u16 = (1 << 15) | 1;
+pub const REPLY_TYPE_ERROR_OFFSET: u16 = (1 << 15) | 2;
 
 /// Block status flags of `base:allocation`.
 pub const STATE_HOLE: u32 = 1 << 0;
@@ -145,6 +147,44 @@ impl Request {
             offset: be64(&b[16..24]),
             len: be32(&b[24..28]),
         })
+    }
+}
+
+impl Request {
+    /// The request's header on the wire.
+    pub fn encode(&self) -> [u8; REQUEST_LEN] {
+        let mut b = [0u8; REQUEST_LEN];
+        b[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        b[4..6].copy_from_slice(&self.flags.to_be_bytes());
+        b[6..8].copy_from_slice(&self.kind.to_be_bytes());
+        b[8..16].copy_from_slice(&self.handle.to_be_bytes());
+        b[16..24].copy_from_slice(&self.offset.to_be_bytes());
+        b[24..28].copy_from_slice(&self.len.to_be_bytes());
+        b
+    }
+}
+
+/// An option the client sends.
+pub fn option_request(option: u32, data: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(16 + data.len());
+    v.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    v.extend_from_slice(&option.to_be_bytes());
+    v.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    v.extend_from_slice(data);
+    v
+}
+
+/// The local errno of a wire error value.
+pub fn local_errno(e: u32) -> i32 {
+    match e {
+        EPERM => libc::EPERM,
+        ENOMEM => libc::ENOMEM,
+        EINVAL => libc::EINVAL,
+        ENOSPC => libc::ENOSPC,
+        EOVERFLOW => libc::EOVERFLOW,
+        ENOTSUP => libc::ENOTSUP,
+        ESHUTDOWN => libc::ESHUTDOWN,
+        _ => libc::EIO,
     }
 }
 
@@ -264,6 +304,7 @@ mod tests {
         b[16..24].copy_from_slice(&4096u64.to_be_bytes());
         b[24..28].copy_from_slice(&512u32.to_be_bytes());
         let r = Request::parse(&b).unwrap();
+        assert_eq!(r.encode(), b);
         assert_eq!(
             r,
             Request {
