@@ -283,26 +283,31 @@ struct Pending {
     payload: Option<Buffer>,
     dest: Option<Buffer>,
     slot: Arc<Slot>,
-    /// Sent on the current connection.
-    sent: bool,
     issued: Instant,
     status: Option<(u32, u32)>,
     error: Option<u32>,
 }
 
 struct State {
-    sock: Option<Stream>,
+    /// A handle on the connection to shut it down (the writer is [`Client::send`]).
+    ctl: Option<Stream>,
     pending: HashMap<u64, Pending>,
     next: u64,
     down_since: Option<Instant>,
     closing: bool,
 }
 
+/// Locks: [`Client::send`] before [`Client::st`]. A request is sent under `send`, and
+/// leaves the table (and completes) only under `send` too, or from the reply thread
+/// once the server answered it, which it cannot do before it has read all of it:
+/// no request's memory is freed while it is being written.
 pub struct Client {
     addr: NbdServerAddr,
     export: String,
     reconnect_delay: Duration,
     pub info: Info,
+    /// The socket requests are written to; `None` while the connection is down.
+    send: Mutex<Option<Stream>>,
     st: Mutex<State>,
     cv: Condvar,
 }
@@ -313,7 +318,7 @@ fn send(sock: &mut Stream, req: &Request, payload: Option<&Buffer>) -> io::Resul
     if let Some(p) = payload {
         for seg in p.0.segments() {
             // SAFETY: each segment is valid for reads of its length while the
-            // request is in flight (see `Buffer`).
+            // request is in the table (see `Buffer` and the lock order of `Client`).
             let s = unsafe { std::slice::from_raw_parts(seg.iov_base as *const u8, seg.iov_len) };
             slices.push(IoSlice::new(s));
         }
@@ -348,13 +353,15 @@ impl Client {
             }
         };
         let reader = sock.try_clone()?;
+        let ctl = sock.try_clone()?;
         let client = Arc::new(Client {
             addr,
             export,
             reconnect_delay,
             info,
+            send: Mutex::new(Some(sock)),
             st: Mutex::new(State {
-                sock: Some(sock),
+                ctl: Some(ctl),
                 pending: HashMap::new(),
                 next: 1,
                 down_since: None,
@@ -373,6 +380,10 @@ impl Client {
         self.st.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn lock_send(&self) -> MutexGuard<'_, Option<Stream>> {
+        self.send.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Issues a request; `dest` receives a read's data.
     pub fn request(
         &self,
@@ -384,49 +395,58 @@ impl Client {
         dest: Option<IoVec>,
     ) -> Completion {
         let slot = Arc::new(Slot::default());
+        let mut w = self.lock_send();
         let mut st = self.lock();
         if st.closing {
             slot.complete(Err(libc::ESHUTDOWN));
             return Completion(slot);
         }
-        if st.sock.is_none() && self.reconnect_delay.is_zero() {
+        if w.is_none() && self.reconnect_delay.is_zero() {
             slot.complete(Err(libc::EIO));
             return Completion(slot);
         }
         let handle = st.next;
         st.next += 1;
-        let mut p = Pending {
-            req: Request {
-                flags,
-                kind,
-                handle,
-                offset,
-                len,
-            },
-            payload: payload.map(Buffer),
-            dest: dest.map(Buffer),
-            slot: slot.clone(),
-            sent: false,
-            issued: Instant::now(),
-            status: None,
-            error: None,
+        let req = Request {
+            flags,
+            kind,
+            handle,
+            offset,
+            len,
         };
-        if let Some(sock) = st.sock.as_mut() {
-            // A failed send leaves the request for the reconnection to send.
-            p.sent = send(sock, &p.req, p.payload.as_ref()).is_ok();
-            if !p.sent {
+        let payload = payload.map(Buffer);
+        // The segments to send, taken before the request enters the table (their
+        // memory stays valid until it leaves it).
+        let segs = payload.as_ref().map(|p| Buffer(p.0.clone()));
+        st.pending.insert(
+            handle,
+            Pending {
+                req,
+                payload,
+                dest: dest.map(Buffer),
+                slot: slot.clone(),
+                issued: Instant::now(),
+                status: None,
+                error: None,
+            },
+        );
+        drop(st);
+        if let Some(sock) = w.as_mut() {
+            // On failure the reply thread sees the connection end; the request is
+            // sent again once it is back.
+            if send(sock, &req, segs.as_ref()).is_err() {
                 sock.shutdown();
             }
         }
-        st.pending.insert(handle, p);
         Completion(slot)
     }
 
     /// Stops the connection: requests still waiting fail.
     pub fn close(&self) {
+        let mut w = self.lock_send();
         let mut st = self.lock();
         st.closing = true;
-        if let Some(sock) = st.sock.as_mut() {
+        if let Some(sock) = w.as_mut() {
             let disc = Request {
                 flags: 0,
                 kind: CMD_DISC,
@@ -437,10 +457,15 @@ impl Client {
             let _ = sock.write_all(&disc.encode());
             sock.shutdown();
         }
+        *w = None;
+        if let Some(c) = st.ctl.take() {
+            c.shutdown();
+        }
         for (_, p) in st.pending.drain() {
             p.slot.complete(Err(libc::ESHUTDOWN));
         }
         drop(st);
+        drop(w);
         self.cv.notify_all();
     }
 
@@ -451,6 +476,11 @@ impl Client {
                     break e;
                 }
             };
+            // Unblock a writer first (it holds `send`), then take the connection down.
+            if let Some(c) = self.lock().ctl.as_ref() {
+                c.shutdown();
+            }
+            let mut w = self.lock_send();
             let mut st = self.lock();
             if st.closing {
                 return;
@@ -459,24 +489,57 @@ impl Client {
                 "nbd export '{}': connection lost ({err}); reconnecting",
                 self.export
             );
-            if let Some(s) = st.sock.take() {
-                s.shutdown();
-            }
+            *w = None;
+            st.ctl = None;
             st.down_since = Some(Instant::now());
             for p in st.pending.values_mut() {
-                p.sent = false;
                 p.status = None;
                 p.error = None;
             }
             drop(st);
-            match self.reconnect() {
-                Some(r) => reader = r,
-                None => return,
+            drop(w);
+            let Some((r, again)) = self.reconnect() else {
+                return;
+            };
+            reader = r;
+            // Sent by another thread while this one reads the replies (the server
+            // may stop reading before its replies are read).
+            let me = self.clone();
+            let spawned = std::thread::Builder::new()
+                .name("nbd-resend".into())
+                .spawn(move || me.resend(&again));
+            if spawned.is_err() {
+                if let Some(c) = self.lock().ctl.as_ref() {
+                    c.shutdown();
+                }
             }
         }
     }
 
-    /// Fails the requests that waited longer than `reconnect-delay`.
+    /// Sends the requests still waiting from before a reconnection.
+    fn resend(&self, handles: &[u64]) {
+        let mut w = self.lock_send();
+        for h in handles {
+            let Some(sock) = w.as_mut() else {
+                return;
+            };
+            let item = {
+                let st = self.lock();
+                st.pending
+                    .get(h)
+                    .map(|p| (p.req, p.payload.as_ref().map(|b| Buffer(b.0.clone()))))
+            };
+            if let Some((req, payload)) = item {
+                if send(sock, &req, payload.as_ref()).is_err() {
+                    sock.shutdown();
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Fails the requests that waited longer than `reconnect-delay` (the connection is
+    /// down: none is being sent).
     fn expire(&self, st: &mut State, now: Instant) {
         let Some(down) = st.down_since else {
             return;
@@ -495,41 +558,42 @@ impl Client {
         }
     }
 
-    fn reconnect(&self) -> Option<Stream> {
+    /// Connects again; the new connection's reader and the requests to send again.
+    fn reconnect(&self) -> Option<(Stream, Vec<u64>)> {
         loop {
             {
+                let _w = self.lock_send();
                 let mut st = self.lock();
                 if st.closing {
                     return None;
                 }
                 self.expire(&mut st, Instant::now());
             }
-            if let Ok((sock, info)) = connect(&self.addr, &self.export) {
-                if info.size == self.info.size && info.flags == self.info.flags {
-                    if let Ok(reader) = sock.try_clone() {
-                        let mut st = self.lock();
-                        if st.closing {
-                            return None;
-                        }
-                        st.sock = Some(sock);
-                        st.down_since = None;
-                        let State { sock, pending, .. } = &mut *st;
-                        let sock = sock.as_mut()?;
-                        let mut handles: Vec<u64> = pending.keys().copied().collect();
-                        handles.sort_unstable();
-                        for h in handles {
-                            let p = pending.get_mut(&h)?;
-                            p.sent = send(sock, &p.req, p.payload.as_ref()).is_ok();
-                        }
-                        log::info!("nbd export '{}': reconnected", self.export);
-                        return Some(reader);
+            match connect(&self.addr, &self.export) {
+                Ok((sock, info))
+                    if info.size == self.info.size && info.flags == self.info.flags =>
+                {
+                    let (Ok(reader), Ok(ctl)) = (sock.try_clone(), sock.try_clone()) else {
+                        continue;
+                    };
+                    let mut w = self.lock_send();
+                    let mut st = self.lock();
+                    if st.closing {
+                        return None;
                     }
-                } else {
-                    log::warn!(
-                        "nbd export '{}': the server came back with another export",
-                        self.export
-                    );
+                    let mut again: Vec<u64> = st.pending.keys().copied().collect();
+                    again.sort_unstable();
+                    *w = Some(sock);
+                    st.ctl = Some(ctl);
+                    st.down_since = None;
+                    log::warn!("nbd export '{}': reconnected", self.export);
+                    return Some((reader, again));
                 }
+                Ok(_) => log::warn!(
+                    "nbd export '{}': the server came back with another export",
+                    self.export
+                ),
+                Err(_) => {}
             }
             let st = self.lock();
             if st.closing {
