@@ -3,6 +3,7 @@ block-export-add type=nbd and --nbd-server; clients are QEMU's own (qemu-img,
 qemu-io), libnbd's nbdinfo and a raw socket client for malformed input. Every
 expectation is qemu-storage-daemon 7.2's (the tests pass with ``--daemon=qsd``)."""
 
+import asyncio
 import json
 import socket
 import struct
@@ -422,3 +423,47 @@ async def test_block_status_contexts(start_daemon, tmp):
         err, data = a.request(CMD_BLOCK_STATUS, 0, 4 * MIB, flags=1 << 3)
         assert err == 0 and len(data) == 2 * 12
         a.close()
+
+
+async def test_nbd_driver_on_qemu_nbd(start_daemon, tmp):
+    """blockdev-add driver=nbd: a node on qemu-nbd's export, served again by the
+    daemon's own NBD server."""
+    img = tmp / "back.raw"
+    with open(img, "wb") as f:
+        f.truncate(16 * MIB)
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x42 0 1M", "-c", "write -P 0x43 8M 64k", img)
+    qsock = tmp / "qemu-nbd.sock"
+    server = subprocess.Popen(
+        ["qemu-nbd", "-f", "raw", "-t", "-x", "disk", "-k", str(qsock), str(img)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(1500):
+            if qsock.exists():
+                break
+            await asyncio.sleep(0.01)
+        d = start_daemon(nbd_server_args(tmp))
+        async with d.qmp() as c:
+            missing = tmp / "none.sock"
+            await error(c, "blockdev-add", {"driver": "nbd", "node-name": "x",
+                                            "server": {"type": "unix", "path": str(missing)}},
+                        desc=f"Failed to connect to '{missing}': No such file or directory")
+            await execute(c, "blockdev-add", {"driver": "nbd", "node-name": "c",
+                                              "server": {"type": "unix", "path": str(qsock)},
+                                              "export": "disk"})
+            nodes = {n["node-name"]: n for n in await execute(c, "query-named-block-nodes")}
+            assert nodes["c"]["drv"] == "nbd"
+            assert nodes["c"]["image"]["virtual-size"] == 16 * MIB
+            await execute(c, "nbd-server-add", {"device": "c", "writable": True})
+            u = url(tmp / "nbd.sock", "c")
+            assert "identical" in run("qemu-img", "compare", "-U", "-f", "raw", u, img)
+            run("qemu-io", "-f", "raw", "-c", "write -P 0x44 4M 128k", u)
+            run("qemu-io", "-r", "-U", "-f", "raw", "-c", "read -P 0x44 4M 128k", img)
+            # Block status passes through both hops.
+            got = [(s, n, t) for s, n, t in nbdinfo_map(u)]
+            assert got[0] == (0, MIB, 0)
+            await execute(c, "nbd-server-remove", {"name": "c"})
+            await execute(c, "blockdev-del", {"node-name": "c"})
+    finally:
+        server.kill()
+        server.wait()

@@ -212,11 +212,14 @@ fn connect(addr: &NbdServerAddr, export: &str) -> io::Result<(Stream, Info)> {
             k if k & (1 << 31) != 0 => {
                 let msg = String::from_utf8_lossy(&data).into_owned();
                 let what = if k == REP_ERR_UNKNOWN {
-                    format!("export '{export}' not present")
+                    "Requested export not available"
                 } else {
-                    format!("the server refused the export ({msg})")
+                    "The server refused the export"
                 };
-                return Err(io::Error::new(io::ErrorKind::NotFound, what));
+                return Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("{what}\nserver reported: {msg}"),
+                ));
             }
             _ => {}
         }

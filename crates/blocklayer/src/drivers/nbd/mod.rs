@@ -48,11 +48,20 @@ impl NbdDriver {
             Duration::from_secs(opts.open_timeout),
         )
         .map_err(|e| {
+            // QEMU's texts: the server's refusal as it is, a connection failure with
+            // the C library's text.
+            if e.kind() == std::io::ErrorKind::NotFound && e.raw_os_error().is_none() {
+                return BlockError::Graph(e.to_string());
+            }
             let target = match &opts.server {
                 NbdServerAddr::Unix(p) => p.clone(),
                 NbdServerAddr::Inet { host, port } => format!("{host}:{port}"),
             };
-            BlockError::Graph(format!("Failed to connect to '{target}': {e}"))
+            let why = match e.raw_os_error() {
+                Some(errno) => crate::error::strerror(errno),
+                None => e.to_string(),
+            };
+            BlockError::Graph(format!("Failed to connect to '{target}': {why}"))
         })?;
         if !read_only && client.info.flags & FLAG_READ_ONLY != 0 {
             client.close();
