@@ -467,3 +467,23 @@ async def test_nbd_driver_on_qemu_nbd(start_daemon, tmp):
     finally:
         server.kill()
         server.wait()
+
+
+async def test_export_on_an_iothread_and_exit_with_a_client(start_daemon, tmp):
+    """An NBD export on a named iothread serves; the daemon still exits cleanly on
+    SIGTERM (the teardown's check) while a client is connected."""
+    d = start_daemon([
+        "--object", "iothread,id=io0",
+        *qcow2_args(qcow2_image(tmp)), *nbd_server_args(tmp),
+    ])
+    async with d.qmp() as c:
+        await execute(c, "block-export-add", {"type": "nbd", "id": "e", "node-name": "n",
+                                              "iothread": "io0", "writable": True})
+        a = Client(tmp / "nbd.sock", "n")
+        err, data = a.request(CMD_READ, 10 * MIB, 4096)
+        assert err == 0 and data[8:] == b"\x55" * 4096
+        assert a.request(CMD_WRITE, 0, 4096, payload=b"\x01" * 4096)[0] == 0
+        err, data = a.request(CMD_READ, 0, 4096)
+        assert err == 0 and data[8:] == b"\x01" * 4096
+    # `a` stays connected until the daemon is stopped.
+    d.client = a
