@@ -487,3 +487,38 @@ async def test_export_on_an_iothread_and_exit_with_a_client(start_daemon, tmp):
         assert err == 0 and data[8:] == b"\x01" * 4096
     # `a` stays connected until the daemon is stopped.
     d.client = a
+
+
+async def test_bad_options_get_errors_and_negotiation_goes_on(start_daemon, tmp):
+    d = start_daemon([*qcow2_args(qcow2_image(tmp)), *nbd_server_args(tmp)])
+    async with d.qmp() as c:
+        await execute(c, "nbd-server-add", {"device": "n"})
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(20)
+        s.connect(str(tmp / "nbd.sock"))
+        cl = Client.__new__(Client)
+        cl.s = s
+        cl.recv(18)
+        s.sendall(struct.pack(">I", 3))
+        err = 1 << 31
+        # Truncated NBD_OPT_INFO (a name length past the payload).
+        assert cl.option(6, struct.pack(">I", 100) + b"n")[-1][0] & err
+        # STRUCTURED_REPLY takes no payload.
+        assert cl.option(OPT_STRUCTURED_REPLY, b"x")[-1][0] & err
+        # An unknown option.
+        assert cl.option(99, b"")[-1][0] == err | 1
+        # Meta contexts before structured replies are negotiated.
+        q = struct.pack(">I", 1) + b"n" + struct.pack(">I", 1) + struct.pack(">I", 15)
+        assert cl.option(OPT_SET_META_CONTEXT, q + b"base:allocation")[-1][0] & err
+        assert cl.option(OPT_STRUCTURED_REPLY, b"")[-1][0] == 1
+        # A query count far beyond the payload.
+        bad = struct.pack(">I", 1) + b"n" + struct.pack(">I", 1 << 30)
+        assert cl.option(OPT_SET_META_CONTEXT, bad)[-1][0] & err
+        # An unknown export.
+        assert cl.option(OPT_GO, struct.pack(">I", 4) + b"nope" + b"\0\0")[-1][0] & err
+        replies = cl.option(OPT_GO, struct.pack(">I", 1) + b"n" + b"\0\0")
+        assert replies[-1][0] == 1
+        cl.handle = 0
+        err, data = cl.request(CMD_READ, 0, 512)
+        assert err == 0 and data[8:] == b"\xaa" * 512
+        cl.close()
