@@ -93,9 +93,21 @@ fn qemu_nbd_data_reads_back_and_writes_land() {
     let (img, mut model) = TempImage::new_random(16 * MIB, &mut rng);
     let nsock = dir.join("qemu-nbd.sock");
     let _server = Server::qemu_nbd(img.path(), &nsock);
-    let (_daemon, vsock) = vubd_on(&dir, &nsock, "disk", 5);
+    let (daemon, vsock) = vubd_on(&dir, &nsock, "disk", 5);
     let mut client = Client::connect(&vsock, 1);
     assert_eq!(client.capacity(), 16 * MIB);
+    // qemu-nbd does not allow multi-conn on a writable export: one connection.
+    let conns = daemon
+        .thread_names()
+        .iter()
+        .filter(|n| *n == "nbd-client")
+        .count();
+    assert_eq!(
+        conns,
+        1,
+        "connections to qemu-nbd: {:?}",
+        daemon.thread_names()
+    );
     let got = read_disk(&mut client, 16 * MIB);
     assert_same_data("the image through qemu-nbd and vubd", &got, &model);
     for _ in 0..32 {
@@ -122,9 +134,21 @@ fn nbdkit_memory_serves_a_disk() {
             .args(["memory", "32M"]),
         &nsock,
     );
-    let (_daemon, vsock) = vubd_on(&dir, &nsock, "", 0);
+    let (daemon, vsock) = vubd_on(&dir, &nsock, "", 0);
     let mut client = Client::connect(&vsock, 1);
     assert_eq!(client.capacity(), 32 * MIB);
+    // nbdkit allows multi-conn: the node opens four connections (a reply thread each).
+    let conns = daemon
+        .thread_names()
+        .iter()
+        .filter(|n| *n == "nbd-client")
+        .count();
+    assert_eq!(
+        conns,
+        4,
+        "connections to nbdkit: {:?}",
+        daemon.thread_names()
+    );
     let mut rng = Rng::new("nbd-nbdkit");
     let data = rng.bytes(4 * MIB as usize);
     client.q().write(MIB, &data).expect("write");

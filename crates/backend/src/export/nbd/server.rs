@@ -172,7 +172,7 @@ impl NbdServer {
             self.connections.fetch_add(1, Ordering::AcqRel);
             let me = self.clone();
             let spawned = std::thread::Builder::new()
-                .name("nbd-client".into())
+                .name("nbd-conn".into())
                 .spawn(move || {
                     me.client(stream);
                     me.connections.fetch_sub(1, Ordering::AcqRel);

@@ -1,6 +1,8 @@
 //! The `nbd` driver: a node whose data lives on an NBD server (qemu-nbd, nbdkit,
 //! another vubd), over a UNIX or TCP socket ([`client`]). Structured replies and
-//! `base:allocation` block status are used when the server has them; a lost
+//! `base:allocation` block status are used when the server has them, and several
+//! connections when it allows multi-conn (a flush on one then covers the writes
+//! completed on all, as the protocol promises); a lost
 //! connection is re-established and the requests waiting on it are sent again,
 //! for `reconnect-delay` seconds.
 
@@ -17,6 +19,7 @@ use crate::error::{BlockError, Result};
 use crate::limits::Limits;
 use crate::nbd_proto::*;
 use client::Client;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,9 +32,16 @@ pub(crate) const ENTRY: super::DriverEntry = super::DriverEntry {
     reopen_mutable: &[],
 };
 
+/// Connections a node opens to a server that allows multi-conn (one otherwise).
+const MULTI_CONN: usize = 4;
+
 pub struct NbdDriver {
     opts: NbdOptions,
+    /// The first connection (what the server told about the export), then more
+    /// where the server allows multi-conn; requests go round-robin over them.
     client: Arc<Client>,
+    conns: Vec<Arc<Client>>,
+    next: AtomicUsize,
 }
 
 fn io_error(op: &'static str, errno: i32) -> BlockError {
@@ -67,7 +77,41 @@ impl NbdDriver {
             client.close();
             return Err(BlockError::Graph("NBD export is read-only".into()));
         }
-        Ok(NbdDriver { opts, client })
+        let mut conns = vec![client.clone()];
+        if client.info.flags & FLAG_CAN_MULTI_CONN != 0 {
+            // More connections are a bonus: a server that refuses them leaves one.
+            while conns.len() < MULTI_CONN {
+                match Client::open(
+                    opts.server.clone(),
+                    opts.export.clone().unwrap_or_default(),
+                    Duration::from_secs(opts.reconnect_delay),
+                    Duration::ZERO,
+                ) {
+                    Ok(c)
+                        if c.info.size == client.info.size && c.info.flags == client.info.flags =>
+                    {
+                        conns.push(c)
+                    }
+                    Ok(c) => {
+                        c.close();
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+        Ok(NbdDriver {
+            opts,
+            client,
+            conns,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    /// The connection for the next request.
+    fn conn(&self) -> &Client {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
+        &self.conns[i]
     }
 
     fn has(&self, flag: u16) -> bool {
@@ -82,7 +126,7 @@ impl NbdDriver {
         dest: Option<IoVec>,
     ) -> Result<Option<(u32, u32)>> {
         let len = u32::try_from(cmd.len).map_err(|_| io_error(op, libc::EINVAL))?;
-        self.client
+        self.conn()
             .request(cmd.kind, cmd.flags, cmd.offset, len, payload, dest)
             .await
             .map_err(|e| io_error(op, e))
@@ -108,7 +152,9 @@ fn cmd(kind: u16, flags: u16, offset: u64, len: u64) -> Cmd {
 
 impl Drop for NbdDriver {
     fn drop(&mut self) {
-        self.client.close();
+        for c in &self.conns {
+            c.close();
+        }
     }
 }
 
