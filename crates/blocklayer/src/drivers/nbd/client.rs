@@ -13,7 +13,7 @@ use crate::nbd_proto::*;
 use std::collections::HashMap;
 use std::future::Future;
 use std::io::{self, IoSlice, Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
 use std::pin::Pin;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -53,7 +53,19 @@ impl Stream {
                 let port: u16 = port
                     .parse()
                     .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "bad port"))?;
-                let s = TcpStream::connect((host.as_str(), port))?;
+                // Bounded, so that an unreachable host fails blockdev-add in time.
+                let mut last = io::Error::new(io::ErrorKind::NotConnected, "no address");
+                let mut found = None;
+                for a in (host.as_str(), port).to_socket_addrs()? {
+                    match TcpStream::connect_timeout(&a, HANDSHAKE_TIMEOUT) {
+                        Ok(s) => {
+                            found = Some(s);
+                            break;
+                        }
+                        Err(e) => last = e,
+                    }
+                }
+                let s = found.ok_or(last)?;
                 let _ = s.set_nodelay(true);
                 Stream::Tcp(s)
             }
