@@ -38,6 +38,32 @@ struct Session {
     export: Arc<NbdShared>,
     structured: bool,
     contexts: Vec<Context>,
+    /// Read buffers the writer is done with, for the next reads (a fresh buffer of
+    /// megabytes costs a mapping and its page faults).
+    pool: Mutex<Vec<AlignedBuf>>,
+}
+
+impl Session {
+    /// A buffer of at least `len` bytes (the data is not cleared).
+    fn buffer(&self, len: usize) -> Option<AlignedBuf> {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = pool
+            .iter()
+            .position(|b| b.len() >= len && b.len() <= 2 * len.max(4096))
+        {
+            return Some(pool.swap_remove(i));
+        }
+        drop(pool);
+        AlignedBuf::try_zeroed(len, BUF_ALIGN)
+    }
+
+    /// Takes a buffer back once its reply is sent.
+    fn recycle(&self, buf: AlignedBuf) {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        if pool.len() < MAX_REQUESTS {
+            pool.push(buf);
+        }
+    }
 }
 
 /// A request the server refuses: its error, a message, and whether the connection
@@ -92,6 +118,7 @@ pub fn serve(mut stream: Stream, neg: Negotiated, index: usize) {
         export: neg.export,
         structured: neg.structured,
         contexts: neg.contexts,
+        pool: Mutex::new(Vec::new()),
     });
     let slots = Arc::new(Slots {
         n: Mutex::new(0),
@@ -99,10 +126,10 @@ pub fn serve(mut stream: Stream, neg: Negotiated, index: usize) {
     });
     let (tx, rx) = mpsc::channel::<Reply>();
     let writer = {
-        let slots = slots.clone();
+        let (slots, session) = (slots.clone(), session.clone());
         std::thread::Builder::new()
             .name("nbd-writer".into())
-            .spawn(move || write_replies(writer_stream, rx, &slots))
+            .spawn(move || write_replies(writer_stream, rx, &slots, &session))
     };
     let writer = match writer {
         Ok(w) => w,
@@ -117,7 +144,7 @@ pub fn serve(mut stream: Stream, neg: Negotiated, index: usize) {
     stream.shutdown(Shutdown::Both);
 }
 
-fn write_replies(mut s: Stream, rx: mpsc::Receiver<Reply>, slots: &Slots) {
+fn write_replies(mut s: Stream, rx: mpsc::Receiver<Reply>, slots: &Slots, session: &Session) {
     let mut broken = false;
     for r in rx {
         if !broken {
@@ -130,6 +157,10 @@ fn write_replies(mut s: Stream, rx: mpsc::Receiver<Reply>, slots: &Slots) {
                 s.shutdown(Shutdown::Both);
                 broken = true;
             }
+        }
+        // A buffer nothing else holds any more (no I/O op keeps it) is reused.
+        if let Some(buf) = r.data.and_then(|(b, _)| Arc::try_unwrap(b).ok()) {
+            session.recycle(buf);
         }
         slots.give();
     }
@@ -346,11 +377,11 @@ async fn run(
     }
     match req.kind {
         CMD_READ => {
-            let Some(buf) = AlignedBuf::try_zeroed(req.len as usize, BUF_ALIGN) else {
+            let Some(buf) = s.buffer(req.len as usize) else {
                 return Err(refuse(ENOMEM, "out of memory"));
             };
             let buf = Arc::new(buf);
-            blk.read(req.offset, IoVec::from_buf(buf.clone()))
+            blk.read(req.offset, IoVec::from_buf(buf.clone()).slice(0, len))
                 .await
                 .map_err(io_refusal)?;
             let head = if s.structured {
