@@ -522,3 +522,42 @@ async def test_bad_options_get_errors_and_negotiation_goes_on(start_daemon, tmp)
         err, data = cl.request(CMD_READ, 0, 512)
         assert err == 0 and data[8:] == b"\xaa" * 512
         cl.close()
+
+
+async def test_fleecing_pull_backup(start_daemon, tmp):
+    """A backup pulled over NBD while the disk is written (image fleecing): the disk
+    is written through a writable export of a copy-before-write filter; a read-only
+    export of snapshot-access above it, with the dirty bitmap of the writes, gives
+    the disk as it was and which ranges changed."""
+    size = 8 * MIB
+    src = tmp / "src.raw"
+    fl = tmp / "fl.raw"
+    for p in (src, fl):
+        with open(p, "wb") as f:
+            f.truncate(size)
+    run("qemu-io", "-f", "raw", "-c", f"write -P 0x11 0 {size}", src)
+    d = start_daemon([
+        "--blockdev", f"file,node-name=n0,filename={src}",
+        "--blockdev", f"file,node-name=fl,filename={fl}",
+        "--blockdev", "copy-before-write,node-name=cbw,file=n0,target=fl",
+        "--blockdev", "snapshot-access,node-name=acc,file=cbw",
+        *nbd_server_args(tmp),
+    ])
+    sock = tmp / "nbd.sock"
+    async with d.qmp() as c:
+        await execute(c, "block-dirty-bitmap-add", {"node": "n0", "name": "b"})
+        await execute(c, "nbd-server-add", {"device": "cbw", "name": "live", "writable": True})
+        run("qemu-io", "-f", "raw", "-c", "write -P 0x22 1M 64k", "-c", "write -P 0x23 5M 4k",
+            url(sock, "live"))
+        await execute(c, "block-dirty-bitmap-disable", {"node": "n0", "name": "b"})
+        await execute(c, "block-export-add", {
+            "type": "nbd", "id": "pull", "node-name": "acc", "name": "pull",
+            "bitmaps": [{"node": "n0", "name": "b"}],
+        })
+        run("qemu-img", "convert", "-f", "raw", "-O", "raw", url(sock, "pull"), tmp / "backup.raw")
+        run("qemu-io", "-r", "-f", "raw", "-c", f"read -P 0x11 0 {size}", tmp / "backup.raw")
+        dirty = [(s, n) for s, n, t in nbdinfo_map(url(sock, "pull"), "qemu:dirty-bitmap:b")
+                 if t & 1]
+        assert dirty == [(1 * MIB, 64 * 1024), (5 * MIB, 64 * 1024)]
+        run("qemu-io", "-f", "raw", "-c", "read -P 0x22 1M 64k", "-c", "read -P 0x23 5M 4k",
+            url(sock, "live"))
