@@ -240,3 +240,45 @@ fn unreachable_server_fails_blockdev_add() {
     let exited = vubd_tests::run_to_exit(&vubd_tests::vubd_bin(), &args, Duration::from_secs(30));
     exited.assert_config_error(&["Failed to connect to", "nobody.sock"]);
 }
+
+#[test]
+fn guest_fio_verifies_through_a_qemu_nbd_restart() {
+    use vubd_tests::guest::{Guest, GuestOpts};
+    let dir = TempDir::new("vubd-nbd");
+    let img = TempImage::new(64 * MIB);
+    let nsock = dir.join("qemu-nbd.sock");
+    let server = Server::qemu_nbd(img.path(), &nsock);
+    let (daemon, vsock) = vubd_on(&dir, &nsock, "disk", 30);
+    let mut g = Guest::boot(&GuestOpts::new("nbd-fio").disk(&vsock, 1));
+    // qemu-nbd is gone when fio starts, and comes back while fio's first requests
+    // wait for it.
+    server.kill();
+    let img_path = img.path().to_path_buf();
+    let restarter = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(2500));
+        Server::qemu_nbd(&img_path, &nsock)
+    });
+    let out = g.check(
+        "fio --name=nbd --filename=/dev/vda --direct=1 --ioengine=libaio --rw=randwrite \
+         --bs=4k --size=48M --iodepth=8 --verify=crc32c --verify_fatal=1 --do_verify=1 \
+         --eta=never",
+        Duration::from_secs(300),
+    );
+    let _server = restarter.join().expect("restart qemu-nbd");
+    assert!(out.contains("err= 0"), "fio reported an error:\n{out}");
+    assert!(
+        !out.contains("verify: bad") && !out.contains("verify failed"),
+        "fio printed verification failures:\n{out}"
+    );
+    let dmesg = g.dmesg();
+    assert!(
+        !dmesg.contains("I/O error"),
+        "the guest saw I/O errors:\n{dmesg}"
+    );
+    let log = daemon.stderr();
+    assert!(
+        log.contains("connection lost"),
+        "the outage went unnoticed:\n{log}"
+    );
+    g.shutdown();
+}
