@@ -561,3 +561,37 @@ async def test_fleecing_pull_backup(start_daemon, tmp):
         assert dirty == [(1 * MIB, 64 * 1024), (5 * MIB, 64 * 1024)]
         run("qemu-io", "-f", "raw", "-c", "read -P 0x22 1M 64k", "-c", "read -P 0x23 5M 4k",
             url(sock, "live"))
+
+
+async def test_random_garbage_does_not_disturb_other_clients(start_daemon, tmp):
+    """Clients that send random bytes, in the handshake or after it, get dropped or
+    error replies; a well-behaved client keeps being served throughout."""
+    import random
+
+    rnd = random.Random(1234)
+    d = start_daemon([*qcow2_args(qcow2_image(tmp)), *nbd_server_args(tmp)])
+    sock = tmp / "nbd.sock"
+    async with d.qmp() as c:
+        await execute(c, "nbd-server-add", {"device": "n", "writable": True})
+        good = Client(sock, "n")
+        for i in range(40):
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(20)
+            s.connect(str(sock))
+            try:
+                s.recv(18)
+                if i % 2:
+                    # After a valid handshake: garbage requests.
+                    s.close()
+                    cl = Client(sock, "n")
+                    s = cl.s
+                else:
+                    s.sendall(struct.pack(">I", 3))
+                s.sendall(bytes(rnd.getrandbits(8) for _ in range(rnd.randrange(1, 4096))))
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            s.close()
+            err, data = good.request(CMD_READ, 0, 4096)
+            assert err == 0 and data[8:] == b"\xaa" * 4096
+        good.close()
+        run("qemu-img", "compare", "-U", url(sock, "n"), tmp / "disk.qcow2")
