@@ -595,3 +595,30 @@ async def test_random_garbage_does_not_disturb_other_clients(start_daemon, tmp):
             assert err == 0 and data[8:] == b"\xaa" * 4096
         good.close()
         run("qemu-img", "compare", "-U", url(sock, "n"), tmp / "disk.qcow2")
+
+
+async def test_max_connections_holds_new_clients_back(start_daemon, tmp):
+    """max-connections: a client beyond the limit waits (it gets no greeting) until a
+    connected one leaves, then it is served."""
+    d = start_daemon([
+        *qcow2_args(qcow2_image(tmp)),
+        "--nbd-server", f"addr.type=unix,addr.path={tmp / 'nbd.sock'},max-connections=1",
+    ])
+    async with d.qmp() as c:
+        await execute(c, "nbd-server-add", {"device": "n"})
+        a = Client(tmp / "nbd.sock", "n")
+        b = socket.socket(socket.AF_UNIX)
+        b.connect(str(tmp / "nbd.sock"))
+        b.settimeout(0.5)
+        with pytest.raises(socket.timeout):
+            b.recv(18)
+        a.send(CMD_DISC, 0, 0)
+        a.close()
+        b.settimeout(20)
+        got = b""
+        while len(got) < 18:
+            chunk = b.recv(18 - len(got))
+            assert chunk, "the waiting client was dropped"
+            got += chunk
+        assert struct.unpack(">Q", got[:8])[0] == NBDMAGIC
+        b.close()

@@ -155,20 +155,23 @@ impl NbdServer {
             },
         ];
         while !self.stop.load(Ordering::Acquire) {
-            // SAFETY: `fds` is an array of two initialised pollfd structures that
-            // outlives the call.
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-            if n < 0 || fds[0].revents == 0 {
+            // At max-connections the listener is not watched: new clients wait in its
+            // backlog until one leaves (as QEMU's server does).
+            let limit = self.max_connections;
+            let full = limit > 0 && self.connections.load(Ordering::Acquire) >= limit;
+            let (first, n) = if full { (1, 1) } else { (0, 2) };
+            // SAFETY: `fds[first..first + n]` are initialised pollfd structures that
+            // outlive the call.
+            let r = unsafe { libc::poll(fds[first..].as_mut_ptr(), n, -1) };
+            if fds[1].revents != 0 {
+                let _ = self.wake.read();
+            }
+            if r < 0 || full || fds[0].revents == 0 {
                 continue;
             }
             let Ok(stream) = listener.accept() else {
                 continue;
             };
-            let limit = self.max_connections;
-            if limit > 0 && self.connections.load(Ordering::Acquire) >= limit {
-                stream.shutdown(Shutdown::Both);
-                continue;
-            }
             self.connections.fetch_add(1, Ordering::AcqRel);
             let me = self.clone();
             let spawned = std::thread::Builder::new()
@@ -176,6 +179,7 @@ impl NbdServer {
                 .spawn(move || {
                     me.client(stream);
                     me.connections.fetch_sub(1, Ordering::AcqRel);
+                    let _ = me.wake.write(1);
                 });
             if spawned.is_err() {
                 self.connections.fetch_sub(1, Ordering::AcqRel);
