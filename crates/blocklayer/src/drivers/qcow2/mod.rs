@@ -505,6 +505,10 @@ impl Driver for Qcow2Driver {
                 ExtentKind::Unallocated => Status::Unallocated,
             }
         }
+        // The map of at most this much per call: callers ask again from where the
+        // answer ends, so mapping all of a long range each time would be quadratic.
+        const MAX_MAP: u64 = 256 << 20;
+        let len = len.min(MAX_MAP);
         Box::pin(async move {
             let extents = self
                 .image
