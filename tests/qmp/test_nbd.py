@@ -453,6 +453,7 @@ async def test_nbd_driver_on_qemu_nbd(start_daemon, tmp):
                                               "export": "disk"})
             nodes = {n["node-name"]: n for n in await execute(c, "query-named-block-nodes")}
             assert nodes["c"]["drv"] == "nbd"
+            assert nodes["c"]["file"] == f"nbd+unix:///disk?socket={qsock}"
             assert nodes["c"]["image"]["virtual-size"] == 16 * MIB
             await execute(c, "nbd-server-add", {"device": "c", "writable": True})
             u = url(tmp / "nbd.sock", "c")
