@@ -10,6 +10,7 @@
 #   scripts/bench.sh --filter exports --exports 16 --no-idle   # N exports on 2 iothreads
 #   scripts/bench.sh --idle-only [--idle-exports 200]  # idle CPU and idle density only
 #   scripts/bench.sh --jobs [--size-mib 1024 --reps 3] [--kinds backup]   (stream/commit/backup, scripts/bench_jobs.py)
+#   scripts/bench.sh --nbd [--reps 3]  # qemu-img convert of 1 GiB from vubd's and QSD's NBD exports (scripts/bench_nbd.sh)
 # The rbd cases run on the Ceph cluster of $CEPH_CONF, or start one (scripts/ceph.sh)
 # for the run.
 # Cases are BACKEND/WORKLOAD/CONFIG; --filter SUBSTR (repeatable) keeps the cases whose
@@ -25,6 +26,10 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 cargo build --release -q -p vubd -p vubd-tests --bin vubd --bin vubd-bench --bin vubd-io
 target_dir="${CARGO_TARGET_DIR:-target}"
+if [ "${1:-}" = "--nbd" ]; then
+    shift
+    exec scripts/bench_nbd.sh "$target_dir/release/vubd" "$@"
+fi
 if [ "${1:-}" = "--jobs" ]; then
     shift
     exec python3 scripts/bench_jobs.py --vubd "$target_dir/release/vubd" \

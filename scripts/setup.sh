@@ -45,6 +45,9 @@ need=()
 command -v cc >/dev/null || need+=(gcc)
 command -v qemu-img >/dev/null || need+=(qemu-utils)
 command -v qemu-storage-daemon >/dev/null || need+=(qemu-utils)
+# NBD clients and servers for the NBD export and driver tests.
+command -v nbdinfo >/dev/null || need+=(libnbd-bin)
+command -v nbdkit >/dev/null || need+=(nbdkit)
 if [ ${#need[@]} -gt 0 ]; then
     echo "setup: installing ${need[*]}"
     apt_install "${need[@]}"

@@ -163,11 +163,12 @@ def is_socket(p: Path) -> bool:
 
 
 def export_socket_paths(args: Iterable[str]) -> list[Path]:
-    """Socket paths named in ``--export`` options (keyval ``addr.path=`` or JSON)."""
+    """Socket paths named in ``--export`` and ``--nbd-server`` options (keyval
+    ``addr.path=`` or JSON)."""
     out = []
     args = list(args)
     for opt, val in zip(args, args[1:]):
-        if opt != "--export":
+        if opt not in ("--export", "--nbd-server"):
             continue
         if val.lstrip().startswith("{"):
             out.append(Path(json.loads(val)["addr"]["path"]))

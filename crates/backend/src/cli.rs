@@ -4,7 +4,7 @@
 //! qemu-storage-daemon; `--config FILE.toml` (a vubd extension) adds the items of a
 //! config file before those of the command line.
 
-use crate::config::{ConfigError, DaemonConfig, ItemKind, Result};
+use crate::config::{ConfigError, DaemonConfig, ItemKind, NbdServerConfig, Result};
 use crate::keyval;
 use std::path::PathBuf;
 
@@ -17,12 +17,13 @@ pub enum CliAction {
 }
 
 /// Options qemu-storage-daemon has that vubd does not (yet).
-const UNSUPPORTED: &[&str] = &["nbd-server", "daemonize", "trace"];
+const UNSUPPORTED: &[&str] = &["daemonize", "trace"];
 
 /// One option of the command line, before its argument is parsed.
 enum CliOption {
     Item(ItemKind, String),
     Pidfile(PathBuf),
+    NbdServer(String),
     Config(PathBuf),
     Help,
     Version,
@@ -60,6 +61,14 @@ qemu-storage-daemon --export vhost-user-blk
                             export a block node over vhost-user-blk (serial and
                             queue-size are vubd extensions); each iothread serves
                             one export
+  --export [type=]nbd,id=<id>,node-name=<node-name>[,name=<export-name>]
+           [,description=<text>][,writable=on|off][,allocation-depth=on|off]
+           [,bitmaps.0=<name>...][,iothread=<id>]
+                            export a block node on the NBD server
+
+  --nbd-server addr.type=unix,addr.path=<socket-path>[,max-connections=<n>]
+  --nbd-server addr.type=inet,addr.host=<host>,addr.port=<port>[,max-connections=<n>]
+                            start the NBD server (before the NBD exports)
 
   --object [qom-type=]iothread,id=<id>[,poll-max-ns=<ns>][,poll-grow=<n>]
            [,poll-shrink=<n>][,aio-max-batch=<n>]
@@ -92,6 +101,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<CliAction> 
     let mut config_files = Vec::new();
     let mut items = Vec::new();
     let mut pidfile = None;
+    let mut nbd_server = None;
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         match next_option(&arg, &mut args)? {
@@ -99,6 +109,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<CliAction> 
             CliOption::Version => return Ok(CliAction::Version),
             CliOption::Config(path) => config_files.push(path),
             CliOption::Pidfile(path) => pidfile = Some(path),
+            CliOption::NbdServer(arg) => nbd_server = Some(arg),
             CliOption::Item(kind, arg) => items.push((kind, arg)),
         }
     }
@@ -112,6 +123,17 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<CliAction> 
     }
     if pidfile.is_some() {
         config.pidfile = pidfile;
+    }
+    if let Some(arg) = nbd_server {
+        let option = format!("--nbd-server {arg}");
+        let v = keyval::parse_option(&arg, None).map_err(|e| ConfigError::Invalid {
+            option: option.clone(),
+            message: e.to_string(),
+        })?;
+        config.nbd_server = Some(Box::new(
+            NbdServerConfig::from_json(&v)
+                .map_err(|source| ConfigError::Options { option, source })?,
+        ));
     }
     config.validate()?;
     Ok(CliAction::Run(config))
@@ -175,6 +197,7 @@ fn long_option(
         "blockdev" => CliOption::Item(ItemKind::Blockdev, argument()?),
         "export" => CliOption::Item(ItemKind::Export, argument()?),
         "pidfile" => CliOption::Pidfile(PathBuf::from(argument()?)),
+        "nbd-server" => CliOption::NbdServer(argument()?),
         "config" => CliOption::Config(PathBuf::from(argument()?)),
         _ if UNSUPPORTED.contains(&name) => return Err(not_supported(&format!("--{name}"))),
         _ => return Err(ConfigError::Usage(format!("unknown option '--{name}'"))),
@@ -279,6 +302,7 @@ logical-block-size=512,serial=disk0";
                 logical_block_size: 512,
                 serial: Some("disk0".into()),
                 queue_size: 1024,
+                nbd: None,
             }]
         );
         assert_eq!(keyval.pidfile, None);
@@ -327,6 +351,34 @@ logical-block-size=512,serial=disk0";
     }
 
     #[test]
+    fn nbd_server_and_export() {
+        let c = run(args(
+            "--blockdev null-co,node-name=n --nbd-server addr.type=inet,addr.host=127.0.0.1,\
+             addr.port=10809,max-connections=2 --export nbd,id=e,node-name=n,name=disk,\
+             description=d,bitmaps.0=b,allocation-depth=on",
+        ));
+        let server = c.nbd_server.expect("the NBD server");
+        assert_eq!(
+            server.addr,
+            crate::config::NbdAddr::Inet {
+                host: "127.0.0.1".into(),
+                port: "10809".into()
+            }
+        );
+        assert_eq!(server.max_connections, 2);
+        let nbd = c.exports[0].nbd.as_ref().expect("an NBD export");
+        assert_eq!(nbd.name.as_deref(), Some("disk"));
+        assert_eq!(nbd.description.as_deref(), Some("d"));
+        assert_eq!(nbd.bitmaps, vec![(None, "b".to_string())]);
+        assert!(nbd.allocation_depth);
+        let c = run(args(
+            "--nbd-server addr.type=unix,addr.path=/tmp/x.sock --blockdev null-co,node-name=n \
+             --export nbd,id=a,node-name=n --export nbd,id=b,node-name=n,name=b",
+        ));
+        assert_eq!(c.exports.len(), 2);
+    }
+
+    #[test]
     fn usage_errors() {
         let cases = [
             ("--foo", "unknown option '--foo'"),
@@ -335,10 +387,6 @@ logical-block-size=512,serial=disk0";
             ("disk.img", "unexpected argument 'disk.img'"),
             ("--blockdev", "option '--blockdev' requires an argument"),
             ("--help=1", "option '--help' doesn't allow an argument"),
-            (
-                "--nbd-server addr.type=unix",
-                "--nbd-server: not supported yet",
-            ),
             ("--daemonize", "--daemonize: not supported yet"),
             ("-T foo", "-T: not supported yet"),
             (
@@ -423,11 +471,7 @@ logical-block-size=512,serial=disk0";
     fn export_errors() {
         let base = "vhost-user-blk,id=e,node-name=n,addr.type=unix,addr.path=/s";
         let cases = [
-            (
-                "nbd,id=e",
-                "Invalid parameter value for 'type': 'nbd' is not supported (vubd \
-                          exports vhost-user-blk only)",
-            ),
+            ("nbd,id=e", "Parameter 'node-name' is missing"),
             ("vhost-user-blk,node-name=n", "Parameter 'id' is missing"),
             (
                 "vhost-user-blk,id=e,addr.type=unix,addr.path=/s",

@@ -96,6 +96,78 @@ pub struct ExportConfig {
     pub rerror: OnError,
     /// `werror=report|ignore|stop|enospc` (vubd extension, default enospc)
     pub werror: OnError,
+    /// `type=nbd`: the NBD options (the vhost-user-blk ones above keep their
+    /// defaults, `socket_path` empty).
+    pub nbd: Option<NbdExportConfig>,
+}
+
+/// The NBD part of `block-export-add type=nbd` (QEMU's `BlockExportOptionsNbd`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NbdExportConfig {
+    /// `name` (default: the node name)
+    pub name: Option<String>,
+    pub description: Option<String>,
+    /// `bitmaps`: names of bitmaps on the node or its backing chain, or
+    /// (node, name) pairs.
+    pub bitmaps: Vec<(Option<String>, String)>,
+    /// `allocation-depth`
+    pub allocation_depth: bool,
+}
+
+/// An NBD server's address (QEMU's `SocketAddress`, unix or inet).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NbdAddr {
+    Unix(PathBuf),
+    Inet { host: String, port: String },
+}
+
+/// `--nbd-server` / `nbd-server-start`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NbdServerConfig {
+    pub addr: NbdAddr,
+    /// `max-connections` (0: no limit)
+    pub max_connections: u32,
+    /// `tls-creds`: the id of a `tls-creds-x509` object
+    pub tls_creds: Option<String>,
+}
+
+impl NbdServerConfig {
+    /// `--nbd-server addr.type=unix,addr.path=...` (a flat `SocketAddress`).
+    pub fn from_json(v: &Value) -> OptionsResult<Self> {
+        let mut f = Fields::new(v, "")?;
+        let addr = f.object("addr")?;
+        let mut addr = f.required("addr", addr)?;
+        let addr_type = addr.required_string("type")?;
+        let a = match addr_type.as_str() {
+            "unix" => NbdAddr::Unix(PathBuf::from(addr.required_string("path")?)),
+            "inet" => NbdAddr::Inet {
+                host: addr.required_string("host")?,
+                port: addr.required_string("port")?,
+            },
+            _ => {
+                return Err(bad_value(
+                    &addr.name("type"),
+                    format!(
+                        "'{addr_type}' is not supported (vubd listens on unix and inet sockets)"
+                    ),
+                ))
+            }
+        };
+        addr.finish()?;
+        let cfg = NbdServerConfig {
+            addr: a,
+            max_connections: take_max_connections(&mut f)?,
+            tls_creds: f.string("tls-creds")?,
+        };
+        f.take("tls-authz");
+        f.finish()?;
+        Ok(cfg)
+    }
+}
+
+fn take_max_connections(f: &mut Fields) -> OptionsResult<u32> {
+    let n = f.uint("max-connections")?.unwrap_or(0);
+    u32::try_from(n).map_err(|_| bad_value("max-connections", format!("{n} is too large")))
 }
 
 /// What a failed request does (QEMU's `BlockdevOnError`): the block layer's.
@@ -145,6 +217,8 @@ pub struct DaemonConfig {
     pub exports: Vec<ExportConfig>,
     /// `--pidfile`
     pub pidfile: Option<PathBuf>,
+    /// `--nbd-server`
+    pub nbd_server: Option<Box<NbdServerConfig>>,
 }
 
 /// QEMU's default `poll-max-ns` of an iothread.
@@ -451,10 +525,15 @@ impl ExportConfig {
                 value: export_type,
             });
         }
+        if export_type == "nbd" {
+            return Self::nbd_from_fields(f);
+        }
         if export_type != "vhost-user-blk" {
             return Err(bad_value(
                 "type",
-                format!("'{export_type}' is not supported (vubd exports vhost-user-blk only)"),
+                format!(
+                    "'{export_type}' is not supported (vubd exports vhost-user-blk and nbd only)"
+                ),
             ));
         }
         let export = ExportConfig {
@@ -491,6 +570,7 @@ impl ExportConfig {
                     ],
                 )?
                 .unwrap_or(OnError::Enospc),
+            nbd: None,
         };
         if export.write_cache == Some(true) && export.writethrough {
             return Err(bad_value(
@@ -501,6 +581,83 @@ impl ExportConfig {
         f.finish()?;
         Ok(export)
     }
+}
+
+impl ExportConfig {
+    /// `type=nbd`: QEMU's `BlockExportOptions` common part and `BlockExportOptionsNbd`.
+    fn nbd_from_fields(mut f: Fields) -> OptionsResult<Self> {
+        let id = take_id(&mut f)?;
+        let node_name = f.required_string("node-name")?;
+        let writable = f.bool("writable")?.unwrap_or(false);
+        let writethrough = f.bool("writethrough")?.unwrap_or(false);
+        let iothreads = take_iothreads(&mut f)?;
+        let fixed_iothread = f.bool("fixed-iothread")?.unwrap_or(false);
+        let name = f.string("name")?;
+        let description = f.string("description")?;
+        let allocation_depth = f.bool("allocation-depth")?.unwrap_or(false);
+        let bitmaps = take_nbd_bitmaps(&mut f)?;
+        f.finish()?;
+        Ok(ExportConfig {
+            id,
+            node_name,
+            writable,
+            writethrough,
+            socket_path: PathBuf::new(),
+            num_queues: 1,
+            iothreads,
+            fixed_iothread,
+            logical_block_size: DEFAULT_LOGICAL_BLOCK_SIZE,
+            serial: None,
+            queue_size: 0,
+            write_cache: None,
+            rerror: OnError::Report,
+            werror: OnError::Report,
+            nbd: Some(NbdExportConfig {
+                name,
+                description,
+                bitmaps,
+                allocation_depth,
+            }),
+        })
+    }
+}
+
+/// `bitmaps`: a list of bitmap names or `{node, name}` objects (QEMU's
+/// `BlockDirtyBitmapOrStr`).
+fn take_nbd_bitmaps(f: &mut Fields) -> OptionsResult<Vec<(Option<String>, String)>> {
+    let name = f.name("bitmaps");
+    let items = match f.take("bitmaps") {
+        None => return Ok(Vec::new()),
+        Some(Value::Array(items)) => items,
+        Some(_) => {
+            return Err(OptionsError::Invalid {
+                name,
+                expected: "array".into(),
+            })
+        }
+    };
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| match item {
+            Value::Object(o) => {
+                let node = o
+                    .get("node")
+                    .map(|v| coerce::to_string(&format!("{name}[{i}].node"), v));
+                let bm = o
+                    .get("name")
+                    .map(|v| coerce::to_string(&format!("{name}[{i}].name"), v));
+                match (node, bm) {
+                    (Some(n), Some(b)) => Ok((Some(n?), b?)),
+                    _ => Err(OptionsError::Invalid {
+                        name: format!("{name}[{i}]"),
+                        expected: "a bitmap name or {node, name}".into(),
+                    }),
+                }
+            }
+            v => Ok((None, coerce::to_string(&format!("{name}[{i}]"), v)?)),
+        })
+        .collect()
 }
 
 /// `addr`: a unix socket address (QEMU's `SocketAddress` with `type=unix`).
@@ -827,6 +984,10 @@ impl DaemonConfig {
                     label,
                     format!("no block node named '{}'", export.node_name),
                 ));
+            }
+            if export.nbd.is_some() {
+                check_export_iothreads(export, iothreads)?;
+                continue;
             }
             if let Some(other) = sockets.insert(&export.socket_path, &export.id) {
                 return Err(invalid(

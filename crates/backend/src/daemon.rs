@@ -21,6 +21,8 @@ pub enum DaemonError {
     Blockdev { node: String, message: String },
     #[error("--export id={id}: {message}")]
     Export { id: String, message: String },
+    #[error("--nbd-server: {0}")]
+    NbdServer(String),
     #[error("--monitor chardev={chardev}: {source}")]
     Monitor {
         chardev: String,
@@ -91,6 +93,10 @@ impl Daemon {
                     })?;
             }
             monitors.push(socket);
+        }
+        if let Some(n) = &cfg.nbd_server {
+            ctl.nbd_server_start(n)
+                .map_err(|err| DaemonError::NbdServer(err.desc))?;
         }
         for e in &cfg.exports {
             ctl.add_export(e).map_err(|err| DaemonError::Export {

@@ -286,6 +286,17 @@ impl BlockBackend {
         a.node.driver().is_allocated(offset, len).await
     }
 
+    /// The block status of `offset..` in the root node, through its children (see
+    /// [`crate::block_status::block_status`]).
+    pub async fn block_status(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> Result<(crate::block_status::Extent, u64)> {
+        let a = self.admit().await;
+        crate::block_status::block_status(&a.node, offset, len).await
+    }
+
     /// Runs `f` on the root node as one admitted request (a job's chunk).
     pub async fn with_node<T, F: Future<Output = T>>(&self, f: impl FnOnce(Arc<Node>) -> F) -> T {
         let a = self.admit().await;

@@ -16,17 +16,6 @@ fn no_snapshots<T>() -> Result<T> {
     Err(BlockError::Unsupported("internal snapshots"))
 }
 
-/// What a range of a node holds itself ([`Driver::block_status`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BlockStatus {
-    /// Data (which may be anything).
-    Data,
-    /// Known to read as zeroes.
-    Zero,
-    /// Not allocated here: read from the backing child (zeroes without one).
-    Unallocated,
-}
-
 /// The permissions a node takes on a child and shares with the child's other users,
 /// given what the node's own parents take and share (QEMU's `bdrv_default_perms`):
 /// filters pass their parents' permissions through; a format takes write and resize
@@ -137,14 +126,16 @@ pub trait Driver: Send + Sync {
     }
 
     /// What `offset..` holds in this node itself, and for how many bytes (at most
-    /// `len`, at least 1) the answer holds (QEMU's block status, as far as a
-    /// mirror needs it). Drivers that cannot tell say data.
+    /// `len`) the answer holds (QEMU's `bdrv_co_block_status` of one driver); see
+    /// [`crate::block_status`]. By default a filter's child answers, and any other
+    /// node holds data.
     fn block_status(
         &self,
-        _offset: u64,
+        offset: u64,
         len: u64,
-    ) -> LocalBoxFuture<'_, Result<(BlockStatus, u64)>> {
-        Box::pin(std::future::ready(Ok((BlockStatus::Data, len))))
+    ) -> LocalBoxFuture<'_, Result<(crate::block_status::Status, u64)>> {
+        let status = crate::block_status::default_status(&self.children(), offset);
+        Box::pin(std::future::ready(Ok((status, len))))
     }
 
     /// Whether writes with FUA are stable on completion without a separate flush.

@@ -10,12 +10,15 @@
 //! - [`bitmap`], [`named_bitmap`]: dirty bitmaps, the named ones the monitor manages
 //! - [`periodic`]: the housekeeping thread for periodic driver tasks
 //! - [`snapshot`]: internal snapshots as drivers report them
+//! - [`nbd_proto`]: the NBD wire format, which the `nbd` driver and the daemon's NBD
+//!   server share
 //! - [`throttle`]: throttle groups (limits, leaky buckets) for the `throttle` filter
 
 pub mod aio;
 pub mod backend;
 pub mod bitmap;
 pub mod block_copy;
+pub mod block_status;
 pub mod driver;
 pub mod drivers;
 pub mod edge;
@@ -27,6 +30,7 @@ pub mod graph;
 pub mod io;
 pub mod limits;
 pub mod named_bitmap;
+pub mod nbd_proto;
 pub mod node;
 pub mod options;
 pub mod periodic;

@@ -1095,9 +1095,9 @@ mod tests {
                 "Parameter 'driver' does not accept value 'foo'",
             ),
             (
-                json!({"driver": "nbd"}),
-                "Invalid parameter value for 'driver': driver 'nbd' is not supported by \
-                 vubd yet (vubd has file, host_device, raw, null-co, null-aio, blkdebug, \
+                json!({"driver": "nfs"}),
+                "Invalid parameter value for 'driver': driver 'nfs' is not supported by \
+                 vubd yet (vubd has file, host_device, raw, null-co, null-aio, nbd, blkdebug, \
                  qcow2, copy-on-read, copy-before-write, snapshot-access, throttle and rbd)",
             ),
             (

@@ -29,6 +29,7 @@ pub use backup::{BackupArgs, BackupPerf, DriveTarget};
 pub mod graph_ops;
 pub mod jobs;
 pub mod mirror;
+pub mod nbd;
 mod qom;
 mod snapshot;
 pub mod transaction;
@@ -88,6 +89,8 @@ pub struct Control {
     /// The iothread of nodes no export serves (QEMU's main loop), started when a job
     /// first needs it.
     main_loop: Option<Arc<IoThread>>,
+    /// The NBD server (`nbd-server-start`, `--nbd-server`), if started.
+    pub(crate) nbd_server: Option<Arc<crate::export::nbd::NbdServer>>,
     /// The job transaction new jobs join (a `completion-mode=grouped` transaction
     /// being prepared), and the next one's number.
     job_txn: Option<u64>,
@@ -109,6 +112,7 @@ impl Control {
             cleanup: Vec::new(),
             jobs: crate::jobs::Jobs::default(),
             main_loop: None,
+            nbd_server: None,
             job_txn: None,
             next_job_txn: 1,
             deferred_starts: None,
@@ -405,7 +409,7 @@ impl Control {
             }
             threads.push(t.clone());
         }
-        if threads.len() > usize::from(cfg.num_queues) {
+        if cfg.nbd.is_none() && threads.len() > usize::from(cfg.num_queues) {
             return Err(QmpError::generic(format!(
                 "num-queues ({}) is smaller than the number of iothreads ({}); each iothread \
                  needs a queue",
@@ -436,9 +440,14 @@ impl Control {
                 other.export.id()
             );
         }
+        let nbd = match &cfg.nbd {
+            Some(n) => Some(self.nbd_export_params(cfg, n, &node)?),
+            None => None,
+        };
         if let Some(e) = self
             .exports
             .values()
+            .filter(|_| cfg.nbd.is_none())
             .find(|e| e.export.socket_path() == Some(cfg.socket_path.as_path()))
         {
             return Err(QmpError::generic(format!(
@@ -460,16 +469,24 @@ impl Control {
             .map_err(generic)?;
         let tx = self.tx.clone();
         let id = cfg.id.clone();
-        let export = export::create(cfg, blk, threads, move || {
+        let export = export::create(cfg, blk, threads, nbd, move || {
             let _ = tx.send(ControlMsg::ExportGone(id));
         })
         .map_err(generic)?;
-        log::info!(
-            "export {} serving node '{}' on {}",
-            cfg.id,
-            cfg.node_name,
-            cfg.socket_path.display()
-        );
+        match export.nbd() {
+            Some(n) => log::info!(
+                "export {} serving node '{}' over NBD as '{}'",
+                cfg.id,
+                cfg.node_name,
+                n.name()
+            ),
+            None => log::info!(
+                "export {} serving node '{}' on {}",
+                cfg.id,
+                cfg.node_name,
+                cfg.socket_path.display()
+            ),
+        }
         self.exports.insert(
             cfg.id.clone(),
             ExportEntry {
@@ -484,10 +501,15 @@ impl Control {
     /// once its serving thread has ended. As in QEMU, a vhost-user-blk frontend does
     /// not hold the export: `mode=safe` and `mode=hard` both drop a connected frontend
     /// (after its requests in flight finish).
-    pub fn del_export(&mut self, id: &str) -> OpResult<()> {
+    pub fn del_export(&mut self, id: &str, hard: bool) -> OpResult<()> {
         let Some(entry) = self.exports.get_mut(id) else {
             return Err(QmpError::generic(format!("Export '{id}' is not found")));
         };
+        // An NBD client holds its export: `mode=safe` refuses to drop it (QEMU's
+        // text).
+        if !hard && entry.export.nbd().is_some_and(|n| n.in_use()) {
+            return Err(QmpError::generic(format!("export '{id}' still in use")));
+        }
         if entry.shutting_down {
             return Err(QmpError::generic(format!(
                 "Export '{id}' is already shutting down"
@@ -710,6 +732,9 @@ impl Control {
     /// cleared) and flushes every writable node, removes the sockets and the pidfile.
     fn shutdown(&mut self) {
         self.cancel_all_jobs();
+        if let Some(server) = self.nbd_server.take() {
+            server.stop();
+        }
         for e in self.exports.values() {
             if !e.export.quiesce(DRAIN_TIMEOUT) {
                 log::error!(

@@ -4,7 +4,9 @@
 //!
 //! - [`vhost_user_blk`]: a virtio-blk device for a QEMU or cloud-hypervisor guest,
 //!   over a vhost-user UNIX socket.
+//! - [`nbd`]: an NBD export of the daemon's NBD server.
 
+pub mod nbd;
 pub mod vhost_user_blk;
 
 use crate::config::ExportConfig;
@@ -21,6 +23,10 @@ pub enum ExportError {
     ReadOnlyNode(String),
     #[error(transparent)]
     VhostUserBlk(#[from] vhost_user_blk::VhostUserBlkError),
+    #[error(transparent)]
+    Nbd(#[from] nbd::NbdError),
+    #[error("NBD server not running")]
+    NbdServerNotRunning,
 }
 
 pub type Result<T> = std::result::Result<T, ExportError>;
@@ -47,6 +53,11 @@ pub trait Export: Send + Sync {
     /// The UNIX socket the export listens on, if it has one of its own: no two
     /// exports may use one, and it is removed once the export is gone.
     fn socket_path(&self) -> Option<&Path>;
+
+    /// The export as an NBD export, if it is one.
+    fn nbd(&self) -> Option<&nbd::NbdExport> {
+        None
+    }
 
     /// The iothreads serving the export.
     fn iothreads(&self) -> Vec<Arc<IoThread>>;
@@ -81,14 +92,22 @@ pub trait Export: Send + Sync {
 }
 
 /// Creates the export `cfg` describes on `blk` and starts serving; `on_exit` runs on
-/// the export's thread once it has stopped (after [`Export::stop`]).
+/// the export's thread once it has stopped (after [`Export::stop`]). An NBD export
+/// (`nbd` given) joins the daemon's NBD server.
 pub fn create(
     cfg: &ExportConfig,
     blk: BlockBackend,
     iothreads: Vec<Arc<IoThread>>,
+    nbd: Option<(Arc<nbd::NbdServer>, nbd::NbdExportParams)>,
     on_exit: impl FnOnce() + Send + 'static,
 ) -> Result<Arc<dyn Export>> {
-    // vhost-user-blk is the only type the configuration accepts.
+    if cfg.nbd.is_some() {
+        let Some((server, params)) = nbd else {
+            return Err(ExportError::NbdServerNotRunning);
+        };
+        let export = nbd::NbdExport::start(params, blk, iothreads, server, on_exit)?;
+        return Ok(Arc::new(export));
+    }
     let export = vhost_user_blk::VhostUserBlkExport::start(cfg, blk, iothreads, on_exit)?;
     Ok(Arc::new(export))
 }

@@ -314,9 +314,8 @@ impl Mirror {
 /// (a zero cluster, or nothing allocated down to a layer without backing), and for
 /// how many bytes (QEMU's block status of the whole chain, as its mirror uses it).
 async fn reads_zero(top: &Arc<Node>, offset: u64, len: u64) -> blocklayer::Result<(bool, u64)> {
-    use blocklayer::driver::BlockStatus;
-    let mut n = len;
-    let mut layer = top.clone();
+    use blocklayer::block_status::Status;
+    let (mut layer, mut offset, mut n) = (top.clone(), offset, len);
     loop {
         if offset >= layer.size() {
             // Past the end of a shorter backing file: zeroes.
@@ -339,16 +338,24 @@ async fn reads_zero(top: &Arc<Node>, offset: u64, len: u64) -> blocklayer::Resul
                 None => return Ok((false, n)),
             }
         }
+        n = n.min(layer.size() - offset);
         let (status, m) = layer.driver().block_status(offset, n).await?;
+        let m = m.clamp(1, n);
         match status {
-            BlockStatus::Data => return Ok((false, m)),
-            BlockStatus::Zero => return Ok((true, m)),
-            BlockStatus::Unallocated => {
+            Status::Data => return Ok((false, m)),
+            Status::Zero => return Ok((true, m)),
+            Status::Unallocated => {
                 n = m;
                 match layer.backing() {
                     Some(b) => layer = b,
                     None => return Ok((true, n)),
                 }
+            }
+            // `raw` (possibly at an offset) and filters: the child answers.
+            Status::Below(child, at) => {
+                n = m;
+                layer = child;
+                offset = at;
             }
         }
     }

@@ -22,6 +22,10 @@ pub const COMMANDS: &[&str] = &[
     "blockdev-reopen",
     "block-export-add",
     "block-export-del",
+    "nbd-server-start",
+    "nbd-server-add",
+    "nbd-server-remove",
+    "nbd-server-stop",
     "object-add",
     "object-del",
     "x-blockdev-set-iothread",
@@ -303,10 +307,39 @@ pub fn execute(ctl: &mut Control, name: &str, arguments: &Value) -> QmpResult {
         }
         "block-export-del" => {
             let id = a.str("id")?;
-            // Checked, and without effect (see Control::del_export).
-            a.opt_enum("mode", &["safe", "hard"])?;
+            let hard = a.opt_enum("mode", &["safe", "hard"])? == Some("hard");
             a.finish()?;
-            ctl.del_export(&id)?;
+            ctl.del_export(&id, hard)?;
+            ok()
+        }
+        "nbd-server-start" => {
+            let cfg = super::nbd_commands::server_start(&mut a)?;
+            a.finish()?;
+            ctl.nbd_server_start(&cfg)?;
+            ok()
+        }
+        "nbd-server-add" => {
+            let add = crate::control::nbd::NbdServerAdd {
+                device: a.str("device")?,
+                name: a.opt_str("name")?,
+                description: a.opt_str("description")?,
+                writable: a.opt_bool("writable")?.unwrap_or(false),
+                bitmap: a.opt_str("bitmap")?,
+            };
+            a.finish()?;
+            ctl.nbd_server_add(add)?;
+            ok()
+        }
+        "nbd-server-remove" => {
+            let name = a.str("name")?;
+            let hard = a.opt_enum("mode", &["safe", "hard"])? == Some("hard");
+            a.finish()?;
+            ctl.nbd_server_remove(&name, hard)?;
+            ok()
+        }
+        "nbd-server-stop" => {
+            a.finish()?;
+            ctl.nbd_server_stop()?;
             ok()
         }
         "object-add" => {

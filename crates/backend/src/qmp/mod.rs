@@ -15,6 +15,7 @@ pub mod args;
 pub mod bitmap_commands;
 pub mod commands;
 pub mod events;
+pub mod nbd_commands;
 pub mod outbox;
 pub mod qom_commands;
 pub mod server;

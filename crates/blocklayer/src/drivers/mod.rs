@@ -3,8 +3,8 @@
 //! `blockdev-create` and the error texts naming drivers go through. A new driver is
 //! a new folder and one row here.
 //!
-//! Protocols: `file`/`host_device`, `null-co`/`null-aio`, `rbd` (Ceph); formats: `raw`,
-//! `qcow2`; filters: `blkdebug`, `copy-on-read`, `copy-before-write`, `throttle`;
+//! Protocols: `file`/`host_device`, `null-co`/`null-aio`, `nbd`, `rbd` (Ceph); formats:
+//! `raw`, `qcow2`; filters: `blkdebug`, `copy-on-read`, `copy-before-write`, `throttle`;
 //! `snapshot-access`, which
 //! reads the view a `copy-before-write` filter keeps. [`lock`] is QEMU's image locking of host
 //! files, which `file` and the image tools share.
@@ -16,6 +16,7 @@ pub mod file;
 pub mod forward;
 pub mod job_filter;
 pub mod lock;
+pub mod nbd;
 pub mod null;
 pub mod qcow2;
 pub mod raw;
@@ -76,6 +77,7 @@ pub static DRIVERS: &[DriverEntry] = &[
     file::HOST_DEVICE_ENTRY,
     raw::ENTRY,
     null::ENTRY,
+    nbd::ENTRY,
     blkdebug::ENTRY,
     qcow2::ENTRY,
     copy_on_read::ENTRY,

@@ -384,6 +384,40 @@ impl FileDriver {
     }
 }
 
+impl FileDriver {
+    /// Data or hole at `offset` by SEEK_DATA/SEEK_HOLE (as QEMU's file-posix, on the
+    /// calling thread), for how many bytes; data where the file system cannot say.
+    fn seek_status(&self, offset: u64, len: u64) -> (crate::block_status::Status, u64) {
+        use crate::block_status::Status;
+        if self.block_device {
+            return (Status::Data, len);
+        }
+        let fd = self.file.as_raw_fd();
+        let Ok(at) = i64::try_from(offset) else {
+            return (Status::Data, len);
+        };
+        // SAFETY: lseek only moves the offset of our own descriptor (every read and
+        // write gives its own offset, so nothing depends on it).
+        let data = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
+        if data < 0 {
+            return match std::io::Error::last_os_error().raw_os_error() {
+                // No data after `offset`: a hole up to the end.
+                Some(libc::ENXIO) => (Status::Zero, len),
+                _ => (Status::Data, len),
+            };
+        }
+        if data as u64 > offset {
+            return (Status::Zero, (data as u64 - offset).min(len));
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, at, libc::SEEK_HOLE) };
+        if hole <= at {
+            return (Status::Data, len);
+        }
+        (Status::Data, (hole as u64 - offset).min(len))
+    }
+}
+
 impl Driver for FileDriver {
     fn release_locks(&self) {
         if self.locks.is_some() {
@@ -408,6 +442,14 @@ impl Driver for FileDriver {
 
     fn size(&self) -> u64 {
         self.size.load(Ordering::Acquire)
+    }
+
+    fn block_status(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> LocalBoxFuture<'_, Result<(crate::block_status::Status, u64)>> {
+        Box::pin(std::future::ready(Ok(self.seek_status(offset, len))))
     }
 
     fn own_limits(&self) -> Limits {

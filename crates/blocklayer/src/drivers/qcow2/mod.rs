@@ -526,6 +526,43 @@ impl Driver for Qcow2Driver {
         })
     }
 
+    fn block_status(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> LocalBoxFuture<'_, Result<(crate::block_status::Status, u64)>> {
+        use crate::block_status::Status;
+        fn status(kind: &ExtentKind) -> Status {
+            match kind {
+                ExtentKind::Data { .. } | ExtentKind::Compressed { .. } => Status::Data,
+                ExtentKind::Zero => Status::Zero,
+                ExtentKind::Unallocated => Status::Unallocated,
+            }
+        }
+        // The map of at most this much per call: callers ask again from where the
+        // answer ends, so mapping all of a long range each time would be quadratic.
+        const MAX_MAP: u64 = 256 << 20;
+        let len = len.min(MAX_MAP);
+        Box::pin(async move {
+            let extents = self
+                .image
+                .map(offset, len)
+                .await
+                .map_err(|e| self.io_error(e))?;
+            let Some(first) = extents.first() else {
+                return Ok((Status::Data, len));
+            };
+            let kind = std::mem::discriminant(&status(&first.kind));
+            // Merge the following extents of the same kind.
+            let n: u64 = extents
+                .iter()
+                .take_while(|e| std::mem::discriminant(&status(&e.kind)) == kind)
+                .map(|e| e.len)
+                .sum();
+            Ok((status(&first.kind), n.max(1).min(len)))
+        })
+    }
+
     fn is_allocated(&self, offset: u64, len: u64) -> LocalBoxFuture<'_, Result<(bool, u64)>> {
         Box::pin(async move {
             let extents = self
@@ -546,37 +583,6 @@ impl Driver for Qcow2Driver {
                 n += e.len;
             }
             Ok((allocated, n.max(1).min(len)))
-        })
-    }
-
-    fn block_status(
-        &self,
-        offset: u64,
-        len: u64,
-    ) -> LocalBoxFuture<'_, Result<(crate::driver::BlockStatus, u64)>> {
-        use crate::driver::BlockStatus;
-        let status = |k: &ExtentKind| match k {
-            ExtentKind::Zero => BlockStatus::Zero,
-            ExtentKind::Unallocated => BlockStatus::Unallocated,
-            _ => BlockStatus::Data,
-        };
-        Box::pin(async move {
-            let extents = self
-                .image
-                .map(offset, len)
-                .await
-                .map_err(|e| self.io_error(e))?;
-            let Some(first) = extents.first() else {
-                return Ok((BlockStatus::Data, len));
-            };
-            let s = status(&first.kind);
-            // Merge the following extents with the same answer.
-            let n: u64 = extents
-                .iter()
-                .take_while(|e| status(&e.kind) == s)
-                .map(|e| e.len)
-                .sum();
-            Ok((s, n.max(1).min(len)))
         })
     }
 

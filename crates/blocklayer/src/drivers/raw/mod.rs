@@ -88,6 +88,15 @@ impl Driver for RawDriver {
         self.file.node().driver().actual_size()
     }
 
+    fn block_status(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> LocalBoxFuture<'_, Result<(crate::block_status::Status, u64)>> {
+        let below = crate::block_status::Status::Below(self.file.node_arc(), self.offset + offset);
+        Box::pin(std::future::ready(Ok((below, len))))
+    }
+
     fn read<'a>(&'a self, offset: u64, iov: IoVec) -> LocalBoxFuture<'a, Result<()>> {
         Box::pin(async move {
             let file = self.file.node();

@@ -1,0 +1,174 @@
+//! The NBD server and its exports on the control thread: `nbd-server-start`,
+//! `nbd-server-stop`, `nbd-server-add`, `nbd-server-remove`, and the NBD part of
+//! `block-export-add type=nbd` (QEMU 7.2's `blockdev-nbd.c` and `nbd/server.c`
+//! checks, with their texts).
+
+use super::{generic, Control, OpResult};
+use crate::config::{
+    ExportConfig, NbdExportConfig, NbdServerConfig, OnError, DEFAULT_LOGICAL_BLOCK_SIZE,
+};
+use crate::export::nbd::{NbdExportParams, NbdServer};
+use crate::qmp::wire::QmpError;
+use blocklayer::named_bitmap::{Check, NamedBitmap};
+use blocklayer::Node;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// `nbd-server-add`'s arguments.
+pub struct NbdServerAdd {
+    pub device: String,
+    pub name: Option<String>,
+    pub description: Option<String>,
+    pub writable: bool,
+    pub bitmap: Option<String>,
+}
+
+fn not_running() -> QmpError {
+    QmpError::generic("NBD server not running")
+}
+
+impl Control {
+    /// `nbd-server-start` and `--nbd-server`.
+    pub fn nbd_server_start(&mut self, cfg: &NbdServerConfig) -> OpResult<()> {
+        if self.nbd_server.is_some() {
+            return Err(QmpError::generic("NBD server already running"));
+        }
+        if let Some(id) = &cfg.tls_creds {
+            // vubd has no TLS credential objects (yet): none by this id exists.
+            return Err(QmpError::generic(format!(
+                "No TLS credentials with id '{id}'"
+            )));
+        }
+        let server = NbdServer::start(cfg).map_err(generic)?;
+        self.nbd_server = Some(server);
+        Ok(())
+    }
+
+    /// `nbd-server-stop`: removes every NBD export (dropping their clients) and
+    /// stops listening.
+    pub fn nbd_server_stop(&mut self) -> OpResult<()> {
+        let Some(server) = self.nbd_server.take() else {
+            return Err(not_running());
+        };
+        let ids: Vec<String> = self
+            .exports
+            .iter()
+            .filter(|(_, e)| e.export.nbd().is_some() && !e.shutting_down)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in ids {
+            self.del_export(&id, true)?;
+        }
+        server.stop();
+        Ok(())
+    }
+
+    /// `nbd-server-add`: an NBD export whose id is its name.
+    pub fn nbd_server_add(&mut self, a: NbdServerAdd) -> OpResult<()> {
+        if self.nbd_server.is_none() {
+            return Err(not_running());
+        }
+        let name = a.name.unwrap_or_else(|| a.device.clone());
+        let cfg = ExportConfig {
+            id: name.clone(),
+            node_name: a.device,
+            writable: a.writable,
+            writethrough: false,
+            socket_path: PathBuf::new(),
+            num_queues: 1,
+            iothreads: Vec::new(),
+            fixed_iothread: false,
+            logical_block_size: DEFAULT_LOGICAL_BLOCK_SIZE,
+            serial: None,
+            queue_size: 0,
+            write_cache: None,
+            rerror: OnError::Report,
+            werror: OnError::Report,
+            nbd: Some(NbdExportConfig {
+                name: Some(name),
+                description: a.description,
+                bitmaps: a.bitmap.into_iter().map(|b| (None, b)).collect(),
+                allocation_depth: false,
+            }),
+        };
+        self.add_export(&cfg)
+    }
+
+    /// `nbd-server-remove`: removes an NBD export (by its export id, which is its
+    /// name for exports `nbd-server-add` made, as in QEMU).
+    pub fn nbd_server_remove(&mut self, id: &str, hard: bool) -> OpResult<()> {
+        if let Some(e) = self.exports.get(id) {
+            if e.export.nbd().is_none() {
+                return Err(QmpError::generic(format!(
+                    "Export '{id}' is not an NBD export"
+                )));
+            }
+        }
+        self.del_export(id, hard)
+    }
+
+    /// Checks an NBD export's options against the server and the node, and finds
+    /// its bitmaps.
+    pub(super) fn nbd_export_params(
+        &self,
+        cfg: &ExportConfig,
+        n: &NbdExportConfig,
+        node: &Arc<Node>,
+    ) -> OpResult<(Arc<NbdServer>, NbdExportParams)> {
+        let server = self.nbd_server.clone().ok_or_else(not_running)?;
+        let name = n.name.clone().unwrap_or_else(|| cfg.node_name.clone());
+        if server.has_export(&name) {
+            return Err(QmpError::generic(format!(
+                "NBD server already has export named '{name}'"
+            )));
+        }
+        let mut bitmaps = Vec::new();
+        for (bnode, bname) in &n.bitmaps {
+            let b = match bnode {
+                Some(bn) => {
+                    let bn = self.graph.lookup(bn).map_err(generic)?;
+                    bn.named_bitmap(bname)
+                }
+                None => find_in_chain(node, bname),
+            };
+            let b = b.ok_or_else(|| QmpError::generic(format!("Bitmap '{bname}' is not found")))?;
+            b.check(Check::ALLOW_RO).map_err(generic)?;
+            if !cfg.writable && !node.is_read_only() && b.enabled() {
+                return Err(QmpError::generic(format!(
+                    "Enabled bitmap '{bname}' incompatible with readonly export"
+                )));
+            }
+            bitmaps.push(b);
+        }
+        Ok((
+            server,
+            NbdExportParams {
+                id: cfg.id.clone(),
+                name,
+                description: n.description.clone(),
+                writable: cfg.writable,
+                fixed_iothread: cfg.fixed_iothread,
+                allocation_depth: n.allocation_depth,
+                bitmaps,
+            },
+        ))
+    }
+}
+
+/// A bitmap of `node`, or of the first node below it through filters and backing
+/// files that has one of this name (QEMU's search for an export's bitmap).
+fn find_in_chain(node: &Arc<Node>, name: &str) -> Option<Arc<NamedBitmap>> {
+    let mut n = Some(node.clone());
+    while let Some(cur) = n {
+        if let Some(b) = cur.named_bitmap(name) {
+            return Some(b);
+        }
+        n = cur.backing().or_else(|| {
+            cur.children()
+                .into_iter()
+                .find(|c| c.role() == blocklayer::edge::Role::Filtered)
+                .map(|c| c.node_arc())
+        });
+    }
+    None
+}

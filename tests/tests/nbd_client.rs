@@ -1,0 +1,284 @@
+//! The `nbd` driver: vubd serves a guest (here libblkio) a disk whose data lives on
+//! qemu-nbd or `nbdkit memory`; data written through vubd is on the server, data on
+//! the server reads back through vubd, and a server killed and restarted during I/O
+//! costs no request an error (reconnect-delay).
+
+use blkio::ReqFlags;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use vubd_tests::{assert_same_data, Client, Daemon, DaemonArgs, Rng, TempDir, TempImage, MIB};
+
+/// A server process (qemu-nbd or nbdkit) on a UNIX socket, killed when dropped.
+struct Server {
+    child: Child,
+}
+
+impl Server {
+    fn start(cmd: &mut Command, sock: &Path) -> Server {
+        let _ = std::fs::remove_file(sock);
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while std::os::unix::net::UnixStream::connect(sock).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "{cmd:?} did not listen on {sock:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Server { child }
+    }
+
+    fn qemu_nbd(img: &Path, sock: &Path) -> Server {
+        Server::start(
+            Command::new("qemu-nbd")
+                .args(["-f", "raw", "-t", "-x", "disk", "--cache=writeback", "-k"])
+                .arg(sock)
+                .arg(img),
+            sock,
+        )
+    }
+
+    fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// vubd with an `nbd` node on `sock` and a vhost-user-blk export of it.
+fn vubd_on(dir: &TempDir, sock: &Path, export: &str, reconnect_delay: u32) -> (Daemon, PathBuf) {
+    let vsock = dir.join("vubd.sock");
+    let node = format!(
+        r#"{{"driver":"nbd","node-name":"n","server":{{"type":"unix","path":"{}"}},"export":"{export}","reconnect-delay":{reconnect_delay}}}"#,
+        sock.display()
+    );
+    let args = DaemonArgs::new()
+        .iothread("io0")
+        .blockdev(&node)
+        .vhost_user_blk("n", &vsock, ",writable=on,iothread=io0")
+        .build();
+    (Daemon::start(&args), vsock)
+}
+
+/// The whole disk, read in pieces that fit the client's buffer.
+fn read_disk(client: &mut Client, size: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(size as usize);
+    let mut off = 0;
+    while off < size {
+        let n = (size - off).min(4 * MIB);
+        out.extend(client.q().read(off, n as usize).expect("read"));
+        off += n;
+    }
+    out
+}
+
+#[test]
+fn qemu_nbd_data_reads_back_and_writes_land() {
+    let dir = TempDir::new("vubd-nbd");
+    let mut rng = Rng::new("nbd-qemu");
+    let (img, mut model) = TempImage::new_random(16 * MIB, &mut rng);
+    let nsock = dir.join("qemu-nbd.sock");
+    let _server = Server::qemu_nbd(img.path(), &nsock);
+    let (daemon, vsock) = vubd_on(&dir, &nsock, "disk", 5);
+    let mut client = Client::connect(&vsock, 1);
+    assert_eq!(client.capacity(), 16 * MIB);
+    // qemu-nbd does not allow multi-conn on a writable export: one connection.
+    let conns = daemon
+        .thread_names()
+        .iter()
+        .filter(|n| *n == "nbd-client")
+        .count();
+    assert_eq!(
+        conns,
+        1,
+        "connections to qemu-nbd: {:?}",
+        daemon.thread_names()
+    );
+    let got = read_disk(&mut client, 16 * MIB);
+    assert_same_data("the image through qemu-nbd and vubd", &got, &model);
+    for _ in 0..32 {
+        let off = rng.range(0, 16 * MIB - 256 * 1024) & !511;
+        let n = rng.range_usize(1, 512) * 512;
+        let data = rng.bytes(n);
+        client.q().write(off, &data).expect("write");
+        model[off as usize..off as usize + data.len()].copy_from_slice(&data);
+    }
+    client.q().flush().expect("flush");
+    let got = read_disk(&mut client, 16 * MIB);
+    assert_same_data("written data read back", &got, &model);
+    assert_same_data("the image file after the writes", &img.read_all(), &model);
+}
+
+#[test]
+fn nbdkit_memory_serves_a_disk() {
+    let dir = TempDir::new("vubd-nbd");
+    let nsock = dir.join("nbdkit.sock");
+    let _server = Server::start(
+        Command::new("nbdkit")
+            .args(["-f", "-U"])
+            .arg(&nsock)
+            .args(["memory", "32M"]),
+        &nsock,
+    );
+    let (daemon, vsock) = vubd_on(&dir, &nsock, "", 0);
+    let mut client = Client::connect(&vsock, 1);
+    assert_eq!(client.capacity(), 32 * MIB);
+    // nbdkit allows multi-conn: the node opens four connections (a reply thread each).
+    let conns = daemon
+        .thread_names()
+        .iter()
+        .filter(|n| *n == "nbd-client")
+        .count();
+    assert_eq!(
+        conns,
+        4,
+        "connections to nbdkit: {:?}",
+        daemon.thread_names()
+    );
+    let mut rng = Rng::new("nbd-nbdkit");
+    let data = rng.bytes(4 * MIB as usize);
+    client.q().write(MIB, &data).expect("write");
+    assert_same_data(
+        "nbdkit memory",
+        &client.q().read(MIB, data.len()).expect("read"),
+        &data,
+    );
+    client
+        .q()
+        .write_zeroes(2 * MIB, MIB, ReqFlags::empty())
+        .expect("write zeroes");
+    client.q().discard(4 * MIB, MIB).expect("discard");
+    let got = client.q().read(2 * MIB, MIB as usize).expect("read");
+    assert!(got.iter().all(|&b| b == 0), "zeroed range reads zeroes");
+    assert!(
+        client
+            .q()
+            .read(0, 4096)
+            .expect("read")
+            .iter()
+            .all(|&b| b == 0),
+        "never written: zeroes"
+    );
+}
+
+#[test]
+fn qemu_nbd_restart_during_io_costs_no_error() {
+    let dir = TempDir::new("vubd-nbd");
+    let mut rng = Rng::new("nbd-restart");
+    let (img, mut model) = TempImage::new_random(8 * MIB, &mut rng);
+    let nsock = dir.join("qemu-nbd.sock");
+    let server = Server::qemu_nbd(img.path(), &nsock);
+    let (daemon, vsock) = vubd_on(&dir, &nsock, "disk", 20);
+    let restarted = Arc::new(AtomicBool::new(false));
+    let done = restarted.clone();
+    let io = std::thread::spawn(move || {
+        let mut client = Client::connect(&vsock, 1);
+        let mut rng = Rng::new("nbd-restart-io");
+        let mut after = 0u64;
+        // Writes and verified reads while the server goes down and comes back, and a
+        // few more once it is back.
+        while after < 50 {
+            if done.load(Ordering::Acquire) {
+                after += 1;
+            }
+            let off = rng.range(0, 8 * MIB - 64 * 1024) & !511;
+            let n = rng.range_usize(1, 128) * 512;
+            let data = rng.bytes(n);
+            client
+                .q()
+                .write(off, &data)
+                .unwrap_or_else(|e| panic!("write at {off} failed: {e}"));
+            model[off as usize..off as usize + data.len()].copy_from_slice(&data);
+            let got = client
+                .q()
+                .read(off, data.len())
+                .unwrap_or_else(|e| panic!("read at {off} failed: {e}"));
+            assert_same_data("read after write", &got, &data);
+        }
+        client.q().flush().expect("flush");
+        let all = read_disk(&mut client, 8 * MIB);
+        assert_same_data("the whole disk", &all, &model);
+        model
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    server.kill();
+    std::thread::sleep(Duration::from_millis(700));
+    let _server = Server::qemu_nbd(img.path(), &nsock);
+    restarted.store(true, Ordering::Release);
+    let model = io.join().expect("I/O without errors");
+    assert_same_data("the image file", &img.read_all(), &model);
+    let log = daemon.stderr();
+    assert!(
+        log.contains("connection lost"),
+        "the outage went unnoticed:\n{log}"
+    );
+}
+
+#[test]
+fn unreachable_server_fails_blockdev_add() {
+    let dir = TempDir::new("vubd-nbd");
+    let sock = dir.join("nobody.sock");
+    let node = format!(
+        r#"{{"driver":"nbd","node-name":"n","server":{{"type":"unix","path":"{}"}}}}"#,
+        sock.display()
+    );
+    let args = DaemonArgs::new().blockdev(&node).build();
+    let exited = vubd_tests::run_to_exit(&vubd_tests::vubd_bin(), &args, Duration::from_secs(30));
+    exited.assert_config_error(&["Failed to connect to", "nobody.sock"]);
+}
+
+#[test]
+fn guest_fio_verifies_through_a_qemu_nbd_restart() {
+    use vubd_tests::guest::{Guest, GuestOpts};
+    let dir = TempDir::new("vubd-nbd");
+    let img = TempImage::new(64 * MIB);
+    let nsock = dir.join("qemu-nbd.sock");
+    let server = Server::qemu_nbd(img.path(), &nsock);
+    let (daemon, vsock) = vubd_on(&dir, &nsock, "disk", 30);
+    let mut g = Guest::boot(&GuestOpts::new("nbd-fio").disk(&vsock, 1));
+    // qemu-nbd is gone when fio starts, and comes back while fio's first requests
+    // wait for it.
+    server.kill();
+    let img_path = img.path().to_path_buf();
+    let restarter = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(2500));
+        Server::qemu_nbd(&img_path, &nsock)
+    });
+    let out = g.check(
+        "fio --name=nbd --filename=/dev/vda --direct=1 --ioengine=libaio --rw=randwrite \
+         --bs=4k --size=48M --iodepth=8 --verify=crc32c --verify_fatal=1 --do_verify=1 \
+         --eta=never",
+        Duration::from_secs(300),
+    );
+    let _server = restarter.join().expect("restart qemu-nbd");
+    assert!(out.contains("err= 0"), "fio reported an error:\n{out}");
+    assert!(
+        !out.contains("verify: bad") && !out.contains("verify failed"),
+        "fio printed verification failures:\n{out}"
+    );
+    let dmesg = g.dmesg();
+    assert!(
+        !dmesg.contains("I/O error"),
+        "the guest saw I/O errors:\n{dmesg}"
+    );
+    let log = daemon.stderr();
+    assert!(
+        log.contains("connection lost"),
+        "the outage went unnoticed:\n{log}"
+    );
+    g.shutdown();
+}
