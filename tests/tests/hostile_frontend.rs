@@ -1162,13 +1162,25 @@ fn guest_changes_buffers_in_flight() {
             },
         );
     }
-    let (used, st) = dev
-        .wait(head, s, Duration::from_secs(5))
-        .expect("a request whose descriptors changed in flight did not complete");
-    assert!(
-        st == VIRTIO_BLK_S_OK || st == VIRTIO_BLK_S_IOERR,
-        "descriptors rewritten in flight: status {st}, {used:?}"
-    );
+    match dev.observe(head, s) {
+        Outcome::Completed { used, status: st } => assert!(
+            st == VIRTIO_BLK_S_OK || st == VIRTIO_BLK_S_IOERR,
+            "descriptors rewritten in flight: status {st}, {used:?}"
+        ),
+        // The rewrite came before the device read the chain (2 ms is not always enough
+        // on a loaded machine): it saw the bad descriptors and stopped the ring, as it
+        // must for a broken chain. Go on with a fresh frontend.
+        Outcome::Stopped {
+            err_signalled: true,
+        } => {
+            drop(dev);
+            dev = h.dev(&DevOpts {
+                queue_size: 64,
+                ..DevOpts::default()
+            });
+        }
+        other => panic!("descriptors rewritten in flight: {other:?}"),
+    }
     // A second of requests (8 in flight) with a thread scribbling over their headers and
     // data; then a second with random descriptors too.
     let worker = std::thread::spawn(move || {
