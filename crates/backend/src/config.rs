@@ -4,6 +4,7 @@
 
 use blocklayer::options::coerce::{self, Fields};
 use blocklayer::options::{BlockdevOptions, OptionsError};
+use blocklayer::secret::SecretOptions;
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -45,10 +46,12 @@ pub struct IoThreadConfig {
     pub aio_max_batch: u64,
 }
 
-/// `--object ...`; only iothread objects exist so far.
+/// `--object ...`: the object types vubd has.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ObjectConfig {
     IoThread(IoThreadConfig),
+    /// `secret` (loaded when added; see [`blocklayer::secret`]).
+    Secret(SecretOptions),
 }
 
 /// `--export type=vhost-user-blk,...` (QEMU's BlockExportOptions + vhost-user-blk part).
@@ -348,10 +351,16 @@ impl ObjectConfig {
         let qom_type = f.required_string("qom-type")?;
         let object = match qom_type.as_str() {
             "iothread" => ObjectConfig::IoThread(IoThreadConfig::take_from(&mut f)?),
+            "secret" => {
+                let id = take_id(&mut f)?;
+                ObjectConfig::Secret(SecretOptions::take_from(&mut f, id)?)
+            }
             other if QEMU_OBJECT_TYPES.contains(&other) => {
                 return Err(bad_value(
                     "qom-type",
-                    format!("'{other}' is not supported (vubd has 'iothread' objects only)"),
+                    format!(
+                        "'{other}' is not supported (vubd has 'iothread' and 'secret' objects)"
+                    ),
                 ))
             }
             other => {
@@ -365,9 +374,18 @@ impl ObjectConfig {
         Ok(object)
     }
 
+    /// The object's `qom-type`.
+    pub fn qom_type(&self) -> &'static str {
+        match self {
+            ObjectConfig::IoThread(_) => "iothread",
+            ObjectConfig::Secret(_) => "secret",
+        }
+    }
+
     pub fn id(&self) -> &str {
         match self {
             ObjectConfig::IoThread(iothread) => &iothread.id,
+            ObjectConfig::Secret(secret) => &secret.id,
         }
     }
 }
@@ -709,7 +727,7 @@ impl DaemonConfig {
         for object in &self.objects {
             if !ids.insert(object.id()) {
                 return Err(invalid(
-                    format!("--object iothread,id={}", object.id()),
+                    format!("--object {},id={}", object.qom_type(), object.id()),
                     format!("duplicate object id '{}'", object.id()),
                 ));
             }

@@ -8,6 +8,7 @@ use crate::error::{BlockError, Result};
 use crate::node::{Node, NodeFlags};
 use crate::options::{BlockdevOptions, BlockdevRef, DetectZeroes, DiscardMode};
 use crate::perm::Perm;
+use crate::secret::Secrets;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -44,11 +45,18 @@ pub struct Graph {
     /// The options each node was opened with (what `blockdev-reopen` compares with).
     pub(crate) options: HashMap<String, BlockdevOptions>,
     anon: u64,
+    /// The secret objects drivers look keys up in (shared with the object layer).
+    secrets: Secrets,
 }
 
 impl Graph {
     pub fn new() -> Self {
         Graph::default()
+    }
+
+    /// The secret objects (`key-secret` and the like name them).
+    pub fn secrets(&self) -> &Secrets {
+        &self.secrets
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<Node>> {

@@ -166,19 +166,25 @@ impl Control {
 
     // ---- iothreads -------------------------------------------------------------
 
+    /// Adds an object; ids are one namespace across object types, as in QEMU.
     pub fn add_object(&mut self, object: ObjectConfig) -> OpResult<()> {
+        if self.object_exists(object.id()) {
+            return Err(QmpError::generic(format!(
+                "attempt to add duplicate property '{}' to object (type 'container')",
+                object.id()
+            )));
+        }
         match object {
             ObjectConfig::IoThread(cfg) => self.add_iothread(cfg),
+            ObjectConfig::Secret(opts) => self.graph.secrets().add(&opts).map_err(generic),
         }
     }
 
+    fn object_exists(&self, id: &str) -> bool {
+        self.iothreads.contains_key(id) || self.graph.secrets().contains(id)
+    }
+
     fn add_iothread(&mut self, cfg: IoThreadConfig) -> OpResult<()> {
-        if self.iothreads.contains_key(&cfg.id) {
-            return Err(QmpError::generic(format!(
-                "attempt to add duplicate property '{}' to object (type 'container')",
-                cfg.id
-            )));
-        }
         let t = IoThread::new(cfg, true).map_err(generic)?;
         self.iothreads.insert(t.id.clone(), t);
         Ok(())
@@ -196,6 +202,10 @@ impl Control {
     }
 
     pub fn del_object(&mut self, id: &str) -> OpResult<()> {
+        // Drivers keep what they derived from a secret: it may go at any time.
+        if self.graph.secrets().remove(id) {
+            return Ok(());
+        }
         if !self.iothreads.contains_key(id) {
             return Err(QmpError::generic(format!("object '{id}' not found")));
         }

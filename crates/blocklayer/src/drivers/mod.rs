@@ -167,6 +167,11 @@ impl<'a> OpenCtx<'a> {
         Edge::child_of(self.name, name, role, child)
     }
 
+    /// The secret objects (for `key-secret` and the like).
+    pub fn secrets(&self) -> &crate::secret::Secrets {
+        self.graph.secrets()
+    }
+
     /// The node `node_name` of the graph, if it exists.
     pub fn lookup(&self, node_name: &str) -> Option<Arc<Node>> {
         self.graph.get(node_name)
