@@ -600,7 +600,7 @@ impl Graph {
             "ro": node.is_read_only(),
             "drv": node.driver_name(),
             "backing_file_depth": depth,
-            "encrypted": false,
+            "encrypted": node.driver().is_encrypted(),
             "detect_zeroes": detect_zeroes,
             "bps": 0,
             "bps_rd": 0,

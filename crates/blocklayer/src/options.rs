@@ -1085,7 +1085,7 @@ mod tests {
                 json!({"driver": "nbd"}),
                 "Invalid parameter value for 'driver': driver 'nbd' is not supported by \
                  vubd yet (vubd has file, host_device, raw, null-co, null-aio, blkdebug, \
-                 qcow2, copy-on-read, copy-before-write and snapshot-access)",
+                 qcow2, luks, copy-on-read, copy-before-write and snapshot-access)",
             ),
             (
                 json!({"driver": "null-co", "node-name": "0bad"}),

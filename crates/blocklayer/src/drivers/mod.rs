@@ -3,7 +3,7 @@
 //! `blockdev-create` and the error texts naming drivers go through. A new driver is
 //! a new folder and one row here.
 //!
-//! Protocols: `file`/`host_device`, `null-co`/`null-aio`; formats: `raw`, `qcow2`;
+//! Protocols: `file`/`host_device`, `null-co`/`null-aio`; formats: `raw`, `qcow2`, `luks`;
 //! filters: `blkdebug`, `copy-on-read`, `copy-before-write`; `snapshot-access`, which
 //! reads the view a `copy-before-write` filter keeps. [`lock`] is QEMU's image locking of host
 //! files, which `file` and the image tools share.
@@ -15,6 +15,7 @@ pub mod file;
 pub mod forward;
 pub mod job_filter;
 pub mod lock;
+pub mod luks;
 pub mod null;
 pub mod qcow2;
 pub mod raw;
@@ -75,6 +76,7 @@ pub static DRIVERS: &[DriverEntry] = &[
     null::ENTRY,
     blkdebug::ENTRY,
     qcow2::ENTRY,
+    luks::ENTRY,
     copy_on_read::ENTRY,
     copy_before_write::ENTRY,
     snapshot_access::ENTRY,
