@@ -20,6 +20,7 @@ use std::sync::Arc;
 
 pub mod create;
 pub mod crypto;
+pub mod fuzzing;
 pub mod header;
 mod options;
 pub mod volume;
