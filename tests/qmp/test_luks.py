@@ -2,6 +2,7 @@
 errors."""
 
 import base64
+import json
 import os
 import struct
 import subprocess
@@ -14,7 +15,7 @@ from cryptography.hazmat.primitives import padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from chains import JobEvents, pattern, run, write_raw
-from conftest import MIB, error, execute, export_args, io_ok, vubd_io
+from conftest import MIB, error, execute, export_args, io_ok, vubd_bin
 
 PASSWORD = "s3cr3t"
 
@@ -362,3 +363,39 @@ async def test_luks_truncated_key_material(start_daemon, tmp):
     head = img.read_bytes()[:8192]
     img.write_bytes(head)
     await add_luks_error(start_daemon, img)
+
+
+# ---------------------------------------------------------------------------------------
+# vubd img
+
+
+@pytest.mark.vubd_only("vubd img is vubd's tool")
+async def test_img_create_info_luks(start_daemon, tmp):
+    """`vubd img create -f luks` makes a volume qemu-img opens and qemu-io fills;
+    `vubd img info` shows its encryption without the passphrase; the daemon reads
+    what qemu-io wrote."""
+    img = tmp / "v.img"
+    run(vubd_bin(), "img", "create", "-f", "luks", "--object", secret_object(),
+        "-o", "key-secret=sec0,iter-time=10,cipher-mode=cbc,ivgen-alg=plain,hash-alg=sha512",
+        img, "1M")
+    info = json.loads(run(vubd_bin(), "img", "info", "--output", "json", img).stdout)
+    assert info["format"] == "luks" and info["encrypted"] is True
+    assert info["virtual-size"] == MIB
+    data = info["format-specific"]["data"]
+    assert (data["cipher-alg"], data["cipher-mode"], data["ivgen-alg"], data["hash-alg"]) == (
+        "aes-256", "cbc", "plain", "sha512")
+    assert [s["active"] for s in data["slots"]] == [True] + [False] * 7
+    human = run(vubd_bin(), "img", "info", img).stdout
+    assert "encrypted: yes" in human and "file format: luks" in human
+    qemu = run("qemu-img", "info", "--output", "json", img).stdout
+    assert json.loads(qemu)["format-specific"]["data"]["cipher-mode"] == "cbc"
+    src = write_raw(tmp / "src.raw", pattern(7, 0, MIB))
+    qemu_io_luks(img, f"write -q -s {src} 0 {MIB}")
+    sock = tmp / "e0.sock"
+    d = start_daemon(luks_daemon_args(img, sock))
+    io_ok("verify", "--socket", sock, "--offset", 0, "--len", MIB, "--seed", 7)
+    shut_down(d)
+    # Without the secret object, creation fails as qemu-img's does.
+    p = run(vubd_bin(), "img", "create", "-f", "luks", "-o", "key-secret=sec0", tmp / "x.img",
+            "1M", ok=False)
+    assert p.returncode != 0 and "No secret with id 'sec0'" in p.stderr, p.stderr

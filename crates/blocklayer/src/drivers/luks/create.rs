@@ -3,7 +3,7 @@
 //! goes through [`create`] too.
 
 use super::crypto::{CipherAlg, CipherMode, HashAlg, IvGenAlg};
-use super::header::Algorithms;
+use super::header::{Algorithms, Header};
 use super::volume::{self, CreateParams, Volume};
 use crate::aio::iovec::{AlignedBuf, IoVec};
 use crate::drivers::CreateWork;
@@ -147,7 +147,11 @@ pub(super) fn blockdev_create(mut f: Fields, graph: &Graph) -> Result<CreateWork
 
 /// QEMU's `QCryptoBlockInfoLUKS` of a volume (`format-specific` data).
 pub fn info_json(v: &Volume) -> Value {
-    let h = &v.header;
+    header_info_json(&v.header, &v.algs)
+}
+
+/// [`info_json`] from the header alone (no passphrase needed, as `qemu-img info`).
+pub fn header_info_json(h: &Header, algs: &Algorithms) -> Value {
     let slots: Vec<Value> = h
         .slots
         .iter()
@@ -162,16 +166,16 @@ pub fn info_json(v: &Volume) -> Value {
         })
         .collect();
     let mut data = json!({
-        "cipher-alg": v.algs.cipher.name(),
-        "cipher-mode": v.algs.mode.name(),
-        "ivgen-alg": v.algs.ivgen.name(),
-        "hash-alg": v.algs.hash.name(),
+        "cipher-alg": algs.cipher.name(),
+        "cipher-mode": algs.mode.name(),
+        "ivgen-alg": algs.ivgen.name(),
+        "hash-alg": algs.hash.name(),
         "payload-offset": h.payload_bytes(),
         "master-key-iters": h.mk_iterations,
         "uuid": h.uuid(),
         "slots": slots,
     });
-    if let Some(ih) = v.algs.ivgen_hash {
+    if let Some(ih) = algs.ivgen_hash {
         data["ivgen-hash-alg"] = json!(ih.name());
     }
     data
