@@ -220,8 +220,11 @@ impl Driver for LuksDriver {
         Box::pin(async move { self.file.node().flush().await })
     }
 
-    fn discard(&self, offset: u64, len: u64) -> LocalBoxFuture<'_, Result<()>> {
-        Box::pin(async move { self.file.node().discard(self.payload + offset, len).await })
+    /// Accepted and dropped, as QEMU's crypto driver (it has no discard of its own, so
+    /// its block layer completes discards without passing them down): the file keeps
+    /// its ciphertext, and which blocks the guest freed stays hidden.
+    fn discard(&self, _offset: u64, _len: u64) -> LocalBoxFuture<'_, Result<()>> {
+        Box::pin(std::future::ready(Ok(())))
     }
 
     fn write_zeroes(
