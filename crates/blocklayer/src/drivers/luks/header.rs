@@ -268,6 +268,11 @@ impl Header {
             self.key_bytes
         };
         let cipher = CipherAlg::from_luks(&name, cipher_key)
+            .filter(|c| {
+                // An odd XTS key length halves to a valid one: the whole must match.
+                let whole = c.key_bytes() * if mode == CipherMode::Xts { 2 } else { 1 };
+                whole == self.key_bytes as usize
+            })
             .ok_or(HeaderError::KeySize(name, cipher_key))?;
         let hash = parse_hash(&c_str(&self.hash_spec))?;
         let ivgen = IvGenAlg::from_name(ivgen)
@@ -470,6 +475,10 @@ mod tests {
         assert_eq!(
             corrupt(&|h| put_str(&mut h.cipher_mode, "xts-essiv:sha1")),
             "No AES cipher with key size 20 available"
+        );
+        assert_eq!(
+            corrupt(&|h| h.key_bytes = 33),
+            "Algorithm 'aes' with key size 16 bytes not supported"
         );
         assert_eq!(Header::parse(&[0u8; 100]), Err(HeaderError::NotLuks));
         let mut h = sample();
