@@ -422,3 +422,44 @@ async def test_img_create_info_luks(start_daemon, tmp):
     p = run(vubd_bin(), "img", "create", "-f", "luks", "-o", "key-secret=sec0", tmp / "x.img",
             "1M", ok=False)
     assert p.returncode != 0 and "No secret with id 'sec0'" in p.stderr, p.stderr
+
+
+@pytest.mark.vubd_only("vubd img is vubd's tool")
+async def test_img_amend_key_slots(tmp):
+    """`vubd img amend` adds and erases key slots as `qemu-img amend` does (same
+    rules and texts); qemu-io then opens with the new passphrase only."""
+    img = qemu_img_luks(tmp / "l.img", size="1M")
+    objects = ["--object", secret_object(), "--object", "secret,id=new,data=other-pass",
+               "--object", "secret,id=wrong,data=nope"]
+
+    def amend(opts: str, ok: bool = True, force: bool = False):
+        return run(vubd_bin(), "img", "amend", *objects, *(["--force"] if force else []),
+                   "--image-opts", "-o", opts, luks_opts(img), ok=ok)
+
+    def refused(opts: str, text: str):
+        p = amend(opts, ok=False)
+        assert p.returncode != 0 and text in p.stderr, p.stderr
+
+    refused("state=active", "'new-secret' is required to activate a keyslot")
+    refused("state=active,new-secret=new,keyslot=0",
+            "Refusing to overwrite active keyslot 0 - please erase it first")
+    refused("state=active,new-secret=new,keyslot=8",
+            "Invalid keyslot 8 specified, must be between 0 and 7")
+    refused("state=inactive,keyslot=0", "Attempt to erase the only active keyslot 0")
+    refused("state=inactive,old-secret=sec0", "All the active keyslots match the (old) password")
+    refused("state=inactive,old-secret=wrong",
+            "No keyslots match given (old) password for erase operation")
+    refused("state=inactive", "To erase keyslot(s), either explicit keyslot index")
+    amend("state=active,new-secret=new,keyslot=3,iter-time=10")
+    info = json.loads(run("qemu-img", "info", "--output", "json", img).stdout)
+    assert [s["active"] for s in info["format-specific"]["data"]["slots"]] == (
+        [True, False, False, True, False, False, False, False])
+    refused("state=inactive,keyslot=3,old-secret=wrong",
+            "Given keyslot 3 doesn't contain the given old password for erase operation")
+    refused("state=inactive,keyslot=2", "Given keyslot 2 is already erased (inactive)")
+    amend("state=inactive,old-secret=sec0")
+    run("qemu-io", "--object", "secret,id=new,data=other-pass", "--image-opts",
+        f"driver=luks,key-secret=new,file.filename={img}", "-c", "read 0 4k")
+    p = run("qemu-io", "--object", secret_object(), "--image-opts", luks_opts(img),
+            "-c", "read 0 4k", ok=False)
+    assert "Invalid password, cannot unlock any keyslot" in p.stderr + p.stdout

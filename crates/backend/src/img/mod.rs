@@ -14,7 +14,8 @@
 //!
 //! - [`create`]: `create` and the `-o` creation options (also `convert -o`)
 //! - [`inspect`]: `info`, `check`, `map`
-//! - [`luks`]: `create -f luks` and `info` of LUKS volumes, `--object secret`
+//! - [`luks`]: `create -f luks`, `info` and `amend` (key slots) of LUKS volumes,
+//!   `--object secret`
 //! - [`snapshot`]: `snapshot`, and the snapshot table `info` shows too
 //! - [`source`]: reading an image through its backing chain, for `convert`
 //! - [`convert`]: `convert`, copies of images
@@ -64,6 +65,8 @@ Usage: vubd img create [-f qcow2|raw|luks] [--object secret,...] [-b BACKING [-F
        vubd img convert [-U] [-q] [-f FMT] [-O FMT] [-c] [-o OPTIONS] SRC DST
        vubd img bitmap (--add [-g GRAN] | --remove | --clear | --enable | --disable
                         | --merge SOURCE)... [-f qcow2] FILE BITMAP
+       vubd img amend [--object secret,...]... [--force] --image-opts -o OPTIONS
+                      'driver=luks,key-secret=ID,file.filename=FILE'
 
   create -o takes qemu-img's qcow2 creation options (cluster_size, compat,
   lazy_refcounts, refcount_bits, extended_l2, backing_file, backing_fmt,
@@ -77,6 +80,9 @@ Usage: vubd img create [-f qcow2|raw|luks] [--object secret,...] [-b BACKING [-F
   convert copies what the guest sees of SRC (through its backing chain) to a new
   image DST (-O raw, the default, or qcow2), leaving zeroes unallocated; -c writes
   compressed qcow2 clusters; -o takes the options of create.
+  amend changes the key slots of a LUKS volume as qemu-img amend: -o state=active,
+  new-secret=ID[,keyslot=N][,iter-time=MS] adds one, -o state=inactive,keyslot=N
+  or old-secret=ID erases (--force: even the last one).
   bitmap changes the persistent dirty bitmap BITMAP of FILE, in the order given:
   --add creates it (enabled, granularity GRAN, default the cluster size, at least
   4 KiB), --merge ORs the bitmap SOURCE of FILE into it.
@@ -99,6 +105,7 @@ pub fn main(args: &[String]) -> Result<u8> {
         "snapshot" => snapshot::snapshot(rest).map(|()| 0),
         "convert" => convert::convert(rest).map(|()| 0),
         "bitmap" => bitmap::bitmap(rest).map(|()| 0),
+        "amend" => luks::amend(rest).map(|()| 0),
         "-h" | "--help" | "help" => {
             print!("{USAGE}");
             Ok(0)

@@ -22,6 +22,7 @@ pub mod create;
 pub mod crypto;
 pub mod fuzzing;
 pub mod header;
+pub mod keyslots;
 mod options;
 pub mod volume;
 

@@ -25,6 +25,9 @@ pub enum VolumeError {
     Random(std::io::Error),
     #[error("PBKDF iterations {0} larger than {max}", max = u32::MAX)]
     Iterations(u64),
+    /// A key slot change refused (QEMU's texts).
+    #[error("{0}")]
+    Amend(String),
 }
 
 pub type Result<T> = std::result::Result<T, VolumeError>;
@@ -49,6 +52,7 @@ pub struct Volume {
     pub header: Header,
     pub algs: Algorithms,
     pub cipher: SectorCipher,
+    key: MasterKey,
 }
 
 impl Volume {
@@ -61,41 +65,71 @@ impl Volume {
     ) -> Result<Volume> {
         let header = Header::parse(header_bytes)?;
         let algs = header.algorithms()?;
-        let suite = algs.suite();
         // Check that vubd runs the mode before deriving any key.
-        SectorCipher::new(&suite, &vec![0u8; algs.key_bytes()])?;
-        let key_len = algs.key_bytes();
-        for (i, slot) in header.slots.iter().enumerate() {
-            if !slot.is_enabled() {
-                continue;
-            }
-            // Bounded: key_len <= 64 and stripes == 4000 (checked by the header).
-            let material_len = key_len * slot.stripes as usize;
-            let mut material =
-                read(slot.key_offset as u64 * SECTOR, material_len).map_err(|source| {
-                    VolumeError::Read {
-                        what: format!("LUKS keyslot {i}"),
-                        source,
-                    }
-                })?;
-            let mut slot_key = vec![0u8; key_len];
-            algs.hash
-                .pbkdf2(password, &slot.salt, slot.iterations, &mut slot_key);
-            let padded = material_len.div_ceil(SECTOR as usize) * SECTOR as usize;
-            material.resize(padded, 0);
-            SectorCipher::new(&suite, &slot_key)?.decrypt(0, &mut material)?;
-            let key = af_merge(algs.hash, key_len, slot.stripes as usize, &material);
-            if master_digest(&algs, &header, &key) == header.mk_digest {
-                let cipher = SectorCipher::new(&suite, &key)?;
+        SectorCipher::new(&algs.suite(), &vec![0u8; algs.key_bytes()])?;
+        for i in 0..header.slots.len() {
+            if let Some(key) = unlock_slot(&header, &algs, i, password, &mut read)? {
+                let cipher = SectorCipher::new(&algs.suite(), &key)?;
                 return Ok(Volume {
                     header,
                     algs,
                     cipher,
+                    key: MasterKey(key),
                 });
             }
         }
         Err(VolumeError::WrongPassword)
     }
+
+    /// The volume key (for adding key slots).
+    pub fn master_key(&self) -> &[u8] {
+        &self.key.0
+    }
+}
+
+/// The volume key, wiped when dropped.
+pub struct MasterKey(Vec<u8>);
+
+impl Drop for MasterKey {
+    fn drop(&mut self) {
+        for b in self.0.iter_mut() {
+            // SAFETY: `b` is a valid, exclusive reference into the vector; the volatile
+            // write keeps the wipe of memory about to be freed from being elided.
+            unsafe { std::ptr::write_volatile(b, 0) };
+        }
+    }
+}
+
+/// The volume key if key slot `i` is enabled and `password` unlocks it.
+pub fn unlock_slot(
+    header: &Header,
+    algs: &Algorithms,
+    i: usize,
+    password: &[u8],
+    read: &mut impl FnMut(u64, usize) -> std::result::Result<Vec<u8>, crate::BlockError>,
+) -> Result<Option<Vec<u8>>> {
+    let slot = &header.slots[i];
+    if !slot.is_enabled() {
+        return Ok(None);
+    }
+    let suite = algs.suite();
+    let key_len = algs.key_bytes();
+    // Bounded: key_len <= 64 and stripes == 4000 (checked by the header).
+    let material_len = key_len * slot.stripes as usize;
+    let mut material = read(slot.key_offset as u64 * SECTOR, material_len).map_err(|source| {
+        VolumeError::Read {
+            what: format!("LUKS keyslot {i}"),
+            source,
+        }
+    })?;
+    let mut slot_key = vec![0u8; key_len];
+    algs.hash
+        .pbkdf2(password, &slot.salt, slot.iterations, &mut slot_key);
+    let padded = material_len.div_ceil(SECTOR as usize) * SECTOR as usize;
+    material.resize(padded, 0);
+    SectorCipher::new(&suite, &slot_key)?.decrypt(0, &mut material)?;
+    let key = af_merge(algs.hash, key_len, slot.stripes as usize, &material);
+    Ok((master_digest(algs, header, &key) == header.mk_digest).then_some(key))
 }
 
 fn master_digest(algs: &Algorithms, header: &Header, key: &[u8]) -> [u8; DIGEST_LEN] {
@@ -179,47 +213,66 @@ pub fn default_algorithms() -> Algorithms {
 /// the payload), and the payload cipher.
 pub fn format(p: &CreateParams) -> Result<(Vec<u8>, Volume)> {
     let algs = p.algs;
-    let suite = algs.suite();
     let key_len = algs.key_bytes();
     let mut key = vec![0u8; key_len];
     random_bytes(&mut key)?;
-    let cipher = SectorCipher::new(&suite, &key)?;
+    let cipher = SectorCipher::new(&algs.suite(), &key)?;
     let mut h = Header::new_layout(&algs, &uuid()?);
     let rate = iterations_per_second(algs.hash, key_len);
-    let scaled = |div: u64, min: u64| -> Result<u32> {
-        let iters = rate.saturating_mul(p.iter_time_ms) / 1000 / div;
-        u32::try_from(iters.max(min)).map_err(|_| VolumeError::Iterations(iters))
-    };
     random_bytes(&mut h.mk_salt)?;
     // cryptsetup's and QEMU's eighth of the time for the digest.
-    h.mk_iterations = scaled(8, 1000)?;
+    h.mk_iterations = scaled_iterations(rate, p.iter_time_ms, 8)?;
     h.mk_digest = master_digest(&algs, &h, &key);
-    let slot_offset = (h.slots[0].key_offset as u64 * SECTOR) as usize;
-    let slot = &mut h.slots[0];
-    random_bytes(&mut slot.salt)?;
-    slot.iterations = scaled(1, 1000)?;
-    slot.active = SLOT_ENABLED;
-    let mut slot_key = vec![0u8; key_len];
-    algs.hash
-        .pbkdf2(&p.password, &slot.salt, slot.iterations, &mut slot_key);
-    let mut random = vec![0u8; key_len * (STRIPES as usize - 1)];
-    random_bytes(&mut random)?;
-    let mut material = af_split(algs.hash, &key, STRIPES as usize, &random);
-    let len = material.len();
-    material.resize(len.div_ceil(SECTOR as usize) * SECTOR as usize, 0);
-    SectorCipher::new(&suite, &slot_key)?.encrypt(0, &mut material)?;
-    material.truncate(len);
+    let (offset, material) = fill_slot(&mut h, &algs, 0, &key, &p.password, p.iter_time_ms)?;
     let mut out = vec![0u8; h.payload_bytes() as usize];
     out[..super::header::HEADER_LEN].copy_from_slice(&h.serialise());
-    out[slot_offset..slot_offset + len].copy_from_slice(&material);
+    out[offset as usize..offset as usize + material.len()].copy_from_slice(&material);
     Ok((
         out,
         Volume {
             header: h,
             algs,
             cipher,
+            key: MasterKey(key),
         },
     ))
+}
+
+/// PBKDF2 iterations for `iter_time_ms` at `rate` per second, divided by `div`, at
+/// least QEMU's minimum of 1000.
+fn scaled_iterations(rate: u64, iter_time_ms: u64, div: u64) -> Result<u32> {
+    let iters = rate.saturating_mul(iter_time_ms) / 1000 / div;
+    u32::try_from(iters.max(1000)).map_err(|_| VolumeError::Iterations(iters))
+}
+
+/// Makes key slot `i` of `h` hold `key` under `password` (new salt, iterations for
+/// `iter_time_ms`, enabled); returns where its key material goes and the material.
+pub fn fill_slot(
+    h: &mut Header,
+    algs: &Algorithms,
+    i: usize,
+    key: &[u8],
+    password: &[u8],
+    iter_time_ms: u64,
+) -> Result<(u64, Vec<u8>)> {
+    let key_len = key.len();
+    let rate = iterations_per_second(algs.hash, key_len);
+    let slot = &mut h.slots[i];
+    random_bytes(&mut slot.salt)?;
+    slot.iterations = scaled_iterations(rate, iter_time_ms, 1)?;
+    slot.stripes = STRIPES;
+    let mut slot_key = vec![0u8; key_len];
+    algs.hash
+        .pbkdf2(password, &slot.salt, slot.iterations, &mut slot_key);
+    let mut random = vec![0u8; key_len * (STRIPES as usize - 1)];
+    random_bytes(&mut random)?;
+    let mut material = af_split(algs.hash, key, STRIPES as usize, &random);
+    let len = material.len();
+    material.resize(len.div_ceil(SECTOR as usize) * SECTOR as usize, 0);
+    SectorCipher::new(&algs.suite(), &slot_key)?.encrypt(0, &mut material)?;
+    material.truncate(len);
+    slot.active = SLOT_ENABLED;
+    Ok((slot.key_offset as u64 * SECTOR, material))
 }
 
 #[cfg(test)]
