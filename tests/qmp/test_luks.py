@@ -39,7 +39,7 @@ def qemu_img_luks(path: Path, size: str = "4M", **opts):
     """A LUKS image made by qemu-img with PASSWORD (retried when qemu-img cannot time
     its key derivation, which it sometimes fails on a loaded machine)."""
     o = ",".join(["key-secret=sec0", "iter-time=10", *(f"{k}={v}" for k, v in opts.items())])
-    for _ in range(5):
+    for _ in range(30):
         p = subprocess.run(
             ["qemu-img", "create", "-f", "luks", "--object",
              f"secret,id=sec0,data={PASSWORD}", "-o", o, str(path), size],

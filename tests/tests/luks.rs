@@ -13,7 +13,7 @@ fn setup() -> (TempDir, std::path::PathBuf, Daemon, Client) {
     let dir = TempDir::new("vubd-luks");
     let img = dir.join("disk.luks");
     let mut made = false;
-    for _ in 0..5 {
+    for _ in 0..30 {
         let out = Command::new("qemu-img")
             .args(["create", "-f", "luks", "--object", SECRET])
             .args(["-o", "key-secret=sec0,iter-time=10"])

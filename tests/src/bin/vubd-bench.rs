@@ -267,7 +267,7 @@ fn prepare_image(backend: Backend, raw: &Path) {
             let object = format!("--object={LUKS_SECRET}");
             // qemu-img sometimes cannot time its key derivation on a loaded machine
             // ("Unable to get accurate CPU usage"): try again.
-            let ok = (0..5).any(|_| {
+            let ok = (0..30).any(|_| {
                 std::process::Command::new("qemu-img")
                     .args(["convert", "-f", "raw", "-O", "luks", &object])
                     .args(["-o", "key-secret=bench-key,iter-time=10", &p(raw), &p(&img)])
