@@ -473,3 +473,37 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod throughput {
+    use super::*;
+
+    /// Throughput of sector encryption (run with `--release -- --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn sector_cipher_throughput() {
+        for (mode, ivgen) in [
+            (CipherMode::Xts, IvGenAlg::Plain64),
+            (CipherMode::Cbc, IvGenAlg::Essiv),
+        ] {
+            let s = Suite {
+                cipher: CipherAlg::Aes256,
+                mode,
+                ivgen,
+                ivgen_hash: Some(HashAlg::Sha256),
+            };
+            let c = SectorCipher::new(&s, &vec![5u8; s.key_bytes()]).unwrap();
+            let mut buf = vec![1u8; 64 << 10];
+            let t = std::time::Instant::now();
+            let n = 4000;
+            for i in 0..n {
+                c.encrypt(i * 128, &mut buf).unwrap();
+            }
+            let secs = t.elapsed().as_secs_f64();
+            eprintln!(
+                "{mode:?}/{ivgen:?}: {:.0} MB/s",
+                (n as f64 * 65536.0) / secs / 1e6
+            );
+        }
+    }
+}
