@@ -16,6 +16,7 @@ desc_chain) max_len=40000 timeout=10 ;;
 vhost_user_msg) max_len=16384 timeout=30 ;;
 keyval) max_len=4096 timeout=10 ;;
 qcow2_meta) max_len=262144 timeout=30 ;;
+luks_header) max_len=1048576 timeout=30 ;;
 *) echo "unknown target $target" >&2; exit 2 ;;
 esac
 mkdir -p "fuzz/corpus-run/$target" "fuzz/artifacts/$target"

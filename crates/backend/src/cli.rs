@@ -73,6 +73,11 @@ qemu-storage-daemon --export vhost-user-blk
   --object [qom-type=]iothread,id=<id>[,poll-max-ns=<ns>][,poll-grow=<n>]
            [,poll-shrink=<n>][,aio-max-batch=<n>]
                             create an iothread
+  --object [qom-type=]secret,id=<id>(,data=<text>|,file=<path>)
+           [,format=raw|base64][,keyid=<secret-id>,iv=<base64>]
+                            a secret (passphrase or key) that drivers name,
+                            e.g. luks's key-secret; keyid/iv: AES-256-CBC
+                            encrypted with the key secret keyid holds
 
   --chardev socket,id=<id>,path=<socket-path>,server=on[,wait=on|off]
                             a UNIX socket for a QMP monitor (wait=on, the
@@ -435,8 +440,8 @@ logical-block-size=512,serial=disk0";
             (
                 "--object memory-backend-ram,id=m",
                 "--object memory-backend-ram,id=m: Invalid parameter value for 'qom-type': \
-                 'memory-backend-ram' is not supported (vubd has 'iothread' and \
-                 'throttle-group' objects)",
+                 'memory-backend-ram' is not supported (vubd has 'iothread', \
+                 'throttle-group' and 'secret' objects)",
             ),
             (
                 "--object iothread,id=io0,poll-max-ns=x",

@@ -4,6 +4,7 @@
 
 use blocklayer::options::coerce::{self, Fields};
 use blocklayer::options::{BlockdevOptions, OptionsError};
+use blocklayer::secret::SecretOptions;
 use blocklayer::throttle::{self, ThrottleConfig};
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
@@ -63,6 +64,8 @@ pub struct ThrottleGroupConfig {
 pub enum ObjectConfig {
     IoThread(IoThreadConfig),
     ThrottleGroup(ThrottleGroupConfig),
+    /// `secret` (loaded when added; see [`blocklayer::secret`]).
+    Secret(SecretOptions),
 }
 
 /// `--export type=vhost-user-blk,...` (QEMU's BlockExportOptions + vhost-user-blk part).
@@ -477,12 +480,16 @@ impl ObjectConfig {
             "throttle-group" => {
                 ObjectConfig::ThrottleGroup(ThrottleGroupConfig::take_from(&mut f)?)
             }
+            "secret" => {
+                let id = take_id(&mut f)?;
+                ObjectConfig::Secret(SecretOptions::take_from(&mut f, id)?)
+            }
             other if QEMU_OBJECT_TYPES.contains(&other) => {
                 return Err(bad_value(
                     "qom-type",
                     format!(
-                        "'{other}' is not supported (vubd has 'iothread' and 'throttle-group' \
-                         objects)"
+                        "'{other}' is not supported (vubd has 'iothread', 'throttle-group' \
+                         and 'secret' objects)"
                     ),
                 ))
             }
@@ -497,10 +504,20 @@ impl ObjectConfig {
         Ok(object)
     }
 
+    /// The object's `qom-type`.
+    pub fn qom_type(&self) -> &'static str {
+        match self {
+            ObjectConfig::IoThread(_) => "iothread",
+            ObjectConfig::ThrottleGroup(_) => "throttle-group",
+            ObjectConfig::Secret(_) => "secret",
+        }
+    }
+
     pub fn id(&self) -> &str {
         match self {
             ObjectConfig::IoThread(iothread) => &iothread.id,
             ObjectConfig::ThrottleGroup(group) => &group.id,
+            ObjectConfig::Secret(secret) => &secret.id,
         }
     }
 }
@@ -925,7 +942,7 @@ impl DaemonConfig {
         for object in &self.objects {
             if !ids.insert(object.id()) {
                 return Err(invalid(
-                    format!("--object iothread,id={}", object.id()),
+                    format!("--object {},id={}", object.qom_type(), object.id()),
                     format!("duplicate object id '{}'", object.id()),
                 ));
             }

@@ -188,6 +188,7 @@ fn keyval() {
 fn write_seed_corpus() {
     use vubd::fuzzing::{desc_chain, options, vhost_user_msg};
     for (target, seeds) in [
+        ("luks_header", blocklayer::drivers::luks::fuzzing::seeds()),
         ("desc_chain", desc_chain::seeds()),
         ("keyval", options::seeds()),
         ("vhost_user_msg", vhost_user_msg::seeds()),
@@ -198,6 +199,17 @@ fn write_seed_corpus() {
             std::fs::write(dir.join(format!("seed-{name}")), data).unwrap();
         }
     }
+}
+
+#[test]
+fn luks_header() {
+    run(
+        "luks_header",
+        vubd::fuzzing::luks_header,
+        400,
+        1 << 20,
+        Duration::from_secs(30),
+    );
 }
 
 #[test]

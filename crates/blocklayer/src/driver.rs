@@ -149,6 +149,11 @@ pub trait Driver: Send + Sync {
         false
     }
 
+    /// Whether the node's data is encrypted (`encrypted` in QEMU's BlockDeviceInfo).
+    fn is_encrypted(&self) -> bool {
+        false
+    }
+
     /// Whether the driver's storage itself is read-only (e.g. opened O_RDONLY).
     fn is_read_only(&self) -> bool {
         false

@@ -8,6 +8,7 @@ use crate::error::{BlockError, Result};
 use crate::node::{Node, NodeFlags};
 use crate::options::{BlockdevOptions, BlockdevRef, DetectZeroes, DiscardMode};
 use crate::perm::Perm;
+use crate::secret::Secrets;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -46,11 +47,18 @@ pub struct Graph {
     anon: u64,
     /// The `throttle-group` objects, by id, that `throttle` nodes join.
     pub throttle_groups: BTreeMap<String, Arc<crate::throttle::ThrottleGroup>>,
+    /// The secret objects drivers look keys up in (shared with the object layer).
+    secrets: Secrets,
 }
 
 impl Graph {
     pub fn new() -> Self {
         Graph::default()
+    }
+
+    /// The secret objects (`key-secret` and the like name them).
+    pub fn secrets(&self) -> &Secrets {
+        &self.secrets
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<Node>> {
@@ -622,7 +630,7 @@ impl Graph {
             "ro": node.is_read_only(),
             "drv": node.driver_name(),
             "backing_file_depth": depth,
-            "encrypted": false,
+            "encrypted": node.driver().is_encrypted(),
             "detect_zeroes": detect_zeroes,
             "bps": 0,
             "bps_rd": 0,

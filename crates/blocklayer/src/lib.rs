@@ -9,6 +9,7 @@
 //!   for open nodes
 //! - [`bitmap`], [`named_bitmap`]: dirty bitmaps, the named ones the monitor manages
 //! - [`periodic`]: the housekeeping thread for periodic driver tasks
+//! - [`secret`]: secret objects (passphrases and keys) that drivers look up by id
 //! - [`snapshot`]: internal snapshots as drivers report them
 //! - [`nbd_proto`]: the NBD wire format, which the `nbd` driver and the daemon's NBD
 //!   server share
@@ -37,6 +38,7 @@ pub mod periodic;
 pub mod perm;
 pub mod persistent_bitmaps;
 pub mod reopen;
+pub mod secret;
 pub mod snapshot;
 pub mod stats;
 pub mod throttle;

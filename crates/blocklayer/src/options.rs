@@ -1098,7 +1098,7 @@ mod tests {
                 json!({"driver": "nfs"}),
                 "Invalid parameter value for 'driver': driver 'nfs' is not supported by \
                  vubd yet (vubd has file, host_device, raw, null-co, null-aio, nbd, blkdebug, \
-                 qcow2, copy-on-read, copy-before-write, snapshot-access, throttle and rbd)",
+                 qcow2, luks, copy-on-read, copy-before-write, snapshot-access, throttle and rbd)",
             ),
             (
                 json!({"driver": "null-co", "node-name": "0bad"}),

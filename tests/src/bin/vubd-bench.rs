@@ -170,10 +170,16 @@ enum Backend {
     /// an RBD image (the raw bench image, `rbd import`ed) on the single-node Ceph
     /// cluster of `$CEPH_CONF`, or one started for the run (scripts/ceph.sh).
     Rbd,
+    /// a LUKS volume (QEMU's default aes-256-xts-plain64) holding the raw bench
+    /// image's data: every request is en/decrypted.
+    Luks,
 }
 
 /// The RBD image of the rbd cases (pool `rbd`), once imported.
 static RBD_IMAGE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// The passphrase of the bench's LUKS volume (a `secret` object on both daemons).
+const LUKS_SECRET: &str = "secret,id=bench-key,data=vubd-bench";
 
 impl Backend {
     fn name(self) -> &'static str {
@@ -184,6 +190,7 @@ impl Backend {
             Backend::Qcow2 => "qcow2",
             Backend::Qcow2Chain => "qcow2-chain3",
             Backend::Rbd => "rbd",
+            Backend::Luks => "luks",
         }
     }
 
@@ -194,6 +201,7 @@ impl Backend {
             Backend::Qcow2Fresh => "fresh.qcow2",
             Backend::Qcow2 => "full.qcow2",
             Backend::Qcow2Chain => "top.qcow2",
+            Backend::Luks => "luks",
         };
         raw.with_extension(ext)
     }
@@ -224,6 +232,8 @@ impl Backend {
             Backend::Qcow2Chain => one_queue && !w.write && w.qd == 32,
             // The cases: 4k random and 64k sequential at qd32, one queue.
             Backend::Rbd => one_queue && w.qd == 32 && (rand4k || (!w.random && w.bs == 65536)),
+            // The cases: 4k random reads and writes, 64k sequential.
+            Backend::Luks => one_queue && w.qd == 32 && (rand4k || (!w.random && w.bs == 65536)),
         }
     }
 }
@@ -237,8 +247,8 @@ fn qemu_img(args: &[&str]) {
     assert!(st.success(), "qemu-img {args:?} failed");
 }
 
-/// Makes the qcow2 images a backend needs from the raw bench image.
-fn prepare_qcow2(backend: Backend, raw: &Path) {
+/// Makes the images a backend needs (qcow2, LUKS) from the raw bench image.
+fn prepare_image(backend: Backend, raw: &Path) {
     let img = backend.image(raw);
     let p = |x: &Path| x.to_str().expect("utf-8 path").to_string();
     let size = DEV_SIZE.to_string();
@@ -269,6 +279,20 @@ fn prepare_qcow2(backend: Backend, raw: &Path) {
                 &p(&img),
                 &size,
             ]);
+        }
+        Backend::Luks => {
+            let object = format!("--object={LUKS_SECRET}");
+            // qemu-img sometimes cannot time its key derivation on a loaded machine
+            // ("Unable to get accurate CPU usage"): try again.
+            let ok = (0..30).any(|_| {
+                std::process::Command::new("qemu-img")
+                    .args(["convert", "-f", "raw", "-O", "luks", &object])
+                    .args(["-o", "key-secret=bench-key,iter-time=10", &p(raw), &p(&img)])
+                    .stdout(std::process::Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
+            });
+            assert!(ok, "qemu-img convert -O luks failed");
         }
         Backend::Null | Backend::File | Backend::Rbd => {}
     }
@@ -460,6 +484,17 @@ fn daemon_args(
                 a.file_raw_path(&node, &part_image(image, e), ",cache.direct=off", "")
             }
             Backend::File => a.file_raw_path(&node, image, ",cache.direct=off", ""),
+            Backend::Luks => {
+                assert_eq!(cfg.exports, 1, "luks cases have one export");
+                a.object(LUKS_SECRET)
+                    .blockdev(&format!(
+                        "driver=file,node-name={node}-file,filename={},cache.direct=off",
+                        backend.image(image).display()
+                    ))
+                    .blockdev(&format!(
+                        "driver=luks,node-name={node},file={node}-file,key-secret=bench-key"
+                    ))
+            }
             Backend::Qcow2Fresh | Backend::Qcow2 | Backend::Qcow2Chain => {
                 assert_eq!(cfg.exports, 1, "qcow2 cases have one export");
                 a.blockdev(&format!(
@@ -718,7 +753,7 @@ fn run_once(
     let (backend, cfg, w) = (case.backend, case.cfg, case.w);
     if backend == Backend::Qcow2Fresh {
         // Every run allocates from an empty image.
-        prepare_qcow2(backend, image);
+        prepare_image(backend, image);
     }
     let Prepared {
         mut daemon,
@@ -1022,6 +1057,7 @@ fn main() {
         Backend::Qcow2,
         Backend::Qcow2Chain,
         Backend::Rbd,
+        Backend::Luks,
     ] {
         for cfg in &configs {
             for w in WORKLOADS {
@@ -1066,10 +1102,10 @@ fn main() {
             DEV_SIZE / GIB
         );
         fill_file(&image, DEV_SIZE);
-        for b in [Backend::Qcow2, Backend::Qcow2Chain] {
+        for b in [Backend::Qcow2, Backend::Qcow2Chain, Backend::Luks] {
             if cases.iter().any(|c| c.backend == b) {
                 eprintln!("preparing {}...", b.image(&image).display());
-                prepare_qcow2(b, &image);
+                prepare_image(b, &image);
             }
         }
         if cases.iter().any(|c| c.backend == Backend::Rbd) {
@@ -1364,7 +1400,13 @@ impl Drop for ImageGuard {
                 .status();
         }
         let _ = std::fs::remove_file(&self.image);
-        for ext in ["fresh.qcow2", "full.qcow2", "mid.qcow2", "top.qcow2"] {
+        for ext in [
+            "fresh.qcow2",
+            "full.qcow2",
+            "mid.qcow2",
+            "top.qcow2",
+            "luks",
+        ] {
             let _ = std::fs::remove_file(self.image.with_extension(ext));
         }
         for e in 0..self.parts {

@@ -175,16 +175,26 @@ impl Control {
 
     // ---- iothreads -------------------------------------------------------------
 
+    /// Adds an object; ids are one namespace across object types, as in QEMU.
     pub fn add_object(&mut self, object: ObjectConfig) -> OpResult<()> {
+        if self.object_exists(object.id()) {
+            return Err(QmpError::generic(format!(
+                "attempt to add duplicate property '{}' to object (type 'container')",
+                object.id()
+            )));
+        }
         match object {
             ObjectConfig::IoThread(cfg) => self.add_iothread(cfg),
             ObjectConfig::ThrottleGroup(cfg) => self.add_throttle_group(cfg),
+            ObjectConfig::Secret(opts) => self.graph.secrets().add(&opts).map_err(generic),
         }
     }
 
     /// Whether an object `id` exists (of any type: ids share QEMU's `/objects`).
     fn object_exists(&self, id: &str) -> bool {
-        self.iothreads.contains_key(id) || self.graph.throttle_groups.contains_key(id)
+        self.iothreads.contains_key(id)
+            || self.graph.throttle_groups.contains_key(id)
+            || self.graph.secrets().contains(id)
     }
 
     fn duplicate_object(id: &str) -> QmpError {
@@ -232,6 +242,10 @@ impl Control {
                 )));
             }
             self.graph.throttle_groups.remove(id);
+            return Ok(());
+        }
+        // Drivers keep what they derived from a secret: it may go at any time.
+        if self.graph.secrets().remove(id) {
             return Ok(());
         }
         if !self.iothreads.contains_key(id) {

@@ -11,6 +11,7 @@ pub mod mutate;
 pub mod options;
 pub mod vhost_user_msg;
 
+pub use blocklayer::drivers::luks::fuzzing::luks_header;
 pub use desc_chain::desc_chain;
 pub use options::keyval;
 pub use vhost_user_msg::vhost_user_msg;

@@ -114,7 +114,7 @@ pub(super) fn new_file(file: &str, perm: u32, shared: u32) -> Result<std::fs::Fi
 }
 
 pub(super) fn create(args: &[String]) -> Result<()> {
-    let p = Parsed::new(args, &["-f", "-b", "-F", "-o"], &[])?;
+    let p = Parsed::new(args, &["-f", "-b", "-F", "-o", "--object"], &[])?;
     let fmt = p.last("-f").unwrap_or("qcow2");
     let (file, size) = match p.pos.as_slice() {
         [f, s] => (
@@ -127,11 +127,15 @@ pub(super) fn create(args: &[String]) -> Result<()> {
     match fmt {
         "raw" => create_raw(file, size, &p.opts),
         "qcow2" => create_qcow2(file, size, &p.opts),
-        other => Err(usage(format!("unknown format '{other}' (qcow2 or raw)"))),
+        "luks" => super::luks::create(file, size, &p.opts),
+        other => Err(usage(format!(
+            "unknown format '{other}' (qcow2, raw or luks)"
+        ))),
     }
 }
 
 fn create_raw(file: &str, size: Option<u64>, opts: &[(String, String)]) -> Result<()> {
+    no_objects(opts)?;
     let mut sz = size.unwrap_or(0);
     let mut prealloc = FilePrealloc::Off;
     for (k, v) in opts {
@@ -152,7 +156,16 @@ fn create_raw(file: &str, size: Option<u64>, opts: &[(String, String)]) -> Resul
     })
 }
 
+/// `--object` is for `-f luks` only (vubd's qcow2 creation has no encryption yet).
+fn no_objects(opts: &[(String, String)]) -> Result<()> {
+    match opts.iter().any(|(k, _)| k == "--object") {
+        true => Err(usage("--object is of no use for this format")),
+        false => Ok(()),
+    }
+}
+
 fn create_qcow2(file: &str, size: Option<u64>, opts: &[(String, String)]) -> Result<()> {
+    no_objects(opts)?;
     let mut o = CreateOptions::new(size.unwrap_or(0));
     for (k, v) in opts {
         match k.as_str() {

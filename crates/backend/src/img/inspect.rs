@@ -9,6 +9,9 @@ pub(super) fn info(args: &[String]) -> Result<()> {
     let p = Parsed::new(args, &["--output"], &["-U", "--force-share"])?;
     let json = p.output_json()?;
     let file = p.one_file()?;
+    if super::luks::is_luks(file) {
+        return super::luks::info(file, json);
+    }
     let img = open_image(file, p.read_access(), false)?;
     let i = img.info();
     let snaps = img.snapshots();

@@ -2,7 +2,7 @@
 //! qemu-img, with qemu-img's options and output where it has them.
 //!
 //! ```text
-//! vubd img create [-f qcow2|raw] [-b BACKING [-F FMT]] [-o OPTS] FILE SIZE
+//! vubd img create [-f qcow2|raw|luks] [--object secret,...] [-b BACKING [-F FMT]] [-o OPTS] FILE SIZE
 //! vubd img info [-U] [--output human|json] FILE
 //! vubd img check [-U] [-r leaks|all] [--output human|json] FILE
 //! vubd img map [-U] [--output human|json] FILE
@@ -14,6 +14,8 @@
 //!
 //! - [`create`]: `create` and the `-o` creation options (also `convert -o`)
 //! - [`inspect`]: `info`, `check`, `map`
+//! - [`luks`]: `create -f luks`, `info` and `amend` (key slots) of LUKS volumes,
+//!   `--object secret`
 //! - [`snapshot`]: `snapshot`, and the snapshot table `info` shows too
 //! - [`source`]: reading an image through its backing chain, for `convert`
 //! - [`convert`]: `convert`, copies of images
@@ -27,6 +29,7 @@ mod bitmap;
 mod convert;
 mod create;
 mod inspect;
+mod luks;
 mod snapshot;
 mod source;
 
@@ -53,7 +56,8 @@ pub enum ImgError {
 type Result<T> = std::result::Result<T, ImgError>;
 
 pub const USAGE: &str = "\
-Usage: vubd img create [-f qcow2|raw] [-b BACKING [-F FMT]] [-o OPTIONS] FILE SIZE
+Usage: vubd img create [-f qcow2|raw|luks] [--object secret,...] [-b BACKING [-F FMT]]
+                       [-o OPTIONS] FILE SIZE
        vubd img info [-U] [--output human|json] FILE
        vubd img check [-U] [-r leaks|all] [--output human|json] FILE
        vubd img map [-U] [--output human|json] FILE
@@ -61,16 +65,24 @@ Usage: vubd img create [-f qcow2|raw] [-b BACKING [-F FMT]] [-o OPTIONS] FILE SI
        vubd img convert [-U] [-q] [-f FMT] [-O FMT] [-c] [-o OPTIONS] SRC DST
        vubd img bitmap (--add [-g GRAN] | --remove | --clear | --enable | --disable
                         | --merge SOURCE)... [-f qcow2] FILE BITMAP
+       vubd img amend [--object secret,...]... [--force] --image-opts -o OPTIONS
+                      'driver=luks,key-secret=ID,file.filename=FILE'
 
   create -o takes qemu-img's qcow2 creation options (cluster_size, compat,
   lazy_refcounts, refcount_bits, extended_l2, backing_file, backing_fmt,
   preallocation, compression_type, data_file, data_file_raw), with -f raw:
-  preallocation (off, falloc, full).
+  preallocation (off, falloc, full); with -f luks: key-secret (the id of a
+  --object secret,id=ID,data=..|file=..), cipher-alg, cipher-mode, ivgen-alg,
+  ivgen-hash-alg, hash-alg, iter-time (qemu-img's). info shows a LUKS volume's
+  header without its passphrase.
   snapshot -l lists, -c creates, -a applies (reverts to), -d deletes an internal
   snapshot (-a and -d take an id or a name).
   convert copies what the guest sees of SRC (through its backing chain) to a new
   image DST (-O raw, the default, or qcow2), leaving zeroes unallocated; -c writes
   compressed qcow2 clusters; -o takes the options of create.
+  amend changes the key slots of a LUKS volume as qemu-img amend: -o state=active,
+  new-secret=ID[,keyslot=N][,iter-time=MS] adds one, -o state=inactive,keyslot=N
+  or old-secret=ID erases (--force: even the last one).
   bitmap changes the persistent dirty bitmap BITMAP of FILE, in the order given:
   --add creates it (enabled, granularity GRAN, default the cluster size, at least
   4 KiB), --merge ORs the bitmap SOURCE of FILE into it.
@@ -93,6 +105,7 @@ pub fn main(args: &[String]) -> Result<u8> {
         "snapshot" => snapshot::snapshot(rest).map(|()| 0),
         "convert" => convert::convert(rest).map(|()| 0),
         "bitmap" => bitmap::bitmap(rest).map(|()| 0),
+        "amend" => luks::amend(rest).map(|()| 0),
         "-h" | "--help" | "help" => {
             print!("{USAGE}");
             Ok(0)

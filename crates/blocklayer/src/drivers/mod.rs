@@ -4,8 +4,8 @@
 //! a new folder and one row here.
 //!
 //! Protocols: `file`/`host_device`, `null-co`/`null-aio`, `nbd`, `rbd` (Ceph); formats:
-//! `raw`, `qcow2`; filters: `blkdebug`, `copy-on-read`, `copy-before-write`, `throttle`;
-//! `snapshot-access`, which
+//! `raw`, `qcow2`, `luks`; filters: `blkdebug`, `copy-on-read`, `copy-before-write`,
+//! `throttle`; `snapshot-access`, which
 //! reads the view a `copy-before-write` filter keeps. [`lock`] is QEMU's image locking of host
 //! files, which `file` and the image tools share.
 
@@ -16,6 +16,7 @@ pub mod file;
 pub mod forward;
 pub mod job_filter;
 pub mod lock;
+pub mod luks;
 pub mod nbd;
 pub mod null;
 pub mod qcow2;
@@ -80,6 +81,7 @@ pub static DRIVERS: &[DriverEntry] = &[
     nbd::ENTRY,
     blkdebug::ENTRY,
     qcow2::ENTRY,
+    luks::ENTRY,
     copy_on_read::ENTRY,
     copy_before_write::ENTRY,
     snapshot_access::ENTRY,
@@ -172,6 +174,11 @@ impl<'a> OpenCtx<'a> {
     /// The edge from the new node to `child` under the child name `name`.
     pub fn edge(&self, name: &'static str, role: Role, child: &Arc<Node>) -> Arc<Edge> {
         Edge::child_of(self.name, name, role, child)
+    }
+
+    /// The secret objects (for `key-secret` and the like).
+    pub fn secrets(&self) -> &crate::secret::Secrets {
+        self.graph.secrets()
     }
 
     /// The node `node_name` of the graph, if it exists.

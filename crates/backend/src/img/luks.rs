@@ -1,0 +1,263 @@
+//! `vubd img create -f luks` and `vubd img info` of LUKS volumes, with qemu-img's
+//! `--object secret,...` for the passphrase and its `-o` creation options
+//! (`key-secret`, `cipher-alg`, `cipher-mode`, `ivgen-alg`, `ivgen-hash-alg`,
+//! `hash-alg`, `iter-time`).
+
+use super::create::new_file;
+use super::{usage, ImgError, Result};
+use crate::config::ObjectConfig;
+use crate::keyval;
+use blocklayer::drivers::file::create::{CREATE_PERM, CREATE_SHARED};
+use blocklayer::drivers::luks::create::{header_info_json, LuksCreateOptions};
+use blocklayer::drivers::luks::header::{Header, HEADER_LEN, MAGIC};
+use blocklayer::drivers::luks::volume;
+use blocklayer::options::coerce::Fields;
+use blocklayer::secret::Secrets;
+use serde_json::{json, Map, Value};
+use std::io::{Read, Write};
+
+/// The secrets of the `--object` options (other object types are refused).
+pub(super) fn secrets(opts: &[(String, String)]) -> Result<Secrets> {
+    let secrets = Secrets::default();
+    for (k, v) in opts.iter().filter(|(k, _)| k == "--object") {
+        let bad = |e: String| usage(format!("{k} {v}: {e}"));
+        let j = keyval::parse_option(v, Some("qom-type")).map_err(|e| bad(e.to_string()))?;
+        match ObjectConfig::from_json(&j).map_err(|e| bad(e.to_string()))? {
+            ObjectConfig::Secret(s) => secrets.add(&s).map_err(|e| bad(e.to_string()))?,
+            other => {
+                return Err(bad(format!(
+                    "'{}' objects are of no use here",
+                    other.qom_type()
+                )))
+            }
+        }
+    }
+    Ok(secrets)
+}
+
+fn image_error(file: &str, message: impl ToString) -> ImgError {
+    ImgError::Image {
+        path: file.into(),
+        message: message.to_string(),
+    }
+}
+
+pub(super) fn create(file: &str, size: Option<u64>, opts: &[(String, String)]) -> Result<()> {
+    let secrets = secrets(opts)?;
+    let mut map = Map::new();
+    for (k, v) in opts {
+        match k.as_str() {
+            "-b" | "-F" => return Err(usage("format luks has no backing file")),
+            "-o" => {
+                let o = keyval::parse_option(v, None).map_err(|e| usage(format!("-o {v}: {e}")))?;
+                if let Value::Object(o) = o {
+                    map.extend(o);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut f = Fields::from_map(map, "");
+    let o_size = f.size("size").map_err(|e| usage(e.to_string()))?;
+    if let Some(p) = f
+        .string("preallocation")
+        .map_err(|e| usage(e.to_string()))?
+    {
+        if p != "off" {
+            return Err(usage(format!(
+                "-o preallocation={p}: vubd creates luks with off only"
+            )));
+        }
+    }
+    let lo = LuksCreateOptions::take_from(&mut f).map_err(|e| usage(e.to_string()))?;
+    f.finish().map_err(|e| usage(e.to_string()))?;
+    let size = size.or(o_size).ok_or_else(|| usage("missing SIZE"))?;
+    // As qemu-img: whole sectors.
+    let size = size.next_multiple_of(512);
+    let params = lo.params(&secrets).map_err(|e| image_error(file, e))?;
+    let (bytes, v) = volume::format(&params).map_err(|e| image_error(file, e))?;
+    let mut out = new_file(file, CREATE_PERM, CREATE_SHARED)?;
+    let err = |e: std::io::Error| image_error(file, e);
+    out.write_all(&bytes).map_err(err)?;
+    out.set_len(v.header.payload_bytes() + size).map_err(err)?;
+    out.sync_all().map_err(err)
+}
+
+/// Whether `file` starts with the LUKS magic.
+pub(super) fn is_luks(file: &str) -> bool {
+    let mut magic = [0u8; 6];
+    std::fs::File::open(file)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok_and(|()| &magic == MAGIC)
+}
+
+/// `info` of a LUKS volume: from the header, without the passphrase (as qemu-img).
+pub(super) fn info(file: &str, json_out: bool) -> Result<()> {
+    let mut head = vec![0u8; HEADER_LEN];
+    let mut f = std::fs::File::open(file).map_err(|e| image_error(file, e))?;
+    let meta = f.metadata().map_err(|e| image_error(file, e))?;
+    f.read_exact(&mut head).map_err(|e| image_error(file, e))?;
+    let h = Header::parse(&head).map_err(|e| image_error(file, e))?;
+    let algs = h.algorithms().map_err(|e| image_error(file, e))?;
+    let size = meta.len().saturating_sub(h.payload_bytes());
+    let actual = {
+        use std::os::unix::fs::MetadataExt;
+        meta.blocks() * 512
+    };
+    let data = header_info_json(&h, &algs);
+    let v = json!({
+        "filename": file,
+        "format": "luks",
+        "virtual-size": size,
+        "actual-size": actual,
+        "encrypted": true,
+        "format-specific": {"type": "luks", "data": data},
+    });
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return Ok(());
+    }
+    println!("image: {file}");
+    println!("file format: luks");
+    println!("virtual size: {size} bytes");
+    println!("disk size: {actual} bytes");
+    println!("encrypted: yes");
+    println!("Format specific information:");
+    for k in [
+        "ivgen-alg",
+        "ivgen-hash-alg",
+        "hash-alg",
+        "cipher-alg",
+        "uuid",
+        "cipher-mode",
+    ] {
+        if let Some(s) = data[k].as_str() {
+            println!("    {}: {s}", k.replace('-', " "));
+        }
+    }
+    println!("    slots:");
+    for (i, s) in data["slots"].as_array().into_iter().flatten().enumerate() {
+        println!("        [{i}]:");
+        println!("            active: {}", s["active"]);
+        if s["active"] == json!(true) {
+            println!("            iters: {}", s["iters"]);
+        }
+        println!("            key offset: {}", s["key-offset"]);
+        if s["active"] == json!(true) {
+            println!("            stripes: {}", s["stripes"]);
+        }
+    }
+    println!("    payload offset: {}", data["payload-offset"]);
+    println!("    master key iters: {}", data["master-key-iters"]);
+    Ok(())
+}
+
+/// `amend --image-opts [--object ...] [--force] -o OPTS 'driver=luks,key-secret=ID,
+/// file.filename=FILE'`: adds (`state=active,new-secret=ID[,keyslot=N][,iter-time=MS]`)
+/// or erases (`state=inactive,keyslot=N` or `old-secret=ID`) key slots, as qemu-img
+/// amend does for LUKS volumes.
+pub(super) fn amend(args: &[String]) -> Result<()> {
+    use blocklayer::drivers::luks::keyslots::{self, AmendOptions, SlotState};
+    use blocklayer::drivers::luks::volume::Volume;
+    use std::os::unix::fs::FileExt;
+    let p = super::Parsed::new(
+        args,
+        &["-o", "--object", "-f"],
+        &["--image-opts", "--force"],
+    )?;
+    if !p.has("--image-opts") {
+        return Err(usage(
+            "amend takes --image-opts 'driver=luks,key-secret=ID,file.filename=FILE' (the \
+             key to unlock the volume is part of its open options, as in qemu-img)",
+        ));
+    }
+    let secrets = secrets(&p.opts)?;
+    let spec = p.one_file()?;
+    let v = keyval::parse_option(spec, None).map_err(|e| usage(format!("{spec}: {e}")))?;
+    let mut f = Fields::new(&v, "").map_err(|e| usage(e.to_string()))?;
+    let driver = f.string("driver").map_err(|e| usage(e.to_string()))?;
+    if driver.as_deref() != Some("luks") {
+        return Err(usage("amend works on driver=luks volumes"));
+    }
+    let key_secret = f.string("key-secret").map_err(|e| usage(e.to_string()))?;
+    let file_opts = f.object("file").map_err(|e| usage(e.to_string()))?;
+    let mut file_opts = file_opts.ok_or_else(|| usage("missing file.filename"))?;
+    let file = file_opts
+        .required_string("filename")
+        .map_err(|e| usage(e.to_string()))?;
+    let file = file.as_str();
+    let Some(key_secret) = key_secret else {
+        return Err(image_error(
+            file,
+            "Parameter 'key-secret' is required for cipher",
+        ));
+    };
+    let password = secrets
+        .lookup_utf8(&key_secret)
+        .map_err(|e| image_error(file, e))?;
+
+    let mut map = Map::new();
+    for (k, v) in p.opts.iter().filter(|(k, _)| k == "-o") {
+        let o = keyval::parse_option(v, None).map_err(|e| usage(format!("{k} {v}: {e}")))?;
+        if let Value::Object(o) = o {
+            map.extend(o);
+        }
+    }
+    let mut o = Fields::from_map(map, "");
+    let opt_err = |e: blocklayer::options::OptionsError| usage(e.to_string());
+    let state = o
+        .enumeration(
+            "state",
+            &[
+                ("active", SlotState::Active),
+                ("inactive", SlotState::Inactive),
+            ],
+        )
+        .map_err(opt_err)?;
+    let state = state.ok_or_else(|| usage("-o state=active|inactive is required"))?;
+    let secret = |id: Option<String>| -> Result<Option<Vec<u8>>> {
+        id.map(|id| {
+            secrets
+                .lookup_utf8(&id)
+                .map(String::into_bytes)
+                .map_err(|e| image_error(file, e))
+        })
+        .transpose()
+    };
+    let keyslot = o.uint("keyslot").map_err(opt_err)?;
+    let amend = AmendOptions {
+        state,
+        keyslot: keyslot.map(|k| i64::try_from(k).unwrap_or(i64::MAX)),
+        old_password: secret(o.string("old-secret").map_err(opt_err)?)?,
+        new_password: secret(o.string("new-secret").map_err(opt_err)?)?,
+        iter_time_ms: o
+            .uint("iter-time")
+            .map_err(opt_err)?
+            .unwrap_or(blocklayer::drivers::luks::create::DEFAULT_ITER_TIME),
+    };
+    o.finish().map_err(opt_err)?;
+
+    let fh = super::open_file(file, super::Access::Write)?;
+    let len = fh.metadata().map_err(|e| image_error(file, e))?.len();
+    let read = |off: u64, n: usize| -> std::result::Result<Vec<u8>, blocklayer::BlockError> {
+        if off.saturating_add(n as u64) > len {
+            return Err(blocklayer::BlockError::Graph(format!(
+                "key material at {off}+{n} is past the end of the file ({len} bytes)"
+            )));
+        }
+        let mut b = vec![0u8; n];
+        fh.read_exact_at(&mut b, off)
+            .map_err(|e| blocklayer::BlockError::io("read", e))?;
+        Ok(b)
+    };
+    let head = read(0, HEADER_LEN.min(len as usize)).map_err(|e| image_error(file, e))?;
+    let mut vol =
+        Volume::open(&head, password.as_bytes(), read).map_err(|e| image_error(file, e))?;
+    let writes = keyslots::amend(&mut vol, &amend, p.has("--force"), read)
+        .map_err(|e| image_error(file, e))?;
+    for (off, bytes) in writes {
+        fh.write_all_at(&bytes, off)
+            .map_err(|e| image_error(file, e))?;
+    }
+    fh.sync_all().map_err(|e| image_error(file, e))
+}

@@ -1,0 +1,150 @@
+//! Adding and erasing key slots of an unlocked volume (QEMU's LUKS amend:
+//! `state=active` with `new-secret`, `state=inactive` with `keyslot` or `old-secret`),
+//! with QEMU 7.2's rules and texts. The result is the list of writes to make: key
+//! material first, the header last.
+
+use super::header::{NUM_SLOTS, SLOT_DISABLED};
+use super::volume::{fill_slot, random_bytes, unlock_slot, Volume, VolumeError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotState {
+    Active,
+    Inactive,
+}
+
+/// QEMU's `QCryptoBlockAmendOptionsLUKS`, the secrets already looked up.
+#[derive(Debug, Clone)]
+pub struct AmendOptions {
+    pub state: SlotState,
+    pub keyslot: Option<i64>,
+    pub old_password: Option<Vec<u8>>,
+    pub new_password: Option<Vec<u8>>,
+    /// Milliseconds of PBKDF2 for a new slot (QEMU's default 2000).
+    pub iter_time_ms: u64,
+}
+
+/// Writes to make, in order: (offset in the image, bytes).
+pub type Writes = Vec<(u64, Vec<u8>)>;
+
+fn generic(msg: impl Into<String>) -> VolumeError {
+    VolumeError::Amend(msg.into())
+}
+
+/// Changes `v`'s header as `o` asks; `force` allows erasing the last usable slots.
+pub fn amend(
+    v: &mut Volume,
+    o: &AmendOptions,
+    force: bool,
+    mut read: impl FnMut(u64, usize) -> Result<Vec<u8>, crate::BlockError>,
+) -> Result<Writes, VolumeError> {
+    let slot = match o.keyslot {
+        Some(k) if !(0..NUM_SLOTS as i64).contains(&k) => {
+            return Err(generic(format!(
+                "Invalid keyslot {k} specified, must be between 0 and {}",
+                NUM_SLOTS - 1
+            )))
+        }
+        k => k.map(|k| k as usize),
+    };
+    let mut writes = Writes::new();
+    match o.state {
+        SlotState::Active => {
+            let Some(new) = &o.new_password else {
+                return Err(generic("'new-secret' is required to activate a keyslot"));
+            };
+            if o.old_password.is_some() {
+                return Err(generic(
+                    "'old-secret' must not be given when activating keyslots",
+                ));
+            }
+            let i = match slot {
+                Some(i) if v.header.slots[i].is_enabled() => {
+                    return Err(generic(format!(
+                        "Refusing to overwrite active keyslot {i} - please erase it first"
+                    )))
+                }
+                Some(i) => i,
+                None => v
+                    .header
+                    .slots
+                    .iter()
+                    .position(|s| !s.is_enabled())
+                    .ok_or_else(|| generic("Can't add a keyslot - all keyslots are in use"))?,
+            };
+            let key = v.master_key().to_vec();
+            let (offset, material) =
+                fill_slot(&mut v.header, &v.algs, i, &key, new, o.iter_time_ms)?;
+            writes.push((offset, material));
+        }
+        SlotState::Inactive => {
+            let active: Vec<usize> = (0..NUM_SLOTS)
+                .filter(|&i| v.header.slots[i].is_enabled())
+                .collect();
+            let erase: Vec<usize> = match (slot, &o.old_password) {
+                (Some(i), _) => {
+                    if !v.header.slots[i].is_enabled() {
+                        return Err(generic(format!(
+                            "Given keyslot {i} is already erased (inactive) "
+                        )));
+                    }
+                    if active.len() == 1 && !force {
+                        return Err(generic(format!(
+                            "Attempt to erase the only active keyslot {i} which will erase \
+                             all the data in the image irreversibly - refusing operation"
+                        )));
+                    }
+                    if let Some(old) = &o.old_password {
+                        let key = unlock_slot(&v.header, &v.algs, i, old, &mut read)?;
+                        if key.is_none() {
+                            return Err(generic(format!(
+                                "Given keyslot {i} doesn't contain the given old password \
+                                 for erase operation"
+                            )));
+                        }
+                    }
+                    vec![i]
+                }
+                (None, Some(old)) => {
+                    let mut matching = Vec::new();
+                    for &i in &active {
+                        if unlock_slot(&v.header, &v.algs, i, old, &mut read)?.is_some() {
+                            matching.push(i);
+                        }
+                    }
+                    if matching.is_empty() {
+                        return Err(generic(
+                            "No keyslots match given (old) password for erase operation",
+                        ));
+                    }
+                    if matching.len() == active.len() && !force {
+                        return Err(generic(
+                            "All the active keyslots match the (old) password that was given \
+                             and erasing them will erase all the data in the image \
+                             irreversibly - refusing operation",
+                        ));
+                    }
+                    matching
+                }
+                (None, None) => {
+                    return Err(generic(
+                        "To erase keyslot(s), either explicit keyslot index or the password \
+                         currently contained in them must be given",
+                    ))
+                }
+            };
+            let len = v.algs.key_bytes() * super::header::STRIPES as usize;
+            for i in erase {
+                // The material is overwritten with random bytes, then the slot disabled.
+                let mut garbage = vec![0u8; len];
+                random_bytes(&mut garbage)?;
+                let s = &mut v.header.slots[i];
+                writes.push((s.key_offset as u64 * super::header::SECTOR, garbage));
+                s.active = SLOT_DISABLED;
+                s.iterations = 0;
+                s.salt = [0; super::header::SALT_LEN];
+            }
+        }
+    }
+    writes.push((0, v.header.serialise().to_vec()));
+    Ok(writes)
+}
