@@ -1,14 +1,18 @@
 //! The cryptography LUKS needs, over RustCrypto crates (`aes`, which uses AES-NI when
-//! the CPU has it, `xts-mode`, `cbc`, `pbkdf2`, `sha1`, `sha2`): the algorithm names
-//! QEMU uses, sector encryption with an IV generator (plain, plain64, essiv), PBKDF2,
-//! and the anti-forensic splitter (AF split/merge) of the LUKS specification.
+//! the CPU has it, `cbc`, `pbkdf2`, `sha1`, `sha2`): the algorithm names QEMU uses,
+//! sector encryption with an IV generator (plain, plain64, essiv), PBKDF2, and the
+//! anti-forensic splitter (AF split/merge) of the LUKS specification.
+//!
+//! XTS is composed here over `aes`'s multi-block calls ([`Xts`]) rather than taken
+//! from the `xts-mode` crate, which encrypts one block at a time and so leaves
+//! AES-NI's pipelining unused (464 MB/s against several GB/s); the tests check it
+//! against `xts-mode` block for block.
 
 use aes::cipher::{
-    block_padding::NoPadding, BlockDecryptMut, BlockEncrypt, BlockEncryptMut, KeyInit,
+    block_padding::NoPadding, BlockDecrypt, BlockDecryptMut, BlockEncrypt, BlockEncryptMut, KeyInit,
 };
 use aes::{Aes128, Aes192, Aes256};
 use sha2::Digest;
-use xts_mode::Xts128;
 
 /// Sector size of the encryption (IVs count 512-byte sectors).
 pub const SECTOR: usize = 512;
@@ -255,6 +259,19 @@ impl Aes {
         }
     }
 
+    /// Encrypts or decrypts `blocks` independently, several at a time where the CPU
+    /// allows (AES-NI: 8 in flight).
+    fn blocks(&self, encrypt: bool, blocks: &mut [aes::Block]) {
+        match (self, encrypt) {
+            (Aes::A128(c), true) => c.encrypt_blocks(blocks),
+            (Aes::A128(c), false) => c.decrypt_blocks(blocks),
+            (Aes::A192(c), true) => c.encrypt_blocks(blocks),
+            (Aes::A192(c), false) => c.decrypt_blocks(blocks),
+            (Aes::A256(c), true) => c.encrypt_blocks(blocks),
+            (Aes::A256(c), false) => c.decrypt_blocks(blocks),
+        }
+    }
+
     /// CBC over `buf` (a multiple of 16 bytes) starting from `iv`.
     fn cbc(&self, encrypt: bool, iv: &[u8; BLOCK], buf: &mut [u8]) {
         use cbc::cipher::InnerIvInit;
@@ -281,9 +298,50 @@ impl Aes {
 
 enum Mode {
     Cbc(Box<Aes>),
-    Xts128(Box<Xts128<Aes128>>),
-    Xts192(Box<Xts128<Aes192>>),
-    Xts256(Box<Xts128<Aes256>>),
+    Xts(Box<Xts>),
+}
+
+/// Blocks per sector.
+const SECTOR_BLOCKS: usize = SECTOR / BLOCK;
+
+/// XTS-AES (IEEE 1619) for whole 512-byte sectors, as LUKS and QEMU use it: the data
+/// key encrypts each block between two XORs with its tweak, the sector's IV encrypted
+/// with the tweak key and multiplied by x once per block in GF(2^128). Whole sectors
+/// need no ciphertext stealing. The 32 blocks of a sector go to `aes` in one call.
+struct Xts {
+    data: Aes,
+    tweak: Aes,
+}
+
+impl Xts {
+    fn sector(&self, encrypt: bool, iv: [u8; BLOCK], sector: &mut [u8]) {
+        let mut t = iv;
+        self.tweak.encrypt_block(&mut t);
+        let mut t = u128::from_le_bytes(t);
+        let mut tweaks = [0u128; SECTOR_BLOCKS];
+        let mut blocks = [aes::Block::default(); SECTOR_BLOCKS];
+        for ((tw, b), chunk) in tweaks
+            .iter_mut()
+            .zip(blocks.iter_mut())
+            .zip(sector.chunks_exact(BLOCK))
+        {
+            *tw = t;
+            let x = u128::from_le_bytes(chunk.try_into().expect("16 bytes")) ^ t;
+            b.copy_from_slice(&x.to_le_bytes());
+            // Times x: a shift, and the reduction polynomial x^128 + x^7 + x^2 + x + 1
+            // folded back in when a bit falls off the top.
+            t = (t << 1) ^ if t >> 127 == 1 { 0x87 } else { 0 };
+        }
+        self.data.blocks(encrypt, &mut blocks);
+        for ((tw, b), chunk) in tweaks
+            .iter()
+            .zip(blocks.iter())
+            .zip(sector.chunks_exact_mut(BLOCK))
+        {
+            let x = u128::from_le_bytes((*b).into()) ^ tw;
+            chunk.copy_from_slice(&x.to_le_bytes());
+        }
+    }
 }
 
 enum IvGen {
@@ -324,12 +382,10 @@ impl SectorCipher {
             CipherMode::Cbc => Mode::Cbc(Box::new(Aes::new(key)?)),
             CipherMode::Xts => {
                 let (k1, k2) = key.split_at(key.len() / 2);
-                match (Aes::new(k1)?, Aes::new(k2)?) {
-                    (Aes::A128(a), Aes::A128(b)) => Mode::Xts128(Box::new(Xts128::new(a, b))),
-                    (Aes::A192(a), Aes::A192(b)) => Mode::Xts192(Box::new(Xts128::new(a, b))),
-                    (Aes::A256(a), Aes::A256(b)) => Mode::Xts256(Box::new(Xts128::new(a, b))),
-                    _ => return Err(CryptoError::KeyLength(key.len())),
-                }
+                Mode::Xts(Box::new(Xts {
+                    data: Aes::new(k1)?,
+                    tweak: Aes::new(k2)?,
+                }))
             }
             m => return Err(CryptoError::Mode(m.name())),
         };
@@ -365,12 +421,7 @@ impl SectorCipher {
             let iv = self.ivgen.iv(first_sector.wrapping_add(i as u64));
             match &self.mode {
                 Mode::Cbc(c) => c.cbc(encrypt, &iv, sector),
-                Mode::Xts128(x) if encrypt => x.encrypt_sector(sector, iv),
-                Mode::Xts128(x) => x.decrypt_sector(sector, iv),
-                Mode::Xts192(x) if encrypt => x.encrypt_sector(sector, iv),
-                Mode::Xts192(x) => x.decrypt_sector(sector, iv),
-                Mode::Xts256(x) if encrypt => x.encrypt_sector(sector, iv),
-                Mode::Xts256(x) => x.decrypt_sector(sector, iv),
+                Mode::Xts(x) => x.sector(encrypt, iv, sector),
             }
         }
         Ok(())
@@ -470,6 +521,60 @@ mod tests {
             let split = af_split(hash, &key, 4000, &random);
             assert_eq!(split.len(), 64 * 4000);
             assert_eq!(af_merge(hash, 64, 4000, &split), key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod xts_equivalence {
+    use super::*;
+    use xts_mode::Xts128;
+
+    /// Our XTS gives the `xts-mode` crate's output, sector for sector, for every key
+    /// size, both ways.
+    #[test]
+    fn matches_the_xts_mode_crate() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed as u8
+        };
+        for key_len in [32usize, 48, 64] {
+            let key: Vec<u8> = (0..key_len).map(|_| next()).collect();
+            let data: Vec<u8> = (0..8 * SECTOR).map(|_| next()).collect();
+            let (k1, k2) = key.split_at(key_len / 2);
+            let ours = Xts {
+                data: Aes::new(k1).unwrap(),
+                tweak: Aes::new(k2).unwrap(),
+            };
+            let mut theirs = data.clone();
+            macro_rules! crate_xts {
+                ($t:ty) => {{
+                    let x = Xts128::<$t>::new(
+                        <$t>::new_from_slice(k1).unwrap(),
+                        <$t>::new_from_slice(k2).unwrap(),
+                    );
+                    for (i, s) in theirs.chunks_exact_mut(SECTOR).enumerate() {
+                        x.encrypt_sector(s, IvGen::Plain64.iv(1000 + i as u64));
+                    }
+                }};
+            }
+            match key_len {
+                32 => crate_xts!(Aes128),
+                48 => crate_xts!(Aes192),
+                _ => crate_xts!(Aes256),
+            }
+            let mut mine = data.clone();
+            for (i, s) in mine.chunks_exact_mut(SECTOR).enumerate() {
+                ours.sector(true, IvGen::Plain64.iv(1000 + i as u64), s);
+            }
+            assert_eq!(mine, theirs, "encryption, {key_len}-byte key");
+            for (i, s) in mine.chunks_exact_mut(SECTOR).enumerate() {
+                ours.sector(false, IvGen::Plain64.iv(1000 + i as u64), s);
+            }
+            assert_eq!(mine, data, "decryption, {key_len}-byte key");
         }
     }
 }
