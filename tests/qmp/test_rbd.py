@@ -100,6 +100,23 @@ async def test_blockdev_add_errors(start_daemon, ceph_conf):
             await error(c, "blockdev-add", opts, desc=desc)
 
 
+async def test_key_secret_names_a_secret_object(start_daemon, ceph_conf):
+    """key-secret is looked up in the secret objects and handed to librados as its key
+    (the test cluster runs without cephx, so any key connects): a node that names a
+    secret opens and reads, in both daemons; one that names none gets QEMU's text."""
+    image = new_image(ceph_conf)
+    d = start_daemon()
+    async with d.qmp() as c:
+        await execute(c, "object-add", {"qom-type": "secret", "id": "cephkey",
+                                        "data": "AQBJTzBmAAAAABAAwmiNQ3c0Y9p1hBG9sIRrfQ==",
+                                        "format": "raw"})
+        await execute(c, "blockdev-add", rbd_opts(ceph_conf, "k", image, **{"key-secret": "cephkey"}))
+        nodes = await execute(c, "query-named-block-nodes", {"flat": True})
+        assert any(n["node-name"] == "k" and n["drv"] == "rbd" for n in nodes), nodes
+        await error(c, "blockdev-add", rbd_opts(ceph_conf, "k2", image, **{"key-secret": "nokey"}),
+                    desc="No secret with id 'nokey'")
+
+
 async def test_snapshot_opens_read_only(start_daemon, ceph_conf):
     image = new_image(ceph_conf)
     rbd(ceph_conf, "snap", "create", f"rbd/{image}@s1")

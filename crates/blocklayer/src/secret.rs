@@ -241,6 +241,26 @@ pub fn base64_decode(input: &[u8]) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// Standard base64 with padding (QEMU's `qcrypto_secret_lookup_as_base64` hands a
+/// secret to librados this way).
+pub fn base64_encode(data: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let mut b = [0u8; 3];
+        b[..chunk.len()].copy_from_slice(chunk);
+        let v = u32::from_be_bytes([0, b[0], b[1], b[2]]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(v >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -253,6 +273,21 @@ mod tests {
             format: SecretFormat::Raw,
             keyid: None,
             iv: None,
+        }
+    }
+
+    #[test]
+    fn base64_encode_round_trips() {
+        assert_eq!(base64_encode(b"password"), "cGFzc3dvcmQ=");
+        assert_eq!(base64_encode(b""), "");
+        assert_eq!(base64_encode(b"ab"), "YWI=");
+        assert_eq!(base64_encode(b"abc"), "YWJj");
+        let all: Vec<u8> = (0..=255).collect();
+        for n in 0..all.len() {
+            assert_eq!(
+                base64_decode(base64_encode(&all[..n]).as_bytes()).unwrap(),
+                &all[..n]
+            );
         }
     }
 

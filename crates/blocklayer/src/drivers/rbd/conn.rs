@@ -4,6 +4,7 @@
 use super::ffi::{self, IoCtx, Lib, Rados};
 use super::options::{AuthMode, RbdLocation};
 use crate::error::{strerror, BlockError, Result};
+use crate::secret::Secrets;
 use std::ffi::CString;
 
 /// A connected cluster handle and an I/O context; dropping it disconnects.
@@ -45,12 +46,19 @@ pub fn cstr(name: &str, s: &str) -> Result<CString> {
 
 /// Connects to the cluster `loc` names and opens its pool and namespace. `cache`:
 /// librbd's write-back cache (off with `cache.direct=on`, as in QEMU).
-pub fn connect(loc: &RbdLocation, cache: bool) -> Result<Conn> {
+/// `secrets` resolves `key-secret`.
+pub fn connect(loc: &RbdLocation, cache: bool, secrets: &Secrets) -> Result<Conn> {
     let lib = ffi::lib().map_err(graph_err)?;
-    if let Some(id) = &loc.key_secret {
-        // vubd has no `secret` objects yet: no id can name one.
-        return Err(graph_err(format!("No secret with id '{id}'")));
-    }
+    // librados takes the key as base64 text (its `key` option), as QEMU passes it.
+    let key = match &loc.key_secret {
+        Some(id) => Some(
+            secrets
+                .lookup(id)
+                .map(|k| crate::secret::base64_encode(&k))
+                .map_err(|e| graph_err(e.to_string()))?,
+        ),
+        None => None,
+    };
     let user = loc.user.as_deref().map(|u| cstr("user", u)).transpose()?;
     let conf = loc.conf.as_deref().map(|c| cstr("conf", c)).transpose()?;
     let pool = cstr("pool", &loc.pool)?;
@@ -100,6 +108,11 @@ pub fn connect(loc: &RbdLocation, cache: bool) -> Result<Conn> {
             Ok(())
         }
     };
+    if let Some(key) = &key {
+        if let Err(r) = set("key", key) {
+            return Err(shutdown(errno_err("Could not set 'key'".into(), r)));
+        }
+    }
     if !loc.server.is_empty() {
         let hosts: Vec<String> = loc
             .server

@@ -9,7 +9,7 @@ use crate::graph::Graph;
 use crate::options::coerce::Fields;
 use crate::options::OptionsError;
 
-pub(super) fn blockdev_create(mut f: Fields, _graph: &Graph) -> Result<CreateWork> {
+pub(super) fn blockdev_create(mut f: Fields, graph: &Graph) -> Result<CreateWork> {
     let mut lf = f
         .object("location")?
         .ok_or_else(|| OptionsError::Missing(f.name("location")))?;
@@ -24,6 +24,7 @@ pub(super) fn blockdev_create(mut f: Fields, _graph: &Graph) -> Result<CreateWor
         ));
     }
     f.finish()?;
+    let secrets = graph.secrets().clone();
     Ok(Box::new(move || {
         let mut order: i32 = 0;
         if let Some(objsize) = cluster_size.filter(|s| *s != 0) {
@@ -35,7 +36,7 @@ pub(super) fn blockdev_create(mut f: Fields, _graph: &Graph) -> Result<CreateWor
             }
             order = objsize.trailing_zeros() as i32;
         }
-        let conn = connect(&loc, false)?;
+        let conn = connect(&loc, false, &secrets)?;
         let name = cstr("image", &loc.image)?;
         // SAFETY: live ioctx, NUL-terminated name, and `order` a local in/out value.
         let r = unsafe { (conn.lib.rbd_create)(conn.ioctx, name.as_ptr(), size, &mut order) };

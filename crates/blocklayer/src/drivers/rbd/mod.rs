@@ -96,9 +96,13 @@ pub struct RbdDriver {
 }
 
 impl RbdDriver {
-    pub fn open(loc: &RbdLocation, common: &CommonOptions) -> Result<Self> {
+    pub fn open(
+        loc: &RbdLocation,
+        common: &CommonOptions,
+        secrets: &crate::secret::Secrets,
+    ) -> Result<Self> {
         let read_only = common.read_only || loc.snapshot.is_some();
-        let conn = connect(loc, !common.cache_direct)?;
+        let conn = connect(loc, !common.cache_direct, secrets)?;
         let lib = conn.lib;
         let name = cstr("image", &loc.image)?;
         let snap = loc

@@ -141,7 +141,11 @@ impl DriverOptions for RbdOptions {
     }
 
     fn open(&self, ctx: &mut OpenCtx<'_>) -> crate::Result<Box<dyn Driver>> {
-        Ok(Box::new(RbdDriver::open(&self.location, ctx.common)?))
+        Ok(Box::new(RbdDriver::open(
+            &self.location,
+            ctx.common,
+            ctx.secrets(),
+        )?))
     }
 }
 
