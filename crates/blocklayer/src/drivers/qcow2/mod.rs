@@ -483,6 +483,11 @@ impl Qcow2Driver {
     }
 }
 
+/// The most a block-status or allocation query maps per call: callers ask again from
+/// where the answer ends, so mapping all of a long range each time would be
+/// quadratic on a fragmented image.
+const MAX_MAP: u64 = 256 << 20;
+
 impl Driver for Qcow2Driver {
     fn driver_name(&self) -> &'static str {
         "qcow2"
@@ -539,9 +544,6 @@ impl Driver for Qcow2Driver {
                 ExtentKind::Unallocated => Status::Unallocated,
             }
         }
-        // The map of at most this much per call: callers ask again from where the
-        // answer ends, so mapping all of a long range each time would be quadratic.
-        const MAX_MAP: u64 = 256 << 20;
         let len = len.min(MAX_MAP);
         Box::pin(async move {
             let extents = self
@@ -564,6 +566,7 @@ impl Driver for Qcow2Driver {
     }
 
     fn is_allocated(&self, offset: u64, len: u64) -> LocalBoxFuture<'_, Result<(bool, u64)>> {
+        let len = len.min(MAX_MAP);
         Box::pin(async move {
             let extents = self
                 .image
