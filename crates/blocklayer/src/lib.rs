@@ -11,8 +11,8 @@
 //! - [`periodic`]: the housekeeping thread for periodic driver tasks
 //! - [`secret`]: secret objects (passphrases and keys) that drivers look up by id
 //! - [`snapshot`]: internal snapshots as drivers report them
-//! - [`nbd_proto`]: the NBD wire format, which the `nbd` driver and the daemon's NBD
-//!   server share
+//! - [`nbd_proto`]: the NBD wire format, and [`nbd_stream`] its sockets, which the
+//!   `nbd` driver and the daemon's NBD server share
 //! - [`throttle`]: throttle groups (limits, leaky buckets) for the `throttle` filter
 
 pub mod aio;
@@ -32,6 +32,7 @@ pub mod io;
 pub mod limits;
 pub mod named_bitmap;
 pub mod nbd_proto;
+pub mod nbd_stream;
 pub mod node;
 pub mod options;
 pub mod periodic;

@@ -8,10 +8,10 @@
 
 use super::handshake::{Context, Negotiated};
 use super::proto::*;
-use super::stream::Stream;
 use super::NbdShared;
 use blocklayer::aio::executor;
 use blocklayer::aio::iovec::{AlignedBuf, IoVec};
+use blocklayer::nbd_stream::Stream;
 use blocklayer::BlockError;
 use std::io::{IoSlice, Read, Write};
 use std::net::Shutdown;

@@ -4,8 +4,8 @@
 //! reply and the negotiation goes on.
 
 use super::proto::*;
-use super::stream::Stream;
 use super::NbdShared;
+use blocklayer::nbd_stream::Stream;
 use std::io::{self, Read, Write};
 use std::sync::Arc;
 

@@ -16,7 +16,6 @@
 pub mod conn;
 pub mod handshake;
 pub mod server;
-pub mod stream;
 
 pub use blocklayer::nbd_proto as proto;
 
@@ -25,12 +24,12 @@ use crate::iothread::event_loop::EventLoop;
 use crate::iothread::IoThread;
 use blocklayer::backend::BlockBackend;
 use blocklayer::named_bitmap::NamedBitmap;
+use blocklayer::nbd_stream::Stream;
 pub use server::NbdServer;
 use std::net::Shutdown;
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
-use stream::Stream;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NbdError {

@@ -2,9 +2,9 @@
 //! table of exports by name.
 
 use super::handshake::{self, Exports};
-use super::stream::Stream;
 use super::{conn, NbdError, NbdShared};
 use crate::config::{NbdAddr, NbdServerConfig};
+use blocklayer::nbd_stream::Stream;
 use std::collections::BTreeMap;
 use std::net::{Shutdown, TcpListener};
 use std::os::fd::{AsRawFd, RawFd};

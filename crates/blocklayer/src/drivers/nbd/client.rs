@@ -10,6 +10,7 @@
 
 use crate::aio::iovec::IoVec;
 use crate::nbd_proto::*;
+use crate::nbd_stream::Stream;
 use std::collections::HashMap;
 use std::future::Future;
 use std::io::{self, IoSlice, Read, Write};
@@ -40,87 +41,31 @@ pub struct Info {
     pub max_block: u32,
 }
 
-enum Stream {
-    Unix(UnixStream),
-    Tcp(TcpStream),
-}
-
-impl Stream {
-    fn connect(addr: &NbdServerAddr) -> io::Result<Stream> {
-        Ok(match addr {
-            NbdServerAddr::Unix(p) => Stream::Unix(UnixStream::connect(p)?),
-            NbdServerAddr::Inet { host, port } => {
-                let port: u16 = port
-                    .parse()
-                    .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "bad port"))?;
-                // Bounded, so that an unreachable host fails blockdev-add in time.
-                let mut last = io::Error::new(io::ErrorKind::NotConnected, "no address");
-                let mut found = None;
-                for a in (host.as_str(), port).to_socket_addrs()? {
-                    match TcpStream::connect_timeout(&a, HANDSHAKE_TIMEOUT) {
-                        Ok(s) => {
-                            found = Some(s);
-                            break;
-                        }
-                        Err(e) => last = e,
+/// Connects to the server's socket (TCP: bounded per address).
+fn connect_stream(addr: &NbdServerAddr) -> io::Result<Stream> {
+    Ok(match addr {
+        NbdServerAddr::Unix(p) => Stream::Unix(UnixStream::connect(p)?),
+        NbdServerAddr::Inet { host, port } => {
+            let port: u16 = port
+                .parse()
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "bad port"))?;
+            // Bounded, so that an unreachable host fails blockdev-add in time.
+            let mut last = io::Error::new(io::ErrorKind::NotConnected, "no address");
+            let mut found = None;
+            for a in (host.as_str(), port).to_socket_addrs()? {
+                match TcpStream::connect_timeout(&a, HANDSHAKE_TIMEOUT) {
+                    Ok(s) => {
+                        found = Some(s);
+                        break;
                     }
+                    Err(e) => last = e,
                 }
-                let s = found.ok_or(last)?;
-                let _ = s.set_nodelay(true);
-                Stream::Tcp(s)
             }
-        })
-    }
-
-    fn try_clone(&self) -> io::Result<Stream> {
-        Ok(match self {
-            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
-            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
-        })
-    }
-
-    fn shutdown(&self) {
-        let _ = match self {
-            Stream::Unix(s) => s.shutdown(Shutdown::Both),
-            Stream::Tcp(s) => s.shutdown(Shutdown::Both),
-        };
-    }
-
-    fn set_read_timeout(&self, t: Option<Duration>) {
-        let _ = match self {
-            Stream::Unix(s) => s.set_read_timeout(t),
-            Stream::Tcp(s) => s.set_read_timeout(t),
-        };
-    }
-}
-
-impl Read for Stream {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Stream::Unix(s) => s.read(buf),
-            Stream::Tcp(s) => s.read(buf),
+            let s = found.ok_or(last)?;
+            let _ = s.set_nodelay(true);
+            Stream::Tcp(s)
         }
-    }
-}
-
-impl Write for Stream {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Stream::Unix(s) => s.write(buf),
-            Stream::Tcp(s) => s.write(buf),
-        }
-    }
-
-    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        match self {
-            Stream::Unix(s) => s.write_vectored(bufs),
-            Stream::Tcp(s) => s.write_vectored(bufs),
-        }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
+    })
 }
 
 fn protocol(msg: impl Into<String>) -> io::Error {
@@ -151,8 +96,8 @@ fn option_reply_of(s: &mut Stream, option: u32) -> io::Result<(u32, Vec<u8>)> {
 
 /// Connects and negotiates up to transmission.
 fn connect(addr: &NbdServerAddr, export: &str) -> io::Result<(Stream, Info)> {
-    let mut s = Stream::connect(addr)?;
-    s.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
+    let mut s = connect_stream(addr)?;
+    let _ = s.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
     let mut h = [0; 18];
     s.read_exact(&mut h)?;
     if be64(&h[0..8]) != NBDMAGIC || be64(&h[8..16]) != IHAVEOPT {
@@ -239,7 +184,7 @@ fn connect(addr: &NbdServerAddr, export: &str) -> io::Result<(Stream, Info)> {
     if !have_export {
         return Err(protocol("the server sent no export information"));
     }
-    s.set_read_timeout(None);
+    let _ = s.set_read_timeout(None);
     Ok((s, info))
 }
 
@@ -450,7 +395,7 @@ impl Client {
             // On failure the reply thread sees the connection end; the request is
             // sent again once it is back.
             if send(sock, &req, segs.as_ref()).is_err() {
-                sock.shutdown();
+                sock.shutdown(Shutdown::Both);
             }
         }
         Completion(slot)
@@ -470,11 +415,11 @@ impl Client {
                 len: 0,
             };
             let _ = sock.write_all(&disc.encode());
-            sock.shutdown();
+            sock.shutdown(Shutdown::Both);
         }
         *w = None;
         if let Some(c) = st.ctl.take() {
-            c.shutdown();
+            c.shutdown(Shutdown::Both);
         }
         for (_, p) in st.pending.drain() {
             p.slot.complete(Err(libc::ESHUTDOWN));
@@ -493,7 +438,7 @@ impl Client {
             };
             // Unblock a writer first (it holds `send`), then take the connection down.
             if let Some(c) = self.lock().ctl.as_ref() {
-                c.shutdown();
+                c.shutdown(Shutdown::Both);
             }
             let mut w = self.lock_send();
             let mut st = self.lock();
@@ -525,7 +470,7 @@ impl Client {
                 .spawn(move || me.resend(&again));
             if spawned.is_err() {
                 if let Some(c) = self.lock().ctl.as_ref() {
-                    c.shutdown();
+                    c.shutdown(Shutdown::Both);
                 }
             }
         }
@@ -546,7 +491,7 @@ impl Client {
             };
             if let Some((req, payload)) = item {
                 if send(sock, &req, payload.as_ref()).is_err() {
-                    sock.shutdown();
+                    sock.shutdown(Shutdown::Both);
                     return;
                 }
             }

@@ -1,10 +1,12 @@
-//! A client connection: a UNIX or TCP stream.
+//! An NBD connection's socket, UNIX or TCP: the server's client connections and the
+//! `nbd` driver's connections to its server.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
+/// A connected UNIX or TCP socket.
 pub enum Stream {
     Unix(UnixStream),
     Tcp(TcpStream),
