@@ -274,6 +274,34 @@ fn bitmap_error(e: qcow::Error) -> BlockError {
 }
 
 impl Qcow2Driver {
+    /// What `classify` says of the extent at `offset`, and for how many bytes it says
+    /// the same (the following extents merged), from a map of at most [`MAX_MAP`]
+    /// bytes (`empty` when the map is empty).
+    async fn map_run<T: PartialEq>(
+        &self,
+        offset: u64,
+        len: u64,
+        empty: T,
+        classify: impl Fn(&ExtentKind) -> T,
+    ) -> Result<(T, u64)> {
+        let len = len.min(MAX_MAP);
+        let extents = self
+            .image
+            .map(offset, len)
+            .await
+            .map_err(|e| self.io_error(e))?;
+        let Some(first) = extents.first() else {
+            return Ok((empty, len));
+        };
+        let answer = classify(&first.kind);
+        let n: u64 = extents
+            .iter()
+            .take_while(|e| classify(&e.kind) == answer)
+            .map(|e| e.len)
+            .sum();
+        Ok((answer, n.max(1).min(len)))
+    }
+
     /// An image error during I/O: the request fails with the error's errno (ENOSPC,
     /// EROFS, EIO...), so that error policies see what happened; ENOTSUP lets the
     /// generic path fall back (zero writes become data writes). The first
@@ -537,56 +565,33 @@ impl Driver for Qcow2Driver {
         len: u64,
     ) -> LocalBoxFuture<'_, Result<(crate::block_status::Status, u64)>> {
         use crate::block_status::Status;
-        fn status(kind: &ExtentKind) -> Status {
-            match kind {
-                ExtentKind::Data { .. } | ExtentKind::Compressed { .. } => Status::Data,
-                ExtentKind::Zero => Status::Zero,
-                ExtentKind::Unallocated => Status::Unallocated,
-            }
+        #[derive(PartialEq)]
+        enum Kind {
+            Data,
+            Zero,
+            Unallocated,
         }
-        let len = len.min(MAX_MAP);
         Box::pin(async move {
-            let extents = self
-                .image
-                .map(offset, len)
-                .await
-                .map_err(|e| self.io_error(e))?;
-            let Some(first) = extents.first() else {
-                return Ok((Status::Data, len));
+            let (kind, n) = self
+                .map_run(offset, len, Kind::Data, |kind| match kind {
+                    ExtentKind::Data { .. } | ExtentKind::Compressed { .. } => Kind::Data,
+                    ExtentKind::Zero => Kind::Zero,
+                    ExtentKind::Unallocated => Kind::Unallocated,
+                })
+                .await?;
+            let status = match kind {
+                Kind::Data => Status::Data,
+                Kind::Zero => Status::Zero,
+                Kind::Unallocated => Status::Unallocated,
             };
-            let kind = std::mem::discriminant(&status(&first.kind));
-            // Merge the following extents of the same kind.
-            let n: u64 = extents
-                .iter()
-                .take_while(|e| std::mem::discriminant(&status(&e.kind)) == kind)
-                .map(|e| e.len)
-                .sum();
-            Ok((status(&first.kind), n.max(1).min(len)))
+            Ok((status, n))
         })
     }
 
     fn is_allocated(&self, offset: u64, len: u64) -> LocalBoxFuture<'_, Result<(bool, u64)>> {
-        let len = len.min(MAX_MAP);
-        Box::pin(async move {
-            let extents = self
-                .image
-                .map(offset, len)
-                .await
-                .map_err(|e| self.io_error(e))?;
-            let Some(first) = extents.first() else {
-                return Ok((true, len));
-            };
-            let allocated = !matches!(first.kind, ExtentKind::Unallocated);
-            // Merge the following extents with the same answer.
-            let mut n = 0;
-            for e in &extents {
-                if matches!(e.kind, ExtentKind::Unallocated) == allocated {
-                    break;
-                }
-                n += e.len;
-            }
-            Ok((allocated, n.max(1).min(len)))
-        })
+        Box::pin(self.map_run(offset, len, true, |kind| {
+            !matches!(kind, ExtentKind::Unallocated)
+        }))
     }
 
     fn is_read_only(&self) -> bool {
