@@ -334,36 +334,18 @@ mod tests {
             .to_vec();
         let s = Secrets::default();
         let mut k = opts("k");
-        k.data = Some(b64(&key));
+        k.data = Some(base64_encode(&key));
         k.format = SecretFormat::Base64;
         s.add(&k).unwrap();
         let mut o = opts("s");
-        o.data = Some(b64(&ct));
+        o.data = Some(base64_encode(&ct));
         o.format = SecretFormat::Base64;
         o.keyid = Some("k".into());
         assert_eq!(s.add(&o), Err(SecretError::NoIv));
         o.iv = Some("AAAA".into());
         assert_eq!(s.add(&o), Err(SecretError::IvLength(3)));
-        o.iv = Some(b64(&iv));
+        o.iv = Some(base64_encode(&iv));
         s.add(&o).unwrap();
         assert_eq!(s.lookup_utf8("s").unwrap(), "letmein");
-    }
-
-    fn b64(data: &[u8]) -> String {
-        const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-        let mut s = String::new();
-        for chunk in data.chunks(3) {
-            let mut b = [0u8; 3];
-            b[..chunk.len()].copy_from_slice(chunk);
-            let v = u32::from_be_bytes([0, b[0], b[1], b[2]]);
-            for i in 0..4 {
-                if i <= chunk.len() {
-                    s.push(A[(v >> (18 - 6 * i) & 63) as usize] as char);
-                } else {
-                    s.push('=');
-                }
-            }
-        }
-        s
     }
 }
