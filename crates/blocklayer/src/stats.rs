@@ -7,13 +7,15 @@
 //!
 //! Counters are relaxed atomics in per-thread shards (each on cache lines of its own):
 //! the iothreads that account requests of one node or export do not write the same
-//! cache lines, and a query sums the shards. Each counter is exact; a reader sees a
-//! snapshot that may be a request apart between fields, as QEMU's stats are.
+//! cache lines, and a query sums the shards. A thread owns its shard while it lives
+//! (up to seven threads at once; the rest share the eighth), so it updates its
+//! counters with plain loads and stores, no locked instructions. Each counter is
+//! exact; a reader sees a snapshot that may be a request apart between fields, as
+//! QEMU's stats are.
 
 use crate::aio::clock;
 use serde_json::{json, Value};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 /// The kinds QEMU accounts separately (write-zeroes counts as a write, as in QEMU's
@@ -43,21 +45,65 @@ struct KindStats {
 struct Shard {
     kinds: [KindStats; KINDS],
     wr_highest_offset: AtomicU64,
-    /// Nanoseconds since [`epoch`] at which the last request completed, plus one
+    /// Nanoseconds since [`clock::epoch`] at which the last request completed, plus one
     /// (0: never).
     last_done_ns: AtomicU64,
 }
 
 /// Shards per statistics record.
 const SHARDS: usize = 8;
+/// The shard of the threads beyond the first `SHARDS - 1`: the others each have one of
+/// their own, which only that thread writes.
+const SHARED: usize = SHARDS - 1;
 
-/// This thread's shard index, handed out round-robin as threads first account.
+/// This thread's shard: one of its own while one is free (it is given back when the
+/// thread exits), else the shared one.
 fn shard_index() -> usize {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    thread_local! {
-        static INDEX: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
+    /// Bit i: own shard i is free.
+    static FREE: AtomicU64 = AtomicU64::new((1 << SHARED) - 1);
+    struct Slot(usize);
+    impl Drop for Slot {
+        fn drop(&mut self) {
+            if self.0 < SHARED {
+                // Release: the next owner sees this thread's last counts.
+                FREE.fetch_or(1 << self.0, Ordering::Release);
+            }
+        }
     }
-    INDEX.with(|i| *i)
+    fn take() -> usize {
+        let mut free = FREE.load(Ordering::Relaxed);
+        loop {
+            if free == 0 {
+                return SHARED;
+            }
+            let bit = free.trailing_zeros();
+            match FREE.compare_exchange_weak(
+                free,
+                free & !(1 << bit),
+                Ordering::Acquire,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return bit as usize,
+                Err(now) => free = now,
+            }
+        }
+    }
+    thread_local! {
+        static SLOT: Slot = Slot(take());
+    }
+    SLOT.try_with(|s| s.0).unwrap_or(SHARED)
+}
+
+/// Adds `v` to a counter of a shard: a plain load and store in a shard this thread
+/// owns (no other thread writes it, so no update is lost, and no locked instruction
+/// is paid per request), an atomic add in the shared one.
+#[inline]
+fn add(c: &AtomicU64, v: u64, own: bool) {
+    if own {
+        c.store(c.load(Ordering::Relaxed).wrapping_add(v), Ordering::Relaxed);
+    } else {
+        c.fetch_add(v, Ordering::Relaxed);
+    }
 }
 
 /// The statistics of one node or export.
@@ -68,22 +114,13 @@ pub struct IoStats {
     track_idle: bool,
 }
 
-/// A fixed point in time that `last_done_ns` counts from.
-fn epoch() -> Instant {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    *EPOCH.get_or_init(Instant::now)
-}
-
-fn ns_between(from: Instant, to: Instant) -> u64 {
-    u64::try_from(to.saturating_duration_since(from).as_nanos()).unwrap_or(u64::MAX)
-}
-
 /// A request being accounted: started at [`IoStats::start`], finished with
 /// [`IoStats::done`].
 pub struct Acct {
     kind: IoKind,
     bytes: u64,
-    start: Instant,
+    /// [`clock::now_ns`] when it started.
+    start: u64,
 }
 
 impl Acct {
@@ -95,7 +132,7 @@ impl Acct {
 impl IoStats {
     /// Statistics of a node.
     pub fn new() -> Self {
-        let _ = epoch();
+        let _ = clock::epoch();
         IoStats::default()
     }
 
@@ -112,54 +149,57 @@ impl IoStats {
         Acct {
             kind,
             bytes,
-            start: clock::now(),
+            start: clock::now_ns(),
         }
     }
 
-    fn shard(&self) -> &Shard {
-        &self.shards[shard_index()]
+    /// This thread's shard, and whether it is the thread's own.
+    fn shard(&self) -> (&Shard, bool) {
+        let i = shard_index();
+        (&self.shards[i], i != SHARED)
     }
 
-    fn note_done(&self, shard: &Shard, now: Instant) {
+    fn note_done(&self, shard: &Shard, now_ns: u64) {
         if self.track_idle {
-            shard.last_done_ns.store(
-                ns_between(epoch(), now).saturating_add(1),
-                Ordering::Relaxed,
-            );
+            shard
+                .last_done_ns
+                .store(now_ns.saturating_add(1), Ordering::Relaxed);
         }
     }
 
     /// Accounts a finished request; `end` is the byte after a write's range (for
     /// `wr_highest_offset`).
     pub fn done(&self, acct: Acct, ok: bool, end: u64) {
-        let shard = self.shard();
+        let (shard, own) = self.shard();
         let k = &shard.kinds[acct.kind as usize];
         // The start and the end are loop passes' times (the loop reads the clock when
         // it wakes, when a pass takes new requests and when it reaps completions).
-        let now = clock::now();
+        let now = clock::now_ns();
         if ok {
-            k.operations.fetch_add(1, Ordering::Relaxed);
-            k.bytes.fetch_add(acct.bytes, Ordering::Relaxed);
-            let t = ns_between(acct.start, now);
+            add(&k.operations, 1, own);
+            add(&k.bytes, acct.bytes, own);
+            let t = now.saturating_sub(acct.start);
             if t > 0 {
-                k.total_time_ns.fetch_add(t, Ordering::Relaxed);
+                add(&k.total_time_ns, t, own);
             }
             if acct.kind == IoKind::Write && end > shard.wr_highest_offset.load(Ordering::Relaxed) {
-                shard.wr_highest_offset.fetch_max(end, Ordering::Relaxed);
+                if own {
+                    shard.wr_highest_offset.store(end, Ordering::Relaxed);
+                } else {
+                    shard.wr_highest_offset.fetch_max(end, Ordering::Relaxed);
+                }
             }
         } else {
-            k.failed.fetch_add(1, Ordering::Relaxed);
+            add(&k.failed, 1, own);
         }
         self.note_done(shard, now);
     }
 
     /// Accounts a request refused before it started (out of range, malformed).
     pub fn invalid(&self, kind: IoKind) {
-        let shard = self.shard();
-        shard.kinds[kind as usize]
-            .invalid
-            .fetch_add(1, Ordering::Relaxed);
-        self.note_done(shard, clock::now());
+        let (shard, own) = self.shard();
+        add(&shard.kinds[kind as usize].invalid, 1, own);
+        self.note_done(shard, clock::now_ns());
     }
 
     /// The sum of one counter over the shards.
@@ -214,7 +254,7 @@ impl IoStats {
         });
         let last = max(|s| &s.last_done_ns);
         if last > 0 {
-            let idle = ns_between(epoch(), Instant::now()).saturating_sub(last - 1);
+            let idle = clock::ns_since_epoch(Instant::now()).saturating_sub(last - 1);
             v["idle_time_ns"] = json!(idle);
         }
         v
@@ -278,5 +318,21 @@ mod tests {
                 .count()
                 > 1
         );
+    }
+
+    #[test]
+    fn shards_of_exited_threads_are_reused_without_losing_counts() {
+        let s = std::sync::Arc::new(IoStats::new());
+        for _ in 0..3 * SHARDS {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                for _ in 0..100 {
+                    s.done(IoStats::start(IoKind::Read, 512), true, 0);
+                }
+            })
+            .join()
+            .expect("accounting thread");
+        }
+        assert_eq!(s.operations(IoKind::Read), 300 * SHARDS as u64);
     }
 }

@@ -40,6 +40,16 @@ impl IoVec {
         }
     }
 
+    /// An empty vector with room for `n` segments, whose memory is kept alive by
+    /// `keep`.
+    pub fn with_capacity(keep: Option<Keepalive>, n: usize) -> Self {
+        IoVec {
+            segs: Vec::with_capacity(n),
+            len: 0,
+            keep,
+        }
+    }
+
     /// Appends a segment.
     ///
     /// # Safety

@@ -33,7 +33,7 @@ use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 
 /// Offset of `writeback` in `struct virtio_blk_config`.
 const WRITEBACK_OFFSET: u32 = 32;
@@ -136,6 +136,46 @@ impl QueueStates {
 }
 
 /// Marks the used ring of a vring dirty (used elements, the used index, avail_event).
+/// The entries of a split ring's available ring (virtio 1.2, 2.7.6), read from the
+/// host mapping when the ring lies in one region (always, in practice), else through
+/// vm-memory's bounds-checked reads. The index was read first (with acquire), so the
+/// entries it covers are visible.
+enum AvailRing {
+    Mapped(*const u16),
+    Guest(u64),
+}
+
+impl AvailRing {
+    /// The available ring at `addr` of a queue of `size` entries in `mem`.
+    fn new(mem: &Memory, addr: u64, size: u16) -> AvailRing {
+        // flags, idx, ring[size]
+        let len = 4 + 2 * u64::from(size);
+        match request::host_range(mem, addr, len) {
+            Some(p) if addr.is_multiple_of(2) => AvailRing::Mapped(p.cast::<u16>()),
+            _ => AvailRing::Guest(addr),
+        }
+    }
+
+    /// The head index in the entry for the `next`th chain (modulo the ring's size,
+    /// `size`, which the caller's queue has; `mem` is the table [`AvailRing::new`] was
+    /// given).
+    fn entry(&self, mem: &Memory, next: u16, size: u16) -> Option<u16> {
+        let slot = next % size;
+        match *self {
+            // SAFETY: `new` found the ring's `2 + size` u16 words in one mapped region
+            // of `mem`, which the caller holds; `slot < size`; the address is 2-byte
+            // aligned. Volatile: the driver writes the ring.
+            AvailRing::Mapped(p) => Some(u16::from_le(unsafe {
+                p.add(2 + usize::from(slot)).read_volatile()
+            })),
+            AvailRing::Guest(addr) => {
+                let at = addr.checked_add(4 + 2 * u64::from(slot))?;
+                mem.read_obj::<u16>(GuestAddress(at)).ok().map(u16::from_le)
+            }
+        }
+    }
+}
+
 fn log_used_ring(log: &DirtyLog, st: &VringState) {
     let q = st.get_queue();
     log.mark(q.used_ring(), 6 + 8 * u64::from(q.size()));
@@ -413,8 +453,11 @@ impl BlkDevice {
             self.spawn_request(req, queue, gen, mem, ctx);
         }
         let pending = usize::from(pending.0) + n;
+        let ring = AvailRing::new(mem, q.avail_ring(), size);
         while n < POP_BATCH && pending > n {
-            let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.as_ref()) else {
+            let q = state.get_queue_mut();
+            let next = q.next_avail();
+            let Some(head) = ring.entry(mem, next, size) else {
                 // Entries are available but the head could not be read.
                 drop(state);
                 self.break_ring(
@@ -424,7 +467,7 @@ impl BlkDevice {
                 );
                 break;
             };
-            let head = chain.head_index();
+            q.set_next_avail(next.wrapping_add(1));
             // A chain that is not one (a loop, a bad index or indirect table, memory
             // that cannot be read) means a broken driver: as QEMU, the device stops
             // the ring until it is reset, and returns nothing for it.

@@ -11,7 +11,7 @@ use blocklayer::aio::iovec::{IoVec, Keepalive};
 use smallvec::SmallVec;
 use std::sync::Arc;
 use virtio_bindings::virtio_blk::*;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 pub type Memory = GuestMemoryMmap<()>;
 
@@ -192,6 +192,24 @@ fn total(segs: &[(u64, u64)]) -> u64 {
     segs.iter().map(|s| s.1).sum()
 }
 
+/// The host address of the guest range `addr..addr+len`, if it lies inside one region
+/// (the regions are few: a linear look, cheaper than vm-memory's general lookup, which
+/// every request made several times).
+#[inline]
+pub fn host_range(mem: &Memory, addr: u64, len: u64) -> Option<*mut u8> {
+    for r in mem.iter() {
+        let Some(off) = addr.checked_sub(r.start_addr().0) else {
+            continue;
+        };
+        let size = r.len();
+        if off < size && len <= size - off {
+            // SAFETY: `off` is inside the region's mapping of `size` bytes.
+            return Some(unsafe { r.as_ptr().add(off as usize) });
+        }
+    }
+    None
+}
+
 /// The sub-list covering `offset..offset+len` of `segs`.
 fn sub(segs: &[(u64, u64)], offset: u64, len: u64) -> Segs {
     let mut out = Segs::new();
@@ -234,6 +252,12 @@ fn read_bytes(mem: &Memory, segs: &[(u64, u64)], buf: &mut [u8]) -> Result<(), R
 
 /// Writes one byte of guest memory (the status byte).
 pub fn write_status(mem: &Memory, addr: GuestAddress, status: u8) -> Result<(), RequestError> {
+    if let Some(p) = host_range(mem, addr.0, 1) {
+        // SAFETY: `host_range` found the byte inside a mapped region of `mem`, which
+        // the caller holds. Volatile: guest memory.
+        unsafe { p.write_volatile(status) };
+        return Ok(());
+    }
     mem.get_slice(addr, 1)
         .and_then(|slice| slice.write_obj(status, 0).map_err(Into::into))
         .map_err(|_| RequestError::BadAddress {
@@ -245,8 +269,16 @@ pub fn write_status(mem: &Memory, addr: GuestAddress, status: u8) -> Result<(), 
 /// Maps guest segments to an I/O vector pointing into guest memory (zero-copy).
 fn map_iov(mem: &Arc<Memory>, segs: &[(u64, u64)]) -> Result<IoVec, RequestError> {
     let keep: Keepalive = mem.clone();
-    let mut iov = IoVec::new(Some(keep));
+    let mut iov = IoVec::with_capacity(Some(keep), segs.len());
     for &(addr, len) in segs {
+        if let Some(ptr) = host_range(mem, addr, len) {
+            // SAFETY: `host_range` found the whole buffer inside one mapped region; the
+            // mapping stays alive while the IoVec's keepalive (an Arc of this memory)
+            // exists, and the io_uring engine holds that keepalive until the kernel
+            // has finished with the buffer.
+            unsafe { iov.push_raw(ptr, len as usize) };
+            continue;
+        }
         // A buffer may span adjacent memory regions: one segment per region.
         for slice in mem.get_slices(GuestAddress(addr), len as usize) {
             let slice = slice.map_err(|_| RequestError::BadAddress { addr, len })?;
@@ -259,6 +291,23 @@ fn map_iov(mem: &Arc<Memory>, segs: &[(u64, u64)]) -> Result<IoVec, RequestError
         }
     }
     Ok(iov)
+}
+
+/// The request header: the first [`HEADER_LEN`] device-readable bytes (`readable`
+/// holds at least that many).
+fn read_header(mem: &Memory, readable: &[(u64, u64)]) -> Result<[u8; 16], RequestError> {
+    let (addr, len) = readable[0];
+    if len >= HEADER_LEN {
+        if let Some(p) = host_range(mem, addr, HEADER_LEN) {
+            // SAFETY: `host_range` found the 16 bytes inside a mapped region of `mem`,
+            // which the caller holds; a byte array needs no alignment. Volatile: the
+            // guest may write its memory meanwhile.
+            return Ok(unsafe { p.cast::<[u8; 16]>().read_volatile() });
+        }
+    }
+    let mut header = [0u8; HEADER_LEN as usize];
+    read_bytes(mem, &sub(readable, 0, HEADER_LEN), &mut header)?;
+    Ok(header)
 }
 
 fn check_range(lim: &DeviceLimits, sector: u64, len: u64) -> Result<u64, RequestError> {
@@ -363,9 +412,17 @@ pub fn parse(head: u16, descs: &[Desc], mem: &Arc<Memory>, lim: &DeviceLimits) -
         return req;
     };
     req.status_addr = last_byte(last_addr, last_len);
-    req.op = parse_op(&s, mem, lim, &mut req.data_in_len, &mut req.req_type);
-    if req.op.is_ok() && req.data_in_len > 0 {
-        req.data_in = sub(&s.writable, 0, u64::from(req.data_in_len));
+    req.op = parse_op(
+        &s,
+        mem,
+        lim,
+        &mut req.data_in_len,
+        &mut req.data_in,
+        &mut req.req_type,
+    );
+    if req.op.is_err() {
+        req.data_in_len = 0;
+        req.data_in.clear();
     }
     req
 }
@@ -375,6 +432,7 @@ fn parse_op(
     mem: &Arc<Memory>,
     lim: &DeviceLimits,
     data_in_len: &mut u32,
+    data_in: &mut Segs,
     req_type: &mut Option<u32>,
 ) -> Result<Op, RequestError> {
     if s.readable.len() + s.writable.len() > lim.max_segments + 2 {
@@ -393,13 +451,26 @@ fn parse_op(
             return Err(RequestError::TooLarge(len));
         }
     }
-    let mut header = [0u8; HEADER_LEN as usize];
-    read_bytes(mem, &sub(&s.readable, 0, HEADER_LEN), &mut header)?;
+    let header = read_header(mem, &s.readable)?;
     let kind = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
     *req_type = Some(kind);
     let sector = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
-    let out_data = sub(&s.readable, HEADER_LEN, readable_len - HEADER_LEN);
-    let in_data = sub(&s.writable, 0, writable_len - 1);
+    // The usual layout (a header descriptor of its own, a status descriptor of its
+    // own) needs no copies: the data lists are the chain's lists without those.
+    let (out_owned, in_owned);
+    let out_data: &[(u64, u64)] = if s.readable[0].1 == HEADER_LEN {
+        &s.readable[1..]
+    } else {
+        out_owned = sub(&s.readable, HEADER_LEN, readable_len - HEADER_LEN);
+        &out_owned
+    };
+    let in_data: &[(u64, u64)] = match s.writable.split_last() {
+        Some((&(_, 1), rest)) => rest,
+        _ => {
+            in_owned = sub(&s.writable, 0, writable_len - 1);
+            &in_owned
+        }
+    };
     // What the config space promises the driver (and what bounds the work and memory
     // one request may take): at most seg_max data segments (header and status bytes
     // apart, wherever descriptor boundaries fall) of at most size_max bytes each.
@@ -429,8 +500,9 @@ fn parse_op(
                 return Err(RequestError::UnexpectedData);
             }
             let offset = check_range(lim, sector, in_len)?;
-            let iov = map_iov(mem, &in_data)?;
+            let iov = map_iov(mem, in_data)?;
             *data_in_len = in_len as u32;
+            *data_in = Segs::from_slice(in_data);
             Ok(Op::Read { offset, iov })
         }
         VIRTIO_BLK_T_OUT => {
@@ -441,19 +513,20 @@ fn parse_op(
             let offset = check_range(lim, sector, len)?;
             Ok(Op::Write {
                 offset,
-                iov: map_iov(mem, &out_data)?,
+                iov: map_iov(mem, out_data)?,
             })
         }
         VIRTIO_BLK_T_FLUSH => Ok(Op::Flush),
         VIRTIO_BLK_T_GET_ID => {
             let n = in_len.min(ID_BYTES as u64);
             *data_in_len = n as u32;
+            *data_in = sub(in_data, 0, n);
             Ok(Op::GetId {
-                iov: map_iov(mem, &sub(&in_data, 0, n))?,
+                iov: map_iov(mem, data_in)?,
             })
         }
-        VIRTIO_BLK_T_DISCARD => Ok(Op::Discard(parse_ranges(mem, &out_data, lim, false)?)),
-        VIRTIO_BLK_T_WRITE_ZEROES => Ok(Op::WriteZeroes(parse_ranges(mem, &out_data, lim, true)?)),
+        VIRTIO_BLK_T_DISCARD => Ok(Op::Discard(parse_ranges(mem, out_data, lim, false)?)),
+        VIRTIO_BLK_T_WRITE_ZEROES => Ok(Op::WriteZeroes(parse_ranges(mem, out_data, lim, true)?)),
         other => Err(RequestError::UnsupportedType(other)),
     }
 }

@@ -64,9 +64,9 @@ impl<'a> Table<'a> {
     fn new(mem: &'a Memory, addr: u64, size: u16) -> Table<'a> {
         let len = usize::from(size) * DESC_LEN as usize;
         if addr.is_multiple_of(8) {
-            if let Ok(slice) = mem.get_slice(GuestAddress(addr), len) {
+            if let Some(p) = request::host_range(mem, addr, len as u64) {
                 return Table::Mapped {
-                    ptr: slice.ptr_guard().as_ptr().cast::<u64>(),
+                    ptr: p.cast::<u64>(),
                     _mem: std::marker::PhantomData,
                 };
             }
@@ -78,7 +78,7 @@ impl<'a> Table<'a> {
     fn read(&self, i: u16) -> Result<RawDesc, ChainError> {
         let (w0, w1) = match *self {
             Table::Mapped { ptr, .. } => {
-                // SAFETY: `get_slice` checked that the table's `size` descriptors lie in
+                // SAFETY: `host_range` checked that the table's `size` descriptors lie in
                 // one mapped region, which stays mapped while the memory table is
                 // borrowed ('a); `i < size`, so both words are inside it; the table is
                 // 8-byte aligned. Volatile: the guest may write the table meanwhile.
