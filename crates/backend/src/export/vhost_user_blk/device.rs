@@ -943,6 +943,11 @@ impl RingSet {
         let dev = &self.device;
         let mut dirty = 0u64;
         let inflight = dev.inflight();
+        // The current memory table, loaded once for the batch (the rings' state is
+        // only valid in it), and the ring last pushed to, kept locked while the
+        // completions that follow are for it too (they come in runs).
+        let mem = self.memory();
+        let mut held: Option<(usize, std::sync::MutexGuard<'_, VringState>)> = None;
         for c in &done {
             // A ring stopped since the request was popped belongs to the frontend again:
             // the request is not pushed (it stays in the inflight region, if there is
@@ -950,17 +955,20 @@ impl RingSet {
             let current = dev.queues.gen(c.queue) == c.gen;
             let local = self.local(c.queue);
             if let (true, Some(i)) = (current, local) {
-                let v = &self.vrings[i];
                 let track = inflight.as_ref().and_then(|r| r.queue(c.queue));
-                let mut st = v.lock();
+                if held.as_ref().is_none_or(|(h, _)| *h != i) {
+                    // One ring lock at a time.
+                    drop(held.take());
+                    held = Some((i, self.vrings[i].lock()));
+                }
+                let st = &mut held.as_mut().expect("locked above").1;
                 if let Some(t) = &track {
                     t.pre_put(c.head);
                 }
-                let r = st.add_used(c.head, c.len);
+                let r = st.add_used_in(&mem, c.head, c.len);
                 if let (Some(t), Ok(())) = (&track, &r) {
                     t.post_put(c.head, st.get_queue().next_used());
                 }
-                drop(st);
                 if let Err(e) = r {
                     crate::limited_log!(
                         dev.shared.log_limits.ring,
@@ -975,6 +983,7 @@ impl RingSet {
                 self.unsignalled[i].set(self.unsignalled[i].get() + 1);
             }
         }
+        drop(held);
         if let Some(log) = dev.queues.dirty_log() {
             for (i, v) in self.vrings.iter().enumerate() {
                 if dirty & (1 << i) != 0 {

@@ -93,6 +93,12 @@ impl VringState {
         self.queue.add_used(&*mem, head, len)
     }
 
+    /// [`VringState::add_used`] with a memory table the caller loaded (once for a
+    /// batch): the current one, as the ring's state is only valid in it.
+    pub fn add_used_in(&mut self, mem: &Memory, head: u16, len: u32) -> Result<(), QueueError> {
+        self.queue.add_used(mem, head, len)
+    }
+
     pub fn enable_notification(&mut self) -> Result<bool, QueueError> {
         let mem = self.mem.memory();
         self.queue.enable_notification(&*mem)
