@@ -6,11 +6,16 @@
 //! queue pops chains and pushes used elements. A mutex serialises the two; the worker
 //! takes it once per batch, the handler only while the frontend reconfigures.
 
-use super::super::request::Memory;
+use super::super::request::{self, Memory};
 use std::io;
+use std::num::Wrapping;
+use std::sync::atomic::{fence, AtomicU16, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use virtio_queue::{Error as QueueError, Queue, QueueT};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
+
+/// Bytes of a used ring element (id, len).
+const USED_ELEM_LEN: u64 = 8;
 use vmm_sys_util::eventfd::EventFd;
 
 /// The state behind a [`Vring`]'s lock.
@@ -24,6 +29,9 @@ pub struct VringState {
     /// Started by SET_VRING_KICK and stopped by GET_VRING_BASE.
     started: bool,
     mem: GuestMemoryAtomic<Memory>,
+    /// Used elements added since the last [`VringState::needs_notification`] (what
+    /// virtio-queue's `num_added` is for its own `add_used`).
+    added: u16,
 }
 
 impl VringState {
@@ -71,6 +79,7 @@ impl VringState {
 
     pub(super) fn set_started(&mut self, on: bool) {
         self.started = on;
+        self.added = 0;
     }
 
     /// Signals the frontend's call eventfd (an interrupt for the guest).
@@ -90,13 +99,58 @@ impl VringState {
 
     pub fn add_used(&mut self, head: u16, len: u32) -> Result<(), QueueError> {
         let mem = self.mem.memory();
-        self.queue.add_used(&*mem, head, len)
+        self.add_used_in(&mem, head, len)
     }
 
     /// [`VringState::add_used`] with a memory table the caller loaded (once for a
     /// batch): the current one, as the ring's state is only valid in it.
+    ///
+    /// Virtio 1.2, 2.7.8: the element goes to the used ring's next slot, then the
+    /// index moves past it with release semantics, so a driver that sees the index
+    /// sees the element. Written through the host mapping when the ring lies in one
+    /// region (always, in practice), else through vm-memory's checked accesses.
     pub fn add_used_in(&mut self, mem: &Memory, head: u16, len: u32) -> Result<(), QueueError> {
-        self.queue.add_used(mem, head, len)
+        let q = &mut self.queue;
+        let size = q.size();
+        if head >= size {
+            return Err(QueueError::InvalidDescriptorIndex);
+        }
+        let used = q.used_ring();
+        let next = q.next_used();
+        let slot = u64::from(next % size);
+        let new = next.wrapping_add(1);
+        // flags, idx, ring[size] of (id: u32, len: u32)
+        let ring_len = 4 + USED_ELEM_LEN * u64::from(size);
+        match request::host_range(mem, used, ring_len) {
+            Some(p) if used.is_multiple_of(4) => {
+                // SAFETY: `host_range` found the whole used ring inside one mapped
+                // region of `mem`, which the caller holds; `slot < size`, so the
+                // element's 8 bytes and the index at offset 2 are inside it; the ring is
+                // 4-byte aligned, so both u32 words and the u16 index are aligned.
+                // Volatile and atomic: the driver reads the ring concurrently.
+                unsafe {
+                    let elem = p.add(4 + (USED_ELEM_LEN * slot) as usize).cast::<u32>();
+                    elem.write_volatile(u32::from(head).to_le());
+                    elem.add(1).write_volatile(len.to_le());
+                    AtomicU16::from_ptr(p.add(2).cast::<u16>())
+                        .store(new.to_le(), Ordering::Release);
+                }
+            }
+            _ => {
+                let at = used
+                    .checked_add(4 + USED_ELEM_LEN * slot)
+                    .ok_or(QueueError::AddressOverflow)?;
+                let elem = (u64::from(len) << 32 | u64::from(head)).to_le();
+                mem.write_obj(elem, GuestAddress(at))
+                    .map_err(QueueError::GuestMemory)?;
+                let idx = used.checked_add(2).ok_or(QueueError::AddressOverflow)?;
+                mem.store(new.to_le(), GuestAddress(idx), Ordering::Release)
+                    .map_err(QueueError::GuestMemory)?;
+            }
+        }
+        q.set_next_used(new);
+        self.added = self.added.wrapping_add(1);
+        Ok(())
     }
 
     pub fn enable_notification(&mut self) -> Result<bool, QueueError> {
@@ -109,9 +163,29 @@ impl VringState {
         self.queue.disable_notification(&*mem)
     }
 
+    /// Whether the used elements added since the last call need a notification
+    /// (virtio 1.2, 2.7.10): always without VIRTIO_F_EVENT_IDX; with it, when the
+    /// driver's `used_event` lies among them (the Linux driver's `vring_need_event`).
     pub fn needs_notification(&mut self) -> Result<bool, QueueError> {
+        let used_idx = Wrapping(self.queue.next_used());
+        let added = Wrapping(std::mem::take(&mut self.added));
+        // The used index is written before the driver's event index is read; the
+        // driver writes its event index before it reads the used index.
+        fence(Ordering::SeqCst);
+        if !self.queue.event_idx_enabled() {
+            return Ok(true);
+        }
         let mem = self.mem.memory();
-        self.queue.needs_notification(&*mem)
+        let at = self
+            .queue
+            .avail_ring()
+            .checked_add(4 + 2 * u64::from(self.queue.size()))
+            .ok_or(QueueError::AddressOverflow)?;
+        let used_event: u16 = mem
+            .load(GuestAddress(at), Ordering::Relaxed)
+            .map_err(QueueError::GuestMemory)?;
+        let used_event = Wrapping(u16::from_le(used_event));
+        Ok(used_idx - used_event - Wrapping(1) < added)
     }
 
     /// Resets the ring to its state before the frontend set it up (RESET_DEVICE,
@@ -123,6 +197,7 @@ impl VringState {
         self.err = None;
         self.enabled = false;
         self.started = false;
+        self.added = 0;
     }
 }
 
@@ -142,6 +217,7 @@ impl Vring {
                 enabled: false,
                 started: false,
                 mem,
+                added: 0,
             }),
         })
     }
