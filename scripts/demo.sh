@@ -44,7 +44,7 @@ log=$(mktemp /tmp/vubd-demo-guest.XXXXXX)
 timeout 600 qemu-system-x86_64 -nodefaults -no-user-config -accel tcg -m 512M \
     -object memory-backend-memfd,id=mem,size=512M,share=on -numa node,memdev=mem \
     -kernel target/guest/vmlinuz -initrd target/guest/initramfs.gz \
-    -append "console=ttyS0 quiet panic=-1 vubd.run=$(printf '%s' "$guest_script" | base64 -w0)" \
+    -append "console=ttyS0 quiet panic=-1 no_timer_check vubd.run=$(printf '%s' "$guest_script" | base64 -w0)" \
     -display none -serial stdio -no-reboot \
     -chardev socket,id=c0,path="$sock" -device vhost-user-blk-pci,chardev=c0,num-queues=1 \
     </dev/null 2>&1 | tr -d '\r' | tee "$log" | grep -v -e '^@@VUBD-' -e '\] reboot: Power down' \

@@ -288,9 +288,12 @@ mod tests {
     #[test]
     fn threads_account_into_their_shards_and_queries_sum_them() {
         let s = std::sync::Arc::new(IoStats::with_idle_time());
+        // All twelve live at once (a thread that exits gives its shard back).
+        let alive = std::sync::Arc::new(std::sync::Barrier::new(12));
         let threads: Vec<_> = (0..12u64)
             .map(|t| {
                 let s = s.clone();
+                let alive = alive.clone();
                 std::thread::spawn(move || {
                     for i in 0..1000 {
                         s.done(
@@ -300,6 +303,7 @@ mod tests {
                         );
                     }
                     s.done(IoStats::start(IoKind::Read, 4096), true, 0);
+                    alive.wait();
                 })
             })
             .collect();
