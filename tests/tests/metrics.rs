@@ -16,7 +16,9 @@ use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
-use vubd_tests::{Client, Daemon, DaemonArgs, Qmp, Req, TempDir, MIB};
+use vubd_tests::{
+    run_to_exit, vubd_bin, Client, Daemon, DaemonArgs, Qmp, RawClient, RawDesc, Req, TempDir, MIB,
+};
 
 const BLOCK: usize = 4096;
 const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -463,12 +465,12 @@ fn request_figures(s: &Scrape) -> BTreeMap<(Option<u32>, &'static str), (u64, u6
 fn known_io_is_counted_exactly_and_nodes_match_query_blockstats() {
     let s = start(unix_metrics);
     let mut qmp = Qmp::connect(s.dir.join("qmp.sock"));
-    let mut c = Client::connect(s.dir.join("e0.sock"), 2);
     let before = scrape(&s.metrics);
+    let mut c = Client::connect(s.dir.join("e0.sock"), 2);
     let before_figures = request_figures(&before);
 
-    // Queue 0: 37 reads of 4 KiB and a flush; queue 1: 23 writes of 4 KiB, then
-    // 5 reads of which one covers the failing sector (8 MiB).
+    // Queue 0: 37 reads of 4 KiB and a flush; queue 1: 23 writes of 4 KiB, 5 reads
+    // of which one covers the failing sector (8 MiB), a discard and a write-zeroes.
     let (n_reads, n_writes) = (37, 23);
     {
         let (q0, q1) = c.queues_mut().split_at_mut(1);
@@ -482,7 +484,20 @@ fn known_io_is_counted_exactly_and_nodes_match_query_blockstats() {
         }
         let r = q1.submit(&reads(5, 8 * MIB - 3 * BLOCK as u64));
         assert_eq!(r.iter().filter(|&&r| r != 0).count(), 1, "{r:?}");
+        q1.discard(MIB, 64 * 1024).expect("discard");
+        q1.write_zeroes(2 * MIB, 8192, blkio::ReqFlags::empty())
+            .expect("write-zeroes");
     }
+    drop(c);
+    // GET_ID and an unknown request type, which libblkio cannot send (queue 0).
+    let mut raw = RawClient::connect(&s.dir.join("e0.sock"));
+    raw.get_id().expect("GET_ID");
+    assert_ne!(
+        raw.request(99, 0, &RawDesc::chain(&[(0..512, true)])),
+        0,
+        "an unknown request type succeeded"
+    );
+    drop(raw);
     // A real HTTP client too.
     let out = std::process::Command::new("curl")
         .args(["-sS", "--fail", "--max-time", "10", "--unix-socket"])
@@ -510,6 +525,10 @@ fn known_io_is_counted_exactly_and_nodes_match_query_blockstats() {
     add(0, "flush", 1, 0, 0);
     add(1, "write", n_writes as u64, n_writes as u64 * b, 0);
     add(1, "read", 5, 4 * b, 1);
+    add(1, "discard", 1, 64 * 1024, 0);
+    add(1, "write-zeroes", 1, 8192, 0);
+    add(0, "get-id", 1, 20, 0);
+    add(0, "other", 1, 0, 1);
     assert_eq!(request_figures(&after), expected);
     assert_eq!(request_figures(&by_curl), expected);
 
@@ -746,4 +765,32 @@ fn hostile_http_clients_get_errors_and_the_daemon_keeps_serving() {
     );
     let mut daemon = s.daemon;
     daemon.assert_running("after hostile HTTP clients");
+}
+
+#[test]
+fn a_metrics_address_in_use_is_a_configuration_error() {
+    let port = free_port();
+    let s = start(unix_metrics);
+    let tcp = std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind a port");
+    let sock = s.dir.join("metrics.sock");
+    for (opt, mentions) in [
+        (
+            format!("addr.type=unix,addr.path={}", sock.display()),
+            vec!["--metrics", "in use by another process"],
+        ),
+        (
+            format!("addr.type=inet,addr.host=127.0.0.1,addr.port={port}"),
+            vec!["--metrics", "Failed to bind socket"],
+        ),
+        (
+            format!("addr.type=inet,addr.host=192.0.2.1,addr.port={port}"),
+            vec!["--metrics", "not a loopback address"],
+        ),
+    ] {
+        let args = ["--blockdev", "null-co,node-name=n", "--metrics", &opt];
+        run_to_exit(&vubd_bin(), &args, Duration::from_secs(20)).assert_config_error(&mentions);
+    }
+    drop(tcp);
+    // The first daemon keeps its socket.
+    let _ = scrape(&s.metrics);
 }

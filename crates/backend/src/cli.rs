@@ -438,6 +438,16 @@ logical-block-size=512,serial=disk0";
             ("--metrics addr.type=fd,addr.str=3", "'fd' is not supported"),
             ("--metrics addr.type=unix,addr.path=/m,foo=1", "foo"),
             ("--metrics", "option '--metrics' requires an argument"),
+            (
+                "--blockdev null-co,node-name=n --export vhost-user-blk,id=e,node-name=n,\
+                 addr.type=unix,addr.path=/s --metrics addr.type=unix,addr.path=/s",
+                "--metrics: socket path '/s' is already used by export 'e'",
+            ),
+            (
+                "--chardev socket,id=c,path=/q,server=on,wait=off --monitor c \
+                 --metrics addr.type=unix,addr.path=/q",
+                "--metrics: socket path '/q' is already used by chardev 'c'",
+            ),
         ] {
             let e = error(args(line));
             assert!(e.contains(expected), "{line}: {e}");

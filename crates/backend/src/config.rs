@@ -949,7 +949,39 @@ impl DaemonConfig {
         self.monitor_sockets()?;
         let iothreads = self.check_objects()?;
         let nodes = self.check_blockdevs()?;
-        self.check_exports(&iothreads, &nodes)
+        self.check_exports(&iothreads, &nodes)?;
+        self.check_metrics()
+    }
+
+    /// The metrics socket is not another socket of the daemon.
+    fn check_metrics(&self) -> Result<()> {
+        let Some(MetricsConfig {
+            addr: NbdAddr::Unix(path),
+        }) = &self.metrics
+        else {
+            return Ok(());
+        };
+        let user = if let Some(e) = self
+            .exports
+            .iter()
+            .find(|e| e.nbd.is_none() && e.socket_path == *path)
+        {
+            format!("export '{}'", e.id)
+        } else if let Some(c) = self.chardevs.iter().find(|c| c.path == *path) {
+            format!("chardev '{}'", c.id)
+        } else if self
+            .nbd_server
+            .as_ref()
+            .is_some_and(|n| n.addr == NbdAddr::Unix(path.clone()))
+        {
+            "the NBD server".to_string()
+        } else {
+            return Ok(());
+        };
+        Err(invalid(
+            "--metrics".to_string(),
+            format!("socket path '{}' is already used by {user}", path.display()),
+        ))
     }
 
     /// The monitors with their chardevs resolved; chardev ids are unique, every

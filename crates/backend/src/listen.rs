@@ -21,6 +21,8 @@ pub enum ListenError {
     BindInet(std::io::Error),
     #[error("Service '{0}' is not a valid port")]
     Port(String),
+    #[error("socket '{0}' is in use by another process")]
+    InUse(PathBuf),
 }
 
 pub enum Listener {
@@ -49,6 +51,17 @@ impl Listener {
                 Ok(Listener::Tcp(l))
             }
         }
+    }
+
+    /// Like [`Listener::bind`], but a UNIX socket another process still listens on is
+    /// refused rather than replaced.
+    pub fn bind_unshared(addr: &ListenAddr) -> Result<Listener, ListenError> {
+        if let ListenAddr::Unix(path) = addr {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(ListenError::InUse(path.clone()));
+            }
+        }
+        Listener::bind(addr)
     }
 
     pub fn fd(&self) -> RawFd {

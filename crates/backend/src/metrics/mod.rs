@@ -67,7 +67,7 @@ impl MetricsServer {
         cfg: &MetricsConfig,
         control: Sender<ControlMsg>,
     ) -> Result<MetricsServer, MetricsError> {
-        let listener = Listener::bind(&cfg.addr)?;
+        let listener = Listener::bind_unshared(&cfg.addr)?;
         let unix_path = listener.unix_path().map(PathBuf::from);
         let shared = Arc::new(Shared {
             control,
