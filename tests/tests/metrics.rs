@@ -606,6 +606,47 @@ fn known_io_is_counted_exactly_and_nodes_match_query_blockstats() {
         seen += 1;
     }
     assert_eq!(seen, 3, "{stats}");
+    // The export's requests are its query-blockstats operations, failed and invalid
+    // ones (write-zeroes counts as a write there, discard as unmap; GET_ID and unknown
+    // types are not accounted).
+    let stats = qmp.ok("query-blockstats", json!({}));
+    let st = &stats[0]["stats"];
+    assert_eq!(stats[0]["qdev"], "e0", "{stats}");
+    let accounted = |qemu: &str| {
+        [
+            "{}_operations",
+            "failed_{}_operations",
+            "invalid_{}_operations",
+        ]
+        .iter()
+        .map(|f| st[f.replace("{}", qemu)].as_u64().expect("a count"))
+        .sum::<u64>()
+    };
+    let requests = |kind| {
+        scraped.get(
+            "vubd_export_requests_total",
+            &[("export", "e0"), ("kind", kind)],
+        )
+    };
+    assert_eq!(requests("read"), accounted("rd"));
+    assert_eq!(
+        requests("write") + requests("write-zeroes"),
+        accounted("wr")
+    );
+    assert_eq!(requests("flush"), accounted("flush"));
+    assert_eq!(requests("discard"), accounted("unmap"));
+    let bytes = |kind| {
+        scraped.get(
+            "vubd_export_request_bytes_total",
+            &[("export", "e0"), ("kind", kind)],
+        )
+    };
+    assert_eq!(bytes("read"), st["rd_bytes"].as_u64().unwrap());
+    assert_eq!(
+        bytes("write") + bytes("write-zeroes"),
+        st["wr_bytes"].as_u64().unwrap()
+    );
+
     // And they saw the I/O: n0 below the failing filter got the reads that passed.
     let l = [("node", "n0"), ("kind", "read")];
     assert_eq!(
