@@ -774,12 +774,11 @@ async fn execute(ctx: Rc<SetCtx>, mem: Arc<Memory>, req: Request, queue: usize, 
         req_type,
         op,
     } = req;
-    let counters = shared.counters.queue(queue);
     let status = match op {
         Ok(op) => {
             let acct = op_acct(&op);
-            let kind = request_kind(&op);
             let ok = perform_with_policy(shared, &origin, &op).await;
+            let (counters, kind) = (shared.counters.queue(queue), request_kind(&op));
             match acct {
                 Some((acct, end)) => {
                     let bytes = acct.bytes();
@@ -805,7 +804,10 @@ async fn execute(ctx: Rc<SetCtx>, mem: Arc<Memory>, req: Request, queue: usize, 
             if let Some(kind) = req_type.and_then(io_kind) {
                 shared.blk.stats().invalid(kind);
             }
-            counters.record(type_kind(req_type), 0, false, 0);
+            shared
+                .counters
+                .queue(queue)
+                .record(type_kind(req_type), 0, false, 0);
             e.status()
         }
     };
