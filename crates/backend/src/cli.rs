@@ -4,7 +4,7 @@
 //! qemu-storage-daemon; `--config FILE.toml` (a vubd extension) adds the items of a
 //! config file before those of the command line.
 
-use crate::config::{ConfigError, DaemonConfig, ItemKind, NbdServerConfig, Result};
+use crate::config::{ConfigError, DaemonConfig, ItemKind, MetricsConfig, NbdServerConfig, Result};
 use crate::keyval;
 use std::path::PathBuf;
 
@@ -24,6 +24,7 @@ enum CliOption {
     Item(ItemKind, String),
     Pidfile(PathBuf),
     NbdServer(String),
+    Metrics(String),
     Config(PathBuf),
     Help,
     Version,
@@ -85,10 +86,15 @@ qemu-storage-daemon --export vhost-user-blk
   --monitor [chardev=]<id>[,mode=control][,pretty=on|off]
                             serve QMP on the chardev's socket (docs/qmp.md)
 
+  --metrics addr.type=unix,addr.path=<socket-path>
+  --metrics addr.type=inet,addr.host=<loopback-host>,addr.port=<port>
+                            serve Prometheus metrics (text format 0.0.4) over
+                            HTTP GET /metrics (vubd extension; docs/operations.md)
+
   --pidfile <path>          write the process id to a file after startup
-  --config <file.toml>      read [[object]], [[blockdev]] and [[export]] items and
-                            pidfile from a TOML file (vubd extension); its items come
-                            before those of the command line
+  --config <file.toml>      read [[object]], [[blockdev]] and [[export]] items,
+                            pidfile and [metrics] from a TOML file (vubd extension);
+                            its items come before those of the command line
 
 --blockdev, --export and --object also take JSON: '{"driver": "file", ...}'.
 Sizes take the suffixes K, M, G, T, P and E (powers of 1024).
@@ -107,6 +113,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<CliAction> 
     let mut items = Vec::new();
     let mut pidfile = None;
     let mut nbd_server = None;
+    let mut metrics = None;
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         match next_option(&arg, &mut args)? {
@@ -115,6 +122,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<CliAction> 
             CliOption::Config(path) => config_files.push(path),
             CliOption::Pidfile(path) => pidfile = Some(path),
             CliOption::NbdServer(arg) => nbd_server = Some(arg),
+            CliOption::Metrics(arg) => metrics = Some(arg),
             CliOption::Item(kind, arg) => items.push((kind, arg)),
         }
     }
@@ -130,18 +138,35 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<CliAction> 
         config.pidfile = pidfile;
     }
     if let Some(arg) = nbd_server {
-        let option = format!("--nbd-server {arg}");
-        let v = keyval::parse_option(&arg, None).map_err(|e| ConfigError::Invalid {
-            option: option.clone(),
-            message: e.to_string(),
-        })?;
-        config.nbd_server = Some(Box::new(
-            NbdServerConfig::from_json(&v)
-                .map_err(|source| ConfigError::Options { option, source })?,
-        ));
+        config.nbd_server = Some(Box::new(parse_server_option(
+            "nbd-server",
+            &arg,
+            NbdServerConfig::from_json,
+        )?));
+    }
+    if let Some(arg) = metrics {
+        config.metrics = Some(parse_server_option(
+            "metrics",
+            &arg,
+            MetricsConfig::from_json,
+        )?);
     }
     config.validate()?;
     Ok(CliAction::Run(config))
+}
+
+/// Parses the keyval (or JSON) argument of `--name` with `from_json`.
+fn parse_server_option<T>(
+    name: &str,
+    arg: &str,
+    from_json: fn(&serde_json::Value) -> blocklayer::options::Result<T>,
+) -> Result<T> {
+    let option = format!("--{name} {arg}");
+    let v = keyval::parse_option(arg, None).map_err(|e| ConfigError::Invalid {
+        option: option.clone(),
+        message: e.to_string(),
+    })?;
+    from_json(&v).map_err(|source| ConfigError::Options { option, source })
 }
 
 /// Parses one `--object`/`--blockdev`/`--export` argument into `config`.
@@ -203,6 +228,7 @@ fn long_option(
         "export" => CliOption::Item(ItemKind::Export, argument()?),
         "pidfile" => CliOption::Pidfile(PathBuf::from(argument()?)),
         "nbd-server" => CliOption::NbdServer(argument()?),
+        "metrics" => CliOption::Metrics(argument()?),
         "config" => CliOption::Config(PathBuf::from(argument()?)),
         _ if UNSUPPORTED.contains(&name) => return Err(not_supported(&format!("--{name}"))),
         _ => return Err(ConfigError::Usage(format!("unknown option '--{name}'"))),
@@ -381,6 +407,71 @@ logical-block-size=512,serial=disk0";
              --export nbd,id=a,node-name=n --export nbd,id=b,node-name=n,name=b",
         ));
         assert_eq!(c.exports.len(), 2);
+    }
+
+    #[test]
+    fn metrics_on_a_unix_socket_or_a_loopback_address_only() {
+        use crate::config::{MetricsConfig, NbdAddr};
+        let c = run(args("--metrics addr.type=unix,addr.path=/run/m.sock"));
+        assert_eq!(
+            c.metrics,
+            Some(MetricsConfig {
+                addr: NbdAddr::Unix("/run/m.sock".into())
+            })
+        );
+        for host in ["127.0.0.1", "127.1.2.3", "::1", "localhost"] {
+            let c = run(args(&format!(
+                "--metrics addr.type=inet,addr.host={host},addr.port=9100"
+            )));
+            assert!(c.metrics.is_some(), "{host}");
+        }
+        for (line, expected) in [
+            (
+                "--metrics addr.type=inet,addr.host=0.0.0.0,addr.port=9100",
+                "'0.0.0.0' is not a loopback address",
+            ),
+            (
+                "--metrics addr.type=inet,addr.host=example.com,addr.port=9100",
+                "'example.com' is not a loopback address",
+            ),
+            ("--metrics addr.type=unix", "addr.path"),
+            ("--metrics addr.type=fd,addr.str=3", "'fd' is not supported"),
+            ("--metrics addr.type=unix,addr.path=/m,foo=1", "foo"),
+            ("--metrics", "option '--metrics' requires an argument"),
+            (
+                "--blockdev null-co,node-name=n --export vhost-user-blk,id=e,node-name=n,\
+                 addr.type=unix,addr.path=/s --metrics addr.type=unix,addr.path=/s",
+                "--metrics: socket path '/s' is already used by export 'e'",
+            ),
+            (
+                "--chardev socket,id=c,path=/q,server=on,wait=off --monitor c \
+                 --metrics addr.type=unix,addr.path=/q",
+                "--metrics: socket path '/q' is already used by chardev 'c'",
+            ),
+        ] {
+            let e = error(args(line));
+            assert!(e.contains(expected), "{line}: {e}");
+        }
+        let parse = |text: &str| DaemonConfig::from_toml_str(text, Path::new("t.toml"));
+        let c =
+            parse("[metrics]\naddr = { type = \"inet\", host = \"127.0.0.1\", port = \"9100\" }\n")
+                .expect("a [metrics] table");
+        assert_eq!(
+            c.metrics.map(|m| m.addr),
+            Some(NbdAddr::Inet {
+                host: "127.0.0.1".into(),
+                port: "9100".into()
+            })
+        );
+        let e = parse("metrics = 1").expect_err("not a table").to_string();
+        assert!(e.contains("'metrics' must be a table"), "{e}");
+        let e = parse("[metrics]\naddr = { type = \"inet\", host = \"10.0.0.1\", port = \"1\" }\n")
+            .expect_err("not loopback")
+            .to_string();
+        assert!(
+            e.contains("[metrics]") && e.contains("not a loopback"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -773,7 +864,7 @@ addr.path=/tmp/vubd.sock,writable=on,iothread=io0",
         assert_eq!(
             message("foo = 1"),
             "config file t.toml: unknown key 'foo' (expected [[chardev]], [[monitor]], \
-             [[object]], [[blockdev]], [[export]] or pidfile)"
+             [[object]], [[blockdev]], [[export]], [metrics] or pidfile)"
         );
         assert_eq!(
             message("[blockdev]\ndriver = \"null-co\""),

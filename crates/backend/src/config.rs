@@ -138,33 +138,67 @@ impl NbdServerConfig {
     /// `--nbd-server addr.type=unix,addr.path=...` (a flat `SocketAddress`).
     pub fn from_json(v: &Value) -> OptionsResult<Self> {
         let mut f = Fields::new(v, "")?;
-        let addr = f.object("addr")?;
-        let mut addr = f.required("addr", addr)?;
-        let addr_type = addr.required_string("type")?;
-        let a = match addr_type.as_str() {
-            "unix" => NbdAddr::Unix(PathBuf::from(addr.required_string("path")?)),
-            "inet" => NbdAddr::Inet {
-                host: addr.required_string("host")?,
-                port: addr.required_string("port")?,
-            },
-            _ => {
-                return Err(bad_value(
-                    &addr.name("type"),
-                    format!(
-                        "'{addr_type}' is not supported (vubd listens on unix and inet sockets)"
-                    ),
-                ))
-            }
-        };
-        addr.finish()?;
         let cfg = NbdServerConfig {
-            addr: a,
+            addr: take_listen_addr(&mut f)?,
             max_connections: take_max_connections(&mut f)?,
             tls_creds: f.string("tls-creds")?,
         };
         f.take("tls-authz");
         f.finish()?;
         Ok(cfg)
+    }
+}
+
+/// `addr`: where a server listens (QEMU's `SocketAddress`, unix or inet).
+fn take_listen_addr(f: &mut Fields) -> OptionsResult<NbdAddr> {
+    let addr = f.object("addr")?;
+    let mut addr = f.required("addr", addr)?;
+    let addr_type = addr.required_string("type")?;
+    let a = match addr_type.as_str() {
+        "unix" => NbdAddr::Unix(PathBuf::from(addr.required_string("path")?)),
+        "inet" => NbdAddr::Inet {
+            host: addr.required_string("host")?,
+            port: addr.required_string("port")?,
+        },
+        _ => {
+            return Err(bad_value(
+                &addr.name("type"),
+                format!("'{addr_type}' is not supported (vubd listens on unix and inet sockets)"),
+            ))
+        }
+    };
+    addr.finish()?;
+    Ok(a)
+}
+
+/// `--metrics addr.type=unix,addr.path=P | addr.type=inet,addr.host=H,addr.port=N`:
+/// the Prometheus endpoint (a vubd extension), on a UNIX socket or a loopback address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsConfig {
+    pub addr: NbdAddr,
+}
+
+impl MetricsConfig {
+    pub fn from_json(v: &Value) -> OptionsResult<Self> {
+        let mut f = Fields::new(v, "")?;
+        let addr = take_listen_addr(&mut f)?;
+        f.finish()?;
+        if let NbdAddr::Inet { host, .. } = &addr {
+            let loopback = host == "localhost"
+                || host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback());
+            if !loopback {
+                return Err(bad_value(
+                    "addr.host",
+                    format!(
+                        "'{host}' is not a loopback address (metrics are served on a UNIX \
+                         socket, 127.0.0.0/8, ::1 or localhost only)"
+                    ),
+                ));
+            }
+        }
+        Ok(MetricsConfig { addr })
     }
 }
 
@@ -222,6 +256,8 @@ pub struct DaemonConfig {
     pub pidfile: Option<PathBuf>,
     /// `--nbd-server`
     pub nbd_server: Option<Box<NbdServerConfig>>,
+    /// `--metrics`
+    pub metrics: Option<MetricsConfig>,
 }
 
 /// QEMU's default `poll-max-ns` of an iothread.
@@ -814,7 +850,7 @@ impl DaemonConfig {
         Ok(())
     }
 
-    /// Appends `other`'s items after this one's; its pidfile, if any, wins.
+    /// Appends `other`'s items after this one's; its pidfile and metrics, if any, win.
     pub fn append(&mut self, other: DaemonConfig) {
         self.chardevs.extend(other.chardevs);
         self.monitors.extend(other.monitors);
@@ -823,6 +859,9 @@ impl DaemonConfig {
         self.exports.extend(other.exports);
         if other.pidfile.is_some() {
             self.pidfile = other.pidfile;
+        }
+        if other.metrics.is_some() {
+            self.metrics = other.metrics;
         }
     }
 
@@ -836,7 +875,8 @@ impl DaemonConfig {
     }
 
     /// Parses config file text: `[[object]]`, `[[blockdev]]` and `[[export]]` tables
-    /// with QEMU's JSON keys, and `pidfile`. `path` is for messages.
+    /// with QEMU's JSON keys, `pidfile`, and a `[metrics]` table (`--metrics`'s keys).
+    /// `path` is for messages.
     pub fn from_toml_str(text: &str, path: &Path) -> Result<Self> {
         let toml_error = |message: String| ConfigError::Toml {
             path: path.to_path_buf(),
@@ -880,10 +920,23 @@ impl DaemonConfig {
                 _ => return Err(toml_error("'pidfile' must be a string".into())),
             }
         }
+        if let Some(metrics) = table.remove("metrics") {
+            if !metrics.is_table() {
+                return Err(toml_error("'metrics' must be a table ([metrics])".into()));
+            }
+            let v = toml_to_json(metrics).map_err(toml_error)?;
+            config.metrics =
+                Some(
+                    MetricsConfig::from_json(&v).map_err(|source| ConfigError::Options {
+                        option: format!("config file {}: [metrics]", path.display()),
+                        source,
+                    })?,
+                );
+        }
         if let Some(key) = table.keys().next() {
             return Err(toml_error(format!(
                 "unknown key '{key}' (expected [[chardev]], [[monitor]], [[object]], [[blockdev]], \
-                 [[export]] or pidfile)"
+                 [[export]], [metrics] or pidfile)"
             )));
         }
         Ok(config)
@@ -896,7 +949,39 @@ impl DaemonConfig {
         self.monitor_sockets()?;
         let iothreads = self.check_objects()?;
         let nodes = self.check_blockdevs()?;
-        self.check_exports(&iothreads, &nodes)
+        self.check_exports(&iothreads, &nodes)?;
+        self.check_metrics()
+    }
+
+    /// The metrics socket is not another socket of the daemon.
+    fn check_metrics(&self) -> Result<()> {
+        let Some(MetricsConfig {
+            addr: NbdAddr::Unix(path),
+        }) = &self.metrics
+        else {
+            return Ok(());
+        };
+        let user = if let Some(e) = self
+            .exports
+            .iter()
+            .find(|e| e.nbd.is_none() && e.socket_path == *path)
+        {
+            format!("export '{}'", e.id)
+        } else if let Some(c) = self.chardevs.iter().find(|c| c.path == *path) {
+            format!("chardev '{}'", c.id)
+        } else if self
+            .nbd_server
+            .as_ref()
+            .is_some_and(|n| n.addr == NbdAddr::Unix(path.clone()))
+        {
+            "the NBD server".to_string()
+        } else {
+            return Ok(());
+        };
+        Err(invalid(
+            "--metrics".to_string(),
+            format!("socket path '{}' is already used by {user}", path.display()),
+        ))
     }
 
     /// The monitors with their chardevs resolved; chardev ids are unique, every

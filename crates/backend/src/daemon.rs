@@ -7,6 +7,7 @@
 
 use crate::config::DaemonConfig;
 use crate::control::{Control, ControlMsg};
+use crate::metrics::MetricsServer;
 use crate::qmp::events::EventBus;
 use crate::qmp::server::{MonitorSocket, ServerError};
 use std::path::PathBuf;
@@ -33,6 +34,8 @@ pub enum DaemonError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("--metrics: {0}")]
+    Metrics(crate::metrics::MetricsError),
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
     #[error("{0}")]
@@ -45,6 +48,7 @@ pub type Result<T> = std::result::Result<T, DaemonError>;
 pub struct Daemon {
     control: Sender<ControlMsg>,
     thread: JoinHandle<()>,
+    metrics: Option<MetricsServer>,
 }
 
 impl Daemon {
@@ -104,6 +108,11 @@ impl Daemon {
                 message: err.desc,
             })?;
         }
+        // Scrapes wait in the control thread's queue until it runs.
+        let metrics = match &cfg.metrics {
+            Some(m) => Some(MetricsServer::start(m, tx.clone()).map_err(DaemonError::Metrics)?),
+            None => None,
+        };
         if let Some(p) = &cfg.pidfile {
             std::fs::write(p, format!("{}\n", std::process::id())).map_err(|source| {
                 DaemonError::Pidfile {
@@ -127,11 +136,15 @@ impl Daemon {
         Ok(Daemon {
             control: tx,
             thread,
+            metrics,
         })
     }
 
     /// Drains in-flight requests, flushes every node, removes the sockets.
     pub fn shutdown(self) {
+        if let Some(m) = &self.metrics {
+            m.stop();
+        }
         let (done_tx, done_rx) = mpsc::channel();
         if self.control.send(ControlMsg::Shutdown(done_tx)).is_ok() {
             let _ = done_rx.recv();

@@ -13,5 +13,7 @@ pub mod img;
 pub mod iothread;
 pub mod jobs;
 pub mod keyval;
+pub mod listen;
 pub mod logging;
+pub mod metrics;
 pub mod qmp;

@@ -92,7 +92,9 @@ impl Node {
     fn account(&self, acct: Acct, r: &Result<()>, end: u64) {
         match r {
             Err(BlockError::OutOfRange { .. }) => self.stats.invalid(acct.kind()),
-            r => self.stats.done(acct, r.is_ok(), end),
+            r => {
+                self.stats.done(acct, r.is_ok(), end);
+            }
         }
     }
 

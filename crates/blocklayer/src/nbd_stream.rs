@@ -33,6 +33,13 @@ impl Stream {
             Stream::Tcp(s) => s.set_read_timeout(t),
         }
     }
+
+    pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.set_write_timeout(t),
+            Stream::Tcp(s) => s.set_write_timeout(t),
+        }
+    }
 }
 
 impl Read for Stream {

@@ -127,6 +127,21 @@ impl Acct {
     pub fn kind(&self) -> IoKind {
         self.kind
     }
+
+    /// The bytes the request moves (counted if it succeeds).
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+/// One kind's counters, summed over the shards.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KindTotals {
+    pub operations: u64,
+    pub bytes: u64,
+    pub total_time_ns: u64,
+    pub failed: u64,
+    pub invalid: u64,
 }
 
 impl IoStats {
@@ -168,17 +183,19 @@ impl IoStats {
     }
 
     /// Accounts a finished request; `end` is the byte after a write's range (for
-    /// `wr_highest_offset`).
-    pub fn done(&self, acct: Acct, ok: bool, end: u64) {
+    /// `wr_highest_offset`). Returns the request's latency in nanoseconds, from the
+    /// loop pass that started it to the one that finished it (for the latency
+    /// histograms of `crate`'s users, which thus read no clock of their own).
+    pub fn done(&self, acct: Acct, ok: bool, end: u64) -> u64 {
         let (shard, own) = self.shard();
         let k = &shard.kinds[acct.kind as usize];
         // The start and the end are loop passes' times (the loop reads the clock when
         // it wakes, when a pass takes new requests and when it reaps completions).
         let now = clock::now_ns();
+        let t = now.saturating_sub(acct.start);
         if ok {
             add(&k.operations, 1, own);
             add(&k.bytes, acct.bytes, own);
-            let t = now.saturating_sub(acct.start);
             if t > 0 {
                 add(&k.total_time_ns, t, own);
             }
@@ -193,6 +210,7 @@ impl IoStats {
             add(&k.failed, 1, own);
         }
         self.note_done(shard, now);
+        t
     }
 
     /// Accounts a request refused before it started (out of range, malformed).
@@ -214,47 +232,70 @@ impl IoStats {
         self.sum(kind, |k| &k.operations)
     }
 
+    /// One kind's counters, summed over the shards.
+    pub fn totals(&self, kind: IoKind) -> KindTotals {
+        KindTotals {
+            operations: self.sum(kind, |k| &k.operations),
+            bytes: self.sum(kind, |k| &k.bytes),
+            total_time_ns: self.sum(kind, |k| &k.total_time_ns),
+            failed: self.sum(kind, |k| &k.failed),
+            invalid: self.sum(kind, |k| &k.invalid),
+        }
+    }
+
+    fn max(&self, f: fn(&Shard) -> &AtomicU64) -> u64 {
+        self.shards
+            .iter()
+            .map(|s| f(s).load(Ordering::Relaxed))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The byte after the highest range written (`wr_highest_offset`).
+    pub fn wr_highest_offset(&self) -> u64 {
+        self.max(|s| &s.wr_highest_offset)
+    }
+
+    /// Nanoseconds since the last request completed (`idle_time_ns`): exports only,
+    /// once one has.
+    pub fn idle_time_ns(&self) -> Option<u64> {
+        let last = self.max(|s| &s.last_done_ns);
+        (last > 0).then(|| clock::ns_since_epoch(Instant::now()).saturating_sub(last - 1))
+    }
+
     /// QEMU's `BlockDeviceStats`.
     pub fn to_json(&self) -> Value {
-        let get = |kind: IoKind, f: fn(&KindStats) -> &AtomicU64| self.sum(kind, f);
-        let max = |f: fn(&Shard) -> &AtomicU64| {
-            self.shards
-                .iter()
-                .map(|s| f(s).load(Ordering::Relaxed))
-                .max()
-                .unwrap_or(0)
-        };
+        let [rd, wr, flush, unmap] =
+            [IoKind::Read, IoKind::Write, IoKind::Flush, IoKind::Unmap].map(|k| self.totals(k));
         let mut v = json!({
-            "rd_bytes": get(IoKind::Read, |k| &k.bytes),
-            "wr_bytes": get(IoKind::Write, |k| &k.bytes),
-            "unmap_bytes": get(IoKind::Unmap, |k| &k.bytes),
-            "rd_operations": get(IoKind::Read, |k| &k.operations),
-            "wr_operations": get(IoKind::Write, |k| &k.operations),
-            "flush_operations": get(IoKind::Flush, |k| &k.operations),
-            "unmap_operations": get(IoKind::Unmap, |k| &k.operations),
-            "rd_total_time_ns": get(IoKind::Read, |k| &k.total_time_ns),
-            "wr_total_time_ns": get(IoKind::Write, |k| &k.total_time_ns),
-            "flush_total_time_ns": get(IoKind::Flush, |k| &k.total_time_ns),
-            "unmap_total_time_ns": get(IoKind::Unmap, |k| &k.total_time_ns),
-            "wr_highest_offset": max(|s| &s.wr_highest_offset),
+            "rd_bytes": rd.bytes,
+            "wr_bytes": wr.bytes,
+            "unmap_bytes": unmap.bytes,
+            "rd_operations": rd.operations,
+            "wr_operations": wr.operations,
+            "flush_operations": flush.operations,
+            "unmap_operations": unmap.operations,
+            "rd_total_time_ns": rd.total_time_ns,
+            "wr_total_time_ns": wr.total_time_ns,
+            "flush_total_time_ns": flush.total_time_ns,
+            "unmap_total_time_ns": unmap.total_time_ns,
+            "wr_highest_offset": self.wr_highest_offset(),
             "rd_merged": 0,
             "wr_merged": 0,
             "unmap_merged": 0,
-            "failed_rd_operations": get(IoKind::Read, |k| &k.failed),
-            "failed_wr_operations": get(IoKind::Write, |k| &k.failed),
-            "failed_flush_operations": get(IoKind::Flush, |k| &k.failed),
-            "failed_unmap_operations": get(IoKind::Unmap, |k| &k.failed),
-            "invalid_rd_operations": get(IoKind::Read, |k| &k.invalid),
-            "invalid_wr_operations": get(IoKind::Write, |k| &k.invalid),
-            "invalid_flush_operations": get(IoKind::Flush, |k| &k.invalid),
-            "invalid_unmap_operations": get(IoKind::Unmap, |k| &k.invalid),
+            "failed_rd_operations": rd.failed,
+            "failed_wr_operations": wr.failed,
+            "failed_flush_operations": flush.failed,
+            "failed_unmap_operations": unmap.failed,
+            "invalid_rd_operations": rd.invalid,
+            "invalid_wr_operations": wr.invalid,
+            "invalid_flush_operations": flush.invalid,
+            "invalid_unmap_operations": unmap.invalid,
             "account_invalid": true,
             "account_failed": true,
             "timed_stats": [],
         });
-        let last = max(|s| &s.last_done_ns);
-        if last > 0 {
-            let idle = clock::ns_since_epoch(Instant::now()).saturating_sub(last - 1);
+        if let Some(idle) = self.idle_time_ns() {
             v["idle_time_ns"] = json!(idle);
         }
         v

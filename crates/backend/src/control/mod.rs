@@ -57,6 +57,8 @@ pub enum ControlMsg {
     Job(crate::jobs::JobMsg),
     /// Shut the daemon down, then acknowledge.
     Shutdown(Sender<()>),
+    /// A metrics scrape wants the figures ([`Control::metrics_snapshot`]).
+    Metrics(std::sync::mpsc::SyncSender<crate::metrics::snapshot::Snapshot>),
 }
 
 pub(crate) type OpResult<T> = std::result::Result<T, QmpError>;
@@ -164,6 +166,9 @@ impl Control {
                 ControlMsg::ExportGone(id) => self.export_gone(&id),
                 ControlMsg::Event { name, data } => self.events.emit(name, Some(data)),
                 ControlMsg::Job(msg) => self.job_msg(msg),
+                ControlMsg::Metrics(reply) => {
+                    let _ = reply.send(self.metrics_snapshot());
+                }
                 ControlMsg::Shutdown(done) => {
                     self.shutdown();
                     let _ = done.send(());
@@ -401,6 +406,46 @@ impl Control {
                 })
                 .collect(),
         )
+    }
+
+    /// The figures a metrics scrape shows: every vhost-user-blk export's queues, every
+    /// iothread (with the implicit ones and the main loop), every node's statistics.
+    pub fn metrics_snapshot(&self) -> crate::metrics::snapshot::Snapshot {
+        use crate::metrics::snapshot::{ExportSample, IoThreadSample, NodeSample, Snapshot};
+        let mut loops: BTreeMap<String, Arc<IoThread>> = self.iothreads.clone();
+        for e in self.exports.values() {
+            for t in e.export.iothreads() {
+                loops.entry(t.id.clone()).or_insert(t);
+            }
+        }
+        if let Some(t) = &self.main_loop {
+            loops.entry(t.id.clone()).or_insert_with(|| t.clone());
+        }
+        Snapshot {
+            exports: self
+                .exports
+                .values()
+                .filter_map(|e| {
+                    let queues = e.export.queue_samples()?;
+                    Some(ExportSample {
+                        id: e.export.id().to_string(),
+                        queues,
+                    })
+                })
+                .collect(),
+            iothreads: loops
+                .into_iter()
+                .map(|(id, t)| IoThreadSample {
+                    id,
+                    counters: t.event_loop().counters().sample(),
+                })
+                .collect(),
+            nodes: self
+                .graph
+                .nodes()
+                .map(|n| NodeSample::of(n.name(), &n.stats))
+                .collect(),
+        }
     }
 
     // ---- exports ---------------------------------------------------------------

@@ -62,6 +62,11 @@ pub trait Export: Send + Sync {
     /// The iothreads serving the export.
     fn iothreads(&self) -> Vec<Arc<IoThread>>;
 
+    /// The request counters of the export's queues (`--metrics`), if it keeps them.
+    fn queue_samples(&self) -> Option<Vec<crate::metrics::counters::QueueSample>> {
+        None
+    }
+
     /// Whether the export must stay on its iothreads (`fixed-iothread=on`).
     fn fixed_iothread(&self) -> bool;
 

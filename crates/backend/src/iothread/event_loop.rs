@@ -19,6 +19,7 @@
 //! Sources live on the loop thread only (`Rc`); other threads reach the loop through
 //! [`EventLoop::call`] and [`EventLoop::post`].
 
+use crate::metrics::counters::LoopCounters;
 use blocklayer::aio::poll::{PollParams, PollState};
 use blocklayer::aio::{clock, executor, uring};
 use std::cell::RefCell;
@@ -81,6 +82,8 @@ pub struct EventLoop {
     stop: AtomicBool,
     tid: AtomicI32,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Wake-ups, busy and polling time (`--metrics`), written by the loop's thread.
+    counters: LoopCounters,
 }
 
 /// The loop thread's own state.
@@ -125,6 +128,7 @@ impl EventLoop {
             stop: AtomicBool::new(false),
             tid: AtomicI32::new(0),
             thread: Mutex::new(None),
+            counters: LoopCounters::default(),
         });
         let (tx, rx) = mpsc::channel();
         let me = lp.clone();
@@ -149,6 +153,11 @@ impl EventLoop {
     /// The kernel thread id of the loop's thread.
     pub fn tid(&self) -> i32 {
         self.tid.load(Ordering::Acquire)
+    }
+
+    /// The loop's wake-up counters.
+    pub fn counters(&self) -> &LoopCounters {
+        &self.counters
     }
 
     /// Whether the caller runs on this loop's thread.
@@ -318,7 +327,7 @@ impl EventLoop {
                 }
             }
             self.mail_and_wakes();
-            self.passes();
+            self.passes(now);
         }
         // Detach what is left; tasks see their sources gone, and the io_uring waits
         // for its operations when the thread's engine is dropped.
@@ -364,8 +373,9 @@ impl EventLoop {
         with_local(|l| l.list.clone()).unwrap_or_else(|| Rc::from(Vec::new()))
     }
 
-    /// Runs passes until idle, polling for one window before re-arming wake-ups.
-    fn passes(&self) {
+    /// Runs passes until idle, polling for one window before re-arming wake-ups;
+    /// the loop woke at `woke`.
+    fn passes(&self, woke: Instant) {
         let mut srcs = self.sources();
         let window = with_local(|l| l.poll.window()).unwrap_or_default();
         for s in srcs.iter() {
@@ -418,6 +428,12 @@ impl EventLoop {
             s.notify();
         }
         with_local(|l| l.slept_at = Some(last));
+        // One clock read per wake-up, for the metrics.
+        let end = Instant::now();
+        self.counters.woke_up(
+            end.saturating_duration_since(woke),
+            end.saturating_duration_since(last),
+        );
     }
 }
 

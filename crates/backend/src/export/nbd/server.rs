@@ -3,13 +3,12 @@
 
 use super::handshake::{self, Exports};
 use super::{conn, NbdError, NbdShared};
-use crate::config::{NbdAddr, NbdServerConfig};
+use crate::config::NbdServerConfig;
+use crate::listen::Listener;
 use blocklayer::nbd_stream::Stream;
 use std::collections::BTreeMap;
-use std::net::{Shutdown, TcpListener};
-use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::UnixListener;
+use std::net::Shutdown;
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,30 +17,6 @@ use vmm_sys_util::eventfd::EventFd;
 
 /// How long a client may take over its handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-enum Listener {
-    Unix(UnixListener),
-    Tcp(TcpListener),
-}
-
-impl Listener {
-    fn fd(&self) -> RawFd {
-        match self {
-            Listener::Unix(l) => l.as_raw_fd(),
-            Listener::Tcp(l) => l.as_raw_fd(),
-        }
-    }
-
-    fn accept(&self) -> std::io::Result<Stream> {
-        match self {
-            Listener::Unix(l) => l.accept().map(|(s, _)| Stream::Unix(s)),
-            Listener::Tcp(l) => l.accept().map(|(s, _)| {
-                let _ = s.set_nodelay(true);
-                Stream::Tcp(s)
-            }),
-        }
-    }
-}
 
 pub struct NbdServer {
     exports: Mutex<BTreeMap<String, Arc<NbdShared>>>,
@@ -67,23 +42,8 @@ impl Exports for NbdServer {
 impl NbdServer {
     /// Listens on the configured address and starts accepting clients.
     pub fn start(cfg: &NbdServerConfig) -> Result<Arc<NbdServer>, NbdError> {
-        let (listener, unix_path) = match &cfg.addr {
-            NbdAddr::Unix(path) => {
-                // A stale socket of an earlier process is replaced, as QEMU does.
-                if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
-                    let _ = std::fs::remove_file(path);
-                }
-                let l = UnixListener::bind(path).map_err(|e| {
-                    NbdError::Listen(format!("Failed to bind socket to {}: {e}", path.display()))
-                })?;
-                (Listener::Unix(l), Some(path.clone()))
-            }
-            NbdAddr::Inet { host, port } => {
-                let l = TcpListener::bind((host.as_str(), port_number(port)?))
-                    .map_err(|e| NbdError::Listen(format!("Failed to bind socket: {e}")))?;
-                (Listener::Tcp(l), None)
-            }
-        };
+        let listener = Listener::bind(&cfg.addr).map_err(|e| NbdError::Listen(e.to_string()))?;
+        let unix_path = listener.unix_path().map(PathBuf::from);
         let wake =
             EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(NbdError::Thread)?;
         let server = Arc::new(NbdServer {
@@ -207,9 +167,4 @@ impl NbdServer {
         conn::serve(stream, neg, index);
         export.remove_client(id);
     }
-}
-
-fn port_number(port: &str) -> Result<u16, NbdError> {
-    port.parse()
-        .map_err(|_| NbdError::Listen(format!("Service '{port}' is not a valid port")))
 }

@@ -16,6 +16,7 @@ use super::vhost_user::vring::{Vring, VringState};
 use super::vhost_user::{pf, BackendChannel, QueueDevice, F_LOG_ALL, F_PROTOCOL_FEATURES};
 use super::{ExportShared, PopGate};
 use crate::iothread::event_loop::{EventLoop, Source, WAKE_SUB};
+use crate::metrics::counters::RequestKind;
 use blocklayer::aio::{executor, uring};
 use blocklayer::backend::ErrorAction;
 use blocklayer::stats::{Acct, IoKind, IoStats};
@@ -596,6 +597,40 @@ fn io_kind(req_type: u32) -> Option<IoKind> {
     }
 }
 
+/// The metrics kind of a parsed request.
+fn request_kind(op: &Op) -> RequestKind {
+    match op {
+        Op::Read { .. } => RequestKind::Read,
+        Op::Write { .. } => RequestKind::Write,
+        Op::Flush => RequestKind::Flush,
+        Op::Discard(_) => RequestKind::Discard,
+        Op::WriteZeroes(_) => RequestKind::WriteZeroes,
+        Op::GetId { .. } => RequestKind::GetId,
+    }
+}
+
+/// The metrics kind of a request that could not be parsed, from its type (if its
+/// header could be read).
+fn type_kind(req_type: Option<u32>) -> RequestKind {
+    match req_type {
+        Some(VIRTIO_BLK_T_IN) => RequestKind::Read,
+        Some(VIRTIO_BLK_T_OUT) => RequestKind::Write,
+        Some(VIRTIO_BLK_T_FLUSH) => RequestKind::Flush,
+        Some(VIRTIO_BLK_T_DISCARD) => RequestKind::Discard,
+        Some(VIRTIO_BLK_T_WRITE_ZEROES) => RequestKind::WriteZeroes,
+        Some(VIRTIO_BLK_T_GET_ID) => RequestKind::GetId,
+        _ => RequestKind::Other,
+    }
+}
+
+/// The data a request without statistics (GET_ID) moves.
+fn op_data_len(op: &Op) -> u64 {
+    match op {
+        Op::GetId { iov } => iov.len(),
+        _ => 0,
+    }
+}
+
 /// Starts accounting a request: its record and, for writes, the end of its range.
 fn op_acct(op: &Op) -> Option<(Acct, u64)> {
     let sum = |ranges: &[request::Range]| ranges.iter().map(|r| r.len).sum::<u64>();
@@ -786,8 +821,15 @@ async fn execute(ctx: Rc<SetCtx>, mem: Arc<Memory>, req: Request, queue: usize, 
         Ok(op) => {
             let acct = op_acct(&op);
             let ok = perform_with_policy(shared, &origin, &op).await;
-            if let Some((acct, end)) = acct {
-                shared.blk.stats().done(acct, ok, end);
+            let (counters, kind) = (shared.counters.queue(queue), request_kind(&op));
+            match acct {
+                Some((acct, end)) => {
+                    let bytes = acct.bytes();
+                    let latency = shared.blk.stats().done(acct, ok, end);
+                    counters.record(kind, bytes, ok, latency);
+                }
+                // GET_ID: answered in the pass that took it.
+                None => counters.record(kind, op_data_len(&op), ok, 0),
             }
             if ok {
                 VIRTIO_BLK_S_OK as u8
@@ -805,6 +847,10 @@ async fn execute(ctx: Rc<SetCtx>, mem: Arc<Memory>, req: Request, queue: usize, 
             if let Some(kind) = req_type.and_then(io_kind) {
                 shared.blk.stats().invalid(kind);
             }
+            shared
+                .counters
+                .queue(queue)
+                .record(type_kind(req_type), 0, false, 0);
             e.status()
         }
     };

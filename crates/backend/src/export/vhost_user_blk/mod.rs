@@ -20,6 +20,7 @@ use super::Export;
 use crate::config::ExportConfig;
 use crate::iothread::IoThread;
 use crate::logging::RateLimiter;
+use crate::metrics::counters::{ExportCounters, QueueSample};
 use blocklayer::backend::BlockBackend;
 use blocklayer::edge::NodeRef;
 use config_space::BlkConfig;
@@ -91,6 +92,8 @@ pub struct ExportShared {
     connection: Mutex<Option<(Weak<BlkDevice>, Option<UnixStream>)>>,
     /// Log budgets per kind of event, so that a frontend cannot flood the log.
     pub log_limits: ExportLogLimits,
+    /// Request counters per queue (`--metrics`), for the life of the export.
+    pub counters: ExportCounters,
 }
 
 /// Lines per second an export logs of one kind of event, at most.
@@ -433,6 +436,7 @@ impl VhostUserBlkExport {
             poppers: Default::default(),
             connection: Mutex::new(None),
             log_limits: ExportLogLimits::new(),
+            counters: ExportCounters::new(usize::from(cfg.num_queues)),
         });
         Ok((
             VhostUserBlkExport {
@@ -477,6 +481,15 @@ impl Export for VhostUserBlkExport {
 
     fn iothreads(&self) -> Vec<Arc<IoThread>> {
         self.shared.iothreads()
+    }
+
+    fn queue_samples(&self) -> Option<Vec<QueueSample>> {
+        let in_flight = self
+            .shared
+            .device()
+            .map(|d| d.queue_in_flight())
+            .unwrap_or_default();
+        Some(self.shared.counters.samples(&in_flight))
     }
 
     fn fixed_iothread(&self) -> bool {

@@ -1,0 +1,308 @@
+//! The counters the request path and the event loops write for `--metrics`, and the
+//! plain samples a scrape reads from them.
+//!
+//! Each vhost-user-blk queue has a [`QueueCounters`] on cache lines of its own, written
+//! by the one iothread that serves the queue (relaxed atomic adds; a scrape sums the
+//! queues of an export). A request costs three or four adds on those lines and a
+//! bucket index computed with `leading_zeros`; its latency is the one the export's
+//! statistics already measured ([`blocklayer::stats::IoStats::done`], loop-pass clock),
+//! so no clock is read for it. Each event loop has a [`LoopCounters`], written once
+//! per wake-up by its thread.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// What a virtio-blk request asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestKind {
+    Read = 0,
+    Write = 1,
+    Flush = 2,
+    Discard = 3,
+    WriteZeroes = 4,
+    GetId = 5,
+    /// An unknown request type, or a request whose header could not be read.
+    Other = 6,
+}
+
+/// The number of [`RequestKind`]s.
+pub const KINDS: usize = 7;
+
+impl RequestKind {
+    pub const ALL: [RequestKind; KINDS] = [
+        RequestKind::Read,
+        RequestKind::Write,
+        RequestKind::Flush,
+        RequestKind::Discard,
+        RequestKind::WriteZeroes,
+        RequestKind::GetId,
+        RequestKind::Other,
+    ];
+
+    /// The value of the `kind` label.
+    pub fn name(self) -> &'static str {
+        match self {
+            RequestKind::Read => "read",
+            RequestKind::Write => "write",
+            RequestKind::Flush => "flush",
+            RequestKind::Discard => "discard",
+            RequestKind::WriteZeroes => "write-zeroes",
+            RequestKind::GetId => "get-id",
+            RequestKind::Other => "other",
+        }
+    }
+}
+
+/// The first latency bucket's upper bound is 2^FIRST_BUCKET_LOG2 ns (1.024 us); each
+/// next one doubles it.
+pub const FIRST_BUCKET_LOG2: u32 = 10;
+/// Finite latency buckets: up to 2^33 ns (8.6 s); one more counts the rest (`+Inf`).
+pub const BUCKETS: usize = 24;
+
+/// The bucket of a latency of `ns` nanoseconds: the first whose bound `2^(10 + i)` is at
+/// least `ns`, or [`BUCKETS`] (`+Inf`) past the last.
+#[inline]
+pub fn bucket(ns: u64) -> usize {
+    // ceil(log2(ns)) for ns >= 2, 0 for 0 and 1.
+    let log = u64::BITS - ns.saturating_sub(1).leading_zeros();
+    (log.saturating_sub(FIRST_BUCKET_LOG2) as usize).min(BUCKETS)
+}
+
+/// The upper bound of finite bucket `i`, in nanoseconds.
+pub fn bucket_bound_ns(i: usize) -> u64 {
+    1 << (FIRST_BUCKET_LOG2 as usize + i)
+}
+
+#[derive(Default)]
+struct KindCounters {
+    requests: AtomicU64,
+    bytes: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// The counters of one queue, written by the iothread that serves it.
+#[derive(Default)]
+#[repr(align(128))]
+pub struct QueueCounters {
+    kinds: [KindCounters; KINDS],
+    /// Requests per latency bucket (not cumulative).
+    buckets: [AtomicU64; BUCKETS + 1],
+    latency_ns: AtomicU64,
+}
+
+impl QueueCounters {
+    /// Counts a finished request: `bytes` moved if `ok`, an error otherwise, and its
+    /// latency.
+    #[inline]
+    pub fn record(&self, kind: RequestKind, bytes: u64, ok: bool, latency_ns: u64) {
+        let k = &self.kinds[kind as usize];
+        k.requests.fetch_add(1, Ordering::Relaxed);
+        if !ok {
+            k.errors.fetch_add(1, Ordering::Relaxed);
+        } else if bytes > 0 {
+            k.bytes.fetch_add(bytes, Ordering::Relaxed);
+        }
+        self.buckets[bucket(latency_ns)].fetch_add(1, Ordering::Relaxed);
+        if latency_ns > 0 {
+            self.latency_ns.fetch_add(latency_ns, Ordering::Relaxed);
+        }
+    }
+
+    /// What the counters hold now; `in_flight` from the connected device.
+    pub fn sample(&self, in_flight: u64) -> QueueSample {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut s = QueueSample {
+            in_flight,
+            ..QueueSample::default()
+        };
+        for (k, c) in s.kinds.iter_mut().zip(&self.kinds) {
+            *k = KindSample {
+                requests: load(&c.requests),
+                bytes: load(&c.bytes),
+                errors: load(&c.errors),
+            };
+        }
+        for (b, c) in s.latency.buckets.iter_mut().zip(&self.buckets) {
+            *b = load(c);
+        }
+        s.latency.sum_ns = load(&self.latency_ns);
+        s
+    }
+}
+
+/// The counters of an export's queues; they live as long as the export (a new
+/// frontend connection counts on).
+pub struct ExportCounters {
+    queues: Box<[QueueCounters]>,
+}
+
+impl ExportCounters {
+    pub fn new(num_queues: usize) -> Self {
+        ExportCounters {
+            queues: (0..num_queues).map(|_| QueueCounters::default()).collect(),
+        }
+    }
+
+    /// Queue `q`'s counters (`q` is below the export's queue count: the device pops
+    /// from no other).
+    #[inline]
+    pub fn queue(&self, q: usize) -> &QueueCounters {
+        &self.queues[q]
+    }
+
+    /// A sample of every queue; `in_flight[q]` (missing: 0) from the device.
+    pub fn samples(&self, in_flight: &[u64]) -> Vec<QueueSample> {
+        self.queues
+            .iter()
+            .enumerate()
+            .map(|(q, c)| c.sample(in_flight.get(q).copied().unwrap_or(0)))
+            .collect()
+    }
+}
+
+/// One kind's requests, bytes and errors.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KindSample {
+    pub requests: u64,
+    pub bytes: u64,
+    pub errors: u64,
+}
+
+/// A latency histogram: requests per bucket (not cumulative; the last is `+Inf`) and
+/// the sum of their latencies.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Histogram {
+    pub buckets: [u64; BUCKETS + 1],
+    pub sum_ns: u64,
+}
+
+impl Histogram {
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().sum()
+    }
+}
+
+/// What one queue's counters held when sampled.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueSample {
+    pub kinds: [KindSample; KINDS],
+    pub latency: Histogram,
+    /// Requests popped and not yet completed.
+    pub in_flight: u64,
+}
+
+impl QueueSample {
+    /// Adds `other`'s figures to this one's (an export's total over its queues).
+    pub fn add(&mut self, other: &QueueSample) {
+        for (a, b) in self.kinds.iter_mut().zip(&other.kinds) {
+            a.requests += b.requests;
+            a.bytes += b.bytes;
+            a.errors += b.errors;
+        }
+        for (a, b) in self.latency.buckets.iter_mut().zip(&other.latency.buckets) {
+            *a += b;
+        }
+        self.latency.sum_ns += other.latency.sum_ns;
+        self.in_flight += other.in_flight;
+    }
+}
+
+/// An event loop's counters, written by its thread once per wake-up.
+#[derive(Default)]
+#[repr(align(128))]
+pub struct LoopCounters {
+    wakeups: AtomicU64,
+    busy_ns: AtomicU64,
+    poll_ns: AtomicU64,
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+impl LoopCounters {
+    /// Counts a wake-up: `busy` from the wake-up to going back to sleep, of which
+    /// `poll` after the last work (the polling window and the final look).
+    pub fn woke_up(&self, busy: Duration, poll: Duration) {
+        self.wakeups.fetch_add(1, Ordering::Relaxed);
+        self.busy_ns.fetch_add(nanos(busy), Ordering::Relaxed);
+        self.poll_ns.fetch_add(nanos(poll), Ordering::Relaxed);
+    }
+
+    pub fn sample(&self) -> LoopSample {
+        LoopSample {
+            wakeups: self.wakeups.load(Ordering::Relaxed),
+            busy_ns: self.busy_ns.load(Ordering::Relaxed),
+            poll_ns: self.poll_ns.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// What an event loop's counters held when sampled.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoopSample {
+    pub wakeups: u64,
+    pub busy_ns: u64,
+    pub poll_ns: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_the_first_bound_at_or_above_the_latency() {
+        assert_eq!(bucket(0), 0);
+        assert_eq!(bucket(1), 0);
+        assert_eq!(bucket(1024), 0);
+        assert_eq!(bucket(1025), 1);
+        assert_eq!(bucket(2048), 1);
+        assert_eq!(bucket(bucket_bound_ns(BUCKETS - 1)), BUCKETS - 1);
+        assert_eq!(bucket(bucket_bound_ns(BUCKETS - 1) + 1), BUCKETS);
+        assert_eq!(bucket(u64::MAX), BUCKETS);
+        for i in 0..BUCKETS {
+            let b = bucket_bound_ns(i);
+            assert_eq!(bucket(b), i);
+            assert!(b / 2 < 1024 || bucket(b / 2 + 1) == i);
+        }
+    }
+
+    #[test]
+    fn a_queue_counts_requests_bytes_errors_and_latency() {
+        let c = QueueCounters::default();
+        c.record(RequestKind::Read, 4096, true, 0);
+        c.record(RequestKind::Read, 4096, true, 3000);
+        c.record(RequestKind::Write, 512, false, 5_000_000);
+        c.record(RequestKind::GetId, 20, true, 0);
+        let s = c.sample(2);
+        let k = |r: RequestKind| s.kinds[r as usize];
+        assert_eq!(
+            k(RequestKind::Read),
+            KindSample {
+                requests: 2,
+                bytes: 8192,
+                errors: 0
+            }
+        );
+        assert_eq!(
+            k(RequestKind::Write),
+            KindSample {
+                requests: 1,
+                bytes: 0,
+                errors: 1
+            }
+        );
+        assert_eq!(k(RequestKind::GetId).requests, 1);
+        assert_eq!(s.latency.count(), 4);
+        assert_eq!(s.latency.buckets[0], 2);
+        assert_eq!(s.latency.buckets[bucket(3000)], 1);
+        assert_eq!(s.latency.sum_ns, 5_003_000);
+        assert_eq!(s.in_flight, 2);
+        let mut total = QueueSample::default();
+        total.add(&s);
+        total.add(&s);
+        assert_eq!(total.kinds[0].bytes, 16384);
+        assert_eq!(total.latency.count(), 8);
+        assert_eq!(total.in_flight, 4);
+    }
+}
