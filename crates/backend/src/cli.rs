@@ -6,6 +6,7 @@
 
 use crate::config::{ConfigError, DaemonConfig, ItemKind, NbdServerConfig, Result};
 use crate::keyval;
+use crate::trace::TraceOptions;
 use std::path::PathBuf;
 
 /// What the command line asks for.
@@ -16,14 +17,14 @@ pub enum CliAction {
     Version,
 }
 
-/// Options qemu-storage-daemon has that vubd does not (yet).
-const UNSUPPORTED: &[&str] = &["daemonize", "trace"];
-
 /// One option of the command line, before its argument is parsed.
 enum CliOption {
     Item(ItemKind, String),
     Pidfile(PathBuf),
     NbdServer(String),
+    Daemonize,
+    /// `-T`/`--trace`: the option as written and its argument.
+    Trace(String, String),
     Config(PathBuf),
     Help,
     Version,
@@ -36,6 +37,9 @@ vhost-user-blk storage daemon: a drop-in replacement for
 qemu-storage-daemon --export vhost-user-blk
 
   -h, --help                display this help and exit
+  -T, --trace [[enable=]<pattern>][,events=<file>][,file=<file>]
+                            enable trace events (vubd's modules, see
+                            docs/operations.md); file: where their lines go
   -V, --version             output version information and exit
 
   --blockdev [driver=]<driver>[,node-name=<N>][,discard=ignore|unmap]
@@ -52,7 +56,7 @@ qemu-storage-daemon --export vhost-user-blk
                                                  [,latency-ns=<ns>]
 
   --export [type=]vhost-user-blk,id=<id>,node-name=<node-name>,
-           addr.type=unix,addr.path=<socket-path>
+           addr.type=unix,addr.path=<socket-path>|addr.type=fd,addr.str=<fd>
            [,writable=on|off][,writethrough=on|off][,num-queues=<n>]
            [,iothread=<id>|iothread.0=<id>,iothread.1=<id>...]
            [,fixed-iothread=on|off][,logical-block-size=<bytes>]
@@ -68,6 +72,7 @@ qemu-storage-daemon --export vhost-user-blk
 
   --nbd-server addr.type=unix,addr.path=<socket-path>[,max-connections=<n>]
   --nbd-server addr.type=inet,addr.host=<host>,addr.port=<port>[,max-connections=<n>]
+  --nbd-server addr.type=fd,addr.str=<fd>[,max-connections=<n>]
                             start the NBD server (before the NBD exports)
 
   --object [qom-type=]iothread,id=<id>[,poll-max-ns=<ns>][,poll-grow=<n>]
@@ -79,17 +84,25 @@ qemu-storage-daemon --export vhost-user-blk
                             e.g. luks's key-secret; keyid/iv: AES-256-CBC
                             encrypted with the key secret keyid holds
 
-  --chardev socket,id=<id>,path=<socket-path>,server=on[,wait=on|off]
+  --chardev socket,id=<id>,path=<socket-path>|fd=<fd>,server=on[,wait=on|off]
                             a UNIX socket for a QMP monitor (wait=on, the
                             default, waits for the first client at start-up)
+  --chardev stdio,id=<id>   one QMP session on standard input and output
+  --chardev pipe,id=<id>,path=<path>
+                            one QMP session on <path>.in and <path>.out
+                            (or <path> for both)
   --monitor [chardev=]<id>[,mode=control][,pretty=on|off]
                             serve QMP on the chardev's socket (docs/qmp.md)
 
+  --daemonize               daemonize the process, and have the parent exit
+                            once startup is complete
   --pidfile <path>          write the process id to a file after startup
   --config <file.toml>      read [[object]], [[blockdev]] and [[export]] items and
                             pidfile from a TOML file (vubd extension); its items come
                             before those of the command line
 
+<fd> is a file descriptor number, or the name of a socket passed by systemd
+socket activation (FileDescriptorName=).
 --blockdev, --export and --object also take JSON: '{"driver": "file", ...}'.
 Sizes take the suffixes K, M, G, T, P and E (powers of 1024).
 "#
@@ -107,6 +120,8 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<CliAction> 
     let mut items = Vec::new();
     let mut pidfile = None;
     let mut nbd_server = None;
+    let mut daemonize = false;
+    let mut trace = Vec::new();
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         match next_option(&arg, &mut args)? {
@@ -116,6 +131,14 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<CliAction> 
             CliOption::Pidfile(path) => pidfile = Some(path),
             CliOption::NbdServer(arg) => nbd_server = Some(arg),
             CliOption::Item(kind, arg) => items.push((kind, arg)),
+            CliOption::Daemonize => daemonize = true,
+            CliOption::Trace(option, arg) => {
+                let options = TraceOptions::parse(&arg).map_err(|e| ConfigError::Invalid {
+                    option: format!("{option} {arg}"),
+                    message: e.to_string(),
+                })?;
+                trace.push((format!("{option} {arg}"), options));
+            }
         }
     }
 
@@ -129,6 +152,8 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<CliAction> 
     if pidfile.is_some() {
         config.pidfile = pidfile;
     }
+    config.daemonize = daemonize;
+    config.trace = trace;
     if let Some(arg) = nbd_server {
         let option = format!("--nbd-server {arg}");
         let v = keyval::parse_option(&arg, None).map_err(|e| ConfigError::Invalid {
@@ -169,7 +194,13 @@ fn next_option(arg: &str, rest: &mut impl Iterator<Item = String>) -> Result<Cli
     match arg {
         "-h" => Ok(CliOption::Help),
         "-V" => Ok(CliOption::Version),
-        _ if arg.starts_with("-T") => Err(not_supported("-T")),
+        "-T" => match rest.next() {
+            Some(value) => Ok(CliOption::Trace("-T".into(), value)),
+            None => Err(ConfigError::Usage(
+                "option '-T' requires an argument".into(),
+            )),
+        },
+        _ if arg.starts_with("-T") => Ok(CliOption::Trace("-T".into(), arg[2..].to_string())),
         _ if arg.starts_with('-') && arg.len() > 1 => {
             Err(ConfigError::Usage(format!("unknown option '{arg}'")))
         }
@@ -204,20 +235,22 @@ fn long_option(
         "pidfile" => CliOption::Pidfile(PathBuf::from(argument()?)),
         "nbd-server" => CliOption::NbdServer(argument()?),
         "config" => CliOption::Config(PathBuf::from(argument()?)),
-        _ if UNSUPPORTED.contains(&name) => return Err(not_supported(&format!("--{name}"))),
+        "daemonize" if value.is_some() => {
+            return Err(ConfigError::Usage(format!(
+                "option '--{name}' doesn't allow an argument"
+            )))
+        }
+        "daemonize" => CliOption::Daemonize,
+        "trace" => CliOption::Trace("--trace".into(), argument()?),
         _ => return Err(ConfigError::Usage(format!("unknown option '--{name}'"))),
     };
     Ok(option)
 }
 
-fn not_supported(option: &str) -> ConfigError {
-    ConfigError::Usage(format!("{option}: not supported yet"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{ExportConfig, IoThreadConfig, ObjectConfig};
+    use crate::config::{ChardevEndpoint, ExportConfig, IoThreadConfig, ObjectConfig};
     use blocklayer::drivers::{null::NullOptions, raw::RawOptions};
     use blocklayer::options::BlockdevOptions;
     use std::path::Path;
@@ -301,6 +334,7 @@ logical-block-size=512,serial=disk0";
                 rerror: crate::config::OnError::Report,
                 werror: crate::config::OnError::Enospc,
                 socket_path: "/tmp/vubd.sock".into(),
+                socket_fd: None,
                 num_queues: 4,
                 iothreads: vec!["io0".into(), "io1".into()],
                 fixed_iothread: false,
@@ -392,8 +426,6 @@ logical-block-size=512,serial=disk0";
             ("disk.img", "unexpected argument 'disk.img'"),
             ("--blockdev", "option '--blockdev' requires an argument"),
             ("--help=1", "option '--help' doesn't allow an argument"),
-            ("--daemonize", "--daemonize: not supported yet"),
-            ("-T foo", "-T: not supported yet"),
             (
                 "--config /nonexistent/vubd.toml",
                 "cannot read config file /nonexistent/vubd.toml: No such file or directory \
@@ -495,9 +527,17 @@ logical-block-size=512,serial=disk0";
                 "Parameter 'addr.path' is missing",
             ),
             (
-                "vhost-user-blk,id=e,node-name=n,addr.type=fd,addr.str=3",
-                "Invalid parameter value for 'addr.type': 'fd' is not supported (vubd listens \
-                 on unix sockets only)",
+                "vhost-user-blk,id=e,node-name=n,addr.type=fd",
+                "Parameter 'addr.str' is missing",
+            ),
+            (
+                "vhost-user-blk,id=e,node-name=n,addr.type=vsock,addr.cid=3",
+                "Invalid parameter value for 'addr.type': 'vsock' is not supported (vubd \
+                 listens on unix sockets, or on an inherited one: fd)",
+            ),
+            (
+                "vhost-user-blk,id=e,node-name=n,addr.type=fd,addr.str=3,addr.path=/s",
+                "Parameter 'addr.path' is unexpected",
             ),
             (
                 &format!("{base},addr.abstract=on"),
@@ -721,7 +761,10 @@ addr.path=/tmp/vubd.sock,writable=on,iothread=io0",
         ));
         let sockets = cfg.monitor_sockets().unwrap();
         assert_eq!(sockets.len(), 1);
-        assert_eq!(sockets[0].path, PathBuf::from("/tmp/m.sock"));
+        assert_eq!(
+            sockets[0].endpoint,
+            ChardevEndpoint::Path(PathBuf::from("/tmp/m.sock"))
+        );
         assert!(sockets[0].pretty && !sockets[0].wait);
         let cfg = run(args(
             "--chardev socket,id=c,path=/tmp/m.sock,server=on --monitor c",
@@ -740,7 +783,18 @@ addr.path=/tmp/vubd.sock,writable=on,iothread=io0",
                 "--chardev socket,id=c,path=/tmp/m.sock",
                 "the monitor socket must be a listening socket (server=on)",
             ),
-            ("--chardev stdio,id=c", "'stdio' is not supported"),
+            ("--chardev file,id=c,path=/x", "'file' is not supported"),
+            (
+                "--chardev socket,id=c,fd=3,path=/x,server=on",
+                "'fd=3' and 'path' are mutually exclusive",
+            ),
+            (
+                "--daemonize --chardev stdio,id=c --monitor c",
+                "--chardev stdio,id=c: cannot use stdio with -daemonize",
+            ),
+            ("--daemonize=on", "option '--daemonize' doesn't allow an argument"),
+            ("--trace foo=1", "--trace foo=1: Invalid parameter 'foo'"),
+            ("-T", "option '-T' requires an argument"),
             (
                 "--chardev socket,id=c,path=/tmp/m.sock,server=on --monitor c,mode=readline",
                 "'readline' is not supported",
@@ -761,6 +815,52 @@ addr.path=/tmp/vubd.sock,writable=on,iothread=io0",
             let e = error(args(line));
             assert!(e.contains(expected), "{line}: {e}");
         }
+    }
+
+    #[test]
+    fn deployment_options() {
+        let cfg = run(args(
+            "-T qmp_* --trace enable=-qmp_outbox,file=/tmp/t \
+             --chardev socket,id=m,fd=sock0,server=on,wait=off --monitor m \
+             --chardev stdio,id=s --monitor s --chardev pipe,id=p,path=/tmp/q --monitor p \
+             --nbd-server addr.type=fd,addr.str=4 --blockdev null-co,node-name=n \
+             --export vhost-user-blk,id=e,node-name=n,addr.type=fd,addr.str=3 \
+             --export vhost-user-blk,id=f,node-name=n,addr.type=fd,addr.str=exp1",
+        ));
+        assert!(!cfg.daemonize);
+        assert!(run(args("--daemonize")).daemonize);
+        assert_eq!(cfg.trace[0].0, "-T qmp_*");
+        assert_eq!(cfg.trace[1].1.patterns, vec!["-qmp_outbox".to_string()]);
+        let endpoints: Vec<_> = cfg
+            .monitor_sockets()
+            .unwrap()
+            .into_iter()
+            .map(|m| m.endpoint)
+            .collect();
+        assert_eq!(
+            endpoints,
+            vec![
+                ChardevEndpoint::Fd("sock0".into()),
+                ChardevEndpoint::Stdio,
+                ChardevEndpoint::Pipe("/tmp/q".into())
+            ]
+        );
+        assert_eq!(
+            cfg.nbd_server.unwrap().addr,
+            crate::config::NbdAddr::Fd("4".into())
+        );
+        assert_eq!(cfg.exports[0].socket_fd.as_deref(), Some("3"));
+        assert_eq!(cfg.exports[1].socket_fd.as_deref(), Some("exp1"));
+        assert_eq!(cfg.exports[0].socket_path, PathBuf::new());
+        let e = error(args(
+            "--blockdev null-co,node-name=n \
+             --export vhost-user-blk,id=e,node-name=n,addr.type=fd,addr.str=3 \
+             --export vhost-user-blk,id=f,node-name=n,addr.type=fd,addr.str=3",
+        ));
+        assert_eq!(
+            e,
+            "--export id=f: file descriptor '3' is already used by export 'e'"
+        );
     }
 
     #[test]

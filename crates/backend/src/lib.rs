@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod daemonize;
 pub mod export;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -13,5 +14,7 @@ pub mod img;
 pub mod iothread;
 pub mod jobs;
 pub mod keyval;
+pub mod listen_fd;
 pub mod logging;
 pub mod qmp;
+pub mod trace;

@@ -4,6 +4,7 @@
 use super::handshake::{self, Exports};
 use super::{conn, NbdError, NbdShared};
 use crate::config::{NbdAddr, NbdServerConfig};
+use crate::listen_fd::Family;
 use blocklayer::nbd_stream::Stream;
 use std::collections::BTreeMap;
 use std::net::{Shutdown, TcpListener};
@@ -82,6 +83,15 @@ impl NbdServer {
                 let l = TcpListener::bind((host.as_str(), port_number(port)?))
                     .map_err(|e| NbdError::Listen(format!("Failed to bind socket: {e}")))?;
                 (Listener::Tcp(l), None)
+            }
+            NbdAddr::Fd(fd) => {
+                let (fd, family) = crate::listen_fd::take_listener(fd)
+                    .map_err(|e| NbdError::Listen(e.to_string()))?;
+                let listener = match family {
+                    Family::Unix => Listener::Unix(UnixListener::from(fd)),
+                    Family::Inet => Listener::Tcp(TcpListener::from(fd)),
+                };
+                (listener, None)
             }
         };
         let wake =

@@ -51,6 +51,8 @@ pub enum VhostUserBlkError {
     SocketInUse(PathBuf),
     #[error("cannot listen on '{path}': {message}")]
     Listen { path: PathBuf, message: String },
+    #[error("{0}")]
+    Fd(#[from] crate::listen_fd::FdError),
     #[error("cannot start the vhost-user daemon: {0}")]
     Daemon(String),
     /// The thread that serves the socket could not start.
@@ -355,7 +357,8 @@ impl ExportShared {
 /// A bound export: its socket, served by the control-plane thread ([`server`]).
 pub struct VhostUserBlkExport {
     pub shared: Arc<ExportShared>,
-    pub socket_path: PathBuf,
+    /// The socket's path, if vubd bound it (not with `addr.type=fd`).
+    pub socket_path: Option<PathBuf>,
     /// A duplicate of the listening socket, to interrupt a blocked accept.
     listen_fd: OwnedFd,
     /// Its place on the control-plane thread, once served.
@@ -399,7 +402,10 @@ impl VhostUserBlkExport {
         mut blk: BlockBackend,
         iothreads: Vec<Arc<IoThread>>,
     ) -> Result<(VhostUserBlkExport, UnixListener)> {
-        let listener = claim_socket(&cfg.socket_path)?;
+        let listener = match &cfg.socket_fd {
+            Some(fd) => crate::listen_fd::take_unix_listener(fd)?,
+            None => claim_socket(&cfg.socket_path)?,
+        };
         // SAFETY: dup of the listening socket we just created and own; the new
         // descriptor is owned by the OwnedFd.
         let dup = unsafe { libc::fcntl(listener.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
@@ -437,7 +443,7 @@ impl VhostUserBlkExport {
         Ok((
             VhostUserBlkExport {
                 shared,
-                socket_path: cfg.socket_path.clone(),
+                socket_path: cfg.socket_fd.is_none().then(|| cfg.socket_path.clone()),
                 listen_fd,
                 served: None,
             },
@@ -472,7 +478,7 @@ impl Export for VhostUserBlkExport {
     }
 
     fn socket_path(&self) -> Option<&Path> {
-        Some(&self.socket_path)
+        self.socket_path.as_deref()
     }
 
     fn iothreads(&self) -> Vec<Arc<IoThread>> {
