@@ -792,7 +792,10 @@ addr.path=/tmp/vubd.sock,writable=on,iothread=io0",
                 "--daemonize --chardev stdio,id=c --monitor c",
                 "--chardev stdio,id=c: cannot use stdio with -daemonize",
             ),
-            ("--daemonize=on", "option '--daemonize' doesn't allow an argument"),
+            (
+                "--daemonize=on",
+                "option '--daemonize' doesn't allow an argument",
+            ),
             ("--trace foo=1", "--trace foo=1: Invalid parameter 'foo'"),
             ("-T", "option '-T' requires an argument"),
             (

@@ -125,7 +125,10 @@ pub struct NbdExportConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NbdAddr {
     Unix(PathBuf),
-    Inet { host: String, port: String },
+    Inet {
+        host: String,
+        port: String,
+    },
     /// An inherited listening socket, by number or by systemd name
     /// ([`crate::listen_fd`]).
     Fd(String),
@@ -924,7 +927,9 @@ impl DaemonConfig {
             }
         };
         self.pidfile.iter_mut().for_each(fix);
-        self.exports.iter_mut().for_each(|e| fix(&mut e.socket_path));
+        self.exports
+            .iter_mut()
+            .for_each(|e| fix(&mut e.socket_path));
         for c in &mut self.chardevs {
             if let ChardevEndpoint::Path(p) | ChardevEndpoint::Pipe(p) = &mut c.endpoint {
                 fix(p);

@@ -126,9 +126,7 @@ impl Daemon {
         }
         for m in &monitor_configs {
             let started = match &m.endpoint {
-                ChardevEndpoint::Stdio => {
-                    server::serve_stdio(m.pretty, tx.clone(), events.clone())
-                }
+                ChardevEndpoint::Stdio => server::serve_stdio(m.pretty, tx.clone(), events.clone()),
                 ChardevEndpoint::Pipe(path) => {
                     server::serve_pipe(path, m.pretty, tx.clone(), events.clone())
                 }

@@ -31,9 +31,7 @@ pub enum FdError {
     NotSocket(String),
     #[error("File descriptor named '{0}' has not been found")]
     NoSuchName(String),
-    #[error(
-        "File descriptor '{0}' was not passed to vubd at start-up, or is already in use"
-    )]
+    #[error("File descriptor '{0}' was not passed to vubd at start-up, or is already in use")]
     NotInherited(String),
     #[error("Failed to listen on fd socket: {0}")]
     Listen(String),

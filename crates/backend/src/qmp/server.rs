@@ -244,14 +244,8 @@ fn serve_pipe_session(
     events: Arc<EventBus>,
 ) -> Result<(), ServerError> {
     let slot = Arc::new(Slots::default()).acquire();
-    Client::start(
-        Peer::Pipe { input, output },
-        pretty,
-        control,
-        events,
-        slot,
-    )
-    .map_err(ServerError::Thread)
+    Client::start(Peer::Pipe { input, output }, pretty, control, events, slot)
+        .map_err(ServerError::Thread)
 }
 
 /// A descriptor of our own on standard input or output (the session closes it, not
