@@ -175,7 +175,8 @@ fn claim(s: &str, allow_inet: bool) -> Result<(OwnedFd, Family), FdError> {
     // SAFETY: listen() on a socket descriptor; an unbound or connected socket fails
     // with EINVAL and is left as it was.
     if unsafe { libc::listen(fd, BACKLOG) } != 0 {
-        return Err(FdError::Listen(std::io::Error::last_os_error().to_string()));
+        let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+        return Err(FdError::Listen(blocklayer::error::strerror(errno)));
     }
     inherited.fds.remove(&fd);
     inherited.names.retain(|_, named| *named != fd);

@@ -35,11 +35,8 @@ const READ_CHUNK: usize = 16 << 10;
 pub enum ServerError {
     #[error("{0}")]
     Fd(#[from] crate::listen_fd::FdError),
-    #[error("Could not open '{path}': {source}")]
-    Open {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error("Could not open '{}': {message}", path.display())]
+    Open { path: PathBuf, message: String },
     #[error("cannot listen on monitor socket '{path}': {source}")]
     Listen {
         path: PathBuf,
@@ -225,9 +222,9 @@ pub fn serve_pipe(
     let (input, output) = match pair {
         Ok(pair) => pair,
         Err(_) => {
-            let both = rw().open(path).map_err(|source| ServerError::Open {
+            let both = rw().open(path).map_err(|e| ServerError::Open {
                 path: path.to_path_buf(),
-                source,
+                message: io_text(&e),
             })?;
             let output = both.try_clone().map_err(ServerError::Thread)?;
             (both, output)
@@ -256,11 +253,19 @@ fn dup_stdio(fd: RawFd) -> Result<File, ServerError> {
     if dup < 0 {
         return Err(ServerError::Open {
             path: PathBuf::from(if fd == 0 { "stdin" } else { "stdout" }),
-            source: std::io::Error::last_os_error(),
+            message: io_text(&std::io::Error::last_os_error()),
         });
     }
     // SAFETY: `dup` is a fresh descriptor owned by nobody else.
     Ok(unsafe { File::from_raw_fd(dup) })
+}
+
+/// An I/O error's text as QEMU words it (no "(os error N)").
+fn io_text(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(errno) => blocklayer::error::strerror(errno),
+        None => e.to_string(),
+    }
 }
 
 /// A client's two ends.
