@@ -407,3 +407,75 @@ fn trace_patterns_enable_module_logs() {
         "an untraced module logged below warn: {stderr}"
     );
 }
+
+/// `key=value` lines of a unit file section, in order.
+fn unit_values(text: &str, key: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+        .map(|v| v.trim().to_string())
+        .collect()
+}
+
+/// configs/vubd.service, vubd.socket and vubd-qmp.socket, with the paths they name
+/// moved into a scratch directory and nothing else changed: systemd-analyze accepts
+/// them, and systemd-socket-activate runs the service's ExecStart with the sockets'
+/// ListenStream and FileDescriptorName as systemd would.
+#[test]
+fn shipped_unit_files_work() {
+    let Some(activate) = which("systemd-socket-activate") else {
+        eprintln!("systemd-socket-activate is not installed: skipped");
+        return;
+    };
+    let configs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+    let read = |name: &str| std::fs::read_to_string(configs.join(name)).unwrap();
+    let dir = TempDir::new("vubd-units");
+    let img = TempImage::new(16 * MIB);
+    let bin = vubd_bin().display().to_string();
+    let toml_path = dir.join("vubd.toml");
+    let moved = |text: &str| {
+        text.replace("/usr/local/bin/vubd", &bin)
+            .replace("/etc/vubd/vubd.toml", &toml_path.display().to_string())
+            .replace("/run/vubd/", &format!("{}/", dir.path().display()))
+            .replace("/var/lib/vubd/disk0.img", &img.path().display().to_string())
+    };
+    std::fs::write(&toml_path, moved(&read("socket-activated.toml"))).unwrap();
+    let units = ["vubd.service", "vubd.socket", "vubd-qmp.socket"];
+    for unit in units {
+        std::fs::write(dir.join(unit), moved(&read(unit))).unwrap();
+    }
+    if let Some(analyze) = which("systemd-analyze") {
+        let out = Command::new(analyze)
+            .args(["verify", "--man=no"])
+            .args(units.iter().map(|u| dir.join(u)))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stderr).to_string()
+            + &String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && text.trim().is_empty(), "{text}");
+    }
+    let service = std::fs::read_to_string(dir.join("vubd.service")).unwrap();
+    let exec: Vec<String> = unit_values(&service, "ExecStart")[0]
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    let mut args = Vec::new();
+    let mut sockets = Vec::new();
+    let mut names = Vec::new();
+    for unit in ["vubd.socket", "vubd-qmp.socket"] {
+        let text = std::fs::read_to_string(dir.join(unit)).unwrap();
+        let path = PathBuf::from(&unit_values(&text, "ListenStream")[0]);
+        args.extend(["-l".to_string(), path.display().to_string()]);
+        names.push(unit_values(&text, "FileDescriptorName")[0].clone());
+        sockets.push(path);
+    }
+    args.push(format!("--fdname={}", names.join(":")));
+    args.extend(exec);
+    let mut daemon = Daemon::try_start_with(&activate, &args, &sockets, |_| {}).unwrap();
+    io_round_trip(&sockets[0]);
+    let mut qmp = Qmp::connect(&sockets[1]);
+    let exports = qmp.ok("query-block-exports", serde_json::json!({}));
+    assert_eq!(exports[0]["id"], "exp0", "{exports}");
+    daemon.terminate();
+    // The sockets are systemd's: vubd leaves their files for the next start.
+    assert!(sockets.iter().all(|s| s.exists()));
+}
