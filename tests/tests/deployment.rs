@@ -302,16 +302,14 @@ fn daemonize_returns_once_ready() {
     let img = TempImage::new(16 * MIB);
     let sock = dir.join("exp.sock");
     let pidfile = dir.join("vubd.pid");
-    let mut args = export_args(
-        &img,
-        &format!("addr.type=unix,addr.path={}", sock.display()),
-    );
-    args.extend([
-        "--daemonize".into(),
-        "--pidfile".into(),
-        pidfile.display().to_string(),
-    ]);
-    let out = Command::new(vubd_bin()).args(&args).output().unwrap();
+    // Relative paths: the daemon moves to `/` but still removes them on the way out.
+    let mut args = export_args(&img, "addr.type=unix,addr.path=exp.sock");
+    args.extend(["--daemonize".into(), "--pidfile".into(), "vubd.pid".into()]);
+    let out = Command::new(vubd_bin())
+        .args(&args)
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     // Ready means listening: the socket and the pid file exist when the parent exits.
     let pid: i32 = std::fs::read_to_string(&pidfile)
@@ -336,6 +334,8 @@ fn daemonize_returns_once_ready() {
         let target = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).unwrap();
         assert_eq!(target, Path::new("/dev/null"));
     }
+    let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap();
+    assert_eq!(cwd, Path::new("/"));
     io_round_trip(&sock);
     // SAFETY: kill with the daemon's pid and a valid signal number.
     unsafe { libc::kill(pid, libc::SIGTERM) };
@@ -343,7 +343,6 @@ fn daemonize_returns_once_ready() {
     while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
-    // Relative or not, the daemon removes its socket and pid file on the way out.
     assert!(!sock.exists() && !pidfile.exists());
 }
 
@@ -406,6 +405,18 @@ fn trace_patterns_enable_module_logs() {
         !stderr.contains("vubd::control] "),
         "an untraced module logged below warn: {stderr}"
     );
+    // `-T help` lists the events, one a line, as qemu-storage-daemon does.
+    let out = Command::new(vubd_bin())
+        .args(["-T", "help"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let names = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        names.lines().any(|l| l == "vhost_user_blk_server"),
+        "{names}"
+    );
+    assert!(names.lines().any(|l| l == "qcow2"), "{names}");
 }
 
 /// `key=value` lines of a unit file section, in order.

@@ -15,6 +15,8 @@ pub enum CliAction {
     Run(DaemonConfig),
     Help,
     Version,
+    /// `-T help`: list the trace events.
+    TraceHelp,
 }
 
 /// One option of the command line, before its argument is parsed.
@@ -132,6 +134,9 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<CliAction> 
             CliOption::NbdServer(arg) => nbd_server = Some(arg),
             CliOption::Item(kind, arg) => items.push((kind, arg)),
             CliOption::Daemonize => daemonize = true,
+            CliOption::Trace(_, arg) if arg == "help" || arg == "enable=help" => {
+                return Ok(CliAction::TraceHelp)
+            }
             CliOption::Trace(option, arg) => {
                 let options = TraceOptions::parse(&arg).map_err(|e| ConfigError::Invalid {
                     option: format!("{option} {arg}"),
@@ -832,6 +837,7 @@ addr.path=/tmp/vubd.sock,writable=on,iothread=io0",
         ));
         assert!(!cfg.daemonize);
         assert!(run(args("--daemonize")).daemonize);
+        assert_eq!(parse_args(args("-T help")).unwrap(), CliAction::TraceHelp);
         assert_eq!(cfg.trace[0].0, "-T qmp_*");
         assert_eq!(cfg.trace[1].1.patterns, vec!["-qmp_outbox".to_string()]);
         let endpoints: Vec<_> = cfg

@@ -141,6 +141,12 @@ fn main() -> ExitCode {
             print!("{}", cli::usage());
             return ExitCode::SUCCESS;
         }
+        Ok(CliAction::TraceHelp) => {
+            for module in trace::EVENTS {
+                println!("{}", trace::event_name(module));
+            }
+            return ExitCode::SUCCESS;
+        }
         Ok(CliAction::Version) => {
             println!("vubd {}", env!("CARGO_PKG_VERSION"));
             return ExitCode::SUCCESS;
