@@ -80,8 +80,6 @@ fn inherited_socket_through_qmp_and_nbd_server() {
         "m".into(),
         "--blockdev".into(),
         format!("file,node-name=f,filename={}", img.path().display()),
-        "--nbd-server".into(),
-        "addr.type=fd,addr.str=4".into(),
     ]
     .to_vec();
     let mut daemon =
@@ -122,7 +120,12 @@ fn inherited_socket_through_qmp_and_nbd_server() {
         )
         .unwrap_err();
     assert!(e.desc.contains("already in use"), "{}", e.desc);
-    // The NBD server listens on descriptor 4: qemu-img reads through it.
+    // The NBD server listens on descriptor 4 (QMP's legacy address form): qemu-img
+    // reads through it.
+    qmp.ok(
+        "nbd-server-start",
+        serde_json::json!({"addr": {"type": "fd", "data": {"str": "4"}}}),
+    );
     qmp.ok(
         "block-export-add",
         serde_json::json!({"type": "nbd", "id": "n", "node-name": "f"}),
