@@ -175,8 +175,8 @@ fn claim(s: &str, allow_inet: bool) -> Result<(OwnedFd, Family), FdError> {
     // SAFETY: listen() on a socket descriptor; an unbound or connected socket fails
     // with EINVAL and is left as it was.
     if unsafe { libc::listen(fd, BACKLOG) } != 0 {
-        let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
-        return Err(FdError::Listen(blocklayer::error::strerror(errno)));
+        let e = std::io::Error::last_os_error();
+        return Err(FdError::Listen(blocklayer::error::io_error_text(&e)));
     }
     inherited.fds.remove(&fd);
     inherited.names.retain(|_, named| *named != fd);

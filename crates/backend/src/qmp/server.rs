@@ -224,7 +224,7 @@ pub fn serve_pipe(
         Err(_) => {
             let both = rw().open(path).map_err(|e| ServerError::Open {
                 path: path.to_path_buf(),
-                message: io_text(&e),
+                message: blocklayer::error::io_error_text(&e),
             })?;
             let output = both.try_clone().map_err(ServerError::Thread)?;
             (both, output)
@@ -253,19 +253,11 @@ fn dup_stdio(fd: RawFd) -> Result<File, ServerError> {
     if dup < 0 {
         return Err(ServerError::Open {
             path: PathBuf::from(if fd == 0 { "stdin" } else { "stdout" }),
-            message: io_text(&std::io::Error::last_os_error()),
+            message: blocklayer::error::io_error_text(&std::io::Error::last_os_error()),
         });
     }
     // SAFETY: `dup` is a fresh descriptor owned by nobody else.
     Ok(unsafe { File::from_raw_fd(dup) })
-}
-
-/// An I/O error's text as QEMU words it (no "(os error N)").
-fn io_text(e: &std::io::Error) -> String {
-    match e.raw_os_error() {
-        Some(errno) => blocklayer::error::strerror(errno),
-        None => e.to_string(),
-    }
 }
 
 /// A client's two ends.
