@@ -61,6 +61,19 @@ fn inherited_listening_socket_serves_io() {
     daemon.terminate();
     // vubd did not create the socket file, so it leaves it alone.
     assert!(sock.exists(), "vubd removed a socket path it was not given");
+    // The socket still listens (it is shared with whoever passed it): a restarted
+    // vubd serves it again, as after `systemctl restart` with socket activation.
+    let mut daemon =
+        Daemon::try_start_with(&vubd_bin(), &args, std::slice::from_ref(&qmp_sock), |cmd| {
+            pass_fd(cmd, fd, 3)
+        })
+        .unwrap();
+    io_round_trip(&sock);
+    // Removing the export leaves the socket listening too.
+    let mut qmp = Qmp::connect(&qmp_sock);
+    qmp.ok("block-export-del", serde_json::json!({"id": "e"}));
+    assert!(std::os::unix::net::UnixStream::connect(&sock).is_ok());
+    daemon.terminate();
 }
 
 #[test]
