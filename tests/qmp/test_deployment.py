@@ -114,6 +114,27 @@ def test_stdio_monitor_and_end_of_input(kind):
         p.kill()
 
 
+def test_monitor_on_inherited_connected_socket(kind):
+    """``--chardev socket,fd=3`` without server=on: one session on a connected socket
+    (a socketpair's end, as a sandbox hands over); its end leaves the daemon running."""
+    ours, theirs = socket.socketpair()
+    p = _run_with_fd(
+        kind,
+        ["--chardev", "socket,id=m,fd=3", "--monitor", "m",
+         "--blockdev", "null-co,node-name=n0"],
+        theirs.fileno(),
+    )
+    theirs.close()
+    try:
+        exercise(PipeQmp(ours.fileno(), ours.fileno()))
+        ours.close()
+        time.sleep(0.5)
+        assert p.poll() is None, p.stderr.read()
+        terminate(p)
+    finally:
+        p.kill()
+
+
 def test_pipe_monitor(kind, tmp):
     base = tmp / "qmp"
     os.mkfifo(f"{base}.in")

@@ -89,6 +89,8 @@ qemu-storage-daemon --export vhost-user-blk
   --chardev socket,id=<id>,path=<socket-path>|fd=<fd>,server=on[,wait=on|off]
                             a UNIX socket for a QMP monitor (wait=on, the
                             default, waits for the first client at start-up)
+  --chardev socket,id=<id>,fd=<fd>
+                            one QMP session on an inherited connected socket
   --chardev stdio,id=<id>   one QMP session on standard input and output
   --chardev pipe,id=<id>,path=<path>
                             one QMP session on <path>.in and <path>.out
@@ -831,6 +833,7 @@ addr.path=/tmp/vubd.sock,writable=on,iothread=io0",
             "-T qmp_* --trace enable=-qmp_outbox,file=/tmp/t \
              --chardev socket,id=m,fd=sock0,server=on,wait=off --monitor m \
              --chardev stdio,id=s --monitor s --chardev pipe,id=p,path=/tmp/q --monitor p \
+             --chardev socket,id=c,fd=5 --monitor c \
              --nbd-server addr.type=fd,addr.str=4 --blockdev null-co,node-name=n \
              --export vhost-user-blk,id=e,node-name=n,addr.type=fd,addr.str=3 \
              --export vhost-user-blk,id=f,node-name=n,addr.type=fd,addr.str=exp1",
@@ -851,7 +854,8 @@ addr.path=/tmp/vubd.sock,writable=on,iothread=io0",
             vec![
                 ChardevEndpoint::Fd("sock0".into()),
                 ChardevEndpoint::Stdio,
-                ChardevEndpoint::Pipe("/tmp/q".into())
+                ChardevEndpoint::Pipe("/tmp/q".into()),
+                ChardevEndpoint::FdConnected("5".into()),
             ]
         );
         assert_eq!(

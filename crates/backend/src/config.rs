@@ -203,6 +203,9 @@ pub enum ChardevEndpoint {
     /// `socket,fd=S,server=on`: an inherited listening UNIX socket, by number or by
     /// systemd name ([`crate::listen_fd`]).
     Fd(String),
+    /// `socket,fd=S` (not a server): an inherited connected UNIX socket, one QMP
+    /// session (a socketpair's end, say).
+    FdConnected(String),
     /// `stdio`: one QMP session on standard input and output.
     Stdio,
     /// `pipe,path=P`: one QMP session reading `P.in` and writing `P.out`, or reading
@@ -210,14 +213,8 @@ pub enum ChardevEndpoint {
     Pipe(PathBuf),
 }
 
-impl ChardevEndpoint {
-    /// Whether a client connects to it (a socket) rather than it being one session.
-    pub fn is_socket(&self) -> bool {
-        matches!(self, ChardevEndpoint::Path(_) | ChardevEndpoint::Fd(_))
-    }
-}
-
 /// `--chardev socket,id=<id>,path=<path>|fd=<fd>,server=on[,wait=off]`,
+/// `--chardev socket,id=<id>,fd=<fd>` (connected),
 /// `--chardev stdio,id=<id>` or `--chardev pipe,id=<id>,path=<path>`: what a QMP
 /// monitor serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -421,23 +418,27 @@ impl ChardevConfig {
 /// A socket chardev's endpoint and `wait`.
 fn socket_chardev(f: &mut Fields) -> OptionsResult<(ChardevEndpoint, bool)> {
     let fd = f.string("fd")?;
-    let endpoint = match fd {
-        Some(fd) if f.contains("path") => {
+    if let Some(fd) = &fd {
+        if f.contains("path") {
             return Err(bad_value(
                 "fd",
                 format!("'fd={fd}' and 'path' are mutually exclusive"),
+            ));
+        }
+    }
+    let server = f.bool("server")?.unwrap_or(false);
+    let wait = f.bool("wait")?.unwrap_or(true);
+    let endpoint = match (fd, server) {
+        (Some(fd), true) => ChardevEndpoint::Fd(fd),
+        (Some(fd), false) => return Ok((ChardevEndpoint::FdConnected(fd), false)),
+        (None, true) => ChardevEndpoint::Path(take_chardev_path(f)?),
+        (None, false) => {
+            return Err(bad_value(
+                "server",
+                "the monitor socket must be a listening socket (server=on)",
             ))
         }
-        Some(fd) => ChardevEndpoint::Fd(fd),
-        None => ChardevEndpoint::Path(take_chardev_path(f)?),
     };
-    if !f.bool("server")?.unwrap_or(false) {
-        return Err(bad_value(
-            "server",
-            "the monitor socket must be a listening socket (server=on)",
-        ));
-    }
-    let wait = f.bool("wait")?.unwrap_or(true);
     Ok((endpoint, wait))
 }
 

@@ -90,7 +90,9 @@ impl Daemon {
                 ChardevEndpoint::Fd(fd) => {
                     MonitorSocket::inherit(fd, m.pretty).map_err(monitor_error)?
                 }
-                ChardevEndpoint::Stdio | ChardevEndpoint::Pipe(_) => continue,
+                ChardevEndpoint::Stdio
+                | ChardevEndpoint::Pipe(_)
+                | ChardevEndpoint::FdConnected(_) => continue,
             };
             if m.wait {
                 log::info!("waiting for a QMP client on chardev {}", m.chardev);
@@ -129,6 +131,9 @@ impl Daemon {
                 ChardevEndpoint::Stdio => server::serve_stdio(m.pretty, tx.clone(), events.clone()),
                 ChardevEndpoint::Pipe(path) => {
                     server::serve_pipe(path, m.pretty, tx.clone(), events.clone())
+                }
+                ChardevEndpoint::FdConnected(fd) => {
+                    server::serve_connected(fd, m.pretty, tx.clone(), events.clone())
                 }
                 ChardevEndpoint::Path(_) | ChardevEndpoint::Fd(_) => continue,
             };

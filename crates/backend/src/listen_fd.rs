@@ -17,7 +17,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::Mutex;
 
 /// The first descriptor systemd passes (`SD_LISTEN_FDS_START`).
@@ -137,16 +137,21 @@ fn set_cloexec(fd: RawFd) {
 /// passed by systemd), UNIX or TCP, makes it listen if it only was bound, and returns
 /// it with its family. The descriptor is the caller's from now on.
 pub fn take_listener(s: &str) -> Result<(OwnedFd, Family), FdError> {
-    claim(s, true)
+    claim(s, true, true)
 }
 
 /// As [`take_listener`], for a UNIX socket only (vhost-user and the monitor pass
 /// descriptors over it).
 pub fn take_unix_listener(s: &str) -> Result<UnixListener, FdError> {
-    claim(s, false).map(|(fd, _)| UnixListener::from(fd))
+    claim(s, false, true).map(|(fd, _)| UnixListener::from(fd))
 }
 
-fn claim(s: &str, allow_inet: bool) -> Result<(OwnedFd, Family), FdError> {
+/// Claims a connected UNIX socket (`--chardev socket,fd=S` without `server=on`).
+pub fn take_unix_stream(s: &str) -> Result<UnixStream, FdError> {
+    claim(s, false, false).map(|(fd, _)| UnixStream::from(fd))
+}
+
+fn claim(s: &str, allow_inet: bool, listen: bool) -> Result<(OwnedFd, Family), FdError> {
     let mut guard = lock();
     let inherited = guard.get_or_insert_with(Inherited::default);
     let fd = match s.parse::<RawFd>() {
@@ -174,7 +179,7 @@ fn claim(s: &str, allow_inet: bool) -> Result<(OwnedFd, Family), FdError> {
     };
     // SAFETY: listen() on a socket descriptor; an unbound or connected socket fails
     // with EINVAL and is left as it was.
-    if unsafe { libc::listen(fd, BACKLOG) } != 0 {
+    if listen && unsafe { libc::listen(fd, BACKLOG) } != 0 {
         let e = std::io::Error::last_os_error();
         return Err(FdError::Listen(blocklayer::error::io_error_text(&e)));
     }

@@ -233,6 +233,18 @@ pub fn serve_pipe(
     serve_pipe_session(input, output, pretty, control, events)
 }
 
+/// One QMP session on an inherited connected socket (`--chardev socket,fd=S`
+/// without `server=on`). It ends when the peer closes; the daemon goes on.
+pub fn serve_connected(
+    fd: &str,
+    pretty: bool,
+    control: Sender<ControlMsg>,
+    events: Arc<EventBus>,
+) -> Result<(), ServerError> {
+    let stream = crate::listen_fd::take_unix_stream(fd)?;
+    serve_session(Peer::Socket(stream), pretty, control, events)
+}
+
 fn serve_pipe_session(
     input: File,
     output: File,
@@ -240,9 +252,18 @@ fn serve_pipe_session(
     control: Sender<ControlMsg>,
     events: Arc<EventBus>,
 ) -> Result<(), ServerError> {
+    serve_session(Peer::Pipe { input, output }, pretty, control, events)
+}
+
+/// A monitor of one session (no socket to accept clients on).
+fn serve_session(
+    peer: Peer,
+    pretty: bool,
+    control: Sender<ControlMsg>,
+    events: Arc<EventBus>,
+) -> Result<(), ServerError> {
     let slot = Arc::new(Slots::default()).acquire();
-    Client::start(Peer::Pipe { input, output }, pretty, control, events, slot)
-        .map_err(ServerError::Thread)
+    Client::start(peer, pretty, control, events, slot).map_err(ServerError::Thread)
 }
 
 /// A descriptor of our own on standard input or output (the session closes it, not
