@@ -96,7 +96,7 @@ qemu-storage-daemon --export vhost-user-blk
                             one QMP session on <path>.in and <path>.out
                             (or <path> for both)
   --monitor [chardev=]<id>[,mode=control][,pretty=on|off]
-                            serve QMP on the chardev's socket (docs/qmp.md)
+                            serve QMP on the chardev (docs/qmp.md)
 
   --daemonize               daemonize the process, and have the parent exit
                             once startup is complete
