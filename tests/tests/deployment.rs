@@ -466,18 +466,15 @@ fn shipped_unit_files_work() {
     for unit in units {
         std::fs::write(dir.join(unit), moved(&read(unit))).unwrap();
     }
-    {
-        let analyze =
-            which("systemd-analyze").expect("systemd-analyze is missing (package systemd)");
-        let out = Command::new(analyze)
-            .args(["verify", "--man=no"])
-            .args(units.iter().map(|u| dir.join(u)))
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stderr).to_string()
-            + &String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success() && text.trim().is_empty(), "{text}");
-    }
+    let analyze = which("systemd-analyze").expect("systemd-analyze is missing (package systemd)");
+    let out = Command::new(analyze)
+        .args(["verify", "--man=no"])
+        .args(units.iter().map(|u| dir.join(u)))
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.trim().is_empty(), "{text}");
     let service = std::fs::read_to_string(dir.join("vubd.service")).unwrap();
     let exec: Vec<String> = unit_values(&service, "ExecStart")[0]
         .split_whitespace()
