@@ -88,6 +88,27 @@ pub fn socket_paths_in(args: &[String]) -> Vec<PathBuf> {
     out
 }
 
+/// Has the child inherit `fd` as descriptor number `target` (and as nothing else):
+/// a listening socket handed over as systemd or a sandbox would.
+pub fn pass_fd(cmd: &mut Command, fd: std::os::fd::RawFd, target: std::os::fd::RawFd) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and only calls dup2 or
+    // fcntl, which are async-signal-safe; dup2 leaves the copy without FD_CLOEXEC.
+    unsafe {
+        cmd.pre_exec(move || {
+            let r = if fd == target {
+                libc::fcntl(fd, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, target)
+            };
+            if r < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Have the kernel SIGKILL the daemon when the thread that started it dies (a test binary
 /// killed by a timeout would otherwise leave daemons behind; `Drop` handles normal exits).
 fn kill_with_parent(cmd: &mut Command) {
@@ -156,6 +177,17 @@ impl Daemon {
     /// exits first or the sockets do not appear within [`START_TIMEOUT`], returns a message
     /// with its exit status and stderr.
     pub fn try_start(bin: &Path, args: &[String], sockets: &[PathBuf]) -> Result<Daemon, String> {
+        Daemon::try_start_with(bin, args, sockets, |_| {})
+    }
+
+    /// As [`Daemon::try_start`], with `setup` adjusting the command first (to pass
+    /// descriptors or environment variables).
+    pub fn try_start_with(
+        bin: &Path,
+        args: &[String],
+        sockets: &[PathBuf],
+        setup: impl FnOnce(&mut Command),
+    ) -> Result<Daemon, String> {
         for s in sockets {
             if s.exists() {
                 return Err(format!(
@@ -175,6 +207,7 @@ impl Daemon {
             .stderr(File::create(&stderr_path).expect("create stderr file"))
             .env("RUST_BACKTRACE", "1");
         kill_with_parent(&mut cmd);
+        setup(&mut cmd);
         let child = cmd
             .spawn()
             .map_err(|e| format!("cannot run {}: {e}", bin.display()))?;
@@ -503,6 +536,16 @@ impl Exited {
 
 /// Run `bin args` expecting it to exit by itself within `timeout`; kill it otherwise.
 pub fn run_to_exit<S: AsRef<str>>(bin: &Path, args: &[S], timeout: Duration) -> Exited {
+    run_to_exit_with(bin, args, timeout, |_| {})
+}
+
+/// As [`run_to_exit`], with `setup` adjusting the command first.
+pub fn run_to_exit_with<S: AsRef<str>>(
+    bin: &Path,
+    args: &[S],
+    timeout: Duration,
+    setup: impl FnOnce(&mut Command),
+) -> Exited {
     let args: Vec<String> = args.iter().map(|a| a.as_ref().to_string()).collect();
     let dir = TempDir::new("vubd-run");
     let stderr_path = dir.join("stderr");
@@ -513,6 +556,7 @@ pub fn run_to_exit<S: AsRef<str>>(bin: &Path, args: &[S], timeout: Duration) -> 
         .stdout(File::create(&stdout_path).expect("create stdout file"))
         .stderr(File::create(&stderr_path).expect("create stderr file"));
     kill_with_parent(&mut cmd);
+    setup(&mut cmd);
     let mut child = cmd
         .spawn()
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()));

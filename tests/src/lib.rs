@@ -26,7 +26,9 @@ pub mod workload;
 
 pub use args::{simple_file_export, DaemonArgs};
 pub use client::{Client, ClientOptions, IoQueue, Req};
-pub use daemon::{jobs_daemon, qsd_bin, run_to_exit, vubd_bin, Daemon, Exited};
+pub use daemon::{
+    jobs_daemon, pass_fd, qsd_bin, run_to_exit, run_to_exit_with, vubd_bin, Daemon, Exited,
+};
 pub use image::{TempDir, TempImage};
 pub use qmp::Qmp;
 pub use raw::{RawClient, RawDesc};

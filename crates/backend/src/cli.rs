@@ -6,6 +6,7 @@
 
 use crate::config::{ConfigError, DaemonConfig, ItemKind, MetricsConfig, NbdServerConfig, Result};
 use crate::keyval;
+use crate::trace::TraceOptions;
 use std::path::PathBuf;
 
 /// What the command line asks for.
@@ -14,10 +15,9 @@ pub enum CliAction {
     Run(DaemonConfig),
     Help,
     Version,
+    /// `-T help`: list the trace events.
+    TraceHelp,
 }
-
-/// Options qemu-storage-daemon has that vubd does not (yet).
-const UNSUPPORTED: &[&str] = &["daemonize", "trace"];
 
 /// One option of the command line, before its argument is parsed.
 enum CliOption {
@@ -25,6 +25,9 @@ enum CliOption {
     Pidfile(PathBuf),
     NbdServer(String),
     Metrics(String),
+    Daemonize,
+    /// `-T`/`--trace`: the option as written and its argument.
+    Trace(String, String),
     Config(PathBuf),
     Help,
     Version,
@@ -37,6 +40,9 @@ vhost-user-blk storage daemon: a drop-in replacement for
 qemu-storage-daemon --export vhost-user-blk
 
   -h, --help                display this help and exit
+  -T, --trace [[enable=]<pattern>][,events=<file>][,file=<file>]
+                            enable trace events (vubd's modules, see
+                            docs/operations.md); file: where their lines go
   -V, --version             output version information and exit
 
   --blockdev [driver=]<driver>[,node-name=<N>][,discard=ignore|unmap]
@@ -53,7 +59,7 @@ qemu-storage-daemon --export vhost-user-blk
                                                  [,latency-ns=<ns>]
 
   --export [type=]vhost-user-blk,id=<id>,node-name=<node-name>,
-           addr.type=unix,addr.path=<socket-path>
+           addr.type=unix,addr.path=<socket-path>|addr.type=fd,addr.str=<fd>
            [,writable=on|off][,writethrough=on|off][,num-queues=<n>]
            [,iothread=<id>|iothread.0=<id>,iothread.1=<id>...]
            [,fixed-iothread=on|off][,logical-block-size=<bytes>]
@@ -69,6 +75,7 @@ qemu-storage-daemon --export vhost-user-blk
 
   --nbd-server addr.type=unix,addr.path=<socket-path>[,max-connections=<n>]
   --nbd-server addr.type=inet,addr.host=<host>,addr.port=<port>[,max-connections=<n>]
+  --nbd-server addr.type=fd,addr.str=<fd>[,max-connections=<n>]
                             start the NBD server (before the NBD exports)
 
   --object [qom-type=]iothread,id=<id>[,poll-max-ns=<ns>][,poll-grow=<n>]
@@ -80,22 +87,32 @@ qemu-storage-daemon --export vhost-user-blk
                             e.g. luks's key-secret; keyid/iv: AES-256-CBC
                             encrypted with the key secret keyid holds
 
-  --chardev socket,id=<id>,path=<socket-path>,server=on[,wait=on|off]
+  --chardev socket,id=<id>,path=<socket-path>|fd=<fd>,server=on[,wait=on|off]
                             a UNIX socket for a QMP monitor (wait=on, the
                             default, waits for the first client at start-up)
+  --chardev socket,id=<id>,fd=<fd>
+                            one QMP session on an inherited connected socket
+  --chardev stdio,id=<id>   one QMP session on standard input and output
+  --chardev pipe,id=<id>,path=<path>
+                            one QMP session on <path>.in and <path>.out
+                            (or <path> for both)
   --monitor [chardev=]<id>[,mode=control][,pretty=on|off]
-                            serve QMP on the chardev's socket (docs/qmp.md)
+                            serve QMP on the chardev (docs/qmp.md)
 
   --metrics addr.type=unix,addr.path=<socket-path>
   --metrics addr.type=inet,addr.host=<loopback-host>,addr.port=<port>
                             serve Prometheus metrics (text format 0.0.4) over
                             HTTP GET /metrics (vubd extension; docs/operations.md)
 
+  --daemonize               daemonize the process, and have the parent exit
+                            once startup is complete
   --pidfile <path>          write the process id to a file after startup
   --config <file.toml>      read [[object]], [[blockdev]] and [[export]] items,
                             pidfile and [metrics] from a TOML file (vubd extension);
                             its items come before those of the command line
 
+<fd> is a file descriptor number, or the name of a socket passed by systemd
+socket activation (FileDescriptorName=).
 --blockdev, --export and --object also take JSON: '{"driver": "file", ...}'.
 Sizes take the suffixes K, M, G, T, P and E (powers of 1024).
 "#
@@ -114,6 +131,8 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<CliAction> 
     let mut pidfile = None;
     let mut nbd_server = None;
     let mut metrics = None;
+    let mut daemonize = false;
+    let mut trace = Vec::new();
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         match next_option(&arg, &mut args)? {
@@ -124,6 +143,17 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<CliAction> 
             CliOption::NbdServer(arg) => nbd_server = Some(arg),
             CliOption::Metrics(arg) => metrics = Some(arg),
             CliOption::Item(kind, arg) => items.push((kind, arg)),
+            CliOption::Daemonize => daemonize = true,
+            CliOption::Trace(_, arg) if arg == "help" || arg == "enable=help" => {
+                return Ok(CliAction::TraceHelp)
+            }
+            CliOption::Trace(option, arg) => {
+                let options = TraceOptions::parse(&arg).map_err(|e| ConfigError::Invalid {
+                    option: format!("{option} {arg}"),
+                    message: e.to_string(),
+                })?;
+                trace.push((format!("{option} {arg}"), options));
+            }
         }
     }
 
@@ -137,6 +167,8 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<CliAction> 
     if pidfile.is_some() {
         config.pidfile = pidfile;
     }
+    config.daemonize = daemonize;
+    config.trace = trace;
     if let Some(arg) = nbd_server {
         config.nbd_server = Some(Box::new(parse_server_option(
             "nbd-server",
@@ -194,7 +226,13 @@ fn next_option(arg: &str, rest: &mut impl Iterator<Item = String>) -> Result<Cli
     match arg {
         "-h" => Ok(CliOption::Help),
         "-V" => Ok(CliOption::Version),
-        _ if arg.starts_with("-T") => Err(not_supported("-T")),
+        "-T" => match rest.next() {
+            Some(value) => Ok(CliOption::Trace("-T".into(), value)),
+            None => Err(ConfigError::Usage(
+                "option '-T' requires an argument".into(),
+            )),
+        },
+        _ if arg.starts_with("-T") => Ok(CliOption::Trace("-T".into(), arg[2..].to_string())),
         _ if arg.starts_with('-') && arg.len() > 1 => {
             Err(ConfigError::Usage(format!("unknown option '{arg}'")))
         }
@@ -230,20 +268,22 @@ fn long_option(
         "nbd-server" => CliOption::NbdServer(argument()?),
         "metrics" => CliOption::Metrics(argument()?),
         "config" => CliOption::Config(PathBuf::from(argument()?)),
-        _ if UNSUPPORTED.contains(&name) => return Err(not_supported(&format!("--{name}"))),
+        "daemonize" if value.is_some() => {
+            return Err(ConfigError::Usage(format!(
+                "option '--{name}' doesn't allow an argument"
+            )))
+        }
+        "daemonize" => CliOption::Daemonize,
+        "trace" => CliOption::Trace("--trace".into(), argument()?),
         _ => return Err(ConfigError::Usage(format!("unknown option '--{name}'"))),
     };
     Ok(option)
 }
 
-fn not_supported(option: &str) -> ConfigError {
-    ConfigError::Usage(format!("{option}: not supported yet"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{ExportConfig, IoThreadConfig, ObjectConfig};
+    use crate::config::{ChardevEndpoint, ExportConfig, IoThreadConfig, ObjectConfig};
     use blocklayer::drivers::{null::NullOptions, raw::RawOptions};
     use blocklayer::options::BlockdevOptions;
     use std::path::Path;
@@ -327,6 +367,7 @@ logical-block-size=512,serial=disk0";
                 rerror: crate::config::OnError::Report,
                 werror: crate::config::OnError::Enospc,
                 socket_path: "/tmp/vubd.sock".into(),
+                socket_fd: None,
                 num_queues: 4,
                 iothreads: vec!["io0".into(), "io1".into()],
                 fixed_iothread: false,
@@ -435,7 +476,10 @@ logical-block-size=512,serial=disk0";
                 "'example.com' is not a loopback address",
             ),
             ("--metrics addr.type=unix", "addr.path"),
-            ("--metrics addr.type=fd,addr.str=3", "'fd' is not supported"),
+            (
+                "--metrics addr.type=vsock,addr.cid=3",
+                "'vsock' is not supported",
+            ),
             ("--metrics addr.type=unix,addr.path=/m,foo=1", "foo"),
             ("--metrics", "option '--metrics' requires an argument"),
             (
@@ -483,8 +527,6 @@ logical-block-size=512,serial=disk0";
             ("disk.img", "unexpected argument 'disk.img'"),
             ("--blockdev", "option '--blockdev' requires an argument"),
             ("--help=1", "option '--help' doesn't allow an argument"),
-            ("--daemonize", "--daemonize: not supported yet"),
-            ("-T foo", "-T: not supported yet"),
             (
                 "--config /nonexistent/vubd.toml",
                 "cannot read config file /nonexistent/vubd.toml: No such file or directory \
@@ -586,9 +628,17 @@ logical-block-size=512,serial=disk0";
                 "Parameter 'addr.path' is missing",
             ),
             (
-                "vhost-user-blk,id=e,node-name=n,addr.type=fd,addr.str=3",
-                "Invalid parameter value for 'addr.type': 'fd' is not supported (vubd listens \
-                 on unix sockets only)",
+                "vhost-user-blk,id=e,node-name=n,addr.type=fd",
+                "Parameter 'addr.str' is missing",
+            ),
+            (
+                "vhost-user-blk,id=e,node-name=n,addr.type=vsock,addr.cid=3",
+                "Invalid parameter value for 'addr.type': 'vsock' is not supported (vubd \
+                 listens on unix sockets, or on an inherited one: fd)",
+            ),
+            (
+                "vhost-user-blk,id=e,node-name=n,addr.type=fd,addr.str=3,addr.path=/s",
+                "Parameter 'addr.path' is unexpected",
             ),
             (
                 &format!("{base},addr.abstract=on"),
@@ -812,7 +862,10 @@ addr.path=/tmp/vubd.sock,writable=on,iothread=io0",
         ));
         let sockets = cfg.monitor_sockets().unwrap();
         assert_eq!(sockets.len(), 1);
-        assert_eq!(sockets[0].path, PathBuf::from("/tmp/m.sock"));
+        assert_eq!(
+            sockets[0].endpoint,
+            ChardevEndpoint::Path(PathBuf::from("/tmp/m.sock"))
+        );
         assert!(sockets[0].pretty && !sockets[0].wait);
         let cfg = run(args(
             "--chardev socket,id=c,path=/tmp/m.sock,server=on --monitor c",
@@ -831,7 +884,21 @@ addr.path=/tmp/vubd.sock,writable=on,iothread=io0",
                 "--chardev socket,id=c,path=/tmp/m.sock",
                 "the monitor socket must be a listening socket (server=on)",
             ),
-            ("--chardev stdio,id=c", "'stdio' is not supported"),
+            ("--chardev file,id=c,path=/x", "'file' is not supported"),
+            (
+                "--chardev socket,id=c,fd=3,path=/x,server=on",
+                "'fd=3' and 'path' are mutually exclusive",
+            ),
+            (
+                "--daemonize --chardev stdio,id=c --monitor c",
+                "--chardev stdio,id=c: cannot use stdio with -daemonize",
+            ),
+            (
+                "--daemonize=on",
+                "option '--daemonize' doesn't allow an argument",
+            ),
+            ("--trace foo=1", "--trace foo=1: Invalid parameter 'foo'"),
+            ("-T", "option '-T' requires an argument"),
             (
                 "--chardev socket,id=c,path=/tmp/m.sock,server=on --monitor c,mode=readline",
                 "'readline' is not supported",
@@ -852,6 +919,55 @@ addr.path=/tmp/vubd.sock,writable=on,iothread=io0",
             let e = error(args(line));
             assert!(e.contains(expected), "{line}: {e}");
         }
+    }
+
+    #[test]
+    fn deployment_options() {
+        let cfg = run(args(
+            "-T qmp_* --trace enable=-qmp_outbox,file=/tmp/t \
+             --chardev socket,id=m,fd=sock0,server=on,wait=off --monitor m \
+             --chardev stdio,id=s --monitor s --chardev pipe,id=p,path=/tmp/q --monitor p \
+             --chardev socket,id=c,fd=5 --monitor c \
+             --nbd-server addr.type=fd,addr.str=4 --blockdev null-co,node-name=n \
+             --export vhost-user-blk,id=e,node-name=n,addr.type=fd,addr.str=3 \
+             --export vhost-user-blk,id=f,node-name=n,addr.type=fd,addr.str=exp1",
+        ));
+        assert!(!cfg.daemonize);
+        assert!(run(args("--daemonize")).daemonize);
+        assert_eq!(parse_args(args("-T help")).unwrap(), CliAction::TraceHelp);
+        assert_eq!(cfg.trace[0].0, "-T qmp_*");
+        assert_eq!(cfg.trace[1].1.patterns, vec!["-qmp_outbox".to_string()]);
+        let endpoints: Vec<_> = cfg
+            .monitor_sockets()
+            .unwrap()
+            .into_iter()
+            .map(|m| m.endpoint)
+            .collect();
+        assert_eq!(
+            endpoints,
+            vec![
+                ChardevEndpoint::Fd("sock0".into()),
+                ChardevEndpoint::Stdio,
+                ChardevEndpoint::Pipe("/tmp/q".into()),
+                ChardevEndpoint::FdConnected("5".into()),
+            ]
+        );
+        assert_eq!(
+            cfg.nbd_server.unwrap().addr,
+            crate::config::NbdAddr::Fd("4".into())
+        );
+        assert_eq!(cfg.exports[0].socket_fd.as_deref(), Some("3"));
+        assert_eq!(cfg.exports[1].socket_fd.as_deref(), Some("exp1"));
+        assert_eq!(cfg.exports[0].socket_path, PathBuf::new());
+        let e = error(args(
+            "--blockdev null-co,node-name=n \
+             --export vhost-user-blk,id=e,node-name=n,addr.type=fd,addr.str=3 \
+             --export vhost-user-blk,id=f,node-name=n,addr.type=fd,addr.str=3",
+        ));
+        assert_eq!(
+            e,
+            "--export id=f: file descriptor '3' is already used by export 'e'"
+        );
     }
 
     #[test]

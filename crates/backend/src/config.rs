@@ -77,8 +77,12 @@ pub struct ExportConfig {
     pub writable: bool,
     /// `writethrough` (default off): flush after every write before completing it
     pub writethrough: bool,
-    /// `addr.type=unix,addr.path=...`: the vhost-user socket path
+    /// `addr.type=unix,addr.path=...`: the vhost-user socket path (empty with
+    /// `addr.type=fd`)
     pub socket_path: PathBuf,
+    /// `addr.type=fd,addr.str=...`: an inherited listening socket, by number or by
+    /// systemd name ([`crate::listen_fd`])
+    pub socket_fd: Option<String>,
     /// `num-queues` (default 1)
     pub num_queues: u16,
     /// `iothread` (a string) or `iothread.0=..,iothread.1=..` / a JSON array; empty means
@@ -121,7 +125,13 @@ pub struct NbdExportConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NbdAddr {
     Unix(PathBuf),
-    Inet { host: String, port: String },
+    Inet {
+        host: String,
+        port: String,
+    },
+    /// An inherited listening socket, by number or by systemd name
+    /// ([`crate::listen_fd`]).
+    Fd(String),
 }
 
 /// `--nbd-server` / `nbd-server-start`.
@@ -160,10 +170,14 @@ fn take_listen_addr(f: &mut Fields) -> OptionsResult<NbdAddr> {
             host: addr.required_string("host")?,
             port: addr.required_string("port")?,
         },
+        "fd" => NbdAddr::Fd(addr.required_string("str")?),
         _ => {
             return Err(bad_value(
                 &addr.name("type"),
-                format!("'{addr_type}' is not supported (vubd listens on unix and inet sockets)"),
+                format!(
+                    "'{addr_type}' is not supported (vubd listens on unix and inet sockets \
+                     and on inherited ones, fd)"
+                ),
             ))
         }
     };
@@ -217,12 +231,32 @@ impl ExportConfig {
     }
 }
 
-/// `--chardev socket,id=<id>,path=<path>,server=on,wait=off`: the UNIX socket a QMP
-/// monitor listens on (the only chardev kind vubd has).
+/// Where a monitor's chardev talks (the chardevs vubd has).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChardevEndpoint {
+    /// `socket,path=P,server=on`: a UNIX socket vubd binds.
+    Path(PathBuf),
+    /// `socket,fd=S,server=on`: an inherited listening UNIX socket, by number or by
+    /// systemd name ([`crate::listen_fd`]).
+    Fd(String),
+    /// `socket,fd=S` (not a server): an inherited connected UNIX socket, one QMP
+    /// session (a socketpair's end, say).
+    FdConnected(String),
+    /// `stdio`: one QMP session on standard input and output.
+    Stdio,
+    /// `pipe,path=P`: one QMP session reading `P.in` and writing `P.out`, or reading
+    /// and writing `P` if those cannot be opened (as QEMU).
+    Pipe(PathBuf),
+}
+
+/// `--chardev socket,id=<id>,path=<path>|fd=<fd>,server=on[,wait=off]`,
+/// `--chardev socket,id=<id>,fd=<fd>` (connected),
+/// `--chardev stdio,id=<id>` or `--chardev pipe,id=<id>,path=<path>`: what a QMP
+/// monitor serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChardevConfig {
     pub id: String,
-    pub path: PathBuf,
+    pub endpoint: ChardevEndpoint,
     /// `wait=on` (QEMU's default for a server socket): start-up waits until the first
     /// client connects.
     pub wait: bool,
@@ -239,7 +273,7 @@ pub struct MonitorConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MonitorSocketConfig {
     pub chardev: String,
-    pub path: PathBuf,
+    pub endpoint: ChardevEndpoint,
     pub pretty: bool,
     pub wait: bool,
 }
@@ -258,6 +292,11 @@ pub struct DaemonConfig {
     pub nbd_server: Option<Box<NbdServerConfig>>,
     /// `--metrics`
     pub metrics: Option<MetricsConfig>,
+    /// `--daemonize`
+    pub daemonize: bool,
+    /// `-T`/`--trace`: the trace options given, in order, with the option as
+    /// written (for messages)
+    pub trace: Vec<(String, crate::trace::TraceOptions)>,
 }
 
 /// QEMU's default `poll-max-ns` of an iothread.
@@ -385,40 +424,72 @@ impl ItemKind {
 }
 
 impl ChardevConfig {
-    /// Parses `--chardev` options: a server UNIX socket.
+    /// Parses `--chardev` options: a server UNIX socket (by path or inherited), stdio
+    /// or a pipe.
     pub fn from_json(v: &Value) -> OptionsResult<Self> {
         let mut f = Fields::new(v, "")?;
         let backend = f.required_string("backend")?;
-        if backend != "socket" {
-            return Err(bad_value(
-                "backend",
-                format!("'{backend}' is not supported (vubd's monitor needs a 'socket' chardev)"),
-            ));
-        }
         let id = take_id(&mut f)?;
-        let path = f.required_string("path")?;
-        if path.is_empty() || path.len() > MAX_SOCKET_PATH_LEN {
+        let (endpoint, wait) = match backend.as_str() {
+            "socket" => socket_chardev(&mut f)?,
+            "stdio" => {
+                // signal=on|off (^C handling on a terminal) has no meaning here.
+                f.bool("signal")?;
+                (ChardevEndpoint::Stdio, false)
+            }
+            "pipe" => (ChardevEndpoint::Pipe(take_chardev_path(&mut f)?), false),
+            _ => {
+                return Err(bad_value(
+                    "backend",
+                    format!(
+                        "'{backend}' is not supported (vubd's monitor needs a 'socket', \
+                         'stdio' or 'pipe' chardev)"
+                    ),
+                ))
+            }
+        };
+        f.finish()?;
+        Ok(ChardevConfig { id, endpoint, wait })
+    }
+}
+
+/// A socket chardev's endpoint and `wait`.
+fn socket_chardev(f: &mut Fields) -> OptionsResult<(ChardevEndpoint, bool)> {
+    let fd = f.string("fd")?;
+    if let Some(fd) = &fd {
+        if f.contains("path") {
             return Err(bad_value(
-                "path",
-                format!(
-                    "'{path}' is not a usable UNIX socket path (1 to {MAX_SOCKET_PATH_LEN} bytes)"
-                ),
+                "fd",
+                format!("'fd={fd}' and 'path' are mutually exclusive"),
             ));
         }
-        if !f.bool("server")?.unwrap_or(false) {
+    }
+    let server = f.bool("server")?.unwrap_or(false);
+    let wait = f.bool("wait")?.unwrap_or(true);
+    let endpoint = match (fd, server) {
+        (Some(fd), true) => ChardevEndpoint::Fd(fd),
+        (Some(fd), false) => return Ok((ChardevEndpoint::FdConnected(fd), false)),
+        (None, true) => ChardevEndpoint::Path(take_chardev_path(f)?),
+        (None, false) => {
             return Err(bad_value(
                 "server",
                 "the monitor socket must be a listening socket (server=on)",
-            ));
+            ))
         }
-        let wait = f.bool("wait")?.unwrap_or(true);
-        f.finish()?;
-        Ok(ChardevConfig {
-            id,
-            path: PathBuf::from(path),
-            wait,
-        })
+    };
+    Ok((endpoint, wait))
+}
+
+/// A chardev's `path`: a UNIX socket path, or a pipe's.
+fn take_chardev_path(f: &mut Fields) -> OptionsResult<PathBuf> {
+    let path = f.required_string("path")?;
+    if path.is_empty() || path.len() > MAX_SOCKET_PATH_LEN {
+        return Err(bad_value(
+            "path",
+            format!("'{path}' is not a usable UNIX socket path (1 to {MAX_SOCKET_PATH_LEN} bytes)"),
+        ));
     }
+    Ok(PathBuf::from(path))
 }
 
 impl MonitorConfig {
@@ -594,7 +665,8 @@ impl ExportConfig {
             node_name: f.required_string("node-name")?,
             writable: f.bool("writable")?.unwrap_or(false),
             writethrough: f.bool("writethrough")?.unwrap_or(false),
-            socket_path: take_addr(&mut f)?,
+            socket_path: PathBuf::new(),
+            socket_fd: None,
             num_queues: take_num_queues(&mut f)?,
             iothreads: take_iothreads(&mut f)?,
             fixed_iothread: f.bool("fixed-iothread")?.unwrap_or(false),
@@ -625,6 +697,11 @@ impl ExportConfig {
                 .unwrap_or(OnError::Enospc),
             nbd: None,
         };
+        let mut export = export;
+        match take_addr(&mut f)? {
+            ListenAddr::Path(path) => export.socket_path = path,
+            ListenAddr::Fd(fd) => export.socket_fd = Some(fd),
+        }
         if export.write_cache == Some(true) && export.writethrough {
             return Err(bad_value(
                 "write-cache",
@@ -656,6 +733,7 @@ impl ExportConfig {
             writable,
             writethrough,
             socket_path: PathBuf::new(),
+            socket_fd: None,
             num_queues: 1,
             iothreads,
             fixed_iothread,
@@ -713,15 +791,30 @@ fn take_nbd_bitmaps(f: &mut Fields) -> OptionsResult<Vec<(Option<String>, String
         .collect()
 }
 
-/// `addr`: a unix socket address (QEMU's `SocketAddress` with `type=unix`).
-fn take_addr(f: &mut Fields) -> OptionsResult<PathBuf> {
+/// Where a vhost-user-blk export listens.
+enum ListenAddr {
+    Path(PathBuf),
+    Fd(String),
+}
+
+/// `addr`: a unix socket address or an inherited socket (QEMU's `SocketAddress`
+/// with `type=unix` or `type=fd`).
+fn take_addr(f: &mut Fields) -> OptionsResult<ListenAddr> {
     let addr = f.object("addr")?;
     let mut addr = f.required("addr", addr)?;
     let addr_type = addr.required_string("type")?;
+    if addr_type == "fd" {
+        let fd = addr.required_string("str")?;
+        addr.finish()?;
+        return Ok(ListenAddr::Fd(fd));
+    }
     if addr_type != "unix" {
         return Err(bad_value(
             &addr.name("type"),
-            format!("'{addr_type}' is not supported (vubd listens on unix sockets only)"),
+            format!(
+                "'{addr_type}' is not supported (vubd listens on unix sockets, or on an \
+                 inherited one: fd)"
+            ),
         ));
     }
     let path = addr.required_string("path")?;
@@ -735,7 +828,7 @@ fn take_addr(f: &mut Fields) -> OptionsResult<PathBuf> {
         ));
     }
     addr.finish()?;
-    Ok(PathBuf::from(path))
+    Ok(ListenAddr::Path(PathBuf::from(path)))
 }
 
 fn take_num_queues(f: &mut Fields) -> OptionsResult<u16> {
@@ -865,6 +958,34 @@ impl DaemonConfig {
         }
     }
 
+    /// Makes the paths the daemon creates and removes (its sockets, pipes and pid
+    /// file) absolute, against the current directory: `--daemonize` moves to `/`.
+    pub fn make_paths_absolute(&mut self) -> Result<()> {
+        let cwd = std::env::current_dir()
+            .map_err(|e| ConfigError::Usage(format!("cannot read the current directory: {e}")))?;
+        let fix = |p: &mut PathBuf| {
+            if !p.as_os_str().is_empty() && p.is_relative() {
+                *p = cwd.join(&*p);
+            }
+        };
+        self.pidfile.iter_mut().for_each(fix);
+        self.exports
+            .iter_mut()
+            .for_each(|e| fix(&mut e.socket_path));
+        for c in &mut self.chardevs {
+            if let ChardevEndpoint::Path(p) | ChardevEndpoint::Pipe(p) = &mut c.endpoint {
+                fix(p);
+            }
+        }
+        if let Some(NbdAddr::Unix(p)) = self.nbd_server.as_mut().map(|n| &mut n.addr) {
+            fix(p);
+        }
+        if let Some(NbdAddr::Unix(p)) = self.metrics.as_mut().map(|m| &mut m.addr) {
+            fix(p);
+        }
+        Ok(())
+    }
+
     /// Reads a `--config` TOML file.
     pub fn from_toml_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
@@ -947,6 +1068,18 @@ impl DaemonConfig {
     /// that exist; iothreads not shared between exports.
     pub fn validate(&self) -> Result<()> {
         self.monitor_sockets()?;
+        if self.daemonize {
+            if let Some(c) = self
+                .chardevs
+                .iter()
+                .find(|c| c.endpoint == ChardevEndpoint::Stdio)
+            {
+                return Err(invalid(
+                    format!("--chardev stdio,id={}", c.id),
+                    "cannot use stdio with -daemonize",
+                ));
+            }
+        }
         let iothreads = self.check_objects()?;
         let nodes = self.check_blockdevs()?;
         self.check_exports(&iothreads, &nodes)?;
@@ -967,7 +1100,11 @@ impl DaemonConfig {
             .find(|e| e.nbd.is_none() && e.socket_path == *path)
         {
             format!("export '{}'", e.id)
-        } else if let Some(c) = self.chardevs.iter().find(|c| c.path == *path) {
+        } else if let Some(c) = self
+            .chardevs
+            .iter()
+            .find(|c| matches!(&c.endpoint, ChardevEndpoint::Path(p) if p == path))
+        {
             format!("chardev '{}'", c.id)
         } else if self
             .nbd_server
@@ -1014,7 +1151,7 @@ impl DaemonConfig {
             }
             out.push(MonitorSocketConfig {
                 chardev: c.id.clone(),
-                path: c.path.clone(),
+                endpoint: c.endpoint.clone(),
                 pretty: m.pretty,
                 wait: c.wait,
             });
@@ -1073,6 +1210,7 @@ impl DaemonConfig {
     fn check_exports(&self, iothreads: &HashSet<&str>, nodes: &HashSet<&str>) -> Result<()> {
         let mut ids = HashSet::new();
         let mut sockets: HashMap<&Path, &str> = HashMap::new();
+        let mut fds: HashMap<&str, &str> = HashMap::new();
         for export in &self.exports {
             let label = export_label(export);
             if !ids.insert(export.id.as_str()) {
@@ -1091,7 +1229,14 @@ impl DaemonConfig {
                 check_export_iothreads(export, iothreads)?;
                 continue;
             }
-            if let Some(other) = sockets.insert(&export.socket_path, &export.id) {
+            if let Some(fd) = &export.socket_fd {
+                if let Some(other) = fds.insert(fd.as_str(), &export.id) {
+                    return Err(invalid(
+                        label,
+                        format!("file descriptor '{fd}' is already used by export '{other}'"),
+                    ));
+                }
+            } else if let Some(other) = sockets.insert(&export.socket_path, &export.id) {
                 return Err(invalid(
                     label,
                     format!(

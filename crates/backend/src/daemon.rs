@@ -5,11 +5,11 @@
 //! taking commands; a bad configuration fails before any frontend or QMP client can
 //! connect.
 
-use crate::config::DaemonConfig;
+use crate::config::{ChardevEndpoint, DaemonConfig};
 use crate::control::{Control, ControlMsg};
 use crate::metrics::MetricsServer;
 use crate::qmp::events::EventBus;
-use crate::qmp::server::{MonitorSocket, ServerError};
+use crate::qmp::server::{self, MonitorSocket, ServerError};
 use std::path::PathBuf;
 use std::sync::mpsc::{self, Sender};
 use std::thread::JoinHandle;
@@ -81,20 +81,26 @@ impl Daemon {
             .monitor_sockets()
             .map_err(|e| DaemonError::Config(e.to_string()))?;
         for m in &monitor_configs {
-            let mut socket =
-                MonitorSocket::bind(&m.path, m.pretty).map_err(|source| DaemonError::Monitor {
-                    chardev: m.chardev.clone(),
-                    source,
-                })?;
-            ctl.cleanup.push(m.path.clone());
+            let monitor_error = |source| DaemonError::Monitor {
+                chardev: m.chardev.clone(),
+                source,
+            };
+            let mut socket = match &m.endpoint {
+                ChardevEndpoint::Path(path) => {
+                    let socket = MonitorSocket::bind(path, m.pretty).map_err(monitor_error)?;
+                    ctl.cleanup.push(path.clone());
+                    socket
+                }
+                ChardevEndpoint::Fd(fd) => {
+                    MonitorSocket::inherit(fd, m.pretty).map_err(monitor_error)?
+                }
+                ChardevEndpoint::Stdio
+                | ChardevEndpoint::Pipe(_)
+                | ChardevEndpoint::FdConnected(_) => continue,
+            };
             if m.wait {
-                log::info!("waiting for a QMP client on {}", m.path.display());
-                socket
-                    .accept_first()
-                    .map_err(|source| DaemonError::Monitor {
-                        chardev: m.chardev.clone(),
-                        source,
-                    })?;
+                log::info!("waiting for a QMP client on chardev {}", m.chardev);
+                socket.accept_first().map_err(monitor_error)?;
             }
             monitors.push(socket);
         }
@@ -128,6 +134,22 @@ impl Daemon {
                     chardev: String::new(),
                     source,
                 })?;
+        }
+        for m in &monitor_configs {
+            let started = match &m.endpoint {
+                ChardevEndpoint::Stdio => server::serve_stdio(m.pretty, tx.clone(), events.clone()),
+                ChardevEndpoint::Pipe(path) => {
+                    server::serve_pipe(path, m.pretty, tx.clone(), events.clone())
+                }
+                ChardevEndpoint::FdConnected(fd) => {
+                    server::serve_connected(fd, m.pretty, tx.clone(), events.clone())
+                }
+                ChardevEndpoint::Path(_) | ChardevEndpoint::Fd(_) => continue,
+            };
+            started.map_err(|source| DaemonError::Monitor {
+                chardev: m.chardev.clone(),
+                source,
+            })?;
         }
         let thread = std::thread::Builder::new()
             .name("control".into())

@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod daemonize;
 pub mod export;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -14,6 +15,8 @@ pub mod iothread;
 pub mod jobs;
 pub mod keyval;
 pub mod listen;
+pub mod listen_fd;
 pub mod logging;
 pub mod metrics;
 pub mod qmp;
+pub mod trace;

@@ -1,8 +1,9 @@
 //! Listening sockets of the daemon's own servers (the NBD server, the metrics
-//! endpoint): a UNIX or TCP listener bound from a [`ListenAddr`], whose clients are
-//! [`Stream`]s.
+//! endpoint): a UNIX or TCP listener bound from a [`ListenAddr`] or inherited
+//! ([`crate::listen_fd`]), whose clients are [`Stream`]s.
 
 use crate::config::NbdAddr as ListenAddr;
+use crate::listen_fd::Family;
 use blocklayer::nbd_stream::Stream;
 use std::net::TcpListener;
 use std::os::fd::{AsRawFd, RawFd};
@@ -23,10 +24,14 @@ pub enum ListenError {
     Port(String),
     #[error("socket '{0}' is in use by another process")]
     InUse(PathBuf),
+    #[error(transparent)]
+    Fd(#[from] crate::listen_fd::FdError),
 }
 
 pub enum Listener {
-    Unix(UnixListener, PathBuf),
+    /// With the path the daemon bound (removed when the server stops); none for an
+    /// inherited socket, whose file belongs to whoever made it.
+    Unix(UnixListener, Option<PathBuf>),
     Tcp(TcpListener),
 }
 
@@ -43,12 +48,19 @@ impl Listener {
                     path: path.clone(),
                     source,
                 })?;
-                Ok(Listener::Unix(l, path.clone()))
+                Ok(Listener::Unix(l, Some(path.clone())))
             }
             ListenAddr::Inet { host, port } => {
                 let port: u16 = port.parse().map_err(|_| ListenError::Port(port.clone()))?;
                 let l = TcpListener::bind((host.as_str(), port)).map_err(ListenError::BindInet)?;
                 Ok(Listener::Tcp(l))
+            }
+            ListenAddr::Fd(name) => {
+                let (fd, family) = crate::listen_fd::take_listener(name)?;
+                Ok(match family {
+                    Family::Unix => Listener::Unix(UnixListener::from(fd), None),
+                    Family::Inet => Listener::Tcp(TcpListener::from(fd)),
+                })
             }
         }
     }
@@ -74,7 +86,7 @@ impl Listener {
     /// The UNIX socket's path (removed when the server stops).
     pub fn unix_path(&self) -> Option<&Path> {
         match self {
-            Listener::Unix(_, p) => Some(p),
+            Listener::Unix(_, p) => p.as_deref(),
             Listener::Tcp(_) => None,
         }
     }

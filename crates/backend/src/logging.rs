@@ -10,9 +10,12 @@
 //! - [`RateLimitedLogger`]: a `log::Log` around env_logger that applies the same
 //!   budget per call site (file and line) to everything, including the libraries vubd
 //!   builds on (virtio-queue and vhost-user-backend log per failed ring operation).
+//!
+//! Modules whose trace event is enabled (`--trace`, [`crate::trace`]) log everything,
+//! unfiltered and unlimited, to standard error or the trace file.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// Lines per call site and second that [`RateLimitedLogger`] lets through.
@@ -107,6 +110,24 @@ macro_rules! limited_log {
     };
 }
 
+/// Where the lines of enabled trace events go.
+static TRACED: OnceLock<env_logger::Logger> = OnceLock::new();
+
+fn traced_logger(file: Option<std::fs::File>) -> env_logger::Logger {
+    let mut b = env_logger::Builder::new();
+    b.filter_level(log::LevelFilter::Trace);
+    if let Some(f) = file {
+        b.target(env_logger::Target::Pipe(Box::new(f)));
+    }
+    b.build()
+}
+
+/// Sends the lines of enabled trace events to `file` (`--trace file=`); call before
+/// enabling any. Returns false if they already go elsewhere.
+pub fn set_trace_file(file: std::fs::File) -> bool {
+    TRACED.set(traced_logger(Some(file))).is_ok()
+}
+
 /// A call site of a log line.
 type Site = (&'static str, u32);
 
@@ -143,10 +164,14 @@ impl RateLimitedLogger {
 
 impl log::Log for RateLimitedLogger {
     fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
-        self.inner.enabled(metadata)
+        self.inner.enabled(metadata) || crate::trace::is_traced(metadata.target())
     }
 
     fn log(&self, record: &log::Record<'_>) {
+        if crate::trace::is_traced(record.target()) {
+            TRACED.get_or_init(|| traced_logger(None)).log(record);
+            return;
+        }
         if !self.inner.matches(record) {
             return;
         }
@@ -184,6 +209,9 @@ impl log::Log for RateLimitedLogger {
 
     fn flush(&self) {
         self.inner.flush();
+        if let Some(t) = TRACED.get() {
+            t.flush();
+        }
     }
 }
 

@@ -2,8 +2,11 @@
 
 use std::process::ExitCode;
 use vubd::cli::{self, CliAction};
+use vubd::config::DaemonConfig;
 use vubd::daemon::Daemon;
-use vubd::logging::{RateLimitedLogger, SITE_LINES_PER_SEC};
+use vubd::daemonize;
+use vubd::logging::{self, RateLimitedLogger, SITE_LINES_PER_SEC};
+use vubd::trace;
 
 #[global_allocator]
 static ALLOCATOR: vubd::allocator::Allocator = vubd::allocator::Allocator;
@@ -46,7 +49,76 @@ fn no_huge_pages() {
     }
 }
 
+/// Applies the `--trace` options: where traced lines go, then the patterns in order.
+/// A plain name that matches no event is a warning (as in QEMU), not an error.
+fn start_tracing(cfg: &DaemonConfig) -> Result<(), String> {
+    for (option, options) in &cfg.trace {
+        if let Some(path) = &options.file {
+            let file = std::fs::File::create(path)
+                .map_err(|e| format!("{option}: cannot open '{}': {e}", path.display()))?;
+            if !logging::set_trace_file(file) {
+                return Err(format!("{option}: only one trace file can be given"));
+            }
+        }
+        for pattern in &options.patterns {
+            let name = pattern.strip_prefix('-').unwrap_or(pattern);
+            if trace::apply_pattern(pattern) == 0 && trace::is_plain_name(name) {
+                eprintln!("vubd: {option}: warning: trace event '{name}' does not exist");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Starts the daemon (in the background with `--daemonize`) and runs it until a
+/// termination signal.
+fn run(mut cfg: DaemonConfig) -> ExitCode {
+    if let Err(e) = start_tracing(&cfg) {
+        eprintln!("vubd: {e}");
+        return ExitCode::from(1);
+    }
+    let readiness = if cfg.daemonize {
+        // The daemon works in `/`: the paths it removes on the way out must not
+        // depend on where it was started.
+        if let Err(e) = cfg.make_paths_absolute() {
+            eprintln!("vubd: {e}");
+            return ExitCode::from(1);
+        }
+        match daemonize::daemonize() {
+            Ok(r) => Some(r),
+            Err(e) => {
+                eprintln!("vubd: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    } else {
+        None
+    };
+    let signals = block_signals();
+    let daemon = match Daemon::start(&cfg) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("vubd: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    if let Some(r) = readiness {
+        if let Err(e) = r.ready() {
+            eprintln!("vubd: {e}");
+            daemon.shutdown();
+            return ExitCode::from(1);
+        }
+    }
+    let sig = wait_for_signal(&signals);
+    log::info!("signal {sig}: shutting down");
+    daemon.shutdown();
+    ExitCode::SUCCESS
+}
+
 fn main() -> ExitCode {
+    // First, while nothing else is open and no thread runs: the inherited sockets
+    // and systemd's activation variables (`addr.type=fd`).
+    vubd::listen_fd::init();
     no_huge_pages();
     let logger =
         env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).build();
@@ -69,6 +141,12 @@ fn main() -> ExitCode {
             print!("{}", cli::usage());
             return ExitCode::SUCCESS;
         }
+        Ok(CliAction::TraceHelp) => {
+            for module in trace::EVENTS {
+                println!("{}", trace::event_name(module));
+            }
+            return ExitCode::SUCCESS;
+        }
         Ok(CliAction::Version) => {
             println!("vubd {}", env!("CARGO_PKG_VERSION"));
             return ExitCode::SUCCESS;
@@ -78,16 +156,5 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let signals = block_signals();
-    let daemon = match Daemon::start(&cfg) {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("vubd: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    let sig = wait_for_signal(&signals);
-    log::info!("signal {sig}: shutting down");
-    daemon.shutdown();
-    ExitCode::SUCCESS
+    run(cfg)
 }

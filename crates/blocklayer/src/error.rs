@@ -79,6 +79,15 @@ pub fn strerror(errno: i32) -> String {
     }
 }
 
+/// An I/O error as QEMU (glib) words it: the C library's text, without Rust's
+/// "(os error N)".
+pub fn io_error_text(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(errno) => strerror(errno),
+        None => e.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

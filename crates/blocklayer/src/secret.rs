@@ -156,7 +156,7 @@ impl Secrets {
             (Some(data), None) => data.as_bytes().to_vec(),
             (None, Some(path)) => std::fs::read(path).map_err(|e| SecretError::Read {
                 path: path.display().to_string(),
-                reason: io_reason(&e),
+                reason: crate::error::io_error_text(&e),
             })?,
         };
         match &opts.keyid {
@@ -199,15 +199,6 @@ impl Secrets {
         }
         buf.truncate(buf.len() - pad as usize);
         Ok(buf)
-    }
-}
-
-/// An I/O error as glib words it (without Rust's "(os error N)").
-fn io_reason(e: &std::io::Error) -> String {
-    let text = e.to_string();
-    match text.find(" (os error") {
-        Some(at) => text[..at].to_string(),
-        None => text,
     }
 }
 

@@ -543,7 +543,10 @@ impl Control {
                 "export {} serving node '{}' on {}",
                 cfg.id,
                 cfg.node_name,
-                cfg.socket_path.display()
+                match &cfg.socket_fd {
+                    Some(fd) => format!("inherited socket {fd}"),
+                    None => cfg.socket_path.display().to_string(),
+                }
             ),
         }
         self.exports.insert(

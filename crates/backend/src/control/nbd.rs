@@ -75,6 +75,7 @@ impl Control {
             writable: a.writable,
             writethrough: false,
             socket_path: PathBuf::new(),
+            socket_fd: None,
             num_queues: 1,
             iothreads: Vec::new(),
             fixed_iothread: false,

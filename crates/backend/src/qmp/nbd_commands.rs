@@ -30,6 +30,7 @@ pub fn server_start(a: &mut Args) -> Result<NbdServerConfig, QmpError> {
             }
             NbdAddr::Inet { host, port }
         }
+        "fd" => NbdAddr::Fd(data.str("str")?),
         other => {
             return Err(QmpError::generic(format!(
                 "vubd's NBD server listens on unix and inet sockets, not {other}"

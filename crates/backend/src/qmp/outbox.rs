@@ -52,14 +52,24 @@ struct State {
 pub struct Outbox {
     state: Mutex<State>,
     changed: Condvar,
-    /// For [`Outbox::close`]: shutting the socket down wakes the client's threads.
-    socket: UnixStream,
+    /// For [`Outbox::close`]: shutting the socket down wakes the client's threads
+    /// (a session on pipes has none).
+    socket: Option<UnixStream>,
     pretty: bool,
 }
 
 impl Outbox {
     /// An outbox for the client on `socket` (a handle of its own).
     pub fn new(socket: UnixStream, pretty: bool) -> Arc<Outbox> {
+        Self::with_socket(Some(socket), pretty)
+    }
+
+    /// An outbox for a session on pipes (`--chardev stdio` or `pipe`).
+    pub fn for_pipe(pretty: bool) -> Arc<Outbox> {
+        Self::with_socket(None, pretty)
+    }
+
+    fn with_socket(socket: Option<UnixStream>, pretty: bool) -> Arc<Outbox> {
         Arc::new(Outbox {
             state: Mutex::new(State::default()),
             changed: Condvar::new(),
@@ -170,18 +180,30 @@ impl Outbox {
             st.bytes = 0;
         }
         self.changed.notify_all();
-        let _ = self.socket.shutdown(Shutdown::Both);
+        if let Some(socket) = &self.socket {
+            let _ = socket.shutdown(Shutdown::Both);
+        }
     }
 
     /// The writer thread: sends queued messages in order until the client is
     /// disconnected or has finished and everything is sent. `stream` is the writer's
     /// own handle on the socket.
-    pub fn run_writer(&self, mut stream: UnixStream) {
+    pub fn run_writer(&self, stream: UnixStream) {
         if let Err(e) = stream.set_write_timeout(Some(WRITE_STALL)) {
             log::warn!("QMP client: cannot set a write timeout: {e}");
             self.close();
             return;
         }
+        self.write_queue(stream);
+    }
+
+    /// As [`Outbox::run_writer`] for a session on a pipe (no write timeout: a pipe
+    /// has none; [`EVENT_BACKLOG`] still bounds what waits).
+    pub fn run_pipe_writer(&self, output: std::fs::File) {
+        self.write_queue(output);
+    }
+
+    fn write_queue(&self, mut stream: impl Write) {
         loop {
             let msg = {
                 let mut st = self.lock();

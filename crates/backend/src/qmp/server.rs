@@ -15,7 +15,9 @@ use super::splitter::Splitter;
 use super::wire::{self, Command, ErrorClass, QmpError, QmpResult};
 use crate::control::ControlMsg;
 use serde_json::{json, Value};
+use std::fs::File;
 use std::io::{ErrorKind, Read};
+use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Sender};
@@ -31,6 +33,10 @@ const READ_CHUNK: usize = 16 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
+    #[error("{0}")]
+    Fd(#[from] crate::listen_fd::FdError),
+    #[error("Could not open '{}': {message}", path.display())]
+    Open { path: PathBuf, message: String },
     #[error("cannot listen on monitor socket '{path}': {source}")]
     Listen {
         path: PathBuf,
@@ -78,7 +84,8 @@ impl Drop for Slot {
 /// A bound monitor socket.
 pub struct MonitorSocket {
     listener: UnixListener,
-    pub path: PathBuf,
+    /// The socket's path, if vubd bound it (not an inherited socket).
+    pub path: Option<PathBuf>,
     pretty: bool,
     /// A client accepted before serving began (`wait=on`).
     first: Option<UnixStream>,
@@ -99,7 +106,25 @@ impl MonitorSocket {
         })?;
         Ok(MonitorSocket {
             listener,
-            path: path.to_path_buf(),
+            path: Some(path.to_path_buf()),
+            pretty,
+            first: None,
+        })
+    }
+
+    /// An inherited listening socket, by number or systemd name (`fd=`).
+    pub fn inherit(fd: &str, pretty: bool) -> Result<MonitorSocket, ServerError> {
+        let listener = crate::listen_fd::take_unix_listener(fd)?;
+        // The accept loop blocks; systemd may pass a non-blocking socket.
+        listener
+            .set_nonblocking(false)
+            .map_err(|source| ServerError::Listen {
+                path: PathBuf::from(format!("fd {fd}")),
+                source,
+            })?;
+        Ok(MonitorSocket {
+            listener,
+            path: None,
             pretty,
             first: None,
         })
@@ -111,7 +136,7 @@ impl MonitorSocket {
             .listener
             .accept()
             .map_err(|source| ServerError::Listen {
-                path: self.path.clone(),
+                path: self.path.clone().unwrap_or_default(),
                 source,
             })?;
         self.first = Some(stream);
@@ -143,8 +168,13 @@ impl MonitorSocket {
                             continue;
                         }
                     };
-                    let started =
-                        Client::start(stream, self.pretty, control.clone(), events.clone(), slot);
+                    let started = Client::start(
+                        Peer::Socket(stream),
+                        self.pretty,
+                        control.clone(),
+                        events.clone(),
+                        slot,
+                    );
                     if let Err(e) = started {
                         log::error!("cannot start a QMP client: {e}");
                     }
@@ -153,6 +183,108 @@ impl MonitorSocket {
             .map_err(ServerError::Thread)?;
         Ok(())
     }
+}
+
+/// One QMP session on standard input and output (`--chardev stdio`). It ends at the
+/// end of input; the daemon goes on (as qemu-storage-daemon).
+pub fn serve_stdio(
+    pretty: bool,
+    control: Sender<ControlMsg>,
+    events: Arc<EventBus>,
+) -> Result<(), ServerError> {
+    let input = dup_stdio(libc::STDIN_FILENO)?;
+    let output = dup_stdio(libc::STDOUT_FILENO)?;
+    serve_pipe_session(input, output, pretty, control, events)
+}
+
+/// One QMP session on a pipe (`--chardev pipe,path=P`): reads `P.in` and writes
+/// `P.out`, or reads and writes `P` if either of those cannot be opened (QEMU's
+/// rule, and its open modes: the input read-write, so that opening a FIFO does not
+/// wait for a writer).
+pub fn serve_pipe(
+    path: &Path,
+    pretty: bool,
+    control: Sender<ControlMsg>,
+    events: Arc<EventBus>,
+) -> Result<(), ServerError> {
+    let with_suffix = |suffix: &str| {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        PathBuf::from(p)
+    };
+    let rw = || std::fs::OpenOptions::new().read(true).write(true).clone();
+    let pair = rw().open(with_suffix(".in")).and_then(|input| {
+        let output = std::fs::OpenOptions::new()
+            .write(true)
+            .open(with_suffix(".out"))?;
+        Ok((input, output))
+    });
+    let (input, output) = match pair {
+        Ok(pair) => pair,
+        Err(_) => {
+            let both = rw().open(path).map_err(|e| ServerError::Open {
+                path: path.to_path_buf(),
+                message: blocklayer::error::io_error_text(&e),
+            })?;
+            let output = both.try_clone().map_err(ServerError::Thread)?;
+            (both, output)
+        }
+    };
+    serve_pipe_session(input, output, pretty, control, events)
+}
+
+/// One QMP session on an inherited connected socket (`--chardev socket,fd=S`
+/// without `server=on`). It ends when the peer closes; the daemon goes on.
+pub fn serve_connected(
+    fd: &str,
+    pretty: bool,
+    control: Sender<ControlMsg>,
+    events: Arc<EventBus>,
+) -> Result<(), ServerError> {
+    let stream = crate::listen_fd::take_unix_stream(fd)?;
+    serve_session(Peer::Socket(stream), pretty, control, events)
+}
+
+fn serve_pipe_session(
+    input: File,
+    output: File,
+    pretty: bool,
+    control: Sender<ControlMsg>,
+    events: Arc<EventBus>,
+) -> Result<(), ServerError> {
+    serve_session(Peer::Pipe { input, output }, pretty, control, events)
+}
+
+/// A monitor of one session (no socket to accept clients on).
+fn serve_session(
+    peer: Peer,
+    pretty: bool,
+    control: Sender<ControlMsg>,
+    events: Arc<EventBus>,
+) -> Result<(), ServerError> {
+    let slot = Arc::new(Slots::default()).acquire();
+    Client::start(peer, pretty, control, events, slot).map_err(ServerError::Thread)
+}
+
+/// A descriptor of our own on standard input or output (the session closes it, not
+/// fd 0 or 1, which a later open() would otherwise reuse).
+fn dup_stdio(fd: RawFd) -> Result<File, ServerError> {
+    // SAFETY: F_DUPFD_CLOEXEC on a standard descriptor returns a new descriptor or -1.
+    let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
+    if dup < 0 {
+        return Err(ServerError::Open {
+            path: PathBuf::from(if fd == 0 { "stdin" } else { "stdout" }),
+            message: blocklayer::error::io_error_text(&std::io::Error::last_os_error()),
+        });
+    }
+    // SAFETY: `dup` is a fresh descriptor owned by nobody else.
+    Ok(unsafe { File::from_raw_fd(dup) })
+}
+
+/// A client's two ends.
+enum Peer {
+    Socket(UnixStream),
+    Pipe { input: File, output: File },
 }
 
 /// The commands a client may use with `exec-oob` (none of vubd's commands).
@@ -193,20 +325,31 @@ impl Drop for Client {
 impl Client {
     /// Starts the client's writer and reader threads; each holds the slot.
     fn start(
-        stream: UnixStream,
+        peer: Peer,
         pretty: bool,
         control: Sender<ControlMsg>,
         events: Arc<EventBus>,
         slot: Slot,
     ) -> std::io::Result<()> {
         let slot = Arc::new(slot);
-        let outbox = Outbox::new(stream.try_clone()?, pretty);
-        let writer_stream = stream.try_clone()?;
+        type Writer = Box<dyn FnOnce(&Outbox) + Send>;
+        let (outbox, stream, writer): (Arc<Outbox>, Box<dyn Read + Send>, Writer) = match peer {
+            Peer::Socket(stream) => {
+                let outbox = Outbox::new(stream.try_clone()?, pretty);
+                let writer_stream = stream.try_clone()?;
+                let writer = Box::new(move |ob: &Outbox| ob.run_writer(writer_stream));
+                (outbox, Box::new(stream), writer)
+            }
+            Peer::Pipe { input, output } => {
+                let writer = Box::new(move |ob: &Outbox| ob.run_pipe_writer(output));
+                (Outbox::for_pipe(pretty), Box::new(input), writer)
+            }
+        };
         let (ob, writer_slot) = (outbox.clone(), slot.clone());
         std::thread::Builder::new()
             .name("qmp-writer".into())
             .spawn(move || {
-                ob.run_writer(writer_stream);
+                writer(&ob);
                 drop(writer_slot);
             })?;
         let ob = outbox.clone();
@@ -233,7 +376,7 @@ impl Client {
         Ok(())
     }
 
-    fn run(&mut self, mut stream: UnixStream) -> std::io::Result<()> {
+    fn run(&mut self, mut stream: impl Read) -> std::io::Result<()> {
         self.outbox.reply(&wire::greeting());
         let mut splitter = Splitter::default();
         let mut buf = vec![0u8; READ_CHUNK];

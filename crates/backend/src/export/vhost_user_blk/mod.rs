@@ -52,6 +52,8 @@ pub enum VhostUserBlkError {
     SocketInUse(PathBuf),
     #[error("cannot listen on '{path}': {message}")]
     Listen { path: PathBuf, message: String },
+    #[error("{0}")]
+    Fd(#[from] crate::listen_fd::FdError),
     #[error("cannot start the vhost-user daemon: {0}")]
     Daemon(String),
     /// The thread that serves the socket could not start.
@@ -358,9 +360,14 @@ impl ExportShared {
 /// A bound export: its socket, served by the control-plane thread ([`server`]).
 pub struct VhostUserBlkExport {
     pub shared: Arc<ExportShared>,
-    pub socket_path: PathBuf,
-    /// A duplicate of the listening socket, to interrupt a blocked accept.
-    listen_fd: OwnedFd,
+    /// The socket's path, if vubd bound it (not with `addr.type=fd`).
+    pub socket_path: Option<PathBuf>,
+    /// A duplicate of the listening socket, shut down when the export stops so that
+    /// no frontend connects any more. None for an inherited socket (`addr.type=fd`):
+    /// it is shared with whoever passed it (systemd), and the next vubd that gets it
+    /// must find it listening; a frontend that connects meanwhile waits in its
+    /// backlog.
+    listen_fd: Option<OwnedFd>,
     /// Its place on the control-plane thread, once served.
     served: Option<server::Served>,
 }
@@ -402,18 +409,25 @@ impl VhostUserBlkExport {
         mut blk: BlockBackend,
         iothreads: Vec<Arc<IoThread>>,
     ) -> Result<(VhostUserBlkExport, UnixListener)> {
-        let listener = claim_socket(&cfg.socket_path)?;
-        // SAFETY: dup of the listening socket we just created and own; the new
-        // descriptor is owned by the OwnedFd.
-        let dup = unsafe { libc::fcntl(listener.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
-        if dup < 0 {
-            return Err(VhostUserBlkError::Listen {
-                path: cfg.socket_path.clone(),
-                message: std::io::Error::last_os_error().to_string(),
-            });
-        }
-        // SAFETY: `dup` is a fresh descriptor nobody else owns.
-        let listen_fd = unsafe { OwnedFd::from_raw_fd(dup) };
+        let listener = match &cfg.socket_fd {
+            Some(fd) => crate::listen_fd::take_unix_listener(fd)?,
+            None => claim_socket(&cfg.socket_path)?,
+        };
+        let listen_fd = if cfg.socket_fd.is_some() {
+            None
+        } else {
+            // SAFETY: dup of the listening socket we just created and own; the new
+            // descriptor is owned by the OwnedFd.
+            let dup = unsafe { libc::fcntl(listener.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+            if dup < 0 {
+                return Err(VhostUserBlkError::Listen {
+                    path: cfg.socket_path.clone(),
+                    message: std::io::Error::last_os_error().to_string(),
+                });
+            }
+            // SAFETY: `dup` is a fresh descriptor nobody else owns.
+            Some(unsafe { OwnedFd::from_raw_fd(dup) })
+        };
         let mut serial = [0u8; ID_BYTES];
         let s = cfg.serial.as_deref().unwrap_or(&cfg.id).as_bytes();
         let n = s.len().min(ID_BYTES);
@@ -441,7 +455,7 @@ impl VhostUserBlkExport {
         Ok((
             VhostUserBlkExport {
                 shared,
-                socket_path: cfg.socket_path.clone(),
+                socket_path: cfg.socket_fd.is_none().then(|| cfg.socket_path.clone()),
                 listen_fd,
                 served: None,
             },
@@ -476,7 +490,7 @@ impl Export for VhostUserBlkExport {
     }
 
     fn socket_path(&self) -> Option<&Path> {
-        Some(&self.socket_path)
+        self.socket_path.as_deref()
     }
 
     fn iothreads(&self) -> Vec<Arc<IoThread>> {
@@ -520,8 +534,10 @@ impl Export for VhostUserBlkExport {
             // Held requests give up.
             d.wake_all();
         }
-        // SAFETY: shutdown on a descriptor we own; no frontend connects any more.
-        unsafe { libc::shutdown(self.listen_fd.as_raw_fd(), libc::SHUT_RDWR) };
+        if let Some(fd) = &self.listen_fd {
+            // SAFETY: shutdown on a descriptor we own; no frontend connects any more.
+            unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) };
+        }
         self.shared.disconnect_frontend();
         if let Some(s) = &self.served {
             s.poke();
