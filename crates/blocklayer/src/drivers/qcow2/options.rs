@@ -280,4 +280,28 @@ mod tests {
         .to_string();
         assert!(e.contains("Cache clean interval too big"), "{e}");
     }
+
+    #[test]
+    fn encrypt_options() {
+        use super::super::encryption::EncryptFormat;
+        // The command line's dotted keys and QMP's nested object.
+        let a = parse(json!({"driver": "qcow2", "node-name": "q", "file": "f",
+                             "encrypt": {"format": "luks", "key-secret": "sec0"}}))
+        .unwrap();
+        let q = a.driver.downcast_ref::<Qcow2Options>().unwrap();
+        let e = q.encrypt.as_ref().unwrap();
+        assert_eq!(e.format, EncryptFormat::Luks);
+        assert_eq!(e.key_secret.as_deref(), Some("sec0"));
+        assert_eq!(parse(a.to_json()).unwrap(), a);
+        let e = parse(json!({"driver": "qcow2", "node-name": "q", "file": "f",
+                             "encrypt": {"key-secret": "sec0"}}))
+        .unwrap_err()
+        .to_string();
+        assert_eq!(e, "Parameter 'encrypt.format' is missing");
+        let e = parse(json!({"driver": "qcow2", "node-name": "q", "file": "f",
+                             "encrypt": {"format": "luks", "bogus": 1}}))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("encrypt.bogus"), "{e}");
+    }
 }
