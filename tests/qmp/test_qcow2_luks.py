@@ -17,11 +17,14 @@ OTHER = "0th3r"
 
 
 def qemu_img_qcow2_luks(path: Path, size: str = "4M", sid: str = "sec0", pw: str = PASSWORD,
-                        backing: Path | None = None, backing_fmt: str = "raw", **luks) -> Path:
+                        backing: Path | None = None, backing_fmt: str = "raw",
+                        qcow2_opts: str = "", **luks) -> Path:
     """A qcow2 image with LUKS encryption made by qemu-img (retried when qemu-img cannot
     time its key derivation on a loaded machine)."""
     o = ",".join(["encrypt.format=luks", f"encrypt.key-secret={sid}", "encrypt.iter-time=10",
                   *(f"encrypt.{k}={v}" for k, v in luks.items())])
+    if qcow2_opts:
+        o += "," + qcow2_opts
     args = ["qemu-img", "create", "-f", "qcow2", "--object", secret_object(sid, pw), "-o", o]
     if backing is not None:
         args += ["-b", str(backing), "-F", backing_fmt]
@@ -151,14 +154,15 @@ async def test_qcow2_luks_interop(start_daemon, tmp, alg, mode, ivgen, hash):
     assert check_q(img).returncode == 0
 
 
-@pytest.mark.parametrize("base_kind", ["raw", "qcow2-luks"])
+@pytest.mark.parametrize("base_kind", ["raw", "raw-extended-l2", "qcow2-luks"])
 async def test_qcow2_luks_backing(start_daemon, tmp, base_kind):
     """Partial-cluster writes over a backing file (unencrypted, or encrypted with its
     own secret): the daemon copies the backing data around them into the encrypted
-    overlay; qemu-img reads the same."""
+    overlay (with extended L2 entries: into the written subclusters only); qemu-img
+    reads the same."""
     size = 4 * MIB
     base_data = pattern(7, 0, size)
-    if base_kind == "raw":
+    if base_kind.startswith("raw"):
         base = write_raw(tmp / "base.raw", base_data)
         extra_q, base_args, bfmt = "", [], "raw"
     else:
@@ -172,7 +176,8 @@ async def test_qcow2_luks_backing(start_daemon, tmp, base_kind):
                      "--blockdev", "qcow2,node-name=b0,file=fb,read-only=on,"
                                    "encrypt.format=luks,encrypt.key-secret=sec1"]
         bfmt = "qcow2"
-    img = qemu_img_qcow2_luks(tmp / "top.qcow2", backing=base, backing_fmt=bfmt)
+    img = qemu_img_qcow2_luks(tmp / "top.qcow2", backing=base, backing_fmt=bfmt,
+                              qcow2_opts="extended_l2=on" if "extended" in base_kind else "")
     sock = tmp / "e0.sock"
     args = q_daemon_args(img, sock, extra=",backing=b0" if base_args else "")
     args[4:4] = base_args
@@ -258,6 +263,9 @@ async def test_vubd_img_create_qcow2_luks(start_daemon, tmp):
     compare_q(img, write_raw(tmp / "want.raw", want))
     assert check_q(img).returncode == 0
     assert "No errors were found" in run(vubd_bin(), "img", "check", img).stdout
+    # vubd img takes no secrets to read with: it never copies ciphertext out.
+    bad = run(vubd_bin(), "img", "convert", "-O", "raw", img, tmp / "out.raw", ok=False)
+    assert bad.returncode != 0 and "encrypted" in bad.stderr, bad.stderr
     # Without the passphrase nothing is created.
     bad = run(vubd_bin(), "img", "create", "-f", "qcow2", "-o",
               "encrypt.format=luks", tmp / "x.qcow2", "1M", ok=False)
@@ -289,3 +297,64 @@ async def test_qcow2_luks_sigkill_during_writes(start_daemon, tmp, io_procs):
         "-O", "raw", out)
     assert out.read_bytes()[3 * MIB:] == pattern(21, 3 * MIB, MIB)
     assert size == out.stat().st_size
+
+
+async def test_qcow2_luks_snapshot_cow(start_daemon, tmp):
+    """Writes into clusters an internal snapshot shares: the daemon decrypts the old
+    cluster with its host offsets and encrypts the copy for the new cluster; the
+    snapshot keeps the old data (qemu-img reverts to it)."""
+    size = 4 * MIB
+    img = qemu_img_qcow2_luks(tmp / "q.qcow2")
+    src = write_raw(tmp / "src.raw", pattern(1, 0, MIB))
+    qemu_io_q(img, f"write -q -s {src} 0 {MIB}")
+    run("qemu-img", "snapshot", "--object", secret_object(), "--image-opts", q_opts(img),
+        "-c", "s1")
+    sock = tmp / "e0.sock"
+    d = start_daemon(q_daemon_args(img, sock))
+    io_ok("write", "--socket", sock, "--offset", 65536 + 512, "--len", 1024, "--seed", 2)
+    io_ok("verify", "--socket", sock, "--offset", 65536 + 1536, "--len", 65536 - 1536,
+          "--seed", 1)
+    shut_down(d)
+    want = bytearray(size)
+    want[:MIB] = pattern(1, 0, MIB)
+    want[65536 + 512:65536 + 1536] = pattern(2, 65536 + 512, 1024)
+    compare_q(img, write_raw(tmp / "want.raw", want))
+    assert check_q(img).returncode == 0
+    run("qemu-img", "snapshot", "--object", secret_object(), "--image-opts", q_opts(img),
+        "-a", "s1")
+    want[:MIB] = pattern(1, 0, MIB)
+    compare_q(img, write_raw(tmp / "want.raw", want))
+
+
+async def test_qcow2_luks_bad_header(start_daemon, tmp):
+    """A qcow2 image whose LUKS header is not one: QEMU's error, no crash."""
+    img = qemu_img_qcow2_luks(tmp / "q.qcow2")
+    b = bytearray(img.read_bytes())
+    # The crypto header extension follows the 112-byte header: type, length, offset.
+    assert int.from_bytes(b[112:116], "big") == 0x0537BE77
+    off = int.from_bytes(b[120:128], "big")
+    b[off:off + 6] = b"NOLUKS"
+    img.write_bytes(b)
+    d = start_daemon(["--object", secret_object(),
+                      "--blockdev", f"file,node-name=f0,filename={img}"])
+    async with d.qmp() as c:
+        await error(c, "blockdev-add", {
+            "driver": "qcow2", "node-name": "q0", "file": "f0",
+            "encrypt": {"format": "luks", "key-secret": "sec0"}},
+            desc="Volume is not in LUKS format")
+
+
+@pytest.mark.vubd_only("vubd's bounds on the crypto header pointer")
+async def test_qcow2_luks_header_pointer_past_eof(start_daemon, tmp):
+    img = qemu_img_qcow2_luks(tmp / "q.qcow2")
+    b = bytearray(img.read_bytes())
+    assert int.from_bytes(b[112:116], "big") == 0x0537BE77
+    b[128:136] = (1 << 40).to_bytes(8, "big")
+    img.write_bytes(b)
+    d = start_daemon(["--object", secret_object(),
+                      "--blockdev", f"file,node-name=f0,filename={img}"])
+    async with d.qmp() as c:
+        await error(c, "blockdev-add", {
+            "driver": "qcow2", "node-name": "q0", "file": "f0",
+            "encrypt": {"format": "luks", "key-secret": "sec0"}},
+            contains=["Encryption header length"])
