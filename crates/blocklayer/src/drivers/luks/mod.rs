@@ -39,7 +39,7 @@ pub(crate) const ENTRY: super::DriverEntry = super::DriverEntry {
 };
 
 /// The largest piece encrypted at once (one bounce buffer).
-pub(crate) const CHUNK: u64 = 256 << 10;
+const CHUNK: u64 = 256 << 10;
 const SECTOR: u64 = 512;
 
 pub struct LuksDriver {
@@ -81,7 +81,7 @@ pub(crate) fn unlock_at(node: &Arc<Node>, base: u64, area: u64, password: &[u8])
 
 /// A bounce buffer of `len` bytes leased from this thread's budget (waits while
 /// the budget is spent), for data on its way through the cipher.
-pub(crate) async fn bounce(len: u64) -> Result<(AlignedBuf, Lease)> {
+async fn bounce(len: u64) -> Result<(AlignedBuf, Lease)> {
     let lease = Budget::current().lease(len as usize).await;
     let buf = lease.alloc(len as usize, 4096).ok_or_else(|| {
         BlockError::io(
@@ -93,11 +93,67 @@ pub(crate) async fn bounce(len: u64) -> Result<(AlignedBuf, Lease)> {
 }
 
 /// A cipher failure as an I/O error of the request.
-pub(crate) fn crypt_error(e: crypto::CryptoError) -> BlockError {
+fn crypt_error(e: crypto::CryptoError) -> BlockError {
     BlockError::io(
         "luks",
         std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
     )
+}
+
+/// Reads `iov.len()` bytes of `node` at `at` and decrypts them into `iov` (the first
+/// sector's number `sector`), piece by piece through bounce buffers: the caller's
+/// memory never holds ciphertext.
+pub(crate) async fn read_decrypted(
+    node: &Node,
+    at: u64,
+    sector: u64,
+    cipher: &crypto::SectorCipher,
+    iov: &IoVec,
+) -> Result<()> {
+    let mut pos = 0;
+    while pos < iov.len() {
+        let n = (iov.len() - pos).min(CHUNK);
+        let (buf, _lease) = bounce(n).await?;
+        let mut buf = Arc::new(buf);
+        node.read(at + pos, IoVec::from_buf(buf.clone())).await?;
+        // The read is complete: nothing else holds the buffer.
+        let bytes = Arc::get_mut(&mut buf)
+            .ok_or_else(|| BlockError::Graph("encryption bounce buffer still in use".into()))?
+            .as_mut_slice();
+        cipher
+            .decrypt(sector + pos / SECTOR, bytes)
+            .map_err(crypt_error)?;
+        iov.copy_from_slice(pos, bytes);
+        pos += n;
+    }
+    Ok(())
+}
+
+/// Encrypts `iov` (the first sector's number `sector`) piece by piece in bounce
+/// buffers, and hands each piece to `write` with its offset in `iov`.
+pub(crate) async fn write_encrypted<F, Fut>(
+    sector: u64,
+    cipher: &crypto::SectorCipher,
+    iov: &IoVec,
+    mut write: F,
+) -> Result<()>
+where
+    F: FnMut(u64, IoVec) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    let mut pos = 0;
+    while pos < iov.len() {
+        let n = (iov.len() - pos).min(CHUNK);
+        let (mut buf, _lease) = bounce(n).await?;
+        let bytes = buf.as_mut_slice();
+        iov.copy_to_slice(pos, bytes);
+        cipher
+            .encrypt(sector + pos / SECTOR, bytes)
+            .map_err(crypt_error)?;
+        write(pos, IoVec::from_buf(Arc::new(buf))).await?;
+        pos += n;
+    }
+    Ok(())
 }
 
 impl LuksDriver {
@@ -178,50 +234,24 @@ impl Driver for LuksDriver {
     fn read<'a>(&'a self, offset: u64, iov: IoVec) -> LocalBoxFuture<'a, Result<()>> {
         Box::pin(async move {
             let file = self.file.node();
-            let mut pos = 0;
-            while pos < iov.len() {
-                let n = (iov.len() - pos).min(CHUNK);
-                let (buf, _lease) = bounce(n).await?;
-                let mut buf = Arc::new(buf);
-                file.read(self.payload + offset + pos, IoVec::from_buf(buf.clone()))
-                    .await?;
-                // The read is complete: nothing else holds the buffer.
-                let bytes = Arc::get_mut(&mut buf)
-                    .ok_or_else(|| BlockError::Graph("luks bounce buffer still in use".into()))?
-                    .as_mut_slice();
-                self.volume
-                    .cipher
-                    .decrypt((offset + pos) / SECTOR, bytes)
-                    .map_err(crypt_error)?;
-                iov.copy_from_slice(pos, bytes);
-                pos += n;
-            }
-            Ok(())
+            read_decrypted(
+                &file,
+                self.payload + offset,
+                offset / SECTOR,
+                &self.volume.cipher,
+                &iov,
+            )
+            .await
         })
     }
 
     fn write<'a>(&'a self, offset: u64, iov: IoVec, fua: bool) -> LocalBoxFuture<'a, Result<()>> {
         Box::pin(async move {
             let file = self.file.node();
-            let mut pos = 0;
-            while pos < iov.len() {
-                let n = (iov.len() - pos).min(CHUNK);
-                let (mut buf, _lease) = bounce(n).await?;
-                let bytes = buf.as_mut_slice();
-                iov.copy_to_slice(pos, bytes);
-                self.volume
-                    .cipher
-                    .encrypt((offset + pos) / SECTOR, bytes)
-                    .map_err(crypt_error)?;
-                file.write(
-                    self.payload + offset + pos,
-                    IoVec::from_buf(Arc::new(buf)),
-                    fua,
-                )
-                .await?;
-                pos += n;
-            }
-            Ok(())
+            write_encrypted(offset / SECTOR, &self.volume.cipher, &iov, |pos, buf| {
+                file.write(self.payload + offset + pos, buf, fua)
+            })
+            .await
         })
     }
 

@@ -75,30 +75,23 @@ impl EncryptOptions {
 pub struct LuksCipher(SectorCipher);
 
 impl LuksCipher {
-    pub fn encrypt(&self, host_offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.0
-            .encrypt(host_offset / SECTOR, buf)
-            .map_err(luks::crypt_error)
-    }
-
-    pub fn decrypt(&self, host_offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.0
-            .decrypt(host_offset / SECTOR, buf)
-            .map_err(luks::crypt_error)
+    /// The sector cipher (sector numbers are host offsets / 512).
+    pub fn sectors(&self) -> &SectorCipher {
+        &self.0
     }
 }
 
-fn io_error(e: BlockError) -> std::io::Error {
-    std::io::Error::from_raw_os_error(e.errno())
+fn io_error(e: crate::drivers::luks::crypto::CryptoError) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidInput, e)
 }
 
 impl qcow::DataCipher for LuksCipher {
     fn encrypt(&self, host_offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        LuksCipher::encrypt(self, host_offset, buf).map_err(io_error)
+        self.0.encrypt(host_offset / SECTOR, buf).map_err(io_error)
     }
 
     fn decrypt(&self, host_offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        LuksCipher::decrypt(self, host_offset, buf).map_err(io_error)
+        self.0.decrypt(host_offset / SECTOR, buf).map_err(io_error)
     }
 }
 

@@ -16,6 +16,7 @@
 use crate::aio::iovec::{AlignedBuf, IoVec};
 use crate::aio::LocalBoxFuture;
 use crate::driver::Driver;
+use crate::drivers::luks;
 use crate::edge::Edge;
 use crate::error::{BlockError, Result};
 use crate::node::Node;
@@ -34,6 +35,8 @@ use std::time::Duration;
 mod create;
 pub mod encryption;
 mod options;
+
+use encryption::SECTOR;
 
 pub use create::create;
 pub use options::{Qcow2Options, DEFAULT_CACHE_CLEAN_INTERVAL};
@@ -422,57 +425,6 @@ impl Qcow2Driver {
         self.crypt.as_ref().map(|c| &*c.cipher)
     }
 
-    /// Writes the guest data `part` encrypted at `host` of the data file, piece by
-    /// piece through bounce buffers (guest memory never holds ciphertext).
-    async fn write_encrypted(
-        &self,
-        cipher: &encryption::LuksCipher,
-        host: u64,
-        part: &IoVec,
-    ) -> Result<()> {
-        let mut pos = 0;
-        while pos < part.len() {
-            let n = (part.len() - pos).min(crate::drivers::luks::CHUNK);
-            let (mut buf, _lease) = crate::drivers::luks::bounce(n).await?;
-            let bytes = buf.as_mut_slice();
-            part.copy_to_slice(pos, bytes);
-            cipher.encrypt(host + pos, bytes)?;
-            self.image
-                .data_io()
-                .write(host + pos, IoVec::from_buf(Arc::new(buf)))
-                .await?;
-            pos += n;
-        }
-        Ok(())
-    }
-
-    /// Reads and decrypts the data at `host` of the data file into `part`, piece by
-    /// piece through bounce buffers.
-    async fn read_encrypted(
-        &self,
-        cipher: &encryption::LuksCipher,
-        host: u64,
-        part: &IoVec,
-    ) -> Result<()> {
-        let mut pos = 0;
-        while pos < part.len() {
-            let n = (part.len() - pos).min(crate::drivers::luks::CHUNK);
-            let (buf, _lease) = crate::drivers::luks::bounce(n).await?;
-            let mut buf = Arc::new(buf);
-            self.data_node()
-                .read(host + pos, IoVec::from_buf(buf.clone()))
-                .await?;
-            // The read is complete: nothing else holds the buffer.
-            let bytes = Arc::get_mut(&mut buf)
-                .ok_or_else(|| BlockError::Graph("qcow2 bounce buffer still in use".into()))?
-                .as_mut_slice();
-            cipher.decrypt(host + pos, bytes)?;
-            part.copy_from_slice(pos, bytes);
-            pos += n;
-        }
-        Ok(())
-    }
-
     async fn write_data(&self, offset: u64, iov: IoVec) -> Result<()> {
         let backing = NodeBacking(self.backing_node());
         let alloc = self
@@ -484,7 +436,14 @@ impl Qcow2Driver {
         for r in alloc.ranges() {
             let part = iov.slice(r.guest_offset - offset, r.len);
             let written = match self.cipher() {
-                Some(c) => self.write_encrypted(c, r.host_offset, &part).await,
+                // Sector IVs from host offsets, as QEMU.
+                Some(c) => {
+                    let io = self.image.data_io();
+                    luks::write_encrypted(r.host_offset / SECTOR, c.sectors(), &part, |pos, buf| {
+                        io.write(r.host_offset + pos, buf)
+                    })
+                    .await
+                }
                 None => self.image.data_io().write(r.host_offset, part).await,
             };
             if let Err(e) = written {
@@ -571,7 +530,12 @@ impl Qcow2Driver {
                 ExtentKind::Data { host_offset } => {
                     self.file.debug_event("read_aio");
                     match self.cipher() {
-                        Some(c) => self.read_encrypted(c, host_offset, &part).await?,
+                        Some(c) => {
+                            let node = self.data_node();
+                            let sector = host_offset / SECTOR;
+                            luks::read_decrypted(node, host_offset, sector, c.sectors(), &part)
+                                .await?
+                        }
                         None => self.data_node().read(host_offset, part).await?,
                     }
                 }
@@ -969,7 +933,7 @@ impl Driver for Qcow2Driver {
     fn own_limits(&self) -> crate::limits::Limits {
         match self.crypt {
             Some(_) => crate::limits::Limits {
-                request_alignment: encryption::SECTOR as u32,
+                request_alignment: SECTOR as u32,
                 ..Default::default()
             },
             None => Default::default(),
