@@ -12,6 +12,10 @@
 //! guest's buffers straight to the file node there, then link the clusters
 //! ([`qcow::Qcow2::commit`]). Flushes write the image's dirty metadata in dependency
 //! order and then flush the file.
+//!
+//! Encrypted images (`encrypt.format=luks`, [`encryption`]) are the exception to
+//! zero-copy: their data goes through bounce buffers, decrypted after reads and
+//! encrypted before writes, with sector IVs from host offsets.
 
 use crate::aio::iovec::{AlignedBuf, IoVec};
 use crate::aio::LocalBoxFuture;
