@@ -358,3 +358,21 @@ async def test_qcow2_luks_header_pointer_past_eof(start_daemon, tmp):
             "driver": "qcow2", "node-name": "q0", "file": "f0",
             "encrypt": {"format": "luks", "key-secret": "sec0"}},
             contains=["Encryption header length"])
+
+
+@pytest.mark.vubd_only("qemu-storage-daemon amends the key slots; vubd refuses clearly")
+async def test_qcow2_luks_amend_refused(start_daemon, tmp):
+    img = qemu_img_qcow2_luks(tmp / "q.qcow2")
+    d = start_daemon(["--object", secret_object(),
+                      "--blockdev", f"file,node-name=f0,filename={img}",
+                      "--blockdev", "qcow2,node-name=q0,file=f0,encrypt.format=luks,"
+                                    "encrypt.key-secret=sec0"])
+    async with d.qmp() as c:
+        ev = JobEvents(c)
+        await execute(c, "x-blockdev-amend", {
+            "job-id": "a", "node-name": "q0",
+            "options": {"driver": "qcow2", "encrypt": {
+                "format": "luks", "state": "active", "new-secret": "sec0"}}})
+        await ev.until("a", "concluded")
+        j = await execute(c, "query-jobs")
+        assert "encrypted qcow2" in j[0].get("error", ""), j
