@@ -12,7 +12,7 @@ use std::path::PathBuf;
 /// What the command line asks for.
 #[derive(Debug, Clone, PartialEq)]
 pub enum CliAction {
-    Run(DaemonConfig),
+    Run(Box<DaemonConfig>),
     Help,
     Version,
     /// `-T help`: list the trace events.
@@ -184,7 +184,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<CliAction> 
         )?);
     }
     config.validate()?;
-    Ok(CliAction::Run(config))
+    Ok(CliAction::Run(Box::new(config)))
 }
 
 /// Parses the keyval (or JSON) argument of `--name` with `from_json`.
@@ -294,7 +294,7 @@ mod tests {
 
     fn run(argv: Vec<String>) -> DaemonConfig {
         match parse_args(argv.clone()) {
-            Ok(CliAction::Run(config)) => config,
+            Ok(CliAction::Run(config)) => *config,
             other => panic!("{argv:?}: {other:?}"),
         }
     }
@@ -409,7 +409,7 @@ logical-block-size=512,serial=disk0";
         );
         assert_eq!(
             parse_args(Vec::<String>::new()).unwrap(),
-            CliAction::Run(DaemonConfig::default())
+            CliAction::Run(Box::default())
         );
         for option in [
             "--blockdev",

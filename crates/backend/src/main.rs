@@ -136,7 +136,7 @@ fn main() -> ExitCode {
         };
     }
     let cfg = match cli::parse_args(std::env::args().skip(1)) {
-        Ok(CliAction::Run(cfg)) => cfg,
+        Ok(CliAction::Run(cfg)) => *cfg,
         Ok(CliAction::Help) => {
             print!("{}", cli::usage());
             return ExitCode::SUCCESS;

@@ -234,6 +234,9 @@ impl<I: QcowIo> Qcow2<I> {
             }
             k.inc(b, cs, 1, "refcount block");
         }
+        if let Some((off, len)) = hdr.crypto_header {
+            k.inc(off, len, 1, "crypto header");
+        }
         if let Some(bm) = hdr.bitmaps {
             self.count_bitmaps(&mut k, bm, file_len).await?;
         }

@@ -79,6 +79,10 @@ pub struct CreateOptions {
     /// The data file is kept a consistent raw image (implies at least
     /// metadata preallocation, as in QEMU).
     pub data_file_raw: bool,
+    /// Encrypt guest data: the formatted LUKS header (with its key material) to
+    /// store in the image's crypto header clusters (`crypt_method` 2). The
+    /// caller keeps the volume key for the data it writes.
+    pub encryption: Option<Vec<u8>>,
 }
 
 impl CreateOptions {
@@ -97,6 +101,7 @@ impl CreateOptions {
             compression_type: CompressionType::Zlib,
             data_file: None,
             data_file_raw: false,
+            encryption: None,
         }
     }
 
@@ -138,6 +143,14 @@ impl CreateOptions {
         }
         if self.data_file_raw && self.backing_file.is_some() {
             return bad("data_file_raw cannot be used with a backing file");
+        }
+        if self.encryption.is_some() {
+            if self.preallocation != Preallocation::Off {
+                return bad("preallocation of encrypted images is not supported by vubd");
+            }
+            if self.data_file.is_some() {
+                return bad("encrypted images with a data_file are not supported by vubd");
+            }
         }
         if self.size > i64::MAX as u64 {
             return bad("size too large");
@@ -274,6 +287,9 @@ async fn create_inner<I: QcowIo>(
         },
     )
     .await?;
+    if let Some(luks) = &opts.encryption {
+        img.set_up_encryption(luks).await?;
+    }
     img.resize(opts.size).await?;
     let prealloc = if opts.data_file_raw && opts.preallocation == Preallocation::Off {
         Preallocation::Metadata

@@ -62,6 +62,17 @@ pub mod ext {
     pub const DATA_FILE: u32 = 0x4441_5441;
 }
 
+/// `crypt_method`: guest data is not encrypted.
+pub const CRYPT_NONE: u32 = 0;
+/// `crypt_method`: the old AES-CBC encryption (refused).
+pub const CRYPT_AES: u32 = 1;
+/// `crypt_method`: LUKS, its header in the clusters the crypto header extension
+/// points to.
+pub const CRYPT_LUKS: u32 = 2;
+/// Largest LUKS header area accepted (QEMU's LUKS headers with 8 slots of 64-byte
+/// keys take about 2 MiB).
+pub const MAX_CRYPTO_HEADER: u64 = 64 << 20;
+
 /// Largest L1 table accepted (QEMU's limit), in bytes.
 pub const MAX_L1_BYTES: u64 = 32 << 20;
 /// Largest refcount table accepted (QEMU's limit), in bytes.
@@ -94,8 +105,11 @@ pub enum HeaderError {
         /// Its name from the image's feature name table, if any.
         name: Option<String>,
     },
-    /// Encrypted images are refused rather than served as ciphertext.
-    #[error("encrypted qcow2 images ({0}) are not supported")]
+    /// The old AES encryption is refused rather than served as ciphertext.
+    #[error(
+        "{0}-encrypted qcow2 images are not supported (as QEMU's system emulators, \
+             which refuse them; convert them to LUKS encryption with qemu-img)"
+    )]
     Encrypted(&'static str),
     /// A header extension is malformed.
     #[error("invalid header extension {kind:#010x}: {why}")]
@@ -425,15 +439,35 @@ impl Header {
     fn validate(&self, file_len: u64) -> Result<(), HeaderError> {
         let cs = self.cluster_size();
         match self.crypt_method {
-            0 => {}
-            1 => return Err(HeaderError::Encrypted("AES")),
-            2 => return Err(HeaderError::Encrypted("LUKS")),
+            CRYPT_NONE | CRYPT_LUKS => {}
+            CRYPT_AES => return Err(HeaderError::Encrypted("AES")),
             n => return Err(invalid(format!("unknown crypt_method {n}"))),
         }
-        if self.crypto_header.is_some() {
-            return Err(HeaderError::Encrypted(
-                "full disk encryption header present",
-            ));
+        match (self.crypt_method, self.crypto_header) {
+            (CRYPT_LUKS, None) => {
+                return Err(invalid("LUKS encryption method without a crypto header"))
+            }
+            (CRYPT_LUKS, Some((off, len))) => {
+                if !off.is_multiple_of(cs) {
+                    return Err(invalid(format!(
+                        "Encryption header offset '{off}' is not a multiple of cluster size '{cs}'"
+                    )));
+                }
+                if len == 0
+                    || len > MAX_CRYPTO_HEADER
+                    || off.checked_add(len).is_none_or(|e| e > file_len)
+                {
+                    return Err(invalid(format!(
+                        "Encryption header length '{len}' is too large or past the end of the file"
+                    )));
+                }
+            }
+            (_, Some(_)) => {
+                return Err(invalid(
+                    "CRYPTO header extension only expected with LUKS encryption method",
+                ))
+            }
+            _ => {}
         }
         let unknown = self.incompatible_features & !incompat::KNOWN;
         if unknown != 0 {
@@ -738,11 +772,32 @@ mod tests {
         let e = Header::parse(&h2.to_bytes().unwrap(), 1 << 20).unwrap_err();
         assert!(e.to_string().contains("bit 9 (future thing)"), "{e}");
         let mut h2 = sample();
-        h2.crypt_method = 2;
+        h2.crypt_method = CRYPT_AES;
         assert_eq!(
             Header::parse(&h2.to_bytes().unwrap(), 1 << 20),
-            Err(HeaderError::Encrypted("LUKS"))
+            Err(HeaderError::Encrypted("AES"))
         );
+        // LUKS needs its header pointer, inside the file and cluster aligned.
+        h2.crypt_method = CRYPT_LUKS;
+        assert!(Header::parse(&h2.to_bytes().unwrap(), 1 << 20).is_err());
+        h2.crypto_header = Some((0x40000, 0x1000));
+        assert_eq!(Header::parse(&h2.to_bytes().unwrap(), 1 << 20).unwrap(), h2);
+        for bad in [
+            (0x40200, 0x1000),
+            (0x40000, 0),
+            (0xff000, 0x2000),
+            (0x40000, u64::MAX),
+        ] {
+            h2.crypto_header = Some(bad);
+            assert!(
+                Header::parse(&h2.to_bytes().unwrap(), 1 << 20).is_err(),
+                "{bad:?}"
+            );
+        }
+        // The pointer without LUKS.
+        h2.crypt_method = CRYPT_NONE;
+        h2.crypto_header = Some((0x40000, 0x1000));
+        assert!(Header::parse(&h2.to_bytes().unwrap(), 1 << 20).is_err());
         // L1 past the end of the file.
         assert!(Header::parse(&b, 0x30000).is_err());
         // Huge L1.

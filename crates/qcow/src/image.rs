@@ -311,6 +311,8 @@ pub struct Qcow2<I: QcowIo> {
     pub(crate) st: Mutex<State>,
     pub(crate) meta: AsyncLock,
     pub(crate) waits: WaitList,
+    /// The cipher of guest data, for encrypted images (see [`crate::crypt`]).
+    pub(crate) cipher: Option<std::sync::Arc<dyn crate::crypt::DataCipher>>,
 }
 
 impl<I: QcowIo> Drop for Qcow2<I> {
@@ -391,6 +393,8 @@ pub struct ImageInfo {
     pub data_file: Option<String>,
     /// The data file is a consistent raw image.
     pub data_file_raw: bool,
+    /// Where the LUKS header of an encrypted image is (offset, length).
+    pub crypto_header: Option<(u64, u64)>,
 }
 
 impl<I: QcowIo> Qcow2<I> {
@@ -420,6 +424,11 @@ impl<I: QcowIo> Qcow2<I> {
                 "the image keeps its data in an external data file ({}); open it with the data file",
                 hdr.data_file.as_deref().unwrap_or("name not recorded")
             )));
+        }
+        if has_data_file && hdr.crypt_method != 0 {
+            return Err(Error::Unsupported(
+                "encrypted images with an external data file are not supported".into(),
+            ));
         }
         let data = if has_data_file { data } else { None };
         if has_data_file && hdr.nb_snapshots > 0 {
@@ -541,6 +550,7 @@ impl<I: QcowIo> Qcow2<I> {
             st: Mutex::new(st),
             meta: AsyncLock::default(),
             waits: WaitList::default(),
+            cipher: None,
         };
         if opts.writable {
             if dirty {
@@ -645,6 +655,7 @@ impl<I: QcowIo> Qcow2<I> {
             compression: st.hdr.compression_type,
             data_file: st.hdr.data_file.clone(),
             data_file_raw: st.hdr.autoclear_features & autoclear::DATA_FILE_RAW != 0,
+            crypto_header: st.hdr.crypto_header,
         }
     }
 
@@ -1003,11 +1014,26 @@ impl<I: QcowIo> Qcow2<I> {
         buf: &mut [u8],
         backing: &B,
     ) -> Result<()> {
+        let cipher = self.data_cipher()?;
         for e in self.map(offset, buf.len() as u64).await? {
             let s = (e.offset - offset) as usize;
             let b = &mut buf[s..s + e.len as usize];
             match e.kind {
-                ExtentKind::Data { host_offset } => self.data_io().read_at(host_offset, b).await?,
+                ExtentKind::Data { host_offset } => match cipher {
+                    None => self.data_io().read_at(host_offset, b).await?,
+                    Some(c) => {
+                        // Whole sectors (guest and host offsets agree within a
+                        // cluster, so both are sector aligned together).
+                        let sector = crate::crypt::SECTOR;
+                        let start = host_offset - host_offset % sector;
+                        let lead = (host_offset - start) as usize;
+                        let end = (host_offset + e.len).next_multiple_of(sector);
+                        let mut tmp = vec![0u8; (end - start) as usize];
+                        self.data_io().read_at(start, &mut tmp).await?;
+                        c.decrypt(start, &mut tmp)?;
+                        b.copy_from_slice(&tmp[lead..lead + b.len()]);
+                    }
+                },
                 ExtentKind::Zero => b.fill(0),
                 ExtentKind::Unallocated => backing.read(e.offset, b).await?,
                 ExtentKind::Compressed { .. } => self.read_compressed(&e, b).await?,

@@ -14,6 +14,7 @@ pub mod cache;
 pub mod check;
 pub mod compress;
 pub mod create;
+pub mod crypt;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod header;
@@ -31,6 +32,7 @@ pub use check::{CheckReport, Repair};
 pub use create::{
     create, create_with_data_file, Compat, CreateError, CreateOptions, Preallocation,
 };
+pub use crypt::DataCipher;
 pub use header::{CompressionType, Header, HeaderError};
 pub use image::{
     CacheStats, Error, Extent, ExtentKind, Extents, ImageInfo, OpenOptions, Qcow2, Result,

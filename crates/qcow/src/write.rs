@@ -246,6 +246,8 @@ impl<I: QcowIo> Qcow2<I> {
                 align: 1,
             });
         }
+        let encrypted = self.data_cipher()?.is_some();
+        self.check_sectors(offset, len)?;
         if let Some(a) = self.try_in_place(offset, len) {
             return Ok(a);
         }
@@ -468,7 +470,9 @@ impl<I: QcowIo> Qcow2<I> {
         // must be stable before the L2 entry maps its new place: it may be
         // data the guest flushed long ago. Without a backing file, unallocated
         // ranges are zeroes, like zero clusters.
+        // Encrypted zeroes are data too.
         let copies = |c: &Cow| match c.src {
+            _ if encrypted => true,
             CowSource::Zero => false,
             CowSource::Backing => backing.present(),
             CowSource::Host(_) | CowSource::Buffer(..) => true,
@@ -491,6 +495,7 @@ impl<I: QcowIo> Qcow2<I> {
         let mut all_zero = true;
         for c in cows.iter().filter(|c| run.contains(&c.dest)) {
             let z = match c.src {
+                _ if encrypted => false,
                 CowSource::Zero => true,
                 CowSource::Backing => {
                     !backing.present() || (watched && backing.reads_as_zero(c.guest, c.len).await)
@@ -543,9 +548,19 @@ impl<I: QcowIo> Qcow2<I> {
         backing: &B,
     ) -> Result<()> {
         let size = self.size();
+        let cipher = self.data_cipher()?;
         for c in cows {
             let mut buf;
             let data: &[u8] = match &c.src {
+                // Encrypted zeroes are written like any other data.
+                CowSource::Zero if cipher.is_some() => {
+                    buf = vec![0u8; c.len as usize];
+                    &buf
+                }
+                CowSource::Backing if cipher.is_some() && !backing.present() => {
+                    buf = vec![0u8; c.len as usize];
+                    &buf
+                }
                 CowSource::Zero => {
                     if !fresh.contains(&c.dest) {
                         self.io.debug_event(DebugEvent::CowWrite);
@@ -578,11 +593,21 @@ impl<I: QcowIo> Qcow2<I> {
                     self.io.debug_event(DebugEvent::ReadAio);
                     buf = vec![0u8; c.len as usize];
                     self.data_io().read_at(*h, &mut buf).await?;
+                    // The old cluster's sectors have its host offsets as IVs.
+                    if let Some(cipher) = cipher {
+                        cipher.decrypt(*h, &mut buf)?;
+                    }
                     &buf
                 }
                 CowSource::Buffer(b, o) => &b[*o..*o + c.len as usize],
             };
             self.io.debug_event(DebugEvent::CowWrite);
+            if let Some(cipher) = cipher {
+                let mut enc = data.to_vec();
+                cipher.encrypt(c.dest, &mut enc)?;
+                self.data_io().write_at(c.dest, &enc).await?;
+                continue;
+            }
             self.data_io().write_at(c.dest, data).await?;
         }
         Ok(())
@@ -688,13 +713,14 @@ impl<I: QcowIo> Qcow2<I> {
     /// Convenience: allocate, write `data`, commit (copies; for tools/tests).
     pub async fn write<B: Backing>(&self, offset: u64, data: &[u8], backing: &B) -> Result<()> {
         let a = self.allocate(offset, data.len() as u64, backing).await?;
+        let cipher = self.data_cipher()?;
         for r in a.ranges() {
             let s = (r.guest_offset - offset) as usize;
-            if let Err(e) = self
-                .data_io()
-                .write_at(r.host_offset, &data[s..s + r.len as usize])
-                .await
-            {
+            let mut part = std::borrow::Cow::Borrowed(&data[s..s + r.len as usize]);
+            if let Some(c) = cipher {
+                c.encrypt(r.host_offset, part.to_mut())?;
+            }
+            if let Err(e) = self.data_io().write_at(r.host_offset, &part).await {
                 self.abort(a).await;
                 return Err(e.into());
             }
@@ -709,6 +735,11 @@ impl<I: QcowIo> Qcow2<I> {
     /// are packed back to back into host clusters.
     pub async fn write_compressed(&self, offset: u64, data: &[u8]) -> Result<()> {
         self.check_writable()?;
+        if self.is_encrypted() {
+            return Err(Error::Unsupported(
+                "compressed writes to encrypted images".into(),
+            ));
+        }
         let g = self.g;
         let cs = g.cluster_size;
         let len = data.len() as u64;

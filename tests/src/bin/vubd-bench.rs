@@ -173,6 +173,9 @@ enum Backend {
     /// a LUKS volume (QEMU's default aes-256-xts-plain64) holding the raw bench
     /// image's data: every request is en/decrypted.
     Luks,
+    /// qcow2 with LUKS encryption (QEMU's defaults), every cluster allocated with the
+    /// raw bench image's data.
+    Qcow2Luks,
 }
 
 /// The RBD image of the rbd cases (pool `rbd`), once imported.
@@ -191,6 +194,7 @@ impl Backend {
             Backend::Qcow2Chain => "qcow2-chain3",
             Backend::Rbd => "rbd",
             Backend::Luks => "luks",
+            Backend::Qcow2Luks => "qcow2-luks",
         }
     }
 
@@ -202,6 +206,7 @@ impl Backend {
             Backend::Qcow2 => "full.qcow2",
             Backend::Qcow2Chain => "top.qcow2",
             Backend::Luks => "luks",
+            Backend::Qcow2Luks => "luks.qcow2",
         };
         raw.with_extension(ext)
     }
@@ -233,7 +238,9 @@ impl Backend {
             // The issue's cases: 4k random and 64k sequential at qd32, one queue.
             Backend::Rbd => one_queue && w.qd == 32 && (rand4k || (!w.random && w.bs == 65536)),
             // The issue's cases: 4k random reads and writes, 64k sequential.
-            Backend::Luks => one_queue && w.qd == 32 && (rand4k || (!w.random && w.bs == 65536)),
+            Backend::Luks | Backend::Qcow2Luks => {
+                one_queue && w.qd == 32 && (rand4k || (!w.random && w.bs == 65536))
+            }
         }
     }
 }
@@ -280,19 +287,26 @@ fn prepare_image(backend: Backend, raw: &Path) {
                 &size,
             ]);
         }
-        Backend::Luks => {
+        Backend::Luks | Backend::Qcow2Luks => {
             let object = format!("--object={LUKS_SECRET}");
+            let (fmt, opts) = match backend {
+                Backend::Luks => ("luks", "key-secret=bench-key,iter-time=10"),
+                _ => (
+                    "qcow2",
+                    "encrypt.format=luks,encrypt.key-secret=bench-key,encrypt.iter-time=10",
+                ),
+            };
             // qemu-img sometimes cannot time its key derivation on a loaded machine
             // ("Unable to get accurate CPU usage"): try again.
             let ok = (0..30).any(|_| {
                 std::process::Command::new("qemu-img")
-                    .args(["convert", "-f", "raw", "-O", "luks", &object])
-                    .args(["-o", "key-secret=bench-key,iter-time=10", &p(raw), &p(&img)])
+                    .args(["convert", "-f", "raw", "-O", fmt, &object])
+                    .args(["-o", opts, &p(raw), &p(&img)])
                     .stdout(std::process::Stdio::null())
                     .status()
                     .is_ok_and(|s| s.success())
             });
-            assert!(ok, "qemu-img convert -O luks failed");
+            assert!(ok, "qemu-img convert -O {fmt} failed");
         }
         Backend::Null | Backend::File | Backend::Rbd => {}
     }
@@ -493,6 +507,18 @@ fn daemon_args(
                     ))
                     .blockdev(&format!(
                         "driver=luks,node-name={node},file={node}-file,key-secret=bench-key"
+                    ))
+            }
+            Backend::Qcow2Luks => {
+                assert_eq!(cfg.exports, 1, "qcow2-luks cases have one export");
+                a.object(LUKS_SECRET)
+                    .blockdev(&format!(
+                        "driver=file,node-name={node}-file,filename={},cache.direct=off",
+                        backend.image(image).display()
+                    ))
+                    .blockdev(&format!(
+                        "driver=qcow2,node-name={node},file={node}-file,\
+                         encrypt.format=luks,encrypt.key-secret=bench-key"
                     ))
             }
             Backend::Qcow2Fresh | Backend::Qcow2 | Backend::Qcow2Chain => {
@@ -1058,6 +1084,7 @@ fn main() {
         Backend::Qcow2Chain,
         Backend::Rbd,
         Backend::Luks,
+        Backend::Qcow2Luks,
     ] {
         for cfg in &configs {
             for w in WORKLOADS {
@@ -1102,7 +1129,12 @@ fn main() {
             DEV_SIZE / GIB
         );
         fill_file(&image, DEV_SIZE);
-        for b in [Backend::Qcow2, Backend::Qcow2Chain, Backend::Luks] {
+        for b in [
+            Backend::Qcow2,
+            Backend::Qcow2Chain,
+            Backend::Luks,
+            Backend::Qcow2Luks,
+        ] {
             if cases.iter().any(|c| c.backend == b) {
                 eprintln!("preparing {}...", b.image(&image).display());
                 prepare_image(b, &image);
@@ -1406,6 +1438,7 @@ impl Drop for ImageGuard {
             "mid.qcow2",
             "top.qcow2",
             "luks",
+            "luks.qcow2",
         ] {
             let _ = std::fs::remove_file(self.image.with_extension(ext));
         }

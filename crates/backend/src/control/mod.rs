@@ -726,9 +726,10 @@ impl Control {
     }
 
     /// `x-blockdev-amend`: changes format options of an open image, as a job. vubd's
-    /// qcow2 has nothing to amend but encryption, and opens no encrypted image: an
-    /// `encrypt` amendment fails in the job with QEMU's text, anything else succeeds
-    /// without a change, as in QEMU for an image without encryption.
+    /// qcow2 has nothing to amend but encryption: on an image without it an `encrypt`
+    /// amendment fails in the job with QEMU's text, anything else succeeds without a
+    /// change, as in QEMU; the key slots of encrypted qcow2 images are not amended
+    /// by vubd yet (refused, also in the job).
     pub fn blockdev_amend(
         &mut self,
         job_id: &str,
@@ -755,9 +756,15 @@ impl Control {
         core.set_len(1);
         let mut job = Job::new(job_id, "amend", core.clone(), false);
         job.auto_dismiss = false;
+        let encrypted = node.driver().is_encrypted();
         self.start_job(job, None, move || async move {
             core.progress(1);
-            if encrypt {
+            if encrypt && encrypted {
+                Err(
+                    "amending the key slots of encrypted qcow2 images is not supported by vubd"
+                        .to_string(),
+                )
+            } else if encrypt {
                 Err("image is not encrypted, can't amend".to_string())
             } else {
                 Ok(())

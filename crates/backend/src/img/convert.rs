@@ -109,7 +109,7 @@ pub(super) fn convert(args: &[String]) -> Result<()> {
     let size = source.size().next_multiple_of(512);
     let mut o = CreateOptions::new(size);
     for text in &o_texts {
-        apply_o(&mut o, text)?;
+        apply_o(&mut o, text, None)?;
     }
     if o.size != size {
         return Err(usage(

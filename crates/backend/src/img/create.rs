@@ -9,13 +9,19 @@ use crate::keyval;
 use blocklayer::drivers::file::create::{
     create_empty, create_file, FilePrealloc, CREATE_PERM, CREATE_SHARED,
 };
-use blocklayer::options::coerce;
+use blocklayer::drivers::qcow2::encryption;
+use blocklayer::options::coerce::{self, Fields};
 use qcow::{block_on, Compat, CompressionType, CreateOptions, FileIo, Preallocation};
-use serde_json::Value;
+use serde_json::{Map, Value};
 use std::path::Path;
 
-/// Applies `-o key=value,...` (qemu-img's qcow2 creation options) to `o`.
-pub(super) fn apply_o(o: &mut CreateOptions, text: &str) -> Result<()> {
+/// Applies `-o key=value,...` (qemu-img's qcow2 creation options) to `o`; the
+/// `encrypt.*` options go to `encrypt` (refused where there is none).
+pub(super) fn apply_o(
+    o: &mut CreateOptions,
+    text: &str,
+    mut encrypt: Option<&mut Map<String, Value>>,
+) -> Result<()> {
     let v = keyval::parse_option(text, None).map_err(|e| usage(format!("-o {text}: {e}")))?;
     let Value::Object(map) = v else {
         return Err(usage(format!("-o {text}: expected key=value pairs")));
@@ -68,6 +74,11 @@ pub(super) fn apply_o(o: &mut CreateOptions, text: &str) -> Result<()> {
             "data_file_raw" => {
                 o.data_file_raw = coerce::parse_bool(&s).ok_or_else(|| bad(&k, "on or off"))?
             }
+            "encrypt" => match (v, encrypt.as_deref_mut()) {
+                (Value::Object(e), Some(out)) => out.extend(e),
+                (_, Some(_)) => return Err(bad(&k, "expected encrypt.format=luks,...")),
+                (_, None) => return Err(bad(&k, "encryption is not supported here")),
+            },
             other => return Err(usage(format!("-o: unknown option '{other}'"))),
         }
     }
@@ -156,7 +167,7 @@ fn create_raw(file: &str, size: Option<u64>, opts: &[(String, String)]) -> Resul
     })
 }
 
-/// `--object` is for `-f luks` only (vubd's qcow2 creation has no encryption yet).
+/// `--object` is for encrypted formats only (their secrets).
 fn no_objects(opts: &[(String, String)]) -> Result<()> {
     match opts.iter().any(|(k, _)| k == "--object") {
         true => Err(usage("--object is of no use for this format")),
@@ -165,13 +176,14 @@ fn no_objects(opts: &[(String, String)]) -> Result<()> {
 }
 
 fn create_qcow2(file: &str, size: Option<u64>, opts: &[(String, String)]) -> Result<()> {
-    no_objects(opts)?;
+    let secrets = super::luks::secrets(opts)?;
     let mut o = CreateOptions::new(size.unwrap_or(0));
+    let mut encrypt = Map::new();
     for (k, v) in opts {
         match k.as_str() {
             "-b" => o.backing_file = Some(v.clone()),
             "-F" => o.backing_fmt = Some(v.clone()),
-            "-o" => apply_o(&mut o, v)?,
+            "-o" => apply_o(&mut o, v, Some(&mut encrypt))?,
             _ => {}
         }
     }
@@ -180,6 +192,23 @@ fn create_qcow2(file: &str, size: Option<u64>, opts: &[(String, String)]) -> Res
     }
     // As qemu-img: whole sectors.
     o.size = o.size.next_multiple_of(512);
+    if !encrypt.is_empty() {
+        let image_error = |e: blocklayer::BlockError| ImgError::Image {
+            path: file.into(),
+            message: e.to_string(),
+        };
+        let params = encryption::create_params(Fields::from_map(encrypt, "encrypt"), &secrets)
+            .map_err(image_error)?;
+        // Bad options leave no file behind: checked before PBKDF2 runs.
+        o.encryption = Some(Vec::new());
+        o.validate().map_err(|e| ImgError::Image {
+            path: file.into(),
+            message: e.to_string(),
+        })?;
+        o.encryption = Some(encryption::format_header(&params).map_err(image_error)?);
+    } else {
+        no_objects(opts)?;
+    }
     // Bad options leave no file behind.
     o.validate().map_err(|e| ImgError::Image {
         path: file.into(),

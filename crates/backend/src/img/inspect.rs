@@ -36,6 +36,10 @@ pub(super) fn info(args: &[String]) -> Result<()> {
         "backing-filename": i.backing_file,
         "backing-filename-format": i.backing_format,
     });
+    if let Some((offset, _)) = i.crypto_header {
+        v["encrypted"] = json!(true);
+        v["encrypt"] = super::luks::qcow2_encrypt_info(file, offset)?;
+    }
     // As qemu-img: the flags as the image has them ("in-use" while a program has
     // them, or after it crashed), the list only when there are bitmaps.
     let bitmaps = img.bitmaps();
@@ -93,6 +97,11 @@ pub(super) fn info(args: &[String]) -> Result<()> {
             println!("        name: {}", b["name"].as_str().unwrap_or_default());
             println!("        granularity: {}", b["granularity"]);
         }
+    }
+    if v["encrypted"] == json!(true) {
+        println!("encrypted: yes");
+        println!("encrypt:");
+        super::luks::print_info(&v["encrypt"], "    ");
     }
     println!("corrupt: {}", i.corrupt);
     if let Some(b) = &i.backing_file {

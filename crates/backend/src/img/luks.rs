@@ -91,14 +91,66 @@ pub(super) fn is_luks(file: &str) -> bool {
         .is_ok_and(|()| &magic == MAGIC)
 }
 
-/// `info` of a LUKS volume: from the header, without the passphrase (as qemu-img).
-pub(super) fn info(file: &str, json_out: bool) -> Result<()> {
+/// The LUKS header at `offset` of `file`, with its algorithms.
+fn read_header(
+    file: &str,
+    offset: u64,
+) -> Result<(Header, blocklayer::drivers::luks::header::Algorithms)> {
+    use std::os::unix::fs::FileExt;
     let mut head = vec![0u8; HEADER_LEN];
-    let mut f = std::fs::File::open(file).map_err(|e| image_error(file, e))?;
-    let meta = f.metadata().map_err(|e| image_error(file, e))?;
-    f.read_exact(&mut head).map_err(|e| image_error(file, e))?;
+    let f = std::fs::File::open(file).map_err(|e| image_error(file, e))?;
+    f.read_exact_at(&mut head, offset)
+        .map_err(|e| image_error(file, e))?;
     let h = Header::parse(&head).map_err(|e| image_error(file, e))?;
     let algs = h.algorithms().map_err(|e| image_error(file, e))?;
+    Ok((h, algs))
+}
+
+/// The `encrypt` info of a qcow2 image whose LUKS header is at `offset` (QEMU's
+/// `QCryptoBlockInfo`, read without the passphrase as qemu-img does).
+pub(super) fn qcow2_encrypt_info(file: &str, offset: u64) -> Result<Value> {
+    let (h, algs) = read_header(file, offset)?;
+    let mut data = header_info_json(&h, &algs);
+    data["format"] = json!("luks");
+    Ok(data)
+}
+
+/// Prints the LUKS info `data` indented by `indent` (qemu-img's human form).
+pub(super) fn print_info(data: &Value, indent: &str) {
+    for k in [
+        "ivgen-alg",
+        "ivgen-hash-alg",
+        "hash-alg",
+        "cipher-alg",
+        "uuid",
+        "format",
+        "cipher-mode",
+    ] {
+        if let Some(s) = data[k].as_str() {
+            println!("{indent}{}: {s}", k.replace('-', " "));
+        }
+    }
+    println!("{indent}slots:");
+    for (i, s) in data["slots"].as_array().into_iter().flatten().enumerate() {
+        println!("{indent}    [{i}]:");
+        println!("{indent}        active: {}", s["active"]);
+        if s["active"] == json!(true) {
+            println!("{indent}        iters: {}", s["iters"]);
+        }
+        println!("{indent}        key offset: {}", s["key-offset"]);
+        if s["active"] == json!(true) {
+            println!("{indent}        stripes: {}", s["stripes"]);
+        }
+    }
+    println!("{indent}payload offset: {}", data["payload-offset"]);
+    println!("{indent}master key iters: {}", data["master-key-iters"]);
+}
+
+/// `info` of a LUKS volume: from the header, without the passphrase (as qemu-img).
+pub(super) fn info(file: &str, json_out: bool) -> Result<()> {
+    let f = std::fs::File::open(file).map_err(|e| image_error(file, e))?;
+    let meta = f.metadata().map_err(|e| image_error(file, e))?;
+    let (h, algs) = read_header(file, 0)?;
     let size = meta.len().saturating_sub(h.payload_bytes());
     let actual = {
         use std::os::unix::fs::MetadataExt;
@@ -123,32 +175,7 @@ pub(super) fn info(file: &str, json_out: bool) -> Result<()> {
     println!("disk size: {actual} bytes");
     println!("encrypted: yes");
     println!("Format specific information:");
-    for k in [
-        "ivgen-alg",
-        "ivgen-hash-alg",
-        "hash-alg",
-        "cipher-alg",
-        "uuid",
-        "cipher-mode",
-    ] {
-        if let Some(s) = data[k].as_str() {
-            println!("    {}: {s}", k.replace('-', " "));
-        }
-    }
-    println!("    slots:");
-    for (i, s) in data["slots"].as_array().into_iter().flatten().enumerate() {
-        println!("        [{i}]:");
-        println!("            active: {}", s["active"]);
-        if s["active"] == json!(true) {
-            println!("            iters: {}", s["iters"]);
-        }
-        println!("            key offset: {}", s["key-offset"]);
-        if s["active"] == json!(true) {
-            println!("            stripes: {}", s["stripes"]);
-        }
-    }
-    println!("    payload offset: {}", data["payload-offset"]);
-    println!("    master key iters: {}", data["master-key-iters"]);
+    print_info(&data, "    ");
     Ok(())
 }
 

@@ -73,8 +73,10 @@ Usage: vubd img create [-f qcow2|raw|luks] [--object secret,...] [-b BACKING [-F
   preallocation, compression_type, data_file, data_file_raw), with -f raw:
   preallocation (off, falloc, full); with -f luks: key-secret (the id of a
   --object secret,id=ID,data=..|file=..), cipher-alg, cipher-mode, ivgen-alg,
-  ivgen-hash-alg, hash-alg, iter-time (qemu-img's). info shows a LUKS volume's
-  header without its passphrase.
+  ivgen-hash-alg, hash-alg, iter-time (qemu-img's); with -f qcow2 the same
+  as encrypt.format=luks,encrypt.key-secret=ID,encrypt.cipher-alg=... (an
+  encrypted qcow2). info shows a LUKS header (of a luks volume or an encrypted
+  qcow2) without its passphrase.
   snapshot -l lists, -c creates, -a applies (reverts to), -d deletes an internal
   snapshot (-a and -d take an id or a name).
   convert copies what the guest sees of SRC (through its backing chain) to a new

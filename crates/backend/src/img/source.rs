@@ -128,6 +128,15 @@ impl Source {
             OpenOptions::read_only(),
         ))
         .map_err(image_err(path))?;
+        // `vubd img` takes no secrets for reading: ciphertext is never copied out.
+        if image.is_encrypted() {
+            return Err(ImgError::Image {
+                path: path.into(),
+                message: "the image is encrypted: vubd img cannot read its data (use \
+                          qemu-img with --object secret,... and --image-opts)"
+                    .into(),
+            });
+        }
         let info = image.info();
         let backing = match &info.backing_file {
             None => None,

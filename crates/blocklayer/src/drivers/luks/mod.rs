@@ -63,21 +63,105 @@ pub(crate) fn read_bytes(node: &Arc<Node>, offset: u64, len: usize) -> Result<Ve
     Ok(buf.as_slice()[..len].to_vec())
 }
 
+/// Unlocks the LUKS volume whose header and key material lie in `node` at
+/// `base..base + area` (a whole `luks` file, or the crypto header clusters of a
+/// qcow2 image) with `password`; QEMU's texts for every failure.
+pub(crate) fn unlock_at(node: &Arc<Node>, base: u64, area: u64, password: &[u8]) -> Result<Volume> {
+    let head = read_bytes(node, base, (header::HEADER_LEN as u64).min(area) as usize)?;
+    Volume::open(&head, password, |off, len| {
+        if off.checked_add(len as u64).is_none_or(|end| end > area) {
+            return Err(BlockError::Graph(format!(
+                "key material at {off}+{len} is past the end of the LUKS header area ({area} bytes)"
+            )));
+        }
+        read_bytes(node, base + off, len)
+    })
+    .map_err(|e| BlockError::Graph(e.to_string()))
+}
+
+/// A bounce buffer of `len` bytes leased from this thread's budget (waits while
+/// the budget is spent), for data on its way through the cipher.
+async fn bounce(len: u64) -> Result<(AlignedBuf, Lease)> {
+    let lease = Budget::current().lease(len as usize).await;
+    let buf = lease.alloc(len as usize, 4096).ok_or_else(|| {
+        BlockError::io(
+            "encryption bounce",
+            std::io::Error::from_raw_os_error(libc::ENOMEM),
+        )
+    })?;
+    Ok((buf, lease))
+}
+
+/// A cipher failure as an I/O error of the request.
+fn crypt_error(e: crypto::CryptoError) -> BlockError {
+    BlockError::io(
+        "luks",
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
+    )
+}
+
+/// Reads `iov.len()` bytes of `node` at `at` and decrypts them into `iov` (the first
+/// sector's number `sector`), piece by piece through bounce buffers: the caller's
+/// memory never holds ciphertext.
+pub(crate) async fn read_decrypted(
+    node: &Node,
+    at: u64,
+    sector: u64,
+    cipher: &crypto::SectorCipher,
+    iov: &IoVec,
+) -> Result<()> {
+    let mut pos = 0;
+    while pos < iov.len() {
+        let n = (iov.len() - pos).min(CHUNK);
+        let (buf, _lease) = bounce(n).await?;
+        let mut buf = Arc::new(buf);
+        node.read(at + pos, IoVec::from_buf(buf.clone())).await?;
+        // The read is complete: nothing else holds the buffer.
+        let bytes = Arc::get_mut(&mut buf)
+            .ok_or_else(|| BlockError::Graph("encryption bounce buffer still in use".into()))?
+            .as_mut_slice();
+        cipher
+            .decrypt(sector + pos / SECTOR, bytes)
+            .map_err(crypt_error)?;
+        iov.copy_from_slice(pos, bytes);
+        pos += n;
+    }
+    Ok(())
+}
+
+/// Encrypts `iov` (the first sector's number `sector`) piece by piece in bounce
+/// buffers, and hands each piece to `write` with its offset in `iov`.
+pub(crate) async fn write_encrypted<F, Fut>(
+    sector: u64,
+    cipher: &crypto::SectorCipher,
+    iov: &IoVec,
+    mut write: F,
+) -> Result<()>
+where
+    F: FnMut(u64, IoVec) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    let mut pos = 0;
+    while pos < iov.len() {
+        let n = (iov.len() - pos).min(CHUNK);
+        let (mut buf, _lease) = bounce(n).await?;
+        let bytes = buf.as_mut_slice();
+        iov.copy_to_slice(pos, bytes);
+        cipher
+            .encrypt(sector + pos / SECTOR, bytes)
+            .map_err(crypt_error)?;
+        write(pos, IoVec::from_buf(Arc::new(buf))).await?;
+        pos += n;
+    }
+    Ok(())
+}
+
 impl LuksDriver {
     /// Unlocks the volume on `file` with `password` (QEMU's texts for every failure).
     pub fn open(file: Arc<Edge>, password: &[u8]) -> Result<LuksDriver> {
         let node = file.node_arc();
         let size = node.size();
-        let head = read_bytes(&node, 0, (header::HEADER_LEN as u64).min(size) as usize)?;
-        let volume = Volume::open(&head, password, |off, len| {
-            if off.checked_add(len as u64).is_none_or(|end| end > size) {
-                return Err(BlockError::Graph(format!(
-                    "key material at {off}+{len} is past the end of the file ({size} bytes)"
-                )));
-            }
-            read_bytes(&node, off, len)
-        })
-        .map_err(|e| BlockError::Graph(e.to_string()))?;
+        let volume = unlock_at(&node, 0, size, password)?;
         let payload = volume.header.payload_bytes();
         if payload > size {
             return Err(BlockError::Graph(format!(
@@ -89,26 +173,6 @@ impl LuksDriver {
             volume,
             payload,
         })
-    }
-
-    /// A bounce buffer of `len` bytes leased from this thread's budget (waits while
-    /// the budget is spent).
-    async fn bounce(len: u64) -> Result<(AlignedBuf, Lease)> {
-        let lease = Budget::current().lease(len as usize).await;
-        let buf = lease.alloc(len as usize, 4096).ok_or_else(|| {
-            BlockError::io(
-                "luks bounce",
-                std::io::Error::from_raw_os_error(libc::ENOMEM),
-            )
-        })?;
-        Ok((buf, lease))
-    }
-
-    fn crypt_error(e: crypto::CryptoError) -> BlockError {
-        BlockError::io(
-            "luks",
-            std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
-        )
     }
 }
 
@@ -170,50 +234,24 @@ impl Driver for LuksDriver {
     fn read<'a>(&'a self, offset: u64, iov: IoVec) -> LocalBoxFuture<'a, Result<()>> {
         Box::pin(async move {
             let file = self.file.node();
-            let mut pos = 0;
-            while pos < iov.len() {
-                let n = (iov.len() - pos).min(CHUNK);
-                let (buf, _lease) = Self::bounce(n).await?;
-                let mut buf = Arc::new(buf);
-                file.read(self.payload + offset + pos, IoVec::from_buf(buf.clone()))
-                    .await?;
-                // The read is complete: nothing else holds the buffer.
-                let bytes = Arc::get_mut(&mut buf)
-                    .ok_or_else(|| BlockError::Graph("luks bounce buffer still in use".into()))?
-                    .as_mut_slice();
-                self.volume
-                    .cipher
-                    .decrypt((offset + pos) / SECTOR, bytes)
-                    .map_err(Self::crypt_error)?;
-                iov.copy_from_slice(pos, bytes);
-                pos += n;
-            }
-            Ok(())
+            read_decrypted(
+                &file,
+                self.payload + offset,
+                offset / SECTOR,
+                &self.volume.cipher,
+                &iov,
+            )
+            .await
         })
     }
 
     fn write<'a>(&'a self, offset: u64, iov: IoVec, fua: bool) -> LocalBoxFuture<'a, Result<()>> {
         Box::pin(async move {
             let file = self.file.node();
-            let mut pos = 0;
-            while pos < iov.len() {
-                let n = (iov.len() - pos).min(CHUNK);
-                let (mut buf, _lease) = Self::bounce(n).await?;
-                let bytes = buf.as_mut_slice();
-                iov.copy_to_slice(pos, bytes);
-                self.volume
-                    .cipher
-                    .encrypt((offset + pos) / SECTOR, bytes)
-                    .map_err(Self::crypt_error)?;
-                file.write(
-                    self.payload + offset + pos,
-                    IoVec::from_buf(Arc::new(buf)),
-                    fua,
-                )
-                .await?;
-                pos += n;
-            }
-            Ok(())
+            write_encrypted(offset / SECTOR, &self.volume.cipher, &iov, |pos, buf| {
+                file.write(self.payload + offset + pos, buf, fua)
+            })
+            .await
         })
     }
 

@@ -85,11 +85,10 @@ pub(super) fn blockdev_create(mut f: Fields, graph: &Graph) -> Result<CreateWork
     }
     let data_file = f.string("data-file")?;
     o.data_file_raw = f.bool("data-file-raw")?.unwrap_or(false);
-    if f.contains("encrypt") {
-        return Err(BlockError::Graph(
-            "Parameter 'options.encrypt' is not supported by vubd yet".into(),
-        ));
-    }
+    let encrypt = f
+        .object("encrypt")?
+        .map(|e| super::encryption::create_params(e, graph.secrets()))
+        .transpose()?;
     f.finish()?;
     if o.data_file_raw && data_file.is_none() {
         return Err(BlockError::Graph(
@@ -103,5 +102,10 @@ pub(super) fn blockdev_create(mut f: Fields, graph: &Graph) -> Result<CreateWork
     if let Some(d) = &data {
         o.data_file = Some(d.driver().filename());
     }
-    Ok(Box::new(move || create(node, data, o)))
+    Ok(Box::new(move || {
+        if let Some(params) = &encrypt {
+            o.encryption = Some(super::encryption::format_header(params)?);
+        }
+        create(node, data, o)
+    }))
 }

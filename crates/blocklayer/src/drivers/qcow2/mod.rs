@@ -12,10 +12,15 @@
 //! guest's buffers straight to the file node there, then link the clusters
 //! ([`qcow::Qcow2::commit`]). Flushes write the image's dirty metadata in dependency
 //! order and then flush the file.
+//!
+//! Encrypted images (`encrypt.format=luks`, [`encryption`]) are the exception to
+//! zero-copy: their data goes through bounce buffers, decrypted after reads and
+//! encrypted before writes, with sector IVs from host offsets.
 
 use crate::aio::iovec::{AlignedBuf, IoVec};
 use crate::aio::LocalBoxFuture;
 use crate::driver::Driver;
+use crate::drivers::luks;
 use crate::edge::Edge;
 use crate::error::{BlockError, Result};
 use crate::node::Node;
@@ -32,7 +37,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 mod create;
+pub mod encryption;
 mod options;
+
+use encryption::SECTOR;
 
 pub use create::create;
 pub use options::{Qcow2Options, DEFAULT_CACHE_CLEAN_INTERVAL};
@@ -242,6 +250,8 @@ pub struct Qcow2Driver {
     node_name: String,
     /// `BLOCK_IMAGE_CORRUPTED` was raised (once per open, as QEMU).
     corrupt_reported: AtomicBool,
+    /// The data cipher of an encrypted image, and its `encrypt` info.
+    crypt: Option<encryption::Unlocked>,
 }
 
 /// A failed snapshot operation: the image's message, with its errno (ENOENT,
@@ -355,16 +365,29 @@ impl Qcow2Driver {
         data_edge: Option<Arc<Edge>>,
         opts: OpenOptions,
         driver_opts: Qcow2DriverOptions,
+        encrypt: Option<&encryption::EncryptOptions>,
+        secrets: &crate::secret::Secrets,
     ) -> Result<Qcow2Driver> {
         let file = file_edge.node_arc();
         let data = data_edge.as_ref().map(|e| e.node_arc());
         let io = NodeIo::new(file.clone());
         let data_io = data.clone().map(NodeIo::new);
         let writable = opts.writable;
-        let image = Arc::new(
-            crate::aio::uring::block_on(Qcow2::open_with_data_file(io, data_io, opts))
-                .map_err(image_error)?,
-        );
+        let mut image = crate::aio::uring::block_on(Qcow2::open_with_data_file(io, data_io, opts))
+            .map_err(image_error)?;
+        let crypt = match encryption::unlock(&file, image.crypto_header(), encrypt, secrets) {
+            Ok(c) => c,
+            Err(e) => {
+                // Nothing was written through the image: close it quietly.
+                let image = Arc::new(image);
+                let _ = crate::aio::uring::block_on(async move { image.close().await });
+                return Err(e);
+            }
+        };
+        if let Some(c) = &crypt {
+            image.set_cipher(c.cipher.clone());
+        }
+        let image = Arc::new(image);
         let info = image.info();
         let zero_align = if info.extended_l2 {
             info.cluster_size / 32
@@ -397,7 +420,13 @@ impl Qcow2Driver {
             cache_cleaner,
             node_name: String::new(),
             corrupt_reported: AtomicBool::new(false),
+            crypt,
         })
+    }
+
+    /// The data cipher, if the image is encrypted.
+    fn cipher(&self) -> Option<&encryption::LuksCipher> {
+        self.crypt.as_ref().map(|c| &*c.cipher)
     }
 
     async fn write_data(&self, offset: u64, iov: IoVec) -> Result<()> {
@@ -410,7 +439,18 @@ impl Qcow2Driver {
         self.file.debug_event("write_aio");
         for r in alloc.ranges() {
             let part = iov.slice(r.guest_offset - offset, r.len);
-            if let Err(e) = self.image.data_io().write(r.host_offset, part).await {
+            let written = match self.cipher() {
+                // Sector IVs from host offsets, as QEMU.
+                Some(c) => {
+                    let io = self.image.data_io();
+                    luks::write_encrypted(r.host_offset / SECTOR, c.sectors(), &part, |pos, buf| {
+                        io.write(r.host_offset + pos, buf)
+                    })
+                    .await
+                }
+                None => self.image.data_io().write(r.host_offset, part).await,
+            };
+            if let Err(e) = written {
                 self.image.abort(alloc).await;
                 return Err(e);
             }
@@ -493,7 +533,15 @@ impl Qcow2Driver {
             match e.kind {
                 ExtentKind::Data { host_offset } => {
                     self.file.debug_event("read_aio");
-                    self.data_node().read(host_offset, part).await?
+                    match self.cipher() {
+                        Some(c) => {
+                            let node = self.data_node();
+                            let sector = host_offset / SECTOR;
+                            luks::read_decrypted(node, host_offset, sector, c.sectors(), &part)
+                                .await?
+                        }
+                        None => self.data_node().read(host_offset, part).await?,
+                    }
                 }
                 ExtentKind::Zero => part.fill_zero(),
                 ExtentKind::Unallocated => self.read_backing(&e, part).await?,
@@ -684,10 +732,16 @@ impl Driver for Qcow2Driver {
         } else {
             data["refcount-bits"] = info.refcount_bits.into();
         }
+        if let Some(c) = &self.crypt {
+            data["encrypt"] = c.info.clone();
+        }
         let mut extra = serde_json::json!({
             "cluster-size": info.cluster_size,
             "format-specific": {"type": "qcow2", "data": data},
         });
+        if self.crypt.is_some() {
+            extra["encrypted"] = true.into();
+        }
         if let Some(b) = info.backing_file {
             extra["backing-filename"] = b.into();
         }
@@ -825,7 +879,7 @@ impl Driver for Qcow2Driver {
                         ..
                     }],
                     _,
-                ) => {
+                ) if self.crypt.is_none() => {
                     self.file.debug_event("read_aio");
                     return Box::pin(self.data_node().read(*host_offset, iov));
                 }
@@ -870,8 +924,24 @@ impl Driver for Qcow2Driver {
         }))
     }
 
+    /// Not on encrypted images (QEMU's compressed clusters are never encrypted).
     fn supports_compressed_writes(&self) -> bool {
-        true
+        self.crypt.is_none()
+    }
+
+    fn is_encrypted(&self) -> bool {
+        self.crypt.is_some()
+    }
+
+    /// Encrypted data goes by whole sectors, as QEMU's `request_alignment` says.
+    fn own_limits(&self) -> crate::limits::Limits {
+        match self.crypt {
+            Some(_) => crate::limits::Limits {
+                request_alignment: SECTOR as u32,
+                ..Default::default()
+            },
+            None => Default::default(),
+        }
     }
 
     fn discard(&self, offset: u64, len: u64) -> LocalBoxFuture<'_, Result<()>> {

@@ -2,6 +2,7 @@
 //! it) and how they open the node: the image on its `file` child, the data file and
 //! the backing node given or named by the header.
 
+use super::encryption::EncryptOptions;
 use super::{Qcow2Driver, Qcow2DriverOptions};
 use crate::driver::Driver;
 use crate::drivers::OpenCtx;
@@ -42,6 +43,8 @@ pub struct Qcow2Options {
     pub pass_discard_request: Option<bool>,
     pub pass_discard_snapshot: bool,
     pub pass_discard_other: bool,
+    /// `encrypt`: the format and passphrase of an encrypted image
+    pub encrypt: Option<EncryptOptions>,
 }
 
 impl Qcow2Options {
@@ -65,6 +68,7 @@ impl Qcow2Options {
             pass_discard_request: f.bool("pass-discard-request")?,
             pass_discard_snapshot: f.bool("pass-discard-snapshot")?.unwrap_or(true),
             pass_discard_other: f.bool("pass-discard-other")?.unwrap_or(false),
+            encrypt: EncryptOptions::take_from(f)?,
         };
         // Accepted and without effect: vubd checks every metadata write against the
         // metadata ranges.
@@ -78,7 +82,7 @@ impl Qcow2Options {
                 "Cache clean interval too big",
             ));
         }
-        for key in ["encrypt", "l2-cache-entry-size"] {
+        for key in ["l2-cache-entry-size"] {
             if f.contains(key) {
                 return Err(bad_value(
                     &f.name(key),
@@ -151,6 +155,9 @@ impl DriverOptions for Qcow2Options {
             json!(self.pass_discard_snapshot),
         );
         m.insert("pass-discard-other".into(), json!(self.pass_discard_other));
+        if let Some(e) = &self.encrypt {
+            e.write_json(m);
+        }
     }
 
     fn open(&self, ctx: &mut OpenCtx<'_>) -> crate::Result<Box<dyn Driver>> {
@@ -213,7 +220,14 @@ impl Qcow2Options {
         };
         let file_edge = ctx.edge("file", Role::File, &file);
         let data_edge = data.map(|d| ctx.edge("data-file", Role::DataFile, &d));
-        let drv = Qcow2Driver::open(file_edge, data_edge, opts, driver_opts)?;
+        let drv = Qcow2Driver::open(
+            file_edge,
+            data_edge,
+            opts,
+            driver_opts,
+            q.encrypt.as_ref(),
+            ctx.secrets(),
+        )?;
         let backing = match &q.backing {
             BackingRef::None => None,
             BackingRef::Node(r) => Some(ctx.child(r)?),
@@ -265,5 +279,29 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("Cache clean interval too big"), "{e}");
+    }
+
+    #[test]
+    fn encrypt_options() {
+        use super::super::encryption::EncryptFormat;
+        // The command line's dotted keys and QMP's nested object.
+        let a = parse(json!({"driver": "qcow2", "node-name": "q", "file": "f",
+                             "encrypt": {"format": "luks", "key-secret": "sec0"}}))
+        .unwrap();
+        let q = a.driver.downcast_ref::<Qcow2Options>().unwrap();
+        let e = q.encrypt.as_ref().unwrap();
+        assert_eq!(e.format, EncryptFormat::Luks);
+        assert_eq!(e.key_secret.as_deref(), Some("sec0"));
+        assert_eq!(parse(a.to_json()).unwrap(), a);
+        let e = parse(json!({"driver": "qcow2", "node-name": "q", "file": "f",
+                             "encrypt": {"key-secret": "sec0"}}))
+        .unwrap_err()
+        .to_string();
+        assert_eq!(e, "Parameter 'encrypt.format' is missing");
+        let e = parse(json!({"driver": "qcow2", "node-name": "q", "file": "f",
+                             "encrypt": {"format": "luks", "bogus": 1}}))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("encrypt.bogus"), "{e}");
     }
 }
