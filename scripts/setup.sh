@@ -48,6 +48,8 @@ command -v qemu-storage-daemon >/dev/null || need+=(qemu-utils)
 # NBD clients and servers for the NBD export and driver tests.
 command -v nbdinfo >/dev/null || need+=(libnbd-bin)
 command -v nbdkit >/dev/null || need+=(nbdkit)
+# Test certificates for NBD over TLS (scripts/tls-certs.sh).
+command -v openssl >/dev/null || need+=(openssl)
 if [ ${#need[@]} -gt 0 ]; then
     echo "setup: installing ${need[*]}"
     apt_install "${need[@]}"

@@ -6,6 +6,7 @@ use blocklayer::options::coerce::{self, Fields};
 use blocklayer::options::{BlockdevOptions, OptionsError};
 use blocklayer::secret::SecretOptions;
 use blocklayer::throttle::{self, ThrottleConfig};
+use blocklayer::tls::TlsCredsOptions;
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -66,6 +67,8 @@ pub enum ObjectConfig {
     ThrottleGroup(ThrottleGroupConfig),
     /// `secret` (loaded when added; see [`blocklayer::secret`]).
     Secret(SecretOptions),
+    /// `tls-creds-x509` (loaded when added; see [`blocklayer::tls`]).
+    TlsCredsX509(TlsCredsOptions),
 }
 
 /// `--export type=vhost-user-blk,...` (QEMU's BlockExportOptions + vhost-user-blk part).
@@ -484,12 +487,16 @@ impl ObjectConfig {
                 let id = take_id(&mut f)?;
                 ObjectConfig::Secret(SecretOptions::take_from(&mut f, id)?)
             }
+            "tls-creds-x509" => {
+                let id = take_id(&mut f)?;
+                ObjectConfig::TlsCredsX509(TlsCredsOptions::take_from(&mut f, id)?)
+            }
             other if QEMU_OBJECT_TYPES.contains(&other) => {
                 return Err(bad_value(
                     "qom-type",
                     format!(
-                        "'{other}' is not supported (vubd has 'iothread', 'throttle-group' \
-                         and 'secret' objects)"
+                        "'{other}' is not supported (vubd has 'iothread', 'throttle-group', \
+                         'secret' and 'tls-creds-x509' objects)"
                     ),
                 ))
             }
@@ -510,6 +517,7 @@ impl ObjectConfig {
             ObjectConfig::IoThread(_) => "iothread",
             ObjectConfig::ThrottleGroup(_) => "throttle-group",
             ObjectConfig::Secret(_) => "secret",
+            ObjectConfig::TlsCredsX509(_) => "tls-creds-x509",
         }
     }
 
@@ -518,6 +526,7 @@ impl ObjectConfig {
             ObjectConfig::IoThread(iothread) => &iothread.id,
             ObjectConfig::ThrottleGroup(group) => &group.id,
             ObjectConfig::Secret(secret) => &secret.id,
+            ObjectConfig::TlsCredsX509(creds) => &creds.id,
         }
     }
 }

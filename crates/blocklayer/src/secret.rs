@@ -203,7 +203,7 @@ impl Secrets {
 }
 
 /// An I/O error as glib words it (without Rust's "(os error N)").
-fn io_reason(e: &std::io::Error) -> String {
+pub(crate) fn io_reason(e: &std::io::Error) -> String {
     let text = e.to_string();
     match text.find(" (os error") {
         Some(at) => text[..at].to_string(),

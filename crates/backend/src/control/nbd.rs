@@ -33,13 +33,19 @@ impl Control {
         if self.nbd_server.is_some() {
             return Err(QmpError::generic("NBD server already running"));
         }
-        if let Some(id) = &cfg.tls_creds {
-            // vubd has no TLS credential objects (yet): none by this id exists.
-            return Err(QmpError::generic(format!(
-                "No TLS credentials with id '{id}'"
-            )));
-        }
-        let server = NbdServer::start(cfg).map_err(generic)?;
+        let tls = match &cfg.tls_creds {
+            Some(id) => {
+                if !self.graph.tls_creds().contains(id) && self.object_exists(id) {
+                    return Err(QmpError::generic(format!(
+                        "Object with id '{id}' is not TLS credentials"
+                    )));
+                }
+                let creds = self.graph.tls_creds().get(id).map_err(generic)?;
+                Some(creds.server().map_err(generic)?)
+            }
+            None => None,
+        };
+        let server = NbdServer::start(cfg, tls).map_err(generic)?;
         self.nbd_server = Some(server);
         Ok(())
     }

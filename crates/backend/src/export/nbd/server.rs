@@ -52,6 +52,8 @@ pub struct NbdServer {
     wake: EventFd,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     unix_path: Option<PathBuf>,
+    /// `tls-creds`: clients must start TLS.
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Exports for NbdServer {
@@ -65,8 +67,12 @@ impl Exports for NbdServer {
 }
 
 impl NbdServer {
-    /// Listens on the configured address and starts accepting clients.
-    pub fn start(cfg: &NbdServerConfig) -> Result<Arc<NbdServer>, NbdError> {
+    /// Listens on the configured address and starts accepting clients (with `tls`,
+    /// clients must start TLS first).
+    pub fn start(
+        cfg: &NbdServerConfig,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> Result<Arc<NbdServer>, NbdError> {
         let (listener, unix_path) = match &cfg.addr {
             NbdAddr::Unix(path) => {
                 // A stale socket of an earlier process is replaced, as QEMU does.
@@ -95,6 +101,7 @@ impl NbdServer {
             wake,
             thread: Mutex::new(None),
             unix_path,
+            tls,
         });
         let me = server.clone();
         let t = std::thread::Builder::new()
@@ -189,7 +196,7 @@ impl NbdServer {
 
     fn client(&self, mut stream: Stream) {
         let _ = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
-        let neg = match handshake::negotiate(&mut stream, self) {
+        let neg = match handshake::negotiate(&mut stream, self, self.tls.as_ref()) {
             Ok(n) => n,
             Err(e) => {
                 log::debug!("nbd: handshake ended: {e}");
