@@ -10,8 +10,8 @@
 //!   `verify-peer=on` (the default) clients must present a certificate of the CA
 //! - client: `client-cert.pem` and `client-key.pem` (optional, presented when both
 //!   exist); with `verify-peer=on` the server's certificate is checked against the CA
-//!   and, when a host name is known (`tls-hostname`, or an inet server's host), the
-//!   name
+//!   and its name against the host name (`tls-hostname`, or an inet server's host;
+//!   without one the connection is refused, as in QEMU)
 //!
 //! TLS 1.3 and 1.2 with rustls's default cipher suites (ring's primitives).
 
@@ -25,10 +25,7 @@ use rustls::pki_types::{
     CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName, UnixTime,
 };
 use rustls::server::WebPkiClientVerifier;
-use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig,
-    SignatureScheme,
-};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -58,6 +55,8 @@ pub enum TlsError {
     Endpoint(&'static str),
     #[error("Invalid TLS host name '{0}'")]
     HostName(String),
+    #[error("No hostname for certificate validation")]
+    NoHostName,
 }
 
 pub type Result<T> = std::result::Result<T, TlsError>;
@@ -130,10 +129,7 @@ impl TlsCredsOptions {
 pub struct TlsCreds {
     pub opts: TlsCredsOptions,
     server: Option<Arc<ServerConfig>>,
-    /// Client configurations: the one that checks the server's name, and the one
-    /// for connections without a host name (no name check, no SNI).
-    client_named: Option<Arc<ClientConfig>>,
-    client_unnamed: Option<Arc<ClientConfig>>,
+    client: Option<Arc<ClientConfig>>,
 }
 
 /// What a client connection needs: the configuration and the name to verify.
@@ -150,23 +146,18 @@ impl TlsCreds {
         self.server.clone().ok_or(TlsError::Endpoint("server"))
     }
 
-    /// A client's configuration for a server of this host name (none: the name is
-    /// not checked).
+    /// A client's configuration for a server of this host name (none: only
+    /// without `verify-peer`, which would check it).
     pub fn client(&self, hostname: Option<&str>) -> Result<ClientTls> {
-        let (Some(named), Some(unnamed)) = (&self.client_named, &self.client_unnamed) else {
-            return Err(TlsError::Endpoint("client"));
+        let config = self.client.clone().ok_or(TlsError::Endpoint("client"))?;
+        let name = match hostname {
+            Some(h) => ServerName::try_from(h.to_string())
+                .map_err(|_| TlsError::HostName(h.to_string()))?,
+            None if self.opts.verify_peer => return Err(TlsError::NoHostName),
+            // Not checked, and not sent (an address is never sent as SNI).
+            None => ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()),
         };
-        Ok(match hostname {
-            Some(h) => ClientTls {
-                config: named.clone(),
-                name: ServerName::try_from(h.to_string())
-                    .map_err(|_| TlsError::HostName(h.to_string()))?,
-            },
-            None => ClientTls {
-                config: unnamed.clone(),
-                name: ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()),
-            },
-        })
+        Ok(ClientTls { config, name })
     }
 
     fn load(opts: &TlsCredsOptions) -> Result<TlsCreds> {
@@ -183,8 +174,7 @@ impl TlsCreds {
         let mut creds = TlsCreds {
             opts: opts.clone(),
             server: None,
-            client_named: None,
-            client_unnamed: None,
+            client: None,
         };
         let versions = rustls::DEFAULT_VERSIONS;
         match opts.endpoint {
@@ -227,31 +217,22 @@ impl TlsCreds {
                 } else {
                     None
                 };
-                for check_name in [true, false] {
-                    let verifier = Arc::new(PeerVerifier {
-                        webpki: webpki.clone(),
-                        check_name,
-                        algs: provider.signature_verification_algorithms,
-                    });
-                    let builder = ClientConfig::builder_with_provider(provider.clone())
-                        .with_protocol_versions(versions)
-                        .map_err(|e| import("CA certificate list", &ca_path, e))?
-                        .dangerous()
-                        .with_custom_certificate_verifier(verifier);
-                    let mut config = match &pair {
-                        Some(((chain, key), c, k)) => builder
-                            .with_client_auth_cert(chain.clone(), key.clone_key())
-                            .map_err(|e| cert_key(c, k, e))?,
-                        None => builder.with_no_client_auth(),
-                    };
-                    config.enable_sni = check_name;
-                    let config = Some(Arc::new(config));
-                    if check_name {
-                        creds.client_named = config;
-                    } else {
-                        creds.client_unnamed = config;
-                    }
-                }
+                let verifier = Arc::new(PeerVerifier {
+                    webpki,
+                    algs: provider.signature_verification_algorithms,
+                });
+                let builder = ClientConfig::builder_with_provider(provider.clone())
+                    .with_protocol_versions(versions)
+                    .map_err(|e| import("CA certificate list", &ca_path, e))?
+                    .dangerous()
+                    .with_custom_certificate_verifier(verifier);
+                let config = match pair {
+                    Some(((chain, key), c, k)) => builder
+                        .with_client_auth_cert(chain, key)
+                        .map_err(|e| cert_key(&c, &k, e))?,
+                    None => builder.with_no_client_auth(),
+                };
+                creds.client = Some(Arc::new(config));
             }
         }
         Ok(creds)
@@ -316,12 +297,11 @@ fn load_pair(cert: &Path, key: &Path) -> Result<Pair> {
     Ok((chain, k))
 }
 
-/// The client's check of the server: webpki against the CA (`verify-peer=on`), the
-/// name only where one is known; handshake signatures always.
+/// The client's check of the server: webpki against the CA and the name with
+/// `verify-peer=on`, nothing without; handshake signatures always.
 #[derive(Debug)]
 struct PeerVerifier {
     webpki: Option<Arc<WebPkiServerVerifier>>,
-    check_name: bool,
     algs: WebPkiSupportedAlgorithms,
 }
 
@@ -334,15 +314,9 @@ impl ServerCertVerifier for PeerVerifier {
         ocsp: &[u8],
         now: UnixTime,
     ) -> std::result::Result<ServerCertVerified, rustls::Error> {
-        let Some(v) = &self.webpki else {
-            return Ok(ServerCertVerified::assertion());
-        };
-        match v.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
-            // The chain was good (webpki checks it before the name).
-            Err(rustls::Error::InvalidCertificate(
-                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) if !self.check_name => Ok(ServerCertVerified::assertion()),
-            r => r,
+        match &self.webpki {
+            Some(v) => v.verify_server_cert(end_entity, intermediates, server_name, ocsp, now),
+            None => Ok(ServerCertVerified::assertion()),
         }
     }
 
