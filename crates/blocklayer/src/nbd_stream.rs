@@ -34,7 +34,24 @@ pub struct TlsStream {
     /// Held while records are encrypted and sent, so that they leave in order.
     send: Mutex<()>,
     /// Ciphertext received but not yet taken by rustls.
-    rx: Mutex<Vec<u8>>,
+    rx: Mutex<RxBuf>,
+}
+
+/// A receive buffer: `buf[start..end]` is waiting for rustls.
+struct RxBuf {
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+impl RxBuf {
+    fn pending(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -124,7 +141,11 @@ impl Stream {
             sock: self,
             conn: Mutex::new(conn),
             send: Mutex::new(()),
-            rx: Mutex::new(Vec::new()),
+            rx: Mutex::new(RxBuf {
+                buf: vec![0; RX_CHUNK].into_boxed_slice(),
+                start: 0,
+                end: 0,
+            }),
         })))
     }
 }
@@ -178,8 +199,8 @@ impl TlsStream {
             let mut result = Ok(());
             while !rx.is_empty() {
                 // An error: its buffers are full, the plaintext is read first.
-                let n = c.read_tls(&mut &rx[..]).unwrap_or_default();
-                rx.drain(..n);
+                let n = c.read_tls(&mut rx.pending()).unwrap_or_default();
+                rx.start += n;
                 if let Err(e) = c.process_new_packets() {
                     result = Err(tls_error(e));
                     break;
@@ -209,18 +230,15 @@ impl TlsStream {
                 return r;
             }
             if !rx.is_empty() {
-                continue;
+                // rustls takes no more and has nothing to give: it cannot go on.
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "TLS records rustls cannot take",
+                ));
             }
             // Nothing to decrypt: wait for the peer (outside the session's lock).
-            rx.resize(RX_CHUNK, 0);
-            let n = match (&self.sock).read(&mut rx[..]) {
-                Ok(n) => n,
-                Err(e) => {
-                    rx.clear();
-                    return Err(e);
-                }
-            };
-            rx.truncate(n);
+            let n = (&self.sock).read(&mut rx.buf)?;
+            (rx.start, rx.end) = (0, n);
             if n == 0 {
                 // The end of the stream: rustls tells a clean close (close_notify
                 // seen: 0) from a truncated one (an error).
