@@ -38,9 +38,19 @@ impl Server {
     }
 
     fn qemu_nbd(img: &Path, sock: &Path) -> Server {
+        Server::qemu_nbd_tls(img, sock, None)
+    }
+
+    /// qemu-nbd, with TLS when `tls` names server credentials.
+    fn qemu_nbd_tls(img: &Path, sock: &Path, tls: Option<&Path>) -> Server {
+        let mut cmd = Command::new("qemu-nbd");
+        if let Some(dir) = tls {
+            cmd.arg("--object")
+                .arg(tls_object("tls0", dir, "server"))
+                .args(["--tls-creds", "tls0"]);
+        }
         Server::start(
-            Command::new("qemu-nbd")
-                .args(["-f", "raw", "-t", "-x", "disk", "--cache=writeback", "-k"])
+            cmd.args(["-f", "raw", "-t", "-x", "disk", "--cache=writeback", "-k"])
                 .arg(sock)
                 .arg(img),
             sock,
@@ -62,12 +72,33 @@ impl Drop for Server {
 
 /// vubd with an `nbd` node on `sock` and a vhost-user-blk export of it.
 fn vubd_on(dir: &TempDir, sock: &Path, export: &str, reconnect_delay: u32) -> (Daemon, PathBuf) {
+    vubd_on_tls(dir, sock, export, reconnect_delay, None)
+}
+
+/// `vubd_on`, over TLS when `tls` names client credentials (the server's certificate
+/// is checked for `localhost`).
+fn vubd_on_tls(
+    dir: &TempDir,
+    sock: &Path,
+    export: &str,
+    reconnect_delay: u32,
+    tls: Option<&Path>,
+) -> (Daemon, PathBuf) {
     let vsock = dir.join("vubd.sock");
+    let tls_opts = if tls.is_some() {
+        r#","tls-creds":"t","tls-hostname":"localhost""#
+    } else {
+        ""
+    };
     let node = format!(
-        r#"{{"driver":"nbd","node-name":"n","server":{{"type":"unix","path":"{}"}},"export":"{export}","reconnect-delay":{reconnect_delay}}}"#,
+        r#"{{"driver":"nbd","node-name":"n","server":{{"type":"unix","path":"{}"}},"export":"{export}","reconnect-delay":{reconnect_delay}{tls_opts}}}"#,
         sock.display()
     );
-    let args = DaemonArgs::new()
+    let mut args = DaemonArgs::new();
+    if let Some(t) = tls {
+        args = args.object(&tls_object("t", t, "client"));
+    }
+    let args = args
         .iothread("io0")
         .blockdev(&node)
         .vhost_user_blk("n", &vsock, ",writable=on,iothread=io0")
@@ -178,12 +209,26 @@ fn nbdkit_memory_serves_a_disk() {
 
 #[test]
 fn qemu_nbd_restart_during_io_costs_no_error() {
+    restart_during_io(false);
+}
+
+#[test]
+fn qemu_nbd_restart_during_io_over_tls_costs_no_error() {
+    restart_during_io(true);
+}
+
+/// qemu-nbd killed and started again while vubd's frontend writes and reads; with
+/// `tls`, every connection (the reconnection too) starts TLS.
+fn restart_during_io(tls: bool) {
     let dir = TempDir::new("vubd-nbd");
+    let pki = tls.then(|| make_pki(&dir, "pki"));
+    let server_creds = pki.as_ref().map(|p| p.join("server"));
+    let client_creds = pki.as_ref().map(|p| p.join("client"));
     let mut rng = Rng::new("nbd-restart");
     let (img, mut model) = TempImage::new_random(8 * MIB, &mut rng);
     let nsock = dir.join("qemu-nbd.sock");
-    let server = Server::qemu_nbd(img.path(), &nsock);
-    let (daemon, vsock) = vubd_on(&dir, &nsock, "disk", 20);
+    let server = Server::qemu_nbd_tls(img.path(), &nsock, server_creds.as_deref());
+    let (daemon, vsock) = vubd_on_tls(&dir, &nsock, "disk", 20, client_creds.as_deref());
     let restarted = Arc::new(AtomicBool::new(false));
     let done = restarted.clone();
     let io = std::thread::spawn(move || {
@@ -218,7 +263,7 @@ fn qemu_nbd_restart_during_io_costs_no_error() {
     std::thread::sleep(Duration::from_millis(500));
     server.kill();
     std::thread::sleep(Duration::from_millis(700));
-    let _server = Server::qemu_nbd(img.path(), &nsock);
+    let _server = Server::qemu_nbd_tls(img.path(), &nsock, server_creds.as_deref());
     restarted.store(true, Ordering::Release);
     let model = io.join().expect("I/O without errors");
     assert_same_data("the image file", &img.read_all(), &model);
