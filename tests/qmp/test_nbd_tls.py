@@ -254,8 +254,13 @@ class RawClient:
                 return out
 
     def closed(self) -> bool:
+        """Whether the server closes the connection (after what it still sends, such
+        as a TLS alert, at most 64 KiB)."""
         try:
-            return self.s.recv(1) == b""
+            for _ in range(64):
+                if self.s.recv(1024) == b"":
+                    return True
+            return False
         except (ConnectionResetError, BrokenPipeError):
             return True
 
@@ -298,6 +303,11 @@ async def test_raw_client_before_and_after_starttls(start_daemon, tmp, pki):
         # NBD_OPT_EXPORT_NAME before TLS drops it without a reply.
         cl = RawClient(port)
         cl.send_option(OPT_EXPORT_NAME, b"n")
+        assert cl.closed()
+        # Garbage where the TLS handshake should be ends that connection only.
+        cl = RawClient(port)
+        assert cl.option(OPT_STARTTLS)[-1][0] == REP_ACK
+        cl.s.sendall(b"\x16\x03\x01\xff\xff" + b"\xa5" * 4096)
         assert cl.closed()
         # The server still serves TLS clients.
         run("nbdinfo", f"nbds://127.0.0.1:{port}/n?tls-certificates={good / 'client'}")
