@@ -130,6 +130,15 @@ async def test_tls_creds_objects_and_their_errors(start_daemon, tmp, pki):
                     desc="Object with id 'io0' is not TLS credentials")
         await error(c, "nbd-server-start", {"addr": addr, "tls-creds": "cli"},
                     desc="Expected TLS credentials for a server endpoint")
+        if d.kind == "vubd":
+            # vubd has no authz objects: with TLS, tls-authz is refused, not ignored
+            # (QEMU would refuse each client whose authz object is missing).
+            await error(c, "nbd-server-start",
+                        {"addr": addr, "tls-creds": "srv", "tls-authz": "az0"},
+                        desc="'tls-authz' is not supported (vubd has no authz objects)")
+        # Without TLS, tls-authz has nothing to authorize (QEMU ignores it).
+        await execute(c, "nbd-server-start", {"addr": addr, "tls-authz": "az0"})
+        await execute(c, "nbd-server-stop")
         await execute(c, "object-del", {"id": "cli"})
         assert "cli" not in {p["name"] for p in await execute(c, "qom-list", {"path": "/objects"})}
 

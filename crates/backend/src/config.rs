@@ -135,6 +135,9 @@ pub struct NbdServerConfig {
     pub max_connections: u32,
     /// `tls-creds`: the id of a `tls-creds-x509` object
     pub tls_creds: Option<String>,
+    /// `tls-authz`: the id of an authz object (vubd has none: refused with
+    /// `tls-creds`, ignored without, as QEMU ignores it then)
+    pub tls_authz: Option<String>,
 }
 
 impl NbdServerConfig {
@@ -164,8 +167,8 @@ impl NbdServerConfig {
             addr: a,
             max_connections: take_max_connections(&mut f)?,
             tls_creds: f.string("tls-creds")?,
+            tls_authz: f.string("tls-authz")?,
         };
-        f.take("tls-authz");
         f.finish()?;
         Ok(cfg)
     }

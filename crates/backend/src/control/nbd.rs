@@ -34,6 +34,13 @@ impl Control {
             return Err(QmpError::generic("NBD server already running"));
         }
         let tls = match &cfg.tls_creds {
+            // Clients would have to pass an authorization vubd cannot check: refused
+            // rather than let every client with a certificate of the CA in.
+            Some(_) if cfg.tls_authz.is_some() => {
+                return Err(QmpError::generic(
+                    "'tls-authz' is not supported (vubd has no authz objects)",
+                ))
+            }
             Some(id) => {
                 if !self.graph.tls_creds().contains(id) && self.object_exists(id) {
                     return Err(QmpError::generic(format!(
