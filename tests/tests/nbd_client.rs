@@ -26,14 +26,7 @@ impl Server {
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while std::os::unix::net::UnixStream::connect(sock).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "{cmd:?} did not listen on {sock:?}"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_unix(sock, &format!("{cmd:?}"));
         Server { child }
     }
 
@@ -67,6 +60,19 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Waits until something accepts connections on `sock` (the file exists from bind(2)
+/// on, before listen(2)).
+fn wait_unix(sock: &Path, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while std::os::unix::net::UnixStream::connect(sock).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not listen on {sock:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -437,6 +443,7 @@ fn tls_to_qemu_nbd_and_to_a_vubd_export() {
         .export("nbd,id=e,node-name=d,name=disk,writable=on")
         .build();
     let _server = Daemon::start(&server_args);
+    wait_unix(&nsock, "vubd's NBD server");
     let vsock2 = dir.join("c.sock");
     let node = format!(
         r#"{{"driver":"nbd","node-name":"n","server":{{"type":"unix","path":"{}"}},"export":"disk","tls-creds":"t","tls-hostname":"localhost"}}"#,
@@ -470,6 +477,7 @@ fn tls_failures_fail_blockdev_add_clearly() {
         .export("nbd,id=e,node-name=d,name=disk")
         .build();
     let _server = Daemon::start(&server_args);
+    wait_unix(&nsock, "vubd's NBD server");
     let client = |creds: Option<&Path>, extra: &str, mentions: &[&str]| {
         let node = format!(
             r#"{{"driver":"nbd","node-name":"n","server":{{"type":"unix","path":"{}"}},"export":"disk"{extra}}}"#,

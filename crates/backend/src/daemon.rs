@@ -95,7 +95,7 @@ impl Daemon {
             monitors.push(socket);
         }
         if let Some(n) = &cfg.nbd_server {
-            ctl.nbd_server_start(n)
+            ctl.nbd_server_listen(n)
                 .map_err(|err| DaemonError::NbdServer(err.desc))?;
         }
         for e in &cfg.exports {
@@ -104,6 +104,7 @@ impl Daemon {
                 message: err.desc,
             })?;
         }
+        ctl.nbd_server_accept();
         if let Some(p) = &cfg.pidfile {
             std::fs::write(p, format!("{}\n", std::process::id())).map_err(|source| {
                 DaemonError::Pidfile {

@@ -6,7 +6,8 @@
 //! over socket I/O: a writer encrypts under it and sends outside it (under a lock of
 //! its own that keeps records in order), a reader receives outside it and decrypts
 //! under it. Reading and writing thus never wait for each other on the socket, as
-//! with a plain socket.
+//! with a plain socket (what the reader must send, such as an answer to a key update,
+//! goes out with the next record written when a writer is busy).
 
 use rustls::{ClientConnection, Connection, ServerConnection};
 use std::io::{self, Read, Write};
@@ -175,9 +176,15 @@ fn describe(e: &rustls::Error) -> String {
 }
 
 impl TlsStream {
-    /// Sends what rustls has queued (records, alerts).
+    /// Sends what rustls has queued (alerts, an answer to a key update), unless a
+    /// writer is sending: it takes the queue with its next record. The reader never
+    /// waits for a writer that a peer not reading may block.
     fn flush_tls(&self) -> io::Result<()> {
-        let _order = lock(&self.send);
+        let _order = match self.send.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Ok(()),
+        };
         let mut out = Vec::new();
         {
             let mut c = lock(&self.conn);
@@ -223,7 +230,6 @@ impl TlsStream {
             };
             drop(c);
             if wants_write {
-                // An alert, or an answer to the peer's key update.
                 let _ = self.flush_tls();
             }
             if let Some(r) = got {

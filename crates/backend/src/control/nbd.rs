@@ -28,8 +28,25 @@ fn not_running() -> QmpError {
 }
 
 impl Control {
-    /// `nbd-server-start` and `--nbd-server`.
+    /// `nbd-server-start`: listens and accepts clients at once.
     pub fn nbd_server_start(&mut self, cfg: &NbdServerConfig) -> OpResult<()> {
+        self.nbd_server_listen(cfg)?;
+        self.nbd_server_accept();
+        Ok(())
+    }
+
+    /// Clients of the server [`Control::nbd_server_listen`] started are accepted
+    /// from now on.
+    pub fn nbd_server_accept(&self) {
+        if let Some(s) = &self.nbd_server {
+            s.accept_clients();
+        }
+    }
+
+    /// `--nbd-server`: listens; clients wait in the backlog until
+    /// [`Control::nbd_server_accept`] (once the command line's exports exist, as
+    /// qemu-storage-daemon serves none before its main loop runs).
+    pub fn nbd_server_listen(&mut self, cfg: &NbdServerConfig) -> OpResult<()> {
         if self.nbd_server.is_some() {
             return Err(QmpError::generic("NBD server already running"));
         }

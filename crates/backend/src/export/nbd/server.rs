@@ -54,6 +54,9 @@ pub struct NbdServer {
     unix_path: Option<PathBuf>,
     /// `tls-creds`: clients must start TLS.
     tls: Option<Arc<rustls::ServerConfig>>,
+    /// Whether clients are accepted yet (until then they wait in the listen
+    /// backlog: at start-up, until the command line's exports exist).
+    accepting: AtomicBool,
 }
 
 impl Exports for NbdServer {
@@ -67,8 +70,8 @@ impl Exports for NbdServer {
 }
 
 impl NbdServer {
-    /// Listens on the configured address and starts accepting clients (with `tls`,
-    /// clients must start TLS first).
+    /// Listens on the configured address (with `tls`, clients must start TLS
+    /// first); clients are accepted from [`NbdServer::accept_clients`] on.
     pub fn start(
         cfg: &NbdServerConfig,
         tls: Option<Arc<rustls::ServerConfig>>,
@@ -102,6 +105,7 @@ impl NbdServer {
             thread: Mutex::new(None),
             unix_path,
             tls,
+            accepting: AtomicBool::new(false),
         });
         let me = server.clone();
         let t = std::thread::Builder::new()
@@ -136,6 +140,12 @@ impl NbdServer {
         self.lock().contains_key(name)
     }
 
+    /// Starts accepting clients.
+    pub fn accept_clients(&self) {
+        self.accepting.store(true, Ordering::Release);
+        let _ = self.wake.write(1);
+    }
+
     /// Stops listening (exports and their clients are the caller's to remove).
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Release);
@@ -165,7 +175,8 @@ impl NbdServer {
             // At max-connections the listener is not watched: new clients wait in its
             // backlog until one leaves (as QEMU's server does).
             let limit = self.max_connections;
-            let full = limit > 0 && self.connections.load(Ordering::Acquire) >= limit;
+            let full = !self.accepting.load(Ordering::Acquire)
+                || limit > 0 && self.connections.load(Ordering::Acquire) >= limit;
             let (first, n) = if full { (1, 1) } else { (0, 2) };
             // SAFETY: `fds[first..first + n]` are initialised pollfd structures that
             // outlive the call.
