@@ -104,6 +104,18 @@ async def test_tls_creds_objects_and_their_errors(start_daemon, tmp, pki):
                     desc="Parameter 'endpoint' does not accept value 'bogus'")
         await error(c, "object-add", creds("t", good / "server", "server", foo=1),
                     desc="Parameter 'foo' is unexpected")
+        # Files that are not what they should be.
+        badkey, badca = tmp / "badkey", tmp / "badca"
+        for d, f in ((badkey, "server-key.pem"), (badca, "ca-cert.pem")):
+            d.mkdir()
+            for name in ("ca-cert.pem", "server-cert.pem", "server-key.pem"):
+                (d / name).write_bytes((good / "server" / name).read_bytes())
+            (d / f).write_text("garbage\n")
+        await error(c, "object-add", creds("t", badkey, "server"),
+                    contains=[f"Cannot load certificate '{badkey}/server-cert.pem' & "
+                              f"key '{badkey}/server-key.pem': "])
+        await error(c, "object-add", creds("t", badca, "server"),
+                    contains=[f"Unable to import CA certificate list {badca}/ca-cert.pem"])
         await execute(c, "object-add", creds("srv", good / "server", "server"))
         await execute(c, "object-add", creds("cli", good / "client", "client", **{"verify-peer": False}))
         await error(c, "object-add", creds("srv", good / "server", "server"),
@@ -337,6 +349,18 @@ async def test_nbd_driver_over_tls(start_daemon, tmp, pki):
     async with d.qmp() as c:
         await execute(c, "object-add", creds("good", good / "client", "client"))
         await execute(c, "object-add", creds("other", other / "client", "client"))
+        # Files that are not what they should be.
+        badkey, badca = tmp / "badkey", tmp / "badca"
+        for d, f in ((badkey, "server-key.pem"), (badca, "ca-cert.pem")):
+            d.mkdir()
+            for name in ("ca-cert.pem", "server-cert.pem", "server-key.pem"):
+                (d / name).write_bytes((good / "server" / name).read_bytes())
+            (d / f).write_text("garbage\n")
+        await error(c, "object-add", creds("t", badkey, "server"),
+                    contains=[f"Cannot load certificate '{badkey}/server-cert.pem' & "
+                              f"key '{badkey}/server-key.pem': "])
+        await error(c, "object-add", creds("t", badca, "server"),
+                    contains=[f"Unable to import CA certificate list {badca}/ca-cert.pem"])
         await execute(c, "object-add", creds("srv", good / "server", "server"))
 
         def node(name, **extra):

@@ -55,6 +55,8 @@ pub enum TlsError {
     Endpoint(&'static str),
     #[error("Invalid TLS host name '{0}'")]
     HostName(String),
+    #[error("Cannot set up TLS: {0}")]
+    Config(String),
     #[error("No hostname for certificate validation")]
     NoHostName,
 }
@@ -163,9 +165,9 @@ impl TlsCreds {
     fn load(opts: &TlsCredsOptions) -> Result<TlsCreds> {
         let dir = opts.dir.as_deref().ok_or(TlsError::NoDir)?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let ca_path = file(dir, "ca-cert.pem", true)?.expect("required");
+        let ca_path = required(dir, "ca-cert.pem")?;
         let roots = Arc::new(load_roots(&ca_path)?);
-        let crls = match file(dir, "ca-crl.pem", false)? {
+        let crls = match optional(dir, "ca-crl.pem") {
             Some(p) => CertificateRevocationListDer::pem_file_iter(&p)
                 .and_then(|i| i.collect::<std::result::Result<Vec<_>, _>>())
                 .map_err(|e| import("CRL", &p, e))?,
@@ -179,12 +181,12 @@ impl TlsCreds {
         let versions = rustls::DEFAULT_VERSIONS;
         match opts.endpoint {
             Endpoint::Server => {
-                let cert = file(dir, "server-cert.pem", true)?.expect("required");
-                let key = file(dir, "server-key.pem", true)?.expect("required");
+                let cert = required(dir, "server-cert.pem")?;
+                let key = required(dir, "server-key.pem")?;
                 let (chain, key_der) = load_pair(&cert, &key)?;
                 let builder = ServerConfig::builder_with_provider(provider.clone())
                     .with_protocol_versions(versions)
-                    .map_err(|e| import("CA certificate list", &ca_path, e))?;
+                    .map_err(config_error)?;
                 let builder = if opts.verify_peer {
                     let v = WebPkiClientVerifier::builder_with_provider(roots, provider)
                         .with_crls(crls)
@@ -201,8 +203,8 @@ impl TlsCreds {
             }
             Endpoint::Client => {
                 let pair = match (
-                    file(dir, "client-cert.pem", false)?,
-                    file(dir, "client-key.pem", false)?,
+                    optional(dir, "client-cert.pem"),
+                    optional(dir, "client-key.pem"),
                 ) {
                     (Some(c), Some(k)) => Some((load_pair(&c, &k)?, c, k)),
                     _ => None,
@@ -223,7 +225,7 @@ impl TlsCreds {
                 });
                 let builder = ClientConfig::builder_with_provider(provider.clone())
                     .with_protocol_versions(versions)
-                    .map_err(|e| import("CA certificate list", &ca_path, e))?
+                    .map_err(config_error)?
                     .dangerous()
                     .with_custom_certificate_verifier(verifier);
                 let config = match pair {
@@ -239,17 +241,26 @@ impl TlsCreds {
     }
 }
 
-/// `dir/name`; a required file that cannot be accessed is QEMU's error.
-fn file(dir: &Path, name: &str, required: bool) -> Result<Option<PathBuf>> {
+/// `dir/name`, which must be there (QEMU's error if it cannot be accessed).
+fn required(dir: &Path, name: &str) -> Result<PathBuf> {
     let p = dir.join(name);
     match std::fs::metadata(&p) {
-        Ok(_) => Ok(Some(p)),
-        Err(e) if required => Err(TlsError::Access {
+        Ok(_) => Ok(p),
+        Err(e) => Err(TlsError::Access {
             path: p.display().to_string(),
             reason: crate::secret::io_reason(&e),
         }),
-        Err(_) => Ok(None),
     }
+}
+
+/// `dir/name` if it is there.
+fn optional(dir: &Path, name: &str) -> Option<PathBuf> {
+    let p = dir.join(name);
+    std::fs::metadata(&p).is_ok().then_some(p)
+}
+
+fn config_error(e: rustls::Error) -> TlsError {
+    TlsError::Config(e.to_string())
 }
 
 fn import(what: &'static str, path: &Path, e: impl std::fmt::Display) -> TlsError {
