@@ -106,11 +106,11 @@ async def test_tls_creds_objects_and_their_errors(start_daemon, tmp, pki):
                     desc="Parameter 'foo' is unexpected")
         # Files that are not what they should be.
         badkey, badca = tmp / "badkey", tmp / "badca"
-        for d, f in ((badkey, "server-key.pem"), (badca, "ca-cert.pem")):
-            d.mkdir()
+        for bad, f in ((badkey, "server-key.pem"), (badca, "ca-cert.pem")):
+            bad.mkdir()
             for name in ("ca-cert.pem", "server-cert.pem", "server-key.pem"):
-                (d / name).write_bytes((good / "server" / name).read_bytes())
-            (d / f).write_text("garbage\n")
+                (bad / name).write_bytes((good / "server" / name).read_bytes())
+            (bad / f).write_text("garbage\n")
         await error(c, "object-add", creds("t", badkey, "server"),
                     contains=[f"Cannot load certificate '{badkey}/server-cert.pem' & "
                               f"key '{badkey}/server-key.pem': "])
@@ -351,11 +351,11 @@ async def test_nbd_driver_over_tls(start_daemon, tmp, pki):
         await execute(c, "object-add", creds("other", other / "client", "client"))
         # Files that are not what they should be.
         badkey, badca = tmp / "badkey", tmp / "badca"
-        for d, f in ((badkey, "server-key.pem"), (badca, "ca-cert.pem")):
-            d.mkdir()
+        for bad, f in ((badkey, "server-key.pem"), (badca, "ca-cert.pem")):
+            bad.mkdir()
             for name in ("ca-cert.pem", "server-cert.pem", "server-key.pem"):
-                (d / name).write_bytes((good / "server" / name).read_bytes())
-            (d / f).write_text("garbage\n")
+                (bad / name).write_bytes((good / "server" / name).read_bytes())
+            (bad / f).write_text("garbage\n")
         await error(c, "object-add", creds("t", badkey, "server"),
                     contains=[f"Cannot load certificate '{badkey}/server-cert.pem' & "
                               f"key '{badkey}/server-key.pem': "])
