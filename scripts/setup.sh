@@ -50,6 +50,8 @@ command -v nbdinfo >/dev/null || need+=(libnbd-bin)
 command -v nbdkit >/dev/null || need+=(nbdkit)
 # systemd-socket-activate and systemd-analyze, for the socket activation tests.
 command -v systemd-socket-activate >/dev/null || need+=(systemd)
+# Test certificates for NBD over TLS (scripts/tls-certs.sh).
+command -v openssl >/dev/null || need+=(openssl)
 if [ ${#need[@]} -gt 0 ]; then
     echo "setup: installing ${need[*]}"
     apt_install "${need[@]}"

@@ -61,12 +61,12 @@ pub fn jobs_daemon() -> (&'static str, PathBuf) {
     }
 }
 
-/// Socket paths named in `addr.path=` of `--export` options (key=value syntax), and in
-/// `"path"` of JSON `--export` options.
+/// Socket paths named in `addr.path=` of `--export` and `--nbd-server` options
+/// (key=value syntax), and in `"path"` of JSON `--export` options.
 pub fn socket_paths_in(args: &[String]) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for w in args.windows(2) {
-        if w[0] != "--export" {
+        if w[0] != "--export" && w[0] != "--nbd-server" {
             continue;
         }
         let opt = &w[1];

@@ -1,11 +1,12 @@
 //! The `rbd` driver against a real single-node Ceph cluster (scripts/ceph.sh; one per
 //! test binary, or the run's `$CEPH_CONF`): images made and checked with the `rbd`
-//! tool, served by vubd and driven through libblkio.
+//! tool, served by vubd and driven through libblkio. The cephx test has a cluster
+//! of its own with authentication on (`ceph.sh start --cephx`).
 
 use blkio::ReqFlags;
 use serde_json::json;
 use std::time::Duration;
-use vubd_tests::ceph::{self, image_size, rbd};
+use vubd_tests::ceph::{self, image_size, rbd, rbd_on};
 use vubd_tests::{assert_same_data, Client, Daemon, DaemonArgs, Qmp, Rng, TempDir, MIB};
 
 /// vubd serving `rbd/<image>` as node `disk0` on an iothread, writable, with a monitor.
@@ -338,4 +339,150 @@ fn failed_reopen_keeps_the_image_open() {
         &got,
         &data[MIB as usize..(2 * MIB) as usize],
     );
+}
+
+/// The trimmed output of a command that must succeed.
+fn output(cmd: &mut std::process::Command) -> String {
+    vubd_tests::tools::run_ok(cmd).trim().to_string()
+}
+
+/// `key-secret` on a cluster that requires cephx: vubd opens an image as client.admin
+/// with the key from a `secret` object (base64, as Ceph prints keys) and serves it
+/// correctly; a user whose key no keyring holds opens it with key-secret only; a
+/// wrong key and a missing one fail with librados's errors, the texts
+/// qemu-storage-daemon's rbd driver gives.
+#[test]
+fn cephx_key_secret_opens_the_image_and_a_wrong_key_fails() {
+    use std::process::Command;
+    let cx = ceph::cephx();
+    let dir = TempDir::new("vubd-rbd-cephx");
+    let mut rng = Rng::new("rbd-cephx");
+    let admin_key = output(
+        Command::new("ceph-authtool")
+            .args(["-p", "-n", "client.admin"])
+            .arg(&cx.keyring),
+    );
+    let user_key = output(Command::new("ceph").args([
+        "-c",
+        &cx.conf,
+        "auth",
+        "get-or-create-key",
+        "client.vubd",
+        "mon",
+        "profile rbd",
+        "osd",
+        "profile rbd pool=rbd",
+    ]));
+    let wrong_key = output(Command::new("ceph-authtool").arg("--gen-print-key"));
+    assert_ne!(wrong_key, admin_key);
+
+    let size = 8 * MIB;
+    let image = ceph::image_name("cx");
+    let mut data = rng.bytes(size as usize);
+    let file = dir.join("src.img");
+    std::fs::write(&file, &data).unwrap();
+    let spec = format!("rbd/{image}");
+    rbd_on(
+        &cx.conf,
+        &["import", "--no-progress", file.to_str().unwrap(), &spec],
+    );
+
+    let sock = dir.join("vubd.sock");
+    let mon = dir.join("qmp.sock");
+    let secrets = [
+        ("admin", &admin_key),
+        ("user", &user_key),
+        ("wrong", &wrong_key),
+    ];
+    let mut args = DaemonArgs::new();
+    for (id, key) in secrets {
+        args = args.object(&format!("secret,id={id},data={key},format=base64"));
+    }
+    let args = args
+        .iothread("io0")
+        .blockdev(&format!(
+            "driver=rbd,node-name=disk0,pool=rbd,image={image},conf={},user=admin,key-secret=admin",
+            cx.conf
+        ))
+        .vhost_user_blk("disk0", &sock, ",writable=on,iothread=io0")
+        .monitor(&mon)
+        .build();
+    let _daemon = Daemon::start(&args);
+    let mut client = Client::connect(&sock, 1);
+    assert_eq!(client.prop_u64("capacity"), size);
+    let got = client.q().read(0, size as usize).expect("read");
+    assert_same_data("the imported image through cephx", &got, &data);
+    for _ in 0..16 {
+        let off = rng.range(0, size - 128 * 1024) & !4095;
+        let n = rng.range_usize(1, 32) * 4096;
+        let chunk = rng.bytes(n);
+        client.q().write(off, &chunk).expect("write");
+        data[off as usize..off as usize + n].copy_from_slice(&chunk);
+    }
+    client.q().flush().expect("flush");
+    let out = dir.join("export.img");
+    rbd_on(
+        &cx.conf,
+        &["export", "--no-progress", &spec, out.to_str().unwrap()],
+    );
+    assert_same_data(
+        "rbd export after writes",
+        &std::fs::read(&out).unwrap(),
+        &data,
+    );
+
+    // The same blockdev-adds on vubd and, where it is installed, qemu-storage-daemon.
+    let node = |name: &str, user: &str, secret: Option<&str>| {
+        let mut o = json!({"driver": "rbd", "node-name": name, "pool": "rbd",
+                           "image": image, "conf": cx.conf, "user": user,
+                           "read-only": true});
+        if let Some(s) = secret {
+            o["key-secret"] = json!(s);
+        }
+        o
+    };
+    let mut qmp = Qmp::connect(&mon);
+    let outcomes = |qmp: &mut Qmp| -> Vec<Result<(), String>> {
+        [
+            node("u1", "vubd", Some("user")),
+            node("u2", "vubd", None),
+            node("u3", "admin", Some("wrong")),
+            node("u4", "admin", Some("nosuch")),
+        ]
+        .into_iter()
+        .map(|o| {
+            qmp.execute("blockdev-add", o)
+                .map(|_| ())
+                .map_err(|e| e.desc)
+        })
+        .collect()
+    };
+    let got = outcomes(&mut qmp);
+    assert_eq!(
+        got,
+        vec![
+            Ok(()),
+            // No keyring holds client.vubd's key.
+            Err("error connecting: No such file or directory".to_string()),
+            Err("error connecting: Permission denied".to_string()),
+            Err("No secret with id 'nosuch'".to_string()),
+        ]
+    );
+    let qsd = vubd_tests::qsd_bin();
+    // QEMU's rbd module (qemu-block-extra, which scripts/setup.sh installs).
+    let rbd_module = std::fs::read_dir("/usr/lib")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| e.path().join("qemu/block-rbd.so").exists());
+    if qsd.exists() && rbd_module {
+        let qmon = dir.join("qsd-qmp.sock");
+        let mut qargs = DaemonArgs::new();
+        for (id, key) in secrets {
+            qargs = qargs.object(&format!("secret,id={id},data={key},format=base64"));
+        }
+        let _qsd = Daemon::start_bin(&qsd, &qargs.monitor(&qmon).build());
+        let mut q = Qmp::connect(&qmon);
+        assert_eq!(outcomes(&mut q), got, "qemu-storage-daemon's outcomes");
+    }
 }

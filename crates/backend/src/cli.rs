@@ -74,9 +74,12 @@ qemu-storage-daemon --export vhost-user-blk
                             export a block node on the NBD server
 
   --nbd-server addr.type=unix,addr.path=<socket-path>[,max-connections=<n>]
+               [,tls-creds=<id>]
   --nbd-server addr.type=inet,addr.host=<host>,addr.port=<port>[,max-connections=<n>]
-  --nbd-server addr.type=fd,addr.str=<fd>[,max-connections=<n>]
-                            start the NBD server (before the NBD exports)
+               [,tls-creds=<id>]
+  --nbd-server addr.type=fd,addr.str=<fd>[,max-connections=<n>][,tls-creds=<id>]
+                            start the NBD server (before the NBD exports); with
+                            tls-creds, clients must start TLS
 
   --object [qom-type=]iothread,id=<id>[,poll-max-ns=<ns>][,poll-grow=<n>]
            [,poll-shrink=<n>][,aio-max-batch=<n>]
@@ -86,6 +89,10 @@ qemu-storage-daemon --export vhost-user-blk
                             a secret (passphrase or key) that drivers name,
                             e.g. luks's key-secret; keyid/iv: AES-256-CBC
                             encrypted with the key secret keyid holds
+  --object [qom-type=]tls-creds-x509,id=<id>,dir=<dir>[,endpoint=client|server]
+           [,verify-peer=on|off]
+                            TLS credentials (QEMU's PEM file names in dir) for
+                            the NBD server and the nbd driver's tls-creds
 
   --chardev socket,id=<id>,path=<socket-path>|fd=<fd>,server=on[,wait=on|off]
                             a UNIX socket for a QMP monitor (wait=on, the
@@ -574,7 +581,7 @@ logical-block-size=512,serial=disk0";
                 "--object memory-backend-ram,id=m",
                 "--object memory-backend-ram,id=m: Invalid parameter value for 'qom-type': \
                  'memory-backend-ram' is not supported (vubd has 'iothread', \
-                 'throttle-group' and 'secret' objects)",
+                 'throttle-group', 'secret' and 'tls-creds-x509' objects)",
             ),
             (
                 "--object iothread,id=io0,poll-max-ns=x",

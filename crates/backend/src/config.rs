@@ -6,6 +6,7 @@ use blocklayer::options::coerce::{self, Fields};
 use blocklayer::options::{BlockdevOptions, OptionsError};
 use blocklayer::secret::SecretOptions;
 use blocklayer::throttle::{self, ThrottleConfig};
+use blocklayer::tls::TlsCredsOptions;
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -66,6 +67,8 @@ pub enum ObjectConfig {
     ThrottleGroup(ThrottleGroupConfig),
     /// `secret` (loaded when added; see [`blocklayer::secret`]).
     Secret(SecretOptions),
+    /// `tls-creds-x509` (loaded when added; see [`blocklayer::tls`]).
+    TlsCredsX509(TlsCredsOptions),
 }
 
 /// `--export type=vhost-user-blk,...` (QEMU's BlockExportOptions + vhost-user-blk part).
@@ -142,6 +145,9 @@ pub struct NbdServerConfig {
     pub max_connections: u32,
     /// `tls-creds`: the id of a `tls-creds-x509` object
     pub tls_creds: Option<String>,
+    /// `tls-authz`: the id of an authz object (vubd has none: refused with
+    /// `tls-creds`, ignored without, as QEMU ignores it then)
+    pub tls_authz: Option<String>,
 }
 
 impl NbdServerConfig {
@@ -152,8 +158,8 @@ impl NbdServerConfig {
             addr: take_listen_addr(&mut f)?,
             max_connections: take_max_connections(&mut f)?,
             tls_creds: f.string("tls-creds")?,
+            tls_authz: f.string("tls-authz")?,
         };
-        f.take("tls-authz");
         f.finish()?;
         Ok(cfg)
     }
@@ -591,12 +597,16 @@ impl ObjectConfig {
                 let id = take_id(&mut f)?;
                 ObjectConfig::Secret(SecretOptions::take_from(&mut f, id)?)
             }
+            "tls-creds-x509" => {
+                let id = take_id(&mut f)?;
+                ObjectConfig::TlsCredsX509(TlsCredsOptions::take_from(&mut f, id)?)
+            }
             other if QEMU_OBJECT_TYPES.contains(&other) => {
                 return Err(bad_value(
                     "qom-type",
                     format!(
-                        "'{other}' is not supported (vubd has 'iothread', 'throttle-group' \
-                         and 'secret' objects)"
+                        "'{other}' is not supported (vubd has 'iothread', 'throttle-group', \
+                         'secret' and 'tls-creds-x509' objects)"
                     ),
                 ))
             }
@@ -617,6 +627,7 @@ impl ObjectConfig {
             ObjectConfig::IoThread(_) => "iothread",
             ObjectConfig::ThrottleGroup(_) => "throttle-group",
             ObjectConfig::Secret(_) => "secret",
+            ObjectConfig::TlsCredsX509(_) => "tls-creds-x509",
         }
     }
 
@@ -625,6 +636,7 @@ impl ObjectConfig {
             ObjectConfig::IoThread(iothread) => &iothread.id,
             ObjectConfig::ThrottleGroup(group) => &group.id,
             ObjectConfig::Secret(secret) => &secret.id,
+            ObjectConfig::TlsCredsX509(creds) => &creds.id,
         }
     }
 }

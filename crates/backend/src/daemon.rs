@@ -105,7 +105,7 @@ impl Daemon {
             monitors.push(socket);
         }
         if let Some(n) = &cfg.nbd_server {
-            ctl.nbd_server_start(n)
+            ctl.nbd_server_listen(n)
                 .map_err(|err| DaemonError::NbdServer(err.desc))?;
         }
         for e in &cfg.exports {
@@ -119,6 +119,7 @@ impl Daemon {
             Some(m) => Some(MetricsServer::start(m, tx.clone()).map_err(DaemonError::Metrics)?),
             None => None,
         };
+        ctl.nbd_server_accept();
         if let Some(p) = &cfg.pidfile {
             std::fs::write(p, format!("{}\n", std::process::id())).map_err(|source| {
                 DaemonError::Pidfile {

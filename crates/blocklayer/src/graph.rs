@@ -49,6 +49,8 @@ pub struct Graph {
     pub throttle_groups: BTreeMap<String, Arc<crate::throttle::ThrottleGroup>>,
     /// The secret objects drivers look keys up in (shared with the object layer).
     secrets: Secrets,
+    /// The TLS credential objects (`tls-creds` of the nbd driver names them).
+    tls_creds: crate::tls::TlsCredsTable,
 }
 
 impl Graph {
@@ -59,6 +61,11 @@ impl Graph {
     /// The secret objects (`key-secret` and the like name them).
     pub fn secrets(&self) -> &Secrets {
         &self.secrets
+    }
+
+    /// The TLS credential objects.
+    pub fn tls_creds(&self) -> &crate::tls::TlsCredsTable {
+        &self.tls_creds
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<Node>> {

@@ -43,6 +43,7 @@ pub mod secret;
 pub mod snapshot;
 pub mod stats;
 pub mod throttle;
+pub mod tls;
 
 pub use error::{BlockError, Result};
 pub use graph::Graph;

@@ -31,6 +31,22 @@ pub const OPT_STRUCTURED_REPLY: u32 = 8;
 pub const OPT_LIST_META_CONTEXT: u32 = 9;
 pub const OPT_SET_META_CONTEXT: u32 = 10;
 
+/// An option's name in messages (QEMU's `nbd_opt_lookup`).
+pub fn option_name(option: u32) -> &'static str {
+    match option {
+        OPT_EXPORT_NAME => "export name",
+        OPT_ABORT => "abort",
+        OPT_LIST => "list",
+        OPT_STARTTLS => "starttls",
+        OPT_INFO => "info",
+        OPT_GO => "go",
+        OPT_STRUCTURED_REPLY => "structured reply",
+        OPT_LIST_META_CONTEXT => "list meta context",
+        OPT_SET_META_CONTEXT => "set meta context",
+        _ => "<unknown>",
+    }
+}
+
 /// Option reply types.
 pub const REP_ACK: u32 = 1;
 pub const REP_SERVER: u32 = 2;
@@ -40,6 +56,7 @@ const REP_ERR: u32 = 1 << 31;
 pub const REP_ERR_UNSUP: u32 = REP_ERR | 1;
 pub const REP_ERR_POLICY: u32 = REP_ERR | 2;
 pub const REP_ERR_INVALID: u32 = REP_ERR | 3;
+pub const REP_ERR_TLS_REQD: u32 = REP_ERR | 5;
 pub const REP_ERR_UNKNOWN: u32 = REP_ERR | 6;
 pub const REP_ERR_TOO_BIG: u32 = REP_ERR | 9;
 

@@ -192,6 +192,7 @@ impl Control {
             ObjectConfig::IoThread(cfg) => self.add_iothread(cfg),
             ObjectConfig::ThrottleGroup(cfg) => self.add_throttle_group(cfg),
             ObjectConfig::Secret(opts) => self.graph.secrets().add(&opts).map_err(generic),
+            ObjectConfig::TlsCredsX509(opts) => self.graph.tls_creds().add(&opts).map_err(generic),
         }
     }
 
@@ -200,6 +201,7 @@ impl Control {
         self.iothreads.contains_key(id)
             || self.graph.throttle_groups.contains_key(id)
             || self.graph.secrets().contains(id)
+            || self.graph.tls_creds().contains(id)
     }
 
     fn duplicate_object(id: &str) -> QmpError {
@@ -251,6 +253,10 @@ impl Control {
         }
         // Drivers keep what they derived from a secret: it may go at any time.
         if self.graph.secrets().remove(id) {
+            return Ok(());
+        }
+        // A server or connection that took the credentials keeps them (as in QEMU).
+        if self.graph.tls_creds().remove(id) {
             return Ok(());
         }
         if !self.iothreads.contains_key(id) {

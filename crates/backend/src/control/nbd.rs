@@ -28,18 +28,48 @@ fn not_running() -> QmpError {
 }
 
 impl Control {
-    /// `nbd-server-start` and `--nbd-server`.
+    /// `nbd-server-start`: listens and accepts clients at once.
     pub fn nbd_server_start(&mut self, cfg: &NbdServerConfig) -> OpResult<()> {
+        self.nbd_server_listen(cfg)?;
+        self.nbd_server_accept();
+        Ok(())
+    }
+
+    /// Clients of the server [`Control::nbd_server_listen`] started are accepted
+    /// from now on.
+    pub fn nbd_server_accept(&self) {
+        if let Some(s) = &self.nbd_server {
+            s.accept_clients();
+        }
+    }
+
+    /// `--nbd-server`: listens; clients wait in the backlog until
+    /// [`Control::nbd_server_accept`] (once the command line's exports exist, as
+    /// qemu-storage-daemon serves none before its main loop runs).
+    pub fn nbd_server_listen(&mut self, cfg: &NbdServerConfig) -> OpResult<()> {
         if self.nbd_server.is_some() {
             return Err(QmpError::generic("NBD server already running"));
         }
-        if let Some(id) = &cfg.tls_creds {
-            // vubd has no TLS credential objects (yet): none by this id exists.
-            return Err(QmpError::generic(format!(
-                "No TLS credentials with id '{id}'"
-            )));
-        }
-        let server = NbdServer::start(cfg).map_err(generic)?;
+        let tls = match &cfg.tls_creds {
+            // Clients would have to pass an authorization vubd cannot check: refused
+            // rather than let every client with a certificate of the CA in.
+            Some(_) if cfg.tls_authz.is_some() => {
+                return Err(QmpError::generic(
+                    "'tls-authz' is not supported (vubd has no authz objects)",
+                ))
+            }
+            Some(id) => {
+                if !self.graph.tls_creds().contains(id) && self.object_exists(id) {
+                    return Err(QmpError::generic(format!(
+                        "Object with id '{id}' is not TLS credentials"
+                    )));
+                }
+                let creds = self.graph.tls_creds().get(id).map_err(generic)?;
+                Some(creds.server().map_err(generic)?)
+            }
+            None => None,
+        };
+        let server = NbdServer::start(cfg, tls).map_err(generic)?;
         self.nbd_server = Some(server);
         Ok(())
     }

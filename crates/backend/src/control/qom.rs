@@ -2,7 +2,7 @@
 //! paths (`/objects/ID`), types, properties and error texts of QEMU 7.2.
 //!
 //! The tree is the root container with `objects` (the user-created objects:
-//! iothreads and throttle groups) and `chardevs`. Properties read and write the
+//! iothreads, throttle groups and TLS credentials) and `chardevs`. Properties read and write the
 //! live objects: an iothread's polling parameters reach its event loop at its next
 //! pass, and a throttle group's new `limits` apply to its nodes' requests at once.
 
@@ -11,6 +11,7 @@ use crate::iothread::IoThread;
 use crate::qmp::wire::{ErrorClass, QmpError};
 use blocklayer::options::coerce::Fields;
 use blocklayer::throttle::{config::limit_names, ThrottleGroup};
+use blocklayer::tls::TlsCreds;
 use serde_json::{json, Value};
 use std::sync::Arc;
 
@@ -75,6 +76,33 @@ static TYPES: &[QomType] = &[
             v
         },
     },
+    QomType {
+        name: "tls-creds",
+        parent: Some("object"),
+        is_abstract: true,
+        interfaces: &["user-creatable"],
+        props: || {
+            vec![
+                ("endpoint".into(), "QCryptoTLSCredsEndpoint"),
+                ("dir".into(), "string"),
+                ("verify-peer".into(), "bool"),
+                ("priority".into(), "string"),
+            ]
+        },
+    },
+    QomType {
+        name: "tls-creds-x509",
+        parent: Some("tls-creds"),
+        is_abstract: false,
+        interfaces: &[],
+        props: || {
+            vec![
+                ("sanity-check".into(), "bool"),
+                ("passwordid".into(), "string"),
+                ("loaded".into(), "bool"),
+            ]
+        },
+    },
 ];
 
 fn find_type(name: &str) -> Option<&'static QomType> {
@@ -118,6 +146,7 @@ enum Obj {
     Container,
     IoThread(Arc<IoThread>),
     ThrottleGroup(Arc<ThrottleGroup>),
+    TlsCreds(Arc<TlsCreds>),
 }
 
 impl Obj {
@@ -126,6 +155,7 @@ impl Obj {
             Obj::Root | Obj::Container => "container",
             Obj::IoThread(_) => "iothread",
             Obj::ThrottleGroup(_) => "throttle-group",
+            Obj::TlsCreds(_) => "tls-creds-x509",
         }
     }
 }
@@ -155,6 +185,9 @@ impl Control {
         }
         for (id, g) in &self.graph.throttle_groups {
             v.push((format!("/objects/{id}"), Obj::ThrottleGroup(g.clone())));
+        }
+        for c in self.graph.tls_creds().all() {
+            v.push((format!("/objects/{}", c.opts.id), Obj::TlsCreds(c)));
         }
         v
     }
@@ -247,6 +280,7 @@ impl Control {
                     .map(Value::from)
                     .ok_or_else(|| not_found(prop, t))
             }
+            Obj::TlsCreds(c) => tls_creds_property(c, prop).ok_or_else(|| not_found(prop, t)),
         }
     }
 
@@ -288,6 +322,13 @@ impl Control {
                 }
                 Err(not_found(prop, t))
             }
+            Obj::TlsCreds(c) => match tls_creds_property(c, prop) {
+                // Loaded when added: later values would not apply.
+                Some(_) => Err(QmpError::generic(
+                    "Property cannot be set after initialization",
+                )),
+                None => Err(not_found(prop, t)),
+            },
         }
     }
 
@@ -328,6 +369,22 @@ impl Control {
                 .collect(),
         ))
     }
+}
+
+/// A property of TLS credentials (QEMU's values: empty strings for unset ones).
+fn tls_creds_property(c: &TlsCreds, prop: &str) -> Option<Value> {
+    let o = &c.opts;
+    let dir = o.dir.as_ref().map(|d| d.display().to_string());
+    Some(match prop {
+        "endpoint" => json!(o.endpoint.name()),
+        "dir" => json!(dir.unwrap_or_default()),
+        "verify-peer" => json!(o.verify_peer),
+        "priority" => json!(o.priority.clone().unwrap_or_default()),
+        "sanity-check" => json!(o.sanity_check),
+        "passwordid" => json!(""),
+        "loaded" => json!(true),
+        _ => return None,
+    })
 }
 
 /// A `ThrottleLimits` value, read as QEMU's input visitor reads it.

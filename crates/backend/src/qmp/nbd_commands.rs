@@ -42,10 +42,11 @@ pub fn server_start(a: &mut Args) -> Result<NbdServerConfig, QmpError> {
     let max_connections = u32::try_from(max)
         .map_err(|_| QmpError::generic("Parameter 'max-connections' expects uint32_t"))?;
     let tls_creds = a.opt_str("tls-creds")?;
-    a.opt_str("tls-authz")?;
+    let tls_authz = a.opt_str("tls-authz")?;
     Ok(NbdServerConfig {
         addr,
         max_connections,
         tls_creds,
+        tls_authz,
     })
 }

@@ -181,6 +181,11 @@ impl<'a> OpenCtx<'a> {
         self.graph.secrets()
     }
 
+    /// The TLS credential objects.
+    pub fn tls_creds(&self) -> &crate::tls::TlsCredsTable {
+        self.graph.tls_creds()
+    }
+
     /// The node `node_name` of the graph, if it exists.
     pub fn lookup(&self, node_name: &str) -> Option<Arc<Node>> {
         self.graph.get(node_name)

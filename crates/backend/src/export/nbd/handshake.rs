@@ -1,7 +1,8 @@
 //! The NBD handshake: fixed newstyle negotiation up to `NBD_OPT_GO` or
 //! `NBD_OPT_EXPORT_NAME`. A client that breaks the framing (wrong magic, unknown
 //! client flags, an option too long to skip) is dropped; a bad option gets an error
-//! reply and the negotiation goes on.
+//! reply and the negotiation goes on. A server with TLS credentials takes only
+//! `NBD_OPT_STARTTLS` until its client has started TLS.
 
 use super::proto::*;
 use super::NbdShared;
@@ -62,6 +63,8 @@ pub fn transmission_flags(export: &NbdShared, structured: bool) -> u16 {
 struct Handshake<'a> {
     s: &'a mut Stream,
     exports: &'a dyn Exports,
+    /// `tls-creds` of the server: no option but `NBD_OPT_STARTTLS` until TLS runs.
+    tls: Option<&'a Arc<rustls::ServerConfig>>,
     no_zeroes: bool,
     structured: bool,
     /// Contexts selected by `NBD_OPT_SET_META_CONTEXT`, and for which export.
@@ -69,8 +72,13 @@ struct Handshake<'a> {
     contexts_for: Option<String>,
 }
 
-/// Runs the handshake on a new connection.
-pub fn negotiate(s: &mut Stream, exports: &dyn Exports) -> Result<Negotiated> {
+/// Runs the handshake on a new connection; with `tls`, the client must start TLS
+/// first (the connection in `s` becomes the TLS session).
+pub fn negotiate(
+    s: &mut Stream,
+    exports: &dyn Exports,
+    tls: Option<&Arc<rustls::ServerConfig>>,
+) -> Result<Negotiated> {
     let mut hello = Vec::with_capacity(18);
     hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
     hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
@@ -85,6 +93,7 @@ pub fn negotiate(s: &mut Stream, exports: &dyn Exports) -> Result<Negotiated> {
     let mut h = Handshake {
         s,
         exports,
+        tls,
         no_zeroes: client_flags & FLAG_C_NO_ZEROES != 0,
         structured: false,
         contexts: Vec::new(),
@@ -126,6 +135,9 @@ impl Handshake<'_> {
         }
         let mut data = vec![0; len as usize];
         self.s.read_exact(&mut data)?;
+        if self.tls.is_some() && !self.s.is_tls() {
+            return self.before_tls(option, &data).map(|()| None);
+        }
         match option {
             OPT_EXPORT_NAME => {
                 let name = String::from_utf8_lossy(&data).into_owned();
@@ -164,6 +176,8 @@ impl Handshake<'_> {
             OPT_STARTTLS => {
                 if !data.is_empty() {
                     self.error(option, REP_ERR_INVALID, "no payload expected")?;
+                } else if self.tls.is_some() {
+                    self.error(option, REP_ERR_INVALID, "TLS already enabled")?;
                 } else {
                     self.error(option, REP_ERR_POLICY, "TLS not configured")?;
                 }
@@ -187,6 +201,35 @@ impl Handshake<'_> {
             _ => self.error(option, REP_ERR_UNSUP, "unsupported option")?,
         }
         Ok(None)
+    }
+
+    /// An option before TLS on a server that requires it: only `NBD_OPT_STARTTLS`
+    /// goes on (as in QEMU's server: the others are refused with
+    /// `NBD_REP_ERR_TLS_REQD`, `NBD_OPT_EXPORT_NAME` drops the connection).
+    fn before_tls(&mut self, option: u32, data: &[u8]) -> Result<()> {
+        match option {
+            OPT_STARTTLS => {
+                if !data.is_empty() {
+                    let _ = self.error(option, REP_ERR_INVALID, "no payload expected");
+                    return Err(HandshakeError::Protocol("STARTTLS with a payload"));
+                }
+                self.reply(option, REP_ACK, &[])?;
+                let config = self.tls.expect("TLS configured").clone();
+                let plain = self.s.try_clone()?;
+                *self.s = plain.start_tls_server(config)?;
+                Ok(())
+            }
+            OPT_EXPORT_NAME => Err(HandshakeError::Protocol("NBD_OPT_EXPORT_NAME before TLS")),
+            OPT_ABORT => {
+                let _ = self.error(option, REP_ERR_TLS_REQD, "TLS required");
+                Err(HandshakeError::Aborted)
+            }
+            _ => self.error(
+                option,
+                REP_ERR_TLS_REQD,
+                &format!("Option 0x{option:x} not permitted before TLS"),
+            ),
+        }
     }
 
     fn negotiated(&mut self, export: Arc<NbdShared>, name: &str) -> Negotiated {

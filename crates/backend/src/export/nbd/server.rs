@@ -27,6 +27,11 @@ pub struct NbdServer {
     wake: EventFd,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     unix_path: Option<PathBuf>,
+    /// `tls-creds`: clients must start TLS.
+    tls: Option<Arc<rustls::ServerConfig>>,
+    /// Whether clients are accepted yet (until then they wait in the listen
+    /// backlog: at start-up, until the command line's exports exist).
+    accepting: AtomicBool,
 }
 
 impl Exports for NbdServer {
@@ -40,8 +45,12 @@ impl Exports for NbdServer {
 }
 
 impl NbdServer {
-    /// Listens on the configured address and starts accepting clients.
-    pub fn start(cfg: &NbdServerConfig) -> Result<Arc<NbdServer>, NbdError> {
+    /// Listens on the configured address (with `tls`, clients must start TLS
+    /// first); clients are accepted from [`NbdServer::accept_clients`] on.
+    pub fn start(
+        cfg: &NbdServerConfig,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> Result<Arc<NbdServer>, NbdError> {
         let listener = Listener::bind(&cfg.addr).map_err(|e| NbdError::Listen(e.to_string()))?;
         let unix_path = listener.unix_path().map(PathBuf::from);
         let wake =
@@ -55,6 +64,8 @@ impl NbdServer {
             wake,
             thread: Mutex::new(None),
             unix_path,
+            tls,
+            accepting: AtomicBool::new(false),
         });
         let me = server.clone();
         let t = std::thread::Builder::new()
@@ -89,6 +100,12 @@ impl NbdServer {
         self.lock().contains_key(name)
     }
 
+    /// Starts accepting clients.
+    pub fn accept_clients(&self) {
+        self.accepting.store(true, Ordering::Release);
+        let _ = self.wake.write(1);
+    }
+
     /// Stops listening (exports and their clients are the caller's to remove).
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Release);
@@ -118,7 +135,8 @@ impl NbdServer {
             // At max-connections the listener is not watched: new clients wait in its
             // backlog until one leaves (as QEMU's server does).
             let limit = self.max_connections;
-            let full = limit > 0 && self.connections.load(Ordering::Acquire) >= limit;
+            let full = !self.accepting.load(Ordering::Acquire)
+                || limit > 0 && self.connections.load(Ordering::Acquire) >= limit;
             let (first, n) = if full { (1, 1) } else { (0, 2) };
             // SAFETY: `fds[first..first + n]` are initialised pollfd structures that
             // outlive the call.
@@ -149,7 +167,7 @@ impl NbdServer {
 
     fn client(&self, mut stream: Stream) {
         let _ = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
-        let neg = match handshake::negotiate(&mut stream, self) {
+        let neg = match handshake::negotiate(&mut stream, self, self.tls.as_ref()) {
             Ok(n) => n,
             Err(e) => {
                 log::debug!("nbd: handshake ended: {e}");

@@ -41,6 +41,20 @@ pub struct Info {
     pub max_block: u32,
 }
 
+/// Where a node's connections go.
+#[derive(Clone)]
+pub struct Target {
+    pub addr: NbdServerAddr,
+    pub export: String,
+    /// `tls-creds`: TLS is started before anything else.
+    pub tls: Option<crate::tls::ClientTls>,
+}
+
+/// A refusal of the server that trying again does not change (reported as it is).
+fn refused(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::NotFound, msg)
+}
+
 /// Connects to the server's socket (TCP: bounded per address).
 fn connect_stream(addr: &NbdServerAddr) -> io::Result<Stream> {
     Ok(match addr {
@@ -78,8 +92,20 @@ fn read_u32(s: &mut Stream) -> io::Result<u32> {
     Ok(u32::from_be_bytes(b))
 }
 
-/// Reads one option reply: (type, payload).
+/// Reads one option reply: (type, payload). A server that wants TLS first is a
+/// refusal (QEMU's text).
 fn option_reply_of(s: &mut Stream, option: u32) -> io::Result<(u32, Vec<u8>)> {
+    let (kind, data) = option_reply_raw(s, option)?;
+    if kind == REP_ERR_TLS_REQD {
+        return Err(refused(format!(
+            "TLS negotiation required before option {option} ({})",
+            option_name(option)
+        )));
+    }
+    Ok((kind, data))
+}
+
+fn option_reply_raw(s: &mut Stream, option: u32) -> io::Result<(u32, Vec<u8>)> {
     let mut h = [0; 20];
     s.read_exact(&mut h)?;
     if be64(&h[0..8]) != REPLY_MAGIC || be32(&h[8..12]) != option {
@@ -95,8 +121,9 @@ fn option_reply_of(s: &mut Stream, option: u32) -> io::Result<(u32, Vec<u8>)> {
 }
 
 /// Connects and negotiates up to transmission.
-fn connect(addr: &NbdServerAddr, export: &str) -> io::Result<(Stream, Info)> {
-    let mut s = connect_stream(addr)?;
+fn connect(target: &Target) -> io::Result<(Stream, Info)> {
+    let export = target.export.as_str();
+    let mut s = connect_stream(&target.addr)?;
     let _ = s.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
     let mut h = [0; 18];
     s.read_exact(&mut h)?;
@@ -112,6 +139,18 @@ fn connect(addr: &NbdServerAddr, export: &str) -> io::Result<(Stream, Info)> {
         cflags |= FLAG_C_NO_ZEROES;
     }
     s.write_all(&cflags.to_be_bytes())?;
+
+    if let Some(tls) = &target.tls {
+        s.write_all(&option_request(OPT_STARTTLS, &[]))?;
+        let (kind, data) = option_reply_raw(&mut s, OPT_STARTTLS)?;
+        if kind != REP_ACK {
+            let msg = String::from_utf8_lossy(&data);
+            return Err(refused(format!(
+                "Server don't support STARTTLS option\nserver reported: {msg}"
+            )));
+        }
+        s = s.start_tls_client(tls)?;
+    }
 
     s.write_all(&option_request(OPT_STRUCTURED_REPLY, &[]))?;
     let structured = option_reply_of(&mut s, OPT_STRUCTURED_REPLY)?.0 == REP_ACK;
@@ -262,8 +301,7 @@ struct State {
 /// once the server answered it, which it cannot do before it has read all of it:
 /// no request's memory is freed while it is being written.
 pub struct Client {
-    addr: NbdServerAddr,
-    export: String,
+    target: Target,
     reconnect_delay: Duration,
     pub info: Info,
     /// The socket requests are written to; `None` while the connection is down.
@@ -297,14 +335,13 @@ fn send(sock: &mut Stream, req: &Request, payload: Option<&Buffer>) -> io::Resul
 impl Client {
     /// Connects (retrying for `open_timeout`) and starts the reply thread.
     pub fn open(
-        addr: NbdServerAddr,
-        export: String,
+        target: Target,
         reconnect_delay: Duration,
         open_timeout: Duration,
     ) -> io::Result<Arc<Client>> {
         let deadline = Instant::now() + open_timeout;
         let (sock, info) = loop {
-            match connect(&addr, &export) {
+            match connect(&target) {
                 Ok(c) => break c,
                 Err(e) if Instant::now() >= deadline || e.kind() == io::ErrorKind::NotFound => {
                     return Err(e)
@@ -315,8 +352,7 @@ impl Client {
         let reader = sock.try_clone()?;
         let ctl = sock.try_clone()?;
         let client = Arc::new(Client {
-            addr,
-            export,
+            target,
             reconnect_delay,
             info,
             send: Mutex::new(Some(sock)),
@@ -447,7 +483,7 @@ impl Client {
             }
             log::warn!(
                 "nbd export '{}': connection lost ({err}); reconnecting",
-                self.export
+                self.target.export
             );
             *w = None;
             st.ctl = None;
@@ -529,7 +565,7 @@ impl Client {
                 }
                 self.expire(&mut st, Instant::now());
             }
-            match connect(&self.addr, &self.export) {
+            match connect(&self.target) {
                 Ok((sock, info))
                     if info.size == self.info.size && info.flags == self.info.flags =>
                 {
@@ -546,12 +582,12 @@ impl Client {
                     *w = Some(sock);
                     st.ctl = Some(ctl);
                     st.down_since = None;
-                    log::warn!("nbd export '{}': reconnected", self.export);
+                    log::warn!("nbd export '{}': reconnected", self.target.export);
                     return Some((reader, again));
                 }
                 Ok(_) => log::warn!(
                     "nbd export '{}': the server came back with another export",
-                    self.export
+                    self.target.export
                 ),
                 Err(_) => {}
             }

@@ -4,7 +4,8 @@
 //! connections when it allows multi-conn (a flush on one then covers the writes
 //! completed on all, as the protocol promises); a lost
 //! connection is re-established and the requests waiting on it are sent again,
-//! for `reconnect-delay` seconds.
+//! for `reconnect-delay` seconds. With `tls-creds`, each connection starts TLS
+//! (`NBD_OPT_STARTTLS`) before anything else.
 
 mod client;
 mod options;
@@ -18,7 +19,7 @@ use crate::driver::Driver;
 use crate::error::{BlockError, Result};
 use crate::limits::Limits;
 use crate::nbd_proto::*;
-use client::Client;
+use client::{Client, Target};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,11 +50,18 @@ fn io_error(op: &'static str, errno: i32) -> BlockError {
 }
 
 impl NbdDriver {
-    pub fn open(opts: NbdOptions, read_only: bool) -> Result<NbdDriver> {
-        let export = opts.export.clone().unwrap_or_default();
+    pub fn open(
+        opts: NbdOptions,
+        tls: Option<crate::tls::ClientTls>,
+        read_only: bool,
+    ) -> Result<NbdDriver> {
+        let target = Target {
+            addr: opts.server.clone(),
+            export: opts.export.clone().unwrap_or_default(),
+            tls,
+        };
         let client = Client::open(
-            opts.server.clone(),
-            export,
+            target.clone(),
             Duration::from_secs(opts.reconnect_delay),
             Duration::from_secs(opts.open_timeout),
         )
@@ -82,8 +90,7 @@ impl NbdDriver {
             // More connections are a bonus: a server that refuses them leaves one.
             while conns.len() < MULTI_CONN {
                 match Client::open(
-                    opts.server.clone(),
-                    opts.export.clone().unwrap_or_default(),
+                    target.clone(),
                     Duration::from_secs(opts.reconnect_delay),
                     Duration::ZERO,
                 ) {

@@ -24,6 +24,12 @@ pub struct NbdOptions {
     pub reconnect_delay: u64,
     /// `open-timeout` in seconds: how long the first connection may be retried.
     pub open_timeout: u64,
+    /// `tls-creds`: the id of a `tls-creds-x509` object with a client endpoint.
+    pub tls_creds: Option<String>,
+    /// `tls-hostname`: the name the server's certificate must carry (default: an
+    /// inet server's host; none for a UNIX socket, whose certificate's name is then
+    /// not checked, as in QEMU).
+    pub tls_hostname: Option<String>,
 }
 
 impl NbdOptions {
@@ -47,17 +53,13 @@ impl NbdOptions {
             }
         };
         server.finish()?;
-        if let Some(t) = f.string("tls-creds")? {
-            return Err(OptionsError::BadValue {
-                name: "tls-creds".into(),
-                reason: format!("TLS is not supported yet (no credentials '{t}')"),
-            });
-        }
         Ok(NbdOptions {
             server: addr,
             export: f.string("export")?,
             reconnect_delay: f.uint("reconnect-delay")?.unwrap_or(0),
             open_timeout: f.uint("open-timeout")?.unwrap_or(0),
+            tls_creds: f.string("tls-creds")?,
+            tls_hostname: f.string("tls-hostname")?,
         })
     }
 }
@@ -80,11 +82,37 @@ impl DriverOptions for NbdOptions {
         }
         m.insert("reconnect-delay".into(), json!(self.reconnect_delay));
         m.insert("open-timeout".into(), json!(self.open_timeout));
+        if let Some(t) = &self.tls_creds {
+            m.insert("tls-creds".into(), json!(t));
+        }
+        if let Some(h) = &self.tls_hostname {
+            m.insert("tls-hostname".into(), json!(h));
+        }
     }
 
     fn open(&self, ctx: &mut OpenCtx<'_>) -> crate::Result<Box<dyn Driver>> {
+        let tls = match &self.tls_creds {
+            Some(id) => {
+                let hostname = match (&self.tls_hostname, &self.server) {
+                    (Some(h), _) => Some(h.as_str()),
+                    (None, NbdServerAddr::Inet { host, .. }) => Some(host.as_str()),
+                    (None, NbdServerAddr::Unix(_)) => None,
+                };
+                let creds = ctx
+                    .tls_creds()
+                    .get(id)
+                    .map_err(|e| crate::error::BlockError::Graph(e.to_string()))?;
+                Some(
+                    creds
+                        .client(hostname)
+                        .map_err(|e| crate::error::BlockError::Graph(e.to_string()))?,
+                )
+            }
+            None => None,
+        };
         Ok(Box::new(NbdDriver::open(
             self.clone(),
+            tls,
             ctx.common.read_only,
         )?))
     }
