@@ -643,14 +643,15 @@ impl Driver for Qcow2Driver {
 
     fn image_info_extra(&self) -> Option<serde_json::Value> {
         let info = self.image.info();
+        // As QEMU: a version 2 image reports zlib (the only type it can have).
         let mut data = serde_json::json!({
             "compat": if info.version >= 3 { "1.1" } else { "0.10" },
-        });
-        if info.version >= 3 {
-            data["compression-type"] = serde_json::json!(match info.compression {
+            "compression-type": match info.compression {
                 qcow::CompressionType::Zlib => "zlib",
                 qcow::CompressionType::Zstd => "zstd",
-            });
+            },
+        });
+        if info.version >= 3 {
             data["lazy-refcounts"] = info.lazy_refcounts.into();
             // As QEMU: the flags as the image has them, the list only when there
             // are bitmaps.
