@@ -7,8 +7,8 @@ use super::{generic, Control, OpResult};
 use crate::config::{
     ExportConfig, NbdExportConfig, NbdServerConfig, OnError, DEFAULT_LOGICAL_BLOCK_SIZE,
 };
+use crate::control::error::ControlError;
 use crate::export::nbd::{NbdExportParams, NbdServer};
-use crate::qmp::wire::QmpError;
 use blocklayer::named_bitmap::{Check, NamedBitmap};
 use blocklayer::Node;
 use std::path::PathBuf;
@@ -23,19 +23,19 @@ pub struct NbdServerAdd {
     pub bitmap: Option<String>,
 }
 
-fn not_running() -> QmpError {
-    QmpError::generic("NBD server not running")
+fn not_running() -> ControlError {
+    ControlError::generic("NBD server not running")
 }
 
 impl Control {
     /// `nbd-server-start` and `--nbd-server`.
     pub fn nbd_server_start(&mut self, cfg: &NbdServerConfig) -> OpResult<()> {
         if self.nbd_server.is_some() {
-            return Err(QmpError::generic("NBD server already running"));
+            return Err(ControlError::generic("NBD server already running"));
         }
         if let Some(id) = &cfg.tls_creds {
             // vubd has no TLS credential objects (yet): none by this id exists.
-            return Err(QmpError::generic(format!(
+            return Err(ControlError::generic(format!(
                 "No TLS credentials with id '{id}'"
             )));
         }
@@ -99,7 +99,7 @@ impl Control {
     pub fn nbd_server_remove(&mut self, id: &str, hard: bool) -> OpResult<()> {
         if let Some(e) = self.exports.get(id) {
             if e.export.nbd().is_none() {
-                return Err(QmpError::generic(format!(
+                return Err(ControlError::generic(format!(
                     "Export '{id}' is not an NBD export"
                 )));
             }
@@ -118,7 +118,7 @@ impl Control {
         let server = self.nbd_server.clone().ok_or_else(not_running)?;
         let name = n.name.clone().unwrap_or_else(|| cfg.node_name.clone());
         if server.has_export(&name) {
-            return Err(QmpError::generic(format!(
+            return Err(ControlError::generic(format!(
                 "NBD server already has export named '{name}'"
             )));
         }
@@ -131,10 +131,11 @@ impl Control {
                 }
                 None => find_in_chain(node, bname),
             };
-            let b = b.ok_or_else(|| QmpError::generic(format!("Bitmap '{bname}' is not found")))?;
+            let b =
+                b.ok_or_else(|| ControlError::generic(format!("Bitmap '{bname}' is not found")))?;
             b.check(Check::ALLOW_RO).map_err(generic)?;
             if !cfg.writable && !node.is_read_only() && b.enabled() {
-                return Err(QmpError::generic(format!(
+                return Err(ControlError::generic(format!(
                     "Enabled bitmap '{bname}' incompatible with readonly export"
                 )));
             }
