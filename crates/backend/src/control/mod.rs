@@ -353,7 +353,7 @@ impl Control {
     }
 
     pub fn query_named_block_nodes(&self, flat: bool) -> Value {
-        self.graph.query_named_block_nodes(flat)
+        blocklayer::info::to_json(&self.graph.query_named_block_nodes(flat))
     }
 
     /// QEMU's `BlockStats` of a node, with its `file` child as `parent` and its

@@ -315,15 +315,14 @@ impl Qcow2Driver {
         log::warn!("qcow2: {e}");
         if let qcow::Error::Corrupt(msg) = &e {
             if !self.corrupt_reported.swap(true, Ordering::Relaxed) {
-                crate::events::emit(
-                    "BLOCK_IMAGE_CORRUPTED",
-                    serde_json::json!({
-                        "device": "",
-                        "node-name": self.node_name,
-                        "msg": format!("{msg}; further corruption events will be suppressed"),
-                        "fatal": true,
-                    }),
-                );
+                crate::events::emit(crate::events::BlockEvent::ImageCorrupted(
+                    crate::events::ImageCorrupted {
+                        device: String::new(),
+                        node_name: self.node_name.clone(),
+                        msg: format!("{msg}; further corruption events will be suppressed"),
+                        fatal: true,
+                    },
+                ));
             }
         }
         BlockError::io("qcow2", io::Error::from_raw_os_error(errno))
