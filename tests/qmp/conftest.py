@@ -201,7 +201,7 @@ class Daemon:
         #: require it to be alive.
         self.expect_exit = False
         #: Checks replies and events against the daemon's schema.
-        self.schema = SchemaRecorder()
+        self.schema = SchemaRecorder(kind)
         binary = vubd_bin() if kind == "vubd" else qsd_bin()
         self.cmd = [
             str(binary),
@@ -332,12 +332,29 @@ class Daemon:
         return r
 
 
+#: Across the session: commands each daemon kind's schema lists, and those that
+#: returned a checked result (reported at the end, see pytest_terminal_summary).
+SCHEMA_COMMANDS: dict[str, set] = {}
+REPLIED: dict[str, set] = {}
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    for kind, listed in SCHEMA_COMMANDS.items():
+        done = REPLIED.get(kind, set())
+        never = sorted(listed - done)
+        terminalreporter.write_line(
+            f"schema check ({kind}): results of {len(done & listed)} of {len(listed)} "
+            f"commands checked" + (f"; never run successfully: {', '.join(never)}" if never else "")
+        )
+
+
 class SchemaRecorder:
     """Checks one daemon's command results and events against its schema. Until the
     schema is known (fetched by the first ``CheckedClient`` whose command succeeds),
     what arrives is kept and checked then."""
 
-    def __init__(self):
+    def __init__(self, kind: str = ""):
+        self.kind = kind
         self.enabled = not os.environ.get("VUBD_QMP_NO_SCHEMA_CHECK")
         self.schema: Optional[Schema] = None
         self.pending: list[tuple[str, str, Any]] = []
@@ -349,6 +366,7 @@ class SchemaRecorder:
     def _check(self, kind: str, name: str, value: Any):
         self.checked += 1
         if kind == "reply":
+            REPLIED.setdefault(self.kind, set()).add(name)
             found = self.schema.check_return(name, value)
         else:
             found = self.schema.check_event(name, value)
@@ -371,6 +389,7 @@ class SchemaRecorder:
     def set_schema(self, entries: Any):
         # An invalid schema raises here, in the test that fetched it.
         self.schema = Schema(entries)
+        SCHEMA_COMMANDS.setdefault(self.kind, set()).update(self.schema.commands)
         self._add("reply", "query-qmp-schema", entries)
         pending, self.pending = self.pending, []
         for p in pending:

@@ -300,6 +300,9 @@ async def test_schema_agrees_with_qemu(start_daemon, tmp):
         q = Schema(await execute(c, "query-qmp-schema"))
     out: list[str] = []
     for name in sorted(set(v.commands) & set(q.commands)):
+        extra = set(v.commands[name].get("features", [])) - set(q.commands[name].get("features", []))
+        if extra:
+            out.append(f"{name}: features {sorted(extra)} not in QEMU")
         seen: set = set()
         for key, short in (("arg-type", "arg"), ("ret-type", "ret")):
             _compare(v, q, v.commands[name][key], q.commands[name][key],

@@ -181,10 +181,14 @@ pub struct CommandDef {
     pub args: Arguments,
     /// The return type (a type name, `[T]`, or [`schema::EMPTY`] for `{}`).
     pub ret: &'static str,
+    /// QAPI features (`deprecated`); `x-` commands also get `unstable`.
+    pub features: &'static [&'static str],
     pub handler: Handler,
 }
 
 const NONE: Arguments = Arguments::Members(&[]);
+/// Commands QEMU 7.2 marks deprecated (vubd has them as QEMU does).
+const DEPRECATED: &[&str] = &["deprecated"];
 const EMPTY: &str = schema::EMPTY;
 
 const JOB_ID: &[Member] = &[("id", "str")];
@@ -215,6 +219,7 @@ macro_rules! job_command {
             name: $name,
             args: Arguments::Members($members),
             ret: EMPTY,
+            features: &[],
             handler: |ctl, mut a, _| {
                 let id = a.str($member)?;
                 a.finish()?;
@@ -226,10 +231,14 @@ macro_rules! job_command {
 
 macro_rules! transaction_command {
     ($name:literal, $members:expr) => {
+        transaction_command!($name, $members, &[])
+    };
+    ($name:literal, $members:expr, $features:expr) => {
         CommandDef {
             name: $name,
             args: Arguments::Members($members),
             ret: EMPTY,
+            features: $features,
             handler: |ctl, a, _| super::transaction::execute_single(ctl, $name, a),
         }
     };
@@ -241,6 +250,7 @@ macro_rules! bitmap_command {
             name: $name,
             args: Arguments::Members($members),
             ret: $ret,
+            features: &[],
             handler: |ctl, a, _| super::bitmap_commands::execute(ctl, $name, a),
         }
     };
@@ -252,6 +262,7 @@ pub const COMMANDS: &[CommandDef] = &[
         name: "qmp_capabilities",
         args: Arguments::Members(&[("*enable", "[QMPCapability]")]),
         ret: EMPTY,
+        features: &[],
         // Negotiation is the connection's business (server.rs); once it is done,
         // the command is refused there.
         handler: |_, _, _| {
@@ -265,6 +276,7 @@ pub const COMMANDS: &[CommandDef] = &[
         name: "query-version",
         args: NONE,
         ret: "VersionInfo",
+        features: &[],
         handler: |_, a, _| {
             a.finish()?;
             Ok(json!({
@@ -277,6 +289,7 @@ pub const COMMANDS: &[CommandDef] = &[
         name: "query-commands",
         args: NONE,
         ret: "[CommandInfo]",
+        features: &[],
         handler: |_, a, _| {
             a.finish()?;
             Ok(Value::Array(
@@ -288,6 +301,7 @@ pub const COMMANDS: &[CommandDef] = &[
         name: "query-qmp-schema",
         args: NONE,
         ret: "[SchemaInfo]",
+        features: &[],
         handler: |_, a, _| {
             a.finish()?;
             Ok(schema::introspect())
@@ -297,6 +311,7 @@ pub const COMMANDS: &[CommandDef] = &[
         name: "query-named-block-nodes",
         args: Arguments::Members(&[("*flat", "bool")]),
         ret: "[BlockDeviceInfo]",
+        features: &[],
         handler: |ctl, mut a, _| {
             let flat = a.opt_bool("flat")?.unwrap_or(false);
             a.finish()?;
@@ -307,6 +322,7 @@ pub const COMMANDS: &[CommandDef] = &[
         name: "query-block-exports",
         args: NONE,
         ret: "[BlockExportInfo]",
+        features: &[],
         handler: |ctl, a, _| {
             a.finish()?;
             Ok(ctl.query_block_exports())
@@ -316,6 +332,7 @@ pub const COMMANDS: &[CommandDef] = &[
         name: "query-iothreads",
         args: NONE,
         ret: "[IOThreadInfo]",
+        features: &[],
         handler: |ctl, a, _| {
             a.finish()?;
             Ok(ctl.query_iothreads())
@@ -325,6 +342,7 @@ pub const COMMANDS: &[CommandDef] = &[
         name: "query-blockstats",
         args: Arguments::Members(&[("*query-nodes", "bool")]),
         ret: "[BlockStats]",
+        features: &[],
         handler: |ctl, mut a, _| {
             let query_nodes = a.opt_bool("query-nodes")?.unwrap_or(false);
             a.finish()?;
@@ -335,6 +353,7 @@ pub const COMMANDS: &[CommandDef] = &[
         name: "blockdev-add",
         args: Arguments::Boxed("BlockdevOptions"),
         ret: EMPTY,
+        features: &[],
         handler: |ctl, _, arguments| {
             let opts = BlockdevOptions::from_qmp(arguments)
                 .map_err(|e| QmpError::generic(e.to_string()))?;
@@ -346,6 +365,7 @@ pub const COMMANDS: &[CommandDef] = &[
         name: "blockdev-del",
         args: Arguments::Members(&[("node-name", "str")]),
         ret: EMPTY,
+        features: &[],
         handler: |ctl, mut a, _| {
             let node = a.str("node-name")?;
             a.finish()?;
@@ -357,6 +377,7 @@ pub const COMMANDS: &[CommandDef] = &[
         name: "blockdev-reopen",
         args: Arguments::Members(&[("options", "[BlockdevOptions]")]),
         ret: EMPTY,
+        features: &[],
         handler: |ctl, mut a, _| {
             let list = match a.take("options") {
                 Some(Value::Array(items)) => items,
@@ -383,6 +404,7 @@ pub const COMMANDS: &[CommandDef] = &[
         name: "block-export-add",
         args: Arguments::Boxed("BlockExportOptions"),
         ret: EMPTY,
+        features: &[],
         handler: |ctl, _, arguments| {
             let cfg =
                 ExportConfig::from_qmp(arguments).map_err(|e| QmpError::generic(e.to_string()))?;
@@ -394,6 +416,7 @@ pub const COMMANDS: &[CommandDef] = &[
         name: "block-export-del",
         args: Arguments::Members(&[("id", "str"), ("*mode", "BlockExportRemoveMode")]),
         ret: EMPTY,
+        features: &[],
         handler: |ctl, mut a, _| {
             let id = a.str("id")?;
             let hard = a.opt_enum("mode", &["safe", "hard"])? == Some("hard");
@@ -411,6 +434,7 @@ pub const COMMANDS: &[CommandDef] = &[
             ("*max-connections", "uint32"),
         ]),
         ret: EMPTY,
+        features: &[],
         handler: |ctl, mut a, _| {
             let cfg = super::nbd_commands::server_start(&mut a)?;
             a.finish()?;
@@ -428,6 +452,7 @@ pub const COMMANDS: &[CommandDef] = &[
             ("*bitmap", "str"),
         ]),
         ret: EMPTY,
+        features: DEPRECATED,
         handler: |ctl, mut a, _| {
             let add = crate::control::nbd::NbdServerAdd {
                 device: a.str("device")?,
@@ -445,6 +470,7 @@ pub const COMMANDS: &[CommandDef] = &[
         name: "nbd-server-remove",
         args: Arguments::Members(&[("name", "str"), ("*mode", "BlockExportRemoveMode")]),
         ret: EMPTY,
+        features: DEPRECATED,
         handler: |ctl, mut a, _| {
             let name = a.str("name")?;
             let hard = a.opt_enum("mode", &["safe", "hard"])? == Some("hard");
@@ -457,6 +483,7 @@ pub const COMMANDS: &[CommandDef] = &[
         name: "nbd-server-stop",
         args: NONE,
         ret: EMPTY,
+        features: &[],
         handler: |ctl, a, _| {
             a.finish()?;
             ctl.nbd_server_stop()?;
@@ -467,6 +494,7 @@ pub const COMMANDS: &[CommandDef] = &[
         name: "object-add",
         args: Arguments::Boxed("ObjectOptions"),
         ret: EMPTY,
+        features: &[],
         handler: |ctl, _, arguments| {
             let object =
                 ObjectConfig::from_qmp(arguments).map_err(|e| QmpError::generic(e.to_string()))?;
@@ -478,6 +506,7 @@ pub const COMMANDS: &[CommandDef] = &[
         name: "object-del",
         args: Arguments::Members(&[("id", "str")]),
         ret: EMPTY,
+        features: &[],
         handler: |ctl, mut a, _| {
             let id = a.str("id")?;
             a.finish()?;
@@ -493,6 +522,7 @@ pub const COMMANDS: &[CommandDef] = &[
             ("*force", "bool"),
         ]),
         ret: EMPTY,
+        features: &[],
         handler: |ctl, mut a, _| {
             let node = a.str("node-name")?;
             let iothread = a.str_or_null("iothread")?;
@@ -506,36 +536,42 @@ pub const COMMANDS: &[CommandDef] = &[
         name: "qom-list",
         args: Arguments::Members(&[("path", "str")]),
         ret: "[ObjectPropertyInfo]",
+        features: &[],
         handler: |ctl, a, _| super::qom_commands::execute(ctl, "qom-list", a),
     },
     CommandDef {
         name: "qom-get",
         args: Arguments::Members(&[("path", "str"), ("property", "str")]),
         ret: "any",
+        features: &[],
         handler: |ctl, a, _| super::qom_commands::execute(ctl, "qom-get", a),
     },
     CommandDef {
         name: "qom-set",
         args: Arguments::Members(&[("path", "str"), ("property", "str"), ("value", "any")]),
         ret: EMPTY,
+        features: &[],
         handler: |ctl, a, _| super::qom_commands::execute(ctl, "qom-set", a),
     },
     CommandDef {
         name: "qom-list-types",
         args: Arguments::Members(&[("*implements", "str"), ("*abstract", "bool")]),
         ret: "[ObjectTypeInfo]",
+        features: &[],
         handler: |ctl, a, _| super::qom_commands::execute(ctl, "qom-list-types", a),
     },
     CommandDef {
         name: "qom-list-properties",
         args: Arguments::Members(&[("typename", "str")]),
         ret: "[ObjectPropertyInfo]",
+        features: &[],
         handler: |ctl, a, _| super::qom_commands::execute(ctl, "qom-list-properties", a),
     },
     CommandDef {
         name: "block_resize",
         args: Arguments::Members(&[("*device", "str"), ("*node-name", "str"), ("size", "int")]),
         ret: EMPTY,
+        features: &[],
         handler: |ctl, mut a, _| {
             let device = a.opt_str("device")?;
             let node = a.opt_str("node-name")?;
@@ -562,6 +598,7 @@ pub const COMMANDS: &[CommandDef] = &[
         name: "blockdev-snapshot-delete-internal-sync",
         args: Arguments::Members(&[("device", "str"), ("*id", "str"), ("*name", "str")]),
         ret: "SnapshotInfo",
+        features: &[],
         handler: |ctl, mut a, _| {
             let device = a.str("device")?;
             let id = a.opt_str("id")?;
@@ -575,6 +612,7 @@ pub const COMMANDS: &[CommandDef] = &[
         name: "blockdev-create",
         args: Arguments::Members(&[("job-id", "str"), ("options", "BlockdevCreateOptions")]),
         ret: EMPTY,
+        features: &[],
         handler: |ctl, mut a, _| {
             let job_id = a.str("job-id")?;
             let options = a.object("options")?;
@@ -592,6 +630,7 @@ pub const COMMANDS: &[CommandDef] = &[
             ("*force", "bool"),
         ]),
         ret: EMPTY,
+        features: &[],
         handler: |ctl, mut a, _| {
             let job_id = a.str("job-id")?;
             let node = a.str("node-name")?;
@@ -606,6 +645,7 @@ pub const COMMANDS: &[CommandDef] = &[
         name: "query-jobs",
         args: NONE,
         ret: "[JobInfo]",
+        features: &[],
         handler: |ctl, a, _| {
             a.finish()?;
             Ok(ctl.query_jobs())
@@ -621,6 +661,7 @@ pub const COMMANDS: &[CommandDef] = &[
         name: "query-block-jobs",
         args: NONE,
         ret: "[BlockJobInfo]",
+        features: &[],
         handler: |ctl, a, _| {
             a.finish()?;
             Ok(ctl.query_block_jobs())
@@ -630,6 +671,7 @@ pub const COMMANDS: &[CommandDef] = &[
         name: "block-job-cancel",
         args: Arguments::Members(&[("device", "str"), ("*force", "bool")]),
         ret: EMPTY,
+        features: &[],
         handler: |ctl, mut a, _| {
             let id = a.str("device")?;
             let force = a.opt_bool("force")?.unwrap_or(false);
@@ -647,6 +689,7 @@ pub const COMMANDS: &[CommandDef] = &[
         name: "block-job-set-speed",
         args: Arguments::Members(&[("device", "str"), ("speed", "int")]),
         ret: EMPTY,
+        features: &[],
         handler: |ctl, mut a, _| {
             let id = a.str("device")?;
             let speed = a.int("speed")?;
@@ -671,6 +714,7 @@ pub const COMMANDS: &[CommandDef] = &[
             ("*auto-dismiss", "bool"),
         ]),
         ret: EMPTY,
+        features: &[],
         handler: |ctl, mut a, _| {
             let args = crate::control::jobs::StreamArgs {
                 device: a.str("device")?,
@@ -702,6 +746,7 @@ pub const COMMANDS: &[CommandDef] = &[
             ("*auto-dismiss", "bool"),
         ]),
         ret: EMPTY,
+        features: &[],
         handler: |ctl, mut a, _| {
             let args = crate::control::jobs::CommitArgs {
                 device: a.str("device")?,
@@ -718,7 +763,7 @@ pub const COMMANDS: &[CommandDef] = &[
         },
     },
     transaction_command!("blockdev-backup", schema::BLOCKDEV_BACKUP),
-    transaction_command!("drive-backup", schema::DRIVE_BACKUP),
+    transaction_command!("drive-backup", schema::DRIVE_BACKUP, DEPRECATED),
     CommandDef {
         name: "blockdev-mirror",
         args: Arguments::Members(&[
@@ -738,6 +783,7 @@ pub const COMMANDS: &[CommandDef] = &[
             ("*auto-dismiss", "bool"),
         ]),
         ret: EMPTY,
+        features: &[],
         handler: |ctl, mut a, _| {
             let device = a.str("device")?;
             let target = a.str("target")?;
@@ -769,6 +815,7 @@ pub const COMMANDS: &[CommandDef] = &[
             ("*auto-dismiss", "bool"),
         ]),
         ret: EMPTY,
+        features: &[],
         handler: |ctl, mut a, _| {
             let d = crate::control::mirror::DriveMirror {
                 device: a.str("device")?,
@@ -795,6 +842,7 @@ pub const COMMANDS: &[CommandDef] = &[
             ("backing-file", "str"),
         ]),
         ret: EMPTY,
+        features: &[],
         handler: |ctl, mut a, _| {
             let device = a.str("device")?;
             let image = a.str("image-node-name")?;
@@ -808,6 +856,7 @@ pub const COMMANDS: &[CommandDef] = &[
         name: "block-set-write-threshold",
         args: Arguments::Members(&[("node-name", "str"), ("write-threshold", "uint64")]),
         ret: EMPTY,
+        features: &[],
         handler: |ctl, mut a, _| {
             let node = a.str("node-name")?;
             let t = a.uint("write-threshold")?;
@@ -834,12 +883,14 @@ pub const COMMANDS: &[CommandDef] = &[
             ("*properties", "TransactionProperties"),
         ]),
         ret: EMPTY,
+        features: &[],
         handler: |ctl, a, _| super::transaction::execute(ctl, a),
     },
     CommandDef {
         name: "x-debug-query-block-graph",
         args: NONE,
         ret: "XDbgBlockGraph",
+        features: &[],
         handler: |ctl, a, _| {
             a.finish()?;
             Ok(ctl.query_block_graph())
@@ -849,6 +900,7 @@ pub const COMMANDS: &[CommandDef] = &[
         name: "cont",
         args: NONE,
         ret: EMPTY,
+        features: &[],
         handler: |ctl, a, _| {
             a.finish()?;
             ctl.cont(None)?;
@@ -859,6 +911,7 @@ pub const COMMANDS: &[CommandDef] = &[
         name: "x-block-export-cont",
         args: Arguments::Members(&[("id", "str")]),
         ret: EMPTY,
+        features: &[],
         handler: |ctl, mut a, _| {
             let id = a.str("id")?;
             a.finish()?;
@@ -870,6 +923,7 @@ pub const COMMANDS: &[CommandDef] = &[
         name: "quit",
         args: NONE,
         ret: EMPTY,
+        features: &[],
         handler: |_, a, _| {
             a.finish()?;
             ok()

@@ -237,8 +237,12 @@ fn build() -> Value {
             "name": cmd.name, "meta-type": "command",
             "arg-type": arg_type(cmd), "ret-type": shown(cmd.ret),
         });
+        let mut features = cmd.features.to_vec();
         if cmd.name.starts_with("x-") {
-            e["features"] = json!(["unstable"]);
+            features.push("unstable");
+        }
+        if !features.is_empty() {
+            e["features"] = json!(features);
         }
         entries.push(e);
         match cmd.args {
@@ -1692,6 +1696,46 @@ mod tests {
         }
         // Every name is listed once.
         assert_eq!(defined.len(), entries.len());
+    }
+
+    /// The block layer's typed events are listed, with their data's members.
+    #[test]
+    fn block_layer_events_are_listed() {
+        use blocklayer::events::*;
+        let events = [
+            BlockEvent::WriteThreshold(WriteThreshold {
+                node_name: "n".into(),
+                amount_exceeded: 1,
+                write_threshold: 2,
+            }),
+            BlockEvent::ImageCorrupted(ImageCorrupted {
+                device: String::new(),
+                node_name: "n".into(),
+                msg: "m".into(),
+                fatal: true,
+            }),
+            BlockEvent::IoError(IoError {
+                device: String::new(),
+                node_name: "n".into(),
+                operation: IoOperation::Read,
+                action: "report",
+                nospace: Some(false),
+                reason: "r".into(),
+            }),
+        ];
+        for e in &events {
+            let def = EVENTS
+                .iter()
+                .find(|d| d.name == e.name())
+                .unwrap_or_else(|| panic!("{} not in EVENTS", e.name()));
+            for key in e.data().as_object().unwrap().keys() {
+                assert!(
+                    def.data.iter().any(|m| member_name(m).0 == key),
+                    "{}: {key} not declared",
+                    e.name()
+                );
+            }
+        }
     }
 
     /// The driver enum is vubd's driver table.
