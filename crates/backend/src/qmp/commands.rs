@@ -700,19 +700,17 @@ pub const COMMANDS: &[CommandDef] = &[
     },
     CommandDef {
         name: "block-stream",
-        args: Arguments::Members(&[
-            ("*job-id", "str"),
-            ("device", "str"),
-            ("*base", "str"),
-            ("*base-node", "str"),
-            ("*backing-file", "str"),
-            ("*bottom", "str"),
-            ("*speed", "int"),
-            ("*on-error", "BlockdevOnError"),
-            ("*filter-node-name", "str"),
-            ("*auto-finalize", "bool"),
-            ("*auto-dismiss", "bool"),
-        ]),
+        args: Arguments::Members(&schema::concat::<11>(
+            &[
+                ("*job-id", "str"),
+                ("device", "str"),
+                ("*base", "str"),
+                ("*base-node", "str"),
+                ("*backing-file", "str"),
+                ("*bottom", "str"),
+            ],
+            schema::JOB_OPTIONS,
+        )),
         ret: EMPTY,
         features: &[],
         handler: |ctl, mut a, _| {
@@ -731,20 +729,18 @@ pub const COMMANDS: &[CommandDef] = &[
     },
     CommandDef {
         name: "block-commit",
-        args: Arguments::Members(&[
-            ("*job-id", "str"),
-            ("device", "str"),
-            ("*base-node", "str"),
-            ("*base", "str"),
-            ("*top-node", "str"),
-            ("*top", "str"),
-            ("*backing-file", "str"),
-            ("*speed", "int"),
-            ("*on-error", "BlockdevOnError"),
-            ("*filter-node-name", "str"),
-            ("*auto-finalize", "bool"),
-            ("*auto-dismiss", "bool"),
-        ]),
+        args: Arguments::Members(&schema::concat::<12>(
+            &[
+                ("*job-id", "str"),
+                ("device", "str"),
+                ("*base-node", "str"),
+                ("*base", "str"),
+                ("*top-node", "str"),
+                ("*top", "str"),
+                ("*backing-file", "str"),
+            ],
+            schema::JOB_OPTIONS,
+        )),
         ret: EMPTY,
         features: &[],
         handler: |ctl, mut a, _| {

@@ -356,7 +356,7 @@ pub const EVENTS: &[EventDef] = &[
 
 const ON_ERROR: &[&str] = &["report", "ignore", "enospc", "stop"];
 
-/// Members every block job command shares (after its own ones).
+/// QEMU's `BackupCommon` and `target`: `blockdev-backup`'s members.
 const BACKUP_COMMON: &[Member] = &[
     ("*job-id", "str"),
     ("device", "str"),
@@ -376,24 +376,37 @@ const BACKUP_COMMON: &[Member] = &[
 
 pub const BLOCKDEV_BACKUP: &[Member] = BACKUP_COMMON;
 
-pub const DRIVE_BACKUP: &[Member] = &[
-    ("*job-id", "str"),
-    ("device", "str"),
-    ("sync", "MirrorSyncMode"),
+pub const DRIVE_BACKUP: &[Member] = &concat::<16>(
+    BACKUP_COMMON,
+    &[("*format", "str"), ("*mode", "NewImageMode")],
+);
+
+/// The members of a block job command after its own: QEMU's common job options.
+pub const JOB_OPTIONS: &[Member] = &[
     ("*speed", "int"),
-    ("*bitmap", "str"),
-    ("*bitmap-mode", "BitmapSyncMode"),
-    ("*compress", "bool"),
-    ("*on-source-error", "BlockdevOnError"),
-    ("*on-target-error", "BlockdevOnError"),
+    ("*on-error", "BlockdevOnError"),
+    ("*filter-node-name", "str"),
     ("*auto-finalize", "bool"),
     ("*auto-dismiss", "bool"),
-    ("*filter-node-name", "str"),
-    ("*x-perf", "BackupPerf"),
-    ("target", "str"),
-    ("*format", "str"),
-    ("*mode", "NewImageMode"),
 ];
+
+/// `a` then `b` (`N`: their lengths' sum), for member lists that extend others as
+/// QAPI's bases do.
+pub const fn concat<const N: usize>(a: &[Member], b: &[Member]) -> [Member; N] {
+    let mut out = [("", ""); N];
+    let mut i = 0;
+    while i < a.len() {
+        out[i] = a[i];
+        i += 1;
+    }
+    let mut j = 0;
+    while j < b.len() {
+        out[i + j] = b[j];
+        j += 1;
+    }
+    assert!(i + j == N, "concat: wrong length");
+    out
+}
 
 pub const BLOCKDEV_SNAPSHOT: &[Member] = &[("node", "str"), ("overlay", "str")];
 
