@@ -12,6 +12,12 @@ first two with ``cargo build --workspace``.
 Tests are plain ``async def`` functions: the ``pytest_pyfunc_call`` hook below runs
 them with ``asyncio.run`` under a hard time limit, so pytest-asyncio is not needed.
 
+Every command result and event a test receives through ``Daemon.connect``/``qmp``
+(qemu.qmp) or ``RawQmp.cmd`` is checked against the daemon's own ``query-qmp-schema``
+(fetched once per daemon, after its first successful command; see qapi_schema.py and
+``SchemaRecorder``). A reply or event that does not fit fails the test at teardown.
+``VUBD_QMP_NO_SCHEMA_CHECK=1`` turns this off.
+
 Markers:
   * ``vubd_only(reason)``: vubd behaviour that qemu-storage-daemon does not have (or
     that qsd crashes or hangs on); skipped with ``--daemon=qsd``.
@@ -38,6 +44,8 @@ from typing import Any, Iterable, Optional
 
 import pytest
 from qemu.qmp import ExecuteError, QMPClient
+
+from qapi_schema import Schema
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGET = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
@@ -192,6 +200,8 @@ class Daemon:
         #: Set when the test makes the daemon exit (quit): teardown then does not
         #: require it to be alive.
         self.expect_exit = False
+        #: Checks replies and events against the daemon's schema.
+        self.schema = SchemaRecorder("vubd" if kind == "vubd" else "qsd")
         binary = vubd_bin() if kind == "vubd" else qsd_bin()
         self.cmd = [
             str(binary),
@@ -301,7 +311,7 @@ class Daemon:
     # -- QMP --------------------------------------------------------------------------
 
     async def connect(self, negotiate: bool = True, name: str = "test") -> QMPClient:
-        c = QMPClient(name)
+        c = CheckedClient(name, self.schema)
         c.negotiate = negotiate
         await asyncio.wait_for(c.connect(str(self.monitor)), CMD_TIMEOUT)
         return c
@@ -316,16 +326,119 @@ class Daemon:
                 await asyncio.wait_for(c.disconnect(), CMD_TIMEOUT)
 
     def raw(self, negotiate: bool = False) -> "RawQmp":
-        r = RawQmp(self.monitor)
+        r = RawQmp(self.monitor, recorder=self.schema)
         if negotiate:
             r.negotiate()
+        return r
+
+
+#: Across the session: commands each daemon kind's schema lists, and those that
+#: returned a checked result (reported at the end, see pytest_terminal_summary).
+SCHEMA_COMMANDS: dict[str, set] = {}
+REPLIED: dict[str, set] = {}
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    for kind, listed in SCHEMA_COMMANDS.items():
+        done = REPLIED.get(kind, set())
+        never = sorted(listed - done)
+        # (The list is of use after a whole run; a few files leave most commands out.)
+        rest = f"; never run successfully: {', '.join(never)}" if 0 < len(never) <= 20 else ""
+        terminalreporter.write_line(
+            f"schema check ({kind}): results of {len(done & listed)} of {len(listed)} "
+            f"commands checked{rest}"
+        )
+
+
+class SchemaRecorder:
+    """Checks one daemon's command results and events against its schema. Until the
+    schema is known (fetched by the first ``CheckedClient`` whose command succeeds),
+    what arrives is kept and checked then."""
+
+    def __init__(self, kind: str = ""):
+        self.kind = kind
+        self.enabled = not os.environ.get("VUBD_QMP_NO_SCHEMA_CHECK")
+        self.schema: Optional[Schema] = None
+        self.pending: list[tuple[str, str, Any]] = []
+        self.problems: list[str] = []
+        self.checked = 0
+        #: A client is fetching the schema (the others leave it to that one).
+        self.fetching = False
+
+    def _check(self, kind: str, name: str, value: Any):
+        self.checked += 1
+        if kind == "reply":
+            REPLIED.setdefault(self.kind, set()).add(name)
+            found = self.schema.check_return(name, value)
+        else:
+            found = self.schema.check_event(name, value)
+        self.problems += found[:5]
+
+    def _add(self, kind: str, name: str, value: Any):
+        if not self.enabled:
+            return
+        if self.schema is None:
+            self.pending.append((kind, name, value))
+        else:
+            self._check(kind, name, value)
+
+    def reply(self, command: str, value: Any):
+        self._add("reply", command, value)
+
+    def event(self, msg: dict):
+        self._add("event", msg.get("event"), msg.get("data"))
+
+    def set_schema(self, entries: Any):
+        # An invalid schema raises here, in the test that fetched it.
+        self.schema = Schema(entries)
+        SCHEMA_COMMANDS.setdefault(self.kind, set()).update(self.schema.commands)
+        self._add("reply", "query-qmp-schema", entries)
+        pending, self.pending = self.pending, []
+        for p in pending:
+            self._check(*p)
+
+    def report(self) -> Optional[str]:
+        if not self.problems:
+            return None
+        return "replies or events that do not fit the daemon's query-qmp-schema:\n  " + (
+            "\n  ".join(self.problems[:30])
+        )
+
+
+class CheckedClient(QMPClient):
+    """qemu.qmp's client, whose results and events go to a ``SchemaRecorder``."""
+
+    def __init__(self, name: str, recorder: SchemaRecorder):
+        super().__init__(name)
+        self.recorder = recorder
+
+    async def _on_message(self, msg) -> None:
+        if "event" in msg:
+            self.recorder.event(dict(msg))
+        await super()._on_message(msg)
+
+    async def execute(self, cmd: str, arguments=None, oob: bool = False):
+        r = await super().execute(cmd, arguments, oob)
+        rec = self.recorder
+        if rec.enabled and rec.schema is None:
+            if cmd == "query-qmp-schema":
+                rec.set_schema(r)
+                return r
+            if cmd != "quit" and not rec.fetching:
+                rec.fetching = True
+                try:
+                    rec.set_schema(await super().execute("query-qmp-schema"))
+                finally:
+                    rec.fetching = False
+        rec.reply(cmd, r)
         return r
 
 
 class RawQmp:
     """A QMP client on a plain socket, for what qemu.qmp does not let a test send."""
 
-    def __init__(self, path: Path, timeout: float = CMD_TIMEOUT):
+    def __init__(self, path: Path, timeout: float = CMD_TIMEOUT, recorder=None):
+        self.recorder = recorder
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         self.sock.connect(str(path))
@@ -365,6 +478,8 @@ class RawQmp:
             m = self.recv()
             if "event" in m:
                 self.events.append(m)
+                if self.recorder:
+                    self.recorder.event(m)
                 continue
             return m
 
@@ -381,7 +496,10 @@ class RawQmp:
         if arguments is not None:
             msg["arguments"] = arguments
         msg.update(extra)
-        return self.request(json.dumps(msg))
+        r = self.request(json.dumps(msg))
+        if self.recorder and "return" in r:
+            self.recorder.reply(execute, r["return"])
+        return r
 
     def negotiate(self):
         r = self.cmd("qmp_capabilities")
@@ -424,6 +542,7 @@ def start_daemon(tmp, kind):
     request_kind = kind
     yield start
     problems = [p for p in (d.stop() for d in daemons) if p]
+    problems += [f"{d.name}: {r}" for d in daemons if (r := d.schema.report())]
     if problems:
         pytest.fail("\n\n".join(problems), pytrace=False)
 

@@ -553,8 +553,8 @@ async def test_drive_mirror_unmap(start_daemon, tmp, unmap):
         assert (e["data"], e["zero"], "offset" in e) == (False, True, not unmap), rest
 
 
-@pytest.mark.parametrize("kind", ["background", "write-blocking", "active-commit"])
-async def test_job_bitmaps_are_listed(start_daemon, tmp, kind):
+@pytest.mark.parametrize("job_kind", ["background", "write-blocking", "active-commit"])
+async def test_job_bitmaps_are_listed(start_daemon, tmp, job_kind):
     """A mirror's (and an active commit's) own dirty bitmap is listed in its source's
     dirty-bitmaps while the job runs, without a name, as QEMU lists it: recording
     (but for a write-blocking mirror, whose bitmap the mirror keeps itself), not
@@ -563,21 +563,21 @@ async def test_job_bitmaps_are_listed(start_daemon, tmp, kind):
     d, sock = setup(start_daemon, tmp)
     async with d.qmp() as c:
         ev = JobEvents(c)
-        if kind == "active-commit":
+        if job_kind == "active-commit":
             await execute(c, "block-commit", {"job-id": "m", "device": "top"})
             gran = 64 * KIB
         else:
             await execute(c, "blockdev-mirror", {
                 "job-id": "m", "device": "top", "target": "tgt", "sync": "full",
-                "granularity": 4096, "copy-mode": kind,
+                "granularity": 4096, "copy-mode": job_kind,
             })
             gran = 4096
         await ev.until("m", "BLOCK_JOB_READY")
         bitmaps = (await nodes_by_name(c))["top"].get("dirty-bitmaps")
-        assert bitmaps == [{"recording": kind != "write-blocking", "persistent": False,
+        assert bitmaps == [{"recording": job_kind != "write-blocking", "persistent": False,
                             "busy": False, "granularity": gran, "count": 0}], bitmaps
         # A write the job has not copied yet is counted (the job is paused).
-        if kind == "background":
+        if job_kind == "background":
             await execute(c, "block-job-pause", {"device": "m"})
             assert await ev.until("m", "standby") == ["standby"]
             io_ok("write", "--socket", sock, "--offset", MIB, "--len", 4096, "--seed", 5)

@@ -44,6 +44,7 @@ pub const EVENTS: &[&str] = &[
     "vubd::metrics::http",
     "vubd::qmp::events",
     "vubd::qmp::outbox",
+    "vubd::qmp::schema",
     "vubd::qmp::server",
     "blocklayer::aio::executor",
     "blocklayer::aio::uring",

@@ -18,12 +18,12 @@ use crate::edge::{Edge, Parent};
 use crate::error::Result;
 use crate::error_policy::ErrorState;
 pub use crate::error_policy::{ErrorAction, IoStatus, OnError};
+use crate::events::{IoError, IoOperation};
 use crate::graph::Graph;
 use crate::node::Node;
 use crate::perm::Perm;
 use crate::stats::IoStats;
 use arc_swap::Guard;
-use serde_json::{json, Value};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -150,23 +150,24 @@ impl BlockBackend {
     pub fn apply_error_action(&self, read: bool, errno: i32, action: ErrorAction) -> bool {
         let data = self.io_error_event(read, errno, action);
         let stopped = action == ErrorAction::Stop && self.errors.stop(errno);
-        crate::events::emit("BLOCK_IO_ERROR", data);
+        crate::events::emit(crate::events::BlockEvent::IoError(data));
         stopped
     }
 
     /// The data of `BLOCK_IO_ERROR` (the backend has no name: `device` is empty).
-    fn io_error_event(&self, read: bool, errno: i32, action: ErrorAction) -> Value {
-        let mut data = json!({
-            "device": "",
-            "node-name": self.node().name(),
-            "operation": if read { "read" } else { "write" },
-            "action": action.name(),
-            "reason": std::io::Error::from_raw_os_error(errno).to_string(),
-        });
-        if self.iostatus_enabled() {
-            data["nospace"] = json!(errno == libc::ENOSPC);
+    fn io_error_event(&self, read: bool, errno: i32, action: ErrorAction) -> IoError {
+        IoError {
+            device: String::new(),
+            node_name: self.node().name().to_string(),
+            operation: if read {
+                IoOperation::Read
+            } else {
+                IoOperation::Write
+            },
+            action: action.name(),
+            nospace: self.iostatus_enabled().then_some(errno == libc::ENOSPC),
+            reason: std::io::Error::from_raw_os_error(errno).to_string(),
         }
-        data
     }
 
     /// Whether an error with action `stop` stopped the backend (until `cont`); its
@@ -308,6 +309,7 @@ impl BlockBackend {
 mod tests {
     use super::*;
     use crate::options::BlockdevOptions;
+    use serde_json::json;
 
     fn backend(g: &mut Graph) -> BlockBackend {
         let opts =
@@ -377,7 +379,7 @@ mod tests {
         let mut g = Graph::new();
         let mut blk = backend(&mut g);
         blk.set_on_error(OnError::Report, OnError::Report);
-        let v = blk.io_error_event(true, libc::EIO, ErrorAction::Report);
+        let v = crate::info::to_json(&blk.io_error_event(true, libc::EIO, ErrorAction::Report));
         assert_eq!(
             v,
             json!({"device": "", "node-name": "n", "operation": "read", "action": "report",
@@ -385,7 +387,7 @@ mod tests {
         );
         // With an I/O status, the event says whether the disk is full.
         blk.set_on_error(OnError::Report, OnError::Enospc);
-        let v = blk.io_error_event(false, libc::ENOSPC, ErrorAction::Stop);
+        let v = crate::info::to_json(&blk.io_error_event(false, libc::ENOSPC, ErrorAction::Stop));
         assert_eq!(v["operation"], "write");
         assert_eq!(v["action"], "stop");
         assert_eq!(v["nospace"], true);

@@ -212,7 +212,7 @@ pub trait Driver: Send + Sync {
 
     /// The `dirty-bitmaps` entries of bitmaps the driver keeps itself (QEMU's
     /// anonymous bitmaps of the node: the copy-before-write filter's).
-    fn own_bitmaps_info(&self) -> Vec<serde_json::Value> {
+    fn own_bitmaps_info(&self) -> Vec<crate::info::BlockDirtyInfo> {
         Vec::new()
     }
 

@@ -5,11 +5,12 @@
 use crate::drivers::OpenCtx;
 use crate::edge::{Edge, Parent, Role};
 use crate::error::{BlockError, Result};
+use crate::info::{BlockDeviceInfo, BlockdevCacheInfo, ImageInfo};
 use crate::node::{Node, NodeFlags};
 use crate::options::{BlockdevOptions, BlockdevRef, DetectZeroes, DiscardMode};
 use crate::perm::Perm;
 use crate::secret::Secrets;
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -578,35 +579,30 @@ impl Graph {
     }
 
     /// QEMU's `ImageInfo` of a node; `flat` leaves out the backing chain.
-    fn image_info(&self, node: &Node, flat: bool) -> Value {
-        let mut info = json!({
-            "filename": node.driver().filename(),
-            "format": node.driver_name(),
-            "virtual-size": node.size(),
-            "dirty-flag": false,
-        });
-        if let Some(actual) = node.driver().actual_size() {
-            info["actual-size"] = json!(actual);
+    fn image_info(&self, node: &Node, flat: bool) -> ImageInfo {
+        let backing = backing_of(node);
+        ImageInfo {
+            filename: node.driver().filename(),
+            format: node.driver_name().to_string(),
+            virtual_size: node.size(),
+            dirty_flag: false,
+            actual_size: node.driver().actual_size(),
+            driver: match node.driver().image_info_extra() {
+                Some(Value::Object(extra)) => extra,
+                _ => Map::new(),
+            },
+            full_backing_filename: backing.as_ref().map(|b| b.driver().filename()),
+            backing_image: backing
+                .filter(|_| !flat)
+                .map(|b| Box::new(self.image_info(&b, flat))),
+            // As QEMU: listed when the driver keeps internal snapshots and has some.
+            snapshots: node
+                .driver()
+                .snapshot_list()
+                .ok()
+                .filter(|s| !s.is_empty())
+                .map(|snaps| snaps.iter().map(|s| s.to_qmp()).collect()),
         }
-        if let Some(Value::Object(extra)) = node.driver().image_info_extra() {
-            for (k, v) in extra {
-                info[k.as_str()] = v;
-            }
-        }
-        if let Some(backing) = backing_of(node) {
-            info["full-backing-filename"] = json!(backing.driver().filename());
-            if !flat {
-                info["backing-image"] = self.image_info(&backing, flat);
-            }
-        }
-        // As QEMU: listed when the driver keeps internal snapshots and has some.
-        if let Ok(snaps) = node.driver().snapshot_list() {
-            if !snaps.is_empty() {
-                info["snapshots"] =
-                    Value::Array(snaps.iter().map(|s| s.to_qmp()).collect::<Vec<_>>());
-            }
-        }
-        info
     }
 
     /// Whether no node of the graph has `node` as a child (QEMU's root nodes: only
@@ -616,7 +612,7 @@ impl Graph {
     }
 
     /// QEMU's `BlockDeviceInfo` of a node (`query-named-block-nodes`).
-    pub fn node_info(&self, node: &Node, flat: bool) -> Value {
+    pub fn node_info(&self, node: &Node, flat: bool) -> BlockDeviceInfo {
         let flags = node.flags();
         let detect_zeroes = match flags.detect_zeroes {
             DetectZeroes::Off => "off",
@@ -631,45 +627,38 @@ impl Graph {
             depth += 1;
             next = backing_of(&b);
         }
-        let mut info = json!({
-            "file": node.driver().filename(),
-            "node-name": node.name(),
-            "ro": node.is_read_only(),
-            "drv": node.driver_name(),
-            "backing_file_depth": depth,
-            "encrypted": node.driver().is_encrypted(),
-            "detect_zeroes": detect_zeroes,
-            "bps": 0,
-            "bps_rd": 0,
-            "bps_wr": 0,
-            "iops": 0,
-            "iops_rd": 0,
-            "iops_wr": 0,
-            "image": self.image_info(node, flat),
-            "cache": {
-                "writeback": true,
-                "direct": flags.cache_direct,
-                "no-flush": flags.no_flush,
+        BlockDeviceInfo {
+            file: node.driver().filename(),
+            node_name: node.name().to_string(),
+            ro: node.is_read_only(),
+            drv: node.driver_name().to_string(),
+            backing_file_depth: depth,
+            encrypted: node.driver().is_encrypted(),
+            detect_zeroes,
+            bps: 0,
+            bps_rd: 0,
+            bps_wr: 0,
+            iops: 0,
+            iops_rd: 0,
+            iops_wr: 0,
+            image: self.image_info(node, flat),
+            cache: BlockdevCacheInfo {
+                writeback: true,
+                direct: flags.cache_direct,
+                no_flush: flags.no_flush,
             },
-            "write_threshold": node.write_threshold(),
-        });
-        if let Some(f) = backing_file {
-            info["backing_file"] = json!(f);
+            write_threshold: node.write_threshold(),
+            backing_file,
+            dirty_bitmaps: node.dirty_bitmaps_info(),
         }
-        if let Some(b) = node.dirty_bitmaps_info() {
-            info["dirty-bitmaps"] = b;
-        }
-        info
     }
 
     /// Every node's `BlockDeviceInfo`, in node-name order.
-    pub fn query_named_block_nodes(&self, flat: bool) -> Value {
-        Value::Array(
-            self.nodes
-                .values()
-                .map(|n| self.node_info(n, flat))
-                .collect(),
-        )
+    pub fn query_named_block_nodes(&self, flat: bool) -> Vec<BlockDeviceInfo> {
+        self.nodes
+            .values()
+            .map(|n| self.node_info(n, flat))
+            .collect()
     }
 }
 
@@ -849,7 +838,7 @@ mod tests {
                 json!({"driver": "null-co", "node-name": "n", "size": 4096}),
             ))
             .unwrap();
-        let info = g.node_info(&n, true);
+        let info = crate::info::to_json(&g.node_info(&n, true));
         assert_eq!(info["drv"], "null-co");
         assert_eq!(info["image"]["virtual-size"], 4096);
         assert_eq!(info["file"], "null-co://");

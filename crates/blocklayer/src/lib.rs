@@ -28,6 +28,7 @@ pub mod error_policy;
 pub mod events;
 pub mod filter;
 pub mod graph;
+pub mod info;
 pub mod io;
 pub mod limits;
 pub mod named_bitmap;

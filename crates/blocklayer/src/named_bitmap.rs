@@ -234,19 +234,16 @@ impl NamedBitmap {
     }
 
     /// QEMU's `BlockDirtyInfo` of the bitmap (`inconsistent` only when set).
-    pub fn info(&self) -> serde_json::Value {
-        let mut v = serde_json::json!({
-            "name": self.name,
-            "recording": self.enabled() || self.successor_recording.load(Ordering::Acquire),
-            "persistent": self.persistent(),
-            "busy": self.busy(),
-            "granularity": self.granularity(),
-            "count": self.count(),
-        });
-        if self.inconsistent() {
-            v["inconsistent"] = true.into();
+    pub fn info(&self) -> crate::info::BlockDirtyInfo {
+        crate::info::BlockDirtyInfo {
+            name: Some(self.name.clone()),
+            recording: self.enabled() || self.successor_recording.load(Ordering::Acquire),
+            persistent: self.persistent(),
+            busy: self.busy(),
+            granularity: self.granularity(),
+            count: self.count(),
+            inconsistent: self.inconsistent(),
         }
-        v
     }
 
     /// The checks [`NamedBitmap::merge`] makes of one source: [`Check::ALLOW_RO`],
@@ -368,17 +365,17 @@ impl Node {
     /// The `dirty-bitmaps` member of the node's `BlockDeviceInfo`: jobs' bitmaps
     /// (no name: the driver's own, then those jobs keep on the node) and named
     /// ones; absent (None) when the node has none, as QEMU's.
-    pub fn dirty_bitmaps_info(&self) -> Option<serde_json::Value> {
+    pub fn dirty_bitmaps_info(&self) -> Option<Vec<crate::info::BlockDirtyInfo>> {
         let named = self.named_lock();
         let jobs = self.job_bitmaps_lock();
-        let list: Vec<serde_json::Value> = self
+        let list: Vec<crate::info::BlockDirtyInfo> = self
             .driver()
             .own_bitmaps_info()
             .into_iter()
             .chain(jobs.iter().filter_map(|b| b.info()))
             .chain(named.iter().map(|b| b.info()))
             .collect();
-        (!list.is_empty()).then(|| list.into())
+        (!list.is_empty()).then_some(list)
     }
 
     /// Starts recording writes in `b` (a bitmap of this node).
@@ -547,8 +544,8 @@ mod tests {
         a.set_persistent(true);
         n.set_bitmap_inconsistent(&a);
         assert!(!a.enabled());
-        assert_eq!(a.info()["inconsistent"], true);
-        assert!(b.info().get("inconsistent").is_none());
+        assert!(a.info().inconsistent);
+        assert!(!b.info().inconsistent);
         assert_eq!(
             a.merge(std::slice::from_ref(&b)).unwrap_err().to_string(),
             "Bitmap 'a' is inconsistent and cannot be used"

@@ -68,7 +68,7 @@ pub(crate) enum JobBitmap {
 
 impl JobBitmap {
     /// QEMU's `BlockDirtyInfo` of an anonymous bitmap (None: gone).
-    pub(crate) fn info(&self) -> Option<serde_json::Value> {
+    pub(crate) fn info(&self) -> Option<crate::info::BlockDirtyInfo> {
         let (recording, granularity, count) = match self {
             JobBitmap::Recording(b, r) => (*r, b.granularity(), b.count()),
             JobBitmap::Copy(w) => {
@@ -76,24 +76,12 @@ impl JobBitmap {
                 (false, bcs.cluster_size(), bcs.dirty_bytes())
             }
         };
-        Some(anonymous_bitmap_info(recording, granularity, count))
+        Some(crate::info::BlockDirtyInfo::anonymous(
+            recording,
+            granularity,
+            count,
+        ))
     }
-}
-
-/// The `dirty-bitmaps` entry of a bitmap without a name (a job's): never
-/// persistent nor busy.
-pub(crate) fn anonymous_bitmap_info(
-    recording: bool,
-    granularity: u64,
-    count: u64,
-) -> serde_json::Value {
-    serde_json::json!({
-        "recording": recording,
-        "persistent": false,
-        "busy": false,
-        "granularity": granularity,
-        "count": count,
-    })
 }
 
 pub struct Node {
@@ -550,14 +538,13 @@ impl Node {
             .compare_exchange(t, 0, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
         {
-            crate::events::emit(
-                "BLOCK_WRITE_THRESHOLD",
-                serde_json::json!({
-                    "node-name": self.name,
-                    "amount-exceeded": end - t,
-                    "write-threshold": t,
-                }),
-            );
+            crate::events::emit(crate::events::BlockEvent::WriteThreshold(
+                crate::events::WriteThreshold {
+                    node_name: self.name.clone(),
+                    amount_exceeded: end - t,
+                    write_threshold: t,
+                },
+            ));
         }
     }
 }

@@ -6,10 +6,10 @@
 use super::jobs::{check_busy, JobOpts};
 use super::{generic, Control, OpResult, DRAIN_TIMEOUT};
 use crate::config::OnError;
+use crate::control::error::ControlError;
 use crate::jobs::backup::{Backup, SyncMode, CHUNK, MAX_WORKERS};
 use crate::jobs::copy::JobCtx;
 use crate::jobs::{Job, JobCore};
-use crate::qmp::wire::QmpError;
 use blocklayer::bitmap::DirtyBitmap;
 use blocklayer::block_copy::ClusterBits;
 use blocklayer::drivers::file::create::{create_file, FilePrealloc};
@@ -101,7 +101,7 @@ impl Control {
             let fmt = format.as_deref().unwrap_or("raw");
             self.create_backup_image(path, fmt, source.size(), backing.as_ref())?;
         } else if !path.exists() {
-            return Err(QmpError::generic(format!(
+            return Err(ControlError::generic(format!(
                 "Could not open '{}': No such file or directory",
                 a.target
             )));
@@ -146,10 +146,10 @@ impl Control {
             "raw" => create_file(path, size, FilePrealloc::Off)
                 .map_err(|e| super::graph_ops::create_error(path, e)),
             "qcow2" => self.create_qcow2(path, size, backing),
-            f if BlockdevOptions::is_qemu_driver(f) => Err(QmpError::generic(format!(
+            f if BlockdevOptions::is_qemu_driver(f) => Err(ControlError::generic(format!(
                 "vubd creates backup targets in the qcow2 and raw formats only, not '{f}'"
             ))),
-            f => Err(QmpError::generic(format!("Unknown file format '{f}'"))),
+            f => Err(ControlError::generic(format!("Unknown file format '{f}'"))),
         }
     }
 
@@ -164,13 +164,13 @@ impl Control {
         let mut sync = a.sync;
         let mut bitmap_mode = a.bitmap_mode;
         if matches!(sync, "bitmap" | "incremental") && a.bitmap.is_none() {
-            return Err(QmpError::generic(format!(
+            return Err(ControlError::generic(format!(
                 "must provide a valid bitmap name for '{sync}' sync mode"
             )));
         }
         if sync == "incremental" {
             if bitmap_mode.is_some_and(|m| m != "on-success") {
-                return Err(QmpError::generic(format!(
+                return Err(ControlError::generic(format!(
                     "Bitmap sync mode must be 'on-success' when using sync mode '{sync}'"
                 )));
             }
@@ -179,29 +179,29 @@ impl Control {
         }
         let mut sync_bitmap = None;
         if let Some(name) = &a.bitmap {
-            let bm = source
-                .named_bitmap(name)
-                .ok_or_else(|| QmpError::generic(format!("Bitmap '{name}' could not be found")))?;
+            let bm = source.named_bitmap(name).ok_or_else(|| {
+                ControlError::generic(format!("Bitmap '{name}' could not be found"))
+            })?;
             let Some(mode) = bitmap_mode else {
-                return Err(QmpError::generic(
+                return Err(ControlError::generic(
                     "Bitmap sync mode must be given when providing a bitmap",
                 ));
             };
             bm.check(Check::ALLOW_RO).map_err(generic)?;
             if sync == "none" {
-                return Err(QmpError::generic(format!(
+                return Err(ControlError::generic(format!(
                     "sync mode '{sync}' does not produce meaningful bitmap outputs"
                 )));
             }
             if mode == "never" && sync != "bitmap" {
-                return Err(QmpError::generic(format!(
+                return Err(ControlError::generic(format!(
                     "Bitmap sync mode '{mode}' has no meaningful effect when combined with \
                      sync mode '{sync}'"
                 )));
             }
             sync_bitmap = Some((bm, mode));
         } else if bitmap_mode.is_some() {
-            return Err(QmpError::generic(
+            return Err(ControlError::generic(
                 "Cannot specify bitmap sync mode without a bitmap",
             ));
         }
@@ -212,12 +212,14 @@ impl Control {
             _ => SyncMode::None,
         };
         if Arc::ptr_eq(&source, &target) {
-            return Err(QmpError::generic("Source and target cannot be the same"));
+            return Err(ControlError::generic(
+                "Source and target cannot be the same",
+            ));
         }
         if a.compress && !skip_filters(&target).driver().supports_compressed_writes() {
             // QEMU names the target's device, which a node of the storage daemon
             // does not have.
-            return Err(QmpError::generic(
+            return Err(ControlError::generic(
                 "Compression is not supported for this drive ",
             ));
         }
@@ -230,18 +232,18 @@ impl Control {
             }
         }
         if a.perf.max_workers < 1 || a.perf.max_workers > i64::from(i32::MAX) {
-            return Err(QmpError::generic(format!(
+            return Err(ControlError::generic(format!(
                 "max-workers must be between 1 and {}",
                 i32::MAX
             )));
         }
         if a.perf.max_chunk < 0 {
-            return Err(QmpError::generic(
+            return Err(ControlError::generic(
                 "max-chunk must be zero (which means no limit) or positive",
             ));
         }
         if source.size() != target.size() {
-            return Err(QmpError::generic(
+            return Err(ControlError::generic(
                 "Source and target image have different sizes",
             ));
         }
@@ -259,17 +261,17 @@ impl Control {
             let _d = self.graph.drain(&source, DRAIN_TIMEOUT).map_err(generic)?;
             self.graph
                 .insert_node(&source, &cbw_opts)
-                .map_err(|e| QmpError::generic(format!("Could not create node: {e}")))?
+                .map_err(|e| ControlError::generic(format!("Could not create node: {e}")))?
         };
         let Some(bcs) = cbw.driver().block_copy() else {
             self.drop_job_filter(&cbw);
-            return Err(QmpError::generic("copy-before-write has no copy state"));
+            return Err(ControlError::generic("copy-before-write has no copy state"));
         };
         bcs.set_compress(a.compress);
         let cluster = bcs.cluster_size();
         if a.perf.max_chunk != 0 && (a.perf.max_chunk as u64) < cluster {
             self.drop_job_filter(&cbw);
-            return Err(QmpError::generic(format!(
+            return Err(ControlError::generic(format!(
                 "Required max-chunk ({}) is less than backup cluster size ({cluster})",
                 a.perf.max_chunk
             )));

@@ -4,7 +4,7 @@
 //! The bitmaps themselves are the block layer's ([`blocklayer::named_bitmap`]).
 
 use super::{Control, OpResult};
-use crate::qmp::wire::QmpError;
+use crate::control::error::ControlError;
 use blocklayer::named_bitmap::{self, Check, NamedBitmap};
 use blocklayer::Node;
 use std::sync::Arc;
@@ -62,21 +62,21 @@ pub enum BitmapCmd {
     },
 }
 
-fn err(e: impl std::fmt::Display) -> QmpError {
-    QmpError::generic(e.to_string())
+fn err(e: impl std::fmt::Display) -> ControlError {
+    ControlError::msg(e)
 }
 
 /// Whether `node`'s driver can store a new persistent bitmap (QEMU's
 /// `bdrv_can_store_new_dirty_bitmap`): only qcow2 v3 can, within qcow2's limits.
 fn can_store_new(node: &Node, name: &str, granularity: u64) -> OpResult<()> {
     if node.driver_name() != "qcow2" {
-        return Err(QmpError::generic(format!(
+        return Err(ControlError::generic(format!(
             "Can't store persistent bitmaps to {}: Operation not supported",
             node.name()
         )));
     }
     let refuse = |why: &str| {
-        Err(QmpError::generic(format!(
+        Err(ControlError::generic(format!(
             "Can't make bitmap '{name}' persistent in '{}': {why}",
             node.name()
         )))
@@ -114,10 +114,10 @@ impl Control {
         let n = self
             .graph
             .get(node)
-            .ok_or_else(|| QmpError::generic(format!("Node '{node}' not found")))?;
+            .ok_or_else(|| ControlError::generic(format!("Node '{node}' not found")))?;
         let b = n
             .named_bitmap(name)
-            .ok_or_else(|| QmpError::generic(format!("Dirty bitmap '{name}' not found")))?;
+            .ok_or_else(|| ControlError::generic(format!("Dirty bitmap '{name}' not found")))?;
         Ok((n, b))
     }
 
@@ -126,7 +126,7 @@ impl Control {
             return Err(err(named_bitmap::BitmapError::EmptyName));
         }
         let node = self.graph.get(&a.node).ok_or_else(|| {
-            QmpError::generic(format!(
+            ControlError::generic(format!(
                 "Cannot find device='{0}' nor node-name='{0}'",
                 a.node
             ))
@@ -154,7 +154,7 @@ impl Control {
         // A persistent bitmap leaves the image at once (absent there: not stored yet).
         if b.persistent() {
             n.driver().remove_persistent_bitmap(name).map_err(|e| {
-                QmpError::generic(format!("Failed to update bitmap extension: {e}"))
+                ControlError::generic(format!("Failed to update bitmap extension: {e}"))
             })?;
         }
         n.remove_named_bitmap(name);
@@ -192,9 +192,9 @@ impl Control {
         let mut srcs = Vec::with_capacity(sources.len());
         for s in sources {
             let b = match s {
-                MergeSource::Local(name) => n
-                    .named_bitmap(name)
-                    .ok_or_else(|| QmpError::generic(format!("Dirty bitmap '{name}' not found")))?,
+                MergeSource::Local(name) => n.named_bitmap(name).ok_or_else(|| {
+                    ControlError::generic(format!("Dirty bitmap '{name}' not found"))
+                })?,
                 MergeSource::External { node, name } => self.bitmap_lookup(node, name)?.1,
             };
             // Each source is checked as QEMU merges it, before the next is looked up.

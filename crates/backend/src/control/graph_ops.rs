@@ -3,7 +3,7 @@
 //! `x-debug-query-block-graph`, with QEMU's checks and texts.
 
 use super::{generic, Control, OpResult, DRAIN_TIMEOUT};
-use crate::qmp::wire::QmpError;
+use crate::control::error::ControlError;
 use blocklayer::drivers::file::create::{create_file, FilePrealloc};
 use blocklayer::edge::{Parent, Role};
 use blocklayer::options::BlockdevOptions;
@@ -25,8 +25,8 @@ pub struct SnapshotSync {
 }
 
 /// QEMU's text for a file it could not create.
-pub(super) fn create_error(path: &Path, e: blocklayer::BlockError) -> QmpError {
-    QmpError::generic(match e {
+pub(super) fn create_error(path: &Path, e: blocklayer::BlockError) -> ControlError {
+    ControlError::generic(match e {
         blocklayer::BlockError::Open { source, .. } => format!(
             "Could not create '{}': {}",
             path.display(),
@@ -61,13 +61,13 @@ impl Control {
         for e in node.parents() {
             match e.parent() {
                 Parent::Node(p) if e.role() == Role::Backing => {
-                    return Err(QmpError::generic(format!(
+                    return Err(ControlError::generic(format!(
                         "Node '{}' is busy: node is used as backing hd of '{p}'",
                         node.name()
                     )))
                 }
                 Parent::Job { kind, .. } => {
-                    return Err(QmpError::generic(format!(
+                    return Err(ControlError::generic(format!(
                         "Node '{}' is busy: block device is in use by block job: {kind}",
                         node.name()
                     )))
@@ -91,14 +91,16 @@ impl Control {
     /// change); `base` becomes read-only where it can, as in QEMU.
     fn snapshot_onto(&mut self, base: &Arc<Node>, ov: &Arc<Node>) -> OpResult<()> {
         if !ov.parents().is_empty() || Arc::ptr_eq(base, ov) {
-            return Err(QmpError::generic("The overlay is already in use"));
+            return Err(ControlError::generic("The overlay is already in use"));
         }
         Self::snapshot_blocked(ov)?;
         if ov.backing().is_some() {
-            return Err(QmpError::generic("The overlay already has a backing image"));
+            return Err(ControlError::generic(
+                "The overlay already has a backing image",
+            ));
         }
         if !ov.driver().supports_backing() {
-            return Err(QmpError::generic(
+            return Err(ControlError::generic(
                 "The overlay does not support backing images",
             ));
         }
@@ -137,7 +139,7 @@ impl Control {
             .as_deref()
             .and_then(|n| self.graph.get(n))
             .ok_or_else(|| {
-                QmpError::generic(format!(
+                ControlError::generic(format!(
                     "Cannot find device='{}' nor node-name='{}'",
                     a.device.as_deref().unwrap_or(""),
                     a.node_name.as_deref().unwrap_or("")
@@ -145,36 +147,40 @@ impl Control {
             })?;
         Self::snapshot_blocked(&base)?;
         let Some(ov_name) = a.snapshot_node_name.clone() else {
-            return Err(QmpError::generic("New overlay node-name missing"));
+            return Err(ControlError::generic("New overlay node-name missing"));
         };
         if self.graph.get(&ov_name).is_some() {
-            return Err(QmpError::generic("New overlay node-name already in use"));
+            return Err(ControlError::generic(
+                "New overlay node-name already in use",
+            ));
         }
         let path = Path::new(&a.snapshot_file);
         if !a.existing {
             match a.format.as_str() {
                 "qcow2" => {}
                 "raw" => {
-                    return Err(QmpError::generic(
+                    return Err(ControlError::generic(
                         "Backing file not supported for file format 'raw'",
                     ))
                 }
                 f if BlockdevOptions::is_qemu_driver(f) => {
-                    return Err(QmpError::generic(format!(
+                    return Err(ControlError::generic(format!(
                         "vubd creates snapshot overlays in the qcow2 format only, not '{f}'"
                     )))
                 }
-                f => return Err(QmpError::generic(format!("Unknown file format '{f}'"))),
+                f => return Err(ControlError::generic(format!("Unknown file format '{f}'"))),
             }
             self.create_qcow2(path, base.size(), Some(&base))?;
         } else if !path.exists() {
-            return Err(QmpError::generic(format!(
+            return Err(ControlError::generic(format!(
                 "Could not open '{}': No such file or directory",
                 a.snapshot_file
             )));
         }
         if blocklayer::options::coerce::check_node_name("node-name", &ov_name).is_err() {
-            return Err(QmpError::generic(format!("Invalid node-name: '{ov_name}'")));
+            return Err(ControlError::generic(format!(
+                "Invalid node-name: '{ov_name}'"
+            )));
         }
         let opts = json!({
             "driver": a.format,
@@ -236,20 +242,20 @@ impl Control {
             .iter()
             .any(|e| matches!(e.parent(), Parent::Node(_)))
         {
-            return Err(QmpError::generic("Need a root block node"));
+            return Err(ControlError::generic("Need a root block node"));
         }
         let Some(img) = self.graph.get(image) else {
-            return Err(QmpError::generic(format!(
+            return Err(ControlError::generic(format!(
                 "Cannot find device='' nor node-name='{image}'"
             )));
         };
         let Some(backing) = img.backing() else {
-            return Err(QmpError::generic(
+            return Err(ControlError::generic(
                 "not allowing backing file change on an image without a backing file",
             ));
         };
         if !root.backing_chain().iter().any(|n| Arc::ptr_eq(n, &img)) {
-            return Err(QmpError::generic(format!(
+            return Err(ControlError::generic(format!(
                 "'{device}' and image file are not in the same chain"
             )));
         }
@@ -265,7 +271,7 @@ impl Control {
             .driver()
             .change_backing_file(Some(backing_file), Some(fmt))
             .map_err(|e| {
-                QmpError::generic(format!(
+                ControlError::generic(format!(
                     "Could not change backing file to '{backing_file}': {e}"
                 ))
             });
@@ -282,7 +288,7 @@ impl Control {
     /// `block-set-write-threshold`
     pub fn set_write_threshold(&mut self, node: &str, threshold: u64) -> OpResult<()> {
         let Some(n) = self.graph.get(node) else {
-            return Err(QmpError::generic(format!("Device '{node}' not found")));
+            return Err(ControlError::generic(format!("Device '{node}' not found")));
         };
         n.set_write_threshold(threshold);
         Ok(())

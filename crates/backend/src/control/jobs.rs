@@ -5,12 +5,12 @@
 use super::mirror::MirrorRun;
 use super::{generic, Control, OpResult, DRAIN_TIMEOUT};
 use crate::config::OnError;
+use crate::control::error::{ControlError, ErrorKind};
 use crate::jobs::commit::Commit;
 use crate::jobs::copy::{JobCtx, CANCELLED};
 use crate::jobs::mirror::Seed;
 use crate::jobs::stream::Stream;
 use crate::jobs::{Cancel, Job, JobCore, JobMsg, Status, Verb};
-use crate::qmp::wire::{ErrorClass, QmpError};
 use blocklayer::backend::BlockBackend;
 use blocklayer::drivers::job_filter::JobFilterKind;
 use blocklayer::edge::Parent;
@@ -61,7 +61,7 @@ fn filename(n: &Node) -> String {
 pub(super) fn check_busy(node: &Node) -> OpResult<()> {
     for e in node.parents() {
         if let Parent::Job { kind, .. } = e.parent() {
-            return Err(QmpError::generic(format!(
+            return Err(ControlError::generic(format!(
                 "Node '{}' is busy: block device is in use by block job: {kind}",
                 node.name()
             )));
@@ -75,7 +75,7 @@ impl Control {
     /// (`bdrv_lookup_bs(name, name)`), with QEMU's text.
     pub(super) fn lookup_device(&self, name: &str) -> OpResult<Arc<Node>> {
         self.graph.get(name).ok_or_else(|| {
-            QmpError::generic(format!(
+            ControlError::generic(format!(
                 "Cannot find device='{name}' nor node-name='{name}'"
             ))
         })
@@ -85,7 +85,7 @@ impl Control {
         let Some(id) = &opts.job_id else {
             // QEMU takes the device's name, which a node of qemu-storage-daemon
             // does not have.
-            return Err(QmpError::generic("Invalid job ID ''"));
+            return Err(ControlError::generic("Invalid job ID ''"));
         };
         self.jobs.check_id(id)?;
         if opts.speed < 0 {
@@ -97,7 +97,7 @@ impl Control {
                     Some(json!({"id": id, "status": status})),
                 );
             }
-            return Err(QmpError::generic(
+            return Err(ControlError::generic(
                 "Parameter 'speed' expects a non-negative value",
             ));
         }
@@ -255,17 +255,17 @@ impl Control {
     pub fn block_stream(&mut self, a: StreamArgs, o: JobOpts) -> OpResult<()> {
         let top = self.lookup_device(&a.device)?;
         if a.base.is_some() && a.base_node.is_some() {
-            return Err(QmpError::generic(
+            return Err(ControlError::generic(
                 "'base' and 'base-node' cannot be specified at the same time",
             ));
         }
         if a.base.is_some() && a.bottom.is_some() {
-            return Err(QmpError::generic(
+            return Err(ControlError::generic(
                 "'base' and 'bottom' cannot be specified at the same time",
             ));
         }
         if a.base_node.is_some() && a.bottom.is_some() {
-            return Err(QmpError::generic(
+            return Err(ControlError::generic(
                 "'bottom' and 'base-node' cannot be specified at the same time",
             ));
         }
@@ -278,13 +278,13 @@ impl Control {
                     .find(|n| filename(n) == *f)
                     .cloned()
                     .ok_or_else(|| {
-                        QmpError::generic(format!("Can't find '{f}' in the backing chain"))
+                        ControlError::generic(format!("Can't find '{f}' in the backing chain"))
                     })?,
             )
         } else if let Some(b) = &a.base_node {
             let node = self.graph.lookup(b).map_err(generic)?;
             if !layers.iter().skip(1).any(|n| Arc::ptr_eq(n, &node)) {
-                return Err(QmpError::generic(format!(
+                return Err(ControlError::generic(format!(
                     "Node '{b}' is not a backing image of '{}'",
                     a.device
                 )));
@@ -293,7 +293,7 @@ impl Control {
         } else if let Some(b) = &a.bottom {
             let node = self.graph.lookup(b).map_err(generic)?;
             let Some(i) = layers.iter().position(|n| Arc::ptr_eq(n, &node)) else {
-                return Err(QmpError::generic(format!(
+                return Err(ControlError::generic(format!(
                     "Node '{b}' is not in a chain starting from '{}'",
                     a.device
                 )));
@@ -305,7 +305,7 @@ impl Control {
         // As QEMU: a backing file name needs `base` or `base-node` (with `bottom`
         // the base is worked out later, and the check sees none).
         if a.backing_file.is_some() && a.base.is_none() && a.base_node.is_none() {
-            return Err(QmpError::generic(
+            return Err(ControlError::generic(
                 "backing file specified, but streaming the entire chain",
             ));
         }
@@ -397,8 +397,8 @@ impl Control {
     /// `block-commit`
     pub fn block_commit(&mut self, a: CommitArgs, o: JobOpts) -> OpResult<()> {
         let device = self.graph.get(&a.device).ok_or_else(|| {
-            QmpError::new(
-                ErrorClass::DeviceNotFound,
+            ControlError::new(
+                ErrorKind::DeviceNotFound,
                 format!("Device '{}' not found", a.device),
             )
         })?;
@@ -408,16 +408,16 @@ impl Control {
             .iter()
             .any(|e| !matches!(e.parent(), Parent::Backend(_)))
         {
-            return Err(QmpError::generic("Need a root block node"));
+            return Err(ControlError::generic("Need a root block node"));
         }
         check_busy(&device)?;
         if a.top_node.is_some() && a.top.is_some() {
-            return Err(QmpError::generic(
+            return Err(ControlError::generic(
                 "'top-node' and 'top' are mutually exclusive",
             ));
         }
         if a.base_node.is_some() && a.base.is_some() {
-            return Err(QmpError::generic(
+            return Err(ControlError::generic(
                 "'base-node' and 'base' are mutually exclusive",
             ));
         }
@@ -425,7 +425,7 @@ impl Control {
         let top = if let Some(t) = &a.top_node {
             let node = self.graph.lookup(t).map_err(generic)?;
             if !layers.iter().any(|n| Arc::ptr_eq(n, &node)) {
-                return Err(QmpError::generic(format!(
+                return Err(ControlError::generic(format!(
                     "'{t}' is not in this backing file chain"
                 )));
             }
@@ -435,7 +435,7 @@ impl Control {
                 .iter()
                 .find(|n| filename(n) == *f)
                 .cloned()
-                .ok_or_else(|| QmpError::generic(format!("Top image file {f} not found")))?
+                .ok_or_else(|| ControlError::generic(format!("Top image file {f} not found")))?
         } else {
             device.clone()
         };
@@ -443,7 +443,7 @@ impl Control {
         let base = if let Some(b) = &a.base_node {
             let node = self.graph.lookup(b).map_err(generic)?;
             if !below.iter().any(|n| Arc::ptr_eq(n, &node)) {
-                return Err(QmpError::generic(format!(
+                return Err(ControlError::generic(format!(
                     "'{b}' is not in this backing file chain"
                 )));
             }
@@ -455,17 +455,17 @@ impl Control {
                 .find(|n| filename(n) == *f)
                 .cloned()
                 .ok_or_else(|| {
-                    QmpError::generic(format!("Can't find '{f}' in the backing chain"))
+                    ControlError::generic(format!("Can't find '{f}' in the backing chain"))
                 })?
         } else {
             // The bottom of the chain (the top itself when it has no backing file).
             below.last().cloned().unwrap_or_else(|| top.clone())
         };
         if Arc::ptr_eq(&top, &base) {
-            return Err(QmpError::generic("cannot commit an image into itself"));
+            return Err(ControlError::generic("cannot commit an image into itself"));
         }
         if Arc::ptr_eq(&top, &device) && a.backing_file.is_some() {
-            return Err(QmpError::generic(
+            return Err(ControlError::generic(
                 "'backing-file' specified, but 'top' is the active layer",
             ));
         }
@@ -928,7 +928,7 @@ impl Control {
     pub fn job_complete(&mut self, id: &str, block: bool) -> OpResult<()> {
         let job = self.jobs.check_verb(id, Verb::Complete, block)?;
         if job.core.cancel_requested() != Cancel::None || !matches!(job.kind, "commit" | "mirror") {
-            return Err(QmpError::generic(format!(
+            return Err(ControlError::generic(format!(
                 "The active block job '{id}' cannot be completed"
             )));
         }

@@ -7,10 +7,10 @@ use super::graph_ops::create_error;
 use super::jobs::{check_busy, JobOpts};
 use super::{generic, Control, OpResult, DRAIN_TIMEOUT};
 use crate::config::OnError;
+use crate::control::error::ControlError;
 use crate::jobs::copy::JobCtx;
 use crate::jobs::mirror::{copy_remaining, Budget, Mirror, Seed};
 use crate::jobs::{Cleanup, Job, JobCore};
-use crate::qmp::wire::QmpError;
 use blocklayer::aio::uring::block_on;
 use blocklayer::backend::BlockBackend;
 use blocklayer::bitmap::DirtyBitmap;
@@ -147,7 +147,7 @@ impl Control {
             a.sync = "full";
         }
         if a.replaces.is_some() && d.node_name.is_none() {
-            return Err(QmpError::generic(
+            return Err(ControlError::generic(
                 "a node-name must be provided when replacing a named node of the graph",
             ));
         }
@@ -159,25 +159,25 @@ impl Control {
             match format.as_str() {
                 "qcow2" => self.create_qcow2(path, source.size(), backing.as_ref())?,
                 "raw" if backing.is_some() => {
-                    return Err(QmpError::generic(
+                    return Err(ControlError::generic(
                         "Backing file not supported for file format 'raw'",
                     ))
                 }
                 "raw" => create_file(path, source.size(), FilePrealloc::Off)
                     .map_err(|e| create_error(path, e))?,
                 f if BlockdevOptions::is_qemu_driver(f) => {
-                    return Err(QmpError::generic(format!(
+                    return Err(ControlError::generic(format!(
                         "vubd creates mirror targets in the qcow2 and raw formats only, not '{f}'"
                     )))
                 }
-                f => return Err(QmpError::generic(format!("Unknown file format '{f}'"))),
+                f => return Err(ControlError::generic(format!("Unknown file format '{f}'"))),
             }
         } else {
             // QEMU opens an existing image without its backing file, and opens the
             // one its header names when the job ends (see `TargetEnd`).
             backing = None;
             if !path.exists() {
-                return Err(QmpError::generic(format!(
+                return Err(ControlError::generic(format!(
                     "Could not open '{}': No such file or directory",
                     d.target
                 )));
@@ -188,7 +188,7 @@ impl Control {
         }
         if let Some(n) = &d.node_name {
             if blocklayer::options::coerce::check_node_name("node-name", n).is_err() {
-                return Err(QmpError::generic(format!("Invalid node-name: '{n}'")));
+                return Err(ControlError::generic(format!("Invalid node-name: '{n}'")));
             }
         }
         let mut opts = json!({
@@ -227,7 +227,7 @@ impl Control {
     fn mirror_source(&self, device: &str) -> OpResult<Arc<Node>> {
         let node = self.lookup_device(device)?;
         if !self.graph.is_root(&node) {
-            return Err(QmpError::generic("Need a root block node"));
+            return Err(ControlError::generic("Need a root block node"));
         }
         Ok(node)
     }
@@ -244,12 +244,12 @@ impl Control {
     ) -> OpResult<()> {
         let granularity = a.granularity.unwrap_or(0);
         if granularity != 0 && !(512..=64 << 20).contains(&granularity) {
-            return Err(QmpError::generic(
+            return Err(ControlError::generic(
                 "Parameter 'granularity' expects a value in range [512B, 64MB]",
             ));
         }
         if !granularity.is_power_of_two() && granularity != 0 {
-            return Err(QmpError::generic(
+            return Err(ControlError::generic(
                 "Parameter 'granularity' expects a power of 2",
             ));
         }
@@ -261,11 +261,11 @@ impl Control {
         let replaced = match &a.replaces {
             Some(r) => {
                 let node = self.graph.get(r).ok_or_else(|| {
-                    QmpError::generic(format!("Failed to find node with node-name='{r}'"))
+                    ControlError::generic(format!("Failed to find node with node-name='{r}'"))
                 })?;
                 Self::snapshot_blocked(&node)?;
                 if !can_replace(&source, &node) {
-                    return Err(QmpError::generic(format!(
+                    return Err(ControlError::generic(format!(
                         "Cannot replace '{r}' by a node mirrored from '{}', because it cannot \
                          be guaranteed that doing so would not lead to an abrupt change of \
                          visible data",
@@ -273,7 +273,7 @@ impl Control {
                     )));
                 }
                 if node.size() != source.size() {
-                    return Err(QmpError::generic(
+                    return Err(ControlError::generic(
                         "cannot replace image with a mirror image of different size",
                     ));
                 }
@@ -282,20 +282,20 @@ impl Control {
             None => source.clone(),
         };
         if matches!(a.sync, "incremental" | "bitmap") {
-            return Err(QmpError::generic(format!(
+            return Err(ControlError::generic(format!(
                 "Sync mode '{}' not supported",
                 a.sync
             )));
         }
         if a.buf_size.is_some_and(|b| b < 0) {
-            return Err(QmpError::generic("Invalid parameter 'buf-size'"));
+            return Err(ControlError::generic("Invalid parameter 'buf-size'"));
         }
         if Arc::ptr_eq(&source, &target) {
-            return Err(QmpError::generic("Can't mirror node into itself"));
+            return Err(ControlError::generic("Can't mirror node into itself"));
         }
         if let Some(n) = &a.filter_node_name {
             if blocklayer::options::coerce::check_node_name("node-name", n).is_err() {
-                return Err(QmpError::generic(format!("Invalid node-name: '{n}'")));
+                return Err(ControlError::generic(format!("Invalid node-name: '{n}'")));
             }
         }
         let granularity = if granularity == 0 {

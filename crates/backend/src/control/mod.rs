@@ -9,13 +9,14 @@ use crate::config::{ExportConfig, IoThreadConfig, ObjectConfig};
 use crate::export::{self, Export, ExportError};
 use crate::iothread::IoThread;
 use crate::qmp::events::EventBus;
-use crate::qmp::wire::{QmpError, QmpResult};
+use crate::qmp::wire::QmpResult;
 use blocklayer::aio::uring::block_on;
 use blocklayer::backend::BlockBackend;
 use blocklayer::edge::Parent;
 use blocklayer::options::BlockdevOptions;
 use blocklayer::perm::Perm;
 use blocklayer::{Graph, Node};
+pub use error::ControlError;
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -25,6 +26,7 @@ use std::time::Duration;
 
 mod backup;
 pub mod bitmaps;
+pub mod error;
 pub use backup::{BackupArgs, BackupPerf, DriveTarget};
 pub mod graph_ops;
 pub mod jobs;
@@ -61,10 +63,11 @@ pub enum ControlMsg {
     Metrics(std::sync::mpsc::SyncSender<crate::metrics::snapshot::Snapshot>),
 }
 
-pub(crate) type OpResult<T> = std::result::Result<T, QmpError>;
+pub(crate) use error::OpResult;
 
-pub(crate) fn generic(e: impl std::fmt::Display) -> QmpError {
-    QmpError::generic(e.to_string())
+/// A [`ErrorKind::GenericError`](error::ErrorKind) reporting a lower-level error.
+pub(crate) fn generic(e: impl std::error::Error + Send + Sync + 'static) -> ControlError {
+    ControlError::from_source(e)
 }
 
 /// Whether `node` is `name` or has it below it in the graph.
@@ -183,7 +186,7 @@ impl Control {
     /// Adds an object; ids are one namespace across object types, as in QEMU.
     pub fn add_object(&mut self, object: ObjectConfig) -> OpResult<()> {
         if self.object_exists(object.id()) {
-            return Err(QmpError::generic(format!(
+            return Err(ControlError::generic(format!(
                 "attempt to add duplicate property '{}' to object (type 'container')",
                 object.id()
             )));
@@ -204,8 +207,8 @@ impl Control {
             || self.graph.tls_creds().contains(id)
     }
 
-    fn duplicate_object(id: &str) -> QmpError {
-        QmpError::generic(format!(
+    fn duplicate_object(id: &str) -> ControlError {
+        ControlError::generic(format!(
             "attempt to add duplicate property '{id}' to object (type 'container')"
         ))
     }
@@ -214,7 +217,7 @@ impl Control {
         if self.object_exists(&cfg.id) {
             return Err(Self::duplicate_object(&cfg.id));
         }
-        let config = cfg.to_config().map_err(QmpError::generic)?;
+        let config = cfg.to_config().map_err(ControlError::generic)?;
         let group = blocklayer::throttle::ThrottleGroup::new(&cfg.id, config);
         self.graph.throttle_groups.insert(cfg.id, group);
         Ok(())
@@ -244,7 +247,7 @@ impl Control {
         if let Some(g) = self.graph.throttle_groups.get(id) {
             // Held by the registry and by every throttle node that joined it.
             if std::sync::Arc::strong_count(g) > 1 {
-                return Err(QmpError::generic(format!(
+                return Err(ControlError::generic(format!(
                     "object '{id}' is in use, can not be deleted"
                 )));
             }
@@ -260,10 +263,10 @@ impl Control {
             return Ok(());
         }
         if !self.iothreads.contains_key(id) {
-            return Err(QmpError::generic(format!("object '{id}' not found")));
+            return Err(ControlError::generic(format!("object '{id}' not found")));
         }
         if self.iothread_user(id).is_some() {
-            return Err(QmpError::generic(format!(
+            return Err(ControlError::generic(format!(
                 "object '{id}' is in use, can not be deleted"
             )));
         }
@@ -291,12 +294,12 @@ impl Control {
 
     pub fn del_blockdev(&mut self, name: &str) -> OpResult<()> {
         let Some(node) = self.graph.get(name) else {
-            return Err(QmpError::generic(format!(
+            return Err(ControlError::generic(format!(
                 "Failed to find node with node-name='{name}'"
             )));
         };
         if !self.exports_of(name).is_empty() {
-            return Err(QmpError::generic(format!("Node {name} is in use")));
+            return Err(ControlError::generic(format!("Node {name} is in use")));
         }
         let drained = self.graph.drain(&node, DRAIN_TIMEOUT).map_err(generic)?;
         drop(node);
@@ -340,7 +343,7 @@ impl Control {
             e.role() == blocklayer::edge::Role::Backing || matches!(e.parent(), Parent::Job { .. })
         });
         if blocked {
-            return Err(QmpError::generic("Device '(null)' is in use"));
+            return Err(ControlError::generic("Device '(null)' is in use"));
         }
         // As QEMU, the resize is a user of the node that takes the resize
         // permission: refused when another user does not share it.
@@ -361,7 +364,7 @@ impl Control {
     }
 
     pub fn query_named_block_nodes(&self, flat: bool) -> Value {
-        self.graph.query_named_block_nodes(flat)
+        blocklayer::info::to_json(&self.graph.query_named_block_nodes(flat))
     }
 
     /// QEMU's `BlockStats` of a node, with its `file` child as `parent` and its
@@ -466,16 +469,16 @@ impl Control {
             let t = self
                 .iothreads
                 .get(id)
-                .ok_or_else(|| QmpError::generic(format!("iothread \"{id}\" not found")))?;
+                .ok_or_else(|| ControlError::generic(format!("iothread \"{id}\" not found")))?;
             if threads.iter().any(|x| x.id == *id) {
-                return Err(QmpError::generic(format!(
+                return Err(ControlError::generic(format!(
                     "iothread '{id}' is listed twice"
                 )));
             }
             threads.push(t.clone());
         }
         if cfg.nbd.is_none() && threads.len() > usize::from(cfg.num_queues) {
-            return Err(QmpError::generic(format!(
+            return Err(ControlError::generic(format!(
                 "num-queues ({}) is smaller than the number of iothreads ({}); each iothread \
                  needs a queue",
                 cfg.num_queues,
@@ -487,7 +490,7 @@ impl Control {
 
     pub fn add_export(&mut self, cfg: &ExportConfig) -> OpResult<()> {
         if self.exports.contains_key(&cfg.id) {
-            return Err(QmpError::generic(format!(
+            return Err(ControlError::generic(format!(
                 "Block export id '{}' is already in use",
                 cfg.id
             )));
@@ -515,7 +518,7 @@ impl Control {
             .filter(|_| cfg.nbd.is_none())
             .find(|e| e.export.socket_path() == Some(cfg.socket_path.as_path()))
         {
-            return Err(QmpError::generic(format!(
+            return Err(ControlError::generic(format!(
                 "socket '{}' is used by export '{}'",
                 cfg.socket_path.display(),
                 e.export.id()
@@ -571,15 +574,15 @@ impl Control {
     /// (after its requests in flight finish).
     pub fn del_export(&mut self, id: &str, hard: bool) -> OpResult<()> {
         let Some(entry) = self.exports.get_mut(id) else {
-            return Err(QmpError::generic(format!("Export '{id}' is not found")));
+            return Err(ControlError::generic(format!("Export '{id}' is not found")));
         };
         // An NBD client holds its export: `mode=safe` refuses to drop it (QEMU's
         // text).
         if !hard && entry.export.nbd().is_some_and(|n| n.in_use()) {
-            return Err(QmpError::generic(format!("export '{id}' still in use")));
+            return Err(ControlError::generic(format!("export '{id}' still in use")));
         }
         if entry.shutting_down {
-            return Err(QmpError::generic(format!(
+            return Err(ControlError::generic(format!(
                 "Export '{id}' is already shutting down"
             )));
         }
@@ -634,7 +637,7 @@ impl Control {
         force: bool,
     ) -> OpResult<()> {
         if self.graph.get(name).is_none() {
-            return Err(QmpError::generic(format!(
+            return Err(ControlError::generic(format!(
                 "Failed to find node with node-name='{name}'"
             )));
         }
@@ -645,7 +648,7 @@ impl Control {
             .map(|e| e.export.clone())
             .collect();
         if !exports.is_empty() && !force {
-            return Err(QmpError::generic(format!(
+            return Err(ControlError::generic(format!(
                 "Node {name} is associated with a BlockBackend and could be in use (use \
                  force=true to override this check)"
             )));
@@ -655,19 +658,19 @@ impl Control {
                 self.iothreads
                     .get(id)
                     .cloned()
-                    .ok_or_else(|| QmpError::generic(format!("Cannot find iothread {id}")))?,
+                    .ok_or_else(|| ControlError::generic(format!("Cannot find iothread {id}")))?,
             ),
             None => None,
         };
         for e in &exports {
             if e.fixed_iothread() {
-                return Err(QmpError::generic(format!(
+                return Err(ControlError::generic(format!(
                     "Cannot change iothread of export '{}' (fixed-iothread=on)",
                     e.id()
                 )));
             }
             if e.iothreads().len() != 1 {
-                return Err(QmpError::generic(format!(
+                return Err(ControlError::generic(format!(
                     "export '{}' runs on {} iothreads; only a single-iothread export can \
                      be moved",
                     e.id(),
@@ -681,7 +684,7 @@ impl Control {
                 None => IoThread::implicit(e.id()).map_err(generic)?,
             };
             if !e.move_to_iothread(t, DRAIN_TIMEOUT) {
-                return Err(QmpError::generic(format!(
+                return Err(ControlError::generic(format!(
                     "export '{}' still has requests in flight",
                     e.id()
                 )));
@@ -698,7 +701,7 @@ impl Control {
                 let e = self
                     .exports
                     .get(id)
-                    .ok_or_else(|| QmpError::generic(format!("Export '{id}' is not found")))?;
+                    .ok_or_else(|| ControlError::generic(format!("Export '{id}' is not found")))?;
                 e.export.cont();
             }
             None => {
@@ -748,12 +751,12 @@ impl Control {
         let node = self.graph.lookup(node).map_err(generic)?;
         let driver = options["driver"].as_str().unwrap_or_default();
         if driver != node.driver_name() {
-            return Err(QmpError::generic(
+            return Err(ControlError::generic(
                 "x-blockdev-amend doesn't support changing the block driver",
             ));
         }
         if driver != "qcow2" {
-            return Err(QmpError::generic(
+            return Err(ControlError::generic(
                 "Driver does not support x-blockdev-amend",
             ));
         }
@@ -785,7 +788,7 @@ impl Control {
         options: &Value,
     ) -> OpResult<Box<dyn FnOnce() -> std::result::Result<(), String> + Send>> {
         use blocklayer::options::coerce::Fields;
-        let e = |e: blocklayer::options::OptionsError| QmpError::generic(e.to_string());
+        let e = ControlError::from_source;
         let mut f = Fields::new_strict(options, "options").map_err(e)?;
         let driver = f.required_string("driver").map_err(e)?;
         let create = blocklayer::drivers::create_fn(&driver).map_err(generic)?;
@@ -863,12 +866,12 @@ impl Control {
 /// qcow2 `encrypt` amendment is asked for.
 fn amend_options(options: &Value) -> OpResult<bool> {
     use blocklayer::options::coerce::Fields;
-    let e = |e: blocklayer::options::OptionsError| QmpError::generic(e.to_string());
+    let e = ControlError::from_source;
     let mut f = Fields::new_strict(options, "options").map_err(e)?;
     let driver = f.required_string("driver").map_err(e)?;
     if !BlockdevOptions::is_qemu_driver(&driver) && blocklayer::drivers::find(&driver).is_none() {
         // (QEMU names the member without its path here.)
-        return Err(QmpError::generic(format!(
+        return Err(ControlError::generic(format!(
             "Parameter 'driver' does not accept value '{driver}'"
         )));
     }
@@ -882,7 +885,7 @@ fn amend_options(options: &Value) -> OpResult<bool> {
                 match format.as_str() {
                     "luks" | "qcow" => crypto_amend_options(&mut c, &format)?,
                     other => {
-                        return Err(QmpError::generic(format!(
+                        return Err(ControlError::generic(format!(
                             "Parameter 'options.encrypt.format' does not accept value '{other}'"
                         )))
                     }
@@ -898,7 +901,7 @@ fn amend_options(options: &Value) -> OpResult<bool> {
 
 /// The LUKS key-slot amendment members (QEMU's `QCryptoBlockAmendOptionsLUKS`).
 fn crypto_amend_options(f: &mut blocklayer::options::coerce::Fields, format: &str) -> OpResult<()> {
-    let e = |e: blocklayer::options::OptionsError| QmpError::generic(e.to_string());
+    let e = ControlError::from_source;
     if format != "luks" {
         return Ok(());
     }

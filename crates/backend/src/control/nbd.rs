@@ -7,8 +7,8 @@ use super::{generic, Control, OpResult};
 use crate::config::{
     ExportConfig, NbdExportConfig, NbdServerConfig, OnError, DEFAULT_LOGICAL_BLOCK_SIZE,
 };
+use crate::control::error::ControlError;
 use crate::export::nbd::{NbdExportParams, NbdServer};
-use crate::qmp::wire::QmpError;
 use blocklayer::named_bitmap::{Check, NamedBitmap};
 use blocklayer::Node;
 use std::path::PathBuf;
@@ -23,8 +23,8 @@ pub struct NbdServerAdd {
     pub bitmap: Option<String>,
 }
 
-fn not_running() -> QmpError {
-    QmpError::generic("NBD server not running")
+fn not_running() -> ControlError {
+    ControlError::generic("NBD server not running")
 }
 
 impl Control {
@@ -48,19 +48,19 @@ impl Control {
     /// qemu-storage-daemon serves none before its main loop runs).
     pub fn nbd_server_listen(&mut self, cfg: &NbdServerConfig) -> OpResult<()> {
         if self.nbd_server.is_some() {
-            return Err(QmpError::generic("NBD server already running"));
+            return Err(ControlError::generic("NBD server already running"));
         }
         let tls = match &cfg.tls_creds {
             // Clients would have to pass an authorization vubd cannot check: refused
             // rather than let every client with a certificate of the CA in.
             Some(_) if cfg.tls_authz.is_some() => {
-                return Err(QmpError::generic(
+                return Err(ControlError::generic(
                     "'tls-authz' is not supported (vubd has no authz objects)",
                 ))
             }
             Some(id) => {
                 if !self.graph.tls_creds().contains(id) && self.object_exists(id) {
-                    return Err(QmpError::generic(format!(
+                    return Err(ControlError::generic(format!(
                         "Object with id '{id}' is not TLS credentials"
                     )));
                 }
@@ -130,7 +130,7 @@ impl Control {
     pub fn nbd_server_remove(&mut self, id: &str, hard: bool) -> OpResult<()> {
         if let Some(e) = self.exports.get(id) {
             if e.export.nbd().is_none() {
-                return Err(QmpError::generic(format!(
+                return Err(ControlError::generic(format!(
                     "Export '{id}' is not an NBD export"
                 )));
             }
@@ -149,7 +149,7 @@ impl Control {
         let server = self.nbd_server.clone().ok_or_else(not_running)?;
         let name = n.name.clone().unwrap_or_else(|| cfg.node_name.clone());
         if server.has_export(&name) {
-            return Err(QmpError::generic(format!(
+            return Err(ControlError::generic(format!(
                 "NBD server already has export named '{name}'"
             )));
         }
@@ -162,10 +162,11 @@ impl Control {
                 }
                 None => find_in_chain(node, bname),
             };
-            let b = b.ok_or_else(|| QmpError::generic(format!("Bitmap '{bname}' is not found")))?;
+            let b =
+                b.ok_or_else(|| ControlError::generic(format!("Bitmap '{bname}' is not found")))?;
             b.check(Check::ALLOW_RO).map_err(generic)?;
             if !cfg.writable && !node.is_read_only() && b.enabled() {
-                return Err(QmpError::generic(format!(
+                return Err(ControlError::generic(format!(
                     "Enabled bitmap '{bname}' incompatible with readonly export"
                 )));
             }

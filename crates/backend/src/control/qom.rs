@@ -7,8 +7,8 @@
 //! pass, and a throttle group's new `limits` apply to its nodes' requests at once.
 
 use super::{Control, OpResult};
+use crate::control::error::{ControlError, ErrorKind};
 use crate::iothread::IoThread;
-use crate::qmp::wire::{ErrorClass, QmpError};
 use blocklayer::options::coerce::Fields;
 use blocklayer::throttle::{config::limit_names, ThrottleGroup};
 use blocklayer::tls::TlsCreds;
@@ -160,13 +160,13 @@ impl Obj {
     }
 }
 
-fn not_found(prop: &str, t: &str) -> QmpError {
-    QmpError::generic(format!("Property '{t}.{prop}' not found"))
+fn not_found(prop: &str, t: &str) -> ControlError {
+    ControlError::generic(format!("Property '{t}.{prop}' not found"))
 }
 
 fn int_value(prop: &str, v: &Value) -> OpResult<i64> {
     v.as_i64().ok_or_else(|| {
-        QmpError::generic(format!(
+        ControlError::generic(format!(
             "Invalid parameter type for '{prop}', expected: integer"
         ))
     })
@@ -230,11 +230,11 @@ impl Control {
         });
         let first = found.next();
         if first.is_some() && found.next().is_some() {
-            return Err(QmpError::generic(format!("Path '{path}' is ambiguous")));
+            return Err(ControlError::generic(format!("Path '{path}' is ambiguous")));
         }
         first.ok_or_else(|| {
-            QmpError::new(
-                ErrorClass::DeviceNotFound,
+            ControlError::new(
+                ErrorKind::DeviceNotFound,
                 format!("Device '{path}' not found"),
             )
         })
@@ -288,7 +288,8 @@ impl Control {
     pub fn qom_set(&self, path: &str, prop: &str, value: &Value) -> OpResult<()> {
         let (abs, obj) = self.qom_resolve(path)?;
         let t = obj.type_name();
-        let not_writable = || QmpError::generic(format!("Property '{t}.{prop}' is not writable"));
+        let not_writable =
+            || ControlError::generic(format!("Property '{t}.{prop}' is not writable"));
         if prop == "type" {
             return Err(not_writable());
         }
@@ -304,19 +305,19 @@ impl Control {
                     return Err(not_found(prop, t));
                 }
                 io.set_property(prop, int_value(prop, value)?)
-                    .map_err(QmpError::generic)
+                    .map_err(ControlError::generic)
             }
             Obj::ThrottleGroup(g) => {
                 if prop == "limits" {
                     let mut c = g.config();
                     c.apply_limits(&parse_limits(value)?)
-                        .map_err(QmpError::generic)?;
+                        .map_err(ControlError::generic)?;
                     g.set_config(c);
                     return Ok(());
                 }
                 if g.config().get_legacy(prop).is_some() {
                     // QEMU takes the limits in one piece once the group exists.
-                    return Err(QmpError::generic(
+                    return Err(ControlError::generic(
                         "Property cannot be set after initialization",
                     ));
                 }
@@ -324,7 +325,7 @@ impl Control {
             }
             Obj::TlsCreds(c) => match tls_creds_property(c, prop) {
                 // Loaded when added: later values would not apply.
-                Some(_) => Err(QmpError::generic(
+                Some(_) => Err(ControlError::generic(
                     "Property cannot be set after initialization",
                 )),
                 None => Err(not_found(prop, t)),
@@ -357,8 +358,8 @@ impl Control {
     /// `qom-list-properties`.
     pub fn qom_list_properties(&self, typename: &str) -> OpResult<Value> {
         let t = find_type(typename).ok_or_else(|| {
-            QmpError::new(
-                ErrorClass::DeviceNotFound,
+            ControlError::new(
+                ErrorKind::DeviceNotFound,
                 format!("Class '{typename}' not found"),
             )
         })?;
@@ -390,11 +391,11 @@ fn tls_creds_property(c: &TlsCreds, prop: &str) -> Option<Value> {
 /// A `ThrottleLimits` value, read as QEMU's input visitor reads it.
 fn parse_limits(value: &Value) -> OpResult<Vec<(String, i64)>> {
     if !value.is_object() {
-        return Err(QmpError::generic(
+        return Err(ControlError::generic(
             "Invalid parameter type for 'limits', expected: object",
         ));
     }
-    let generic = |e: blocklayer::options::OptionsError| QmpError::generic(e.to_string());
+    let generic = ControlError::from_source;
     let mut f = Fields::new_strict(value, "limits").map_err(generic)?;
     let mut out = Vec::new();
     for name in limit_names() {

@@ -4,7 +4,7 @@
 //! image changes, so a snapshot taken under guest I/O is a consistent point in time.
 
 use super::{Control, OpResult};
-use crate::qmp::wire::QmpError;
+use crate::control::error::ControlError;
 use blocklayer::error::strerror;
 use blocklayer::snapshot::{NewSnapshot, SnapshotInfo};
 use blocklayer::Node;
@@ -15,12 +15,12 @@ impl Control {
     /// a child; exports and nothing else may use it), as QEMU's `qmp_get_root_bs`.
     fn snapshot_root(&self, device: &str) -> OpResult<Arc<Node>> {
         let node = self.graph.get(device).ok_or_else(|| {
-            QmpError::generic(format!(
+            ControlError::generic(format!(
                 "Cannot find device='{device}' nor node-name='{device}'"
             ))
         })?;
         if !self.graph.is_root(&node) {
-            return Err(QmpError::generic("Need a root block node"));
+            return Err(ControlError::generic("Need a root block node"));
         }
         Ok(node)
     }
@@ -30,20 +30,22 @@ impl Control {
     pub fn snapshot_internal(&mut self, device: &str, name: &str) -> OpResult<()> {
         let node = self.snapshot_root(device)?;
         if node.is_read_only() {
-            return Err(QmpError::generic(format!("Device '{device}' is read only")));
+            return Err(ControlError::generic(format!(
+                "Device '{device}' is read only"
+            )));
         }
         let Ok(existing) = node.driver().snapshot_list() else {
-            return Err(QmpError::generic(format!(
+            return Err(ControlError::generic(format!(
                 "Block format '{}' used by device '{device}' does not support internal \
                  snapshots",
                 node.driver_name()
             )));
         };
         if name.is_empty() {
-            return Err(QmpError::generic("Name is empty"));
+            return Err(ControlError::generic("Name is empty"));
         }
         if existing.iter().any(|s| s.name == name) {
-            return Err(QmpError::generic(format!(
+            return Err(ControlError::generic(format!(
                 "Snapshot with name '{name}' already exists on device '{device}'"
             )));
         }
@@ -52,7 +54,7 @@ impl Control {
         let new = NewSnapshot::now(name);
         let (r, _) = self.drained(&node, || {
             node.driver().snapshot_create(&new).map_err(|e| {
-                QmpError::generic(format!(
+                ControlError::generic(format!(
                     "Failed to create snapshot '{name}' on device '{device}': {}",
                     strerror(e.errno())
                 ))
@@ -77,10 +79,10 @@ impl Control {
     ) -> OpResult<SnapshotInfo> {
         let node = self.snapshot_root(device)?;
         if id.is_none() && name.is_none() {
-            return Err(QmpError::generic("Name or id must be provided"));
+            return Err(ControlError::generic("Name or id must be provided"));
         }
         let list = node.driver().snapshot_list().map_err(|e| {
-            QmpError::generic(format!(
+            ControlError::generic(format!(
                 "Failed to get a snapshot list: {}",
                 strerror(e.errno())
             ))
@@ -88,7 +90,7 @@ impl Control {
         let matches =
             |s: &SnapshotInfo| id.is_none_or(|i| s.id == i) && name.is_none_or(|n| s.name == n);
         if !list.iter().any(matches) {
-            return Err(QmpError::generic(format!(
+            return Err(ControlError::generic(format!(
                 "Snapshot with id '{}' and name '{}' does not exist on device '{device}'",
                 id.unwrap_or("null"),
                 name.unwrap_or("null")
@@ -96,14 +98,14 @@ impl Control {
         }
         if node.is_read_only() {
             // QEMU's words: its attempt to rewrite the snapshot table fails so.
-            return Err(QmpError::generic(format!(
+            return Err(ControlError::generic(format!(
                 "Failed to remove snapshot from snapshot list: {}",
                 strerror(libc::EPERM)
             )));
         }
         let (r, _) = self.drained(&node, || {
             node.driver().snapshot_delete(id, name).map_err(|e| {
-                QmpError::generic(format!(
+                ControlError::generic(format!(
                     "Failed to delete snapshot on device '{device}': {}",
                     strerror(e.errno())
                 ))

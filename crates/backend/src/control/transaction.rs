@@ -29,7 +29,7 @@ use super::bitmaps::BitmapCmd;
 use super::graph_ops::SnapshotSync;
 use super::jobs::JobOpts;
 use super::{generic, Control, OpResult, DRAIN_TIMEOUT};
-use crate::qmp::wire::QmpError;
+use crate::control::error::ControlError;
 use blocklayer::named_bitmap::{Check, NamedBitmap};
 use blocklayer::Node;
 use std::sync::Arc;
@@ -99,7 +99,7 @@ impl Control {
                 .iter()
                 .find(|(_, a)| !matches!(a, Action::Backup { .. }));
             if let Some((kind, _)) = other {
-                return Err(QmpError::generic(format!(
+                return Err(ControlError::generic(format!(
                     "Action '{kind}' does not support Transaction property completion-mode = \
                      grouped"
                 )));
@@ -152,7 +152,9 @@ impl Control {
 
     fn prepare(&mut self, action: Action) -> OpResult<Prepared> {
         match action {
-            Action::Abort => Err(QmpError::generic("Transaction aborted using Abort action")),
+            Action::Abort => Err(ControlError::generic(
+                "Transaction aborted using Abort action",
+            )),
             Action::Backup { args, opts, drive } => {
                 let job = opts.job_id.clone().unwrap_or_default();
                 self.backup(args, opts, drive)?;
@@ -208,9 +210,7 @@ impl Control {
             }
             BitmapCmd::Remove { node, name } => {
                 let (node, bitmap) = self.bitmap_lookup(&node, &name)?;
-                bitmap
-                    .check(Check::REMOVE)
-                    .map_err(|e| QmpError::generic(e.to_string()))?;
+                bitmap.check(Check::REMOVE).map_err(ControlError::msg)?;
                 bitmap.set_busy(true);
                 Ok(Prepared::BitmapRemoving { node, bitmap })
             }
@@ -232,7 +232,7 @@ impl Control {
             }
             BitmapCmd::Enable { node, name } => self.prepare_switch(&node, &name, true),
             BitmapCmd::Disable { node, name } => self.prepare_switch(&node, &name, false),
-            BitmapCmd::Sha256 { .. } => Err(QmpError::generic(
+            BitmapCmd::Sha256 { .. } => Err(ControlError::generic(
                 "x-debug-block-dirty-bitmap-sha256 is not a transaction action",
             )),
         }

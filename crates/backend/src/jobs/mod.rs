@@ -17,9 +17,9 @@ pub mod core;
 pub mod mirror;
 pub mod stream;
 
+use crate::control::error::{ControlError, ErrorKind};
 use crate::iothread::IoThread;
 use crate::qmp::events::EventBus;
-use crate::qmp::wire::{ErrorClass, QmpError};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -277,8 +277,8 @@ impl Job {
 }
 
 /// The error of a verb the job's state does not accept (QEMU's text).
-fn verb_error(job: &Job, verb: Verb) -> QmpError {
-    QmpError::generic(format!(
+fn verb_error(job: &Job, verb: Verb) -> ControlError {
+    ControlError::generic(format!(
         "Job '{}' in state '{}' cannot accept command verb '{}'",
         job.id,
         job.status.name(),
@@ -293,12 +293,14 @@ pub struct Jobs {
 
 impl Jobs {
     /// Checks a new job's id (QEMU's texts).
-    pub fn check_id(&self, id: &str) -> Result<(), QmpError> {
+    pub fn check_id(&self, id: &str) -> Result<(), ControlError> {
         if self.jobs.contains_key(id) {
-            return Err(QmpError::generic(format!("Job ID '{id}' already in use")));
+            return Err(ControlError::generic(format!(
+                "Job ID '{id}' already in use"
+            )));
         }
         if !blocklayer::options::coerce::is_valid_id(id) {
-            return Err(QmpError::generic(format!("Invalid job ID '{id}'")));
+            return Err(ControlError::generic(format!("Invalid job ID '{id}'")));
         }
         Ok(())
     }
@@ -312,18 +314,18 @@ impl Jobs {
     }
 
     /// Finds a job for a `job-*` command (QEMU: "Job not found").
-    pub fn find(&mut self, id: &str) -> Result<&mut Job, QmpError> {
+    pub fn find(&mut self, id: &str) -> Result<&mut Job, ControlError> {
         self.jobs
             .get_mut(id)
-            .ok_or_else(|| QmpError::generic("Job not found"))
+            .ok_or_else(|| ControlError::generic("Job not found"))
     }
 
     /// Finds a block job for a `block-job-*` command.
-    pub fn find_block(&mut self, id: &str) -> Result<&mut Job, QmpError> {
+    pub fn find_block(&mut self, id: &str) -> Result<&mut Job, ControlError> {
         match self.jobs.get_mut(id) {
             Some(j) if j.block => Ok(j),
-            _ => Err(QmpError::new(
-                ErrorClass::DeviceNotActive,
+            _ => Err(ControlError::new(
+                ErrorKind::DeviceNotActive,
                 format!("Block job '{id}' not found"),
             )),
         }
@@ -362,7 +364,12 @@ impl Jobs {
     }
 
     /// Applies a verb's state check.
-    pub fn check_verb(&mut self, id: &str, verb: Verb, block: bool) -> Result<&mut Job, QmpError> {
+    pub fn check_verb(
+        &mut self,
+        id: &str,
+        verb: Verb,
+        block: bool,
+    ) -> Result<&mut Job, ControlError> {
         let job = if block {
             self.find_block(id)?
         } else {
@@ -375,10 +382,10 @@ impl Jobs {
     }
 
     /// `job-pause` / `block-job-pause`.
-    pub fn pause(&mut self, events: &EventBus, id: &str, block: bool) -> Result<(), QmpError> {
+    pub fn pause(&mut self, events: &EventBus, id: &str, block: bool) -> Result<(), ControlError> {
         let job = self.check_verb(id, Verb::Pause, block)?;
         if job.user_paused {
-            return Err(QmpError::generic("Job is already paused"));
+            return Err(ControlError::generic("Job is already paused"));
         }
         job.user_paused = true;
         job.core.set_paused(true);
@@ -389,7 +396,7 @@ impl Jobs {
     }
 
     /// `job-resume` / `block-job-resume`.
-    pub fn resume(&mut self, events: &EventBus, id: &str, block: bool) -> Result<(), QmpError> {
+    pub fn resume(&mut self, events: &EventBus, id: &str, block: bool) -> Result<(), ControlError> {
         // As QEMU, whether the job is paused at all comes before the verb check.
         let job = if block {
             self.find_block(id)?
@@ -397,7 +404,9 @@ impl Jobs {
             self.find(id)?
         };
         if !job.user_paused {
-            return Err(QmpError::generic("Can't resume a job that was not paused"));
+            return Err(ControlError::generic(
+                "Can't resume a job that was not paused",
+            ));
         }
         let job = self.check_verb(id, Verb::Resume, block)?;
         job.user_paused = false;
@@ -410,10 +419,10 @@ impl Jobs {
     }
 
     /// `job-set-speed` / `block-job-set-speed`.
-    pub fn set_speed(&mut self, id: &str, speed: i64) -> Result<(), QmpError> {
+    pub fn set_speed(&mut self, id: &str, speed: i64) -> Result<(), ControlError> {
         let job = self.check_verb(id, Verb::SetSpeed, true)?;
         if speed < 0 {
-            return Err(QmpError::generic(
+            return Err(ControlError::generic(
                 "Parameter 'speed' expects a non-negative value",
             ));
         }
@@ -428,7 +437,7 @@ impl Jobs {
         id: &str,
         force: bool,
         block: bool,
-    ) -> Result<(), QmpError> {
+    ) -> Result<(), ControlError> {
         let job = self.check_verb(id, Verb::Cancel, block)?;
         let ready = matches!(job.status, Status::Ready | Status::Standby);
         job.core.request_cancel(if force || !ready {

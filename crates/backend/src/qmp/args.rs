@@ -1,6 +1,7 @@
 //! Command arguments read the way QEMU's QMP input visitor reads them: members in
 //! schema order, strict JSON types, and leftovers refused, with QEMU's messages.
 
+use super::schema::{self, member_name, Member, TypeDef};
 use super::wire::QmpError;
 use serde_json::{Map, Value};
 
@@ -8,6 +9,65 @@ pub struct Args {
     map: Map<String, Value>,
     /// Where the members sit in the whole input (`actions[0].data.`), for messages.
     prefix: String,
+    /// The members the command table declares for these arguments: debug builds
+    /// check that handlers read no other (the table and the handlers agree).
+    declared: Option<&'static [Member]>,
+}
+
+/// Checks a command's arguments against its declared members, as QEMU's input
+/// visitor does: members in schema order (a missing one, a JSON type or an enum
+/// value that does not fit), then members nobody declared. What lies inside
+/// objects, alternates and lists of objects, and the range of the narrow integer
+/// types, is left to the handler's reading (with [`Args`]), whose messages for them
+/// differ from type to type as QEMU's do.
+pub fn check(members: &[Member], arguments: &Value) -> Result<(), QmpError> {
+    let empty = Map::new();
+    let map = arguments.as_object().unwrap_or(&empty);
+    for m in members {
+        let (name, optional) = member_name(m);
+        match map.get(name) {
+            None if optional => {}
+            None => return Err(missing(name)),
+            Some(v) => check_value(name, m.1, v)?,
+        }
+    }
+    match map
+        .keys()
+        .find(|k| !members.iter().any(|m| member_name(m).0 == k.as_str()))
+    {
+        Some(k) => Err(QmpError::generic(format!("Parameter '{k}' is unexpected"))),
+        None => Ok(()),
+    }
+}
+
+fn check_value(name: &str, ty: &str, v: &Value) -> Result<(), QmpError> {
+    match ty {
+        "str" if !v.is_string() => Err(type_error(name, "string")),
+        "bool" if !v.is_boolean() => Err(type_error(name, "boolean")),
+        "number" if !v.is_number() => Err(type_error(name, "number")),
+        "int" if v.as_i64().is_none() => Err(if v.is_u64() {
+            QmpError::generic(format!("Parameter '{name}' expects int64"))
+        } else {
+            type_error(name, "integer")
+        }),
+        "uint64" | "size" if v.as_u64().is_none() => Err(QmpError::generic(format!(
+            "Parameter '{name}' expects uint64"
+        ))),
+        t if t.starts_with('[') && !v.is_array() => Err(type_error(name, "array")),
+        t => match schema::find(t) {
+            Some(TypeDef::Enum { values, .. }) => match v {
+                Value::String(s) if values.contains(&s.as_str()) => Ok(()),
+                Value::String(s) => Err(QmpError::generic(format!(
+                    "Parameter '{name}' does not accept value '{s}'"
+                ))),
+                _ => Err(type_error(name, "string")),
+            },
+            Some(TypeDef::Struct { .. } | TypeDef::Union { .. }) if !v.is_object() => {
+                Err(type_error(name, "object"))
+            }
+            _ => Ok(()),
+        },
+    }
 }
 
 fn type_error(name: &str, expected: &str) -> QmpError {
@@ -25,7 +85,26 @@ impl Args {
         Args {
             map: arguments.as_object().cloned().unwrap_or_default(),
             prefix: String::new(),
+            declared: None,
         }
+    }
+
+    /// A command's arguments, checked by [`check`] against `members`.
+    pub fn declared(arguments: &Value, members: &'static [Member]) -> Args {
+        Args {
+            declared: Some(members),
+            ..Args::new(arguments)
+        }
+    }
+
+    /// Removes member `name`, which the command table must declare.
+    fn remove(&mut self, name: &str) -> Option<Value> {
+        debug_assert!(
+            self.declared
+                .is_none_or(|d| d.iter().any(|m| member_name(m).0 == name)),
+            "a handler reads '{name}', which its command's schema does not declare"
+        );
+        self.map.remove(name)
     }
 
     /// The members of an object nested at `path` in the input (`actions[0].data`):
@@ -34,6 +113,7 @@ impl Args {
         Args {
             map: object.as_object().cloned().unwrap_or_default(),
             prefix: format!("{path}."),
+            declared: None,
         }
     }
 
@@ -42,7 +122,7 @@ impl Args {
     }
 
     pub fn opt_str(&mut self, name: &str) -> Result<Option<String>, QmpError> {
-        match self.map.remove(name) {
+        match self.remove(name) {
             None => Ok(None),
             Some(Value::String(s)) => Ok(Some(s)),
             Some(_) => Err(type_error(&self.full(name), "string")),
@@ -54,7 +134,7 @@ impl Args {
     }
 
     pub fn opt_bool(&mut self, name: &str) -> Result<Option<bool>, QmpError> {
-        match self.map.remove(name) {
+        match self.remove(name) {
             None => Ok(None),
             Some(Value::Bool(b)) => Ok(Some(b)),
             Some(_) => Err(type_error(&self.full(name), "boolean")),
@@ -62,7 +142,7 @@ impl Args {
     }
 
     pub fn opt_int(&mut self, name: &str) -> Result<Option<i64>, QmpError> {
-        match self.map.remove(name) {
+        match self.remove(name) {
             None => Ok(None),
             Some(v) => match v.as_i64() {
                 Some(n) => Ok(Some(n)),
@@ -78,7 +158,7 @@ impl Args {
     /// A `uint64` member; QEMU's input visitor answers any other value (a string, a
     /// negative number) with "expects uint64".
     pub fn opt_uint(&mut self, name: &str) -> Result<Option<u64>, QmpError> {
-        match self.map.remove(name) {
+        match self.remove(name) {
             None => Ok(None),
             Some(v) => v.as_u64().map(Some).ok_or_else(|| {
                 QmpError::generic(format!("Parameter '{}' expects uint64", self.full(name)))
@@ -116,7 +196,7 @@ impl Args {
 
     /// A `StrOrNull` member: present as a string or as JSON null.
     pub fn str_or_null(&mut self, name: &str) -> Result<Option<String>, QmpError> {
-        match self.map.remove(name) {
+        match self.remove(name) {
             None => Err(missing(&self.full(name))),
             Some(Value::Null) => Ok(None),
             Some(Value::String(s)) => Ok(Some(s)),
@@ -126,7 +206,7 @@ impl Args {
 
     /// A required object member, as it is.
     pub fn object(&mut self, name: &str) -> Result<Value, QmpError> {
-        match self.map.remove(name) {
+        match self.remove(name) {
             Some(v @ Value::Object(_)) => Ok(v),
             Some(_) => Err(type_error(&self.full(name), "object")),
             None => Err(missing(&self.full(name))),
@@ -135,7 +215,7 @@ impl Args {
 
     /// A list of strings.
     pub fn opt_str_list(&mut self, name: &str) -> Result<Option<Vec<String>>, QmpError> {
-        match self.map.remove(name) {
+        match self.remove(name) {
             None => Ok(None),
             Some(Value::Array(items)) => {
                 let prefix = &self.prefix;
@@ -155,7 +235,7 @@ impl Args {
 
     /// Removes and returns a member as it is.
     pub fn take(&mut self, name: &str) -> Option<Value> {
-        self.map.remove(name)
+        self.remove(name)
     }
 
     /// Refuses members nobody read.

@@ -1,82 +1,18 @@
-//! The QMP commands vubd implements, with QEMU 7.2's names, arguments and results.
-//! Each reads its arguments strictly (see [`Args`]) and calls the control plane.
+//! The QMP commands vubd implements, with QEMU 7.2's names, arguments and results:
+//! one table ([`COMMANDS`]) gives each command's argument and return types and its
+//! handler. Dispatch, the argument check, `query-commands` and `query-qmp-schema`
+//! all read it. The argument check ([`super::args::check`]) runs on the declared
+//! members before the handler, which reads them (see [`Args`]) and calls the
+//! control plane; commands whose arguments are one big union (`blockdev-add`,
+//! `block-export-add`, `object-add`) hand them to the parser of that union.
 
-use super::args::Args;
+use super::args::{self, Args};
+use super::schema::{self, Member};
 use super::wire::{ErrorClass, QmpError, QmpResult, QEMU_VERSION};
 use crate::config::{ExportConfig, ObjectConfig};
 use crate::control::Control;
 use blocklayer::options::{BlockdevOptions, OptionsError};
 use serde_json::{json, Value};
-
-/// Every command, in the order `query-commands` lists them.
-pub const COMMANDS: &[&str] = &[
-    "qmp_capabilities",
-    "query-version",
-    "query-commands",
-    "query-named-block-nodes",
-    "query-block-exports",
-    "query-iothreads",
-    "query-blockstats",
-    "blockdev-add",
-    "blockdev-del",
-    "blockdev-reopen",
-    "block-export-add",
-    "block-export-del",
-    "nbd-server-start",
-    "nbd-server-add",
-    "nbd-server-remove",
-    "nbd-server-stop",
-    "object-add",
-    "object-del",
-    "x-blockdev-set-iothread",
-    "qom-list",
-    "qom-get",
-    "qom-set",
-    "qom-list-types",
-    "qom-list-properties",
-    "block_resize",
-    "blockdev-snapshot-internal-sync",
-    "blockdev-snapshot-delete-internal-sync",
-    "blockdev-create",
-    "x-blockdev-amend",
-    "query-jobs",
-    "job-dismiss",
-    "job-pause",
-    "job-resume",
-    "job-cancel",
-    "job-complete",
-    "job-finalize",
-    "query-block-jobs",
-    "block-job-cancel",
-    "block-job-complete",
-    "block-job-dismiss",
-    "block-job-finalize",
-    "block-job-pause",
-    "block-job-resume",
-    "block-job-set-speed",
-    "block-stream",
-    "block-commit",
-    "blockdev-backup",
-    "drive-backup",
-    "blockdev-mirror",
-    "drive-mirror",
-    "blockdev-snapshot",
-    "blockdev-snapshot-sync",
-    "change-backing-file",
-    "block-set-write-threshold",
-    "block-dirty-bitmap-add",
-    "block-dirty-bitmap-remove",
-    "block-dirty-bitmap-clear",
-    "block-dirty-bitmap-enable",
-    "block-dirty-bitmap-disable",
-    "block-dirty-bitmap-merge",
-    "x-debug-block-dirty-bitmap-sha256",
-    "transaction",
-    "x-debug-query-block-graph",
-    "cont",
-    "x-block-export-cont",
-    "quit",
-];
 
 /// A `BlockdevOnError` member (QEMU's values but `auto`).
 fn on_error(a: &mut Args, name: &str) -> Result<crate::config::OnError, QmpError> {
@@ -226,56 +162,226 @@ fn ok() -> QmpResult {
     Ok(json!({}))
 }
 
-/// Runs one command (capabilities negotiation is the connection's business).
-pub fn execute(ctl: &mut Control, name: &str, arguments: &Value) -> QmpResult {
-    let mut a = Args::new(arguments);
+/// A command's arguments, as the schema declares them.
+pub enum Arguments {
+    /// Members of the command's own argument type (`q_obj_NAME-arg`), checked by
+    /// [`args::check`] before the handler runs.
+    Members(&'static [Member]),
+    /// A named union type whose parser (called by the handler) checks them.
+    Boxed(&'static str),
+}
+
+/// Runs a command: the control plane, the arguments (checked against the schema
+/// when they are [`Arguments::Members`]) and the raw arguments.
+pub type Handler = fn(&mut Control, Args, &Value) -> QmpResult;
+
+/// One row of the command table.
+pub struct CommandDef {
+    pub name: &'static str,
+    pub args: Arguments,
+    /// The return type (a type name, `[T]`, or [`schema::EMPTY`] for `{}`).
+    pub ret: &'static str,
+    /// QAPI features (`deprecated`); `x-` commands also get `unstable`.
+    pub features: &'static [&'static str],
+    pub handler: Handler,
+}
+
+const NONE: Arguments = Arguments::Members(&[]);
+/// Commands QEMU 7.2 marks deprecated (vubd has them as QEMU does).
+const DEPRECATED: &[&str] = &["deprecated"];
+const EMPTY: &str = schema::EMPTY;
+
+const JOB_ID: &[Member] = &[("id", "str")];
+const BLOCK_JOB_DEVICE: &[Member] = &[("device", "str")];
+
+/// Job commands that take `{"id": ...}` (QEMU's `job-*`), block job ones that take
+/// `{"device": ...}`, and the verb each runs.
+fn job_verb(ctl: &mut Control, name: &str, id: &str) -> QmpResult {
     match name {
-        "query-version" => {
+        "job-pause" => ctl.job_pause(id, false)?,
+        "job-resume" => ctl.job_resume(id, false)?,
+        "job-complete" => ctl.job_complete(id, false)?,
+        "job-finalize" => ctl.job_finalize(id, false)?,
+        "job-cancel" => ctl.job_cancel(id, true, false)?,
+        "job-dismiss" => ctl.dismiss_job(id)?,
+        "block-job-pause" => ctl.job_pause(id, true)?,
+        "block-job-resume" => ctl.job_resume(id, true)?,
+        "block-job-complete" => ctl.job_complete(id, true)?,
+        "block-job-finalize" => ctl.job_finalize(id, true)?,
+        _ => ctl.job_dismiss(id, true)?,
+    }
+    ok()
+}
+
+macro_rules! job_command {
+    ($name:literal, $member:literal, $members:expr) => {
+        CommandDef {
+            name: $name,
+            args: Arguments::Members($members),
+            ret: EMPTY,
+            features: &[],
+            handler: |ctl, mut a, _| {
+                let id = a.str($member)?;
+                a.finish()?;
+                job_verb(ctl, $name, &id)
+            },
+        }
+    };
+}
+
+macro_rules! transaction_command {
+    ($name:literal, $members:expr) => {
+        transaction_command!($name, $members, &[])
+    };
+    ($name:literal, $members:expr, $features:expr) => {
+        CommandDef {
+            name: $name,
+            args: Arguments::Members($members),
+            ret: EMPTY,
+            features: $features,
+            handler: |ctl, a, _| super::transaction::execute_single(ctl, $name, a),
+        }
+    };
+}
+
+macro_rules! bitmap_command {
+    ($name:literal, $members:expr, $ret:expr) => {
+        CommandDef {
+            name: $name,
+            args: Arguments::Members($members),
+            ret: $ret,
+            features: &[],
+            handler: |ctl, a, _| super::bitmap_commands::execute(ctl, $name, a),
+        }
+    };
+}
+
+/// Every command, in the order `query-commands` lists them.
+pub const COMMANDS: &[CommandDef] = &[
+    CommandDef {
+        name: "qmp_capabilities",
+        args: Arguments::Members(&[("*enable", "[QMPCapability]")]),
+        ret: EMPTY,
+        features: &[],
+        // Negotiation is the connection's business (server.rs); once it is done,
+        // the command is refused there.
+        handler: |_, _, _| {
+            Err(QmpError::new(
+                ErrorClass::CommandNotFound,
+                "Capabilities negotiation is already complete, command ignored",
+            ))
+        },
+    },
+    CommandDef {
+        name: "query-version",
+        args: NONE,
+        ret: "VersionInfo",
+        features: &[],
+        handler: |_, a, _| {
             a.finish()?;
             Ok(json!({
                 "qemu": { "major": QEMU_VERSION.0, "minor": QEMU_VERSION.1, "micro": QEMU_VERSION.2 },
                 "package": format!("vubd {}", env!("CARGO_PKG_VERSION")),
             }))
-        }
-        "query-commands" => {
+        },
+    },
+    CommandDef {
+        name: "query-commands",
+        args: NONE,
+        ret: "[CommandInfo]",
+        features: &[],
+        handler: |_, a, _| {
             a.finish()?;
             Ok(Value::Array(
-                COMMANDS.iter().map(|c| json!({ "name": c })).collect(),
+                COMMANDS.iter().map(|c| json!({ "name": c.name })).collect(),
             ))
-        }
-        "query-named-block-nodes" => {
+        },
+    },
+    CommandDef {
+        name: "query-qmp-schema",
+        args: NONE,
+        ret: "[SchemaInfo]",
+        features: &[],
+        handler: |_, a, _| {
+            a.finish()?;
+            Ok(schema::introspect())
+        },
+    },
+    CommandDef {
+        name: "query-named-block-nodes",
+        args: Arguments::Members(&[("*flat", "bool")]),
+        ret: "[BlockDeviceInfo]",
+        features: &[],
+        handler: |ctl, mut a, _| {
             let flat = a.opt_bool("flat")?.unwrap_or(false);
             a.finish()?;
             Ok(ctl.query_named_block_nodes(flat))
-        }
-        "query-block-exports" => {
+        },
+    },
+    CommandDef {
+        name: "query-block-exports",
+        args: NONE,
+        ret: "[BlockExportInfo]",
+        features: &[],
+        handler: |ctl, a, _| {
             a.finish()?;
             Ok(ctl.query_block_exports())
-        }
-        "query-iothreads" => {
+        },
+    },
+    CommandDef {
+        name: "query-iothreads",
+        args: NONE,
+        ret: "[IOThreadInfo]",
+        features: &[],
+        handler: |ctl, a, _| {
             a.finish()?;
             Ok(ctl.query_iothreads())
-        }
-        "query-blockstats" => {
+        },
+    },
+    CommandDef {
+        name: "query-blockstats",
+        args: Arguments::Members(&[("*query-nodes", "bool")]),
+        ret: "[BlockStats]",
+        features: &[],
+        handler: |ctl, mut a, _| {
             let query_nodes = a.opt_bool("query-nodes")?.unwrap_or(false);
             a.finish()?;
             Ok(ctl.query_blockstats(query_nodes))
-        }
-        "blockdev-add" => {
+        },
+    },
+    CommandDef {
+        name: "blockdev-add",
+        args: Arguments::Boxed("BlockdevOptions"),
+        ret: EMPTY,
+        features: &[],
+        handler: |ctl, _, arguments| {
             let opts = BlockdevOptions::from_qmp(arguments)
                 .map_err(|e| QmpError::generic(e.to_string()))?;
             ctl.add_blockdev(&opts)?;
             ok()
-        }
-        "blockdev-reopen" => {
+        },
+    },
+    CommandDef {
+        name: "blockdev-del",
+        args: Arguments::Members(&[("node-name", "str")]),
+        ret: EMPTY,
+        features: &[],
+        handler: |ctl, mut a, _| {
+            let node = a.str("node-name")?;
+            a.finish()?;
+            ctl.del_blockdev(&node)?;
+            ok()
+        },
+    },
+    CommandDef {
+        name: "blockdev-reopen",
+        args: Arguments::Members(&[("options", "[BlockdevOptions]")]),
+        ret: EMPTY,
+        features: &[],
+        handler: |ctl, mut a, _| {
             let list = match a.take("options") {
-                None => return Err(QmpError::generic("Parameter 'options' is missing")),
                 Some(Value::Array(items)) => items,
-                Some(_) => {
-                    return Err(QmpError::generic(
-                        "Invalid parameter type for 'options', expected: array",
-                    ))
-                }
+                _ => return Err(QmpError::generic("Parameter 'options' is missing")),
             };
             a.finish()?;
             let list = list
@@ -292,33 +398,62 @@ pub fn execute(ctl: &mut Control, name: &str, arguments: &Value) -> QmpResult {
                 })?;
             ctl.blockdev_reopen(&list)?;
             ok()
-        }
-        "blockdev-del" => {
-            let node = a.str("node-name")?;
-            a.finish()?;
-            ctl.del_blockdev(&node)?;
-            ok()
-        }
-        "block-export-add" => {
+        },
+    },
+    CommandDef {
+        name: "block-export-add",
+        args: Arguments::Boxed("BlockExportOptions"),
+        ret: EMPTY,
+        features: &[],
+        handler: |ctl, _, arguments| {
             let cfg =
                 ExportConfig::from_qmp(arguments).map_err(|e| QmpError::generic(e.to_string()))?;
             ctl.add_export(&cfg)?;
             ok()
-        }
-        "block-export-del" => {
+        },
+    },
+    CommandDef {
+        name: "block-export-del",
+        args: Arguments::Members(&[("id", "str"), ("*mode", "BlockExportRemoveMode")]),
+        ret: EMPTY,
+        features: &[],
+        handler: |ctl, mut a, _| {
             let id = a.str("id")?;
             let hard = a.opt_enum("mode", &["safe", "hard"])? == Some("hard");
             a.finish()?;
             ctl.del_export(&id, hard)?;
             ok()
-        }
-        "nbd-server-start" => {
+        },
+    },
+    CommandDef {
+        name: "nbd-server-start",
+        args: Arguments::Members(&[
+            ("addr", "SocketAddressLegacy"),
+            ("*tls-creds", "str"),
+            ("*tls-authz", "str"),
+            ("*max-connections", "uint32"),
+        ]),
+        ret: EMPTY,
+        features: &[],
+        handler: |ctl, mut a, _| {
             let cfg = super::nbd_commands::server_start(&mut a)?;
             a.finish()?;
             ctl.nbd_server_start(&cfg)?;
             ok()
-        }
-        "nbd-server-add" => {
+        },
+    },
+    CommandDef {
+        name: "nbd-server-add",
+        args: Arguments::Members(&[
+            ("device", "str"),
+            ("*name", "str"),
+            ("*description", "str"),
+            ("*writable", "bool"),
+            ("*bitmap", "str"),
+        ]),
+        ret: EMPTY,
+        features: DEPRECATED,
+        handler: |ctl, mut a, _| {
             let add = crate::control::nbd::NbdServerAdd {
                 device: a.str("device")?,
                 name: a.opt_str("name")?,
@@ -329,40 +464,115 @@ pub fn execute(ctl: &mut Control, name: &str, arguments: &Value) -> QmpResult {
             a.finish()?;
             ctl.nbd_server_add(add)?;
             ok()
-        }
-        "nbd-server-remove" => {
+        },
+    },
+    CommandDef {
+        name: "nbd-server-remove",
+        args: Arguments::Members(&[("name", "str"), ("*mode", "BlockExportRemoveMode")]),
+        ret: EMPTY,
+        features: DEPRECATED,
+        handler: |ctl, mut a, _| {
             let name = a.str("name")?;
             let hard = a.opt_enum("mode", &["safe", "hard"])? == Some("hard");
             a.finish()?;
             ctl.nbd_server_remove(&name, hard)?;
             ok()
-        }
-        "nbd-server-stop" => {
+        },
+    },
+    CommandDef {
+        name: "nbd-server-stop",
+        args: NONE,
+        ret: EMPTY,
+        features: &[],
+        handler: |ctl, a, _| {
             a.finish()?;
             ctl.nbd_server_stop()?;
             ok()
-        }
-        "object-add" => {
+        },
+    },
+    CommandDef {
+        name: "object-add",
+        args: Arguments::Boxed("ObjectOptions"),
+        ret: EMPTY,
+        features: &[],
+        handler: |ctl, _, arguments| {
             let object =
                 ObjectConfig::from_qmp(arguments).map_err(|e| QmpError::generic(e.to_string()))?;
             ctl.add_object(object)?;
             ok()
-        }
-        "object-del" => {
+        },
+    },
+    CommandDef {
+        name: "object-del",
+        args: Arguments::Members(&[("id", "str")]),
+        ret: EMPTY,
+        features: &[],
+        handler: |ctl, mut a, _| {
             let id = a.str("id")?;
             a.finish()?;
             ctl.del_object(&id)?;
             ok()
-        }
-        "x-blockdev-set-iothread" => {
+        },
+    },
+    CommandDef {
+        name: "x-blockdev-set-iothread",
+        args: Arguments::Members(&[
+            ("node-name", "str"),
+            ("iothread", "StrOrNull"),
+            ("*force", "bool"),
+        ]),
+        ret: EMPTY,
+        features: &[],
+        handler: |ctl, mut a, _| {
             let node = a.str("node-name")?;
             let iothread = a.str_or_null("iothread")?;
             let force = a.opt_bool("force")?.unwrap_or(false);
             a.finish()?;
             ctl.set_iothread(&node, iothread.as_deref(), force)?;
             ok()
-        }
-        "block_resize" => {
+        },
+    },
+    CommandDef {
+        name: "qom-list",
+        args: Arguments::Members(&[("path", "str")]),
+        ret: "[ObjectPropertyInfo]",
+        features: &[],
+        handler: |ctl, a, _| super::qom_commands::execute(ctl, "qom-list", a),
+    },
+    CommandDef {
+        name: "qom-get",
+        args: Arguments::Members(&[("path", "str"), ("property", "str")]),
+        ret: "any",
+        features: &[],
+        handler: |ctl, a, _| super::qom_commands::execute(ctl, "qom-get", a),
+    },
+    CommandDef {
+        name: "qom-set",
+        args: Arguments::Members(&[("path", "str"), ("property", "str"), ("value", "any")]),
+        ret: EMPTY,
+        features: &[],
+        handler: |ctl, a, _| super::qom_commands::execute(ctl, "qom-set", a),
+    },
+    CommandDef {
+        name: "qom-list-types",
+        args: Arguments::Members(&[("*implements", "str"), ("*abstract", "bool")]),
+        ret: "[ObjectTypeInfo]",
+        features: &[],
+        handler: |ctl, a, _| super::qom_commands::execute(ctl, "qom-list-types", a),
+    },
+    CommandDef {
+        name: "qom-list-properties",
+        args: Arguments::Members(&[("typename", "str")]),
+        ret: "[ObjectPropertyInfo]",
+        features: &[],
+        handler: |ctl, a, _| super::qom_commands::execute(ctl, "qom-list-properties", a),
+    },
+    CommandDef {
+        name: "block_resize",
+        args: Arguments::Members(&[("*device", "str"), ("*node-name", "str"), ("size", "int")]),
+        ret: EMPTY,
+        features: &[],
+        handler: |ctl, mut a, _| {
             let device = a.opt_str("device")?;
             let node = a.opt_str("node-name")?;
             let size = a.int("size")?;
@@ -378,16 +588,50 @@ pub fn execute(ctl: &mut Control, name: &str, arguments: &Value) -> QmpResult {
             };
             ctl.resize(&node, size as u64)?;
             ok()
-        }
-        "blockdev-snapshot-delete-internal-sync" => {
+        },
+    },
+    transaction_command!(
+        "blockdev-snapshot-internal-sync",
+        schema::BLOCKDEV_SNAPSHOT_INTERNAL
+    ),
+    CommandDef {
+        name: "blockdev-snapshot-delete-internal-sync",
+        args: Arguments::Members(&[("device", "str"), ("*id", "str"), ("*name", "str")]),
+        ret: "SnapshotInfo",
+        features: &[],
+        handler: |ctl, mut a, _| {
             let device = a.str("device")?;
             let id = a.opt_str("id")?;
             let name = a.opt_str("name")?;
             a.finish()?;
             let snap = ctl.snapshot_delete_internal(&device, id.as_deref(), name.as_deref())?;
             Ok(snap.to_qmp())
-        }
-        "x-blockdev-amend" => {
+        },
+    },
+    CommandDef {
+        name: "blockdev-create",
+        args: Arguments::Members(&[("job-id", "str"), ("options", "BlockdevCreateOptions")]),
+        ret: EMPTY,
+        features: &[],
+        handler: |ctl, mut a, _| {
+            let job_id = a.str("job-id")?;
+            let options = a.object("options")?;
+            a.finish()?;
+            ctl.blockdev_create(&job_id, &options)?;
+            ok()
+        },
+    },
+    CommandDef {
+        name: "x-blockdev-amend",
+        args: Arguments::Members(&[
+            ("job-id", "str"),
+            ("node-name", "str"),
+            ("options", "BlockdevAmendOptions"),
+            ("*force", "bool"),
+        ]),
+        ret: EMPTY,
+        features: &[],
+        handler: |ctl, mut a, _| {
             let job_id = a.str("job-id")?;
             let node = a.str("node-name")?;
             let options = a.object("options")?;
@@ -395,75 +639,81 @@ pub fn execute(ctl: &mut Control, name: &str, arguments: &Value) -> QmpResult {
             a.finish()?;
             ctl.blockdev_amend(&job_id, &node, &options, force)?;
             ok()
-        }
-        "blockdev-create" => {
-            let job_id = a.str("job-id")?;
-            let options = a.object("options")?;
-            a.finish()?;
-            ctl.blockdev_create(&job_id, &options)?;
-            ok()
-        }
-        "query-jobs" => {
+        },
+    },
+    CommandDef {
+        name: "query-jobs",
+        args: NONE,
+        ret: "[JobInfo]",
+        features: &[],
+        handler: |ctl, a, _| {
             a.finish()?;
             Ok(ctl.query_jobs())
-        }
-        "job-dismiss" => {
-            let id = a.str("id")?;
-            a.finish()?;
-            ctl.dismiss_job(&id)?;
-            ok()
-        }
-        "job-pause" | "job-resume" | "job-complete" | "job-finalize" | "job-cancel" => {
-            let id = a.str("id")?;
-            a.finish()?;
-            match name {
-                "job-pause" => ctl.job_pause(&id, false)?,
-                "job-resume" => ctl.job_resume(&id, false)?,
-                "job-complete" => ctl.job_complete(&id, false)?,
-                "job-finalize" => ctl.job_finalize(&id, false)?,
-                _ => ctl.job_cancel(&id, true, false)?,
-            }
-            ok()
-        }
-        "query-block-jobs" => {
+        },
+    },
+    job_command!("job-dismiss", "id", JOB_ID),
+    job_command!("job-pause", "id", JOB_ID),
+    job_command!("job-resume", "id", JOB_ID),
+    job_command!("job-cancel", "id", JOB_ID),
+    job_command!("job-complete", "id", JOB_ID),
+    job_command!("job-finalize", "id", JOB_ID),
+    CommandDef {
+        name: "query-block-jobs",
+        args: NONE,
+        ret: "[BlockJobInfo]",
+        features: &[],
+        handler: |ctl, a, _| {
             a.finish()?;
             Ok(ctl.query_block_jobs())
-        }
-        "block-job-cancel" => {
+        },
+    },
+    CommandDef {
+        name: "block-job-cancel",
+        args: Arguments::Members(&[("device", "str"), ("*force", "bool")]),
+        ret: EMPTY,
+        features: &[],
+        handler: |ctl, mut a, _| {
             let id = a.str("device")?;
             let force = a.opt_bool("force")?.unwrap_or(false);
             a.finish()?;
             ctl.job_cancel(&id, force, true)?;
             ok()
-        }
-        "block-job-pause" | "block-job-resume" | "block-job-complete" => {
-            let id = a.str("device")?;
-            a.finish()?;
-            match name {
-                "block-job-pause" => ctl.job_pause(&id, true)?,
-                "block-job-resume" => ctl.job_resume(&id, true)?,
-                _ => ctl.job_complete(&id, true)?,
-            }
-            ok()
-        }
-        "block-job-finalize" | "block-job-dismiss" => {
-            let id = a.str("id")?;
-            a.finish()?;
-            if name == "block-job-finalize" {
-                ctl.job_finalize(&id, true)?;
-            } else {
-                ctl.job_dismiss(&id, true)?;
-            }
-            ok()
-        }
-        "block-job-set-speed" => {
+        },
+    },
+    job_command!("block-job-complete", "device", BLOCK_JOB_DEVICE),
+    job_command!("block-job-dismiss", "id", JOB_ID),
+    job_command!("block-job-finalize", "id", JOB_ID),
+    job_command!("block-job-pause", "device", BLOCK_JOB_DEVICE),
+    job_command!("block-job-resume", "device", BLOCK_JOB_DEVICE),
+    CommandDef {
+        name: "block-job-set-speed",
+        args: Arguments::Members(&[("device", "str"), ("speed", "int")]),
+        ret: EMPTY,
+        features: &[],
+        handler: |ctl, mut a, _| {
             let id = a.str("device")?;
             let speed = a.int("speed")?;
             a.finish()?;
             ctl.job_set_speed(&id, speed)?;
             ok()
-        }
-        "block-stream" => {
+        },
+    },
+    CommandDef {
+        name: "block-stream",
+        args: Arguments::Members(&schema::concat::<11>(
+            &[
+                ("*job-id", "str"),
+                ("device", "str"),
+                ("*base", "str"),
+                ("*base-node", "str"),
+                ("*backing-file", "str"),
+                ("*bottom", "str"),
+            ],
+            schema::JOB_OPTIONS,
+        )),
+        ret: EMPTY,
+        features: &[],
+        handler: |ctl, mut a, _| {
             let args = crate::control::jobs::StreamArgs {
                 device: a.str("device")?,
                 base: a.opt_str("base")?,
@@ -475,8 +725,25 @@ pub fn execute(ctl: &mut Control, name: &str, arguments: &Value) -> QmpResult {
             a.finish()?;
             ctl.block_stream(args, opts)?;
             ok()
-        }
-        "block-commit" => {
+        },
+    },
+    CommandDef {
+        name: "block-commit",
+        args: Arguments::Members(&schema::concat::<12>(
+            &[
+                ("*job-id", "str"),
+                ("device", "str"),
+                ("*base-node", "str"),
+                ("*base", "str"),
+                ("*top-node", "str"),
+                ("*top", "str"),
+                ("*backing-file", "str"),
+            ],
+            schema::JOB_OPTIONS,
+        )),
+        ret: EMPTY,
+        features: &[],
+        handler: |ctl, mut a, _| {
             let args = crate::control::jobs::CommitArgs {
                 device: a.str("device")?,
                 base_node: a.opt_str("base-node")?,
@@ -489,16 +756,63 @@ pub fn execute(ctl: &mut Control, name: &str, arguments: &Value) -> QmpResult {
             a.finish()?;
             ctl.block_commit(args, opts)?;
             ok()
-        }
-        "blockdev-mirror" => {
+        },
+    },
+    transaction_command!("blockdev-backup", schema::BLOCKDEV_BACKUP),
+    transaction_command!("drive-backup", schema::DRIVE_BACKUP, DEPRECATED),
+    CommandDef {
+        name: "blockdev-mirror",
+        args: Arguments::Members(&[
+            ("*job-id", "str"),
+            ("device", "str"),
+            ("target", "str"),
+            ("*replaces", "str"),
+            ("sync", "MirrorSyncMode"),
+            ("*speed", "int"),
+            ("*granularity", "uint32"),
+            ("*buf-size", "int"),
+            ("*on-source-error", "BlockdevOnError"),
+            ("*on-target-error", "BlockdevOnError"),
+            ("*filter-node-name", "str"),
+            ("*copy-mode", "MirrorCopyMode"),
+            ("*auto-finalize", "bool"),
+            ("*auto-dismiss", "bool"),
+        ]),
+        ret: EMPTY,
+        features: &[],
+        handler: |ctl, mut a, _| {
             let device = a.str("device")?;
             let target = a.str("target")?;
             let (common, opts) = mirror_args(&mut a, true)?;
             a.finish()?;
             ctl.blockdev_mirror(&device, &target, common, opts)?;
             ok()
-        }
-        "drive-mirror" => {
+        },
+    },
+    CommandDef {
+        name: "drive-mirror",
+        args: Arguments::Members(&[
+            ("*job-id", "str"),
+            ("device", "str"),
+            ("target", "str"),
+            ("*format", "str"),
+            ("*node-name", "str"),
+            ("*replaces", "str"),
+            ("sync", "MirrorSyncMode"),
+            ("*mode", "NewImageMode"),
+            ("*speed", "int"),
+            ("*granularity", "uint32"),
+            ("*buf-size", "int"),
+            ("*on-source-error", "BlockdevOnError"),
+            ("*on-target-error", "BlockdevOnError"),
+            ("*unmap", "bool"),
+            ("*copy-mode", "MirrorCopyMode"),
+            ("*auto-finalize", "bool"),
+            ("*auto-dismiss", "bool"),
+        ]),
+        ret: EMPTY,
+        features: &[],
+        handler: |ctl, mut a, _| {
             let d = crate::control::mirror::DriveMirror {
                 device: a.str("device")?,
                 target: a.str("target")?,
@@ -512,52 +826,139 @@ pub fn execute(ctl: &mut Control, name: &str, arguments: &Value) -> QmpResult {
             a.finish()?;
             ctl.drive_mirror(d, common, opts)?;
             ok()
-        }
-        n if super::transaction::SINGLE.contains(&n) => {
-            super::transaction::execute_single(ctl, n, a)
-        }
-        "transaction" => super::transaction::execute(ctl, a),
-        "change-backing-file" => {
+        },
+    },
+    transaction_command!("blockdev-snapshot", schema::BLOCKDEV_SNAPSHOT),
+    transaction_command!("blockdev-snapshot-sync", schema::BLOCKDEV_SNAPSHOT_SYNC),
+    CommandDef {
+        name: "change-backing-file",
+        args: Arguments::Members(&[
+            ("device", "str"),
+            ("image-node-name", "str"),
+            ("backing-file", "str"),
+        ]),
+        ret: EMPTY,
+        features: &[],
+        handler: |ctl, mut a, _| {
             let device = a.str("device")?;
             let image = a.str("image-node-name")?;
             let backing = a.str("backing-file")?;
             a.finish()?;
             ctl.change_backing_file(&device, &image, &backing)?;
             ok()
-        }
-        "block-set-write-threshold" => {
+        },
+    },
+    CommandDef {
+        name: "block-set-write-threshold",
+        args: Arguments::Members(&[("node-name", "str"), ("write-threshold", "uint64")]),
+        ret: EMPTY,
+        features: &[],
+        handler: |ctl, mut a, _| {
             let node = a.str("node-name")?;
             let t = a.uint("write-threshold")?;
             a.finish()?;
             ctl.set_write_threshold(&node, t)?;
             ok()
-        }
-        n if super::bitmap_commands::NAMES.contains(&n) => {
-            super::bitmap_commands::execute(ctl, n, a)
-        }
-        n if super::qom_commands::NAMES.contains(&n) => super::qom_commands::execute(ctl, n, a),
-        "x-debug-query-block-graph" => {
+        },
+    },
+    bitmap_command!("block-dirty-bitmap-add", schema::BITMAP_ADD, EMPTY),
+    bitmap_command!("block-dirty-bitmap-remove", schema::BITMAP, EMPTY),
+    bitmap_command!("block-dirty-bitmap-clear", schema::BITMAP, EMPTY),
+    bitmap_command!("block-dirty-bitmap-enable", schema::BITMAP, EMPTY),
+    bitmap_command!("block-dirty-bitmap-disable", schema::BITMAP, EMPTY),
+    bitmap_command!("block-dirty-bitmap-merge", schema::BITMAP_MERGE, EMPTY),
+    bitmap_command!(
+        "x-debug-block-dirty-bitmap-sha256",
+        schema::BITMAP,
+        "BlockDirtyBitmapSha256"
+    ),
+    CommandDef {
+        name: "transaction",
+        args: Arguments::Members(&[
+            ("actions", "[TransactionAction]"),
+            ("*properties", "TransactionProperties"),
+        ]),
+        ret: EMPTY,
+        features: &[],
+        handler: |ctl, a, _| super::transaction::execute(ctl, a),
+    },
+    CommandDef {
+        name: "x-debug-query-block-graph",
+        args: NONE,
+        ret: "XDbgBlockGraph",
+        features: &[],
+        handler: |ctl, a, _| {
             a.finish()?;
             Ok(ctl.query_block_graph())
-        }
-        "cont" => {
+        },
+    },
+    CommandDef {
+        name: "cont",
+        args: NONE,
+        ret: EMPTY,
+        features: &[],
+        handler: |ctl, a, _| {
             a.finish()?;
             ctl.cont(None)?;
             ok()
-        }
-        "x-block-export-cont" => {
+        },
+    },
+    CommandDef {
+        name: "x-block-export-cont",
+        args: Arguments::Members(&[("id", "str")]),
+        ret: EMPTY,
+        features: &[],
+        handler: |ctl, mut a, _| {
             let id = a.str("id")?;
             a.finish()?;
             ctl.cont(Some(&id))?;
             ok()
-        }
-        "quit" => {
+        },
+    },
+    CommandDef {
+        name: "quit",
+        args: NONE,
+        ret: EMPTY,
+        features: &[],
+        handler: |_, a, _| {
             a.finish()?;
             ok()
-        }
-        other => Err(QmpError::new(
+        },
+    },
+];
+
+/// The table row of a command.
+pub fn find(name: &str) -> Option<&'static CommandDef> {
+    COMMANDS.iter().find(|c| c.name == name)
+}
+
+/// Runs one command (capabilities negotiation is the connection's business).
+pub fn execute(ctl: &mut Control, name: &str, arguments: &Value) -> QmpResult {
+    let Some(cmd) = find(name) else {
+        return Err(QmpError::new(
             ErrorClass::CommandNotFound,
-            format!("The command {other} has not been found"),
-        )),
+            format!("The command {name} has not been found"),
+        ));
+    };
+    let a = match cmd.args {
+        Arguments::Members(members) => {
+            args::check(members, arguments)?;
+            Args::declared(arguments, members)
+        }
+        Arguments::Boxed(_) => Args::new(arguments),
+    };
+    (cmd.handler)(ctl, a, arguments)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique() {
+        let mut seen = std::collections::BTreeSet::new();
+        for c in COMMANDS {
+            assert!(seen.insert(c.name), "{} listed twice", c.name);
+        }
     }
 }

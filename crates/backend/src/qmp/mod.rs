@@ -6,9 +6,12 @@
 //! - [`args`]: strict argument reading with QEMU's messages
 //! - [`server`]: sockets, client threads, capabilities negotiation
 //! - [`outbox`]: each client's bounded output queue and its writer
-//! - [`commands`]: the command table; [`bitmap_commands`]: the dirty bitmap commands;
-//!   [`qom_commands`]: the QOM commands;
-//!   [`transaction`]: `transaction` and the snapshot commands that are one
+//! - [`commands`]: the command table (names, argument and return types, handlers),
+//!   which drives dispatch, argument checks, `query-commands` and
+//!   `query-qmp-schema`; [`schema`]: the QAPI types and events, and introspection;
+//!   [`bitmap_commands`], [`nbd_commands`], [`qom_commands`]: handlers' argument
+//!   reading for those commands; [`transaction`]: `transaction` and the commands
+//!   that are one
 //! - [`events`]: event delivery
 
 pub mod args;
@@ -18,6 +21,7 @@ pub mod events;
 pub mod nbd_commands;
 pub mod outbox;
 pub mod qom_commands;
+pub mod schema;
 pub mod server;
 pub mod splitter;
 pub mod transaction;

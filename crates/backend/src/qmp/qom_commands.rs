@@ -7,27 +7,19 @@ use super::wire::{QmpError, QmpResult};
 use crate::control::Control;
 use serde_json::json;
 
-/// The commands of this module, in the order `query-commands` lists them.
-pub const NAMES: &[&str] = &[
-    "qom-list",
-    "qom-get",
-    "qom-set",
-    "qom-list-types",
-    "qom-list-properties",
-];
-
+/// Runs a QOM command (registered in [`super::commands::COMMANDS`]).
 pub fn execute(ctl: &mut Control, name: &str, mut a: Args) -> QmpResult {
     match name {
         "qom-list" => {
             let path = a.str("path")?;
             a.finish()?;
-            ctl.qom_list(&path)
+            Ok(ctl.qom_list(&path)?)
         }
         "qom-get" => {
             let path = a.str("path")?;
             let prop = a.str("property")?;
             a.finish()?;
-            ctl.qom_get(&path, &prop)
+            Ok(ctl.qom_get(&path, &prop)?)
         }
         "qom-set" => {
             let path = a.str("path")?;
@@ -48,7 +40,7 @@ pub fn execute(ctl: &mut Control, name: &str, mut a: Args) -> QmpResult {
         _ => {
             let typename = a.str("typename")?;
             a.finish()?;
-            ctl.qom_list_properties(&typename)
+            Ok(ctl.qom_list_properties(&typename)?)
         }
     }
 }

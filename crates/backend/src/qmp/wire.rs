@@ -51,6 +51,20 @@ impl QmpError {
     }
 }
 
+/// The one place where the control plane's errors become QMP error classes.
+impl From<crate::control::ControlError> for QmpError {
+    fn from(e: crate::control::ControlError) -> Self {
+        use crate::control::error::ErrorKind;
+        let class = match e.kind {
+            ErrorKind::GenericError => ErrorClass::GenericError,
+            ErrorKind::CommandNotFound => ErrorClass::CommandNotFound,
+            ErrorKind::DeviceNotActive => ErrorClass::DeviceNotActive,
+            ErrorKind::DeviceNotFound => ErrorClass::DeviceNotFound,
+        };
+        QmpError::new(class, e.desc)
+    }
+}
+
 pub type QmpResult = std::result::Result<Value, QmpError>;
 
 /// A command as the client sent it.

@@ -29,6 +29,10 @@ pub trait Exports {
 /// The outcome of a handshake that reached the transmission phase.
 pub struct Negotiated {
     pub export: Arc<NbdShared>,
+    /// The connection's registration with the export ([`NbdShared::add_client`]),
+    /// made before the client hears that `NBD_OPT_GO` succeeded: from then on the
+    /// export counts as in use.
+    pub client: u64,
     pub structured: bool,
     pub contexts: Vec<Context>,
 }
@@ -150,8 +154,15 @@ impl Handshake<'_> {
                 if !self.no_zeroes {
                     v.extend_from_slice(&[0; 124]);
                 }
-                self.s.write_all(&v)?;
-                return Ok(Some(self.negotiated(export, &name)));
+                let Some(client) = self.s.try_clone().ok().and_then(|c| export.add_client(c))
+                else {
+                    return Err(HandshakeError::Protocol("an export that is going away"));
+                };
+                if let Err(e) = self.s.write_all(&v) {
+                    export.remove_client(client);
+                    return Err(e.into());
+                }
+                return Ok(Some(self.negotiated(export, &name, client)));
             }
             OPT_ABORT => {
                 let _ = self.reply(option, REP_ACK, &[]);
@@ -232,7 +243,7 @@ impl Handshake<'_> {
         }
     }
 
-    fn negotiated(&mut self, export: Arc<NbdShared>, name: &str) -> Negotiated {
+    fn negotiated(&mut self, export: Arc<NbdShared>, name: &str, client: u64) -> Negotiated {
         let contexts = if self.contexts_for.as_deref() == Some(name) {
             std::mem::take(&mut self.contexts)
         } else {
@@ -240,6 +251,7 @@ impl Handshake<'_> {
         };
         Negotiated {
             export,
+            client,
             structured: self.structured,
             contexts,
         }
@@ -291,11 +303,24 @@ impl Handshake<'_> {
         v.extend_from_slice(&export.size().to_be_bytes());
         v.extend_from_slice(&transmission_flags(&export, self.structured).to_be_bytes());
         self.reply(option, REP_INFO, &v)?;
-        self.reply(option, REP_ACK, &[])?;
-        if option == OPT_GO {
-            return Ok(Some(self.negotiated(export, &name)));
+        if option != OPT_GO {
+            self.reply(option, REP_ACK, &[])?;
+            return Ok(None);
         }
-        Ok(None)
+        let Some(client) = self.s.try_clone().ok().and_then(|c| export.add_client(c)) else {
+            // The export is going away.
+            self.error(
+                option,
+                REP_ERR_UNKNOWN,
+                &format!("export '{name}' not present"),
+            )?;
+            return Ok(None);
+        };
+        if let Err(e) = self.reply(option, REP_ACK, &[]) {
+            export.remove_client(client);
+            return Err(e);
+        }
+        Ok(Some(self.negotiated(export, &name, client)))
     }
 
     fn meta(&mut self, option: u32, data: &[u8]) -> Result<()> {

@@ -177,10 +177,7 @@ impl NbdServer {
         };
         let _ = stream.set_read_timeout(None);
         let export = neg.export.clone();
-        let Some(id) = stream.try_clone().ok().and_then(|s| export.add_client(s)) else {
-            stream.shutdown(Shutdown::Both);
-            return;
-        };
+        let id = neg.client;
         let index = self.next_index.fetch_add(1, Ordering::Relaxed);
         conn::serve(stream, neg, index);
         export.remove_client(id);

@@ -204,12 +204,12 @@ impl<T: Future<Output = ()>> Future for Race<T> {
 impl Driver for CbwDriver {
     /// QEMU's filter keeps two anonymous bitmaps, listed in this order: the
     /// clusters the snapshot may be read at, and those a guest write has copied.
-    fn own_bitmaps_info(&self) -> Vec<serde_json::Value> {
+    fn own_bitmaps_info(&self) -> Vec<crate::info::BlockDirtyInfo> {
         let cluster = self.bcs.cluster_size();
         let s = self.snap();
         [&s.access, &s.done]
             .iter()
-            .map(|b| crate::node::anonymous_bitmap_info(false, cluster, b.count() * cluster))
+            .map(|b| crate::info::BlockDirtyInfo::anonymous(false, cluster, b.count() * cluster))
             .collect()
     }
 

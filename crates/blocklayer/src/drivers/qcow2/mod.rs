@@ -325,15 +325,14 @@ impl Qcow2Driver {
         log::warn!("qcow2: {e}");
         if let qcow::Error::Corrupt(msg) = &e {
             if !self.corrupt_reported.swap(true, Ordering::Relaxed) {
-                crate::events::emit(
-                    "BLOCK_IMAGE_CORRUPTED",
-                    serde_json::json!({
-                        "device": "",
-                        "node-name": self.node_name,
-                        "msg": format!("{msg}; further corruption events will be suppressed"),
-                        "fatal": true,
-                    }),
-                );
+                crate::events::emit(crate::events::BlockEvent::ImageCorrupted(
+                    crate::events::ImageCorrupted {
+                        device: String::new(),
+                        node_name: self.node_name.clone(),
+                        msg: format!("{msg}; further corruption events will be suppressed"),
+                        fatal: true,
+                    },
+                ));
             }
         }
         BlockError::io("qcow2", io::Error::from_raw_os_error(errno))
@@ -691,14 +690,15 @@ impl Driver for Qcow2Driver {
 
     fn image_info_extra(&self) -> Option<serde_json::Value> {
         let info = self.image.info();
+        // As QEMU: a version 2 image reports zlib (the only type it can have).
         let mut data = serde_json::json!({
             "compat": if info.version >= 3 { "1.1" } else { "0.10" },
-        });
-        if info.version >= 3 {
-            data["compression-type"] = serde_json::json!(match info.compression {
+            "compression-type": match info.compression {
                 qcow::CompressionType::Zlib => "zlib",
                 qcow::CompressionType::Zstd => "zstd",
-            });
+            },
+        });
+        if info.version >= 3 {
             data["lazy-refcounts"] = info.lazy_refcounts.into();
             // As QEMU: the flags as the image has them, the list only when there
             // are bitmaps.
