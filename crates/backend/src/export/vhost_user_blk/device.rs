@@ -221,6 +221,10 @@ pub struct BlkDevice {
     me: Weak<BlkDevice>,
     shared: Arc<ExportShared>,
     mem: GuestMemoryAtomic<Memory>,
+    /// Bumped (release) each time the session publishes a new memory table in `mem`
+    /// (before it replies to the frontend): the ring sets compare it with the one
+    /// their copy of the table came from, instead of loading `mem` on every pass.
+    mem_gen: AtomicU64,
     /// Per queue: requests in flight, held requests, ring generations.
     queues: Arc<QueueStates>,
     /// The loops and ring sets serving the rings, once the session started them.
@@ -241,6 +245,7 @@ impl BlkDevice {
             me: me.clone(),
             shared,
             mem,
+            mem_gen: AtomicU64::new(0),
             queues,
             serving: Mutex::new(None),
             disconnected: AtomicBool::new(false),
@@ -901,10 +906,10 @@ struct RingSet {
     vrings: Vec<Arc<Vring>>,
     /// The context of its requests (with their finished ones, waiting to be pushed).
     ctx: Rc<SetCtx>,
-    /// The memory table the rings were last read with: the export's (to notice a new
-    /// one) and this set's own copy of it, whose reference count only this thread
-    /// touches (each request holds one).
-    mem: RefCell<Option<(Arc<Memory>, Arc<Memory>)>>,
+    /// The memory table the rings were last read with: the device's `mem_gen` it
+    /// came from (to notice a new one) and this set's own copy of it, whose reference
+    /// count only this thread touches (each request holds one).
+    mem: RefCell<Option<(u64, Arc<Memory>)>>,
     /// The device's limits, taken at each wake-up.
     lim: Cell<Option<DeviceLimits>>,
     /// Used elements pushed but not yet notified, and the rings (bits) they are on.
@@ -942,14 +947,15 @@ impl RingSet {
     /// This set's copy of the current memory table (a new one after the frontend
     /// changed the table).
     fn memory(&self) -> Arc<Memory> {
-        let now = self.device.mem.memory();
+        let gen = self.device.mem_gen.load(Ordering::Acquire);
         let mut cache = self.mem.borrow_mut();
         match cache.as_ref() {
-            Some((theirs, ours)) if std::ptr::eq(Arc::as_ptr(theirs), &*now) => ours.clone(),
+            Some((g, ours)) if *g == gen => ours.clone(),
             _ => {
-                let theirs = now.into_inner();
+                // Loaded after the generation: at least as new as it.
+                let theirs = self.device.mem.memory();
                 let ours = Arc::new((*theirs).clone());
-                *cache = Some((theirs, ours.clone()));
+                *cache = Some((gen, ours.clone()));
                 ours
             }
         }
@@ -1066,12 +1072,9 @@ impl Source for RingSet {
     fn begin(&self) {
         self.lim.set(Some(self.device.limits()));
         // Let go of a copy of a memory table the frontend has replaced.
-        let now = self.device.mem.memory();
+        let gen = self.device.mem_gen.load(Ordering::Acquire);
         let mut cache = self.mem.borrow_mut();
-        if cache
-            .as_ref()
-            .is_some_and(|(theirs, _)| !std::ptr::eq(Arc::as_ptr(theirs), &*now))
-        {
+        if cache.as_ref().is_some_and(|(g, _)| *g != gen) {
             *cache = None;
         }
     }
@@ -1322,6 +1325,7 @@ impl QueueDevice for BlkDevice {
     }
 
     fn memory_changed(&self) {
+        self.mem_gen.fetch_add(1, Ordering::Release);
         // The loops look at the new table (and drop their copies of the old one).
         self.wake_all();
     }
