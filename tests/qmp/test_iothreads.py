@@ -229,7 +229,10 @@ async def test_set_iothread_moves_the_work(daemon, tmp, io_procs):
         await asyncio.sleep(1.5)
         t1 = {k: thread_cpu_ticks(pid, t) for k, t in after.items()}
         worked = {k: t1[k] - t0[k] for k in t0}
-        assert worked["io1"] >= 10, f"io1's thread did not serve e0: {worked} ticks"
+        # A busy iothread takes tens of ticks in 1.5 s on a quiet machine; a loaded
+        # one gives it fewer, so the test asks for a few, and for the new thread to
+        # do (nearly) all of it.
+        assert worked["io1"] >= 4, f"io1's thread did not serve e0: {worked} ticks"
         assert worked["io0"] <= 2, f"io0's thread still works for e0: {worked} ticks"
         r = await p.result()
         assert r["rc"] == 0 and r["ok"], r
