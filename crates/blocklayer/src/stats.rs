@@ -14,7 +14,7 @@
 //! QEMU's stats are.
 
 use crate::aio::clock;
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
@@ -263,43 +263,82 @@ impl IoStats {
         (last > 0).then(|| clock::ns_since_epoch(Instant::now()).saturating_sub(last - 1))
     }
 
-    /// QEMU's `BlockDeviceStats`.
-    pub fn to_json(&self) -> Value {
+    /// QEMU's `BlockDeviceStats`, summed over the shards now.
+    pub fn snapshot(&self) -> BlockDeviceStats {
         let [rd, wr, flush, unmap] =
             [IoKind::Read, IoKind::Write, IoKind::Flush, IoKind::Unmap].map(|k| self.totals(k));
-        let mut v = json!({
-            "rd_bytes": rd.bytes,
-            "wr_bytes": wr.bytes,
-            "unmap_bytes": unmap.bytes,
-            "rd_operations": rd.operations,
-            "wr_operations": wr.operations,
-            "flush_operations": flush.operations,
-            "unmap_operations": unmap.operations,
-            "rd_total_time_ns": rd.total_time_ns,
-            "wr_total_time_ns": wr.total_time_ns,
-            "flush_total_time_ns": flush.total_time_ns,
-            "unmap_total_time_ns": unmap.total_time_ns,
-            "wr_highest_offset": self.wr_highest_offset(),
-            "rd_merged": 0,
-            "wr_merged": 0,
-            "unmap_merged": 0,
-            "failed_rd_operations": rd.failed,
-            "failed_wr_operations": wr.failed,
-            "failed_flush_operations": flush.failed,
-            "failed_unmap_operations": unmap.failed,
-            "invalid_rd_operations": rd.invalid,
-            "invalid_wr_operations": wr.invalid,
-            "invalid_flush_operations": flush.invalid,
-            "invalid_unmap_operations": unmap.invalid,
-            "account_invalid": true,
-            "account_failed": true,
-            "timed_stats": [],
-        });
-        if let Some(idle) = self.idle_time_ns() {
-            v["idle_time_ns"] = json!(idle);
+        BlockDeviceStats {
+            rd_bytes: rd.bytes,
+            wr_bytes: wr.bytes,
+            unmap_bytes: unmap.bytes,
+            rd_operations: rd.operations,
+            wr_operations: wr.operations,
+            flush_operations: flush.operations,
+            unmap_operations: unmap.operations,
+            rd_total_time_ns: rd.total_time_ns,
+            wr_total_time_ns: wr.total_time_ns,
+            flush_total_time_ns: flush.total_time_ns,
+            unmap_total_time_ns: unmap.total_time_ns,
+            wr_highest_offset: self.wr_highest_offset(),
+            rd_merged: 0,
+            wr_merged: 0,
+            unmap_merged: 0,
+            idle_time_ns: self.idle_time_ns(),
+            failed_rd_operations: rd.failed,
+            failed_wr_operations: wr.failed,
+            failed_flush_operations: flush.failed,
+            failed_unmap_operations: unmap.failed,
+            invalid_rd_operations: rd.invalid,
+            invalid_wr_operations: wr.invalid,
+            invalid_flush_operations: flush.invalid,
+            invalid_unmap_operations: unmap.invalid,
+            account_invalid: true,
+            account_failed: true,
+            timed_stats: [],
         }
-        v
     }
+
+    /// [`IoStats::snapshot`] as QMP's JSON.
+    pub fn to_json(&self) -> Value {
+        serde_json::to_value(self.snapshot()).expect("plain numbers and flags serialise")
+    }
+}
+
+/// QEMU's `BlockDeviceStats` (qapi/block-core.json), what `query-blockstats` reports
+/// for a node or an export. vubd does not merge requests (`*_merged` are 0) and keeps
+/// no timed statistics intervals.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct BlockDeviceStats {
+    pub rd_bytes: u64,
+    pub wr_bytes: u64,
+    pub unmap_bytes: u64,
+    pub rd_operations: u64,
+    pub wr_operations: u64,
+    pub flush_operations: u64,
+    pub unmap_operations: u64,
+    pub rd_total_time_ns: u64,
+    pub wr_total_time_ns: u64,
+    pub flush_total_time_ns: u64,
+    pub unmap_total_time_ns: u64,
+    pub wr_highest_offset: u64,
+    pub rd_merged: u64,
+    pub wr_merged: u64,
+    pub unmap_merged: u64,
+    /// Since the last request completed (exports only, once one has).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_time_ns: Option<u64>,
+    pub failed_rd_operations: u64,
+    pub failed_wr_operations: u64,
+    pub failed_flush_operations: u64,
+    pub failed_unmap_operations: u64,
+    pub invalid_rd_operations: u64,
+    pub invalid_wr_operations: u64,
+    pub invalid_flush_operations: u64,
+    pub invalid_unmap_operations: u64,
+    pub account_invalid: bool,
+    pub account_failed: bool,
+    /// QEMU's `BlockDeviceTimedStats` intervals: none.
+    pub timed_stats: [u64; 0],
 }
 
 #[cfg(test)]
