@@ -976,8 +976,9 @@ fn sigkill_rounds(tag: &str, create_opts: &str, lazy: bool) {
                 }
             }
         } else {
-            // The dirty bit is set if the round took reserved clusters (after
-            // it used up the clusters that the previous round's repair freed).
+            // The dirty bit is set once the round wrote a refcount block or an
+            // L2 entry (reusing the clusters that the previous round's repair
+            // freed leaks one too, if killed between the two).
             dirty_rounds += dirty as u64;
             // qemu-img finds no corruption (leaks are allowed after a crash).
             let (code, text) = qemu_img_check(&img);

@@ -27,15 +27,22 @@
 //! sync makes both stable; the clusters are then handed out in order with no
 //! refcount write and no sync, and every L2 entry that maps one is safe on
 //! disk in any order. Batches double from 1 MiB up to 32 MiB (bounded by the
-//! virtual size). A crash leaks what was reserved and not handed out; the
-//! image carries the dirty bit while it holds a reservation (set with the
-//! first batch, cleared at a clean close), so that the next writable open
-//! (QEMU's too) rebuilds the refcounts and reclaims the leak. Freed clusters
+//! virtual size). A crash leaks what was reserved and not handed out. Freed clusters
 //! inside the file are reused first, one by one as before: mapping a reused
 //! cluster needs a sync for its data anyway. Version 2 images (no dirty bit)
 //! and lazy refcounts (no sync to save) do not reserve. Operations that count
 //! references (check, snapshots) and a clean close give the unused part back
 //! first, through [`Qcow2::flush_locked`].
+//!
+//! The dirty bit (version 3). A kill between a refcount increase reaching the
+//! file and the entry that uses the cluster, or between an entry dropped and
+//! its refcount decrease, leaks clusters; so does a reservation. So the dirty
+//! bit is set before the first refcount block or L2 entry of a session is
+//! written ([`Qcow2::mark_dirty`], in `write_table_as`, `write_l2_entries`,
+//! [`Qcow2::prepare_new_references`] and `reserve`), and cleared at a clean
+//! close: the next writable open (QEMU's too) rebuilds the refcounts and
+//! reclaims every leak a kill leaves, where QEMU's strict refcounts leave
+//! single clusters leaked for good.
 //!
 //! With lazy refcounts (QEMU's `lazy_refcounts`, compat 1.1) the dirty bit is
 //! set before the first metadata write, and from then on refcount blocks stay
@@ -461,18 +468,8 @@ impl<I: QcowIo> Qcow2<I> {
         if self.io.len().await? < end * cs {
             self.io.set_len(end * cs).await?;
         }
-        let mark = {
-            let mut st = self.st();
-            let mark = !st.dirty_marked;
-            if mark {
-                st.hdr.incompatible_features |= incompat::DIRTY;
-                st.dirty_marked = true;
-            }
-            mark
-        };
-        if mark {
-            self.write_header().await?;
-        }
+        // The sync below makes the dirty bit stable with the refcounts.
+        self.mark_dirty_as(false).await?;
         if !self.refcounts_lazy() {
             // QEMU's refcount updates stay in its cache: the event is owed.
             self.write_dirty_refcounts_as(false).await?;
@@ -745,6 +742,13 @@ impl<I: QcowIo> Qcow2<I> {
 
     /// [`Self::write_table`], raising the event only if `raise`.
     async fn write_table_as(&self, kind: TableKind, off: u64, raise: bool) -> Result<()> {
+        if self.st().cache(kind).get(off).is_none_or(|e| !e.dirty) {
+            return Ok(());
+        }
+        // A kill may leave a refcount increase in the file without the entry
+        // that uses the cluster, or an entry dropped before its refcount
+        // decrease: leaks, which the dirty bit has the next open reclaim.
+        self.mark_dirty().await?;
         let (at, data, gen) = {
             let mut st = self.st();
             match st.cache(kind).get(off) {
@@ -816,7 +820,7 @@ impl<I: QcowIo> Qcow2<I> {
     /// Before an entry that points to newly allocated clusters is written: the
     /// dirty bit with lazy refcounts, else the refcounts. The caller flushes.
     pub(crate) async fn prepare_new_references(&self) -> Result<()> {
-        self.mark_dirty_if_lazy().await?;
+        self.mark_dirty().await?;
         if !self.refcounts_lazy() {
             self.write_dirty_refcounts().await?;
         }
@@ -827,7 +831,7 @@ impl<I: QcowIo> Qcow2<I> {
     /// QEMU leaves its refcount blocks dirty in its cache until the next flush:
     /// the refcounts written here raise their event at that flush instead.
     pub(crate) async fn prepare_new_references_of_write(&self) -> Result<()> {
-        self.mark_dirty_if_lazy().await?;
+        self.mark_dirty().await?;
         if !self.refcounts_lazy() {
             self.write_dirty_refcounts_as(false).await?;
         }
@@ -866,19 +870,35 @@ impl<I: QcowIo> Qcow2<I> {
         Ok(())
     }
 
-    /// With lazy refcounts, sets the dirty bit before the first metadata write.
-    pub(crate) async fn mark_dirty_if_lazy(&self) -> Result<()> {
-        let need = {
+    /// Sets the dirty bit of a version 3 image, if not set yet: before the
+    /// session's first metadata write that a kill could leave as a leak (see
+    /// the module doc). With lazy refcounts the bit is made stable at once, as
+    /// refcounts on disk may be stale from then on; else the next sync makes it
+    /// stable (a kill keeps it anyway, and a power loss only risks a leak).
+    pub(crate) async fn mark_dirty(&self) -> Result<()> {
+        let lazy = self.st().lazy;
+        self.mark_dirty_as(lazy).await
+    }
+
+    /// [`Self::mark_dirty`], syncing only if `sync`. Only the feature bits are
+    /// written: other header fields may be changing in memory.
+    async fn mark_dirty_as(&self, sync: bool) -> Result<()> {
+        let features = {
             let mut st = self.st();
-            let need = st.lazy && !st.dirty_marked;
-            if need {
-                st.hdr.incompatible_features |= incompat::DIRTY;
-                st.dirty_marked = true;
+            if st.dirty_marked || st.hdr.version < 3 || !st.writable || st.corrupt {
+                return Ok(());
             }
-            need
+            st.hdr.incompatible_features |= incompat::DIRTY;
+            st.dirty_marked = true;
+            st.hdr.incompatible_features
         };
-        if need {
-            self.write_header().await?;
+        self.io
+            .write_at(
+                header::INCOMPATIBLE_FEATURES_OFFSET,
+                &features.to_be_bytes(),
+            )
+            .await?;
+        if sync {
             self.sync().await?;
         }
         Ok(())

@@ -319,7 +319,9 @@ async fn create_inner<I: QcowIo>(
             pos += n;
         }
     }
-    img.flush().await?;
+    // Clears the dirty bit that the metadata writes set: the file is clean even
+    // if the caller drops the image without closing it (it stays usable).
+    img.close().await?;
     Ok(img)
 }
 

@@ -9,6 +9,8 @@ use thiserror::Error;
 pub const MAGIC: u32 = 0x5146_49fb;
 /// Length of a version 2 header.
 pub const V2_HEADER_LEN: u32 = 72;
+/// Where a version 3 header holds its incompatible feature bits (big endian).
+pub const INCOMPATIBLE_FEATURES_OFFSET: u64 = 72;
 /// Length of the fixed part of a version 3 header (through `header_length`).
 pub const V3_MIN_HEADER_LEN: u32 = 104;
 /// The version 3 header length this crate writes (with `compression_type`).
@@ -292,7 +294,7 @@ impl Header {
             if buf.len() < V3_MIN_HEADER_LEN as usize {
                 return Err(HeaderError::Truncated);
             }
-            h.incompatible_features = be64(buf, 72);
+            h.incompatible_features = be64(buf, INCOMPATIBLE_FEATURES_OFFSET as usize);
             h.compatible_features = be64(buf, 80);
             h.autoclear_features = be64(buf, 88);
             h.refcount_order = be32(buf, 96);
@@ -601,7 +603,11 @@ impl Header {
         put32(&mut b, 60, self.nb_snapshots);
         put64(&mut b, 64, self.snapshots_offset);
         if self.version >= 3 {
-            put64(&mut b, 72, self.incompatible_features);
+            put64(
+                &mut b,
+                INCOMPATIBLE_FEATURES_OFFSET as usize,
+                self.incompatible_features,
+            );
             put64(&mut b, 80, self.compatible_features);
             put64(&mut b, 88, self.autoclear_features);
             put32(&mut b, 96, self.refcount_order);

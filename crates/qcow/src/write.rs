@@ -672,6 +672,10 @@ impl<I: QcowIo> Qcow2<I> {
     /// to the file, adjacent ones together. The tables stay dirty in the cache
     /// (a flush writes them whole, in order).
     async fn write_l2_entries(&self, entries: &mut [(u64, u64)]) -> Result<()> {
+        // Entries that drop references leave leaks until the refcounts
+        // decrease (after a flush): a kill in between must leave the image
+        // dirty, so that the next writable open reclaims them.
+        self.mark_dirty().await?;
         let esz = if self.g.extended { 16 } else { 8 };
         entries.sort_unstable();
         let mut i = 0;
