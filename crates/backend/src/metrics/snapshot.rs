@@ -9,10 +9,13 @@ use blocklayer::stats::{IoKind, IoStats, KindTotals};
 /// A sample's value, as text, from a figure.
 type Text<T> = fn(&T) -> String;
 
-/// A vhost-user-blk export's queues.
+/// An export's queues (vhost-user-blk) or counter shards (NBD).
 pub struct ExportSample {
     pub id: String,
     pub queues: Vec<QueueSample>,
+    /// Whether each of `queues` gets `vubd_queue_*` series (vhost-user-blk's rings);
+    /// NBD's shards only add up to the export's series.
+    pub per_queue: bool,
 }
 
 /// An iothread (also the implicit ones of exports that name none, and the main loop
@@ -144,6 +147,9 @@ impl Snapshot {
             let mut total = QueueSample::default();
             for (q, name) in x.queues.iter().zip(names) {
                 total.add(q);
+                if !x.per_queue {
+                    continue;
+                }
                 queue_rows.push((
                     vec![("export", x.id.as_str()), ("queue", name.as_str())],
                     *q,
@@ -246,6 +252,7 @@ mod tests {
             exports: vec![ExportSample {
                 id: "e0".into(),
                 queues: vec![q0.sample(1), q1.sample(0)],
+                per_queue: true,
             }],
             iothreads: vec![IoThreadSample {
                 id: "io0".into(),
