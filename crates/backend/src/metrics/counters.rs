@@ -1,9 +1,9 @@
 //! The counters the request path and the event loops write for `--metrics`, and the
 //! plain samples a scrape reads from them.
 //!
-//! NBD exports keep the same counters, one [`QueueCounters`] per iothread of the
-//! export: a connection writes the shard of the iothread that serves it
-//! ([`ExportCounters::shard`]).
+//! An NBD export keeps one [`QueueCounters`] for all its connections, written by the
+//! export's iothread (and, for requests refused before they run, by the connections'
+//! threads).
 //!
 //! Each vhost-user-blk queue has a [`QueueCounters`] on cache lines of its own, written
 //! by the one iothread that serves the queue (relaxed atomic adds; a scrape sums the
@@ -147,12 +147,9 @@ pub struct ExportCounters {
 }
 
 impl ExportCounters {
-    /// Counters for `num_queues` queues (at least one).
     pub fn new(num_queues: usize) -> Self {
         ExportCounters {
-            queues: (0..num_queues.max(1))
-                .map(|_| QueueCounters::default())
-                .collect(),
+            queues: (0..num_queues).map(|_| QueueCounters::default()).collect(),
         }
     }
 
@@ -161,13 +158,6 @@ impl ExportCounters {
     #[inline]
     pub fn queue(&self, q: usize) -> &QueueCounters {
         &self.queues[q]
-    }
-
-    /// Shard `i` modulo the number of shards (NBD: the connection with index `i`,
-    /// served by iothread `i` modulo the export's iothreads).
-    #[inline]
-    pub fn shard(&self, i: usize) -> &QueueCounters {
-        &self.queues[i % self.queues.len()]
     }
 
     /// A sample of every queue; `in_flight[q]` (missing: 0) from the device.

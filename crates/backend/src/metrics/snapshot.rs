@@ -249,11 +249,19 @@ mod tests {
         let stats = IoStats::new();
         stats.done(IoStats::start(IoKind::Write, 512), true, 1024);
         let s = Snapshot {
-            exports: vec![ExportSample {
-                id: "e0".into(),
-                queues: vec![q0.sample(1), q1.sample(0)],
-                per_queue: true,
-            }],
+            exports: vec![
+                ExportSample {
+                    id: "e0".into(),
+                    queues: vec![q0.sample(1), q1.sample(0)],
+                    per_queue: true,
+                },
+                // An NBD export: its counters, no queue series.
+                ExportSample {
+                    id: "nbd0".into(),
+                    queues: vec![q1.sample(2)],
+                    per_queue: false,
+                },
+            ],
             iothreads: vec![IoThreadSample {
                 id: "io0".into(),
                 counters: LoopSample {
@@ -279,9 +287,17 @@ mod tests {
             "vubd_node_operations_total{node=\"n0\",kind=\"write\"} 1",
             "vubd_node_bytes_total{node=\"n0\",kind=\"write\"} 512",
             "vubd_node_write_highest_offset_bytes{node=\"n0\"} 1024",
+            "vubd_export_requests_total{export=\"nbd0\",kind=\"read\"} 1",
+            "vubd_export_requests_in_flight{export=\"nbd0\"} 2",
         ] {
             assert!(text.lines().any(|l| l == line), "no line {line} in\n{text}");
         }
+        assert!(
+            !text
+                .lines()
+                .any(|l| l.starts_with("vubd_queue_") && l.contains("nbd0")),
+            "{text}"
+        );
         // Each family's HELP and TYPE come once, before its samples.
         let types = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
         let helps = text.lines().filter(|l| l.starts_with("# HELP ")).count();

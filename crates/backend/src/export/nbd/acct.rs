@@ -76,9 +76,9 @@ impl Started {
         Started { kind, clock, end }
     }
 
-    /// Accounts the request's end; `shard` is its connection's index.
-    pub fn finish(self, export: &NbdShared, shard: usize, ok: bool) {
-        let counters = export.counters.shard(shard);
+    /// Accounts the request's end.
+    pub fn finish(self, export: &NbdShared, ok: bool) {
+        let counters = &export.counters;
         match self.clock {
             Clock::Stats(acct) => {
                 let bytes = acct.bytes();
@@ -96,16 +96,13 @@ impl Started {
 /// Accounts a request answered with an error before it ran: `invalid` if the client
 /// asked for something the export refuses (else the connection or the export went
 /// away, which only the metrics count as an error).
-pub fn refused(export: &NbdShared, shard: usize, req: &Request, invalid: bool) {
+pub fn refused(export: &NbdShared, req: &Request, invalid: bool) {
     if invalid {
         if let Some(k) = io_kind(req.kind) {
             export.blk.stats().invalid(k);
         }
     }
-    export
-        .counters
-        .shard(shard)
-        .record(request_kind(req.kind), 0, false, 0);
+    export.counters.record(request_kind(req.kind), 0, false, 0);
 }
 
 #[cfg(test)]

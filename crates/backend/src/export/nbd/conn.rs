@@ -40,7 +40,7 @@ struct Session {
     export: Arc<NbdShared>,
     structured: bool,
     contexts: Vec<Context>,
-    /// The connection's index: its iothread and its shard of the export's counters.
+    /// The connection's index (which of the export's iothreads serves it).
     index: usize,
     /// Read buffers the writer is done with, for the next reads (a fresh buffer of
     /// megabytes costs a mapping and its page faults).
@@ -346,7 +346,7 @@ fn error_reply(session: &Session, req: &Request, r: &Refusal) -> Reply {
 /// Accounts a request refused before it ran and makes its error reply. Refusals
 /// with EINVAL are the client's invalid requests.
 fn refused(session: &Session, req: &Request, r: &Refusal) -> Reply {
-    acct::refused(&session.export, session.index, req, r.errno == EINVAL);
+    acct::refused(&session.export, req, r.errno == EINVAL);
     error_reply(session, req, r)
 }
 
@@ -357,7 +357,7 @@ fn io_refusal(e: BlockError) -> Refusal {
 async fn execute(s: &Session, req: Request, payload: Option<Arc<AlignedBuf>>) -> Reply {
     let started = acct::Started::new(&req);
     let result = run(s, &req, payload).await;
-    started.finish(&s.export, s.index, result.is_ok());
+    started.finish(&s.export, result.is_ok());
     match result {
         Ok(r) => r,
         Err(r) => error_reply(s, &req, &r),

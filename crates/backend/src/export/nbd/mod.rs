@@ -24,7 +24,7 @@ pub use blocklayer::nbd_proto as proto;
 use super::Export;
 use crate::iothread::event_loop::EventLoop;
 use crate::iothread::IoThread;
-use crate::metrics::counters::{ExportCounters, QueueSample};
+use crate::metrics::counters::{QueueCounters, QueueSample};
 use blocklayer::backend::BlockBackend;
 use blocklayer::named_bitmap::NamedBitmap;
 use blocklayer::nbd_stream::Stream;
@@ -60,9 +60,9 @@ pub struct NbdShared {
     /// The bitmaps offered as `qemu:dirty-bitmap:NAME` (busy while exported).
     pub bitmaps: Vec<Arc<NamedBitmap>>,
     pub blk: BlockBackend,
-    /// The request counters of `--metrics`, a shard per iothread the export started
-    /// with (connection `i` writes shard `i` modulo their number).
-    pub counters: ExportCounters,
+    /// The request counters of `--metrics`, of all connections (an NBD export runs
+    /// on one iothread).
+    pub counters: QueueCounters,
     fixed_iothread: bool,
     iothreads: Mutex<Vec<Arc<IoThread>>>,
     state: Mutex<State>,
@@ -216,7 +216,7 @@ impl NbdExport {
             allocation_depth: params.allocation_depth,
             bitmaps: params.bitmaps,
             blk,
-            counters: ExportCounters::new(iothreads.len()),
+            counters: QueueCounters::default(),
             fixed_iothread: params.fixed_iothread,
             iothreads: Mutex::new(iothreads),
             state: Mutex::new(State::default()),
@@ -272,11 +272,11 @@ impl Export for NbdExport {
 
     fn queue_samples(&self) -> Option<Vec<QueueSample>> {
         let in_flight = self.shared.lock().in_flight;
-        Some(self.shared.counters.samples(&[in_flight]))
+        Some(vec![self.shared.counters.sample(in_flight)])
     }
 
     fn queue_series(&self) -> bool {
-        // Shards of the export's counters, not queues: connections come and go.
+        // The counters of all connections, not of a queue.
         false
     }
 
