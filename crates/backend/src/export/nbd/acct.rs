@@ -5,10 +5,12 @@
 //! A request that runs is accounted on the iothread that runs it: [`Started::new`]
 //! when its task begins, [`Started::finish`] when its reply is ready. Its latency is
 //! the one [`IoStats::done`] measured (loop-pass clock), so no clock is read for it.
-//! A request refused before it runs is accounted by the connection's thread
-//! ([`refused`]): as invalid when the client asked for something wrong (out of range,
-//! a read-only export, bad flags, too long). Each costs a few relaxed adds on
-//! per-thread shards and takes no lock.
+//! A request refused before it runs is accounted with [`refused`]: as invalid when the
+//! client asked for something wrong (out of range, a read-only export, bad flags, too
+//! long). Its reply comes from the iothread as well, so these counts too go to the
+//! iothread's shard (only a refusal that ends the connection, or one while the export
+//! goes away, is counted by the connection's thread). Each costs a few relaxed adds
+//! on per-thread shards and takes no lock.
 
 use super::proto::*;
 use super::NbdShared;

@@ -213,11 +213,10 @@ fn read_requests(s: &mut Stream, session: &Arc<Session>, slots: &Slots, tx: &mps
                 return;
             }
         };
-        if let Err(r) = check(session, &req) {
-            slots.take();
-            let _ = tx.send(refused(session, &req, &r));
-            continue;
-        }
+        // A refused request is answered from the iothread too: its accounting then
+        // writes the iothread's statistics shard, as the requests that run do (this
+        // thread would hold a shard of its own for as long as the client stays).
+        let checked = check(session, &req);
         slots.take();
         let Some(lp) = export.event_loop(session.index) else {
             let r = refuse(ESHUTDOWN, "server shutting down");
@@ -228,7 +227,10 @@ fn read_requests(s: &mut Stream, session: &Arc<Session>, slots: &Slots, tx: &mps
         let (sess, tx2) = (session.clone(), tx.clone());
         let posted = lp.post(move || {
             executor::spawn(async move {
-                let reply = execute(&sess, req, payload).await;
+                let reply = match checked {
+                    Ok(()) => execute(&sess, req, payload).await,
+                    Err(r) => refused(&sess, &req, &r),
+                };
                 sess.export.request_end();
                 let _ = tx2.send(reply);
             })
