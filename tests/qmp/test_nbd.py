@@ -20,6 +20,7 @@ IHAVEOPT = 0x49484156454F5054
 REPLY_MAGIC = 0x3E889045565A9
 OPT_GO, OPT_STRUCTURED_REPLY, OPT_SET_META_CONTEXT = 7, 8, 10
 CMD_READ, CMD_WRITE, CMD_DISC, CMD_BLOCK_STATUS = 0, 1, 2, 7
+CMD_FLAG_DF = 1 << 2
 EINVAL = 22
 
 
@@ -623,3 +624,65 @@ async def test_max_connections_holds_new_clients_back(start_daemon, tmp):
             got += chunk
         assert struct.unpack(">Q", got[:8])[0] == NBDMAGIC
         b.close()
+
+
+async def test_blockstats_count_the_requests_of_an_nbd_export(start_daemon, tmp, kind):
+    """What query-blockstats shows of I/O through an NBD export. qemu-storage-daemon
+    7.2 accounts nothing for it: without query-nodes its list is empty (the export's
+    BlockBackend has no device), and the nodes show only wr_highest_offset. vubd has an
+    entry per export (as for vhost-user-blk) counting what the clients asked for; both
+    agree on wr_highest_offset."""
+    img = tmp / "disk.raw"
+    with open(img, "wb") as f:
+        f.truncate(SIZE)
+    d = start_daemon([
+        "--blockdev", f"file,node-name=f,filename={img}",
+        # Reads of the sector at 8 MiB fail (blkdebug's read_aio comes from the format
+        # above it).
+        "--blockdev", "blkdebug,node-name=dbg,image=f,inject-error.0.event=read_aio,"
+        "inject-error.0.errno=5,inject-error.0.sector=16384",
+        "--blockdev", "raw,node-name=n,file=dbg",
+        *nbd_server_args(tmp),
+        "--export", "nbd,id=e0,node-name=n,name=x,writable=on",
+    ])
+    sock = tmp / "nbd.sock"
+    async with d.qmp() as c:
+        # qemu-io: 2 writes (one write-zeroes), a discard, 2 reads and 2 flushes (one
+        # asked for, one when qemu-io closes the writable image).
+        run("qemu-io", "-f", "raw",
+            "-c", "write -P 0x11 0 1M", "-c", "write -z 2M 128k", "-c", "discard 1M 64k",
+            "-c", "read -P 0x11 0 64k", "-c", "read -P 0 2M 4k", "-c", "flush", url(sock, "x"))
+        # A raw client: invalid requests (past the end, unknown flags, a write past
+        # the end), an unknown command (not a blockstats kind), a failing read.
+        a = Client(sock, "x")
+        assert a.request(CMD_READ, SIZE - 512, 1024)[0] == EINVAL
+        assert a.request(CMD_READ, 0, 512, flags=1 << 9)[0] == EINVAL
+        assert a.request(CMD_WRITE, SIZE, 512, payload=b"\0" * 512)[0] == EINVAL
+        assert a.request(99, 0, 512)[0] == EINVAL
+        # DF: QEMU's server sends a hole of a sparse file without reading it.
+        assert a.request(CMD_READ, 8 * MIB, 4096, flags=CMD_FLAG_DF)[0] == 5
+        assert a.request(CMD_READ, 16 * MIB, 4096)[0] == 0
+        a.close()
+
+        wr_end = 2 * MIB + 128 * 1024
+        nodes = {x["node-name"]: x["stats"]
+                 for x in await execute(c, "query-blockstats", {"query-nodes": True})}
+        assert nodes["n"]["wr_highest_offset"] == wr_end, nodes["n"]
+        st = await execute(c, "query-blockstats")
+        if kind == "qsd":
+            assert st == [], st
+            assert nodes["n"]["rd_operations"] == nodes["n"]["wr_operations"] == 0, nodes
+            return
+        assert [(e["qdev"], e["node-name"], e["device"]) for e in st] == [("e0", "n", "")], st
+        s = st[0]["stats"]
+        want = {
+            "rd_operations": 3, "rd_bytes": 64 * 1024 + 4096 + 4096,
+            "failed_rd_operations": 1, "invalid_rd_operations": 2,
+            "wr_operations": 2, "wr_bytes": MIB + 128 * 1024,
+            "failed_wr_operations": 0, "invalid_wr_operations": 1,
+            "unmap_operations": 1, "unmap_bytes": 64 * 1024,
+            "flush_operations": 2, "failed_flush_operations": 0,
+            "wr_highest_offset": wr_end,
+        }
+        assert {k: s[k] for k in want} == want, s
+        assert s["account_invalid"] and s["account_failed"], s

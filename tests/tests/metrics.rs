@@ -1,9 +1,10 @@
 //! `--metrics`: the Prometheus endpoint through real clients. Known I/O through
 //! libblkio shows up exactly in the per-queue and per-export request counters, the
-//! latency histograms and the node figures (which equal `query-blockstats`); scrapes
-//! taken while I/O runs are valid and never go backwards; malformed, huge, slow and
-//! idle HTTP clients get an error or wait their turn, and the daemon keeps serving
-//! scrapes and I/O.
+//! latency histograms and the node figures (which equal `query-blockstats`); known
+//! I/O of qemu-io through an NBD export in that export's counters (which equal its
+//! `query-blockstats` entry); scrapes taken while I/O runs are valid and never go
+//! backwards; malformed, huge, slow and idle HTTP clients get an error or wait their
+//! turn, and the daemon keeps serving scrapes and I/O.
 //!
 //! Every scrape is parsed strictly against the text exposition format 0.0.4: HELP and
 //! TYPE once per family before its samples, each sample line well formed and unique,
@@ -352,13 +353,14 @@ impl Scrape {
 // ---- the daemon -------------------------------------------------------------------
 
 /// Kinds of requests the counters have.
-const KINDS: [&str; 7] = [
+const KINDS: [&str; 8] = [
     "read",
     "write",
     "flush",
     "discard",
     "write-zeroes",
     "get-id",
+    "block-status",
     "other",
 ];
 
@@ -834,4 +836,139 @@ fn a_metrics_address_in_use_is_a_configuration_error() {
     drop(tcp);
     // The first daemon keeps its socket.
     let _ = scrape(&s.metrics);
+}
+
+/// `qemu-io -f raw CMDS URL`; whether it succeeded (a command that fails makes it
+/// exit non-zero).
+fn qemu_io_nbd(url: &str, read_only: bool, cmds: &[&str]) -> bool {
+    let mut c = std::process::Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    if read_only {
+        c.arg("-r");
+    }
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    let out = c.arg(url).output().expect("run qemu-io");
+    out.status.success()
+}
+
+#[test]
+fn nbd_export_requests_are_counted_exactly_and_match_query_blockstats() {
+    let dir = TempDir::new("metrics-nbd");
+    let nbd = dir.join("nbd.sock");
+    let (opt, metrics) = unix_metrics(&dir.join("metrics.sock"));
+    let args = DaemonArgs::new()
+        .monitor(&dir.join("qmp.sock"))
+        .iothread("io0")
+        .blockdev("driver=null-co,node-name=n0,size=64M,read-zeroes=on")
+        .blockdev(
+            "driver=blkdebug,node-name=dbg,image=n0,inject-error.0.event=read_aio,\
+             inject-error.0.errno=5,inject-error.0.sector=16384",
+        )
+        .blockdev("driver=raw,node-name=d0,file=dbg")
+        .arg("--nbd-server")
+        .arg(&format!("addr.type=unix,addr.path={}", nbd.display()))
+        .export("type=nbd,id=nb,node-name=d0,name=nb,writable=on,iothread=io0")
+        .arg("--metrics")
+        .arg(&opt)
+        .build();
+    let _daemon = Daemon::start(&args);
+    let mut qmp = Qmp::connect(dir.join("qmp.sock"));
+    let url = format!("nbd+unix:///nb?socket={}", nbd.display());
+    let figures = |s: &Scrape, kind: &str| {
+        let l = [("export", "nb"), ("kind", kind)];
+        (
+            s.get("vubd_export_requests_total", &l),
+            s.get("vubd_export_request_bytes_total", &l),
+            s.get("vubd_export_request_errors_total", &l),
+        )
+    };
+    let before = scrape(&metrics);
+    for kind in KINDS {
+        assert_eq!(figures(&before, kind), (0, 0, 0), "{kind}");
+    }
+
+    // Connection 1: a write, a write-zeroes, a discard, a read, two flushes (one asked
+    // for, one when qemu-io closes the writable image).
+    assert!(qemu_io_nbd(
+        &url,
+        false,
+        &[
+            "write -P 0x11 0 1M",
+            "write -z 2M 128k",
+            "discard 1M 64k",
+            "read 0 64k",
+            "flush",
+        ]
+    ));
+    // Connection 2: 3 reads, of which the one of the sector at 8 MiB fails.
+    assert!(!qemu_io_nbd(
+        &url,
+        true,
+        &["read 4M 4k", "read 5M 8k", "read 8M 4k"]
+    ));
+    // Connection 3: block status (qemu-io's map asks the export for extents).
+    assert!(qemu_io_nbd(&url, true, &["map"]));
+
+    let after = scrape(&metrics);
+    let k = 1024;
+    assert_eq!(figures(&after, "read"), (4, 64 * k + 12 * k, 1));
+    assert_eq!(figures(&after, "write"), (1, MIB, 0));
+    assert_eq!(figures(&after, "write-zeroes"), (1, 128 * k, 0));
+    assert_eq!(figures(&after, "discard"), (1, 64 * k, 0));
+    assert_eq!(figures(&after, "flush"), (2, 0, 0));
+    let (status, status_bytes, status_errors) = figures(&after, "block-status");
+    assert!(
+        status >= 1 && status_bytes == 0 && status_errors == 0,
+        "block status {:?}",
+        figures(&after, "block-status")
+    );
+    for kind in ["get-id", "other"] {
+        assert_eq!(figures(&after, kind), (0, 0, 0), "{kind}");
+    }
+    let l = [("export", "nb")];
+    assert_eq!(after.get("vubd_export_requests_in_flight", &l), 0);
+    let requests: u64 = KINDS.iter().map(|k| figures(&after, k).0).sum();
+    assert_eq!(
+        after.get("vubd_export_request_latency_seconds_count", &l),
+        requests
+    );
+    // An NBD export's counters are the export's only: no series per queue.
+    assert!(
+        !after
+            .samples
+            .keys()
+            .any(|(name, labels)| name.starts_with("vubd_queue_")
+                && labels.get("export").map(String::as_str) == Some("nb")),
+        "queue series for an NBD export"
+    );
+
+    // The export's query-blockstats entry counts the same requests (write-zeroes as
+    // writes, discards as unmaps; block status is not a blockstats kind).
+    let stats = qmp.ok("query-blockstats", json!({}));
+    assert_eq!(stats[0]["qdev"], "nb", "{stats}");
+    let st = &stats[0]["stats"];
+    let f = |field: &str| {
+        st[field]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{field}: {st}"))
+    };
+    let sum = |qemu: &str| {
+        f(&format!("{qemu}_operations"))
+            + f(&format!("failed_{qemu}_operations"))
+            + f(&format!("invalid_{qemu}_operations"))
+    };
+    let scraped = scrape(&metrics);
+    let n = |kind| figures(&scraped, kind).0;
+    let b = |kind| figures(&scraped, kind).1;
+    assert_eq!(n("read"), sum("rd"));
+    assert_eq!(n("write") + n("write-zeroes"), sum("wr"));
+    assert_eq!(n("flush"), sum("flush"));
+    assert_eq!(n("discard"), sum("unmap"));
+    assert_eq!(b("read"), f("rd_bytes"));
+    assert_eq!(b("write") + b("write-zeroes"), f("wr_bytes"));
+    assert_eq!(b("discard"), f("unmap_bytes"));
+    assert_eq!(f("failed_rd_operations"), 1);
+    assert_eq!(f("wr_highest_offset"), 2 * MIB + 128 * k);
 }

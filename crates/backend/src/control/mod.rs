@@ -417,7 +417,7 @@ impl Control {
         )
     }
 
-    /// The figures a metrics scrape shows: every vhost-user-blk export's queues, every
+    /// The figures a metrics scrape shows: every export's request counters, every
     /// iothread (with the implicit ones and the main loop), every node's statistics.
     pub fn metrics_snapshot(&self) -> crate::metrics::snapshot::Snapshot {
         use crate::metrics::snapshot::{ExportSample, IoThreadSample, NodeSample, Snapshot};
@@ -439,6 +439,7 @@ impl Control {
                     Some(ExportSample {
                         id: e.export.id().to_string(),
                         queues,
+                        per_queue: e.export.queue_series(),
                     })
                 })
                 .collect(),

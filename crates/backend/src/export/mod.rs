@@ -67,6 +67,12 @@ pub trait Export: Send + Sync {
         None
     }
 
+    /// Whether each of [`Export::queue_samples`] is a queue with series of its own
+    /// (`vubd_queue_*`), rather than a shard of the export's counters.
+    fn queue_series(&self) -> bool {
+        true
+    }
+
     /// Whether the export must stay on its iothreads (`fixed-iothread=on`).
     fn fixed_iothread(&self) -> bool;
 

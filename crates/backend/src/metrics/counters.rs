@@ -1,6 +1,10 @@
 //! The counters the request path and the event loops write for `--metrics`, and the
 //! plain samples a scrape reads from them.
 //!
+//! An NBD export keeps one [`QueueCounters`] for all its connections, written by the
+//! export's iothread (and, for requests refused before they run, by the connections'
+//! threads).
+//!
 //! Each vhost-user-blk queue has a [`QueueCounters`] on cache lines of its own, written
 //! by the one iothread that serves the queue (relaxed atomic adds; a scrape sums the
 //! queues of an export). A request costs three or four adds on those lines and a
@@ -12,21 +16,25 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-/// What a virtio-blk request asked for.
+/// What a virtio-blk or NBD request asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RequestKind {
     Read = 0,
     Write = 1,
     Flush = 2,
+    /// virtio-blk DISCARD, NBD TRIM.
     Discard = 3,
     WriteZeroes = 4,
+    /// virtio-blk only.
     GetId = 5,
+    /// NBD only (`NBD_CMD_BLOCK_STATUS`).
+    BlockStatus = 6,
     /// An unknown request type, or a request whose header could not be read.
-    Other = 6,
+    Other = 7,
 }
 
 /// The number of [`RequestKind`]s.
-pub const KINDS: usize = 7;
+pub const KINDS: usize = 8;
 
 impl RequestKind {
     pub const ALL: [RequestKind; KINDS] = [
@@ -36,6 +44,7 @@ impl RequestKind {
         RequestKind::Discard,
         RequestKind::WriteZeroes,
         RequestKind::GetId,
+        RequestKind::BlockStatus,
         RequestKind::Other,
     ];
 
@@ -48,6 +57,7 @@ impl RequestKind {
             RequestKind::Discard => "discard",
             RequestKind::WriteZeroes => "write-zeroes",
             RequestKind::GetId => "get-id",
+            RequestKind::BlockStatus => "block-status",
             RequestKind::Other => "other",
         }
     }

@@ -9,10 +9,13 @@ use blocklayer::stats::{IoKind, IoStats, KindTotals};
 /// A sample's value, as text, from a figure.
 type Text<T> = fn(&T) -> String;
 
-/// A vhost-user-blk export's queues.
+/// An export's queues (vhost-user-blk) or counter shards (NBD).
 pub struct ExportSample {
     pub id: String,
     pub queues: Vec<QueueSample>,
+    /// Whether each of `queues` gets `vubd_queue_*` series (vhost-user-blk's rings);
+    /// NBD's shards only add up to the export's series.
+    pub per_queue: bool,
 }
 
 /// An iothread (also the implicit ones of exports that name none, and the main loop
@@ -144,6 +147,9 @@ impl Snapshot {
             let mut total = QueueSample::default();
             for (q, name) in x.queues.iter().zip(names) {
                 total.add(q);
+                if !x.per_queue {
+                    continue;
+                }
                 queue_rows.push((
                     vec![("export", x.id.as_str()), ("queue", name.as_str())],
                     *q,
@@ -243,10 +249,19 @@ mod tests {
         let stats = IoStats::new();
         stats.done(IoStats::start(IoKind::Write, 512), true, 1024);
         let s = Snapshot {
-            exports: vec![ExportSample {
-                id: "e0".into(),
-                queues: vec![q0.sample(1), q1.sample(0)],
-            }],
+            exports: vec![
+                ExportSample {
+                    id: "e0".into(),
+                    queues: vec![q0.sample(1), q1.sample(0)],
+                    per_queue: true,
+                },
+                // An NBD export: its counters, no queue series.
+                ExportSample {
+                    id: "nbd0".into(),
+                    queues: vec![q1.sample(2)],
+                    per_queue: false,
+                },
+            ],
             iothreads: vec![IoThreadSample {
                 id: "io0".into(),
                 counters: LoopSample {
@@ -272,9 +287,17 @@ mod tests {
             "vubd_node_operations_total{node=\"n0\",kind=\"write\"} 1",
             "vubd_node_bytes_total{node=\"n0\",kind=\"write\"} 512",
             "vubd_node_write_highest_offset_bytes{node=\"n0\"} 1024",
+            "vubd_export_requests_total{export=\"nbd0\",kind=\"read\"} 1",
+            "vubd_export_requests_in_flight{export=\"nbd0\"} 2",
         ] {
             assert!(text.lines().any(|l| l == line), "no line {line} in\n{text}");
         }
+        assert!(
+            !text
+                .lines()
+                .any(|l| l.starts_with("vubd_queue_") && l.contains("nbd0")),
+            "{text}"
+        );
         // Each family's HELP and TYPE come once, before its samples.
         let types = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
         let helps = text.lines().filter(|l| l.starts_with("# HELP ")).count();

@@ -5,7 +5,9 @@
 //! every other request of the daemon; a writer thread of the connection sends the
 //! replies in the order they complete. At most [`MAX_REQUESTS`] requests of a
 //! connection are in flight, which bounds what a client can make the server hold.
+//! Every request is accounted ([`super::acct`]).
 
+use super::acct;
 use super::handshake::{Context, Negotiated};
 use super::proto::*;
 use super::NbdShared;
@@ -38,6 +40,8 @@ struct Session {
     export: Arc<NbdShared>,
     structured: bool,
     contexts: Vec<Context>,
+    /// The connection's index (which of the export's iothreads serves it).
+    index: usize,
     /// Read buffers the writer is done with, for the next reads (a fresh buffer of
     /// megabytes costs a mapping and its page faults).
     pool: Mutex<Vec<AlignedBuf>>,
@@ -118,6 +122,7 @@ pub fn serve(mut stream: Stream, neg: Negotiated, index: usize) {
         export: neg.export,
         structured: neg.structured,
         contexts: neg.contexts,
+        index,
         pool: Mutex::new(Vec::new()),
     });
     let slots = Arc::new(Slots {
@@ -138,7 +143,7 @@ pub fn serve(mut stream: Stream, neg: Negotiated, index: usize) {
             return;
         }
     };
-    read_requests(&mut stream, &session, &slots, &tx, index);
+    read_requests(&mut stream, &session, &slots, &tx);
     drop(tx);
     let _ = writer.join();
     stream.shutdown(Shutdown::Both);
@@ -183,13 +188,7 @@ fn write_all2(s: &mut Stream, mut a: &[u8], mut b: &[u8]) -> std::io::Result<()>
     s.write_all(b)
 }
 
-fn read_requests(
-    s: &mut Stream,
-    session: &Arc<Session>,
-    slots: &Slots,
-    tx: &mpsc::Sender<Reply>,
-    index: usize,
-) {
+fn read_requests(s: &mut Stream, session: &Arc<Session>, slots: &Slots, tx: &mpsc::Sender<Reply>) {
     let export = &session.export;
     loop {
         let mut head = [0u8; REQUEST_LEN];
@@ -210,26 +209,28 @@ fn read_requests(
             Ok(p) => p,
             Err(r) => {
                 slots.take();
-                let _ = tx.send(error_reply(session, &req, &r));
+                let _ = tx.send(refused(session, &req, &r));
                 return;
             }
         };
-        if let Err(r) = check(session, &req) {
-            slots.take();
-            let _ = tx.send(error_reply(session, &req, &r));
-            continue;
-        }
+        // A refused request is answered from the iothread too: its accounting then
+        // writes the iothread's statistics shard, as the requests that run do (this
+        // thread would hold a shard of its own for as long as the client stays).
+        let checked = check(session, &req);
         slots.take();
-        let Some(lp) = export.event_loop(index) else {
+        let Some(lp) = export.event_loop(session.index) else {
             let r = refuse(ESHUTDOWN, "server shutting down");
-            let _ = tx.send(error_reply(session, &req, &r));
+            let _ = tx.send(refused(session, &req, &r));
             return;
         };
         export.request_begin();
         let (sess, tx2) = (session.clone(), tx.clone());
         let posted = lp.post(move || {
             executor::spawn(async move {
-                let reply = execute(&sess, req, payload).await;
+                let reply = match checked {
+                    Ok(()) => execute(&sess, req, payload).await,
+                    Err(r) => refused(&sess, &req, &r),
+                };
                 sess.export.request_end();
                 let _ = tx2.send(reply);
             })
@@ -237,7 +238,7 @@ fn read_requests(
         if !posted {
             export.request_end();
             let r = refuse(ESHUTDOWN, "server shutting down");
-            let _ = tx.send(error_reply(session, &req, &r));
+            let _ = tx.send(refused(session, &req, &r));
             return;
         }
     }
@@ -344,12 +345,22 @@ fn error_reply(session: &Session, req: &Request, r: &Refusal) -> Reply {
     Reply { head, data: None }
 }
 
+/// Accounts a request refused before it ran and makes its error reply. Refusals
+/// with EINVAL are the client's invalid requests.
+fn refused(session: &Session, req: &Request, r: &Refusal) -> Reply {
+    acct::refused(&session.export, req, r.errno == EINVAL);
+    error_reply(session, req, r)
+}
+
 fn io_refusal(e: BlockError) -> Refusal {
     refuse(wire_errno(e.errno()), e.to_string())
 }
 
 async fn execute(s: &Session, req: Request, payload: Option<Arc<AlignedBuf>>) -> Reply {
-    match run(s, &req, payload).await {
+    let started = acct::Started::new(&req);
+    let result = run(s, &req, payload).await;
+    started.finish(&s.export, result.is_ok());
+    match result {
         Ok(r) => r,
         Err(r) => error_reply(s, &req, &r),
     }

@@ -4,6 +4,7 @@
 //! - [`proto`]: the wire format (the block layer's, shared with the `nbd` driver)
 //! - [`handshake`]: option negotiation
 //! - [`conn`]: the transmission phase of one connection
+//! - [`acct`]: the accounting of its requests (`query-blockstats`, `--metrics`)
 //! - [`server`]: the listening socket and the table of exports by name
 //! - [`stream`]: UNIX and TCP connections alike
 //!
@@ -13,6 +14,7 @@
 //! iothreads, as tasks of their executors, like vhost-user-blk requests; a client's
 //! connections go round-robin over the export's iothreads.
 
+pub mod acct;
 pub mod conn;
 pub mod handshake;
 pub mod server;
@@ -22,6 +24,7 @@ pub use blocklayer::nbd_proto as proto;
 use super::Export;
 use crate::iothread::event_loop::EventLoop;
 use crate::iothread::IoThread;
+use crate::metrics::counters::{QueueCounters, QueueSample};
 use blocklayer::backend::BlockBackend;
 use blocklayer::named_bitmap::NamedBitmap;
 use blocklayer::nbd_stream::Stream;
@@ -57,6 +60,9 @@ pub struct NbdShared {
     /// The bitmaps offered as `qemu:dirty-bitmap:NAME` (busy while exported).
     pub bitmaps: Vec<Arc<NamedBitmap>>,
     pub blk: BlockBackend,
+    /// The request counters of `--metrics`, of all connections (an NBD export runs
+    /// on one iothread).
+    pub counters: QueueCounters,
     fixed_iothread: bool,
     iothreads: Mutex<Vec<Arc<IoThread>>>,
     state: Mutex<State>,
@@ -210,6 +216,7 @@ impl NbdExport {
             allocation_depth: params.allocation_depth,
             bitmaps: params.bitmaps,
             blk,
+            counters: QueueCounters::default(),
             fixed_iothread: params.fixed_iothread,
             iothreads: Mutex::new(iothreads),
             state: Mutex::new(State::default()),
@@ -261,6 +268,16 @@ impl Export for NbdExport {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    fn queue_samples(&self) -> Option<Vec<QueueSample>> {
+        let in_flight = self.shared.lock().in_flight;
+        Some(vec![self.shared.counters.sample(in_flight)])
+    }
+
+    fn queue_series(&self) -> bool {
+        // The counters of all connections, not of a queue.
+        false
     }
 
     fn fixed_iothread(&self) -> bool {
