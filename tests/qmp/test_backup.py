@@ -520,6 +520,47 @@ async def test_full_and_three_incrementals_while_a_frontend_writes(start_daemon,
         compare(tmp / f"ref{i}.img", img)
 
 
+async def test_target_gone_as_soon_as_each_backup_is(start_daemon, tmp, io_procs):
+    """Backup after backup while a frontend writes, to one image: blockdev-backup to a
+    node deleted as soon as its job reached null, and drive-backup (mode=existing),
+    whose target is gone from the graph by then. The copy-before-write filter, and
+    its edge to the target, are gone with the job's events (guest requests held by
+    its last drained section keep none of it): blockdev-del never finds the target in
+    use, and no node is left holding the image."""
+    d = start_daemon(file_raw_args(tmp, "n0", SIZE)
+                     + export_args("e0", "n0", sock(tmp), extra=",num-queues=2"))
+    io = IoProc(tmp, "stress", "--socket", sock(tmp), "--seconds", 8, "--seed", 5,
+                "--queues", 2)
+    io_procs.append(io)
+    await io.ready()
+    img = make_image(tmp / "t.img", SIZE)
+    done = 0
+    async with d.qmp() as c:
+        ev = JobEvents(c)
+        end = asyncio.get_running_loop().time() + 6
+        while asyncio.get_running_loop().time() < end:
+            name = f"t{done}"
+            if done % 2:
+                await execute(c, "drive-backup", {
+                    "job-id": name, "device": "n0", "target": str(img), "sync": "full",
+                    "mode": "existing", "format": "raw"})
+            else:
+                await execute(c, "blockdev-add", {
+                    "driver": "raw", "node-name": name,
+                    "file": {"driver": "file", "filename": str(img)}})
+                await execute(c, "blockdev-backup", {
+                    "job-id": name, "device": "n0", "target": name, "sync": "full"})
+            assert await ev.until(name, "null") == DONE
+            assert "error" not in ev.data["BLOCK_JOB_COMPLETED"]
+            if not done % 2:
+                assert await execute(c, "blockdev-del", {"node-name": name}) == {}
+            assert set(await nodes_by_name(c)) == {"n0", "n0-file"}
+            done += 1
+        r = await io.result()
+        assert r["rc"] == 0 and r["ok"] and r["writes"] > 0, r
+    assert done >= 10, done
+
+
 @pytest.mark.parametrize("policy", ["break-guest-write", "break-snapshot"])
 async def test_on_cbw_error(start_daemon, tmp, policy):
     """A copy that fails (blkdebug fails the fleecing image's writes): with

@@ -20,7 +20,7 @@ use crate::error_policy::ErrorState;
 pub use crate::error_policy::{ErrorAction, IoStatus, OnError};
 use crate::events::{IoError, IoOperation};
 use crate::graph::Graph;
-use crate::node::Node;
+use crate::node::{Leave, Node};
 use crate::perm::Perm;
 use crate::stats::IoStats;
 use arc_swap::Guard;
@@ -61,24 +61,25 @@ impl std::fmt::Debug for BlockBackend {
 
 /// A request admitted into the root node: counted in its in-flight requests until
 /// dropped, so that a drain waits for it (the node's `*_entered` operations do not
-/// count it again).
+/// count it again). The fields drop in their order: the request lets go of the node
+/// before it leaves, so that a drain that saw the node idle finds no request holding
+/// it.
 struct Admitted {
     node: Guard<Arc<Node>>,
+    _leave: Leave,
 }
 
-impl Drop for Admitted {
-    fn drop(&mut self) {
-        self.node.leave();
-    }
-}
-
-/// Waits until no drained section is open on the node.
-struct WaitUnquiesced<'a>(&'a Node);
+/// Waits until no drained section is open on the edge's node. It looks the node up
+/// at each poll and keeps no reference to it in between: the section may re-point
+/// the edge (a job's filter taken out), and a waiting request must not keep the old
+/// node, and so its edges to its children, alive once the section has ended (as
+/// QEMU's requests waiting in `blk_wait_while_drained`, which hold no node).
+struct WaitUnquiesced<'a>(&'a Edge);
 
 impl Future for WaitUnquiesced<'_> {
     type Output = ();
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if self.0.wait_unquiesced(cx.waker()) {
+        if self.0.node().wait_unquiesced(cx.waker()) {
             Poll::Pending
         } else {
             Poll::Ready(())
@@ -236,11 +237,16 @@ impl BlockBackend {
             // Count the request in first, then look: a drain that starts meanwhile
             // either sees it counted or is seen here.
             node.enter_raw();
-            if !node.is_quiesced() {
-                return Admitted { node };
+            let a = Admitted {
+                _leave: node.leave_later(),
+                node,
+            };
+            if !a.node.is_quiesced() {
+                return a;
             }
-            node.leave();
-            WaitUnquiesced(&node).await;
+            // Out again (the node let go of first), to wait without holding it.
+            drop(a);
+            WaitUnquiesced(&self.root).await;
         }
     }
 
@@ -391,6 +397,39 @@ mod tests {
         assert_eq!(v["operation"], "write");
         assert_eq!(v["action"], "stop");
         assert_eq!(v["nospace"], true);
+    }
+
+    /// A request held by a drained section keeps no reference to the root node:
+    /// once the section re-pointed the backend and ended, the old node (and with it
+    /// its edges to its children) is gone before the request runs again.
+    #[test]
+    fn a_held_request_keeps_no_old_root() {
+        let mut g = Graph::new();
+        let blk = backend(&mut g);
+        let m = g
+            .add(
+                &BlockdevOptions::from_json(&json!({"driver": "null-co", "node-name": "m"}))
+                    .unwrap(),
+            )
+            .unwrap();
+        let n = g.lookup("n").unwrap();
+        let old = Arc::downgrade(&n);
+        let mut req = Box::pin(blk.flush());
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        {
+            let _d = g
+                .drain_all(&[n.clone(), m.clone()], std::time::Duration::from_secs(5))
+                .unwrap();
+            assert!(req.as_mut().poll(&mut cx).is_pending());
+            g.replace_node(&n, &m, None).unwrap();
+        }
+        drop(n);
+        g.remove("n").unwrap();
+        // Not polled since the section ended: the node went with the graph's own
+        // reference.
+        assert!(old.upgrade().is_none());
+        assert!(req.as_mut().poll(&mut cx).is_ready());
+        assert_eq!(blk.node().name(), "m");
     }
 
     #[test]

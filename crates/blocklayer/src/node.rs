@@ -91,12 +91,8 @@ pub struct Node {
     flags: NodeFlags,
     /// The edges that use this node (parents' children, backends' roots).
     parents: Mutex<Vec<ParentRef>>,
-    /// Requests in the generic path right now.
-    pub(crate) in_flight: AtomicU64,
-    /// Drained sections open on this node: while non-zero, backends hold new requests.
-    quiesce: AtomicU32,
-    /// Signalled when `in_flight` drops to zero while the node is quiesced.
-    idle: (Mutex<()>, Condvar),
+    /// Its requests and drained sections (see [`Activity`]).
+    activity: Arc<Activity>,
     /// Backend requests waiting for the drained section to end.
     resume_wakers: Mutex<Vec<Waker>>,
     /// Bumped when a write-like request completes; a flush covers generation `n` once
@@ -161,9 +157,7 @@ impl Node {
             limits,
             flags,
             parents: Mutex::new(Vec::new()),
-            in_flight: AtomicU64::new(0),
-            quiesce: AtomicU32::new(0),
-            idle: (Mutex::new(()), Condvar::new()),
+            activity: Arc::default(),
             resume_wakers: Mutex::new(Vec::new()),
             write_gen: AtomicU64::new(0),
             flushed_gen: AtomicU64::new(0),
@@ -319,7 +313,7 @@ impl Node {
 
     /// Requests currently in this node's generic path.
     pub fn in_flight(&self) -> u64 {
-        self.in_flight.load(Ordering::SeqCst)
+        self.activity.in_flight.load(Ordering::SeqCst)
     }
 
     // ---- drained sections ------------------------------------------------------
@@ -327,16 +321,16 @@ impl Node {
     /// Whether a drained section is open on the node.
     #[inline]
     pub fn is_quiesced(&self) -> bool {
-        self.quiesce.load(Ordering::SeqCst) > 0
+        self.activity.is_quiesced()
     }
 
     pub(crate) fn quiesce_begin(&self) {
-        self.quiesce.fetch_add(1, Ordering::SeqCst);
+        self.activity.quiesce.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Ends one drained section; the last one wakes the held requests.
     pub(crate) fn quiesce_end(&self) {
-        if self.quiesce.fetch_sub(1, Ordering::SeqCst) == 1 {
+        if self.activity.quiesce.fetch_sub(1, Ordering::SeqCst) == 1 {
             let wakers =
                 std::mem::take(&mut *self.resume_wakers.lock().unwrap_or_else(|p| p.into_inner()));
             wakers.into_iter().for_each(Waker::wake);
@@ -358,7 +352,7 @@ impl Node {
 
     /// Waits until no request is in flight in the node, or `deadline` passes.
     pub(crate) fn wait_idle(&self, deadline: std::time::Instant) -> bool {
-        let (lock, cv) = &self.idle;
+        let (lock, cv) = &self.activity.idle;
         let mut g = lock.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             if self.in_flight() == 0 {
@@ -373,12 +367,6 @@ impl Node {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
-    }
-
-    fn notify_idle(&self) {
-        let (lock, cv) = &self.idle;
-        let _g = lock.lock().unwrap_or_else(|p| p.into_inner());
-        cv.notify_all();
     }
 
     // ---- dirty bitmaps and write notifications ---------------------------------
@@ -553,13 +541,57 @@ impl Node {
     /// Counts a request in before it is known to be allowed in (see
     /// [`crate::backend`]); [`Node::leave`] undoes it.
     pub(crate) fn enter_raw(&self) {
-        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.activity.in_flight.fetch_add(1, Ordering::SeqCst);
     }
 
     pub(crate) fn leave(&self) {
+        self.activity.leave();
+    }
+
+    /// What undoes [`Node::enter_raw`] when dropped, without the node: a backend
+    /// request lets go of its root node first, and only then leaves it (see
+    /// [`crate::backend`]).
+    pub(crate) fn leave_later(&self) -> Leave {
+        Leave(self.activity.clone())
+    }
+}
+
+/// What a drain looks at: the requests in a node and the drained sections open on it.
+/// It has an allocation of its own, which a backend request keeps until it has left
+/// ([`Leave`]): a drain that has seen the node idle then knows that no request holds
+/// the node any more, so that the node goes as soon as the graph lets go of it (a
+/// job's filter taken out, with its edges to its children), as in QEMU.
+#[derive(Default)]
+pub(crate) struct Activity {
+    /// Requests in the generic path right now.
+    in_flight: AtomicU64,
+    /// Drained sections open on the node: while non-zero, backends hold new requests.
+    quiesce: AtomicU32,
+    /// Signalled when `in_flight` drops to zero while the node is quiesced.
+    idle: (Mutex<()>, Condvar),
+}
+
+impl Activity {
+    #[inline]
+    fn is_quiesced(&self) -> bool {
+        self.quiesce.load(Ordering::SeqCst) > 0
+    }
+
+    fn leave(&self) {
         if self.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 && self.is_quiesced() {
-            self.notify_idle();
+            let (lock, cv) = &self.idle;
+            let _g = lock.lock().unwrap_or_else(|p| p.into_inner());
+            cv.notify_all();
         }
+    }
+}
+
+/// Leaves the node of [`Node::leave_later`] when dropped.
+pub(crate) struct Leave(Arc<Activity>);
+
+impl Drop for Leave {
+    fn drop(&mut self) {
+        self.0.leave();
     }
 }
 
