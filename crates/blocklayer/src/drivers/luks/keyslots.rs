@@ -3,8 +3,11 @@
 //! with QEMU 7.2's rules and texts. The result is the list of writes to make: key
 //! material first, the header last.
 
+use super::create::DEFAULT_ITER_TIME;
 use super::header::{NUM_SLOTS, SLOT_DISABLED};
 use super::volume::{fill_slot, random_bytes, unlock_slot, Volume, VolumeError};
+use crate::options::coerce::Fields;
+use crate::secret::{SecretError, Secrets};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SlotState {
@@ -30,7 +33,8 @@ fn generic(msg: impl Into<String>) -> VolumeError {
     VolumeError::Amend(msg.into())
 }
 
-/// Changes `v`'s header as `o` asks; `force` allows erasing the last usable slots.
+/// Changes `v`'s header as `o` asks; `force` allows erasing the last usable slots and
+/// overwriting an active one, as in QEMU.
 pub fn amend(
     v: &mut Volume,
     o: &AmendOptions,
@@ -39,10 +43,12 @@ pub fn amend(
 ) -> Result<Writes, VolumeError> {
     let slot = match o.keyslot {
         Some(k) if !(0..NUM_SLOTS as i64).contains(&k) => {
+            // QEMU prints the slot unsigned.
             return Err(generic(format!(
-                "Invalid keyslot {k} specified, must be between 0 and {}",
+                "Invalid keyslot {} specified, must be between 0 and {}",
+                k as u32,
                 NUM_SLOTS - 1
-            )))
+            )));
         }
         k => k.map(|k| k as usize),
     };
@@ -58,7 +64,7 @@ pub fn amend(
                 ));
             }
             let i = match slot {
-                Some(i) if v.header.slots[i].is_enabled() => {
+                Some(i) if v.header.slots[i].is_enabled() && !force => {
                     return Err(generic(format!(
                         "Refusing to overwrite active keyslot {i} - please erase it first"
                     )))
@@ -147,4 +153,103 @@ pub fn amend(
     }
     writes.push((0, v.header.serialise().to_vec()));
     Ok(writes)
+}
+
+/// QEMU's `QCryptoBlockAmendOptionsLUKS` as given: the secrets by id (the
+/// `x-blockdev-amend` options of `luks`, `encrypt` of `qcow2`, and `qemu-img amend`'s
+/// `-o`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AmendRequest {
+    pub state: SlotState,
+    pub keyslot: Option<i64>,
+    pub old_secret: Option<String>,
+    pub new_secret: Option<String>,
+    /// The secret that unlocks the volume for the change, instead of the one it was
+    /// opened with.
+    pub secret: Option<String>,
+    pub iter_time: Option<u64>,
+}
+
+impl AmendRequest {
+    /// Takes the members from `f` (`state` is required).
+    pub fn take_from(f: &mut Fields) -> crate::options::Result<Self> {
+        let state = f.enumeration(
+            "state",
+            &[
+                ("active", SlotState::Active),
+                ("inactive", SlotState::Inactive),
+            ],
+        )?;
+        let state = f.required("state", state)?;
+        Ok(AmendRequest {
+            state,
+            new_secret: f.string("new-secret")?,
+            old_secret: f.string("old-secret")?,
+            secret: f.string("secret")?,
+            keyslot: f.int("keyslot")?,
+            iter_time: f.uint("iter-time")?,
+        })
+    }
+
+    /// Looks the secrets up: the passphrase that unlocks the volume (`secret`, or
+    /// `key_secret`, the one it was opened with, as QEMU), and the options.
+    pub fn resolve(
+        &self,
+        secrets: &Secrets,
+        key_secret: &str,
+    ) -> Result<(Vec<u8>, AmendOptions), SecretError> {
+        let lookup = |id: &str| secrets.lookup_utf8(id).map(String::into_bytes);
+        let unlock = lookup(self.secret.as_deref().unwrap_or(key_secret))?;
+        let opts = AmendOptions {
+            state: self.state,
+            keyslot: self.keyslot,
+            old_password: self.old_secret.as_deref().map(lookup).transpose()?,
+            new_password: self.new_secret.as_deref().map(lookup).transpose()?,
+            iter_time_ms: self.iter_time.unwrap_or(DEFAULT_ITER_TIME),
+        };
+        Ok((unlock, opts))
+    }
+}
+
+/// Amends the LUKS volume whose header and key material are the `area` bytes that
+/// `read` and `write` reach (offsets relative to the header): unlocks it with
+/// `password`, changes the key slots as `o` asks and writes the result, key material
+/// first and the header last. Like QEMU, the change stays within the area (a LUKS1
+/// header has room for the material of all its slots from creation on). Returns the
+/// new header's info (QEMU's `QCryptoBlockInfoLUKS`).
+pub fn amend_area(
+    area: u64,
+    password: &[u8],
+    o: &AmendOptions,
+    force: bool,
+    mut read: impl FnMut(u64, usize) -> Result<Vec<u8>, crate::BlockError>,
+    mut write: impl FnMut(u64, &[u8]) -> Result<(), crate::BlockError>,
+) -> Result<serde_json::Value, crate::BlockError> {
+    let graph = |e: VolumeError| crate::BlockError::Graph(e.to_string());
+    let mut bounded = |off: u64, len: usize| {
+        if off.checked_add(len as u64).is_none_or(|end| end > area) {
+            return Err(crate::BlockError::Graph(format!(
+                "key material at {off}+{len} is past the end of the LUKS header area \
+                 ({area} bytes)"
+            )));
+        }
+        read(off, len)
+    };
+    let head = bounded(0, (super::header::HEADER_LEN as u64).min(area) as usize)?;
+    let mut v = Volume::open(&head, password, &mut bounded).map_err(graph)?;
+    let writes = amend(&mut v, o, force, &mut bounded).map_err(graph)?;
+    for (off, bytes) in &writes {
+        if off
+            .checked_add(bytes.len() as u64)
+            .is_none_or(|end| end > area)
+        {
+            return Err(crate::BlockError::Graph(
+                "Request for data outside of extension header".into(),
+            ));
+        }
+    }
+    for (off, bytes) in writes {
+        write(off, &bytes)?;
+    }
+    Ok(super::create::info_json(&v))
 }
