@@ -600,3 +600,27 @@ async def test_qcow2_luks_preallocation(start_daemon, tmp, prealloc):
         assert v.stat().st_size == ref.stat().st_size
         assert [{k: v for k, v in m.items() if k != "offset"} for m in mapped(v, objs)] == want_map
         assert check_q(v).returncode == 0
+
+
+async def test_blockdev_amend_read_only(start_daemon, tmp, kind):
+    """x-blockdev-amend of a read-only luks node is refused at once, with QEMU's text
+    (qemu-storage-daemon 7.2 aborts on a read-only qcow2 node: vubd refuses it too)."""
+    img = qemu_img_luks(tmp / "l.img", size="1M")
+    q = qemu_img_qcow2_luks(tmp / "q.qcow2", size="1M")
+    d = start_daemon(["--object", secret_object(), "--object", secret_object("sec1", OTHER),
+                      "--blockdev", f"file,node-name=f0,filename={img},read-only=on",
+                      "--blockdev", "luks,node-name=l0,file=f0,key-secret=sec0,read-only=on",
+                      "--blockdev", f"file,node-name=f1,filename={q}",
+                      "--blockdev", "qcow2,node-name=q0,file=f1,encrypt.format=luks,"
+                                    "encrypt.key-secret=sec0,read-only=on"])
+    add = {"state": "active", "new-secret": "sec1", "iter-time": 10}
+    async with d.qmp() as c:
+        await error(c, "x-blockdev-amend", {"job-id": "a", "node-name": "l0",
+                                            "options": {"driver": "luks", **add}},
+                    desc="Block node is read-only")
+        if kind == "vubd":
+            await error(c, "x-blockdev-amend", {
+                "job-id": "a", "node-name": "q0",
+                "options": {"driver": "qcow2", "encrypt": {"format": "luks", **add}}},
+                desc="Block node is read-only")
+        assert await execute(c, "query-jobs") == []

@@ -757,6 +757,10 @@ impl Control {
                 "Driver does not support x-blockdev-amend",
             ));
         }
+        // (QEMU 7.2 says so for luks; on a read-only qcow2 node it aborts.)
+        if node.is_read_only() {
+            return Err(QmpError::generic("Block node is read-only"));
+        }
         self.jobs.check_id(job_id)?;
         let core = Arc::new(JobCore::new(job_id, 0));
         core.set_len(1);

@@ -50,6 +50,8 @@ pub struct LuksDriver {
     key_secret: String,
     /// `format-specific` data: the header's info, changed by amending the key slots.
     info: std::sync::Mutex<serde_json::Value>,
+    /// Held while the key slots are amended (one amendment at a time).
+    amending: std::sync::Mutex<()>,
 }
 
 /// Reads `len` bytes at `offset` of `node` (from the control thread).
@@ -222,6 +224,7 @@ impl LuksDriver {
             volume,
             payload,
             key_secret: key_secret.to_string(),
+            amending: std::sync::Mutex::new(()),
         })
     }
 }
@@ -264,6 +267,7 @@ impl Driver for LuksDriver {
         secrets: &crate::secret::Secrets,
         force: bool,
     ) -> Result<()> {
+        let _one = self.amending.lock().unwrap_or_else(|e| e.into_inner());
         let node = self.file.node_arc();
         let info = amend_at(
             &node,

@@ -104,6 +104,8 @@ pub struct Unlocked {
     pub key_secret: String,
     /// Where the LUKS header is (offset, length).
     pub area: (u64, u64),
+    /// Held while the key slots are amended (one amendment at a time).
+    amending: Mutex<()>,
 }
 
 impl Unlocked {
@@ -116,6 +118,7 @@ impl Unlocked {
         secrets: &Secrets,
         force: bool,
     ) -> Result<()> {
+        let _one = self.amending.lock().unwrap_or_else(|e| e.into_inner());
         let (offset, len) = self.area;
         let mut info =
             luks::amend_at(file, offset, len, &self.key_secret, request, secrets, force)?;
@@ -174,6 +177,7 @@ pub fn unlock(
         info: Mutex::new(info),
         key_secret: id.clone(),
         area: (offset, len),
+        amending: Mutex::new(()),
     }))
 }
 
