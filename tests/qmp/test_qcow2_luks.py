@@ -465,6 +465,13 @@ async def test_blockdev_amend_key_slots(start_daemon, tmp, driver):
             {"state": "active", "new-secret": "sec1", "secret": "sec1", "keyslot": 3,
              "iter-time": 10}), force=True) is None
         assert await slots(c) == [3]
+        assert await amend_job(c, ev, "n0", wrap(
+            {"state": "active", "new-secret": "sec1", "secret": "sec1", "keyslot": 4,
+             "iter-time": 10})) is None
+        assert await slots(c) == [3, 4]
+        # Erasing unlocks nothing (sec0, the node's secret, opens no slot now).
+        assert await amend_job(c, ev, "n0", wrap({"state": "inactive", "keyslot": 4})) is None
+        assert await slots(c) == [3]
         if driver == "qcow2":
             assert await amend_job(c, ev, "n0", {
                 "driver": "qcow2", "encrypt": {"format": "qcow"}}) == (

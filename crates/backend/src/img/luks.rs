@@ -287,7 +287,7 @@ pub(super) fn amend(args: &[String]) -> Result<()> {
     let io_err = |what: &'static str| move |e| blocklayer::BlockError::io(what, e);
     keyslots::amend_area(
         area.min(len.saturating_sub(base)),
-        &password,
+        password.as_deref(),
         &amend,
         p.has("--force"),
         |off, n| {

@@ -117,7 +117,7 @@ pub(crate) fn amend_at(
         .map_err(|e| BlockError::Graph(e.to_string()))?;
     let info = keyslots::amend_area(
         area,
-        &password,
+        password.as_deref(),
         &opts,
         force,
         |off, len| read_bytes(node, base + off, len),
