@@ -516,6 +516,9 @@ async def test_img_amend_qcow2_key_slots(start_daemon, tmp):
     ]:
         p = vubd_amend(img, o, ok=False)
         assert p.returncode != 0 and text in p.stderr, p.stderr
+    # As qemu-img, which opens the image with its key first: erasing too.
+    p = vubd_amend(img, "encrypt.state=inactive,encrypt.keyslot=5", key="nosuch", ok=False)
+    assert "No secret with id 'nosuch'" in p.stderr, p.stderr
     vubd_amend(img, "encrypt.state=inactive,encrypt.keyslot=0")
     new = f"driver=qcow2,encrypt.key-secret=sec1,file.filename={img}"
     run("qemu-io", *objs, "--image-opts", new, "-c", "read -P 0x3c 0 64k")

@@ -281,13 +281,21 @@ pub(super) fn amend(args: &[String]) -> Result<()> {
     let (password, amend) = request
         .resolve(&secrets, &key_secret)
         .map_err(|e| image_error(file, e))?;
+    // qemu-img opens the image with its key before amending it, erasing included.
+    let password = match password {
+        Some(p) => p,
+        None => secrets
+            .lookup_utf8(&key_secret)
+            .map(String::into_bytes)
+            .map_err(|e| image_error(file, e))?,
+    };
     let fh = super::open_file(file, super::Access::Write)?;
     let len = fh.metadata().map_err(|e| image_error(file, e))?.len();
     let area = if qcow2 { area } else { len };
     let io_err = |what: &'static str| move |e| blocklayer::BlockError::io(what, e);
     keyslots::amend_area(
         area.min(len.saturating_sub(base)),
-        password.as_deref(),
+        Some(&password),
         &amend,
         p.has("--force"),
         |off, n| {
