@@ -468,3 +468,36 @@ async def test_img_amend_key_slots(tmp):
     p = run("qemu-io", "--object", secret_object(), "--image-opts", luks_opts(img),
             "-c", "read 0 4k", ok=False)
     assert "Invalid password, cannot unlock any keyslot" in p.stderr + p.stdout
+
+
+async def test_qemu_img_amends_vubd_luks(start_daemon, tmp):
+    """A LUKS volume vubd created, its key slots changed by qemu-img amend, opens in
+    the daemon with the new passphrase only."""
+    img = tmp / "v.img"
+    objs = ["--object", secret_object(), "--object", secret_object("new", "other-pass")]
+    run(vubd_bin(), "img", "create", "-f", "luks", *objs, "-o", "key-secret=sec0,iter-time=10",
+        img, "1M")
+    for _ in range(30):
+        p = run("qemu-img", "amend", *objs, "--image-opts", "-o",
+                "state=active,new-secret=new,iter-time=10", luks_opts(img), ok=False)
+        if p.returncode == 0:
+            break
+        assert "Unable to get accurate CPU usage" in p.stderr, p.stderr
+        time.sleep(0.2)
+    run("qemu-img", "amend", *objs, "--image-opts", "-o", "state=inactive,keyslot=0",
+        luks_opts(img))
+    sock = tmp / "e0.sock"
+    args = ["--object", secret_object("new", "other-pass"), *luks_daemon_args(img, sock, key="new")]
+    d = start_daemon(args)
+    io_ok("write", "--socket", sock, "--offset", 0, "--len", 65536, "--seed", 5)
+    shut_down(d)
+    out = tmp / "out.raw"
+    run("qemu-img", "convert", *objs, "--image-opts",
+        f"driver=luks,key-secret=new,file.filename={img}", "-O", "raw", out)
+    assert out.read_bytes()[:65536] == pattern(5, 0, 65536)
+    d = start_daemon(["--object", secret_object(), "--blockdev",
+                      f"file,node-name=f0,filename={img}"], name="d2")
+    async with d.qmp() as c:
+        await error(c, "blockdev-add", {"driver": "luks", "node-name": "l0", "file": "f0",
+                                        "key-secret": "sec0"},
+                    desc="Invalid password, cannot unlock any keyslot")

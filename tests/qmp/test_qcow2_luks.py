@@ -3,6 +3,7 @@ interoperability with qemu-img/qemu-io for every cipher combination QEMU 7.2 cre
 copy-on-write over backing files (plain or encrypted with their own secret),
 blockdev-create and ``vubd img create`` with encryption, and SIGKILL during writes."""
 
+import json
 import subprocess
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 
 from chains import JobEvents, pattern, run, write_raw
 from conftest import MIB, IoProc, error, execute, export_args, io_ok, vubd_bin
-from test_luks import COMBOS, PASSWORD, combo_opts, secret_object, shut_down
+from test_luks import COMBOS, PASSWORD, combo_opts, qemu_img_luks, secret_object, shut_down
 
 OTHER = "0th3r"
 
@@ -61,13 +62,13 @@ def check_q(img: Path, extra: str = "") -> subprocess.CompletedProcess:
                secret_object("sec1", OTHER), "--image-opts", q_opts(img, extra), ok=False)
 
 
-def q_daemon_args(img: Path, sock: Path, extra: str = "") -> list[str]:
+def q_daemon_args(img: Path, sock: Path, extra: str = "", key: str = "sec0") -> list[str]:
     return [
         "--object", secret_object(),
         "--object", secret_object("sec1", OTHER),
         "--blockdev", f"file,node-name=f0,filename={img}",
         "--blockdev", f"qcow2,node-name=q0,file=f0,encrypt.format=luks,"
-                      f"encrypt.key-secret=sec0{extra}",
+                      f"encrypt.key-secret={key}{extra}",
         *export_args("e0", "q0", sock),
     ]
 
@@ -360,19 +361,276 @@ async def test_qcow2_luks_header_pointer_past_eof(start_daemon, tmp):
             contains=["Encryption header length"])
 
 
-@pytest.mark.vubd_only("qemu-storage-daemon amends the key slots; vubd refuses clearly")
-async def test_qcow2_luks_amend_refused(start_daemon, tmp):
-    img = qemu_img_qcow2_luks(tmp / "q.qcow2")
-    d = start_daemon(["--object", secret_object(),
-                      "--blockdev", f"file,node-name=f0,filename={img}",
-                      "--blockdev", "qcow2,node-name=q0,file=f0,encrypt.format=luks,"
-                                    "encrypt.key-secret=sec0"])
+async def amend_job(c, ev: JobEvents, node: str, options: dict, force: bool = False):
+    """Runs x-blockdev-amend to its end; returns the job's error (None on success)."""
+    args = {"job-id": "a", "node-name": node, "options": options}
+    if force:
+        args["force"] = True
+    assert await execute(c, "x-blockdev-amend", args) == {}
+    await ev.until("a", "concluded")
+    j = await execute(c, "query-jobs")
+    assert await execute(c, "job-dismiss", {"id": "a"}) == {}
+    await ev.until("a", "null")
+    return j[0].get("error")
+
+
+def active_slots(info: dict) -> list[int]:
+    return [i for i, s in enumerate(info["slots"]) if s["active"]]
+
+
+#: x-blockdev-amend key-slot options that fail in the job, on a volume whose slot 0
+#: holds sec0 (the secret it was opened with), and QEMU's texts.
+AMEND_ERRORS = [
+    ({"state": "active"}, "'new-secret' is required to activate a keyslot"),
+    ({"state": "active", "new-secret": "sec1", "old-secret": "sec0"},
+     "'old-secret' must not be given when activating keyslots"),
+    ({"state": "active", "new-secret": "sec1", "keyslot": 0},
+     "Refusing to overwrite active keyslot 0 - please erase it first"),
+    ({"state": "active", "new-secret": "sec1", "keyslot": 9},
+     "Invalid keyslot 9 specified, must be between 0 and 7"),
+    ({"state": "active", "new-secret": "sec1", "keyslot": -1},
+     "Invalid keyslot 4294967295 specified, must be between 0 and 7"),
+    ({"state": "active", "new-secret": "nosuch", "iter-time": 10}, "No secret with id 'nosuch'"),
+    ({"state": "active", "new-secret": "sec1", "secret": "nosuch", "iter-time": 10},
+     "No secret with id 'nosuch'"),
+    ({"state": "active", "new-secret": "sec1", "secret": "sec1", "iter-time": 10},
+     "Invalid password, cannot unlock any keyslot"),
+    ({"state": "inactive"}, "To erase keyslot(s), either explicit keyslot index or the "
+     "password currently contained in them must be given"),
+    ({"state": "inactive", "keyslot": 0}, "Attempt to erase the only active keyslot 0 which "
+     "will erase all the data in the image irreversibly - refusing operation"),
+    ({"state": "inactive", "keyslot": 2}, "Given keyslot 2 is already erased (inactive) "),
+    ({"state": "inactive", "old-secret": "sec1"},
+     "No keyslots match given (old) password for erase operation"),
+]
+
+
+@pytest.mark.parametrize("driver", ["luks", "qcow2"])
+async def test_blockdev_amend_key_slots(start_daemon, tmp, driver):
+    """x-blockdev-amend adds and erases key slots of a luks node and of an encrypted
+    qcow2 node made by qemu-img, with QEMU's rules and texts (errors in the job);
+    the node's format-specific info follows, and afterwards qemu-io opens the image
+    with the new passphrase only."""
+    if driver == "luks":
+        img = qemu_img_luks(tmp / "l.img", size="1M")
+        node = "luks,node-name=n0,file=f0,key-secret=sec0"
+
+        def wrap(o):
+            return {"driver": "luks", **o}
+
+        def encrypt_info(fs):
+            return fs["data"]
+
+        def opts(sid):
+            return f"driver=luks,key-secret={sid},file.filename={img}"
+    else:
+        img = qemu_img_qcow2_luks(tmp / "q.qcow2", size="1M")
+        node = "qcow2,node-name=n0,file=f0,encrypt.format=luks,encrypt.key-secret=sec0"
+
+        def wrap(o):
+            return {"driver": "qcow2", "encrypt": {"format": "luks", **o}}
+
+        def encrypt_info(fs):
+            return fs["data"]["encrypt"]
+
+        def opts(sid):
+            return f"driver=qcow2,encrypt.key-secret={sid},file.filename={img}"
+    d = start_daemon(["--object", secret_object(), "--object", secret_object("sec1", OTHER),
+                      "--blockdev", f"file,node-name=f0,filename={img}", "--blockdev", node])
+
+    async def slots(c):
+        for n in await execute(c, "query-named-block-nodes"):
+            if n["node-name"] == "n0":
+                return active_slots(encrypt_info(n["image"]["format-specific"]))
+        raise AssertionError("no node n0")
+
     async with d.qmp() as c:
         ev = JobEvents(c)
-        await execute(c, "x-blockdev-amend", {
-            "job-id": "a", "node-name": "q0",
-            "options": {"driver": "qcow2", "encrypt": {
-                "format": "luks", "state": "active", "new-secret": "sec0"}}})
-        await ev.until("a", "concluded")
-        j = await execute(c, "query-jobs")
-        assert "encrypted qcow2" in j[0].get("error", ""), j
+        assert await slots(c) == [0]
+        for o, err in AMEND_ERRORS:
+            assert await amend_job(c, ev, "n0", wrap(o)) == err, o
+        assert await slots(c) == [0]
+        assert await amend_job(c, ev, "n0", wrap(
+            {"state": "active", "new-secret": "sec1", "keyslot": 3, "iter-time": 10})) is None
+        assert await slots(c) == [0, 3]
+        assert await amend_job(c, ev, "n0", wrap(
+            {"state": "inactive", "old-secret": "sec0"})) is None
+        assert await slots(c) == [3]
+        # The node was opened with sec0, whose slot is gone: adding now needs `secret`.
+        assert await amend_job(c, ev, "n0", wrap(
+            {"state": "active", "new-secret": "sec0", "iter-time": 10})) == (
+            "Invalid password, cannot unlock any keyslot")
+        # force overwrites an active slot.
+        assert await amend_job(c, ev, "n0", wrap(
+            {"state": "active", "new-secret": "sec1", "secret": "sec1", "keyslot": 3,
+             "iter-time": 10}), force=True) is None
+        assert await slots(c) == [3]
+        assert await amend_job(c, ev, "n0", wrap(
+            {"state": "active", "new-secret": "sec1", "secret": "sec1", "keyslot": 4,
+             "iter-time": 10})) is None
+        assert await slots(c) == [3, 4]
+        # Erasing unlocks nothing (sec0, the node's secret, opens no slot now).
+        assert await amend_job(c, ev, "n0", wrap({"state": "inactive", "keyslot": 4})) is None
+        assert await slots(c) == [3]
+        if driver == "qcow2":
+            assert await amend_job(c, ev, "n0", {
+                "driver": "qcow2", "encrypt": {"format": "qcow"}}) == (
+                "Amend can't be used to change the qcow2 encryption format")
+    shut_down(d)
+    objs = ["--object", secret_object(), "--object", secret_object("sec1", OTHER)]
+    run("qemu-io", *objs, "--image-opts", opts("sec1"), "-c", "read 0 4k")
+    p = run("qemu-io", *objs, "--image-opts", opts("sec0"), "-c", "read 0 4k", ok=False)
+    assert "Invalid password, cannot unlock any keyslot" in p.stderr + p.stdout
+    if driver == "qcow2":
+        p = run("qemu-img", "check", *objs, "--image-opts", opts("sec1"))
+        assert "No errors were found" in p.stdout, p.stdout
+
+
+def vubd_amend(path: Path, o: str, key: str = "sec0", ok: bool = True):
+    return run(vubd_bin(), "img", "amend", "--object", secret_object(), "--object",
+               secret_object("sec1", OTHER), "--image-opts", "-o", o,
+               f"driver=qcow2,encrypt.key-secret={key},file.filename={path}", ok=ok)
+
+
+@pytest.mark.vubd_only("vubd img is vubd's tool")
+async def test_img_amend_qcow2_key_slots(start_daemon, tmp):
+    """`vubd img amend` changes the key slots of a qcow2 image qemu-img encrypted, in
+    place; qemu-img then opens it with the new passphrase only and checks it clean.
+    The other way round, qemu-img amend changes the slots of an image vubd created,
+    which the daemon then opens with the new passphrase."""
+    img = qemu_img_qcow2_luks(tmp / "q.qcow2", size="1M")
+    qemu_io_q(img, "write -q -P 0x3c 0 64k")
+    size = img.stat().st_size
+    objs = ["--object", secret_object(), "--object", secret_object("sec1", OTHER)]
+    vubd_amend(img, "encrypt.state=active,encrypt.new-secret=sec1,encrypt.keyslot=5,"
+                    "encrypt.iter-time=10")
+    info = json.loads(run("qemu-img", "info", "--output", "json", img).stdout)
+    assert active_slots(info["format-specific"]["data"]["encrypt"]) == [0, 5]
+    assert img.stat().st_size == size
+    for o, text in [
+        ("encrypt.state=inactive,encrypt.keyslot=4", "Given keyslot 4 is already erased"),
+        ("encrypt.format=qcow,encrypt.state=inactive",
+         "Amend can't be used to change the qcow2 encryption format"),
+        ("encrypt.state=active,encrypt.new-secret=sec1,encrypt.iter-time=10,encrypt.bogus=1",
+         "bogus"),
+    ]:
+        p = vubd_amend(img, o, ok=False)
+        assert p.returncode != 0 and text in p.stderr, p.stderr
+    # As qemu-img, which opens the image with its key first: erasing too.
+    p = vubd_amend(img, "encrypt.state=inactive,encrypt.keyslot=5", key="nosuch", ok=False)
+    assert "No secret with id 'nosuch'" in p.stderr, p.stderr
+    vubd_amend(img, "encrypt.state=inactive,encrypt.keyslot=0")
+    new = f"driver=qcow2,encrypt.key-secret=sec1,file.filename={img}"
+    run("qemu-io", *objs, "--image-opts", new, "-c", "read -P 0x3c 0 64k")
+    p = run("qemu-io", *objs, "--image-opts", q_opts(img), "-c", "read 0 4k", ok=False)
+    assert "Invalid password, cannot unlock any keyslot" in p.stderr + p.stdout
+    assert "No errors were found" in run("qemu-img", "check", *objs, "--image-opts", new).stdout
+    plain = tmp / "p.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", plain, "1M")
+    p = vubd_amend(plain, "encrypt.state=inactive,encrypt.keyslot=0", ok=False)
+    assert "image is not encrypted, can't amend" in p.stderr, p.stderr
+
+    # vubd creates, qemu-img amends, vubd opens with the new passphrase only.
+    v = tmp / "v.qcow2"
+    run(vubd_bin(), "img", "create", "-f", "qcow2", *objs, "-o",
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10", v, "1M")
+    for _ in range(30):
+        p = run("qemu-img", "amend", *objs, "--image-opts", "-o",
+                "encrypt.state=active,encrypt.new-secret=sec1,encrypt.iter-time=10",
+                q_opts(v), ok=False)
+        if p.returncode == 0:
+            break
+        assert "Unable to get accurate CPU usage" in p.stderr, p.stderr
+        time.sleep(0.2)
+    run("qemu-img", "amend", *objs, "--image-opts", "-o",
+        "encrypt.state=inactive,encrypt.old-secret=sec0", q_opts(v))
+    sock = tmp / "e0.sock"
+    d = start_daemon(q_daemon_args(v, sock, key="sec1"))
+    io_ok("write", "--socket", sock, "--offset", 0, "--len", 65536, "--seed", 4)
+    shut_down(d)
+    want = bytearray(MIB)
+    want[:65536] = pattern(4, 0, 65536)
+    run("qemu-img", "compare", *objs, "--image-opts",
+        f"driver=raw,file.filename={write_raw(tmp / 'want.raw', want)}",
+        f"driver=qcow2,encrypt.key-secret=sec1,file.filename={v}")
+
+
+def mapped(img: Path, objs: list) -> list[dict]:
+    return json.loads(run("qemu-img", "map", "--output", "json", *objs, "--image-opts",
+                          q_opts(img)).stdout)
+
+
+@pytest.mark.parametrize("prealloc", ["metadata", "falloc", "full"])
+async def test_qcow2_luks_preallocation(start_daemon, tmp, prealloc):
+    """Encryption with preallocation, as QEMU allows it: blockdev-create and `vubd img
+    create` map every data cluster (qemu-img map: data, not zero) in a file of the
+    size qemu-img makes, checked clean; what the daemon writes reads back in
+    qemu-img."""
+    objs = ["--object", secret_object()]
+    ref = qemu_img_qcow2_luks(tmp / "ref.qcow2", size="1M", qcow2_opts=f"preallocation={prealloc}")
+    want_map = [{"start": 0, "length": MIB, "depth": 0, "present": True, "zero": False,
+                 "data": True}]
+    assert [{k: v for k, v in m.items() if k != "offset"} for m in mapped(ref, objs)] == want_map
+    img = tmp / "new.qcow2"
+    img.write_bytes(b"")
+    sock = tmp / "e0.sock"
+    d = start_daemon(["--object", secret_object(),
+                      "--blockdev", f"file,node-name=f0,filename={img}"])
+    async with d.qmp() as c:
+        ev = JobEvents(c)
+        for _ in range(30):
+            await execute(c, "blockdev-create", {"job-id": "cr", "options": {
+                "driver": "qcow2", "file": "f0", "size": MIB, "preallocation": prealloc,
+                "encrypt": {"format": "luks", "key-secret": "sec0", "iter-time": 10}}})
+            await ev.until("cr", "concluded")
+            j = await execute(c, "query-jobs")
+            await execute(c, "job-dismiss", {"id": "cr"})
+            await ev.until("cr", "null")
+            if "Unable to get accurate CPU usage" not in j[0].get("error", ""):
+                break
+        assert "error" not in j[0], j[0].get("error")
+        await execute(c, "blockdev-add", {"driver": "qcow2", "node-name": "q0", "file": "f0",
+                                          "encrypt": {"format": "luks", "key-secret": "sec0"}})
+        await execute(c, "block-export-add", {
+            "type": "vhost-user-blk", "id": "e0", "node-name": "q0", "writable": True,
+            "addr": {"type": "unix", "path": str(sock)}})
+        io_ok("write", "--socket", sock, "--offset", 8192, "--len", 4096, "--seed", 3)
+    shut_down(d)
+    assert img.stat().st_size == ref.stat().st_size
+    assert [{k: v for k, v in m.items() if k != "offset"} for m in mapped(img, objs)] == want_map
+    assert check_q(img).returncode == 0
+    got = tmp / "got.raw"
+    run("qemu-img", "convert", *objs, "--image-opts", q_opts(img), "-O", "raw", got)
+    assert got.read_bytes()[8192:12288] == pattern(3, 8192, 4096)
+    if d.kind == "vubd":
+        v = tmp / "v.qcow2"
+        run(vubd_bin(), "img", "create", "-f", "qcow2", *objs, "-o",
+            f"encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10,"
+            f"preallocation={prealloc}", v, "1M")
+        assert v.stat().st_size == ref.stat().st_size
+        assert [{k: v for k, v in m.items() if k != "offset"} for m in mapped(v, objs)] == want_map
+        assert check_q(v).returncode == 0
+
+
+async def test_blockdev_amend_read_only(start_daemon, tmp, kind):
+    """x-blockdev-amend of a read-only luks node is refused at once, with QEMU's text
+    (qemu-storage-daemon 7.2 aborts on a read-only qcow2 node: vubd refuses it too)."""
+    img = qemu_img_luks(tmp / "l.img", size="1M")
+    q = qemu_img_qcow2_luks(tmp / "q.qcow2", size="1M")
+    d = start_daemon(["--object", secret_object(), "--object", secret_object("sec1", OTHER),
+                      "--blockdev", f"file,node-name=f0,filename={img},read-only=on",
+                      "--blockdev", "luks,node-name=l0,file=f0,key-secret=sec0,read-only=on",
+                      "--blockdev", f"file,node-name=f1,filename={q}",
+                      "--blockdev", "qcow2,node-name=q0,file=f1,encrypt.format=luks,"
+                                    "encrypt.key-secret=sec0,read-only=on"])
+    add = {"state": "active", "new-secret": "sec1", "iter-time": 10}
+    async with d.qmp() as c:
+        await error(c, "x-blockdev-amend", {"job-id": "a", "node-name": "l0",
+                                            "options": {"driver": "luks", **add}},
+                    desc="Block node is read-only")
+        if kind == "vubd":
+            await error(c, "x-blockdev-amend", {
+                "job-id": "a", "node-name": "q0",
+                "options": {"driver": "qcow2", "encrypt": {"format": "luks", **add}}},
+                desc="Block node is read-only")
+        assert await execute(c, "query-jobs") == []

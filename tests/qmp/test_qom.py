@@ -1,5 +1,5 @@
 """qom-list, qom-get, qom-set, qom-list-types and qom-list-properties for the object
-types vubd has (iothread, throttle-group), with QEMU 7.2's paths and texts.
+types vubd has (iothread, throttle-group, secret), with QEMU 7.2's paths and texts.
 
 QEMU lists properties in hash order: lists are compared as sets."""
 
@@ -21,6 +21,17 @@ THROTTLE_PROPS = {("type", "string"), ("limits", "ThrottleLimits")} | {
     for d in ("total", "read", "write")
     for s in ("", "-max", "-max-length")
 } | {("x-iops-size", "int")}
+
+
+SECRET_PROPS = {
+    ("type", "string"),
+    ("loaded", "bool"),
+    ("format", "QCryptoSecretFormat"),
+    ("keyid", "string"),
+    ("iv", "string"),
+    ("data", "string"),
+    ("file", "string"),
+}
 
 
 def props(lst) -> set:
@@ -169,3 +180,62 @@ async def test_query_commands_lists_the_qom_commands(daemon):
     async with daemon.qmp() as c:
         names = {x["name"] for x in await execute(c, "query-commands")}
         assert {"qom-list", "qom-get", "qom-set", "qom-list-types", "qom-list-properties"} <= names
+
+
+async def test_qom_secret(daemon, tmp):
+    """Secrets are QOM objects as in QEMU: listed under /objects, their properties the
+    options they were added with (empty strings for unset ones). Setting them later
+    changes what they read and nothing else: the secret stays what it was loaded as."""
+    key = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="
+    pw = tmp / "pw.txt"
+    pw.write_text("from-file")
+    async with daemon.qmp() as c:
+        await execute(c, "object-add", {"qom-type": "secret", "id": "s0", "data": "pw0"})
+        await execute(c, "object-add", {"qom-type": "secret", "id": "s1", "file": str(pw)})
+        await execute(c, "object-add", {"qom-type": "secret", "id": "k", "data": key,
+                                        "format": "base64"})
+        objs = props(await execute(c, "qom-list", {"path": "/objects"}))
+        assert {("s0", "child<secret>"), ("s1", "child<secret>"), ("k", "child<secret>")} <= objs
+        for path in ("/objects/s0", "s1", "/objects/k/"):
+            assert props(await execute(c, "qom-list", {"path": path})) == SECRET_PROPS
+        get = lambda p, n: execute(c, "qom-get", {"path": p, "property": n})
+        want = {
+            "s0": {"type": "secret", "data": "pw0", "file": "", "format": "raw", "keyid": "",
+                   "iv": "", "loaded": True},
+            "s1": {"data": "", "file": str(pw), "format": "raw", "loaded": True},
+            "k": {"data": key, "file": "", "format": "base64", "keyid": "", "iv": ""},
+        }
+        for sid, values in want.items():
+            for prop, value in values.items():
+                assert await get(f"/objects/{sid}", prop) == value, (sid, prop)
+        await error(c, "qom-get", {"path": "/objects/s0", "property": "bogus"},
+                    desc="Property 'secret.bogus' not found")
+        sets = lambda n, v: {"path": "/objects/s0", "property": n, "value": v}
+        await error(c, "qom-set", sets("loaded", False), desc="Property 'secret.loaded' is not writable")
+        await error(c, "qom-set", sets("type", "x"), desc="Property 'secret.type' is not writable")
+        await error(c, "qom-set", sets("bogus", 1), desc="Property 'secret.bogus' not found")
+        await error(c, "qom-set", sets("data", 5),
+                    desc="Invalid parameter type for 'data', expected: string")
+        await error(c, "qom-set", sets("format", "bogus"),
+                    desc="Parameter 'format' does not accept value 'bogus'")
+        await error(c, "qom-set", sets("format", 1),
+                    desc="Invalid parameter type for 'format', expected: string")
+        for prop, value in (("data", "new"), ("format", "base64"), ("keyid", "k"),
+                            ("iv", "AAAAAAAAAAAAAAAAAAAAAA=="), ("file", "/nonexistent")):
+            assert await execute(c, "qom-set", sets(prop, value)) == {}
+            assert await get("/objects/s0", prop) == value
+        t = await execute(c, "qom-list-types", {"implements": "secret"})
+        assert t == [{"name": "secret", "parent": "secret_common"}]
+        t = await execute(c, "qom-list-types", {"implements": "secret_common", "abstract": True})
+        assert {"abstract": True, "name": "secret_common", "parent": "object"} in t
+        assert {"name": "secret", "parent": "secret_common"} in t
+        uc = {x["name"] for x in await execute(c, "qom-list-types", {"implements": "user-creatable"})}
+        assert "secret" in uc
+        lp = lambda n: execute(c, "qom-list-properties", {"typename": n})
+        assert props(await lp("secret")) == SECRET_PROPS
+        assert props(await lp("secret_common")) == SECRET_PROPS - {("data", "string"), ("file", "string")}
+        await execute(c, "object-del", {"id": "s0"})
+        objs = props(await execute(c, "qom-list", {"path": "/objects"}))
+        assert ("s0", "child<secret>") not in objs and ("s1", "child<secret>") in objs
+        await error(c, "qom-get", {"path": "/objects/s0", "property": "data"},
+                    cls="DeviceNotFound", desc="Device '/objects/s0' not found")

@@ -154,6 +154,20 @@ pub trait Driver: Send + Sync {
         false
     }
 
+    /// Changes the key slots of an encrypted image (QEMU's `x-blockdev-amend` of
+    /// `luks`, and of `qcow2` with `encrypt`), from a job's thread; `secrets` holds
+    /// the secrets `request` names. Drivers without encryption keep the default.
+    fn amend_encryption(
+        &self,
+        _request: &crate::drivers::luks::keyslots::AmendRequest,
+        _secrets: &crate::secret::Secrets,
+        _force: bool,
+    ) -> Result<()> {
+        Err(BlockError::Graph(
+            "Driver does not support x-blockdev-amend".into(),
+        ))
+    }
+
     /// Whether the driver's storage itself is read-only (e.g. opened O_RDONLY).
     fn is_read_only(&self) -> bool {
         false

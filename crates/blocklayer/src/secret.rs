@@ -97,11 +97,39 @@ impl Drop for SecretData {
     }
 }
 
+impl SecretFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            SecretFormat::Raw => "raw",
+            SecretFormat::Base64 => "base64",
+        }
+    }
+}
+
+/// A loaded secret: its bytes, and the options it was added with (its QOM
+/// properties; `data` is wiped when the secret goes).
+struct Entry {
+    data: Arc<SecretData>,
+    props: SecretOptions,
+}
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        if let Some(d) = self.props.data.take() {
+            drop(SecretData(d.into_bytes()));
+        }
+    }
+}
+
+/// The QOM properties of a `secret` (QEMU's `secret_common` and `secret`), with
+/// QEMU's values for unset ones (empty strings).
+pub const PROPERTIES: &[&str] = &["loaded", "format", "keyid", "iv", "data", "file"];
+
 /// The loaded secrets, by id. Cheap to clone (all clones share the table); the object
 /// layer adds and removes, drivers look up.
 #[derive(Clone, Default)]
 pub struct Secrets {
-    map: Arc<Mutex<HashMap<String, Arc<SecretData>>>>,
+    map: Arc<Mutex<HashMap<String, Entry>>>,
 }
 
 impl std::fmt::Debug for Secrets {
@@ -113,7 +141,7 @@ impl std::fmt::Debug for Secrets {
 }
 
 impl Secrets {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<SecretData>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -121,8 +149,64 @@ impl Secrets {
     /// is not taken by any object).
     pub fn add(&self, opts: &SecretOptions) -> Result<()> {
         let data = self.load(opts)?;
-        self.lock()
-            .insert(opts.id.clone(), Arc::new(SecretData(data)));
+        let entry = Entry {
+            data: Arc::new(SecretData(data)),
+            props: opts.clone(),
+        };
+        self.lock().insert(opts.id.clone(), entry);
+        Ok(())
+    }
+
+    /// The ids of the secrets.
+    pub fn ids(&self) -> Vec<String> {
+        self.lock().keys().cloned().collect()
+    }
+
+    /// QOM property `prop` of secret `id` (QEMU's values: the options as given, empty
+    /// strings for unset ones; `loaded` is true once added). `None` for an unknown
+    /// secret or property.
+    pub fn property(&self, id: &str, prop: &str) -> Option<serde_json::Value> {
+        let map = self.lock();
+        let o = &map.get(id)?.props;
+        let text = |s: Option<&str>| serde_json::Value::from(s.unwrap_or_default());
+        Some(match prop {
+            "loaded" => true.into(),
+            "format" => o.format.name().into(),
+            "keyid" => text(o.keyid.as_deref()),
+            "iv" => text(o.iv.as_deref()),
+            "data" => text(o.data.as_deref()),
+            "file" => text(o.file.as_ref().and_then(|p| p.to_str())),
+            _ => return None,
+        })
+    }
+
+    /// Sets QOM property `prop` of secret `id` to `value`. As in QEMU, the secret is
+    /// loaded once: a new value shows in the property and changes nothing else.
+    /// `loaded` is read-only (the caller says so).
+    pub fn set_property(&self, id: &str, prop: &str, value: &str) -> options::Result<()> {
+        let mut map = self.lock();
+        let Some(e) = map.get_mut(id) else {
+            return Ok(());
+        };
+        let o = &mut e.props;
+        match prop {
+            "format" => {
+                o.format = options::coerce::to_enum(
+                    "format",
+                    &serde_json::Value::from(value),
+                    &[("raw", SecretFormat::Raw), ("base64", SecretFormat::Base64)],
+                )?
+            }
+            "keyid" => o.keyid = Some(value.to_string()),
+            "iv" => o.iv = Some(value.to_string()),
+            "data" => {
+                if let Some(old) = o.data.replace(value.to_string()) {
+                    drop(SecretData(old.into_bytes()));
+                }
+            }
+            "file" => o.file = Some(PathBuf::from(value)),
+            _ => {}
+        }
         Ok(())
     }
 
@@ -140,7 +224,7 @@ impl Secrets {
     pub fn lookup(&self, id: &str) -> Result<Vec<u8>> {
         self.lock()
             .get(id)
-            .map(|s| s.0.clone())
+            .map(|s| s.data.0.clone())
             .ok_or_else(|| SecretError::NotFound(id.to_string()))
     }
 

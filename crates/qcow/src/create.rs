@@ -144,13 +144,10 @@ impl CreateOptions {
         if self.data_file_raw && self.backing_file.is_some() {
             return bad("data_file_raw cannot be used with a backing file");
         }
-        if self.encryption.is_some() {
-            if self.preallocation != Preallocation::Off {
-                return bad("preallocation of encrypted images is not supported by vubd");
-            }
-            if self.data_file.is_some() {
-                return bad("encrypted images with a data_file are not supported by vubd");
-            }
+        // Preallocated clusters of an encrypted image hold plaintext zeroes (or
+        // nothing), which read back as whatever they decrypt to, as in QEMU.
+        if self.encryption.is_some() && self.data_file.is_some() {
+            return bad("encrypted images with a data_file are not supported by vubd");
         }
         if self.size > i64::MAX as u64 {
             return bad("size too large");
@@ -287,9 +284,6 @@ async fn create_inner<I: QcowIo>(
         },
     )
     .await?;
-    if let Some(luks) = &opts.encryption {
-        img.set_up_encryption(luks).await?;
-    }
     img.resize(opts.size).await?;
     let prealloc = if opts.data_file_raw && opts.preallocation == Preallocation::Off {
         Preallocation::Metadata
@@ -318,6 +312,11 @@ async fn create_inner<I: QcowIo>(
             img.commit(a).await?;
             pos += n;
         }
+    }
+    // Encryption last: preallocation writes no guest data (the clusters hold
+    // zeroes or nothing, and read as what that decrypts to, as in QEMU).
+    if let Some(luks) = &opts.encryption {
+        img.set_up_encryption(luks).await?;
     }
     // Clears the dirty bit that the metadata writes set: the file is clean even
     // if the caller drops the image without closing it (it stays usable).

@@ -735,20 +735,20 @@ impl Control {
         })
     }
 
-    /// `x-blockdev-amend`: changes format options of an open image, as a job. vubd's
-    /// qcow2 has nothing to amend but encryption: on an image without it an `encrypt`
-    /// amendment fails in the job with QEMU's text, anything else succeeds without a
-    /// change, as in QEMU; the key slots of encrypted qcow2 images are not amended
-    /// by vubd yet (refused, also in the job).
+    /// `x-blockdev-amend`: changes format options of an open image, as a job. What
+    /// vubd amends is the key slots of LUKS headers: of `luks` nodes, and of qcow2
+    /// images with `encrypt` (other qcow2 options have nothing to amend and succeed
+    /// without a change, as in QEMU). The change runs in the job, whose errors carry
+    /// QEMU's texts.
     pub fn blockdev_amend(
         &mut self,
         job_id: &str,
         node: &str,
         options: &Value,
-        _force: bool,
+        force: bool,
     ) -> OpResult<()> {
         use crate::jobs::{Job, JobCore};
-        let encrypt = amend_options(options)?;
+        let plan = amend_options(options)?;
         let node = self.graph.lookup(node).map_err(generic)?;
         let driver = options["driver"].as_str().unwrap_or_default();
         if driver != node.driver_name() {
@@ -756,29 +756,35 @@ impl Control {
                 "x-blockdev-amend doesn't support changing the block driver",
             ));
         }
-        if driver != "qcow2" {
+        if driver != "qcow2" && driver != "luks" {
             return Err(ControlError::generic(
                 "Driver does not support x-blockdev-amend",
             ));
+        }
+        // (QEMU 7.2 says so for luks; on a read-only qcow2 node it aborts.)
+        if node.is_read_only() {
+            return Err(ControlError::generic("Block node is read-only"));
         }
         self.jobs.check_id(job_id)?;
         let core = Arc::new(JobCore::new(job_id, 0));
         core.set_len(1);
         let mut job = Job::new(job_id, "amend", core.clone(), false);
         job.auto_dismiss = false;
-        let encrypted = node.driver().is_encrypted();
+        let secrets = self.graph.secrets().clone();
         self.start_job(job, None, move || async move {
+            let r = match plan {
+                AmendPlan::Nothing => Ok(()),
+                AmendPlan::OtherFormat if node.driver().is_encrypted() => {
+                    Err("Amend can't be used to change the qcow2 encryption format".to_string())
+                }
+                AmendPlan::OtherFormat => Err("image is not encrypted, can't amend".to_string()),
+                AmendPlan::Keys(request) => node
+                    .driver()
+                    .amend_encryption(&request, &secrets, force)
+                    .map_err(|e| e.to_string()),
+            };
             core.progress(1);
-            if encrypt && encrypted {
-                Err(
-                    "amending the key slots of encrypted qcow2 images is not supported by vubd"
-                        .to_string(),
-                )
-            } else if encrypt {
-                Err("image is not encrypted, can't amend".to_string())
-            } else {
-                Ok(())
-            }
+            r
         })
     }
 
@@ -862,10 +868,20 @@ impl Control {
     }
 }
 
+/// What `x-blockdev-amend` asks.
+enum AmendPlan {
+    /// Nothing to change (qcow2 without `encrypt`).
+    Nothing,
+    /// A qcow2 `encrypt` of another format than `luks`.
+    OtherFormat,
+    /// A key-slot change of a LUKS header.
+    Keys(blocklayer::drivers::luks::keyslots::AmendRequest),
+}
+
 /// Checks `x-blockdev-amend`'s `options` (QEMU's `BlockdevAmendOptions`: a `driver`,
-/// and members for `luks` and `qcow2` only) with QEMU's texts; returns whether a
-/// qcow2 `encrypt` amendment is asked for.
-fn amend_options(options: &Value) -> OpResult<bool> {
+/// and members for `luks` and `qcow2` only) with QEMU's texts.
+fn amend_options(options: &Value) -> OpResult<AmendPlan> {
+    use blocklayer::drivers::luks::keyslots::AmendRequest;
     use blocklayer::options::coerce::Fields;
     let e = ControlError::from_source;
     let mut f = Fields::new_strict(options, "options").map_err(e)?;
@@ -876,44 +892,26 @@ fn amend_options(options: &Value) -> OpResult<bool> {
             "Parameter 'driver' does not accept value '{driver}'"
         )));
     }
-    let mut encrypt = false;
+    let mut plan = AmendPlan::Nothing;
     match driver.as_str() {
-        "luks" => crypto_amend_options(&mut f, "luks")?,
+        "luks" => plan = AmendPlan::Keys(AmendRequest::take_from(&mut f).map_err(e)?),
         "qcow2" => {
             if let Some(mut c) = f.object("encrypt").map_err(e)? {
-                encrypt = true;
                 let format = c.required_string("format").map_err(e)?;
-                match format.as_str() {
-                    "luks" | "qcow" => crypto_amend_options(&mut c, &format)?,
+                plan = match format.as_str() {
+                    "luks" => AmendPlan::Keys(AmendRequest::take_from(&mut c).map_err(e)?),
+                    "qcow" => AmendPlan::OtherFormat,
                     other => {
                         return Err(ControlError::generic(format!(
                             "Parameter 'options.encrypt.format' does not accept value '{other}'"
                         )))
                     }
-                }
+                };
                 c.finish().map_err(e)?;
             }
         }
         _ => {}
     }
     f.finish().map_err(e)?;
-    Ok(encrypt)
-}
-
-/// The LUKS key-slot amendment members (QEMU's `QCryptoBlockAmendOptionsLUKS`).
-fn crypto_amend_options(f: &mut blocklayer::options::coerce::Fields, format: &str) -> OpResult<()> {
-    let e = ControlError::from_source;
-    if format != "luks" {
-        return Ok(());
-    }
-    let state = f
-        .enumeration("state", &[("active", ()), ("inactive", ())])
-        .map_err(e)?;
-    f.required("state", state).map_err(e)?;
-    for key in ["new-secret", "old-secret", "secret"] {
-        f.string(key).map_err(e)?;
-    }
-    f.uint("keyslot").map_err(e)?;
-    f.uint("iter-time").map_err(e)?;
-    Ok(())
+    Ok(plan)
 }

@@ -2,9 +2,11 @@
 //! paths (`/objects/ID`), types, properties and error texts of QEMU 7.2.
 //!
 //! The tree is the root container with `objects` (the user-created objects:
-//! iothreads, throttle groups and TLS credentials) and `chardevs`. Properties read and write the
-//! live objects: an iothread's polling parameters reach its event loop at its next
-//! pass, and a throttle group's new `limits` apply to its nodes' requests at once.
+//! iothreads, throttle groups, secrets and TLS credentials) and `chardevs`.
+//! Properties read and write the live objects: an iothread's polling parameters
+//! reach its event loop at its next pass, and a throttle group's new `limits` apply
+//! to its nodes' requests at once. A secret's properties are the options it was
+//! added with; as in QEMU, setting them later changes nothing but what they read.
 
 use super::{Control, OpResult};
 use crate::control::error::{ControlError, ErrorKind};
@@ -77,6 +79,27 @@ static TYPES: &[QomType] = &[
         },
     },
     QomType {
+        name: "secret_common",
+        parent: Some("object"),
+        is_abstract: true,
+        interfaces: &["user-creatable"],
+        props: || {
+            vec![
+                ("loaded".into(), "bool"),
+                ("format".into(), "QCryptoSecretFormat"),
+                ("keyid".into(), "string"),
+                ("iv".into(), "string"),
+            ]
+        },
+    },
+    QomType {
+        name: "secret",
+        parent: Some("secret_common"),
+        is_abstract: false,
+        interfaces: &[],
+        props: || vec![("data".into(), "string"), ("file".into(), "string")],
+    },
+    QomType {
         name: "tls-creds",
         parent: Some("object"),
         is_abstract: true,
@@ -146,6 +169,8 @@ enum Obj {
     Container,
     IoThread(Arc<IoThread>),
     ThrottleGroup(Arc<ThrottleGroup>),
+    /// A secret, by id (its properties live in the graph's secrets).
+    Secret(String),
     TlsCreds(Arc<TlsCreds>),
 }
 
@@ -155,6 +180,7 @@ impl Obj {
             Obj::Root | Obj::Container => "container",
             Obj::IoThread(_) => "iothread",
             Obj::ThrottleGroup(_) => "throttle-group",
+            Obj::Secret(_) => "secret",
             Obj::TlsCreds(_) => "tls-creds-x509",
         }
     }
@@ -185,6 +211,9 @@ impl Control {
         }
         for (id, g) in &self.graph.throttle_groups {
             v.push((format!("/objects/{id}"), Obj::ThrottleGroup(g.clone())));
+        }
+        for id in self.graph.secrets().ids() {
+            v.push((format!("/objects/{id}"), Obj::Secret(id)));
         }
         for c in self.graph.tls_creds().all() {
             v.push((format!("/objects/{}", c.opts.id), Obj::TlsCreds(c)));
@@ -280,6 +309,11 @@ impl Control {
                     .map(Value::from)
                     .ok_or_else(|| not_found(prop, t))
             }
+            Obj::Secret(id) => self
+                .graph
+                .secrets()
+                .property(id, prop)
+                .ok_or_else(|| not_found(prop, t)),
             Obj::TlsCreds(c) => tls_creds_property(c, prop).ok_or_else(|| not_found(prop, t)),
         }
     }
@@ -322,6 +356,23 @@ impl Control {
                     ));
                 }
                 Err(not_found(prop, t))
+            }
+            Obj::Secret(id) => {
+                let secrets = self.graph.secrets();
+                match secrets.property(id, prop) {
+                    None => Err(not_found(prop, t)),
+                    Some(_) if prop == "loaded" => Err(not_writable()),
+                    Some(_) => {
+                        let value = value.as_str().ok_or_else(|| {
+                            ControlError::generic(format!(
+                                "Invalid parameter type for '{prop}', expected: string"
+                            ))
+                        })?;
+                        secrets
+                            .set_property(id, prop, value)
+                            .map_err(|e| ControlError::generic(e.to_string()))
+                    }
+                }
             }
             Obj::TlsCreds(c) => match tls_creds_property(c, prop) {
                 // Loaded when added: later values would not apply.

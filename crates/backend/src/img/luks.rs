@@ -179,13 +179,15 @@ pub(super) fn info(file: &str, json_out: bool) -> Result<()> {
     Ok(())
 }
 
-/// `amend --image-opts [--object ...] [--force] -o OPTS 'driver=luks,key-secret=ID,
-/// file.filename=FILE'`: adds (`state=active,new-secret=ID[,keyslot=N][,iter-time=MS]`)
-/// or erases (`state=inactive,keyslot=N` or `old-secret=ID`) key slots, as qemu-img
-/// amend does for LUKS volumes.
+/// `amend --image-opts [--object ...] [--force] -o OPTS SPEC`: adds
+/// (`state=active,new-secret=ID[,keyslot=N][,iter-time=MS]`) or erases
+/// (`state=inactive,keyslot=N` or `old-secret=ID`) key slots, as qemu-img amend does,
+/// of a LUKS volume (`SPEC` `driver=luks,key-secret=ID,file.filename=FILE`) or of an
+/// encrypted qcow2 image (`driver=qcow2,encrypt.key-secret=ID,file.filename=FILE`,
+/// the options prefixed with `encrypt.`). The header is changed in place, within
+/// the area it has (the qcow2 clusters the crypto header extension points to).
 pub(super) fn amend(args: &[String]) -> Result<()> {
-    use blocklayer::drivers::luks::keyslots::{self, AmendOptions, SlotState};
-    use blocklayer::drivers::luks::volume::Volume;
+    use blocklayer::drivers::luks::keyslots::{self, AmendRequest};
     use std::os::unix::fs::FileExt;
     let p = super::Parsed::new(
         args,
@@ -194,34 +196,38 @@ pub(super) fn amend(args: &[String]) -> Result<()> {
     )?;
     if !p.has("--image-opts") {
         return Err(usage(
-            "amend takes --image-opts 'driver=luks,key-secret=ID,file.filename=FILE' (the \
-             key to unlock the volume is part of its open options, as in qemu-img)",
+            "amend takes --image-opts 'driver=luks,key-secret=ID,file.filename=FILE' or \
+             'driver=qcow2,encrypt.key-secret=ID,file.filename=FILE' (the key to unlock \
+             the volume is part of its open options, as in qemu-img)",
         ));
     }
     let secrets = secrets(&p.opts)?;
     let spec = p.one_file()?;
+    let opt_err = |e: blocklayer::options::OptionsError| usage(e.to_string());
     let v = keyval::parse_option(spec, None).map_err(|e| usage(format!("{spec}: {e}")))?;
-    let mut f = Fields::new(&v, "").map_err(|e| usage(e.to_string()))?;
-    let driver = f.string("driver").map_err(|e| usage(e.to_string()))?;
-    if driver.as_deref() != Some("luks") {
-        return Err(usage("amend works on driver=luks volumes"));
-    }
-    let key_secret = f.string("key-secret").map_err(|e| usage(e.to_string()))?;
-    let file_opts = f.object("file").map_err(|e| usage(e.to_string()))?;
-    let mut file_opts = file_opts.ok_or_else(|| usage("missing file.filename"))?;
-    let file = file_opts
-        .required_string("filename")
-        .map_err(|e| usage(e.to_string()))?;
-    let file = file.as_str();
-    let Some(key_secret) = key_secret else {
-        return Err(image_error(
-            file,
-            "Parameter 'key-secret' is required for cipher",
-        ));
+    let mut f = Fields::new(&v, "").map_err(opt_err)?;
+    let driver = f.string("driver").map_err(opt_err)?;
+    let qcow2 = match driver.as_deref() {
+        Some("luks") => false,
+        Some("qcow2") => true,
+        _ => return Err(usage("amend works on driver=luks and driver=qcow2 images")),
     };
-    let password = secrets
-        .lookup_utf8(&key_secret)
-        .map_err(|e| image_error(file, e))?;
+    let key_secret = if qcow2 {
+        match f.object("encrypt").map_err(opt_err)? {
+            Some(mut e) => {
+                let k = e.string("key-secret").map_err(opt_err)?;
+                e.string("format").map_err(opt_err)?;
+                k
+            }
+            None => None,
+        }
+    } else {
+        f.string("key-secret").map_err(opt_err)?
+    };
+    let file_opts = f.object("file").map_err(opt_err)?;
+    let mut file_opts = file_opts.ok_or_else(|| usage("missing file.filename"))?;
+    let file = file_opts.required_string("filename").map_err(opt_err)?;
+    let file = file.as_str();
 
     let mut map = Map::new();
     for (k, v) in p.opts.iter().filter(|(k, _)| k == "-o") {
@@ -231,60 +237,75 @@ pub(super) fn amend(args: &[String]) -> Result<()> {
         }
     }
     let mut o = Fields::from_map(map, "");
-    let opt_err = |e: blocklayer::options::OptionsError| usage(e.to_string());
-    let state = o
-        .enumeration(
-            "state",
-            &[
-                ("active", SlotState::Active),
-                ("inactive", SlotState::Inactive),
-            ],
-        )
-        .map_err(opt_err)?;
-    let state = state.ok_or_else(|| usage("-o state=active|inactive is required"))?;
-    let secret = |id: Option<String>| -> Result<Option<Vec<u8>>> {
-        id.map(|id| {
-            secrets
-                .lookup_utf8(&id)
-                .map(String::into_bytes)
-                .map_err(|e| image_error(file, e))
-        })
-        .transpose()
-    };
-    let keyslot = o.uint("keyslot").map_err(opt_err)?;
-    let amend = AmendOptions {
-        state,
-        keyslot: keyslot.map(|k| i64::try_from(k).unwrap_or(i64::MAX)),
-        old_password: secret(o.string("old-secret").map_err(opt_err)?)?,
-        new_password: secret(o.string("new-secret").map_err(opt_err)?)?,
-        iter_time_ms: o
-            .uint("iter-time")
+    let request = if qcow2 {
+        let mut e = o
+            .object("encrypt")
             .map_err(opt_err)?
-            .unwrap_or(blocklayer::drivers::luks::create::DEFAULT_ITER_TIME),
+            .ok_or_else(|| usage("-o encrypt.state=active|inactive is required"))?;
+        if let Some(format) = e.string("format").map_err(opt_err)? {
+            if format != "luks" {
+                return Err(image_error(
+                    file,
+                    "Amend can't be used to change the qcow2 encryption format",
+                ));
+            }
+        }
+        let r = AmendRequest::take_from(&mut e).map_err(opt_err)?;
+        e.finish().map_err(opt_err)?;
+        r
+    } else {
+        AmendRequest::take_from(&mut o).map_err(opt_err)?
     };
     o.finish().map_err(opt_err)?;
 
+    // Where the LUKS header is: the whole file, or the qcow2 crypto header area.
+    let (base, area) = if qcow2 {
+        let img = super::open_image(file, super::Access::Read, false)?;
+        img.info()
+            .crypto_header
+            .ok_or_else(|| image_error(file, "image is not encrypted, can't amend"))?
+    } else {
+        (0, 0)
+    };
+    let Some(key_secret) = key_secret else {
+        let name = if qcow2 {
+            "encrypt.key-secret"
+        } else {
+            "key-secret"
+        };
+        return Err(image_error(
+            file,
+            format!("Parameter '{name}' is required for cipher"),
+        ));
+    };
+    let (password, amend) = request
+        .resolve(&secrets, &key_secret)
+        .map_err(|e| image_error(file, e))?;
+    // qemu-img opens the image with its key before amending it, erasing included.
+    let password = match password {
+        Some(p) => p,
+        None => secrets
+            .lookup_utf8(&key_secret)
+            .map(String::into_bytes)
+            .map_err(|e| image_error(file, e))?,
+    };
     let fh = super::open_file(file, super::Access::Write)?;
     let len = fh.metadata().map_err(|e| image_error(file, e))?.len();
-    let read = |off: u64, n: usize| -> std::result::Result<Vec<u8>, blocklayer::BlockError> {
-        if off.saturating_add(n as u64) > len {
-            return Err(blocklayer::BlockError::Graph(format!(
-                "key material at {off}+{n} is past the end of the file ({len} bytes)"
-            )));
-        }
-        let mut b = vec![0u8; n];
-        fh.read_exact_at(&mut b, off)
-            .map_err(|e| blocklayer::BlockError::io("read", e))?;
-        Ok(b)
-    };
-    let head = read(0, HEADER_LEN.min(len as usize)).map_err(|e| image_error(file, e))?;
-    let mut vol =
-        Volume::open(&head, password.as_bytes(), read).map_err(|e| image_error(file, e))?;
-    let writes = keyslots::amend(&mut vol, &amend, p.has("--force"), read)
-        .map_err(|e| image_error(file, e))?;
-    for (off, bytes) in writes {
-        fh.write_all_at(&bytes, off)
-            .map_err(|e| image_error(file, e))?;
-    }
+    let area = if qcow2 { area } else { len };
+    let io_err = |what: &'static str| move |e| blocklayer::BlockError::io(what, e);
+    keyslots::amend_area(
+        area.min(len.saturating_sub(base)),
+        Some(&password),
+        &amend,
+        p.has("--force"),
+        |off, n| {
+            let mut b = vec![0u8; n];
+            fh.read_exact_at(&mut b, base + off)
+                .map_err(io_err("read"))?;
+            Ok(b)
+        },
+        |off, bytes| fh.write_all_at(bytes, base + off).map_err(io_err("write")),
+    )
+    .map_err(|e| image_error(file, e))?;
     fh.sync_all().map_err(|e| image_error(file, e))
 }

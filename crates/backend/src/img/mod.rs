@@ -67,6 +67,7 @@ Usage: vubd img create [-f qcow2|raw|luks] [--object secret,...] [-b BACKING [-F
                         | --merge SOURCE)... [-f qcow2] FILE BITMAP
        vubd img amend [--object secret,...]... [--force] --image-opts -o OPTIONS
                       'driver=luks,key-secret=ID,file.filename=FILE'
+                      | 'driver=qcow2,encrypt.key-secret=ID,file.filename=FILE'
 
   create -o takes qemu-img's qcow2 creation options (cluster_size, compat,
   lazy_refcounts, refcount_bits, extended_l2, backing_file, backing_fmt,
@@ -82,9 +83,10 @@ Usage: vubd img create [-f qcow2|raw|luks] [--object secret,...] [-b BACKING [-F
   convert copies what the guest sees of SRC (through its backing chain) to a new
   image DST (-O raw, the default, or qcow2), leaving zeroes unallocated; -c writes
   compressed qcow2 clusters; -o takes the options of create.
-  amend changes the key slots of a LUKS volume as qemu-img amend: -o state=active,
-  new-secret=ID[,keyslot=N][,iter-time=MS] adds one, -o state=inactive,keyslot=N
-  or old-secret=ID erases (--force: even the last one).
+  amend changes the key slots of a LUKS volume or an encrypted qcow2 as qemu-img
+  amend: -o state=active,new-secret=ID[,keyslot=N][,iter-time=MS][,secret=ID] adds
+  one, -o state=inactive,keyslot=N or old-secret=ID erases (--force: even the last
+  one, or over an active slot); for qcow2 the options are encrypt.state=... .
   bitmap changes the persistent dirty bitmap BITMAP of FILE, in the order given:
   --add creates it (enabled, granularity GRAN, default the cluster size, at least
   4 KiB), --merge ORs the bitmap SOURCE of FILE into it.

@@ -46,6 +46,12 @@ pub struct LuksDriver {
     file: Arc<Edge>,
     volume: Volume,
     payload: u64,
+    /// The secret the volume was opened with (it unlocks it again to amend it).
+    key_secret: String,
+    /// `format-specific` data: the header's info, changed by amending the key slots.
+    info: std::sync::Mutex<serde_json::Value>,
+    /// Held while the key slots are amended (one amendment at a time).
+    amending: std::sync::Mutex<()>,
 }
 
 /// Reads `len` bytes at `offset` of `node` (from the control thread).
@@ -77,6 +83,49 @@ pub(crate) fn unlock_at(node: &Arc<Node>, base: u64, area: u64, password: &[u8])
         read_bytes(node, base + off, len)
     })
     .map_err(|e| BlockError::Graph(e.to_string()))
+}
+
+/// Writes `bytes` at `offset` of `node` (from the control thread or a job's).
+fn write_bytes(node: &Arc<Node>, offset: u64, bytes: &[u8]) -> Result<()> {
+    let node = node.clone();
+    let mut buf = AlignedBuf::try_zeroed(bytes.len().max(1), 4096).ok_or_else(|| {
+        BlockError::io(
+            "luks header",
+            std::io::Error::from_raw_os_error(libc::ENOMEM),
+        )
+    })?;
+    buf.as_mut_slice()[..bytes.len()].copy_from_slice(bytes);
+    let iov = IoVec::from_buf(Arc::new(buf)).slice(0, bytes.len() as u64);
+    crate::aio::uring::block_on(async move { node.write(offset, iov, false).await })
+}
+
+/// Amends the key slots of the LUKS volume at `base..base + area` of `node` (QEMU's
+/// `x-blockdev-amend` of `luks` and of `qcow2`'s `encrypt`): the secrets of `request`
+/// are looked up in `secrets`, the volume unlocked with `request.secret` or
+/// `key_secret` (the secret the node was opened with); returns the new header info.
+pub(crate) fn amend_at(
+    node: &Arc<Node>,
+    base: u64,
+    area: u64,
+    key_secret: &str,
+    request: &keyslots::AmendRequest,
+    secrets: &crate::secret::Secrets,
+    force: bool,
+) -> Result<serde_json::Value> {
+    let (password, opts) = request
+        .resolve(secrets, key_secret)
+        .map_err(|e| BlockError::Graph(e.to_string()))?;
+    let info = keyslots::amend_area(
+        area,
+        password.as_deref(),
+        &opts,
+        force,
+        |off, len| read_bytes(node, base + off, len),
+        |off, bytes| write_bytes(node, base + off, bytes),
+    )?;
+    let n = node.clone();
+    crate::aio::uring::block_on(async move { n.flush().await })?;
+    Ok(info)
 }
 
 /// A bounce buffer of `len` bytes leased from this thread's budget (waits while
@@ -157,8 +206,9 @@ where
 }
 
 impl LuksDriver {
-    /// Unlocks the volume on `file` with `password` (QEMU's texts for every failure).
-    pub fn open(file: Arc<Edge>, password: &[u8]) -> Result<LuksDriver> {
+    /// Unlocks the volume on `file` with `password`, the data of secret `key_secret`
+    /// (QEMU's texts for every failure).
+    pub fn open(file: Arc<Edge>, key_secret: &str, password: &[u8]) -> Result<LuksDriver> {
         let node = file.node_arc();
         let size = node.size();
         let volume = unlock_at(&node, 0, size, password)?;
@@ -170,8 +220,11 @@ impl LuksDriver {
         }
         Ok(LuksDriver {
             file,
+            info: std::sync::Mutex::new(create::info_json(&volume)),
             volume,
             payload,
+            key_secret: key_secret.to_string(),
+            amending: std::sync::Mutex::new(()),
         })
     }
 }
@@ -208,6 +261,27 @@ impl Driver for LuksDriver {
         true
     }
 
+    fn amend_encryption(
+        &self,
+        request: &keyslots::AmendRequest,
+        secrets: &crate::secret::Secrets,
+        force: bool,
+    ) -> Result<()> {
+        let _one = self.amending.lock().unwrap_or_else(|e| e.into_inner());
+        let node = self.file.node_arc();
+        let info = amend_at(
+            &node,
+            0,
+            node.size(),
+            &self.key_secret,
+            request,
+            secrets,
+            force,
+        )?;
+        *self.info.lock().unwrap_or_else(|e| e.into_inner()) = info;
+        Ok(())
+    }
+
     fn truncate(&self, size: u64) -> Result<()> {
         let end = self
             .payload
@@ -227,7 +301,7 @@ impl Driver for LuksDriver {
     fn image_info_extra(&self) -> Option<serde_json::Value> {
         Some(serde_json::json!({
             "encrypted": true,
-            "format-specific": {"type": "luks", "data": create::info_json(&self.volume)},
+            "format-specific": {"type": "luks", "data": self.info.lock().unwrap_or_else(|e| e.into_inner()).clone()},
         }))
     }
 

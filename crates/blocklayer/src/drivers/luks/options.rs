@@ -59,7 +59,7 @@ impl DriverOptions for LuksOptions {
                 )));
             }
             let edge = ctx.edge("file", Role::File, &file);
-            LuksDriver::open(edge, password.as_bytes())
+            LuksDriver::open(edge, id, password.as_bytes())
         })();
         match opened {
             Ok(d) => Ok(Box::new(d)),

@@ -9,6 +9,7 @@
 //! itself uses the same cipher for the copy-on-write it does.
 
 use crate::drivers::luks::crypto::SectorCipher;
+use crate::drivers::luks::keyslots::AmendRequest;
 use crate::drivers::luks::volume::{CreateParams, Volume};
 use crate::drivers::luks::{self, create::LuksCreateOptions};
 use crate::error::{BlockError, Result};
@@ -16,7 +17,7 @@ use crate::node::Node;
 use crate::options::coerce::Fields;
 use crate::secret::Secrets;
 use serde_json::{json, Map, Value};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// The encryption sector.
 pub(super) const SECTOR: u64 = 512;
@@ -95,10 +96,36 @@ impl qcow::DataCipher for LuksCipher {
     }
 }
 
-/// An unlocked image: its cipher and its `format-specific` `encrypt` data.
+/// An unlocked image: its cipher, its `format-specific` `encrypt` data (changed by
+/// amending its key slots), and the secret it was opened with.
 pub struct Unlocked {
     pub cipher: Arc<LuksCipher>,
-    pub info: Value,
+    pub info: Mutex<Value>,
+    pub key_secret: String,
+    /// Where the LUKS header is (offset, length).
+    pub area: (u64, u64),
+    /// Held while the key slots are amended (one amendment at a time).
+    amending: Mutex<()>,
+}
+
+impl Unlocked {
+    /// Amends the key slots of the image's LUKS header in place, within its clusters
+    /// (QEMU's `qcow2_co_amend` with `encrypt`).
+    pub fn amend(
+        &self,
+        file: &Arc<Node>,
+        request: &AmendRequest,
+        secrets: &Secrets,
+        force: bool,
+    ) -> Result<()> {
+        let _one = self.amending.lock().unwrap_or_else(|e| e.into_inner());
+        let (offset, len) = self.area;
+        let mut info =
+            luks::amend_at(file, offset, len, &self.key_secret, request, secrets, force)?;
+        info["format"] = json!("luks");
+        *self.info.lock().unwrap_or_else(|e| e.into_inner()) = info;
+        Ok(())
+    }
 }
 
 /// QEMU's `QCryptoBlockInfo` of a LUKS header in a qcow2 image (`encrypt` in
@@ -147,7 +174,10 @@ pub fn unlock(
     let Volume { cipher, .. } = volume;
     Ok(Some(Unlocked {
         cipher: Arc::new(LuksCipher(cipher)),
-        info,
+        info: Mutex::new(info),
+        key_secret: id.clone(),
+        area: (offset, len),
+        amending: Mutex::new(()),
     }))
 }
 

@@ -733,7 +733,7 @@ impl Driver for Qcow2Driver {
             data["refcount-bits"] = info.refcount_bits.into();
         }
         if let Some(c) = &self.crypt {
-            data["encrypt"] = c.info.clone();
+            data["encrypt"] = c.info.lock().unwrap_or_else(|e| e.into_inner()).clone();
         }
         let mut extra = serde_json::json!({
             "cluster-size": info.cluster_size,
@@ -931,6 +931,20 @@ impl Driver for Qcow2Driver {
 
     fn is_encrypted(&self) -> bool {
         self.crypt.is_some()
+    }
+
+    fn amend_encryption(
+        &self,
+        request: &luks::keyslots::AmendRequest,
+        secrets: &crate::secret::Secrets,
+        force: bool,
+    ) -> Result<()> {
+        let Some(c) = &self.crypt else {
+            return Err(BlockError::Graph(
+                "image is not encrypted, can't amend".into(),
+            ));
+        };
+        c.amend(&self.file, request, secrets, force)
     }
 
     /// Encrypted data goes by whole sectors, as QEMU's `request_alignment` says.
