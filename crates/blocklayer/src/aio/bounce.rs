@@ -39,8 +39,26 @@ pub struct Budget {
     state: Mutex<State>,
 }
 
+/// Bytes of spare buffers kept per thread for reuse (see [`recycle`]), at most.
+const SPARE_BYTES: usize = 1 << 20;
+
 thread_local! {
     static BUDGET: RefCell<Option<Arc<Budget>>> = const { RefCell::new(None) };
+    static SPARE: RefCell<Vec<AlignedBuf>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Keeps `buf` for reuse by [`Lease::alloc_reused`] on this thread, or drops it if
+/// the thread's spares already hold [`SPARE_BYTES`]. Reuse spares the zeroing of a
+/// fresh buffer: a pass over its memory, as costly as a cipher pass for encrypted
+/// requests that overwrite the whole buffer anyway.
+pub fn recycle(buf: AlignedBuf) {
+    SPARE.with(|s| {
+        let mut s = s.borrow_mut();
+        let held: usize = s.iter().map(AlignedBuf::len).sum();
+        if held + buf.len() <= SPARE_BYTES {
+            s.push(buf);
+        }
+    })
 }
 
 impl Budget {
@@ -121,6 +139,21 @@ impl Lease {
     pub fn alloc(&self, len: usize, align: usize) -> Option<AlignedBuf> {
         debug_assert!(len <= self.len);
         AlignedBuf::try_zeroed(len, align)
+    }
+
+    /// Like [`Lease::alloc`], but the buffer may be a spare one given back with
+    /// [`recycle`] on this thread, holding the bytes of an earlier request: for callers
+    /// that overwrite all of it before reading it.
+    pub fn alloc_reused(&self, len: usize, align: usize) -> Option<AlignedBuf> {
+        debug_assert!(len <= self.len);
+        let spare = SPARE.with(|s| {
+            let mut s = s.borrow_mut();
+            let i = s.iter().position(|b| {
+                b.len() == len && (b.as_slice().as_ptr() as usize).is_multiple_of(align.max(1))
+            })?;
+            Some(s.swap_remove(i))
+        });
+        spare.or_else(|| self.alloc(len, align))
     }
 }
 

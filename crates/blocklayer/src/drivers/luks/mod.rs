@@ -3,12 +3,13 @@
 //! with `crypto/block-luks.c`.
 //!
 //! Data path: requests run on the iothread that submits them. A read goes into a
-//! bounce buffer leased from the thread's bounded budget, is decrypted there and
-//! copied to the caller's memory; a write copies the caller's data into a bounce
-//! buffer and encrypts it there before writing it. Guest memory never holds
-//! ciphertext, and the budget bounds the memory encryption takes per thread.
+//! bounce buffer leased from the thread's bounded budget and is decrypted there, the
+//! cipher's last pass writing the plaintext to the caller's memory; a write is
+//! encrypted from the caller's memory into a bounce buffer (read once) and written
+//! from there. Guest memory never holds ciphertext, and the budget bounds the memory
+//! encryption takes per thread.
 
-use crate::aio::bounce::{Budget, Lease};
+use crate::aio::bounce::{recycle, Budget, Lease};
 use crate::aio::iovec::{AlignedBuf, IoVec};
 use crate::aio::LocalBoxFuture;
 use crate::driver::Driver;
@@ -129,10 +130,11 @@ pub(crate) fn amend_at(
 }
 
 /// A bounce buffer of `len` bytes leased from this thread's budget (waits while
-/// the budget is spent), for data on its way through the cipher.
+/// the budget is spent), for data on its way through the cipher; possibly a recycled
+/// one with an earlier request's bytes, which the caller overwrites.
 async fn bounce(len: u64) -> Result<(AlignedBuf, Lease)> {
     let lease = Budget::current().lease(len as usize).await;
-    let buf = lease.alloc(len as usize, 4096).ok_or_else(|| {
+    let buf = lease.alloc_reused(len as usize, 4096).ok_or_else(|| {
         BlockError::io(
             "encryption bounce",
             std::io::Error::from_raw_os_error(libc::ENOMEM),
@@ -149,9 +151,19 @@ fn crypt_error(e: crypto::CryptoError) -> BlockError {
     )
 }
 
+/// Whether every segment of `part` is a whole number of sectors (the usual case:
+/// guests hand over pages or sectors), so that the cipher can run segment by segment.
+fn whole_sectors(part: &IoVec) -> bool {
+    part.segments()
+        .iter()
+        .all(|s| s.iov_len.is_multiple_of(SECTOR as usize))
+}
+
 /// Reads `iov.len()` bytes of `node` at `at` and decrypts them into `iov` (the first
-/// sector's number `sector`), piece by piece through bounce buffers: the caller's
-/// memory never holds ciphertext.
+/// sector's number `sector`), piece by piece through bounce buffers: the ciphertext
+/// is read into the bounce buffer and decrypted there, and only the plaintext reaches
+/// the caller's memory (written by the cipher's last pass where the segments are whole
+/// sectors, else copied).
 pub(crate) async fn read_decrypted(
     node: &Node,
     at: u64,
@@ -169,17 +181,38 @@ pub(crate) async fn read_decrypted(
         let bytes = Arc::get_mut(&mut buf)
             .ok_or_else(|| BlockError::Graph("encryption bounce buffer still in use".into()))?
             .as_mut_slice();
-        cipher
-            .decrypt(sector + pos / SECTOR, bytes)
-            .map_err(crypt_error)?;
-        iov.copy_from_slice(pos, bytes);
+        let part = iov.slice(pos, n);
+        let first = sector + pos / SECTOR;
+        if whole_sectors(&part) {
+            let mut off = 0;
+            for s in part.segments() {
+                let len = s.iov_len;
+                // SAFETY: the segment is valid for writes of `iov_len` bytes while
+                // `part` (its keepalive) lives, and is the caller's memory, distinct
+                // from the bounce buffer; the slice lives for this one call. Guest
+                // memory may change concurrently: like a DMA device we overwrite it.
+                let seg = unsafe { std::slice::from_raw_parts_mut(s.iov_base as *mut u8, len) };
+                cipher
+                    .decrypt_to(first + off as u64 / SECTOR, &mut bytes[off..off + len], seg)
+                    .map_err(crypt_error)?;
+                off += len;
+            }
+        } else {
+            cipher.decrypt(first, bytes).map_err(crypt_error)?;
+            part.copy_from_slice(0, bytes);
+        }
+        if let Ok(buf) = Arc::try_unwrap(buf) {
+            recycle(buf);
+        }
         pos += n;
     }
     Ok(())
 }
 
-/// Encrypts `iov` (the first sector's number `sector`) piece by piece in bounce
-/// buffers, and hands each piece to `write` with its offset in `iov`.
+/// Encrypts `iov` (the first sector's number `sector`) piece by piece into bounce
+/// buffers (the cipher reads the caller's memory once, where its segments are whole
+/// sectors, else it is copied first), and hands each piece to `write` with its offset
+/// in `iov`.
 pub(crate) async fn write_encrypted<F, Fut>(
     sector: u64,
     cipher: &crypto::SectorCipher,
@@ -195,11 +228,31 @@ where
         let n = (iov.len() - pos).min(CHUNK);
         let (mut buf, _lease) = bounce(n).await?;
         let bytes = buf.as_mut_slice();
-        iov.copy_to_slice(pos, bytes);
-        cipher
-            .encrypt(sector + pos / SECTOR, bytes)
-            .map_err(crypt_error)?;
-        write(pos, IoVec::from_buf(Arc::new(buf))).await?;
+        let part = iov.slice(pos, n);
+        let first = sector + pos / SECTOR;
+        if whole_sectors(&part) {
+            let mut off = 0;
+            for s in part.segments() {
+                let len = s.iov_len;
+                // SAFETY: the segment is valid for reads of `iov_len` bytes while `part`
+                // (its keepalive) lives, and is distinct from the bounce buffer; the
+                // cipher reads each byte once, so concurrent guest changes only change
+                // what is written, as with a DMA device.
+                let seg = unsafe { std::slice::from_raw_parts(s.iov_base as *const u8, len) };
+                cipher
+                    .encrypt_to(first + off as u64 / SECTOR, seg, &mut bytes[off..off + len])
+                    .map_err(crypt_error)?;
+                off += len;
+            }
+        } else {
+            part.copy_to_slice(0, bytes);
+            cipher.encrypt(first, bytes).map_err(crypt_error)?;
+        }
+        let buf = Arc::new(buf);
+        write(pos, IoVec::from_buf(buf.clone())).await?;
+        if let Ok(buf) = Arc::try_unwrap(buf) {
+            recycle(buf);
+        }
         pos += n;
     }
     Ok(())
