@@ -88,6 +88,7 @@ fn migration_under_fio() {
     let mut g = Guest::boot(
         &GuestOpts::new(name)
             .cpus(2)
+            .single_thread_tcg()
             .mem_mib(384)
             .console_socket()
             .disk(&src, 2),
