@@ -29,8 +29,9 @@ pub struct VringState {
     /// Started by SET_VRING_KICK and stopped by GET_VRING_BASE.
     started: bool,
     mem: GuestMemoryAtomic<Memory>,
-    /// Used elements added since the last [`VringState::needs_notification`] (what
-    /// virtio-queue's `num_added` is for its own `add_used`).
+    /// Used elements added (by [`VringState::add_used_in`]) since the last
+    /// [`VringState::needs_notification`], as virtio-queue's `num_added` for its own
+    /// `add_used`.
     added: u16,
 }
 
@@ -97,13 +98,8 @@ impl VringState {
         }
     }
 
-    pub fn add_used(&mut self, head: u16, len: u32) -> Result<(), QueueError> {
-        let mem = self.mem.memory();
-        self.add_used_in(&mem, head, len)
-    }
-
-    /// [`VringState::add_used`] with a memory table the caller loaded (once for a
-    /// batch): the current one, as the ring's state is only valid in it.
+    /// Adds a used element, in a memory table the caller loaded (once for a batch):
+    /// the current one, as the ring's state is only valid in it.
     ///
     /// Virtio 1.2, 2.7.8: the element goes to the used ring's next slot, then the
     /// index moves past it with release semantics, so a driver that sees the index
