@@ -6,7 +6,7 @@
 
 use crate::options;
 use crate::options::coerce::Fields;
-use aes::cipher::{block_padding::NoPadding, BlockDecryptMut, KeyIvInit};
+use aes::cipher::{BlockModeDecrypt, KeyIvInit};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -275,8 +275,11 @@ impl Secrets {
         }
         cbc::Decryptor::<aes::Aes256>::new_from_slices(&key.0, &iv)
             .map_err(|_| SecretError::KeyLength)?
-            .decrypt_padded_mut::<NoPadding>(&mut buf)
-            .map_err(|_| SecretError::BlockSize(len))?;
+            .decrypt_blocks_inout(
+                aes::cipher::inout::InOutBuf::from(&mut buf[..])
+                    .into_chunks::<aes::cipher::consts::U16>()
+                    .0,
+            );
         let pad = buf[buf.len() - 1];
         if pad > 16 || pad as usize > buf.len() {
             return Err(SecretError::Padding(pad));
@@ -398,13 +401,13 @@ mod tests {
     /// with a 32-byte key and a 16-byte IV, PKCS#7 padding), decrypted back.
     #[test]
     fn encrypted_secret() {
-        use aes::cipher::{block_padding::Pkcs7, BlockEncryptMut};
+        use aes::cipher::{block_padding::Pkcs7, BlockModeEncrypt};
         let key = [7u8; 32];
         let iv = [9u8; 16];
         let mut buf = [0u8; 32];
         let ct = cbc::Encryptor::<aes::Aes256>::new_from_slices(&key, &iv)
             .unwrap()
-            .encrypt_padded_b2b_mut::<Pkcs7>(b"letmein", &mut buf)
+            .encrypt_padded_b2b::<Pkcs7>(b"letmein", &mut buf)
             .unwrap()
             .to_vec();
         let s = Secrets::default();

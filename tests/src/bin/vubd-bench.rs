@@ -237,9 +237,13 @@ impl Backend {
             Backend::Qcow2Chain => one_queue && !w.write && w.qd == 32,
             // The cases: 4k random and 64k sequential at qd32, one queue.
             Backend::Rbd => one_queue && w.qd == 32 && (rand4k || (!w.random && w.bs == 65536)),
-            // The cases: 4k random reads and writes, 64k sequential.
+            // The cases: 4k random reads and writes, 64k sequential; and the
+            // 64k rows on 4 queues over 2 iothreads, where the cipher runs on both cores.
             Backend::Luks | Backend::Qcow2Luks => {
-                one_queue && w.qd == 32 && (rand4k || (!w.random && w.bs == 65536))
+                let seq64k = !w.random && w.bs == 65536;
+                w.qd == 32
+                    && ((one_queue && (rand4k || seq64k))
+                        || (full_mq && seq64k && self == Backend::Luks))
             }
         }
     }
