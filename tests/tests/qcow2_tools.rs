@@ -787,3 +787,30 @@ fn img_check_repairs_an_image_left_by_a_killed_daemon() {
     let at = (3 * BLOCK) as usize;
     assert_same_data("after the repair", &got[at..at + data.len()], &data);
 }
+
+/// `vubd img info IMG | head` and the like: output into a pipe whose reader has gone
+/// ends the tool by SIGPIPE, as qemu-img ends, not with a panic message.
+#[test]
+fn img_into_a_closed_pipe_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = TempDir::new("vubd-img-pipe");
+    let img = dir.join("a.qcow2");
+    qemu_img(&["create", "-f", "qcow2", s(&img), "64M"]);
+    for cmd in ["info", "map"] {
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(reader);
+        let out = Command::new(vubd_tests::vubd_bin())
+            .args(["img", cmd, s(&img)])
+            .stdout(writer)
+            .output()
+            .expect("run vubd img");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "vubd img {cmd}: {err}");
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGPIPE),
+            "vubd img {cmd}: {:?}, {err}",
+            out.status
+        );
+    }
+}

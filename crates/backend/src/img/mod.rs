@@ -98,6 +98,11 @@ fn usage(msg: impl Into<String>) -> ImgError {
 
 /// Runs `vubd img ARGS`; returns the process exit status.
 pub fn main(args: &[String]) -> Result<u8> {
+    // A command-line tool whose output goes into a pipe that closes (`vubd img map
+    // ... | head`) ends quietly, as qemu-img does, instead of panicking in print!:
+    // Rust ignores SIGPIPE by default, the daemon needs that, this tool does not.
+    // SAFETY: restoring a signal's default disposition, before any thread starts.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let Some((cmd, rest)) = args.split_first() else {
         return Err(usage("missing command"));
     };
