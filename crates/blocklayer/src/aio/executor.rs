@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll, RawWaker, RawWakerVTable, Waker};
 
-type Task = Pin<Box<dyn Future<Output = ()>>>;
+use super::task_box::TaskBox as Task;
 
 #[derive(Default)]
 struct Executor {
@@ -217,17 +217,18 @@ pub fn spawn(fut: impl Future<Output = ()> + 'static) {
 /// is about 2 KiB) on the stack and copies all of it.
 #[inline(always)]
 pub fn spawn_with<F: Future<Output = ()> + 'static>(make: impl FnOnce() -> F) {
-    let mut block = Box::<F>::new_uninit();
-    block.write(make());
-    // SAFETY: `write` initialised the block.
-    let task = unsafe { block.assume_init() };
-    spawn_boxed(Box::into_pin(task));
+    push(Task::new(make));
 }
 
 /// Spawns a task already on the heap. Large futures are best built straight into
 /// their box by the caller (`spawn_boxed(Box::pin(f(args)))`): moving one into
 /// [`spawn`] copies all of it, whatever state it is in.
 pub fn spawn_boxed(task: Pin<Box<dyn Future<Output = ()>>>) {
+    push(Task::from_box(task));
+}
+
+/// Queues a new task as ready.
+fn push(task: Task) {
     EXECUTOR.with(|e| {
         let mut e = e.borrow_mut();
         let id = match e.free.pop() {
@@ -268,7 +269,7 @@ pub fn run_ready() -> usize {
         polls += 1;
         let waker = waker_for(id);
         let mut cx = Context::from_waker(&waker);
-        let done = task.as_mut().poll(&mut cx).is_ready();
+        let done = task.poll(&mut cx).is_ready();
         EXECUTOR.with(|e| {
             let mut e = e.borrow_mut();
             if done {

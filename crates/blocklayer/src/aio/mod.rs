@@ -7,6 +7,7 @@ pub mod clock;
 pub mod executor;
 pub mod iovec;
 pub mod poll;
+pub mod task_box;
 pub mod uring;
 
 use std::future::Future;
