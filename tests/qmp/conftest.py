@@ -760,6 +760,22 @@ class IoProc:
             self.proc.communicate()
 
 
+def wait_image_unlocked(img: Path, timeout: float = 10) -> None:
+    """Waits until no process holds QEMU's image locks on ``img``: after a SIGKILL
+    the kernel tears a dead daemon's io_uring down asynchronously, and the files its
+    requests referenced (with their OFD locks) are closed a moment after the process
+    was reaped. ``qemu-img info`` without ``-U`` fails on a locked image."""
+    deadline = time.monotonic() + timeout
+    while True:
+        r = subprocess.run(["qemu-img", "info", "-f", "raw", str(img)],
+                           capture_output=True, text=True)
+        if r.returncode == 0:
+            return
+        assert "lock" in r.stderr, f"qemu-img info {img}: {r.stderr}"
+        assert time.monotonic() < deadline, f"{img} still locked after {timeout}s: {r.stderr}"
+        time.sleep(0.05)
+
+
 @pytest.fixture
 def io_procs():
     """Background vubd-io processes to be killed at teardown if still running."""

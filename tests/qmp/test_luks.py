@@ -15,7 +15,8 @@ from cryptography.hazmat.primitives import padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from chains import JobEvents, pattern, run, write_raw
-from conftest import MIB, IoProc, error, execute, export_args, io_ok, vubd_bin
+from conftest import (MIB, IoProc, error, execute, export_args, io_ok, vubd_bin,
+                      wait_image_unlocked)
 
 PASSWORD = "s3cr3t"
 
@@ -387,6 +388,7 @@ async def test_luks_sigkill_during_writes(start_daemon, tmp, io_procs):
     d.proc.wait()
     d.expect_exit = True
     io.kill()
+    wait_image_unlocked(img)
     # The stress region is whatever it is; the rest decrypts to what was written.
     assert read_luks(img, tmp)[3 * MIB:] == pattern(21, 3 * MIB, MIB)
     run("qemu-io", "--object", secret_object(), "--image-opts", luks_opts(img),

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from chains import JobEvents, pattern, run, write_raw
-from conftest import MIB, IoProc, error, execute, export_args, io_ok, vubd_bin
+from conftest import (MIB, IoProc, error, execute, export_args, io_ok, vubd_bin,
+                      wait_image_unlocked)
 from test_luks import COMBOS, PASSWORD, combo_opts, qemu_img_luks, secret_object, shut_down
 
 OTHER = "0th3r"
@@ -291,6 +292,7 @@ async def test_qcow2_luks_sigkill_during_writes(start_daemon, tmp, io_procs):
     d.proc.wait()
     d.expect_exit = True
     io.kill()
+    wait_image_unlocked(img)
     r = check_q(img)
     assert r.returncode in (0, 3), r.stdout + r.stderr
     out = tmp / "read.raw"
