@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Benchmark vubd against qemu-storage-daemon through libblkio (see tests/src/bin/vubd-bench.rs).
 # Builds the release binaries, then runs vubd-bench with the arguments given, e.g.
-#   scripts/bench.sh                  # everything, about 25 minutes on 2 vCPUs
+#   scripts/bench.sh                  # everything, about 32 minutes on 2 vCPUs
 #   scripts/bench.sh --quick          # 1 s runs
 #   scripts/bench.sh --runtime 5 --reps 5 --filter null-co
 #   scripts/bench.sh --poll-max-ns 0 --filter randread-4k-qd1

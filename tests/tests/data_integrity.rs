@@ -1,11 +1,12 @@
 //! Data written through the export reads back identical, through the export and in the
 //! host image file; single queue, several queues on several iothreads with concurrent
-//! threads, FUA, flush, O_DIRECT.
+//! threads, FUA, flush, O_DIRECT, large requests at depth, buffers spanning two guest
+//! memory regions.
 
 use blkio::ReqFlags;
 use vubd_tests::{
-    assert_same_data, exercise, exercise_queues, simple_file_export, verify_all, Client, Daemon,
-    DaemonArgs, ExerciseOpts, Rng, TempDir, TempImage, MIB,
+    assert_same_data, exercise, exercise_queues, simple_file_export, verify_all, Client,
+    ClientOptions, Daemon, DaemonArgs, ExerciseOpts, Rng, TempDir, TempImage, MIB,
 };
 
 /// Options for `exercise` honouring the device limits libblkio reports.
@@ -185,4 +186,144 @@ fn large_multi_segment_requests() {
     assert_same_data("large readv", &got, &data);
     client.q().flush().expect("flush");
     assert_same_data("file", &img.read_at(MIB, total), &data);
+}
+
+/// Large requests at depth (up to 1 MiB, 8 in flight per queue, 2 queues on 2
+/// iothreads) read back and land in the file: on a memory-backed file, where reads of
+/// 64 KiB or more alternate between the iothread and io_uring's workers; on a disk
+/// file through io_uring; and with O_DIRECT, where the kernel pins the guest's pages.
+#[test]
+fn large_requests_at_depth_on_memory_disk_and_direct_files() {
+    let mut rng = Rng::new("large_requests_at_depth_on_memory_disk_and_direct_files");
+    let dir = TempDir::new("vubd-t");
+    let size = 32 * MIB;
+    for (where_, parent, extra) in [
+        ("/dev/shm", std::path::Path::new("/dev/shm"), ""),
+        ("disk", dir.path(), ""),
+        ("disk, cache.direct=on", dir.path(), ",cache.direct=on"),
+    ] {
+        let img = TempImage::new_in(parent, size);
+        let mut shadow = rng.bytes(size as usize);
+        img.write_at(0, &shadow);
+        let sock = dir.join(&format!("vubd-{}.sock", rng.next_u64()));
+        let args = DaemonArgs::new()
+            .iothread("io0")
+            .iothread("io1")
+            .file_raw("disk0", &img, extra, "")
+            .vhost_user_blk(
+                "disk0",
+                &sock,
+                ",writable=on,num-queues=2,iothread.0=io0,iothread.1=io1",
+            )
+            .build();
+        let daemon = Daemon::start(&args);
+        let copts = ClientOptions {
+            num_queues: 2,
+            buf_per_queue: 16 << 20,
+            ..Default::default()
+        };
+        let mut client = Client::connect_with(daemon.socket(), &copts).expect("connect");
+        let max_transfer = client.prop_i32("max-transfer");
+        let mut o = opts_for(&client, 25);
+        o.max_len = if max_transfer > 0 {
+            (max_transfer as u64).min(MIB)
+        } else {
+            MIB
+        };
+        o.max_segs = o.max_segs.min(4);
+        o.max_batch = 8;
+        let seeds: Vec<u64> = (0..2).map(|_| rng.next_u64()).collect();
+        exercise_queues(client.queues_mut(), &mut shadow, &o, &seeds);
+        verify_all(client.q(), 0, &shadow, &format!("read back ({where_})"));
+        client.q().flush().expect("flush");
+        assert_same_data(&format!("host file ({where_})"), &img.read_all(), &shadow);
+    }
+}
+
+/// Data buffers that span two guest memory regions, adjacent in guest physical memory
+/// but mapped separately (a raw vhost-user frontend with regions at 1 MiB and 17 MiB):
+/// writes and reads of 64 KiB to 1 MiB across the boundary, each read done twice (on a
+/// memory-backed file every other large read runs on an io_uring worker), on /dev/shm
+/// and with O_DIRECT on a disk file.
+#[test]
+fn buffers_spanning_two_memory_regions() {
+    use std::time::Duration;
+    use vubd_tests::hostile::{Dev, DevOpts};
+    use vubd_tests::raw::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
+    use vubd_tests::vu_frontend::Desc;
+
+    const BOUNDARY: u64 = 17 * MIB;
+    let mut rng = Rng::new("buffers_spanning_two_memory_regions");
+    let dir = TempDir::new("vubd-t");
+    let size = 16 * MIB;
+    for (where_, parent, extra) in [
+        ("/dev/shm", std::path::Path::new("/dev/shm"), ""),
+        ("disk, cache.direct=on", dir.path(), ",cache.direct=on"),
+    ] {
+        let img = TempImage::new_in(parent, size);
+        let mut shadow = rng.bytes(size as usize);
+        img.write_at(0, &shadow);
+        let sock = dir.join(&format!("vubd-{}.sock", rng.next_u64()));
+        let daemon = Daemon::start(&simple_file_export(&img, &sock, 1, extra, ""));
+        let opts = DevOpts {
+            regions: vec![(MIB, 16 * MIB), (BOUNDARY, 16 * MIB)],
+            ..DevOpts::default()
+        };
+        let mut dev = Dev::connect(daemon.socket(), &opts).expect("vhost-user handshake");
+        // Guest memory written or read in the two parts on either side of the boundary.
+        let put = |dev: &Dev, gpa: u64, data: &[u8]| {
+            let first = (BOUNDARY - gpa) as usize;
+            dev.mem().write(gpa, &data[..first]);
+            dev.mem().write(BOUNDARY, &data[first..]);
+        };
+        let get = |dev: &Dev, gpa: u64, len: usize| {
+            let first = (BOUNDARY - gpa) as usize;
+            let mut v = dev.mem().read(gpa, first);
+            v.extend(dev.mem().read(BOUNDARY, len - first));
+            v
+        };
+        let run = |dev: &mut Dev, kind: u32, sector: u64, gpa: u64, len: u32| {
+            let h = dev.header(kind, sector);
+            let s = dev.status();
+            let data = if kind == VIRTIO_BLK_T_IN {
+                Desc::writable(gpa, len)
+            } else {
+                Desc::readable(gpa, len)
+            };
+            let head = dev.submit_chain(&[Desc::readable(h, 16), data, Desc::writable(s, 1)]);
+            let (_, st) = dev
+                .wait(head, s, Duration::from_secs(10))
+                .unwrap_or_else(|| panic!("{where_}: request of {len} bytes did not complete"));
+            assert_eq!(
+                st, VIRTIO_BLK_S_OK,
+                "{where_}: status of {len} bytes at {gpa:#x}"
+            );
+        };
+        for (i, len) in [64 << 10, 256 << 10, 1 << 20, 192 << 10]
+            .into_iter()
+            .enumerate()
+        {
+            let len: u32 = len;
+            // The buffer starts below the boundary by a different share each time.
+            let below = (u64::from(len) / (i as u64 + 2)).next_multiple_of(4096);
+            let gpa = BOUNDARY - below;
+            let off = (i as u64 * 3 + 1) * MIB + 4096;
+            let data = rng.bytes(len as usize);
+            put(&dev, gpa, &data);
+            run(&mut dev, VIRTIO_BLK_T_OUT, off / 512, gpa, len);
+            shadow[off as usize..off as usize + len as usize].copy_from_slice(&data);
+            for round in 0..2 {
+                let rgpa = BOUNDARY - (below / 2).next_multiple_of(4096);
+                put(&dev, rgpa, &vec![0x5A; len as usize]);
+                run(&mut dev, VIRTIO_BLK_T_IN, off / 512, rgpa, len);
+                assert_same_data(
+                    &format!("{where_}: read {round} of {len} bytes across the boundary"),
+                    &get(&dev, rgpa, len as usize),
+                    &data,
+                );
+            }
+        }
+        drop(dev);
+        assert_same_data(&format!("host file ({where_})"), &img.read_all(), &shadow);
+    }
 }
