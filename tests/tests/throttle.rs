@@ -4,10 +4,11 @@
 //! keep completing while a write storm is throttled, and a drained section lets
 //! queued requests go.
 //!
-//! Rates are counted over windows of a couple of seconds and checked with wide
+//! Most rates are counted over windows of a couple of seconds and checked with wide
 //! bounds that still fail when throttling does not happen (too many completions) or
 //! stalls (too few): the leaky bucket lets the average plus its burst (a tenth of a
-//! second's worth) through.
+//! second's worth) through. One test holds the limits to 5% over 10 s, bursts
+//! included, as the issue asks.
 
 use serde_json::json;
 use std::path::Path;
@@ -165,6 +166,93 @@ fn a_group_shared_across_iothreads_holds_its_limit_and_takes_new_limits_live() {
         done as f64 > 4.0 * 50.0 * t.as_secs_f64(),
         "unlimited: only {done} requests in {t:?}"
     );
+}
+
+/// Two frontends on two iothreads, both at `bs`-byte reads for `window`: the requests
+/// they completed together and the time from the first start to the last end.
+fn both_for(socks: [&Path; 2], window: Duration, bs: usize) -> (u64, Duration) {
+    let start = Instant::now();
+    let done: u64 = std::thread::scope(|s| {
+        let h: Vec<_> = socks
+            .into_iter()
+            .map(|sock| {
+                s.spawn(move || {
+                    let mut c = Client::connect(sock, 1);
+                    run_bs(c.q(), window, false, bs).0
+                })
+            })
+            .collect();
+        h.into_iter().map(|h| h.join().expect("frontend")).sum()
+    });
+    (done, start.elapsed())
+}
+
+/// The issue's accuracy test: over 10 s, two exports on two iothreads sharing one
+/// group get what QEMU's leaky bucket lets through within 5%: the average times the
+/// time plus the bucket (a tenth of a second's worth without a burst rate; with one,
+/// `max * max-length` units, taken at the burst rate first). Limits of 500 IOPS with a
+/// burst of 1000 IOPS for 2 s, 500 IOPS, 5000 IOPS and 20 MB/s.
+#[test]
+fn limits_hold_within_5_percent_over_10_seconds() {
+    let dir = TempDir::new("throttle");
+    let (a, b) = (image(&dir, "a.img"), image(&dir, "b.img"));
+    let (sa, sb, mon) = (dir.join("a.sock"), dir.join("b.sock"), dir.join("qmp.sock"));
+    let args = DaemonArgs::new()
+        .monitor(&mon)
+        .iothread("io0")
+        .iothread("io1")
+        .object(
+            "throttle-group,id=tg0,x-iops-total=500,x-iops-total-max=1000,\
+             x-iops-total-max-length=2",
+        );
+    let args = export(args, "ta", &a, &sa, "io0");
+    let args = export(args, "tb", &b, &sb, "io1");
+    let _daemon = Daemon::start(&args.build());
+    let mut qmp = Qmp::connect(&mon);
+    let window = Duration::from_secs(10);
+    let check = |what: &str, done: u64, t: Duration, per_sec: f64, bucket: f64| {
+        let want = per_sec * t.as_secs_f64() + bucket;
+        let ratio = done as f64 / want;
+        eprintln!("{what}: {done} requests in {t:.2?}, {want:.0} expected ({ratio:.3}x)");
+        assert!(
+            (0.95..=1.05).contains(&ratio),
+            "{what}: {done} requests in {t:.2?}, not within 5% of {want:.0}"
+        );
+    };
+    // The group is fresh: its bucket takes 2000 requests (1000 IOPS for 2 s) at up to
+    // 1000 IOPS, on top of 500 IOPS.
+    let (done, t) = both_for([&sa, &sb], window, BLOCK);
+    check(
+        "500 IOPS, bursts of 1000 IOPS for 2 s",
+        done,
+        t,
+        500.0,
+        2000.0,
+    );
+    for (what, limits, bs, per_sec) in [
+        // `limits` changes only the members given (as in QEMU): the burst goes.
+        (
+            "500 IOPS",
+            json!({"iops-total": 500, "iops-total-max": 0, "iops-total-max-length": 1}),
+            BLOCK,
+            500.0,
+        ),
+        ("5000 IOPS", json!({"iops-total": 5000}), BLOCK, 5000.0),
+        (
+            "20 MB/s",
+            json!({"bps-total": 20_000_000}),
+            65536,
+            20e6 / 65536.0,
+        ),
+    ] {
+        // New limits empty the buckets (as QEMU's throttle_config does).
+        qmp.ok(
+            "qom-set",
+            json!({"path": "/objects/tg0", "property": "limits", "value": limits}),
+        );
+        let (done, t) = both_for([&sa, &sb], window, bs);
+        check(what, done, t, per_sec, per_sec / 10.0);
+    }
 }
 
 #[test]
