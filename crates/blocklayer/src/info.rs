@@ -1,11 +1,12 @@
 //! What the block layer reports of its nodes, typed: QEMU's `BlockDeviceInfo`
 //! (`query-named-block-nodes`), `ImageInfo` and `BlockDirtyInfo`, serialised with
 //! QEMU's member names and in QEMU's order. The driver-specific members of
-//! `ImageInfo` (`format-specific`, `cluster-size`, ...) stay JSON: each driver
-//! gives its own ([`crate::driver::Driver::image_info_extra`]).
+//! `ImageInfo` (`format-specific`, `cluster-size`, ...) each driver gives
+//! ([`crate::driver::Driver::image_info`], [`crate::format_info`]).
 
+use crate::format_info::DriverImageInfo;
 use serde::Serialize;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 /// QEMU's `BlockDeviceInfo`.
 #[derive(Debug, Clone, Serialize)]
@@ -57,7 +58,7 @@ pub struct ImageInfo {
     /// The driver's own members (`cluster-size`, `encrypted`, `format-specific`,
     /// `backing-filename`, ...).
     #[serde(flatten)]
-    pub driver: Map<String, Value>,
+    pub driver: DriverImageInfo,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub full_backing_filename: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -13,11 +13,13 @@ use crate::qmp::wire::QmpResult;
 use blocklayer::aio::uring::block_on;
 use blocklayer::backend::BlockBackend;
 use blocklayer::edge::Parent;
+use blocklayer::info::BlockDeviceInfo;
 use blocklayer::options::BlockdevOptions;
 use blocklayer::perm::Perm;
+use blocklayer::stats::{BlockDeviceStats, BlockStats};
 use blocklayer::{Graph, Node};
 pub use error::ControlError;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, Sender};
@@ -363,58 +365,51 @@ impl Control {
         Ok(())
     }
 
-    pub fn query_named_block_nodes(&self, flat: bool) -> Value {
-        blocklayer::info::to_json(&self.graph.query_named_block_nodes(flat))
+    pub fn query_named_block_nodes(&self, flat: bool) -> Vec<BlockDeviceInfo> {
+        self.graph.query_named_block_nodes(flat)
     }
 
     /// QEMU's `BlockStats` of a node, with its `file` child as `parent` and its
     /// `backing` child as `backing`.
-    fn node_stats(node: &Node, stats: Value, with_name: bool) -> Value {
-        let mut m = Map::new();
-        if with_name {
-            m.insert("node-name".into(), json!(node.name()));
+    fn node_stats(node: &Node, stats: BlockDeviceStats) -> BlockStats {
+        let child_stats = |name: &str| {
+            node.children()
+                .into_iter()
+                .find(|c| c.name() == name)
+                .map(|c| Box::new(Self::node_stats(&c.node(), c.node().stats.snapshot())))
+        };
+        BlockStats {
+            node_name: Some(node.name().to_string()),
+            stats,
+            driver_specific: node.driver().driver_specific_stats(),
+            parent: child_stats("file"),
+            backing: child_stats("backing"),
+            device: None,
+            qdev: None,
         }
-        m.insert("stats".into(), stats);
-        if let Some(specific) = node.driver().driver_specific_stats() {
-            m.insert("driver-specific".into(), specific);
-        }
-        for child in node.children() {
-            let key = match child.name() {
-                "file" => "parent",
-                "backing" => "backing",
-                _ => continue,
-            };
-            m.insert(
-                key.into(),
-                Self::node_stats(&child.node(), child.node().stats.to_json(), true),
-            );
-        }
-        Value::Object(m)
     }
 
     /// `query-blockstats`: one entry per export (the statistics of what its frontend
     /// asked for), or with `query_nodes` one per node.
-    pub fn query_blockstats(&self, query_nodes: bool) -> Value {
+    pub fn query_blockstats(&self, query_nodes: bool) -> Vec<BlockStats> {
         if query_nodes {
-            return Value::Array(
-                self.graph
-                    .nodes()
-                    .map(|n| Self::node_stats(n, n.stats.to_json(), true))
-                    .collect(),
-            );
+            return self
+                .graph
+                .nodes()
+                .map(|n| Self::node_stats(n, n.stats.snapshot()))
+                .collect();
         }
-        Value::Array(
-            self.exports
-                .values()
-                .map(|e| {
-                    let ex = &e.export;
-                    let mut v = Self::node_stats(&ex.node(), ex.blk().stats().to_json(), true);
-                    v["device"] = json!("");
-                    v["qdev"] = json!(ex.id());
-                    v
-                })
-                .collect(),
-        )
+        self.exports
+            .values()
+            .map(|e| {
+                let ex = &e.export;
+                BlockStats {
+                    device: Some(String::new()),
+                    qdev: Some(ex.id().to_string()),
+                    ..Self::node_stats(&ex.node(), ex.blk().stats().snapshot())
+                }
+            })
+            .collect()
     }
 
     /// The figures a metrics scrape shows: every export's request counters, every

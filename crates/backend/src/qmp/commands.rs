@@ -11,6 +11,7 @@ use super::schema::{self, Member};
 use super::wire::{ErrorClass, QmpError, QmpResult, QEMU_VERSION};
 use crate::config::{ExportConfig, ObjectConfig};
 use crate::control::Control;
+use blocklayer::info::to_json;
 use blocklayer::options::{BlockdevOptions, OptionsError};
 use serde_json::{json, Value};
 
@@ -315,7 +316,7 @@ pub const COMMANDS: &[CommandDef] = &[
         handler: |ctl, mut a, _| {
             let flat = a.opt_bool("flat")?.unwrap_or(false);
             a.finish()?;
-            Ok(ctl.query_named_block_nodes(flat))
+            Ok(to_json(&ctl.query_named_block_nodes(flat)))
         },
     },
     CommandDef {
@@ -346,7 +347,7 @@ pub const COMMANDS: &[CommandDef] = &[
         handler: |ctl, mut a, _| {
             let query_nodes = a.opt_bool("query-nodes")?.unwrap_or(false);
             a.finish()?;
-            Ok(ctl.query_blockstats(query_nodes))
+            Ok(to_json(&ctl.query_blockstats(query_nodes)))
         },
     },
     CommandDef {
