@@ -8,19 +8,7 @@
 use crate::drivers::luks::info::LuksInfo;
 use serde::Serialize;
 
-/// Implements `Serialize` for enums with a `name()` (QEMU's name of the value):
-/// they serialise as that name.
-macro_rules! serialize_by_name {
-    ($($t:ty),*) => {$(
-        impl serde::Serialize for $t {
-            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                s.serialize_str(self.name())
-            }
-        }
-    )*};
-}
-pub(crate) use serialize_by_name;
-serialize_by_name!(Qcow2BitmapFlag, Qcow2EncryptionFormat);
+crate::serialize_by_name!(Qcow2BitmapFlag, Qcow2EncryptionFormat);
 
 /// The members of QEMU's `ImageInfo` that only the driver knows
 /// ([`crate::driver::Driver::image_info`]); flattened into [`crate::info::ImageInfo`].

@@ -591,12 +591,7 @@ impl Graph {
                 .filter(|_| !flat)
                 .map(|b| Box::new(self.image_info(&b, flat))),
             // As QEMU: listed when the driver keeps internal snapshots and has some.
-            snapshots: node
-                .driver()
-                .snapshot_list()
-                .ok()
-                .filter(|s| !s.is_empty())
-                .map(|snaps| snaps.iter().map(|s| s.to_qmp()).collect()),
+            snapshots: node.driver().snapshot_list().ok().filter(|s| !s.is_empty()),
         }
     }
 

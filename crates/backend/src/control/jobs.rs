@@ -14,6 +14,7 @@ use crate::jobs::{Cancel, Job, JobCore, JobMsg, Status, Verb};
 use blocklayer::backend::BlockBackend;
 use blocklayer::drivers::job_filter::JobFilterKind;
 use blocklayer::edge::Parent;
+use blocklayer::error_policy::IoStatus;
 use blocklayer::perm::Perm;
 use blocklayer::Node;
 use serde_json::json;
@@ -754,7 +755,11 @@ impl Control {
                 }
                 if let Some(j) = self.jobs.get_mut(&id) {
                     j.user_paused = true;
-                    j.io_status = if nospace { "nospace" } else { "failed" };
+                    j.io_status = if nospace {
+                        IoStatus::Nospace
+                    } else {
+                        IoStatus::Failed
+                    };
                     if let Some(to) = j.status.paused() {
                         self.jobs.transition(&events, &id, to);
                     }
@@ -953,7 +958,7 @@ impl Control {
         self.jobs.set_speed(id, speed)
     }
 
-    pub fn query_block_jobs(&self) -> serde_json::Value {
+    pub fn query_block_jobs(&self) -> Vec<crate::jobs::info::BlockJobInfo> {
         self.jobs.query_block()
     }
 }

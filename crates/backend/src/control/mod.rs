@@ -6,7 +6,7 @@
 //! changes and drains those nodes; other exports keep serving.
 
 use crate::config::{ExportConfig, IoThreadConfig, ObjectConfig};
-use crate::export::{self, Export, ExportError};
+use crate::export::{self, BlockExportInfo, Export, ExportError};
 use crate::iothread::IoThread;
 use crate::qmp::events::EventBus;
 use crate::qmp::wire::QmpResult;
@@ -55,8 +55,9 @@ pub enum ControlMsg {
     },
     /// An export's serving thread has ended (after `block-export-del`).
     ExportGone(String),
-    /// An event raised off the control thread (an iothread's `BLOCK_IO_ERROR`).
-    Event { name: &'static str, data: Value },
+    /// A block-layer event raised off the control thread (an iothread's
+    /// `BLOCK_IO_ERROR`, a driver's `BLOCK_IMAGE_CORRUPTED`).
+    BlockEvent(blocklayer::events::BlockEvent),
     /// A block job's thread reports.
     Job(crate::jobs::JobMsg),
     /// Shut the daemon down, then acknowledge.
@@ -169,7 +170,9 @@ impl Control {
                     let _ = reply.send(result);
                 }
                 ControlMsg::ExportGone(id) => self.export_gone(&id),
-                ControlMsg::Event { name, data } => self.events.emit(name, Some(data)),
+                ControlMsg::BlockEvent(e) => self
+                    .events
+                    .emit(e.name(), Some(blocklayer::info::to_json(&e))),
                 ControlMsg::Job(msg) => self.job_msg(msg),
                 ControlMsg::Metrics(reply) => {
                     let _ = reply.send(self.metrics_snapshot());
@@ -276,8 +279,8 @@ impl Control {
         Ok(())
     }
 
-    pub fn query_iothreads(&self) -> Value {
-        Value::Array(self.iothreads.values().map(|t| t.info()).collect())
+    pub fn query_iothreads(&self) -> Vec<crate::iothread::IoThreadInfo> {
+        self.iothreads.values().map(|t| t.info()).collect()
     }
 
     // ---- nodes -----------------------------------------------------------------
@@ -603,25 +606,20 @@ impl Control {
         }
     }
 
-    pub fn query_block_exports(&self) -> Value {
-        Value::Array(
-            self.exports
-                .values()
-                .map(|e| {
-                    let ex = &e.export;
-                    let mut v = json!({
-                        "id": ex.id(),
-                        "type": ex.type_name(),
-                        "node-name": ex.node().name(),
-                        "shutting-down": e.shutting_down,
-                    });
-                    if ex.blk().iostatus_enabled() {
-                        v["iostatus"] = json!(ex.blk().iostatus().name());
-                    }
-                    v
-                })
-                .collect(),
-        )
+    pub fn query_block_exports(&self) -> Vec<BlockExportInfo> {
+        self.exports
+            .values()
+            .map(|e| {
+                let ex = &e.export;
+                BlockExportInfo {
+                    id: ex.id().to_string(),
+                    kind: ex.type_name(),
+                    node_name: ex.node().name().to_string(),
+                    shutting_down: e.shutting_down,
+                    iostatus: ex.blk().iostatus_enabled().then(|| ex.blk().iostatus()),
+                }
+            })
+            .collect()
     }
 
     /// `x-blockdev-set-iothread`: moves the exports of a node to another iothread
@@ -802,7 +800,7 @@ impl Control {
         self.job_dismiss(id, false)
     }
 
-    pub fn query_jobs(&self) -> Value {
+    pub fn query_jobs(&self) -> Vec<crate::jobs::info::JobInfo> {
         self.jobs.query()
     }
 

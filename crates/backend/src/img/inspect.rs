@@ -57,7 +57,7 @@ pub(super) fn info(args: &[String]) -> Result<()> {
         v["snapshots"] = Value::Array(
             snaps
                 .iter()
-                .map(|s| SnapshotInfo::from(s).to_qmp())
+                .map(|s| to_json(&SnapshotInfo::from(s)))
                 .collect(),
         );
     }

@@ -326,7 +326,7 @@ pub const COMMANDS: &[CommandDef] = &[
         features: &[],
         handler: |ctl, a, _| {
             a.finish()?;
-            Ok(ctl.query_block_exports())
+            Ok(to_json(&ctl.query_block_exports()))
         },
     },
     CommandDef {
@@ -336,7 +336,7 @@ pub const COMMANDS: &[CommandDef] = &[
         features: &[],
         handler: |ctl, a, _| {
             a.finish()?;
-            Ok(ctl.query_iothreads())
+            Ok(to_json(&ctl.query_iothreads()))
         },
     },
     CommandDef {
@@ -606,7 +606,7 @@ pub const COMMANDS: &[CommandDef] = &[
             let name = a.opt_str("name")?;
             a.finish()?;
             let snap = ctl.snapshot_delete_internal(&device, id.as_deref(), name.as_deref())?;
-            Ok(snap.to_qmp())
+            Ok(to_json(&snap))
         },
     },
     CommandDef {
@@ -649,7 +649,7 @@ pub const COMMANDS: &[CommandDef] = &[
         features: &[],
         handler: |ctl, a, _| {
             a.finish()?;
-            Ok(ctl.query_jobs())
+            Ok(to_json(&ctl.query_jobs()))
         },
     },
     job_command!("job-dismiss", "id", JOB_ID),
@@ -665,7 +665,7 @@ pub const COMMANDS: &[CommandDef] = &[
         features: &[],
         handler: |ctl, a, _| {
             a.finish()?;
-            Ok(ctl.query_block_jobs())
+            Ok(to_json(&ctl.query_block_jobs()))
         },
     },
     CommandDef {

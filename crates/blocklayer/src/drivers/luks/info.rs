@@ -66,7 +66,7 @@ impl LuksInfo {
 }
 
 // The algorithms serialise as their QEMU names (`QCryptoCipherAlgorithm`, ...).
-crate::format_info::serialize_by_name!(CipherAlg, CipherMode, IvGenAlg, HashAlg);
+crate::serialize_by_name!(CipherAlg, CipherMode, IvGenAlg, HashAlg);
 
 /// An example (for tests pinning the wire shape).
 #[cfg(test)]
