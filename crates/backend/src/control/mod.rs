@@ -6,7 +6,7 @@
 //! changes and drains those nodes; other exports keep serving.
 
 use crate::config::{ExportConfig, IoThreadConfig, ObjectConfig};
-use crate::export::{self, BlockExportInfo, Export, ExportError};
+use crate::export::{self, BlockExportDeleted, BlockExportInfo, Export, ExportError};
 use crate::iothread::IoThread;
 use crate::qmp::events::EventBus;
 use crate::qmp::wire::QmpResult;
@@ -19,7 +19,7 @@ use blocklayer::perm::Perm;
 use blocklayer::stats::{BlockDeviceStats, BlockStats};
 use blocklayer::{Graph, Node};
 pub use error::ControlError;
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, Sender};
@@ -602,7 +602,7 @@ impl Control {
             }
             log::info!("export {id} deleted");
             self.events
-                .emit("BLOCK_EXPORT_DELETED", Some(json!({ "id": id })));
+                .emit_data("BLOCK_EXPORT_DELETED", &BlockExportDeleted { id });
         }
     }
 
@@ -853,7 +853,7 @@ impl Control {
             }
             // As qemu-storage-daemon, which deletes its exports on the way out.
             self.events
-                .emit("BLOCK_EXPORT_DELETED", Some(json!({ "id": id })));
+                .emit_data("BLOCK_EXPORT_DELETED", &BlockExportDeleted { id });
         }
         for p in self.cleanup.iter().chain(self.pidfile.iter()) {
             let _ = std::fs::remove_file(p);

@@ -46,6 +46,12 @@ pub struct BlockExportInfo {
     pub iostatus: Option<blocklayer::error_policy::IoStatus>,
 }
 
+/// `BLOCK_EXPORT_DELETED`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct BlockExportDeleted<'a> {
+    pub id: &'a str,
+}
+
 /// What the control plane needs of an export, whatever its protocol. An export
 /// serves from threads of its own; these calls come from the control thread.
 pub trait Export: Send + Sync {

@@ -1,9 +1,11 @@
-//! What QMP reports of jobs, typed: QEMU's `JobInfo` (`query-jobs`) and
-//! `BlockJobInfo` (`query-block-jobs`), serialised with QEMU's member names in the
-//! order vubd writes them; the QMP layer serialises them.
+//! What QMP reports of jobs, typed: QEMU's `JobInfo` (`query-jobs`),
+//! `BlockJobInfo` (`query-block-jobs`) and the data of the job events, serialised
+//! with QEMU's member names in the order vubd writes them; the QMP layer
+//! serialises them.
 
 use super::Status;
 use blocklayer::error_policy::IoStatus;
+use blocklayer::events::IoOperation;
 use serde::Serialize;
 
 /// QEMU's `JobInfo`.
@@ -41,6 +43,44 @@ pub struct BlockJobInfo {
     pub auto_dismiss: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+/// `JOB_STATUS_CHANGE`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct JobStatusChange<'a> {
+    pub id: &'a str,
+    pub status: Status,
+}
+
+/// `BLOCK_JOB_COMPLETED`, `BLOCK_JOB_CANCELLED` (never with `error`) and
+/// `BLOCK_JOB_READY` (never with `error`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BlockJobEvent<'a> {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub device: &'a str,
+    pub len: u64,
+    pub offset: u64,
+    pub speed: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<&'a str>,
+}
+
+/// `BLOCK_JOB_PENDING`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BlockJobPending<'a> {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub id: &'a str,
+}
+
+/// `BLOCK_JOB_ERROR`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BlockJobError<'a> {
+    pub device: &'a str,
+    pub operation: IoOperation,
+    /// `BlockErrorAction`: `ignore`, `report` or `stop`.
+    pub action: &'static str,
 }
 
 blocklayer::serialize_by_name!(Status);
@@ -91,6 +131,47 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&b).unwrap(),
             r#"{"type":"stream","device":"s0","len":4096,"offset":512,"busy":true,"paused":false,"speed":0,"io-status":"nospace","ready":false,"status":"running","auto-finalize":true,"auto-dismiss":false}"#
+        );
+    }
+
+    /// The data of the job events, pinned.
+    #[test]
+    fn job_events_as_vubd_writes_them() {
+        fn json(v: &impl Serialize) -> String {
+            serde_json::to_string(v).unwrap()
+        }
+        assert_eq!(
+            json(&JobStatusChange {
+                id: "j",
+                status: Status::Pending
+            }),
+            r#"{"id":"j","status":"pending"}"#
+        );
+        assert_eq!(
+            json(&BlockJobEvent {
+                kind: "commit",
+                device: "j",
+                len: 8,
+                offset: 4,
+                speed: 0,
+                error: Some("e"),
+            }),
+            r#"{"type":"commit","device":"j","len":8,"offset":4,"speed":0,"error":"e"}"#
+        );
+        assert_eq!(
+            json(&BlockJobPending {
+                kind: "mirror",
+                id: "j"
+            }),
+            r#"{"type":"mirror","id":"j"}"#
+        );
+        assert_eq!(
+            json(&BlockJobError {
+                device: "j",
+                operation: IoOperation::Read,
+                action: "stop"
+            }),
+            r#"{"device":"j","operation":"read","action":"stop"}"#
         );
     }
 }

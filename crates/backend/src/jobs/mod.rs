@@ -22,8 +22,7 @@ use crate::control::error::{ControlError, ErrorKind};
 use crate::iothread::IoThread;
 use crate::qmp::events::EventBus;
 use blocklayer::error_policy::IoStatus;
-use info::{BlockJobInfo, JobInfo};
-use serde_json::{json, Value};
+use info::{BlockJobEvent, BlockJobInfo, JobInfo, JobStatusChange};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -262,14 +261,15 @@ impl Job {
     }
 
     /// The data of BLOCK_JOB_COMPLETED, _CANCELLED and _READY.
-    fn event_data(&self) -> Value {
-        json!({
-            "type": self.kind,
-            "device": self.id,
-            "len": self.core.len(),
-            "offset": self.core.offset(),
-            "speed": self.core.speed(),
-        })
+    fn event_data(&self) -> BlockJobEvent<'_> {
+        BlockJobEvent {
+            kind: self.kind,
+            device: &self.id,
+            len: self.core.len(),
+            offset: self.core.offset(),
+            speed: self.core.speed(),
+            error: None,
+        }
     }
 }
 
@@ -330,9 +330,12 @@ impl Jobs {
 
     /// Registers a new job (created) and announces it.
     pub fn insert(&mut self, events: &EventBus, job: Job) {
-        events.emit(
+        events.emit_data(
             "JOB_STATUS_CHANGE",
-            Some(json!({ "id": job.id, "status": "created" })),
+            &JobStatusChange {
+                id: &job.id,
+                status: Status::Created,
+            },
         );
         self.jobs.insert(job.id.clone(), job);
     }
@@ -351,10 +354,7 @@ impl Jobs {
             return;
         }
         j.status = to;
-        events.emit(
-            "JOB_STATUS_CHANGE",
-            Some(json!({ "id": id, "status": to.name() })),
-        );
+        events.emit_data("JOB_STATUS_CHANGE", &JobStatusChange { id, status: to });
         if to == Status::Null {
             self.jobs.remove(id);
         }
@@ -459,14 +459,15 @@ impl Jobs {
         if !j.block {
             return;
         }
-        let mut data = j.event_data();
+        let data = j.event_data();
         if j.cancelled() {
-            events.emit("BLOCK_JOB_CANCELLED", Some(data));
+            events.emit_data("BLOCK_JOB_CANCELLED", &data);
         } else {
-            if let Some(e) = &j.error {
-                data["error"] = json!(e);
-            }
-            events.emit("BLOCK_JOB_COMPLETED", Some(data));
+            let data = BlockJobEvent {
+                error: j.error.as_deref(),
+                ..data
+            };
+            events.emit_data("BLOCK_JOB_COMPLETED", &data);
         }
     }
 
@@ -475,10 +476,10 @@ impl Jobs {
         if let Some(j) = self.jobs.get(id) {
             let mut data = j.event_data();
             if let Some(n) = at {
-                data["len"] = json!(n);
-                data["offset"] = json!(n);
+                data.len = n;
+                data.offset = n;
             }
-            events.emit("BLOCK_JOB_READY", Some(data));
+            events.emit_data("BLOCK_JOB_READY", &data);
         }
     }
 
