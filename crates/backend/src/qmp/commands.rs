@@ -890,7 +890,7 @@ pub const COMMANDS: &[CommandDef] = &[
         features: &[],
         handler: |ctl, a, _| {
             a.finish()?;
-            Ok(ctl.query_block_graph())
+            Ok(to_json(&ctl.query_block_graph()))
         },
     },
     CommandDef {
