@@ -170,9 +170,7 @@ impl Control {
                     let _ = reply.send(result);
                 }
                 ControlMsg::ExportGone(id) => self.export_gone(&id),
-                ControlMsg::BlockEvent(e) => self
-                    .events
-                    .emit(e.name(), Some(blocklayer::info::to_json(&e))),
+                ControlMsg::BlockEvent(e) => self.events.emit_data(e.name(), &e),
                 ControlMsg::Job(msg) => self.job_msg(msg),
                 ControlMsg::Metrics(reply) => {
                     let _ = reply.send(self.metrics_snapshot());
