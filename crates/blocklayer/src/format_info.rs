@@ -17,7 +17,7 @@ crate::serialize_by_name!(Qcow2BitmapFlag, Qcow2EncryptionFormat);
 pub struct DriverImageInfo {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster_size: Option<u64>,
-    /// Only when set (QEMU writes `false` too; vubd never did).
+    /// Only when set, as vubd has always written it.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub encrypted: bool,
     #[serde(skip_serializing_if = "Option::is_none")]

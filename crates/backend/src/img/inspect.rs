@@ -54,12 +54,8 @@ pub(super) fn info(args: &[String]) -> Result<()> {
     }
     // As qemu-img: the list only when there are snapshots.
     if !snaps.is_empty() {
-        v["snapshots"] = Value::Array(
-            snaps
-                .iter()
-                .map(|s| to_json(&SnapshotInfo::from(s)))
-                .collect(),
-        );
+        let list: Vec<SnapshotInfo> = snaps.iter().map(SnapshotInfo::from).collect();
+        v["snapshots"] = to_json(&list);
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
