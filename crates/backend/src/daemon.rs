@@ -60,8 +60,8 @@ impl Daemon {
         // Block-layer events (BLOCK_IMAGE_CORRUPTED) reach the monitor through the
         // control thread, like the exports' BLOCK_IO_ERROR.
         let sink = tx.clone();
-        blocklayer::events::set_sink(move |name, data| {
-            let _ = sink.send(ControlMsg::Event { name, data });
+        blocklayer::events::set_sink(move |event| {
+            let _ = sink.send(ControlMsg::BlockEvent(event));
         });
         for obj in &cfg.objects {
             ctl.add_object(obj.clone())

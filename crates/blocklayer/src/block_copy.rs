@@ -175,8 +175,8 @@ impl BlockCopy {
     pub fn cluster_size_for(target: &crate::Node) -> u64 {
         target
             .driver()
-            .image_info_extra()
-            .and_then(|v| v.get("cluster-size").and_then(|c| c.as_u64()))
+            .image_info()
+            .cluster_size
             .map_or(DEFAULT_CLUSTER, |c| c.max(DEFAULT_CLUSTER))
     }
 

@@ -236,15 +236,15 @@ pub trait Driver: Send + Sync {
     }
 
     /// The driver's own statistics (`driver-specific` in QEMU's `BlockStats`).
-    fn driver_specific_stats(&self) -> Option<serde_json::Value> {
+    fn driver_specific_stats(&self) -> Option<crate::stats::BlockStatsSpecific> {
         None
     }
 
     /// Members of QEMU's `ImageInfo` that only a format knows (`cluster-size`,
-    /// `format-specific`, `backing-filename`, `backing-filename-format`), as a JSON
-    /// object merged into the node's image information.
-    fn image_info_extra(&self) -> Option<serde_json::Value> {
-        None
+    /// `encrypted`, `format-specific`, `backing-filename`,
+    /// `backing-filename-format`), merged into the node's image information.
+    fn image_info(&self) -> crate::format_info::DriverImageInfo {
+        Default::default()
     }
 
     /// Bytes the image takes on the host (`actual-size`), when known.

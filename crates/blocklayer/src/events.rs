@@ -2,11 +2,11 @@
 //! `BLOCK_IO_ERROR`, `BLOCK_WRITE_THRESHOLD`), typed: [`BlockEvent`].
 //!
 //! Drivers run on iothreads and know nothing of QMP; the daemon installs a sink
-//! that forwards each event (its QMP name and data) to its monitor. Without a sink
-//! (tools, unit tests) events are only logged.
+//! that forwards each event to its monitor, which serialises it (its QMP name,
+//! [`BlockEvent::name`], and its data, the event serialised). Without a sink (tools,
+//! unit tests) events are only logged.
 
 use serde::Serialize;
-use serde_json::Value;
 use std::sync::{Arc, RwLock};
 
 /// `BLOCK_WRITE_THRESHOLD`: a write ended past a node's threshold.
@@ -53,8 +53,9 @@ pub struct IoError {
     pub reason: String,
 }
 
-/// An event of the block layer.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// An event of the block layer; it serialises as its QMP data.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
 pub enum BlockEvent {
     WriteThreshold(WriteThreshold),
     ImageCorrupted(ImageCorrupted),
@@ -70,32 +71,57 @@ impl BlockEvent {
             BlockEvent::IoError(_) => "BLOCK_IO_ERROR",
         }
     }
-
-    /// The QMP event data.
-    pub fn data(&self) -> Value {
-        match self {
-            BlockEvent::WriteThreshold(e) => crate::info::to_json(e),
-            BlockEvent::ImageCorrupted(e) => crate::info::to_json(e),
-            BlockEvent::IoError(e) => crate::info::to_json(e),
-        }
-    }
 }
 
-type Sink = Arc<dyn Fn(&'static str, Value) + Send + Sync>;
+type Sink = Arc<dyn Fn(BlockEvent) + Send + Sync>;
 
 static SINK: RwLock<Option<Sink>> = RwLock::new(None);
 
 /// Sends every later event to `sink` (replacing any earlier one).
-pub fn set_sink(sink: impl Fn(&'static str, Value) + Send + Sync + 'static) {
+pub fn set_sink(sink: impl Fn(BlockEvent) + Send + Sync + 'static) {
     *SINK.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(sink));
 }
 
 /// Raises an event.
 pub fn emit(event: BlockEvent) {
-    let (name, data) = (event.name(), event.data());
     let sink = SINK.read().unwrap_or_else(|p| p.into_inner()).clone();
     match sink {
-        Some(sink) => sink(name, data),
-        None => log::info!("event {name}: {data}"),
+        Some(sink) => sink(event),
+        None => log::info!(
+            "event {}: {}",
+            event.name(),
+            serde_json::to_string(&event).unwrap_or_default()
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The events' data serialise as QEMU writes them.
+    #[test]
+    fn event_data_as_vubd_writes_it() {
+        let e = BlockEvent::WriteThreshold(WriteThreshold {
+            node_name: "n".into(),
+            amount_exceeded: 1,
+            write_threshold: 2,
+        });
+        assert_eq!(
+            serde_json::to_string(&e).unwrap(),
+            r#"{"node-name":"n","amount-exceeded":1,"write-threshold":2}"#
+        );
+        let e = BlockEvent::IoError(IoError {
+            device: String::new(),
+            node_name: "n".into(),
+            operation: IoOperation::Write,
+            action: "stop",
+            nospace: None,
+            reason: "r".into(),
+        });
+        assert_eq!(
+            serde_json::to_string(&e).unwrap(),
+            r#"{"device":"","node-name":"n","operation":"write","action":"stop","reason":"r"}"#
+        );
     }
 }

@@ -10,7 +10,7 @@ use crate::node::{Node, NodeFlags};
 use crate::options::{BlockdevOptions, BlockdevRef, DetectZeroes, DiscardMode};
 use crate::perm::Perm;
 use crate::secret::Secrets;
-use serde_json::{json, Map, Value};
+use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -250,13 +250,11 @@ impl Graph {
         if node.backing().is_some() {
             return Ok(());
         }
-        let extra = node.driver().image_info_extra().unwrap_or_default();
-        let Some(name) = extra.get("backing-filename").and_then(|v| v.as_str()) else {
+        let info = node.driver().image_info();
+        let Some(name) = info.backing_filename.as_deref() else {
             return Ok(());
         };
-        let format = extra
-            .get("backing-filename-format")
-            .and_then(|v| v.as_str());
+        let format = info.backing_filename_format.as_deref();
         let image = node
             .child("file")
             .map(|f| f.driver().filename())
@@ -587,21 +585,13 @@ impl Graph {
             virtual_size: node.size(),
             dirty_flag: false,
             actual_size: node.driver().actual_size(),
-            driver: match node.driver().image_info_extra() {
-                Some(Value::Object(extra)) => extra,
-                _ => Map::new(),
-            },
+            driver: node.driver().image_info(),
             full_backing_filename: backing.as_ref().map(|b| b.driver().filename()),
             backing_image: backing
                 .filter(|_| !flat)
                 .map(|b| Box::new(self.image_info(&b, flat))),
             // As QEMU: listed when the driver keeps internal snapshots and has some.
-            snapshots: node
-                .driver()
-                .snapshot_list()
-                .ok()
-                .filter(|s| !s.is_empty())
-                .map(|snaps| snaps.iter().map(|s| s.to_qmp()).collect()),
+            snapshots: node.driver().snapshot_list().ok().filter(|s| !s.is_empty()),
         }
     }
 
@@ -686,7 +676,7 @@ impl Drop for Drained {
 mod tests {
     use super::*;
 
-    fn opts(v: Value) -> BlockdevOptions {
+    fn opts(v: serde_json::Value) -> BlockdevOptions {
         BlockdevOptions::from_json(&v).unwrap()
     }
 

@@ -1,11 +1,13 @@
 //! What the block layer reports of its nodes, typed: QEMU's `BlockDeviceInfo`
 //! (`query-named-block-nodes`), `ImageInfo` and `BlockDirtyInfo`, serialised with
 //! QEMU's member names and in QEMU's order. The driver-specific members of
-//! `ImageInfo` (`format-specific`, `cluster-size`, ...) stay JSON: each driver
-//! gives its own ([`crate::driver::Driver::image_info_extra`]).
+//! `ImageInfo` (`format-specific`, `cluster-size`, ...) each driver gives
+//! ([`crate::driver::Driver::image_info`], [`crate::format_info`]).
 
+use crate::format_info::DriverImageInfo;
+use crate::snapshot::SnapshotInfo;
 use serde::Serialize;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 /// QEMU's `BlockDeviceInfo`.
 #[derive(Debug, Clone, Serialize)]
@@ -57,14 +59,13 @@ pub struct ImageInfo {
     /// The driver's own members (`cluster-size`, `encrypted`, `format-specific`,
     /// `backing-filename`, ...).
     #[serde(flatten)]
-    pub driver: Map<String, Value>,
+    pub driver: DriverImageInfo,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub full_backing_filename: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backing_image: Option<Box<ImageInfo>>,
-    /// QEMU's `SnapshotInfo` list ([`crate::snapshot::SnapshotInfo::to_qmp`]).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub snapshots: Option<Vec<Value>>,
+    pub snapshots: Option<Vec<SnapshotInfo>>,
 }
 
 /// QEMU's `BlockDirtyInfo`: a named bitmap, or a job's (no name, never persistent
@@ -97,6 +98,21 @@ impl BlockDirtyInfo {
         }
     }
 }
+
+/// Implements `Serialize` for enums with a `name(self) -> &'static str` (QEMU's
+/// name of the value): they serialise as that name.
+#[macro_export]
+macro_rules! serialize_by_name {
+    ($($t:ty),*) => {$(
+        impl serde::Serialize for $t {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.name())
+            }
+        }
+    )*};
+}
+
+crate::serialize_by_name!(crate::error_policy::IoStatus);
 
 /// A value as JSON (serialising these types cannot fail: their maps have string
 /// keys).

@@ -27,6 +27,7 @@ pub mod error;
 pub mod error_policy;
 pub mod events;
 pub mod filter;
+pub mod format_info;
 pub mod graph;
 pub mod info;
 pub mod io;

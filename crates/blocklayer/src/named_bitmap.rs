@@ -271,11 +271,7 @@ impl NamedBitmap {
 pub fn default_granularity(node: &Arc<Node>) -> u64 {
     let mut n = node.clone();
     loop {
-        let cluster = n
-            .driver()
-            .image_info_extra()
-            .and_then(|v| v.get("cluster-size").and_then(|c| c.as_u64()))
-            .filter(|&c| c > 0);
+        let cluster = n.driver().image_info().cluster_size.filter(|&c| c > 0);
         if let Some(c) = cluster {
             return c.clamp(4096, 65536);
         }

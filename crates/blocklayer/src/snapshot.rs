@@ -5,7 +5,7 @@
 //! Drivers that keep internal snapshots (qcow2) implement the snapshot methods of
 //! [`crate::driver::Driver`]; the others keep their defaults, which fail with ENOTSUP.
 
-use serde_json::{json, Value};
+use serde::{Serialize, Serializer};
 
 pub use qcow::NewSnapshot;
 
@@ -28,23 +28,35 @@ pub struct SnapshotInfo {
     pub icount: Option<u64>,
 }
 
-impl SnapshotInfo {
-    /// QEMU's QMP `SnapshotInfo` (the guest clock split into seconds and
-    /// nanoseconds; `icount` only when recorded).
-    pub fn to_qmp(&self) -> Value {
-        let mut v = json!({
-            "id": self.id,
-            "name": self.name,
-            "vm-state-size": self.vm_state_size,
-            "date-sec": self.date_sec,
-            "date-nsec": self.date_nsec,
-            "vm-clock-sec": self.vm_clock_nsec / 1_000_000_000,
-            "vm-clock-nsec": self.vm_clock_nsec % 1_000_000_000,
-        });
-        if let Some(n) = self.icount {
-            v["icount"] = json!(n);
+/// QEMU's QMP `SnapshotInfo`, what a [`SnapshotInfo`] serialises as (the guest
+/// clock split into seconds and nanoseconds; `icount` only when recorded).
+#[derive(Serialize)]
+#[serde(rename_all = "kebab-case")]
+struct QmpSnapshotInfo<'a> {
+    id: &'a str,
+    name: &'a str,
+    vm_state_size: u64,
+    date_sec: u64,
+    date_nsec: u32,
+    vm_clock_sec: u64,
+    vm_clock_nsec: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    icount: Option<u64>,
+}
+
+impl Serialize for SnapshotInfo {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        QmpSnapshotInfo {
+            id: &self.id,
+            name: &self.name,
+            vm_state_size: self.vm_state_size,
+            date_sec: self.date_sec,
+            date_nsec: self.date_nsec,
+            vm_clock_sec: self.vm_clock_nsec / 1_000_000_000,
+            vm_clock_nsec: self.vm_clock_nsec % 1_000_000_000,
+            icount: self.icount,
         }
-        v
+        .serialize(s)
     }
 }
 
@@ -78,15 +90,15 @@ mod tests {
             icount: None,
         };
         assert_eq!(
-            s.to_qmp(),
-            json!({"id": "3", "name": "before upgrade", "vm-state-size": 0,
-                   "date-sec": 1_700_000_000u64, "date-nsec": 250, "vm-clock-sec": 61,
-                   "vm-clock-nsec": 500_000_000})
+            serde_json::to_string(&s).unwrap(),
+            r#"{"id":"3","name":"before upgrade","vm-state-size":0,"date-sec":1700000000,"date-nsec":250,"vm-clock-sec":61,"vm-clock-nsec":500000000}"#
         );
         let with = SnapshotInfo {
             icount: Some(0),
             ..s
         };
-        assert_eq!(with.to_qmp()["icount"], 0);
+        assert!(serde_json::to_string(&with)
+            .unwrap()
+            .ends_with(r#""vm-clock-nsec":500000000,"icount":0}"#));
     }
 }

@@ -14,7 +14,7 @@
 //! QEMU's stats are.
 
 use crate::aio::clock;
-use serde_json::Value;
+use serde::Serialize;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
@@ -297,17 +297,12 @@ impl IoStats {
             timed_stats: [],
         }
     }
-
-    /// [`IoStats::snapshot`] as QMP's JSON.
-    pub fn to_json(&self) -> Value {
-        serde_json::to_value(self.snapshot()).expect("plain numbers and flags serialise")
-    }
 }
 
 /// QEMU's `BlockDeviceStats` (qapi/block-core.json), what `query-blockstats` reports
 /// for a node or an export. vubd does not merge requests (`*_merged` are 0) and keeps
 /// no timed statistics intervals.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct BlockDeviceStats {
     pub rd_bytes: u64,
     pub wr_bytes: u64,
@@ -341,6 +336,68 @@ pub struct BlockDeviceStats {
     pub timed_stats: [u64; 0],
 }
 
+/// QEMU's `BlockStats`: the statistics of an export (`device`, `qdev`) or a node
+/// (`node-name`), with those of the node's `file` child (`parent`) and `backing`
+/// child. The members are in the order vubd has always written them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BlockStats {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
+    pub stats: BlockDeviceStats,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub driver_specific: Option<BlockStatsSpecific>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent: Option<Box<BlockStats>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backing: Option<Box<BlockStats>>,
+    /// The backend's name: empty for an export (vubd's backends have none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// The export's id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub qdev: Option<String>,
+}
+
+/// QEMU's `BlockStatsSpecific`, a union on `driver` (the node's driver).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "driver")]
+pub enum BlockStatsSpecific {
+    #[serde(rename = "file")]
+    File(BlockStatsSpecificFile),
+    #[serde(rename = "host_device")]
+    HostDevice(BlockStatsSpecificFile),
+    /// vubd's own (QEMU has no qcow2 statistics).
+    #[serde(rename = "qcow2")]
+    Qcow2(BlockStatsSpecificQcow2),
+}
+
+/// QEMU's `BlockStatsSpecificFile` (`file` and `host_device`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BlockStatsSpecificFile {
+    pub discard_nb_ok: u64,
+    pub discard_nb_failed: u64,
+    pub discard_bytes_ok: u64,
+    /// vubd's own: fsync/fdatasync calls.
+    pub x_sync_operations: u64,
+}
+
+/// vubd's `BlockStatsSpecificQcow2`: the qcow2 metadata caches.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BlockStatsSpecificQcow2 {
+    pub x_l2_cache_entries: u64,
+    pub x_l2_cache_hits: u64,
+    pub x_l2_cache_misses: u64,
+    pub x_l2_cache_cleaned: u64,
+    pub x_refcount_cache_entries: u64,
+    pub x_refcount_cache_hits: u64,
+    pub x_refcount_cache_misses: u64,
+    pub x_refcount_cache_cleaned: u64,
+    pub x_cache_cleans: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -353,7 +410,7 @@ mod tests {
         s.done(IoStats::start(IoKind::Read, 4096), false, 0);
         s.invalid(IoKind::Unmap);
         s.done(IoStats::start(IoKind::Flush, 0), true, 0);
-        let v = s.to_json();
+        let v = serde_json::to_value(s.snapshot()).unwrap();
         assert_eq!(v["wr_operations"], 2);
         assert_eq!(v["wr_bytes"], 4608);
         assert_eq!(v["wr_highest_offset"], 8192);
@@ -362,7 +419,10 @@ mod tests {
         assert_eq!(v["invalid_unmap_operations"], 1);
         assert_eq!(v["flush_operations"], 1);
         assert!(v["idle_time_ns"].is_u64());
-        assert!(IoStats::new().to_json().get("idle_time_ns").is_none());
+        assert!(serde_json::to_value(IoStats::new().snapshot())
+            .unwrap()
+            .get("idle_time_ns")
+            .is_none());
     }
 
     #[test]
@@ -390,7 +450,7 @@ mod tests {
         for t in threads {
             t.join().expect("accounting thread");
         }
-        let v = s.to_json();
+        let v = serde_json::to_value(s.snapshot()).unwrap();
         assert_eq!(v["wr_operations"], 12_000);
         assert_eq!(v["wr_bytes"], 12_000 * 512);
         assert_eq!(v["rd_operations"], 12);
@@ -418,5 +478,74 @@ mod tests {
             .expect("accounting thread");
         }
         assert_eq!(s.operations(IoKind::Read), 300 * SHARDS as u64);
+    }
+
+    /// The wire shape of `BlockStats` and `BlockStatsSpecific`, pinned.
+    #[test]
+    fn block_stats_as_vubd_writes_them() {
+        let file = BlockStatsSpecific::File(BlockStatsSpecificFile {
+            discard_nb_ok: 1,
+            discard_nb_failed: 2,
+            discard_bytes_ok: 3,
+            x_sync_operations: 4,
+        });
+        assert_eq!(
+            serde_json::to_string(&file).unwrap(),
+            r#"{"driver":"file","discard-nb-ok":1,"discard-nb-failed":2,"discard-bytes-ok":3,"x-sync-operations":4}"#
+        );
+        let host = BlockStatsSpecific::HostDevice(BlockStatsSpecificFile::default());
+        assert_eq!(
+            serde_json::to_value(&host).unwrap()["driver"],
+            "host_device"
+        );
+        let qcow2 = BlockStatsSpecific::Qcow2(BlockStatsSpecificQcow2 {
+            x_l2_cache_entries: 1,
+            x_l2_cache_hits: 2,
+            x_l2_cache_misses: 3,
+            x_l2_cache_cleaned: 4,
+            x_refcount_cache_entries: 5,
+            x_refcount_cache_hits: 6,
+            x_refcount_cache_misses: 7,
+            x_refcount_cache_cleaned: 8,
+            x_cache_cleans: 9,
+        });
+        assert_eq!(
+            serde_json::to_string(&qcow2).unwrap(),
+            r#"{"driver":"qcow2","x-l2-cache-entries":1,"x-l2-cache-hits":2,"x-l2-cache-misses":3,"x-l2-cache-cleaned":4,"x-refcount-cache-entries":5,"x-refcount-cache-hits":6,"x-refcount-cache-misses":7,"x-refcount-cache-cleaned":8,"x-cache-cleans":9}"#
+        );
+        let stats = IoStats::new().snapshot();
+        let leaf = BlockStats {
+            node_name: Some("f".into()),
+            stats: stats.clone(),
+            driver_specific: Some(file),
+            parent: None,
+            backing: None,
+            device: None,
+            qdev: None,
+        };
+        let export = BlockStats {
+            node_name: Some("q".into()),
+            stats,
+            driver_specific: Some(qcow2),
+            parent: Some(Box::new(leaf)),
+            backing: None,
+            device: Some(String::new()),
+            qdev: Some("e0".into()),
+        };
+        let v = serde_json::to_value(&export).unwrap();
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        assert_eq!(
+            keys,
+            [
+                "node-name",
+                "stats",
+                "driver-specific",
+                "parent",
+                "device",
+                "qdev"
+            ]
+        );
+        assert_eq!(v["parent"]["driver-specific"]["discard-nb-ok"], 1);
+        assert!(v["parent"].get("qdev").is_none());
     }
 }

@@ -5,6 +5,7 @@
 
 use super::{Control, OpResult};
 use crate::control::error::ControlError;
+use blocklayer::format_info::Qcow2Compat;
 use blocklayer::named_bitmap::{self, Check, NamedBitmap};
 use blocklayer::Node;
 use std::sync::Arc;
@@ -81,12 +82,13 @@ fn can_store_new(node: &Node, name: &str, granularity: u64) -> OpResult<()> {
             node.name()
         )))
     };
-    let info = node.driver().image_info_extra();
+    let info = node.driver().image_info();
     let compat = info
+        .format_specific
         .as_ref()
-        .and_then(|i| i.pointer("/format-specific/data/compat"))
-        .and_then(|c| c.as_str());
-    if compat == Some("0.10") {
+        .and_then(|s| s.qcow2())
+        .map(|q| q.compat);
+    if compat == Some(Qcow2Compat::V2) {
         return refuse("Cannot store dirty bitmaps in qcow2 v2 files");
     }
     let bytes = node.size().div_ceil(granularity).div_ceil(8);

@@ -8,7 +8,8 @@ use blocklayer::drivers::file::create::{create_file, FilePrealloc};
 use blocklayer::edge::{Parent, Role};
 use blocklayer::options::BlockdevOptions;
 use blocklayer::Node;
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::json;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -296,7 +297,7 @@ impl Control {
 
     /// `x-debug-query-block-graph`: every node, backend and job, and the edges
     /// between them with their permissions.
-    pub fn query_block_graph(&self) -> Value {
+    pub fn query_block_graph(&self) -> XDbgBlockGraph {
         let mut nodes = Vec::new();
         let mut ids: HashMap<String, usize> = HashMap::new();
         let mut next = 1usize;
@@ -304,7 +305,11 @@ impl Control {
         let mut users: HashMap<String, usize> = HashMap::new();
         for n in self.graph.nodes() {
             ids.insert(n.name().to_string(), next);
-            nodes.push(json!({"id": next, "type": "block-driver", "name": n.name()}));
+            nodes.push(XDbgBlockGraphNode {
+                id: next,
+                kind: XDbgBlockGraphNodeType::BlockDriver,
+                name: n.name().to_string(),
+            });
             next += 1;
         }
         for n in self.graph.nodes() {
@@ -318,26 +323,98 @@ impl Control {
                     Parent::Backend(name) => {
                         let id = next;
                         next += 1;
-                        nodes.push(json!({"id": id, "type": "block-backend",
-                            "name": name.clone().unwrap_or_default()}));
+                        nodes.push(XDbgBlockGraphNode {
+                            id,
+                            kind: XDbgBlockGraphNodeType::BlockBackend,
+                            name: name.clone().unwrap_or_default(),
+                        });
                         id
                     }
                     Parent::Job { id: job, .. } => *users.entry(job.clone()).or_insert_with(|| {
                         let id = next;
                         next += 1;
-                        nodes.push(json!({"id": id, "type": "block-job", "name": job}));
+                        nodes.push(XDbgBlockGraphNode {
+                            id,
+                            kind: XDbgBlockGraphNodeType::BlockJob,
+                            name: job.clone(),
+                        });
                         id
                     }),
                 };
-                edges.push(json!({
-                    "parent": parent,
-                    "child": child,
-                    "name": e.name(),
-                    "perm": e.perm().qmp_names(true),
-                    "shared-perm": e.shared().qmp_names(true),
-                }));
+                edges.push(XDbgBlockGraphEdge {
+                    parent,
+                    child,
+                    name: e.name().to_string(),
+                    perm: e.perm().qmp_names(true),
+                    shared_perm: e.shared().qmp_names(true),
+                });
             }
         }
-        json!({"nodes": nodes, "edges": edges})
+        XDbgBlockGraph { nodes, edges }
+    }
+}
+
+/// QEMU's `XDbgBlockGraph` (`x-debug-query-block-graph`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct XDbgBlockGraph {
+    pub nodes: Vec<XDbgBlockGraphNode>,
+    pub edges: Vec<XDbgBlockGraphEdge>,
+}
+
+/// QEMU's `XDbgBlockGraphNode`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct XDbgBlockGraphNode {
+    pub id: usize,
+    #[serde(rename = "type")]
+    pub kind: XDbgBlockGraphNodeType,
+    pub name: String,
+}
+
+/// QEMU's `XDbgBlockGraphNodeType`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum XDbgBlockGraphNodeType {
+    BlockBackend,
+    BlockJob,
+    BlockDriver,
+}
+
+/// QEMU's `XDbgBlockGraphEdge`: `perm` and `shared-perm` are `BlockPermission`
+/// names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct XDbgBlockGraphEdge {
+    pub parent: usize,
+    pub child: usize,
+    pub name: String,
+    pub perm: Vec<&'static str>,
+    pub shared_perm: Vec<&'static str>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The wire shape of `XDbgBlockGraph`, pinned.
+    #[test]
+    fn block_graph_as_vubd_writes_it() {
+        let g = XDbgBlockGraph {
+            nodes: vec![XDbgBlockGraphNode {
+                id: 1,
+                kind: XDbgBlockGraphNodeType::BlockDriver,
+                name: "n".into(),
+            }],
+            edges: vec![XDbgBlockGraphEdge {
+                parent: 2,
+                child: 1,
+                name: "root".into(),
+                perm: vec!["consistent-read"],
+                shared_perm: vec!["write", "resize"],
+            }],
+        };
+        assert_eq!(
+            serde_json::to_string(&g).unwrap(),
+            r#"{"nodes":[{"id":1,"type":"block-driver","name":"n"}],"edges":[{"parent":2,"child":1,"name":"root","perm":["consistent-read"],"shared-perm":["write","resize"]}]}"#
+        );
     }
 }

@@ -8,15 +8,17 @@ use crate::config::OnError;
 use crate::control::error::{ControlError, ErrorKind};
 use crate::jobs::commit::Commit;
 use crate::jobs::copy::{JobCtx, CANCELLED};
+use crate::jobs::info::{BlockJobError, BlockJobPending, JobStatusChange};
 use crate::jobs::mirror::Seed;
 use crate::jobs::stream::Stream;
 use crate::jobs::{Cancel, Job, JobCore, JobMsg, Status, Verb};
 use blocklayer::backend::BlockBackend;
 use blocklayer::drivers::job_filter::JobFilterKind;
 use blocklayer::edge::Parent;
+use blocklayer::error_policy::IoStatus;
+use blocklayer::events::IoOperation;
 use blocklayer::perm::Perm;
 use blocklayer::Node;
-use serde_json::json;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -91,11 +93,9 @@ impl Control {
         if opts.speed < 0 {
             // QEMU creates the job before it sets the speed: the job appears and is
             // gone at once.
-            for status in ["created", "null"] {
-                self.events.emit(
-                    "JOB_STATUS_CHANGE",
-                    Some(json!({"id": id, "status": status})),
-                );
+            for status in [Status::Created, Status::Null] {
+                self.events
+                    .emit_data("JOB_STATUS_CHANGE", &JobStatusChange { id, status });
             }
             return Err(ControlError::generic(
                 "Parameter 'speed' expects a non-negative value",
@@ -745,16 +745,29 @@ impl Control {
                 action,
                 nospace,
             } => {
-                events.emit(
+                let operation = if read {
+                    IoOperation::Read
+                } else {
+                    IoOperation::Write
+                };
+                events.emit_data(
                     "BLOCK_JOB_ERROR",
-                    Some(json!({"device": id, "operation": if read {"read"} else {"write"}, "action": action})),
+                    &BlockJobError {
+                        device: &id,
+                        operation,
+                        action,
+                    },
                 );
                 if action != "stop" {
                     return;
                 }
                 if let Some(j) = self.jobs.get_mut(&id) {
                     j.user_paused = true;
-                    j.io_status = if nospace { "nospace" } else { "failed" };
+                    j.io_status = if nospace {
+                        IoStatus::Nospace
+                    } else {
+                        IoStatus::Failed
+                    };
                     if let Some(to) = j.status.paused() {
                         self.jobs.transition(&events, &id, to);
                     }
@@ -796,7 +809,7 @@ impl Control {
                 if auto {
                     self.finalize(id);
                 } else {
-                    events.emit("BLOCK_JOB_PENDING", Some(json!({"type": kind, "id": id})));
+                    events.emit_data("BLOCK_JOB_PENDING", &BlockJobPending { kind, id });
                 }
             }
             r => {
@@ -826,7 +839,7 @@ impl Control {
         if auto {
             self.finalize(id);
         } else {
-            events.emit("BLOCK_JOB_PENDING", Some(json!({"type": kind, "id": id})));
+            events.emit_data("BLOCK_JOB_PENDING", &BlockJobPending { kind, id });
         }
     }
 
@@ -953,7 +966,7 @@ impl Control {
         self.jobs.set_speed(id, speed)
     }
 
-    pub fn query_block_jobs(&self) -> serde_json::Value {
+    pub fn query_block_jobs(&self) -> Vec<crate::jobs::info::BlockJobInfo> {
         self.jobs.query_block()
     }
 }

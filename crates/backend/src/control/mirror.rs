@@ -512,12 +512,7 @@ impl Control {
             active: r.active,
             buf_size: r.buf_size,
             unmap: r.unmap,
-            target_cluster: r
-                .target
-                .driver()
-                .image_info_extra()
-                .and_then(|v| v.get("cluster-size").and_then(|c| c.as_u64()))
-                .unwrap_or(1),
+            target_cluster: r.target.driver().image_info().cluster_size.unwrap_or(1),
         };
         log::info!(
             "{} job '{}': '{}' -> '{}'",

@@ -6,18 +6,20 @@
 //! changes and drains those nodes; other exports keep serving.
 
 use crate::config::{ExportConfig, IoThreadConfig, ObjectConfig};
-use crate::export::{self, Export, ExportError};
+use crate::export::{self, BlockExportDeleted, BlockExportInfo, Export, ExportError};
 use crate::iothread::IoThread;
 use crate::qmp::events::EventBus;
 use crate::qmp::wire::QmpResult;
 use blocklayer::aio::uring::block_on;
 use blocklayer::backend::BlockBackend;
 use blocklayer::edge::Parent;
+use blocklayer::info::BlockDeviceInfo;
 use blocklayer::options::BlockdevOptions;
 use blocklayer::perm::Perm;
+use blocklayer::stats::{BlockDeviceStats, BlockStats};
 use blocklayer::{Graph, Node};
 pub use error::ControlError;
-use serde_json::{json, Map, Value};
+use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, Sender};
@@ -53,8 +55,9 @@ pub enum ControlMsg {
     },
     /// An export's serving thread has ended (after `block-export-del`).
     ExportGone(String),
-    /// An event raised off the control thread (an iothread's `BLOCK_IO_ERROR`).
-    Event { name: &'static str, data: Value },
+    /// A block-layer event raised off the control thread (an iothread's
+    /// `BLOCK_IO_ERROR`, a driver's `BLOCK_IMAGE_CORRUPTED`).
+    BlockEvent(blocklayer::events::BlockEvent),
     /// A block job's thread reports.
     Job(crate::jobs::JobMsg),
     /// Shut the daemon down, then acknowledge.
@@ -167,7 +170,7 @@ impl Control {
                     let _ = reply.send(result);
                 }
                 ControlMsg::ExportGone(id) => self.export_gone(&id),
-                ControlMsg::Event { name, data } => self.events.emit(name, Some(data)),
+                ControlMsg::BlockEvent(e) => self.events.emit_data(e.name(), &e),
                 ControlMsg::Job(msg) => self.job_msg(msg),
                 ControlMsg::Metrics(reply) => {
                     let _ = reply.send(self.metrics_snapshot());
@@ -274,8 +277,8 @@ impl Control {
         Ok(())
     }
 
-    pub fn query_iothreads(&self) -> Value {
-        Value::Array(self.iothreads.values().map(|t| t.info()).collect())
+    pub fn query_iothreads(&self) -> Vec<crate::iothread::IoThreadInfo> {
+        self.iothreads.values().map(|t| t.info()).collect()
     }
 
     // ---- nodes -----------------------------------------------------------------
@@ -363,58 +366,51 @@ impl Control {
         Ok(())
     }
 
-    pub fn query_named_block_nodes(&self, flat: bool) -> Value {
-        blocklayer::info::to_json(&self.graph.query_named_block_nodes(flat))
+    pub fn query_named_block_nodes(&self, flat: bool) -> Vec<BlockDeviceInfo> {
+        self.graph.query_named_block_nodes(flat)
     }
 
     /// QEMU's `BlockStats` of a node, with its `file` child as `parent` and its
     /// `backing` child as `backing`.
-    fn node_stats(node: &Node, stats: Value, with_name: bool) -> Value {
-        let mut m = Map::new();
-        if with_name {
-            m.insert("node-name".into(), json!(node.name()));
+    fn node_stats(node: &Node, stats: BlockDeviceStats) -> BlockStats {
+        let child_stats = |name: &str| {
+            node.children()
+                .into_iter()
+                .find(|c| c.name() == name)
+                .map(|c| Box::new(Self::node_stats(&c.node(), c.node().stats.snapshot())))
+        };
+        BlockStats {
+            node_name: Some(node.name().to_string()),
+            stats,
+            driver_specific: node.driver().driver_specific_stats(),
+            parent: child_stats("file"),
+            backing: child_stats("backing"),
+            device: None,
+            qdev: None,
         }
-        m.insert("stats".into(), stats);
-        if let Some(specific) = node.driver().driver_specific_stats() {
-            m.insert("driver-specific".into(), specific);
-        }
-        for child in node.children() {
-            let key = match child.name() {
-                "file" => "parent",
-                "backing" => "backing",
-                _ => continue,
-            };
-            m.insert(
-                key.into(),
-                Self::node_stats(&child.node(), child.node().stats.to_json(), true),
-            );
-        }
-        Value::Object(m)
     }
 
     /// `query-blockstats`: one entry per export (the statistics of what its frontend
     /// asked for), or with `query_nodes` one per node.
-    pub fn query_blockstats(&self, query_nodes: bool) -> Value {
+    pub fn query_blockstats(&self, query_nodes: bool) -> Vec<BlockStats> {
         if query_nodes {
-            return Value::Array(
-                self.graph
-                    .nodes()
-                    .map(|n| Self::node_stats(n, n.stats.to_json(), true))
-                    .collect(),
-            );
+            return self
+                .graph
+                .nodes()
+                .map(|n| Self::node_stats(n, n.stats.snapshot()))
+                .collect();
         }
-        Value::Array(
-            self.exports
-                .values()
-                .map(|e| {
-                    let ex = &e.export;
-                    let mut v = Self::node_stats(&ex.node(), ex.blk().stats().to_json(), true);
-                    v["device"] = json!("");
-                    v["qdev"] = json!(ex.id());
-                    v
-                })
-                .collect(),
-        )
+        self.exports
+            .values()
+            .map(|e| {
+                let ex = &e.export;
+                BlockStats {
+                    device: Some(String::new()),
+                    qdev: Some(ex.id().to_string()),
+                    ..Self::node_stats(&ex.node(), ex.blk().stats().snapshot())
+                }
+            })
+            .collect()
     }
 
     /// The figures a metrics scrape shows: every export's request counters, every
@@ -604,29 +600,24 @@ impl Control {
             }
             log::info!("export {id} deleted");
             self.events
-                .emit("BLOCK_EXPORT_DELETED", Some(json!({ "id": id })));
+                .emit_data("BLOCK_EXPORT_DELETED", &BlockExportDeleted { id });
         }
     }
 
-    pub fn query_block_exports(&self) -> Value {
-        Value::Array(
-            self.exports
-                .values()
-                .map(|e| {
-                    let ex = &e.export;
-                    let mut v = json!({
-                        "id": ex.id(),
-                        "type": ex.type_name(),
-                        "node-name": ex.node().name(),
-                        "shutting-down": e.shutting_down,
-                    });
-                    if ex.blk().iostatus_enabled() {
-                        v["iostatus"] = json!(ex.blk().iostatus().name());
-                    }
-                    v
-                })
-                .collect(),
-        )
+    pub fn query_block_exports(&self) -> Vec<BlockExportInfo> {
+        self.exports
+            .values()
+            .map(|e| {
+                let ex = &e.export;
+                BlockExportInfo {
+                    id: ex.id().to_string(),
+                    kind: ex.type_name(),
+                    node_name: ex.node().name().to_string(),
+                    shutting_down: e.shutting_down,
+                    iostatus: ex.blk().iostatus_enabled().then(|| ex.blk().iostatus()),
+                }
+            })
+            .collect()
     }
 
     /// `x-blockdev-set-iothread`: moves the exports of a node to another iothread
@@ -807,7 +798,7 @@ impl Control {
         self.job_dismiss(id, false)
     }
 
-    pub fn query_jobs(&self) -> Value {
+    pub fn query_jobs(&self) -> Vec<crate::jobs::info::JobInfo> {
         self.jobs.query()
     }
 
@@ -860,7 +851,7 @@ impl Control {
             }
             // As qemu-storage-daemon, which deletes its exports on the way out.
             self.events
-                .emit("BLOCK_EXPORT_DELETED", Some(json!({ "id": id })));
+                .emit_data("BLOCK_EXPORT_DELETED", &BlockExportDeleted { id });
         }
         for p in self.cleanup.iter().chain(self.pidfile.iter()) {
             let _ = std::fs::remove_file(p);

@@ -31,6 +31,27 @@ pub enum ExportError {
 
 pub type Result<T> = std::result::Result<T, ExportError>;
 
+/// QEMU's `BlockExportInfo` (`query-block-exports`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BlockExportInfo {
+    pub id: String,
+    /// QEMU's `BlockExportType` ([`Export::type_name`]).
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub node_name: String,
+    pub shutting_down: bool,
+    /// vubd's: the export's I/O status while it has an error policy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iostatus: Option<blocklayer::error_policy::IoStatus>,
+}
+
+/// `BLOCK_EXPORT_DELETED`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct BlockExportDeleted<'a> {
+    pub id: &'a str,
+}
+
 /// What the control plane needs of an export, whatever its protocol. An export
 /// serves from threads of its own; these calls come from the control thread.
 pub trait Export: Send + Sync {

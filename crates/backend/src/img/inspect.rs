@@ -1,6 +1,8 @@
 //! `vubd img info`, `check` and `map`.
 
 use super::{image_err, open_image, snapshot, Access, Parsed, Result};
+use blocklayer::format_info::Qcow2BitmapInfo;
+use blocklayer::info::to_json;
 use blocklayer::snapshot::SnapshotInfo;
 use qcow::{block_on, CheckReport, ExtentKind, Repair};
 use serde_json::{json, Value};
@@ -36,38 +38,24 @@ pub(super) fn info(args: &[String]) -> Result<()> {
         "backing-filename": i.backing_file,
         "backing-filename-format": i.backing_format,
     });
-    if let Some((offset, _)) = i.crypto_header {
+    let encrypt = match i.crypto_header {
+        Some((offset, _)) => Some(super::luks::qcow2_encrypt_info(file, offset)?),
+        None => None,
+    };
+    if let Some(e) = &encrypt {
         v["encrypted"] = json!(true);
-        v["encrypt"] = super::luks::qcow2_encrypt_info(file, offset)?;
+        v["encrypt"] = to_json(e);
     }
     // As qemu-img: the flags as the image has them ("in-use" while a program has
     // them, or after it crashed), the list only when there are bitmaps.
-    let bitmaps = img.bitmaps();
+    let bitmaps: Vec<Qcow2BitmapInfo> = img.bitmaps().iter().map(Qcow2BitmapInfo::from).collect();
     if !bitmaps.is_empty() {
-        v["bitmaps"] = Value::Array(
-            bitmaps
-                .iter()
-                .map(|b| {
-                    let mut flags = Vec::new();
-                    if b.in_use {
-                        flags.push("in-use");
-                    }
-                    if b.auto {
-                        flags.push("auto");
-                    }
-                    json!({ "flags": flags, "name": b.name, "granularity": b.granularity })
-                })
-                .collect(),
-        );
+        v["bitmaps"] = to_json(&bitmaps);
     }
     // As qemu-img: the list only when there are snapshots.
     if !snaps.is_empty() {
-        v["snapshots"] = Value::Array(
-            snaps
-                .iter()
-                .map(|s| SnapshotInfo::from(s).to_qmp())
-                .collect(),
-        );
+        let list: Vec<SnapshotInfo> = snaps.iter().map(SnapshotInfo::from).collect();
+        v["snapshots"] = to_json(&list);
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
@@ -86,22 +74,22 @@ pub(super) fn info(args: &[String]) -> Result<()> {
         "compression type: {}",
         v["compression-type"].as_str().unwrap_or_default()
     );
-    if let Some(list) = v["bitmaps"].as_array() {
+    if !bitmaps.is_empty() {
         println!("bitmaps:");
-        for (n, b) in list.iter().enumerate() {
+        for (n, b) in bitmaps.iter().enumerate() {
             println!("    [{n}]:");
             println!("        flags:");
-            for (k, f) in b["flags"].as_array().into_iter().flatten().enumerate() {
-                println!("            [{k}]: {}", f.as_str().unwrap_or_default());
+            for (k, f) in b.flags.iter().enumerate() {
+                println!("            [{k}]: {}", f.name());
             }
-            println!("        name: {}", b["name"].as_str().unwrap_or_default());
-            println!("        granularity: {}", b["granularity"]);
+            println!("        name: {}", b.name);
+            println!("        granularity: {}", b.granularity);
         }
     }
-    if v["encrypted"] == json!(true) {
+    if let Some(e) = &encrypt {
         println!("encrypted: yes");
         println!("encrypt:");
-        super::luks::print_info(&v["encrypt"], "    ");
+        super::luks::print_info(&e.luks, Some(e.format.name()), "    ");
     }
     println!("corrupt: {}", i.corrupt);
     if let Some(b) = &i.backing_file {

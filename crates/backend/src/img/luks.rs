@@ -8,9 +8,11 @@ use super::{usage, ImgError, Result};
 use crate::config::ObjectConfig;
 use crate::keyval;
 use blocklayer::drivers::file::create::{CREATE_PERM, CREATE_SHARED};
-use blocklayer::drivers::luks::create::{header_info_json, LuksCreateOptions};
+use blocklayer::drivers::luks::create::LuksCreateOptions;
 use blocklayer::drivers::luks::header::{Header, HEADER_LEN, MAGIC};
+use blocklayer::drivers::luks::info::LuksInfo;
 use blocklayer::drivers::luks::volume;
+use blocklayer::format_info::Qcow2Encryption;
 use blocklayer::options::coerce::Fields;
 use blocklayer::secret::Secrets;
 use serde_json::{json, Map, Value};
@@ -108,42 +110,42 @@ fn read_header(
 
 /// The `encrypt` info of a qcow2 image whose LUKS header is at `offset` (QEMU's
 /// `QCryptoBlockInfo`, read without the passphrase as qemu-img does).
-pub(super) fn qcow2_encrypt_info(file: &str, offset: u64) -> Result<Value> {
+pub(super) fn qcow2_encrypt_info(file: &str, offset: u64) -> Result<Qcow2Encryption> {
     let (h, algs) = read_header(file, offset)?;
-    let mut data = header_info_json(&h, &algs);
-    data["format"] = json!("luks");
-    Ok(data)
+    Ok(Qcow2Encryption::luks(LuksInfo::of_header(&h, &algs)))
 }
 
-/// Prints the LUKS info `data` indented by `indent` (qemu-img's human form).
-pub(super) fn print_info(data: &Value, indent: &str) {
-    for k in [
-        "ivgen-alg",
-        "ivgen-hash-alg",
-        "hash-alg",
-        "cipher-alg",
-        "uuid",
-        "format",
-        "cipher-mode",
-    ] {
-        if let Some(s) = data[k].as_str() {
-            println!("{indent}{}: {s}", k.replace('-', " "));
+/// Prints the LUKS info `info` indented by `indent` (qemu-img's human form), with
+/// the `format` line of a qcow2 image's `encrypt`.
+pub(super) fn print_info(info: &LuksInfo, format: Option<&str>, indent: &str) {
+    let names = [
+        ("ivgen alg", Some(info.ivgen_alg.name())),
+        ("ivgen hash alg", info.ivgen_hash_alg.map(|h| h.name())),
+        ("hash alg", Some(info.hash_alg.name())),
+        ("cipher alg", Some(info.cipher_alg.name())),
+        ("uuid", Some(info.uuid.as_str())),
+        ("format", format),
+        ("cipher mode", Some(info.cipher_mode.name())),
+    ];
+    for (k, v) in names {
+        if let Some(v) = v {
+            println!("{indent}{k}: {v}");
         }
     }
     println!("{indent}slots:");
-    for (i, s) in data["slots"].as_array().into_iter().flatten().enumerate() {
+    for (i, s) in info.slots.iter().enumerate() {
         println!("{indent}    [{i}]:");
-        println!("{indent}        active: {}", s["active"]);
-        if s["active"] == json!(true) {
-            println!("{indent}        iters: {}", s["iters"]);
+        println!("{indent}        active: {}", s.active);
+        if let Some(iters) = s.iters {
+            println!("{indent}        iters: {iters}");
         }
-        println!("{indent}        key offset: {}", s["key-offset"]);
-        if s["active"] == json!(true) {
-            println!("{indent}        stripes: {}", s["stripes"]);
+        println!("{indent}        key offset: {}", s.key_offset);
+        if let Some(stripes) = s.stripes {
+            println!("{indent}        stripes: {stripes}");
         }
     }
-    println!("{indent}payload offset: {}", data["payload-offset"]);
-    println!("{indent}master key iters: {}", data["master-key-iters"]);
+    println!("{indent}payload offset: {}", info.payload_offset);
+    println!("{indent}master key iters: {}", info.master_key_iters);
 }
 
 /// `info` of a LUKS volume: from the header, without the passphrase (as qemu-img).
@@ -156,7 +158,7 @@ pub(super) fn info(file: &str, json_out: bool) -> Result<()> {
         use std::os::unix::fs::MetadataExt;
         meta.blocks() * 512
     };
-    let data = header_info_json(&h, &algs);
+    let data = LuksInfo::of_header(&h, &algs);
     let v = json!({
         "filename": file,
         "format": "luks",
@@ -175,7 +177,7 @@ pub(super) fn info(file: &str, json_out: bool) -> Result<()> {
     println!("disk size: {actual} bytes");
     println!("encrypted: yes");
     println!("Format specific information:");
-    print_info(&data, "    ");
+    print_info(&data, None, "    ");
     Ok(())
 }
 

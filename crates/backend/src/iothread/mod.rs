@@ -31,6 +31,18 @@ pub struct IoThread {
     event_loop: Arc<EventLoop>,
 }
 
+/// QEMU's `IOThreadInfo` (`query-iothreads`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct IoThreadInfo {
+    pub id: String,
+    pub thread_id: i32,
+    pub poll_max_ns: u64,
+    pub poll_grow: u64,
+    pub poll_shrink: u64,
+    pub aio_max_batch: u64,
+}
+
 /// QEMU's default `thread-pool-max`.
 const THREAD_POOL_MAX: i64 = 64;
 
@@ -93,16 +105,16 @@ impl IoThread {
     }
 
     /// QEMU's `IOThreadInfo`.
-    pub fn info(&self) -> serde_json::Value {
+    pub fn info(&self) -> IoThreadInfo {
         let c = self.config();
-        serde_json::json!({
-            "id": self.id,
-            "thread-id": self.thread_id(),
-            "poll-max-ns": c.poll_max_ns,
-            "poll-grow": c.poll_grow,
-            "poll-shrink": c.poll_shrink,
-            "aio-max-batch": c.aio_max_batch,
-        })
+        IoThreadInfo {
+            id: self.id.clone(),
+            thread_id: self.thread_id(),
+            poll_max_ns: c.poll_max_ns,
+            poll_grow: c.poll_grow,
+            poll_shrink: c.poll_shrink,
+            aio_max_batch: c.aio_max_batch,
+        }
     }
 
     /// The value of the property `name` (one of [`PROPERTIES`]).

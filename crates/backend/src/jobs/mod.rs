@@ -14,13 +14,15 @@ pub mod backup;
 pub mod commit;
 pub mod copy;
 pub mod core;
+pub mod info;
 pub mod mirror;
 pub mod stream;
 
 use crate::control::error::{ControlError, ErrorKind};
 use crate::iothread::IoThread;
 use crate::qmp::events::EventBus;
-use serde_json::{json, Value};
+use blocklayer::error_policy::IoStatus;
+use info::{BlockJobEvent, BlockJobInfo, JobInfo, JobStatusChange};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -177,7 +179,7 @@ pub struct Job {
     pub user_paused: bool,
     /// QEMU's `BlockDeviceIoStatus` of the job: set when an error stops it, reset
     /// when it is resumed.
-    pub io_status: &'static str,
+    pub io_status: IoStatus,
     /// The job converged while paused: it becomes ready when resumed.
     pub ready_on_resume: bool,
     pub error: Option<String>,
@@ -205,7 +207,7 @@ impl Job {
             auto_finalize: true,
             auto_dismiss: block,
             user_paused: false,
-            io_status: "ok",
+            io_status: IoStatus::Ok,
             ready_on_resume: false,
             error: None,
             block,
@@ -223,56 +225,51 @@ impl Job {
     }
 
     /// QEMU's `BlockJobInfo` (query-block-jobs).
-    pub fn block_info(&self) -> Value {
-        let mut v = json!({
-            "type": self.kind,
-            "device": self.id,
-            "len": self.core.len(),
-            "offset": self.core.offset(),
-            "busy": self.core.is_busy() && matches!(self.status, Status::Running | Status::Ready),
-            "paused": self.user_paused,
-            "speed": self.core.speed(),
-            "io-status": self.io_status,
-            "ready": matches!(self.status, Status::Ready | Status::Standby),
-            "status": self.status.name(),
-            "auto-finalize": self.auto_finalize,
-            "auto-dismiss": self.auto_dismiss,
-        });
-        if let Some(e) = &self.error {
-            v["error"] = json!(e);
+    pub fn block_info(&self) -> BlockJobInfo {
+        BlockJobInfo {
+            kind: self.kind,
+            device: self.id.clone(),
+            len: self.core.len(),
+            offset: self.core.offset(),
+            busy: self.core.is_busy() && matches!(self.status, Status::Running | Status::Ready),
+            paused: self.user_paused,
+            speed: self.core.speed(),
+            io_status: self.io_status,
+            ready: matches!(self.status, Status::Ready | Status::Standby),
+            status: self.status,
+            auto_finalize: self.auto_finalize,
+            auto_dismiss: self.auto_dismiss,
+            error: self.error.clone(),
         }
-        v
     }
 
     /// QEMU's `JobInfo` (query-jobs).
-    pub fn info(&self) -> Value {
-        let (cur, total) = if self.block {
-            (self.core.offset(), self.core.len())
+    pub fn info(&self) -> JobInfo {
+        let total = if self.block {
+            self.core.len()
         } else {
-            (self.core.offset(), self.core.len().max(1))
+            self.core.len().max(1)
         };
-        let mut v = json!({
-            "id": self.id,
-            "type": self.kind,
-            "status": self.status.name(),
-            "current-progress": cur,
-            "total-progress": total,
-        });
-        if let Some(e) = &self.error {
-            v["error"] = json!(e);
+        JobInfo {
+            id: self.id.clone(),
+            kind: self.kind,
+            status: self.status,
+            current_progress: self.core.offset(),
+            total_progress: total,
+            error: self.error.clone(),
         }
-        v
     }
 
     /// The data of BLOCK_JOB_COMPLETED, _CANCELLED and _READY.
-    fn event_data(&self) -> Value {
-        json!({
-            "type": self.kind,
-            "device": self.id,
-            "len": self.core.len(),
-            "offset": self.core.offset(),
-            "speed": self.core.speed(),
-        })
+    fn event_data(&self) -> BlockJobEvent<'_> {
+        BlockJobEvent {
+            kind: self.kind,
+            device: &self.id,
+            len: self.core.len(),
+            offset: self.core.offset(),
+            speed: self.core.speed(),
+            error: None,
+        }
     }
 }
 
@@ -333,9 +330,12 @@ impl Jobs {
 
     /// Registers a new job (created) and announces it.
     pub fn insert(&mut self, events: &EventBus, job: Job) {
-        events.emit(
+        events.emit_data(
             "JOB_STATUS_CHANGE",
-            Some(json!({ "id": job.id, "status": "created" })),
+            &JobStatusChange {
+                id: &job.id,
+                status: Status::Created,
+            },
         );
         self.jobs.insert(job.id.clone(), job);
     }
@@ -354,10 +354,7 @@ impl Jobs {
             return;
         }
         j.status = to;
-        events.emit(
-            "JOB_STATUS_CHANGE",
-            Some(json!({ "id": id, "status": to.name() })),
-        );
+        events.emit_data("JOB_STATUS_CHANGE", &JobStatusChange { id, status: to });
         if to == Status::Null {
             self.jobs.remove(id);
         }
@@ -410,7 +407,7 @@ impl Jobs {
         }
         let job = self.check_verb(id, Verb::Resume, block)?;
         job.user_paused = false;
-        job.io_status = "ok";
+        job.io_status = IoStatus::Ok;
         job.core.set_paused(false);
         if let Some(to) = job.status.resumed() {
             self.transition(events, id, to);
@@ -462,14 +459,15 @@ impl Jobs {
         if !j.block {
             return;
         }
-        let mut data = j.event_data();
+        let data = j.event_data();
         if j.cancelled() {
-            events.emit("BLOCK_JOB_CANCELLED", Some(data));
+            events.emit_data("BLOCK_JOB_CANCELLED", &data);
         } else {
-            if let Some(e) = &j.error {
-                data["error"] = json!(e);
-            }
-            events.emit("BLOCK_JOB_COMPLETED", Some(data));
+            let data = BlockJobEvent {
+                error: j.error.as_deref(),
+                ..data
+            };
+            events.emit_data("BLOCK_JOB_COMPLETED", &data);
         }
     }
 
@@ -478,10 +476,10 @@ impl Jobs {
         if let Some(j) = self.jobs.get(id) {
             let mut data = j.event_data();
             if let Some(n) = at {
-                data["len"] = json!(n);
-                data["offset"] = json!(n);
+                data.len = n;
+                data.offset = n;
             }
-            events.emit("BLOCK_JOB_READY", Some(data));
+            events.emit_data("BLOCK_JOB_READY", &data);
         }
     }
 
@@ -504,19 +502,17 @@ impl Jobs {
             .collect()
     }
 
-    pub fn query(&self) -> Value {
-        Value::Array(self.jobs.values().map(Job::info).collect())
+    pub fn query(&self) -> Vec<JobInfo> {
+        self.jobs.values().map(Job::info).collect()
     }
 
     /// `query-block-jobs`
-    pub fn query_block(&self) -> Value {
-        Value::Array(
-            self.jobs
-                .values()
-                .filter(|j| j.block)
-                .map(Job::block_info)
-                .collect(),
-        )
+    pub fn query_block(&self) -> Vec<BlockJobInfo> {
+        self.jobs
+            .values()
+            .filter(|j| j.block)
+            .map(Job::block_info)
+            .collect()
     }
 }
 

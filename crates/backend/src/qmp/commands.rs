@@ -11,6 +11,7 @@ use super::schema::{self, Member};
 use super::wire::{ErrorClass, QmpError, QmpResult, QEMU_VERSION};
 use crate::config::{ExportConfig, ObjectConfig};
 use crate::control::Control;
+use blocklayer::info::to_json;
 use blocklayer::options::{BlockdevOptions, OptionsError};
 use serde_json::{json, Value};
 
@@ -315,7 +316,7 @@ pub const COMMANDS: &[CommandDef] = &[
         handler: |ctl, mut a, _| {
             let flat = a.opt_bool("flat")?.unwrap_or(false);
             a.finish()?;
-            Ok(ctl.query_named_block_nodes(flat))
+            Ok(to_json(&ctl.query_named_block_nodes(flat)))
         },
     },
     CommandDef {
@@ -325,7 +326,7 @@ pub const COMMANDS: &[CommandDef] = &[
         features: &[],
         handler: |ctl, a, _| {
             a.finish()?;
-            Ok(ctl.query_block_exports())
+            Ok(to_json(&ctl.query_block_exports()))
         },
     },
     CommandDef {
@@ -335,7 +336,7 @@ pub const COMMANDS: &[CommandDef] = &[
         features: &[],
         handler: |ctl, a, _| {
             a.finish()?;
-            Ok(ctl.query_iothreads())
+            Ok(to_json(&ctl.query_iothreads()))
         },
     },
     CommandDef {
@@ -346,7 +347,7 @@ pub const COMMANDS: &[CommandDef] = &[
         handler: |ctl, mut a, _| {
             let query_nodes = a.opt_bool("query-nodes")?.unwrap_or(false);
             a.finish()?;
-            Ok(ctl.query_blockstats(query_nodes))
+            Ok(to_json(&ctl.query_blockstats(query_nodes)))
         },
     },
     CommandDef {
@@ -605,7 +606,7 @@ pub const COMMANDS: &[CommandDef] = &[
             let name = a.opt_str("name")?;
             a.finish()?;
             let snap = ctl.snapshot_delete_internal(&device, id.as_deref(), name.as_deref())?;
-            Ok(snap.to_qmp())
+            Ok(to_json(&snap))
         },
     },
     CommandDef {
@@ -648,7 +649,7 @@ pub const COMMANDS: &[CommandDef] = &[
         features: &[],
         handler: |ctl, a, _| {
             a.finish()?;
-            Ok(ctl.query_jobs())
+            Ok(to_json(&ctl.query_jobs()))
         },
     },
     job_command!("job-dismiss", "id", JOB_ID),
@@ -664,7 +665,7 @@ pub const COMMANDS: &[CommandDef] = &[
         features: &[],
         handler: |ctl, a, _| {
             a.finish()?;
-            Ok(ctl.query_block_jobs())
+            Ok(to_json(&ctl.query_block_jobs()))
         },
     },
     CommandDef {
@@ -889,7 +890,7 @@ pub const COMMANDS: &[CommandDef] = &[
         features: &[],
         handler: |ctl, a, _| {
             a.finish()?;
-            Ok(ctl.query_block_graph())
+            Ok(to_json(&ctl.query_block_graph()))
         },
     },
     CommandDef {

@@ -56,4 +56,9 @@ impl EventBus {
             c.event(bytes)
         });
     }
+
+    /// [`EventBus::emit`] with the data `data` serialises as.
+    pub fn emit_data(&self, name: &str, data: &impl serde::Serialize) {
+        self.emit(name, Some(blocklayer::info::to_json(data)));
+    }
 }

@@ -1741,7 +1741,7 @@ mod tests {
                 .iter()
                 .find(|d| d.name == e.name())
                 .unwrap_or_else(|| panic!("{} not in EVENTS", e.name()));
-            for key in e.data().as_object().unwrap().keys() {
+            for key in blocklayer::info::to_json(e).as_object().unwrap().keys() {
                 assert!(
                     def.data.iter().any(|m| member_name(m).0 == key),
                     "{}: {key} not declared",

@@ -11,6 +11,7 @@ use crate::drivers::lock::{
 use crate::error::{BlockError, Result};
 use crate::limits::Limits;
 use crate::options::CommonOptions;
+use crate::stats::{BlockStatsSpecific, BlockStatsSpecificFile};
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
@@ -571,15 +572,19 @@ impl Driver for FileDriver {
         })
     }
 
-    fn driver_specific_stats(&self) -> Option<serde_json::Value> {
+    fn driver_specific_stats(&self) -> Option<BlockStatsSpecific> {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        Some(serde_json::json!({
-            "driver": self.driver_name(),
-            "discard-nb-ok": get(&self.stats.discard_nb_ok),
-            "discard-nb-failed": get(&self.stats.discard_nb_failed),
-            "discard-bytes-ok": get(&self.stats.discard_bytes_ok),
-            "x-sync-operations": get(&self.stats.syncs),
-        }))
+        let s = BlockStatsSpecificFile {
+            discard_nb_ok: get(&self.stats.discard_nb_ok),
+            discard_nb_failed: get(&self.stats.discard_nb_failed),
+            discard_bytes_ok: get(&self.stats.discard_bytes_ok),
+            x_sync_operations: get(&self.stats.syncs),
+        };
+        Some(if self.block_device {
+            BlockStatsSpecific::HostDevice(s)
+        } else {
+            BlockStatsSpecific::File(s)
+        })
     }
 
     fn write_zeroes(

@@ -3,8 +3,8 @@
 //! goes through [`create`] too.
 
 use super::crypto::{CipherAlg, CipherMode, HashAlg, IvGenAlg};
-use super::header::{Algorithms, Header};
-use super::volume::{self, CreateParams, Volume};
+use super::header::Algorithms;
+use super::volume::{self, CreateParams};
 use crate::aio::iovec::{AlignedBuf, IoVec};
 use crate::drivers::CreateWork;
 use crate::error::{BlockError, Result};
@@ -12,7 +12,6 @@ use crate::graph::Graph;
 use crate::node::Node;
 use crate::options::coerce::Fields;
 use crate::secret::Secrets;
-use serde_json::{json, Value};
 use std::sync::Arc;
 
 /// QEMU's default `iter-time` (ms).
@@ -143,40 +142,4 @@ pub(super) fn blockdev_create(mut f: Fields, graph: &Graph) -> Result<CreateWork
     let params = opts.params(graph.secrets())?;
     let node = graph.lookup(&file)?;
     Ok(Box::new(move || create(node, size, &params)))
-}
-
-/// QEMU's `QCryptoBlockInfoLUKS` of a volume (`format-specific` data).
-pub fn info_json(v: &Volume) -> Value {
-    header_info_json(&v.header, &v.algs)
-}
-
-/// [`info_json`] from the header alone (no passphrase needed, as `qemu-img info`).
-pub fn header_info_json(h: &Header, algs: &Algorithms) -> Value {
-    let slots: Vec<Value> = h
-        .slots
-        .iter()
-        .map(|s| {
-            let offset = s.key_offset as u64 * super::header::SECTOR;
-            if s.is_enabled() {
-                json!({"active": true, "iters": s.iterations, "stripes": s.stripes,
-                       "key-offset": offset})
-            } else {
-                json!({"active": false, "key-offset": offset})
-            }
-        })
-        .collect();
-    let mut data = json!({
-        "cipher-alg": algs.cipher.name(),
-        "cipher-mode": algs.mode.name(),
-        "ivgen-alg": algs.ivgen.name(),
-        "hash-alg": algs.hash.name(),
-        "payload-offset": h.payload_bytes(),
-        "master-key-iters": h.mk_iterations,
-        "uuid": h.uuid(),
-        "slots": slots,
-    });
-    if let Some(ih) = algs.ivgen_hash {
-        data["ivgen-hash-alg"] = json!(ih.name());
-    }
-    data
 }

@@ -230,7 +230,7 @@ pub fn amend_area(
     force: bool,
     mut read: impl FnMut(u64, usize) -> Result<Vec<u8>, crate::BlockError>,
     mut write: impl FnMut(u64, &[u8]) -> Result<(), crate::BlockError>,
-) -> Result<serde_json::Value, crate::BlockError> {
+) -> Result<super::info::LuksInfo, crate::BlockError> {
     let graph = |e: VolumeError| crate::BlockError::Graph(e.to_string());
     let mut bounded = |off: u64, len: usize| {
         if off.checked_add(len as u64).is_none_or(|end| end > area) {
@@ -269,7 +269,7 @@ pub fn amend_area(
     for (off, bytes) in writes {
         write(off, &bytes)?;
     }
-    Ok(super::create::header_info_json(&header, &algs))
+    Ok(super::info::LuksInfo::of_header(&header, &algs))
 }
 
 #[cfg(test)]
@@ -294,7 +294,7 @@ mod tests {
         area: u64,
         password: Option<&[u8]>,
         o: &AmendOptions,
-    ) -> Result<serde_json::Value, crate::BlockError> {
+    ) -> Result<crate::drivers::luks::info::LuksInfo, crate::BlockError> {
         amend_area(
             area,
             password,
@@ -325,7 +325,7 @@ mod tests {
             &options(SlotState::Active, Some(b"new"), None),
         )
         .unwrap();
-        assert_eq!(info["slots"][1]["active"], true);
+        assert!(info.slots[1].active);
         assert_eq!(image.borrow().len() as u64, area);
         let info = amend_mem(
             &image,
@@ -334,7 +334,7 @@ mod tests {
             &options(SlotState::Inactive, None, Some(b"old")),
         )
         .unwrap();
-        assert_eq!(info["slots"][0]["active"], false);
+        assert!(!info.slots[0].active);
         let read =
             |off: u64, len: usize| Ok(image.borrow()[off as usize..off as usize + len].to_vec());
         let head = image.borrow().clone();

@@ -15,6 +15,7 @@ use crate::aio::LocalBoxFuture;
 use crate::driver::Driver;
 use crate::edge::Edge;
 use crate::error::{BlockError, Result};
+use crate::format_info::{DriverImageInfo, ImageInfoSpecific};
 use crate::limits::Limits;
 use crate::node::Node;
 use std::sync::Arc;
@@ -23,10 +24,12 @@ pub mod create;
 pub mod crypto;
 pub mod fuzzing;
 pub mod header;
+pub mod info;
 pub mod keyslots;
 mod options;
 pub mod volume;
 
+use info::LuksInfo;
 pub use options::LuksOptions;
 use volume::Volume;
 
@@ -50,7 +53,7 @@ pub struct LuksDriver {
     /// The secret the volume was opened with (it unlocks it again to amend it).
     key_secret: String,
     /// `format-specific` data: the header's info, changed by amending the key slots.
-    info: std::sync::Mutex<serde_json::Value>,
+    info: std::sync::Mutex<LuksInfo>,
     /// Held while the key slots are amended (one amendment at a time).
     amending: std::sync::Mutex<()>,
 }
@@ -112,7 +115,7 @@ pub(crate) fn amend_at(
     request: &keyslots::AmendRequest,
     secrets: &crate::secret::Secrets,
     force: bool,
-) -> Result<serde_json::Value> {
+) -> Result<LuksInfo> {
     let (password, opts) = request
         .resolve(secrets, key_secret)
         .map_err(|e| BlockError::Graph(e.to_string()))?;
@@ -273,7 +276,7 @@ impl LuksDriver {
         }
         Ok(LuksDriver {
             file,
-            info: std::sync::Mutex::new(create::info_json(&volume)),
+            info: std::sync::Mutex::new(LuksInfo::of_header(&volume.header, &volume.algs)),
             volume,
             payload,
             key_secret: key_secret.to_string(),
@@ -351,11 +354,13 @@ impl Driver for LuksDriver {
         self.file.node().driver().actual_size()
     }
 
-    fn image_info_extra(&self) -> Option<serde_json::Value> {
-        Some(serde_json::json!({
-            "encrypted": true,
-            "format-specific": {"type": "luks", "data": self.info.lock().unwrap_or_else(|e| e.into_inner()).clone()},
-        }))
+    fn image_info(&self) -> DriverImageInfo {
+        let info = self.info.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        DriverImageInfo {
+            encrypted: true,
+            format_specific: Some(ImageInfoSpecific::Luks(info)),
+            ..Default::default()
+        }
     }
 
     fn read<'a>(&'a self, offset: u64, iov: IoVec) -> LocalBoxFuture<'a, Result<()>> {

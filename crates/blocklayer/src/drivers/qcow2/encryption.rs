@@ -9,6 +9,7 @@
 //! itself uses the same cipher for the copy-on-write it does.
 
 use crate::drivers::luks::crypto::SectorCipher;
+use crate::drivers::luks::info::LuksInfo;
 use crate::drivers::luks::keyslots::AmendRequest;
 use crate::drivers::luks::volume::{CreateParams, Volume};
 use crate::drivers::luks::{self, create::LuksCreateOptions};
@@ -100,7 +101,7 @@ impl qcow::DataCipher for LuksCipher {
 /// amending its key slots), and the secret it was opened with.
 pub struct Unlocked {
     pub cipher: Arc<LuksCipher>,
-    pub info: Mutex<Value>,
+    pub info: Mutex<LuksInfo>,
     pub key_secret: String,
     /// Where the LUKS header is (offset, length).
     pub area: (u64, u64),
@@ -120,20 +121,10 @@ impl Unlocked {
     ) -> Result<()> {
         let _one = self.amending.lock().unwrap_or_else(|e| e.into_inner());
         let (offset, len) = self.area;
-        let mut info =
-            luks::amend_at(file, offset, len, &self.key_secret, request, secrets, force)?;
-        info["format"] = json!("luks");
+        let info = luks::amend_at(file, offset, len, &self.key_secret, request, secrets, force)?;
         *self.info.lock().unwrap_or_else(|e| e.into_inner()) = info;
         Ok(())
     }
-}
-
-/// QEMU's `QCryptoBlockInfo` of a LUKS header in a qcow2 image (`encrypt` in
-/// `format-specific`).
-pub fn info_json(v: &Volume) -> Value {
-    let mut info = luks::create::info_json(v);
-    info["format"] = json!("luks");
-    info
 }
 
 /// What the header (`crypto_header`: where its LUKS header is, if encrypted) and the
@@ -169,7 +160,7 @@ pub fn unlock(
         .lookup_utf8(id)
         .map_err(|e| BlockError::Graph(e.to_string()))?;
     let volume = luks::unlock_at(file, offset, len, password.as_bytes())?;
-    let info = info_json(&volume);
+    let info = LuksInfo::of_header(&volume.header, &volume.algs);
     // The volume key is wiped when the volume drops; only the cipher stays.
     let Volume { cipher, .. } = volume;
     Ok(Some(Unlocked {

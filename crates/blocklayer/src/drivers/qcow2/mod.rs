@@ -23,10 +23,12 @@ use crate::driver::Driver;
 use crate::drivers::luks;
 use crate::edge::Edge;
 use crate::error::{BlockError, Result};
+use crate::format_info::{DriverImageInfo, ImageInfoSpecific, Qcow2Info};
 use crate::node::Node;
 use crate::periodic::{self, Periodic};
 use crate::persistent_bitmaps::{le_to_words, words_to_le, PersistentBitmap};
 use crate::snapshot::{NewSnapshot, SnapshotInfo};
+use crate::stats::{BlockStatsSpecific, BlockStatsSpecificQcow2};
 use arc_swap::ArcSwapOption;
 use qcow::io::QcowIo;
 use qcow::{Backing, Extent, ExtentKind, Extents, OpenOptions, Qcow2};
@@ -671,84 +673,36 @@ impl Driver for Qcow2Driver {
         self.file.driver().actual_size()
     }
 
-    fn driver_specific_stats(&self) -> Option<serde_json::Value> {
+    fn driver_specific_stats(&self) -> Option<BlockStatsSpecific> {
         // QEMU has no qcow2 statistics; these are vubd's own (`x-`).
         let s = self.image.cache_stats();
-        Some(serde_json::json!({
-            "driver": "qcow2",
-            "x-l2-cache-entries": s.l2.entries,
-            "x-l2-cache-hits": s.l2.hits,
-            "x-l2-cache-misses": s.l2.misses,
-            "x-l2-cache-cleaned": s.l2.cleaned,
-            "x-refcount-cache-entries": s.refcount.entries,
-            "x-refcount-cache-hits": s.refcount.hits,
-            "x-refcount-cache-misses": s.refcount.misses,
-            "x-refcount-cache-cleaned": s.refcount.cleaned,
-            "x-cache-cleans": s.cleans,
+        Some(BlockStatsSpecific::Qcow2(BlockStatsSpecificQcow2 {
+            x_l2_cache_entries: s.l2.entries,
+            x_l2_cache_hits: s.l2.hits,
+            x_l2_cache_misses: s.l2.misses,
+            x_l2_cache_cleaned: s.l2.cleaned,
+            x_refcount_cache_entries: s.refcount.entries,
+            x_refcount_cache_hits: s.refcount.hits,
+            x_refcount_cache_misses: s.refcount.misses,
+            x_refcount_cache_cleaned: s.refcount.cleaned,
+            x_cache_cleans: s.cleans,
         }))
     }
 
-    fn image_info_extra(&self) -> Option<serde_json::Value> {
+    fn image_info(&self) -> DriverImageInfo {
         let info = self.image.info();
-        // As QEMU: a version 2 image reports zlib (the only type it can have).
-        let mut data = serde_json::json!({
-            "compat": if info.version >= 3 { "1.1" } else { "0.10" },
-            "compression-type": match info.compression {
-                qcow::CompressionType::Zlib => "zlib",
-                qcow::CompressionType::Zstd => "zstd",
-            },
-        });
-        if info.version >= 3 {
-            data["lazy-refcounts"] = info.lazy_refcounts.into();
-            // As QEMU: the flags as the image has them, the list only when there
-            // are bitmaps.
-            let bitmaps = self.image.bitmaps();
-            if !bitmaps.is_empty() {
-                data["bitmaps"] = bitmaps
-                    .iter()
-                    .map(|b| {
-                        let mut flags = Vec::new();
-                        if b.in_use {
-                            flags.push("in-use");
-                        }
-                        if b.auto {
-                            flags.push("auto");
-                        }
-                        serde_json::json!({
-                            "flags": flags,
-                            "name": b.name,
-                            "granularity": b.granularity,
-                        })
-                    })
-                    .collect();
-            }
-            data["refcount-bits"] = info.refcount_bits.into();
-            data["corrupt"] = info.corrupt.into();
-            data["extended-l2"] = info.extended_l2.into();
-            if let Some(df) = &info.data_file {
-                data["data-file"] = df.as_str().into();
-                data["data-file-raw"] = info.data_file_raw.into();
-            }
-        } else {
-            data["refcount-bits"] = info.refcount_bits.into();
+        let encrypt = self
+            .crypt
+            .as_ref()
+            .map(|c| c.info.lock().unwrap_or_else(|e| e.into_inner()).clone());
+        let specific = Qcow2Info::new(&info, &self.image.bitmaps(), encrypt);
+        DriverImageInfo {
+            cluster_size: Some(info.cluster_size),
+            encrypted: self.crypt.is_some(),
+            format_specific: Some(ImageInfoSpecific::Qcow2(specific)),
+            backing_filename: info.backing_file,
+            backing_filename_format: info.backing_format,
         }
-        if let Some(c) = &self.crypt {
-            data["encrypt"] = c.info.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        }
-        let mut extra = serde_json::json!({
-            "cluster-size": info.cluster_size,
-            "format-specific": {"type": "qcow2", "data": data},
-        });
-        if self.crypt.is_some() {
-            extra["encrypted"] = true.into();
-        }
-        if let Some(b) = info.backing_file {
-            extra["backing-filename"] = b.into();
-        }
-        if let Some(f) = info.backing_format {
-            extra["backing-filename-format"] = f.into();
-        }
-        Some(extra)
     }
 
     fn load_persistent_bitmaps(&self) -> Result<Vec<PersistentBitmap>> {

@@ -25,6 +25,7 @@ use crate::aio::iovec::IoVec;
 use crate::aio::LocalBoxFuture;
 use crate::driver::Driver;
 use crate::error::{strerror, BlockError, Result};
+use crate::format_info::{DriverImageInfo, ImageInfoSpecific, RbdInfo};
 use crate::options::CommonOptions;
 use conn::{connect, cstr, Conn};
 use ffi::{Completion, Image};
@@ -288,11 +289,12 @@ impl Driver for RbdDriver {
         format!("json:{}", serde_json::Value::Object(m))
     }
 
-    fn image_info_extra(&self) -> Option<serde_json::Value> {
-        Some(serde_json::json!({
-            "cluster-size": self.object_size,
-            "format-specific": {"type": "rbd", "data": {}},
-        }))
+    fn image_info(&self) -> DriverImageInfo {
+        DriverImageInfo {
+            cluster_size: Some(self.object_size),
+            format_specific: Some(ImageInfoSpecific::Rbd(RbdInfo {})),
+            ..Default::default()
+        }
     }
 
     /// Closes the image at exit (or when a reopen replaces the node): its exclusive
