@@ -3,7 +3,7 @@
 //! of requests waiting for budget.
 //!
 //! A bucket is kept as the time at which it would be empty ("theoretical arrival
-//! time", `tat`), in nanoseconds since the group's epoch. The level QEMU keeps
+//! time", `tat`), in nanoseconds since the clock's epoch (`aio::clock`). The level QEMU keeps
 //! (units) is `(tat - now) / ns_per_unit`; leaking is implicit in time passing, so
 //! no request has to update a shared "last leak" timestamp. A request may go when
 //! every bucket of its direction is at most full (`tat - now <= capacity_ns`, QEMU's
@@ -28,7 +28,6 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Waker};
-use std::time::Instant;
 
 const NS_PER_SEC: f64 = 1e9;
 
@@ -118,7 +117,6 @@ impl Bucket {
 /// A `throttle-group` object's shared state.
 pub struct ThrottleGroup {
     name: String,
-    epoch: Instant,
     /// Whether any limit is set: the one load an unlimited group costs a request.
     enabled: AtomicBool,
     op_size: AtomicU64,
@@ -134,7 +132,6 @@ impl ThrottleGroup {
     pub fn new(name: &str, config: ThrottleConfig) -> Arc<Self> {
         let g = ThrottleGroup {
             name: name.to_string(),
-            epoch: Instant::now(),
             enabled: AtomicBool::new(false),
             op_size: AtomicU64::new(0),
             buckets: Default::default(),
@@ -193,11 +190,10 @@ impl ThrottleGroup {
         members.iter().filter(|w| w.strong_count() > 0).count()
     }
 
+    /// The time of this thread's loop pass ([`clock::now_ns`], one per pass: the
+    /// buckets' times are in the clock's epoch, shared by every iothread).
     fn now_ns(&self) -> u64 {
-        clock::now()
-            .saturating_duration_since(self.epoch)
-            .as_nanos()
-            .min(u128::from(u64::MAX)) as u64
+        clock::now_ns()
     }
 
     /// How long a request of `dir` must wait (QEMU's `throttle_compute_wait_for`).
@@ -363,16 +359,22 @@ impl Member {
         }
     }
 
+    /// Whether a request of `bytes` in direction `dir` may go at once, charged if
+    /// so: nothing queued before it and budget left (or no limits now). A request
+    /// for which this is false goes through [`Member::intercept`].
+    pub fn admit_now(&self, dir: Direction, bytes: u64) -> bool {
+        self.bypassed()
+            || (self.queues[dir as usize].len.load(Ordering::Acquire) == 0
+                && self.group.try_admit(dir, bytes).is_ok())
+    }
+
     /// Waits until a request of `bytes` in direction `dir` may go by the group's
     /// limits, and charges it (QEMU's `throttle_group_co_io_limits_intercept`).
     pub async fn intercept(&self, dir: Direction, bytes: u64) {
-        if self.bypassed() {
+        if self.admit_now(dir, bytes) {
             return;
         }
         let queue = &self.queues[dir as usize];
-        if queue.len.load(Ordering::Acquire) == 0 && self.group.try_admit(dir, bytes).is_ok() {
-            return;
-        }
         let slot = Arc::new(Slot::default());
         let head = {
             let mut q = queue.lock();
