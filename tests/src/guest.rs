@@ -1068,6 +1068,12 @@ impl Guest {
     /// `migrate`; the guest keeps running on the source, and commands may still be
     /// sent, until [`Guest::finish_migration`].
     pub fn start_migration(&mut self, dest_sockets: &[PathBuf], parameters: Value) {
+        if let Process::External(vm) = &self.vm.process {
+            panic!(
+                "migration of a QEMU the harness did not start: {}",
+                vm.describe()
+            );
+        }
         assert_eq!(
             self.opts.console,
             ConsoleKind::Socket,
