@@ -71,6 +71,22 @@ if [ ${#ceph[@]} -gt 0 ]; then
     echo "setup: installing ${ceph[*]}"
     apt_install --no-install-recommends "${ceph[@]}"
 fi
+# libvirt, for the libvirt domain test (tests/tests/libvirt.rs): Debian's libvirtd with
+# its QEMU driver, the libvirt-qemu user and libvirt's directories (libvirt-daemon-system)
+# and virsh. Nothing is started here: the test runs a private libvirtd of its own.
+libvirt=""
+PATH="$PATH:/usr/sbin:/sbin" command -v libvirtd >/dev/null || libvirt=1
+command -v virsh >/dev/null || libvirt=1
+ls /usr/lib/*/libvirt/connection-driver/libvirt_driver_qemu.so >/dev/null 2>&1 || libvirt=1
+getent passwd libvirt-qemu >/dev/null || libvirt=1
+for d in /etc/libvirt /var/lib/libvirt /var/cache/libvirt /var/log/libvirt; do
+    [ -d "$d" ] || libvirt=1
+done
+if [ -n "$libvirt" ]; then
+    echo "setup: installing libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients"
+    apt_install --no-install-recommends libvirt-daemon-system libvirt-daemon-driver-qemu \
+        libvirt-clients
+fi
 # The QMP tests (tests/qmp/, run by scripts/test.sh) use the qemu.qmp client library
 # and pytest.
 if ! python3 -c 'import qemu.qmp, pytest' >/dev/null 2>&1; then

@@ -111,7 +111,7 @@ pub fn pass_fd(cmd: &mut Command, fd: std::os::fd::RawFd, target: std::os::fd::R
 
 /// Have the kernel SIGKILL the daemon when the thread that started it dies (a test binary
 /// killed by a timeout would otherwise leave daemons behind; `Drop` handles normal exits).
-fn kill_with_parent(cmd: &mut Command) {
+pub(crate) fn kill_with_parent(cmd: &mut Command) {
     use std::os::unix::process::CommandExt;
     // SAFETY: the closure runs in the forked child before exec and only calls prctl(2),
     // which is async-signal-safe and touches no memory of the parent.

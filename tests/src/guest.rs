@@ -17,6 +17,10 @@
 //! once the harness is connected, so no output is lost). Every QEMU also has a QMP
 //! monitor on a UNIX socket ([`Guest::qmp`]).
 //!
+//! [`Guest::boot_external`] runs the same guest on a QEMU that something else starts
+//! (libvirt: [`crate::libvirt`]): the harness listens on the console socket, QEMU's
+//! serial port connects to it, and the same console protocol drives the guest.
+//!
 //! Migration ([`Guest::start_migration`], [`Guest::finish_migration`]) needs the socket
 //! console. A destination QEMU is started with the same machine and devices, its
 //! vhost-user disks on other sockets, and `-incoming unix:<path>`; the harness connects
@@ -43,7 +47,7 @@ use serde_json::{json, Value};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
@@ -208,14 +212,7 @@ fn build_images() -> Result<GuestImages, String> {
         }
         return Ok(imgs);
     }
-    // <target>/<profile>/deps/<test binary> -> <target>/guest
-    let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
-    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
-    if dir.file_name() == Some(std::ffi::OsStr::new("deps")) {
-        dir.pop();
-    }
-    dir.pop();
-    let out = dir.join("guest");
+    let out = target_dir()?.join("guest");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/build-guest.sh");
     let t0 = Instant::now();
     let res = Command::new("bash")
@@ -240,6 +237,18 @@ fn build_images() -> Result<GuestImages, String> {
         t0.elapsed().as_secs_f64()
     );
     Ok(in_dir(&out))
+}
+
+/// The Cargo target directory of the running test binary
+/// (`<target>/<profile>/deps/<test binary>`): a place for what outlives a test run.
+pub fn target_dir() -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.file_name() == Some(std::ffi::OsStr::new("deps")) {
+        dir.pop();
+    }
+    dir.pop();
+    Ok(dir)
 }
 
 /// How many guests may run at once in this process: `$VUBD_GUEST_JOBS`, else one per two
@@ -344,6 +353,27 @@ fn spawn_reader(
     })
 }
 
+/// A new directory for a guest, its console transcript and the state the console
+/// readers share.
+fn guest_dir(opts: &GuestOpts) -> (PathBuf, PathBuf, Arc<Shared>) {
+    let dir = std::env::temp_dir().join(crate::unique_name(&format!(
+        "vubd-guest-{}",
+        opts.name.replace(['/', ' ', ':'], "_")
+    )));
+    std::fs::create_dir_all(&dir)
+        .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+    let transcript = dir.join("console.log");
+    let log = File::create(&transcript)
+        .unwrap_or_else(|e| panic!("cannot create {}: {e}", transcript.display()));
+    let shared = Arc::new(Shared {
+        console: Mutex::new(Console::default()),
+        changed: Condvar::new(),
+        transcript: Mutex::new(log),
+        started: Instant::now(),
+    });
+    (dir, transcript, shared)
+}
+
 /// Files of one QEMU process, in the guest's directory.
 struct QemuFiles {
     stderr: PathBuf,
@@ -360,6 +390,20 @@ impl QemuFiles {
             serial: dir.join(format!("{role}-serial.sock")),
         }
     }
+}
+
+/// The guest kernel's command line: the console on the first serial port, the options
+/// below, and `opts.append`.
+pub fn kernel_cmdline(opts: &GuestOpts) -> String {
+    // no_timer_check: under TCG on a loaded host the kernel's early IO-APIC timer check
+    // can time out and panic ("IO-APIC + timer doesn't work!"), as seen in CI; virtual
+    // machines commonly skip it.
+    format!(
+        "console=ttyS0 quiet panic=-1 no_timer_check {}",
+        opts.append
+    )
+    .trim_end()
+    .to_string()
 }
 
 /// The command line of a QEMU running the guest described by `opts`, with `disks` (the
@@ -396,15 +440,7 @@ fn qemu_args(
         "-initrd".into(),
         images.initrd.display().to_string(),
         "-append".into(),
-        // no_timer_check: under TCG on a loaded host the kernel's early IO-APIC timer
-        // check can time out and panic ("IO-APIC + timer doesn't work!"), as seen
-        // in CI; virtual machines commonly skip it.
-        format!(
-            "console=ttyS0 quiet panic=-1 no_timer_check {}",
-            opts.append
-        )
-        .trim_end()
-        .to_string(),
+        kernel_cmdline(opts),
         "-display".into(),
         "none".into(),
         "-no-reboot".into(),
@@ -454,9 +490,46 @@ fn qemu_args(
     args
 }
 
+/// A QEMU that something other than the harness started and owns (libvirt, through
+/// [`Guest::boot_external`]): how the harness watches and stops it.
+pub trait ExternalQemu: Send {
+    /// QEMU's process id.
+    fn pid(&self) -> u32;
+    /// `None` while QEMU runs; once it has exited, how. QEMU is not the harness's child,
+    /// so the status is what its owner reports (see the implementation).
+    fn try_wait(&mut self) -> Option<ExitStatus>;
+    /// Stops QEMU now (libvirt: `virsh destroy`).
+    fn kill(&mut self);
+    /// One line for the transcript and failure messages: what runs QEMU.
+    fn describe(&self) -> String;
+    /// The file with QEMU's command line and stderr (libvirt's domain log).
+    fn log(&self) -> PathBuf;
+}
+
+/// What [`Guest::boot_external`] gives the code that starts QEMU.
+pub struct ExternalStart<'a> {
+    pub opts: &'a GuestOpts,
+    pub images: &'a GuestImages,
+    /// The kernel command line (the same as the harness's own QEMUs get).
+    pub cmdline: String,
+    /// The UNIX socket the harness listens on: QEMU's first serial port (the guest's
+    /// console) must connect to it as a client.
+    pub console: &'a Path,
+    /// The guest's directory (the transcript is there; kept when a test fails).
+    pub dir: &'a Path,
+}
+
+/// How the harness holds a QEMU process.
+enum Process {
+    /// Started by the harness: its child.
+    Child(Child),
+    /// Started by something else.
+    External(Box<dyn ExternalQemu>),
+}
+
 /// One QEMU process.
 struct Qemu {
-    child: Child,
+    process: Process,
     exited: Option<ExitStatus>,
     command_line: String,
     files: QemuFiles,
@@ -481,7 +554,9 @@ impl Qemu {
             ConsoleKind::Stdio => cmd.stdin(Stdio::piped()).stdout(Stdio::piped()),
             ConsoleKind::Socket => cmd.stdin(Stdio::null()).stdout(Stdio::null()),
         };
-        kill_with_parent(&mut cmd);
+        // SIGKILLed when the thread that started it dies (a test binary killed by a
+        // timeout would otherwise leave guests behind; `Drop` handles normal exits).
+        crate::daemon::kill_with_parent(&mut cmd);
         let mut child = cmd.spawn().unwrap_or_else(|e| {
             panic!(
                 "cannot run {}: {e} (install qemu-system-x86: scripts/setup.sh, or set QEMU_BIN)",
@@ -496,7 +571,7 @@ impl Qemu {
             ConsoleKind::Socket => None,
         };
         let q = Qemu {
-            child,
+            process: Process::Child(child),
             exited: None,
             command_line,
             files,
@@ -505,9 +580,34 @@ impl Qemu {
         (q, stdio)
     }
 
+    /// A QEMU started by something else, its console connecting to `console`.
+    fn external(vm: Box<dyn ExternalQemu>, console: &Path) -> Qemu {
+        Qemu {
+            command_line: vm.describe(),
+            files: QemuFiles {
+                stderr: vm.log(),
+                qmp: PathBuf::new(),
+                serial: console.to_path_buf(),
+            },
+            process: Process::External(vm),
+            exited: None,
+            qmp: None,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        match &self.process {
+            Process::Child(c) => c.id(),
+            Process::External(vm) => vm.pid(),
+        }
+    }
+
     fn try_wait(&mut self) -> Option<ExitStatus> {
         if self.exited.is_none() {
-            self.exited = self.child.try_wait().expect("waitpid");
+            self.exited = match &mut self.process {
+                Process::Child(c) => c.try_wait().expect("waitpid"),
+                Process::External(vm) => vm.try_wait(),
+            };
         }
         self.exited
     }
@@ -534,6 +634,12 @@ impl Qemu {
     }
 
     fn qmp(&mut self) -> &mut Qmp {
+        if let Process::External(vm) = &self.process {
+            panic!(
+                "QEMU's QMP monitor belongs to what started it ({})",
+                vm.describe()
+            );
+        }
         if self.qmp.is_none() {
             self.qmp = Some(Qmp::connect(&self.files.qmp));
         }
@@ -542,8 +648,16 @@ impl Qemu {
 
     fn kill(&mut self) {
         if self.try_wait().is_none() {
-            let _ = self.child.kill();
-            self.exited = self.child.wait().ok();
+            match &mut self.process {
+                Process::Child(c) => {
+                    let _ = c.kill();
+                    self.exited = c.wait().ok();
+                }
+                Process::External(vm) => {
+                    vm.kill();
+                    self.exited = vm.try_wait();
+                }
+            }
         }
     }
 
@@ -602,25 +716,99 @@ impl Guest {
     pub fn boot(opts: &GuestOpts) -> Guest {
         let images = guest_images();
         let slot = Slot::acquire();
-        let dir = std::env::temp_dir().join(crate::unique_name(&format!(
-            "vubd-guest-{}",
-            opts.name.replace(['/', ' ', ':'], "_")
-        )));
-        std::fs::create_dir_all(&dir)
-            .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
-        let transcript = dir.join("console.log");
-        let log = File::create(&transcript)
-            .unwrap_or_else(|e| panic!("cannot create {}: {e}", transcript.display()));
-        let shared = Arc::new(Shared {
-            console: Mutex::new(Console::default()),
-            changed: Condvar::new(),
-            transcript: Mutex::new(log),
-            started: Instant::now(),
-        });
+        let (dir, transcript, shared) = guest_dir(opts);
         let files = QemuFiles::new(&dir, "qemu");
         let args = qemu_args(opts, &images, &opts.disks, &files, None);
         let (vm, stdio) = Qemu::spawn(&args, files, opts.console, &shared);
-        let mut g = Guest {
+        let mut g = Guest::new(vm, dir, transcript, shared, opts, images, slot);
+        match stdio {
+            Some((stdin, stdout)) => g.attach_console(Box::new(stdin), stdout),
+            None => {
+                let sock = match g.vm.connect_console(QEMU_START_TIMEOUT) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        g.broken = true;
+                        panic!("guest console: {e}\n{}", g.failure_context());
+                    }
+                };
+                let rd = sock.try_clone().expect("clone console socket");
+                g.attach_console(Box::new(sock), rd);
+            }
+        }
+        g.wait_for_boot()
+    }
+
+    /// Like [`Guest::boot`], with QEMU started by something else (libvirt): `start`
+    /// gets the guest's description, its kernel command line and the console socket
+    /// (the harness listens there; QEMU's serial port connects to it), starts QEMU and
+    /// returns the handle the harness watches and stops it with. `opts.console` is not
+    /// used, and migration and [`Guest::qmp`] are not available.
+    pub fn boot_external(
+        opts: &GuestOpts,
+        start: impl FnOnce(&ExternalStart) -> Box<dyn ExternalQemu>,
+    ) -> Guest {
+        let images = guest_images();
+        let slot = Slot::acquire();
+        let (dir, transcript, shared) = guest_dir(opts);
+        let console = dir.join("console.sock");
+        let listener = UnixListener::bind(&console)
+            .unwrap_or_else(|e| panic!("cannot listen on {}: {e}", console.display()));
+        listener
+            .set_nonblocking(true)
+            .expect("non-blocking console listener");
+        let ext = start(&ExternalStart {
+            opts,
+            images: &images,
+            cmdline: kernel_cmdline(opts),
+            console: &console,
+            dir: &dir,
+        });
+        shared.note(&format!("QEMU: {}", ext.describe()));
+        let vm = Qemu::external(ext, &console);
+        let mut g = Guest::new(vm, dir, transcript, shared, opts, images, slot);
+        let deadline = Instant::now() + QEMU_START_TIMEOUT;
+        let sock = loop {
+            match listener.accept() {
+                Ok((s, _)) => break s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => {
+                    g.broken = true;
+                    panic!("guest console: accept: {e}\n{}", g.failure_context());
+                }
+            }
+            let problem = if let Some(st) = g.vm.try_wait() {
+                Some(format!("QEMU exited ({st}) before connecting its console"))
+            } else if Instant::now() > deadline {
+                Some(format!(
+                    "QEMU did not connect to {} within {QEMU_START_TIMEOUT:?}",
+                    console.display()
+                ))
+            } else {
+                None
+            };
+            if let Some(p) = problem {
+                g.broken = true;
+                panic!("guest console: {p}\n{}", g.failure_context());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        sock.set_nonblocking(false)
+            .expect("blocking console socket");
+        let rd = sock.try_clone().expect("clone console socket");
+        g.attach_console(Box::new(sock), rd);
+        g.wait_for_boot()
+    }
+
+    fn new(
+        vm: Qemu,
+        dir: PathBuf,
+        transcript: PathBuf,
+        shared: Arc<Shared>,
+        opts: &GuestOpts,
+        images: GuestImages,
+        slot: Slot,
+    ) -> Guest {
+        Guest {
             vm,
             retired: Vec::new(),
             migration: None,
@@ -637,33 +825,30 @@ impl Guest {
             images,
             migrations: 0,
             _slot: slot,
-        };
-        let id = g.new_reader_id();
-        g.shared
+        }
+    }
+
+    /// The first QEMU's console: commands go to `writer`, `reader` feeds the buffer.
+    fn attach_console(
+        &mut self,
+        writer: Box<dyn Write + Send>,
+        reader: impl Read + Send + 'static,
+    ) {
+        let id = self.new_reader_id();
+        self.shared
             .console
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .active = id;
-        match stdio {
-            Some((stdin, stdout)) => {
-                g.writer = Some(Box::new(stdin));
-                g.readers
-                    .push(spawn_reader(Arc::clone(&g.shared), id, stdout));
-            }
-            None => {
-                let sock = match g.vm.connect_console(QEMU_START_TIMEOUT) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        g.broken = true;
-                        panic!("guest console: {e}\n{}", g.failure_context());
-                    }
-                };
-                let rd = sock.try_clone().expect("clone console socket");
-                g.writer = Some(Box::new(sock));
-                g.readers.push(spawn_reader(Arc::clone(&g.shared), id, rd));
-            }
-        }
+        self.writer = Some(writer);
+        self.readers
+            .push(spawn_reader(Arc::clone(&self.shared), id, reader));
+    }
 
+    /// Waits for the guest's command loop and checks its disks (see [`Guest::boot`]).
+    fn wait_for_boot(mut self) -> Guest {
+        let g = &mut self;
+        let opts = g.opts.clone();
         let t0 = Instant::now();
         let ready = g.wait_console(opts.boot_timeout, |buf| {
             find(buf, READY.as_bytes()).map(|i| i + READY.len())
@@ -706,7 +891,7 @@ impl Guest {
                 g.failure_context()
             );
         }
-        g
+        self
     }
 
     fn new_reader_id(&mut self) -> u64 {
@@ -728,7 +913,7 @@ impl Guest {
 
     /// The process id of the QEMU that runs the guest.
     pub fn qemu_pid(&self) -> u32 {
-        self.vm.child.id()
+        self.vm.pid()
     }
 
     /// QEMU's own QMP monitor (of the QEMU that runs the guest; connected on first use).
@@ -883,6 +1068,12 @@ impl Guest {
     /// `migrate`; the guest keeps running on the source, and commands may still be
     /// sent, until [`Guest::finish_migration`].
     pub fn start_migration(&mut self, dest_sockets: &[PathBuf], parameters: Value) {
+        if let Process::External(vm) = &self.vm.process {
+            panic!(
+                "migration of a QEMU the harness did not start: {}",
+                vm.describe()
+            );
+        }
         assert_eq!(
             self.opts.console,
             ConsoleKind::Socket,
@@ -1186,22 +1377,6 @@ fn is_socket(p: &Path) -> bool {
     std::fs::symlink_metadata(p)
         .map(|m| m.file_type().is_socket())
         .unwrap_or(false)
-}
-
-/// SIGKILL QEMU when the thread that started it dies (a test binary killed by a timeout
-/// would otherwise leave guests behind; `Drop` handles normal exits).
-fn kill_with_parent(cmd: &mut Command) {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: the closure runs in the forked child before exec and only calls prctl(2),
-    // which is async-signal-safe and touches no memory of the parent.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {

@@ -17,6 +17,7 @@ pub mod daemon;
 pub mod guest;
 pub mod hostile;
 pub mod image;
+pub mod libvirt;
 pub mod qmp;
 pub mod raw;
 pub mod tools;
