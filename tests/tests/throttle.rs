@@ -96,37 +96,12 @@ fn export(args: DaemonArgs, node: &str, file: &str, sock: &Path, iothread: &str)
 
 #[test]
 fn a_group_shared_across_iothreads_holds_its_limit_and_takes_new_limits_live() {
-    let dir = TempDir::new("throttle");
-    let (a, b) = (image(&dir, "a.img"), image(&dir, "b.img"));
-    let (sa, sb, mon) = (dir.join("a.sock"), dir.join("b.sock"), dir.join("qmp.sock"));
-    let args = DaemonArgs::new()
-        .monitor(&mon)
-        .iothread("io0")
-        .iothread("io1")
-        .object("throttle-group,id=tg0,x-iops-total=200");
-    let args = export(args, "ta", &a, &sa, "io0");
-    let args = export(args, "tb", &b, &sb, "io1");
-    let _daemon = Daemon::start(&args.build());
-    let mut qmp = Qmp::connect(&mon);
+    let mut sh = shared_group("x-iops-total=200");
 
     // Two frontends on two iothreads share the group's 200 IOPS.
     let window = Duration::from_secs(2);
-    let both = |window| {
-        std::thread::scope(|s| {
-            let h: Vec<_> = [&sa, &sb]
-                .into_iter()
-                .map(|sock| {
-                    s.spawn(move || {
-                        let mut c = Client::connect(sock, 1);
-                        run(c.q(), window, false)
-                    })
-                })
-                .collect();
-            let r: Vec<_> = h.into_iter().map(|h| h.join().expect("frontend")).collect();
-            (r[0].0 + r[1].0, r[0].1.max(r[1].1), r[0].0.min(r[1].0))
-        })
-    };
-    let (done, t, least) = both(window);
+    let (done, t, least) = both_for(&sh, window, BLOCK);
+    let (sa, qmp) = (sh.a.clone(), &mut sh.qmp);
     check_rate("two exports sharing 200 IOPS", done, t, 200.0);
     assert!(least > 0, "one export was starved");
 
@@ -168,12 +143,46 @@ fn a_group_shared_across_iothreads_holds_its_limit_and_takes_new_limits_live() {
     );
 }
 
-/// Two frontends on two iothreads, both at `bs`-byte reads for `window`: the requests
-/// they completed together and the time from the first start to the last end.
-fn both_for(socks: [&Path; 2], window: Duration, bs: usize) -> (u64, Duration) {
+/// A daemon with exports `ta` (socket `a`, iothread io0) and `tb` (socket `b`, io1)
+/// whose throttle nodes share the group `tg0` of `group` (its properties), and its
+/// monitor.
+struct Shared {
+    _dir: TempDir,
+    _daemon: Daemon,
+    qmp: Qmp,
+    a: std::path::PathBuf,
+    b: std::path::PathBuf,
+}
+
+fn shared_group(group: &str) -> Shared {
+    let dir = TempDir::new("throttle");
+    let (fa, fb) = (image(&dir, "a.img"), image(&dir, "b.img"));
+    let (a, b, mon) = (dir.join("a.sock"), dir.join("b.sock"), dir.join("qmp.sock"));
+    let args = DaemonArgs::new()
+        .monitor(&mon)
+        .iothread("io0")
+        .iothread("io1")
+        .object(&format!("throttle-group,id=tg0,{group}"));
+    let args = export(args, "ta", &fa, &a, "io0");
+    let args = export(args, "tb", &fb, &b, "io1");
+    let daemon = Daemon::start(&args.build());
+    let qmp = Qmp::connect(&mon);
+    Shared {
+        _dir: dir,
+        _daemon: daemon,
+        qmp,
+        a,
+        b,
+    }
+}
+
+/// Two frontends on the two exports of `sh`, both at `bs`-byte reads for `window`:
+/// the requests they completed together, the time from the first start to the last
+/// end, and the fewer of the two frontends' counts.
+fn both_for(sh: &Shared, window: Duration, bs: usize) -> (u64, Duration, u64) {
     let start = Instant::now();
-    let done: u64 = std::thread::scope(|s| {
-        let h: Vec<_> = socks
+    let done: Vec<u64> = std::thread::scope(|s| {
+        let h: Vec<_> = [&sh.a, &sh.b]
             .into_iter()
             .map(|sock| {
                 s.spawn(move || {
@@ -182,9 +191,10 @@ fn both_for(socks: [&Path; 2], window: Duration, bs: usize) -> (u64, Duration) {
                 })
             })
             .collect();
-        h.into_iter().map(|h| h.join().expect("frontend")).sum()
+        h.into_iter().map(|h| h.join().expect("frontend")).collect()
     });
-    (done, start.elapsed())
+    let least = done.iter().copied().min().unwrap_or(0);
+    (done.iter().sum(), start.elapsed(), least)
 }
 
 /// The issue's accuracy test: over 10 s, two exports on two iothreads sharing one
@@ -194,21 +204,7 @@ fn both_for(socks: [&Path; 2], window: Duration, bs: usize) -> (u64, Duration) {
 /// burst of 1000 IOPS for 2 s, 500 IOPS, 5000 IOPS and 20 MB/s.
 #[test]
 fn limits_hold_within_5_percent_over_10_seconds() {
-    let dir = TempDir::new("throttle");
-    let (a, b) = (image(&dir, "a.img"), image(&dir, "b.img"));
-    let (sa, sb, mon) = (dir.join("a.sock"), dir.join("b.sock"), dir.join("qmp.sock"));
-    let args = DaemonArgs::new()
-        .monitor(&mon)
-        .iothread("io0")
-        .iothread("io1")
-        .object(
-            "throttle-group,id=tg0,x-iops-total=500,x-iops-total-max=1000,\
-             x-iops-total-max-length=2",
-        );
-    let args = export(args, "ta", &a, &sa, "io0");
-    let args = export(args, "tb", &b, &sb, "io1");
-    let _daemon = Daemon::start(&args.build());
-    let mut qmp = Qmp::connect(&mon);
+    let mut sh = shared_group("x-iops-total=500,x-iops-total-max=1000,x-iops-total-max-length=2");
     let window = Duration::from_secs(10);
     let check = |what: &str, done: u64, t: Duration, per_sec: f64, bucket: f64| {
         let want = per_sec * t.as_secs_f64() + bucket;
@@ -221,7 +217,7 @@ fn limits_hold_within_5_percent_over_10_seconds() {
     };
     // The group is fresh: its bucket takes 2000 requests (1000 IOPS for 2 s) at up to
     // 1000 IOPS, on top of 500 IOPS.
-    let (done, t) = both_for([&sa, &sb], window, BLOCK);
+    let (done, t, _) = both_for(&sh, window, BLOCK);
     check(
         "500 IOPS, bursts of 1000 IOPS for 2 s",
         done,
@@ -246,11 +242,11 @@ fn limits_hold_within_5_percent_over_10_seconds() {
         ),
     ] {
         // New limits empty the buckets (as QEMU's throttle_config does).
-        qmp.ok(
+        sh.qmp.ok(
             "qom-set",
             json!({"path": "/objects/tg0", "property": "limits", "value": limits}),
         );
-        let (done, t) = both_for([&sa, &sb], window, bs);
+        let (done, t, _) = both_for(&sh, window, bs);
         check(what, done, t, per_sec, per_sec / 10.0);
     }
 }

@@ -728,18 +728,23 @@ mod xts_equivalence {
     use super::*;
     use xts_mode::Xts128;
 
+    /// A xorshift generator of test data from `seed`.
+    fn xorshift(mut seed: u64) -> impl FnMut() -> u64 {
+        move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        }
+    }
+
     /// Our XTS gives the `xts-mode` crate's output, sector for sector, for every key
     /// size, both ways, in place and out of place, over a length that is not a whole
     /// number of batches.
     #[test]
     fn matches_the_xts_mode_crate() {
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed as u8
-        };
+        let mut rng = xorshift(0x9e37_79b9_7f4a_7c15);
+        let mut next = || rng() as u8;
         for key_len in [32usize, 48, 64] {
             let key: Vec<u8> = (0..key_len).map(|_| next()).collect();
             let data: Vec<u8> = (0..(2 * BATCH + 3) * SECTOR).map(|_| next()).collect();
@@ -791,13 +796,7 @@ mod xts_equivalence {
     #[test]
     fn sse2_matches_portable() {
         use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_storeu_si128};
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut next = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = xorshift(0x2545_f491_4f6c_dd1d);
         for i in 0..10_000 {
             let t = match i {
                 0 => 1u128 << 127,
