@@ -5,8 +5,6 @@ import base64
 import json
 import os
 import struct
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,8 @@ import pytest
 from cryptography.hazmat.primitives import padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from chains import JobEvents, pattern, run, write_raw
+from chains import (JobEvents, create_timing_pbkdf2, pattern, run, run_timing_pbkdf2,
+                    write_raw)
 from conftest import (MIB, IoProc, error, execute, export_args, io_ok, vubd_bin,
                       wait_image_unlocked)
 
@@ -40,17 +39,9 @@ def qemu_img_luks(path: Path, size: str = "4M", **opts):
     """A LUKS image made by qemu-img with PASSWORD (retried when qemu-img cannot time
     its key derivation, which it sometimes fails on a loaded machine)."""
     o = ",".join(["key-secret=sec0", "iter-time=10", *(f"{k}={v}" for k, v in opts.items())])
-    for _ in range(30):
-        p = subprocess.run(
-            ["qemu-img", "create", "-f", "luks", "--object",
-             f"secret,id=sec0,data={PASSWORD}", "-o", o, str(path), size],
-            capture_output=True, text=True,
-        )
-        if p.returncode == 0:
-            return path
-        assert "Unable to get accurate CPU usage" in p.stderr, p.stderr
-        time.sleep(0.2)
-    raise AssertionError(f"qemu-img create failed: {p.stderr}")
+    run_timing_pbkdf2("qemu-img", "create", "-f", "luks", "--object",
+                      f"secret,id=sec0,data={PASSWORD}", "-o", o, path, size)
+    return path
 
 
 async def test_secret_add_del(daemon, tmp):
@@ -268,18 +259,9 @@ async def test_luks_blockdev_create(start_daemon, tmp, opts):
                       "--blockdev", f"file,node-name=f0,filename={img}"])
     async with d.qmp() as c:
         ev = JobEvents(c)
-        for _ in range(30):
-            await execute(c, "blockdev-create", {"job-id": "cr", "options": {
-                "driver": "luks", "file": "f0", "size": 2 * MIB, "key-secret": "sec0",
-                "iter-time": 10, **opts}})
-            await ev.until("cr", "concluded")
-            j = await execute(c, "query-jobs")
-            await execute(c, "job-dismiss", {"id": "cr"})
-            await ev.until("cr", "null")
-            # qemu-storage-daemon, as qemu-img, sometimes cannot time its PBKDF2.
-            if "Unable to get accurate CPU usage" not in j[0].get("error", ""):
-                break
-        assert "error" not in j[0], j[0].get("error")
+        await create_timing_pbkdf2(c, ev, {
+            "driver": "luks", "file": "f0", "size": 2 * MIB, "key-secret": "sec0",
+            "iter-time": 10, **opts})
         await execute(c, "blockdev-add", {"driver": "luks", "node-name": "l0", "file": "f0",
                                           "key-secret": "sec0"})
         nodes = await execute(c, "query-named-block-nodes", {"flat": True})
@@ -479,13 +461,8 @@ async def test_qemu_img_amends_vubd_luks(start_daemon, tmp):
     objs = ["--object", secret_object(), "--object", secret_object("new", "other-pass")]
     run(vubd_bin(), "img", "create", "-f", "luks", *objs, "-o", "key-secret=sec0,iter-time=10",
         img, "1M")
-    for _ in range(30):
-        p = run("qemu-img", "amend", *objs, "--image-opts", "-o",
-                "state=active,new-secret=new,iter-time=10", luks_opts(img), ok=False)
-        if p.returncode == 0:
-            break
-        assert "Unable to get accurate CPU usage" in p.stderr, p.stderr
-        time.sleep(0.2)
+    run_timing_pbkdf2("qemu-img", "amend", *objs, "--image-opts", "-o",
+                      "state=active,new-secret=new,iter-time=10", luks_opts(img))
     run("qemu-img", "amend", *objs, "--image-opts", "-o", "state=inactive,keyslot=0",
         luks_opts(img))
     sock = tmp / "e0.sock"
