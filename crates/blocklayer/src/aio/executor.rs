@@ -209,7 +209,7 @@ fn waker_for(id: usize) -> Waker {
 
 /// Spawns a task on this thread's executor. It is polled on the next `run_ready`.
 pub fn spawn(fut: impl Future<Output = ()> + 'static) {
-    spawn_boxed(Box::pin(fut));
+    push(Task::new(move || fut));
 }
 
 /// Spawns the task `make` builds, built straight into its heap block: only the fields

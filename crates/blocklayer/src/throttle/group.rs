@@ -3,7 +3,7 @@
 //! of requests waiting for budget.
 //!
 //! A bucket is kept as the time at which it would be empty ("theoretical arrival
-//! time", `tat`), in nanoseconds since the clock's epoch (`aio::clock`). The level QEMU keeps
+//! time", `tat`), in nanoseconds since `aio::clock`'s epoch. The level QEMU keeps
 //! (units) is `(tat - now) / ns_per_unit`; leaking is implicit in time passing, so
 //! no request has to update a shared "last leak" timestamp. A request may go when
 //! every bucket of its direction is at most full (`tat - now <= capacity_ns`, QEMU's
@@ -190,12 +190,6 @@ impl ThrottleGroup {
         members.iter().filter(|w| w.strong_count() > 0).count()
     }
 
-    /// The time of this thread's loop pass ([`clock::now_ns`], one per pass: the
-    /// buckets' times are in the clock's epoch, shared by every iothread).
-    fn now_ns(&self) -> u64 {
-        clock::now_ns()
-    }
-
     /// How long a request of `dir` must wait (QEMU's `throttle_compute_wait_for`).
     fn wait_ns(&self, dir: Direction, now: u64) -> u64 {
         buckets_of(dir)
@@ -222,7 +216,9 @@ impl ThrottleGroup {
 
     /// Charges the request if it may go now.
     fn try_admit(&self, dir: Direction, bytes: u64) -> Result<(), u64> {
-        self.admit_at(dir, bytes, self.now_ns())
+        // The time of this thread's loop pass: one clock read per pass, in the
+        // clock's epoch, which every iothread shares.
+        self.admit_at(dir, bytes, clock::now_ns())
     }
 
     fn admit_at(&self, dir: Direction, bytes: u64, now: u64) -> Result<(), u64> {
@@ -359,22 +355,16 @@ impl Member {
         }
     }
 
-    /// Whether a request of `bytes` in direction `dir` may go at once, charged if
-    /// so: nothing queued before it and budget left (or no limits now). A request
-    /// for which this is false goes through [`Member::intercept`].
-    pub fn admit_now(&self, dir: Direction, bytes: u64) -> bool {
-        self.bypassed()
-            || (self.queues[dir as usize].len.load(Ordering::Acquire) == 0
-                && self.group.try_admit(dir, bytes).is_ok())
-    }
-
     /// Waits until a request of `bytes` in direction `dir` may go by the group's
     /// limits, and charges it (QEMU's `throttle_group_co_io_limits_intercept`).
     pub async fn intercept(&self, dir: Direction, bytes: u64) {
-        if self.admit_now(dir, bytes) {
+        if self.bypassed() {
             return;
         }
         let queue = &self.queues[dir as usize];
+        if queue.len.load(Ordering::Acquire) == 0 && self.group.try_admit(dir, bytes).is_ok() {
+            return;
+        }
         let slot = Arc::new(Slot::default());
         let head = {
             let mut q = queue.lock();
