@@ -143,6 +143,13 @@ pub trait Driver: Send + Sync {
         false
     }
 
+    /// The `throttle` filter, which a block backend whose root it is passes at the
+    /// request's admission rather than through the node's generic path (see
+    /// [`crate::drivers::throttle::ThrottleDriver::read_admitted`]).
+    fn as_throttle(&self) -> Option<&crate::drivers::throttle::ThrottleDriver> {
+        None
+    }
+
     /// Whether a write past the end grows the node (a regular file), so that format
     /// drivers may write new clusters without resizing first.
     fn grows_on_write(&self) -> bool {

@@ -89,7 +89,7 @@ impl Drop for TrackGuard<'_> {
 
 impl Node {
     /// Accounts a finished request in this node's statistics.
-    fn account(&self, acct: Acct, r: &Result<()>, end: u64) {
+    pub(crate) fn account(&self, acct: Acct, r: &Result<()>, end: u64) {
         match r {
             Err(BlockError::OutOfRange { .. }) => self.stats.invalid(acct.kind()),
             r => {
@@ -199,7 +199,7 @@ impl Node {
     /// QEMU; not when it was refused before any I/O): dirty bitmaps and the write
     /// threshold.
     #[inline]
-    fn written(&self, r: &Result<()>, offset: u64, len: u64) {
+    pub(crate) fn written(&self, r: &Result<()>, offset: u64, len: u64) {
         if matches!(
             r,
             Err(BlockError::OutOfRange { .. } | BlockError::ReadOnly(_))
@@ -213,7 +213,7 @@ impl Node {
     /// While a job serialises copies into this node, registers a write's range,
     /// waiting while it overlaps a range being copied. Nothing to do otherwise.
     #[inline]
-    async fn track_write(&self, offset: u64, len: u64) -> Option<TrackGuard<'_>> {
+    pub(crate) async fn track_write(&self, offset: u64, len: u64) -> Option<TrackGuard<'_>> {
         if self.serialising.load(Ordering::SeqCst) == 0 {
             return None;
         }
@@ -374,7 +374,7 @@ impl Node {
         }
     }
 
-    fn note_write(&self) {
+    pub(crate) fn note_write(&self) {
         self.write_gen.fetch_add(1, Ordering::AcqRel);
     }
 

@@ -22,19 +22,60 @@
 use super::config::{buckets_of, Direction, ThrottleConfig, BUCKETS};
 use crate::aio::clock;
 use crate::aio::uring::sleep_ns;
+use crate::aio::LocalBoxFuture;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Waker};
 
 const NS_PER_SEC: f64 = 1e9;
 
+/// Fractional bits of the fixed-point nanoseconds per unit: a byte at 100 TB/s is
+/// 1e-5 ns, still 42,950 in this scale; a unit at one per second, 1e9 ns, fits with
+/// room to spare.
+const FRAC: u32 = 32;
+
+/// `units` of `ns_per_unit` (fixed point), in nanoseconds.
+#[inline(always)]
+fn units_ns(units: u64, ns_per_unit: u64) -> u64 {
+    let ns = (u128::from(units) * u128::from(ns_per_unit)) >> FRAC;
+    u64::try_from(ns).unwrap_or(u64::MAX)
+}
+
+fn fixed(ns_per_unit: f64) -> u64 {
+    (ns_per_unit * f64::from(1u32 << 16) * f64::from(1u32 << 16)).min(u64::MAX as f64) as u64
+}
+
+/// What a request costs a bucket: its bytes, or its operations (QEMU's
+/// `throttle_account`: a request above `iops-size` counts as `bytes / iops-size`
+/// operations).
+#[derive(Clone, Copy)]
+struct Cost {
+    bytes: u64,
+    /// `iops-size`, or 0.
+    op_size: u64,
+}
+
+impl Cost {
+    #[inline(always)]
+    fn ns(self, is_ops: bool, ns_per_unit: u64) -> u64 {
+        if !is_ops {
+            units_ns(self.bytes, ns_per_unit)
+        } else if self.op_size != 0 && self.bytes > self.op_size {
+            units_ns(self.bytes, ns_per_unit) / self.op_size
+        } else {
+            ns_per_unit >> FRAC
+        }
+    }
+}
+
 /// One leaky bucket: its limits, precomputed as times, and its state.
 #[derive(Default)]
 struct Bucket {
-    /// Nanoseconds one unit adds to the main bucket (f64 bits; 0: unlimited).
+    /// Nanoseconds one unit adds to the main bucket, fixed point with [`FRAC`]
+    /// fractional bits (0: unlimited).
     ns_per_unit: AtomicU64,
     /// The main bucket's size, as the time it takes to drain.
     capacity_ns: AtomicU64,
@@ -45,8 +86,21 @@ struct Bucket {
     burst_tat: AtomicU64,
 }
 
-fn f(bits: &AtomicU64) -> f64 {
-    f64::from_bits(bits.load(Ordering::Relaxed))
+/// How far past `capacity` the bucket of `tat` is at `now`: the wait before it has
+/// room (0: it has).
+#[inline(always)]
+fn over(tat: &AtomicU64, capacity: &AtomicU64, now: u64) -> u64 {
+    tat.load(Ordering::Relaxed)
+        .saturating_sub(now)
+        .saturating_sub(capacity.load(Ordering::Relaxed))
+}
+
+/// Pushes the bucket of `tat` forward by `cost` nanoseconds from `now` at least.
+#[inline(always)]
+fn push(tat: &AtomicU64, now: u64, cost: u64) {
+    let _ = tat.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+        Some(t.max(now).saturating_add(cost))
+    });
 }
 
 impl Bucket {
@@ -72,45 +126,39 @@ impl Bucket {
             };
             (npu, (size * npu).min(u64::MAX as f64) as u64, bnpu, bcap)
         };
-        self.ns_per_unit.store(npu.to_bits(), Ordering::Relaxed);
+        self.ns_per_unit.store(fixed(npu), Ordering::Relaxed);
         self.capacity_ns.store(cap, Ordering::Relaxed);
-        self.burst_ns_per_unit
-            .store(bnpu.to_bits(), Ordering::Relaxed);
+        self.burst_ns_per_unit.store(fixed(bnpu), Ordering::Relaxed);
         self.burst_capacity_ns.store(bcap, Ordering::Relaxed);
         self.tat.store(0, Ordering::Relaxed);
         self.burst_tat.store(0, Ordering::Relaxed);
     }
 
     /// How long a request must wait for this bucket (0: it may go).
+    #[inline(always)]
     fn wait_ns(&self, now: u64) -> u64 {
-        if f(&self.ns_per_unit) == 0.0 {
+        if self.ns_per_unit.load(Ordering::Relaxed) == 0 {
             return 0;
         }
-        let over = |tat: &AtomicU64, cap: &AtomicU64| {
-            tat.load(Ordering::Relaxed)
-                .saturating_sub(now)
-                .saturating_sub(cap.load(Ordering::Relaxed))
-        };
-        let w = over(&self.tat, &self.capacity_ns);
-        if w > 0 || f(&self.burst_ns_per_unit) == 0.0 {
+        let w = over(&self.tat, &self.capacity_ns, now);
+        if w > 0 || self.burst_ns_per_unit.load(Ordering::Relaxed) == 0 {
             return w;
         }
-        over(&self.burst_tat, &self.burst_capacity_ns)
+        over(&self.burst_tat, &self.burst_capacity_ns, now)
     }
 
-    /// Charges `units` to the bucket.
-    fn charge(&self, now: u64, units: f64) {
-        let add = |tat: &AtomicU64, npu: f64| {
-            if npu == 0.0 {
-                return;
-            }
-            let cost = (units * npu) as u64;
-            let _ = tat.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
-                Some(t.max(now).saturating_add(cost))
-            });
-        };
-        add(&self.tat, f(&self.ns_per_unit));
-        add(&self.burst_tat, f(&self.burst_ns_per_unit));
+    /// Charges a request of `cost` to the bucket (of operations if `is_ops`).
+    #[inline(always)]
+    fn charge(&self, now: u64, cost: Cost, is_ops: bool) {
+        let npu = self.ns_per_unit.load(Ordering::Relaxed);
+        if npu == 0 {
+            return;
+        }
+        push(&self.tat, now, cost.ns(is_ops, npu));
+        let bnpu = self.burst_ns_per_unit.load(Ordering::Relaxed);
+        if bnpu != 0 {
+            push(&self.burst_tat, now, cost.ns(is_ops, bnpu));
+        }
     }
 }
 
@@ -119,6 +167,9 @@ pub struct ThrottleGroup {
     name: String,
     /// Whether any limit is set: the one load an unlimited group costs a request.
     enabled: AtomicBool,
+    /// Per direction, which of its four buckets ([`buckets_of`]) set a limit (bit
+    /// `i`: the `i`-th), so that a request looks at those only.
+    limited: [AtomicU8; 2],
     op_size: AtomicU64,
     buckets: [Bucket; BUCKETS],
     /// The limits as set (read by the monitor, changed by `qom-set`).
@@ -133,6 +184,7 @@ impl ThrottleGroup {
         let g = ThrottleGroup {
             name: name.to_string(),
             enabled: AtomicBool::new(false),
+            limited: Default::default(),
             op_size: AtomicU64::new(0),
             buckets: Default::default(),
             config: Mutex::new(config),
@@ -167,6 +219,14 @@ impl ThrottleGroup {
         for (b, cfg) in self.buckets.iter().zip(c.buckets.iter()) {
             b.configure(cfg.avg, cfg.max, cfg.burst_length);
         }
+        for dir in [Direction::Read, Direction::Write] {
+            let mask = buckets_of(dir)
+                .iter()
+                .enumerate()
+                .filter(|(_, (b, _))| c.buckets[*b as usize].avg != 0)
+                .fold(0u8, |m, (i, _)| m | 1 << i);
+            self.limited[dir as usize].store(mask, Ordering::Relaxed);
+        }
         self.op_size.store(c.op_size, Ordering::Relaxed);
         self.enabled.store(c.enabled(), Ordering::Release);
     }
@@ -190,37 +250,45 @@ impl ThrottleGroup {
         members.iter().filter(|w| w.strong_count() > 0).count()
     }
 
-    /// How long a request of `dir` must wait (QEMU's `throttle_compute_wait_for`).
-    fn wait_ns(&self, dir: Direction, now: u64) -> u64 {
-        buckets_of(dir)
-            .iter()
-            .map(|(b, _)| self.buckets[*b as usize].wait_ns(now))
-            .max()
-            .unwrap_or(0)
-    }
-
-    /// Charges a request of `bytes` (QEMU's `throttle_account`: requests above
-    /// `iops-size` count as `bytes / iops-size` operations).
-    fn charge(&self, dir: Direction, bytes: u64, now: u64) {
-        let op_size = self.op_size.load(Ordering::Relaxed);
-        let ops = if op_size != 0 && bytes > op_size {
-            bytes as f64 / op_size as f64
-        } else {
-            1.0
-        };
-        for (b, is_ops) in buckets_of(dir) {
-            let units = if is_ops { ops } else { bytes as f64 };
-            self.buckets[b as usize].charge(now, units);
+    /// Runs `f` on each limited bucket of `dir`, with whether it counts operations.
+    #[inline(always)]
+    fn each_limited(&self, dir: Direction, mut f: impl FnMut(&Bucket, bool)) {
+        let mask = self.limited[dir as usize].load(Ordering::Relaxed);
+        let list = buckets_of(dir);
+        for (i, (b, is_ops)) in list.iter().enumerate() {
+            if mask & (1 << i) != 0 {
+                f(&self.buckets[*b as usize], *is_ops);
+            }
         }
     }
 
+    /// How long a request of `dir` must wait (QEMU's `throttle_compute_wait_for`).
+    #[inline(always)]
+    fn wait_ns(&self, dir: Direction, now: u64) -> u64 {
+        let mut wait = 0;
+        self.each_limited(dir, |b, _| wait = wait.max(b.wait_ns(now)));
+        wait
+    }
+
+    /// Charges a request of `bytes` to the buckets of `dir`.
+    #[inline(always)]
+    fn charge(&self, dir: Direction, bytes: u64, now: u64) {
+        let cost = Cost {
+            bytes,
+            op_size: self.op_size.load(Ordering::Relaxed),
+        };
+        self.each_limited(dir, |b, is_ops| b.charge(now, cost, is_ops));
+    }
+
     /// Charges the request if it may go now.
+    #[inline(always)]
     fn try_admit(&self, dir: Direction, bytes: u64) -> Result<(), u64> {
         // The time of this thread's loop pass: one clock read per pass, in the
         // clock's epoch, which every iothread shares.
         self.admit_at(dir, bytes, clock::now_ns())
     }
 
+    #[inline(always)]
     fn admit_at(&self, dir: Direction, bytes: u64, now: u64) -> Result<(), u64> {
         match self.wait_ns(dir, now) {
             0 => {
@@ -343,6 +411,7 @@ impl Member {
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| b.checked_sub(1));
     }
 
+    #[inline(always)]
     fn bypassed(&self) -> bool {
         !self.group.enabled.load(Ordering::Acquire) || self.bypass.load(Ordering::Acquire) > 0
     }
@@ -355,45 +424,62 @@ impl Member {
         }
     }
 
+    /// Whether a request of `bytes` in direction `dir` may go at once, charged if
+    /// so: the group sets no limit or the node is drained, or no request of the
+    /// direction waits in the node's queue and the buckets have room. The request
+    /// path of every throttled request, kept to a few loads when the group is far
+    /// above the load.
+    #[inline(always)]
+    pub fn try_pass(&self, dir: Direction, bytes: u64) -> bool {
+        self.bypassed()
+            || (self.queues[dir as usize].len.load(Ordering::Acquire) == 0
+                && self.group.try_admit(dir, bytes).is_ok())
+    }
+
     /// Waits until a request of `bytes` in direction `dir` may go by the group's
     /// limits, and charges it (QEMU's `throttle_group_co_io_limits_intercept`).
     pub async fn intercept(&self, dir: Direction, bytes: u64) {
-        if self.bypassed() {
-            return;
+        if !self.try_pass(dir, bytes) {
+            self.wait_turn(dir, bytes).await;
         }
-        let queue = &self.queues[dir as usize];
-        if queue.len.load(Ordering::Acquire) == 0 && self.group.try_admit(dir, bytes).is_ok() {
-            return;
-        }
-        let slot = Arc::new(Slot::default());
-        let head = {
-            let mut q = queue.lock();
-            q.push_back(slot.clone());
-            queue.len.store(q.len(), Ordering::Release);
-            q.len() == 1
-        };
-        let _in_queue = InQueue {
-            queue,
-            slot: slot.clone(),
-        };
-        if !head {
-            Kicked(&slot).await;
-        }
-        loop {
-            if self.bypassed() {
-                return;
+    }
+
+    /// A request that may not go at once: queued behind those of its direction
+    /// already waiting, the head sleeping until the buckets have room. Boxed, so
+    /// that the futures of the requests that pass at once stay small.
+    pub fn wait_turn(&self, dir: Direction, bytes: u64) -> LocalBoxFuture<'_, ()> {
+        Box::pin(async move {
+            let queue = &self.queues[dir as usize];
+            let slot = Arc::new(Slot::default());
+            let head = {
+                let mut q = queue.lock();
+                q.push_back(slot.clone());
+                queue.len.store(q.len(), Ordering::Release);
+                q.len() == 1
+            };
+            let _in_queue = InQueue {
+                queue,
+                slot: slot.clone(),
+            };
+            if !head {
+                Kicked(&slot).await;
             }
-            match self.group.try_admit(dir, bytes) {
-                Ok(()) => return,
-                Err(wait) => {
-                    TimerOrKick {
-                        timer: Box::pin(sleep_ns(wait)),
-                        kick: Kicked(&slot),
+            loop {
+                if self.bypassed() {
+                    return;
+                }
+                match self.group.try_admit(dir, bytes) {
+                    Ok(()) => return,
+                    Err(wait) => {
+                        TimerOrKick {
+                            timer: Box::pin(sleep_ns(wait)),
+                            kick: Kicked(&slot),
+                        }
+                        .await
                     }
-                    .await
                 }
             }
-        }
+        })
     }
 }
 

@@ -14,6 +14,7 @@ use crate::error::Result;
 use crate::throttle::{Direction, Member, ThrottleGroup};
 use std::sync::Arc;
 
+mod admitted;
 mod options;
 
 pub use options::ThrottleOptions;
@@ -67,6 +68,10 @@ impl Driver for ThrottleDriver {
 
     fn supports_fua(&self) -> bool {
         true
+    }
+
+    fn as_throttle(&self) -> Option<&ThrottleDriver> {
+        Some(self)
     }
 
     fn truncate(&self, size: u64) -> Result<()> {
