@@ -19,7 +19,7 @@
 //! writes pile up, and the heads of both queues compete for the shared buckets as
 //! QEMU's two timers do.
 
-use super::config::{buckets_of, Direction, ThrottleConfig, BUCKETS};
+use super::config::{buckets_of, BucketType, Direction, ThrottleConfig, BUCKETS};
 use crate::aio::clock;
 use crate::aio::uring::sleep_ns;
 use crate::aio::LocalBoxFuture;
@@ -168,7 +168,7 @@ pub struct ThrottleGroup {
     /// Whether any limit is set: the one load an unlimited group costs a request.
     enabled: AtomicBool,
     /// Per direction, which of its four buckets ([`buckets_of`]) set a limit (bit
-    /// `i`: the `i`-th), so that a request looks at those only.
+    /// `i`: the bucket of [`BucketType`] `i`), so that a request looks at those only.
     limited: [AtomicU8; 2],
     op_size: AtomicU64,
     buckets: [Bucket; BUCKETS],
@@ -222,9 +222,8 @@ impl ThrottleGroup {
         for dir in [Direction::Read, Direction::Write] {
             let mask = buckets_of(dir)
                 .iter()
-                .enumerate()
-                .filter(|(_, (b, _))| c.buckets[*b as usize].avg != 0)
-                .fold(0u8, |m, (i, _)| m | 1 << i);
+                .filter(|(b, _)| c.buckets[*b as usize].avg != 0)
+                .fold(0u8, |m, (b, _)| m | 1 << *b as u8);
             self.limited[dir as usize].store(mask, Ordering::Relaxed);
         }
         self.op_size.store(c.op_size, Ordering::Relaxed);
@@ -253,12 +252,14 @@ impl ThrottleGroup {
     /// Runs `f` on each limited bucket of `dir`, with whether it counts operations.
     #[inline(always)]
     fn each_limited(&self, dir: Direction, mut f: impl FnMut(&Bucket, bool)) {
-        let mask = self.limited[dir as usize].load(Ordering::Relaxed);
-        let list = buckets_of(dir);
-        for (i, (b, is_ops)) in list.iter().enumerate() {
-            if mask & (1 << i) != 0 {
-                f(&self.buckets[*b as usize], *is_ops);
-            }
+        let mut mask = self.limited[dir as usize].load(Ordering::Relaxed);
+        while mask != 0 {
+            let i = mask.trailing_zeros() as usize;
+            mask &= mask - 1;
+            f(
+                &self.buckets[i % BUCKETS],
+                i >= BucketType::OpsTotal as usize,
+            );
         }
     }
 
