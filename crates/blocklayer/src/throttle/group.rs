@@ -20,6 +20,7 @@
 //! QEMU's two timers do.
 
 use super::config::{buckets_of, BucketType, Direction, ThrottleConfig, BUCKETS};
+use super::slice;
 use crate::aio::clock;
 use crate::aio::uring::sleep_ns;
 use crate::aio::LocalBoxFuture;
@@ -147,14 +148,19 @@ impl Bucket {
         over(&self.burst_tat, &self.burst_capacity_ns, now)
     }
 
-    /// Charges a request of `cost` to the bucket (of operations if `is_ops`).
+    /// Charges a request of `cost` to the bucket (of operations if `is_ops`), and
+    /// `slice_ns` more to the main bucket (a thread's slice, see [`super::slice`]).
     #[inline(always)]
-    fn charge(&self, now: u64, cost: Cost, is_ops: bool) {
+    fn charge(&self, now: u64, cost: Cost, is_ops: bool, slice_ns: u64) {
         let npu = self.ns_per_unit.load(Ordering::Relaxed);
         if npu == 0 {
             return;
         }
-        push(&self.tat, now, cost.ns(is_ops, npu));
+        push(
+            &self.tat,
+            now,
+            cost.ns(is_ops, npu).saturating_add(slice_ns),
+        );
         let bnpu = self.burst_ns_per_unit.load(Ordering::Relaxed);
         if bnpu != 0 {
             push(&self.burst_tat, now, cost.ns(is_ops, bnpu));
@@ -170,6 +176,12 @@ pub struct ThrottleGroup {
     /// Per direction, which of its four buckets ([`buckets_of`]) set a limit (bit
     /// `i`: the bucket of [`BucketType`] `i`), so that a request looks at those only.
     limited: [AtomicU8; 2],
+    /// Per direction, what a thread takes from each limited bucket at once, in the
+    /// bucket's nanoseconds (0: no slices, a request charges the buckets itself).
+    slice_ns: [AtomicU64; 2],
+    /// The installation of limits, unique among all groups' (slices taken under
+    /// others are void).
+    gen: AtomicU64,
     op_size: AtomicU64,
     buckets: [Bucket; BUCKETS],
     /// The limits as set (read by the monitor, changed by `qom-set`).
@@ -185,6 +197,8 @@ impl ThrottleGroup {
             name: name.to_string(),
             enabled: AtomicBool::new(false),
             limited: Default::default(),
+            slice_ns: Default::default(),
+            gen: AtomicU64::new(0),
             op_size: AtomicU64::new(0),
             buckets: Default::default(),
             config: Mutex::new(config),
@@ -225,7 +239,13 @@ impl ThrottleGroup {
                 .filter(|(b, _)| c.buckets[*b as usize].avg != 0)
                 .fold(0u8, |m, (b, _)| m | 1 << *b as u8);
             self.limited[dir as usize].store(mask, Ordering::Relaxed);
+            self.slice_ns[dir as usize].store(self.slice_of(mask), Ordering::Relaxed);
         }
+        static GENERATIONS: AtomicU64 = AtomicU64::new(1);
+        self.gen.store(
+            GENERATIONS.fetch_add(1, Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
         self.op_size.store(c.op_size, Ordering::Relaxed);
         self.enabled.store(c.enabled(), Ordering::Release);
     }
@@ -247,6 +267,27 @@ impl ThrottleGroup {
     pub fn member_count(&self) -> usize {
         let members = self.members.lock().unwrap_or_else(|p| p.into_inner());
         members.iter().filter(|w| w.strong_count() > 0).count()
+    }
+
+    /// What a thread's slice of the buckets of `mask` is: a millisecond at most,
+    /// and a sixteenth of the smallest bucket; none while a burst bucket is set
+    /// (bursts are charged request by request).
+    fn slice_of(&self, mask: u8) -> u64 {
+        let mut slice = slice::SLICE_MAX_NS;
+        for (i, b) in self.buckets.iter().enumerate() {
+            if mask & (1 << i) == 0 {
+                continue;
+            }
+            if b.burst_ns_per_unit.load(Ordering::Relaxed) != 0 {
+                return 0;
+            }
+            slice = slice.min(b.capacity_ns.load(Ordering::Relaxed) / slice::SLICE_PER_BUCKET);
+        }
+        if mask == 0 {
+            0
+        } else {
+            slice
+        }
     }
 
     /// Runs `f` on each limited bucket of `dir`, with whether it counts operations.
@@ -271,16 +312,6 @@ impl ThrottleGroup {
         wait
     }
 
-    /// Charges a request of `bytes` to the buckets of `dir`.
-    #[inline(always)]
-    fn charge(&self, dir: Direction, bytes: u64, now: u64) {
-        let cost = Cost {
-            bytes,
-            op_size: self.op_size.load(Ordering::Relaxed),
-        };
-        self.each_limited(dir, |b, is_ops| b.charge(now, cost, is_ops));
-    }
-
     /// Charges the request if it may go now.
     #[inline(always)]
     fn try_admit(&self, dir: Direction, bytes: u64) -> Result<(), u64> {
@@ -289,11 +320,57 @@ impl ThrottleGroup {
         self.admit_at(dir, bytes, clock::now_ns())
     }
 
+    /// Admits a request of `bytes` in `dir` at `now` if the buckets let it go, and
+    /// charges it: to this thread's slice if it can pay, else to the shared
+    /// buckets, with a new slice taken at the same time when the request fits one.
     #[inline(always)]
     fn admit_at(&self, dir: Direction, bytes: u64, now: u64) -> Result<(), u64> {
+        let cost = Cost {
+            bytes,
+            op_size: self.op_size.load(Ordering::Relaxed),
+        };
+        let d = dir as usize;
+        let mask = self.limited[d].load(Ordering::Relaxed);
+        let slice_ns = self.slice_ns[d].load(Ordering::Relaxed);
+        let me = self as *const Self as usize;
+        let gen = self.gen.load(Ordering::Relaxed);
+        let cost_ns = |i: usize| {
+            let npu = self.buckets[i % BUCKETS]
+                .ns_per_unit
+                .load(Ordering::Relaxed);
+            cost.ns(i >= BucketType::OpsTotal as usize, npu)
+        };
+        if slice_ns != 0 && slice::spend(me, dir, gen, mask, cost_ns) {
+            return Ok(());
+        }
+        self.admit_shared(dir, cost, now, mask, slice_ns, gen, cost_ns)
+    }
+
+    /// [`ThrottleGroup::admit_at`] through the shared buckets.
+    #[allow(clippy::too_many_arguments)]
+    fn admit_shared(
+        &self,
+        dir: Direction,
+        cost: Cost,
+        now: u64,
+        mask: u8,
+        slice_ns: u64,
+        gen: u64,
+        cost_ns: impl Fn(usize) -> u64,
+    ) -> Result<(), u64> {
         match self.wait_ns(dir, now) {
             0 => {
-                self.charge(dir, bytes, now);
+                let mut fits = slice_ns != 0;
+                for i in 0..BUCKETS {
+                    if mask & (1 << i) != 0 {
+                        fits &= cost_ns(i) <= slice_ns;
+                    }
+                }
+                let extra = if fits { slice_ns } else { 0 };
+                self.each_limited(dir, |b, is_ops| b.charge(now, cost, is_ops, extra));
+                if fits {
+                    slice::refill(self as *const Self as usize, dir, gen, mask, slice_ns);
+                }
                 Ok(())
             }
             w => Err(w),
@@ -543,6 +620,62 @@ mod tests {
         }
         // The main bucket (200 operations) filled: after that 10 IOPS.
         assert!((200..=260).contains(&sent), "{sent}");
+    }
+
+    /// With slices, a thread charges the shared bucket once per millisecond's worth,
+    /// and over a second what passes is still the rate plus the bucket, within
+    /// one slice.
+    #[test]
+    fn slices_keep_the_rate() {
+        // 1M IOPS: 1 us per operation, a bucket of 100,000, slices of 1 ms (1,000).
+        let g = group(&[(BucketType::OpsTotal, 1_000_000, 0, 1)], 0);
+        assert_eq!(
+            g.slice_ns[Direction::Read as usize].load(Ordering::Relaxed),
+            1_000_000
+        );
+        let tat = || {
+            g.buckets[BucketType::OpsTotal as usize]
+                .tat
+                .load(Ordering::Relaxed)
+        };
+        assert!(g.admit_at(Direction::Read, 4096, 0).is_ok());
+        // The first request charged itself and a slice.
+        assert_eq!(tat(), 1_001_000);
+        for _ in 0..1000 {
+            assert!(g.admit_at(Direction::Read, 4096, 0).is_ok());
+        }
+        assert_eq!(tat(), 1_001_000, "paid from the slice");
+        assert!(g.admit_at(Direction::Read, 4096, 0).is_ok());
+        assert_eq!(tat(), 2_002_000, "a new slice");
+        let mut sent = 1002u64;
+        let mut now = 0;
+        while now < 1_000_000_000 {
+            now += 10_000;
+            sent += u64::from(burst(&g, Direction::Read, 4096, now).0);
+        }
+        let want = 1_000_000 + 100_000;
+        assert!((want..=want + 2_001).contains(&sent), "{sent}");
+        // Writes count against the same total bucket, through a slice of their own.
+        assert!(g.admit_at(Direction::Write, 4096, now).is_err());
+    }
+
+    /// A group with a burst rate charges request by request: no slices.
+    #[test]
+    fn no_slices_with_a_burst() {
+        let g = group(&[(BucketType::OpsTotal, 1_000_000, 2_000_000, 2)], 0);
+        assert_eq!(
+            g.slice_ns[Direction::Read as usize].load(Ordering::Relaxed),
+            0
+        );
+        let g = group(&[(BucketType::BpsRead, 1 << 30, 0, 1)], 0);
+        assert_eq!(
+            g.slice_ns[Direction::Write as usize].load(Ordering::Relaxed),
+            0
+        );
+        assert_eq!(
+            g.slice_ns[Direction::Read as usize].load(Ordering::Relaxed),
+            1_000_000
+        );
     }
 
     #[test]

@@ -4,9 +4,11 @@
 //!
 //! - [`config`]: the limits, `ThrottleLimits` and the `x-*` properties, validation
 //! - [`group`]: the buckets and the queues of waiting requests on the request path
+//! - [`slice`]: each thread's slices of its groups' buckets
 
 pub mod config;
 pub mod group;
+mod slice;
 
 pub use config::{Direction, ThrottleConfig};
 pub use group::{Member, ThrottleGroup};
