@@ -463,6 +463,8 @@ impl BlkDevice {
         }
         let pending = usize::from(pending.0) + n;
         let ring = AvailRing::new(mem, q.avail_ring(), size);
+        // The descriptor table, resolved once for the pass.
+        let descs = chain::Table::new(mem, table, size);
         while n < POP_BATCH && pending > n {
             let q = state.get_queue_mut();
             let next = q.next_avail();
@@ -480,7 +482,7 @@ impl BlkDevice {
             // A chain that is not one (a loop, a bad index or indirect table, memory
             // that cannot be read) means a broken driver: as QEMU, the device stops
             // the ring until it is reset, and returns nothing for it.
-            if let Err(e) = chain::walk(mem, table, size, head, max_descs, &mut walked) {
+            if let Err(e) = chain::walk_in(mem, descs, size, head, max_descs, &mut walked) {
                 drop(state);
                 self.break_ring(
                     vring,
