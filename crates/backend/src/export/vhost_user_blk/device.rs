@@ -823,15 +823,14 @@ async fn execute(ctx: Rc<SetCtx>, mem: Arc<Memory>, req: Request, queue: usize, 
         head,
         status_addr,
         data_in_len,
-        data_in,
         req_type,
         op,
     } = req;
-    let status = match op {
+    let status = match &op {
         Ok(op) => {
-            let acct = op_acct(&op);
-            let ok = perform_with_policy(shared, &origin, &op).await;
-            let (counters, kind) = (shared.counters.queue(queue), request_kind(&op));
+            let acct = op_acct(op);
+            let ok = perform_with_policy(shared, &origin, op).await;
+            let (counters, kind) = (shared.counters.queue(queue), request_kind(op));
             match acct {
                 Some((acct, end)) => {
                     let bytes = acct.bytes();
@@ -839,7 +838,7 @@ async fn execute(ctx: Rc<SetCtx>, mem: Arc<Memory>, req: Request, queue: usize, 
                     counters.record(kind, bytes, ok, latency);
                 }
                 // GET_ID: answered in the pass that took it.
-                None => counters.record(kind, op_data_len(&op), ok, 0),
+                None => counters.record(kind, op_data_len(op), ok, 0),
             }
             if ok {
                 VIRTIO_BLK_S_OK as u8
@@ -871,7 +870,7 @@ async fn execute(ctx: Rc<SetCtx>, mem: Arc<Memory>, req: Request, queue: usize, 
             let log = origin.queues.dirty_log();
             if let Some(log) = &log {
                 // A failed read may have written part of its buffers too.
-                for &(gpa, len) in &data_in {
+                for (gpa, len) in op.iter().flat_map(|o| o.data_in(&mem)) {
                     log.mark(gpa, len);
                 }
             }

@@ -63,6 +63,21 @@ pub enum Op {
     WriteZeroes(Vec<Range>),
 }
 
+impl Op {
+    /// Where in guest memory (guest physical addresses) a read or GET_ID puts its
+    /// data: the ranges of its buffers in `mem`, the memory table it was parsed in
+    /// (each buffer lies in one region of it); the pages a dirty log must mark.
+    pub fn data_in<'a>(&'a self, mem: &'a Memory) -> impl Iterator<Item = (u64, u64)> + 'a {
+        let iov = match self {
+            Op::Read { iov, .. } | Op::GetId { iov } => Some(iov),
+            _ => None,
+        };
+        iov.into_iter()
+            .flat_map(|v| v.segments())
+            .filter_map(move |s| Some((guest_addr(mem, s.iov_base.cast())?, s.iov_len as u64)))
+    }
+}
+
 /// Why a chain was refused; the status it completes with follows from it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RequestError {
@@ -117,11 +132,9 @@ pub struct Request {
     /// Guest address of the status byte (`None`: the chain has none; it is returned
     /// to the driver with nothing written).
     pub status_addr: Option<GuestAddress>,
-    /// Bytes of device-writable data the request fills on success (reads, GET_ID).
+    /// Bytes of device-writable data the request fills on success (reads, GET_ID;
+    /// where they go in guest memory: [`Op::data_in`]).
     pub data_in_len: u32,
-    /// Where in guest memory (guest physical addresses) those bytes go: the pages a
-    /// dirty log must mark.
-    pub data_in: Segs,
     /// The request type from the header, once it was read.
     pub req_type: Option<u32>,
     pub op: Result<Op, RequestError>,
@@ -134,7 +147,6 @@ impl Request {
             head,
             status_addr: None,
             data_in_len: 0,
-            data_in: Segs::new(),
             req_type: None,
             op: Err(e),
         }
@@ -208,6 +220,16 @@ pub fn host_range(mem: &Memory, addr: u64, len: u64) -> Option<*mut u8> {
         }
     }
     None
+}
+
+/// The guest address of the host address `host` in a region of `mem` (the inverse
+/// of [`host_range`]).
+fn guest_addr(mem: &Memory, host: *const u8) -> Option<u64> {
+    let host = host as usize;
+    mem.iter().find_map(|r| {
+        let off = host.checked_sub(r.as_ptr() as usize)?;
+        (off < r.len() as usize).then(|| r.start_addr().0 + off as u64)
+    })
 }
 
 /// The sub-list covering `offset..offset+len` of `segs`.
@@ -401,7 +423,6 @@ fn parse_any(head: u16, descs: &[Desc], mem: &Arc<Memory>, lim: &DeviceLimits) -
         head,
         status_addr: None,
         data_in_len: 0,
-        data_in: Segs::new(),
         req_type: None,
         op: Err(RequestError::NoStatus),
     };
@@ -420,17 +441,9 @@ fn parse_any(head: u16, descs: &[Desc], mem: &Arc<Memory>, lim: &DeviceLimits) -
         return req;
     };
     req.status_addr = last_byte(last_addr, last_len);
-    req.op = parse_op(
-        &s,
-        mem,
-        lim,
-        &mut req.data_in_len,
-        &mut req.data_in,
-        &mut req.req_type,
-    );
+    req.op = parse_op(&s, mem, lim, &mut req.data_in_len, &mut req.req_type);
     if req.op.is_err() {
         req.data_in_len = 0;
-        req.data_in.clear();
     }
     req
 }
@@ -482,9 +495,7 @@ fn parse_usual(
     // stays alive while the IoVec's keepalive (an Arc of this memory) exists, and the
     // io_uring engine holds that keepalive until the kernel has finished with it.
     unsafe { iov.push_raw(data, len as usize) };
-    let mut data_in = Segs::new();
     let (op, data_in_len) = if read {
-        data_in.push((d.addr, len));
         (Op::Read { offset, iov }, len as u32)
     } else {
         (Op::Write { offset, iov }, 0)
@@ -493,7 +504,6 @@ fn parse_usual(
         head,
         status_addr: Some(GuestAddress(s.addr)),
         data_in_len,
-        data_in,
         req_type: Some(kind),
         op: Ok(op),
     })
@@ -504,7 +514,6 @@ fn parse_op(
     mem: &Arc<Memory>,
     lim: &DeviceLimits,
     data_in_len: &mut u32,
-    data_in: &mut Segs,
     req_type: &mut Option<u32>,
 ) -> Result<Op, RequestError> {
     if s.readable.len() + s.writable.len() > lim.max_segments + 2 {
@@ -574,7 +583,6 @@ fn parse_op(
             let offset = check_range(lim, sector, in_len)?;
             let iov = map_iov(mem, in_data)?;
             *data_in_len = in_len as u32;
-            *data_in = Segs::from_slice(in_data);
             Ok(Op::Read { offset, iov })
         }
         VIRTIO_BLK_T_OUT => {
@@ -592,9 +600,8 @@ fn parse_op(
         VIRTIO_BLK_T_GET_ID => {
             let n = in_len.min(ID_BYTES as u64);
             *data_in_len = n as u32;
-            *data_in = sub(in_data, 0, n);
             Ok(Op::GetId {
-                iov: map_iov(mem, data_in)?,
+                iov: map_iov(mem, &sub(in_data, 0, n))?,
             })
         }
         VIRTIO_BLK_T_DISCARD => Ok(Op::Discard(parse_ranges(mem, out_data, lim, false)?)),
@@ -663,6 +670,8 @@ mod tests {
         let r = parse(3, &d, &mem, &limits());
         assert_eq!(r.status_addr, Some(GuestAddress(BASE + 0x3000)));
         assert_eq!(r.data_in_len, 1536);
+        let data_in: Vec<_> = r.op.as_ref().unwrap().data_in(&mem).collect();
+        assert_eq!(data_in, [(BASE + 0x1000, 1024), (BASE + 0x2000, 512)]);
         match r.op.unwrap() {
             Op::Read { offset, iov } => {
                 assert_eq!(offset, 4096);
@@ -671,6 +680,31 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A buffer across two regions is read as one segment per region, and the guest
+    /// ranges a dirty log marks are the buffer's.
+    #[test]
+    fn data_in_across_two_regions() {
+        let mem = Arc::new(
+            Memory::from_ranges(&[
+                (GuestAddress(BASE), 0x1000),
+                (GuestAddress(BASE + 0x1000), 0x4000),
+            ])
+            .unwrap(),
+        );
+        header(&mem, BASE + 0x2000, VIRTIO_BLK_T_IN, 0);
+        let d = [
+            rd(BASE + 0x2000, 16),
+            wr(BASE + 0x800, 0x1000),
+            wr(BASE + 0x3000, 1),
+        ];
+        let r = parse(0, &d, &mem, &limits());
+        let op = r.op.unwrap();
+        assert!(matches!(&op, Op::Read { iov, .. } if iov.segments().len() == 2));
+        let data_in: Vec<_> = op.data_in(&mem).collect();
+        assert_eq!(data_in, [(BASE + 0x800, 0x800), (BASE + 0x1000, 0x800)]);
+        assert_eq!(r.data_in_len, 0x1000);
     }
 
     #[test]
@@ -851,15 +885,16 @@ mod tests {
     }
 
     /// What a parsed request amounts to, for comparing two parses.
-    fn summary(r: &Request) -> String {
+    fn summary(r: &Request, mem: &Memory) -> String {
         let op = match &r.op {
             Ok(Op::Read { offset, iov }) => format!("read {offset} {:?}", segs(iov)),
             Ok(Op::Write { offset, iov }) => format!("write {offset} {:?}", segs(iov)),
             other => format!("{other:?}"),
         };
+        let data_in: Vec<_> = r.op.iter().flat_map(|o| o.data_in(mem)).collect();
         format!(
-            "{} {:?} {} {:?} {:?} {op}",
-            r.head, r.status_addr, r.data_in_len, r.data_in, r.req_type
+            "{} {:?} {} {data_in:?} {:?} {op}",
+            r.head, r.status_addr, r.data_in_len, r.req_type
         )
     }
 
@@ -921,7 +956,7 @@ mod tests {
                                 let any = parse_any(7, &d, &mem, l);
                                 if let Some(usual) = parse_usual(7, &d, &mem, l) {
                                     accepted += 1;
-                                    assert_eq!(summary(&usual), summary(&any), "{d:?}");
+                                    assert_eq!(summary(&usual, &mem), summary(&any, &mem), "{d:?}");
                                 }
                             }
                         }
