@@ -12,7 +12,7 @@ use super::request::{self, DeviceLimits, Memory, Op, Request, RequestError};
 use super::vhost_user::chain;
 use super::vhost_user::dirty_log::DirtyLog;
 use super::vhost_user::inflight::InflightRegion;
-use super::vhost_user::vring::{Vring, VringState};
+use super::vhost_user::vring::{UsedRing, Vring, VringState};
 use super::vhost_user::{pf, BackendChannel, QueueDevice, F_LOG_ALL, F_PROTOCOL_FEATURES};
 use super::{ExportShared, PopGate};
 use crate::iothread::event_loop::{EventLoop, Source, WAKE_SUB};
@@ -1003,7 +1003,8 @@ impl RingSet {
         // only valid in it), and the ring last pushed to, kept locked while the
         // completions that follow are for it too (they come in runs).
         let mem = self.memory();
-        let mut held: Option<(usize, std::sync::MutexGuard<'_, VringState>)> = None;
+        // With the lock, where its used ring lies in `mem` (resolved once per lock).
+        let mut held: Option<(usize, std::sync::MutexGuard<'_, VringState>, UsedRing)> = None;
         for c in &done {
             // A ring stopped since the request was popped belongs to the frontend again:
             // the request is not pushed (it stays in the inflight region, if there is
@@ -1012,16 +1013,18 @@ impl RingSet {
             let local = self.local(c.queue);
             if let (true, Some(i)) = (current, local) {
                 let track = inflight.as_ref().and_then(|r| r.queue(c.queue));
-                if held.as_ref().is_none_or(|(h, _)| *h != i) {
+                if held.as_ref().is_none_or(|(h, ..)| *h != i) {
                     // One ring lock at a time.
                     drop(held.take());
-                    held = Some((i, self.vrings[i].lock()));
+                    let st = self.vrings[i].lock();
+                    let ring = st.used_ring(&mem);
+                    held = Some((i, st, ring));
                 }
-                let st = &mut held.as_mut().expect("locked above").1;
+                let (_, st, ring) = held.as_mut().expect("locked above");
                 if let Some(t) = &track {
                     t.pre_put(c.head);
                 }
-                let r = st.add_used_in(&mem, c.head, c.len);
+                let r = st.add_used_to(*ring, &mem, c.head, c.len);
                 if let (Some(t), Ok(())) = (&track, &r) {
                     t.post_put(c.head, st.get_queue().next_used());
                 }
