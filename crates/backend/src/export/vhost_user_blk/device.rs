@@ -642,6 +642,7 @@ fn op_data_len(op: &Op) -> u64 {
 }
 
 /// Starts accounting a request: its record and, for writes, the end of its range.
+#[inline]
 fn op_acct(op: &Op) -> Option<(Acct, u64)> {
     let sum = |ranges: &[request::Range]| ranges.iter().map(|r| r.len).sum::<u64>();
     let end = |ranges: &[request::Range]| {

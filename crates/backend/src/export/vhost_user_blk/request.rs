@@ -207,7 +207,7 @@ fn total(segs: &[(u64, u64)]) -> u64 {
 /// The host address of the guest range `addr..addr+len`, if it lies inside one region
 /// (the regions are few: a linear look, cheaper than vm-memory's general lookup, which
 /// every request made several times).
-#[inline]
+#[inline(always)]
 pub fn host_range(mem: &Memory, addr: u64, len: u64) -> Option<*mut u8> {
     for r in mem.iter() {
         let Some(off) = addr.checked_sub(r.start_addr().0) else {
