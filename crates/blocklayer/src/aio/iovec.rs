@@ -184,6 +184,7 @@ impl IoVec {
     }
 
     /// Whether every segment's address and length is a multiple of `align`.
+    #[inline]
     pub fn is_aligned(&self, align: usize) -> bool {
         align <= 1
             || self.segs.iter().all(|s| {
