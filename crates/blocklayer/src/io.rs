@@ -89,7 +89,7 @@ impl Drop for TrackGuard<'_> {
 
 impl Node {
     /// Accounts a finished request in this node's statistics.
-    #[inline]
+    #[inline(always)]
     fn account(&self, acct: Acct, r: &Result<()>, end: u64) {
         match r {
             Err(BlockError::OutOfRange { .. }) => self.stats.invalid(acct.kind()),

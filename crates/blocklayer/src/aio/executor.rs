@@ -237,6 +237,7 @@ pub fn spawn_boxed(task: Pin<Box<dyn Future<Output = ()>>>) {
 }
 
 /// Queues a new task as ready.
+#[inline(always)]
 fn push(task: Task) {
     EXECUTOR.with(|e| {
         let mut e = e.borrow_mut();

@@ -78,7 +78,7 @@ thread_local! {
 }
 
 /// A block for `layout`, a pooled one if there is, and its class.
-#[inline]
+#[inline(always)]
 fn take(layout: Layout) -> (NonNull<u8>, u8) {
     if layout.size() == 0 {
         // A dangling, aligned pointer is a valid zero-sized allocation.
@@ -106,6 +106,7 @@ fn take(layout: Layout) -> (NonNull<u8>, u8) {
 
 /// Returns `block` (from the global allocator with `layout`, no longer used) to this
 /// thread's pool class `class`, or to the allocator when there is none or it is full.
+#[inline(always)]
 fn give_back(block: NonNull<u8>, layout: Layout, class: u8) {
     if layout.size() == 0 {
         return;

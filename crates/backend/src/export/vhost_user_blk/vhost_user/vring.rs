@@ -127,6 +127,7 @@ impl VringState {
     /// index moves past it with release semantics, so a driver that sees the index
     /// sees the element. Written through the host mapping when the ring lies in one
     /// region (always, in practice), else through vm-memory's checked accesses.
+    #[inline(always)]
     pub fn add_used_to(
         &mut self,
         ring: UsedRing,
