@@ -15,6 +15,7 @@
 
 use crate::aio::clock;
 use serde::Serialize;
+use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
@@ -56,14 +57,33 @@ const SHARDS: usize = 8;
 /// their own, which only that thread writes.
 const SHARED: usize = SHARDS - 1;
 
+thread_local! {
+    /// This thread's shard, once known (`usize::MAX` before): const-initialised and
+    /// without a destructor, so reading it costs no first-use or teardown check.
+    static SHARD: Cell<usize> = const { Cell::new(usize::MAX) };
+}
+
 /// This thread's shard: one of its own while one is free (it is given back when the
 /// thread exits), else the shared one.
+#[inline]
 fn shard_index() -> usize {
+    match SHARD.with(Cell::get) {
+        usize::MAX => shard_index_slow(),
+        i => i,
+    }
+}
+
+/// [`shard_index`] on a thread's first statistics update: takes its shard.
+#[cold]
+fn shard_index_slow() -> usize {
     /// Bit i: own shard i is free.
     static FREE: AtomicU64 = AtomicU64::new((1 << SHARED) - 1);
     struct Slot(usize);
     impl Drop for Slot {
         fn drop(&mut self) {
+            // What the thread accounts from now on (its other thread-locals' teardown)
+            // goes to the shared shard.
+            SHARD.with(|s| s.set(SHARED));
             if self.0 < SHARED {
                 // Release: the next owner sees this thread's last counts.
                 FREE.fetch_or(1 << self.0, Ordering::Release);
@@ -91,7 +111,14 @@ fn shard_index() -> usize {
     thread_local! {
         static SLOT: Slot = Slot(take());
     }
-    SLOT.try_with(|s| s.0).unwrap_or(SHARED)
+    match SLOT.try_with(|s| s.0) {
+        Ok(i) => {
+            SHARD.with(|s| s.set(i));
+            i
+        }
+        // The thread is exiting.
+        Err(_) => SHARED,
+    }
 }
 
 /// Adds `v` to a counter of a shard: a plain load and store in a shard this thread
@@ -160,6 +187,7 @@ impl IoStats {
     }
 
     /// Starts accounting a request, at the time of the current loop pass.
+    #[inline]
     pub fn start(kind: IoKind, bytes: u64) -> Acct {
         Acct {
             kind,
@@ -186,6 +214,7 @@ impl IoStats {
     /// `wr_highest_offset`). Returns the request's latency in nanoseconds, from the
     /// loop pass that started it to the one that finished it (for the latency
     /// histograms of `crate`'s users, which thus read no clock of their own).
+    #[inline]
     pub fn done(&self, acct: Acct, ok: bool, end: u64) -> u64 {
         let (shard, own) = self.shard();
         let k = &shard.kinds[acct.kind as usize];

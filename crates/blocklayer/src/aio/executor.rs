@@ -98,7 +98,15 @@ impl Drop for Membership {
 }
 
 thread_local! {
-    static EXECUTOR: RefCell<Executor> = RefCell::new(Executor::default());
+    // Const-initialised: no first-use check on every access.
+    static EXECUTOR: RefCell<Executor> = const {
+        RefCell::new(Executor {
+            tasks: Vec::new(),
+            live: Vec::new(),
+            free: Vec::new(),
+            ready: VecDeque::new(),
+        })
+    };
     static MEMBERSHIP: Membership = Membership::join();
     /// This thread's executor number (cached; `usize::MAX` until known).
     static INDEX: Cell<usize> = const { Cell::new(usize::MAX) };
@@ -200,8 +208,9 @@ fn waker_drop(_: *const ()) {}
 static VTABLE: RawWakerVTable =
     RawWakerVTable::new(waker_clone, waker_wake, waker_wake, waker_drop);
 
-fn waker_for(id: usize) -> Waker {
-    let data = (this_index() << SLOT_BITS) | id;
+/// The waker of task `id` of executor `index`.
+fn waker_of(index: usize, id: usize) -> Waker {
+    let data = (index << SLOT_BITS) | id;
     // SAFETY: the vtable functions never dereference the data pointer (it is an integer)
     // and are safe to call from any thread, as the RawWaker contract requires.
     unsafe { Waker::from_raw(raw_waker(data)) }
@@ -228,6 +237,7 @@ pub fn spawn_boxed(task: Pin<Box<dyn Future<Output = ()>>>) {
 }
 
 /// Queues a new task as ready.
+#[inline(always)]
 fn push(task: Task) {
     EXECUTOR.with(|e| {
         let mut e = e.borrow_mut();
@@ -250,6 +260,7 @@ fn push(task: Task) {
 /// Polls every ready task until none is ready. Returns how many polls were made.
 pub fn run_ready() -> usize {
     let mut polls = 0;
+    let index = this_index();
     loop {
         let next = EXECUTOR.with(|e| {
             let mut e = e.borrow_mut();
@@ -267,7 +278,7 @@ pub fn run_ready() -> usize {
             return polls;
         };
         polls += 1;
-        let waker = waker_for(id);
+        let waker = waker_of(index, id);
         let mut cx = Context::from_waker(&waker);
         let done = task.poll(&mut cx).is_ready();
         EXECUTOR.with(|e| {

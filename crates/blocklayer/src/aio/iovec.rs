@@ -13,10 +13,74 @@ pub type Keepalive = Arc<dyn Any + Send + Sync>;
 /// One segment: a host pointer and a length (the same layout as `struct iovec`).
 pub type Segment = libc::iovec;
 
+/// The segments of one vector. Most requests have one (a 4 KiB read into one guest
+/// buffer): it is kept inline, so that building, cloning and dropping such a vector
+/// allocates nothing.
+enum Segments {
+    One(Segment),
+    Many(Vec<Segment>),
+}
+
+impl Segments {
+    /// No segments, with room for `n` (allocated only beyond one).
+    #[inline]
+    fn with_capacity(n: usize) -> Self {
+        Segments::Many(if n > 1 {
+            Vec::with_capacity(n)
+        } else {
+            Vec::new()
+        })
+    }
+
+    #[inline]
+    fn push(&mut self, s: Segment) {
+        match self {
+            Segments::Many(v) if v.is_empty() && v.capacity() == 0 => *self = Segments::One(s),
+            Segments::Many(v) => v.push(s),
+            Segments::One(first) => *self = Segments::Many(vec![*first, s]),
+        }
+    }
+
+    #[inline]
+    fn as_slice(&self) -> &[Segment] {
+        match self {
+            Segments::One(s) => std::slice::from_ref(s),
+            Segments::Many(v) => v,
+        }
+    }
+}
+
+impl Clone for Segments {
+    #[inline]
+    fn clone(&self) -> Self {
+        match self {
+            Segments::One(s) => Segments::One(*s),
+            Segments::Many(v) => Segments::Many(v.clone()),
+        }
+    }
+}
+
+impl std::ops::Deref for Segments {
+    type Target = [Segment];
+    #[inline]
+    fn deref(&self) -> &[Segment] {
+        self.as_slice()
+    }
+}
+
+impl<'a> IntoIterator for &'a Segments {
+    type Item = &'a Segment;
+    type IntoIter = std::slice::Iter<'a, Segment>;
+    #[inline]
+    fn into_iter(self) -> Self::IntoIter {
+        self.as_slice().iter()
+    }
+}
+
 /// A list of segments plus the keepalive of their memory.
 #[derive(Clone)]
 pub struct IoVec {
-    segs: Vec<Segment>,
+    segs: Segments,
     len: u64,
     keep: Option<Keepalive>,
 }
@@ -34,7 +98,7 @@ impl IoVec {
     /// An empty vector whose memory is kept alive by `keep`.
     pub fn new(keep: Option<Keepalive>) -> Self {
         IoVec {
-            segs: Vec::new(),
+            segs: Segments::with_capacity(0),
             len: 0,
             keep,
         }
@@ -44,7 +108,7 @@ impl IoVec {
     /// `keep`.
     pub fn with_capacity(keep: Option<Keepalive>, n: usize) -> Self {
         IoVec {
-            segs: Vec::with_capacity(n),
+            segs: Segments::with_capacity(n),
             len: 0,
             keep,
         }
@@ -84,6 +148,9 @@ impl IoVec {
         self.len == 0
     }
 
+    /// The segments. The slice lies in the vector while it has one segment (kept
+    /// inline): an iovec array handed to the kernel or a library must be taken from
+    /// where the vector stays until the operation completes.
     pub fn segments(&self) -> &[Segment] {
         &self.segs
     }
@@ -117,6 +184,7 @@ impl IoVec {
     }
 
     /// Whether every segment's address and length is a multiple of `align`.
+    #[inline]
     pub fn is_aligned(&self, align: usize) -> bool {
         align <= 1
             || self.segs.iter().all(|s| {

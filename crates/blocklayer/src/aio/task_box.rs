@@ -36,11 +36,20 @@ const NO_CLASS: u8 = u8::MAX;
 impl Pool {
     /// The class index of `layout`, made if there is room; [`NO_CLASS`] if the layout
     /// is not pooled.
+    #[inline]
     fn class_of(&mut self, layout: Layout) -> u8 {
         if layout.size() < MIN_POOLED {
             return NO_CLASS;
         }
-        match self.classes.iter().position(|(l, _)| *l == layout) {
+        // A thread has a few classes, its request tasks' first: a plain loop.
+        let mut found = None;
+        for (i, (l, _)) in self.classes.iter().enumerate() {
+            if *l == layout {
+                found = Some(i);
+                break;
+            }
+        }
+        match found {
             Some(i) => i as u8,
             None if self.classes.len() < MAX_LAYOUTS => {
                 self.classes.push((layout, Vec::with_capacity(MAX_BLOCKS)));
@@ -64,10 +73,12 @@ impl Drop for Pool {
 }
 
 thread_local! {
-    static POOL: RefCell<Pool> = RefCell::new(Pool::default());
+    // Const-initialised: no first-use check on every access.
+    static POOL: RefCell<Pool> = const { RefCell::new(Pool { classes: Vec::new() }) };
 }
 
 /// A block for `layout`, a pooled one if there is, and its class.
+#[inline(always)]
 fn take(layout: Layout) -> (NonNull<u8>, u8) {
     if layout.size() == 0 {
         // A dangling, aligned pointer is a valid zero-sized allocation.
@@ -95,6 +106,7 @@ fn take(layout: Layout) -> (NonNull<u8>, u8) {
 
 /// Returns `block` (from the global allocator with `layout`, no longer used) to this
 /// thread's pool class `class`, or to the allocator when there is none or it is full.
+#[inline(always)]
 fn give_back(block: NonNull<u8>, layout: Layout, class: u8) {
     if layout.size() == 0 {
         return;

@@ -356,19 +356,35 @@ fn start(
     }
 }
 
-fn iov_parts(iov: &Option<IoVec>) -> (*const libc::iovec, u32) {
+/// The buffers of a read or write: one segment is passed as a plain buffer (its
+/// address is guest or bounce memory, which the keepalive holds, whereas a
+/// one-segment vector keeps its segment inline, where the slot moves it); several as
+/// their iovec array, on the heap, which stays put while the slot holds the vector.
+enum Buffers {
+    One(*mut u8, u32),
+    Many(*const libc::iovec, u32),
+}
+
+fn buffers(iov: &Option<IoVec>) -> Buffers {
     let segs = iov.as_ref().map_or(&[][..], |v| v.segments());
-    (segs.as_ptr(), segs.len() as u32)
+    match segs {
+        // The kernel caps one read or write at MAX_RW_COUNT (just under 2 GiB), as it
+        // does a readv's total: a longer buffer is short either way.
+        [s] => Buffers::One(s.iov_base.cast(), s.iov_len.min(u32::MAX as usize) as u32),
+        _ => Buffers::Many(segs.as_ptr(), segs.len() as u32),
+    }
 }
 
 /// `preadv(fd, iov, offset)`.
 pub fn readv(fd: RawFd, offset: u64, iov: IoVec) -> Op {
     start(
-        |iov, _| {
-            let (p, n) = iov_parts(iov);
-            opcode::Readv::new(types::Fd(fd), p, n)
+        |iov, _| match buffers(iov) {
+            Buffers::One(p, n) => opcode::Read::new(types::Fd(fd), p, n)
                 .offset(offset)
-                .build()
+                .build(),
+            Buffers::Many(p, n) => opcode::Readv::new(types::Fd(fd), p, n)
+                .offset(offset)
+                .build(),
         },
         Some(iov),
         None,
@@ -378,12 +394,15 @@ pub fn readv(fd: RawFd, offset: u64, iov: IoVec) -> Op {
 /// `pwritev2(fd, iov, offset, rw_flags)`; `RWF_DSYNC` gives FUA semantics.
 pub fn writev(fd: RawFd, offset: u64, iov: IoVec, rw_flags: i32) -> Op {
     start(
-        |iov, _| {
-            let (p, n) = iov_parts(iov);
-            opcode::Writev::new(types::Fd(fd), p, n)
+        |iov, _| match buffers(iov) {
+            Buffers::One(p, n) => opcode::Write::new(types::Fd(fd), p, n)
                 .offset(offset)
                 .rw_flags(rw_flags)
-                .build()
+                .build(),
+            Buffers::Many(p, n) => opcode::Writev::new(types::Fd(fd), p, n)
+                .offset(offset)
+                .rw_flags(rw_flags)
+                .build(),
         },
         Some(iov),
         None,

@@ -12,7 +12,7 @@ use super::request::{self, DeviceLimits, Memory, Op, Request, RequestError};
 use super::vhost_user::chain;
 use super::vhost_user::dirty_log::DirtyLog;
 use super::vhost_user::inflight::InflightRegion;
-use super::vhost_user::vring::{Vring, VringState};
+use super::vhost_user::vring::{UsedRing, Vring, VringState};
 use super::vhost_user::{pf, BackendChannel, QueueDevice, F_LOG_ALL, F_PROTOCOL_FEATURES};
 use super::{ExportShared, PopGate};
 use crate::iothread::event_loop::{EventLoop, Source, WAKE_SUB};
@@ -463,6 +463,8 @@ impl BlkDevice {
         }
         let pending = usize::from(pending.0) + n;
         let ring = AvailRing::new(mem, q.avail_ring(), size);
+        // The descriptor table, resolved once for the pass.
+        let descs = chain::Table::new(mem, table, size);
         while n < POP_BATCH && pending > n {
             let q = state.get_queue_mut();
             let next = q.next_avail();
@@ -480,7 +482,7 @@ impl BlkDevice {
             // A chain that is not one (a loop, a bad index or indirect table, memory
             // that cannot be read) means a broken driver: as QEMU, the device stops
             // the ring until it is reset, and returns nothing for it.
-            if let Err(e) = chain::walk(mem, table, size, head, max_descs, &mut walked) {
+            if let Err(e) = chain::walk_in(mem, descs, size, head, max_descs, &mut walked) {
                 drop(state);
                 self.break_ring(
                     vring,
@@ -640,6 +642,7 @@ fn op_data_len(op: &Op) -> u64 {
 }
 
 /// Starts accounting a request: its record and, for writes, the end of its range.
+#[inline]
 fn op_acct(op: &Op) -> Option<(Acct, u64)> {
     let sum = |ranges: &[request::Range]| ranges.iter().map(|r| r.len).sum::<u64>();
     let end = |ranges: &[request::Range]| {
@@ -821,15 +824,14 @@ async fn execute(ctx: Rc<SetCtx>, mem: Arc<Memory>, req: Request, queue: usize, 
         head,
         status_addr,
         data_in_len,
-        data_in,
         req_type,
         op,
     } = req;
-    let status = match op {
+    let status = match &op {
         Ok(op) => {
-            let acct = op_acct(&op);
-            let ok = perform_with_policy(shared, &origin, &op).await;
-            let (counters, kind) = (shared.counters.queue(queue), request_kind(&op));
+            let acct = op_acct(op);
+            let ok = perform_with_policy(shared, &origin, op).await;
+            let (counters, kind) = (shared.counters.queue(queue), request_kind(op));
             match acct {
                 Some((acct, end)) => {
                     let bytes = acct.bytes();
@@ -837,7 +839,7 @@ async fn execute(ctx: Rc<SetCtx>, mem: Arc<Memory>, req: Request, queue: usize, 
                     counters.record(kind, bytes, ok, latency);
                 }
                 // GET_ID: answered in the pass that took it.
-                None => counters.record(kind, op_data_len(&op), ok, 0),
+                None => counters.record(kind, op_data_len(op), ok, 0),
             }
             if ok {
                 VIRTIO_BLK_S_OK as u8
@@ -869,7 +871,7 @@ async fn execute(ctx: Rc<SetCtx>, mem: Arc<Memory>, req: Request, queue: usize, 
             let log = origin.queues.dirty_log();
             if let Some(log) = &log {
                 // A failed read may have written part of its buffers too.
-                for &(gpa, len) in &data_in {
+                for (gpa, len) in op.iter().flat_map(|o| o.data_in(&mem)) {
                     log.mark(gpa, len);
                 }
             }
@@ -1002,7 +1004,8 @@ impl RingSet {
         // only valid in it), and the ring last pushed to, kept locked while the
         // completions that follow are for it too (they come in runs).
         let mem = self.memory();
-        let mut held: Option<(usize, std::sync::MutexGuard<'_, VringState>)> = None;
+        // With the lock, where its used ring lies in `mem` (resolved once per lock).
+        let mut held: Option<(usize, std::sync::MutexGuard<'_, VringState>, UsedRing)> = None;
         for c in &done {
             // A ring stopped since the request was popped belongs to the frontend again:
             // the request is not pushed (it stays in the inflight region, if there is
@@ -1011,16 +1014,18 @@ impl RingSet {
             let local = self.local(c.queue);
             if let (true, Some(i)) = (current, local) {
                 let track = inflight.as_ref().and_then(|r| r.queue(c.queue));
-                if held.as_ref().is_none_or(|(h, _)| *h != i) {
+                if held.as_ref().is_none_or(|(h, ..)| *h != i) {
                     // One ring lock at a time.
                     drop(held.take());
-                    held = Some((i, self.vrings[i].lock()));
+                    let st = self.vrings[i].lock();
+                    let ring = st.used_ring(&mem);
+                    held = Some((i, st, ring));
                 }
-                let st = &mut held.as_mut().expect("locked above").1;
+                let (_, st, ring) = held.as_mut().expect("locked above");
                 if let Some(t) = &track {
                     t.pre_put(c.head);
                 }
-                let r = st.add_used_in(&mem, c.head, c.len);
+                let r = st.add_used_to(*ring, &mem, c.head, c.len);
                 if let (Some(t), Ok(())) = (&track, &r) {
                     t.post_put(c.head, st.get_queue().next_used());
                 }

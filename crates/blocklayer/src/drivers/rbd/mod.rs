@@ -161,14 +161,15 @@ impl RbdDriver {
         self.img.conn.lib
     }
 
-    /// Starts one asynchronous request (`start` gets the completion to pass to librbd)
-    /// and waits for it without blocking the thread. `iov` is kept until librbd has
-    /// completed the request. Returns librbd's result (bytes read for reads).
+    /// Starts one asynchronous request (`start` gets the completion to pass to librbd
+    /// and the segments of `iov`, where they stay) and waits for it without blocking
+    /// the thread. `iov` is kept until librbd has completed the request. Returns
+    /// librbd's result (bytes read for reads).
     fn aio(
         &self,
         op: &'static str,
         iov: Option<IoVec>,
-        start: impl FnOnce(Completion) -> c_int,
+        start: impl FnOnce(Completion, &[libc::iovec]) -> c_int,
     ) -> impl std::future::Future<Output = Result<i64>> + '_ {
         let lib = self.lib();
         let state = Arc::new(Pending {
@@ -186,7 +187,10 @@ impl RbdDriver {
             drop(unsafe { Arc::from_raw(arg as *const Pending) });
             Err(r)
         } else {
-            let r = start(c);
+            // The segments as they lie in the request's state (an IoVec keeps one
+            // segment inline: a pointer taken before the move would dangle).
+            let segs = state._iov.as_ref().map_or(&[][..], |v| v.segments());
+            let r = start(c, segs);
             if r < 0 {
                 // SAFETY: librbd refused the request, so the completion never fires:
                 // release it and take the reference back.
@@ -364,14 +368,12 @@ impl Driver for RbdDriver {
             Ok(i) => i,
             Err(r) => return Box::pin(std::future::ready(Err(errno("rbd", r as i64)))),
         };
-        let segs = iov.segments().as_ptr();
-        let n = iov.segments().len() as c_int;
         let len = iov.len();
         let keep = iov.clone();
-        let fut = self.aio("rbd read", Some(iov), move |c| {
-            // SAFETY: the segments stay valid (held by the completion state) until
-            // librbd completes the request.
-            unsafe { (lib.rbd_aio_readv)(image, segs, n, offset, c) }
+        let fut = self.aio("rbd read", Some(iov), move |c, segs| {
+            // SAFETY: the segments and the array of them stay valid (held by the
+            // completion state) until librbd completes the request.
+            unsafe { (lib.rbd_aio_readv)(image, segs.as_ptr(), segs.len() as c_int, offset, c) }
         });
         Box::pin(async move {
             let got = fut.await? as u64;
@@ -389,11 +391,9 @@ impl Driver for RbdDriver {
             Ok(i) => i,
             Err(r) => return Box::pin(std::future::ready(Err(errno("rbd", r as i64)))),
         };
-        let segs = iov.segments().as_ptr();
-        let n = iov.segments().len() as c_int;
-        let fut = self.aio("rbd write", Some(iov), move |c| {
+        let fut = self.aio("rbd write", Some(iov), move |c, segs| {
             // SAFETY: as in `read`.
-            unsafe { (lib.rbd_aio_writev)(image, segs, n, offset, c) }
+            unsafe { (lib.rbd_aio_writev)(image, segs.as_ptr(), segs.len() as c_int, offset, c) }
         });
         Box::pin(async move { fut.await.map(|_| ()) })
     }
@@ -405,7 +405,7 @@ impl Driver for RbdDriver {
             return Box::pin(std::future::ready(Ok(())));
         };
         // SAFETY: open image and a fresh completion.
-        let fut = self.aio("rbd flush", None, move |c| unsafe {
+        let fut = self.aio("rbd flush", None, move |c, _| unsafe {
             (lib.rbd_aio_flush)(image, c)
         });
         Box::pin(async move { fut.await.map(|_| ()) })
@@ -417,7 +417,7 @@ impl Driver for RbdDriver {
             Ok(i) => i,
             Err(r) => return Box::pin(std::future::ready(Err(errno("rbd", r as i64)))),
         };
-        let fut = self.aio("rbd discard", None, move |c| {
+        let fut = self.aio("rbd discard", None, move |c, _| {
             // SAFETY: open image and a fresh completion.
             unsafe { (lib.rbd_aio_discard)(image, offset, len, c) }
         });
@@ -440,7 +440,7 @@ impl Driver for RbdDriver {
         } else {
             ffi::WRITE_ZEROES_FLAG_THICK_PROVISION
         };
-        let fut = self.aio("rbd write zeroes", None, move |c| {
+        let fut = self.aio("rbd write zeroes", None, move |c, _| {
             // SAFETY: open image and a fresh completion.
             unsafe { (lib.rbd_aio_write_zeroes)(image, offset, len as usize, c, flags, 0) }
         });

@@ -43,11 +43,13 @@ struct RawDesc {
     next: u16,
 }
 
-/// A descriptor table, resolved once per walk: where the whole table lies in one
-/// region, 8-byte aligned (as every driver places it: virtio asks for 16), descriptors
-/// are read with two volatile loads each from the host mapping; anywhere else, through
-/// vm-memory's bounds-checked reads, one region lookup per descriptor.
-enum Table<'a> {
+/// A descriptor table, resolved once (for a ring's table: once per pass over the
+/// ring, [`Table::new`], then [`walk_in`] for each chain): where the whole table lies
+/// in one region, 8-byte aligned (as every driver places it: virtio asks for 16),
+/// descriptors are read with two volatile loads each from the host mapping; anywhere
+/// else, through vm-memory's bounds-checked reads, one region lookup per descriptor.
+#[derive(Clone, Copy)]
+pub enum Table<'a> {
     Mapped {
         /// Host address of descriptor 0; the table's `size` descriptors follow.
         ptr: *const u64,
@@ -61,7 +63,8 @@ enum Table<'a> {
 }
 
 impl<'a> Table<'a> {
-    fn new(mem: &'a Memory, addr: u64, size: u16) -> Table<'a> {
+    /// The table of `size` descriptors at guest address `addr` of `mem`.
+    pub fn new(mem: &'a Memory, addr: u64, size: u16) -> Table<'a> {
         let len = usize::from(size) * DESC_LEN as usize;
         if addr.is_multiple_of(8) {
             if let Some(p) = request::host_range(mem, addr, len as u64) {
@@ -132,6 +135,19 @@ pub fn walk(
     max: usize,
     out: &mut Walked,
 ) -> Result<(), ChainError> {
+    walk_in(mem, Table::new(mem, table, size), size, head, max, out)
+}
+
+/// [`walk`] in a table resolved beforehand (`table`, of `size` entries, in `mem`).
+/// After an error, `out` holds nothing of use.
+pub fn walk_in(
+    mem: &Memory,
+    table: Table<'_>,
+    size: u16,
+    head: u16,
+    max: usize,
+    out: &mut Walked,
+) -> Result<(), ChainError> {
     out.descs.clear();
     out.total = 0;
     out.last = None;
@@ -139,9 +155,11 @@ pub fn walk(
         return Err(ChainError::BadIndex(head));
     }
     let ring_size = size;
-    let (mut table, mut size, mut i) = (Table::new(mem, table, size), size, head);
+    let (mut table, mut size, mut i) = (table, size, head);
     let mut indirect = false;
     let mut visited = 0u32;
+    // Kept in locals, stored in `out` at the end.
+    let mut total = 0usize;
     loop {
         visited += 1;
         if visited > u32::from(size) {
@@ -185,9 +203,10 @@ pub fn walk(
         if out.descs.len() < max {
             out.descs.push(desc);
         }
-        out.total += 1;
-        out.last = Some(desc);
+        total += 1;
         if d.flags & F_NEXT == 0 {
+            out.total = total;
+            out.last = Some(desc);
             return Ok(());
         }
         if d.next >= size {

@@ -18,6 +18,14 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 const USED_ELEM_LEN: u64 = 8;
 use vmm_sys_util::eventfd::EventFd;
 
+/// Where a used ring lies ([`VringState::used_ring`]): its host address when the
+/// whole ring is in one region, 4-byte aligned; else written through vm-memory.
+#[derive(Clone, Copy)]
+pub enum UsedRing {
+    Mapped(*mut u8),
+    Guest,
+}
+
 /// The state behind a [`Vring`]'s lock.
 pub struct VringState {
     queue: Queue,
@@ -29,7 +37,7 @@ pub struct VringState {
     /// Started by SET_VRING_KICK and stopped by GET_VRING_BASE.
     started: bool,
     mem: GuestMemoryAtomic<Memory>,
-    /// Used elements added (by [`VringState::add_used_in`]) since the last
+    /// Used elements added (by [`VringState::add_used_to`]) since the last
     /// [`VringState::needs_notification`], as virtio-queue's `num_added` for its own
     /// `add_used`.
     added: u16,
@@ -98,14 +106,35 @@ impl VringState {
         }
     }
 
-    /// Adds a used element, in a memory table the caller loaded (once for a batch):
-    /// the current one, as the ring's state is only valid in it.
+    /// Where the used ring lies in `mem` (a memory table the caller loaded, once for
+    /// a batch: the current one, as the ring's state is only valid in it), for a
+    /// batch of [`VringState::add_used_to`] under one lock of the ring.
+    pub fn used_ring(&self, mem: &Memory) -> UsedRing {
+        let q = &self.queue;
+        let used = q.used_ring();
+        // flags, idx, ring[size] of (id: u32, len: u32)
+        let ring_len = 4 + USED_ELEM_LEN * u64::from(q.size());
+        match request::host_range(mem, used, ring_len) {
+            Some(p) if used.is_multiple_of(4) => UsedRing::Mapped(p),
+            _ => UsedRing::Guest,
+        }
+    }
+
+    /// Adds a used element, with the used ring resolved by [`VringState::used_ring`]
+    /// in `mem` under this lock of the ring.
     ///
     /// Virtio 1.2, 2.7.8: the element goes to the used ring's next slot, then the
     /// index moves past it with release semantics, so a driver that sees the index
     /// sees the element. Written through the host mapping when the ring lies in one
     /// region (always, in practice), else through vm-memory's checked accesses.
-    pub fn add_used_in(&mut self, mem: &Memory, head: u16, len: u32) -> Result<(), QueueError> {
+    #[inline(always)]
+    pub fn add_used_to(
+        &mut self,
+        ring: UsedRing,
+        mem: &Memory,
+        head: u16,
+        len: u32,
+    ) -> Result<(), QueueError> {
         let q = &mut self.queue;
         let size = q.size();
         if head >= size {
@@ -115,15 +144,15 @@ impl VringState {
         let next = q.next_used();
         let slot = u64::from(next % size);
         let new = next.wrapping_add(1);
-        // flags, idx, ring[size] of (id: u32, len: u32)
-        let ring_len = 4 + USED_ELEM_LEN * u64::from(size);
-        match request::host_range(mem, used, ring_len) {
-            Some(p) if used.is_multiple_of(4) => {
-                // SAFETY: `host_range` found the whole used ring inside one mapped
-                // region of `mem`, which the caller holds; `slot < size`, so the
-                // element's 8 bytes and the index at offset 2 are inside it; the ring is
-                // 4-byte aligned, so both u32 words and the u16 index are aligned.
-                // Volatile and atomic: the driver reads the ring concurrently.
+        match ring {
+            UsedRing::Mapped(p) => {
+                // SAFETY: `used_ring` found the whole used ring of this queue (whose
+                // address and size cannot change while the caller holds the ring's
+                // lock) inside one mapped region of `mem`, which the caller holds;
+                // `slot < size`, so the element's 8 bytes and the index at offset 2 are
+                // inside it; the ring is 4-byte aligned, so both u32 words and the u16
+                // index are aligned. Volatile and atomic: the driver reads the ring
+                // concurrently.
                 unsafe {
                     let elem = p.add(4 + (USED_ELEM_LEN * slot) as usize).cast::<u32>();
                     elem.write_volatile(u32::from(head).to_le());
@@ -132,7 +161,7 @@ impl VringState {
                         .store(new.to_le(), Ordering::Release);
                 }
             }
-            _ => {
+            UsedRing::Guest => {
                 let at = used
                     .checked_add(4 + USED_ELEM_LEN * slot)
                     .ok_or(QueueError::AddressOverflow)?;
