@@ -63,6 +63,16 @@ thread_local! {
     static SHARD: Cell<usize> = const { Cell::new(usize::MAX) };
 }
 
+/// The shards that threads have each to themselves.
+pub(crate) const OWN_SHARDS: usize = SHARED;
+
+/// This thread's own shard, if it has one (`None`: it shares the last): per-thread
+/// state indexed by it is only ever touched by this thread.
+#[inline(always)]
+pub(crate) fn own_shard() -> Option<usize> {
+    Some(shard_index()).filter(|i| *i < OWN_SHARDS)
+}
+
 /// This thread's shard: one of its own while one is free (it is given back when the
 /// thread exits), else the shared one.
 #[inline]

@@ -182,6 +182,8 @@ pub struct ThrottleGroup {
     /// The installation of limits, unique among all groups' (slices taken under
     /// others are void).
     gen: AtomicU64,
+    /// The slices of the threads with a statistics shard of their own, by shard.
+    slices: [slice::Slice; crate::stats::OWN_SHARDS],
     op_size: AtomicU64,
     buckets: [Bucket; BUCKETS],
     /// The limits as set (read by the monitor, changed by `qom-set`).
@@ -199,6 +201,7 @@ impl ThrottleGroup {
             limited: Default::default(),
             slice_ns: Default::default(),
             gen: AtomicU64::new(0),
+            slices: Default::default(),
             op_size: AtomicU64::new(0),
             buckets: Default::default(),
             config: Mutex::new(config),
@@ -332,49 +335,48 @@ impl ThrottleGroup {
         let d = dir as usize;
         let mask = self.limited[d].load(Ordering::Relaxed);
         let slice_ns = self.slice_ns[d].load(Ordering::Relaxed);
-        let me = self as *const Self as usize;
         let gen = self.gen.load(Ordering::Relaxed);
+        let own = crate::stats::own_shard().map(|i| &self.slices[i]);
         let cost_ns = |i: usize| {
             let npu = self.buckets[i % BUCKETS]
                 .ns_per_unit
                 .load(Ordering::Relaxed);
             cost.ns(i >= BucketType::OpsTotal as usize, npu)
         };
-        if slice_ns != 0 && slice::spend(me, dir, gen, mask, cost_ns) {
+        let Some(own) = own.filter(|_| slice_ns != 0) else {
+            return self.admit_shared(dir, cost, now, None, cost_ns);
+        };
+        if own.spend(gen, mask, cost_ns) {
             return Ok(());
         }
-        self.admit_shared(dir, cost, now, mask, slice_ns, gen, cost_ns)
+        self.admit_shared(dir, cost, now, Some((own, mask, slice_ns, gen)), cost_ns)
     }
 
-    /// [`ThrottleGroup::admit_at`] through the shared buckets.
-    #[allow(clippy::too_many_arguments)]
+    /// [`ThrottleGroup::admit_at`] through the shared buckets; with `slice` (the
+    /// thread's slice, the direction's limited buckets, the slice's size and the
+    /// generation of limits), a new slice is taken at the same time when the
+    /// request fits one.
     fn admit_shared(
         &self,
         dir: Direction,
         cost: Cost,
         now: u64,
-        mask: u8,
-        slice_ns: u64,
-        gen: u64,
+        slice: Option<(&slice::Slice, u8, u64, u64)>,
         cost_ns: impl Fn(usize) -> u64,
     ) -> Result<(), u64> {
-        match self.wait_ns(dir, now) {
-            0 => {
-                let mut fits = slice_ns != 0;
-                for i in 0..BUCKETS {
-                    if mask & (1 << i) != 0 {
-                        fits &= cost_ns(i) <= slice_ns;
-                    }
-                }
-                let extra = if fits { slice_ns } else { 0 };
-                self.each_limited(dir, |b, is_ops| b.charge(now, cost, is_ops, extra));
-                if fits {
-                    slice::refill(self as *const Self as usize, dir, gen, mask, slice_ns);
-                }
-                Ok(())
-            }
-            w => Err(w),
+        let w = self.wait_ns(dir, now);
+        if w != 0 {
+            return Err(w);
         }
+        let slice = slice.filter(|(_, mask, slice_ns, _)| {
+            (0..BUCKETS).all(|i| mask & (1 << i) == 0 || cost_ns(i) <= *slice_ns)
+        });
+        let extra = slice.map_or(0, |s| s.2);
+        self.each_limited(dir, |b, is_ops| b.charge(now, cost, is_ops, extra));
+        if let Some((own, mask, slice_ns, gen)) = slice {
+            own.refill(gen, mask, slice_ns);
+        }
+        Ok(())
     }
 }
 
@@ -629,6 +631,9 @@ mod tests {
     fn slices_keep_the_rate() {
         // 1M IOPS: 1 us per operation, a bucket of 100,000, slices of 1 ms (1,000).
         let g = group(&[(BucketType::OpsTotal, 1_000_000, 0, 1)], 0);
+        // Slices are kept for the threads with a statistics shard of their own, as
+        // the test threads (at most the machine's CPUs at once) are.
+        assert!(crate::stats::own_shard().is_some());
         assert_eq!(
             g.slice_ns[Direction::Read as usize].load(Ordering::Relaxed),
             1_000_000
