@@ -384,7 +384,6 @@ impl EventLoop {
         }
         uring::set_eventfd_enabled(false);
         let mut last = Instant::now();
-        let mut spun = false;
         loop {
             if self.has_mail.load(Ordering::Acquire) || self.woken.load(Ordering::Acquire) {
                 self.mail_and_wakes();
@@ -402,13 +401,9 @@ impl EventLoop {
             }
             if pass(&srcs) {
                 last = Instant::now();
-                if std::mem::take(&mut spun) {
-                    with_local(|l| l.poll.caught());
-                }
                 continue;
             }
             if window > Duration::ZERO && last.elapsed() < window {
-                spun = true;
                 std::hint::spin_loop();
                 continue;
             }

@@ -14,9 +14,6 @@
 //! the window is zero and the gap is still short (under [`PROBE_FACTOR`] times the
 //! maximum: the thread is busy, not idle), the window is opened to the maximum as a
 //! probe; if polling does not catch the next event, the usual shrink closes it again.
-//! Probes that fail in a row are spaced out (after the `n`-th, `2^n` busy gaps pass
-//! without one, up to 64): a thread whose events come just later than the window
-//! would otherwise spin a whole window for every other event, for nothing.
 
 use std::time::Duration;
 
@@ -46,30 +43,15 @@ impl Default for PollParams {
     }
 }
 
-/// The most busy gaps skipped between two probes after probes kept failing.
-const MAX_PROBE_SKIP: u32 = 64;
-
 #[derive(Debug, Clone, Copy)]
 pub struct PollState {
     params: PollParams,
     poll_ns: u64,
-    /// The window is open as a probe, not grown into.
-    probing: bool,
-    /// Probes that failed in a row (no gap since was short enough to grow on).
-    failed_probes: u32,
-    /// Busy gaps still to pass before the next probe.
-    probe_skip: u32,
 }
 
 impl PollState {
     pub fn new(params: PollParams) -> Self {
-        PollState {
-            params,
-            poll_ns: 0,
-            probing: false,
-            failed_probes: 0,
-            probe_skip: 0,
-        }
+        PollState { params, poll_ns: 0 }
     }
 
     /// The current polling window.
@@ -90,26 +72,13 @@ impl PollState {
         } else if block_ns <= self.poll_ns {
             // Polling would have caught it: the window is right.
         } else if block_ns > p.max_ns {
-            let busy = block_ns <= p.max_ns.saturating_mul(PROBE_FACTOR);
-            if self.poll_ns == 0 && busy {
-                self.probe();
+            self.poll_ns = if self.poll_ns == 0 && block_ns <= p.max_ns.saturating_mul(PROBE_FACTOR)
+            {
+                p.max_ns
             } else {
-                if std::mem::take(&mut self.probing) {
-                    // The probe polled for the whole window in vain: the next ones
-                    // wait for more and more busy gaps, so that a thread whose events
-                    // come just too late does not spin a window for every other one.
-                    self.failed_probes = self.failed_probes.saturating_add(1);
-                    self.probe_skip = 1u32
-                        .checked_shl(self.failed_probes)
-                        .unwrap_or(MAX_PROBE_SKIP)
-                        .min(MAX_PROBE_SKIP);
-                }
-                self.poll_ns = self.poll_ns.checked_div(p.shrink).unwrap_or(0);
-            }
+                self.poll_ns.checked_div(p.shrink).unwrap_or(0)
+            };
         } else if self.poll_ns < p.max_ns {
-            self.probing = false;
-            self.failed_probes = 0;
-            self.probe_skip = 0;
             let grow = if p.grow == 0 { 2 } else { p.grow };
             self.poll_ns = if self.poll_ns == 0 {
                 INITIAL_NS
@@ -118,25 +87,6 @@ impl PollState {
             }
             .min(p.max_ns);
         }
-    }
-
-    /// Polling caught work that arrived while the thread spun in its window: the
-    /// window pays, a probe included.
-    pub fn caught(&mut self) {
-        self.probing = false;
-        self.failed_probes = 0;
-        self.probe_skip = 0;
-    }
-
-    /// Opens the window to the maximum for a busy thread whose gaps are over it,
-    /// unless recent probes failed and gaps are still to be skipped.
-    fn probe(&mut self) {
-        if self.probe_skip > 0 {
-            self.probe_skip -= 1;
-            return;
-        }
-        self.poll_ns = self.params.max_ns;
-        self.probing = true;
     }
 }
 
@@ -178,43 +128,6 @@ mod tests {
         // Idle gaps never probe.
         s.after_sleep(1_000_000);
         assert_eq!(s.window_ns(), 0);
-    }
-
-    #[test]
-    fn failed_probes_are_spaced_out() {
-        let mut s = PollState::new(PollParams::default());
-        // Gaps of 60 us, always just over the window: each failed probe doubles the
-        // busy gaps skipped before the next, up to 64.
-        let mut probes = Vec::new();
-        for i in 0..200 {
-            s.after_sleep(60_000);
-            if s.window_ns() != 0 {
-                probes.push(i);
-            }
-        }
-        // Probe, failure, 2^n skipped gaps, probe...
-        assert_eq!(&probes[..6], &[0, 4, 10, 20, 38, 72]);
-        let gaps: Vec<_> = probes.windows(2).map(|w| w[1] - w[0]).collect();
-        assert!(gaps.iter().skip(5).all(|g| *g == 66), "{gaps:?}");
-        // A probe that catches work ends the series.
-        while s.window_ns() == 0 {
-            s.after_sleep(60_000);
-        }
-        s.caught();
-        s.after_sleep(60_000);
-        assert_eq!(s.window_ns(), 0);
-        s.after_sleep(60_000);
-        assert_eq!(s.window_ns(), 32_768);
-        // This one fails: two busy gaps to skip. A gap short enough to grow on
-        // ends the series too: the next probe is at once.
-        s.after_sleep(60_000);
-        assert_eq!(s.window_ns(), 0);
-        s.after_sleep(10_000);
-        assert_eq!(s.window_ns(), 4_000);
-        s.after_sleep(100_000);
-        assert_eq!(s.window_ns(), 0);
-        s.after_sleep(60_000);
-        assert_eq!(s.window_ns(), 32_768);
     }
 
     #[test]
