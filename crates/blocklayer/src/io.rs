@@ -387,10 +387,18 @@ impl Node {
     #[inline]
     fn in_one_piece(&self, offset: u64, iov: &IoVec) -> bool {
         let l = self.limits();
-        is_aligned(offset, l.request_alignment)
-            && is_aligned(iov.len(), l.request_alignment)
+        self.is_aligned_for(offset, iov)
             && iov.len() <= l.transfer_cap()
             && iov.segments().len() <= l.max_iov
+    }
+
+    /// Whether a read or write of `iov` at `offset` meets the node's request and
+    /// memory alignment (else it is bounced).
+    #[inline]
+    fn is_aligned_for(&self, offset: u64, iov: &IoVec) -> bool {
+        let l = self.limits();
+        is_aligned(offset, l.request_alignment)
+            && is_aligned(iov.len(), l.request_alignment)
             && iov.is_aligned(l.mem_alignment)
     }
 
@@ -412,11 +420,7 @@ impl Node {
         if iov.is_empty() {
             return Ok(());
         }
-        let l = self.limits();
-        if is_aligned(offset, l.request_alignment)
-            && is_aligned(iov.len(), l.request_alignment)
-            && iov.is_aligned(l.mem_alignment)
-        {
+        if self.is_aligned_for(offset, &iov) {
             self.read_split(offset, iov).await
         } else {
             self.read_bounced(offset, iov).await
@@ -511,14 +515,10 @@ impl Node {
             let unmap = flags.detect_zeroes == DetectZeroes::Unmap && flags.discard_unmap;
             return self.zeroes_locked(offset, iov.len(), unmap, fua).await;
         }
-        let l = self.limits();
         let native_fua = fua && self.driver().supports_fua();
         let r = if self.in_one_piece(offset, &iov) {
             self.driver().write(offset, iov, native_fua).await
-        } else if is_aligned(offset, l.request_alignment)
-            && is_aligned(iov.len(), l.request_alignment)
-            && iov.is_aligned(l.mem_alignment)
-        {
+        } else if self.is_aligned_for(offset, &iov) {
             self.write_split(offset, iov, native_fua).await
         } else {
             self.write_bounced(offset, iov, native_fua).await
