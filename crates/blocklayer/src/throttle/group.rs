@@ -45,8 +45,9 @@ fn units_ns(units: u64, ns_per_unit: u64) -> u64 {
     u64::try_from(ns).unwrap_or(u64::MAX)
 }
 
+/// `ns_per_unit` in fixed point with [`FRAC`] fractional bits.
 fn fixed(ns_per_unit: f64) -> u64 {
-    (ns_per_unit * f64::from(1u32 << 16) * f64::from(1u32 << 16)).min(u64::MAX as f64) as u64
+    (ns_per_unit * (1u64 << FRAC) as f64).min(u64::MAX as f64) as u64
 }
 
 /// What a request costs a bucket: its bytes, or its operations (QEMU's
@@ -276,6 +277,9 @@ impl ThrottleGroup {
     /// and a sixteenth of the smallest bucket; none while a burst bucket is set
     /// (bursts are charged request by request).
     fn slice_of(&self, mask: u8) -> u64 {
+        if mask == 0 {
+            return 0;
+        }
         let mut slice = slice::SLICE_MAX_NS;
         for (i, b) in self.buckets.iter().enumerate() {
             if mask & (1 << i) == 0 {
@@ -286,11 +290,7 @@ impl ThrottleGroup {
             }
             slice = slice.min(b.capacity_ns.load(Ordering::Relaxed) / slice::SLICE_PER_BUCKET);
         }
-        if mask == 0 {
-            0
-        } else {
-            slice
-        }
+        slice
     }
 
     /// Runs `f` on each limited bucket of `dir`, with whether it counts operations.
@@ -335,17 +335,18 @@ impl ThrottleGroup {
         let d = dir as usize;
         let mask = self.limited[d].load(Ordering::Relaxed);
         let slice_ns = self.slice_ns[d].load(Ordering::Relaxed);
-        let gen = self.gen.load(Ordering::Relaxed);
-        let own = crate::stats::own_shard().map(|i| &self.slices[i]);
         let cost_ns = |i: usize| {
             let npu = self.buckets[i % BUCKETS]
                 .ns_per_unit
                 .load(Ordering::Relaxed);
             cost.ns(i >= BucketType::OpsTotal as usize, npu)
         };
-        let Some(own) = own.filter(|_| slice_ns != 0) else {
+        // The thread's slot only where slices are taken: no thread-local read else.
+        let own = (slice_ns != 0).then(crate::stats::own_shard).flatten();
+        let Some(own) = own.map(|i| &self.slices[i]) else {
             return self.admit_shared(dir, cost, now, None, cost_ns);
         };
+        let gen = self.gen.load(Ordering::Relaxed);
         if own.spend(gen, mask, cost_ns) {
             return Ok(());
         }
