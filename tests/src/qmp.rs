@@ -111,6 +111,17 @@ impl Qmp {
             .unwrap_or_else(|e| panic!("{command} failed: {e:?}"))
     }
 
+    /// The `query-blockstats` entry (with `query-nodes`) of node `node`; panics if
+    /// there is none.
+    pub fn node_blockstats(&mut self, node: &str) -> Value {
+        let stats = self.ok("query-blockstats", serde_json::json!({"query-nodes": true}));
+        stats
+            .as_array()
+            .and_then(|a| a.iter().find(|n| n["node-name"] == node))
+            .cloned()
+            .unwrap_or_else(|| panic!("no node {node} in {stats}"))
+    }
+
     /// Waits until job `id` is concluded (polling `query-jobs`) and returns its
     /// `JobInfo`; panics after `timeout`.
     pub fn wait_job_concluded(&mut self, id: &str, timeout: Duration) -> Value {

@@ -23,13 +23,7 @@ fn monitor(args: DaemonArgs, sock: &Path) -> DaemonArgs {
 
 /// The file node's count of host syncs (fdatasync calls and RWF_DSYNC writes).
 fn host_syncs(qmp: &mut Qmp, file_node: &str) -> u64 {
-    let stats = qmp.ok("query-blockstats", json!({"query-nodes": true}));
-    let node = stats
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["node-name"] == file_node)
-        .unwrap_or_else(|| panic!("no node {file_node} in {stats}"));
+    let node = qmp.node_blockstats(file_node);
     node["driver-specific"]["x-sync-operations"]
         .as_u64()
         .unwrap_or_else(|| panic!("no x-sync-operations in {node}"))

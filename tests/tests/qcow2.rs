@@ -1352,13 +1352,7 @@ fn cache_clean_interval_drops_idle_metadata_cache_entries() {
 
 /// The file node's host syncs (`x-sync-operations`) and write operations.
 fn file_node_io(q: &mut vubd_tests::Qmp, node: &str) -> (u64, u64) {
-    let stats = q.ok("query-blockstats", serde_json::json!({"query-nodes": true}));
-    let n = stats
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["node-name"] == node)
-        .unwrap_or_else(|| panic!("no node {node} in {stats}"));
+    let n = q.node_blockstats(node);
     (
         stat(&n["driver-specific"], "x-sync-operations"),
         stat(&n["stats"], "wr_operations"),

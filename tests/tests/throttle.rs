@@ -1,8 +1,9 @@
 //! The `throttle` filter through a real frontend (libblkio): a throttle group's IOPS
 //! limit holds for two exports on two iothreads that share it, a `qom-set` of new
 //! limits (IOPS, then bytes per second) applies to a running export at once, reads
-//! keep completing while a write storm is throttled, and a drained section lets
-//! queued requests go.
+//! keep completing while a write storm is throttled, a drained section lets
+//! queued requests go, and writes and flushes through a throttle root (passed at
+//! admission) reach the file and are counted at both nodes.
 //!
 //! Most rates are counted over windows of a couple of seconds and checked with wide
 //! bounds that still fail when throttling does not happen (too many completions) or
@@ -306,6 +307,52 @@ fn reads_and_flushes_complete_while_a_write_storm_is_throttled() {
         ((writes + reads) as f64) <= 1.5 * budget + DEPTH as f64,
         "{writes} writes and {reads} reads in {tw:?} exceed 100 IOPS"
     );
+}
+
+/// Through an export whose root is a throttle node (passed at admission, far below
+/// its limits), written data reads back, the guest's flush reaches the file (a host
+/// sync), and `query-blockstats` counts the requests at the throttle node as at
+/// its file.
+#[test]
+fn writes_and_flushes_through_a_throttle_root_reach_the_file() {
+    let dir = TempDir::new("throttle");
+    let a = image(&dir, "a.img");
+    let (sa, mon) = (dir.join("a.sock"), dir.join("qmp.sock"));
+    let args = DaemonArgs::new()
+        .monitor(&mon)
+        .iothread("io0")
+        .object("throttle-group,id=tg0,x-iops-total=100000000,x-bps-total=100000000000000");
+    let _daemon = Daemon::start(&export(args, "ta", &a, &sa, "io0").build());
+    let mut qmp = Qmp::connect(&mon);
+    let mut c = Client::connect(&sa, 1);
+    let c = c.q();
+    let syncs = |q: &mut Qmp| {
+        q.node_blockstats("ta-file")["driver-specific"]["x-sync-operations"]
+            .as_u64()
+            .expect("x-sync-operations")
+    };
+    let synced = syncs(&mut qmp);
+    for i in 0..16u8 {
+        c.write(u64::from(i) * BLOCK as u64, &[i + 1; BLOCK])
+            .expect("write");
+    }
+    c.flush().expect("flush");
+    assert!(syncs(&mut qmp) > synced, "the flush did not reach the file");
+    for i in 0..16u8 {
+        let got = c
+            .read_poisoned(u64::from(i) * BLOCK as u64, BLOCK, 0xee)
+            .expect("read");
+        assert!(
+            got.iter().all(|b| *b == i + 1),
+            "block {i} reads back wrong"
+        );
+    }
+    for node in ["ta", "ta-file"] {
+        let st = &qmp.node_blockstats(node)["stats"];
+        assert_eq!(st["wr_operations"], 16, "{node}: {st}");
+        assert_eq!(st["rd_operations"], 16, "{node}: {st}");
+        assert_eq!(st["flush_operations"], 1, "{node}: {st}");
+    }
 }
 
 #[test]
