@@ -23,7 +23,8 @@ use crate::events::{IoError, IoOperation};
 use crate::graph::Graph;
 use crate::node::{Leave, Node};
 use crate::perm::Perm;
-use crate::stats::IoStats;
+use crate::stats::{IoKind, IoStats};
+use crate::throttle::Direction;
 use arc_swap::Guard;
 use std::future::Future;
 use std::pin::Pin;
@@ -252,26 +253,49 @@ impl BlockBackend {
     }
 
     /// Reads. A throttle node at the root is passed here rather than through its
-    /// generic path (see [`crate::drivers::throttle::ThrottleDriver::read_admitted`]),
-    /// so that a group far above the load costs the request next to nothing.
+    /// generic path (see [`crate::drivers::throttle`]'s `admitted`), so that a group
+    /// far above the load costs the request next to nothing.
     pub async fn read(&self, offset: u64, iov: IoVec) -> Result<()> {
         let a = self.admit().await;
-        match a.node.driver().as_throttle() {
-            Some(t) => t.read_admitted(&a.node, offset, iov).await,
-            None => a.node.read_entered(offset, iov).await,
+        let Some(t) = a.node.driver().as_throttle() else {
+            return a.node.read_entered(offset, iov).await;
+        };
+        let len = iov.len();
+        let acct = IoStats::start(IoKind::Read, len);
+        if !t.try_pass(Direction::Read, len) {
+            t.wait_turn(Direction::Read, len).await;
         }
+        // SAFETY: `a` holds the request admitted into the throttle node.
+        let child = unsafe { t.child_of_admitted() };
+        let r = child.read_entered(offset, iov).await;
+        a.node.account(acct, &r, 0);
+        r
     }
 
-    /// Writes; with the write cache off every write is FUA.
+    /// Writes; with the write cache off every write is FUA. A throttle node at the
+    /// root is passed as for reads, keeping what is the node's own: its
+    /// serialisation against a job's copies, its write generation, statistics,
+    /// dirty bitmaps and write threshold.
     pub async fn write(&self, offset: u64, iov: IoVec, fua: bool) -> Result<()> {
         let fua = fua || !self.write_cache();
         let a = self.admit().await;
-        match a.node.driver().as_throttle() {
-            Some(t) if ThrottleDriver::passes_writes(&a.node) => {
-                t.write_admitted(&a.node, offset, iov, fua).await
-            }
-            _ => a.node.write_entered(offset, iov, fua).await,
+        let t = match a.node.driver().as_throttle() {
+            Some(t) if ThrottleDriver::passes_writes(&a.node) => t,
+            _ => return a.node.write_entered(offset, iov, fua).await,
+        };
+        let len = iov.len();
+        let _serial = a.node.track_write(offset, len).await;
+        let acct = IoStats::start(IoKind::Write, len);
+        if !t.try_pass(Direction::Write, len) {
+            t.wait_turn(Direction::Write, len).await;
         }
+        // SAFETY: `a` holds the request admitted into the throttle node.
+        let child = unsafe { t.child_of_admitted() };
+        let r = child.write_entered(offset, iov, fua).await;
+        a.node.note_write();
+        a.node.account(acct, &r, offset.saturating_add(len));
+        a.node.written(&r, offset, len);
+        r
     }
 
     pub async fn flush(&self) -> Result<()> {

@@ -8,7 +8,7 @@
 use crate::node::Node;
 use crate::perm::Perm;
 use arc_swap::{ArcSwap, Guard};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicU8, Ordering};
 use std::sync::{Arc, Weak};
 
 /// A node read through an edge, valid for one operation.
@@ -59,6 +59,8 @@ pub struct Edge {
     role: Role,
     parent: Parent,
     node: ArcSwap<Node>,
+    /// The node `node` holds, for [`Edge::node_while_admitted`].
+    node_ptr: AtomicPtr<Node>,
     perm: AtomicU8,
     shared: AtomicU8,
 }
@@ -89,6 +91,7 @@ impl Edge {
             role,
             parent,
             node: ArcSwap::new(node.clone()),
+            node_ptr: AtomicPtr::new(Arc::as_ptr(node).cast_mut()),
             perm: AtomicU8::new(perm.bits()),
             shared: AtomicU8::new(shared.bits()),
         });
@@ -131,6 +134,24 @@ impl Edge {
         self.node.load()
     }
 
+    /// The child node for a request counted in the edge's parent node, without
+    /// [`Edge::node`]'s guard (the request path of a throttle node at a backend's
+    /// root: see the throttle driver's `admitted`).
+    ///
+    /// # Safety
+    /// The caller holds a request counted in the parent node's requests in flight,
+    /// admitted while no drained section was open on it, for as long as it uses the
+    /// reference. The edge is only re-pointed inside a drained section of its old
+    /// node ([`Edge::repoint`]), which includes the node's parents and so waits for
+    /// the request: until then the edge points at the same node, and keeps it.
+    #[inline]
+    pub(crate) unsafe fn node_while_admitted(&self) -> &Node {
+        // SAFETY: the pointer is the node the edge's `ArcSwap` holds (set with it
+        // at attach and re-point); by the caller's contract it is neither
+        // re-pointed nor dropped while the reference is used.
+        unsafe { &*self.node_ptr.load(Ordering::Acquire) }
+    }
+
     /// The child node, as a reference of its own.
     pub fn node_arc(&self) -> Arc<Node> {
         self.node.load_full()
@@ -152,7 +173,14 @@ impl Edge {
     /// Re-points the edge at `node` (the caller has drained both nodes and checks the
     /// permissions afterwards). Returns the node it pointed at.
     pub(crate) fn repoint(self: &Arc<Self>, node: &Arc<Node>) -> Arc<Node> {
+        debug_assert!(
+            self.node.load().is_quiesced(),
+            "edge {} re-pointed outside a drained section",
+            self.name
+        );
         let old = self.node.swap(node.clone());
+        self.node_ptr
+            .store(Arc::as_ptr(node).cast_mut(), Ordering::Release);
         old.remove_parent(Arc::as_ptr(self));
         node.add_parent(Arc::downgrade(self));
         old

@@ -23,6 +23,10 @@ use crate::options::{BackingRef, BlockdevOptions, BlockdevRef};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
+
+/// How long a reopen waits for the requests in flight in the nodes it replaces.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Options of every node that a reopen may change.
 const COMMON_MUTABLE: &[&str] = &[
@@ -274,6 +278,11 @@ impl Graph {
     }
 
     fn reopen_apply(&mut self, mut plans: Vec<Plan>) -> Result<()> {
+        // Callers mostly hold a drained section on the nodes already; one of its own
+        // makes sure that no request runs in a node closed and replaced here, nor in
+        // its users while they are re-pointed (see `Edge::repoint`).
+        let old: Vec<Arc<Node>> = plans.iter().map(|p| p.old.clone()).collect();
+        let _drained = self.drain_all(&old, DRAIN_TIMEOUT)?;
         // Children first: a parent opens over the reopened child.
         let order: HashMap<String, usize> = self
             .nodes_parents_first()

@@ -20,7 +20,7 @@
 //! QEMU's two timers do.
 
 use super::config::{buckets_of, BucketType, Direction, ThrottleConfig, BUCKETS};
-use super::slice;
+use super::slice::{self, Units, OP, OP_FRAC};
 use crate::aio::clock;
 use crate::aio::uring::sleep_ns;
 use crate::aio::LocalBoxFuture;
@@ -70,6 +70,34 @@ impl Cost {
         } else {
             ns_per_unit >> FRAC
         }
+    }
+
+    /// The request in a slice's units: one operation (more above `iops-size`, in
+    /// fixed point) and its bytes.
+    #[inline(always)]
+    fn units(self) -> Units {
+        let ops = if self.op_size != 0 && self.bytes > self.op_size {
+            let ops = (u128::from(self.bytes) << OP_FRAC) / u128::from(self.op_size);
+            u64::try_from(ops).unwrap_or(u64::MAX)
+        } else {
+            OP
+        };
+        Units {
+            ops,
+            bytes: self.bytes,
+        }
+    }
+}
+
+/// What `grant` (a thread's new slice) adds to a bucket of `ns_per_unit`, of
+/// operations if `is_ops`, in nanoseconds.
+#[inline(always)]
+fn grant_ns(grant: Units, is_ops: bool, ns_per_unit: u64) -> u64 {
+    if is_ops {
+        let ns = (u128::from(grant.ops) * u128::from(ns_per_unit)) >> (FRAC + OP_FRAC);
+        u64::try_from(ns).unwrap_or(u64::MAX)
+    } else {
+        units_ns(grant.bytes, ns_per_unit)
     }
 }
 
@@ -150,9 +178,9 @@ impl Bucket {
     }
 
     /// Charges a request of `cost` to the bucket (of operations if `is_ops`), and
-    /// `slice_ns` more to the main bucket (a thread's slice, see [`super::slice`]).
+    /// `grant` more to the main bucket (a thread's new slice, see [`super::slice`]).
     #[inline(always)]
-    fn charge(&self, now: u64, cost: Cost, is_ops: bool, slice_ns: u64) {
+    fn charge(&self, now: u64, cost: Cost, is_ops: bool, grant: Units) {
         let npu = self.ns_per_unit.load(Ordering::Relaxed);
         if npu == 0 {
             return;
@@ -160,7 +188,8 @@ impl Bucket {
         push(
             &self.tat,
             now,
-            cost.ns(is_ops, npu).saturating_add(slice_ns),
+            cost.ns(is_ops, npu)
+                .saturating_add(grant_ns(grant, is_ops, npu)),
         );
         let bnpu = self.burst_ns_per_unit.load(Ordering::Relaxed);
         if bnpu != 0 {
@@ -177,9 +206,10 @@ pub struct ThrottleGroup {
     /// Per direction, which of its four buckets ([`buckets_of`]) set a limit (bit
     /// `i`: the bucket of [`BucketType`] `i`), so that a request looks at those only.
     limited: [AtomicU8; 2],
-    /// Per direction, what a thread takes from each limited bucket at once, in the
-    /// bucket's nanoseconds (0: no slices, a request charges the buckets itself).
-    slice_ns: [AtomicU64; 2],
+    /// Per direction, the slice a thread takes at once: operations (fixed point,
+    /// 0: no slices, a request charges the buckets itself) and bytes.
+    grant_ops: [AtomicU64; 2],
+    grant_bytes: [AtomicU64; 2],
     /// The installation of limits, unique among all groups' (slices taken under
     /// others are void).
     gen: AtomicU64,
@@ -200,7 +230,8 @@ impl ThrottleGroup {
             name: name.to_string(),
             enabled: AtomicBool::new(false),
             limited: Default::default(),
-            slice_ns: Default::default(),
+            grant_ops: Default::default(),
+            grant_bytes: Default::default(),
             gen: AtomicU64::new(0),
             slices: Default::default(),
             op_size: AtomicU64::new(0),
@@ -243,7 +274,9 @@ impl ThrottleGroup {
                 .filter(|(b, _)| c.buckets[*b as usize].avg != 0)
                 .fold(0u8, |m, (b, _)| m | 1 << *b as u8);
             self.limited[dir as usize].store(mask, Ordering::Relaxed);
-            self.slice_ns[dir as usize].store(self.slice_of(mask), Ordering::Relaxed);
+            let grant = self.grant_of(mask, self.slice_of(mask));
+            self.grant_ops[dir as usize].store(grant.ops, Ordering::Relaxed);
+            self.grant_bytes[dir as usize].store(grant.bytes, Ordering::Relaxed);
         }
         static GENERATIONS: AtomicU64 = AtomicU64::new(1);
         self.gen.store(
@@ -293,6 +326,47 @@ impl ThrottleGroup {
         slice
     }
 
+    /// A slice of `slice_ns` of each bucket of `mask` in units: the operations and
+    /// bytes that cost no bucket more than `slice_ns`; no slice (zeros) if that is
+    /// not even one unit.
+    fn grant_of(&self, mask: u8, slice_ns: u64) -> Units {
+        if slice_ns == 0 {
+            return Units::default();
+        }
+        let mut g = Units {
+            ops: u64::MAX,
+            bytes: u64::MAX,
+        };
+        for (i, b) in self.buckets.iter().enumerate() {
+            let npu = b.ns_per_unit.load(Ordering::Relaxed);
+            if mask & (1 << i) == 0 || npu == 0 {
+                continue;
+            }
+            let is_ops = i >= BucketType::OpsTotal as usize;
+            let frac = if is_ops { FRAC + OP_FRAC } else { FRAC };
+            let units = (u128::from(slice_ns) << frac) / u128::from(npu);
+            let units = u64::try_from(units).unwrap_or(u64::MAX);
+            if is_ops {
+                g.ops = g.ops.min(units);
+            } else {
+                g.bytes = g.bytes.min(units);
+            }
+        }
+        if g.ops < OP || g.bytes == 0 {
+            return Units::default();
+        }
+        g
+    }
+
+    /// The slice a thread takes in direction `d`.
+    #[inline(always)]
+    fn grant(&self, d: usize) -> Units {
+        Units {
+            ops: self.grant_ops[d].load(Ordering::Relaxed),
+            bytes: self.grant_bytes[d].load(Ordering::Relaxed),
+        }
+    }
+
     /// Runs `f` on each limited bucket of `dir`, with whether it counts operations.
     #[inline(always)]
     fn each_limited(&self, dir: Direction, mut f: impl FnMut(&Bucket, bool)) {
@@ -318,64 +392,68 @@ impl ThrottleGroup {
     /// Charges the request if it may go now.
     #[inline(always)]
     fn try_admit(&self, dir: Direction, bytes: u64) -> Result<(), u64> {
-        // The time of this thread's loop pass: one clock read per pass, in the
-        // clock's epoch, which every iothread shares.
-        self.admit_at(dir, bytes, clock::now_ns())
+        // The time of this thread's loop pass (one clock read per pass, in the
+        // clock's epoch, which every iothread shares), read only if the slice does
+        // not pay.
+        self.admit_with(dir, bytes, clock::now_ns)
     }
 
-    /// Admits a request of `bytes` in `dir` at `now` if the buckets let it go, and
-    /// charges it: to this thread's slice if it can pay, else to the shared
-    /// buckets, with a new slice taken at the same time when the request fits one.
-    #[inline(always)]
+    /// [`ThrottleGroup::try_admit`] at the time `now` in nanoseconds.
+    #[cfg(test)]
     fn admit_at(&self, dir: Direction, bytes: u64, now: u64) -> Result<(), u64> {
+        self.admit_with(dir, bytes, || now)
+    }
+
+    /// Admits a request of `bytes` in `dir` if the buckets let it go at the time
+    /// `now()`, and charges it: to this thread's slice if it can pay, else to the
+    /// shared buckets, with a new slice taken at the same time when the request
+    /// fits one.
+    #[inline(always)]
+    fn admit_with(&self, dir: Direction, bytes: u64, now: impl FnOnce() -> u64) -> Result<(), u64> {
         let cost = Cost {
             bytes,
             op_size: self.op_size.load(Ordering::Relaxed),
         };
         let d = dir as usize;
-        let mask = self.limited[d].load(Ordering::Relaxed);
-        let slice_ns = self.slice_ns[d].load(Ordering::Relaxed);
-        let cost_ns = |i: usize| {
-            let npu = self.buckets[i % BUCKETS]
-                .ns_per_unit
-                .load(Ordering::Relaxed);
-            cost.ns(i >= BucketType::OpsTotal as usize, npu)
-        };
         // The thread's slot only where slices are taken: no thread-local read else.
-        let own = (slice_ns != 0).then(crate::stats::own_shard).flatten();
-        let Some(own) = own.map(|i| &self.slices[i]) else {
-            return self.admit_shared(dir, cost, now, None, cost_ns);
+        let own = if self.grant_ops[d].load(Ordering::Relaxed) != 0 {
+            crate::stats::own_shard().map(|i| (&self.slices[i], self.gen.load(Ordering::Relaxed)))
+        } else {
+            None
         };
-        let gen = self.gen.load(Ordering::Relaxed);
-        if own.spend(gen, mask, cost_ns) {
-            return Ok(());
+        if let Some((slice, gen)) = own {
+            if slice.spend(gen, d, cost.units()) {
+                return Ok(());
+            }
         }
-        self.admit_shared(dir, cost, now, Some((own, mask, slice_ns, gen)), cost_ns)
+        self.admit_shared(dir, cost, now(), own)
     }
 
-    /// [`ThrottleGroup::admit_at`] through the shared buckets; with `slice` (the
-    /// thread's slice, the direction's limited buckets, the slice's size and the
-    /// generation of limits), a new slice is taken at the same time when the
-    /// request fits one.
+    /// [`ThrottleGroup::admit_with`] through the shared buckets; with `own` (the
+    /// thread's slice and the generation of limits), a new slice is taken at the
+    /// same time when the request fits one.
     fn admit_shared(
         &self,
         dir: Direction,
         cost: Cost,
         now: u64,
-        slice: Option<(&slice::Slice, u8, u64, u64)>,
-        cost_ns: impl Fn(usize) -> u64,
+        own: Option<(&slice::Slice, u64)>,
     ) -> Result<(), u64> {
         let w = self.wait_ns(dir, now);
         if w != 0 {
             return Err(w);
         }
-        let slice = slice.filter(|(_, mask, slice_ns, _)| {
-            (0..BUCKETS).all(|i| mask & (1 << i) == 0 || cost_ns(i) <= *slice_ns)
-        });
-        let extra = slice.map_or(0, |s| s.2);
+        let d = dir as usize;
+        let grant = self.grant(d);
+        let own = own.filter(|_| cost.units().within(grant));
+        let extra = if own.is_some() {
+            grant
+        } else {
+            Units::default()
+        };
         self.each_limited(dir, |b, is_ops| b.charge(now, cost, is_ops, extra));
-        if let Some((own, mask, slice_ns, gen)) = slice {
-            own.refill(gen, mask, slice_ns);
+        if let Some((slice, gen)) = own {
+            slice.refill(gen, d, grant);
         }
         Ok(())
     }
@@ -636,8 +714,11 @@ mod tests {
         // the test threads (at most the machine's CPUs at once) are.
         assert!(crate::stats::own_shard().is_some());
         assert_eq!(
-            g.slice_ns[Direction::Read as usize].load(Ordering::Relaxed),
-            1_000_000
+            g.grant(Direction::Read as usize),
+            Units {
+                ops: 1000 * OP,
+                bytes: u64::MAX
+            }
         );
         let tat = || {
             g.buckets[BucketType::OpsTotal as usize]
@@ -669,19 +750,13 @@ mod tests {
     #[test]
     fn no_slices_with_a_burst() {
         let g = group(&[(BucketType::OpsTotal, 1_000_000, 2_000_000, 2)], 0);
-        assert_eq!(
-            g.slice_ns[Direction::Read as usize].load(Ordering::Relaxed),
-            0
-        );
+        assert_eq!(g.grant(Direction::Read as usize), Units::default());
         let g = group(&[(BucketType::BpsRead, 1 << 30, 0, 1)], 0);
-        assert_eq!(
-            g.slice_ns[Direction::Write as usize].load(Ordering::Relaxed),
-            0
-        );
-        assert_eq!(
-            g.slice_ns[Direction::Read as usize].load(Ordering::Relaxed),
-            1_000_000
-        );
+        assert_eq!(g.grant(Direction::Write as usize), Units::default());
+        // A millisecond of 1 GiB/s, and any number of operations.
+        let read = g.grant(Direction::Read as usize);
+        assert_eq!(read.ops, u64::MAX);
+        assert!((1_073_740..=1_073_742).contains(&read.bytes), "{read:?}");
     }
 
     #[test]

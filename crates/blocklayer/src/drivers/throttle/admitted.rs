@@ -1,7 +1,8 @@
 //! A throttle node at the root of a block backend (an export's or a job's), passed
 //! at the request's admission: the backend has counted the request in the node and
-//! looked for a drained section, and here it waits for the group's budget and goes
-//! straight to the node's child, through the child's generic path.
+//! looked for a drained section; it waits for the group's budget and goes straight
+//! to the node's child, with the child's own statistics and checks
+//! ([`crate::backend::BlockBackend::read`]).
 //!
 //! What the node's own generic path would add is nothing the child does not do: the
 //! filter has its child's size and limits, so the range check, the alignment and the
@@ -11,13 +12,16 @@
 //! threshold. Writes that the node would change on the way (`detect-zeroes`) or
 //! refuse (read-only) take the generic path instead; so do flushes, which are not
 //! throttled, discards and write-zeroes.
+//!
+//! The request is not counted again in the child's requests in flight: it is
+//! counted in this node, and every drained section that includes the child includes
+//! this node too ([`crate::graph::Graph::drain`] adds the throttle nodes above the
+//! nodes it drains), so it waits for the request here.
 
 use super::ThrottleDriver;
-use crate::aio::iovec::IoVec;
-use crate::error::Result;
+use crate::aio::LocalBoxFuture;
 use crate::node::Node;
 use crate::options::DetectZeroes;
-use crate::stats::{IoKind, IoStats};
 use crate::throttle::Direction;
 
 impl ThrottleDriver {
@@ -28,38 +32,30 @@ impl ThrottleDriver {
         !f.read_only && f.detect_zeroes == DetectZeroes::Off
     }
 
-    /// Reads through `node`, a request the caller admitted into it.
-    pub(crate) async fn read_admitted(&self, node: &Node, offset: u64, iov: IoVec) -> Result<()> {
-        let len = iov.len();
-        let acct = IoStats::start(IoKind::Read, len);
-        if !self.member.try_pass(Direction::Read, len) {
-            self.member.wait_turn(Direction::Read, len).await;
-        }
-        let r = self.file.node().read(offset, iov).await;
-        node.account(acct, &r, 0);
-        r
+    /// Whether a request of `bytes` in direction `dir` may go at once, charged if
+    /// so; else it waits with [`ThrottleDriver::wait_turn`].
+    #[inline(always)]
+    pub(crate) fn try_pass(&self, dir: Direction, bytes: u64) -> bool {
+        self.member.try_pass(dir, bytes)
     }
 
-    /// Writes through `node`, a request the caller admitted into it and checked
-    /// with [`ThrottleDriver::passes_writes`].
-    pub(crate) async fn write_admitted(
-        &self,
-        node: &Node,
-        offset: u64,
-        iov: IoVec,
-        fua: bool,
-    ) -> Result<()> {
-        let len = iov.len();
-        let _t = node.track_write(offset, len).await;
-        let acct = IoStats::start(IoKind::Write, len);
-        if !self.member.try_pass(Direction::Write, len) {
-            self.member.wait_turn(Direction::Write, len).await;
-        }
-        let r = self.file.node().write(offset, iov, fua).await;
-        node.note_write();
-        node.account(acct, &r, offset.saturating_add(len));
-        node.written(&r, offset, len);
-        r
+    /// Waits until a request that did not pass at once may go, and charges it.
+    pub(crate) fn wait_turn(&self, dir: Direction, bytes: u64) -> LocalBoxFuture<'_, ()> {
+        self.member.wait_turn(dir, bytes)
+    }
+
+    /// The child a request admitted into this node goes on to, with the child's
+    /// `*_entered` operations (see the module's text for why it is not counted in
+    /// the child).
+    ///
+    /// # Safety
+    /// The caller holds a request admitted into this driver's node (counted in its
+    /// requests in flight while no drained section was open on it) for as long as
+    /// it uses the reference.
+    #[inline]
+    pub(crate) unsafe fn child_of_admitted(&self) -> &Node {
+        // SAFETY: the caller's contract is the edge's.
+        unsafe { self.file.node_while_admitted() }
     }
 }
 
@@ -126,5 +122,60 @@ mod tests {
         }
         assert_eq!(bitmap.count(), 65536);
         assert!(bitmap.get(1 << 20));
+    }
+
+    /// A request admitted into a throttle node runs in its child without being
+    /// counted there; a drain of another parent of the child (another throttle node
+    /// over the same node) still waits for it.
+    #[test]
+    fn a_drain_of_the_child_waits_for_requests_admitted_above() {
+        let mut g = Graph::new();
+        let mut c = ThrottleConfig::default();
+        c.buckets[BucketType::OpsTotal as usize].avg = 100_000_000;
+        g.throttle_groups
+            .insert("tg".into(), ThrottleGroup::new("tg", c));
+        add(
+            &mut g,
+            json!({"driver": "null-co", "node-name": "n", "latency-ns": 300_000_000}),
+        );
+        let t1 = add(
+            &mut g,
+            json!({"driver": "throttle", "node-name": "t1", "file": "n", "throttle-group": "tg"}),
+        );
+        let t2 = add(
+            &mut g,
+            json!({"driver": "throttle", "node-name": "t2", "file": "n", "throttle-group": "tg"}),
+        );
+        let blk = Arc::new(
+            BlockBackend::new(
+                &g,
+                Parent::Backend(None),
+                &t1,
+                Perm::CONSISTENT_READ,
+                Perm::ALL,
+            )
+            .unwrap(),
+        );
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let (blk, done) = (blk.clone(), done.clone());
+            std::thread::spawn(move || {
+                block_on(async move {
+                    let buf = Arc::new(AlignedBuf::zeroed(4096, 4096));
+                    blk.read(0, IoVec::from_buf(buf)).await.unwrap();
+                });
+                done.store(true, std::sync::atomic::Ordering::SeqCst);
+            })
+        };
+        // The read is in the null-co node's latency by now.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(!done.load(std::sync::atomic::Ordering::SeqCst));
+        let drained = g.drain(&t2, std::time::Duration::from_secs(5)).unwrap();
+        assert!(
+            done.load(std::sync::atomic::Ordering::SeqCst),
+            "the drain of t2 returned while a request admitted into t1 ran in n"
+        );
+        drop(drained);
+        reader.join().unwrap();
     }
 }
