@@ -21,7 +21,7 @@ use crate::error_policy::ErrorState;
 pub use crate::error_policy::{ErrorAction, IoStatus, OnError};
 use crate::events::{IoError, IoOperation};
 use crate::graph::Graph;
-use crate::node::{Leave, Node};
+use crate::node::{Activity, Node};
 use crate::perm::Perm;
 use crate::stats::{IoKind, IoStats};
 use crate::throttle::Direction;
@@ -61,27 +61,31 @@ impl std::fmt::Debug for BlockBackend {
     }
 }
 
-/// A request admitted into the root node: counted in its in-flight requests until
-/// dropped, so that a drain waits for it (the node's `*_entered` operations do not
-/// count it again). The fields drop in their order: the request lets go of the node
-/// before it leaves, so that a drain that saw the node idle finds no request holding
-/// it.
-struct Admitted {
-    node: Guard<Arc<Node>>,
-    _leave: Leave,
+/// A request admitted by a backend: counted in its root edge's activity until
+/// dropped, so that a drain of the root node (or of a node above or below it) waits
+/// for it, and the root node, which the edge cannot re-point meanwhile.
+struct Admitted<'a> {
+    node: &'a Node,
+    activity: &'a Activity,
 }
 
-/// Waits until no drained section is open on the edge's node. It looks the node up
-/// at each poll and keeps no reference to it in between: the section may re-point
-/// the edge (a job's filter taken out), and a waiting request must not keep the old
-/// node, and so its edges to its children, alive once the section has ended (as
-/// QEMU's requests waiting in `blk_wait_while_drained`, which hold no node).
-struct WaitUnquiesced<'a>(&'a Edge);
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        self.activity.leave();
+    }
+}
+
+/// Waits until no drained section is open on the backend's node. It keeps no
+/// reference to the node: the section may re-point the edge (a job's filter taken
+/// out), and a waiting request must not keep the old node, and so its edges to its
+/// children, alive once the section has ended (as QEMU's requests waiting in
+/// `blk_wait_while_drained`, which hold no node).
+struct WaitUnquiesced<'a>(&'a Activity);
 
 impl Future for WaitUnquiesced<'_> {
     type Output = ();
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if self.0.node().wait_unquiesced(cx.waker()) {
+        if self.0.wait_unquiesced(cx.waker()) {
             Poll::Pending
         } else {
             Poll::Ready(())
@@ -233,22 +237,22 @@ impl BlockBackend {
     }
 
     /// Admits a request: waits while the root node is drained.
-    async fn admit(&self) -> Admitted {
+    async fn admit(&self) -> Admitted<'_> {
+        let activity = self.root.activity();
         loop {
-            let node = self.root.node();
             // Count the request in first, then look: a drain that starts meanwhile
             // either sees it counted or is seen here.
-            node.enter_raw();
-            let a = Admitted {
-                _leave: node.leave_later(),
-                node,
-            };
-            if !a.node.is_quiesced() {
-                return a;
+            activity.enter();
+            if !activity.is_quiesced() {
+                // SAFETY: the request is counted in the root edge's activity and was
+                // admitted while no drained section was open on the root node; the
+                // `Admitted` guard keeps it counted while the reference is used.
+                let node = unsafe { self.root.node_while_admitted() };
+                return Admitted { node, activity };
             }
-            // Out again (the node let go of first), to wait without holding it.
-            drop(a);
-            WaitUnquiesced(&self.root).await;
+            // Out again, to wait without being counted.
+            activity.leave();
+            WaitUnquiesced(activity).await;
         }
     }
 
@@ -280,7 +284,7 @@ impl BlockBackend {
         let fua = fua || !self.write_cache();
         let a = self.admit().await;
         let t = match a.node.driver().as_throttle() {
-            Some(t) if ThrottleDriver::passes_writes(&a.node) => t,
+            Some(t) if ThrottleDriver::passes_writes(a.node) => t,
             _ => return a.node.write_entered(offset, iov, fua).await,
         };
         let len = iov.len();
@@ -336,14 +340,14 @@ impl BlockBackend {
         offset: u64,
         len: u64,
     ) -> Result<(crate::block_status::Extent, u64)> {
-        let a = self.admit().await;
-        crate::block_status::block_status(&a.node, offset, len).await
+        let _a = self.admit().await;
+        crate::block_status::block_status(&self.root.node_arc(), offset, len).await
     }
 
     /// Runs `f` on the root node as one admitted request (a job's chunk).
     pub async fn with_node<T, F: Future<Output = T>>(&self, f: impl FnOnce(Arc<Node>) -> F) -> T {
-        let a = self.admit().await;
-        f(Arc::clone(&a.node)).await
+        let _a = self.admit().await;
+        f(self.root.node_arc()).await
     }
 }
 

@@ -5,7 +5,7 @@
 //! edge's node can be re-pointed (node replacement, snapshots, pivots) while the
 //! graph is drained: the request path reads the pointer with one lock-free load.
 
-use crate::node::Node;
+use crate::node::{Activity, Node};
 use crate::perm::Perm;
 use arc_swap::{ArcSwap, Guard};
 use std::sync::atomic::{AtomicPtr, AtomicU8, Ordering};
@@ -61,6 +61,9 @@ pub struct Edge {
     node: ArcSwap<Node>,
     /// The node `node` holds, for [`Edge::node_while_admitted`].
     node_ptr: AtomicPtr<Node>,
+    /// A user's requests and the drained sections of its node (backends' and jobs'
+    /// edges; unused on a node's edges to its children): see [`Edge::activity`].
+    activity: Activity,
     perm: AtomicU8,
     shared: AtomicU8,
 }
@@ -92,6 +95,7 @@ impl Edge {
             parent,
             node: ArcSwap::new(node.clone()),
             node_ptr: AtomicPtr::new(Arc::as_ptr(node).cast_mut()),
+            activity: Activity::default(),
             perm: AtomicU8::new(perm.bits()),
             shared: AtomicU8::new(shared.bits()),
         });
@@ -134,16 +138,29 @@ impl Edge {
         self.node.load()
     }
 
-    /// The child node for a request counted in the edge's parent node, without
-    /// [`Edge::node`]'s guard (the request path of a throttle node at a backend's
-    /// root: see the throttle driver's `admitted`).
+    /// The requests of a user (a block backend) of the edge's node and the drained
+    /// sections open on that node: a backend counts its requests here rather than
+    /// in the node, and every drained section that includes the node includes the
+    /// activities of its users' edges ([`crate::graph::Graph::drain`]), so that it
+    /// waits for them and holds new ones (QEMU counts a BlockBackend's requests in
+    /// the BlockBackend, and a drain polls the node's parents).
+    #[inline]
+    pub(crate) fn activity(&self) -> &Activity {
+        &self.activity
+    }
+
+    /// The child node for a request counted in the edge's parent, without
+    /// [`Edge::node`]'s guard (a backend's requests, and those of a throttle node
+    /// at a backend's root: see the throttle driver's `admitted`).
     ///
     /// # Safety
-    /// The caller holds a request counted in the parent node's requests in flight,
-    /// admitted while no drained section was open on it, for as long as it uses the
-    /// reference. The edge is only re-pointed inside a drained section of its old
-    /// node ([`Edge::repoint`]), which includes the node's parents and so waits for
-    /// the request: until then the edge points at the same node, and keeps it.
+    /// The caller holds a request counted in the edge's parent (the parent node's
+    /// requests in flight, or for a user's edge [`Edge::activity`]), admitted while
+    /// no drained section was open on it, for as long as it uses the reference. The
+    /// edge is only re-pointed inside a drained section of its old node
+    /// ([`Edge::repoint`]), which includes the node's parents and its users' edges
+    /// and so waits for the request: until then the edge points at the same node,
+    /// and keeps it.
     #[inline]
     pub(crate) unsafe fn node_while_admitted(&self) -> &Node {
         // SAFETY: the pointer is the node the edge's `ArcSwap` holds (set with it

@@ -329,8 +329,9 @@ impl Graph {
             out.push(n);
         }
         // The throttle nodes above those: a request a backend admitted into one runs
-        // in its child counted only in the throttle node (see the throttle driver's
-        // `admitted`), so a drain of the child waits for it there.
+        // in its child counted only in the backend's edge (see the throttle driver's
+        // `admitted`), so a drain of the child waits for it there (through the
+        // throttle node's users, which `drain_all` adds).
         for t in throttles {
             if seen.insert(t.name().to_string()) {
                 out.push(t);
@@ -369,12 +370,35 @@ impl Graph {
                 }
             }
         }
+        // The users' edges of those nodes: a backend counts its requests in its
+        // root edge, not in the node (see `Edge::activity`).
+        let mut users: Vec<Arc<Edge>> = Vec::new();
+        for n in &set {
+            for e in n.parents() {
+                if !matches!(e.parent(), Parent::Node(_))
+                    && !users.iter().any(|u| Arc::ptr_eq(u, &e))
+                {
+                    users.push(e);
+                }
+            }
+        }
         for n in &set {
             n.quiesce_begin();
             n.driver().drain_begin();
         }
-        let drained = Drained { nodes: set };
+        for u in &users {
+            u.activity().quiesce_begin();
+        }
+        let drained = Drained { nodes: set, users };
         let deadline = Instant::now() + timeout;
+        for u in &drained.users {
+            if !u.activity().wait_idle(deadline) {
+                return Err(BlockError::Graph(format!(
+                    "Node {} still has requests in flight",
+                    u.node().name()
+                )));
+            }
+        }
         for n in &drained.nodes {
             if !n.wait_idle(deadline) {
                 return Err(BlockError::Graph(format!(
@@ -683,6 +707,8 @@ fn backing_of(node: &Node) -> Option<Arc<Node>> {
 /// section and lets the held requests go.
 pub struct Drained {
     nodes: Vec<Arc<Node>>,
+    /// The users' edges of the nodes (see [`Edge::activity`]).
+    users: Vec<Arc<Edge>>,
 }
 
 impl Drop for Drained {
@@ -690,6 +716,9 @@ impl Drop for Drained {
         for n in &self.nodes {
             n.driver().drain_end();
             n.quiesce_end();
+        }
+        for u in &self.users {
+            u.activity().quiesce_end();
         }
     }
 }

@@ -92,9 +92,7 @@ pub struct Node {
     /// The edges that use this node (parents' children, backends' roots).
     parents: Mutex<Vec<ParentRef>>,
     /// Its requests and drained sections (see [`Activity`]).
-    activity: Arc<Activity>,
-    /// Backend requests waiting for the drained section to end.
-    resume_wakers: Mutex<Vec<Waker>>,
+    activity: Activity,
     /// Bumped when a write-like request completes; a flush covers generation `n` once
     /// it has been started after generation `n` was reached.
     pub(crate) write_gen: AtomicU64,
@@ -157,8 +155,7 @@ impl Node {
             limits,
             flags,
             parents: Mutex::new(Vec::new()),
-            activity: Arc::default(),
-            resume_wakers: Mutex::new(Vec::new()),
+            activity: Activity::default(),
             write_gen: AtomicU64::new(0),
             flushed_gen: AtomicU64::new(0),
             serialising: AtomicU32::new(0),
@@ -313,7 +310,7 @@ impl Node {
 
     /// Requests currently in this node's generic path.
     pub fn in_flight(&self) -> u64 {
-        self.activity.in_flight.load(Ordering::SeqCst)
+        self.activity.in_flight()
     }
 
     // ---- drained sections ------------------------------------------------------
@@ -325,48 +322,17 @@ impl Node {
     }
 
     pub(crate) fn quiesce_begin(&self) {
-        self.activity.quiesce.fetch_add(1, Ordering::SeqCst);
+        self.activity.quiesce_begin();
     }
 
-    /// Ends one drained section; the last one wakes the held requests.
+    /// Ends one drained section.
     pub(crate) fn quiesce_end(&self) {
-        if self.activity.quiesce.fetch_sub(1, Ordering::SeqCst) == 1 {
-            let wakers =
-                std::mem::take(&mut *self.resume_wakers.lock().unwrap_or_else(|p| p.into_inner()));
-            wakers.into_iter().for_each(Waker::wake);
-        }
-    }
-
-    /// Registers `waker` to run when the node's drained sections end; false if none
-    /// is open (checked under the same lock as the wake, so no wake is lost).
-    pub(crate) fn wait_unquiesced(&self, waker: &Waker) -> bool {
-        let mut w = self.resume_wakers.lock().unwrap_or_else(|p| p.into_inner());
-        if !self.is_quiesced() {
-            return false;
-        }
-        if !w.iter().any(|x| x.will_wake(waker)) {
-            w.push(waker.clone());
-        }
-        true
+        self.activity.quiesce_end();
     }
 
     /// Waits until no request is in flight in the node, or `deadline` passes.
     pub(crate) fn wait_idle(&self, deadline: std::time::Instant) -> bool {
-        let (lock, cv) = &self.activity.idle;
-        let mut g = lock.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            if self.in_flight() == 0 {
-                return true;
-            }
-            let now = std::time::Instant::now();
-            if now >= deadline {
-                return false;
-            }
-            g = cv
-                .wait_timeout(g, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
+        self.activity.wait_idle(deadline)
     }
 
     // ---- dirty bitmaps and write notifications ---------------------------------
@@ -538,60 +504,99 @@ impl Node {
 }
 
 impl Node {
-    /// Counts a request in before it is known to be allowed in (see
-    /// [`crate::backend`]); [`Node::leave`] undoes it.
     pub(crate) fn enter_raw(&self) {
-        self.activity.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.activity.enter();
     }
 
     pub(crate) fn leave(&self) {
         self.activity.leave();
     }
-
-    /// What undoes [`Node::enter_raw`] when dropped, without the node: a backend
-    /// request lets go of its root node first, and only then leaves it (see
-    /// [`crate::backend`]).
-    pub(crate) fn leave_later(&self) -> Leave {
-        Leave(self.activity.clone())
-    }
 }
 
-/// What a drain looks at: the requests in a node and the drained sections open on it.
-/// It has an allocation of its own, which a backend request keeps until it has left
-/// ([`Leave`]): a drain that has seen the node idle then knows that no request holds
-/// the node any more, so that the node goes as soon as the graph lets go of it (a
-/// job's filter taken out, with its edges to its children), as in QEMU.
+/// What a drain looks at: the requests in a node (or in a user's edge, see
+/// [`crate::edge::Edge::activity`]) and the drained sections open on it.
 #[derive(Default)]
 pub(crate) struct Activity {
-    /// Requests in the generic path right now.
+    /// Requests in it right now.
     in_flight: AtomicU64,
-    /// Drained sections open on the node: while non-zero, backends hold new requests.
+    /// Drained sections open on it: while non-zero, backends hold new requests.
     quiesce: AtomicU32,
-    /// Signalled when `in_flight` drops to zero while the node is quiesced.
+    /// Signalled when `in_flight` drops to zero while it is quiesced.
     idle: (Mutex<()>, Condvar),
+    /// Backend requests waiting for the drained sections to end.
+    wakers: Mutex<Vec<Waker>>,
 }
 
 impl Activity {
+    /// Counts a request in, before it is known to be allowed in (a backend's
+    /// admission, see [`crate::backend`]: count, then look for a drained section).
     #[inline]
-    fn is_quiesced(&self) -> bool {
-        self.quiesce.load(Ordering::SeqCst) > 0
+    pub(crate) fn enter(&self) {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
     }
 
-    fn leave(&self) {
+    /// Counts a request out, waking a drain that waits for the last one.
+    #[inline]
+    pub(crate) fn leave(&self) {
         if self.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 && self.is_quiesced() {
             let (lock, cv) = &self.idle;
             let _g = lock.lock().unwrap_or_else(|p| p.into_inner());
             cv.notify_all();
         }
     }
-}
 
-/// Leaves the node of [`Node::leave_later`] when dropped.
-pub(crate) struct Leave(Arc<Activity>);
+    pub(crate) fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::SeqCst)
+    }
 
-impl Drop for Leave {
-    fn drop(&mut self) {
-        self.0.leave();
+    #[inline]
+    pub(crate) fn is_quiesced(&self) -> bool {
+        self.quiesce.load(Ordering::SeqCst) > 0
+    }
+
+    pub(crate) fn quiesce_begin(&self) {
+        self.quiesce.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Ends one drained section; the last one wakes the held requests.
+    pub(crate) fn quiesce_end(&self) {
+        if self.quiesce.fetch_sub(1, Ordering::SeqCst) == 1 {
+            let wakers =
+                std::mem::take(&mut *self.wakers.lock().unwrap_or_else(|p| p.into_inner()));
+            wakers.into_iter().for_each(Waker::wake);
+        }
+    }
+
+    /// Registers `waker` to run when the drained sections end; false if none is
+    /// open (checked under the same lock as the wake, so no wake is lost).
+    pub(crate) fn wait_unquiesced(&self, waker: &Waker) -> bool {
+        let mut w = self.wakers.lock().unwrap_or_else(|p| p.into_inner());
+        if !self.is_quiesced() {
+            return false;
+        }
+        if !w.iter().any(|x| x.will_wake(waker)) {
+            w.push(waker.clone());
+        }
+        true
+    }
+
+    /// Waits until no request is in flight, or `deadline` passes.
+    pub(crate) fn wait_idle(&self, deadline: std::time::Instant) -> bool {
+        let (lock, cv) = &self.idle;
+        let mut g = lock.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if self.in_flight() == 0 {
+                return true;
+            }
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            g = cv
+                .wait_timeout(g, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
     }
 }
 

@@ -1,6 +1,6 @@
 //! A throttle node at the root of a block backend (an export's or a job's), passed
-//! at the request's admission: the backend has counted the request in the node and
-//! looked for a drained section; it waits for the group's budget and goes straight
+//! at the request's admission: the backend has counted the request (in its root
+//! edge) and looked for a drained section; it waits for the group's budget and goes straight
 //! to the node's child, with the child's own statistics and checks
 //! ([`crate::backend::BlockBackend::read`]).
 //!
@@ -14,9 +14,10 @@
 //! throttled, discards and write-zeroes.
 //!
 //! The request is not counted again in the child's requests in flight: it is
-//! counted in this node, and every drained section that includes the child includes
-//! this node too ([`crate::graph::Graph::drain`] adds the throttle nodes above the
-//! nodes it drains), so it waits for the request here.
+//! counted in the backend's root edge, and every drained section that includes the
+//! child includes this node and its users' edges too ([`crate::graph::Graph::drain`]
+//! adds the throttle nodes above the nodes it drains), so it waits for the request
+//! there.
 
 use super::ThrottleDriver;
 use crate::aio::LocalBoxFuture;
@@ -49,9 +50,9 @@ impl ThrottleDriver {
     /// the child).
     ///
     /// # Safety
-    /// The caller holds a request admitted into this driver's node (counted in its
-    /// requests in flight while no drained section was open on it) for as long as
-    /// it uses the reference.
+    /// The caller holds a request a backend admitted into this driver's node
+    /// (counted in the backend's root edge while no drained section was open on the
+    /// node) for as long as it uses the reference.
     #[inline]
     pub(crate) unsafe fn child_of_admitted(&self) -> &Node {
         // SAFETY: the caller's contract is the edge's.
@@ -125,7 +126,7 @@ mod tests {
     }
 
     /// A request admitted into a throttle node runs in its child without being
-    /// counted there; a drain of another parent of the child (another throttle node
+    /// counted there (nor in the throttle node: in the backend's edge); a drain of another parent of the child (another throttle node
     /// over the same node) still waits for it.
     #[test]
     fn a_drain_of_the_child_waits_for_requests_admitted_above() {
