@@ -238,29 +238,42 @@ impl BlockBackend {
 
     /// Admits a request: waits while the root node is drained.
     async fn admit(&self) -> Admitted<'_> {
-        let activity = self.root.activity();
         loop {
-            // Count the request in first, then look: a drain that starts meanwhile
-            // either sees it counted or is seen here.
-            activity.enter();
-            if !activity.is_quiesced() {
-                // SAFETY: the request is counted in the root edge's activity and was
-                // admitted while no drained section was open on the root node; the
-                // `Admitted` guard keeps it counted while the reference is used.
-                let node = unsafe { self.root.node_while_admitted() };
-                return Admitted { node, activity };
+            if let Some(a) = self.try_admit() {
+                return a;
             }
+            WaitUnquiesced(self.root.activity()).await;
+        }
+    }
+
+    /// Admits a request at once unless the root node is drained: the request path's
+    /// admission, without a future of its own.
+    #[inline(always)]
+    fn try_admit(&self) -> Option<Admitted<'_>> {
+        let activity = self.root.activity();
+        // Count the request in first, then look: a drain that starts meanwhile
+        // either sees it counted or is seen here.
+        activity.enter();
+        if activity.is_quiesced() {
             // Out again, to wait without being counted.
             activity.leave();
-            WaitUnquiesced(activity).await;
+            return None;
         }
+        // SAFETY: the request is counted in the root edge's activity and was admitted
+        // while no drained section was open on the root node; the `Admitted` guard
+        // keeps it counted while the reference is used.
+        let node = unsafe { self.root.node_while_admitted() };
+        Some(Admitted { node, activity })
     }
 
     /// Reads. A throttle node at the root is passed here rather than through its
     /// generic path (see [`crate::drivers::throttle`]'s `admitted`), so that a group
     /// far above the load costs the request next to nothing.
     pub async fn read(&self, offset: u64, iov: IoVec) -> Result<()> {
-        let a = self.admit().await;
+        let a = match self.try_admit() {
+            Some(a) => a,
+            None => self.admit().await,
+        };
         let Some(t) = a.node.driver().as_throttle() else {
             return a.node.read_entered(offset, iov).await;
         };
@@ -282,7 +295,10 @@ impl BlockBackend {
     /// dirty bitmaps and write threshold.
     pub async fn write(&self, offset: u64, iov: IoVec, fua: bool) -> Result<()> {
         let fua = fua || !self.write_cache();
-        let a = self.admit().await;
+        let a = match self.try_admit() {
+            Some(a) => a,
+            None => self.admit().await,
+        };
         let t = match a.node.driver().as_throttle() {
             Some(t) if ThrottleDriver::passes_writes(a.node) => t,
             _ => return a.node.write_entered(offset, iov, fua).await,
