@@ -770,9 +770,16 @@ impl Drop for Held<'_> {
 /// Runs an operation under the export's error policy (`rerror`/`werror`): whether
 /// it completes successfully for the guest.
 async fn perform_with_policy(shared: &ExportShared, origin: &Origin<'_>, op: &Op) -> bool {
+    let mut gen = shared.blk.resume_gen();
+    // The first attempt of a read or write in this future itself, without the
+    // layer of `perform`'s (the request path's usual case).
+    let mut r = match op {
+        Op::Read { offset, iov } => shared.blk.read(*offset, iov.clone()).await,
+        Op::Write { offset, iov } => shared.blk.write(*offset, iov.clone(), false).await,
+        _ => perform(shared, op).await,
+    };
     loop {
-        let gen = shared.blk.resume_gen();
-        let Err(e) = perform(shared, op).await else {
+        let Err(e) = r else {
             return true;
         };
         let read = matches!(op, Op::Read { .. });
@@ -809,6 +816,8 @@ async fn perform_with_policy(shared: &ExportShared, origin: &Origin<'_>, op: &Op
                 }
             }
         }
+        gen = shared.blk.resume_gen();
+        r = perform(shared, op).await;
     }
 }
 
