@@ -4,16 +4,28 @@
 //! * export A (`a`, iothread `ioA`), which the test attacks with the raw frontend of
 //!   [`crate::vu_frontend`] (see [`Dev`]);
 //! * export B (`b`, iothread `ioB`), a raw file in /dev/shm that a libblkio client reads
-//!   4 KiB at random offsets at queue depth [`LOAD_QD`] the whole time ([`Load`]).
+//!   4 KiB at random offsets at queue depth [`LOAD_QD`] the whole time ([`Load`]), but
+//!   for the control's windows and the CPU measurement below.
 //!
-//! The harness measures B's IOPS before the attack (baseline) and during it, samples
-//! vubd's anonymous memory (RssAnon: guest memory the daemon touches is shared, not
-//! anonymous), its open file descriptors and its stderr, and measures its CPU time while
-//! nothing legitimate runs. [`Harness::finish`] then asserts what every case must keep:
+//! A second vubd with one export like B (the control, [`Control`]), which no attack
+//! reaches, is read by the same kind of load during each IOPS measurement, in short
+//! windows that alternate with B's (B's load pauses in the control's windows, and the
+//! control's in B's). Other processes on the machine slow both alike; an attack on A
+//! that holds B back inside the daemon slows only B. So B's IOPS are measured relative
+//! to the control's.
+//!
+//! The harness measures B's relative IOPS before the attack (baseline) and during it,
+//! samples vubd's anonymous memory (RssAnon: guest memory the daemon touches is shared,
+//! not anonymous), its open file descriptors and its stderr, and measures its CPU time
+//! while nothing legitimate runs (a daemon that spins on A's input takes CPU from B and
+//! the control alike: this check, not the IOPS one, catches it). [`Harness::finish`]
+//! then asserts what every case must keep:
 //! * the daemon is alive and nothing panicked;
-//! * B keeps at least [`Limits::min_iops_ratio`] of its baseline IOPS (best of a few
-//!   short windows each; when the figure looks low, more windows, and a second baseline
-//!   after the attack in case other processes on the machine slowed B down);
+//! * B keeps at least [`Limits::min_iops_ratio`] of its baseline IOPS relative to the
+//!   control: the best pair of windows during the attack against the median pair of
+//!   the baseline (an attack that holds B back does so in every pair; on a busy
+//!   machine another process can take most of any one window); when the figure looks
+//!   low, more pairs, and a second baseline after the attack;
 //! * vubd's CPU use once the attack input is sent stays below [`Limits::max_cpu_cores`];
 //! * RssAnon grows by at most [`Limits::max_rss_growth`];
 //! * no kind of log line (the message with numbers masked) appears more than
@@ -55,7 +67,13 @@ pub const LOAD_QD: usize = 8;
 const B_SIZE: u64 = 64 * MIB;
 /// Length of one IOPS window, and how many windows a measurement takes the best of.
 const IOPS_WINDOW: Duration = Duration::from_millis(250);
-const IOPS_WINDOWS: usize = 4;
+/// Pairs of windows (one of B's load, one of the control's) of a baseline.
+const BASELINE_WINDOWS: usize = 5;
+/// Pairs of windows of an attack figure; up to [`MAX_ATTACK_WINDOWS`] while it looks
+/// low (other processes on a small machine come and go; an attack that holds B back
+/// does so all along).
+const ATTACK_WINDOWS: usize = 5;
+const MAX_ATTACK_WINDOWS: usize = 13;
 /// How long vubd's CPU use is measured while idle (attack sent, load paused).
 const CPU_WINDOW: Duration = Duration::from_millis(800);
 /// How often the sampler looks at /proc and stderr.
@@ -327,21 +345,6 @@ impl Load {
         self.done.load(Ordering::SeqCst)
     }
 
-    /// IOPS over one window.
-    pub fn iops_over(&self, window: Duration) -> f64 {
-        let (c0, t0) = (self.done(), Instant::now());
-        std::thread::sleep(window);
-        let (c1, t1) = (self.done(), Instant::now());
-        (c1 - c0) as f64 / t1.duration_since(t0).as_secs_f64()
-    }
-
-    /// The best of `n` windows.
-    pub fn best_iops(&self, n: usize) -> f64 {
-        (0..n)
-            .map(|_| self.iops_over(IOPS_WINDOW))
-            .fold(0.0, f64::max)
-    }
-
     /// Stops submitting and waits until nothing is in flight.
     pub fn pause(&self) {
         self.pause.store(true, Ordering::SeqCst);
@@ -380,6 +383,123 @@ impl Drop for Load {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// The control: a vubd of its own with one export like B, which no attack reaches,
+/// read by a [`Load`] only while IOPS are measured (see the module documentation).
+struct Control {
+    // Drop order: the load ends before the daemon.
+    load: Load,
+    _daemon: Daemon,
+    _img: TempImage,
+    _dir: TempDir,
+}
+
+impl Control {
+    fn start() -> Control {
+        let dir = TempDir::new("vubd-hostile-control");
+        let sock = dir.join("control.sock");
+        let img = TempImage::new_filled(B_SIZE, 0x43);
+        let args = DaemonArgs::new()
+            .iothread("ioC")
+            .file_raw("c", &img, "", "")
+            .vhost_user_blk("c", &sock, ",writable=on,iothread=ioC")
+            .build();
+        let daemon = Daemon::start(&args);
+        let load = Load::start(&sock);
+        load.pause();
+        Control {
+            load,
+            _daemon: daemon,
+            _img: img,
+            _dir: dir,
+        }
+    }
+}
+
+/// B's and the control's IOPS over windows that alternate between the two.
+#[derive(Debug, Default, Clone)]
+pub struct Iops {
+    /// Sums of B's and of the control's IOPS over their windows.
+    pub b_sum: f64,
+    pub control_sum: f64,
+    /// B's IOPS over the control's in each pair of neighbouring windows (0 when the
+    /// control completed nothing).
+    pub pairs: Vec<f64>,
+}
+
+impl Iops {
+    /// B's mean IOPS over its windows.
+    pub fn b_iops(&self) -> f64 {
+        self.b_sum / self.pairs.len().max(1) as f64
+    }
+
+    /// The best pair's B's IOPS over the control's: an attack that holds B back does
+    /// so in every pair, while other processes on a busy machine can take most of any
+    /// one window from B or from the control.
+    pub fn best(&self) -> f64 {
+        self.pairs.iter().copied().fold(0.0, f64::max)
+    }
+
+    /// The median of the pairs' B's IOPS over the control's (a window that another
+    /// process on the machine took most of weighs no more than any other).
+    pub fn median(&self) -> f64 {
+        let mut v = self.pairs.clone();
+        v.sort_by(f64::total_cmp);
+        match v.len() {
+            0 => 0.0,
+            n if n % 2 == 1 => v[n / 2],
+            n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+        }
+    }
+
+    /// The pairs' figures, for a message.
+    pub fn pairs_text(&self) -> String {
+        let v: Vec<String> = self.pairs.iter().map(|r| format!("{r:.2}")).collect();
+        v.join(" ")
+    }
+}
+
+/// One window of [`IOPS_WINDOW`] with `run`'s load alone (`other`'s paused): its IOPS.
+fn load_window(run: &Load, other: &Load) -> f64 {
+    other.pause();
+    run.resume();
+    // The queue fills up again.
+    std::thread::sleep(Duration::from_millis(30));
+    let (c0, t0) = (run.done(), Instant::now());
+    std::thread::sleep(IOPS_WINDOW);
+    let (c1, t1) = (run.done(), Instant::now());
+    (c1 - c0) as f64 / t1.duration_since(t0).as_secs_f64()
+}
+
+/// Windows of B's load and of the control's, alternately and never at the same time
+/// (two loads on two daemons that compete for a small machine do not share it evenly):
+/// B, control, control, B, B, ... (in pairs B-control and control-B, so that a load on
+/// the machine that rises or falls steadily weighs on both alike). At least `min`
+/// pairs, then more while `more` says so, up to `max`. B's load runs again afterwards.
+fn measure_iops(
+    b: &Load,
+    control: &Load,
+    min: usize,
+    max: usize,
+    more: impl Fn(&Iops) -> bool,
+) -> Iops {
+    let mut m = Iops::default();
+    while m.pairs.len() < min || (m.pairs.len() < max && more(&m)) {
+        let (bi, ci) = if m.pairs.len() % 2 == 0 {
+            let bi = load_window(b, control);
+            (bi, load_window(control, b))
+        } else {
+            let ci = load_window(control, b);
+            (load_window(b, control), ci)
+        };
+        m.b_sum += bi;
+        m.control_sum += ci;
+        m.pairs.push(if ci > 0.0 { bi / ci } else { 0.0 });
+    }
+    control.pause();
+    b.resume();
+    m
 }
 
 fn load_loop(
@@ -425,6 +545,9 @@ fn load_loop(
         let pausing = pause.load(Ordering::SeqCst);
         if !stopping && !pausing {
             paused.store(false, Ordering::SeqCst);
+            if in_flight == 0 {
+                last_progress = Instant::now();
+            }
             while let Some(slot) = idle_slots.pop() {
                 submit(bq, slot, &mut rng);
                 in_flight += 1;
@@ -453,6 +576,8 @@ fn load_loop(
             // dropped, after the daemon has let go of the connection or died).
             return Ok(());
         } else if last_progress.elapsed() > Duration::from_secs(30) {
+            // (The clock restarts when reads are submitted with none in flight: a
+            // long pause is no lack of progress.)
             return Err(format!(
                 "export B: {in_flight} reads got no completion within 30 s (daemon hung?)"
             ));
@@ -474,12 +599,11 @@ fn load_loop(
 /// Figures of one case, printed by [`Harness::finish`].
 #[derive(Debug, Default, Clone)]
 pub struct Report {
-    /// B's IOPS before the attack; the lower of that and `baseline_after` when the
-    /// latter was taken.
-    pub baseline_iops: f64,
+    /// B's IOPS before the attack.
+    pub baseline: Iops,
     /// B's IOPS after the attack, measured only when the attack figure looked low.
-    pub baseline_after: Option<f64>,
-    pub attack_iops: Option<f64>,
+    pub baseline_after: Option<Iops>,
+    pub attack: Option<Iops>,
     pub quiet_cpu_cores: Option<f64>,
     pub rss_baseline: u64,
     pub rss_max: u64,
@@ -491,12 +615,25 @@ pub struct Report {
     pub worst_log_kind: Option<(String, usize)>,
 }
 
+impl Report {
+    /// B's IOPS relative to the control without an attack: the lower of the figures
+    /// before and after it (a low attack figure may come from a baseline that caught
+    /// B at a good moment).
+    pub fn baseline_relative(&self) -> f64 {
+        let before = self.baseline.median();
+        self.baseline_after
+            .as_ref()
+            .map_or(before, |a| before.min(a.median()))
+    }
+}
+
 /// One hostile-frontend case: the daemon, the load on B, the samplers.
 pub struct Harness {
     // Drop order: the load and the sampler end before the daemon is killed (a load
     // waiting on a dead daemon would wait for its timeout).
     load: Load,
     sampler: Sampler,
+    control: Control,
     pub name: String,
     pub limits: Limits,
     pub daemon: Daemon,
@@ -568,12 +705,13 @@ impl Harness {
             .build();
         let daemon = Daemon::start(&args);
         let qmp = monitor.then(|| Qmp::connect(dir.join("qmp.sock")));
+        let control = Control::start();
         let t0 = Instant::now();
         let sampler = Sampler::start(daemon.pid(), t0);
         let load = Load::start(&sock_b);
         // Warm up, then the baseline.
         std::thread::sleep(Duration::from_millis(300));
-        let baseline = load.best_iops(IOPS_WINDOWS);
+        let baseline = measure_iops(&load, &control.load, BASELINE_WINDOWS, 0, |_| false);
         let rss = rss_anon(daemon.pid()).unwrap_or(0);
         sampler.reset_rss_max(rss);
         let fds = fd_count(daemon.pid()).unwrap_or(0);
@@ -589,8 +727,9 @@ impl Harness {
             qmp,
             load,
             sampler,
+            control,
             report: Report {
-                baseline_iops: baseline,
+                baseline,
                 rss_baseline: rss,
                 fd_baseline: fds,
                 threads_baseline: thread_count(daemon_pid).unwrap_or(0),
@@ -604,8 +743,12 @@ impl Harness {
             panic!("{name}: the load on export B failed before the attack: {e}");
         }
         assert!(
-            baseline > 0.0,
+            h.report.baseline.b_sum > 0.0,
             "{name}: export B completed no requests in the baseline"
+        );
+        assert!(
+            h.report.baseline.control_sum > 0.0,
+            "{name}: the control export completed no requests in the baseline"
         );
         h.daemon.assert_running("after the baseline");
         h
@@ -619,30 +762,33 @@ impl Harness {
             .clone()
     }
 
+    /// B's baseline relative IOPS times the ratio it must keep.
+    fn min_relative(&self) -> f64 {
+        self.report.baseline_relative() * self.limits.min_iops_ratio
+    }
+
     /// Connects a raw frontend to export A ([`Dev::connect`]).
     pub fn dev(&self, opts: &DevOpts) -> Dev {
         Dev::connect(&self.sock_a, opts)
             .unwrap_or_else(|e| panic!("{}: raw frontend setup on export A: {e}", self.name))
     }
 
-    /// B's IOPS now (best of a few windows, more if those look low): call while the
-    /// attack is in effect.
+    /// B's IOPS now, relative to the control (best of a few windows, more if those
+    /// look low): call while the attack is in effect. Returns B's IOPS.
     pub fn measure_attack(&mut self) -> f64 {
-        if self.load.pause.load(Ordering::SeqCst) {
-            self.load.resume();
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let mut iops = self.load.best_iops(IOPS_WINDOWS);
-        // Other processes on a small machine can hold B back for a while: look longer
-        // before calling it a drop. A spinning or flooding daemon holds it back in every
-        // window.
-        if iops < self.report.baseline_iops * self.limits.min_iops_ratio {
-            iops = iops.max(self.load.best_iops(2 * IOPS_WINDOWS));
-        }
-        self.report.attack_iops = Some(match self.report.attack_iops {
+        let min = self.min_relative();
+        let m = measure_iops(
+            &self.load,
+            &self.control.load,
+            ATTACK_WINDOWS,
+            MAX_ATTACK_WINDOWS,
+            |m| m.best() < min,
+        );
+        let iops = m.b_iops();
+        self.report.attack = Some(match self.report.attack.take() {
             // Several calls: the worst phase counts.
-            Some(prev) => prev.min(iops),
-            None => iops,
+            Some(prev) if prev.best() < m.best() => prev,
+            _ => m,
         });
         iops
     }
@@ -724,25 +870,24 @@ impl Harness {
     /// figures. Call at the end, after the hostile frontend is gone.
     pub fn finish(mut self) -> Report {
         let mut failures: Vec<String> = Vec::new();
-        if self.report.attack_iops.is_none() {
+        if self.report.attack.is_none() {
             self.measure_attack();
         }
         if self.report.quiet_cpu_cores.is_none() {
             self.measure_quiet_cpu();
         }
-        // A drop that other processes on the machine caused shows in a second baseline
-        // taken now, with the hostile frontend gone: compare with the lower of the two.
-        let attack = self.report.attack_iops.unwrap_or(0.0);
-        if attack < self.report.baseline_iops * self.limits.min_iops_ratio {
-            self.load.resume();
-            std::thread::sleep(Duration::from_millis(100));
-            let after = self.load.best_iops(2 * IOPS_WINDOWS);
+        // A low figure may also come from a baseline that caught B at a good moment:
+        // a second one now, with the hostile frontend gone; compare with the lower of
+        // the two.
+        let attack = self.report.attack.clone().unwrap_or_default();
+        if attack.best() < self.min_relative() {
+            let after = measure_iops(&self.load, &self.control.load, BASELINE_WINDOWS, 0, |_| {
+                false
+            });
             self.report.baseline_after = Some(after);
-            if after < self.report.baseline_iops {
-                self.report.baseline_iops = after;
-            }
         }
         let load_err = self.load.stop();
+        let control_err = self.control.load.stop();
         // The daemon closes what the attack made it open, and ends the threads it
         // started, once the frontend is gone.
         let pid = self.daemon.pid();
@@ -774,19 +919,32 @@ impl Harness {
         if let Some(e) = load_err {
             failures.push(format!("the load on export B failed: {e}"));
         }
+        if let Some(e) = control_err {
+            failures.push(format!("the load on the control export failed: {e}"));
+        }
         let r = &self.report;
         let l = self.limits;
-        let attack = r.attack_iops.unwrap_or(0.0);
-        let ratio = attack / r.baseline_iops;
-        if ratio < l.min_iops_ratio {
+        let attack = r.attack.clone().unwrap_or_default();
+        let ratio = attack.best() / r.baseline_relative();
+        if attack.control_sum == 0.0 {
+            failures.push("the control export completed no requests during the attack".into());
+        } else if ratio < l.min_iops_ratio {
             failures.push(format!(
-                "export B dropped to {:.0}% of its baseline IOPS ({attack:.0} of {:.0}{}; at \
-                 least {:.0}% required)",
+                "export B dropped to {:.0}% of its baseline IOPS relative to the control \
+                 export (B's IOPS over the control's in window pairs: best {:.2} under \
+                 attack [{}], median {:.2} before [{}]{}; B's IOPS {:.0} under attack, {:.0} \
+                 before; at least {:.0}% required)",
                 ratio * 100.0,
-                r.baseline_iops,
+                attack.best(),
+                attack.pairs_text(),
+                r.baseline.median(),
+                r.baseline.pairs_text(),
                 r.baseline_after
-                    .map(|a| format!(", {a:.0} after the attack"))
+                    .as_ref()
+                    .map(|a| format!(", median {:.2} after [{}]", a.median(), a.pairs_text()))
                     .unwrap_or_default(),
+                attack.b_iops(),
+                r.baseline.b_iops(),
                 l.min_iops_ratio * 100.0
             ));
         }
@@ -840,13 +998,16 @@ impl Harness {
         }
         let r = &self.report;
         eprintln!(
-            "{}: B IOPS baseline {:.0}, under attack {:.0} ({:.0}%); vubd CPU after the \
-             attack {:.3} cores; RssAnon {:.1} -> max {:.1} MiB; fds {} -> {}; threads {} -> {}; \
+            "{}: B IOPS baseline {:.0} ({:.2} of the control's, median), under attack {:.0} \
+             ({:.2} of the control's, best of {} window pairs): {:.0}%; vubd CPU after the attack {:.3} cores; RssAnon {:.1} -> max {:.1} MiB; fds {} -> {}; threads {} -> {}; \
              {} log lines, \
              worst {}/s: {:?}; {:.1} s",
             self.name,
-            r.baseline_iops,
-            attack,
+            r.baseline.b_iops(),
+            r.baseline_relative(),
+            attack.b_iops(),
+            attack.best(),
+            attack.pairs.len(),
             ratio * 100.0,
             cpu,
             r.rss_baseline as f64 / MIB as f64,

@@ -13,17 +13,20 @@
 //!   read and run completed writes again; vubd must resubmit exactly the requests left
 //!   in flight. A second disk of the same guest runs the same workload through a relay
 //!   that hides INFLIGHT_SHMFD from QEMU: it must go wrong, which shows the difference
-//!   the tracking makes.
+//!   the tracking makes. The relay keeps an inflight region of its own for that disk
+//!   (QEMU never sees it), so that the kill waits for, and the test checks, the same
+//!   out-of-order moment on both disks.
 //! * A write held by `werror=stop` (a blkdebug error) at the kill stays in flight: the
 //!   restarted vubd runs it again, it stops again on the same rule, and `cont` on the new
 //!   vubd's monitor completes it.
 
 use serde_json::json;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Once;
 use std::time::{Duration, Instant};
 use vubd_tests::guest::fio::{disk_errors_in_dmesg, round_problems, FioRounds};
-use vubd_tests::guest::relay::{Relay, Rules, PF_INFLIGHT_SHMFD};
+use vubd_tests::guest::relay::{InflightGeometry, Relay, Rules, PF_INFLIGHT_SHMFD};
 use vubd_tests::guest::{wait_listening, Guest, GuestOpts, CMD_TIMEOUT};
 use vubd_tests::tools::qemu_img;
 use vubd_tests::{vubd_bin, Daemon, DaemonArgs, Qmp, Rng, TempDir, MIB};
@@ -418,6 +421,11 @@ fn inflight_regions(qemu_pid: u32, num_queues: usize) -> Vec<Vec<QueueRegion>> {
         if !target.to_string_lossy().starts_with("/memfd:") {
             continue;
         }
+        // The size first: guest RAM is a memfd too, and reading it all takes long
+        // (seconds on a busy machine, too slow to poll).
+        if std::fs::metadata(e.path()).map(|m| m.len()).ok() != Some(len as u64) {
+            continue;
+        }
         let Ok(bytes) = std::fs::read(e.path()) else {
             continue;
         };
@@ -533,6 +541,64 @@ fn slow_overlay(
         )
 }
 
+/// The latency of the slow reads (of the overlays' `null-co` backing nodes).
+const SLOW_READ: Duration = Duration::from_secs(2);
+/// A request in flight this long is taken for a slow read (the writes take
+/// milliseconds).
+const SLOW_SEEN_FOR: Duration = Duration::from_millis(200);
+/// The kill comes while each disk's slow read still has at least this long to run.
+const KILL_MARGIN: Duration = Duration::from_millis(500);
+
+/// Watches one queue's inflight region, polled again and again, for a slow read out of
+/// order that the kill can still catch: in flight for at least [`SLOW_SEEN_FOR`],
+/// taken before requests that have completed ([`Rewind::lost`]), and taken at most
+/// [`SLOW_READ`] - [`KILL_MARGIN`] ago (it was not in flight at an earlier poll that
+/// recent), so that it cannot complete before the kill.
+#[derive(Default)]
+struct SlowReadWatch {
+    /// Each request (head, fetch counter) in flight at the last poll: when a poll first
+    /// saw it, and the start of the poll before (it was taken after that; `None` when
+    /// it was in flight at the first poll).
+    seen: HashMap<(u16, u64), (Instant, Option<Instant>)>,
+    last_poll: Option<Instant>,
+}
+
+impl SlowReadWatch {
+    /// Takes in `region`, read from `polled` on; whether it shows such a slow read.
+    fn ready(&mut self, region: &QueueRegion, polled: Instant) -> bool {
+        let in_flight = region.in_flight();
+        self.seen = in_flight
+            .iter()
+            .map(|&k| {
+                let e = self.seen.get(&k).copied();
+                (k, e.unwrap_or((polled, self.last_poll)))
+            })
+            .collect();
+        self.last_poll = Some(polled);
+        let lost = region.rewind().lost;
+        let now = Instant::now();
+        in_flight.iter().any(|k| {
+            let (first_seen, taken_after) = self.seen[k];
+            lost.contains(&k.0)
+                && now.duration_since(first_seen) >= SLOW_SEEN_FOR
+                && taken_after.is_some_and(|t| now.duration_since(t) + KILL_MARGIN <= SLOW_READ)
+        })
+    }
+}
+
+/// The queue of disk B's inflight region that the relay keeps.
+fn relay_region(relay: &Relay) -> QueueRegion {
+    let bytes = relay
+        .inflight_region()
+        .expect("the relay holds no inflight region of disk B");
+    assert_eq!(
+        bytes.len(),
+        queue_region_size(QUEUE_SIZE),
+        "size of disk B's inflight region (one queue of {QUEUE_SIZE})"
+    );
+    QueueRegion::parse(&bytes, QUEUE_SIZE)
+}
+
 /// Requests that complete out of order at the kill: on one queue, a slow read (2 s,
 /// from the backing node) and fast writes. Disk A is served with inflight tracking;
 /// disk B, with the same workload, through a relay that hides INFLIGHT_SHMFD from QEMU.
@@ -546,14 +612,20 @@ fn sigkill_with_requests_completing_out_of_order() {
         dir.join("b.sock"),
         dir.join("b-relay.sock"),
     );
-    let mut args = slow_overlay(DaemonArgs::new(), &dir, "a", &sa, 16, 2000);
-    args = slow_overlay(args, &dir, "b", &sb, 16, 2000);
+    let slow_ms = SLOW_READ.as_millis() as u64;
+    let mut args = slow_overlay(DaemonArgs::new(), &dir, "a", &sa, 16, slow_ms);
+    args = slow_overlay(args, &dir, "b", &sb, 16, slow_ms);
     let mut vubd = Restarts::start(args.build(), vec![sa.clone(), sb.clone()]);
     let relay = Relay::start(
         &rb,
         &sb,
         Rules {
             hide_protocol_features: PF_INFLIGHT_SHMFD,
+            // For the test's eyes only: what vubd had in flight on disk B at the kill.
+            keep_inflight: Some(InflightGeometry {
+                num_queues: 1,
+                queue_size: QUEUE_SIZE,
+            }),
             ..Rules::default()
         },
     );
@@ -579,6 +651,14 @@ fn sigkill_with_requests_completing_out_of_order() {
         1,
         "QEMU should hold one inflight region (disk A's; B's relay hides the feature)"
     );
+    assert!(
+        relay
+            .counters
+            .inflight_regions_kept
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0,
+        "the relay did not get an inflight region of disk B from vubd"
+    );
     // Fast writes on the allocated 16 MiB, slow reads beyond.
     let fio_a = FioRounds::new("fast-a", "/dev/vda", 1, 8);
     let fio_b = FioRounds::new("fast-b", "/dev/vdb", 1, 8);
@@ -588,25 +668,46 @@ fn sigkill_with_requests_completing_out_of_order() {
     fio_b.start(&mut g);
     std::thread::sleep(Duration::from_secs(3));
 
-    // Kill when disk A has a request in flight that was taken before others that have
-    // completed (nearly always: the read takes 2 s, the writes milliseconds).
+    // Kill when each disk has its slow read in flight, taken before requests that have
+    // completed, and young enough to outlast the kill (the two readers' 2 s reads are
+    // not in step: wait for a moment that suits both).
     let deadline = Instant::now() + Duration::from_secs(30);
+    let (mut watch_a, mut watch_b) = (SlowReadWatch::default(), SlowReadWatch::default());
+    let (mut polls, mut longest_gap, mut last) = (0, Duration::ZERO, Instant::now());
     loop {
-        let r = &inflight_regions(qemu, 1)[0][0];
-        if !r.rewind().lost.is_empty() {
+        let polled = Instant::now();
+        polls += 1;
+        longest_gap = longest_gap.max(polled.duration_since(last));
+        last = polled;
+        let (ra, rb) = (
+            inflight_regions(qemu, 1)[0][0].clone(),
+            relay_region(&relay),
+        );
+        let (ok_a, ok_b) = (watch_a.ready(&ra, polled), watch_b.ready(&rb, polled));
+        if ok_a && ok_b {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "no out-of-order moment on disk A: {:?}",
-            r.rewind()
+            "no moment with a slow read out of order on both disks within 30 s ({polls} \
+             polls, at most {longest_gap:?} apart): disk A {:?}, disk B {:?}",
+            ra.rewind(),
+            rb.rewind()
         );
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(20));
     }
-    g.note("SIGKILL vubd with requests out of order");
     vubd.kill();
+    g.note("SIGKILL vubd with requests out of order on both disks");
     let region = inflight_regions(qemu, 1).remove(0).remove(0);
     let rewind = region.rewind();
+    // What vubd had in flight on disk B when it died (QEMU knows nothing of it).
+    let region_b = relay_region(&relay);
+    let rewind_b = region_b.rewind();
+    eprintln!(
+        "{name}: at the kill, disk B's queue had taken {} requests; in flight (oldest \
+         first): heads {:?}; QEMU's rewind to the used index will never run heads {:?}.",
+        rewind_b.taken, rewind_b.in_flight, rewind_b.lost
+    );
     eprintln!(
         "{name}: at the kill, disk A's queue had taken {} requests; in flight (oldest \
          first): heads {:?}; used index {}. A frontend rewinding to the used index would \
@@ -625,7 +726,16 @@ fn sigkill_with_requests_completing_out_of_order() {
     );
     assert!(
         !rewind.lost.is_empty(),
-        "the kill did not find requests completing out of order: {rewind:?}"
+        "the kill did not find requests completing out of order on disk A: {rewind:?}"
+    );
+    assert!(
+        rewind_b.consistent,
+        "disk B: used index {} does not match the region: {rewind_b:?}",
+        region_b.used_idx
+    );
+    assert!(
+        !rewind_b.lost.is_empty(),
+        "the kill did not find requests completing out of order on disk B: {rewind_b:?}"
     );
     vubd.restart();
     vubd.wait_connected(2, RECONNECT_TIMEOUT);

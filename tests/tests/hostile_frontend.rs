@@ -5,8 +5,9 @@
 //! client reads at random meanwhile. Besides the guest-visible result each test checks
 //! itself (IOERR or UNSUPP in the status byte, or a stopped queue with the used ring
 //! untouched), `Harness::finish` asserts that the daemon is alive, that B kept 80% of its
-//! IOPS, that vubd's CPU use after the attack is bounded, that its anonymous memory and
-//! open fds are bounded, and that its log is rate-limited.
+//! IOPS (relative to a control daemon, see tests/src/hostile.rs), that vubd's CPU use
+//! after the attack is bounded, that its anonymous memory and open fds are bounded, and
+//! that its log is rate-limited.
 //!
 //! Run with `cargo test -p vubd-tests --test hostile_frontend -- --nocapture` to see the
 //! figures of each case.

@@ -7,6 +7,10 @@
 //! * protocol feature bits hidden from the frontend (cleared in the
 //!   GET_PROTOCOL_FEATURES reply). Without INFLIGHT_SHMFD, QEMU keeps no inflight region
 //!   and, when it reconnects, rewinds every ring to its used index;
+//! * with INFLIGHT_SHMFD hidden, the relay may still negotiate it with the backend and
+//!   ask it for an inflight region ([`Rules::keep_inflight`]), which it keeps to itself:
+//!   the frontend goes on without tracking, and a test can see what the backend had in
+//!   flight ([`Relay::inflight_region`]), e.g. at the moment it was killed;
 //! * dirty-page logging withheld from the backend while the frontend believes it is on:
 //!   `VHOST_F_LOG_ALL` cleared from SET_FEATURES, `VHOST_VRING_F_LOG` from
 //!   SET_VRING_ADDR, and SET_LOG_BASE / SET_LOG_FD answered by the relay instead of
@@ -19,6 +23,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::FileExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -31,6 +36,8 @@ const SET_LOG_BASE: u32 = 6;
 const SET_LOG_FD: u32 = 7;
 const SET_VRING_ADDR: u32 = 9;
 const GET_PROTOCOL_FEATURES: u32 = 15;
+const SET_PROTOCOL_FEATURES: u32 = 16;
+const GET_INFLIGHT_FD: u32 = 31;
 const FLAG_VERSION: u32 = 0x1;
 const FLAG_REPLY: u32 = 0x4;
 const FLAG_NEED_REPLY: u32 = 0x8;
@@ -55,6 +62,20 @@ pub struct Rules {
     pub hide_protocol_features: u64,
     /// Keep dirty-page logging from the backend (see the module documentation).
     pub withhold_log: bool,
+    /// With INFLIGHT_SHMFD in `hide_protocol_features`: negotiate it with the backend
+    /// all the same (when the backend offers it) and, on each connection, ask the
+    /// backend for an inflight region of this geometry (GET_INFLIGHT_FD), kept by the
+    /// relay and never handed back (no SET_INFLIGHT_FD): the backend records what it
+    /// takes and returns, the frontend knows nothing of it and, on a reconnect, still
+    /// rewinds its rings to their used index.
+    pub keep_inflight: Option<InflightGeometry>,
+}
+
+/// The geometry of an inflight region (GET_INFLIGHT_FD's `num_queues`, `queue_size`).
+#[derive(Debug, Clone, Copy)]
+pub struct InflightGeometry {
+    pub num_queues: u16,
+    pub queue_size: u16,
 }
 
 /// What the relay has done, for tests to check that it took part.
@@ -68,6 +89,8 @@ pub struct Counters {
     pub log_all_cleared: AtomicU64,
     /// SET_LOG_BASE and SET_LOG_FD messages answered by the relay.
     pub log_messages_withheld: AtomicU64,
+    /// Inflight regions the backend gave the relay ([`Rules::keep_inflight`]).
+    pub inflight_regions_kept: AtomicU64,
 }
 
 /// A running relay; stops (and closes its connections) on drop.
@@ -77,6 +100,8 @@ pub struct Relay {
     conns: Arc<Mutex<Vec<UnixStream>>>,
     accept: Option<JoinHandle<()>>,
     pub counters: Arc<Counters>,
+    /// The inflight region of the latest connection ([`Rules::keep_inflight`]).
+    inflight: Arc<Mutex<Option<OwnedFd>>>,
 }
 
 impl Relay {
@@ -90,10 +115,16 @@ impl Relay {
         let stop = Arc::new(AtomicBool::new(false));
         let conns = Arc::new(Mutex::new(Vec::new()));
         let counters = Arc::new(Counters::default());
+        let inflight = Arc::new(Mutex::new(None));
         let accept = {
-            let (stop, conns, counters) = (stop.clone(), conns.clone(), counters.clone());
+            let shared = Shared {
+                rules,
+                counters: counters.clone(),
+                inflight: inflight.clone(),
+            };
+            let (stop, conns) = (stop.clone(), conns.clone());
             let backend = backend.to_path_buf();
-            std::thread::spawn(move || accept_loop(listener, backend, rules, stop, conns, counters))
+            std::thread::spawn(move || accept_loop(listener, backend, shared, stop, conns))
         };
         Relay {
             path: path.to_path_buf(),
@@ -101,11 +132,23 @@ impl Relay {
             conns,
             accept: Some(accept),
             counters,
+            inflight,
         }
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// What the inflight region of the latest connection holds now
+    /// ([`Rules::keep_inflight`]); `None` before the backend gave one. It stays
+    /// readable after the backend died.
+    pub fn inflight_region(&self) -> Option<Vec<u8>> {
+        let guard = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        let file = std::fs::File::from(guard.as_ref()?.try_clone().ok()?);
+        let mut bytes = vec![0u8; usize::try_from(file.metadata().ok()?.len()).ok()?];
+        file.read_exact_at(&mut bytes, 0).ok()?;
+        Some(bytes)
     }
 }
 
@@ -127,13 +170,27 @@ impl Drop for Relay {
     }
 }
 
+/// What every connection of a relay shares.
+#[derive(Clone)]
+struct Shared {
+    rules: Rules,
+    counters: Arc<Counters>,
+    inflight: Arc<Mutex<Option<OwnedFd>>>,
+}
+
+/// What the two directions of one connection share.
+#[derive(Default)]
+struct ConnState {
+    /// The backend offered INFLIGHT_SHMFD (before the relay hid it).
+    backend_has_inflight: AtomicBool,
+}
+
 fn accept_loop(
     listener: UnixListener,
     backend: PathBuf,
-    rules: Rules,
+    shared: Shared,
     stop: Arc<AtomicBool>,
     conns: Arc<Mutex<Vec<UnixStream>>>,
-    counters: Arc<Counters>,
 ) {
     while !stop.load(Ordering::SeqCst) {
         let front = match listener.accept() {
@@ -145,7 +202,7 @@ fn accept_loop(
             Err(_) => return,
         };
         let _ = front.set_nonblocking(false);
-        counters.connections.fetch_add(1, Ordering::Relaxed);
+        shared.counters.connections.fetch_add(1, Ordering::Relaxed);
         let Some(back) = connect_backend(&backend, &stop) else {
             continue;
         };
@@ -163,15 +220,15 @@ fn accept_loop(
         };
         let front = Arc::new(Mutex::new(front));
         let back = Arc::new(Mutex::new(back));
+        let conn = Arc::new(ConnState::default());
         {
-            let (front, back, counters) = (front.clone(), back.clone(), counters.clone());
-            std::thread::spawn(move || {
-                frontend_to_backend(front_rd, front, back, rules, &counters)
-            });
+            let (front, back, shared, conn) =
+                (front.clone(), back.clone(), shared.clone(), conn.clone());
+            std::thread::spawn(move || frontend_to_backend(front_rd, front, back, &shared, &conn));
         }
         {
-            let counters = counters.clone();
-            std::thread::spawn(move || backend_to_frontend(back_rd, front, rules, &counters));
+            let shared = shared.clone();
+            std::thread::spawn(move || backend_to_frontend(back_rd, front, &shared, &conn));
         }
     }
 }
@@ -228,14 +285,42 @@ fn close_both(a: &Mutex<UnixStream>, b: &Mutex<UnixStream>) {
     }
 }
 
+/// The relay's own GET_INFLIGHT_FD: `mmap_size`, `mmap_offset` (0, filled in by the
+/// reply), `num_queues`, `queue_size`, padding.
+fn get_inflight_fd(g: InflightGeometry) -> Msg {
+    let mut payload = vec![0u8; 24];
+    payload[16..18].copy_from_slice(&g.num_queues.to_le_bytes());
+    payload[18..20].copy_from_slice(&g.queue_size.to_le_bytes());
+    Msg {
+        request: GET_INFLIGHT_FD,
+        flags: FLAG_VERSION,
+        payload,
+        fds: Vec::new(),
+    }
+}
+
 fn frontend_to_backend(
     rd: UnixStream,
     front: Arc<Mutex<UnixStream>>,
     back: Arc<Mutex<UnixStream>>,
-    rules: Rules,
-    counters: &Counters,
+    shared: &Shared,
+    conn: &ConnState,
 ) {
+    let (rules, counters) = (shared.rules, &*shared.counters);
     while let Ok(Some(mut m)) = recv_msg(&rd) {
+        // The frontend acks the protocol features without INFLIGHT_SHMFD: the relay
+        // acks it for itself, then asks for the region it keeps.
+        let mut own_request = None;
+        if let Some(g) = rules.keep_inflight {
+            if m.request == SET_PROTOCOL_FEATURES
+                && conn.backend_has_inflight.load(Ordering::SeqCst)
+            {
+                if let Some(f) = m.u64_at(0) {
+                    m.set_u64_at(0, f | PF_INFLIGHT_SHMFD);
+                    own_request = Some(get_inflight_fd(g));
+                }
+            }
+        }
         if rules.withhold_log {
             match m.request {
                 SET_FEATURES => {
@@ -272,6 +357,11 @@ fn frontend_to_backend(
         if send_msg(&w, &m).is_err() {
             break;
         }
+        if let Some(own) = own_request {
+            if send_msg(&w, &own).is_err() {
+                break;
+            }
+        }
     }
     close_both(&front, &back);
 }
@@ -279,15 +369,27 @@ fn frontend_to_backend(
 fn backend_to_frontend(
     rd: UnixStream,
     front: Arc<Mutex<UnixStream>>,
-    rules: Rules,
-    counters: &Counters,
+    shared: &Shared,
+    conn: &ConnState,
 ) {
+    let (rules, counters) = (shared.rules, &*shared.counters);
     while let Ok(Some(mut m)) = recv_msg(&rd) {
-        if m.request == GET_PROTOCOL_FEATURES
-            && m.flags & FLAG_REPLY != 0
-            && rules.hide_protocol_features != 0
-        {
+        let reply = m.flags & FLAG_REPLY != 0;
+        // The frontend never asks for a region (the feature is hidden from it): this
+        // reply answers the relay's own request.
+        if reply && m.request == GET_INFLIGHT_FD && rules.keep_inflight.is_some() {
+            if let Some(fd) = m.fds.pop() {
+                *shared.inflight.lock().unwrap_or_else(|e| e.into_inner()) = Some(fd);
+                counters
+                    .inflight_regions_kept
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            continue;
+        }
+        if m.request == GET_PROTOCOL_FEATURES && reply && rules.hide_protocol_features != 0 {
             if let Some(f) = m.u64_at(0) {
+                let offered = f & rules.hide_protocol_features & PF_INFLIGHT_SHMFD != 0;
+                conn.backend_has_inflight.store(offered, Ordering::SeqCst);
                 m.set_u64_at(0, f & !rules.hide_protocol_features);
                 counters
                     .protocol_replies_changed
