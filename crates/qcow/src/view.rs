@@ -26,6 +26,9 @@ pub const READ_VIEWS: usize = 8;
 
 /// L2 table bytes one view copies at most (it holds at least one table).
 const VIEW_BYTES: u64 = 1 << 20;
+/// L1 entries one view holds at most (unallocated ones copy no table), so that its
+/// linear search stays short.
+const VIEW_ENTRIES: usize = 32;
 
 /// What the state lock's writers change and lock-free readers look at, on a cache
 /// line of its own.
@@ -112,10 +115,13 @@ impl ViewState {
         self.bytes = 0;
     }
 
-    /// Keeps a copy of L1 index `l1_index`'s table, if there is room.
+    /// Keeps a copy of L1 index `l1_index`'s table, if there is room (else lookups
+    /// of it keep taking the lock).
     pub fn add(&mut self, l1_index: u64, l2_offset: u64, table: &[u8]) {
         let len = table.len() as u64;
-        if !self.tables.is_empty() && self.bytes + len > VIEW_BYTES {
+        if self.tables.len() >= VIEW_ENTRIES
+            || (!self.tables.is_empty() && self.bytes + len > VIEW_BYTES)
+        {
             return;
         }
         self.bytes += len;
@@ -141,5 +147,40 @@ pub(crate) struct ReadView(pub Mutex<ViewState>);
 impl ReadView {
     pub fn lock(&self) -> std::sync::MutexGuard<'_, ViewState> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_view_holds_a_bounded_number_of_entries_and_bytes() {
+        let mut v = ViewState::default();
+        v.reset(7, MapLimits::default());
+        assert!(v.is_current(7) && !v.is_current(8));
+        // Unallocated L1 entries copy nothing but still count.
+        for i in 0..100 {
+            v.add(i, 0, &[]);
+        }
+        assert!(v.has(VIEW_ENTRIES as u64 - 1) && !v.has(VIEW_ENTRIES as u64));
+        assert_eq!(v.table(3), Some((0, &[][..])));
+        // Tables up to the byte bound; the first one always fits.
+        v.reset(8, MapLimits::default());
+        let big = vec![1u8; (VIEW_BYTES as usize) * 2];
+        v.add(0, 1 << 20, &big);
+        assert_eq!(v.bytes(), VIEW_BYTES * 2);
+        v.add(1, 2 << 20, &[2u8; 512]);
+        assert!(!v.has(1));
+        v.reset(9, MapLimits::default());
+        let table = vec![3u8; 65536];
+        for i in 0..100 {
+            v.add(i, (i + 1) << 20, &table);
+        }
+        assert_eq!(v.bytes(), VIEW_BYTES);
+        assert_eq!(
+            v.table(0).map(|(o, t)| (o, t.len())),
+            Some((1 << 20, 65536))
+        );
     }
 }
