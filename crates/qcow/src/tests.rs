@@ -170,6 +170,7 @@ fn cached_map_agrees_with_loading_map() {
         block_on(img.write(6 << 20, &[3u8; 4096], &NoBacking)).unwrap();
         let mut x: u64 = 12345;
         let mut answered = 0;
+        let mut mapped = Vec::new();
         for _ in 0..2000 {
             x ^= x << 13;
             x ^= x >> 7;
@@ -181,8 +182,21 @@ fn cached_map_agrees_with_loading_map() {
                 assert_eq!(fast, slow, "extended {extended}: {off:#x}+{len:#x}");
                 answered += 1;
             }
+            mapped.push((off, len, slow));
         }
         assert!(answered > 1000, "the fast path answered only {answered}");
+        // A read view agrees too (nothing changes between these lookups, so it
+        // fills and then answers).
+        for (off, len, slow) in &mapped {
+            if let Some(viewed) = img.map_cached_on(Some(1), *off, *len) {
+                assert_eq!(
+                    &viewed, slow,
+                    "view, extended {extended}: {off:#x}+{len:#x}"
+                );
+            }
+        }
+        let hits = img.views[1].lock().hits;
+        assert!(hits > 1000, "the view answered only {hits}");
         assert!(img.map_cached(8 << 20, 512).is_none(), "out of range");
         // Two cleans with no use between them drop every clean table (the flush
         // writes the dirty ones back first).
