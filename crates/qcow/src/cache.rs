@@ -99,10 +99,15 @@ impl TableCache {
     /// counts and marks the table used, a miss is left for the fallback's `get`
     /// to count (so that one table read from disk is one miss).
     pub fn try_get(&mut self, off: u64) -> Option<&mut CacheEntry> {
-        if !self.map.contains_key(&off) {
-            return None;
-        }
-        self.get(off)
+        let e = self.map.get_mut(&off)?;
+        self.tick += 1;
+        self.hits += 1;
+        e.used = self.tick;
+        Some(e)
+    }
+    /// A cached table, without counting the lookup or touching its LRU position.
+    pub fn peek(&self, off: u64) -> Option<&CacheEntry> {
+        self.map.get(&off)
     }
     /// Whether a table is cached (without touching its LRU position).
     pub fn contains(&self, off: u64) -> bool {

@@ -8,6 +8,7 @@ use crate::io::{DebugEvent, QcowIo};
 use crate::layout::{self, Geometry, L2Entry, COPIED, OFFSET_MASK};
 use crate::snapshot::{self, Snapshot, SnapshotError};
 use crate::sync::{AsyncLock, WaitList};
+use crate::view::{Published, ReadView, ViewState, READ_VIEWS};
 use std::sync::{Mutex, MutexGuard};
 use thiserror::Error;
 
@@ -287,15 +288,101 @@ impl State {
     }
     /// What is wrong with `off` as the host offset of an L2 table, if anything.
     pub fn l2_offset_problem(&self, g: &Geometry, off: u64) -> Option<&'static str> {
+        self.map_limits(g.cluster_size).l2_offset_problem(g, off)
+    }
+    /// What mapped entries are checked against now.
+    pub fn map_limits(&self, cs: u64) -> MapLimits {
+        MapLimits {
+            size: self.hdr.size,
+            high_water: self.high_water,
+            fixed: self.fixed_ranges(cs),
+        }
+    }
+}
+
+/// What a mapping is checked against: the virtual size, the end of the file and
+/// the fixed metadata ranges.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct MapLimits {
+    pub size: u64,
+    pub high_water: u64,
+    pub fixed: [(u64, u64); 4],
+}
+
+impl MapLimits {
+    /// What is wrong with `off` as the host offset of an L2 table, if anything.
+    pub fn l2_offset_problem(&self, g: &Geometry, off: u64) -> Option<&'static str> {
+        let cs = g.cluster_size;
         if !g.aligned(off) {
             Some("unaligned")
         } else if off >= self.high_water {
             Some("past the end of the file")
-        } else if self.overlaps_fixed(g.cluster_size, off, g.cluster_size) {
+        } else if self
+            .fixed
+            .iter()
+            .any(|&(o, l)| l > 0 && off < o + l && o < off + cs)
+        {
             Some("overlapping other metadata")
         } else {
             None
         }
+    }
+}
+
+/// Where [`Qcow2::map_in`] finds the L2 tables of a range.
+pub(crate) trait MapSource {
+    /// Whether the L2 table offsets it gives were checked already (against the
+    /// limits the mapping is checked against).
+    const CHECKED: bool;
+    /// The L2 table offset of L1 index `l1_index` (0: none) and, with one, the
+    /// table if at hand; `None`: not known here.
+    fn l2_table(&mut self, l1_index: u64) -> Option<(u64, Option<&[u8]>)>;
+}
+
+impl MapSource for State {
+    const CHECKED: bool = false;
+    fn l2_table(&mut self, l1_index: u64) -> Option<(u64, Option<&[u8]>)> {
+        let off = self.l1.get(l1_index as usize).copied().unwrap_or(0) & OFFSET_MASK;
+        if off == 0 {
+            return Some((0, None));
+        }
+        Some((off, self.l2.try_get(off).map(|e| &e.data[..])))
+    }
+}
+
+/// A view copies only tables a mapping under the lock found valid.
+impl MapSource for ViewState {
+    const CHECKED: bool = true;
+    #[inline]
+    fn l2_table(&mut self, l1_index: u64) -> Option<(u64, Option<&[u8]>)> {
+        self.table(l1_index).map(|(off, t)| (off, Some(t)))
+    }
+}
+
+/// The state lock held by a caller that may change the state: releasing it
+/// publishes a new mapping generation (see [`crate::view`]).
+pub(crate) struct StateGuard<'a> {
+    guard: MutexGuard<'a, State>,
+    published: &'a Published,
+}
+
+impl std::ops::Deref for StateGuard<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for StateGuard<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        &mut self.guard
+    }
+}
+
+impl Drop for StateGuard<'_> {
+    fn drop(&mut self) {
+        // Still under the lock: a view copied after this sees the new generation.
+        self.published.release(self.guard.hdr.size);
     }
 }
 
@@ -313,6 +400,10 @@ pub struct Qcow2<I: QcowIo> {
     pub(crate) waits: WaitList,
     /// The cipher of guest data, for encrypted images (see [`crate::crypt`]).
     pub(crate) cipher: Option<std::sync::Arc<dyn crate::crypt::DataCipher>>,
+    /// The mapping generation and size that lock-free readers look at.
+    pub(crate) published: Published,
+    /// The read views of the threads that map reads ([`Qcow2::map_cached_on`]).
+    pub(crate) views: Box<[ReadView]>,
 }
 
 impl<I: QcowIo> Drop for Qcow2<I> {
@@ -547,10 +638,12 @@ impl<I: QcowIo> Qcow2<I> {
             io,
             data,
             g,
+            published: Published::new(st.hdr.size),
             st: Mutex::new(st),
             meta: AsyncLock::default(),
             waits: WaitList::default(),
             cipher: None,
+            views: (0..READ_VIEWS).map(|_| ReadView::default()).collect(),
         };
         if opts.writable {
             if dirty {
@@ -593,7 +686,17 @@ impl<I: QcowIo> Qcow2<I> {
         Ok(img)
     }
 
-    pub(crate) fn st(&self) -> MutexGuard<'_, State> {
+    /// The state, to change it (or to read it on a path that may also change it).
+    pub(crate) fn st(&self) -> StateGuard<'_> {
+        StateGuard {
+            guard: self.st.lock().unwrap(),
+            published: &self.published,
+        }
+    }
+
+    /// The state, to read it only (caches may count and order their lookups):
+    /// releasing it publishes nothing.
+    fn st_peek(&self) -> MutexGuard<'_, State> {
         self.st.lock().unwrap()
     }
 
@@ -625,12 +728,14 @@ impl<I: QcowIo> Qcow2<I> {
 
     /// Virtual size in bytes.
     pub fn size(&self) -> u64 {
-        self.st().hdr.size
+        self.published
+            .size
+            .load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// A copy of the current header.
     pub fn header(&self) -> Header {
-        self.st().hdr.clone()
+        self.st_peek().hdr.clone()
     }
 
     /// Internal snapshots.
@@ -640,7 +745,7 @@ impl<I: QcowIo> Qcow2<I> {
 
     /// Summary information.
     pub fn info(&self) -> ImageInfo {
-        let st = self.st();
+        let st = self.st_peek();
         ImageInfo {
             size: st.hdr.size,
             cluster_size: self.g.cluster_size,
@@ -663,7 +768,12 @@ impl<I: QcowIo> Qcow2<I> {
     /// the previous call (QEMU's `cache-clean-interval`: the caller calls this
     /// from a timer). Dirty entries stay until they are written. Returns how
     /// many entries were dropped.
+    ///
+    /// The read views' copies are dropped too (see [`crate::view`]).
     pub fn clean_unused_cache_entries(&self) -> usize {
+        for v in self.views.iter() {
+            v.lock().reset(0, MapLimits::default());
+        }
         let mut st = self.st();
         st.cleans += 1;
         st.l2.clean_unused() + st.rc.clean_unused()
@@ -671,7 +781,8 @@ impl<I: QcowIo> Qcow2<I> {
 
     /// The metadata caches' statistics.
     pub fn cache_stats(&self) -> CacheStats {
-        let st = self.st();
+        let view_hits: u64 = self.views.iter().map(|v| v.lock().hits).sum();
+        let st = self.st_peek();
         let one = |c: &TableCache| TableCacheStats {
             entries: c.len() as u64,
             capacity: c.capacity() as u64,
@@ -679,8 +790,10 @@ impl<I: QcowIo> Qcow2<I> {
             misses: c.misses,
             cleaned: c.cleaned,
         };
+        let mut l2 = one(&st.l2);
+        l2.hits += view_hits;
         CacheStats {
-            l2: one(&st.l2),
+            l2,
             refcount: one(&st.rc),
             cleans: st.cleans,
         }
@@ -884,23 +997,83 @@ impl<I: QcowIo> Qcow2<I> {
     /// the range is in bounds and every L2 table it needs is cached and valid
     /// (then `map` loads the tables, or reports what is wrong).
     pub fn map_cached(&self, offset: u64, len: u64) -> Option<Extents> {
-        let mut st = self.st();
+        let mut st = self.st_peek();
+        let limits = st.map_limits(self.g.cluster_size);
+        self.map_in(&limits, &mut *st, offset, len)
+    }
+
+    /// [`map_cached`](Self::map_cached) for a thread that has read view `view` (a
+    /// slot below [`READ_VIEWS`] that no other thread uses meanwhile; `None`: it
+    /// has none): answered from the view's copies without the state lock while no
+    /// change was made since they were taken (see [`crate::view`]).
+    pub fn map_cached_on(&self, view: Option<usize>, offset: u64, len: u64) -> Option<Extents> {
+        let Some(view) = view.and_then(|i| self.views.get(i)) else {
+            return self.map_cached(offset, len);
+        };
+        let mut v = view.lock();
+        if v.is_current(self.published.gen()) {
+            let limits = v.limits();
+            if let Some(out) = self.map_in(&limits, &mut *v, offset, len) {
+                v.hits += 1;
+                return Some(out);
+            }
+        }
+        let mut st = self.st_peek();
+        // Generations change only under the lock.
+        let gen = self.published.gen();
+        let limits = st.map_limits(self.g.cluster_size);
+        let out = self.map_in(&limits, &mut *st, offset, len)?;
+        if !v.is_current(gen) {
+            // Copy tables only once the generation held still between two lookups.
+            v.reset(gen, limits);
+            return Some(out);
+        }
+        // The tables the mapping found valid (what `MapSource::CHECKED` says).
+        let span = self.g.l2_span();
+        let l1_range = if len == 0 {
+            1..1
+        } else {
+            offset / span..(offset + len - 1) / span + 1
+        };
+        for l1i in l1_range {
+            if v.has(l1i) {
+                continue;
+            }
+            let off = st.l1.get(l1i as usize).copied().unwrap_or(0) & OFFSET_MASK;
+            if off == 0 {
+                v.add(l1i, 0, &[]);
+            } else if let Some(e) = st.l2.peek(off) {
+                v.add(l1i, off, &e.data);
+            }
+        }
+        Some(out)
+    }
+
+    /// The mapping of `offset..offset + len` from `src`, checked against `limits`:
+    /// `None` unless it is in bounds and every L2 table it needs is at hand and
+    /// valid.
+    fn map_in<S: MapSource>(
+        &self,
+        limits: &MapLimits,
+        src: &mut S,
+        offset: u64,
+        len: u64,
+    ) -> Option<Extents> {
         let end = offset.checked_add(len)?;
-        if end > st.hdr.size {
+        if end > limits.size {
             return None;
         }
         let cs = self.g.cluster_size;
         let span = self.g.l2_span();
+        // Powers of two: shifts and masks rather than divisions.
+        let (cluster_bits, span_bits) = (self.g.cluster_bits, span.trailing_zeros());
         let ext = self.g.extended;
-        let hw = st.high_water;
-        let fixed = st.fixed_ranges(cs);
         let mut out = Extents::new();
         let mut pos = offset;
         while pos < end {
-            let l1i = pos / span;
-            let chunk_end = end.min((l1i + 1) * span);
-            let l1e = st.l1.get(l1i as usize).copied().unwrap_or(0);
-            let l2off = l1e & OFFSET_MASK;
+            let l1i = pos >> span_bits;
+            let chunk_end = end.min((l1i + 1) << span_bits);
+            let (l2off, table) = src.l2_table(l1i)?;
             if l2off == 0 {
                 push_extent(
                     &mut out,
@@ -913,14 +1086,15 @@ impl<I: QcowIo> Qcow2<I> {
                 pos = chunk_end;
                 continue;
             }
-            if st.l2_offset_problem(&self.g, l2off).is_some() {
+            if !S::CHECKED && limits.l2_offset_problem(&self.g, l2off).is_some() {
                 return None;
             }
-            let table = st.l2.try_get(l2off)?;
+            let table = table?;
             while pos < chunk_end {
-                let i = ((pos % span) / cs) as usize;
-                let (raw, bm) = layout::l2_entry(&table.data, i, ext);
-                let entry = validate_entry(&self.g, pos, raw, bm, hw, &fixed).ok()?;
+                let i = ((pos & (span - 1)) >> cluster_bits) as usize;
+                let (raw, bm) = layout::l2_entry(table, i, ext);
+                let entry =
+                    validate_entry(&self.g, pos, raw, bm, limits.high_water, &limits.fixed).ok()?;
                 let cend = (self.g.cluster_start(pos) + cs).min(chunk_end);
                 self.push_cluster(&mut out, entry, pos, cend);
                 pos = cend;
@@ -947,9 +1121,10 @@ impl<I: QcowIo> Qcow2<I> {
                 host, alloc, zero, ..
             } => {
                 let ss = self.g.subcluster_size;
+                let ss_bits = ss.trailing_zeros();
                 let mut p = from;
                 while p < to {
-                    let sc = ((p - cstart) / ss) as u32;
+                    let sc = ((p - cstart) >> ss_bits) as u32;
                     let send = (cstart + (sc as u64 + 1) * ss).min(to);
                     let kind = if alloc >> sc & 1 != 0 {
                         ExtentKind::Data {

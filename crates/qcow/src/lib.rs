@@ -23,6 +23,7 @@ pub mod io;
 pub mod layout;
 pub mod snapshot;
 pub mod sync;
+pub mod view;
 
 mod alloc;
 mod write;
@@ -40,6 +41,7 @@ pub use image::{
 };
 pub use io::{block_on, DebugEvent, FileIo, MemIo, QcowIo};
 pub use snapshot::{NewSnapshot, Snapshot};
+pub use view::READ_VIEWS;
 pub use write::{Allocation, HostRange};
 
 use std::future::Future;

@@ -2,7 +2,7 @@
 
 use crate::check::Repair;
 use crate::create::{create, Compat, CreateOptions};
-use crate::image::{ExtentKind, OpenOptions, Qcow2};
+use crate::image::{ExtentKind, Extents, OpenOptions, Qcow2};
 use crate::io::{block_on, MemIo};
 use crate::{Error, NoBacking};
 
@@ -94,6 +94,67 @@ fn write_read_partial_clusters() {
     }
 }
 
+/// A read view (`map_cached_on`) answers from its copies only while nothing
+/// changed: after a write, a zeroing, a resize or a clean it answers what the
+/// locked path answers, and its hits count as L2 cache hits.
+#[test]
+fn read_views_follow_every_change() {
+    let img = block_on(create(MemIo::new(), &opts(8 << 20, 65536))).unwrap();
+    let img = reopen(img, true);
+    block_on(img.write(0, &vec![1u8; 3 * 65536], &NoBacking)).unwrap();
+    let view = Some(0);
+    let same = |off: u64, len: u64| {
+        let fast = img.map_cached_on(view, off, len);
+        assert_eq!(fast, img.map_cached(off, len), "{off:#x}+{len:#x}");
+        fast
+    };
+    let view_hits = || img.views[0].lock().hits;
+    // A new generation, then the copy (both under the lock), then the view.
+    for _ in 0..3 {
+        same(0, 4096);
+    }
+    assert_eq!(view_hits(), 1);
+    assert!(img.views[0].lock().bytes() >= 65536);
+    let hits = img.cache_stats().l2.hits;
+    assert!(same(65536, 8192).is_some());
+    assert_eq!(view_hits(), 2);
+    // One hit of the view, one of the locked comparison.
+    assert_eq!(img.cache_stats().l2.hits, hits + 2);
+    // Unallocated now; a write maps it.
+    let kind = |m: Option<Extents>| m.unwrap()[0].kind;
+    assert_eq!(kind(same(5 * 65536, 4096)), ExtentKind::Unallocated);
+    block_on(img.write(5 * 65536, &[2u8; 4096], &NoBacking)).unwrap();
+    assert!(matches!(
+        kind(same(5 * 65536, 4096)),
+        ExtentKind::Data { .. }
+    ));
+    // Zeroed.
+    same(0, 4096);
+    same(0, 4096);
+    block_on(img.write_zeroes(0, 65536, false)).unwrap();
+    assert_eq!(kind(same(0, 4096)), ExtentKind::Zero);
+    // Beyond the old end after a resize: the view knows the new size.
+    same(0, 4096);
+    assert!(same(8 << 20, 4096).is_none());
+    block_on(img.resize(16 << 20)).unwrap();
+    assert_eq!(img.size(), 16 << 20);
+    assert_eq!(kind(same(8 << 20, 4096)), ExtentKind::Unallocated);
+    // A clean drops the copies.
+    same(65536, 4096);
+    same(65536, 4096);
+    assert!(img.views[0].lock().bytes() > 0);
+    img.clean_unused_cache_entries();
+    assert_eq!(img.views[0].lock().bytes(), 0);
+    same(65536, 4096);
+    // No view: the locked path.
+    assert_eq!(
+        img.map_cached_on(None, 65536, 4096),
+        img.map_cached(65536, 4096)
+    );
+    block_on(img.flush()).unwrap();
+    assert_clean(&img);
+}
+
 /// The lock-only fast path agrees with the loading path wherever it answers,
 /// on a mix of data, zero, unallocated and subcluster ranges, and declines
 /// when a table is not cached.
@@ -109,6 +170,7 @@ fn cached_map_agrees_with_loading_map() {
         block_on(img.write(6 << 20, &[3u8; 4096], &NoBacking)).unwrap();
         let mut x: u64 = 12345;
         let mut answered = 0;
+        let mut mapped = Vec::new();
         for _ in 0..2000 {
             x ^= x << 13;
             x ^= x >> 7;
@@ -120,8 +182,21 @@ fn cached_map_agrees_with_loading_map() {
                 assert_eq!(fast, slow, "extended {extended}: {off:#x}+{len:#x}");
                 answered += 1;
             }
+            mapped.push((off, len, slow));
         }
         assert!(answered > 1000, "the fast path answered only {answered}");
+        // A read view agrees too (nothing changes between these lookups, so it
+        // fills and then answers).
+        for (off, len, slow) in &mapped {
+            if let Some(viewed) = img.map_cached_on(Some(1), *off, *len) {
+                assert_eq!(
+                    &viewed, slow,
+                    "view, extended {extended}: {off:#x}+{len:#x}"
+                );
+            }
+        }
+        let hits = img.views[1].lock().hits;
+        assert!(hits > 1000, "the view answered only {hits}");
         assert!(img.map_cached(8 << 20, 512).is_none(), "out of range");
         // Two cleans with no use between them drop every clean table (the flush
         // writes the dirty ones back first).

@@ -560,6 +560,9 @@ impl Qcow2Driver {
     }
 }
 
+// Each thread with a statistics shard of its own has a read view of its own.
+const _: () = assert!(crate::stats::OWN_SHARDS <= qcow::READ_VIEWS);
+
 /// The most a block-status or allocation query maps per call: callers ask again from
 /// where the answer ends, so mapping all of a long range each time would be
 /// quadratic on a fragmented image.
@@ -822,32 +825,32 @@ impl Driver for Qcow2Driver {
 
     fn read<'a>(&'a self, offset: u64, iov: IoVec) -> LocalBoxFuture<'a, Result<()>> {
         // The usual case, a range in one run of host clusters whose L2 table is
-        // cached: straight to the file, as a raw image would.
-        let mapped = self.image.map_cached(offset, iov.len());
+        // cached: straight to the file, as a raw image would. The thread's own read
+        // view answers without the image's lock while the metadata stays unchanged.
+        let mapped = self
+            .image
+            .map_cached_on(crate::stats::own_shard(), offset, iov.len());
         if let Some(extents) = &mapped {
-            let backing = self.backing.load();
-            match (&extents[..], backing.as_ref()) {
-                (
-                    [Extent {
-                        kind: ExtentKind::Data { host_offset },
-                        ..
-                    }],
-                    _,
-                ) if self.crypt.is_none() => {
+            match &extents[..] {
+                [Extent {
+                    kind: ExtentKind::Data { host_offset },
+                    ..
+                }] if self.crypt.is_none() => {
                     self.file.debug_event("read_aio");
                     return Box::pin(self.data_node().read(*host_offset, iov));
                 }
                 // Unallocated within the backing node: the backing node's read.
-                (
-                    [Extent {
-                        kind: ExtentKind::Unallocated,
-                        ..
-                    }],
-                    Some(b),
-                ) if offset + iov.len() <= b.node().size() => {
-                    let b = b.node_arc();
-                    self.file.debug_event("read_backing_aio");
-                    return Box::pin(async move { b.read(offset, iov).await });
+                [Extent {
+                    kind: ExtentKind::Unallocated,
+                    ..
+                }] => {
+                    if let Some(b) = self.backing.load().as_ref() {
+                        if offset + iov.len() <= b.node().size() {
+                            let b = b.node_arc();
+                            self.file.debug_event("read_backing_aio");
+                            return Box::pin(async move { b.read(offset, iov).await });
+                        }
+                    }
                 }
                 _ => {}
             }
