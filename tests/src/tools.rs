@@ -30,3 +30,9 @@ pub fn qemu_io(img: &Path, fmt: &str, cmds: &[&str]) {
     c.arg(img);
     run_ok(&mut c);
 }
+
+/// How often to run a qemu-img command that times a LUKS key slot's PBKDF2: it fails
+/// at random when the first round takes under a millisecond of CPU ("Unable to get
+/// accurate CPU usage": 80-90% of the attempts with sha1 on a quiet machine here,
+/// whatever iter-time is), so enough attempts that all failing is never seen.
+pub const PBKDF2_ATTEMPTS: usize = 300;

@@ -6,7 +6,7 @@
 use std::process::Command;
 use std::time::Duration;
 use vubd_tests::guest::{Guest, GuestOpts};
-use vubd_tests::tools::run_ok;
+use vubd_tests::tools::{run_ok, PBKDF2_ATTEMPTS};
 use vubd_tests::{Daemon, DaemonArgs, TempDir, MIB};
 
 const FIO_TIMEOUT: Duration = Duration::from_secs(300);
@@ -15,7 +15,7 @@ const SECRET: &str = "secret,id=sec0,data=guest-pass";
 /// A 64 MiB LUKS volume from qemu-img (QEMU's default aes-256-xts-plain64), retried
 /// when qemu-img cannot time its key derivation on a loaded machine.
 fn qemu_img_luks(path: &std::path::Path) {
-    for _ in 0..30 {
+    for _ in 0..PBKDF2_ATTEMPTS {
         let out = Command::new("qemu-img")
             .args(["create", "-f", "luks", "--object", SECRET, "-o"])
             .args(["key-secret=sec0,iter-time=10"])

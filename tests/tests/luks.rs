@@ -4,7 +4,7 @@
 
 use blkio::ReqFlags;
 use std::process::Command;
-use vubd_tests::tools::run_ok;
+use vubd_tests::tools::{run_ok, PBKDF2_ATTEMPTS};
 use vubd_tests::{assert_same_data, Client, Daemon, DaemonArgs, Rng, TempDir, MIB};
 
 const SECRET: &str = "secret,id=sec0,data=luks-test";
@@ -13,7 +13,7 @@ fn setup() -> (TempDir, std::path::PathBuf, Daemon, Client) {
     let dir = TempDir::new("vubd-luks");
     let img = dir.join("disk.luks");
     let mut made = false;
-    for _ in 0..30 {
+    for _ in 0..PBKDF2_ATTEMPTS {
         let out = Command::new("qemu-img")
             .args(["create", "-f", "luks", "--object", SECRET])
             .args(["-o", "key-secret=sec0,iter-time=10"])

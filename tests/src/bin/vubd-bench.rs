@@ -313,7 +313,7 @@ fn prepare_image(backend: Backend, raw: &Path) {
             };
             // qemu-img sometimes cannot time its key derivation on a loaded machine
             // ("Unable to get accurate CPU usage"): try again.
-            let ok = (0..30).any(|_| {
+            let ok = (0..vubd_tests::tools::PBKDF2_ATTEMPTS).any(|_| {
                 std::process::Command::new("qemu-img")
                     .args(["convert", "-f", "raw", "-O", fmt, &object])
                     .args(["-o", opts, &p(raw), &p(&img)])
