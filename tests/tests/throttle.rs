@@ -81,6 +81,22 @@ fn image(dir: &TempDir, name: &str) -> String {
     p.to_str().expect("UTF-8 path").to_string()
 }
 
+/// A daemon with the group `group` (a `throttle-group` object) and one export `ta`
+/// through it on iothread io0, its monitor and a one-queue frontend of the export.
+fn one_export(group: &str) -> (TempDir, Daemon, Qmp, Client) {
+    let dir = TempDir::new("throttle");
+    let a = image(&dir, "a.img");
+    let (sa, mon) = (dir.join("a.sock"), dir.join("qmp.sock"));
+    let args = DaemonArgs::new()
+        .monitor(&mon)
+        .iothread("io0")
+        .object(group);
+    let daemon = Daemon::start(&export(args, "ta", &a, &sa, "io0").build());
+    let qmp = Qmp::connect(&mon);
+    let c = Client::connect(&sa, 1);
+    (dir, daemon, qmp, c)
+}
+
 fn export(args: DaemonArgs, node: &str, file: &str, sock: &Path, iothread: &str) -> DaemonArgs {
     args.blockdev(&format!(
         "driver=file,node-name={node}-file,filename={file},cache.direct=off"
@@ -315,16 +331,8 @@ fn reads_and_flushes_complete_while_a_write_storm_is_throttled() {
 /// its file.
 #[test]
 fn writes_and_flushes_through_a_throttle_root_reach_the_file() {
-    let dir = TempDir::new("throttle");
-    let a = image(&dir, "a.img");
-    let (sa, mon) = (dir.join("a.sock"), dir.join("qmp.sock"));
-    let args = DaemonArgs::new()
-        .monitor(&mon)
-        .iothread("io0")
-        .object("throttle-group,id=tg0,x-iops-total=100000000,x-bps-total=100000000000000");
-    let _daemon = Daemon::start(&export(args, "ta", &a, &sa, "io0").build());
-    let mut qmp = Qmp::connect(&mon);
-    let mut c = Client::connect(&sa, 1);
+    let (_dir, _daemon, mut qmp, mut c) =
+        one_export("throttle-group,id=tg0,x-iops-total=100000000,x-bps-total=100000000000000");
     let c = c.q();
     let syncs = |q: &mut Qmp| {
         q.node_blockstats("ta-file")["driver-specific"]["x-sync-operations"]
@@ -359,16 +367,7 @@ fn writes_and_flushes_through_a_throttle_root_reach_the_file() {
 fn a_drained_section_lets_queued_requests_go() {
     // At 1 IOPS, 48 queued reads would hold a drain for longer than the control
     // plane waits (30 s); QEMU lifts the limits of a drained throttle node.
-    let dir = TempDir::new("throttle");
-    let a = image(&dir, "a.img");
-    let (sa, mon) = (dir.join("a.sock"), dir.join("qmp.sock"));
-    let args = DaemonArgs::new()
-        .monitor(&mon)
-        .iothread("io0")
-        .object("throttle-group,id=tg0,x-iops-total=1");
-    let _daemon = Daemon::start(&export(args, "ta", &a, &sa, "io0").build());
-    let mut qmp = Qmp::connect(&mon);
-    let mut c = Client::connect(&sa, 1);
+    let (_dir, _daemon, mut qmp, mut c) = one_export("throttle-group,id=tg0,x-iops-total=1");
     let q = c.q();
     q.set_timeout(Duration::from_secs(120));
     let n = 48;
