@@ -51,8 +51,9 @@ struct Shard {
     last_done_ns: AtomicU64,
 }
 
-/// Shards per statistics record.
-const SHARDS: usize = 8;
+/// Shards per statistics record (and per record of other per-thread counters, such
+/// as the backend crate's metrics, which use [`thread_shard`] and [`shard_add`]).
+pub const SHARDS: usize = 8;
 /// The shard of the threads beyond the first `SHARDS - 1`: the others each have one of
 /// their own, which only that thread writes.
 const SHARED: usize = SHARDS - 1;
@@ -131,11 +132,20 @@ fn shard_index_slow() -> usize {
     }
 }
 
+/// This thread's shard index (below [`SHARDS`]) and whether the thread owns it (no
+/// other thread writes a counter of that index), for counters kept in per-thread
+/// shards and updated with [`shard_add`].
+#[inline]
+pub fn thread_shard() -> (usize, bool) {
+    let i = shard_index();
+    (i, i != SHARED)
+}
+
 /// Adds `v` to a counter of a shard: a plain load and store in a shard this thread
 /// owns (no other thread writes it, so no update is lost, and no locked instruction
 /// is paid per request), an atomic add in the shared one.
 #[inline]
-fn add(c: &AtomicU64, v: u64, own: bool) {
+pub fn shard_add(c: &AtomicU64, v: u64, own: bool) {
     if own {
         c.store(c.load(Ordering::Relaxed).wrapping_add(v), Ordering::Relaxed);
     } else {
@@ -208,8 +218,8 @@ impl IoStats {
 
     /// This thread's shard, and whether it is the thread's own.
     fn shard(&self) -> (&Shard, bool) {
-        let i = shard_index();
-        (&self.shards[i], i != SHARED)
+        let (i, own) = thread_shard();
+        (&self.shards[i], own)
     }
 
     fn note_done(&self, shard: &Shard, now_ns: u64) {
@@ -233,10 +243,10 @@ impl IoStats {
         let now = clock::now_ns();
         let t = now.saturating_sub(acct.start);
         if ok {
-            add(&k.operations, 1, own);
-            add(&k.bytes, acct.bytes, own);
+            shard_add(&k.operations, 1, own);
+            shard_add(&k.bytes, acct.bytes, own);
             if t > 0 {
-                add(&k.total_time_ns, t, own);
+                shard_add(&k.total_time_ns, t, own);
             }
             if acct.kind == IoKind::Write && end > shard.wr_highest_offset.load(Ordering::Relaxed) {
                 if own {
@@ -246,7 +256,7 @@ impl IoStats {
                 }
             }
         } else {
-            add(&k.failed, 1, own);
+            shard_add(&k.failed, 1, own);
         }
         self.note_done(shard, now);
         t
@@ -255,7 +265,7 @@ impl IoStats {
     /// Accounts a request refused before it started (out of range, malformed).
     pub fn invalid(&self, kind: IoKind) {
         let (shard, own) = self.shard();
-        add(&shard.kinds[kind as usize].invalid, 1, own);
+        shard_add(&shard.kinds[kind as usize].invalid, 1, own);
         self.note_done(shard, clock::now_ns());
     }
 

@@ -3,16 +3,19 @@
 //!
 //! An NBD export keeps one [`QueueCounters`] for all its connections, written by the
 //! export's iothread (and, for requests refused before they run, by the connections'
-//! threads).
+//! threads). Each vhost-user-blk queue has a [`QueueCounters`], written by the
+//! iothread that serves the queue.
 //!
-//! Each vhost-user-blk queue has a [`QueueCounters`] on cache lines of its own, written
-//! by the one iothread that serves the queue (relaxed atomic adds; a scrape sums the
-//! queues of an export). A request costs three or four adds on those lines and a
-//! bucket index computed with `leading_zeros`; its latency is the one the export's
-//! statistics already measured ([`blocklayer::stats::IoStats::done`], loop-pass clock),
-//! so no clock is read for it. Each event loop has a [`LoopCounters`], written once
-//! per wake-up by its thread.
+//! The counters are kept in per-thread shards, as [`blocklayer::stats`] keeps its own
+//! ([`thread_shard`]): a thread owns its shard and updates it with plain loads and
+//! stores, and a scrape sums the shards. A request costs three or four such updates
+//! and a bucket index computed with `leading_zeros`, and no locked instruction; its
+//! latency is the one the export's statistics already measured
+//! ([`blocklayer::stats::IoStats::done`], loop-pass clock), so no clock is read for
+//! it. Each event loop has a [`LoopCounters`], written once per wake-up by its
+//! thread.
 
+use blocklayer::stats::{shard_add, thread_shard, SHARDS};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -90,14 +93,31 @@ struct KindCounters {
     errors: AtomicU64,
 }
 
-/// The counters of one queue, written by the iothread that serves it.
+/// The counters of one queue that one thread writes.
 #[derive(Default)]
 #[repr(align(128))]
-pub struct QueueCounters {
+struct Shard {
     kinds: [KindCounters; KINDS],
     /// Requests per latency bucket (not cumulative).
     buckets: [AtomicU64; BUCKETS + 1],
     latency_ns: AtomicU64,
+}
+
+/// The counters of one queue (or of an NBD export), in per-thread shards: a thread
+/// updates its own with plain loads and stores, so a request pays no locked
+/// instruction for them, and every count is exact even while requests taken before
+/// a queue moved to another iothread still finish on the old one. A sample sums the
+/// shards.
+pub struct QueueCounters {
+    shards: Box<[Shard; SHARDS]>,
+}
+
+impl Default for QueueCounters {
+    fn default() -> Self {
+        QueueCounters {
+            shards: Box::default(),
+        }
+    }
 }
 
 impl QueueCounters {
@@ -105,37 +125,40 @@ impl QueueCounters {
     /// latency.
     #[inline]
     pub fn record(&self, kind: RequestKind, bytes: u64, ok: bool, latency_ns: u64) {
-        let k = &self.kinds[kind as usize];
-        k.requests.fetch_add(1, Ordering::Relaxed);
+        let (i, own) = thread_shard();
+        let s = &self.shards[i];
+        let k = &s.kinds[kind as usize];
+        shard_add(&k.requests, 1, own);
         if !ok {
-            k.errors.fetch_add(1, Ordering::Relaxed);
+            shard_add(&k.errors, 1, own);
         } else if bytes > 0 {
-            k.bytes.fetch_add(bytes, Ordering::Relaxed);
+            shard_add(&k.bytes, bytes, own);
         }
-        self.buckets[bucket(latency_ns)].fetch_add(1, Ordering::Relaxed);
+        shard_add(&s.buckets[bucket(latency_ns)], 1, own);
         if latency_ns > 0 {
-            self.latency_ns.fetch_add(latency_ns, Ordering::Relaxed);
+            shard_add(&s.latency_ns, latency_ns, own);
         }
     }
 
-    /// What the counters hold now; `in_flight` from the connected device.
+    /// What the counters hold now (the sum of the shards); `in_flight` from the
+    /// connected device.
     pub fn sample(&self, in_flight: u64) -> QueueSample {
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let mut s = QueueSample {
             in_flight,
             ..QueueSample::default()
         };
-        for (k, c) in s.kinds.iter_mut().zip(&self.kinds) {
-            *k = KindSample {
-                requests: load(&c.requests),
-                bytes: load(&c.bytes),
-                errors: load(&c.errors),
-            };
+        for shard in self.shards.iter() {
+            for (k, c) in s.kinds.iter_mut().zip(&shard.kinds) {
+                k.requests = k.requests.wrapping_add(load(&c.requests));
+                k.bytes = k.bytes.wrapping_add(load(&c.bytes));
+                k.errors = k.errors.wrapping_add(load(&c.errors));
+            }
+            for (b, c) in s.latency.buckets.iter_mut().zip(&shard.buckets) {
+                *b = b.wrapping_add(load(c));
+            }
+            s.latency.sum_ns = s.latency.sum_ns.wrapping_add(load(&shard.latency_ns));
         }
-        for (b, c) in s.latency.buckets.iter_mut().zip(&self.buckets) {
-            *b = load(c);
-        }
-        s.latency.sum_ns = load(&self.latency_ns);
         s
     }
 }
@@ -275,6 +298,29 @@ mod tests {
             assert_eq!(bucket(b), i);
             assert!(b / 2 < 1024 || bucket(b / 2 + 1) == i);
         }
+    }
+
+    #[test]
+    fn counts_from_many_threads_at_once_are_all_kept() {
+        // More threads than own shards: the last ones share the shared shard.
+        let c = QueueCounters::default();
+        let threads = 2 * SHARDS;
+        std::thread::scope(|s| {
+            for _ in 0..threads {
+                let c = &c;
+                s.spawn(move || {
+                    for _ in 0..10_000 {
+                        c.record(RequestKind::Write, 512, true, 2000);
+                    }
+                });
+            }
+        });
+        let s = c.sample(0);
+        let n = 10_000 * threads as u64;
+        assert_eq!(s.kinds[RequestKind::Write as usize].requests, n);
+        assert_eq!(s.kinds[RequestKind::Write as usize].bytes, 512 * n);
+        assert_eq!(s.latency.buckets[bucket(2000)], n);
+        assert_eq!(s.latency.sum_ns, 2000 * n);
     }
 
     #[test]
