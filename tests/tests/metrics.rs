@@ -664,6 +664,92 @@ fn known_io_is_counted_exactly_and_nodes_match_query_blockstats() {
     );
 }
 
+/// A queue's counters are kept in per-thread shards, written by the iothread that serves
+/// the queue; when the export moves to another iothread, another shard counts on. No
+/// count may be lost or counted twice: a frontend reads and writes on both queues while
+/// the export moves back and forth, and the counters equal what it did.
+#[test]
+fn counts_stay_exact_while_the_export_moves_between_iothreads() {
+    let dir = TempDir::new("metrics-move");
+    let (opt, metrics) = unix_metrics(&dir.join("metrics.sock"));
+    let sock = dir.join("e0.sock");
+    let args = DaemonArgs::new()
+        .monitor(&dir.join("qmp.sock"))
+        .iothread("io0")
+        .iothread("io1")
+        .blockdev("driver=null-co,node-name=d0,size=64M")
+        .export(&format!(
+            "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={},\
+             writable=on,num-queues=2,iothread=io0",
+            sock.display()
+        ))
+        .arg("--metrics")
+        .arg(&opt)
+        .build();
+    let _daemon = Daemon::start(&args);
+    let mut qmp = Qmp::connect(dir.join("qmp.sock"));
+    let before = request_figures(&scrape(&metrics));
+
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    // Per queue: (reads, writes) done.
+    let done = std::thread::scope(|s| {
+        let io = s.spawn(|| {
+            let mut c = Client::connect(&sock, 2);
+            let mut done = [(0u64, 0u64); 2];
+            let mut round = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let q = round % 2;
+                let queue = &mut c.queues_mut()[q];
+                let r = queue.submit(&reads(16, (round % 64) as u64 * MIB));
+                assert!(r.iter().all(|&r| r == 0), "reads: {r:?}");
+                let w = queue.submit(&writes(8));
+                assert!(w.iter().all(|&r| r == 0), "writes: {w:?}");
+                done[q].0 += r.len() as u64;
+                done[q].1 += w.len() as u64;
+                round += 1;
+            }
+            done
+        });
+        for i in 0..12 {
+            std::thread::sleep(Duration::from_millis(40));
+            let to = if i % 2 == 0 { "io1" } else { "io0" };
+            qmp.ok(
+                "x-blockdev-set-iothread",
+                json!({"node-name": "d0", "iothread": to, "force": true}),
+            );
+        }
+        std::thread::sleep(Duration::from_millis(40));
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        io.join().expect("the frontend's thread failed")
+    });
+    let scraped = scrape(&metrics);
+    // Both iothreads served the rings.
+    for io in ["io0", "io1"] {
+        assert!(
+            scraped.get("vubd_iothread_wakeups_total", &[("iothread", io)]) > 0,
+            "{io} never woke"
+        );
+    }
+    let after = request_figures(&scraped);
+    let b = BLOCK as u64;
+    let (mut total_reads, mut total_writes) = (0, 0);
+    for (q, &(reads, writes)) in done.iter().enumerate() {
+        assert!(reads > 0 && writes > 0, "queue {q} did no I/O: {done:?}");
+        let key = |kind| (Some(q as u32), kind);
+        let delta = |kind| {
+            let (a, z) = (after[&key(kind)], before[&key(kind)]);
+            (a.0 - z.0, a.1 - z.1, a.2 - z.2)
+        };
+        assert_eq!(delta("read"), (reads, reads * b, 0), "queue {q} reads");
+        assert_eq!(delta("write"), (writes, writes * b, 0), "queue {q} writes");
+        total_reads += reads;
+        total_writes += writes;
+    }
+    let export = |kind| after[&(None, kind)].0 - before[&(None, kind)].0;
+    assert_eq!(export("read"), total_reads);
+    assert_eq!(export("write"), total_writes);
+}
+
 #[test]
 fn scrapes_while_io_runs_are_valid_and_never_go_backwards() {
     let s = start(unix_metrics);
