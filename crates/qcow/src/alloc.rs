@@ -1049,7 +1049,7 @@ impl<I: QcowIo> Qcow2<I> {
             vec![0u8; cs as usize]
         } else {
             self.io.debug_event(DebugEvent::L2AllocCowRead);
-            self.with_table(TableKind::L2, old, |e| e.data.clone())
+            self.read_table(TableKind::L2, old, |e| e.data.clone())
                 .await?
         };
         let new = self.alloc_clusters(1).await?;

@@ -108,16 +108,9 @@ struct Shard {
 /// instruction for them, and every count is exact even while requests taken before
 /// a queue moved to another iothread still finish on the old one. A sample sums the
 /// shards.
+#[derive(Default)]
 pub struct QueueCounters {
     shards: Box<[Shard; SHARDS]>,
-}
-
-impl Default for QueueCounters {
-    fn default() -> Self {
-        QueueCounters {
-            shards: Box::default(),
-        }
-    }
 }
 
 impl QueueCounters {
