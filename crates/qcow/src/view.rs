@@ -40,9 +40,11 @@
 //! A view holds at most [`VIEW_ENTRIES`] L1 entries and [`VIEW_BYTES`] of tables.
 //! When it is full and a lookup misses it, it copies the missed table only if the
 //! table missed it recently already (one of the last [`MISS_MEMORY`] misses that
-//! were not copied), evicting the least recently used copies to make room: a
-//! working set that fits moves in after a second miss, while reads spread over
-//! more tables than fit do not copy a table on every miss.
+//! were not copied) and it copied none in its last [`ADMIT_EVERY`] lookups,
+//! evicting the least recently used copies to make room: a working set that fits
+//! moves in after second misses, while reads spread over more tables than fit copy
+//! at most one table per [`ADMIT_EVERY`] lookups (under the state lock, which those
+//! misses take anyway).
 //!
 //! A view belongs to one thread of the caller's choosing (a slot below
 //! [`READ_VIEWS`]); its mutex is only ever contended by the periodic cache clean
@@ -65,6 +67,8 @@ const VIEW_BYTES: u64 = 1 << 20;
 const VIEW_ENTRIES: usize = 32;
 /// Misses a full view remembers, to copy a table that misses again.
 const MISS_MEMORY: usize = 8;
+/// Lookups between two tables a full view copies.
+const ADMIT_EVERY: u64 = 64;
 
 /// What the state lock's writers change and lock-free readers look at, on a cache
 /// line of its own.
@@ -123,6 +127,8 @@ pub(crate) struct ViewState {
     /// none), the oldest replaced first.
     missed: [u64; MISS_MEMORY],
     next_missed: usize,
+    /// `tick` when the view last replaced a table (since the reset).
+    admitted: Option<u64>,
     /// Lookups answered from the copies.
     pub hits: u64,
 }
@@ -163,6 +169,7 @@ impl ViewState {
         self.tables = Vec::new();
         self.bytes = 0;
         self.missed = [0; MISS_MEMORY];
+        self.admitted = None;
     }
 
     /// Whether a table of `len` bytes fits without evicting one.
@@ -178,14 +185,16 @@ impl ViewState {
         let len = table.len() as u64;
         if !self.fits(len) {
             let key = l1_index + 1;
-            match self.missed.iter().position(|&k| k == key) {
-                Some(i) => self.missed[i] = 0,
-                None => {
-                    self.missed[self.next_missed] = key;
-                    self.next_missed = (self.next_missed + 1) % MISS_MEMORY;
-                    return;
-                }
+            let Some(i) = self.missed.iter().position(|&k| k == key) else {
+                self.missed[self.next_missed] = key;
+                self.next_missed = (self.next_missed + 1) % MISS_MEMORY;
+                return;
+            };
+            if self.admitted.is_some_and(|a| self.tick < a + ADMIT_EVERY) {
+                return;
             }
+            self.missed[i] = 0;
+            self.admitted = Some(self.tick);
             while !self.fits(len) {
                 let Some(lru) = (0..self.tables.len()).min_by_key(|&i| self.tables[i].used) else {
                     break;
@@ -276,7 +285,22 @@ mod tests {
         assert!(v.has(100) && !v.has(5));
         assert_eq!(v.table(100).map(|(o, _)| o), Some(7 << 30));
         assert_eq!(v.bytes(), VIEW_BYTES);
+        // The next copy waits for ADMIT_EVERY lookups.
+        let lookups = |v: &mut ViewState, n: u64| {
+            for _ in 0..n {
+                let _ = v.table(1);
+            }
+        };
+        v.add(101, 8 << 30, &table);
+        // One lookup (of 100) was made since 100 was copied.
+        lookups(&mut v, ADMIT_EVERY - 2);
+        v.add(101, 8 << 30, &table);
+        assert!(!v.has(101));
+        lookups(&mut v, 1);
+        v.add(101, 8 << 30, &table);
+        assert!(v.has(101) && v.has(1) && v.has(100));
         // Misses spread over more tables than the view remembers copy nothing.
+        lookups(&mut v, ADMIT_EVERY);
         for i in 200..200 + 2 * MISS_MEMORY as u64 {
             v.add(i, 0, &table);
         }
@@ -286,6 +310,7 @@ mod tests {
         assert!((200..200 + 2 * MISS_MEMORY as u64).all(|i| !v.has(i)));
         // Entries: unallocated ones fill the entry bound and are replaced alike.
         v.reset(2, MapLimits::default());
+        lookups(&mut v, ADMIT_EVERY);
         for i in 0..VIEW_ENTRIES as u64 {
             v.add(i, 0, &[]);
         }
