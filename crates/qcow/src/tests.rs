@@ -225,7 +225,12 @@ fn read_views_survive_l2_cache_misses() {
     let missed = img.cache_stats().l2.misses - misses;
     assert!(missed > 250, "only {missed} misses");
     assert_eq!(img.published.gen(), gen);
+    // Nor does a flush with nothing to write back.
     block_on(img.flush()).unwrap();
+    assert_eq!(img.published.gen(), gen, "a flush with nothing to write");
+    let before = hits(0);
+    view_agrees(&img, 0, 3 * span, 4096);
+    assert_eq!(hits(0), before + 2);
     assert_clean(&img);
 }
 
@@ -253,6 +258,9 @@ fn read_views_with_a_small_cache_follow_every_change() {
             }
             // A new table (the L1 entry changes).
             _ => block_on(img.write(size - 4096, &[9u8; 4096], &NoBacking)).unwrap(),
+        }
+        if round % 3 == 0 {
+            block_on(img.flush()).unwrap();
         }
         let before = img.views[0].lock().hits;
         for _ in 0..3 {

@@ -18,7 +18,9 @@
 //! else; loading a table into a cache and reading it (`Qcow2::read_table`) also
 //! publish nothing: they change the caches' counters, LRU stamps and contents, but
 //! not what the metadata maps. A cache miss (the table loaded, another one evicted)
-//! therefore leaves every view current.
+//! therefore leaves every view current, and so does a flush with nothing to write
+//! back (it only reads the state, and takes the default guard only to clear a flag
+//! that is set or to evict from a cache over its capacity).
 //!
 //! Why a copy stays right: let a view copy table T (for L1 index i) from the cache
 //! under the lock while the generation is g. The *content* of T is what the cache
