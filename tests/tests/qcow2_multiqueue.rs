@@ -2,14 +2,17 @@
 //! cluster locks are shared by both threads, so a request on one iothread waits for
 //! allocations the other one makes and is woken from there. Random writes and reads
 //! against a model on every queue, on fresh images (every write allocates), must all
-//! complete and read back; `qemu-img check` finds the image clean afterwards.
+//! complete and read back; `qemu-img check` finds the image clean afterwards. With an
+//! L2 cache of two tables, nearly every request misses it: the threads' read views
+//! (which a cache miss leaves current) must answer what the image holds.
 
 use std::process::Command;
 use std::time::Duration;
 use vubd_tests::workload::{exercise_queues, verify_all, ExerciseOpts};
 use vubd_tests::{Client, Daemon, DaemonArgs, Rng, TempDir, MIB};
 
-fn serve_and_exercise(dir: &TempDir, tag: &str, create_opts: &str) {
+/// `qcow2_opts`: options appended to the qcow2 node's (",key=value...").
+fn serve_and_exercise(dir: &TempDir, tag: &str, create_opts: &str, qcow2_opts: &str) {
     let img = dir.join(&format!("{tag}.qcow2"));
     let size = 16 * MIB;
     let out = Command::new("qemu-img")
@@ -27,7 +30,7 @@ fn serve_and_exercise(dir: &TempDir, tag: &str, create_opts: &str) {
             "driver=file,node-name=f,filename={}",
             img.display()
         ))
-        .blockdev("driver=qcow2,node-name=q,file=f")
+        .blockdev(&format!("driver=qcow2,node-name=q,file=f{qcow2_opts}"))
         .export(&format!(
             "type=vhost-user-blk,id=e,node-name=q,addr.type=unix,addr.path={},writable=on,\
              num-queues=4,iothread.0=io0,iothread.1=io1",
@@ -79,6 +82,8 @@ fn serve_and_exercise(dir: &TempDir, tag: &str, create_opts: &str) {
 fn qcow2_on_two_iothreads_allocates_and_reads_back() {
     let dir = TempDir::new("vubd-qcow2-mq");
     // Small clusters: many allocations and L2 tables, so the threads meet often.
-    serve_and_exercise(&dir, "c4k", "cluster_size=4k");
-    serve_and_exercise(&dir, "c64k-l2ext", "cluster_size=64k,extended_l2=on");
+    serve_and_exercise(&dir, "c4k", "cluster_size=4k", "");
+    serve_and_exercise(&dir, "c64k-l2ext", "cluster_size=64k,extended_l2=on", "");
+    // Eight L2 tables of 4 KiB, two of them cached.
+    serve_and_exercise(&dir, "c4k-l2c8k", "cluster_size=4k", ",l2-cache-size=8192");
 }

@@ -512,7 +512,9 @@ impl<I: QcowIo> Qcow2<I> {
     }
 
     async fn sync_as(&self, checked: bool) -> Result<()> {
-        let was = std::mem::take(&mut self.st().rc_unsynced);
+        // Only ever set to true elsewhere: reading it first takes the changing lock
+        // (a new generation) only when there is something to take.
+        let was = self.st_read().rc_unsynced && std::mem::take(&mut self.st().rc_unsynced);
         let r = if checked {
             self.io.flush().await
         } else {
@@ -794,10 +796,11 @@ impl<I: QcowIo> Qcow2<I> {
     /// event is then owed to the next write-back that raises).
     async fn write_dirty_refcounts_as(&self, raise: bool) -> Result<()> {
         let (dirty, owed) = {
-            let mut st = self.st();
-            let owed = raise && std::mem::take(&mut st.rc_event_owed);
-            (st.rc.dirty(), owed)
+            let st = self.st_read();
+            (st.rc.dirty(), raise && st.rc_event_owed)
         };
+        // Only ever set to true elsewhere, so clearing it now is taking it.
+        let owed = owed && std::mem::take(&mut self.st().rc_event_owed);
         if dirty.is_empty() && owed {
             self.io.debug_event(DebugEvent::RefblockUpdatePart);
         }
@@ -813,7 +816,7 @@ impl<I: QcowIo> Qcow2<I> {
     /// Whether lazy refcounts are in effect: the dirty bit is set and refcounts
     /// on disk need not be accurate.
     pub(crate) fn refcounts_lazy(&self) -> bool {
-        let st = self.st();
+        let st = self.st_read();
         st.lazy && st.dirty_marked
     }
 
@@ -842,7 +845,7 @@ impl<I: QcowIo> Qcow2<I> {
     /// clusters must wait for a sync, as refcounts written since the last one
     /// may count them (with lazy refcounts, the dirty bit covers them).
     pub(crate) fn new_references_need_sync(&self) -> bool {
-        !self.refcounts_lazy() && self.st().rc_unsynced
+        !self.refcounts_lazy() && self.st_read().rc_unsynced
     }
 
     /// Writes every dirty L2 table, after the refcounts (unless lazy) and the
@@ -851,7 +854,7 @@ impl<I: QcowIo> Qcow2<I> {
     /// waits for a sync (lazy refcounts, or reserved clusters).
     pub(crate) async fn write_dirty_l2(&self) -> Result<()> {
         let (dirty, data_sync) = {
-            let st = self.st();
+            let st = self.st_read();
             (st.l2.dirty(), st.l2_needs_data_sync)
         };
         if dirty.is_empty() {
@@ -966,7 +969,7 @@ impl<I: QcowIo> Qcow2<I> {
 
     async fn flush_metadata(&self, all: bool) -> Result<()> {
         let writable = {
-            let st = self.st();
+            let st = self.st_read();
             st.writable && !st.corrupt
         };
         if writable {
@@ -979,7 +982,7 @@ impl<I: QcowIo> Qcow2<I> {
                 self.write_dirty_refcounts().await?;
             }
             self.sync().await?;
-            if !self.st().pending_frees.is_empty() {
+            if !self.st_read().pending_frees.is_empty() {
                 // The L2 updates that dropped these references are stable now.
                 self.apply_pending_frees().await?;
                 if refcounts {
@@ -988,17 +991,20 @@ impl<I: QcowIo> Qcow2<I> {
             }
             // The file covers every cluster in use, and no more than that
             // after a reservation was given back.
-            let hw = self.st().high_water;
+            let hw = self.st_read().high_water;
             if self.io.len().await? != hw {
                 self.io.set_len(hw).await?;
             }
-            let (l2, rc) = {
-                let st = self.st();
-                (st.l2.capacity(), st.rc.capacity())
+            let over = {
+                let st = self.st_read();
+                st.l2.over_capacity() || st.rc.over_capacity()
             };
-            let mut st = self.st();
-            st.l2.evict_clean(l2);
-            st.rc.evict_clean(rc);
+            if over {
+                let mut st = self.st();
+                let (l2, rc) = (st.l2.capacity(), st.rc.capacity());
+                st.l2.evict_clean(l2);
+                st.rc.evict_clean(rc);
+            }
         }
         self.sync().await?;
         Ok(())
@@ -1007,7 +1013,7 @@ impl<I: QcowIo> Qcow2<I> {
     /// Keeps the caches within their capacity, writing back when needed.
     pub(crate) async fn trim_caches(&self) -> Result<()> {
         let (l2_over, rc_over, frees) = {
-            let st = self.st();
+            let st = self.st_read();
             (
                 st.l2.over_capacity(),
                 st.rc.over_capacity(),
@@ -1049,7 +1055,7 @@ impl<I: QcowIo> Qcow2<I> {
             vec![0u8; cs as usize]
         } else {
             self.io.debug_event(DebugEvent::L2AllocCowRead);
-            self.with_table(TableKind::L2, old, |e| e.data.clone())
+            self.read_table(TableKind::L2, old, |e| e.data.clone())
                 .await?
         };
         let new = self.alloc_clusters(1).await?;

@@ -339,14 +339,15 @@ pub(crate) trait MapSource {
     fn l2_table(&mut self, l1_index: u64) -> Option<(u64, Option<&[u8]>)>;
 }
 
-impl MapSource for State {
+impl MapSource for CacheGuard<'_> {
     const CHECKED: bool = false;
     fn l2_table(&mut self, l1_index: u64) -> Option<(u64, Option<&[u8]>)> {
-        let off = self.l1.get(l1_index as usize).copied().unwrap_or(0) & OFFSET_MASK;
+        let st = &mut *self.0;
+        let off = st.l1.get(l1_index as usize).copied().unwrap_or(0) & OFFSET_MASK;
         if off == 0 {
             return Some((0, None));
         }
-        Some((off, self.l2.try_get(off).map(|e| &e.data[..])))
+        Some((off, st.l2.try_get(off).map(|e| &e.data[..])))
     }
 }
 
@@ -383,6 +384,38 @@ impl Drop for StateGuard<'_> {
     fn drop(&mut self) {
         // Still under the lock: a view copied after this sees the new generation.
         self.published.release(self.guard.hdr.size);
+    }
+}
+
+/// The state lock held by a caller that reads the state and looks tables up in
+/// the metadata caches, or loads clean tables from the file into them: what the
+/// metadata maps does not change, so releasing it publishes no new generation (see
+/// "Generations" in [`crate::view`]). It gives no mutable access to the state
+/// beyond those cache operations.
+pub(crate) struct CacheGuard<'a>(MutexGuard<'a, State>);
+
+impl std::ops::Deref for CacheGuard<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        &self.0
+    }
+}
+
+impl CacheGuard<'_> {
+    /// The cache statistics and the cache clean counter.
+    fn stats(&self) -> CacheStats {
+        let one = |c: &TableCache| TableCacheStats {
+            entries: c.len() as u64,
+            capacity: c.capacity() as u64,
+            hits: c.hits,
+            misses: c.misses,
+            cleaned: c.cleaned,
+        };
+        CacheStats {
+            l2: one(&self.l2),
+            refcount: one(&self.rc),
+            cleans: self.cleans,
+        }
     }
 }
 
@@ -694,10 +727,10 @@ impl<I: QcowIo> Qcow2<I> {
         }
     }
 
-    /// The state, to read it only (caches may count and order their lookups):
-    /// releasing it publishes nothing.
-    fn st_peek(&self) -> MutexGuard<'_, State> {
-        self.st.lock().unwrap()
+    /// The state, to read it and to look tables up in (or load them into) the
+    /// caches: releasing it publishes nothing (see [`CacheGuard`]).
+    pub(crate) fn st_read(&self) -> CacheGuard<'_> {
+        CacheGuard(self.st.lock().unwrap())
     }
 
     /// The image's geometry.
@@ -723,7 +756,7 @@ impl<I: QcowIo> Qcow2<I> {
 
     /// Whether the external data file is a consistent raw image (`data_file_raw`).
     pub fn data_file_raw(&self) -> bool {
-        self.data.is_some() && self.st().hdr.autoclear_features & autoclear::DATA_FILE_RAW != 0
+        self.data.is_some() && self.st_read().hdr.autoclear_features & autoclear::DATA_FILE_RAW != 0
     }
 
     /// Virtual size in bytes.
@@ -735,17 +768,17 @@ impl<I: QcowIo> Qcow2<I> {
 
     /// A copy of the current header.
     pub fn header(&self) -> Header {
-        self.st_peek().hdr.clone()
+        self.st_read().hdr.clone()
     }
 
     /// Internal snapshots.
     pub fn snapshots(&self) -> Vec<Snapshot> {
-        self.st().snapshots.clone()
+        self.st_read().snapshots.clone()
     }
 
     /// Summary information.
     pub fn info(&self) -> ImageInfo {
-        let st = self.st_peek();
+        let st = self.st_read();
         ImageInfo {
             size: st.hdr.size,
             cluster_size: self.g.cluster_size,
@@ -782,21 +815,9 @@ impl<I: QcowIo> Qcow2<I> {
     /// The metadata caches' statistics.
     pub fn cache_stats(&self) -> CacheStats {
         let view_hits: u64 = self.views.iter().map(|v| v.lock().hits).sum();
-        let st = self.st_peek();
-        let one = |c: &TableCache| TableCacheStats {
-            entries: c.len() as u64,
-            capacity: c.capacity() as u64,
-            hits: c.hits,
-            misses: c.misses,
-            cleaned: c.cleaned,
-        };
-        let mut l2 = one(&st.l2);
-        l2.hits += view_hits;
-        CacheStats {
-            l2,
-            refcount: one(&st.rc),
-            cleans: st.cleans,
-        }
+        let mut stats = self.st_read().stats();
+        stats.l2.hits += view_hits;
+        stats
     }
 
     /// Marks the image corrupt (and read-only), writing the corrupt bit when
@@ -854,22 +875,49 @@ impl<I: QcowIo> Qcow2<I> {
 
     /// Rewrites the header cluster from the in-memory header.
     pub(crate) async fn write_header(&self) -> Result<()> {
-        let b = self.st().hdr.to_bytes()?;
+        let b = self.st_read().hdr.to_bytes()?;
         self.io.write_at(0, &b).await?;
         Ok(())
     }
 
-    /// Runs `f` on a cached table, loading it first if needed.
+    /// Runs `f` on a cached table, loading it first if needed; `f` may change the
+    /// table (releasing the lock then publishes a new generation).
     pub(crate) async fn with_table<R>(
         &self,
         kind: TableKind,
         off: u64,
         f: impl FnOnce(&mut CacheEntry) -> R,
     ) -> Result<R> {
+        self.table_op(kind, off, || self.st(), f).await
+    }
+
+    /// [`with_table`](Self::with_table) for an `f` that only reads the table: the
+    /// lookup and the load change no mapping, so they publish no new generation
+    /// and leave the read views current (see "Generations" in [`crate::view`]).
+    pub(crate) async fn read_table<R>(
+        &self,
+        kind: TableKind,
+        off: u64,
+        f: impl FnOnce(&CacheEntry) -> R,
+    ) -> Result<R> {
+        // The raw lock, as `CacheGuard` holds it: only the caches' counters, LRU
+        // stamps and a clean load change under it.
+        self.table_op(kind, off, || self.st.lock().unwrap(), |e| f(e))
+            .await
+    }
+
+    /// Runs `f` on a cached table under `lock()`, loading it first if needed.
+    async fn table_op<G: std::ops::DerefMut<Target = State>, R>(
+        &self,
+        kind: TableKind,
+        off: u64,
+        lock: impl Fn() -> G,
+        f: impl FnOnce(&mut CacheEntry) -> R,
+    ) -> Result<R> {
         let mut f = Some(f);
         loop {
             let epoch = {
-                let mut st = self.st();
+                let mut st = lock();
                 if let Some(e) = st.cache(kind).get(off) {
                     return Ok((f.take().unwrap())(e));
                 }
@@ -880,7 +928,7 @@ impl<I: QcowIo> Qcow2<I> {
                 self.io.debug_event(DebugEvent::L2Load);
             }
             self.io.read_at(off, &mut buf).await?;
-            let mut st = self.st();
+            let mut st = lock();
             if st.cache(kind).contains(off) || st.epoch != epoch {
                 continue;
             }
@@ -892,7 +940,7 @@ impl<I: QcowIo> Qcow2<I> {
     /// Validates an L2 table offset from an L1 entry.
     pub(crate) async fn check_l2_offset(&self, l1_index: u64, l1e: u64) -> Result<u64> {
         let off = l1e & OFFSET_MASK;
-        let bad = self.st().l2_offset_problem(&self.g, off);
+        let bad = self.st_read().l2_offset_problem(&self.g, off);
         match bad {
             None => Ok(off),
             Some(why) => Err(self
@@ -907,7 +955,7 @@ impl<I: QcowIo> Qcow2<I> {
     /// table at `l2off`.
     pub(crate) async fn l2_get(&self, l2off: u64, idx: u64) -> Result<(u64, u64)> {
         let ext = self.g.extended;
-        self.with_table(TableKind::L2, l2off, |e| {
+        self.read_table(TableKind::L2, l2off, |e| {
             layout::l2_entry(&e.data, idx as usize, ext)
         })
         .await
@@ -916,7 +964,7 @@ impl<I: QcowIo> Qcow2<I> {
     /// The limits entries are validated against: the end of the file and the
     /// fixed metadata ranges.
     pub(crate) fn entry_limits(&self) -> (u64, [(u64, u64); 4]) {
-        let st = self.st();
+        let st = self.st_read();
         (st.high_water, st.fixed_ranges(self.g.cluster_size))
     }
 
@@ -953,7 +1001,7 @@ impl<I: QcowIo> Qcow2<I> {
         while pos < end {
             let l1i = pos / span;
             let chunk_end = end.min((l1i + 1) * span);
-            let l1e = self.st().l1.get(l1i as usize).copied().unwrap_or(0);
+            let l1e = self.st_read().l1.get(l1i as usize).copied().unwrap_or(0);
             if l1e & OFFSET_MASK == 0 {
                 push_extent(
                     &mut out,
@@ -972,7 +1020,7 @@ impl<I: QcowIo> Qcow2<I> {
             let last = ((chunk_end - 1) % span) / cs;
             let ext = self.g.extended;
             let entries: Vec<(u64, u64)> = self
-                .with_table(TableKind::L2, l2off, |e| {
+                .read_table(TableKind::L2, l2off, |e| {
                     (first..=last)
                         .map(|i| layout::l2_entry(&e.data, i as usize, ext))
                         .collect()
@@ -997,9 +1045,9 @@ impl<I: QcowIo> Qcow2<I> {
     /// the range is in bounds and every L2 table it needs is cached and valid
     /// (then `map` loads the tables, or reports what is wrong).
     pub fn map_cached(&self, offset: u64, len: u64) -> Option<Extents> {
-        let mut st = self.st_peek();
+        let mut st = self.st_read();
         let limits = st.map_limits(self.g.cluster_size);
-        self.map_in(&limits, &mut *st, offset, len)
+        self.map_in(&limits, &mut st, offset, len)
     }
 
     /// [`map_cached`](Self::map_cached) for a thread that has read view `view` (a
@@ -1018,17 +1066,43 @@ impl<I: QcowIo> Qcow2<I> {
                 return Some(out);
             }
         }
-        let mut st = self.st_peek();
+        let mut st = self.st_read();
+        let limits = st.map_limits(self.g.cluster_size);
+        let out = self.map_in(&limits, &mut st, offset, len)?;
+        self.fill_view(&mut v, &st, offset, len);
+        Some(out)
+    }
+
+    /// [`map`](Self::map) for a thread that has read view `view` (as
+    /// [`map_cached_on`](Self::map_cached_on)): a range whose tables are not cached
+    /// is mapped by loading them, and the view then copies them, so that a view
+    /// fills also when the L2 cache is smaller than what the reads use.
+    pub async fn map_on(&self, view: Option<usize>, offset: u64, len: u64) -> Result<Extents> {
+        if let Some(out) = self.map_cached_on(view, offset, len) {
+            return Ok(out);
+        }
+        let out = self.map_loading(offset, len).await?;
+        if let Some(view) = view.and_then(|i| self.views.get(i)) {
+            let mut v = view.lock();
+            let st = self.st_read();
+            self.fill_view(&mut v, &st, offset, len);
+        }
+        Ok(out)
+    }
+
+    /// Copies into view `v` the cached, valid L2 tables that map
+    /// `offset..offset + len`, under the state lock `st`, if the view belongs to
+    /// the current generation; else it starts at the current one and copies
+    /// nothing (it copies tables only once the generation held still between two
+    /// lookups).
+    fn fill_view(&self, v: &mut ViewState, st: &State, offset: u64, len: u64) {
         // Generations change only under the lock.
         let gen = self.published.gen();
         let limits = st.map_limits(self.g.cluster_size);
-        let out = self.map_in(&limits, &mut *st, offset, len)?;
         if !v.is_current(gen) {
-            // Copy tables only once the generation held still between two lookups.
             v.reset(gen, limits);
-            return Some(out);
+            return;
         }
-        // The tables the mapping found valid (what `MapSource::CHECKED` says).
         let span = self.g.l2_span();
         let l1_range = if len == 0 {
             1..1
@@ -1042,11 +1116,13 @@ impl<I: QcowIo> Qcow2<I> {
             let off = st.l1.get(l1i as usize).copied().unwrap_or(0) & OFFSET_MASK;
             if off == 0 {
                 v.add(l1i, 0, &[]);
-            } else if let Some(e) = st.l2.peek(off) {
-                v.add(l1i, off, &e.data);
+            } else if limits.l2_offset_problem(&self.g, off).is_none() {
+                // Valid, as `MapSource::CHECKED` says of a view's tables.
+                if let Some(e) = st.l2.peek(off) {
+                    v.add(l1i, off, &e.data);
+                }
             }
         }
-        Some(out)
     }
 
     /// The mapping of `offset..offset + len` from `src`, checked against `limits`:

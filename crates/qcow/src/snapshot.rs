@@ -224,7 +224,7 @@ mod ops {
                     continue;
                 }
                 let entries: Vec<(u64, u64)> = self
-                    .with_table(TableKind::L2, l2, |t| {
+                    .read_table(TableKind::L2, l2, |t| {
                         (0..g.l2_entries as usize)
                             .map(|i| layout::l2_entry(&t.data, i, g.extended))
                             .collect()

@@ -155,6 +155,134 @@ fn read_views_follow_every_change() {
     assert_clean(&img);
 }
 
+/// An image of 4k clusters (a table maps 2 MiB) with an L2 cache of two tables:
+/// tables 0..12 allocated (one cluster of data each), 12..16 not.
+fn small_cache_image() -> Qcow2<MemIo> {
+    let img = block_on(create(MemIo::new(), &opts(32 << 20, 4096))).unwrap();
+    for t in 0..12u64 {
+        let data = vec![t as u8 + 1; 8192];
+        block_on(img.write(t * (2 << 20) + 4096 * t, &data, &NoBacking)).unwrap();
+    }
+    block_on(img.close()).unwrap();
+    let img = block_on(Qcow2::open(
+        MemIo::from_vec(img.io().to_vec()),
+        OpenOptions {
+            writable: true,
+            l2_cache_size: Some(2 * 4096),
+            ..Default::default()
+        },
+    ))
+    .unwrap();
+    assert_eq!(img.cache_stats().l2.capacity, 2);
+    img
+}
+
+/// Maps `off..+len` through view `view` (`map_on`, then `map_cached_on`) and
+/// checks both against the loading path.
+#[track_caller]
+fn view_agrees(img: &Qcow2<MemIo>, view: usize, off: u64, len: u64) {
+    let slow = block_on(img.map_loading(off, len)).unwrap();
+    let viewed = block_on(img.map_on(Some(view), off, len)).unwrap();
+    assert_eq!(viewed, slow, "map_on {off:#x}+{len:#x}");
+    if let Some(fast) = img.map_cached_on(Some(view), off, len) {
+        assert_eq!(fast, slow, "map_cached_on {off:#x}+{len:#x}");
+    }
+}
+
+/// An L2 cache miss (a table loaded, another evicted) changes no mapping, so it
+/// publishes no new generation: with a cache of two tables and reads over sixteen,
+/// the views stay current, fill through `map_on` and then answer every lookup,
+/// while the cache keeps missing.
+#[test]
+fn read_views_survive_l2_cache_misses() {
+    let img = small_cache_image();
+    let span = 2u64 << 20;
+    let gen = img.published.gen();
+    let misses = img.cache_stats().l2.misses;
+    let mut rng = Rng(99);
+    // Two passes over every table fill views 0 and 1 (a copy after the second
+    // lookup at one generation, which a load no longer ends).
+    for _ in 0..2 {
+        for t in 0..16 {
+            for view in [0, 1] {
+                view_agrees(&img, view, t * span + 4096 * t, 4096);
+            }
+        }
+    }
+    let hits = |v: usize| img.views[v].lock().hits;
+    let before = (hits(0), hits(1));
+    for _ in 0..500 {
+        let off = rng.below(32 << 20) & !511;
+        let len = (rng.below(64 << 10) + 512).min((32 << 20) - off) & !511;
+        for view in [0, 1] {
+            view_agrees(&img, view, off, len.max(512));
+        }
+    }
+    // Each iteration: map_on and map_cached_on from the view, per view.
+    assert_eq!(hits(0) - before.0, 1000, "view 0 missed");
+    assert_eq!(hits(1) - before.1, 1000, "view 1 missed");
+    // The loading path missed the cache all along, and published nothing.
+    let missed = img.cache_stats().l2.misses - misses;
+    assert!(missed > 250, "only {missed} misses");
+    assert_eq!(img.published.gen(), gen);
+    // Nor does a flush with nothing to write back.
+    block_on(img.flush()).unwrap();
+    assert_eq!(img.published.gen(), gen, "a flush with nothing to write");
+    let before = hits(0);
+    view_agrees(&img, 0, 3 * span, 4096);
+    assert_eq!(hits(0), before + 2);
+    assert_clean(&img);
+}
+
+/// With a cache of two tables, views answer what the locked path answers across
+/// writes, allocations in new tables, zeroings, discards and resizes interleaved
+/// with reads over every table; after each change they fill again and answer.
+#[test]
+fn read_views_with_a_small_cache_follow_every_change() {
+    let img = small_cache_image();
+    let mut size = img.size();
+    let mut rng = Rng(7);
+    let mut view_hits = 0;
+    for round in 0..60u64 {
+        let off = rng.below(size) & !4095;
+        let len = (rng.below(32 << 10) + 4096).min(size - off) & !4095;
+        match round % 5 {
+            0 => block_on(img.write(off, &vec![round as u8; len as usize], &NoBacking)).unwrap(),
+            1 => block_on(img.write_zeroes(off, len, rng.below(2) == 0)).unwrap(),
+            2 => {
+                block_on(img.discard(off, len)).unwrap();
+            }
+            3 if size < (40 << 20) => {
+                size += 2 << 20;
+                block_on(img.resize(size)).unwrap();
+            }
+            // A new table (the L1 entry changes).
+            _ => block_on(img.write(size - 4096, &[9u8; 4096], &NoBacking)).unwrap(),
+        }
+        if round % 3 == 0 {
+            block_on(img.flush()).unwrap();
+        }
+        let before = img.views[0].lock().hits;
+        for _ in 0..3 {
+            for t in 0..size / (2 << 20) {
+                let o = t * (2 << 20) + (rng.below(2 << 20) & !511);
+                view_agrees(&img, 0, o, 512.min(size - o));
+            }
+        }
+        assert_eq!(img.size(), size);
+        view_hits += img.views[0].lock().hits - before;
+        // Beyond the end: every path says so.
+        assert!(img.map_cached_on(Some(0), size, 512).is_none());
+        assert!(block_on(img.map_on(Some(0), size, 512)).is_err());
+    }
+    assert!(
+        view_hits > 60 * 16 * 3,
+        "the view answered only {view_hits}"
+    );
+    block_on(img.flush()).unwrap();
+    assert_clean(&img);
+}
+
 /// The lock-only fast path agrees with the loading path wherever it answers,
 /// on a mix of data, zero, unallocated and subcluster ranges, and declines
 /// when a table is not cached.

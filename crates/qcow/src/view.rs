@@ -1,14 +1,52 @@
 //! Read views: per-thread copies of the metadata that maps guest reads, so that
 //! mapped reads on several threads share no lock and write no shared cache line.
 //!
-//! Every change of the image state goes through [`Qcow2::st`](crate::image),
-//! whose guard bumps the image's mapping generation when it is released. A view
-//! holds copies of L2 tables (and the L1 entries and limits that validate them)
-//! taken under the state lock at one generation; it answers a lookup without the
-//! lock while the generation is still that one, and else the lookup takes the lock
-//! and the view starts again at the new generation. A view copies a table only
-//! when it missed it at an unchanged generation, so that a mixed load, whose writes
-//! bump the generation all the time, does not copy tables it would drop at once.
+//! A view holds copies of L2 tables (and the L1 entries and limits that validate
+//! them) taken under the state lock at one mapping generation; it answers a lookup
+//! without the lock while the generation is still that one, and else the lookup
+//! takes the lock and the view starts again at the new generation. A view copies a
+//! table only when it missed it at an unchanged generation, so that a mixed load,
+//! whose writes bump the generation all the time, does not copy tables it would
+//! drop at once.
+//!
+//! # Generations
+//!
+//! The state lock comes in two kinds. [`Qcow2::st`](crate::image), the default,
+//! is for anything that may change the state: its guard bumps the generation when
+//! it is released (still under the lock). A `CacheGuard`
+//! ([`Qcow2::st_read`](crate::image)) gives read access to the state and nothing
+//! else; loading a table into a cache and reading it (`Qcow2::read_table`) also
+//! publish nothing: they change the caches' counters, LRU stamps and contents, but
+//! not what the metadata maps. A cache miss (the table loaded, another one evicted)
+//! therefore leaves every view current, and so does a flush with nothing to write
+//! back (it only reads the state, and takes the default guard only to clear a flag
+//! that is set or to evict from a cache over its capacity).
+//!
+//! Why a copy stays right: let a view copy table T (for L1 index i) from the cache
+//! under the lock while the generation is g. The *content* of T is what the cache
+//! holds while T is cached, and else what the file holds. It changes only (1) when
+//! a writer changes the cached T, the L1 or the limits, under a default guard, or
+//! (2) when a load puts other bytes than that content into the cache. (1) bumps the
+//! generation before anyone else can take the lock, so the view is no longer
+//! current. (2) does not happen: the cache drops a table only while it is clean
+//! (the file holds the same bytes) or under a default guard (a freed cluster);
+//! writers write live tables to the file only from the cache; a load whose file
+//! read overlapped a write-back is refused (the load's `epoch` check), and one that
+//! finds T cached meanwhile is dropped. So while the generation is g, T's content
+//! is the copy, and the view answers what the locked path answers. The copy of
+//! the limits and of the L1 entry is taken in the same critical section and
+//! changes only under (1).
+//!
+//! # Size
+//!
+//! A view holds at most [`VIEW_ENTRIES`] L1 entries and [`VIEW_BYTES`] of tables.
+//! When it is full and a lookup misses it, it copies the missed table only if the
+//! table missed it recently already (one of the last [`MISS_MEMORY`] misses that
+//! were not copied) and it copied none in its last [`ADMIT_EVERY`] lookups,
+//! evicting the least recently used copies to make room: a working set that fits
+//! moves in after second misses, while reads spread over more tables than fit copy
+//! at most one table per [`ADMIT_EVERY`] lookups (under the state lock, which those
+//! misses take anyway).
 //!
 //! A view belongs to one thread of the caller's choosing (a slot below
 //! [`READ_VIEWS`]); its mutex is only ever contended by the periodic cache clean
@@ -29,6 +67,10 @@ const VIEW_BYTES: u64 = 1 << 20;
 /// L1 entries one view holds at most (unallocated ones copy no table), so that its
 /// linear search stays short.
 const VIEW_ENTRIES: usize = 32;
+/// Misses a full view remembers, to copy a table that misses again.
+const MISS_MEMORY: usize = 8;
+/// Lookups between two tables a full view copies.
+const ADMIT_EVERY: u64 = 64;
 
 /// What the state lock's writers change and lock-free readers look at, on a cache
 /// line of its own.
@@ -69,6 +111,8 @@ struct ViewTable {
     l2_offset: u64,
     /// A copy of the table (empty without one).
     data: Box<[u8]>,
+    /// The view's lookup count at its last use.
+    used: u64,
 }
 
 /// A view's content.
@@ -79,6 +123,14 @@ pub(crate) struct ViewState {
     limits: MapLimits,
     tables: Vec<ViewTable>,
     bytes: u64,
+    /// Lookups of copied tables so far (stamps their use).
+    tick: u64,
+    /// L1 indices + 1 that missed while the view was full and were not copied (0:
+    /// none), the oldest replaced first.
+    missed: [u64; MISS_MEMORY],
+    next_missed: usize,
+    /// `tick` when the view last replaced a table (since the reset).
+    admitted: Option<u64>,
     /// Lookups answered from the copies.
     pub hits: u64,
 }
@@ -94,13 +146,18 @@ impl ViewState {
         self.limits
     }
 
-    /// The (L2 offset, table) of L1 index `l1_index`, if copied.
+    /// The (L2 offset, table) of L1 index `l1_index`, if copied (marked used).
     #[inline]
-    pub fn table(&self, l1_index: u64) -> Option<(u64, &[u8])> {
+    pub fn table(&mut self, l1_index: u64) -> Option<(u64, &[u8])> {
+        self.tick += 1;
+        let tick = self.tick;
         self.tables
-            .iter()
+            .iter_mut()
             .find(|t| t.l1_index == l1_index)
-            .map(|t| (t.l2_offset, &t.data[..]))
+            .map(|t| {
+                t.used = tick;
+                (t.l2_offset, &t.data[..])
+            })
     }
 
     pub fn has(&self, l1_index: u64) -> bool {
@@ -113,22 +170,47 @@ impl ViewState {
         self.limits = limits;
         self.tables = Vec::new();
         self.bytes = 0;
+        self.missed = [0; MISS_MEMORY];
+        self.admitted = None;
     }
 
-    /// Keeps a copy of L1 index `l1_index`'s table, if there is room (else lookups
-    /// of it keep taking the lock).
+    /// Whether a table of `len` bytes fits without evicting one.
+    fn fits(&self, len: u64) -> bool {
+        self.tables.len() < VIEW_ENTRIES
+            && (self.tables.is_empty() || self.bytes + len <= VIEW_BYTES)
+    }
+
+    /// Keeps a copy of L1 index `l1_index`'s table, which a lookup missed. A full
+    /// view copies it only if it missed recently already, evicting its least
+    /// recently used copies (see "Size" above); else lookups of it take the lock.
     pub fn add(&mut self, l1_index: u64, l2_offset: u64, table: &[u8]) {
         let len = table.len() as u64;
-        if self.tables.len() >= VIEW_ENTRIES
-            || (!self.tables.is_empty() && self.bytes + len > VIEW_BYTES)
-        {
-            return;
+        if !self.fits(len) {
+            let key = l1_index + 1;
+            let Some(i) = self.missed.iter().position(|&k| k == key) else {
+                self.missed[self.next_missed] = key;
+                self.next_missed = (self.next_missed + 1) % MISS_MEMORY;
+                return;
+            };
+            if self.admitted.is_some_and(|a| self.tick < a + ADMIT_EVERY) {
+                return;
+            }
+            self.missed[i] = 0;
+            self.admitted = Some(self.tick);
+            while !self.fits(len) {
+                let Some(lru) = (0..self.tables.len()).min_by_key(|&i| self.tables[i].used) else {
+                    break;
+                };
+                let gone = self.tables.swap_remove(lru);
+                self.bytes -= gone.data.len() as u64;
+            }
         }
         self.bytes += len;
         self.tables.push(ViewTable {
             l1_index,
             l2_offset,
             data: table.into(),
+            used: self.tick,
         });
     }
 
@@ -163,6 +245,7 @@ mod tests {
         for i in 0..100 {
             v.add(i, 0, &[]);
         }
+        assert_eq!(v.tables.len(), VIEW_ENTRIES);
         assert!(v.has(VIEW_ENTRIES as u64 - 1) && !v.has(VIEW_ENTRIES as u64));
         assert_eq!(v.table(3), Some((0, &[][..])));
         // Tables up to the byte bound; the first one always fits.
@@ -182,5 +265,63 @@ mod tests {
             v.table(0).map(|(o, t)| (o, t.len())),
             Some((1 << 20, 65536))
         );
+    }
+
+    #[test]
+    fn a_full_view_evicts_its_least_recently_used_table_for_one_that_missed_twice() {
+        let mut v = ViewState::default();
+        v.reset(1, MapLimits::default());
+        let table = vec![3u8; 65536];
+        let fit = VIEW_BYTES / 65536;
+        for i in 0..fit {
+            v.add(i, (i + 1) << 20, &table);
+        }
+        // Use every table but 5, so that 5 is the least recently used.
+        for i in (0..fit).filter(|&i| i != 5) {
+            assert!(v.table(i).is_some());
+        }
+        // A first miss is only remembered; a second one takes 5's place.
+        v.add(100, 7 << 30, &table);
+        assert!(!v.has(100) && v.has(5));
+        v.add(100, 7 << 30, &table);
+        assert!(v.has(100) && !v.has(5));
+        assert_eq!(v.table(100).map(|(o, _)| o), Some(7 << 30));
+        assert_eq!(v.bytes(), VIEW_BYTES);
+        // The next copy waits for ADMIT_EVERY lookups.
+        let lookups = |v: &mut ViewState, n: u64| {
+            for _ in 0..n {
+                let _ = v.table(1);
+            }
+        };
+        v.add(101, 8 << 30, &table);
+        // One lookup (of 100) was made since 100 was copied.
+        lookups(&mut v, ADMIT_EVERY - 2);
+        v.add(101, 8 << 30, &table);
+        assert!(!v.has(101));
+        lookups(&mut v, 1);
+        v.add(101, 8 << 30, &table);
+        assert!(v.has(101) && v.has(1) && v.has(100));
+        // Misses spread over more tables than the view remembers copy nothing.
+        lookups(&mut v, ADMIT_EVERY);
+        for i in 200..200 + 2 * MISS_MEMORY as u64 {
+            v.add(i, 0, &table);
+        }
+        for i in 200..200 + 2 * MISS_MEMORY as u64 {
+            v.add(i, 0, &table);
+        }
+        assert!((200..200 + 2 * MISS_MEMORY as u64).all(|i| !v.has(i)));
+        // Entries: unallocated ones fill the entry bound and are replaced alike.
+        v.reset(2, MapLimits::default());
+        lookups(&mut v, ADMIT_EVERY);
+        for i in 0..VIEW_ENTRIES as u64 {
+            v.add(i, 0, &[]);
+        }
+        v.add(1000, 0, &[]);
+        v.add(1000, 0, &[]);
+        assert!(v.has(1000) && !v.has(0));
+        assert_eq!(v.tables.len(), VIEW_ENTRIES);
+        // A reset forgets the misses.
+        v.reset(3, MapLimits::default());
+        assert_eq!(v.missed, [0; MISS_MEMORY]);
     }
 }

@@ -689,7 +689,7 @@ impl<I: QcowIo> Qcow2<I> {
             }
             let (a, b) = ((first * esz) as usize, ((last + 1) * esz) as usize);
             let bytes = self
-                .with_table(TableKind::L2, table, |e| e.data[a..b].to_vec())
+                .read_table(TableKind::L2, table, |e| e.data[a..b].to_vec())
                 .await?;
             // No event: QEMU writes the table at the next flush (l2_update,
             // raised there by `write_table`), so an l2_update rule fails the
@@ -1089,7 +1089,7 @@ impl<I: QcowIo> Qcow2<I> {
             };
             let from = first.max(lo) - lo;
             let raws: Vec<(u64, u64)> = self
-                .with_table(TableKind::L2, l2, |t| {
+                .read_table(TableKind::L2, l2, |t| {
                     (from..g.l2_entries)
                         .map(|j| {
                             let j = j as usize;

@@ -164,6 +164,10 @@ enum Backend {
     Qcow2Fresh,
     /// qcow2, every cluster allocated (converted from the raw bench image).
     Qcow2,
+    /// qcow2 of 16k clusters (32 L2 tables of 16 KiB), every cluster allocated, opened
+    /// with `l2-cache-size=64k` (4 tables): 4k random reads over the disk miss the L2
+    /// cache 7 times in 8.
+    Qcow2SmallCache,
     /// an empty qcow2 over an empty qcow2 over the raw bench image: reads go
     /// through a backing chain of three.
     Qcow2Chain,
@@ -191,6 +195,7 @@ impl Backend {
             Backend::File => "file",
             Backend::Qcow2Fresh => "qcow2-fresh",
             Backend::Qcow2 => "qcow2",
+            Backend::Qcow2SmallCache => "qcow2-smallcache",
             Backend::Qcow2Chain => "qcow2-chain3",
             Backend::Rbd => "rbd",
             Backend::Luks => "luks",
@@ -204,6 +209,7 @@ impl Backend {
             Backend::Null | Backend::File | Backend::Rbd => return raw.to_path_buf(),
             Backend::Qcow2Fresh => "fresh.qcow2",
             Backend::Qcow2 => "full.qcow2",
+            Backend::Qcow2SmallCache => "smallcache.qcow2",
             Backend::Qcow2Chain => "top.qcow2",
             Backend::Luks => "luks",
             Backend::Qcow2Luks => "luks.qcow2",
@@ -245,6 +251,9 @@ impl Backend {
             // Multiqueue on qcow2: 4k random I/O, where the image's metadata lock is
             // shared by the iothreads (4q/2iothreads), and reads on one iothread.
             Backend::Qcow2 => w.qd == 32 && (one_queue || (rand4k && (full_mq || !w.write))),
+            // Reads whose L2 tables are mostly not cached: one queue, and 4 queues on 2
+            // iothreads (the read views of issue 16).
+            Backend::Qcow2SmallCache => rand4k && !w.write && w.qd == 32 && (one_queue || full_mq),
             Backend::Qcow2Chain => one_queue && !w.write && w.qd == 32,
             // The issue's cases: 4k random and 64k sequential at qd32, one queue.
             Backend::Rbd => one_queue && w.qd == 32 && (rand4k || (!w.random && w.bs == 65536)),
@@ -277,6 +286,17 @@ fn prepare_image(backend: Backend, raw: &Path) {
     match backend {
         Backend::Qcow2Fresh => qemu_img(&["create", "-f", "qcow2", &p(&img), &size]),
         Backend::Qcow2 => qemu_img(&["convert", "-f", "raw", "-O", "qcow2", &p(raw), &p(&img)]),
+        Backend::Qcow2SmallCache => qemu_img(&[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "-o",
+            "cluster_size=16384",
+            &p(raw),
+            &p(&img),
+        ]),
         Backend::Qcow2Chain => {
             let mid = raw.with_extension("mid.qcow2");
             qemu_img(&[
@@ -566,13 +586,23 @@ fn daemon_args(
                          encrypt.format=luks,encrypt.key-secret=bench-key"
                     ))
             }
-            Backend::Qcow2Fresh | Backend::Qcow2 | Backend::Qcow2Chain => {
+            Backend::Qcow2Fresh
+            | Backend::Qcow2
+            | Backend::Qcow2Chain
+            | Backend::Qcow2SmallCache => {
                 assert_eq!(cfg.exports, 1, "qcow2 cases have one export");
+                let cache = if backend == Backend::Qcow2SmallCache {
+                    ",l2-cache-size=65536"
+                } else {
+                    ""
+                };
                 a.blockdev(&format!(
                     "driver=file,node-name={node}-file,filename={},cache.direct=off",
                     backend.image(image).display()
                 ))
-                .blockdev(&format!("driver=qcow2,node-name={node},file={node}-file"))
+                .blockdev(&format!(
+                    "driver=qcow2,node-name={node},file={node}-file{cache}"
+                ))
             }
             Backend::Rbd => a.blockdev(&format!(
                 "driver=rbd,node-name={node},pool=rbd,image={},conf={}",
@@ -1126,6 +1156,7 @@ fn main() {
         Backend::File,
         Backend::Qcow2Fresh,
         Backend::Qcow2,
+        Backend::Qcow2SmallCache,
         Backend::Qcow2Chain,
         Backend::Rbd,
         Backend::Luks,
@@ -1176,6 +1207,7 @@ fn main() {
         fill_file(&image, DEV_SIZE);
         for b in [
             Backend::Qcow2,
+            Backend::Qcow2SmallCache,
             Backend::Qcow2Chain,
             Backend::Luks,
             Backend::Qcow2Luks,
@@ -1480,6 +1512,7 @@ impl Drop for ImageGuard {
         for ext in [
             "fresh.qcow2",
             "full.qcow2",
+            "smallcache.qcow2",
             "mid.qcow2",
             "top.qcow2",
             "luks",

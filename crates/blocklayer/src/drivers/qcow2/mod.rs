@@ -520,12 +520,13 @@ impl Qcow2Driver {
 
     /// Reads through the extents `offset..+iov.len()` maps to: `mapped` if the
     /// caller has them already (so that the cache counts one lookup per read).
+    /// Tables loaded here go into the thread's read view too.
     async fn read_extents(&self, offset: u64, iov: IoVec, mapped: Option<Extents>) -> Result<()> {
         let extents = match mapped {
             Some(extents) => extents,
             None => self
                 .image
-                .map(offset, iov.len())
+                .map_on(crate::stats::own_shard(), offset, iov.len())
                 .await
                 .map_err(|e| self.io_error(e))?,
         };
