@@ -190,7 +190,8 @@ fn large_multi_segment_requests() {
 
 /// Large requests at depth (up to 1 MiB, 8 in flight per queue, 2 queues on 2
 /// iothreads) read back and land in the file: on a memory-backed file, where reads of
-/// 64 KiB or more alternate between the iothread and io_uring's workers; on a disk
+/// 64 KiB or more alternate between the iothread and io_uring's workers and writes of
+/// 512 KiB or more from the two iothreads take turns at the file's write gate; on a disk
 /// file through io_uring; and with O_DIRECT, where the kernel pins the guest's pages.
 #[test]
 fn large_requests_at_depth_on_memory_disk_and_direct_files() {
