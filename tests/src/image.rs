@@ -184,3 +184,34 @@ impl Drop for TempImage {
         let _ = std::fs::remove_file(&self.path);
     }
 }
+
+/// A size-limited tmpfs mounted for the test (unmounted on drop).
+pub struct SmallTmpfs {
+    pub dir: PathBuf,
+}
+
+impl SmallTmpfs {
+    pub fn mount(parent: &Path, mib: u64) -> SmallTmpfs {
+        let dir = parent.join("small-tmpfs");
+        std::fs::create_dir_all(&dir).unwrap();
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}M"), "tmpfs"])
+            .arg(&dir)
+            .status()
+            .expect("run mount");
+        assert!(
+            st.success(),
+            "mounting a {mib} MiB tmpfs failed (the ENOSPC test needs root)"
+        );
+        SmallTmpfs { dir }
+    }
+}
+
+impl Drop for SmallTmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.dir)
+            .status();
+    }
+}

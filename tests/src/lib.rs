@@ -30,7 +30,7 @@ pub use client::{Client, ClientOptions, IoQueue, Req};
 pub use daemon::{
     jobs_daemon, pass_fd, qsd_bin, run_to_exit, run_to_exit_with, vubd_bin, Daemon, Exited,
 };
-pub use image::{TempDir, TempImage};
+pub use image::{SmallTmpfs, TempDir, TempImage};
 pub use qmp::Qmp;
 pub use raw::{RawClient, RawDesc};
 pub use util::{assert_same_data, unique_name, Rng};

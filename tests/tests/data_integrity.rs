@@ -328,3 +328,109 @@ fn buffers_spanning_two_memory_regions() {
         assert_same_data(&format!("host file ({where_})"), &img.read_all(), &shadow);
     }
 }
+
+/// Large requests on a tmpfs image go through the driver's shared mapping of the file.
+/// On a tmpfs too small for the guest's writes, a write that finds no space must fail
+/// with an I/O error (never SIGBUS in the daemon), the data written before it must
+/// stay, and once space is freed the same write must succeed. Discarded ranges are holes
+/// that read back as zeroes. Two queues on two iothreads; the host file is checked.
+#[test]
+fn large_writes_on_a_full_tmpfs_fail_cleanly_and_discards_read_as_zeroes() {
+    use std::os::unix::fs::MetadataExt;
+    use vubd_tests::SmallTmpfs;
+
+    let mut rng = Rng::new("large_writes_on_a_full_tmpfs_fail_cleanly");
+    let dir = TempDir::new("vubd-t");
+    // 8 MiB of tmpfs, 4 MiB of it taken: a 16 MiB sparse image fills it up.
+    let small = SmallTmpfs::mount(dir.path(), 8);
+    let size = 16 * MIB;
+    let img = TempImage::new_in(&small.dir, size);
+    let filler = small.dir.join("filler");
+    std::fs::write(&filler, vec![0x5au8; 4 * MIB as usize]).unwrap();
+    let blocks = || std::fs::metadata(img.path()).unwrap().blocks() * 512;
+
+    let sock = dir.join("vubd.sock");
+    let args = DaemonArgs::new()
+        .iothread("io0")
+        .iothread("io1")
+        .file_raw("disk0", &img, ",discard=unmap", ",discard=unmap")
+        .vhost_user_blk(
+            "disk0",
+            &sock,
+            ",writable=on,num-queues=2,iothread.0=io0,iothread.1=io1,werror=report",
+        )
+        .build();
+    let mut daemon = Daemon::start(&args);
+    let copts = ClientOptions {
+        num_queues: 2,
+        buf_per_queue: 4 << 20,
+        ..Default::default()
+    };
+    let mut client = Client::connect_with(daemon.socket(), &copts).expect("connect");
+    let mut shadow = vec![0u8; size as usize];
+    let mut write = |client: &mut Client, shadow: &mut [u8], q: usize, at: u64| {
+        let data = rng.bytes(MIB as usize);
+        let r = client.queue(q).write(at, &data);
+        if r.is_ok() {
+            shadow[at as usize..][..MIB as usize].copy_from_slice(&data);
+        }
+        (r, data)
+    };
+
+    // Both iothreads write, each a 1 MiB request.
+    for (q, at) in [(0, 0), (1, MIB), (0, 2 * MIB)] {
+        write(&mut client, &mut shadow, q, at)
+            .0
+            .expect("write with space left");
+    }
+    verify_all(client.queue(1), 0, &shadow, "read back");
+    assert_eq!(blocks(), 3 * MIB);
+    // Rewrites of allocated pages are copies through the mapping, from both iothreads.
+    for (q, at) in [(1, 0), (0, MIB), (1, 2 * MIB)] {
+        write(&mut client, &mut shadow, q, at).0.expect("rewrite");
+    }
+    verify_all(client.queue(0), 0, &shadow, "read back the rewrites");
+    assert_eq!(blocks(), 3 * MIB);
+    assert_same_data("host file after the rewrites", &img.read_all(), &shadow);
+
+    // A discard punches a hole: zeroes, and the space is given back.
+    client.queue(1).discard(MIB, MIB).expect("discard");
+    shadow[MIB as usize..][..MIB as usize].fill(0);
+    verify_all(client.queue(0), 0, &shadow, "after the discard");
+    assert_eq!(blocks(), 2 * MIB, "the discard freed its megabyte");
+
+    // Fill the rest until a write fails for want of space (werror=report: the
+    // default, enospc, would hold it, as tests/guest_policies.rs shows).
+    let mut failed = None;
+    for i in 3..16 {
+        let (r, data) = write(&mut client, &mut shadow, (i % 2) as usize, i * MIB);
+        if let Err(e) = r {
+            failed = Some((i, (i % 2) as usize, data, e));
+            break;
+        }
+    }
+    let (i, q, data, e) = failed.expect("a 4 MiB tmpfs took 14 MiB of writes");
+    assert_eq!(e, -libc::EIO, "a failed write is an I/O error to the guest");
+    daemon.assert_running("after a write found the tmpfs full");
+    // What was written before stays; the failed range is whatever the write managed.
+    let good = (i * MIB) as usize;
+    verify_all(
+        client.queue(1 - q),
+        0,
+        &shadow[..good],
+        "after the failed write",
+    );
+
+    // Space freed: the same write now succeeds, on both paths of the driver.
+    std::fs::remove_file(&filler).unwrap();
+    client
+        .queue(q)
+        .write(i * MIB, &data)
+        .expect("write after space was freed");
+    shadow[good..][..MIB as usize].copy_from_slice(&data);
+    verify_all(client.queue(q), 0, &shadow, "after the retried write");
+    client.q().flush().expect("flush");
+    drop(client);
+    daemon.assert_running("at the end");
+    assert_same_data("host file", &img.read_all(), &shadow);
+}

@@ -4,10 +4,10 @@
 //! tmpfs that fills up.
 
 use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 use vubd_tests::guest::{Guest, GuestOpts, CMD_TIMEOUT};
-use vubd_tests::{Daemon, DaemonArgs, Qmp, TempDir, TempImage, MIB};
+use vubd_tests::{Daemon, DaemonArgs, Qmp, SmallTmpfs, TempDir, TempImage, MIB};
 
 const FIO_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -196,37 +196,6 @@ fn wait_stop_event(qmp: &mut Qmp, node: &str) -> Value {
         if ev["data"]["node-name"] == node {
             return ev;
         }
-    }
-}
-
-/// A size-limited tmpfs mounted for the test (unmounted on drop).
-struct SmallTmpfs {
-    dir: PathBuf,
-}
-
-impl SmallTmpfs {
-    fn mount(parent: &Path, mib: u64) -> SmallTmpfs {
-        let dir = parent.join("small-tmpfs");
-        std::fs::create_dir_all(&dir).unwrap();
-        let st = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={mib}M"), "tmpfs"])
-            .arg(&dir)
-            .status()
-            .expect("run mount");
-        assert!(
-            st.success(),
-            "mounting a {mib} MiB tmpfs failed (the ENOSPC test needs root)"
-        );
-        SmallTmpfs { dir }
-    }
-}
-
-impl Drop for SmallTmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.dir)
-            .status();
     }
 }
 

@@ -19,6 +19,7 @@ use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 pub mod create;
+mod mapped;
 mod options;
 
 pub use options::{AioMode, FileOptions, LockingMode};
@@ -60,17 +61,27 @@ const TMPFS_MAGIC: i64 = 0x0102_1994;
 const RAMFS_MAGIC: i64 = 0x8584_58f6;
 const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
 
-/// Whether `fd` lives on a memory-backed file system.
-fn memory_backed(fd: RawFd) -> bool {
+/// The file system type of `fd` (`f_type`), if fstatfs answers.
+fn fs_type(fd: RawFd) -> Option<i64> {
     // SAFETY: statfs is plain data, filled in by fstatfs, which only writes into it.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: `st` is a valid, writable statfs.
     if unsafe { libc::fstatfs(fd, &mut st) } != 0 {
-        return false;
+        return None;
     }
+    Some(st.f_type as i64)
+}
+
+/// Whether `fd` is on tmpfs, whose holes and allocation failures [`mapped`] knows.
+fn is_tmpfs(fd: RawFd) -> bool {
+    fs_type(fd) == Some(TMPFS_MAGIC)
+}
+
+/// Whether `fd` lives on a memory-backed file system.
+fn memory_backed(fd: RawFd) -> bool {
     matches!(
-        st.f_type as i64,
-        TMPFS_MAGIC | RAMFS_MAGIC | HUGETLBFS_MAGIC
+        fs_type(fd),
+        Some(TMPFS_MAGIC | RAMFS_MAGIC | HUGETLBFS_MAGIC)
     )
 }
 
@@ -133,6 +144,8 @@ pub struct FileDriver {
     locks: Option<(u32, u32)>,
     /// Large inline writes, one at a time ([`GATED_WRITE_MIN`]).
     write_gate: AsyncLock,
+    /// tmpfs only: large copies through a shared mapping ([`mapped`]).
+    mapping: Option<mapped::Mapping>,
 }
 
 /// The file driver's own statistics (`driver-specific` in `query-blockstats`).
@@ -271,6 +284,9 @@ impl FileDriver {
         } else {
             Submission::Uring
         };
+        let mapping = (submission == Submission::Inline && is_tmpfs(fd))
+            .then(|| mapped::Mapping::new(fd, size, !common.read_only))
+            .flatten();
         Ok(FileDriver {
             file,
             submission,
@@ -283,6 +299,7 @@ impl FileDriver {
             stats: FileStats::default(),
             locks,
             write_gate: AsyncLock::default(),
+            mapping,
         })
     }
 
@@ -330,7 +347,12 @@ impl FileDriver {
             done += n;
         }
         if !self.block_device {
-            self.size.fetch_max(offset + iov.len(), Ordering::AcqRel);
+            let end = offset + iov.len();
+            if self.size.fetch_max(end, Ordering::AcqRel) < end {
+                if let Some(m) = &self.mapping {
+                    m.grown(end);
+                }
+            }
         }
         if fua {
             self.stats.syncs.fetch_add(1, Ordering::Relaxed);
@@ -344,6 +366,7 @@ impl FileDriver {
             Submission::Inline if offload_read(iov.len()) => {
                 uring::readv(self.fd(), offset, iov).await
             }
+            Submission::Inline if self.copied_in(offset, &iov) => Ok(iov.len() as i32),
             Submission::Inline => {
                 let segs = iov.segments();
                 // SAFETY: the segments are valid for writes while `iov` (and its
@@ -358,6 +381,7 @@ impl FileDriver {
     async fn writev(&self, offset: u64, iov: IoVec, rw_flags: i32) -> std::io::Result<i32> {
         match self.submission {
             Submission::Uring => uring::writev(self.fd(), offset, iov, rw_flags).await,
+            Submission::Inline if self.copied_out(offset, &iov) => Ok(iov.len() as i32),
             Submission::Inline => {
                 // Held across the system call only.
                 let _inside = if iov.len() >= GATED_WRITE_MIN {
@@ -381,6 +405,19 @@ impl FileDriver {
         }
     }
 
+    /// A large read done as a copy from the file's mapping (tmpfs), if it could be.
+    fn copied_in(&self, offset: u64, iov: &IoVec) -> bool {
+        iov.len() >= mapped::MAPPED_MIN
+            && self.mapping.as_ref().is_some_and(|m| m.read(offset, iov))
+    }
+
+    /// A large write done as a copy into the file's mapping (tmpfs), if it could be.
+    /// (RWF_DSYNC asks nothing more of tmpfs than the copy.)
+    fn copied_out(&self, offset: u64, iov: &IoVec) -> bool {
+        iov.len() >= mapped::MAPPED_MIN
+            && self.mapping.as_ref().is_some_and(|m| m.write(offset, iov))
+    }
+
     async fn fdatasync(&self) -> std::io::Result<i32> {
         match self.submission {
             Submission::Uring => uring::fdatasync(self.fd()).await,
@@ -396,9 +433,16 @@ impl FileDriver {
         match self.submission {
             Submission::Uring => uring::fallocate(self.fd(), mode, offset, len).await,
             Submission::Inline => {
-                // SAFETY: plain system call on a file descriptor we own; no memory.
-                let r = unsafe { libc::fallocate(self.fd(), mode, offset as i64, len as i64) };
-                sys_result(r as isize)
+                let call = || {
+                    // SAFETY: plain system call on a file descriptor we own; no memory.
+                    let r = unsafe { libc::fallocate(self.fd(), mode, offset as i64, len as i64) };
+                    sys_result(r as isize)
+                };
+                let holes = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE;
+                match &self.mapping {
+                    Some(m) if mode & holes != 0 => m.punching(offset, len, call),
+                    _ => call(),
+                }
             }
         }
         .map(|_| ())
@@ -507,14 +551,21 @@ impl Driver for FileDriver {
         } else {
             let len = i64::try_from(size)
                 .map_err(|_| BlockError::Graph(format!("size {size} is too large")))?;
-            // SAFETY: ftruncate on a descriptor this driver owns; no memory is passed.
-            let r = unsafe { libc::ftruncate(self.fd(), len) };
-            if r < 0 {
-                return Err(BlockError::Graph(format!(
-                    "Failed to resize file '{}': {}",
-                    self.path(),
-                    std::io::Error::last_os_error()
-                )));
+            let call = || {
+                // SAFETY: ftruncate on a descriptor this driver owns; no memory is passed.
+                let r = unsafe { libc::ftruncate(self.fd(), len) };
+                if r < 0 {
+                    return Err(BlockError::Graph(format!(
+                        "Failed to resize file '{}': {}",
+                        self.path(),
+                        std::io::Error::last_os_error()
+                    )));
+                }
+                Ok(())
+            };
+            match &self.mapping {
+                Some(m) => m.resizing(size, call)?,
+                None => call()?,
             }
         }
         self.size.store(size, Ordering::Release);
