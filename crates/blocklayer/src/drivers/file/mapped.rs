@@ -24,9 +24,10 @@
 //!   page it allocates, which `pwrite` fills without clearing.)
 //! - Only this driver makes holes (discard, write zeroes) or moves the end of the file
 //!   (truncate), and it does so holding `punch` for writing, after clearing the bits
-//!   of the chunks concerned; copies hold it for reading. External programs that cut
-//!   the image under a running daemon are outside the threat model, as they are for
-//!   the image locks (docs/design.md).
+//!   of the chunks concerned; copies hold it for reading. The driver maps a file
+//!   only when its image locks keep every other writer out (locking on, no
+//!   `force-share`); a program that ignores them and cuts the image under a running
+//!   daemon is outside the threat model (docs/design.md).
 //!
 //! Guest memory on the other side of the copy is covered by the vhost-user SIGBUS
 //! handler, as for every other access the daemon makes to it.

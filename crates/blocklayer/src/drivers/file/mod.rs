@@ -284,7 +284,10 @@ impl FileDriver {
         } else {
             Submission::Uring
         };
-        let mapping = (submission == Submission::Inline && is_tmpfs(fd))
+        // Copies through a mapping rely on this driver being the only one to make
+        // holes in the file: the image locks must keep other writers out.
+        let sole_writer = locking && !common.force_share;
+        let mapping = (submission == Submission::Inline && is_tmpfs(fd) && sole_writer)
             .then(|| mapped::Mapping::new(fd, size, !common.read_only))
             .flatten();
         Ok(FileDriver {
