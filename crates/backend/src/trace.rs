@@ -52,6 +52,7 @@ pub const EVENTS: &[&str] = &[
     "blocklayer::drivers::copy_before_write",
     "blocklayer::drivers::copy_before_write::options",
     "blocklayer::drivers::file::create",
+    "blocklayer::drivers::file::mapped",
     "blocklayer::drivers::job_filter::active",
     "blocklayer::drivers::nbd::client",
     "blocklayer::drivers::qcow2",

@@ -13,21 +13,28 @@
 //! The danger of a shared file mapping is SIGBUS: touching a page past the end of the
 //! file, or a hole whose allocation fails (tmpfs full), kills the process. So a copy
 //! only touches pages that are allocated and inside the file:
-//! - `allocated` has one bit per [`CHUNK`] of the file, set once every page of the
-//!   chunk is in the page cache (`mincore`; tmpfs pages in the page cache are the
-//!   file's data). A request on chunks with holes copies only if its own pages are all
-//!   there (`mincore` again). Anything else goes the system-call way: a read of a hole
-//!   returns zeroes without allocating it (a read fault on the mapping would allocate
-//!   it), and a write allocates its pages or reports ENOSPC to the guest as it always
-//!   did. (A first version allocated them by `MADV_POPULATE_WRITE` ahead of the
-//!   copy, which fails with an error instead of a signal; but a fault clears every
-//!   page it allocates, which `pwrite` fills without clearing.)
+//! - `allocated` has one bit per [`CHUNK`] of the file, set once the chunk is found
+//!   to have no hole (`lseek(SEEK_HOLE)`; a tmpfs page is data once written) and to
+//!   lie wholly inside the file. A request on a chunk without its bit copies only if
+//!   its own range has no hole (`lseek` again). Anything else goes the system-call
+//!   way: a read of a hole returns zeroes without allocating it (a read fault on the
+//!   mapping would allocate it), and a write allocates its pages or reports ENOSPC to
+//!   the guest as it always did. (A first version allocated them by
+//!   `MADV_POPULATE_WRITE` ahead of the copy, which fails with an error instead of a
+//!   signal; but a fault clears every page it allocates, which `pwrite` fills without
+//!   clearing. A second asked `mincore`, which answers "resident" for every page of a
+//!   file the caller neither owns nor may write: a read-only image of another user
+//!   would have been read through its holes.)
 //! - Only this driver makes holes (discard, write zeroes) or moves the end of the file
-//!   (truncate), and it does so holding `punch` for writing, after clearing the bits
-//!   of the chunks concerned; copies hold it for reading. The driver maps a file
-//!   only when its image locks keep every other writer out (locking on, no
-//!   `force-share`); a program that ignores them and cuts the image under a running
-//!   daemon is outside the threat model (docs/design.md).
+//!   (truncate, a write past the end), and it does so holding `punch` for writing,
+//!   after clearing the bits of the chunks concerned; copies hold it for reading. The
+//!   driver maps a file only when its image locks keep every other writer out
+//!   (locking on, no `force-share`), and assumes one driver per file; a program that
+//!   ignores the locks and cuts the image under a running daemon is outside the
+//!   threat model (docs/design.md).
+//! - What remains: a page of the image swapped out and unreadable from swap (an I/O
+//!   error on the swap device, or memory poisoned by a hardware error) faults with
+//!   SIGBUS on the copy where `pread` would have returned EIO.
 //!
 //! Guest memory on the other side of the copy is covered by the vhost-user SIGBUS
 //! handler, as for every other access the daemon makes to it.
@@ -38,14 +45,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
 
 /// Granularity of the allocation bits: a copy touching a chunk whose bit is clear pays
-/// one `mincore` (and one `madvise` to enter its pages) before its bit can be set.
+/// one `lseek` (and one `madvise` to enter its pages) before its bit can be set.
 pub(super) const CHUNK: u64 = 64 * 1024;
 
 /// Requests at least this large are copied through the mapping. Smaller ones stay
 /// system calls: their copy is short next to the read-write lock's shared cache line.
 pub(super) const MAPPED_MIN: u64 = 64 * 1024;
-
-const PAGE: u64 = 4096;
 
 /// A writable file is mapped this far past its end, so that copies follow it as it
 /// grows (a qcow2 image allocating clusters) without moving the mapping under copies
@@ -65,6 +70,10 @@ pub(super) struct Mapping {
     /// end of the file.
     punch: RwLock<()>,
     writable: bool,
+    /// The driver's descriptor of the file (it outlives the mapping's users).
+    fd: RawFd,
+    /// The second of the last modification time given by [`Mapping::touch`].
+    touched: AtomicU64,
 }
 
 // SAFETY: the mapping is shared memory owned by this value until drop; every access
@@ -115,6 +124,8 @@ impl Mapping {
             allocated: (0..words).map(|_| AtomicU64::new(0)).collect(),
             punch: RwLock::new(()),
             writable,
+            fd,
+            touched: AtomicU64::new(0),
         })
     }
 
@@ -127,22 +138,19 @@ impl Mapping {
         w.load(Ordering::Acquire) & m != 0
     }
 
-    /// Whether every page of `[start, end)` (page-aligned, inside the mapping) is in
-    /// the page cache.
-    fn resident(&self, start: u64, end: u64) -> bool {
-        let pages = ((end - start) / PAGE) as usize;
-        let mut vec = [0u8; (CHUNK / PAGE) as usize];
-        debug_assert!(pages <= vec.len());
-        // SAFETY: `start` is page-aligned inside our mapping and `end` inside it too;
-        // mincore writes one byte per page into `vec`, which has room for a chunk.
-        let r = unsafe {
-            libc::mincore(
-                self.base.add(start as usize).cast(),
-                (end - start) as usize,
-                vec.as_mut_ptr(),
-            )
+    /// Whether `[start, end)` (inside the file) has no hole: SEEK_HOLE from `start`
+    /// lands at `end` or beyond. On tmpfs a page is data once written (swapped out or
+    /// not), a hole otherwise (also when fallocated but never written: the safe side).
+    /// Unlike `mincore`, this asks the file, not our view of it: `mincore` answers
+    /// "all resident" for any page of a file the caller neither owns nor may write.
+    fn data(&self, start: u64, end: u64) -> bool {
+        let Ok(at) = i64::try_from(start) else {
+            return false;
         };
-        r == 0 && vec[..pages].iter().all(|b| b & 1 != 0)
+        // SAFETY: lseek only moves the offset of a descriptor the driver owns; every
+        // read and write gives its own offset, so nothing depends on it.
+        let hole = unsafe { libc::lseek(self.fd, at, libc::SEEK_HOLE) };
+        hole >= 0 && hole as u64 >= end
     }
 
     /// Enters the (allocated) pages of `[start, end)` in our page tables in one call,
@@ -155,7 +163,7 @@ impl Mapping {
             libc::MADV_POPULATE_READ
         };
         // SAFETY: a page-aligned range inside our mapping and the file, whose pages
-        // are all allocated (`resident`): populating allocates nothing and cannot
+        // are all allocated (`data`): populating allocates nothing and cannot
         // fault fatally; it only fills in page table entries.
         unsafe {
             libc::madvise(
@@ -167,7 +175,9 @@ impl Mapping {
     }
 
     /// Whether every page of `[offset, offset + len)` is allocated, setting the bits of
-    /// the chunks found whole on the way. Called with `punch` held for reading.
+    /// the whole chunks found so on the way (never of the chunk holding the end of the
+    /// file: it would stop being whole when the file grows). Called with `punch` held
+    /// for reading.
     fn allocated(&self, offset: u64, len: u64) -> bool {
         let valid = self.valid_len.load(Ordering::Acquire);
         let end = offset + len;
@@ -175,18 +185,14 @@ impl Mapping {
         while chunk * CHUNK < end {
             if !self.is_allocated(chunk) {
                 let c_start = chunk * CHUNK;
-                let c_end = ((chunk + 1) * CHUNK).min(valid.div_ceil(PAGE) * PAGE);
-                if self.resident(c_start, c_end) {
+                let c_end = (chunk + 1) * CHUNK;
+                if c_end <= valid && self.data(c_start, c_end) {
                     self.map_in(c_start, c_end);
                     let (w, m) = self.bit(chunk);
                     w.fetch_or(m, Ordering::AcqRel);
-                } else {
-                    // Holes in the chunk: are this request's own pages there?
-                    let r_start = offset.max(c_start) / PAGE * PAGE;
-                    let r_end = end.min(c_end).div_ceil(PAGE) * PAGE;
-                    if !self.resident(r_start, r_end) {
-                        return false;
-                    }
+                } else if !self.data(offset.max(c_start), end.min(c_end)) {
+                    // Holes in this request's own part of the chunk.
+                    return false;
                 }
             }
             chunk += 1;
@@ -218,6 +224,7 @@ impl Mapping {
             }
             at += s.iov_len;
         }
+        self.touch();
         true
     }
 
@@ -248,15 +255,53 @@ impl Mapping {
     }
 
     /// The file now reaches at least `end` (a write by system call past its end).
+    /// Alone (rare: only when a write extends the file), and from the file's own
+    /// size rather than `end`, which a truncate may have undone meanwhile.
     pub(super) fn grown(&self, end: u64) {
-        let _copying = self.punch.read().unwrap_or_else(|e| e.into_inner());
-        let old = self.valid_len.load(Ordering::Acquire);
-        if end > old {
-            // The chunk that held the old end was whole only up to it.
-            self.forget(old / CHUNK * CHUNK, old.div_ceil(CHUNK) * CHUNK);
+        if end <= self.valid_len.load(Ordering::Acquire) {
+            return;
         }
-        self.valid_len
-            .fetch_max(end.min(self.map_len), Ordering::AcqRel);
+        let _alone = self.punch.write().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: fstat writes into the zeroed stat buffer we own; the descriptor is
+        // the driver's, open while this mapping lives.
+        let (r, st) = unsafe {
+            let mut st: libc::stat = std::mem::zeroed();
+            (libc::fstat(self.fd, &mut st), st)
+        };
+        if r == 0 {
+            self.valid_len
+                .store((st.st_size as u64).min(self.map_len), Ordering::Release);
+        }
+    }
+
+    /// Gives the file a new modification time at most once a second while copies
+    /// write it: a store through the mapping changes it only at the first write fault
+    /// of each page, and the pages stay writable in our page tables after that.
+    fn touch(&self) {
+        let mut now = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes into `now`, which we own.
+        unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut now) };
+        let sec = now.tv_sec as u64;
+        if self.touched.load(Ordering::Relaxed) == sec
+            || self.touched.swap(sec, Ordering::Relaxed) == sec
+        {
+            return;
+        }
+        let times = [
+            libc::timespec {
+                tv_sec: 0,
+                tv_nsec: libc::UTIME_OMIT,
+            },
+            libc::timespec {
+                tv_sec: 0,
+                tv_nsec: libc::UTIME_NOW,
+            },
+        ];
+        // SAFETY: futimens reads the two timespecs; the descriptor is the driver's.
+        unsafe { libc::futimens(self.fd, times.as_ptr()) };
     }
 
     /// Clears the bits of the chunks that `[offset, end)` touches. Bits are only ever
@@ -582,6 +627,30 @@ mod tests {
             !m.read(MIB, &got),
             "nothing is mapped past the size at open"
         );
+    }
+
+    #[test]
+    fn copies_move_the_modification_time() {
+        use std::os::unix::fs::MetadataExt;
+        let f = ShmFile::new("mtime", MIB);
+        f.file.write_all_at(&pattern(MIB, 1), 0).unwrap();
+        let m = Mapping::new(f.fd(), MIB, true).expect("map");
+        let past = libc::timespec {
+            tv_sec: 1_000_000_000,
+            tv_nsec: 0,
+        };
+        for round in 0..2 {
+            // SAFETY: futimens reads the two timespecs; the descriptor is ours.
+            assert_eq!(unsafe { libc::futimens(f.fd(), [past, past].as_ptr()) }, 0);
+            assert!(m.write(0, &iov_of(&pattern(64 * K, round))));
+            let mtime = f.file.metadata().unwrap().mtime();
+            assert!(
+                mtime > 1_000_000_000,
+                "round {round}: mtime {mtime} not moved"
+            );
+            // The next second's copies move it again.
+            std::thread::sleep(std::time::Duration::from_millis(1100));
+        }
     }
 
     const MIB: u64 = 1024 * K;

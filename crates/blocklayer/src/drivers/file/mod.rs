@@ -410,14 +410,14 @@ impl FileDriver {
 
     /// A large read done as a copy from the file's mapping (tmpfs), if it could be.
     fn copied_in(&self, offset: u64, iov: &IoVec) -> bool {
-        iov.len() >= mapped::MAPPED_MIN
+        (mapped::MAPPED_MIN..=i32::MAX as u64).contains(&iov.len())
             && self.mapping.as_ref().is_some_and(|m| m.read(offset, iov))
     }
 
     /// A large write done as a copy into the file's mapping (tmpfs), if it could be.
     /// (RWF_DSYNC asks nothing more of tmpfs than the copy.)
     fn copied_out(&self, offset: u64, iov: &IoVec) -> bool {
-        iov.len() >= mapped::MAPPED_MIN
+        (mapped::MAPPED_MIN..=i32::MAX as u64).contains(&iov.len())
             && self.mapping.as_ref().is_some_and(|m| m.write(offset, iov))
     }
 
