@@ -14,17 +14,18 @@
 //! file, or a hole whose allocation fails (tmpfs full), kills the process. So a copy
 //! only touches pages that are allocated and inside the file:
 //! - `allocated` has one bit per [`CHUNK`] of the file, set once the chunk is found
-//!   to have no hole (`lseek(SEEK_HOLE)`; a tmpfs page is data once written) and to
-//!   lie wholly inside the file. A request on a chunk without its bit copies only if
-//!   its own range has no hole (`lseek` again). Anything else goes the system-call
+//!   to have no hole (every page in the page cache, `mincore`; a tmpfs page is there
+//!   once written) and to lie wholly inside the file. A request on a chunk without
+//!   its bit copies only if its own range has no hole (`mincore` again). Anything else goes the system-call
 //!   way: a read of a hole returns zeroes without allocating it (a read fault on the
 //!   mapping would allocate it), and a write allocates its pages or reports ENOSPC to
 //!   the guest as it always did. (A first version allocated them by
 //!   `MADV_POPULATE_WRITE` ahead of the copy, which fails with an error instead of a
 //!   signal; but a fault clears every page it allocates, which `pwrite` fills without
-//!   clearing. A second asked `mincore`, which answers "resident" for every page of a
-//!   file the caller neither owns nor may write: a read-only image of another user
-//!   would have been read through its holes.)
+//!   clearing.) `mincore` answers "resident" for every page of a file the caller
+//!   neither owns nor may write, so a file is mapped only if the daemon owns it or
+//!   holds CAP_FOWNER; otherwise a read-only image of another user would be read
+//!   through its holes.
 //! - Only this driver makes holes (discard, write zeroes) or moves the end of the file
 //!   (truncate, a write past the end), and it does so holding `punch` for writing,
 //!   after clearing the bits of the chunks concerned; copies hold it for reading. The
@@ -45,7 +46,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
 
 /// Granularity of the allocation bits: a copy touching a chunk whose bit is clear pays
-/// one `lseek` (and one `madvise` to enter its pages) before its bit can be set.
+/// one `mincore` (and one `madvise` to enter its pages) before its bit can be set.
 pub(super) const CHUNK: u64 = 64 * 1024;
 
 /// Requests at least this large are copied through the mapping. Smaller ones stay
@@ -87,7 +88,7 @@ impl Mapping {
     /// Maps `size` bytes of `fd`; `None` for an empty file or if mmap fails (the
     /// driver then simply keeps to system calls).
     pub(super) fn new(fd: RawFd, size: u64, writable: bool) -> Option<Mapping> {
-        if size == 0 {
+        if size == 0 || !mincore_honest(fd) {
             return None;
         }
         let map_len = size.div_ceil(CHUNK) * CHUNK + if writable { GROWTH } else { 0 };
@@ -138,19 +139,30 @@ impl Mapping {
         w.load(Ordering::Acquire) & m != 0
     }
 
-    /// Whether `[start, end)` (inside the file) has no hole: SEEK_HOLE from `start`
-    /// lands at `end` or beyond. On tmpfs a page is data once written (swapped out or
-    /// not), a hole otherwise (also when fallocated but never written: the safe side).
-    /// Unlike `mincore`, this asks the file, not our view of it: `mincore` answers
-    /// "all resident" for any page of a file the caller neither owns nor may write.
+    /// Whether `[start, end)` (inside the file) has no hole: every page it touches is
+    /// in the page cache (`mincore`; a tmpfs page there is the file's data). Honest
+    /// only for a file we own or may change the owner's way ([`mincore_honest`]).
+    /// (`lseek(SEEK_HOLE)` would ask the file directly, but it walks on to the next
+    /// hole, the end of a fully written image: milliseconds per chunk.)
     fn data(&self, start: u64, end: u64) -> bool {
-        let Ok(at) = i64::try_from(start) else {
+        const PAGE: u64 = 4096;
+        let (start, end) = (start / PAGE * PAGE, end.div_ceil(PAGE) * PAGE);
+        let pages = ((end - start) / PAGE) as usize;
+        let mut vec = [0u8; (CHUNK / 4096) as usize];
+        if pages > vec.len() {
             return false;
+        }
+        // SAFETY: `start` is page-aligned inside our mapping and `end` at most a
+        // chunk further, inside it too; mincore writes one byte per page into `vec`,
+        // which has room for a chunk.
+        let r = unsafe {
+            libc::mincore(
+                self.base.add(start as usize).cast(),
+                (end - start) as usize,
+                vec.as_mut_ptr(),
+            )
         };
-        // SAFETY: lseek only moves the offset of a descriptor the driver owns; every
-        // read and write gives its own offset, so nothing depends on it.
-        let hole = unsafe { libc::lseek(self.fd, at, libc::SEEK_HOLE) };
-        hole >= 0 && hole as u64 >= end
+        r == 0 && vec[..pages].iter().all(|b| b & 1 != 0)
     }
 
     /// Enters the (allocated) pages of `[start, end)` in our page tables in one call,
@@ -352,6 +364,31 @@ impl Mapping {
             .store(size.min(self.map_len), Ordering::Release);
         Ok(())
     }
+}
+
+/// Whether `mincore` tells the truth about `fd`'s pages: only for a file the caller
+/// owns or has CAP_FOWNER over, or may open for writing (which a `chmod` can take
+/// away); for any other it answers "resident" for every page. The owner and the
+/// capability do not change under a running daemon.
+fn mincore_honest(fd: RawFd) -> bool {
+    // SAFETY: fstat writes into the zeroed stat buffer we own.
+    let (r, st) = unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        (libc::fstat(fd, &mut st), st)
+    };
+    // SAFETY: geteuid has no preconditions.
+    if r == 0 && st.st_uid == unsafe { libc::geteuid() } {
+        return true;
+    }
+    const CAP_FOWNER: u32 = 3;
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << CAP_FOWNER) != 0)
 }
 
 impl Drop for Mapping {
