@@ -104,8 +104,9 @@ thread_local! {
     static OFFLOAD_NEXT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Whether a read on a memory-backed file goes through io_uring rather than
-/// inline: every other read of [`OFFLOAD_READ_MIN`] or more. io_uring hands such
+/// Whether a read on a memory-backed file that no mapped copy could serve (a hole,
+/// a file other than tmpfs, [`mapped`]) goes through io_uring rather than inline:
+/// every other read of [`OFFLOAD_READ_MIN`] or more. io_uring hands such
 /// reads to io-wq worker threads, so large copies run in parallel with the
 /// iothread's own (page-cache reads take no inode lock), where inline they would
 /// run one after another; small reads stay inline, where the thread hops would
@@ -366,10 +367,13 @@ impl FileDriver {
     async fn readv(&self, offset: u64, iov: IoVec) -> std::io::Result<i32> {
         match self.submission {
             Submission::Uring => uring::readv(self.fd(), offset, iov).await,
+            // A mapped copy first: half the CPU of an io-wq worker's pread, with no
+            // thread hop (64k reads on one queue 2.17x -> 2.73x QSD at 12.7 -> 5.2 us
+            // per read; 1M 1.32x -> 1.54x).
+            Submission::Inline if self.copied_in(offset, &iov) => Ok(iov.len() as i32),
             Submission::Inline if offload_read(iov.len()) => {
                 uring::readv(self.fd(), offset, iov).await
             }
-            Submission::Inline if self.copied_in(offset, &iov) => Ok(iov.len() as i32),
             Submission::Inline => {
                 let segs = iov.segments();
                 // SAFETY: the segments are valid for writes while `iov` (and its
