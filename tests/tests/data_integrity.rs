@@ -243,9 +243,9 @@ fn large_requests_at_depth_on_memory_disk_and_direct_files() {
 
 /// Data buffers that span two guest memory regions, adjacent in guest physical memory
 /// but mapped separately (a raw vhost-user frontend with regions at 1 MiB and 17 MiB):
-/// writes and reads of 64 KiB to 1 MiB across the boundary, each read done twice (on a
-/// memory-backed file every other large read runs on an io_uring worker), on /dev/shm
-/// and with O_DIRECT on a disk file.
+/// writes and reads of 64 KiB to 1 MiB across the boundary, each read done twice (on
+/// tmpfs a large read is a copy through the file's mapping once its pages are known
+/// allocated, a system call before), on /dev/shm and with O_DIRECT on a disk file.
 #[test]
 fn buffers_spanning_two_memory_regions() {
     use std::time::Duration;
