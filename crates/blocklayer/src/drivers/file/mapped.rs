@@ -216,45 +216,34 @@ impl Mapping {
     /// some of its pages are holes); the caller writes by system call, which allocates
     /// them (or reports ENOSPC), and the next write there finds them allocated.
     pub(super) fn write(&self, offset: u64, iov: &IoVec) -> bool {
-        let _copying = self.punch.read().unwrap_or_else(|e| e.into_inner());
-        if !self.fits(offset, iov.len()) || !self.allocated(offset, iov.len()) {
-            return false;
+        let done = self.copy(offset, iov, true);
+        if done {
+            self.touch();
         }
-        let mut at = offset as usize;
-        for s in iov.segments() {
-            // SAFETY: every page of the destination is allocated and inside the file
-            // (`allocated`, under `punch`), so the copy cannot fault fatally; the source
-            // segment is valid for reads while `iov` lives (guest memory, whose own
-            // faults the vhost-user SIGBUS handler covers). They do not overlap: the
-            // file mapping is ours alone.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    s.iov_base as *const u8,
-                    self.base.add(at),
-                    s.iov_len,
-                );
-            }
-            at += s.iov_len;
-        }
-        self.touch();
-        true
+        done
     }
 
     /// Copies from the file at `offset` into `iov`. `false`: not done (some page may be
     /// a hole); the caller reads by system call.
     pub(super) fn read(&self, offset: u64, iov: &IoVec) -> bool {
+        self.copy(offset, iov, false)
+    }
+
+    fn copy(&self, offset: u64, iov: &IoVec, into_file: bool) -> bool {
         let _copying = self.punch.read().unwrap_or_else(|e| e.into_inner());
         if !self.fits(offset, iov.len()) || !self.allocated(offset, iov.len()) {
             return false;
         }
         let mut at = offset as usize;
         for s in iov.segments() {
-            // SAFETY: every page of the source is allocated and inside the file
-            // (`allocated`, under `punch`); the destination segment is valid for writes
-            // while `iov` lives and is guest memory or a bounce buffer, not our mapping.
-            unsafe {
-                std::ptr::copy_nonoverlapping(self.base.add(at), s.iov_base as *mut u8, s.iov_len);
-            }
+            let (file, seg) = (self.base.wrapping_add(at), s.iov_base as *mut u8);
+            let (src, dst) = if into_file { (seg, file) } else { (file, seg) };
+            // SAFETY: every page of the file's side is allocated and inside the file
+            // (`allocated`, under `punch`), so the copy cannot fault fatally; the
+            // segment is valid for reads and writes while `iov` lives (guest memory,
+            // whose own faults the vhost-user SIGBUS handler covers, or a bounce
+            // buffer). They do not overlap: the file mapping is ours alone.
+            unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst, s.iov_len) };
             at += s.iov_len;
         }
         true
