@@ -51,6 +51,7 @@ pub const EVENTS: &[&str] = &[
     "blocklayer::drivers::blkdebug",
     "blocklayer::drivers::copy_before_write",
     "blocklayer::drivers::copy_before_write::options",
+    "blocklayer::drivers::file::copier",
     "blocklayer::drivers::file::create",
     "blocklayer::drivers::file::mapped",
     "blocklayer::drivers::job_filter::active",

@@ -306,6 +306,7 @@ impl EventLoop {
                 slept_at: None,
             })
         });
+        let _running = blocklayer::aio::LoopRunning::enter();
         let _ = started.send(Ok(crate::iothread::current_tid()));
         let mut events = vec![EpollEvent::default(); 64];
         while !self.stop.load(Ordering::Acquire) {

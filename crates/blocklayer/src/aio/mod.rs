@@ -12,6 +12,30 @@ pub mod uring;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+static EVENT_LOOPS: AtomicUsize = AtomicUsize::new(0);
+
+/// Held by an iothread's event loop while it runs: [`event_loops`] counts them.
+pub struct LoopRunning(());
+
+impl LoopRunning {
+    pub fn enter() -> LoopRunning {
+        EVENT_LOOPS.fetch_add(1, Ordering::Relaxed);
+        LoopRunning(())
+    }
+}
+
+impl Drop for LoopRunning {
+    fn drop(&mut self) {
+        EVENT_LOOPS.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// How many iothread event loops this process runs (each one may keep a core busy).
+pub fn event_loops() -> usize {
+    EVENT_LOOPS.load(Ordering::Relaxed)
+}
 
 /// A boxed future that stays on its iothread (the unit of recursion across graph edges).
 pub type LocalBoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;

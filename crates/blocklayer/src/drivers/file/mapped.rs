@@ -389,7 +389,7 @@ impl Drop for Mapping {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::aio::iovec::AlignedBuf;
     use std::fs::File;
@@ -400,13 +400,13 @@ mod tests {
     const K: u64 = 1024;
 
     /// A file on /dev/shm (tmpfs), removed on drop.
-    struct ShmFile {
+    pub(in crate::drivers::file) struct ShmFile {
         path: std::path::PathBuf,
-        file: File,
+        pub(in crate::drivers::file) file: File,
     }
 
     impl ShmFile {
-        fn new(name: &str, size: u64) -> ShmFile {
+        pub(in crate::drivers::file) fn new(name: &str, size: u64) -> ShmFile {
             let path = std::path::PathBuf::from(format!(
                 "/dev/shm/vubd-mapped-{name}-{}",
                 std::process::id()
@@ -422,11 +422,11 @@ mod tests {
             ShmFile { path, file }
         }
 
-        fn fd(&self) -> RawFd {
+        pub(in crate::drivers::file) fn fd(&self) -> RawFd {
             self.file.as_raw_fd()
         }
 
-        fn blocks(&self) -> u64 {
+        pub(in crate::drivers::file) fn blocks(&self) -> u64 {
             use std::os::unix::fs::MetadataExt;
             self.file.metadata().expect("stat").blocks()
         }
@@ -444,20 +444,20 @@ mod tests {
         }
     }
 
-    fn pattern(len: u64, seed: u8) -> Vec<u8> {
+    pub(in crate::drivers::file) fn pattern(len: u64, seed: u8) -> Vec<u8> {
         (0..len)
             .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
             .collect()
     }
 
     /// A vector over a buffer holding `data`.
-    fn iov_of(data: &[u8]) -> IoVec {
+    pub(in crate::drivers::file) fn iov_of(data: &[u8]) -> IoVec {
         let mut buf = AlignedBuf::zeroed(data.len(), 4096);
         buf.as_mut_slice().copy_from_slice(data);
         IoVec::from_buf(Arc::new(buf))
     }
 
-    fn contents(iov: &IoVec) -> Vec<u8> {
+    pub(in crate::drivers::file) fn contents(iov: &IoVec) -> Vec<u8> {
         let mut v = vec![0u8; iov.len() as usize];
         iov.copy_to_slice(0, &mut v);
         v

@@ -17,7 +17,9 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
+mod copier;
 pub mod create;
 mod mapped;
 mod options;
@@ -146,7 +148,7 @@ pub struct FileDriver {
     /// Large inline writes, one at a time ([`GATED_WRITE_MIN`]).
     write_gate: AsyncLock,
     /// tmpfs only: large copies through a shared mapping ([`mapped`]).
-    mapping: Option<mapped::Mapping>,
+    mapping: Option<Arc<mapped::Mapping>>,
 }
 
 /// The file driver's own statistics (`driver-specific` in `query-blockstats`).
@@ -290,7 +292,8 @@ impl FileDriver {
         let sole_writer = locking && !common.force_share;
         let mapping = (submission == Submission::Inline && is_tmpfs(fd) && sole_writer)
             .then(|| mapped::Mapping::new(fd, size, !common.read_only))
-            .flatten();
+            .flatten()
+            .map(Arc::new);
         Ok(FileDriver {
             file,
             submission,
@@ -365,24 +368,24 @@ impl FileDriver {
     }
 
     async fn readv(&self, offset: u64, iov: IoVec) -> std::io::Result<i32> {
-        match self.submission {
-            Submission::Uring => uring::readv(self.fd(), offset, iov).await,
-            // A mapped copy first: half the CPU of an io-wq worker's pread, with no
-            // thread hop (64k reads on one queue 2.17x -> 2.73x QSD at 12.7 -> 5.2 us
-            // per read; 1M 1.32x -> 1.54x).
-            Submission::Inline if self.copied_in(offset, &iov) => Ok(iov.len() as i32),
-            Submission::Inline if offload_read(iov.len()) => {
-                uring::readv(self.fd(), offset, iov).await
-            }
-            Submission::Inline => {
-                let segs = iov.segments();
-                // SAFETY: the segments are valid for writes while `iov` (and its
-                // keepalive) lives, which covers this synchronous call.
-                sys_result(unsafe {
-                    libc::preadv(self.fd(), segs.as_ptr(), segs.len() as i32, offset as i64)
-                })
-            }
+        if self.submission == Submission::Uring {
+            return uring::readv(self.fd(), offset, iov).await;
         }
+        // A mapped copy first: half the CPU of an io-wq worker's pread, with no
+        // thread hop (64k reads on one queue 2.17x -> 2.73x QSD at 12.7 -> 5.2 us
+        // per read; 1M 1.32x -> 1.54x).
+        if self.copied_in(offset, &iov).await {
+            return Ok(iov.len() as i32);
+        }
+        if offload_read(iov.len()) {
+            return uring::readv(self.fd(), offset, iov).await;
+        }
+        let segs = iov.segments();
+        // SAFETY: the segments are valid for writes while `iov` (and its keepalive)
+        // lives, which covers this synchronous call.
+        sys_result(unsafe {
+            libc::preadv(self.fd(), segs.as_ptr(), segs.len() as i32, offset as i64)
+        })
     }
 
     async fn writev(&self, offset: u64, iov: IoVec, rw_flags: i32) -> std::io::Result<i32> {
@@ -412,10 +415,19 @@ impl FileDriver {
         }
     }
 
-    /// A large read done as a copy from the file's mapping (tmpfs), if it could be.
-    fn copied_in(&self, offset: u64, iov: &IoVec) -> bool {
-        (mapped::MAPPED_MIN..=i32::MAX as u64).contains(&iov.len())
-            && self.mapping.as_ref().is_some_and(|m| m.read(offset, iov))
+    /// A large read done as a copy from the file's mapping (tmpfs), if it could be:
+    /// by the copy helper if it is idle ([`copier`]), else on this thread.
+    async fn copied_in(&self, offset: u64, iov: &IoVec) -> bool {
+        let Some(m) = &self.mapping else {
+            return false;
+        };
+        if !(mapped::MAPPED_MIN..=i32::MAX as u64).contains(&iov.len()) {
+            return false;
+        }
+        match copier::offer(m, offset, iov) {
+            Some(copy) => copy.await,
+            None => m.read(offset, iov),
+        }
     }
 
     /// A large write done as a copy into the file's mapping (tmpfs), if it could be.
@@ -703,7 +715,6 @@ mod tests {
     use super::*;
     use crate::aio::uring::block_on;
     use std::sync::atomic::AtomicUsize;
-    use std::sync::Arc;
 
     /// The write gate as the driver uses it: held by one thread at a time, and a
     /// waiter on another thread woken when it is left (no wake-up lost).
