@@ -177,10 +177,18 @@ enum Backend {
     /// a LUKS volume (QEMU's default aes-256-xts-plain64) holding the raw bench
     /// image's data: every request is en/decrypted.
     Luks,
+    /// a block device: a loop device in direct-I/O mode over the raw bench image,
+    /// opened with `cache.direct=on` (`host_device`; qemu-storage-daemon with
+    /// `aio=io_uring`). Every request is O_DIRECT I/O on guest memory, which the
+    /// kernel pins, then the loop driver's copy from tmpfs.
+    Loop,
     /// qcow2 with LUKS encryption (QEMU's defaults), every cluster allocated with the
     /// raw bench image's data.
     Qcow2Luks,
 }
+
+/// The loop device of the loop cases, once set up.
+static LOOP_DEV: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 /// The RBD image of the rbd cases (pool `rbd`), once imported.
 static RBD_IMAGE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
@@ -200,13 +208,16 @@ impl Backend {
             Backend::Rbd => "rbd",
             Backend::Luks => "luks",
             Backend::Qcow2Luks => "qcow2-luks",
+            Backend::Loop => "loop",
         }
     }
 
     /// The image file the daemon opens, next to the raw bench image.
     fn image(self, raw: &Path) -> PathBuf {
         let ext = match self {
-            Backend::Null | Backend::File | Backend::Rbd => return raw.to_path_buf(),
+            Backend::Null | Backend::File | Backend::Rbd | Backend::Loop => {
+                return raw.to_path_buf()
+            }
             Backend::Qcow2Fresh => "fresh.qcow2",
             Backend::Qcow2 => "full.qcow2",
             Backend::Qcow2SmallCache => "smallcache.qcow2",
@@ -231,9 +242,9 @@ impl Backend {
         }
         let one_queue = cfg.queues == 1;
         let full_mq = cfg.queues == 4 && cfg.iothreads == 2;
-        let file_or_qcow2 = matches!(self, Backend::File | Backend::Qcow2);
-        // Large sequential I/O (issue 16): file and qcow2 at 64k, 256k and 1M, one queue
-        // and 4 queues on 2 iothreads.
+        let file_or_qcow2 = matches!(self, Backend::File | Backend::Qcow2 | Backend::Loop);
+        // Large sequential I/O (issue 16): file, qcow2 and the block device at 64k,
+        // 256k and 1M, one queue and 4 queues on 2 iothreads.
         if file_or_qcow2 && !w.random && w.bs >= 65536 && full_mq {
             return true;
         }
@@ -241,6 +252,9 @@ impl Backend {
             return file_or_qcow2 && one_queue;
         }
         match self {
+            // The block device: every workload on one queue and on 4 queues / 2
+            // iothreads.
+            Backend::Loop => one_queue || full_mq,
             Backend::Null | Backend::File => {
                 one_queue
                     || full_mq
@@ -343,8 +357,25 @@ fn prepare_image(backend: Backend, raw: &Path) {
             });
             assert!(ok, "qemu-img convert -O {fmt} failed");
         }
-        Backend::Null | Backend::File | Backend::Rbd => {}
+        Backend::Null | Backend::File | Backend::Rbd | Backend::Loop => {}
     }
+}
+
+/// Attaches `raw` to a free loop device in direct-I/O mode and returns its path.
+fn setup_loop(raw: &Path) -> Result<String, String> {
+    let out = std::process::Command::new("losetup")
+        .args(["--find", "--show", "--direct-io=on"])
+        .arg(raw)
+        .output()
+        .map_err(|e| format!("cannot run losetup (util-linux): {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "losetup --direct-io=on {} failed (root and loop devices are needed): {}",
+            raw.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -603,6 +634,18 @@ fn daemon_args(
                 .blockdev(&format!(
                     "driver=qcow2,node-name={node},file={node}-file{cache}"
                 ))
+            }
+            Backend::Loop => {
+                let aio = if which == Which::Qsd {
+                    ",aio=io_uring"
+                } else {
+                    ""
+                };
+                a.blockdev(&format!(
+                    "driver=host_device,node-name={node}-file,filename={},cache.direct=on{aio}",
+                    LOOP_DEV.get().expect("loop device set up")
+                ))
+                .blockdev(&format!("driver=raw,node-name={node},file={node}-file"))
             }
             Backend::Rbd => a.blockdev(&format!(
                 "driver=rbd,node-name={node},pool=rbd,image={},conf={}",
@@ -1161,6 +1204,7 @@ fn main() {
         Backend::Rbd,
         Backend::Luks,
         Backend::Qcow2Luks,
+        Backend::Loop,
     ] {
         for cfg in &configs {
             for w in WORKLOADS {
@@ -1215,6 +1259,18 @@ fn main() {
             if cases.iter().any(|c| c.backend == b) {
                 eprintln!("preparing {}...", b.image(&image).display());
                 prepare_image(b, &image);
+            }
+        }
+        if cases.iter().any(|c| c.backend == Backend::Loop) {
+            match setup_loop(&image) {
+                Ok(dev) => {
+                    eprintln!("{} on {dev} (direct I/O)", image.display());
+                    let _ = LOOP_DEV.set(dev);
+                }
+                Err(e) => {
+                    eprintln!("skipping the loop cases: {e}");
+                    cases.retain(|c| c.backend != Backend::Loop);
+                }
             }
         }
         if cases.iter().any(|c| c.backend == Backend::Rbd) {
@@ -1502,6 +1558,11 @@ struct ImageGuard {
 
 impl Drop for ImageGuard {
     fn drop(&mut self) {
+        if let Some(dev) = LOOP_DEV.get() {
+            let _ = std::process::Command::new("losetup")
+                .args(["-d", dev])
+                .status();
+        }
         if let Some(name) = RBD_IMAGE.get() {
             let _ = std::process::Command::new("rbd")
                 .args(["-c", vubd_tests::ceph::conf(), "rm", "--no-progress"])
