@@ -244,7 +244,23 @@ fn large_requests_at_depth_on_memory_disk_and_direct_files() {
         verify_all(client.q(), 0, &shadow, &format!("read back ({where_})"));
         client.q().flush().expect("flush");
         assert_same_data(&format!("host file ({where_})"), &img.read_all(), &shadow);
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if iothreads != two && parent == shm && cpus >= 2 {
+            assert!(
+                thread_names(daemon.pid()).iter().any(|n| n == "copy"),
+                "one iothread on {cpus} CPUs: the copy helper took large reads"
+            );
+        }
     }
+}
+
+/// The names of a process's threads.
+fn thread_names(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("list the daemon's threads")
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_string())
+        .collect()
 }
 
 /// Data buffers that span two guest memory regions, adjacent in guest physical memory

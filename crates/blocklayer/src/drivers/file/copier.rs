@@ -12,10 +12,16 @@
 //! iothreads than it has CPUs ([`spare_core`]): otherwise the cores are the iothreads'.
 //!
 //! The job owns everything the copy touches: the mapping (an `Arc`), and the
-//! request's vector with its keepalive (only vectors that have one are handed over),
-//! so a request future dropped while its job runs leaves nothing dangling. The helper
-//! is started on the first large mapped read and lives as long as the process: one
-//! thread, whatever the number of exports and iothreads.
+//! request's vector with its keepalive (only vectors that have one are handed over).
+//! A request future dropped while its job runs also waits for the copy to end, so a
+//! job never outlives its request: guest memory stays guarded against a frontend's
+//! truncation (the vhost-user SIGBUS registrations end with the connection, which
+//! waits for its requests) for as long as the helper writes into it.
+//!
+//! The helper is started on the first large mapped read and lives as long as the
+//! process: one thread, named `copy`, whatever the number of exports and iothreads.
+//! It runs on the CPUs of the process's main thread rather than those of the iothread
+//! that happened to start it (which a manager may have pinned to one core).
 //!
 //! [`mapped`]: super::mapped
 
@@ -76,6 +82,10 @@ struct Helper {
 
 impl Helper {
     fn run(&self) {
+        if let Some(set) = process_cpus() {
+            // SAFETY: `set` is a valid cpu_set_t of the size given; 0 is this thread.
+            unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+        }
         loop {
             let job = {
                 let mut slot = self.slot.lock().unwrap_or_else(|p| p.into_inner());
@@ -92,7 +102,19 @@ impl Helper {
                 iov,
                 outcome,
             } = job;
-            let copied = mapping.read(offset, &iov);
+            #[cfg(test)]
+            let gate = tests::GATE.lock().unwrap_or_else(|p| p.into_inner());
+            // A panic must not leave the request waiting forever: it reads by system
+            // call instead, over whatever the copy wrote.
+            let copied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                mapping.read(offset, &iov)
+            }))
+            .unwrap_or_else(|_| {
+                log::error!("file: the copy helper panicked; the read falls back to pread");
+                false
+            });
+            #[cfg(test)]
+            drop(gate);
             drop((iov, mapping));
             // Free before the wake-up, so that the woken iothread may post its next
             // read at once.
@@ -125,13 +147,33 @@ fn helper() -> Option<&'static Helper> {
     })
 }
 
+/// The CPUs the process may run on: its main thread's affinity (every thread inherits
+/// its creator's; the process id is the main thread's id).
+fn process_cpus() -> Option<libc::cpu_set_t> {
+    // SAFETY: cpu_set_t is plain data, all zeroes a valid (empty) set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is valid for writes of the size given.
+    let r = unsafe {
+        libc::sched_getaffinity(
+            libc::getpid(),
+            std::mem::size_of::<libc::cpu_set_t>(),
+            &mut set,
+        )
+    };
+    (r == 0).then_some(set)
+}
+
 /// Whether the iothreads leave a core to the helper: fewer event loops than CPUs this
 /// process may run on. Where every core has its iothread, a copy moved to the helper
 /// only adds a hand-over and a thread switch: on 2 CPUs with 2 busy iothreads, 256 KiB
 /// reads lost 10-25% of their rate and took 25% more CPU each.
 fn spare_core() -> bool {
     static CPUS: OnceLock<usize> = OnceLock::new();
-    let cpus = *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let cpus = *CPUS.get_or_init(|| match process_cpus() {
+        // SAFETY: counts the bits of a valid cpu_set_t.
+        Some(set) => unsafe { libc::CPU_COUNT(&set) as usize },
+        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    });
     crate::aio::event_loops() < cpus
 }
 
@@ -179,6 +221,17 @@ impl HelperCopy {
     }
 }
 
+impl Drop for HelperCopy {
+    /// A request dropped before its copy ended (its iothread stopping) waits for it:
+    /// the helper must not write into guest memory after the request is gone
+    /// (module documentation). At most one copy's time, and only in that case.
+    fn drop(&mut self) {
+        while self.state().is_none() {
+            std::thread::yield_now();
+        }
+    }
+}
+
 impl Future for HelperCopy {
     type Output = bool;
 
@@ -211,6 +264,10 @@ mod tests {
     use std::time::{Duration, Instant};
 
     const MIB: u64 = 1 << 20;
+
+    /// Held by the helper across each copy in tests: a test holding it keeps a job
+    /// pending.
+    pub(super) static GATE: Mutex<()> = Mutex::new(());
 
     /// Bytes that differ from page to page (a copy from the wrong page shows).
     fn pattern(len: u64, seed: u8) -> Vec<u8> {
@@ -303,7 +360,8 @@ mod tests {
         assert!(offer(&m, 0, &small).is_none(), "too small for the helper");
         let mut buf = vec![0u8; MIB as usize];
         let mut bare = IoVec::new(None);
-        // SAFETY: `buf` outlives `bare`, which is only offered, never copied into.
+        // SAFETY: `buf` outlives `bare` and any copy into it (were one handed over by
+        // mistake, dropping its `HelperCopy` waits for the copy).
         unsafe { bare.push_raw(buf.as_mut_ptr(), buf.len()) };
         assert!(
             offer(&m, 0, &bare).is_none(),
@@ -320,9 +378,30 @@ mod tests {
         let buf = Arc::new(AlignedBuf::zeroed(MIB as usize, 4096));
         let weak = Arc::downgrade(&buf);
         let iov = IoVec::from_buf(buf);
-        // The request goes away at once: the job must own what it copies into.
-        drop(offer_when_free(&m, 0, &iov));
-        drop(iov);
+        let copy = {
+            // The helper cannot start the copy while the gate is held (taken before
+            // each attempt and let go between them: a busy helper may be waiting for
+            // it with another test's job).
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let (_gate, copy) = loop {
+                let gate = GATE.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(copy) = offer(&m, 0, &iov) {
+                    break (gate, copy);
+                }
+                drop(gate);
+                assert!(Instant::now() < deadline, "the helper never became free");
+                std::thread::sleep(Duration::from_micros(100));
+            };
+            drop(iov);
+            assert!(
+                weak.upgrade().is_some(),
+                "a pending job owns the memory it copies into"
+            );
+            assert!(copy.state().is_none(), "still pending behind the gate");
+            copy
+        };
+        // Dropped before it was polled: the drop waits for the copy to end.
+        drop(copy);
         let deadline = Instant::now() + Duration::from_secs(20);
         while weak.upgrade().is_some() {
             assert!(Instant::now() < deadline, "the helper kept the buffer");

@@ -71,7 +71,9 @@ pub(super) struct Mapping {
     /// end of the file.
     punch: RwLock<()>,
     writable: bool,
-    /// The driver's descriptor of the file (it outlives the mapping's users).
+    /// The driver's descriptor of the file (it outlives the mapping's users: the
+    /// driver's requests, and copy helper jobs, which end before their requests do and
+    /// use only the memory and the bits; [`super::copier`]).
     fd: RawFd,
     /// The second of the last modification time given by [`Mapping::touch`].
     touched: AtomicU64,
