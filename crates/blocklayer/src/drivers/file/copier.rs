@@ -276,6 +276,14 @@ mod tests {
             .collect()
     }
 
+    /// A file on /dev/shm of `size` bytes starting with `data`, and its mapping.
+    fn mapped_file(name: &str, size: u64, data: &[u8], writable: bool) -> (ShmFile, Arc<Mapping>) {
+        let f = ShmFile::new(name, size);
+        f.file.write_all_at(data, 0).unwrap();
+        let m = Arc::new(Mapping::new(f.fd(), size, writable).expect("map"));
+        (f, m)
+    }
+
     /// A read of `len` bytes at `offset` the way the driver does it: by the helper if
     /// it is idle, else in place. Returns whether it was copied and by the helper.
     async fn read(m: &Arc<Mapping>, offset: u64, iov: &IoVec) -> (bool, bool) {
@@ -337,9 +345,7 @@ mod tests {
     #[test]
     fn a_hole_is_left_to_the_caller_and_stays_a_hole() {
         let size = 4 * MIB;
-        let f = ShmFile::new("copier-hole", size);
-        f.file.write_all_at(&pattern(MIB, 5), 0).unwrap();
-        let m = Arc::new(Mapping::new(f.fd(), size, true).expect("map"));
+        let (f, m) = mapped_file("copier-hole", size, &pattern(MIB, 5), true);
         let blocks = f.blocks();
         let iov = iov_of(&vec![0u8; MIB as usize]);
         let copy = offer_when_free(&m, MIB + 512 * 1024, &iov);
@@ -353,9 +359,7 @@ mod tests {
     #[test]
     fn only_large_reads_with_a_keepalive_are_offered() {
         let size = 2 * MIB;
-        let f = ShmFile::new("copier-offered", size);
-        f.file.write_all_at(&pattern(size, 9), 0).unwrap();
-        let m = Arc::new(Mapping::new(f.fd(), size, false).expect("map"));
+        let (_f, m) = mapped_file("copier-offered", size, &pattern(size, 9), false);
         let small = iov_of(&vec![0u8; (OFFLOAD_MIN - 4096) as usize]);
         assert!(offer(&m, 0, &small).is_none(), "too small for the helper");
         let mut buf = vec![0u8; MIB as usize];
@@ -372,9 +376,7 @@ mod tests {
     #[test]
     fn a_job_keeps_its_memory_until_copied_and_then_lets_it_go() {
         let size = 2 * MIB;
-        let f = ShmFile::new("copier-dropped", size);
-        f.file.write_all_at(&pattern(size, 11), 0).unwrap();
-        let m = Arc::new(Mapping::new(f.fd(), size, false).expect("map"));
+        let (_f, m) = mapped_file("copier-dropped", size, &pattern(size, 11), false);
         let buf = Arc::new(AlignedBuf::zeroed(MIB as usize, 4096));
         let weak = Arc::downgrade(&buf);
         let iov = IoVec::from_buf(buf);
