@@ -1058,3 +1058,159 @@ fn nbd_export_requests_are_counted_exactly_and_match_query_blockstats() {
     assert_eq!(f("failed_rd_operations"), 1);
     assert_eq!(f("wr_highest_offset"), 2 * MIB + 128 * k);
 }
+
+/// `pin-guest-memory=on`: the frontend's memory is registered with the iothread's
+/// io_uring while it is connected, and `O_DIRECT` reads and writes (one segment or
+/// several) go through it with their data intact; an export without the option on the
+/// same iothread does not use it, and the registration goes with the connection.
+#[test]
+fn pinned_guest_memory_carries_direct_io_and_goes_with_the_connection() {
+    let dir = TempDir::new("metrics-pin");
+    // O_DIRECT needs a file system with it: /tmp, not tmpfs.
+    let disk = TempDir::new_in(&std::env::temp_dir(), "metrics-pin-img");
+    let size = 32 * MIB;
+    let (img, other) = (
+        vubd_tests::TempImage::new_in(disk.path(), size),
+        vubd_tests::TempImage::new_in(disk.path(), size),
+    );
+    let (opt, addr) = unix_metrics(&dir.join("metrics.sock"));
+    let (pinned_sock, plain_sock) = (dir.join("e0.sock"), dir.join("e1.sock"));
+    let args = DaemonArgs::new()
+        .iothread("io0")
+        .file_raw_path("d0", img.path(), ",cache.direct=on", "")
+        .file_raw_path("d1", other.path(), ",cache.direct=on", "")
+        .export(&format!(
+            "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={},\
+             writable=on,num-queues=2,iothread=io0,pin-guest-memory=on",
+            pinned_sock.display()
+        ))
+        .export(&format!(
+            "type=vhost-user-blk,id=e1,node-name=d1,addr.type=unix,addr.path={},\
+             writable=on,num-queues=1,iothread=io0",
+            plain_sock.display()
+        ))
+        .arg("--metrics")
+        .arg(&opt)
+        .build();
+    let mut daemon = Daemon::start(&args);
+    let figures = |s: &Scrape| {
+        (
+            s.get(
+                "vubd_iothread_fixed_buffer_operations_total",
+                &[("iothread", "io0")],
+            ),
+            s.get("vubd_iothread_pinned_bytes", &[("iothread", "io0")]),
+        )
+    };
+    assert_eq!(
+        figures(&scrape(&addr)),
+        (0, 0),
+        "nothing pinned before a frontend"
+    );
+
+    let mut c = Client::connect(&pinned_sock, 2);
+    let mut rng = vubd_tests::Rng::new("pinned guest memory");
+    let mut shadow = vec![0u8; size as usize];
+    let mut single = 0u64;
+    // Writes of 4k to 1M on both queues, one segment or four (page-aligned, apart).
+    for round in 0..24usize {
+        let q = round % 2;
+        let len = 4096usize << rng.range(0, 9);
+        let offset = (rng.range(0, (size as usize - len) as u64 / 4096) * 4096) as usize;
+        let data = rng.bytes(len);
+        let ioq = c.queue(q);
+        let req = if round % 3 == 2 && len >= 16384 {
+            let part = len / 4;
+            let segs: Vec<_> = (0..4)
+                .map(|i| i * (part + 4096)..i * (part + 4096) + part)
+                .collect();
+            for (i, r) in segs.iter().enumerate() {
+                ioq.buf()[r.clone()].copy_from_slice(&data[i * part..(i + 1) * part]);
+            }
+            Req::Writev {
+                offset: offset as u64,
+                segs,
+                flags: blkio::ReqFlags::empty(),
+            }
+        } else {
+            ioq.buf()[..len].copy_from_slice(&data);
+            single += 1;
+            Req::Write {
+                offset: offset as u64,
+                buf: 0..len,
+                flags: blkio::ReqFlags::empty(),
+            }
+        };
+        assert_eq!(ioq.submit(&[req]), vec![0], "write {round}");
+        shadow[offset..offset + len].copy_from_slice(&data);
+    }
+    // Read everything back in 1 MiB requests, then in scattered 64 KiB pieces.
+    for (i, chunk) in shadow.chunks(MIB as usize).enumerate() {
+        let ioq = c.queue(i % 2);
+        let off = (i as u64) * MIB;
+        assert_eq!(
+            ioq.submit(&[Req::Read {
+                offset: off,
+                buf: 0..chunk.len(),
+            }]),
+            vec![0]
+        );
+        single += 1;
+        assert!(ioq.buf()[..chunk.len()] == *chunk, "read back at {off}");
+    }
+    let ioq = c.queue(1);
+    let segs: Vec<_> = (0..4).map(|i| i * 20480..i * 20480 + 16384).collect();
+    assert_eq!(
+        ioq.submit(&[Req::Readv {
+            offset: 8 * MIB,
+            segs: segs.clone()
+        }]),
+        vec![0]
+    );
+    for (i, r) in segs.iter().enumerate() {
+        let at = 8 * MIB as usize + i * 16384;
+        assert!(
+            ioq.buf()[r.clone()] == shadow[at..at + 16384],
+            "scattered read {i}"
+        );
+    }
+    assert!(img.read_all() == shadow, "the image file holds other data");
+    let (ops, pinned) = figures(&scrape(&addr));
+    assert!(
+        ops >= single,
+        "{ops} fixed-buffer operations for {single} one-segment requests"
+    );
+    let region = c.mem_region().len as u64;
+    assert!(
+        pinned >= region,
+        "{pinned} bytes pinned, the client's buffers alone are {region}"
+    );
+
+    // The export without the option, on the same iothread, pins nothing.
+    let mut plain = Client::connect(&plain_sock, 1);
+    let data = rng.bytes(256 << 10);
+    plain.q().write(0, &data).unwrap();
+    assert!(plain.q().read(0, data.len()).unwrap() == data);
+    assert_eq!(
+        figures(&scrape(&addr)),
+        (ops, pinned),
+        "the plain export used fixed buffers"
+    );
+
+    // Gone with the connection.
+    c.disconnect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, now) = figures(&scrape(&addr));
+        if now == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{now} bytes still pinned after the disconnect"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    plain.q().write(4096, &data[..4096]).unwrap();
+    daemon.assert_running("after the pinned frontend left");
+}

@@ -65,9 +65,11 @@ qemu-storage-daemon --export vhost-user-blk
            [,fixed-iothread=on|off][,logical-block-size=<bytes>]
            [,serial=<string>][,queue-size=<n>][,write-cache=on|off]
            [,werror=report|ignore|stop|enospc][,rerror=report|ignore|stop]
-                            export a block node over vhost-user-blk (serial and
-                            queue-size are vubd extensions); each iothread serves
-                            one export
+           [,pin-guest-memory=on|off]
+                            export a block node over vhost-user-blk (serial,
+                            queue-size, write-cache, werror, rerror and
+                            pin-guest-memory are vubd extensions); any number of
+                            exports may share an iothread
   --export [type=]nbd,id=<id>,node-name=<node-name>[,name=<export-name>]
            [,description=<text>][,writable=on|off][,allocation-depth=on|off]
            [,bitmaps.0=<name>...][,iothread=<id>]
@@ -381,6 +383,7 @@ logical-block-size=512,serial=disk0";
                 logical_block_size: 512,
                 serial: Some("disk0".into()),
                 queue_size: 1024,
+                pin_guest_memory: false,
                 nbd: None,
             }]
         );

@@ -106,6 +106,12 @@ pub struct ExportConfig {
     pub rerror: OnError,
     /// `werror=report|ignore|stop|enospc` (vubd extension, default enospc)
     pub werror: OnError,
+    /// `pin-guest-memory=on|off` (vubd extension, default off): register the
+    /// frontend's memory with the iothreads' io_uring, so that `O_DIRECT` requests do
+    /// not pin its pages one request at a time. Pins (and allocates) all of it while
+    /// connected; only for frontends that never give pages back (no balloon, no
+    /// virtio-mem).
+    pub pin_guest_memory: bool,
     /// `type=nbd`: the NBD options (the vhost-user-blk ones above keep their
     /// defaults, `socket_path` empty).
     pub nbd: Option<NbdExportConfig>,
@@ -707,6 +713,7 @@ impl ExportConfig {
                     ],
                 )?
                 .unwrap_or(OnError::Enospc),
+            pin_guest_memory: f.bool("pin-guest-memory")?.unwrap_or(false),
             nbd: None,
         };
         let mut export = export;
@@ -755,6 +762,7 @@ impl ExportConfig {
             write_cache: None,
             rerror: OnError::Report,
             werror: OnError::Report,
+            pin_guest_memory: false,
             nbd: Some(NbdExportConfig {
                 name,
                 description,

@@ -115,6 +115,7 @@ impl Control {
             write_cache: None,
             rerror: OnError::Report,
             werror: OnError::Report,
+            pin_guest_memory: false,
             nbd: Some(NbdExportConfig {
                 name: Some(name),
                 description: a.description,

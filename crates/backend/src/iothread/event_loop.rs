@@ -456,6 +456,8 @@ impl EventLoop {
             end.saturating_duration_since(woke),
             end.saturating_duration_since(last),
         );
+        let (fixed_ops, pinned) = uring::fixed_stats();
+        self.counters.set_fixed(fixed_ops, pinned);
     }
 }
 

@@ -240,6 +240,9 @@ pub struct LoopCounters {
     wakeups: AtomicU64,
     busy_ns: AtomicU64,
     poll_ns: AtomicU64,
+    /// Copies of the loop's io_uring figures ([`blocklayer::aio::uring::fixed_stats`]).
+    fixed_ops: AtomicU64,
+    pinned_bytes: AtomicU64,
 }
 
 fn nanos(d: Duration) -> u64 {
@@ -255,11 +258,19 @@ impl LoopCounters {
         self.poll_ns.fetch_add(nanos(poll), Ordering::Relaxed);
     }
 
+    /// Publishes the loop's fixed-buffer figures: operations so far, bytes registered.
+    pub fn set_fixed(&self, ops: u64, pinned_bytes: u64) {
+        self.fixed_ops.store(ops, Ordering::Relaxed);
+        self.pinned_bytes.store(pinned_bytes, Ordering::Relaxed);
+    }
+
     pub fn sample(&self) -> LoopSample {
         LoopSample {
             wakeups: self.wakeups.load(Ordering::Relaxed),
             busy_ns: self.busy_ns.load(Ordering::Relaxed),
             poll_ns: self.poll_ns.load(Ordering::Relaxed),
+            fixed_ops: self.fixed_ops.load(Ordering::Relaxed),
+            pinned_bytes: self.pinned_bytes.load(Ordering::Relaxed),
         }
     }
 }
@@ -270,6 +281,8 @@ pub struct LoopSample {
     pub wakeups: u64,
     pub busy_ns: u64,
     pub poll_ns: u64,
+    pub fixed_ops: u64,
+    pub pinned_bytes: u64,
 }
 
 #[cfg(test)]

@@ -160,25 +160,41 @@ impl Snapshot {
         request_families(&mut e, "vubd_export", "export", &export_rows);
         request_families(&mut e, "vubd_queue", "queue", &queue_rows);
 
-        let loops: [(&str, &str, Text<LoopSample>); 3] = [
+        let loops: [(&str, MetricType, &str, Text<LoopSample>); 5] = [
             (
                 "vubd_iothread_wakeups_total",
+                MetricType::Counter,
                 "Times the iothread's event loop woke up from epoll.",
                 |s| s.wakeups.to_string(),
             ),
             (
                 "vubd_iothread_busy_seconds_total",
+                MetricType::Counter,
                 "Time the iothread spent awake (working and polling).",
                 |s| seconds(s.busy_ns).to_string(),
             ),
             (
                 "vubd_iothread_poll_seconds_total",
+                MetricType::Counter,
                 "Time the iothread spent polling after its last work before it slept.",
                 |s| seconds(s.poll_ns).to_string(),
             ),
+            (
+                "vubd_iothread_fixed_buffer_operations_total",
+                MetricType::Counter,
+                "Reads and writes the iothread's io_uring did from registered guest memory \
+                 (pin-guest-memory=on).",
+                |s| s.fixed_ops.to_string(),
+            ),
+            (
+                "vubd_iothread_pinned_bytes",
+                MetricType::Gauge,
+                "Guest memory registered with the iothread's io_uring (pin-guest-memory=on).",
+                |s| s.pinned_bytes.to_string(),
+            ),
         ];
-        for (name, help, value) in loops {
-            e.family(name, MetricType::Counter, help);
+        for (name, kind, help, value) in loops {
+            e.family(name, kind, help);
             for t in &self.iothreads {
                 e.sample(name, &[("iothread", &t.id)], value(&t.counters));
             }
@@ -268,6 +284,8 @@ mod tests {
                     wakeups: 3,
                     busy_ns: 2_000_000_000,
                     poll_ns: 500_000_000,
+                    fixed_ops: 7,
+                    pinned_bytes: 1 << 30,
                 },
             }],
             nodes: vec![NodeSample::of("n0", &stats)],
@@ -282,6 +300,9 @@ mod tests {
             "vubd_queue_requests_total{export=\"e0\",queue=\"1\",kind=\"read\"} 1",
             "vubd_queue_request_latency_seconds_bucket{export=\"e0\",queue=\"1\",le=\"+Inf\"} 2",
             "vubd_iothread_wakeups_total{iothread=\"io0\"} 3",
+            "vubd_iothread_fixed_buffer_operations_total{iothread=\"io0\"} 7",
+            "vubd_iothread_pinned_bytes{iothread=\"io0\"} 1073741824",
+            "# TYPE vubd_iothread_pinned_bytes gauge",
             "vubd_iothread_busy_seconds_total{iothread=\"io0\"} 2",
             "vubd_iothread_poll_seconds_total{iothread=\"io0\"} 0.5",
             "vubd_node_operations_total{node=\"n0\",kind=\"write\"} 1",

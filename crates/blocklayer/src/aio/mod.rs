@@ -5,6 +5,7 @@
 pub mod bounce;
 pub mod clock;
 pub mod executor;
+pub mod fixed;
 pub mod iovec;
 pub mod poll;
 pub mod task_box;

@@ -6,7 +6,8 @@
 //! Submissions are batched: ops are queued on the submission ring and handed to the
 //! kernel by [`submit`], which the iothread loop calls after running ready tasks.
 
-use super::iovec::IoVec;
+use super::fixed::{self, FixedError, Pinned};
+use super::iovec::{IoVec, Keepalive};
 use io_uring::{opcode, types, IoUring};
 use std::cell::RefCell;
 use std::future::Future;
@@ -41,6 +42,8 @@ struct Engine {
     free: Vec<u32>,
     eventfd: EventFd,
     in_flight: usize,
+    /// Declared after `ring`: dropped once the ring (and its registrations) is gone.
+    fixed: fixed::Table,
 }
 
 thread_local! {
@@ -78,6 +81,7 @@ impl Engine {
             free: Vec::new(),
             eventfd,
             in_flight: 0,
+            fixed: fixed::Table::default(),
         })
     }
 
@@ -327,12 +331,16 @@ impl Drop for Op {
 }
 
 fn start(
-    build: impl FnOnce(&Option<IoVec>, &Option<Box<types::Timespec>>) -> io_uring::squeue::Entry,
+    build: impl FnOnce(
+        &Option<IoVec>,
+        &Option<Box<types::Timespec>>,
+        &mut fixed::Table,
+    ) -> io_uring::squeue::Entry,
     iov: Option<IoVec>,
     ts: Option<Box<types::Timespec>>,
 ) -> Op {
     let r = with_engine(|e| {
-        let sqe = build(&iov, &ts);
+        let sqe = build(&iov, &ts, &mut e.fixed);
         let i = e.alloc(iov, ts);
         match e.push(sqe.user_data(u64::from(i))) {
             Ok(()) => Ok(i),
@@ -360,31 +368,48 @@ fn start(
 /// address is guest or bounce memory, which the keepalive holds, whereas a
 /// one-segment vector keeps its segment inline, where the slot moves it); several as
 /// their iovec array, on the heap, which stays put while the slot holds the vector.
+///
+/// Buffers inside memory registered with the ring ([`pin`]) are passed as fixed
+/// buffers, with their slot.
 enum Buffers {
     One(*mut u8, u32),
     Many(*const libc::iovec, u32),
+    OneFixed(*mut u8, u32, u16),
+    ManyFixed(*const libc::iovec, u32, u16),
 }
 
-fn buffers(iov: &Option<IoVec>) -> Buffers {
+fn buffers(iov: &Option<IoVec>, fixed: &mut fixed::Table) -> Buffers {
     let segs = iov.as_ref().map_or(&[][..], |v| v.segments());
     match segs {
         // The kernel caps one read or write at MAX_RW_COUNT (just under 2 GiB), as it
         // does a readv's total: a longer buffer is short either way.
-        [s] => Buffers::One(s.iov_base.cast(), s.iov_len.min(u32::MAX as usize) as u32),
-        _ => Buffers::Many(segs.as_ptr(), segs.len() as u32),
+        [s] => {
+            let n = s.iov_len.min(u32::MAX as usize) as u32;
+            match fixed.find(s.iov_base as usize, n as usize) {
+                Some(slot) => Buffers::OneFixed(s.iov_base.cast(), n, slot),
+                None => Buffers::One(s.iov_base.cast(), n),
+            }
+        }
+        _ => match fixed.find_all(segs) {
+            Some(slot) => Buffers::ManyFixed(segs.as_ptr(), segs.len() as u32, slot),
+            None => Buffers::Many(segs.as_ptr(), segs.len() as u32),
+        },
     }
 }
 
 /// `preadv(fd, iov, offset)`.
 pub fn readv(fd: RawFd, offset: u64, iov: IoVec) -> Op {
+    let fd = types::Fd(fd);
     start(
-        |iov, _| match buffers(iov) {
-            Buffers::One(p, n) => opcode::Read::new(types::Fd(fd), p, n)
-                .offset(offset)
-                .build(),
-            Buffers::Many(p, n) => opcode::Readv::new(types::Fd(fd), p, n)
-                .offset(offset)
-                .build(),
+        |iov, _, fixed| match buffers(iov, fixed) {
+            Buffers::One(p, n) => opcode::Read::new(fd, p, n).offset(offset).build(),
+            Buffers::Many(p, n) => opcode::Readv::new(fd, p, n).offset(offset).build(),
+            Buffers::OneFixed(p, n, i) => {
+                opcode::ReadFixed::new(fd, p, n, i).offset(offset).build()
+            }
+            Buffers::ManyFixed(p, n, i) => {
+                opcode::ReadvFixed::new(fd, p, n, i).offset(offset).build()
+            }
         },
         Some(iov),
         None,
@@ -393,13 +418,22 @@ pub fn readv(fd: RawFd, offset: u64, iov: IoVec) -> Op {
 
 /// `pwritev2(fd, iov, offset, rw_flags)`; `RWF_DSYNC` gives FUA semantics.
 pub fn writev(fd: RawFd, offset: u64, iov: IoVec, rw_flags: i32) -> Op {
+    let fd = types::Fd(fd);
     start(
-        |iov, _| match buffers(iov) {
-            Buffers::One(p, n) => opcode::Write::new(types::Fd(fd), p, n)
+        |iov, _, fixed| match buffers(iov, fixed) {
+            Buffers::One(p, n) => opcode::Write::new(fd, p, n)
                 .offset(offset)
                 .rw_flags(rw_flags)
                 .build(),
-            Buffers::Many(p, n) => opcode::Writev::new(types::Fd(fd), p, n)
+            Buffers::Many(p, n) => opcode::Writev::new(fd, p, n)
+                .offset(offset)
+                .rw_flags(rw_flags)
+                .build(),
+            Buffers::OneFixed(p, n, i) => opcode::WriteFixed::new(fd, p, n, i)
+                .offset(offset)
+                .rw_flags(rw_flags)
+                .build(),
+            Buffers::ManyFixed(p, n, i) => opcode::WritevFixed::new(fd, p, n, i)
                 .offset(offset)
                 .rw_flags(rw_flags)
                 .build(),
@@ -409,10 +443,49 @@ pub fn writev(fd: RawFd, offset: u64, iov: IoVec, rw_flags: i32) -> Op {
     )
 }
 
+/// Registers `ptr..ptr+len` with this thread's ring as fixed buffers (see
+/// [`fixed`]): reads and writes whose buffers lie inside it use them from now on.
+/// The range stays registered until the returned handle (and any other for the same
+/// range on this thread) is dropped, on this thread.
+///
+/// # Safety
+/// `ptr..ptr+len` must stay mapped, readable and writable, for as long as `keep`
+/// lives, and must not be memory whose pages its owner replaces (see [`fixed`]).
+pub unsafe fn pin(ptr: *mut u8, len: usize, keep: &Keepalive) -> Result<Pinned, FixedError> {
+    // SAFETY: forwarded from the caller.
+    with_engine(|e| unsafe { e.fixed.pin(&e.ring, ptr, len, keep) }).map_err(FixedError::Kernel)?
+}
+
+/// Gives back the ranges of `pinned` (called by its `Drop`). Nothing to do once the
+/// thread's engine is gone: its ring took the registrations with it.
+pub(super) fn unpin(pinned: &mut Pinned) {
+    let _ = ENGINE.try_with(|cell| {
+        if let Ok(mut e) = cell.try_borrow_mut() {
+            if let Some(e) = e.as_mut() {
+                let Engine { ring, fixed, .. } = e;
+                fixed.unpin(ring, pinned);
+            }
+        }
+    });
+}
+
+/// This thread's operations that used fixed buffers, and the bytes registered.
+pub fn fixed_stats() -> (u64, u64) {
+    ENGINE
+        .try_with(|cell| {
+            cell.try_borrow()
+                .ok()
+                .and_then(|e| e.as_ref().map(|e| (e.fixed.ops, e.fixed.bytes)))
+        })
+        .ok()
+        .flatten()
+        .unwrap_or((0, 0))
+}
+
 /// `fdatasync(fd)`.
 pub fn fdatasync(fd: RawFd) -> Op {
     start(
-        |_, _| {
+        |_, _, _| {
             opcode::Fsync::new(types::Fd(fd))
                 .flags(types::FsyncFlags::DATASYNC)
                 .build()
@@ -425,7 +498,7 @@ pub fn fdatasync(fd: RawFd) -> Op {
 /// `fallocate(fd, mode, offset, len)`.
 pub fn fallocate(fd: RawFd, mode: i32, offset: u64, len: u64) -> Op {
     start(
-        |_, _| {
+        |_, _, _| {
             opcode::Fallocate::new(types::Fd(fd), len)
                 .offset(offset)
                 .mode(mode)
@@ -444,7 +517,7 @@ pub async fn sleep_ns(ns: u64) {
             .nsec((ns % 1_000_000_000) as u32),
     );
     let op = start(
-        |_, ts| {
+        |_, ts, _| {
             let p: *const types::Timespec = ts.as_deref().expect("timespec given");
             opcode::Timeout::new(p).build()
         },

@@ -17,6 +17,8 @@ use super::vhost_user::{pf, BackendChannel, QueueDevice, F_LOG_ALL, F_PROTOCOL_F
 use super::{ExportShared, PopGate};
 use crate::iothread::event_loop::{EventLoop, Source, WAKE_SUB};
 use crate::metrics::counters::RequestKind;
+use blocklayer::aio::fixed::Pinned;
+use blocklayer::aio::iovec::Keepalive;
 use blocklayer::aio::{executor, uring};
 use blocklayer::backend::ErrorAction;
 use blocklayer::stats::{Acct, IoKind, IoStats};
@@ -34,7 +36,10 @@ use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
+use vm_memory::{
+    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
+    GuestMemoryRegion,
+};
 
 /// Offset of `writeback` in `struct virtio_blk_config`.
 const WRITEBACK_OFFSET: u32 = 32;
@@ -877,16 +882,17 @@ async fn execute(ctx: Rc<SetCtx>, mem: Arc<Memory>, req: Request, queue: usize, 
         // The ring was taken back meanwhile: the buffers are the driver's again.
         _ if origin.ring_stopped() => 0,
         Some(addr) => {
-            let log = origin.queues.dirty_log();
-            if let Some(log) = &log {
+            let written = request::write_status(&mem, addr, status);
+            // Whether writes are logged is looked at after the last write to guest
+            // memory: logging that starts between the two still sees the write.
+            if let Some(log) = origin.queues.dirty_log() {
                 // A failed read may have written part of its buffers too.
                 for (gpa, len) in op.iter().flat_map(|o| o.data_in(&mem)) {
                     log.mark(gpa, len);
                 }
-            }
-            let written = request::write_status(&mem, addr, status);
-            if let (Some(log), Ok(())) = (&log, &written) {
-                log.mark(addr.0, 1);
+                if written.is_ok() {
+                    log.mark(addr.0, 1);
+                }
             }
             if let Err(e) = written {
                 crate::limited_log!(
@@ -931,6 +937,11 @@ struct RingSet {
     unsignalled: Vec<Cell<u32>>,
     /// The export's pop-gate counter this set uses (its iothread's index).
     slot: usize,
+    /// With `pin-guest-memory=on`: the regions of `mem` registered with this
+    /// iothread's io_uring (dropped with the set, or replaced with the table).
+    pinned: RefCell<Vec<Pinned>>,
+    /// A registration failed (logged once per set).
+    pin_failed: Cell<bool>,
 }
 
 impl RingSet {
@@ -955,7 +966,52 @@ impl RingSet {
             mem: RefCell::new(None),
             lim: Cell::new(None),
             unsignalled,
+            pinned: RefCell::new(Vec::new()),
+            pin_failed: Cell::new(false),
         }
+    }
+
+    /// Registers the regions of `mem` with this thread's io_uring, so that reads and
+    /// writes into them skip pinning the guest's pages per request
+    /// ([`blocklayer::aio::fixed`]), in place of those of the previous table (ranges
+    /// in both stay registered).
+    fn pin(&self, mem: &Arc<Memory>) {
+        let keep: Keepalive = mem.clone();
+        let mut now = Vec::new();
+        let mut bytes = 0u64;
+        for r in mem.iter() {
+            let len = usize::try_from(r.len()).unwrap_or(usize::MAX);
+            // SAFETY: the region is a shared read-write mapping that lives as long as
+            // `mem`, which the registration keeps; `pin-guest-memory=on` is the
+            // operator's word that the frontend never replaces the pages behind it
+            // (no balloon, no virtio-mem, no holes punched in its memory).
+            match unsafe { uring::pin(r.as_ptr(), len, &keep) } {
+                Ok(p) => {
+                    now.push(p);
+                    bytes += r.len();
+                }
+                Err(e) => {
+                    if !self.pin_failed.replace(true) {
+                        log::warn!(
+                            "export {}: cannot pin a guest memory region of {} MiB for \
+                             I/O ({e}); requests into it pin their pages themselves",
+                            self.device.shared.id,
+                            r.len() >> 20
+                        );
+                    }
+                }
+            }
+        }
+        if !now.is_empty() {
+            log::info!(
+                "export {}: {} MiB of guest memory in {} region(s) pinned for I/O on \
+                 this iothread",
+                self.device.shared.id,
+                bytes >> 20,
+                now.len()
+            );
+        }
+        *self.pinned.borrow_mut() = now;
     }
 
     /// This set's copy of the current memory table (a new one after the frontend
@@ -969,6 +1025,9 @@ impl RingSet {
                 // Loaded after the generation: at least as new as it.
                 let theirs = self.device.mem.memory();
                 let ours = Arc::new((*theirs).clone());
+                if self.device.shared.pin_guest_memory {
+                    self.pin(&ours);
+                }
                 *cache = Some((gen, ours.clone()));
                 ours
             }
@@ -1142,7 +1201,6 @@ impl Source for RingSet {
     fn set_notifications(&self, on: bool) -> bool {
         let dev = &self.device;
         let mut waiting = false;
-        let log = dev.queues.dirty_log();
         for (v, &q) in self.vrings.iter().zip(&self.queues) {
             if dev.queues.is_broken(q) {
                 continue;
@@ -1157,8 +1215,9 @@ impl Source for RingSet {
             } else {
                 let _ = st.disable_notification();
             }
-            if let Some(log) = &log {
-                log_used_ring(log, &st);
+            // After the write (avail_event), as for completions.
+            if let Some(log) = dev.queues.dirty_log() {
+                log_used_ring(&log, &st);
             }
         }
         // Entries left in a ring only count as work while requests are taken; a

@@ -77,6 +77,9 @@ pub struct ExportShared {
     pub queue_size: u16,
     pub writable: bool,
     pub fixed_iothread: bool,
+    /// `pin-guest-memory=on`: register the frontend's memory with the iothreads'
+    /// io_uring ([`blocklayer::aio::fixed`]).
+    pub pin_guest_memory: bool,
     /// Set while no frontend is connected (held requests give up).
     pub frontend_gone: AtomicBool,
     pub logical_block_size: u32,
@@ -441,6 +444,7 @@ impl VhostUserBlkExport {
             queue_size: cfg.queue_size,
             writable: cfg.writable,
             fixed_iothread: cfg.fixed_iothread,
+            pin_guest_memory: cfg.pin_guest_memory,
             frontend_gone: AtomicBool::new(true),
             logical_block_size: cfg.logical_block_size,
             serial,

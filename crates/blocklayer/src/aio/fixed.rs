@@ -1,0 +1,470 @@
+//! Memory registered with an iothread's io_uring as fixed buffers (guest memory, when
+//! an export asks for it).
+//!
+//! A read or write with `O_DIRECT` makes the kernel pin the pages of its buffers for
+//! every request and release them at completion (`get_user_pages` and friends): on a
+//! block device that is a quarter to a third of an iothread's time at 256 KiB
+//! (docs/performance.md). Memory registered once with `IORING_REGISTER_BUFFERS2` is
+//! pinned once: `READ_FIXED`/`WRITE_FIXED` (and, from Linux 6.15, their vectored forms)
+//! take their pages from the registration.
+//!
+//! The price, and why it is opt-in: registering pins (and so allocates) every page of
+//! the range at once, and the pin holds the page that was there at registration. A
+//! frontend that later gives pages back to the host (a balloon, virtio-mem, punching
+//! holes in its memory file) and faults in new ones at the same addresses would see
+//! I/O land in the old pages. So only memory whose owner does none of that may be
+//! registered.
+//!
+//! The table is thread-local, like the ring. Each [`Table`] entry covers at most
+//! [`MAX_BUFFER`] bytes (the kernel's limit per buffer) and holds a keepalive of the
+//! mapping: while it is registered its addresses cannot be mapped to anything else,
+//! so an address found in the table always means the registered pages. Entries are
+//! shared by every holder of the same range on the thread (several rings of one
+//! export) and unregistered when the last [`Pinned`] handle goes.
+
+use super::iovec::{Keepalive, Segment};
+use io_uring::{opcode, IoUring, Probe};
+use std::fmt;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+
+/// Slots of the sparse buffer table of each ring that registers anything.
+pub const TABLE_SLOTS: u32 = 1024;
+
+/// The kernel's largest fixed buffer (`SZ_1G`); longer ranges take several slots.
+pub const MAX_BUFFER: usize = 1 << 30;
+
+/// Bytes registered by all threads of the process (a range registered on two threads
+/// counts twice), against [`pin_limit`].
+static PINNED_BYTES: AtomicU64 = AtomicU64::new(0);
+
+/// Why memory could not be registered.
+#[derive(Debug)]
+pub enum FixedError {
+    /// The range would take the process over [`pin_limit`].
+    OverLimit { len: u64, pinned: u64, limit: u64 },
+    /// Every slot of this thread's table is taken.
+    TableFull,
+    /// The kernel refused (an old kernel, `RLIMIT_MEMLOCK`, memory it cannot pin).
+    Kernel(io::Error),
+}
+
+impl fmt::Display for FixedError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FixedError::OverLimit { len, pinned, limit } => write!(
+                f,
+                "registering {} MiB would pin more than half of the host's memory \
+                 ({} MiB pinned, limit {} MiB)",
+                len >> 20,
+                pinned >> 20,
+                limit >> 20
+            ),
+            FixedError::TableFull => {
+                write!(
+                    f,
+                    "all {TABLE_SLOTS} fixed-buffer slots of the ring are taken"
+                )
+            }
+            FixedError::Kernel(e) => write!(f, "io_uring refused the buffers: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for FixedError {}
+
+/// How much memory the process may register: half of the host's.
+pub fn pin_limit() -> u64 {
+    static LIMIT: OnceLock<u64> = OnceLock::new();
+    *LIMIT.get_or_init(|| {
+        let kib = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("MemTotal:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            })
+            .unwrap_or(0);
+        kib * 1024 / 2
+    })
+}
+
+struct Entry {
+    start: usize,
+    end: usize,
+    slot: u16,
+    refs: u32,
+    _keep: Keepalive,
+}
+
+/// This thread's registered ranges.
+#[derive(Default)]
+pub struct Table {
+    /// Sorted by `start`, not overlapping.
+    entries: Vec<Entry>,
+    free: Vec<u16>,
+    /// The sparse table is registered with the ring.
+    ready: bool,
+    /// The kernel has READV_FIXED and WRITEV_FIXED.
+    vectored: bool,
+    /// Operations that used a fixed buffer.
+    pub ops: u64,
+    /// Bytes registered now.
+    pub bytes: u64,
+}
+
+impl Table {
+    /// Whether nothing is registered (the common case: one comparison per operation).
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    fn entry_of(&self, addr: usize) -> Option<&Entry> {
+        let i = self.entries.partition_point(|e| e.start <= addr);
+        let e = self.entries.get(i.checked_sub(1)?)?;
+        (addr < e.end).then_some(e)
+    }
+
+    /// The slot whose buffer holds `addr..addr+len`, if any.
+    #[inline]
+    pub fn find(&mut self, addr: usize, len: usize) -> Option<u16> {
+        if self.entries.is_empty() {
+            return None;
+        }
+        let e = self.entry_of(addr)?;
+        let end = addr.checked_add(len)?;
+        let slot = (end <= e.end).then_some(e.slot)?;
+        self.ops += 1;
+        Some(slot)
+    }
+
+    /// The one slot whose buffer holds every segment, if the kernel can take a vector
+    /// of them.
+    #[inline]
+    pub fn find_all(&mut self, segs: &[Segment]) -> Option<u16> {
+        if self.entries.is_empty() || !self.vectored {
+            return None;
+        }
+        let first = segs.first()?;
+        let e = self.entry_of(first.iov_base as usize)?;
+        let (lo, hi, slot) = (e.start, e.end, e.slot);
+        let inside = |s: &Segment| {
+            let a = s.iov_base as usize;
+            a >= lo && a.checked_add(s.iov_len).is_some_and(|end| end <= hi)
+        };
+        if !segs.iter().all(inside) {
+            return None;
+        }
+        self.ops += 1;
+        Some(slot)
+    }
+
+    /// Registers `ptr..ptr+len` (in slots of at most [`MAX_BUFFER`]), or takes another
+    /// reference to it if it is registered already; `keep` keeps it mapped.
+    ///
+    /// # Safety
+    /// `ptr..ptr+len` must be mapped, readable and writable, for as long as `keep`
+    /// lives.
+    pub unsafe fn pin(
+        &mut self,
+        ring: &IoUring,
+        ptr: *mut u8,
+        len: usize,
+        keep: &Keepalive,
+    ) -> Result<Pinned, FixedError> {
+        let start = ptr as usize;
+        let end = start.saturating_add(len);
+        let mut chunks = Vec::new();
+        let mut at = start;
+        while at < end {
+            chunks.push((at, (end - at).min(MAX_BUFFER)));
+            at += (end - at).min(MAX_BUFFER);
+        }
+        // Ranges registered already (the same mapping, through another ring of the
+        // same memory) only gain a reference.
+        let known = chunks
+            .iter()
+            .all(|&(a, n)| self.entries.iter().any(|e| e.start == a && e.end == a + n));
+        if known {
+            for &(a, _) in &chunks {
+                if let Some(e) = self.entries.iter_mut().find(|e| e.start == a) {
+                    e.refs += 1;
+                }
+            }
+            return Ok(Pinned {
+                starts: chunks.iter().map(|c| c.0).collect(),
+                _thread: std::marker::PhantomData,
+            });
+        }
+        if chunks
+            .iter()
+            .any(|&(a, n)| self.entries.iter().any(|e| a < e.end && e.start < a + n))
+        {
+            return Err(FixedError::Kernel(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "the range overlaps a registered one of another size",
+            )));
+        }
+        let limit = pin_limit();
+        let total = len as u64;
+        let pinned = PINNED_BYTES.fetch_add(total, Ordering::Relaxed);
+        if pinned.saturating_add(total) > limit {
+            PINNED_BYTES.fetch_sub(total, Ordering::Relaxed);
+            return Err(FixedError::OverLimit {
+                len: total,
+                pinned,
+                limit,
+            });
+        }
+        // SAFETY: forwarded from the caller.
+        let r = unsafe { self.register_chunks(ring, &chunks, keep) };
+        if r.is_err() {
+            PINNED_BYTES.fetch_sub(total, Ordering::Relaxed);
+        }
+        r
+    }
+
+    /// # Safety
+    /// As [`Table::pin`].
+    unsafe fn register_chunks(
+        &mut self,
+        ring: &IoUring,
+        chunks: &[(usize, usize)],
+        keep: &Keepalive,
+    ) -> Result<Pinned, FixedError> {
+        if !self.ready {
+            ring.submitter()
+                .register_buffers_sparse(TABLE_SLOTS)
+                .map_err(FixedError::Kernel)?;
+            self.free = (0..TABLE_SLOTS as u16).rev().collect();
+            let mut probe = Probe::new();
+            self.vectored = ring.submitter().register_probe(&mut probe).is_ok()
+                && probe.is_supported(opcode::ReadvFixed::CODE)
+                && probe.is_supported(opcode::WritevFixed::CODE);
+            self.ready = true;
+        }
+        if self.free.len() < chunks.len() {
+            return Err(FixedError::TableFull);
+        }
+        let mut done: Vec<(usize, u16)> = Vec::with_capacity(chunks.len());
+        for &(a, n) in chunks {
+            let slot = self.free.pop().expect("free slots counted above");
+            let iov = libc::iovec {
+                iov_base: a as *mut libc::c_void,
+                iov_len: n,
+            };
+            // SAFETY: the caller guarantees the range stays mapped while `keep`
+            // lives; the entry below holds `keep` until the slot is cleared again.
+            let r = unsafe {
+                ring.submitter()
+                    .register_buffers_update(u32::from(slot), &[iov], None)
+            };
+            if let Err(e) = r {
+                self.free.push(slot);
+                for (_, s) in done {
+                    clear_slot(ring, s);
+                    self.free.push(s);
+                }
+                return Err(FixedError::Kernel(e));
+            }
+            done.push((a, slot));
+        }
+        for (&(a, n), &(_, slot)) in chunks.iter().zip(&done) {
+            let i = self.entries.partition_point(|e| e.start < a);
+            self.entries.insert(
+                i,
+                Entry {
+                    start: a,
+                    end: a + n,
+                    slot,
+                    refs: 1,
+                    _keep: keep.clone(),
+                },
+            );
+            self.bytes += n as u64;
+        }
+        Ok(Pinned {
+            starts: chunks.iter().map(|c| c.0).collect(),
+            _thread: std::marker::PhantomData,
+        })
+    }
+
+    /// Drops one reference to each range of `pinned`; the last one clears the slot.
+    pub fn unpin(&mut self, ring: &IoUring, pinned: &mut Pinned) {
+        for a in pinned.starts.drain(..) {
+            let Some(i) = self.entries.iter().position(|e| e.start == a) else {
+                continue;
+            };
+            let e = &mut self.entries[i];
+            e.refs -= 1;
+            if e.refs > 0 {
+                continue;
+            }
+            let e = self.entries.remove(i);
+            // Operations in flight keep the buffer's pages until they complete (the
+            // kernel holds a reference of its own); new ones no longer find it.
+            clear_slot(ring, e.slot);
+            self.free.push(e.slot);
+            let n = (e.end - e.start) as u64;
+            self.bytes -= n;
+            PINNED_BYTES.fetch_sub(n, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Table {
+    fn drop(&mut self) {
+        // The ring closes with the engine, and the kernel lets go of every buffer.
+        PINNED_BYTES.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
+fn clear_slot(ring: &IoUring, slot: u16) {
+    let empty = libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    };
+    // SAFETY: an empty buffer (no memory) clears the slot.
+    if let Err(e) = unsafe {
+        ring.submitter()
+            .register_buffers_update(u32::from(slot), &[empty], None)
+    } {
+        log::error!("io_uring: cannot clear fixed buffer {slot}: {e}");
+    }
+}
+
+/// References to registered ranges of this thread's ring; [`crate::aio::uring::unpin`]
+/// gives them back (dropping the handle does too).
+/// It stays on the thread that registered (the table is thread-local).
+#[derive(Debug, Default)]
+pub struct Pinned {
+    starts: Vec<usize>,
+    _thread: std::marker::PhantomData<*const ()>,
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        if !self.starts.is_empty() {
+            super::uring::unpin(self);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::aio::iovec::{AlignedBuf, IoVec, Keepalive};
+    use crate::aio::uring::{self, block_on};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::sync::Arc;
+
+    const LEN: usize = 64 << 10;
+
+    /// A vector of `segs` (offset, length) inside `buf`.
+    fn vec_of(buf: &Arc<AlignedBuf>, segs: &[(usize, usize)]) -> IoVec {
+        let keep: Keepalive = buf.clone();
+        let mut v = IoVec::new(Some(keep));
+        for &(off, len) in segs {
+            assert!(off + len <= buf.len());
+            // SAFETY: inside the buffer, which the vector's keepalive holds.
+            unsafe { v.push_raw(buf.as_slice().as_ptr().add(off).cast_mut(), len) };
+        }
+        v
+    }
+
+    fn ops() -> u64 {
+        uring::fixed_stats().0
+    }
+
+    #[test]
+    fn direct_io_through_registered_memory_and_its_release() {
+        let path = std::env::temp_dir().join(format!("vubd-fixed-{}", std::process::id()));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&path)
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let fd = file.as_raw_fd();
+        let mut b = AlignedBuf::zeroed(2 * LEN, 4096);
+        for (i, x) in b.as_mut_slice()[..LEN].iter_mut().enumerate() {
+            *x = (i / 4096 * 7 + i % 251) as u8;
+        }
+        let buf = Arc::new(b);
+        let keep: Keepalive = buf.clone();
+        // SAFETY: the buffer lives as long as `keep`, which the table holds.
+        let pinned =
+            unsafe { uring::pin(buf.as_slice().as_ptr().cast_mut(), 2 * LEN, &keep) }.unwrap();
+        assert_eq!(uring::fixed_stats().1, (2 * LEN) as u64);
+        let before = ops();
+        // One segment, then two, written from the first half.
+        let w1 = vec_of(&buf, &[(0, LEN / 2)]);
+        let w2 = vec_of(&buf, &[(LEN / 2, 4096), (LEN / 2 + 4096, LEN / 2 - 4096)]);
+        let vectored = block_on(async move {
+            uring::writev(fd, 0, w1, 0).await.unwrap();
+            let before2 = ops();
+            uring::writev(fd, (LEN / 2) as u64, w2, 0).await.unwrap();
+            ops() > before2
+        });
+        assert!(
+            ops() > before,
+            "a one-segment write did not use the fixed buffer"
+        );
+        // Read back into the second half, in two segments of one slot.
+        let r = vec_of(&buf, &[(LEN, 8192), (LEN + 8192, LEN - 8192)]);
+        let n = block_on(async move { uring::readv(fd, 0, r).await.unwrap() });
+        assert_eq!(n, LEN as i32);
+        assert_eq!(buf.as_slice()[LEN..], buf.as_slice()[..LEN]);
+        let expected = before + 1 + 2 * u64::from(vectored);
+        assert_eq!(ops(), expected, "vectored fixed I/O: {vectored}");
+
+        // Memory outside the registration goes the usual way.
+        let other = Arc::new(AlignedBuf::zeroed(LEN, 4096));
+        let r = vec_of(&other, &[(0, LEN)]);
+        block_on(async move { uring::readv(fd, 0, r).await.unwrap() });
+        assert_eq!(other.as_slice(), &buf.as_slice()[..LEN]);
+        assert_eq!(ops(), expected);
+
+        // A second holder of the range: registered until both have let go.
+        // SAFETY: as above.
+        let again =
+            unsafe { uring::pin(buf.as_slice().as_ptr().cast_mut(), 2 * LEN, &keep) }.unwrap();
+        drop(pinned);
+        let r = vec_of(&buf, &[(LEN, 4096)]);
+        block_on(async move { uring::readv(fd, 0, r).await.unwrap() });
+        assert_eq!(ops(), expected + 1);
+        drop(again);
+        assert_eq!(uring::fixed_stats().1, 0);
+        let r = vec_of(&buf, &[(LEN, 4096)]);
+        block_on(async move { uring::readv(fd, 0, r).await.unwrap() });
+        assert_eq!(
+            ops(),
+            expected + 1,
+            "an unregistered range was used as fixed"
+        );
+        drop(keep);
+        // The table let go of its keepalive.
+        assert_eq!(Arc::strong_count(&buf), 1);
+    }
+
+    #[test]
+    fn a_range_overlapping_a_registered_one_is_refused() {
+        let buf = Arc::new(AlignedBuf::zeroed(4 * 4096, 4096));
+        let keep: Keepalive = buf.clone();
+        let p = buf.as_slice().as_ptr().cast_mut();
+        // SAFETY: inside the buffer, held by `keep`.
+        let whole = unsafe { uring::pin(p, 4 * 4096, &keep) }.unwrap();
+        // SAFETY: as above.
+        let part = unsafe { uring::pin(p.wrapping_add(4096), 4096, &keep) };
+        assert!(part.is_err());
+        drop(whole);
+        // SAFETY: as above.
+        let part = unsafe { uring::pin(p.wrapping_add(4096), 4096, &keep) };
+        assert!(part.is_ok());
+    }
+}
