@@ -660,6 +660,10 @@ logical-block-size=512,serial=disk0";
                 "Parameter 'writable' expects 'on' or 'off'",
             ),
             (
+                &format!("{base},pin-guest-memory=yes-please"),
+                "Parameter 'pin-guest-memory' expects 'on' or 'off'",
+            ),
+            (
                 &format!("{base},num-queues=0"),
                 "Invalid parameter value for 'num-queues': 0 is out of range (1 to 64)",
             ),

@@ -47,6 +47,7 @@ pub const EVENTS: &[&str] = &[
     "vubd::qmp::schema",
     "vubd::qmp::server",
     "blocklayer::aio::executor",
+    "blocklayer::aio::fixed",
     "blocklayer::aio::uring",
     "blocklayer::drivers::blkdebug",
     "blocklayer::drivers::copy_before_write",

@@ -323,6 +323,6 @@ mod tests {
         let types = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
         let helps = text.lines().filter(|l| l.starts_with("# HELP ")).count();
         assert_eq!(types, helps);
-        assert_eq!(types, 1 + 2 * 5 + 3 + 6);
+        assert_eq!(types, 1 + 2 * 5 + 5 + 6);
     }
 }
