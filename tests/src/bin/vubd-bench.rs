@@ -182,6 +182,10 @@ enum Backend {
     /// `aio=io_uring`). Every request is O_DIRECT I/O on guest memory, which the
     /// kernel pins, then the loop driver's copy from tmpfs.
     Loop,
+    /// the same loop device, vubd's export with `pin-guest-memory=on` (its guest
+    /// memory registered with io_uring once, not pinned per request);
+    /// qemu-storage-daemon as for `loop`.
+    LoopPinned,
     /// qcow2 with LUKS encryption (QEMU's defaults), every cluster allocated with the
     /// raw bench image's data.
     Qcow2Luks,
@@ -209,13 +213,14 @@ impl Backend {
             Backend::Luks => "luks",
             Backend::Qcow2Luks => "qcow2-luks",
             Backend::Loop => "loop",
+            Backend::LoopPinned => "loop-pinned",
         }
     }
 
     /// The image file the daemon opens, next to the raw bench image.
     fn image(self, raw: &Path) -> PathBuf {
         let ext = match self {
-            Backend::Null | Backend::File | Backend::Rbd | Backend::Loop => {
+            Backend::Null | Backend::File | Backend::Rbd | Backend::Loop | Backend::LoopPinned => {
                 return raw.to_path_buf()
             }
             Backend::Qcow2Fresh => "fresh.qcow2",
@@ -242,7 +247,10 @@ impl Backend {
         }
         let one_queue = cfg.queues == 1;
         let full_mq = cfg.queues == 4 && cfg.iothreads == 2;
-        let file_or_qcow2 = matches!(self, Backend::File | Backend::Qcow2 | Backend::Loop);
+        let file_or_qcow2 = matches!(
+            self,
+            Backend::File | Backend::Qcow2 | Backend::Loop | Backend::LoopPinned
+        );
         // Large sequential I/O (issue 16): file, qcow2 and the block device at 64k,
         // 256k and 1M, one queue and 4 queues on 2 iothreads.
         if file_or_qcow2 && !w.random && w.bs >= 65536 && full_mq {
@@ -254,7 +262,7 @@ impl Backend {
         match self {
             // The block device: every workload on one queue and on 4 queues / 2
             // iothreads.
-            Backend::Loop => one_queue || full_mq,
+            Backend::Loop | Backend::LoopPinned => one_queue || full_mq,
             Backend::Null | Backend::File => {
                 one_queue
                     || full_mq
@@ -357,7 +365,7 @@ fn prepare_image(backend: Backend, raw: &Path) {
             });
             assert!(ok, "qemu-img convert -O {fmt} failed");
         }
-        Backend::Null | Backend::File | Backend::Rbd | Backend::Loop => {}
+        Backend::Null | Backend::File | Backend::Rbd | Backend::Loop | Backend::LoopPinned => {}
     }
 }
 
@@ -635,7 +643,7 @@ fn daemon_args(
                     "driver=qcow2,node-name={node},file={node}-file{cache}"
                 ))
             }
-            Backend::Loop => {
+            Backend::Loop | Backend::LoopPinned => {
                 let aio = if which == Which::Qsd {
                     ",aio=io_uring"
                 } else {
@@ -668,10 +676,15 @@ fn daemon_args(
         } else {
             node
         };
+        let pin = if backend == Backend::LoopPinned && which == Which::Vubd {
+            ",pin-guest-memory=on"
+        } else {
+            ""
+        };
         a = a.vhost_user_blk(
             &node,
             sock,
-            &format!(",writable=on,num-queues={}{iothreads}", cfg.queues),
+            &format!(",writable=on,num-queues={}{iothreads}{pin}", cfg.queues),
         );
     }
     a.build()
@@ -1205,6 +1218,7 @@ fn main() {
         Backend::Luks,
         Backend::Qcow2Luks,
         Backend::Loop,
+        Backend::LoopPinned,
     ] {
         for cfg in &configs {
             for w in WORKLOADS {
@@ -1261,7 +1275,8 @@ fn main() {
                 prepare_image(b, &image);
             }
         }
-        if cases.iter().any(|c| c.backend == Backend::Loop) {
+        let is_loop = |b: Backend| matches!(b, Backend::Loop | Backend::LoopPinned);
+        if cases.iter().any(|c| is_loop(c.backend)) {
             match setup_loop(&image) {
                 Ok(dev) => {
                     eprintln!("{} on {dev} (direct I/O)", image.display());
@@ -1269,7 +1284,7 @@ fn main() {
                 }
                 Err(e) => {
                     eprintln!("skipping the loop cases: {e}");
-                    cases.retain(|c| c.backend != Backend::Loop);
+                    cases.retain(|c| !is_loop(c.backend));
                 }
             }
         }
