@@ -14,7 +14,8 @@
 //! polls all of its sources and completions for one adaptive window
 //! ([`PollState`]): one window per wake-up, whatever woke it and however many sources
 //! it serves; the window yields the CPU every [`POLL_YIELD_EVERY`] to any thread
-//! waiting for it. Sources' own notifications (ring kicks) and the completion eventfd
+//! waiting for it, and is skipped while [`DEEP_IN_FLIGHT`] io_uring operations are in
+//! flight. Sources' own notifications (ring kicks) and the completion eventfd
 //! are off while the loop polls, and re-armed, then looked at once more, before it
 //! sleeps.
 //!
@@ -52,6 +53,15 @@ const URING_TOKEN: u64 = 2;
 /// that yields": null-co qd1 on 4 queues / 2 iothreads, about 25% less CPU per I/O
 /// and more IOPS).
 const POLL_YIELD_EVERY: Duration = Duration::from_micros(2);
+
+/// With this many io_uring operations in flight the loop does not poll before it
+/// sleeps: the device has queued work, so a completion noticed a few microseconds later
+/// (on the completion eventfd) costs no throughput, whereas spinning until it comes
+/// costs a core. On a loop device at 256 KiB and queue depth 16 the window took a third
+/// of the daemon's CPU per request for the same IOPS (docs/performance.md, "Guest memory
+/// registered with io_uring"); at queue depth 1 and 2 (one or two operations per
+/// iothread) polling is what makes requests fast, and stays.
+const DEEP_IN_FLIGHT: usize = 8;
 
 /// Source ids, unique for the life of the process (a late event for a detached source
 /// finds nothing).
@@ -417,7 +427,7 @@ impl EventLoop {
                 last = Instant::now();
                 continue;
             }
-            if window > Duration::ZERO {
+            if window > Duration::ZERO && uring::in_flight() < DEEP_IN_FLIGHT {
                 let now = Instant::now();
                 if now.saturating_duration_since(last) < window {
                     if now.saturating_duration_since(yielded) >= POLL_YIELD_EVERY {
