@@ -17,10 +17,14 @@
 //!
 //! The table is thread-local, like the ring. Each [`Table`] entry covers at most
 //! [`MAX_BUFFER`] bytes (the kernel's limit per buffer) and holds a keepalive of the
-//! mapping: while it is registered its addresses cannot be mapped to anything else,
-//! so an address found in the table always means the registered pages. Entries are
-//! shared by every holder of the same range on the thread (several rings of one
-//! export) and unregistered when the last [`Pinned`] handle goes.
+//! mapping (the newest memory table that registered it): while it is registered its
+//! addresses cannot be mapped to anything else, so an address found in the table means
+//! the registered pages. One exception, the frontend's own doing: when it truncates
+//! its memory file under the daemon, the SIGBUS guard maps a zero page over the
+//! faulting page of the daemon's mapping while the registration keeps the old one;
+//! that frontend's I/O then reads and writes pages it gave up. Entries are shared by
+//! every holder of the same range on the thread (several rings of one export) and
+//! unregistered when the last [`Pinned`] handle goes.
 
 use super::iovec::{Keepalive, Segment};
 use io_uring::{opcode, IoUring, Probe};
@@ -44,6 +48,8 @@ static PINNED_BYTES: AtomicU64 = AtomicU64::new(0);
 pub enum FixedError {
     /// The range would take the process over [`pin_limit`].
     OverLimit { len: u64, pinned: u64, limit: u64 },
+    /// The range overlaps a registered one of other bounds.
+    Overlap,
     /// Every slot of this thread's table is taken.
     TableFull,
     /// The kernel refused (an old kernel, `RLIMIT_MEMLOCK`, memory it cannot pin).
@@ -55,12 +61,14 @@ impl fmt::Display for FixedError {
         match self {
             FixedError::OverLimit { len, pinned, limit } => write!(
                 f,
-                "registering {} MiB would pin more than half of the host's memory \
-                 ({} MiB pinned, limit {} MiB)",
+                "registering {} MiB would pin more than the process may ({} MiB pinned, \
+                 limit {} MiB: half of the host's or the cgroup's memory, or \
+                 RLIMIT_MEMLOCK without CAP_IPC_LOCK)",
                 len >> 20,
                 pinned >> 20,
                 limit >> 20
             ),
+            FixedError::Overlap => write!(f, "the range overlaps a registered one"),
             FixedError::TableFull => {
                 write!(
                     f,
@@ -74,20 +82,68 @@ impl fmt::Display for FixedError {
 
 impl std::error::Error for FixedError {}
 
-/// How much memory the process may register: half of the host's.
+/// How much memory the process may register: half of the host's memory and half of
+/// its cgroup's `memory.max` (registering allocates the pages, charged to the daemon),
+/// and no more than `RLIMIT_MEMLOCK` unless it has `CAP_IPC_LOCK` (the kernel would pin
+/// the pages before it refused).
 pub fn pin_limit() -> u64 {
     static LIMIT: OnceLock<u64> = OnceLock::new();
     *LIMIT.get_or_init(|| {
-        let kib = std::fs::read_to_string("/proc/meminfo")
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix("MemTotal:"))
-                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            })
-            .unwrap_or(0);
-        kib * 1024 / 2
+        let mut limit = mem_total().unwrap_or(0) / 2;
+        if let Some(max) = cgroup_memory_max() {
+            limit = limit.min(max / 2);
+        }
+        if !has_cap_ipc_lock() {
+            limit = limit.min(memlock_limit());
+        }
+        limit
     })
+}
+
+fn mem_total() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib = s.lines().find_map(|l| l.strip_prefix("MemTotal:"))?;
+    kib.trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .map(|k| k * 1024)
+}
+
+/// The `memory.max` of the process's cgroup (v2), if it has one.
+fn cgroup_memory_max() -> Option<u64> {
+    let cg = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let path = cg.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let max = std::fs::read_to_string(format!("/sys/fs/cgroup{}/memory.max", path.trim())).ok()?;
+    max.trim().parse().ok()
+}
+
+fn has_cap_ipc_lock() -> bool {
+    const CAP_IPC_LOCK: u32 = 14;
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let hex = s.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+            u64::from_str_radix(hex.trim(), 16).ok()
+        })
+        .is_some_and(|caps| caps & (1 << CAP_IPC_LOCK) != 0)
+}
+
+fn memlock_limit() -> u64 {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the limits into the local struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut r) } != 0 {
+        return 0;
+    }
+    if r.rlim_cur == libc::RLIM_INFINITY {
+        u64::MAX
+    } else {
+        r.rlim_cur
+    }
 }
 
 struct Entry {
@@ -95,7 +151,7 @@ struct Entry {
     end: usize,
     slot: u16,
     refs: u32,
-    _keep: Keepalive,
+    keep: Keepalive,
 }
 
 /// This thread's registered ranges.
@@ -191,6 +247,10 @@ impl Table {
             for &(a, _) in &chunks {
                 if let Some(e) = self.entries.iter_mut().find(|e| e.start == a) {
                     e.refs += 1;
+                    // The same mapping (its addresses cannot have been reused while
+                    // the entry held it), kept from now on by the newest table: an
+                    // older one may hold regions the frontend has removed since.
+                    e.keep = keep.clone();
                 }
             }
             return Ok(Pinned {
@@ -202,10 +262,7 @@ impl Table {
             .iter()
             .any(|&(a, n)| self.entries.iter().any(|e| a < e.end && e.start < a + n))
         {
-            return Err(FixedError::Kernel(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                "the range overlaps a registered one of another size",
-            )));
+            return Err(FixedError::Overlap);
         }
         let limit = pin_limit();
         let total = len as u64;
@@ -280,7 +337,7 @@ impl Table {
                     end: a + n,
                     slot,
                     refs: 1,
-                    _keep: keep.clone(),
+                    keep: keep.clone(),
                 },
             );
             self.bytes += n as u64;
@@ -293,6 +350,11 @@ impl Table {
 
     /// Drops one reference to each range of `pinned`; the last one clears the slot.
     pub fn unpin(&mut self, ring: &IoUring, pinned: &mut Pinned) {
+        // Operations still queued look their buffer up when the kernel takes them:
+        // hand them over before a slot they use goes.
+        if let Err(e) = ring.submit() {
+            log::error!("io_uring: cannot submit before clearing fixed buffers: {e}");
+        }
         for a in pinned.starts.drain(..) {
             let Some(i) = self.entries.iter().position(|e| e.start == a) else {
                 continue;
@@ -380,16 +442,7 @@ mod tests {
 
     #[test]
     fn direct_io_through_registered_memory_and_its_release() {
-        let path = std::env::temp_dir().join(format!("vubd-fixed-{}", std::process::id()));
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(&path)
-            .unwrap();
-        std::fs::remove_file(&path).unwrap();
+        let file = tempfile_direct();
         let fd = file.as_raw_fd();
         let mut b = AlignedBuf::zeroed(2 * LEN, 4096);
         for (i, x) in b.as_mut_slice()[..LEN].iter_mut().enumerate() {
@@ -450,6 +503,64 @@ mod tests {
         drop(keep);
         // The table let go of its keepalive.
         assert_eq!(Arc::strong_count(&buf), 1);
+    }
+
+    #[test]
+    fn each_buffer_is_written_from_its_own_slot() {
+        let file = tempfile_direct();
+        let fd = file.as_raw_fd();
+        let bufs: Vec<Arc<AlignedBuf>> = (0..3u8)
+            .map(|i| {
+                let mut b = AlignedBuf::zeroed(LEN, 4096);
+                b.as_mut_slice().fill(0x10 + i);
+                Arc::new(b)
+            })
+            .collect();
+        let pins: Vec<_> = bufs
+            .iter()
+            .map(|b| {
+                let keep: Keepalive = b.clone();
+                // SAFETY: the buffer lives as long as `keep`, which the table holds.
+                unsafe { uring::pin(b.as_slice().as_ptr().cast_mut(), LEN, &keep) }.unwrap()
+            })
+            .collect();
+        let before = ops();
+        // Backwards, so that no buffer sits at the slot of its index.
+        for (i, b) in bufs.iter().enumerate().rev() {
+            let w = vec_of(b, &[(4096, LEN - 8192)]);
+            block_on(async move { uring::writev(fd, (i * LEN) as u64, w, 0).await.unwrap() });
+        }
+        assert_eq!(ops(), before + 3);
+        // O_DIRECT: an aligned buffer.
+        let mut back = AlignedBuf::zeroed(3 * LEN, 4096);
+        let back = back.as_mut_slice();
+        // SAFETY: pread into a buffer of that length.
+        let n = unsafe { libc::pread(fd, back.as_mut_ptr().cast(), back.len(), 0) };
+        assert_eq!(n, (3 * LEN - 8192) as isize);
+        for i in 0..3 {
+            let part = &back[i * LEN..i * LEN + LEN - 8192];
+            assert!(part.iter().all(|&x| x == 0x10 + i as u8), "buffer {i}");
+        }
+        drop(pins);
+    }
+
+    /// An unlinked `O_DIRECT` file in the temporary directory.
+    fn tempfile_direct() -> std::fs::File {
+        let path = std::env::temp_dir().join(format!(
+            "vubd-fixed-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&path)
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        file
     }
 
     #[test]

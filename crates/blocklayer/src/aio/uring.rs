@@ -42,6 +42,8 @@ struct Engine {
     free: Vec<u32>,
     eventfd: EventFd,
     in_flight: usize,
+    /// Of `in_flight`, the reads and writes (operations with an I/O vector).
+    io_in_flight: usize,
     /// Declared after `ring`: dropped once the ring (and its registrations) is gone.
     fixed: fixed::Table,
 }
@@ -81,6 +83,7 @@ impl Engine {
             free: Vec::new(),
             eventfd,
             in_flight: 0,
+            io_in_flight: 0,
             fixed: fixed::Table::default(),
         })
     }
@@ -180,7 +183,12 @@ impl Engine {
                 log::error!("io_uring completion for unknown slot {i}");
                 continue;
             };
-            match std::mem::replace(slot, Slot::Done(cqe.result())) {
+            let done = std::mem::replace(slot, Slot::Done(cqe.result()));
+            if let Slot::Waiting { _iov: Some(_), .. } | Slot::Orphan { _iov: Some(_), .. } = &done
+            {
+                self.io_in_flight -= 1;
+            }
+            match done {
                 // Waking only queues the task on this thread's executor (it does not
                 // touch the engine), so it is safe while the engine is borrowed.
                 Slot::Waiting { waker, .. } => {
@@ -262,6 +270,12 @@ pub fn in_flight() -> usize {
     with_engine(|e| e.in_flight).unwrap_or(0)
 }
 
+/// Reads and writes submitted and not yet reaped on this thread (no timers, syncs or
+/// cancellations).
+pub fn io_in_flight() -> usize {
+    with_engine(|e| e.io_in_flight).unwrap_or(0)
+}
+
 /// The future of one io_uring operation; resolves to the CQE result (negative errno on
 /// failure).
 pub struct Op {
@@ -341,9 +355,13 @@ fn start(
 ) -> Op {
     let r = with_engine(|e| {
         let sqe = build(&iov, &ts, &mut e.fixed);
+        let io = iov.is_some();
         let i = e.alloc(iov, ts);
         match e.push(sqe.user_data(u64::from(i))) {
-            Ok(()) => Ok(i),
+            Ok(()) => {
+                e.io_in_flight += usize::from(io);
+                Ok(i)
+            }
             Err(err) => {
                 e.slots[i as usize] = Slot::Free;
                 e.free.push(i);
@@ -459,13 +477,16 @@ pub unsafe fn pin(ptr: *mut u8, len: usize, keep: &Keepalive) -> Result<Pinned, 
 /// Gives back the ranges of `pinned` (called by its `Drop`). Nothing to do once the
 /// thread's engine is gone: its ring took the registrations with it.
 pub(super) fn unpin(pinned: &mut Pinned) {
-    let _ = ENGINE.try_with(|cell| {
-        if let Ok(mut e) = cell.try_borrow_mut() {
+    let _ = ENGINE.try_with(|cell| match cell.try_borrow_mut() {
+        Ok(mut e) => {
             if let Some(e) = e.as_mut() {
                 let Engine { ring, fixed, .. } = e;
                 fixed.unpin(ring, pinned);
             }
         }
+        // No caller drops a handle from inside the engine; should one, its ranges stay
+        // registered (and mapped) until the thread ends.
+        Err(_) => log::error!("io_uring: fixed buffers released while the engine is busy: kept"),
     });
 }
 

@@ -884,7 +884,10 @@ async fn execute(ctx: Rc<SetCtx>, mem: Arc<Memory>, req: Request, queue: usize, 
         Some(addr) => {
             let written = request::write_status(&mem, addr, status);
             // Whether writes are logged is looked at after the last write to guest
-            // memory: logging that starts between the two still sees the write.
+            // memory: logging that starts between the two still sees the write. (No
+            // fence between the store and the load: the frontend copies a page no
+            // sooner than a message round trip after logging starts, long after a
+            // store still in this CPU's buffer has become visible.)
             if let Some(log) = origin.queues.dirty_log() {
                 // A failed read may have written part of its buffers too.
                 for (gpa, len) in op.iter().flat_map(|o| o.data_in(&mem)) {
@@ -942,6 +945,8 @@ struct RingSet {
     pinned: RefCell<Vec<Pinned>>,
     /// A registration failed (logged once per set).
     pin_failed: Cell<bool>,
+    /// The `mem_gen` whose table `pinned` registers.
+    pinned_gen: Cell<Option<u64>>,
 }
 
 impl RingSet {
@@ -968,7 +973,25 @@ impl RingSet {
             unsignalled,
             pinned: RefCell::new(Vec::new()),
             pin_failed: Cell::new(false),
+            pinned_gen: Cell::new(None),
         }
+    }
+
+    /// With `pin-guest-memory=on`: registers the current memory table if it is not the
+    /// registered one. Called at the top of each pass, before any ring is locked
+    /// (registering faults in and pins the whole table) and whether or not the export
+    /// takes requests, so that a replaced table's registrations never outlive it.
+    fn refresh_pins(&self) {
+        if !self.device.shared.pin_guest_memory {
+            return;
+        }
+        let gen = self.device.mem_gen.load(Ordering::Acquire);
+        if self.pinned_gen.get() == Some(gen) {
+            return;
+        }
+        let mem = self.memory();
+        self.pin(&mem);
+        self.pinned_gen.set(Some(gen));
     }
 
     /// Registers the regions of `mem` with this thread's io_uring, so that reads and
@@ -1025,9 +1048,6 @@ impl RingSet {
                 // Loaded after the generation: at least as new as it.
                 let theirs = self.device.mem.memory();
                 let ours = Arc::new((*theirs).clone());
-                if self.device.shared.pin_guest_memory {
-                    self.pin(&ours);
-                }
                 *cache = Some((gen, ours.clone()));
                 ours
             }
@@ -1156,6 +1176,7 @@ impl Source for RingSet {
     }
 
     fn poll(&self) -> usize {
+        self.refresh_pins();
         let dev = &self.device;
         // The memory table is looked at on every pass (in `pop_requests`, after each
         // ring's index): the frontend may add regions (VHOST_USER_ADD_MEM_REG) at any
