@@ -2186,9 +2186,21 @@ fn removed_memory_region_is_unmapped_while_idle() {
     let s = dev.status();
     let o = dev.probe_chain(&[r(hd, 16), w(r1.gpa(), 4096), w(s, 1)], s);
     assert_completed_ok("a read into the added region", o);
+    remove_and_wait_unmapped(&mut dev, pid, &r1, "the removed region (the export idle)");
+    drop(dev);
+    h.finish();
+}
+
+/// REM_MEM_REG of `region`, then waits up to 3 s for the daemon to unmap it: the
+/// iothreads' copies of the memory table, and any io_uring registration of it, must
+/// let go of a removed region as soon as no request uses it, even while idle.
+fn remove_and_wait_unmapped(dev: &mut Dev, pid: u32, region: &Arc<MemRegion>, what: &str) {
     let before = region_mappings(pid);
-    assert!(before >= 2, "the daemon maps {before} frontend region(s)");
-    dev.fe.rem_mem_reg(&r1).expect("REM_MEM_REG");
+    assert!(
+        before >= 2,
+        "{what}: the daemon maps {before} frontend region(s)"
+    );
+    dev.fe.rem_mem_reg(region).expect("REM_MEM_REG");
     let deadline = Instant::now() + Duration::from_secs(3);
     let mut now = region_mappings(pid);
     while now >= before && Instant::now() < deadline {
@@ -2197,11 +2209,8 @@ fn removed_memory_region_is_unmapped_while_idle() {
     }
     assert!(
         now < before,
-        "the removed region is still mapped 3 s after REM_MEM_REG ({before} -> {now} \
-         mappings) while the export is idle"
+        "{what}: still mapped 3 s after REM_MEM_REG ({before} -> {now} mappings)"
     );
-    drop(dev);
-    h.finish();
 }
 
 fn assert_completed_ok(what: &str, o: Outcome) {
@@ -2259,22 +2268,7 @@ fn pinned_memory_follows_memory_table_changes() {
     );
     read_into(&mut dev, d0, 2048, "a read into the first region again");
     assert_fully_allocated(&r1, "the added region");
-    let remove_and_wait_unmapped = |dev: &mut Dev, region: &Arc<MemRegion>, what: &str| {
-        let before = region_mappings(pid);
-        dev.fe.rem_mem_reg(region).expect("REM_MEM_REG");
-        let deadline = Instant::now() + Duration::from_secs(3);
-        let mut now = region_mappings(pid);
-        while now >= before && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-            now = region_mappings(pid);
-        }
-        assert!(
-            now < before,
-            "{what}: still mapped 3 s after REM_MEM_REG ({before} -> {now} mappings): \
-             an io_uring registration keeps it"
-        );
-    };
-    remove_and_wait_unmapped(&mut dev, &r1, "a region added alone");
+    remove_and_wait_unmapped(&mut dev, pid, &r1, "a region added alone");
     // A new table maps both regions anew: they are registered together.
     let r2 = MemRegion::new(128 * MIB, 8 * MIB);
     dev.fe
@@ -2293,7 +2287,12 @@ fn pinned_memory_follows_memory_table_changes() {
         "a read into the first region of the new table",
     );
     assert_fully_allocated(&r2, "a region of the new table");
-    remove_and_wait_unmapped(&mut dev, &r2, "a region registered with one that stays");
+    remove_and_wait_unmapped(
+        &mut dev,
+        pid,
+        &r2,
+        "a region registered with one that stays",
+    );
     read_into(&mut dev, d0, 32, "a read into the region that stayed");
     drop(dev);
     h.finish();
