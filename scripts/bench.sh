@@ -12,8 +12,9 @@
 #   scripts/bench.sh --jobs [--size-mib 1024 --reps 3] [--kinds backup]   (stream/commit/backup, scripts/bench_jobs.py)
 #   scripts/bench.sh --nbd [--reps 3]  # qemu-img convert of 1 GiB from vubd's and QSD's NBD exports (scripts/bench_nbd.sh)
 # The rbd cases run on the Ceph cluster of $CEPH_CONF, or start one (scripts/ceph.sh)
-# for the run. The loop cases (a block device: a loop device in direct-I/O mode over
-# the bench image, cache.direct=on) need root; without it they are skipped.
+# for the run. The loop and loop-pinned cases (a block device: a loop device in
+# direct-I/O mode over the bench image, cache.direct=on; loop-pinned with vubd's
+# pin-guest-memory=on) need root; without it they are skipped.
 # Cases are BACKEND/WORKLOAD/CONFIG; --filter SUBSTR (repeatable) keeps the cases whose
 # name contains one of them. Configs: 1q/1iothread, 2q/1iothread, 4q/1iothread,
 # 4q/2iothreads (one export), and "N exports/2iothreads" (--exports N, default 8: one
