@@ -135,7 +135,7 @@ mod tests {
         c.buckets[BucketType::OpsTotal as usize].avg = 100_000_000;
         g.throttle_groups
             .insert("tg".into(), ThrottleGroup::new("tg", c));
-        add(
+        let n = add(
             &mut g,
             json!({"driver": "null-co", "node-name": "n", "latency-ns": 300_000_000}),
         );
@@ -158,22 +158,33 @@ mod tests {
             .unwrap(),
         );
         let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let reader = {
-            let (blk, done) = (blk.clone(), done.clone());
+            let (blk, done, started) = (blk.clone(), done.clone(), started.clone());
             std::thread::spawn(move || {
                 block_on(async move {
                     let buf = Arc::new(AlignedBuf::zeroed(4096, 4096));
+                    started.store(true, std::sync::atomic::Ordering::SeqCst);
                     blk.read(0, IoVec::from_buf(buf)).await.unwrap();
                 });
                 done.store(true, std::sync::atomic::Ordering::SeqCst);
             })
         };
-        // The read is in the null-co node's latency by now.
+        // Not from the thread's start (on a loaded machine that alone can take longer
+        // than a fixed sleep), but from the read's: it is admitted on its first poll,
+        // right after, and is in the null-co node's latency by the end of this sleep.
+        while !started.load(std::sync::atomic::Ordering::SeqCst) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         std::thread::sleep(std::time::Duration::from_millis(100));
         assert!(!done.load(std::sync::atomic::Ordering::SeqCst));
+        assert_eq!(n.stats.operations(IoKind::Read), 0);
         let drained = g.drain(&t2, std::time::Duration::from_secs(5)).unwrap();
-        assert!(
-            done.load(std::sync::atomic::Ordering::SeqCst),
+        // The child counts the read as done before it returns to the backend, whose
+        // count the drain waits for; the reader thread's own flag may come later.
+        assert_eq!(
+            n.stats.operations(IoKind::Read),
+            1,
             "the drain of t2 returned while a request admitted into t1 ran in n"
         );
         drop(drained);
