@@ -168,6 +168,10 @@ struct ReadCheck {
     direct: Option<String>,
 }
 
+/// The destination's reads of the disk: through its page cache, and with O_DIRECT.
+const CACHED_MD5: &str = "md5sum /dev/vda";
+const DIRECT_MD5: &str = "dd if=/dev/vda bs=1M iflag=direct 2>/dev/null | md5sum";
+
 /// Signs on the console that the guest's kernel broke.
 const KERNEL_FAULTS: [&str; 5] = [
     "BUG:",
@@ -306,14 +310,9 @@ fn read_during_ram_passes(name: &str, rules: Option<Rules>) -> ReadCheck {
                 Err(e) => Err(format!("{cmd:?}: {e}")),
             }
         };
-        let cached = answer(&mut g, "md5sum /dev/vda").map(|s| first(&s));
+        let cached = answer(&mut g, CACHED_MD5).map(|s| first(&s));
         let direct = match &cached {
-            Ok(_) => answer(
-                &mut g,
-                "dd if=/dev/vda bs=1M iflag=direct 2>/dev/null | md5sum",
-            )
-            .ok()
-            .map(|s| first(&s)),
+            Ok(_) => answer(&mut g, DIRECT_MD5).ok().map(|s| first(&s)),
             Err(_) => None,
         };
         let console = std::fs::read_to_string(g.transcript()).unwrap_or_default();
@@ -332,11 +331,8 @@ fn read_during_ram_passes(name: &str, rules: Option<Rules>) -> ReadCheck {
             direct,
         }
     } else {
-        let cached = g.check("md5sum /dev/vda", CMD_TIMEOUT);
-        let direct = g.check(
-            "dd if=/dev/vda bs=1M iflag=direct 2>/dev/null | md5sum",
-            CMD_TIMEOUT,
-        );
+        let cached = g.check(CACHED_MD5, CMD_TIMEOUT);
+        let direct = g.check(DIRECT_MD5, CMD_TIMEOUT);
         ReadCheck {
             expected,
             cached: Ok(first(&cached)),

@@ -1079,16 +1079,12 @@ fn pinned_guest_memory_carries_direct_io_and_goes_with_the_connection() {
         .iothread("io0")
         .file_raw_path("d0", img.path(), ",cache.direct=on", "")
         .file_raw_path("d1", other.path(), ",cache.direct=on", "")
-        .export(&format!(
-            "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={},\
-             writable=on,num-queues=2,iothread=io0,pin-guest-memory=on",
-            pinned_sock.display()
-        ))
-        .export(&format!(
-            "type=vhost-user-blk,id=e1,node-name=d1,addr.type=unix,addr.path={},\
-             writable=on,num-queues=1,iothread=io0",
-            plain_sock.display()
-        ))
+        .vhost_user_blk(
+            "d0",
+            &pinned_sock,
+            ",writable=on,num-queues=2,iothread=io0,pin-guest-memory=on",
+        )
+        .vhost_user_blk("d1", &plain_sock, ",writable=on,num-queues=1,iothread=io0")
         .arg("--metrics")
         .arg(&opt)
         .build();

@@ -56,9 +56,9 @@ const POLL_YIELD_EVERY: Duration = Duration::from_micros(2);
 
 /// With this many io_uring reads and writes in flight the loop does not poll before it
 /// sleeps (whichever of its exports they belong to: a queue-depth-1 export beside a
-/// deep one waits for a wake-up too): the device has queued work, so a completion noticed a few microseconds later
-/// (on the completion eventfd) costs no throughput, whereas spinning until it comes
-/// costs a core. On a loop device at 256 KiB and queue depth 16 the window took a third
+/// deep one waits for a wake-up too): the device has queued work, so a completion
+/// noticed a few microseconds later (on the completion eventfd) costs no throughput,
+/// whereas spinning until it comes costs a core. On a loop device at 256 KiB and queue depth 16 the window took a third
 /// of the daemon's CPU per request for the same IOPS (docs/performance.md, "Guest memory
 /// registered with io_uring"); at queue depth 1 and 2 (one or two operations per
 /// iothread) polling is what makes requests fast, and stays.

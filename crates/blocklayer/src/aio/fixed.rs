@@ -232,12 +232,10 @@ impl Table {
     ) -> Result<Pinned, FixedError> {
         let start = ptr as usize;
         let end = start.saturating_add(len);
-        let mut chunks = Vec::new();
-        let mut at = start;
-        while at < end {
-            chunks.push((at, (end - at).min(MAX_BUFFER)));
-            at += (end - at).min(MAX_BUFFER);
-        }
+        let chunks: Vec<(usize, usize)> = (start..end)
+            .step_by(MAX_BUFFER)
+            .map(|at| (at, (end - at).min(MAX_BUFFER)))
+            .collect();
         // Ranges registered already (the same mapping, through another ring of the
         // same memory) only gain a reference.
         let known = chunks
