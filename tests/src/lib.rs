@@ -18,6 +18,7 @@ pub mod guest;
 pub mod hostile;
 pub mod image;
 pub mod libvirt;
+pub mod placement;
 pub mod qmp;
 pub mod raw;
 pub mod tools;

@@ -1331,6 +1331,7 @@ fn main() {
         );
     }
     let mut rows = Vec::new();
+    let mut round_trips: Vec<f64> = Vec::new();
     let mut example_cmds: Vec<(String, String)> = Vec::new();
     for (i, case) in cases.iter().enumerate() {
         let (name, backend, cfg) = (&case.name, case.backend, case.cfg);
@@ -1340,17 +1341,20 @@ fn main() {
             for which in [Which::Vubd, Which::Qsd] {
                 let socks = sockets(dir.path(), "b", cfg.exports);
                 let seed = seed_rng.next_u64();
+                let rt = placement_probe();
+                round_trips.extend(rt);
                 let r = run_once(&o, which, case, &image, &socks, seed);
                 match &r {
                     Ok(r) => eprintln!(
                         "[{}/{}] {name} {which:?} rep {rep}: {:.0} IOPS, {:.1} us mean, {:.1} us p99, \
-                         {:.2} us CPU/IO{}",
+                         {:.2} us CPU/IO, CPU 0-1 round trip {} ns{}",
                         i + 1,
                         cases.len(),
                         r.iops(),
                         r.lat_mean_us,
                         r.lat_p99_us,
                         r.cpu_us_per_io,
+                        rt.map(|t| format!("{t:.0}")).unwrap_or_else(|| "n/a".into()),
                         if r.errors > 0 {
                             format!(", {} ERRORS", r.errors)
                         } else {
@@ -1430,6 +1434,7 @@ fn main() {
     }
     if !rows.is_empty() {
         print_io_table(&o, &rows);
+        print_placement(&mut round_trips);
     }
     if !idle_rows.is_empty() {
         println!("\nIdle CPU (null-co, client connected, no I/O, {IDLE_SECS} s):\n");
@@ -1527,6 +1532,36 @@ fn print_io_table(o: &Opts, rows: &[(String, Summary, Summary)]) {
             }
         }
     }
+}
+
+/// The cache-line round trip between CPUs 0 and 1 (vubd_tests::placement), measured
+/// just before a run; `None` on a machine of one CPU.
+fn placement_probe() -> Option<f64> {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let ncpu = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    if ncpu < 2 {
+        return None;
+    }
+    vubd_tests::placement::round_trip_ns(0, 1, 100_000)
+}
+
+/// What the probes before the runs saw: the spread of the machine's CPU placement.
+fn print_placement(samples: &mut [f64]) {
+    if samples.is_empty() {
+        return;
+    }
+    samples.sort_by(f64::total_cmp);
+    let n = samples.len();
+    let far = samples.iter().filter(|&&t| t >= 2.0 * samples[0]).count();
+    println!(
+        "\nCPU placement: the round trip of one cache line between CPUs 0 and 1, measured \
+         before each of the {n} runs: min {:.0}, median {:.0}, max {:.0} ns; {far} of {n} at \
+         twice the minimum or more (rings shared by a client thread and an iothread cost more \
+         then; see docs/performance.md, \"Prefetching a batch's chains\").",
+        samples[0],
+        samples[n / 2],
+        samples[n - 1]
+    );
 }
 
 fn print_density_table(o: &Opts, rows: &[(Which, Result<Density, String>)]) {

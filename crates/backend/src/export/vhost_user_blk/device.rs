@@ -141,7 +141,6 @@ impl QueueStates {
     }
 }
 
-/// Marks the used ring of a vring dirty (used elements, the used index, avail_event).
 /// The entries of a split ring's available ring (virtio 1.2, 2.7.6), read from the
 /// host mapping when the ring lies in one region (always, in practice), else through
 /// vm-memory's bounds-checked reads. The index was read first (with acquire), so the
@@ -182,6 +181,7 @@ impl AvailRing {
     }
 }
 
+/// Marks the used ring of a vring dirty (used elements, the used index, avail_event).
 fn log_used_ring(log: &DirtyLog, st: &VringState) {
     let q = st.get_queue();
     log.mark(q.used_ring(), 6 + 8 * u64::from(q.size()));
@@ -470,6 +470,18 @@ impl BlkDevice {
         let ring = AvailRing::new(mem, q.avail_ring(), size);
         // The descriptor table, resolved once for the pass.
         let descs = chain::Table::new(mem, table, size);
+        // The chains about to be taken, hinted to the cache together.
+        let batch = POP_BATCH.saturating_sub(n).min(pending.saturating_sub(n));
+        if batch > 1 {
+            let next = state.get_queue().next_avail();
+            let mut heads = [0u16; POP_BATCH];
+            for (j, h) in heads[..batch].iter_mut().enumerate() {
+                *h = ring
+                    .entry(mem, next.wrapping_add(j as u16), size)
+                    .unwrap_or(size);
+            }
+            chain::prefetch_chains(mem, descs, size, &heads[..batch]);
+        }
         while n < POP_BATCH && pending > n {
             let q = state.get_queue_mut();
             let next = q.next_avail();
