@@ -1552,15 +1552,18 @@ fn print_placement(samples: &mut [f64]) {
     }
     samples.sort_by(f64::total_cmp);
     let n = samples.len();
-    let far = samples.iter().filter(|&&t| t >= 2.0 * samples[0]).count();
+    let q = |p: usize| samples[(n - 1) * p / 100];
     println!(
         "\nCPU placement: the round trip of one cache line between CPUs 0 and 1, measured \
-         before each of the {n} runs: min {:.0}, median {:.0}, max {:.0} ns; {far} of {n} at \
-         twice the minimum or more (rings shared by a client thread and an iothread cost more \
-         then; see docs/performance.md, \"Prefetching a batch's chains\").",
-        samples[0],
-        samples[n / 2],
-        samples[n - 1]
+         before each of the {n} runs (vubd-bench's stderr has each run's): min {:.0}, \
+         quartiles {:.0} / {:.0} / {:.0}, max {:.0} ns. Where the vCPUs are far apart, every \
+         ring shared by a client thread and an iothread costs more (docs/performance.md, \
+         \"Prefetching a batch's chains\").",
+        q(0),
+        q(25),
+        q(50),
+        q(75),
+        q(100)
     );
 }
 
