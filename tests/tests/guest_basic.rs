@@ -215,8 +215,8 @@ fn fio_verify(name: &str, queues: usize, direct_pinned: bool) {
         &format!(",writable=on,num-queues={queues}{export_extra}"),
     );
     if direct_pinned {
-        // The device module's log lines, the registration's among them.
-        args = args.arg("--trace").arg("vhost_user_blk_device");
+        // The log lines of the registration of guest memory.
+        args = args.arg("--trace").arg("vhost_user_blk_guest_pins");
     }
     let mut daemon = Daemon::start(&args.build());
     let mut g = Guest::boot(&GuestOpts::new(name).cpus(queues).disk(&sock, queues));

@@ -2300,16 +2300,25 @@ fn pinned_memory_follows_memory_table_changes() {
 
 /// Registering a region with io_uring pins, and so allocates, every page of it: the
 /// frontend's memory file is allocated in full (this test's regions are sparse
-/// memfds of which the reads touch a few pages only).
+/// memfds of which the reads touch a few pages only). A helper thread of the daemon
+/// pins it after the table changed: within a few seconds.
 fn assert_fully_allocated(region: &MemRegion, what: &str) {
-    // SAFETY: an all-zero `stat` is a valid value to be overwritten by fstat.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: fstat on the region's own descriptor into a local struct.
-    assert_eq!(unsafe { libc::fstat(region.fd(), &mut st) }, 0);
-    let allocated = st.st_blocks as u64 * 512;
-    assert!(
-        allocated >= region.size(),
-        "{what}: {allocated} of {} bytes allocated: not registered with io_uring",
-        region.size()
-    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        // SAFETY: an all-zero `stat` is a valid value to be overwritten by fstat.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: fstat on the region's own descriptor into a local struct.
+        assert_eq!(unsafe { libc::fstat(region.fd(), &mut st) }, 0);
+        let allocated = st.st_blocks as u64 * 512;
+        if allocated >= region.size() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {allocated} of {} bytes allocated after 10 s: not registered with \
+             io_uring",
+            region.size()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

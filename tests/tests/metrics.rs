@@ -1105,6 +1105,17 @@ fn pinned_guest_memory_carries_direct_io_and_goes_with_the_connection() {
     );
 
     let mut c = Client::connect(&pinned_sock, 2);
+    // A helper thread pins the client's memory, then the iothread takes it over:
+    // requests before that pin their pages themselves.
+    let region = c.mem_region().len as u64;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while figures(&scrape(&addr)).1 < region {
+        assert!(
+            Instant::now() < deadline,
+            "the client's {region} bytes not pinned after 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let mut rng = vubd_tests::Rng::new("pinned guest memory");
     let mut shadow = vec![0u8; size as usize];
     let mut single = 0u64;
@@ -1176,7 +1187,6 @@ fn pinned_guest_memory_carries_direct_io_and_goes_with_the_connection() {
         ops >= single,
         "{ops} fixed-buffer operations for {single} one-segment requests"
     );
-    let region = c.mem_region().len as u64;
     assert!(
         pinned >= region,
         "{pinned} bytes pinned, the client's buffers alone are {region}"
@@ -1209,4 +1219,81 @@ fn pinned_guest_memory_carries_direct_io_and_goes_with_the_connection() {
     }
     plain.q().write(4096, &data[..4096]).unwrap();
     daemon.assert_running("after the pinned frontend left");
+}
+
+/// Pinning a frontend's memory (`pin-guest-memory=on`) takes time in proportion to its
+/// size; it happens on a helper thread, so the other exports of the iothread keep
+/// being served meanwhile: the longest wait of a request to a neighbour export while a
+/// 2 GiB frontend is pinned stays well under the time the pinning takes (registering
+/// on the iothread itself held every request of the neighbour for all of it).
+#[test]
+fn pinning_a_large_frontend_does_not_hold_up_its_iothread() {
+    let dir = TempDir::new("metrics-pin-stall");
+    let (opt, addr) = unix_metrics(&dir.join("metrics.sock"));
+    let (big_sock, busy_sock) = (dir.join("big.sock"), dir.join("busy.sock"));
+    let args = DaemonArgs::new()
+        .iothread("io0")
+        .blockdev("driver=null-co,node-name=n0,size=1073741824")
+        .blockdev("driver=null-co,node-name=n1,size=1073741824")
+        .vhost_user_blk(
+            "n0",
+            &big_sock,
+            ",writable=on,iothread=io0,pin-guest-memory=on",
+        )
+        .vhost_user_blk("n1", &busy_sock, ",writable=on,iothread=io0")
+        .arg("--metrics")
+        .arg(&opt)
+        .build();
+    let mut daemon = Daemon::start(&args);
+    let pinned = |s: &Scrape| s.get("vubd_iothread_pinned_bytes", &[("iothread", "io0")]);
+
+    // The neighbour: reads one at a time, the longest wait of each kept.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (tx, rx) = std::sync::mpsc::channel::<(Instant, Duration)>();
+    let busy = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut c = Client::connect(&busy_sock, 1);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let t = Instant::now();
+                c.q().read(0, 4096).unwrap();
+                let _ = tx.send((t, t.elapsed()));
+            }
+        })
+    };
+    // Wait until the neighbour runs.
+    rx.recv_timeout(Duration::from_secs(10))
+        .expect("the busy export serves");
+
+    let size = 2048 * MIB as usize;
+    let t0 = Instant::now();
+    let big = Client::connect_with(
+        &big_sock,
+        &vubd_tests::ClientOptions {
+            buf_per_queue: size,
+            ..Default::default()
+        },
+    )
+    .expect("connect the large frontend");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while pinned(&scrape(&addr)) < size as u64 {
+        assert!(Instant::now() < deadline, "2 GiB not pinned after 60 s");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let took = t0.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    busy.join().unwrap();
+    let worst = rx
+        .try_iter()
+        .filter(|&(t, _)| t >= t0)
+        .map(|(_, d)| d)
+        .max()
+        .expect("the neighbour made requests meanwhile");
+    eprintln!("pinning 2 GiB took {took:?}; the neighbour's longest wait meanwhile: {worst:?}");
+    assert!(
+        worst * 2 < took,
+        "a request to the neighbour export waited {worst:?} while the pinning took {took:?}"
+    );
+    drop(big);
+    daemon.assert_running("after the large frontend left");
 }

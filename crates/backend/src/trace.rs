@@ -33,6 +33,7 @@ pub const EVENTS: &[&str] = &[
     "vubd::export::nbd::server",
     "vubd::export::vhost_user_blk",
     "vubd::export::vhost_user_blk::device",
+    "vubd::export::vhost_user_blk::guest_pins",
     "vubd::export::vhost_user_blk::server",
     "vubd::export::vhost_user_blk::vhost_user",
     "vubd::export::vhost_user_blk::vhost_user::dirty_log",

@@ -64,6 +64,10 @@ const POLL_YIELD_EVERY: Duration = Duration::from_micros(2);
 /// iothread) polling is what makes requests fast, and stays.
 const DEEP_IN_FLIGHT: usize = 8;
 
+/// A wake-up that lasts (a loop that never sleeps under load) publishes its busy time
+/// and io_uring figures this often, so that the metrics move while it runs.
+const PUBLISH_EVERY: Duration = Duration::from_millis(100);
+
 /// Source ids, unique for the life of the process (a late event for a detached source
 /// finds nothing).
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -409,6 +413,7 @@ impl EventLoop {
         uring::set_eventfd_enabled(false);
         let mut last = Instant::now();
         let mut yielded = last;
+        let mut published = woke;
         loop {
             if self.has_mail.load(Ordering::Acquire) || self.woken.load(Ordering::Acquire) {
                 self.mail_and_wakes();
@@ -426,6 +431,13 @@ impl EventLoop {
             }
             if pass(&srcs) {
                 last = Instant::now();
+                if last.saturating_duration_since(published) >= PUBLISH_EVERY {
+                    self.counters
+                        .busy_for(last.saturating_duration_since(published));
+                    published = last;
+                    let (fixed_ops, pinned) = uring::fixed_stats();
+                    self.counters.set_fixed(fixed_ops, pinned);
+                }
                 continue;
             }
             if window > Duration::ZERO && uring::io_in_flight() < DEEP_IN_FLIGHT {
@@ -464,7 +476,7 @@ impl EventLoop {
         // One clock read per wake-up, for the metrics.
         let end = Instant::now();
         self.counters.woke_up(
-            end.saturating_duration_since(woke),
+            end.saturating_duration_since(published),
             end.saturating_duration_since(last),
         );
         let (fixed_ops, pinned) = uring::fixed_stats();

@@ -258,6 +258,13 @@ impl LoopCounters {
         self.poll_ns.fetch_add(nanos(poll), Ordering::Relaxed);
     }
 
+    /// Counts `busy` time of a wake-up that goes on (published every
+    /// [`crate::iothread::event_loop`] `PUBLISH_EVERY`, so that a loop that never
+    /// sleeps under load does not show frozen figures); its end counts the rest.
+    pub fn busy_for(&self, busy: Duration) {
+        self.busy_ns.fetch_add(nanos(busy), Ordering::Relaxed);
+    }
+
     /// Publishes the loop's fixed-buffer figures: operations so far, bytes registered.
     pub fn set_fixed(&self, ops: u64, pinned_bytes: u64) {
         self.fixed_ops.store(ops, Ordering::Relaxed);

@@ -25,11 +25,19 @@
 //! that frontend's I/O then reads and writes pages it gave up. Entries are shared by
 //! every holder of the same range on the thread (several rings of one export) and
 //! unregistered when the last [`Pinned`] handle goes.
+//!
+//! Pinning takes time in proportion to the memory (about 50 ms for 512 MiB here), and
+//! a ring's registration holds the ring's lock meanwhile, so an iothread that pinned a
+//! guest's memory itself would stop serving its other exports for as long. [`Staged`]
+//! pins on any thread, in a ring of its own; the iothread then takes the buffers into
+//! its table with `IORING_REGISTER_CLONE_BUFFERS` ([`Table::adopt`], Linux 6.13+),
+//! which shares the pinned pages instead of pinning them again.
 
 use super::iovec::{Keepalive, Segment};
 use io_uring::{opcode, IoUring, Probe};
 use std::fmt;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
@@ -230,36 +238,13 @@ impl Table {
         len: usize,
         keep: &Keepalive,
     ) -> Result<Pinned, FixedError> {
-        let start = ptr as usize;
-        let end = start.saturating_add(len);
-        let chunks: Vec<(usize, usize)> = (start..end)
-            .step_by(MAX_BUFFER)
-            .map(|at| (at, (end - at).min(MAX_BUFFER)))
-            .collect();
+        let chunks = chunks_of(ptr, len);
         // Ranges registered already (the same mapping, through another ring of the
         // same memory) only gain a reference.
-        let known = chunks
-            .iter()
-            .all(|&(a, n)| self.entries.iter().any(|e| e.start == a && e.end == a + n));
-        if known {
-            for &(a, _) in &chunks {
-                if let Some(e) = self.entries.iter_mut().find(|e| e.start == a) {
-                    e.refs += 1;
-                    // The same mapping (its addresses cannot have been reused while
-                    // the entry held it), kept from now on by the newest table: an
-                    // older one may hold regions the frontend has removed since.
-                    e.keep = keep.clone();
-                }
-            }
-            return Ok(Pinned {
-                starts: chunks.iter().map(|c| c.0).collect(),
-                _thread: std::marker::PhantomData,
-            });
+        if let Some(p) = self.share(&chunks, keep) {
+            return Ok(p);
         }
-        if chunks
-            .iter()
-            .any(|&(a, n)| self.entries.iter().any(|e| a < e.end && e.start < a + n))
-        {
+        if self.overlaps(&chunks) {
             return Err(FixedError::Overlap);
         }
         let limit = pin_limit();
@@ -289,17 +274,7 @@ impl Table {
         chunks: &[(usize, usize)],
         keep: &Keepalive,
     ) -> Result<Pinned, FixedError> {
-        if !self.ready {
-            ring.submitter()
-                .register_buffers_sparse(TABLE_SLOTS)
-                .map_err(FixedError::Kernel)?;
-            self.free = (0..TABLE_SLOTS as u16).rev().collect();
-            let mut probe = Probe::new();
-            self.vectored = ring.submitter().register_probe(&mut probe).is_ok()
-                && probe.is_supported(opcode::ReadvFixed::CODE)
-                && probe.is_supported(opcode::WritevFixed::CODE);
-            self.ready = true;
-        }
+        self.ensure_ready(ring)?;
         if self.free.len() < chunks.len() {
             return Err(FixedError::TableFull);
         }
@@ -327,21 +302,123 @@ impl Table {
             done.push((a, slot));
         }
         for (&(a, n), &(_, slot)) in chunks.iter().zip(&done) {
-            let i = self.entries.partition_point(|e| e.start < a);
-            self.entries.insert(
-                i,
-                Entry {
-                    start: a,
-                    end: a + n,
-                    slot,
-                    refs: 1,
-                    keep: keep.clone(),
-                },
-            );
-            self.bytes += n as u64;
+            self.insert(a, n, slot, keep);
         }
         Ok(Pinned {
             starts: chunks.iter().map(|c| c.0).collect(),
+            _thread: std::marker::PhantomData,
+        })
+    }
+
+    /// The sparse table registered with `ring`, on first use.
+    fn ensure_ready(&mut self, ring: &IoUring) -> Result<(), FixedError> {
+        if self.ready {
+            return Ok(());
+        }
+        ring.submitter()
+            .register_buffers_sparse(TABLE_SLOTS)
+            .map_err(FixedError::Kernel)?;
+        self.free = (0..TABLE_SLOTS as u16).rev().collect();
+        let mut probe = Probe::new();
+        self.vectored = ring.submitter().register_probe(&mut probe).is_ok()
+            && probe.is_supported(opcode::ReadvFixed::CODE)
+            && probe.is_supported(opcode::WritevFixed::CODE);
+        self.ready = true;
+        Ok(())
+    }
+
+    /// Another reference to `ptr..ptr+len` if it is registered already, as [`Table::pin`]
+    /// would give, but never registering anything (no time spent pinning).
+    ///
+    /// # Safety
+    /// As [`Table::pin`]: `keep` becomes what keeps the range mapped.
+    pub unsafe fn share_range(
+        &mut self,
+        ptr: *mut u8,
+        len: usize,
+        keep: &Keepalive,
+    ) -> Option<Pinned> {
+        self.share(&chunks_of(ptr, len), keep)
+    }
+
+    /// Another reference to each of `chunks`, if every one is registered already
+    /// (kept from now on by `keep`, the newest table: an older one may hold regions
+    /// the frontend has removed since).
+    fn share(&mut self, chunks: &[(usize, usize)], keep: &Keepalive) -> Option<Pinned> {
+        let known = chunks
+            .iter()
+            .all(|&(a, n)| self.entries.iter().any(|e| e.start == a && e.end == a + n));
+        if !known {
+            return None;
+        }
+        for &(a, _) in chunks {
+            if let Some(e) = self.entries.iter_mut().find(|e| e.start == a) {
+                e.refs += 1;
+                e.keep = keep.clone();
+            }
+        }
+        Some(Pinned {
+            starts: chunks.iter().map(|c| c.0).collect(),
+            _thread: std::marker::PhantomData,
+        })
+    }
+
+    fn overlaps(&self, chunks: &[(usize, usize)]) -> bool {
+        chunks
+            .iter()
+            .any(|&(a, n)| self.entries.iter().any(|e| a < e.end && e.start < a + n))
+    }
+
+    fn insert(&mut self, start: usize, len: usize, slot: u16, keep: &Keepalive) {
+        let i = self.entries.partition_point(|e| e.start < start);
+        self.entries.insert(
+            i,
+            Entry {
+                start,
+                end: start + len,
+                slot,
+                refs: 1,
+                keep: keep.clone(),
+            },
+        );
+        self.bytes += len as u64;
+    }
+
+    /// Takes the buffers `staged` pinned into this thread's table (or another
+    /// reference to them, if the same ranges are registered already), without pinning
+    /// their pages again. An error leaves `staged` to be dropped (its pins go with it).
+    pub fn adopt(&mut self, ring: &IoUring, mut staged: Staged) -> Result<Pinned, FixedError> {
+        if let Some(p) = self.share(&staged.chunks, &staged.keep) {
+            return Ok(p);
+        }
+        if self.overlaps(&staged.chunks) {
+            return Err(FixedError::Overlap);
+        }
+        self.ensure_ready(ring)?;
+        if self.free.len() < staged.chunks.len() {
+            return Err(FixedError::TableFull);
+        }
+        let mut done: Vec<u16> = Vec::with_capacity(staged.chunks.len());
+        for i in 0..staged.chunks.len() {
+            let slot = self.free.pop().expect("free slots counted above");
+            if let Err(e) = clone_buffer(ring, &staged.ring, i as u32, u32::from(slot)) {
+                self.free.push(slot);
+                for s in done {
+                    clear_slot(ring, s);
+                    self.free.push(s);
+                }
+                return Err(FixedError::Kernel(e));
+            }
+            done.push(slot);
+        }
+        let keep = staged.keep.clone();
+        for (&(a, n), &slot) in staged.chunks.iter().zip(&done) {
+            self.insert(a, n, slot, &keep);
+        }
+        // The table accounts for the bytes from now on.
+        staged.counted = 0;
+        Ok(Pinned {
+            starts: staged.chunks.iter().map(|c| c.0).collect(),
             _thread: std::marker::PhantomData,
         })
     }
@@ -378,6 +455,140 @@ impl Drop for Table {
     fn drop(&mut self) {
         // The ring closes with the engine, and the kernel lets go of every buffer.
         PINNED_BYTES.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
+/// `ptr..ptr+len` in buffers of at most [`MAX_BUFFER`] bytes.
+fn chunks_of(ptr: *mut u8, len: usize) -> Vec<(usize, usize)> {
+    let start = ptr as usize;
+    let end = start.saturating_add(len);
+    (start..end)
+        .step_by(MAX_BUFFER)
+        .map(|at| (at, (end - at).min(MAX_BUFFER)))
+        .collect()
+}
+
+/// A range pinned by a ring of its own, on whatever thread made it, for an iothread to
+/// take into its table with [`Table::adopt`]. Dropped without that, its ring closes
+/// and the pages are let go.
+pub struct Staged {
+    ring: IoUring,
+    /// The range in buffers of at most [`MAX_BUFFER`], buffer i in slot i of `ring`.
+    chunks: Vec<(usize, usize)>,
+    /// Keeps the range mapped while its pages are pinned.
+    keep: Keepalive,
+    /// Bytes this holds in the process's count (0 once a table took them over).
+    counted: u64,
+}
+
+impl Staged {
+    /// Pins `ptr..ptr+len` in a new ring (the time it takes is spent here, on the
+    /// calling thread), within the process's [`pin_limit`].
+    ///
+    /// # Safety
+    /// `ptr..ptr+len` must be mapped, readable and writable, for as long as `keep`
+    /// lives.
+    pub unsafe fn new(ptr: *mut u8, len: usize, keep: Keepalive) -> Result<Staged, FixedError> {
+        let chunks = chunks_of(ptr, len);
+        let total = len as u64;
+        let limit = pin_limit();
+        let pinned = PINNED_BYTES.fetch_add(total, Ordering::Relaxed);
+        if pinned.saturating_add(total) > limit {
+            PINNED_BYTES.fetch_sub(total, Ordering::Relaxed);
+            return Err(FixedError::OverLimit {
+                len: total,
+                pinned,
+                limit,
+            });
+        }
+        let staged = IoUring::new(1).map(|ring| Staged {
+            ring,
+            chunks,
+            keep,
+            counted: total,
+        });
+        let staged = match staged {
+            Ok(s) => s,
+            Err(e) => {
+                PINNED_BYTES.fetch_sub(total, Ordering::Relaxed);
+                return Err(FixedError::Kernel(e));
+            }
+        };
+        let iovs: Vec<libc::iovec> = staged
+            .chunks
+            .iter()
+            .map(|&(a, n)| libc::iovec {
+                iov_base: a as *mut libc::c_void,
+                iov_len: n,
+            })
+            .collect();
+        // SAFETY: the caller guarantees the range stays mapped while `keep` lives,
+        // which `staged` holds as long as its ring (and whatever ring adopts the
+        // buffers holds it in its table entry).
+        unsafe { staged.ring.submitter().register_buffers(&iovs) }.map_err(FixedError::Kernel)?;
+        Ok(staged)
+    }
+
+    /// The range pinned: its start and length.
+    pub fn range(&self) -> (usize, usize) {
+        let start = self.chunks.first().map_or(0, |c| c.0);
+        (start, self.chunks.iter().map(|c| c.1).sum())
+    }
+
+    /// Bytes pinned.
+    pub fn len(&self) -> u64 {
+        self.chunks.iter().map(|c| c.1 as u64).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.chunks.is_empty()
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        PINNED_BYTES.fetch_sub(self.counted, Ordering::Relaxed);
+    }
+}
+
+/// `IORING_REGISTER_CLONE_BUFFERS` (not in the io-uring crate): buffer `src_off` of
+/// `src` into slot `dst_off` of `dst`, replacing what the slot held. Both rings then
+/// hold the same pinned pages.
+fn clone_buffer(dst: &IoUring, src: &IoUring, src_off: u32, dst_off: u32) -> io::Result<()> {
+    const IORING_REGISTER_CLONE_BUFFERS: libc::c_uint = 30;
+    const IORING_REGISTER_DST_REPLACE: u32 = 1 << 1;
+    #[repr(C)]
+    struct CloneBuffers {
+        src_fd: u32,
+        flags: u32,
+        src_off: u32,
+        dst_off: u32,
+        nr: u32,
+        pad: [u32; 3],
+    }
+    let arg = CloneBuffers {
+        src_fd: src.as_raw_fd() as u32,
+        flags: IORING_REGISTER_DST_REPLACE,
+        src_off,
+        dst_off,
+        nr: 1,
+        pad: [0; 3],
+    };
+    // SAFETY: io_uring_register reads one `struct io_uring_clone_buffers` from `arg`,
+    // which lives across the call; both descriptors are open rings.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_io_uring_register,
+            dst.as_raw_fd(),
+            IORING_REGISTER_CLONE_BUFFERS,
+            &arg as *const CloneBuffers,
+            1,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
     }
 }
 
@@ -422,6 +633,13 @@ mod tests {
 
     const LEN: usize = 64 << 10;
 
+    /// The tests that pin run one at a time: they look at the process's count.
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn serial() -> std::sync::MutexGuard<'static, ()> {
+        SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// A vector of `segs` (offset, length) inside `buf`.
     fn vec_of(buf: &Arc<AlignedBuf>, segs: &[(usize, usize)]) -> IoVec {
         let keep: Keepalive = buf.clone();
@@ -440,6 +658,7 @@ mod tests {
 
     #[test]
     fn direct_io_through_registered_memory_and_its_release() {
+        let _serial = serial();
         let file = tempfile_direct();
         let fd = file.as_raw_fd();
         let mut b = AlignedBuf::zeroed(2 * LEN, 4096);
@@ -503,8 +722,98 @@ mod tests {
         assert_eq!(Arc::strong_count(&buf), 1);
     }
 
+    /// Buffers pinned on another thread and cloned into this thread's ring: direct I/O
+    /// goes through them (a wrong slot or a clone that shares nothing gives EFAULT or
+    /// wrong data), the bytes count once, a staging of a range registered already only
+    /// adds a reference, and the last release lets go of the pages and the keepalive.
+    #[test]
+    fn buffers_pinned_elsewhere_are_adopted_without_pinning_again() {
+        let _serial = serial();
+        let file = tempfile_direct();
+        let fd = file.as_raw_fd();
+        let bufs: Vec<Arc<AlignedBuf>> = (0..2u8)
+            .map(|i| {
+                let mut b = AlignedBuf::zeroed(LEN, 4096);
+                b.as_mut_slice().fill(0x40 + i);
+                Arc::new(b)
+            })
+            .collect();
+        let stage = |b: &Arc<AlignedBuf>| {
+            let (p, keep) = (b.as_slice().as_ptr() as usize, b.clone() as Keepalive);
+            std::thread::spawn(move || {
+                // SAFETY: the buffer lives as long as `keep`, which the staging holds.
+                unsafe { super::Staged::new(p as *mut u8, LEN, keep) }.unwrap()
+            })
+            .join()
+            .unwrap()
+        };
+        let before_bytes = super::PINNED_BYTES.load(std::sync::atomic::Ordering::Relaxed);
+        // Something registered first, so that the adopted buffers land in other slots.
+        let keep0: Keepalive = bufs[0].clone();
+        // SAFETY: as above.
+        let first =
+            unsafe { uring::pin(bufs[0].as_slice().as_ptr().cast_mut(), LEN, &keep0) }.unwrap();
+        let staged = stage(&bufs[1]);
+        assert_eq!(staged.len(), LEN as u64);
+        let adopted = match uring::adopt(staged) {
+            Ok(p) => p,
+            Err(super::FixedError::Kernel(e)) if e.raw_os_error() == Some(libc::EINVAL) => {
+                eprintln!("skipped: this kernel cannot clone buffers at an offset ({e})");
+                return;
+            }
+            Err(e) => panic!("adopt: {e}"),
+        };
+        assert_eq!(uring::fixed_stats().1, (2 * LEN) as u64);
+        assert_eq!(
+            super::PINNED_BYTES.load(std::sync::atomic::Ordering::Relaxed) - before_bytes,
+            (2 * LEN) as u64,
+            "the adopted bytes count once"
+        );
+        let before = ops();
+        for (i, b) in bufs.iter().enumerate().rev() {
+            let w = vec_of(b, &[(0, LEN)]);
+            block_on(async move { uring::writev(fd, (i * LEN) as u64, w, 0).await.unwrap() });
+        }
+        assert_eq!(ops(), before + 2, "both writes used fixed buffers");
+        // Read back through memory outside the registration.
+        let check = Arc::new(AlignedBuf::zeroed(2 * LEN, 4096));
+        let r = vec_of(&check, &[(0, 2 * LEN)]);
+        block_on(async move { uring::readv(fd, 0, r).await.unwrap() });
+        let back = check.as_slice();
+        assert!(back[..LEN].iter().all(|&x| x == 0x40));
+        assert!(
+            back[LEN..].iter().all(|&x| x == 0x41),
+            "the adopted buffer's data"
+        );
+        // Reads into the adopted buffer land in it.
+        let r = vec_of(&bufs[1], &[(0, LEN)]);
+        block_on(async move { uring::readv(fd, 0, r).await.unwrap() });
+        assert_eq!(ops(), before + 3);
+        assert!(bufs[1].as_slice().iter().all(|&x| x == 0x40));
+        // The same range staged again: one more reference, nothing pinned twice.
+        let again = uring::adopt(stage(&bufs[1])).unwrap();
+        assert_eq!(uring::fixed_stats().1, (2 * LEN) as u64);
+        drop(adopted);
+        let r = vec_of(&bufs[1], &[(0, 4096)]);
+        block_on(async move { uring::readv(fd, 0, r).await.unwrap() });
+        assert_eq!(ops(), before + 4, "still registered for the second holder");
+        drop(again);
+        drop(first);
+        drop(keep0);
+        assert_eq!(uring::fixed_stats().1, 0);
+        assert_eq!(
+            super::PINNED_BYTES.load(std::sync::atomic::Ordering::Relaxed),
+            before_bytes
+        );
+        assert!(
+            bufs.iter().all(|b| Arc::strong_count(b) == 1),
+            "keepalives let go"
+        );
+    }
+
     #[test]
     fn each_buffer_is_written_from_its_own_slot() {
+        let _serial = serial();
         let file = tempfile_direct();
         let fd = file.as_raw_fd();
         let bufs: Vec<Arc<AlignedBuf>> = (0..3u8)
@@ -563,6 +872,7 @@ mod tests {
 
     #[test]
     fn a_range_overlapping_a_registered_one_is_refused() {
+        let _serial = serial();
         let buf = Arc::new(AlignedBuf::zeroed(4 * 4096, 4096));
         let keep: Keepalive = buf.clone();
         let p = buf.as_slice().as_ptr().cast_mut();

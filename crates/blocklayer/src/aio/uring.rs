@@ -6,7 +6,7 @@
 //! Submissions are batched: ops are queued on the submission ring and handed to the
 //! kernel by [`submit`], which the iothread loop calls after running ready tasks.
 
-use super::fixed::{self, FixedError, Pinned};
+use super::fixed::{self, FixedError, Pinned, Staged};
 use super::iovec::{IoVec, Keepalive};
 use io_uring::{opcode, types, IoUring};
 use std::cell::RefCell;
@@ -472,6 +472,24 @@ pub fn writev(fd: RawFd, offset: u64, iov: IoVec, rw_flags: i32) -> Op {
 pub unsafe fn pin(ptr: *mut u8, len: usize, keep: &Keepalive) -> Result<Pinned, FixedError> {
     // SAFETY: forwarded from the caller.
     with_engine(|e| unsafe { e.fixed.pin(&e.ring, ptr, len, keep) }).map_err(FixedError::Kernel)?
+}
+
+/// Another reference to `ptr..ptr+len` if this thread has it registered:
+/// [`Table::share_range`](super::fixed::Table::share_range).
+///
+/// # Safety
+/// As [`pin`].
+pub unsafe fn share(ptr: *mut u8, len: usize, keep: &Keepalive) -> Option<Pinned> {
+    // SAFETY: forwarded from the caller.
+    with_engine(|e| unsafe { e.fixed.share_range(ptr, len, keep) })
+        .ok()
+        .flatten()
+}
+
+/// Takes the buffers of `staged` (pinned on another thread) into this thread's ring:
+/// [`Table::adopt`](super::fixed::Table::adopt).
+pub fn adopt(staged: Staged) -> Result<Pinned, FixedError> {
+    with_engine(|e| e.fixed.adopt(&e.ring, staged)).map_err(FixedError::Kernel)?
 }
 
 /// Gives back the ranges of `pinned` (called by its `Drop`). Nothing to do once the

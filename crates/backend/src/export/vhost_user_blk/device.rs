@@ -8,6 +8,7 @@
 //! frontend in batches. Many exports' ring sets share one loop.
 
 use super::config_space::BlkConfig;
+use super::guest_pins::GuestPins;
 use super::request::{self, DeviceLimits, Memory, Op, Request, RequestError};
 use super::vhost_user::chain;
 use super::vhost_user::dirty_log::DirtyLog;
@@ -17,8 +18,6 @@ use super::vhost_user::{pf, BackendChannel, QueueDevice, F_LOG_ALL, F_PROTOCOL_F
 use super::{ExportShared, PopGate};
 use crate::iothread::event_loop::{EventLoop, Source, WAKE_SUB};
 use crate::metrics::counters::RequestKind;
-use blocklayer::aio::fixed::Pinned;
-use blocklayer::aio::iovec::Keepalive;
 use blocklayer::aio::{executor, uring};
 use blocklayer::backend::ErrorAction;
 use blocklayer::stats::{Acct, IoKind, IoStats};
@@ -36,10 +35,7 @@ use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
-use vm_memory::{
-    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
-    GuestMemoryRegion,
-};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 
 /// Offset of `writeback` in `struct virtio_blk_config`.
 const WRITEBACK_OFFSET: u32 = 32;
@@ -296,8 +292,10 @@ impl BlkDevice {
                 .me
                 .upgrade()
                 .ok_or_else(|| io::Error::other("the device is gone"))?;
-            let id =
-                l.attach(move || Rc::new(RingSet::new(dev, t, queues, mine)) as Rc<dyn Source>)?;
+            let lp = Arc::downgrade(l);
+            let id = l.attach(move || {
+                Rc::new(RingSet::new(dev, t, queues, mine, lp)) as Rc<dyn Source>
+            })?;
             serving.sets.push(id);
         }
         for q in 0..serving.kicks.len() {
@@ -952,13 +950,9 @@ struct RingSet {
     unsignalled: Vec<Cell<u32>>,
     /// The export's pop-gate counter this set uses (its iothread's index).
     slot: usize,
-    /// With `pin-guest-memory=on`: the regions of `mem` registered with this
-    /// iothread's io_uring (dropped with the set, or replaced with the table).
-    pinned: RefCell<Vec<Pinned>>,
-    /// A registration failed (logged once per set).
-    pin_failed: Cell<bool>,
-    /// The `mem_gen` whose table `pinned` registers.
-    pinned_gen: Cell<Option<u64>>,
+    /// With `pin-guest-memory=on`: the frontend's memory registered with this
+    /// iothread's io_uring (let go with the set, or replaced with the table).
+    pins: GuestPins,
 }
 
 impl RingSet {
@@ -967,6 +961,7 @@ impl RingSet {
         slot: usize,
         queues: Vec<usize>,
         vrings: Vec<Arc<Vring>>,
+        event_loop: Weak<EventLoop>,
     ) -> Self {
         let ctx = Rc::new(SetCtx {
             shared: device.shared.clone(),
@@ -974,6 +969,7 @@ impl RingSet {
             sink: RefCell::new(Vec::new()),
         });
         let unsignalled = (0..vrings.len()).map(|_| Cell::new(0)).collect();
+        let pins = GuestPins::new(device.shared.id.clone(), event_loop);
         RingSet {
             device,
             slot,
@@ -983,70 +979,20 @@ impl RingSet {
             mem: RefCell::new(None),
             lim: Cell::new(None),
             unsignalled,
-            pinned: RefCell::new(Vec::new()),
-            pin_failed: Cell::new(false),
-            pinned_gen: Cell::new(None),
+            pins,
         }
     }
 
-    /// With `pin-guest-memory=on`: registers the current memory table if it is not the
-    /// registered one. Called at the top of each pass, before any ring is locked
-    /// (registering faults in and pins the whole table) and whether or not the export
-    /// takes requests, so that a replaced table's registrations never outlive it.
+    /// With `pin-guest-memory=on`: brings the registrations up to date with the
+    /// current memory table ([`GuestPins::refresh`]). Called at the top of each pass,
+    /// before any ring is locked, and whether or not the export takes requests, so
+    /// that a replaced table's registrations never outlive it.
     fn refresh_pins(&self) {
         if !self.device.shared.pin_guest_memory {
             return;
         }
         let gen = self.device.mem_gen.load(Ordering::Acquire);
-        if self.pinned_gen.get() == Some(gen) {
-            return;
-        }
-        let mem = self.memory();
-        self.pin(&mem);
-        self.pinned_gen.set(Some(gen));
-    }
-
-    /// Registers the regions of `mem` with this thread's io_uring, so that reads and
-    /// writes into them skip pinning the guest's pages per request
-    /// ([`blocklayer::aio::fixed`]), in place of those of the previous table (ranges
-    /// in both stay registered).
-    fn pin(&self, mem: &Arc<Memory>) {
-        let keep: Keepalive = mem.clone();
-        let mut now = Vec::new();
-        let mut bytes = 0u64;
-        for r in mem.iter() {
-            let len = usize::try_from(r.len()).unwrap_or(usize::MAX);
-            // SAFETY: the region is a shared read-write mapping that lives as long as
-            // `mem`, which the registration keeps; `pin-guest-memory=on` is the
-            // operator's word that the frontend never replaces the pages behind it
-            // (no balloon, no virtio-mem, no holes punched in its memory).
-            match unsafe { uring::pin(r.as_ptr(), len, &keep) } {
-                Ok(p) => {
-                    now.push(p);
-                    bytes += r.len();
-                }
-                Err(e) => {
-                    if !self.pin_failed.replace(true) {
-                        log::warn!(
-                            "export {}: cannot pin a guest memory region of {} MiB for \
-                             I/O ({e}); requests into it pin their pages themselves",
-                            self.device.shared.id,
-                            r.len() >> 20
-                        );
-                    }
-                }
-            }
-        }
-        if !now.is_empty() {
-            log::info!(
-                "export {}: {} MiB of guest memory in {} region(s) pinned for I/O on \
-                 this iothread",
-                self.device.shared.id,
-                bytes >> 20,
-                now.len()
-            );
-        }
-        *self.pinned.borrow_mut() = now;
+        self.pins.refresh(gen, || self.memory());
     }
 
     /// This set's copy of the current memory table (a new one after the frontend

@@ -12,6 +12,7 @@
 
 pub mod config_space;
 pub mod device;
+pub mod guest_pins;
 pub mod request;
 pub mod server;
 pub mod vhost_user;
