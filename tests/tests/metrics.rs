@@ -1228,12 +1228,29 @@ fn pinned_guest_memory_carries_direct_io_and_goes_with_the_connection() {
 /// on the iothread itself held every request of the neighbour for all of it).
 #[test]
 fn pinning_a_large_frontend_does_not_hold_up_its_iothread() {
+    // The daemon may pin 2 GiB: half the host's memory at most, and without
+    // CAP_IPC_LOCK no more than RLIMIT_MEMLOCK (tests run as root here).
+    let mem_total_kib: u64 = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            let l = s.lines().find(|l| l.starts_with("MemTotal:"))?.to_string();
+            l.split_whitespace().nth(1)?.parse().ok()
+        })
+        .unwrap_or(0);
+    // SAFETY: geteuid has no preconditions.
+    if mem_total_kib < 8 << 20 || unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root and 8 GiB of memory to pin 2 GiB");
+        return;
+    }
     let dir = TempDir::new("metrics-pin-stall");
+    // O_DIRECT needs a file system with it: /tmp, not tmpfs.
+    let disk = TempDir::new_in(&std::env::temp_dir(), "metrics-pin-stall-img");
+    let img = vubd_tests::TempImage::new_in(disk.path(), 16 * MIB);
     let (opt, addr) = unix_metrics(&dir.join("metrics.sock"));
     let (big_sock, busy_sock) = (dir.join("big.sock"), dir.join("busy.sock"));
     let args = DaemonArgs::new()
         .iothread("io0")
-        .blockdev("driver=null-co,node-name=n0,size=1073741824")
+        .file_raw_path("n0", img.path(), ",cache.direct=on", "")
         .blockdev("driver=null-co,node-name=n1,size=1073741824")
         .vhost_user_blk(
             "n0",
@@ -1267,7 +1284,7 @@ fn pinning_a_large_frontend_does_not_hold_up_its_iothread() {
 
     let size = 2048 * MIB as usize;
     let t0 = Instant::now();
-    let big = Client::connect_with(
+    let mut big = Client::connect_with(
         &big_sock,
         &vubd_tests::ClientOptions {
             buf_per_queue: size,
@@ -1293,6 +1310,41 @@ fn pinning_a_large_frontend_does_not_hold_up_its_iothread() {
     assert!(
         worst * 2 < took,
         "a request to the neighbour export waited {worst:?} while the pinning took {took:?}"
+    );
+    // The buffers the iothread took over carry direct I/O, at the far end of the
+    // region too (its second buffer: the kernel's buffers are 1 GiB at most).
+    let ops = |s: &Scrape| {
+        s.get(
+            "vubd_iothread_fixed_buffer_operations_total",
+            &[("iothread", "io0")],
+        )
+    };
+    let before = ops(&scrape(&addr));
+    let data: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
+    let ioq = big.queue(0);
+    let end = size - 65536;
+    ioq.buf()[end..].copy_from_slice(&data);
+    let w = Req::Write {
+        offset: 0,
+        buf: end..size,
+        flags: blkio::ReqFlags::empty(),
+    };
+    assert_eq!(ioq.submit(&[w]), vec![0]);
+    ioq.buf()[..65536].fill(0);
+    assert_eq!(
+        ioq.submit(&[Req::Read {
+            offset: 0,
+            buf: 0..65536
+        }]),
+        vec![0]
+    );
+    assert!(
+        ioq.buf()[..65536] == data[..],
+        "read back through the first buffer"
+    );
+    assert!(
+        ops(&scrape(&addr)) >= before + 2,
+        "the adopted buffers were not used"
     );
     drop(big);
     daemon.assert_running("after the large frontend left");

@@ -233,7 +233,8 @@ impl QueueSample {
     }
 }
 
-/// An event loop's counters, written by its thread once per wake-up.
+/// An event loop's counters, written by its thread at the end of each wake-up, and
+/// every 100 ms of one that lasts.
 #[derive(Default)]
 #[repr(align(128))]
 pub struct LoopCounters {
@@ -250,7 +251,8 @@ fn nanos(d: Duration) -> u64 {
 }
 
 impl LoopCounters {
-    /// Counts a wake-up: `busy` from the wake-up to going back to sleep, of which
+    /// Counts a wake-up that ends: `busy` since the wake-up (or since the busy time
+    /// it last published, [`LoopCounters::busy_for`]) to going back to sleep, of which
     /// `poll` after the last work (the polling window and the final look).
     pub fn woke_up(&self, busy: Duration, poll: Duration) {
         self.wakeups.fetch_add(1, Ordering::Relaxed);

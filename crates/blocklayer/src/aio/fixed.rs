@@ -38,7 +38,7 @@ use io_uring::{opcode, IoUring, Probe};
 use std::fmt;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 /// Slots of the sparse buffer table of each ring that registers anything.
@@ -62,6 +62,8 @@ pub enum FixedError {
     TableFull,
     /// The kernel refused (an old kernel, `RLIMIT_MEMLOCK`, memory it cannot pin).
     Kernel(io::Error),
+    /// A staging was given up before it came to the range.
+    Cancelled,
 }
 
 impl fmt::Display for FixedError {
@@ -84,6 +86,7 @@ impl fmt::Display for FixedError {
                 )
             }
             FixedError::Kernel(e) => write!(f, "io_uring refused the buffers: {e}"),
+            FixedError::Cancelled => write!(f, "given up"),
         }
     }
 }
@@ -384,24 +387,43 @@ impl Table {
         self.bytes += len as u64;
     }
 
-    /// Takes the buffers `staged` pinned into this thread's table (or another
-    /// reference to them, if the same ranges are registered already), without pinning
-    /// their pages again. An error leaves `staged` to be dropped (its pins go with it).
-    pub fn adopt(&mut self, ring: &IoUring, mut staged: Staged) -> Result<Pinned, FixedError> {
-        if let Some(p) = self.share(&staged.chunks, &staged.keep) {
+    /// Takes range `i` of `staged` (pinned on another thread) into this thread's
+    /// table, kept mapped by `keep` (the staging's own keepalive, or a newer table that
+    /// holds the same mapping: while the staging holds its mapping, no other can be at
+    /// its addresses), without pinning its pages again; or another reference to it, if
+    /// the range is registered already. The buffers are cloned into free slots
+    /// (`IORING_REGISTER_CLONE_BUFFERS`); call only where [`can_clone`] says the kernel
+    /// does that right.
+    ///
+    /// # Safety
+    /// `keep` must keep the range mapped, as for [`Table::pin`].
+    pub unsafe fn adopt(
+        &mut self,
+        ring: &IoUring,
+        staged: &mut Staged,
+        i: usize,
+        keep: &Keepalive,
+    ) -> Result<Pinned, FixedError> {
+        let Some(r) = staged.ranges.get_mut(i) else {
+            return Err(FixedError::Overlap);
+        };
+        if let Some(e) = r.error.take() {
+            return Err(e);
+        }
+        if let Some(p) = self.share(&r.chunks, keep) {
             return Ok(p);
         }
-        if self.overlaps(&staged.chunks) {
+        if self.overlaps(&r.chunks) {
             return Err(FixedError::Overlap);
         }
         self.ensure_ready(ring)?;
-        if self.free.len() < staged.chunks.len() {
+        if self.free.len() < r.chunks.len() {
             return Err(FixedError::TableFull);
         }
-        let mut done: Vec<u16> = Vec::with_capacity(staged.chunks.len());
-        for i in 0..staged.chunks.len() {
+        let mut done: Vec<u16> = Vec::with_capacity(r.chunks.len());
+        for j in 0..r.chunks.len() {
             let slot = self.free.pop().expect("free slots counted above");
-            if let Err(e) = clone_buffer(ring, &staged.ring, i as u32, u32::from(slot)) {
+            if let Err(e) = clone_buffer(ring, &staged.ring, r.first + j as u32, u32::from(slot)) {
                 self.free.push(slot);
                 for s in done {
                     clear_slot(ring, s);
@@ -411,14 +433,13 @@ impl Table {
             }
             done.push(slot);
         }
-        let keep = staged.keep.clone();
-        for (&(a, n), &slot) in staged.chunks.iter().zip(&done) {
-            self.insert(a, n, slot, &keep);
+        for (&(a, n), &slot) in r.chunks.iter().zip(&done) {
+            self.insert(a, n, slot, keep);
         }
         // The table accounts for the bytes from now on.
-        staged.counted = 0;
+        r.counted = 0;
         Ok(Pinned {
-            starts: staged.chunks.iter().map(|c| c.0).collect(),
+            starts: r.chunks.iter().map(|c| c.0).collect(),
             _thread: std::marker::PhantomData,
         })
     }
@@ -468,87 +489,230 @@ fn chunks_of(ptr: *mut u8, len: usize) -> Vec<(usize, usize)> {
         .collect()
 }
 
-/// A range pinned by a ring of its own, on whatever thread made it, for an iothread to
-/// take into its table with [`Table::adopt`]. Dropped without that, its ring closes
-/// and the pages are let go.
+/// Ranges pinned by a ring of their own, on whatever thread made it, for an iothread
+/// to take into its table with [`Table::adopt`]. Dropped, its ring closes and the pages
+/// of what no table took are let go.
 pub struct Staged {
     ring: IoUring,
-    /// The range in buffers of at most [`MAX_BUFFER`], buffer i in slot i of `ring`.
+    ranges: Vec<StagedRange>,
+    /// Keeps the ranges mapped while their pages are pinned.
+    _keep: Keepalive,
+}
+
+struct StagedRange {
+    start: usize,
+    len: usize,
+    /// Slot of the range's first buffer in the staging's ring; the others follow.
+    first: u32,
+    /// The range in buffers of at most [`MAX_BUFFER`].
     chunks: Vec<(usize, usize)>,
-    /// Keeps the range mapped while its pages are pinned.
-    keep: Keepalive,
-    /// Bytes this holds in the process's count (0 once a table took them over).
+    /// Bytes it holds in the process's count (0 once a table took them over, or if it
+    /// failed).
     counted: u64,
+    /// Why it could not be pinned.
+    error: Option<FixedError>,
 }
 
 impl Staged {
-    /// Pins `ptr..ptr+len` in a new ring (the time it takes is spent here, on the
-    /// calling thread), within the process's [`pin_limit`].
+    /// Pins `ranges` (start, length) in one new ring; the time it takes is spent here,
+    /// on the calling thread. Each range is pinned within the process's [`pin_limit`],
+    /// or fails alone; once `cancel` is set, those not pinned yet are given up.
     ///
     /// # Safety
-    /// `ptr..ptr+len` must be mapped, readable and writable, for as long as `keep`
-    /// lives.
-    pub unsafe fn new(ptr: *mut u8, len: usize, keep: Keepalive) -> Result<Staged, FixedError> {
-        let chunks = chunks_of(ptr, len);
-        let total = len as u64;
-        let limit = pin_limit();
-        let pinned = PINNED_BYTES.fetch_add(total, Ordering::Relaxed);
-        if pinned.saturating_add(total) > limit {
-            PINNED_BYTES.fetch_sub(total, Ordering::Relaxed);
-            return Err(FixedError::OverLimit {
-                len: total,
-                pinned,
-                limit,
-            });
-        }
-        let staged = IoUring::new(1).map(|ring| Staged {
-            ring,
-            chunks,
-            keep,
-            counted: total,
-        });
-        let staged = match staged {
-            Ok(s) => s,
-            Err(e) => {
-                PINNED_BYTES.fetch_sub(total, Ordering::Relaxed);
-                return Err(FixedError::Kernel(e));
-            }
-        };
-        let iovs: Vec<libc::iovec> = staged
-            .chunks
+    /// Each range must be mapped, readable and writable, for as long as `keep` lives.
+    pub unsafe fn new(
+        ranges: &[(usize, usize)],
+        keep: Keepalive,
+        cancel: &AtomicBool,
+    ) -> io::Result<Staged> {
+        let mut first = 0u32;
+        let ranges: Vec<StagedRange> = ranges
             .iter()
-            .map(|&(a, n)| libc::iovec {
-                iov_base: a as *mut libc::c_void,
-                iov_len: n,
+            .map(|&(start, len)| {
+                let chunks = chunks_of(start as *mut u8, len);
+                let r = StagedRange {
+                    start,
+                    len,
+                    first,
+                    counted: 0,
+                    error: None,
+                    chunks,
+                };
+                first += r.chunks.len() as u32;
+                r
             })
             .collect();
-        // SAFETY: the caller guarantees the range stays mapped while `keep` lives,
-        // which `staged` holds as long as its ring (and whatever ring adopts the
-        // buffers holds it in its table entry).
-        unsafe { staged.ring.submitter().register_buffers(&iovs) }.map_err(FixedError::Kernel)?;
+        let ring = IoUring::new(1)?;
+        if first > 0 {
+            ring.submitter().register_buffers_sparse(first)?;
+        }
+        let mut staged = Staged {
+            ring,
+            ranges,
+            _keep: keep,
+        };
+        let limit = pin_limit();
+        for r in &mut staged.ranges {
+            if cancel.load(Ordering::Relaxed) {
+                r.error = Some(FixedError::Cancelled);
+                continue;
+            }
+            let total = r.len as u64;
+            let pinned = PINNED_BYTES.fetch_add(total, Ordering::Relaxed);
+            if pinned.saturating_add(total) > limit {
+                PINNED_BYTES.fetch_sub(total, Ordering::Relaxed);
+                r.error = Some(FixedError::OverLimit {
+                    len: total,
+                    pinned,
+                    limit,
+                });
+                continue;
+            }
+            let iovs: Vec<libc::iovec> = r
+                .chunks
+                .iter()
+                .map(|&(a, n)| libc::iovec {
+                    iov_base: a as *mut libc::c_void,
+                    iov_len: n,
+                })
+                .collect();
+            // SAFETY: the caller guarantees the range stays mapped while `keep` lives,
+            // which the staging holds as long as its ring (and a table that adopts
+            // the buffers holds a keepalive of the mapping in its entry).
+            match unsafe {
+                staged
+                    .ring
+                    .submitter()
+                    .register_buffers_update(r.first, &iovs, None)
+            } {
+                Ok(_) => r.counted = total,
+                Err(e) => {
+                    PINNED_BYTES.fetch_sub(total, Ordering::Relaxed);
+                    r.error = Some(FixedError::Kernel(e));
+                }
+            }
+        }
         Ok(staged)
     }
 
-    /// The range pinned: its start and length.
-    pub fn range(&self) -> (usize, usize) {
-        let start = self.chunks.first().map_or(0, |c| c.0);
-        (start, self.chunks.iter().map(|c| c.1).sum())
-    }
-
-    /// Bytes pinned.
-    pub fn len(&self) -> u64 {
-        self.chunks.iter().map(|c| c.1 as u64).sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.chunks.is_empty()
+    /// The ranges, in the order given, with whether each was pinned.
+    pub fn ranges(&self) -> Vec<((usize, usize), bool)> {
+        self.ranges
+            .iter()
+            .map(|r| ((r.start, r.len), r.error.is_none()))
+            .collect()
     }
 }
 
 impl Drop for Staged {
     fn drop(&mut self) {
-        PINNED_BYTES.fetch_sub(self.counted, Ordering::Relaxed);
+        let counted: u64 = self.ranges.iter().map(|r| r.counted).sum();
+        PINNED_BYTES.fetch_sub(counted, Ordering::Relaxed);
     }
+}
+
+/// Whether this kernel clones buffers between rings at an offset, and right: before
+/// Linux 6.13 it cannot (EINVAL), and until a fix of late 2025 ("io_uring/rsrc: fix lost
+/// entries after cloned range", in 6.18.3 and the stable kernels) a clone into a slot
+/// dropped the occupied slots above it. Found out once per process on two scratch
+/// rings: a buffer in slot 1, another cloned into slot 0, then a read into each.
+pub fn can_clone() -> bool {
+    static CAN: OnceLock<bool> = OnceLock::new();
+    *CAN.get_or_init(|| match probe_clone() {
+        Ok(()) => true,
+        Err(e) => {
+            log::info!(
+                "io_uring cannot clone registered buffers here ({e}): guest memory is \
+                 pinned on the iothreads themselves"
+            );
+            false
+        }
+    })
+}
+
+fn probe_clone() -> io::Result<()> {
+    const PAGE: usize = 4096;
+    struct Map(*mut libc::c_void);
+    impl Drop for Map {
+        fn drop(&mut self) {
+            // SAFETY: unmaps the two pages mapped below, which nothing uses any more
+            // (the rings that registered them are dropped first).
+            unsafe { libc::munmap(self.0, 2 * PAGE) };
+        }
+    }
+    // SAFETY: a new private anonymous mapping of two pages.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            2 * PAGE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    let map = Map(p);
+    let page = |i: usize| (map.0 as usize + i * PAGE) as *mut u8;
+    // SAFETY: both pages are mapped read-write.
+    unsafe { std::ptr::write_bytes(page(0), 0xAA, 2 * PAGE) };
+    let iov = |i: usize| libc::iovec {
+        iov_base: page(i).cast(),
+        iov_len: PAGE,
+    };
+    let dst = IoUring::new(2)?;
+    dst.submitter().register_buffers_sparse(2)?;
+    // SAFETY: the pages stay mapped until `map` drops, after both rings.
+    unsafe {
+        dst.submitter()
+            .register_buffers_update(1, &[iov(1)], None)?
+    };
+    {
+        let src = IoUring::new(1)?;
+        // SAFETY: as above.
+        unsafe { src.submitter().register_buffers(&[iov(0)])? };
+        clone_buffer(&dst, &src, 0, 0)?;
+    }
+    let zero = std::fs::File::open("/dev/zero")?;
+    let mut dst = dst;
+    for slot in 0..2u16 {
+        let sqe = opcode::ReadFixed::new(
+            io_uring::types::Fd(zero.as_raw_fd()),
+            page(usize::from(slot)),
+            PAGE as u32,
+            slot,
+        )
+        .build();
+        // SAFETY: the buffer is registered and mapped; the read completes before
+        // `submit_and_wait` returns (its result is awaited below).
+        unsafe {
+            dst.submission()
+                .push(&sqe)
+                .map_err(|_| io::Error::other("submission queue full"))?
+        };
+        dst.submit_and_wait(1)?;
+        let res = dst
+            .completion()
+            .next()
+            .map(|c| c.result())
+            .ok_or_else(|| io::Error::other("no completion"))?;
+        if res != PAGE as i32 {
+            return Err(io::Error::other(format!(
+                "a read into fixed buffer {slot} after a clone gave {res}: the kernel \
+                 lost it (fixed in Linux 6.18.3)"
+            )));
+        }
+    }
+    // SAFETY: both pages are mapped, and the reads are done.
+    let all = unsafe { std::slice::from_raw_parts(page(0), 2 * PAGE) };
+    if all.iter().any(|&b| b != 0) {
+        return Err(io::Error::other("cloned buffers read the wrong memory"));
+    }
+    drop(dst);
+    drop(map);
+    Ok(())
 }
 
 /// `IORING_REGISTER_CLONE_BUFFERS` (not in the io-uring crate): buffer `src_off` of
@@ -724,87 +888,99 @@ mod tests {
 
     /// Buffers pinned on another thread and cloned into this thread's ring: direct I/O
     /// goes through them (a wrong slot or a clone that shares nothing gives EFAULT or
-    /// wrong data), the bytes count once, a staging of a range registered already only
-    /// adds a reference, and the last release lets go of the pages and the keepalive.
+    /// wrong data), also through a buffer registered in a slot above the one cloned
+    /// into (which kernels before 6.18.3 lost); the bytes count once; a staging of a
+    /// range registered already only adds a reference; a cancelled staging pins
+    /// nothing; the last release lets go of the pages and the keepalives.
     #[test]
     fn buffers_pinned_elsewhere_are_adopted_without_pinning_again() {
+        use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
         let _serial = serial();
+        if !super::can_clone() {
+            eprintln!("skipped: this kernel cannot clone io_uring buffers");
+            return;
+        }
         let file = tempfile_direct();
         let fd = file.as_raw_fd();
-        let bufs: Vec<Arc<AlignedBuf>> = (0..2u8)
+        let bufs: Vec<Arc<AlignedBuf>> = (0..3u8)
             .map(|i| {
                 let mut b = AlignedBuf::zeroed(LEN, 4096);
                 b.as_mut_slice().fill(0x40 + i);
                 Arc::new(b)
             })
             .collect();
-        let stage = |b: &Arc<AlignedBuf>| {
-            let (p, keep) = (b.as_slice().as_ptr() as usize, b.clone() as Keepalive);
+        let keeps: Vec<Keepalive> = bufs.iter().map(|b| b.clone() as Keepalive).collect();
+        let at = |i: usize| bufs[i].as_slice().as_ptr() as usize;
+        let stage = |i: usize, cancel: bool| {
+            let (p, keep) = (at(i), keeps[i].clone());
             std::thread::spawn(move || {
                 // SAFETY: the buffer lives as long as `keep`, which the staging holds.
-                unsafe { super::Staged::new(p as *mut u8, LEN, keep) }.unwrap()
+                unsafe { super::Staged::new(&[(p, LEN)], keep, &AtomicBool::new(cancel)) }.unwrap()
             })
             .join()
             .unwrap()
         };
-        let before_bytes = super::PINNED_BYTES.load(std::sync::atomic::Ordering::Relaxed);
-        // Something registered first, so that the adopted buffers land in other slots.
-        let keep0: Keepalive = bufs[0].clone();
+        let base = super::PINNED_BYTES.load(Relaxed);
+        // Buffers 0 and 1 in slots 0 and 1, then slot 0 freed again: the adopted
+        // buffer goes there, below buffer 1.
+        // SAFETY: the buffers live as long as their keepalives, which the table holds.
+        let first = unsafe { uring::pin(at(0) as *mut u8, LEN, &keeps[0]) }.unwrap();
         // SAFETY: as above.
-        let first =
-            unsafe { uring::pin(bufs[0].as_slice().as_ptr().cast_mut(), LEN, &keep0) }.unwrap();
-        let staged = stage(&bufs[1]);
-        assert_eq!(staged.len(), LEN as u64);
-        let adopted = match uring::adopt(staged) {
-            Ok(p) => p,
-            Err(super::FixedError::Kernel(e)) if e.raw_os_error() == Some(libc::EINVAL) => {
-                eprintln!("skipped: this kernel cannot clone buffers at an offset ({e})");
-                return;
-            }
-            Err(e) => panic!("adopt: {e}"),
-        };
+        let second = unsafe { uring::pin(at(1) as *mut u8, LEN, &keeps[1]) }.unwrap();
+        drop(first);
+        let mut staged = stage(2, false);
+        assert_eq!(staged.ranges(), vec![((at(2), LEN), true)]);
+        // SAFETY: `keeps[2]` keeps buffer 2 mapped.
+        let adopted = unsafe { uring::adopt(&mut staged, 0, &keeps[2]) }.unwrap();
+        drop(staged);
         assert_eq!(uring::fixed_stats().1, (2 * LEN) as u64);
         assert_eq!(
-            super::PINNED_BYTES.load(std::sync::atomic::Ordering::Relaxed) - before_bytes,
+            super::PINNED_BYTES.load(Relaxed) - base,
             (2 * LEN) as u64,
             "the adopted bytes count once"
         );
         let before = ops();
-        for (i, b) in bufs.iter().enumerate().rev() {
-            let w = vec_of(b, &[(0, LEN)]);
+        for i in [2usize, 1] {
+            let w = vec_of(&bufs[i], &[(0, LEN)]);
             block_on(async move { uring::writev(fd, (i * LEN) as u64, w, 0).await.unwrap() });
         }
         assert_eq!(ops(), before + 2, "both writes used fixed buffers");
         // Read back through memory outside the registration.
-        let check = Arc::new(AlignedBuf::zeroed(2 * LEN, 4096));
-        let r = vec_of(&check, &[(0, 2 * LEN)]);
+        let check = Arc::new(AlignedBuf::zeroed(3 * LEN, 4096));
+        let r = vec_of(&check, &[(0, 3 * LEN)]);
         block_on(async move { uring::readv(fd, 0, r).await.unwrap() });
-        let back = check.as_slice();
-        assert!(back[..LEN].iter().all(|&x| x == 0x40));
+        assert!(check.as_slice()[LEN..2 * LEN].iter().all(|&x| x == 0x41));
         assert!(
-            back[LEN..].iter().all(|&x| x == 0x41),
+            check.as_slice()[2 * LEN..].iter().all(|&x| x == 0x42),
             "the adopted buffer's data"
         );
         // Reads into the adopted buffer land in it.
-        let r = vec_of(&bufs[1], &[(0, LEN)]);
-        block_on(async move { uring::readv(fd, 0, r).await.unwrap() });
+        let r = vec_of(&bufs[2], &[(LEN / 2, LEN / 2)]);
+        block_on(async move { uring::readv(fd, LEN as u64, r).await.unwrap() });
         assert_eq!(ops(), before + 3);
-        assert!(bufs[1].as_slice().iter().all(|&x| x == 0x40));
+        assert!(bufs[2].as_slice()[LEN / 2..].iter().all(|&x| x == 0x41));
         // The same range staged again: one more reference, nothing pinned twice.
-        let again = uring::adopt(stage(&bufs[1])).unwrap();
+        let mut again = stage(2, false);
+        // SAFETY: as above.
+        let shared = unsafe { uring::adopt(&mut again, 0, &keeps[2]) }.unwrap();
+        drop(again);
         assert_eq!(uring::fixed_stats().1, (2 * LEN) as u64);
         drop(adopted);
-        let r = vec_of(&bufs[1], &[(0, 4096)]);
+        let r = vec_of(&bufs[2], &[(0, 4096)]);
         block_on(async move { uring::readv(fd, 0, r).await.unwrap() });
         assert_eq!(ops(), before + 4, "still registered for the second holder");
-        drop(again);
-        drop(first);
-        drop(keep0);
+        // A cancelled staging pins nothing, and says so.
+        let mut cancelled = stage(0, true);
+        assert_eq!(cancelled.ranges(), vec![((at(0), LEN), false)]);
+        // SAFETY: as above.
+        let r = unsafe { uring::adopt(&mut cancelled, 0, &keeps[0]) };
+        assert!(matches!(r, Err(super::FixedError::Cancelled)));
+        drop(cancelled);
+        drop(shared);
+        drop(second);
         assert_eq!(uring::fixed_stats().1, 0);
-        assert_eq!(
-            super::PINNED_BYTES.load(std::sync::atomic::Ordering::Relaxed),
-            before_bytes
-        );
+        assert_eq!(super::PINNED_BYTES.load(Relaxed), base);
+        drop(keeps);
         assert!(
             bufs.iter().all(|b| Arc::strong_count(b) == 1),
             "keepalives let go"

@@ -2,6 +2,7 @@
 //! engine, both thread-local. A request is a future polled on the iothread that
 //! started it; io_uring completions wake it. Nothing here is shared between threads.
 
+pub mod affinity;
 pub mod bounce;
 pub mod clock;
 pub mod executor;

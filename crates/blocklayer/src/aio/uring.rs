@@ -486,10 +486,15 @@ pub unsafe fn share(ptr: *mut u8, len: usize, keep: &Keepalive) -> Option<Pinned
         .flatten()
 }
 
-/// Takes the buffers of `staged` (pinned on another thread) into this thread's ring:
-/// [`Table::adopt`](super::fixed::Table::adopt).
-pub fn adopt(staged: Staged) -> Result<Pinned, FixedError> {
-    with_engine(|e| e.fixed.adopt(&e.ring, staged)).map_err(FixedError::Kernel)?
+/// Takes range `i` of `staged` (pinned on another thread) into this thread's ring,
+/// kept mapped by `keep`: [`Table::adopt`](super::fixed::Table::adopt).
+///
+/// # Safety
+/// As [`Table::adopt`](super::fixed::Table::adopt).
+pub unsafe fn adopt(staged: &mut Staged, i: usize, keep: &Keepalive) -> Result<Pinned, FixedError> {
+    // SAFETY: forwarded from the caller.
+    with_engine(|e| unsafe { e.fixed.adopt(&e.ring, staged, i, keep) })
+        .map_err(FixedError::Kernel)?
 }
 
 /// Gives back the ranges of `pinned` (called by its `Drop`). Nothing to do once the

@@ -1,39 +1,41 @@
 //! `pin-guest-memory=on`: the frontend's memory regions registered with the io_uring of
 //! each iothread that serves the export's rings ([`blocklayer::aio::fixed`]).
 //!
-//! Pinning a region takes time in proportion to its size (about 50 ms for 512 MiB on
-//! the development machine), so it is not done on the iothread, whose other exports
-//! would wait that long: when the memory table changes, the iothread keeps the regions
-//! it has registered already (another reference, no pinning) and lets go of the rest at
-//! once; a helper thread pins the new regions in a ring of its own and wakes the
-//! iothread, which takes the buffers over by cloning them into its ring (Linux 6.13+;
-//! on a kernel without that, it registers them itself, as before). Until then requests
-//! into the new regions pin their pages per request, as without the option. One
-//! staging runs at a time per ring set; a table that changes meanwhile is staged after
-//! it.
+//! Pinning a region takes time in proportion to its size (seconds for a fresh 2 GiB
+//! memfd on a loaded development machine), so it is not done on the iothread, whose
+//! other exports would wait that long. When the memory table changes, the iothread
+//! keeps the regions it has registered already (another reference, kept alive by the
+//! new table; nothing pinned) and lets go of the rest at once; a helper thread pins
+//! the new regions in a ring of its own and wakes the iothread, which takes the
+//! buffers over by cloning them into its ring ([`fixed::can_clone`]; on a kernel that
+//! cannot, it registers them itself, as before). Until then requests into the new
+//! regions pin their pages per request, as without the option.
+//!
+//! One staging runs at a time per ring set. What it pinned is matched to the table
+//! current when it ends, by address and length (a staging keeps its table's mappings,
+//! so a region of the current table at the same address is the same mapping): a table
+//! that changed meanwhile loses nothing that is still in it, and what is left is staged
+//! next. A region over the process's limit is tried again a second later; one the
+//! kernel refuses is not, until the table changes. A ring set that goes away tells its
+//! staging to stop.
 
 use super::request::Memory;
 use crate::iothread::event_loop::EventLoop;
-use blocklayer::aio::fixed::{FixedError, Pinned, Staged};
+use blocklayer::aio::fixed::{self, FixedError, Pinned, Staged};
 use blocklayer::aio::iovec::Keepalive;
-use blocklayer::aio::uring;
+use blocklayer::aio::{affinity, uring};
 use std::cell::{Cell, RefCell};
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-/// Regions of a memory table generation to be pinned: their start and length.
-struct Wanted {
-    gen: u64,
-    mem: Arc<Memory>,
-    regions: Vec<(usize, usize)>,
-}
+/// How long a region over the process's limit waits before it is tried again.
+const RETRY_OVER_LIMIT: Duration = Duration::from_secs(1);
 
-/// Regions a helper thread pinned for a memory table generation.
-struct Done {
-    gen: u64,
-    mem: Arc<Memory>,
-    staged: Vec<Result<Staged, FixedError>>,
-}
+/// A region: host address and length.
+type Range = (usize, usize);
 
 /// One ring set's registrations (lives on its iothread).
 pub struct GuestPins {
@@ -41,19 +43,34 @@ pub struct GuestPins {
     /// Woken when a staging is done.
     event_loop: Weak<EventLoop>,
     /// The registrations of the current table's regions.
-    pinned: RefCell<Vec<Pinned>>,
-    /// The generation `pinned` was last brought up to date for.
+    pinned: RefCell<Vec<(Range, Pinned)>>,
+    /// The table they are for, and its generation.
     gen: Cell<Option<u64>>,
-    /// A staging runs.
+    mem: RefCell<Option<Arc<Memory>>>,
+    /// Regions of the table may need registering (it changed, a staging ended).
+    dirty: Cell<bool>,
+    /// A staging runs; what it leaves, and its stop flag.
     staging: Cell<bool>,
-    /// Regions of a newer table that wait for the running staging to end.
-    wanted: RefCell<Option<Wanted>>,
-    /// Where a helper thread leaves its work.
-    done: Arc<Mutex<Option<Done>>>,
+    done: Arc<Mutex<Option<io::Result<Staged>>>>,
+    cancel: RefCell<Arc<AtomicBool>>,
+    /// Regions of this table the kernel refused: not tried again.
+    given_up: RefCell<Vec<Range>>,
+    /// Regions were over the process's limit: try again then.
+    retry_at: Cell<Option<Instant>>,
     /// A failure was logged.
     failed: Cell<bool>,
-    /// The kernel cannot clone buffers between rings: register on the iothread.
-    no_clone: Cell<bool>,
+}
+
+/// Regions of `mem`.
+fn ranges(mem: &Memory) -> Vec<Range> {
+    mem.iter()
+        .map(|r| {
+            (
+                r.as_ptr() as usize,
+                usize::try_from(r.len()).unwrap_or(usize::MAX),
+            )
+        })
+        .collect()
 }
 
 impl GuestPins {
@@ -63,165 +80,216 @@ impl GuestPins {
             event_loop,
             pinned: RefCell::new(Vec::new()),
             gen: Cell::new(None),
+            mem: RefCell::new(None),
+            dirty: Cell::new(false),
             staging: Cell::new(false),
-            wanted: RefCell::new(None),
             done: Arc::new(Mutex::new(None)),
+            cancel: RefCell::new(Arc::new(AtomicBool::new(false))),
+            given_up: RefCell::new(Vec::new()),
+            retry_at: Cell::new(None),
             failed: Cell::new(false),
-            no_clone: Cell::new(false),
         }
     }
 
     /// Brings the registrations up to date with table `gen` (`memory` gives it), and
-    /// takes over what a helper thread has pinned. Called at the top of each pass.
+    /// takes over what a helper thread has pinned. Called at the top of each pass: with
+    /// nothing to do it costs a few loads.
     pub fn refresh(&self, gen: u64, memory: impl FnOnce() -> Arc<Memory>) {
-        let done = self.done.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(d) = done {
-            self.staging.set(false);
-            if d.gen == gen && self.gen.get() == Some(gen) {
-                self.adopt(&d.mem, d.staged);
-            }
-            // A stale one is dropped: its pages are let go with its rings.
-            let wanted = self.wanted.borrow_mut().take();
-            if let Some(w) = wanted.filter(|w| w.gen == gen) {
-                self.stage(w.gen, w.mem, w.regions);
+        if self.staging.get() {
+            let done = self.done.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(d) = done {
+                self.staging.set(false);
+                self.dirty.set(true);
+                self.take_over(d);
             }
         }
-        if self.gen.get() == Some(gen) {
+        if self.gen.get() != Some(gen) {
+            self.new_table(gen, memory());
+        }
+        if !self.dirty.get() {
+            match self.retry_at.get() {
+                Some(t) if Instant::now() >= t => self.retry_at.set(None),
+                _ => return,
+            }
+        }
+        if self.staging.get() {
+            // Looked at again when it ends.
             return;
         }
-        let mem = memory();
-        self.gen.set(Some(gen));
+        self.dirty.set(false);
+        let Some(mem) = self.mem.borrow().clone() else {
+            return;
+        };
+        let todo: Vec<Range> = {
+            let (pinned, given_up) = (self.pinned.borrow(), self.given_up.borrow());
+            ranges(&mem)
+                .into_iter()
+                .filter(|r| !pinned.iter().any(|(p, _)| p == r) && !given_up.contains(r))
+                .collect()
+        };
+        if todo.is_empty() {
+            return;
+        }
+        if fixed::can_clone() {
+            self.stage(mem, todo);
+        } else {
+            self.pin_here(&mem, &todo);
+        }
+    }
+
+    /// The frontend's table is now `mem`: keeps the registrations of the regions in
+    /// it (kept mapped by `mem` from now on), lets go of the others.
+    fn new_table(&self, gen: u64, mem: Arc<Memory>) {
         let keep: Keepalive = mem.clone();
         let mut kept = Vec::new();
-        let mut new = Vec::new();
-        for r in mem.iter() {
-            let len = usize::try_from(r.len()).unwrap_or(usize::MAX);
-            // SAFETY: the region is a shared read-write mapping that lives as long as
-            // `mem`, which the registration keeps from now on.
-            match unsafe { uring::share(r.as_ptr(), len, &keep) } {
-                Some(p) => kept.push(p),
-                None => new.push((r.as_ptr() as usize, len)),
+        for r in ranges(&mem) {
+            // SAFETY: the region is a shared read-write mapping of `mem`, which the
+            // registration keeps from now on.
+            if let Some(p) = unsafe { uring::share(r.0 as *mut u8, r.1, &keep) } {
+                kept.push((r, p));
             }
         }
         // The previous table's registrations go (ranges in both stay, through `kept`).
         *self.pinned.borrow_mut() = kept;
-        if new.is_empty() {
-            return;
-        }
-        if self.no_clone.get() {
-            self.pin_here(&mem, &new);
-        } else if self.staging.get() {
-            *self.wanted.borrow_mut() = Some(Wanted {
-                gen,
-                mem,
-                regions: new,
-            });
-        } else {
-            self.stage(gen, mem, new);
-        }
+        self.given_up.borrow_mut().clear();
+        self.retry_at.set(None);
+        *self.mem.borrow_mut() = Some(mem);
+        self.gen.set(Some(gen));
+        self.dirty.set(true);
     }
 
-    /// Has a helper thread pin `regions` of `mem` (table `gen`).
-    fn stage(&self, gen: u64, mem: Arc<Memory>, regions: Vec<(usize, usize)>) {
-        let done = self.done.clone();
-        let event_loop = self.event_loop.clone();
+    /// Has a helper thread pin `todo`, regions of `mem`.
+    fn stage(&self, mem: Arc<Memory>, todo: Vec<Range>) {
+        /// Leaves the staging's outcome and wakes the iothread, also if the pinning
+        /// panicked (the ring set would otherwise wait for it forever).
+        struct Finish {
+            done: Arc<Mutex<Option<io::Result<Staged>>>>,
+            event_loop: Weak<EventLoop>,
+            result: Option<io::Result<Staged>>,
+        }
+        impl Drop for Finish {
+            fn drop(&mut self) {
+                let r = self
+                    .result
+                    .take()
+                    .unwrap_or_else(|| Err(io::Error::other("the pinning thread panicked")));
+                *self.done.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+                if let Some(l) = self.event_loop.upgrade() {
+                    l.wake();
+                }
+            }
+        }
+        let cancel = Arc::new(AtomicBool::new(false));
+        *self.cancel.borrow_mut() = cancel.clone();
+        let finish = Finish {
+            done: self.done.clone(),
+            event_loop: self.event_loop.clone(),
+            result: None,
+        };
         let keep: Keepalive = mem.clone();
-        let table = mem.clone();
-        let todo = regions.clone();
+        let regions = todo.clone();
         let spawned = std::thread::Builder::new()
             .name("vubd-pin".into())
             .spawn(move || {
-                let t0 = std::time::Instant::now();
-                let staged: Vec<_> = todo
-                    .iter()
-                    .map(|&(at, len)| {
-                        // SAFETY: the region lies in `keep`'s mappings (a region of
-                        // the table it is), which the staging holds while the pages
-                        // are pinned; `pin-guest-memory=on` is the operator's word that
-                        // the frontend never replaces the pages behind it.
-                        unsafe { Staged::new(at as *mut u8, len, keep.clone()) }
-                    })
-                    .collect();
+                // The whole guard moves here (not only the field set below).
+                let mut finish = finish;
+                affinity::use_process_cpus();
+                let t0 = Instant::now();
+                // SAFETY: the regions lie in `keep`'s mappings (regions of the table it
+                // is), which the staging holds while their pages are pinned;
+                // `pin-guest-memory=on` is the operator's word that the frontend never
+                // replaces the pages behind them.
+                let r = unsafe { Staged::new(&regions, keep, &cancel) };
                 log::debug!(
                     "{} region(s) of {} MiB pinned by a helper thread in {:?}",
-                    todo.len(),
-                    todo.iter().map(|r| r.1).sum::<usize>() >> 20,
+                    regions.len(),
+                    regions.iter().map(|r| r.1).sum::<usize>() >> 20,
                     t0.elapsed()
                 );
-                *done.lock().unwrap_or_else(|p| p.into_inner()) = Some(Done {
-                    gen,
-                    mem: table,
-                    staged,
-                });
-                if let Some(l) = event_loop.upgrade() {
-                    l.wake();
-                }
+                finish.result = Some(r);
             });
         match spawned {
             Ok(_) => self.staging.set(true),
             Err(e) => {
+                // The outcome the dropped closure left is not one.
+                self.done.lock().unwrap_or_else(|p| p.into_inner()).take();
                 log::warn!(
                     "export {}: cannot start a thread to pin guest memory ({e}); pinning on \
                      the iothread",
                     self.export
                 );
-                self.pin_here(&mem, &regions);
+                self.pin_here(&mem, &todo);
             }
         }
     }
 
-    /// Takes over what a helper thread pinned of `mem`.
-    fn adopt(&self, mem: &Arc<Memory>, staged: Vec<Result<Staged, FixedError>>) {
+    /// Takes over what a staging pinned of the current table's regions; the rest goes
+    /// with it.
+    fn take_over(&self, done: io::Result<Staged>) {
+        let mut staged = match done {
+            Ok(s) => s,
+            Err(e) => {
+                self.failure(&FixedError::Kernel(e));
+                return;
+            }
+        };
+        let Some(mem) = self.mem.borrow().clone() else {
+            return;
+        };
+        let current = ranges(&mem);
+        let keep: Keepalive = mem;
         let (mut bytes, mut n) = (0u64, 0);
-        let mut here = Vec::new();
-        for s in staged {
-            let s = match s {
-                Ok(s) => s,
+        for (i, (r, _)) in staged.ranges().into_iter().enumerate() {
+            if !current.contains(&r) || self.pinned.borrow().iter().any(|(p, _)| *p == r) {
+                continue;
+            }
+            // SAFETY: the staging keeps the region's mapping while it lives, so the
+            // current table's region at the same address and of the same length is
+            // that mapping, which `keep` (the current table) keeps from now on.
+            match unsafe { uring::adopt(&mut staged, i, &keep) } {
+                Ok(p) => {
+                    self.pinned.borrow_mut().push((r, p));
+                    bytes += r.1 as u64;
+                    n += 1;
+                }
+                // Staged again on the next look.
+                Err(FixedError::Cancelled) => {}
+                Err(e @ FixedError::OverLimit { .. }) => {
+                    self.failure(&e);
+                    self.retry_at.set(Some(Instant::now() + RETRY_OVER_LIMIT));
+                }
                 Err(e) => {
                     self.failure(&e);
-                    continue;
+                    self.given_up.borrow_mut().push(r);
                 }
-            };
-            let range = s.range();
-            match uring::adopt(s) {
-                Ok(p) => {
-                    bytes += range.1 as u64;
-                    n += 1;
-                    self.pinned.borrow_mut().push(p);
-                }
-                Err(FixedError::Kernel(e)) => {
-                    // Clone is refused as an invalid argument by kernels before 6.13.
-                    if e.raw_os_error() == Some(libc::EINVAL) && !self.no_clone.replace(true) {
-                        log::info!(
-                            "export {}: this kernel cannot clone io_uring buffers ({e});                              guest memory is pinned on the iothread",
-                            self.export
-                        );
-                    }
-                    here.push(range);
-                }
-                Err(e) => self.failure(&e),
             }
         }
+        // Whatever no table took is let go now, before anything is staged again.
+        drop(staged);
         self.report(bytes, n);
-        if !here.is_empty() {
-            self.pin_here(mem, &here);
-        }
     }
 
     /// Registers `regions` of `mem` from this thread (the iothread waits meanwhile).
-    fn pin_here(&self, mem: &Arc<Memory>, regions: &[(usize, usize)]) {
-        let t0 = std::time::Instant::now();
+    fn pin_here(&self, mem: &Arc<Memory>, regions: &[Range]) {
+        let t0 = Instant::now();
         let keep: Keepalive = mem.clone();
         let (mut bytes, mut n) = (0u64, 0);
-        for &(at, len) in regions {
-            // SAFETY: as in `stage`: a region of `mem`, which the registration keeps.
-            match unsafe { uring::pin(at as *mut u8, len, &keep) } {
+        for &r in regions {
+            // SAFETY: a region of `mem`, which the registration keeps.
+            match unsafe { uring::pin(r.0 as *mut u8, r.1, &keep) } {
                 Ok(p) => {
-                    bytes += len as u64;
+                    self.pinned.borrow_mut().push((r, p));
+                    bytes += r.1 as u64;
                     n += 1;
-                    self.pinned.borrow_mut().push(p);
                 }
-                Err(e) => self.failure(&e),
+                Err(e @ FixedError::OverLimit { .. }) => {
+                    self.failure(&e);
+                    self.retry_at.set(Some(Instant::now() + RETRY_OVER_LIMIT));
+                }
+                Err(e) => {
+                    self.failure(&e);
+                    self.given_up.borrow_mut().push(r);
+                }
             }
         }
         log::debug!(
@@ -252,5 +320,12 @@ impl GuestPins {
                 bytes >> 20
             );
         }
+    }
+}
+
+impl Drop for GuestPins {
+    fn drop(&mut self) {
+        // A staging still running stops at its next region; what it pinned goes with it.
+        self.cancel.borrow().store(true, Ordering::Relaxed);
     }
 }

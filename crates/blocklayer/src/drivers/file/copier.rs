@@ -82,10 +82,7 @@ struct Helper {
 
 impl Helper {
     fn run(&self) {
-        if let Some(set) = process_cpus() {
-            // SAFETY: `set` is a valid cpu_set_t of the size given; 0 is this thread.
-            unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
-        }
+        crate::aio::affinity::use_process_cpus();
         loop {
             let job = {
                 let mut slot = self.slot.lock().unwrap_or_else(|p| p.into_inner());
@@ -147,29 +144,13 @@ fn helper() -> Option<&'static Helper> {
     })
 }
 
-/// The CPUs the process may run on: its main thread's affinity (every thread inherits
-/// its creator's; the process id is the main thread's id).
-fn process_cpus() -> Option<libc::cpu_set_t> {
-    // SAFETY: cpu_set_t is plain data, all zeroes a valid (empty) set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is valid for writes of the size given.
-    let r = unsafe {
-        libc::sched_getaffinity(
-            libc::getpid(),
-            std::mem::size_of::<libc::cpu_set_t>(),
-            &mut set,
-        )
-    };
-    (r == 0).then_some(set)
-}
-
 /// Whether the iothreads leave a core to the helper: fewer event loops than CPUs this
 /// process may run on. Where every core has its iothread, a copy moved to the helper
 /// only adds a hand-over and a thread switch: on 2 CPUs with 2 busy iothreads, 256 KiB
 /// reads lost 10-25% of their rate and took 25% more CPU each.
 fn spare_core() -> bool {
     static CPUS: OnceLock<usize> = OnceLock::new();
-    let cpus = *CPUS.get_or_init(|| match process_cpus() {
+    let cpus = *CPUS.get_or_init(|| match crate::aio::affinity::process_cpus() {
         // SAFETY: counts the bits of a valid cpu_set_t.
         Some(set) => unsafe { libc::CPU_COUNT(&set) as usize },
         None => std::thread::available_parallelism().map_or(1, |n| n.get()),
