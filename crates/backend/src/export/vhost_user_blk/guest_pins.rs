@@ -246,22 +246,9 @@ impl GuestPins {
             // SAFETY: the staging keeps the region's mapping while it lives, so the
             // current table's region at the same address and of the same length is
             // that mapping, which `keep` (the current table) keeps from now on.
-            match unsafe { uring::adopt(&mut staged, i, &keep) } {
-                Ok(p) => {
-                    self.pinned.borrow_mut().push((r, p));
-                    bytes += r.1 as u64;
-                    n += 1;
-                }
-                // Staged again on the next look.
-                Err(FixedError::Cancelled) => {}
-                Err(e @ FixedError::OverLimit { .. }) => {
-                    self.failure(&e);
-                    self.retry_at.set(Some(Instant::now() + RETRY_OVER_LIMIT));
-                }
-                Err(e) => {
-                    self.failure(&e);
-                    self.given_up.borrow_mut().push(r);
-                }
+            if self.record(r, unsafe { uring::adopt(&mut staged, i, &keep) }) {
+                bytes += r.1 as u64;
+                n += 1;
             }
         }
         // Whatever no table took is let go now, before anything is staged again.
@@ -276,20 +263,9 @@ impl GuestPins {
         let (mut bytes, mut n) = (0u64, 0);
         for &r in regions {
             // SAFETY: a region of `mem`, which the registration keeps.
-            match unsafe { uring::pin(r.0 as *mut u8, r.1, &keep) } {
-                Ok(p) => {
-                    self.pinned.borrow_mut().push((r, p));
-                    bytes += r.1 as u64;
-                    n += 1;
-                }
-                Err(e @ FixedError::OverLimit { .. }) => {
-                    self.failure(&e);
-                    self.retry_at.set(Some(Instant::now() + RETRY_OVER_LIMIT));
-                }
-                Err(e) => {
-                    self.failure(&e);
-                    self.given_up.borrow_mut().push(r);
-                }
+            if self.record(r, unsafe { uring::pin(r.0 as *mut u8, r.1, &keep) }) {
+                bytes += r.1 as u64;
+                n += 1;
             }
         }
         log::debug!(
@@ -299,6 +275,29 @@ impl GuestPins {
             t0.elapsed()
         );
         self.report(bytes, n);
+    }
+
+    /// Keeps the registration of region `r`, or notes why there is none: a region
+    /// over the process's limit is tried again later, one the kernel refused is not
+    /// (until the table changes), one a cancelled staging did not reach is staged
+    /// again. Whether it is registered.
+    fn record(&self, r: Range, result: Result<Pinned, FixedError>) -> bool {
+        match result {
+            Ok(p) => {
+                self.pinned.borrow_mut().push((r, p));
+                return true;
+            }
+            Err(FixedError::Cancelled) => {}
+            Err(e @ FixedError::OverLimit { .. }) => {
+                self.failure(&e);
+                self.retry_at.set(Some(Instant::now() + RETRY_OVER_LIMIT));
+            }
+            Err(e) => {
+                self.failure(&e);
+                self.given_up.borrow_mut().push(r);
+            }
+        }
+        false
     }
 
     fn failure(&self, e: &FixedError) {
