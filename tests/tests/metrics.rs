@@ -1349,3 +1349,83 @@ fn pinning_a_large_frontend_does_not_hold_up_its_iothread() {
     drop(big);
     daemon.assert_running("after the large frontend left");
 }
+
+/// A frontend whose memory is over what the daemon may pin (`RLIMIT_MEMLOCK` without
+/// `CAP_IPC_LOCK`) is served the usual way, the refusal is logged, and the iothread is
+/// left alone: no staging tried again and again (a region over the limit waits a
+/// second, and only for the iothread's next pass).
+#[test]
+fn a_frontend_over_the_pin_limit_is_served_and_its_iothread_rests() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root to drop CAP_IPC_LOCK from the daemon");
+        return;
+    }
+    let dir = TempDir::new("metrics-pin-limit");
+    let disk = TempDir::new_in(&std::env::temp_dir(), "metrics-pin-limit-img");
+    let img = vubd_tests::TempImage::new_in(disk.path(), 16 * MIB);
+    let (opt, addr) = unix_metrics(&dir.join("metrics.sock"));
+    let sock = dir.join("e0.sock");
+    let args = DaemonArgs::new()
+        .iothread("io0")
+        .file_raw_path("d0", img.path(), ",cache.direct=on", "")
+        .vhost_user_blk("d0", &sock, ",writable=on,iothread=io0,pin-guest-memory=on")
+        .arg("--metrics")
+        .arg(&opt)
+        .build();
+    let mut daemon = Daemon::try_start_with(
+        &vubd_tests::vubd_bin(),
+        &args,
+        std::slice::from_ref(&sock),
+        |cmd| {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: between fork and exec only async-signal-safe calls: setrlimit and
+            // prctl, on plain values.
+            unsafe {
+                cmd.pre_exec(|| {
+                    let lim = libc::rlimit {
+                        rlim_cur: 8 << 20,
+                        rlim_max: 8 << 20,
+                    };
+                    const CAP_IPC_LOCK: libc::c_ulong = 14;
+                    if libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) != 0
+                        || libc::prctl(libc::PR_CAPBSET_DROP, CAP_IPC_LOCK, 0, 0, 0) != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                })
+            };
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let mut c = Client::connect_with(
+        &sock,
+        &vubd_tests::ClientOptions {
+            buf_per_queue: 64 * MIB as usize,
+            ..Default::default()
+        },
+    )
+    .expect("connect");
+    let data: Vec<u8> = (0..65536u32).map(|i| (i % 253) as u8).collect();
+    c.q().write(0, &data).unwrap();
+    assert!(c.q().read(0, data.len()).unwrap() == data);
+    let wakeups = |s: &Scrape| s.get("vubd_iothread_wakeups_total", &[("iothread", "io0")]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let w1 = wakeups(&scrape(&addr));
+    std::thread::sleep(Duration::from_secs(2));
+    let w2 = wakeups(&scrape(&addr));
+    assert!(
+        w2 - w1 < 20,
+        "the idle iothread woke {} times in 2 s",
+        w2 - w1
+    );
+    let log = daemon.stderr();
+    assert!(
+        log.contains("would pin more than the process may"),
+        "the refusal is not logged:\n{log}"
+    );
+    c.q().write(65536, &data).unwrap();
+    assert!(c.q().read(65536, data.len()).unwrap() == data);
+    daemon.assert_running("after the refused registration");
+}

@@ -30,8 +30,9 @@
 //! a ring's registration holds the ring's lock meanwhile, so an iothread that pinned a
 //! guest's memory itself would stop serving its other exports for as long. [`Staged`]
 //! pins on any thread, in a ring of its own; the iothread then takes the buffers into
-//! its table with `IORING_REGISTER_CLONE_BUFFERS` ([`Table::adopt`], Linux 6.13+),
-//! which shares the pinned pages instead of pinning them again.
+//! its table with `IORING_REGISTER_CLONE_BUFFERS` ([`Table::adopt`]; where
+//! [`can_clone`] finds the kernel does that right), which shares the pinned pages
+//! instead of pinning them again.
 
 use super::iovec::{Keepalive, Segment};
 use io_uring::{opcode, IoUring, Probe};
@@ -64,6 +65,8 @@ pub enum FixedError {
     Kernel(io::Error),
     /// A staging was given up before it came to the range.
     Cancelled,
+    /// No such range in the staging, or it was taken already.
+    NotStaged,
 }
 
 impl fmt::Display for FixedError {
@@ -87,6 +90,7 @@ impl fmt::Display for FixedError {
             }
             FixedError::Kernel(e) => write!(f, "io_uring refused the buffers: {e}"),
             FixedError::Cancelled => write!(f, "given up"),
+            FixedError::NotStaged => write!(f, "not in the staging, or taken already"),
         }
     }
 }
@@ -404,9 +408,10 @@ impl Table {
         i: usize,
         keep: &Keepalive,
     ) -> Result<Pinned, FixedError> {
-        let Some(r) = staged.ranges.get_mut(i) else {
-            return Err(FixedError::Overlap);
+        let Some(r) = staged.ranges.get_mut(i).filter(|r| !r.taken) else {
+            return Err(FixedError::NotStaged);
         };
+        r.taken = true;
         if let Some(e) = r.error.take() {
             return Err(e);
         }
@@ -511,6 +516,8 @@ struct StagedRange {
     counted: u64,
     /// Why it could not be pinned.
     error: Option<FixedError>,
+    /// [`Table::adopt`] was called for it (it is not adopted twice).
+    taken: bool,
 }
 
 impl Staged {
@@ -536,6 +543,7 @@ impl Staged {
                     first,
                     counted: 0,
                     error: None,
+                    taken: false,
                     chunks,
                 };
                 first += r.chunks.len() as u32;
@@ -568,27 +576,41 @@ impl Staged {
                 });
                 continue;
             }
-            let iovs: Vec<libc::iovec> = r
-                .chunks
-                .iter()
-                .map(|&(a, n)| libc::iovec {
+            // One buffer per call: a call of several reports success once the first
+            // is registered, whatever became of the others.
+            let mut failed = None;
+            for (j, &(a, n)) in r.chunks.iter().enumerate() {
+                if cancel.load(Ordering::Relaxed) {
+                    failed = Some((j, FixedError::Cancelled));
+                    break;
+                }
+                let iov = libc::iovec {
                     iov_base: a as *mut libc::c_void,
                     iov_len: n,
-                })
-                .collect();
-            // SAFETY: the caller guarantees the range stays mapped while `keep` lives,
-            // which the staging holds as long as its ring (and a table that adopts
-            // the buffers holds a keepalive of the mapping in its entry).
-            match unsafe {
-                staged
-                    .ring
-                    .submitter()
-                    .register_buffers_update(r.first, &iovs, None)
-            } {
-                Ok(_) => r.counted = total,
-                Err(e) => {
+                };
+                // SAFETY: the caller guarantees the range stays mapped while `keep`
+                // lives, which the staging holds as long as its ring (and a table that
+                // adopts the buffer holds a keepalive of the mapping in its entry).
+                let res = unsafe {
+                    staged.ring.submitter().register_buffers_update(
+                        r.first + j as u32,
+                        &[iov],
+                        None,
+                    )
+                };
+                if let Err(e) = res {
+                    failed = Some((j, FixedError::Kernel(e)));
+                    break;
+                }
+            }
+            match failed {
+                None => r.counted = total,
+                Some((j, e)) => {
+                    for k in 0..j {
+                        clear_slot(&staged.ring, (r.first + k as u32) as u16);
+                    }
                     PINNED_BYTES.fetch_sub(total, Ordering::Relaxed);
-                    r.error = Some(FixedError::Kernel(e));
+                    r.error = Some(e);
                 }
             }
         }
@@ -692,7 +714,15 @@ fn probe_clone() -> io::Result<()> {
                 .push(&sqe)
                 .map_err(|_| io::Error::other("submission queue full"))?
         };
-        dst.submit_and_wait(1)?;
+        loop {
+            match dst.submit_and_wait(1) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                r => {
+                    r?;
+                    break;
+                }
+            }
+        }
         let res = dst
             .completion()
             .next()

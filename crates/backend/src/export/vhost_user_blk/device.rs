@@ -992,22 +992,27 @@ impl RingSet {
             return;
         }
         let gen = self.device.mem_gen.load(Ordering::Acquire);
-        self.pins.refresh(gen, || self.memory());
+        self.pins.refresh(gen, || self.memory_gen());
     }
 
     /// This set's copy of the current memory table (a new one after the frontend
     /// changed the table).
     fn memory(&self) -> Arc<Memory> {
+        self.memory_gen().1
+    }
+
+    /// [`RingSet::memory`], with the generation it is kept under.
+    fn memory_gen(&self) -> (u64, Arc<Memory>) {
         let gen = self.device.mem_gen.load(Ordering::Acquire);
         let mut cache = self.mem.borrow_mut();
         match cache.as_ref() {
-            Some((g, ours)) if *g == gen => ours.clone(),
+            Some((g, ours)) if *g == gen => (gen, ours.clone()),
             _ => {
                 // Loaded after the generation: at least as new as it.
                 let theirs = self.device.mem.memory();
                 let ours = Arc::new((*theirs).clone());
                 *cache = Some((gen, ours.clone()));
-                ours
+                (gen, ours)
             }
         }
     }

@@ -15,9 +15,10 @@
 //! current when it ends, by address and length (a staging keeps its table's mappings,
 //! so a region of the current table at the same address is the same mapping): a table
 //! that changed meanwhile loses nothing that is still in it, and what is left is staged
-//! next. A region over the process's limit is tried again a second later; one the
-//! kernel refuses is not, until the table changes. A ring set that goes away tells its
-//! staging to stop.
+//! next. A region over the process's limit, or whose staging failed, is tried again at
+//! the first pass a second or more later; one the kernel refuses is not, until the
+//! table changes. A staging stops before its next buffer when its ring set goes away,
+//! or when the table no longer has any of its regions.
 
 use super::request::Memory;
 use crate::iothread::event_loop::EventLoop;
@@ -31,8 +32,9 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-/// How long a region over the process's limit waits before it is tried again.
-const RETRY_OVER_LIMIT: Duration = Duration::from_secs(1);
+/// How long a region over the process's limit (or whose staging failed) waits before
+/// it is tried again.
+const RETRY_LATER: Duration = Duration::from_secs(1);
 
 /// A region: host address and length.
 type Range = (usize, usize);
@@ -49,13 +51,17 @@ pub struct GuestPins {
     mem: RefCell<Option<Arc<Memory>>>,
     /// Regions of the table may need registering (it changed, a staging ended).
     dirty: Cell<bool>,
-    /// A staging runs; what it leaves, and its stop flag.
-    staging: Cell<bool>,
+    /// A staging runs: its regions, what it leaves (and whether it has), its stop
+    /// flag.
+    staging: RefCell<Option<Vec<Range>>>,
     done: Arc<Mutex<Option<io::Result<Staged>>>>,
+    ready: Arc<AtomicBool>,
     cancel: RefCell<Arc<AtomicBool>>,
     /// Regions of this table the kernel refused: not tried again.
     given_up: RefCell<Vec<Range>>,
-    /// Regions were over the process's limit: try again then.
+    /// Regions over the process's limit, or whose staging failed: tried again at the
+    /// first pass after `retry_at`.
+    deferred: RefCell<Vec<Range>>,
     retry_at: Cell<Option<Instant>>,
     /// A failure was logged.
     failed: Cell<bool>,
@@ -82,37 +88,45 @@ impl GuestPins {
             gen: Cell::new(None),
             mem: RefCell::new(None),
             dirty: Cell::new(false),
-            staging: Cell::new(false),
+            staging: RefCell::new(None),
             done: Arc::new(Mutex::new(None)),
+            ready: Arc::new(AtomicBool::new(false)),
             cancel: RefCell::new(Arc::new(AtomicBool::new(false))),
             given_up: RefCell::new(Vec::new()),
+            deferred: RefCell::new(Vec::new()),
             retry_at: Cell::new(None),
             failed: Cell::new(false),
         }
     }
 
-    /// Brings the registrations up to date with table `gen` (`memory` gives it), and
-    /// takes over what a helper thread has pinned. Called at the top of each pass: with
-    /// nothing to do it costs a few loads.
-    pub fn refresh(&self, gen: u64, memory: impl FnOnce() -> Arc<Memory>) {
-        if self.staging.get() {
+    /// Brings the registrations up to date with table `gen` (`memory` gives the
+    /// current table and the generation it is, at least `gen`), and takes over what a
+    /// helper thread has pinned. Called at the top of each pass: with nothing to do it
+    /// costs a few loads.
+    pub fn refresh(&self, gen: u64, memory: impl FnOnce() -> (u64, Arc<Memory>)) {
+        if self.ready.load(Ordering::Acquire) {
+            self.ready.store(false, Ordering::Relaxed);
             let done = self.done.lock().unwrap_or_else(|p| p.into_inner()).take();
             if let Some(d) = done {
-                self.staging.set(false);
+                let regions = self.staging.borrow_mut().take().unwrap_or_default();
                 self.dirty.set(true);
-                self.take_over(d);
+                self.take_over(d, regions);
             }
         }
         if self.gen.get() != Some(gen) {
-            self.new_table(gen, memory());
+            let (g, mem) = memory();
+            self.new_table(g, mem);
         }
         if !self.dirty.get() {
             match self.retry_at.get() {
-                Some(t) if Instant::now() >= t => self.retry_at.set(None),
+                Some(t) if Instant::now() >= t => {
+                    self.retry_at.set(None);
+                    self.deferred.borrow_mut().clear();
+                }
                 _ => return,
             }
         }
-        if self.staging.get() {
+        if self.staging.borrow().is_some() {
             // Looked at again when it ends.
             return;
         }
@@ -121,10 +135,15 @@ impl GuestPins {
             return;
         };
         let todo: Vec<Range> = {
-            let (pinned, given_up) = (self.pinned.borrow(), self.given_up.borrow());
+            let pinned = self.pinned.borrow();
+            let (given_up, deferred) = (self.given_up.borrow(), self.deferred.borrow());
             ranges(&mem)
                 .into_iter()
-                .filter(|r| !pinned.iter().any(|(p, _)| p == r) && !given_up.contains(r))
+                .filter(|r| {
+                    !pinned.iter().any(|(p, _)| p == r)
+                        && !given_up.contains(r)
+                        && !deferred.contains(r)
+                })
                 .collect()
         };
         if todo.is_empty() {
@@ -134,6 +153,14 @@ impl GuestPins {
             self.stage(mem, todo);
         } else {
             self.pin_here(&mem, &todo);
+        }
+    }
+
+    /// Regions of the current table are tried again a while from now.
+    fn defer(&self, r: Range) {
+        self.deferred.borrow_mut().push(r);
+        if self.retry_at.get().is_none() {
+            self.retry_at.set(Some(Instant::now() + RETRY_LATER));
         }
     }
 
@@ -152,7 +179,15 @@ impl GuestPins {
         // The previous table's registrations go (ranges in both stay, through `kept`).
         *self.pinned.borrow_mut() = kept;
         self.given_up.borrow_mut().clear();
+        self.deferred.borrow_mut().clear();
         self.retry_at.set(None);
+        // A staging of nothing the new table has is of no use.
+        let now = ranges(&mem);
+        if let Some(staged) = self.staging.borrow().as_ref() {
+            if !staged.iter().any(|r| now.contains(r)) {
+                self.cancel.borrow().store(true, Ordering::Relaxed);
+            }
+        }
         *self.mem.borrow_mut() = Some(mem);
         self.gen.set(Some(gen));
         self.dirty.set(true);
@@ -164,6 +199,7 @@ impl GuestPins {
         /// panicked (the ring set would otherwise wait for it forever).
         struct Finish {
             done: Arc<Mutex<Option<io::Result<Staged>>>>,
+            ready: Arc<AtomicBool>,
             event_loop: Weak<EventLoop>,
             result: Option<io::Result<Staged>>,
         }
@@ -174,6 +210,7 @@ impl GuestPins {
                     .take()
                     .unwrap_or_else(|| Err(io::Error::other("the pinning thread panicked")));
                 *self.done.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+                self.ready.store(true, Ordering::Release);
                 if let Some(l) = self.event_loop.upgrade() {
                     l.wake();
                 }
@@ -183,6 +220,7 @@ impl GuestPins {
         *self.cancel.borrow_mut() = cancel.clone();
         let finish = Finish {
             done: self.done.clone(),
+            ready: self.ready.clone(),
             event_loop: self.event_loop.clone(),
             result: None,
         };
@@ -209,10 +247,11 @@ impl GuestPins {
                 finish.result = Some(r);
             });
         match spawned {
-            Ok(_) => self.staging.set(true),
+            Ok(_) => *self.staging.borrow_mut() = Some(todo),
             Err(e) => {
                 // The outcome the dropped closure left is not one.
                 self.done.lock().unwrap_or_else(|p| p.into_inner()).take();
+                self.ready.store(false, Ordering::Relaxed);
                 log::warn!(
                     "export {}: cannot start a thread to pin guest memory ({e}); pinning on \
                      the iothread",
@@ -225,11 +264,14 @@ impl GuestPins {
 
     /// Takes over what a staging pinned of the current table's regions; the rest goes
     /// with it.
-    fn take_over(&self, done: io::Result<Staged>) {
+    fn take_over(&self, done: io::Result<Staged>, regions: Vec<Range>) {
         let mut staged = match done {
             Ok(s) => s,
             Err(e) => {
                 self.failure(&FixedError::Kernel(e));
+                for r in regions {
+                    self.defer(r);
+                }
                 return;
             }
         };
@@ -278,7 +320,8 @@ impl GuestPins {
     }
 
     /// Keeps the registration of region `r`, or notes why there is none: a region
-    /// over the process's limit is tried again later, one the kernel refused is not
+    /// over the process's limit is tried again a second later (at the first pass
+    /// after), one the kernel refused is not
     /// (until the table changes), one a cancelled staging did not reach is staged
     /// again. Whether it is registered.
     fn record(&self, r: Range, result: Result<Pinned, FixedError>) -> bool {
@@ -290,7 +333,7 @@ impl GuestPins {
             Err(FixedError::Cancelled) => {}
             Err(e @ FixedError::OverLimit { .. }) => {
                 self.failure(&e);
-                self.retry_at.set(Some(Instant::now() + RETRY_OVER_LIMIT));
+                self.defer(r);
             }
             Err(e) => {
                 self.failure(&e);
