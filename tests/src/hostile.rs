@@ -654,6 +654,18 @@ impl Harness {
     /// options, e.g. ",num-queues=2"), export B, and the load on B; measures the
     /// baseline. `monitor`: open a QMP monitor ([`Harness::qmp`]).
     pub fn start(name: &str, node: ANode, a_extra: &str, monitor: bool) -> Harness {
+        Harness::start_with(name, node, a_extra, monitor, &[])
+    }
+
+    /// [`Harness::start`] with `daemon_args` added to the daemon's command line (trace
+    /// events, say).
+    pub fn start_with(
+        name: &str,
+        node: ANode,
+        a_extra: &str,
+        monitor: bool,
+        daemon_args: &[&str],
+    ) -> Harness {
         let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
         eprintln!("=== {name}");
         let dir = TempDir::new("vubd-hostile");
@@ -698,12 +710,14 @@ impl Harness {
         if monitor {
             args = args.monitor(&dir.join("qmp.sock"));
         }
-        let args = args
+        let mut args = args
             .file_raw("b", &img_b, "", "")
             .vhost_user_blk("a", &sock_a, &format!(",writable=on,iothread=ioA{a_extra}"))
-            .vhost_user_blk("b", &sock_b, ",writable=on,iothread=ioB")
-            .build();
-        let daemon = Daemon::start(&args);
+            .vhost_user_blk("b", &sock_b, ",writable=on,iothread=ioB");
+        for a in daemon_args {
+            args = args.arg(a);
+        }
+        let daemon = Daemon::start(&args.build());
         let qmp = monitor.then(|| Qmp::connect(dir.join("qmp.sock")));
         let control = Control::start();
         let t0 = Instant::now();

@@ -2232,11 +2232,13 @@ fn assert_completed_ok(what: &str, o: Outcome) {
 /// table); the other export keeps serving.
 #[test]
 fn pinned_memory_follows_memory_table_changes() {
-    let h = Harness::start(
+    // The registration's log lines say when the iothread has taken a region over.
+    let h = Harness::start_with(
         "pinned_memory_follows_memory_table_changes",
         ANode::DirectFile { size: 16 * MIB },
         ",pin-guest-memory=on",
         false,
+        &["-T", "vhost_user_blk_guest_pins"],
     );
     let mut dev = h.dev(&DevOpts {
         queue_size: 64,
@@ -2268,6 +2270,12 @@ fn pinned_memory_follows_memory_table_changes() {
     );
     read_into(&mut dev, d0, 2048, "a read into the first region again");
     assert_fully_allocated(&r1, "the added region");
+    wait_registered(
+        &h,
+        2,
+        "8 MiB of guest memory in 1 region(s)",
+        "the added region",
+    );
     remove_and_wait_unmapped(&mut dev, pid, &r1, "a region added alone");
     // A new table maps both regions anew: they are registered together.
     let r2 = MemRegion::new(128 * MIB, 8 * MIB);
@@ -2287,6 +2295,13 @@ fn pinned_memory_follows_memory_table_changes() {
         "a read into the first region of the new table",
     );
     assert_fully_allocated(&r2, "a region of the new table");
+    // The new table maps both regions anew (at new addresses): both are registered.
+    wait_registered(
+        &h,
+        3,
+        "24 MiB of guest memory in 2 region(s)",
+        "the new table",
+    );
     remove_and_wait_unmapped(
         &mut dev,
         pid,
@@ -2296,6 +2311,27 @@ fn pinned_memory_follows_memory_table_changes() {
     read_into(&mut dev, d0, 32, "a read into the region that stayed");
     drop(dev);
     h.finish();
+}
+
+/// Waits until the daemon has logged `n` registrations taken over by export A's
+/// iothread (the first is the initial table's), the last of them `expect` ("8 MiB of
+/// guest memory in 1 region(s)").
+fn wait_registered(h: &Harness, n: usize, expect: &str, what: &str) {
+    const LINE: &str = "pinned for I/O on this iothread";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = h.daemon.stderr();
+        let lines: Vec<&str> = log.lines().filter(|l| l.contains(LINE)).collect();
+        if lines.len() >= n {
+            assert!(lines[n - 1].contains(expect), "{what}: {}", lines[n - 1]);
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not taken over by the iothread after 10 s:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Registering a region with io_uring pins, and so allocates, every page of it: the
