@@ -254,17 +254,8 @@ impl Table {
         if self.overlaps(&chunks) {
             return Err(FixedError::Overlap);
         }
-        let limit = pin_limit();
         let total = len as u64;
-        let pinned = PINNED_BYTES.fetch_add(total, Ordering::Relaxed);
-        if pinned.saturating_add(total) > limit {
-            PINNED_BYTES.fetch_sub(total, Ordering::Relaxed);
-            return Err(FixedError::OverLimit {
-                len: total,
-                pinned,
-                limit,
-            });
-        }
+        reserve(total)?;
         // SAFETY: forwarded from the caller.
         let r = unsafe { self.register_chunks(ring, &chunks, keep) };
         if r.is_err() {
@@ -484,6 +475,17 @@ impl Drop for Table {
     }
 }
 
+/// Counts `len` more bytes pinned by the process, if that stays within [`pin_limit`].
+fn reserve(len: u64) -> Result<(), FixedError> {
+    let limit = pin_limit();
+    let pinned = PINNED_BYTES.fetch_add(len, Ordering::Relaxed);
+    if pinned.saturating_add(len) > limit {
+        PINNED_BYTES.fetch_sub(len, Ordering::Relaxed);
+        return Err(FixedError::OverLimit { len, pinned, limit });
+    }
+    Ok(())
+}
+
 /// `ptr..ptr+len` in buffers of at most [`MAX_BUFFER`] bytes.
 fn chunks_of(ptr: *mut u8, len: usize) -> Vec<(usize, usize)> {
     let start = ptr as usize;
@@ -559,21 +561,14 @@ impl Staged {
             ranges,
             _keep: keep,
         };
-        let limit = pin_limit();
         for r in &mut staged.ranges {
             if cancel.load(Ordering::Relaxed) {
                 r.error = Some(FixedError::Cancelled);
                 continue;
             }
             let total = r.len as u64;
-            let pinned = PINNED_BYTES.fetch_add(total, Ordering::Relaxed);
-            if pinned.saturating_add(total) > limit {
-                PINNED_BYTES.fetch_sub(total, Ordering::Relaxed);
-                r.error = Some(FixedError::OverLimit {
-                    len: total,
-                    pinned,
-                    limit,
-                });
+            if let Err(e) = reserve(total) {
+                r.error = Some(e);
                 continue;
             }
             // One buffer per call: a call of several reports success once the first
@@ -846,6 +841,17 @@ mod tests {
         v
     }
 
+    /// `n` buffers of `LEN` bytes, buffer i filled with `first + i`.
+    fn filled(n: u8, first: u8) -> Vec<Arc<AlignedBuf>> {
+        (0..n)
+            .map(|i| {
+                let mut b = AlignedBuf::zeroed(LEN, 4096);
+                b.as_mut_slice().fill(first + i);
+                Arc::new(b)
+            })
+            .collect()
+    }
+
     fn ops() -> u64 {
         uring::fixed_stats().0
     }
@@ -932,13 +938,7 @@ mod tests {
         }
         let file = tempfile_direct();
         let fd = file.as_raw_fd();
-        let bufs: Vec<Arc<AlignedBuf>> = (0..3u8)
-            .map(|i| {
-                let mut b = AlignedBuf::zeroed(LEN, 4096);
-                b.as_mut_slice().fill(0x40 + i);
-                Arc::new(b)
-            })
-            .collect();
+        let bufs = filled(3, 0x40);
         let keeps: Vec<Keepalive> = bufs.iter().map(|b| b.clone() as Keepalive).collect();
         let at = |i: usize| bufs[i].as_slice().as_ptr() as usize;
         let stage = |i: usize, cancel: bool| {
@@ -1022,13 +1022,7 @@ mod tests {
         let _serial = serial();
         let file = tempfile_direct();
         let fd = file.as_raw_fd();
-        let bufs: Vec<Arc<AlignedBuf>> = (0..3u8)
-            .map(|i| {
-                let mut b = AlignedBuf::zeroed(LEN, 4096);
-                b.as_mut_slice().fill(0x10 + i);
-                Arc::new(b)
-            })
-            .collect();
+        let bufs = filled(3, 0x10);
         let pins: Vec<_> = bufs
             .iter()
             .map(|b| {
