@@ -97,6 +97,28 @@ impl fmt::Display for FixedError {
 
 impl std::error::Error for FixedError {}
 
+impl FixedError {
+    /// Whether the same range may well be accepted a little later: the process's limit
+    /// (other registrations go), or the kernel's count of pinned pages, which lags
+    /// behind ours (a closed ring's buffers are let go on a kernel work queue, a
+    /// cleared slot's pages when the I/O using them completes) and is shared by every
+    /// process of the user.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            FixedError::OverLimit { .. } => true,
+            FixedError::Kernel(e) => {
+                matches!(e.raw_os_error(), Some(libc::ENOMEM) | Some(libc::EAGAIN))
+            }
+            _ => false,
+        }
+    }
+}
+
+/// How many buffers (table slots) a range of `len` bytes takes.
+pub fn buffers_for(len: usize) -> usize {
+    len.div_ceil(MAX_BUFFER)
+}
+
 /// How much memory the process may register: half of the host's memory and half of
 /// its cgroup's `memory.max` (registering allocates the pages, charged to the daemon),
 /// and no more than `RLIMIT_MEMLOCK` unless it has `CAP_IPC_LOCK` (the kernel would pin
@@ -308,6 +330,15 @@ impl Table {
         })
     }
 
+    /// Slots not taken: buffers this table can still register or adopt.
+    pub fn free_slots(&self) -> usize {
+        if self.ready {
+            self.free.len()
+        } else {
+            TABLE_SLOTS as usize
+        }
+    }
+
     /// The sparse table registered with `ring`, on first use.
     fn ensure_ready(&mut self, ring: &IoUring) -> Result<(), FixedError> {
         if self.ready {
@@ -478,12 +509,14 @@ impl Drop for Table {
 /// Counts `len` more bytes pinned by the process, if that stays within [`pin_limit`].
 fn reserve(len: u64) -> Result<(), FixedError> {
     let limit = pin_limit();
-    let pinned = PINNED_BYTES.fetch_add(len, Ordering::Relaxed);
-    if pinned.saturating_add(len) > limit {
-        PINNED_BYTES.fetch_sub(len, Ordering::Relaxed);
-        return Err(FixedError::OverLimit { len, pinned, limit });
-    }
-    Ok(())
+    // Added only if it fits: a reservation that is refused never shows in the count
+    // (another thread reserving meanwhile is not refused for it).
+    PINNED_BYTES
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |pinned| {
+            pinned.checked_add(len).filter(|&total| total <= limit)
+        })
+        .map(|_| ())
+        .map_err(|pinned| FixedError::OverLimit { len, pinned, limit })
 }
 
 /// `ptr..ptr+len` in buffers of at most [`MAX_BUFFER`] bytes.
@@ -525,14 +558,16 @@ struct StagedRange {
 impl Staged {
     /// Pins `ranges` (start, length) in one new ring; the time it takes is spent here,
     /// on the calling thread. Each range is pinned within the process's [`pin_limit`],
-    /// or fails alone; once `cancel` is set, those not pinned yet are given up.
+    /// or fails alone. `cancel` has a flag per range: once a range's flag is set, what
+    /// is not pinned of it yet is given up (checked before each buffer); a range
+    /// without a flag is never given up.
     ///
     /// # Safety
     /// Each range must be mapped, readable and writable, for as long as `keep` lives.
     pub unsafe fn new(
         ranges: &[(usize, usize)],
         keep: Keepalive,
-        cancel: &AtomicBool,
+        cancel: &[AtomicBool],
     ) -> io::Result<Staged> {
         let mut first = 0u32;
         let ranges: Vec<StagedRange> = ranges
@@ -561,8 +596,9 @@ impl Staged {
             ranges,
             _keep: keep,
         };
-        for r in &mut staged.ranges {
-            if cancel.load(Ordering::Relaxed) {
+        for (i, r) in staged.ranges.iter_mut().enumerate() {
+            let cancelled = || cancel.get(i).is_some_and(|c| c.load(Ordering::Relaxed));
+            if cancelled() {
                 r.error = Some(FixedError::Cancelled);
                 continue;
             }
@@ -575,7 +611,7 @@ impl Staged {
             // is registered, whatever became of the others.
             let mut failed = None;
             for (j, &(a, n)) in r.chunks.iter().enumerate() {
-                if cancel.load(Ordering::Relaxed) {
+                if cancelled() {
                     failed = Some((j, FixedError::Cancelled));
                     break;
                 }
@@ -945,7 +981,8 @@ mod tests {
             let (p, keep) = (at(i), keeps[i].clone());
             std::thread::spawn(move || {
                 // SAFETY: the buffer lives as long as `keep`, which the staging holds.
-                unsafe { super::Staged::new(&[(p, LEN)], keep, &AtomicBool::new(cancel)) }.unwrap()
+                unsafe { super::Staged::new(&[(p, LEN)], keep, &[AtomicBool::new(cancel)]) }
+                    .unwrap()
             })
             .join()
             .unwrap()
@@ -1006,6 +1043,27 @@ mod tests {
         let r = unsafe { uring::adopt(&mut cancelled, 0, &keeps[0]) };
         assert!(matches!(r, Err(super::FixedError::Cancelled)));
         drop(cancelled);
+        // One flag per range: only the range whose flag is set is given up, and the
+        // pinned one counts until the staging goes.
+        let both: Keepalive = Arc::new((keeps[0].clone(), keeps[1].clone()));
+        let (p0, p1) = (at(0), at(1));
+        let partial = std::thread::spawn(move || {
+            let flags = [AtomicBool::new(false), AtomicBool::new(true)];
+            // SAFETY: both buffers live as long as `both`, which the staging holds.
+            unsafe { super::Staged::new(&[(p0, LEN), (p1, LEN)], both, &flags) }.unwrap()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(
+            partial.ranges(),
+            vec![((p0, LEN), true), ((p1, LEN), false)]
+        );
+        assert_eq!(
+            super::PINNED_BYTES.load(Relaxed) - base,
+            (3 * LEN) as u64,
+            "the staged range counts, the given-up one does not"
+        );
+        drop(partial);
         drop(shared);
         drop(second);
         assert_eq!(uring::fixed_stats().1, 0);
@@ -1015,6 +1073,76 @@ mod tests {
             bufs.iter().all(|b| Arc::strong_count(b) == 1),
             "keepalives let go"
         );
+    }
+
+    /// Errors worth a later try: the process's limit and the kernel's lagging count
+    /// of pinned pages; not a refusal for good.
+    #[test]
+    fn what_is_tried_again_later() {
+        let over = super::FixedError::OverLimit {
+            len: 1,
+            pinned: 2,
+            limit: 2,
+        };
+        assert!(over.is_transient());
+        for errno in [libc::ENOMEM, libc::EAGAIN] {
+            let e = super::FixedError::Kernel(std::io::Error::from_raw_os_error(errno));
+            assert!(e.is_transient());
+        }
+        for errno in [libc::EFAULT, libc::EINVAL, libc::EOPNOTSUPP] {
+            let e = super::FixedError::Kernel(std::io::Error::from_raw_os_error(errno));
+            assert!(!e.is_transient());
+        }
+        assert!(!super::FixedError::TableFull.is_transient());
+        assert_eq!(super::buffers_for(0), 0);
+        assert_eq!(super::buffers_for(1), 1);
+        assert_eq!(super::buffers_for(super::MAX_BUFFER), 1);
+        assert_eq!(super::buffers_for(super::MAX_BUFFER + 1), 2);
+    }
+
+    /// A reservation over the limit leaves the count as it was, also for the
+    /// moment it is refused (the check is part of the update): one that fits is never
+    /// refused because another thread's refused one showed in the count meanwhile
+    /// (adding first and taking back after, this failed within 200,000 tries).
+    #[test]
+    fn a_refused_reservation_never_shows_in_the_count() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let _serial = serial();
+        let limit = super::pin_limit();
+        let base = super::PINNED_BYTES.load(Relaxed);
+        let r = super::reserve(limit - base + 1);
+        assert!(matches!(r, Err(super::FixedError::OverLimit { pinned, .. }) if pinned == base));
+        assert_eq!(super::PINNED_BYTES.load(Relaxed), base);
+        super::reserve(1).unwrap();
+        assert_eq!(super::PINNED_BYTES.load(Relaxed), base + 1);
+        super::PINNED_BYTES.fetch_sub(1, Relaxed);
+        // A reservation up to the limit, while another thread keeps asking for more
+        // than the limit: it is never refused for the other's refused request.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let other = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Relaxed) {
+                    assert!(super::reserve(limit - base + 1).is_err());
+                }
+            })
+        };
+        let mut refused = 0;
+        for _ in 0..200_000 {
+            match super::reserve(limit - base) {
+                Ok(()) => {
+                    super::PINNED_BYTES.fetch_sub(limit - base, Relaxed);
+                }
+                Err(_) => refused += 1,
+            }
+        }
+        stop.store(true, Relaxed);
+        other.join().unwrap();
+        assert_eq!(
+            refused, 0,
+            "refused for another thread's refused reservation"
+        );
+        assert_eq!(super::PINNED_BYTES.load(Relaxed), base);
     }
 
     #[test]

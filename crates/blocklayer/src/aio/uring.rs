@@ -513,6 +513,20 @@ pub(super) fn unpin(pinned: &mut Pinned) {
     });
 }
 
+/// Fixed-buffer slots this thread's table has free (all of them before its first
+/// use).
+pub fn fixed_free_slots() -> usize {
+    ENGINE
+        .try_with(|cell| {
+            cell.try_borrow()
+                .ok()
+                .and_then(|e| e.as_ref().map(|e| e.fixed.free_slots()))
+        })
+        .ok()
+        .flatten()
+        .unwrap_or(fixed::TABLE_SLOTS as usize)
+}
+
 /// This thread's operations that used fixed buffers, and the bytes registered.
 pub fn fixed_stats() -> (u64, u64) {
     ENGINE

@@ -15,10 +15,15 @@
 //! current when it ends, by address and length (a staging keeps its table's mappings,
 //! so a region of the current table at the same address is the same mapping): a table
 //! that changed meanwhile loses nothing that is still in it, and what is left is staged
-//! next. A region over the process's limit, or whose staging failed, is tried again at
-//! the first pass a second or more later; one the kernel refuses is not, until the
-//! table changes. A staging stops before its next buffer when its ring set goes away,
-//! or when the table no longer has any of its regions.
+//! next. A region over the process's limit, refused for want of memory (the kernel's
+//! count of pinned pages lags behind the daemon's), or whose staging failed, is tried
+//! again at the first pass a second or more later; one the kernel refuses otherwise,
+//! or that needs more buffers than the iothread's table has free, is not, until the
+//! table changes. A staging gives a region up before its next buffer when the table no
+//! longer has it, and all of them when its ring set goes away. At most
+//! [`MAX_STAGINGS`] stagings run in the process at once (a frontend that reconnects in
+//! a loop leaves helpers finishing a buffer behind it): a ring set that finds them all
+//! taken waits as for the limit.
 
 use super::request::Memory;
 use crate::iothread::event_loop::EventLoop;
@@ -27,7 +32,7 @@ use blocklayer::aio::iovec::Keepalive;
 use blocklayer::aio::{affinity, uring};
 use std::cell::{Cell, RefCell};
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -35,6 +40,12 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 /// How long a region over the process's limit (or whose staging failed) waits before
 /// it is tried again.
 const RETRY_LATER: Duration = Duration::from_secs(1);
+
+/// Helper threads pinning at once, in the whole process.
+const MAX_STAGINGS: usize = 4;
+
+/// Helper threads pinning now.
+static STAGINGS: AtomicUsize = AtomicUsize::new(0);
 
 /// A region: host address and length.
 type Range = (usize, usize);
@@ -51,16 +62,18 @@ pub struct GuestPins {
     mem: RefCell<Option<Arc<Memory>>>,
     /// Regions of the table may need registering (it changed, a staging ended).
     dirty: Cell<bool>,
-    /// A staging runs: its regions, what it leaves (and whether it has), its stop
-    /// flag.
+    /// A staging runs: its regions, what it leaves (and whether it has), a stop flag
+    /// per region.
     staging: RefCell<Option<Vec<Range>>>,
     done: Arc<Mutex<Option<io::Result<Staged>>>>,
     ready: Arc<AtomicBool>,
-    cancel: RefCell<Arc<AtomicBool>>,
-    /// Regions of this table the kernel refused: not tried again.
+    cancel: RefCell<Arc<[AtomicBool]>>,
+    /// Regions of this table the kernel refused, or too large for the free slots:
+    /// not tried again.
     given_up: RefCell<Vec<Range>>,
-    /// Regions over the process's limit, or whose staging failed: tried again at the
-    /// first pass after `retry_at`.
+    /// Regions refused for a while (over the process's limit, the kernel short of
+    /// memory, every staging taken) or whose staging failed: tried again at the first
+    /// pass after `retry_at`.
     deferred: RefCell<Vec<Range>>,
     retry_at: Cell<Option<Instant>>,
     /// A failure was logged.
@@ -91,7 +104,7 @@ impl GuestPins {
             staging: RefCell::new(None),
             done: Arc::new(Mutex::new(None)),
             ready: Arc::new(AtomicBool::new(false)),
-            cancel: RefCell::new(Arc::new(AtomicBool::new(false))),
+            cancel: RefCell::new(Arc::new([])),
             given_up: RefCell::new(Vec::new()),
             deferred: RefCell::new(Vec::new()),
             retry_at: Cell::new(None),
@@ -104,6 +117,11 @@ impl GuestPins {
     /// helper thread has pinned. Called at the top of each pass: with nothing to do it
     /// costs a few loads.
     pub fn refresh(&self, gen: u64, memory: impl FnOnce() -> (u64, Arc<Memory>)) {
+        // The table first: a staging that ends takes nothing the new table lacks.
+        if self.gen.get() != Some(gen) {
+            let (g, mem) = memory();
+            self.new_table(g, mem);
+        }
         if self.ready.load(Ordering::Acquire) {
             self.ready.store(false, Ordering::Relaxed);
             let done = self.done.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -112,10 +130,6 @@ impl GuestPins {
                 self.dirty.set(true);
                 self.take_over(d, regions);
             }
-        }
-        if self.gen.get() != Some(gen) {
-            let (g, mem) = memory();
-            self.new_table(g, mem);
         }
         if !self.dirty.get() {
             match self.retry_at.get() {
@@ -146,6 +160,7 @@ impl GuestPins {
                 })
                 .collect()
         };
+        let todo = self.fitting(todo);
         if todo.is_empty() {
             return;
         }
@@ -154,6 +169,25 @@ impl GuestPins {
         } else {
             self.pin_here(&mem, &todo);
         }
+    }
+
+    /// The regions of `todo` that this iothread's table has the slots for, in order;
+    /// the others are given up until the table changes (pinning a region to find no
+    /// room for it would take as long as pinning it for use, each time).
+    fn fitting(&self, todo: Vec<Range>) -> Vec<Range> {
+        let mut free = uring::fixed_free_slots();
+        let mut fit = Vec::with_capacity(todo.len());
+        for r in todo {
+            let n = fixed::buffers_for(r.1);
+            if n <= free {
+                free -= n;
+                fit.push(r);
+            } else {
+                self.failure(&FixedError::TableFull);
+                self.given_up.borrow_mut().push(r);
+            }
+        }
+        fit
     }
 
     /// Regions of the current table are tried again a while from now.
@@ -181,11 +215,15 @@ impl GuestPins {
         self.given_up.borrow_mut().clear();
         self.deferred.borrow_mut().clear();
         self.retry_at.set(None);
-        // A staging of nothing the new table has is of no use.
+        // A region of the staging that the new table lacks is of no use: what is not
+        // pinned of it yet is given up.
         let now = ranges(&mem);
         if let Some(staged) = self.staging.borrow().as_ref() {
-            if !staged.iter().any(|r| now.contains(r)) {
-                self.cancel.borrow().store(true, Ordering::Relaxed);
+            let cancel = self.cancel.borrow();
+            for (r, c) in staged.iter().zip(cancel.iter()) {
+                if !now.contains(r) {
+                    c.store(true, Ordering::Relaxed);
+                }
             }
         }
         *self.mem.borrow_mut() = Some(mem);
@@ -193,7 +231,8 @@ impl GuestPins {
         self.dirty.set(true);
     }
 
-    /// Has a helper thread pin `todo`, regions of `mem`.
+    /// Has a helper thread pin `todo`, regions of `mem` (or defers them while
+    /// [`MAX_STAGINGS`] run).
     fn stage(&self, mem: Arc<Memory>, todo: Vec<Range>) {
         /// Leaves the staging's outcome and wakes the iothread, also if the pinning
         /// panicked (the ring set would otherwise wait for it forever).
@@ -205,6 +244,7 @@ impl GuestPins {
         }
         impl Drop for Finish {
             fn drop(&mut self) {
+                STAGINGS.fetch_sub(1, Ordering::AcqRel);
                 let r = self
                     .result
                     .take()
@@ -216,7 +256,22 @@ impl GuestPins {
                 }
             }
         }
-        let cancel = Arc::new(AtomicBool::new(false));
+        let started = STAGINGS.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < MAX_STAGINGS).then_some(n + 1)
+        });
+        if started.is_err() {
+            log::debug!(
+                "export {}: {MAX_STAGINGS} stagings of guest memory run; {} region(s) wait",
+                self.export,
+                todo.len()
+            );
+            for r in todo {
+                self.defer(r);
+            }
+            return;
+        }
+        // Counted from here; the guard below gives the count back.
+        let cancel: Arc<[AtomicBool]> = todo.iter().map(|_| AtomicBool::new(false)).collect();
         *self.cancel.borrow_mut() = cancel.clone();
         let finish = Finish {
             done: self.done.clone(),
@@ -320,10 +375,10 @@ impl GuestPins {
     }
 
     /// Keeps the registration of region `r`, or notes why there is none: a region
-    /// over the process's limit is tried again a second later (at the first pass
-    /// after), one the kernel refused is not
-    /// (until the table changes), one a cancelled staging did not reach is staged
-    /// again. Whether it is registered.
+    /// refused for a while ([`FixedError::is_transient`]) is tried again a second
+    /// later (at the first pass after), one refused otherwise is not (until the table
+    /// changes), one a cancelled staging did not reach is staged again if the table
+    /// still has it. Whether it is registered.
     fn record(&self, r: Range, result: Result<Pinned, FixedError>) -> bool {
         match result {
             Ok(p) => {
@@ -331,7 +386,7 @@ impl GuestPins {
                 return true;
             }
             Err(FixedError::Cancelled) => {}
-            Err(e @ FixedError::OverLimit { .. }) => {
+            Err(e) if e.is_transient() => {
                 self.failure(&e);
                 self.defer(r);
             }
@@ -367,7 +422,58 @@ impl GuestPins {
 
 impl Drop for GuestPins {
     fn drop(&mut self) {
-        // A staging still running stops at its next region; what it pinned goes with it.
-        self.cancel.borrow().store(true, Ordering::Relaxed);
+        // A staging still running stops at its next buffer; what it pinned goes with it.
+        for c in self.cancel.borrow().iter() {
+            c.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestAddress;
+
+    fn pins() -> GuestPins {
+        GuestPins::new("test".into(), Weak::new())
+    }
+
+    /// Regions are staged only while the table has slots for all their buffers (1 GiB
+    /// each); one that does not fit is given up, the next that fits is still taken.
+    #[test]
+    fn regions_beyond_the_free_slots_are_not_pinned() {
+        let p = pins();
+        let gib = fixed::MAX_BUFFER;
+        let free = uring::fixed_free_slots();
+        assert_eq!(
+            free,
+            fixed::TABLE_SLOTS as usize,
+            "no engine: every slot free"
+        );
+        let big = (0x1000_0000, (free - 10) * gib);
+        let too_big = (0x2000_0000, 11 * gib);
+        let small = (0x3000_0000, 10 * gib - 1);
+        let fit = p.fitting(vec![big, too_big, small]);
+        assert_eq!(fit, vec![big, small]);
+        assert_eq!(*p.given_up.borrow(), vec![too_big]);
+        assert!(p.failed.get(), "the refusal is logged");
+        let huge = (0x4000_0000, (free + 1) * gib);
+        assert!(p.fitting(vec![huge]).is_empty());
+    }
+
+    /// With every staging of the process taken, a ring set starts no helper: its
+    /// regions wait a second, as over the pin limit.
+    #[test]
+    fn regions_wait_while_every_staging_is_taken() {
+        let p = pins();
+        let mem = Arc::new(Memory::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap());
+        let todo = ranges(&mem);
+        let before = STAGINGS.swap(MAX_STAGINGS, Ordering::AcqRel);
+        p.stage(mem, todo.clone());
+        let after = STAGINGS.swap(before, Ordering::AcqRel);
+        assert_eq!(after, MAX_STAGINGS, "no helper counted");
+        assert!(p.staging.borrow().is_none(), "no helper started");
+        assert_eq!(*p.deferred.borrow(), todo);
+        assert!(p.retry_at.get().is_some_and(|t| t > Instant::now()));
     }
 }
