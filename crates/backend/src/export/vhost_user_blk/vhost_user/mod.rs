@@ -23,6 +23,7 @@
 pub mod chain;
 pub mod dirty_log;
 pub mod inflight;
+pub mod reaper;
 pub mod shm;
 pub mod sigbus;
 pub mod vring;
@@ -38,8 +39,8 @@ use std::sync::Arc;
 use virtio_queue::QueueT;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
-    FileOffset, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryRegion,
-    GuestRegionMmap,
+    FileOffset, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
+    GuestMemoryRegion, GuestRegionMmap,
 };
 use vmm_sys_util::eventfd::EventFd;
 use vring::Vring;
@@ -225,21 +226,6 @@ fn map_region(info: &RegionInfo, offset: u64, fd: OwnedFd) -> io::Result<Arc<Gue
         .ok_or_else(|| bad("region wraps around the guest address space"))
 }
 
-/// A guest memory region guarded against truncation (see [`sigbus`]) while it exists.
-struct Guarded {
-    region: std::sync::Weak<GuestRegionMmap>,
-    _registration: Option<sigbus::Registration>,
-}
-
-impl Guarded {
-    fn new(region: &Arc<GuestRegionMmap>) -> Guarded {
-        Guarded {
-            region: Arc::downgrade(region),
-            _registration: sigbus::register(region.as_ptr(), region.size()),
-        }
-    }
-}
-
 /// One frontend connection.
 pub struct Session<D: QueueDevice> {
     device: Arc<D>,
@@ -252,9 +238,17 @@ pub struct Session<D: QueueDevice> {
     inflight: Option<Arc<InflightRegion>>,
     /// Ring addresses as frontend virtual addresses, translated at start.
     ring_addrs: Vec<Option<[u64; 3]>>,
-    /// Guest memory regions mapped by this connection, old ones included while
-    /// requests still use them.
-    guarded: Vec<Guarded>,
+    /// The regions of the current memory table, each with its SIGBUS guard; those
+    /// that leave it go to [`reaper`], which unmaps them off the iothreads.
+    held: Vec<reaper::Held>,
+}
+
+impl<D: QueueDevice> Drop for Session<D> {
+    fn drop(&mut self) {
+        // The connection's regions go to the reaper; it drops them once the rings
+        // (and this session's table, dropped after this) have let go of them.
+        reaper::release(std::mem::take(&mut self.held));
+    }
 }
 
 impl<D: QueueDevice> Session<D> {
@@ -283,7 +277,7 @@ impl<D: QueueDevice> Session<D> {
             acked_protocol: 0,
             inflight: None,
             ring_addrs: vec![None; n],
-            guarded: Vec::new(),
+            held: Vec::new(),
         })
     }
 
@@ -832,7 +826,7 @@ impl<D: QueueDevice> Session<D> {
         for (i, fd) in fds.into_iter().enumerate() {
             let (info, offset) = region_at(&m.payload, 8 + 32 * i);
             let r = map_region(&info, offset, fd).map_err(|e| refused(&m, e.to_string()))?;
-            self.guarded.push(Guarded::new(&r));
+            self.held.push(reaper::Held::new(&r));
             infos.push(info);
             regions.push(r);
         }
@@ -851,7 +845,7 @@ impl<D: QueueDevice> Session<D> {
             return Err(refused(&m, "no free memory slot"));
         }
         let r = map_region(&info, offset, fd).map_err(|e| refused(&m, e.to_string()))?;
-        self.guarded.push(Guarded::new(&r));
+        self.held.push(reaper::Held::new(&r));
         let current = self.mem.memory();
         let mem = if self.regions.is_empty() {
             Memory::from_arc_regions(vec![r])
@@ -899,8 +893,16 @@ impl<D: QueueDevice> Session<D> {
             .replace(mem);
         self.device.memory_changed();
         self.regions = infos;
-        // Regions nobody uses any more are unmapped: stop guarding them.
-        self.guarded.retain(|g| g.region.strong_count() > 0);
+        // Regions no longer in the table go once no request or registration holds
+        // them, unmapped by the reaper (freeing a departed frontend's memory can take
+        // long), guarded until then.
+        let current = self.mem.memory();
+        let (kept, gone): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held)
+            .into_iter()
+            .partition(|h| current.iter().any(|r| h.is(r)));
+        drop(current);
+        self.held = kept;
+        reaper::release(gone);
         let n = sigbus::take_recovered();
         if n > 0 {
             log::warn!(
