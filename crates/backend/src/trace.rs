@@ -37,6 +37,7 @@ pub const EVENTS: &[&str] = &[
     "vubd::export::vhost_user_blk::server",
     "vubd::export::vhost_user_blk::vhost_user",
     "vubd::export::vhost_user_blk::vhost_user::dirty_log",
+    "vubd::export::vhost_user_blk::vhost_user::reaper",
     "vubd::export::vhost_user_blk::vhost_user::sigbus",
     "vubd::iothread::event_loop",
     "vubd::jobs",
