@@ -2191,6 +2191,53 @@ fn removed_memory_region_is_unmapped_while_idle() {
     h.finish();
 }
 
+/// Memory tables the daemon refuses (SET_MEM_TABLE with two regions at one address,
+/// ADD_MEM_REG over a region it has) leave nothing mapped: repeated on one connection,
+/// the daemon's mappings of the frontend's memory stay as they were, and the
+/// connection goes on with its table.
+#[test]
+fn refused_memory_tables_leave_nothing_mapped() {
+    let h = Harness::start(
+        "refused_memory_tables_leave_nothing_mapped",
+        ANode::Null {
+            size: 16 * MIB,
+            latency_ns: 0,
+        },
+        "",
+        false,
+    );
+    let mut dev = h.dev(&DevOpts::default());
+    let pid = h.daemon.pid();
+    dev.assert_read_ok(0, 4096, false);
+    let before = region_mappings(pid);
+    assert!(before >= 1, "the daemon maps the frontend's memory");
+    let extra = MemRegion::new(64 * MIB, MIB);
+    let first = dev.fe.mem.regions()[0].clone();
+    for i in 0..10 {
+        assert!(
+            dev.fe
+                .set_mem_table(&[extra.clone(), extra.clone()])
+                .is_err(),
+            "overlapping regions accepted ({i})"
+        );
+        let over = MemRegion::new(first.gpa(), MIB);
+        assert!(
+            dev.fe.add_mem_reg(&over).is_err(),
+            "a region over another accepted ({i})"
+        );
+    }
+    let after = region_mappings(pid);
+    assert_eq!(
+        after,
+        before,
+        "refused tables left {} mapping(s) behind",
+        after.saturating_sub(before)
+    );
+    dev.assert_read_ok(0, 4096, false);
+    drop(dev);
+    h.finish();
+}
+
 /// REM_MEM_REG of `region`, then waits up to 3 s for the daemon to unmap it: the
 /// iothreads' copies of the memory table, and any io_uring registration of it, must
 /// let go of a removed region as soon as no request uses it, even while idle.

@@ -1184,8 +1184,7 @@ fn pinned_guest_memory_carries_direct_io_and_goes_with_the_connection() {
     assert!(img.read_all() == shadow, "the image file holds other data");
     // The iothread publishes its figures when its wake-up ends, after its polling
     // window: once the client is idle they stay put.
-    std::thread::sleep(Duration::from_millis(50));
-    let (ops, pinned) = figures(&scrape(&addr));
+    let (ops, pinned) = settled(&|| figures(&scrape(&addr)));
     assert!(
         ops >= single,
         "{ops} fixed-buffer operations for {single} one-segment requests"
@@ -1200,9 +1199,8 @@ fn pinned_guest_memory_carries_direct_io_and_goes_with_the_connection() {
     let data = rng.bytes(256 << 10);
     plain.q().write(0, &data).unwrap();
     assert!(plain.q().read(0, data.len()).unwrap() == data);
-    std::thread::sleep(Duration::from_millis(50));
     assert_eq!(
-        figures(&scrape(&addr)),
+        settled(&|| figures(&scrape(&addr))),
         (ops, pinned),
         "the plain export used fixed buffers"
     );
@@ -1390,6 +1388,21 @@ impl LeavingStall {
             self.worst,
             self.gone
         );
+    }
+}
+
+/// A figure once two reads 20 ms apart agree (an iothread publishes its figures when
+/// its wake-up ends, which may come after the reply a client has seen).
+fn settled<T: PartialEq>(read: &dyn Fn() -> T) -> T {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut last = read();
+    loop {
+        std::thread::sleep(Duration::from_millis(20));
+        let now = read();
+        if now == last || Instant::now() > deadline {
+            return now;
+        }
+        last = now;
     }
 }
 

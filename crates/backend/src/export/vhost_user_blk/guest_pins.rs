@@ -270,15 +270,15 @@ impl GuestPins {
             }
             return;
         }
-        // Counted from here; the guard below gives the count back.
-        let cancel: Arc<[AtomicBool]> = todo.iter().map(|_| AtomicBool::new(false)).collect();
-        *self.cancel.borrow_mut() = cancel.clone();
+        // Counted from here: the guard, made before anything else, gives it back.
         let finish = Finish {
             done: self.done.clone(),
             ready: self.ready.clone(),
             event_loop: self.event_loop.clone(),
             result: None,
         };
+        let cancel: Arc<[AtomicBool]> = todo.iter().map(|_| AtomicBool::new(false)).collect();
+        *self.cancel.borrow_mut() = cancel.clone();
         let keep: Keepalive = mem.clone();
         let regions = todo.clone();
         let spawned = std::thread::Builder::new()
@@ -462,7 +462,8 @@ mod tests {
     }
 
     /// With every staging of the process taken, a ring set starts no helper: its
-    /// regions wait a second, as over the pin limit.
+    /// regions wait a second, as over the pin limit. (It sets the process's count: no
+    /// other unit test of this crate starts a staging.)
     #[test]
     fn regions_wait_while_every_staging_is_taken() {
         let p = pins();

@@ -823,16 +823,20 @@ impl<D: QueueDevice> Session<D> {
         let fds = std::mem::take(&mut m.fds);
         let mut infos = Vec::with_capacity(n);
         let mut regions = Vec::with_capacity(n);
+        // Kept only once the table is taken: a refused one is unmapped at once (the
+        // frontend still has its files; nothing was published).
+        let mut fresh = Vec::with_capacity(n);
         for (i, fd) in fds.into_iter().enumerate() {
             let (info, offset) = region_at(&m.payload, 8 + 32 * i);
             let r = map_region(&info, offset, fd).map_err(|e| refused(&m, e.to_string()))?;
-            self.held.push(reaper::Held::new(&r));
+            fresh.push(reaper::Held::new(&r));
             infos.push(info);
             regions.push(r);
         }
         regions.sort_by_key(|r| r.start_addr());
         let mem = Memory::from_arc_regions(regions)
             .map_err(|e| refused(&m, format!("bad memory table: {e}")))?;
+        self.held.append(&mut fresh);
         self.replace_memory(mem, infos);
         Ok(Handled::Done)
     }
@@ -845,7 +849,7 @@ impl<D: QueueDevice> Session<D> {
             return Err(refused(&m, "no free memory slot"));
         }
         let r = map_region(&info, offset, fd).map_err(|e| refused(&m, e.to_string()))?;
-        self.held.push(reaper::Held::new(&r));
+        let fresh = reaper::Held::new(&r);
         let current = self.mem.memory();
         let mem = if self.regions.is_empty() {
             Memory::from_arc_regions(vec![r])
@@ -854,6 +858,7 @@ impl<D: QueueDevice> Session<D> {
         }
         .map_err(|e| refused(&m, format!("cannot add the region: {e}")))?;
         drop(current);
+        self.held.push(fresh);
         let mut infos = self.regions.clone();
         infos.push(info);
         self.replace_memory(mem, infos);

@@ -16,16 +16,20 @@
 //! happen there. The guard goes with the mapping, not before it: a request still
 //! using an old region is guarded against the frontend truncating it.
 //!
-//! The helper looks at what it holds every [`LOOK_EVERY`] while it holds anything,
-//! and sleeps on a condition variable otherwise (an idle daemon has no wake-ups).
+//! The helper looks at what it holds every [`LOOK_EVERY`] (less often as nothing
+//! goes) while it holds anything, and sleeps on a condition variable otherwise (an
+//! idle daemon has no wake-ups).
 
 use super::sigbus;
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 use vm_memory::GuestRegionMmap;
 
-/// How often the helper looks whether what it holds is used elsewhere still.
+/// How often the helper looks whether what it holds is used elsewhere still, at first;
+/// the wait doubles while nothing goes, up to [`LOOK_AT_MOST`] (a request stuck in a
+/// hung backend may hold a table for long).
 const LOOK_EVERY: Duration = Duration::from_millis(20);
+const LOOK_AT_MOST: Duration = Duration::from_secs(1);
 
 /// A mapped region of guest memory and its SIGBUS guard.
 pub struct Held {
@@ -54,58 +58,55 @@ impl Held {
     }
 }
 
+/// What the helper holds, and whether it runs.
 struct Reaper {
     held: Mutex<Vec<Held>>,
     more: Condvar,
+    started: Mutex<bool>,
 }
 
-/// The helper, started on first use; `None` if its thread could not be started.
-fn reaper() -> Option<&'static Reaper> {
-    static REAPER: OnceLock<Option<&'static Reaper>> = OnceLock::new();
-    *REAPER.get_or_init(|| {
-        let r: &'static Reaper = Box::leak(Box::new(Reaper {
-            held: Mutex::new(Vec::new()),
-            more: Condvar::new(),
-        }));
-        match std::thread::Builder::new()
-            .name("vubd-unmap".into())
-            .spawn(move || run(r))
-        {
-            Ok(_) => Some(r),
-            Err(e) => {
-                log::warn!(
-                    "cannot start the thread that unmaps guest memory ({e}); memory is \
-                     unmapped by the thread that lets go of it last"
-                );
-                None
-            }
-        }
-    })
-}
+static REAPER: Reaper = Reaper {
+    held: Mutex::new(Vec::new()),
+    more: Condvar::new(),
+    started: Mutex::new(false),
+};
 
-/// Lets go of `regions`: a helper thread drops each once nothing else holds it.
+/// Lets go of `regions`: a helper thread drops each once nothing else holds it. Where
+/// the helper cannot be started, they are kept (guarded, mapped) until a later call
+/// starts it.
 pub fn release(regions: impl IntoIterator<Item = Held>) {
     let mut regions = regions.into_iter().peekable();
     if regions.peek().is_none() {
         return;
     }
-    match reaper() {
-        Some(r) => {
-            r.held
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .extend(regions);
-            r.more.notify_one();
+    REAPER
+        .held
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .extend(regions);
+    REAPER.more.notify_one();
+    let mut started = REAPER.started.lock().unwrap_or_else(|p| p.into_inner());
+    if !*started {
+        match std::thread::Builder::new()
+            .name("vubd-unmap".into())
+            .spawn(run)
+        {
+            Ok(_) => *started = true,
+            Err(e) => log::warn!(
+                "cannot start the thread that unmaps guest memory ({e}); the regions a \
+                 frontend let go of stay mapped until it can be started"
+            ),
         }
-        // Dropped here: held elsewhere, they go with the last holder.
-        None => drop(regions.collect::<Vec<_>>()),
     }
 }
 
-fn run(r: &'static Reaper) {
+fn run() {
+    let r = &REAPER;
+    let mut wait = LOOK_EVERY;
     let mut held = r.held.lock().unwrap_or_else(|p| p.into_inner());
     loop {
         if held.is_empty() {
+            wait = LOOK_EVERY;
             held = r.more.wait(held).unwrap_or_else(|p| p.into_inner());
             continue;
         }
@@ -115,14 +116,21 @@ fn run(r: &'static Reaper) {
             // Unmapped (and freed, where the frontend has gone) without the lock held.
             drop(held);
             drop(done);
+            wait = LOOK_EVERY;
             held = r.held.lock().unwrap_or_else(|p| p.into_inner());
             continue;
         }
-        held = r
+        let (h, timeout) = r
             .more
-            .wait_timeout(held, LOOK_EVERY)
-            .unwrap_or_else(|p| p.into_inner())
-            .0;
+            .wait_timeout(held, wait)
+            .unwrap_or_else(|p| p.into_inner());
+        held = h;
+        // New regions look soon; old ones less and less often.
+        wait = if timeout.timed_out() {
+            (wait * 2).min(LOOK_AT_MOST)
+        } else {
+            LOOK_EVERY
+        };
     }
 }
 
