@@ -1259,44 +1259,20 @@ fn pinning_a_large_frontend_does_not_hold_up_its_iothread() {
     let mut daemon = Daemon::start(&args);
     let pinned = |s: &Scrape| s.get("vubd_iothread_pinned_bytes", &[("iothread", "io0")]);
 
-    // The neighbour: reads one at a time, the longest wait of each kept.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (tx, rx) = std::sync::mpsc::channel::<(Instant, Duration)>();
-    let busy = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let mut c = Client::connect(&busy_sock, 1);
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let t = Instant::now();
-                c.q().read(0, 4096).unwrap();
-                let _ = tx.send((t, t.elapsed()));
-            }
-        })
-    };
-    // Wait until the neighbour runs.
-    rx.recv_timeout(Duration::from_secs(10))
-        .expect("the busy export serves");
+    let busy = Neighbour::start(&busy_sock);
 
     let size = 2048 * MIB as usize;
     let t0 = Instant::now();
-    let mut big = Client::connect_with(
-        &big_sock,
-        &vubd_tests::ClientOptions {
-            buf_per_queue: size,
-            ..Default::default()
-        },
-    )
-    .expect("connect the large frontend");
+    let mut big = large_frontend(&big_sock, size);
     let deadline = Instant::now() + Duration::from_secs(60);
     while pinned(&scrape(&addr)) < size as u64 {
         assert!(Instant::now() < deadline, "2 GiB not pinned after 60 s");
         std::thread::sleep(Duration::from_millis(5));
     }
     let took = t0.elapsed();
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    busy.join().unwrap();
-    let worst = rx
-        .try_iter()
+    let worst = busy
+        .finish()
+        .into_iter()
         .filter(|&(t, _)| t >= t0)
         .map(|(_, d)| d)
         .max()
@@ -1351,6 +1327,55 @@ fn pinning_a_large_frontend_does_not_hold_up_its_iothread() {
     let stall = leaving_stall(&mut daemon, &dir.join("busy.sock"), big);
     eprintln!("with pin-guest-memory=on: {stall}");
     stall.check();
+}
+
+/// A frontend with `size` bytes of memory (one queue's buffer).
+fn large_frontend(sock: &Path, size: usize) -> Client {
+    Client::connect_with(
+        sock,
+        &vubd_tests::ClientOptions {
+            buf_per_queue: size,
+            ..Default::default()
+        },
+    )
+    .expect("connect the large frontend")
+}
+
+/// A client of a neighbour export: 4k reads one at a time, each one's start and wait
+/// kept.
+struct Neighbour {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    rx: std::sync::mpsc::Receiver<(Instant, Duration)>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Neighbour {
+    /// Starts reading on `sock`; returns once the first read is served.
+    fn start(sock: &Path) -> Neighbour {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::channel::<(Instant, Duration)>();
+        let thread = {
+            let (stop, sock) = (stop.clone(), sock.to_path_buf());
+            std::thread::spawn(move || {
+                let mut c = Client::connect(&sock, 1);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let t = Instant::now();
+                    c.q().read(0, 4096).unwrap();
+                    let _ = tx.send((t, t.elapsed()));
+                }
+            })
+        };
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("the busy export serves");
+        Neighbour { stop, rx, thread }
+    }
+
+    /// Stops reading: each read's start and wait since the first.
+    fn finish(self) -> Vec<(Instant, Duration)> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap();
+        self.rx.try_iter().collect()
+    }
 }
 
 /// What a neighbour export of the same iothread went through while a large frontend
@@ -1432,21 +1457,7 @@ fn rss_shmem(pid: u32) -> u64 {
 /// the daemon has mapped and touched) disconnects and exits, until the daemon's
 /// resident shared memory is under 256 MiB.
 fn leaving_stall(daemon: &mut Daemon, busy_sock: &Path, big: Client) -> LeavingStall {
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (tx, rx) = std::sync::mpsc::channel::<(Instant, Duration)>();
-    let busy = {
-        let (stop, busy_sock) = (stop.clone(), busy_sock.to_path_buf());
-        std::thread::spawn(move || {
-            let mut c = Client::connect(&busy_sock, 1);
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let t = Instant::now();
-                c.q().read(0, 4096).unwrap();
-                let _ = tx.send((t, t.elapsed()));
-            }
-        })
-    };
-    rx.recv_timeout(Duration::from_secs(10))
-        .expect("the busy export serves");
+    let busy = Neighbour::start(busy_sock);
     assert!(
         rss_shmem(daemon.pid()) > 1024 * MIB,
         "the daemon has the frontend's memory mapped"
@@ -1461,10 +1472,9 @@ fn leaving_stall(daemon: &mut Daemon, busy_sock: &Path, big: Client) -> LeavingS
     let gone = t0.elapsed();
     // The neighbour's request that straddles the end is counted too.
     std::thread::sleep(Duration::from_millis(50));
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    busy.join().unwrap();
-    let worst = rx
-        .try_iter()
+    let worst = busy
+        .finish()
+        .into_iter()
         .filter(|&(t, d)| t + d >= t0)
         .map(|(_, d)| d)
         .max()
@@ -1494,14 +1504,7 @@ fn a_large_frontend_leaving_does_not_hold_up_its_iothread() {
         .build();
     let mut daemon = Daemon::start(&args);
     let size = 2048 * MIB as usize;
-    let mut big = Client::connect_with(
-        &big_sock,
-        &vubd_tests::ClientOptions {
-            buf_per_queue: size,
-            ..Default::default()
-        },
-    )
-    .expect("connect the large frontend");
+    let mut big = large_frontend(&big_sock, size);
     // Every page of the frontend's memory allocated, and a request into it served
     // (the iothread's last table holds it).
     let ioq = big.queue(0);
