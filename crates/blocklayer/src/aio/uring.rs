@@ -513,31 +513,23 @@ pub(super) fn unpin(pinned: &mut Pinned) {
     });
 }
 
+/// `f` of this thread's engine, if it has one and it is not in use.
+fn peek<T>(f: impl FnOnce(&Engine) -> T) -> Option<T> {
+    ENGINE
+        .try_with(|cell| cell.try_borrow().ok().and_then(|e| e.as_ref().map(f)))
+        .ok()
+        .flatten()
+}
+
 /// Fixed-buffer slots this thread's table has free (all of them before its first
 /// use).
 pub fn fixed_free_slots() -> usize {
-    ENGINE
-        .try_with(|cell| {
-            cell.try_borrow()
-                .ok()
-                .and_then(|e| e.as_ref().map(|e| e.fixed.free_slots()))
-        })
-        .ok()
-        .flatten()
-        .unwrap_or(fixed::TABLE_SLOTS as usize)
+    peek(|e| e.fixed.free_slots()).unwrap_or(fixed::TABLE_SLOTS as usize)
 }
 
 /// This thread's operations that used fixed buffers, and the bytes registered.
 pub fn fixed_stats() -> (u64, u64) {
-    ENGINE
-        .try_with(|cell| {
-            cell.try_borrow()
-                .ok()
-                .and_then(|e| e.as_ref().map(|e| (e.fixed.ops, e.fixed.bytes)))
-        })
-        .ok()
-        .flatten()
-        .unwrap_or((0, 0))
+    peek(|e| (e.fixed.ops, e.fixed.bytes)).unwrap_or((0, 0))
 }
 
 /// `fdatasync(fd)`.

@@ -901,11 +901,10 @@ impl<D: QueueDevice> Session<D> {
         // Regions no longer in the table go once no request or registration holds
         // them, unmapped by the reaper (freeing a departed frontend's memory can take
         // long), guarded until then.
-        let current = self.mem.memory();
+        let mem = self.mem.memory();
         let (kept, gone): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held)
             .into_iter()
-            .partition(|h| current.iter().any(|r| h.is(r)));
-        drop(current);
+            .partition(|h| mem.iter().any(|r| h.is(r)));
         self.held = kept;
         reaper::release(gone);
         let n = sigbus::take_recovered();
@@ -915,7 +914,6 @@ impl<D: QueueDevice> Session<D> {
                  page(s) were replaced by zero pages"
             );
         }
-        let mem = self.mem.memory();
         for (q, v) in self.vrings.iter().enumerate() {
             let mut v = v.lock();
             if v.is_started() && !v.get_queue().is_valid(&*mem) {
